@@ -1,0 +1,82 @@
+"""Typed registry of the decoder architectures the analytic model knows.
+
+Each entry is data read off the transformers modeling code (transformers 5.x,
+models/<type>/modeling_<type>.py and configuration_<type>.py): which nn.Linear modules a
+decoder layer has, where biases are, how many RMSNorms, and the config defaults used when a
+config.json leaves a field out. An architecture not listed here fails loudly: the estimator
+never guesses a layer it has not read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    # Config defaults from configuration_<type>.py (fields a config.json may omit).
+    defaults: dict
+    # Attention projections: separate q/k/v (LlamaAttention) or one fused qkv_proj (Phi3Attention).
+    fused_qkv: bool = False
+    # MLP: gate/up/down (LlamaMLP) or fused gate_up_proj (Phi3MLP); None for MoE-only layers.
+    fused_gate_up: bool = False
+    # Bias of q/k/v and of o_proj: a config key to read, or a fixed bool when the code hard-codes it.
+    qkv_bias: str | bool = "attention_bias"
+    o_bias: str | bool = "attention_bias"
+    mlp_bias: str | bool = "mlp_bias"
+    norms_per_layer: int = 2  # input_layernorm + post_attention_layernorm
+    moe: bool = False  # experts as 3D nn.Parameters (MixtralExperts) + a TopKRouter weight
+    activation_key: str = "hidden_act"
+    # Gemma scales embeddings by sqrt(hidden) (Gemma2TextScaledWordEmbedding) and soft-caps logits.
+    scaled_embeddings: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+
+_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                       max_position_embeddings=2048, tie_word_embeddings=False, attention_bias=False,
+                       mlp_bias=False)
+
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
+    # models/llama/modeling_llama.py: LlamaAttention q/k/v/o (bias=config.attention_bias),
+    # LlamaMLP gate/up/down (bias=config.mlp_bias), two LlamaRMSNorm per layer.
+    Architecture("llama", _LLAMA_DEFAULTS),
+    # models/mistral/modeling_mistral.py: Llama layout, no biases at all.
+    Architecture("mistral", dict(_LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
+                                 max_position_embeddings=4096 * 32),
+                 qkv_bias=False, o_bias=False, mlp_bias=False),
+    # models/qwen2/modeling_qwen2.py: q/k/v with bias=True hard-coded, o_proj and MLP without.
+    Architecture("qwen2", dict(_LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
+                               num_key_value_heads=32, max_position_embeddings=32768),
+                 qkv_bias=True, o_bias=False, mlp_bias=False),
+    # models/gemma2/modeling_gemma2.py: q/k/v/o bias=config.attention_bias, MLP without bias,
+    # four RMSNorms per layer (input, post_attention, pre_feedforward, post_feedforward),
+    # scaled embeddings, tied lm_head, soft-capped attention and final logits.
+    Architecture("gemma2", dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                                num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                                head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                                max_position_embeddings=8192, tie_word_embeddings=True,
+                                attention_bias=False, final_logit_softcapping=30.0,
+                                attn_logit_softcapping=50.0, query_pre_attn_scalar=256),
+                 mlp_bias=False, norms_per_layer=4, activation_key="hidden_activation",
+                 scaled_embeddings=True),
+    # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj, no biases.
+    Architecture("phi3", dict(_LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                              max_position_embeddings=4096),
+                 fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False, mlp_bias=False),
+    # models/mixtral/modeling_mixtral.py (transformers 5): Llama attention without biases, a
+    # MixtralTopKRouter holding a plain (E, hidden) weight, and MixtralExperts storing every
+    # expert as one 3D nn.Parameter (gate_up_proj (E, 2i, h), down_proj (E, h, i)). Neither is
+    # an nn.Linear, so bitsandbytes' replace_with_bnb_linear leaves them in the load dtype and
+    # peft's all-linear does not target them.
+    Architecture("mixtral", dict(_LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
+                                 max_position_embeddings=4096 * 32, num_local_experts=8,
+                                 num_experts_per_tok=2),
+                 qkv_bias=False, o_bias=False, mlp_bias=False, moe=True,
+                 notes=("transformers 5 keeps Mixtral experts as 3D parameters: bitsandbytes does not "
+                        "quantize them and all-linear LoRA does not adapt them",)),
+)}
+
+
+def supported() -> str:
+    return ", ".join(sorted(ARCHITECTURES))

@@ -1,0 +1,287 @@
+"""Model resolution: a hub id, alias, directory or config.json path -> ModelSpec (shapes only).
+
+Order: bundled catalog (no network), local path, then the Hugging Face cache / hub when
+huggingface_hub is installed. Nothing here imports torch or transformers.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from .architectures import ARCHITECTURES, Architecture, supported
+from .errors import ModelError
+
+CATALOG_DIR = Path(__file__).parent / "catalog" / "models"
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One nn.Linear of the model: what bitsandbytes quantizes and peft can adapt."""
+    name: str           # module name inside a decoder layer ("self_attn.q_proj") or top level ("lm_head")
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def leaf(self) -> str:  # what peft's target_modules matches against
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    source: str
+    model_type: str
+    config: dict = field(repr=False, compare=False)
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    layer_linears: tuple[Linear, ...]
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None
+
+    @property
+    def arch(self) -> Architecture:
+        return ARCHITECTURES[self.model_type]
+
+    @property
+    def lm_head(self) -> Linear:
+        return Linear("lm_head", self.hidden, self.vocab, False)
+
+    # --- parameter inventory (nanoGPT-style breakdown; a test checks it against transformers) -----
+    def param_breakdown(self) -> dict[str, int]:
+        h, n = self.hidden, self.layers
+        linear = sum(l.numel + (l.out_features if l.bias else 0) for l in self.layer_linears)
+        parts = {
+            "embed_tokens": self.vocab * h,
+            "layers.linear": n * linear,
+            "layers.norms": n * self.arch.norms_per_layer * h,
+            "norm": h,
+            "lm_head": 0 if self.tied else self.vocab * h,
+        }
+        if self.num_experts:
+            parts["layers.router"] = n * self.num_experts * h
+            parts["layers.experts"] = n * self.num_experts * 3 * h * self.intermediate
+        return parts
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.param_breakdown().values())
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id, "source": self.source, "model_type": self.model_type,
+            "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
+            "vocab_size": self.vocab, "tie_word_embeddings": self.tied,
+            "num_local_experts": self.num_experts, "num_experts_per_tok": self.experts_per_tok,
+            "num_params": self.num_params,
+        }
+
+
+# --- building a spec from a config dict ------------------------------------------------------------
+
+def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
+    if not isinstance(config, dict):
+        raise ModelError(f"config for {model_id} is not a JSON object",
+                         hint="a Hugging Face config.json is an object like {\"model_type\": \"llama\", ...}")
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ModelError(f"config for {model_id} has no model_type",
+                         hint=f"add \"model_type\": one of {supported()}")
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise ModelError(f"architecture {model_type!r} ({model_id}) is not known to the analytic model",
+                         hint=f"supported model_type values: {supported()}")
+    cfg = {**arch.defaults, **{k: v for k, v in config.items() if v is not None}}
+
+    def need_int(key: str) -> int:
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelError(f"config for {model_id}: {key} must be a positive integer, got {value!r}",
+                             hint=f"fix {key} in config.json")
+        return value
+
+    hidden, heads = need_int("hidden_size"), need_int("num_attention_heads")
+    cfg.setdefault("num_key_value_heads", heads)
+    if cfg.get("num_key_value_heads") is None:
+        cfg["num_key_value_heads"] = heads
+    if cfg.get("head_dim") is None:
+        if hidden % heads:
+            raise ModelError(f"config for {model_id}: hidden_size {hidden} is not divisible by "
+                             f"num_attention_heads {heads}", hint="set head_dim in config.json")
+        cfg["head_dim"] = hidden // heads
+    kv_heads, head_dim = need_int("num_key_value_heads"), need_int("head_dim")
+    if heads % kv_heads:
+        raise ModelError(f"config for {model_id}: num_attention_heads {heads} is not a multiple of "
+                         f"num_key_value_heads {kv_heads}", hint="check the GQA fields of config.json")
+    inter, layers, vocab = need_int("intermediate_size"), need_int("num_hidden_layers"), need_int("vocab_size")
+    experts = need_int("num_local_experts") if arch.moe else 0
+    per_tok = need_int("num_experts_per_tok") if arch.moe else 0
+    if per_tok > experts:
+        raise ModelError(f"config for {model_id}: num_experts_per_tok {per_tok} > num_local_experts {experts}",
+                         hint="check the MoE fields of config.json")
+
+    def flag(rule) -> bool:
+        return bool(cfg.get(rule, False)) if isinstance(rule, str) else rule
+
+    q, kv, o_bias = heads * head_dim, kv_heads * head_dim, flag(arch.o_bias)
+    qkv_bias, mlp_bias = flag(arch.qkv_bias), flag(arch.mlp_bias)
+    if arch.fused_qkv:
+        linears = [Linear("self_attn.qkv_proj", hidden, q + 2 * kv, qkv_bias)]
+    else:
+        linears = [Linear("self_attn.q_proj", hidden, q, qkv_bias),
+                   Linear("self_attn.k_proj", hidden, kv, qkv_bias),
+                   Linear("self_attn.v_proj", hidden, kv, qkv_bias)]
+    linears.append(Linear("self_attn.o_proj", q, hidden, o_bias))
+    if not arch.moe:
+        if arch.fused_gate_up:
+            linears.append(Linear("mlp.gate_up_proj", hidden, 2 * inter, mlp_bias))
+        else:
+            linears += [Linear("mlp.gate_proj", hidden, inter, mlp_bias),
+                        Linear("mlp.up_proj", hidden, inter, mlp_bias)]
+        linears.append(Linear("mlp.down_proj", inter, hidden, mlp_bias))
+
+    return ModelSpec(
+        id=model_id, source=source, model_type=model_type, config=dict(config),
+        hidden=hidden, intermediate=inter, layers=layers, heads=heads, kv_heads=kv_heads,
+        head_dim=head_dim, vocab=vocab, tied=bool(cfg.get("tie_word_embeddings")),
+        layer_linears=tuple(linears), num_experts=experts, experts_per_tok=per_tok,
+        final_logit_softcap=cfg.get("final_logit_softcapping"),
+        attn_logit_softcap=cfg.get("attn_logit_softcapping"),
+    )
+
+
+# --- the bundled catalog ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    id: str
+    aliases: tuple[str, ...]
+    source: str
+    config: dict = field(repr=False)
+    path: Path = field(repr=False)
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict[str, CatalogEntry]:
+    """Hub id -> entry, read from vramplan/catalog/models/<org>/<name>.json."""
+    entries = {}
+    for path in sorted(CATALOG_DIR.glob("*/*.json")):
+        data = json.loads(path.read_text())
+        entries[data["id"]] = CatalogEntry(data["id"], tuple(data.get("aliases", ())),
+                                           data["source"], data["config"], path)
+    return entries
+
+
+@lru_cache(maxsize=1)
+def _alias_index() -> dict[str, str]:
+    index = {}
+    for entry in catalog().values():
+        for name in (entry.id, *entry.aliases):
+            for key in _keys(name):
+                index.setdefault(key, entry.id)
+    return index
+
+
+def _keys(name: str) -> tuple[str, ...]:
+    """Forgiving forms of a name: case-insensitive, with or without the org and a '-hf' suffix."""
+    low = name.lower().strip().rstrip("/")
+    base = low[:-3] if low.endswith("-hf") else low
+    keys = [low, base]
+    if "/" in base:
+        keys.append(base.split("/", 1)[1])
+    return tuple(dict.fromkeys(keys))
+
+
+def lookup(name: str) -> CatalogEntry | None:
+    for key in _keys(name):
+        model_id = _alias_index().get(key)
+        if model_id:
+            return catalog()[model_id]
+    return None
+
+
+# --- resolution -------------------------------------------------------------------------------------
+
+def resolve(name: str) -> ModelSpec:
+    """Resolve a model name to its shapes. Raises ModelError with close matches when unknown."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError("no model given", hint="e.g. vramplan estimate meta-llama/Llama-2-7b-hf")
+    return _resolve(name.strip())
+
+
+@lru_cache(maxsize=256)
+def _resolve(name: str) -> ModelSpec:
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        return _from_path(path)
+    entry = lookup(name)
+    if entry is not None:
+        return spec_from_config(entry.config, entry.id, f"bundled catalog ({entry.source})")
+    if _looks_like_path(name):
+        raise ModelError(f"no such file or directory: {name}",
+                         hint="give a directory holding config.json, or the config.json file itself")
+    hub = _from_hub(name)
+    if hub is not None:
+        return hub
+    close = difflib.get_close_matches(name.lower(), list(_alias_index()), n=3, cutoff=0.5)
+    suggestions = list(dict.fromkeys(_alias_index()[c] for c in close))
+    hint = f"did you mean {', '.join(suggestions)}?" if suggestions else "run `vramplan models` for the catalog"
+    raise ModelError(f"unknown model {name!r}: not in the bundled catalog, not a local path, "
+                     f"not in the Hugging Face cache", hint=hint + " or pass a directory with config.json")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") > 1
+
+
+def _from_path(path: Path) -> ModelSpec:
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ModelError(f"{path} has no config.json", hint="point at a Hugging Face model directory")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {file}: {exc}", hint="is it a valid config.json?") from None
+    model_id = config.get("_name_or_path") if isinstance(config, dict) else None
+    return spec_from_config(config, model_id or str(path), f"local file {file}")
+
+
+def _from_hub(name: str) -> ModelSpec | None:
+    """The Hugging Face cache first; the hub only when huggingface_hub is installed and online."""
+    if name.count("/") != 1:
+        return None
+    try:
+        import huggingface_hub  # optional: the estimate path works without it
+    except ImportError:
+        return None
+    file, where = None, "cache"
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
+        if isinstance(cached, str):
+            file = cached
+        elif not os.environ.get("HF_HUB_OFFLINE"):
+            file, where = huggingface_hub.hf_hub_download(name, "config.json", etag_timeout=5), "hub"
+    except Exception:  # no network, gated repo, bad id: all mean "not found here"
+        return None
+    if file is None:
+        return None
+    spec = _from_path(Path(file))
+    return spec_from_config(spec.config, name, f"Hugging Face {where}: {file}")

@@ -1,0 +1,122 @@
+"""TrainSetup: everything about a fine-tuning run except the model. The field names are the
+interface shared by the CLI flags, the JSON output and other tools calling the library."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from .errors import UsageError
+
+METHODS = ("qlora", "lora", "full")
+QUANTS = ("nf4", "fp4", "int8")
+DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
+ATTENTION = ("sdpa", "eager")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd", "adafactor")
+ALL_LINEAR = "all-linear"
+
+# Sanity bounds: beyond these the input is a typo, not a plan (a 2**24-token sequence of batch
+# 2**16 would need exabytes of activations).
+MAX_BATCH = 65536
+MAX_SEQ = 16 * 2**20
+MAX_RANK = 65536
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """Defaults describe the plain QLoRA recipe:
+    from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16), dtype=bfloat16),
+    get_peft_model(LoraConfig(r=16, target_modules="all-linear")), torch AdamW,
+    non-reentrant gradient checkpointing, labels=input_ids with transformers' causal-LM loss."""
+
+    method: str = "qlora"
+    quant: str = "nf4"
+    double_quant: bool = True
+    dtype: str = "bf16"
+    rank: int = 16
+    targets: tuple[str, ...] = (ALL_LINEAR,)
+    lora_dropout: float = 0.0
+    batch: int = 1
+    seq: int = 2048
+    grad_ckpt: bool = True
+    attn: str = "sdpa"
+    optimizer: str = "adamw"
+    prepare_kbit: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):  # accept "q_proj,v_proj" from callers
+            object.__setattr__(self, "targets", parse_targets(self.targets))
+        self.validate()
+
+    # --- validation: every bad value is a UsageError naming the flag -------------------------
+    def validate(self) -> None:
+        _choice("--method", self.method, METHODS)
+        _choice("--quant", self.quant, QUANTS)
+        _choice("--dtype", self.dtype, tuple(DTYPES))
+        _choice("--attn", self.attn, ATTENTION)
+        _choice("--optimizer", self.optimizer, OPTIMIZERS)
+        _bounded("--batch", self.batch, MAX_BATCH)
+        _bounded("--seq", self.seq, MAX_SEQ)
+        if self.method != "full":
+            _bounded("--rank", self.rank, MAX_RANK)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}",
+                             hint="e.g. --lora-dropout 0.05")
+        if not self.targets or any(not t for t in self.targets):
+            raise UsageError("--targets is empty", hint="use all-linear or e.g. q_proj,v_proj")
+
+    # --- derived facts, named so the estimator reads like the recipe -------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.method == "qlora"
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self.method in ("qlora", "lora")
+
+    @property
+    def compute_bytes(self) -> int:
+        return DTYPES[self.dtype]
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def paged(self) -> bool:
+        return self.optimizer.startswith("paged_")
+
+    def with_(self, **changes) -> "TrainSetup":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        if not self.quantized:  # quantization flags mean nothing without --method qlora
+            d["quant"] = None
+            d["double_quant"] = None
+        return d
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    if not names:
+        raise UsageError("--targets is empty", hint="use all-linear or e.g. q_proj,v_proj")
+    if ALL_LINEAR in names and len(names) > 1:
+        raise UsageError("--targets all-linear cannot be combined with module names",
+                         hint="use all-linear alone or list the modules")
+    return names
+
+
+def _choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {flag[2:]} {value!r}", hint=f"{flag} takes one of: {', '.join(choices)}")
+
+
+def _bounded(flag: str, value, upper: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{flag} must be a whole number, got {value!r}", hint=f"e.g. {flag} 4")
+    if value <= 0:
+        raise UsageError(f"{flag} must be positive, got {value}", hint=f"e.g. {flag} 4")
+    if value > upper:
+        raise UsageError(f"{flag} {value} is beyond any real run (max {upper})",
+                         hint=f"check the value of {flag}")
