@@ -1,0 +1,67 @@
+"""GPU catalog and the --gpu argument: a catalog name ("A100-80GB", "rtx4090") or a size ("48GB")."""
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import GpuError, UsageError
+from .units import MiB, parse_size
+
+CATALOG = Path(__file__).parent / "catalog" / "gpus.toml"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_bytes: int           # what NVML reports as total
+    arch: str | None = None     # None for a bare size
+    source: str = "given on the command line"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "memory_bytes": self.memory_bytes, "arch": self.arch, "source": self.source}
+
+
+@lru_cache(maxsize=1)
+def catalog() -> tuple[Gpu, ...]:
+    data = tomllib.loads(CATALOG.read_text())
+    return tuple(Gpu(g["name"], g["memory_mib"] * MiB, g["arch"], g["source"]) for g in data["gpu"])
+
+
+@lru_cache(maxsize=1)
+def _index() -> dict[str, Gpu]:
+    data = tomllib.loads(CATALOG.read_text())
+    index = {}
+    for raw, gpu in zip(data["gpu"], catalog()):
+        for name in (raw["name"], *raw.get("aliases", ())):
+            index[_norm(name)] = gpu
+    return index
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-").replace(" ", "-").removeprefix("nvidia-")
+
+
+def resolve_gpu(text: str | int | Gpu) -> Gpu:
+    """'A100-80GB' -> catalog entry; '48GB' / '24GiB' / 80e9 -> a bare size."""
+    if isinstance(text, Gpu):
+        return text
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise UsageError(f"GPU memory must be positive, got {text}", hint="e.g. gpu='48GB'")
+        return Gpu(f"{text} bytes", text)
+    key = _norm(str(text).strip())
+    if key in _index():
+        return _index()[key]
+    if key[:1].isdigit():
+        size = parse_size(text)
+        if size < 256 * MiB or size > 2**50:
+            raise UsageError(f"GPU size {text!r} is not a plausible GPU memory size",
+                             hint="e.g. --gpu 24GB or --gpu 80GiB")
+        return Gpu(str(text).strip(), size)
+    close = difflib.get_close_matches(key, list(_index()), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(dict.fromkeys(_index()[c].name for c in close))}?" if close else \
+        "run `vramplan gpus` for the catalog, or give a size like 24GB"
+    raise GpuError(f"unknown GPU {text!r}", hint=hint)
