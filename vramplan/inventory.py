@@ -1,0 +1,189 @@
+"""Every tensor that lives through the whole training step, byte-exact: weights, quantization
+constants, LoRA adapters, gradients and optimizer state.
+
+Each tensor is one CUDA allocation rounded to 512 bytes (quant.alloc). Sources per term are
+cited inline; tests build the same model with transformers + bitsandbytes + peft on the meta
+device and compare to the byte.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .components import Component
+from .errors import ModelError
+from .models import Linear, ModelSpec
+from .quant import alloc, blocks, layout
+from .setup import ALL_LINEAR, TrainSetup
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Static:
+    """Bytes of the tensors that persist across the step, by component."""
+    weights: int
+    quant_constants: int
+    adapters: int
+    gradients: int            # at the end of backward (all trainable grads exist)
+    optimizer_state: int      # on the device (0 for paged optimizers)
+    paged_optimizer_state: int
+    optimizer_temporaries: int  # transient workspace inside optimizer.step()
+    trainable_params: int
+    trainable_shapes: tuple[tuple[int, ...], ...]  # shape of each trainable tensor
+    adapted: tuple[str, ...]   # leaf names of the Linear modules LoRA wraps
+
+    def by_component(self) -> dict[str, int]:
+        return {Component.WEIGHTS.value: self.weights, Component.QUANT_CONSTANTS.value: self.quant_constants,
+                Component.ADAPTERS.value: self.adapters}
+
+
+def weight_bytes(setup: TrainSetup) -> int:
+    """Bytes per element of the weights that stay un-quantized (embeddings, norms, lm_head, biases).
+
+    peft.prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not Params4bit
+    to float32 (peft/utils/other.py)."""
+    return FP32 if setup.prepare_kbit else setup.compute_bytes
+
+
+def adapted_linears(spec: ModelSpec, setup: TrainSetup) -> tuple[Linear, ...]:
+    """Linear modules of one decoder layer (plus lm_head if named) that peft wraps with LoRA.
+
+    "all-linear" (peft/tuners/tuners_utils.py, _maybe_include_all_linear_layers) targets every
+    nn.Linear / bnb Linear except the output layer; named targets match a module whose name is
+    the target or ends with "." + target (peft check_target_module_exists)."""
+    if not setup.uses_adapters:
+        return ()
+    if setup.targets == (ALL_LINEAR,):
+        return spec.layer_linears
+    candidates = (*spec.layer_linears, spec.lm_head)
+    chosen = tuple(l for l in candidates if any(l.name == t or l.name.endswith("." + t) or l.leaf == t
+                                               for t in setup.targets))
+    unmatched = [t for t in setup.targets
+                 if not any(l.name == t or l.name.endswith("." + t) or l.leaf == t for l in candidates)]
+    if unmatched:
+        names = ", ".join(sorted({l.leaf for l in candidates}))
+        raise ModelError(f"target modules {', '.join(unmatched)} match nothing in {spec.id}",
+                         hint=f"its Linear modules are: {names} (or use all-linear)")
+    return chosen
+
+
+def lora_shapes(linear: Linear, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """lora_A.weight (r, in) and lora_B.weight (out, r): peft/tuners/lora/layer.py update_layer."""
+    return (rank, linear.in_features), (linear.out_features, rank)
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
+    wb = weight_bytes(setup)
+    n = spec.layers
+    weights = quant_constants = 0
+    trainable: list[tuple[int, ...]] = []
+
+    # Embeddings, norms and lm_head are never quantized (transformers keeps lm_head / tied
+    # embeddings in modules_to_not_convert; norms and embeddings are not nn.Linear).
+    weights += alloc(spec.vocab * spec.hidden * wb)                              # embed_tokens
+    weights += n * spec.arch.norms_per_layer * alloc(spec.hidden * wb) + alloc(spec.hidden * wb)
+    if not spec.tied:
+        weights += alloc(spec.vocab * spec.hidden * wb)                          # lm_head
+    # Rotary embedding: inv_freq float32 buffer (head_dim / 2), registered once per model
+    # (models/llama/modeling_llama.py LlamaRotaryEmbedding, non-persistent buffer).
+    weights += alloc(4 * (spec.head_dim // 2))
+    if setup.method == "full":
+        trainable += [(spec.vocab, spec.hidden)] + [(spec.hidden,)] * (n * spec.arch.norms_per_layer + 1)
+        if not spec.tied:
+            trainable.append((spec.vocab, spec.hidden))
+
+    for linear in spec.layer_linears:
+        if setup.quantized:
+            q = layout(setup.quant, linear.in_features, linear.out_features, setup.double_quant)
+            weights += n * q.weight
+            quant_constants += n * q.constants
+        else:
+            weights += n * alloc(linear.numel * wb)
+            if setup.method == "full":
+                trainable += [(linear.out_features, linear.in_features)] * n
+        if linear.bias:
+            weights += n * alloc(linear.out_features * wb)
+            if setup.method == "full":
+                trainable += [(linear.out_features,)] * n
+
+    if spec.num_experts:
+        # MixtralTopKRouter.weight (E, h) and MixtralExperts' 3D parameters stay in the load
+        # dtype under bitsandbytes (only `type(module) is nn.Linear` is replaced).
+        expert_tensors = [(spec.num_experts, spec.hidden),
+                          (spec.num_experts, 2 * spec.intermediate, spec.hidden),
+                          (spec.num_experts, spec.hidden, spec.intermediate)]
+        weights += n * sum(alloc(numel(t) * wb) for t in expert_tensors)
+        if setup.method == "full":
+            trainable += expert_tensors * n
+
+    adapters = 0
+    adapted = adapted_linears(spec, setup)
+    for linear in adapted:
+        per_layer = 1 if linear.name == "lm_head" else n
+        for shape in lora_shapes(linear, setup.rank):
+            # peft autocast_adapter_dtype=True (default) creates 16-bit adapters in float32.
+            adapters += per_layer * alloc(numel(shape) * FP32)
+            trainable += [shape] * per_layer
+
+    grad_bytes = FP32 if setup.uses_adapters else setup.compute_bytes
+    gradients = sum(alloc(numel(t) * grad_bytes) for t in trainable)
+    state, temporaries = optimizer_memory(setup, trainable, grad_bytes)
+    return Static(
+        weights=weights, quant_constants=quant_constants, adapters=adapters, gradients=gradients,
+        optimizer_state=0 if setup.paged else state,
+        paged_optimizer_state=state if setup.paged else 0,
+        optimizer_temporaries=temporaries, trainable_params=sum(map(numel, trainable)),
+        trainable_shapes=tuple(trainable), adapted=tuple(l.leaf for l in adapted),
+    )
+
+
+def optimizer_memory(setup: TrainSetup, shapes: list[tuple[int, ...]], param_bytes: int) -> tuple[int, int]:
+    """(state bytes, transient bytes inside step()) for the chosen optimizer."""
+    opt = setup.optimizer.removeprefix("paged_")
+    trainable = [numel(s) for s in shapes]
+    if opt == "adamw":
+        # torch.optim.AdamW: exp_avg and exp_avg_sq in the param dtype (torch/optim/adamw.py
+        # _init_group); `step` is a CPU scalar unless capturable/fused. bitsandbytes'
+        # PagedAdamW (32-bit) keeps the same two float32 states (state1, state2).
+        state = sum(2 * alloc(t * param_bytes) for t in trainable)
+        if setup.paged:
+            return state, 0
+        # The CUDA default is the foreach implementation (_default_to_fused_or_foreach):
+        # _multi_tensor_adamw allocates exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs),
+        # one param-sized tensor per parameter, for the update.
+        return state, sum(alloc(t * param_bytes) for t in trainable)
+    if opt == "adamw8bit":
+        # bitsandbytes Optimizer2State.init_state: tensors under min_8bit_size=4096 elements
+        # keep two float32 states; larger ones two uint8 states plus float32 absmax1/absmax2
+        # per 256-element block; the two 256-entry qmaps are shared by all parameters.
+        state = 2 * alloc(4 * 256)
+        for t in trainable:
+            if t < 4096:
+                state += 2 * alloc(4 * t)
+            else:
+                state += 2 * alloc(t) + 2 * alloc(4 * blocks(t, 256))
+        return state, 0  # the 8-bit update runs in one fused kernel per tensor
+    if opt == "sgd":
+        return 0, 0      # torch.optim.SGD with momentum=0 (its default) keeps no state
+    if opt == "adafactor":
+        # transformers.optimization.Adafactor (factored second moment, beta1=None): per 2D
+        # tensor a row (rows) and a column (cols) vector in the grad dtype, full exp_avg_sq
+        # for 1D tensors
+        # (transformers/optimization.py Adafactor._get_options: factored = len(shape) >= 2;
+        # exp_avg_sq_row is shape[:-1], exp_avg_sq_col is shape[:-2] + shape[-1:]).
+        state = 0
+        for s in shapes:
+            if len(s) >= 2:
+                state += alloc(numel(s[:-1]) * param_bytes) + alloc(numel(s[:-2] + s[-1:]) * param_bytes)
+            else:
+                state += alloc(numel(s) * param_bytes)
+        return state, 0
+    raise AssertionError(opt)
+

@@ -1,0 +1,64 @@
+"""Rows -> rich tables. Nothing here computes a number; it only formats what report.py gives."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .estimator import Estimate
+from .report import component_rows
+from .units import GiB, format_bytes, format_signed
+
+
+def gib(n: int) -> str:
+    return format_bytes(n, "GiB")
+
+
+def estimate_table(est: Estimate) -> Table:
+    spec, s = est.model, est.setup
+    title = (f"{spec.id} — {s.method}"
+             + (f" {s.quant}{'+dq' if s.double_quant and s.quant != 'int8' else ''}" if s.quantized else "")
+             + f", batch {s.batch} x seq {s.seq}, {s.optimizer}")
+    table = Table(title=title, title_justify="left")
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("what")
+    for row in component_rows(est):
+        style = None if row["allocated"] else "dim"
+        table.add_row(row["component"], f"{row['bytes'] / GiB:,.3f}", f"{row['share']:.1%}", row["what"], style=style)
+    table.add_section()
+    table.add_row("peak allocated", f"{est.peak_allocated_bytes / GiB:,.3f}", "",
+                  f"torch.cuda.max_memory_allocated, in the {est.peak_phase} phase", style="bold")
+    table.add_row("device total", f"{est.device_total_bytes / GiB:,.3f}", "", "what nvidia-smi / NVML would show",
+                  style="bold")
+    if est.paged_optimizer_bytes:
+        table.add_row("paged optimizer", f"{est.paged_optimizer_bytes / GiB:,.3f}", "",
+                      "CUDA unified memory, pages to host RAM under pressure", style="dim")
+    return table
+
+
+def verdict(est: Estimate) -> str:
+    if est.gpu is None:
+        return f"Device total {gib(est.device_total_bytes)} ({est.device_total_bytes / 1e9:,.2f} GB); pass --gpu for a verdict."
+    g = est.gpu
+    where = f"{g.name} ({gib(g.memory_bytes)})"
+    if est.fits:
+        return (f"[green]FITS[/green] on {where}: {gib(est.device_total_bytes)} needed, "
+                f"{format_signed(est.headroom_bytes)} headroom ({est.headroom_bytes / g.memory_bytes:.0%}).")
+    return (f"[red]DOES NOT FIT[/red] on {where}: {gib(est.device_total_bytes)} needed, "
+            f"short by {gib(-est.headroom_bytes)}.")
+
+
+def print_estimate(est: Estimate, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(estimate_table(est))
+    phases = ", ".join(f"{p} {gib(n)}" for p, n in est.phase_peaks.items())
+    console.print(f"Peak by phase: {phases}")
+    console.print(f"Trainable parameters: {est.trainable_params:,} of {est.model.num_params:,}")
+    console.print(verdict(est))
+    if est.gpu is not None and est.gpu.arch is None and est.gpu.memory_bytes % 10**9 == 0:
+        console.print(f"[dim]Note: {est.gpu.name} = {est.gpu.memory_bytes:,} bytes ({gib(est.gpu.memory_bytes)}); "
+                      "a card sold as '48GB' reports about 48 GiB: name it (e.g. --gpu A6000) for its real size.[/dim]")
+    console.print("Assumptions:")
+    for a in est.assumptions:
+        console.print(f"  - {a}", highlight=False)
