@@ -277,7 +277,7 @@ def _from_hub(name: str) -> ModelSpec | None:
         cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
         if isinstance(cached, str):
             file = cached
-        elif not os.environ.get("HF_HUB_OFFLINE"):
+        elif not os.environ.get("HF_HUB_OFFLINE") and _hub_reachable():
             file, where = huggingface_hub.hf_hub_download(name, "config.json", etag_timeout=5), "hub"
     except Exception:  # no network, gated repo, bad id: all mean "not found here"
         return None
@@ -285,3 +285,17 @@ def _from_hub(name: str) -> ModelSpec | None:
         return None
     spec = _from_path(Path(file))
     return spec_from_config(spec.config, name, f"Hugging Face {where}: {file}")
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """One quick TCP connect, so that an offline machine answers in seconds, not after
+    huggingface_hub's retries (about 20 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

@@ -61,6 +61,9 @@ class TrainSetup:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}",
                              hint="e.g. --lora-dropout 0.05")
+        if self.prepare_kbit and self.method != "qlora":
+            raise UsageError("--prepare-kbit applies to quantized models only",
+                             hint="use it with --method qlora, or drop it")
         if not self.targets or any(not t for t in self.targets):
             raise UsageError("--targets is empty", hint="use all-linear or e.g. q_proj,v_proj")
 

@@ -1,0 +1,115 @@
+"""The CLI contract: one-line errors with hints and exit codes, JSON keys other tools rely on,
+and an estimate path that never imports heavy packages."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vramplan.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_estimate_json_keys_and_sum(capsys):
+    code, out, _ = run(capsys, "estimate", "meta-llama/Llama-2-70b", "--gpu", "48GB", "--json")
+    assert code == 0
+    data = json.loads(out)
+    for key in ("peak_allocated_bytes", "device_total_bytes", "components", "fits", "gpu", "model", "setup"):
+        assert key in data
+    assert sum(data["components"].values()) == data["peak_allocated_bytes"]
+    assert set(data["components"]) >= {"weights", "quant_constants", "adapters", "gradients", "optimizer_state",
+                                       "activations", "logits_loss", "temporaries"}
+    assert all(isinstance(v, int) for v in data["components"].values())
+    assert data["gpu"]["memory_bytes"] == 48 * 10**9
+    assert data["model"]["id"] == "meta-llama/Llama-2-70b-hf"
+    assert data["setup"]["method"] == "qlora" and data["setup"]["rank"] == 16
+
+
+def test_fits_is_null_without_gpu(capsys):
+    code, out, _ = run(capsys, "estimate", "llama-2-7b", "--json")
+    assert code == 0 and json.loads(out)["fits"] is None
+
+
+def test_all_setup_flags_reach_the_setup(capsys):
+    code, out, _ = run(capsys, "estimate", "mistralai/Mistral-7B-v0.1", "--gpu", "RTX4090", "--batch", "4",
+                       "--seq", "4096", "--no-grad-ckpt", "--method", "qlora", "--quant", "fp4",
+                       "--no-double-quant", "--dtype", "fp16", "--rank", "8", "--targets", "q_proj,v_proj",
+                       "--lora-dropout", "0.05", "--attn", "eager", "--optimizer", "paged_adamw8bit",
+                       "--prepare-kbit", "--json")
+    assert code == 0
+    s = json.loads(out)["setup"]
+    assert s == {"method": "qlora", "quant": "fp4", "double_quant": False, "dtype": "fp16", "rank": 8,
+                 "targets": ["q_proj", "v_proj"], "lora_dropout": 0.05, "batch": 4, "seq": 4096,
+                 "grad_ckpt": False, "attn": "eager", "optimizer": "paged_adamw8bit", "prepare_kbit": True}
+
+
+def test_table_output_names_verdict_and_assumptions(capsys):
+    code, out, _ = run(capsys, "estimate", "meta-llama/Llama-2-70b", "--gpu", "A100-80GB")
+    assert code == 0
+    assert "FITS" in out and "Assumptions" in out and "peak allocated" in out
+
+
+# Pinned error text: scripts and users depend on these lines.
+@pytest.mark.parametrize("argv, code, message", [
+    (["estimate", "no-such-model"], 1, "Error: unknown model 'no-such-model'"),
+    (["estimate", "llama-2-7b", "--gpu", "B9000"], 1, "Error: unknown GPU 'B9000'"),
+    (["estimate", "llama-2-7b", "--gpu", "0GB"], 2, "Error: memory size '0GB' must be positive"),
+    (["estimate", "llama-2-7b", "--gpu", "5MB"], 2, "Error: GPU size '5MB' is not a plausible GPU memory size"),
+    (["estimate", "llama-2-7b", "--batch", "0"], 2, "Error: --batch must be positive, got 0"),
+    (["estimate", "llama-2-7b", "--seq", "99999999999"], 2, "Error: --seq 99999999999 is beyond any real run"),
+    (["estimate", "llama-2-7b", "--rank", "-1"], 2, "Error: --rank must be positive, got -1"),
+    (["estimate", "llama-2-7b", "--method", "dora"], 2, "Error: unknown method 'dora'"),
+    (["estimate", "llama-2-7b", "--quant", "nf2"], 2, "Error: unknown quant 'nf2'"),
+    (["estimate", "llama-2-7b", "--optimizer", "lion"], 2, "Error: unknown optimizer 'lion'"),
+    (["estimate", "llama-2-7b", "--targets", "qkv"], 1, "Error: target modules qkv match nothing"),
+    (["estimate", "llama-2-7b", "--batch", "two"], 2, "Error: argument --batch: invalid int value: 'two'"),
+    (["estimate"], 2, "Error: the following arguments are required: model"),
+    (["frobnicate"], 2, "Error: argument command: invalid choice: 'frobnicate'"),
+])
+def test_bad_input_is_one_line_with_hint(capsys, argv, code, message):
+    got, out, err = run(capsys, *argv)
+    assert got == code
+    assert err.startswith(message), err
+    assert err.count("\n") == 1 and "hint:" in err and "Traceback" not in err
+    assert out == ""
+
+
+def test_malformed_config_file(capsys, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('["not", "an", "object"]')
+    code, _, err = run(capsys, "estimate", str(path))
+    assert code == 1 and err.startswith("Error: config for") and "is not a JSON object" in err
+
+
+def test_models_and_gpus_list(capsys):
+    code, out, _ = run(capsys, "models", "--json")
+    assert code == 0 and any(m["id"] == "mistralai/Mixtral-8x7B-v0.1" for m in json.loads(out))
+    code, out, _ = run(capsys, "gpus", "--json")
+    assert code == 0 and any(g["name"] == "H100-80GB" for g in json.loads(out))
+
+
+def test_estimate_path_imports_nothing_heavy():
+    code = ("import sys, vramplan\n"
+            "from vramplan.cli import main\n"
+            "import contextlib, io\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    main(['estimate', 'meta-llama/Llama-2-70b', '--gpu', '48GB', '--json'])\n"
+            "    main(['estimate', 'meta-llama/Llama-2-70b', '--gpu', '48GB'])\n"
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'pandas', 'numpy', 'pynvml')\n"
+            "         if m in sys.modules]\n"
+            "print(','.join(heavy))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_library_call():
+    import vramplan
+
+    est = vramplan.estimate("meta-llama/Llama-2-70b", gpu="48GB")
+    assert est.fits in (True, False)
+    assert est.to_dict()["components"] == est.components

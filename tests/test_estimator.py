@@ -1,0 +1,85 @@
+"""Properties of the analytic estimate that must hold whatever the calibration."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from vramplan import TrainSetup, estimate
+from vramplan.components import ALLOCATED
+from vramplan.inventory import static_memory
+from vramplan.models import catalog, resolve
+from vramplan.quant import bits_per_param
+
+MODELS = sorted(catalog())
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", ["qlora", "lora", "full"])
+def test_components_sum_to_peak_for_every_catalog_model(model, method):
+    est = estimate(model, method=method)
+    assert set(est.components) == {c.value for c in ALLOCATED}
+    assert sum(est.components.values()) == est.peak_allocated_bytes
+    assert all(isinstance(v, int) and v >= 0 for v in est.components.values())
+    assert est.device_total_bytes > est.peak_allocated_bytes
+
+
+def test_trainable_params_match_peft_for_llama2_7b_r16_all_linear():
+    # peft print_trainable_parameters for Llama-2-7b, r=16, all-linear: 39,976,960
+    assert estimate("meta-llama/Llama-2-7b-hf").trainable_params == 39_976_960
+
+
+def test_double_quant_bits_per_param_match_the_qlora_paper():
+    # QLoRA sec. 3: 4 + 32/64 = 4.5 bits without, 4 + 8/64 + 32/(64*256) = 4.127 with DQ
+    assert bits_per_param("nf4", 4096, 11008, False) == pytest.approx(4.5, abs=1e-3)
+    assert bits_per_param("nf4", 4096, 11008, True) == pytest.approx(4.127, abs=1e-3)
+
+
+def test_double_quant_saves_about_3gb_on_70b():
+    spec = resolve("meta-llama/Llama-2-70b-hf")
+    saved = (static_memory(spec, TrainSetup(double_quant=False)).quant_constants
+             - static_memory(spec, TrainSetup()).quant_constants)
+    # ~0.373 bits/param of the quantized linears (QLoRA paper: ~3 GB on 65B)
+    assert 2.8e9 < saved < 3.4e9
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 16), seq=st.sampled_from([128, 512, 1024, 2048, 4096, 8192]),
+       ckpt=st.booleans(), attn=st.sampled_from(["sdpa", "eager"]),
+       model=st.sampled_from(["meta-llama/Llama-2-7b-hf", "meta-llama/Meta-Llama-3-8B", "google/gemma-2-2b",
+                              "microsoft/Phi-3-mini-4k-instruct", "mistralai/Mixtral-8x7B-v0.1"]))
+def test_more_tokens_never_need_less_memory(batch, seq, ckpt, attn, model):
+    base = estimate(model, batch=batch, seq=seq, grad_ckpt=ckpt, attn=attn).peak_allocated_bytes
+    assert estimate(model, batch=batch + 1, seq=seq, grad_ckpt=ckpt, attn=attn).peak_allocated_bytes >= base
+    assert estimate(model, batch=batch, seq=seq * 2, grad_ckpt=ckpt, attn=attn).peak_allocated_bytes >= base
+
+
+@pytest.mark.parametrize("seq", [512, 2048, 8192])
+def test_checkpointing_and_sdpa_save_memory(seq):
+    m = "meta-llama/Llama-2-7b-hf"
+    assert estimate(m, seq=seq, grad_ckpt=True).peak_allocated_bytes < estimate(m, seq=seq, grad_ckpt=False).peak_allocated_bytes
+    assert estimate(m, seq=seq, attn="sdpa").peak_allocated_bytes < estimate(m, seq=seq, attn="eager").peak_allocated_bytes
+
+
+def test_paged_optimizer_state_leaves_allocated_memory():
+    plain = estimate("meta-llama/Llama-2-7b-hf", optimizer="adamw8bit")
+    paged = estimate("meta-llama/Llama-2-7b-hf", optimizer="paged_adamw8bit")
+    assert paged.components["optimizer_state"] == 0
+    assert paged.paged_optimizer_bytes == plain.components["optimizer_state"] > 0
+
+
+def test_methods_order_weights():
+    m = "meta-llama/Llama-2-7b-hf"
+    q, l, f = (estimate(m, method=x).components for x in ("qlora", "lora", "full"))
+    assert q["weights"] < l["weights"] == f["weights"]
+    assert f["adapters"] == 0 and q["quant_constants"] > 0 and l["quant_constants"] == 0
+
+
+def test_gpu_verdict_and_headroom():
+    est = estimate("meta-llama/Llama-2-7b-hf", gpu="24GB")
+    assert est.fits is True and est.headroom_bytes == 24 * 10**9 - est.device_total_bytes
+    est = estimate("meta-llama/Llama-2-70b-hf", gpu="T4")
+    assert est.fits is False and est.headroom_bytes < 0
+
+
+def test_mixtral_experts_stay_16_bit_under_transformers_5():
+    est = estimate("mistralai/Mixtral-8x7B-v0.1")
+    assert est.components["weights"] > 80e9  # 45B expert parameters in bf16
+    assert any("Mixtral experts" in a for a in est.assumptions)

@@ -1,0 +1,34 @@
+import pytest
+
+from vramplan.errors import UsageError
+from vramplan.units import format_bytes, parse_size
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("48GB", 48 * 10**9),
+    ("48 GB", 48 * 10**9),
+    ("24GiB", 24 * 2**30),
+    ("24gib", 24 * 2**30),
+    ("80G", 80 * 10**9),
+    ("1.5TB", 15 * 10**11),
+    ("512MiB", 512 * 2**20),
+    ("1024", 1024),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_gb_and_gib_differ():
+    assert parse_size("48GB") != parse_size("48GiB")
+    assert parse_size("48GiB") - parse_size("48GB") == 3_539_607_552
+
+
+@pytest.mark.parametrize("text", ["", "GB", "48XB", "-4GB", "0GB", "four GB", "4..5GB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+def test_format_bytes_names_its_unit():
+    assert format_bytes(3 * 2**30) == "3.00 GiB"
+    assert format_bytes(3 * 10**9, "GB") == "3.00 GB"
