@@ -7,6 +7,7 @@ device and compare to the byte.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from .components import Component
@@ -29,7 +30,7 @@ class Static:
     paged_optimizer_state: int
     optimizer_temporaries: int  # transient workspace inside optimizer.step()
     trainable_params: int
-    trainable_shapes: tuple[tuple[int, ...], ...]  # shape of each trainable tensor
+    trainable_shapes: tuple[tuple[tuple[int, ...], int], ...]  # (shape, how many tensors of it)
     adapted: tuple[str, ...]   # leaf names of the Linear modules LoRA wraps
 
     def by_component(self) -> dict[str, int]:
@@ -83,7 +84,7 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     wb = weight_bytes(setup)
     n = spec.layers
     weights = quant_constants = 0
-    trainable: list[tuple[int, ...]] = []
+    trainable: Counter[tuple[int, ...]] = Counter()  # shape -> number of tensors
 
     # Embeddings, norms and lm_head are never quantized (transformers keeps lm_head / tied
     # embeddings in modules_to_not_convert; norms and embeddings are not nn.Linear).
@@ -95,9 +96,8 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     # (models/llama/modeling_llama.py LlamaRotaryEmbedding, non-persistent buffer).
     weights += alloc(4 * (spec.head_dim // 2))
     if setup.method == "full":
-        trainable += [(spec.vocab, spec.hidden)] + [(spec.hidden,)] * (n * spec.arch.norms_per_layer + 1)
-        if not spec.tied:
-            trainable.append((spec.vocab, spec.hidden))
+        trainable[(spec.vocab, spec.hidden)] += 1 if spec.tied else 2
+        trainable[(spec.hidden,)] += n * spec.arch.norms_per_layer + 1
 
     for linear in spec.layer_linears:
         if setup.quantized:
@@ -107,11 +107,11 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
         else:
             weights += n * alloc(linear.numel * wb)
             if setup.method == "full":
-                trainable += [(linear.out_features, linear.in_features)] * n
+                trainable[(linear.out_features, linear.in_features)] += n
         if linear.bias:
             weights += n * alloc(linear.out_features * wb)
             if setup.method == "full":
-                trainable += [(linear.out_features,)] * n
+                trainable[(linear.out_features,)] += n
 
     if spec.num_experts:
         # MixtralTopKRouter.weight (E, h) and MixtralExperts' 3D parameters stay in the load
@@ -121,7 +121,8 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
                           (spec.num_experts, spec.hidden, spec.intermediate)]
         weights += n * sum(alloc(numel(t) * wb) for t in expert_tensors)
         if setup.method == "full":
-            trainable += expert_tensors * n
+            for shape in expert_tensors:
+                trainable[shape] += n
 
     adapters = 0
     adapted = adapted_linears(spec, setup)
@@ -130,45 +131,45 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
         for shape in lora_shapes(linear, setup.rank):
             # peft autocast_adapter_dtype=True (default) creates 16-bit adapters in float32.
             adapters += per_layer * alloc(numel(shape) * FP32)
-            trainable += [shape] * per_layer
+            trainable[shape] += per_layer
 
     grad_bytes = FP32 if setup.uses_adapters else setup.compute_bytes
-    gradients = sum(alloc(numel(t) * grad_bytes) for t in trainable)
+    gradients = sum(k * alloc(numel(t) * grad_bytes) for t, k in trainable.items())
     state, temporaries = optimizer_memory(setup, trainable, grad_bytes)
     return Static(
         weights=weights, quant_constants=quant_constants, adapters=adapters, gradients=gradients,
         optimizer_state=0 if setup.paged else state,
         paged_optimizer_state=state if setup.paged else 0,
-        optimizer_temporaries=temporaries, trainable_params=sum(map(numel, trainable)),
-        trainable_shapes=tuple(trainable), adapted=tuple(l.leaf for l in adapted),
+        optimizer_temporaries=temporaries, trainable_params=sum(k * numel(t) for t, k in trainable.items()),
+        trainable_shapes=tuple(trainable.items()), adapted=tuple(l.leaf for l in adapted),
     )
 
 
-def optimizer_memory(setup: TrainSetup, shapes: list[tuple[int, ...]], param_bytes: int) -> tuple[int, int]:
+def optimizer_memory(setup: TrainSetup, shapes: Counter, param_bytes: int) -> tuple[int, int]:
     """(state bytes, transient bytes inside step()) for the chosen optimizer."""
     opt = setup.optimizer.removeprefix("paged_")
-    trainable = [numel(s) for s in shapes]
+    counted = [(numel(s), k) for s, k in shapes.items()]
     if opt == "adamw":
         # torch.optim.AdamW: exp_avg and exp_avg_sq in the param dtype (torch/optim/adamw.py
         # _init_group); `step` is a CPU scalar unless capturable/fused. bitsandbytes'
         # PagedAdamW (32-bit) keeps the same two float32 states (state1, state2).
-        state = sum(2 * alloc(t * param_bytes) for t in trainable)
+        state = sum(k * 2 * alloc(t * param_bytes) for t, k in counted)
         if setup.paged:
             return state, 0
         # The CUDA default is the foreach implementation (_default_to_fused_or_foreach):
         # _multi_tensor_adamw allocates exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs),
         # one param-sized tensor per parameter, for the update.
-        return state, sum(alloc(t * param_bytes) for t in trainable)
+        return state, sum(k * alloc(t * param_bytes) for t, k in counted)
     if opt == "adamw8bit":
         # bitsandbytes Optimizer2State.init_state: tensors under min_8bit_size=4096 elements
         # keep two float32 states; larger ones two uint8 states plus float32 absmax1/absmax2
         # per 256-element block; the two 256-entry qmaps are shared by all parameters.
         state = 2 * alloc(4 * 256)
-        for t in trainable:
+        for t, k in counted:
             if t < 4096:
-                state += 2 * alloc(4 * t)
+                state += k * 2 * alloc(4 * t)
             else:
-                state += 2 * alloc(t) + 2 * alloc(4 * blocks(t, 256))
+                state += k * (2 * alloc(t) + 2 * alloc(4 * blocks(t, 256)))
         return state, 0  # the 8-bit update runs in one fused kernel per tensor
     if opt == "sgd":
         return 0, 0      # torch.optim.SGD with momentum=0 (its default) keeps no state
@@ -179,11 +180,11 @@ def optimizer_memory(setup: TrainSetup, shapes: list[tuple[int, ...]], param_byt
         # (transformers/optimization.py Adafactor._get_options: factored = len(shape) >= 2;
         # exp_avg_sq_row is shape[:-1], exp_avg_sq_col is shape[:-2] + shape[-1:]).
         state = 0
-        for s in shapes:
+        for s, k in shapes.items():
             if len(s) >= 2:
-                state += alloc(numel(s[:-1]) * param_bytes) + alloc(numel(s[:-2] + s[-1:]) * param_bytes)
+                state += k * (alloc(numel(s[:-1]) * param_bytes) + alloc(numel(s[:-2] + s[-1:]) * param_bytes))
             else:
-                state += alloc(numel(s) * param_bytes)
+                state += k * alloc(numel(s) * param_bytes)
         return state, 0
     raise AssertionError(opt)
 
