@@ -12,6 +12,20 @@ from .setup import TrainSetup
 from .units import format_bytes, parse_size
 
 __all__ = ["Component", "DependencyError", "Estimate", "Gpu", "GpuError", "ModelError", "ModelSpec",
-           "TrainSetup", "UsageError", "VramplanError", "estimate", "format_bytes", "parse_size",
-           "resolve_gpu", "resolve_model"]
+           "Parallel", "TrainSetup", "UsageError", "VramplanError", "estimate", "format_bytes", "parse_size",
+           "plan", "resolve_gpu", "resolve_model", "sweep"]
 __version__ = "0.1.0"
+
+# Loaded on first use, so `import vramplan` stays light (sweep imports pandas only when called).
+_LAZY = {"plan": ("planner", "plan"), "sweep": ("sweep", "sweep"), "Parallel": ("sharding", "Parallel")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,61 @@
+"""Speed of `plan`: a 20 x 20 batch x seq grid plus recommendations, cold (a fresh interpreter,
+imports included) and warm, and the cold `vramplan plan` CLI.
+
+Target (issue #5): a plan over a 20 x 20 grid plus recommendations under 0.5 s cold.
+Run: python benchmarks/bench_plan.py
+"""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+RUNS = 7
+GRID = "batches=list(range(1, 21)), seqs=[256 * i for i in range(1, 21)]"
+CASES = {
+    # name: plan(...) arguments; each needs recommendations (the setup does not fit)
+    "Llama-3-8B bs16 x 4096 on 24GB (1 GPU)": 'plan("meta-llama/Meta-Llama-3-8B", gpu="24GB", batch=16, seq=4096, {grid})',
+    "Llama-3-8B eager, no ckpt, 8k on T4": ('plan("meta-llama/Meta-Llama-3-8B", gpu="T4", seq=8192, attn="eager", '
+                                            'grad_ckpt=False, rank=64, {grid})'),
+    "Llama-2-70B bs4 x 4096 on 24GB, 2 x fsdp": ('plan("meta-llama/Llama-2-70b", gpu="24GB", batch=4, seq=4096, gpus=2, '
+                                                 'strategy="fsdp", {grid})'),
+    "Llama-2-70B on 24GB, 8 x zero3 + offload": ('plan("meta-llama/Llama-2-70b", gpu="24GB", gpus=8, strategy="zero3", '
+                                                 'offload="cpu", {grid})'),
+}
+CLI = [sys.executable, "-m", "vramplan.cli", "plan", "meta-llama/Meta-Llama-3-8B", "--gpu", "24GB", "--batch", "16",
+       "--seq", "4096", "--json"]
+
+
+def cold(call: str) -> tuple[float, float, int]:
+    """(seconds for import + plan, seconds for plan alone, evaluations) in a fresh interpreter."""
+    code = (f"import time; t0 = time.perf_counter(); from vramplan import plan; t1 = time.perf_counter(); "
+            f"p = {call.format(grid=GRID)}; t2 = time.perf_counter(); "
+            f"print(t2 - t0, t2 - t1, p.evaluations, len(p.changes) + len(p.minimum.changes if p.minimum else ()))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    return float(out[0]), float(out[1]), int(out[2])
+
+
+def main() -> None:
+    print(f"{'case':<44}{'cold import+plan':>18}{'cold plan':>11}{'evals':>7}")
+    for name, call in CASES.items():
+        runs = [cold(call) for _ in range(RUNS)]
+        total = statistics.median(r[0] for r in runs)
+        alone = statistics.median(r[1] for r in runs)
+        print(f"{name:<44}{total * 1000:>15.0f} ms{alone * 1000:>8.0f} ms{runs[0][2]:>7}")
+    times = []
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        subprocess.run(CLI, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    bare = []
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        bare.append(time.perf_counter() - start)
+    print(f"cold `vramplan plan ... --json` (default grid): median {statistics.median(times) * 1000:.0f} ms "
+          f"(bare interpreter {statistics.median(bare) * 1000:.0f} ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Per-GPU memory under DDP / FSDP / ZeRO: invariants, engine formulas, bad input, and the
+comparison with Answer.AI's published FSDP + QLoRA per-GPU measurements."""
+import csv
+from pathlib import Path
+
+import pytest
+
+from vramplan import TrainSetup, estimate
+from vramplan.cli import main
+from vramplan.errors import UsageError
+from vramplan.models import resolve, spec_from_config
+from vramplan.sharding import DS_REDUCE_BUCKET, NCCL_BYTES, STRATEGIES, Parallel, per_gpu, splits_for
+
+GiB = 2**30
+LLAMA2_7B = resolve("meta-llama/Llama-2-7b-hf")
+LLAMA2_70B = resolve("meta-llama/Llama-2-70b-hf")
+
+
+@pytest.mark.parametrize("model", ["meta-llama/Llama-2-7b-hf", "google/gemma-2-2b", "microsoft/Phi-3-mini-4k-instruct",
+                                   "mistralai/Mixtral-8x7B-v0.1"])
+@pytest.mark.parametrize("method", ["qlora", "lora", "full"])
+def test_single_gpu_is_the_estimate_to_the_byte(model, method):
+    setup = TrainSetup(method=method, batch=2, seq=1024)
+    est = estimate(model, setup)
+    one = per_gpu(model, setup)
+    assert one.components == est.components
+    assert one.peak_allocated_bytes == est.peak_allocated_bytes
+    assert one.device_total_bytes == est.device_total_bytes
+    assert one.phase_peaks == est.phase_peaks
+    assert one.comm_bytes == 0 and one.cpu_bytes == 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES[1:])
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+@pytest.mark.parametrize("method", ["qlora", "lora", "full"])
+def test_terms_add_up_to_components_and_peak(strategy, offload, method):
+    if offload == "cpu" and strategy == "ddp":
+        pytest.skip("DDP cannot offload")
+    e = per_gpu(LLAMA2_7B, TrainSetup(method=method, batch=2, seq=512), gpus=4, strategy=strategy, offload=offload)
+    assert sum(t.bytes for t in e.terms) == e.peak_allocated_bytes == sum(e.components.values())
+    for c, n in e.components.items():
+        assert n == sum(t.bytes for t in e.terms if t.component == c)
+    assert all(t.source and t.held for t in e.terms)
+    assert e.comm_bytes == NCCL_BYTES
+    assert e.device_total_bytes == e.peak_allocated_bytes + e.cuda_context_bytes + NCCL_BYTES + e.allocator_overhead_bytes
+
+
+def test_sharding_shrinks_static_memory_and_never_activations():
+    setup = TrainSetup(batch=1, seq=2048)
+    single = per_gpu(LLAMA2_70B, setup)
+    needs = [per_gpu(LLAMA2_70B, setup, gpus=n, strategy="fsdp").peak_allocated_bytes for n in (2, 4, 8, 16)]
+    assert needs == sorted(needs, reverse=True) and needs[0] < single.peak_allocated_bytes
+    ddp = per_gpu(LLAMA2_70B, setup, gpus=2, strategy="ddp")
+    assert ddp.peak_allocated_bytes >= single.peak_allocated_bytes
+    for n in (2, 8):
+        e = per_gpu(LLAMA2_70B, setup, gpus=n, strategy="fsdp")
+        per_rank = [t for t in e.terms if t.held == "per rank"]
+        assert sum(t.bytes for t in per_rank if t.component == "activations") == e.components["activations"]
+    # quant_state is not a parameter: replicated, the same on 2 and 8 GPUs.
+    q = [per_gpu(LLAMA2_70B, setup, gpus=n, strategy="fsdp").components["quant_constants"] for n in (2, 8)]
+    assert q[0] == q[1] == single.components["quant_constants"] > 0
+
+
+def test_fsdp_gathers_two_layer_units_and_keeps_the_root():
+    setup = TrainSetup(batch=1, seq=512)
+    e = per_gpu(LLAMA2_70B, setup, gpus=8, strategy="fsdp")
+    sp = splits_for(LLAMA2_70B, setup, e.parallel)
+    gathered = {t.part: t.bytes for t in e.terms if t.held == "gathered" and t.component == "weights"}
+    assert gathered["root unit unsharded (embeddings, norm, lm_head)"] == sp.root_weights
+    assert gathered["2 decoder-layer units unsharded (current + prefetched)"] == 2 * sp.unit_weights
+    # root = embeddings + lm_head + final norm + rotary buffer, in bf16
+    assert sp.root_weights >= 2 * 32000 * 8192 * 2
+    assert sp.layers * sp.unit_weights + sp.root_weights == sp.weights
+    shard = next(t.bytes for t in e.terms if t.part.startswith("weight shards"))
+    assert shard == pytest.approx(sp.weights / 8, rel=1e-3)
+
+
+def test_shard_grad_op_holds_every_unit_from_forward_to_backward():
+    setup = TrainSetup(batch=1, seq=512)
+    full = per_gpu(LLAMA2_7B, setup, gpus=4, strategy="fsdp")
+    grad_op = per_gpu(LLAMA2_7B, setup, gpus=4, strategy="fsdp_grad_op")
+    assert grad_op.components["weights"] > full.components["weights"]
+    assert grad_op.components["weights"] >= splits_for(LLAMA2_7B, setup, grad_op.parallel).weights
+
+
+def test_cpu_offload_moves_shards_to_the_cpu():
+    setup = TrainSetup(batch=2, seq=2048)
+    on = per_gpu(LLAMA2_70B, setup, gpus=2, strategy="fsdp")
+    off = per_gpu(LLAMA2_70B, setup, gpus=2, strategy="fsdp", offload="cpu")
+    assert off.peak_allocated_bytes < on.peak_allocated_bytes
+    assert off.cpu_bytes > 0.9 * (on.components["weights"] - sum(t.bytes for t in on.terms if t.held == "gathered"
+                                                                    and t.component == "weights"))
+    assert off.components["optimizer_state"] == 0
+    z3 = per_gpu(LLAMA2_70B, setup, gpus=8, strategy="zero3", offload="cpu")
+    assert z3.components["optimizer_state"] == 0 and z3.cpu_bytes > 0
+
+
+def test_zero_full_finetuning_follows_the_zero_paper():
+    """ZeRO (Rajbhandari et al. 2020): mixed-precision Adam keeps K = 12 bytes per parameter of
+    optimizer state (fp32 master + 2 moments), partitioned 1/N; ZeRO-2 keeps 16-bit params whole."""
+    spec = resolve("Qwen/Qwen2.5-0.5B")
+    setup = TrainSetup(method="full", batch=1, seq=512)
+    psi = estimate(spec, setup).trainable_params
+    for n in (2, 8):
+        z2 = per_gpu(spec, setup, gpus=n, strategy="zero2")
+        assert z2.components["optimizer_state"] == pytest.approx(12 * psi / n, rel=0.01)
+        z3 = per_gpu(spec, setup, gpus=n, strategy="zero3")
+        assert z3.components["optimizer_state"] == z2.components["optimizer_state"]
+        assert z3.components["weights"] < z2.components["weights"]
+
+
+def test_deepspeed_reduce_buckets():
+    setup = TrainSetup(batch=1, seq=512)
+    z2 = per_gpu(LLAMA2_7B, setup, gpus=2, strategy="zero2")
+    bucket = [t for t in z2.terms if t.held == "bucket"]
+    assert len(bucket) == 1 and bucket[0].bytes == 2 * DS_REDUCE_BUCKET  # 5e8 bf16 elements
+    overlapped = per_gpu(LLAMA2_7B, setup, Parallel(2, "zero2", overlap_comm=True))
+    assert sum(t.bytes for t in overlapped.terms if t.held == "bucket") == 4 * DS_REDUCE_BUCKET
+    small = per_gpu(LLAMA2_7B, setup, Parallel(2, "zero3", reduce_bucket_size=4096 * 4096))
+    assert sum(t.bytes for t in small.terms if t.held == "bucket") == 2 * 4096 * 4096
+
+
+def test_ddp_buckets_copy_the_gradients_unless_bucket_view():
+    setup = TrainSetup(method="full", batch=1, seq=256)
+    spec = resolve("Qwen/Qwen2.5-0.5B")
+    single = per_gpu(spec, setup)
+    ddp = per_gpu(spec, setup, gpus=2, strategy="ddp")
+    view = per_gpu(spec, setup, Parallel(2, "ddp", gradient_as_bucket_view=True))
+    grads = splits_for(spec, setup, ddp.parallel).gradients
+    assert ddp.phase_peaks["optimizer"] - single.phase_peaks["optimizer"] == grads
+    assert view.peak_allocated_bytes == single.peak_allocated_bytes
+
+
+def test_deepspeed_undoes_prepare_kbit_fp32_cast():
+    e = per_gpu(LLAMA2_7B, TrainSetup(prepare_kbit=True), gpus=2, strategy="zero2")
+    assert e.setup.prepare_kbit is False
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(gpus=0), "--gpus must be positive, got 0"),
+    (dict(gpus=-2, strategy="fsdp"), "--gpus must be positive, got -2"),
+    (dict(gpus=2.5), "--gpus must be a whole number"),
+    (dict(gpus=10**6), "is beyond any real run"),
+    (dict(gpus=2, strategy="megatron"), "unknown strategy 'megatron'"),
+    (dict(gpus=2, strategy="single"), "--strategy single cannot use 2 GPUs"),
+    (dict(gpus=2, strategy="ddp", offload="cpu"), "--offload cpu needs a sharding engine"),
+    (dict(gpus=2, strategy="fsdp", offload="nvme"), "unknown offload 'nvme'"),
+])
+def test_bad_parallel_values(kwargs, message):
+    with pytest.raises(UsageError) as info:
+        Parallel(**kwargs)
+    assert message in str(info.value)
+
+
+def test_strategy_aliases_and_defaults():
+    assert Parallel(2).strategy == "ddp" and Parallel(1).strategy == "single"
+    assert Parallel(2, "FULL_SHARD").strategy == "fsdp"
+    assert Parallel(2, "shard_grad_op").strategy == "fsdp_grad_op"
+    assert Parallel(8, "zero-3").strategy == "zero3"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "llama-2-7b", "--gpu", "24GB", "--gpus", "0", "--strategy", "fsdp"], "Error: --gpus must be positive"),
+    (["plan", "llama-2-7b", "--gpu", "24GB", "--gpus", "2", "--strategy", "tp"], "Error: unknown strategy 'tp'"),
+    (["plan", "llama-2-7b", "--gpu", "24GB", "--gpus", "two"], "Error: argument --gpus: invalid int value"),
+    (["plan", "llama-2-7b", "--gpu", "24GB", "--gpus", "2", "--offload", "cpu"], "Error: --offload cpu needs a sharding"),
+])
+def test_cli_parallel_errors_are_one_line_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err and "hint:" in err
+
+
+# --- Answer.AI FSDP + QLoRA per-GPU measurements ---------------------------------------------------
+# github.com/AnswerDotAI/fsdp_qlora benchmarks_03_2024.md (runs Feb-Mar 2024; per GPU, 2 GPUs,
+# FSDP full_shard), as transcribed in shared/reference/published_measurements.csv (AAI-01..06,
+# 'Peak Memory (GiB)' = torch.cuda.max_memory_reserved) plus the same page's rows quoted in the
+# CSV notes. train.py defaults: r=64, alpha 16, lora_dropout 0.1, targets q,k,v,up,down,gate
+# (no o_proj), AdamW, sdpa, FSDP activation checkpointing.
+AAI = [  # id, model, method, batch, seq, offload, reserved GiB, allocated GiB (when published)
+    ("AAI-01", "llama2-7b", "qlora", 1, 512, "none", 4.98, None),
+    ("AAI-02", "llama2-7b", "qlora", 1, 2048, "none", 5.21, None),
+    ("AAI-03", "llama2-7b", "lora", 1, 512, "none", 10.24, 8.28),
+    ("AAI-03 ctx2048", "llama2-7b", "lora", 1, 2048, "none", 10.22, 9.16),
+    ("AAI-04", "llama2-7b", "qlora", 10, 2048, "none", 20.97, None),
+    ("AAI-05", "llama2-7b", "lora", 6, 2048, "none", 21.35, None),
+    ("AAI-05 bs4", "llama2-7b", "lora", 4, 2048, "none", 16.14, None),
+    ("AAI-06", "yi-34b", "qlora", 2, 2048, "none", 23.05, None),
+    ("AAI-06 offload", "yi-34b", "qlora", 4, 2048, "cpu", 22.98, None),
+]
+CSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "published_measurements.csv"
+# 01-ai/Yi-34B config.json (not in the bundled catalog): a Llama architecture.
+YI_34B = {"model_type": "llama", "hidden_size": 7168, "intermediate_size": 20480, "num_hidden_layers": 60,
+          "num_attention_heads": 56, "num_key_value_heads": 8, "vocab_size": 64000, "tie_word_embeddings": False,
+          "max_position_embeddings": 4096}
+# How far a prediction may be from these runs. The recipe differs from what the estimator
+# models in known ways, all making the measurement larger: transformers ~4.38 upcast logits with
+# logits.float() and copied shift_logits, and train.py keeps `output` (fp32 logits) alive through
+# backward; max_memory_reserved includes the loading/wrapping cache (reserved_after_model_wrap
+# 3.72 GiB vs ~2 GiB of shards). Pure-bf16 adapters (precision='bf16') make it smaller than the
+# fp32 adapters modelled. So: reserved within -40% / +10%, allocated within 10%. The table also
+# prints, as a diagnostic only (not asserted), the prediction plus two fp32 logits copies
+# (batch x seq x vocab x 4 bytes): the fp32 `output.logits` kept by the loop and the full-size
+# zero gradient of `logits[..., :-1, :]` that the legacy loss adds at its backward peak.
+RESERVED_BOUNDS = (-0.40, 0.10)
+ALLOCATED_TOLERANCE = 0.10
+
+
+def aai_table():
+    specs = {"llama2-7b": LLAMA2_7B, "yi-34b": spec_from_config(YI_34B, "01-ai/Yi-34B", "test: Yi-34B config.json")}
+    base = TrainSetup(rank=64, targets="q_proj,k_proj,v_proj,up_proj,down_proj,gate_proj", lora_dropout=0.1,
+                      grad_ckpt=True, attn="sdpa", optimizer="adamw")
+    rows = []
+    for rid, model, method, batch, seq, offload, reserved, allocated in AAI:
+        e = per_gpu(specs[model], base.with_(method=method, batch=batch, seq=seq), gpus=2, strategy="fsdp",
+                    offload=offload)
+        legacy = 2 * 4 * batch * seq * specs[model].vocab
+        rows.append((rid, e.reserved_bytes / GiB, reserved, e.peak_allocated_bytes / GiB, allocated,
+                     (e.reserved_bytes + legacy) / GiB))
+    return rows
+
+
+def test_transcription_matches_the_reference_csv():
+    if not CSV.exists():
+        pytest.skip("shared/reference is not checked out next to the repository")
+    with CSV.open() as f:
+        published = {r["id"]: r for r in csv.DictReader(f)}
+    for rid, model, method, batch, seq, offload, reserved, _ in AAI:
+        if rid not in published:
+            continue
+        row = published[rid]
+        assert float(row["measured_gb"]) == pytest.approx(reserved * GiB / 1e9, abs=0.006), rid
+        assert int(row["batch"]) == batch and str(seq) in row["seq_len"] and row["lora_r"] == "64"
+        assert ("lora-16bit" if method == "lora" else "qlora-nf4") == row["method"]
+
+
+def test_answer_ai_fsdp_qlora_per_gpu_measurements(capsys):
+    rows = aai_table()
+    lines = [f"{'run':<16}{'pred reserved':>14}{'measured':>10}{'error':>8}   {'pred alloc':>10}{'measured':>10}"
+             f"{'error':>8}   {'+legacy loss':>12}{'error':>8}"]
+    errors, legacy_errors = [], []
+    for rid, pred_r, meas_r, pred_a, meas_a, legacy in rows:
+        err_r = (pred_r - meas_r) / meas_r
+        err_a = (pred_a - meas_a) / meas_a if meas_a else None
+        err_l = (legacy - meas_r) / meas_r
+        errors.append(err_r)
+        legacy_errors.append(err_l)
+        lines.append(f"{rid:<16}{pred_r:>12.2f}Gi{meas_r:>8.2f}Gi{err_r:>+8.1%}   {pred_a:>8.2f}Gi"
+                     + (f"{meas_a:>8.2f}Gi{err_a:>+8.1%}" if meas_a else f"{'-':>10}{'-':>8}")
+                     + f"   {legacy:>10.2f}Gi{err_l:>+8.1%}")
+    lines.append(f"mean |error| vs reserved: {sum(map(abs, errors)) / len(errors):.1%} "
+                 f"(diagnostic with the legacy loss: {sum(map(abs, legacy_errors)) / len(legacy_errors):.1%})")
+    table = "\n".join(lines)
+    with capsys.disabled():
+        print("\nAnswer.AI FSDP+QLoRA, 2 GPUs, per GPU (GiB):\n" + table)
+    for rid, pred_r, meas_r, pred_a, meas_a, _ in rows:
+        err = (pred_r - meas_r) / meas_r
+        assert RESERVED_BOUNDS[0] <= err <= RESERVED_BOUNDS[1], f"{rid}: {err:+.1%}\n{table}"
+        if meas_a:
+            assert abs(pred_a - meas_a) / meas_a <= ALLOCATED_TOLERANCE, f"{rid} allocated\n{table}"
+    # What the runs show, the model must show: more batch needs more; QLoRA below LoRA; offload
+    # lets Yi-34B double its batch within the same memory.
+    by = {r[0]: r[1] for r in rows}
+    assert by["AAI-01"] < by["AAI-02"] < by["AAI-04"]
+    assert by["AAI-02"] < by["AAI-03 ctx2048"] and by["AAI-05 bs4"] < by["AAI-05"]
+    assert by["AAI-06 offload"] < 24 * 1e9 / GiB and by["AAI-06"] < 24 * 1e9 / GiB

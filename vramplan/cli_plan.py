@@ -1,0 +1,269 @@
+"""`vramplan plan` and `vramplan sweep`: parse, call planner / sweep, render (rich) last.
+
+Light at import: the planner, pandas, matplotlib and rich load inside the handlers.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .errors import UsageError
+
+STATUS_STYLE = {"fits": "green", "tight": "yellow", "no": "red"}
+STATUS_WORD = {"fits": "FITS", "tight": "TIGHT", "no": "DOES NOT FIT"}
+
+
+def parse_list(flag: str, text: str, kind=int) -> list:
+    """'1,2,4' -> [1, 2, 4]; a malformed list is a UsageError naming the flag."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not items or any(not t for t in items):
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list", hint=f"e.g. {flag} 1,2,4")
+    if kind is int:
+        out = []
+        for t in items:
+            try:
+                out.append(int(t))
+            except ValueError:
+                raise UsageError(f"{flag} {text!r}: {t!r} is not a whole number", hint=f"e.g. {flag} 1,2,4") from None
+        return out
+    return items
+
+
+def _parallel_flags(p: argparse.ArgumentParser, lists: bool) -> None:
+    p.add_argument("--gpus", default="1" if lists else 1, type=str if lists else int,
+                   help="number of GPUs = data-parallel ranks (default 1)" + ("; comma-separated" if lists else ""))
+    p.add_argument("--strategy", default=None,
+                   help="single | ddp | fsdp | fsdp_grad_op | zero2 | zero3 (default: single for 1 GPU, ddp above)")
+    p.add_argument("--offload", default="none", help="none | cpu: FSDP CPUOffload, ZeRO offload_optimizer (+ offload_param for zero3)")
+
+
+def register(subparsers, setup_flags_parent) -> None:
+    p = subparsers.add_parser("plan", parents=[setup_flags_parent],
+                              help="what fits: largest batch / sequence, a grid, changes that fit, per-GPU under FSDP / ZeRO",
+                              description="What fits on a GPU, per GPU under DDP / FSDP / DeepSpeed ZeRO. --gpu also "
+                                          "takes 'all' (every catalog GPU: fits? headroom).")
+    _parallel_flags(p, lists=False)
+    p.add_argument("--grid-batch", help="batch values of the grid, e.g. 1,2,4,8 (default: powers of two)")
+    p.add_argument("--grid-seq", help="sequence lengths of the grid, e.g. 512,2048,8192 (default: powers of two)")
+    p.add_argument("--tight", type=float, default=0.05,
+                   help="a fit with less than this fraction of the GPU left is 'tight' (default 0.05)")
+    p.add_argument("--no-recommend", dest="recommend", action="store_false", help="skip the ranked changes")
+    p.add_argument("--plot", help="write stacked components per setup with the GPU line (.png, .svg, .pdf)")
+    p.set_defaults(handler=cmd_plan)
+
+    from .cli import setup_flags  # a fresh copy: sweep redefines some flags as lists
+
+    s = subparsers.add_parser("sweep", parents=[setup_flags()], conflict_handler="resolve",
+                              help="the estimate over a product of setups, as a table / CSV (pandas)")
+    for flag, default, what in (("--batch", "1", "micro-batch sizes"), ("--seq", "2048", "sequence lengths"),
+                                ("--rank", "16", "LoRA ranks"), ("--method", "qlora", "methods"),
+                                ("--optimizer", "adamw", "optimizers"), ("--attn", "sdpa", "attention kernels"),
+                                ("--quant", "nf4", "quantizations"), ("--dtype", "bf16", "dtypes")):
+        s.add_argument(flag, default=default, help=f"{what}, comma-separated (default {default})")
+    _parallel_flags(s, lists=True)
+    s.add_argument("--csv", help="write the table to this CSV file")
+    s.add_argument("--plot", help="write stacked components per setup with the GPU line (.png, .svg, .pdf)")
+    s.add_argument("--tight", type=float, default=0.05, help="'tight' threshold as a fraction of the GPU (0.05)")
+    s.set_defaults(handler=cmd_sweep)
+
+
+# --- plan ----------------------------------------------------------------------------------------
+
+def cmd_plan(args) -> int:
+    from .cli import print_json, setup_from_args
+    from .planner import plan
+
+    batches = parse_list("--grid-batch", args.grid_batch) if args.grid_batch else None
+    seqs = parse_list("--grid-seq", args.grid_seq) if args.grid_seq else None
+    if args.gpu is None:
+        raise UsageError("plan needs a GPU", hint="e.g. --gpu 24GB, --gpu A100-80GB, or --gpu all")
+    result = plan(args.model, setup_from_args(args), args.gpu, gpus=args.gpus, strategy=args.strategy,
+                  offload=args.offload, batches=batches, seqs=seqs, tight=args.tight, recommend=args.recommend)
+    if args.plot:
+        from .plot import plot_plan
+        plot_plan(result, args.plot)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print_plan(result)
+        if args.plot:
+            from rich.console import Console
+            Console().print(f"Plot written to {args.plot}", highlight=False)
+    return 0
+
+
+def _gib(n: int | None, digits: int = 2) -> str:
+    return "-" if n is None else f"{n / 2**30:,.{digits}f} GiB"
+
+
+def print_plan(result, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    s, par, est = result.setup, result.parallel, result.estimate
+    head = (f"{result.model.id} — {s.method}" + (f" {s.quant}" if s.quantized else "")
+            + f", r={s.rank}, batch {s.batch} x seq {s.seq}, {s.optimizer}, "
+            + ("checkpointing" if s.grad_ckpt else "no checkpointing") + f", {s.attn} — {par.label}")
+    console.print(head, style="bold", highlight=False)
+    if result.survey:
+        _print_survey(result, console, Table)
+    else:
+        style = STATUS_STYLE[result.status]
+        per = "per GPU " if par.gpus > 1 else ""
+        console.print(f"[{style}]{STATUS_WORD[result.status]}[/{style}] on {result.gpu.name} "
+                      f"({_gib(result.gpu.memory_bytes)}): {_gib(result.need_bytes)} {per}needed, "
+                      f"headroom {_gib(result.headroom_bytes)}; peak in {est.peak_phase}", highlight=False)
+        if par.strategy != "single":
+            _print_terms(est, console, Table)
+        for lim, other in ((result.max_batch, f"at seq {s.seq}"), (result.max_seq, f"at batch {s.batch}")):
+            if lim.value == 0:
+                console.print(f"Largest {lim.field}: none fits {other} ({lim.field}=1 needs "
+                              f"{_gib(lim.next_need_bytes, 3)})", highlight=False)
+            else:
+                nxt = ("the sanity bound" if lim.capped
+                       else f"{lim.field}={lim.value + 1} needs {_gib(lim.next_need_bytes, 3)}")
+                console.print(f"Largest {lim.field} {other}: [bold]{lim.value}[/bold] ({_gib(lim.need_bytes, 3)}; "
+                              f"{nxt})", highlight=False)
+        _print_grid(result, console, Table)
+        if result.changes:
+            _print_changes(result.changes, result.gpu, console, Table, "Changes that make it fit (cheapest first)")
+        elif result.status == "no" and result.minimum is not None:
+            console.print("No change to the setup alone fits this GPU.", highlight=False)
+    if result.minimum is not None:
+        _print_minimum(result.minimum, result, console, Table)
+    for note in result.notes:
+        console.print(f"[yellow]Note:[/yellow] {note}", highlight=False)
+    if par.strategy != "single":
+        console.print("Assumptions:")
+        for a in est.assumptions:
+            console.print(f"  - {a}", highlight=False)
+
+
+def _print_terms(est, console, Table) -> None:
+    table = Table(title=f"Per GPU at the peak ({est.peak_phase}), {est.parallel.label}", title_justify="left")
+    for col, just in (("component", "left"), ("part", "left"), ("held", "left"), ("GiB", "right"), ("src", "right")):
+        table.add_column(col, justify=just)
+    sources: list[str] = []
+    for t in sorted(est.terms, key=lambda t: -t.bytes):
+        if t.source not in sources:
+            sources.append(t.source)
+        table.add_row(t.component, t.part, t.held, f"{t.bytes / 2**30:,.3f}", f"[{sources.index(t.source) + 1}]")
+    table.add_section()
+    table.add_row("peak allocated", "", "", f"{est.peak_allocated_bytes / 2**30:,.3f}", "", style="bold")
+    table.add_row("device total", "+ CUDA context, NCCL, allocator slack", "", f"{est.device_total_bytes / 2**30:,.3f}",
+                  "", style="bold")
+    if est.cpu_bytes:
+        table.add_row("CPU (pinned)", "offloaded shards and optimizer", "offloaded", f"{est.cpu_bytes / 2**30:,.3f}",
+                      "", style="dim")
+    console.print(table)
+    for i, src in enumerate(sources, 1):
+        console.print(f"  [{i}] {src}", style="dim", highlight=False)
+
+
+def _print_grid(result, console, Table) -> None:
+    grid = result.grid
+    table = Table(title=f"GiB per GPU on {result.gpu.name}", title_justify="left",
+                  caption="batch across, seq down: [green]fits[/green] / [yellow]tight[/yellow] "
+                          f"(under {result.tight:.0%} left) / [red]no[/red]", caption_justify="left")
+    table.add_column("seq \\ batch", justify="right")
+    for b in grid.batches:
+        table.add_column(str(b), justify="right")
+    for s, row in zip(grid.seqs, grid.cells):
+        table.add_row(str(s), *[f"[{STATUS_STYLE[c.status]}]{c.need_bytes / 2**30:,.1f}[/]" for c in row])
+    console.print(table)
+
+
+def _print_changes(changes, gpu, console, Table, title) -> None:
+    table = Table(title=title, title_justify="left")
+    for col, just in (("#", "right"), ("change", "left"), ("need", "right"), ("headroom", "right"),
+                      ("cost", "right"), ("what it costs", "left")):
+        table.add_column(col, justify=just)
+    for i, c in enumerate(changes, 1):
+        table.add_row(str(i), c.description, f"[{STATUS_STYLE[c.status]}]{_gib(c.need_bytes)}[/]",
+                      _gib(c.headroom_bytes), f"{c.cost:.2f}", c.cost_text)
+    console.print(table)
+
+
+def _print_minimum(m, result, console, Table) -> None:
+    console.print(f"[bold]What it takes:[/bold] {m.message}.", highlight=False)
+    if m.options:
+        table = Table(title="Fewest GPUs per engine for the setup as asked", title_justify="left")
+        for col in ("GPUs x engine", "per GPU", "CPU per rank"):
+            table.add_column(col, justify="left" if col == "GPUs x engine" else "right")
+        for o in m.options:
+            table.add_row(o.label, f"[{STATUS_STYLE[o.status]}]{_gib(o.need_bytes)}[/]",
+                          _gib(o.cpu_bytes) if o.cpu_bytes else "-")
+        console.print(table)
+    if m.changes:
+        gpu = result.gpu or result.survey[-1].gpu
+        _print_changes(m.changes, gpu, console, Table, f"With {m.changes_parallel.label} on {gpu.name}")
+
+
+def _print_survey(result, console, Table) -> None:
+    s = result.setup
+    table = Table(title=f"Every catalog GPU ({result.parallel.label}): {_gib(result.need_bytes)} per GPU needed",
+                  title_justify="left")
+    for col in ("GPU", "memory", "verdict", "headroom", f"max batch @ seq {s.seq}", f"max seq @ batch {s.batch}"):
+        table.add_column(col, justify="left" if col in ("GPU", "verdict") else "right")
+    for r in result.survey:
+        style = STATUS_STYLE[r.status]
+        table.add_row(r.gpu.name, _gib(r.gpu.memory_bytes), f"[{style}]{r.status}[/]", _gib(r.headroom_bytes),
+                      str(r.max_batch), str(r.max_seq))
+    console.print(table)
+
+
+# --- sweep ---------------------------------------------------------------------------------------
+
+def cmd_sweep(args) -> int:
+    from .cli import print_json
+    from .setup import parse_targets, TrainSetup
+    from .sweep import sweep
+
+    axes = {"batch": parse_list("--batch", args.batch), "seq": parse_list("--seq", args.seq),
+            "rank": parse_list("--rank", args.rank), "method": parse_list("--method", args.method, str),
+            "optimizer": parse_list("--optimizer", args.optimizer, str), "attn": parse_list("--attn", args.attn, str),
+            "quant": parse_list("--quant", args.quant, str), "dtype": parse_list("--dtype", args.dtype, str)}
+    base = TrainSetup(double_quant=args.double_quant, targets=parse_targets(args.targets),
+                      lora_dropout=args.lora_dropout, grad_ckpt=args.grad_ckpt, prepare_kbit=args.prepare_kbit)
+    strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]
+    df = sweep(args.model, args.gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
+               strategy=strategies, offload=parse_list("--offload", args.offload, str), tight=args.tight, **axes)
+    varying = [c for c in (*axes, "gpus", "strategy", "offload") if df[c].nunique() > 1]
+    if args.csv:
+        try:
+            df.to_csv(args.csv, index=False)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.csv!r}: {exc.strerror or exc}", hint="check the path") from None
+    if args.plot:
+        from .plot import plot_sweep
+        plot_sweep(df, args.plot, varying)
+    if args.json:
+        print_json(df.to_dict(orient="records"))
+        return 0
+    print_sweep(df, varying, args)
+    return 0
+
+
+def print_sweep(df, varying, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    title = f"{df['model'].iloc[0]}" + (f" on {df['gpu'].iloc[0]}" if "gpu" in df else "")
+    table = Table(title=title, title_justify="left")
+    cols = varying or ["batch", "seq"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for c in ("peak allocated", "device total", "phase") + (("verdict",) if "status" in df else ()):
+        table.add_column(c, justify="right")
+    for _, row in df.iterrows():
+        cells = [str(row[c]) for c in cols]
+        cells += [_gib(int(row["peak_allocated_bytes"])), _gib(int(row["device_total_bytes"])), row["peak_phase"]]
+        if "status" in df:
+            cells.append(f"[{STATUS_STYLE[row['status']]}]{row['status']}[/]")
+        table.add_row(*cells)
+    console.print(table)
+    if args.csv:
+        console.print(f"CSV written to {args.csv} ({len(df)} rows, {len(df.columns)} columns)", highlight=False)
+    if args.plot:
+        console.print(f"Plot written to {args.plot}", highlight=False)

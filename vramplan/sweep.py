@@ -1,0 +1,101 @@
+"""`vramplan sweep`: the per-GPU estimate over a product of setups, as a pandas DataFrame.
+
+pandas is imported only inside `sweep()` (the estimate path never imports it). Bytes stay
+int64 columns; the verdict uses the planner's thresholds (planner.status_of).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+from itertools import product
+
+from .components import ALLOCATED
+from .errors import UsageError, require
+from .gpus import Gpu, resolve_gpu
+from .models import ModelSpec, resolve
+from .planner import TIGHT, Evaluator, status_of
+from .setup import TrainSetup, parse_targets
+from .sharding import Parallel
+
+SETUP_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSetup))
+PARALLEL_AXES = ("gpus", "strategy", "offload")
+MAX_ROWS = 100_000
+
+
+def _values(name: str, value) -> list:
+    """An axis: a list (or tuple/range, except for targets whose tuple is one value) of values."""
+    if name == "targets":
+        values = value if isinstance(value, list) else [value]
+        values = [parse_targets(v) if isinstance(v, str) else tuple(v) for v in values]
+    elif isinstance(value, (list, tuple, range)):
+        values = list(value)
+    else:
+        values = [value]
+    if not values:
+        raise UsageError(f"sweep axis {name} is empty", hint=f"give at least one value for {name}")
+    return values
+
+
+def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: TrainSetup | None = None,
+          gpus=1, strategy=None, offload="none", tight: float = TIGHT, **axes):
+    """One row per combination of the given values, e.g.
+    sweep("mistralai/Mistral-7B-v0.1", gpu="24GB", batch=[1, 2, 4, 8], seq=[512, 2048, 8192]).
+    Any TrainSetup field may be a list; so may gpus, strategy and offload."""
+    pd = require("pandas", "export")
+    spec = model if isinstance(model, ModelSpec) else resolve(model)
+    base = setup or TrainSetup()
+    g = resolve_gpu(gpu) if gpu is not None else None
+    unknown = sorted(set(axes) - set(SETUP_FIELDS))
+    if unknown:
+        raise UsageError(f"unknown sweep axis {', '.join(unknown)}",
+                         hint=f"axes are TrainSetup fields ({', '.join(SETUP_FIELDS)}) and gpus, strategy, offload")
+    grid = {name: _values(name, value) for name, value in axes.items()}
+    par_grid = {"gpus": _values("gpus", gpus), "strategy": _values("strategy", strategy),
+                "offload": _values("offload", offload)}
+    names = list(grid) + list(par_grid)
+    combos = 1
+    for v in (*grid.values(), *par_grid.values()):
+        combos *= len(v)
+    if combos > MAX_ROWS:
+        raise UsageError(f"sweep of {combos:,} setups is too large (max {MAX_ROWS:,})", hint="give fewer values")
+    evaluators: dict[Parallel, Evaluator] = {}
+    rows = []
+    for values in product(*grid.values(), *par_grid.values()):
+        chosen = dict(zip(names, values))
+        par = Parallel(gpus=chosen.pop("gpus"), strategy=chosen.pop("strategy"), offload=chosen.pop("offload"))
+        s = base.with_(**chosen)
+        ev = evaluators.get(par)
+        if ev is None:
+            ev = evaluators[par] = Evaluator(spec, par)
+        est = ev.estimate(s)
+        row = {"model": spec.id, "gpu": g.name if g else None, "gpu_memory_bytes": g.memory_bytes if g else None,
+               "gpus": par.gpus, "strategy": par.strategy, "offload": par.offload}
+        d = s.to_dict()
+        d["targets"] = ",".join(s.targets)
+        row.update(d)
+        row.update({c.value: est.components[c.value] for c in ALLOCATED})
+        row.update({"peak_allocated_bytes": est.peak_allocated_bytes, "reserved_bytes": est.reserved_bytes,
+                    "device_total_bytes": est.device_total_bytes, "cpu_bytes": est.cpu_bytes,
+                    "paged_optimizer_bytes": est.paged_optimizer_bytes, "peak_phase": est.peak_phase})
+        if g is not None:
+            row["headroom_bytes"] = g.memory_bytes - est.device_total_bytes
+            row["status"] = status_of(est.device_total_bytes, g.memory_bytes, tight)
+            row["fits"] = row["status"] != "no"
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if g is None:
+        df = df.drop(columns=["gpu", "gpu_memory_bytes"])
+    return df
+
+
+class _CallableModule(types.ModuleType):
+    """Importing the submodule `vramplan.sweep` makes Python bind that name on the package to this
+    module, shadowing the lazily exported function; calling the module calls the function, so
+    `vramplan.sweep(...)` works whichever was imported first."""
+
+    def __call__(self, *args, **kwargs):
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
