@@ -1,0 +1,136 @@
+"""The allocation tracker on its own, with hand-made tensors: no model, no transformers."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from vramplan.simulate.tracker import GRANULARITY, AllocationTracker, round_up  # noqa: E402
+
+
+def meta(*shape, dtype=None):
+    return torch.empty(*shape, dtype=dtype or torch.float32, device="meta")
+
+
+@pytest.mark.parametrize("nbytes, rounded", [(0, 0), (1, 512), (511, 512), (512, 512), (513, 1024),
+                                              (4000, 4096), (2**20 + 1, 2**20 + 512)])
+def test_round_up_to_caching_allocator_granularity(nbytes, rounded):
+    assert GRANULARITY == 512
+    assert round_up(nbytes) == rounded
+
+
+def test_allocations_frees_and_peak():
+    tracker = AllocationTracker("meta")
+    with tracker:
+        a = meta(100)            # 400 B -> 512
+        b = meta(1000)           # 4000 B -> 4096
+        assert tracker.allocated == 512 + 4096
+        del a
+        assert tracker.allocated == 4096
+        c = b * 2                # a new storage
+        assert tracker.allocated == 2 * 4096
+        del b, c
+    assert tracker.allocated == 0
+    assert tracker.peak.bytes == 2 * 4096
+    assert [blk.size for blk in tracker.blocks] == [512, 4096, 4096]
+    assert all(blk.free_event is not None for blk in tracker.blocks)
+    peak_live = tracker.live_at(tracker.peak.event)
+    assert sum(blk.size for blk in peak_live) == tracker.peak.bytes
+
+
+def test_views_share_a_storage():
+    tracker = AllocationTracker("meta")
+    with tracker:
+        a = meta(64, 64)                   # 16 KiB
+        views = [a[1:], a.t(), a.view(-1), a[:, :3], a.unsqueeze(0), a.transpose(0, 1)]
+        assert tracker.allocated == 16384
+        a.mul_(2)                          # in place: nothing new
+        assert tracker.allocated == 16384
+        del a                              # the views keep the storage alive
+        assert tracker.allocated == 16384
+        del views
+    assert tracker.allocated == 0
+    assert len(tracker.blocks) == 1
+
+
+def test_multiple_outputs_and_out_resize():
+    tracker = AllocationTracker("meta")
+    with tracker:
+        x = meta(256)
+        values, indices = torch.sort(x)    # two new storages: fp32 and int64
+        assert tracker.allocated == 1024 + 1024 + 2048
+        out = meta(0)
+        torch.add(x, x, out=out)           # out= resizes an empty storage to 1 KiB
+        assert tracker.allocated == 1024 + 1024 + 2048 + 1024
+        del values, indices, out, x
+
+
+def test_live_state_strays_and_ignored():
+    weight = meta(256)                     # made before the tracker: not counted unless tracked
+    host = torch.ones(4)                   # cpu: another device, never counted
+    unknown = meta(512)
+    tracker = AllocationTracker("meta", strays="count")
+    tracker.track(weight, "weights")
+    assert tracker.allocated == 1024
+    paged = meta(1024)
+    tracker.ignore(paged)
+    with tracker:
+        y = weight + 1
+        _ = host + 1
+        paged.add_(1)                      # ignored: no stray, no count
+        z = unknown * 2                    # unknown was live all along: a stray
+    assert [b.tag for b in tracker.strays] == ["stray"]
+    assert tracker.allocated == 1024 + 1024 + 2048 + 2048
+    assert tracker.block_of(weight).tag == "weights"
+    assert tracker.block_of(y).tag is None
+    tracker.retag(y, "gradients")
+    assert tracker.block_of(y).tag == "gradients"
+    del z
+
+
+def test_context_is_recorded_and_tagging_wins():
+    where = {"phase": "forward"}
+    tracker = AllocationTracker("meta", context=lambda: (where["phase"], "mod", None))
+    with tracker:
+        a = meta(10)
+        where["phase"] = "backward"
+        with tracker.tagging("temporaries"):
+            b = meta(10)
+    assert tracker.block_of(a).where == ("forward", "mod", None)
+    assert tracker.block_of(b).where[0] == "backward"
+    assert tracker.block_of(b).tag == "temporaries"
+    assert tracker.phase_max == {"forward": 512, "backward": 1024}
+    assert tracker.timeline[-1][-1] == 1024
+
+
+def test_override_stand_in_counts_its_temporaries():
+    """A stand-in kernel runs sub-ops through tracker.run; their transient buffers raise the peak."""
+    def fat_mm(tracker, func, args, kwargs):
+        with tracker.tagging("temporaries"):
+            workspace = tracker.run(torch.ops.aten.empty.memory_format, ((1024,),),
+                                    dict(dtype=torch.float32, device=args[0].device))
+        out = tracker.run(func, args, kwargs)
+        del workspace
+        return out
+
+    tracker = AllocationTracker("meta", overrides={torch.ops.aten.mm.default: fat_mm})
+    with tracker:
+        a, b = meta(8, 8), meta(8, 8)
+        c = a @ b
+    assert tracker.allocated == 3 * 512
+    assert tracker.peak.bytes == 3 * 512 + 4096   # the workspace was live with the output
+    assert tracker.peak.op == "aten.mm.default"
+    assert max(row[-1] for row in tracker.timeline) == tracker.peak.bytes
+    del c
+
+
+def test_real_cpu_tensors_count_the_same_way():
+    tracker = AllocationTracker("cpu", strays="ignore")
+    with tracker:
+        a = torch.randn(1000)              # 4000 B -> 4096
+        b = a[::2].contiguous()            # 2000 B -> 2048
+        c = torch.tensor([1.0, 2.0])       # made from Python data: a host-side stray, ignored
+        d = c * 3                          # a new storage from an op: 8 B -> 512
+        assert tracker.allocated == 4096 + 2048 + 512
+        del a, b, c, d
+    assert tracker.allocated == 0

@@ -1,0 +1,215 @@
+"""Build the model, adapters, optimizer and batch exactly as a user's training script would.
+
+The recipe (TrainSetup's docstring) is
+    model = AutoModelForCausalLM.from_pretrained(id, quantization_config=BitsAndBytesConfig(...),
+                                                 dtype=compute_dtype, attn_implementation=attn)
+    model = prepare_model_for_kbit_training(model)            # only with setup.prepare_kbit
+    model.gradient_checkpointing_enable({"use_reentrant": False})   # with setup.grad_ckpt
+    model = get_peft_model(model, LoraConfig(r, target_modules, lora_dropout, task_type="CAUSAL_LM"))
+    optimizer = ...; model.train()
+
+from_pretrained needs weights; here the same steps run from the config: the model is built by
+`from_config` under the target device, and bitsandbytes quantization goes through transformers'
+own quantizer object (Bnb4BitHfQuantizer / Bnb8BitHfQuantizer): `preprocess_model` runs
+get_modules_to_not_convert + replace_with_bnb_linear (lm_head and tied weights stay unquantized,
+only `type(module) is nn.Linear` is replaced), then each weight is quantized the way
+integrations/bitsandbytes.py Bnb4bitQuantize / Bnb8bitQuantize do when a checkpoint tensor
+arrives: Params4bit(value, requires_grad=False, **old.__dict__).to(device) (Int8Params for 8-bit).
+`.to("meta")` skips quantization, so on meta the same `_quantize` it would call runs directly;
+bitsandbytes registers meta kernels for quantize_4bit / int8_vectorwise_quant, so the packed
+weight and every QuantState tensor exist with their real shapes and dtypes.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from ..errors import ModelError
+from ..setup import ALL_LINEAR, TrainSetup
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class Built:
+    model: object            # what the step calls (a PeftModel for lora / qlora)
+    base: object             # the transformers model inside
+    optimizer: object
+    input_ids: object
+    device: str
+    compute_dtype: object
+    lm_head: object          # the output embedding module (logits)
+    notes: list = field(default_factory=list)
+
+
+def torch_dtype(setup: TrainSetup):
+    import torch
+    return getattr(torch, DTYPE_NAMES[setup.dtype])
+
+
+def hf_config(spec, setup: TrainSetup):
+    """The transformers config object for spec.config, or ModelError if transformers lacks it."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = spec.config.get("model_type", spec.model_type)
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+        raise ModelError(f"architecture {model_type!r} ({spec.id}) is not known to transformers "
+                         f"{transformers.__version__}",
+                         hint="simulate needs a transformers release that has this model_type; "
+                              "the analytic estimate does not")
+    config = CONFIG_MAPPING[model_type].from_dict(dict(spec.config))
+    config.use_cache = False  # training: no KV cache (transformers turns it off for checkpointing too)
+    return config
+
+
+def build_model(spec, setup: TrainSetup, device: str = "meta", seed: int = 0):
+    """The transformers model (quantized for qlora), before peft."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(spec, setup)
+    dtype = torch_dtype(setup)
+    if device != "meta":
+        torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device(device):
+            try:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=setup.attn)
+            except ValueError as exc:
+                hint = ("use --attn eager" if "attention implementation" in str(exc)
+                        else "simulate supports AutoModelForCausalLM architectures")
+                raise ModelError(f"transformers cannot build {spec.id} as a causal LM: {exc}", hint=hint) from None
+    if setup.method == "qlora":
+        quantize(model, setup, device)
+    return model
+
+
+def bnb_config(setup: TrainSetup):
+    from transformers import BitsAndBytesConfig
+
+    if setup.quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=setup.quant,
+                              bnb_4bit_use_double_quant=setup.double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(setup))
+
+
+def quantize(model, setup: TrainSetup, device: str) -> None:
+    """transformers' quantizer replaces the Linear modules; then every weight is quantized as the
+    checkpoint loader does (Bnb4bitQuantize.convert / Bnb8bitQuantize.convert)."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    dtype = torch_dtype(setup)
+    # bitsandbytes caches its 8-bit "dynamic" code book on the device of the first tensor it
+    # quantizes (functional.quantize_blockwise); create it on the host first so that a meta run
+    # does not leave a meta code book behind for later real runs.
+    bnb_functional = bnb.functional
+    if "dynamic" not in bnb_functional.name2qmap or bnb_functional.name2qmap["dynamic"].device.type == "meta":
+        bnb_functional.name2qmap["dynamic"] = bnb_functional.create_dynamic_map()
+    linears = {name: (m.weight, m.bias) for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    quantizer = AutoHfQuantizer.from_config(bnb_config(setup), pre_quantized=False)
+    quantizer.preprocess_model(model=model, dtype=dtype, device_map=None, checkpoint_files=None,
+                               use_kernels=False)
+    dev = torch.device(device)
+    for name, module in model.named_modules():
+        if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            continue
+        weight, bias = linears[name]
+        value = weight.detach().to(dtype)  # the checkpoint tensor, in the load dtype
+        old = module.weight
+        if isinstance(module, bnb.nn.Linear4bit):
+            new = bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__)
+            new = new._quantize(dev) if dev.type == "meta" else new.to(dev)
+        else:
+            kwargs = dict(old.__dict__)
+            kwargs.pop("SCB", None)
+            new = bnb.nn.Int8Params(value, requires_grad=False, **kwargs)
+            new = new._quantize(dev) if dev.type == "meta" else new.to(dev)
+        module.weight = new
+        if bias is not None:  # loaded from the checkpoint in the load dtype
+            module.bias = torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+    model.is_loaded_in_4bit = setup.quant != "int8"
+    model.is_loaded_in_8bit = setup.quant == "int8"
+
+
+def add_adapters(model, setup: TrainSetup):
+    from peft import LoraConfig, get_peft_model
+
+    targets = ALL_LINEAR if setup.targets == (ALL_LINEAR,) else list(setup.targets)
+    config = LoraConfig(r=setup.rank, target_modules=targets, lora_dropout=setup.lora_dropout,
+                        task_type="CAUSAL_LM")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_peft_model(model, config)
+    except ValueError as exc:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        raise ModelError(f"--targets {','.join(setup.targets)} matches no module of this model ({exc})",
+                         hint=f"linear layers here: {', '.join(names)}; or use all-linear") from None
+
+
+def _is_linear(module) -> bool:
+    import torch
+    try:
+        import bitsandbytes as bnb
+        kinds = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:
+        kinds = (torch.nn.Linear,)
+    return isinstance(module, kinds)
+
+
+def make_optimizer(params, setup: TrainSetup, device: str):
+    import torch
+
+    params = list(params)
+    if setup.optimizer in ("adamw", "sgd"):
+        # On CUDA torch picks the foreach implementation by default
+        # (optimizer.py _default_to_fused_or_foreach: foreach for CUDA tensors, fused only on
+        # request). meta and cpu are not foreach devices, so it is asked for explicitly.
+        if setup.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=2e-4, foreach=True)
+        return torch.optim.SGD(params, lr=2e-4, foreach=True)
+    if setup.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(params, lr=None, scale_parameter=True, relative_step=True, warmup_init=False)
+    import bitsandbytes as bnb
+    kinds = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+             "paged_adamw8bit": bnb.optim.PagedAdamW8bit}
+    return kinds[setup.optimizer](params, lr=2e-4)
+
+
+def build(spec, setup: TrainSetup, device: str = "meta", seed: int = 0) -> Built:
+    import torch
+
+    model = build_model(spec, setup, device, seed)
+    base = model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if setup.prepare_kbit:
+            from peft import prepare_model_for_kbit_training
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=setup.grad_ckpt,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        if setup.grad_ckpt:
+            # transformers 5: also calls enable_input_require_grads() for input_ids models, the
+            # hook peft and the Trainer rely on so checkpointed blocks see an input needing grad.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if setup.uses_adapters:
+            model = add_adapters(model, setup)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, setup, device)
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, spec.vocab, (setup.batch, setup.seq), generator=g).to(device) \
+        if device != "meta" else torch.zeros((setup.batch, setup.seq), dtype=torch.long, device=device)
+    return Built(model=model, base=base, optimizer=optimizer, input_ids=input_ids, device=device,
+                 compute_dtype=torch_dtype(setup), lm_head=base.get_output_embeddings())

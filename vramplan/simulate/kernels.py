@@ -1,0 +1,444 @@
+"""Meta-device stand-ins for what a CUDA run does differently from a meta run.
+
+On the meta device every op runs its meta (shape-only) kernel. Three kinds of ops need help so
+that the storages a meta step creates are the ones a CUDA step creates:
+
+1. Data-dependent ops (Tensor.item(), nonzero, torch.where(cond)) have no meta kernel. They are
+   answered as real inputs would answer them: `input_ids` is one unpadded sequence per row
+   (position ids 0..seq-1, no packing), so masks are all ones; MoE tokens spread evenly over the
+   experts (each expert gets tokens * experts_per_tok / num_experts rows).
+2. Kernels whose CUDA implementation allocates more than their meta kernel says:
+   - bitsandbytes::gemm_4bit: for more than a few rows the CUDA backend dequantizes the whole
+     weight and calls F.linear (bitsandbytes/backends/cuda/ops.py, `_dequant_linear_fallback`).
+   - bitsandbytes::int8_scaled_mm: an int32 product, then an fp16 dequantized output, then a cast
+     (backends/default/ops.py + backends/cuda/ops.py int8_mm_dequant).
+   - flash-attention backward: fp32 softmax_d and dq_accum workspaces, and for GQA dk/dv expanded
+     to all query heads (PyTorch's flash_attn/flash_api.cpp mha_bwd).
+3. scaled_dot_product_attention: on meta it takes the math path and materializes seq x seq
+   scores. A GPU picks a fused kernel (PyTorch's default priority: flash, efficient, math, cudnn;
+   torch._C._get_sdp_priority_order() == [1, 2, 0, 3, 4]); `SdpaRouting` makes the same choice
+   with the constraints of aten/src/ATen/native/transformers/cuda/sdp_utils.cpp.
+
+None of this is installed for a real CPU run: there every kernel is real.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import VramplanError
+
+aten = torch.ops.aten
+F = torch.nn.functional
+
+
+class SimulationError(VramplanError):
+    """The simulated step hit something the meta device cannot answer."""
+
+
+# --- 1. data-dependent ops -------------------------------------------------------------------------
+
+# (file name, function name) of the code asking -> the answer real inputs give. The call site is
+# found by walking up the Python stack past torch's own frames.
+SCALAR_ANSWERS = {
+    # masking_utils.find_packed_sequence_indices: `(packed_sequence_mask[:, -1] == 0).all()`;
+    # position ids 0..seq-1 hold one sequence per row, so nothing is packed.
+    ("masking_utils.py", "find_packed_sequence_indices"): True,
+    # MixtralExperts eager loop: `if expert_idx == self.num_experts: continue`; expert_hit only
+    # holds real experts (the sentinel class num_experts is never routed to).
+    ("modeling_mixtral.py", "forward"): False,
+}
+
+
+def _caller_site() -> tuple[str, str]:
+    frame = sys._getframe(2)
+    torch_dir = f"{os.sep}torch{os.sep}"
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if torch_dir not in path and f"{os.sep}vramplan{os.sep}simulate{os.sep}" not in path:
+            return os.path.basename(path), frame.f_code.co_name
+        frame = frame.f_back
+    return "?", "?"
+
+
+@dataclass
+class Routing:
+    """Even MoE routing: how many rows each data-dependent nonzero returns."""
+    num_experts: int = 0
+    top_k: int = 0
+    tokens: int = 0
+    calls: int = field(default=0, repr=False)
+
+    def nonzero_rows(self, t: torch.Tensor) -> int:
+        if self.num_experts:
+            if tuple(t.shape) == (self.num_experts + 1,):      # expert_hit: every real expert
+                return self.num_experts
+            if tuple(t.shape) == (self.top_k, self.tokens):   # torch.where(expert_mask[e])
+                total = self.tokens * self.top_k
+                base, rem = divmod(total, self.num_experts)
+                rows = base + (1 if self.calls % self.num_experts < rem else 0)
+                self.calls += 1
+                return rows
+        return t.numel()  # an all-ones mask: every element is nonzero
+
+
+def local_scalar_dense(tracker, func, args, kwargs):
+    t = args[0]
+    if t.device.type != "meta":
+        return tracker.run(func, args, kwargs)
+    site = _caller_site()
+    if site in SCALAR_ANSWERS:
+        return SCALAR_ANSWERS[site]
+    if t.dtype == torch.bool:  # a mask check: all-ones masks answer True
+        return True
+    raise SimulationError(f"data-dependent value asked on the meta device at {site[0]}:{site[1]} "
+                          f"({t.dtype} {tuple(t.shape)})",
+                          hint="add the answer real inputs give to vramplan.simulate.kernels.SCALAR_ANSWERS")
+
+
+def make_nonzero(routing: Routing):
+    def nonzero(tracker, func, args, kwargs):
+        t = args[0]
+        if t.device.type != "meta":
+            return tracker.run(func, args, kwargs)
+        rows = routing.nonzero_rows(t)
+        return tracker.run(aten.empty.memory_format, ((rows, t.dim()),),
+                           dict(dtype=torch.long, device=t.device))
+    return nonzero
+
+
+# --- 2. CUDA kernels that allocate more than their meta kernel -------------------------------------
+
+# A GPU to emulate where bitsandbytes' choice depends on it: H100 SXM (sm90, 132 SMs).
+GPU_PROPS = (9, 0, 132)
+
+
+def gemm_4bit_uses_fused_kernel(M: int, N: int, K: int, dtype, props=GPU_PROPS) -> bool:
+    """bitsandbytes 0.50 backends/cuda/ops.py: `gemm_4bit` runs its fused kernel only for few rows;
+    past 1536 rows (`_gemm_4bit_custom_max_m`) it always dequantizes. Between, the choice is
+    `_gemm_4bit_use_custom_cuda`: ported here for the emulated GPU, the branches that decide for
+    training-sized weights (N*K >= 4Mi) and the small-weight tiers."""
+    if M > 1536 or K % 64:
+        return False
+    if M <= 4:
+        return True
+    major, minor, sms = props
+    if dtype == torch.float32 or major < 7 or (major == 7 and (minor < 5 or dtype != torch.float16)):
+        return M < 8
+    n_blocks = (N + 63) // 64
+    if major == 10:
+        if n_blocks >= sms * 3:
+            return M <= 32
+        return False if n_blocks < sms else (False if K >= N else M <= 8)
+    is_sm80, is_sm90 = (major, minor) == (8, 0), major == 9
+    if N * K < 4 * 1024 * 1024:
+        if K * 2 < N and (is_sm80 or is_sm90):
+            low_wave = n_blocks * 3 < sms
+            return M <= ((1536 if low_wave else 512) if is_sm80 else (512 if low_wave else 320))
+        quarter_wave = n_blocks * 4 <= sms
+        if quarter_wave:
+            return M <= (32 if (K < N or is_sm80 or is_sm90) else 23)
+        if n_blocks * 2 <= sms:
+            return M <= 16
+        return False
+    if M > 512:
+        return False
+    if M < 8:
+        return True
+    if is_sm90:
+        if n_blocks >= sms * 3:
+            return M <= 64
+        if n_blocks >= sms * 2:
+            return M <= 48
+        if n_blocks >= sms:
+            return M <= 32
+        if n_blocks >= sms // 2:
+            return False if (K >= N and n_blocks * 4 < sms * 3) else M <= 16
+        return False
+    if is_sm80:
+        if n_blocks >= sms * 3:
+            return M <= 128
+        if n_blocks >= sms:
+            return M <= (64 if K < N else 32)
+        return M <= 16
+    return M <= 8
+
+
+def gemm_4bit(tracker, func, args, kwargs):
+    """CUDA `gemm_4bit`: past a few rows, `_dequant_linear_fallback` (nested absmax dequantized
+    into a new fp32 buffer, plus the offset into another; the weight dequantized to A.dtype; then
+    F.linear). Every buffer it makes lives until the call returns."""
+    names = ("A", "B", "shapeB", "absmax", "blocksize", "quant_type", "bias", "absmax_8bit",
+             "absmax_code", "absmax_offset")
+    a = dict(zip(names, args), **kwargs)
+    A, shapeB = a["A"], list(a["shapeB"])
+    K, N = A.shape[-1], shapeB[0]
+    M = A.numel() // K
+    if A.device.type != "meta" or gemm_4bit_uses_fused_kernel(M, N, K, A.dtype):
+        return tracker.run(func, args, kwargs)
+    absmax = a["absmax"]
+    with tracker.tagging("temporaries"):
+        held = []
+        if a.get("absmax_8bit") is not None:
+            absmax_dq = tracker.run(torch.ops.bitsandbytes.dequantize_blockwise.default,
+                                    (a["absmax_8bit"], absmax, a["absmax_code"], 256, torch.float32))
+            absmax = tracker.run(aten.add.Tensor, (absmax_dq, a["absmax_offset"]))
+            held += [absmax_dq, absmax]
+        w = tracker.run(torch.ops.bitsandbytes.dequantize_4bit.default,
+                        (a["B"], absmax, a["blocksize"], a["quant_type"], shapeB, A.dtype))
+        held.append(w)
+    out = tracker.run(aten.linear.default, (A, w, a.get("bias")))
+    del held, w
+    return out
+
+
+def int8_vectorwise_quant(tracker, func, args, kwargs):
+    """With threshold > 0 the outlier column count is data-dependent: activations of real text
+    through a freshly quantized model rarely exceed 6.0; no outliers is the answer here."""
+    A = args[0]
+    threshold = args[1] if len(args) > 1 else kwargs.get("threshold", 0.0)
+    if A.device.type != "meta" or not threshold:
+        return tracker.run(func, args, kwargs)
+    row, stats, _ = tracker.run(func, (A, 0.0))
+    return row, stats, tracker.run(aten.empty.memory_format, ((0,),), dict(dtype=torch.long, device=A.device))
+
+
+def int8_double_quant(tracker, func, args, kwargs):
+    A = args[0]
+    threshold = args[1] if len(args) > 1 else kwargs.get("threshold", 0.0)
+    if A.device.type != "meta" or not threshold:
+        return tracker.run(func, args, kwargs)
+    # backends/cuda/ops.py: row quant via int8_vectorwise_quant, the column side in PyTorch
+    row, stats, cols = int8_vectorwise_quant(tracker, torch.ops.bitsandbytes.int8_vectorwise_quant.default,
+                                             (A, threshold), {})
+    col = tracker.run(aten.empty_like.default, (A,), dict(dtype=torch.int8))
+    col_stats = tracker.run(aten.empty.memory_format, ((A.shape[-1],),), dict(dtype=torch.float32, device=A.device))
+    return row, col, stats, col_stats, cols
+
+
+def int8_scaled_mm(tracker, func, args, kwargs):
+    """CUDA: int8_linear_matmul -> int32 (rows, out), int8_mm_dequant -> fp16, `.to(dtype)`."""
+    names = ("A", "B", "row_stats", "col_stats", "bias", "dtype")
+    a = dict(zip(names, args), **kwargs)
+    A = a["A"]
+    if A.device.type != "meta":
+        return tracker.run(func, args, kwargs)
+    acc = tracker.run(torch.ops.bitsandbytes.int8_linear_matmul.default, (A, a["B"]))
+    out16 = tracker.run(torch.ops.bitsandbytes.int8_mm_dequant.default,
+                        (acc, a["row_stats"], a["col_stats"]), dict(dtype=torch.float16, bias=a.get("bias")))
+    del acc
+    dtype = a.get("dtype") or torch.float16
+    if dtype != torch.float16:
+        return tracker.run(aten._to_copy.default, (out16,), dict(dtype=dtype))
+    return out16
+
+
+def int8_mixed_scaled_mm(tracker, func, args, kwargs):
+    """backends/default/ops.py with no outlier columns: subA is an empty tensor."""
+    names = ("A", "CA", "CB", "SCA", "SCB", "outlier_cols", "bias")
+    a = dict(zip(names, args), **kwargs)
+    A = a["A"]
+    if A.device.type != "meta":
+        return tracker.run(func, args, kwargs)
+    sub_a = tracker.run(aten.empty.memory_format, ((0,),), dict(dtype=A.dtype, device=A.device))
+    out = int8_scaled_mm(tracker, torch.ops.bitsandbytes.int8_scaled_mm.default,
+                         (a["CA"], a["CB"], a["SCA"], a["SCB"]), dict(bias=a.get("bias"), dtype=A.dtype))
+    return out, sub_a
+
+
+def flash_attention_backward(tracker, func, args, kwargs):
+    """PyTorch's flash_attn mha_bwd: dq, dk, dv, then fp32 softmax_d (b, h, s_q rounded to 128)
+    and dq_accum (b, s_q rounded, h, head_dim rounded to 32), and with fewer KV heads than query
+    heads dk/dv expanded to every query head, summed into dk/dv at the end."""
+    grad_out, q, k = args[0], args[1], args[2]
+    if q.device.type != "meta":
+        return tracker.run(func, args, kwargs)
+    grads = tracker.run(func, args, kwargs)
+    b, h, s_q, d = q.shape
+    h_k, s_k = k.shape[1], k.shape[2]
+    rnd = lambda x, m: (x + m - 1) // m * m  # noqa: E731
+    empty = aten.empty.memory_format
+    work = [tracker.run(empty, ((b, h, rnd(s_q, 128)),), dict(dtype=torch.float32, device=q.device)),
+            tracker.run(empty, ((b, rnd(s_q, 128), h, rnd(d, 32)),), dict(dtype=torch.float32, device=q.device))]
+    if h_k != h:
+        work += [tracker.run(empty, ((b, s_k, h, d),), dict(dtype=q.dtype, device=q.device)) for _ in range(2)]
+    del work
+    return grads
+
+
+def cuda_overrides(routing: Routing | None = None) -> dict:
+    """The op -> stand-in table for a meta run emulating a CUDA device."""
+    table = {
+        aten._local_scalar_dense.default: local_scalar_dense,
+        aten.nonzero.default: make_nonzero(routing or Routing()),
+        aten._scaled_dot_product_flash_attention_backward.default: flash_attention_backward,
+    }
+    if _has_bitsandbytes():
+        bnb = torch.ops.bitsandbytes
+        table.update({
+            bnb.gemm_4bit.default: gemm_4bit,
+            bnb.int8_vectorwise_quant.default: int8_vectorwise_quant,
+            bnb.int8_double_quant.default: int8_double_quant,
+            bnb.int8_scaled_mm.default: int8_scaled_mm,
+            bnb.int8_mixed_scaled_mm.default: int8_mixed_scaled_mm,
+        })
+    return table
+
+
+def _has_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+    except ImportError:
+        return False
+    return True
+
+
+def matmul_ops() -> frozenset:
+    """bitsandbytes matmuls: they read quantized weights but make activations."""
+    if not _has_bitsandbytes():
+        return frozenset()
+    names = ("gemm_4bit", "gemv_4bit", "int8_scaled_mm", "int8_mixed_scaled_mm", "int8_linear_matmul",
+             "int8_mm_dequant")
+    return frozenset(getattr(torch.ops.bitsandbytes, n).default for n in names)
+
+# Ops whose outputs are dequantized weights (the `temporaries` component).
+DEQUANT_OPS = frozenset({"bitsandbytes.dequantize_4bit.default", "bitsandbytes.dequantize_blockwise.default",
+                         "bitsandbytes.int8_vectorwise_dequant.default"})
+
+
+# --- 3. scaled_dot_product_attention --------------------------------------------------------------
+
+def sdpa_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) -> str:
+    """The backend a CUDA GPU (sm80+) picks: sdp_utils.cpp can_use_flash_attention /
+    can_use_mem_efficient_attention in priority order flash, efficient, math."""
+    d_q, d_k, d_v = q.shape[-1], k.shape[-1], v.shape[-1]
+    same_heads = q.shape[-3] == k.shape[-3] == v.shape[-3]
+    gqa_ok = same_heads or (enable_gqa and k.shape[-3] == v.shape[-3] and q.shape[-3] % k.shape[-3] == 0)
+    strides_ok = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    flash = (attn_mask is None and q.dtype in (torch.float16, torch.bfloat16)
+             and d_q == d_k == d_v and d_q % 8 == 0 and d_q <= 256 and gqa_ok
+             and not (is_causal and q.shape[-2] != k.shape[-2]) and q.dim() == 4 and strides_ok)
+    if flash:
+        return "flash"
+    align = 8 if q.dtype in (torch.float16, torch.bfloat16) else 4
+    efficient = (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and same_heads
+                 and d_q == d_k and d_q % align == 0 and d_v % align == 0 and q.dim() == 4 and strides_ok
+                 and (attn_mask is None or attn_mask.stride(-1) == 1))
+    return "efficient" if efficient else "math"
+
+
+class SdpaRouting:
+    """Send meta scaled_dot_product_attention to the fused kernel a GPU would run, so its saved
+    tensors (output + fp32 logsumexp) and backward are those of the GPU kernel.
+
+    Without a mask (transformers passes is_causal=True and no mask for unpadded causal batches)
+    that is flash attention; with a mask it is memory-efficient attention, which on CUDA first
+    turns a boolean mask into an additive one in q's dtype (attention.cpp convert_boolean_attn_mask)
+    and pads its last dim to a multiple of 16 (pad_bias).
+
+    Used as a context manager: it replaces torch.nn.functional.scaled_dot_product_attention, which
+    transformers' sdpa_attention_forward looks up at call time (a TorchFunctionMode would be
+    switched off inside its own handler, i.e. for the whole backward and its recomputation)."""
+
+    def __init__(self):
+        self.counts = {"flash": 0, "efficient": 0, "math": 0}
+        self._original = None
+
+    def __enter__(self):
+        self._original = F.scaled_dot_product_attention
+        original = self._original
+
+        def scaled_dot_product_attention(query, key, value, *args, **kwargs):
+            if isinstance(query, torch.Tensor) and query.device.type == "meta":
+                return self._sdpa(query, key, value, *args, **kwargs)
+            return original(query, key, value, *args, **kwargs)
+
+        F.scaled_dot_product_attention = scaled_dot_product_attention
+        return self
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self._original
+
+    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False):
+        backend = sdpa_backend(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        self.counts[backend] += 1
+        if backend == "flash":
+            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
+                                                             scale=scale)[0]
+        if backend == "efficient":
+            bias = attn_mask
+            if bias is not None:
+                if bias.dtype == torch.bool:
+                    bias = torch.where(bias.logical_not(), float("-inf"), 0.0).to(query.dtype)
+                last = bias.shape[-1]
+                if last % 16:
+                    padded = bias.new_empty((*bias.shape[:-1], last + 16 - last % 16))
+                    padded[..., :last] = bias
+                    bias = padded[..., :last]
+                bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+            need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+            return aten._scaled_dot_product_efficient_attention(query, key, value, bias, need_lse, dropout_p,
+                                                                 is_causal, scale=scale)[0]
+        return self._original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+# --- paged optimizer state -------------------------------------------------------------------------
+
+@contextmanager
+def paged_state_on(device: str):
+    """bitsandbytes puts paged optimizer state (tensors of >= 1e5 elements) in CUDA unified memory
+    (functional.get_paged -> cget_managed_ptr), outside the caching allocator. On meta that call
+    cannot run: give back a device tensor marked `is_paged`, which the simulator reports apart."""
+    import bitsandbytes.functional as bf
+
+    saved = bf.get_paged, bf.fill, bf.prefetch_tensor
+
+    def get_paged(*shape, dtype=torch.float32, device=None):
+        out = torch.zeros(shape, dtype=dtype, device=device)
+        out.is_paged = True
+        out.page_deviceid = getattr(device, "index", None)
+        return out
+
+    def fill(A, value, device=None, prefetch=True):
+        if getattr(A, "is_paged", False) and A.device.type == "meta":
+            A.fill_(value)
+        else:
+            saved[1](A, value, device, prefetch)
+
+    def prefetch_tensor(A, to_cpu=False):
+        if A.device.type != "meta":
+            saved[2](A, to_cpu)
+
+    bf.get_paged, bf.fill, bf.prefetch_tensor = get_paged, fill, prefetch_tensor
+    try:
+        yield
+    finally:
+        bf.get_paged, bf.fill, bf.prefetch_tensor = saved
+
+
+@contextmanager
+def autocast_accepts_meta():
+    """peft's ParamWrapper (LoRA on nn.Parameters, e.g. MoE experts) folds its factors under
+    `torch.autocast(device_type=W.device.type, enabled=False)`; autocast rejects "meta". Being
+    disabled, it is a no-op on any device: on meta it is built for the host instead."""
+    original = torch.autocast
+
+    class autocast(original):  # noqa: N801 - stands in for torch.autocast
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    torch.autocast = autocast
+    try:
+        yield
+    finally:
+        torch.autocast = original
+
+
+def is_paged(t) -> bool:
+    return bool(getattr(t, "is_paged", False))
