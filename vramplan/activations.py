@@ -1,34 +1,44 @@
-"""Activation memory of one decoder layer and of the model head, derived op by op from the
-transformers modeling code (models/llama/modeling_llama.py and its siblings), peft's LoRA layer
+"""Activation memory of one decoder layer and of the model head, op by op.
+
+Each layer is written as the list of ops its forward runs (graph.Op), read off the modeling code
+of transformers 5 (models/llama/modeling_llama.py and siblings), peft's LoRA layers
 (peft/tuners/lora/bnb.py Linear4bit.forward, lora/layer.py Linear.forward) and bitsandbytes'
-MatMul4Bit (autograd/_functions.py).
+MatMul4Bit (autograd/_functions.py); graph.walk then plays autograd's allocation rules over it.
 
-Autograd keeps a tensor alive only when an op saves it for backward, and only for inputs that
-need a gradient: a frozen weight means a matmul does not save its input. The facts that
-decide the count (read off the code):
-- RMSNorm upcasts to float32: x.float() and rsqrt(var) are saved by pow/mul (LlamaRMSNorm).
-- peft LoRA casts the layer input to the adapter dtype (float32) in *every* wrapped module
-  (`_cast_input_dtype`), and lora_A saves that copy; lora_B saves lora_A's output (T x r).
-- bitsandbytes MatMul4Bit saves only the packed weight, not its input (grad of B unsupported).
-- SiLU / GELU save their input, the gate * up product saves both factors.
-- SDPA on a GPU runs flash / memory-efficient attention: saves q, k, v, the output and a
-  float32 log-sum-exp per (batch, head, query); eager attention materializes scores.
-Korthikanti et al. 2022 (sbh(34 + 5as/h)) is the GPT-3 count; LLaMA-style QLoRA blocks differ
-enough that it is re-derived here, and simulate (the meta-device trace) is the reference.
-
-Storage sharing matters: one tensor saved by several ops counts once, so saved tensors are
-collected in a dict keyed by the tensor they are.
+The facts that decide the count:
+- RMSNorm upcasts to float32: x.float() and rsqrt(variance) are saved (LlamaRMSNorm.forward).
+- peft LoRA clones the base output and casts the layer input to the adapter dtype (float32) in
+  *every* wrapped module (`result.clone()`, `_cast_input_dtype`); lora_A saves that copy and
+  lora_B saves lora_A's output.
+- bitsandbytes MatMul4Bit saves only the packed weight, never its input; its backward always
+  dequantizes the weight (F.dequantize_4bit), its forward only past the fused kernel's range
+  (backends/cuda/ops.py gemm_4bit -> _dequant_linear_fallback).
+- A frozen nn.Linear (method lora) does not save its input either; full fine-tuning does.
+- SiLU / GELU save their input; gate * up saves both factors.
+- SDPA on a GPU runs flash attention (causal, no mask; grouped KV heads natively, transformers
+  integrations/sdpa_attention.py use_gqa_in_sdpa): saves q, k, v, output and float32
+  log-sum-exp; its backward allocates float32 softmax_d and dq_accum workspaces and, for grouped
+  KV heads, dk/dv expanded to every query head (PyTorch flash_attn/flash_api.cpp mha_bwd).
+- Eager attention materializes b x H x s x s scores, a float32 softmax (saved) and its cast.
+Korthikanti et al. 2022 count sbh(34 + 5as/h) for GPT-3 blocks; LLaMA-style QLoRA blocks differ
+enough that the count is re-derived here, and `vramplan simulate` (the real step on the meta
+device) is the reference a test matrix holds this to.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
-from .inventory import adapted_linears
+from .graph import ACT, Op, Tensor, WalkResult, walk
+from .inventory import adapted_linears, experts_adapted
 from .models import Linear, ModelSpec
 from .quant import alloc, dequant_temporary
 from .setup import TrainSetup
 
 FP32 = 4
+LOGITS = "logits_loss"
+# bitsandbytes backends/cuda/ops.py: past this many rows gemm_4bit always dequantizes + F.linear.
+GEMM_4BIT_CUSTOM_MAX_M = 1536
 
 
 def act_bytes(setup: TrainSetup) -> int:
@@ -38,171 +48,345 @@ def act_bytes(setup: TrainSetup) -> int:
     return FP32 if setup.prepare_kbit else setup.compute_bytes
 
 
-@dataclass(frozen=True)
-class LayerActivations:
-    saved: int            # bytes saved for backward by one layer's forward (no checkpointing)
-    layer_input: int      # the hidden state entering a layer (what checkpointing keeps)
-    forward_transient: int   # extra bytes alive at the worst moment inside a layer's forward
-    backward_transient: int  # extra bytes alive at the worst moment inside a layer's backward
-    shared: int           # per-forward tensors shared by all layers (rotary cos/sin, masks)
-    dequant: int          # largest dequantized weight (forward and backward temporaries)
+class _Ops:
+    """Collects the ops of one segment with helpers for the recurring blocks."""
 
+    def __init__(self, spec: ModelSpec, setup: TrainSetup, tag: str = ACT):
+        self.spec, self.setup, self.tag = spec, setup, tag
+        self.a, self.T = act_bytes(setup), setup.tokens
+        self.full = setup.method == "full"
+        self.adapted = {l.name for l in adapted_linears(spec, setup)}
+        self.ops: list[Op] = []
+        self.dequant = 0   # largest dequantized-weight temporary seen
 
-class _Saved(dict):
-    """name -> bytes of tensors saved for backward; adding a name twice keeps one copy."""
+    def t(self, name: str, nbytes: int) -> Tensor:
+        return Tensor(name, alloc(nbytes), self.tag)
 
-    def add(self, name: str, nbytes: int) -> None:
-        self[name] = alloc(nbytes)
+    def op(self, name, inputs, outputs=(), **kw) -> None:
+        self.ops.append(Op(name, tuple(inputs), tuple(outputs), **kw))
 
+    # --- RMSNorm ------------------------------------------------------------------------------
+    def norm(self, p: str, x: str) -> str:
+        """LlamaRMSNorm: x.float(); pow(2).mean(-1); + eps; rsqrt; x * r; .to(dtype); weight * y.
+        Gemma2RMSNorm: the same in float32, then * (1 + weight.float()) and type_as(x)."""
+        a, T, h = self.a, self.T, self.spec.hidden
+        gemma = self.spec.arch.norms_per_layer == 4 or self.spec.model_type == "gemma2"
+        x32 = x
+        if a != FP32:
+            x32 = f"{p}.x32"
+            self.op(f"{p}.to32", [x], [self.t(x32, FP32 * T * h)], grads=((x, a * T * h),))
+        self.op(f"{p}.pow", [x32], [self.t(f"{p}.sq", FP32 * T * h)], saves=(x32,), grads=((x32, FP32 * T * h),))
+        self.op(f"{p}.mean", [f"{p}.sq"], [self.t(f"{p}.var", FP32 * T)], grads=((f"{p}.sq", FP32 * T * h),))
+        self.op(f"{p}.eps", [f"{p}.var"], [self.t(f"{p}.var_eps", FP32 * T)], grads=((f"{p}.var", 0),))
+        self.op(f"{p}.rsqrt", [f"{p}.var_eps"], [self.t(f"{p}.r", FP32 * T)], saves=(f"{p}.r",),
+                grads=((f"{p}.var_eps", FP32 * T),))
+        # mul backward: grad_x = g * r, grad_r = (g * x).sum(-1): a float32 product in flight
+        self.op(f"{p}.mul", [x32, f"{p}.r"], [self.t(f"{p}.y32", FP32 * T * h)], saves=(x32, f"{p}.r"),
+                grads=((x32, FP32 * T * h), (f"{p}.r", FP32 * T)), bwd_work=alloc(FP32 * T * h), work_tag=ACT)
+        weight_saves = (f"{p}.y",) if self.full else ()
+        if gemma:
+            self.op(f"{p}.scale", [f"{p}.y32"], [self.t(f"{p}.z32", FP32 * T * h)],
+                    grads=((f"{p}.y32", FP32 * T * h),))
+            out = f"{p}.out"
+            self.op(f"{p}.cast", [f"{p}.z32"], [self.t(out, a * T * h)], grads=((f"{p}.z32", FP32 * T * h),))
+            return out
+        y = f"{p}.y32"
+        if a != FP32:
+            y = f"{p}.y"
+            self.op(f"{p}.cast", [f"{p}.y32"], [self.t(y, a * T * h)], grads=((f"{p}.y32", FP32 * T * h),))
+        out = f"{p}.out"
+        # `hidden_states` (the float32 product) is a local of forward(): it lives until the
+        # return, i.e. through the weight multiply
+        self.op(f"{p}.weight", [y, f"{p}.y32"], [self.t(out, a * T * h)], saves=weight_saves if self.full else (),
+                grads=((y, a * T * h),), param_grads=alloc(a * h) if self.full else 0)
+        return out
 
-def layer_activations(spec: ModelSpec, setup: TrainSetup) -> LayerActivations:
-    a, T, b, s = act_bytes(setup), setup.tokens, setup.batch, setup.seq
-    h, i = spec.hidden, spec.intermediate
-    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-    adapted = {l.name for l in adapted_linears(spec, setup)}
-    full = setup.method == "full"
-    saved = _Saved()
+    # --- nn.Linear, bnb Linear4bit / Linear8bitLt, peft LoRA wrapper ------------------------
+    def linear(self, lin: Linear, x: str, prefix: str = "") -> str:
+        s, a, T = self.setup, self.a, self.T
+        name = prefix + lin.name
+        o, i = lin.out_features, lin.in_features
+        work = bwd_work = 0
+        if s.quantized and lin.name != "lm_head":
+            bwd_work = dequant_temporary(s.quant, i, o, s.double_quant, s.compute_bytes)
+            if s.quant == "int8" or not gemm_4bit_fused(T, o, i):
+                work = bwd_work
+            if s.quant == "int8":
+                # bnb int8_scaled_mm on CUDA: an int32 product, then fp16 (backends/cuda/ops.py)
+                work = alloc(4 * T * o) + alloc(2 * T * o) + alloc(T * i) + alloc(4 * T)
+            self.dequant = max(self.dequant, bwd_work)
+        base = f"{name}.base"
+        full_saves = (x,) if self.full else ()
+        self.op(f"{name}.base", [x], [self.t(base, a * T * o)], saves=full_saves, grads=((x, a * T * i),),
+                work=work, bwd_work=bwd_work,
+                param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0)
+        if lin.name not in self.adapted:
+            return base
+        r = s.rank
+        self.op(f"{name}.clone", [base], [self.t(f"{name}.res", a * T * o)], grads=((base, 0),))
+        xin = x
+        if a != FP32:
+            xin = f"{name}.x32"
+            self.op(f"{name}.cast", [x], [self.t(xin, FP32 * T * i)], grads=((x, a * T * i),))
+        if s.lora_dropout > 0:
+            # nn.Dropout (native_dropout): output and a bool mask, the mask saved
+            self.op(f"{name}.dropout", [xin], [self.t(f"{name}.xd", FP32 * T * i), self.t(f"{name}.mask", T * i)],
+                    saves=(f"{name}.mask",), grads=((xin, FP32 * T * i),))
+            xin = f"{name}.xd"
+        self.op(f"{name}.lora_A", [xin], [self.t(f"{name}.la", FP32 * T * r)], saves=(xin,),
+                grads=((xin, FP32 * T * i),), param_grads=alloc(FP32 * r * i))
+        self.op(f"{name}.lora_B", [f"{name}.la"], [self.t(f"{name}.lb", FP32 * T * o)], saves=(f"{name}.la",),
+                grads=((f"{name}.la", FP32 * T * r),), param_grads=alloc(FP32 * o * r))
+        self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", FP32 * T * o)],
+                grads=((f"{name}.lb", FP32 * T * o),))
+        lc = f"{name}.ls"
+        if a != FP32:
+            lc = f"{name}.lc"
+            self.op(f"{name}.uncast", [f"{name}.ls"], [self.t(lc, a * T * o)], grads=((f"{name}.ls", FP32 * T * o),))
+        out = f"{name}.out"
+        self.op(f"{name}.add", [f"{name}.res", lc], [self.t(out, a * T * o)],
+                grads=((f"{name}.res", 0), (lc, 0)))
+        return out
 
-    def norm(tag: str, src: str) -> str:
-        # RMSNorm: x.to(float32) (a new tensor unless already float32) and rsqrt(variance) are
-        # saved; with a trainable weight (full) the normalized input of the final mul too.
-        saved.add(f"{tag}.x32" if a != FP32 else src, FP32 * T * h)
-        saved.add(f"{tag}.rsqrt", FP32 * T)
-        if full:
-            saved.add(f"{tag}.y", a * T * h)
-        return f"{tag}.out"
+    # --- attention ------------------------------------------------------------------------------
+    def rope(self, x: str, width: int, name: str) -> str:
+        """apply_rotary_pos_emb: x * cos + cat(-x2, x1) * sin. cos/sin need no grad, so x is not
+        saved; the products and the cat are transients; backward mirrors them."""
+        a, T = self.a, self.T
+        out = f"{name}.rot"
+        self.op(f"{name}.rope", [x], [self.t(out, a * T * width)], grads=((x, a * T * width),),
+                work=alloc(a * T * width) * 2 + alloc(a * T * width // 2), work_tag=ACT,
+                bwd_work=alloc(a * T * width) * 2, )
+        return out
 
-    def linear(lin: Linear, src: str) -> None:
-        # Base layer: frozen weight -> input not saved; full fine-tuning saves it (shared).
-        if full:
-            saved.add(src, a * T * lin.in_features)
-        if lin.name in adapted:
-            if setup.lora_dropout > 0:
-                # nn.Dropout output (float32) is what lora_A saves, plus dropout's bool mask.
-                saved.add(f"{lin.name}.dropout", FP32 * T * lin.in_features)
-                saved.add(f"{lin.name}.mask", T * lin.in_features)
-            elif a != FP32:
-                saved.add(f"{lin.name}.x32", FP32 * T * lin.in_features)  # per-module cast copy
-            else:
-                saved.add(src, a * T * lin.in_features)
-            saved.add(f"{lin.name}.lora_a", FP32 * T * setup.rank)
-
-    linears = {l.name.rsplit(".", 1)[-1]: l for l in spec.layer_linears}
-    norms_before_attn = "input_layernorm"
-    x = norm(norms_before_attn, "layer.input")
-    if spec.arch.fused_qkv:
-        linear(linears["qkv_proj"], x)
-        v_storage = a * T * (q + 2 * kv)  # v is a view of qkv_proj's output: keeps all of it
-    else:
-        for name in ("q_proj", "k_proj", "v_proj"):
-            linear(linears[name], x)
-        v_storage = a * T * kv
-    # Rotary: q*cos + rotate_half(q)*sin; cos/sin need no grad, so q, k before rotation are freed.
-    attention_scores = 0
-    if setup.attn == "sdpa":
-        # transformers integrations/sdpa_attention.py: causal, no mask -> GQA handled by the
-        # kernel (use_gqa_in_sdpa), k/v not repeated. Flash / efficient attention save q, k,
-        # v, the output and float32 logsumexp (b, heads, s) (aten _scaled_dot_product_*_attention).
-        saved.add("attn.q", a * T * q)
-        saved.add("attn.k", a * T * kv)
-        saved.add("attn.v", v_storage)
-        saved.add("attn.out", a * T * q)
-        saved.add("attn.lse", FP32 * b * spec.heads * s)
-    else:
-        # eager_attention_forward: repeat_kv copies k/v to all heads when grouped, scores
-        # q @ k^T (a x b x H x s x s), softmax in float32 (saved), cast back (saved by @ v).
-        rep = spec.heads // spec.kv_heads
-        saved.add("attn.q", a * T * q)
-        saved.add("attn.k", a * T * (q if rep > 1 else kv))
-        saved.add("attn.v", a * T * q if rep > 1 else v_storage)
-        scores = b * spec.heads * s * s
-        saved.add("attn.probs32", FP32 * scores)
-        saved.add("attn.probs", a * scores)
-        if spec.attn_logit_softcap:
-            saved.add("attn.tanh", a * scores)  # Gemma2: tanh(scores / cap) saves its output
-        attention_scores = (a + FP32) * scores  # scores and the float32 softmax input in flight
-    linear(linears["o_proj"], "attn.flat")
-    if spec.arch.norms_per_layer == 4:
-        norm("post_attention_layernorm", "attn.o")
-        x = norm("pre_feedforward_layernorm", "residual")
-    else:
-        x = norm("post_attention_layernorm", "residual")
-
-    if spec.num_experts:
-        # MixtralSparseMoeBlock: each token goes to experts_per_tok experts; per routed row the
-        # expert saves gate_up output (silu input, chunk view), the activation, and the
-        # weighted output (mul by routing weights saves both). Frozen 3D weights: inputs not saved.
-        routed = T * spec.experts_per_tok
-        saved.add("moe.router_probs", FP32 * T * spec.num_experts)
-        saved.add("moe.gate_up", a * routed * 2 * i)
-        saved.add("moe.act", a * routed * i)
-        saved.add("moe.out", a * routed * h)
-        mlp_width = 0
-    else:
-        if spec.arch.fused_gate_up:
-            linear(linears["gate_up_proj"], x)
-            saved.add("mlp.gate_up", a * T * 2 * i)   # silu(gate) and up are views of it
+    def attention(self, q: str, k: str, v: str, v_storage: str) -> str:
+        spec, s, a, T = self.spec, self.setup, self.a, self.T
+        b, seq, H, hd = s.batch, s.seq, spec.heads, spec.head_dim
+        qw, kvw = H * hd, spec.kv_heads * hd
+        q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
+        if s.attn == "sdpa":
+            rnd = lambda n, m: -(-n // m) * m  # noqa: E731
+            # flash backward workspaces (mha_bwd): softmax_d (b, H, s rounded to 128) and
+            # dq_accum (b, s rounded, H, hd rounded to 32), float32; grouped KV: dk/dv expanded.
+            bwd = alloc(FP32 * b * H * rnd(seq, 128)) + alloc(FP32 * b * rnd(seq, 128) * H * rnd(hd, 32))
+            if spec.kv_heads != H:
+                bwd += 2 * alloc(a * T * qw)
+            self.op("attn.sdpa", [q, k, v], [self.t("attn.o", a * T * qw), self.t("attn.lse", FP32 * b * H * seq)],
+                    saves=(q, k, v_storage, "attn.o", "attn.lse"),
+                    grads=((q, a * T * qw), (k, a * T * kvw), (v, a * T * kvw)), bwd_work=bwd)
         else:
-            linear(linears["gate_proj"], x)
-            linear(linears["up_proj"], x)
-            saved.add("mlp.gate", a * T * i)          # silu input
-            saved.add("mlp.up", a * T * i)            # mul operand
-        saved.add("mlp.act", a * T * i)               # mul operand
-        linear(linears["down_proj"], "mlp.prod")
-        mlp_width = i
-    if spec.arch.norms_per_layer == 4:
-        norm("post_feedforward_layernorm", "mlp.out")
+            rep = H // spec.kv_heads
+            S = b * H * seq * seq
+            if rep > 1:  # repeat_kv: expand + reshape copies k/v to every head
+                self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
+                self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
+                k, v = "attn.kr", "attn.vr"
+            # eager q/k/v are made contiguous for bmm: q is already, k^T is a view
+            self.op("attn.qk", [q, k], [self.t("attn.s", a * S)], saves=(q, k), grads=((q, a * T * qw), (k, a * T * qw)))
+            self.op("attn.scale", ["attn.s"], [self.t("attn.s2", a * S)], grads=(("attn.s", a * S),))
+            scores = "attn.s2"
+            if spec.attn_logit_softcap:  # Gemma2: tanh(scores / cap) * cap, tanh saves its output
+                self.op("attn.cap_div", [scores], [self.t("attn.c1", a * S)], grads=((scores, a * S),))
+                self.op("attn.tanh", ["attn.c1"], [self.t("attn.c2", a * S)], saves=("attn.c2",),
+                        grads=(("attn.c1", a * S),))
+                self.op("attn.cap_mul", ["attn.c2"], [self.t("attn.c3", a * S)], grads=(("attn.c2", a * S),))
+                scores = "attn.c3"
+            # transformers 5 passes no mask for an unpadded causal batch (masking_utils lets the
+            # kernel apply causality), so there is no mask add here.
+            # softmax(dtype=float32) converts the input first (aten._to_copy), then softmaxes in
+            # float32 (output saved); backward: float32 grad, then the cast back
+            self.op("attn.to32", [scores], [self.t("attn.s32", FP32 * S)], grads=((scores, a * S),))
+            self.op("attn.softmax", ["attn.s32"], [self.t("attn.p32", FP32 * S)], saves=("attn.p32",),
+                    grads=(("attn.s32", FP32 * S),))
+            # `attn_weights` still names the scaled scores until the cast result is bound to it
+            self.op("attn.cast", ["attn.p32", scores], [self.t("attn.p", a * S)], grads=(("attn.p32", FP32 * S),))
+            self.op("attn.pv", ["attn.p", v], [self.t("attn.o", a * T * qw)], saves=("attn.p", v),
+                    grads=(("attn.p", a * S), (v, a * T * qw)))
+        # transpose(1, 2).contiguous(): a copy the o_proj reads
+        self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * qw)], grads=(("attn.o", a * T * qw),))
+        return "attn.of"
 
-    # --- transients -------------------------------------------------------------------------
-    widest = max(max(l.in_features, l.out_features) for l in spec.layer_linears)
-    dequant = 0
-    if setup.quantized:
-        dequant = max(dequant_temporary(setup.quant, l.in_features, l.out_features,
-                                        setup.double_quant, setup.compute_bytes)
-                      for l in spec.layer_linears)
-    # Forward: a LoRA-wrapped projection holds base output, its clone, lora_B output (float32)
-    # and the sum at once; eager attention holds the score matrices.
-    lora_fwd = (2 * a + 2 * FP32) * T * widest if adapted else 2 * a * T * widest
-    forward_transient = max(lora_fwd + dequant, attention_scores)
-    # Backward: incoming and outgoing hidden-state gradients, plus the widest op's input
-    # gradient in float32 (LoRA path) and the compute dtype (base path), and a dequantized weight.
-    width = max(mlp_width, q, h)
-    backward_transient = 2 * a * T * h + (FP32 + 2 * a) * T * width + dequant
-    if setup.attn == "eager":
-        backward_transient = max(backward_transient, 2 * attention_scores)
-    shared = 2 * alloc(a * T * spec.head_dim)  # rotary cos and sin, computed once per forward
-    if setup.attn == "eager":
-        shared += alloc(a * b * s * s)         # the 4D additive causal mask
-    return LayerActivations(
-        saved=sum(saved.values()), layer_input=alloc(a * T * h),
-        forward_transient=forward_transient, backward_transient=backward_transient,
-        shared=shared, dequant=dequant,
-    )
+    def residual(self, name: str, x: str, y: str) -> str:
+        out = f"{name}.out"
+        self.op(name, [x, y], [self.t(out, self.a * self.T * self.spec.hidden)], grads=((x, 0), (y, 0)))
+        return out
+
+    # --- Mixture of experts (transformers 5 MixtralSparseMoeBlock, grouped_mm experts) ---------
+    def moe(self, x: str) -> str:
+        """MixtralTopKRouter then MixtralExperts with experts_implementation="grouped_mm" (the
+        transformers 5.23 default): tokens sorted by expert and gathered (index), one grouped
+        matmul for gate_up and one for down, the routing weights (float32) multiply the output,
+        which is put back in token order and summed over the chosen experts, then cast.
+        With all-linear LoRA, peft's ParamWrapper merges weight + B @ A (baddbmm) into a fresh
+        compute-dtype copy of each expert stack on every forward; the grouped matmul saves it."""
+        spec, s, a, T = self.spec, self.setup, self.a, self.T
+        h, i, E, k = spec.hidden, spec.intermediate, spec.num_experts, spec.experts_per_tok
+        cb, Tk = s.compute_bytes, T * k
+        lora = experts_adapted(spec, s)
+        r = s.rank
+        self.op("moe.router", [x], [self.t("moe.logits", a * T * E)], saves=(x,) if lora else (),
+                grads=((x, a * T * h),), param_grads=alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else 0)
+        self.op("moe.softmax", ["moe.logits"], [self.t("moe.probs", FP32 * T * E)], saves=("moe.probs",),
+                grads=(("moe.logits", a * T * E),))
+        self.op("moe.topk", ["moe.probs"], [self.t("moe.w", FP32 * Tk), self.t("moe.idx", 8 * Tk)],
+                saves=("moe.idx",), grads=(("moe.probs", FP32 * T * E),))
+        wgu, wd = "moe.w_gate_up", "moe.w_down"
+        if lora:
+            self.op("moe.merge_gate_up", [], [self.t(wgu, cb * E * 2 * i * h)],
+                    param_grads=alloc(FP32 * 2 * r * E * 2 * i) + alloc(FP32 * h * 2 * r * E))
+        self.op("moe.gather", [x], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
+        self.op("moe.gate_up", ["moe.xs"] + ([wgu] if lora else []), [self.t("moe.gu", a * Tk * 2 * i)],
+                saves=("moe.xs", wgu) if lora else (),
+                grads=(("moe.xs", a * Tk * h),) + (((wgu, cb * E * 2 * i * h),) if lora else ()))
+        self.op("moe.act", ["moe.gu"], [self.t("moe.s", a * Tk * i)], saves=("moe.gu",),
+                grads=(("moe.gu", a * Tk * 2 * i),))
+        self.op("moe.prod", ["moe.s", "moe.gu"], [self.t("moe.p", a * Tk * i)], saves=("moe.s", "moe.gu"),
+                grads=(("moe.s", a * Tk * i), ("moe.gu", a * Tk * 2 * i)))
+        if lora:
+            self.op("moe.merge_down", [], [self.t(wd, cb * E * h * i)],
+                    param_grads=alloc(FP32 * r * E * h) + alloc(FP32 * i * r * E))
+        self.op("moe.down", ["moe.p"] + ([wd] if lora else []), [self.t("moe.d", a * Tk * h)],
+                saves=("moe.p", wd) if lora else (),
+                grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()))
+        self.op("moe.weigh", ["moe.d", "moe.w"], [self.t("moe.dw", FP32 * Tk * h)], saves=("moe.d", "moe.w"),
+                grads=(("moe.d", a * Tk * h), ("moe.w", FP32 * Tk)))
+        self.op("moe.unsort", ["moe.dw"], [self.t("moe.du", FP32 * Tk * h)], grads=(("moe.dw", FP32 * Tk * h),))
+        self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", 0),))
+        self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))
+        self.op("moe.return", [x])
+        return "moe.out"
+
+    # --- MLP ------------------------------------------------------------------------------------
+    def mlp(self, x: str, lins: dict) -> str:
+        a, T, i = self.a, self.T, self.spec.intermediate
+        # LlamaMLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)), evaluated left to right, so
+        # the activation exists while up_proj runs. Phi3MLP: gate_up_proj, chunk (views), act.
+        if self.spec.arch.fused_gate_up:
+            gate = up = self.linear(lins["gate_up_proj"], x)
+            width = 2 * i
+            self.op("mlp.act", [gate], [self.t("mlp.s", a * T * i)], saves=(gate,), grads=((gate, a * T * width),))
+        else:
+            gate = self.linear(lins["gate_proj"], x)
+            width = i
+            self.op("mlp.act", [gate], [self.t("mlp.s", a * T * i)], saves=(gate,), grads=((gate, a * T * width),))
+            up = self.linear(lins["up_proj"], x)
+        self.op("mlp.prod", ["mlp.s", up], [self.t("mlp.p", a * T * i)], saves=("mlp.s", up),
+                grads=(("mlp.s", a * T * i), (up, a * T * width)))
+        out = self.linear(lins["down_proj"], "mlp.p")
+        self.op("mlp.return", [x, "mlp.p"])  # the argument and the product live until the return
+        return out
+
+
+def gemm_4bit_fused(rows: int, out_features: int, in_features: int) -> bool:
+    """Whether bitsandbytes' gemm_4bit runs its fused kernel (no dequantized weight) for a
+    training matmul. Past 1536 rows it never does (backends/cuda/ops.py _gemm_4bit_custom_max_m);
+    below, the choice depends on the GPU (see cuda_kernels.py when present)."""
+    if rows > GEMM_4BIT_CUSTOM_MAX_M:
+        return False
+    try:
+        from .cuda_kernels import gemm_4bit_uses_fused_kernel
+    except ImportError:
+        return False
+    return gemm_4bit_uses_fused_kernel(rows, out_features, in_features, "bf16")
+
+
+def layer_ops(spec: ModelSpec, setup: TrainSetup) -> tuple[list[Op], int]:
+    """The ops of one decoder layer, input "x", output "layer.out"; and the largest dequantized
+    weight among them."""
+    b = _Ops(spec, setup)
+    lins = {l.leaf: l for l in spec.layer_linears}
+    n1 = b.norm("input_layernorm", "x")
+    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    if spec.arch.fused_qkv:
+        qkv = b.linear(lins["qkv_proj"], n1)
+        # q, k, v are views of qkv_proj's output; v stays a view, so saving it keeps all of qkv
+        qn, kn, vn, v_storage = qkv, qkv, qkv, qkv
+    else:
+        qn, kn, vn = (b.linear(lins[n], n1) for n in ("q_proj", "k_proj", "v_proj"))
+        v_storage = vn
+    attn = b.attention(qn, kn, vn, v_storage)
+    o = b.linear(lins["o_proj"], attn)
+    # Python keeps the attention's input (the argument `hidden_states`) and the o_proj input (a
+    # local) alive until self_attn returns.
+    b.op("self_attn.return", [n1, attn])
+    if spec.arch.norms_per_layer == 4:
+        o = b.norm("post_attention_layernorm", o)
+        h1 = b.residual("res1", "x", o)
+        m = b.mlp(b.norm("pre_feedforward_layernorm", h1), lins)
+        m = b.norm("post_feedforward_layernorm", m)
+    else:
+        h1 = b.residual("res1", "x", o)
+        n2 = b.norm("post_attention_layernorm", h1)
+        m = b.moe(n2) if spec.num_experts else b.mlp(n2, lins)
+    b.op("layer", [h1, m], [b.t("layer.out", b.a * b.T * spec.hidden)], grads=((h1, 0), (m, 0)))
+    return b.ops, b.dequant
+
+
+def head_ops(spec: ModelSpec, setup: TrainSetup) -> list[Op]:
+    """Final norm, lm_head and transformers' ForCausalLMLoss (loss/loss_utils.py): logits in the
+    lm_head dtype -> logits.float() -> cross_entropy = log_softmax (saved) + nll_loss. Gemma2
+    soft-caps the logits first (tanh saved). Input "x", output "loss"."""
+    b = _Ops(spec, setup)
+    n = b.norm("norm", "x")
+    b.tag = LOGITS
+    T, V = setup.tokens, spec.vocab
+    lb = act_bytes(setup)          # lm_head runs in the hidden-state dtype
+    logits = b.linear(spec.lm_head, n) if "lm_head" in b.adapted or setup.method == "full" else None
+    if logits is None:
+        b.op("lm_head", [n], [b.t("logits", lb * T * V)], grads=((n, b.a * T * spec.hidden),))
+        logits = "logits"
+    if spec.final_logit_softcap:   # logits / cap; tanh (saves output); * cap
+        b.op("cap_div", [logits], [b.t("cap1", lb * T * V)], grads=((logits, lb * T * V),))
+        b.op("cap_tanh", ["cap1"], [b.t("cap2", lb * T * V)], saves=("cap2",), grads=(("cap1", lb * T * V),))
+        b.op("cap_mul", ["cap2"], [b.t("cap3", lb * T * V)], grads=(("cap2", lb * T * V),))
+        logits = "cap3"
+    if lb != FP32:
+        b.op("float", [logits], [b.t("logits32", FP32 * T * V)], grads=((logits, lb * T * V),))
+        logits = "logits32"
+    b.op("log_softmax", [logits], [b.t("logp", FP32 * T * V)], saves=("logp",), grads=((logits, FP32 * T * V),))
+    b.op("nll_loss", ["logp"], [b.t("loss", 4)], grads=(("logp", FP32 * T * V),))
+    return b.ops
 
 
 @dataclass(frozen=True)
-class HeadActivations:
-    saved: int            # final norm + lm_head input saved through backward
-    forward_peak: int     # logits, float32 copy and log-softmax at the loss
-    backward_peak: int    # log-softmax, its gradient and the logits gradient at once
+class LayerMemory:
+    """One decoder layer's walks. Each counts the layer input "x" while it lives; the caller
+    adds what is alive around the layer. Under gradient checkpointing the input is kept by the
+    checkpoint (torch.utils.checkpoint saves the function's inputs) and nothing else is saved in
+    the first forward; backward recomputes the forward with saving, then runs backward."""
+    forward: WalkResult      # the forward as it runs in the forward phase
+    backward: WalkResult     # its backward (with the recomputation under checkpointing)
+    saved: int               # bytes one layer leaves alive for backward (its input under ckpt)
+    hidden: int              # one hidden state (the layer input / output)
+    dequant: int             # largest dequantized weight
 
 
-def head_activations(spec: ModelSpec, setup: TrainSetup) -> HeadActivations:
-    """Final norm, lm_head and transformers' ForCausalLMLoss (loss/loss_utils.py):
-    logits (compute dtype) -> logits.float() -> cross_entropy = log_softmax (float32, saved)
-    + nll_loss. Backward: nll_loss grad (float32, T x V), log_softmax grad (float32),
-    then the cast back to the logits dtype before lm_head's matmul backward.
-    Gemma2 soft-caps logits first (logits / cap, tanh saved, * cap)."""
-    a, T, V, h = act_bytes(setup), setup.tokens, spec.vocab, spec.hidden
-    logits = alloc(setup.compute_bytes * T * V) if not setup.prepare_kbit else alloc(FP32 * T * V)
-    logits32 = alloc(FP32 * T * V)
-    # final norm saves x32 + rsqrt; lm_head (frozen) saves nothing of its input unless full.
-    saved = alloc(FP32 * T * h) + alloc(FP32 * T) if a != FP32 else alloc(FP32 * T)
-    if setup.method == "full":
-        saved += alloc(a * T * h)
-    softcap = 0
-    if spec.final_logit_softcap:
-        softcap = logits  # tanh output saved
-    forward_peak = logits + softcap + logits32 + logits32   # bf16 logits, fp32 copy, log_softmax
-    backward_peak = softcap + 3 * logits32                  # log_softmax, its grad, logits grad
-    return HeadActivations(saved=saved + softcap, forward_peak=forward_peak, backward_peak=backward_peak)
+@dataclass(frozen=True)
+class HeadMemory:
+    forward: WalkResult
+    backward: WalkResult
+    saved: int
+
+
+@lru_cache(maxsize=512)
+def layer_memory(spec: ModelSpec, setup: TrainSetup) -> LayerMemory:
+    ops, dequant = layer_ops(spec, setup)
+    hidden = alloc(act_bytes(setup) * setup.tokens * spec.hidden)
+    given = {"x": hidden}
+    ckpt = setup.grad_ckpt
+    keep = ("x",) if ckpt else ()   # the checkpoint holds the layer input until its backward
+    needs = frozenset({"x"})  # hidden states require grad (enable_input_require_grads on the embeddings)
+    both = walk(ops, given, keep=keep, save=not ckpt, backward=True, grad_of={"layer.out": hidden},
+                needs_grad=needs)
+    saved = WalkResult.total(both.forward_end)   # the output is not counted: it is the next input
+    return LayerMemory(forward=both, backward=both, saved=saved, hidden=hidden, dequant=dequant)
+
+
+@lru_cache(maxsize=512)
+def head_memory(spec: ModelSpec, setup: TrainSetup) -> HeadMemory:
+    ops = head_ops(spec, setup)
+    hidden = alloc(act_bytes(setup) * setup.tokens * spec.hidden)
+    given = {"x": hidden}
+    fwd = walk(ops, given, needs_grad=frozenset({"x"}))
+    bwd = walk(ops, given, backward=True, grad_of={"loss": alloc(4)}, needs_grad=frozenset({"x"}))
+    return HeadMemory(forward=fwd, backward=bwd, saved=WalkResult.total(fwd.forward_end))

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .activations import HeadActivations, LayerActivations, act_bytes, head_activations, layer_activations
+from .activations import act_bytes, head_memory, layer_memory
+from .graph import WalkResult
 from .components import ALLOCATED, Component, check_sum
 from .device import device_overhead
 from .gpus import Gpu, resolve_gpu
@@ -39,9 +40,14 @@ class Estimate:
     allocator_overhead_bytes: int
     paged_optimizer_bytes: int  # CUDA unified memory: outside peak_allocated
     trainable_params: int
-    assumptions: tuple[str, ...]
     gpu: Gpu | None = None
     phase_components: dict = field(default_factory=dict, repr=False)
+    peak_moment: str = ""
+    moments: dict = field(default_factory=dict, repr=False)  # every candidate peak, by name
+
+    @property
+    def assumptions(self) -> tuple[str, ...]:
+        return assumptions(self.model, self.setup)
 
     @property
     def device_total_bytes(self) -> int:
@@ -78,68 +84,90 @@ class Estimate:
 
 
 def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int | Gpu | None = None,
-             **flags) -> Estimate:
-    """Estimate peak memory. `flags` are TrainSetup fields (batch=4, seq=4096, method="lora", ...)."""
+             static: Static | None = None, **flags) -> Estimate:
+    """Estimate peak memory. `flags` are TrainSetup fields (batch=4, seq=4096, method="lora", ...).
+    `static` reuses static_memory(spec, setup) computed earlier (it does not depend on batch/seq)."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     setup = (setup or TrainSetup()).with_(**flags) if flags else (setup or TrainSetup())
     gpu_obj = resolve_gpu(gpu) if gpu is not None else None
-    static = static_memory(spec, setup)
-    layer = layer_activations(spec, setup)
-    head = head_activations(spec, setup)
-    phases = _phases(spec, setup, static, layer, head)
-    peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
-    components = phases[peak_phase]
+    static = static if static is not None else static_memory(spec, setup)
+    moments = step_moments(spec, setup, static)
+    peak_moment = max(moments, key=lambda m: sum(moments[m].values()))
+    components = moments[peak_moment]
     peak = sum(components.values())
-    check_sum(components, peak)
-    overhead = device_overhead([layer.dequant, head.forward_peak // 2, layer.layer_input, layer.saved])
+    peak_phase = phase_of(peak_moment)
+    phases = {}
+    for name, parts in moments.items():
+        if sum(parts.values()) > sum(phases.get(phase_of(name), {}).values()):
+            phases[phase_of(name)] = parts
+    overhead = device_overhead(transient_sizes(spec, setup))
     return Estimate(
         model=spec, setup=setup, components=components, peak_allocated_bytes=peak,
         peak_phase=peak_phase, phase_peaks={p: sum(c.values()) for p, c in phases.items()},
         cuda_context_bytes=overhead.cuda_context, allocator_overhead_bytes=overhead.allocator_overhead,
         paged_optimizer_bytes=static.paged_optimizer_state, trainable_params=static.trainable_params,
-        assumptions=assumptions(spec, setup), gpu=gpu_obj, phase_components=phases,
+        gpu=gpu_obj, phase_components=phases,
+        peak_moment=peak_moment, moments=moments,
     )
 
 
-def _phases(spec: ModelSpec, setup: TrainSetup, static: Static, layer: LayerActivations,
-            head: HeadActivations) -> dict[str, dict[str, int]]:
+def transient_sizes(spec: ModelSpec, setup: TrainSetup) -> list[int]:
+    """The large short-lived tensors of a step (a dequantized weight, a hidden state, the logits,
+    one layer's saved activations): what the caching allocator keeps segments for."""
+    layer = layer_memory(spec, setup)
+    logits = alloc(4 * setup.tokens * spec.vocab)
+    return [layer.dequant, layer.hidden, logits, layer.saved]
+
+
+def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str, dict[str, int]]:
+    """Every candidate peak of the step, name -> bytes per component (ALLOCATED order).
+
+    Decoder layers are identical, so one layer is walked (activations.layer_memory) and the
+    others are added as what they keep alive: their saved activations without checkpointing,
+    their inputs with it. The top layer is where the most is kept; the bottom layer is where the
+    most gradients exist (it matters when every parameter trains)."""
     L = spec.layers
-    # input_ids (int64, also passed as labels: one storage), position_ids, and the shifted
-    # labels built by ForCausalLMLoss (pad + contiguous): int64 each.
-    inputs = alloc(8 * setup.tokens) + alloc(8 * setup.seq) + 2 * alloc(8 * (setup.tokens + setup.batch))
-    per_layer = layer.layer_input if setup.grad_ckpt else layer.saved
-    kept = inputs + layer.shared + L * per_layer   # alive from the last layer's forward on
+    layer, head = layer_memory(spec, setup), head_memory(spec, setup)
+    # input_ids (int64, also passed as labels: one storage), position_ids (1, seq), and the
+    # shifted labels ForCausalLMLoss builds (pad + contiguous), int64 each; rotary cos and sin
+    # of shape (1, seq, head_dim) in the hidden-state dtype, shared by every layer.
+    a = act_bytes(setup)
+    base_acts = (alloc(8 * setup.tokens) + alloc(8 * setup.seq) + 2 * alloc(8 * (setup.tokens + setup.batch))
+                 + 2 * alloc(a * setup.seq * spec.head_dim))
+    fixed = {C.WEIGHTS.value: static.weights, C.QUANT_CONSTANTS.value: static.quant_constants,
+             C.ADAPTERS.value: static.adapters, C.OPTIMIZER_STATE.value: static.optimizer_state}
 
-    def at(grads: int, activations: int, logits: int = 0, temporaries: int = 0) -> dict[str, int]:
-        parts = {C.WEIGHTS: static.weights, C.QUANT_CONSTANTS: static.quant_constants,
-                 C.ADAPTERS: static.adapters, C.GRADIENTS: grads, C.OPTIMIZER_STATE: static.optimizer_state,
-                 C.ACTIVATIONS: activations, C.LOGITS_LOSS: logits, C.TEMPORARIES: temporaries}
-        return {c.value: parts[c] for c in ALLOCATED}
+    def at(*parts: dict, activations: int = 0, gradients: int = 0, temporaries: int = 0) -> dict[str, int]:
+        out = {c.value: 0 for c in ALLOCATED}
+        for k, v in fixed.items():
+            out[k] += v
+        out[C.ACTIVATIONS.value] += base_acts + activations
+        out[C.GRADIENTS.value] += gradients
+        out[C.TEMPORARIES.value] += temporaries
+        for part in parts:
+            for k, v in part.items():
+                out[k] += v
+        return out
 
-    # Gradients of one layer's trainable tensors (they accumulate layer by layer in backward).
-    layer_grads = (static.gradients - _head_grads(spec, setup, static)) // L if L else 0
-    head_grads = static.gradients - layer_grads * L
+    kept = layer.saved                     # what each finished layer leaves alive
+    head_grads = head.backward.end.get(C.GRADIENTS.value, 0)
+    layer_grads = layer.backward.end.get(C.GRADIENTS.value, 0)
+    in_layer_bwd = layer.backward.backward_peak   # includes the recomputation under checkpointing
+    moments = {
+        "forward.layer": at(layer.forward.forward_peak, activations=(L - 1) * kept),
+        "forward.loss": at(head.forward.forward_peak, activations=L * kept),
+        "backward.loss": at(head.backward.backward_peak, activations=L * kept),
+        "backward.top_layer": at(in_layer_bwd, activations=(L - 1) * kept, gradients=head_grads),
+        "backward.bottom_layer": at(in_layer_bwd, gradients=head_grads + (L - 1) * layer_grads),
+        "optimizer": at(gradients=static.gradients, temporaries=static.optimizer_temporaries),
+    }
+    for parts in moments.values():
+        check_sum(parts, sum(parts.values()))
+    return moments
 
-    # Forward: the last layer runs with every earlier layer's activations kept; then the loss.
-    last_layer = kept - per_layer + (0 if setup.grad_ckpt else 0)
-    forward_layer = at(0, last_layer + layer.forward_transient - layer.dequant, temporaries=layer.dequant)
-    forward_loss = at(0, kept + head.saved, logits=head.forward_peak)
-    forward = max(forward_layer, forward_loss, key=lambda c: sum(c.values()))
 
-    # Backward: the loss backward, then the first (top) layer backward with its activations
-    # (recomputed under checkpointing) and working memory; with many trainable tensors the
-    # end of backward, when all gradients exist, can be worse.
-    backward_loss = at(head_grads, kept + head.saved, logits=head.backward_peak)
-    recompute = layer.saved if setup.grad_ckpt else 0
-    top_layer = at(head_grads + layer_grads,
-                   kept + recompute + layer.backward_transient - layer.dequant, temporaries=layer.dequant)
-    bottom_layer = at(static.gradients,
-                      inputs + layer.shared + per_layer + recompute + layer.backward_transient - layer.dequant,
-                      temporaries=layer.dequant)
-    backward = max(backward_loss, top_layer, bottom_layer, key=lambda c: sum(c.values()))
-
-    optimizer = at(static.gradients, inputs, temporaries=static.optimizer_temporaries)
-    return {"forward": forward, "backward": backward, "optimizer": optimizer}
+def phase_of(moment: str) -> str:
+    return moment.split(".", 1)[0]
 
 
 def _head_grads(spec: ModelSpec, setup: TrainSetup, static: Static) -> int:

@@ -73,6 +73,26 @@ def lora_shapes(linear: Linear, rank: int) -> tuple[tuple[int, int], tuple[int, 
     return (rank, linear.in_features), (linear.out_features, rank)
 
 
+def experts_adapted(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """peft 0.21 on transformers 5 MoE models (peft/utils/transformers_weight_conversion.py
+    _convert_peft_config_moe): "all-linear" is resolved against the v4 module names, so the
+    router `gate` and the experts' w1/w2/w3 become target_parameters of the fused 3D weights,
+    wrapped by lora.ParamWrapper; gate_up_proj fuses w1 and w3, so its rank is doubled."""
+    return bool(spec.num_experts) and setup.uses_adapters and setup.targets == (ALL_LINEAR,)
+
+
+def expert_lora_shapes(spec: ModelSpec, setup: TrainSetup) -> list[tuple[tuple[int, int], int]]:
+    """(shape, count per layer) of the LoRA tensors ParamWrapper adds (peft/tuners/lora/layer.py
+    ParamWrapper: for a (E, in, out) parameter lora_A is Linear(in, r * E), lora_B Linear(r * E, out);
+    a 2D (out, in) parameter is one expert)."""
+    if not experts_adapted(spec, setup):
+        return []
+    r, E, h, i = setup.rank, spec.num_experts, spec.hidden, spec.intermediate
+    return [((r, h), 1), ((E, r), 1),                        # router weight (E, h)
+            ((2 * r * E, 2 * i), 1), ((h, 2 * r * E), 1),    # experts.gate_up_proj (E, 2i, h), rank 2r
+            ((r * E, h), 1), ((i, r * E), 1)]                # experts.down_proj (E, h, i)
+
+
 def numel(shape: tuple[int, ...]) -> int:
     out = 1
     for d in shape:
@@ -125,6 +145,9 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
                 trainable[shape] += n
 
     adapters = 0
+    for shape, count in expert_lora_shapes(spec, setup):
+        adapters += count * n * alloc(numel(shape) * FP32)
+        trainable[shape] += count * n
     adapted = adapted_linears(spec, setup)
     for linear in adapted:
         per_layer = 1 if linear.name == "lm_head" else n

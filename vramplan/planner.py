@@ -45,10 +45,8 @@ import math
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from .activations import head_activations, layer_activations
-from .device import device_overhead
 from .errors import UsageError
-from .estimator import _phases
+from .estimator import Estimate, estimate
 from .gpus import Gpu, catalog, resolve_gpu
 from .inventory import static_memory
 from .models import ModelSpec, resolve
@@ -70,18 +68,6 @@ def status_of(need: int, capacity: int, tight: float = TIGHT) -> str:
 
 # --- the fast, cached evaluation path ------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Quick:
-    """What `estimate()` returns, reduced to the fields sharding.distribute reads."""
-    model: ModelSpec
-    setup: TrainSetup
-    phase_components: dict
-    cuda_context_bytes: int
-    allocator_overhead_bytes: int
-    paged_optimizer_bytes: int
-    trainable_params: int
-
-
 class Evaluator:
     """Per-GPU need of setups of one model under one Parallel, cached.
 
@@ -95,19 +81,13 @@ class Evaluator:
         self._exact: dict = {}
         self.calls = 0
 
-    def quick(self, setup: TrainSetup) -> _Quick:
-        spec = self.spec
+    def quick(self, setup: TrainSetup) -> Estimate:
         run = effective_setup(setup, self.parallel)
         key = run.with_(batch=1, seq=1)
         static = self._static.get(key)
         if static is None:
-            static = self._static[key] = static_memory(spec, run)
-        layer, head = layer_activations(spec, run), head_activations(spec, run)
-        phases = _phases(spec, run, static, layer, head)
-        # The same transients estimator.estimate hands to device_overhead (a test pins equality).
-        overhead = device_overhead([layer.dequant, head.forward_peak // 2, layer.layer_input, layer.saved])
-        return _Quick(spec, run, phases, overhead.cuda_context, overhead.allocator_overhead,
-                      static.paged_optimizer_state, static.trainable_params)
+            static = self._static[key] = static_memory(self.spec, run)
+        return estimate(self.spec, run, static=static)
 
     def estimate(self, setup: TrainSetup, gpu: Gpu | None = None) -> ShardedEstimate:
         quick = self.quick(setup)

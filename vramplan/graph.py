@@ -1,0 +1,225 @@
+"""A tiny model of autograd's memory behaviour: walk a list of ops forward and backward and
+track which storages are alive, the way PyTorch frees them.
+
+Rules (torch/csrc/autograd): a forward op allocates its outputs; an input storage dies after its
+last forward use unless an op saved it for backward (SavedVariable) or it is kept by the caller.
+Backward visits ops in reverse; an op whose outputs received a gradient allocates gradients for
+its inputs that need one (or passes the incoming gradient through, for add / clone / views),
+then releases its saved tensors and the gradients of its outputs. A second gradient for the same
+tensor is summed out of place into a new buffer (InputBuffer::accumulate), both inputs freed.
+Gradients of trainable parameters are kept (AccumulateGrad steals the buffer into `.grad`).
+
+Every size is one allocation, already rounded by the caller (quant.alloc). The walk reports the
+highest live total and the bytes per component at that instant, so a caller can compose
+identical decoder layers without walking each one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ACT = "activations"
+TMP = "temporaries"
+GRAD = "gradients"
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    nbytes: int
+    tag: str = ACT
+
+
+@dataclass(frozen=True)
+class Op:
+    """One forward op. `grads`: (input name, bytes of its gradient); 0 bytes means the input's
+    gradient is the incoming output gradient itself (add, clone, to() of the same dtype)."""
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[Tensor, ...] = ()
+    saves: tuple[str, ...] = ()
+    grads: tuple[tuple[str, int], ...] = ()
+    work: int = 0                # bytes alive only inside the forward op (dequantized weight...)
+    bwd_work: int = 0            # bytes alive only inside its backward
+    param_grads: int = 0         # .grad bytes of trainable parameters the backward produces
+    work_tag: str = TMP
+
+
+@dataclass
+class Snapshot:
+    """Live bytes per component at one instant."""
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+@dataclass(frozen=True)
+class WalkResult:
+    """Bytes per component alive at the highest instant of the forward part and of the backward
+    part, and at the end of each; all include the `given` inputs while they live."""
+    forward_peak: dict
+    forward_end: dict
+    backward_peak: dict
+    end: dict
+    forward_peak_op: str = ""
+    backward_peak_op: str = ""
+
+    @staticmethod
+    def total(parts: dict) -> int:
+        return sum(parts.values())
+
+
+class _Live:
+    def __init__(self):
+        self.size: dict[str, int] = {}
+        self.tag: dict[str, str] = {}
+        self.parts: dict[str, int] = {}
+        self.best: dict = {}
+        self.best_total = -1
+        self.best_op = ""
+
+    def add(self, key: str, nbytes: int, tag: str) -> None:
+        if key in self.size:
+            raise AssertionError(f"storage {key} allocated twice")
+        self.size[key], self.tag[key] = nbytes, tag
+        self.parts[tag] = self.parts.get(tag, 0) + nbytes
+
+    def drop(self, key: str) -> None:
+        nbytes, tag = self.size.pop(key), self.tag.pop(key)
+        self.parts[tag] -= nbytes
+
+    def reset(self) -> None:
+        self.best, self.best_total, self.best_op = {}, -1, ""
+
+    def snapshot(self) -> dict:
+        return {k: v for k, v in self.parts.items() if v}
+
+    def mark(self, op: str, extra: int = 0, extra_tag: str = TMP) -> None:
+        total = sum(self.parts.values()) + extra
+        if total > self.best_total:
+            self.best_total, self.best_op = total, op
+            self.best = {k: v for k, v in self.parts.items() if v}
+            if extra:
+                self.best[extra_tag] = self.best.get(extra_tag, 0) + extra
+
+
+def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save: bool = True,
+         backward: bool = False, grad_of: dict[str, int] | None = None,
+         needs_grad: frozenset[str] = frozenset()) -> WalkResult:
+    """Run `ops` forward (and then backward if asked) and report the peaks.
+
+    given: tensors alive when the walk starts (the segment's inputs), name -> bytes; they die
+        like any other tensor after their last use unless saved or kept.
+    keep: names that outlive the segment (a checkpointed layer's input).
+    save: False runs the forward as gradient checkpointing does: nothing is saved, and backward
+        recomputes the forward (saving) when it first needs a saved tensor, stopping after the
+        last op that saves anything (torch.utils.checkpoint, non-reentrant, early stop).
+    grad_of: gradients present when backward starts (segment outputs), name -> bytes.
+    needs_grad: tensors that need a gradient besides what ops produce (segment inputs).
+    """
+    live = _Live()
+    for name, nbytes in given.items():
+        live.add(name, nbytes, ACT)
+    last_use: dict[str, int] = {}
+    for i, op in enumerate(ops):
+        for name in op.inputs:
+            last_use[name] = i
+    saved_by: dict[str, int] = {}
+    requires = set(needs_grad)
+
+    def run_forward(upto: int, saving: bool) -> None:
+        for i, op in enumerate(ops[:upto]):
+            for t in op.outputs:
+                live.add(t.name, t.nbytes, t.tag)
+            live.mark(op.name, op.work, op.work_tag)
+            if op.param_grads or any(n in requires for n in op.inputs):
+                requires.update(t.name for t in op.outputs)
+                if saving:
+                    for name in op.saves:
+                        saved_by[name] = saved_by.get(name, 0) + 1
+            for name in set(op.inputs) | {t.name for t in op.outputs}:
+                if name in live.size and last_use.get(name, -1) <= i and name not in keep and name not in saved_by:
+                    live.drop(name)
+
+    run_forward(len(ops), save)
+    forward_peak, forward_op, forward_end = live.best, live.best_op, live.snapshot()
+    if not backward:
+        return WalkResult(forward_peak, forward_end, {}, forward_end, forward_op)
+    live.reset()
+    recompute_upto = 0 if save else 1 + max((i for i, op in enumerate(ops) if op.saves), default=-1)
+
+    # Backward: gradients are storages with reference counts (pass-through shares one).
+    grad_key: dict[str, str] = {}      # tensor name -> storage key of its gradient
+    refs: dict[str, int] = {}
+    counter = 0
+
+    def new_grad(nbytes: int, tag: str = ACT) -> str:
+        nonlocal counter
+        counter += 1
+        key = f"grad#{counter}"
+        live.add(key, nbytes, tag)
+        refs[key] = 0
+        return key
+
+    def attach(name: str, key: str) -> None:
+        refs[key] += 1
+        old = grad_key.get(name)
+        if old is None:
+            grad_key[name] = key
+            return
+        summed = new_grad(live.size[key], live.tag[key])   # InputBuffer::accumulate, out of place
+        live.mark("accumulate")
+        release(old)
+        release(key)
+        refs[summed] += 1
+        grad_key[name] = summed
+
+    def release(key: str) -> None:
+        refs[key] -= 1
+        if refs[key] == 0:
+            live.drop(key)
+            del refs[key]
+
+    for name, nbytes in (grad_of or {}).items():
+        attach(name, new_grad(nbytes))
+    for op in reversed(ops):
+        incoming = [grad_key[t.name] for t in op.outputs if t.name in grad_key]
+        if not incoming:
+            continue
+        if recompute_upto and op.saves:
+            requires.clear()
+            requires.update(needs_grad)
+            run_forward(recompute_upto, saving=True)
+            recompute_upto = 0
+            # early stop raises inside the re-run forward: its frames unwind and every tensor
+            # only Python referenced (not saved, not kept) is freed
+            produced = {t.name for o in ops for t in o.outputs}
+            for name in [n for n in live.size if n in produced and n not in saved_by and n not in keep]:
+                live.drop(name)
+        if op.param_grads:
+            live.add(f"pgrad:{op.name}", op.param_grads, GRAD)
+        fresh = []
+        for name, nbytes in op.grads:
+            if name not in requires:
+                continue
+            key = new_grad(nbytes, op.outputs[0].tag if op.outputs else ACT) if nbytes else incoming[0]
+            fresh.append((name, key))
+        live.mark(op.name + ".backward", op.bwd_work, op.work_tag)
+        for name, key in fresh:
+            attach(name, key)
+        for t in op.outputs:
+            key = grad_key.pop(t.name, None)
+            if key is not None:
+                release(key)
+        for name in op.saves:
+            if name in saved_by:
+                saved_by[name] -= 1
+                if saved_by[name] == 0:
+                    del saved_by[name]
+                    if name in live.size and name not in keep:
+                        live.drop(name)
+        for t in op.outputs:  # outputs nobody saved and nothing keeps are gone by now
+            if t.name in live.size and t.name not in saved_by and t.name not in keep:
+                live.drop(t.name)
+    return WalkResult(forward_peak, forward_end, live.best, live.snapshot(), forward_op, live.best_op)
