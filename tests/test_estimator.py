@@ -61,8 +61,11 @@ def test_checkpointing_and_sdpa_save_memory(seq):
 def test_paged_optimizer_state_leaves_allocated_memory():
     plain = estimate("meta-llama/Llama-2-7b-hf", optimizer="adamw8bit")
     paged = estimate("meta-llama/Llama-2-7b-hf", optimizer="paged_adamw8bit")
-    assert paged.components["optimizer_state"] == 0
-    assert paged.paged_optimizer_bytes == plain.components["optimizer_state"] > 0
+    total = plain.components["optimizer_state"]
+    assert paged.paged_optimizer_bytes > 0
+    # bitsandbytes pages only tensors of >= 1e5 elements: r=16 LoRA A of 16 x 4096 stays on the device
+    assert 0 < paged.components["optimizer_state"] < total
+    assert paged.components["optimizer_state"] + paged.paged_optimizer_bytes == total
 
 
 def test_methods_order_weights():

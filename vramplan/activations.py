@@ -280,14 +280,20 @@ class _Ops:
 def gemm_4bit_fused(rows: int, out_features: int, in_features: int) -> bool:
     """Whether bitsandbytes' gemm_4bit runs its fused kernel (no dequantized weight) for a
     training matmul. Past 1536 rows it never does (backends/cuda/ops.py _gemm_4bit_custom_max_m);
-    below, the choice depends on the GPU (see cuda_kernels.py when present)."""
+    below, the choice depends on the GPU (cuda_kernels.py, shared with simulate)."""
     if rows > GEMM_4BIT_CUSTOM_MAX_M:
         return False
+    decide = _fused_kernel_rule()
+    return decide(rows, out_features, in_features, "bf16") if decide else False
+
+
+@lru_cache(maxsize=1)
+def _fused_kernel_rule():
     try:
         from .cuda_kernels import gemm_4bit_uses_fused_kernel
     except ImportError:
-        return False
-    return gemm_4bit_uses_fused_kernel(rows, out_features, in_features, "bf16")
+        return None
+    return gemm_4bit_uses_fused_kernel
 
 
 def layer_ops(spec: ModelSpec, setup: TrainSetup) -> tuple[list[Op], int]:
@@ -387,6 +393,5 @@ def head_memory(spec: ModelSpec, setup: TrainSetup) -> HeadMemory:
     ops = head_ops(spec, setup)
     hidden = alloc(act_bytes(setup) * setup.tokens * spec.hidden)
     given = {"x": hidden}
-    fwd = walk(ops, given, needs_grad=frozenset({"x"}))
-    bwd = walk(ops, given, backward=True, grad_of={"loss": alloc(4)}, needs_grad=frozenset({"x"}))
-    return HeadMemory(forward=fwd, backward=bwd, saved=WalkResult.total(fwd.forward_end))
+    both = walk(ops, given, backward=True, grad_of={"loss": alloc(4)}, needs_grad=frozenset({"x"}))
+    return HeadMemory(forward=both, backward=both, saved=WalkResult.total(both.forward_end))

@@ -15,43 +15,33 @@ identical decoder layers without walking each one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 ACT = "activations"
 TMP = "temporaries"
 GRAD = "gradients"
 
 
-@dataclass(frozen=True)
-class Tensor:
+class Tensor(NamedTuple):
     name: str
     nbytes: int
     tag: str = ACT
 
 
-@dataclass(frozen=True)
-class Op:
+class Op(NamedTuple):
     """One forward op. `grads`: (input name, bytes of its gradient); 0 bytes means the input's
-    gradient is the incoming output gradient itself (add, clone, to() of the same dtype)."""
+    gradient is the incoming output gradient itself (add, clone, to() of the same dtype).
+    (NamedTuples, not dataclasses: an estimate builds a few hundred of them.)"""
     name: str
-    inputs: tuple[str, ...]
-    outputs: tuple[Tensor, ...] = ()
-    saves: tuple[str, ...] = ()
-    grads: tuple[tuple[str, int], ...] = ()
+    inputs: tuple
+    outputs: tuple = ()
+    saves: tuple = ()
+    grads: tuple = ()
     work: int = 0                # bytes alive only inside the forward op (dequantized weight...)
     bwd_work: int = 0            # bytes alive only inside its backward
     param_grads: int = 0         # .grad bytes of trainable parameters the backward produces
     work_tag: str = TMP
-
-
-@dataclass
-class Snapshot:
-    """Live bytes per component at one instant."""
-    parts: dict = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(self.parts.values())
 
 
 @dataclass(frozen=True)
@@ -75,6 +65,7 @@ class _Live:
         self.size: dict[str, int] = {}
         self.tag: dict[str, str] = {}
         self.parts: dict[str, int] = {}
+        self.total = 0
         self.best: dict = {}
         self.best_total = -1
         self.best_op = ""
@@ -84,10 +75,12 @@ class _Live:
             raise AssertionError(f"storage {key} allocated twice")
         self.size[key], self.tag[key] = nbytes, tag
         self.parts[tag] = self.parts.get(tag, 0) + nbytes
+        self.total += nbytes
 
     def drop(self, key: str) -> None:
         nbytes, tag = self.size.pop(key), self.tag.pop(key)
         self.parts[tag] -= nbytes
+        self.total -= nbytes
 
     def reset(self) -> None:
         self.best, self.best_total, self.best_op = {}, -1, ""
@@ -96,7 +89,7 @@ class _Live:
         return {k: v for k, v in self.parts.items() if v}
 
     def mark(self, op: str, extra: int = 0, extra_tag: str = TMP) -> None:
-        total = sum(self.parts.values()) + extra
+        total = self.total + extra
         if total > self.best_total:
             self.best_total, self.best_op = total, op
             self.best = {k: v for k, v in self.parts.items() if v}
@@ -127,6 +120,9 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
             last_use[name] = i
     saved_by: dict[str, int] = {}
     requires = set(needs_grad)
+    # names whose last forward use is op i (outputs nobody reads die right after their op)
+    frees = [tuple(n for n in dict.fromkeys((*op.inputs, *(t.name for t in op.outputs)))
+                   if last_use.get(n, -1) <= i and n not in keep) for i, op in enumerate(ops)]
 
     def run_forward(upto: int, saving: bool) -> None:
         for i, op in enumerate(ops[:upto]):
@@ -138,8 +134,8 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
                 if saving:
                     for name in op.saves:
                         saved_by[name] = saved_by.get(name, 0) + 1
-            for name in set(op.inputs) | {t.name for t in op.outputs}:
-                if name in live.size and last_use.get(name, -1) <= i and name not in keep and name not in saved_by:
+            for name in frees[i]:
+                if name in live.size and name not in saved_by:
                     live.drop(name)
 
     run_forward(len(ops), save)

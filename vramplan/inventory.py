@@ -17,6 +17,7 @@ from .quant import alloc, blocks, layout
 from .setup import ALL_LINEAR, TrainSetup
 
 FP32 = 4
+PAGE_MIN_NUMEL = 100_000   # bitsandbytes/optim/optimizer.py get_state_buffer: p.numel() < 1e5 -> not paged
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,10 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     weights += n * spec.arch.norms_per_layer * alloc(spec.hidden * wb) + alloc(spec.hidden * wb)
     if not spec.tied:
         weights += alloc(spec.vocab * spec.hidden * wb)                          # lm_head
-    # Rotary embedding: inv_freq float32 buffer (head_dim / 2), registered once per model
-    # (models/llama/modeling_llama.py LlamaRotaryEmbedding, non-persistent buffer).
-    weights += alloc(4 * (spec.head_dim // 2))
+    # Rotary embedding: inv_freq and its clone original_inv_freq, float32 (head_dim / 2) each,
+    # non-persistent buffers (models/llama/modeling_llama.py LlamaRotaryEmbedding.__init__);
+    # Gemma2TextScaledWordEmbedding adds a scalar embed_scale buffer.
+    weights += 2 * alloc(4 * (spec.head_dim // 2)) + (alloc(wb) if spec.arch.scaled_embeddings else 0)
     if setup.method == "full":
         trainable[(spec.vocab, spec.hidden)] += 1 if spec.tied else 2
         trainable[(spec.hidden,)] += n * spec.arch.norms_per_layer + 1
@@ -159,10 +161,16 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     grad_bytes = FP32 if setup.uses_adapters else setup.compute_bytes
     gradients = sum(k * alloc(numel(t) * grad_bytes) for t, k in trainable.items())
     state, temporaries = optimizer_memory(setup, trainable, grad_bytes)
+    paged = 0
+    if setup.paged:
+        # bitsandbytes Optimizer8bit.get_state_buffer pages only tensors of at least 1e5
+        # elements; smaller ones (and the shared qmaps) get ordinary device memory.
+        big = Counter({s: k for s, k in trainable.items() if numel(s) >= PAGE_MIN_NUMEL})
+        paged = optimizer_memory(setup, big, grad_bytes)[0] - _shared_qmaps(setup) if big else 0
     return Static(
         weights=weights, quant_constants=quant_constants, adapters=adapters, gradients=gradients,
-        optimizer_state=0 if setup.paged else state,
-        paged_optimizer_state=state if setup.paged else 0,
+        optimizer_state=state - paged,
+        paged_optimizer_state=paged,
         optimizer_temporaries=temporaries, trainable_params=sum(k * numel(t) for t, k in trainable.items()),
         trainable_shapes=tuple(trainable.items()), adapted=tuple(l.leaf for l in adapted),
     )
@@ -187,7 +195,7 @@ def optimizer_memory(setup: TrainSetup, shapes: Counter, param_bytes: int) -> tu
         # bitsandbytes Optimizer2State.init_state: tensors under min_8bit_size=4096 elements
         # keep two float32 states; larger ones two uint8 states plus float32 absmax1/absmax2
         # per 256-element block; the two 256-entry qmaps are shared by all parameters.
-        state = 2 * alloc(4 * 256)
+        state = _shared_qmaps(setup)
         for t, k in counted:
             if t < 4096:
                 state += k * 2 * alloc(4 * t)
@@ -211,3 +219,9 @@ def optimizer_memory(setup: TrainSetup, shapes: Counter, param_bytes: int) -> tu
         return state, 0
     raise AssertionError(opt)
 
+
+
+def _shared_qmaps(setup: TrainSetup) -> int:
+    """The signed and unsigned 256-entry float32 dynamic maps an 8-bit optimizer moves to the
+    device once and shares across parameters (Optimizer2State.init_state, name2qmap)."""
+    return 2 * alloc(4 * 256) if setup.optimizer.endswith("8bit") else 0
