@@ -75,7 +75,9 @@ class _Ops:
         if a != FP32:
             x32 = f"{p}.x32"
             self.op(f"{p}.to32", [x], [self.t(x32, FP32 * T * h)], grads=((x, a * T * h),))
-        self.op(f"{p}.pow", [x32], [self.t(f"{p}.sq", FP32 * T * h)], saves=(x32,), grads=((x32, FP32 * T * h),))
+        # pow backward: grad * 2 * x.pow(1): two float32 temporaries besides the result
+        self.op(f"{p}.pow", [x32], [self.t(f"{p}.sq", FP32 * T * h)], saves=(x32,), grads=((x32, FP32 * T * h),),
+                bwd_work=2 * alloc(FP32 * T * h), work_tag=ACT)
         self.op(f"{p}.mean", [f"{p}.sq"], [self.t(f"{p}.var", FP32 * T)], grads=((f"{p}.sq", FP32 * T * h),))
         self.op(f"{p}.eps", [f"{p}.var"], [self.t(f"{p}.var_eps", FP32 * T)], grads=((f"{p}.var", 0),))
         self.op(f"{p}.rsqrt", [f"{p}.var_eps"], [self.t(f"{p}.r", FP32 * T)], saves=(f"{p}.r",),
@@ -356,13 +358,19 @@ def head_ops(spec: ModelSpec, setup: TrainSetup) -> list[Op]:
 
 @dataclass(frozen=True)
 class LayerMemory:
-    """One decoder layer's walks. Each counts the layer input "x" while it lives; the caller
-    adds what is alive around the layer. Under gradient checkpointing the input is kept by the
-    checkpoint (torch.utils.checkpoint saves the function's inputs) and nothing else is saved in
-    the first forward; backward recomputes the forward with saving, then runs backward."""
-    forward: WalkResult      # the forward as it runs in the forward phase
-    backward: WalkResult     # its backward (with the recomputation under checkpointing)
+    """One decoder layer's walk (forward, then backward). It counts the layer input "x" while it
+    lives; the caller adds what is alive around the layer. Under gradient checkpointing the input
+    is kept by the checkpoint (torch.utils.checkpoint saves the function's inputs) and nothing
+    else is saved in the first forward; backward recomputes the forward with saving.
+
+    `first` is the bottom layer: without checkpointing nothing makes the embedding output require
+    a gradient (peft and transformers call enable_input_require_grads only for gradient
+    checkpointing), so the first layer saves nothing on behalf of its input; with checkpointing
+    it is like every other layer."""
+    walk: WalkResult
+    first: WalkResult
     saved: int               # bytes one layer leaves alive for backward (its input under ckpt)
+    first_saved: int
     hidden: int              # one hidden state (the layer input / output)
     dequant: int             # largest dequantized weight
 
@@ -378,14 +386,18 @@ class HeadMemory:
 def layer_memory(spec: ModelSpec, setup: TrainSetup) -> LayerMemory:
     ops, dequant = layer_ops(spec, setup)
     hidden = alloc(act_bytes(setup) * setup.tokens * spec.hidden)
-    given = {"x": hidden}
     ckpt = setup.grad_ckpt
     keep = ("x",) if ckpt else ()   # the checkpoint holds the layer input until its backward
-    needs = frozenset({"x"})  # hidden states require grad (enable_input_require_grads on the embeddings)
-    both = walk(ops, given, keep=keep, save=not ckpt, backward=True, grad_of={"layer.out": hidden},
-                needs_grad=needs)
-    saved = WalkResult.total(both.forward_end)   # the output is not counted: it is the next input
-    return LayerMemory(forward=both, backward=both, saved=saved, hidden=hidden, dequant=dequant)
+
+    def run(needs: frozenset) -> WalkResult:
+        return walk(ops, {"x": hidden}, keep=keep, save=not ckpt, backward=True,
+                    grad_of={"layer.out": hidden}, needs_grad=needs)
+
+    inner = run(frozenset({"x"}))
+    first = inner if ckpt else run(frozenset())
+    # what a finished layer leaves alive; its output is not counted: it is the next input
+    return LayerMemory(walk=inner, first=first, saved=WalkResult.total(inner.forward_end),
+                       first_saved=WalkResult.total(first.forward_end), hidden=hidden, dequant=dequant)
 
 
 @lru_cache(maxsize=512)

@@ -149,16 +149,20 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str
                 out[k] += v
         return out
 
-    kept = layer.saved                     # what each finished layer leaves alive
+    # What finished layers leave alive: `below(k)` for the k layers under the current one.
+    def below(k: int) -> int:
+        return 0 if k == 0 else layer.first_saved + (k - 1) * layer.saved
+
     head_grads = head.backward.end.get(C.GRADIENTS.value, 0)
-    layer_grads = layer.backward.end.get(C.GRADIENTS.value, 0)
-    in_layer_bwd = layer.backward.backward_peak   # includes the recomputation under checkpointing
+    layer_grads = layer.walk.end.get(C.GRADIENTS.value, 0)
+    top = layer.walk if L > 1 else layer.first
     moments = {
-        "forward.layer": at(layer.forward.forward_peak, activations=(L - 1) * kept),
-        "forward.loss": at(head.forward.forward_peak, activations=L * kept),
-        "backward.loss": at(head.backward.backward_peak, activations=L * kept),
-        "backward.top_layer": at(in_layer_bwd, activations=(L - 1) * kept, gradients=head_grads),
-        "backward.bottom_layer": at(in_layer_bwd, gradients=head_grads + (L - 1) * layer_grads),
+        "forward.layer": at(top.forward_peak, activations=below(L - 1)),
+        "forward.loss": at(head.forward.forward_peak, activations=below(L)),
+        "backward.loss": at(head.backward.backward_peak, activations=below(L)),
+        # backward_peak includes the recomputation under checkpointing
+        "backward.top_layer": at(top.backward_peak, activations=below(L - 1), gradients=head_grads),
+        "backward.bottom_layer": at(layer.first.backward_peak, gradients=head_grads + (L - 1) * layer_grads),
         "optimizer": at(gradients=static.gradients, temporaries=static.optimizer_temporaries),
     }
     for parts in moments.values():
