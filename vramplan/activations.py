@@ -193,8 +193,9 @@ class _Ops:
                         grads=(("attn.c1", a * S),))
                 self.op("attn.cap_mul", ["attn.c2"], [self.t("attn.c3", a * S)], grads=(("attn.c2", a * S),))
                 scores = "attn.c3"
-            # transformers 5 passes no mask for an unpadded causal batch (masking_utils lets the
-            # kernel apply causality), so there is no mask add here.
+            # eager_attention_forward adds the materialized causal mask (a new b x H x s x s tensor)
+            self.op("attn.mask", [scores], [self.t("attn.sm", a * S)], grads=((scores, 0),))
+            scores = "attn.sm"
             # softmax(dtype=float32) converts the input first (aten._to_copy), then softmaxes in
             # float32 (output saved); backward: float32 grad, then the cast back
             self.op("attn.to32", [scores], [self.t("attn.s32", FP32 * S)], grads=((scores, a * S),))
@@ -296,6 +297,16 @@ def _fused_kernel_rule():
     except ImportError:
         return None
     return gemm_4bit_uses_fused_kernel
+
+
+def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes of the causal masks transformers materializes for eager attention (masking_utils
+    create_causal_mask: (batch, 1, seq, seq) in the compute dtype); Gemma2 builds a sliding-window
+    one beside the full one. SDPA gets no mask for an unpadded causal batch (is_causal)."""
+    if setup.attn != "eager":
+        return 0
+    count = 2 if spec.model_type == "gemma2" else 1
+    return count * alloc(act_bytes(setup) * setup.batch * setup.seq * setup.seq)
 
 
 def layer_ops(spec: ModelSpec, setup: TrainSetup) -> tuple[list[Op], int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .activations import act_bytes, head_memory, layer_memory
+from .activations import act_bytes, eager_masks, head_memory, layer_memory
 from .graph import WalkResult
 from .components import ALLOCATED, Component, check_sum
 from .device import device_overhead
@@ -137,6 +137,11 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str
     fixed = {C.WEIGHTS.value: static.weights, C.QUANT_CONSTANTS.value: static.quant_constants,
              C.ADAPTERS.value: static.adapters, C.OPTIMIZER_STATE.value: static.optimizer_state}
 
+    # eager attention's causal masks: built in the forward; gradient checkpointing keeps them
+    # (they are inputs of every checkpointed layer) until backward is done
+    masks = eager_masks(spec, setup)
+    fwd_masks, bwd_masks = masks, masks if setup.grad_ckpt else 0
+
     def at(*parts: dict, activations: int = 0, gradients: int = 0, temporaries: int = 0) -> dict[str, int]:
         out = {c.value: 0 for c in ALLOCATED}
         for k, v in fixed.items():
@@ -157,12 +162,13 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str
     layer_grads = layer.walk.end.get(C.GRADIENTS.value, 0)
     top = layer.walk if L > 1 else layer.first
     moments = {
-        "forward.layer": at(top.forward_peak, activations=below(L - 1)),
-        "forward.loss": at(head.forward.forward_peak, activations=below(L)),
-        "backward.loss": at(head.backward.backward_peak, activations=below(L)),
+        "forward.layer": at(top.forward_peak, activations=below(L - 1) + fwd_masks),
+        "forward.loss": at(head.forward.forward_peak, activations=below(L) + fwd_masks),
+        "backward.loss": at(head.backward.backward_peak, activations=below(L) + bwd_masks),
         # backward_peak includes the recomputation under checkpointing
-        "backward.top_layer": at(top.backward_peak, activations=below(L - 1), gradients=head_grads),
-        "backward.bottom_layer": at(layer.first.backward_peak, gradients=head_grads + (L - 1) * layer_grads),
+        "backward.top_layer": at(top.backward_peak, activations=below(L - 1) + bwd_masks, gradients=head_grads),
+        "backward.bottom_layer": at(layer.first.backward_peak, activations=bwd_masks,
+                                    gradients=head_grads + (L - 1) * layer_grads),
         "optimizer": at(gradients=static.gradients, temporaries=static.optimizer_temporaries),
     }
     for parts in moments.values():
