@@ -166,7 +166,36 @@ class _Ops:
         b, seq, H, hd = s.batch, s.seq, spec.heads, spec.head_dim
         qw, kvw = H * hd, spec.kv_heads * hd
         q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
-        if s.attn == "sdpa":
+        backend = sdpa_backend(spec, s) if s.attn == "sdpa" else "eager"
+        if backend == "efficient":
+            # memory-efficient attention (fp32 or other dtypes flash refuses, same head counts):
+            # saves q, k, v, output and float32 logsumexp (b, H, s rounded up to 32)
+            rnd = lambda n, m: -(-n // m) * m  # noqa: E731
+            self.op("attn.sdpa", [q, k, v], [self.t("attn.o", a * T * qw),
+                                              self.t("attn.lse", FP32 * b * H * rnd(seq, 32))],
+                    saves=(q, k, v_storage, "attn.o", "attn.lse"),
+                    grads=((q, a * T * qw), (k, a * T * kvw), (v, a * T * kvw)),
+                    bwd_work=alloc(FP32 * b * H * seq))
+        elif backend == "math":
+            # aten _scaled_dot_product_attention_math: k/v repeated to every head (enable_gqa),
+            # q and k scaled by sqrt(scale) (saved by the matmul), scores, the causal bias added,
+            # _safe_softmax (saved), @ v. Everything in the hidden-state dtype.
+            S = b * H * seq * seq
+            if spec.kv_heads != H:
+                self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
+                self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
+                k, v = "attn.kr", "attn.vr"
+            self.op("attn.q_scale", [q], [self.t("attn.qs", a * T * qw)], grads=((q, a * T * qw),))
+            self.op("attn.k_scale", [k], [self.t("attn.ks", a * T * qw)], grads=((k, a * T * qw),))
+            self.op("attn.qk", ["attn.qs", "attn.ks"], [self.t("attn.s", a * S)], saves=("attn.qs", "attn.ks"),
+                    grads=(("attn.qs", a * T * qw), ("attn.ks", a * T * qw)))
+            self.op("attn.bias", ["attn.s"], [self.t("attn.sb", a * S)], grads=(("attn.s", 0),),
+                    work=alloc(seq * seq), work_tag=ACT)
+            self.op("attn.softmax", ["attn.sb"], [self.t("attn.p", a * S)], saves=("attn.p",),
+                    grads=(("attn.sb", a * S),))
+            self.op("attn.pv", ["attn.p", v], [self.t("attn.o", a * T * qw)], saves=("attn.p", v),
+                    grads=(("attn.p", a * S), (v, a * T * qw)))
+        elif backend == "flash":
             rnd = lambda n, m: -(-n // m) * m  # noqa: E731
             # flash backward workspaces (mha_bwd): softmax_d (b, H, s rounded to 128) and
             # dq_accum (b, s rounded, H, hd rounded to 32), float32; grouped KV: dk/dv expanded.
@@ -264,13 +293,12 @@ class _Ops:
         a, T, i = self.a, self.T, self.spec.intermediate
         # LlamaMLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)), evaluated left to right, so
         # the activation exists while up_proj runs. Phi3MLP: gate_up_proj, chunk (views), act.
+        width = i  # the gradient of each chunk view (SplitBackward concatenates them)
         if self.spec.arch.fused_gate_up:
             gate = up = self.linear(lins["gate_up_proj"], x)
-            width = 2 * i
             self.op("mlp.act", [gate], [self.t("mlp.s", a * T * i)], saves=(gate,), grads=((gate, a * T * width),))
         else:
             gate = self.linear(lins["gate_proj"], x)
-            width = i
             self.op("mlp.act", [gate], [self.t("mlp.s", a * T * i)], saves=(gate,), grads=((gate, a * T * width),))
             up = self.linear(lins["up_proj"], x)
         self.op("mlp.prod", ["mlp.s", up], [self.t("mlp.p", a * T * i)], saves=("mlp.s", up),
@@ -297,6 +325,19 @@ def _fused_kernel_rule():
     except ImportError:
         return None
     return gemm_4bit_uses_fused_kernel
+
+
+def sdpa_backend(spec: ModelSpec, setup: TrainSetup) -> str:
+    """The kernel torch's SDPA dispatcher picks on a CUDA GPU (sm80+) for an unpadded causal batch
+    (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp): flash for 16-bit inputs with head_dim
+    a multiple of 8 up to 256 (grouped KV heads natively); otherwise memory-efficient attention if
+    query and key/value head counts are equal; otherwise the math fallback."""
+    a, hd = act_bytes(setup), spec.head_dim
+    if a == 2 and hd % 8 == 0 and hd <= 256:
+        return "flash"
+    if spec.kv_heads == spec.heads and hd % (8 if a == 2 else 4) == 0:
+        return "efficient"
+    return "math"
 
 
 def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
