@@ -118,7 +118,9 @@ class _Ops:
                 work = alloc(4 * T * o) + alloc(2 * T * o) + alloc(T * i) + alloc(4 * T)
             self.dequant = max(self.dequant, bwd_work)
         base = f"{name}.base"
-        full_saves = (x,) if self.full else ()
+        # full fine-tuning saves the input for the weight gradient; bitsandbytes MatMul8bitLt
+        # (autograd/_functions.py) keeps its input A for backward as well
+        full_saves = (x,) if self.full or (s.quantized and s.quant == "int8" and lin.name != "lm_head") else ()
         self.op(f"{name}.base", [x], [self.t(base, a * T * o)], saves=full_saves, grads=((x, a * T * i),),
                 work=work, bwd_work=bwd_work,
                 param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0)
@@ -338,6 +340,19 @@ def sdpa_backend(spec: ModelSpec, setup: TrainSetup) -> str:
     if spec.kv_heads == spec.heads and hd % (8 if a == 2 else 4) == 0:
         return "efficient"
     return "math"
+
+
+def int8_ctx_inputs(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes per layer that bitsandbytes' MatMul8bitLt keeps on its autograd ctx (ctx.tensors,
+    not save_for_backward): gradient checkpointing cannot drop them, so under checkpointing
+    every layer's int8 matmul inputs stay alive from the forward to that layer's backward.
+    Inputs: the normed hidden state (q/k/v, gate/up share one), the attention output, the MLP product."""
+    if not (setup.grad_ckpt and setup.quantized and setup.quant == "int8"):
+        return 0
+    a, T = act_bytes(setup), setup.tokens
+    q = spec.heads * spec.head_dim
+    mlp = spec.intermediate if not spec.num_experts else 0
+    return sum(alloc(a * T * w) for w in (spec.hidden, q, spec.hidden, mlp) if w)
 
 
 def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .activations import act_bytes, eager_masks, head_memory, layer_memory
+from .activations import act_bytes, eager_masks, head_memory, int8_ctx_inputs, layer_memory
 from .graph import WalkResult
 from .components import ALLOCATED, Component, check_sum
 from .device import device_overhead
@@ -154,9 +154,12 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str
                 out[k] += v
         return out
 
-    # What finished layers leave alive: `below(k)` for the k layers under the current one.
+    # What finished layers leave alive: `below(k)` for the k layers under the current one;
+    # int8 matmul inputs held on the autograd ctx survive checkpointing (int8_ctx_inputs).
+    ctx = int8_ctx_inputs(spec, setup)
+
     def below(k: int) -> int:
-        return 0 if k == 0 else layer.first_saved + (k - 1) * layer.saved
+        return 0 if k == 0 else layer.first_saved + (k - 1) * layer.saved + k * ctx
 
     head_grads = head.backward.end.get(C.GRADIENTS.value, 0)
     layer_grads = layer.walk.end.get(C.GRADIENTS.value, 0)
@@ -166,8 +169,8 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str
         "forward.loss": at(head.forward.forward_peak, activations=below(L) + fwd_masks),
         "backward.loss": at(head.backward.backward_peak, activations=below(L) + bwd_masks),
         # backward_peak includes the recomputation under checkpointing
-        "backward.top_layer": at(top.backward_peak, activations=below(L - 1) + bwd_masks, gradients=head_grads),
-        "backward.bottom_layer": at(layer.first.backward_peak, activations=bwd_masks,
+        "backward.top_layer": at(top.backward_peak, activations=below(L - 1) + ctx + bwd_masks, gradients=head_grads),
+        "backward.bottom_layer": at(layer.first.backward_peak, activations=ctx + bwd_masks,
                                     gradients=head_grads + (L - 1) * layer_grads),
         "optimizer": at(gradients=static.gradients, temporaries=static.optimizer_temporaries),
     }
