@@ -1,0 +1,166 @@
+"""`vramplan compare`: predicted vs measured per component and in total, error and tolerance, NVML
+context and allocator overhead, JSON / CSV / Markdown outputs. Records here are test fixtures
+built in tmp folders (GPU-shaped ones included); none is written under profiles/."""
+import json
+from dataclasses import replace
+
+import pytest
+
+from vramplan.cli import main
+from vramplan.errors import VramplanError
+from vramplan.profile import store
+from vramplan.profile.compare import REST, compare_path, compare_record, error_table_markdown
+from vramplan.profile.record import Failure, Measured, NvmlTrace, PhaseStats, Record, estimate_dict, model_dict
+from vramplan.setup import TrainSetup
+
+CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
+MiB = 2**20
+
+
+def gpu_shaped(scale_alloc=1.0, nvml=True, status="ok", **over) -> Record:
+    """A record shaped like a GPU run: inventory + torch counters + NVML; the measured numbers
+    are the prediction scaled, so errors are known exactly."""
+    from vramplan.estimator import estimate
+    from vramplan.models import spec_from_config
+
+    spec = spec_from_config(CONFIG, "tiny", "test")
+    setup = TrainSetup(seq=64)
+    est = estimate(spec, setup)
+    measured_alloc = int(est.peak_allocated_bytes / scale_alloc)
+    inv = {c: est.components[c] for c in ("weights", "quant_constants", "adapters", "optimizer_state")}
+    inv["gradients"] = est.phase_components["optimizer"]["gradients"]
+    m = Measured(counter="torch.cuda", peak_allocated_bytes=measured_alloc, peak_reserved_bytes=measured_alloc + MiB,
+                 peak_phase="backward", peak_step=1, run_peak_allocated_bytes=measured_alloc,
+                 run_peak_reserved_bytes=measured_alloc + MiB, phase_peaks={"backward": measured_alloc},
+                 inventory=inv, components_at_peak=None, paged_optimizer_bytes=0,
+                 phases=(PhaseStats("backward", 1, False, 0, 0, measured_alloc, t_start=1.0, seconds=1.0),))
+    context = 520 * MiB
+    device_total = measured_alloc + context + 30 * MiB
+    nv = NvmlTrace(available=True, device_index=0, target_hz=200, rate_hz=199.0, samples=400,
+                   query_seconds_mean=2e-5, overhead_fraction=0.004, baseline_used_bytes=600 * MiB,
+                   context_bytes=500 * MiB, context_end_bytes=context, peak_used_bytes=device_total,
+                   run_peak_used_bytes=device_total, trace=((0.5, context), (1.5, device_total)),
+                   markers=((1.0, 1, "backward"),)) if nvml else NvmlTrace(False, "--device cpu")
+    err = {"allocated": (est.peak_allocated_bytes - measured_alloc) / measured_alloc,
+           "device_total": (est.device_total_bytes - device_total) / device_total if nvml else None}
+    from vramplan.profile.record import tolerances_for
+    fields = dict(id=f"tiny_{scale_alloc}", created="2026-01-01T00:00:00Z", status=status, model_ref="tiny",
+                  model=model_dict(spec), setup=setup.to_dict(), run={"device": "cuda:0", "steps": 2, "warmup": 1},
+                  environment={"gpu": "NVIDIA H200", "gpu_memory_bytes": 150 * 10**9}, estimate=estimate_dict(est),
+                  measured=m, nvml=nv, error=err, tolerance=tolerances_for(err))
+    fields.update(over)
+    return Record(**fields)
+
+
+def test_gpu_shaped_rows_add_up_to_the_totals():
+    rec = gpu_shaped(1.10)
+    c = compare_record(rec)
+    assert c.prediction == "current"
+    assert c.error_allocated == pytest.approx(0.10, abs=1e-6)
+    rows = {r.component: r for r in c.rows}
+    assert REST in rows and rows["weights"].error == 0
+    parts = [r for r in c.rows if r.in_total and r.component not in ("cuda_context", "allocator_overhead")]
+    assert sum(r.measured for r in parts) == c.measured_allocated
+    assert sum(r.predicted for r in parts) == c.predicted_allocated
+    # NVML: context at the end of the run, overhead = device total - context - peak allocated
+    assert rows["cuda_context"].measured == 520 * MiB
+    assert rows["allocator_overhead"].measured == 30 * MiB
+    assert c.measured_allocated + rows["cuda_context"].measured + rows["allocator_overhead"].measured \
+        == c.measured_device_total
+    assert c.within_tolerance is True
+
+
+def test_tolerance_is_enforced_against_the_current_estimate():
+    rec = gpu_shaped(1.10)
+    # the same measurement with a tighter recorded tolerance: the current estimate is out of it
+    tight = replace(rec, tolerance={"allocated": 0.05, "device_total": None})
+    c = compare_record(tight)
+    assert c.within_tolerance is False
+    assert [(m, ok) for m, _, _, ok in c.checks()] == [("allocated", False)]
+
+
+def test_recorded_prediction_is_used_on_request():
+    rec = gpu_shaped(1.0)
+    rec = replace(rec, estimate={**rec.estimate, "peak_allocated_bytes": rec.estimate["peak_allocated_bytes"] * 2})
+    assert compare_record(rec, recorded=True).error_allocated == pytest.approx(1.0)
+    assert compare_record(rec).error_allocated == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unknown_architecture_falls_back_to_the_recorded_prediction():
+    rec = gpu_shaped(1.0)
+    rec = replace(rec, model={**rec.model, "config": {**rec.model["config"], "model_type": "nope"}})
+    c = compare_record(rec)
+    assert c.prediction == "recorded" and "cannot re-estimate" in c.notes[0]
+
+
+def test_oom_record_is_a_lower_bound():
+    rec = gpu_shaped(1.0, status="oom", measured=None,
+                     failure=Failure("oom", "CUDA out of memory", step=1, phase="backward",
+                                     last_peak_allocated_bytes=10**9),
+                     tolerance={"allocated_lower_bound": 0.03})
+    c = compare_record(rec)
+    assert c.measured_allocated == 10**9 and c.lower_bound_error < 0
+    assert c.within_tolerance is False        # the estimate predicts less than was already allocated
+    assert "oom at step 1, backward" in c.failure
+
+
+def test_skipped_record_has_no_check(tmp_path):
+    rec = gpu_shaped(1.0, status="skipped", measured=None, nvml=False, failure=Failure("skipped", "budget"),
+                     error={"allocated": None, "device_total": None}, tolerance={})
+    c = compare_record(rec)
+    assert c.within_tolerance is None and c.rows == () and c.measured_allocated is None
+
+
+def test_cli_compare_outputs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    store.write_record(gpu_shaped(1.10), tmp_path / "p")
+    store.write_record(gpu_shaped(0.95, nvml=False), tmp_path / "p")
+    assert main(["compare", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "Predicted vs measured" in out and "NVIDIA H200" in out
+    assert main(["compare", str(tmp_path / "p"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert sorted(round(d["error_allocated"], 4) for d in data) == [-0.05, 0.1]
+    assert main(["compare", str(tmp_path / "p"), "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("| model |") and "+10.0%" in md
+    pytest.importorskip("pandas")
+    assert main(["compare", str(tmp_path / "p"), "--csv", str(tmp_path / "c.csv")]) == 0
+    capsys.readouterr()
+    import pandas as pd
+    df = pd.read_csv(tmp_path / "c.csv")
+    assert len(df) == 2 and {"error_allocated", "weights_measured_bytes", "cuda_context_measured_bytes"} <= set(df)
+    assert main(["compare", str(tmp_path / "p"), "--csv", "-"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("record_id,")
+    import csv
+    import io
+    for row in csv.DictReader(io.StringIO(text)):   # bytes stay integers, blank where unknown
+        assert all("." not in v for k, v in row.items() if k.endswith("_bytes"))
+
+
+def test_cli_compare_strict_and_errors(tmp_path, capsys):
+    rec = gpu_shaped(1.10)
+    store.write_record(replace(rec, tolerance={"allocated": 0.05}), tmp_path)
+    assert main(["compare", str(tmp_path), "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: 1 record(s) beyond their tolerance") and err.count("\n") == 1
+    assert main(["compare", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("Error: no such file or folder")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["compare", str(tmp_path / "bad.json")]) == 1
+    assert capsys.readouterr().err.startswith("Error: cannot read record")
+
+
+def test_markdown_table_rows():
+    md = error_table_markdown([compare_record(gpu_shaped(1.10)), compare_record(gpu_shaped(1.0, nvml=False))])
+    lines = md.strip().splitlines()
+    assert len(lines) == 4 and lines[2].count("|") == lines[0].count("|")
+
+
+def test_compare_path_reads_files_and_folders(tmp_path):
+    p = store.write_record(gpu_shaped(1.0), tmp_path)
+    assert len(compare_path(p)) == 1 and len(compare_path(tmp_path)) == 1
+    with pytest.raises(VramplanError):
+        compare_path(tmp_path / "nothing-here")

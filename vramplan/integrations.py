@@ -1,0 +1,273 @@
+"""vramplan inside a user's own training run: `MemoryCallback` for transformers' Trainer (and TRL's
+trainers, which are Trainers).
+
+    from vramplan.integrations import MemoryCallback
+    trainer = Trainer(..., callbacks=[MemoryCallback()])        # or MemoryCallback(seq=2048)
+
+At train start it reads the setup off the model and TrainingArguments (quantization config,
+peft LoraConfig, batch size, gradient checkpointing, optimizer, attention) and logs the estimate;
+the sequence length comes from `seq=`, from args.max_length / max_seq_length (TRL), or from the
+first batch the model sees. Every optimizer step it resets torch.cuda's peak counter at the start
+and reads torch.cuda.max_memory_allocated at the end, logs it, keeps it in `history`, and warns
+when the measurement exceeds the prediction (by more than `margin`).
+
+Notes: with gradient accumulation one Trainer step spans several micro-batches and the gradients
+stay allocated between them, which the estimate (one micro-batch step) does not include. The
+callback never stops training: a setup it cannot estimate is logged and the callback goes quiet.
+
+This module imports transformers (TrainerCallback); `import vramplan` does not import it.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+from .errors import VramplanError, require
+
+_transformers = require("transformers", "simulate")
+TrainerCallback = _transformers.TrainerCallback
+
+logger = logging.getLogger("vramplan")
+
+# transformers.training_args.OptimizerNames -> TrainSetup.optimizer
+OPTIMIZERS = {
+    "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_torch_xla": "adamw", "adamw_hf": "adamw",
+    "adamw_apex_fused": "adamw", "adamw_bnb_8bit": "adamw8bit", "adamw_8bit": "adamw8bit",
+    "paged_adamw_32bit": "paged_adamw", "paged_adamw_8bit": "paged_adamw8bit", "sgd": "sgd",
+    "adafactor": "adafactor",
+}
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    step: int
+    peak_allocated_bytes: int
+    predicted_peak_allocated_bytes: int | None
+    exceeded: bool
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "peak_allocated_bytes": self.peak_allocated_bytes,
+                "predicted_peak_allocated_bytes": self.predicted_peak_allocated_bytes, "exceeded": self.exceeded}
+
+
+class CudaPeakMeter:
+    """torch.cuda's peak counter on the current device."""
+
+    def __init__(self):
+        import torch
+        self.torch = torch
+
+    @property
+    def available(self) -> bool:
+        return self.torch.cuda.is_available()
+
+    def reset(self) -> None:
+        self.torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        return int(self.torch.cuda.max_memory_allocated())
+
+
+class MemoryCallback(TrainerCallback):
+    """Log vramplan's estimate at train start and the measured peak per step; warn on excess.
+
+    setup: a TrainSetup to use as is (otherwise inferred); seq: the sequence length; model_id:
+    a name for the logs; gpu: a --gpu value for the fit verdict; margin: relative slack before
+    warning (0.0 warns on any excess); meter: an object with reset() / peak() / available
+    (default: torch.cuda)."""
+
+    def __init__(self, setup=None, *, seq: int | None = None, model_id: str | None = None, gpu=None,
+                 margin: float = 0.0, meter=None):
+        self.setup = setup
+        self.seq = seq
+        self.model_id = model_id
+        self.gpu = gpu
+        self.margin = margin
+        self.meter = meter
+        self.estimate = None
+        self.history: list[StepMemory] = []
+        self.disabled_reason: str | None = None
+        self._spec = None
+        self._observed_seq = 0
+        self._observed_batch = 0
+        self._hook = None
+        self._warned_at = 0
+        self.measuring = False
+
+    # --- Trainer events ---------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.meter is None:
+            try:
+                self.meter = CudaPeakMeter()
+            except Exception as exc:  # noqa: BLE001 - never stop the user's training
+                self.disabled_reason = f"torch unavailable: {exc}"
+        self.measuring = self.meter is not None and bool(getattr(self.meter, "available", True))
+        if not self.measuring and self.disabled_reason is None:
+            self.disabled_reason = "no CUDA device: nothing to measure"
+            logger.info("vramplan: %s", self.disabled_reason)
+        try:
+            self._spec = spec_of(model, self.model_id)
+            seq = self.seq or (self.setup.seq if self.setup is not None else None) or _seq_from_args(args)
+            if seq:
+                self._estimate(seq, args, model)
+            elif model is not None:  # learn the shape from the first batch
+                self._hook = model.register_forward_pre_hook(self._observe, with_kwargs=True)
+        except VramplanError as exc:
+            self._spec = None
+            logger.warning("vramplan: cannot estimate this run: %s", exc)
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.measuring:
+            self.meter.reset()
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.estimate is None and self._spec is not None and self._observed_seq:
+            try:
+                self._estimate(self._observed_seq, args, model)
+            except VramplanError as exc:
+                self._spec = None
+                logger.warning("vramplan: cannot estimate this run: %s", exc)
+        if not self.measuring:
+            return control
+        peak = self.meter.peak()
+        predicted = self.estimate.peak_allocated_bytes if self.estimate is not None else None
+        exceeded = predicted is not None and peak > predicted * (1 + self.margin)
+        self.history.append(StepMemory(state.global_step, peak, predicted, exceeded))
+        logger.info("vramplan: step %d peak allocated %.3f GiB%s", state.global_step, peak / 2**30,
+                    f" (predicted {predicted / 2**30:.3f} GiB)" if predicted else "")
+        if exceeded and peak > self._warned_at:  # warn again only when a new high is reached
+            self._warned_at = peak
+            message = (f"vramplan: step {state.global_step} peaked at {peak / 2**30:.3f} GiB allocated, "
+                       f"{(peak - predicted) / 2**20:,.1f} MiB above the prediction ({predicted / 2**30:.3f} GiB)")
+            logger.warning(message)
+            warnings.warn(message, ResourceWarning, stacklevel=2)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        return control
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _observe(self, module, args, kwargs):
+        ids = kwargs.get("input_ids") if kwargs else None
+        if ids is None and args:
+            ids = args[0]
+        shape = getattr(ids, "shape", None)
+        if shape is not None and len(shape) == 2:
+            self._observed_batch = max(self._observed_batch, int(shape[0]))
+            self._observed_seq = max(self._observed_seq, int(shape[1]))
+
+    def _estimate(self, seq: int, args, model) -> None:
+        from .estimator import estimate
+        setup = self.setup if self.setup is not None else setup_of(model, args, seq)
+        self.estimate = estimate(self._spec, setup, gpu=self.gpu)
+        e = self.estimate
+        logger.info("vramplan: predicted peak allocated %.3f GiB, device total %.3f GiB (%s phase) for %s, "
+                    "%s batch %d x seq %d, %s%s", e.peak_allocated_bytes / 2**30, e.device_total_bytes / 2**30,
+                    e.peak_phase, self._spec.id, setup.method, setup.batch, setup.seq, setup.optimizer,
+                    "" if e.fits is None else (", fits" if e.fits else ", DOES NOT FIT"))
+
+    def summary(self) -> dict:
+        peaks = [h.peak_allocated_bytes for h in self.history]
+        return {"estimate": self.estimate.to_dict() if self.estimate is not None else None,
+                "max_peak_allocated_bytes": max(peaks) if peaks else None,
+                "steps": [h.to_dict() for h in self.history], "disabled_reason": self.disabled_reason}
+
+
+# --- reading the setup off a live model -----------------------------------------------------------------
+
+def spec_of(model, model_id: str | None = None):
+    """ModelSpec from the model's config (a PeftModel's base config)."""
+    from .models import spec_from_config
+    if model is None:
+        raise VramplanError("no model passed to the callback", hint="use it with a transformers Trainer")
+    config = getattr(model, "config", None)
+    if config is None:
+        raise VramplanError("the model has no config", hint="MemoryCallback supports transformers models")
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    name = model_id or d.get("_name_or_path") or d.get("model_type", "model")
+    return spec_from_config(d, name, "transformers model config")
+
+
+def setup_of(model, args, seq: int):
+    """TrainSetup from the model (quantization, adapters, attention) and TrainingArguments."""
+    from .setup import ALL_LINEAR, TrainSetup
+
+    peft_config = getattr(model, "peft_config", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    qc = getattr(getattr(base, "config", None), "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict()
+    quantized = bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+                     or (qc and (qc.get("load_in_4bit") or qc.get("load_in_8bit"))))
+    fields = {}
+    if peft_config:
+        lora = next(iter(peft_config.values()))
+        targets = lora.target_modules
+        if isinstance(targets, str):
+            targets = (targets,) if targets == ALL_LINEAR else tuple(t.strip() for t in targets.split(","))
+        else:
+            # peft expands "all-linear" into full module paths (model.layers.0.mlp.down_proj, ...);
+            # the estimator matches module names inside a layer, so keep the leaf names
+            targets = tuple(sorted({str(t).rsplit(".", 1)[-1] for t in (targets or ())})) or (ALL_LINEAR,)
+        fields.update(method="qlora" if quantized else "lora", rank=int(lora.r), targets=targets,
+                      lora_dropout=float(lora.lora_dropout or 0.0))
+    else:
+        fields["method"] = "qlora" if quantized else "full"
+    if quantized and qc:
+        if qc.get("load_in_8bit"):
+            fields["quant"] = "int8"
+        else:
+            fields["quant"] = qc.get("bnb_4bit_quant_type", "nf4")
+            fields["double_quant"] = bool(qc.get("bnb_4bit_use_double_quant", False))
+    fields["dtype"] = _dtype(args, qc, base)
+    fields["batch"] = int(getattr(args, "per_device_train_batch_size", 1) or 1)
+    fields["seq"] = int(seq)
+    fields["grad_ckpt"] = _checkpointing(args, base)
+    attn = getattr(getattr(base, "config", None), "_attn_implementation", "sdpa") or "sdpa"
+    fields["attn"] = "eager" if attn == "eager" else "sdpa"
+    optim = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", "adamw_torch")))
+    fields["optimizer"] = OPTIMIZERS.get(optim, "adamw")
+    if quantized:
+        embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+        weight = getattr(embed, "weight", None)
+        fields["prepare_kbit"] = weight is not None and str(weight.dtype) == "torch.float32"
+    return TrainSetup(**fields)
+
+
+def _checkpointing(args, base) -> bool:
+    """transformers 5.2x renamed gradient checkpointing to activation checkpointing (the old
+    names warn); read whichever this version has, the new one first."""
+    fields = getattr(args, "__dataclass_fields__", {})
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if name in fields and getattr(args, name, False):
+            return True
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(base), name, None), property):
+            return bool(getattr(base, name))
+    return False
+
+
+def _seq_from_args(args) -> int | None:
+    for key in ("max_length", "max_seq_length"):  # TRL SFTConfig
+        value = getattr(args, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _dtype(args, qc, base) -> str:
+    if qc and qc.get("bnb_4bit_compute_dtype"):
+        text = str(qc["bnb_4bit_compute_dtype"])
+        return "fp16" if "float16" in text and "bfloat16" not in text else ("fp32" if "float32" in text else "bf16")
+    if getattr(args, "bf16", False):
+        return "bf16"
+    if getattr(args, "fp16", False):
+        return "fp16"
+    dtype = str(getattr(base, "dtype", "torch.bfloat16"))
+    return {"torch.float16": "fp16", "torch.float32": "fp32"}.get(dtype, "bf16")

@@ -1,0 +1,180 @@
+"""Rich output for profile and compare: tables from Comparison rows, and the live progress bar.
+Formatting only; every number comes from compare.py / the record."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .compare import Comparison
+
+GIB = 2**30
+UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def gib(n) -> str:
+    return "—" if n is None else f"{n / GIB:,.3f}"
+
+
+def unit_for(values) -> tuple[str, int]:
+    """The largest binary unit in which the biggest value is at least 1 (tiny test models are
+    read in KiB, real ones in GiB)."""
+    top = max((abs(v) for v in values if v is not None), default=0)
+    for name, factor in UNITS:
+        if top >= factor:
+            return name, factor
+    return "KiB", 2**10
+
+
+def amount(n, factor: int) -> str:
+    return "—" if n is None else f"{n / factor:,.3f}"
+
+
+def pct(x) -> str:
+    return "—" if x is None else f"{x:+.1%}"
+
+
+def setup_text(s: dict) -> str:
+    """'qlora-nf4+dq b1 s2048 gc adamw' (attention named only when not sdpa)."""
+    quant = f"-{s['quant']}{'+dq' if s.get('double_quant') and s.get('quant') != 'int8' else ''}" if s.get("quant") else ""
+    attn = f" {s['attn']}" if s.get("attn", "sdpa") != "sdpa" else ""
+    return (f"{s['method']}{quant} b{s['batch']} s{s['seq']} {'gc' if s.get('grad_ckpt') else 'nogc'}{attn} "
+            f"{s['optimizer']}")
+
+
+def detail_table(c: Comparison) -> Table:
+    device_rows = ("cuda_context", "allocator_overhead")
+    unit, f = unit_for([c.predicted_allocated, c.measured_allocated])
+    table = Table(title=f"{c.model} — {setup_text(c.setup)} on {c.gpu or c.device} [{c.status}]",
+                  title_justify="left")
+    for col, just in (("component", "left"), (f"predicted {unit}", "right"), (f"measured {unit}", "right"),
+                      (f"diff {unit}", "right"), ("error", "right"), ("note", "left")):
+        table.add_column(col, justify=just)
+    for r in c.rows:
+        if r.component in device_rows:
+            continue
+        table.add_row(r.component, amount(r.predicted, f), amount(r.measured, f), _diff(r.predicted, r.measured, f),
+                      pct(r.error), r.note, style=None if r.in_total else "dim")
+    table.add_section()
+    table.add_row("peak allocated", amount(c.predicted_allocated, f), amount(c.measured_allocated, f),
+                  _diff(c.predicted_allocated, c.measured_allocated, f), pct(c.error_allocated),
+                  f"predicted in {c.predicted_peak_phase}, measured in {c.measured_peak_phase}", style="bold")
+    # device rows carry their own unit: a CUDA context dwarfs a tiny model's allocations
+    dev_values = [c.predicted_device_total, c.measured_device_total]
+    dunit, df = unit_for(dev_values)
+    same = dunit == unit
+    fmt = (lambda n: amount(n, f)) if same else (lambda n: human(n, dunit, df))
+    for r in c.rows:
+        if r.component in device_rows:
+            table.add_row(r.component, fmt(r.predicted), fmt(r.measured),
+                          _diff(r.predicted, r.measured, f) if same else _signed(r.difference, dunit, df),
+                          pct(r.error), r.note)
+    table.add_row("device total", fmt(c.predicted_device_total), fmt(c.measured_device_total),
+                  _diff(c.predicted_device_total, c.measured_device_total, f) if same else
+                  _signed(None if c.measured_device_total is None else c.predicted_device_total - c.measured_device_total,
+                          dunit, df),
+                  pct(c.error_device_total), "NVML: what nvidia-smi shows", style="bold")
+    return table
+
+
+def human(n, unit: str, factor: int) -> str:
+    return "—" if n is None else f"{n / factor:,.2f} {unit}"
+
+
+def _signed(n, unit: str, factor: int) -> str:
+    return "—" if n is None else f"{n / factor:+,.2f} {unit}"
+
+
+def _diff(a, b, factor: int) -> str:
+    return "—" if a is None or b is None else f"{(a - b) / factor:+,.3f}"
+
+
+def summary_table(comparisons: list[Comparison]) -> Table:
+    current = bool(comparisons) and comparisons[0].prediction == "current"
+    unit, f = unit_for([c.predicted_allocated for c in comparisons] + [c.measured_allocated for c in comparisons])
+    dunit, df = unit_for([c.predicted_device_total for c in comparisons] + [c.measured_device_total for c in comparisons])
+    table = Table(title="Predicted vs measured peak memory "
+                        f"({'current estimator' if current else 'recorded prediction'})", title_justify="left")
+    for col, just in (("model / setup", "left"), ("device", "left"), ("status", "left"),
+                      (f"allocated {unit}\npredicted / measured", "right"), ("error", "right"),
+                      (f"device total {dunit}\npredicted / NVML", "right"), ("error", "right"),
+                      ("context / overhead\nMiB (NVML)", "right"), ("check", "left")):
+        table.add_column(col, justify=just)
+    for c in comparisons:
+        rows = {r.component: r for r in c.rows}
+        ctx, over = rows.get("cuda_context"), rows.get("allocator_overhead")
+        ok = c.within_tolerance
+        verdict = "—" if ok is None else ("[green]ok[/green]" if ok else "[red]EXCEEDED[/red]")
+        err_alloc = c.error_allocated if c.status == "ok" else c.lower_bound_error
+        status = c.status if c.status != "oom" else f"oom (>= {amount(c.measured_allocated, f)})"
+        measured = c.measured_allocated if c.status == "ok" else None
+        table.add_row(f"{c.model.rsplit('/', 1)[-1]}\n{setup_text(c.setup)}", c.gpu or c.device, status,
+                      f"{amount(c.predicted_allocated, f)} / {amount(measured, f)}", pct(err_alloc),
+                      f"{amount(c.predicted_device_total, df)} / {amount(c.measured_device_total, df)}",
+                      pct(c.error_device_total),
+                      f"{_mib(ctx.measured if ctx else None)} / {_mib(over.measured if over else None)}", verdict)
+    return table
+
+
+def _mib(n) -> str:
+    return "—" if n is None else f"{n / 2**20:,.0f}"
+
+
+def print_comparisons(comparisons: list[Comparison], detail: bool, console: Console | None = None) -> None:
+    console = console or Console()
+    if detail:
+        for c in comparisons:
+            console.print(detail_table(c))
+            if c.failure:
+                console.print(f"[red]{c.failure}[/red]", highlight=False)
+            for n in c.notes:
+                console.print(f"[dim]{n}[/dim]", highlight=False)
+    console.print(summary_table(comparisons))
+
+
+class Progress:
+    """The live bar: steps done, current phase, current and peak memory."""
+
+    def __init__(self, total_steps: int, device: str, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled and self.console.is_terminal
+        self.device = device
+        self.alloc = 0
+        self.peak = 0
+        self.nvml = None
+        self.phase = "starting"
+        self.step = None
+        self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[mem]}"), TimeElapsedColumn(), console=self.console,
+                                transient=True, disable=not self.enabled)
+        self.task = self.bar.add_task("starting", total=total_steps + 1, mem="")
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "phase":
+            if event["stage"] == "start":
+                self.phase, self.step = event["phase"], event.get("step")
+                self.alloc = event.get("allocated") or self.alloc
+            else:
+                s = event["stats"]
+                self.alloc = s["allocated_end"]
+                self.peak = max(self.peak, s["peak_allocated"])
+                if s["phase"] in ("load", "optimizer"):
+                    self.bar.advance(self.task)
+        elif kind == "nvml":
+            self.nvml = event.get("used")
+        elif kind == "context" and event.get("available"):
+            self.phase = "CUDA context"
+        where = self.phase if self.step is None else f"step {self.step + 1} {self.phase}"
+        mem = f"allocated {self.alloc / GIB:.2f} GiB, peak {self.peak / GIB:.2f} GiB"
+        if self.nvml is not None:
+            mem += f", device {self.nvml / GIB:.2f} GiB"
+        self.bar.update(self.task, description=where, mem=mem)
