@@ -229,14 +229,24 @@ class _Ops:
             scores = "attn.sm"
             # softmax(dtype=float32) converts the input first (aten._to_copy), then softmaxes in
             # float32 (output saved); backward: float32 grad, then the cast back
-            self.op("attn.to32", [scores], [self.t("attn.s32", FP32 * S)], grads=((scores, a * S),))
-            self.op("attn.softmax", ["attn.s32"], [self.t("attn.p32", FP32 * S)], saves=("attn.p32",),
-                    grads=(("attn.s32", FP32 * S),))
-            # `attn_weights` still names the scaled scores until the cast result is bound to it
-            self.op("attn.cast", ["attn.p32", scores], [self.t("attn.p", a * S)], grads=(("attn.p32", FP32 * S),))
-            self.op("attn.pv", ["attn.p", v], [self.t("attn.o", a * T * qw)], saves=("attn.p", v),
-                    grads=(("attn.p", a * S), (v, a * T * qw)))
-        # transpose(1, 2).contiguous(): a copy the o_proj reads
+            s32 = scores
+            if a != FP32:  # .to(float32) and the cast back are no-ops on float32 scores
+                s32 = "attn.s32"
+                self.op("attn.to32", [scores], [self.t(s32, FP32 * S)], grads=((scores, a * S),))
+            self.op("attn.softmax", [s32], [self.t("attn.p32", FP32 * S)], saves=("attn.p32",),
+                    grads=((s32, FP32 * S),))
+            probs = "attn.p32"
+            if a != FP32:
+                # `attn_weights` still names the scaled scores until the cast result is bound to it
+                probs = "attn.p"
+                self.op("attn.cast", ["attn.p32", scores], [self.t(probs, a * S)], grads=(("attn.p32", FP32 * S),))
+            self.op("attn.pv", [probs, v], [self.t("attn.o", a * T * qw)], saves=(probs, v),
+                    grads=((probs, a * S), (v, a * T * qw)))
+        if backend in ("flash", "efficient"):
+            # the fused kernels lay the output out as (b, s, H, hd): transformers'
+            # transpose(1, 2).contiguous() and reshape are free views
+            return "attn.o"
+        # eager / math: (b, H, s, hd) -> transpose(1, 2).contiguous() is a copy o_proj reads
         self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * qw)], grads=(("attn.o", a * T * qw),))
         return "attn.of"
 

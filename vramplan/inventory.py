@@ -210,8 +210,10 @@ def optimizer_memory(setup: TrainSetup, shapes: Counter, param_bytes: int) -> tu
         # for 1D tensors
         # (transformers/optimization.py Adafactor._get_options: factored = len(shape) >= 2;
         # exp_avg_sq_row is shape[:-1], exp_avg_sq_col is shape[:-2] + shape[-1:]).
+        # After a step state["RMS"] = self._rms(p) is a 0-d tensor on the device, one per parameter.
         state = 0
         for s, k in shapes.items():
+            state += k * alloc(param_bytes)
             if len(s) >= 2:
                 state += k * (alloc(numel(s[:-1]) * param_bytes) + alloc(numel(s[:-2] + s[-1:]) * param_bytes))
             else:
