@@ -1,7 +1,8 @@
 """estimate vs simulate: the analytic model held to the traced step (issue #2 / #3).
 
 Small-but-real shapes (tests/configs/*.json: GQA, tied embeddings with q/k/v biases, fused
-qkv/gate_up, Gemma2 soft-capping with four norms, MoE) across methods, quantization, batch x
+qkv/gate_up, Gemma2 soft-capping with four norms, a sliding window shorter than the
+sequence, MoE) across methods, quantization, batch x
 seq, checkpointing, attention kernels and optimizers. The static components must agree to the
 byte; the peak within 3% (the issue's target). The larger 7B-70B matrix is
 benchmarks/agreement.py.
@@ -50,6 +51,8 @@ CASES = [
     ("phi3-fused", dict(seq=512, grad_ckpt=False, prepare_kbit=True)),
     ("gemma2-softcap", dict(seq=512, attn="eager")),
     ("gemma2-softcap", dict(seq=512, attn="eager", grad_ckpt=False)),
+    ("mistral-sliding", dict(seq=512)),
+    ("mistral-sliding", dict(seq=512, grad_ckpt=False)),
     ("mixtral-moe", dict(seq=512)),
     ("mixtral-moe", dict(seq=512, grad_ckpt=False)),
 ]

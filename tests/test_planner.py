@@ -47,6 +47,8 @@ def setups(draw):
 @given(model=st.sampled_from(MODELS), setup=setups(), parallel=st.sampled_from(PARALLELS))
 def test_fast_path_equals_the_public_api(model, setup, parallel):
     spec = resolve(model)
+    if setup.attn not in spec.arch.attention:
+        setup = setup.with_(attn=spec.arch.attention[0])
     try:
         exact = per_gpu(spec, setup, parallel)
     except ModelError:  # e.g. q_proj on Phi-3's fused qkv_proj: both paths refuse alike
@@ -77,7 +79,7 @@ def _fits(spec, setup, parallel, cap):
 def test_max_batch_and_max_seq_are_exact_at_the_boundary(model, cap_gib, seq, batch, parallel, method):
     spec = resolve(model)
     cap = int(cap_gib * GiB)
-    setup = TrainSetup(method=method, batch=batch, seq=seq)
+    setup = TrainSetup(method=method, batch=batch, seq=seq, attn=spec.arch.attention[0])
     p = plan(spec, setup, cap, parallel=parallel, recommend=False, batches=[1], seqs=[seq])
     mb, ms = p.max_batch, p.max_seq
     if mb.value:

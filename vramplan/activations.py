@@ -169,13 +169,25 @@ class _Ops:
         qw, kvw = H * hd, spec.kv_heads * hd
         q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
         backend = sdpa_backend(spec, s) if s.attn == "sdpa" else "eager"
+        bias = ()
+        if backend != "eager" and windowed(spec, s):
+            # with a mask transformers repeats k/v to every head (repeat_kv) and CUDA's efficient
+            # attention turns the boolean mask into an additive one in q's dtype, its last dim
+            # padded to a multiple of 16 (attention.cpp convert_boolean_attn_mask, pad_bias): a
+            # new tensor per layer, saved for backward
+            if spec.kv_heads != H:
+                self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
+                self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
+                k, v, v_storage, kvw = "attn.kr", "attn.vr", "attn.vr", qw
+            self.op("attn.bias", [], [self.t("attn.bias", a * b * seq * (-(-seq // 16) * 16))])
+            bias = ("attn.bias",)
         if backend == "efficient":
             # memory-efficient attention (fp32 or other dtypes flash refuses, same head counts):
             # saves q, k, v, output and float32 logsumexp (b, H, s rounded up to 32)
             rnd = lambda n, m: -(-n // m) * m  # noqa: E731
-            self.op("attn.sdpa", [q, k, v], [self.t("attn.o", a * T * qw),
-                                              self.t("attn.lse", FP32 * b * H * rnd(seq, 32))],
-                    saves=(q, k, v_storage, "attn.o", "attn.lse"),
+            self.op("attn.sdpa", [q, k, v, *bias], [self.t("attn.o", a * T * qw),
+                                                     self.t("attn.lse", FP32 * b * H * rnd(seq, 32))],
+                    saves=(q, k, v_storage, "attn.o", "attn.lse", *bias),
                     grads=((q, a * T * qw), (k, a * T * kvw), (v, a * T * kvw)),
                     bwd_work=alloc(FP32 * b * H * seq))
         elif backend == "math":
@@ -339,12 +351,21 @@ def _fused_kernel_rule():
     return gemm_4bit_uses_fused_kernel
 
 
+def windowed(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """A sliding window shorter than the sequence: transformers then builds an explicit boolean
+    mask (masking_utils.create_sliding_window_causal_mask) instead of passing is_causal."""
+    return spec.sliding_window is not None and setup.seq > spec.sliding_window
+
+
 def sdpa_backend(spec: ModelSpec, setup: TrainSetup) -> str:
-    """The kernel torch's SDPA dispatcher picks on a CUDA GPU (sm80+) for an unpadded causal batch
+    """The kernel torch's SDPA dispatcher picks on a CUDA GPU (sm80+) for a causal batch
     (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp): flash for 16-bit inputs with head_dim
-    a multiple of 8 up to 256 (grouped KV heads natively); otherwise memory-efficient attention if
-    query and key/value head counts are equal; otherwise the math fallback."""
+    a multiple of 8 up to 256 and no explicit mask (grouped KV heads natively); otherwise
+    memory-efficient attention if query and key/value head counts are equal (transformers repeats
+    k/v when a mask is passed: use_gqa_in_sdpa); otherwise the math fallback."""
     a, hd = act_bytes(setup), spec.head_dim
+    if windowed(spec, setup):
+        return "efficient" if hd % (8 if a == 2 else 4) == 0 else "math"
     if a == 2 and hd % 8 == 0 and hd <= 256:
         return "flash"
     if spec.kv_heads == spec.heads and hd % (8 if a == 2 else 4) == 0:
@@ -366,11 +387,12 @@ def int8_ctx_inputs(spec: ModelSpec, setup: TrainSetup) -> int:
 
 
 def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
-    """Bytes of the causal masks transformers materializes for eager attention (masking_utils
-    create_causal_mask: (batch, 1, seq, seq) in the compute dtype); Gemma2 builds a sliding-window
-    one beside the full one. SDPA gets no mask for an unpadded causal batch (is_causal)."""
+    """Bytes of the causal masks transformers materializes (masking_utils create_causal_mask):
+    eager attention gets (batch, 1, seq, seq) in the compute dtype, Gemma2 a sliding-window one
+    beside the full one; SDPA gets none for an unpadded causal batch (is_causal), but a boolean
+    one when a sliding window is shorter than the sequence."""
     if setup.attn != "eager":
-        return 0
+        return alloc(setup.batch * setup.seq * setup.seq) if windowed(spec, setup) else 0
     count = 2 if spec.model_type == "gemma2" else 1
     return count * alloc(act_bytes(setup) * setup.batch * setup.seq * setup.seq)
 

@@ -29,6 +29,8 @@ class Architecture:
     activation_key: str = "hidden_act"
     # Gemma scales embeddings by sqrt(hidden) (Gemma2TextScaledWordEmbedding) and soft-caps logits.
     scaled_embeddings: bool = False
+    # attn_implementation values transformers accepts for training this model
+    attention: tuple[str, ...] = ("sdpa", "eager")
     notes: tuple[str, ...] = field(default=())
 
 
@@ -59,7 +61,10 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                                 attention_bias=False, final_logit_softcapping=30.0,
                                 attn_logit_softcapping=50.0, query_pre_attn_scalar=256),
                  mlp_bias=False, norms_per_layer=4, activation_key="hidden_activation",
-                 scaled_embeddings=True),
+                 scaled_embeddings=True,
+                 # Gemma2ForCausalLM refuses attn_implementation="sdpa" (transformers 5.23:
+                 # "does not support an attention implementation through ... sdpa yet")
+                 attention=("eager",)),
     # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj, no biases.
     Architecture("phi3", dict(_LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                               max_position_embeddings=4096),
@@ -74,7 +79,9 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                                  num_experts_per_tok=2),
                  qkv_bias=False, o_bias=False, mlp_bias=False, moe=True,
                  notes=("transformers 5 keeps Mixtral experts as 3D parameters: bitsandbytes does not "
-                        "quantize them and all-linear LoRA does not adapt them",)),
+                        "quantize them (they stay 16-bit); peft's all-linear adapts them through "
+                        "target_parameters (ParamWrapper, gate_up_proj at rank 2r), merging a 16-bit copy "
+                        "of each expert stack on every forward",)),
 )}
 
 

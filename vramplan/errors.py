@@ -31,6 +31,11 @@ class GpuError(VramplanError):
     """Unknown GPU, or no GPU / NVML where one is required."""
 
 
+class SimulationError(VramplanError):
+    """The simulated training step (vramplan simulate) hit something it cannot answer or run: a
+    data-dependent value on the meta device, or an op that failed mid-way (which op, which module)."""
+
+
 class DependencyError(VramplanError):
     """An optional package (torch, transformers, peft, bitsandbytes, pandas, pynvml) is missing."""
 

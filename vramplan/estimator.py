@@ -19,6 +19,7 @@ from .activations import act_bytes, eager_masks, head_memory, int8_ctx_inputs, l
 from .graph import WalkResult
 from .components import ALLOCATED, Component, check_sum
 from .device import device_overhead
+from .errors import ModelError
 from .gpus import Gpu, resolve_gpu
 from .inventory import Static, static_memory
 from .models import ModelSpec, resolve
@@ -89,6 +90,9 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     `static` reuses static_memory(spec, setup) computed earlier (it does not depend on batch/seq)."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     setup = (setup or TrainSetup()).with_(**flags) if flags else (setup or TrainSetup())
+    if setup.attn not in spec.arch.attention:
+        raise ModelError(f"{spec.id} ({spec.model_type}) cannot train with attn={setup.attn!r} in transformers 5",
+                         hint=f"use --attn {' or '.join(spec.arch.attention)}")
     gpu_obj = resolve_gpu(gpu) if gpu is not None else None
     static = static if static is not None else static_memory(spec, setup)
     moments = step_moments(spec, setup, static)

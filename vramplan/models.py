@@ -54,6 +54,7 @@ class ModelSpec:
     experts_per_tok: int = 0
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
+    sliding_window: int | None = None   # attention window, when the model uses one
 
     @property
     def arch(self) -> Architecture:
@@ -165,7 +166,19 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         layer_linears=tuple(linears), num_experts=experts, experts_per_tok=per_tok,
         final_logit_softcap=cfg.get("final_logit_softcapping"),
         attn_logit_softcap=cfg.get("attn_logit_softcapping"),
+        sliding_window=_sliding_window(model_type, cfg),
     )
+
+
+def _sliding_window(model_type: str, cfg: dict) -> int | None:
+    """Mistral, Mixtral and Phi-3 read `sliding_window` (None disables it); Qwen2 only with
+    use_sliding_window; Gemma2 alternates windowed and full layers (eager only, masks counted apart)."""
+    if model_type == "qwen2" and not cfg.get("use_sliding_window"):
+        return None
+    if model_type in ("mistral", "mixtral", "phi3", "qwen2"):
+        window = cfg.get("sliding_window")
+        return window if isinstance(window, int) and window > 0 else None
+    return None
 
 
 # --- the bundled catalog ---------------------------------------------------------------------------

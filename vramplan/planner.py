@@ -413,7 +413,8 @@ def _candidates(spec: ModelSpec, setup: TrainSetup) -> list[_Candidate]:
     out: list[_Candidate] = []
     add = lambda *a, **k: out.append(_Candidate(*a, **k))  # noqa: E731
     if setup.attn == "eager":
-        add("attn", {"attn": "sdpa"}, 0.0, "none: SDPA is usually faster than eager attention", SRC_SDPA)
+        if "sdpa" in spec.arch.attention:
+            add("attn", {"attn": "sdpa"}, 0.0, "none: SDPA is usually faster than eager attention", SRC_SDPA)
     if setup.quantized and setup.quant != "int8" and not setup.double_quant:
         add("double_quant", {"double_quant": True}, 0.02, "negligible: slightly more dequantization work", SRC_DQ)
     opt = setup.optimizer

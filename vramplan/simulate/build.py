@@ -80,7 +80,8 @@ def build_model(spec, setup: TrainSetup, device: str = "meta", seed: int = 0):
             except ValueError as exc:
                 hint = ("use --attn eager" if "attention implementation" in str(exc)
                         else "simulate supports AutoModelForCausalLM architectures")
-                raise ModelError(f"transformers cannot build {spec.id} as a causal LM: {exc}", hint=hint) from None
+                first = " ".join(str(exc).split(". ")[0].split())   # transformers adds advice after the first sentence
+                raise ModelError(f"transformers cannot build {spec.id} as a causal LM: {first}", hint=hint) from None
     if setup.method == "qlora":
         quantize(model, setup, device)
     return model

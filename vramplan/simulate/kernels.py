@@ -19,6 +19,9 @@ that the storages a meta step creates are the ones a CUDA step creates:
    torch._C._get_sdp_priority_order() == [1, 2, 0, 3, 4]); `SdpaRouting` makes the same choice
    with the constraints of aten/src/ATen/native/transformers/cuda/sdp_utils.cpp.
 
+4. For speed only, foreach ops (an optimizer step over every parameter) run their meta kernel
+   once per distinct tensor layout instead of once per tensor (`foreach_op`).
+
 None of this is installed for a real CPU run: there every kernel is real.
 """
 from __future__ import annotations
@@ -30,14 +33,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import VramplanError
+from ..cuda_kernels import GPU_PROPS, gemm_4bit_uses_fused_kernel  # noqa: F401  (re-exported)
+from ..errors import SimulationError  # noqa: F401  (re-exported: raised by the stand-ins below)
 
 aten = torch.ops.aten
 F = torch.nn.functional
-
-
-class SimulationError(VramplanError):
-    """The simulated step hit something the meta device cannot answer."""
 
 
 # --- 1. data-dependent ops -------------------------------------------------------------------------
@@ -113,59 +113,13 @@ def make_nonzero(routing: Routing):
 
 # --- 2. CUDA kernels that allocate more than their meta kernel -------------------------------------
 
-# A GPU to emulate where bitsandbytes' choice depends on it: H100 SXM (sm90, 132 SMs).
-GPU_PROPS = (9, 0, 132)
+# The dispatch rule itself is torch-free (vramplan/cuda_kernels.py, shared with the estimator).
+TORCH_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def gemm_4bit_uses_fused_kernel(M: int, N: int, K: int, dtype, props=GPU_PROPS) -> bool:
-    """bitsandbytes 0.50 backends/cuda/ops.py: `gemm_4bit` runs its fused kernel only for few rows;
-    past 1536 rows (`_gemm_4bit_custom_max_m`) it always dequantizes. Between, the choice is
-    `_gemm_4bit_use_custom_cuda`: ported here for the emulated GPU, the branches that decide for
-    training-sized weights (N*K >= 4Mi) and the small-weight tiers."""
-    if M > 1536 or K % 64:
-        return False
-    if M <= 4:
-        return True
-    major, minor, sms = props
-    if dtype == torch.float32 or major < 7 or (major == 7 and (minor < 5 or dtype != torch.float16)):
-        return M < 8
-    n_blocks = (N + 63) // 64
-    if major == 10:
-        if n_blocks >= sms * 3:
-            return M <= 32
-        return False if n_blocks < sms else (False if K >= N else M <= 8)
-    is_sm80, is_sm90 = (major, minor) == (8, 0), major == 9
-    if N * K < 4 * 1024 * 1024:
-        if K * 2 < N and (is_sm80 or is_sm90):
-            low_wave = n_blocks * 3 < sms
-            return M <= ((1536 if low_wave else 512) if is_sm80 else (512 if low_wave else 320))
-        quarter_wave = n_blocks * 4 <= sms
-        if quarter_wave:
-            return M <= (32 if (K < N or is_sm80 or is_sm90) else 23)
-        if n_blocks * 2 <= sms:
-            return M <= 16
-        return False
-    if M > 512:
-        return False
-    if M < 8:
-        return True
-    if is_sm90:
-        if n_blocks >= sms * 3:
-            return M <= 64
-        if n_blocks >= sms * 2:
-            return M <= 48
-        if n_blocks >= sms:
-            return M <= 32
-        if n_blocks >= sms // 2:
-            return False if (K >= N and n_blocks * 4 < sms * 3) else M <= 16
-        return False
-    if is_sm80:
-        if n_blocks >= sms * 3:
-            return M <= 128
-        if n_blocks >= sms:
-            return M <= (64 if K < N else 32)
-        return M <= 16
-    return M <= 8
+def gemm_4bit_fused(M: int, N: int, K: int, dtype: torch.dtype, props=GPU_PROPS) -> bool:
+    """cuda_kernels.gemm_4bit_uses_fused_kernel for a torch dtype."""
+    return gemm_4bit_uses_fused_kernel(M, N, K, TORCH_DTYPE_NAMES[dtype], props)
 
 
 def gemm_4bit(tracker, func, args, kwargs):
@@ -178,7 +132,7 @@ def gemm_4bit(tracker, func, args, kwargs):
     A, shapeB = a["A"], list(a["shapeB"])
     K, N = A.shape[-1], shapeB[0]
     M = A.numel() // K
-    if A.device.type != "meta" or gemm_4bit_uses_fused_kernel(M, N, K, A.dtype):
+    if A.device.type != "meta" or gemm_4bit_fused(M, N, K, A.dtype):
         return tracker.run(func, args, kwargs)
     absmax = a["absmax"]
     with tracker.tagging("temporaries"):
@@ -270,13 +224,70 @@ def flash_attention_backward(tracker, func, args, kwargs):
     return grads
 
 
+# --- 4. speed: foreach ops over many tensors -------------------------------------------------------
+
+def _signature(x) -> tuple:
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.stride(), x.dtype, x.storage_offset(), x.device.type)
+    return ("S", type(x))
+
+
+def foreach_op(tracker, func, args, kwargs):
+    """An optimizer's foreach op (torch._foreach_mul_, _foreach_sqrt, ...) over every parameter:
+    on meta, the per-tensor meta kernels dominate a 70B step's optimizer (~1,100 tensors x ~10
+    ops). Tensors with the same shape, strides and dtype get the same answer, so the meta kernel
+    runs on one tensor of each kind; in-place ops allocate nothing, out-of-place ones get one
+    output per tensor with that representative's layout, allocated in order as the kernel would."""
+    self_list = args[0] if args else None
+    if (kwargs or not isinstance(self_list, (list, tuple)) or not self_list
+            or not isinstance(self_list[0], torch.Tensor) or self_list[0].device.type != "meta"):
+        return tracker.run(func, args, kwargs)
+    n = len(self_list)
+    lists = [i for i, a in enumerate(args) if isinstance(a, (list, tuple)) and len(a) == n]
+    kind_of: dict = {}
+    reps, index = [], []
+    for j in range(n):
+        key = tuple(_signature(args[i][j]) for i in lists)
+        if key not in kind_of:
+            kind_of[key] = len(reps)
+            reps.append(j)
+        index.append(kind_of[key])
+    if len(reps) == n:
+        return tracker.run(func, args, kwargs)
+    tracker._input_keys(args, kwargs)     # storages it reads: strays are found as in tracker.run
+    rep_args = [[a[j] for j in reps] if i in lists else a for i, a in enumerate(args)]
+    out = func(*rep_args)                 # shapes only: the mode is off inside its own handler
+    if not func._schema.returns or not isinstance(out, (list, tuple)):
+        return out
+    empty = aten.empty_strided.default
+    return [tracker.run(empty, (tuple(out[k].shape), out[k].stride()), dict(dtype=out[k].dtype, device=out[k].device))
+            for k in index]
+
+
+def foreach_ops() -> list:
+    """Every aten::_foreach_* overload except the out= ones."""
+    ops = []
+    for name in torch._C._dispatch_get_all_op_names():
+        if not name.startswith("aten::_foreach_"):
+            continue
+        packet, _, overload = name[len("aten::"):].partition(".")
+        if overload.endswith("out"):
+            continue
+        try:
+            ops.append(getattr(getattr(aten, packet), overload or "default"))
+        except AttributeError:
+            continue
+    return ops
+
+
 def cuda_overrides(routing: Routing | None = None) -> dict:
     """The op -> stand-in table for a meta run emulating a CUDA device."""
-    table = {
+    table = dict.fromkeys(foreach_ops(), foreach_op)
+    table.update({
         aten._local_scalar_dense.default: local_scalar_dense,
         aten.nonzero.default: make_nonzero(routing or Routing()),
         aten._scaled_dot_product_flash_attention_backward.default: flash_attention_backward,
-    }
+    })
     if _has_bitsandbytes():
         bnb = torch.ops.bitsandbytes
         table.update({
@@ -394,8 +405,13 @@ class SdpaRouting:
 def paged_state_on(device: str):
     """bitsandbytes puts paged optimizer state (tensors of >= 1e5 elements) in CUDA unified memory
     (functional.get_paged -> cget_managed_ptr), outside the caching allocator. On meta that call
-    cannot run: give back a device tensor marked `is_paged`, which the simulator reports apart."""
-    import bitsandbytes.functional as bf
+    cannot run: give back a device tensor marked `is_paged`, which the simulator reports apart.
+    Without bitsandbytes (plain LoRA with torch AdamW) there is nothing to patch."""
+    try:
+        import bitsandbytes.functional as bf
+    except ImportError:
+        yield
+        return
 
     saved = bf.get_paged, bf.fill, bf.prefetch_tensor
 

@@ -1,0 +1,173 @@
+"""`vramplan simulate`: the real training step traced on the meta device, next to the estimate.
+
+Light at import: torch, transformers, peft and bitsandbytes load inside the handler, after the
+model, the setup and the estimate have been checked (everything estimate rejects, simulate
+rejects first, in a second).
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import UsageError
+
+TOP_MODULES = 10
+
+
+def register(subparsers, setup_flags_parent) -> None:
+    p = subparsers.add_parser(
+        "simulate", parents=[setup_flags_parent],
+        help="run the real transformers + peft + bitsandbytes step on the meta device: exact peak, no GPU",
+        description="Execute the real forward, backward and optimizer step on meta tensors (no memory, no "
+                    "compute) under an allocation tracker: peak allocated and where it happens, the components "
+                    "at the peak, the top modules, and the analytic estimate side by side.")
+    p.add_argument("--timeline", metavar="CSV",
+                   help="write allocated bytes over the step to this CSV "
+                        "(event, phase, module, op, allocated_bytes; at most 4096 max-preserving rows)")
+    p.add_argument("--exact", action="store_true",
+                   help="trace every decoder layer (default: trace 5, rebuild the identical rest; same result)")
+    p.set_defaults(handler=cmd_simulate)
+
+
+def cmd_simulate(args) -> int:
+    from .cli import print_json, setup_from_args
+    from .estimator import estimate
+    from .models import resolve
+
+    setup = setup_from_args(args)
+    spec = resolve(args.model)
+    gpu = None
+    if args.gpu:
+        from .gpus import resolve_gpu
+        gpu = resolve_gpu(args.gpu)
+    if args.timeline:
+        _check_writable(args.timeline)
+    est = estimate(spec, setup)
+    from .simulate.step import require_packages, run
+    require_packages(setup)     # before the progress bar: a missing package is a one-line error
+    with _progress() as progress:
+        trace = run(spec, setup, exact=args.exact, progress=progress)
+    if args.timeline:
+        write_timeline(trace, args.timeline)
+    from .simulate import compare
+    if args.json:
+        print_json(compare.to_dict(trace, est))
+    else:
+        print_simulation(trace, est, layers=spec.layers, gpu=gpu, timeline=args.timeline)
+    return 0
+
+
+def _check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--timeline {path}: no such directory {folder}", hint="create it or pick another path")
+    if os.path.isdir(path):
+        raise UsageError(f"--timeline {path} is a directory", hint="give a file name, e.g. mem.csv")
+
+
+def write_timeline(trace, path: str) -> None:
+    import csv
+
+    try:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["event", "phase", "module", "op", "allocated_bytes"])
+            w.writerows(trace.timeline)
+    except OSError as exc:
+        raise UsageError(f"cannot write --timeline {path}: {exc.strerror or exc}",
+                         hint="check the path and its permissions") from None
+
+
+class _progress:
+    """A rich progress bar on stderr (decoder layers run, forward and backward, per step)."""
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        self.bar = Progress(TextColumn("[bold]simulate[/bold] {task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TextColumn("layers"), TimeElapsedColumn(),
+                            console=console, transient=True, disable=not console.is_terminal)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("importing torch, transformers, peft", total=None)
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        self.bar.update(self.task, description=stage, completed=done, total=total or None)
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+
+# --- rendering --------------------------------------------------------------------------------------
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:,.3f}"
+
+
+def _signed_gib(n: int) -> str:
+    return f"{n / 2**30:+,.3f}"
+
+
+def _pct(p: float | None) -> str:
+    return "-" if p is None else f"{p:+.1f}%"
+
+
+def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = None, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .simulate import compare
+
+    console = console or Console()
+    s = trace.setup
+    quant = f" {s['quant']}{'+dq' if s.get('double_quant') and s['quant'] != 'int8' else ''}" if s["quant"] else ""
+    console.print(f"{trace.model} — {s['method']}{quant}, r={s['rank']}, batch {s['batch']} x seq {s['seq']}, "
+                  f"{s['optimizer']}, {'checkpointing' if s['grad_ckpt'] else 'no checkpointing'}, {s['attn']} "
+                  f"— simulated on the meta device", style="bold", highlight=False)
+    console.print(f"Peak allocated [bold]{_gib(trace.peak_allocated_bytes)} GiB[/bold] "
+                  f"({trace.peak_allocated_bytes:,} bytes) in {trace.peak_phase}: module {trace.peak_module}, "
+                  f"op {trace.peak_op}", highlight=False)
+
+    table = Table(title="Components at the peak (GiB)", title_justify="left")
+    for col, justify in (("component", "left"), ("simulate", "right"), ("estimate", "right"),
+                         ("est - sim", "right"), ("%", "right")):
+        table.add_column(col, justify=justify)
+    rows = compare.rows(trace, est)
+    for row in rows:
+        if row["component"] == "peak_allocated":
+            table.add_section()
+        style = "bold" if row["component"] == "peak_allocated" else (
+            "dim" if not row["simulate"] and not row["estimate"] else None)
+        table.add_row(row["component"], _gib(row["simulate"]), _gib(row["estimate"]),
+                      _signed_gib(row["difference"]), _pct(row["percent"]), style=style)
+    console.print(table)
+    phases = ", ".join(f"{p} {_gib(v)}" for p, v in trace.phase_peaks.items())
+    est_phases = ", ".join(f"{p} {_gib(v)}" for p, v in est.phase_peaks.items())
+    console.print(f"Peak by phase (GiB): simulate {phases}; estimate {est_phases} (estimate peaks in "
+                  f"{est.peak_phase})", highlight=False)
+
+    top = Table(title="Top modules at the peak (what they allocated in the step that is still live)",
+                title_justify="left")
+    top.add_column("module")
+    top.add_column("GiB", justify="right")
+    top.add_column("share of peak", justify="right")
+    for module, nbytes in trace.top_modules[:TOP_MODULES]:
+        top.add_row(module, _gib(nbytes), f"{nbytes / trace.peak_allocated_bytes:.1%}")
+    console.print(top)
+
+    if trace.paged_bytes:
+        console.print(f"Paged optimizer state: {_gib(trace.paged_bytes)} GiB in CUDA unified memory "
+                      f"(not allocated; pages to host RAM under pressure)", highlight=False)
+    if gpu is not None:
+        console.print(f"On {gpu.name} ({_gib(gpu.memory_bytes)} GiB) the simulated peak allocated is "
+                      f"{trace.peak_allocated_bytes / gpu.memory_bytes:.0%} of the card; the device total adds the "
+                      f"CUDA context and allocator slack (`vramplan estimate --gpu {gpu.name}`).", highlight=False)
+    how = (f"{trace.layers_traced} of {layers} decoder layers traced, the rest rebuilt"
+           if trace.extrapolated else f"all {trace.layers_traced} layers traced")
+    attention = ", ".join(f"{k} {v}" for k, v in trace.attention.items() if v)
+    console.print(f"[dim]{how}; {trace.seconds:.1f} s"
+                  + (f"; attention kernels: {attention}" if attention else "")
+                  + (f"; timeline written to {timeline}" if timeline else "") + "[/dim]", highlight=False)
+    for note in trace.notes:
+        console.print(f"[dim]  - {note}[/dim]", highlight=False)

@@ -1,0 +1,38 @@
+"""StepTracker: the allocation tracker plus a log of every outer op, which is what the
+identical-layers shortcut (layers.py) replays, and the place of the first failure.
+
+Kept apart from tracker.py, whose AllocationTracker the profile package shares unchanged.
+"""
+from __future__ import annotations
+
+from .tracker import AllocationTracker, op_name
+
+
+class StepTracker(AllocationTracker):
+    """`ops`: one (start event, end event, context() at the end, op name) per outer op, and
+    (event, event, context(), "") per mark(), in order, while `recording`. `failure`: the op name
+    and context() of the first op that raised."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ops: list[tuple] = []
+        self.failure: tuple | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.op:  # not an outer op (a stand-in's sub-ops run outside the mode; kept for safety)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        start = self.event
+        try:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        except Exception:
+            if self.failure is None:
+                self.failure = (op_name(func), self.context())
+            raise
+        finally:
+            if self.recording:
+                self.ops.append((start, self.event, self.context(), op_name(func)))
+
+    def mark(self) -> None:
+        super().mark()
+        if self.recording:
+            self.ops.append((self.event, self.event, self.context(), ""))
