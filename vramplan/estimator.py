@@ -29,8 +29,21 @@ from .setup import TrainSetup
 C = Component
 
 
+class Verdict:
+    """Fit verdict for any result with `gpu` and `device_total_bytes` (single or per-GPU)."""
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu is None else self.device_total_bytes <= self.gpu.memory_bytes
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        """GPU memory left at the peak (negative: the shortfall)."""
+        return None if self.gpu is None else self.gpu.memory_bytes - self.device_total_bytes
+
+
 @dataclass(frozen=True)
-class Estimate:
+class Estimate(Verdict):
     model: ModelSpec
     setup: TrainSetup
     components: dict            # component -> bytes at the peak (ALLOCATED components only)
@@ -55,14 +68,6 @@ class Estimate:
         """What NVML / nvidia-smi would show at the peak."""
         return self.peak_allocated_bytes + self.cuda_context_bytes + self.allocator_overhead_bytes
 
-    @property
-    def fits(self) -> bool | None:
-        return None if self.gpu is None else self.device_total_bytes <= self.gpu.memory_bytes
-
-    @property
-    def headroom_bytes(self) -> int | None:
-        """GPU memory left at the peak (negative: the shortfall)."""
-        return None if self.gpu is None else self.gpu.memory_bytes - self.device_total_bytes
 
     def to_dict(self) -> dict:
         return {

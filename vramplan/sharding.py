@@ -34,6 +34,7 @@ from functools import lru_cache
 from .components import ALLOCATED, Component, check_sum
 from .errors import UsageError
 from .gpus import Gpu, resolve_gpu
+from .estimator import Verdict
 from .inventory import numel, optimizer_memory, static_memory
 from .models import ModelSpec, resolve
 from .quant import alloc, layout
@@ -311,7 +312,7 @@ class Term:
 
 
 @dataclass(frozen=True)
-class ShardedEstimate:
+class ShardedEstimate(Verdict):
     """Per-GPU memory under a Parallel. Same shape as Estimate where it can be: components sum to
     peak_allocated_bytes; device_total_bytes adds CUDA context, NCCL buffers and allocator slack."""
     model: ModelSpec
@@ -341,13 +342,6 @@ class ShardedEstimate:
         """What torch.cuda.max_memory_reserved would report: allocated plus caching-allocator slack."""
         return self.peak_allocated_bytes + self.allocator_overhead_bytes
 
-    @property
-    def fits(self) -> bool | None:
-        return None if self.gpu is None else self.device_total_bytes <= self.gpu.memory_bytes
-
-    @property
-    def headroom_bytes(self) -> int | None:
-        return None if self.gpu is None else self.gpu.memory_bytes - self.device_total_bytes
 
     def with_gpu(self, gpu: Gpu | None) -> "ShardedEstimate":
         return dataclasses.replace(self, gpu=gpu)

@@ -353,7 +353,7 @@ class Run:
 
         torch = self.torch
         setup, job = self.setup, self.job
-        from ..simulate.build import add_adapters, make_optimizer
+        from ..simulate.build import make_trainable
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if job["random_weights"]:
@@ -362,21 +362,7 @@ class Run:
             else:
                 model = self._from_pretrained()
             base = model
-            if setup.prepare_kbit:
-                from peft import prepare_model_for_kbit_training
-                model = prepare_model_for_kbit_training(
-                    model, use_gradient_checkpointing=setup.grad_ckpt,
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
-            if setup.grad_ckpt:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if setup.uses_adapters:
-                model = add_adapters(model, setup)
-            else:
-                for p in model.parameters():
-                    p.requires_grad_(True)
-            model.train()
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            opt = make_optimizer(trainable, setup, str(self.device))
+            model, opt = make_trainable(model, setup, str(self.device))
         g = torch.Generator().manual_seed(job.get("seed", 0))
         ids = torch.randint(0, self.spec.vocab, (setup.batch, setup.seq), generator=g).to(self.device)
         if self.ctx is not None:

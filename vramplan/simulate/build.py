@@ -185,11 +185,10 @@ def make_optimizer(params, setup: TrainSetup, device: str):
     return kinds[setup.optimizer](params, lr=2e-4)
 
 
-def build(spec, setup: TrainSetup, device: str = "meta", seed: int = 0) -> Built:
-    import torch
-
-    model = build_model(spec, setup, device, seed)
-    base = model
+def make_trainable(model, setup: TrainSetup, device: str):
+    """What a training script does after loading: prepare_model_for_kbit_training if asked,
+    gradient checkpointing, LoRA adapters (or every parameter trainable), train mode, the
+    optimizer. Returns (the model the step calls, its optimizer). Shared by simulate and profile."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if setup.prepare_kbit:
@@ -208,7 +207,14 @@ def build(spec, setup: TrainSetup, device: str = "meta", seed: int = 0) -> Built
                 p.requires_grad_(True)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, setup, device)
+    return model, make_optimizer(trainable, setup, device)
+
+
+def build(spec, setup: TrainSetup, device: str = "meta", seed: int = 0) -> Built:
+    import torch
+
+    base = build_model(spec, setup, device, seed)
+    model, optimizer = make_trainable(base, setup, device)
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, spec.vocab, (setup.batch, setup.seq), generator=g).to(device) \
         if device != "meta" else torch.zeros((setup.batch, setup.seq), dtype=torch.long, device=device)
