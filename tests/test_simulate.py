@@ -1,4 +1,4 @@
-"""simulate.run: the real transformers + peft + bitsandbytes step on the meta device.
+"""simulate.step: the real transformers + peft + bitsandbytes step on the meta device.
 
 Tiny configs (hidden 64, 2 layers, vocab 128): every run takes well under a second; the meta runs
 are checked against the same tiny step run for real on the CPU, counted by the same tracker."""
@@ -18,11 +18,11 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 from vramplan.components import ALLOCATED, PHASES  # noqa: E402
-from vramplan.errors import ModelError, UsageError  # noqa: E402
+from vramplan.errors import ModelError, SimulationError, UsageError  # noqa: E402
 from vramplan.setup import TrainSetup  # noqa: E402
 from vramplan.simulate import Trace, run  # noqa: E402
 
-sim_run = importlib.import_module("vramplan.simulate.run")
+sim_run = importlib.import_module("vramplan.simulate.step")
 kernels = importlib.import_module("vramplan.simulate.kernels")
 build_mod = importlib.import_module("vramplan.simulate.build")
 
@@ -263,9 +263,24 @@ def test_peft_all_linear_adapts_mixtral_experts(tiny_spec):
 def test_gemm_4bit_dispatch_follows_bitsandbytes():
     import torch
 
-    assert kernels.gemm_4bit_uses_fused_kernel(1, 4096, 4096, torch.bfloat16)
-    assert not kernels.gemm_4bit_uses_fused_kernel(2048, 4096, 4096, torch.bfloat16)   # > 1536 rows
-    assert not kernels.gemm_4bit_uses_fused_kernel(600, 11008, 4096, torch.bfloat16)   # > 512, big weight
+    from vramplan.cuda_kernels import gemm_4bit_uses_fused_kernel
+
+    assert gemm_4bit_uses_fused_kernel(1, 4096, 4096, "bf16")
+    assert not gemm_4bit_uses_fused_kernel(2048, 4096, 4096, "bf16")   # > 1536 rows
+    assert not gemm_4bit_uses_fused_kernel(600, 11008, 4096, "bf16")   # > 512, big weight
+    assert gemm_4bit_uses_fused_kernel(6, 4096, 4096, "fp32") is True   # fp32: M < 8
+    assert gemm_4bit_uses_fused_kernel(8, 4096, 4096, "fp32") is False
+    # the simulator asks the same rule with torch dtypes
+    assert kernels.gemm_4bit_fused(600, 11008, 4096, torch.bfloat16) is False
+    assert kernels.gemm_4bit_fused(1, 4096, 4096, torch.float16) is True
+    with pytest.raises(ValueError):
+        gemm_4bit_uses_fused_kernel(1, 4096, 4096, "float16")
+
+
+def test_cuda_kernels_is_torch_free():
+    code = "import sys, vramplan.cuda_kernels; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_even_routing_rows():
@@ -287,7 +302,7 @@ def test_unknown_data_dependent_value_is_a_clear_error():
     with tracker:
         x = torch.zeros(3, device="meta")
         assert bool((x == 0).all()) is True        # a mask check: all-ones answer
-        with pytest.raises(kernels.SimulationError, match="data-dependent"):
+        with pytest.raises(SimulationError, match="data-dependent"):
             int(x.sum())
 
 

@@ -89,7 +89,7 @@ class _progress:
                             MofNCompleteColumn(), TextColumn("layers"), TimeElapsedColumn(),
                             console=console, transient=True, disable=not console.is_terminal)
         self.bar.__enter__()
-        self.task = self.bar.add_task("importing torch, transformers, peft", total=None)
+        self.task = self.bar.add_task("starting", total=None)
         return self
 
     def __call__(self, stage: str, done: int, total: int) -> None:

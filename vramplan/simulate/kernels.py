@@ -458,3 +458,27 @@ def autocast_accepts_meta():
 
 def is_paged(t) -> bool:
     return bool(getattr(t, "is_paged", False))
+
+
+# --- 4. dropout ---------------------------------------------------------------------------------
+
+@contextmanager
+def cuda_dropout():
+    """On CUDA, F.dropout in training runs the fused native_dropout kernel: its mask is a bool
+    tensor (aten/src/ATen/native/Dropout.cpp, is_fused_kernel_acceptable -> native_dropout). On
+    meta that check fails and dropout decomposes into a float mask (empty_like + bernoulli_),
+    four times larger. Route meta dropout to native_dropout, whose meta kernel and autograd
+    (NativeDropoutBackward saves the bool mask) are those of the CUDA run."""
+    original = F.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if (isinstance(input, torch.Tensor) and input.device.type == "meta" and training
+                and 0.0 < p < 1.0 and not inplace):
+            return torch.native_dropout(input, p, True)[0]
+        return original(input, p, training, inplace)
+
+    F.dropout = dropout
+    try:
+        yield
+    finally:
+        F.dropout = original

@@ -41,6 +41,11 @@ TIMELINE_POINTS = 4096  # at most this many timeline rows are kept (max-preservi
 
 @dataclass(frozen=True)
 class Trace:
+    """One measured step. With the identical-layers shortcut (extrapolated=True) every field is
+    computed from the rebuilt event sequence of the full depth (layers.py): peak, components,
+    peak place, phase_peaks, boundaries, paged_bytes, attention, top_modules and timeline are
+    those of the full trace (tests/test_simulate_layers.py checks them field for field); only
+    seconds, notes, layers_traced and extrapolated differ, and strays counts the traced model's."""
     model: str
     setup: dict
     device: str
@@ -433,6 +438,7 @@ class Simulation:
             self._stack.enter_context(kernels.paged_state_on(self.device))
             self._stack.enter_context(kernels.autocast_accepts_meta())
             self._stack.enter_context(self.sdpa)
+            self._stack.enter_context(kernels.cuda_dropout())
         return self
 
     def __exit__(self, *exc):

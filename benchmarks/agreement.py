@@ -1,0 +1,162 @@
+"""Simulate vs estimate over catalog models 7B-70B: how far the analytic estimate is from the
+traced step (the CPU reference), peak and phase.
+
+    python benchmarks/agreement.py                 # ~10 minutes on 2 cores; writes benchmarks/agreement.md
+    python benchmarks/agreement.py --quick         # the base setup per model only
+    python benchmarks/agreement.py --full          # paged_adamw8bit in every cell too (~15 minutes)
+    python benchmarks/agreement.py --json out.json # also every component, both sides
+
+The estimate is called only through `vramplan.estimate`, so the table reflects whatever the
+estimator is when this runs. Setups (r=16 all-linear, nf4 + double quant for QLoRA, bf16): every
+method (qlora, lora) x batch/seq (1x512, 1x2048, 4x2048, 1x8192) x gradient checkpointing (on,
+off) x attention (sdpa, eager; Gemma-2 eager only, as transformers 5 runs it) with AdamW, plus
+paged_adamw8bit for every method x batch/seq with checkpointing and sdpa: 40 setups per model
+(24 for Gemma-2). simulate uses its identical-layers shortcut (exact).
+error % = (estimate - simulate) / simulate.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+MODELS = ["meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf", "meta-llama/Llama-2-70b-hf",
+          "meta-llama/Meta-Llama-3-8B", "mistralai/Mistral-7B-v0.1", "mistralai/Mixtral-8x7B-v0.1",
+          "Qwen/Qwen2.5-7B", "google/gemma-2-9b", "microsoft/Phi-3-mini-4k-instruct"]
+
+BASE = dict(method="qlora", batch=1, seq=2048, grad_ckpt=True, attn="sdpa", optimizer="adamw")
+METHODS = ("qlora", "lora")
+SHAPES = ((1, 512), (1, 2048), (4, 2048), (1, 8192))          # batch x seq
+CKPT = (True, False)
+ATTN = ("sdpa", "eager")
+OPTIMIZERS = ("adamw", "paged_adamw8bit")
+
+
+def matrix(full: bool) -> list[dict]:
+    """Every method x batch/seq x checkpointing x attention with AdamW; paged_adamw8bit for every
+    method x batch/seq with checkpointing and sdpa (--full: paged_adamw8bit everywhere too)."""
+    out = []
+    for opt in OPTIMIZERS:
+        for method in METHODS:
+            for batch, seq in SHAPES:
+                for ckpt in CKPT:
+                    for attn in ATTN:
+                        if opt != "adamw" and not full and (not ckpt or attn != "sdpa"):
+                            continue
+                        out.append(dict(method=method, batch=batch, seq=seq, grad_ckpt=ckpt, attn=attn, optimizer=opt))
+    return out
+
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agreement.md")
+
+
+def label(setup) -> str:
+    parts = [setup.method, f"{setup.batch}x{setup.seq}", "ckpt" if setup.grad_ckpt else "no-ckpt", setup.attn]
+    if setup.optimizer != "adamw":
+        parts.append(setup.optimizer)
+    return " ".join(parts)
+
+
+def setups_for(model: str, quick: bool, full: bool = False):
+    from vramplan import TrainSetup
+
+    seen = []
+    for kw in [BASE] if quick else matrix(full):
+        if "gemma-2" in model:
+            kw = {**kw, "attn": "eager"}   # transformers 5 runs Gemma-2 eager only
+        setup = TrainSetup(**kw)
+        if setup not in seen:
+            seen.append(setup)
+    return seen
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the base setup per model only")
+    ap.add_argument("--full", action="store_true", help="the whole product, paged_adamw8bit everywhere (~15 min)")
+    ap.add_argument("--models", help="comma-separated subset of the catalog ids above")
+    ap.add_argument("--json", metavar="PATH", help="also write every row with both sides' components")
+    ap.add_argument("--out", default=OUT, help=f"markdown file to write (default {OUT})")
+    args = ap.parse_args()
+
+    import vramplan
+    from vramplan.simulate import run
+
+    models = args.models.split(",") if args.models else MODELS
+    rows, t0 = [], time.perf_counter()
+    for model in models:
+        spec = vramplan.resolve_model(model)
+        for setup in setups_for(model, args.quick, args.full):
+            t = time.perf_counter()
+            row = {"model": spec.id, "setup": label(setup)}
+            try:
+                trace = run(spec, setup)
+                row.update(sim=trace.peak_allocated_bytes, sim_phase=trace.peak_phase,
+                           sim_components=trace.components, sim_module=trace.peak_module)
+            except vramplan.VramplanError as exc:
+                row.update(sim=None, sim_phase=f"error: {exc.message}")
+            try:
+                est = vramplan.estimate(spec, setup)
+                row.update(est=est.peak_allocated_bytes, est_phase=est.peak_phase, est_components=dict(est.components))
+            except Exception as exc:  # noqa: BLE001 - the estimator may be mid-rewrite: report, go on
+                row.update(est=None, est_phase=f"error: {type(exc).__name__}: {exc}"[:120])
+            row["seconds"] = round(time.perf_counter() - t, 1)
+            rows.append(row)
+            print(format_row(row), flush=True, file=sys.stderr)
+    table = render(rows, time.perf_counter() - t0)
+    print(table)
+    with open(args.out, "w") as f:
+        f.write(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def error_pct(row) -> float | None:
+    if row.get("sim") and row.get("est") is not None:
+        return 100.0 * (row["est"] - row["sim"]) / row["sim"]
+    return None
+
+
+def gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.3f}"
+
+
+def format_row(row) -> str:
+    err = error_pct(row)
+    return (f"| {row['model']} | {row['setup']} | {gib(row.get('sim'))} | {gib(row.get('est'))} | "
+            f"{'-' if err is None else f'{err:+.2f}%'} | {row.get('sim_phase', '-')} | {row.get('est_phase', '-')} |")
+
+
+def render(rows, seconds: float) -> str:
+    import platform
+
+    import torch
+    import transformers
+
+    errs = [abs(e) for e in map(error_pct, rows) if e is not None]
+    same_phase = sum(1 for r in rows if r.get("sim_phase") == r.get("est_phase"))
+    lines = [
+        "# Simulate vs estimate: peak allocated over catalog models",
+        "",
+        f"Generated by `python benchmarks/agreement.py` on {datetime.date.today().isoformat()} "
+        f"({platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{len(rows)} setups in {seconds / 60:.1f} min). simulate: the traced step (identical-layers shortcut, "
+        "exact); estimate: `vramplan.estimate` as it was at that time. error % = (estimate - simulate) / simulate.",
+        "",
+        f"Summary: mean |error| {sum(errs) / len(errs):.2f}%, max |error| {max(errs):.2f}%, "
+        f"{sum(e <= 1 for e in errs)}/{len(errs)} within 1%, {sum(e <= 5 for e in errs)}/{len(errs)} within 5%; "
+        f"peak phase agrees in {same_phase}/{len(rows)}." if errs else "Summary: no comparable rows.",
+        "",
+        "| model | setup | simulate peak (GiB) | estimate peak (GiB) | error % | simulate phase | estimate phase |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    lines += [format_row(r) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

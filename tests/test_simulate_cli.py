@@ -1,0 +1,188 @@
+"""`vramplan simulate`: output contract (JSON keys shared with estimate, components summing to the
+peak, estimate + difference blocks, timeline CSV) and the error texts, pinned."""
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+from conftest import tiny_config  # noqa: E402
+from vramplan.cli import main  # noqa: E402
+from vramplan.components import ALLOCATED  # noqa: E402
+
+TINY = ["--seq", "32", "--rank", "8"]
+HINT = "(hint: vramplan estimate still works; please report this model and setup)"
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    def make(model_type: str = "llama", **overrides):
+        folder = tmp_path / model_type
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(tiny_config(model_type, **overrides)))
+        return str(folder)
+    return make
+
+
+def simulate(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["simulate", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+def test_json_is_the_trace_plus_estimate_and_difference(capsys, model_dir, tmp_path):
+    timeline = tmp_path / "mem.csv"
+    code, out, err = simulate(capsys, model_dir(), *TINY, "--json", "--timeline", str(timeline))
+    assert code == 0 and err == ""          # no progress bar when stderr is not a terminal
+    d = json.loads(out)
+    names = [c.value for c in ALLOCATED]
+    assert list(d["components"]) == names and sum(d["components"].values()) == d["peak_allocated_bytes"]
+    assert d["peak_phase"] in ("forward", "backward", "optimizer") and d["peak_module"] and d["peak_op"]
+    assert d["top_modules"] and d["timeline"] and d["layers_traced"] == 2 and d["extrapolated"] is False
+    est = d["estimate"]
+    assert set(est) == {"peak_allocated_bytes", "peak_phase", "components", "phase_peaks"}
+    assert list(est["components"]) == names
+    diff = d["difference"]
+    assert diff["peak_allocated_bytes"] == est["peak_allocated_bytes"] - d["peak_allocated_bytes"]
+    assert diff["components"] == {k: est["components"][k] - d["components"][k] for k in names}
+    for k in names:
+        pct = diff["components_percent"][k]
+        assert pct is None if d["components"][k] == 0 else pct == round(100 * diff["components"][k] / d["components"][k], 2)
+    # --timeline: allocated bytes over the step, the same rows as the JSON
+    with open(timeline, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["event", "phase", "module", "op", "allocated_bytes"]
+    assert [[int(r[0]), r[1], r[2], r[3], int(r[4])] for r in rows[1:]] == d["timeline"]
+    assert max(int(r[4]) for r in rows[1:]) == d["peak_allocated_bytes"]
+
+
+def test_rich_output_shows_peak_components_estimate_and_modules(capsys, model_dir):
+    code, out, err = simulate(capsys, model_dir(), *TINY)
+    assert code == 0 and err == ""
+    out = " ".join(out.split())   # rich wraps at the console width
+    for text in ("simulated on the meta device", "Peak allocated", "Components at the peak (GiB)", "simulate",
+                 "estimate", "est - sim", "peak_allocated", "Peak by phase (GiB)", "Top modules at the peak",
+                 "all 2 layers traced", "weights", "temporaries"):
+        assert text in out, text
+
+
+def test_exact_traces_every_layer_with_the_same_result(capsys, model_dir):
+    path = model_dir(num_hidden_layers=7)
+    results = []
+    for flags in ([], ["--exact"]):
+        code, out, _ = simulate(capsys, path, *TINY, "--json", *flags)
+        assert code == 0
+        results.append(json.loads(out))
+    short, exact = results
+    assert (short["extrapolated"], short["layers_traced"]) == (True, 5)
+    assert (exact["extrapolated"], exact["layers_traced"]) == (False, 7)
+    for key in ("peak_allocated_bytes", "components", "peak_module", "timeline", "estimate", "difference"):
+        assert short[key] == exact[key], key
+
+
+def test_progress_reports_layers_as_they_run(tiny_spec):
+    from vramplan.setup import TrainSetup
+    from vramplan.simulate import run
+
+    seen = []
+    run(tiny_spec(), TrainSetup(seq=32, rank=8), progress=lambda stage, done, total: seen.append((stage, done, total)))
+    stages = [s for s, _, _ in seen]
+    assert stages[0] == "building the model"
+    for stage in ("warm-up step", "measured step"):
+        rows = [(d, t) for s, d, t in seen if s == stage]
+        assert rows[0] == (0, 4) and rows[-1] == (4, 4)   # 2 layers forward + 2 backward
+        assert [d for d, _ in rows] == sorted(d for d, _ in rows)
+
+
+def test_cli_parser_stays_light():
+    code = "import sys, vramplan.cli as c; c.build_parser(); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+def test_old_module_name_still_imports():
+    step = importlib.import_module("vramplan.simulate.step")
+    assert importlib.import_module("vramplan.simulate.run") is step
+    from vramplan.simulate.run import LOGITS_REGION, StepContext, _component, _module_names  # noqa: F401
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("package, argv", [("torch", []), ("transformers", []), ("peft", []),
+                                           ("bitsandbytes", []), ("bitsandbytes", ["--optimizer", "adamw8bit",
+                                                                                   "--method", "lora"])])
+def test_missing_package_is_one_line_with_the_extra(capsys, monkeypatch, model_dir, package, argv):
+    path = model_dir()
+    monkeypatch.setitem(sys.modules, package, None)   # `import package` raises ImportError
+    code, out, err = simulate(capsys, path, *TINY, *argv)
+    assert code == 1 and out == ""
+    assert re.fullmatch(rf"Error: {package} is not installed \(.+\) \(hint: pip install 'vramplan\[simulate\]'\)\n", err)
+
+
+def test_architecture_transformers_cannot_build(capsys, monkeypatch, model_dir):
+    import transformers
+
+    path = model_dir()
+    monkeypatch.setattr(transformers, "CONFIG_MAPPING", {})   # as with a transformers release without llama
+    code, out, err = simulate(capsys, path, *TINY)
+    assert code == 1 and out == ""
+    assert err == (f"Error: architecture 'llama' ({path}) is not known to transformers {transformers.__version__} "
+                   "(hint: simulate needs a transformers release that has this model_type; the analytic estimate "
+                   "does not)\n")
+
+
+def test_gemma2_with_sdpa_is_refused_with_the_eager_hint(capsys, model_dir):
+    # transformers 5 refuses sdpa for Gemma-2 (build.py); the estimate may refuse it first
+    code, out, err = simulate(capsys, model_dir("gemma2"), *TINY)
+    assert code == 1 and out == "" and err.startswith("Error: ") and err.endswith("(hint: use --attn eager)\n")
+    assert err.count("\n") == 1
+
+
+def test_op_failing_mid_way_names_phase_module_and_op(capsys, monkeypatch, model_dir):
+    kernels = importlib.import_module("vramplan.simulate.kernels")
+
+    def broken(tracker, func, args, kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(kernels, "flash_attention_backward", broken)
+    code, out, err = simulate(capsys, model_dir(), *TINY)
+    assert code == 1 and out == ""
+    assert err == ("Error: the simulated backward step failed in module model.layers.1.self_attn, op "
+                   f"aten._scaled_dot_product_flash_attention_backward.default: RuntimeError: boom {HINT}\n")
+
+
+def test_python_failing_mid_way_names_the_module(capsys, monkeypatch, model_dir):
+    from transformers.models.llama import modeling_llama
+
+    def broken(self, x):
+        raise ValueError("mlp says no")
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", broken)
+    code, out, err = simulate(capsys, model_dir(), *TINY)
+    assert code == 1
+    assert err == f"Error: the simulated forward step failed in module model.layers.0.mlp: ValueError: mlp says no {HINT}\n"
+
+
+def test_bad_input_is_rejected_before_the_trace(capsys, model_dir, monkeypatch):
+    step = importlib.import_module("vramplan.simulate.step")
+    monkeypatch.setattr(step, "run", lambda *a, **k: pytest.fail("traced despite bad input"))
+    path = model_dir()
+    code, _, err = simulate(capsys, path, "--timeline", "/nonexistent-dir/mem.csv")
+    assert (code, err) == (2, "Error: --timeline /nonexistent-dir/mem.csv: no such directory /nonexistent-dir "
+                              "(hint: create it or pick another path)\n")
+    code, _, err = simulate(capsys, path, "--method", "nope")
+    assert (code, err) == (2, "Error: unknown method 'nope' (hint: --method takes one of: qlora, lora, full)\n")
+    code, _, err = simulate(capsys, "nobody/no-such-model-anywhere")
+    assert code == 1 and err.startswith("Error: unknown model 'nobody/no-such-model-anywhere'")
