@@ -29,10 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .graph import ACT, Op, Tensor, WalkResult, walk
+from .graph import ACT, Op, Tape, Tensor, WalkResult, walk
 from .inventory import adapted_linears, experts_adapted
 from .models import Linear, ModelSpec
-from .quant import alloc, dequant_temporary
+from .quant import alloc as alloc_bytes, dequant_temporary
+from . import symbolic as sym
+from .symbolic import alloc, variables
 from .setup import TrainSetup
 
 FP32 = 4
@@ -51,9 +53,12 @@ def act_bytes(setup: TrainSetup) -> int:
 class _Ops:
     """Collects the ops of one segment with helpers for the recurring blocks."""
 
-    def __init__(self, spec: ModelSpec, setup: TrainSetup, tag: str = ACT):
+    def __init__(self, spec: ModelSpec, setup: TrainSetup, tag: str = ACT, decided: tuple | None = None):
         self.spec, self.setup, self.tag = spec, setup, tag
-        self.a, self.T = act_bytes(setup), setup.tokens
+        # sizes are polynomials in b and s (symbolic.py); decisions that depend on the actual
+        # numbers (fused 4-bit kernel or not, sliding-window mask or not) are taken from `setup`
+        self.a, self.T = act_bytes(setup), sym.B * sym.S
+        self.fused, self.window = decisions(spec, setup) if decided is None else decided
         self.full = setup.method == "full"
         self.adapted = {l.name for l in adapted_linears(spec, setup)}
         self.ops: list[Op] = []
@@ -110,13 +115,14 @@ class _Ops:
         o, i = lin.out_features, lin.in_features
         work = bwd_work = 0
         if s.quantized and lin.name != "lm_head":
-            bwd_work = dequant_temporary(s.quant, i, o, s.double_quant, s.compute_bytes)
-            if s.quant == "int8" or not gemm_4bit_fused(T, o, i):
+            dq = dequant_temporary(s.quant, i, o, s.double_quant, s.compute_bytes)
+            bwd_work = alloc(dq)
+            if s.quant == "int8" or lin.name not in self.fused:
                 work = bwd_work
             if s.quant == "int8":
                 # bnb int8_scaled_mm on CUDA: an int32 product, then fp16 (backends/cuda/ops.py)
                 work = alloc(4 * T * o) + alloc(2 * T * o) + alloc(T * i) + alloc(4 * T)
-            self.dequant = max(self.dequant, bwd_work)
+            self.dequant = max(self.dequant, dq)
         base = f"{name}.base"
         # full fine-tuning saves the input for the weight gradient; bitsandbytes MatMul8bitLt
         # (autograd/_functions.py) keeps its input A for backward as well
@@ -165,12 +171,12 @@ class _Ops:
 
     def attention(self, q: str, k: str, v: str, v_storage: str) -> str:
         spec, s, a, T = self.spec, self.setup, self.a, self.T
-        b, seq, H, hd = s.batch, s.seq, spec.heads, spec.head_dim
+        b, seq, H, hd = sym.B, sym.S, spec.heads, spec.head_dim
         qw, kvw = H * hd, spec.kv_heads * hd
         q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
-        backend = sdpa_backend(spec, s) if s.attn == "sdpa" else "eager"
+        backend = sdpa_backend(spec, s, self.window) if s.attn == "sdpa" else "eager"
         bias = ()
-        if backend != "eager" and windowed(spec, s):
+        if backend != "eager" and self.window:
             # with a mask transformers repeats k/v to every head (repeat_kv) and CUDA's efficient
             # attention turns the boolean mask into an additive one in q's dtype, its last dim
             # padded to a multiple of 16 (attention.cpp convert_boolean_attn_mask, pad_bias): a
@@ -179,14 +185,13 @@ class _Ops:
                 self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
                 self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
                 k, v, v_storage, kvw = "attn.kr", "attn.vr", "attn.vr", qw
-            self.op("attn.bias", [], [self.t("attn.bias", a * b * seq * (-(-seq // 16) * 16))])
+            self.op("attn.bias", [], [self.t("attn.bias", a * b * seq * sym.S16)])
             bias = ("attn.bias",)
         if backend == "efficient":
             # memory-efficient attention (fp32 or other dtypes flash refuses, same head counts):
             # saves q, k, v, output and float32 logsumexp (b, H, s rounded up to 32)
-            rnd = lambda n, m: -(-n // m) * m  # noqa: E731
             self.op("attn.sdpa", [q, k, v, *bias], [self.t("attn.o", a * T * qw),
-                                                     self.t("attn.lse", FP32 * b * H * rnd(seq, 32))],
+                                                     self.t("attn.lse", FP32 * b * H * sym.S32)],
                     saves=(q, k, v_storage, "attn.o", "attn.lse", *bias),
                     grads=((q, a * T * qw), (k, a * T * kvw), (v, a * T * kvw)),
                     bwd_work=alloc(FP32 * b * H * seq))
@@ -210,10 +215,9 @@ class _Ops:
             self.op("attn.pv", ["attn.p", v], [self.t("attn.o", a * T * qw)], saves=("attn.p", v),
                     grads=(("attn.p", a * S), (v, a * T * qw)))
         elif backend == "flash":
-            rnd = lambda n, m: -(-n // m) * m  # noqa: E731
             # flash backward workspaces (mha_bwd): softmax_d (b, H, s rounded to 128) and
             # dq_accum (b, s rounded, H, hd rounded to 32), float32; grouped KV: dk/dv expanded.
-            bwd = alloc(FP32 * b * H * rnd(seq, 128)) + alloc(FP32 * b * rnd(seq, 128) * H * rnd(hd, 32))
+            bwd = alloc(FP32 * b * H * sym.S128) + alloc(FP32 * b * sym.S128 * H * (-(-hd // 32) * 32))
             if spec.kv_heads != H:
                 bwd += 2 * alloc(a * T * qw)
             self.op("attn.sdpa", [q, k, v], [self.t("attn.o", a * T * qw), self.t("attn.lse", FP32 * b * H * seq)],
@@ -357,14 +361,14 @@ def windowed(spec: ModelSpec, setup: TrainSetup) -> bool:
     return spec.sliding_window is not None and setup.seq > spec.sliding_window
 
 
-def sdpa_backend(spec: ModelSpec, setup: TrainSetup) -> str:
+def sdpa_backend(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> str:
     """The kernel torch's SDPA dispatcher picks on a CUDA GPU (sm80+) for a causal batch
     (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp): flash for 16-bit inputs with head_dim
     a multiple of 8 up to 256 and no explicit mask (grouped KV heads natively); otherwise
     memory-efficient attention if query and key/value head counts are equal (transformers repeats
     k/v when a mask is passed: use_gqa_in_sdpa); otherwise the math fallback."""
     a, hd = act_bytes(setup), spec.head_dim
-    if windowed(spec, setup):
+    if windowed(spec, setup) if window is None else window:
         return "efficient" if hd % (8 if a == 2 else 4) == 0 else "math"
     if a == 2 and hd % 8 == 0 and hd <= 256:
         return "flash"
@@ -383,7 +387,7 @@ def int8_ctx_inputs(spec: ModelSpec, setup: TrainSetup) -> int:
     a, T = act_bytes(setup), setup.tokens
     q = spec.heads * spec.head_dim
     mlp = spec.intermediate if not spec.num_experts else 0
-    return sum(alloc(a * T * w) for w in (spec.hidden, q, spec.hidden, mlp) if w)
+    return sum(alloc_bytes(a * T * w) for w in (spec.hidden, q, spec.hidden, mlp) if w)
 
 
 def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -392,15 +396,15 @@ def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     beside the full one; SDPA gets none for an unpadded causal batch (is_causal), but a boolean
     one when a sliding window is shorter than the sequence."""
     if setup.attn != "eager":
-        return alloc(setup.batch * setup.seq * setup.seq) if windowed(spec, setup) else 0
+        return alloc_bytes(setup.batch * setup.seq * setup.seq) if windowed(spec, setup) else 0
     count = 2 if spec.model_type == "gemma2" else 1
-    return count * alloc(act_bytes(setup) * setup.batch * setup.seq * setup.seq)
+    return count * alloc_bytes(act_bytes(setup) * setup.batch * setup.seq * setup.seq)
 
 
-def layer_ops(spec: ModelSpec, setup: TrainSetup) -> tuple[list[Op], int]:
+def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tuple[list[Op], int]:
     """The ops of one decoder layer, input "x", output "layer.out"; and the largest dequantized
-    weight among them."""
-    b = _Ops(spec, setup)
+    weight among them (bytes)."""
+    b = b or _Ops(spec, setup)
     lins = {l.leaf: l for l in spec.layer_linears}
     n1 = b.norm("input_layernorm", "x")
     q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
@@ -429,14 +433,14 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup) -> tuple[list[Op], int]:
     return b.ops, b.dequant
 
 
-def head_ops(spec: ModelSpec, setup: TrainSetup) -> list[Op]:
+def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> list[Op]:
     """Final norm, lm_head and transformers' ForCausalLMLoss (loss/loss_utils.py): logits in the
     lm_head dtype -> logits.float() -> cross_entropy = log_softmax (saved) + nll_loss. Gemma2
     soft-caps the logits first (tanh saved). Input "x", output "loss"."""
-    b = _Ops(spec, setup)
+    b = b or _Ops(spec, setup)
     n = b.norm("norm", "x")
     b.tag = LOGITS
-    T, V = setup.tokens, spec.vocab
+    T, V = b.T, spec.vocab
     lb = act_bytes(setup)          # lm_head runs in the hidden-state dtype
     logits = b.linear(spec.lm_head, n) if "lm_head" in b.adapted or setup.method == "full" else None
     if logits is None:
@@ -481,28 +485,60 @@ class HeadMemory:
     saved: int
 
 
-@lru_cache(maxsize=512)
-def layer_memory(spec: ModelSpec, setup: TrainSetup) -> LayerMemory:
-    ops, dequant = layer_ops(spec, setup)
-    hidden = alloc(act_bytes(setup) * setup.tokens * spec.hidden)
+def decisions(spec: ModelSpec, setup: TrainSetup) -> tuple[frozenset, bool]:
+    """The choices the actual batch x seq make: which 4-bit matmuls run bitsandbytes' fused
+    kernel (no dequantized weight in forward), and whether a sliding window forces a mask."""
+    fused = frozenset(l.name for l in spec.layer_linears
+                      if setup.quantized and setup.quant != "int8"
+                      and gemm_4bit_fused(setup.tokens, l.out_features, l.in_features))
+    return fused, windowed(spec, setup)
+
+
+def _structure(spec: ModelSpec, setup: TrainSetup) -> tuple:
+    """What, besides the sizes, decides a walk: the setup without batch/seq, and the decisions."""
+    return setup.with_(batch=1, seq=1), decisions(spec, setup)
+
+
+@lru_cache(maxsize=256)
+def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
+    setup, decided = structure
+    b = _Ops(spec, setup, decided=decided)
+    ops, dequant = layer_ops(spec, setup, b)
+    hidden = alloc(act_bytes(setup) * sym.B * sym.S * spec.hidden)
     ckpt = setup.grad_ckpt
     keep = ("x",) if ckpt else ()   # the checkpoint holds the layer input until its backward
 
-    def run(needs: frozenset) -> WalkResult:
+    def run(needs: frozenset) -> Tape:
         return walk(ops, {"x": hidden}, keep=keep, save=not ckpt, backward=True,
                     grad_of={"layer.out": hidden}, needs_grad=needs)
 
     inner = run(frozenset({"x"}))
-    first = inner if ckpt else run(frozenset())
+    return inner, inner if ckpt else run(frozenset()), dequant
+
+
+@lru_cache(maxsize=256)
+def _head_tape(spec: ModelSpec, structure: tuple) -> Tape:
+    setup, decided = structure
+    hidden = alloc(act_bytes(setup) * sym.B * sym.S * spec.hidden)
+    return walk(head_ops(spec, setup, _Ops(spec, setup, decided=decided)), {"x": hidden}, backward=True,
+                grad_of={"loss": alloc(4)}, needs_grad=frozenset({"x"}))
+
+
+@lru_cache(maxsize=512)
+def layer_memory(spec: ModelSpec, setup: TrainSetup) -> LayerMemory:
+    """The recorded walk (cached per structure) replayed for this batch x seq."""
+    structure = _structure(spec, setup)
+    inner_tape, first_tape, dequant = _layer_tapes(spec, structure)
+    values = variables(setup.batch, setup.seq)
+    inner = inner_tape.replay(values)
+    first = inner if first_tape is inner_tape else first_tape.replay(values)
     # what a finished layer leaves alive; its output is not counted: it is the next input
     return LayerMemory(walk=inner, first=first, saved=WalkResult.total(inner.forward_end),
-                       first_saved=WalkResult.total(first.forward_end), hidden=hidden, dequant=dequant)
+                       first_saved=WalkResult.total(first.forward_end),
+                       hidden=alloc_bytes(act_bytes(setup) * setup.tokens * spec.hidden), dequant=dequant)
 
 
 @lru_cache(maxsize=512)
 def head_memory(spec: ModelSpec, setup: TrainSetup) -> HeadMemory:
-    ops = head_ops(spec, setup)
-    hidden = alloc(act_bytes(setup) * setup.tokens * spec.hidden)
-    given = {"x": hidden}
-    both = walk(ops, given, backward=True, grad_of={"loss": alloc(4)}, needs_grad=frozenset({"x"}))
+    both = _head_tape(spec, _structure(spec, setup)).replay(variables(setup.batch, setup.seq))
     return HeadMemory(forward=both, backward=both, saved=WalkResult.total(both.forward_end))

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .symbolic import Size, alloc
+
 ACT = "activations"
 TMP = "temporaries"
 GRAD = "gradients"
@@ -60,47 +62,93 @@ class WalkResult:
         return sum(parts.values())
 
 
-class _Live:
-    def __init__(self):
-        self.size: dict[str, int] = {}
-        self.tag: dict[str, str] = {}
-        self.parts: dict[str, int] = {}
-        self.total = 0
-        self.best: dict = {}
-        self.best_total = -1
-        self.best_op = ""
+def as_size(nbytes) -> Size:
+    """Sizes are symbolic.Size; a bare number or polynomial is one allocation."""
+    return nbytes if isinstance(nbytes, Size) else alloc(nbytes)
 
-    def add(self, key: str, nbytes: int, tag: str) -> None:
+
+class _Live:
+    """Records the walk as a tape: sizes are symbolic (symbolic.Size), so nothing is summed here;
+    replay() evaluates the tape for one batch x seq."""
+
+    def __init__(self):
+        self.tid: dict[str, int] = {}          # live storage name -> index into table
+        self.size: dict[str, object] = {}
+        self.table: list[tuple] = []           # (Size, tag) per allocation
+        self.tape: list[tuple] = []            # (1, tid) alloc, (-1, tid) free, (0, op, extra tid) mark, (2,) phase end
+
+    def add(self, key: str, nbytes, tag: str) -> None:
         if key in self.size:
             raise AssertionError(f"storage {key} allocated twice")
-        self.size[key], self.tag[key] = nbytes, tag
-        self.parts[tag] = self.parts.get(tag, 0) + nbytes
-        self.total += nbytes
+        nbytes = as_size(nbytes)
+        self.size[key] = nbytes
+        self.tid[key] = len(self.table)
+        self.table.append((nbytes, tag))
+        self.tape.append((1, self.tid[key]))
 
     def drop(self, key: str) -> None:
-        nbytes, tag = self.size.pop(key), self.tag.pop(key)
-        self.parts[tag] -= nbytes
-        self.total -= nbytes
+        del self.size[key]
+        self.tape.append((-1, self.tid.pop(key)))
 
     def reset(self) -> None:
-        self.best, self.best_total, self.best_op = {}, -1, ""
+        self.tape.append((2,))
 
-    def snapshot(self) -> dict:
-        return {k: v for k, v in self.parts.items() if v}
+    def mark(self, op: str, extra=0, extra_tag: str = TMP) -> None:
+        extra_tid = -1
+        if extra:
+            extra_tid = len(self.table)
+            self.table.append((as_size(extra), extra_tag))
+        self.tape.append((0, op, extra_tid))
 
-    def mark(self, op: str, extra: int = 0, extra_tag: str = TMP) -> None:
-        total = self.total + extra
-        if total > self.best_total:
-            self.best_total, self.best_op = total, op
-            self.best = {k: v for k, v in self.parts.items() if v}
-            if extra:
-                self.best[extra_tag] = self.best.get(extra_tag, 0) + extra
+
+@dataclass(frozen=True)
+class Tape:
+    table: tuple
+    events: tuple
+
+    def replay(self, values: dict) -> WalkResult:
+        """Evaluate every size for these variables and play the allocations and frees."""
+        cache: dict = {}
+        sizes = []
+        for size, _tag in self.table:
+            sizes.append(size.eval_cached(values, cache))
+        tags = [tag for _size, tag in self.table]
+        parts: dict[str, int] = {}
+        total = 0
+        best, best_total, best_op = {}, -1, ""
+        forward = None
+        for event in self.events:
+            kind = event[0]
+            if kind == 1:
+                tid = event[1]
+                parts[tags[tid]] = parts.get(tags[tid], 0) + sizes[tid]
+                total += sizes[tid]
+            elif kind == -1:
+                tid = event[1]
+                parts[tags[tid]] -= sizes[tid]
+                total -= sizes[tid]
+            elif kind == 0:
+                extra_tid = event[2]
+                extra = sizes[extra_tid] if extra_tid >= 0 else 0
+                if total + extra > best_total:
+                    best_total, best_op = total + extra, event[1]
+                    best = {k: v for k, v in parts.items() if v}
+                    if extra:
+                        best[tags[extra_tid]] = best.get(tags[extra_tid], 0) + extra
+            else:  # end of the forward part
+                forward = (best, best_op, {k: v for k, v in parts.items() if v})
+                best, best_total, best_op = {}, -1, ""
+        end = {k: v for k, v in parts.items() if v}
+        if forward is None:
+            return WalkResult(best, end, {}, end, best_op)
+        return WalkResult(forward[0], forward[2], best, end, forward[1], best_op)
 
 
 def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save: bool = True,
          backward: bool = False, grad_of: dict[str, int] | None = None,
-         needs_grad: frozenset[str] = frozenset()) -> WalkResult:
-    """Run `ops` forward (and then backward if asked) and report the peaks.
+         needs_grad: frozenset[str] = frozenset()) -> Tape:
+    """Run `ops` forward (and then backward if asked) and record the tape of allocations;
+    `Tape.replay(values)` gives the peaks for one batch x seq.
 
     given: tensors alive when the walk starts (the segment's inputs), name -> bytes; they die
         like any other tensor after their last use unless saved or kept.
@@ -139,9 +187,8 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
                     live.drop(name)
 
     run_forward(len(ops), save)
-    forward_peak, forward_op, forward_end = live.best, live.best_op, live.snapshot()
     if not backward:
-        return WalkResult(forward_peak, forward_end, {}, forward_end, forward_op)
+        return Tape(tuple(live.table), tuple(live.tape))
     live.reset()
     recompute_upto = 0 if save else 1 + max((i for i, op in enumerate(ops) if op.saves), default=-1)
 
@@ -164,7 +211,7 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         if old is None:
             grad_key[name] = key
             return
-        summed = new_grad(live.size[key], live.tag[key])   # InputBuffer::accumulate, out of place
+        summed = new_grad(live.size[key], live.table[live.tid[key]][1])   # InputBuffer::accumulate, out of place
         live.mark("accumulate")
         release(old)
         release(key)
@@ -218,4 +265,4 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         for t in op.outputs:  # outputs nobody saved and nothing keeps are gone by now
             if t.name in live.size and t.name not in saved_by and t.name not in keep:
                 live.drop(t.name)
-    return WalkResult(forward_peak, forward_end, live.best, live.snapshot(), forward_op, live.best_op)
+    return Tape(tuple(live.table), tuple(live.tape))

@@ -1,0 +1,139 @@
+"""Sizes as polynomials in the batch and sequence length, evaluated late.
+
+A decoder layer's op list and autograd walk depend on the setup's structure (method, kernels,
+checkpointing), not on batch x seq, which only scale the tensors. So the walk is recorded once as
+a tape of allocations and frees whose sizes are `Size`s, and replayed with numbers for each batch
+x seq (graph.replay). A Size is a sum of allocations, each one polynomial rounded up to the
+caching allocator's block on its own, exactly as quant.alloc rounds a concrete tensor.
+
+Variables: b (batch), s (seq), and the roundings kernels apply to the sequence: s16, s32, s128
+(seq rounded up to a multiple of 16, 32, 128).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BLOCK = 512
+
+
+class Sym:
+    """An integer polynomial: {monomial (sorted tuple of variable names): coefficient}."""
+
+    __slots__ = ("terms",)
+
+    def __init__(self, terms: dict):
+        self.terms = {k: v for k, v in terms.items() if v}
+
+    @staticmethod
+    def var(name: str) -> "Sym":
+        return Sym({(name,): 1})
+
+    @staticmethod
+    def const(value: int) -> "Sym":
+        return Sym({(): int(value)})
+
+    def __add__(self, other):
+        other = _sym(other)
+        out = dict(self.terms)
+        for k, v in other.terms.items():
+            out[k] = out.get(k, 0) + v
+        return Sym(out)
+
+    __radd__ = __add__
+
+    def __mul__(self, other):
+        other = _sym(other)
+        out: dict = {}
+        for k1, v1 in self.terms.items():
+            for k2, v2 in other.terms.items():
+                k = tuple(sorted(k1 + k2))
+                out[k] = out.get(k, 0) + v1 * v2
+        return Sym(out)
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, other: int):
+        if any(v % other for v in self.terms.values()):
+            raise ValueError(f"{self} is not divisible by {other}")
+        return Sym({k: v // other for k, v in self.terms.items()})
+
+    def __bool__(self) -> bool:
+        return bool(self.terms)
+
+    def key(self) -> tuple:
+        return tuple(sorted(self.terms.items()))
+
+    def eval(self, values: dict) -> int:
+        total = 0
+        for monomial, coef in self.terms.items():
+            term = coef
+            for name in monomial:
+                term *= values[name]
+            total += term
+        return total
+
+    def __repr__(self) -> str:
+        return " + ".join(f"{v}*{'*'.join(k) or '1'}" for k, v in self.terms.items()) or "0"
+
+
+def _sym(x) -> Sym:
+    return x if isinstance(x, Sym) else Sym.const(x)
+
+
+@dataclass(frozen=True)
+class Size:
+    """A sum of separately rounded allocations (each a Sym), times a count."""
+    parts: tuple = ()      # ((Sym key tuple, count), ...)
+
+    def __add__(self, other):
+        if isinstance(other, int) and other == 0:
+            return self
+        counts = dict(self.parts)
+        for k, c in other.parts:
+            counts[k] = counts.get(k, 0) + c
+        return Size(tuple(sorted(counts.items())))
+
+    __radd__ = __add__
+
+    def __mul__(self, n: int):
+        return Size(tuple((k, c * n) for k, c in self.parts if c * n))
+
+    __rmul__ = __mul__
+
+    def __bool__(self) -> bool:
+        return bool(self.parts)
+
+    def eval(self, values: dict) -> int:
+        return self.eval_cached(values, {})
+
+    def eval_cached(self, values: dict, cache: dict) -> int:
+        """Bytes for these variables; `cache` keeps each distinct rounded allocation once."""
+        total = 0
+        for key, count in self.parts:
+            rounded = cache.get(key)
+            if rounded is None:
+                nbytes = 0
+                for monomial, coef in key:
+                    term = coef
+                    for name in monomial:
+                        term *= values[name]
+                    nbytes += term
+                rounded = cache[key] = -(-nbytes // BLOCK) * BLOCK if nbytes > 0 else 0
+            total += count * rounded
+        return total
+
+
+def alloc(nbytes) -> Size:
+    """One allocation of `nbytes` (a Sym or an int), rounded when evaluated."""
+    sym = _sym(nbytes)
+    return Size(((sym.key(), 1),)) if sym else Size()
+
+
+def variables(batch: int, seq: int) -> dict:
+    def rnd(n: int, m: int) -> int:
+        return -(-n // m) * m
+    return {"b": batch, "s": seq, "s16": rnd(seq, 16), "s32": rnd(seq, 32), "s128": rnd(seq, 128)}
+
+
+B, S = Sym.var("b"), Sym.var("s")
+S16, S32, S128 = Sym.var("s16"), Sym.var("s32"), Sym.var("s128")
