@@ -495,8 +495,9 @@ def decisions(spec: ModelSpec, setup: TrainSetup) -> tuple[frozenset, bool]:
 
 
 def _structure(spec: ModelSpec, setup: TrainSetup) -> tuple:
-    """What, besides the sizes, decides a walk: the setup without batch/seq, and the decisions."""
-    return setup.with_(batch=1, seq=1), decisions(spec, setup)
+    """What, besides the sizes, decides a walk: the setup without batch/seq (and without the
+    optimizer, which acts after backward), and the decisions."""
+    return setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup)
 
 
 @lru_cache(maxsize=256)
