@@ -34,6 +34,20 @@ def library_call_us() -> float:
     return timeit.timeit(lambda: vramplan.estimate(spec, setup, gpu="48GB"), number=n) / n * 1e6
 
 
+def library_call_new_shape_us() -> float:
+    """A new batch x seq every call: the layer walk is replayed, not looked up."""
+    import vramplan
+    from vramplan.models import resolve
+
+    spec = resolve("meta-llama/Llama-2-70b")
+    vramplan.estimate(spec, seq=2047)  # records the walk for this structure once
+    n = 400
+    start = time.perf_counter()
+    for seq in range(2048, 2048 + n):
+        vramplan.estimate(spec, seq=seq, gpu="48GB")
+    return (time.perf_counter() - start) / n * 1e6
+
+
 def main() -> None:
     cold = cold_cli_ms()
     python_only = []
@@ -44,6 +58,7 @@ def main() -> None:
     print(f"cold `vramplan estimate ... --json`: median {statistics.median(cold):.0f} ms "
           f"(min {min(cold):.0f}, max {max(cold):.0f}; bare interpreter start {statistics.median(python_only):.0f} ms)")
     print(f"library call vramplan.estimate(spec, setup, gpu): {library_call_us():.0f} us")
+    print(f"library call with a new seq each time: {library_call_new_shape_us():.0f} us")
 
 
 if __name__ == "__main__":
