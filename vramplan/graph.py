@@ -16,9 +16,10 @@ identical decoder layers without walking each one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
-from .symbolic import Size, alloc
+from .symbolic import BLOCK, Size, alloc
 
 ACT = "activations"
 TMP = "temporaries"
@@ -106,42 +107,63 @@ class Tape:
     table: tuple
     events: tuple
 
+    @cached_property
+    def _compiled(self):
+        """The table as indices into its distinct rounded allocations, and tags as small ints."""
+        keys: dict = {}
+        entries = []
+        for size, _tag in self.table:
+            entries.append(tuple((keys.setdefault(key, len(keys)), count) for key, count in size.parts))
+        tag_names = sorted({tag for _size, tag in self.table})
+        tag_ids = [tag_names.index(tag) for _size, tag in self.table]
+        return list(keys), entries, tag_names, tag_ids
+
     def replay(self, values: dict) -> WalkResult:
         """Evaluate every size for these variables and play the allocations and frees."""
-        cache: dict = {}
-        sizes = []
-        for size, _tag in self.table:
-            sizes.append(size.eval_cached(values, cache))
-        tags = [tag for _size, tag in self.table]
-        parts: dict[str, int] = {}
+        keys, entries, tag_names, tag_ids = self._compiled
+        rounded = []
+        for key in keys:
+            nbytes = 0
+            for monomial, coef in key:
+                term = coef
+                for name in monomial:
+                    term *= values[name]
+                nbytes += term
+            rounded.append(-(-nbytes // BLOCK) * BLOCK if nbytes > 0 else 0)
+        sizes = [sum(rounded[k] * c for k, c in entry) for entry in entries]
+        parts = [0] * len(tag_names)
         total = 0
-        best, best_total, best_op = {}, -1, ""
+        best, best_total, best_op = [0] * len(tag_names), -1, ""
         forward = None
         for event in self.events:
             kind = event[0]
             if kind == 1:
                 tid = event[1]
-                parts[tags[tid]] = parts.get(tags[tid], 0) + sizes[tid]
+                parts[tag_ids[tid]] += sizes[tid]
                 total += sizes[tid]
             elif kind == -1:
                 tid = event[1]
-                parts[tags[tid]] -= sizes[tid]
+                parts[tag_ids[tid]] -= sizes[tid]
                 total -= sizes[tid]
             elif kind == 0:
                 extra_tid = event[2]
                 extra = sizes[extra_tid] if extra_tid >= 0 else 0
                 if total + extra > best_total:
                     best_total, best_op = total + extra, event[1]
-                    best = {k: v for k, v in parts.items() if v}
+                    best = list(parts)
                     if extra:
-                        best[tags[extra_tid]] = best.get(tags[extra_tid], 0) + extra
+                        best[tag_ids[extra_tid]] += extra
             else:  # end of the forward part
-                forward = (best, best_op, {k: v for k, v in parts.items() if v})
-                best, best_total, best_op = {}, -1, ""
-        end = {k: v for k, v in parts.items() if v}
+                forward = (best, best_op, list(parts))
+                best, best_total, best_op = [0] * len(tag_names), -1, ""
+
+        def named(counts: list) -> dict:
+            return {tag_names[i]: v for i, v in enumerate(counts) if v}
+
+        end = named(parts)
         if forward is None:
-            return WalkResult(best, end, {}, end, best_op)
-        return WalkResult(forward[0], forward[2], best, end, forward[1], best_op)
+            return WalkResult(named(best), end, {}, end, best_op)
+        return WalkResult(named(forward[0]), named(forward[2]), named(best), end, forward[1], best_op)
 
 
 def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save: bool = True,

@@ -42,6 +42,8 @@ class Sym:
     __radd__ = __add__
 
     def __mul__(self, other):
+        if isinstance(other, int):  # the common case in the op builders: a scalar factor
+            return Sym({k: v * other for k, v in self.terms.items()}) if other else Sym({})
         other = _sym(other)
         out: dict = {}
         for k1, v1 in self.terms.items():
