@@ -55,6 +55,7 @@ CASES = [
     ("mistral-sliding", dict(seq=512, grad_ckpt=False)),
     ("mixtral-moe", dict(seq=512)),
     ("mixtral-moe", dict(seq=512, grad_ckpt=False)),
+    ("mixtral-moe", dict(seq=512, targets="q_proj,v_proj")),
 ]
 
 

@@ -298,10 +298,12 @@ class _Ops:
         self.op("moe.gate_up", ["moe.xs"] + ([wgu] if lora else []), [self.t("moe.gu", a * Tk * 2 * i)],
                 saves=("moe.xs", wgu) if lora else (),
                 grads=(("moe.xs", a * Tk * h),) + (((wgu, cb * E * 2 * i * h),) if lora else ()))
+        # gate and up are chunk views of gate_up: each gets a half-size gradient (SplitBackward
+        # then concatenates them)
         self.op("moe.act", ["moe.gu"], [self.t("moe.s", a * Tk * i)], saves=("moe.gu",),
-                grads=(("moe.gu", a * Tk * 2 * i),))
+                grads=(("moe.gu", a * Tk * i),))
         self.op("moe.prod", ["moe.s", "moe.gu"], [self.t("moe.p", a * Tk * i)], saves=("moe.s", "moe.gu"),
-                grads=(("moe.s", a * Tk * i), ("moe.gu", a * Tk * 2 * i)))
+                grads=(("moe.s", a * Tk * i), ("moe.gu", a * Tk * i)))
         if lora:
             self.op("moe.merge_down", [], [self.t(wd, cb * E * h * i)],
                     param_grads=alloc(FP32 * r * E * h) + alloc(FP32 * i * r * E))
