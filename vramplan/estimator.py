@@ -2,12 +2,13 @@
 optimizer state exists), phase by phase.
 
 The step is `loss = model(input_ids, labels=input_ids).loss; loss.backward(); opt.step();
-opt.zero_grad(set_to_none=True)`. Candidate peaks, each a sum of named components:
-- forward: all layers' saved activations (or, with gradient checkpointing, each layer's input
-  only: torch.utils.checkpoint non-reentrant keeps the inputs) plus the loss's logits.
-- backward: the loss backward (float32 logits gradients) or the first layer backward (its
-  activations recomputed under checkpointing, plus gradient working memory and a dequantized
-  weight); gradients of trainable parameters accumulate as backward proceeds.
+opt.zero_grad(set_to_none=True)`. Static memory comes from inventory.py (byte-exact), activations
+from activations.py (one decoder layer and the head walked op by op). Candidate peaks, each a sum
+of named components (step_moments):
+- forward: the top layer's forward over what the layers below keep (their saved activations, or
+  with gradient checkpointing their inputs), and the loss forward;
+- backward: the loss backward, the top layer's backward (its recomputation under
+  checkpointing), and the bottom layer's, where the most parameter gradients exist;
 - optimizer: gradients plus the optimizer's workspace.
 The peak is the largest candidate; its components sum to peak_allocated_bytes exactly.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .activations import act_bytes, eager_masks, head_memory, int8_ctx_inputs, layer_memory
-from .graph import WalkResult
 from .components import ALLOCATED, Component, check_sum
 from .device import device_overhead
 from .errors import ModelError
@@ -190,17 +190,6 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str
 
 def phase_of(moment: str) -> str:
     return moment.split(".", 1)[0]
-
-
-def _head_grads(spec: ModelSpec, setup: TrainSetup, static: Static) -> int:
-    """Gradient bytes of trainable tensors outside the decoder layers (full: embeddings, final
-    norm, lm_head; LoRA on lm_head)."""
-    if setup.method == "full":
-        n = spec.vocab * spec.hidden * (1 if spec.tied else 2)
-        return alloc(n * setup.compute_bytes) + alloc(spec.hidden * setup.compute_bytes)
-    if "lm_head" in static.adapted:
-        return alloc(4 * setup.rank * spec.hidden) + alloc(4 * spec.vocab * setup.rank)
-    return 0
 
 
 def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
