@@ -409,7 +409,6 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     b = b or _Ops(spec, setup)
     lins = {l.leaf: l for l in spec.layer_linears}
     n1 = b.norm("input_layernorm", "x")
-    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     if spec.arch.fused_qkv:
         qkv = b.linear(lins["qkv_proj"], n1)
         # q, k, v are views of qkv_proj's output; v stays a view, so saving it keeps all of qkv

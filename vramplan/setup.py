@@ -2,7 +2,7 @@
 interface shared by the CLI flags, the JSON output and other tools calling the library."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 from .errors import UsageError
 

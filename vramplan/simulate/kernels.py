@@ -208,7 +208,7 @@ def flash_attention_backward(tracker, func, args, kwargs):
     """PyTorch's flash_attn mha_bwd: dq, dk, dv, then fp32 softmax_d (b, h, s_q rounded to 128)
     and dq_accum (b, s_q rounded, h, head_dim rounded to 32), and with fewer KV heads than query
     heads dk/dv expanded to every query head, summed into dk/dv at the end."""
-    grad_out, q, k = args[0], args[1], args[2]
+    q, k = args[1], args[2]
     if q.device.type != "meta":
         return tracker.run(func, args, kwargs)
     grads = tracker.run(func, args, kwargs)

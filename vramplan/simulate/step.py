@@ -211,8 +211,6 @@ def decoder_layers(model) -> tuple[str, list]:
 def _register_live_state(tracker, built, paged: list) -> None:
     """Everything on the device before the step: quant state, parameters, buffers, optimizer state,
     the batch. Order matters only for storages shared between two of these (none expected)."""
-    import torch
-
     from . import kernels
 
     model = built.model

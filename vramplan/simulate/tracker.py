@@ -251,7 +251,7 @@ class AllocationTracker(TorchDispatchMode):
                 if block is not None:
                     nbytes = a.untyped_storage().nbytes()
                     if nbytes != block.nbytes:  # resized: count it as a free and a new allocation
-                        tag, where, op = block.tag, block.where, block.op
+                        tag, op = block.tag, block.op
                         self._release(block.key)
                         self._add(a.untyped_storage(), storage_key(a), tag, op)
 
