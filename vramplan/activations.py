@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .cuda_kernels import gemm_4bit_uses_fused_kernel
 from .graph import ACT, Op, Tape, Tensor, WalkResult, walk
 from .inventory import adapted_linears, experts_adapted
 from .models import Linear, ModelSpec
@@ -39,8 +40,6 @@ from .setup import TrainSetup
 
 FP32 = 4
 LOGITS = "logits_loss"
-# bitsandbytes backends/cuda/ops.py: past this many rows gemm_4bit always dequantizes + F.linear.
-GEMM_4BIT_CUSTOM_MAX_M = 1536
 
 
 def act_bytes(setup: TrainSetup) -> int:
@@ -340,21 +339,8 @@ class _Ops:
 
 def gemm_4bit_fused(rows: int, out_features: int, in_features: int) -> bool:
     """Whether bitsandbytes' gemm_4bit runs its fused kernel (no dequantized weight) for a
-    training matmul. Past 1536 rows it never does (backends/cuda/ops.py _gemm_4bit_custom_max_m);
-    below, the choice depends on the GPU (cuda_kernels.py, shared with simulate)."""
-    if rows > GEMM_4BIT_CUSTOM_MAX_M:
-        return False
-    decide = _fused_kernel_rule()
-    return decide(rows, out_features, in_features, "bf16") if decide else False
-
-
-@lru_cache(maxsize=1)
-def _fused_kernel_rule():
-    try:
-        from .cuda_kernels import gemm_4bit_uses_fused_kernel
-    except ImportError:
-        return None
-    return gemm_4bit_uses_fused_kernel
+    training matmul of `rows` tokens: cuda_kernels.py, the rule simulate uses as well."""
+    return gemm_4bit_uses_fused_kernel(rows, out_features, in_features, "bf16")
 
 
 def windowed(spec: ModelSpec, setup: TrainSetup) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
 
-from .symbolic import BLOCK, Size, alloc
+from .symbolic import Size, alloc, rounded_bytes
 
 ACT = "activations"
 TMP = "temporaries"
@@ -121,15 +121,7 @@ class Tape:
     def replay(self, values: dict) -> WalkResult:
         """Evaluate every size for these variables and play the allocations and frees."""
         keys, entries, tag_names, tag_ids = self._compiled
-        rounded = []
-        for key in keys:
-            nbytes = 0
-            for monomial, coef in key:
-                term = coef
-                for name in monomial:
-                    term *= values[name]
-                nbytes += term
-            rounded.append(-(-nbytes // BLOCK) * BLOCK if nbytes > 0 else 0)
+        rounded = [rounded_bytes(key, values) for key in keys]
         sizes = [sum(rounded[k] * c for k, c in entry) for entry in entries]
         parts = [0] * len(tag_names)
         total = 0

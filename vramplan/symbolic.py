@@ -66,13 +66,7 @@ class Sym:
         return tuple(sorted(self.terms.items()))
 
     def eval(self, values: dict) -> int:
-        total = 0
-        for monomial, coef in self.terms.items():
-            term = coef
-            for name in monomial:
-                term *= values[name]
-            total += term
-        return total
+        return poly_bytes(self.key(), values)
 
     def __repr__(self) -> str:
         return " + ".join(f"{v}*{'*'.join(k) or '1'}" for k, v in self.terms.items()) or "0"
@@ -106,23 +100,23 @@ class Size:
         return bool(self.parts)
 
     def eval(self, values: dict) -> int:
-        return self.eval_cached(values, {})
+        return sum(count * rounded_bytes(key, values) for key, count in self.parts)
 
-    def eval_cached(self, values: dict, cache: dict) -> int:
-        """Bytes for these variables; `cache` keeps each distinct rounded allocation once."""
-        total = 0
-        for key, count in self.parts:
-            rounded = cache.get(key)
-            if rounded is None:
-                nbytes = 0
-                for monomial, coef in key:
-                    term = coef
-                    for name in monomial:
-                        term *= values[name]
-                    nbytes += term
-                rounded = cache[key] = -(-nbytes // BLOCK) * BLOCK if nbytes > 0 else 0
-            total += count * rounded
-        return total
+def poly_bytes(key: tuple, values: dict) -> int:
+    """Evaluate a polynomial given as Sym.key() ((monomial, coefficient) pairs)."""
+    nbytes = 0
+    for monomial, coef in key:
+        term = coef
+        for name in monomial:
+            term *= values[name]
+        nbytes += term
+    return nbytes
+
+
+def rounded_bytes(key: tuple, values: dict) -> int:
+    """One allocation of the polynomial `key`, rounded up to the caching allocator's block."""
+    nbytes = poly_bytes(key, values)
+    return -(-nbytes // BLOCK) * BLOCK if nbytes > 0 else 0
 
 
 def alloc(nbytes) -> Size:
