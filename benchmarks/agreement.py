@@ -83,7 +83,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import vramplan
-    from vramplan.simulate import run
+    from vramplan.simulate import simulate as run
 
     models = args.models.split(",") if args.models else MODELS
     rows, t0 = [], time.perf_counter()

@@ -89,7 +89,7 @@ class Config:
                 f"{self.optimizer}")
 
     def setup(self):
-        from vramplan.setup import TrainSetup
+        from vramplan.core.setup import TrainSetup
         return TrainSetup(seq=self.seq, grad_ckpt=self.grad_ckpt, optimizer=self.optimizer)
 
 
@@ -156,7 +156,7 @@ def make_launcher(kind: str):
 
 
 def run_campaign(args) -> int:
-    from vramplan.errors import VramplanError
+    from vramplan.core.errors import VramplanError
     from vramplan.profile.compare import compare_record, error_table_markdown
     from vramplan.profile.session import ProfileOptions, profile, skipped_record
     from vramplan.profile.store import write_record
@@ -280,11 +280,11 @@ CPU_CHECKS = (dict(), dict(grad_ckpt=False), dict(optimizer="paged_adamw8bit"), 
 def cpu_check(args) -> int:
     """Profile a small Llama on the CPU under several setups and put the measurement next to the
     estimate and to simulate on the meta device (CUDA emulation) and on the CPU (same tracker)."""
-    from vramplan.estimator import estimate
-    from vramplan.models import resolve
+    from vramplan.estimate.estimator import estimate
+    from vramplan.core.models import resolve
     from vramplan.profile.session import ForkServerLauncher, ProfileOptions, profile
-    from vramplan.setup import TrainSetup
-    from vramplan.simulate import run as simulate
+    from vramplan.core.setup import TrainSetup
+    from vramplan.simulate import simulate
 
     folder = Path(tempfile.mkdtemp(prefix="vramplan-cpu-check-"))
     (folder / "config.json").write_text(json.dumps(SMALL))

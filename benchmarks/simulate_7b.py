@@ -1,4 +1,4 @@
-"""Speed and result of simulate.run on a Llama-2-7b-shaped model (hidden 4096, 32 layers,
+"""Speed and result of vramplan.simulate on a Llama-2-7b-shaped model (hidden 4096, 32 layers,
 intermediate 11008, vocab 32000), QLoRA nf4 + double quant, bf16, rank 16 all-linear, AdamW,
 sdpa, batch 1, seq 2048, gradient checkpointing on and off.
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import time
 
-from vramplan.models import spec_from_config
-from vramplan.setup import TrainSetup
-from vramplan.simulate import run
+from vramplan.core.models import spec_from_config
+from vramplan.core.setup import TrainSetup
+from vramplan.simulate import simulate as run
 
 LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,

@@ -4,7 +4,7 @@ trace (--exact), each in a fresh process.
     python benchmarks/simulate_speed.py            # markdown table; --json for one object per run
     python benchmarks/simulate_speed.py --quick    # the default mode only
 
-Per run: `import_s` (torch, transformers, peft, bitsandbytes), `trace_s` (vramplan.simulate.run,
+Per run: `import_s` (torch, transformers, peft, bitsandbytes), `trace_s` (vramplan.simulate.simulate,
 what Trace.seconds reports), `process_s` (the whole child process: interpreter start, imports,
 model resolution, trace), and the child's peak resident memory (resource.getrusage ru_maxrss).
 The peak and its components are printed too, so the two modes can be compared byte for byte.
@@ -27,9 +27,9 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 import torch, transformers, peft, bitsandbytes  # noqa: F401
 t1 = time.perf_counter()
-from vramplan.models import resolve
-from vramplan.setup import TrainSetup
-from vramplan.simulate import run
+from vramplan.core.models import resolve
+from vramplan.core.setup import TrainSetup
+from vramplan.simulate import simulate as run
 model, setup, exact = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "1"
 trace = run(resolve(model), TrainSetup(**setup), exact=exact)
 print(json.dumps({"import_s": round(t1 - t0, 2), "trace_s": trace.seconds,

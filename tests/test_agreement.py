@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 from vramplan import TrainSetup, estimate  # noqa: E402
-from vramplan.models import spec_from_config  # noqa: E402
+from vramplan.core.models import spec_from_config  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "configs"
 TOLERANCE = 0.03
@@ -66,7 +66,7 @@ def spec_of(name: str):
 @pytest.mark.parametrize("name, flags", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in f.items())}"
                                                     for n, f in CASES])
 def test_estimate_agrees_with_simulate(name, flags):
-    from vramplan.simulate import run
+    from vramplan.simulate import simulate as run
 
     spec, setup = spec_of(name), TrainSetup(**flags)
     trace, est = run(spec, setup), estimate(spec, setup)

@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 
 from vramplan.cli import main
-from vramplan.errors import VramplanError
+from vramplan.core.errors import VramplanError
 from vramplan.profile import store
 from vramplan.profile.compare import REST, compare_path, compare_record, error_table_markdown
 from vramplan.profile.record import Failure, Measured, NvmlTrace, PhaseStats, Record, estimate_dict, model_dict
-from vramplan.setup import TrainSetup
+from vramplan.core.setup import TrainSetup
 
 CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
@@ -21,8 +21,8 @@ MiB = 2**20
 def gpu_shaped(scale_alloc=1.0, nvml=True, status="ok", **over) -> Record:
     """A record shaped like a GPU run: inventory + torch counters + NVML; the measured numbers
     are the prediction scaled, so errors are known exactly."""
-    from vramplan.estimator import estimate
-    from vramplan.models import spec_from_config
+    from vramplan.estimate.estimator import estimate
+    from vramplan.core.models import spec_from_config
 
     spec = spec_from_config(CONFIG, "tiny", "test")
     setup = TrainSetup(seq=64)

@@ -3,10 +3,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from vramplan import TrainSetup, estimate
-from vramplan.components import ALLOCATED
-from vramplan.inventory import static_memory
-from vramplan.models import catalog, resolve
-from vramplan.quant import bits_per_param
+from vramplan.core.components import ALLOCATED
+from vramplan.estimate.inventory import static_memory
+from vramplan.core.models import catalog, resolve
+from vramplan.estimate.quant import bits_per_param
 
 MODELS = sorted(catalog())
 
@@ -90,7 +90,7 @@ def test_mixtral_experts_stay_16_bit_under_transformers_5():
 
 
 def test_gemma2_refuses_sdpa_like_transformers():
-    from vramplan.errors import ModelError
+    from vramplan.core.errors import ModelError
 
     with pytest.raises(ModelError) as info:
         estimate("google/gemma-2-9b")

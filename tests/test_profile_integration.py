@@ -113,8 +113,8 @@ def test_setup_is_read_off_a_quantized_peft_model(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import TrainingArguments
 
-    from vramplan.models import spec_from_config
-    from vramplan.setup import TrainSetup
+    from vramplan.core.models import spec_from_config
+    from vramplan.core.setup import TrainSetup
     from vramplan.simulate.build import build
 
     spec = spec_from_config(CONFIG, "tiny", "test")

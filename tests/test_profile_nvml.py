@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from vramplan.errors import DependencyError, GpuError
+from vramplan.core.errors import DependencyError, GpuError
 from vramplan.profile import nvml
 
 

@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from vramplan.cli import main
-from vramplan.errors import GpuError, ModelError, UsageError
+from vramplan.core.errors import GpuError, ModelError, UsageError
 from vramplan.profile.session import ForkServerLauncher, ProfileOptions, profile
-from vramplan.setup import TrainSetup
+from vramplan.core.setup import TrainSetup
 
 pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
@@ -83,8 +83,8 @@ def test_cpu_run_is_a_complete_record(qlora_run):
 
 def test_cpu_run_agrees_with_simulate_on_the_cpu(qlora_run, tiny):
     """Both count the same real CPU step with the same tracker: they must agree to the byte."""
-    from vramplan.models import resolve
-    from vramplan.simulate import run
+    from vramplan.core.models import resolve
+    from vramplan.simulate import simulate as run
 
     record, _, _ = qlora_run
     trace = run(resolve(tiny), TrainSetup(seq=64), "cpu")
@@ -103,15 +103,15 @@ def test_compare_and_plot_of_a_cpu_record(qlora_run, tmp_path, capsys):
     assert sum(r["measured"] for r in in_total) == c["measured_allocated_bytes"]
     assert sum(r["predicted"] for r in in_total) == c["predicted_allocated_bytes"]
     assert c["within_tolerance"] is True
-    from vramplan.profile.plot import plot_record
+    from vramplan.render.profile_plots import plot_record
     png = plot_record(record, tmp_path / "mem.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_oom_is_a_result(tiny, launcher, tmp_path):
     # emulate a GPU just big enough to load the model: the first step cannot fit
-    from vramplan.estimator import estimate
-    from vramplan.models import resolve
+    from vramplan.estimate.estimator import estimate
+    from vramplan.core.models import resolve
     est = estimate(resolve(tiny), TrainSetup(seq=64))
     limit = est.cuda_context_bytes + 600 * 1024   # context + 600 KiB for allocations
     record, path = profile(tiny, TrainSetup(seq=64), cpu_opts(memory_limit_bytes=limit), out=tmp_path,

@@ -5,7 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from vramplan.quant import alloc, dequant_temporary, layout_4bit  # noqa: E402
+from vramplan.estimate.quant import alloc, dequant_temporary, layout_4bit  # noqa: E402
 
 
 def storages(*tensors):

@@ -61,12 +61,12 @@ def test_replay_catches_a_worse_estimate(tmp_path):
     error is reported; the recorded one passes."""
     from dataclasses import replace
 
-    from vramplan.estimator import estimate
-    from vramplan.models import spec_from_config
+    from vramplan.estimate.estimator import estimate
+    from vramplan.core.models import spec_from_config
     from vramplan.profile.record import (Measured, NvmlTrace, PhaseStats, Record, errors_for, estimate_dict,
                                          model_dict, tolerances_for)
     from vramplan.profile.store import write_record
-    from vramplan.setup import TrainSetup
+    from vramplan.core.setup import TrainSetup
 
     spec = spec_from_config({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                              "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}, "tiny", "test")

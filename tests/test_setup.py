@@ -1,7 +1,7 @@
 import pytest
 
-from vramplan.errors import UsageError
-from vramplan.setup import TrainSetup
+from vramplan.core.errors import UsageError
+from vramplan.core.setup import TrainSetup
 
 
 def test_defaults_are_the_plain_qlora_recipe():

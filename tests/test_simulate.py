@@ -17,12 +17,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from vramplan.components import ALLOCATED, PHASES  # noqa: E402
-from vramplan.errors import ModelError, SimulationError, UsageError  # noqa: E402
-from vramplan.setup import TrainSetup  # noqa: E402
-from vramplan.simulate import Trace, run  # noqa: E402
+from vramplan.core.components import ALLOCATED, PHASES  # noqa: E402
+from vramplan.core.errors import ModelError, SimulationError, UsageError  # noqa: E402
+from vramplan.core.setup import TrainSetup  # noqa: E402
+from vramplan.simulate import Trace, simulate as run  # noqa: E402
 
-sim_run = importlib.import_module("vramplan.simulate.step")
+from vramplan.simulate import step as sim_run  # noqa: E402
+from vramplan.simulate.attribution import component_of  # noqa: E402
 kernels = importlib.import_module("vramplan.simulate.kernels")
 build_mod = importlib.import_module("vramplan.simulate.build")
 
@@ -198,9 +199,9 @@ def test_dequantized_weights_are_temporaries(tiny_spec):
         sim.warm_up()
         tracker = sim.measure()
     dequant = [b for b in tracker.blocks if b.op == "bitsandbytes.dequantize_4bit.default"]
-    assert dequant and all(sim_run._component(b) == "temporaries" for b in dequant)
+    assert dequant and all(component_of(b) == "temporaries" for b in dequant)
     optimizer = [b for b in tracker.blocks if b.where and b.where[0] == "optimizer"]
-    assert optimizer and all(sim_run._component(b) == "temporaries" for b in optimizer)
+    assert optimizer and all(component_of(b) == "temporaries" for b in optimizer)
 
 
 def test_paged_optimizer_state_is_reported_apart(tiny_spec):
@@ -263,7 +264,7 @@ def test_peft_all_linear_adapts_mixtral_experts(tiny_spec):
 def test_gemm_4bit_dispatch_follows_bitsandbytes():
     import torch
 
-    from vramplan.cuda_kernels import gemm_4bit_uses_fused_kernel
+    from vramplan.cuda.gemm_4bit import gemm_4bit_uses_fused_kernel
 
     assert gemm_4bit_uses_fused_kernel(1, 4096, 4096, "bf16")
     assert not gemm_4bit_uses_fused_kernel(2048, 4096, 4096, "bf16")   # > 1536 rows
@@ -277,8 +278,8 @@ def test_gemm_4bit_dispatch_follows_bitsandbytes():
         gemm_4bit_uses_fused_kernel(1, 4096, 4096, "float16")
 
 
-def test_cuda_kernels_is_torch_free():
-    code = "import sys, vramplan.cuda_kernels; print('torch' in sys.modules)"
+def test_cuda_package_is_torch_free():
+    code = "import sys, vramplan.cuda.gemm_4bit; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -18,7 +18,7 @@ pytest.importorskip("bitsandbytes")
 
 from conftest import tiny_config  # noqa: E402
 from vramplan.cli import main  # noqa: E402
-from vramplan.components import ALLOCATED  # noqa: E402
+from vramplan.core.components import ALLOCATED  # noqa: E402
 
 TINY = ["--seq", "32", "--rank", "8"]
 HINT = "(hint: vramplan estimate still works; please report this model and setup)"
@@ -93,8 +93,8 @@ def test_exact_traces_every_layer_with_the_same_result(capsys, model_dir):
 
 
 def test_progress_reports_layers_as_they_run(tiny_spec):
-    from vramplan.setup import TrainSetup
-    from vramplan.simulate import run
+    from vramplan.core.setup import TrainSetup
+    from vramplan.simulate import simulate as run
 
     seen = []
     run(tiny_spec(), TrainSetup(seq=32, rank=8), progress=lambda stage, done, total: seen.append((stage, done, total)))
@@ -107,15 +107,9 @@ def test_progress_reports_layers_as_they_run(tiny_spec):
 
 
 def test_cli_parser_stays_light():
-    code = "import sys, vramplan.cli as c; c.build_parser(); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, vramplan.cli.app as c; c.build_parser(); print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
-
-
-def test_old_module_name_still_imports():
-    step = importlib.import_module("vramplan.simulate.step")
-    assert importlib.import_module("vramplan.simulate.run") is step
-    from vramplan.simulate.run import LOGITS_REGION, StepContext, _component, _module_names  # noqa: F401
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -176,8 +170,8 @@ def test_python_failing_mid_way_names_the_module(capsys, monkeypatch, model_dir)
 
 
 def test_bad_input_is_rejected_before_the_trace(capsys, model_dir, monkeypatch):
-    step = importlib.import_module("vramplan.simulate.step")
-    monkeypatch.setattr(step, "run", lambda *a, **k: pytest.fail("traced despite bad input"))
+    package = importlib.import_module("vramplan.simulate")
+    monkeypatch.setattr(package, "simulate", lambda *a, **k: pytest.fail("traced despite bad input"))
     path = model_dir()
     code, _, err = simulate(capsys, path, "--timeline", "/nonexistent-dir/mem.csv")
     assert (code, err) == (2, "Error: --timeline /nonexistent-dir/mem.csv: no such directory /nonexistent-dir "

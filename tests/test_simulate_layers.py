@@ -1,4 +1,4 @@
-"""The identical-layers shortcut (simulate/layers.py) against the full trace.
+"""The identical-layers shortcut (simulate/shortcut.py) against the full trace.
 
 Real configs, small shapes (hidden 64, 7 decoder layers: 5 traced, one repeated twice more; the
 Gemma-2 case has 12 layers in 2-layer units): the rebuilt trace must equal the full one field for
@@ -17,11 +17,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from vramplan.setup import TrainSetup  # noqa: E402
-from vramplan.simulate import run  # noqa: E402
+from vramplan.core.setup import TrainSetup  # noqa: E402
+from vramplan.simulate import simulate as run  # noqa: E402
 
-layers = importlib.import_module("vramplan.simulate.layers")
-step = importlib.import_module("vramplan.simulate.step")
+from vramplan.simulate import shortcut as layers  # noqa: E402
+from vramplan.simulate import step  # noqa: E402
 kernels = importlib.import_module("vramplan.simulate.kernels")
 
 SEQ, RANK, DEPTH = 32, 8, 7
@@ -113,7 +113,7 @@ def test_the_replay_reproduces_the_tracker(tiny_spec):
 
 def test_catalog_70b_uses_the_shortcut():
     """Llama-2-70b QLoRA: 5 of 80 layers traced (benchmarks/simulate_speed.py: ~2 s, ~0.5 GB)."""
-    from vramplan.models import resolve
+    from vramplan.core.models import resolve
 
     trace = run(resolve("meta-llama/Llama-2-70b-hf"), setup_(seq=2048, rank=16))
     assert trace.extrapolated and trace.layers_traced == 5

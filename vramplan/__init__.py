@@ -1,31 +1,29 @@
 """vramplan: peak GPU memory of QLoRA / LoRA / full fine-tuning, estimated, simulated, profiled.
 
-The estimate path is pure Python: importing vramplan never imports torch, transformers, peft,
-bitsandbytes, pandas or numpy.
+    vramplan/core/      the shared vocabulary: setup, models + catalog, architectures, GPUs, units,
+                        errors, memory components
+    vramplan/cuda/      every CUDA fact (kernel choices, the CUDA context), keyed by the GPU
+    vramplan/estimate/  method 1: the analytic estimate, pure Python
+    vramplan/simulate/  method 2: the real step on the meta device (torch on use)
+    vramplan/profile/   method 3: real steps measured on a GPU (torch in a child process)
+    vramplan/plan/      what fits: planner, multi-GPU sharding, sweeps
+    vramplan/render/    tables and plots
+    vramplan/cli/       the command line, one module per command
+
+Importing vramplan never imports torch, transformers, peft, bitsandbytes, pandas or numpy.
 """
-from .components import Component
-from .errors import DependencyError, GpuError, ModelError, UsageError, VramplanError
-from .estimator import Estimate, estimate
-from .gpus import Gpu, resolve_gpu
-from .models import ModelSpec, resolve as resolve_model
-from .setup import TrainSetup
-from .units import format_bytes, parse_size
+from vramplan.core.components import Component
+from vramplan.core.errors import DependencyError, GpuError, ModelError, UsageError, VramplanError
+from vramplan.core.gpus import Gpu, resolve_gpu
+from vramplan.core.models import ModelSpec, resolve as resolve_model
+from vramplan.core.setup import TrainSetup
+from vramplan.core.units import format_bytes, parse_size
+from vramplan.estimate import Estimate, estimate
+from vramplan.plan import Parallel, plan, sweep
+from vramplan.profile import ProfileOptions, profile
+from vramplan.simulate import Trace, simulate
 
 __all__ = ["Component", "DependencyError", "Estimate", "Gpu", "GpuError", "ModelError", "ModelSpec",
-           "Parallel", "TrainSetup", "UsageError", "VramplanError", "estimate", "format_bytes", "parse_size",
-           "plan", "resolve_gpu", "resolve_model", "sweep"]
+           "Parallel", "ProfileOptions", "TrainSetup", "Trace", "UsageError", "VramplanError", "estimate",
+           "format_bytes", "parse_size", "plan", "profile", "resolve_gpu", "resolve_model", "simulate", "sweep"]
 __version__ = "0.1.0"
-
-# Loaded on first use, so `import vramplan` stays light (sweep imports pandas only when called).
-_LAZY = {"plan": ("planner", "plan"), "sweep": ("sweep", "sweep"), "Parallel": ("sharding", "Parallel")}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(f".{module}", __name__), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

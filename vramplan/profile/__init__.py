@@ -13,7 +13,7 @@ Importing this package imports nothing heavy; torch and friends load in the chil
 """
 from __future__ import annotations
 
-from .record import Record
-from .session import ProfileOptions, profile
+from vramplan.profile.record import Record
+from vramplan.profile.session import ProfileOptions, profile
 
 __all__ = ["ProfileOptions", "Record", "profile"]

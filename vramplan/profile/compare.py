@@ -20,9 +20,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import VramplanError
-from .record import STATIC, TRANSIENT, Record, relative_error, setup_from_record, spec_from_record
-from .store import read_records
+from vramplan.core.errors import VramplanError
+from vramplan.profile.record import STATIC, TRANSIENT, Record, relative_error, setup_from_record, spec_from_record
+from vramplan.profile.store import read_records
 
 REST = "gradients+activations+logits_loss+temporaries"
 
@@ -230,8 +230,8 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
 
 
 def _reestimate(record: Record):
-    from ..estimator import estimate
-    from ..gpus import Gpu
+    from vramplan.estimate.estimator import estimate
+    from vramplan.core.gpus import Gpu
 
     spec = spec_from_record(record.model)
     setup = setup_from_record(record.setup)
@@ -245,7 +245,7 @@ def compare_path(path: str | os.PathLike, recorded: bool = False) -> list[Compar
 
 
 def to_dataframe(comparisons: list[Comparison]):
-    from ..errors import require
+    from vramplan.core.errors import require
     pd = require("pandas", "export")
     df = pd.DataFrame([c.flat() for c in comparisons])
     for col in df.columns:   # bytes stay integers even where a record has no value (pandas' nullable Int64)
@@ -259,7 +259,7 @@ def write_csv(comparisons: list[Comparison], dest: str) -> str | None:
     df = to_dataframe(comparisons)
     if dest == "-":
         return df.to_csv(index=False)
-    from .store import atomic_write_bytes
+    from vramplan.profile.store import atomic_write_bytes
     atomic_write_bytes(Path(dest), df.to_csv(index=False).encode())
     return None
 

@@ -33,8 +33,8 @@ def random_model(spec, setup, device: str, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..errors import ModelError
-    from ..simulate.build import hf_config, torch_dtype
+    from vramplan.core.errors import ModelError
+    from vramplan.simulate.build import hf_config, torch_dtype
 
     config = hf_config(spec, setup)
     dtype = torch_dtype(setup)
@@ -66,7 +66,7 @@ def _preprocess(model, setup):
 
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    from ..simulate.build import bnb_config, torch_dtype
+    from vramplan.simulate.build import bnb_config, torch_dtype
 
     quantizer = AutoHfQuantizer.from_config(bnb_config(setup), pre_quantized=False)
     kwargs = dict(model=model, dtype=torch_dtype(setup), device_map=None)

@@ -61,7 +61,7 @@ class TrackerMeter:
     def __init__(self, context=None, limit: int | None = None):
         import torch
 
-        from ..simulate.tracker import AllocationTracker, Peak
+        from vramplan.simulate.tracker import AllocationTracker, Peak
 
         self.torch = torch
         self._Peak = Peak

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..errors import DependencyError, GpuError
+from vramplan.core.errors import DependencyError, GpuError
 
 DEFAULT_HZ = 200.0   # the issue asks for >= 100 Hz; one query costs tens of microseconds
 

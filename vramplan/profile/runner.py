@@ -31,6 +31,8 @@ import sys
 import time
 import traceback
 
+from vramplan.simulate import attribution
+
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -62,7 +64,7 @@ def child_entry(job: dict, conn) -> None:
     try:
         Run(job, channel).execute()
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent as data
-        from ..errors import VramplanError
+        from vramplan.core.errors import VramplanError
         if isinstance(exc, VramplanError):
             channel.send("error", error_class=type(exc).__name__, message=exc.message, hint=exc.hint)
         else:
@@ -113,8 +115,8 @@ class Run:
 
     # --- setup ---------------------------------------------------------------------------------------
     def execute(self) -> None:
-        from ..errors import require
-        from .record import setup_from_record
+        from vramplan.core.errors import require
+        from vramplan.profile.record import setup_from_record
 
         job = self.job
         self.setup = setup = setup_from_record(job["setup"])
@@ -128,7 +130,7 @@ class Run:
             require("bitsandbytes", "profile")
         import torch
 
-        from ..models import spec_from_config
+        from vramplan.core.models import spec_from_config
         self.torch = torch
         self.spec = spec_from_config(job["config"], job["model_id"], job.get("model_source", "profile job"))
         self.device = self._device(job["device"])
@@ -139,7 +141,7 @@ class Run:
             self._run()
 
     def _device(self, text: str):
-        from ..errors import GpuError
+        from vramplan.core.errors import GpuError
         torch = self.torch
         if text == "cpu":
             return torch.device("cpu")
@@ -188,7 +190,7 @@ class Run:
             return
         index = int(text.split(":")[1]) if ":" in text else 0
         try:
-            from .nvml import open_device
+            from vramplan.profile.nvml import open_device
             self.nvml = open_device(index, uuid=self.job.get("nvml_uuid"))
             self.baseline = self.nvml.used()
             self.driver = self.nvml.info().driver
@@ -220,7 +222,7 @@ class Run:
             total = torch.cuda.get_device_properties(self.device).total_memory
             usable = limit - context
             if usable <= 0:
-                from ..errors import UsageError
+                from vramplan.core.errors import UsageError
                 raise UsageError(f"--gpu {limit:,} bytes is less than the CUDA context ({context:,} bytes)",
                                  hint="give a larger GPU size")
             # torch.cuda.set_per_process_memory_fraction caps what the caching allocator may
@@ -229,7 +231,7 @@ class Run:
             torch.cuda.set_per_process_memory_fraction(min(1.0, usable / total), self.device)
 
     def _meter(self):
-        from .meters import CudaMeter, TrackerMeter
+        from vramplan.profile.meters import CudaMeter, TrackerMeter
         if self.device.type == "cuda":
             if self.job.get("snapshot_path"):
                 self.torch.cuda.memory._record_memory_history(max_entries=self.job.get("snapshot_entries", 200000))
@@ -237,7 +239,7 @@ class Run:
         self.ctx = None
         context = None
         try:  # module attribution of the CPU peak, shared with simulate
-            self.ctx = _step_attr("StepContext")("lm_head")
+            self.ctx = attribution.StepContext("lm_head")
             context = self.ctx
         except Exception:  # noqa: BLE001 - fall back to phases only
             self.ctx = None
@@ -301,7 +303,7 @@ class Run:
                 s = self._end(st)
                 best = self._best(best, s)
                 if self.ctx is not None:
-                    self.ctx.region, self.ctx.bw_module = _step_attr("LOGITS_REGION"), "loss"
+                    self.ctx.region, self.ctx.bw_module = attribution.LOGITS_REGION, "loss"
                 st = self._begin(step, "backward")
                 loss.backward()
                 losses.append(float(loss.detach().float().item()))
@@ -353,11 +355,11 @@ class Run:
 
         torch = self.torch
         setup, job = self.setup, self.job
-        from ..simulate.build import make_trainable
+        from vramplan.simulate.build import make_trainable
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if job["random_weights"]:
-                from .materialize import random_model
+                from vramplan.profile.materialize import random_model
                 model = random_model(self.spec, setup, str(self.device), seed=job.get("seed", 0))
             else:
                 model = self._from_pretrained()
@@ -366,7 +368,7 @@ class Run:
         g = torch.Generator().manual_seed(job.get("seed", 0))
         ids = torch.randint(0, self.spec.vocab, (setup.batch, setup.seq), generator=g).to(self.device)
         if self.ctx is not None:
-            names = _step_attr("_module_names")(model)
+            names = attribution.module_names(model)
             head = base.get_output_embeddings()
             self.ctx.lm_head = names.get(head, "lm_head")
             self.ctx.install(model, names)
@@ -377,8 +379,8 @@ class Run:
     def _from_pretrained(self):
         from transformers import AutoModelForCausalLM
 
-        from ..errors import ModelError
-        from ..simulate.build import bnb_config, torch_dtype
+        from vramplan.core.errors import ModelError
+        from vramplan.simulate.build import bnb_config, torch_dtype
         setup, source = self.setup, self.job["weights"]
         kwargs = dict(dtype=torch_dtype(setup), attn_implementation=setup.attn, device_map={"": str(self.device)},
                       local_files_only=True)
@@ -395,7 +397,7 @@ class Run:
     def _static_inventory(self, model) -> dict:
         """weights / quant_constants / adapters, from the live tensors (each storage once, rounded
         to the allocator's 512-byte block), classified as simulate does."""
-        from ..quant import alloc
+        from vramplan.estimate.quant import alloc
         out = {"weights": 0, "quant_constants": 0, "adapters": 0}
         seen = set()
 
@@ -432,7 +434,7 @@ class Run:
         return out
 
     def _grads(self, model) -> int:
-        from ..quant import alloc
+        from vramplan.estimate.quant import alloc
         total = 0
         seen = set()
         for p in model.parameters():
@@ -455,7 +457,7 @@ class Run:
         CPU bitsandbytes falls back to ordinary tensors: the ones a GPU would page are then not
         counted, so the CPU run counts what a GPU would. torch's `step` scalars live on the host
         unless capturable / fused (torch/optim/adamw.py _init_group)."""
-        from ..quant import alloc
+        from vramplan.estimate.quant import alloc
         paged_setup = self.setup.paged
         state_bytes = paged = 0
         seen = set()
@@ -484,9 +486,9 @@ class Run:
         attribution: tags set above, dequantize ops -> temporaries, lm_head/loss -> logits_loss)."""
         if event is None or not hasattr(self.meter, "tracker"):
             return None
-        from ..components import ALLOCATED
+        from vramplan.core.components import ALLOCATED
         try:
-            _component = _step_attr("_component")
+            _component = attribution.component_of
         except Exception:  # noqa: BLE001
             _component = None
         out = {c.value: 0 for c in ALLOCATED}
@@ -530,18 +532,6 @@ class Run:
             self.ch.send("snapshot", path=None, reason=str(exc))
 
 
-def _step_attr(name: str):
-    """A name from the simulate package's step module (attribution shared with simulate:
-    StepContext, LOGITS_REGION, _module_names, _component); the module was called run.py first."""
-    import importlib
-    for module in ("vramplan.simulate.step", "vramplan.simulate.run"):
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-    raise ImportError(f"vramplan.simulate has no {name}")
-
-
 def _version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -551,7 +541,7 @@ def _version(dist: str) -> str | None:
 
 
 def _vramplan_version() -> str:
-    from .. import __version__
+    from vramplan import __version__
     return __version__
 
 

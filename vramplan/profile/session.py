@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .. import errors as _errors
-from ..errors import UsageError, VramplanError
-from .record import (MIN_TOLERANCE, Failure, Measured, NvmlTrace, PhaseStats, Record, errors_for, estimate_dict,
+from vramplan.core import errors as _errors
+from vramplan.core.errors import UsageError, VramplanError
+from vramplan.profile.record import (MIN_TOLERANCE, Failure, Measured, NvmlTrace, PhaseStats, Record, errors_for, estimate_dict,
                      model_dict, tolerances_for)
-from .store import record_id
+from vramplan.profile.store import record_id
 
 DEFAULT_STEPS = 5
 DEFAULT_WARMUP = 1
@@ -162,7 +162,7 @@ class ForkServerLauncher:
         self.ctx.set_forkserver_preload(list(preload))
 
     def start(self, job: dict, workdir: Path) -> _Child:
-        from .runner import child_entry
+        from vramplan.profile.runner import child_entry
 
         reader, writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=child_entry, args=(job, writer), daemon=False)
@@ -199,10 +199,10 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
 
     on_event(event: dict) is called for every child event and, on a GPU, with NVML samples
     ({"event": "nvml", "used": bytes}) a few times a second: the CLI draws its progress from them."""
-    from ..estimator import estimate
-    from ..gpus import Gpu, resolve_gpu
-    from ..models import resolve
-    from ..setup import TrainSetup
+    from vramplan.estimate.estimator import estimate
+    from vramplan.core.gpus import Gpu, resolve_gpu
+    from vramplan.core.models import resolve
+    from vramplan.core.setup import TrainSetup
 
     options = options or ProfileOptions()
     options.validate()
@@ -305,7 +305,7 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
         tolerance=tolerance, failure=failure, snapshot=None, notes=tuple(notes))
     path = None
     if out_dir is not None:
-        from .store import atomic_move, unique_path, write_record
+        from vramplan.profile.store import atomic_move, unique_path, write_record
         if state.snapshot and snapshot_tmp is not None and Path(state.snapshot).exists():
             snap = unique_path(out_dir, f"{rid}.snapshot", ".pickle")
             atomic_move(snapshot_tmp, snap)
@@ -320,8 +320,8 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
 def skipped_record(model: str, setup, options: ProfileOptions, reason: str) -> Record:
     """A record saying this configuration was not run (a campaign out of time): the estimate and
     the reason, no measurement."""
-    from ..estimator import estimate
-    from ..models import resolve
+    from vramplan.estimate.estimator import estimate
+    from vramplan.core.models import resolve
 
     spec = resolve(model)
     est = estimate(spec, setup)
@@ -342,7 +342,7 @@ def _replace(record: Record, **changes) -> Record:
 
 
 def _rel(pred, meas):
-    from .record import relative_error
+    from vramplan.profile.record import relative_error
     return relative_error(pred, meas)
 
 
@@ -357,7 +357,7 @@ def _weights_source(model: str, spec) -> str:
 def _start_sampler(index: int, hz: float):
     """The NVML sampler for CUDA device `index`. A GPU run without NVML is refused here, before
     any child starts (GpuError / DependencyError): the device total is half of what a record is for."""
-    from .nvml import Sampler, open_device
+    from vramplan.profile.nvml import Sampler, open_device
     dev = open_device(index)
     sampler = Sampler(dev, hz=hz)
     sampler.start()

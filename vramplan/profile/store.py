@@ -14,8 +14,8 @@ import re
 import time
 from pathlib import Path
 
-from ..errors import UsageError, VramplanError
-from .record import Record
+from vramplan.core.errors import UsageError, VramplanError
+from vramplan.profile.record import Record
 
 SUFFIX = ".json"
 TMP_PREFIX = ".tmp-"

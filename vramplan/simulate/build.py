@@ -24,8 +24,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from ..errors import ModelError
-from ..setup import ALL_LINEAR, TrainSetup
+from vramplan.core.errors import ModelError
+from vramplan.core.setup import ALL_LINEAR, TrainSetup
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

@@ -3,7 +3,7 @@
 peak_phase, phase_peaks) and nothing else of the estimator."""
 from __future__ import annotations
 
-from ..components import ALLOCATED
+from vramplan.core.components import ALLOCATED
 
 DEFINITION = "estimate - simulate, in bytes; percent of simulate"
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cuda_kernels import GPU_PROPS, gemm_4bit_uses_fused_kernel  # noqa: F401  (re-exported)
-from ..errors import SimulationError  # noqa: F401  (re-exported: raised by the stand-ins below)
+from vramplan.cuda.gemm_4bit import GPU_PROPS, gemm_4bit_uses_fused_kernel  # noqa: F401  (re-exported)
+from vramplan.core.errors import SimulationError  # noqa: F401  (re-exported: raised by the stand-ins below)
 
 aten = torch.ops.aten
 F = torch.nn.functional
@@ -113,12 +113,12 @@ def make_nonzero(routing: Routing):
 
 # --- 2. CUDA kernels that allocate more than their meta kernel -------------------------------------
 
-# The dispatch rule itself is torch-free (vramplan/cuda_kernels.py, shared with the estimator).
+# The dispatch rule itself is torch-free (vramplan/cuda/gemm_4bit.py, shared with the estimator).
 TORCH_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def gemm_4bit_fused(M: int, N: int, K: int, dtype: torch.dtype, props=GPU_PROPS) -> bool:
-    """cuda_kernels.gemm_4bit_uses_fused_kernel for a torch dtype."""
+    """cuda.gemm_4bit.gemm_4bit_uses_fused_kernel for a torch dtype."""
     return gemm_4bit_uses_fused_kernel(M, N, K, TORCH_DTYPE_NAMES[dtype], props)
 
 

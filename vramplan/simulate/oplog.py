@@ -1,11 +1,11 @@
 """StepTracker: the allocation tracker plus a log of every outer op, which is what the
-identical-layers shortcut (layers.py) replays, and the place of the first failure.
+identical-layers shortcut (shortcut.py) replays, and the place of the first failure.
 
 Kept apart from tracker.py, whose AllocationTracker the profile package shares unchanged.
 """
 from __future__ import annotations
 
-from .tracker import AllocationTracker, op_name
+from vramplan.simulate.tracker import AllocationTracker, op_name
 
 
 class StepTracker(AllocationTracker):

@@ -22,7 +22,7 @@ Components at the peak instant (the definitions the estimator shares):
   activations      everything else allocated in forward/backward (including the input ids)
 
 By default only a few decoder layers run and the step of the full depth is rebuilt from them
-(layers.py: decoder layers are identical, so the full step repeats one layer's forward and backward);
+(shortcut.py: decoder layers are identical, so the full step repeats one layer's forward and backward);
 `run(..., exact=True)` executes every layer.
 """
 from __future__ import annotations
@@ -31,18 +31,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from ..components import ALLOCATED, Component, check_sum
-from ..setup import TrainSetup
+from vramplan.core.components import ALLOCATED, Component, check_sum
+from vramplan.core.setup import TrainSetup
+from vramplan.simulate.attribution import (LOGITS_REGION, StepContext, component_of, decoder_layers, module_names,
+                                           register_live_state, short_name)
 
+Progress = Callable[[str, int, int], None]   # (stage, done, total): decoder layers run so far
 STEP_PHASES = ("forward", "backward", "optimizer")
-LOGITS_REGION = "logits_loss"
 TIMELINE_POINTS = 4096  # at most this many timeline rows are kept (max-preserving)
 
 
 @dataclass(frozen=True)
 class Trace:
     """One measured step. With the identical-layers shortcut (extrapolated=True) every field is
-    computed from the rebuilt event sequence of the full depth (layers.py): peak, components,
+    computed from the rebuilt event sequence of the full depth (shortcut.py): peak, components,
     peak place, phase_peaks, boundaries, paged_bytes, attention, top_modules and timeline are
     those of the full trace (tests/test_simulate_layers.py checks them field for field); only
     seconds, notes, layers_traced and extrapolated differ, and strays counts the traced model's."""
@@ -74,211 +76,6 @@ class Trace:
         return d
 
 
-class StepContext:
-    """Where execution is: phase, module and the component newly allocated storages default to.
-
-    Forward: a module stack from forward pre/post hooks (recomputation under gradient
-    checkpointing fires them again inside backward). Backward: a tensor hook on each module
-    output fires when its gradient is ready (that module's backward starts), a hook on its input
-    when the input's gradient is ready (it ends). Backward starts in the loss, then lm_head."""
-
-    def __init__(self, lm_head_name: str):
-        self.phase = "setup"
-        self.stack: list[str] = []
-        self.bw_module = ""
-        self.region = ""              # "logits_loss" inside lm_head / the loss function
-        self.lm_head = lm_head_name
-        self.lm_ancestors: set[str] = set()   # modules whose subtree holds lm_head
-        self.handles = []
-        self.layer_names: set[str] = set()    # decoder layers: on_layer() fires as each one runs
-        self.on_layer: Callable[[str], None] | None = None
-        self.failed_module: tuple | None = None   # (module, exception) of an exception leaving a module
-
-    def __call__(self) -> tuple:
-        module = self.stack[-1] if self.stack else self.bw_module
-        tag = None
-        if self.phase == "optimizer":
-            tag = Component.TEMPORARIES.value
-        elif self.region == LOGITS_REGION or module == self.lm_head or module.startswith(self.lm_head + "."):
-            tag = Component.LOGITS_LOSS.value
-            if self.region == LOGITS_REGION and module in self.lm_ancestors:
-                module = "loss"  # the loss function, called by the top-level model
-        return (self.phase, module or self.phase, tag)
-
-    # --- hooks ---------------------------------------------------------------------------------
-    def install(self, model, names: dict) -> None:
-        import sys
-
-        import torch
-        from torch.utils._pytree import tree_leaves
-
-        def pre(module, args, kwargs):
-            name = names[module]
-            self.stack.append(name)
-            if self.on_layer is not None and self.phase == "forward" and name in self.layer_names:
-                self.on_layer(name)
-            if torch.is_grad_enabled():
-                for t in tree_leaves((args, kwargs)):
-                    if isinstance(t, torch.Tensor) and t.requires_grad and t.grad_fn is not None:
-                        t.register_hook(lambda g, n=name: self._bw_leave(n))
-                        break
-
-        def post(module, args, out):
-            name = names[module]
-            exc = sys.exc_info()[1]  # always_call hooks also run while an exception leaves the module
-            if exc is not None and type(exc).__name__ != "_StopRecomputationError" \
-                    and (self.failed_module is None or self.failed_module[1] is not exc):
-                self.failed_module = (name, exc)  # the innermost module sees it first
-            if self.stack and self.stack[-1] == name:
-                self.stack.pop()
-            elif name in self.stack:
-                self.stack.remove(name)
-            if torch.is_grad_enabled():
-                for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor) and t.requires_grad and t.grad_fn is not None:
-                        t.register_hook(lambda g, n=name: self._bw_enter(n))
-
-        for module in model.modules():
-            if any(names.get(m) == self.lm_head for m in module.modules()):
-                self.lm_ancestors.add(names[module])
-        for module in model.modules():
-            if module in names:
-                self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-                # always_call: checkpoint recomputation stops early by raising inside the forward
-                self.handles.append(module.register_forward_hook(post, always_call=True))
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def _bw_enter(self, name: str) -> None:
-        self.bw_module = name
-        if self.on_layer is not None and name in self.layer_names:
-            self.on_layer(name)
-        if self.region == LOGITS_REGION and name not in self.lm_ancestors \
-                and not name.startswith(self.lm_head + "."):
-            self.region = ""  # backward reached a module before lm_head's: logits are done
-
-    def _bw_leave(self, name: str) -> None:
-        # hooks on one tensor fire in registration order: the input of lora_B is the output of
-        # lora_A, so "leave lora_B" may come after "enter lora_A"; leave only what is current.
-        if self.bw_module == name or self.bw_module.startswith(name + "."):
-            self.bw_module = name.rsplit(".", 1)[0] if "." in name else ""
-        if name == self.lm_head:
-            self.region = ""  # the gradient has left lm_head: logits and loss are done
-
-    def wrap_loss(self, base) -> None:
-        """Mark the loss function as the logits_loss region (transformers' loss_function setter)."""
-        loss_fn = base.loss_function
-
-        def loss_function(*args, **kwargs):
-            outer = self.region
-            self.region = LOGITS_REGION
-            try:
-                return loss_fn(*args, **kwargs)
-            finally:
-                self.region = outer
-
-        base.loss_function = loss_function
-
-
-def _module_names(model) -> dict:
-    """Readable names: peft's 'base_model.model.' prefix dropped."""
-    names = {}
-    for name, module in model.named_modules():
-        short = name.removeprefix("base_model.model.")
-        names[module] = type(module).__name__ if short in ("", "base_model", "base_model.model") else short
-    return names
-
-
-def short_name(name: str) -> str:
-    """A parameter / module name as _module_names shows it (peft's prefix dropped)."""
-    return name.removeprefix("base_model.model.")
-
-
-def decoder_layers(model) -> tuple[str, list]:
-    """(short name of the decoder layer list, its modules): the largest nn.ModuleList of the model."""
-    import torch
-
-    best = ("", [])
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best[1]):
-            best = (short_name(name), list(module))
-    return best
-
-
-def _register_live_state(tracker, built, paged: list) -> None:
-    """Everything on the device before the step: quant state, parameters, buffers, optimizer state,
-    the batch. Order matters only for storages shared between two of these (none expected)."""
-    from . import kernels
-
-    model = built.model
-    quantized = []
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        qs = getattr(weight, "quant_state", None)
-        if qs is not None:
-            quantized.append(tracker.track(weight, Component.WEIGHTS.value))  # the packed 4-bit weight
-            for t in (qs.absmax, qs.code, qs.offset):
-                quantized.append(tracker.track(t, Component.QUANT_CONSTANTS.value))
-            if qs.state2 is not None:
-                quantized.append(tracker.track(qs.state2.absmax, Component.QUANT_CONSTANTS.value))
-                quantized.append(tracker.track(qs.state2.code, Component.QUANT_CONSTANTS.value))
-        state = getattr(module, "state", None)  # bnb Linear8bitLt MatmulLtState
-        if state is not None and hasattr(state, "SCB"):
-            quantized.append(tracker.track(weight, Component.WEIGHTS.value))
-            quantized.append(tracker.track(state.CB, Component.WEIGHTS.value))
-            quantized.append(tracker.track(state.SCB, Component.QUANT_CONSTANTS.value))
-            quantized.append(tracker.track(getattr(weight, "SCB", None), Component.QUANT_CONSTANTS.value))
-    # What an op builds from a quantized weight or its constants is a dequantized copy
-    # (MatMul8bitLt.backward: CB.to(dtype).mul_(SCB / 127); functional.dequantize_4bit), except
-    # the bitsandbytes matmuls themselves, whose outputs are activations.
-    tracker.propagate = {b.key: Component.TEMPORARIES.value for b in quantized if b is not None}
-    tracker.propagate_skip = kernels.matmul_ops()
-    for name, p in model.named_parameters():
-        tag = Component.ADAPTERS if "lora_" in name else Component.WEIGHTS
-        tracker.track(p, tag.value)
-    for _, b in model.named_buffers():
-        tracker.track(b, Component.WEIGHTS.value)
-    register_optimizer_state(tracker, built.optimizer, paged)
-    tracker.track(built.input_ids, Component.ACTIVATIONS.value)
-
-
-def register_optimizer_state(tracker, optimizer, paged: list) -> None:
-    """optimizer.state on the device; paged state (CUDA unified memory) only adds to `paged`."""
-    import torch
-
-    from . import kernels
-
-    for state in optimizer.state.values():
-        for key, v in state.items():
-            if not isinstance(v, torch.Tensor):
-                continue
-            if kernels.is_paged(v):
-                paged.append(v.untyped_storage().nbytes())
-                tracker.ignore(v)
-            elif key == "step" and v.dim() == 0 and tracker.device_type == "cpu":
-                # torch.optim keeps `step` on the host unless capturable/fused (adam.py
-                # _init_group); a real CPU run has it on its only device: not counted.
-                tracker.ignore(v)
-            else:
-                tracker.track(v, Component.OPTIMIZER_STATE.value)
-
-
-def _component(block) -> str:
-    from . import kernels
-
-    if block.tag == "stray":  # should not happen (Trace.strays counts them): the step made it
-        return Component.ACTIVATIONS.value
-    if block.tag is not None:
-        return block.tag
-    _phase, _module, tag = block.where
-    if block.op in kernels.DEQUANT_OPS:
-        return Component.TEMPORARIES.value
-    return tag or Component.ACTIVATIONS.value
-
-
 def _downsample(rows: list, limit: int) -> list:
     if len(rows) <= limit:
         return rows
@@ -290,59 +87,12 @@ def _downsample(rows: list, limit: int) -> list:
     return out
 
 
-Progress = Callable[[str, int, int], None]   # (stage, done, total): decoder layers run so far
-
-
-def run(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
-        progress: Progress | None = None) -> Trace:
-    """Simulate one steady-state training step of `spec` under `setup` on `device`.
-
-    device "meta" emulates a CUDA GPU (no memory, no compute: shapes only); "cpu" runs the same
-    step for real on small models (the check that the meta emulation is faithful).
-
-    On meta, unless `exact`, a model deeper than layers.TRACED_LAYERS decoder layers is traced at
-    that depth and the step of the full depth is rebuilt from it (layers.py): the same result,
-    byte for byte, in a fraction of the time and memory. It falls back to the full trace by
-    itself when the traced layers turn out not to be identical.
-
-    progress(stage, done, total) is called as decoder layers run (forward and backward of the
-    warm-up and of the measured step)."""
-    if device not in ("meta", "cpu"):
-        from ..errors import UsageError
-        raise UsageError(f"simulate runs on 'meta' (or 'cpu' for small real runs), not {device!r}",
-                         hint="use `vramplan profile` to measure on a GPU")
-    t0 = time.perf_counter()
-    require_packages(setup)
-    notes: list[str] = []
-    if device == "meta" and not exact:
-        from . import layers
-
-        if layers.applies(spec):
-            trace, why = layers.run_shortcut(spec, setup, progress=progress)
-            if trace is not None:
-                return _with_seconds(trace, time.perf_counter() - t0)
-            notes.append(f"identical-layers shortcut not used ({why}): every layer traced")
-    with Simulation(spec, setup, device, progress=progress) as sim:
-        sim.warm_up()
-        tracker = sim.measure()
-        trace = sim.trace(tracker, time.perf_counter() - t0)
-    if notes:
-        import dataclasses
-        trace = dataclasses.replace(trace, notes=trace.notes + tuple(notes))
-    return trace
-
-
-def _with_seconds(trace: Trace, seconds: float) -> Trace:
-    import dataclasses
-    return dataclasses.replace(trace, seconds=round(seconds, 3))
-
-
 def require_packages(setup: TrainSetup) -> None:
     """DependencyError (pip install 'vramplan[simulate]') unless what this setup needs is installed:
     torch, transformers, peft, and bitsandbytes for quantization or its optimizers."""
     import logging
 
-    from ..errors import require
+    from vramplan.core.errors import require
 
     # bitsandbytes logs a warning at import on CPU-only machines (no `kernels` package for its
     # optional fused CPU gemm); it says nothing about the simulated GPU.
@@ -353,12 +103,9 @@ def require_packages(setup: TrainSetup) -> None:
         require("bitsandbytes", "simulate")
 
 
-_require = require_packages
-
-
 @dataclass
 class Measured:
-    """What a measured step gives trace(): from the tracker itself, or replayed (layers.py)."""
+    """What a measured step gives trace(): from the tracker itself, or replayed (shortcut.py)."""
     peak_bytes: int
     peak_where: tuple
     peak_op: str
@@ -373,7 +120,7 @@ class Measured:
     @classmethod
     def from_tracker(cls, tracker, boundary: dict, paged: int, attention: dict) -> "Measured":
         peak = tracker.peak
-        live = [(b.size, _component(b), b.op, b.where[1] if len(b.where) > 1 else "")
+        live = [(b.size, component_of(b), b.op, b.where[1] if len(b.where) > 1 else "")
                 for b in tracker.live_at(peak.event)]
         return cls(peak.bytes, peak.where, peak.op, dict(tracker.phase_max), dict(boundary),
                    list(tracker.timeline), live, len(tracker.strays), paged, attention)
@@ -392,8 +139,8 @@ class Simulation:
     def __init__(self, spec, setup: TrainSetup, device: str = "meta", progress: Progress | None = None):
         import warnings
 
-        from . import kernels
-        from .build import build
+        from vramplan.simulate import kernels
+        from vramplan.simulate.build import build
 
         require_packages(setup)
         self.spec, self.setup, self.device = spec, setup, device
@@ -405,7 +152,7 @@ class Simulation:
             warnings.simplefilter("ignore")
             self.built = build(spec, setup, device)
         model = self.built.model
-        names = _module_names(model)
+        names = module_names(model)
         self.ctx = StepContext(names.get(self.built.lm_head, "lm_head"))
         self.ctx.install(model, names)
         self.ctx.wrap_loss(model.get_base_model() if hasattr(model, "get_base_model") else model)
@@ -426,7 +173,7 @@ class Simulation:
         import contextlib
         import warnings
 
-        from . import kernels
+        from vramplan.simulate import kernels
 
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(warnings.catch_warnings())
@@ -485,14 +232,14 @@ class Simulation:
             tracker.mark()
             ctx.phase = "done"
         except Exception as exc:
-            from ..errors import VramplanError
+            from vramplan.core.errors import VramplanError
             if isinstance(exc, VramplanError):
                 raise
             raise self.failure(tracker, exc) from exc
 
     def failure(self, tracker, exc: BaseException):
         """SimulationError: which phase, module and op a failing step stopped in."""
-        from ..errors import SimulationError
+        from vramplan.core.errors import SimulationError
 
         where = getattr(tracker, "failure", None)
         op, context = where if where else ("", None)
@@ -510,7 +257,7 @@ class Simulation:
                                hint="vramplan estimate still works; please report this model and setup")
 
     def tracker(self, recording: bool = True):
-        from .oplog import StepTracker
+        from vramplan.simulate.oplog import StepTracker
 
         strays = "count" if (self.meta and recording) else "ignore"
         tracker = StepTracker(self.device, self.ctx, self.overrides, strays=strays)
@@ -529,7 +276,7 @@ class Simulation:
         """A tracker holding everything live before the measured step."""
         tracker = self.tracker()
         self.paged = []
-        _register_live_state(tracker, self.built, self.paged)
+        register_live_state(tracker, self.built, self.paged)
         return tracker
 
     def measure(self):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .errors import UsageError
+from vramplan.core.errors import UsageError
 
 METHODS = ("qlora", "lora", "full")
 QUANTS = ("nf4", "fp4", "int8")

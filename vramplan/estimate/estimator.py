@@ -3,7 +3,7 @@ optimizer state exists), phase by phase.
 
 The step is `loss = model(input_ids, labels=input_ids).loss; loss.backward(); opt.step();
 opt.zero_grad(set_to_none=True)`. Static memory comes from inventory.py (byte-exact), activations
-from activations.py (one decoder layer and the head walked op by op). Candidate peaks, each a sum
+from ops.py (one decoder layer and the head walked op by op). Candidate peaks, each a sum
 of named components (step_moments):
 - forward: the top layer's forward over what the layers below keep (their saved activations, or
   with gradient checkpointing their inputs), and the loss forward;
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .activations import act_bytes, eager_masks, head_memory, int8_ctx_inputs, layer_memory
-from .components import ALLOCATED, Component, check_sum
-from .device import device_overhead
-from .errors import ModelError
-from .gpus import Gpu, resolve_gpu
-from .inventory import Static, static_memory
-from .models import ModelSpec, resolve
-from .quant import alloc
-from .setup import TrainSetup
+from vramplan.estimate.ops import act_bytes, eager_masks, head_memory, int8_ctx_inputs, layer_memory
+from vramplan.core.components import ALLOCATED, Component, check_sum
+from vramplan.cuda.context import device_overhead
+from vramplan.core.errors import ModelError
+from vramplan.core.gpus import Gpu, resolve_gpu
+from vramplan.estimate.inventory import Static, static_memory
+from vramplan.core.models import ModelSpec, resolve
+from vramplan.estimate.quant import alloc
+from vramplan.core.setup import TrainSetup
 
 C = Component
 
@@ -237,5 +237,5 @@ def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
 
 
 def static_adapted(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
-    from .inventory import adapted_linears
+    from vramplan.estimate.inventory import adapted_linears
     return tuple(l.leaf for l in adapted_linears(spec, setup))

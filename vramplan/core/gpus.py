@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import GpuError, UsageError
-from .units import MiB, parse_size
+from vramplan.core.errors import GpuError, UsageError
+from vramplan.core.units import MiB, parse_size
 
 CATALOG = Path(__file__).parent / "catalog" / "gpus.toml"
 

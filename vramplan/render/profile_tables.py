@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .compare import Comparison
+from vramplan.profile.compare import Comparison
 
 GIB = 2**30
 UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from .architectures import ARCHITECTURES, Architecture, supported
-from .errors import ModelError
+from vramplan.core.architectures import ARCHITECTURES, Architecture, supported
+from vramplan.core.errors import ModelError
 
 CATALOG_DIR = Path(__file__).parent / "catalog" / "models"
 

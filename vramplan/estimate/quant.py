@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .units import round_up
+from vramplan.core.units import round_up
 
 BLOCK = 512                 # CUDA caching allocator granularity
 BLOCKSIZE_4BIT = 64         # BitsAndBytesConfig / Linear4bit default blocksize

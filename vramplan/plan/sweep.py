@@ -6,17 +6,15 @@ int64 columns; the verdict uses the planner's thresholds (planner.status_of).
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
 from itertools import product
 
-from .components import ALLOCATED
-from .errors import UsageError, require
-from .gpus import Gpu, resolve_gpu
-from .models import ModelSpec, resolve
-from .planner import TIGHT, Evaluator, status_of
-from .setup import TrainSetup, parse_targets
-from .sharding import Parallel
+from vramplan.core.components import ALLOCATED
+from vramplan.core.errors import UsageError, require
+from vramplan.core.gpus import Gpu, resolve_gpu
+from vramplan.core.models import ModelSpec, resolve
+from vramplan.plan.planner import TIGHT, Evaluator, status_of
+from vramplan.core.setup import TrainSetup, parse_targets
+from vramplan.plan.sharding import Parallel
 
 SETUP_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSetup))
 PARALLEL_AXES = ("gpus", "strategy", "offload")
@@ -87,15 +85,3 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
     if g is None:
         df = df.drop(columns=["gpu", "gpu_memory_bytes"])
     return df
-
-
-class _CallableModule(types.ModuleType):
-    """Importing the submodule `vramplan.sweep` makes Python bind that name on the package to this
-    module, shadowing the lazily exported function; calling the module calls the function, so
-    `vramplan.sweep(...)` works whichever was imported first."""
-
-    def __call__(self, *args, **kwargs):
-        return sweep(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

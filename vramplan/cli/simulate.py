@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import UsageError
+from vramplan.core.errors import UsageError
 
 TOP_MODULES = 10
 
@@ -29,26 +29,27 @@ def register(subparsers, setup_flags_parent) -> None:
 
 
 def cmd_simulate(args) -> int:
-    from .cli import print_json, setup_from_args
-    from .estimator import estimate
-    from .models import resolve
+    from vramplan.cli.flags import print_json, setup_from_args
+    from vramplan.estimate.estimator import estimate
+    from vramplan.core.models import resolve
 
     setup = setup_from_args(args)
     spec = resolve(args.model)
     gpu = None
     if args.gpu:
-        from .gpus import resolve_gpu
+        from vramplan.core.gpus import resolve_gpu
         gpu = resolve_gpu(args.gpu)
     if args.timeline:
         _check_writable(args.timeline)
     est = estimate(spec, setup)
-    from .simulate.step import require_packages, run
+    from vramplan.simulate.step import require_packages
+    from vramplan.simulate import simulate
     require_packages(setup)     # before the progress bar: a missing package is a one-line error
     with _progress() as progress:
-        trace = run(spec, setup, exact=args.exact, progress=progress)
+        trace = simulate(spec, setup, exact=args.exact, progress=progress)
     if args.timeline:
         write_timeline(trace, args.timeline)
-    from .simulate import compare
+    from vramplan.simulate import compare
     if args.json:
         print_json(compare.to_dict(trace, est))
     else:
@@ -117,7 +118,7 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
     from rich.console import Console
     from rich.table import Table
 
-    from .simulate import compare
+    from vramplan.simulate import compare
 
     console = console or Console()
     s = trace.setup

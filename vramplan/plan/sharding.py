@@ -31,15 +31,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .components import ALLOCATED, Component, check_sum
-from .errors import UsageError
-from .gpus import Gpu, resolve_gpu
-from .estimator import Verdict
-from .inventory import numel, optimizer_memory, static_memory
-from .models import ModelSpec, resolve
-from .quant import alloc, layout
-from .setup import TrainSetup
-from .units import MiB
+from vramplan.core.components import ALLOCATED, Component, check_sum
+from vramplan.core.errors import UsageError
+from vramplan.core.gpus import Gpu, resolve_gpu
+from vramplan.estimate.estimator import Verdict
+from vramplan.estimate.inventory import numel, optimizer_memory, static_memory
+from vramplan.core.models import ModelSpec, resolve
+from vramplan.estimate.quant import alloc, layout
+from vramplan.core.setup import TrainSetup
+from vramplan.core.units import MiB
 
 C = Component
 
@@ -200,7 +200,7 @@ def parallel_of(gpus: int = 1, strategy: str | None = None, offload: str = "none
     """The Parallel a caller means: an explicit one, or built from the three CLI-like values."""
     if parallel is not None:
         if not isinstance(parallel, Parallel):
-            raise UsageError(f"parallel must be a vramplan.sharding.Parallel, got {type(parallel).__name__}",
+            raise UsageError(f"parallel must be a vramplan.plan.sharding.Parallel, got {type(parallel).__name__}",
                              hint="e.g. Parallel(gpus=2, strategy='fsdp')")
         return parallel
     return Parallel(gpus=gpus, strategy=strategy, offload=offload)
@@ -379,7 +379,7 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
             gpu: str | int | Gpu | None = None, *, gpus: int = 1, strategy: str | None = None,
             offload: str = "none", **flags) -> ShardedEstimate:
     """Per-GPU memory of `setup` under `parallel` (or gpus/strategy/offload)."""
-    from .estimator import estimate
+    from vramplan.estimate.estimator import estimate
 
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     par = parallel_of(gpus, strategy, offload, parallel)

@@ -29,14 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .cuda_kernels import gemm_4bit_uses_fused_kernel
-from .graph import ACT, Op, Tape, Tensor, WalkResult, walk
-from .inventory import adapted_linears, experts_adapted
-from .models import Linear, ModelSpec
-from .quant import alloc as alloc_bytes, dequant_temporary
-from . import symbolic as sym
-from .symbolic import alloc, variables
-from .setup import TrainSetup
+from vramplan.cuda.gemm_4bit import gemm_4bit_uses_fused_kernel
+from vramplan.estimate.walk import ACT, Op, Tape, Tensor, WalkResult, walk
+from vramplan.estimate.inventory import adapted_linears, experts_adapted
+from vramplan.core.models import Linear, ModelSpec
+from vramplan.estimate.quant import alloc as alloc_bytes, dequant_temporary
+from vramplan.estimate import symbolic as sym
+from vramplan.estimate.symbolic import alloc, variables
+from vramplan.core.setup import TrainSetup
 
 FP32 = 4
 LOGITS = "logits_loss"
@@ -339,7 +339,7 @@ class _Ops:
 
 def gemm_4bit_fused(rows: int, out_features: int, in_features: int) -> bool:
     """Whether bitsandbytes' gemm_4bit runs its fused kernel (no dequantized weight) for a
-    training matmul of `rows` tokens: cuda_kernels.py, the rule simulate uses as well."""
+    training matmul of `rows` tokens: cuda/gemm_4bit.py, the rule simulate uses as well."""
     return gemm_4bit_uses_fused_kernel(rows, out_features, in_features, "bf16")
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
 
-from .symbolic import Size, alloc, rounded_bytes
+from vramplan.estimate.symbolic import Size, alloc, rounded_bytes
 
 ACT = "activations"
 TMP = "temporaries"

@@ -1,8 +1,8 @@
 """Data -> rows: the component table every front end (rich, JSON, pandas) draws from."""
 from __future__ import annotations
 
-from .components import ALLOCATED, Component
-from .estimator import Estimate
+from vramplan.core.components import ALLOCATED, Component
+from vramplan.estimate.estimator import Estimate
 
 DESCRIPTIONS = {
     Component.WEIGHTS: "model parameters and buffers",

@@ -4,9 +4,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .estimator import Estimate
-from .report import component_rows
-from .units import GiB, format_bytes, format_signed
+from vramplan.estimate.estimator import Estimate
+from vramplan.render.report import component_rows
+from vramplan.core.units import GiB, format_bytes, format_signed
 
 
 def gib(n: int) -> str:

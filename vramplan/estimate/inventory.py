@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from .components import Component
-from .errors import ModelError
-from .models import Linear, ModelSpec
-from .quant import alloc, blocks, layout
-from .setup import ALL_LINEAR, TrainSetup
+from vramplan.core.components import Component
+from vramplan.core.errors import ModelError
+from vramplan.core.models import Linear, ModelSpec
+from vramplan.estimate.quant import alloc, blocks, layout
+from vramplan.core.setup import ALL_LINEAR, TrainSetup
 
 FP32 = 4
 PAGE_MIN_NUMEL = 100_000   # bitsandbytes/optim/optimizer.py get_state_buffer: p.numel() < 1e5 -> not paged

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import UsageError
+from vramplan.core.errors import UsageError
 
 _DECIMAL = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
             "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12}

@@ -34,8 +34,10 @@ import re
 import time
 from dataclasses import dataclass
 
-from ..components import Component
-from ..setup import TrainSetup
+from vramplan.core.components import Component
+from vramplan.core.setup import TrainSetup
+from vramplan.simulate.attribution import component_of, register_optimizer_state, short_name
+from vramplan.simulate.step import Measured, Simulation, make_trace
 
 UNITS = 5          # first, three middle units (each checked against the others), last
 EXPANDED = 2       # the middle unit that is repeated: its neighbours are middle units too
@@ -56,8 +58,8 @@ def applies(spec) -> bool:
 def reduced_spec(spec, setup: TrainSetup):
     """(spec with UNITS * period decoder layers, period). Per-layer config lists (layer_types:
     sliding or full attention) must repeat with a period that divides the depth."""
-    from ..models import spec_from_config
-    from .build import hf_config
+    from vramplan.core.models import spec_from_config
+    from vramplan.simulate.build import hf_config
 
     config = dict(spec.config)
     types = getattr(hf_config(spec, setup), "layer_types", None)
@@ -119,7 +121,6 @@ def static_units(built, names: LayerNames) -> dict[int, int | None]:
     (parameters, buffers, bitsandbytes quant state, int8 scales); None if shared between units."""
     import torch
 
-    from .step import short_name
 
     seen: dict[int, int | None] = {}
 
@@ -219,9 +220,8 @@ class Stream:
 
 
 def stream_of(tracker) -> Stream:
-    from .step import _component
 
-    blocks = [VBlock(b.size, b.alloc_event, b.free_event, b.where, b.op, _component(b)) for b in tracker.blocks]
+    blocks = [VBlock(b.size, b.alloc_event, b.free_event, b.where, b.op, component_of(b)) for b in tracker.blocks]
     registered = tracker.ops[0][0] if tracker.ops else tracker.event
     return Stream(blocks, list(tracker.ops), tracker.event, registered)
 
@@ -230,7 +230,6 @@ def replay(stream: Stream, paged: int = 0, attention: dict | None = None, strays
     """The tracker's bookkeeping over a stream (AllocationTracker._add / __torch_dispatch__ /
     mark): peak (first event reaching it), per-phase maxima, timeline rows, boundaries at the
     four marks, storages live at the peak."""
-    from .step import Measured
 
     n = stream.n_events
     alloc_at: list = [None] * (n + 1)
@@ -309,8 +308,7 @@ def optimizer_run(sim, params: list) -> OptimizerRun:
     measured under the step's context ("optimizer" phase: allocations are temporaries)."""
     import torch
 
-    from .build import make_optimizer
-    from .step import register_optimizer_state
+    from vramplan.simulate.build import make_optimizer
 
     tensors = [torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta")) for _, shape, dtype in params]
     opt = make_optimizer(tensors, sim.setup, "meta")
@@ -362,8 +360,7 @@ class Expansion:
     """The traced step of UNITS units and the step of the full depth rebuilt from it."""
 
     def __init__(self, sim, tracker, target_layers: int, period: int):
-        from .step import short_name
-
+    
         self.sim, self.tracker, self.period = sim, tracker, period
         self.m = EXPANDED
         self.n = (target_layers - UNITS * period) // period      # extra copies of unit m
@@ -567,7 +564,6 @@ class Expansion:
 
 def run_shortcut(spec, setup: TrainSetup, progress=None):
     """(Trace, None), or (None, why the layers cannot be repeated)."""
-    from .step import Simulation, make_trace
 
     t0 = time.perf_counter()
     try:

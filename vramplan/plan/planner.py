@@ -45,13 +45,13 @@ import math
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from .errors import UsageError
-from .estimator import Estimate, estimate
-from .gpus import Gpu, catalog, resolve_gpu
-from .inventory import static_memory
-from .models import ModelSpec, resolve
-from .setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup
-from .sharding import Parallel, ShardedEstimate, distribute, effective_setup, parallel_of, per_gpu, splits_for
+from vramplan.core.errors import UsageError
+from vramplan.estimate.estimator import Estimate, estimate
+from vramplan.core.gpus import Gpu, catalog, resolve_gpu
+from vramplan.estimate.inventory import static_memory
+from vramplan.core.models import ModelSpec, resolve
+from vramplan.core.setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup
+from vramplan.plan.sharding import Parallel, ShardedEstimate, distribute, effective_setup, parallel_of, per_gpu, splits_for
 
 TIGHT = 0.05
 MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .units import MiB, round_up
+from vramplan.core.units import MiB, round_up
 
 # CUDA context + kernels loaded by a PyTorch process with CUDA_MODULE_LOADING=LAZY (the default
 # since CUDA 11.7 / torch 1.13): "several hundred MiB depending on GPU, driver and lazy module

@@ -1,0 +1,5 @@
+"""The `vramplan` command line: one module per command, the shared setup flags in flags.py. The
+CLI parses, calls the library and renders; it holds no arithmetic."""
+from vramplan.cli.app import main
+
+__all__ = ["main"]

@@ -1,0 +1,5 @@
+import sys
+
+from vramplan.cli import main
+
+sys.exit(main())

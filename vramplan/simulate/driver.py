@@ -1,0 +1,51 @@
+"""simulate(): the identical-layers shortcut where it applies, the full trace otherwise."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from vramplan.core.errors import UsageError
+from vramplan.core.setup import TrainSetup
+from vramplan.simulate import shortcut
+from vramplan.simulate.step import Progress, Simulation, Trace, require_packages
+
+
+def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
+        progress: Progress | None = None) -> Trace:
+    """Simulate one steady-state training step of `spec` under `setup` on `device`.
+
+    device "meta" emulates a CUDA GPU (no memory, no compute: shapes only); "cpu" runs the same
+    step for real on small models (the check that the meta emulation is faithful).
+
+    On meta, unless `exact`, a model deeper than layers.TRACED_LAYERS decoder layers is traced at
+    that depth and the step of the full depth is rebuilt from it (shortcut.py): the same result,
+    byte for byte, in a fraction of the time and memory. It falls back to the full trace by
+    itself when the traced layers turn out not to be identical.
+
+    progress(stage, done, total) is called as decoder layers run (forward and backward of the
+    warm-up and of the measured step)."""
+    if device not in ("meta", "cpu"):
+        raise UsageError(f"simulate runs on 'meta' (or 'cpu' for small real runs), not {device!r}",
+                         hint="use `vramplan profile` to measure on a GPU")
+    t0 = time.perf_counter()
+    require_packages(setup)
+    notes: list[str] = []
+    if device == "meta" and not exact:
+        if shortcut.applies(spec):
+            trace, why = shortcut.run_shortcut(spec, setup, progress=progress)
+            if trace is not None:
+                return _with_seconds(trace, time.perf_counter() - t0)
+            notes.append(f"identical-layers shortcut not used ({why}): every layer traced")
+    with Simulation(spec, setup, device, progress=progress) as sim:
+        sim.warm_up()
+        tracker = sim.measure()
+        trace = sim.trace(tracker, time.perf_counter() - t0)
+    if notes:
+        trace = dataclasses.replace(trace, notes=trace.notes + tuple(notes))
+    return trace
+
+
+def _with_seconds(trace: Trace, seconds: float) -> Trace:
+    return dataclasses.replace(trace, seconds=round(seconds, 3))
+
+
