@@ -11,11 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import requires
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
+pytestmark = requires("torch", "transformers", "peft", "bitsandbytes")
 
 from vramplan import TrainSetup, estimate  # noqa: E402
 from vramplan.core.models import spec_from_config  # noqa: E402

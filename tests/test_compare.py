@@ -125,7 +125,12 @@ def test_cli_compare_outputs(tmp_path, capsys, monkeypatch):
     assert main(["compare", str(tmp_path / "p"), "--markdown"]) == 0
     md = capsys.readouterr().out
     assert md.startswith("| model |") and "+10.0%" in md
-    pytest.importorskip("pandas")
+
+
+@pytest.mark.pandas
+def test_cli_compare_csv(tmp_path, capsys):
+    store.write_record(gpu_shaped(1.10), tmp_path / "p")
+    store.write_record(gpu_shaped(0.95, nvml=False), tmp_path / "p")
     assert main(["compare", str(tmp_path / "p"), "--csv", str(tmp_path / "c.csv")]) == 0
     capsys.readouterr()
     import pandas as pd

@@ -215,6 +215,7 @@ def test_bad_plan_input(kwargs, message):
 
 # --- sweep ----------------------------------------------------------------------------------------
 
+@pytest.mark.pandas
 def test_sweep_dataframe():
     df = vramplan.sweep("mistralai/Mistral-7B-v0.1", gpu="24GB", batch=[1, 2, 4, 8], seq=[512, 2048, 8192])
     assert len(df) == 12 and {"batch", "seq", "device_total_bytes", "status", "fits", "weights"} <= set(df.columns)
@@ -226,6 +227,7 @@ def test_sweep_dataframe():
     assert len(multi) == 6 and "status" not in multi.columns
 
 
+@pytest.mark.pandas
 @pytest.mark.parametrize("kwargs, message", [
     (dict(colour=[1]), "unknown sweep axis colour"),
     (dict(batch=[]), "sweep axis batch is empty"),
@@ -249,6 +251,7 @@ def test_import_vramplan_stays_light():
     assert out.strip() == ""
 
 
+@pytest.mark.pandas
 def test_module_import_does_not_shadow_the_sweep_function():
     from vramplan.plan.sweep import SETUP_FIELDS  # binds the submodule on the package
 
@@ -300,9 +303,12 @@ def test_cli_plan_all_gpus(capsys):
     (["plan", "llama-2-7b", "--gpu", "24GB", "--grid-seq", "512,big"], "Error: --grid-seq '512,big': 'big' is not"),
     (["sweep", "llama-2-7b", "--batch", "1,2,x"], "Error: --batch '1,2,x': 'x' is not a whole number"),
     (["sweep", "llama-2-7b", "--seq", ""], "Error: --seq '' is not a comma-separated list"),
-    (["sweep", "llama-2-7b", "--gpus", "0,2", "--strategy", "fsdp"], "Error: --gpus must be positive"),
-    (["sweep", "llama-2-7b", "--method", "qlora,dora"], "Error: unknown method 'dora'"),
-    (["sweep", "llama-2-7b", "--csv", "/no/such/dir/x.csv"], "Error: cannot write '/no/such/dir/x.csv'"),
+    pytest.param(["sweep", "llama-2-7b", "--gpus", "0,2", "--strategy", "fsdp"], "Error: --gpus must be positive",
+                 marks=pytest.mark.pandas),
+    pytest.param(["sweep", "llama-2-7b", "--method", "qlora,dora"], "Error: unknown method 'dora'",
+                 marks=pytest.mark.pandas),
+    pytest.param(["sweep", "llama-2-7b", "--csv", "/no/such/dir/x.csv"], "Error: cannot write '/no/such/dir/x.csv'",
+                 marks=pytest.mark.pandas),
     (["plan", "llama-2-7b", "--gpu", "24GB", "--plot", "out.bmp"], "Error: cannot plot to 'out.bmp'"),
 ])
 def test_cli_errors_are_one_line_exit_2(capsys, argv, message):
@@ -310,6 +316,8 @@ def test_cli_errors_are_one_line_exit_2(capsys, argv, message):
     assert code == 2 and err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.pandas
+@pytest.mark.matplotlib
 def test_cli_sweep_csv_and_plot(capsys, tmp_path):
     csv_path, png = tmp_path / "sweep.csv", tmp_path / "sweep.png"
     code, out, _ = run(capsys, "sweep", "mistralai/Mistral-7B-v0.1", "--gpu", "24GB", "--batch", "1,2,4,8",
@@ -320,6 +328,7 @@ def test_cli_sweep_csv_and_plot(capsys, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.matplotlib
 def test_cli_plan_plot(capsys, tmp_path):
     png = tmp_path / "breakdown.png"
     code, out, _ = run(capsys, "plan", "meta-llama/Meta-Llama-3-8B", "--gpu", "24GB", "--batch", "8",

@@ -34,6 +34,10 @@ def test_matrix_covers_the_issue_in_value_order():
     assert distance == sorted(distance)
 
 
+@pytest.mark.torch
+@pytest.mark.transformers
+@pytest.mark.peft
+@pytest.mark.bitsandbytes
 def test_dry_run_writes_records_bundle_and_summary(tmp_path):
     out, bundle, summary = tmp_path / "records", tmp_path / "c.jsonl", tmp_path / "summary.md"
     code = campaign.main(["run", "--dry-run", "--device", "cpu", "--budget", "300", "--only", "2", "--out", str(out),
@@ -63,6 +67,10 @@ def test_out_of_budget_configurations_are_recorded_as_skipped(tmp_path):
         assert d["estimate"]["peak_allocated_bytes"] > 0 and "budget" in d["failure"]["message"]
 
 
+@pytest.mark.torch
+@pytest.mark.transformers
+@pytest.mark.peft
+@pytest.mark.bitsandbytes
 @pytest.mark.skipif(os.name != "posix", reason="bash script")
 def test_shell_script_dry_run(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), BUDGET="200")

@@ -5,9 +5,9 @@ import logging
 import warnings
 
 import pytest
+from conftest import requires
 
-pytest.importorskip("torch")
-pytest.importorskip("peft")
+pytestmark = requires("torch", "transformers", "peft")
 
 from vramplan.integrations import MemoryCallback, setup_of  # noqa: E402
 
@@ -109,8 +109,8 @@ def test_unknown_architecture_does_not_stop_training(tmp_path, caplog):
     assert len(cb.history) == 1 and cb.history[0].predicted_peak_allocated_bytes is None
 
 
+@pytest.mark.bitsandbytes
 def test_setup_is_read_off_a_quantized_peft_model(tmp_path):
-    pytest.importorskip("bitsandbytes")
     from transformers import TrainingArguments
 
     from vramplan.core.models import spec_from_config

@@ -10,14 +10,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import requires
 
 from vramplan.cli import main
 from vramplan.core.errors import GpuError, ModelError, UsageError
 from vramplan.profile.session import ForkServerLauncher, ProfileOptions, profile
 from vramplan.core.setup import TrainSetup
 
-pytest.importorskip("torch")
-pytest.importorskip("bitsandbytes")
+pytestmark = requires("torch", "transformers", "peft", "bitsandbytes")
 
 CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 512,

@@ -1,9 +1,12 @@
 """quant.py against bitsandbytes itself: quantize real-shaped weights on the meta device (bnb
 registers meta kernels for its ops) and count the storages its QuantState holds, byte for byte."""
 import pytest
+from conftest import requires
 
-torch = pytest.importorskip("torch")
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
+pytestmark = requires("torch", "bitsandbytes")
+
+import torch  # noqa: E402
+import bitsandbytes.functional as bnb_functional  # noqa: E402
 
 from vramplan.estimate.quant import alloc, dequant_temporary, layout_4bit  # noqa: E402
 

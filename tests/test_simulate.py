@@ -11,11 +11,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import requires
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
+pytestmark = requires("torch", "transformers", "peft", "bitsandbytes")
 
 from vramplan.core.components import ALLOCATED, PHASES  # noqa: E402
 from vramplan.core.errors import ModelError, SimulationError, UsageError  # noqa: E402

@@ -10,13 +10,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import requires, tiny_config
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
+pytestmark = requires("torch", "transformers", "peft", "bitsandbytes")
 
-from conftest import tiny_config  # noqa: E402
 from vramplan.cli import main  # noqa: E402
 from vramplan.core.components import ALLOCATED  # noqa: E402
 

@@ -11,11 +11,9 @@ import importlib
 import json
 
 import pytest
+from conftest import requires
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
+pytestmark = requires("torch", "transformers", "peft", "bitsandbytes")
 
 from vramplan.core.setup import TrainSetup  # noqa: E402
 from vramplan.simulate import simulate as run  # noqa: E402

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import requires
 
-torch = pytest.importorskip("torch")
+pytestmark = requires("torch")
+
+import torch  # noqa: E402
 
 from vramplan.simulate.tracker import GRANULARITY, AllocationTracker, round_up  # noqa: E402
 
