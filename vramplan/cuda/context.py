@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from vramplan.core.units import MiB, round_up
 
 # CUDA context + kernels loaded by a PyTorch process with CUDA_MODULE_LOADING=LAZY (the default
-# since CUDA 11.7 / torch 1.13): "several hundred MiB depending on GPU, driver and lazy module
-# loading" (shared/reference/memory-facts.md). 500 MiB until measured records refine it.
+# since CUDA 11.7 / torch 1.13): several hundred MiB depending on GPU, driver and lazy module
+# loading (287 MB to ~430 MiB reported; docs/gpus.md#cuda-context-size). 500 MiB until measured records refine it.
 CUDA_CONTEXT_BYTES = 500 * MiB
 
 # c10/cuda/CUDACachingAllocator.cpp: allocations above kSmallSize (1 MiB) come from the large

@@ -10,7 +10,8 @@ boundary the planner reports (largest batch, longest sequence) is re-checked wit
 Verdicts (per GPU, on the device total NVML would show):
 - "fits":  need <= capacity and headroom >= TIGHT (5%) of the GPU's memory;
 - "tight": fits with under 5% left (allocator fragmentation and driver variation are a few
-  percent: shared/reference/memory-facts.md, reserved runs 12-32% above allocated);
+  percent: published runs show reserved 12-24% above allocated,
+  docs/published-measurements.md#reserved-above-allocated);
 - "no":    need > capacity.
 
 Cost model of the recommended changes (a ranking heuristic, each term with its source; lower is
