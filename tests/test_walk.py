@@ -1,0 +1,183 @@
+"""The autograd walk (vramplan/estimate/walk.py) on small hand-made op lists, torch-free.
+
+Each expected figure is worked out by hand in the comments from PyTorch's rules
+(docs/autograd.md): a storage dies after its last forward use unless an op saved it for backward
+(#when-storages-die); a saved tensor is released once its node's backward has run; a second
+gradient for one tensor is summed out of place into a new buffer
+(#gradient-accumulation-is-out-of-place); non-reentrant checkpointing saves nothing in forward
+and recomputes up to the last op that saves a tensor, then its frames unwind
+(#non-reentrant-checkpointing). Sizes are multiples of 512 B unless a test is about rounding, so
+the caching allocator's 512 B block (symbolic.BLOCK) does not blur the arithmetic.
+"""
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from vramplan.estimate.symbolic import B, S, variables
+from vramplan.estimate.walk import ACT, GRAD, TMP, Op, Tensor, walk
+
+KiB = 1024
+
+
+def run(ops, given, batch=1, seq=1, **kw):
+    return walk(ops, given, **kw).replay(variables(batch, seq))
+
+
+def silu_then_norm(silu_saves: tuple):
+    # silu(x) -> h, saves its input x (derivatives.yaml silu_backward(grad, self));
+    # norm(h) -> n saves nothing here (a stand-in for an op whose backward needs only sizes)
+    return [Op("silu", ("x",), (Tensor("h", 1 * KiB),), saves=silu_saves, grads=(("x", 1 * KiB),)),
+            Op("norm", ("h",), (Tensor("n", 1 * KiB),), grads=(("h", 1 * KiB),))]
+
+
+def test_a_saved_tensor_lives_until_its_backward_and_a_local_dies_after_its_last_use():
+    r = run(silu_then_norm(("x",)), {"x": 1 * KiB}, keep=("n",), backward=True, grad_of={"n": 1 * KiB},
+            needs_grad=frozenset({"x"}))
+    # forward: x 1K; silu allocates h -> 2K; x is saved, so it stays; norm allocates n -> 3K
+    # (the peak, marked while the op runs); h's last use was norm and nobody saved it -> dropped: x + n
+    assert r.forward_peak == {ACT: 3 * KiB} and r.forward_peak_op == "norm"
+    assert r.forward_end == {ACT: 2 * KiB}
+    # backward: grad(n) 1K -> 3K; norm.backward allocates grad(h) 1K -> 4K (the peak), frees grad(n) -> 3K;
+    # silu.backward allocates grad(x) -> 4K (not higher), frees grad(h) and its saved x -> 2K
+    assert r.backward_peak == {ACT: 4 * KiB} and r.backward_peak_op == "norm.backward"
+    assert r.end == {ACT: 2 * KiB}          # n (kept by the caller) + grad(x)
+
+
+def test_an_unsaved_input_dies_after_its_last_forward_use():
+    r = run(silu_then_norm(()), {"x": 1 * KiB}, keep=("n",))
+    # x is freed right after silu (its last use, not saved): silu peak x + h = 2K, then
+    # norm: h + n = 2K, h dies -> n alone
+    assert r.forward_peak == {ACT: 2 * KiB} and r.forward_peak_op == "silu"
+    assert r.end == {ACT: 1 * KiB}
+
+
+def test_nothing_is_saved_when_no_input_needs_a_gradient():
+    # silu would save x, but x does not require grad and the op has no trainable parameters:
+    # autograd records no node, so x dies after silu (docs/autograd.md#saved-only-when-needed)
+    assert run(silu_then_norm(("x",)), {"x": 1 * KiB}, keep=("n",)).forward_peak == {ACT: 2 * KiB}
+    needed = run(silu_then_norm(("x",)), {"x": 1 * KiB}, keep=("n",), needs_grad=frozenset({"x"}))
+    assert needed.forward_peak == {ACT: 3 * KiB}          # x + h + n at norm
+
+
+def test_an_output_nobody_reads_or_keeps_dies_after_its_op():
+    r = run(silu_then_norm(()), {"x": 1 * KiB})
+    assert r.end == {}          # n: no later op reads it, not kept -> freed after norm
+
+
+def test_gradient_pass_through_allocates_nothing():
+    # clone(x) -> y: backward hands grad(y) to x unchanged (grads bytes 0); a copy with its own
+    # gradient buffer (grads bytes 1K) is the contrast
+    def ops(grad_bytes):
+        return [Op("clone", ("x",), (Tensor("y", 1 * KiB),), grads=(("x", grad_bytes),))]
+
+    kw = dict(keep=("y",), backward=True, grad_of={"y": 1 * KiB}, needs_grad=frozenset({"x"}))
+    through = run(ops(0), {"x": 1 * KiB}, **kw)
+    # forward: x + y = 2K, x dies (unsaved) -> y; backward: y + grad(y) = 2K, and grad(y) becomes grad(x)
+    assert through.forward_peak == {ACT: 2 * KiB} and through.forward_end == {ACT: 1 * KiB}
+    assert through.backward_peak == {ACT: 2 * KiB} and through.end == {ACT: 2 * KiB}
+    copied = run(ops(1 * KiB), {"x": 1 * KiB}, **kw)
+    # y + grad(y) + grad(x) = 3K at clone.backward, then grad(y) is freed
+    assert copied.backward_peak == {ACT: 3 * KiB} and copied.end == {ACT: 2 * KiB}
+
+
+def test_a_second_gradient_is_summed_out_of_place():
+    ops = [Op("f", ("x",), (Tensor("a", 1 * KiB),), grads=(("x", 1 * KiB),)),
+           Op("g", ("x",), (Tensor("b", 1 * KiB),), grads=(("x", 1 * KiB),))]
+    r = run(ops, {"x": 1 * KiB}, keep=("a", "b"), backward=True, grad_of={"a": 1 * KiB, "b": 1 * KiB},
+            needs_grad=frozenset({"x"}))
+    # forward: x, a, b = 3K at g; x dies after g (its last use, unsaved) -> a + b
+    assert r.forward_peak == {ACT: 3 * KiB} and r.forward_end == {ACT: 2 * KiB}
+    # backward: a + b + grad(a) + grad(b) = 4K; g.backward: + grad(x)#1 -> 5K, grad(b) freed -> 4K;
+    # f.backward: + grad(x)#2 -> 5K; accumulate: + the sum (new buffer) -> 6K, the peak; both
+    # summands freed -> 4K; grad(a) freed -> 3K = a + b + grad(x)
+    assert r.backward_peak == {ACT: 6 * KiB} and r.backward_peak_op == "accumulate"
+    assert r.end == {ACT: 3 * KiB}
+
+
+def test_checkpoint_recomputes_up_to_the_last_saving_op_and_frees_what_only_its_frames_held():
+    ops = [Op("up", ("x",), (Tensor("h", 2 * KiB),), saves=("x",), grads=(("x", 1 * KiB),)),
+           Op("act", ("h",), (Tensor("g", 2 * KiB),), saves=("h",), grads=(("h", 2 * KiB),)),
+           Op("down", ("g",), (Tensor("y", 1 * KiB),), grads=(("g", 2 * KiB),))]   # saves nothing
+    kw = dict(keep=("x", "y"), backward=True, grad_of={"y": 1 * KiB}, needs_grad=frozenset({"x"}))
+    r = run(ops, {"x": 1 * KiB}, save=False, **kw)
+    # forward, nothing saved: x 1K; up +h -> 3K; act +g -> 5K (peak), h dies -> 3K; down +y -> 4K,
+    # g dies -> x + y = 2K
+    assert r.forward_peak == {ACT: 5 * KiB} and r.forward_peak_op == "act"
+    assert r.forward_end == {ACT: 2 * KiB}
+    # backward: grad(y) -> 3K; down.backward needs nothing saved: + grad(g) 2K -> 5K, grad(y) freed -> 4K.
+    # act.backward needs h: recompute up (+h -> 6K, saves x) and act (+g -> 8K, saves h) and stop
+    # there (down saves nothing, early stop); g was held only by the recompute's frames -> 6K.
+    # act.backward: + grad(h) 2K -> 8K, grad(g) and saved h freed -> 4K; up.backward: + grad(x) -> 5K,
+    # grad(h) freed -> 3K; x is kept by the caller
+    assert r.backward_peak == {ACT: 8 * KiB} and r.backward_peak_op == "act"
+    assert r.end == {ACT: 3 * KiB}           # x + y + grad(x)
+    # had the recompute not stopped before down, y would have been allocated again (and down's
+    # forward marked); the tape holds exactly one mark per recomputed op
+    tape = walk(ops, {"x": 1 * KiB}, save=False, **kw)
+    backward_marks = [e[1] for e in tape.events[tape.events.index((2,)):] if e[0] == 0]
+    assert backward_marks == ["down.backward", "up", "act", "act.backward", "up.backward"]
+    # saving in forward instead: x (kept) and h saved; peak at act: x + h + g = 5K; end of forward
+    # x + h + y = 4K (g dies, h saved); no recompute in backward
+    saved = run(ops, {"x": 1 * KiB}, save=True, **kw)
+    assert saved.forward_end == {ACT: 4 * KiB}
+    # backward: 4K + grad(y) = 5K; down.backward + grad(g) -> 7K, - grad(y) -> 6K;
+    # act.backward + grad(h) -> 8K, - grad(g) - h -> 4K; up.backward + grad(x) -> 5K
+    assert saved.backward_peak == {ACT: 8 * KiB} and saved.backward_peak_op == "act.backward"
+
+
+def test_frozen_input_gets_no_gradient_and_temporaries_and_parameter_gradients_are_tagged():
+    # a LoRA-style op on a frozen input: its trainable parameters make its output require grad
+    # (and it saves x); the dequantized weight is a temporary of the forward and of the backward
+    ops = [Op("lora", ("x",), (Tensor("y", 1 * KiB),), saves=("x",), grads=(("x", 1 * KiB),),
+              work=4 * KiB, bwd_work=4 * KiB, param_grads=1536)]
+    r = run(ops, {"x": 1 * KiB}, keep=("y",), backward=True, grad_of={"y": 1 * KiB})
+    # forward: x + y = 2K activations, + 4K temporary while the op runs
+    assert r.forward_peak == {ACT: 2 * KiB, TMP: 4 * KiB} and r.forward_end == {ACT: 2 * KiB}
+    # backward: x + y + grad(y) = 3K; + .grad 1536 B; x needs no gradient (nothing made it
+    # require one), + 4K temporary during the backward
+    assert r.backward_peak == {ACT: 3 * KiB, GRAD: 1536, TMP: 4 * KiB}
+    # after: grad(y) and the saved x freed -> y + the parameter gradient
+    assert r.end == {ACT: 1 * KiB, GRAD: 1536}
+
+
+def test_each_allocation_is_rounded_to_512_bytes_on_its_own():
+    # 1000 B -> 1024, 1 B -> 512, 513 -> 1024: the sum of rounded sizes, not the rounded sum
+    ops = [Op("a", ("x",), (Tensor("h", 1),)), Op("b", ("h",), (Tensor("n", 513),))]
+    r = run(ops, {"x": 1000}, keep=("n",))
+    assert r.forward_peak == {ACT: 1024 + 512} and r.forward_peak_op == "a"     # x + h; b: h + n = 1536 too
+    assert r.end == {ACT: 1024}
+
+
+def test_symbolic_sizes_replay_as_direct_arithmetic_at_each_batch_and_seq():
+    # hidden 64 in bf16: x is b*s*64*2 bytes; the MLP's h is 4x that; n as x
+    ops = silu_then_norm(("x",))
+    ops = [ops[0]._replace(outputs=(Tensor("h", B * S * 512),)), ops[1]._replace(outputs=(Tensor("n", B * S * 128),))]
+    tape = walk(ops, {"x": B * S * 128}, keep=("n",), needs_grad=frozenset({"x"}))
+
+    def r(n):   # the caching allocator's 512 B block
+        return -(-n // 512) * 512
+
+    for batch, seq in [(1, 1), (1, 3), (2, 7), (3, 100), (8, 2048), (5, 4097)]:
+        x, h, n = r(batch * seq * 128), r(batch * seq * 512), r(batch * seq * 128)
+        got = tape.replay(variables(batch, seq))
+        # silu: x + h; norm: x (saved) + h + n, then h dies
+        assert got.forward_peak == {ACT: x + h + n}, (batch, seq)
+        assert got.end == {ACT: x + n}, (batch, seq)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 5000), min_size=2, max_size=8))
+def test_a_chain_of_unsaved_ops_peaks_at_the_largest_input_output_pair(sizes):
+    # t0 -> t1 -> ... : op i reads t(i) and writes t(i+1); nothing saved, so while op i runs the
+    # live set is exactly t(i) and t(i+1), and t(i) dies right after
+    ops = [Op(f"op{i}", (f"t{i}",), (Tensor(f"t{i + 1}", sizes[i + 1]),)) for i in range(len(sizes) - 1)]
+    r = run(ops, {"t0": sizes[0]}, keep=(f"t{len(sizes) - 1}",))
+
+    def rounded(n):
+        return -(-n // 512) * 512
+
+    pairs = [rounded(a) + rounded(b) for a, b in zip(sizes, sizes[1:])]
+    assert sum(r.forward_peak.values()) == max(pairs)
+    assert r.forward_peak_op == f"op{pairs.index(max(pairs))}"      # the first op to reach it
+    assert r.end == {ACT: rounded(sizes[-1])}
+
