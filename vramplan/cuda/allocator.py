@@ -90,8 +90,13 @@ class _Block:
     __slots__ = ("ptr", "size", "pool", "prev", "next", "allocated", "mapped", "seg", "requested", "gc_base")
 
     def __init__(self, ptr: int, size: int, pool: _Pool, seg=None, mapped: bool = True):
-        self.ptr, self.size, self.pool, self.seg, self.mapped = ptr, size, pool, seg, mapped
-        self.prev = self.next = None
+        self.ptr = ptr
+        self.size = size
+        self.pool = pool
+        self.seg = seg
+        self.mapped = mapped
+        self.prev = None
+        self.next = None
         self.allocated = False
         self.requested = 0
         self.gc_base = 0
@@ -111,10 +116,10 @@ class _Pool:
     """`BlockPool` restricted to one stream: `free` holds `size << 64 | ptr` keys of free mapped
     blocks (BlockComparatorSize), `unmapped` the addresses of unmapped blocks (BlockComparatorAddress)."""
 
-    __slots__ = ("stream", "is_small", "kind", "free", "unmapped")
+    __slots__ = ("stream", "is_small", "kind", "free", "unmapped", "usage")
 
-    def __init__(self, stream, is_small: bool):
-        self.stream, self.is_small = stream, is_small
+    def __init__(self, stream, is_small: bool, usage: _Usage):
+        self.stream, self.is_small, self.usage = stream, is_small, usage
         self.kind = _SMALL if is_small else _LARGE
         self.free: list[int] = []
         self.unmapped: list[int] = []
@@ -153,6 +158,34 @@ class _Stat:
         self.freed[:] = [0, 0, 0]
 
 
+class _Usage:
+    """The per-pool counters malloc and free touch (kept flat for speed): allocated bytes (current,
+    peak, cumulative), block count and requested bytes (current, cumulative). "Freed" is derived:
+    cumulative - current + the current value at the last reset_accumulated."""
+
+    __slots__ = ("bytes", "peak", "bytes_total", "count", "count_total", "requested", "requested_total",
+                 "bytes_base", "count_base", "requested_base")
+
+    def __init__(self):
+        self.bytes = self.peak = self.bytes_total = self.count = self.count_total = 0
+        self.requested = self.requested_total = 0
+        self.bytes_base = self.count_base = self.requested_base = 0
+
+    def add(self, size: int, requested: int) -> None:
+        self.bytes += size
+        self.bytes_total += size
+        if self.bytes > self.peak:
+            self.peak = self.bytes
+        self.count += 1
+        self.count_total += 1
+        self.requested += requested
+        self.requested_total += requested
+
+    def reset_accumulated(self) -> None:
+        self.bytes_base, self.count_base, self.requested_base = self.bytes, self.count, self.requested
+        self.bytes_total = self.count_total = self.requested_total = 0
+
+
 SegmentBase = Callable[[str, int, object, bool], int]
 
 
@@ -184,11 +217,14 @@ class CachingAllocator:
         self.segment_base: SegmentBase = segment_base or _BumpAddresses()
         self._blocks: dict[int, _Block] = {}
         self._pools: dict[tuple, _Pool] = {}
+        self._small_pools: dict = {}
+        self._large_pools: dict = {}
+        self._usage = (_Usage(), _Usage())   # large pool, small pool
+        self.peak_allocated = 0
         self._free_block_calls = [0, 0]   # BlockPool::get_free_blocks_call_count, large and small
         self.total_reserved = 0           # total_allocated_memory: bytes cudaMalloc'd or mapped
         self.allocated = 0                # bytes in allocated blocks (allocated_bytes.all.current)
         self.segment_events: list[tuple] = []   # (action, address, size, stream)
-        self.allocation, self.allocated_bytes, self.requested_bytes = _Stat(), _Stat(), _Stat()
         self.segment, self.reserved_bytes = _Stat(), _Stat()
         self.num_alloc_retries = self.num_ooms = self.num_sync_all_streams = 0
         self.num_device_alloc = self.num_device_free = 0
@@ -212,30 +248,40 @@ class CachingAllocator:
         self._plain_rounding = not any(d > 1 for d in conf.roundup_power2_divisions)
         self._update_gc_active()
 
+    def _update_gc_active(self) -> None:
+        # get_free_block / malloc: GC bookkeeping only with a memory fraction AND a threshold
+        self._gc_active = self.memory_limit is not None and self.conf.garbage_collection_threshold > 0.0
+        # malloc may take the first best-fit block directly unless one of the special rules applies
+        self._plain_search = not self._gc_active and not self.conf.max_split_size_set
+
     def set_memory_limit(self, limit: int | None) -> None:
         """`setMemoryFraction`: fraction * total memory as bytes; None lifts the cap."""
         self.memory_limit = _check_bytes("memory_limit", limit)
         self._update_gc_active()
 
-    def _update_gc_active(self) -> None:
-        # get_free_block / malloc: GC bookkeeping only with a memory fraction AND a threshold
-        self._gc_active = self.memory_limit is not None and self.conf.garbage_collection_threshold > 0.0
-
     # --- malloc ---------------------------------------------------------------------------------------
 
     def malloc(self, nbytes: int, stream=0) -> int:
         """`malloc`: the address of a block of at least `nbytes`; raises OutOfMemory."""
-        if nbytes >= ONE_EXABYTE:   # NativeCachingAllocator::allocate, before any bookkeeping
-            raise OutOfMemory(nbytes, nbytes, self.total_reserved, self.allocated, self.memory_limit)
-        if nbytes <= 0:
-            raise ValueError("zero-byte tensors never reach the caching allocator")
-        if self._plain_rounding:
-            size = (nbytes + 511) & ~511 if nbytes > MIN_BLOCK_SIZE else MIN_BLOCK_SIZE
+        if self._plain_rounding and MIN_BLOCK_SIZE < nbytes < ONE_EXABYTE:
+            size = (nbytes + 511) & -512          # round_size without power-of-two divisions
         else:
-            size = round_size(nbytes, self.conf)
-        small = size <= SMALL_SIZE        # get_pool
-        pool = self._pools.get((stream, small)) or self._new_pool(stream, small)
-        block = self._get_free_block(pool, size)
+            size = self._checked_round_size(nbytes)
+        if size <= SMALL_SIZE:                    # get_pool
+            pool = self._small_pools.get(stream) or self._new_pool(stream, True)
+        else:
+            pool = self._large_pools.get(stream) or self._new_pool(stream, False)
+        # get_free_block, inlined for the common case (no GC, no max_split_size, no expandable block)
+        keys = pool.free
+        i = bisect_left(keys, size << _SHIFT)
+        if i < len(keys) and self._plain_search:
+            block = self._blocks[keys[i] & _MASK]
+            if block.seg is None:
+                del keys[i]
+            else:
+                block = self._get_free_block(pool, size)
+        else:
+            block = self._get_free_block(pool, size)
         if block is None:
             block = self._allocate_new(pool, size, nbytes)
         # alloc_found_block: the allocation takes the low end, the remainder goes back to the pool
@@ -243,32 +289,49 @@ class CachingAllocator:
         if pool.is_small or self._expandable:     # should_split
             split = remaining >= MIN_BLOCK_SIZE
         else:
-            split = size < self._max_split and remaining > SMALL_SIZE
+            split = remaining > SMALL_SIZE and size < self._max_split
         if split:
             rest = _Block(block.ptr + size, remaining, pool, block.seg)
-            nxt = block.next
-            rest.prev, rest.next = block, nxt
+            nxt = rest.next = block.next
             if nxt is not None:
                 nxt.prev = rest
+            rest.prev = block
             block.next = rest
             block.size = size
             self._blocks[rest.ptr] = rest
             rest.gc_base = self._free_block_calls[pool.kind]
-            insort(pool.free, (remaining << _SHIFT) | rest.ptr)
+            insort(keys, (remaining << _SHIFT) | rest.ptr)
         block.allocated = True
         block.requested = nbytes
         size = block.size
-        self.allocated += size
-        kind = pool.kind
-        self.allocation.increase(kind, 1)
-        self.allocated_bytes.increase(kind, size)
-        self.requested_bytes.increase(kind, nbytes)
+        usage = pool.usage                        # _Usage.add, inlined
+        usage.bytes = in_pool = usage.bytes + size
+        if in_pool > usage.peak:
+            usage.peak = in_pool
+        usage.bytes_total += size
+        usage.count += 1
+        usage.count_total += 1
+        usage.requested += nbytes
+        usage.requested_total += nbytes
+        self.allocated = allocated = self.allocated + size
+        if allocated > self.peak_allocated:
+            self.peak_allocated = allocated
         if size >= self._max_split:
             self.oversize_allocations += 1
         return block.ptr
 
+    def _checked_round_size(self, nbytes: int) -> int:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+            raise TypeError(f"malloc size must be an int, got {nbytes!r}")
+        if nbytes >= ONE_EXABYTE:   # NativeCachingAllocator::allocate, before any bookkeeping
+            raise OutOfMemory(nbytes, nbytes, self.total_reserved, self.allocated, self.memory_limit)
+        if nbytes <= 0:
+            raise ValueError("zero-byte tensors never reach the caching allocator")
+        return round_size(nbytes, self.conf)
+
     def _new_pool(self, stream, small: bool) -> _Pool:
-        pool = self._pools[(stream, small)] = _Pool(stream, small)
+        pool = self._pools[(stream, small)] = _Pool(stream, small, self._usage[_SMALL if small else _LARGE])
+        (self._small_pools if small else self._large_pools)[stream] = pool
         return pool
 
     def _get_free_block(self, pool: _Pool, size: int) -> _Block | None:
@@ -361,11 +424,12 @@ class CachingAllocator:
         if block is None or not block.allocated:
             raise ValueError(f"free of {ptr:#x}, which is not an allocated block")
         block.allocated = False
-        pool, size, kind = block.pool, block.size, block.pool.kind
+        size = block.size
+        usage = block.pool.usage
+        usage.bytes -= size
+        usage.count -= 1
+        usage.requested -= block.requested
         self.allocated -= size
-        self.allocation.decrease(kind, 1)
-        self.allocated_bytes.decrease(kind, size)
-        self.requested_bytes.decrease(kind, block.requested)
         if size >= self._max_split:
             self.oversize_allocations -= 1
         self._insert_free(block)
@@ -685,10 +749,9 @@ class CachingAllocator:
                 block.allocated = True
                 block.requested = b.get("requested_size", b["size"])
                 ids[b.get("id", block.ptr)] = block.ptr
+                pool.usage.add(block.size, block.requested)
                 self.allocated += block.size
-                self.allocation.increase(pool.kind, 1)
-                self.allocated_bytes.increase(pool.kind, block.size)
-                self.requested_bytes.increase(pool.kind, block.requested)
+                self.peak_allocated = max(self.peak_allocated, self.allocated)
         if offset != seg["total_size"]:
             raise UsageError(f"segment {address:#x}: blocks cover {offset} of {seg['total_size']} bytes",
                              hint="each block must start where the previous one ends")
@@ -765,29 +828,49 @@ class CachingAllocator:
         return out
 
     def reset_peak_stats(self) -> None:
-        for stat in (self.allocation, self.allocated_bytes, self.requested_bytes, self.segment,
-                     self.reserved_bytes):
+        """`resetPeakStats`: every peak becomes the current value."""
+        for stat in (self.segment, self.reserved_bytes):
             stat.reset_peak()
+        for usage in self._usage:
+            usage.peak = usage.bytes
+        self.peak_allocated = self.allocated
 
     def reset_accumulated_stats(self) -> None:
-        for stat in (self.allocation, self.allocated_bytes, self.requested_bytes, self.segment,
-                     self.reserved_bytes):
+        """`resetAccumulatedStats`: cumulative counters restart from zero."""
+        for stat in (self.segment, self.reserved_bytes):
             stat.reset_accumulated()
+        for usage in self._usage:
+            usage.reset_accumulated()
         self.num_alloc_retries = self.num_ooms = self.num_sync_all_streams = 0
         self.num_device_alloc = self.num_device_free = 0
 
     def stats(self) -> dict:
-        """`torch.cuda.memory_stats()` names. Without record_stream / events, "active" equals
-        "allocated"; inactive_split is counted now (no peak kept)."""
+        """`torch.cuda.memory_stats()` names. Without record_stream the model has no blocks awaiting
+        events, so "active" equals "allocated". Peaks are kept for allocated_bytes, reserved_bytes
+        and segment (the counters malloc and free touch are kept lean); inactive_split is counted
+        on demand (current only)."""
         out: dict = {}
-        names = {"allocation": self.allocation, "active": self.allocation,
-                 "allocated_bytes": self.allocated_bytes, "active_bytes": self.allocated_bytes,
-                 "requested_bytes": self.requested_bytes, "segment": self.segment,
-                 "reserved_bytes": self.reserved_bytes}
-        for name, stat in names.items():
+        for name, stat in (("segment", self.segment), ("reserved_bytes", self.reserved_bytes)):
             for kind, label in ((_ALL, "all"), (_SMALL, "small_pool"), (_LARGE, "large_pool")):
                 for field in ("current", "peak", "allocated", "freed"):
                     out[f"{name}.{label}.{field}"] = getattr(stat, field)[kind]
+        large, small = self._usage
+        for label, parts in (("all", (large, small)), ("small_pool", (small,)), ("large_pool", (large,))):
+            for names, cur, total, base in ((("allocated_bytes", "active_bytes"), "bytes", "bytes_total",
+                                             "bytes_base"),
+                                            (("allocation", "active"), "count", "count_total", "count_base"),
+                                            (("requested_bytes",), "requested", "requested_total",
+                                             "requested_base")):
+                current = sum(getattr(u, cur) for u in parts)
+                allocated = sum(getattr(u, total) for u in parts)
+                freed = allocated - current + sum(getattr(u, base) for u in parts)
+                for name in names:
+                    out[f"{name}.{label}.current"] = current
+                    out[f"{name}.{label}.allocated"] = allocated
+                    out[f"{name}.{label}.freed"] = freed
+            if label != "all":
+                out[f"allocated_bytes.{label}.peak"] = out[f"active_bytes.{label}.peak"] = parts[0].peak
+        out["allocated_bytes.all.peak"] = out["active_bytes.all.peak"] = self.peak_allocated
         split = {("inactive_split", k): 0 for k in (_LARGE, _SMALL)}
         split.update({("inactive_split_bytes", k): 0 for k in (_LARGE, _SMALL)})
         for p in self._pools.values():
