@@ -704,17 +704,18 @@ class CachingAllocator:
 
     # --- starting state ------------------------------------------------------------------------------
 
-    def load_segments(self, segments: Iterable[dict], expandable: bool = False) -> dict:
+    def load_segments(self, segments: Iterable[dict]) -> dict:
         """Start from recorded segments (`initial_segments` of a trace: address, stream,
-        segment_type, total_size, blocks with offset, size, allocated, id, requested_size).
-        Returns {block id (or address): address} of the allocated blocks. With `expandable`, the
-        segments of one (stream, pool) are mapped ranges of one reservation starting at the lowest."""
+        segment_type, total_size, blocks with offset, size, allocated, id, requested_size; and
+        `expandable: true` for a mapped range of an expandable segment, where the ranges of one
+        (stream, pool) are taken to share one reservation starting at the lowest of them).
+        Returns {block id (or address): address} of the allocated blocks."""
         ids: dict = {}
         segments = sorted(segments, key=lambda s: s["address"])
-        if expandable:
-            self._load_expandable(segments, ids)
-            return ids
+        self._load_expandable([s for s in segments if s.get("expandable")], ids)
         for seg in segments:
+            if seg.get("expandable"):
+                continue
             pool = self._pool_for(seg)
             self.total_reserved += seg["total_size"]
             self.segment.increase(pool.kind, 1)
