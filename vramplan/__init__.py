@@ -13,11 +13,12 @@ from .units import format_bytes, parse_size
 
 __all__ = ["Component", "DependencyError", "Estimate", "Gpu", "GpuError", "ModelError", "ModelSpec",
            "Parallel", "TrainSetup", "UsageError", "VramplanError", "estimate", "format_bytes", "parse_size",
-           "plan", "resolve_gpu", "resolve_model", "sweep"]
+           "plan", "replay_allocations", "resolve_gpu", "resolve_model", "sweep"]
 __version__ = "0.1.0"
 
 # Loaded on first use, so `import vramplan` stays light (sweep imports pandas only when called).
-_LAZY = {"plan": ("planner", "plan"), "sweep": ("sweep", "sweep"), "Parallel": ("sharding", "Parallel")}
+_LAZY = {"plan": ("planner", "plan"), "sweep": ("sweep", "sweep"), "Parallel": ("sharding", "Parallel"),
+         "replay_allocations": ("cuda.allocator", "replay_allocations")}
 
 
 def __getattr__(name: str):

@@ -12,7 +12,7 @@ import sys
 
 from .errors import UsageError, VramplanError
 
-EXTENSIONS = ("cli_simulate", "cli_profile", "cli_plan")
+EXTENSIONS = ("cli_simulate", "cli_profile", "cli_plan", "cli_replay")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -71,15 +71,32 @@ def get_allocation_size(size: int, conf: AllocConf | None = None) -> int:
     return (size + ROUND_LARGE - 1) // ROUND_LARGE * ROUND_LARGE
 
 
+def format_size(size: int) -> str:
+    """`format_size` of the OOM message: bytes, KiB, MiB or GiB with two decimals."""
+    if size <= 1024:
+        return f"{size} bytes"
+    if size <= 1048576:
+        return f"{size / 1024:.2f} KiB"
+    if size <= 1073741824:
+        return f"{size / 1048576:.2f} MiB"
+    return f"{size / 1073741824:.2f} GiB"
+
+
 class OutOfMemory(Exception):
     """malloc found no block, could not get a segment and freeing the cache did not help
-    (`malloc`'s TORCH_CHECK_WITH(OutOfMemoryError, ...))."""
+    (`malloc`'s TORCH_CHECK_WITH(OutOfMemoryError, ...)); the message names the segment size it
+    tried to get, as PyTorch's does."""
 
     def __init__(self, requested: int, alloc_size: int, reserved: int, allocated: int, limit: int | None):
         self.requested, self.alloc_size = requested, alloc_size
         self.reserved, self.allocated, self.limit = reserved, allocated, limit
-        super().__init__(f"out of memory: tried to allocate {requested} bytes (segment {alloc_size}); "
-                         f"reserved {reserved}, allocated {allocated}, limit {limit}")
+        if requested >= ONE_EXABYTE:
+            text = "CUDA out of memory. Tried to allocate more than 1EB memory."
+        else:
+            text = (f"CUDA out of memory. Tried to allocate {format_size(alloc_size)}. "
+                    f"{format_size(reserved)} reserved, {format_size(allocated)} allocated"
+                    + (f", limit {format_size(limit)}." if limit is not None else "."))
+        super().__init__(text)
 
 
 # --- state ---------------------------------------------------------------------------------------------
