@@ -990,11 +990,11 @@ def run_replay(allocator: CachingAllocator, events: Iterable[tuple], live: dict 
             if key in live:
                 raise UsageError(f"event {index}: key {key!r} is allocated twice",
                                  hint="free it before allocating it again")
-            if nbytes.__class__ is not int:
+            if nbytes.__class__ is not int or nbytes <= 0:
                 _check_event_size(index, nbytes)
-            if nbytes == 0:
-                live[key] = None
-                continue
+                if nbytes == 0:         # zero-byte tensors never reach the allocator
+                    live[key] = None
+                    continue
             try:
                 address = malloc(nbytes, event[3] if len(event) > 3 else 0)
             except OutOfMemory:
