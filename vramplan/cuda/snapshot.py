@@ -82,6 +82,8 @@ def _unpickle(data: bytes, name: str):
         if message.startswith(("refers to", "uses a persistent")):
             raise UsageError(f"{name}: refused, the pickle {message} (a memory snapshot holds only plain data)",
                              hint="only load snapshots you trust; this one was not executed") from None
+        if "truncated" in message:
+            raise UsageError(f"{name}: the pickle is truncated", hint=_HINT_FILE) from None
         raise UsageError(f"{name}: not a readable pickle ({message})", hint=_HINT_FILE) from None
     except EOFError:
         raise UsageError(f"{name}: the pickle is truncated", hint=_HINT_FILE) from None
