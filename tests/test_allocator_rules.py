@@ -130,6 +130,13 @@ def test_oversize_block_is_not_split_for_a_small_request():
     assert events(a) == [("segment_alloc", 60 * MiB), ("segment_alloc", 30 * MiB)]
 
 
+def test_a_block_exactly_max_split_size_is_oversize():
+    # get_free_block: a request below max_split refuses a block with size >= max_split (here ==)
+    a = _cached_block("max_split_size_mb:40", 40 * MiB)
+    a.malloc(30 * MiB)
+    assert events(a) == [("segment_alloc", 40 * MiB), ("segment_alloc", 30 * MiB)]
+
+
 def test_oversize_request_may_round_up_by_less_than_max_non_split_rounding():
     # request 50 MiB >= max_split: the 60 MiB block is < 50 + 20 (default rounding) -> reused whole
     a = _cached_block("max_split_size_mb:40", 60 * MiB)
@@ -211,6 +218,13 @@ def test_garbage_collection_threshold_frees_old_cached_blocks_before_cudamalloc(
     a.malloc(40 * MiB)                # call 3, no fit; GC: 60 > 50, x's age 1 >= average 1 -> released
     assert a.num_alloc_retries == 0
     assert events(a) == [("segment_alloc", 30 * MiB)] * 2 + [("segment_free", 30 * MiB), ("segment_alloc", 40 * MiB)]
+    # below the threshold (60 MiB <= 0.5 * 200 MiB) nothing is collected
+    c = CachingAllocator("garbage_collection_threshold:0.5", memory_limit=200 * MiB)
+    z = c.malloc(30 * MiB)
+    c.malloc(30 * MiB)
+    c.free(z)
+    c.malloc(40 * MiB)
+    assert c.total_reserved == 100 * MiB
     # a capacity alone is not a memory fraction: GC stays off, as in PyTorch
     b = CachingAllocator("garbage_collection_threshold:0.5", capacity=100 * MiB)
     y = b.malloc(30 * MiB)
