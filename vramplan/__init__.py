@@ -2,7 +2,7 @@
 
     vramplan/core/      the shared vocabulary: setup, models + catalog, architectures, GPUs, units,
                         errors, memory components
-    vramplan/cuda/      every CUDA fact (kernel choices, the CUDA context), keyed by the GPU
+    vramplan/cuda/      every CUDA fact (kernel choices, the caching allocator, the CUDA context)
     vramplan/estimate/  method 1: the analytic estimate, pure Python
     vramplan/simulate/  method 2: the real step on the meta device (torch on use)
     vramplan/profile/   method 3: real steps measured on a GPU (torch in a child process)
@@ -19,11 +19,26 @@ from vramplan.core.models import ModelSpec, resolve as resolve_model
 from vramplan.core.setup import TrainSetup
 from vramplan.core.units import format_bytes, parse_size
 from vramplan.estimate import Estimate, estimate
-from vramplan.plan import Parallel, plan, sweep
-from vramplan.profile import ProfileOptions, profile
-from vramplan.simulate import Trace, simulate
 
-__all__ = ["Component", "DependencyError", "Estimate", "Gpu", "GpuError", "ModelError", "ModelSpec",
+__all__ = ["AllocatorReplay", "Component", "DependencyError", "Estimate", "Gpu", "GpuError", "ModelError", "ModelSpec",
            "Parallel", "ProfileOptions", "TrainSetup", "Trace", "UsageError", "VramplanError", "estimate",
-           "format_bytes", "parse_size", "plan", "profile", "resolve_gpu", "resolve_model", "simulate", "sweep"]
+           "format_bytes", "parse_size", "plan", "profile", "replay_allocations", "resolve_gpu", "resolve_model", "simulate", "sweep"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """simulate, profile, plan and the allocator model load on first use, so that `import vramplan` stays light; each of
+    these packages is callable as its function (core/method_package.py)."""
+    if name in ("simulate", "Trace"):
+        import vramplan.simulate
+        return vramplan.simulate if name == "simulate" else vramplan.simulate.Trace
+    if name in ("profile", "ProfileOptions"):
+        import vramplan.profile
+        return vramplan.profile if name == "profile" else vramplan.profile.ProfileOptions
+    if name in ("plan", "sweep", "Parallel"):
+        import vramplan.plan
+        return vramplan.plan if name == "plan" else getattr(vramplan.plan, name)
+    if name in ("replay_allocations", "AllocatorReplay"):
+        from vramplan.cuda import allocator
+        return getattr(allocator, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

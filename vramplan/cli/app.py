@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import sys
 
-from vramplan.cli import plan, profile, simulate
+from vramplan.cli import plan, profile, replay, simulate
 from vramplan.cli.flags import Parser, print_json, setup_flags, setup_from_args
 from vramplan.core.errors import VramplanError
 
 # Commands with their own module: each exposes register(subparsers, setup_flags); its heavy imports
 # happen inside its handler.
-COMMANDS = (simulate, profile, plan)
+COMMANDS = (simulate, profile, plan, replay)
 
 
 def cmd_estimate(args) -> int:

@@ -13,7 +13,10 @@ Importing this package imports nothing heavy; torch and friends load in the chil
 """
 from __future__ import annotations
 
+from vramplan.core.method_package import make_callable
 from vramplan.profile.record import Record
 from vramplan.profile.session import ProfileOptions, profile
 
 __all__ = ["ProfileOptions", "Record", "profile"]
+
+make_callable(__name__, profile)  # vramplan.profile(...) calls profile()

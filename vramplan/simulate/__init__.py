@@ -11,7 +11,10 @@ module and component of each allocation), step.py (the full step and its Trace),
 identical-layers shortcut), driver.py (chooses between them), compare.py (side by side with the
 estimate). torch, transformers, peft and bitsandbytes are imported only when a step runs.
 """
+from vramplan.core.method_package import make_callable
 from vramplan.simulate.driver import simulate
 from vramplan.simulate.step import Trace
 
 __all__ = ["Trace", "simulate"]
+
+make_callable(__name__, simulate)  # vramplan.simulate(...) calls simulate()

@@ -1,0 +1,234 @@
+"""Snapshot files and `vramplan replay`: pickles in the `_dump_snapshot` layout round-trip into
+the trace form, hostile or broken files give one-line errors, and --check fails on a mismatch."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vramplan.cli import main
+from vramplan.cuda.allocator import CachingAllocator
+from vramplan.cuda.snapshot import check_snapshot, load_trace, recorded_conf, replay_snapshot
+from vramplan.core.errors import UsageError
+
+DATA = Path(__file__).parent / "data" / "allocator"
+TRACES = sorted((DATA / "traces").glob("*.json"))
+SMALL_TRACE = DATA / "traces" / "trace_silmont2000_mem_snapshot.json"
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def trace_to_snapshot(trace: dict) -> dict:
+    """A `torch.cuda.memory._snapshot()` dict that records `trace`: its events as device_traces
+    (alloc / free_requested / free_completed / segment_*), and the end state as segments. Addresses
+    come from the trace's expected values (the model places blocks exactly as recorded)."""
+    want = trace["expected"]["segment_events"]
+    allocator = CachingAllocator(recorded_conf(trace))
+    allocator.segment_base = lambda *_: want[len(allocator.segment_events)]["addr"]
+    live = allocator.load_segments(trace["initial_segments"])
+    requested = {b["id"]: b["requested_size"] for s in trace["initial_segments"] for b in s["blocks"] if "id" in b}
+    entries, pending = [], list(want)
+    for i, op in enumerate(trace["ops"]):
+        seen = len(allocator.segment_events)
+        if op[0] == "alloc":
+            live[op[1]] = allocator.malloc(op[2], op[3])
+            requested[op[1]] = op[2]
+        for e in allocator.segment_events[seen:]:
+            entries.append({"action": e[0], "addr": e[1], "size": e[2], "stream": e[3], "frames": []})
+        if op[0] == "alloc":
+            entries.append({"action": "alloc", "addr": live[op[1]], "size": op[2], "stream": op[3], "frames": []})
+        else:
+            addr = live.pop(op[1])
+            allocator.free(addr)
+            for action in ("free_requested", "free_completed"):
+                entries.append({"action": action, "addr": addr, "size": requested[op[1]], "stream": 0,
+                                "frames": []})
+    assert len(allocator.segment_events) == len(pending)
+    segments = [{"address": s["address"], "total_size": s["total_size"], "stream": s["stream"],
+                 "segment_type": s["segment_type"], "segment_pool_id": (0, 0), "is_expandable": s["expandable"],
+                 "allocated_size": s["allocated_size"], "active_size": s["allocated_size"],
+                 "blocks": [{"address": b["address"], "size": b["size"], "requested_size": b["requested_size"],
+                             "state": "active_allocated" if b["allocated"] else "inactive", "frames": []}
+                            for b in s["blocks"]]} for s in allocator.segments()]
+    return {"segments": segments, "device_traces": [entries], "allocator_settings": trace["allocator_settings"]}
+
+
+def _layout(segments):
+    return [(s["address"], s["total_size"], [(b["offset"], b["size"], b["allocated"]) for b in s["blocks"]])
+            for s in segments]
+
+
+@pytest.mark.parametrize("path", TRACES, ids=[p.stem for p in TRACES])
+def test_pickle_round_trip_rebuilds_the_trace(tmp_path, path):
+    trace = load_trace(path)
+    target = tmp_path / "snapshot.pickle"
+    target.write_bytes(pickle.dumps(trace_to_snapshot(trace)))
+    got = load_trace(target)
+    assert got["expected"]["alloc_addr"] == trace["expected"]["alloc_addr"]
+    assert [(e["before_op"], e["action"], e["addr"], e["size"]) for e in got["expected"]["segment_events"]] == \
+        [(e["before_op"], e["action"], e["addr"], e["size"]) for e in trace["expected"]["segment_events"]]
+    assert [op[0] for op in got["ops"]] == [op[0] for op in trace["ops"]]
+    assert _layout(got["initial_segments"]) == _layout(trace["initial_segments"])
+    assert got["expected"]["final_reserved_bytes_from_trace"] == trace["expected"]["final_reserved_bytes_from_trace"]
+    assert check_snapshot(got).ok
+
+
+def test_small_hand_made_snapshot_replays_and_checks(tmp_path):
+    MiB = 2**20
+    base = 0x7F0000000000
+    snapshot = {
+        "segments": [{"address": base, "total_size": 2 * MiB, "stream": 0, "segment_type": "small",
+                      "segment_pool_id": (0, 0), "blocks": [
+                          {"address": base, "size": 4096, "requested_size": 4000, "state": "active_allocated"},
+                          {"address": base + 4096, "size": 2 * MiB - 4096, "requested_size": 0,
+                           "state": "inactive"}]}],
+        "device_traces": [[
+            {"action": "segment_alloc", "addr": base, "size": 2 * MiB, "stream": 0},
+            {"action": "alloc", "addr": base, "size": 1000, "stream": 0},
+            {"action": "alloc", "addr": base + 1024, "size": 4000, "stream": 0},
+            {"action": "free_requested", "addr": base, "size": 1000, "stream": 0},
+            {"action": "free_completed", "addr": base, "size": 1000, "stream": 0},
+        ]],
+        "allocator_settings": {"PYTORCH_CUDA_ALLOC_CONF": "", "max_split_size": -1,
+                               "garbage_collection_threshold": 0.0, "expandable_segments": False},
+    }
+    path = tmp_path / "s.pickle"
+    path.write_bytes(pickle.dumps(snapshot))
+    trace = load_trace(path)
+    assert trace["initial_segments"] == []
+    assert trace["ops"] == [["alloc", "a0", 1000, 0], ["alloc", "a1", 4000, 0], ["free", "a0"]]
+    # the model puts the 4000-byte request at 1024 (after the 1024-byte block), as the recording says
+    assert check_snapshot(trace).ok
+    r = replay_snapshot(trace)
+    assert r.peak_reserved_bytes == 2 * MiB and r.final_allocated_bytes == 4096
+
+
+def test_cli_replay_table_and_json(capsys):
+    code, out, err = run(capsys, "replay", SMALL_TRACE)
+    assert code == 0 and "peak reserved" in out and err == ""
+    code, out, _ = run(capsys, "replay", SMALL_TRACE, "--json")
+    data = json.loads(out)
+    trace = json.loads(SMALL_TRACE.read_text())
+    assert data["final_reserved_bytes"] == trace["expected"]["final_reserved_bytes_from_trace"]
+    for key in ("peak_reserved_bytes", "fragmentation_bytes", "num_alloc_retries", "num_ooms", "alloc_conf"):
+        assert key in data
+
+
+def test_cli_what_if_alloc_conf(capsys):
+    code, out, _ = run(capsys, "replay", SMALL_TRACE, "--alloc-conf", "expandable_segments:True", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["alloc_conf"] == "expandable_segments:True" and data["recorded_alloc_conf"] == ""
+
+
+@pytest.mark.parametrize("path", TRACES, ids=[p.stem for p in TRACES])
+def test_cli_check_passes_on_real_traces(capsys, path):
+    code, out, _ = run(capsys, "replay", path, "--check", "--json")
+    data = json.loads(out)
+    assert code == 0, data
+    assert data["address_mismatches"] == 0 and data["segment_mismatches"] == 0
+    assert data["final_reserved_bytes"] == data["expected_final_reserved_bytes"]
+
+
+def test_cli_check_exits_nonzero_on_a_mismatch(capsys, tmp_path):
+    trace = json.loads(SMALL_TRACE.read_text())
+    trace["expected"]["alloc_addr"][5] += 512
+    trace["expected"]["segment_events"][2]["size"] += 2**21
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(trace))
+    code, out, _ = run(capsys, "replay", path, "--check", "--json")
+    data = json.loads(out)
+    assert code == 1
+    assert data["address_mismatches"] == 1 and data["first_address_mismatch"] == 5
+    assert data["segment_mismatches"] == 1 and data["ok"] is False
+    code, out, _ = run(capsys, "replay", path, "--check")
+    assert code == 1 and "MISMATCH" in out
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _assert_one_line_error(code, out, err, expected_code=2):
+    assert code == expected_code
+    assert out == ""
+    assert err.startswith("Error: ") and err.count("\n") == 1 and "hint:" in err and "Traceback" not in err
+
+
+def test_a_pickle_with_globals_is_refused_without_running(capsys, tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pickle"
+    path.write_bytes(pickle.dumps({"segments": [], "device_traces": [[]], "x": _RunsCode(marker)}))
+    code, out, err = run(capsys, "replay", path)
+    _assert_one_line_error(code, out, err)
+    assert "refused, the pickle refers to" in err and "system" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (pickle.dumps({"segments": [], "device_traces": [[]]})[:-7], "the pickle is truncated"),
+    (b"\x80\x04\x95garbage\xff\xfe", "not a readable pickle"),
+    (b"", "the file is empty"),
+    (pickle.dumps([1, 2, 3]), "not a memory snapshot: the top level is list"),
+    (pickle.dumps({"segments": "x", "device_traces": []}), "no 'segments' and 'device_traces' lists"),
+    (pickle.dumps({"segments": [], "device_traces": [[{"action": "alloc", "addr": "0x10", "size": 4}]]}),
+     "device_traces[0][0].addr is str, not an int"),
+    (b'{"ops": 5}', "'ops' is not a list"),
+    (b'{"ops": [["alloc", "a", -3, 0]]}', "ops[0] is not"),
+    (b"{not json", "not valid JSON"),
+], ids=["truncated", "garbage", "empty", "list", "wrong-types", "str-address", "json-ops", "json-negative",
+        "bad-json"])
+def test_broken_files_give_one_line_errors(capsys, tmp_path, content, message):
+    path = tmp_path / "f.pickle"
+    path.write_bytes(content)
+    code, out, err = run(capsys, "replay", path)
+    _assert_one_line_error(code, out, err)
+    assert message in err, err
+
+
+def test_too_large_file_is_refused(tmp_path):
+    path = tmp_path / "big.pickle"
+    path.write_bytes(b"\x80" * 4096)
+    with pytest.raises(UsageError, match="larger than the 1,000-byte limit"):
+        load_trace(path, max_bytes=1000)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--alloc-conf", "max_split_size_mb:2"], "Error: invalid allocator settings 'max_split_size_mb:2'"),
+    (["--check", "--alloc-conf", "expandable_segments:True"], "Error: --check replays the recorded settings"),
+    (["--capacity", "lots"], "Error: cannot read 'lots' as a memory size"),
+])
+def test_cli_bad_flags_pinned(capsys, argv, message):
+    code, out, err = run(capsys, "replay", SMALL_TRACE, *argv)
+    _assert_one_line_error(code, out, err)
+    assert err.startswith(message), err
+
+
+def test_cli_missing_file(capsys, tmp_path):
+    code, out, err = run(capsys, "replay", tmp_path / "nope.pickle")
+    _assert_one_line_error(code, out, err)
+    assert err.startswith("Error: cannot read ")
+
+
+def test_capacity_what_if_reports_the_first_oom(capsys):
+    code, out, _ = run(capsys, "replay", SMALL_TRACE, "--capacity", "1GiB", "--json")
+    data = json.loads(out)
+    # silmont2000 starts empty and needs 512 MiB segments: the third one (> 1 GiB reserved) fails
+    assert code == 0 and data["num_ooms"] == 1 and data["oom"]["reserved_bytes"] <= 2**30
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "vramplan.cli", "replay", str(SMALL_TRACE), "--check", "--json"],
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
