@@ -19,11 +19,11 @@ from vramplan.core.models import ModelSpec, resolve as resolve_model
 from vramplan.core.setup import TrainSetup
 from vramplan.core.units import format_bytes, parse_size
 from vramplan.estimate import Estimate, estimate
+from vramplan.version import __version__
 
 __all__ = ["AllocatorReplay", "Component", "DependencyError", "Estimate", "Gpu", "GpuError", "ModelError", "ModelSpec",
            "Parallel", "ProfileOptions", "TrainSetup", "Trace", "UsageError", "VramplanError", "estimate",
            "format_bytes", "parse_size", "plan", "profile", "replay_allocations", "resolve_gpu", "resolve_model", "simulate", "sweep"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

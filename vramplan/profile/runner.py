@@ -32,6 +32,7 @@ import time
 import traceback
 
 from vramplan.simulate import attribution
+from vramplan.version import __version__
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -541,7 +542,6 @@ def _version(dist: str) -> str | None:
 
 
 def _vramplan_version() -> str:
-    from vramplan import __version__
     return __version__
 
 
