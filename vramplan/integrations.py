@@ -24,6 +24,9 @@ import warnings
 from dataclasses import dataclass
 
 from vramplan.core.errors import VramplanError, require
+from vramplan.core.models import spec_from_config
+from vramplan.core.setup import ALL_LINEAR, TrainSetup
+from vramplan.estimate.estimator import estimate
 
 _transformers = require("transformers", "simulate")
 TrainerCallback = _transformers.TrainerCallback
@@ -163,7 +166,6 @@ class MemoryCallback(TrainerCallback):
             self._observed_seq = max(self._observed_seq, int(shape[1]))
 
     def _estimate(self, seq: int, args, model) -> None:
-        from vramplan.estimate.estimator import estimate
         setup = self.setup if self.setup is not None else setup_of(model, args, seq)
         self.estimate = estimate(self._spec, setup, gpu=self.gpu)
         e = self.estimate
@@ -183,7 +185,6 @@ class MemoryCallback(TrainerCallback):
 
 def spec_of(model, model_id: str | None = None):
     """ModelSpec from the model's config (a PeftModel's base config)."""
-    from vramplan.core.models import spec_from_config
     if model is None:
         raise VramplanError("no model passed to the callback", hint="use it with a transformers Trainer")
     config = getattr(model, "config", None)
@@ -196,7 +197,6 @@ def spec_of(model, model_id: str | None = None):
 
 def setup_of(model, args, seq: int):
     """TrainSetup from the model (quantization, adapters, attention) and TrainingArguments."""
-    from vramplan.core.setup import ALL_LINEAR, TrainSetup
 
     peft_config = getattr(model, "peft_config", None)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -10,6 +10,8 @@ import sys
 from vramplan.cli import plan, profile, replay, simulate
 from vramplan.cli.flags import Parser, print_json, setup_flags, setup_from_args
 from vramplan.core.errors import VramplanError
+from vramplan.estimate.estimator import estimate
+from vramplan.core.models import catalog, spec_from_config
 
 # Commands with their own module: each exposes register(subparsers, setup_flags); its heavy imports
 # happen inside its handler.
@@ -17,19 +19,16 @@ COMMANDS = (simulate, profile, plan, replay)
 
 
 def cmd_estimate(args) -> int:
-    from vramplan.estimate.estimator import estimate
-
     est = estimate(args.model, setup_from_args(args), gpu=args.gpu)
     if args.json:
         print_json(est.to_dict())
     else:
-        from vramplan.render.tables import print_estimate
+        from vramplan.render.tables import print_estimate  # rich loads only when a table is printed
         print_estimate(est)
     return 0
 
 
 def cmd_models(args) -> int:
-    from vramplan.core.models import catalog, spec_from_config
 
     rows = []
     for entry in catalog().values():
@@ -54,7 +53,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_gpus(args) -> int:
-    from vramplan.core.gpus import catalog
+    from vramplan.core.gpus import catalog  # local: cmd_models imports core.models' catalog by the same name
 
     rows = [g.to_dict() for g in catalog()]
     if args.json:

@@ -7,6 +7,7 @@ import json
 import sys
 
 from vramplan.core.errors import UsageError
+from vramplan.core.setup import parse_targets, TrainSetup
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,8 +44,6 @@ def setup_flags() -> argparse.ArgumentParser:
 
 
 def setup_from_args(args):
-    from vramplan.core.setup import TrainSetup, parse_targets
-
     return TrainSetup(method=args.method, quant=args.quant, double_quant=args.double_quant, dtype=args.dtype,
                       rank=args.rank, targets=parse_targets(args.targets), lora_dropout=args.lora_dropout,
                       batch=args.batch, seq=args.seq, grad_ckpt=args.grad_ckpt, attn=args.attn,

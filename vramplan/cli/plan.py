@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 
 from vramplan.core.errors import UsageError
+from vramplan.cli.flags import print_json, setup_flags, setup_from_args
+from vramplan.core.setup import parse_targets, TrainSetup
 
 STATUS_STYLE = {"fits": "green", "tight": "yellow", "no": "red"}
 STATUS_WORD = {"fits": "FITS", "tight": "TIGHT", "no": "DOES NOT FIT"}
@@ -50,8 +52,7 @@ def register(subparsers, setup_flags_parent) -> None:
     p.add_argument("--plot", help="write stacked components per setup with the GPU line (.png, .svg, .pdf)")
     p.set_defaults(handler=cmd_plan)
 
-    from vramplan.cli.flags import setup_flags  # a fresh copy: sweep redefines some flags as lists
-
+    # a fresh copy of the setup flags: sweep redefines some of them as lists
     s = subparsers.add_parser("sweep", parents=[setup_flags()], conflict_handler="resolve",
                               help="the estimate over a product of setups, as a table / CSV (pandas)")
     for flag, default, what in (("--batch", "1", "micro-batch sizes"), ("--seq", "2048", "sequence lengths"),
@@ -69,8 +70,7 @@ def register(subparsers, setup_flags_parent) -> None:
 # --- plan ----------------------------------------------------------------------------------------
 
 def cmd_plan(args) -> int:
-    from vramplan.cli.flags import print_json, setup_from_args
-    from vramplan.plan.planner import plan
+    from vramplan.plan.planner import plan  # this command's code loads only when it runs
 
     batches = parse_list("--grid-batch", args.grid_batch) if args.grid_batch else None
     seqs = parse_list("--grid-seq", args.grid_seq) if args.grid_seq else None
@@ -79,7 +79,7 @@ def cmd_plan(args) -> int:
     result = plan(args.model, setup_from_args(args), args.gpu, gpus=args.gpus, strategy=args.strategy,
                   offload=args.offload, batches=batches, seqs=seqs, tight=args.tight, recommend=args.recommend)
     if args.plot:
-        from vramplan.render.plots import plot_plan
+        from vramplan.render.plots import plot_plan  # this command's code loads only when it runs
         plot_plan(result, args.plot)
     if args.json:
         print_json(result.to_dict())
@@ -215,9 +215,7 @@ def _print_survey(result, console, Table) -> None:
 # --- sweep ---------------------------------------------------------------------------------------
 
 def cmd_sweep(args) -> int:
-    from vramplan.cli.flags import print_json
-    from vramplan.core.setup import parse_targets, TrainSetup
-    from vramplan.plan.sweep import sweep
+    from vramplan.plan.sweep import sweep  # this command's code loads only when it runs
 
     axes = {"batch": parse_list("--batch", args.batch), "seq": parse_list("--seq", args.seq),
             "rank": parse_list("--rank", args.rank), "method": parse_list("--method", args.method, str),
@@ -235,7 +233,7 @@ def cmd_sweep(args) -> int:
         except OSError as exc:
             raise UsageError(f"cannot write {args.csv!r}: {exc.strerror or exc}", hint="check the path") from None
     if args.plot:
-        from vramplan.render.plots import plot_sweep
+        from vramplan.render.plots import plot_sweep  # this command's code loads only when it runs
         plot_sweep(df, args.plot, varying)
     if args.json:
         print_json(df.to_dict(orient="records"))

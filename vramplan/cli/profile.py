@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vramplan.cli.flags import print_json, setup_from_args
+from vramplan.core.errors import require, UsageError, VramplanError
+from vramplan.core.gpus import resolve_gpu
+
 PROFILE_EPILOG = """\
 The setup flags are those of `vramplan estimate`; the run uses them the way a training script
 does. --gpu here emulates that GPU size on the device you run on (CUDA: the allocator is capped
@@ -50,10 +54,7 @@ def register(subparsers, setup_flags_parent) -> None:
 
 
 def cmd_profile(args) -> int:
-    from vramplan.cli.flags import print_json, setup_from_args
-    from vramplan.core.errors import VramplanError
-    from vramplan.core.gpus import resolve_gpu
-    from vramplan.profile.session import ProfileOptions, profile
+    from vramplan.profile.session import ProfileOptions, profile  # this command's code loads only when it runs
 
     setup = setup_from_args(args)
     limit = resolve_gpu(args.gpu).memory_bytes if args.gpu else None
@@ -64,18 +65,17 @@ def cmd_profile(args) -> int:
     options.validate()
     if args.plot:  # checked before the run: a finished run must not fail on its plot
         _check_plot_path(args.plot)
-        from vramplan.core.errors import require
         require("matplotlib", "export")
     out = None if args.no_record else args.out
     if args.json:
         record, path = profile(args.model, setup, options, out=out)
     else:
-        from vramplan.render.profile_tables import Progress
+        from vramplan.render.profile_tables import Progress  # rich loads only when a table is printed
         with Progress(options.steps + options.warmup, options.device) as progress:
             record, path = profile(args.model, setup, options, out=out, on_event=progress)
     plot_path = None
     if args.plot:
-        from vramplan.render.profile_plots import plot_record
+        from vramplan.render.profile_plots import plot_record  # this command's code loads only when it runs
         plot_path = plot_record(record, args.plot)
     if args.json:
         data = record.to_dict()
@@ -95,7 +95,6 @@ def cmd_profile(args) -> int:
 def _check_plot_path(path: str) -> None:
     from pathlib import Path
 
-    from vramplan.core.errors import UsageError
     if Path(path).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise UsageError(f"--plot {path}: unknown image type", hint="end the file name with .png, .svg or .pdf")
 
@@ -103,7 +102,8 @@ def _check_plot_path(path: str) -> None:
 def _print_profile(record, path, plot_path) -> None:
     from rich.console import Console
 
-    from vramplan.profile.compare import compare_record
+    from vramplan.profile.compare import compare_record  # this command's code loads only when it runs
+    # rich loads only when a table is printed
     from vramplan.render.profile_tables import amount, detail_table, gib, pct, unit_for
 
     console = Console()
@@ -140,8 +140,7 @@ def _print_profile(record, path, plot_path) -> None:
 
 
 def cmd_compare(args) -> int:
-    from vramplan.cli.flags import print_json
-    from vramplan.profile.compare import compare_path, error_table_markdown, write_csv
+    from vramplan.profile.compare import compare_path, error_table_markdown, write_csv  # loads only when it runs
 
     comparisons = []
     for path in args.paths:
@@ -155,10 +154,9 @@ def cmd_compare(args) -> int:
     elif args.markdown:
         sys.stdout.write(error_table_markdown(comparisons))
     elif args.csv != "-":
-        from vramplan.render.profile_tables import print_comparisons
+        from vramplan.render.profile_tables import print_comparisons  # rich loads only when a table is printed
         print_comparisons(comparisons, detail=args.detail or len(comparisons) == 1)
     if args.strict and any(c.within_tolerance is False for c in comparisons):
-        from vramplan.core.errors import VramplanError
         bad = [c.record_id for c in comparisons if c.within_tolerance is False]
         raise VramplanError(f"{len(bad)} record(s) beyond their tolerance: {', '.join(bad[:5])}",
                             hint="see `vramplan compare --detail` for the components that moved")

@@ -8,6 +8,8 @@ Light at import: the snapshot is read and replayed inside the handler.
 from __future__ import annotations
 
 from vramplan.core.errors import UsageError
+from vramplan.cli.flags import print_json
+from vramplan.core.units import parse_size
 
 
 def register(subparsers, setup_flags_parent) -> None:
@@ -31,7 +33,7 @@ def register(subparsers, setup_flags_parent) -> None:
 
 
 def cmd_replay(args) -> int:
-    from vramplan.cli.flags import print_json
+    # this command's code loads only when it runs
     from vramplan.cuda.snapshot import check_snapshot, load_trace, replay_snapshot
 
     if args.check and (args.alloc_conf is not None or args.capacity is not None):
@@ -39,7 +41,6 @@ def cmd_replay(args) -> int:
                          hint="drop --alloc-conf / --capacity, or drop --check for a what-if replay")
     capacity = None
     if args.capacity is not None:
-        from vramplan.core.units import parse_size
         capacity = parse_size(args.capacity)
     if args.device is not None and args.device < 0:
         raise UsageError(f"--device must be >= 0, got {args.device}", hint="devices are numbered from 0")

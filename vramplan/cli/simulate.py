@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 
 from vramplan.core.errors import UsageError
+from vramplan.cli.flags import print_json, setup_from_args
+from vramplan.core.gpus import resolve_gpu
+from vramplan.core.models import resolve
+from vramplan.estimate.estimator import estimate
 
 TOP_MODULES = 10
 
@@ -29,27 +33,22 @@ def register(subparsers, setup_flags_parent) -> None:
 
 
 def cmd_simulate(args) -> int:
-    from vramplan.cli.flags import print_json, setup_from_args
-    from vramplan.estimate.estimator import estimate
-    from vramplan.core.models import resolve
-
     setup = setup_from_args(args)
     spec = resolve(args.model)
     gpu = None
     if args.gpu:
-        from vramplan.core.gpus import resolve_gpu
         gpu = resolve_gpu(args.gpu)
     if args.timeline:
         _check_writable(args.timeline)
     est = estimate(spec, setup)
-    from vramplan.simulate.step import require_packages
-    from vramplan.simulate import simulate
+    from vramplan.simulate.step import require_packages  # this command's code loads only when it runs
+    from vramplan.simulate import simulate  # this command's code loads only when it runs
     require_packages(setup)     # before the progress bar: a missing package is a one-line error
     with _progress() as progress:
         trace = simulate(spec, setup, exact=args.exact, progress=progress)
     if args.timeline:
         write_timeline(trace, args.timeline)
-    from vramplan.simulate import compare
+    from vramplan.simulate import compare  # this command's code loads only when it runs
     if args.json:
         print_json(compare.to_dict(trace, est))
     else:
@@ -118,7 +117,7 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
     from rich.console import Console
     from rich.table import Table
 
-    from vramplan.simulate import compare
+    from vramplan.simulate import compare  # this command's code loads only when it runs
 
     console = console or Console()
     s = trace.setup

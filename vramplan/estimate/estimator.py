@@ -21,7 +21,7 @@ from vramplan.core.components import ALLOCATED, Component, check_sum
 from vramplan.cuda.context import device_overhead
 from vramplan.core.errors import ModelError
 from vramplan.core.gpus import Gpu, resolve_gpu
-from vramplan.estimate.inventory import Static, static_memory
+from vramplan.estimate.inventory import adapted_linears, Static, static_memory
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.estimate.quant import alloc
 from vramplan.core.setup import TrainSetup
@@ -237,5 +237,4 @@ def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
 
 
 def static_adapted(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
-    from vramplan.estimate.inventory import adapted_linears
     return tuple(l.leaf for l in adapted_linears(spec, setup))

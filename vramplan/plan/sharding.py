@@ -34,7 +34,7 @@ from functools import lru_cache
 from vramplan.core.components import ALLOCATED, Component, check_sum
 from vramplan.core.errors import UsageError
 from vramplan.core.gpus import Gpu, resolve_gpu
-from vramplan.estimate.estimator import Verdict
+from vramplan.estimate.estimator import estimate, Verdict
 from vramplan.estimate.inventory import numel, optimizer_memory, static_memory
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.estimate.quant import alloc, layout
@@ -379,7 +379,6 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
             gpu: str | int | Gpu | None = None, *, gpus: int = 1, strategy: str | None = None,
             offload: str = "none", **flags) -> ShardedEstimate:
     """Per-GPU memory of `setup` under `parallel` (or gpus/strategy/offload)."""
-    from vramplan.estimate.estimator import estimate
 
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     par = parallel_of(gpus, strategy, offload, parallel)

@@ -20,9 +20,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vramplan.core.errors import VramplanError
+from vramplan.core.errors import require, VramplanError
 from vramplan.profile.record import STATIC, TRANSIENT, Record, relative_error, setup_from_record, spec_from_record
-from vramplan.profile.store import read_records
+from vramplan.profile.store import atomic_write_bytes, read_records
+from vramplan.core.gpus import Gpu
+from vramplan.estimate.estimator import estimate
 
 REST = "gradients+activations+logits_loss+temporaries"
 
@@ -230,9 +232,6 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
 
 
 def _reestimate(record: Record):
-    from vramplan.estimate.estimator import estimate
-    from vramplan.core.gpus import Gpu
-
     spec = spec_from_record(record.model)
     setup = setup_from_record(record.setup)
     gpu_d = (record.estimate or {}).get("gpu")
@@ -245,7 +244,6 @@ def compare_path(path: str | os.PathLike, recorded: bool = False) -> list[Compar
 
 
 def to_dataframe(comparisons: list[Comparison]):
-    from vramplan.core.errors import require
     pd = require("pandas", "export")
     df = pd.DataFrame([c.flat() for c in comparisons])
     for col in df.columns:   # bytes stay integers even where a record has no value (pandas' nullable Int64)
@@ -259,7 +257,6 @@ def write_csv(comparisons: list[Comparison], dest: str) -> str | None:
     df = to_dataframe(comparisons)
     if dest == "-":
         return df.to_csv(index=False)
-    from vramplan.profile.store import atomic_write_bytes
     atomic_write_bytes(Path(dest), df.to_csv(index=False).encode())
     return None
 

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import warnings
 
+from vramplan.core.errors import ModelError
+from vramplan.simulate.build import bnb_config, hf_config, torch_dtype
+
 
 def random_model(spec, setup, device: str, seed: int = 0):
     """The transformers model with random weights on `device` (quantized for qlora), before peft."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from vramplan.core.errors import ModelError
-    from vramplan.simulate.build import hf_config, torch_dtype
 
     config = hf_config(spec, setup)
     dtype = torch_dtype(setup)
@@ -65,8 +65,6 @@ def _preprocess(model, setup):
     import inspect
 
     from transformers.quantizers.auto import AutoHfQuantizer
-
-    from vramplan.simulate.build import bnb_config, torch_dtype
 
     quantizer = AutoHfQuantizer.from_config(bnb_config(setup), pre_quantized=False)
     kwargs = dict(model=model, dtype=torch_dtype(setup), device_map=None)

@@ -61,7 +61,7 @@ class TrackerMeter:
     def __init__(self, context=None, limit: int | None = None):
         import torch
 
-        from vramplan.simulate.tracker import AllocationTracker, Peak
+        from vramplan.simulate.tracker import AllocationTracker, Peak  # imports torch: loaded on use
 
         self.torch = torch
         self._Peak = Peak

@@ -15,6 +15,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from vramplan.core.errors import VramplanError
+from vramplan.core.models import spec_from_config
+from vramplan.core.setup import TrainSetup
+
 SCHEMA = "vramplan.profile/1"
 STATUSES = ("ok", "oom", "error", "crashed", "timeout", "skipped")
 METRICS = ("allocated", "device_total")
@@ -184,8 +188,6 @@ class Record:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Record":
-        from vramplan.core.errors import VramplanError
-
         if not isinstance(d, dict) or not str(d.get("schema", "")).startswith("vramplan.profile/"):
             raise VramplanError("not a vramplan profile record (no 'schema': 'vramplan.profile/1')",
                                 hint="records are written by `vramplan profile`")
@@ -233,7 +235,6 @@ def _known(cls, d: dict) -> dict:
 
 def setup_from_record(setup: dict):
     """TrainSetup from a record's setup dict (quant fields are None for lora / full)."""
-    from vramplan.core.setup import TrainSetup
 
     d = {k: v for k, v in setup.items() if k in {f.name for f in fields(TrainSetup)}}
     if d.get("quant") is None:
@@ -247,7 +248,6 @@ def setup_from_record(setup: dict):
 
 def spec_from_record(model: dict):
     """ModelSpec from the config.json fields the record keeps."""
-    from vramplan.core.models import spec_from_config
 
     return spec_from_config(model["config"], model.get("id", "?"), model.get("source", "profile record"))
 

@@ -33,6 +33,15 @@ import traceback
 
 from vramplan.simulate import attribution
 from vramplan.version import __version__
+from vramplan.core.components import ALLOCATED
+from vramplan.core.errors import GpuError, ModelError, require, UsageError, VramplanError
+from vramplan.core.models import spec_from_config
+from vramplan.estimate.quant import alloc
+from vramplan.profile.materialize import random_model
+from vramplan.profile.meters import CudaMeter, TrackerMeter
+from vramplan.profile.record import setup_from_record
+from vramplan.simulate.build import bnb_config, make_trainable, torch_dtype
+from vramplan.profile.nvml import open_device
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -65,7 +74,6 @@ def child_entry(job: dict, conn) -> None:
     try:
         Run(job, channel).execute()
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent as data
-        from vramplan.core.errors import VramplanError
         if isinstance(exc, VramplanError):
             channel.send("error", error_class=type(exc).__name__, message=exc.message, hint=exc.hint)
         else:
@@ -116,9 +124,6 @@ class Run:
 
     # --- setup ---------------------------------------------------------------------------------------
     def execute(self) -> None:
-        from vramplan.core.errors import require
-        from vramplan.profile.record import setup_from_record
-
         job = self.job
         self.setup = setup = setup_from_record(job["setup"])
         # The NVML baseline comes first: importing peft imports bitsandbytes, which asks
@@ -131,7 +136,6 @@ class Run:
             require("bitsandbytes", "profile")
         import torch
 
-        from vramplan.core.models import spec_from_config
         self.torch = torch
         self.spec = spec_from_config(job["config"], job["model_id"], job.get("model_source", "profile job"))
         self.device = self._device(job["device"])
@@ -142,7 +146,6 @@ class Run:
             self._run()
 
     def _device(self, text: str):
-        from vramplan.core.errors import GpuError
         torch = self.torch
         if text == "cpu":
             return torch.device("cpu")
@@ -191,7 +194,6 @@ class Run:
             return
         index = int(text.split(":")[1]) if ":" in text else 0
         try:
-            from vramplan.profile.nvml import open_device
             self.nvml = open_device(index, uuid=self.job.get("nvml_uuid"))
             self.baseline = self.nvml.used()
             self.driver = self.nvml.info().driver
@@ -223,7 +225,6 @@ class Run:
             total = torch.cuda.get_device_properties(self.device).total_memory
             usable = limit - context
             if usable <= 0:
-                from vramplan.core.errors import UsageError
                 raise UsageError(f"--gpu {limit:,} bytes is less than the CUDA context ({context:,} bytes)",
                                  hint="give a larger GPU size")
             # torch.cuda.set_per_process_memory_fraction caps what the caching allocator may
@@ -232,7 +233,6 @@ class Run:
             torch.cuda.set_per_process_memory_fraction(min(1.0, usable / total), self.device)
 
     def _meter(self):
-        from vramplan.profile.meters import CudaMeter, TrackerMeter
         if self.device.type == "cuda":
             if self.job.get("snapshot_path"):
                 self.torch.cuda.memory._record_memory_history(max_entries=self.job.get("snapshot_entries", 200000))
@@ -356,11 +356,9 @@ class Run:
 
         torch = self.torch
         setup, job = self.setup, self.job
-        from vramplan.simulate.build import make_trainable
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if job["random_weights"]:
-                from vramplan.profile.materialize import random_model
                 model = random_model(self.spec, setup, str(self.device), seed=job.get("seed", 0))
             else:
                 model = self._from_pretrained()
@@ -380,8 +378,6 @@ class Run:
     def _from_pretrained(self):
         from transformers import AutoModelForCausalLM
 
-        from vramplan.core.errors import ModelError
-        from vramplan.simulate.build import bnb_config, torch_dtype
         setup, source = self.setup, self.job["weights"]
         kwargs = dict(dtype=torch_dtype(setup), attn_implementation=setup.attn, device_map={"": str(self.device)},
                       local_files_only=True)
@@ -398,7 +394,6 @@ class Run:
     def _static_inventory(self, model) -> dict:
         """weights / quant_constants / adapters, from the live tensors (each storage once, rounded
         to the allocator's 512-byte block), classified as simulate does."""
-        from vramplan.estimate.quant import alloc
         out = {"weights": 0, "quant_constants": 0, "adapters": 0}
         seen = set()
 
@@ -435,7 +430,6 @@ class Run:
         return out
 
     def _grads(self, model) -> int:
-        from vramplan.estimate.quant import alloc
         total = 0
         seen = set()
         for p in model.parameters():
@@ -458,7 +452,6 @@ class Run:
         CPU bitsandbytes falls back to ordinary tensors: the ones a GPU would page are then not
         counted, so the CPU run counts what a GPU would. torch's `step` scalars live on the host
         unless capturable / fused (torch/optim/adamw.py _init_group)."""
-        from vramplan.estimate.quant import alloc
         paged_setup = self.setup.paged
         state_bytes = paged = 0
         seen = set()
@@ -487,7 +480,6 @@ class Run:
         attribution: tags set above, dequantize ops -> temporaries, lm_head/loss -> logits_loss)."""
         if event is None or not hasattr(self.meter, "tracker"):
             return None
-        from vramplan.core.components import ALLOCATED
         try:
             _component = attribution.component_of
         except Exception:  # noqa: BLE001

@@ -24,9 +24,16 @@ from pathlib import Path
 
 from vramplan.core import errors as _errors
 from vramplan.core.errors import UsageError, VramplanError
-from vramplan.profile.record import (MIN_TOLERANCE, Failure, Measured, NvmlTrace, PhaseStats, Record, errors_for, estimate_dict,
-                     model_dict, tolerances_for)
-from vramplan.profile.store import record_id
+from vramplan.profile.record import (
+    errors_for, estimate_dict, Failure, Measured, MIN_TOLERANCE, model_dict, NvmlTrace, PhaseStats, Record,
+    relative_error, tolerances_for,
+)
+from vramplan.profile.store import atomic_move, record_id, unique_path, write_record
+from vramplan.core.gpus import Gpu, resolve_gpu
+from vramplan.core.models import resolve
+from vramplan.core.setup import TrainSetup
+from vramplan.estimate.estimator import estimate
+from vramplan.profile.nvml import open_device, Sampler
 
 DEFAULT_STEPS = 5
 DEFAULT_WARMUP = 1
@@ -162,7 +169,7 @@ class ForkServerLauncher:
         self.ctx.set_forkserver_preload(list(preload))
 
     def start(self, job: dict, workdir: Path) -> _Child:
-        from vramplan.profile.runner import child_entry
+        from vramplan.profile.runner import child_entry  # child-process code: loaded when a child starts
 
         reader, writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=child_entry, args=(job, writer), daemon=False)
@@ -199,10 +206,6 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
 
     on_event(event: dict) is called for every child event and, on a GPU, with NVML samples
     ({"event": "nvml", "used": bytes}) a few times a second: the CLI draws its progress from them."""
-    from vramplan.estimate.estimator import estimate
-    from vramplan.core.gpus import Gpu, resolve_gpu
-    from vramplan.core.models import resolve
-    from vramplan.core.setup import TrainSetup
 
     options = options or ProfileOptions()
     options.validate()
@@ -305,7 +308,6 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
         tolerance=tolerance, failure=failure, snapshot=None, notes=tuple(notes))
     path = None
     if out_dir is not None:
-        from vramplan.profile.store import atomic_move, unique_path, write_record
         if state.snapshot and snapshot_tmp is not None and Path(state.snapshot).exists():
             snap = unique_path(out_dir, f"{rid}.snapshot", ".pickle")
             atomic_move(snapshot_tmp, snap)
@@ -320,8 +322,6 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
 def skipped_record(model: str, setup, options: ProfileOptions, reason: str) -> Record:
     """A record saying this configuration was not run (a campaign out of time): the estimate and
     the reason, no measurement."""
-    from vramplan.estimate.estimator import estimate
-    from vramplan.core.models import resolve
 
     spec = resolve(model)
     est = estimate(spec, setup)
@@ -342,7 +342,6 @@ def _replace(record: Record, **changes) -> Record:
 
 
 def _rel(pred, meas):
-    from vramplan.profile.record import relative_error
     return relative_error(pred, meas)
 
 
@@ -357,7 +356,6 @@ def _weights_source(model: str, spec) -> str:
 def _start_sampler(index: int, hz: float):
     """The NVML sampler for CUDA device `index`. A GPU run without NVML is refused here, before
     any child starts (GpuError / DependencyError): the device total is half of what a record is for."""
-    from vramplan.profile.nvml import Sampler, open_device
     dev = open_device(index)
     sampler = Sampler(dev, hz=hz)
     sampler.start()

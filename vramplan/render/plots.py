@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vramplan.core.components import ALLOCATED
 from vramplan.core.errors import UsageError, require
+from vramplan.plan.sharding import per_gpu
 
 FORMATS = (".png", ".svg", ".pdf")
 DEVICE_LABEL = "context + NCCL + allocator"
@@ -72,7 +73,6 @@ def device_only(est) -> int:
 
 def plot_plan(plan, path: str | Path) -> Path:
     """Bars: the requested setup, the largest batch, the longest sequence, each ranked change."""
-    from vramplan.plan.sharding import per_gpu
 
     spec, setup, par = plan.model, plan.setup, plan.parallel
     bars = [("requested", plan.estimate.components, device_only(plan.estimate))]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vramplan.core.errors import UsageError
+from vramplan.core.errors import require, UsageError
 from vramplan.profile.record import Record
+from vramplan.profile.store import atomic_write_bytes
 
 UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
 COLORS = {"load": "#dddddd", "forward": "#cfe2f3", "backward": "#f4cccc", "optimizer": "#d9ead3"}
@@ -22,7 +23,6 @@ def plot_record(record: Record, dest: str | os.PathLike, predicted: dict | None 
     """Write the timeline of `record` to `dest` (.png, .svg or .pdf); returns the path.
 
     predicted: {"peak_allocated_bytes", "device_total_bytes"} to draw (default: the record's own)."""
-    from vramplan.core.errors import require
 
     dest = Path(dest)
     if dest.suffix.lower() not in (".png", ".svg", ".pdf"):
@@ -91,7 +91,6 @@ def plot_record(record: Record, dest: str | os.PathLike, predicted: dict | None 
     ax.legend(loc="lower right", fontsize=7, ncol=2, framealpha=0.9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    from vramplan.profile.store import atomic_write_bytes
     import io
     buf = io.BytesIO()
     fig.savefig(buf, format=dest.suffix.lower().lstrip("."))

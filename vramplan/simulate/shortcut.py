@@ -38,6 +38,8 @@ from vramplan.core.components import Component
 from vramplan.core.setup import TrainSetup
 from vramplan.simulate.attribution import component_of, register_optimizer_state, short_name
 from vramplan.simulate.step import Measured, Simulation, make_trace
+from vramplan.core.models import spec_from_config
+from vramplan.simulate.build import hf_config, make_optimizer
 
 UNITS = 5          # first, three middle units (each checked against the others), last
 EXPANDED = 2       # the middle unit that is repeated: its neighbours are middle units too
@@ -58,8 +60,6 @@ def applies(spec) -> bool:
 def reduced_spec(spec, setup: TrainSetup):
     """(spec with UNITS * period decoder layers, period). Per-layer config lists (layer_types:
     sliding or full attention) must repeat with a period that divides the depth."""
-    from vramplan.core.models import spec_from_config
-    from vramplan.simulate.build import hf_config
 
     config = dict(spec.config)
     types = getattr(hf_config(spec, setup), "layer_types", None)
@@ -120,7 +120,6 @@ def static_units(built, names: LayerNames) -> dict[int, int | None]:
     """storage key -> unit of every tensor live before the step that belongs to one decoder layer
     (parameters, buffers, bitsandbytes quant state, int8 scales); None if shared between units."""
     import torch
-
 
     seen: dict[int, int | None] = {}
 
@@ -220,7 +219,6 @@ class Stream:
 
 
 def stream_of(tracker) -> Stream:
-
     blocks = [VBlock(b.size, b.alloc_event, b.free_event, b.where, b.op, component_of(b)) for b in tracker.blocks]
     registered = tracker.ops[0][0] if tracker.ops else tracker.event
     return Stream(blocks, list(tracker.ops), tracker.event, registered)
@@ -308,8 +306,6 @@ def optimizer_run(sim, params: list) -> OptimizerRun:
     measured under the step's context ("optimizer" phase: allocations are temporaries)."""
     import torch
 
-    from vramplan.simulate.build import make_optimizer
-
     tensors = [torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta")) for _, shape, dtype in params]
     opt = make_optimizer(tensors, sim.setup, "meta")
 
@@ -360,7 +356,6 @@ class Expansion:
     """The traced step of UNITS units and the step of the full depth rebuilt from it."""
 
     def __init__(self, sim, tracker, target_layers: int, period: int):
-    
         self.sim, self.tracker, self.period = sim, tracker, period
         self.m = EXPANDED
         self.n = (target_layers - UNITS * period) // period      # extra copies of unit m

@@ -35,6 +35,8 @@ from vramplan.core.components import ALLOCATED, Component, check_sum
 from vramplan.core.setup import TrainSetup
 from vramplan.simulate.attribution import (LOGITS_REGION, StepContext, component_of, decoder_layers, module_names,
                                            register_live_state, short_name)
+from vramplan.core.errors import require, SimulationError, VramplanError
+from vramplan.simulate.build import build
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total): decoder layers run so far
 STEP_PHASES = ("forward", "backward", "optimizer")
@@ -92,8 +94,6 @@ def require_packages(setup: TrainSetup) -> None:
     torch, transformers, peft, and bitsandbytes for quantization or its optimizers."""
     import logging
 
-    from vramplan.core.errors import require
-
     # bitsandbytes logs a warning at import on CPU-only machines (no `kernels` package for its
     # optional fused CPU gemm); it says nothing about the simulated GPU.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -139,8 +139,7 @@ class Simulation:
     def __init__(self, spec, setup: TrainSetup, device: str = "meta", progress: Progress | None = None):
         import warnings
 
-        from vramplan.simulate import kernels
-        from vramplan.simulate.build import build
+        from vramplan.simulate import kernels  # imports torch: loaded on use
 
         require_packages(setup)
         self.spec, self.setup, self.device = spec, setup, device
@@ -173,7 +172,7 @@ class Simulation:
         import contextlib
         import warnings
 
-        from vramplan.simulate import kernels
+        from vramplan.simulate import kernels  # imports torch: loaded on use
 
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(warnings.catch_warnings())
@@ -232,14 +231,12 @@ class Simulation:
             tracker.mark()
             ctx.phase = "done"
         except Exception as exc:
-            from vramplan.core.errors import VramplanError
             if isinstance(exc, VramplanError):
                 raise
             raise self.failure(tracker, exc) from exc
 
     def failure(self, tracker, exc: BaseException):
         """SimulationError: which phase, module and op a failing step stopped in."""
-        from vramplan.core.errors import SimulationError
 
         where = getattr(tracker, "failure", None)
         op, context = where if where else ("", None)
@@ -257,7 +254,7 @@ class Simulation:
                                hint="vramplan estimate still works; please report this model and setup")
 
     def tracker(self, recording: bool = True):
-        from vramplan.simulate.oplog import StepTracker
+        from vramplan.simulate.oplog import StepTracker  # imports torch: loaded on use
 
         strays = "count" if (self.meta and recording) else "ignore"
         tracker = StepTracker(self.device, self.ctx, self.overrides, strays=strays)
