@@ -1,22 +1,42 @@
-"""Every committed profile record, replayed through the current estimator.
+"""Every committed profile record, replayed through the current estimator, held to FIXED bounds.
 
-A record under profiles/ is a real measurement with the tolerance it was committed with
-(profiles/README.md: max(3 %, |error at recording| + 1 pp)). This test recomputes each
-prediction with today's estimator and fails when a record's error grows past its tolerance, so a
-change that makes agreement with a real GPU worse cannot pass CI. Records that are not complete
-measurements (skipped, crashed, timeout) are checked for schema only; an out-of-memory record
-checks that the estimate does not predict less than what was already allocated when it failed.
+A record under profiles/ is a real measurement. This test recomputes each prediction with
+today's estimator and compares it with the measurement, with tolerances stated here (not the
+ones stored in the record, which were derived from the error at recording time and so could
+never fail on the record that set them):
+- the persistent tensors (weights, quant_constants, adapters, optimizer_state) are counted from
+  the live tensors by the profiler and predicted from the layouts (bitsandbytes, peft, torch
+  optimizers): they must agree to the byte;
+- the steady-state peak allocated (torch.cuda.max_memory_allocated over the measured steps)
+  within ALLOCATED_TOLERANCE;
+- the device total NVML saw within DEVICE_TOLERANCE;
+- an out-of-memory record: the estimate may not predict less than what was already allocated
+  when the run failed (within ALLOCATED_TOLERANCE).
+Records that are not complete measurements (skipped, crashed, timeout) are checked for schema only.
 """
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from vramplan.core.models import spec_from_config
+from vramplan.core.setup import TrainSetup
+from vramplan.estimate.estimator import estimate
 from vramplan.profile.compare import compare_record
-from vramplan.profile.record import STATUSES, tolerance_for
-from vramplan.profile.store import read_record, record_files
+from vramplan.profile.record import (STATIC, STATUSES, Measured, NvmlTrace, PhaseStats, Record, errors_for,
+                                     estimate_dict, model_dict, tolerances_for)
+from vramplan.profile.store import read_record, record_files, write_record
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 RECORDS = record_files(PROFILES) if PROFILES.is_dir() and any(PROFILES.rglob("*.json")) else []
+
+# Peak allocated: the bar tests/test_agreement.py holds the estimate to against the simulated
+# step (3 %); a real GPU must meet the same one.
+ALLOCATED_TOLERANCE = 0.03
+# Device total adds the CUDA context, a model (500 MiB, docs/gpus.md#cuda-context-size) that
+# depends on driver and lazily loaded kernels, and caching-allocator slack that depends on the
+# order of allocations (docs/published-measurements.md#reserved-above-allocated): 10 %.
+DEVICE_TOLERANCE = 0.10
 
 
 def problems(path) -> list[str]:
@@ -33,54 +53,63 @@ def problems(path) -> list[str]:
         if steady and max(steady) != m.peak_allocated_bytes:
             out.append("peak_allocated_bytes is not the largest measured-step phase peak")
         if m.components_at_peak and sum(m.components_at_peak.values()) != m.peak_allocated_bytes:
-            out.append("components_at_peak do not add up to the peak")
-        for metric in ("allocated", "device_total"):
-            err, tol = rec.error.get(metric), rec.tolerance.get(metric)
-            if err is not None and (tol is None or tol + 1e-9 < tolerance_for(err)):
-                out.append(f"{metric}: tolerance {tol} is tighter than the rule gives for error {err:+.4f}")
+            # two measurements: the tracker's live blocks classified, and its running counter
+            out.append("components_at_peak do not add up to the measured peak")
     c = compare_record(rec, path)
     if c.prediction != "current":
-        out.append("cannot re-estimate: " + "; ".join(c.notes))
-    for metric, err, tol, passed in c.checks():
-        if not passed:
-            out.append(f"{metric}: error {err:+.2%} is beyond the recorded tolerance {tol:.1%} "
-                       f"(recorded error {rec.error.get(metric)})")
+        return out + ["cannot re-estimate: " + "; ".join(c.notes)]
+    if rec.status == "ok":
+        for row in c.rows:
+            if row.component in STATIC and row.measured is not None and row.predicted != row.measured:
+                out.append(f"{row.component}: predicted {row.predicted:,} B, measured {row.measured:,} B "
+                           f"(persistent tensors must agree to the byte)")
+        for metric, err, tol in (("allocated", c.error_allocated, ALLOCATED_TOLERANCE),
+                                 ("device_total", c.error_device_total, DEVICE_TOLERANCE)):
+            if err is not None and abs(err) > tol:
+                out.append(f"{metric}: error {err:+.2%} is beyond {tol:.0%}")
+    elif rec.status == "oom" and c.lower_bound_error is not None and c.lower_bound_error < -ALLOCATED_TOLERANCE:
+        out.append(f"out of memory with {c.measured_allocated:,} B allocated, but the estimate is "
+                   f"{c.lower_bound_error:+.2%} below that")
     return out
 
 
 @pytest.mark.skipif(not RECORDS, reason="no profile records committed under profiles/ yet "
                                         "(run benchmarks/gpu_campaign.sh on a GPU)")
 @pytest.mark.parametrize("path", RECORDS, ids=[str(p.relative_to(PROFILES)) for p in RECORDS])
-def test_committed_record_replays_within_tolerance(path):
+def test_committed_record_replays_within_fixed_bounds(path):
     found = problems(path)
     assert not found, f"{path.name}: " + "; ".join(found)
 
 
-def test_replay_catches_a_worse_estimate(tmp_path):
-    """The replay logic itself, on a record written here: a tolerance tighter than the current
-    error is reported; the recorded one passes."""
-    from dataclasses import replace
-
-    from vramplan.estimate.estimator import estimate
-    from vramplan.core.models import spec_from_config
-    from vramplan.profile.record import (Measured, NvmlTrace, PhaseStats, Record, errors_for, estimate_dict,
-                                         model_dict, tolerances_for)
-    from vramplan.profile.store import write_record
-    from vramplan.core.setup import TrainSetup
-
+def tiny_record(measured_allocated: int, inventory_delta: int = 0) -> Record:
+    """A record of a tiny Llama, measured numbers set here: the checks' own inputs."""
     spec = spec_from_config({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                              "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}, "tiny", "test")
     setup = TrainSetup(seq=64)
     est = estimate(spec, setup)
-    measured = est.peak_allocated_bytes * 100 // 104     # the estimate is 4 % high
-    m = Measured("torch.cuda", measured, None, "backward", 1, measured, None, {"backward": measured}, {}, None, 0,
-                 (PhaseStats("backward", 1, False, 0, 0, measured),))
-    err = errors_for(est.peak_allocated_bytes, None, measured, None)
-    rec = Record("r", "2026-01-01T00:00:00Z", "ok", "tiny", model_dict(spec), setup.to_dict(), {"device": "cuda"},
-                 {}, estimate_dict(est), m, NvmlTrace(False, "test"), err, tolerances_for(err))
-    good = write_record(rec, tmp_path)
+    inventory = {c: est.components[c] for c in STATIC}
+    inventory["adapters"] += inventory_delta
+    m = Measured("torch.cuda", measured_allocated, None, "backward", 1, measured_allocated, None,
+                 {"backward": measured_allocated}, inventory, None, 0,
+                 (PhaseStats("backward", 1, False, 0, 0, measured_allocated),))
+    err = errors_for(est.peak_allocated_bytes, None, measured_allocated, None)
+    return Record("r", "2026-01-01T00:00:00Z", "ok", "tiny", model_dict(spec), setup.to_dict(), {"device": "cuda"},
+                  {}, estimate_dict(est), m, NvmlTrace(False, "test"), err, tolerances_for(err))
+
+
+def test_the_bounds_are_fixed_not_the_recorded_tolerance(tmp_path):
+    """On records written here: an estimate 2 % high passes; 4 % high fails although the record
+    stores a 5 % tolerance; a persistent component off by one block fails."""
+    predicted = estimate(spec_from_config({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                           "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256},
+                                          "tiny", "test"), TrainSetup(seq=64)).peak_allocated_bytes
+    good = write_record(replace(tiny_record(predicted * 100 // 102), id="good"), tmp_path)
     assert problems(good) == []
-    bad = write_record(replace(rec, id="bad", tolerance={"allocated": 0.02, "device_total": None}), tmp_path)
-    found = problems(bad)
-    assert any("beyond the recorded tolerance" in p for p in found)
-    assert any("tighter than the rule" in p for p in found)
+    high = tiny_record(predicted * 100 // 104)
+    assert high.tolerance["allocated"] >= 0.05          # what the record itself would allow
+    found = problems(write_record(replace(high, id="high"), tmp_path))
+    assert len(found) == 1 and found[0].startswith("allocated: error +4.") and "beyond 3%" in found[0]
+    off = write_record(replace(tiny_record(predicted, inventory_delta=512), id="off"), tmp_path)
+    assert problems(off) == [f"adapters: predicted {tiny_record(predicted).measured.inventory['adapters']:,} B, "
+                             f"measured {tiny_record(predicted).measured.inventory['adapters'] + 512:,} B "
+                             "(persistent tensors must agree to the byte)"]

@@ -8,7 +8,8 @@ Errors are (predicted - measured) / measured, so a positive error is an overesti
   torch.cuda.max_memory_allocated of a measured (post-warm-up) step;
 - `device_total`: the estimate's device_total_bytes against NVML's peak device used memory during
   the measured steps, minus what was used before the run created its CUDA context.
-`tolerance` is what the replay test enforces (`tolerance_for`).
+`tolerance` (`tolerance_for`) is what `vramplan compare` reports; the replay test holds records
+to fixed bounds instead (profiles/README.md#the-tolerance-rule).
 """
 from __future__ import annotations
 
