@@ -118,7 +118,6 @@ def test_catalog_70b_uses_the_shortcut():
     assert trace.peak_phase == "backward"
     assert trace.peak_module.startswith("model.layers.79.")   # renamed to the full model's last layer
     assert trace.attention["flash"] == 2 * 80
-    assert sum(trace.components.values()) == trace.peak_allocated_bytes
 
 
 def test_foreach_stand_in_allocates_like_the_kernel():
