@@ -1,7 +1,7 @@
 """Sizes as polynomials in batch and sequence (vramplan/estimate/symbolic.py), torch-free: every
 evaluation is compared with the same quantity computed directly with integers at that point.
 The block is the caching allocator's 512 B rounding (c10/cuda/CUDACachingAllocator.cpp
-`round_size`, kMinBlockSize; docs/cuda-kernels.md)."""
+`round_size`, kMinBlockSize; docs/allocator.md#constants)."""
 from __future__ import annotations
 
 import pytest

@@ -7,7 +7,8 @@ gradient for one tensor is summed out of place into a new buffer
 (#gradient-accumulation-is-out-of-place); non-reentrant checkpointing saves nothing in forward
 and recomputes up to the last op that saves a tensor, then its frames unwind
 (#non-reentrant-checkpointing). Sizes are multiples of 512 B unless a test is about rounding, so
-the caching allocator's 512 B block (symbolic.BLOCK) does not blur the arithmetic.
+the caching allocator's 512 B block (symbolic.BLOCK, docs/allocator.md#constants) does not blur
+the arithmetic.
 """
 from __future__ import annotations
 
