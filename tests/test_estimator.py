@@ -24,8 +24,9 @@ def test_every_catalog_model_estimates_with_integer_components(model, method):
 
 # Published parameter counts (model cards; the same figures test_models checks the inventory
 # against) and peft's trainable count for r=16 all-linear (print_trainable_parameters).
-# bf16 base weights: 2 bytes/param; peft adapters in fp32 (docs/peft-transformers.md#adapter-dtype-autocast_adapter_dtype):
-# 4 bytes/param; torch AdamW: 2 states in the parameter dtype (docs/autograd.md#adamw-foreach-vs-fused).
+# bf16 base weights: 2 bytes/param; peft adapters in fp32, 4 bytes/param
+# (docs/peft-transformers.md#adapter-dtype-autocast_adapter_dtype); torch AdamW: 2 states in the
+# parameter dtype (docs/autograd.md#adamw-foreach-vs-fused).
 # Tolerance: each tensor is rounded up to the allocator's 512 B block.
 @pytest.mark.parametrize("model, params", [("meta-llama/Llama-2-7b-hf", 6_738_415_616),
                                            ("mistralai/Mistral-7B-v0.1", 7_241_732_096),
