@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from vramplan.core.architectures import ARCHITECTURES, Architecture, supported
+from vramplan.core.config_fields import defaults_applied, require_core_fields
 from vramplan.core.errors import ModelError
 
 CATALOG_DIR = Path(__file__).parent / "catalog" / "models"
@@ -55,6 +56,7 @@ class ModelSpec:
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     sliding_window: int | None = None   # attention window, when the model uses one
+    defaults_used: tuple[str, ...] = ()  # assumption lines for fields config.json left out
 
     @property
     def arch(self) -> Architecture:
@@ -110,6 +112,7 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     if arch is None:
         raise ModelError(f"architecture {model_type!r} ({model_id}) is not known to the analytic model",
                          hint=f"supported model_type values: {supported()}")
+    require_core_fields(config, model_id, arch)
     cfg = {**arch.defaults, **{k: v for k, v in config.items() if v is not None}}
 
     def need_int(key: str) -> int:
@@ -167,6 +170,7 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         final_logit_softcap=cfg.get("final_logit_softcapping"),
         attn_logit_softcap=cfg.get("attn_logit_softcapping"),
         sliding_window=_sliding_window(model_type, cfg),
+        defaults_used=defaults_applied(config, arch, cfg),
     )
 
 

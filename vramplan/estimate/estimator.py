@@ -233,6 +233,7 @@ def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
                "zero_grad(set_to_none=True)")
     out.append("device total = peak allocated + CUDA context (500 MiB, a model) + caching-allocator slack (a model)")
     out.extend(spec.arch.notes)
+    out.extend(spec.defaults_used)  # fields config.json left out (core/config_fields.py)
     return tuple(out)
 
 
