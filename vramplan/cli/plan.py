@@ -223,8 +223,11 @@ def cmd_sweep(args) -> int:
             "rank": parse_list("--rank", args.rank), "method": parse_list("--method", args.method, str),
             "optimizer": parse_list("--optimizer", args.optimizer, str), "attn": parse_list("--attn", args.attn, str),
             "quant": parse_list("--quant", args.quant, str), "dtype": parse_list("--dtype", args.dtype, str)}
-    base = TrainSetup(double_quant=args.double_quant, targets=parse_targets(args.targets),
-                      lora_dropout=args.lora_dropout, grad_ckpt=args.grad_ckpt, prepare_kbit=args.prepare_kbit)
+    given = {k: v for k, v in (("double_quant", args.double_quant), ("lora_dropout", args.lora_dropout))
+             if v is not None}
+    if args.targets is not None:
+        given["targets"] = parse_targets(args.targets)
+    base = TrainSetup(grad_ckpt=args.grad_ckpt, prepare_kbit=args.prepare_kbit, **given)
     strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]
     df = sweep(args.model, args.gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
                strategy=strategies, offload=parse_list("--offload", args.offload, str), tight=args.tight, **axes)
@@ -256,13 +259,21 @@ def print_sweep(df, varying, args) -> None:
         table.add_column(c, justify="right")
     for c in ("peak allocated", "device total", "phase") + (("verdict",) if "status" in df else ()):
         table.add_column(c, justify="right")
+    errors: dict[str, int] = {}  # reason -> its footnote number
     for _, row in df.iterrows():
         cells = [str(row[c]) for c in cols]
+        if isinstance(row["error"], str):  # a combination that cannot run: its reason below the table
+            number = errors.setdefault(row["error"], len(errors) + 1)
+            cells += ["-", "-", "-"] + ([f"cannot run [{number}]"] if "status" in df else [])
+            table.add_row(*cells, style="dim")
+            continue
         cells += [_gib(int(row["peak_allocated_bytes"])), _gib(int(row["device_total_bytes"])), row["peak_phase"]]
         if "status" in df:
             cells.append(f"[{STATUS_STYLE[row['status']]}]{row['status']}[/]")
         table.add_row(*cells)
     console.print(table)
+    for reason, i in errors.items():
+        console.print(f"  [{i}] cannot run: {reason}", highlight=False)
     if args.csv:
         console.print(f"CSV written to {args.csv} ({len(df)} rows, {len(df.columns)} columns)", highlight=False)
     if args.plot:
