@@ -264,7 +264,7 @@ def print_sweep(df, varying, args) -> None:
         cells = [str(row[c]) for c in cols]
         if isinstance(row["error"], str):  # a combination that cannot run: its reason below the table
             number = errors.setdefault(row["error"], len(errors) + 1)
-            cells += ["-", "-", "-"] + ([f"cannot run [{number}]"] if "status" in df else [])
+            cells += ["-", "-", f"cannot run [{number}]"] + (["-"] if "status" in df else [])
             table.add_row(*cells, style="dim")
             continue
         cells += [_gib(int(row["peak_allocated_bytes"])), _gib(int(row["device_total_bytes"])), row["peak_phase"]]
