@@ -247,6 +247,11 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _cell(value) -> str:
+    """A sweep value; None / NaN (quant of a non-quantized row) shows as '-'."""
+    return "-" if value is None or value != value else str(value)
+
+
 def print_sweep(df, varying, args) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -261,7 +266,7 @@ def print_sweep(df, varying, args) -> None:
         table.add_column(c, justify="right")
     errors: dict[str, int] = {}  # reason -> its footnote number
     for _, row in df.iterrows():
-        cells = [str(row[c]) for c in cols]
+        cells = [_cell(row[c]) for c in cols]
         if isinstance(row["error"], str):  # a combination that cannot run: its reason below the table
             number = errors.setdefault(row["error"], len(errors) + 1)
             cells += ["-", "-", f"cannot run [{number}]"] + (["-"] if "status" in df else [])

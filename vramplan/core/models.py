@@ -112,7 +112,6 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     if arch is None:
         raise ModelError(f"architecture {model_type!r} ({model_id}) is not known to the analytic model",
                          hint=f"supported model_type values: {supported()}")
-    require_core_fields(config, model_id, arch)
     cfg = {**arch.defaults, **{k: v for k, v in config.items() if v is not None}}
 
     def need_int(key: str) -> int:
@@ -162,6 +161,7 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
                         Linear("mlp.up_proj", hidden, inter, mlp_bias)]
         linears.append(Linear("mlp.down_proj", inter, hidden, mlp_bias))
 
+    require_core_fields(config, model_id, arch)  # after the checks above, which name a bad value first
     return ModelSpec(
         id=model_id, source=source, model_type=model_type, config=dict(config),
         hidden=hidden, intermediate=inter, layers=layers, heads=heads, kv_heads=kv_heads,

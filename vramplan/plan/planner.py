@@ -277,7 +277,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model.id, "setup": self.setup.to_dict(), "parallel": self.parallel.to_dict(),
+            "model": self.model.to_dict(), "setup": self.setup.to_dict(), "parallel": self.parallel.to_dict(),
             "gpu": self.gpu.to_dict() if self.gpu else None, "status": self.status, "fits": self.fits,
             "tight_fraction": self.tight, "need_bytes": self.need_bytes, "headroom_bytes": self.headroom_bytes,
             "estimate": self.estimate.to_dict(),

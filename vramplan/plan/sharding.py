@@ -348,7 +348,7 @@ class ShardedEstimate(Verdict):
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model.id,
+            "model": self.model.to_dict(),
             "setup": self.setup.to_dict(),
             "parallel": self.parallel.to_dict(),
             "gpu": self.gpu.to_dict() if self.gpu else None,

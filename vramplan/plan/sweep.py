@@ -52,6 +52,9 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
         raise UsageError(f"unknown sweep axis {', '.join(unknown)}",
                          hint=f"axes are TrainSetup fields ({', '.join(SETUP_FIELDS)}) and gpus, strategy, offload")
     grid = {name: _values(name, value) for name, value in axes.items()}
+    for name, values in grid.items():  # a typo or an out-of-range value is bad input, not a row
+        for value in values:
+            base.with_(**{name: value})
     par_grid = {"gpus": _values("gpus", gpus), "strategy": _values("strategy", strategy),
                 "offload": _values("offload", offload)}
     names = list(grid) + list(par_grid)
