@@ -10,6 +10,18 @@ from vramplan.core.errors import UsageError
 
 STATUS_STYLE = {"fits": "green", "tight": "yellow", "no": "red"}
 STATUS_WORD = {"fits": "FITS", "tight": "TIGHT", "no": "DOES NOT FIT"}
+# Text marks, so that a verdict survives without colour (piped output, NO_COLOR, a screen reader).
+STATUS_MARK = {"fits": "✓", "tight": "~", "no": "✗"}
+
+
+def marked(status: str, text: str) -> str:
+    """`text` with its status mark, coloured when the console has colour."""
+    return f"[{STATUS_STYLE[status]}]{text} {STATUS_MARK[status]}[/]"
+
+
+def legend(tight: float) -> str:
+    return (f"{STATUS_MARK['fits']} fits, {STATUS_MARK['tight']} tight (under {tight:.0%} of the GPU left), "
+            f"{STATUS_MARK['no']} does not fit")
 
 
 def parse_list(flag: str, text: str, kind=int) -> list:
@@ -163,13 +175,12 @@ def _print_terms(est, console, Table) -> None:
 def _print_grid(result, console, Table) -> None:
     grid = result.grid
     table = Table(title=f"GiB per GPU on {result.gpu.name}", title_justify="left",
-                  caption="batch across, seq down: [green]fits[/green] / [yellow]tight[/yellow] "
-                          f"(under {result.tight:.0%} left) / [red]no[/red]", caption_justify="left")
+                  caption=f"batch across, seq down: {legend(result.tight)}", caption_justify="left")
     table.add_column("seq \\ batch", justify="right")
     for b in grid.batches:
         table.add_column(str(b), justify="right")
     for s, row in zip(grid.seqs, grid.cells):
-        table.add_row(str(s), *[f"[{STATUS_STYLE[c.status]}]{c.need_bytes / 2**30:,.1f}[/]" for c in row])
+        table.add_row(str(s), *[marked(c.status, f"{c.need_bytes / 2**30:,.1f}") for c in row])
     console.print(table)
 
 
@@ -179,7 +190,7 @@ def _print_changes(changes, gpu, console, Table, title) -> None:
                       ("cost", "right"), ("what it costs", "left")):
         table.add_column(col, justify=just)
     for i, c in enumerate(changes, 1):
-        table.add_row(str(i), c.description, f"[{STATUS_STYLE[c.status]}]{_gib(c.need_bytes)}[/]",
+        table.add_row(str(i), c.description, marked(c.status, _gib(c.need_bytes)),
                       _gib(c.headroom_bytes), f"{c.cost:.2f}", c.cost_text)
     console.print(table)
 
@@ -191,7 +202,7 @@ def _print_minimum(m, result, console, Table) -> None:
         for col in ("GPUs x engine", "per GPU", "CPU per rank"):
             table.add_column(col, justify="left" if col == "GPUs x engine" else "right")
         for o in m.options:
-            table.add_row(o.label, f"[{STATUS_STYLE[o.status]}]{_gib(o.need_bytes)}[/]",
+            table.add_row(o.label, marked(o.status, _gib(o.need_bytes)),
                           _gib(o.cpu_bytes) if o.cpu_bytes else "-")
         console.print(table)
     if m.changes:
