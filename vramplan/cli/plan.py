@@ -154,7 +154,7 @@ def print_plan(result, console=None) -> None:
 def _print_terms(est, console, Table) -> None:
     table = Table(title=f"Per GPU at the peak ({est.peak_phase}), {est.parallel.label}", title_justify="left")
     for col, just in (("component", "left"), ("part", "left"), ("held", "left"), ("GiB", "right"), ("src", "right")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, no_wrap=col != "part")  # only the prose column wraps
     sources: list[str] = []
     for t in sorted(est.terms, key=lambda t: -t.bytes):
         if t.source not in sources:
@@ -188,7 +188,7 @@ def _print_changes(changes, gpu, console, Table, title) -> None:
     table = Table(title=title, title_justify="left")
     for col, just in (("#", "right"), ("change", "left"), ("need", "right"), ("headroom", "right"),
                       ("cost", "right"), ("what it costs", "left")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, no_wrap=col not in ("change", "what it costs"))
     for i, c in enumerate(changes, 1):
         table.add_row(str(i), c.description, marked(c.status, _gib(c.need_bytes)),
                       _gib(c.headroom_bytes), f"{c.cost:.2f}", c.cost_text)
@@ -215,7 +215,7 @@ def _print_survey(result, console, Table) -> None:
     table = Table(title=f"Every catalog GPU ({result.parallel.label}): {_gib(result.need_bytes)} per GPU needed",
                   title_justify="left")
     for col in ("GPU", "memory", "verdict", "headroom", f"max batch @ seq {s.seq}", f"max seq @ batch {s.batch}"):
-        table.add_column(col, justify="left" if col in ("GPU", "verdict") else "right")
+        table.add_column(col, justify="left" if col in ("GPU", "verdict") else "right", no_wrap=col == "GPU")
     for r in result.survey:
         style = STATUS_STYLE[r.status]
         table.add_row(r.gpu.name, _gib(r.gpu.memory_bytes), f"[{style}]{r.status}[/]", _gib(r.headroom_bytes),

@@ -133,7 +133,7 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
     table = Table(title="Components at the peak (GiB)", title_justify="left")
     for col, justify in (("component", "left"), ("simulate", "right"), ("estimate", "right"),
                          ("est - sim", "right"), ("%", "right")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=True)
     rows = compare.rows(trace, est)
     for row in rows:
         if row["component"] == "peak_allocated":
@@ -150,7 +150,7 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
 
     top = Table(title="Top modules at the peak (what they allocated in the step that is still live)",
                 title_justify="left")
-    top.add_column("module")
+    top.add_column("module", no_wrap=True)
     top.add_column("GiB", justify="right")
     top.add_column("share of peak", justify="right")
     for module, nbytes in trace.top_modules[:TOP_MODULES]:

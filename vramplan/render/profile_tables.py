@@ -43,12 +43,15 @@ def setup_text(s: dict) -> str:
 
 def detail_table(c: Comparison) -> Table:
     device_rows = ("cuda_context", "allocator_overhead")
-    unit, f = unit_for([c.predicted_allocated, c.measured_allocated])
+    # One unit for every row: the header names it, so no cell may carry another (a CUDA context
+    # next to a tiny model's allocations reads e.g. 0.049 / 488.000 MiB, not KiB and MiB mixed).
+    unit, f = unit_for([c.predicted_allocated, c.measured_allocated, c.predicted_device_total,
+                        c.measured_device_total] + [v for r in c.rows for v in (r.predicted, r.measured)])
     table = Table(title=f"{c.model} — {setup_text(c.setup)} on {c.gpu or c.device} [{c.status}]",
                   title_justify="left")
     for col, just in (("component", "left"), (f"predicted {unit}", "right"), (f"measured {unit}", "right"),
                       (f"diff {unit}", "right"), ("error", "right"), ("note", "left")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, no_wrap=col != "note")  # only the prose column wraps
     for r in c.rows:
         if r.component in device_rows:
             continue
@@ -58,30 +61,14 @@ def detail_table(c: Comparison) -> Table:
     table.add_row("peak allocated", amount(c.predicted_allocated, f), amount(c.measured_allocated, f),
                   _diff(c.predicted_allocated, c.measured_allocated, f), pct(c.error_allocated),
                   f"predicted in {c.predicted_peak_phase}, measured in {c.measured_peak_phase}", style="bold")
-    # device rows carry their own unit: a CUDA context dwarfs a tiny model's allocations
-    dev_values = [c.predicted_device_total, c.measured_device_total]
-    dunit, df = unit_for(dev_values)
-    same = dunit == unit
-    fmt = (lambda n: amount(n, f)) if same else (lambda n: human(n, dunit, df))
     for r in c.rows:
         if r.component in device_rows:
-            table.add_row(r.component, fmt(r.predicted), fmt(r.measured),
-                          _diff(r.predicted, r.measured, f) if same else _signed(r.difference, dunit, df),
-                          pct(r.error), r.note)
-    table.add_row("device total", fmt(c.predicted_device_total), fmt(c.measured_device_total),
-                  _diff(c.predicted_device_total, c.measured_device_total, f) if same else
-                  _signed(None if c.measured_device_total is None else c.predicted_device_total - c.measured_device_total,
-                          dunit, df),
+            table.add_row(r.component, amount(r.predicted, f), amount(r.measured, f),
+                          _diff(r.predicted, r.measured, f), pct(r.error), r.note)
+    table.add_row("device total", amount(c.predicted_device_total, f), amount(c.measured_device_total, f),
+                  _diff(c.predicted_device_total, c.measured_device_total, f),
                   pct(c.error_device_total), "NVML: what nvidia-smi shows", style="bold")
     return table
-
-
-def human(n, unit: str, factor: int) -> str:
-    return "—" if n is None else f"{n / factor:,.2f} {unit}"
-
-
-def _signed(n, unit: str, factor: int) -> str:
-    return "—" if n is None else f"{n / factor:+,.2f} {unit}"
 
 
 def _diff(a, b, factor: int) -> str:
