@@ -17,9 +17,10 @@ CORE_SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", 
 CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                   "gemma2": "Gemma2Config", "phi3": "Phi3Config", "mixtral": "MixtralConfig"}
 
-# Fields derived from others when absent, as the transformers config classes do
-# (e.g. LlamaConfig.__init__: `if num_key_value_heads is None: num_key_value_heads = num_attention_heads`;
-# head_dim = hidden_size // num_attention_heads).
+# Fields derived from others when absent, as transformers does: the config classes set
+# `num_key_value_heads = num_attention_heads` (e.g. LlamaConfig.__init__), and head_dim is
+# hidden_size // num_attention_heads (LlamaConfig.__init__; Qwen2Attention.__init__
+# `getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)`).
 DERIVED = {"num_key_value_heads": "num_attention_heads", "head_dim": "hidden_size / num_attention_heads"}
 
 # model types whose spec reads a sliding window (see models._sliding_window).
@@ -64,7 +65,7 @@ def defaults_applied(config: dict, arch, resolved: dict) -> tuple[str, ...]:
             continue
         value = resolved.get(key)
         if key in DERIVED and (arch.defaults.get(key) is None):
-            parts.append(f"{key} = {DERIVED[key]} = {value} (as {origin} derives it)")
+            parts.append(f"{key} = {DERIVED[key]} = {value} (as transformers derives it)")
         elif key in arch.defaults:
             parts.append(f"{key} = {value!r} ({origin} default)")
         else:

@@ -49,13 +49,17 @@ def detail_table(c: Comparison) -> Table:
                         c.measured_device_total] + [v for r in c.rows for v in (r.predicted, r.measured)])
     table = Table(title=f"{c.model} — {setup_text(c.setup)} on {c.gpu or c.device} [{c.status}]",
                   title_justify="left")
-    for col, just in (("component", "left"), (f"predicted {unit}", "right"), (f"measured {unit}", "right"),
-                      (f"diff {unit}", "right"), ("error", "right"), ("note", "left")):
-        table.add_column(col, justify=just, no_wrap=col != "note")  # only the prose column wraps
+    # Headers on two lines and component sums broken at " + " so that the table fits 80 columns
+    # without cutting a name or a number (only words move to the next line).
+    for col, just in (("component", "left"), (f"predicted\n{unit}", "right"), (f"measured\n{unit}", "right"),
+                      (f"diff\n{unit}", "right"), ("error", "right"), ("note", "left")):
+        longest_word = max((len(w) for r in c.rows for w in r.component.replace("+", " ").split()), default=9)
+        table.add_column(col, justify=just, no_wrap=col not in ("component", "note"),
+                         min_width=longest_word if col == "component" else None)
     for r in c.rows:
         if r.component in device_rows:
             continue
-        table.add_row(r.component, amount(r.predicted, f), amount(r.measured, f), _diff(r.predicted, r.measured, f),
+        table.add_row(r.component.replace("+", " + "), amount(r.predicted, f), amount(r.measured, f), _diff(r.predicted, r.measured, f),
                       pct(r.error), r.note, style=None if r.in_total else "dim")
     table.add_section()
     table.add_row("peak allocated", amount(c.predicted_allocated, f), amount(c.measured_allocated, f),
