@@ -302,6 +302,15 @@ def test_plan_grid_cells_carry_text_marks_when_piped():
 
 # --- 7. tables at 80 columns -----------------------------------------------------------------------
 
+def assert_whole_at_80(out: str) -> None:
+    """No cell cut (…), no line past 80 columns, and no table cropped at the right edge."""
+    lines = out.splitlines()
+    assert "…" not in out
+    assert max(len(line) for line in lines) <= 80
+    box_lines = [line.rstrip() for line in lines if line[:1] in "┏┃┡│├└"]
+    assert box_lines and all(line[-1] in "┓┃┩│┤┘" for line in box_lines), out
+
+
 @pytest.mark.parametrize("argv", [
     ["estimate", "meta-llama/Llama-3.3-70B-Instruct", "--gpu", "80GB", "--optimizer", "paged_adamw8bit"],
     ["plan", "llama-2-70b", "--gpu", "24GB"],
@@ -316,8 +325,7 @@ def test_tables_render_whole_at_80_columns(capsys, monkeypatch, argv):
     monkeypatch.setenv("COLUMNS", "80")
     code, out, _ = run(capsys, *argv)
     assert code == 0
-    assert "…" not in out
-    assert max(len(line) for line in out.splitlines()) <= 80
+    assert_whole_at_80(out)
     for name in ("optimizer_state", "quant_constants", "allocator_overhead"):
         if argv[0] == "estimate":
             assert name in out
@@ -329,7 +337,8 @@ def test_simulate_tables_render_whole_at_80_columns(tmp_path, capsys, monkeypatc
     monkeypatch.setenv("COLUMNS", "80")
     path = write_config(tmp_path, dict(FULL_LLAMA, hidden_size=64, intermediate_size=128, vocab_size=128))
     code, out, _ = run(capsys, "simulate", path, "--seq", "16")
-    assert code == 0 and "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+    assert code == 0
+    assert_whole_at_80(out)
     assert "optimizer_state" in out and "quant_constants" in out
 
 
@@ -343,7 +352,8 @@ def test_profile_detail_table_has_one_unit_per_column():
     console = Console(file=io.StringIO(), width=80, color_system=None)
     console.print(detail_table(compare_record(gpu_shaped(1.0))))
     out = console.file.getvalue()
-    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+    assert_whole_at_80(out)
+    assert "allocator_overhead" in out and "gradients + activations +" in out
     lines = out.splitlines()
     header = lines[next(i for i, line in enumerate(lines) if "predicted" in line) + 1]
     assert header.split("┃")[2].strip() == "MiB"  # a tiny model next to a 520 MiB CUDA context: MiB throughout
@@ -351,6 +361,23 @@ def test_profile_detail_table_has_one_unit_per_column():
     assert not any(re.search(r"\d (KiB|MiB|GiB)", line) for line in body)
     context = next(line for line in body if line.startswith("│ cuda_context"))
     assert "520.000" in context
+
+
+def test_profile_summary_table_renders_whole_at_80_columns():
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from test_compare import gpu_shaped
+    from vramplan.profile.compare import compare_record
+    from vramplan.render.profile_tables import summary_table
+
+    records = [gpu_shaped(1.0), replace(gpu_shaped(1.2), model_ref="meta-llama/Llama-3.3-70B-Instruct")]
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    console.print(summary_table([compare_record(r) for r in records]))
+    out = console.file.getvalue()
+    assert_whole_at_80(out)
+    assert "+20.0%" in out and "qlora-nf4+dq b1 s64 gc adamw" in out
 
 
 # --- 8. importing the Trainer callback is quiet -----------------------------------------------------

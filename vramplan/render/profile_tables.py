@@ -48,30 +48,36 @@ def detail_table(c: Comparison) -> Table:
     unit, f = unit_for([c.predicted_allocated, c.measured_allocated, c.predicted_device_total,
                         c.measured_device_total] + [v for r in c.rows for v in (r.predicted, r.measured)])
     table = Table(title=f"{c.model} — {setup_text(c.setup)} on {c.gpu or c.device} [{c.status}]",
-                  title_justify="left")
-    # Headers on two lines and component sums broken at " + " so that the table fits 80 columns
-    # without cutting a name or a number (only words move to the next line).
+                  title_justify="left", caption_justify="left")
+    # Names and numbers are never cut: headers take two lines, a sum of components wraps at " + ",
+    # and the notes go under the table as numbered lines, so the table fits 80 columns.
     for col, just in (("component", "left"), (f"predicted\n{unit}", "right"), (f"measured\n{unit}", "right"),
-                      (f"diff\n{unit}", "right"), ("error", "right"), ("note", "left")):
-        longest_word = max((len(w) for r in c.rows for w in r.component.replace("+", " ").split()), default=9)
-        table.add_column(col, justify=just, no_wrap=col not in ("component", "note"),
-                         min_width=longest_word if col == "component" else None)
+                      (f"diff\n{unit}", "right"), ("error", "right"), ("note", "right")):
+        table.add_column(col, justify=just, no_wrap=col != "component")
+    notes: dict[str, int] = {}
+
+    def mark(note: str) -> str:
+        return f"[{notes.setdefault(note, len(notes) + 1)}]" if note else ""
+
     for r in c.rows:
         if r.component in device_rows:
             continue
-        table.add_row(r.component.replace("+", " + "), amount(r.predicted, f), amount(r.measured, f), _diff(r.predicted, r.measured, f),
-                      pct(r.error), r.note, style=None if r.in_total else "dim")
+        table.add_row(r.component.replace("+", " + "), amount(r.predicted, f), amount(r.measured, f),
+                      _diff(r.predicted, r.measured, f), pct(r.error), mark(r.note),
+                      style=None if r.in_total else "dim")
     table.add_section()
     table.add_row("peak allocated", amount(c.predicted_allocated, f), amount(c.measured_allocated, f),
                   _diff(c.predicted_allocated, c.measured_allocated, f), pct(c.error_allocated),
-                  f"predicted in {c.predicted_peak_phase}, measured in {c.measured_peak_phase}", style="bold")
+                  mark(f"peak allocated: predicted in {c.predicted_peak_phase}, measured in {c.measured_peak_phase}"),
+                  style="bold")
     for r in c.rows:
         if r.component in device_rows:
             table.add_row(r.component, amount(r.predicted, f), amount(r.measured, f),
-                          _diff(r.predicted, r.measured, f), pct(r.error), r.note)
+                          _diff(r.predicted, r.measured, f), pct(r.error), mark(r.note))
     table.add_row("device total", amount(c.predicted_device_total, f), amount(c.measured_device_total, f),
                   _diff(c.predicted_device_total, c.measured_device_total, f),
-                  pct(c.error_device_total), "NVML: what nvidia-smi shows", style="bold")
+                  pct(c.error_device_total), mark("device total: NVML, what nvidia-smi shows"), style="bold")
+    table.caption = "\n".join(f"[{i}] {note}" for note, i in notes.items())
     return table
 
 
@@ -80,34 +86,31 @@ def _diff(a, b, factor: int) -> str:
 
 
 def summary_table(comparisons: list[Comparison]) -> Table:
+    """One row per record. Each memory cell stacks predicted, measured and the error, so that the
+    table fits 80 columns without cutting a model name or a number; context and allocator
+    overhead are in the detail table."""
     current = bool(comparisons) and comparisons[0].prediction == "current"
     unit, f = unit_for([c.predicted_allocated for c in comparisons] + [c.measured_allocated for c in comparisons])
     dunit, df = unit_for([c.predicted_device_total for c in comparisons] + [c.measured_device_total for c in comparisons])
     table = Table(title="Predicted vs measured peak memory "
-                        f"({'current estimator' if current else 'recorded prediction'})", title_justify="left")
-    for col, just in (("model / setup", "left"), ("device", "left"), ("status", "left"),
-                      (f"allocated {unit}\npredicted / measured", "right"), ("error", "right"),
-                      (f"device total {dunit}\npredicted / NVML", "right"), ("error", "right"),
-                      ("context / overhead\nMiB (NVML)", "right"), ("check", "left")):
-        table.add_column(col, justify=just)
+                        f"({'current estimator' if current else 'recorded prediction'})", title_justify="left",
+                  caption="memory cells: predicted / measured (device total: NVML) / error", caption_justify="left")
+    for col, just in (("model / setup / device", "left"), ("status", "left"), (f"allocated\n{unit}", "right"),
+                      (f"device total\n{dunit}", "right"), ("check", "left")):
+        table.add_column(col, justify=just, no_wrap=col in ("check",) or col.startswith(("allocated", "device")))
     for c in comparisons:
-        rows = {r.component: r for r in c.rows}
-        ctx, over = rows.get("cuda_context"), rows.get("allocator_overhead")
         ok = c.within_tolerance
         verdict = "—" if ok is None else ("[green]ok[/green]" if ok else "[red]EXCEEDED[/red]")
         err_alloc = c.error_allocated if c.status == "ok" else c.lower_bound_error
         status = c.status if c.status != "oom" else f"oom (>= {amount(c.measured_allocated, f)})"
         measured = c.measured_allocated if c.status == "ok" else None
-        table.add_row(f"{c.model.rsplit('/', 1)[-1]}\n{setup_text(c.setup)}", c.gpu or c.device, status,
-                      f"{amount(c.predicted_allocated, f)} / {amount(measured, f)}", pct(err_alloc),
-                      f"{amount(c.predicted_device_total, df)} / {amount(c.measured_device_total, df)}",
-                      pct(c.error_device_total),
-                      f"{_mib(ctx.measured if ctx else None)} / {_mib(over.measured if over else None)}", verdict)
+        table.add_row(f"{c.model.rsplit('/', 1)[-1]}\n{setup_text(c.setup)}\n{c.gpu or c.device}", status,
+                      f"{amount(c.predicted_allocated, f)}\n{amount(measured, f)}\n{pct(err_alloc)}",
+                      f"{amount(c.predicted_device_total, df)}\n{amount(c.measured_device_total, df)}\n"
+                      f"{pct(c.error_device_total)}", verdict)
+        if c is not comparisons[-1]:
+            table.add_section()
     return table
-
-
-def _mib(n) -> str:
-    return "—" if n is None else f"{n / 2**20:,.0f}"
 
 
 def print_comparisons(comparisons: list[Comparison], detail: bool, console: Console | None = None) -> None:
