@@ -104,7 +104,8 @@ def cmd_plan(args) -> int:
 
 
 def _gib(n: int | None, digits: int = 2) -> str:
-    return "-" if n is None else f"{n / 2**30:,.{digits}f} GiB"
+    from vramplan.core.units import format_bytes
+    return "-" if n is None else format_bytes(n, "GiB", digits)
 
 
 def print_plan(result, console=None) -> None:

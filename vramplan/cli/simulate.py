@@ -103,11 +103,13 @@ class _progress:
 # --- rendering --------------------------------------------------------------------------------------
 
 def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**30:,.3f}"
+    from vramplan.core.units import format_amount
+    return format_amount(n, "GiB", missing="-")
 
 
 def _signed_gib(n: int) -> str:
-    return f"{n / 2**30:+,.3f}"
+    from vramplan.core.units import format_amount
+    return format_amount(n, "GiB", signed=True)
 
 
 def _pct(p: float | None) -> str:

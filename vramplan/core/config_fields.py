@@ -4,6 +4,7 @@ transformers fills every field a config.json leaves out from its config class
 (models/<type>/configuration_<type>.py), so `{"model_type": "llama", "hidden_size": 4096}` loads
 as a 6.7B Llama-2-7b. vramplan refuses a config without its core shape fields, and lists every
 other default it applies as an assumption of the estimate (field, value used, where it comes from).
+Facts: docs/peft-transformers.md#config-fields-a-configjson-leaves-out
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "
                   "gemma2": "Gemma2Config", "phi3": "Phi3Config", "mixtral": "MixtralConfig"}
 
 # Fields derived from others when absent, as transformers does: the config classes set
-# `num_key_value_heads = num_attention_heads` (e.g. LlamaConfig.__init__), and head_dim is
-# hidden_size // num_attention_heads (LlamaConfig.__init__; Qwen2Attention.__init__
+# `num_key_value_heads = num_attention_heads` (e.g. LlamaConfig.__post_init__), and head_dim is
+# hidden_size // num_attention_heads (LlamaConfig.__post_init__; Qwen2Attention.__init__
 # `getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)`).
 DERIVED = {"num_key_value_heads": "num_attention_heads", "head_dim": "hidden_size / num_attention_heads"}
 

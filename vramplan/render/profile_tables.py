@@ -5,14 +5,16 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from vramplan.core.units import format_amount
 from vramplan.profile.compare import Comparison
 
 GIB = 2**30
 UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+_UNIT_NAMES = {factor: name for name, factor in UNITS}
 
 
 def gib(n) -> str:
-    return "—" if n is None else f"{n / GIB:,.3f}"
+    return format_amount(n, "GiB")
 
 
 def unit_for(values) -> tuple[str, int]:
@@ -26,7 +28,8 @@ def unit_for(values) -> tuple[str, int]:
 
 
 def amount(n, factor: int) -> str:
-    return "—" if n is None else f"{n / factor:,.3f}"
+    """n in the unit unit_for chose (its factor); the header names the unit."""
+    return format_amount(n, _UNIT_NAMES[factor])
 
 
 def pct(x) -> str:
@@ -82,7 +85,7 @@ def detail_table(c: Comparison) -> Table:
 
 
 def _diff(a, b, factor: int) -> str:
-    return "—" if a is None or b is None else f"{(a - b) / factor:+,.3f}"
+    return format_amount(None if a is None or b is None else a - b, _UNIT_NAMES[factor], signed=True)
 
 
 def summary_table(comparisons: list[Comparison]) -> Table:
