@@ -394,7 +394,8 @@ def test_only_the_bitsandbytes_kernels_warning_is_dropped(caplog):
     import vramplan.integrations  # noqa: F401  (installs the filter)
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    with caplog.at_level(logging.WARNING):
+    # (simulate's require_packages raises the "bitsandbytes" logger to ERROR: set this one explicitly)
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
                        "already `pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
         logger.warning("another bitsandbytes warning")
