@@ -28,6 +28,21 @@ from vramplan.core.models import spec_from_config
 from vramplan.core.setup import ALL_LINEAR, TrainSetup
 from vramplan.estimate.estimator import estimate
 
+# Importing transformers imports bitsandbytes, whose CPU backend (bitsandbytes/backends/cpu/ops.py,
+# on CPUs with AVX512-BF16) tries the optional `kernels` package for a fused CPU gemm_4bit and logs
+# a warning when it is missing. A training script on a GPU does not use that kernel, so the warning
+# only alarms: drop exactly that record, on that logger, before the import.
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNELS_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_bnb_kernels_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(BNB_KERNELS_WARNING)
+
+
+if _not_bnb_kernels_warning not in logging.getLogger(BNB_CPU_LOGGER).filters:
+    logging.getLogger(BNB_CPU_LOGGER).addFilter(_not_bnb_kernels_warning)
+
 _transformers = require("transformers", "simulate")
 TrainerCallback = _transformers.TrainerCallback
 

@@ -40,15 +40,16 @@ def cmd_models(args) -> int:
         print_json(rows)
         return 0
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="Bundled model catalog")
-    for col in ("id", "type", "params", "layers", "hidden", "kv heads", "vocab"):
-        table.add_column(col, justify="left" if col in ("id", "type") else "right")
-    for r in rows:
-        table.add_row(r["id"], r["model_type"], f"{r['params'] / 1e9:.2f}B", str(r["layers"]), str(r["hidden"]),
-                      str(r["kv_heads"]), f"{r['vocab']:,}")
-    Console().print(table)
+    from vramplan.render.fit import fitted_table
+
+    columns = [("id", "left"), ("type", "left"), ("params", "right"), ("layers", "right"), ("hidden", "right"),
+               ("kv heads", "right"), ("vocab", "right")]
+    cells = [[r["id"], r["model_type"], f"{r['params'] / 1e9:.2f}B", str(r["layers"]), str(r["hidden"]),
+              str(r["kv_heads"]), f"{r['vocab']:,}"] for r in rows]
+    console = Console()
+    table = fitted_table("Bundled model catalog", columns, cells, console.width, optional=("kv heads", "hidden"))
+    console.print(table)
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 
 from vramplan.core.errors import UsageError
-from vramplan.core.setup import parse_targets, TrainSetup
+from vramplan.core.setup import TrainSetup, check_given, parse_targets
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,14 +22,14 @@ def setup_flags() -> argparse.ArgumentParser:
     p = Parser(add_help=False)
     p.add_argument("model", help="hub id or alias from `vramplan models`, a directory with config.json, or a config.json")
     p.add_argument("--gpu", help="a size (48GB, 24GiB, 80G) or a catalog name (A100-80GB, H100, RTX4090, L40S, A6000)")
-    p.add_argument("--method", default="qlora", help="qlora | lora | full (default qlora)")
-    p.add_argument("--quant", default="nf4", help="nf4 | fp4 | int8 (default nf4)")
-    p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+    p.add_argument("--method", help="qlora | lora | full (default qlora)")
+    p.add_argument("--quant", help="nf4 | fp4 | int8 (default nf4)")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
                    help="quantize absmax in fp32 only (bnb_4bit_use_double_quant=False)")
     p.add_argument("--dtype", default="bf16", help="compute / 16-bit weight dtype: bf16 | fp16 | fp32")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--targets", default="all-linear", help="all-linear or comma,separated,module,names")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0.0)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--targets", help="all-linear or comma,separated,module,names")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.0)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length in tokens (default 2048)")
     p.add_argument("--grad-ckpt", dest="grad_ckpt", action=argparse.BooleanOptionalAction, default=True,
@@ -43,11 +43,26 @@ def setup_flags() -> argparse.ArgumentParser:
     return p
 
 
+# Flags whose argparse default is None, so that a flag the user typed can be told from a default:
+# only typed flags are checked for contradictions with --method (core/setup.py check_given).
+GIVEN_ONLY = ("method", "quant", "double_quant", "rank", "targets", "lora_dropout")
+
+
+def given_setup_flags(args) -> dict:
+    """The GIVEN_ONLY flags the user typed, as TrainSetup fields."""
+    given = {k: getattr(args, k, None) for k in GIVEN_ONLY}
+    given = {k: v for k, v in given.items() if v is not None}
+    if "targets" in given:
+        given["targets"] = parse_targets(given["targets"])
+    return given
+
+
 def setup_from_args(args):
-    return TrainSetup(method=args.method, quant=args.quant, double_quant=args.double_quant, dtype=args.dtype,
-                      rank=args.rank, targets=parse_targets(args.targets), lora_dropout=args.lora_dropout,
-                      batch=args.batch, seq=args.seq, grad_ckpt=args.grad_ckpt, attn=args.attn,
-                      optimizer=args.optimizer, prepare_kbit=args.prepare_kbit)
+    given = given_setup_flags(args)
+    setup = TrainSetup(dtype=args.dtype, batch=args.batch, seq=args.seq, grad_ckpt=args.grad_ckpt, attn=args.attn,
+                       optimizer=args.optimizer, prepare_kbit=args.prepare_kbit, **given)
+    check_given(setup, given)
+    return setup
 
 
 def print_json(data) -> None:

@@ -12,6 +12,18 @@ from vramplan.core.setup import parse_targets, TrainSetup
 
 STATUS_STYLE = {"fits": "green", "tight": "yellow", "no": "red"}
 STATUS_WORD = {"fits": "FITS", "tight": "TIGHT", "no": "DOES NOT FIT"}
+# Text marks, so that a verdict survives without colour (piped output, NO_COLOR, a screen reader).
+STATUS_MARK = {"fits": "✓", "tight": "~", "no": "✗"}
+
+
+def marked(status: str, text: str) -> str:
+    """`text` with its status mark, coloured when the console has colour."""
+    return f"[{STATUS_STYLE[status]}]{text} {STATUS_MARK[status]}[/]"
+
+
+def legend(tight: float) -> str:
+    return (f"{STATUS_MARK['fits']} fits, {STATUS_MARK['tight']} tight (under {tight:.0%} of the GPU left), "
+            f"{STATUS_MARK['no']} does not fit")
 
 
 def parse_list(flag: str, text: str, kind=int) -> list:
@@ -92,7 +104,8 @@ def cmd_plan(args) -> int:
 
 
 def _gib(n: int | None, digits: int = 2) -> str:
-    return "-" if n is None else f"{n / 2**30:,.{digits}f} GiB"
+    from vramplan.core.units import format_bytes
+    return "-" if n is None else format_bytes(n, "GiB", digits)
 
 
 def print_plan(result, console=None) -> None:
@@ -142,7 +155,7 @@ def print_plan(result, console=None) -> None:
 def _print_terms(est, console, Table) -> None:
     table = Table(title=f"Per GPU at the peak ({est.peak_phase}), {est.parallel.label}", title_justify="left")
     for col, just in (("component", "left"), ("part", "left"), ("held", "left"), ("GiB", "right"), ("src", "right")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, no_wrap=col != "part")  # only the prose column wraps
     sources: list[str] = []
     for t in sorted(est.terms, key=lambda t: -t.bytes):
         if t.source not in sources:
@@ -163,13 +176,12 @@ def _print_terms(est, console, Table) -> None:
 def _print_grid(result, console, Table) -> None:
     grid = result.grid
     table = Table(title=f"GiB per GPU on {result.gpu.name}", title_justify="left",
-                  caption="batch across, seq down: [green]fits[/green] / [yellow]tight[/yellow] "
-                          f"(under {result.tight:.0%} left) / [red]no[/red]", caption_justify="left")
+                  caption=f"batch across, seq down: {legend(result.tight)}", caption_justify="left")
     table.add_column("seq \\ batch", justify="right")
     for b in grid.batches:
         table.add_column(str(b), justify="right")
     for s, row in zip(grid.seqs, grid.cells):
-        table.add_row(str(s), *[f"[{STATUS_STYLE[c.status]}]{c.need_bytes / 2**30:,.1f}[/]" for c in row])
+        table.add_row(str(s), *[marked(c.status, f"{c.need_bytes / 2**30:,.1f}") for c in row])
     console.print(table)
 
 
@@ -177,9 +189,9 @@ def _print_changes(changes, gpu, console, Table, title) -> None:
     table = Table(title=title, title_justify="left")
     for col, just in (("#", "right"), ("change", "left"), ("need", "right"), ("headroom", "right"),
                       ("cost", "right"), ("what it costs", "left")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, no_wrap=col not in ("change", "what it costs"))
     for i, c in enumerate(changes, 1):
-        table.add_row(str(i), c.description, f"[{STATUS_STYLE[c.status]}]{_gib(c.need_bytes)}[/]",
+        table.add_row(str(i), c.description, marked(c.status, _gib(c.need_bytes)),
                       _gib(c.headroom_bytes), f"{c.cost:.2f}", c.cost_text)
     console.print(table)
 
@@ -191,7 +203,7 @@ def _print_minimum(m, result, console, Table) -> None:
         for col in ("GPUs x engine", "per GPU", "CPU per rank"):
             table.add_column(col, justify="left" if col == "GPUs x engine" else "right")
         for o in m.options:
-            table.add_row(o.label, f"[{STATUS_STYLE[o.status]}]{_gib(o.need_bytes)}[/]",
+            table.add_row(o.label, marked(o.status, _gib(o.need_bytes)),
                           _gib(o.cpu_bytes) if o.cpu_bytes else "-")
         console.print(table)
     if m.changes:
@@ -204,7 +216,7 @@ def _print_survey(result, console, Table) -> None:
     table = Table(title=f"Every catalog GPU ({result.parallel.label}): {_gib(result.need_bytes)} per GPU needed",
                   title_justify="left")
     for col in ("GPU", "memory", "verdict", "headroom", f"max batch @ seq {s.seq}", f"max seq @ batch {s.batch}"):
-        table.add_column(col, justify="left" if col in ("GPU", "verdict") else "right")
+        table.add_column(col, justify="left" if col in ("GPU", "verdict") else "right", no_wrap=col == "GPU")
     for r in result.survey:
         style = STATUS_STYLE[r.status]
         table.add_row(r.gpu.name, _gib(r.gpu.memory_bytes), f"[{style}]{r.status}[/]", _gib(r.headroom_bytes),
@@ -221,8 +233,11 @@ def cmd_sweep(args) -> int:
             "rank": parse_list("--rank", args.rank), "method": parse_list("--method", args.method, str),
             "optimizer": parse_list("--optimizer", args.optimizer, str), "attn": parse_list("--attn", args.attn, str),
             "quant": parse_list("--quant", args.quant, str), "dtype": parse_list("--dtype", args.dtype, str)}
-    base = TrainSetup(double_quant=args.double_quant, targets=parse_targets(args.targets),
-                      lora_dropout=args.lora_dropout, grad_ckpt=args.grad_ckpt, prepare_kbit=args.prepare_kbit)
+    given = {k: v for k, v in (("double_quant", args.double_quant), ("lora_dropout", args.lora_dropout))
+             if v is not None}
+    if args.targets is not None:
+        given["targets"] = parse_targets(args.targets)
+    base = TrainSetup(grad_ckpt=args.grad_ckpt, prepare_kbit=args.prepare_kbit, **given)
     strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]
     df = sweep(args.model, args.gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
                strategy=strategies, offload=parse_list("--offload", args.offload, str), tight=args.tight, **axes)
@@ -242,6 +257,11 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _cell(value) -> str:
+    """A sweep value; None / NaN (quant of a non-quantized row) shows as '-'."""
+    return "-" if value is None or value != value else str(value)
+
+
 def print_sweep(df, varying, args) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -254,13 +274,21 @@ def print_sweep(df, varying, args) -> None:
         table.add_column(c, justify="right")
     for c in ("peak allocated", "device total", "phase") + (("verdict",) if "status" in df else ()):
         table.add_column(c, justify="right")
+    errors: dict[str, int] = {}  # reason -> its footnote number
     for _, row in df.iterrows():
-        cells = [str(row[c]) for c in cols]
+        cells = [_cell(row[c]) for c in cols]
+        if isinstance(row["error"], str):  # a combination that cannot run: its reason below the table
+            number = errors.setdefault(row["error"], len(errors) + 1)
+            cells += ["-", "-", f"cannot run [{number}]"] + (["-"] if "status" in df else [])
+            table.add_row(*cells, style="dim")
+            continue
         cells += [_gib(int(row["peak_allocated_bytes"])), _gib(int(row["device_total_bytes"])), row["peak_phase"]]
         if "status" in df:
             cells.append(f"[{STATUS_STYLE[row['status']]}]{row['status']}[/]")
         table.add_row(*cells)
     console.print(table)
+    for reason, i in errors.items():
+        console.print(f"  [{i}] cannot run: {reason}", highlight=False)
     if args.csv:
         console.print(f"CSV written to {args.csv} ({len(df)} rows, {len(df.columns)} columns)", highlight=False)
     if args.plot:

@@ -102,11 +102,13 @@ class _progress:
 # --- rendering --------------------------------------------------------------------------------------
 
 def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**30:,.3f}"
+    from vramplan.core.units import format_amount
+    return format_amount(n, "GiB", missing="-")
 
 
 def _signed_gib(n: int) -> str:
-    return f"{n / 2**30:+,.3f}"
+    from vramplan.core.units import format_amount
+    return format_amount(n, "GiB", signed=True)
 
 
 def _pct(p: float | None) -> str:
@@ -132,7 +134,7 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
     table = Table(title="Components at the peak (GiB)", title_justify="left")
     for col, justify in (("component", "left"), ("simulate", "right"), ("estimate", "right"),
                          ("est - sim", "right"), ("%", "right")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=True)
     rows = compare.rows(trace, est)
     for row in rows:
         if row["component"] == "peak_allocated":
@@ -149,7 +151,7 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
 
     top = Table(title="Top modules at the peak (what they allocated in the step that is still live)",
                 title_justify="left")
-    top.add_column("module")
+    top.add_column("module", no_wrap=True)
     top.add_column("GiB", justify="right")
     top.add_column("share of peak", justify="right")
     for module, nbytes in trace.top_modules[:TOP_MODULES]:

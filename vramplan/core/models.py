@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from vramplan.core.architectures import ARCHITECTURES, Architecture, supported
+from vramplan.core.config_fields import defaults_applied, require_core_fields
 from vramplan.core.errors import ModelError
 
 CATALOG_DIR = Path(__file__).parent / "catalog" / "models"
@@ -55,6 +56,7 @@ class ModelSpec:
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     sliding_window: int | None = None   # attention window, when the model uses one
+    defaults_used: tuple[str, ...] = ()  # assumption lines for fields config.json left out
 
     @property
     def arch(self) -> Architecture:
@@ -159,6 +161,7 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
                         Linear("mlp.up_proj", hidden, inter, mlp_bias)]
         linears.append(Linear("mlp.down_proj", inter, hidden, mlp_bias))
 
+    require_core_fields(config, model_id, arch)  # after the checks above, which name a bad value first
     return ModelSpec(
         id=model_id, source=source, model_type=model_type, config=dict(config),
         hidden=hidden, intermediate=inter, layers=layers, heads=heads, kv_heads=kv_heads,
@@ -167,6 +170,7 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         final_logit_softcap=cfg.get("final_logit_softcapping"),
         attn_logit_softcap=cfg.get("attn_logit_softcapping"),
         sliding_window=_sliding_window(model_type, cfg),
+        defaults_used=defaults_applied(config, arch, cfg),
     )
 
 

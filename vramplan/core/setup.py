@@ -2,7 +2,8 @@
 interface shared by the CLI flags, the JSON output and other tools calling the library."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Iterable
 
 from vramplan.core.errors import UsageError
 
@@ -66,6 +67,10 @@ class TrainSetup:
                              hint="use it with --method qlora, or drop it")
         if not self.targets or any(not t for t in self.targets):
             raise UsageError("--targets is empty", hint="use all-linear or e.g. q_proj,v_proj")
+        # A value that differs from its default was chosen by the caller; if the method ignores
+        # it, the call contradicts itself (e.g. quant="int8" with method="full").
+        check_given(self, [f.name for f in fields(self) if f.name in _INAPPLICABLE_FIELDS
+                           and getattr(self, f.name) != f.default])
 
     # --- derived facts, named so the estimator reads like the recipe -------------------------
     @property
@@ -98,6 +103,50 @@ class TrainSetup:
             d["quant"] = None
             d["double_quant"] = None
         return d
+
+
+# --- contradictory flags: a setting the chosen method does not use -------------------------------
+# Paged optimizers, --dtype, --attn and --grad-ckpt apply to every method, so they never contradict.
+
+_INAPPLICABLE_FIELDS = ("quant", "double_quant", "rank", "targets", "lora_dropout")
+FLAG_NAMES = {"quant": "--quant", "double_quant": "--no-double-quant", "rank": "--rank",
+              "targets": "--targets", "lora_dropout": "--lora-dropout"}
+
+
+def inapplicable(setup: TrainSetup) -> dict[str, str]:
+    """Field -> why the setup's method (or quantization) does not use it."""
+    out = {}
+    if not setup.quantized:
+        why = f"--method {setup.method} loads unquantized weights; quantization is --method qlora"
+        out["quant"] = out["double_quant"] = why
+    elif setup.quant == "int8":
+        out["double_quant"] = "LLM.int8 (--quant int8) has no nested absmax quantization; it is a 4-bit option"
+    if not setup.uses_adapters:
+        for name in ("rank", "targets", "lora_dropout"):
+            out[name] = "--method full trains every weight, with no LoRA adapters"
+    return out
+
+
+def check_given(setup: TrainSetup, given: Iterable[str]) -> None:
+    """UsageError for the first field the caller gave explicitly that the setup does not use."""
+    reasons = inapplicable(setup)
+    for name in given:
+        if name in reasons:
+            flag = FLAG_NAMES[name] + ("" if name == "double_quant" else f" {_shown(getattr(setup, name))}")
+            raise UsageError(f"{flag} contradicts --method {setup.method}"
+                             + (f" --quant {setup.quant}" if name == "double_quant" and setup.quantized else ""),
+                             hint=f"{reasons[name]}; drop {FLAG_NAMES[name]}")
+
+
+def _shown(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def apply_flags(setup: TrainSetup | None, flags: dict) -> TrainSetup:
+    """setup (default TrainSetup()) with the caller's keyword flags, checked for contradictions."""
+    new = (setup or TrainSetup()).with_(**flags) if flags else (setup or TrainSetup())
+    check_given(new, flags)
+    return new
 
 
 def parse_targets(text: str) -> tuple[str, ...]:

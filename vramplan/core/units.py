@@ -40,10 +40,18 @@ def parse_size(text: str) -> int:
     return value
 
 
+def format_amount(n: int | None, unit: str = "GiB", digits: int = 3, signed: bool = False,
+                  missing: str = "—") -> str:
+    """Bytes as a bare number in `unit`, for a table column whose header names the unit (one unit
+    per column); `missing` for None."""
+    if n is None:
+        return missing
+    return f"{n / _UNITS[unit.lower()]:{'+' if signed else ''},.{digits}f}"
+
+
 def format_bytes(n: int, unit: str = "GiB", digits: int = 2) -> str:
     """Render bytes for people; the unit is always printed, so GiB never masquerades as GB."""
-    factor = _UNITS[unit.lower()]
-    return f"{n / factor:,.{digits}f} {unit}"
+    return f"{format_amount(n, unit, digits)} {unit}"
 
 
 def format_signed(n: int, unit: str = "GiB", digits: int = 2) -> str:

@@ -24,7 +24,7 @@ from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.estimate.inventory import adapted_linears, Static, static_memory
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.estimate.quant import alloc
-from vramplan.core.setup import TrainSetup
+from vramplan.core.setup import TrainSetup, apply_flags
 
 C = Component
 
@@ -94,7 +94,7 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     """Estimate peak memory. `flags` are TrainSetup fields (batch=4, seq=4096, method="lora", ...).
     `static` reuses static_memory(spec, setup) computed earlier (it does not depend on batch/seq)."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
-    setup = (setup or TrainSetup()).with_(**flags) if flags else (setup or TrainSetup())
+    setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     if setup.attn not in spec.arch.attention:
         raise ModelError(f"{spec.id} ({spec.model_type}) cannot train with attn={setup.attn!r} in transformers 5",
                          hint=f"use --attn {' or '.join(spec.arch.attention)}")
@@ -233,6 +233,7 @@ def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
                "zero_grad(set_to_none=True)")
     out.append("device total = peak allocated + CUDA context (500 MiB, a model) + caching-allocator slack (a model)")
     out.extend(spec.arch.notes)
+    out.extend(spec.defaults_used)  # fields config.json left out (core/config_fields.py)
     return tuple(out)
 
 

@@ -51,7 +51,7 @@ from vramplan.estimate.estimator import Estimate, estimate
 from vramplan.core.gpus import Gpu, catalog, resolve_gpu
 from vramplan.estimate.inventory import static_memory
 from vramplan.core.models import ModelSpec, resolve
-from vramplan.core.setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup
+from vramplan.core.setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags
 from vramplan.plan.sharding import Parallel, ShardedEstimate, distribute, effective_setup, parallel_of, per_gpu, splits_for
 
 TIGHT = 0.05
@@ -278,7 +278,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model.id, "setup": self.setup.to_dict(), "parallel": self.parallel.to_dict(),
+            "model": self.model.to_dict(), "setup": self.setup.to_dict(), "parallel": self.parallel.to_dict(),
             "gpu": self.gpu.to_dict() if self.gpu else None, "status": self.status, "fits": self.fits,
             "tight_fraction": self.tight, "need_bytes": self.need_bytes, "headroom_bytes": self.headroom_bytes,
             "estimate": self.estimate.to_dict(),
@@ -302,7 +302,7 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     the requested batch, a batch x seq grid, ranked changes that make a non-fitting setup fit,
     and the minimum hardware when nothing does. `flags` are TrainSetup fields."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
-    setup = (setup or TrainSetup()).with_(**flags) if flags else (setup or TrainSetup())
+    setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     par = parallel_of(gpus, strategy, offload, parallel)
     if isinstance(tight, bool) or not isinstance(tight, (int, float)) or not 0 <= tight < 1:
         raise UsageError(f"--tight must be a fraction in [0, 1), got {tight!r}", hint="e.g. --tight 0.05")

@@ -38,7 +38,7 @@ from vramplan.estimate.estimator import estimate, Verdict
 from vramplan.estimate.inventory import numel, optimizer_memory, static_memory
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.estimate.quant import alloc, layout
-from vramplan.core.setup import TrainSetup
+from vramplan.core.setup import TrainSetup, apply_flags
 from vramplan.core.units import MiB
 
 C = Component
@@ -348,7 +348,7 @@ class ShardedEstimate(Verdict):
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model.id,
+            "model": self.model.to_dict(),
             "setup": self.setup.to_dict(),
             "parallel": self.parallel.to_dict(),
             "gpu": self.gpu.to_dict() if self.gpu else None,
@@ -382,7 +382,7 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
 
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     par = parallel_of(gpus, strategy, offload, parallel)
-    setup = (setup or TrainSetup()).with_(**flags) if flags else (setup or TrainSetup())
+    setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     run = effective_setup(setup, par)
     base = estimate(spec, run)
     return distribute(base, par, gpu=resolve_gpu(gpu) if gpu is not None else None)

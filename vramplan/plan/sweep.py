@@ -6,10 +6,11 @@ int64 columns; the verdict uses the planner's thresholds (planner.status_of).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import asdict
 from itertools import product
 
 from vramplan.core.components import ALLOCATED
-from vramplan.core.errors import UsageError, require
+from vramplan.core.errors import UsageError, VramplanError, require
 from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.plan.planner import TIGHT, Evaluator, status_of
@@ -39,7 +40,9 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
           gpus=1, strategy=None, offload="none", tight: float = TIGHT, **axes):
     """One row per combination of the given values, e.g.
     sweep("mistralai/Mistral-7B-v0.1", gpu="24GB", batch=[1, 2, 4, 8], seq=[512, 2048, 8192]).
-    Any TrainSetup field may be a list; so may gpus, strategy and offload."""
+    Any TrainSetup field may be a list; so may gpus, strategy and offload. A combination that cannot
+    run is kept as a row with `error` (the one-line reason) and fits None; every other row has
+    error None."""
     pd = require("pandas", "export")
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     base = setup or TrainSetup()
@@ -49,6 +52,9 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
         raise UsageError(f"unknown sweep axis {', '.join(unknown)}",
                          hint=f"axes are TrainSetup fields ({', '.join(SETUP_FIELDS)}) and gpus, strategy, offload")
     grid = {name: _values(name, value) for name, value in axes.items()}
+    for name, values in grid.items():  # a typo or an out-of-range value is bad input, not a row
+        for value in values:
+            base.with_(**{name: value})
     par_grid = {"gpus": _values("gpus", gpus), "strategy": _values("strategy", strategy),
                 "offload": _values("offload", offload)}
     names = list(grid) + list(par_grid)
@@ -58,17 +64,28 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
     if combos > MAX_ROWS:
         raise UsageError(f"sweep of {combos:,} setups is too large (max {MAX_ROWS:,})", hint="give fewer values")
     evaluators: dict[Parallel, Evaluator] = {}
-    rows = []
+    rows, first_error = [], None
     for values in product(*grid.values(), *par_grid.values()):
         chosen = dict(zip(names, values))
         par = Parallel(gpus=chosen.pop("gpus"), strategy=chosen.pop("strategy"), offload=chosen.pop("offload"))
-        s = base.with_(**chosen)
-        ev = evaluators.get(par)
-        if ev is None:
-            ev = evaluators[par] = Evaluator(spec, par)
-        est = ev.estimate(s)
         row = {"model": spec.id, "gpu": g.name if g else None, "gpu_memory_bytes": g.memory_bytes if g else None,
                "gpus": par.gpus, "strategy": par.strategy, "offload": par.offload}
+        try:
+            s = base.with_(**chosen)
+            ev = evaluators.get(par)
+            if ev is None:
+                ev = evaluators[par] = Evaluator(spec, par)
+            est = ev.estimate(s)
+        except VramplanError as exc:
+            # A combination that cannot run (Gemma-2 with sdpa, quant with full, ...) is a row with
+            # its reason, not the end of the sweep.
+            d = {**asdict(base), **chosen}
+            d["targets"] = ",".join(d["targets"])
+            row.update(d)
+            first_error = first_error or exc
+            row.update({"fits": None, "error": str(exc)})
+            rows.append(row)
+            continue
         d = s.to_dict()
         d["targets"] = ",".join(s.targets)
         row.update(d)
@@ -80,8 +97,18 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
             row["headroom_bytes"] = g.memory_bytes - est.device_total_bytes
             row["status"] = status_of(est.device_total_bytes, g.memory_bytes, tight)
             row["fits"] = row["status"] != "no"
+        row["error"] = None
         rows.append(row)
+    if all(r["error"] for r in rows):
+        raise first_error  # nothing ran: the reason itself is the answer
     df = pd.DataFrame(rows)
+    # Byte columns stay integers (nullable Int64: error rows have no figures).
+    for col in df.columns:
+        if col.endswith("_bytes") or col in {c.value for c in ALLOCATED}:
+            if df[col].isna().any():
+                df[col] = df[col].astype("Int64")
+    df = df[[c for c in df.columns if c != "error"] + ["error"]].astype({"error": object})
+    df["error"] = df["error"].where(df["error"].notna(), None)
     if g is None:
         df = df.drop(columns=["gpu", "gpu_memory_bytes"])
     return df

@@ -76,6 +76,7 @@ class Comparison:
     failure: str | None = None
     fits_predicted: bool | None = None
     notes: tuple = ()
+    model_info: dict = field(default_factory=dict)  # the record's ModelSpec.to_dict() (without config)
 
     @property
     def error_allocated(self) -> float | None:
@@ -114,7 +115,8 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return {
-            "path": self.path, "record_id": self.record_id, "model": self.model, "setup": self.setup,
+            "path": self.path, "record_id": self.record_id,
+            "model": self.model_info or {"id": self.model}, "setup": self.setup,
             "device": self.device, "gpu": self.gpu, "status": self.status, "prediction": self.prediction,
             "predicted_allocated_bytes": self.predicted_allocated, "measured_allocated_bytes": self.measured_allocated,
             "error_allocated": self.error_allocated,
@@ -228,7 +230,8 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
         predicted_allocated=pred_alloc, measured_allocated=meas_alloc, predicted_device_total=pred_total,
         measured_device_total=meas_total, predicted_peak_phase=pred_phase,
         measured_peak_phase=m.peak_phase if m else None, rows=tuple(rows), tolerance=dict(record.tolerance),
-        recorded_error=dict(record.error), failure=failure, fits_predicted=fits, notes=tuple(notes))
+        recorded_error=dict(record.error), failure=failure, fits_predicted=fits, notes=tuple(notes),
+        model_info={k: v for k, v in record.model.items() if k != "config"})
 
 
 def _reestimate(record: Record):

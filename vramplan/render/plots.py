@@ -102,6 +102,8 @@ def plot_sweep(df, path: str | Path, varying: list[str]) -> Path:
     names = [c.value for c in ALLOCATED]
     bars = []
     for _, row in df.iterrows():
+        if isinstance(row.get("error"), str):  # a combination that cannot run has no bar
+            continue
         label = ", ".join(f"{k}={row[k]}" for k in varying) or str(row["batch"])
         parts = {n: int(row[n]) for n in names}
         bars.append((label, parts, int(row["device_total_bytes"]) - int(row["peak_allocated_bytes"])))

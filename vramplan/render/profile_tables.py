@@ -5,14 +5,16 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from vramplan.core.units import format_amount
 from vramplan.profile.compare import Comparison
 
 GIB = 2**30
 UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+_UNIT_NAMES = {factor: name for name, factor in UNITS}
 
 
 def gib(n) -> str:
-    return "—" if n is None else f"{n / GIB:,.3f}"
+    return format_amount(n, "GiB")
 
 
 def unit_for(values) -> tuple[str, int]:
@@ -26,7 +28,8 @@ def unit_for(values) -> tuple[str, int]:
 
 
 def amount(n, factor: int) -> str:
-    return "—" if n is None else f"{n / factor:,.3f}"
+    """n in the unit unit_for chose (its factor); the header names the unit."""
+    return format_amount(n, _UNIT_NAMES[factor])
 
 
 def pct(x) -> str:
@@ -43,80 +46,74 @@ def setup_text(s: dict) -> str:
 
 def detail_table(c: Comparison) -> Table:
     device_rows = ("cuda_context", "allocator_overhead")
-    unit, f = unit_for([c.predicted_allocated, c.measured_allocated])
+    # One unit for every row: the header names it, so no cell may carry another (a CUDA context
+    # next to a tiny model's allocations reads e.g. 0.049 / 488.000 MiB, not KiB and MiB mixed).
+    unit, f = unit_for([c.predicted_allocated, c.measured_allocated, c.predicted_device_total,
+                        c.measured_device_total] + [v for r in c.rows for v in (r.predicted, r.measured)])
     table = Table(title=f"{c.model} — {setup_text(c.setup)} on {c.gpu or c.device} [{c.status}]",
-                  title_justify="left")
-    for col, just in (("component", "left"), (f"predicted {unit}", "right"), (f"measured {unit}", "right"),
-                      (f"diff {unit}", "right"), ("error", "right"), ("note", "left")):
-        table.add_column(col, justify=just)
+                  title_justify="left", caption_justify="left")
+    # Names and numbers are never cut: headers take two lines, a sum of components wraps at " + ",
+    # and the notes go under the table as numbered lines, so the table fits 80 columns.
+    for col, just in (("component", "left"), (f"predicted\n{unit}", "right"), (f"measured\n{unit}", "right"),
+                      (f"diff\n{unit}", "right"), ("error", "right"), ("note", "right")):
+        table.add_column(col, justify=just, no_wrap=col != "component")
+    notes: dict[str, int] = {}
+
+    def mark(note: str) -> str:
+        return f"[{notes.setdefault(note, len(notes) + 1)}]" if note else ""
+
     for r in c.rows:
         if r.component in device_rows:
             continue
-        table.add_row(r.component, amount(r.predicted, f), amount(r.measured, f), _diff(r.predicted, r.measured, f),
-                      pct(r.error), r.note, style=None if r.in_total else "dim")
+        table.add_row(r.component.replace("+", " + "), amount(r.predicted, f), amount(r.measured, f),
+                      _diff(r.predicted, r.measured, f), pct(r.error), mark(r.note),
+                      style=None if r.in_total else "dim")
     table.add_section()
     table.add_row("peak allocated", amount(c.predicted_allocated, f), amount(c.measured_allocated, f),
                   _diff(c.predicted_allocated, c.measured_allocated, f), pct(c.error_allocated),
-                  f"predicted in {c.predicted_peak_phase}, measured in {c.measured_peak_phase}", style="bold")
-    # device rows carry their own unit: a CUDA context dwarfs a tiny model's allocations
-    dev_values = [c.predicted_device_total, c.measured_device_total]
-    dunit, df = unit_for(dev_values)
-    same = dunit == unit
-    fmt = (lambda n: amount(n, f)) if same else (lambda n: human(n, dunit, df))
+                  mark(f"peak allocated: predicted in {c.predicted_peak_phase}, measured in {c.measured_peak_phase}"),
+                  style="bold")
     for r in c.rows:
         if r.component in device_rows:
-            table.add_row(r.component, fmt(r.predicted), fmt(r.measured),
-                          _diff(r.predicted, r.measured, f) if same else _signed(r.difference, dunit, df),
-                          pct(r.error), r.note)
-    table.add_row("device total", fmt(c.predicted_device_total), fmt(c.measured_device_total),
-                  _diff(c.predicted_device_total, c.measured_device_total, f) if same else
-                  _signed(None if c.measured_device_total is None else c.predicted_device_total - c.measured_device_total,
-                          dunit, df),
-                  pct(c.error_device_total), "NVML: what nvidia-smi shows", style="bold")
+            table.add_row(r.component, amount(r.predicted, f), amount(r.measured, f),
+                          _diff(r.predicted, r.measured, f), pct(r.error), mark(r.note))
+    table.add_row("device total", amount(c.predicted_device_total, f), amount(c.measured_device_total, f),
+                  _diff(c.predicted_device_total, c.measured_device_total, f),
+                  pct(c.error_device_total), mark("device total: NVML, what nvidia-smi shows"), style="bold")
+    table.caption = "\n".join(f"[{i}] {note}" for note, i in notes.items())
     return table
 
 
-def human(n, unit: str, factor: int) -> str:
-    return "—" if n is None else f"{n / factor:,.2f} {unit}"
-
-
-def _signed(n, unit: str, factor: int) -> str:
-    return "—" if n is None else f"{n / factor:+,.2f} {unit}"
-
-
 def _diff(a, b, factor: int) -> str:
-    return "—" if a is None or b is None else f"{(a - b) / factor:+,.3f}"
+    return format_amount(None if a is None or b is None else a - b, _UNIT_NAMES[factor], signed=True)
 
 
 def summary_table(comparisons: list[Comparison]) -> Table:
+    """One row per record. Each memory cell stacks predicted, measured and the error, so that the
+    table fits 80 columns without cutting a model name or a number; context and allocator
+    overhead are in the detail table."""
     current = bool(comparisons) and comparisons[0].prediction == "current"
     unit, f = unit_for([c.predicted_allocated for c in comparisons] + [c.measured_allocated for c in comparisons])
     dunit, df = unit_for([c.predicted_device_total for c in comparisons] + [c.measured_device_total for c in comparisons])
     table = Table(title="Predicted vs measured peak memory "
-                        f"({'current estimator' if current else 'recorded prediction'})", title_justify="left")
-    for col, just in (("model / setup", "left"), ("device", "left"), ("status", "left"),
-                      (f"allocated {unit}\npredicted / measured", "right"), ("error", "right"),
-                      (f"device total {dunit}\npredicted / NVML", "right"), ("error", "right"),
-                      ("context / overhead\nMiB (NVML)", "right"), ("check", "left")):
-        table.add_column(col, justify=just)
+                        f"({'current estimator' if current else 'recorded prediction'})", title_justify="left",
+                  caption="memory cells: predicted / measured (device total: NVML) / error", caption_justify="left")
+    for col, just in (("model / setup / device", "left"), ("status", "left"), (f"allocated\n{unit}", "right"),
+                      (f"device total\n{dunit}", "right"), ("check", "left")):
+        table.add_column(col, justify=just, no_wrap=col in ("check",) or col.startswith(("allocated", "device")))
     for c in comparisons:
-        rows = {r.component: r for r in c.rows}
-        ctx, over = rows.get("cuda_context"), rows.get("allocator_overhead")
         ok = c.within_tolerance
         verdict = "—" if ok is None else ("[green]ok[/green]" if ok else "[red]EXCEEDED[/red]")
         err_alloc = c.error_allocated if c.status == "ok" else c.lower_bound_error
         status = c.status if c.status != "oom" else f"oom (>= {amount(c.measured_allocated, f)})"
         measured = c.measured_allocated if c.status == "ok" else None
-        table.add_row(f"{c.model.rsplit('/', 1)[-1]}\n{setup_text(c.setup)}", c.gpu or c.device, status,
-                      f"{amount(c.predicted_allocated, f)} / {amount(measured, f)}", pct(err_alloc),
-                      f"{amount(c.predicted_device_total, df)} / {amount(c.measured_device_total, df)}",
-                      pct(c.error_device_total),
-                      f"{_mib(ctx.measured if ctx else None)} / {_mib(over.measured if over else None)}", verdict)
+        table.add_row(f"{c.model.rsplit('/', 1)[-1]}\n{setup_text(c.setup)}\n{c.gpu or c.device}", status,
+                      f"{amount(c.predicted_allocated, f)}\n{amount(measured, f)}\n{pct(err_alloc)}",
+                      f"{amount(c.predicted_device_total, df)}\n{amount(c.measured_device_total, df)}\n"
+                      f"{pct(c.error_device_total)}", verdict)
+        if c is not comparisons[-1]:
+            table.add_section()
     return table
-
-
-def _mib(n) -> str:
-    return "—" if n is None else f"{n / 2**20:,.0f}"
 
 
 def print_comparisons(comparisons: list[Comparison], detail: bool, console: Console | None = None) -> None:

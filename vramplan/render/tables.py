@@ -19,9 +19,10 @@ def estimate_table(est: Estimate) -> Table:
              + (f" {s.quant}{'+dq' if s.double_quant and s.quant != 'int8' else ''}" if s.quantized else "")
              + f", batch {s.batch} x seq {s.seq}, {s.optimizer}")
     table = Table(title=title, title_justify="left")
-    table.add_column("component")
-    table.add_column("GiB", justify="right")
-    table.add_column("share", justify="right")
+    # Names and numbers never wrap or get cut at 80 columns: only the prose column "what" wraps.
+    table.add_column("component", no_wrap=True)
+    table.add_column("GiB", justify="right", no_wrap=True)
+    table.add_column("share", justify="right", no_wrap=True)
     table.add_column("what")
     for row in component_rows(est):
         style = None if row["allocated"] else "dim"

@@ -52,6 +52,7 @@ def rows(trace, est) -> list[dict]:
 def to_dict(trace, est) -> dict:
     """Trace.to_dict() plus `estimate` and `difference` (the CLI's --json)."""
     d = trace.to_dict()
+    d["model"] = est.model.to_dict()  # the model object every command's JSON shares (ModelSpec.to_dict)
     d["estimate"] = estimate_block(est)
     d["difference"] = difference(trace, est)
     return d

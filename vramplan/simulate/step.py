@@ -69,12 +69,14 @@ class Trace:
     notes: tuple = ()
     layers_traced: int = 0           # decoder layers executed (all of them unless extrapolated)
     extrapolated: bool = False       # True: the identical-layers shortcut rebuilt the full depth
+    model_info: dict = field(default_factory=dict, repr=False)  # ModelSpec.to_dict(): `model` in to_dict
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["timeline"] = [list(row) for row in self.timeline]
         d["top_modules"] = [list(row) for row in self.top_modules]
         d["notes"] = list(self.notes)
+        d["model"] = d.pop("model_info") or {"id": self.model}  # the shared model object
         return d
 
 
@@ -321,7 +323,7 @@ def make_trace(spec, setup: TrainSetup, device: str, m: Measured, seconds: float
         boundaries={k: m.boundary[k] for k in ("start", "forward_end", "backward_end", "optimizer_end")},
         paged_bytes=m.paged, top_modules=top, timeline=_downsample(timeline, TIMELINE_POINTS),
         attention=dict(m.attention), strays=m.strays, seconds=round(seconds, 3), notes=tuple(all_notes),
-        layers_traced=layers_traced, extrapolated=extrapolated,
+        layers_traced=layers_traced, extrapolated=extrapolated, model_info=spec.to_dict(),
     )
 
 
