@@ -48,10 +48,10 @@ def cmd_models(args) -> int:
     if not rows and not families:
         raise ModelError(f"no bundled model or family matches {args.query!r}",
                          hint="`vramplan models` lists them all; any hub id or config.json also works")
-    if args.json:
-        print_json({"models": rows, "families": families})
+    if args.json:   # the model rows, each with its family's features
+        by_type = {f["model_type"]: f for f in families}
+        print_json([dict(r, family=by_type[r["model_type"]]) for r in rows])
         return 0
-    from rich import box
     from rich.console import Console
     from rich.table import Table
 
