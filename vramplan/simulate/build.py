@@ -42,6 +42,61 @@ class Built:
     notes: list = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ConfigSpec:
+    """A model the analytic registry (core/architectures.py) does not know, as simulate needs it:
+    the config.json that transformers builds it from, and the few shapes the step reads. Duck-types
+    the fields of core.models.ModelSpec that simulate uses."""
+    id: str
+    source: str
+    model_type: str
+    config: dict = field(repr=False, compare=False)
+    layers: int = 0
+    vocab: int = 0
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    analytic = False          # no estimate beside it: the analytic model lacks this type
+
+
+def config_spec(config: dict, model_id: str, source: str) -> ConfigSpec:
+    """Read depth, vocabulary and MoE fields through transformers' own config class
+    (AutoConfig.for_model semantics: CONFIG_MAPPING[model_type].from_dict), so defaults a
+    config.json leaves out are those transformers uses."""
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise ModelError(f"config for {model_id} has no model_type",
+                         hint="a Hugging Face config.json names its model_type")
+    probe = ConfigSpec(model_id, source, config["model_type"], dict(config))
+    try:
+        text = hf_config(probe, None).get_text_config()
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ModelError(f"transformers cannot read the config of {model_id}: {exc}",
+                         hint="check config.json against the model's configuration class") from None
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 0
+    top_k = getattr(text, "num_experts_per_tok", None) or 0 if experts else 0
+    return ConfigSpec(model_id, source, config["model_type"], dict(config), layers=int(text.num_hidden_layers),
+                      vocab=int(text.vocab_size), num_experts=int(experts), experts_per_tok=int(top_k))
+
+
+def simulation_spec(name: str):
+    """The spec simulate runs: the analytic registry's ModelSpec when it knows the type (so the
+    estimate can stand beside it), otherwise a ConfigSpec that transformers builds."""
+    from vramplan.core.architectures import ARCHITECTURES
+    from vramplan.core.models import resolve, resolve_config
+
+    config, model_id, source = resolve_config(name)
+    if isinstance(config, dict) and config.get("model_type") in ARCHITECTURES:
+        return resolve(name)
+    return config_spec(config, model_id, source)
+
+
+def respec(spec, config: dict):
+    """The same kind of spec for another config of the same model (the shortcut's shallower copy)."""
+    if isinstance(spec, ConfigSpec):
+        return config_spec(config, spec.id, spec.source)
+    from vramplan.core.models import spec_from_config
+    return spec_from_config(config, spec.id, spec.source)
+
+
 def torch_dtype(setup: TrainSetup):
     import torch
     return getattr(torch, DTYPE_NAMES[setup.dtype])

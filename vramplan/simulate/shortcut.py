@@ -58,8 +58,7 @@ def applies(spec) -> bool:
 def reduced_spec(spec, setup: TrainSetup):
     """(spec with UNITS * period decoder layers, period). Per-layer config lists (layer_types:
     sliding or full attention) must repeat with a period that divides the depth."""
-    from vramplan.core.models import spec_from_config
-    from vramplan.simulate.build import hf_config
+    from vramplan.simulate.build import hf_config, respec
 
     config = dict(spec.config)
     types = getattr(hf_config(spec, setup), "layer_types", None)
@@ -77,7 +76,7 @@ def reduced_spec(spec, setup: TrainSetup):
     if types is not None:
         config["layer_types"] = types[:k]
     config["num_hidden_layers"] = k
-    return spec_from_config(config, spec.id, spec.source), period
+    return respec(spec, config), period
 
 
 # --- layer names ------------------------------------------------------------------------------------
