@@ -591,9 +591,10 @@ def run_shortcut(spec, setup: TrainSetup, progress=None):
         except Decline as why:
             return None, str(why)
     unit = "layer" if period == 1 else f"{period}-layer unit"
-    notes = (f"identical-layers shortcut: {sim.n_layers} of {spec.layers} decoder layers traced, one {unit}'s "
-             f"forward and backward repeated {exp.n} more times, the optimizer step run at full size; "
-             f"checked exact for identical layers (--exact traces every layer)",)
+    notes = sim.assumptions(tracker) + (
+        f"identical-layers shortcut: {sim.n_layers} of {spec.layers} decoder layers traced, one {unit}'s "
+        f"forward and backward repeated {exp.n} more times, the optimizer step run at full size; "
+        f"checked exact for identical layers (--exact traces every layer)",)
     trace = make_trace(spec, setup, "meta", measured, time.perf_counter() - t0,
                        layers_traced=sim.n_layers, extrapolated=True, notes=notes)
     return trace, None
