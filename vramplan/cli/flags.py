@@ -38,6 +38,9 @@ def setup_flags() -> argparse.ArgumentParser:
                    help="adamw | adamw8bit | paged_adamw | paged_adamw8bit | sgd | adafactor")
     p.add_argument("--prepare-kbit", action="store_true",
                    help="model peft's prepare_model_for_kbit_training (non-quantized weights in fp32)")
+    p.add_argument("--experts", default="16bit",
+                   help="MoE expert weights under 4-bit: 16bit (transformers 5 leaves its fused expert stacks "
+                        "unquantized, default) | 4bit (stacks that quantize them: transformers 4.x, Unsloth)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -48,7 +51,7 @@ def setup_from_args(args):
     return TrainSetup(method=args.method, quant=args.quant, double_quant=args.double_quant, dtype=args.dtype,
                       rank=args.rank, targets=parse_targets(args.targets), lora_dropout=args.lora_dropout,
                       batch=args.batch, seq=args.seq, grad_ckpt=args.grad_ckpt, attn=args.attn,
-                      optimizer=args.optimizer, prepare_kbit=args.prepare_kbit)
+                      optimizer=args.optimizer, prepare_kbit=args.prepare_kbit, experts=args.experts)
 
 
 def print_json(data) -> None:

@@ -31,10 +31,11 @@ def register(subparsers, setup_flags_parent) -> None:
 def cmd_simulate(args) -> int:
     from vramplan.cli.flags import print_json, setup_from_args
     from vramplan.estimate.estimator import estimate
-    from vramplan.simulate.build import simulation_spec
+    from vramplan.simulate.build import refuse_4bit_experts, simulation_spec
 
     setup = setup_from_args(args)
     spec = simulation_spec(args.model)   # a type the analytic model lacks is built by transformers alone
+    refuse_4bit_experts(spec, setup)     # transformers 5 cannot build them: estimate-only
     gpu = None
     if args.gpu:
         from vramplan.core.gpus import resolve_gpu

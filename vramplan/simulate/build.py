@@ -24,7 +24,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from vramplan.core.errors import ModelError
+from vramplan.core.errors import ModelError, SimulationError
 from vramplan.core.setup import ALL_LINEAR, TrainSetup
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -97,6 +97,19 @@ def respec(spec, config: dict):
     return spec_from_config(config, spec.id, spec.source)
 
 
+def refuse_4bit_experts(spec, setup: TrainSetup) -> None:
+    """--experts 4bit describes stacks transformers 5 cannot build: its MoE experts are fused 3-D
+    nn.Parameters that bitsandbytes does not quantize (bitsandbytes issue #1849). Simulating them
+    would silently measure 16-bit experts, so simulate and profile refuse."""
+    if setup.experts_4bit and getattr(spec, "num_experts", 0):
+        import transformers
+        raise SimulationError(
+            f"simulate cannot build {spec.id} with 4-bit experts: transformers {transformers.__version__} keeps "
+            "MoE experts as fused 3-D parameters that bitsandbytes does not quantize",
+            hint="--experts 4bit is estimate-only (vramplan estimate); drop it to simulate the 16-bit experts "
+                 "transformers 5 trains")
+
+
 def torch_dtype(setup: TrainSetup):
     import torch
     return getattr(torch, DTYPE_NAMES[setup.dtype])
@@ -123,6 +136,7 @@ def build_model(spec, setup: TrainSetup, device: str = "meta", seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
+    refuse_4bit_experts(spec, setup)
     config = hf_config(spec, setup)
     dtype = torch_dtype(setup)
     if device != "meta":

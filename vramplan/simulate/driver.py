@@ -31,6 +31,9 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
     if device not in ("meta", "cpu"):
         raise UsageError(f"simulate runs on 'meta' (or 'cpu' for small real runs), not {device!r}",
                          hint="use `vramplan profile` to measure on a GPU")
+    from vramplan.simulate.build import refuse_4bit_experts
+
+    refuse_4bit_experts(spec, setup)
     t0 = time.perf_counter()
     require_packages(setup)
     notes: list[str] = []
