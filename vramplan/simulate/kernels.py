@@ -77,7 +77,7 @@ class Routing:
     meta it runs as is (F.grouped_mm has a meta kernel; sm80+ CUDA takes the same path). Only
     the eager experts loop (experts_implementation="eager": expert_hit = ...nonzero(), then
     torch.where(expert_mask[e]) per expert) asks for counts: answered as a balanced router would,
-    each expert getting tokens x top_k / num_experts rows."""
+    each expert getting tokens x top_k / num_experts rows. docs/peft-transformers.md#moe-routing-on-the-meta-device"""
     num_experts: int = 0
     top_k: int = 0
     tokens: int = 0
