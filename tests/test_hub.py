@@ -60,8 +60,10 @@ class FakeHub(BaseHTTPRequestHandler):
             auth = self.headers.get("authorization")
             if auth is None:
                 return self._error(401, "GatedRepo", "Access to model is restricted")
-            if auth != f"Bearer {GOOD_TOKEN}":
-                return self._error(403, None, "Your request to access this repo has been rejected")
+            if auth == "Bearer hf_revoked":   # a 403 without an error code
+                return self._error(403, None, "Forbidden")
+            if auth != f"Bearer {GOOD_TOKEN}":   # a token whose account has not accepted the license
+                return self._error(403, "GatedRepo", "Access to model is restricted")
         if revision not in ("main", COMMIT) or filename != "config.json":
             return self._error(404, "EntryNotFound", "Entry not found")
         data = REPOS[repo]
@@ -92,7 +94,7 @@ def fake_hub(tmp_path, monkeypatch):
     thread.start()
     FakeHub.requests = []
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_HUB_CACHE"):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
@@ -100,6 +102,8 @@ def fake_hub(tmp_path, monkeypatch):
     # huggingface_hub reads HF_HUB_OFFLINE once at its import (constants.py); this process may
     # have imported it under CI's HF_HUB_OFFLINE=1
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    # and no token stored by `hf auth login` on this machine takes part
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     _resolve.cache_clear()
     yield url
     _resolve.cache_clear()
@@ -164,6 +168,11 @@ def test_cli_errors_are_one_line(fake_hub, capsys, monkeypatch):
                                  f"(hint: accept its license at {fake_hub}/gated-org/gated-llama, then set HF_TOKEN)\n")
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     code, _, err = cli(capsys, "estimate", "gated-org/gated-llama")
+    assert code == 1 and err == ("Error: gated-org/gated-llama is gated and the Hugging Face token has no access to "
+                                 f"it (hint: accept its license at {fake_hub}/gated-org/gated-llama with that "
+                                 "account)\n")
+    monkeypatch.setenv("HF_TOKEN", "hf_revoked")
+    code, _, err = cli(capsys, "estimate", "gated-org/gated-llama")
     assert code == 1 and err == (f"Error: gated-org/gated-llama: {fake_hub} refused access to its config.json (403) "
                                  "(hint: a gated or private model: set HF_TOKEN to a token with access)\n")
     code, _, err = cli(capsys, "estimate", "tiny-org/broken")
@@ -214,7 +223,7 @@ def test_end_to_end_in_a_fresh_process(fake_hub, tmp_path):
     """A real `vramplan estimate` process: settings only from the environment it starts with."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "HUGGING_FACE_"))}
     env.update(HF_ENDPOINT=fake_hub, HF_HOME=str(tmp_path / "fresh-home"))
     cmd = [sys.executable, "-m", "vramplan.cli", "estimate", "tiny-org/tiny-llama", "--json", "--seq", "64"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)

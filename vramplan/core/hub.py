@@ -6,7 +6,7 @@ settings are those of every Hugging Face tool, read at each call (huggingface_hu
 once, at its import):
   HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE)  the cache only, never the network
   HF_ENDPOINT                               the Hub, or a mirror of it
-  HF_TOKEN                                  gated and private models
+  HF_TOKEN (else the `hf auth login` token)  gated and private models
   HF_HUB_CACHE, HF_HOME                     where the cache lives (HF_HOME/hub by default)
 huggingface_hub is imported here only, and only when neither the catalog nor a local path
 answered: `import vramplan` and a bundled-model estimate never load it.
@@ -70,7 +70,11 @@ def cache_dir() -> str:
 
 
 def token() -> str | None:
-    return os.environ.get("HF_TOKEN") or None
+    """HF_TOKEN, else the token `hf auth login` stored (huggingface_hub utils/_auth.py get_token
+    reads the environment at each call)."""
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token() or None
 
 
 # --- the config -----------------------------------------------------------------------------------
@@ -99,13 +103,13 @@ def config_file(repo_id: str) -> tuple[str, str] | None:
 def _download(huggingface_hub, repo_id: str) -> str:
     from huggingface_hub import errors
 
-    where = endpoint()
+    where, auth = endpoint(), token()
     try:
         return huggingface_hub.hf_hub_download(repo_id, CONFIG, cache_dir=cache_dir(), endpoint=where,
-                                               token=token() or False, etag_timeout=10)
+                                               token=auth or False, etag_timeout=10)
     except errors.GatedRepoError:
-        if token():
-            raise GatedModelError(f"{repo_id} is gated and the token in HF_TOKEN has no access to it",
+        if auth:
+            raise GatedModelError(f"{repo_id} is gated and the Hugging Face token has no access to it",
                                   hint=f"accept its license at {where}/{repo_id} with that account") from None
         raise GatedModelError(f"{repo_id} is gated: its config.json needs a Hugging Face token",
                               hint=f"accept its license at {where}/{repo_id}, then set HF_TOKEN") from None
