@@ -255,7 +255,7 @@ def resolve_config(name: str) -> tuple[dict, str, str]:
 
 
 def locate(name: str) -> tuple[dict, str, str]:
-    """The bundled catalog, a local path, then the Hugging Face cache and Hub (core/hub.py)."""
+    """A local path, the bundled catalog, then the Hugging Face cache and Hub (core/hub.py)."""
     path = Path(os.path.expanduser(name))
     if path.exists():
         return _from_path(path)
