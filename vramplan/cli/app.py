@@ -5,11 +5,13 @@ package exposing `register(subparsers, setup_flags)`, with heavy imports only in
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 from vramplan.cli import plan, profile, replay, simulate
 from vramplan.cli.flags import Parser, print_json, setup_flags, setup_from_args
-from vramplan.core.errors import VramplanError
+from vramplan.core.architectures import ARCHITECTURES
+from vramplan.core.errors import ModelError, VramplanError
 from vramplan.estimate.estimator import estimate
 from vramplan.core.models import catalog, spec_from_config
 
@@ -30,27 +32,63 @@ def cmd_estimate(args) -> int:
 
 def cmd_models(args) -> int:
 
+    query = (args.query or "").strip().lower()
     rows = []
     for entry in catalog().values():
         spec = spec_from_config(entry.config, entry.id, entry.source)
+        names = (entry.id, *entry.aliases, spec.model_type)
+        if query and not any(query in n.lower() for n in names):
+            continue
         rows.append({"id": entry.id, "model_type": spec.model_type, "params": spec.num_params,
                      "layers": spec.layers, "hidden": spec.hidden, "kv_heads": spec.kv_heads,
                      "vocab": spec.vocab, "aliases": list(entry.aliases)})
-    if args.json:
-        print_json(rows)
+    types = sorted({r["model_type"] for r in rows} | {t for t in ARCHITECTURES if query and query in t.lower()})
+    families = [family_features(ARCHITECTURES[t]) for t in types]
+    if not rows and not families:
+        raise ModelError(f"no bundled model or family matches {args.query!r}",
+                         hint="`vramplan models` lists them all; any hub id or config.json also works")
+    if args.json:   # the model rows, each with its family's features
+        by_type = {f["model_type"]: f for f in families}
+        print_json([dict(r, family=by_type[r["model_type"]]) for r in rows])
         return 0
     from rich.console import Console
+    from rich.table import Table
 
-    from vramplan.render.fit import fitted_table
-
-    columns = [("id", "left"), ("type", "left"), ("params", "right"), ("layers", "right"), ("hidden", "right"),
-               ("kv heads", "right"), ("vocab", "right")]
-    cells = [[r["id"], r["model_type"], f"{r['params'] / 1e9:.2f}B", str(r["layers"]), str(r["hidden"]),
-              str(r["kv_heads"]), f"{r['vocab']:,}"] for r in rows]
     console = Console()
-    table = fitted_table("Bundled model catalog", columns, cells, console.width, optional=("kv heads", "hidden"))
-    console.print(table)
+    # one space between columns and no rules: every id fits whole in 80 columns
+    narrow = dict(box=None, pad_edge=False, collapse_padding=True, header_style="bold underline",
+                  title_justify="left")
+    table = Table(title="Bundled model catalog", **narrow)
+    table.add_column("id", no_wrap=True, min_width=max((len(r["id"]) for r in rows), default=2))
+    for col in ("type", "params", "layers", "hidden", "kv", "vocab"):
+        table.add_column(col, justify="left" if col == "type" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(r["id"], r["model_type"], f"{r['params'] / 1e9:.2f}B", str(r["layers"]), str(r["hidden"]),
+                      str(r["kv_heads"]), f"{r['vocab']:,}")
+    if rows:
+        console.print(table)
+    fam = Table(title="Families: what each supports", **narrow)
+    for col in ("type", "methods", "attention", "MoE experts"):
+        fam.add_column(col, no_wrap=col == "type", overflow="fold")
+    for f in families:
+        fam.add_row(f["model_type"], ", ".join(f["methods"]), ", ".join(f["attention"]), f["moe"] or "-")
+    console.print(fam)
+    console.print("[dim]simulate and profile also run model types not listed here: transformers builds them "
+                  "from config.json.[/dim]", highlight=False)
     return 0
+
+
+# What a family in the analytic registry supports: read from its Architecture entry.
+METHODS = ("estimate", "simulate", "profile")
+
+
+def family_features(arch) -> dict:
+    moe = ""
+    if arch.moe:
+        moe = ("fused 3-D stacks, 16-bit under 4-bit quantization in transformers 5; LoRA through "
+               "ParamWrapper; --experts 4bit for stacks that quantize them")
+    return {"model_type": arch.model_type, "methods": list(getattr(arch, "methods", METHODS)),
+            "attention": list(arch.attention), "moe": moe}
 
 
 def cmd_gpus(args) -> int:
@@ -79,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = setup_flags()
     p = sub.add_parser("estimate", parents=[common], help="analytic estimate of one training step")
     p.set_defaults(handler=cmd_estimate)
-    p = sub.add_parser("models", help="the bundled model catalog")
+    p = sub.add_parser("models", help="the bundled model catalog and what each family supports")
+    p.add_argument("query", nargs="?", help="show only models whose id, alias or type contains this (any case)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_models)
     p = sub.add_parser("gpus", help="the bundled GPU catalog")

@@ -39,6 +39,9 @@ def setup_flags() -> argparse.ArgumentParser:
                    help="adamw | adamw8bit | paged_adamw | paged_adamw8bit | sgd | adafactor")
     p.add_argument("--prepare-kbit", action="store_true",
                    help="model peft's prepare_model_for_kbit_training (non-quantized weights in fp32)")
+    p.add_argument("--experts", default="16bit",
+                   help="MoE expert weights under 4-bit: 16bit (transformers 5 leaves its fused expert stacks "
+                        "unquantized, default) | 4bit (stacks that quantize them: transformers 4.x, Unsloth)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -60,7 +63,8 @@ def given_setup_flags(args) -> dict:
 def setup_from_args(args):
     given = given_setup_flags(args)
     setup = TrainSetup(dtype=args.dtype, batch=args.batch, seq=args.seq, grad_ckpt=args.grad_ckpt, attn=args.attn,
-                       optimizer=args.optimizer, prepare_kbit=args.prepare_kbit, **given)
+                       optimizer=args.optimizer, prepare_kbit=args.prepare_kbit, experts=args.experts,
+                       **given)
     check_given(setup, given)
     return setup
 

@@ -11,7 +11,7 @@ import os
 from vramplan.core.errors import UsageError
 from vramplan.cli.flags import print_json, setup_from_args
 from vramplan.core.gpus import resolve_gpu
-from vramplan.core.models import resolve
+from vramplan.simulate.build import refuse_4bit_experts, simulation_spec
 from vramplan.estimate.estimator import estimate
 
 TOP_MODULES = 10
@@ -34,13 +34,14 @@ def register(subparsers, setup_flags_parent) -> None:
 
 def cmd_simulate(args) -> int:
     setup = setup_from_args(args)
-    spec = resolve(args.model)
+    spec = simulation_spec(args.model)   # a type the analytic model lacks is built by transformers alone
+    refuse_4bit_experts(spec, setup)     # transformers 5 cannot build them: estimate-only
     gpu = None
     if args.gpu:
         gpu = resolve_gpu(args.gpu)
     if args.timeline:
         _check_writable(args.timeline)
-    est = estimate(spec, setup)
+    est = estimate(spec, setup) if getattr(spec, "analytic", True) else None
     from vramplan.simulate.step import require_packages  # this command's code loads only when it runs
     from vramplan.simulate import simulate  # this command's code loads only when it runs
     require_packages(setup)     # before the progress bar: a missing package is a one-line error
@@ -50,10 +51,20 @@ def cmd_simulate(args) -> int:
         write_timeline(trace, args.timeline)
     from vramplan.simulate import compare  # this command's code loads only when it runs
     if args.json:
-        print_json(compare.to_dict(trace, est))
+        print_json(compare.to_dict(trace, est, skipped=estimate_skipped(spec)))
     else:
-        print_simulation(trace, est, layers=spec.layers, gpu=gpu, timeline=args.timeline)
+        print_simulation(trace, est, layers=spec.layers, gpu=gpu, timeline=args.timeline,
+                         skipped=estimate_skipped(spec))
     return 0
+
+
+def estimate_skipped(spec) -> str | None:
+    """Why no estimate stands beside the simulation, or None when one does."""
+    if getattr(spec, "analytic", True):
+        return None
+    from vramplan.core.architectures import supported
+    return (f"the analytic model does not know model_type {spec.model_type!r} (it knows {supported()}); "
+            "the simulation ran the model transformers builds from its config")
 
 
 def _check_writable(path: str) -> None:
@@ -115,7 +126,8 @@ def _pct(p: float | None) -> str:
     return "-" if p is None else f"{p:+.1f}%"
 
 
-def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = None, console=None) -> None:
+def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = None, console=None,
+                     skipped: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -132,8 +144,10 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
                   f"op {trace.peak_op}", highlight=False)
 
     table = Table(title="Components at the peak (GiB)", title_justify="left")
-    for col, justify in (("component", "left"), ("simulate", "right"), ("estimate", "right"),
-                         ("est - sim", "right"), ("%", "right")):
+    cols = (("component", "left"), ("simulate", "right"))
+    if est is not None:
+        cols += (("estimate", "right"), ("est - sim", "right"), ("%", "right"))
+    for col, justify in cols:
         table.add_column(col, justify=justify, no_wrap=True)
     rows = compare.rows(trace, est)
     for row in rows:
@@ -141,13 +155,19 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
             table.add_section()
         style = "bold" if row["component"] == "peak_allocated" else (
             "dim" if not row["simulate"] and not row["estimate"] else None)
-        table.add_row(row["component"], _gib(row["simulate"]), _gib(row["estimate"]),
-                      _signed_gib(row["difference"]), _pct(row["percent"]), style=style)
+        cells = [row["component"], _gib(row["simulate"])]
+        if est is not None:
+            cells += [_gib(row["estimate"]), _signed_gib(row["difference"]), _pct(row["percent"])]
+        table.add_row(*cells, style=style)
     console.print(table)
     phases = ", ".join(f"{p} {_gib(v)}" for p, v in trace.phase_peaks.items())
-    est_phases = ", ".join(f"{p} {_gib(v)}" for p, v in est.phase_peaks.items())
-    console.print(f"Peak by phase (GiB): simulate {phases}; estimate {est_phases} (estimate peaks in "
-                  f"{est.peak_phase})", highlight=False)
+    if est is not None:
+        est_phases = ", ".join(f"{p} {_gib(v)}" for p, v in est.phase_peaks.items())
+        console.print(f"Peak by phase (GiB): simulate {phases}; estimate {est_phases} (estimate peaks in "
+                      f"{est.peak_phase})", highlight=False)
+    else:
+        console.print(f"Peak by phase (GiB): simulate {phases}", highlight=False)
+        console.print(f"Estimate skipped: {skipped}", highlight=False)
 
     top = Table(title="Top modules at the peak (what they allocated in the step that is still live)",
                 title_justify="left")

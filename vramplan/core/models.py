@@ -1,7 +1,7 @@
 """Model resolution: a hub id, alias, directory or config.json path -> ModelSpec (shapes only).
 
-Order: bundled catalog (no network), local path, then the Hugging Face cache / hub when
-huggingface_hub is installed. Nothing here imports torch or transformers.
+Order: local path, bundled catalog (no network), then the Hugging Face cache and Hub
+(core/hub.py, only config.json). Nothing here imports torch or transformers.
 """
 from __future__ import annotations
 
@@ -246,21 +246,42 @@ def resolve(name: str) -> ModelSpec:
 
 @lru_cache(maxsize=256)
 def _resolve(name: str) -> ModelSpec:
+    config, model_id, source = locate(name)
+    return spec_from_config(config, model_id, source)
+
+
+def resolve_config(name: str) -> tuple[dict, str, str]:
+    """(config dict, model id, where it came from) without the analytic model's checks: what
+    `vramplan simulate` builds with transformers when the registry does not know the type."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError("no model given", hint="e.g. vramplan simulate meta-llama/Llama-2-7b-hf")
+    return locate(name.strip())
+
+
+def locate(name: str) -> tuple[dict, str, str]:
+    """A local path, the bundled catalog, then the Hugging Face cache and Hub (core/hub.py)."""
     path = Path(os.path.expanduser(name))
     if path.exists():
         return _from_path(path)
     entry = lookup(name)
     if entry is not None:
-        return spec_from_config(entry.config, entry.id, f"bundled catalog ({entry.source})")
+        return entry.config, entry.id, f"bundled catalog ({entry.source})"
     if _looks_like_path(name):
         raise ModelError(f"no such file or directory: {name}",
                          hint="give a directory holding config.json, or the config.json file itself")
-    hub = _from_hub(name)
-    if hub is not None:
-        return hub
     close = difflib.get_close_matches(name.lower(), list(_alias_index()), n=3, cutoff=0.5)
     suggestions = list(dict.fromkeys(_alias_index()[c] for c in close))
     hint = f"did you mean {', '.join(suggestions)}?" if suggestions else "run `vramplan models` for the catalog"
+    if name.count("/") == 1:   # an org/name hub id
+        from vramplan.core import hub
+        try:
+            found = hub.read_config(name)
+        except hub.HubOfflineError as exc:
+            if suggestions:    # most likely a typo of a bundled id
+                exc.hint = f"{hint} {exc.hint}"
+            raise
+        if found is not None:
+            return found[0], name, found[1]
     raise ModelError(f"unknown model {name!r}: not in the bundled catalog, not a local path, "
                      f"not in the Hugging Face cache", hint=hint + " or pass a directory with config.json")
 
@@ -269,7 +290,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") > 1
 
 
-def _from_path(path: Path) -> ModelSpec:
+def _from_path(path: Path) -> tuple[dict, str, str]:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ModelError(f"{path} has no config.json", hint="point at a Hugging Face model directory")
@@ -278,41 +299,4 @@ def _from_path(path: Path) -> ModelSpec:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"cannot read {file}: {exc}", hint="is it a valid config.json?") from None
     model_id = config.get("_name_or_path") if isinstance(config, dict) else None
-    return spec_from_config(config, model_id or str(path), f"local file {file}")
-
-
-def _from_hub(name: str) -> ModelSpec | None:
-    """The Hugging Face cache first; the hub only when huggingface_hub is installed and online."""
-    if name.count("/") != 1:
-        return None
-    try:
-        import huggingface_hub  # optional: the estimate path works without it
-    except ImportError:
-        return None
-    file, where = None, "cache"
-    try:
-        cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
-        if isinstance(cached, str):
-            file = cached
-        elif not os.environ.get("HF_HUB_OFFLINE") and _hub_reachable():
-            file, where = huggingface_hub.hf_hub_download(name, "config.json", etag_timeout=5), "hub"
-    except Exception:  # no network, gated repo, bad id: all mean "not found here"
-        return None
-    if file is None:
-        return None
-    spec = _from_path(Path(file))
-    return spec_from_config(spec.config, name, f"Hugging Face {where}: {file}")
-
-
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    """One quick TCP connect, so that an offline machine answers in seconds, not after
-    huggingface_hub's retries (about 20 s)."""
-    import socket
-    from urllib.parse import urlparse
-
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return config, model_id or str(path), f"local file {file}"

@@ -12,6 +12,10 @@ QUANTS = ("nf4", "fp4", "int8")
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTENTION = ("sdpa", "eager")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd", "adafactor")
+# MoE expert weights under 4-bit quantization: "16bit" as transformers 5 leaves its fused 3-D expert
+# stacks (bitsandbytes replaces only nn.Linear); "4bit" for stacks that quantize them (transformers
+# 4.x ModuleList experts of nn.Linear, Unsloth's MoE 4-bit). docs/bitsandbytes.md#moe-experts
+EXPERTS = ("16bit", "4bit")
 ALL_LINEAR = "all-linear"
 
 # Sanity bounds: beyond these the input is a typo, not a plan (a 2**24-token sequence of batch
@@ -42,6 +46,7 @@ class TrainSetup:
     attn: str = "sdpa"
     optimizer: str = "adamw"
     prepare_kbit: bool = False
+    experts: str = "16bit"
 
     def __post_init__(self):
         if isinstance(self.targets, str):  # accept "q_proj,v_proj" from callers
@@ -62,6 +67,10 @@ class TrainSetup:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}",
                              hint="e.g. --lora-dropout 0.05")
+        _choice("--experts", self.experts, EXPERTS)
+        if self.experts == "4bit" and not (self.method == "qlora" and self.quant in ("nf4", "fp4")):
+            raise UsageError("--experts 4bit applies to 4-bit quantization only",
+                             hint="use it with --method qlora --quant nf4 (or fp4), or drop it")
         if self.prepare_kbit and self.method != "qlora":
             raise UsageError("--prepare-kbit applies to quantized models only",
                              hint="use it with --method qlora, or drop it")
@@ -88,6 +97,11 @@ class TrainSetup:
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
+
+    @property
+    def experts_4bit(self) -> bool:
+        """MoE expert weights quantized like the Linear layers (validate() ensures 4-bit QLoRA)."""
+        return self.experts == "4bit"
 
     @property
     def paged(self) -> bool:

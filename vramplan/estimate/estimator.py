@@ -21,10 +21,12 @@ from vramplan.core.components import ALLOCATED, Component, check_sum
 from vramplan.cuda.context import device_overhead
 from vramplan.core.errors import ModelError
 from vramplan.core.gpus import Gpu, resolve_gpu
-from vramplan.estimate.inventory import adapted_linears, Static, static_memory
+from vramplan.estimate.inventory import (Static, adapted_linears, expert_weight_bytes, experts_adapted,
+                                         experts_quantized, static_memory)
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.estimate.quant import alloc
 from vramplan.core.setup import TrainSetup, apply_flags
+from vramplan.core.units import format_bytes
 
 C = Component
 
@@ -64,6 +66,11 @@ class Estimate(Verdict):
         return assumptions(self.model, self.setup)
 
     @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the verdict must say out loud (render/tables.py prints them on the verdict line)."""
+        return warnings(self.model, self.setup)
+
+    @property
     def device_total_bytes(self) -> int:
         """What NVML / nvidia-smi would show at the peak."""
         return self.peak_allocated_bytes + self.cuda_context_bytes + self.allocator_overhead_bytes
@@ -85,6 +92,7 @@ class Estimate(Verdict):
             "phase_peaks": dict(self.phase_peaks),
             "paged_optimizer_bytes": self.paged_optimizer_bytes,
             "trainable_params": self.trainable_params,
+            "warnings": list(self.warnings),
             "assumptions": list(self.assumptions),
         }
 
@@ -232,9 +240,36 @@ def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
     out.append("steady state: the second step onwards (optimizer state already allocated), "
                "zero_grad(set_to_none=True)")
     out.append("device total = peak allocated + CUDA context (500 MiB, a model) + caching-allocator slack (a model)")
-    out.extend(spec.arch.notes)
+    if experts_quantized(spec, setup):
+        out.append(f"--experts 4bit: each of the {spec.num_experts} experts per layer is three Linear4bit layers "
+                   f"(w1, w3: {spec.hidden} -> {spec.intermediate}; w2 back), as transformers 4.x ModuleList experts "
+                   "or Unsloth's MoE 4-bit build them; the router stays 16-bit; "
+                   + ("all-linear LoRA wraps every expert Linear (no merged 16-bit expert copy); "
+                      if experts_adapted(spec, setup) else "")
+                   + "activations walked as the grouped experts path with 4-bit LoRA matmuls")
+    else:
+        out.extend(spec.arch.notes)
     out.extend(spec.defaults_used)  # fields config.json left out (core/config_fields.py)
     return tuple(out)
+
+
+def warnings(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
+    """MoE under quantization in transformers 5: the fused 3-D expert stacks are not nn.Linear, so
+    bitsandbytes does not quantize them (bitsandbytes-foundation/bitsandbytes issue #1849, PR #1965;
+    docs/bitsandbytes.md#moe-experts). Most of an MoE's weights then stay 16-bit: say so, in bytes."""
+    if not (spec.num_experts and setup.quantized and not setup.experts_4bit):
+        return ()
+    sixteen, four = expert_weight_bytes(spec, setup)
+    quant = setup.quant.upper() if setup.quant != "int8" else "int8"
+    text = (f"MoE experts stay 16-bit: transformers 5 does not quantize fused expert stacks with bitsandbytes "
+            f"(bitsandbytes #1849); they take {format_bytes(sixteen, 'GiB')} ({sixteen:,} bytes) of the weights, "
+            f"{format_bytes(four, 'GiB')} as {quant}")
+    if experts_adapted(spec, setup):
+        merge = spec.num_experts * 3 * spec.hidden * spec.intermediate * setup.compute_bytes
+        text += f", plus a {format_bytes(merge, 'GiB')} merged 16-bit copy per layer on each forward (LoRA)"
+    if setup.quant != "int8":
+        text += "; --experts 4bit models stacks that quantize them"
+    return (text,)
 
 
 def static_adapted(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:

@@ -82,13 +82,47 @@ def experts_adapted(spec: ModelSpec, setup: TrainSetup) -> bool:
     return bool(spec.num_experts) and setup.uses_adapters and setup.targets == (ALL_LINEAR,)
 
 
+def experts_quantized(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """--experts 4bit on an MoE model: every expert a 4-bit Linear of its own (transformers 4.x
+    MixtralBlockSparseTop2MLP w1/w3 (h -> i) and w2 (i -> h) as nn.Linear, which
+    replace_with_bnb_linear turns into Linear4bit; Unsloth's MoE 4-bit quantizes the same
+    matrices). docs/bitsandbytes.md#moe-experts"""
+    return bool(spec.num_experts) and setup.experts_4bit
+
+
+def expert_linears(spec: ModelSpec) -> tuple[Linear, ...]:
+    """One expert's Linear modules in the 4-bit layout (names as in transformers 4.x)."""
+    h, i = spec.hidden, spec.intermediate
+    return (Linear("experts.w1", h, i, False), Linear("experts.w3", h, i, False), Linear("experts.w2", i, h, False))
+
+
+def expert_weight_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
+    """(bytes of all expert weights kept 16-bit as transformers 5 keeps them, the same experts as
+    separate quantized Linear weights with their constants): what --experts 4bit saves."""
+    if not spec.num_experts:
+        return 0, 0
+    n, E, h, i, wb = spec.layers, spec.num_experts, spec.hidden, spec.intermediate, weight_bytes(setup)
+    sixteen = n * (alloc(E * 2 * i * h * wb) + alloc(E * h * i * wb))
+    quant = setup.quant if setup.quantized else "nf4"
+    four = n * E * sum(layout(quant, l.in_features, l.out_features, setup.double_quant).total
+                       for l in expert_linears(spec))
+    return sixteen, four
+
+
 def expert_lora_shapes(spec: ModelSpec, setup: TrainSetup) -> list[tuple[tuple[int, int], int]]:
     """(shape, count per layer) of the LoRA tensors ParamWrapper adds (peft/tuners/lora/layer.py
     ParamWrapper: for a (E, in, out) parameter lora_A is Linear(in, r * E), lora_B Linear(r * E, out);
-    a 2D (out, in) parameter is one expert)."""
+    a 2D (out, in) parameter is one expert). With --experts 4bit each expert is a Linear4bit that
+    all-linear wraps with an ordinary LoRA layer (lora_shapes), E of each per layer."""
     if not experts_adapted(spec, setup):
         return []
     r, E, h, i = setup.rank, spec.num_experts, spec.hidden, spec.intermediate
+    if experts_quantized(spec, setup):
+        per_expert = Counter()
+        for lin in expert_linears(spec):
+            for shape in lora_shapes(lin, r):
+                per_expert[shape] += E
+        return [((r, h), 1), ((E, r), 1)] + list(per_expert.items())   # router + experts
     return [((r, h), 1), ((E, r), 1),                        # router weight (E, h)
             ((2 * r * E, 2 * i), 1), ((h, 2 * r * E), 1),    # experts.gate_up_proj (E, 2i, h), rank 2r
             ((r * E, h), 1), ((i, r * E), 1)]                # experts.down_proj (E, h, i)
@@ -135,7 +169,15 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
             if setup.method == "full":
                 trainable[(linear.out_features,)] += n
 
-    if spec.num_experts:
+    if experts_quantized(spec, setup):
+        # --experts 4bit: the router weight (E, h) stays 16-bit as in transformers 5 (assumed);
+        # each expert's w1, w3, w2 is a Linear4bit (packed weight + quantization constants)
+        weights += n * alloc(spec.num_experts * spec.hidden * wb)
+        for lin in expert_linears(spec):
+            q = layout(setup.quant, lin.in_features, lin.out_features, setup.double_quant)
+            weights += n * spec.num_experts * q.weight
+            quant_constants += n * spec.num_experts * q.constants
+    elif spec.num_experts:
         # MixtralTopKRouter.weight (E, h) and MixtralExperts' 3D parameters stay in the load
         # dtype under bitsandbytes (only `type(module) is nn.Linear` is replaced).
         expert_tensors = [(spec.num_experts, spec.hidden),

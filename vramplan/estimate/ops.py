@@ -31,7 +31,7 @@ from functools import lru_cache
 
 from vramplan.cuda.gemm_4bit import gemm_4bit_uses_fused_kernel
 from vramplan.estimate.walk import ACT, Op, Tape, Tensor, WalkResult, walk
-from vramplan.estimate.inventory import adapted_linears, experts_adapted
+from vramplan.estimate.inventory import adapted_linears, expert_linears, experts_adapted, experts_quantized
 from vramplan.core.models import Linear, ModelSpec
 from vramplan.estimate.quant import alloc as alloc_bytes, dequant_temporary
 from vramplan.estimate import symbolic as sym
@@ -60,6 +60,8 @@ class _Ops:
         self.fused, self.window = decisions(spec, setup) if decided is None else decided
         self.full = setup.method == "full"
         self.adapted = {l.name for l in adapted_linears(spec, setup)}
+        if experts_quantized(spec, setup) and experts_adapted(spec, setup):
+            self.adapted |= {l.name for l in expert_linears(spec)}   # LoRA on every 4-bit expert
         self.ops: list[Op] = []
         self.dequant = 0   # largest dequantized-weight temporary seen
 
@@ -289,6 +291,8 @@ class _Ops:
                 grads=(("moe.logits", a * T * E),))
         self.op("moe.topk", ["moe.probs"], [self.t("moe.w", FP32 * Tk), self.t("moe.idx", 8 * Tk)],
                 saves=("moe.idx",), grads=(("moe.probs", FP32 * T * E),))
+        if experts_quantized(spec, s):
+            return self.moe_4bit_experts(x)
         wgu, wd = "moe.w_gate_up", "moe.w_down"
         if lora:
             self.op("moe.merge_gate_up", [], [self.t(wgu, cb * E * 2 * i * h)],
@@ -311,6 +315,33 @@ class _Ops:
                 grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()))
         self.op("moe.weigh", ["moe.d", "moe.w"], [self.t("moe.dw", FP32 * Tk * h)], saves=("moe.d", "moe.w"),
                 grads=(("moe.d", a * Tk * h), ("moe.w", FP32 * Tk)))
+        self.op("moe.unsort", ["moe.dw"], [self.t("moe.du", FP32 * Tk * h)], grads=(("moe.dw", FP32 * Tk * h),))
+        self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", 0),))
+        self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))
+        self.op("moe.return", [x])
+        return "moe.out"
+
+    def moe_4bit_experts(self, x: str) -> str:
+        """--experts 4bit (assumed layout, docs/bitsandbytes.md#moe-experts): the routed tokens
+        (tokens x top_k rows, gathered by expert) go through each expert's w1, w3 and w2 as
+        Linear4bit + LoRA layers (the `linear` block: dequantized weight per expert, peft's fp32
+        input copy and cloned base output), over its share of the rows; no merged 16-bit copy of
+        the expert stacks. The routing weights, unsort, sum and cast are as in the grouped path."""
+        spec, a = self.spec, self.a
+        h, i, k = spec.hidden, spec.intermediate, spec.experts_per_tok
+        T, Tk = self.T, self.T * k
+        self.op("moe.gather", [x], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
+        self.T = Tk     # every expert Linear runs over its share; the shares add up to tokens x top_k rows
+        w1, w3, w2 = expert_linears(spec)
+        g = self.linear(w1, "moe.xs", prefix="moe.")
+        u = self.linear(w3, "moe.xs", prefix="moe.")
+        self.op("moe.act", [g], [self.t("moe.s", a * Tk * i)], saves=(g,), grads=((g, a * Tk * i),))
+        self.op("moe.prod", ["moe.s", u], [self.t("moe.p", a * Tk * i)], saves=("moe.s", u),
+                grads=(("moe.s", a * Tk * i), (u, a * Tk * i)))
+        d = self.linear(w2, "moe.p", prefix="moe.")
+        self.T = T
+        self.op("moe.weigh", [d, "moe.w"], [self.t("moe.dw", FP32 * Tk * h)], saves=(d, "moe.w"),
+                grads=((d, a * Tk * h), ("moe.w", FP32 * Tk)))
         self.op("moe.unsort", ["moe.dw"], [self.t("moe.du", FP32 * Tk * h)], grads=(("moe.dw", FP32 * Tk * h),))
         self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", 0),))
         self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))

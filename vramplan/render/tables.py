@@ -39,6 +39,11 @@ def estimate_table(est: Estimate) -> Table:
 
 
 def verdict(est: Estimate) -> str:
+    """The verdict line; the estimate's warnings are part of it, never only in the assumptions."""
+    return _fit(est) + "".join(f" [bold yellow]WARNING:[/bold yellow] {w}." for w in est.warnings)
+
+
+def _fit(est: Estimate) -> str:
     if est.gpu is None:
         return f"Device total {gib(est.device_total_bytes)} ({est.device_total_bytes / 1e9:,.2f} GB); pass --gpu for a verdict."
     g = est.gpu
@@ -56,7 +61,7 @@ def print_estimate(est: Estimate, console: Console | None = None) -> None:
     phases = ", ".join(f"{p} {gib(n)}" for p, n in est.phase_peaks.items())
     console.print(f"Peak by phase: {phases}")
     console.print(f"Trainable parameters: {est.trainable_params:,} of {est.model.num_params:,}")
-    console.print(verdict(est))
+    console.print(verdict(est), highlight=False)
     if est.gpu is not None and est.gpu.arch is None and est.gpu.memory_bytes % 10**9 == 0:
         console.print(f"[dim]Note: {est.gpu.name} = {est.gpu.memory_bytes:,} bytes ({gib(est.gpu.memory_bytes)}); "
                       "a card sold as '48GB' reports about 48 GiB: name it (e.g. --gpu A6000) for its real size.[/dim]")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from vramplan.core.errors import ModelError
+from vramplan.core.errors import ModelError, SimulationError
 from vramplan.core.setup import ALL_LINEAR, TrainSetup
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -40,6 +40,74 @@ class Built:
     compute_dtype: object
     lm_head: object          # the output embedding module (logits)
     notes: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    """A model the analytic registry (core/architectures.py) does not know, as simulate needs it:
+    the config.json that transformers builds it from, and the few shapes the step reads. Duck-types
+    the fields of core.models.ModelSpec that simulate uses."""
+    id: str
+    source: str
+    model_type: str
+    config: dict = field(repr=False, compare=False)
+    layers: int = 0
+    vocab: int = 0
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    analytic = False          # no estimate beside it: the analytic model lacks this type
+
+
+def config_spec(config: dict, model_id: str, source: str) -> ConfigSpec:
+    """Read depth, vocabulary and MoE fields through transformers' own config class
+    (AutoConfig.for_model semantics: CONFIG_MAPPING[model_type].from_dict), so defaults a
+    config.json leaves out are those transformers uses."""
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise ModelError(f"config for {model_id} has no model_type",
+                         hint="a Hugging Face config.json names its model_type")
+    probe = ConfigSpec(model_id, source, config["model_type"], dict(config))
+    try:
+        text = hf_config(probe, None).get_text_config()
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ModelError(f"transformers cannot read the config of {model_id}: {exc}",
+                         hint="check config.json against the model's configuration class") from None
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 0
+    top_k = getattr(text, "num_experts_per_tok", None) or 0 if experts else 0
+    return ConfigSpec(model_id, source, config["model_type"], dict(config), layers=int(text.num_hidden_layers),
+                      vocab=int(text.vocab_size), num_experts=int(experts), experts_per_tok=int(top_k))
+
+
+def simulation_spec(name: str):
+    """The spec simulate runs: the analytic registry's ModelSpec when it knows the type (so the
+    estimate can stand beside it), otherwise a ConfigSpec that transformers builds."""
+    from vramplan.core.architectures import ARCHITECTURES
+    from vramplan.core.models import resolve, resolve_config
+
+    config, model_id, source = resolve_config(name)
+    if isinstance(config, dict) and config.get("model_type") in ARCHITECTURES:
+        return resolve(name)
+    return config_spec(config, model_id, source)
+
+
+def respec(spec, config: dict):
+    """The same kind of spec for another config of the same model (the shortcut's shallower copy)."""
+    if isinstance(spec, ConfigSpec):
+        return config_spec(config, spec.id, spec.source)
+    from vramplan.core.models import spec_from_config
+    return spec_from_config(config, spec.id, spec.source)
+
+
+def refuse_4bit_experts(spec, setup: TrainSetup) -> None:
+    """--experts 4bit describes stacks transformers 5 cannot build: its MoE experts are fused 3-D
+    nn.Parameters that bitsandbytes does not quantize (bitsandbytes issue #1849). Simulating them
+    would silently measure 16-bit experts, so simulate and profile refuse."""
+    if setup.experts_4bit and getattr(spec, "num_experts", 0):
+        import transformers
+        raise SimulationError(
+            f"simulate cannot build {spec.id} with 4-bit experts: transformers {transformers.__version__} keeps "
+            "MoE experts as fused 3-D parameters that bitsandbytes does not quantize",
+            hint="--experts 4bit is estimate-only (vramplan estimate); drop it to simulate the 16-bit experts "
+                 "transformers 5 trains")
 
 
 def torch_dtype(setup: TrainSetup):
@@ -68,6 +136,7 @@ def build_model(spec, setup: TrainSetup, device: str = "meta", seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
+    refuse_4bit_experts(spec, setup)
     config = hf_config(spec, setup)
     dtype = torch_dtype(setup)
     if device != "meta":

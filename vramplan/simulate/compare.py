@@ -36,7 +36,13 @@ def difference(trace, est) -> dict:
 
 
 def rows(trace, est) -> list[dict]:
-    """One row per component, then the peak: simulate, estimate, difference, percent."""
+    """One row per component, then the peak: simulate, estimate, difference, percent (estimate,
+    difference and percent None when no estimate stands beside the simulation)."""
+    if est is None:
+        out = [{"component": c.value, "simulate": trace.components.get(c.value, 0), "estimate": None,
+                "difference": None, "percent": None} for c in ALLOCATED]
+        return out + [{"component": "peak_allocated", "simulate": trace.peak_allocated_bytes, "estimate": None,
+                       "difference": None, "percent": None}]
     e = estimate_block(est)
     out = []
     for c in ALLOCATED:
@@ -49,10 +55,14 @@ def rows(trace, est) -> list[dict]:
     return out
 
 
-def to_dict(trace, est) -> dict:
-    """Trace.to_dict() plus `estimate` and `difference` (the CLI's --json)."""
+def to_dict(trace, est, skipped: str | None = None) -> dict:
+    """Trace.to_dict() plus `estimate` and `difference` (the CLI's --json); without an estimate
+    both are null and `estimate_skipped` says why."""
     d = trace.to_dict()
-    d["model"] = est.model.to_dict()  # the model object every command's JSON shares (ModelSpec.to_dict)
-    d["estimate"] = estimate_block(est)
-    d["difference"] = difference(trace, est)
+    if est is not None:
+        d["model"] = est.model.to_dict()  # the model object every command's JSON shares (ModelSpec.to_dict)
+    d["estimate"] = estimate_block(est) if est is not None else None
+    d["difference"] = difference(trace, est) if est is not None else None
+    if est is None:
+        d["estimate_skipped"] = skipped or "no estimate"
     return d

@@ -12,7 +12,8 @@ from vramplan.simulate.step import Progress, Simulation, Trace, require_packages
 
 def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
         progress: Progress | None = None) -> Trace:
-    """Simulate one steady-state training step of `spec` under `setup` on `device`.
+    """Simulate one steady-state training step of `spec` under `setup` on `device`. `spec` is a
+    core.models.ModelSpec, a build.ConfigSpec (a type only transformers knows), or a model name.
 
     device "meta" emulates a CUDA GPU (no memory, no compute: shapes only); "cpu" runs the same
     step for real on small models (the check that the meta emulation is faithful).
@@ -24,9 +25,15 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
 
     progress(stage, done, total) is called as decoder layers run (forward and backward of the
     warm-up and of the measured step)."""
+    if isinstance(spec, str):      # a model name: the registry's spec, or one transformers builds
+        from vramplan.simulate.build import simulation_spec
+        spec = simulation_spec(spec)
     if device not in ("meta", "cpu"):
         raise UsageError(f"simulate runs on 'meta' (or 'cpu' for small real runs), not {device!r}",
                          hint="use `vramplan profile` to measure on a GPU")
+    from vramplan.simulate.build import refuse_4bit_experts
+
+    refuse_4bit_experts(spec, setup)
     t0 = time.perf_counter()
     require_packages(setup)
     notes: list[str] = []

@@ -67,26 +67,62 @@ def _caller_site() -> tuple[str, str]:
 
 @dataclass
 class Routing:
-    """Even MoE routing: how many rows each data-dependent nonzero returns."""
+    """Even MoE routing: how many rows each data-dependent nonzero returns. `assumed` collects,
+    once each, the answers given by a general rule rather than a known call site (Trace.notes).
+
+    MoE on transformers 5: the default experts implementation is grouped_mm
+    (integrations/moe.py grouped_mm_experts_forward): token-expert pairs sorted by expert, per-expert
+    counts from histc, one grouped matmul over all tokens x top_k rows. Nothing there is data-
+    dependent and every buffer has tokens x top_k rows however the router spreads them, so on
+    meta it runs as is (F.grouped_mm has a meta kernel; sm80+ CUDA takes the same path). Only
+    the eager experts loop (experts_implementation="eager": expert_hit = ...nonzero(), then
+    torch.where(expert_mask[e]) per expert) asks for counts: answered as a balanced router would,
+    each expert getting tokens x top_k / num_experts rows. docs/peft-transformers.md#moe-routing-on-the-meta-device"""
     num_experts: int = 0
     top_k: int = 0
     tokens: int = 0
     calls: int = field(default=0, repr=False)
+    assumed: dict = field(default_factory=dict, repr=False)   # key -> note, in first-seen order
 
     def nonzero_rows(self, t: torch.Tensor) -> int:
         if self.num_experts:
             if tuple(t.shape) == (self.num_experts + 1,):      # expert_hit: every real expert
+                self.assume("moe.hit", f"MoE: every one of the {self.num_experts} experts receives tokens")
                 return self.num_experts
             if tuple(t.shape) == (self.top_k, self.tokens):   # torch.where(expert_mask[e])
                 total = self.tokens * self.top_k
                 base, rem = divmod(total, self.num_experts)
                 rows = base + (1 if self.calls % self.num_experts < rem else 0)
                 self.calls += 1
+                self.assume("moe.balanced", f"MoE routing answered as a balanced router would: each of the "
+                            f"{self.num_experts} experts gets {total} / {self.num_experts} of the {self.tokens} "
+                            f"tokens x top-{self.top_k} rows (a skewed router makes its busiest expert's "
+                            "activations larger)")
                 return rows
+        site = _caller_site()
+        self.assume(("nonzero",) + site, f"nonzero at {site[0]}:{site[1]} answered as on an all-ones mask "
+                                         f"(every element nonzero)")
         return t.numel()  # an all-ones mask: every element is nonzero
 
+    def assume(self, key, note: str) -> None:
+        self.assumed.setdefault(key, note)
 
-def local_scalar_dense(tracker, func, args, kwargs):
+    def notes(self) -> tuple[str, ...]:
+        out = tuple(self.assumed.values())
+        if self.num_experts and "moe.balanced" not in self.assumed:
+            out += (f"MoE: {self.num_experts} experts, top-{self.top_k}, run on meta through the grouped_mm "
+                    f"experts (transformers 5 default): every buffer has tokens x top-{self.top_k} rows "
+                    "whatever the routing, so no routing had to be assumed",)
+        return out
+
+
+def make_local_scalar_dense(routing: Routing):
+    def answer(tracker, func, args, kwargs):
+        return local_scalar_dense(tracker, func, args, kwargs, routing)
+    return answer
+
+
+def local_scalar_dense(tracker, func, args, kwargs, routing: Routing | None = None):
     t = args[0]
     if t.device.type != "meta":
         return tracker.run(func, args, kwargs)
@@ -94,6 +130,9 @@ def local_scalar_dense(tracker, func, args, kwargs):
     if site in SCALAR_ANSWERS:
         return SCALAR_ANSWERS[site]
     if t.dtype == torch.bool:  # a mask check: all-ones masks answer True
+        if routing is not None:
+            routing.assume(("scalar",) + site, f"data-dependent check at {site[0]}:{site[1]} answered True, "
+                                               "as on an all-ones mask")
         return True
     raise SimulationError(f"data-dependent value asked on the meta device at {site[0]}:{site[1]} "
                           f"({t.dtype} {tuple(t.shape)})",
@@ -282,10 +321,11 @@ def foreach_ops() -> list:
 
 def cuda_overrides(routing: Routing | None = None) -> dict:
     """The op -> stand-in table for a meta run emulating a CUDA device."""
+    routing = routing if routing is not None else Routing()
     table = dict.fromkeys(foreach_ops(), foreach_op)
     table.update({
-        aten._local_scalar_dense.default: local_scalar_dense,
-        aten.nonzero.default: make_nonzero(routing or Routing()),
+        aten._local_scalar_dense.default: make_local_scalar_dense(routing),
+        aten.nonzero.default: make_nonzero(routing),
         aten._scaled_dot_product_flash_attention_backward.default: flash_attention_backward,
     })
     if _has_bitsandbytes():
@@ -298,6 +338,16 @@ def cuda_overrides(routing: Routing | None = None) -> dict:
             bnb.int8_mixed_scaled_mm.default: int8_mixed_scaled_mm,
         })
     return table
+
+
+def unknown_kernel_note(op_names) -> str | None:
+    """Trace note for ops outside oplog.KNOWN_NAMESPACES (custom kernels of a model or a library):
+    they ran their meta (fake) kernels, assumed to allocate what their CUDA kernels do."""
+    names = sorted(op_names)
+    if not names:
+        return None
+    return (f"no CUDA stand-in for {', '.join(names)}: ran their meta kernels, assumed to allocate on CUDA "
+            "what those say")
 
 
 def _has_bitsandbytes() -> bool:

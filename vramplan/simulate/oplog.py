@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from vramplan.simulate.tracker import AllocationTracker, op_name
 
+# Op namespaces whose meta kernels allocate what CUDA does, or whose CUDA differences have a
+# stand-in in kernels.py: aten / prims (PyTorch's own meta kernels) and bitsandbytes (its
+# registered meta kernels). Ops of any other namespace are listed in Trace.notes.
+KNOWN_NAMESPACES = frozenset({"aten", "prims", "bitsandbytes"})
+
 
 class StepTracker(AllocationTracker):
     """`ops`: one (start event, end event, context() at the end, op name) per outer op, and
@@ -17,8 +22,11 @@ class StepTracker(AllocationTracker):
         super().__init__(*args, **kwargs)
         self.ops: list[tuple] = []
         self.failure: tuple | None = None
+        self.foreign_ops: set[str] = set()   # ops outside kernels.KNOWN_NAMESPACES (Trace.notes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace not in KNOWN_NAMESPACES:
+            self.foreign_ops.add(op_name(func))
         if self.op:  # not an outer op (a stand-in's sub-ops run outside the mode; kept for safety)
             return super().__torch_dispatch__(func, types, args, kwargs)
         start = self.event

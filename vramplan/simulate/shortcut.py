@@ -39,7 +39,7 @@ from vramplan.core.setup import TrainSetup
 from vramplan.simulate.attribution import component_of, register_optimizer_state, short_name
 from vramplan.simulate.step import Measured, Simulation, make_trace
 from vramplan.core.models import spec_from_config
-from vramplan.simulate.build import hf_config, make_optimizer
+from vramplan.simulate.build import hf_config, make_optimizer, respec
 
 UNITS = 5          # first, three middle units (each checked against the others), last
 EXPANDED = 2       # the middle unit that is repeated: its neighbours are middle units too
@@ -77,7 +77,7 @@ def reduced_spec(spec, setup: TrainSetup):
     if types is not None:
         config["layer_types"] = types[:k]
     config["num_hidden_layers"] = k
-    return spec_from_config(config, spec.id, spec.source), period
+    return respec(spec, config), period
 
 
 # --- layer names ------------------------------------------------------------------------------------
@@ -587,9 +587,10 @@ def run_shortcut(spec, setup: TrainSetup, progress=None):
         except Decline as why:
             return None, str(why)
     unit = "layer" if period == 1 else f"{period}-layer unit"
-    notes = (f"identical-layers shortcut: {sim.n_layers} of {spec.layers} decoder layers traced, one {unit}'s "
-             f"forward and backward repeated {exp.n} more times, the optimizer step run at full size; "
-             f"checked exact for identical layers (--exact traces every layer)",)
+    notes = sim.assumptions(tracker) + (
+        f"identical-layers shortcut: {sim.n_layers} of {spec.layers} decoder layers traced, one {unit}'s "
+        f"forward and backward repeated {exp.n} more times, the optimizer step run at full size; "
+        f"checked exact for identical layers (--exact traces every layer)",)
     trace = make_trace(spec, setup, "meta", measured, time.perf_counter() - t0,
                        layers_traced=sim.n_layers, extrapolated=True, notes=notes)
     return trace, None

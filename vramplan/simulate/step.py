@@ -290,7 +290,17 @@ class Simulation:
         measured = Measured.from_tracker(tracker, self.boundary, sum(self.paged),
                                          dict(self.sdpa.counts) if self.sdpa is not None else {})
         return make_trace(self.spec, self.setup, self.device, measured, seconds,
-                          layers_traced=self.n_layers, extrapolated=False)
+                          layers_traced=self.n_layers, extrapolated=False, notes=self.assumptions(tracker))
+
+    def assumptions(self, tracker) -> tuple[str, ...]:
+        """What a meta step had to assume where it has no CUDA stand-in: data-dependent answers
+        given by a general rule, MoE routing, ops of unknown kernel libraries (kernels.py)."""
+        if not self.meta:
+            return ()
+        from vramplan.simulate import kernels
+
+        foreign = kernels.unknown_kernel_note(getattr(tracker, "foreign_ops", ()))
+        return self.routing.notes() + ((foreign,) if foreign else ())
 
 
 def make_trace(spec, setup: TrainSetup, device: str, m: Measured, seconds: float = 0.0, *,

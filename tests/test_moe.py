@@ -1,0 +1,162 @@
+"""MoE under 4-bit: transformers 5 leaves fused expert stacks 16-bit (bitsandbytes #1849); the
+verdict says so in bytes; --experts 4bit models the stacks that quantize them (estimate-only)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_config
+from vramplan.cli import main
+from vramplan.core.errors import SimulationError, UsageError
+from vramplan.core.models import spec_from_config
+from vramplan.core.setup import TrainSetup
+from vramplan.estimate.estimator import estimate
+from vramplan.estimate.inventory import expert_weight_bytes, static_memory
+from vramplan.estimate.quant import alloc
+
+MIXTRAL = "mistralai/Mixtral-8x7B-v0.1"
+
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_mixtral(**overrides):
+    return spec_from_config(tiny_config("mixtral", **overrides), "tiny-mixtral", "test config")
+
+
+# --- the warning -----------------------------------------------------------------------------------
+
+def test_verdict_line_itself_says_experts_stay_16bit(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")     # one terminal line per printed line
+    code, out, _ = cli(capsys, "estimate", MIXTRAL, "--gpu", "80GB")
+    assert code == 0
+    verdict = next(line for line in out.splitlines() if "FIT" in line)
+    assert "WARNING: MoE experts stay 16-bit: transformers 5 does not quantize fused expert stacks with " \
+           "bitsandbytes (bitsandbytes #1849)" in verdict
+    sixteen, four = expert_weight_bytes(estimate(MIXTRAL).model, TrainSetup())
+    assert f"({sixteen:,} bytes)" in verdict and "as NF4" in verdict and "--experts 4bit" in verdict
+    # without --gpu the line that stands for the verdict carries it too
+    _, out, _ = cli(capsys, "estimate", MIXTRAL)
+    assert "WARNING: MoE experts stay 16-bit" in next(l for l in out.splitlines() if l.startswith("Device total"))
+
+
+def test_json_warnings(capsys):
+    code, out, _ = cli(capsys, "estimate", MIXTRAL, "--json")
+    data = json.loads(out)
+    assert code == 0 and len(data["warnings"]) == 1 and data["warnings"][0].startswith("MoE experts stay 16-bit")
+    _, out, _ = cli(capsys, "estimate", "meta-llama/Llama-2-7b-hf", "--json")
+    assert json.loads(out)["warnings"] == []
+    _, out, _ = cli(capsys, "estimate", MIXTRAL, "--method", "lora", "--json")   # nothing is quantized
+    assert json.loads(out)["warnings"] == []
+    _, out, _ = cli(capsys, "estimate", MIXTRAL, "--experts", "4bit", "--json")
+    assert json.loads(out)["warnings"] == []
+
+
+def test_sixteen_bit_expert_bytes_are_the_transformers_expert_parameters():
+    """What the warning quotes: every expert parameter transformers 5 builds, in bf16, one CUDA
+    allocation each (512-byte rounding)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = tiny_config("mixtral", num_hidden_layers=3)
+    spec = spec_from_config(config, "tiny-mixtral", "test")
+    hf = transformers.CONFIG_MAPPING["mixtral"].from_dict(config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
+    experts = [p for name, p in model.named_parameters() if ".experts." in name]
+    assert experts   # gate_up_proj and down_proj per layer
+    sixteen, _ = expert_weight_bytes(spec, TrainSetup())
+    assert sixteen == sum(alloc(p.numel() * p.element_size()) for p in experts)
+
+
+# --- --experts 4bit -----------------------------------------------------------------------------
+
+def _linear4bit_bytes(in_features: int, out_features: int) -> int:
+    """One bitsandbytes Linear4bit weight quantized on meta: packed weight and every QuantState tensor."""
+    torch = pytest.importorskip("torch")
+    bnb = pytest.importorskip("bitsandbytes")
+    w = torch.empty(out_features, in_features, dtype=torch.bfloat16, device="meta")
+    p = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)._quantize("meta")
+    qs = p.quant_state
+    tensors = [p, qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
+    return sum(alloc(t.numel() * t.element_size()) for t in tensors)
+
+
+def test_4bit_experts_are_counted_as_bitsandbytes_linear4bit():
+    spec = tiny_mixtral(num_hidden_layers=3)
+    sixteen_setup, four_setup = TrainSetup(), TrainSetup(experts="4bit")
+    s16, s4 = static_memory(spec, sixteen_setup), static_memory(spec, four_setup)
+    h, i, E, n = spec.hidden, spec.intermediate, spec.num_experts, spec.layers
+    per_expert = 2 * _linear4bit_bytes(h, i) + _linear4bit_bytes(i, h)     # w1, w3, w2
+    sixteen, four = expert_weight_bytes(spec, sixteen_setup)
+    assert four == n * E * per_expert
+    # the router stays as it is; only the expert stacks change
+    assert (s4.weights + s4.quant_constants) - (s16.weights + s16.quant_constants) == n * E * per_expert - sixteen
+
+
+def test_4bit_experts_lora_is_ordinary_lora_per_expert():
+    spec = tiny_mixtral()
+    r, h, i, E, n = 16, spec.hidden, spec.intermediate, spec.num_experts, spec.layers
+    attn = static_memory(spec, TrainSetup(targets="q_proj,k_proj,v_proj,o_proj")).trainable_params
+    s4 = static_memory(spec, TrainSetup(experts="4bit"))
+    router = r * h + E * r
+    experts = E * (2 * (r * h + i * r) + (r * i + h * r))     # w1, w3: A (r, h), B (i, r); w2: A (r, i), B (h, r)
+    assert s4.trainable_params - attn == n * (router + experts)
+
+
+def test_4bit_experts_drop_the_merged_copy():
+    from vramplan.estimate.ops import layer_ops
+
+    spec = tiny_mixtral()
+    names16 = [op.name for op in layer_ops(spec, TrainSetup())[0]]
+    names4 = [op.name for op in layer_ops(spec, TrainSetup(experts="4bit"))[0]]
+    assert "moe.merge_gate_up" in names16 and "moe.merge_down" in names16
+    assert not any("merge" in n for n in names4)
+    assert {"moe.experts.w1.lora_A", "moe.experts.w3.lora_A", "moe.experts.w2.lora_A"} <= set(names4)
+    e16 = estimate(MIXTRAL, TrainSetup())
+    e4 = estimate(MIXTRAL, TrainSetup(experts="4bit"))
+    assert e4.components["weights"] < e16.components["weights"] / 3
+    assert any(a.startswith("--experts 4bit: each of the 8 experts per layer") for a in e4.assumptions)
+
+
+def test_experts_flag_validation(capsys):
+    code, _, err = cli(capsys, "estimate", MIXTRAL, "--experts", "2bit")
+    assert (code, err) == (2, "Error: unknown experts '2bit' (hint: --experts takes one of: 16bit, 4bit)\n")
+    code, _, err = cli(capsys, "estimate", MIXTRAL, "--experts", "4bit", "--quant", "int8")
+    assert (code, err) == (2, "Error: --experts 4bit applies to 4-bit quantization only (hint: use it with "
+                              "--method qlora --quant nf4 (or fp4), or drop it)\n")
+    with pytest.raises(UsageError):
+        TrainSetup(method="lora", experts="4bit")
+    assert TrainSetup().to_dict()["experts"] == "16bit"
+
+
+# --- simulate -------------------------------------------------------------------------------------
+
+def test_simulate_refuses_4bit_experts(capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    import importlib
+
+    package = importlib.import_module("vramplan.simulate")
+    monkeypatch.setattr(package, "simulate", lambda *a, **k: pytest.fail("simulated despite --experts 4bit"))
+    code, out, err = cli(capsys, "simulate", MIXTRAL, "--experts", "4bit")
+    assert (code, out) == (1, "")
+    assert err.startswith("Error: simulate cannot build mistralai/Mixtral-8x7B-v0.1 with 4-bit experts: transformers ")
+    assert err.endswith("keeps MoE experts as fused 3-D parameters that bitsandbytes does not quantize (hint: "
+                        "--experts 4bit is estimate-only (vramplan estimate); drop it to simulate the 16-bit "
+                        "experts transformers 5 trains)\n")
+    from vramplan.simulate.driver import simulate
+    with pytest.raises(SimulationError):
+        simulate(tiny_mixtral(), TrainSetup(experts="4bit"))
+
+
+def test_simulate_states_how_moe_routing_ran():
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from vramplan.simulate.driver import simulate
+
+    trace = simulate(tiny_mixtral(), TrainSetup(seq=32))
+    moe = [n for n in trace.notes if n.startswith("MoE")]
+    assert len(moe) == 1 and "grouped_mm" in moe[0] and "4 experts, top-2" in moe[0]
