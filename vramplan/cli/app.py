@@ -19,7 +19,7 @@ COMMANDS = (simulate, profile, plan)
 def cmd_estimate(args) -> int:
     from vramplan.estimate.estimator import estimate
 
-    est = estimate(args.model, setup_from_args(args), gpu=args.gpu)
+    est = estimate(args.model, setup_from_args(args), gpu=args.gpu, arch=args.arch)
     if args.json:
         print_json(est.to_dict())
     else:
