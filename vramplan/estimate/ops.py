@@ -202,24 +202,43 @@ class _Ops:
                     saves=(q, k, v_storage, "attn.o", "attn.lse", *bias),
                     grads=((q, a * T * qw), (k, a * T * kvw), (v, a * T * kvw)), bwd_work=bwd)
         elif backend == "math":
-            # aten _scaled_dot_product_attention_math: k/v repeated to every head (enable_gqa),
-            # q and k scaled by sqrt(scale) (saved by the matmul), scores, the causal bias added,
-            # _safe_softmax (saved), @ v. Everything in the hidden-state dtype.
-            S = b * H * seq * seq
+            # aten _scaled_dot_product_attention_math (CompositeImplicit, so the meta trace runs it
+            # as a GPU does): fp16/bf16 q, k, v are first copied to float32 (the default
+            # allowFP16BF16ReductionMathSDP is off) and everything runs in float32: q scaled,
+            # the causal mask built (ones, tril, where -> float32 s x s), k/v repeated to every
+            # head (enable_gqa), k scaled, scores, + mask, _safe_softmax (saved), the
+            # probabilities cast back (returned as the second output, dropped), @ v, output cast.
+            S, c = b * H * seq * seq, FP32
+            if a != FP32:
+                self.op("attn.q32", [q], [self.t("attn.q32", c * T * qw)], grads=((q, a * T * qw),))
+                self.op("attn.k32", [k], [self.t("attn.k32", c * T * kvw)], grads=((k, a * T * kvw),))
+                self.op("attn.v32", [v], [self.t("attn.v32", c * T * kvw)], grads=((v, a * T * kvw),))
+                q, k, v = "attn.q32", "attn.k32", "attn.v32"
+            self.op("attn.q_scale", [q], [self.t("attn.qs", c * T * qw)], grads=((q, c * T * qw),))
+            masks = []
+            if not bias:   # is_causal: the mask is built here; an explicit one was converted above
+                self.op("attn.causal", [], [self.t("attn.cm", c * seq * seq)], work=2 * alloc(seq * seq), work_tag=ACT)
+                masks = ["attn.cm"]
             if kvw != qw:   # not yet repeated for a mask
-                self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
-                self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
+                self.op("attn.k_rep", [k], [self.t("attn.kr", c * T * qw)], grads=((k, c * T * kvw),))
+                self.op("attn.v_rep", [v], [self.t("attn.vr", c * T * qw)], grads=((v, c * T * kvw),))
                 k, v = "attn.kr", "attn.vr"
-            self.op("attn.q_scale", [q], [self.t("attn.qs", a * T * qw)], grads=((q, a * T * qw),))
-            self.op("attn.k_scale", [k], [self.t("attn.ks", a * T * qw)], grads=((k, a * T * qw),))
-            self.op("attn.qk", ["attn.qs", "attn.ks"], [self.t("attn.s", a * S)], saves=("attn.qs", "attn.ks"),
-                    grads=(("attn.qs", a * T * qw), ("attn.ks", a * T * qw)))
-            self.op("attn.bias", ["attn.s"], [self.t("attn.sb", a * S)], grads=(("attn.s", 0),),
-                    work=alloc(seq * seq), work_tag=ACT)
-            self.op("attn.softmax", ["attn.sb"], [self.t("attn.p", a * S)], saves=("attn.p",),
-                    grads=(("attn.sb", a * S),))
-            self.op("attn.pv", ["attn.p", v], [self.t("attn.o", a * T * qw)], saves=("attn.p", v),
-                    grads=(("attn.p", a * S), (v, a * T * qw)))
+            self.op("attn.k_scale", [k], [self.t("attn.ks", c * T * qw)], grads=((k, c * T * qw),))
+            self.op("attn.qk", ["attn.qs", "attn.ks"], [self.t("attn.s", c * S)], saves=("attn.qs", "attn.ks"),
+                    grads=(("attn.qs", c * T * qw), ("attn.ks", c * T * qw)))
+            self.op("attn.bias", ["attn.s", *masks, *bias], [self.t("attn.sb", c * S)], grads=(("attn.s", 0),))
+            self.op("attn.softmax", ["attn.sb"], [self.t("attn.p", c * S)], saves=("attn.p",),
+                    grads=(("attn.sb", c * S),))
+            weights = []
+            if a != FP32:
+                self.op("attn.p_cast", ["attn.p"], [self.t("attn.pw", a * S)])
+                weights = ["attn.pw"]
+            out = "attn.o32" if a != FP32 else "attn.o"
+            self.op("attn.pv", ["attn.p", v], [self.t(out, c * T * qw)], saves=("attn.p", v),
+                    grads=(("attn.p", c * S), (v, c * T * qw)))
+            if a != FP32:
+                self.op("attn.o_cast", [out], [self.t("attn.o", a * T * qw)], grads=((out, c * T * qw),))
+            self.op("attn.math_return", weights)
         elif backend == "flash":
             # flash backward workspaces (mha_bwd): float32 softmax_d and dq_accum (cuda/sdpa.py);
             # grouped KV heads: dk/dv expanded to every query head in the input dtype.

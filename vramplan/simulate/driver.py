@@ -10,12 +10,15 @@ from vramplan.simulate import shortcut
 from vramplan.simulate.step import Progress, Simulation, Trace, require_packages
 
 
-def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
-        progress: Progress | None = None) -> Trace:
+def simulate(spec, setup: TrainSetup, gpu=None, device: str = "meta", exact: bool = False,
+             progress: Progress | None = None, arch=None) -> Trace:
     """Simulate one steady-state training step of `spec` under `setup` on `device`.
 
-    device "meta" emulates a CUDA GPU (no memory, no compute: shapes only); "cpu" runs the same
-    step for real on small models (the check that the meta emulation is faithful).
+    device "meta" emulates a CUDA GPU (no memory, no compute: shapes only): the kernels of `gpu`'s
+    architecture (a catalog name or core.gpus.Gpu), of `arch` ("sm75") with a bare size or no GPU,
+    else of the H100 estimate assumes too (cuda/arch.py target_arch); bf16 on a GPU without it is
+    refused as estimate refuses it. "cpu" runs the same step for real on small models (the check
+    that the meta emulation is faithful).
 
     On meta, unless `exact`, a model deeper than layers.TRACED_LAYERS decoder layers is traced at
     that depth and the step of the full depth is rebuilt from it (shortcut.py): the same result,
@@ -27,16 +30,21 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
     if device not in ("meta", "cpu"):
         raise UsageError(f"simulate runs on 'meta' (or 'cpu' for small real runs), not {device!r}",
                          hint="use `vramplan profile` to measure on a GPU")
+    from vramplan.core.gpus import resolve_gpu
+    from vramplan.cuda.arch import check_dtype, target_arch
+
+    cuda_arch = target_arch(resolve_gpu(gpu) if gpu is not None else None, arch)
+    check_dtype(cuda_arch, setup.dtype)
     t0 = time.perf_counter()
     require_packages(setup)
     notes: list[str] = []
     if device == "meta" and not exact:
         if shortcut.applies(spec):
-            trace, why = shortcut.run_shortcut(spec, setup, progress=progress)
+            trace, why = shortcut.run_shortcut(spec, setup, progress=progress, arch=cuda_arch)
             if trace is not None:
                 return _with_seconds(trace, time.perf_counter() - t0)
             notes.append(f"identical-layers shortcut not used ({why}): every layer traced")
-    with Simulation(spec, setup, device, progress=progress) as sim:
+    with Simulation(spec, setup, device, progress=progress, arch=cuda_arch) as sim:
         sim.warm_up()
         tracker = sim.measure()
         trace = sim.trace(tracker, time.perf_counter() - t0)
