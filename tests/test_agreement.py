@@ -56,6 +56,11 @@ CASES = [
     ("mixtral-moe", dict(seq=512)),
     ("mixtral-moe", dict(seq=512, grad_ckpt=False)),
     ("mixtral-moe", dict(seq=512, targets="q_proj,v_proj")),
+    # a T4 (sm75, fp16): SDPA math fallback for grouped KV heads, memory-efficient with a mask
+    ("llama-gqa", dict(seq=512, dtype="fp16", gpu="T4")),
+    ("llama-gqa", dict(seq=512, dtype="fp16", grad_ckpt=False, gpu="T4")),
+    ("mistral-sliding", dict(seq=512, dtype="fp16", gpu="T4")),
+    ("qwen2-tied-bias", dict(seq=512, dtype="fp16", gpu="T4")),
 ]
 
 
@@ -68,8 +73,10 @@ def spec_of(name: str):
 def test_estimate_agrees_with_simulate(name, flags):
     from vramplan.simulate import simulate as run
 
+    flags = dict(flags)
+    gpu = flags.pop("gpu", None)
     spec, setup = spec_of(name), TrainSetup(**flags)
-    trace, est = run(spec, setup), estimate(spec, setup)
+    trace, est = run(spec, setup, gpu=gpu), estimate(spec, setup, gpu=gpu)
     for component in EXACT:
         assert est.components[component] == trace.components[component], component
     assert est.paged_optimizer_bytes == trace.paged_bytes
