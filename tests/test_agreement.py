@@ -2,7 +2,7 @@
 
 Small-but-real shapes (tests/configs/*.json: GQA, tied embeddings with q/k/v biases, fused
 qkv/gate_up, Gemma2 soft-capping with four norms, a sliding window shorter than the
-sequence, MoE) across methods, quantization, batch x
+sequence, MoE, a head dim that is not a multiple of 8) on an H100 and a T4, across methods, quantization, batch x
 seq, checkpointing, attention kernels and optimizers. The static components must agree to the
 byte; the peak within 3% (the issue's target). The larger 7B-70B matrix is
 benchmarks/agreement.py.
@@ -61,6 +61,9 @@ CASES = [
     ("llama-gqa", dict(seq=512, dtype="fp16", grad_ckpt=False, gpu="T4")),
     ("mistral-sliding", dict(seq=512, dtype="fp16", gpu="T4")),
     ("qwen2-tied-bias", dict(seq=512, dtype="fp16", gpu="T4")),
+    # head_dim 36: flash pads q/k/v to a multiple of 8
+    ("llama-hd36", dict(seq=512)),
+    ("llama-hd36", dict(seq=512, grad_ckpt=False)),
 ]
 
 

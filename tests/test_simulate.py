@@ -166,13 +166,20 @@ AGREEMENT = [
 def test_meta_peak_within_1pct_of_real_cpu_run(tiny_spec, model_type, kw):
     spec = tiny_spec(model_type)
     meta, cpu = traced(spec, "meta", **kw), traced(spec, "cpu", **kw)
-    assert abs(meta.peak_allocated_bytes - cpu.peak_allocated_bytes) <= 0.01 * cpu.peak_allocated_bytes
+    # the emulated GPU's cuBLAS workspace (live from the warm-up step on) has no CPU counterpart
+    from vramplan.cuda.arch import ASSUMED
+    from vramplan.cuda.cublas import workspace_bytes
+    cublas = workspace_bytes(ASSUMED)
+    assert meta.components["temporaries"] >= cublas
+    peak = meta.peak_allocated_bytes - cublas
+    assert abs(peak - cpu.peak_allocated_bytes) <= 0.01 * cpu.peak_allocated_bytes
     for name in ("start", "backward_end", "optimizer_end"):  # live state, grads: byte for byte
-        assert meta.boundaries[name] == cpu.boundaries[name]
+        assert meta.boundaries[name] - cublas == cpu.boundaries[name]
     # forward_end: flash attention saves a philox seed/offset pair per layer on CUDA, not on CPU
-    assert abs(meta.boundaries["forward_end"] - cpu.boundaries["forward_end"]) <= 0.01 * cpu.boundaries["forward_end"]
+    fwd_end = meta.boundaries["forward_end"] - cublas
+    assert abs(fwd_end - cpu.boundaries["forward_end"]) <= 0.01 * cpu.boundaries["forward_end"]
     if kw.get("attn") == "eager":             # no CUDA kernel emulated: the same step, the same bytes
-        assert meta.peak_allocated_bytes == cpu.peak_allocated_bytes
+        assert peak == cpu.peak_allocated_bytes
         assert meta.components == cpu.components
 
 

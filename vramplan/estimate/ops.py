@@ -240,15 +240,29 @@ class _Ops:
                 self.op("attn.o_cast", [out], [self.t("attn.o", a * T * qw)], grads=((out, c * T * qw),))
             self.op("attn.math_return", weights)
         elif backend == "flash":
-            # flash backward workspaces (mha_bwd): float32 softmax_d and dq_accum (cuda/sdpa.py);
-            # grouped KV heads: dk/dv expanded to every query head in the input dtype.
-            bwd = sum((alloc(cuda_sdpa.nbytes(*w)) for w in cuda_sdpa.flash_backward_workspace(b, H, seq, hd, _sym_round)),
+            # a head dim that is not a multiple of 8 is padded first (q, k, v copies, saved by the
+            # kernel; cuda/sdpa.py flash_padded_head_dim). Backward workspaces (mha_bwd): float32
+            # softmax_d and dq_accum (cuda/sdpa.py); grouped KV heads: dk/dv expanded to every
+            # query head in the input dtype.
+            hp = cuda_sdpa.flash_padded_head_dim(hd)
+            qp, kvp = H * hp, spec.kv_heads * hp
+            if hp != hd:
+                self.op("attn.q_pad", [q], [self.t("attn.qp", a * T * qp)], grads=((q, a * T * qw),))
+                self.op("attn.k_pad", [k], [self.t("attn.kp", a * T * kvp)], grads=((k, a * T * kvw),))
+                self.op("attn.v_pad", [v], [self.t("attn.vp", a * T * kvp)], grads=((v, a * T * kvw),))
+                q, k, v, v_storage = "attn.qp", "attn.kp", "attn.vp", "attn.vp"
+            bwd = sum((alloc(cuda_sdpa.nbytes(*w)) for w in cuda_sdpa.flash_backward_workspace(b, H, seq, hp, _sym_round)),
                       alloc(0))
             if spec.kv_heads != H:
-                bwd += 2 * alloc(a * T * qw)
-            self.op("attn.sdpa", [q, k, v], [self.t("attn.o", a * T * qw), self.t("attn.lse", FP32 * b * H * seq)],
+                bwd += 2 * alloc(a * T * qp)
+            self.op("attn.sdpa", [q, k, v], [self.t("attn.o", a * T * qp), self.t("attn.lse", FP32 * b * H * seq)],
                     saves=(q, k, v_storage, "attn.o", "attn.lse"),
-                    grads=((q, a * T * qw), (k, a * T * kvw), (v, a * T * kvw)), bwd_work=bwd)
+                    grads=((q, a * T * qp), (k, a * T * kvp), (v, a * T * kvp)), bwd_work=bwd)
+            if hp != hd:
+                # the output is a slice of the padded one: transformers' transpose(1, 2).contiguous()
+                # copies it; the slice's backward fills a zero-padded gradient
+                self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * qw)], grads=(("attn.o", a * T * qp),))
+                return "attn.of"
         else:
             rep = H // spec.kv_heads
             S = b * H * seq * seq

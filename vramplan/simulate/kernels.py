@@ -426,8 +426,17 @@ class SdpaRouting:
         backend = sdpa_backend(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, self.arch)
         self.counts[backend] += 1
         if backend == "flash":
-            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
-                                                             scale=scale)[0]
+            head_dim = query.shape[-1]
+            padded = cuda_sdpa.flash_padded_head_dim(head_dim)
+            if padded == head_dim:
+                return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
+                                                                 scale=scale)[0]
+            # attention.cpp: q, k, v padded to a multiple of 8, the scale of the original head dim,
+            # the output sliced back (cuda.sdpa.flash_padded_head_dim)
+            q, k, v = (F.pad(t, (0, padded - head_dim)) for t in (query, key, value))
+            out = aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
+                                                           scale=scale if scale is not None else head_dim ** -0.5)[0]
+            return out[..., :head_dim]
         if backend == "efficient":
             bias = attn_mask
             if bias is not None:
