@@ -10,8 +10,8 @@ from vramplan.simulate import shortcut
 from vramplan.simulate.step import Progress, Simulation, Trace, require_packages
 
 
-def simulate(spec, setup: TrainSetup, gpu=None, device: str = "meta", exact: bool = False,
-             progress: Progress | None = None, arch=None) -> Trace:
+def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
+             progress: Progress | None = None, *, gpu=None, arch=None) -> Trace:
     """Simulate one steady-state training step of `spec` under `setup` on `device`.
 
     device "meta" emulates a CUDA GPU (no memory, no compute: shapes only): the kernels of `gpu`'s
