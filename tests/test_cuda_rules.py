@@ -263,3 +263,16 @@ def test_library_default_dtype_follows_the_gpu():
     assert estimate("llama-3-8b", gpu="A100-80GB").setup.dtype == "bf16"
     with pytest.raises(UsageError, match="no bf16 hardware"):
         estimate("llama-3-8b", TrainSetup(), gpu="V100-16GB")
+
+
+def test_simulate_cli_emulates_the_gpu_given(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    config = str(Path(__file__).parent / "configs" / "llama-gqa.json")
+    code, out, _ = run(capsys, "simulate", config, "--gpu", "T4", "--seq", "256")
+    text = " ".join(out.split())
+    assert code == 0
+    assert "attention kernels: math 8" in text               # grouped KV heads, fp16, sm75
+    assert "CUDA emulated: the kernels of the T4 (compute capability 7.5, 40 SMs)" in text
