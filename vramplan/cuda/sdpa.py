@@ -143,6 +143,13 @@ def flash_backward_workspace(batch, heads: int, seq_q, head_dim: int, round_seq=
             ((batch, s128, heads, flash_head_dim_rounded(head_dim)), FP32)]
 
 
+def efficient_mask_last_dim(seq_k, round_seq=_round):
+    """attention.cpp: a boolean mask becomes an additive one in q's dtype
+    (convert_boolean_attn_mask), its last dim padded to a multiple of 16 for the memory-efficient
+    kernel (preprocess_mask, pad_bias) and sliced back: the storage holds round(s_k, 16) columns."""
+    return round_seq(seq_k, 16)
+
+
 def efficient_logsumexp(batch, heads: int, seq_q, round_seq=_round) -> tuple[tuple, int]:
     """attention.cpp _efficient_attention_forward with gradients needed: logsumexp float32
     (b, H, round(s_q, kAlignLSE = 32)) (mem_eff_attention/kernel_forward.h)."""

@@ -189,7 +189,7 @@ class _Ops:
                 self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
                 self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
                 k, v, v_storage, kvw = "attn.kr", "attn.vr", "attn.vr", qw
-            self.op("attn.bias", [], [self.t("attn.bias", a * b * seq * sym.S16)])
+            self.op("attn.bias", [], [self.t("attn.bias", a * b * seq * cuda_sdpa.efficient_mask_last_dim(seq, _sym_round))])
             bias = ("attn.bias",)
         if backend == "efficient":
             # memory-efficient attention (a mask, fp32, fp16 below sm80; same head counts): saves

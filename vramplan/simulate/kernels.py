@@ -443,8 +443,8 @@ class SdpaRouting:
                 if bias.dtype == torch.bool:
                     bias = torch.where(bias.logical_not(), float("-inf"), 0.0).to(query.dtype)
                 last = bias.shape[-1]
-                if last % 16:
-                    padded = bias.new_empty((*bias.shape[:-1], last + 16 - last % 16))
+                if cuda_sdpa.efficient_mask_last_dim(last) != last:
+                    padded = bias.new_empty((*bias.shape[:-1], cuda_sdpa.efficient_mask_last_dim(last)))
                     padded[..., :last] = bias
                     bias = padded[..., :last]
                 bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
