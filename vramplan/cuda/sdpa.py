@@ -103,7 +103,7 @@ def backend(arch: CudaArch, c: SdpaCall) -> str:
 def fallback_reason(arch: CudaArch, c: SdpaCall) -> str:
     """Why neither fused kernel takes the call (for output): the first failing check of each."""
     if not 80 <= arch.sm <= 121:
-        flash = f"flash needs sm80-sm121"
+        flash = "flash needs sm80-sm121"
     elif c.dtype not in ("fp16", "bf16"):
         flash = "flash needs fp16/bf16"
     elif c.has_mask:
