@@ -5,6 +5,7 @@ traced step (the CPU reference), peak and phase.
     python benchmarks/agreement.py --quick         # the base setup per model only
     python benchmarks/agreement.py --full          # paged_adamw8bit in every cell too (~15 minutes)
     python benchmarks/agreement.py --json out.json # also every component, both sides
+    python benchmarks/agreement.py --gpu T4        # the kernels of another GPU (default: an H100)
 
 The estimate is called only through `vramplan.estimate`, so the table reflects whatever the
 estimator is when this runs. Setups (r=16 all-linear, nf4 + double quant for QLoRA, bf16): every
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--models", help="comma-separated subset of the catalog ids above")
     ap.add_argument("--json", metavar="PATH", help="also write every row with both sides' components")
     ap.add_argument("--out", default=OUT, help=f"markdown file to write (default {OUT})")
+    ap.add_argument("--gpu", help="catalog GPU whose CUDA kernels both sides emulate (default: an H100); "
+                                  "16-bit setups use fp16 on GPUs without bf16")
     args = ap.parse_args()
 
     import vramplan
@@ -90,16 +93,19 @@ def main() -> None:
     for model in models:
         spec = vramplan.resolve_model(model)
         for setup in setups_for(model, args.quick, args.full):
+            if args.gpu:
+                from vramplan.cuda.arch import default_dtype, target_arch
+                setup = setup.with_(dtype=default_dtype(target_arch(vramplan.resolve_gpu(args.gpu))))
             t = time.perf_counter()
             row = {"model": spec.id, "setup": label(setup)}
             try:
-                trace = run(spec, setup)
+                trace = run(spec, setup, gpu=args.gpu)
                 row.update(sim=trace.peak_allocated_bytes, sim_phase=trace.peak_phase,
                            sim_components=trace.components, sim_module=trace.peak_module)
             except vramplan.VramplanError as exc:
                 row.update(sim=None, sim_phase=f"error: {exc.message}")
             try:
-                est = vramplan.estimate(spec, setup)
+                est = vramplan.estimate(spec, setup, gpu=args.gpu)
                 row.update(est=est.peak_allocated_bytes, est_phase=est.peak_phase, est_components=dict(est.components))
             except Exception as exc:  # noqa: BLE001 - the estimator may be mid-rewrite: report, go on
                 row.update(est=None, est_phase=f"error: {type(exc).__name__}: {exc}"[:120])

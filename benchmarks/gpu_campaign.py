@@ -298,8 +298,8 @@ def cpu_check(args) -> int:
                          launcher=launcher)
         meas = rec.measured.peak_allocated_bytes
         est = estimate(spec, setup).peak_allocated_bytes
-        meta = simulate(spec, setup, "meta").peak_allocated_bytes
-        cpu = simulate(spec, setup, "cpu").peak_allocated_bytes if args.simulate_cpu else None
+        meta = simulate(spec, setup, device="meta").peak_allocated_bytes
+        cpu = simulate(spec, setup, device="cpu").peak_allocated_bytes if args.simulate_cpu else None
         label = ", ".join(f"{k}={v}" for k, v in change.items()) or "default (qlora nf4+dq, seq 256, gc, adamw)"
         rows.append(f"| {label} | {meas:,} | {est:,} | {_pct((est - meas) / meas)} | {meta:,} | "
                     f"{_pct((meta - meas) / meas)} | {'—' if cpu is None else f'{cpu:,}'} | "

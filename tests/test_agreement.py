@@ -2,7 +2,7 @@
 
 Small-but-real shapes (tests/configs/*.json: GQA, tied embeddings with q/k/v biases, fused
 qkv/gate_up, Gemma2 soft-capping with four norms, a sliding window shorter than the
-sequence, MoE) across methods, quantization, batch x
+sequence, MoE, a head dim that is not a multiple of 8) on an H100 and a T4, across methods, quantization, batch x
 seq, checkpointing, attention kernels and optimizers. The static components must agree to the
 byte; the peak within 3% (the issue's target). The larger 7B-70B matrix is
 benchmarks/agreement.py.
@@ -54,6 +54,14 @@ CASES = [
     ("mixtral-moe", dict(seq=512)),
     ("mixtral-moe", dict(seq=512, grad_ckpt=False)),
     ("mixtral-moe", dict(seq=512, targets="q_proj,v_proj")),
+    # a T4 (sm75, fp16): SDPA math fallback for grouped KV heads, memory-efficient with a mask
+    ("llama-gqa", dict(seq=512, dtype="fp16", gpu="T4")),
+    ("llama-gqa", dict(seq=512, dtype="fp16", grad_ckpt=False, gpu="T4")),
+    ("mistral-sliding", dict(seq=512, dtype="fp16", gpu="T4")),
+    ("qwen2-tied-bias", dict(seq=512, dtype="fp16", gpu="T4")),
+    # head_dim 36: flash pads q/k/v to a multiple of 8
+    ("llama-hd36", dict(seq=512)),
+    ("llama-hd36", dict(seq=512, grad_ckpt=False)),
 ]
 
 
@@ -66,8 +74,10 @@ def spec_of(name: str):
 def test_estimate_agrees_with_simulate(name, flags):
     from vramplan.simulate import simulate as run
 
+    flags = dict(flags)
+    gpu = flags.pop("gpu", None)
     spec, setup = spec_of(name), TrainSetup(**flags)
-    trace, est = run(spec, setup), estimate(spec, setup)
+    trace, est = run(spec, setup, gpu=gpu), estimate(spec, setup, gpu=gpu)
     for component in EXACT:
         assert est.components[component] == trace.components[component], component
     assert est.paged_optimizer_bytes == trace.paged_bytes

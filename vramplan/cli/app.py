@@ -21,7 +21,7 @@ COMMANDS = (simulate, profile, plan, replay)
 
 
 def cmd_estimate(args) -> int:
-    est = estimate(args.model, setup_from_args(args), gpu=args.gpu)
+    est = estimate(args.model, setup_from_args(args), gpu=args.gpu, arch=args.arch)
     if args.json:
         print_json(est.to_dict())
     else:
@@ -102,10 +102,11 @@ def cmd_gpus(args) -> int:
     from rich.table import Table
 
     table = Table(title="Bundled GPU catalog (memory as NVML reports it)")
-    for col in ("name", "GiB", "GB", "arch"):
-        table.add_column(col, justify="right" if col in ("GiB", "GB") else "left")
+    for col in ("name", "GiB", "GB", "arch", "sm", "SMs"):
+        table.add_column(col, justify="right" if col in ("GiB", "GB", "sm", "SMs") else "left")
     for g in catalog():
-        table.add_row(g.name, f"{g.memory_bytes / 2**30:.2f}", f"{g.memory_bytes / 1e9:.2f}", g.arch or "")
+        table.add_row(g.name, f"{g.memory_bytes / 2**30:.2f}", f"{g.memory_bytes / 1e9:.2f}", g.arch or "",
+                      g.compute_capability or "", str(g.sms or ""))
     Console().print(table)
     return 0
 

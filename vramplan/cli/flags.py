@@ -7,7 +7,9 @@ import json
 import sys
 
 from vramplan.core.errors import UsageError
+from vramplan.core.gpus import resolve_gpu
 from vramplan.core.setup import TrainSetup, check_given, parse_targets
+from vramplan.cuda.arch import default_dtype, target_arch
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,11 +24,14 @@ def setup_flags() -> argparse.ArgumentParser:
     p = Parser(add_help=False)
     p.add_argument("model", help="hub id or alias from `vramplan models`, a directory with config.json, or a config.json")
     p.add_argument("--gpu", help="a size (48GB, 24GiB, 80G) or a catalog name (A100-80GB, H100, RTX4090, L40S, A6000)")
+    p.add_argument("--arch", help="compute capability whose CUDA kernels to assume with a bare --gpu size or none: "
+                                  "sm70 | sm75 | sm80 | sm86 | sm89 | sm90 | sm100 | sm120 (default sm90, an H100)")
     p.add_argument("--method", help="qlora | lora | full (default qlora)")
     p.add_argument("--quant", help="nf4 | fp4 | int8 (default nf4)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
                    help="quantize absmax in fp32 only (bnb_4bit_use_double_quant=False)")
-    p.add_argument("--dtype", default="bf16", help="compute / 16-bit weight dtype: bf16 | fp16 | fp32")
+    p.add_argument("--dtype", default=None,
+                   help="compute / 16-bit weight dtype: bf16 | fp16 | fp32 (default bf16; fp16 on GPUs below sm80)")
     p.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     p.add_argument("--targets", help="all-linear or comma,separated,module,names")
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.0)")
@@ -60,9 +65,20 @@ def given_setup_flags(args) -> dict:
     return given
 
 
+def cuda_arch_from_args(args):
+    """The architecture the kernel rules emulate for these flags (--gpu's, --arch's, or the assumed one)."""
+    gpu, text = None, getattr(args, "gpu", None)
+    if isinstance(text, str) and text.strip().lower() != "all":
+        gpu = resolve_gpu(text)
+    return target_arch(gpu, getattr(args, "arch", None))
+
+
 def setup_from_args(args):
     given = given_setup_flags(args)
-    setup = TrainSetup(dtype=args.dtype, batch=args.batch, seq=args.seq, grad_ckpt=args.grad_ckpt, attn=args.attn,
+    dtype = args.dtype
+    if dtype is None:   # not given: bf16 where the target GPU has it, else fp16 (cuda/arch.py)
+        dtype = default_dtype(cuda_arch_from_args(args))
+    setup = TrainSetup(dtype=dtype, batch=args.batch, seq=args.seq, grad_ckpt=args.grad_ckpt, attn=args.attn,
                        optimizer=args.optimizer, prepare_kbit=args.prepare_kbit, experts=args.experts,
                        **given)
     check_given(setup, given)

@@ -41,12 +41,12 @@ def cmd_simulate(args) -> int:
         gpu = resolve_gpu(args.gpu)
     if args.timeline:
         _check_writable(args.timeline)
-    est = estimate(spec, setup) if getattr(spec, "analytic", True) else None
+    est = estimate(spec, setup, gpu=gpu, arch=args.arch) if getattr(spec, "analytic", True) else None  # same GPU architecture as the trace
     from vramplan.simulate.step import require_packages  # this command's code loads only when it runs
     from vramplan.simulate import simulate  # this command's code loads only when it runs
     require_packages(setup)     # before the progress bar: a missing package is a one-line error
     with _progress() as progress:
-        trace = simulate(spec, setup, exact=args.exact, progress=progress)
+        trace = simulate(spec, setup, gpu=gpu, arch=args.arch, exact=args.exact, progress=progress)
     if args.timeline:
         write_timeline(trace, args.timeline)
     from vramplan.simulate import compare  # this command's code loads only when it runs

@@ -19,15 +19,29 @@ class Gpu:
     memory_bytes: int           # what NVML reports as total
     arch: str | None = None     # None for a bare size
     source: str = "given on the command line"
+    compute_capability: str | None = None   # "8.6"; None for a bare size
+    sms: int | None = None                  # multiprocessor count
+
+    @property
+    def cuda(self):
+        """The card's cuda.arch.CudaArch, or None for a bare size (the kernel rules then assume one)."""
+        if self.compute_capability is None:
+            return None
+        from vramplan.cuda.arch import CudaArch
+
+        major, _, minor = self.compute_capability.partition(".")
+        return CudaArch(int(major), int(minor), self.sms or 0, self.name)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "memory_bytes": self.memory_bytes, "arch": self.arch, "source": self.source}
+        return {"name": self.name, "memory_bytes": self.memory_bytes, "arch": self.arch, "source": self.source,
+                "compute_capability": self.compute_capability, "sms": self.sms}
 
 
 @lru_cache(maxsize=1)
 def catalog() -> tuple[Gpu, ...]:
     data = tomllib.loads(CATALOG.read_text())
-    return tuple(Gpu(g["name"], g["memory_mib"] * MiB, g["arch"], g["source"]) for g in data["gpu"])
+    return tuple(Gpu(g["name"], g["memory_mib"] * MiB, g["arch"], g["source"], g["compute_capability"], g["sms"])
+                 for g in data["gpu"])
 
 
 @lru_cache(maxsize=1)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.estimate.ops import act_bytes, eager_masks, head_memory, int8_ctx_inputs, layer_memory
+from vramplan.estimate.ops import act_bytes, eager_masks, head_memory, int8_ctx_inputs, kernels, layer_memory
+from vramplan.cuda.arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
+from vramplan.cuda.cublas import workspace_bytes
 from vramplan.core.components import ALLOCATED, Component, check_sum
 from vramplan.cuda.context import device_overhead
 from vramplan.core.errors import ModelError
@@ -60,10 +62,16 @@ class Estimate(Verdict):
     phase_components: dict = field(default_factory=dict, repr=False)
     peak_moment: str = ""
     moments: dict = field(default_factory=dict, repr=False)  # every candidate peak, by name
+    cuda_arch: CudaArch = ASSUMED   # the GPU architecture whose kernels the estimate assumes
 
     @property
     def assumptions(self) -> tuple[str, ...]:
-        return assumptions(self.model, self.setup)
+        return assumptions(self.model, self.setup, self.cuda_arch, self.gpu)
+
+    @property
+    def kernels(self) -> dict:
+        """The CUDA kernels assumed (SDPA backend, gemm_4bit path, cuBLAS workspace)."""
+        return kernels(self.model, self.setup, self.cuda_arch)
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -94,21 +102,30 @@ class Estimate(Verdict):
             "trainable_params": self.trainable_params,
             "warnings": list(self.warnings),
             "assumptions": list(self.assumptions),
+            "kernels": self.kernels,
         }
 
 
 def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int | Gpu | None = None,
-             static: Static | None = None, **flags) -> Estimate:
+             static: Static | None = None, arch: str | CudaArch | None = None, **flags) -> Estimate:
     """Estimate peak memory. `flags` are TrainSetup fields (batch=4, seq=4096, method="lora", ...).
-    `static` reuses static_memory(spec, setup) computed earlier (it does not depend on batch/seq)."""
+    `static` reuses static_memory(spec, setup) computed earlier (it does not depend on batch/seq).
+    The CUDA kernels are those of `gpu`'s architecture (a catalog GPU), of `arch` ("sm75") for a
+    bare size or no GPU, else of an H100 (cuda.arch.ASSUMED). With neither `setup` nor a dtype
+    flag the compute dtype is bf16, or fp16 on a GPU without bf16 (sm < 80); bf16 given for such a
+    GPU is refused (UsageError)."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
+    gpu_obj = resolve_gpu(gpu) if gpu is not None else None
+    cuda_arch = target_arch(gpu_obj, arch)
+    if setup is None and "dtype" not in flags:
+        flags["dtype"] = default_dtype(cuda_arch)
     setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
+    check_dtype(cuda_arch, setup.dtype)
     if setup.attn not in spec.arch.attention:
         raise ModelError(f"{spec.id} ({spec.model_type}) cannot train with attn={setup.attn!r} in transformers 5",
                          hint=f"use --attn {' or '.join(spec.arch.attention)}")
-    gpu_obj = resolve_gpu(gpu) if gpu is not None else None
     static = static if static is not None else static_memory(spec, setup)
-    moments = step_moments(spec, setup, static)
+    moments = step_moments(spec, setup, static, cuda_arch)
     peak_moment = max(moments, key=lambda m: sum(moments[m].values()))
     components = moments[peak_moment]
     peak = sum(components.values())
@@ -117,26 +134,26 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     for name, parts in moments.items():
         if sum(parts.values()) > sum(phases.get(phase_of(name), {}).values()):
             phases[phase_of(name)] = parts
-    overhead = device_overhead(transient_sizes(spec, setup))
+    overhead = device_overhead(transient_sizes(spec, setup, cuda_arch))
     return Estimate(
         model=spec, setup=setup, components=components, peak_allocated_bytes=peak,
         peak_phase=peak_phase, phase_peaks={p: sum(c.values()) for p, c in phases.items()},
         cuda_context_bytes=overhead.cuda_context, allocator_overhead_bytes=overhead.allocator_overhead,
         paged_optimizer_bytes=static.paged_optimizer_state, trainable_params=static.trainable_params,
         gpu=gpu_obj, phase_components=phases,
-        peak_moment=peak_moment, moments=moments,
+        peak_moment=peak_moment, moments=moments, cuda_arch=cuda_arch,
     )
 
 
-def transient_sizes(spec: ModelSpec, setup: TrainSetup) -> list[int]:
+def transient_sizes(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> list[int]:
     """The large short-lived tensors of a step (a dequantized weight, a hidden state, the logits,
     one layer's saved activations): what the caching allocator keeps segments for."""
-    layer = layer_memory(spec, setup)
+    layer = layer_memory(spec, setup, arch)
     logits = alloc(4 * setup.tokens * spec.vocab)
     return [layer.dequant, layer.hidden, logits, layer.saved]
 
 
-def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str, dict[str, int]]:
+def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED) -> dict[str, dict[str, int]]:
     """Every candidate peak of the step, name -> bytes per component (ALLOCATED order).
 
     Decoder layers are identical, so one layer is walked (activations.layer_memory) and the
@@ -144,7 +161,7 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str
     their inputs with it. The top layer is where the most is kept; the bottom layer is where the
     most gradients exist (it matters when every parameter trains)."""
     L = spec.layers
-    layer, head = layer_memory(spec, setup), head_memory(spec, setup)
+    layer, head = layer_memory(spec, setup, arch), head_memory(spec, setup, arch)
     # input_ids (int64, also passed as labels: one storage), position_ids (1, seq), and the
     # shifted labels ForCausalLMLoss builds (pad + contiguous), int64 each; rotary cos and sin
     # of shape (1, seq, head_dim) in the hidden-state dtype, shared by every layer.
@@ -152,7 +169,9 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str
     base_acts = (alloc(8 * setup.tokens) + alloc(8 * setup.seq) + 2 * alloc(8 * (setup.tokens + setup.batch))
                  + 2 * alloc(a * setup.seq * spec.head_dim))
     fixed = {C.WEIGHTS.value: static.weights, C.QUANT_CONSTANTS.value: static.quant_constants,
-             C.ADAPTERS.value: static.adapters, C.OPTIMIZER_STATE.value: static.optimizer_state}
+             C.ADAPTERS.value: static.adapters, C.OPTIMIZER_STATE.value: static.optimizer_state,
+             # the cuBLAS workspace, cached from the first matmul on (cuda/cublas.py)
+             C.TEMPORARIES.value: workspace_bytes(arch)}
 
     # eager attention's causal masks: built in the forward; gradient checkpointing keeps them
     # (they are inputs of every checkpointed layer) until backward is done
@@ -200,9 +219,11 @@ def phase_of(moment: str) -> str:
     return moment.split(".", 1)[0]
 
 
-def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
+def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gpu: Gpu | None = None) -> tuple[str, ...]:
     """What the prediction takes for granted, in words a user can check against their script."""
-    out = []
+    out = [gpu_assumption(arch, gpu)]
+    if not arch.bf16 and setup.dtype == "fp16":
+        out.append(f"compute dtype fp16: {arch.name} (sm{arch.sm}) has no bf16 hardware")
     if setup.quantized:
         if setup.quant == "int8":
             out.append("base weights: bitsandbytes LLM.int8 (Linear8bitLt), lm_head and embeddings in "
@@ -223,8 +244,7 @@ def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
                "transformers ForCausalLMLoss (logits upcast to fp32)")
     out.append("gradient checkpointing (non-reentrant) on every decoder layer" if setup.grad_ckpt
                else "no gradient checkpointing: every layer's activations kept for backward")
-    out.append("attention: SDPA flash / memory-efficient kernel (no seq x seq matrix)" if setup.attn == "sdpa"
-               else "attention: eager (materializes batch x heads x seq x seq scores and fp32 softmax)")
+    out.append(attention_assumption(spec, setup, arch))
     opt = {"adamw": "torch AdamW (foreach), 2 states in the parameter dtype",
            "adamw8bit": "bitsandbytes AdamW8bit (blockwise 8-bit states)",
            "paged_adamw": "bitsandbytes PagedAdamW 32-bit: states in CUDA unified memory (not counted as allocated)",
@@ -235,8 +255,10 @@ def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
     if setup.prepare_kbit:
         out.append("prepare_model_for_kbit_training: non-quantized weights and hidden states in fp32")
     if setup.quantized and setup.quant != "int8":
-        out.append("4-bit matmuls dequantize the weight to the compute dtype (bitsandbytes gemm_4bit falls back "
-                   "to dequantize + F.linear above 1536 tokens, and backward always dequantizes)")
+        out.append(f"bitsandbytes gemm_4bit on {arch.label} at {setup.tokens} tokens: "
+                   f"{kernels(spec, setup, arch)['gemm_4bit']} (backward always dequantizes)")
+    out.append(f"cuBLAS workspace {workspace_bytes(arch):,} B on {arch.label}, cached from the first matmul "
+               "(counted in temporaries)")
     out.append("steady state: the second step onwards (optimizer state already allocated), "
                "zero_grad(set_to_none=True)")
     out.append("device total = peak allocated + CUDA context (500 MiB, a model) + caching-allocator slack (a model)")
@@ -270,6 +292,30 @@ def warnings(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
     if setup.quant != "int8":
         text += "; --experts 4bit models stacks that quantize them"
     return (text,)
+
+
+def gpu_assumption(arch: CudaArch, gpu: Gpu | None) -> str:
+    """Which GPU architecture's kernels the estimate assumes, and why."""
+    if gpu is not None and gpu.cuda is not None:
+        return f"CUDA kernels of the {arch.describe()}"
+    why = "no GPU given" if gpu is None else f"--gpu {gpu.name} names no card"
+    if arch is ASSUMED:
+        return f"CUDA kernels assumed of an {arch.describe()} ({why}; set another with --arch, e.g. --arch sm75)"
+    return f"CUDA kernels of a {arch.label} GPU, SM count of the {arch.describe()} ({why}, --arch {arch.label})"
+
+
+def attention_assumption(spec: ModelSpec, setup: TrainSetup, arch: CudaArch) -> str:
+    if setup.attn != "sdpa":
+        return "attention: eager (materializes batch x heads x seq x seq scores and fp32 softmax)"
+    from vramplan.cuda.sdpa import fallback_reason
+    from vramplan.estimate.ops import sdpa_backend, sdpa_call
+
+    backend = sdpa_backend(spec, setup, arch=arch)
+    if backend == "math":
+        return (f"attention: SDPA math fallback on {arch.label}, materializing batch x heads x seq x seq scores "
+                f"and softmax ({fallback_reason(arch, sdpa_call(spec, setup))})")
+    return {"flash": "attention: SDPA flash-attention kernel (no seq x seq matrix)",
+            "efficient": "attention: SDPA memory-efficient kernel (no seq x seq matrix)"}[backend]
 
 
 def static_adapted(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:

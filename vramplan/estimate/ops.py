@@ -15,10 +15,12 @@ The facts that decide the count:
   (backends/cuda/ops.py gemm_4bit -> _dequant_linear_fallback).
 - A frozen nn.Linear (method lora) does not save its input either; full fine-tuning does.
 - SiLU / GELU save their input; gate * up saves both factors.
-- SDPA on a GPU runs flash attention (causal, no mask; grouped KV heads natively, transformers
-  integrations/sdpa_attention.py use_gqa_in_sdpa): saves q, k, v, output and float32
-  log-sum-exp; its backward allocates float32 softmax_d and dq_accum workspaces and, for grouped
-  KV heads, dk/dv expanded to every query head (PyTorch flash_attn/flash_api.cpp mha_bwd).
+- SDPA runs the kernel torch's dispatcher picks on the target GPU (cuda/sdpa.py): flash
+  attention (causal, no mask; grouped KV heads natively, transformers
+  integrations/sdpa_attention.py use_gqa_in_sdpa) saves q, k, v, output and float32
+  log-sum-exp, and its backward allocates float32 softmax_d and dq_accum workspaces and, for grouped
+  KV heads, dk/dv expanded to every query head (PyTorch flash_attn/flash_api.cpp mha_bwd);
+  memory-efficient attention and the math fallback (T4/V100, bf16 below sm80) are below.
 - Eager attention materializes b x H x s x s scores, a float32 softmax (saved) and its cast.
 Korthikanti et al. 2022 count sbh(34 + 5as/h) for GPT-3 blocks; LLaMA-style QLoRA blocks differ
 enough that the count is re-derived here, and `vramplan simulate` (the real step on the meta
@@ -29,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from vramplan.cuda import cublas as cuda_cublas, sdpa as cuda_sdpa
+from vramplan.cuda.arch import ASSUMED, CudaArch
 from vramplan.cuda.gemm_4bit import gemm_4bit_uses_fused_kernel
 from vramplan.estimate.walk import ACT, Op, Tape, Tensor, WalkResult, walk
 from vramplan.estimate.inventory import adapted_linears, expert_linears, experts_adapted, experts_quantized
@@ -52,12 +56,13 @@ def act_bytes(setup: TrainSetup) -> int:
 class _Ops:
     """Collects the ops of one segment with helpers for the recurring blocks."""
 
-    def __init__(self, spec: ModelSpec, setup: TrainSetup, tag: str = ACT, decided: tuple | None = None):
-        self.spec, self.setup, self.tag = spec, setup, tag
+    def __init__(self, spec: ModelSpec, setup: TrainSetup, tag: str = ACT, decided: tuple | None = None,
+                 arch: CudaArch = ASSUMED):
+        self.spec, self.setup, self.tag, self.arch = spec, setup, tag, arch
         # sizes are polynomials in b and s (symbolic.py); decisions that depend on the actual
         # numbers (fused 4-bit kernel or not, sliding-window mask or not) are taken from `setup`
         self.a, self.T = act_bytes(setup), sym.B * sym.S
-        self.fused, self.window = decisions(spec, setup) if decided is None else decided
+        self.fused, self.window = decisions(spec, setup, arch) if decided is None else decided
         self.full = setup.method == "full"
         self.adapted = {l.name for l in adapted_linears(spec, setup)}
         if experts_quantized(spec, setup) and experts_adapted(spec, setup):
@@ -175,7 +180,7 @@ class _Ops:
         b, seq, H, hd = sym.B, sym.S, spec.heads, spec.head_dim
         qw, kvw = H * hd, spec.kv_heads * hd
         q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
-        backend = sdpa_backend(spec, s, self.window) if s.attn == "sdpa" else "eager"
+        backend = sdpa_backend(spec, s, self.window, self.arch) if s.attn == "sdpa" else "eager"
         bias = ()
         if backend != "eager" and self.window:
             # with a mask transformers repeats k/v to every head (repeat_kv) and CUDA's efficient
@@ -186,44 +191,80 @@ class _Ops:
                 self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
                 self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
                 k, v, v_storage, kvw = "attn.kr", "attn.vr", "attn.vr", qw
-            self.op("attn.bias", [], [self.t("attn.bias", a * b * seq * sym.S16)])
+            self.op("attn.bias", [], [self.t("attn.bias", a * b * seq * cuda_sdpa.efficient_mask_last_dim(seq, _sym_round))])
             bias = ("attn.bias",)
         if backend == "efficient":
-            # memory-efficient attention (fp32 or other dtypes flash refuses, same head counts):
-            # saves q, k, v, output and float32 logsumexp (b, H, s rounded up to 32)
-            self.op("attn.sdpa", [q, k, v, *bias], [self.t("attn.o", a * T * qw),
-                                                     self.t("attn.lse", FP32 * b * H * sym.S32)],
+            # memory-efficient attention (a mask, fp32, fp16 below sm80; same head counts): saves
+            # q, k, v, output and float32 logsumexp; its backward allocates float32 delta and the
+            # dQ accumulator workspace (cuda/sdpa.py, docs/cuda-kernels.md#memory-efficient-attention-memory)
+            lse = cuda_sdpa.nbytes(*cuda_sdpa.efficient_logsumexp(b, H, seq, _sym_round))
+            bwd = sum((alloc(cuda_sdpa.nbytes(*w)) for w in cuda_sdpa.efficient_backward_workspace(b, H, seq, hd)),
+                      alloc(0))
+            self.op("attn.sdpa", [q, k, v, *bias], [self.t("attn.o", a * T * qw), self.t("attn.lse", lse)],
                     saves=(q, k, v_storage, "attn.o", "attn.lse", *bias),
-                    grads=((q, a * T * qw), (k, a * T * kvw), (v, a * T * kvw)),
-                    bwd_work=alloc(FP32 * b * H * seq))
-        elif backend == "math":
-            # aten _scaled_dot_product_attention_math: k/v repeated to every head (enable_gqa),
-            # q and k scaled by sqrt(scale) (saved by the matmul), scores, the causal bias added,
-            # _safe_softmax (saved), @ v. Everything in the hidden-state dtype.
-            S = b * H * seq * seq
-            if spec.kv_heads != H:
-                self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
-                self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
-                k, v = "attn.kr", "attn.vr"
-            self.op("attn.q_scale", [q], [self.t("attn.qs", a * T * qw)], grads=((q, a * T * qw),))
-            self.op("attn.k_scale", [k], [self.t("attn.ks", a * T * qw)], grads=((k, a * T * qw),))
-            self.op("attn.qk", ["attn.qs", "attn.ks"], [self.t("attn.s", a * S)], saves=("attn.qs", "attn.ks"),
-                    grads=(("attn.qs", a * T * qw), ("attn.ks", a * T * qw)))
-            self.op("attn.bias", ["attn.s"], [self.t("attn.sb", a * S)], grads=(("attn.s", 0),),
-                    work=alloc(seq * seq), work_tag=ACT)
-            self.op("attn.softmax", ["attn.sb"], [self.t("attn.p", a * S)], saves=("attn.p",),
-                    grads=(("attn.sb", a * S),))
-            self.op("attn.pv", ["attn.p", v], [self.t("attn.o", a * T * qw)], saves=("attn.p", v),
-                    grads=(("attn.p", a * S), (v, a * T * qw)))
-        elif backend == "flash":
-            # flash backward workspaces (mha_bwd): softmax_d (b, H, s rounded to 128) and
-            # dq_accum (b, s rounded, H, hd rounded to 32), float32; grouped KV: dk/dv expanded.
-            bwd = alloc(FP32 * b * H * sym.S128) + alloc(FP32 * b * sym.S128 * H * (-(-hd // 32) * 32))
-            if spec.kv_heads != H:
-                bwd += 2 * alloc(a * T * qw)
-            self.op("attn.sdpa", [q, k, v], [self.t("attn.o", a * T * qw), self.t("attn.lse", FP32 * b * H * seq)],
-                    saves=(q, k, v_storage, "attn.o", "attn.lse"),
                     grads=((q, a * T * qw), (k, a * T * kvw), (v, a * T * kvw)), bwd_work=bwd)
+        elif backend == "math":
+            # aten _scaled_dot_product_attention_math (CompositeImplicit, so the meta trace runs it
+            # as a GPU does): fp16/bf16 q, k, v are first copied to float32 (the default
+            # allowFP16BF16ReductionMathSDP is off) and everything runs in float32: q scaled,
+            # the causal mask built (ones, tril, where -> float32 s x s), k/v repeated to every
+            # head (enable_gqa), k scaled, scores, + mask, _safe_softmax (saved), the
+            # probabilities cast back (returned as the second output, dropped), @ v, output cast.
+            S, c = b * H * seq * seq, FP32
+            if a != FP32:
+                self.op("attn.q32", [q], [self.t("attn.q32", c * T * qw)], grads=((q, a * T * qw),))
+                self.op("attn.k32", [k], [self.t("attn.k32", c * T * kvw)], grads=((k, a * T * kvw),))
+                self.op("attn.v32", [v], [self.t("attn.v32", c * T * kvw)], grads=((v, a * T * kvw),))
+                q, k, v = "attn.q32", "attn.k32", "attn.v32"
+            self.op("attn.q_scale", [q], [self.t("attn.qs", c * T * qw)], grads=((q, c * T * qw),))
+            masks = []
+            if not bias:   # is_causal: the mask is built here; an explicit one was converted above
+                self.op("attn.causal", [], [self.t("attn.cm", c * seq * seq)], work=2 * alloc(seq * seq), work_tag=ACT)
+                masks = ["attn.cm"]
+            if kvw != qw:   # not yet repeated for a mask
+                self.op("attn.k_rep", [k], [self.t("attn.kr", c * T * qw)], grads=((k, c * T * kvw),))
+                self.op("attn.v_rep", [v], [self.t("attn.vr", c * T * qw)], grads=((v, c * T * kvw),))
+                k, v = "attn.kr", "attn.vr"
+            self.op("attn.k_scale", [k], [self.t("attn.ks", c * T * qw)], grads=((k, c * T * qw),))
+            self.op("attn.qk", ["attn.qs", "attn.ks"], [self.t("attn.s", c * S)], saves=("attn.qs", "attn.ks"),
+                    grads=(("attn.qs", c * T * qw), ("attn.ks", c * T * qw)))
+            self.op("attn.bias", ["attn.s", *masks, *bias], [self.t("attn.sb", c * S)], grads=(("attn.s", 0),))
+            self.op("attn.softmax", ["attn.sb"], [self.t("attn.p", c * S)], saves=("attn.p",),
+                    grads=(("attn.sb", c * S),))
+            weights = []
+            if a != FP32:
+                self.op("attn.p_cast", ["attn.p"], [self.t("attn.pw", a * S)])
+                weights = ["attn.pw"]
+            out = "attn.o32" if a != FP32 else "attn.o"
+            self.op("attn.pv", ["attn.p", v], [self.t(out, c * T * qw)], saves=("attn.p", v),
+                    grads=(("attn.p", c * S), (v, c * T * qw)))
+            if a != FP32:
+                self.op("attn.o_cast", [out], [self.t("attn.o", a * T * qw)], grads=((out, c * T * qw),))
+            self.op("attn.math_return", weights)
+        elif backend == "flash":
+            # a head dim that is not a multiple of 8 is padded first (q, k, v copies, saved by the
+            # kernel; cuda/sdpa.py flash_padded_head_dim). Backward workspaces (mha_bwd): float32
+            # softmax_d and dq_accum (cuda/sdpa.py); grouped KV heads: dk/dv expanded to every
+            # query head in the input dtype.
+            hp = cuda_sdpa.flash_padded_head_dim(hd)
+            qp, kvp = H * hp, spec.kv_heads * hp
+            if hp != hd:
+                self.op("attn.q_pad", [q], [self.t("attn.qp", a * T * qp)], grads=((q, a * T * qw),))
+                self.op("attn.k_pad", [k], [self.t("attn.kp", a * T * kvp)], grads=((k, a * T * kvw),))
+                self.op("attn.v_pad", [v], [self.t("attn.vp", a * T * kvp)], grads=((v, a * T * kvw),))
+                q, k, v, v_storage = "attn.qp", "attn.kp", "attn.vp", "attn.vp"
+            bwd = sum((alloc(cuda_sdpa.nbytes(*w)) for w in cuda_sdpa.flash_backward_workspace(b, H, seq, hp, _sym_round)),
+                      alloc(0))
+            if spec.kv_heads != H:
+                bwd += 2 * alloc(a * T * qp)
+            self.op("attn.sdpa", [q, k, v], [self.t("attn.o", a * T * qp), self.t("attn.lse", FP32 * b * H * seq)],
+                    saves=(q, k, v_storage, "attn.o", "attn.lse"),
+                    grads=((q, a * T * qp), (k, a * T * kvp), (v, a * T * kvp)), bwd_work=bwd)
+            if hp != hd:
+                # the output is a slice of the padded one: transformers' transpose(1, 2).contiguous()
+                # copies it; the slice's backward fills a zero-padded gradient
+                self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * qw)], grads=(("attn.o", a * T * qp),))
+                return "attn.of"
         else:
             rep = H // spec.kv_heads
             S = b * H * seq * seq
@@ -368,10 +409,22 @@ class _Ops:
         return out
 
 
-def gemm_4bit_fused(rows: int, out_features: int, in_features: int) -> bool:
+def _sym_round(seq, multiple: int):
+    """The sequence rounded up to `multiple`, as the symbol symbolic.variables evaluates."""
+    return {16: sym.S16, 32: sym.S32, 128: sym.S128}[multiple]
+
+
+def gemm_4bit_fused(rows: int, out_features: int, in_features: int, dtype: str = "bf16",
+                    arch: CudaArch = ASSUMED) -> bool:
     """Whether bitsandbytes' gemm_4bit runs its fused kernel (no dequantized weight) for a
-    training matmul of `rows` tokens: cuda/gemm_4bit.py, the rule simulate uses as well."""
-    return gemm_4bit_uses_fused_kernel(rows, out_features, in_features, "bf16")
+    training matmul of `rows` tokens whose input is `dtype`: cuda/gemm_4bit.py, the rule simulate
+    uses as well."""
+    return gemm_4bit_uses_fused_kernel(rows, out_features, in_features, dtype, arch)
+
+
+def activation_dtype(setup: TrainSetup) -> str:
+    """The dtype of the hidden states (and so of q/k/v and every 4-bit matmul's input)."""
+    return "fp32" if setup.prepare_kbit else setup.dtype
 
 
 def windowed(spec: ModelSpec, setup: TrainSetup) -> bool:
@@ -380,20 +433,23 @@ def windowed(spec: ModelSpec, setup: TrainSetup) -> bool:
     return spec.sliding_window is not None and setup.seq > spec.sliding_window
 
 
-def sdpa_backend(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> str:
-    """The kernel torch's SDPA dispatcher picks on a CUDA GPU (sm80+) for a causal batch
-    (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp): flash for 16-bit inputs with head_dim
-    a multiple of 8 up to 256 and no explicit mask (grouped KV heads natively); otherwise
-    memory-efficient attention if query and key/value head counts are equal (transformers repeats
-    k/v when a mask is passed: use_gqa_in_sdpa); otherwise the math fallback."""
-    a, hd = act_bytes(setup), spec.head_dim
-    if windowed(spec, setup) if window is None else window:
-        return "efficient" if hd % (8 if a == 2 else 4) == 0 else "math"
-    if a == 2 and hd % 8 == 0 and hd <= 256:
-        return "flash"
-    if spec.kv_heads == spec.heads and hd % (8 if a == 2 else 4) == 0:
-        return "efficient"
-    return "math"
+def sdpa_call(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> cuda_sdpa.SdpaCall:
+    """The scaled_dot_product_attention call transformers' sdpa_attention_forward makes for one
+    training layer: no mask and is_causal for an unpadded causal batch, a boolean mask with a
+    sliding window shorter than the sequence; with a mask k/v are first repeated to every head
+    (use_gqa_in_sdpa is False), without one enable_gqa is passed (integrations/sdpa_attention.py)."""
+    masked = windowed(spec, setup) if window is None else window
+    gqa = not masked and spec.head_dim <= 256
+    return cuda_sdpa.SdpaCall(dtype=activation_dtype(setup), head_dim=spec.head_dim, head_dim_v=spec.head_dim,
+                              heads=spec.heads, kv_heads=spec.heads if masked else spec.kv_heads,
+                              seq_q=setup.seq, seq_k=setup.seq, has_mask=masked, is_causal=not masked,
+                              enable_gqa=gqa)
+
+
+def sdpa_backend(spec: ModelSpec, setup: TrainSetup, window: bool | None = None, arch: CudaArch = ASSUMED) -> str:
+    """The kernel torch's SDPA dispatcher picks on the target GPU for a training layer
+    (cuda/sdpa.py backend: flash, efficient or math)."""
+    return cuda_sdpa.backend(arch, sdpa_call(spec, setup, window))
 
 
 def int8_ctx_inputs(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -503,25 +559,43 @@ class HeadMemory:
     saved: int
 
 
-def decisions(spec: ModelSpec, setup: TrainSetup) -> tuple[frozenset, bool]:
+def decisions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> tuple[frozenset, bool]:
     """The choices the actual batch x seq make: which 4-bit matmuls run bitsandbytes' fused
     kernel (no dequantized weight in forward), and whether a sliding window forces a mask."""
+    dtype = activation_dtype(setup)
     fused = frozenset(l.name for l in spec.layer_linears
                       if setup.quantized and setup.quant != "int8"
-                      and gemm_4bit_fused(setup.tokens, l.out_features, l.in_features))
+                      and gemm_4bit_fused(setup.tokens, l.out_features, l.in_features, dtype, arch))
     return fused, windowed(spec, setup)
 
 
-def _structure(spec: ModelSpec, setup: TrainSetup) -> tuple:
+def kernels(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> dict:
+    """The CUDA kernels the estimate assumes on `arch`, for output and JSON."""
+    fused, window = decisions(spec, setup, arch)
+    out = {"gpu_arch": arch.to_dict(),
+           "sdpa": (f"{sdpa_backend(spec, setup, window, arch)} (every layer)" if setup.attn == "sdpa"
+                    else "eager attention (no SDPA)"),
+           "cublas_workspace_bytes": cuda_cublas.workspace_bytes(arch)}
+    if setup.quantized and setup.quant != "int8":
+        names = sorted(l.leaf for l in spec.layer_linears)
+        fused_leaves = sorted({l.leaf for l in spec.layer_linears if l.name in fused})
+        out["gemm_4bit"] = ("fused 4-bit kernel for " + ", ".join(fused_leaves) if fused_leaves else
+                            "dequantize + F.linear for every 4-bit matmul") + \
+            ("; dequantize + F.linear for the rest" if fused_leaves and len(fused_leaves) < len(set(names)) else "")
+    return out
+
+
+def _structure(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> tuple:
     """What, besides the sizes, decides a walk: the setup without batch/seq (and without the
-    optimizer, which acts after backward), and the decisions."""
-    return setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup)
+    optimizer, which acts after backward), the decisions, and the GPU whose kernels run."""
+    return (setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup, arch),
+            sdpa_backend(spec, setup, arch=arch), arch)
 
 
 @lru_cache(maxsize=256)
 def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
-    setup, decided = structure
-    b = _Ops(spec, setup, decided=decided)
+    setup, decided, _, arch = structure
+    b = _Ops(spec, setup, decided=decided, arch=arch)
     ops, dequant = layer_ops(spec, setup, b)
     hidden = alloc(act_bytes(setup) * sym.B * sym.S * spec.hidden)
     ckpt = setup.grad_ckpt
@@ -537,16 +611,16 @@ def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
 
 @lru_cache(maxsize=256)
 def _head_tape(spec: ModelSpec, structure: tuple) -> Tape:
-    setup, decided = structure
+    setup, decided, _, arch = structure
     hidden = alloc(act_bytes(setup) * sym.B * sym.S * spec.hidden)
-    return walk(head_ops(spec, setup, _Ops(spec, setup, decided=decided)), {"x": hidden}, backward=True,
+    return walk(head_ops(spec, setup, _Ops(spec, setup, decided=decided, arch=arch)), {"x": hidden}, backward=True,
                 grad_of={"loss": alloc(4)}, needs_grad=frozenset({"x"}))
 
 
 @lru_cache(maxsize=512)
-def layer_memory(spec: ModelSpec, setup: TrainSetup) -> LayerMemory:
-    """The recorded walk (cached per structure) replayed for this batch x seq."""
-    structure = _structure(spec, setup)
+def layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> LayerMemory:
+    """The recorded walk (cached per structure) replayed for this batch x seq on `arch`."""
+    structure = _structure(spec, setup, arch)
     inner_tape, first_tape, dequant = _layer_tapes(spec, structure)
     values = variables(setup.batch, setup.seq)
     inner = inner_tape.replay(values)
@@ -558,6 +632,6 @@ def layer_memory(spec: ModelSpec, setup: TrainSetup) -> LayerMemory:
 
 
 @lru_cache(maxsize=512)
-def head_memory(spec: ModelSpec, setup: TrainSetup) -> HeadMemory:
-    both = _head_tape(spec, _structure(spec, setup)).replay(variables(setup.batch, setup.seq))
+def head_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> HeadMemory:
+    both = _head_tape(spec, _structure(spec, setup, arch)).replay(variables(setup.batch, setup.seq))
     return HeadMemory(forward=both, backward=both, saved=WalkResult.total(both.forward_end))

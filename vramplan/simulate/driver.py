@@ -5,18 +5,24 @@ import dataclasses
 import time
 
 from vramplan.core.errors import UsageError
+from vramplan.core.gpus import resolve_gpu
+from vramplan.cuda.arch import check_dtype, target_arch
 from vramplan.core.setup import TrainSetup
 from vramplan.simulate import shortcut
+from vramplan.simulate.build import refuse_4bit_experts, simulation_spec
 from vramplan.simulate.step import Progress, Simulation, Trace, require_packages
 
 
 def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
-        progress: Progress | None = None) -> Trace:
+        progress: Progress | None = None, *, gpu=None, arch=None) -> Trace:
     """Simulate one steady-state training step of `spec` under `setup` on `device`. `spec` is a
     core.models.ModelSpec, a build.ConfigSpec (a type only transformers knows), or a model name.
 
-    device "meta" emulates a CUDA GPU (no memory, no compute: shapes only); "cpu" runs the same
-    step for real on small models (the check that the meta emulation is faithful).
+    device "meta" emulates a CUDA GPU (no memory, no compute: shapes only): the kernels of `gpu`'s
+    architecture (a catalog name or core.gpus.Gpu), of `arch` ("sm75") with a bare size or no GPU,
+    else of the H100 estimate assumes too (cuda/arch.py target_arch); bf16 on a GPU without it is
+    refused as estimate refuses it. "cpu" runs the same step for real on small models (the check
+    that the meta emulation is faithful).
 
     On meta, unless `exact`, a model deeper than layers.TRACED_LAYERS decoder layers is traced at
     that depth and the step of the full depth is rebuilt from it (shortcut.py): the same result,
@@ -26,24 +32,23 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
     progress(stage, done, total) is called as decoder layers run (forward and backward of the
     warm-up and of the measured step)."""
     if isinstance(spec, str):      # a model name: the registry's spec, or one transformers builds
-        from vramplan.simulate.build import simulation_spec
         spec = simulation_spec(spec)
     if device not in ("meta", "cpu"):
         raise UsageError(f"simulate runs on 'meta' (or 'cpu' for small real runs), not {device!r}",
                          hint="use `vramplan profile` to measure on a GPU")
-    from vramplan.simulate.build import refuse_4bit_experts
-
     refuse_4bit_experts(spec, setup)
+    cuda_arch = target_arch(resolve_gpu(gpu) if gpu is not None else None, arch)
+    check_dtype(cuda_arch, setup.dtype)
     t0 = time.perf_counter()
     require_packages(setup)
     notes: list[str] = []
     if device == "meta" and not exact:
         if shortcut.applies(spec):
-            trace, why = shortcut.run_shortcut(spec, setup, progress=progress)
+            trace, why = shortcut.run_shortcut(spec, setup, progress=progress, arch=cuda_arch)
             if trace is not None:
                 return _with_seconds(trace, time.perf_counter() - t0)
             notes.append(f"identical-layers shortcut not used ({why}): every layer traced")
-    with Simulation(spec, setup, device, progress=progress) as sim:
+    with Simulation(spec, setup, device, progress=progress, arch=cuda_arch) as sim:
         sim.warm_up()
         tracker = sim.measure()
         trace = sim.trace(tracker, time.perf_counter() - t0)

@@ -14,10 +14,15 @@ that the storages a meta step creates are the ones a CUDA step creates:
      (backends/default/ops.py + backends/cuda/ops.py int8_mm_dequant).
    - flash-attention backward: fp32 softmax_d and dq_accum workspaces, and for GQA dk/dv expanded
      to all query heads (PyTorch's flash_attn/flash_api.cpp mha_bwd).
+   - memory-efficient attention backward: fp32 delta and the dQ accumulator workspace.
+   - cuBLAS: its workspace, cached from the first matmul (`cublas_workspace`).
 3. scaled_dot_product_attention: on meta it takes the math path and materializes seq x seq
    scores. A GPU picks a fused kernel (PyTorch's default priority: flash, efficient, math, cudnn;
    torch._C._get_sdp_priority_order() == [1, 2, 0, 3, 4]); `SdpaRouting` makes the same choice
-   with the constraints of aten/src/ATen/native/transformers/cuda/sdp_utils.cpp.
+   for the target GPU's compute capability.
+
+Every CUDA rule (which kernel, what it allocates) lives in vramplan/cuda/ (torch-free, shared with
+the estimator); the stand-ins here convert tensors to plain values and call it.
 
 4. For speed only, foreach ops (an optimizer step over every parameter) run their meta kernel
    once per distinct tensor layout instead of once per tensor (`foreach_op`).
@@ -33,7 +38,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vramplan.cuda.gemm_4bit import GPU_PROPS, gemm_4bit_uses_fused_kernel  # noqa: F401  (re-exported)
+from vramplan.cuda import cublas as cuda_cublas, sdpa as cuda_sdpa
+from vramplan.cuda.arch import ASSUMED, CudaArch
+from vramplan.cuda.gemm_4bit import gemm_4bit_uses_fused_kernel
 from vramplan.core.errors import SimulationError  # noqa: F401  (re-exported: raised by the stand-ins below)
 
 aten = torch.ops.aten
@@ -156,12 +163,12 @@ def make_nonzero(routing: Routing):
 TORCH_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def gemm_4bit_fused(M: int, N: int, K: int, dtype: torch.dtype, props=GPU_PROPS) -> bool:
+def gemm_4bit_fused(M: int, N: int, K: int, dtype: torch.dtype, arch: CudaArch = ASSUMED) -> bool:
     """cuda.gemm_4bit.gemm_4bit_uses_fused_kernel for a torch dtype."""
-    return gemm_4bit_uses_fused_kernel(M, N, K, TORCH_DTYPE_NAMES[dtype], props)
+    return gemm_4bit_uses_fused_kernel(M, N, K, TORCH_DTYPE_NAMES[dtype], arch)
 
 
-def gemm_4bit(tracker, func, args, kwargs):
+def gemm_4bit(tracker, func, args, kwargs, arch: CudaArch = ASSUMED):
     """CUDA `gemm_4bit`: past a few rows, `_dequant_linear_fallback` (nested absmax dequantized
     into a new fp32 buffer, plus the offset into another; the weight dequantized to A.dtype; then
     F.linear). Every buffer it makes lives until the call returns."""
@@ -171,7 +178,7 @@ def gemm_4bit(tracker, func, args, kwargs):
     A, shapeB = a["A"], list(a["shapeB"])
     K, N = A.shape[-1], shapeB[0]
     M = A.numel() // K
-    if A.device.type != "meta" or gemm_4bit_fused(M, N, K, A.dtype):
+    if A.device.type != "meta" or gemm_4bit_fused(M, N, K, A.dtype, arch):
         return tracker.run(func, args, kwargs)
     absmax = a["absmax"]
     with tracker.tagging("temporaries"):
@@ -243,24 +250,56 @@ def int8_mixed_scaled_mm(tracker, func, args, kwargs):
     return out, sub_a
 
 
+def _workspace(tracker, shapes, device) -> list:
+    """Allocate the float32 workspaces a cuda/sdpa.py rule lists as (shape, 4)."""
+    empty = aten.empty.memory_format
+    return [tracker.run(empty, (shape,), dict(dtype=torch.float32, device=device)) for shape, _ in shapes]
+
+
 def flash_attention_backward(tracker, func, args, kwargs):
-    """PyTorch's flash_attn mha_bwd: dq, dk, dv, then fp32 softmax_d (b, h, s_q rounded to 128)
-    and dq_accum (b, s_q rounded, h, head_dim rounded to 32), and with fewer KV heads than query
-    heads dk/dv expanded to every query head, summed into dk/dv at the end."""
+    """PyTorch's flash_attn mha_bwd: dq, dk, dv, then the fp32 workspaces of
+    cuda.sdpa.flash_backward_workspace, and with fewer KV heads than query heads dk/dv expanded
+    to every query head, summed into dk/dv at the end."""
     q, k = args[1], args[2]
     if q.device.type != "meta":
         return tracker.run(func, args, kwargs)
     grads = tracker.run(func, args, kwargs)
     b, h, s_q, d = q.shape
     h_k, s_k = k.shape[1], k.shape[2]
-    rnd = lambda x, m: (x + m - 1) // m * m  # noqa: E731
     empty = aten.empty.memory_format
-    work = [tracker.run(empty, ((b, h, rnd(s_q, 128)),), dict(dtype=torch.float32, device=q.device)),
-            tracker.run(empty, ((b, rnd(s_q, 128), h, rnd(d, 32)),), dict(dtype=torch.float32, device=q.device))]
+    work = _workspace(tracker, cuda_sdpa.flash_backward_workspace(b, h, s_q, d), q.device)
     if h_k != h:
         work += [tracker.run(empty, ((b, s_k, h, d),), dict(dtype=q.dtype, device=q.device)) for _ in range(2)]
     del work
     return grads
+
+
+def efficient_attention_backward(tracker, func, args, kwargs):
+    """attention_backward.cu _efficient_attention_backward: grad_q, grad_k, grad_v, then the fp32
+    delta and dQ accumulator of cuda.sdpa.efficient_backward_workspace."""
+    q = args[1]
+    if q.device.type != "meta":
+        return tracker.run(func, args, kwargs)
+    grads = tracker.run(func, args, kwargs)
+    b, h, s_q, d = q.shape
+    work = _workspace(tracker, cuda_sdpa.efficient_backward_workspace(b, h, s_q, d), q.device)
+    del work
+    return grads
+
+
+class CublasWorkspace:
+    """cuBLAS allocates its workspace from the caching allocator at a handle's first matmul and
+    keeps it (cuda/cublas.py). Before the measured step it already exists (the warm-up step made
+    it): `tensor()` is that storage, registered as live state in the `temporaries` component."""
+
+    def __init__(self, arch: CudaArch = ASSUMED):
+        self.nbytes = cuda_cublas.workspace_bytes(arch)
+        self._tensor = None
+
+    def tensor(self) -> torch.Tensor:
+        if self._tensor is None:
+            self._tensor = torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
+        return self._tensor
 
 
 # --- 4. speed: foreach ops over many tensors -------------------------------------------------------
@@ -319,19 +358,24 @@ def foreach_ops() -> list:
     return ops
 
 
-def cuda_overrides(routing: Routing | None = None) -> dict:
-    """The op -> stand-in table for a meta run emulating a CUDA device."""
+def cuda_overrides(routing: Routing | None = None, arch: CudaArch = ASSUMED) -> dict:
+    """The op -> stand-in table for a meta run emulating a CUDA device of architecture `arch`."""
     routing = routing if routing is not None else Routing()
     table = dict.fromkeys(foreach_ops(), foreach_op)
     table.update({
         aten._local_scalar_dense.default: make_local_scalar_dense(routing),
         aten.nonzero.default: make_nonzero(routing),
         aten._scaled_dot_product_flash_attention_backward.default: flash_attention_backward,
+        aten._scaled_dot_product_efficient_attention_backward.default: efficient_attention_backward,
     })
     if _has_bitsandbytes():
         bnb = torch.ops.bitsandbytes
+
+        def gemm_4bit_on_arch(tracker, func, args, kwargs):
+            return gemm_4bit(tracker, func, args, kwargs, arch)
+
         table.update({
-            bnb.gemm_4bit.default: gemm_4bit,
+            bnb.gemm_4bit.default: gemm_4bit_on_arch,
             bnb.int8_vectorwise_quant.default: int8_vectorwise_quant,
             bnb.int8_double_quant.default: int8_double_quant,
             bnb.int8_scaled_mm.default: int8_scaled_mm,
@@ -373,23 +417,25 @@ DEQUANT_OPS = frozenset({"bitsandbytes.dequantize_4bit.default", "bitsandbytes.d
 
 # --- 3. scaled_dot_product_attention --------------------------------------------------------------
 
-def sdpa_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) -> str:
-    """The backend a CUDA GPU (sm80+) picks: sdp_utils.cpp can_use_flash_attention /
-    can_use_mem_efficient_attention in priority order flash, efficient, math."""
-    d_q, d_k, d_v = q.shape[-1], k.shape[-1], v.shape[-1]
-    same_heads = q.shape[-3] == k.shape[-3] == v.shape[-3]
-    gqa_ok = same_heads or (enable_gqa and k.shape[-3] == v.shape[-3] and q.shape[-3] % k.shape[-3] == 0)
-    strides_ok = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    flash = (attn_mask is None and q.dtype in (torch.float16, torch.bfloat16)
-             and d_q == d_k == d_v and d_q % 8 == 0 and d_q <= 256 and gqa_ok
-             and not (is_causal and q.shape[-2] != k.shape[-2]) and q.dim() == 4 and strides_ok)
-    if flash:
-        return "flash"
-    align = 8 if q.dtype in (torch.float16, torch.bfloat16) else 4
-    efficient = (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and same_heads
-                 and d_q == d_k and d_q % align == 0 and d_v % align == 0 and q.dim() == 4 and strides_ok
-                 and (attn_mask is None or attn_mask.stride(-1) == 1))
-    return "efficient" if efficient else "math"
+def sdpa_call(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) -> cuda_sdpa.SdpaCall | None:
+    """The plain description cuda/sdpa.py decides on; None for what no fused kernel takes here
+    (not 4-d, an unknown dtype, keys and values with different head counts, different head dims
+    of q and k)."""
+    if q.dim() != 4 or q.dtype not in TORCH_DTYPE_NAMES or k.shape[-3] != v.shape[-3] or q.shape[-1] != k.shape[-1]:
+        return None
+    contiguous = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and (
+        attn_mask is None or attn_mask.stride(-1) == 1)
+    return cuda_sdpa.SdpaCall(dtype=TORCH_DTYPE_NAMES[q.dtype], head_dim=q.shape[-1], head_dim_v=v.shape[-1],
+                              heads=q.shape[-3], kv_heads=k.shape[-3], seq_q=q.shape[-2], seq_k=k.shape[-2],
+                              has_mask=attn_mask is not None, is_causal=bool(is_causal), enable_gqa=bool(enable_gqa),
+                              requires_grad=any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled(),
+                              dropout=float(dropout_p), last_dim_contiguous=contiguous)
+
+
+def sdpa_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, arch: CudaArch = ASSUMED) -> str:
+    """The backend the target GPU picks (cuda.sdpa.backend)."""
+    call = sdpa_call(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
+    return cuda_sdpa.MATH if call is None else cuda_sdpa.backend(arch, call)
 
 
 class SdpaRouting:
@@ -405,7 +451,8 @@ class SdpaRouting:
     transformers' sdpa_attention_forward looks up at call time (a TorchFunctionMode would be
     switched off inside its own handler, i.e. for the whole backward and its recomputation)."""
 
-    def __init__(self):
+    def __init__(self, arch: CudaArch = ASSUMED):
+        self.arch = arch
         self.counts = {"flash": 0, "efficient": 0, "math": 0}
         self._original = None
 
@@ -426,19 +473,28 @@ class SdpaRouting:
 
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False):
-        backend = sdpa_backend(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        backend = sdpa_backend(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, self.arch)
         self.counts[backend] += 1
         if backend == "flash":
-            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
-                                                             scale=scale)[0]
+            head_dim = query.shape[-1]
+            padded = cuda_sdpa.flash_padded_head_dim(head_dim)
+            if padded == head_dim:
+                return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
+                                                                 scale=scale)[0]
+            # attention.cpp: q, k, v padded to a multiple of 8, the scale of the original head dim,
+            # the output sliced back (cuda.sdpa.flash_padded_head_dim)
+            q, k, v = (F.pad(t, (0, padded - head_dim)) for t in (query, key, value))
+            out = aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
+                                                           scale=scale if scale is not None else head_dim ** -0.5)[0]
+            return out[..., :head_dim]
         if backend == "efficient":
             bias = attn_mask
             if bias is not None:
                 if bias.dtype == torch.bool:
                     bias = torch.where(bias.logical_not(), float("-inf"), 0.0).to(query.dtype)
                 last = bias.shape[-1]
-                if last % 16:
-                    padded = bias.new_empty((*bias.shape[:-1], last + 16 - last % 16))
+                if cuda_sdpa.efficient_mask_last_dim(last) != last:
+                    padded = bias.new_empty((*bias.shape[:-1], cuda_sdpa.efficient_mask_last_dim(last)))
                     padded[..., :last] = bias
                     bias = padded[..., :last]
                 bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])

@@ -557,7 +557,7 @@ class Expansion:
         return Stream(blocks, records, opt.stream.n_events + shift, R)
 
 
-def run_shortcut(spec, setup: TrainSetup, progress=None):
+def run_shortcut(spec, setup: TrainSetup, progress=None, arch=None):
     """(Trace, None), or (None, why the layers cannot be repeated)."""
 
     t0 = time.perf_counter()
@@ -565,7 +565,7 @@ def run_shortcut(spec, setup: TrainSetup, progress=None):
         small, period = reduced_spec(spec, setup)
     except Decline as why:
         return None, str(why)
-    with Simulation(small, setup, "meta", progress=progress) as sim:
+    with Simulation(small, setup, "meta", progress=progress, arch=arch) as sim:
         sim.warm_up()
         tracker = sim.measure()
         try:
@@ -592,5 +592,5 @@ def run_shortcut(spec, setup: TrainSetup, progress=None):
         f"forward and backward repeated {exp.n} more times, the optimizer step run at full size; "
         f"checked exact for identical layers (--exact traces every layer)",)
     trace = make_trace(spec, setup, "meta", measured, time.perf_counter() - t0,
-                       layers_traced=sim.n_layers, extrapolated=True, notes=notes)
+                       layers_traced=sim.n_layers, extrapolated=True, notes=notes, arch=sim.arch)
     return trace, None

@@ -70,6 +70,7 @@ class Trace:
     layers_traced: int = 0           # decoder layers executed (all of them unless extrapolated)
     extrapolated: bool = False       # True: the identical-layers shortcut rebuilt the full depth
     model_info: dict = field(default_factory=dict, repr=False)  # ModelSpec.to_dict(): `model` in to_dict
+    cuda_arch: dict = field(default_factory=dict)  # the GPU architecture emulated (cuda.arch.CudaArch.to_dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -138,13 +139,17 @@ class Simulation:
 
     A step that fails raises SimulationError naming the phase, module and op where it failed."""
 
-    def __init__(self, spec, setup: TrainSetup, device: str = "meta", progress: Progress | None = None):
+    def __init__(self, spec, setup: TrainSetup, device: str = "meta", progress: Progress | None = None,
+                 arch=None):
         import warnings
 
         from vramplan.simulate import kernels  # imports torch: loaded on use
 
+        from vramplan.cuda.arch import ASSUMED
+
         require_packages(setup)
         self.spec, self.setup, self.device = spec, setup, device
+        self.arch = arch or ASSUMED
         self.meta = device == "meta"
         self.progress = progress
         if progress is not None:
@@ -163,8 +168,9 @@ class Simulation:
         self.ctx.on_layer = self._layer_ran if progress is not None else None
         self._stage, self._done = "", 0
         self.routing = kernels.Routing(spec.num_experts, spec.experts_per_tok, setup.tokens)
-        self.overrides = kernels.cuda_overrides(self.routing) if self.meta else {}
-        self.sdpa = kernels.SdpaRouting() if self.meta else None
+        self.overrides = kernels.cuda_overrides(self.routing, self.arch) if self.meta else {}
+        self.sdpa = kernels.SdpaRouting(self.arch) if self.meta else None
+        self.cublas = kernels.CublasWorkspace(self.arch) if self.meta else None
         self.boundary: dict[str, int] = {}
         self.paged: list[int] = []
         self.grad_params: dict = {}     # Block of a .grad -> short parameter name (measured step)
@@ -276,6 +282,8 @@ class Simulation:
         tracker = self.tracker()
         self.paged = []
         register_live_state(tracker, self.built, self.paged)
+        if self.cublas is not None:   # made by the warm-up step's first matmul, cached since
+            tracker.track(self.cublas.tensor(), Component.TEMPORARIES.value)
         return tracker
 
     def measure(self):
@@ -290,7 +298,7 @@ class Simulation:
         measured = Measured.from_tracker(tracker, self.boundary, sum(self.paged),
                                          dict(self.sdpa.counts) if self.sdpa is not None else {})
         return make_trace(self.spec, self.setup, self.device, measured, seconds,
-                          layers_traced=self.n_layers, extrapolated=False, notes=self.assumptions(tracker))
+                          layers_traced=self.n_layers, extrapolated=False, notes=self.assumptions(tracker), arch=self.arch)
 
     def assumptions(self, tracker) -> tuple[str, ...]:
         """What a meta step had to assume where it has no CUDA stand-in: data-dependent answers
@@ -304,7 +312,10 @@ class Simulation:
 
 
 def make_trace(spec, setup: TrainSetup, device: str, m: Measured, seconds: float = 0.0, *,
-               layers_traced: int = 0, extrapolated: bool = False, notes: tuple = ()) -> Trace:
+               layers_traced: int = 0, extrapolated: bool = False, notes: tuple = (), arch=None) -> Trace:
+    from vramplan.cuda.arch import ASSUMED
+
+    arch = arch or ASSUMED
     components = {c.value: 0 for c in ALLOCATED}
     by_module: dict[str, int] = {}
     for size, component, op, module in m.live_at_peak:
@@ -318,8 +329,8 @@ def make_trace(spec, setup: TrainSetup, device: str, m: Measured, seconds: float
                 for event, where, op, allocated in m.timeline]
     all_notes = []
     if device == "meta":
-        all_notes.append("CUDA emulated: sdpa routed as on sm80+ (flash without mask, efficient with one); "
-                         "bitsandbytes gemm_4bit dispatch as on an H100 (sm90, 132 SMs)")
+        all_notes.append(f"CUDA emulated: the kernels of the {arch.describe()} (SDPA backend, bitsandbytes "
+                         f"gemm_4bit dispatch, backward workspaces, a {arch.label} cuBLAS workspace)")
     all_notes += list(notes)
     if m.strays:
         all_notes.append(f"{m.strays} device storages were live but not registered before the step")
@@ -334,6 +345,7 @@ def make_trace(spec, setup: TrainSetup, device: str, m: Measured, seconds: float
         paged_bytes=m.paged, top_modules=top, timeline=_downsample(timeline, TIMELINE_POINTS),
         attention=dict(m.attention), strays=m.strays, seconds=round(seconds, 3), notes=tuple(all_notes),
         layers_traced=layers_traced, extrapolated=extrapolated, model_info=spec.to_dict(),
+        cuda_arch=arch.to_dict() if device == "meta" else {},
     )
 
 
