@@ -155,6 +155,15 @@ def test_sweep_marks_rows_that_cannot_run():
     assert str(df["device_total_bytes"].dtype) == "Int64"  # bytes stay integers next to missing rows
 
 
+def test_sweep_cli_sweeps_method_without_contradicting_the_default_quant(capsys):
+    code, out, err = run(capsys, "sweep", "llama-2-7b", "--method", "qlora,lora,full", "--json")
+    assert code == 0 and err == ""
+    assert [row["error"] for row in json.loads(out)] == [None, None, None]
+    code, out, err = run(capsys, "sweep", "llama-2-7b", "--method", "qlora,full", "--quant", "int8", "--json")
+    assert code == 0
+    assert [row["error"] is None for row in json.loads(out)] == [True, False]
+
+
 def test_sweep_cli_prints_the_reason_and_keeps_rows_in_the_csv(tmp_path, capsys):
     import pandas as pd
 
@@ -176,8 +185,12 @@ def test_a_contradictory_combination_is_a_row_but_a_typo_is_fatal():
 
     df = vramplan.sweep("llama-2-7b", method=["qlora", "full"], quant=["nf4", "int8"])
     errors = df.set_index(["method", "quant"])["error"].to_dict()
+    # the quant axis was given, so it contradicts every full row; qlora rows run
     assert errors[("full", "int8")].startswith("--quant int8 contradicts --method full")
-    assert sum(e is not None for e in errors.values()) == 1
+    assert errors[("full", "nf4")].startswith("--quant nf4 contradicts --method full")
+    assert errors[("qlora", "nf4")] is None and errors[("qlora", "int8")] is None
+    df = vramplan.sweep("llama-2-7b", method=["qlora", "full"])  # no quant axis: full rows run
+    assert df["error"].isna().all()
     with pytest.raises(UsageError, match="unknown method 'dora'"):
         vramplan.sweep("llama-2-7b", method=["qlora", "dora"])
 
@@ -227,6 +240,7 @@ def test_consistent_flags_still_run(capsys, argv):
 
 def test_library_keyword_flags_are_checked_too():
     import vramplan
+    from vramplan.plan.sharding import per_gpu
 
     with pytest.raises(UsageError, match=r"^--quant int8 contradicts --method full"):
         vramplan.estimate("llama-2-7b", quant="int8", method="full")
@@ -235,7 +249,9 @@ def test_library_keyword_flags_are_checked_too():
     with pytest.raises(UsageError, match=r"^--rank 8 contradicts --method full"):
         vramplan.plan("llama-2-7b", gpu="80GB", method="full", rank=8)
     with pytest.raises(UsageError, match=r"^--rank 8 contradicts --method full"):
-        TrainSetup(method="full", rank=8)
+        per_gpu("llama-2-7b", gpus=2, method="full", rank=8)
+    # a setup may carry unused defaults: switching its method is not a contradiction
+    assert TrainSetup(rank=8).with_(method="full").method == "full"
     assert vramplan.estimate("llama-2-7b", method="full").setup.to_dict()["quant"] is None
 
 

@@ -27,15 +27,13 @@ FAST = settings(max_examples=40, deadline=None, database=None, suppress_health_c
 @st.composite
 def setups(draw):
     method = draw(st.sampled_from(["qlora", "lora", "full"]))
-    quant = draw(st.sampled_from(["nf4", "fp4", "int8"])) if method == "qlora" else "nf4"
-    adapters = method != "full"  # settings a method does not use are a contradiction (core/setup.py)
     return TrainSetup(
         method=method,
-        quant=quant,
-        double_quant=draw(st.booleans()) if method == "qlora" and quant != "int8" else True,
-        rank=draw(st.sampled_from([1, 8, 16, 64])) if adapters else 16,
-        targets=draw(st.sampled_from(["all-linear", "q_proj,v_proj"])) if adapters else "all-linear",
-        lora_dropout=draw(st.sampled_from([0.0, 0.1])) if adapters else 0.0,
+        quant=draw(st.sampled_from(["nf4", "fp4", "int8"])),
+        double_quant=draw(st.booleans()),
+        rank=draw(st.sampled_from([1, 8, 16, 64])),
+        targets=draw(st.sampled_from(["all-linear", "q_proj,v_proj"])),
+        lora_dropout=draw(st.sampled_from([0.0, 0.1])),
         batch=draw(st.integers(1, 16)),
         seq=draw(st.integers(1, 8192)),
         grad_ckpt=draw(st.booleans()),

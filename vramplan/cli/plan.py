@@ -11,6 +11,7 @@ from vramplan.cli.flags import print_json, setup_flags, setup_from_args
 from vramplan.core.setup import parse_targets, TrainSetup
 
 STATUS_STYLE = {"fits": "green", "tight": "yellow", "no": "red"}
+TRAIN_DEFAULTS = {"rank": 16, "method": "qlora", "quant": "nf4"}  # TrainSetup's, for --help
 STATUS_WORD = {"fits": "FITS", "tight": "TIGHT", "no": "DOES NOT FIT"}
 # Text marks, so that a verdict survives without colour (piped output, NO_COLOR, a screen reader).
 STATUS_MARK = {"fits": "✓", "tight": "~", "no": "✗"}
@@ -67,11 +68,14 @@ def register(subparsers, setup_flags_parent) -> None:
     # a fresh copy of the setup flags: sweep redefines some of them as lists
     s = subparsers.add_parser("sweep", parents=[setup_flags()], conflict_handler="resolve",
                               help="the estimate over a product of setups, as a table / CSV (pandas)")
+    # rank, method and quant default to None: an axis the user did not type is not swept, so that
+    # it is never checked against a method that does not use it (core/setup.py check_given).
     for flag, default, what in (("--batch", "1", "micro-batch sizes"), ("--seq", "2048", "sequence lengths"),
-                                ("--rank", "16", "LoRA ranks"), ("--method", "qlora", "methods"),
+                                ("--rank", None, "LoRA ranks"), ("--method", None, "methods"),
                                 ("--optimizer", "adamw", "optimizers"), ("--attn", "sdpa", "attention kernels"),
-                                ("--quant", "nf4", "quantizations"), ("--dtype", "bf16", "dtypes")):
-        s.add_argument(flag, default=default, help=f"{what}, comma-separated (default {default})")
+                                ("--quant", None, "quantizations"), ("--dtype", "bf16", "dtypes")):
+        s.add_argument(flag, default=default,
+                       help=f"{what}, comma-separated (default {default or TRAIN_DEFAULTS[flag[2:]]})")
     _parallel_flags(s, lists=True)
     s.add_argument("--csv", help="write the table to this CSV file")
     s.add_argument("--plot", help="write stacked components per setup with the GPU line (.png, .svg, .pdf)")
@@ -230,9 +234,11 @@ def cmd_sweep(args) -> int:
     from vramplan.plan.sweep import sweep  # this command's code loads only when it runs
 
     axes = {"batch": parse_list("--batch", args.batch), "seq": parse_list("--seq", args.seq),
-            "rank": parse_list("--rank", args.rank), "method": parse_list("--method", args.method, str),
             "optimizer": parse_list("--optimizer", args.optimizer, str), "attn": parse_list("--attn", args.attn, str),
-            "quant": parse_list("--quant", args.quant, str), "dtype": parse_list("--dtype", args.dtype, str)}
+            "dtype": parse_list("--dtype", args.dtype, str)}
+    for name, kind in (("rank", int), ("method", str), ("quant", str)):  # swept only when typed
+        if getattr(args, name) is not None:
+            axes[name] = parse_list(f"--{name}", getattr(args, name), kind)
     given = {k: v for k, v in (("double_quant", args.double_quant), ("lora_dropout", args.lora_dropout))
              if v is not None}
     if args.targets is not None:

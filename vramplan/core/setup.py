@@ -2,7 +2,7 @@
 interface shared by the CLI flags, the JSON output and other tools calling the library."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable
 
 from vramplan.core.errors import UsageError
@@ -76,10 +76,6 @@ class TrainSetup:
                              hint="use it with --method qlora, or drop it")
         if not self.targets or any(not t for t in self.targets):
             raise UsageError("--targets is empty", hint="use all-linear or e.g. q_proj,v_proj")
-        # A value that differs from its default was chosen by the caller; if the method ignores
-        # it, the call contradicts itself (e.g. quant="int8" with method="full").
-        check_given(self, [f.name for f in fields(self) if f.name in _INAPPLICABLE_FIELDS
-                           and getattr(self, f.name) != f.default])
 
     # --- derived facts, named so the estimator reads like the recipe -------------------------
     @property
@@ -120,9 +116,9 @@ class TrainSetup:
 
 
 # --- contradictory flags: a setting the chosen method does not use -------------------------------
+# Checked only for what a caller gave explicitly (typed CLI flags, keyword flags of estimate / plan /
+# per_gpu, sweep axes): a TrainSetup itself may carry unused defaults, e.g. after with_(method="full").
 # Paged optimizers, --dtype, --attn and --grad-ckpt apply to every method, so they never contradict.
-
-_INAPPLICABLE_FIELDS = ("quant", "double_quant", "rank", "targets", "lora_dropout")
 FLAG_NAMES = {"quant": "--quant", "double_quant": "--no-double-quant", "rank": "--rank",
               "targets": "--targets", "lora_dropout": "--lora-dropout"}
 
