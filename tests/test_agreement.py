@@ -56,6 +56,11 @@ CASES = [
     ("mixtral-moe", dict(seq=512)),
     ("mixtral-moe", dict(seq=512, grad_ckpt=False)),
     ("mixtral-moe", dict(seq=512, targets="q_proj,v_proj")),
+    ("qwen3-qknorm", dict(seq=512)),
+    ("qwen3-qknorm", dict(seq=1024, grad_ckpt=False)),
+    ("qwen3-qknorm", dict(seq=512, attn="eager", grad_ckpt=False)),
+    ("qwen3-qknorm", dict(seq=512, method="full", grad_ckpt=False)),
+    ("qwen3-qknorm", dict(seq=512, prepare_kbit=True, grad_ckpt=False)),
 ]
 
 

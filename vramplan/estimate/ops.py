@@ -70,11 +70,15 @@ class _Ops:
         self.ops.append(Op(name, tuple(inputs), tuple(outputs), **kw))
 
     # --- RMSNorm ------------------------------------------------------------------------------
-    def norm(self, p: str, x: str) -> str:
+    def norm(self, p: str, x: str, width: int | None = None, groups: int = 1) -> str:
         """LlamaRMSNorm: x.float(); pow(2).mean(-1); + eps; rsqrt; x * r; .to(dtype); weight * y.
-        Gemma2RMSNorm: the same in float32, then * (1 + weight.float()) and type_as(x)."""
-        a, T, h = self.a, self.T, self.spec.hidden
-        gemma = self.spec.arch.norms_per_layer == 4 or self.spec.model_type == "gemma2"
+        Gemma2RMSNorm / Gemma3RMSNorm: the same in float32, then * (1 + weight.float()) and type_as(x).
+        `width` is the normalized dimension (hidden by default); `groups` rows per token: a per-head
+        q/k norm (Qwen3 / Gemma3 q_norm) normalizes H rows of head_dim per token, so the float32
+        copies are as large as the projection and the variance has H values per token."""
+        a, h = self.a, width or self.spec.hidden
+        T = self.T * groups
+        gemma = self.spec.arch.norm_style == "gemma"
         x32 = x
         if a != FP32:
             x32 = f"{p}.x32"
@@ -399,9 +403,18 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
         qkv = b.linear(lins["qkv_proj"], n1)
         # q, k, v are views of qkv_proj's output; v stays a view, so saving it keeps all of qkv
         qn, kn, vn, v_storage = qkv, qkv, qkv, qkv
+    elif spec.arch.qk_norm == "head" and spec.arch.norm_style == "llama":
+        # Qwen3Attention.forward: q_norm(q_proj(x).view(..., H, hd)), then k_norm(k_proj(x)), then v_proj
+        qn = b.norm("self_attn.q_norm", b.linear(lins["q_proj"], n1), spec.head_dim, spec.heads)
+        kn = b.norm("self_attn.k_norm", b.linear(lins["k_proj"], n1), spec.head_dim, spec.kv_heads)
+        vn = v_storage = b.linear(lins["v_proj"], n1)
     else:
         qn, kn, vn = (b.linear(lins[n], n1) for n in ("q_proj", "k_proj", "v_proj"))
         v_storage = vn
+        if spec.arch.qk_norm == "head":
+            # Gemma3Attention.forward: all three projections first, then q_norm and k_norm per head
+            qn = b.norm("self_attn.q_norm", qn, spec.head_dim, spec.heads)
+            kn = b.norm("self_attn.k_norm", kn, spec.head_dim, spec.kv_heads)
     attn = b.attention(qn, kn, vn, v_storage)
     o = b.linear(lins["o_proj"], attn)
     # Python keeps the attention's input (the argument `hidden_states`) and the o_proj input (a
