@@ -2,7 +2,7 @@
 
 Small-but-real shapes (tests/configs/*.json: GQA, tied embeddings with q/k/v biases, fused
 qkv/gate_up, Gemma2 soft-capping with four norms, a sliding window shorter than the
-sequence, MoE) across methods, quantization, batch x
+sequence, MoE, Qwen3 per-head q/k norms, Gemma 3 sliding/global layers with one KV head) across methods, quantization, batch x
 seq, checkpointing, attention kernels and optimizers. The static components must agree to the
 byte; the peak within 3% (the issue's target). The larger 7B-70B matrix is
 benchmarks/agreement.py.
@@ -61,6 +61,14 @@ CASES = [
     ("qwen3-qknorm", dict(seq=512, attn="eager", grad_ckpt=False)),
     ("qwen3-qknorm", dict(seq=512, method="full", grad_ckpt=False)),
     ("qwen3-qknorm", dict(seq=512, prepare_kbit=True, grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=256, grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=512)),
+    ("gemma3-sliding", dict(seq=512, grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=512, attn="eager")),
+    ("gemma3-sliding", dict(seq=512, attn="eager", grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=512, batch=2, attn="eager", grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=256, method="full", grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=512, prepare_kbit=True)),
 ]
 
 

@@ -89,6 +89,24 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                  # Gemma2ForCausalLM refuses attn_implementation="sdpa" (transformers 5.23:
                  # "does not support an attention implementation through ... sdpa yet")
                  attention=("eager",)),
+    # models/gemma3/modeling_gemma3.py (Gemma3ForCausalLM, Gemma3DecoderLayer, Gemma3Attention)
+    # and configuration_gemma3.py (Gemma3TextConfig): Gemma2's sandwich layer (four Gemma3RMSNorm,
+    # (1 + weight) in float32), q/k/v/o bias=config.attention_bias, per-head q_norm / k_norm after
+    # the three projections, five sliding-window layers per global one (layer_types /
+    # sliding_window_pattern), one rotary embedding per layer type, scaled embeddings, tied
+    # lm_head, no soft-capping by default; SDPA is supported. docs/architectures.md#gemma3_text
+    Architecture("gemma3_text", dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                                     num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                                     head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                                     max_position_embeddings=131072, tie_word_embeddings=True,
+                                     attention_bias=False, query_pre_attn_scalar=256, sliding_window=4096,
+                                     sliding_window_pattern=6),
+                 mlp_bias=False, norms_per_layer=4, activation_key="hidden_activation",
+                 scaled_embeddings=True, norm_style="gemma", qk_norm="head", layer_types_rule="pattern",
+                 rope_per_layer_type=True,
+                 notes=("multimodal Gemma 3 checkpoints (model_type gemma3): the text decoder (text_config) "
+                        "is modelled as Gemma3ForCausalLM builds it; the SigLIP vision tower (about 0.42B "
+                        "parameters) is not counted",)),
     # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj, no biases.
     Architecture("phi3", dict(_LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                               max_position_embeddings=4096),

@@ -57,7 +57,7 @@ class _Ops:
         # sizes are polynomials in b and s (symbolic.py); decisions that depend on the actual
         # numbers (fused 4-bit kernel or not, sliding-window mask or not) are taken from `setup`
         self.a, self.T = act_bytes(setup), sym.B * sym.S
-        self.fused, self.window = decisions(spec, setup) if decided is None else decided
+        self.fused, self.window, self.kv_view = decisions(spec, setup) if decided is None else decided
         self.full = setup.method == "full"
         self.adapted = {l.name for l in adapted_linears(spec, setup)}
         self.ops: list[Op] = []
@@ -185,11 +185,17 @@ class _Ops:
             # padded to a multiple of 16 (attention.cpp convert_boolean_attn_mask, pad_bias): a
             # new tensor per layer, saved for backward
             if spec.kv_heads != H:
-                self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
-                self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
-                k, v, v_storage, kvw = "attn.kr", "attn.vr", "attn.vr", qw
+                # repeat_kv is expand + reshape: a copy, except with one KV head (multi-query,
+                # Gemma-3-1b), where the size-1 head dim merges with the expanded one into a
+                # stride-0 view of k / v, so the kernel saves the original storages
+                view = spec.kv_heads == 1
+                rep = 0 if view else a * T * qw
+                self.op("attn.k_rep", [k], [self.t("attn.kr", rep)], grads=((k, a * T * kvw),))
+                self.op("attn.v_rep", [v], [self.t("attn.vr", rep)], grads=((v, a * T * kvw),))
+                bias = (k,) if view else ()
+                k, v, v_storage, kvw = "attn.kr", "attn.vr", v_storage if view else "attn.vr", qw
             self.op("attn.bias", [], [self.t("attn.bias", a * b * seq * sym.S16)])
-            bias = ("attn.bias",)
+            bias = (*bias, "attn.bias")
         if backend == "efficient":
             # memory-efficient attention (fp32 or other dtypes flash refuses, same head counts):
             # saves q, k, v, output and float32 logsumexp (b, H, s rounded up to 32)
@@ -229,12 +235,19 @@ class _Ops:
         else:
             rep = H // spec.kv_heads
             S = b * H * seq * seq
+            keep_k = keep_v = ()
             if rep > 1:  # repeat_kv: expand + reshape copies k/v to every head
-                self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
-                self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
+                # ... except with one KV head and one sequence (self.kv_view): repeat_kv is then a
+                # stride-0 view and so is matmul's (b * H) batch reshape, so q @ k^T and p @ v
+                # save the original k / v storages
+                size = 0 if self.kv_view else a * T * qw
+                self.op("attn.k_rep", [k], [self.t("attn.kr", size)], grads=((k, a * T * kvw),))
+                self.op("attn.v_rep", [v], [self.t("attn.vr", size)], grads=((v, a * T * kvw),))
+                keep_k, keep_v = ((k,), (v,)) if self.kv_view else ((), ())
                 k, v = "attn.kr", "attn.vr"
             # eager q/k/v are made contiguous for bmm: q is already, k^T is a view
-            self.op("attn.qk", [q, k], [self.t("attn.s", a * S)], saves=(q, k), grads=((q, a * T * qw), (k, a * T * qw)))
+            self.op("attn.qk", [q, k, *keep_k], [self.t("attn.s", a * S)], saves=(q, k, *keep_k),
+                    grads=((q, a * T * qw), (k, a * T * qw)))
             self.op("attn.scale", ["attn.s"], [self.t("attn.s2", a * S)], grads=(("attn.s", a * S),))
             scores = "attn.s2"
             if spec.attn_logit_softcap:  # Gemma2: tanh(scores / cap) * cap, tanh saves its output
@@ -259,7 +272,7 @@ class _Ops:
                 # `attn_weights` still names the scaled scores until the cast result is bound to it
                 probs = "attn.p"
                 self.op("attn.cast", ["attn.p32", scores], [self.t(probs, a * S)], grads=(("attn.p32", FP32 * S),))
-            self.op("attn.pv", [probs, v], [self.t("attn.o", a * T * qw)], saves=(probs, v),
+            self.op("attn.pv", [probs, v, *keep_v], [self.t("attn.o", a * T * qw)], saves=(probs, v, *keep_v),
                     grads=((probs, a * S), (v, a * T * qw)))
         if backend in ("flash", "efficient"):
             # the fused kernels lay the output out as (b, s, H, hd): transformers'
@@ -353,6 +366,16 @@ def windowed(spec: ModelSpec, setup: TrainSetup) -> bool:
     return spec.sliding_window is not None and setup.seq > spec.sliding_window
 
 
+def layer_windows(spec: ModelSpec, setup: TrainSetup) -> tuple[bool, ...]:
+    """Per decoder layer, bottom to top: whether its attention gets the sliding-window mask.
+    Only "sliding_attention" layers do (config.layer_types, docs/architectures.md#layer-types);
+    global layers of Gemma 3 or Qwen3 below max_window_layers run plain causal attention."""
+    if not spec.layer_types:
+        return (windowed(spec, setup),) * spec.layers
+    window = windowed(spec, setup)
+    return tuple(window and t == "sliding_attention" for t in spec.layer_types)
+
+
 def sdpa_backend(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> str:
     """The kernel torch's SDPA dispatcher picks on a CUDA GPU (sm80+) for a causal batch
     (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp): flash for 16-bit inputs with head_dim
@@ -389,7 +412,8 @@ def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     one when a sliding window is shorter than the sequence."""
     if setup.attn != "eager":
         return alloc_bytes(setup.batch * setup.seq * setup.seq) if windowed(spec, setup) else 0
-    count = 2 if spec.model_type == "gemma2" else 1
+    # one mask per attention type present (Gemma2Model / Gemma3TextModel causal_mask_mapping)
+    count = len(set(spec.layer_types)) or 1
     return count * alloc_bytes(act_bytes(setup) * setup.batch * setup.seq * setup.seq)
 
 
@@ -485,19 +509,22 @@ class HeadMemory:
     saved: int
 
 
-def decisions(spec: ModelSpec, setup: TrainSetup) -> tuple[frozenset, bool]:
+def decisions(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> tuple[frozenset, bool, bool]:
     """The choices the actual batch x seq make: which 4-bit matmuls run bitsandbytes' fused
-    kernel (no dequantized weight in forward), and whether a sliding window forces a mask."""
+    kernel (no dequantized weight in forward), whether a sliding window forces a mask
+    (`window`: for one layer kind; by default whether any layer's does), and whether eager
+    attention reads one KV head through views (multi-query with a single sequence)."""
     fused = frozenset(l.name for l in spec.layer_linears
                       if setup.quantized and setup.quant != "int8"
                       and gemm_4bit_fused(setup.tokens, l.out_features, l.in_features))
-    return fused, windowed(spec, setup)
+    kv_view = spec.kv_heads == 1 and spec.heads > 1 and setup.batch == 1
+    return fused, windowed(spec, setup) if window is None else window, kv_view
 
 
-def _structure(spec: ModelSpec, setup: TrainSetup) -> tuple:
+def _structure(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> tuple:
     """What, besides the sizes, decides a walk: the setup without batch/seq (and without the
     optimizer, which acts after backward), and the decisions."""
-    return setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup)
+    return setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup, window)
 
 
 @lru_cache(maxsize=256)
@@ -526,9 +553,20 @@ def _head_tape(spec: ModelSpec, structure: tuple) -> Tape:
 
 
 @lru_cache(maxsize=512)
-def layer_memory(spec: ModelSpec, setup: TrainSetup) -> LayerMemory:
-    """The recorded walk (cached per structure) replayed for this batch x seq."""
-    structure = _structure(spec, setup)
+def layer_stack(spec: ModelSpec, setup: TrainSetup) -> tuple[LayerMemory, ...]:
+    """Every decoder layer's walk, bottom to top: layers of one kind share one LayerMemory
+    object (a sliding-window layer and a global one differ once the window is shorter than the
+    sequence: mask, repeated k/v, kernel)."""
+    windows = layer_windows(spec, setup)
+    kinds = {w: layer_memory(spec, setup, w) for w in set(windows)}
+    return tuple(kinds[w] for w in windows)
+
+
+@lru_cache(maxsize=512)
+def layer_memory(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> LayerMemory:
+    """The recorded walk (cached per structure) replayed for this batch x seq; `window`: the
+    layer kind (sliding-window mask or not), by default whether any layer has the mask."""
+    structure = _structure(spec, setup, window)
     inner_tape, first_tape, dequant = _layer_tapes(spec, structure)
     values = variables(setup.batch, setup.seq)
     inner = inner_tape.replay(values)
