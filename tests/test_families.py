@@ -24,6 +24,8 @@ PUBLISHED = [
     ("google/gemma-3-4b-pt", None, 3.209, (None, 3)),
     ("google/gemma-3-12b-pt", None, 10.759, (None, 3)),
     ("google/gemma-3-27b-pt", None, 25.600, (None, 3)),
+    # OLMo 2 model card: "OLMo 2-7B" (a whole number of billions)
+    ("allenai/OLMo-2-1124-7B", 7, None, (0, None)),
 ]
 
 
@@ -101,3 +103,10 @@ def test_gemma3_layer_kinds_split_only_past_the_window():
     assert len(set(map(id, short))) == 1
     assert len(set(map(id, long))) == 2 and long[5] is long[11] and long[0] is long[4]
     assert long[0].saved > long[5].saved   # the sliding layers keep their mask-bias for backward
+
+
+def test_olmo2_norms_follow_the_blocks_and_span_the_projections():
+    spec = resolve("allenai/OLMo-2-1124-7B")
+    assert spec.arch.norm_placement == "post"
+    assert spec.norm_widths == (4096, 4096, 32 * 128, 32 * 128)
+    assert not spec.tied and spec.vocab == 100352

@@ -29,9 +29,15 @@ class Architecture:
     # over head_dim with one (head_dim,) weight (Qwen3Attention, Gemma3Attention q_norm/k_norm);
     # "projection" normalizes the whole q / k projection width (Olmo2Attention); None: no q/k norm.
     qk_norm: str | None = None
-    # RMSNorm arithmetic: "llama" (LlamaRMSNorm: weight * x_normed.to(dtype)) or "gemma"
-    # (Gemma2RMSNorm / Gemma3RMSNorm: x_normed * (1 + weight) in float32, then type_as(x)).
+    # RMSNorm arithmetic: "llama" (LlamaRMSNorm: weight * x_normed.to(dtype)), "gemma"
+    # (Gemma2RMSNorm / Gemma3RMSNorm: x_normed * (1 + weight) in float32, then type_as(x)) or
+    # "olmo" (Olmo2RMSNorm: (weight * x_normed).to(dtype), the product in float32).
     norm_style: str = "llama"
+    # Where the block norms sit: "pre" (input_layernorm before attention, post_attention_layernorm
+    # before the MLP: Llama), "sandwich" (Gemma: before and after each block) or "post" (OLMo 2:
+    # post_attention_layernorm / post_feedforward_layernorm on each block's output, before the
+    # residual add; the block input is not normalized). docs/architectures.md#olmo2
+    norm_placement: str = "pre"
     # How transformers fills layer_types when config.json leaves it out (configuration_<type>.py
     # __post_init__): "window_from" (Qwen2/Qwen3: sliding from max_window_layers up, when
     # use_sliding_window), "pattern" (Gemma: every sliding_window_pattern-th layer is global),
@@ -85,7 +91,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                                 attention_bias=False, final_logit_softcapping=30.0,
                                 attn_logit_softcapping=50.0, query_pre_attn_scalar=256),
                  mlp_bias=False, norms_per_layer=4, activation_key="hidden_activation",
-                 scaled_embeddings=True, norm_style="gemma", layer_types_rule="alternate",
+                 scaled_embeddings=True, norm_style="gemma", norm_placement="sandwich", layer_types_rule="alternate",
                  # Gemma2ForCausalLM refuses attn_implementation="sdpa" (transformers 5.23:
                  # "does not support an attention implementation through ... sdpa yet")
                  attention=("eager",)),
@@ -101,12 +107,18 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                                      max_position_embeddings=131072, tie_word_embeddings=True,
                                      attention_bias=False, query_pre_attn_scalar=256, sliding_window=4096,
                                      sliding_window_pattern=6),
-                 mlp_bias=False, norms_per_layer=4, activation_key="hidden_activation",
+                 mlp_bias=False, norms_per_layer=4, activation_key="hidden_activation", norm_placement="sandwich",
                  scaled_embeddings=True, norm_style="gemma", qk_norm="head", layer_types_rule="pattern",
                  rope_per_layer_type=True,
                  notes=("multimodal Gemma 3 checkpoints (model_type gemma3): the text decoder (text_config) "
                         "is modelled as Gemma3ForCausalLM builds it; the SigLIP vision tower (about 0.42B "
                         "parameters) is not counted",)),
+    # models/olmo2/modeling_olmo2.py (Olmo2DecoderLayer, Olmo2Attention, Olmo2RMSNorm) and
+    # configuration_olmo2.py (Olmo2Config): Llama projections (bias=config.attention_bias) and MLP,
+    # norms after the attention and MLP outputs, q_norm / k_norm over the whole q and k
+    # projection widths. docs/architectures.md#olmo2
+    Architecture("olmo2", dict(_LLAMA_DEFAULTS, vocab_size=50304, max_position_embeddings=2048),
+                 mlp_bias=False, qk_norm="projection", norm_style="olmo", norm_placement="post"),
     # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj, no biases.
     Architecture("phi3", dict(_LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                               max_position_embeddings=4096),

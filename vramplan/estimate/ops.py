@@ -78,7 +78,6 @@ class _Ops:
         copies are as large as the projection and the variance has H values per token."""
         a, h = self.a, width or self.spec.hidden
         T = self.T * groups
-        gemma = self.spec.arch.norm_style == "gemma"
         x32 = x
         if a != FP32:
             x32 = f"{p}.x32"
@@ -94,9 +93,15 @@ class _Ops:
         self.op(f"{p}.mul", [x32, f"{p}.r"], [self.t(f"{p}.y32", FP32 * T * h)], saves=(x32, f"{p}.r"),
                 grads=((x32, FP32 * T * h), (f"{p}.r", FP32 * T)), bwd_work=alloc(FP32 * T * h), work_tag=ACT)
         weight_saves = (f"{p}.y",) if self.full else ()
-        if gemma:
+        if self.spec.arch.norm_style in ("gemma", "olmo"):
+            # the weight multiplies the float32 product ((1 + weight) for Gemma); a trainable
+            # weight saves that product for its gradient. The cast back is a new tensor unless
+            # the hidden states are float32 already (type_as / .to of the same dtype is a no-op).
             self.op(f"{p}.scale", [f"{p}.y32"], [self.t(f"{p}.z32", FP32 * T * h)],
-                    grads=((f"{p}.y32", FP32 * T * h),))
+                    saves=(f"{p}.y32",) if self.full else (), grads=((f"{p}.y32", FP32 * T * h),),
+                    param_grads=alloc(a * h) if self.full else 0)
+            if a == FP32:
+                return f"{p}.z32"
             out = f"{p}.out"
             self.op(f"{p}.cast", [f"{p}.z32"], [self.t(out, a * T * h)], grads=((f"{p}.z32", FP32 * T * h),))
             return out
@@ -422,7 +427,8 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     weight among them (bytes)."""
     b = b or _Ops(spec, setup)
     lins = {l.leaf: l for l in spec.layer_linears}
-    n1 = b.norm("input_layernorm", "x")
+    # OLMo 2 normalizes block outputs, not inputs: attention reads the residual stream itself
+    n1 = "x" if spec.arch.norm_placement == "post" else b.norm("input_layernorm", "x")
     if spec.arch.fused_qkv:
         qkv = b.linear(lins["qkv_proj"], n1)
         # q, k, v are views of qkv_proj's output; v stays a view, so saving it keeps all of qkv
@@ -431,6 +437,11 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
         # Qwen3Attention.forward: q_norm(q_proj(x).view(..., H, hd)), then k_norm(k_proj(x)), then v_proj
         qn = b.norm("self_attn.q_norm", b.linear(lins["q_proj"], n1), spec.head_dim, spec.heads)
         kn = b.norm("self_attn.k_norm", b.linear(lins["k_proj"], n1), spec.head_dim, spec.kv_heads)
+        vn = v_storage = b.linear(lins["v_proj"], n1)
+    elif spec.arch.qk_norm == "projection":
+        # Olmo2Attention.forward: q_norm(q_proj(x)), k_norm(k_proj(x)) over the whole width, v_proj
+        qn = b.norm("self_attn.q_norm", b.linear(lins["q_proj"], n1), spec.heads * spec.head_dim)
+        kn = b.norm("self_attn.k_norm", b.linear(lins["k_proj"], n1), spec.kv_heads * spec.head_dim)
         vn = v_storage = b.linear(lins["v_proj"], n1)
     else:
         qn, kn, vn = (b.linear(lins[n], n1) for n in ("q_proj", "k_proj", "v_proj"))
@@ -444,11 +455,16 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     # Python keeps the attention's input (the argument `hidden_states`) and the o_proj input (a
     # local) alive until self_attn returns.
     b.op("self_attn.return", [n1, attn])
-    if spec.arch.norms_per_layer == 4:
+    if spec.arch.norm_placement == "sandwich":
         o = b.norm("post_attention_layernorm", o)
         h1 = b.residual("res1", "x", o)
         m = b.mlp(b.norm("pre_feedforward_layernorm", h1), lins)
         m = b.norm("post_feedforward_layernorm", m)
+    elif spec.arch.norm_placement == "post":
+        # Olmo2DecoderLayer.forward: h = x + post_attention_layernorm(self_attn(x));
+        # out = h + post_feedforward_layernorm(mlp(h))
+        h1 = b.residual("res1", "x", b.norm("post_attention_layernorm", o))
+        m = b.norm("post_feedforward_layernorm", b.mlp(h1, lins))
     else:
         h1 = b.residual("res1", "x", o)
         n2 = b.norm("post_attention_layernorm", h1)
