@@ -26,6 +26,8 @@ PUBLISHED = [
     ("google/gemma-3-27b-pt", None, 25.600, (None, 3)),
     # OLMo 2 model card: "OLMo 2-7B" (a whole number of billions)
     ("allenai/OLMo-2-1124-7B", 7, None, (0, None)),
+    # microsoft/phi-4 (model_type phi3): the model page's safetensors size, "14.7B params"
+    ("microsoft/phi-4", 14.7, None, (1, None)),
 ]
 
 
@@ -110,3 +112,11 @@ def test_olmo2_norms_follow_the_blocks_and_span_the_projections():
     assert spec.arch.norm_placement == "post"
     assert spec.norm_widths == (4096, 4096, 32 * 128, 32 * 128)
     assert not spec.tied and spec.vocab == 100352
+
+
+def test_phi4_is_a_phi3_config_with_grouped_kv_and_no_window():
+    spec = resolve("phi-4")
+    assert spec.model_type == "phi3" and spec.arch.fused_qkv
+    assert (spec.heads, spec.kv_heads, spec.head_dim) == (40, 10, 128)
+    assert spec.layer_linears[0].out_features == 40 * 128 + 2 * 10 * 128   # qkv_proj
+    assert spec.sliding_window is None and set(spec.layer_types) == {"full_attention"}
