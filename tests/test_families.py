@@ -120,3 +120,15 @@ def test_phi4_is_a_phi3_config_with_grouped_kv_and_no_window():
     assert (spec.heads, spec.kv_heads, spec.head_dim) == (40, 10, 128)
     assert spec.layer_linears[0].out_features == 40 * 128 + 2 * 10 * 128   # qkv_proj
     assert spec.sliding_window is None and set(spec.layer_types) == {"full_attention"}
+
+
+def test_granite_multipliers_are_ops_in_the_walk():
+    from vramplan import TrainSetup
+    from vramplan.estimate.ops import embedding_leaf, head_ops, layer_ops
+
+    config = json.loads((__import__("pathlib").Path(__file__).parent / "configs" / "granite-multipliers.json").read_text())
+    spec, setup = spec_from_config(config, "granite", "test"), TrainSetup(seq=512)
+    names = [op.name for op in layer_ops(spec, setup)[0]]
+    assert "res1.scale" in names and "res2.scale" in names
+    assert "logits_scale" in [op.name for op in head_ops(spec, setup)]
+    assert embedding_leaf(spec, setup) == 2 * 512 * 512 and embedding_leaf(spec, setup.with_(grad_ckpt=False)) == 0

@@ -43,6 +43,12 @@ class Architecture:
     # use_sliding_window), "pattern" (Gemma: every sliding_window_pattern-th layer is global),
     # "all" (Mistral / Mixtral / Phi-3: every layer sliding when sliding_window is set), None: none.
     layer_types_rule: str | None = None
+    # Granite's multipliers that run as ops (models/granite/modeling_granite.py): every block output
+    # is scaled before its residual add (`residual + h * residual_multiplier`, GraniteDecoderLayer)
+    # and the logits divided by logits_scaling (GraniteForCausalLM); both run even at 1.0, each a
+    # new tensor. attention_multiplier is only the softmax scale. docs/architectures.md#granite
+    scaled_residuals: bool = False
+    scaled_logits: bool = False
     # One rotary embedding per layer type (Gemma3RotaryEmbedding: local and global rope_theta):
     # inv_freq buffers and cos/sin exist once per distinct layer type.
     rope_per_layer_type: bool = False
@@ -119,6 +125,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     # projection widths. docs/architectures.md#olmo2
     Architecture("olmo2", dict(_LLAMA_DEFAULTS, vocab_size=50304, max_position_embeddings=2048),
                  mlp_bias=False, qk_norm="projection", norm_style="olmo", norm_placement="post"),
+    # models/granite/modeling_granite.py (GraniteDecoderLayer, GraniteModel, GraniteForCausalLM) and
+    # configuration_granite.py (GraniteConfig): the Llama layout (q/k/v/o bias=attention_bias, MLP
+    # bias=mlp_bias) with embedding / residual / attention / logits multipliers.
+    Architecture("granite", dict(_LLAMA_DEFAULTS, embedding_multiplier=1.0, logits_scaling=1.0,
+                                 residual_multiplier=1.0, attention_multiplier=1.0),
+                 scaled_residuals=True, scaled_logits=True),
     # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj, no biases.
     Architecture("phi3", dict(_LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                               max_position_embeddings=4096),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.estimate.ops import act_bytes, eager_masks, head_memory, int8_ctx_inputs, layer_memory, layer_stack
+from vramplan.estimate.ops import act_bytes, eager_masks, embedding_leaf, head_memory, int8_ctx_inputs, layer_memory, layer_stack
 from vramplan.core.components import ALLOCATED, Component, check_sum
 from vramplan.cuda.context import device_overhead
 from vramplan.core.errors import ModelError
@@ -142,7 +142,7 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str
     # of shape (1, seq, head_dim) in the hidden-state dtype, shared by every layer.
     a = act_bytes(setup)
     base_acts = (alloc(8 * setup.tokens) + alloc(8 * setup.seq) + 2 * alloc(8 * (setup.tokens + setup.batch))
-                 + 2 * rope_kinds(spec) * alloc(a * setup.seq * spec.head_dim))
+                 + 2 * rope_kinds(spec) * alloc(a * setup.seq * spec.head_dim) + embedding_leaf(spec, setup))
     fixed = {C.WEIGHTS.value: static.weights, C.QUANT_CONSTANTS.value: static.quant_constants,
              C.ADAPTERS.value: static.adapters, C.OPTIMIZER_STATE.value: static.optimizer_state}
 

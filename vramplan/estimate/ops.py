@@ -288,6 +288,12 @@ class _Ops:
         return "attn.of"
 
     def residual(self, name: str, x: str, y: str) -> str:
+        if self.spec.arch.scaled_residuals:
+            # Granite: residual + y * residual_multiplier: the product is a new tensor (a scalar
+            # multiply saves nothing), its backward a new gradient
+            w = self.a * self.T * self.spec.hidden
+            self.op(f"{name}.scale", [y], [self.t(f"{name}.y", w)], grads=((y, w),))
+            y = f"{name}.y"
         out = f"{name}.out"
         self.op(name, [x, y], [self.t(out, self.a * self.T * self.spec.hidden)], grads=((x, 0), (y, 0)))
         return out
@@ -410,6 +416,18 @@ def int8_ctx_inputs(spec: ModelSpec, setup: TrainSetup) -> int:
     return sum(alloc_bytes(a * T * w) for w in (spec.hidden, q, spec.hidden, mlp) if w)
 
 
+def embedding_leaf(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes of the raw embedding output Granite keeps for the whole step under gradient
+    checkpointing: enable_input_require_grads (transformers modeling_utils) makes the embedding
+    module's output a leaf that requires grad, and GraniteModel multiplies it by
+    embedding_multiplier *outside* that module, so the leaf is not the first layer's input; the
+    graph's AccumulateGrad node holds it until backward ends. (Gemma scales inside its embedding
+    module, so its leaf is the layer input itself.)"""
+    if not (setup.grad_ckpt and spec.arch.scaled_residuals):
+        return 0
+    return alloc_bytes(act_bytes(setup) * setup.tokens * spec.hidden)
+
+
 def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     """Bytes of the causal masks transformers materializes (masking_utils create_causal_mask):
     eager attention gets (batch, 1, seq, seq) in the compute dtype, Gemma2 a sliding-window one
@@ -469,6 +487,9 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
         h1 = b.residual("res1", "x", o)
         n2 = b.norm("post_attention_layernorm", h1)
         m = b.moe(n2) if spec.num_experts else b.mlp(n2, lins)
+    if spec.arch.scaled_residuals:
+        b.op("res2.scale", [m], [b.t("res2.y", b.a * b.T * spec.hidden)], grads=((m, b.a * b.T * spec.hidden),))
+        m = "res2.y"
     b.op("layer", [h1, m], [b.t("layer.out", b.a * b.T * spec.hidden)], grads=((h1, 0), (m, 0)))
     return b.ops, b.dequant
 
@@ -486,6 +507,9 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
     if logits is None:
         b.op("lm_head", [n], [b.t("logits", lb * T * V)], grads=((n, b.a * T * spec.hidden),))
         logits = "logits"
+    if spec.arch.scaled_logits:    # Granite: logits / logits_scaling, a new tensor
+        b.op("logits_scale", [logits], [b.t("logits_s", lb * T * V)], grads=((logits, lb * T * V),))
+        logits = "logits_s"
     if spec.final_logit_softcap:   # logits / cap; tanh (saves output); * cap
         b.op("cap_div", [logits], [b.t("cap1", lb * T * V)], grads=((logits, lb * T * V),))
         b.op("cap_tanh", ["cap1"], [b.t("cap2", lb * T * V)], saves=("cap2",), grads=(("cap1", lb * T * V),))
