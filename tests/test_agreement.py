@@ -3,7 +3,7 @@
 Small-but-real shapes (tests/configs/*.json: GQA, tied embeddings with q/k/v biases, fused
 qkv/gate_up, Gemma2 soft-capping with four norms, a sliding window shorter than the
 sequence, MoE, Qwen3 per-head q/k norms, Gemma 3 sliding/global layers with one KV head, OLMo 2 post-norm,
-Granite multipliers) across methods, quantization, batch x
+Granite multipliers, SmolLM3 layers without RoPE) across methods, quantization, batch x
 seq, checkpointing, attention kernels and optimizers. The static components must agree to the
 byte; the peak within 3% (the issue's target). The larger 7B-70B matrix is
 benchmarks/agreement.py.
@@ -80,6 +80,9 @@ CASES = [
     ("granite-multipliers", dict(seq=1024, grad_ckpt=False)),
     ("granite-multipliers", dict(seq=512, method="full", grad_ckpt=False)),
     ("granite-multipliers", dict(seq=512, prepare_kbit=True, grad_ckpt=False)),
+    ("smollm3-nope", dict(seq=512)),
+    ("smollm3-nope", dict(seq=1024, grad_ckpt=False)),
+    ("smollm3-nope", dict(seq=512, attn="eager", grad_ckpt=False)),
 ]
 
 

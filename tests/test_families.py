@@ -28,6 +28,8 @@ PUBLISHED = [
     ("allenai/OLMo-2-1124-7B", 7, None, (0, None)),
     # microsoft/phi-4 (model_type phi3): the model page's safetensors size, "14.7B params"
     ("microsoft/phi-4", 14.7, None, (1, None)),
+    # SmolLM3 model card: "3B"
+    ("HuggingFaceTB/SmolLM3-3B", 3, None, (0, None)),
 ]
 
 
@@ -132,3 +134,17 @@ def test_granite_multipliers_are_ops_in_the_walk():
     assert "res1.scale" in names and "res2.scale" in names
     assert "logits_scale" in [op.name for op in head_ops(spec, setup)]
     assert embedding_leaf(spec, setup) == 2 * 512 * 512 and embedding_leaf(spec, setup.with_(grad_ckpt=False)) == 0
+
+
+def test_smollm3_every_fourth_layer_skips_rope():
+    from vramplan import TrainSetup
+    from vramplan.estimate.ops import layer_ops, layer_stack
+
+    spec = resolve("smollm3-3b")
+    assert spec.rope_layers == (True, True, True, False) * 9 and spec.tied
+    stack = layer_stack(spec, TrainSetup(seq=512))
+    assert stack[0] is stack[1] and stack[3] is stack[7] and stack[0] is not stack[3]
+    config = dict(spec.config, no_rope_layers=[1, 0] + [1] * 34)
+    assert spec_from_config(config, "s", "test").rope_layers[:3] == (True, False, True)
+    with pytest.raises(ModelError):
+        spec_from_config(dict(spec.config, no_rope_layers=[1, 0]), "s", "test")

@@ -49,6 +49,8 @@ class Architecture:
     # new tensor. attention_multiplier is only the softmax scale. docs/architectures.md#granite
     scaled_residuals: bool = False
     scaled_logits: bool = False
+    # Some layers apply no RoPE (SmolLM3: config.no_rope_layers, SmolLM3Attention.use_rope)
+    nope_layers: bool = False
     # One rotary embedding per layer type (Gemma3RotaryEmbedding: local and global rope_theta):
     # inv_freq buffers and cos/sin exist once per distinct layer type.
     rope_per_layer_type: bool = False
@@ -131,6 +133,14 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("granite", dict(_LLAMA_DEFAULTS, embedding_multiplier=1.0, logits_scaling=1.0,
                                  residual_multiplier=1.0, attention_multiplier=1.0),
                  scaled_residuals=True, scaled_logits=True),
+    # models/smollm3/modeling_smollm3.py (SmolLM3Attention, SmolLM3DecoderLayer) and
+    # configuration_smollm3.py (SmolLM3Config): the Llama layout (q/k/v/o bias=attention_bias, MLP
+    # bias=mlp_bias), tied embeddings, every fourth layer without RoPE (no_rope_layers), sliding
+    # windows only on those layers and only with use_sliding_window. docs/architectures.md#smollm3
+    Architecture("smollm3", dict(_LLAMA_DEFAULTS, vocab_size=128256, hidden_size=2048, num_hidden_layers=36,
+                                 num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768,
+                                 tie_word_embeddings=True, use_sliding_window=False),
+                 layer_types_rule="nope_window", nope_layers=True),
     # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj, no biases.
     Architecture("phi3", dict(_LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                               max_position_embeddings=4096),

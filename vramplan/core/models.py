@@ -60,6 +60,8 @@ class ModelSpec:
     layer_types: tuple[str, ...] = ()
     # widths of the RMSNorm weights inside one decoder layer (block norms, then q/k norms)
     layer_norms: tuple[int, ...] = ()
+    # per decoder layer: whether it applies RoPE (SmolLM3 no_rope_layers); empty: every layer
+    rope_layers: tuple[bool, ...] = ()
 
     @property
     def arch(self) -> Architecture:
@@ -192,8 +194,24 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         final_logit_softcap=cfg.get("final_logit_softcapping"),
         attn_logit_softcap=cfg.get("attn_logit_softcapping"),
         sliding_window=window if "sliding_attention" in types else None,
-        layer_types=types, layer_norms=tuple(norms),
+        layer_types=types, layer_norms=tuple(norms), rope_layers=_rope_layers(arch, cfg, layers, model_id),
     )
+
+
+def _rope_layers(arch: Architecture, cfg: dict, layers: int, model_id: str) -> tuple[bool, ...]:
+    """SmolLM3Config.__post_init__ (configuration_smollm3.py): no_rope_layers[i] is 1 where layer i
+    uses RoPE (SmolLM3Attention.use_rope); absent, every no_rope_layer_interval-th layer (default 4)
+    goes without. docs/architectures.md#smollm3"""
+    if not arch.nope_layers:
+        return ()
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = cfg.get("no_rope_layer_interval", 4)
+        return tuple(bool((i + 1) % interval) for i in range(layers))
+    if not isinstance(flags, list) or len(flags) != layers:
+        raise ModelError(f"config for {model_id}: no_rope_layers must list {layers} entries of 0 / 1",
+                         hint="fix no_rope_layers in config.json")
+    return tuple(bool(f) for f in flags)
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -209,7 +227,7 @@ def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
       "alternate" (Gemma2Config): odd layers global;
     - "all" (Mistral / Mixtral / Phi-3: one sliding_window for every layer when set)."""
     window = cfg.get("sliding_window")
-    if arch.layer_types_rule == "window_from" and not cfg.get("use_sliding_window"):
+    if arch.layer_types_rule in ("window_from", "nope_window") and not cfg.get("use_sliding_window"):
         window = None
     window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
     explicit = cfg.get("layer_types")
@@ -228,6 +246,12 @@ def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
     elif rule in ("pattern", "alternate"):
         pattern = cfg.get("sliding_window_pattern", 6) if rule == "pattern" else 2
         types = tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers))
+    elif rule == "nope_window":
+        flags = cfg.get("no_rope_layers")
+        interval = cfg.get("no_rope_layer_interval", 4)
+        ropes = flags if isinstance(flags, list) and len(flags) == layers else [(i + 1) % interval for i in range(layers)]
+        use = cfg.get("use_sliding_window") and window is not None
+        types = tuple("sliding_attention" if use and not ropes[i] else "full_attention" for i in range(layers))
     elif rule == "all" and window is not None:
         types = ("sliding_attention",) * layers
     else:

@@ -57,7 +57,7 @@ class _Ops:
         # sizes are polynomials in b and s (symbolic.py); decisions that depend on the actual
         # numbers (fused 4-bit kernel or not, sliding-window mask or not) are taken from `setup`
         self.a, self.T = act_bytes(setup), sym.B * sym.S
-        self.fused, self.window, self.kv_view = decisions(spec, setup) if decided is None else decided
+        self.fused, self.window, self.kv_view, self.use_rope = decisions(spec, setup) if decided is None else decided
         self.full = setup.method == "full"
         self.adapted = {l.name for l in adapted_linears(spec, setup)}
         self.ops: list[Op] = []
@@ -181,7 +181,8 @@ class _Ops:
         spec, s, a, T = self.spec, self.setup, self.a, self.T
         b, seq, H, hd = sym.B, sym.S, spec.heads, spec.head_dim
         qw, kvw = H * hd, spec.kv_heads * hd
-        q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
+        if self.use_rope:  # SmolLM3's no-RoPE layers skip apply_rotary_pos_emb (attention.use_rope)
+            q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
         backend = sdpa_backend(spec, s, self.window) if s.attn == "sdpa" else "eager"
         bias = ()
         if backend != "eager" and self.window:
@@ -549,7 +550,8 @@ class HeadMemory:
     saved: int
 
 
-def decisions(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> tuple[frozenset, bool, bool]:
+def decisions(spec: ModelSpec, setup: TrainSetup, window: bool | None = None,
+              rope: bool = True) -> tuple[frozenset, bool, bool, bool]:
     """The choices the actual batch x seq make: which 4-bit matmuls run bitsandbytes' fused
     kernel (no dequantized weight in forward), whether a sliding window forces a mask
     (`window`: for one layer kind; by default whether any layer's does), and whether eager
@@ -558,13 +560,13 @@ def decisions(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) ->
                       if setup.quantized and setup.quant != "int8"
                       and gemm_4bit_fused(setup.tokens, l.out_features, l.in_features))
     kv_view = spec.kv_heads == 1 and spec.heads > 1 and setup.batch == 1
-    return fused, windowed(spec, setup) if window is None else window, kv_view
+    return fused, windowed(spec, setup) if window is None else window, kv_view, rope
 
 
-def _structure(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> tuple:
+def _structure(spec: ModelSpec, setup: TrainSetup, window: bool | None = None, rope: bool = True) -> tuple:
     """What, besides the sizes, decides a walk: the setup without batch/seq (and without the
     optimizer, which acts after backward), and the decisions."""
-    return setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup, window)
+    return setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup, window, rope)
 
 
 @lru_cache(maxsize=256)
@@ -597,16 +599,17 @@ def layer_stack(spec: ModelSpec, setup: TrainSetup) -> tuple[LayerMemory, ...]:
     """Every decoder layer's walk, bottom to top: layers of one kind share one LayerMemory
     object (a sliding-window layer and a global one differ once the window is shorter than the
     sequence: mask, repeated k/v, kernel)."""
-    windows = layer_windows(spec, setup)
-    kinds = {w: layer_memory(spec, setup, w) for w in set(windows)}
-    return tuple(kinds[w] for w in windows)
+    ropes = spec.rope_layers or (True,) * spec.layers   # SmolLM3: some layers without RoPE
+    kinds = tuple(zip(layer_windows(spec, setup), ropes))
+    memory = {kind: layer_memory(spec, setup, *kind) for kind in set(kinds)}
+    return tuple(memory[kind] for kind in kinds)
 
 
 @lru_cache(maxsize=512)
-def layer_memory(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> LayerMemory:
+def layer_memory(spec: ModelSpec, setup: TrainSetup, window: bool | None = None, rope: bool = True) -> LayerMemory:
     """The recorded walk (cached per structure) replayed for this batch x seq; `window`: the
     layer kind (sliding-window mask or not), by default whether any layer has the mask."""
-    structure = _structure(spec, setup, window)
+    structure = _structure(spec, setup, window, rope)
     inner_tape, first_tape, dequant = _layer_tapes(spec, structure)
     values = variables(setup.batch, setup.seq)
     inner = inner_tape.replay(values)
