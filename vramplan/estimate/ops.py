@@ -605,10 +605,14 @@ def layer_stack(spec: ModelSpec, setup: TrainSetup) -> tuple[LayerMemory, ...]:
     return tuple(memory[kind] for kind in kinds)
 
 
-@lru_cache(maxsize=512)
 def layer_memory(spec: ModelSpec, setup: TrainSetup, window: bool | None = None, rope: bool = True) -> LayerMemory:
     """The recorded walk (cached per structure) replayed for this batch x seq; `window`: the
     layer kind (sliding-window mask or not), by default whether any layer has the mask."""
+    return _layer_memory(spec, setup, windowed(spec, setup) if window is None else window, rope)
+
+
+@lru_cache(maxsize=512)
+def _layer_memory(spec: ModelSpec, setup: TrainSetup, window: bool, rope: bool) -> LayerMemory:
     structure = _structure(spec, setup, window, rope)
     inner_tape, first_tape, dequant = _layer_tapes(spec, structure)
     values = variables(setup.batch, setup.seq)
