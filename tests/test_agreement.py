@@ -2,7 +2,9 @@
 
 Small-but-real shapes (tests/configs/*.json: GQA, tied embeddings with q/k/v biases, fused
 qkv/gate_up, Gemma2 soft-capping with four norms, a sliding window shorter than the
-sequence, MoE, a head dim that is not a multiple of 8) on an H100 and a T4, across methods, quantization, batch x
+sequence, MoE, a head dim that is not a multiple of 8, Qwen3 per-head q/k norms, Gemma 3 sliding/global
+layers with one KV head, OLMo 2 post-norm, Granite multipliers, SmolLM3 layers without RoPE) on an H100
+and a T4, across methods, quantization, batch x
 seq, checkpointing, attention kernels and optimizers. The static components must agree to the
 byte; the peak within 3% (the issue's target). The larger 7B-70B matrix is
 benchmarks/agreement.py.
@@ -62,6 +64,32 @@ CASES = [
     # head_dim 36: flash pads q/k/v to a multiple of 8
     ("llama-hd36", dict(seq=512)),
     ("llama-hd36", dict(seq=512, grad_ckpt=False)),
+    ("qwen3-qknorm", dict(seq=512)),
+    ("qwen3-qknorm", dict(seq=1024, grad_ckpt=False)),
+    ("qwen3-qknorm", dict(seq=512, attn="eager", grad_ckpt=False)),
+    ("qwen3-qknorm", dict(seq=512, method="full", grad_ckpt=False)),
+    ("qwen3-qknorm", dict(seq=512, prepare_kbit=True, grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=256, grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=512)),
+    ("gemma3-sliding", dict(seq=512, grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=512, attn="eager")),
+    ("gemma3-sliding", dict(seq=512, attn="eager", grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=512, batch=2, attn="eager", grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=256, method="full", grad_ckpt=False)),
+    ("gemma3-sliding", dict(seq=512, prepare_kbit=True)),
+    ("olmo2-postnorm", dict(seq=512)),
+    ("olmo2-postnorm", dict(seq=1024, grad_ckpt=False)),
+    ("olmo2-postnorm", dict(seq=512, attn="eager", grad_ckpt=False)),
+    ("olmo2-postnorm", dict(seq=512, method="full", grad_ckpt=False)),
+    ("olmo2-postnorm", dict(seq=512, prepare_kbit=True)),
+    ("granite-multipliers", dict(seq=512)),
+    ("granite-multipliers", dict(seq=512, batch=2)),
+    ("granite-multipliers", dict(seq=1024, grad_ckpt=False)),
+    ("granite-multipliers", dict(seq=512, method="full", grad_ckpt=False)),
+    ("granite-multipliers", dict(seq=512, prepare_kbit=True, grad_ckpt=False)),
+    ("smollm3-nope", dict(seq=512)),
+    ("smollm3-nope", dict(seq=1024, grad_ckpt=False)),
+    ("smollm3-nope", dict(seq=512, attn="eager", grad_ckpt=False)),
 ]
 
 

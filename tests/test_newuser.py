@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from vramplan.core.architectures import ARCHITECTURES
+
 from vramplan.cli import main
 from vramplan.core.config_fields import CORE_SHAPE_FIELDS, CONFIG_CLASSES
 from vramplan.core.errors import ModelError, UsageError
@@ -45,14 +47,22 @@ def test_a_config_without_its_shape_is_an_error_not_llama_2_7b(tmp_path, capsys)
     assert code == 1 and out == ""
     assert err == (f"Error: config for {path} is missing num_hidden_layers, num_attention_heads, intermediate_size, "
                    "vocab_size (hint: a llama config.json must give hidden_size, num_hidden_layers, "
-                   "num_attention_heads, intermediate_size, vocab_size; vramplan does not fill the model's shape "
-                   "from transformers' defaults)\n")
+                   "num_attention_heads, intermediate_size, vocab_size; vramplan fills at most two of them from "
+                   "transformers' defaults)\n")
 
 
 @pytest.mark.parametrize("missing", CORE_SHAPE_FIELDS)
-def test_each_core_shape_field_is_required(missing):
+def test_one_missing_core_field_is_an_assumption_three_are_an_error(missing):
+    # published configs leave some out (gemma-3-4b-pt's text_config has no vocab_size nor
+    # num_attention_heads): the family's default is used and named; three of five missing is
+    # mostly defaults, an error
     config = {k: v for k, v in FULL_LLAMA.items() if k != missing}
-    with pytest.raises(ModelError, match=f"is missing {missing} "):
+    spec = spec_from_config(config, "m", "test")
+    default = ARCHITECTURES["llama"].defaults[missing]
+    assert any(f"{missing} = {default!r} (transformers' LlamaConfig default)" in line for line in spec.defaults_used)
+    for other in [k for k in CORE_SHAPE_FIELDS if k != missing][:2]:
+        config.pop(other)
+    with pytest.raises(ModelError, match="is missing "):
         spec_from_config(config, "m", "test")
 
 

@@ -24,7 +24,36 @@ class Architecture:
     qkv_bias: str | bool = "attention_bias"
     o_bias: str | bool = "attention_bias"
     mlp_bias: str | bool = "mlp_bias"
-    norms_per_layer: int = 2  # input_layernorm + post_attention_layernorm
+    norms_per_layer: int = 2  # input_layernorm + post_attention_layernorm (4: Gemma's sandwich norms)
+    # q/k RMSNorm inside attention (docs/architectures.md#qk-norm): "head" normalizes each head
+    # over head_dim with one (head_dim,) weight (Qwen3Attention, Gemma3Attention q_norm/k_norm);
+    # "projection" normalizes the whole q / k projection width (Olmo2Attention); None: no q/k norm.
+    qk_norm: str | None = None
+    # RMSNorm arithmetic: "llama" (LlamaRMSNorm: weight * x_normed.to(dtype)), "gemma"
+    # (Gemma2RMSNorm / Gemma3RMSNorm: x_normed * (1 + weight) in float32, then type_as(x)) or
+    # "olmo" (Olmo2RMSNorm: (weight * x_normed).to(dtype), the product in float32).
+    norm_style: str = "llama"
+    # Where the block norms sit: "pre" (input_layernorm before attention, post_attention_layernorm
+    # before the MLP: Llama), "sandwich" (Gemma: before and after each block) or "post" (OLMo 2:
+    # post_attention_layernorm / post_feedforward_layernorm on each block's output, before the
+    # residual add; the block input is not normalized). docs/architectures.md#olmo2
+    norm_placement: str = "pre"
+    # How transformers fills layer_types when config.json leaves it out (configuration_<type>.py
+    # __post_init__): "window_from" (Qwen2/Qwen3: sliding from max_window_layers up, when
+    # use_sliding_window), "pattern" (Gemma: every sliding_window_pattern-th layer is global),
+    # "all" (Mistral / Mixtral / Phi-3: every layer sliding when sliding_window is set), None: none.
+    layer_types_rule: str | None = None
+    # Granite's multipliers that run as ops (models/granite/modeling_granite.py): every block output
+    # is scaled before its residual add (`residual + h * residual_multiplier`, GraniteDecoderLayer)
+    # and the logits divided by logits_scaling (GraniteForCausalLM); both run even at 1.0, each a
+    # new tensor. attention_multiplier is only the softmax scale. docs/architectures.md#granite
+    scaled_residuals: bool = False
+    scaled_logits: bool = False
+    # Some layers apply no RoPE (SmolLM3: config.no_rope_layers, SmolLM3Attention.use_rope)
+    nope_layers: bool = False
+    # One rotary embedding per layer type (Gemma3RotaryEmbedding: local and global rope_theta):
+    # inv_freq buffers and cos/sin exist once per distinct layer type.
+    rope_per_layer_type: bool = False
     moe: bool = False  # experts as 3D nn.Parameters (MixtralExperts) + a TopKRouter weight
     activation_key: str = "hidden_act"
     # Gemma scales embeddings by sqrt(hidden) (Gemma2TextScaledWordEmbedding) and soft-caps logits.
@@ -46,11 +75,20 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     # models/mistral/modeling_mistral.py: Llama layout, no biases at all.
     Architecture("mistral", dict(_LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
                                  max_position_embeddings=4096 * 32),
-                 qkv_bias=False, o_bias=False, mlp_bias=False),
+                 qkv_bias=False, o_bias=False, mlp_bias=False, layer_types_rule="all"),
     # models/qwen2/modeling_qwen2.py: q/k/v with bias=True hard-coded, o_proj and MLP without.
     Architecture("qwen2", dict(_LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
-                               num_key_value_heads=32, max_position_embeddings=32768),
-                 qkv_bias=True, o_bias=False, mlp_bias=False),
+                               num_key_value_heads=32, max_position_embeddings=32768, max_window_layers=28),
+                 qkv_bias=True, o_bias=False, mlp_bias=False, layer_types_rule="window_from"),
+    # models/qwen3/modeling_qwen3.py (Qwen3Attention, Qwen3DecoderLayer) and
+    # configuration_qwen3.py (Qwen3Config): the Llama layout with q/k/v/o bias=config.attention_bias
+    # (False by default) and a Qwen3RMSNorm(head_dim) q_norm / k_norm applied per head to the q
+    # and k projections before RoPE. docs/architectures.md#qwen3
+    Architecture("qwen3", dict(_LLAMA_DEFAULTS, vocab_size=151936, hidden_size=4096, intermediate_size=22016,
+                               num_hidden_layers=32, num_key_value_heads=32, head_dim=128,
+                               max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096,
+                               max_window_layers=28),
+                 mlp_bias=False, qk_norm="head", layer_types_rule="window_from"),
     # models/gemma2/modeling_gemma2.py: q/k/v/o bias=config.attention_bias, MLP without bias,
     # four RMSNorms per layer (input, post_attention, pre_feedforward, post_feedforward),
     # scaled embeddings, tied lm_head, soft-capped attention and final logits.
@@ -61,14 +99,53 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                                 attention_bias=False, final_logit_softcapping=30.0,
                                 attn_logit_softcapping=50.0, query_pre_attn_scalar=256),
                  mlp_bias=False, norms_per_layer=4, activation_key="hidden_activation",
-                 scaled_embeddings=True,
+                 scaled_embeddings=True, norm_style="gemma", norm_placement="sandwich", layer_types_rule="alternate",
                  # Gemma2ForCausalLM refuses attn_implementation="sdpa" (transformers 5.23:
                  # "does not support an attention implementation through ... sdpa yet")
                  attention=("eager",)),
+    # models/gemma3/modeling_gemma3.py (Gemma3ForCausalLM, Gemma3DecoderLayer, Gemma3Attention)
+    # and configuration_gemma3.py (Gemma3TextConfig): Gemma2's sandwich layer (four Gemma3RMSNorm,
+    # (1 + weight) in float32), q/k/v/o bias=config.attention_bias, per-head q_norm / k_norm after
+    # the three projections, five sliding-window layers per global one (layer_types /
+    # sliding_window_pattern), one rotary embedding per layer type, scaled embeddings, tied
+    # lm_head, no soft-capping by default; SDPA is supported. docs/architectures.md#gemma3_text
+    Architecture("gemma3_text", dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                                     num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                                     head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                                     max_position_embeddings=131072, tie_word_embeddings=True,
+                                     attention_bias=False, query_pre_attn_scalar=256, sliding_window=4096,
+                                     sliding_window_pattern=6),
+                 mlp_bias=False, norms_per_layer=4, activation_key="hidden_activation", norm_placement="sandwich",
+                 scaled_embeddings=True, norm_style="gemma", qk_norm="head", layer_types_rule="pattern",
+                 rope_per_layer_type=True,
+                 notes=("multimodal Gemma 3 checkpoints (model_type gemma3): the text decoder (text_config) "
+                        "is modelled as Gemma3ForCausalLM builds it; the SigLIP vision tower (about 0.42B "
+                        "parameters) is not counted",)),
+    # models/olmo2/modeling_olmo2.py (Olmo2DecoderLayer, Olmo2Attention, Olmo2RMSNorm) and
+    # configuration_olmo2.py (Olmo2Config): Llama projections (bias=config.attention_bias) and MLP,
+    # norms after the attention and MLP outputs, q_norm / k_norm over the whole q and k
+    # projection widths. docs/architectures.md#olmo2
+    Architecture("olmo2", dict(_LLAMA_DEFAULTS, vocab_size=50304, max_position_embeddings=2048),
+                 mlp_bias=False, qk_norm="projection", norm_style="olmo", norm_placement="post"),
+    # models/granite/modeling_granite.py (GraniteDecoderLayer, GraniteModel, GraniteForCausalLM) and
+    # configuration_granite.py (GraniteConfig): the Llama layout (q/k/v/o bias=attention_bias, MLP
+    # bias=mlp_bias) with embedding / residual / attention / logits multipliers.
+    Architecture("granite", dict(_LLAMA_DEFAULTS, embedding_multiplier=1.0, logits_scaling=1.0,
+                                 residual_multiplier=1.0, attention_multiplier=1.0),
+                 scaled_residuals=True, scaled_logits=True),
+    # models/smollm3/modeling_smollm3.py (SmolLM3Attention, SmolLM3DecoderLayer) and
+    # configuration_smollm3.py (SmolLM3Config): the Llama layout (q/k/v/o bias=attention_bias, MLP
+    # bias=mlp_bias), tied embeddings, every fourth layer without RoPE (no_rope_layers), sliding
+    # windows only on those layers and only with use_sliding_window. docs/architectures.md#smollm3
+    Architecture("smollm3", dict(_LLAMA_DEFAULTS, vocab_size=128256, hidden_size=2048, num_hidden_layers=36,
+                                 num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768,
+                                 tie_word_embeddings=True, use_sliding_window=False),
+                 layer_types_rule="nope_window", nope_layers=True),
     # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj, no biases.
     Architecture("phi3", dict(_LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                               max_position_embeddings=4096),
-                 fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False, mlp_bias=False),
+                 fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False, mlp_bias=False,
+                 layer_types_rule="all"),
     # models/mixtral/modeling_mixtral.py (transformers 5): Llama attention without biases, a
     # MixtralTopKRouter holding a plain (E, hidden) weight, and MixtralExperts storing every
     # expert as one 3D nn.Parameter (gate_up_proj (E, 2i, h), down_proj (E, h, i)). Neither is
@@ -77,7 +154,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("mixtral", dict(_LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
                                  max_position_embeddings=4096 * 32, num_local_experts=8,
                                  num_experts_per_tok=2),
-                 qkv_bias=False, o_bias=False, mlp_bias=False, moe=True,
+                 qkv_bias=False, o_bias=False, mlp_bias=False, moe=True, layer_types_rule="all",
                  notes=("transformers 5 keeps Mixtral experts as 3D parameters: bitsandbytes does not "
                         "quantize them (they stay 16-bit); peft's all-linear adapts them through "
                         "target_parameters (ParamWrapper, gate_up_proj at rank 2r), merging a 16-bit copy "

@@ -2,8 +2,11 @@
 
 transformers fills every field a config.json leaves out from its config class
 (models/<type>/configuration_<type>.py), so `{"model_type": "llama", "hidden_size": 4096}` loads
-as a 6.7B Llama-2-7b. vramplan refuses a config without its core shape fields, and lists every
-other default it applies as an assumption of the estimate (field, value used, where it comes from).
+as a 6.7B Llama-2-7b. vramplan refuses a config that leaves out most of its core shape fields (three or more of five:
+mostly defaults, not the user's model), and lists every default it applies as an assumption of
+the estimate (field, value used, where it comes from). Up to two missing core fields are accepted
+because published configs do it: google/gemma-3-4b-pt's text_config leaves out vocab_size and
+num_attention_heads (Gemma3TextConfig's 262208 and 8).
 Facts: docs/peft-transformers.md#config-fields-a-configjson-leaves-out
 """
 from __future__ import annotations
@@ -16,7 +19,9 @@ CORE_SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", 
 
 # transformers' config class per model_type (models/<type>/configuration_<type>.py).
 CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                  "gemma2": "Gemma2Config", "phi3": "Phi3Config", "mixtral": "MixtralConfig"}
+                  "gemma2": "Gemma2Config", "phi3": "Phi3Config", "mixtral": "MixtralConfig",
+                  "qwen3": "Qwen3Config", "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config",
+                  "granite": "GraniteConfig", "smollm3": "SmolLM3Config"}
 
 # Fields derived from others when absent, as transformers does: the config classes set
 # `num_key_value_heads = num_attention_heads` (e.g. LlamaConfig.__post_init__), and head_dim is
@@ -35,18 +40,23 @@ def _given(config: dict, key: str) -> bool:
     return key in config and (config[key] is not None or key not in DERIVED)
 
 
+# At most this many core shape fields may come from the config class's defaults.
+MAX_DEFAULTED_CORE = 2
+
+
 def require_core_fields(config: dict, model_id: str, arch) -> None:
-    """ModelError naming every missing core shape field (one line)."""
+    """ModelError naming every missing core shape field (one line) when more than
+    MAX_DEFAULTED_CORE are missing, or one is missing that the family gives no default for."""
     missing = [k for k in CORE_SHAPE_FIELDS if config.get(k) is None]
-    if missing:
+    if len(missing) > MAX_DEFAULTED_CORE or any(arch.defaults.get(k) is None for k in missing):
         raise ModelError(f"config for {model_id} is missing {', '.join(missing)}",
                          hint=f"a {arch.model_type} config.json must give {', '.join(CORE_SHAPE_FIELDS)}; "
-                              "vramplan does not fill the model's shape from transformers' defaults")
+                              "vramplan fills at most two of them from transformers' defaults")
 
 
 def read_fields(arch) -> tuple[str, ...]:
     """The non-core fields the shape model reads for this architecture (models.spec_from_config)."""
-    fields = ["num_key_value_heads", "head_dim", "tie_word_embeddings"]
+    fields = [*CORE_SHAPE_FIELDS, "num_key_value_heads", "head_dim", "tie_word_embeddings"]
     fields += [rule for rule in (arch.qkv_bias, arch.o_bias, arch.mlp_bias) if isinstance(rule, str)]
     if arch.moe:
         fields += ["num_local_experts", "num_experts_per_tok"]

@@ -57,10 +57,21 @@ class ModelSpec:
     attn_logit_softcap: float | None = None
     sliding_window: int | None = None   # attention window, when the model uses one
     defaults_used: tuple[str, ...] = ()  # assumption lines for fields config.json left out
+    # per decoder layer: "full_attention" or "sliding_attention" (config.layer_types, or the rule
+    # transformers' configuration_<type>.py fills it with); empty for a spec built by hand
+    layer_types: tuple[str, ...] = ()
+    # widths of the RMSNorm weights inside one decoder layer (block norms, then q/k norms)
+    layer_norms: tuple[int, ...] = ()
+    # per decoder layer: whether it applies RoPE (SmolLM3 no_rope_layers); empty: every layer
+    rope_layers: tuple[bool, ...] = ()
 
     @property
     def arch(self) -> Architecture:
         return ARCHITECTURES[self.model_type]
+
+    @property
+    def norm_widths(self) -> tuple[int, ...]:
+        return self.layer_norms or (self.hidden,) * self.arch.norms_per_layer
 
     @property
     def lm_head(self) -> Linear:
@@ -73,7 +84,7 @@ class ModelSpec:
         parts = {
             "embed_tokens": self.vocab * h,
             "layers.linear": n * linear,
-            "layers.norms": n * self.arch.norms_per_layer * h,
+            "layers.norms": n * sum(self.norm_widths),
             "norm": h,
             "lm_head": 0 if self.tied else self.vocab * h,
         }
@@ -100,10 +111,18 @@ class ModelSpec:
 
 # --- building a spec from a config dict ------------------------------------------------------------
 
+# Multimodal checkpoints whose language model is a known decoder, nested in text_config
+# (models/gemma3/configuration_gemma3.py Gemma3Config.text_config: a Gemma3TextConfig): the
+# estimate models that text decoder, as Gemma3ForCausalLM builds it from the text config.
+TEXT_CONFIG_TYPES = {"gemma3": "gemma3_text"}
+
+
 def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     if not isinstance(config, dict):
         raise ModelError(f"config for {model_id} is not a JSON object",
                          hint="a Hugging Face config.json is an object like {\"model_type\": \"llama\", ...}")
+    if config.get("model_type") in TEXT_CONFIG_TYPES and isinstance(config.get("text_config"), dict):
+        config = {"model_type": TEXT_CONFIG_TYPES[config["model_type"]], **config["text_config"]}
     model_type = config.get("model_type")
     if model_type is None:
         raise ModelError(f"config for {model_id} has no model_type",
@@ -111,7 +130,8 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
         raise ModelError(f"architecture {model_type!r} ({model_id}) is not known to the analytic model",
-                         hint=f"supported model_type values: {supported()}")
+                         hint=f"supported model_type values: {supported()}; `vramplan simulate` traces any "
+                              f"architecture transformers can build")
     cfg = {**arch.defaults, **{k: v for k, v in config.items() if v is not None}}
 
     def need_int(key: str) -> int:
@@ -141,6 +161,8 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         raise ModelError(f"config for {model_id}: num_experts_per_tok {per_tok} > num_local_experts {experts}",
                          hint="check the MoE fields of config.json")
 
+    types, window = _layer_types(arch, cfg, layers, model_id)
+
     def flag(rule) -> bool:
         return bool(cfg.get(rule, False)) if isinstance(rule, str) else rule
 
@@ -153,6 +175,11 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
                    Linear("self_attn.k_proj", hidden, kv, qkv_bias),
                    Linear("self_attn.v_proj", hidden, kv, qkv_bias)]
     linears.append(Linear("self_attn.o_proj", q, hidden, o_bias))
+    norms = [hidden] * arch.norms_per_layer
+    if arch.qk_norm == "head":        # Qwen3RMSNorm(head_dim) / Gemma3RMSNorm(head_dim)
+        norms += [head_dim, head_dim]
+    elif arch.qk_norm == "projection":  # Olmo2RMSNorm(H * head_dim), Olmo2RMSNorm(kv * head_dim)
+        norms += [q, kv]
     if not arch.moe:
         if arch.fused_gate_up:
             linears.append(Linear("mlp.gate_up_proj", hidden, 2 * inter, mlp_bias))
@@ -169,20 +196,71 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         layer_linears=tuple(linears), num_experts=experts, experts_per_tok=per_tok,
         final_logit_softcap=cfg.get("final_logit_softcapping"),
         attn_logit_softcap=cfg.get("attn_logit_softcapping"),
-        sliding_window=_sliding_window(model_type, cfg),
+        sliding_window=window if "sliding_attention" in types else None,
+        layer_types=types, layer_norms=tuple(norms), rope_layers=_rope_layers(arch, cfg, layers, model_id),
         defaults_used=defaults_applied(config, arch, cfg),
     )
 
 
-def _sliding_window(model_type: str, cfg: dict) -> int | None:
-    """Mistral, Mixtral and Phi-3 read `sliding_window` (None disables it); Qwen2 only with
-    use_sliding_window; Gemma2 alternates windowed and full layers (eager only, masks counted apart)."""
-    if model_type == "qwen2" and not cfg.get("use_sliding_window"):
-        return None
-    if model_type in ("mistral", "mixtral", "phi3", "qwen2"):
-        window = cfg.get("sliding_window")
-        return window if isinstance(window, int) and window > 0 else None
-    return None
+def _rope_layers(arch: Architecture, cfg: dict, layers: int, model_id: str) -> tuple[bool, ...]:
+    """SmolLM3Config.__post_init__ (configuration_smollm3.py): no_rope_layers[i] is 1 where layer i
+    uses RoPE (SmolLM3Attention.use_rope); absent, every no_rope_layer_interval-th layer (default 4)
+    goes without. docs/architectures.md#smollm3"""
+    if not arch.nope_layers:
+        return ()
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = cfg.get("no_rope_layer_interval", 4)
+        return tuple(bool((i + 1) % interval) for i in range(layers))
+    if not isinstance(flags, list) or len(flags) != layers:
+        raise ModelError(f"config for {model_id}: no_rope_layers must list {layers} entries of 0 / 1",
+                         hint="fix no_rope_layers in config.json")
+    return tuple(bool(f) for f in flags)
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> tuple[tuple[str, ...], int | None]:
+    """(attention type of every decoder layer, sliding window), as the configuration classes of
+    transformers 5.23 derive them (docs/architectures.md#layer-types):
+    - an explicit `layer_types` list is used as is;
+    - "window_from" (Qwen2Config / Qwen3Config __post_init__): sliding_window only with
+      use_sliding_window, and then layers from max_window_layers up are sliding;
+    - "pattern" (Gemma3TextConfig): every sliding_window_pattern-th layer (default 6) is global;
+      "alternate" (Gemma2Config): odd layers global;
+    - "all" (Mistral / Mixtral / Phi-3: one sliding_window for every layer when set)."""
+    window = cfg.get("sliding_window")
+    if arch.layer_types_rule in ("window_from", "nope_window") and not cfg.get("use_sliding_window"):
+        window = None
+    window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+    explicit = cfg.get("layer_types")
+    rule = arch.layer_types_rule
+    if explicit is not None:
+        if (not isinstance(explicit, list) or len(explicit) != layers
+                or any(t not in LAYER_TYPES for t in explicit)):
+            raise ModelError(f"config for {model_id}: layer_types must list {layers} entries of "
+                             f"{' / '.join(LAYER_TYPES)}",
+                             hint="fix layer_types in config.json, or `vramplan simulate` for other layer kinds")
+        types = tuple(explicit)
+    elif rule == "window_from":
+        start = cfg.get("max_window_layers", 0)
+        types = tuple("sliding_attention" if window is not None and i >= start else "full_attention"
+                      for i in range(layers))
+    elif rule in ("pattern", "alternate"):
+        pattern = cfg.get("sliding_window_pattern", 6) if rule == "pattern" else 2
+        types = tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers))
+    elif rule == "nope_window":
+        flags = cfg.get("no_rope_layers")
+        interval = cfg.get("no_rope_layer_interval", 4)
+        ropes = flags if isinstance(flags, list) and len(flags) == layers else [(i + 1) % interval for i in range(layers)]
+        use = cfg.get("use_sliding_window") and window is not None
+        types = tuple("sliding_attention" if use and not ropes[i] else "full_attention" for i in range(layers))
+    elif rule == "all" and window is not None:
+        types = ("sliding_attention",) * layers
+    else:
+        types = ("full_attention",) * layers
+    return types, window
 
 
 # --- the bundled catalog ---------------------------------------------------------------------------

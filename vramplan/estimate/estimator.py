@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.estimate.ops import act_bytes, eager_masks, head_memory, int8_ctx_inputs, kernels, layer_memory
+from vramplan.estimate.ops import (act_bytes, eager_masks, embedding_leaf, head_memory, int8_ctx_inputs, kernels,
+                                   layer_memory, layer_stack)
 from vramplan.cuda.arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
 from vramplan.cuda.cublas import workspace_bytes
 from vramplan.core.components import ALLOCATED, Component, check_sum
@@ -24,7 +25,7 @@ from vramplan.cuda.context import device_overhead
 from vramplan.core.errors import ModelError
 from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.estimate.inventory import (Static, adapted_linears, expert_weight_bytes, experts_adapted,
-                                         experts_quantized, static_memory)
+                                         experts_quantized, rope_kinds, static_memory)
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.estimate.quant import alloc
 from vramplan.core.setup import TrainSetup, apply_flags
@@ -161,13 +162,13 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     their inputs with it. The top layer is where the most is kept; the bottom layer is where the
     most gradients exist (it matters when every parameter trains)."""
     L = spec.layers
-    layer, head = layer_memory(spec, setup, arch), head_memory(spec, setup, arch)
+    head = head_memory(spec, setup, arch)
     # input_ids (int64, also passed as labels: one storage), position_ids (1, seq), and the
     # shifted labels ForCausalLMLoss builds (pad + contiguous), int64 each; rotary cos and sin
     # of shape (1, seq, head_dim) in the hidden-state dtype, shared by every layer.
     a = act_bytes(setup)
     base_acts = (alloc(8 * setup.tokens) + alloc(8 * setup.seq) + 2 * alloc(8 * (setup.tokens + setup.batch))
-                 + 2 * alloc(a * setup.seq * spec.head_dim))
+                 + 2 * rope_kinds(spec) * alloc(a * setup.seq * spec.head_dim) + embedding_leaf(spec, setup))
     fixed = {C.WEIGHTS.value: static.weights, C.QUANT_CONSTANTS.value: static.quant_constants,
              C.ADAPTERS.value: static.adapters, C.OPTIMIZER_STATE.value: static.optimizer_state,
              # the cuBLAS workspace, cached from the first matmul on (cuda/cublas.py)
@@ -194,11 +195,17 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     # int8 matmul inputs held on the autograd ctx survive checkpointing (int8_ctx_inputs).
     ctx = int8_ctx_inputs(spec, setup)
 
+    # Layers of different kinds (sliding-window and global attention, docs/architectures.md#layer-types)
+    # keep different amounts: `stack` is every layer's walk, bottom to top.
+    stack = layer_stack(spec, setup, arch)
+    kept = [m.first_saved if i == 0 else m.saved for i, m in enumerate(stack)]
+
     def below(k: int) -> int:
-        return 0 if k == 0 else layer.first_saved + (k - 1) * layer.saved + k * ctx
+        return sum(kept[:k]) + k * ctx
 
     head_grads = head.backward.end.get(C.GRADIENTS.value, 0)
-    layer_grads = layer.walk.end.get(C.GRADIENTS.value, 0)
+    grads = [m.walk.end.get(C.GRADIENTS.value, 0) for m in stack]
+    layer = stack[-1]
     top = layer.walk if L > 1 else layer.first
     moments = {
         "forward.layer": at(top.forward_peak, activations=below(L - 1) + fwd_masks),
@@ -206,10 +213,20 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
         "backward.loss": at(head.backward.backward_peak, activations=below(L) + bwd_masks),
         # backward_peak includes the recomputation under checkpointing
         "backward.top_layer": at(top.backward_peak, activations=below(L - 1) + ctx + bwd_masks, gradients=head_grads),
-        "backward.bottom_layer": at(layer.first.backward_peak, activations=ctx + bwd_masks,
-                                    gradients=head_grads + (L - 1) * layer_grads),
+        "backward.bottom_layer": at(stack[0].first.backward_peak, activations=ctx + bwd_masks,
+                                    gradients=head_grads + sum(grads[1:])),
         "optimizer": at(gradients=static.gradients, temporaries=static.optimizer_temporaries),
     }
+    if len(set(map(id, stack))) > 1:
+        # mixed kinds: the worst layer of each phase need not be the top or bottom one
+        def worst(*candidates: dict) -> dict:
+            return max(candidates, key=lambda parts: sum(parts.values()))
+        for j in range(1, L):
+            walk = stack[j].walk
+            moments["forward.layer"] = worst(moments["forward.layer"],
+                                             at(walk.forward_peak, activations=below(j) + fwd_masks))
+            moments["backward.top_layer"] = worst(moments["backward.top_layer"], at(
+                walk.backward_peak, activations=below(j) + ctx + bwd_masks, gradients=head_grads + sum(grads[j + 1:])))
     for parts in moments.values():
         check_sum(parts, sum(parts.values()))
     return moments

@@ -128,6 +128,12 @@ def expert_lora_shapes(spec: ModelSpec, setup: TrainSetup) -> list[tuple[tuple[i
             ((r * E, h), 1), ((i, r * E), 1)]                # experts.down_proj (E, h, i)
 
 
+def rope_kinds(spec: ModelSpec) -> int:
+    """Rotary embeddings the model holds: one, or one per layer type (Gemma3RotaryEmbedding,
+    models/gemma3/modeling_gemma3.py: inv_freq per sorted(set(config.layer_types)))."""
+    return len(set(spec.layer_types)) if spec.arch.rope_per_layer_type and spec.layer_types else 1
+
+
 def numel(shape: tuple[int, ...]) -> int:
     out = 1
     for d in shape:
@@ -144,16 +150,20 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     # Embeddings, norms and lm_head are never quantized (transformers keeps lm_head / tied
     # embeddings in modules_to_not_convert; norms and embeddings are not nn.Linear).
     weights += alloc(spec.vocab * spec.hidden * wb)                              # embed_tokens
-    weights += n * spec.arch.norms_per_layer * alloc(spec.hidden * wb) + alloc(spec.hidden * wb)
+    # every RMSNorm weight of a layer (Qwen3 / Gemma3 q_norm and k_norm are (head_dim,) each)
+    weights += n * sum(alloc(w * wb) for w in spec.norm_widths) + alloc(spec.hidden * wb)
     if not spec.tied:
         weights += alloc(spec.vocab * spec.hidden * wb)                          # lm_head
     # Rotary embedding: inv_freq and its clone original_inv_freq, float32 (head_dim / 2) each,
     # non-persistent buffers (models/llama/modeling_llama.py LlamaRotaryEmbedding.__init__);
     # Gemma2TextScaledWordEmbedding adds a scalar embed_scale buffer.
-    weights += 2 * alloc(4 * (spec.head_dim // 2)) + (alloc(wb) if spec.arch.scaled_embeddings else 0)
+    # Gemma3RotaryEmbedding keeps that pair once per layer type (local and global rope_theta).
+    weights += 2 * rope_kinds(spec) * alloc(4 * (spec.head_dim // 2)) + (alloc(wb) if spec.arch.scaled_embeddings else 0)
     if setup.method == "full":
         trainable[(spec.vocab, spec.hidden)] += 1 if spec.tied else 2
-        trainable[(spec.hidden,)] += n * spec.arch.norms_per_layer + 1
+        trainable[(spec.hidden,)] += 1
+        for width in spec.norm_widths:
+            trainable[(width,)] += n
 
     for linear in spec.layer_linears:
         if setup.quantized:

@@ -62,7 +62,7 @@ class _Ops:
         # sizes are polynomials in b and s (symbolic.py); decisions that depend on the actual
         # numbers (fused 4-bit kernel or not, sliding-window mask or not) are taken from `setup`
         self.a, self.T = act_bytes(setup), sym.B * sym.S
-        self.fused, self.window = decisions(spec, setup, arch) if decided is None else decided
+        self.fused, self.window, self.kv_view, self.use_rope = decisions(spec, setup, arch) if decided is None else decided
         self.full = setup.method == "full"
         self.adapted = {l.name for l in adapted_linears(spec, setup)}
         if experts_quantized(spec, setup) and experts_adapted(spec, setup):
@@ -77,11 +77,14 @@ class _Ops:
         self.ops.append(Op(name, tuple(inputs), tuple(outputs), **kw))
 
     # --- RMSNorm ------------------------------------------------------------------------------
-    def norm(self, p: str, x: str) -> str:
+    def norm(self, p: str, x: str, width: int | None = None, groups: int = 1) -> str:
         """LlamaRMSNorm: x.float(); pow(2).mean(-1); + eps; rsqrt; x * r; .to(dtype); weight * y.
-        Gemma2RMSNorm: the same in float32, then * (1 + weight.float()) and type_as(x)."""
-        a, T, h = self.a, self.T, self.spec.hidden
-        gemma = self.spec.arch.norms_per_layer == 4 or self.spec.model_type == "gemma2"
+        Gemma2RMSNorm / Gemma3RMSNorm: the same in float32, then * (1 + weight.float()) and type_as(x).
+        `width` is the normalized dimension (hidden by default); `groups` rows per token: a per-head
+        q/k norm (Qwen3 / Gemma3 q_norm) normalizes H rows of head_dim per token, so the float32
+        copies are as large as the projection and the variance has H values per token."""
+        a, h = self.a, width or self.spec.hidden
+        T = self.T * groups
         x32 = x
         if a != FP32:
             x32 = f"{p}.x32"
@@ -97,9 +100,15 @@ class _Ops:
         self.op(f"{p}.mul", [x32, f"{p}.r"], [self.t(f"{p}.y32", FP32 * T * h)], saves=(x32, f"{p}.r"),
                 grads=((x32, FP32 * T * h), (f"{p}.r", FP32 * T)), bwd_work=alloc(FP32 * T * h), work_tag=ACT)
         weight_saves = (f"{p}.y",) if self.full else ()
-        if gemma:
+        if self.spec.arch.norm_style in ("gemma", "olmo"):
+            # the weight multiplies the float32 product ((1 + weight) for Gemma); a trainable
+            # weight saves that product for its gradient. The cast back is a new tensor unless
+            # the hidden states are float32 already (type_as / .to of the same dtype is a no-op).
             self.op(f"{p}.scale", [f"{p}.y32"], [self.t(f"{p}.z32", FP32 * T * h)],
-                    grads=((f"{p}.y32", FP32 * T * h),))
+                    saves=(f"{p}.y32",) if self.full else (), grads=((f"{p}.y32", FP32 * T * h),),
+                    param_grads=alloc(a * h) if self.full else 0)
+            if a == FP32:
+                return f"{p}.z32"
             out = f"{p}.out"
             self.op(f"{p}.cast", [f"{p}.z32"], [self.t(out, a * T * h)], grads=((f"{p}.z32", FP32 * T * h),))
             return out
@@ -179,7 +188,8 @@ class _Ops:
         spec, s, a, T = self.spec, self.setup, self.a, self.T
         b, seq, H, hd = sym.B, sym.S, spec.heads, spec.head_dim
         qw, kvw = H * hd, spec.kv_heads * hd
-        q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
+        if self.use_rope:  # SmolLM3's no-RoPE layers skip apply_rotary_pos_emb (attention.use_rope)
+            q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
         backend = sdpa_backend(spec, s, self.window, self.arch) if s.attn == "sdpa" else "eager"
         bias = ()
         if backend != "eager" and self.window:
@@ -188,11 +198,17 @@ class _Ops:
             # padded to a multiple of 16 (attention.cpp convert_boolean_attn_mask, pad_bias): a
             # new tensor per layer, saved for backward
             if spec.kv_heads != H:
-                self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
-                self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
-                k, v, v_storage, kvw = "attn.kr", "attn.vr", "attn.vr", qw
+                # repeat_kv is expand + reshape: a copy, except with one KV head (multi-query,
+                # Gemma-3-1b), where the size-1 head dim merges with the expanded one into a
+                # stride-0 view of k / v, so the kernel saves the original storages
+                view = spec.kv_heads == 1
+                rep = 0 if view else a * T * qw
+                self.op("attn.k_rep", [k], [self.t("attn.kr", rep)], grads=((k, a * T * kvw),))
+                self.op("attn.v_rep", [v], [self.t("attn.vr", rep)], grads=((v, a * T * kvw),))
+                bias = (k,) if view else ()
+                k, v, v_storage, kvw = "attn.kr", "attn.vr", v_storage if view else "attn.vr", qw
             self.op("attn.bias", [], [self.t("attn.bias", a * b * seq * cuda_sdpa.efficient_mask_last_dim(seq, _sym_round))])
-            bias = ("attn.bias",)
+            bias = (*bias, "attn.bias")
         if backend == "efficient":
             # memory-efficient attention (a mask, fp32, fp16 below sm80; same head counts): saves
             # q, k, v, output and float32 logsumexp; its backward allocates float32 delta and the
@@ -268,12 +284,19 @@ class _Ops:
         else:
             rep = H // spec.kv_heads
             S = b * H * seq * seq
+            keep_k = keep_v = ()
             if rep > 1:  # repeat_kv: expand + reshape copies k/v to every head
-                self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
-                self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
+                # ... except with one KV head and one sequence (self.kv_view): repeat_kv is then a
+                # stride-0 view and so is matmul's (b * H) batch reshape, so q @ k^T and p @ v
+                # save the original k / v storages
+                size = 0 if self.kv_view else a * T * qw
+                self.op("attn.k_rep", [k], [self.t("attn.kr", size)], grads=((k, a * T * kvw),))
+                self.op("attn.v_rep", [v], [self.t("attn.vr", size)], grads=((v, a * T * kvw),))
+                keep_k, keep_v = ((k,), (v,)) if self.kv_view else ((), ())
                 k, v = "attn.kr", "attn.vr"
             # eager q/k/v are made contiguous for bmm: q is already, k^T is a view
-            self.op("attn.qk", [q, k], [self.t("attn.s", a * S)], saves=(q, k), grads=((q, a * T * qw), (k, a * T * qw)))
+            self.op("attn.qk", [q, k, *keep_k], [self.t("attn.s", a * S)], saves=(q, k, *keep_k),
+                    grads=((q, a * T * qw), (k, a * T * qw)))
             self.op("attn.scale", ["attn.s"], [self.t("attn.s2", a * S)], grads=(("attn.s", a * S),))
             scores = "attn.s2"
             if spec.attn_logit_softcap:  # Gemma2: tanh(scores / cap) * cap, tanh saves its output
@@ -298,7 +321,7 @@ class _Ops:
                 # `attn_weights` still names the scaled scores until the cast result is bound to it
                 probs = "attn.p"
                 self.op("attn.cast", ["attn.p32", scores], [self.t(probs, a * S)], grads=(("attn.p32", FP32 * S),))
-            self.op("attn.pv", [probs, v], [self.t("attn.o", a * T * qw)], saves=(probs, v),
+            self.op("attn.pv", [probs, v, *keep_v], [self.t("attn.o", a * T * qw)], saves=(probs, v, *keep_v),
                     grads=((probs, a * S), (v, a * T * qw)))
         if backend in ("flash", "efficient"):
             # the fused kernels lay the output out as (b, s, H, hd): transformers'
@@ -309,6 +332,12 @@ class _Ops:
         return "attn.of"
 
     def residual(self, name: str, x: str, y: str) -> str:
+        if self.spec.arch.scaled_residuals:
+            # Granite: residual + y * residual_multiplier: the product is a new tensor (a scalar
+            # multiply saves nothing), its backward a new gradient
+            w = self.a * self.T * self.spec.hidden
+            self.op(f"{name}.scale", [y], [self.t(f"{name}.y", w)], grads=((y, w),))
+            y = f"{name}.y"
         out = f"{name}.out"
         self.op(name, [x, y], [self.t(out, self.a * self.T * self.spec.hidden)], grads=((x, 0), (y, 0)))
         return out
@@ -433,6 +462,16 @@ def windowed(spec: ModelSpec, setup: TrainSetup) -> bool:
     return spec.sliding_window is not None and setup.seq > spec.sliding_window
 
 
+def layer_windows(spec: ModelSpec, setup: TrainSetup) -> tuple[bool, ...]:
+    """Per decoder layer, bottom to top: whether its attention gets the sliding-window mask.
+    Only "sliding_attention" layers do (config.layer_types, docs/architectures.md#layer-types);
+    global layers of Gemma 3 or Qwen3 below max_window_layers run plain causal attention."""
+    if not spec.layer_types:
+        return (windowed(spec, setup),) * spec.layers
+    window = windowed(spec, setup)
+    return tuple(window and t == "sliding_attention" for t in spec.layer_types)
+
+
 def sdpa_call(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> cuda_sdpa.SdpaCall:
     """The scaled_dot_product_attention call transformers' sdpa_attention_forward makes for one
     training layer: no mask and is_causal for an unpadded causal batch, a boolean mask with a
@@ -465,6 +504,18 @@ def int8_ctx_inputs(spec: ModelSpec, setup: TrainSetup) -> int:
     return sum(alloc_bytes(a * T * w) for w in (spec.hidden, q, spec.hidden, mlp) if w)
 
 
+def embedding_leaf(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes of the raw embedding output Granite keeps for the whole step under gradient
+    checkpointing: enable_input_require_grads (transformers modeling_utils) makes the embedding
+    module's output a leaf that requires grad, and GraniteModel multiplies it by
+    embedding_multiplier *outside* that module, so the leaf is not the first layer's input; the
+    graph's AccumulateGrad node holds it until backward ends. (Gemma scales inside its embedding
+    module, so its leaf is the layer input itself.)"""
+    if not (setup.grad_ckpt and spec.arch.scaled_residuals):
+        return 0
+    return alloc_bytes(act_bytes(setup) * setup.tokens * spec.hidden)
+
+
 def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     """Bytes of the causal masks transformers materializes (masking_utils create_causal_mask):
     eager attention gets (batch, 1, seq, seq) in the compute dtype, Gemma2 a sliding-window one
@@ -472,7 +523,8 @@ def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     one when a sliding window is shorter than the sequence."""
     if setup.attn != "eager":
         return alloc_bytes(setup.batch * setup.seq * setup.seq) if windowed(spec, setup) else 0
-    count = 2 if spec.model_type == "gemma2" else 1
+    # one mask per attention type present (Gemma2Model / Gemma3TextModel causal_mask_mapping)
+    count = len(set(spec.layer_types)) or 1
     return count * alloc_bytes(act_bytes(setup) * setup.batch * setup.seq * setup.seq)
 
 
@@ -481,28 +533,51 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     weight among them (bytes)."""
     b = b or _Ops(spec, setup)
     lins = {l.leaf: l for l in spec.layer_linears}
-    n1 = b.norm("input_layernorm", "x")
+    # OLMo 2 normalizes block outputs, not inputs: attention reads the residual stream itself
+    n1 = "x" if spec.arch.norm_placement == "post" else b.norm("input_layernorm", "x")
     if spec.arch.fused_qkv:
         qkv = b.linear(lins["qkv_proj"], n1)
         # q, k, v are views of qkv_proj's output; v stays a view, so saving it keeps all of qkv
         qn, kn, vn, v_storage = qkv, qkv, qkv, qkv
+    elif spec.arch.qk_norm == "head" and spec.arch.norm_style == "llama":
+        # Qwen3Attention.forward: q_norm(q_proj(x).view(..., H, hd)), then k_norm(k_proj(x)), then v_proj
+        qn = b.norm("self_attn.q_norm", b.linear(lins["q_proj"], n1), spec.head_dim, spec.heads)
+        kn = b.norm("self_attn.k_norm", b.linear(lins["k_proj"], n1), spec.head_dim, spec.kv_heads)
+        vn = v_storage = b.linear(lins["v_proj"], n1)
+    elif spec.arch.qk_norm == "projection":
+        # Olmo2Attention.forward: q_norm(q_proj(x)), k_norm(k_proj(x)) over the whole width, v_proj
+        qn = b.norm("self_attn.q_norm", b.linear(lins["q_proj"], n1), spec.heads * spec.head_dim)
+        kn = b.norm("self_attn.k_norm", b.linear(lins["k_proj"], n1), spec.kv_heads * spec.head_dim)
+        vn = v_storage = b.linear(lins["v_proj"], n1)
     else:
         qn, kn, vn = (b.linear(lins[n], n1) for n in ("q_proj", "k_proj", "v_proj"))
         v_storage = vn
+        if spec.arch.qk_norm == "head":
+            # Gemma3Attention.forward: all three projections first, then q_norm and k_norm per head
+            qn = b.norm("self_attn.q_norm", qn, spec.head_dim, spec.heads)
+            kn = b.norm("self_attn.k_norm", kn, spec.head_dim, spec.kv_heads)
     attn = b.attention(qn, kn, vn, v_storage)
     o = b.linear(lins["o_proj"], attn)
     # Python keeps the attention's input (the argument `hidden_states`) and the o_proj input (a
     # local) alive until self_attn returns.
     b.op("self_attn.return", [n1, attn])
-    if spec.arch.norms_per_layer == 4:
+    if spec.arch.norm_placement == "sandwich":
         o = b.norm("post_attention_layernorm", o)
         h1 = b.residual("res1", "x", o)
         m = b.mlp(b.norm("pre_feedforward_layernorm", h1), lins)
         m = b.norm("post_feedforward_layernorm", m)
+    elif spec.arch.norm_placement == "post":
+        # Olmo2DecoderLayer.forward: h = x + post_attention_layernorm(self_attn(x));
+        # out = h + post_feedforward_layernorm(mlp(h))
+        h1 = b.residual("res1", "x", b.norm("post_attention_layernorm", o))
+        m = b.norm("post_feedforward_layernorm", b.mlp(h1, lins))
     else:
         h1 = b.residual("res1", "x", o)
         n2 = b.norm("post_attention_layernorm", h1)
         m = b.moe(n2) if spec.num_experts else b.mlp(n2, lins)
+    if spec.arch.scaled_residuals:
+        b.op("res2.scale", [m], [b.t("res2.y", b.a * b.T * spec.hidden)], grads=((m, b.a * b.T * spec.hidden),))
+        m = "res2.y"
     b.op("layer", [h1, m], [b.t("layer.out", b.a * b.T * spec.hidden)], grads=((h1, 0), (m, 0)))
     return b.ops, b.dequant
 
@@ -520,6 +595,9 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
     if logits is None:
         b.op("lm_head", [n], [b.t("logits", lb * T * V)], grads=((n, b.a * T * spec.hidden),))
         logits = "logits"
+    if spec.arch.scaled_logits:    # Granite: logits / logits_scaling, a new tensor
+        b.op("logits_scale", [logits], [b.t("logits_s", lb * T * V)], grads=((logits, lb * T * V),))
+        logits = "logits_s"
     if spec.final_logit_softcap:   # logits / cap; tanh (saves output); * cap
         b.op("cap_div", [logits], [b.t("cap1", lb * T * V)], grads=((logits, lb * T * V),))
         b.op("cap_tanh", ["cap1"], [b.t("cap2", lb * T * V)], saves=("cap2",), grads=(("cap1", lb * T * V),))
@@ -559,23 +637,34 @@ class HeadMemory:
     saved: int
 
 
-def decisions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> tuple[frozenset, bool]:
+def decisions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, window: bool | None = None,
+              rope: bool = True) -> tuple[frozenset, bool, bool, bool]:
     """The choices the actual batch x seq make: which 4-bit matmuls run bitsandbytes' fused
-    kernel (no dequantized weight in forward), and whether a sliding window forces a mask."""
+    kernel on `arch` (no dequantized weight in forward), whether a sliding window forces a mask
+    (`window`: for one layer kind; by default whether any layer's does), whether eager
+    attention reads one KV head through views (multi-query with a single sequence), and whether
+    the layer applies RoPE (`rope`)."""
     dtype = activation_dtype(setup)
     fused = frozenset(l.name for l in spec.layer_linears
                       if setup.quantized and setup.quant != "int8"
                       and gemm_4bit_fused(setup.tokens, l.out_features, l.in_features, dtype, arch))
-    return fused, windowed(spec, setup)
+    kv_view = spec.kv_heads == 1 and spec.heads > 1 and setup.batch == 1
+    return fused, windowed(spec, setup) if window is None else window, kv_view, rope
 
 
 def kernels(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> dict:
     """The CUDA kernels the estimate assumes on `arch`, for output and JSON."""
-    fused, window = decisions(spec, setup, arch)
-    out = {"gpu_arch": arch.to_dict(),
-           "sdpa": (f"{sdpa_backend(spec, setup, window, arch)} (every layer)" if setup.attn == "sdpa"
-                    else "eager attention (no SDPA)"),
-           "cublas_workspace_bytes": cuda_cublas.workspace_bytes(arch)}
+    fused = decisions(spec, setup, arch)[0]
+    if setup.attn == "sdpa":
+        kinds = sorted(set(layer_windows(spec, setup)))
+        backends = {w: sdpa_backend(spec, setup, w, arch) for w in kinds}
+        if len(set(backends.values())) == 1:
+            sdpa = f"{next(iter(backends.values()))} (every layer)"
+        else:
+            sdpa = ", ".join(f"{b} ({'sliding-window' if w else 'global'} layers)" for w, b in backends.items())
+    else:
+        sdpa = "eager attention (no SDPA)"
+    out = {"gpu_arch": arch.to_dict(), "sdpa": sdpa, "cublas_workspace_bytes": cuda_cublas.workspace_bytes(arch)}
     if setup.quantized and setup.quant != "int8":
         names = sorted(l.leaf for l in spec.layer_linears)
         fused_leaves = sorted({l.leaf for l in spec.layer_linears if l.name in fused})
@@ -585,11 +674,12 @@ def kernels(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> dic
     return out
 
 
-def _structure(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> tuple:
+def _structure(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, window: bool | None = None,
+               rope: bool = True) -> tuple:
     """What, besides the sizes, decides a walk: the setup without batch/seq (and without the
     optimizer, which acts after backward), the decisions, and the GPU whose kernels run."""
-    return (setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup, arch),
-            sdpa_backend(spec, setup, arch=arch), arch)
+    return (setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup, arch, window, rope),
+            sdpa_backend(spec, setup, window, arch), arch)
 
 
 @lru_cache(maxsize=256)
@@ -618,9 +708,26 @@ def _head_tape(spec: ModelSpec, structure: tuple) -> Tape:
 
 
 @lru_cache(maxsize=512)
-def layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> LayerMemory:
-    """The recorded walk (cached per structure) replayed for this batch x seq on `arch`."""
-    structure = _structure(spec, setup, arch)
+def layer_stack(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> tuple[LayerMemory, ...]:
+    """Every decoder layer's walk, bottom to top: layers of one kind share one LayerMemory
+    object (a sliding-window layer and a global one differ once the window is shorter than the
+    sequence: mask, repeated k/v, kernel)."""
+    ropes = spec.rope_layers or (True,) * spec.layers   # SmolLM3: some layers without RoPE
+    kinds = tuple(zip(layer_windows(spec, setup), ropes))
+    memory = {kind: layer_memory(spec, setup, arch, *kind) for kind in set(kinds)}
+    return tuple(memory[kind] for kind in kinds)
+
+
+def layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, window: bool | None = None,
+                 rope: bool = True) -> LayerMemory:
+    """The recorded walk (cached per structure) replayed for this batch x seq on `arch`; `window`:
+    the layer kind (sliding-window mask or not), by default whether any layer has the mask."""
+    return _layer_memory(spec, setup, arch, windowed(spec, setup) if window is None else window, rope)
+
+
+@lru_cache(maxsize=512)
+def _layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch, window: bool, rope: bool) -> LayerMemory:
+    structure = _structure(spec, setup, arch, window, rope)
     inner_tape, first_tape, dequant = _layer_tapes(spec, structure)
     values = variables(setup.batch, setup.seq)
     inner = inner_tape.replay(values)

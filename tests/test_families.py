@@ -1,0 +1,150 @@
+"""The decoder families added for issue #10: catalog sizes against the published figures, the
+structure read from each config (layer types, q/k norms, nested text configs), and the error for
+an architecture the analytic model does not know. Agreement with the traced step is
+tests/test_agreement.py."""
+import json
+
+import pytest
+
+from vramplan.core.errors import ModelError
+from vramplan.core.models import resolve, spec_from_config
+
+B = 10 ** 9
+
+# Published sizes (model cards on huggingface.co), in billions, with the digits they were given
+# to: the count must round to the published figure, so the tolerance is half a unit of the last
+# published digit. (total, non-embedding or None, decimals)
+PUBLISHED = [
+    ("Qwen/Qwen3-0.6B", 0.6, 0.44, (1, 2)),      # "Number of Parameters: 0.6B, Non-Embedding: 0.44B"
+    ("Qwen/Qwen3-8B", 8.2, 6.95, (1, 2)),        # "8.2B, Non-Embedding: 6.95B"
+    ("Qwen/Qwen3-32B", 32.8, 31.2, (1, 1)),      # "32.8B, Non-Embedding: 31.2B"
+    # Gemma 3 technical report (arXiv 2503.19786) Table 1, text decoder without the vision
+    # encoder: non-embedding parameters 698M, 3,209M, 10,759M, 25,600M; gemma-3-1b card: "1B"
+    ("google/gemma-3-1b-pt", 1.0, 0.698, (1, 3)),
+    ("google/gemma-3-4b-pt", None, 3.209, (None, 3)),
+    ("google/gemma-3-12b-pt", None, 10.759, (None, 3)),
+    ("google/gemma-3-27b-pt", None, 25.600, (None, 3)),
+    # OLMo 2 model card: "OLMo 2-7B" (a whole number of billions)
+    ("allenai/OLMo-2-1124-7B", 7, None, (0, None)),
+    # microsoft/phi-4 (model_type phi3): the model page's safetensors size, "14.7B params"
+    ("microsoft/phi-4", 14.7, None, (1, None)),
+    # SmolLM3 model card: "3B"
+    ("HuggingFaceTB/SmolLM3-3B", 3, None, (0, None)),
+]
+
+
+def non_embedding(spec) -> int:
+    parts = spec.param_breakdown()
+    return spec.num_params - parts["embed_tokens"] - parts["lm_head"]
+
+
+@pytest.mark.parametrize("model, total, non_emb, decimals", PUBLISHED, ids=[p[0] for p in PUBLISHED])
+def test_param_counts_round_to_the_published_sizes(model, total, non_emb, decimals):
+    spec = resolve(model)
+    if total is not None:
+        assert round(spec.num_params / B, decimals[0]) == total
+    if non_emb is not None:
+        assert round(non_embedding(spec) / B, decimals[1]) == non_emb
+
+
+def test_qwen3_has_per_head_qk_norms_and_no_biases():
+    spec = resolve("Qwen/Qwen3-8B")
+    assert (spec.heads, spec.kv_heads, spec.head_dim, spec.hidden) == (32, 8, 128, 4096)
+    assert spec.norm_widths == (4096, 4096, 128, 128)
+    assert not any(l.bias for l in spec.layer_linears)
+    assert set(spec.layer_types) == {"full_attention"} and spec.sliding_window is None
+
+
+def test_qwen3_sliding_layers_follow_max_window_layers():
+    config = dict(resolve("Qwen/Qwen3-0.6B").config, use_sliding_window=True, sliding_window=4096,
+                  max_window_layers=20)
+    spec = spec_from_config(config, "q", "test")
+    assert spec.layer_types == ("full_attention",) * 20 + ("sliding_attention",) * 8
+    assert spec.sliding_window == 4096
+
+
+def test_explicit_layer_types_win_and_are_checked():
+    config = dict(resolve("Qwen/Qwen3-0.6B").config, num_hidden_layers=2, sliding_window=64,
+                  layer_types=["sliding_attention", "full_attention"])
+    assert spec_from_config(config, "q", "test").layer_types == ("sliding_attention", "full_attention")
+    with pytest.raises(ModelError) as info:
+        spec_from_config(dict(config, layer_types=["linear_attention", "full_attention"]), "q", "test")
+    assert "layer_types must list 2 entries of full_attention / sliding_attention" in str(info.value)
+
+
+def test_unknown_architecture_names_the_families_and_simulate(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    with pytest.raises(ModelError) as info:
+        resolve(str(path))
+    text = str(info.value)
+    assert "architecture 'bert'" in text and "qwen3" in text and "`vramplan simulate`" in text
+
+
+def test_gemma3_reads_the_text_config_of_multimodal_checkpoints():
+    spec = resolve("google/gemma-3-27b-pt")
+    assert spec.model_type == "gemma3_text" and spec.config["model_type"] == "gemma3_text"
+    assert (spec.hidden, spec.layers, spec.heads, spec.kv_heads, spec.head_dim) == (5376, 62, 32, 16, 128)
+    # Gemma3TextConfig defaults fill what text_config omits: vocabulary, tied embeddings
+    assert spec.vocab == 262208 and spec.tied
+
+
+def test_gemma3_layer_pattern_and_norms():
+    spec = resolve("google/gemma-3-1b-pt")
+    assert spec.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
+    assert spec.layer_types.count("full_attention") == 4 and spec.sliding_window == 512
+    assert spec.norm_widths == (1152,) * 4 + (256, 256)
+    assert spec.kv_heads == 1 and spec.vocab == 262144
+
+
+def test_gemma3_layer_kinds_split_only_past_the_window():
+    from vramplan import TrainSetup
+    from vramplan.estimate.ops import layer_stack
+
+    spec = resolve("google/gemma-3-1b-pt")
+    short = layer_stack(spec, TrainSetup(seq=512, grad_ckpt=False))
+    long = layer_stack(spec, TrainSetup(seq=2048, grad_ckpt=False))
+    assert len(set(map(id, short))) == 1
+    assert len(set(map(id, long))) == 2 and long[5] is long[11] and long[0] is long[4]
+    assert long[0].saved > long[5].saved   # the sliding layers keep their mask-bias for backward
+
+
+def test_olmo2_norms_follow_the_blocks_and_span_the_projections():
+    spec = resolve("allenai/OLMo-2-1124-7B")
+    assert spec.arch.norm_placement == "post"
+    assert spec.norm_widths == (4096, 4096, 32 * 128, 32 * 128)
+    assert not spec.tied and spec.vocab == 100352
+
+
+def test_phi4_is_a_phi3_config_with_grouped_kv_and_no_window():
+    spec = resolve("phi-4")
+    assert spec.model_type == "phi3" and spec.arch.fused_qkv
+    assert (spec.heads, spec.kv_heads, spec.head_dim) == (40, 10, 128)
+    assert spec.layer_linears[0].out_features == 40 * 128 + 2 * 10 * 128   # qkv_proj
+    assert spec.sliding_window is None and set(spec.layer_types) == {"full_attention"}
+
+
+def test_granite_multipliers_are_ops_in_the_walk():
+    from vramplan import TrainSetup
+    from vramplan.estimate.ops import embedding_leaf, head_ops, layer_ops
+
+    config = json.loads((__import__("pathlib").Path(__file__).parent / "configs" / "granite-multipliers.json").read_text())
+    spec, setup = spec_from_config(config, "granite", "test"), TrainSetup(seq=512)
+    names = [op.name for op in layer_ops(spec, setup)[0]]
+    assert "res1.scale" in names and "res2.scale" in names
+    assert "logits_scale" in [op.name for op in head_ops(spec, setup)]
+    assert embedding_leaf(spec, setup) == 2 * 512 * 512 and embedding_leaf(spec, setup.with_(grad_ckpt=False)) == 0
+
+
+def test_smollm3_every_fourth_layer_skips_rope():
+    from vramplan import TrainSetup
+    from vramplan.estimate.ops import layer_ops, layer_stack
+
+    spec = resolve("smollm3-3b")
+    assert spec.rope_layers == (True, True, True, False) * 9 and spec.tied
+    stack = layer_stack(spec, TrainSetup(seq=512))
+    assert stack[0] is stack[1] and stack[3] is stack[7] and stack[0] is not stack[3]
+    config = dict(spec.config, no_rope_layers=[1, 0] + [1] * 34)
+    assert spec_from_config(config, "s", "test").rope_layers[:3] == (True, False, True)
+    with pytest.raises(ModelError):
+        spec_from_config(dict(spec.config, no_rope_layers=[1, 0]), "s", "test")
