@@ -21,6 +21,7 @@ def test_estimate_json_keys_and_sum(capsys):
     data = json.loads(out)
     for key in ("peak_allocated_bytes", "device_total_bytes", "components", "fits", "gpu", "model", "setup"):
         assert key in data
+    assert sum(data["components"].values()) == data["peak_allocated_bytes"]
     assert set(data["components"]) >= {"weights", "quant_constants", "adapters", "gradients", "optimizer_state",
                                        "activations", "logits_loss", "temporaries"}
     assert all(isinstance(v, int) for v in data["components"].values())
@@ -39,13 +40,13 @@ def test_all_setup_flags_reach_the_setup(capsys):
                        "--seq", "4096", "--no-grad-ckpt", "--method", "qlora", "--quant", "fp4",
                        "--no-double-quant", "--dtype", "fp16", "--rank", "8", "--targets", "q_proj,v_proj",
                        "--lora-dropout", "0.05", "--attn", "eager", "--optimizer", "paged_adamw8bit",
-                       "--prepare-kbit", "--json")
+                       "--prepare-kbit", "--experts", "4bit", "--json")
     assert code == 0
     s = json.loads(out)["setup"]
     assert s == {"method": "qlora", "quant": "fp4", "double_quant": False, "dtype": "fp16", "rank": 8,
                  "targets": ["q_proj", "v_proj"], "lora_dropout": 0.05, "batch": 4, "seq": 4096,
                  "grad_ckpt": False, "attn": "eager", "optimizer": "paged_adamw8bit", "prepare_kbit": True,
-                 "experts": "16bit"}
+                 "experts": "4bit"}
 
 
 def test_table_output_names_verdict_and_assumptions(capsys):
