@@ -155,6 +155,10 @@ class _Ops:
         out = f"{name}.out"
         self.op(f"{name}.add", [f"{name}.res", lc], [self.t(out, a * T * o)],
                 grads=((f"{name}.res", 0), (lc, 0)))
+        if a != FP32:
+            # the cast input is peft's local `x` until forward returns, saved or not
+            # (docs/peft-transformers.md#input-cast-and-base-output-clone)
+            self.op(f"{name}.return", [f"{name}.x32"])
         return out
 
     # --- attention ------------------------------------------------------------------------------
@@ -438,11 +442,17 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
         b.op("cap_tanh", ["cap1"], [b.t("cap2", lb * T * V)], saves=("cap2",), grads=(("cap1", lb * T * V),))
         b.op("cap_mul", ["cap2"], [b.t("cap3", lb * T * V)], grads=(("cap2", lb * T * V),))
         logits = "cap3"
+    logits_out = logits
     if lb != FP32:
         b.op("float", [logits], [b.t("logits32", FP32 * T * V)], grads=((logits, lb * T * V),))
         logits = "logits32"
     b.op("log_softmax", [logits], [b.t("logp", FP32 * T * V)], saves=("logp",), grads=((logits, FP32 * T * V),))
     b.op("nll_loss", ["logp"], [b.t("loss", 4)], grads=(("logp", FP32 * T * V),))
+    # The CausalLM forward holds `outputs.last_hidden_state` (the normed hidden state) and
+    # `logits` (lm_head's output, soft-capped) until it returns them in CausalLMOutputWithPast,
+    # so both are alive through the loss; `model(...).loss` then drops the output object
+    # (transformers models/llama/modeling_llama.py LlamaForCausalLM.forward; docs/peft-transformers.md#causal-lm-head-lifetimes)
+    b.op("forward.return", [n, logits_out])
     return b.ops
 
 
