@@ -294,10 +294,32 @@ class _Ops:
         self.op("moe.topk", ["moe.probs"], [self.t("moe.w", FP32 * Tk), self.t("moe.idx", 8 * Tk)],
                 saves=("moe.idx",), grads=(("moe.probs", FP32 * T * E),))
         wgu, wd = "moe.w_gate_up", "moe.w_down"
+        factors = []
         if lora:
-            self.op("moe.merge_gate_up", [], [self.t(wgu, cb * E * 2 * i * h)],
-                    param_grads=alloc(FP32 * 2 * r * E * 2 * i) + alloc(FP32 * h * 2 * r * E))
-        self.op("moe.gather", [x], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
+            # peft ParamWrapper._activate_lora, the outer wrapper (down_proj) first: get_delta_factors
+            # casts the LoRA factors to the weight dtype, the parametrization holds them until the
+            # experts return, and register_parametrization evaluates it once as a check (a merged
+            # copy, dropped at once). The cast's backward makes the float32 .grad.
+            # (docs/peft-transformers.md#mixtral-experts-in-transformers-5)
+            for name, lhs, rhs, merged in (("down", E * h * r, E * r * i, E * h * i),
+                                           ("gate_up", E * 2 * i * 2 * r, E * 2 * r * h, E * 2 * i * h)):
+                self.op(f"moe.factors_{name}", [], [self.t(f"moe.{name}.lhs", cb * lhs),
+                                                     self.t(f"moe.{name}.rhs", cb * rhs)],
+                        work=alloc(cb * merged), work_tag=ACT,
+                        param_grads=alloc(FP32 * lhs) + alloc(FP32 * rhs))
+                factors += [f"moe.{name}.lhs", f"moe.{name}.rhs"]
+        # grouped_mm_experts_forward: sort by expert, gather tokens (perm // k, a transient) and
+        # routing weights, histc over the float expert ids, cumsum offsets
+        self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)],
+                work=alloc(8 * Tk), work_tag=ACT)
+        self.op("moe.gather", [x, "moe.perm"], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
+        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", FP32 * Tk)], grads=(("moe.w", FP32 * Tk),))
+        self.op("moe.offsets", ["moe.ids"], [self.t("moe.ids32", 4 * Tk), self.t("moe.hist", 4 * E),
+                                             self.t("moe.offs", 4 * E)])
+        if lora:  # the cached parametrization merges on first access: baddbmm(W, lhs, rhs)
+            self.op("moe.merge_gate_up", ["moe.gate_up.lhs", "moe.gate_up.rhs"], [self.t(wgu, cb * E * 2 * i * h)],
+                    saves=("moe.gate_up.lhs", "moe.gate_up.rhs"),
+                    grads=(("moe.gate_up.lhs", cb * E * 2 * i * 2 * r), ("moe.gate_up.rhs", cb * E * 2 * r * h)))
         self.op("moe.gate_up", ["moe.xs"] + ([wgu] if lora else []), [self.t("moe.gu", a * Tk * 2 * i)],
                 saves=("moe.xs", wgu) if lora else (),
                 grads=(("moe.xs", a * Tk * h),) + (((wgu, cb * E * 2 * i * h),) if lora else ()))
@@ -308,16 +330,25 @@ class _Ops:
         self.op("moe.prod", ["moe.s", "moe.gu"], [self.t("moe.p", a * Tk * i)], saves=("moe.s", "moe.gu"),
                 grads=(("moe.s", a * Tk * i), ("moe.gu", a * Tk * i)))
         if lora:
-            self.op("moe.merge_down", [], [self.t(wd, cb * E * h * i)],
-                    param_grads=alloc(FP32 * r * E * h) + alloc(FP32 * i * r * E))
+            self.op("moe.merge_down", ["moe.down.lhs", "moe.down.rhs"], [self.t(wd, cb * E * h * i)],
+                    saves=("moe.down.lhs", "moe.down.rhs"),
+                    grads=(("moe.down.lhs", cb * E * h * r), ("moe.down.rhs", cb * E * r * i)))
         self.op("moe.down", ["moe.p"] + ([wd] if lora else []), [self.t("moe.d", a * Tk * h)],
                 saves=("moe.p", wd) if lora else (),
                 grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()))
-        self.op("moe.weigh", ["moe.d", "moe.w"], [self.t("moe.dw", FP32 * Tk * h)], saves=("moe.d", "moe.w"),
-                grads=(("moe.d", a * Tk * h), ("moe.w", FP32 * Tk)))
-        self.op("moe.unsort", ["moe.dw"], [self.t("moe.du", FP32 * Tk * h)], grads=(("moe.dw", FP32 * Tk * h),))
+        self.op("moe.weigh", ["moe.d", "moe.wg"], [self.t("moe.dw", FP32 * Tk * h)], saves=("moe.d", "moe.wg"),
+                grads=(("moe.d", a * Tk * h), ("moe.wg", FP32 * Tk)))
+        # inv_perm = empty_like(perm); inv_perm[perm] = arange (a transient)
+        self.op("moe.inv_perm", ["moe.perm"], [self.t("moe.inv", 8 * Tk)], work=alloc(8 * Tk), work_tag=ACT)
+        self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", FP32 * Tk * h)], saves=("moe.inv",),
+                grads=(("moe.dw", FP32 * Tk * h),))
         self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", 0),))
         self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))
+        # the experts' locals (gathered tokens, projections, routing bookkeeping) and the cached
+        # merged weights live until the experts forward returns (nn.utils.parametrize.cached)
+        self.op("moe.experts_return", ["moe.ids", "moe.perm", "moe.xs", "moe.wg", "moe.ids32", "moe.hist",
+                                       "moe.offs", "moe.d", "moe.inv", "moe.du", "moe.ds", *factors]
+                + ([wgu, wd] if lora else []))
         self.op("moe.return", [x])
         return "moe.out"
 
