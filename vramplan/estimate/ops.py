@@ -211,12 +211,14 @@ class _Ops:
             self.op("attn.k_scale", [k], [self.t("attn.ks", a * T * qw)], grads=((k, a * T * qw),))
             self.op("attn.qk", ["attn.qs", "attn.ks"], [self.t("attn.s", a * S)], saves=("attn.qs", "attn.ks"),
                     grads=(("attn.qs", a * T * qw), ("attn.ks", a * T * qw)))
-            self.op("attn.bias", ["attn.s"], [self.t("attn.sb", a * S)], grads=(("attn.s", 0),),
-                    work=alloc(seq * seq), work_tag=ACT)
+            # the causal mask: a boolean tril (transient) turned into an additive one in q's dtype
+            # (convert_boolean_attn_mask), a local like the scaled q until the kernel returns
+            self.op("attn.bias", ["attn.s"], [self.t("attn.sb", a * S), self.t("attn.fmask", a * seq * seq)],
+                    grads=(("attn.s", 0),), work=alloc(seq * seq), work_tag=ACT)
             self.op("attn.softmax", ["attn.sb"], [self.t("attn.p", a * S)], saves=("attn.p",),
                     grads=(("attn.sb", a * S),))
-            self.op("attn.pv", ["attn.p", v], [self.t("attn.o", a * T * qw)], saves=("attn.p", v),
-                    grads=(("attn.p", a * S), (v, a * T * qw)))
+            self.op("attn.pv", ["attn.p", v, "attn.qs", "attn.fmask"], [self.t("attn.o", a * T * qw)],
+                    saves=("attn.p", v), grads=(("attn.p", a * S), (v, a * T * qw)))
         elif backend == "flash":
             # flash backward workspaces (mha_bwd): softmax_d (b, H, s rounded to 128) and
             # dq_accum (b, s rounded, H, hd rounded to 32), float32; grouped KV: dk/dv expanded.
@@ -440,8 +442,14 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     attn = b.attention(qn, kn, vn, v_storage)
     o = b.linear(lins["o_proj"], attn)
     # Python keeps the attention's input (the argument `hidden_states`) and the o_proj input (a
-    # local) alive until self_attn returns.
-    b.op("self_attn.return", [n1, attn])
+    # local) alive until self_attn returns, and so the rotated `query_states` / `key_states`, the
+    # `value_states` and, for eager attention, the returned `attn_weights`, saved or not
+    # (transformers models/llama/modeling_llama.py LlamaAttention.forward;
+    # docs/peft-transformers.md#attention-locals)
+    locals_ = [n1, attn, "attn.q.rot", "attn.k.rot", v_storage]
+    if setup.attn == "eager":
+        locals_.append("attn.p" if b.a != FP32 else "attn.p32")
+    b.op("self_attn.return", locals_)
     if spec.arch.norms_per_layer == 4:
         o = b.norm("post_attention_layernorm", o)
         h1 = b.residual("res1", "x", o)
