@@ -171,6 +171,10 @@ class _Ops:
         out = f"{name}.out"
         self.op(f"{name}.add", [f"{name}.res", lc], [self.t(out, a * T * o)],
                 grads=((f"{name}.res", 0), (lc, 0)))
+        if a != FP32:
+            # the cast input is peft's local `x` until forward returns, saved or not
+            # (docs/peft-transformers.md#input-cast-and-base-output-clone)
+            self.op(f"{name}.return", [f"{name}.x32"])
         return out
 
     # --- attention ------------------------------------------------------------------------------
@@ -256,7 +260,9 @@ class _Ops:
                     grads=(("attn.p", c * S), (v, c * T * qw)))
             if a != FP32:
                 self.op("attn.o_cast", [out], [self.t("attn.o", a * T * qw)], grads=((out, c * T * qw),))
-            self.op("attn.math_return", weights)
+            # the scaled q and the mask are locals of the math kernel until it returns
+            # (docs/peft-transformers.md#attention-locals)
+            self.op("attn.math_return", [*weights, "attn.qs", *masks])
         elif backend == "flash":
             # a head dim that is not a multiple of 8 is padded first (q, k, v copies, saved by the
             # kernel; cuda/sdpa.py flash_padded_head_dim). Backward workspaces (mha_bwd): float32
@@ -364,10 +370,32 @@ class _Ops:
         if experts_quantized(spec, s):
             return self.moe_4bit_experts(x)
         wgu, wd = "moe.w_gate_up", "moe.w_down"
+        factors = []
         if lora:
-            self.op("moe.merge_gate_up", [], [self.t(wgu, cb * E * 2 * i * h)],
-                    param_grads=alloc(FP32 * 2 * r * E * 2 * i) + alloc(FP32 * h * 2 * r * E))
-        self.op("moe.gather", [x], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
+            # peft ParamWrapper._activate_lora, the outer wrapper (down_proj) first: get_delta_factors
+            # casts the LoRA factors to the weight dtype, the parametrization holds them until the
+            # experts return, and register_parametrization evaluates it once as a check (a merged
+            # copy, dropped at once). The cast's backward makes the float32 .grad.
+            # (docs/peft-transformers.md#mixtral-experts-in-transformers-5)
+            for name, lhs, rhs, merged in (("down", E * h * r, E * r * i, E * h * i),
+                                           ("gate_up", E * 2 * i * 2 * r, E * 2 * r * h, E * 2 * i * h)):
+                self.op(f"moe.factors_{name}", [], [self.t(f"moe.{name}.lhs", cb * lhs),
+                                                     self.t(f"moe.{name}.rhs", cb * rhs)],
+                        work=alloc(cb * merged), work_tag=ACT,
+                        param_grads=alloc(FP32 * lhs) + alloc(FP32 * rhs))
+                factors += [f"moe.{name}.lhs", f"moe.{name}.rhs"]
+        # grouped_mm_experts_forward: sort by expert, gather tokens (perm // k, a transient) and
+        # routing weights, histc over the float expert ids, cumsum offsets
+        self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)],
+                work=alloc(8 * Tk), work_tag=ACT)
+        self.op("moe.gather", [x, "moe.perm"], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
+        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", FP32 * Tk)], grads=(("moe.w", FP32 * Tk),))
+        self.op("moe.offsets", ["moe.ids"], [self.t("moe.ids32", 4 * Tk), self.t("moe.hist", 4 * E),
+                                             self.t("moe.offs", 4 * E)])
+        if lora:  # the cached parametrization merges on first access: baddbmm(W, lhs, rhs)
+            self.op("moe.merge_gate_up", ["moe.gate_up.lhs", "moe.gate_up.rhs"], [self.t(wgu, cb * E * 2 * i * h)],
+                    saves=("moe.gate_up.lhs", "moe.gate_up.rhs"),
+                    grads=(("moe.gate_up.lhs", cb * E * 2 * i * 2 * r), ("moe.gate_up.rhs", cb * E * 2 * r * h)))
         self.op("moe.gate_up", ["moe.xs"] + ([wgu] if lora else []), [self.t("moe.gu", a * Tk * 2 * i)],
                 saves=("moe.xs", wgu) if lora else (),
                 grads=(("moe.xs", a * Tk * h),) + (((wgu, cb * E * 2 * i * h),) if lora else ()))
@@ -378,16 +406,25 @@ class _Ops:
         self.op("moe.prod", ["moe.s", "moe.gu"], [self.t("moe.p", a * Tk * i)], saves=("moe.s", "moe.gu"),
                 grads=(("moe.s", a * Tk * i), ("moe.gu", a * Tk * i)))
         if lora:
-            self.op("moe.merge_down", [], [self.t(wd, cb * E * h * i)],
-                    param_grads=alloc(FP32 * r * E * h) + alloc(FP32 * i * r * E))
+            self.op("moe.merge_down", ["moe.down.lhs", "moe.down.rhs"], [self.t(wd, cb * E * h * i)],
+                    saves=("moe.down.lhs", "moe.down.rhs"),
+                    grads=(("moe.down.lhs", cb * E * h * r), ("moe.down.rhs", cb * E * r * i)))
         self.op("moe.down", ["moe.p"] + ([wd] if lora else []), [self.t("moe.d", a * Tk * h)],
                 saves=("moe.p", wd) if lora else (),
                 grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()))
-        self.op("moe.weigh", ["moe.d", "moe.w"], [self.t("moe.dw", FP32 * Tk * h)], saves=("moe.d", "moe.w"),
-                grads=(("moe.d", a * Tk * h), ("moe.w", FP32 * Tk)))
-        self.op("moe.unsort", ["moe.dw"], [self.t("moe.du", FP32 * Tk * h)], grads=(("moe.dw", FP32 * Tk * h),))
+        self.op("moe.weigh", ["moe.d", "moe.wg"], [self.t("moe.dw", FP32 * Tk * h)], saves=("moe.d", "moe.wg"),
+                grads=(("moe.d", a * Tk * h), ("moe.wg", FP32 * Tk)))
+        # inv_perm = empty_like(perm); inv_perm[perm] = arange (a transient)
+        self.op("moe.inv_perm", ["moe.perm"], [self.t("moe.inv", 8 * Tk)], work=alloc(8 * Tk), work_tag=ACT)
+        self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", FP32 * Tk * h)], saves=("moe.inv",),
+                grads=(("moe.dw", FP32 * Tk * h),))
         self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", 0),))
         self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))
+        # the experts' locals (gathered tokens, projections, routing bookkeeping) and the cached
+        # merged weights live until the experts forward returns (nn.utils.parametrize.cached)
+        self.op("moe.experts_return", ["moe.ids", "moe.perm", "moe.xs", "moe.wg", "moe.ids32", "moe.hist",
+                                       "moe.offs", "moe.d", "moe.inv", "moe.du", "moe.ds", *factors]
+                + ([wgu, wd] if lora else []))
         self.op("moe.return", [x])
         return "moe.out"
 
@@ -559,8 +596,15 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     attn = b.attention(qn, kn, vn, v_storage)
     o = b.linear(lins["o_proj"], attn)
     # Python keeps the attention's input (the argument `hidden_states`) and the o_proj input (a
-    # local) alive until self_attn returns.
-    b.op("self_attn.return", [n1, attn])
+    # local) alive until self_attn returns, and so the rotated `query_states` / `key_states`, the
+    # `value_states` and, for eager attention, the returned `attn_weights`, saved or not
+    # (transformers models/llama/modeling_llama.py LlamaAttention.forward;
+    # docs/peft-transformers.md#attention-locals)
+    made = {t.name for op in b.ops for t in op.outputs}
+    locals_ = [n1, attn, *(("attn.q.rot", "attn.k.rot") if b.use_rope else (qn, kn)), v_storage]
+    if setup.attn == "eager":
+        locals_.append("attn.p" if b.a != FP32 else "attn.p32")
+    b.op("self_attn.return", [name for name in locals_ if name in made or name == n1])
     if spec.arch.norm_placement == "sandwich":
         o = b.norm("post_attention_layernorm", o)
         h1 = b.residual("res1", "x", o)
@@ -603,11 +647,17 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
         b.op("cap_tanh", ["cap1"], [b.t("cap2", lb * T * V)], saves=("cap2",), grads=(("cap1", lb * T * V),))
         b.op("cap_mul", ["cap2"], [b.t("cap3", lb * T * V)], grads=(("cap2", lb * T * V),))
         logits = "cap3"
+    logits_out = logits
     if lb != FP32:
         b.op("float", [logits], [b.t("logits32", FP32 * T * V)], grads=((logits, lb * T * V),))
         logits = "logits32"
     b.op("log_softmax", [logits], [b.t("logp", FP32 * T * V)], saves=("logp",), grads=((logits, FP32 * T * V),))
     b.op("nll_loss", ["logp"], [b.t("loss", 4)], grads=(("logp", FP32 * T * V),))
+    # The CausalLM forward holds `outputs.last_hidden_state` (the normed hidden state) and
+    # `logits` (lm_head's output, soft-capped) until it returns them in CausalLMOutputWithPast,
+    # so both are alive through the loss; `model(...).loss` then drops the output object
+    # (transformers models/llama/modeling_llama.py LlamaForCausalLM.forward; docs/peft-transformers.md#causal-lm-head-lifetimes)
+    b.op("forward.return", [n, logits_out])
     return b.ops
 
 

@@ -186,8 +186,16 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
     frees = [tuple(n for n in dict.fromkeys((*op.inputs, *(t.name for t in op.outputs)))
                    if last_use.get(n, -1) <= i and n not in keep) for i, op in enumerate(ops)]
 
-    def run_forward(upto: int, saving: bool) -> None:
+    def run_forward(upto: int, saving: bool, stop_early: bool = False) -> None:
         for i, op in enumerate(ops[:upto]):
+            if stop_early and i == upto - 1 and set(op.saves) <= set(op.inputs):
+                # checkpoint's early stop raises in the pack hook of the last saved tensor;
+                # a generated autograd op packs its saved inputs before its kernel runs, so
+                # an op that saves only inputs never allocates its outputs here
+                # (docs/autograd.md#non-reentrant-checkpointing)
+                for name in op.saves:
+                    saved_by[name] = saved_by.get(name, 0) + 1
+                return
             for t in op.outputs:
                 live.add(t.name, t.nbytes, t.tag)
             live.mark(op.name, op.work, op.work_tag)
@@ -247,7 +255,7 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         if recompute_upto and op.saves:
             requires.clear()
             requires.update(needs_grad)
-            run_forward(recompute_upto, saving=True)
+            run_forward(recompute_upto, saving=True, stop_early=True)
             recompute_upto = 0
             # early stop raises inside the re-run forward: its frames unwind and every tensor
             # only Python referenced (not saved, not kept) is freed
