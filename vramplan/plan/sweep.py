@@ -65,7 +65,7 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
         s = base.with_(**chosen)
         ev = evaluators.get(par)
         if ev is None:
-            ev = evaluators[par] = Evaluator(spec, par)
+            ev = evaluators[par] = Evaluator(spec, par, g)
         est = ev.estimate(s)
         row = {"model": spec.id, "gpu": g.name if g else None, "gpu_memory_bytes": g.memory_bytes if g else None,
                "gpus": par.gpus, "strategy": par.strategy, "offload": par.offload}
