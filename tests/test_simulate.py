@@ -180,7 +180,7 @@ def test_meta_peak_within_1pct_of_real_cpu_run(tiny_spec, model_type, kw):
     assert abs(fwd_end - cpu.boundaries["forward_end"]) <= 0.01 * cpu.boundaries["forward_end"]
     if kw.get("attn") == "eager":             # no CUDA kernel emulated: the same step, the same bytes
         assert peak == cpu.peak_allocated_bytes
-        assert meta.components == cpu.components
+        assert {**meta.components, "temporaries": meta.components["temporaries"] - cublas} == cpu.components
 
 
 # --- components ------------------------------------------------------------------------------------

@@ -75,8 +75,9 @@ class Evaluator:
     Composes estimator pieces exactly as estimator.estimate does; static memory is cached per
     setup without batch/seq. `exact()` goes through the public API (estimate + per_gpu)."""
 
-    def __init__(self, spec: ModelSpec, parallel: Parallel):
+    def __init__(self, spec: ModelSpec, parallel: Parallel, gpu: Gpu | None = None):
         self.spec, self.parallel = spec, parallel
+        self.gpu = gpu          # whose CUDA kernels the estimate assumes (cuda/arch.py)
         self._static: dict = {}
         self._need: dict = {}
         self._exact: dict = {}
@@ -88,7 +89,7 @@ class Evaluator:
         static = self._static.get(key)
         if static is None:
             static = self._static[key] = static_memory(self.spec, run)
-        return estimate(self.spec, run, static=static)
+        return estimate(self.spec, run, static=static, gpu=self.gpu)
 
     def estimate(self, setup: TrainSetup, gpu: Gpu | None = None) -> ShardedEstimate:
         quick = self.quick(setup)
@@ -106,7 +107,7 @@ class Evaluator:
         """The same number through the public API (estimate() inside sharding.per_gpu)."""
         value = self._exact.get(setup)
         if value is None:
-            value = self._exact[setup] = per_gpu(self.spec, setup, self.parallel).device_total_bytes
+            value = self._exact[setup] = per_gpu(self.spec, setup, self.parallel, gpu=self.gpu).device_total_bytes
         return value
 
 
@@ -313,6 +314,7 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     if isinstance(gpu, str) and gpu.strip().lower() == "all":
         return _survey(spec, setup, par, ev, tight, notes)
     g = resolve_gpu(gpu)
+    ev = Evaluator(spec, par, g)
     cap = g.memory_bytes
     est = per_gpu(spec, setup, par, gpu=g)
     need = est.device_total_bytes
@@ -589,7 +591,7 @@ def _recommend(ev: Evaluator, spec: ModelSpec, setup: TrainSetup, gpu: Gpu, tigh
 def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight: float,
              ev: Evaluator, with_changes: bool = True) -> Minimum:
     cap = gpu.memory_bytes
-    single = ev.need(setup) if par.strategy == "single" else Evaluator(spec, Parallel()).need(setup)
+    single = ev.need(setup) if par.strategy == "single" else Evaluator(spec, Parallel(), gpu).need(setup)
     fitting = [g for g in sorted(catalog(), key=lambda g: g.memory_bytes) if single <= g.memory_bytes]
     options = []
     floor, floor_label, floor_est = None, "", None
@@ -598,7 +600,7 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
             if n == 1 and offload == "none":
                 continue
             p = Parallel(n, strategy, offload)
-            est = Evaluator(spec, p).estimate(setup)
+            est = Evaluator(spec, p, gpu).estimate(setup)
             need = est.device_total_bytes
             if floor is None or need < floor:
                 floor, floor_label, floor_est = need, p.label, est
@@ -628,7 +630,7 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
         for n in (2, 4, 8):
             for offload in ("none", "cpu"):
                 p = Parallel(n, "fsdp", offload)
-                found = _recommend(Evaluator(spec, p), spec, setup, gpu, tight)
+                found = _recommend(Evaluator(spec, p, gpu), spec, setup, gpu, tight)
                 if found and (not changes or found[0].cost < changes[0].cost):
                     changes_parallel, changes = p, found
         if changes:

@@ -384,8 +384,9 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
     par = parallel_of(gpus, strategy, offload, parallel)
     setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     run = effective_setup(setup, par)
-    base = estimate(spec, run)
-    return distribute(base, par, gpu=resolve_gpu(gpu) if gpu is not None else None)
+    gpu_obj = resolve_gpu(gpu) if gpu is not None else None
+    base = estimate(spec, run, gpu=gpu_obj)   # the GPU's CUDA kernels (cuda/arch.py)
+    return distribute(base, par, gpu=gpu_obj)
 
 
 def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits | None = None) -> ShardedEstimate:

@@ -75,7 +75,7 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
             check_given(s, chosen)  # a swept value the row's method does not use (quant with full)
             ev = evaluators.get(par)
             if ev is None:
-                ev = evaluators[par] = Evaluator(spec, par)
+                ev = evaluators[par] = Evaluator(spec, par, g)
             est = ev.estimate(s)
         except VramplanError as exc:
             # A combination that cannot run (Gemma-2 with sdpa, quant with full, ...) is a row with
