@@ -29,7 +29,7 @@ MODELS = ["meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf", "meta-llama/L
           "meta-llama/Meta-Llama-3-8B", "mistralai/Mistral-7B-v0.1", "mistralai/Mixtral-8x7B-v0.1",
           "Qwen/Qwen2.5-7B", "google/gemma-2-9b", "microsoft/Phi-3-mini-4k-instruct",
           "Qwen/Qwen3-8B", "Qwen/Qwen3-32B", "google/gemma-3-1b-pt", "google/gemma-3-4b-pt",
-          "google/gemma-3-12b-pt", "allenai/OLMo-2-1124-7B", "microsoft/phi-4", "HuggingFaceTB/SmolLM3-3B"]
+          "google/gemma-3-12b-pt", "allenai/OLMo-2-1124-7B", "microsoft/phi-4", "HuggingFaceTB/SmolLM3-3B-Base"]
 
 BASE = dict(method="qlora", batch=1, seq=2048, grad_ckpt=True, attn="sdpa", optimizer="adamw")
 METHODS = ("qlora", "lora")

@@ -29,7 +29,7 @@ PUBLISHED = [
     # microsoft/phi-4 (model_type phi3): the model page's safetensors size, "14.7B params"
     ("microsoft/phi-4", 14.7, None, (1, None)),
     # SmolLM3 model card: "3B"
-    ("HuggingFaceTB/SmolLM3-3B", 3, None, (0, None)),
+    ("HuggingFaceTB/SmolLM3-3B-Base", 3, None, (0, None)),
 ]
 
 
@@ -140,7 +140,7 @@ def test_smollm3_every_fourth_layer_skips_rope():
     from vramplan import TrainSetup
     from vramplan.estimate.ops import layer_ops, layer_stack
 
-    spec = resolve("smollm3-3b")
+    spec = resolve("smollm3-3b-base")
     assert spec.rope_layers == (True, True, True, False) * 9 and spec.tied
     stack = layer_stack(spec, TrainSetup(seq=512))
     assert stack[0] is stack[1] and stack[3] is stack[7] and stack[0] is not stack[3]

@@ -7,7 +7,7 @@ import pytest
 
 from vramplan.cli import main
 from vramplan.core.architectures import ARCHITECTURES
-from vramplan.core.models import catalog
+from vramplan.core.models import catalog, spec_from_config
 
 
 def run(capsys, monkeypatch, *argv, columns=80):
@@ -64,7 +64,8 @@ def test_filter_matches_id_alias_and_type_in_any_case(capsys, monkeypatch):
 def test_families_come_from_the_registry(capsys, monkeypatch):
     code, out, _ = run(capsys, monkeypatch, "models", "--json")
     families = {m["model_type"]: m["family"] for m in json.loads(out)}
-    types = {e.config["model_type"] for e in catalog().values()}
+    # the family is the decoder's type: a multimodal gemma3 config is read through its text_config
+    types = {spec_from_config(e.config, e.id, e.source).model_type for e in catalog().values()}
     assert set(families) == types
     for name, family in families.items():
         arch = ARCHITECTURES[name]

@@ -11,7 +11,6 @@ import os
 from vramplan.core.errors import UsageError
 from vramplan.cli.flags import print_json, setup_from_args
 from vramplan.core.gpus import resolve_gpu
-from vramplan.simulate.build import refuse_4bit_experts, simulation_spec
 from vramplan.estimate.estimator import estimate
 
 TOP_MODULES = 10
@@ -33,6 +32,9 @@ def register(subparsers, setup_flags_parent) -> None:
 
 
 def cmd_simulate(args) -> int:
+    # the simulate package loads only when this command runs: `vramplan estimate` builds this parser too
+    from vramplan.simulate.build import refuse_4bit_experts, simulation_spec
+
     setup = setup_from_args(args)
     spec = simulation_spec(args.model)   # a type the analytic model lacks is built by transformers alone
     refuse_4bit_experts(spec, setup)     # transformers 5 cannot build them: estimate-only

@@ -260,9 +260,12 @@ class _Ops:
                     grads=(("attn.p", c * S), (v, c * T * qw)))
             if a != FP32:
                 self.op("attn.o_cast", [out], [self.t("attn.o", a * T * qw)], grads=((out, c * T * qw),))
-            # the scaled q and the mask are locals of the math kernel until it returns
-            # (docs/peft-transformers.md#attention-locals)
-            self.op("attn.math_return", [*weights, "attn.qs", *masks])
+            # the kernel's locals live until it returns (aten _scaled_dot_product_attention_math:
+            # the float32 copies of q/k/v, the scaled q, k/v repeated for enable_gqa, the mask;
+            # docs/peft-transformers.md#attention-locals)
+            made = {t.name for op in self.ops for t in op.outputs}
+            kernel_locals = [n for n in ("attn.q32", "attn.k32", "attn.v32", "attn.kr", "attn.vr") if n in made]
+            self.op("attn.math_return", [*weights, "attn.qs", *masks, *kernel_locals])
         elif backend == "flash":
             # a head dim that is not a multiple of 8 is padded first (q, k, v copies, saved by the
             # kernel; cuda/sdpa.py flash_padded_head_dim). Backward workspaces (mha_bwd): float32

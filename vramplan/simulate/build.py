@@ -57,6 +57,12 @@ class ConfigSpec:
     experts_per_tok: int = 0
     analytic = False          # no estimate beside it: the analytic model lacks this type
 
+    def to_dict(self) -> dict:
+        """The `model` object of the JSON (core.models.ModelSpec.to_dict's keys this spec knows)."""
+        return {"id": self.id, "source": self.source, "model_type": self.model_type,
+                "num_hidden_layers": self.layers, "vocab_size": self.vocab,
+                "num_local_experts": self.num_experts, "num_experts_per_tok": self.experts_per_tok}
+
 
 def config_spec(config: dict, model_id: str, source: str) -> ConfigSpec:
     """Read depth, vocabulary and MoE fields through transformers' own config class
