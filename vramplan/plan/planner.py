@@ -49,6 +49,7 @@ from itertools import combinations
 from vramplan.core.errors import UsageError
 from vramplan.estimate.estimator import Estimate, estimate
 from vramplan.core.gpus import Gpu, catalog, resolve_gpu
+from vramplan.cuda.arch import default_dtype, target_arch
 from vramplan.estimate.inventory import static_memory
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.core.setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags
@@ -303,6 +304,10 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     the requested batch, a batch x seq grid, ranked changes that make a non-fitting setup fit,
     and the minimum hardware when nothing does. `flags` are TrainSetup fields."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
+    if setup is None and "dtype" not in flags and isinstance(gpu, (str, int, Gpu)) \
+            and not (isinstance(gpu, str) and gpu.strip().lower() == "all"):
+        # as estimate(): bf16 where the planned GPU has it, else fp16 (cuda/arch.py default_dtype)
+        flags["dtype"] = default_dtype(target_arch(resolve_gpu(gpu), None))
     setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     par = parallel_of(gpus, strategy, offload, parallel)
     if isinstance(tight, bool) or not isinstance(tight, (int, float)) or not 0 <= tight < 1:
