@@ -25,30 +25,48 @@ def setup_flags() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="nf4", help="nf4 | fp4 | int8 (default nf4)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="quantize absmax in fp32 only (bnb_4bit_use_double_quant=False)")
-    p.add_argument("--dtype", default="bf16", help="compute / 16-bit weight dtype: bf16 | fp16 | fp32")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--targets", default="all-linear", help="all-linear or comma,separated,module,names")
+    p.add_argument("--dtype", default=None, help="compute / 16-bit weight dtype: bf16 | fp16 | fp32 (default bf16)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 16)")
+    p.add_argument("--targets", default=None, help="all-linear or comma,separated,module,names (default all-linear)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0.0)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length in tokens (default 2048)")
-    p.add_argument("--grad-ckpt", dest="grad_ckpt", action=argparse.BooleanOptionalAction, default=True,
-                   help="gradient checkpointing (default on)")
+    p.add_argument("--grad-ckpt", dest="grad_ckpt", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing, non-reentrant (default on)")
     p.add_argument("--attn", default="sdpa", help="sdpa | eager (default sdpa)")
-    p.add_argument("--optimizer", default="adamw",
-                   help="adamw | adamw8bit | paged_adamw | paged_adamw8bit | sgd | adafactor")
-    p.add_argument("--prepare-kbit", action="store_true",
+    p.add_argument("--optimizer", default=None,
+                   help="adamw (torch AdamW, foreach: its CUDA default) | adamw_foreach | adamw_fused | adamw8bit | "
+                        "paged_adamw | paged_adamw8bit | sgd | adafactor (default adamw)")
+    p.add_argument("--prepare-kbit", dest="prepare_kbit", action=argparse.BooleanOptionalAction, default=None,
                    help="model peft's prepare_model_for_kbit_training (non-quantized weights in fp32)")
+    p.add_argument("--amp", default=None, help="torch.autocast dtype around the forward: bf16 | fp16 | none (default none)")
+    p.add_argument("--loop", default=None,
+                   help="trainer (only the loss outlives the forward) | plain (`out = model(**batch)` keeps the "
+                        "logits through backward) (default trainer)")
+    p.add_argument("--loss", default=None,
+                   help="full (transformers' loss on fp32 logits) | chunked (TRL's fused lm_head, no full logits) "
+                        "(default full)")
+    p.add_argument("--recipe", default=None,
+                   help="trainer | trl-sft | qlora-paper | plain: that library's defaults for dtype, amp, optimizer, "
+                        "checkpointing, loss and loop; explicit flags override (default: none, the idealized step)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
 
-def setup_from_args(args):
-    from vramplan.core.setup import TrainSetup, parse_targets
+# flags a --recipe sets; None means "not given", so the recipe (or TrainSetup) default applies
+RECIPE_FLAGS = ("dtype", "rank", "targets", "grad_ckpt", "optimizer", "prepare_kbit", "amp", "loop", "loss")
 
-    return TrainSetup(method=args.method, quant=args.quant, double_quant=args.double_quant, dtype=args.dtype,
-                      rank=args.rank, targets=parse_targets(args.targets), lora_dropout=args.lora_dropout,
-                      batch=args.batch, seq=args.seq, grad_ckpt=args.grad_ckpt, attn=args.attn,
-                      optimizer=args.optimizer, prepare_kbit=args.prepare_kbit)
+
+def setup_from_args(args):
+    from vramplan.core.recipes import make_setup
+    from vramplan.core.setup import parse_targets
+
+    explicit = {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name, None) is not None}
+    if "targets" in explicit:
+        explicit["targets"] = parse_targets(explicit["targets"])
+    return make_setup(getattr(args, "recipe", None), method=args.method, quant=args.quant,
+                      double_quant=args.double_quant, lora_dropout=args.lora_dropout, batch=args.batch,
+                      seq=args.seq, attn=args.attn, **explicit)
 
 
 def print_json(data) -> None:

@@ -223,8 +223,12 @@ def cmd_sweep(args) -> int:
             "rank": parse_list("--rank", args.rank), "method": parse_list("--method", args.method, str),
             "optimizer": parse_list("--optimizer", args.optimizer, str), "attn": parse_list("--attn", args.attn, str),
             "quant": parse_list("--quant", args.quant, str), "dtype": parse_list("--dtype", args.dtype, str)}
-    base = TrainSetup(double_quant=args.double_quant, targets=parse_targets(args.targets),
-                      lora_dropout=args.lora_dropout, grad_ckpt=args.grad_ckpt, prepare_kbit=args.prepare_kbit)
+    from vramplan.core.recipes import make_setup
+    explicit = {k: getattr(args, k) for k in ("grad_ckpt", "prepare_kbit", "amp", "loop", "loss")
+                if getattr(args, k, None) is not None}
+    if args.targets is not None:
+        explicit["targets"] = parse_targets(args.targets)
+    base = make_setup(args.recipe, double_quant=args.double_quant, lora_dropout=args.lora_dropout, **explicit)
     strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]
     df = sweep(args.model, args.gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
                strategy=strategies, offload=parse_list("--offload", args.offload, str), tight=args.tight, **axes)

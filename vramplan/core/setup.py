@@ -10,7 +10,13 @@ METHODS = ("qlora", "lora", "full")
 QUANTS = ("nf4", "fp4", "int8")
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTENTION = ("sdpa", "eager")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd", "adafactor")
+# "adamw" is torch.optim.AdamW with its CUDA default, the foreach implementation (adamw_foreach);
+# adamw_fused is AdamW(fused=True), the HF Trainer default on torch >= 2.8 (docs/autograd.md#adamw-foreach-vs-fused)
+OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_fused", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd",
+              "adafactor")
+AMPS = ("none", "bf16", "fp16")    # torch.autocast(device_type="cuda", dtype=...) around the forward
+LOOPS = ("trainer", "plain")       # trainer: only the loss outlives the forward; plain: `out` (logits) too
+LOSSES = ("full", "chunked")       # full: transformers ForCausalLMLoss; chunked: TRL's fused lm_head + chunked NLL
 ALL_LINEAR = "all-linear"
 
 # Sanity bounds: beyond these the input is a typo, not a plan (a 2**24-token sequence of batch
@@ -41,6 +47,10 @@ class TrainSetup:
     attn: str = "sdpa"
     optimizer: str = "adamw"
     prepare_kbit: bool = False
+    amp: str = "none"
+    loop: str = "trainer"
+    loss: str = "full"
+    recipe: str | None = None      # the training library's recipe the other fields came from (core/recipes.py)
 
     def __post_init__(self):
         if isinstance(self.targets, str):  # accept "q_proj,v_proj" from callers
@@ -66,6 +76,22 @@ class TrainSetup:
                              hint="use it with --method qlora, or drop it")
         if not self.targets or any(not t for t in self.targets):
             raise UsageError("--targets is empty", hint="use all-linear or e.g. q_proj,v_proj")
+        self._validate_step_flags()
+
+    def _validate_step_flags(self) -> None:
+        """--amp, --loop, --loss, --recipe (core/recipes.py)."""
+        _choice("--amp", self.amp, AMPS)
+        _choice("--loop", self.loop, LOOPS)
+        _choice("--loss", self.loss, LOSSES)
+        if self.recipe is not None:
+            from vramplan.core.recipes import RECIPES
+            _choice("--recipe", self.recipe, tuple(RECIPES))
+        if self.amp != "none" and (self.prepare_kbit or self.dtype != self.amp):
+            # autocast over float32 hidden states (prepare_model_for_kbit_training, or fp32 weights)
+            # changes the dtype of every tensor op by op; only the common case is modelled
+            raise UsageError(f"--amp {self.amp} is modelled for {self.amp} weights without --prepare-kbit "
+                             f"(got --dtype {self.dtype}{', --prepare-kbit' if self.prepare_kbit else ''})",
+                             hint=f"use --dtype {self.amp} without --prepare-kbit, or --amp none")
 
     # --- derived facts, named so the estimator reads like the recipe -------------------------
     @property
@@ -83,6 +109,14 @@ class TrainSetup:
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
+
+    @property
+    def autocast(self) -> bool:
+        return self.amp != "none"
+
+    @property
+    def fused_adamw(self) -> bool:
+        return self.optimizer == "adamw_fused"
 
     @property
     def paged(self) -> bool:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.estimate.ops import act_bytes, eager_masks, head_memory, int8_ctx_inputs, layer_memory
+from vramplan.estimate.ops import (act_bytes, autocast_cache, eager_masks, head_memory, held_outputs,
+                                   int8_ctx_inputs, layer_memory)
 from vramplan.core.components import ALLOCATED, Component, check_sum
 from vramplan.cuda.context import device_overhead
 from vramplan.core.errors import ModelError
@@ -167,21 +168,29 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str
     # int8 matmul inputs held on the autograd ctx survive checkpointing (int8_ctx_inputs).
     ctx = int8_ctx_inputs(spec, setup)
 
-    def below(k: int) -> int:
-        return 0 if k == 0 else layer.first_saved + (k - 1) * layer.saved + k * ctx
+    # Autocast's weight-cast cache (ops.autocast_cache) is part of what a checkpointed layer leaves
+    # alive in the forward, and gone once the autocast region (the forward) exits.
+    cache = autocast_cache(spec, setup)
 
+    def below(k: int, forward: bool = False) -> int:
+        return 0 if k == 0 else layer.first_saved + (k - 1) * layer.saved + k * ctx - (0 if forward else k * cache)
+
+    # A plain loop's `out` (logits) outlives the step: the previous step's during the forward (the
+    # name is rebound only when model() returns), this step's through backward and opt.step()
+    held = {C.LOGITS_LOSS.value: held_outputs(spec, setup)}
     head_grads = head.backward.end.get(C.GRADIENTS.value, 0)
     layer_grads = layer.walk.end.get(C.GRADIENTS.value, 0)
     top = layer.walk if L > 1 else layer.first
     moments = {
-        "forward.layer": at(top.forward_peak, activations=below(L - 1) + fwd_masks),
-        "forward.loss": at(head.forward.forward_peak, activations=below(L) + fwd_masks),
+        "forward.layer": at(top.forward_peak, held, activations=below(L - 1, True) + fwd_masks),
+        "forward.loss": at(head.forward.forward_peak, held, activations=below(L, True) + fwd_masks),
         "backward.loss": at(head.backward.backward_peak, activations=below(L) + bwd_masks),
         # backward_peak includes the recomputation under checkpointing
-        "backward.top_layer": at(top.backward_peak, activations=below(L - 1) + ctx + bwd_masks, gradients=head_grads),
-        "backward.bottom_layer": at(layer.first.backward_peak, activations=ctx + bwd_masks,
+        "backward.top_layer": at(top.backward_peak, held, activations=below(L - 1) + ctx + bwd_masks,
+                                 gradients=head_grads),
+        "backward.bottom_layer": at(layer.first.backward_peak, held, activations=ctx + bwd_masks,
                                     gradients=head_grads + (L - 1) * layer_grads),
-        "optimizer": at(gradients=static.gradients, temporaries=static.optimizer_temporaries),
+        "optimizer": at(held, gradients=static.gradients, temporaries=static.optimizer_temporaries),
     }
     for parts in moments.values():
         check_sum(parts, sum(parts.values()))
@@ -194,7 +203,8 @@ def phase_of(moment: str) -> str:
 
 def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
     """What the prediction takes for granted, in words a user can check against their script."""
-    out = []
+    from vramplan.core.recipes import NO_RECIPE, recipe
+    out = [recipe(setup.recipe).summary() if setup.recipe else "recipe " + NO_RECIPE]
     if setup.quantized:
         if setup.quant == "int8":
             out.append("base weights: bitsandbytes LLM.int8 (Linear8bitLt), lm_head and embeddings in "
@@ -211,13 +221,21 @@ def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
                    + (f", dropout {setup.lora_dropout}" if setup.lora_dropout else ""))
     else:
         out.append(f"full fine-tuning: every parameter trainable in {setup.dtype}")
-    out.append(f"micro-batch {setup.batch} x sequence {setup.seq} tokens, no padding, labels = input_ids, "
-               "transformers ForCausalLMLoss (logits upcast to fp32)")
+    loss = ("transformers ForCausalLMLoss (logits upcast to fp32)" if setup.loss == "full" else
+            "TRL fused lm_head + chunked NLL (no full logits; 4096 x 32768 tiles)")
+    out.append(f"micro-batch {setup.batch} x sequence {setup.seq} tokens, no padding, labels = input_ids, {loss}")
+    out.append(f"torch.autocast({setup.amp}) around the forward: matmuls in {setup.amp}, LoRA inputs not cast "
+               "to fp32, adapter weight casts cached until the forward ends" if setup.autocast
+               else "no autocast: every op in its inputs' dtype")
+    out.append("loop: `out = model(**batch)` keeps the logits through backward and opt.step()" if setup.loop == "plain"
+               else "loop: only the loss outlives the forward (Trainer compute_loss)")
     out.append("gradient checkpointing (non-reentrant) on every decoder layer" if setup.grad_ckpt
                else "no gradient checkpointing: every layer's activations kept for backward")
     out.append("attention: SDPA flash / memory-efficient kernel (no seq x seq matrix)" if setup.attn == "sdpa"
                else "attention: eager (materializes batch x heads x seq x seq scores and fp32 softmax)")
-    opt = {"adamw": "torch AdamW (foreach), 2 states in the parameter dtype",
+    opt = {"adamw": "torch AdamW (foreach, its CUDA default), 2 states in the parameter dtype",
+           "adamw_foreach": "torch AdamW (foreach), 2 states in the parameter dtype",
+           "adamw_fused": "torch AdamW(fused=True), 2 states in the parameter dtype, no foreach workspace",
            "adamw8bit": "bitsandbytes AdamW8bit (blockwise 8-bit states)",
            "paged_adamw": "bitsandbytes PagedAdamW 32-bit: states in CUDA unified memory (not counted as allocated)",
            "paged_adamw8bit": "bitsandbytes PagedAdamW8bit: states in CUDA unified memory (not counted as allocated)",

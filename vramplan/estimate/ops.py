@@ -62,6 +62,8 @@ class _Ops:
         self.adapted = {l.name for l in adapted_linears(spec, setup)}
         self.ops: list[Op] = []
         self.dequant = 0   # largest dequantized-weight temporary seen
+        self.cached: tuple = ()   # autocast weight casts, held by autocast's cache until the region exits
+        self.held: tuple = ()     # head outputs the loop keeps through backward (`out.logits`)
 
     def t(self, name: str, nbytes: int) -> Tensor:
         return Tensor(name, alloc(nbytes), self.tag)
@@ -133,6 +135,8 @@ class _Ops:
             return base
         r = s.rank
         self.op(f"{name}.clone", [base], [self.t(f"{name}.res", a * T * o)], grads=((base, 0),))
+        if s.autocast:
+            return self.lora_autocast(name, x, base, i, o, r)
         xin = x
         if a != FP32:
             xin = f"{name}.x32"
@@ -155,6 +159,38 @@ class _Ops:
         out = f"{name}.out"
         self.op(f"{name}.add", [f"{name}.res", lc], [self.t(out, a * T * o)],
                 grads=((f"{name}.res", 0), (lc, 0)))
+        return out
+
+    def lora_autocast(self, name: str, x: str, base: str, i: int, o: int, r: int) -> str:
+        """peft's LoRA under torch.autocast: `requires_conversion = not torch.is_autocast_enabled()`
+        skips the float32 input cast (peft/tuners/lora/bnb.py Linear4bit.forward); lora_A / lora_B
+        are F.linear, on CUDA autocast's lower-precision list (aten/src/ATen/autocast_mode.cpp),
+        so they run in the autocast dtype on a cast of the float32 adapter weight. That cast is
+        cached for the autocast region (cached_cast: float32 leaf requiring grad) and saved by
+        the linear; its backward (ToCopyBackward) turns the 16-bit weight gradient into the
+        float32 .grad. docs/autograd.md#autocast-weight-cache, docs/peft-transformers.md#input-cast-and-base-output-clone.
+        The hidden state is already in the autocast dtype here (TrainSetup allows --amp only
+        with --dtype equal to it, without --prepare-kbit)."""
+        a, T = self.a, self.T
+        xin = x
+        if self.setup.lora_dropout > 0:
+            self.op(f"{name}.dropout", [xin], [self.t(f"{name}.xd", a * T * i), self.t(f"{name}.mask", T * i)],
+                    saves=(f"{name}.mask",), grads=((xin, a * T * i),))
+            xin = f"{name}.xd"
+        wa, wb = f"{name}.A16", f"{name}.B16"
+        self.op(f"{name}.cast_A", [], [self.t(wa, a * r * i)], param_grads=alloc(FP32 * r * i))
+        self.cached += (wa,)
+        self.op(f"{name}.lora_A", [xin, wa], [self.t(f"{name}.la", a * T * r)], saves=(xin, wa),
+                grads=((xin, a * T * i), (wa, a * r * i)))
+        self.op(f"{name}.cast_B", [], [self.t(wb, a * o * r)], param_grads=alloc(FP32 * o * r))
+        self.cached += (wb,)
+        self.op(f"{name}.lora_B", [f"{name}.la", wb], [self.t(f"{name}.lb", a * T * o)], saves=(f"{name}.la", wb),
+                grads=((f"{name}.la", a * T * r), (wb, a * o * r)))
+        self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", a * T * o)],
+                grads=((f"{name}.lb", a * T * o),))
+        out = f"{name}.out"
+        self.op(f"{name}.add", [f"{name}.res", f"{name}.ls"], [self.t(out, a * T * o)],
+                grads=((f"{name}.res", 0), (f"{name}.ls", 0)))
         return out
 
     # --- attention ------------------------------------------------------------------------------
@@ -427,6 +463,8 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
     b = b or _Ops(spec, setup)
     n = b.norm("norm", "x")
     b.tag = LOGITS
+    if setup.loss == "chunked":
+        return chunked_head_ops(spec, setup, b, n)
     T, V = b.T, spec.vocab
     lb = act_bytes(setup)          # lm_head runs in the hidden-state dtype
     logits = b.linear(spec.lm_head, n) if "lm_head" in b.adapted or setup.method == "full" else None
@@ -438,12 +476,66 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
         b.op("cap_tanh", ["cap1"], [b.t("cap2", lb * T * V)], saves=("cap2",), grads=(("cap1", lb * T * V),))
         b.op("cap_mul", ["cap2"], [b.t("cap3", lb * T * V)], grads=(("cap2", lb * T * V),))
         logits = "cap3"
+    out_logits = logits   # what CausalLMOutput.logits holds
     if lb != FP32:
         b.op("float", [logits], [b.t("logits32", FP32 * T * V)], grads=((logits, lb * T * V),))
         logits = "logits32"
     b.op("log_softmax", [logits], [b.t("logp", FP32 * T * V)], saves=("logp",), grads=((logits, FP32 * T * V),))
     b.op("nll_loss", ["logp"], [b.t("loss", 4)], grads=(("logp", FP32 * T * V),))
+    if setup.autocast and setup.loop == "trainer" and lb != FP32:
+        # accelerate wraps the autocast forward in convert_outputs_to_fp32 (accelerate/utils/operations.py
+        # ConvertOutputsToFp32): a float32 copy of the 16-bit logits, dropped with `outputs` before backward
+        b.op("outputs_fp32", [out_logits], [b.t("logits_out32", FP32 * T * V)])
+    b.held = (out_logits,) if setup.loop == "plain" else ()
     return b.ops
+
+
+def chunked_head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops", n: str) -> list[Op]:
+    """TRL's fused lm_head + chunked NLL (trl/trainer/utils.py add_fused_lm_head `_fused_forward`,
+    trl/kernels/chunked_logprob.py ChunkedLogProbFunction, TRL 1.16; docs/recipes.md#trl-chunked-loss),
+    on CUDA (Triton folds each tile in place, compact=True):
+    hidden[:, :-1][mask] copies the N = b * (s - 1) labelled rows; the forward keeps seven float32
+    N-vectors of online-logsumexp statistics and one (min(N, 4096), 32768) tile buffer in the
+    compute dtype; it saves hidden rows, targets, log_z and entropy; masked_scatter puts log-probs
+    back on (b, s - 1). Backward: a float32 N x hidden gradient (zeros, addmm with out_dtype
+    float32), the tile buffer again, then .to(hidden dtype); index and slice backward scatter it
+    into zeros of (b, s - 1, h) and (b, s, h)."""
+    if "lm_head" in b.adapted:
+        from vramplan.core.errors import UsageError
+        raise UsageError("--loss chunked (TRL's fused lm_head) reads lm_head.weight directly: a LoRA on "
+                         "lm_head would not train", hint="drop lm_head from --targets, or use --loss full")
+    a, h, V = b.a, spec.hidden, spec.vocab
+    N = sym.B * sym.S + sym.B * -1
+    cd = 2 if setup.autocast else a            # autocast dtype, else the hidden state's (compute_dtype)
+    tile = alloc(cd * sym.NT * TRL_VOCAB_CHUNK)
+    vec = alloc(FP32 * N)
+    b.op("fused.mask", [], [b.t("fused.mask", N)])                       # labels[:, 1:] != -100
+    b.op("fused.slice", [n], [b.t("fused.hs", 0)], grads=((n, a * b.T * h),))   # [:, :-1] view
+    b.op("fused.index", ["fused.hs", "fused.mask"], [b.t("fused.hc", a * N * h)], saves=("fused.mask",),
+         grads=(("fused.hs", a * N * h),))
+    b.op("fused.targets", ["fused.mask"], [b.t("fused.tg", 8 * N)])     # labels[mask]
+    full = setup.method == "full"
+    b.op("fused.logprob", ["fused.hc", "fused.tg"],
+         [b.t("fused.logz", FP32 * N), b.t("fused.lp", FP32 * N), b.t("fused.ent", FP32 * N),
+          b.t("fused.top1", N)],
+         saves=("fused.hc", "fused.tg", "fused.logz", "fused.ent"), grads=(("fused.hc", a * N * h),),
+         work=7 * vec + tile + 2 * alloc(N), work_tag=ACT,
+         bwd_work=alloc(FP32 * N * h) + tile + (alloc(FP32 * V * h) if full else 0),
+         param_grads=alloc(a * V * h) if full else 0)
+    # (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)): zeros, then the result
+    b.op("fused.scatter_lp", ["fused.lp", "fused.mask"], [b.t("fused.lpf", FP32 * N)], saves=("fused.mask",),
+         grads=(("fused.lp", FP32 * N),), work=vec, work_tag=ACT)
+    b.op("fused.scatter_ent", ["fused.ent", "fused.mask"], [b.t("fused.entf", FP32 * N)], work=vec, work_tag=ACT)
+    b.op("fused.scatter_top1", ["fused.top1", "fused.mask"], [b.t("fused.top1f", N)], work=alloc(N), work_tag=ACT)
+    # SFTTrainer.compute_loss: per_token_loss = -outputs.log_probs; its sum over the labelled tokens
+    b.op("fused.neg", ["fused.lpf"], [b.t("fused.nll", FP32 * N)], grads=(("fused.lpf", FP32 * N),))
+    b.op("fused.sum", ["fused.nll"], [b.t("loss", 4)], grads=(("fused.nll", FP32 * N),))
+    b.op("fused.return", [n, "fused.entf", "fused.top1f"])   # backbone_outputs live until _fused_forward returns
+    b.held = ("fused.lpf", "fused.entf") if setup.loop == "plain" else ()
+    return b.ops
+
+
+TRL_VOCAB_CHUNK = 32768   # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE: the tile buffer's columns
 
 
 @dataclass(frozen=True)
@@ -498,7 +590,7 @@ def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
 
     def run(needs: frozenset) -> Tape:
         return walk(ops, {"x": hidden}, keep=keep, save=not ckpt, backward=True,
-                    grad_of={"layer.out": hidden}, needs_grad=needs)
+                    grad_of={"layer.out": hidden}, needs_grad=needs, cached=b.cached)
 
     inner = run(frozenset({"x"}))
     return inner, inner if ckpt else run(frozenset()), dequant
@@ -508,8 +600,33 @@ def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
 def _head_tape(spec: ModelSpec, structure: tuple) -> Tape:
     setup, decided = structure
     hidden = alloc(act_bytes(setup) * sym.B * sym.S * spec.hidden)
-    return walk(head_ops(spec, setup, _Ops(spec, setup, decided=decided)), {"x": hidden}, backward=True,
+    b = _Ops(spec, setup, decided=decided)
+    ops = head_ops(spec, setup, b)
+    return walk(ops, {"x": hidden}, backward=True, keep=b.held, cached=b.cached,
                 grad_of={"loss": alloc(4)}, needs_grad=frozenset({"x"}))
+
+
+def held_outputs(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes of the model outputs a plain loop (`out = model(**batch); out.loss.backward()`) keeps
+    alive from the end of the forward through the whole backward: out.logits (or TRL's per-token
+    outputs with the chunked loss). The trainer loops keep only the loss."""
+    if setup.loop != "plain":
+        return 0
+    if setup.loss == "chunked":
+        return 2 * alloc_bytes(FP32 * setup.batch * (setup.seq - 1))
+    return alloc_bytes(act_bytes(setup) * setup.tokens * spec.vocab)
+
+
+def autocast_cache(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes of one decoder layer's adapter weight casts that autocast's cache keeps from the
+    layer's (non-saving, checkpointed) forward to the end of the forward region
+    (autocast_mode.cpp cached_cast; docs/autograd.md#autocast-weight-cache). Without
+    checkpointing the linears save them anyway, which the walk counts."""
+    if not (setup.autocast and setup.grad_ckpt and setup.uses_adapters):
+        return 0
+    a, r = act_bytes(setup), setup.rank
+    return sum(alloc_bytes(a * r * l.in_features) + alloc_bytes(a * l.out_features * r)
+               for l in adapted_linears(spec, setup) if l.name != "lm_head")
 
 
 @lru_cache(maxsize=512)
