@@ -170,13 +170,22 @@ class _Ops:
         the linear; its backward (ToCopyBackward) turns the 16-bit weight gradient into the
         float32 .grad. docs/autograd.md#autocast-weight-cache, docs/peft-transformers.md#input-cast-and-base-output-clone.
         The hidden state is already in the autocast dtype here (TrainSetup allows --amp only
-        with --dtype equal to it, without --prepare-kbit)."""
+        with --dtype equal to it, without --prepare-kbit).
+        Only the bitsandbytes wrappers check autocast: lora/layer.py Linear.forward (method lora)
+        casts x to float32 unconditionally (`x = self._cast_input_dtype(x, lora_A.weight.dtype)`),
+        and autocast then casts that copy back for lora_A."""
         a, T = self.a, self.T
-        xin = x
+        xin, xb = x, a
+        if not self.setup.quantized and a != FP32:
+            xin, xb = f"{name}.x32", FP32
+            self.op(f"{name}.cast", [x], [self.t(xin, FP32 * T * i)], grads=((x, a * T * i),))
         if self.setup.lora_dropout > 0:
-            self.op(f"{name}.dropout", [xin], [self.t(f"{name}.xd", a * T * i), self.t(f"{name}.mask", T * i)],
-                    saves=(f"{name}.mask",), grads=((xin, a * T * i),))
+            self.op(f"{name}.dropout", [xin], [self.t(f"{name}.xd", xb * T * i), self.t(f"{name}.mask", T * i)],
+                    saves=(f"{name}.mask",), grads=((xin, xb * T * i),))
             xin = f"{name}.xd"
+        if xb != a:   # autocast's cast of the float32 input for F.linear
+            self.op(f"{name}.x16", [xin], [self.t(f"{name}.x16", a * T * i)], grads=((xin, xb * T * i),))
+            xin = f"{name}.x16"
         wa, wb = f"{name}.A16", f"{name}.B16"
         self.op(f"{name}.cast_A", [], [self.t(wa, a * r * i)], param_grads=alloc(FP32 * r * i))
         self.cached += (wa,)

@@ -100,6 +100,17 @@ def _addmm_fp32(acc, a, b) -> None:
     acc.addmm_(a.float(), b.float())
 
 
+def _nonzero_on_meta(mask):
+    """Boolean indexing runs nonzero(), whose size depends on the data: on meta it is made with
+    every element true, which is the batch vramplan models (no padding: every label counts)."""
+    import contextlib
+
+    if mask.device.type != "meta":
+        return contextlib.nullcontext()
+    import torch.fx.experimental._config as fx_config
+    return fx_config.patch(meta_nonzero_assume_all_nonzero=True)
+
+
 def add_fused_lm_head(model) -> None:
     """trl.trainer.utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1")) as
     SFTTrainer calls it, the real one when TRL is installed."""
@@ -118,8 +129,9 @@ def add_fused_lm_head(model) -> None:
         labels = labels[:, 1:]
         lm_head = self.get_output_embeddings()
         mask = labels != -100
-        logprobs, entropy, is_top1 = ChunkedLogProb.apply(hidden_states[mask], lm_head.weight, lm_head.bias,
-                                                          labels[mask])
+        with _nonzero_on_meta(mask):
+            rows, targets = hidden_states[mask], labels[mask]
+        logprobs, entropy, is_top1 = ChunkedLogProb.apply(rows, lm_head.weight, lm_head.bias, targets)
         log_probs, entropy, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x)
                                        for x in (logprobs, entropy, is_top1))
         loss = -log_probs.sum() / mask.sum().clamp(min=1)
