@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-# aten/src/ATen/autocast_mode.cpp, TORCH_LIBRARY_IMPL(aten, AutocastCUDA, m) (torch 2.13)
+# aten/src/ATen/autocast_mode.h AT_FORALL_LOWER_PRECISION_FP / AT_FORALL_FP32 /
+# AT_FORALL_FP32_SET_OPT_DTYPE / AT_FORALL_PROMOTE, registered for CUDA by autocast_mode.cpp
+# TORCH_LIBRARY_IMPL(aten, Autocast, m) (torch 2.13; the RNN cells are left out: no module here calls them)
 LOWER_PRECISION_FP = ("_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d",
                       "conv_transpose2d", "conv_transpose3d", "convolution", "prelu", "addmm", "addmv", "addr",
                       "matmul", "einsum", "mm", "mv", "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm",
@@ -41,9 +43,10 @@ FP32 = ("acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2"
         "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
         "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
         "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp")
-FP32_SET_OPT_DTYPE = ("prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm", "sum")
-PROMOTE = ("addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put",
-           "scatter_add", "tensordot")
+FP32_SET_OPT_DTYPE = ("prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm",
+                      "linalg_matrix_norm", "sum")
+PROMOTE = ("addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "grid_sampler", "index_put", "scatter_add",
+           "tensordot")
 LOWER_DTYPES = (torch.float16, torch.bfloat16)
 EMULATED_DEVICES = ("meta", "cuda")
 
