@@ -86,12 +86,15 @@ class TrainSetup:
         if self.recipe is not None:
             from vramplan.core.recipes import RECIPES
             _choice("--recipe", self.recipe, tuple(RECIPES))
-        if self.amp != "none" and (self.prepare_kbit or self.dtype != self.amp):
-            # autocast over float32 hidden states (prepare_model_for_kbit_training, or fp32 weights)
-            # changes the dtype of every tensor op by op; only the common case is modelled
-            raise UsageError(f"--amp {self.amp} is modelled for {self.amp} weights without --prepare-kbit "
-                             f"(got --dtype {self.dtype}{', --prepare-kbit' if self.prepare_kbit else ''})",
-                             hint=f"use --dtype {self.amp} without --prepare-kbit, or --amp none")
+        if self.amp != "none" and self.dtype != self.amp:
+            # autocast over float32 weights changes the dtype of every op: not modelled
+            raise UsageError(f"--amp {self.amp} is modelled for {self.amp} weights (got --dtype {self.dtype})",
+                             hint=f"use --dtype {self.amp}, or --amp none")
+        if self.amp != "none" and self.prepare_kbit and (self.attn != "sdpa" or self.quant == "int8"):
+            # autocast over prepare_model_for_kbit_training's float32 hidden states is modelled for
+            # 4-bit bitsandbytes layers and SDPA (docs/recipes.md#limits)
+            raise UsageError(f"--amp {self.amp} with --prepare-kbit is modelled for 4-bit quantization and "
+                             "--attn sdpa", hint="use --quant nf4 / fp4 and --attn sdpa, or --amp none")
 
     # --- derived facts, named so the estimator reads like the recipe -------------------------
     @property

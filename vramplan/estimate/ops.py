@@ -36,7 +36,7 @@ from vramplan.core.models import Linear, ModelSpec
 from vramplan.estimate.quant import alloc as alloc_bytes, dequant_temporary
 from vramplan.estimate import symbolic as sym
 from vramplan.estimate.symbolic import alloc, variables
-from vramplan.core.setup import TrainSetup
+from vramplan.core.setup import DTYPES, TrainSetup
 
 FP32 = 4
 LOGITS = "logits_loss"
@@ -57,6 +57,9 @@ class _Ops:
         # sizes are polynomials in b and s (symbolic.py); decisions that depend on the actual
         # numbers (fused 4-bit kernel or not, sliding-window mask or not) are taken from `setup`
         self.a, self.T = act_bytes(setup), sym.B * sym.S
+        # autocast dtype (bytes); tensors whose dtype differs from `a` are listed in `bytes_of`
+        self.c = DTYPES[setup.amp] if setup.autocast else self.a
+        self.bytes_of: dict[str, int] = {}
         self.fused, self.window = decisions(spec, setup) if decided is None else decided
         self.full = setup.method == "full"
         self.adapted = {l.name for l in adapted_linears(spec, setup)}
@@ -111,7 +114,7 @@ class _Ops:
 
     # --- nn.Linear, bnb Linear4bit / Linear8bitLt, peft LoRA wrapper ------------------------
     def linear(self, lin: Linear, x: str, prefix: str = "") -> str:
-        s, a, T = self.setup, self.a, self.T
+        s, a, T = self.setup, self.bytes_of.get(x, self.a), self.T
         name = prefix + lin.name
         o, i = lin.out_features, lin.in_features
         work = bwd_work = 0
@@ -131,12 +134,16 @@ class _Ops:
         self.op(f"{name}.base", [x], [self.t(base, a * T * o)], saves=full_saves, grads=((x, a * T * i),),
                 work=work, bwd_work=bwd_work,
                 param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0)
+        if a != self.a:   # bitsandbytes Linear4bit returns its input's dtype (nn/modules.py forward)
+            self.bytes_of[base] = a
         if lin.name not in self.adapted:
             return base
         r = s.rank
         self.op(f"{name}.clone", [base], [self.t(f"{name}.res", a * T * o)], grads=((base, 0),))
         if s.autocast:
-            return self.lora_autocast(name, x, base, i, o, r)
+            if a != self.a:
+                self.bytes_of[f"{name}.res"] = a
+            return self.lora_autocast(name, x, base, i, o, r, a)
         xin = x
         if a != FP32:
             xin = f"{name}.x32"
@@ -161,7 +168,7 @@ class _Ops:
                 grads=((f"{name}.res", 0), (lc, 0)))
         return out
 
-    def lora_autocast(self, name: str, x: str, base: str, i: int, o: int, r: int) -> str:
+    def lora_autocast(self, name: str, x: str, base: str, i: int, o: int, r: int, a: int) -> str:
         """peft's LoRA under torch.autocast: `requires_conversion = not torch.is_autocast_enabled()`
         skips the float32 input cast (peft/tuners/lora/bnb.py Linear4bit.forward); lora_A / lora_B
         are F.linear, on CUDA autocast's lower-precision list (aten/src/ATen/autocast_mode.cpp),
@@ -169,12 +176,13 @@ class _Ops:
         cached for the autocast region (cached_cast: float32 leaf requiring grad) and saved by
         the linear; its backward (ToCopyBackward) turns the 16-bit weight gradient into the
         float32 .grad. docs/autograd.md#autocast-weight-cache, docs/peft-transformers.md#input-cast-and-base-output-clone.
-        The hidden state is already in the autocast dtype here (TrainSetup allows --amp only
-        with --dtype equal to it, without --prepare-kbit).
+        With prepare_model_for_kbit_training the hidden state `x` is float32: F.linear casts it
+        (saved), and the 16-bit LoRA output is added to the float32 base output without
+        `.to(expected_dtype)` (bnb.py skips it under autocast), so the sum promotes to float32.
         Only the bitsandbytes wrappers check autocast: lora/layer.py Linear.forward (method lora)
         casts x to float32 unconditionally (`x = self._cast_input_dtype(x, lora_A.weight.dtype)`),
         and autocast then casts that copy back for lora_A."""
-        a, T = self.a, self.T
+        T, c = self.T, self.c
         xin, xb = x, a
         if not self.setup.quantized and a != FP32:
             xin, xb = f"{name}.x32", FP32
@@ -183,23 +191,25 @@ class _Ops:
             self.op(f"{name}.dropout", [xin], [self.t(f"{name}.xd", xb * T * i), self.t(f"{name}.mask", T * i)],
                     saves=(f"{name}.mask",), grads=((xin, xb * T * i),))
             xin = f"{name}.xd"
-        if xb != a:   # autocast's cast of the float32 input for F.linear
-            self.op(f"{name}.x16", [xin], [self.t(f"{name}.x16", a * T * i)], grads=((xin, xb * T * i),))
+        if xb != c:   # autocast's cast of the float32 input for F.linear
+            self.op(f"{name}.x16", [xin], [self.t(f"{name}.x16", c * T * i)], grads=((xin, xb * T * i),))
             xin = f"{name}.x16"
         wa, wb = f"{name}.A16", f"{name}.B16"
-        self.op(f"{name}.cast_A", [], [self.t(wa, a * r * i)], param_grads=alloc(FP32 * r * i))
+        self.op(f"{name}.cast_A", [], [self.t(wa, c * r * i)], param_grads=alloc(FP32 * r * i))
         self.cached += (wa,)
-        self.op(f"{name}.lora_A", [xin, wa], [self.t(f"{name}.la", a * T * r)], saves=(xin, wa),
-                grads=((xin, a * T * i), (wa, a * r * i)))
-        self.op(f"{name}.cast_B", [], [self.t(wb, a * o * r)], param_grads=alloc(FP32 * o * r))
+        self.op(f"{name}.lora_A", [xin, wa], [self.t(f"{name}.la", c * T * r)], saves=(xin, wa),
+                grads=((xin, c * T * i), (wa, c * r * i)))
+        self.op(f"{name}.cast_B", [], [self.t(wb, c * o * r)], param_grads=alloc(FP32 * o * r))
         self.cached += (wb,)
-        self.op(f"{name}.lora_B", [f"{name}.la", wb], [self.t(f"{name}.lb", a * T * o)], saves=(f"{name}.la", wb),
-                grads=((f"{name}.la", a * T * r), (wb, a * o * r)))
-        self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", a * T * o)],
-                grads=((f"{name}.lb", a * T * o),))
+        self.op(f"{name}.lora_B", [f"{name}.la", wb], [self.t(f"{name}.lb", c * T * o)], saves=(f"{name}.la", wb),
+                grads=((f"{name}.la", c * T * r), (wb, c * o * r)))
+        self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", c * T * o)],
+                grads=((f"{name}.lb", c * T * o),))
         out = f"{name}.out"
         self.op(f"{name}.add", [f"{name}.res", f"{name}.ls"], [self.t(out, a * T * o)],
-                grads=((f"{name}.res", 0), (f"{name}.ls", 0)))
+                grads=((f"{name}.res", 0), (f"{name}.ls", 0 if a == c else c * T * o)))
+        if a != self.a:
+            self.bytes_of[out] = a
         return out
 
     # --- attention ------------------------------------------------------------------------------
@@ -219,6 +229,17 @@ class _Ops:
         qw, kvw = H * hd, spec.kv_heads * hd
         q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
         backend = sdpa_backend(spec, s, self.window) if s.attn == "sdpa" else "eager"
+        if self.c != a:
+            # SDPA is on CUDA autocast's lower-precision list: float32 q, k, v (hidden states of
+            # prepare_model_for_kbit_training) are cast, the kernel runs on the casts (saved) and
+            # returns the autocast dtype (docs/recipes.md#cuda-autocast-op-lists)
+            c = self.c
+            for name, width in ((q, qw), (k, kvw), (v, kvw)):
+                self.op(f"{name}.amp", [name], [self.t(f"{name}.16", c * T * width)], grads=((name, a * T * width),))
+            v_storage = f"{v}.16" if v_storage == v else f"{v_storage}.16"
+            q, k, v, a = f"{q}.16", f"{k}.16", f"{v}.16", c
+            backend = sdpa_backend(spec, s.with_(prepare_kbit=False), self.window)
+            self.bytes_of["attn.o"] = c
         bias = ()
         if backend != "eager" and self.window:
             # with a mask transformers repeats k/v to every head (repeat_kv) and CUDA's efficient
@@ -312,7 +333,10 @@ class _Ops:
 
     def residual(self, name: str, x: str, y: str) -> str:
         out = f"{name}.out"
-        self.op(name, [x, y], [self.t(out, self.a * self.T * self.spec.hidden)], grads=((x, 0), (y, 0)))
+        # a 16-bit y added to a float32 x promotes; autograd casts y's gradient back (validate_outputs)
+        yb = self.bytes_of.get(y, self.a)
+        gy = 0 if yb == self.a else yb * self.T * self.spec.hidden
+        self.op(name, [x, y], [self.t(out, self.a * self.T * self.spec.hidden)], grads=((x, 0), (y, gy)))
         return out
 
     # --- Mixture of experts (transformers 5 MixtralSparseMoeBlock, grouped_mm experts) ---------
@@ -475,9 +499,19 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
     if setup.loss == "chunked":
         return chunked_head_ops(spec, setup, b, n)
     T, V = b.T, spec.vocab
-    lb = act_bytes(setup)          # lm_head runs in the hidden-state dtype
+    lb = b.c                       # lm_head runs in the hidden-state dtype, or autocast's
     logits = b.linear(spec.lm_head, n) if "lm_head" in b.adapted or setup.method == "full" else None
-    if logits is None:
+    if logits is None and lb != b.a:
+        # autocast over a float32 hidden state and prepare_model_for_kbit_training's float32
+        # lm_head: F.linear casts the input and the frozen weight (not cached: it does not require
+        # grad), and keeps the weight's cast for the input gradient until the head's backward
+        h = spec.hidden
+        b.op("lm_head.x16", [n], [b.t("lm_head.x16", lb * T * h)], grads=((n, b.a * T * h),))
+        b.op("lm_head.w16", [], [b.t("lm_head.w16", lb * V * h)])
+        b.op("lm_head", ["lm_head.x16", "lm_head.w16"], [b.t("logits", lb * T * V)], saves=("lm_head.w16",),
+             grads=(("lm_head.x16", lb * T * h),))
+        logits = "logits"
+    elif logits is None:
         b.op("lm_head", [n], [b.t("logits", lb * T * V)], grads=((n, b.a * T * spec.hidden),))
         logits = "logits"
     if spec.final_logit_softcap:   # logits / cap; tanh (saves output); * cap
@@ -623,7 +657,8 @@ def held_outputs(spec: ModelSpec, setup: TrainSetup) -> int:
         return 0
     if setup.loss == "chunked":
         return 2 * alloc_bytes(FP32 * setup.batch * (setup.seq - 1))
-    return alloc_bytes(act_bytes(setup) * setup.tokens * spec.vocab)
+    logits = DTYPES[setup.amp] if setup.autocast else act_bytes(setup)
+    return alloc_bytes(logits * setup.tokens * spec.vocab)
 
 
 def autocast_cache(spec: ModelSpec, setup: TrainSetup) -> int:
