@@ -80,8 +80,8 @@ def test_estimate_agrees_with_simulate(name, flags):
 
 
 # Training recipes (issue #9, vramplan/core/recipes.py): autocast, fused AdamW, TRL's chunked
-# loss, a plain loop's held logits, each on a few architectures. qlora-paper (autocast over
-# prepare_model_for_kbit_training's float32 hidden states) is not modelled yet: see docs/recipes.md.
+# loss, a plain loop's held logits, autocast over prepare_model_for_kbit_training's float32
+# hidden states (qlora-paper), each on a few architectures.
 RECIPE_CASES = [
     ("llama-gqa", "trainer", dict(seq=512)),
     ("llama-gqa", "trainer", dict(seq=512, grad_ckpt=False)),
@@ -97,6 +97,11 @@ RECIPE_CASES = [
     ("gemma2-softcap", "trainer", dict(seq=512, attn="eager")),
     ("gemma2-softcap", "trl-sft", dict(seq=512, attn="eager")),
     ("mistral-sliding", "trainer", dict(seq=512, grad_ckpt=False)),
+    ("mixtral-moe", "trainer", dict(seq=512)),
+    ("llama-gqa", "qlora-paper", dict(seq=512)),
+    ("llama-gqa", "qlora-paper", dict(seq=512, grad_ckpt=False)),
+    ("phi3-fused", "qlora-paper", dict(seq=512)),
+    ("mistral-sliding", "qlora-paper", dict(seq=512)),
 ]
 
 

@@ -348,6 +348,10 @@ class _Ops:
         With all-linear LoRA, peft's ParamWrapper merges weight + B @ A (baddbmm) into a fresh
         compute-dtype copy of each expert stack on every forward; the grouped matmul saves it."""
         spec, s, a, T = self.spec, self.setup, self.a, self.T
+        if self.c != a:
+            from vramplan.core.errors import UsageError
+            raise UsageError("--amp with --prepare-kbit is not modelled for mixture-of-experts layers "
+                             "(grouped_mm is on no autocast list)", hint="use --amp none or drop --prepare-kbit")
         h, i, E, k = spec.hidden, spec.intermediate, spec.num_experts, spec.experts_per_tok
         cb, Tk = s.compute_bytes, T * k
         lora = experts_adapted(spec, s)
