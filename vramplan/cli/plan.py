@@ -129,6 +129,7 @@ def print_plan(result, console=None) -> None:
             _print_changes(result.changes, result.gpu, console, Table, "Changes that make it fit (cheapest first)")
         elif result.status == "no" and result.minimum is not None:
             console.print("No change to the setup alone fits this GPU.", highlight=False)
+        _print_recipe_changes(result, console)
     if result.minimum is not None:
         _print_minimum(result.minimum, result, console, Table)
     for note in result.notes:
@@ -171,6 +172,18 @@ def _print_grid(result, console, Table) -> None:
     for s, row in zip(grid.seqs, grid.cells):
         table.add_row(str(s), *[f"[{STATUS_STYLE[c.status]}]{c.need_bytes / 2**30:,.1f}[/]" for c in row])
     console.print(table)
+
+
+def _print_recipe_changes(result, console) -> None:
+    """The training loop's own changes with what each saves on this setup's peak."""
+    if not result.recipe_changes:
+        return
+    console.print("Training-loop changes (memory needed at the peak, saved):", highlight=False)
+    for r in result.recipe_changes:
+        flags = ", ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else
+                          (f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}")
+                          for k, v in r.change.changes.items())
+        console.print(f"  {r.saving_bytes / 2**30:+.3f} GiB  {flags}: {r.change.text}", highlight=False)
 
 
 def _print_changes(changes, gpu, console, Table, title) -> None:
