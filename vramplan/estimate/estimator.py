@@ -176,8 +176,10 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static) -> dict[str
         return 0 if k == 0 else layer.first_saved + (k - 1) * layer.saved + k * ctx - (0 if forward else k * cache)
 
     # A plain loop's `out` (logits) outlives the step: the previous step's during the forward (the
-    # name is rebound only when model() returns), this step's through backward and opt.step()
-    held = {C.LOGITS_LOSS.value: held_outputs(spec, setup)}
+    # name is rebound only when model() returns), this step's through backward and opt.step().
+    # Counted as activations (tensors the loop keeps): a moment with logits_loss bytes is a loss
+    # moment to the sharding model (plan/sharding.py _phase_terms).
+    held = {C.ACTIVATIONS.value: held_outputs(spec, setup)}
     head_grads = head.backward.end.get(C.GRADIENTS.value, 0)
     layer_grads = layer.walk.end.get(C.GRADIENTS.value, 0)
     top = layer.walk if L > 1 else layer.first

@@ -307,8 +307,8 @@ class Simulation:
         tracker = self.tracker()
         self.paged = []
         register_live_state(tracker, self.built, self.paged)
-        for t in self.held_tensors():
-            tracker.track(t, Component.LOGITS_LOSS.value)
+        for t in self.held_tensors():   # the previous step's outputs: activations, as in the estimate
+            tracker.track(t, Component.ACTIVATIONS.value)
         return tracker
 
     def measure(self):
