@@ -223,3 +223,13 @@ def test_chunked_loss_off_cuda_upcasts_its_operands(tiny_spec):
     meta, cpu = simulate(spec, setup, device="meta"), simulate(spec, setup, device="cpu")
     assert meta.boundaries["backward_end"] - CUBLAS == cpu.boundaries["backward_end"]
     assert cpu.peak_allocated_bytes > meta.peak_allocated_bytes - CUBLAS
+
+
+def test_profile_refuses_a_recipe_it_would_not_run(capsys):
+    from vramplan.cli import main
+
+    code = main(["profile", "meta-llama/Llama-2-7b-hf", "--random-weights", "--device", "cpu", "--recipe", "trainer"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "Error: profile runs the idealized step only: --recipe, --amp, --loop plain and --loss chunked are not "
+        "applied to real runs yet (hint: profile without them, or use `vramplan simulate` for the recipe)\n")
