@@ -152,7 +152,7 @@ RECIPE_CASES = [
 @pytest.mark.parametrize("name, recipe, flags", RECIPE_CASES,
                          ids=[f"{n}-{r}-{'-'.join(f'{k}={v}' for k, v in f.items())}" for n, r, f in RECIPE_CASES])
 def test_recipes_agree_with_simulate(name, recipe, flags):
-    from vramplan.core.recipes import make_setup
+    from vramplan.core.setup import make_setup
     from vramplan.simulate import simulate as run
 
     spec, setup = spec_of(name), make_setup(recipe, **flags)

@@ -8,7 +8,7 @@ import csv
 from pathlib import Path
 
 from vramplan.core.models import resolve
-from vramplan.core.recipes import make_setup
+from vramplan.core.setup import make_setup
 from vramplan.plan.sharding import per_gpu
 
 ROW = next(csv.DictReader((Path(__file__).parent / "data" / "published_recipes.csv").open()))

@@ -10,7 +10,8 @@ import pytest
 from vramplan import estimate
 from vramplan.cli import main
 from vramplan.core.errors import UsageError
-from vramplan.core.recipes import RECIPE_FIELDS, RECIPES, make_setup
+from vramplan.core.recipes import RECIPE_FIELDS, RECIPES
+from vramplan.core.setup import make_setup
 from vramplan.core.setup import TrainSetup
 from vramplan.estimate.quant import alloc
 from vramplan.cuda.arch import ASSUMED  # noqa: E402
@@ -63,12 +64,12 @@ def test_cli_recipe_and_override(capsys):
     data = json.loads(out)
     s = data["setup"]
     assert (s["recipe"], s["amp"], s["loss"], s["optimizer"]) == ("trl-sft", "bf16", "chunked", "adamw")
-    assert data["assumptions"][0].startswith("recipe trl-sft (TRL 1.16")
+    assert data["assumptions"][1].startswith("recipe trl-sft (TRL 1.16")
 
 
 def test_cli_without_recipe_says_so(capsys):
     code, out, _ = run(capsys, "estimate", "llama-2-7b", "--json")
-    assert json.loads(out)["assumptions"][0].startswith("recipe none: no autocast")
+    assert json.loads(out)["assumptions"][1].startswith("recipe none: no autocast")
 
 
 def test_unknown_recipe_is_one_line(capsys):

@@ -8,8 +8,7 @@ import sys
 
 from vramplan.core.errors import UsageError
 from vramplan.core.gpus import resolve_gpu
-from vramplan.core.recipes import make_setup
-from vramplan.core.setup import check_given, parse_targets
+from vramplan.core.setup import check_given, make_setup, parse_targets
 from vramplan.cuda.arch import default_dtype, target_arch
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from vramplan.core.errors import UsageError
-from vramplan.core.recipes import make_setup
+from vramplan.core.setup import make_setup
 from vramplan.cli.flags import print_json, setup_flags, setup_from_args
 from vramplan.core.setup import parse_targets, TrainSetup
 

@@ -5,7 +5,7 @@ Explicit flags override a recipe's defaults (make_setup). Pure Python: the estim
 imports this module."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from vramplan.core.errors import UsageError
 
@@ -107,16 +107,3 @@ def recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise UsageError(f"unknown recipe {name!r}", hint=f"--recipe takes one of: {', '.join(RECIPES)}")
     return RECIPES[name]
-
-
-def make_setup(name: str | None, **explicit):
-    """A TrainSetup from a recipe's defaults, with explicitly given fields taking precedence."""
-    from vramplan.core.setup import TrainSetup
-
-    if name is None:
-        return TrainSetup(**explicit)
-    values = recipe(name).defaults()
-    values.update(explicit)
-    values["recipe"] = name
-    known = {f.name for f in fields(TrainSetup)}
-    return TrainSetup(**{k: v for k, v in values.items() if k in known})

@@ -2,10 +2,11 @@
 interface shared by the CLI flags, the JSON output and other tools calling the library."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Iterable
 
 from vramplan.core.errors import UsageError
+from vramplan.core.recipes import RECIPES, recipe
 
 METHODS = ("qlora", "lora", "full")
 QUANTS = ("nf4", "fp4", "int8")
@@ -94,7 +95,6 @@ class TrainSetup:
         _choice("--loop", self.loop, LOOPS)
         _choice("--loss", self.loss, LOSSES)
         if self.recipe is not None:
-            from vramplan.core.recipes import RECIPES
             _choice("--recipe", self.recipe, tuple(RECIPES))
         if self.amp != "none" and self.dtype != self.amp:
             # autocast over float32 weights changes the dtype of every op: not modelled
@@ -219,3 +219,15 @@ def _bounded(flag: str, value, upper: int) -> None:
     if value > upper:
         raise UsageError(f"{flag} {value} is beyond any real run (max {upper})",
                          hint=f"check the value of {flag}")
+
+
+def make_setup(name: str | None, **explicit) -> TrainSetup:
+    """A TrainSetup from a recipe's defaults (core/recipes.py), explicitly given fields taking
+    precedence."""
+    if name is None:
+        return TrainSetup(**explicit)
+    values = recipe(name).defaults()
+    values.update(explicit)
+    values["recipe"] = name
+    known = {f.name for f in fields(TrainSetup)}
+    return TrainSetup(**{k: v for k, v in values.items() if k in known})

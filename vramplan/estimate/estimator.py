@@ -250,7 +250,7 @@ def phase_of(moment: str) -> str:
 def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gpu: Gpu | None = None) -> tuple[str, ...]:
     """What the prediction takes for granted, in words a user can check against their script."""
     from vramplan.core.recipes import NO_RECIPE, recipe
-    out = [recipe(setup.recipe).summary() if setup.recipe else "recipe " + NO_RECIPE, gpu_assumption(arch, gpu)]
+    out = [gpu_assumption(arch, gpu), recipe(setup.recipe).summary() if setup.recipe else "recipe " + NO_RECIPE]
     if not arch.bf16 and setup.dtype == "fp16":
         out.append(f"compute dtype fp16: {arch.name} (sm{arch.sm}) has no bf16 hardware")
     if setup.quantized:
