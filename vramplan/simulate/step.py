@@ -148,6 +148,7 @@ class Simulation:
         from vramplan.cuda.arch import ASSUMED
 
         require_packages(setup)
+        self._paged_before = len(_paged_registry())
         self.spec, self.setup, self.device = spec, setup, device
         self.arch = arch or ASSUMED
         self.meta = device == "meta"
@@ -200,6 +201,7 @@ class Simulation:
     def __exit__(self, *exc):
         self.ctx.remove()
         self._stack.close()
+        del _paged_registry()[self._paged_before:]   # this simulation's paged optimizer state
 
     # --- progress -------------------------------------------------------------------------------
     def _layer_ran(self, _name: str) -> None:
@@ -341,6 +343,16 @@ class Simulation:
 
         foreign = kernels.unknown_kernel_note(getattr(tracker, "foreign_ops", ()))
         return self.routing.notes() + ((foreign,) if foreign else ())
+
+
+def _paged_registry() -> list:
+    """bitsandbytes keeps every paged tensor it creates in one process-wide list for prefetching
+    (bitsandbytes/functional.py GlobalPageManager.paged_tensors); a simulated optimizer's tensors
+    must not outlive its simulation. Empty when bitsandbytes was never imported."""
+    import sys
+
+    functional = sys.modules.get("bitsandbytes.functional")
+    return functional.GlobalPageManager.get_instance().paged_tensors if functional is not None else []
 
 
 def make_trace(spec, setup: TrainSetup, device: str, m: Measured, seconds: float = 0.0, *,
