@@ -121,3 +121,50 @@ def test_estimate_agrees_with_simulate(name, flags):
         phase_error = (est.phase_peaks[phase] - sim_bytes) / sim_bytes
         assert abs(phase_error) <= TOLERANCE, (
             f"{phase} peak: estimate {est.phase_peaks[phase]:,} vs simulate {sim_bytes:,}: {phase_error:+.2%}")
+
+
+# Training recipes (issue #9, vramplan/core/recipes.py): autocast, fused AdamW, TRL's chunked
+# loss, a plain loop's held logits, autocast over prepare_model_for_kbit_training's float32
+# hidden states (qlora-paper), each on a few architectures.
+RECIPE_CASES = [
+    ("llama-gqa", "trainer", dict(seq=512)),
+    ("llama-gqa", "trainer", dict(seq=512, grad_ckpt=False)),
+    ("llama-gqa", "trainer", dict(seq=512, method="lora")),
+    ("llama-gqa", "trainer", dict(seq=512, lora_dropout=0.05)),
+    ("llama-gqa", "trl-sft", dict(seq=512)),
+    ("llama-gqa", "trl-sft", dict(seq=512, method="full")),
+    ("llama-gqa", "plain", dict(seq=512)),
+    ("llama-gqa", "plain", dict(seq=512, loss="chunked")),
+    ("qwen2-tied-bias", "trl-sft", dict(seq=512)),
+    ("phi3-fused", "trainer", dict(seq=512)),
+    ("phi3-fused", "plain", dict(seq=512)),
+    ("gemma2-softcap", "trainer", dict(seq=512, attn="eager")),
+    ("gemma2-softcap", "trl-sft", dict(seq=512, attn="eager")),
+    ("mistral-sliding", "trainer", dict(seq=512, grad_ckpt=False)),
+    ("mixtral-moe", "trainer", dict(seq=512)),
+    ("llama-gqa", "qlora-paper", dict(seq=512)),
+    ("llama-gqa", "qlora-paper", dict(seq=512, grad_ckpt=False)),
+    ("phi3-fused", "qlora-paper", dict(seq=512)),
+    ("mistral-sliding", "qlora-paper", dict(seq=512)),
+]
+
+
+@pytest.mark.parametrize("name, recipe, flags", RECIPE_CASES,
+                         ids=[f"{n}-{r}-{'-'.join(f'{k}={v}' for k, v in f.items())}" for n, r, f in RECIPE_CASES])
+def test_recipes_agree_with_simulate(name, recipe, flags):
+    from vramplan.core.setup import make_setup
+    from vramplan.simulate import simulate as run
+
+    spec, setup = spec_of(name), make_setup(recipe, **flags)
+    trace, est = run(spec, setup), estimate(spec, setup)
+    assert trace.strays == 0
+    for component in EXACT:
+        assert est.components[component] == trace.components[component], component
+    error = (est.peak_allocated_bytes - trace.peak_allocated_bytes) / trace.peak_allocated_bytes
+    assert abs(error) <= TOLERANCE, (
+        f"estimate {est.peak_allocated_bytes:,} ({est.peak_moment}) vs simulate {trace.peak_allocated_bytes:,} "
+        f"({trace.peak_phase}/{trace.peak_module}/{trace.peak_op}): {error:+.2%}")
+    for phase, sim_bytes in trace.phase_peaks.items():   # every phase's own peak, as above
+        phase_error = (est.phase_peaks[phase] - sim_bytes) / sim_bytes
+        assert abs(phase_error) <= TOLERANCE, (
+            f"{phase} peak: estimate {est.phase_peaks[phase]:,} vs simulate {sim_bytes:,}: {phase_error:+.2%}")

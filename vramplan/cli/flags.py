@@ -8,7 +8,7 @@ import sys
 
 from vramplan.core.errors import UsageError
 from vramplan.core.gpus import resolve_gpu
-from vramplan.core.setup import TrainSetup, check_given, parse_targets
+from vramplan.core.setup import check_given, make_setup, parse_targets
 from vramplan.cuda.arch import default_dtype, target_arch
 
 
@@ -37,16 +37,27 @@ def setup_flags() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.0)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length in tokens (default 2048)")
-    p.add_argument("--grad-ckpt", dest="grad_ckpt", action=argparse.BooleanOptionalAction, default=True,
-                   help="gradient checkpointing (default on)")
+    p.add_argument("--grad-ckpt", dest="grad_ckpt", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing, non-reentrant (default on)")
     p.add_argument("--attn", default="sdpa", help="sdpa | eager (default sdpa)")
-    p.add_argument("--optimizer", default="adamw",
-                   help="adamw | adamw8bit | paged_adamw | paged_adamw8bit | sgd | adafactor")
-    p.add_argument("--prepare-kbit", action="store_true",
+    p.add_argument("--optimizer", default=None,
+                   help="adamw (torch AdamW, foreach: its CUDA default) | adamw_foreach | adamw_fused | adamw8bit | "
+                        "paged_adamw | paged_adamw8bit | sgd | adafactor (default adamw)")
+    p.add_argument("--prepare-kbit", dest="prepare_kbit", action=argparse.BooleanOptionalAction, default=None,
                    help="model peft's prepare_model_for_kbit_training (non-quantized weights in fp32)")
     p.add_argument("--experts", default="16bit",
                    help="MoE expert weights under 4-bit: 16bit (transformers 5 leaves its fused expert stacks "
                         "unquantized, default) | 4bit (stacks that quantize them: transformers 4.x, Unsloth)")
+    p.add_argument("--amp", default=None, help="torch.autocast dtype around the forward: bf16 | fp16 | none (default none)")
+    p.add_argument("--loop", default=None,
+                   help="trainer (only the loss outlives the forward) | plain (`out = model(**batch)` keeps the "
+                        "logits through backward) (default trainer)")
+    p.add_argument("--loss", default=None,
+                   help="full (transformers' loss on fp32 logits) | chunked (TRL's fused lm_head, no full logits) "
+                        "(default full)")
+    p.add_argument("--recipe", default=None,
+                   help="trainer | trl-sft | qlora-paper | plain: that library's defaults for dtype, amp, optimizer, "
+                        "checkpointing, loss and loop; explicit flags override (default: none, the idealized step)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -73,14 +84,19 @@ def cuda_arch_from_args(args):
     return target_arch(gpu, getattr(args, "arch", None))
 
 
+# Flags a --recipe sets; None means "not given", so the recipe's (or TrainSetup's) default applies.
+RECIPE_FLAGS = ("dtype", "grad_ckpt", "optimizer", "prepare_kbit", "amp", "loop", "loss")
+
+
 def setup_from_args(args):
     given = given_setup_flags(args)
-    dtype = args.dtype
-    if dtype is None:   # not given: bf16 where the target GPU has it, else fp16 (cuda/arch.py)
-        dtype = default_dtype(cuda_arch_from_args(args))
-    setup = TrainSetup(dtype=dtype, batch=args.batch, seq=args.seq, grad_ckpt=args.grad_ckpt, attn=args.attn,
-                       optimizer=args.optimizer, prepare_kbit=args.prepare_kbit, experts=args.experts,
-                       **given)
+    explicit = {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name, None) is not None}
+    recipe_name = getattr(args, "recipe", None)
+    if "dtype" not in explicit and recipe_name is None:
+        # not given: bf16 where the target GPU has it, else fp16 (cuda/arch.py); a recipe names its own
+        explicit["dtype"] = default_dtype(cuda_arch_from_args(args))
+    setup = make_setup(recipe_name, batch=args.batch, seq=args.seq, attn=args.attn, experts=args.experts,
+                       **given, **explicit)
     check_given(setup, given)
     return setup
 

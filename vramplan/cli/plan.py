@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from vramplan.core.errors import UsageError
+from vramplan.core.setup import make_setup
 from vramplan.cli.flags import print_json, setup_flags, setup_from_args
 from vramplan.core.setup import parse_targets, TrainSetup
 
@@ -146,6 +147,7 @@ def print_plan(result, console=None) -> None:
             _print_changes(result.changes, result.gpu, console, Table, "Changes that make it fit (cheapest first)")
         elif result.status == "no" and result.minimum is not None:
             console.print("No change to the setup alone fits this GPU.", highlight=False)
+        _print_recipe_changes(result, console)
     if result.minimum is not None:
         _print_minimum(result.minimum, result, console, Table)
     for note in result.notes:
@@ -187,6 +189,18 @@ def _print_grid(result, console, Table) -> None:
     for s, row in zip(grid.seqs, grid.cells):
         table.add_row(str(s), *[marked(c.status, f"{c.need_bytes / 2**30:,.1f}") for c in row])
     console.print(table)
+
+
+def _print_recipe_changes(result, console) -> None:
+    """The training loop's own changes with what each saves on this setup's peak."""
+    if not result.recipe_changes:
+        return
+    console.print("Training-loop changes (memory needed at the peak, saved):", highlight=False)
+    for r in result.recipe_changes:
+        flags = ", ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else
+                          (f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}")
+                          for k, v in r.change.changes.items())
+        console.print(f"  {r.saving_bytes / 2**30:+.3f} GiB  {flags}: {r.change.text}", highlight=False)
 
 
 def _print_changes(changes, gpu, console, Table, title) -> None:
@@ -243,7 +257,9 @@ def cmd_sweep(args) -> int:
              if v is not None}
     if args.targets is not None:
         given["targets"] = parse_targets(args.targets)
-    base = TrainSetup(grad_ckpt=args.grad_ckpt, prepare_kbit=args.prepare_kbit, **given)
+    explicit = {k: getattr(args, k) for k in ("grad_ckpt", "prepare_kbit", "amp", "loop", "loss")
+                if getattr(args, k, None) is not None}
+    base = make_setup(args.recipe, **given, **explicit)
     strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]
     df = sweep(args.model, args.gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
                strategy=strategies, offload=parse_list("--offload", args.offload, str), tight=args.tight, **axes)

@@ -2,16 +2,23 @@
 interface shared by the CLI flags, the JSON output and other tools calling the library."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Iterable
 
 from vramplan.core.errors import UsageError
+from vramplan.core.recipes import RECIPES, recipe
 
 METHODS = ("qlora", "lora", "full")
 QUANTS = ("nf4", "fp4", "int8")
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTENTION = ("sdpa", "eager")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd", "adafactor")
+# "adamw" is torch.optim.AdamW with its CUDA default, the foreach implementation (adamw_foreach);
+# adamw_fused is AdamW(fused=True), the HF Trainer default on torch >= 2.8 (docs/autograd.md#adamw-foreach-vs-fused)
+OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_fused", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd",
+              "adafactor")
+AMPS = ("none", "bf16", "fp16")    # torch.autocast(device_type="cuda", dtype=...) around the forward
+LOOPS = ("trainer", "plain")       # trainer: only the loss outlives the forward; plain: `out` (logits) too
+LOSSES = ("full", "chunked")       # full: transformers ForCausalLMLoss; chunked: TRL's fused lm_head + chunked NLL
 # MoE expert weights under 4-bit quantization: "16bit" as transformers 5 leaves its fused 3-D expert
 # stacks (bitsandbytes replaces only nn.Linear); "4bit" for stacks that quantize them (transformers
 # 4.x ModuleList experts of nn.Linear, Unsloth's MoE 4-bit). docs/bitsandbytes.md#moe-experts
@@ -47,6 +54,10 @@ class TrainSetup:
     optimizer: str = "adamw"
     prepare_kbit: bool = False
     experts: str = "16bit"
+    amp: str = "none"
+    loop: str = "trainer"
+    loss: str = "full"
+    recipe: str | None = None      # the training library's recipe the other fields came from (core/recipes.py)
 
     def __post_init__(self):
         if isinstance(self.targets, str):  # accept "q_proj,v_proj" from callers
@@ -76,6 +87,24 @@ class TrainSetup:
                              hint="use it with --method qlora, or drop it")
         if not self.targets or any(not t for t in self.targets):
             raise UsageError("--targets is empty", hint="use all-linear or e.g. q_proj,v_proj")
+        self._validate_step_flags()
+
+    def _validate_step_flags(self) -> None:
+        """--amp, --loop, --loss, --recipe (core/recipes.py)."""
+        _choice("--amp", self.amp, AMPS)
+        _choice("--loop", self.loop, LOOPS)
+        _choice("--loss", self.loss, LOSSES)
+        if self.recipe is not None:
+            _choice("--recipe", self.recipe, tuple(RECIPES))
+        if self.amp != "none" and self.dtype != self.amp:
+            # autocast over float32 weights changes the dtype of every op: not modelled
+            raise UsageError(f"--amp {self.amp} is modelled for {self.amp} weights (got --dtype {self.dtype})",
+                             hint=f"use --dtype {self.amp}, or --amp none")
+        if self.amp != "none" and self.prepare_kbit and (self.attn != "sdpa" or self.quant == "int8"):
+            # autocast over prepare_model_for_kbit_training's float32 hidden states is modelled for
+            # 4-bit bitsandbytes layers and SDPA (docs/recipes.md#limits)
+            raise UsageError(f"--amp {self.amp} with --prepare-kbit is modelled for 4-bit quantization and "
+                             "--attn sdpa", hint="use --quant nf4 / fp4 and --attn sdpa, or --amp none")
 
     # --- derived facts, named so the estimator reads like the recipe -------------------------
     @property
@@ -98,6 +127,14 @@ class TrainSetup:
     def experts_4bit(self) -> bool:
         """MoE expert weights quantized like the Linear layers (validate() ensures 4-bit QLoRA)."""
         return self.experts == "4bit"
+
+    @property
+    def autocast(self) -> bool:
+        return self.amp != "none"
+
+    @property
+    def fused_adamw(self) -> bool:
+        return self.optimizer == "adamw_fused"
 
     @property
     def paged(self) -> bool:
@@ -182,3 +219,15 @@ def _bounded(flag: str, value, upper: int) -> None:
     if value > upper:
         raise UsageError(f"{flag} {value} is beyond any real run (max {upper})",
                          hint=f"check the value of {flag}")
+
+
+def make_setup(name: str | None, **explicit) -> TrainSetup:
+    """A TrainSetup from a recipe's defaults (core/recipes.py), explicitly given fields taking
+    precedence."""
+    if name is None:
+        return TrainSetup(**explicit)
+    values = recipe(name).defaults()
+    values.update(explicit)
+    values["recipe"] = name
+    known = {f.name for f in fields(TrainSetup)}
+    return TrainSetup(**{k: v for k, v in values.items() if k in known})

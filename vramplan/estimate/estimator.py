@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.estimate.ops import (act_bytes, eager_masks, embedding_leaf, head_memory, int8_ctx_inputs, kernels,
-                                   layer_memory, layer_stack)
+from vramplan.estimate.ops import (act_bytes, autocast_cache, eager_masks, embedding_leaf, head_memory,
+                                   held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack)
 from vramplan.cuda.arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
 from vramplan.cuda.cublas import workspace_bytes
 from vramplan.core.components import ALLOCATED, Component, check_sum
@@ -200,22 +200,33 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     stack = layer_stack(spec, setup, arch)
     kept = [m.first_saved if i == 0 else m.saved for i, m in enumerate(stack)]
 
-    def below(k: int) -> int:
-        return sum(kept[:k]) + k * ctx
 
+    # Autocast's weight-cast cache (ops.autocast_cache) is part of what a checkpointed layer leaves
+    # alive in the forward, and gone once the autocast region (the forward) exits.
+    cache = autocast_cache(spec, setup)
+
+    def below(k: int, forward: bool = False) -> int:
+        return sum(kept[:k]) + k * ctx - (0 if forward else k * cache)
+
+    # A plain loop's `out` (logits) outlives the step: the previous step's during the forward (the
+    # name is rebound only when model() returns), this step's through backward and opt.step().
+    # Counted as activations (tensors the loop keeps): a moment with logits_loss bytes is a loss
+    # moment to the sharding model (plan/sharding.py _phase_terms).
+    held = {C.ACTIVATIONS.value: held_outputs(spec, setup)}
     head_grads = head.backward.end.get(C.GRADIENTS.value, 0)
     grads = [m.walk.end.get(C.GRADIENTS.value, 0) for m in stack]
     layer = stack[-1]
     top = layer.walk if L > 1 else layer.first
     moments = {
-        "forward.layer": at(top.forward_peak, activations=below(L - 1) + fwd_masks),
-        "forward.loss": at(head.forward.forward_peak, activations=below(L) + fwd_masks),
+        "forward.layer": at(top.forward_peak, held, activations=below(L - 1, True) + fwd_masks),
+        "forward.loss": at(head.forward.forward_peak, held, activations=below(L, True) + fwd_masks),
         "backward.loss": at(head.backward.backward_peak, activations=below(L) + bwd_masks),
         # backward_peak includes the recomputation under checkpointing
-        "backward.top_layer": at(top.backward_peak, activations=below(L - 1) + ctx + bwd_masks, gradients=head_grads),
-        "backward.bottom_layer": at(stack[0].first.backward_peak, activations=ctx + bwd_masks,
+        "backward.top_layer": at(top.backward_peak, held, activations=below(L - 1) + ctx + bwd_masks,
+                                 gradients=head_grads),
+        "backward.bottom_layer": at(stack[0].first.backward_peak, held, activations=ctx + bwd_masks,
                                     gradients=head_grads + sum(grads[1:])),
-        "optimizer": at(gradients=static.gradients, temporaries=static.optimizer_temporaries),
+        "optimizer": at(held, gradients=static.gradients, temporaries=static.optimizer_temporaries),
     }
     if len(set(map(id, stack))) > 1:
         # mixed kinds: the worst layer of each phase need not be the top or bottom one
@@ -224,9 +235,9 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
         for j in range(1, L):
             walk = stack[j].walk
             moments["forward.layer"] = worst(moments["forward.layer"],
-                                             at(walk.forward_peak, activations=below(j) + fwd_masks))
+                                             at(walk.forward_peak, held, activations=below(j, True) + fwd_masks))
             moments["backward.top_layer"] = worst(moments["backward.top_layer"], at(
-                walk.backward_peak, activations=below(j) + ctx + bwd_masks, gradients=head_grads + sum(grads[j + 1:])))
+                walk.backward_peak, held, activations=below(j) + ctx + bwd_masks, gradients=head_grads + sum(grads[j + 1:])))
     for parts in moments.values():
         check_sum(parts, sum(parts.values()))
     return moments
@@ -238,7 +249,8 @@ def phase_of(moment: str) -> str:
 
 def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gpu: Gpu | None = None) -> tuple[str, ...]:
     """What the prediction takes for granted, in words a user can check against their script."""
-    out = [gpu_assumption(arch, gpu)]
+    from vramplan.core.recipes import NO_RECIPE, recipe
+    out = [gpu_assumption(arch, gpu), recipe(setup.recipe).summary() if setup.recipe else "recipe " + NO_RECIPE]
     if not arch.bf16 and setup.dtype == "fp16":
         out.append(f"compute dtype fp16: {arch.name} (sm{arch.sm}) has no bf16 hardware")
     if setup.quantized:
@@ -257,12 +269,20 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
                    + (f", dropout {setup.lora_dropout}" if setup.lora_dropout else ""))
     else:
         out.append(f"full fine-tuning: every parameter trainable in {setup.dtype}")
-    out.append(f"micro-batch {setup.batch} x sequence {setup.seq} tokens, no padding, labels = input_ids, "
-               "transformers ForCausalLMLoss (logits upcast to fp32)")
+    loss = ("transformers ForCausalLMLoss (logits upcast to fp32)" if setup.loss == "full" else
+            "TRL fused lm_head + chunked NLL (no full logits; 4096 x 32768 tiles)")
+    out.append(f"micro-batch {setup.batch} x sequence {setup.seq} tokens, no padding, labels = input_ids, {loss}")
+    out.append(f"torch.autocast({setup.amp}) around the forward: matmuls in {setup.amp}, LoRA inputs not cast "
+               "to fp32, adapter weight casts cached until the forward ends" if setup.autocast
+               else "no autocast: every op in its inputs' dtype")
+    out.append("loop: `out = model(**batch)` keeps the logits through backward and opt.step()" if setup.loop == "plain"
+               else "loop: only the loss outlives the forward (Trainer compute_loss)")
     out.append("gradient checkpointing (non-reentrant) on every decoder layer" if setup.grad_ckpt
                else "no gradient checkpointing: every layer's activations kept for backward")
     out.append(attention_assumption(spec, setup, arch))
-    opt = {"adamw": "torch AdamW (foreach), 2 states in the parameter dtype",
+    opt = {"adamw": "torch AdamW (foreach, its CUDA default), 2 states in the parameter dtype",
+           "adamw_foreach": "torch AdamW (foreach), 2 states in the parameter dtype",
+           "adamw_fused": "torch AdamW(fused=True), 2 states in the parameter dtype, no foreach workspace",
            "adamw8bit": "bitsandbytes AdamW8bit (blockwise 8-bit states)",
            "paged_adamw": "bitsandbytes PagedAdamW 32-bit: states in CUDA unified memory (not counted as allocated)",
            "paged_adamw8bit": "bitsandbytes PagedAdamW8bit: states in CUDA unified memory (not counted as allocated)",

@@ -232,7 +232,14 @@ def optimizer_memory(setup: TrainSetup, shapes: Counter, param_bytes: int) -> tu
     """(state bytes, transient bytes inside step()) for the chosen optimizer."""
     opt = setup.optimizer.removeprefix("paged_")
     counted = [(numel(s), k) for s, k in shapes.items()]
-    if opt == "adamw":
+    if opt == "adamw_fused":
+        # torch.optim.AdamW(fused=True): the same two states; `step` becomes a float32 device
+        # scalar per parameter (adam.py _init_group: _get_scalar_dtype(is_fused=True), device=p.device);
+        # torch._fused_adamw_ updates in place, no parameter-sized workspace
+        # (docs/autograd.md#adamw-foreach-vs-fused)
+        tensors = sum(k for _t, k in counted)
+        return sum(k * 2 * alloc(t * param_bytes) for t, k in counted) + tensors * alloc(4), 0
+    if opt in ("adamw", "adamw_foreach"):
         # torch.optim.AdamW: exp_avg and exp_avg_sq in the param dtype (torch/optim/adamw.py
         # _init_group); `step` is a CPU scalar unless capturable/fused. bitsandbytes'
         # PagedAdamW (32-bit) keeps the same two float32 states (state1, state2).

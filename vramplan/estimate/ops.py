@@ -40,7 +40,7 @@ from vramplan.core.models import Linear, ModelSpec
 from vramplan.estimate.quant import alloc as alloc_bytes, dequant_temporary
 from vramplan.estimate import symbolic as sym
 from vramplan.estimate.symbolic import alloc, variables
-from vramplan.core.setup import TrainSetup
+from vramplan.core.setup import DTYPES, TrainSetup
 
 FP32 = 4
 LOGITS = "logits_loss"
@@ -62,6 +62,9 @@ class _Ops:
         # sizes are polynomials in b and s (symbolic.py); decisions that depend on the actual
         # numbers (fused 4-bit kernel or not, sliding-window mask or not) are taken from `setup`
         self.a, self.T = act_bytes(setup), sym.B * sym.S
+        # autocast dtype (bytes); tensors whose dtype differs from `a` are listed in `bytes_of`
+        self.c = DTYPES[setup.amp] if setup.autocast else self.a
+        self.bytes_of: dict[str, int] = {}
         self.fused, self.window, self.kv_view, self.use_rope = decisions(spec, setup, arch) if decided is None else decided
         self.full = setup.method == "full"
         self.adapted = {l.name for l in adapted_linears(spec, setup)}
@@ -69,6 +72,8 @@ class _Ops:
             self.adapted |= {l.name for l in expert_linears(spec)}   # LoRA on every 4-bit expert
         self.ops: list[Op] = []
         self.dequant = 0   # largest dequantized-weight temporary seen
+        self.cached: tuple = ()   # autocast weight casts, held by autocast's cache until the region exits
+        self.held: tuple = ()     # head outputs the loop keeps through backward (`out.logits`)
 
     def t(self, name: str, nbytes: int) -> Tensor:
         return Tensor(name, alloc(nbytes), self.tag)
@@ -125,7 +130,7 @@ class _Ops:
 
     # --- nn.Linear, bnb Linear4bit / Linear8bitLt, peft LoRA wrapper ------------------------
     def linear(self, lin: Linear, x: str, prefix: str = "") -> str:
-        s, a, T = self.setup, self.a, self.T
+        s, a, T = self.setup, self.bytes_of.get(x, self.a), self.T
         name = prefix + lin.name
         o, i = lin.out_features, lin.in_features
         work = bwd_work = 0
@@ -145,10 +150,16 @@ class _Ops:
         self.op(f"{name}.base", [x], [self.t(base, a * T * o)], saves=full_saves, grads=((x, a * T * i),),
                 work=work, bwd_work=bwd_work,
                 param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0)
+        if a != self.a:   # bitsandbytes Linear4bit returns its input's dtype (nn/modules.py forward)
+            self.bytes_of[base] = a
         if lin.name not in self.adapted:
             return base
         r = s.rank
         self.op(f"{name}.clone", [base], [self.t(f"{name}.res", a * T * o)], grads=((base, 0),))
+        if s.autocast:
+            if a != self.a:
+                self.bytes_of[f"{name}.res"] = a
+            return self.lora_autocast(name, x, base, i, o, r, a)
         xin = x
         if a != FP32:
             xin = f"{name}.x32"
@@ -177,6 +188,50 @@ class _Ops:
             self.op(f"{name}.return", [f"{name}.x32"])
         return out
 
+    def lora_autocast(self, name: str, x: str, base: str, i: int, o: int, r: int, a: int) -> str:
+        """peft's LoRA under torch.autocast: `requires_conversion = not torch.is_autocast_enabled()`
+        skips the float32 input cast (peft/tuners/lora/bnb.py Linear4bit.forward); lora_A / lora_B
+        are F.linear, on CUDA autocast's lower-precision list (aten/src/ATen/autocast_mode.cpp),
+        so they run in the autocast dtype on a cast of the float32 adapter weight. That cast is
+        cached for the autocast region (cached_cast: float32 leaf requiring grad) and saved by
+        the linear; its backward (ToCopyBackward) turns the 16-bit weight gradient into the
+        float32 .grad. docs/autograd.md#autocast-weight-cache, docs/peft-transformers.md#input-cast-and-base-output-clone.
+        With prepare_model_for_kbit_training the hidden state `x` is float32: F.linear casts it
+        (saved), and the 16-bit LoRA output is added to the float32 base output without
+        `.to(expected_dtype)` (bnb.py skips it under autocast), so the sum promotes to float32.
+        Only the bitsandbytes wrappers check autocast: lora/layer.py Linear.forward (method lora)
+        casts x to float32 unconditionally (`x = self._cast_input_dtype(x, lora_A.weight.dtype)`),
+        and autocast then casts that copy back for lora_A."""
+        T, c = self.T, self.c
+        xin, xb = x, a
+        if not self.setup.quantized and a != FP32:
+            xin, xb = f"{name}.x32", FP32
+            self.op(f"{name}.cast", [x], [self.t(xin, FP32 * T * i)], grads=((x, a * T * i),))
+        if self.setup.lora_dropout > 0:
+            self.op(f"{name}.dropout", [xin], [self.t(f"{name}.xd", xb * T * i), self.t(f"{name}.mask", T * i)],
+                    saves=(f"{name}.mask",), grads=((xin, xb * T * i),))
+            xin = f"{name}.xd"
+        if xb != c:   # autocast's cast of the float32 input for F.linear
+            self.op(f"{name}.x16", [xin], [self.t(f"{name}.x16", c * T * i)], grads=((xin, xb * T * i),))
+            xin = f"{name}.x16"
+        wa, wb = f"{name}.A16", f"{name}.B16"
+        self.op(f"{name}.cast_A", [], [self.t(wa, c * r * i)], param_grads=alloc(FP32 * r * i))
+        self.cached += (wa,)
+        self.op(f"{name}.lora_A", [xin, wa], [self.t(f"{name}.la", c * T * r)], saves=(xin, wa),
+                grads=((xin, c * T * i), (wa, c * r * i)))
+        self.op(f"{name}.cast_B", [], [self.t(wb, c * o * r)], param_grads=alloc(FP32 * o * r))
+        self.cached += (wb,)
+        self.op(f"{name}.lora_B", [f"{name}.la", wb], [self.t(f"{name}.lb", c * T * o)], saves=(f"{name}.la", wb),
+                grads=((f"{name}.la", c * T * r), (wb, c * o * r)))
+        self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", c * T * o)],
+                grads=((f"{name}.lb", c * T * o),))
+        out = f"{name}.out"
+        self.op(f"{name}.add", [f"{name}.res", f"{name}.ls"], [self.t(out, a * T * o)],
+                grads=((f"{name}.res", 0), (f"{name}.ls", 0 if a == c else c * T * o)))
+        if a != self.a:
+            self.bytes_of[out] = a
+        return out
+
     # --- attention ------------------------------------------------------------------------------
     def rope(self, x: str, width: int, name: str) -> str:
         """apply_rotary_pos_emb: x * cos + cat(-x2, x1) * sin. cos/sin need no grad, so x is not
@@ -195,6 +250,17 @@ class _Ops:
         if self.use_rope:  # SmolLM3's no-RoPE layers skip apply_rotary_pos_emb (attention.use_rope)
             q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
         backend = sdpa_backend(spec, s, self.window, self.arch) if s.attn == "sdpa" else "eager"
+        if self.c != a:
+            # SDPA is on CUDA autocast's lower-precision list: float32 q, k, v (hidden states of
+            # prepare_model_for_kbit_training) are cast, the kernel runs on the casts (saved) and
+            # returns the autocast dtype (docs/recipes.md#cuda-autocast-op-lists)
+            c = self.c
+            for name, width in ((q, qw), (k, kvw), (v, kvw)):
+                self.op(f"{name}.amp", [name], [self.t(f"{name}.16", c * T * width)], grads=((name, a * T * width),))
+            v_storage = f"{v}.16" if v_storage == v else f"{v_storage}.16"
+            q, k, v, a = f"{q}.16", f"{k}.16", f"{v}.16", c
+            backend = sdpa_backend(spec, s.with_(prepare_kbit=False), self.window, self.arch)
+            self.bytes_of["attn.o"] = c
         bias = ()
         if backend != "eager" and self.window:
             # with a mask transformers repeats k/v to every head (repeat_kv) and CUDA's efficient
@@ -348,7 +414,10 @@ class _Ops:
             self.op(f"{name}.scale", [y], [self.t(f"{name}.y", w)], grads=((y, w),))
             y = f"{name}.y"
         out = f"{name}.out"
-        self.op(name, [x, y], [self.t(out, self.a * self.T * self.spec.hidden)], grads=((x, 0), (y, 0)))
+        # a 16-bit y added to a float32 x promotes; autograd casts y's gradient back (validate_outputs)
+        yb = self.bytes_of.get(y, self.a)
+        gy = 0 if yb == self.a else yb * self.T * self.spec.hidden
+        self.op(name, [x, y], [self.t(out, self.a * self.T * self.spec.hidden)], grads=((x, 0), (y, gy)))
         return out
 
     # --- Mixture of experts (transformers 5 MixtralSparseMoeBlock, grouped_mm experts) ---------
@@ -360,6 +429,10 @@ class _Ops:
         With all-linear LoRA, peft's ParamWrapper merges weight + B @ A (baddbmm) into a fresh
         compute-dtype copy of each expert stack on every forward; the grouped matmul saves it."""
         spec, s, a, T = self.spec, self.setup, self.a, self.T
+        if self.c != a:
+            from vramplan.core.errors import UsageError
+            raise UsageError("--amp with --prepare-kbit is not modelled for mixture-of-experts layers "
+                             "(grouped_mm is on no autocast list)", hint="use --amp none or drop --prepare-kbit")
         h, i, E, k = spec.hidden, spec.intermediate, spec.num_experts, spec.experts_per_tok
         cb, Tk = s.compute_bytes, T * k
         lora = experts_adapted(spec, s)
@@ -636,10 +709,22 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
     b = b or _Ops(spec, setup)
     n = b.norm("norm", "x")
     b.tag = LOGITS
+    if setup.loss == "chunked":
+        return chunked_head_ops(spec, setup, b, n)
     T, V = b.T, spec.vocab
-    lb = act_bytes(setup)          # lm_head runs in the hidden-state dtype
+    lb = b.c                       # lm_head runs in the hidden-state dtype, or autocast's
     logits = b.linear(spec.lm_head, n) if "lm_head" in b.adapted or setup.method == "full" else None
-    if logits is None:
+    if logits is None and lb != b.a:
+        # autocast over a float32 hidden state and prepare_model_for_kbit_training's float32
+        # lm_head: F.linear casts the input and the frozen weight (not cached: it does not require
+        # grad), and keeps the weight's cast for the input gradient until the head's backward
+        h = spec.hidden
+        b.op("lm_head.x16", [n], [b.t("lm_head.x16", lb * T * h)], grads=((n, b.a * T * h),))
+        b.op("lm_head.w16", [], [b.t("lm_head.w16", lb * V * h)])
+        b.op("lm_head", ["lm_head.x16", "lm_head.w16"], [b.t("logits", lb * T * V)], saves=("lm_head.w16",),
+             grads=(("lm_head.x16", lb * T * h),))
+        logits = "logits"
+    elif logits is None:
         b.op("lm_head", [n], [b.t("logits", lb * T * V)], grads=((n, b.a * T * spec.hidden),))
         logits = "logits"
     if spec.arch.scaled_logits:    # Granite: logits / logits_scaling, a new tensor
@@ -650,7 +735,7 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
         b.op("cap_tanh", ["cap1"], [b.t("cap2", lb * T * V)], saves=("cap2",), grads=(("cap1", lb * T * V),))
         b.op("cap_mul", ["cap2"], [b.t("cap3", lb * T * V)], grads=(("cap2", lb * T * V),))
         logits = "cap3"
-    logits_out = logits
+    out_logits = logits   # what CausalLMOutput.logits holds
     if lb != FP32:
         b.op("float", [logits], [b.t("logits32", FP32 * T * V)], grads=((logits, lb * T * V),))
         logits = "logits32"
@@ -660,8 +745,61 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
     # `logits` (lm_head's output, soft-capped) until it returns them in CausalLMOutputWithPast,
     # so both are alive through the loss; `model(...).loss` then drops the output object
     # (transformers models/llama/modeling_llama.py LlamaForCausalLM.forward; docs/peft-transformers.md#causal-lm-head-lifetimes)
-    b.op("forward.return", [n, logits_out])
+    b.op("forward.return", [n, out_logits])
+    if setup.autocast and setup.loop == "trainer" and lb != FP32:
+        # accelerate wraps the autocast forward in convert_outputs_to_fp32 (accelerate/utils/operations.py
+        # ConvertOutputsToFp32): a float32 copy of the 16-bit logits, dropped with `outputs` before backward
+        b.op("outputs_fp32", [out_logits], [b.t("logits_out32", FP32 * T * V)])
+    b.held = (out_logits,) if setup.loop == "plain" else ()
     return b.ops
+
+
+def chunked_head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops", n: str) -> list[Op]:
+    """TRL's fused lm_head + chunked NLL (trl/trainer/utils.py add_fused_lm_head `_fused_forward`,
+    trl/kernels/chunked_logprob.py ChunkedLogProbFunction, TRL 1.16; docs/recipes.md#trl-chunked-loss),
+    on CUDA (Triton folds each tile in place, compact=True):
+    hidden[:, :-1][mask] copies the N = b * (s - 1) labelled rows; the forward keeps seven float32
+    N-vectors of online-logsumexp statistics and one (min(N, 4096), 32768) tile buffer in the
+    compute dtype; it saves hidden rows, targets, log_z and entropy; masked_scatter puts log-probs
+    back on (b, s - 1). Backward: a float32 N x hidden gradient (zeros, addmm with out_dtype
+    float32), the tile buffer again, then .to(hidden dtype); index and slice backward scatter it
+    into zeros of (b, s - 1, h) and (b, s, h)."""
+    if "lm_head" in b.adapted:
+        from vramplan.core.errors import UsageError
+        raise UsageError("--loss chunked (TRL's fused lm_head) reads lm_head.weight directly: a LoRA on "
+                         "lm_head would not train", hint="drop lm_head from --targets, or use --loss full")
+    a, h, V = b.a, spec.hidden, spec.vocab
+    N = sym.B * sym.S + sym.B * -1
+    cd = 2 if setup.autocast else a            # autocast dtype, else the hidden state's (compute_dtype)
+    tile = alloc(cd * sym.NT * TRL_VOCAB_CHUNK)
+    vec = alloc(FP32 * N)
+    b.op("fused.mask", [], [b.t("fused.mask", N)])                       # labels[:, 1:] != -100
+    b.op("fused.slice", [n], [b.t("fused.hs", 0)], grads=((n, a * b.T * h),))   # [:, :-1] view
+    b.op("fused.index", ["fused.hs", "fused.mask"], [b.t("fused.hc", a * N * h)], saves=("fused.mask",),
+         grads=(("fused.hs", a * N * h),))
+    b.op("fused.targets", ["fused.mask"], [b.t("fused.tg", 8 * N)])     # labels[mask]
+    full = setup.method == "full"
+    b.op("fused.logprob", ["fused.hc", "fused.tg"],
+         [b.t("fused.logz", FP32 * N), b.t("fused.lp", FP32 * N), b.t("fused.ent", FP32 * N),
+          b.t("fused.top1", N)],
+         saves=("fused.hc", "fused.tg", "fused.logz", "fused.ent"), grads=(("fused.hc", a * N * h),),
+         work=7 * vec + tile + 2 * alloc(N), work_tag=ACT,
+         bwd_work=alloc(FP32 * N * h) + tile + (alloc(FP32 * V * h) if full else 0),
+         param_grads=alloc(a * V * h) if full else 0)
+    # (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)): zeros, then the result
+    b.op("fused.scatter_lp", ["fused.lp", "fused.mask"], [b.t("fused.lpf", FP32 * N)], saves=("fused.mask",),
+         grads=(("fused.lp", FP32 * N),), work=vec, work_tag=ACT)
+    b.op("fused.scatter_ent", ["fused.ent", "fused.mask"], [b.t("fused.entf", FP32 * N)], work=vec, work_tag=ACT)
+    b.op("fused.scatter_top1", ["fused.top1", "fused.mask"], [b.t("fused.top1f", N)], work=alloc(N), work_tag=ACT)
+    # SFTTrainer.compute_loss: per_token_loss = -outputs.log_probs; its sum over the labelled tokens
+    b.op("fused.neg", ["fused.lpf"], [b.t("fused.nll", FP32 * N)], grads=(("fused.lpf", FP32 * N),))
+    b.op("fused.sum", ["fused.nll"], [b.t("loss", 4)], grads=(("fused.nll", FP32 * N),))
+    b.op("fused.return", [n, "fused.entf", "fused.top1f"])   # backbone_outputs live until _fused_forward returns
+    b.held = ("fused.lpf", "fused.entf") if setup.loop == "plain" else ()
+    return b.ops
+
+
+TRL_VOCAB_CHUNK = 32768   # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE: the tile buffer's columns
 
 
 @dataclass(frozen=True)
@@ -746,7 +884,7 @@ def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
 
     def run(needs: frozenset) -> Tape:
         return walk(ops, {"x": hidden}, keep=keep, save=not ckpt, backward=True,
-                    grad_of={"layer.out": hidden}, needs_grad=needs)
+                    grad_of={"layer.out": hidden}, needs_grad=needs, cached=b.cached)
 
     inner = run(frozenset({"x"}))
     return inner, inner if ckpt else run(frozenset()), dequant
@@ -756,8 +894,34 @@ def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
 def _head_tape(spec: ModelSpec, structure: tuple) -> Tape:
     setup, decided, _, arch = structure
     hidden = alloc(act_bytes(setup) * sym.B * sym.S * spec.hidden)
-    return walk(head_ops(spec, setup, _Ops(spec, setup, decided=decided, arch=arch)), {"x": hidden}, backward=True,
+    b = _Ops(spec, setup, decided=decided, arch=arch)
+    ops = head_ops(spec, setup, b)
+    return walk(ops, {"x": hidden}, backward=True, keep=b.held, cached=b.cached,
                 grad_of={"loss": alloc(4)}, needs_grad=frozenset({"x"}))
+
+
+def held_outputs(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes of the model outputs a plain loop (`out = model(**batch); out.loss.backward()`) keeps
+    alive from the end of the forward through the whole backward: out.logits (or TRL's per-token
+    outputs with the chunked loss). The trainer loops keep only the loss."""
+    if setup.loop != "plain":
+        return 0
+    if setup.loss == "chunked":
+        return 2 * alloc_bytes(FP32 * setup.batch * (setup.seq - 1))
+    logits = DTYPES[setup.amp] if setup.autocast else act_bytes(setup)
+    return alloc_bytes(logits * setup.tokens * spec.vocab)
+
+
+def autocast_cache(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes of one decoder layer's adapter weight casts that autocast's cache keeps from the
+    layer's (non-saving, checkpointed) forward to the end of the forward region
+    (autocast_mode.cpp cached_cast; docs/autograd.md#autocast-weight-cache). Without
+    checkpointing the linears save them anyway, which the walk counts."""
+    if not (setup.autocast and setup.grad_ckpt and setup.uses_adapters):
+        return 0
+    a, r = act_bytes(setup), setup.rank
+    return sum(alloc_bytes(a * r * l.in_features) + alloc_bytes(a * l.out_features * r)
+               for l in adapted_linears(spec, setup) if l.name != "lm_head")
 
 
 @lru_cache(maxsize=512)

@@ -128,8 +128,13 @@ def alloc(nbytes) -> Size:
 def variables(batch: int, seq: int) -> dict:
     def rnd(n: int, m: int) -> int:
         return -(-n // m) * m
-    return {"b": batch, "s": seq, "s16": rnd(seq, 16), "s32": rnd(seq, 32), "s128": rnd(seq, 128)}
+    return {"b": batch, "s": seq, "s16": rnd(seq, 16), "s32": rnd(seq, 32), "s128": rnd(seq, 128),
+            "nt": min(batch * (seq - 1), TOKEN_TILE)}
 
 
+# TRL's chunked log-prob projects at most this many tokens at a time (trl/kernels/chunked_logprob.py
+# TOKEN_CHUNK_SIZE); "nt" is the rows of its tile buffer for the b * (s - 1) labelled tokens
+TOKEN_TILE = 4096
+NT = Sym.var("nt")
 B, S = Sym.var("b"), Sym.var("s")
 S16, S32, S128 = Sym.var("s16"), Sym.var("s32"), Sym.var("s128")

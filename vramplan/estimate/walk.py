@@ -160,7 +160,7 @@ class Tape:
 
 def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save: bool = True,
          backward: bool = False, grad_of: dict[str, int] | None = None,
-         needs_grad: frozenset[str] = frozenset()) -> Tape:
+         needs_grad: frozenset[str] = frozenset(), cached: tuple[str, ...] = ()) -> Tape:
     """Run `ops` forward (and then backward if asked) and record the tape of allocations;
     `Tape.replay(values)` gives the peaks for one batch x seq.
 
@@ -172,6 +172,9 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         last op that saves anything (torch.utils.checkpoint, non-reentrant, early stop).
     grad_of: gradients present when backward starts (segment outputs), name -> bytes.
     needs_grad: tensors that need a gradient besides what ops produce (segment inputs).
+    cached: autocast weight casts (autocast_mode.cpp cached_cast): a forward that does not save
+        (checkpointing's first pass) still leaves them alive in autocast's cache until the
+        autocast region exits, at the end of the forward; the recomputation saves them.
     """
     live = _Live()
     for name, nbytes in given.items():
@@ -205,13 +208,16 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
                     for name in op.saves:
                         saved_by[name] = saved_by.get(name, 0) + 1
             for name in frees[i]:
-                if name in live.size and name not in saved_by:
+                if name in live.size and name not in saved_by and (saving or name not in cached):
                     live.drop(name)
 
     run_forward(len(ops), save)
     if not backward:
         return Tape(tuple(live.table), tuple(live.tape))
     live.reset()
+    for name in cached:   # the autocast region ended with the forward: its cache is cleared
+        if name in live.size and name not in saved_by:
+            live.drop(name)
     recompute_upto = 0 if save else 1 + max((i for i, op in enumerate(ops) if op.saves), default=-1)
 
     # Backward: gradients are storages with reference counts (pass-through shares one).

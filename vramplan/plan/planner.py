@@ -265,6 +265,7 @@ class Plan:
     survey: tuple[GpuRow, ...] = ()
     notes: tuple[str, ...] = ()
     evaluations: int = field(default=0, compare=False)
+    recipe_changes: tuple = ()           # plan/recipe_changes.RankedChange, largest saving first
 
     @property
     def fits(self) -> bool | None:
@@ -291,6 +292,7 @@ class Plan:
             "minimum": self.minimum.to_dict() if self.minimum else None,
             "survey": [r.to_dict() for r in self.survey],
             "notes": list(self.notes),
+            "recipe_changes": [r.to_dict() for r in self.recipe_changes],
         }
 
 
@@ -334,9 +336,11 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
         if recommend:
             changes = _recommend(ev, spec, setup, g, tight)
         minimum = _minimum(spec, setup, par, g, tight, ev, with_changes=not changes)
+    from vramplan.plan.recipe_changes import ranked_recipe_changes
+    recipe = ranked_recipe_changes(spec, setup, need=ev.need) if recommend else ()
     return Plan(model=spec, setup=setup, parallel=par, gpu=g, estimate=est, status=status, tight=tight,
                 max_batch=max_batch, max_seq=max_seq, grid=grid, changes=changes, minimum=minimum,
-                notes=tuple(notes), evaluations=ev.calls)
+                notes=tuple(notes), evaluations=ev.calls, recipe_changes=recipe)
 
 
 def _limit(ev: Evaluator, setup: TrainSetup, name: str, cap: int, upper: int, notes: list[str]) -> Limit:
@@ -425,7 +429,8 @@ def _candidates(spec: ModelSpec, setup: TrainSetup) -> list[_Candidate]:
             add("attn", {"attn": "sdpa"}, 0.0, "none: SDPA is usually faster than eager attention", SRC_SDPA)
     if setup.quantized and setup.quant != "int8" and not setup.double_quant:
         add("double_quant", {"double_quant": True}, 0.02, "negligible: slightly more dequantization work", SRC_DQ)
-    opt = setup.optimizer
+    # torch AdamW's foreach and fused variants keep the same states as "adamw"
+    opt = "adamw" if setup.optimizer in ("adamw_foreach", "adamw_fused") else setup.optimizer
     paged_text = "no slowdown until the GPU runs short; then optimizer state pages over PCIe"
     eight_text = "8-bit optimizer states: same accuracy as 32-bit Adam in the paper's benchmarks"
     if opt in ("adamw", "adamw8bit"):
@@ -435,6 +440,11 @@ def _candidates(spec: ModelSpec, setup: TrainSetup) -> list[_Candidate]:
     if opt == "adamw":
         add("optimizer", {"optimizer": "paged_adamw8bit"}, 0.08, f"{eight_text}; {paged_text}",
             f"{SRC_8BIT}; {SRC_PAGED}")
+    from vramplan.plan.recipe_changes import recipe_candidates
+    for rc in recipe_candidates(spec, setup):    # the loop's own changes (issue #9)
+        if rc.key != "optimizer" or rc.changes["optimizer"] == "adamw_fused":
+            if rc.key != "kbit":                  # prepare_kbit is offered below
+                add(rc.key, rc.changes, rc.cost, rc.text, rc.source)
     if setup.lora_dropout and setup.uses_adapters:
         add("dropout", {"lora_dropout": 0.0}, 0.05, "no LoRA dropout regularization", SRC_DROPOUT)
     if setup.prepare_kbit:

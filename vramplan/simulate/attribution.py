@@ -195,9 +195,11 @@ def register_optimizer_state(tracker, optimizer, paged: list) -> None:
             if kernels.is_paged(v):
                 paged.append(v.untyped_storage().nbytes())
                 tracker.ignore(v)
-            elif key == "step" and v.dim() == 0 and tracker.device_type == "cpu":
+            elif key == "step" and v.dim() == 0 and tracker.device_type == "cpu" \
+                    and not optimizer.defaults.get("fused"):
                 # torch.optim keeps `step` on the host unless capturable/fused (adam.py
-                # _init_group); a real CPU run has it on its only device: not counted.
+                # _init_group); a real CPU run has it on its only device: not counted. Fused
+                # AdamW keeps it on the parameters' device, as on CUDA: counted.
                 tracker.ignore(v)
             else:
                 tracker.track(v, Component.OPTIMIZER_STATE.value)

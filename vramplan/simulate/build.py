@@ -244,11 +244,15 @@ def make_optimizer(params, setup: TrainSetup, device: str):
     import torch
 
     params = list(params)
-    if setup.optimizer in ("adamw", "sgd"):
+    if setup.optimizer == "adamw_fused":
+        if device == "meta":
+            return fused_adamw_on_meta(params)
+        return torch.optim.AdamW(params, lr=2e-4, fused=True)
+    if setup.optimizer in ("adamw", "adamw_foreach", "sgd"):
         # On CUDA torch picks the foreach implementation by default
         # (optimizer.py _default_to_fused_or_foreach: foreach for CUDA tensors, fused only on
         # request). meta and cpu are not foreach devices, so it is asked for explicitly.
-        if setup.optimizer == "adamw":
+        if setup.optimizer != "sgd":
             return torch.optim.AdamW(params, lr=2e-4, foreach=True)
         return torch.optim.SGD(params, lr=2e-4, foreach=True)
     if setup.optimizer == "adafactor":
@@ -258,6 +262,40 @@ def make_optimizer(params, setup: TrainSetup, device: str):
     kinds = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
              "paged_adamw8bit": bnb.optim.PagedAdamW8bit}
     return kinds[setup.optimizer](params, lr=2e-4)
+
+
+def fused_adamw_on_meta(params):
+    """torch.optim.AdamW(fused=True) as CUDA runs it, on meta: AdamW refuses fused=True for meta
+    parameters (_device_dtype_check_for_fused), so the state is made by Adam._init_group with
+    group["fused"] set (exp_avg, exp_avg_sq and a float32 device `step` scalar per parameter) and
+    the update is the same torch._fused_adamw_ call _fused_adam makes (it has a meta kernel and,
+    like the CUDA one, allocates nothing)."""
+    import torch
+    from torch.optim import adam
+
+    class MetaFusedAdamW(torch.optim.AdamW):
+        @torch.no_grad()
+        def step(self, closure=None):
+            checker = adam._device_dtype_check_for_fused
+            adam._device_dtype_check_for_fused = lambda p, cuda_unsupported=False: None
+            try:
+                for group in self.param_groups:
+                    ps, grads, avgs, sqs, maxs, steps = [], [], [], [], [], []
+                    group["fused"] = True
+                    self._init_group(group, ps, grads, avgs, sqs, maxs, steps)
+                    group["fused"] = False
+                    if not ps:
+                        continue
+                    torch._foreach_add_(steps, 1)   # _fused_adam: torch._foreach_add_(device_state_steps, 1)
+                    beta1, beta2 = group["betas"]
+                    torch._fused_adamw_(ps, grads, avgs, sqs, maxs, steps, lr=group["lr"], beta1=beta1,
+                                        beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                                        amsgrad=group["amsgrad"], maximize=group["maximize"])
+            finally:
+                adam._device_dtype_check_for_fused = checker
+            return None
+
+    return MetaFusedAdamW(params, lr=2e-4, foreach=False)
 
 
 def make_trainable(model, setup: TrainSetup, device: str):
@@ -285,11 +323,46 @@ def make_trainable(model, setup: TrainSetup, device: str):
     return model, make_optimizer(trainable, setup, device)
 
 
+def apply_loop(model, setup: TrainSetup, device: str):
+    """What the training library does to the model's forward (docs/recipes.md):
+    - loss chunked: TRL's SFTTrainer add_fused_lm_head on the base model (simulate/chunked_loss.py);
+    - amp: the forward runs under torch.autocast. The Trainer gets it from accelerate
+      (accelerate/accelerator.py prepare_model, native_amp: model.forward wrapped in autocast, then
+      in convert_outputs_to_fp32); a plain loop writes `with torch.autocast(...)` around the call.
+      torch.autocast is looked up per call, so on meta the emulation (simulate/autocast.py) runs.
+      On meta the device type stands for "cuda"; a real CPU run uses CPU autocast."""
+    import types
+
+    if setup.loss == "chunked":
+        from vramplan.simulate.chunked_loss import add_fused_lm_head
+        add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if not setup.autocast:
+        return model
+    import torch
+
+    dtype, kind = getattr(torch, DTYPE_NAMES[setup.amp]), "cuda" if device == "meta" else device
+    forward = model.forward.__func__
+
+    def autocast_forward(self, *args, **kwargs):
+        with torch.autocast(kind, dtype=dtype):
+            return forward(self, *args, **kwargs)
+
+    model.forward = types.MethodType(autocast_forward, model)
+    if setup.loop == "trainer":
+        try:
+            from accelerate.utils import convert_outputs_to_fp32
+        except ImportError:       # accelerate comes with transformers' Trainer; without it, no copy
+            return model
+        model.forward = types.MethodType(convert_outputs_to_fp32(model.forward.__func__), model)
+    return model
+
+
 def build(spec, setup: TrainSetup, device: str = "meta", seed: int = 0) -> Built:
     import torch
 
     base = build_model(spec, setup, device, seed)
     model, optimizer = make_trainable(base, setup, device)
+    model = apply_loop(model, setup, device)
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, spec.vocab, (setup.batch, setup.seq), generator=g).to(device) \
         if device != "meta" else torch.zeros((setup.batch, setup.seq), dtype=torch.long, device=device)

@@ -148,6 +148,7 @@ class Simulation:
         from vramplan.cuda.arch import ASSUMED
 
         require_packages(setup)
+        self._paged_before = len(_paged_registry())
         self.spec, self.setup, self.device = spec, setup, device
         self.arch = arch or ASSUMED
         self.meta = device == "meta"
@@ -191,11 +192,16 @@ class Simulation:
             self._stack.enter_context(kernels.autocast_accepts_meta())
             self._stack.enter_context(self.sdpa)
             self._stack.enter_context(kernels.cuda_dropout())
+            if self.setup.autocast:
+                from vramplan.simulate import autocast
+                self._stack.enter_context(autocast.emulate_cuda_autocast())
+                self._stack.enter_context(autocast.sdpa_autocast())
         return self
 
     def __exit__(self, *exc):
         self.ctx.remove()
         self._stack.close()
+        del _paged_registry()[self._paged_before:]   # this simulation's paged optimizer state
 
     # --- progress -------------------------------------------------------------------------------
     def _layer_ran(self, _name: str) -> None:
@@ -217,7 +223,7 @@ class Simulation:
             ctx.phase = "forward"
             boundary["start"] = tracker.allocated
             tracker.mark()
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = self.forward_loss(model, ids)
             boundary["forward_end"] = tracker.allocated
             ctx.phase, ctx.region, ctx.bw_module = "backward", LOGITS_REGION, "loss"
             tracker.mark()
@@ -242,6 +248,32 @@ class Simulation:
             if isinstance(exc, VramplanError):
                 raise
             raise self.failure(tracker, exc) from exc
+
+    def forward_loss(self, model, ids):
+        """The loop body's forward (recipes, docs/recipes.md): `loss = model(...).loss` with the
+        outputs dropped (trainer), or `out = model(...)` kept until the next step's forward
+        returns (plain); TRL's chunked loss is SFTTrainer.compute_loss: -outputs.log_probs summed
+        over the labelled tokens."""
+        if self.setup.loss == "chunked":
+            out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+            loss = (-out.log_probs).sum() / out.label_mask.sum().clamp(min=1)
+        else:
+            out = model(input_ids=ids, labels=ids)
+            loss = out.loss
+        if self.setup.loop == "plain":
+            self.held = out       # the previous step's outputs die only now
+        return loss
+
+    def held_tensors(self) -> list:
+        """The tensors of the previous step's outputs a plain loop still references."""
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        held = getattr(self, "held", None)
+        if held is None:
+            return []
+        values = held.values() if hasattr(held, "values") else vars(held).values()
+        return [t for t in tree_leaves(list(values)) if isinstance(t, torch.Tensor)]
 
     def failure(self, tracker, exc: BaseException):
         """SimulationError: which phase, module and op a failing step stopped in."""
@@ -284,6 +316,8 @@ class Simulation:
         register_live_state(tracker, self.built, self.paged)
         if self.cublas is not None:   # made by the warm-up step's first matmul, cached since
             tracker.track(self.cublas.tensor(), Component.TEMPORARIES.value)
+        for t in self.held_tensors():   # the previous step's outputs: activations, as in the estimate
+            tracker.track(t, Component.ACTIVATIONS.value)
         return tracker
 
     def measure(self):
@@ -309,6 +343,16 @@ class Simulation:
 
         foreign = kernels.unknown_kernel_note(getattr(tracker, "foreign_ops", ()))
         return self.routing.notes() + ((foreign,) if foreign else ())
+
+
+def _paged_registry() -> list:
+    """bitsandbytes keeps every paged tensor it creates in one process-wide list for prefetching
+    (bitsandbytes/functional.py GlobalPageManager.paged_tensors); a simulated optimizer's tensors
+    must not outlive its simulation. Empty when bitsandbytes was never imported."""
+    import sys
+
+    functional = sys.modules.get("bitsandbytes.functional")
+    return functional.GlobalPageManager.get_instance().paged_tensors if functional is not None else []
 
 
 def make_trace(spec, setup: TrainSetup, device: str, m: Measured, seconds: float = 0.0, *,

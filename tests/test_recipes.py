@@ -1,0 +1,236 @@
+"""Training recipes (issue #9): the registry, the flags, what each loop change does to the
+estimate, the autocast emulation, and meta vs a real CPU run under each recipe."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+
+from vramplan import estimate
+from vramplan.cli import main
+from vramplan.core.errors import UsageError
+from vramplan.core.recipes import RECIPE_FIELDS, RECIPES
+from vramplan.core.setup import make_setup
+from vramplan.core.setup import TrainSetup
+from vramplan.estimate.quant import alloc
+from vramplan.cuda.arch import ASSUMED  # noqa: E402
+from vramplan.cuda.cublas import workspace_bytes  # noqa: E402
+
+CUBLAS = workspace_bytes(ASSUMED)   # the emulated H100's cuBLAS workspace (vramplan/cuda/cublas.py)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+def test_every_recipe_default_that_differs_from_the_plain_setup_names_its_source():
+    base = TrainSetup()
+    for recipe in RECIPES.values():
+        cited = {f for f, _ in recipe.sources}
+        changed = {f for f in RECIPE_FIELDS if getattr(recipe, f) != getattr(base, f) and f not in ("targets",)}
+        assert changed <= cited, (recipe.name, changed - cited)
+        assert all(src.strip() for _, src in recipe.sources)
+
+
+def test_recipes_are_frozen_and_cover_the_issue():
+    assert set(RECIPES) == {"trainer", "trl-sft", "qlora-paper", "plain"}
+    with pytest.raises(Exception):
+        RECIPES["trainer"].amp = "none"
+    assert {f.name for f in fields(TrainSetup)} >= set(RECIPE_FIELDS)
+
+
+def test_recipe_values_from_their_sources():
+    t, trl, paper, plain = (RECIPES[n] for n in ("trainer", "trl-sft", "qlora-paper", "plain"))
+    assert (t.amp, t.optimizer, t.loss, t.loop) == ("bf16", "adamw_fused", "full", "trainer")
+    assert (trl.amp, trl.grad_ckpt, trl.loss, trl.reentrant) == ("bf16", True, "chunked", False)
+    assert (paper.prepare_kbit, paper.optimizer, paper.rank, paper.amp) == (True, "paged_adamw", 64, "bf16")
+    assert (plain.amp, plain.optimizer, plain.loop) == ("none", "adamw", "plain")
+
+
+def test_explicit_flags_override_a_recipe():
+    s = make_setup("trl-sft", optimizer="adamw8bit", loss="full", seq=512)
+    assert (s.recipe, s.optimizer, s.loss, s.amp, s.seq) == ("trl-sft", "adamw8bit", "full", "bf16", 512)
+    assert make_setup(None) == TrainSetup()
+
+
+def test_cli_recipe_and_override(capsys):
+    code, out, _ = run(capsys, "estimate", "llama-2-7b", "--recipe", "trl-sft", "--optimizer", "adamw", "--json")
+    assert code == 0
+    data = json.loads(out)
+    s = data["setup"]
+    assert (s["recipe"], s["amp"], s["loss"], s["optimizer"]) == ("trl-sft", "bf16", "chunked", "adamw")
+    assert data["assumptions"][1].startswith("recipe trl-sft (TRL 1.16")
+
+
+def test_cli_without_recipe_says_so(capsys):
+    code, out, _ = run(capsys, "estimate", "llama-2-7b", "--json")
+    assert json.loads(out)["assumptions"][1].startswith("recipe none: no autocast")
+
+
+def test_unknown_recipe_is_one_line(capsys):
+    code, _, err = run(capsys, "estimate", "llama-2-7b", "--recipe", "axolotl")
+    assert code == 2
+    assert err.strip() == ("Error: unknown recipe 'axolotl' "
+                           "(hint: --recipe takes one of: trainer, trl-sft, qlora-paper, plain)")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(amp="bf16", dtype="fp32"), "--amp bf16 is modelled for bf16 weights (got --dtype fp32)"),
+    (dict(amp="bf16", prepare_kbit=True, attn="eager"),
+     "--amp bf16 with --prepare-kbit is modelled for 4-bit quantization and --attn sdpa"),
+    (dict(loop="eager"), "unknown loop 'eager'"),
+    (dict(loss="fused"), "unknown loss 'fused'"),
+])
+def test_bad_step_flags(flags, message):
+    with pytest.raises(UsageError) as e:
+        TrainSetup(**flags)
+    assert str(e.value).split(" (hint:")[0] == message
+
+
+# --- what each change does to the estimate ------------------------------------------------------
+
+def test_plain_loop_holds_one_more_bf16_logits_tensor():
+    """Issue #9: +0.26 GB on Llama-2-7B at 4k tokens (4096 x 32000 x 2 bytes)."""
+    trainer = estimate("llama-2-7b", seq=4096)
+    plain = estimate("llama-2-7b", seq=4096, loop="plain")
+    assert plain.peak_allocated_bytes - trainer.peak_allocated_bytes == alloc(4096 * 32000 * 2)
+
+
+def test_fused_adamw_has_no_workspace_and_a_device_step_per_tensor():
+    foreach = estimate("llama-2-7b", optimizer="adamw")
+    fused = estimate("llama-2-7b", optimizer="adamw_fused")
+    tensors = 7 * 2 * 32   # LoRA A and B on 7 linears per layer, 32 layers
+    assert fused.components["optimizer_state"] - foreach.components["optimizer_state"] == tensors * 512
+    # the only temporary left at the optimizer moment is the cached cuBLAS workspace (cuda/cublas.py)
+    from vramplan.cuda.arch import ASSUMED
+    from vramplan.cuda.cublas import workspace_bytes
+    cublas = workspace_bytes(ASSUMED)
+    assert fused.moments["optimizer"]["temporaries"] == cublas < foreach.moments["optimizer"]["temporaries"]
+    assert estimate("llama-2-7b", optimizer="adamw_foreach").peak_allocated_bytes == foreach.peak_allocated_bytes
+
+
+def test_chunked_loss_has_no_full_logits():
+    full = estimate("llama-2-7b", seq=4096, batch=2)
+    chunked = estimate("llama-2-7b", seq=4096, batch=2, loss="chunked")
+    logits32 = alloc(2 * 4096 * 32000 * 4)
+    assert full.moments["backward.loss"]["logits_loss"] >= 2 * logits32
+    assert chunked.moments["backward.loss"]["logits_loss"] < logits32 // 4
+
+
+def test_chunked_loss_refuses_a_lora_on_lm_head():
+    with pytest.raises(UsageError, match="reads lm_head.weight directly"):
+        estimate("llama-2-7b", loss="chunked", targets="q_proj,lm_head")
+
+
+def test_autocast_drops_peft_fp32_input_copies():
+    """bnb LoRA under autocast: no fp32 copy of each adapted input (docs/recipes.md)."""
+    pure = estimate("llama-2-7b", seq=4096, grad_ckpt=False, loss="chunked")
+    amp = estimate("llama-2-7b", seq=4096, grad_ckpt=False, loss="chunked", amp="bf16")
+    assert amp.peak_allocated_bytes < pure.peak_allocated_bytes
+
+
+def test_planner_ranks_recipe_changes_by_saving():
+    import vramplan
+    p = vramplan.plan("llama-2-7b", gpu="24GB", seq=4096, recipe=None, loop="plain")
+    savings = [r.saving_bytes for r in p.recipe_changes]
+    assert savings == sorted(savings, reverse=True)
+    by = {tuple(r.change.changes.items()): r.saving_bytes for r in p.recipe_changes}
+    assert by[(("loop", "trainer"),)] > 0 and by[(("loss", "chunked"),)] > 0
+    assert p.to_dict()["recipe_changes"][0]["saving_bytes"] == savings[0]
+
+
+# --- the autocast emulation ---------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+
+def test_emulated_autocast_casts_per_cuda_lists_and_caches_weights():
+    from vramplan.simulate.autocast import emulate_cuda_autocast
+
+    F = torch.nn.functional
+    x = torch.zeros(4, 8, device="meta")
+    w = torch.nn.Parameter(torch.zeros(3, 8, device="meta"))
+    with emulate_cuda_autocast() as state:
+        assert not torch.is_autocast_enabled()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.is_autocast_enabled() and torch.get_autocast_dtype("meta") == torch.bfloat16
+            y = F.linear(x, w)
+            assert y.dtype == torch.bfloat16
+            cast = state.cache[id(w)][1]
+            F.linear(x, w)
+            assert state.cache[id(w)][1] is cast           # one cast per region
+            assert torch.softmax(y, -1).dtype == torch.float32   # fp32_set_opt_dtype
+            assert torch.rsqrt(y).dtype == torch.float32        # fp32
+            assert (y * y).dtype == torch.bfloat16              # not listed: input dtype
+            with torch.autocast("cuda", enabled=False):
+                assert F.linear(x, w).dtype == torch.float32
+        assert not state.cache and not torch.is_autocast_enabled()
+
+
+def test_checkpoint_recomputation_reenters_emulated_autocast():
+    from torch.utils.checkpoint import checkpoint
+
+    from vramplan.simulate.autocast import emulate_cuda_autocast
+
+    seen = []
+
+    def body(t, w):
+        seen.append(torch.is_autocast_enabled())
+        return torch.nn.functional.linear(t, w)
+
+    x = torch.zeros(4, 8, device="meta", requires_grad=True)
+    w = torch.nn.Parameter(torch.zeros(3, 8, device="meta"))
+    with emulate_cuda_autocast():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = checkpoint(body, x, w, use_reentrant=False)
+        out.float().sum().backward()
+    assert seen == [True, True] and out.dtype == torch.bfloat16
+
+
+# --- meta vs a real CPU run, per recipe ---------------------------------------------------------
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.mark.parametrize("recipe, flags", [("plain", {}), (None, {"optimizer": "adamw_fused"}),
+                                           ("trainer", {}), ("trl-sft", {}), ("qlora-paper", {})])
+def test_meta_agrees_with_a_real_cpu_run_per_recipe(tiny_spec, recipe, flags):
+    """On the CPU autocast is real CPU autocast (torch.autocast("cpu")), fused AdamW is torch's CPU
+    kernel and TRL's loss takes its off-CUDA path; the static state must match to the byte."""
+    from vramplan.simulate import simulate
+
+    spec, setup = tiny_spec("llama"), make_setup(recipe, seq=32, rank=8, **flags)
+    meta, cpu = simulate(spec, setup, device="meta"), simulate(spec, setup, device="cpu")
+    cublas = CUBLAS   # the meta run emulates an H100's cached cuBLAS workspace; the CPU has none
+    assert meta.boundaries["start"] - cublas == cpu.boundaries["start"]
+    assert meta.boundaries["optimizer_end"] - cublas == cpu.boundaries["optimizer_end"]
+    peak = meta.peak_allocated_bytes - cublas
+    assert abs(peak - cpu.peak_allocated_bytes) <= 0.01 * cpu.peak_allocated_bytes
+
+
+def test_chunked_loss_off_cuda_upcasts_its_operands(tiny_spec):
+    """TRL's _addmm_fp32 off CUDA: acc.addmm_(a.float(), b.float()); on CUDA addmm(out_dtype=fp32)
+    copies nothing, so the CPU run needs more in the loss backward than the meta (CUDA) run."""
+    from vramplan.simulate import simulate
+
+    spec, setup = tiny_spec("llama"), make_setup(None, seq=32, rank=8, loss="chunked")
+    meta, cpu = simulate(spec, setup, device="meta"), simulate(spec, setup, device="cpu")
+    assert meta.boundaries["backward_end"] - CUBLAS == cpu.boundaries["backward_end"]
+    assert cpu.peak_allocated_bytes > meta.peak_allocated_bytes - CUBLAS
+
+
+def test_profile_refuses_a_recipe_it_would_not_run(capsys):
+    from vramplan.cli import main
+
+    code = main(["profile", "meta-llama/Llama-2-7b-hf", "--random-weights", "--device", "cpu", "--recipe", "trainer"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "Error: profile runs the idealized step only: --recipe, --amp, --loop plain and --loss chunked are not "
+        "applied to real runs yet (hint: profile without them, or use `vramplan simulate` for the recipe)\n")

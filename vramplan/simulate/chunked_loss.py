@@ -1,0 +1,141 @@
+"""TRL's fused lm_head + chunked NLL (the SFTTrainer default loss), for simulate.
+
+With TRL installed (`pip install 'vramplan[trl]'`) its own `trl.trainer.utils.add_fused_lm_head`
+patches the model. Without it, this module is an op-for-op stand-in for TRL 1.16's CUDA path
+(trl/trainer/utils.py add_fused_lm_head `_fused_forward`; trl/kernels/chunked_logprob.py
+ChunkedLogProbFunction with the Triton folds, compact=True; docs/recipes.md#trl-chunked-loss):
+the same tensors are allocated, saved and freed in the same order; the Triton kernels, which
+update their tile and statistics in place, are in-place no-ops here. Only "log_probs",
+"entropy" and "is_top1" are computed, the outputs SFTTrainer asks for.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+TOKEN_CHUNK_SIZE = 4096       # trl/kernels/chunked_logprob.py
+VOCAB_CHUNK_SIZE = 32768      # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE
+
+
+def trl_available() -> bool:
+    try:
+        import trl.trainer.utils  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class ChunkedLogProb(torch.autograd.Function):
+    """ChunkedLogProbFunction, CUDA path, outputs ("log_probs", "entropy", "is_top1")."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        ctx.set_materialize_grads(False)
+        device, N, vocab = hidden.device, hidden.shape[0], weight.shape[0]
+        compute_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled() else hidden.dtype
+        f32 = dict(device=device, dtype=torch.float32)
+        running_max = torch.full((N,), float("-inf"), **f32)
+        sum_exp, x_sum_exp, sq_sum_exp, z_sum = (torch.zeros((N,), **f32) for _ in range(4))
+        max_before_target = torch.full((N,), float("-inf"), **f32)
+        target_logit = torch.zeros((N,), **f32)
+        mm_buf = torch.empty((min(N, TOKEN_CHUNK_SIZE), VOCAB_CHUNK_SIZE), device=device, dtype=compute_dtype)
+        for start_t in range(0, N, TOKEN_CHUNK_SIZE):
+            end_t = min(start_t + TOKEN_CHUNK_SIZE, N)
+            hidden_chunk = hidden[start_t:end_t].to(compute_dtype)
+            for start in range(0, vocab, VOCAB_CHUNK_SIZE):
+                end = min(start + VOCAB_CHUNK_SIZE, vocab)
+                tile = mm_buf[:end_t - start_t, :end - start]
+                torch.mm(hidden_chunk, weight[start:end].to(compute_dtype).t(), out=tile)
+                if bias is not None:
+                    tile.add_(bias[start:end].to(compute_dtype))
+                # _forward_kernel (Triton) folds the tile into the statistics in place
+        log_z = running_max + torch.log(sum_exp)
+        logprobs = target_logit - log_z
+        entropy = log_z - x_sum_exp / sum_exp
+        is_top1 = (target_logit >= running_max) & (target_logit > max_before_target)
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
+        ctx.compute_dtype = compute_dtype
+        ctx.mark_non_differentiable(is_top1)
+        return logprobs, entropy, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, _):
+        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+        cd = ctx.compute_dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, vocab = hidden.shape[0], weight.shape[0]
+        grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if need_h else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if need_b else None
+        mm_buf = torch.empty((min(N, TOKEN_CHUNK_SIZE), VOCAB_CHUNK_SIZE), device=hidden.device, dtype=cd)
+        grad_logprobs = grad_logprobs.float().contiguous() if grad_logprobs is not None else None
+        for start_t in range(0, N, TOKEN_CHUNK_SIZE):
+            end_t = min(start_t + TOKEN_CHUNK_SIZE, N)
+            hidden_chunk = hidden[start_t:end_t].to(cd)
+            for start in range(0, vocab, VOCAB_CHUNK_SIZE):
+                end = min(start + VOCAB_CHUNK_SIZE, vocab)
+                w_chunk = weight[start:end].to(cd)
+                tile = mm_buf[:end_t - start_t, :end - start]
+                torch.mm(hidden_chunk, w_chunk.t(), out=tile)
+                # _backward_kernel (Triton) turns the tile into the logits gradient in place;
+                # _addmm_fp32 on CUDA: torch.addmm(acc, a, b, out_dtype=float32, out=acc), no copies
+                if grad_hidden is not None:
+                    _addmm_fp32(grad_hidden[start_t:end_t], tile, w_chunk)
+                if grad_weight is not None:
+                    _addmm_fp32(grad_weight[start:end], tile.t(), hidden_chunk)
+                if grad_bias is not None:
+                    grad_bias[start:end] += tile.sum(dim=0, dtype=torch.float32)
+        return (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
+                grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                grad_bias.to(bias.dtype) if grad_bias is not None else None, None)
+
+
+def _addmm_fp32(acc, a, b) -> None:
+    """trl/kernels/chunked_logprob.py _addmm_fp32: on CUDA torch.addmm(acc, a, b,
+    out_dtype=float32, out=acc), which allocates nothing: on meta nothing is computed; off CUDA
+    TRL upcasts both operands (acc.addmm_(a.float(), b.float()))."""
+    if acc.device.type == "meta":
+        return
+    acc.addmm_(a.float(), b.float())
+
+
+def _nonzero_on_meta(mask):
+    """Boolean indexing runs nonzero(), whose size depends on the data: on meta it is made with
+    every element true, which is the batch vramplan models (no padding: every label counts)."""
+    import contextlib
+
+    if mask.device.type != "meta":
+        return contextlib.nullcontext()
+    import torch.fx.experimental._config as fx_config
+    return fx_config.patch(meta_nonzero_assume_all_nonzero=True)
+
+
+def add_fused_lm_head(model) -> None:
+    """trl.trainer.utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1")) as
+    SFTTrainer calls it, the real one when TRL is installed."""
+    if trl_available():
+        from trl.trainer.utils import add_fused_lm_head as trl_add
+        trl_add(model, outputs=("log_probs", "entropy", "is_top1"))
+        return
+    original_forward = model.forward
+
+    def _fused_forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        if not fused_lm_head:
+            return original_forward(*args, labels=labels, **kwargs)
+        kwargs["use_cache"] = False
+        backbone_outputs = self.base_model(*args, **kwargs)
+        hidden_states = backbone_outputs.last_hidden_state[:, :-1]
+        labels = labels[:, 1:]
+        lm_head = self.get_output_embeddings()
+        mask = labels != -100
+        with _nonzero_on_meta(mask):
+            rows, targets = hidden_states[mask], labels[mask]
+        logprobs, entropy, is_top1 = ChunkedLogProb.apply(rows, lm_head.weight, lm_head.bias, targets)
+        log_probs, entropy, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x)
+                                       for x in (logprobs, entropy, is_top1))
+        loss = -log_probs.sum() / mask.sum().clamp(min=1)
+        return types.SimpleNamespace(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1,
+                                     label_mask=mask)
+
+    model.forward = types.MethodType(_fused_forward, model)
