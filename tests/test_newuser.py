@@ -328,13 +328,14 @@ def test_plan_grid_cells_carry_text_marks_when_piped():
 
 # --- 7. tables at 80 columns -----------------------------------------------------------------------
 
-def assert_whole_at_80(out: str) -> None:
-    """No cell cut (…), no line past 80 columns, and no table cropped at the right edge."""
+def assert_whole_at_80(out: str, boxed: bool = True) -> None:
+    """No cell cut (…), no line past 80 columns, and no boxed table cropped at the right edge
+    (`boxed=False`: a borderless table, such as `vramplan models`, has no edge to check)."""
     lines = out.splitlines()
     assert "…" not in out
     assert max(len(line) for line in lines) <= 80
-    box_lines = [line.rstrip() for line in lines if line[:1] in "┏┃┡│├└"]  # borderless tables have none
-    assert all(line[-1] in "┓┃┩│┤┘" for line in box_lines), out
+    box_lines = [line.rstrip() for line in lines if line[:1] in "┏┃┡│├└"]
+    assert (bool(box_lines) == boxed) and all(line[-1] in "┓┃┩│┤┘" for line in box_lines), out
 
 
 @pytest.mark.parametrize("argv", [
@@ -351,7 +352,7 @@ def test_tables_render_whole_at_80_columns(capsys, monkeypatch, argv):
     monkeypatch.setenv("COLUMNS", "80")
     code, out, _ = run(capsys, *argv)
     assert code == 0
-    assert_whole_at_80(out)
+    assert_whole_at_80(out, boxed=argv[0] != "models")
     for name in ("optimizer_state", "quant_constants", "allocator_overhead"):
         if argv[0] == "estimate":
             assert name in out
