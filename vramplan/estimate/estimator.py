@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from vramplan.estimate.ops import act_bytes, eager_masks, head_memory, int8_ctx_inputs, layer_memory
 from vramplan.core.components import ALLOCATED, Component, check_sum
-from vramplan.cuda.context import device_overhead
+from vramplan.cuda.context import cuda_context, device_overhead
 from vramplan.core.errors import ModelError
 from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.estimate.inventory import Static, static_memory
@@ -34,7 +34,18 @@ class Verdict:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.gpu is None else self.device_total_bytes <= self.gpu.memory_bytes
+        if self.gpu is None:
+            return None
+        return self.device_total_bytes <= self.gpu.memory_bytes and not getattr(self, "allocator_oom", None)
+
+    @property
+    def status(self) -> str | None:
+        """fits / tight / no: core/verdict.py, the one rule every command uses."""
+        from vramplan.core.verdict import verdict
+
+        if self.gpu is None:
+            return None
+        return verdict(self.device_total_bytes, self.gpu.memory_bytes, oom=getattr(self, "allocator_oom", None))
 
     @property
     def headroom_bytes(self) -> int | None:
@@ -58,10 +69,16 @@ class Estimate(Verdict):
     phase_components: dict = field(default_factory=dict, repr=False)
     peak_moment: str = ""
     moments: dict = field(default_factory=dict, repr=False)  # every candidate peak, by name
+    # the caching-allocator replay of two steps (estimate/events.py, cuda/reserved.py)
+    peak_reserved_bytes: int = 0
+    fragmentation_bytes: int = 0
+    alloc_conf: str = ""
+    allocator_oom: dict | None = None
+    context_source: str = ""
 
     @property
     def assumptions(self) -> tuple[str, ...]:
-        return assumptions(self.model, self.setup)
+        return assumptions(self.model, self.setup) + device_assumptions(self)
 
     @property
     def device_total_bytes(self) -> int:
@@ -78,6 +95,11 @@ class Estimate(Verdict):
             "headroom_bytes": self.headroom_bytes,
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "device_total_bytes": self.device_total_bytes,
+            "status": self.status,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "fragmentation_bytes": self.fragmentation_bytes,
+            "alloc_conf": self.alloc_conf,
+            "allocator_oom": self.allocator_oom,
             "peak_phase": self.peak_phase,
             "components": dict(self.components),
             "device_components": {C.CUDA_CONTEXT.value: self.cuda_context_bytes,
@@ -90,9 +112,12 @@ class Estimate(Verdict):
 
 
 def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int | Gpu | None = None,
-             static: Static | None = None, **flags) -> Estimate:
+             static: Static | None = None, *, alloc_conf=None, replay: bool = True, **flags) -> Estimate:
     """Estimate peak memory. `flags` are TrainSetup fields (batch=4, seq=4096, method="lora", ...).
-    `static` reuses static_memory(spec, setup) computed earlier (it does not depend on batch/seq)."""
+    `static` reuses static_memory(spec, setup) computed earlier (it does not depend on batch/seq).
+    `alloc_conf`: PYTORCH_CUDA_ALLOC_CONF settings (a string or AllocConf; None: the environment's).
+    `replay`: run the caching-allocator model over two steps for peak reserved memory (False:
+    the quick rounding model, cuda/context.py device_overhead)."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     setup = (setup or TrainSetup()).with_(**flags) if flags else (setup or TrainSetup())
     if setup.attn not in spec.arch.attention:
@@ -110,10 +135,25 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
         if sum(parts.values()) > sum(phases.get(phase_of(name), {}).values()):
             phases[phase_of(name)] = parts
     overhead = device_overhead(transient_sizes(spec, setup))
+    context = cuda_context(gpu_obj)
+    reserved = {}
+    if replay:
+        from vramplan.estimate.reserved import reserved_peak
+
+        r, conf_text = reserved_peak(spec, setup, static, alloc_conf,
+                                     None if gpu_obj is None else gpu_obj.memory_bytes - context.bytes)
+        reserved = {"peak_reserved_bytes": max(r.peak_reserved_bytes, peak),
+                    "fragmentation_bytes": r.fragmentation_bytes, "alloc_conf": conf_text,
+                    "allocator_oom": r.oom}
+        slack = reserved["peak_reserved_bytes"] - peak
+    else:
+        slack = overhead.allocator_overhead
+        reserved = {"peak_reserved_bytes": peak + slack, "fragmentation_bytes": slack}
     return Estimate(
         model=spec, setup=setup, components=components, peak_allocated_bytes=peak,
         peak_phase=peak_phase, phase_peaks={p: sum(c.values()) for p, c in phases.items()},
-        cuda_context_bytes=overhead.cuda_context, allocator_overhead_bytes=overhead.allocator_overhead,
+        cuda_context_bytes=context.bytes, allocator_overhead_bytes=slack, context_source=context.source,
+        **reserved,
         paged_optimizer_bytes=static.paged_optimizer_state, trainable_params=static.trainable_params,
         gpu=gpu_obj, phase_components=phases,
         peak_moment=peak_moment, moments=moments,
@@ -231,8 +271,18 @@ def assumptions(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
                    "to dequantize + F.linear above 1536 tokens, and backward always dequantizes)")
     out.append("steady state: the second step onwards (optimizer state already allocated), "
                "zero_grad(set_to_none=True)")
-    out.append("device total = peak allocated + CUDA context (500 MiB, a model) + caching-allocator slack (a model)")
     out.extend(spec.arch.notes)
+    return tuple(out)
+
+
+def device_assumptions(est: "Estimate") -> tuple[str, ...]:
+    """What the device total takes for granted: the CUDA context used and the allocator settings."""
+    conf = est.alloc_conf or "defaults"
+    out = [f"CUDA context {est.cuda_context_bytes / 2**20:,.0f} MiB ({est.context_source})"]
+    if est.alloc_conf or est.peak_reserved_bytes:
+        out.append(f"device total = CUDA context + peak reserved of the caching allocator (PyTorch's "
+                   f"CUDACachingAllocator replayed over a warm-up and a measured step, "
+                   f"PYTORCH_CUDA_ALLOC_CONF: {conf})")
     return tuple(out)
 
 

@@ -385,7 +385,7 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
     par = parallel_of(gpus, strategy, offload, parallel)
     setup = (setup or TrainSetup()).with_(**flags) if flags else (setup or TrainSetup())
     run = effective_setup(setup, par)
-    base = estimate(spec, run)
+    base = estimate(spec, run, replay=False)   # the planner's quick path (planner.Evaluator.quick)
     return distribute(base, par, gpu=resolve_gpu(gpu) if gpu is not None else None)
 
 
