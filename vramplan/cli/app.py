@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from vramplan.cli import plan, profile, replay, simulate
-from vramplan.cli.flags import Parser, print_json, setup_flags, setup_from_args
+from vramplan.cli.flags import Parser, alloc_conf_from_args, print_json, setup_flags, setup_from_args
 from vramplan.core.errors import VramplanError
 
 # Commands with their own module: each exposes register(subparsers, setup_flags); its heavy imports
@@ -19,7 +19,7 @@ COMMANDS = (simulate, profile, plan, replay)
 def cmd_estimate(args) -> int:
     from vramplan.estimate.estimator import estimate
 
-    est = estimate(args.model, setup_from_args(args), gpu=args.gpu)
+    est = estimate(args.model, setup_from_args(args), gpu=args.gpu, alloc_conf=alloc_conf_from_args(args))
     if args.json:
         print_json(est.to_dict())
     else:

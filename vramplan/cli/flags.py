@@ -38,8 +38,20 @@ def setup_flags() -> argparse.ArgumentParser:
                    help="adamw | adamw8bit | paged_adamw | paged_adamw8bit | sgd | adafactor")
     p.add_argument("--prepare-kbit", action="store_true",
                    help="model peft's prepare_model_for_kbit_training (non-quantized weights in fp32)")
+    p.add_argument("--alloc-conf", dest="alloc_conf", default=None, metavar="SETTINGS",
+                   help="PyTorch caching-allocator settings as in PYTORCH_CUDA_ALLOC_CONF, e.g. "
+                        "expandable_segments:True (default: that environment variable)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
+
+
+def alloc_conf_from_args(args):
+    """The parsed --alloc-conf (or PYTORCH_CUDA_ALLOC_CONF when not given); a bad string is one
+    `Error:` line from the settings parser."""
+    from vramplan.cuda.alloc_conf import AllocConf
+
+    text = getattr(args, "alloc_conf", None)
+    return AllocConf.from_env() if text is None else AllocConf.parse(text)
 
 
 def setup_from_args(args):

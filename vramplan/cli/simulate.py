@@ -29,7 +29,7 @@ def register(subparsers, setup_flags_parent) -> None:
 
 
 def cmd_simulate(args) -> int:
-    from vramplan.cli.flags import print_json, setup_from_args
+    from vramplan.cli.flags import alloc_conf_from_args, print_json, setup_from_args
     from vramplan.estimate.estimator import estimate
     from vramplan.core.models import resolve
 
@@ -46,7 +46,7 @@ def cmd_simulate(args) -> int:
     from vramplan.simulate import simulate
     require_packages(setup)     # before the progress bar: a missing package is a one-line error
     with _progress() as progress:
-        trace = simulate(spec, setup, exact=args.exact, progress=progress)
+        trace = simulate(spec, setup, exact=args.exact, progress=progress, alloc_conf=alloc_conf_from_args(args))
     if args.timeline:
         write_timeline(trace, args.timeline)
     from vramplan.simulate import compare

@@ -142,9 +142,16 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
 
         r, conf_text = reserved_peak(spec, setup, static, alloc_conf,
                                      None if gpu_obj is None else gpu_obj.memory_bytes - context.bytes)
+        oom = r.oom
+        if oom is not None:
+            # the replay stops at the failed request: the step's own need comes from an unlimited
+            # replay; the OOM is the verdict's only where that need would fit (fragmentation)
+            r, _ = reserved_peak(spec, setup, static, alloc_conf, None)
+            if context.bytes + r.peak_reserved_bytes > gpu_obj.memory_bytes:
+                oom = None
         reserved = {"peak_reserved_bytes": max(r.peak_reserved_bytes, peak),
                     "fragmentation_bytes": r.fragmentation_bytes, "alloc_conf": conf_text,
-                    "allocator_oom": r.oom}
+                    "allocator_oom": oom}
         slack = reserved["peak_reserved_bytes"] - peak
     else:
         slack = overhead.allocator_overhead

@@ -11,7 +11,7 @@ from vramplan.simulate.step import Progress, Simulation, Trace, require_packages
 
 
 def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
-        progress: Progress | None = None) -> Trace:
+        progress: Progress | None = None, alloc_conf=None) -> Trace:
     """Simulate one steady-state training step of `spec` under `setup` on `device`.
 
     device "meta" emulates a CUDA GPU (no memory, no compute: shapes only); "cpu" runs the same
@@ -32,7 +32,7 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
     notes: list[str] = []
     if device == "meta" and not exact:
         if shortcut.applies(spec):
-            trace, why = shortcut.run_shortcut(spec, setup, progress=progress)
+            trace, why = shortcut.run_shortcut(spec, setup, progress=progress, alloc_conf=alloc_conf)
             if trace is not None:
                 return _with_seconds(trace, time.perf_counter() - t0)
             notes.append(f"identical-layers shortcut not used ({why}): every layer traced")
@@ -40,6 +40,7 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
         sim.warm_up()
         tracker = sim.measure()
         trace = sim.trace(tracker, time.perf_counter() - t0)
+        trace = shortcut.with_reserved(trace, shortcut.stream_of(tracker), alloc_conf)
     if notes:
         trace = dataclasses.replace(trace, notes=trace.notes + tuple(notes))
     return trace

@@ -67,6 +67,10 @@ class Trace:
     notes: tuple = ()
     layers_traced: int = 0           # decoder layers executed (all of them unless extrapolated)
     extrapolated: bool = False       # True: the identical-layers shortcut rebuilt the full depth
+    # the step's storages replayed as two steps through the caching-allocator model (reserved.py)
+    peak_reserved_bytes: int = 0
+    fragmentation_bytes: int = 0
+    alloc_conf: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)
