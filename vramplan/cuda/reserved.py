@@ -42,6 +42,7 @@ def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | Non
     small_reserved = 0                       # whole 2 MiB segments covering the small pool's peak
     peak_res = frag = peak_alloc = 0
     oom = None
+    retries = 0
     for index, event in enumerate(events):
         if event[0] == "alloc":
             key, n = event[1], event[2]
@@ -53,6 +54,10 @@ def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | Non
                     small_peak = small
                     need = -(-small_peak // SMALL_BUFFER) * SMALL_BUFFER
                     if need > small_reserved:
+                        if capacity is not None and alloc.total_reserved + need > capacity:
+                            # malloc's retry: release every cached segment, then try again
+                            alloc.empty_cache()
+                            retries += 1
                         if capacity is not None and alloc.total_reserved + need > capacity:
                             oom = _oom(index, n, alloc.total_reserved + small_reserved, alloc.allocated + small, place)
                             break
@@ -82,7 +87,7 @@ def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | Non
                 free(ptr)
             else:
                 small -= small_live.pop(key, 0)
-    return ReservedPeak(peak_res, peak_alloc, frag, alloc.num_alloc_retries, oom, bool(small_limit))
+    return ReservedPeak(peak_res, peak_alloc, frag, alloc.num_alloc_retries + retries, oom, bool(small_limit))
 
 
 def _oom(index: int, nbytes: int, reserved: int, allocated: int, place) -> dict:

@@ -144,11 +144,11 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
                                      None if gpu_obj is None else gpu_obj.memory_bytes - context.bytes)
         oom = r.oom
         if oom is not None:
-            # the replay stops at the failed request: the step's own need comes from an unlimited
-            # replay; the OOM is the verdict's only where that need would fit (fragmentation)
+            # the replay against the card stops at the failed request (after releasing the cache
+            # and retrying, as malloc does): the need is the unlimited replay's; the OOM is kept
+            # and named as fragmentation where the allocated peak alone would have fit
             r, _ = reserved_peak(spec, setup, static, alloc_conf, None)
-            if context.bytes + r.peak_reserved_bytes > gpu_obj.memory_bytes:
-                oom = None
+            oom = dict(oom, fragmentation=context.bytes + peak <= gpu_obj.memory_bytes)
         reserved = {"peak_reserved_bytes": max(r.peak_reserved_bytes, peak),
                     "fragmentation_bytes": r.fragmentation_bytes, "alloc_conf": conf_text,
                     "allocator_oom": oom}

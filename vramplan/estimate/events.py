@@ -26,7 +26,7 @@ from vramplan.core.models import ModelSpec
 from vramplan.core.setup import TrainSetup
 from vramplan.estimate.inventory import (FP32, Static, adapted_linears, expert_lora_shapes, lora_shapes, numel,
                                          optimizer_memory, weight_bytes)
-from vramplan.estimate.ops import _head_tape, _layer_tapes, _structure, act_bytes, eager_masks
+from vramplan.estimate.ops import _head_tape, _layer_tapes, _structure, act_bytes, eager_masks, int8_ctx_inputs
 from vramplan.estimate.quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate.symbolic import rounded_bytes, variables
 from vramplan.estimate.walk import GRAD
@@ -202,6 +202,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, steps: int =
               alloc(a * setup.seq * spec.head_dim)]
     mask = eager_masks(spec, setup)
     hidden = alloc(a * setup.tokens * spec.hidden)
+    ctx = int8_ctx_inputs(spec, setup)
     L = spec.layers
     out_tid, x_tid, gin_tid = t_inner.names["layer.out"], t_inner.names["x"], t_inner.names["grad#1"]
     layer_grad_total = sum(sum(t_inner.parts[tid]) for tid, tag in enumerate(t_inner.tags) if tag == GRAD)
@@ -222,6 +223,8 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, steps: int =
             fwd = [(k, tid) for k, tid in t.forward if not (k == -1 and tid == out_tid)]
             inst.run(fwd)
             x = inst.take(out_tid)
+            if ctx:      # bitsandbytes int8 matmul inputs kept on the autograd ctx (ops.int8_ctx_inputs)
+                inst.keys["int8_ctx"] = [(b.new(ctx), ctx)]
             layers.append(inst)
         b.place("forward", "lm_head")
         head = _Instance(b, t_head, {t_head.names["x"]: x})
@@ -243,7 +246,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, steps: int =
             b.free(key, n)
         if extra_grads > 0:          # embedding / norm gradients of full fine-tuning
             grads.append((b.new(extra_grads), extra_grads))
-        for key, n in keys + masks:
+        for key, n in masks:
             b.free(key, n)
         b.place("optimizer", "")
         if step == 0:
@@ -253,6 +256,10 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, steps: int =
         for key, n in work:
             b.free(key, n)
         for key, n in grads:
+            b.free(key, n)
+        # the estimator counts the inputs (ids, position ids, labels, rotary tables) through the
+        # optimizer step (estimator.step_moments `base_acts`); they go with the loop iteration
+        for key, n in keys:
             b.free(key, n)
     return Stream(b.events, b.places)
 

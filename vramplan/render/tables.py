@@ -51,7 +51,7 @@ def verdict(est: Estimate) -> str:
         return (f"{word} on {where}: {gib(est.device_total_bytes)} needed, "
                 f"{format_signed(est.headroom_bytes)} headroom ({est.headroom_bytes / g.memory_bytes:.0%}).")
     oom = est.allocator_oom
-    if oom and est.device_total_bytes <= g.memory_bytes:
+    if oom and oom.get("fragmentation"):
         place = oom["phase"] + (f", {oom['module']}" if oom.get("module") else "")
         return (f"[red]DOES NOT FIT[/red] on {where}: the caching allocator runs out of memory in {place} "
                 f"(a {gib(oom['nbytes'])} request with {gib(oom['reserved_bytes'])} reserved, "
