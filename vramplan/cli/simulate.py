@@ -41,12 +41,13 @@ def cmd_simulate(args) -> int:
         gpu = resolve_gpu(args.gpu)
     if args.timeline:
         _check_writable(args.timeline)
-    est = estimate(spec, setup)
+    conf = alloc_conf_from_args(args)
+    est = estimate(spec, setup, alloc_conf=conf)
     from vramplan.simulate.step import require_packages
     from vramplan.simulate import simulate
     require_packages(setup)     # before the progress bar: a missing package is a one-line error
     with _progress() as progress:
-        trace = simulate(spec, setup, exact=args.exact, progress=progress, alloc_conf=alloc_conf_from_args(args))
+        trace = simulate(spec, setup, exact=args.exact, progress=progress, alloc_conf=conf)
     if args.timeline:
         write_timeline(trace, args.timeline)
     from vramplan.simulate import compare
@@ -143,6 +144,10 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
         table.add_row(row["component"], _gib(row["simulate"]), _gib(row["estimate"]),
                       _signed_gib(row["difference"]), _pct(row["percent"]), style=style)
     console.print(table)
+    if trace.peak_reserved_bytes:
+        console.print(f"Peak reserved (caching-allocator model, warm-up + measured step, "
+                      f"{trace.alloc_conf or 'default settings'}): simulate {_gib(trace.peak_reserved_bytes)} GiB, "
+                      f"estimate {_gib(est.peak_reserved_bytes)} GiB", highlight=False)
     phases = ", ".join(f"{p} {_gib(v)}" for p, v in trace.phase_peaks.items())
     est_phases = ", ".join(f"{p} {_gib(v)}" for p, v in est.phase_peaks.items())
     console.print(f"Peak by phase (GiB): simulate {phases}; estimate {est_phases} (estimate peaks in "
@@ -162,8 +167,9 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
                       f"(not allocated; pages to host RAM under pressure)", highlight=False)
     if gpu is not None:
         console.print(f"On {gpu.name} ({_gib(gpu.memory_bytes)} GiB) the simulated peak allocated is "
-                      f"{trace.peak_allocated_bytes / gpu.memory_bytes:.0%} of the card; the device total adds the "
-                      f"CUDA context and allocator slack (`vramplan estimate --gpu {gpu.name}`).", highlight=False)
+                      f"{trace.peak_allocated_bytes / gpu.memory_bytes:.0%} of the card, the peak reserved "
+                      f"{trace.peak_reserved_bytes / gpu.memory_bytes:.0%}; the device total adds the CUDA context "
+                      f"(`vramplan estimate --gpu {gpu.name}`).", highlight=False)
     how = (f"{trace.layers_traced} of {layers} decoder layers traced, the rest rebuilt"
            if trace.extrapolated else f"all {trace.layers_traced} layers traced")
     attention = ", ".join(f"{k} {v}" for k, v in trace.attention.items() if v)
