@@ -182,7 +182,9 @@ def run_campaign(args) -> int:
         scale = 0.25 if args.dry_run else 1.0
         options = ProfileOptions(device=args.device, steps=cfg.steps, warmup=cfg.warmup, random_weights=True,
                                  timeout_s=max(1.0, min(TIMEOUT_S[cfg.size] * scale, left)), model_ref=cfg.label,
-                                 nvml_hz=args.nvml_hz)
+                                 nvml_hz=args.nvml_hz,
+                                 # the allocator's own history, for `vramplan replay --check` (cuda cases)
+                                 snapshot=args.device != "cpu")
         if left < MIN_START_S[cfg.size] * scale:
             record = skipped_record(cfg.model, cfg.setup(), options,
                                     f"campaign budget: {max(left, 0):.0f} s left, this configuration needs "
@@ -214,6 +216,7 @@ def run_campaign(args) -> int:
                     break
                 continue
             failures_in_a_row = 0
+            record = keep_snapshot(record, args.out)
             c = compare_record(record)
             comparisons.append(c)
             log(f"[{n}/{len(configs)}] {cfg.name}: {record.status} in {time.monotonic() - t:.1f} s; "
@@ -232,6 +235,20 @@ def run_campaign(args) -> int:
         Path(args.summary).write_text(text)
         log(f"summary: {args.summary}")
     return 0
+
+
+def keep_snapshot(record, folder: str | None):
+    """Move the run's memory snapshot next to its record (`<id>.snapshot.pickle`), so that
+    `vramplan replay --check` can verify the allocator model on it."""
+    import dataclasses
+    import shutil
+
+    if not record.snapshot or not folder or not Path(record.snapshot).is_file():
+        return record
+    dest = Path(folder) / f"{record.id}.snapshot.pickle"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(record.snapshot, dest)
+    return dataclasses.replace(record, snapshot=dest.name)
 
 
 def _fork_cuda_failure(text: str) -> bool:

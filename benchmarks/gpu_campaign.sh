@@ -8,7 +8,8 @@
 # Needs torch, transformers, peft, nvidia-ml-py; bitsandbytes is installed from .whl/ when it is
 # not importable (no network needed). Writes, under $OUT (default /tmp/vramplan-campaign):
 #   campaign.jsonl   every record, one per line, appended as each configuration finishes
-#   records.tar.gz   the same records as files (profiles/<folder>/*.json), made at the end
+#   records.tar.gz   the same records as files (profiles/<folder>/*.json), made at the end, with each
+#                    CUDA run's allocator snapshot (<id>.snapshot.pickle: `vramplan replay --check` it)
 #   campaign.log     progress; summary.md the error table; env.txt the machine
 # Afterwards, in the repository: python benchmarks/gpu_campaign.py unpack campaign.jsonl profiles/h200
 set -euo pipefail

@@ -81,3 +81,18 @@ def test_shell_script_dry_run(tmp_path):
     assert {"campaign.jsonl", "campaign.log", "summary.md", "env.txt", "records.tar.gz"} <= names
     assert len(names) <= 8            # what comes back from a device run: at most 8 files
     assert json.loads((tmp_path / "campaign.jsonl").read_text().splitlines()[0])["status"] == "ok"
+
+
+def test_snapshots_are_kept_next_to_their_records(tmp_path):
+    import dataclasses
+
+
+    snap = tmp_path / "work" / "x.snapshot.pickle"
+    snap.parent.mkdir()
+    snap.write_bytes(b"pickle")
+    Rec = dataclasses.make_dataclass("Rec", ["id", "snapshot"], frozen=True)
+    out = campaign.keep_snapshot(Rec("rid", str(snap)), str(tmp_path / "records"))
+    assert out.snapshot == "rid.snapshot.pickle"
+    assert (tmp_path / "records" / "rid.snapshot.pickle").read_bytes() == b"pickle" and not snap.exists()
+    assert campaign.keep_snapshot(Rec("rid", None), str(tmp_path)).snapshot is None
+

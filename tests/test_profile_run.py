@@ -284,6 +284,12 @@ class FakeCuda:
     def reset_peak_memory_stats(self, d=None):
         self.peak, self.peak_reserved = self.allocated, self.reserved
 
+    def memory_stats(self, d=None):
+        return {"allocated_bytes.all.current": self.allocated, "allocated_bytes.all.peak": self.peak,
+                "reserved_bytes.all.current": self.reserved, "reserved_bytes.all.peak": self.peak_reserved,
+                "num_alloc_retries": 3, "num_ooms": 0, "segment.all.current": 7, "segment.all.peak": 9,
+                "requested_bytes.all.peak": 1}
+
     def get_device_properties(self, d):
         import types
         return types.SimpleNamespace(name="NVIDIA H200", total_memory=140 * 2**30, major=9, minor=0,
@@ -338,6 +344,11 @@ def test_gpu_branch_of_the_runner_with_fake_cuda_and_nvml():
     assert stats["peak_allocated"] == 9 * 2**30 and stats["peak_reserved"] == 10 * 2**30
     assert stats["reserved_end"] == 6 * 2**30 and stats["warmup"] is False
     assert cuda.calls.count("sync") >= 3
+    # the allocator's own counters, the recorded subset
+    recorded = run._allocator_stats()
+    assert recorded == {"allocated_bytes.all.current": 7 * 2**30, "allocated_bytes.all.peak": 9 * 2**30,
+                        "reserved_bytes.all.current": 6 * 2**30, "reserved_bytes.all.peak": 10 * 2**30,
+                        "num_alloc_retries": 3, "num_ooms": 0, "segment.all.current": 7, "segment.all.peak": 9}
     # an OOM inside the next phase keeps the last values, NVML included
     run._begin(1, "backward")
     cuda.peak = 11 * 2**30

@@ -184,10 +184,13 @@ class MemoryCallback(TrainerCallback):
         setup = self.setup if self.setup is not None else setup_of(model, args, seq)
         self.estimate = estimate(self._spec, setup, gpu=self.gpu)
         e = self.estimate
-        logger.info("vramplan: predicted peak allocated %.3f GiB, device total %.3f GiB (%s phase) for %s, "
-                    "%s batch %d x seq %d, %s%s", e.peak_allocated_bytes / 2**30, e.device_total_bytes / 2**30,
+        # e.status: core/verdict.py, the verdict estimate / plan / sweep print (fits / tight / no)
+        words = {"fits": ", fits", "tight": ", TIGHT", "no": ", DOES NOT FIT"}
+        logger.info("vramplan: predicted peak allocated %.3f GiB, peak reserved %.3f GiB, device total %.3f GiB "
+                    "(%s phase) for %s, %s batch %d x seq %d, %s%s", e.peak_allocated_bytes / 2**30,
+                    e.peak_reserved_bytes / 2**30, e.device_total_bytes / 2**30,
                     e.peak_phase, self._spec.id, setup.method, setup.batch, setup.seq, setup.optimizer,
-                    "" if e.fits is None else (", fits" if e.fits else ", DOES NOT FIT"))
+                    words.get(e.status, ""))
 
     def summary(self) -> dict:
         peaks = [h.peak_allocated_bytes for h in self.history]

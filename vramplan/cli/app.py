@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from vramplan.cli import plan, profile, replay, simulate
-from vramplan.cli.flags import Parser, print_json, setup_flags, setup_from_args
+from vramplan.cli.flags import Parser, alloc_conf_from_args, print_json, setup_flags, setup_from_args
 from vramplan.core.architectures import ARCHITECTURES
 from vramplan.core.errors import ModelError, VramplanError
 from vramplan.estimate.estimator import estimate
@@ -21,7 +21,8 @@ COMMANDS = (simulate, profile, plan, replay)
 
 
 def cmd_estimate(args) -> int:
-    est = estimate(args.model, setup_from_args(args), gpu=args.gpu, arch=args.arch)
+    est = estimate(args.model, setup_from_args(args), gpu=args.gpu, arch=args.arch,
+                   alloc_conf=alloc_conf_from_args(args))
     if args.json:
         print_json(est.to_dict())
     else:

@@ -58,6 +58,9 @@ def setup_flags() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None,
                    help="trainer | trl-sft | qlora-paper | plain: that library's defaults for dtype, amp, optimizer, "
                         "checkpointing, loss and loop; explicit flags override (default: none, the idealized step)")
+    p.add_argument("--alloc-conf", dest="alloc_conf", default=None, metavar="SETTINGS",
+                   help="PyTorch caching-allocator settings as in PYTORCH_CUDA_ALLOC_CONF, e.g. "
+                        "expandable_segments:True (default: that environment variable)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -65,6 +68,16 @@ def setup_flags() -> argparse.ArgumentParser:
 # Flags whose argparse default is None, so that a flag the user typed can be told from a default:
 # only typed flags are checked for contradictions with --method (core/setup.py check_given).
 GIVEN_ONLY = ("method", "quant", "double_quant", "rank", "targets", "lora_dropout")
+
+
+def alloc_conf_from_args(args):
+    """The parsed --alloc-conf (or PYTORCH_CUDA_ALLOC_CONF when not given); a bad string is one
+    `Error:` line from the settings parser."""
+    from vramplan.cuda.alloc_conf import AllocConf
+
+    text = getattr(args, "alloc_conf", None)
+    return AllocConf.from_env() if text is None else AllocConf.parse(text)
+
 
 
 def given_setup_flags(args) -> dict:

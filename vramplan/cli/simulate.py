@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from vramplan.core.errors import UsageError
-from vramplan.cli.flags import print_json, setup_from_args
+from vramplan.cli.flags import alloc_conf_from_args, print_json, setup_from_args
 from vramplan.core.gpus import resolve_gpu
 from vramplan.estimate.estimator import estimate
 
@@ -43,12 +43,14 @@ def cmd_simulate(args) -> int:
         gpu = resolve_gpu(args.gpu)
     if args.timeline:
         _check_writable(args.timeline)
-    est = estimate(spec, setup, gpu=gpu, arch=args.arch) if getattr(spec, "analytic", True) else None  # same GPU architecture as the trace
+    conf = alloc_conf_from_args(args)
+    est = estimate(spec, setup, gpu=gpu, arch=args.arch, alloc_conf=conf) if getattr(spec, "analytic", True) else None  # same GPU architecture as the trace
     from vramplan.simulate.step import require_packages  # this command's code loads only when it runs
     from vramplan.simulate import simulate  # this command's code loads only when it runs
     require_packages(setup)     # before the progress bar: a missing package is a one-line error
     with _progress() as progress:
-        trace = simulate(spec, setup, gpu=gpu, arch=args.arch, exact=args.exact, progress=progress)
+        trace = simulate(spec, setup, gpu=gpu, arch=args.arch, exact=args.exact, progress=progress,
+                         alloc_conf=conf)
     if args.timeline:
         write_timeline(trace, args.timeline)
     from vramplan.simulate import compare  # this command's code loads only when it runs
@@ -162,6 +164,10 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
             cells += [_gib(row["estimate"]), _signed_gib(row["difference"]), _pct(row["percent"])]
         table.add_row(*cells, style=style)
     console.print(table)
+    if trace.peak_reserved_bytes:
+        console.print(f"Peak reserved (caching-allocator model, warm-up + measured step, "
+                      f"{trace.alloc_conf or 'default settings'}): simulate {_gib(trace.peak_reserved_bytes)} GiB, "
+                      f"estimate {_gib(est.peak_reserved_bytes)} GiB", highlight=False)
     phases = ", ".join(f"{p} {_gib(v)}" for p, v in trace.phase_peaks.items())
     if est is not None:
         est_phases = ", ".join(f"{p} {_gib(v)}" for p, v in est.phase_peaks.items())
@@ -185,8 +191,9 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
                       f"(not allocated; pages to host RAM under pressure)", highlight=False)
     if gpu is not None:
         console.print(f"On {gpu.name} ({_gib(gpu.memory_bytes)} GiB) the simulated peak allocated is "
-                      f"{trace.peak_allocated_bytes / gpu.memory_bytes:.0%} of the card; the device total adds the "
-                      f"CUDA context and allocator slack (`vramplan estimate --gpu {gpu.name}`).", highlight=False)
+                      f"{trace.peak_allocated_bytes / gpu.memory_bytes:.0%} of the card, the peak reserved "
+                      f"{trace.peak_reserved_bytes / gpu.memory_bytes:.0%}; the device total adds the CUDA context "
+                      f"(`vramplan estimate --gpu {gpu.name}`).", highlight=False)
     how = (f"{trace.layers_traced} of {layers} decoder layers traced, the rest rebuilt"
            if trace.extrapolated else f"all {trace.layers_traced} layers traced")
     attention = ", ".join(f"{k} {v}" for k, v in trace.attention.items() if v)

@@ -12,9 +12,41 @@ from dataclasses import dataclass
 from vramplan.core.units import MiB, round_up
 
 # CUDA context + kernels loaded by a PyTorch process with CUDA_MODULE_LOADING=LAZY (the default
-# since CUDA 11.7 / torch 1.13): several hundred MiB depending on GPU, driver and lazy module
-# loading (287 MB to ~430 MiB reported; docs/gpus.md#cuda-context-size). 500 MiB until measured records refine it.
+# since CUDA 11.7 / torch 1.13): "several hundred MiB depending on GPU, driver and lazy module
+# loading" (docs/gpus.md#cuda-context-size). 500 MiB where no figure for the GPU is known.
 CUDA_CONTEXT_BYTES = 500 * MiB
+
+
+@dataclass(frozen=True)
+class ContextFigure:
+    """One published (or measured) CUDA context size: what NVML counts beyond the allocator."""
+    bytes: int
+    source: str
+    gpu: str = ""            # catalog name it was measured on; "" = GPU not named
+
+
+# docs/gpus.md#cuda-context-size and docs/cuda-kernels.md#cuda-context. No NVML measurement from a
+# vramplan profile record exists yet; `vramplan profile` records will be added here by GPU.
+CONTEXT_FIGURES = (
+    ContextFigure(287_047_680, "pytorch PR #86509: lazy module loading, CUDA 11.7, one small tensor"),
+    ContextFigure(666_632_192, "pytorch PR #86509: eager module loading, CUDA 11.7, one small tensor"),
+    ContextFigure(400 * 1000**2, "pytorch issue #109888: 'around 400MB', CUDA >= 11.7, lazy loading"),
+    ContextFigure(426 * MiB, "huggingface/unsloth-zoo PR #1053: nvidia-smi, torch 2.10 + CUDA 13.0",
+                  gpu="RTX6000-Ada"),
+)
+# The kernels a QLoRA step loads (cuBLAS, flash attention, bitsandbytes) grow the lazily loaded
+# context past the one-small-tensor figures; without a per-GPU measurement after a training step
+# the default stays 500 MiB, between the lazy (287 MB) and the eager (667 MB) figures.
+DEFAULT_CONTEXT = ContextFigure(CUDA_CONTEXT_BYTES, "vramplan default: between pytorch PR #86509's lazy "
+                                "(287 MB) and eager (667 MB) figures, for the kernels a training step loads")
+# What the context may differ by between setups: eager minus lazy loading (PR #86509).
+CONTEXT_SPREAD_BYTES = 666_632_192 - 287_047_680
+
+
+def cuda_context(gpu=None) -> ContextFigure:
+    """The context figure used for `gpu` (a core.gpus.Gpu or None): a measurement after a training
+    step on that GPU when one exists (none yet), else the default."""
+    return DEFAULT_CONTEXT
 
 # c10/cuda/CUDACachingAllocator.cpp: allocations above kSmallSize (1 MiB) come from the large
 # pool; requests under kMinLargeAlloc (10 MiB) get a kLargeBuffer (20 MiB) segment, larger ones

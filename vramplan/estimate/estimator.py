@@ -21,7 +21,7 @@ from vramplan.estimate.ops import (act_bytes, autocast_cache, eager_masks, embed
 from vramplan.cuda.arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
 from vramplan.cuda.cublas import workspace_bytes
 from vramplan.core.components import ALLOCATED, Component, check_sum
-from vramplan.cuda.context import device_overhead
+from vramplan.cuda.context import cuda_context, device_overhead
 from vramplan.core.errors import ModelError
 from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.estimate.inventory import (Static, adapted_linears, expert_weight_bytes, experts_adapted,
@@ -39,7 +39,18 @@ class Verdict:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.gpu is None else self.device_total_bytes <= self.gpu.memory_bytes
+        if self.gpu is None:
+            return None
+        return self.device_total_bytes <= self.gpu.memory_bytes and not getattr(self, "allocator_oom", None)
+
+    @property
+    def status(self) -> str | None:
+        """fits / tight / no: core/verdict.py, the one rule every command uses."""
+        from vramplan.core.verdict import verdict
+
+        if self.gpu is None:
+            return None
+        return verdict(self.device_total_bytes, self.gpu.memory_bytes, oom=getattr(self, "allocator_oom", None))
 
     @property
     def headroom_bytes(self) -> int | None:
@@ -63,11 +74,17 @@ class Estimate(Verdict):
     phase_components: dict = field(default_factory=dict, repr=False)
     peak_moment: str = ""
     moments: dict = field(default_factory=dict, repr=False)  # every candidate peak, by name
+    # the caching-allocator replay of two steps (estimate/events.py, cuda/reserved.py)
+    peak_reserved_bytes: int = 0
+    fragmentation_bytes: int = 0
+    alloc_conf: str = ""
+    allocator_oom: dict | None = None
+    context_source: str = ""
     cuda_arch: CudaArch = ASSUMED   # the GPU architecture whose kernels the estimate assumes
 
     @property
     def assumptions(self) -> tuple[str, ...]:
-        return assumptions(self.model, self.setup, self.cuda_arch, self.gpu)
+        return assumptions(self.model, self.setup, self.cuda_arch, self.gpu) + device_assumptions(self)
 
     @property
     def kernels(self) -> dict:
@@ -94,6 +111,11 @@ class Estimate(Verdict):
             "headroom_bytes": self.headroom_bytes,
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "device_total_bytes": self.device_total_bytes,
+            "status": self.status,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "fragmentation_bytes": self.fragmentation_bytes,
+            "alloc_conf": self.alloc_conf,
+            "allocator_oom": self.allocator_oom,
             "peak_phase": self.peak_phase,
             "components": dict(self.components),
             "device_components": {C.CUDA_CONTEXT.value: self.cuda_context_bytes,
@@ -108,13 +130,17 @@ class Estimate(Verdict):
 
 
 def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int | Gpu | None = None,
-             static: Static | None = None, arch: str | CudaArch | None = None, **flags) -> Estimate:
+             static: Static | None = None, arch: str | CudaArch | None = None, *,
+             alloc_conf=None, replay: bool = True, **flags) -> Estimate:
     """Estimate peak memory. `flags` are TrainSetup fields (batch=4, seq=4096, method="lora", ...).
     `static` reuses static_memory(spec, setup) computed earlier (it does not depend on batch/seq).
     The CUDA kernels are those of `gpu`'s architecture (a catalog GPU), of `arch` ("sm75") for a
     bare size or no GPU, else of an H100 (cuda.arch.ASSUMED). With neither `setup` nor a dtype
     flag the compute dtype is bf16, or fp16 on a GPU without bf16 (sm < 80); bf16 given for such a
-    GPU is refused (UsageError)."""
+    GPU is refused (UsageError).
+    `alloc_conf`: PYTORCH_CUDA_ALLOC_CONF settings (a string or AllocConf; None: the environment's).
+    `replay`: run the caching-allocator model over two steps for peak reserved memory (False:
+    the quick rounding model, cuda/context.py device_overhead)."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     gpu_obj = resolve_gpu(gpu) if gpu is not None else None
     cuda_arch = target_arch(gpu_obj, arch)
@@ -136,10 +162,32 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
         if sum(parts.values()) > sum(phases.get(phase_of(name), {}).values()):
             phases[phase_of(name)] = parts
     overhead = device_overhead(transient_sizes(spec, setup, cuda_arch))
+    context = cuda_context(gpu_obj)
+    reserved = {}
+    if replay:
+        from vramplan.estimate.reserved import reserved_peak
+
+        r, conf_text = reserved_peak(spec, setup, static, cuda_arch, alloc_conf,
+                                     None if gpu_obj is None else gpu_obj.memory_bytes - context.bytes)
+        oom = r.oom
+        if oom is not None:
+            # the replay against the card stops at the failed request (after releasing the cache
+            # and retrying, as malloc does): the need is the unlimited replay's; the OOM is kept
+            # and named as fragmentation where the allocated peak alone would have fit
+            r, _ = reserved_peak(spec, setup, static, cuda_arch, alloc_conf, None)
+            oom = dict(oom, fragmentation=context.bytes + peak <= gpu_obj.memory_bytes)
+        reserved = {"peak_reserved_bytes": max(r.peak_reserved_bytes, peak),
+                    "fragmentation_bytes": r.fragmentation_bytes, "alloc_conf": conf_text,
+                    "allocator_oom": oom}
+        slack = reserved["peak_reserved_bytes"] - peak
+    else:
+        slack = overhead.allocator_overhead
+        reserved = {"peak_reserved_bytes": peak + slack, "fragmentation_bytes": slack}
     return Estimate(
         model=spec, setup=setup, components=components, peak_allocated_bytes=peak,
         peak_phase=peak_phase, phase_peaks={p: sum(c.values()) for p, c in phases.items()},
-        cuda_context_bytes=overhead.cuda_context, allocator_overhead_bytes=overhead.allocator_overhead,
+        cuda_context_bytes=context.bytes, allocator_overhead_bytes=slack, context_source=context.source,
+        **reserved,
         paged_optimizer_bytes=static.paged_optimizer_state, trainable_params=static.trainable_params,
         gpu=gpu_obj, phase_components=phases,
         peak_moment=peak_moment, moments=moments, cuda_arch=cuda_arch,
@@ -298,7 +346,6 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
                "(counted in temporaries)")
     out.append("steady state: the second step onwards (optimizer state already allocated), "
                "zero_grad(set_to_none=True)")
-    out.append("device total = peak allocated + CUDA context (500 MiB, a model) + caching-allocator slack (a model)")
     if experts_quantized(spec, setup):
         out.append(f"--experts 4bit: each of the {spec.num_experts} experts per layer is three Linear4bit layers "
                    f"(w1, w3: {spec.hidden} -> {spec.intermediate}; w2 back), as transformers 4.x ModuleList experts "
@@ -353,6 +400,17 @@ def attention_assumption(spec: ModelSpec, setup: TrainSetup, arch: CudaArch) -> 
                 f"and softmax ({fallback_reason(arch, sdpa_call(spec, setup))})")
     return {"flash": "attention: SDPA flash-attention kernel (no seq x seq matrix)",
             "efficient": "attention: SDPA memory-efficient kernel (no seq x seq matrix)"}[backend]
+
+
+def device_assumptions(est: "Estimate") -> tuple[str, ...]:
+    """What the device total takes for granted: the CUDA context used and the allocator settings."""
+    conf = est.alloc_conf or "defaults"
+    out = [f"CUDA context {est.cuda_context_bytes / 2**20:,.0f} MiB ({est.context_source})"]
+    if est.alloc_conf or est.peak_reserved_bytes:
+        out.append(f"device total = CUDA context + peak reserved of the caching allocator (PyTorch's "
+                   f"CUDACachingAllocator replayed over a warm-up and a measured step, "
+                   f"PYTORCH_CUDA_ALLOC_CONF: {conf})")
+    return tuple(out)
 
 
 def static_adapted(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ identical decoder layers without walking each one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
 
@@ -77,6 +77,7 @@ class _Live:
         self.size: dict[str, object] = {}
         self.table: list[tuple] = []           # (Size, tag) per allocation
         self.tape: list[tuple] = []            # (1, tid) alloc, (-1, tid) free, (0, op, extra tid) mark, (2,) phase end
+        self.first_tid: dict[str, int] = {}    # name -> tid of its first allocation (estimate/events.py)
 
     def add(self, key: str, nbytes, tag: str) -> None:
         if key in self.size:
@@ -84,6 +85,7 @@ class _Live:
         nbytes = as_size(nbytes)
         self.size[key] = nbytes
         self.tid[key] = len(self.table)
+        self.first_tid.setdefault(key, self.tid[key])
         self.table.append((nbytes, tag))
         self.tape.append((1, self.tid[key]))
 
@@ -106,6 +108,9 @@ class _Live:
 class Tape:
     table: tuple
     events: tuple
+    # name -> tid of its first allocation; "grad:<name>" -> tid of the gradient of <name> still
+    # alive when the walk ends (estimate/events.py chains layers by these)
+    names: dict = field(default_factory=dict, compare=False, hash=False)
 
     @cached_property
     def _compiled(self):
@@ -213,7 +218,7 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
 
     run_forward(len(ops), save)
     if not backward:
-        return Tape(tuple(live.table), tuple(live.tape))
+        return Tape(tuple(live.table), tuple(live.tape), dict(live.first_tid))
     live.reset()
     for name in cached:   # the autocast region ended with the forward: its cache is cleared
         if name in live.size and name not in saved_by:
@@ -293,4 +298,6 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         for t in op.outputs:  # outputs nobody saved and nothing keeps are gone by now
             if t.name in live.size and t.name not in saved_by and t.name not in keep:
                 live.drop(t.name)
-    return Tape(tuple(live.table), tuple(live.tape))
+    names = dict(live.first_tid)
+    names.update((f"grad:{name}", live.tid[key]) for name, key in grad_key.items() if key in live.tid)
+    return Tape(tuple(live.table), tuple(live.tape), names)

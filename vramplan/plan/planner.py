@@ -55,7 +55,7 @@ from vramplan.core.models import ModelSpec, resolve
 from vramplan.core.setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags
 from vramplan.plan.sharding import Parallel, ShardedEstimate, distribute, effective_setup, parallel_of, per_gpu, splits_for
 
-TIGHT = 0.05
+from vramplan.core.verdict import TIGHT, verdict
 MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty
 MAX_CHANGES = 8          # ranked changes shown
 MIN_GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -63,9 +63,8 @@ MIN_ENGINES = (("fsdp", "none"), ("zero3", "none"), ("fsdp", "cpu"), ("zero3", "
 
 
 def status_of(need: int, capacity: int, tight: float = TIGHT) -> str:
-    if need > capacity:
-        return "no"
-    return "tight" if capacity - need < tight * capacity else "fits"
+    """core/verdict.py: the same rule as estimate, sweep and the MemoryCallback."""
+    return verdict(need, capacity, tight)
 
 
 # --- the fast, cached evaluation path ------------------------------------------------------------

@@ -166,6 +166,7 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
         pred_ctx, pred_over = est.cuda_context_bytes, est.allocator_overhead_bytes
         pred_phase, pred_paged = est.peak_phase, est.paged_optimizer_bytes
         pred_grads_all = est.phase_components.get("optimizer", {}).get("gradients")
+        pred_reserved = est.peak_reserved_bytes
         fits = est.fits
     else:
         comps = dict(est_d.get("components") or {})
@@ -174,6 +175,7 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
         pred_ctx, pred_over = dev.get("cuda_context"), dev.get("allocator_overhead")
         pred_phase, pred_paged = est_d.get("peak_phase"), est_d.get("paged_optimizer_bytes")
         pred_grads_all = None
+        pred_reserved = est_d.get("peak_reserved_bytes")
         fits = est_d.get("fits")
 
     m = record.measured
@@ -205,6 +207,9 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
             rows.append(Row(REST, rest_pred, rest_meas, "the peak less the persistent tensors"))
         rows.append(Row("gradients (all, after backward)", pred_grads_all, inv.get("gradients"),
                         "every trainable tensor's .grad", in_total=False))
+        # the caching allocator: the model's replay of two steps vs torch.cuda.max_memory_reserved
+        rows.append(Row("peak reserved", pred_reserved, m.peak_reserved_bytes,
+                        "torch.cuda.max_memory_reserved (steady-state steps)", in_total=False))
         if pred_paged or m.paged_optimizer_bytes:
             rows.append(Row("paged optimizer state", pred_paged, m.paged_optimizer_bytes,
                             "CUDA unified memory, not in allocated", in_total=False))
@@ -239,7 +244,8 @@ def _reestimate(record: Record):
     setup = setup_from_record(record.setup)
     gpu_d = (record.estimate or {}).get("gpu")
     gpu = Gpu(gpu_d["name"], int(gpu_d["memory_bytes"]), gpu_d.get("arch"), gpu_d.get("source", "")) if gpu_d else None
-    return estimate(spec, setup, gpu=gpu)
+    # the allocator settings of the run (PYTORCH_CUDA_ALLOC_CONF as recorded; defaults otherwise)
+    return estimate(spec, setup, gpu=gpu, alloc_conf=(record.estimate or {}).get("alloc_conf") or "")
 
 
 def compare_path(path: str | os.PathLike, recorded: bool = False) -> list[Comparison]:

@@ -46,6 +46,18 @@ def tolerance_for(error: float | None) -> float | None:
     return math.ceil(tol * 1000 - 1e-9) / 1000
 
 
+# torch.cuda.memory_stats() keys a record keeps (c10/cuda/CUDACachingAllocator.h DeviceStats)
+ALLOCATOR_STATS = ("allocated_bytes.all.current", "allocated_bytes.all.peak", "reserved_bytes.all.current",
+                   "reserved_bytes.all.peak", "active_bytes.all.peak", "inactive_split_bytes.all.peak",
+                   "segment.all.current", "segment.all.peak", "num_alloc_retries", "num_ooms",
+                   "num_device_alloc", "num_device_free")
+
+
+def allocator_stats(stats: dict) -> dict:
+    """The recorded subset of torch.cuda.memory_stats(), ints."""
+    return {k: int(stats[k]) for k in ALLOCATOR_STATS if k in stats}
+
+
 @dataclass(frozen=True)
 class PhaseStats:
     """One phase of the run (load, or forward / backward / optimizer of one step)."""
@@ -81,6 +93,9 @@ class Measured:
     paged_optimizer_bytes: int          # optimizer state in CUDA unified memory (not allocated)
     phases: tuple = ()                  # PhaseStats, in order
     losses: tuple = ()
+    # torch.cuda.memory_stats() at the end of the run (ALLOCATOR_STATS keys; None on cpu):
+    # allocated / reserved current and peak, retries, OOMs, segments
+    allocator_stats: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)

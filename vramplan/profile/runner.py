@@ -339,9 +339,17 @@ class Run:
             torch.cuda.synchronize(self.device)
             context_end = self.nvml.used() - self.baseline - torch.cuda.memory_reserved(self.device)
         self._snapshot()
+        stats = self._allocator_stats()
         self.ch.send("result", inventory=inventory, components_at_peak=components, paged_optimizer_bytes=paged,
-                     losses=losses, context_end_bytes=context_end,
+                     losses=losses, context_end_bytes=context_end, allocator_stats=stats,
                      late_tracked=getattr(self.meter, "late_tracked", None))
+
+    def _allocator_stats(self) -> dict | None:
+        """torch.cuda.memory_stats(): the caching allocator's own counters (retries, segments, peaks)."""
+        if self.device.type != "cuda":
+            return None
+        from vramplan.profile.record import allocator_stats
+        return allocator_stats(self.torch.cuda.memory_stats(self.device))
 
     def _best(self, best, stats):
         if stats["step"] is None or stats["warmup"]:

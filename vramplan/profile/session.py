@@ -467,7 +467,7 @@ def _measured(state: _State, options: ProfileOptions) -> Measured | None:
         run_peak_reserved_bytes=max(all_reserved) if all_reserved else None,
         phase_peaks=phase_peaks, inventory=inventory, components_at_peak=result.get("components_at_peak"),
         paged_optimizer_bytes=int(result.get("paged_optimizer_bytes") or 0), phases=tuple(state.phases),
-        losses=tuple(round(x, 5) for x in result.get("losses", ())))
+        losses=tuple(round(x, 5) for x in result.get("losses", ())), allocator_stats=result.get("allocator_stats"))
 
 
 def _nvml_trace(state: _State, sampler, reason, options: ProfileOptions, t0: float, index: int) -> NvmlTrace:

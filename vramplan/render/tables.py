@@ -30,6 +30,9 @@ def estimate_table(est: Estimate) -> Table:
     table.add_section()
     table.add_row("peak allocated", f"{est.peak_allocated_bytes / GiB:,.3f}", "",
                   f"torch.cuda.max_memory_allocated, in the {est.peak_phase} phase", style="bold")
+    if est.peak_reserved_bytes:
+        table.add_row("peak reserved", f"{est.peak_reserved_bytes / GiB:,.3f}", "",
+                      "torch.cuda.max_memory_reserved (caching-allocator model, two steps)", style="bold")
     table.add_row("device total", f"{est.device_total_bytes / GiB:,.3f}", "", "what nvidia-smi / NVML would show",
                   style="bold")
     if est.paged_optimizer_bytes:
@@ -48,9 +51,17 @@ def _fit(est: Estimate) -> str:
         return f"Device total {gib(est.device_total_bytes)} ({est.device_total_bytes / 1e9:,.2f} GB); pass --gpu for a verdict."
     g = est.gpu
     where = f"{g.name} ({gib(g.memory_bytes)})"
-    if est.fits:
-        return (f"[green]FITS[/green] on {where}: {gib(est.device_total_bytes)} needed, "
+    status = est.status
+    if status in ("fits", "tight"):
+        word = "[green]FITS[/green]" if status == "fits" else "[yellow]TIGHT[/yellow]"
+        return (f"{word} on {where}: {gib(est.device_total_bytes)} needed, "
                 f"{format_signed(est.headroom_bytes)} headroom ({est.headroom_bytes / g.memory_bytes:.0%}).")
+    oom = est.allocator_oom
+    if oom and oom.get("fragmentation"):
+        place = oom["phase"] + (f", {oom['module']}" if oom.get("module") else "")
+        return (f"[red]DOES NOT FIT[/red] on {where}: the caching allocator runs out of memory in {place} "
+                f"(a {gib(oom['nbytes'])} request with {gib(oom['reserved_bytes'])} reserved, "
+                f"{gib(oom['allocated_bytes'])} allocated: fragmentation); try --alloc-conf expandable_segments:True.")
     return (f"[red]DOES NOT FIT[/red] on {where}: {gib(est.device_total_bytes)} needed, "
             f"short by {gib(-est.headroom_bytes)}.")
 

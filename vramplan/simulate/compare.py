@@ -15,7 +15,8 @@ def percent(diff: int, reference: int) -> float | None:
 def estimate_block(est) -> dict:
     return {"peak_allocated_bytes": int(est.peak_allocated_bytes), "peak_phase": est.peak_phase,
             "components": {c.value: int(est.components.get(c.value, 0)) for c in ALLOCATED},
-            "phase_peaks": {k: int(v) for k, v in est.phase_peaks.items()}}
+            "phase_peaks": {k: int(v) for k, v in est.phase_peaks.items()},
+            "peak_reserved_bytes": int(est.peak_reserved_bytes), "alloc_conf": est.alloc_conf}
 
 
 def difference(trace, est) -> dict:

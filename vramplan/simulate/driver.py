@@ -14,7 +14,8 @@ from vramplan.simulate.step import Progress, Simulation, Trace, require_packages
 
 
 def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
-        progress: Progress | None = None, *, gpu=None, arch=None) -> Trace:
+        progress: Progress | None = None, *, gpu=None, arch=None,
+        alloc_conf=None) -> Trace:
     """Simulate one steady-state training step of `spec` under `setup` on `device`. `spec` is a
     core.models.ModelSpec, a build.ConfigSpec (a type only transformers knows), or a model name.
 
@@ -44,7 +45,8 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
     notes: list[str] = []
     if device == "meta" and not exact:
         if shortcut.applies(spec):
-            trace, why = shortcut.run_shortcut(spec, setup, progress=progress, arch=cuda_arch)
+            trace, why = shortcut.run_shortcut(spec, setup, progress=progress, arch=cuda_arch,
+                                                   alloc_conf=alloc_conf)
             if trace is not None:
                 return _with_seconds(trace, time.perf_counter() - t0)
             notes.append(f"identical-layers shortcut not used ({why}): every layer traced")
@@ -52,6 +54,7 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
         sim.warm_up()
         tracker = sim.measure()
         trace = sim.trace(tracker, time.perf_counter() - t0)
+        trace = shortcut.with_reserved(trace, shortcut.stream_of(tracker), alloc_conf)
     if notes:
         trace = dataclasses.replace(trace, notes=trace.notes + tuple(notes))
     return trace

@@ -557,7 +557,20 @@ class Expansion:
         return Stream(blocks, records, opt.stream.n_events + shift, R)
 
 
-def run_shortcut(spec, setup: TrainSetup, progress=None, arch=None):
+def with_reserved(trace, stream, arch=None, alloc_conf=None):
+    """The trace with peak reserved memory from its stream replayed as two steps."""
+    import dataclasses
+
+    from vramplan.estimate.reserved import conf_of
+    from vramplan.simulate.reserved import reserved_of
+
+    conf = conf_of(alloc_conf)
+    r = reserved_of(stream, conf)
+    return dataclasses.replace(trace, peak_reserved_bytes=r.peak_reserved_bytes,
+                               fragmentation_bytes=r.fragmentation_bytes, alloc_conf=conf.text)
+
+
+def run_shortcut(spec, setup: TrainSetup, progress=None, arch=None, alloc_conf=None):
     """(Trace, None), or (None, why the layers cannot be repeated)."""
 
     t0 = time.perf_counter()
@@ -583,7 +596,8 @@ def run_shortcut(spec, setup: TrainSetup, progress=None, arch=None):
             if any(v % UNITS for v in attention.values()):
                 raise Decline("attention calls differ between layers")
             attention = {k: v // UNITS * (spec.layers // period) for k, v in attention.items()}
-            measured = replay(exp.rebuild(opt), opt.paged, attention, len(tracker.strays) + opt.strays)
+            rebuilt = exp.rebuild(opt)
+            measured = replay(rebuilt, opt.paged, attention, len(tracker.strays) + opt.strays)
         except Decline as why:
             return None, str(why)
     unit = "layer" if period == 1 else f"{period}-layer unit"
@@ -593,4 +607,4 @@ def run_shortcut(spec, setup: TrainSetup, progress=None, arch=None):
         f"checked exact for identical layers (--exact traces every layer)",)
     trace = make_trace(spec, setup, "meta", measured, time.perf_counter() - t0,
                        layers_traced=sim.n_layers, extrapolated=True, notes=notes, arch=sim.arch)
-    return trace, None
+    return with_reserved(trace, rebuilt, alloc_conf), None

@@ -71,6 +71,10 @@ class Trace:
     extrapolated: bool = False       # True: the identical-layers shortcut rebuilt the full depth
     model_info: dict = field(default_factory=dict, repr=False)  # ModelSpec.to_dict(): `model` in to_dict
     cuda_arch: dict = field(default_factory=dict)  # the GPU architecture emulated (cuda.arch.CudaArch.to_dict)
+    # the step's storages replayed as two steps through the caching-allocator model (reserved.py)
+    peak_reserved_bytes: int = 0
+    fragmentation_bytes: int = 0
+    alloc_conf: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)

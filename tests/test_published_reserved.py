@@ -1,0 +1,80 @@
+"""Predicted peak reserved memory against published measurements (tests/data/published_reserved.csv:
+the rows of the published peak-memory table whose metric is torch.cuda.max_memory_reserved, with
+their source columns, and the vramplan setup each is modelled as).
+
+Targets (issue #8): median |error| <= 10% and no prediction under by more than 15%. Single-GPU rows
+use the estimate's two-step allocator replay; FSDP rows (Answer.AI) go through sharding.per_gpu,
+whose allocator slack is still the quick rounding model. docs/published-reserved.md holds the table.
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+import pytest
+
+from vramplan.core.models import resolve
+from vramplan.core.setup import TrainSetup
+from vramplan.estimate.estimator import estimate
+from vramplan.plan.sharding import per_gpu
+
+DATA = Path(__file__).parent / "data" / "published_reserved.csv"
+MEDIAN_TARGET, UNDER_TARGET = 0.10, -0.15
+
+
+def rows() -> list[dict]:
+    with DATA.open() as f:
+        return list(csv.DictReader(f))
+
+
+def predict(row: dict) -> tuple[int, str]:
+    """(predicted bytes of the row's quantity, how it was computed)."""
+    setup = TrainSetup(method=row["vp_method"], rank=int(row["vp_rank"]), targets=row["vp_targets"],
+                       batch=int(row["vp_batch"]), seq=int(row["vp_seq"]), grad_ckpt=row["vp_grad_ckpt"] == "1",
+                       optimizer=row["vp_optimizer"])
+    spec = resolve(row["vp_model"])
+    if row["vp_strategy"] == "single":
+        est = estimate(spec, setup, alloc_conf="")
+        return est.peak_reserved_bytes, "replay"
+    est = per_gpu(spec, setup, gpus=int(row["vp_gpus"]), strategy=row["vp_strategy"])
+    return est.reserved_bytes, "per_gpu (quick slack)"
+
+
+def table() -> list[tuple]:
+    out = []
+    for row in rows():
+        pred, how = predict(row)
+        measured = float(row["measured_gb"]) * 1e9
+        out.append((row["id"], row["vp_model"], row["vp_method"], row["vp_batch"], row["vp_seq"], pred / 1e9,
+                    measured / 1e9, pred / measured - 1, how, row["vp_recipe_gap"]))
+    return out
+
+
+def markdown(t: list[tuple]) -> str:
+    lines = ["| id | model | method | batch x seq | predicted reserved GB | measured GB | error | model | recipe gap |",
+             "|---|---|---|---|---:|---:|---:|---|---|"]
+    for rid, model, method, b, s, pred, meas, err, how, gap in t:
+        lines.append(f"| {rid} | {model} | {method} | {b} x {s} | {pred:.2f} | {meas:.2f} | {err:+.1%} | {how} | {gap} |")
+    errs = [r[7] for r in t]
+    lines.append("")
+    lines.append(f"median |error| {statistics.median(abs(e) for e in errs):.1%}, most under {min(errs):+.1%}, "
+                 f"most over {max(errs):+.1%} ({len(errs)} rows)")
+    return "\n".join(lines)
+
+
+def test_rows_carry_their_sources():
+    for row in rows():
+        assert row["source"] and row["metric"] and "reserved" in row["metric"].lower() + row["vp_recipe_gap"].lower()
+        assert row["vp_quantity"] == "reserved"
+
+
+@pytest.mark.xfail(strict=True, reason="not met: see docs/published-reserved.md (recipe gaps: torchtune bf16 "
+                   "adapters and torchao NF4, Answer.AI FSDP loading cache and fp32 logits)")
+def test_published_reserved_targets(capsys):
+    t = table()
+    with capsys.disabled():
+        print("\n" + markdown(t))
+    errs = [r[7] for r in t]
+    assert statistics.median(abs(e) for e in errs) <= MEDIAN_TARGET
+    assert min(errs) >= UNDER_TARGET

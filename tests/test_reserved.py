@@ -1,0 +1,169 @@
+"""Peak reserved memory: the estimate's two-step allocation stream, its replay through the
+caching-allocator model, and the one verdict every command uses."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vramplan.cli import main
+from vramplan.core.gpus import Gpu
+from vramplan.core.models import resolve
+from vramplan.core.setup import TrainSetup
+from vramplan.core.verdict import TIGHT, verdict
+from vramplan.cuda.allocator import replay_allocations
+from vramplan.cuda.arch import ASSUMED
+from vramplan.cuda.cublas import workspace_bytes
+from vramplan.cuda.reserved import replay_stream
+from vramplan.estimate.estimator import estimate
+from vramplan.estimate.events import place_of, step_stream
+from vramplan.estimate.inventory import static_memory
+
+SETUPS = [
+    ("meta-llama/Llama-2-7b", {}),
+    ("meta-llama/Llama-2-7b", {"grad_ckpt": False, "seq": 512}),
+    ("meta-llama/Llama-2-7b", {"attn": "eager", "seq": 512, "batch": 2}),
+    ("meta-llama/Llama-2-7b", {"method": "lora", "optimizer": "adamw8bit", "seq": 1024}),
+    ("mistralai/Mistral-7B-v0.1", {"method": "full", "grad_ckpt": False, "seq": 256}),
+    ("meta-llama/Meta-Llama-3-8B", {"quant": "int8", "seq": 512}),
+    # sliding-window and global layers (two templates), layers without RoPE
+    ("google/gemma-3-1b-pt", {"seq": 2048}),
+    ("HuggingFaceTB/SmolLM3-3B-Base", {"seq": 512}),
+    # recipe knobs: a plain loop's held logits, autocast's weight-cast cache, TRL's chunked loss, fused AdamW
+    ("meta-llama/Llama-2-7b", {"loop": "plain", "seq": 1024}),
+    ("meta-llama/Llama-2-7b", {"amp": "bf16", "seq": 1024}),
+    ("Qwen/Qwen3-0.6B", {"loss": "chunked", "optimizer": "adamw_fused", "seq": 1024}),
+]
+
+
+def _live_peak(events) -> int:
+    live, cur, peak = {}, 0, 0
+    for ev in events:
+        if ev[0] == "alloc":
+            live[ev[1]] = ev[2]
+            cur += ev[2]
+            peak = max(peak, cur)
+        else:
+            cur -= live.pop(ev[1])
+    return peak
+
+
+@pytest.mark.parametrize("model, kw", SETUPS, ids=[f"{m}-{kw}" for m, kw in SETUPS])
+def test_stream_peak_is_the_estimators_peak(model, kw):
+    """The unrolled stream holds the same tensors as the estimator's moments: same peak, to the byte."""
+    spec, setup = resolve(model), TrainSetup(**kw)
+    est = estimate(spec, setup, replay=False)
+    stream = step_stream(spec, setup, static_memory(spec, setup))
+    assert _live_peak(stream.events) == est.peak_allocated_bytes
+
+
+def test_every_allocation_is_freed_or_persistent():
+    spec, setup = resolve("meta-llama/Llama-2-7b"), TrainSetup(seq=512)
+    static = static_memory(spec, setup)
+    events = step_stream(spec, setup, static).events
+    live = {}
+    for ev in events:
+        if ev[0] == "alloc":
+            live[ev[1]] = ev[2]
+        else:
+            live.pop(ev[1])
+    # after two steps: the persistent tensors, the optimizer state and the cached cuBLAS workspace
+    assert sum(live.values()) == (static.weights + static.quant_constants + static.adapters + static.optimizer_state
+                                  + workspace_bytes(ASSUMED))
+
+
+def test_lumped_small_pool_stays_close_to_the_exact_replay():
+    spec, setup = resolve("meta-llama/Llama-2-7b"), TrainSetup(seq=1024, batch=2)
+    events = step_stream(spec, setup, static_memory(spec, setup)).events
+    exact = replay_allocations(events)
+    lumped = replay_stream(events, lump_small=True)
+    assert lumped.peak_allocated_bytes == exact.peak_allocated_bytes
+    assert abs(lumped.peak_reserved_bytes - exact.peak_reserved_bytes) <= 0.02 * exact.peak_reserved_bytes
+
+
+def test_device_total_is_context_plus_peak_reserved_and_components_sum():
+    est = estimate("meta-llama/Llama-2-7b", TrainSetup(seq=1024), gpu="A100-80GB")
+    assert est.peak_reserved_bytes >= est.peak_allocated_bytes
+    assert est.device_total_bytes == est.cuda_context_bytes + est.peak_reserved_bytes
+    d = est.to_dict()
+    assert sum(d["components"].values()) + sum(d["device_components"].values()) == d["device_total_bytes"]
+    assert d["device_components"]["allocator_overhead"] == est.peak_reserved_bytes - est.peak_allocated_bytes
+    for key in ("peak_reserved_bytes", "fragmentation_bytes", "alloc_conf", "status"):
+        assert key in d
+
+
+def test_settings_change_the_replay():
+    base = estimate("meta-llama/Llama-2-7b", TrainSetup(seq=2048, batch=2), alloc_conf="")
+    expandable = estimate("meta-llama/Llama-2-7b", TrainSetup(seq=2048, batch=2),
+                          alloc_conf="expandable_segments:True")
+    assert expandable.alloc_conf == "expandable_segments:True"
+    assert expandable.peak_allocated_bytes == base.peak_allocated_bytes
+    # expandable segments map pages as needed: no segment rounding waste beyond a page per pool
+    assert expandable.peak_reserved_bytes < base.peak_reserved_bytes
+    assert any("expandable_segments:True" in a for a in expandable.assumptions)
+
+
+def test_environment_supplies_the_default_settings(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    est = estimate("meta-llama/Llama-2-7b", TrainSetup(seq=256))
+    assert est.alloc_conf == "expandable_segments:True"
+
+
+def test_zero_headroom_is_tight_everywhere():
+    assert verdict(100, 100) == "tight"
+    assert verdict(101, 100) == "no"
+    assert verdict(100 - int(TIGHT * 100), 100) == "fits"
+    assert verdict(10, 100, oom={"index": 3}) == "no"
+    est = estimate("meta-llama/Llama-2-7b", TrainSetup(seq=256))
+    exact = estimate("meta-llama/Llama-2-7b", TrainSetup(seq=256), gpu=Gpu("exact", est.device_total_bytes))
+    assert exact.status == "tight" and exact.fits
+    from vramplan.plan.planner import status_of
+    assert status_of(est.device_total_bytes, est.device_total_bytes) == "tight"
+
+
+def test_an_allocator_oom_below_capacity_is_reported_with_its_place():
+    """A card between the allocated peak and the unlimited reserved peak: the capped replay either
+    gets by (malloc frees the cache and retries), reserving at most the card, or runs out of
+    memory although the allocated bytes fit: a fragmentation OOM, named with its place."""
+    spec, setup = resolve("meta-llama/Llama-2-7b"), TrainSetup(seq=2048, batch=4)
+    free_run = estimate(spec, setup)
+    context = free_run.cuda_context_bytes
+    seen_oom = False
+    for frac in (0.1, 0.3, 0.5, 0.7, 0.9):
+        cap = context + free_run.peak_allocated_bytes + int(frac * (free_run.peak_reserved_bytes
+                                                                     - free_run.peak_allocated_bytes))
+        est = estimate(spec, setup, gpu=Gpu("between", cap))
+        if est.allocator_oom is None:
+            assert est.device_total_bytes <= cap and est.status in ("fits", "tight")
+        else:
+            seen_oom = True
+            assert est.status == "no" and not est.fits
+            assert est.allocator_oom["fragmentation"] is True
+            assert est.allocator_oom["phase"] in ("forward", "backward", "optimizer")
+            assert est.allocator_oom["module"] or est.allocator_oom["phase"] == "optimizer"
+            assert est.device_total_bytes == free_run.device_total_bytes
+    assert seen_oom, "no capacity between allocated and reserved peaks made the allocator fail"
+
+
+def test_place_of_names_phase_and_layer():
+    spec, setup = resolve("meta-llama/Llama-2-7b"), TrainSetup(seq=256)
+    stream = step_stream(spec, setup, static_memory(spec, setup))
+    start = next(i for i, p, m in stream.places if m == "layers.3" and p == "backward")
+    assert place_of(stream, start) == ("backward", "layers.3")
+    assert place_of(stream, 0) == ("load", "")
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_alloc_conf_flag(capsys):
+    code, out, _ = _run(capsys, "estimate", "meta-llama/Llama-2-7b", "--seq", "512",
+                        "--alloc-conf", "expandable_segments:True", "--json")
+    assert code == 0 and json.loads(out)["alloc_conf"] == "expandable_segments:True"
+    code, out, err = _run(capsys, "estimate", "meta-llama/Llama-2-7b", "--alloc-conf", "foo:1")
+    assert code != 0 and out == ""
+    assert err.startswith("Error: invalid allocator settings 'foo:1': unrecognized key 'foo'"), err
+    assert err.count("\n") == 1 and "Traceback" not in err

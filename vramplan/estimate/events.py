@@ -1,0 +1,308 @@
+"""The estimate's allocation stream: every CUDA allocation and free of two training steps (warm-up,
+then the measured step), unrolled from the per-layer tapes the estimator already walks
+(ops.py + walk.py), for the caching-allocator model (cuda/allocator.py) to replay.
+
+What the stream holds, in order (docs/allocator.md#estimate-stream):
+- the persistent state, one allocation per tensor: packed weights and each bitsandbytes
+  constant (quant.py layout), 16-bit weights, norms, embeddings, LoRA A/B (inventory.py); what
+  the inventory counts beyond those tensors is one more allocation;
+- per step: the inputs (ids, position ids, shifted labels, rotary cos/sin, masks), the
+  embedding output, every decoder layer's forward tape chained output-to-input, the head and
+  loss forward and backward, every layer's backward tape in reverse (the gradient of a layer's
+  input is the gradient of the layer below's output), then the optimizer: its state is created
+  inside the first step (torch.optim lazy state init, `_init_group`), its foreach workspace
+  lives through the update, zero_grad(set_to_none=True) frees the gradients.
+A tape entry that is a sum of several allocations (symbolic.Size parts) is that many
+allocations. Sizes are the estimator's, already rounded to 512 bytes, so the replay's
+peak_allocated is the estimator's peak (tests/test_reserved.py checks it).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+from vramplan.core.models import ModelSpec
+from vramplan.core.setup import TrainSetup
+from vramplan.estimate.inventory import (FP32, Static, adapted_linears, expert_lora_shapes, lora_shapes, numel,
+                                         optimizer_memory, weight_bytes)
+from vramplan.cuda.arch import ASSUMED, CudaArch
+from vramplan.cuda.cublas import workspace_bytes
+from vramplan.estimate.inventory import rope_kinds
+from vramplan.estimate.ops import (_head_tape, _layer_tapes, _structure, act_bytes, eager_masks, embedding_leaf,
+                                   held_outputs, int8_ctx_inputs, layer_windows)
+from vramplan.estimate.quant import alloc, layout_4bit, layout_int8
+from vramplan.estimate.symbolic import rounded_bytes, variables
+from vramplan.estimate.walk import GRAD
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Events ("alloc", key, nbytes) / ("free", key), and where each phase starts:
+    [(first event index, phase, module)] in order, for naming where an OOM happened."""
+    events: list
+    places: list
+
+
+def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int]:
+    """One size per persistent tensor, summing to weights + quant_constants + adapters exactly."""
+    wb = weight_bytes(setup)
+    n = spec.layers
+    sizes = [alloc(spec.vocab * spec.hidden * wb)]
+    if not spec.tied:
+        sizes.append(alloc(spec.vocab * spec.hidden * wb))
+    sizes += [alloc(spec.hidden * wb)] * (n * spec.arch.norms_per_layer + 1)
+    for _ in range(n):
+        for linear in spec.layer_linears:
+            if setup.quantized and setup.quant == "int8":
+                q = layout_int8(linear.in_features, linear.out_features)
+                sizes += [q.weight, q.constants]
+            elif setup.quantized:
+                numel_ = linear.in_features * linear.out_features
+                q = layout_4bit(numel_, setup.double_quant)
+                blocks = -(-numel_ // 64)
+                parts = ([alloc(blocks), alloc(4 * -(-blocks // 256)), alloc(1024), alloc(4), alloc(64)]
+                         if setup.double_quant else [alloc(4 * blocks), alloc(64)])
+                sizes += [q.weight] + (parts if sum(parts) == q.constants else [q.constants])
+            else:
+                sizes.append(alloc(linear.numel * wb))
+            if linear.bias:
+                sizes.append(alloc(linear.out_features * wb))
+    for linear in adapted_linears(spec, setup):
+        for shape in lora_shapes(linear, setup.rank):
+            sizes += [alloc(numel(shape) * FP32)] * (1 if linear.name == "lm_head" else n)
+    for shape, count in expert_lora_shapes(spec, setup):
+        sizes += [alloc(numel(shape) * FP32)] * (count * n)
+    rest = static.weights + static.quant_constants + static.adapters - sum(sizes)
+    if rest < 0:   # the inventory counts fewer tensors than listed here: keep the total exact
+        return [static.weights + static.quant_constants + static.adapters]
+    return sizes + ([rest] if rest else [])
+
+
+def optimizer_sizes(setup: TrainSetup, static: Static) -> tuple[list[int], list[int]]:
+    """(state tensors, workspace tensors of one optimizer.step) on the device, one size each,
+    summing to static.optimizer_state and static.optimizer_temporaries."""
+    grad_bytes = FP32 if setup.uses_adapters else setup.compute_bytes
+    state, work = [], []
+    for shape, count in static.trainable_shapes:
+        s, w = optimizer_memory(setup.with_(optimizer=setup.optimizer.removeprefix("paged_"))
+                                if setup.paged else setup, Counter({shape: 1}), grad_bytes)
+        if setup.paged and numel(shape) >= 100_000:
+            s = 0
+        pieces = 2 if setup.optimizer.removeprefix("paged_") in ("adamw", "adamw8bit") else 1
+        for _ in range(count):
+            if s:
+                state += [s // pieces] * (pieces - 1) + [s - s // pieces * (pieces - 1)]
+            if w:
+                work.append(w)
+    for total, sizes in ((static.optimizer_state, state), (static.optimizer_temporaries, work)):
+        rest = total - sum(sizes)
+        if rest > 0:
+            sizes.append(rest)
+        elif rest < 0:
+            sizes[:] = [total] if total else []
+    return state, work
+
+
+@dataclass(frozen=True)
+class _Template:
+    """One tape as allocation lists: per table entry its allocation sizes, and the tape's events
+    as (kind, tid) with marks carrying a transient entry (-2 = alloc+free of that tid)."""
+    parts: tuple           # tid -> tuple of sizes (several allocations for a summed Size)
+    tags: tuple            # tid -> component tag
+    forward: tuple         # events before the phase end: (1, tid) / (-1, tid) / (0, tid) transient
+    backward: tuple
+    names: dict
+    region_exit: tuple = ()  # the frees that open the backward tape: autocast's weight-cast cache,
+                             # cleared when the forward's autocast region exits (walk.walk `cached`)
+
+
+def _template(tape, values: dict) -> _Template:
+    parts = tuple(tuple(rounded_bytes(key, values) for key, count in size.parts for _ in range(count))
+                  for size, _tag in tape.table)
+    parts = tuple(tuple(p for p in entry if p > 0) for entry in parts)
+    fwd, bwd, cur = [], [], None
+    cur = fwd
+    for event in tape.events:
+        kind = event[0]
+        if kind == 1 or kind == -1:
+            cur.append((kind, event[1]))
+        elif kind == 0:
+            if event[2] >= 0:
+                cur.append((0, event[2]))
+        else:
+            cur = bwd
+    n_exit = next((i for i, (kind, _tid) in enumerate(bwd) if kind != -1), len(bwd))
+    return _Template(parts, tuple(tag for _s, tag in tape.table), tuple(fwd), tuple(bwd[n_exit:]), tape.names,
+                     tuple(bwd[:n_exit]))
+
+
+@lru_cache(maxsize=64)
+def _templates(spec: ModelSpec, setup: TrainSetup, arch: CudaArch):
+    """(per decoder layer bottom to top: its template, the head's template). Layers of one kind
+    (sliding-window or global attention, with or without RoPE: ops.layer_stack) share one."""
+    values = variables(setup.batch, setup.seq)
+    ropes = spec.rope_layers or (True,) * spec.layers
+    kinds = tuple(zip(layer_windows(spec, setup), ropes))
+    made = {}
+    for kind in set(kinds):
+        inner, first, _ = _layer_tapes(spec, _structure(spec, setup, arch, *kind))
+        t_inner = _template(inner, values)
+        made[kind] = (t_inner, t_inner if first is inner else _template(first, values))
+    layers = tuple(made[kind][1 if i == 0 else 0] for i, kind in enumerate(kinds))
+    return layers, _template(_head_tape(spec, _structure(spec, setup, arch)), values)
+
+
+class _Builder:
+    def __init__(self):
+        self.events: list = []
+        self.places: list = []
+        self.next_key = 0
+
+    def new(self, nbytes: int) -> int:
+        key = self.next_key
+        self.next_key += 1
+        if nbytes > 0:
+            self.events.append(("alloc", key, nbytes))
+        return key
+
+    def free(self, key: int, nbytes: int) -> None:
+        if nbytes > 0:
+            self.events.append(("free", key))
+
+    def place(self, phase: str, module: str) -> None:
+        self.places.append((len(self.events), phase, module))
+
+
+class _Instance:
+    """One play of a template: tid -> keys of its allocations; `bound` tids are tensors made
+    elsewhere (the layer input, the incoming gradient)."""
+
+    def __init__(self, b: _Builder, t: _Template, bound: dict):
+        self.b, self.t = b, t
+        self.keys: dict = dict(bound)
+
+    def run(self, events) -> None:
+        b, parts, keys = self.b, self.t.parts, self.keys
+        for kind, tid in events:
+            if kind == 1:
+                if tid in keys:          # made elsewhere (input, incoming gradient)
+                    continue
+                keys[tid] = [(b.new(n), n) for n in parts[tid]]
+            elif kind == -1:
+                for key, n in keys.pop(tid, ()):
+                    b.free(key, n)
+            else:                        # a transient inside one op
+                made = [(b.new(n), n) for n in parts[tid]]
+                for key, n in made:
+                    b.free(key, n)
+
+    def take(self, tid) -> list:
+        return self.keys.pop(tid, [])
+
+
+def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED,
+                steps: int = 2) -> Stream:
+    """The allocation stream of `steps` training steps (the first one creates the optimizer
+    state) after the persistent state is loaded, with the kernels of `arch`."""
+    stack, t_head = _templates(spec, setup, arch)
+    b = _Builder()
+    b.place("load", "")
+    for n in static_sizes(spec, setup, static):
+        b.new(n)
+    state_sizes, work_sizes = optimizer_sizes(setup, static)
+    a = act_bytes(setup)
+    inputs = ([alloc(8 * setup.tokens), alloc(8 * setup.seq), alloc(8 * (setup.tokens + setup.batch)),
+               alloc(8 * (setup.tokens + setup.batch))]
+              + [alloc(a * setup.seq * spec.head_dim)] * (2 * rope_kinds(spec)))
+    leaf = embedding_leaf(spec, setup)
+    if leaf:
+        inputs.append(leaf)
+    held = held_outputs(spec, setup)       # ops.held_outputs: a plain loop's `out`
+    held_prev = []
+    mask = eager_masks(spec, setup)
+    hidden = alloc(a * setup.tokens * spec.hidden)
+    ctx = int8_ctx_inputs(spec, setup)
+    L = spec.layers
+    def grad_total(t: _Template) -> int:
+        return sum(sum(t.parts[tid]) for tid, tag in enumerate(t.tags) if tag == GRAD)
+
+    extra_grads = static.gradients - grad_total(t_head) - sum(grad_total(t) for t in stack)
+    for step in range(steps):
+        b.place("forward", "")
+        keys = [(b.new(n), n) for n in inputs]
+        masks = [(b.new(mask), mask)] if mask else []
+        x = [(b.new(hidden), hidden)]
+        if step == 0:   # the cuBLAS workspace, from the first matmul on (cuda/cublas.py)
+            b.new(workspace_bytes(arch))
+        layers = []
+        for i in range(L):
+            t = stack[i]
+            b.place("forward", f"layers.{i}")
+            out_tid = t.names["layer.out"]     # tape ids are per template
+            inst = _Instance(b, t, {t.names["x"]: x})
+            # the layer's output is the next layer's input: not freed when the tape drops it
+            fwd = [(k, tid) for k, tid in t.forward if not (k == -1 and tid == out_tid)]
+            inst.run(fwd)
+            x = inst.take(out_tid)
+            if ctx:      # bitsandbytes int8 matmul inputs kept on the autograd ctx (ops.int8_ctx_inputs)
+                inst.keys["int8_ctx"] = [(b.new(ctx), ctx)]
+            layers.append(inst)
+        b.place("forward", "lm_head")
+        head = _Instance(b, t_head, {t_head.names["x"]: x})
+        head.run(t_head.forward)
+        for inst in layers:      # the autocast region exits with the forward
+            inst.run(inst.t.region_exit)
+        for key, n in held_prev:  # a plain loop rebinds `out` once model() returns
+            b.free(key, n)
+        b.place("backward", "loss")
+        head.run(t_head.backward)
+        # the new `out` (ops.held_outputs) lives from here through the optimizer step
+        held_prev = [(b.new(held), held)] if held else []
+        grad = head.take(t_head.names["grad:x"])
+        grads = [key for tid, tag in enumerate(t_head.tags) if tag == GRAD for key in head.take(tid)]
+        _free_all(b, head)
+        for i in reversed(range(L)):
+            inst = layers[i]
+            b.place("backward", f"layers.{i}")
+            inst.keys[inst.t.names["grad#1"]] = grad
+            inst.run(inst.t.backward)
+            grad = inst.take(inst.t.names["grad:x"]) if "grad:x" in inst.t.names else []
+            grads += [key for tid, tag in enumerate(inst.t.tags) if tag == GRAD for key in inst.take(tid)]
+            _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
+        for key, n in grad:
+            b.free(key, n)
+        if extra_grads > 0:          # embedding / norm gradients of full fine-tuning
+            grads.append((b.new(extra_grads), extra_grads))
+        for key, n in masks:
+            b.free(key, n)
+        b.place("optimizer", "")
+        if step == 0:
+            for n in state_sizes:
+                b.new(n)
+        work = [(b.new(n), n) for n in work_sizes]
+        for key, n in work:
+            b.free(key, n)
+        for key, n in grads:
+            b.free(key, n)
+        # the estimator counts the inputs (ids, position ids, labels, rotary tables) through the
+        # optimizer step (estimator.step_moments `base_acts`); they go with the loop iteration
+        for key, n in keys:
+            b.free(key, n)
+    return Stream(b.events, b.places)
+
+
+def _free_all(b: _Builder, inst: _Instance) -> None:
+    for tid in list(inst.keys):
+        for key, n in inst.keys.pop(tid):
+            b.free(key, n)
+
+
+def place_of(stream: Stream, index: int) -> tuple[str, str]:
+    """(phase, module) of the event at `index`."""
+    phase, module = "load", ""
+    for start, p, m in stream.places:
+        if start > index:
+            break
+        phase, module = p, m
+    return phase, module

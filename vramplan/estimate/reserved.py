@@ -1,0 +1,33 @@
+"""The estimate's peak reserved memory: its two-step allocation stream (events.py) replayed
+through the caching-allocator model, small pool lumped (cuda/reserved.py), cached per setup,
+settings and capacity (the planner asks the same question many times)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from vramplan.core.models import ModelSpec
+from vramplan.core.setup import TrainSetup
+from vramplan.cuda.arch import ASSUMED, CudaArch
+from vramplan.cuda.alloc_conf import AllocConf, as_conf
+from vramplan.cuda.reserved import ReservedPeak, replay_stream
+from vramplan.estimate.inventory import Static
+
+
+def conf_of(alloc_conf) -> AllocConf:
+    """None: the settings of the environment (PYTORCH_CUDA_ALLOC_CONF), as PyTorch reads them."""
+    return AllocConf.from_env() if alloc_conf is None else as_conf(alloc_conf)
+
+
+def reserved_peak(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED, alloc_conf=None,
+                  capacity: int | None = None) -> tuple[ReservedPeak, str]:
+    conf = conf_of(alloc_conf)
+    return _cached(spec, setup, static, arch, conf, capacity), conf.text
+
+
+@lru_cache(maxsize=256)
+def _cached(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, conf: AllocConf,
+            capacity: int | None) -> ReservedPeak:
+    from vramplan.estimate.events import place_of, step_stream
+
+    stream = step_stream(spec, setup, static, arch)
+    return replay_stream(stream.events, conf, capacity, lump_small=True, place=lambda i: place_of(stream, i))
