@@ -21,7 +21,7 @@ LLAMA2_70B = resolve("meta-llama/Llama-2-70b-hf")
 @pytest.mark.parametrize("method", ["qlora", "lora", "full"])
 def test_single_gpu_is_the_estimate_to_the_byte(model, method):
     setup = TrainSetup(method=method, batch=2, seq=1024, attn="eager" if "gemma" in model else "sdpa")
-    est = estimate(model, setup, replay=False)   # per_gpu's quick allocator-slack model
+    est = estimate(model, setup)
     one = per_gpu(model, setup)
     assert one.components == est.components
     assert one.peak_allocated_bytes == est.peak_allocated_bytes

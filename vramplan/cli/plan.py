@@ -8,7 +8,7 @@ import argparse
 
 from vramplan.core.errors import UsageError
 from vramplan.core.setup import make_setup
-from vramplan.cli.flags import print_json, setup_flags, setup_from_args
+from vramplan.cli.flags import alloc_conf_from_args, print_json, setup_flags, setup_from_args
 from vramplan.core.setup import parse_targets, TrainSetup
 
 STATUS_STYLE = {"fits": "green", "tight": "yellow", "no": "red"}
@@ -94,7 +94,8 @@ def cmd_plan(args) -> int:
     if args.gpu is None:
         raise UsageError("plan needs a GPU", hint="e.g. --gpu 24GB, --gpu A100-80GB, or --gpu all")
     result = plan(args.model, setup_from_args(args), args.gpu, gpus=args.gpus, strategy=args.strategy,
-                  offload=args.offload, batches=batches, seqs=seqs, tight=args.tight, recommend=args.recommend)
+                  offload=args.offload, batches=batches, seqs=seqs, tight=args.tight, recommend=args.recommend,
+                  alloc_conf=alloc_conf_from_args(args))
     if args.plot:
         from vramplan.render.plots import plot_plan  # this command's code loads only when it runs
         plot_plan(result, args.plot)
@@ -148,6 +149,7 @@ def print_plan(result, console=None) -> None:
         elif result.status == "no" and result.minimum is not None:
             console.print("No change to the setup alone fits this GPU.", highlight=False)
         _print_recipe_changes(result, console)
+        _print_allocator_changes(result, console)
     if result.minimum is not None:
         _print_minimum(result.minimum, result, console, Table)
     for note in result.notes:
@@ -182,12 +184,14 @@ def _print_terms(est, console, Table) -> None:
 def _print_grid(result, console, Table) -> None:
     grid = result.grid
     table = Table(title=f"GiB per GPU on {result.gpu.name}", title_justify="left",
-                  caption=f"batch across, seq down: {legend(result.tight)}", caption_justify="left")
+                  caption=f"batch across, seq down: {legend(result.tight)}; ≥: allocated alone exceeds the GPU",
+                  caption_justify="left")
     table.add_column("seq \\ batch", justify="right")
     for b in grid.batches:
         table.add_column(str(b), justify="right")
     for s, row in zip(grid.seqs, grid.cells):
-        table.add_row(str(s), *[marked(c.status, f"{c.need_bytes / 2**30:,.1f}") for c in row])
+        table.add_row(str(s), *[marked(c.status, ("≥" if c.lower_bound else "") + f"{c.need_bytes / 2**30:,.1f}")
+                                for c in row])
     console.print(table)
 
 
@@ -201,6 +205,17 @@ def _print_recipe_changes(result, console) -> None:
                           (f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}")
                           for k, v in r.change.changes.items())
         console.print(f"  {r.saving_bytes / 2**30:+.3f} GiB  {flags}: {r.change.text}", highlight=False)
+
+
+def _print_allocator_changes(result, console) -> None:
+    """The caching-allocator settings, each replayed on this setup (plan/allocator_changes.py)."""
+    if not result.allocator_changes:
+        return
+    now = result.estimate.alloc_conf or "defaults"
+    console.print(f"Allocator settings (device total, saved vs {now}):", highlight=False)
+    for a in result.allocator_changes:
+        console.print(f"  {_gib(a.need_bytes)} {marked(a.status, '')} {a.saving_bytes / 2**30:+.3f} GiB  "
+                      f"--alloc-conf {a.alloc_conf}: {a.text}", highlight=False)
 
 
 def _print_changes(changes, gpu, console, Table, title) -> None:
@@ -262,7 +277,8 @@ def cmd_sweep(args) -> int:
     base = make_setup(args.recipe, **given, **explicit)
     strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]
     df = sweep(args.model, args.gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
-               strategy=strategies, offload=parse_list("--offload", args.offload, str), tight=args.tight, **axes)
+               strategy=strategies, offload=parse_list("--offload", args.offload, str), tight=args.tight,
+               alloc_conf=alloc_conf_from_args(args), **axes)
     varying = [c for c in (*axes, "gpus", "strategy", "offload") if df[c].nunique() > 1]
     if args.csv:
         try:

@@ -161,27 +161,29 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     for name, parts in moments.items():
         if sum(parts.values()) > sum(phases.get(phase_of(name), {}).values()):
             phases[phase_of(name)] = parts
-    overhead = device_overhead(transient_sizes(spec, setup, cuda_arch))
     context = cuda_context(gpu_obj)
     reserved = {}
     if replay:
         from vramplan.estimate.reserved import reserved_peak
 
-        r, conf_text = reserved_peak(spec, setup, static, cuda_arch, alloc_conf,
-                                     None if gpu_obj is None else gpu_obj.memory_bytes - context.bytes)
-        oom = r.oom
-        if oom is not None:
-            # the replay against the card stops at the failed request (after releasing the cache
-            # and retrying, as malloc does): the need is the unlimited replay's; the OOM is kept
-            # and named as fragmentation where the allocated peak alone would have fit
-            r, _ = reserved_peak(spec, setup, static, cuda_arch, alloc_conf, None)
-            oom = dict(oom, fragmentation=context.bytes + peak <= gpu_obj.memory_bytes)
+        r, conf_text = reserved_peak(spec, setup, static, cuda_arch, alloc_conf)
+        oom = None
+        room = None if gpu_obj is None else gpu_obj.memory_bytes - context.bytes
+        if room is not None and r.peak_reserved_bytes > room and peak <= room:
+            # Past the card, malloc releases the cache and retries before it fails: replay against
+            # the card to see whether the step still runs, or where it fails while the allocated
+            # bytes alone would fit (fragmentation). Allocated bytes past the card fail anyway.
+            capped, _ = reserved_peak(spec, setup, static, cuda_arch, alloc_conf, room)
+            if capped.oom is None:
+                r = capped
+            else:
+                oom = dict(capped.oom, fragmentation=True)
         reserved = {"peak_reserved_bytes": max(r.peak_reserved_bytes, peak),
                     "fragmentation_bytes": r.fragmentation_bytes, "alloc_conf": conf_text,
                     "allocator_oom": oom}
         slack = reserved["peak_reserved_bytes"] - peak
     else:
-        slack = overhead.allocator_overhead
+        slack = device_overhead(transient_sizes(spec, setup, cuda_arch)).allocator_overhead
         reserved = {"peak_reserved_bytes": peak + slack, "fragmentation_bytes": slack}
     return Estimate(
         model=spec, setup=setup, components=components, peak_allocated_bytes=peak,

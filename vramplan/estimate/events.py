@@ -201,11 +201,36 @@ class _Instance:
         return self.keys.pop(tid, [])
 
 
+def _net(events) -> tuple:
+    """A tape's events without what it allocates and frees itself: what it leaves alive, and the
+    frees of what was alive before (a middle layer of a reduced-detail stream)."""
+    made, inside = set(), set()
+    for kind, tid in events:
+        if kind == 1:
+            made.add(tid)
+        elif kind == -1 and tid in made:
+            inside.add(tid)
+    return tuple((kind, tid) for kind, tid in events if kind != 0 and tid not in inside)
+
+
 def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED,
-                steps: int = 2) -> Stream:
+                steps: int = 2, exact_layers: int | None = None) -> Stream:
     """The allocation stream of `steps` training steps (the first one creates the optimizer
-    state) after the persistent state is loaded, with the kernels of `arch`."""
+    state) after the persistent state is loaded, with the kernels of `arch`.
+
+    exact_layers=K plays every event of the K bottom and K top decoder layers only; the layers
+    between play what their tapes leave alive (outputs, saved tensors, gradients) without the
+    transients inside them. None plays every event of every layer."""
     stack, t_head = _templates(spec, setup, arch)
+    L = spec.layers
+    reduced = (lambda i: False) if exact_layers is None else (lambda i: exact_layers <= i < L - exact_layers)
+    nets: dict = {}
+
+    def net(t: _Template, events: tuple, part: str) -> tuple:
+        key = (id(t), part)
+        if key not in nets:
+            nets[key] = _net(events)
+        return nets[key]
     b = _Builder()
     b.place("load", "")
     for n in static_sizes(spec, setup, static):
@@ -223,7 +248,6 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     mask = eager_masks(spec, setup)
     hidden = alloc(a * setup.tokens * spec.hidden)
     ctx = int8_ctx_inputs(spec, setup)
-    L = spec.layers
     def grad_total(t: _Template) -> int:
         return sum(sum(t.parts[tid]) for tid, tag in enumerate(t.tags) if tag == GRAD)
 
@@ -242,8 +266,8 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
             out_tid = t.names["layer.out"]     # tape ids are per template
             inst = _Instance(b, t, {t.names["x"]: x})
             # the layer's output is the next layer's input: not freed when the tape drops it
-            fwd = [(k, tid) for k, tid in t.forward if not (k == -1 and tid == out_tid)]
-            inst.run(fwd)
+            fwd = tuple((k, tid) for k, tid in t.forward if not (k == -1 and tid == out_tid))
+            inst.run(net(t, fwd, "forward") if reduced(i) else fwd)
             x = inst.take(out_tid)
             if ctx:      # bitsandbytes int8 matmul inputs kept on the autograd ctx (ops.int8_ctx_inputs)
                 inst.keys["int8_ctx"] = [(b.new(ctx), ctx)]
@@ -266,7 +290,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
             inst = layers[i]
             b.place("backward", f"layers.{i}")
             inst.keys[inst.t.names["grad#1"]] = grad
-            inst.run(inst.t.backward)
+            inst.run(net(inst.t, inst.t.backward, "backward") if reduced(i) else inst.t.backward)
             grad = inst.take(inst.t.names["grad:x"]) if "grad:x" in inst.t.names else []
             grads += [key for tid, tag in enumerate(inst.t.tags) if tag == GRAD for key in inst.take(tid)]
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves

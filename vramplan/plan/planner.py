@@ -75,9 +75,10 @@ class Evaluator:
     Composes estimator pieces exactly as estimator.estimate does; static memory is cached per
     setup without batch/seq. `exact()` goes through the public API (estimate + per_gpu)."""
 
-    def __init__(self, spec: ModelSpec, parallel: Parallel, gpu: Gpu | None = None):
+    def __init__(self, spec: ModelSpec, parallel: Parallel, gpu: Gpu | None = None, alloc_conf=None):
         self.spec, self.parallel = spec, parallel
         self.gpu = gpu          # whose CUDA kernels the estimate assumes (cuda/arch.py)
+        self.alloc_conf = alloc_conf   # caching-allocator settings of the replay (None: the environment's)
         self._static: dict = {}
         self._need: dict = {}
         self._exact: dict = {}
@@ -85,11 +86,7 @@ class Evaluator:
 
     def quick(self, setup: TrainSetup) -> Estimate:
         run = effective_setup(setup, self.parallel)
-        key = run.with_(batch=1, seq=1)
-        static = self._static.get(key)
-        if static is None:
-            static = self._static[key] = static_memory(self.spec, run)
-        return estimate(self.spec, run, static=static, gpu=self.gpu)
+        return estimate(self.spec, run, static=self._static_of(run), gpu=self.gpu, alloc_conf=self.alloc_conf)
 
     def estimate(self, setup: TrainSetup, gpu: Gpu | None = None) -> ShardedEstimate:
         quick = self.quick(setup)
@@ -97,17 +94,58 @@ class Evaluator:
 
     def need(self, setup: TrainSetup) -> int:
         """Per-GPU device total (what NVML would show) for `setup`."""
+        return self._evaluate(setup)[0]
+
+    def fits(self, setup: TrainSetup, cap: int) -> bool:
+        """The device total is within `cap` and the allocator replay against this evaluator's GPU
+        did not run out of memory (fragmentation) on the way (core/verdict.py). Reserved memory is
+        never below allocated, so a setup whose allocated peak plus context alone exceeds `cap`
+        does not fit whatever the replay says: it is answered without one."""
+        if setup not in self._need and self.floor(setup) > cap:
+            return False
+        need, oom = self._evaluate(setup)
+        return need <= cap and not oom
+
+    def floor(self, setup: TrainSetup) -> int:
+        """A lower bound of the per-GPU device total: peak allocated + CUDA context + NCCL."""
+        run = effective_setup(setup, self.parallel)
+        quick = estimate(self.spec, run, static=self._static_of(run), gpu=self.gpu, replay=False)
+        e = distribute(quick, self.parallel, split=splits_for(self.spec, quick.setup, self.parallel))
+        return e.peak_allocated_bytes + e.cuda_context_bytes + e.comm_bytes
+
+    def _static_of(self, run: TrainSetup):
+        key = run.with_(batch=1, seq=1)
+        static = self._static.get(key)
+        if static is None:
+            static = self._static[key] = static_memory(self.spec, run)
+        return static
+
+    def _evaluate(self, setup: TrainSetup) -> tuple[int, bool]:
         value = self._need.get(setup)
         if value is None:
             self.calls += 1
-            value = self._need[setup] = self.estimate(setup).device_total_bytes
+            est = self.estimate(setup, self.gpu)
+            value = self._need[setup] = (est.device_total_bytes, bool(est.allocator_oom))
         return value
+
+    def status(self, setup: TrainSetup, cap: int, tight: float) -> str:
+        """core/verdict.py on this setup's device total and replay."""
+        need, oom = self._evaluate(setup)
+        return verdict(need, cap, tight, oom={"oom": True} if oom else None)
 
     def exact(self, setup: TrainSetup) -> int:
         """The same number through the public API (estimate() inside sharding.per_gpu)."""
+        return self._exact_estimate(setup).device_total_bytes
+
+    def exact_fits(self, setup: TrainSetup, cap: int) -> bool:
+        est = self._exact_estimate(setup)
+        return est.device_total_bytes <= cap and not est.allocator_oom
+
+    def _exact_estimate(self, setup: TrainSetup) -> ShardedEstimate:
         value = self._exact.get(setup)
         if value is None:
-            value = self._exact[setup] = per_gpu(self.spec, setup, self.parallel, gpu=self.gpu).device_total_bytes
+            value = self._exact[setup] = per_gpu(self.spec, setup, self.parallel, gpu=self.gpu,
+                                                 alloc_conf=self.alloc_conf)
         return value
 
 
@@ -157,6 +195,9 @@ class Cell:
     seq: int
     need_bytes: int
     status: str
+    # need_bytes is a lower bound (peak allocated + context: reserved is never less) where that
+    # alone exceeds the GPU; the allocator is not replayed for a cell that cannot fit anyway
+    lower_bound: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -265,6 +306,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     evaluations: int = field(default=0, compare=False)
     recipe_changes: tuple = ()           # plan/recipe_changes.RankedChange, largest saving first
+    allocator_changes: tuple = ()        # plan/allocator_changes.AllocatorChange, lowest device total first
 
     @property
     def fits(self) -> bool | None:
@@ -292,6 +334,8 @@ class Plan:
             "survey": [r.to_dict() for r in self.survey],
             "notes": list(self.notes),
             "recipe_changes": [r.to_dict() for r in self.recipe_changes],
+            "allocator_changes": [a.to_dict() for a in self.allocator_changes],
+            "alloc_conf": self.estimate.alloc_conf,
         }
 
 
@@ -299,11 +343,14 @@ class Plan:
 
 def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int | Gpu | None = None, *,
          gpus: int = 1, strategy: str | None = None, offload: str = "none", parallel: Parallel | None = None,
-         batches=None, seqs=None, tight: float = TIGHT, recommend: bool = True, **flags) -> Plan:
+         batches=None, seqs=None, tight: float = TIGHT, recommend: bool = True, alloc_conf=None,
+         **flags) -> Plan:
     """What fits on `gpu` (a size, a catalog name, or "all" for every catalog GPU), per GPU under
     `gpus` x `strategy` (+ `offload`): largest micro-batch at the requested seq, longest seq at
     the requested batch, a batch x seq grid, ranked changes that make a non-fitting setup fit,
-    and the minimum hardware when nothing does. `flags` are TrainSetup fields."""
+    and the minimum hardware when nothing does. `flags` are TrainSetup fields. `alloc_conf`:
+    PYTORCH_CUDA_ALLOC_CONF settings of the caching-allocator replay (None: the environment's);
+    the other settings that matter are ranked with their computed effect."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     if setup is None and "dtype" not in flags and isinstance(gpu, (str, int, Gpu)) \
             and not (isinstance(gpu, str) and gpu.strip().lower() == "all"):
@@ -320,26 +367,42 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     if isinstance(gpu, str) and gpu.strip().lower() == "all":
         return _survey(spec, setup, par, ev, tight, notes)
     g = resolve_gpu(gpu)
-    ev = Evaluator(spec, par, g)
+    ev = Evaluator(spec, par, g, alloc_conf)
     cap = g.memory_bytes
-    est = per_gpu(spec, setup, par, gpu=g)
+    est = per_gpu(spec, setup, par, gpu=g, alloc_conf=alloc_conf)
     need = est.device_total_bytes
-    status = status_of(need, cap, tight)
+    status = verdict(need, cap, tight, est.allocator_oom)
 
     max_batch = _limit(ev, setup, "batch", cap, MAX_BATCH, notes)
     max_seq = _limit(ev, setup, "seq", cap, MAX_SEQ, notes)
     grid = _grid(ev, setup, cap, tight, batches, seqs, max_batch, max_seq)
     changes: tuple[Change, ...] = ()
     minimum = None
+    allocator = _allocator_changes(spec, setup, par, g, tight, alloc_conf) if recommend else ()
     if status == "no":
         if recommend:
             changes = _recommend(ev, spec, setup, g, tight)
+            # an allocator setting that makes it fit changes nothing in the step: it ranks first
+            changes = tuple(Change(f"--alloc-conf {a.alloc_conf}", {"alloc_conf": a.alloc_conf}, setup,
+                                   a.need_bytes, cap - a.need_bytes, a.status, 0.0, a.text, (a.source,))
+                            for a in allocator if a.status != "no") + changes
+            changes = changes[:MAX_CHANGES]
         minimum = _minimum(spec, setup, par, g, tight, ev, with_changes=not changes)
     from vramplan.plan.recipe_changes import ranked_recipe_changes
     recipe = ranked_recipe_changes(spec, setup, need=ev.need) if recommend else ()
     return Plan(model=spec, setup=setup, parallel=par, gpu=g, estimate=est, status=status, tight=tight,
                 max_batch=max_batch, max_seq=max_seq, grid=grid, changes=changes, minimum=minimum,
-                notes=tuple(notes), evaluations=ev.calls, recipe_changes=recipe)
+                notes=tuple(notes), evaluations=ev.calls, recipe_changes=recipe, allocator_changes=allocator)
+
+
+def _allocator_changes(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight: float, alloc_conf):
+    """The documented anti-fragmentation settings, each replayed on this setup (allocator_changes.py)."""
+    from vramplan.plan.allocator_changes import ranked_allocator_changes
+
+    def evaluate(conf: str):
+        e = per_gpu(spec, setup, par, gpu=gpu, alloc_conf=conf)
+        return e.device_total_bytes, verdict(e.device_total_bytes, gpu.memory_bytes, tight, e.allocator_oom)
+    return ranked_allocator_changes(alloc_conf, evaluate)
 
 
 def _limit(ev: Evaluator, setup: TrainSetup, name: str, cap: int, upper: int, notes: list[str]) -> Limit:
@@ -347,16 +410,17 @@ def _limit(ev: Evaluator, setup: TrainSetup, name: str, cap: int, upper: int, no
     the public API at value and value + 1 (and searched again on it if they ever disagree)."""
     start = getattr(setup, name)
 
-    def search(need):
-        return _largest(lambda v: need(setup.with_(**{name: v})) <= cap, start, upper)
+    def search(fits):
+        return _largest(lambda v: fits(setup.with_(**{name: v}), cap), start, upper)
 
-    value, capped = search(ev.need)
+    value, capped = search(ev.fits)
     at = lambda v: ev.exact(setup.with_(**{name: v}))  # noqa: E731
-    ok = (value == 0 and at(1) > cap) or (value > 0 and at(value) <= cap and (capped or at(value + 1) > cap))
+    fits = lambda v: ev.exact_fits(setup.with_(**{name: v}), cap)  # noqa: E731
+    ok = (value == 0 and not fits(1)) or (value > 0 and fits(value) and (capped or not fits(value + 1)))
     if not ok:
         notes.append(f"the fast path disagreed with estimate() at {name}={value}; searched with estimate() "
                      "instead (report this: the planner's composition of the estimator is out of date)")
-        value, capped = search(ev.exact)
+        value, capped = search(ev.exact_fits)
     return Limit(name, value, at(value) if value else None,
                  None if capped else at(value + 1 if value else 1), capped)
 
@@ -386,8 +450,12 @@ def _grid(ev: Evaluator, setup: TrainSetup, cap: int, tight: float, batches, seq
     for s in ss:
         row = []
         for b in bs:
-            need = ev.need(setup.with_(batch=b, seq=s))
-            row.append(Cell(b, s, need, status_of(need, cap, tight)))
+            cell = setup.with_(batch=b, seq=s)
+            floor = ev.floor(cell)
+            if floor > cap:
+                row.append(Cell(b, s, floor, "no", lower_bound=True))
+            else:
+                row.append(Cell(b, s, ev.need(cell), ev.status(cell, cap, tight)))
         rows.append(tuple(row))
     return Grid(bs, ss, tuple(rows))
 
@@ -493,7 +561,7 @@ def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap:
     texts = [c.text for c in cands if not c.search]
     order = {"rank": 0, "batch": 1, "seq": 2}
     for c in sorted((c for c in cands if c.search), key=lambda c: order[c.search]):
-        if ev.need(new) <= cap:
+        if ev.fits(new, cap):
             return None  # fits without this search: the smaller combination dominates
         name = c.search
         old = getattr(setup, name)
@@ -502,7 +570,7 @@ def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap:
             value = 0
             r = old // 2
             while r >= 1:
-                if ev.need(new.with_(rank=r)) <= cap:
+                if ev.fits(new.with_(rank=r), cap):
                     value = r
                     break
                 r //= 2
@@ -511,7 +579,7 @@ def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap:
             cost += c.cost * math.log2(old / value)
             texts.append(c.text)
         else:
-            value, _ = _largest(lambda v: ev.need(new.with_(**{name: v})) <= cap, max(1, old // 2), old - 1)
+            value, _ = _largest(lambda v: ev.fits(new.with_(**{name: v}), cap), max(1, old // 2), old - 1)
             if not value:
                 return None
             if name == "batch":
@@ -523,7 +591,7 @@ def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap:
                 texts.append(c.text.replace("the new length", f"{value} tokens"))
         new = new.with_(**{name: value})
         changes[name] = value
-    if ev.need(new) > cap:
+    if not ev.fits(new, cap):
         return None
     return new, changes, cost, texts
 
@@ -571,7 +639,7 @@ def _recommend(ev: Evaluator, spec: ModelSpec, setup: TrainSetup, gpu: Gpu, tigh
         if new in found and found[new].cost <= cost:
             return True
         need = ev.exact(new)  # report through the public API
-        if need > cap:
+        if not ev.exact_fits(new, cap):
             return False
         found[new] = Change(_describe(setup, changes), changes, new, need, cap - need,
                             status_of(need, cap, tight), round(cost, 3), "; ".join(texts),
@@ -660,8 +728,8 @@ def _survey(spec: ModelSpec, setup: TrainSetup, par: Parallel, ev: Evaluator, ti
     rows = []
     for g in sorted(catalog(), key=lambda g: g.memory_bytes):
         cap = g.memory_bytes
-        mb = _largest(lambda v: ev.need(setup.with_(batch=v)) <= cap, setup.batch, MAX_BATCH)[0]
-        ms = _largest(lambda v: ev.need(setup.with_(seq=v)) <= cap, setup.seq, MAX_SEQ)[0]
+        mb = _largest(lambda v: ev.fits(setup.with_(batch=v), cap), setup.batch, MAX_BATCH)[0]
+        ms = _largest(lambda v: ev.fits(setup.with_(seq=v), cap), setup.seq, MAX_SEQ)[0]
         rows.append(GpuRow(g, status_of(need, cap, tight), need, cap - need, mb, ms))
     minimum = None
     if all(r.status == "no" for r in rows):

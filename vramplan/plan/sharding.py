@@ -332,6 +332,8 @@ class ShardedEstimate(Verdict):
     assumptions: tuple
     gpu: Gpu | None = None
     phase_components: dict = field(default_factory=dict, repr=False)
+    allocator_oom: dict | None = None   # the single-GPU replay's failed request (estimate's), if any
+    alloc_conf: str = ""
 
     @property
     def device_total_bytes(self) -> int:
@@ -344,7 +346,8 @@ class ShardedEstimate(Verdict):
 
 
     def with_gpu(self, gpu: Gpu | None) -> "ShardedEstimate":
-        return dataclasses.replace(self, gpu=gpu)
+        # a replay's OOM holds for the card it was replayed against only
+        return dataclasses.replace(self, gpu=gpu, allocator_oom=self.allocator_oom if gpu == self.gpu else None)
 
     def to_dict(self) -> dict:
         return {
@@ -356,7 +359,12 @@ class ShardedEstimate(Verdict):
             "headroom_bytes": self.headroom_bytes,
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "reserved_bytes": self.reserved_bytes,
+            "peak_reserved_bytes": self.reserved_bytes,
+            "fragmentation_bytes": self.allocator_overhead_bytes,
+            "alloc_conf": self.alloc_conf,
+            "allocator_oom": self.allocator_oom,
             "device_total_bytes": self.device_total_bytes,
+            "status": self.status,
             "peak_phase": self.peak_phase,
             "components": dict(self.components),
             "device_components": {C.CUDA_CONTEXT.value: self.cuda_context_bytes + self.comm_bytes,
@@ -377,15 +385,16 @@ def _ceil_div(n: int, d: int) -> int:
 
 def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: Parallel | None = None,
             gpu: str | int | Gpu | None = None, *, gpus: int = 1, strategy: str | None = None,
-            offload: str = "none", **flags) -> ShardedEstimate:
-    """Per-GPU memory of `setup` under `parallel` (or gpus/strategy/offload)."""
+            offload: str = "none", alloc_conf=None, **flags) -> ShardedEstimate:
+    """Per-GPU memory of `setup` under `parallel` (or gpus/strategy/offload); `alloc_conf`:
+    PYTORCH_CUDA_ALLOC_CONF settings for the caching-allocator replay (None: the environment's)."""
 
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     par = parallel_of(gpus, strategy, offload, parallel)
     setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     run = effective_setup(setup, par)
     gpu_obj = resolve_gpu(gpu) if gpu is not None else None
-    base = estimate(spec, run, gpu=gpu_obj)   # the GPU's CUDA kernels (cuda/arch.py)
+    base = estimate(spec, run, gpu=gpu_obj, alloc_conf=alloc_conf)   # the GPU's CUDA kernels (cuda/arch.py)
     return distribute(base, par, gpu=gpu_obj)
 
 
@@ -418,6 +427,9 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
         cpu_bytes=cpu, paged_optimizer_bytes=_paged(base.paged_optimizer_bytes, parallel),
         trainable_params=base.trainable_params, assumptions=assumptions(spec, setup, parallel), gpu=gpu,
         phase_components=phases,
+        # one GPU: the replay's allocator OOM against this card stands (sharded runs are not replayed)
+        allocator_oom=None if spread or gpu is None else getattr(base, "allocator_oom", None),
+        alloc_conf=getattr(base, "alloc_conf", ""),
     )
 
 

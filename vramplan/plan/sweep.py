@@ -1,7 +1,7 @@
 """`vramplan sweep`: the per-GPU estimate over a product of setups, as a pandas DataFrame.
 
 pandas is imported only inside `sweep()` (the estimate path never imports it). Bytes stay
-int64 columns; the verdict uses the planner's thresholds (planner.status_of).
+int64 columns; the verdict is core/verdict.py, as for every command.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from vramplan.core.components import ALLOCATED
 from vramplan.core.errors import UsageError, VramplanError, require
 from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.core.models import ModelSpec, resolve
-from vramplan.plan.planner import TIGHT, Evaluator, status_of
+from vramplan.core.verdict import verdict
+from vramplan.plan.planner import TIGHT, Evaluator
 from vramplan.core.setup import TrainSetup, check_given, parse_targets
 from vramplan.plan.sharding import Parallel
 
@@ -37,7 +38,7 @@ def _values(name: str, value) -> list:
 
 
 def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: TrainSetup | None = None,
-          gpus=1, strategy=None, offload="none", tight: float = TIGHT, **axes):
+          gpus=1, strategy=None, offload="none", tight: float = TIGHT, alloc_conf=None, **axes):
     """One row per combination of the given values, e.g.
     sweep("mistralai/Mistral-7B-v0.1", gpu="24GB", batch=[1, 2, 4, 8], seq=[512, 2048, 8192]).
     Any TrainSetup field may be a list; so may gpus, strategy and offload. A combination that cannot
@@ -75,8 +76,8 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
             check_given(s, chosen)  # a swept value the row's method does not use (quant with full)
             ev = evaluators.get(par)
             if ev is None:
-                ev = evaluators[par] = Evaluator(spec, par, g)
-            est = ev.estimate(s)
+                ev = evaluators[par] = Evaluator(spec, par, g, alloc_conf)
+            est = ev.estimate(s, g)
         except VramplanError as exc:
             # A combination that cannot run (Gemma-2 with sdpa, quant with full, ...) is a row with
             # its reason, not the end of the sweep.
@@ -96,7 +97,7 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
                     "paged_optimizer_bytes": est.paged_optimizer_bytes, "peak_phase": est.peak_phase})
         if g is not None:
             row["headroom_bytes"] = g.memory_bytes - est.device_total_bytes
-            row["status"] = status_of(est.device_total_bytes, g.memory_bytes, tight)
+            row["status"] = verdict(est.device_total_bytes, g.memory_bytes, tight, est.allocator_oom)
             row["fits"] = row["status"] != "no"
         row["error"] = None
         rows.append(row)
