@@ -79,6 +79,9 @@ class Estimate(Verdict):
     fragmentation_bytes: int = 0
     alloc_conf: str = ""
     allocator_oom: dict | None = None
+    # cache releases (cudaFree of cached segments, then retry) the replay against the card needed:
+    # the step runs within the card, synchronizing the device each time (num_alloc_retries)
+    allocator_retries: int = 0
     context_source: str = ""
     cuda_arch: CudaArch = ASSUMED   # the GPU architecture whose kernels the estimate assumes
 
@@ -116,6 +119,7 @@ class Estimate(Verdict):
             "fragmentation_bytes": self.fragmentation_bytes,
             "alloc_conf": self.alloc_conf,
             "allocator_oom": self.allocator_oom,
+            "allocator_retries": self.allocator_retries,
             "peak_phase": self.peak_phase,
             "components": dict(self.components),
             "device_components": {C.CUDA_CONTEXT.value: self.cuda_context_bytes,
@@ -167,7 +171,7 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
         from vramplan.estimate.reserved import reserved_peak
 
         r, conf_text = reserved_peak(spec, setup, static, cuda_arch, alloc_conf)
-        oom = None
+        oom, retries = None, 0
         room = None if gpu_obj is None else gpu_obj.memory_bytes - context.bytes
         if room is not None and r.peak_reserved_bytes > room and peak <= room:
             # Past the card, malloc releases the cache and retries before it fails: replay against
@@ -176,11 +180,12 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
             capped, _ = reserved_peak(spec, setup, static, cuda_arch, alloc_conf, room)
             if capped.oom is None:
                 r = capped
+                retries = capped.num_alloc_retries
             else:
                 oom = dict(capped.oom, fragmentation=True)
         reserved = {"peak_reserved_bytes": max(r.peak_reserved_bytes, peak),
                     "fragmentation_bytes": r.fragmentation_bytes, "alloc_conf": conf_text,
-                    "allocator_oom": oom}
+                    "allocator_oom": oom, "allocator_retries": retries}
         slack = reserved["peak_reserved_bytes"] - peak
     else:
         slack = device_overhead(transient_sizes(spec, setup, cuda_arch)).allocator_overhead

@@ -54,8 +54,12 @@ def _fit(est: Estimate) -> str:
     status = est.status
     if status in ("fits", "tight"):
         word = "[green]FITS[/green]" if status == "fits" else "[yellow]TIGHT[/yellow]"
-        return (f"{word} on {where}: {gib(est.device_total_bytes)} needed, "
+        line = (f"{word} on {where}: {gib(est.device_total_bytes)} needed, "
                 f"{format_signed(est.headroom_bytes)} headroom ({est.headroom_bytes / g.memory_bytes:.0%}).")
+        if getattr(est, "allocator_retries", 0):
+            line += (f" The caching allocator frees its cache and retries {est.allocator_retries} "
+                     f"time{'s' if est.allocator_retries != 1 else ''} over two steps to stay within the card (each one synchronizes the GPU).")
+        return line
     oom = est.allocator_oom
     if oom and oom.get("fragmentation"):
         place = oom["phase"] + (f", {oom['module']}" if oom.get("module") else "")
