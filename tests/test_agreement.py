@@ -3,7 +3,7 @@
 Small-but-real shapes (tests/configs/*.json: GQA, tied embeddings with q/k/v biases, fused
 qkv/gate_up, Gemma2 soft-capping with four norms, a sliding window shorter than the
 sequence, MoE, a head dim that is not a multiple of 8, Qwen3 per-head q/k norms, Gemma 3 sliding/global
-layers with one KV head, OLMo 2 post-norm, Granite multipliers, SmolLM3 layers without RoPE) on an H100
+layers with one KV head, OLMo 2 post-norm, Granite multipliers, SmolLM3 layers without RoPE, OLMo 3 and Ministral sliding/full layers) on an H100
 and a T4, across methods, quantization, batch x
 seq, checkpointing, attention kernels and optimizers. The static components must agree to the
 byte; the peak, and each phase's peak (forward, backward, optimizer), within 3% (the issue's target). The larger 7B-70B matrix is
@@ -90,6 +90,16 @@ CASES = [
     ("smollm3-nope", dict(seq=512)),
     ("smollm3-nope", dict(seq=1024, grad_ckpt=False)),
     ("smollm3-nope", dict(seq=512, attn="eager", grad_ckpt=False)),
+    # OLMo 3: OLMo 2's post-norm layer, three sliding-window layers per full one, a rotary
+    # embedding per layer type; Ministral: one full layer, then three sliding ones
+    ("olmo3-sliding", dict(seq=512)),
+    ("olmo3-sliding", dict(seq=512, grad_ckpt=False)),
+    ("olmo3-sliding", dict(seq=256, grad_ckpt=False)),
+    ("olmo3-sliding", dict(seq=512, attn="eager", grad_ckpt=False)),
+    ("olmo3-sliding", dict(seq=512, prepare_kbit=True)),
+    ("ministral-sliding", dict(seq=512)),
+    ("ministral-sliding", dict(seq=512, grad_ckpt=False)),
+    ("ministral-sliding", dict(seq=512, attn="eager", grad_ckpt=False)),
 ]
 
 

@@ -9,6 +9,8 @@ import pytest
 from vramplan.core.errors import ModelError
 from vramplan.core.models import resolve, spec_from_config
 
+CONFIGS = __import__("pathlib").Path(__file__).parent / "configs"
+
 B = 10 ** 9
 
 # Published sizes (model cards on huggingface.co), in billions, with the digits they were given
@@ -30,6 +32,8 @@ PUBLISHED = [
     ("microsoft/phi-4", 14.7, None, (1, None)),
     # SmolLM3 model card: "3B"
     ("HuggingFaceTB/SmolLM3-3B-Base", 3, None, (0, None)),
+    # Olmo 3 on the Hub: "7.3B params" (safetensors)
+    ("allenai/Olmo-3-1025-7B", 7.3, None, (1, None)),
 ]
 
 
@@ -148,3 +152,130 @@ def test_smollm3_every_fourth_layer_skips_rope():
     assert spec_from_config(config, "s", "test").rope_layers[:3] == (True, False, True)
     with pytest.raises(ModelError):
         spec_from_config(dict(spec.config, no_rope_layers=[1, 0]), "s", "test")
+
+
+# --- olmo3 -------------------------------------------------------------------------------------
+
+def test_olmo3_is_olmo2_with_three_sliding_layers_per_full_one():
+    spec = resolve("allenai/Olmo-3-1025-7B")
+    assert spec.arch.norm_placement == "post" and spec.arch.qk_norm == "projection"
+    assert spec.norm_widths == (4096, 4096, 32 * 128, 32 * 128)
+    assert spec.layer_types == (("sliding_attention",) * 3 + ("full_attention",)) * 8
+    assert spec.sliding_window == 4096 and not spec.tied and spec.vocab == 100278
+
+
+@pytest.mark.transformers
+def test_olmo3_layer_types_default_and_window_come_from_olmo3config():
+    from transformers import Olmo3Config
+
+    config = {k: v for k, v in resolve("allenai/Olmo-3-1025-7B").config.items()
+              if k not in ("layer_types", "sliding_window")}
+    config["num_hidden_layers"] = 6
+    spec = spec_from_config(config, "o", "test")
+    expected = Olmo3Config(num_hidden_layers=6).layer_types
+    assert list(spec.layer_types) == expected == ["sliding_attention"] * 3 + ["full_attention"] + ["sliding_attention"] * 2
+    assert spec.sliding_window == Olmo3Config().sliding_window == 4096
+    assert any("sliding_window = 4096 (transformers' Olmo3Config default)" in line for line in spec.defaults_used)
+    # an explicit null is kept: the layers stay "sliding" but nothing is windowed
+    assert spec_from_config(dict(config, sliding_window=None), "o", "test").sliding_window is None
+
+
+def test_olmo3_keeps_a_rotary_embedding_per_layer_type():
+    from vramplan.estimate.inventory import rope_kinds
+
+    assert rope_kinds(resolve("allenai/Olmo-3-1025-7B")) == 2
+    assert rope_kinds(resolve("allenai/OLMo-2-1124-7B")) == 1
+
+
+def test_olmo3_sliding_and_full_layers_split_only_past_the_window():
+    from vramplan import TrainSetup
+    from vramplan.estimate.ops import layer_stack
+
+    config = json.loads((CONFIGS / "olmo3-sliding.json").read_text())   # window 256
+    spec = spec_from_config(config, "olmo3", "test")
+    short = layer_stack(spec, TrainSetup(seq=256, grad_ckpt=False))
+    long = layer_stack(spec, TrainSetup(seq=512, grad_ckpt=False))
+    assert len(set(map(id, short))) == 1
+    assert long[0] is long[1] is long[2] and long[3] is not long[0]
+    assert long[0].saved > long[3].saved   # repeated k/v and the mask bias of the sliding layers
+
+
+# --- ministral and mistral3 ---------------------------------------------------------------------
+
+def test_ministral_8b_matches_the_model_card_count_and_attention_pattern():
+    spec = resolve("ministral-8b")
+    # model card, "Ministral 8B Architecture": Parameters 8,019,808,256; Attention Pattern
+    # Ragged (128k, 32k, 32k, 32k)
+    assert spec.num_params == 8_019_808_256
+    assert spec.layer_types == (("full_attention",) + ("sliding_attention",) * 3) * 9
+    assert spec.sliding_window == 32768 and (spec.heads, spec.kv_heads, spec.head_dim) == (32, 8, 128)
+    assert not any(l.bias for l in spec.layer_linears)
+
+
+@pytest.mark.transformers
+def test_ministral_without_layer_types_slides_everywhere_as_ministralconfig_does():
+    from transformers import MinistralConfig
+
+    config = {k: v for k, v in resolve("ministral-8b").config.items() if k not in ("layer_types", "sliding_window")}
+    spec = spec_from_config(config, "m", "test")
+    assert list(spec.layer_types) == MinistralConfig(num_hidden_layers=36).layer_types == ["sliding_attention"] * 36
+    assert spec.sliding_window == 4096
+    none = spec_from_config(dict(config, sliding_window=None), "m", "test")
+    assert set(none.layer_types) == {"full_attention"} and none.sliding_window is None
+
+
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503's config.json (top level and text_config as
+# published on huggingface.co; vision_config shape fields only). Not in the bundled catalog: its id
+# is too long for `vramplan models` at 80 columns; `vramplan estimate` reads it from the Hub.
+MISTRAL_SMALL_31 = "mistralai/Mistral-Small-3.1-24B-Instruct-2503"
+
+
+def mistral_small_31():
+    return spec_from_config(json.loads((CONFIGS / "mistral3-small-3.1.json").read_text()), MISTRAL_SMALL_31, "test")
+
+
+def test_mistral3_reads_the_text_decoder_and_says_what_it_leaves_out():
+    spec = mistral_small_31()
+    assert spec.model_type == "mistral" and spec.config["model_type"] == "mistral"
+    assert (spec.hidden, spec.layers, spec.heads, spec.kv_heads, spec.head_dim) == (5120, 40, 32, 8, 128)
+    assert spec.sliding_window is None and not spec.tied and spec.vocab == 131072
+    assert len(spec.notes) == 1 and "Pixtral vision tower" in spec.notes[0] and "model_type mistral" in spec.notes[0]
+    from vramplan import estimate
+    assert spec.notes[0] in estimate(spec).assumptions
+
+
+def test_mistral3_cli_estimates_a_local_config(tmp_path, capsys):
+    from vramplan.cli import main
+
+    (tmp_path / "config.json").write_text((CONFIGS / "mistral3-small-3.1.json").read_text())
+    assert main(["estimate", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"]["model_type"] == "mistral" and data["model"]["num_hidden_layers"] == 40
+    assert any("Pixtral vision tower" in a for a in data["assumptions"])
+
+
+def test_mistral3_text_config_type_decides_the_family():
+    outer = mistral_small_31().config   # the decoder config read from text_config
+    wrapped = {"model_type": "mistral3", "text_config": {k: v for k, v in outer.items() if k != "model_type"}}
+    assert spec_from_config(wrapped, "m3", "test").model_type == "mistral"   # Mistral3Config's default
+    ministral = dict(wrapped, text_config=dict(wrapped["text_config"], model_type="ministral", sliding_window=64))
+    assert spec_from_config(ministral, "m3", "test").layer_types == ("sliding_attention",) * 40
+    # Ministral 3 (model_type ministral3) scales queries by position (Ministral3Attention): not modelled
+    with pytest.raises(ModelError) as info:
+        spec_from_config(dict(wrapped, text_config=dict(wrapped["text_config"], model_type="ministral3")), "m3", "t")
+    assert "architecture 'ministral3'" in str(info.value) and "`vramplan simulate`" in str(info.value)
+
+
+@pytest.mark.parametrize("model, family", [("allenai/Olmo-3-1025-7B", "olmo3"),
+                                           ("mistralai/Ministral-8B-Instruct-2410", "ministral")])
+def test_cli_estimates_and_lists_the_new_families(capsys, monkeypatch, model, family):
+    from vramplan.cli import main
+
+    assert main(["estimate", model, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"]["id"] == model and data["model"]["model_type"] == family
+    assert all(isinstance(v, int) and v > 0 for k, v in data["components"].items() if k != "gradients")
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["models", model.split("/")[1]]) == 0
+    out = capsys.readouterr().out
+    assert any(line.split()[:2] == [model, family] for line in out.splitlines() if line.strip())

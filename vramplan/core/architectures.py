@@ -41,7 +41,8 @@ class Architecture:
     # How transformers fills layer_types when config.json leaves it out (configuration_<type>.py
     # __post_init__): "window_from" (Qwen2/Qwen3: sliding from max_window_layers up, when
     # use_sliding_window), "pattern" (Gemma: every sliding_window_pattern-th layer is global),
-    # "all" (Mistral / Mixtral / Phi-3: every layer sliding when sliding_window is set), None: none.
+    # "all" (Mistral / Mixtral / Phi-3: every layer sliding when sliding_window is set), "olmo3"
+    # (Olmo3Config: every fourth layer full, the others sliding), None: none.
     layer_types_rule: str | None = None
     # Granite's multipliers that run as ops (models/granite/modeling_granite.py): every block output
     # is scaled before its residual add (`residual + h * residual_multiplier`, GraniteDecoderLayer)
@@ -75,6 +76,14 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     # models/mistral/modeling_mistral.py: Llama layout, no biases at all.
     Architecture("mistral", dict(_LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
                                  max_position_embeddings=4096 * 32),
+                 qkv_bias=False, o_bias=False, mlp_bias=False, layer_types_rule="all"),
+    # models/ministral/modeling_ministral.py (MinistralAttention, MinistralDecoderLayer, MinistralMLP)
+    # and configuration_ministral.py (MinistralConfig): Mistral's layer (q/k/v/o and MLP with
+    # bias=False hard-coded) with a per-layer attention type: config.layer_types, or every layer
+    # sliding when sliding_window is set (MinistralConfig.__post_init__; default window 4096).
+    # docs/architectures.md#ministral
+    Architecture("ministral", dict(_LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
+                                   max_position_embeddings=4096 * 32, sliding_window=4096),
                  qkv_bias=False, o_bias=False, mlp_bias=False, layer_types_rule="all"),
     # models/qwen2/modeling_qwen2.py: q/k/v with bias=True hard-coded, o_proj and MLP without.
     Architecture("qwen2", dict(_LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
@@ -127,6 +136,16 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     # projection widths. docs/architectures.md#olmo2
     Architecture("olmo2", dict(_LLAMA_DEFAULTS, vocab_size=50304, max_position_embeddings=2048),
                  mlp_bias=False, qk_norm="projection", norm_style="olmo", norm_placement="post"),
+    # models/olmo3/modeling_olmo3.py (Olmo3DecoderLayer, Olmo3Attention, Olmo3RMSNorm,
+    # Olmo3RotaryEmbedding) and configuration_olmo3.py (Olmo3Config): OLMo 2's layer (post-norm,
+    # q_norm / k_norm over the whole projection widths, MLP without bias) with sliding-window
+    # layers: config.layer_types, or three sliding layers per full one (Olmo3Config.__post_init__),
+    # window config.sliding_window (4096 by default); one rotary embedding per layer type.
+    # docs/architectures.md#olmo3
+    Architecture("olmo3", dict(_LLAMA_DEFAULTS, vocab_size=50304, max_position_embeddings=2048,
+                               sliding_window=4096),
+                 mlp_bias=False, qk_norm="projection", norm_style="olmo", norm_placement="post",
+                 layer_types_rule="olmo3", rope_per_layer_type=True),
     # models/granite/modeling_granite.py (GraniteDecoderLayer, GraniteModel, GraniteForCausalLM) and
     # configuration_granite.py (GraniteConfig): the Llama layout (q/k/v/o bias=attention_bias, MLP
     # bias=mlp_bias) with embedding / residual / attention / logits multipliers.

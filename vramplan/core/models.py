@@ -64,6 +64,8 @@ class ModelSpec:
     layer_norms: tuple[int, ...] = ()
     # per decoder layer: whether it applies RoPE (SmolLM3 no_rope_layers); empty: every layer
     rope_layers: tuple[bool, ...] = ()
+    # assumption lines on how the config was read (the text decoder of a multimodal checkpoint)
+    notes: tuple[str, ...] = ()
 
     @property
     def arch(self) -> Architecture:
@@ -111,18 +113,30 @@ class ModelSpec:
 
 # --- building a spec from a config dict ------------------------------------------------------------
 
-# Multimodal checkpoints whose language model is a known decoder, nested in text_config
-# (models/gemma3/configuration_gemma3.py Gemma3Config.text_config: a Gemma3TextConfig): the
-# estimate models that text decoder, as Gemma3ForCausalLM builds it from the text config.
-TEXT_CONFIG_TYPES = {"gemma3": "gemma3_text"}
+# Multimodal checkpoints whose language model is a known decoder, nested in text_config: the
+# estimate models that text decoder as its causal LM class builds it from the text config. The
+# text config's own model_type decides the family; the value here is what transformers uses when
+# text_config names none:
+# - models/gemma3/configuration_gemma3.py Gemma3Config.text_config: a Gemma3TextConfig;
+# - models/mistral3/configuration_mistral3.py Mistral3Config.sub_configs_defaults: text_config is
+#   built with AutoConfig, model_type "mistral" unless it names another (docs/architectures.md#mistral3).
+TEXT_CONFIG_TYPES = {"gemma3": "gemma3_text", "mistral3": "mistral"}
+# What the estimate leaves out of such a checkpoint (the Gemma 3 note is the gemma3_text family's own)
+TEXT_CONFIG_NOTES = {"mistral3": "multimodal Mistral 3 checkpoint (Mistral3ForConditionalGeneration): the text "
+                                 "decoder (text_config, model_type {text}) is modelled as its causal LM class builds "
+                                 "it; the Pixtral vision tower and the multimodal projector are not counted"}
 
 
 def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     if not isinstance(config, dict):
         raise ModelError(f"config for {model_id} is not a JSON object",
                          hint="a Hugging Face config.json is an object like {\"model_type\": \"llama\", ...}")
+    notes = ()
     if config.get("model_type") in TEXT_CONFIG_TYPES and isinstance(config.get("text_config"), dict):
-        config = {"model_type": TEXT_CONFIG_TYPES[config["model_type"]], **config["text_config"]}
+        outer = config["model_type"]
+        config = {"model_type": TEXT_CONFIG_TYPES[outer], **config["text_config"]}
+        if outer in TEXT_CONFIG_NOTES:
+            notes = (TEXT_CONFIG_NOTES[outer].format(text=config["model_type"]),)
     model_type = config.get("model_type")
     if model_type is None:
         raise ModelError(f"config for {model_id} has no model_type",
@@ -133,6 +147,10 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
                          hint=f"supported model_type values: {supported()}; `vramplan simulate` traces any "
                               f"architecture transformers can build")
     cfg = {**arch.defaults, **{k: v for k, v in config.items() if v is not None}}
+    if "sliding_window" in config and config["sliding_window"] is None:
+        # an explicit null is kept by transformers (no window), whatever the class default
+        # (MinistralConfig / Olmo3Config default to 4096; Mistral-Small-3.1's text_config says null)
+        cfg["sliding_window"] = None
 
     def need_int(key: str) -> int:
         value = cfg.get(key)
@@ -198,7 +216,7 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         attn_logit_softcap=cfg.get("attn_logit_softcapping"),
         sliding_window=window if "sliding_attention" in types else None,
         layer_types=types, layer_norms=tuple(norms), rope_layers=_rope_layers(arch, cfg, layers, model_id),
-        defaults_used=defaults_applied(config, arch, cfg),
+        defaults_used=defaults_applied(config, arch, cfg), notes=notes,
     )
 
 
@@ -229,7 +247,9 @@ def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
       use_sliding_window, and then layers from max_window_layers up are sliding;
     - "pattern" (Gemma3TextConfig): every sliding_window_pattern-th layer (default 6) is global;
       "alternate" (Gemma2Config): odd layers global;
-    - "all" (Mistral / Mixtral / Phi-3: one sliding_window for every layer when set)."""
+    - "all" (Mistral / Mixtral / Phi-3 / Ministral: one sliding_window for every layer when set);
+    - "olmo3" (Olmo3Config.__post_init__): `(i + 1) % 4 != 0` slides: three sliding layers per
+      full one, whatever sliding_window says (docs/architectures.md#olmo3)."""
     window = cfg.get("sliding_window")
     if arch.layer_types_rule in ("window_from", "nope_window") and not cfg.get("use_sliding_window"):
         window = None
@@ -247,8 +267,8 @@ def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
         start = cfg.get("max_window_layers", 0)
         types = tuple("sliding_attention" if window is not None and i >= start else "full_attention"
                       for i in range(layers))
-    elif rule in ("pattern", "alternate"):
-        pattern = cfg.get("sliding_window_pattern", 6) if rule == "pattern" else 2
+    elif rule in ("pattern", "alternate", "olmo3"):
+        pattern = {"pattern": cfg.get("sliding_window_pattern", 6), "alternate": 2, "olmo3": 4}[rule]
         types = tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers))
     elif rule == "nope_window":
         flags = cfg.get("no_rope_layers")

@@ -362,6 +362,7 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
                    + "activations walked as the grouped experts path with 4-bit LoRA matmuls")
     else:
         out.extend(spec.arch.notes)
+    out.extend(spec.notes)          # how a multimodal checkpoint's config was read (core/models.py)
     out.extend(spec.defaults_used)  # fields config.json left out (core/config_fields.py)
     return tuple(out)
 
