@@ -127,5 +127,11 @@ def test_setup_is_read_off_a_quantized_peft_model(tmp_path):
     s = setup_of(built.model, args, seq=128)
     assert (s.method, s.quant, s.double_quant, s.dtype, s.rank, s.targets) == \
         ("qlora", "fp4", False, "bf16", 4, ("q_proj", "v_proj"))
-    assert (s.batch, s.seq, s.grad_ckpt, s.optimizer, s.prepare_kbit) == (3, 128, True, "paged_adamw8bit", False)
+    assert (s.batch, s.seq, s.grad_ckpt, s.optimizer, s.prepare_kbit, s.amp) == \
+        (3, 128, True, "paged_adamw8bit", False, "none")
     assert json.dumps(s.to_dict())
+    # Trainer's bf16=True is autocast; adamw_torch_fused is the fused kernel, adamw_torch foreach
+    for optim, expected in (("adamw_torch_fused", "adamw_fused"), ("adamw_torch", "adamw_foreach")):
+        args = TrainingArguments(output_dir=str(tmp_path), optim=optim, bf16=True, use_cpu=True, report_to=[])
+        s = setup_of(built.model, args, seq=128)
+        assert (s.optimizer, s.amp, s.dtype) == (expected, "bf16", "bf16")

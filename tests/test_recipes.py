@@ -234,3 +234,18 @@ def test_profile_refuses_a_recipe_it_would_not_run(capsys):
     assert capsys.readouterr().err == (
         "Error: profile runs the idealized step only: --recipe, --amp, --loop plain and --loss chunked are not "
         "applied to real runs yet (hint: profile without them, or use `vramplan simulate` for the recipe)\n")
+
+
+@pytest.mark.pandas
+def test_sweep_keeps_the_recipes_optimizer_unless_one_is_typed(tmp_path):
+    """sweep's optimizer and dtype axes are swept only when typed: a --recipe's own stand."""
+    import pandas as pd
+
+    out = tmp_path / "sweep.csv"
+    assert main(["sweep", "meta-llama/Llama-2-7b", "--recipe", "qlora-paper", "--gpu", "24GB",
+                 "--batch", "1,2", "--csv", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert set(df["optimizer"]) == {"paged_adamw"} and set(df["amp"]) == {"bf16"}
+    assert main(["sweep", "meta-llama/Llama-2-7b", "--recipe", "qlora-paper", "--gpu", "24GB",
+                 "--optimizer", "adamw,adamw8bit", "--csv", str(out)]) == 0
+    assert set(pd.read_csv(out)["optimizer"]) == {"adamw", "adamw8bit"}

@@ -48,9 +48,12 @@ TrainerCallback = _transformers.TrainerCallback
 
 logger = logging.getLogger("vramplan")
 
-# transformers.training_args.OptimizerNames -> TrainSetup.optimizer
+# transformers.training_args.OptimizerNames -> TrainSetup.optimizer; Trainer.get_optimizer_cls_and_kwargs
+# builds torch.optim.AdamW with fused=True for adamw_torch_fused (docs/recipes.md#fused-adamw) and
+# with torch's foreach default for adamw_torch
 OPTIMIZERS = {
-    "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_torch_xla": "adamw", "adamw_hf": "adamw",
+    "adamw_torch": "adamw_foreach", "adamw_torch_fused": "adamw_fused", "adamw_torch_xla": "adamw",
+    "adamw_hf": "adamw",
     "adamw_apex_fused": "adamw", "adamw_bnb_8bit": "adamw8bit", "adamw_8bit": "adamw8bit",
     "paged_adamw_32bit": "paged_adamw", "paged_adamw_8bit": "paged_adamw8bit", "sgd": "sgd",
     "adafactor": "adafactor",
@@ -244,6 +247,10 @@ def setup_of(model, args, seq: int):
             fields["quant"] = qc.get("bnb_4bit_quant_type", "nf4")
             fields["double_quant"] = bool(qc.get("bnb_4bit_use_double_quant", False))
     fields["dtype"] = _dtype(args, qc, base)
+    # Trainer(bf16=True / fp16=True) runs the step under torch.autocast (accelerate's mixed
+    # precision; docs/recipes.md#recipe-defaults). Autocast over weights of another dtype is refused
+    # by TrainSetup (not modelled), which the callback logs instead of estimating.
+    fields["amp"] = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "none"
     fields["batch"] = int(getattr(args, "per_device_train_batch_size", 1) or 1)
     fields["seq"] = int(seq)
     fields["grad_ckpt"] = _checkpointing(args, base)

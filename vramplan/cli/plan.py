@@ -12,7 +12,8 @@ from vramplan.cli.flags import alloc_conf_from_args, print_json, setup_flags, se
 from vramplan.core.setup import parse_targets, TrainSetup
 
 STATUS_STYLE = {"fits": "green", "tight": "yellow", "no": "red"}
-TRAIN_DEFAULTS = {"rank": 16, "method": "qlora", "quant": "nf4"}  # TrainSetup's, for --help
+TRAIN_DEFAULTS = {"rank": 16, "method": "qlora", "quant": "nf4", "optimizer": "adamw (or the recipe's)",
+                  "dtype": "bf16 (or the recipe's)"}  # TrainSetup's, for --help
 STATUS_WORD = {"fits": "FITS", "tight": "TIGHT", "no": "DOES NOT FIT"}
 # Text marks, so that a verdict survives without colour (piped output, NO_COLOR, a screen reader).
 STATUS_MARK = {"fits": "✓", "tight": "~", "no": "✗"}
@@ -69,12 +70,13 @@ def register(subparsers, setup_flags_parent) -> None:
     # a fresh copy of the setup flags: sweep redefines some of them as lists
     s = subparsers.add_parser("sweep", parents=[setup_flags()], conflict_handler="resolve",
                               help="the estimate over a product of setups, as a table / CSV (pandas)")
-    # rank, method and quant default to None: an axis the user did not type is not swept, so that
-    # it is never checked against a method that does not use it (core/setup.py check_given).
+    # rank, method, quant, optimizer and dtype default to None: an axis the user did not type is not
+    # swept, so that it is never checked against a method that does not use it (core/setup.py
+    # check_given) and a --recipe's own optimizer and dtype stand.
     for flag, default, what in (("--batch", "1", "micro-batch sizes"), ("--seq", "2048", "sequence lengths"),
                                 ("--rank", None, "LoRA ranks"), ("--method", None, "methods"),
-                                ("--optimizer", "adamw", "optimizers"), ("--attn", "sdpa", "attention kernels"),
-                                ("--quant", None, "quantizations"), ("--dtype", "bf16", "dtypes")):
+                                ("--optimizer", None, "optimizers"), ("--attn", "sdpa", "attention kernels"),
+                                ("--quant", None, "quantizations"), ("--dtype", None, "dtypes")):
         s.add_argument(flag, default=default,
                        help=f"{what}, comma-separated (default {default or TRAIN_DEFAULTS[flag[2:]]})")
     _parallel_flags(s, lists=True)
@@ -263,9 +265,9 @@ def cmd_sweep(args) -> int:
     from vramplan.plan.sweep import sweep  # this command's code loads only when it runs
 
     axes = {"batch": parse_list("--batch", args.batch), "seq": parse_list("--seq", args.seq),
-            "optimizer": parse_list("--optimizer", args.optimizer, str), "attn": parse_list("--attn", args.attn, str),
-            "dtype": parse_list("--dtype", args.dtype, str)}
-    for name, kind in (("rank", int), ("method", str), ("quant", str)):  # swept only when typed
+            "attn": parse_list("--attn", args.attn, str)}
+    for name, kind in (("rank", int), ("method", str), ("quant", str), ("optimizer", str), ("dtype", str)):
+        # swept only when typed
         if getattr(args, name) is not None:
             axes[name] = parse_list(f"--{name}", getattr(args, name), kind)
     given = {k: v for k, v in (("double_quant", args.double_quant), ("lora_dropout", args.lora_dropout))
