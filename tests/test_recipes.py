@@ -226,14 +226,14 @@ def test_chunked_loss_off_cuda_upcasts_its_operands(tiny_spec):
     assert cpu.peak_allocated_bytes > meta.peak_allocated_bytes - CUBLAS
 
 
-def test_profile_refuses_a_recipe_it_would_not_run(capsys):
+def test_profile_refuses_autocast_on_the_cpu(capsys):
     from vramplan.cli import main
 
     code = main(["profile", "meta-llama/Llama-2-7b-hf", "--random-weights", "--device", "cpu", "--recipe", "trainer"])
     assert code == 2
     assert capsys.readouterr().err == (
-        "Error: profile runs the idealized step only: --recipe, --amp, --loop plain and --loss chunked are not "
-        "applied to real runs yet (hint: profile without them, or use `vramplan simulate` for the recipe)\n")
+        "Error: --amp bf16 on the CPU runs CPU autocast, whose op lists differ from CUDA's "
+        "(hint: profile it on a GPU, or use `vramplan simulate` for the CUDA step)\n")
 
 
 @pytest.mark.pandas

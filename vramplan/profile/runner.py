@@ -14,9 +14,12 @@ reported through a one-way multiprocessing Connection as small dicts (`event` ke
 
 The run is the user's script: the model loaded as from_pretrained does (or random weights,
 materialize.py), prepare_model_for_kbit_training if asked, non-reentrant gradient
-checkpointing, peft LoRA, the optimizer; then `warmup + steps` iterations of
+checkpointing, peft LoRA, the optimizer (fused AdamW where the recipe uses it), TRL's fused lm_head
+for the chunked loss; then `warmup + steps` iterations of
     loss = model(input_ids=ids, labels=ids).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-on random token ids of shape (batch, seq). Phase boundaries synchronize the device, read the
+with the forward under torch.autocast where the recipe runs it, and a plain loop's `out` kept until
+the next forward returns (simulate/step.py loop_forward, the same loop body simulate runs), on
+random token ids of shape (batch, seq). Phase boundaries synchronize the device, read the
 counters and reset the peak, so each phase's peak is its own.
 
 Entry points: `python -m vramplan.profile.runner --job FILE --fd N` (a fresh interpreter; the
@@ -40,7 +43,8 @@ from vramplan.estimate.quant import alloc
 from vramplan.profile.materialize import random_model
 from vramplan.profile.meters import CudaMeter, TrackerMeter
 from vramplan.profile.record import setup_from_record
-from vramplan.simulate.build import bnb_config, make_trainable, torch_dtype
+from vramplan.simulate.build import apply_loop, bnb_config, make_trainable, torch_dtype
+from vramplan.simulate.step import loop_forward
 from vramplan.profile.nvml import open_device
 
 PHASES = ("forward", "backward", "optimizer")
@@ -297,10 +301,13 @@ class Run:
         losses = []
         best = (-1, None, None)   # (peak bytes, step, tracker peak event) over measured steps
         total = job["warmup"] + job["steps"]
+        held = None     # a plain loop's `out`, alive until the next forward returns
         try:
             for step in range(total):
                 st = self._begin(step, "forward")
-                loss = model(input_ids=ids, labels=ids).loss
+                loss, out = loop_forward(model, ids, self.setup)
+                held = out
+                del out
                 s = self._end(st)
                 best = self._best(best, s)
                 if self.ctx is not None:
@@ -331,6 +338,7 @@ class Run:
             return
         finally:
             self.step, self.phase = None, None
+            held = None
         inventory["gradients"] = grads or 0
         inventory["optimizer_state"] = opt_state or 0
         components = self._components_at(best[2]) if job["steps"] and self.device.type == "cpu" else None
@@ -372,6 +380,7 @@ class Run:
                 model = self._from_pretrained()
             base = model
             model, opt = make_trainable(model, setup, str(self.device))
+            model = apply_loop(model, setup, self.device.type)   # TRL's fused lm_head, autocast
         g = torch.Generator().manual_seed(job.get("seed", 0))
         ids = torch.randint(0, self.spec.vocab, (setup.batch, setup.seq), generator=g).to(self.device)
         if self.ctx is not None:

@@ -210,12 +210,11 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
     options = options or ProfileOptions()
     options.validate()
     setup = setup or TrainSetup()
-    if setup.autocast or setup.loop != "trainer" or setup.loss != "full" or setup.recipe:
-        # the child runs the idealized step (runner.py); measuring another loop under its name
-        # would record the wrong thing
-        raise UsageError("profile runs the idealized step only: --recipe, --amp, --loop plain and --loss chunked "
-                         "are not applied to real runs yet",
-                         hint="profile without them, or use `vramplan simulate` for the recipe")
+    if setup.autocast and options.device == "cpu":
+        # CPU autocast has its own op lists (docs/recipes.md#cpu-autocast-differs): a CPU run under
+        # autocast would not measure what a GPU's autocast does
+        raise UsageError(f"--amp {setup.amp} on the CPU runs CPU autocast, whose op lists differ from CUDA's",
+                         hint="profile it on a GPU, or use `vramplan simulate` for the CUDA step")
     spec = resolve(model)
     model_ref = options.model_ref or model
     weights = None if options.random_weights else _weights_source(model, spec)

@@ -254,17 +254,9 @@ class Simulation:
             raise self.failure(tracker, exc) from exc
 
     def forward_loss(self, model, ids):
-        """The loop body's forward (recipes, docs/recipes.md): `loss = model(...).loss` with the
-        outputs dropped (trainer), or `out = model(...)` kept until the next step's forward
-        returns (plain); TRL's chunked loss is SFTTrainer.compute_loss: -outputs.log_probs summed
-        over the labelled tokens."""
-        if self.setup.loss == "chunked":
-            out = model(input_ids=ids, labels=ids, fused_lm_head=True)
-            loss = (-out.log_probs).sum() / out.label_mask.sum().clamp(min=1)
-        else:
-            out = model(input_ids=ids, labels=ids)
-            loss = out.loss
-        if self.setup.loop == "plain":
+        """The loop body's forward (loop_forward); a plain loop's outputs are kept as `held`."""
+        loss, out = loop_forward(model, ids, self.setup)
+        if out is not None:
             self.held = out       # the previous step's outputs die only now
         return loss
 
@@ -347,6 +339,21 @@ class Simulation:
 
         foreign = kernels.unknown_kernel_note(getattr(tracker, "foreign_ops", ()))
         return self.routing.notes() + ((foreign,) if foreign else ())
+
+
+def loop_forward(model, ids, setup: TrainSetup):
+    """The loop body's forward as the recipe runs it (docs/recipes.md), shared by simulate and
+    profile: `loss = model(...).loss` with the outputs dropped (trainer), or `out = model(...)`
+    kept by the caller until the next step's forward returns (plain); TRL's chunked loss is
+    SFTTrainer.compute_loss: -outputs.log_probs summed over the labelled tokens. Returns (loss,
+    the outputs a plain loop keeps, else None)."""
+    if setup.loss == "chunked":
+        out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+        loss = (-out.log_probs).sum() / out.label_mask.sum().clamp(min=1)
+    else:
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss
+    return loss, (out if setup.loop == "plain" else None)
 
 
 def _paged_registry() -> list:
