@@ -4,7 +4,8 @@ their source columns, and the vramplan setup each is modelled as).
 
 Targets (issue #8): median |error| <= 10% and no prediction under by more than 15%. Single-GPU rows
 use the estimate's two-step allocator replay; FSDP rows (Answer.AI) go through sharding.per_gpu,
-whose allocator slack is still the quick rounding model. docs/published-reserved.md holds the table.
+which adds the single-GPU replay's reserved-over-allocated slack to the sharded allocated bytes (no
+per-GPU replay yet). docs/published-reserved.md holds the table.
 """
 from __future__ import annotations
 
@@ -32,13 +33,13 @@ def predict(row: dict) -> tuple[int, str]:
     """(predicted bytes of the row's quantity, how it was computed)."""
     setup = TrainSetup(method=row["vp_method"], rank=int(row["vp_rank"]), targets=row["vp_targets"],
                        batch=int(row["vp_batch"]), seq=int(row["vp_seq"]), grad_ckpt=row["vp_grad_ckpt"] == "1",
-                       optimizer=row["vp_optimizer"])
+                       optimizer=row["vp_optimizer"], loop=row["vp_loop"])
     spec = resolve(row["vp_model"])
     if row["vp_strategy"] == "single":
         est = estimate(spec, setup, alloc_conf="")
         return est.peak_reserved_bytes, "replay"
     est = per_gpu(spec, setup, gpus=int(row["vp_gpus"]), strategy=row["vp_strategy"])
-    return est.reserved_bytes, "per_gpu (quick slack)"
+    return est.reserved_bytes, "per_gpu (single-GPU replay slack)"
 
 
 def table() -> list[tuple]:
@@ -69,12 +70,14 @@ def test_rows_carry_their_sources():
         assert row["vp_quantity"] == "reserved"
 
 
-@pytest.mark.xfail(strict=True, reason="not met: see docs/published-reserved.md (recipe gaps: torchtune bf16 "
-                   "adapters and torchao NF4, Answer.AI FSDP loading cache and fp32 logits)")
-def test_published_reserved_targets(capsys):
+def test_published_reserved_median_error(capsys):
     t = table()
     with capsys.disabled():
         print("\n" + markdown(t))
-    errs = [r[7] for r in t]
-    assert statistics.median(abs(e) for e in errs) <= MEDIAN_TARGET
-    assert min(errs) >= UNDER_TARGET
+    assert statistics.median(abs(r[7]) for r in t) <= MEDIAN_TARGET
+
+
+@pytest.mark.xfail(strict=True, reason="not met: TT-T1-05 (torchao NF4 quantizes on the GPU at load; the "
+                   "cache keeps that loading peak) and AAI-01 (FSDP wrapping cache), docs/published-reserved.md")
+def test_published_reserved_nothing_far_under():
+    assert min(r[7] for r in table()) >= UNDER_TARGET

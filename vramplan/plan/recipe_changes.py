@@ -66,12 +66,13 @@ def recipe_candidates(spec: ModelSpec, setup: TrainSetup) -> list[RecipeChange]:
 
 def ranked_recipe_changes(spec: ModelSpec, setup: TrainSetup, need=None) -> tuple[RankedChange, ...]:
     """Every applicable recipe change with its saving on the peak, largest saving first.
-    `need(setup) -> bytes` defaults to the estimate's peak allocated bytes."""
+    `need(setup) -> bytes` defaults to the estimate's peak allocated bytes (what the step itself
+    needs; whether the cache holds it anyway is the allocator's part, ranked by allocator_changes)."""
     if need is None:
         from vramplan.estimate.estimator import estimate
 
         def need(s):
-            return estimate(spec, s).peak_allocated_bytes
+            return estimate(spec, s, replay=False).peak_allocated_bytes
     before = need(setup)
     out = []
     for change in recipe_candidates(spec, setup):
