@@ -248,8 +248,15 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     mask = eager_masks(spec, setup)
     hidden = alloc(a * setup.tokens * spec.hidden)
     ctx = int8_ctx_inputs(spec, setup)
+
     def grad_total(t: _Template) -> int:
         return sum(sum(t.parts[tid]) for tid, tag in enumerate(t.tags) if tag == GRAD)
+
+    kinds = list({id(t): t for t in stack}.values())     # one template per layer kind
+    grad_tids = {id(t): [tid for tid, tag in enumerate(t.tags) if tag == GRAD] for t in (*kinds, t_head)}
+    # a layer's forward without the free of its output: that is the next layer's input
+    forwards = {id(t): tuple((k, tid) for k, tid in t.forward if not (k == -1 and tid == t.names["layer.out"]))
+                for t in kinds}
 
     extra_grads = static.gradients - grad_total(t_head) - sum(grad_total(t) for t in stack)
     for step in range(steps):
@@ -263,12 +270,10 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         for i in range(L):
             t = stack[i]
             b.place("forward", f"layers.{i}")
-            out_tid = t.names["layer.out"]     # tape ids are per template
-            inst = _Instance(b, t, {t.names["x"]: x})
-            # the layer's output is the next layer's input: not freed when the tape drops it
-            fwd = tuple((k, tid) for k, tid in t.forward if not (k == -1 and tid == out_tid))
+            inst = _Instance(b, t, {t.names["x"]: x})      # tape ids are per template
+            fwd = forwards[id(t)]
             inst.run(net(t, fwd, "forward") if reduced(i) else fwd)
-            x = inst.take(out_tid)
+            x = inst.take(t.names["layer.out"])
             if ctx:      # bitsandbytes int8 matmul inputs kept on the autograd ctx (ops.int8_ctx_inputs)
                 inst.keys["int8_ctx"] = [(b.new(ctx), ctx)]
             layers.append(inst)
@@ -284,7 +289,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         # the new `out` (ops.held_outputs) lives from here through the optimizer step
         held_prev = [(b.new(held), held)] if held else []
         grad = head.take(t_head.names["grad:x"])
-        grads = [key for tid, tag in enumerate(t_head.tags) if tag == GRAD for key in head.take(tid)]
+        grads = [key for tid in grad_tids[id(t_head)] for key in head.take(tid)]
         _free_all(b, head)
         for i in reversed(range(L)):
             inst = layers[i]
@@ -292,7 +297,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
             inst.keys[inst.t.names["grad#1"]] = grad
             inst.run(net(inst.t, inst.t.backward, "backward") if reduced(i) else inst.t.backward)
             grad = inst.take(inst.t.names["grad:x"]) if "grad:x" in inst.t.names else []
-            grads += [key for tid, tag in enumerate(inst.t.tags) if tag == GRAD for key in inst.take(tid)]
+            grads += [key for tid in grad_tids[id(inst.t)] for key in inst.take(tid)]
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
         for key, n in grad:
             b.free(key, n)
