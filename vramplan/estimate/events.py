@@ -37,6 +37,22 @@ from vramplan.estimate.walk import GRAD
 
 
 @dataclass(frozen=True)
+class FsdpShards:
+    """What one GPU of an N-way FSDP full_shard run holds, from the planner's static split
+    (plan/sharding.py Splits): each decoder layer is one unit (transformer_auto_wrap_policy) with
+    a flat frozen and a flat trainable parameter; the root unit holds embeddings, final norm and
+    lm_head; bitsandbytes quantization state stays whole on every rank."""
+    gpus: int
+    unit_weights: int
+    unit_adapters: int
+    unit_gradients: int
+    root_weights: int
+    root_adapters: int
+    root_gradients: int
+    replicated: int          # quant constants and anything not in a flat parameter
+
+
+@dataclass(frozen=True)
 class Stream:
     """Events ("alloc", key, nbytes) / ("free", key), and where each phase starts:
     [(first event index, phase, module)] in order, for naming where an OOM happened."""
@@ -214,13 +230,19 @@ def _net(events) -> tuple:
 
 
 def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED,
-                steps: int = 2, exact_layers: int | None = None) -> Stream:
+                steps: int = 2, exact_layers: int | None = None, fsdp: FsdpShards | None = None) -> Stream:
     """The allocation stream of `steps` training steps (the first one creates the optimizer
     state) after the persistent state is loaded, with the kernels of `arch`.
 
     exact_layers=K plays every event of the K bottom and K top decoder layers only; the layers
     between play what their tapes leave alive (outputs, saved tensors, gradients) without the
-    transients inside them. None plays every event of every layer."""
+    transients inside them. None plays every event of every layer.
+
+    fsdp: one GPU of FSDP full_shard instead (docs/allocator.md#fsdp-stream): the flat parameter
+    shards are the persistent state; the root unit is gathered for the step, each decoder unit
+    is gathered before its forward and freed after it, gathered again for its backward (with the
+    next unit prefetched, BACKWARD_PRE), and its full gradients are reduce-scattered into a
+    gradient shard when its backward ends; the optimizer holds and updates shards."""
     stack, t_head = _templates(spec, setup, arch)
     L = spec.layers
     reduced = (lambda i: False) if exact_layers is None else (lambda i: exact_layers <= i < L - exact_layers)
@@ -233,9 +255,31 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         return nets[key]
     b = _Builder()
     b.place("load", "")
-    for n in static_sizes(spec, setup, static):
-        b.new(n)
     state_sizes, work_sizes = optimizer_sizes(setup, static)
+    if fsdp is None:
+        for n in static_sizes(spec, setup, static):
+            b.new(n)
+        unit, root = None, None
+    else:
+        N = fsdp.gpus
+        for _ in range(spec.layers):
+            for n in (fsdp.unit_weights, fsdp.unit_adapters):
+                if n:
+                    b.new(alloc(-(-n // N)))
+        for n in (fsdp.root_weights, fsdp.root_adapters, fsdp.replicated):
+            if n:
+                b.new(alloc(-(-n // N)) if n is not fsdp.replicated else n)
+        unit = [n for n in (fsdp.unit_weights, fsdp.unit_adapters) if n]
+        root = [n for n in (fsdp.root_weights, fsdp.root_adapters) if n]
+        state_sizes = [alloc(-(-n // N)) for n in state_sizes]
+        work_sizes = [alloc(-(-n // N)) for n in work_sizes]
+
+    def gather(sizes) -> list:
+        return [(b.new(n), n) for n in sizes]
+
+    def release(pairs) -> None:
+        for key, n in pairs:
+            b.free(key, n)
     a = act_bytes(setup)
     inputs = ([alloc(8 * setup.tokens), alloc(8 * setup.seq), alloc(8 * (setup.tokens + setup.batch)),
                alloc(8 * (setup.tokens + setup.batch))]
@@ -266,14 +310,17 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         x = [(b.new(hidden), hidden)]
         if step == 0:   # the cuBLAS workspace, from the first matmul on (cuda/cublas.py)
             b.new(workspace_bytes(arch))
+        rooted = gather(root) if fsdp else []     # the root unit, unsharded for the whole step
         layers = []
         for i in range(L):
             t = stack[i]
             b.place("forward", f"layers.{i}")
+            gathered = gather(unit) if fsdp else []
             inst = _Instance(b, t, {t.names["x"]: x})      # tape ids are per template
             fwd = forwards[id(t)]
             inst.run(net(t, fwd, "forward") if reduced(i) else fwd)
             x = inst.take(t.names["layer.out"])
+            release(gathered)                              # reshard_after_forward
             if ctx:      # bitsandbytes int8 matmul inputs kept on the autograd ctx (ops.int8_ctx_inputs)
                 inst.keys["int8_ctx"] = [(b.new(ctx), ctx)]
             layers.append(inst)
@@ -290,19 +337,37 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         held_prev = [(b.new(held), held)] if held else []
         grad = head.take(t_head.names["grad:x"])
         grads = [key for tid in grad_tids[id(t_head)] for key in head.take(tid)]
+        head_grads, grads = (grads, []) if fsdp else ([], grads)   # the root's: sharded when it ends
         _free_all(b, head)
+        prefetched: list = []
         for i in reversed(range(L)):
             inst = layers[i]
             b.place("backward", f"layers.{i}")
+            if fsdp:     # this unit unsharded (prefetched by the one above), the next one prefetched
+                gathered = prefetched or gather(unit)
+                prefetched = gather(unit) if i > 0 else []
             inst.keys[inst.t.names["grad#1"]] = grad
             inst.run(net(inst.t, inst.t.backward, "backward") if reduced(i) else inst.t.backward)
             grad = inst.take(inst.t.names["grad:x"]) if "grad:x" in inst.t.names else []
-            grads += [key for tid in grad_tids[id(inst.t)] for key in inst.take(tid)]
+            mine = [key for tid in grad_tids[id(inst.t)] for key in inst.take(tid)]
+            if fsdp:     # reduce-scatter: the unit's full gradients become this rank's shard
+                shard = alloc(-(-fsdp.unit_gradients // fsdp.gpus)) if fsdp.unit_gradients else 0
+                mine_shard = gather([shard]) if shard else []
+                release(mine)
+                release(gathered)
+                mine = mine_shard
+            grads += mine
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
         for key, n in grad:
             b.free(key, n)
         if extra_grads > 0:          # embedding / norm gradients of full fine-tuning
-            grads.append((b.new(extra_grads), extra_grads))
+            n = alloc(-(-extra_grads // fsdp.gpus)) if fsdp else extra_grads
+            grads.append((b.new(n), n))
+        if fsdp:
+            release(head_grads)
+            if fsdp.root_gradients:
+                grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))])
+        release(rooted)
         for key, n in masks:
             b.free(key, n)
         b.place("optimizer", "")

@@ -19,9 +19,10 @@ def conf_of(alloc_conf) -> AllocConf:
 
 
 def reserved_peak(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED, alloc_conf=None,
-                  capacity: int | None = None) -> tuple[ReservedPeak, str]:
+                  capacity: int | None = None, fsdp=None) -> tuple[ReservedPeak, str]:
+    """`fsdp`: an events.FsdpShards for one GPU of FSDP full_shard instead of a single GPU."""
     conf = conf_of(alloc_conf)
-    return _cached(spec, setup, static, arch, conf, capacity), conf.text
+    return _cached(spec, setup, static, arch, conf, capacity, fsdp), conf.text
 
 
 # Decoder layers played event by event at each end of the stack; the layers between play only what
@@ -33,8 +34,8 @@ EXACT_LAYERS = 4
 
 @lru_cache(maxsize=256)
 def _cached(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, conf: AllocConf,
-            capacity: int | None) -> ReservedPeak:
+            capacity: int | None, fsdp) -> ReservedPeak:
     from vramplan.estimate.events import place_of, step_stream
 
-    stream = step_stream(spec, setup, static, arch, exact_layers=EXACT_LAYERS)
+    stream = step_stream(spec, setup, static, arch, exact_layers=EXACT_LAYERS, fsdp=fsdp)
     return replay_stream(stream.events, conf, capacity, lump_small=True, place=lambda i: place_of(stream, i))

@@ -110,7 +110,8 @@ class Evaluator:
         """A lower bound of the per-GPU device total: peak allocated + CUDA context + NCCL."""
         run = effective_setup(setup, self.parallel)
         quick = estimate(self.spec, run, static=self._static_of(run), gpu=self.gpu, replay=False)
-        e = distribute(quick, self.parallel, split=splits_for(self.spec, quick.setup, self.parallel))
+        e = distribute(quick, self.parallel, split=splits_for(self.spec, quick.setup, self.parallel),
+                       replay=False)
         return e.peak_allocated_bytes + e.cuda_context_bytes + e.comm_bytes
 
     def _static_of(self, run: TrainSetup):

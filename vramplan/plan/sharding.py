@@ -398,10 +398,13 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
     return distribute(base, par, gpu=gpu_obj)
 
 
-def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits | None = None) -> ShardedEstimate:
+def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits | None = None,
+               replay: bool = True) -> ShardedEstimate:
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
     phase_components, cuda_context_bytes, allocator_overhead_bytes, paged_optimizer_bytes and
-    trainable_params) over `parallel`."""
+    trainable_params) over `parallel`. FSDP full_shard without offload replays one GPU's own
+    allocation stream for its allocator slack (`fsdp_slack`, unless `replay` is False); other
+    engines carry the single-GPU replay's slack."""
     spec, setup = base.model, base.setup
     sp = split or splits_for(spec, setup, parallel)
     phases: dict[str, dict[str, int]] = {}
@@ -419,11 +422,17 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     peak = sum(components.values())
     check_sum(components, peak)
     spread = parallel.strategy != "single" and parallel.gpus > 1
+    slack = base.allocator_overhead_bytes
+    replayed = ""
+    if replay and spread and parallel.strategy == "fsdp" and parallel.offload == "none" \
+            and hasattr(base, "cuda_arch"):
+        slack = fsdp_slack(base, sp, parallel)
+        replayed = "per-GPU FSDP stream"
     return ShardedEstimate(
         model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,
         peak_phase=peak_phase, phase_peaks={p: sum(c.values()) for p, c in phases.items()},
         terms=phase_terms[peak_phase], cuda_context_bytes=base.cuda_context_bytes,
-        comm_bytes=NCCL_BYTES if spread else 0, allocator_overhead_bytes=base.allocator_overhead_bytes,
+        comm_bytes=NCCL_BYTES if spread else 0, allocator_overhead_bytes=slack,
         cpu_bytes=cpu, paged_optimizer_bytes=_paged(base.paged_optimizer_bytes, parallel),
         trainable_params=base.trainable_params, assumptions=assumptions(spec, setup, parallel), gpu=gpu,
         phase_components=phases,
@@ -431,6 +440,19 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
         allocator_oom=None if spread or gpu is None else getattr(base, "allocator_oom", None),
         alloc_conf=getattr(base, "alloc_conf", ""),
     )
+
+
+def fsdp_slack(base, sp: Splits, parallel: Parallel) -> int:
+    """Reserved minus allocated at the peaks of one GPU's FSDP full_shard step, replayed through
+    the caching-allocator model (estimate/events.py FsdpShards, docs/allocator.md#fsdp-stream)."""
+    from vramplan.estimate.events import FsdpShards
+    from vramplan.estimate.reserved import reserved_peak
+
+    spec, setup = base.model, base.setup
+    shards = FsdpShards(parallel.gpus, sp.unit_weights, sp.unit_adapters, sp.unit_gradients, sp.root_weights,
+                        sp.root_adapters, sp.root_gradients, sp.quant_constants)
+    r, _ = reserved_peak(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf, fsdp=shards)
+    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes)
 
 
 def _paged(paged: int, p: Parallel) -> int:
