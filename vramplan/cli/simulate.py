@@ -196,7 +196,7 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
                       f"(`vramplan estimate --gpu {gpu.name}`).", highlight=False)
     how = (f"{trace.layers_traced} of {layers} decoder layers traced, the rest rebuilt"
            if trace.extrapolated else f"all {trace.layers_traced} layers traced")
-    attention = ", ".join(f"{k} {v}" for k, v in trace.attention.items() if v)
+    attention = ", ".join(f"{v} {k}" for k, v in trace.attention.items() if v)   # calls per backend
     console.print(f"[dim]{how}; {trace.seconds:.1f} s"
                   + (f"; attention kernels: {attention}" if attention else "")
                   + (f"; timeline written to {timeline}" if timeline else "") + "[/dim]", highlight=False)
