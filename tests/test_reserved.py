@@ -167,3 +167,23 @@ def test_cli_alloc_conf_flag(capsys):
     assert code != 0 and out == ""
     assert err.startswith("Error: invalid allocator settings 'foo:1': unrecognized key 'foo'"), err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model, kw", [("meta-llama/Llama-2-7b", {}), ("google/gemma-3-1b-pt", {"seq": 2048}),
+                                       ("meta-llama/Meta-Llama-3-8B", {"quant": "int8", "seq": 512})])
+@pytest.mark.parametrize("conf", ["", "expandable_segments:True", "max_split_size_mb:128"])
+@pytest.mark.parametrize("capacity", [None, 6 * 2**30])
+def test_the_small_pool_carried_as_a_level_replays_the_same(model, kw, conf, capacity):
+    """The estimate's stream carries the small pool as its level (events._Builder(lump=True)):
+    the replay is the same as replaying every small request, peaks, retries and OOM alike."""
+    from vramplan.cuda.reserved import replay_lumped
+
+    spec, setup = resolve(model), TrainSetup(**kw)
+    static = static_memory(spec, setup)
+    every = replay_stream(step_stream(spec, setup, static, exact_layers=4).events, conf, capacity, lump_small=True)
+    level = replay_lumped(step_stream(spec, setup, static, exact_layers=4, lump_small=True).events, conf, capacity)
+
+    def key(r):
+        return (r.peak_reserved_bytes, r.peak_allocated_bytes, r.fragmentation_bytes, r.num_alloc_retries,
+                None if r.oom is None else (r.oom["nbytes"], r.oom["reserved_bytes"], r.oom["allocated_bytes"]))
+    assert key(level) == key(every)

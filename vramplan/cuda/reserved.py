@@ -90,6 +90,58 @@ def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | Non
     return ReservedPeak(peak_res, peak_alloc, frag, alloc.num_alloc_retries + retries, oom, bool(small_limit))
 
 
+def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | None = None, *,
+                  place=None) -> ReservedPeak:
+    """replay_stream(lump_small=True) over a stream whose small pool is already carried as its
+    level (estimate/events.py _Builder(lump=True)): ("alloc", key, nbytes, high, level),
+    ("free", key, high, level), ("small", bytes, high, level), ("end", high, level), where `high`
+    is the small pool's highest level since the previous event and `level` its level now. Same
+    result as replaying every small request, in a fraction of the events. Not for settings with
+    roundup_power2_divisions, which round small requests too."""
+    conf = as_conf(conf)
+    alloc = CachingAllocator(conf, capacity=capacity)
+    malloc, free = alloc.malloc, alloc.free
+    live: dict = {}
+    small_reserved = 0
+    peak_res = frag = peak_alloc = 0
+    oom = None
+    retries = 0
+    for index, event in enumerate(events):
+        high, small = event[-2], event[-1]
+        if alloc.allocated + high > peak_alloc:      # the small pool peaked with the large pool as it was
+            peak_alloc = alloc.allocated + high
+        kind = event[0]
+        if kind == "alloc":
+            if capacity is not None:
+                alloc.capacity = capacity - small_reserved
+            try:
+                live[event[1]] = malloc(event[2])
+            except OutOfMemory:
+                oom = _oom(index, event[2], alloc.total_reserved + small_reserved, alloc.allocated + small, place)
+                break
+        elif kind == "free":
+            free(live.pop(event[1]))
+            continue
+        elif kind == "small":
+            need = event[1]
+            if capacity is not None and alloc.total_reserved + need > capacity:
+                alloc.empty_cache()           # malloc's retry: release every cached segment, then try again
+                retries += 1
+                if alloc.total_reserved + need > capacity:
+                    oom = _oom(index, need - small_reserved, alloc.total_reserved + small_reserved,
+                               alloc.allocated + small, place)
+                    break
+            small_reserved = need
+        else:
+            continue
+        total = alloc.total_reserved + small_reserved
+        if total > peak_res:
+            peak_res, frag = total, total - alloc.allocated - small
+        if alloc.allocated + small > peak_alloc:
+            peak_alloc = alloc.allocated + small
+    return ReservedPeak(peak_res, peak_alloc, frag, alloc.num_alloc_retries + retries, oom, True)
+
+
 def _oom(index: int, nbytes: int, reserved: int, allocated: int, place) -> dict:
     phase, module = place(index) if place is not None else ("", "")
     return {"index": index, "nbytes": nbytes, "reserved_bytes": reserved, "allocated_bytes": allocated,

@@ -27,6 +27,7 @@ from vramplan.core.setup import TrainSetup
 from vramplan.estimate.inventory import (FP32, Static, adapted_linears, expert_lora_shapes, lora_shapes, numel,
                                          optimizer_memory, weight_bytes)
 from vramplan.cuda.arch import ASSUMED, CudaArch
+from vramplan.cuda.allocator import SMALL_BUFFER, SMALL_SIZE
 from vramplan.cuda.cublas import workspace_bytes
 from vramplan.estimate.inventory import rope_kinds
 from vramplan.estimate.ops import (_head_tape, _layer_tapes, _structure, act_bytes, eager_masks, embedding_leaf,
@@ -170,21 +171,62 @@ def _templates(spec: ModelSpec, setup: TrainSetup, arch: CudaArch):
 
 
 class _Builder:
-    def __init__(self):
+    """The events, or with `lump` the large pool's events only: requests of at most kSmallSize
+    never reach the large pool (CUDACachingAllocator.cpp get_pool), so the small pool is carried
+    as its level instead of one event per tensor (cuda/reserved.py replay_lumped). Every event
+    then ends with (the small pool's highest level since the previous event, its level now), and
+    ("small", bytes) says the small pool's segments must grow to `bytes`."""
+
+    def __init__(self, lump: bool = False):
         self.events: list = []
         self.places: list = []
         self.next_key = 0
+        self.lump = lump
+        self.small_keys: dict = {}
+        self.small = self.small_high = self.small_peak = self.small_reserved = 0
 
     def new(self, nbytes: int) -> int:
         key = self.next_key
         self.next_key += 1
-        if nbytes > 0:
+        if nbytes <= 0:
+            return key
+        if not self.lump:
             self.events.append(("alloc", key, nbytes))
+        elif nbytes <= SMALL_SIZE:
+            n = (nbytes + 511) & -512            # round_size
+            self.small_keys[key] = n
+            self.small = level = self.small + n
+            if level > self.small_high:
+                self.small_high = level
+            if level > self.small_peak:
+                self.small_peak = level
+                need = -(-level // SMALL_BUFFER) * SMALL_BUFFER
+                if need > self.small_reserved:
+                    self.small_reserved = need
+                    self._emit(("small", need))
+        else:
+            self._emit(("alloc", key, nbytes))
         return key
 
     def free(self, key: int, nbytes: int) -> None:
-        if nbytes > 0:
+        if nbytes <= 0:
+            return
+        if not self.lump:
             self.events.append(("free", key))
+            return
+        n = self.small_keys.pop(key, None)
+        if n is None:
+            self._emit(("free", key))
+        else:
+            self.small -= n
+
+    def _emit(self, event: tuple) -> None:
+        self.events.append(event + (self.small_high, self.small))
+        self.small_high = self.small
+
+    def finish(self) -> None:
+        if self.lump:
+            self._emit(("end",))
 
     def place(self, phase: str, module: str) -> None:
         self.places.append((len(self.events), phase, module))
@@ -230,7 +272,8 @@ def _net(events) -> tuple:
 
 
 def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED,
-                steps: int = 2, exact_layers: int | None = None, fsdp: FsdpShards | None = None) -> Stream:
+                steps: int = 2, exact_layers: int | None = None, fsdp: FsdpShards | None = None,
+                lump_small: bool = False) -> Stream:
     """The allocation stream of `steps` training steps (the first one creates the optimizer
     state) after the persistent state is loaded, with the kernels of `arch`.
 
@@ -253,7 +296,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         if key not in nets:
             nets[key] = _net(events)
         return nets[key]
-    b = _Builder()
+    b = _Builder(lump_small)
     b.place("load", "")
     state_sizes, work_sizes = optimizer_sizes(setup, static)
     if fsdp is None:
@@ -383,6 +426,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         # optimizer step (estimator.step_moments `base_acts`); they go with the loop iteration
         for key, n in keys:
             b.free(key, n)
+    b.finish()
     return Stream(b.events, b.places)
 
 
