@@ -274,5 +274,5 @@ def test_simulate_cli_emulates_the_gpu_given(capsys):
     code, out, _ = run(capsys, "simulate", config, "--gpu", "T4", "--seq", "256")
     text = " ".join(out.split())
     assert code == 0
-    assert "attention kernels: math 8" in text               # grouped KV heads, fp16, sm75
+    assert "attention kernels: 8 math" in text               # grouped KV heads, fp16, sm75: 8 calls
     assert "CUDA emulated: the kernels of the T4 (compute capability 7.5, 40 SMs)" in text

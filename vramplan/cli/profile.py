@@ -35,7 +35,8 @@ def register(subparsers, setup_flags_parent) -> None:
     p.add_argument("--out", default="profiles", help="folder the record goes to (default profiles/)")
     p.add_argument("--no-record", action="store_true", help="measure and print, write no record")
     p.add_argument("--snapshot", action="store_true",
-                   help="also save a torch.cuda memory snapshot (open it at https://pytorch.org/memory_viz)")
+                   help="also save the caching allocator's history (torch.cuda.memory._dump_snapshot): "
+                        "`vramplan replay SNAPSHOT --check` replays it; https://pytorch.org/memory_viz draws it")
     p.add_argument("--plot", metavar="FILE", help="draw the memory timeline to FILE (.png, .svg, .pdf)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="end the run after this long (recorded as timeout)")
     p.add_argument("--nvml-hz", type=float, default=200.0, help="NVML sampling rate (default 200)")
