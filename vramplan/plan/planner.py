@@ -1,22 +1,23 @@
 """`vramplan plan`: what fits, what to change, and how it spreads over several GPUs.
 
 Built on the analytic estimator: `plan()` asks the same question ("does this setup fit on this
-GPU, per GPU under this engine?") hundreds of times, so it evaluates through a cached fast path
-(`Evaluator`) that composes the estimator's own pieces (static memory, cached per setup because
-it does not depend on batch or sequence; layer and head activations; the estimator's phases).
-A test asserts the fast path equals `estimate()` / `sharding.per_gpu()` to the byte, and every
-boundary the planner reports (largest batch, longest sequence) is re-checked with the exact path.
+GPU, per GPU under this engine?") many times, through `Evaluator`, which calls `estimate()` with
+the static memory cached per setup (it does not depend on batch or sequence) and spreads it with
+`sharding.distribute`. Every device total is the estimate's: CUDA context + the caching-allocator
+replay's peak reserved (estimate/reserved.py), so a setup gets one number and one verdict in
+every command. A setup whose allocated bytes plus context alone exceed the GPU does not fit
+whatever the allocator does (reserved >= allocated): it is answered without a replay
+(`Evaluator.floor`). Every boundary the planner reports (largest batch, longest sequence) is
+re-checked through the public API.
 
-Verdicts (per GPU, on the device total NVML would show):
-- "fits":  need <= capacity and headroom >= TIGHT (5%) of the GPU's memory;
-- "tight": fits with under 5% left (allocator fragmentation and driver variation are a few
-  percent: published runs show reserved 12-24% above allocated,
-  docs/published-measurements.md#reserved-above-allocated);
-- "no":    need > capacity.
+Verdicts: core/verdict.py (fits / tight under 5% headroom / no, or no where the replay against
+the card runs out of memory below it).
 
 Cost model of the recommended changes (a ranking heuristic, each term with its source; lower is
 cheaper; combinations add their costs):
   0.00  eager -> sdpa attention: no cost, usually faster (PyTorch scaled_dot_product_attention docs)
+  0.00  caching-allocator settings (expandable_segments, max_split_size_mb): the step itself is
+        unchanged (plan/allocator_changes.py, PyTorch CUDA semantics docs)
   0.02  double quantization on: ~0.37 bits/param saved, negligible speed cost (QLoRA paper, sec. 3)
   0.05  paged optimizer: free until the GPU runs short, then state pages over PCIe (bitsandbytes
         paged optimizers; QLoRA paper, sec. 3)
@@ -121,18 +122,19 @@ class Evaluator:
             static = self._static[key] = static_memory(self.spec, run)
         return static
 
-    def _evaluate(self, setup: TrainSetup) -> tuple[int, bool]:
+    def _evaluate(self, setup: TrainSetup) -> tuple[int, dict | None]:
+        """(device total, the replay's allocator OOM against this evaluator's GPU or None)."""
         value = self._need.get(setup)
         if value is None:
             self.calls += 1
             est = self.estimate(setup, self.gpu)
-            value = self._need[setup] = (est.device_total_bytes, bool(est.allocator_oom))
+            value = self._need[setup] = (est.device_total_bytes, est.allocator_oom)
         return value
 
     def status(self, setup: TrainSetup, cap: int, tight: float) -> str:
         """core/verdict.py on this setup's device total and replay."""
         need, oom = self._evaluate(setup)
-        return verdict(need, cap, tight, oom={"oom": True} if oom else None)
+        return verdict(need, cap, tight, oom)
 
     def exact(self, setup: TrainSetup) -> int:
         """The same number through the public API (estimate() inside sharding.per_gpu)."""
