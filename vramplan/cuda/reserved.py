@@ -27,77 +27,108 @@ class ReservedPeak:
     lumped: bool
 
 
+def lumpable(conf: AllocConf) -> bool:
+    """Whether the small pool may be carried as its level: not when roundup_power2_divisions
+    rounds small requests too."""
+    return not any(d > 1 for d in conf.roundup_power2_divisions)
+
+
+class SmallPoolLevel:
+    """A stream with the small pool carried as its level: requests of at most kSmallSize never
+    reach the large pool (CUDACachingAllocator.cpp get_pool), so only large-pool events are kept,
+    each ending with (the small pool's highest level since the previous event, its level now),
+    and ("small", bytes) says the small pool's segments must grow to `bytes` (its peak rounded
+    up to whole kSmallBuffer segments). `index[i]` is the source event of output event i."""
+
+    def __init__(self):
+        self.events: list = []
+        self.index: list = []
+        self.sizes: dict = {}
+        self.level = self.high = self.peak = self.reserved = 0
+        self.at = 0
+
+    def alloc(self, key, nbytes: int) -> None:
+        if nbytes > SMALL_SIZE:
+            self._emit(("alloc", key, nbytes))
+            return
+        n = (nbytes + 511) & -512            # round_size
+        self.sizes[key] = n
+        self.level = level = self.level + n
+        if level > self.high:
+            self.high = level
+        if level > self.peak:
+            self.peak = level
+            need = -(-level // SMALL_BUFFER) * SMALL_BUFFER
+            if need > self.reserved:
+                self.reserved = need
+                self._emit(("small", need))
+
+    def free(self, key) -> None:
+        n = self.sizes.pop(key, None)
+        if n is None:
+            self._emit(("free", key))
+        else:
+            self.level -= n
+
+    def finish(self) -> list:
+        self._emit(("end",))
+        return self.events
+
+    def _emit(self, event: tuple) -> None:
+        self.events.append(event + (self.high, self.level))
+        self.index.append(self.at)
+        self.high = self.level
+
+
 def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | None = None, *,
                   lump_small: bool = False, place=None) -> ReservedPeak:
     """Replay ("alloc", key, nbytes) / ("free", key) events. `capacity`: bytes the allocator may
     reserve (device memory minus the CUDA context). `place(index) -> (phase, module)` names
-    where an OOM happened."""
+    where an OOM happened. `lump_small`: the small pool as its level (SmallPoolLevel,
+    replay_lumped) where the settings allow it."""
     conf = as_conf(conf)
-    small_limit = SMALL_SIZE if lump_small and not any(d > 1 for d in conf.roundup_power2_divisions) else 0
+    if lump_small and lumpable(conf):
+        level = SmallPoolLevel()
+        for i, event in enumerate(events):
+            level.at = i
+            if event[0] == "alloc":
+                level.alloc(event[1], event[2])
+            else:
+                level.free(event[1])
+        level.at = len(events)
+        lumped = level.finish()
+        return replay_lumped(lumped, conf, capacity,
+                             place=None if place is None else (lambda i: place(level.index[i])))
     alloc = CachingAllocator(conf, capacity=capacity)
     malloc, free = alloc.malloc, alloc.free
     live: dict = {}
-    small_live: dict = {}
-    small = small_peak = 0
-    small_reserved = 0                       # whole 2 MiB segments covering the small pool's peak
     peak_res = frag = peak_alloc = 0
     oom = None
-    retries = 0
     for index, event in enumerate(events):
         if event[0] == "alloc":
-            key, n = event[1], event[2]
-            if n <= small_limit:
-                n = (n + 511) & -512
-                small_live[key] = n
-                small += n
-                if small > small_peak:
-                    small_peak = small
-                    need = -(-small_peak // SMALL_BUFFER) * SMALL_BUFFER
-                    if need > small_reserved:
-                        if capacity is not None and alloc.total_reserved + need > capacity:
-                            # malloc's retry: release every cached segment, then try again
-                            alloc.empty_cache()
-                            retries += 1
-                        if capacity is not None and alloc.total_reserved + need > capacity:
-                            oom = _oom(index, n, alloc.total_reserved + small_reserved, alloc.allocated + small, place)
-                            break
-                        small_reserved = need
-                        if alloc.total_reserved + small_reserved > peak_res:
-                            peak_res = alloc.total_reserved + small_reserved
-                            frag = peak_res - alloc.allocated - small
-                if alloc.allocated + small > peak_alloc:
-                    peak_alloc = alloc.allocated + small
-                continue
-            if capacity is not None:
-                alloc.capacity = capacity - small_reserved
+            if not event[2]:
+                continue      # NativeCachingAllocator::allocate returns nullptr for 0 bytes: no block
             try:
-                live[key] = malloc(n)
+                live[event[1]] = malloc(event[2])
             except OutOfMemory:
-                oom = _oom(index, n, alloc.total_reserved + small_reserved, alloc.allocated + small, place)
+                oom = _oom(index, event[2], alloc.total_reserved, alloc.allocated, place)
                 break
-            total = alloc.total_reserved + small_reserved
-            if total > peak_res:
-                peak_res, frag = total, total - alloc.allocated - small
-            if alloc.allocated + small > peak_alloc:
-                peak_alloc = alloc.allocated + small
+            if alloc.total_reserved > peak_res:
+                peak_res, frag = alloc.total_reserved, alloc.total_reserved - alloc.allocated
+            if alloc.allocated > peak_alloc:
+                peak_alloc = alloc.allocated
         else:
-            key = event[1]
-            ptr = live.pop(key, None)
+            ptr = live.pop(event[1], None)
             if ptr is not None:
                 free(ptr)
-            else:
-                small -= small_live.pop(key, 0)
-    return ReservedPeak(peak_res, peak_alloc, frag, alloc.num_alloc_retries + retries, oom, bool(small_limit))
+    return ReservedPeak(peak_res, peak_alloc, frag, alloc.num_alloc_retries, oom, False)
 
 
 def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | None = None, *,
                   place=None) -> ReservedPeak:
-    """replay_stream(lump_small=True) over a stream whose small pool is already carried as its
-    level (estimate/events.py _Builder(lump=True)): ("alloc", key, nbytes, high, level),
-    ("free", key, high, level), ("small", bytes, high, level), ("end", high, level), where `high`
-    is the small pool's highest level since the previous event and `level` its level now. Same
-    result as replaying every small request, in a fraction of the events. Not for settings with
-    roundup_power2_divisions, which round small requests too."""
+    """Replay a SmallPoolLevel stream: the large pool event by event through the allocator, the
+    small pool as whole kSmallBuffer segments covering its peak (its own fragmentation is
+    dropped). Not for settings with roundup_power2_divisions (`lumpable`)."""
     conf = as_conf(conf)
     alloc = CachingAllocator(conf, capacity=capacity)
     malloc, free = alloc.malloc, alloc.free

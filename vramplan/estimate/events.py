@@ -27,7 +27,7 @@ from vramplan.core.setup import TrainSetup
 from vramplan.estimate.inventory import (FP32, Static, adapted_linears, expert_lora_shapes, lora_shapes, numel,
                                          optimizer_memory, weight_bytes)
 from vramplan.cuda.arch import ASSUMED, CudaArch
-from vramplan.cuda.allocator import SMALL_BUFFER, SMALL_SIZE
+from vramplan.cuda.reserved import SmallPoolLevel
 from vramplan.cuda.cublas import workspace_bytes
 from vramplan.estimate.inventory import rope_kinds
 from vramplan.estimate.ops import (_head_tape, _layer_tapes, _structure, act_bytes, eager_masks, embedding_leaf,
@@ -171,62 +171,35 @@ def _templates(spec: ModelSpec, setup: TrainSetup, arch: CudaArch):
 
 
 class _Builder:
-    """The events, or with `lump` the large pool's events only: requests of at most kSmallSize
-    never reach the large pool (CUDACachingAllocator.cpp get_pool), so the small pool is carried
-    as its level instead of one event per tensor (cuda/reserved.py replay_lumped). Every event
-    then ends with (the small pool's highest level since the previous event, its level now), and
-    ("small", bytes) says the small pool's segments must grow to `bytes`."""
+    """The stream's events; with `lump`, the small pool carried as its level
+    (cuda/reserved.py SmallPoolLevel, replayed by replay_lumped)."""
 
     def __init__(self, lump: bool = False):
-        self.events: list = []
+        self.level = SmallPoolLevel() if lump else None
+        self.events: list = self.level.events if lump else []
         self.places: list = []
         self.next_key = 0
-        self.lump = lump
-        self.small_keys: dict = {}
-        self.small = self.small_high = self.small_peak = self.small_reserved = 0
 
     def new(self, nbytes: int) -> int:
         key = self.next_key
         self.next_key += 1
-        if nbytes <= 0:
-            return key
-        if not self.lump:
-            self.events.append(("alloc", key, nbytes))
-        elif nbytes <= SMALL_SIZE:
-            n = (nbytes + 511) & -512            # round_size
-            self.small_keys[key] = n
-            self.small = level = self.small + n
-            if level > self.small_high:
-                self.small_high = level
-            if level > self.small_peak:
-                self.small_peak = level
-                need = -(-level // SMALL_BUFFER) * SMALL_BUFFER
-                if need > self.small_reserved:
-                    self.small_reserved = need
-                    self._emit(("small", need))
-        else:
-            self._emit(("alloc", key, nbytes))
+        if nbytes > 0:
+            if self.level is None:
+                self.events.append(("alloc", key, nbytes))
+            else:
+                self.level.alloc(key, nbytes)
         return key
 
     def free(self, key: int, nbytes: int) -> None:
-        if nbytes <= 0:
-            return
-        if not self.lump:
-            self.events.append(("free", key))
-            return
-        n = self.small_keys.pop(key, None)
-        if n is None:
-            self._emit(("free", key))
-        else:
-            self.small -= n
-
-    def _emit(self, event: tuple) -> None:
-        self.events.append(event + (self.small_high, self.small))
-        self.small_high = self.small
+        if nbytes > 0:
+            if self.level is None:
+                self.events.append(("free", key))
+            else:
+                self.level.free(key)
 
     def finish(self) -> None:
-        if self.lump:
-            self._emit(("end",))
+        if self.level is not None:
+            self.level.finish()
 
     def place(self, phase: str, module: str) -> None:
         self.places.append((len(self.events), phase, module))

@@ -9,7 +9,7 @@ from vramplan.core.models import ModelSpec
 from vramplan.core.setup import TrainSetup
 from vramplan.cuda.arch import ASSUMED, CudaArch
 from vramplan.cuda.alloc_conf import AllocConf, as_conf
-from vramplan.cuda.reserved import ReservedPeak, replay_lumped, replay_stream
+from vramplan.cuda.reserved import ReservedPeak, lumpable, replay_lumped, replay_stream
 from vramplan.estimate.inventory import Static
 
 
@@ -39,8 +39,8 @@ def _cached(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, 
 
     # the small pool carried as its level (cuda/reserved.py replay_lumped), unless the settings
     # round small requests too (roundup_power2_divisions): then every event is replayed
-    lump = not any(d > 1 for d in conf.roundup_power2_divisions)
+    lump = lumpable(conf)
     stream = step_stream(spec, setup, static, arch, exact_layers=EXACT_LAYERS, fsdp=fsdp, lump_small=lump)
     if lump:
         return replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i))
-    return replay_stream(stream.events, conf, capacity, lump_small=True, place=lambda i: place_of(stream, i))
+    return replay_stream(stream.events, conf, capacity, place=lambda i: place_of(stream, i))
