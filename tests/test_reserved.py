@@ -187,3 +187,11 @@ def test_the_small_pool_carried_as_a_level_replays_the_same(model, kw, conf, cap
         return (r.peak_reserved_bytes, r.peak_allocated_bytes, r.fragmentation_bytes, r.num_alloc_retries,
                 None if r.oom is None else (r.oom["nbytes"], r.oom["reserved_bytes"], r.oom["allocated_bytes"]))
     assert key(level) == key(every)
+
+
+def test_profile_takes_alloc_conf_and_refuses_a_bad_one(capsys):
+    """profile runs the training child under --alloc-conf; a malformed string stops it first."""
+    code = main(["profile", "llama-2-7b", "--random-weights", "--device", "cpu", "--alloc-conf", "bogus:1"])
+    assert code == 2
+    assert capsys.readouterr().err == ("Error: invalid allocator settings 'bogus:1': unrecognized key 'bogus' "
+                                       "(hint: see docs/allocator.md, section 'Settings syntax')\n")

@@ -6,9 +6,10 @@ Light on purpose: `vramplan estimate` imports this module to build its parser, s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from vramplan.cli.flags import print_json, setup_from_args
+from vramplan.cli.flags import alloc_conf_from_args, print_json, setup_from_args
 from vramplan.core.errors import require, UsageError, VramplanError
 from vramplan.core.gpus import resolve_gpu
 
@@ -58,6 +59,10 @@ def cmd_profile(args) -> int:
     from vramplan.profile.session import ProfileOptions, profile  # this command's code loads only when it runs
 
     setup = setup_from_args(args)
+    if args.alloc_conf is not None:
+        alloc_conf_from_args(args)   # a malformed string is one Error: line, before anything runs
+        # the training child inherits the environment: PyTorch's allocator reads its settings there
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
     limit = resolve_gpu(args.gpu).memory_bytes if args.gpu else None
     options = ProfileOptions(device=args.device, steps=args.steps, warmup=args.warmup,
                              random_weights=args.random_weights, seed=args.seed, memory_limit_bytes=limit,
