@@ -195,3 +195,14 @@ def test_profile_takes_alloc_conf_and_refuses_a_bad_one(capsys):
     assert code == 2
     assert capsys.readouterr().err == ("Error: invalid allocator settings 'bogus:1': unrecognized key 'bogus' "
                                        "(hint: see docs/allocator.md, section 'Settings syntax')\n")
+
+
+def test_checkpointed_eager_attention_replays_every_layer():
+    """There the reduced detail drifts (docs/allocator.md#reduced-detail): the estimate's peak
+    reserved is the replay of every layer's every event."""
+    spec, setup = resolve("meta-llama/Llama-2-7b"), TrainSetup(attn="eager", batch=4, seq=2048)
+    full = replay_stream(step_stream(spec, setup, static_memory(spec, setup)).events, "", lump_small=True)
+    reduced = replay_stream(step_stream(spec, setup, static_memory(spec, setup), exact_layers=4).events, "",
+                            lump_small=True)
+    est = estimate(spec, setup, alloc_conf="")
+    assert est.peak_reserved_bytes == full.peak_reserved_bytes != reduced.peak_reserved_bytes
