@@ -9,7 +9,7 @@ import argparse
 from vramplan.core.errors import UsageError
 from vramplan.core.setup import make_setup
 from vramplan.cli.flags import alloc_conf_from_args, print_json, setup_flags, setup_from_args
-from vramplan.core.setup import parse_targets, TrainSetup
+from vramplan.core.setup import parse_targets
 
 STATUS_STYLE = {"fits": "green", "tight": "yellow", "no": "red"}
 TRAIN_DEFAULTS = {"rank": 16, "method": "qlora", "quant": "nf4", "optimizer": "adamw (or the recipe's)",

@@ -423,11 +423,9 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     check_sum(components, peak)
     spread = parallel.strategy != "single" and parallel.gpus > 1
     slack = base.allocator_overhead_bytes
-    replayed = ""
     if replay and spread and parallel.strategy == "fsdp" and parallel.offload == "none" \
             and hasattr(base, "cuda_arch"):
         slack = fsdp_slack(base, sp, parallel)
-        replayed = "per-GPU FSDP stream"
     return ShardedEstimate(
         model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,
         peak_phase=peak_phase, phase_peaks={p: sum(c.values()) for p, c in phases.items()},

@@ -338,7 +338,7 @@ class Run:
             return
         finally:
             self.step, self.phase = None, None
-            held = None
+            del held      # a plain loop's last outputs go before the counters are read
         inventory["gradients"] = grads or 0
         inventory["optimizer_state"] = opt_state or 0
         components = self._components_at(best[2]) if job["steps"] and self.device.type == "cpu" else None

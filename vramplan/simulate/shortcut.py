@@ -38,7 +38,6 @@ from vramplan.core.components import Component
 from vramplan.core.setup import TrainSetup
 from vramplan.simulate.attribution import component_of, register_optimizer_state, short_name
 from vramplan.simulate.step import Measured, Simulation, make_trace
-from vramplan.core.models import spec_from_config
 from vramplan.simulate.build import hf_config, make_optimizer, respec
 
 UNITS = 5          # first, three middle units (each checked against the others), last

@@ -27,7 +27,6 @@ By default only a few decoder layers run and the step of the full depth is rebui
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
