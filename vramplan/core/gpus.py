@@ -1,8 +1,6 @@
 """GPU catalog and the --gpu argument: a catalog name ("A100-80GB", "rtx4090") or a size ("48GB")."""
 from __future__ import annotations
 
-import difflib
-import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,20 +36,33 @@ class Gpu:
 
 
 @lru_cache(maxsize=1)
+def _entries() -> list[dict]:
+    import tomllib     # only when a GPU is looked up by name: `--gpu 48GB` never parses the catalog
+
+    return tomllib.loads(CATALOG.read_text())["gpu"]
+
+
+@lru_cache(maxsize=1)
 def catalog() -> tuple[Gpu, ...]:
-    data = tomllib.loads(CATALOG.read_text())
     return tuple(Gpu(g["name"], g["memory_mib"] * MiB, g["arch"], g["source"], g["compute_capability"], g["sms"])
-                 for g in data["gpu"])
+                 for g in _entries())
 
 
 @lru_cache(maxsize=1)
 def _index() -> dict[str, Gpu]:
-    data = tomllib.loads(CATALOG.read_text())
     index = {}
-    for raw, gpu in zip(data["gpu"], catalog()):
+    for raw, gpu in zip(_entries(), catalog()):
         for name in (raw["name"], *raw.get("aliases", ())):
             index[_norm(name)] = gpu
     return index
+
+
+def _bare_size(text) -> Gpu:
+    size = parse_size(text)
+    if size < 256 * MiB or size > 2**50:
+        raise UsageError(f"GPU size {text!r} is not a plausible GPU memory size",
+                         hint="e.g. --gpu 24GB or --gpu 80GiB")
+    return Gpu(str(text).strip(), size)
 
 
 def _norm(name: str) -> str:
@@ -67,14 +78,14 @@ def resolve_gpu(text: str | int | Gpu) -> Gpu:
             raise UsageError(f"GPU memory must be positive, got {text}", hint="e.g. gpu='48GB'")
         return Gpu(f"{text} bytes", text)
     key = _norm(str(text).strip())
+    if key[:1].isdigit() and key[-1:] == "b":     # a size with its unit ("48gb", "24gib"): no catalog name
+        return _bare_size(text)
     if key in _index():
         return _index()[key]
     if key[:1].isdigit():
-        size = parse_size(text)
-        if size < 256 * MiB or size > 2**50:
-            raise UsageError(f"GPU size {text!r} is not a plausible GPU memory size",
-                             hint="e.g. --gpu 24GB or --gpu 80GiB")
-        return Gpu(str(text).strip(), size)
+        return _bare_size(text)
+    import difflib
+
     close = difflib.get_close_matches(key, list(_index()), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(dict.fromkeys(_index()[c].name for c in close))}?" if close else \
         "run `vramplan gpus` for the catalog, or give a size like 24GB"

@@ -5,7 +5,6 @@ Order: local path, bundled catalog (no network), then the Hugging Face cache and
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -367,6 +366,8 @@ def locate(name: str) -> tuple[dict, str, str]:
     if _looks_like_path(name):
         raise ModelError(f"no such file or directory: {name}",
                          hint="give a directory holding config.json, or the config.json file itself")
+    import difflib     # the error path only
+
     close = difflib.get_close_matches(name.lower(), list(_alias_index()), n=3, cutoff=0.5)
     suggestions = list(dict.fromkeys(_alias_index()[c] for c in close))
     hint = f"did you mean {', '.join(suggestions)}?" if suggestions else "run `vramplan models` for the catalog"

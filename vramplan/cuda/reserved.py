@@ -38,7 +38,11 @@ class SmallPoolLevel:
     reach the large pool (CUDACachingAllocator.cpp get_pool), so only large-pool events are kept,
     each ending with (the small pool's highest level since the previous event, its level now),
     and ("small", bytes) says the small pool's segments must grow to `bytes` (its peak rounded
-    up to whole kSmallBuffer segments). `index[i]` is the source event of output event i."""
+    up to whole kSmallBuffer segments). `index[i]` is the source event of output event i.
+
+    Two ways in: `alloc(key, nbytes)` / `free(key)` for a stream of keyed events, and
+    `make(sizes)` / `drop(pairs)` for a builder that keeps (key, nbytes) pairs itself (no size
+    lookup on free; the estimate's stream, estimate/events.py)."""
 
     def __init__(self):
         self.events: list = []
@@ -46,22 +50,15 @@ class SmallPoolLevel:
         self.sizes: dict = {}
         self.level = self.high = self.peak = self.reserved = 0
         self.at = 0
+        self.next_key = 0
+        self.barrier = 0     # events before this index are not merged into (a phase starts there)
 
     def alloc(self, key, nbytes: int) -> None:
         if nbytes > SMALL_SIZE:
             self._emit(("alloc", key, nbytes))
             return
-        n = (nbytes + 511) & -512            # round_size
-        self.sizes[key] = n
-        self.level = level = self.level + n
-        if level > self.high:
-            self.high = level
-        if level > self.peak:
-            self.peak = level
-            need = -(-level // SMALL_BUFFER) * SMALL_BUFFER
-            if need > self.reserved:
-                self.reserved = need
-                self._emit(("small", need))
+        self.sizes[key] = (nbytes + 511) & -512      # round_size
+        self._raise((nbytes + 511) & -512)
 
     def free(self, key) -> None:
         n = self.sizes.pop(key, None)
@@ -69,6 +66,50 @@ class SmallPoolLevel:
             self._emit(("free", key))
         else:
             self.level -= n
+
+    def make(self, sizes) -> list:
+        """Allocate each of `sizes` (bytes > 0) under a new key: [(key, nbytes)]."""
+        pairs = []
+        key = self.next_key
+        for n in sizes:
+            if n > SMALL_SIZE:
+                self.events.append(("alloc", key, n, self.high, self.level))
+                self.index.append(self.at)
+                self.high = self.level
+            else:
+                self._raise((n + 511) & -512)         # round_size
+            pairs.append((key, n))
+            key += 1
+        self.next_key = key
+        return pairs
+
+    def drop(self, pairs) -> None:
+        """Free (key, nbytes) pairs made by `make`."""
+        for key, n in pairs:
+            if n > SMALL_SIZE:
+                self.events.append(("free", key, self.high, self.level))
+                self.index.append(self.at)
+                self.high = self.level
+            else:
+                self.level -= (n + 511) & -512
+
+    def _raise(self, n: int) -> None:
+        self.level = level = self.level + n
+        if level > self.high:
+            self.high = level
+            if level > self.peak:
+                self.peak = level
+                need = -(-level // SMALL_BUFFER) * SMALL_BUFFER
+                if need > self.reserved:
+                    self.reserved = need
+                    events = self.events
+                    if len(events) > self.barrier and events[-1][0] == "small":
+                        # nothing reached the large pool since the last growth: one growth to `need`
+                        events[-1] = ("small", need, max(events[-1][2], level), level)
+                        self.index[-1] = self.at
+                        self.high = level
+                    else:
+                        self._emit(("small", need))
 
     def finish(self) -> list:
         self._emit(("end",))

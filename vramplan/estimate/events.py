@@ -69,22 +69,23 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
     if not spec.tied:
         sizes.append(alloc(spec.vocab * spec.hidden * wb))
     sizes += [alloc(spec.hidden * wb)] * (n * spec.arch.norms_per_layer + 1)
-    for _ in range(n):
-        for linear in spec.layer_linears:
-            if setup.quantized and setup.quant == "int8":
-                q = layout_int8(linear.in_features, linear.out_features)
-                sizes += [q.weight, q.constants]
-            elif setup.quantized:
-                numel_ = linear.in_features * linear.out_features
-                q = layout_4bit(numel_, setup.double_quant)
-                blocks = -(-numel_ // 64)
-                parts = ([alloc(blocks), alloc(4 * -(-blocks // 256)), alloc(1024), alloc(4), alloc(64)]
-                         if setup.double_quant else [alloc(4 * blocks), alloc(64)])
-                sizes += [q.weight] + (parts if sum(parts) == q.constants else [q.constants])
-            else:
-                sizes.append(alloc(linear.numel * wb))
-            if linear.bias:
-                sizes.append(alloc(linear.out_features * wb))
+    layer = []                 # every decoder layer holds the same tensors, in this order
+    for linear in spec.layer_linears:
+        if setup.quantized and setup.quant == "int8":
+            q = layout_int8(linear.in_features, linear.out_features)
+            layer += [q.weight, q.constants]
+        elif setup.quantized:
+            numel_ = linear.in_features * linear.out_features
+            q = layout_4bit(numel_, setup.double_quant)
+            blocks = -(-numel_ // 64)
+            parts = ([alloc(blocks), alloc(4 * -(-blocks // 256)), alloc(1024), alloc(4), alloc(64)]
+                     if setup.double_quant else [alloc(4 * blocks), alloc(64)])
+            layer += [q.weight] + (parts if sum(parts) == q.constants else [q.constants])
+        else:
+            layer.append(alloc(linear.numel * wb))
+        if linear.bias:
+            layer.append(alloc(linear.out_features * wb))
+    sizes += layer * n
     for linear in adapted_linears(spec, setup):
         for shape in lora_shapes(linear, setup.rank):
             sizes += [alloc(numel(shape) * FP32)] * (1 if linear.name == "lm_head" else n)
@@ -172,30 +173,36 @@ def _templates(spec: ModelSpec, setup: TrainSetup, arch: CudaArch):
 
 class _Builder:
     """The stream's events; with `lump`, the small pool carried as its level
-    (cuda/reserved.py SmallPoolLevel, replayed by replay_lumped)."""
+    (cuda/reserved.py SmallPoolLevel, replayed by replay_lumped). Allocations are (key, nbytes)
+    pairs: `make(sizes)` allocates, `drop(pairs)` frees."""
 
     def __init__(self, lump: bool = False):
-        self.level = SmallPoolLevel() if lump else None
-        self.events: list = self.level.events if lump else []
+        self.level = level = SmallPoolLevel() if lump else None
+        self.events: list = level.events if lump else []
         self.places: list = []
         self.next_key = 0
+        if lump:
+            self.make, self.drop = level.make, level.drop
 
-    def new(self, nbytes: int) -> int:
+    def make(self, sizes) -> list:
+        pairs = []
         key = self.next_key
-        self.next_key += 1
-        if nbytes > 0:
-            if self.level is None:
-                self.events.append(("alloc", key, nbytes))
-            else:
-                self.level.alloc(key, nbytes)
-        return key
+        events = self.events
+        for n in sizes:
+            events.append(("alloc", key, n))
+            pairs.append((key, n))
+            key += 1
+        self.next_key = key
+        return pairs
 
-    def free(self, key: int, nbytes: int) -> None:
-        if nbytes > 0:
-            if self.level is None:
-                self.events.append(("free", key))
-            else:
-                self.level.free(key)
+    def drop(self, pairs) -> None:
+        events = self.events
+        for key, _n in pairs:
+            events.append(("free", key))
+
+    def new(self, nbytes: int) -> list:
+        """One allocation of nbytes (none for 0 bytes: NativeCachingAllocator::allocate returns nullptr)."""
+        return self.make((nbytes,)) if nbytes > 0 else []
 
     def finish(self) -> None:
         if self.level is not None:
@@ -203,30 +210,31 @@ class _Builder:
 
     def place(self, phase: str, module: str) -> None:
         self.places.append((len(self.events), phase, module))
+        if self.level is not None:
+            self.level.barrier = len(self.events)
 
 
 class _Instance:
-    """One play of a template: tid -> keys of its allocations; `bound` tids are tensors made
-    elsewhere (the layer input, the incoming gradient)."""
+    """One play of a template: tid -> (key, nbytes) pairs of its allocations; `bound` tids are
+    tensors made elsewhere (the layer input, the incoming gradient)."""
 
     def __init__(self, b: _Builder, t: _Template, bound: dict):
         self.b, self.t = b, t
         self.keys: dict = dict(bound)
 
     def run(self, events) -> None:
-        b, parts, keys = self.b, self.t.parts, self.keys
+        parts, keys = self.t.parts, self.keys
+        make, drop = self.b.make, self.b.drop
         for kind, tid in events:
             if kind == 1:
-                if tid in keys:          # made elsewhere (input, incoming gradient)
-                    continue
-                keys[tid] = [(b.new(n), n) for n in parts[tid]]
+                if tid not in keys:      # else made elsewhere (input, incoming gradient)
+                    keys[tid] = make(parts[tid])
             elif kind == -1:
-                for key, n in keys.pop(tid, ()):
-                    b.free(key, n)
+                pairs = keys.pop(tid, None)
+                if pairs:
+                    drop(pairs)
             else:                        # a transient inside one op
-                made = [(b.new(n), n) for n in parts[tid]]
-                for key, n in made:
-                    b.free(key, n)
+                drop(make(parts[tid]))
 
     def take(self, tid) -> list:
         return self.keys.pop(tid, [])
@@ -273,8 +281,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     b.place("load", "")
     state_sizes, work_sizes = optimizer_sizes(setup, static)
     if fsdp is None:
-        for n in static_sizes(spec, setup, static):
-            b.new(n)
+        b.make([n for n in static_sizes(spec, setup, static) if n > 0])
         unit, root = None, None
     else:
         N = fsdp.gpus
@@ -291,11 +298,8 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         work_sizes = [alloc(-(-n // N)) for n in work_sizes]
 
     def gather(sizes) -> list:
-        return [(b.new(n), n) for n in sizes]
-
-    def release(pairs) -> None:
-        for key, n in pairs:
-            b.free(key, n)
+        return b.make([n for n in sizes if n > 0])
+    release = b.drop
     a = act_bytes(setup)
     inputs = ([alloc(8 * setup.tokens), alloc(8 * setup.seq), alloc(8 * (setup.tokens + setup.batch)),
                alloc(8 * (setup.tokens + setup.batch))]
@@ -318,12 +322,13 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     forwards = {id(t): tuple((k, tid) for k, tid in t.forward if not (k == -1 and tid == t.names["layer.out"]))
                 for t in kinds}
 
-    extra_grads = static.gradients - grad_total(t_head) - sum(grad_total(t) for t in stack)
+    per_kind = {id(t): grad_total(t) for t in kinds}
+    extra_grads = static.gradients - grad_total(t_head) - sum(per_kind[id(t)] for t in stack)
     for step in range(steps):
         b.place("forward", "")
-        keys = [(b.new(n), n) for n in inputs]
-        masks = [(b.new(mask), mask)] if mask else []
-        x = [(b.new(hidden), hidden)]
+        keys = gather(inputs)
+        masks = b.new(mask) if mask else []
+        x = b.new(hidden)
         if step == 0:   # the cuBLAS workspace, from the first matmul on (cuda/cublas.py)
             b.new(workspace_bytes(arch))
         rooted = gather(root) if fsdp else []     # the root unit, unsharded for the whole step
@@ -338,19 +343,18 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
             x = inst.take(t.names["layer.out"])
             release(gathered)                              # reshard_after_forward
             if ctx:      # bitsandbytes int8 matmul inputs kept on the autograd ctx (ops.int8_ctx_inputs)
-                inst.keys["int8_ctx"] = [(b.new(ctx), ctx)]
+                inst.keys["int8_ctx"] = b.new(ctx)
             layers.append(inst)
         b.place("forward", "lm_head")
         head = _Instance(b, t_head, {t_head.names["x"]: x})
         head.run(t_head.forward)
         for inst in layers:      # the autocast region exits with the forward
             inst.run(inst.t.region_exit)
-        for key, n in held_prev:  # a plain loop rebinds `out` once model() returns
-            b.free(key, n)
+        release(held_prev)        # a plain loop rebinds `out` once model() returns
         b.place("backward", "loss")
         head.run(t_head.backward)
         # the new `out` (ops.held_outputs) lives from here through the optimizer step
-        held_prev = [(b.new(held), held)] if held else []
+        held_prev = b.new(held)
         grad = head.take(t_head.names["grad:x"])
         grads = [key for tid in grad_tids[id(t_head)] for key in head.take(tid)]
         head_grads, grads = (grads, []) if fsdp else ([], grads)   # the root's: sharded when it ends
@@ -374,39 +378,32 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
                 mine = mine_shard
             grads += mine
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
-        for key, n in grad:
-            b.free(key, n)
+        release(grad)
         if extra_grads > 0:          # embedding / norm gradients of full fine-tuning
             n = alloc(-(-extra_grads // fsdp.gpus)) if fsdp else extra_grads
-            grads.append((b.new(n), n))
+            grads += b.new(n)
         if fsdp:
             release(head_grads)
             if fsdp.root_gradients:
                 grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))])
         release(rooted)
-        for key, n in masks:
-            b.free(key, n)
+        release(masks)
         b.place("optimizer", "")
         if step == 0:
-            for n in state_sizes:
-                b.new(n)
-        work = [(b.new(n), n) for n in work_sizes]
-        for key, n in work:
-            b.free(key, n)
-        for key, n in grads:
-            b.free(key, n)
+            gather(state_sizes)
+        release(gather(work_sizes))
+        release(grads)
         # the estimator counts the inputs (ids, position ids, labels, rotary tables) through the
         # optimizer step (estimator.step_moments `base_acts`); they go with the loop iteration
-        for key, n in keys:
-            b.free(key, n)
+        release(keys)
     b.finish()
     return Stream(b.events, b.places)
 
 
 def _free_all(b: _Builder, inst: _Instance) -> None:
-    for tid in list(inst.keys):
-        for key, n in inst.keys.pop(tid):
-            b.free(key, n)
+    for pairs in inst.keys.values():
+        b.drop(pairs)
+    inst.keys.clear()
 
 
 def place_of(stream: Stream, index: int) -> tuple[str, str]:
