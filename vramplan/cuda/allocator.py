@@ -280,8 +280,8 @@ class CachingAllocator:
 
     def malloc(self, nbytes: int, stream=0) -> int:
         """`malloc`: the address of a block of at least `nbytes`; raises OutOfMemory."""
-        if self._plain_rounding and MIN_BLOCK_SIZE < nbytes < ONE_EXABYTE:
-            size = (nbytes + 511) & -512          # round_size without power-of-two divisions
+        if nbytes.__class__ is int and 0 < nbytes < ONE_EXABYTE and self._plain_rounding:
+            size = (nbytes + 511) & -512          # round_size without power-of-two divisions (>= 512)
         else:
             size = self._checked_round_size(nbytes)
         if size <= SMALL_SIZE:                    # get_pool
@@ -291,14 +291,16 @@ class CachingAllocator:
         # get_free_block, inlined for the common case (no GC, no max_split_size, no expandable block)
         keys = pool.free
         i = bisect_left(keys, size << _SHIFT)
-        if i < len(keys) and self._plain_search:
+        if not self._plain_search:
+            block = self._get_free_block(pool, size)
+        elif i == len(keys):
+            block = None                          # nothing cached is large enough
+        else:
             block = self._blocks[keys[i] & _MASK]
             if block.seg is None:
                 del keys[i]
             else:
                 block = self._get_free_block(pool, size)
-        else:
-            block = self._get_free_block(pool, size)
         if block is None:
             block = self._allocate_new(pool, size, nbytes)
         # alloc_found_block: the allocation takes the low end, the remainder goes back to the pool
