@@ -173,3 +173,24 @@ def test_ops_of_unknown_kernel_libraries_are_named():
         "no CUDA stand-in for vramplan_test.twice.default: ran their meta kernels, assumed to allocate on CUDA "
         "what those say")
     assert unknown_kernel_note(set()) is None
+
+
+def qwen3_next():
+    from transformers import Qwen3NextConfig
+    return Qwen3NextConfig(num_hidden_layers=4, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=64, shared_expert_intermediate_size=64, linear_num_value_heads=4,
+                           linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, **SHAPES)
+
+
+def test_simulate_cli_hybrid_linear_attention_says_which_kernels_ran(tmp_path, capsys):
+    """Qwen3-Next mixes gated-DeltaNet layers ("linear_attention") with full attention: the
+    estimate refuses the family, simulate traces it and prints (not crashes on) its missing
+    estimate, and says that the linear-attention layers ran transformers' own code."""
+    path = write_config(tmp_path, "qwen3_next", qwen3_next())
+    code, out, err = cli(capsys, "estimate", path)
+    assert code == 1 and err.startswith("Error: architecture 'qwen3_next'") and "vramplan simulate" in err
+    code, out, err = cli(capsys, "simulate", path, "--seq", "32")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "Estimate skipped" in text and "linear_attention layers ran" in text
+    assert "profiler." not in text      # record_function markers are not kernels

@@ -384,6 +384,35 @@ def cuda_overrides(routing: Routing | None = None, arch: CudaArch = ASSUMED) -> 
     return table
 
 
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_kernel_note(spec, model) -> str | None:
+    """Trace note for decoder layers that are not softmax attention (config.layer_types entries
+    such as "linear_attention": Qwen3-Next / Qwen3.5 gated DeltaNet, Granite-MoE-hybrid Mamba):
+    transformers runs them through optional kernel packages (flash-linear-attention, causal-conv1d,
+    mamba-ssm) when its modeling module finds them (`is_fast_path_available`), else through its
+    own torch code, which is what runs on meta. Their CUDA kernels chunk and save differently."""
+    config = getattr(spec, "config", None) or {}
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    other = sorted({t for t in config.get("layer_types") or () if t not in ATTENTION_LAYER_TYPES})
+    if not other:
+        return None
+    import importlib.util
+    import sys
+
+    inner = getattr(model, "base_model", model)
+    module = sys.modules.get(type(getattr(inner, "model", inner)).__module__)
+    # transformers 5 fetches these kernels through the `kernels` package
+    # (integrations/hub_kernels.py use_kernel_func_from_hub_with_fallback) and falls back to its
+    # torch functions without it; older modeling files test `is_fast_path_available`
+    fast = getattr(module, "is_fast_path_available", importlib.util.find_spec("kernels") is not None)
+    how = ("transformers' torch fallbacks (no `kernels` package or kernel library to load their CUDA "
+           "kernels from)" if not fast else "the kernels transformers loaded")
+    return (f"{', '.join(other)} layers ran {how}; no CUDA stand-in models their kernels "
+            "(flash-linear-attention / causal-conv1d / mamba chunked scans), whose workspaces differ")
+
+
 def unknown_kernel_note(op_names) -> str | None:
     """Trace note for ops outside oplog.KNOWN_NAMESPACES (custom kernels of a model or a library):
     they ran their meta (fake) kernels, assumed to allocate what their CUDA kernels do."""

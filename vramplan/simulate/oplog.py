@@ -10,7 +10,9 @@ from vramplan.simulate.tracker import AllocationTracker, op_name
 # Op namespaces whose meta kernels allocate what CUDA does, or whose CUDA differences have a
 # stand-in in kernels.py: aten / prims (PyTorch's own meta kernels) and bitsandbytes (its
 # registered meta kernels). Ops of any other namespace are listed in Trace.notes.
-KNOWN_NAMESPACES = frozenset({"aten", "prims", "bitsandbytes"})
+# "profiler": torch.autograd.profiler.record_function markers (profiler._record_function_enter_new),
+# which allocate no device memory
+KNOWN_NAMESPACES = frozenset({"aten", "prims", "bitsandbytes", "profiler"})
 
 
 class StepTracker(AllocationTracker):

@@ -337,7 +337,8 @@ class Simulation:
         from vramplan.simulate import kernels
 
         foreign = kernels.unknown_kernel_note(getattr(tracker, "foreign_ops", ()))
-        return self.routing.notes() + ((foreign,) if foreign else ())
+        layers = kernels.layer_kernel_note(self.spec, self.built.model)
+        return self.routing.notes() + tuple(n for n in (foreign, layers) if n)
 
 
 def loop_forward(model, ids, setup: TrainSetup):
