@@ -4,6 +4,7 @@ optimizer) and which phase holds the peak.
 
     python benchmarks/agreement.py                 # ~10 minutes on 2 cores; writes benchmarks/agreement.md
     python benchmarks/agreement.py --quick         # the base setup per model only
+    python benchmarks/agreement.py --small         # every method x (1x512, 4x2048) x checkpointing, SDPA
     python benchmarks/agreement.py --full          # paged_adamw8bit in every cell too (~15 minutes)
     python benchmarks/agreement.py --json out.json # also every component, both sides
     python benchmarks/agreement.py --gpu T4        # the kernels of another GPU (default: an H100)
@@ -39,6 +40,12 @@ ATTN = ("sdpa", "eager")
 OPTIMIZERS = ("adamw", "paged_adamw8bit")
 
 
+def small_matrix() -> list[dict]:
+    """Every method x (1x512, 4x2048) x checkpointing on/off, SDPA, AdamW: 8 setups per model."""
+    return [dict(method=m, batch=b, seq=s, grad_ckpt=c, attn="sdpa", optimizer="adamw")
+            for m in METHODS for b, s in (SHAPES[0], SHAPES[2]) for c in CKPT]
+
+
 def matrix(full: bool) -> list[dict]:
     """Every method x batch/seq x checkpointing x attention with AdamW; paged_adamw8bit for every
     method x batch/seq with checkpointing and sdpa (--full: paged_adamw8bit everywhere too)."""
@@ -64,11 +71,11 @@ def label(setup) -> str:
     return " ".join(parts)
 
 
-def setups_for(model: str, quick: bool, full: bool = False):
+def setups_for(model: str, quick: bool, full: bool = False, small: bool = False):
     from vramplan import TrainSetup
 
     seen = []
-    for kw in [BASE] if quick else matrix(full):
+    for kw in [BASE] if quick else small_matrix() if small else matrix(full):
         if "gemma-2" in model:
             kw = {**kw, "attn": "eager"}   # transformers 5 runs Gemma-2 eager only
         setup = TrainSetup(**kw)
@@ -81,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the base setup per model only")
     ap.add_argument("--full", action="store_true", help="the whole product, paged_adamw8bit everywhere (~15 min)")
+    ap.add_argument("--small", action="store_true", help="every method x (1x512, 4x2048) x checkpointing, SDPA")
     ap.add_argument("--models", help="comma-separated subset of the catalog ids above")
     ap.add_argument("--json", metavar="PATH", help="also write every row with both sides' components")
     ap.add_argument("--out", default=OUT, help=f"markdown file to write (default {OUT})")
@@ -95,7 +103,7 @@ def main() -> None:
     rows, t0 = [], time.perf_counter()
     for model in models:
         spec = vramplan.resolve_model(model)
-        for setup in setups_for(model, args.quick, args.full):
+        for setup in setups_for(model, args.quick, args.full, args.small):
             if args.gpu:
                 from vramplan.cuda.arch import default_dtype, target_arch
                 setup = setup.with_(dtype=default_dtype(target_arch(vramplan.resolve_gpu(args.gpu))))
