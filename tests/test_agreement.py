@@ -47,6 +47,8 @@ CASES = [
     ("llama-gqa", dict(seq=512, lora_dropout=0.05)),
     ("qwen2-tied-bias", dict(seq=512)),
     ("qwen2-tied-bias", dict(seq=512, grad_ckpt=False)),
+    # prepare_model_for_kbit_training's float32 biases, cast back to bf16 by Linear4bit's first forward
+    ("qwen2-tied-bias", dict(seq=512, prepare_kbit=True)),
     ("phi3-fused", dict(seq=512)),
     ("phi3-fused", dict(seq=512, grad_ckpt=False, prepare_kbit=True)),
     ("gemma2-softcap", dict(seq=512, attn="eager")),
@@ -135,7 +137,7 @@ def test_estimate_agrees_with_simulate(name, flags):
 
 # Training recipes (issue #9, vramplan/core/recipes.py): autocast, fused AdamW, TRL's chunked
 # loss, a plain loop's held logits, autocast over prepare_model_for_kbit_training's float32
-# hidden states (qlora-paper), each on a few architectures.
+# hidden states and qlora.py's bf16 recast (qlora-paper), each on a few architectures.
 RECIPE_CASES = [
     ("llama-gqa", "trainer", dict(seq=512)),
     ("llama-gqa", "trainer", dict(seq=512, grad_ckpt=False)),
@@ -154,8 +156,12 @@ RECIPE_CASES = [
     ("mixtral-moe", "trainer", dict(seq=512)),
     ("llama-gqa", "qlora-paper", dict(seq=512)),
     ("llama-gqa", "qlora-paper", dict(seq=512, grad_ckpt=False)),
+    ("llama-gqa", "qlora-paper", dict(seq=512, recast=False)),
     ("phi3-fused", "qlora-paper", dict(seq=512)),
     ("mistral-sliding", "qlora-paper", dict(seq=512)),
+    # qlora.py's recast with q/k/v biases and tied embeddings, and with per-head q/k norms
+    ("qwen2-tied-bias", "qlora-paper", dict(seq=512)),
+    ("qwen3-qknorm", "qlora-paper", dict(seq=512)),
 ]
 
 

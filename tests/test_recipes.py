@@ -48,7 +48,9 @@ def test_recipe_values_from_their_sources():
     t, trl, paper, plain = (RECIPES[n] for n in ("trainer", "trl-sft", "qlora-paper", "plain"))
     assert (t.amp, t.optimizer, t.loss, t.loop) == ("bf16", "adamw_fused", "full", "trainer")
     assert (trl.amp, trl.grad_ckpt, trl.loss, trl.reentrant) == ("bf16", True, "chunked", False)
-    assert (paper.prepare_kbit, paper.optimizer, paper.rank, paper.amp) == (True, "paged_adamw", 64, "bf16")
+    assert (paper.prepare_kbit, paper.optimizer, paper.rank, paper.amp, paper.recast) == (
+        True, "paged_adamw", 64, "bf16", True)
+    assert not any(r.recast for r in (t, trl, plain))
     assert (plain.amp, plain.optimizer, plain.loop) == ("none", "adamw", "plain")
 
 
@@ -65,6 +67,35 @@ def test_cli_recipe_and_override(capsys):
     s = data["setup"]
     assert (s["recipe"], s["amp"], s["loss"], s["optimizer"]) == ("trl-sft", "bf16", "chunked", "adamw")
     assert data["assumptions"][1].startswith("recipe trl-sft (TRL 1.16")
+
+
+def test_recast_applies_to_qlora_py_configuration_only(capsys):
+    """qlora.py's recast exists with 4-bit, prepare_model_for_kbit_training, bf16 and autocast: typed
+    alone it is one Error line; a recipe whose other flags leave that configuration drops it, and
+    so does a variation of the setup (the planner's 'no autocast' change)."""
+    code, _, err = run(capsys, "estimate", "llama-2-7b", "--recast")
+    assert code == 2
+    assert err == ("Error: --recast is qlora.py's bf16 cast after get_peft_model: it applies with --method qlora "
+                   "(nf4 or fp4), --prepare-kbit, --dtype bf16 and --amp bf16 (hint: give those flags, or "
+                   "--no-recast)\n")
+    assert make_setup("qlora-paper", prepare_kbit=False).recast is False
+    paper = make_setup("qlora-paper")
+    assert paper.recast and paper.with_(amp="none").recast is False and paper.with_(seq=4096).recast
+    assert make_setup("qlora-paper", recast=False).recast is False
+
+
+def test_recast_halves_the_adapters_and_drops_their_autocast_casts():
+    """bf16 LoRA weights: half the bytes, and nothing for autocast to cast and cache per layer
+    (ops.autocast_cache); bnb's 32-bit paged states stay float32 (paged, so not on the device)."""
+    from vramplan.core.models import resolve
+    from vramplan.estimate.ops import autocast_cache
+
+    spec = resolve("meta-llama/Llama-2-7b")
+    fp32, bf16 = make_setup("qlora-paper", recast=False), make_setup("qlora-paper")
+    a, b = estimate(spec, fp32), estimate(spec, bf16)
+    assert b.components["adapters"] * 2 == a.components["adapters"]
+    assert autocast_cache(spec, fp32) > 0 and autocast_cache(spec, bf16) == 0
+    assert b.peak_allocated_bytes < a.peak_allocated_bytes
 
 
 def test_cli_without_recipe_says_so(capsys):

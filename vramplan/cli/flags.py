@@ -45,6 +45,9 @@ def setup_flags() -> argparse.ArgumentParser:
                         "paged_adamw | paged_adamw8bit | sgd | adafactor (default adamw)")
     p.add_argument("--prepare-kbit", dest="prepare_kbit", action=argparse.BooleanOptionalAction, default=None,
                    help="model peft's prepare_model_for_kbit_training (non-quantized weights in fp32)")
+    p.add_argument("--recast", dest="recast", action=argparse.BooleanOptionalAction, default=None,
+                   help="qlora.py's cast after get_peft_model: LoRA, embeddings and lm_head in bf16, norms in fp32 "
+                        "(on with --recipe qlora-paper)")
     p.add_argument("--experts", default="16bit",
                    help="MoE expert weights under 4-bit: 16bit (transformers 5 leaves its fused expert stacks "
                         "unquantized, default) | 4bit (stacks that quantize them: transformers 4.x, Unsloth)")
@@ -98,7 +101,7 @@ def cuda_arch_from_args(args):
 
 
 # Flags a --recipe sets; None means "not given", so the recipe's (or TrainSetup's) default applies.
-RECIPE_FLAGS = ("dtype", "grad_ckpt", "optimizer", "prepare_kbit", "amp", "loop", "loss")
+RECIPE_FLAGS = ("dtype", "grad_ckpt", "optimizer", "prepare_kbit", "amp", "loop", "loss", "recast")
 
 
 def setup_from_args(args):

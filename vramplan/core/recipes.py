@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from vramplan.core.errors import UsageError
 
 # The fields a recipe may set; every other TrainSetup field keeps its own default.
-RECIPE_FIELDS = ("dtype", "amp", "optimizer", "grad_ckpt", "loss", "loop", "prepare_kbit", "rank", "targets")
+RECIPE_FIELDS = ("dtype", "amp", "optimizer", "grad_ckpt", "loss", "loop", "prepare_kbit", "rank", "targets",
+                 "recast")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Recipe:
     targets: tuple[str, ...]
     reentrant: bool           # gradient checkpointing flavour (only non-reentrant is modelled)
     sources: tuple[tuple[str, str], ...]   # (field, upstream source of its default)
+    recast: bool = False      # qlora.py's dtype cast after get_peft_model (TrainSetup.recast)
 
     def defaults(self) -> dict:
         return {f: getattr(self, f) for f in RECIPE_FIELDS}
@@ -37,7 +39,8 @@ class Recipe:
             if self.grad_ckpt else "no checkpointing"
         return (f"recipe {self.name} ({self.describes}): {self.dtype} weights, autocast {self.amp}, "
                 f"{self.optimizer}, {ckpt}, {self.loss} loss, {self.loop} loop"
-                + (", prepare_model_for_kbit_training" if self.prepare_kbit else ""))
+                + (", prepare_model_for_kbit_training" if self.prepare_kbit else "")
+                + (", LoRA / embeddings / lm_head cast to bf16 after get_peft_model" if self.recast else ""))
 
 
 ALL_LINEAR = ("all-linear",)
@@ -84,7 +87,10 @@ QLORA_PAPER = Recipe(
         ("rank", "qlora.py lora_r=64, lora_alpha=16, find_all_linear_names (every Linear4bit but lm_head)"),
         ("amp", "qlora.py bf16=True in the paper's scripts (scripts/finetune_*.sh --bf16) -> Trainer autocast"),
         ("grad_ckpt", "qlora.py gradient_checkpointing=True; transformers 5 makes it non-reentrant"),
-    ))
+        ("recast", "qlora.py get_accelerate_model, after get_peft_model: every LoraLayer .to(torch.bfloat16) "
+                   "under --bf16, modules named '*norm*' .to(torch.float32), lm_head / embed_tokens "
+                   ".to(torch.bfloat16) when float32"),
+    ), recast=True)
 
 PLAIN = Recipe(
     name="plain", describes="a hand-written PyTorch loop: out = model(**batch); out.loss.backward()",

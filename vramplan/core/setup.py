@@ -57,6 +57,9 @@ class TrainSetup:
     amp: str = "none"
     loop: str = "trainer"
     loss: str = "full"
+    # qlora.py's cast after get_peft_model (core/recipes.py QLORA_PAPER): LoRA layers in bf16,
+    # norms float32, embed_tokens / lm_head bf16 (docs/recipes.md#qlora-paper-recast)
+    recast: bool = False
     recipe: str | None = None      # the training library's recipe the other fields came from (core/recipes.py)
 
     def __post_init__(self):
@@ -100,6 +103,10 @@ class TrainSetup:
             # autocast over float32 weights changes the dtype of every op: not modelled
             raise UsageError(f"--amp {self.amp} is modelled for {self.amp} weights (got --dtype {self.dtype})",
                              hint=f"use --dtype {self.amp}, or --amp none")
+        if self.recast and not _recast_applies(self.method, self.quant, self.prepare_kbit, self.dtype, self.amp):
+            raise UsageError("--recast is qlora.py's bf16 cast after get_peft_model: it applies with --method qlora "
+                             "(nf4 or fp4), --prepare-kbit, --dtype bf16 and --amp bf16",
+                             hint="give those flags, or --no-recast")
         if self.amp != "none" and self.prepare_kbit and (self.attn != "sdpa" or self.quant == "int8"):
             # autocast over prepare_model_for_kbit_training's float32 hidden states is modelled for
             # 4-bit bitsandbytes layers and SDPA (docs/recipes.md#limits)
@@ -141,6 +148,13 @@ class TrainSetup:
         return self.optimizer.startswith("paged_")
 
     def with_(self, **changes) -> "TrainSetup":
+        """A variation of this setup. A variation that leaves qlora.py's configuration (another
+        method, dtype, autocast, no prepare_model_for_kbit_training) is no longer that script, so it
+        drops its recast unless `recast` is among the changes."""
+        if self.recast and "recast" not in changes:
+            v = {k: changes.get(k, getattr(self, k)) for k in ("method", "quant", "prepare_kbit", "dtype", "amp")}
+            if not _recast_applies(**v):
+                changes["recast"] = False
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -150,6 +164,12 @@ class TrainSetup:
             d["quant"] = None
             d["double_quant"] = None
         return d
+
+
+def _recast_applies(method: str, quant: str, prepare_kbit: bool, dtype: str, amp: str) -> bool:
+    """qlora.py's recast exists in its 4-bit bf16 configuration: prepare_model_for_kbit_training,
+    bf16 weights and Trainer autocast (its --bf16)."""
+    return method == "qlora" and quant in ("nf4", "fp4") and prepare_kbit and dtype == "bf16" and amp == "bf16"
 
 
 # --- contradictory flags: a setting the chosen method does not use -------------------------------
@@ -228,6 +248,9 @@ def make_setup(name: str | None, **explicit) -> TrainSetup:
         return TrainSetup(**explicit)
     values = recipe(name).defaults()
     values.update(explicit)
+    if values.get("recast") and "recast" not in explicit and not _recast_applies(
+            *(values.get(k, getattr(TrainSetup, k)) for k in ("method", "quant", "prepare_kbit", "dtype", "amp"))):
+        values["recast"] = False     # flags that leave qlora.py's configuration leave its recast too
     values["recipe"] = name
     known = {f.name for f in fields(TrainSetup)}
     return TrainSetup(**{k: v for k, v in values.items() if k in known})

@@ -24,8 +24,8 @@ from functools import lru_cache
 
 from vramplan.core.models import ModelSpec
 from vramplan.core.setup import TrainSetup
-from vramplan.estimate.inventory import (FP32, Static, adapted_linears, expert_lora_shapes, lora_shapes, numel,
-                                         optimizer_memory, weight_bytes)
+from vramplan.estimate.inventory import (Static, adapted_linears, adapter_bytes, bias_bytes, embedding_bytes,
+                                         expert_lora_shapes, lora_shapes, numel, optimizer_memory, weight_bytes)
 from vramplan.cuda.arch import ASSUMED, CudaArch
 from vramplan.cuda.reserved import SmallPoolLevel
 from vramplan.cuda.cublas import workspace_bytes
@@ -63,11 +63,11 @@ class Stream:
 
 def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int]:
     """One size per persistent tensor, summing to weights + quant_constants + adapters exactly."""
-    wb = weight_bytes(setup)
+    wb, eb, ab = weight_bytes(setup), embedding_bytes(setup), adapter_bytes(setup)
     n = spec.layers
-    sizes = [alloc(spec.vocab * spec.hidden * wb)]
+    sizes = [alloc(spec.vocab * spec.hidden * eb)]
     if not spec.tied:
-        sizes.append(alloc(spec.vocab * spec.hidden * wb))
+        sizes.append(alloc(spec.vocab * spec.hidden * eb))
     sizes += [alloc(spec.hidden * wb)] * (n * spec.arch.norms_per_layer + 1)
     layer = []                 # every decoder layer holds the same tensors, in this order
     for linear in spec.layer_linears:
@@ -84,13 +84,13 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
         else:
             layer.append(alloc(linear.numel * wb))
         if linear.bias:
-            layer.append(alloc(linear.out_features * wb))
+            layer.append(alloc(linear.out_features * bias_bytes(setup)))
     sizes += layer * n
     for linear in adapted_linears(spec, setup):
         for shape in lora_shapes(linear, setup.rank):
-            sizes += [alloc(numel(shape) * FP32)] * (1 if linear.name == "lm_head" else n)
+            sizes += [alloc(numel(shape) * ab)] * (1 if linear.name == "lm_head" else n)
     for shape, count in expert_lora_shapes(spec, setup):
-        sizes += [alloc(numel(shape) * FP32)] * (count * n)
+        sizes += [alloc(numel(shape) * ab)] * (count * n)
     rest = static.weights + static.quant_constants + static.adapters - sum(sizes)
     if rest < 0:   # the inventory counts fewer tensors than listed here: keep the total exact
         return [static.weights + static.quant_constants + static.adapters]
@@ -100,7 +100,7 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
 def optimizer_sizes(setup: TrainSetup, static: Static) -> tuple[list[int], list[int]]:
     """(state tensors, workspace tensors of one optimizer.step) on the device, one size each,
     summing to static.optimizer_state and static.optimizer_temporaries."""
-    grad_bytes = FP32 if setup.uses_adapters else setup.compute_bytes
+    grad_bytes = adapter_bytes(setup) if setup.uses_adapters else setup.compute_bytes
     state, work = [], []
     for shape, count in static.trainable_shapes:
         s, w = optimizer_memory(setup.with_(optimizer=setup.optimizer.removeprefix("paged_"))
@@ -310,7 +310,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     held = held_outputs(spec, setup)       # ops.held_outputs: a plain loop's `out`
     held_prev = []
     mask = eager_masks(spec, setup)
-    hidden = alloc(a * setup.tokens * spec.hidden)
+    hidden = alloc(embedding_bytes(setup) * setup.tokens * spec.hidden)    # the embedding output
     ctx = int8_ctx_inputs(spec, setup)
 
     def grad_total(t: _Template) -> int:

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from vramplan.core.components import Component
-from vramplan.core.errors import ModelError
+from vramplan.core.errors import ModelError, UsageError
 from vramplan.core.models import Linear, ModelSpec
 from vramplan.estimate.quant import alloc, blocks, layout
 from vramplan.core.setup import ALL_LINEAR, TrainSetup
@@ -45,6 +45,29 @@ def weight_bytes(setup: TrainSetup) -> int:
     peft.prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not Params4bit
     to float32 (peft/utils/other.py)."""
     return FP32 if setup.prepare_kbit else setup.compute_bytes
+
+
+def embedding_bytes(setup: TrainSetup) -> int:
+    """embed_tokens and lm_head: as weight_bytes, but qlora.py's recast (TrainSetup.recast) puts
+    them back in bf16 (`if 'lm_head' in name or 'embed_tokens' in name: module.to(bfloat16)`)."""
+    return setup.compute_bytes if setup.recast else weight_bytes(setup)
+
+
+def adapter_bytes(setup: TrainSetup) -> int:
+    """LoRA weights (and their gradients): peft's autocast_adapter_dtype=True (the default) creates
+    16-bit adapters in float32 (peft/tuners/tuners_utils.py _cast_adapter_dtype); qlora.py's recast
+    moves every LoraLayer to bf16."""
+    return setup.compute_bytes if setup.recast else FP32
+
+
+def bias_bytes(setup: TrainSetup) -> int:
+    """The bias of a Linear that stays a Linear (full, lora) is a weight like the others; a
+    bitsandbytes Linear4bit casts its bias to the compute dtype in place on the first forward
+    (nn/modules.py Linear4bit.forward: `bias.data = bias.data.to(x.dtype)`), so in steady state
+    it is 16-bit even after prepare_model_for_kbit_training."""
+    if setup.quantized and setup.quant in ("nf4", "fp4"):
+        return setup.compute_bytes
+    return weight_bytes(setup)
 
 
 def adapted_linears(spec: ModelSpec, setup: TrainSetup) -> tuple[Linear, ...]:
@@ -142,23 +165,26 @@ def numel(shape: tuple[int, ...]) -> int:
 
 
 def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
-    wb = weight_bytes(setup)
+    wb, eb, ab = weight_bytes(setup), embedding_bytes(setup), adapter_bytes(setup)
+    if setup.recast and spec.num_experts:
+        raise UsageError("--recast is modelled for dense models (qlora.py predates fused MoE experts)",
+                         hint="drop --recast, or use --recipe trainer")
     n = spec.layers
     weights = quant_constants = 0
     trainable: Counter[tuple[int, ...]] = Counter()  # shape -> number of tensors
 
     # Embeddings, norms and lm_head are never quantized (transformers keeps lm_head / tied
     # embeddings in modules_to_not_convert; norms and embeddings are not nn.Linear).
-    weights += alloc(spec.vocab * spec.hidden * wb)                              # embed_tokens
+    weights += alloc(spec.vocab * spec.hidden * eb)                              # embed_tokens
     # every RMSNorm weight of a layer (Qwen3 / Gemma3 q_norm and k_norm are (head_dim,) each)
     weights += n * sum(alloc(w * wb) for w in spec.norm_widths) + alloc(spec.hidden * wb)
     if not spec.tied:
-        weights += alloc(spec.vocab * spec.hidden * wb)                          # lm_head
+        weights += alloc(spec.vocab * spec.hidden * eb)                          # lm_head
     # Rotary embedding: inv_freq and its clone original_inv_freq, float32 (head_dim / 2) each,
     # non-persistent buffers (models/llama/modeling_llama.py LlamaRotaryEmbedding.__init__);
     # Gemma2TextScaledWordEmbedding adds a scalar embed_scale buffer.
     # Gemma3RotaryEmbedding keeps that pair once per layer type (local and global rope_theta).
-    weights += 2 * rope_kinds(spec) * alloc(4 * (spec.head_dim // 2)) + (alloc(wb) if spec.arch.scaled_embeddings else 0)
+    weights += 2 * rope_kinds(spec) * alloc(4 * (spec.head_dim // 2)) + (alloc(eb) if spec.arch.scaled_embeddings else 0)
     if setup.method == "full":
         trainable[(spec.vocab, spec.hidden)] += 1 if spec.tied else 2
         trainable[(spec.hidden,)] += 1
@@ -175,7 +201,7 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
             if setup.method == "full":
                 trainable[(linear.out_features, linear.in_features)] += n
         if linear.bias:
-            weights += n * alloc(linear.out_features * wb)
+            weights += n * alloc(linear.out_features * bias_bytes(setup))
             if setup.method == "full":
                 trainable[(linear.out_features,)] += n
 
@@ -200,17 +226,16 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
 
     adapters = 0
     for shape, count in expert_lora_shapes(spec, setup):
-        adapters += count * n * alloc(numel(shape) * FP32)
+        adapters += count * n * alloc(numel(shape) * ab)
         trainable[shape] += count * n
     adapted = adapted_linears(spec, setup)
     for linear in adapted:
         per_layer = 1 if linear.name == "lm_head" else n
         for shape in lora_shapes(linear, setup.rank):
-            # peft autocast_adapter_dtype=True (default) creates 16-bit adapters in float32.
-            adapters += per_layer * alloc(numel(shape) * FP32)
+            adapters += per_layer * alloc(numel(shape) * ab)       # adapter_bytes
             trainable[shape] += per_layer
 
-    grad_bytes = FP32 if setup.uses_adapters else setup.compute_bytes
+    grad_bytes = ab if setup.uses_adapters else setup.compute_bytes
     gradients = sum(k * alloc(numel(t) * grad_bytes) for t, k in trainable.items())
     state, temporaries = optimizer_memory(setup, trainable, grad_bytes)
     paged = 0
@@ -242,10 +267,11 @@ def optimizer_memory(setup: TrainSetup, shapes: Counter, param_bytes: int) -> tu
     if opt in ("adamw", "adamw_foreach"):
         # torch.optim.AdamW: exp_avg and exp_avg_sq in the param dtype (torch/optim/adamw.py
         # _init_group); `step` is a CPU scalar unless capturable/fused. bitsandbytes'
-        # PagedAdamW (32-bit) keeps the same two float32 states (state1, state2).
-        state = sum(k * 2 * alloc(t * param_bytes) for t, k in counted)
+        # PagedAdamW (32-bit) keeps two float32 states (state1, state2) whatever the parameter
+        # dtype (optim/optimizer.py Optimizer2State.init_state: optim_bits 32 -> torch.float32).
         if setup.paged:
-            return state, 0
+            return sum(k * 2 * alloc(t * FP32) for t, k in counted), 0
+        state = sum(k * 2 * alloc(t * param_bytes) for t, k in counted)
         # The CUDA default is the foreach implementation (_default_to_fused_or_foreach):
         # _multi_tensor_adamw allocates exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs),
         # one param-sized tensor per parameter, for the update.

@@ -35,7 +35,8 @@ from vramplan.cuda import cublas as cuda_cublas, sdpa as cuda_sdpa
 from vramplan.cuda.arch import ASSUMED, CudaArch
 from vramplan.cuda.gemm_4bit import gemm_4bit_uses_fused_kernel
 from vramplan.estimate.walk import ACT, Op, Tape, Tensor, WalkResult, walk
-from vramplan.estimate.inventory import adapted_linears, expert_linears, experts_adapted, experts_quantized
+from vramplan.estimate.inventory import (adapted_linears, embedding_bytes, expert_linears, experts_adapted,
+                                         experts_quantized, weight_bytes)
 from vramplan.core.models import Linear, ModelSpec
 from vramplan.estimate.quant import alloc as alloc_bytes, dequant_temporary
 from vramplan.estimate import symbolic as sym
@@ -88,7 +89,7 @@ class _Ops:
         `width` is the normalized dimension (hidden by default); `groups` rows per token: a per-head
         q/k norm (Qwen3 / Gemma3 q_norm) normalizes H rows of head_dim per token, so the float32
         copies are as large as the projection and the variance has H values per token."""
-        a, h = self.a, width or self.spec.hidden
+        a, h = self.bytes_of.get(x, self.a), width or self.spec.hidden
         T = self.T * groups
         x32 = x
         if a != FP32:
@@ -122,10 +123,15 @@ class _Ops:
             y = f"{p}.y"
             self.op(f"{p}.cast", [f"{p}.y32"], [self.t(y, a * T * h)], grads=((f"{p}.y32", FP32 * T * h),))
         out = f"{p}.out"
+        # `weight * hidden_states.to(input_dtype)` promotes: a float32 weight (prepare_model_for_kbit_training)
+        # over a 16-bit input (the embedding output after qlora.py's recast) gives a float32 output
+        ob = max(a, weight_bytes(self.setup))
         # `hidden_states` (the float32 product) is a local of forward(): it lives until the
         # return, i.e. through the weight multiply
-        self.op(f"{p}.weight", [y, f"{p}.y32"], [self.t(out, a * T * h)], saves=weight_saves if self.full else (),
+        self.op(f"{p}.weight", [y, f"{p}.y32"], [self.t(out, ob * T * h)], saves=weight_saves if self.full else (),
                 grads=((y, a * T * h),), param_grads=alloc(a * h) if self.full else 0)
+        if ob != self.a:
+            self.bytes_of[out] = ob
         return out
 
     # --- nn.Linear, bnb Linear4bit / Linear8bitLt, peft LoRA wrapper ------------------------
@@ -214,15 +220,23 @@ class _Ops:
         if xb != c:   # autocast's cast of the float32 input for F.linear
             self.op(f"{name}.x16", [xin], [self.t(f"{name}.x16", c * T * i)], grads=((xin, xb * T * i),))
             xin = f"{name}.x16"
-        wa, wb = f"{name}.A16", f"{name}.B16"
-        self.op(f"{name}.cast_A", [], [self.t(wa, c * r * i)], param_grads=alloc(FP32 * r * i))
-        self.cached += (wa,)
-        self.op(f"{name}.lora_A", [xin, wa], [self.t(f"{name}.la", c * T * r)], saves=(xin, wa),
-                grads=((xin, c * T * i), (wa, c * r * i)))
-        self.op(f"{name}.cast_B", [], [self.t(wb, c * o * r)], param_grads=alloc(FP32 * o * r))
-        self.cached += (wb,)
-        self.op(f"{name}.lora_B", [f"{name}.la", wb], [self.t(f"{name}.lb", c * T * o)], saves=(f"{name}.la", wb),
-                grads=((f"{name}.la", c * T * r), (wb, c * o * r)))
+        if self.setup.recast:
+            # qlora.py's recast: the adapter weights are bf16 leaves already, so F.linear uses them
+            # as they are (no cast, nothing cached) and their gradients are bf16 .grad tensors
+            self.op(f"{name}.lora_A", [xin], [self.t(f"{name}.la", c * T * r)], saves=(xin,),
+                    grads=((xin, c * T * i),), param_grads=alloc(c * r * i))
+            self.op(f"{name}.lora_B", [f"{name}.la"], [self.t(f"{name}.lb", c * T * o)], saves=(f"{name}.la",),
+                    grads=((f"{name}.la", c * T * r),), param_grads=alloc(c * o * r))
+        else:
+            wa, wb = f"{name}.A16", f"{name}.B16"
+            self.op(f"{name}.cast_A", [], [self.t(wa, c * r * i)], param_grads=alloc(FP32 * r * i))
+            self.cached += (wa,)
+            self.op(f"{name}.lora_A", [xin, wa], [self.t(f"{name}.la", c * T * r)], saves=(xin, wa),
+                    grads=((xin, c * T * i), (wa, c * r * i)))
+            self.op(f"{name}.cast_B", [], [self.t(wb, c * o * r)], param_grads=alloc(FP32 * o * r))
+            self.cached += (wb,)
+            self.op(f"{name}.lora_B", [f"{name}.la", wb], [self.t(f"{name}.lb", c * T * o)],
+                    saves=(f"{name}.la", wb), grads=((f"{name}.la", c * T * r), (wb, c * o * r)))
         self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", c * T * o)],
                 grads=((f"{name}.lb", c * T * o),))
         out = f"{name}.out"
@@ -413,11 +427,19 @@ class _Ops:
             w = self.a * self.T * self.spec.hidden
             self.op(f"{name}.scale", [y], [self.t(f"{name}.y", w)], grads=((y, w),))
             y = f"{name}.y"
-        out = f"{name}.out"
-        # a 16-bit y added to a float32 x promotes; autograd casts y's gradient back (validate_outputs)
-        yb = self.bytes_of.get(y, self.a)
-        gy = 0 if yb == self.a else yb * self.T * self.spec.hidden
-        self.op(name, [x, y], [self.t(out, self.a * self.T * self.spec.hidden)], grads=((x, 0), (y, gy)))
+        return self.add(name, x, y)
+
+    def add(self, name: str, x: str, y: str) -> str:
+        """x + y over the hidden width: a 16-bit operand added to a float32 one promotes, and
+        autograd casts that operand's gradient back (validate_outputs)."""
+        TH = self.T * self.spec.hidden
+        xb, yb = self.bytes_of.get(x, self.a), self.bytes_of.get(y, self.a)
+        ob = max(xb, yb)
+        out = f"{name}.out" if name != "layer" else "layer.out"
+        self.op(name, [x, y], [self.t(out, ob * TH)],
+                grads=((x, 0 if xb == ob else xb * TH), (y, 0 if yb == ob else yb * TH)))
+        if ob != self.a:
+            self.bytes_of[out] = ob
         return out
 
     # --- Mixture of experts (transformers 5 MixtralSparseMoeBlock, grouped_mm experts) ---------
@@ -698,7 +720,7 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     if spec.arch.scaled_residuals:
         b.op("res2.scale", [m], [b.t("res2.y", b.a * b.T * spec.hidden)], grads=((m, b.a * b.T * spec.hidden),))
         m = "res2.y"
-    b.op("layer", [h1, m], [b.t("layer.out", b.a * b.T * spec.hidden)], grads=((h1, 0), (m, 0)))
+    b.add("layer", h1, m)
     return b.ops, b.dequant
 
 
@@ -717,11 +739,15 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
     if logits is None and lb != b.a:
         # autocast over a float32 hidden state and prepare_model_for_kbit_training's float32
         # lm_head: F.linear casts the input and the frozen weight (not cached: it does not require
-        # grad), and keeps the weight's cast for the input gradient until the head's backward
+        # grad), and keeps the weight's cast for the input gradient until the head's backward.
+        # After qlora.py's recast the weight is bf16 already: only the input is cast.
         h = spec.hidden
         b.op("lm_head.x16", [n], [b.t("lm_head.x16", lb * T * h)], grads=((n, b.a * T * h),))
-        b.op("lm_head.w16", [], [b.t("lm_head.w16", lb * V * h)])
-        b.op("lm_head", ["lm_head.x16", "lm_head.w16"], [b.t("logits", lb * T * V)], saves=("lm_head.w16",),
+        weight = []
+        if embedding_bytes(setup) != lb:
+            b.op("lm_head.w16", [], [b.t("lm_head.w16", lb * V * h)])
+            weight = ["lm_head.w16"]
+        b.op("lm_head", ["lm_head.x16", *weight], [b.t("logits", lb * T * V)], saves=tuple(weight),
              grads=(("lm_head.x16", lb * T * h),))
         logits = "logits"
     elif logits is None:
@@ -887,6 +913,17 @@ def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
                     grad_of={"layer.out": hidden}, needs_grad=needs, cached=b.cached)
 
     inner = run(frozenset({"x"}))
+    x0 = embedding_bytes(setup)
+    if x0 != act_bytes(setup):
+        # the bottom layer reads the embedding output, 16-bit after qlora.py's recast while the
+        # hidden states above it are float32: its own walk (norm copies, a 16-bit first residual)
+        b0 = _Ops(spec, setup, decided=decided, arch=arch)
+        b0.bytes_of["x"] = x0
+        ops0, _ = layer_ops(spec, setup, b0)
+        first = walk(ops0, {"x": alloc(x0 * sym.B * sym.S * spec.hidden)}, keep=keep, save=not ckpt, backward=True,
+                     grad_of={"layer.out": hidden}, needs_grad=frozenset({"x"}) if ckpt else frozenset(),
+                     cached=b0.cached)
+        return inner, first, dequant
     return inner, inner if ckpt else run(frozenset()), dequant
 
 
@@ -917,8 +954,8 @@ def autocast_cache(spec: ModelSpec, setup: TrainSetup) -> int:
     layer's (non-saving, checkpointed) forward to the end of the forward region
     (autocast_mode.cpp cached_cast; docs/autograd.md#autocast-weight-cache). Without
     checkpointing the linears save them anyway, which the walk counts."""
-    if not (setup.autocast and setup.grad_ckpt and setup.uses_adapters):
-        return 0
+    if not (setup.autocast and setup.grad_ckpt and setup.uses_adapters) or setup.recast:
+        return 0      # (recast: bf16 adapter weights are not cast, nothing is cached)
     a, r = act_bytes(setup), setup.rank
     return sum(alloc_bytes(a * r * l.in_features) + alloc_bytes(a * l.out_features * r)
                for l in adapted_linears(spec, setup) if l.name != "lm_head")

@@ -315,12 +315,33 @@ def make_trainable(model, setup: TrainSetup, device: str):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if setup.uses_adapters:
             model = add_adapters(model, setup)
+            if setup.recast:
+                recast_like_qlora_py(model)
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, make_optimizer(trainable, setup, device)
+
+
+def recast_like_qlora_py(model) -> None:
+    """qlora.py get_accelerate_model after get_peft_model under --bf16 (TrainSetup.recast,
+    docs/recipes.md#qlora-paper-recast): every LoraLayer to bfloat16 (its adapters and the
+    wrapped layer's floating-point tensors; 4-bit weights are uint8 and stay), modules named
+    '*norm*' to float32, lm_head / embed_tokens to bfloat16 where float32."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            module.to(torch.bfloat16)
+        if "norm" in name:
+            module.to(torch.float32)
+        if "lm_head" in name or "embed_tokens" in name:
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.dtype == torch.float32:
+                module.to(torch.bfloat16)
 
 
 def apply_loop(model, setup: TrainSetup, device: str):
