@@ -441,8 +441,17 @@ class _Ops:
                 grads=((x, a * T * h),), param_grads=alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else 0)
         self.op("moe.softmax", ["moe.logits"], [self.t("moe.probs", FP32 * T * E)], saves=("moe.probs",),
                 grads=(("moe.logits", a * T * E),))
-        self.op("moe.topk", ["moe.probs"], [self.t("moe.w", FP32 * Tk), self.t("moe.idx", 8 * Tk)],
+        # the routing weights: float32 (MixtralTopKRouter), or cast back to the logits dtype
+        # (Qwen3MoeTopKRouter `.to(router_logits.dtype)`); the weighted expert outputs, their
+        # unsorted copy and the sum over the chosen experts then have the promoted dtype
+        # (docs/architectures.md#qwen3_moe)
+        wb = FP32 if spec.arch.routing_dtype == "fp32" else a
+        top = "moe.w" if wb == FP32 else "moe.w32"
+        self.op("moe.topk", ["moe.probs"], [self.t(top, FP32 * Tk), self.t("moe.idx", 8 * Tk)],
                 saves=("moe.idx",), grads=(("moe.probs", FP32 * T * E),))
+        if wb != FP32:
+            self.op("moe.w_cast", ["moe.w32"], [self.t("moe.w", wb * Tk)], grads=(("moe.w32", FP32 * Tk),))
+        self.moe_w, self.moe_out = wb, (FP32 if FP32 in (wb, a) else a)
         if experts_quantized(spec, s):
             return self.moe_4bit_experts(x)
         wgu, wd = "moe.w_gate_up", "moe.w_down"
@@ -460,12 +469,14 @@ class _Ops:
                         work=alloc(cb * merged), work_tag=ACT,
                         param_grads=alloc(FP32 * lhs) + alloc(FP32 * rhs))
                 factors += [f"moe.{name}.lhs", f"moe.{name}.rhs"]
-        # grouped_mm_experts_forward: sort by expert, gather tokens (perm // k, a transient) and
-        # routing weights, histc over the float expert ids, cumsum offsets
-        self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)],
-                work=alloc(8 * Tk), work_tag=ACT)
-        self.op("moe.gather", [x, "moe.perm"], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
-        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", FP32 * Tk)], grads=(("moe.w", FP32 * Tk),))
+        # grouped_mm_experts_forward: sort by expert, gather tokens (`hidden_states[perm // k]`:
+        # IndexBackward saves the index, so the recomputation keeps perm // k until the gather's
+        # backward) and routing weights, histc over the float expert ids, cumsum offsets
+        self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)])
+        self.op("moe.token_of", ["moe.perm"], [self.t("moe.tok", 8 * Tk)])
+        self.op("moe.gather", [x, "moe.tok"], [self.t("moe.xs", a * Tk * h)], saves=("moe.tok",),
+                grads=((x, a * T * h),))
+        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", wb * Tk)], grads=(("moe.w", wb * Tk),))
         self.op("moe.offsets", ["moe.ids"], [self.t("moe.ids32", 4 * Tk), self.t("moe.hist", 4 * E),
                                              self.t("moe.offs", 4 * E)])
         if lora:  # the cached parametrization merges on first access: baddbmm(W, lhs, rhs)
@@ -488,14 +499,13 @@ class _Ops:
         self.op("moe.down", ["moe.p"] + ([wd] if lora else []), [self.t("moe.d", a * Tk * h)],
                 saves=("moe.p", wd) if lora else (),
                 grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()))
-        self.op("moe.weigh", ["moe.d", "moe.wg"], [self.t("moe.dw", FP32 * Tk * h)], saves=("moe.d", "moe.wg"),
-                grads=(("moe.d", a * Tk * h), ("moe.wg", FP32 * Tk)))
+        ob = self.moe_out
+        self.weigh("moe.d", "moe.wg", Tk, h)
         # inv_perm = empty_like(perm); inv_perm[perm] = arange (a transient)
         self.op("moe.inv_perm", ["moe.perm"], [self.t("moe.inv", 8 * Tk)], work=alloc(8 * Tk), work_tag=ACT)
-        self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", FP32 * Tk * h)], saves=("moe.inv",),
-                grads=(("moe.dw", FP32 * Tk * h),))
-        self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", 0),))
-        self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))
+        self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", ob * Tk * h)], saves=("moe.inv",),
+                grads=(("moe.dw", ob * Tk * h),))
+        self.moe_sum(T, h)
         # the experts' locals (gathered tokens, projections, routing bookkeeping) and the cached
         # merged weights live until the experts forward returns (nn.utils.parametrize.cached)
         self.op("moe.experts_return", ["moe.ids", "moe.perm", "moe.xs", "moe.wg", "moe.ids32", "moe.hist",
@@ -523,13 +533,44 @@ class _Ops:
                 grads=(("moe.s", a * Tk * i), (u, a * Tk * i)))
         d = self.linear(w2, "moe.p", prefix="moe.")
         self.T = T
-        self.op("moe.weigh", [d, "moe.w"], [self.t("moe.dw", FP32 * Tk * h)], saves=(d, "moe.w"),
-                grads=((d, a * Tk * h), ("moe.w", FP32 * Tk)))
-        self.op("moe.unsort", ["moe.dw"], [self.t("moe.du", FP32 * Tk * h)], grads=(("moe.dw", FP32 * Tk * h),))
-        self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", 0),))
-        self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))
+        ob = self.moe_out
+        self.weigh(d, "moe.w", Tk, h)
+        self.op("moe.unsort", ["moe.dw"], [self.t("moe.du", ob * Tk * h)], grads=(("moe.dw", ob * Tk * h),))
+        self.moe_sum(T, h)
         self.op("moe.return", [x])
         return "moe.out"
+
+    def weigh(self, d: str, w: str, Tk, h: int) -> None:
+        """proj_out * sample_weights.unsqueeze(-1) (integrations/moe.py grouped_mm_experts_forward),
+        in the promoted dtype of the two. MulBackward0 makes the weights' gradient as
+        `grad * proj_out` (tokens x top_k x hidden, a transient) summed down to the weights'
+        shape, and proj_out's as `grad * weights` in the promoted dtype; when that is float32 and
+        proj_out is not (Mixtral's float32 weights), the node releases its saved tensors before
+        autograd casts that gradient back (validate_outputs): `moe.dp` stands for the promoted
+        operand, its gradient the float32 product, the cast's result the gradient of proj_out."""
+        a, ob, wb = self.a, self.moe_out, self.moe_w
+        grad_d = d
+        if ob != a:
+            grad_d = "moe.dp"
+            self.op("moe.promote", [d], [self.t(grad_d, 0)], grads=((d, a * Tk * h),))
+        self.op("moe.weigh", [d, grad_d, w], [self.t("moe.dw", ob * Tk * h)], saves=(d, w),
+                grads=((grad_d, ob * Tk * h), (w, wb * Tk)), bwd_work=alloc(ob * Tk * h), work_tag=ACT)
+
+    def moe_sum(self, T, h: int) -> None:
+        """weighted_out.view(tokens, k, h).sum(1).to(hidden dtype) (integrations/moe.py
+        grouped_mm_experts_forward). Backward: SumBackward expands the gradient (a stride-0 view),
+        ViewBackward's reshape of it cannot be a view, so it copies: a tokens x top_k x hidden
+        gradient of the sum's dtype. Neither saves a tensor, so under checkpointing both run
+        before the recomputation and that copy stays alive through it. The cast is a new tensor
+        only when the sum is float32 and the hidden states are not (Mixtral's float32 routing
+        weights); `.to()` of the same dtype returns the sum itself."""
+        a, ob, Tk = self.a, self.moe_out, T * self.spec.experts_per_tok
+        if ob == a:
+            self.op("moe.sum", ["moe.du"], [self.t("moe.out", a * T * h)], grads=(("moe.du", ob * Tk * h),))
+            self.op("moe.ds_alias", ["moe.out"], [self.t("moe.ds", 0)])
+            return
+        self.op("moe.sum", ["moe.du"], [self.t("moe.ds", ob * T * h)], grads=(("moe.du", ob * Tk * h),))
+        self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", ob * T * h),))
 
     # --- MLP ------------------------------------------------------------------------------------
     def mlp(self, x: str, lins: dict) -> str:
