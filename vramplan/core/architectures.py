@@ -61,11 +61,18 @@ class Architecture:
     # num_local_experts / intermediate_size; Qwen3MoeConfig num_experts / moe_intermediate_size)
     experts_key: str = "num_local_experts"
     expert_width_key: str = "intermediate_size"
-    # dtype of the top-k routing weights the experts multiply by: "fp32" (MixtralTopKRouter keeps
-    # the float32 softmax values) or "hidden" (Qwen3MoeTopKRouter: `.to(router_logits.dtype)`),
-    # which decides the dtype of the weighted expert outputs (integrations/moe.py
-    # grouped_mm_experts_forward: proj_out * sample_weights). docs/architectures.md#qwen3_moe
-    routing_dtype: str = "fp32"
+    # The router's ops (docs/architectures.md#moe-routers): "softmax_topk" (MixtralTopKRouter: a
+    # float32 softmax over all experts, top-k of it; the routing weights stay float32),
+    # "softmax_topk_cast" (Qwen3MoeTopKRouter: the same, then `.to(router_logits.dtype)`) or
+    # "topk_softmax" (GraniteMoeTopKRouter: top-k of the float32 logits, a softmax over those k,
+    # `.type_as(hidden_states)`). The weights' dtype decides the dtype of the weighted expert
+    # outputs (integrations/moe.py grouped_mm_experts_forward: proj_out * sample_weights).
+    router: str = "softmax_topk"
+    # peft maps "all-linear" onto the fused experts and the router (target_parameters) only for
+    # model types in its MoE conversion table (peft/utils/transformers_weight_conversion.py
+    # _MOE_TARGET_MODULE_MAPPING via transformers conversion_mapping._MODEL_TO_CONVERSION_PATTERN:
+    # mixtral, qwen3_moe -> qwen2_moe); elsewhere all-linear adapts only the nn.Linear modules.
+    peft_moe_conversion: bool = True
     activation_key: str = "hidden_act"
     # Gemma scales embeddings by sqrt(hidden) (Gemma2TextScaledWordEmbedding) and soft-caps logits.
     scaled_embeddings: bool = False
@@ -200,11 +207,26 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                                    decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=768,
                                    num_experts_per_tok=8, num_experts=128, norm_topk_prob=False),
                  mlp_bias=False, qk_norm="head", layer_types_rule="all_if_used", moe=True,
-                 experts_key="num_experts", expert_width_key="moe_intermediate_size", routing_dtype="hidden",
+                 experts_key="num_experts", expert_width_key="moe_intermediate_size", router="softmax_topk_cast",
                  notes=("transformers 5 keeps Qwen3-MoE experts as 3D parameters: bitsandbytes does not "
                         "quantize them (they stay 16-bit); peft's all-linear adapts them through "
                         "target_parameters (the qwen2_moe conversion: ParamWrapper, gate_up_proj at rank 2r), "
                         "merging a 16-bit copy of each expert stack on every forward",)),
+    # models/granitemoe/modeling_granitemoe.py (GraniteMoeAttention, GraniteMoeDecoderLayer,
+    # GraniteMoeMoE, GraniteMoeTopKRouter, GraniteMoeExperts, GraniteMoeModel, GraniteMoeForCausalLM)
+    # and configuration_granitemoe.py (GraniteMoeConfig): Granite's multipliers (residual,
+    # embedding, logits) around a Mixtral-style layer: q/k/v/o bias=attention_bias, fused 3D
+    # experts (num_local_experts of intermediate_size), a router weight (E, h) whose top-k runs
+    # on the float32 logits before the softmax. peft 0.21 has no MoE conversion for granitemoe,
+    # so all-linear adapts the attention projections only. docs/architectures.md#granitemoe
+    Architecture("granitemoe", dict(_LLAMA_DEFAULTS, embedding_multiplier=1.0, logits_scaling=1.0,
+                                    residual_multiplier=1.0, attention_multiplier=1.0, num_local_experts=8,
+                                    num_experts_per_tok=2),
+                 mlp_bias=False, scaled_residuals=True, scaled_logits=True, moe=True, router="topk_softmax",
+                 peft_moe_conversion=False,
+                 notes=("transformers 5 keeps GraniteMoE experts as 3D parameters: bitsandbytes does not "
+                        "quantize them (they stay 16-bit); peft's all-linear adapts only the attention "
+                        "projections (no MoE conversion for granitemoe): experts and router stay frozen",)),
 )}
 
 

@@ -22,7 +22,8 @@ CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "
                   "gemma2": "Gemma2Config", "phi3": "Phi3Config", "mixtral": "MixtralConfig",
                   "qwen3": "Qwen3Config", "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config",
                   "granite": "GraniteConfig", "smollm3": "SmolLM3Config", "olmo3": "Olmo3Config",
-                  "ministral": "MinistralConfig", "qwen3_moe": "Qwen3MoeConfig"}
+                  "ministral": "MinistralConfig", "qwen3_moe": "Qwen3MoeConfig",
+                  "granitemoe": "GraniteMoeConfig"}
 
 # Fields derived from others when absent, as transformers does: the config classes set
 # `num_key_value_heads = num_attention_heads` (e.g. LlamaConfig.__post_init__), and head_dim is

@@ -155,6 +155,11 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     if setup.attn not in spec.arch.attention:
         raise ModelError(f"{spec.id} ({spec.model_type}) cannot train with attn={setup.attn!r} in transformers 5",
                          hint=f"use --attn {' or '.join(spec.arch.attention)}")
+    if setup.experts_4bit and spec.num_experts and not spec.arch.peft_moe_conversion:
+        # the --experts 4bit layout is the v4 per-expert Linear stack (w1/w3/w2, gate/up/down);
+        # GraniteMoE never had one (transformers 4 GraniteMoeParallelExperts held 3D weights too)
+        raise ModelError(f"--experts 4bit is not modelled for {spec.model_type}: its experts never were "
+                         "per-expert Linear layers", hint="drop --experts 4bit")
     static = static if static is not None else static_memory(spec, setup)
     moments = step_moments(spec, setup, static, cuda_arch)
     peak_moment = max(moments, key=lambda m: sum(moments[m].values()))

@@ -439,19 +439,11 @@ class _Ops:
         r = s.rank
         self.op("moe.router", [x], [self.t("moe.logits", a * T * E)], saves=(x,) if lora else (),
                 grads=((x, a * T * h),), param_grads=alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else 0)
-        self.op("moe.softmax", ["moe.logits"], [self.t("moe.probs", FP32 * T * E)], saves=("moe.probs",),
-                grads=(("moe.logits", a * T * E),))
-        # the routing weights: float32 (MixtralTopKRouter), or cast back to the logits dtype
-        # (Qwen3MoeTopKRouter `.to(router_logits.dtype)`); the weighted expert outputs, their
-        # unsorted copy and the sum over the chosen experts then have the promoted dtype
-        # (docs/architectures.md#qwen3_moe)
-        wb = FP32 if spec.arch.routing_dtype == "fp32" else a
-        top = "moe.w" if wb == FP32 else "moe.w32"
-        self.op("moe.topk", ["moe.probs"], [self.t(top, FP32 * Tk), self.t("moe.idx", 8 * Tk)],
-                saves=("moe.idx",), grads=(("moe.probs", FP32 * T * E),))
-        if wb != FP32:
-            self.op("moe.w_cast", ["moe.w32"], [self.t("moe.w", wb * Tk)], grads=(("moe.w32", FP32 * Tk),))
-        self.moe_w, self.moe_out = wb, (FP32 if FP32 in (wb, a) else a)
+        self.router_weights(T, E, k)
+        # the weighted expert outputs, their unsorted copy and the sum over the chosen experts
+        # have the promoted dtype of the routing weights and the hidden states
+        wb = self.moe_w
+        self.moe_out = FP32 if FP32 in (wb, a) else a
         if experts_quantized(spec, s):
             return self.moe_4bit_experts(x)
         wgu, wd = "moe.w_gate_up", "moe.w_down"
@@ -539,6 +531,41 @@ class _Ops:
         self.moe_sum(T, h)
         self.op("moe.return", [x])
         return "moe.out"
+
+    def router_weights(self, T, E: int, k: int) -> None:
+        """"moe.logits" (tokens x experts, hidden dtype) to the routing weights "moe.w" (tokens x
+        top_k, dtype self.moe_w) and expert ids "moe.idx" (int64), as the family's router runs
+        (Architecture.router, docs/architectures.md#moe-routers):
+        - MixtralTopKRouter / Qwen3MoeTopKRouter: softmax(logits, dtype=float) over every expert
+          (saved), topk of the probabilities (TopkBackward scatters into a tokens x experts
+          zeros); Qwen3-MoE casts the k weights back to the logits dtype;
+        - GraniteMoeTopKRouter: `logits.float()`, topk of the float32 logits, softmax over the k
+          values (its output saved), `.type_as(hidden_states)`."""
+        a, Tk = self.a, T * k
+        router = self.spec.arch.router
+        if router == "topk_softmax":
+            logits = "moe.logits"
+            if a != FP32:   # .float() of float32 logits is the tensor itself
+                logits = "moe.logits32"
+                self.op("moe.float", ["moe.logits"], [self.t(logits, FP32 * T * E)],
+                        grads=(("moe.logits", a * T * E),))
+            self.op("moe.topk", [logits], [self.t("moe.top", FP32 * Tk), self.t("moe.idx", 8 * Tk)],
+                    saves=("moe.idx",), grads=((logits, FP32 * T * E),))
+            self.op("moe.softmax", ["moe.top"], [self.t("moe.w32", FP32 * Tk)], saves=("moe.w32",),
+                    grads=(("moe.top", FP32 * Tk),))
+            top = "moe.w32"
+        else:
+            self.op("moe.softmax", ["moe.logits"], [self.t("moe.probs", FP32 * T * E)], saves=("moe.probs",),
+                    grads=(("moe.logits", a * T * E),))
+            top = "moe.w" if router == "softmax_topk" else "moe.w32"
+            self.op("moe.topk", ["moe.probs"], [self.t(top, FP32 * Tk), self.t("moe.idx", 8 * Tk)],
+                    saves=("moe.idx",), grads=(("moe.probs", FP32 * T * E),))
+        self.moe_w = FP32 if router == "softmax_topk" else a
+        if top != "moe.w":
+            if a == FP32:
+                self.op("moe.w_alias", [top], [self.t("moe.w", 0)], grads=((top, 0),))
+            else:
+                self.op("moe.w_cast", [top], [self.t("moe.w", a * Tk)], grads=((top, FP32 * Tk),))
 
     def weigh(self, d: str, w: str, Tk, h: int) -> None:
         """proj_out * sample_weights.unsqueeze(-1) (integrations/moe.py grouped_mm_experts_forward),
