@@ -178,17 +178,22 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     if per_tok > experts:
         raise ModelError(f"config for {model_id}: num_experts_per_tok {per_tok} > {arch.experts_key} {experts}",
                          hint="check the MoE fields of config.json")
+    if arch.moe and cfg.get("output_router_logits"):
+        # MixtralForCausalLM / Qwen3MoeForCausalLM / GraniteMoeForCausalLM add load_balancing_loss_func
+        # over every layer's router logits, kept through the forward: not in the layer walk
+        raise ModelError(f"config for {model_id}: output_router_logits (the router load-balancing loss) is "
+                         "not modelled", hint="set output_router_logits to false, or use `vramplan simulate`")
     if arch.moe and arch.expert_width_key != "intermediate_size":
         # Qwen3-MoE: an expert is moe_intermediate_size wide; intermediate_size only sizes the dense
-        # MLP of layers that are not sparse (Qwen3MoeDecoderLayer), refused below
+        # Qwen3MoeMLP of the layers Qwen3MoeDecoderLayer leaves dense (layer_idx in mlp_only_layers,
+        # or (layer_idx + 1) % decoder_sparse_step != 0), which the layer walk does not mix in
         inter = need_int(arch.expert_width_key)
         dense = cfg.get("mlp_only_layers") or []
         step = cfg.get("decoder_sparse_step", 1)
         if dense or step != 1:
             raise ModelError(f"config for {model_id}: dense MLP layers among the MoE layers (mlp_only_layers "
                              f"{dense}, decoder_sparse_step {step}) are not modelled",
-                             hint="the analytic model walks all-sparse Qwen3-MoE stacks; `vramplan simulate` "
-                                  "traces this one")
+                             hint="`vramplan simulate` traces this model")
 
     types, window = _layer_types(arch, cfg, layers, model_id)
 
