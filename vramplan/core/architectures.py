@@ -73,6 +73,10 @@ class Architecture:
     # _MOE_TARGET_MODULE_MAPPING via transformers conversion_mapping._MODEL_TO_CONVERSION_PATTERN:
     # mixtral, qwen3_moe -> qwen2_moe); elsewhere all-linear adapts only the nn.Linear modules.
     peft_moe_conversion: bool = True
+    # transformers 4 built every expert as nn.Linear modules (MixtralBlockSparseTop2MLP w1/w3/w2,
+    # Qwen3MoeMLP gate/up/down): the layout --experts 4bit models (docs/bitsandbytes.md#moe-experts).
+    # GraniteMoE's transformers 4 experts (GraniteMoeParallelExperts) were 3D weights already.
+    expert_linears_v4: bool = True
     activation_key: str = "hidden_act"
     # Gemma scales embeddings by sqrt(hidden) (Gemma2TextScaledWordEmbedding) and soft-caps logits.
     scaled_embeddings: bool = False
@@ -223,7 +227,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                                     residual_multiplier=1.0, attention_multiplier=1.0, num_local_experts=8,
                                     num_experts_per_tok=2),
                  mlp_bias=False, scaled_residuals=True, scaled_logits=True, moe=True, router="topk_softmax",
-                 peft_moe_conversion=False,
+                 peft_moe_conversion=False, expert_linears_v4=False,
                  notes=("transformers 5 keeps GraniteMoE experts as 3D parameters: bitsandbytes does not "
                         "quantize them (they stay 16-bit); peft's all-linear adapts only the attention "
                         "projections (no MoE conversion for granitemoe): experts and router stay frozen",)),

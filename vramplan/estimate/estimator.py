@@ -155,9 +155,8 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     if setup.attn not in spec.arch.attention:
         raise ModelError(f"{spec.id} ({spec.model_type}) cannot train with attn={setup.attn!r} in transformers 5",
                          hint=f"use --attn {' or '.join(spec.arch.attention)}")
-    if setup.experts_4bit and spec.num_experts and not spec.arch.peft_moe_conversion:
-        # the --experts 4bit layout is the v4 per-expert Linear stack (w1/w3/w2, gate/up/down);
-        # GraniteMoE never had one (transformers 4 GraniteMoeParallelExperts held 3D weights too)
+    if setup.experts_4bit and spec.num_experts and not spec.arch.expert_linears_v4:
+        # the --experts 4bit layout is the v4 per-expert Linear stack (Architecture.expert_linears_v4)
         raise ModelError(f"--experts 4bit is not modelled for {spec.model_type}: its experts never were "
                          "per-expert Linear layers", hint="drop --experts 4bit")
     static = static if static is not None else static_memory(spec, setup)
@@ -386,7 +385,7 @@ def warnings(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
     if experts_adapted(spec, setup):
         merge = spec.num_experts * 3 * spec.hidden * spec.intermediate * setup.compute_bytes
         text += f", plus a {format_bytes(merge, 'GiB')} merged 16-bit copy per layer on each forward (LoRA)"
-    if setup.quant != "int8":
+    if setup.quant != "int8" and spec.arch.expert_linears_v4:
         text += "; --experts 4bit models stacks that quantize them"
     return (text,)
 
