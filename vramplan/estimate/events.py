@@ -300,9 +300,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     inputs = ([alloc(8 * setup.tokens), alloc(8 * setup.seq), alloc(8 * (setup.tokens + setup.batch)),
                alloc(8 * (setup.tokens + setup.batch))]
               + [alloc(a * setup.seq * spec.head_dim)] * (2 * rope_kinds(spec)))
-    leaf = embedding_leaf(spec, setup)
-    if leaf:
-        inputs.append(leaf)
+    leaf = embedding_leaf(spec, setup)     # freed with the graph when backward ends
     held = held_outputs(spec, setup)       # ops.held_outputs: a plain loop's `out`
     held_prev = []
     mask = eager_masks(spec, setup)
@@ -322,6 +320,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     for step in range(steps):
         b.place("forward", "")
         keys = [(b.new(n), n) for n in inputs]
+        leaves = [(b.new(leaf), leaf)] if leaf else []
         masks = [(b.new(mask), mask)] if mask else []
         x = [(b.new(hidden), hidden)]
         if step == 0:   # the cuBLAS workspace, from the first matmul on (cuda/cublas.py)
@@ -384,7 +383,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
             if fsdp.root_gradients:
                 grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))])
         release(rooted)
-        for key, n in masks:
+        for key, n in masks + leaves:
             b.free(key, n)
         b.place("optimizer", "")
         if step == 0:
