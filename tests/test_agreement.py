@@ -107,6 +107,7 @@ CASES = [
     ("qwen3moe-experts", dict(seq=512)),
     ("qwen3moe-experts", dict(seq=512, grad_ckpt=False)),
     ("qwen3moe-experts", dict(seq=512, targets="q_proj,v_proj")),
+    ("qwen3moe-experts", dict(seq=512, method="full", grad_ckpt=False)),
     ("granitemoe-experts", dict(seq=512)),
     ("granitemoe-experts", dict(seq=512, grad_ckpt=False)),
 ]

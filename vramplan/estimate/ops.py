@@ -437,8 +437,13 @@ class _Ops:
         cb, Tk = s.compute_bytes, T * k
         lora = experts_adapted(spec, s)
         r = s.rank
-        self.op("moe.router", [x], [self.t("moe.logits", a * T * E)], saves=(x,) if lora else (),
-                grads=((x, a * T * h),), param_grads=alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else 0)
+        # the router weight trains under full fine-tuning (its .grad in the weight dtype, as
+        # nn.Linear's in `linear`) or through ParamWrapper's LoRA factors (float32 .grad): either
+        # way F.linear saves the input for the weight gradient
+        full = self.full
+        router_grads = alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else alloc(a * E * h) if full else 0
+        self.op("moe.router", [x], [self.t("moe.logits", a * T * E)], saves=(x,) if lora or full else (),
+                grads=((x, a * T * h),), param_grads=router_grads)
         self.router_weights(T, E, k)
         # the weighted expert outputs, their unsorted copy and the sum over the chosen experts
         # have the promoted dtype of the routing weights and the hidden states
@@ -475,9 +480,12 @@ class _Ops:
             self.op("moe.merge_gate_up", ["moe.gate_up.lhs", "moe.gate_up.rhs"], [self.t(wgu, cb * E * 2 * i * h)],
                     saves=("moe.gate_up.lhs", "moe.gate_up.rhs"),
                     grads=(("moe.gate_up.lhs", cb * E * 2 * i * 2 * r), ("moe.gate_up.rhs", cb * E * 2 * r * h)))
+        # grouped_mm saves its input when the weight needs a gradient (full fine-tuning: the 3D
+        # parameter's .grad, in the weight dtype; LoRA: the merged copy's gradient)
         self.op("moe.gate_up", ["moe.xs"] + ([wgu] if lora else []), [self.t("moe.gu", a * Tk * 2 * i)],
-                saves=("moe.xs", wgu) if lora else (),
-                grads=(("moe.xs", a * Tk * h),) + (((wgu, cb * E * 2 * i * h),) if lora else ()))
+                saves=("moe.xs", wgu) if lora else ("moe.xs",) if full else (),
+                grads=(("moe.xs", a * Tk * h),) + (((wgu, cb * E * 2 * i * h),) if lora else ()),
+                param_grads=alloc(a * E * 2 * i * h) if full else 0)
         # gate and up are chunk views of gate_up: each gets a half-size gradient (SplitBackward
         # then concatenates them)
         self.op("moe.act", ["moe.gu"], [self.t("moe.s", a * Tk * i)], saves=("moe.gu",),
@@ -489,8 +497,9 @@ class _Ops:
                     saves=("moe.down.lhs", "moe.down.rhs"),
                     grads=(("moe.down.lhs", cb * E * h * r), ("moe.down.rhs", cb * E * r * i)))
         self.op("moe.down", ["moe.p"] + ([wd] if lora else []), [self.t("moe.d", a * Tk * h)],
-                saves=("moe.p", wd) if lora else (),
-                grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()))
+                saves=("moe.p", wd) if lora else ("moe.p",) if full else (),
+                grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()),
+                param_grads=alloc(a * E * h * i) if full else 0)
         ob = self.moe_out
         self.weigh("moe.d", "moe.wg", Tk, h)
         # inv_perm = empty_like(perm); inv_perm[perm] = arange (a transient)
