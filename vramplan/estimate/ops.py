@@ -422,10 +422,11 @@ class _Ops:
 
     # --- Mixture of experts (transformers 5 MixtralSparseMoeBlock, grouped_mm experts) ---------
     def moe(self, x: str) -> str:
-        """MixtralTopKRouter then MixtralExperts with experts_implementation="grouped_mm" (the
-        transformers 5.23 default): tokens sorted by expert and gathered (index), one grouped
-        matmul for gate_up and one for down, the routing weights (float32) multiply the output,
-        which is put back in token order and summed over the chosen experts, then cast.
+        """The family's router (router_weights) then its experts (MixtralExperts, Qwen3MoeExperts,
+        GraniteMoeExperts) with experts_implementation="grouped_mm" (the transformers 5.23
+        default): tokens sorted by expert and gathered (index), one grouped matmul for gate_up and
+        one for down, the routing weights multiply the output, which is put back in token order
+        and summed over the chosen experts (moe_sum), then cast if the sum is float32.
         With all-linear LoRA, peft's ParamWrapper merges weight + B @ A (baddbmm) into a fresh
         compute-dtype copy of each expert stack on every forward; the grouped matmul saves it."""
         spec, s, a, T = self.spec, self.setup, self.a, self.T
@@ -506,11 +507,11 @@ class _Ops:
         self.op("moe.inv_perm", ["moe.perm"], [self.t("moe.inv", 8 * Tk)], work=alloc(8 * Tk), work_tag=ACT)
         self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", ob * Tk * h)], saves=("moe.inv",),
                 grads=(("moe.dw", ob * Tk * h),))
-        self.moe_sum(T, h)
+        summed = self.moe_sum(T, h)
         # the experts' locals (gathered tokens, projections, routing bookkeeping) and the cached
         # merged weights live until the experts forward returns (nn.utils.parametrize.cached)
         self.op("moe.experts_return", ["moe.ids", "moe.perm", "moe.xs", "moe.wg", "moe.ids32", "moe.hist",
-                                       "moe.offs", "moe.d", "moe.inv", "moe.du", "moe.ds", *factors]
+                                       "moe.offs", "moe.d", "moe.inv", "moe.du", summed, *factors]
                 + ([wgu, wd] if lora else []))
         self.op("moe.return", [x])
         return "moe.out"
@@ -545,7 +546,7 @@ class _Ops:
         """"moe.logits" (tokens x experts, hidden dtype) to the routing weights "moe.w" (tokens x
         top_k, dtype self.moe_w) and expert ids "moe.idx" (int64), as the family's router runs
         (Architecture.router, docs/architectures.md#moe-routers):
-        - MixtralTopKRouter / Qwen3MoeTopKRouter: softmax(logits, dtype=float) over every expert
+        - MixtralTopKRouter / Qwen3MoeTopKRouter: a float32 softmax of the logits over every expert
           (saved), topk of the probabilities (TopkBackward scatters into a tokens x experts
           zeros); Qwen3-MoE casts the k weights back to the logits dtype;
         - GraniteMoeTopKRouter: `logits.float()`, topk of the float32 logits, softmax over the k
@@ -592,7 +593,7 @@ class _Ops:
         self.op("moe.weigh", [d, grad_d, w], [self.t("moe.dw", ob * Tk * h)], saves=(d, w),
                 grads=((grad_d, ob * Tk * h), (w, wb * Tk)), bwd_work=alloc(ob * Tk * h), work_tag=ACT)
 
-    def moe_sum(self, T, h: int) -> None:
+    def moe_sum(self, T, h: int) -> str:
         """weighted_out.view(tokens, k, h).sum(1).to(hidden dtype) (integrations/moe.py
         grouped_mm_experts_forward). Backward: SumBackward expands the gradient (a stride-0 view),
         ViewBackward's reshape of it cannot be a view, so it copies: a tokens x top_k x hidden
@@ -601,12 +602,11 @@ class _Ops:
         only when the sum is float32 and the hidden states are not (Mixtral's float32 routing
         weights); `.to()` of the same dtype returns the sum itself."""
         a, ob, Tk = self.a, self.moe_out, T * self.spec.experts_per_tok
-        if ob == a:
-            self.op("moe.sum", ["moe.du"], [self.t("moe.out", a * T * h)], grads=(("moe.du", ob * Tk * h),))
-            self.op("moe.ds_alias", ["moe.out"], [self.t("moe.ds", 0)])
-            return
-        self.op("moe.sum", ["moe.du"], [self.t("moe.ds", ob * T * h)], grads=(("moe.du", ob * Tk * h),))
-        self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", ob * T * h),))
+        summed = "moe.out" if ob == a else "moe.ds"
+        self.op("moe.sum", ["moe.du"], [self.t(summed, ob * T * h)], grads=(("moe.du", ob * Tk * h),))
+        if summed != "moe.out":
+            self.op("moe.cast", [summed], [self.t("moe.out", a * T * h)], grads=((summed, ob * T * h),))
+        return summed
 
     # --- MLP ------------------------------------------------------------------------------------
     def mlp(self, x: str, lins: dict) -> str:
