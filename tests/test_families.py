@@ -34,6 +34,9 @@ PUBLISHED = [
     ("HuggingFaceTB/SmolLM3-3B-Base", 3, None, (0, None)),
     # Olmo 3 on the Hub: "7.3B params" (safetensors)
     ("allenai/Olmo-3-1025-7B", 7.3, None, (1, None)),
+    # Qwen3-30B-A3B model card: "Number of Parameters: 30.5B in total and 3.3B activated; Number of
+    # Paramaters (Non-Embedding): 29.9B"
+    ("Qwen/Qwen3-30B-A3B", 30.5, 29.9, (1, 1)),
 ]
 
 
@@ -277,5 +280,91 @@ def test_cli_estimates_and_lists_the_new_families(capsys, monkeypatch, model, fa
     assert all(isinstance(v, int) and v > 0 for k, v in data["components"].items() if k != "gradients")
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["models", model.split("/")[1]]) == 0
+    out = capsys.readouterr().out
+    assert any(line.split()[:2] == [model, family] for line in out.splitlines() if line.strip())
+
+
+# --- MoE families: qwen3_moe, granitemoe -----------------------------------------------------------
+
+# ibm-granite/granite-3.1-3b-a800m-instruct's config.json (shape fields and multipliers as published
+# on huggingface.co). Not in the bundled catalog: its id is too long for `vramplan models` at 80
+# columns; `vramplan estimate` reads it from the Hub.
+GRANITE_31_3B_A800M = "ibm-granite/granite-3.1-3b-a800m-instruct"
+
+
+def granite_3b_a800m():
+    return spec_from_config(json.loads((CONFIGS / "granite-3.1-3b-a800m-instruct.json").read_text()),
+                            GRANITE_31_3B_A800M, "test")
+
+
+def test_granite_moe_count_rounds_to_the_model_card():
+    # model card: "# Parameters 3.3B" (40 experts of width 512 per layer, tied lm_head)
+    spec = granite_3b_a800m()
+    assert (spec.num_experts, spec.experts_per_tok, spec.intermediate, spec.tied) == (40, 8, 512, True)
+    assert round(spec.num_params / B, 1) == 3.3 and spec.param_breakdown()["lm_head"] == 0
+
+
+def test_qwen3_moe_reads_experts_of_moe_intermediate_size():
+    spec = resolve("Qwen/Qwen3-30B-A3B")
+    assert (spec.num_experts, spec.experts_per_tok, spec.intermediate) == (128, 8, 768)
+    assert (spec.heads, spec.kv_heads, spec.head_dim) == (32, 4, 128)
+    assert spec.norm_widths == (2048, 2048, 128, 128)        # Qwen3MoeRMSNorm q_norm / k_norm per head
+    assert not any(l.bias for l in spec.layer_linears) and spec.layer_types == ("full_attention",) * 48
+
+
+@pytest.mark.parametrize("field, value", [("mlp_only_layers", [0, 5]), ("decoder_sparse_step", 2)])
+def test_qwen3_moe_dense_layers_are_one_line_errors(tmp_path, capsys, field, value):
+    from vramplan.cli import main
+
+    config = dict(resolve("Qwen/Qwen3-30B-A3B").config, **{field: value})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["estimate", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("Error: ") and "(hint: `vramplan simulate`" in err
+    assert "dense MLP layers among the MoE layers" in err and f"{field} {value}" in err
+
+
+@pytest.mark.parametrize("model", ["Qwen/Qwen3-30B-A3B", "mistralai/Mixtral-8x7B-v0.1"])
+def test_moe_router_loss_is_a_one_line_error(tmp_path, capsys, model):
+    from vramplan.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(resolve(model).config, output_router_logits=True)))
+    assert main(["estimate", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "output_router_logits" in err and "(hint: set output_router_logits to false" in err
+
+
+def test_granite_moe_all_linear_leaves_experts_and_router_frozen():
+    from vramplan.core.setup import TrainSetup
+    from vramplan.estimate.inventory import experts_adapted, static_memory
+
+    spec, setup = granite_3b_a800m(), TrainSetup()
+    assert not experts_adapted(spec, setup)
+    r, h, q, kv = setup.rank, spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    attention = r * (h + q) + 2 * r * (h + kv) + r * (q + h)           # q, k, v, o LoRA A and B
+    assert static_memory(spec, setup).trainable_params == spec.layers * attention
+    # Mixtral-style families adapt experts and router through ParamWrapper
+    assert experts_adapted(resolve("Qwen/Qwen3-30B-A3B"), setup)
+
+
+def test_granite_moe_refuses_4bit_experts(tmp_path, capsys):
+    from vramplan.cli import main
+
+    (tmp_path / "config.json").write_text((CONFIGS / "granite-3.1-3b-a800m-instruct.json").read_text())
+    assert main(["estimate", str(tmp_path), "--experts", "4bit"]) != 0
+    err = capsys.readouterr().err
+    assert err == ("Error: --experts 4bit is not modelled for granitemoe: its experts never were per-expert "
+                   "Linear layers (hint: drop --experts 4bit)\n")
+
+
+@pytest.mark.parametrize("model, family", [("Qwen/Qwen3-30B-A3B", "qwen3_moe")])
+def test_cli_estimates_and_lists_the_moe_families(capsys, monkeypatch, model, family):
+    from vramplan.cli import main
+
+    assert main(["estimate", model, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"]["id"] == model and data["model"]["model_type"] == family
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["models", family]) == 0
     out = capsys.readouterr().out
     assert any(line.split()[:2] == [model, family] for line in out.splitlines() if line.strip())

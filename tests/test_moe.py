@@ -56,14 +56,47 @@ def test_json_warnings(capsys):
     assert json.loads(out)["warnings"] == []
 
 
-def test_sixteen_bit_expert_bytes_are_the_transformers_expert_parameters():
+GRANITE_MOE = __import__("pathlib").Path(__file__).parent / "configs" / "granite-3.1-3b-a800m-instruct.json"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "granitemoe"])
+def test_every_moe_family_gets_the_warning(capsys, tmp_path, family):
+    """Qwen3-MoE and GraniteMoE keep fused 3-D expert stacks as Mixtral does: the same warning, in
+    bytes; the merged LoRA copy only where all-linear adapts the experts (not GraniteMoE), and
+    --experts 4bit only where that layout exists."""
+    if family == "qwen3_moe":
+        model = "Qwen/Qwen3-30B-A3B"
+    else:
+        (tmp_path / "config.json").write_text(GRANITE_MOE.read_text())
+        model = str(tmp_path)
+    code, out, _ = cli(capsys, "estimate", model, "--json")
+    data = json.loads(out)
+    assert code == 0 and data["model"]["model_type"] == family and len(data["warnings"]) == 1
+    text = data["warnings"][0]
+    assert text.startswith("MoE experts stay 16-bit: transformers 5 does not quantize fused expert stacks")
+    from vramplan.core.models import resolve
+    spec = resolve(model) if family == "qwen3_moe" else spec_from_config(json.loads(GRANITE_MOE.read_text()), "g", "t")
+    sixteen, _ = expert_weight_bytes(spec, TrainSetup())
+    assert f"({sixteen:,} bytes)" in text
+    assert ("merged 16-bit copy per layer" in text) == (family == "qwen3_moe")
+    assert ("--experts 4bit" in text) == (family == "qwen3_moe")
+    _, out, _ = cli(capsys, "estimate", model, "--method", "lora", "--json")    # nothing is quantized
+    assert json.loads(out)["warnings"] == []
+
+
+MOE_TINY = {"mixtral": {}, "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),
+            "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2)}
+
+
+@pytest.mark.parametrize("family", sorted(MOE_TINY))
+def test_sixteen_bit_expert_bytes_are_the_transformers_expert_parameters(family):
     """What the warning quotes: every expert parameter transformers 5 builds, in bf16, one CUDA
     allocation each (512-byte rounding)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config = tiny_config("mixtral", num_hidden_layers=3)
-    spec = spec_from_config(config, "tiny-mixtral", "test")
-    hf = transformers.CONFIG_MAPPING["mixtral"].from_dict(config)
+    config = tiny_config(family, num_hidden_layers=3, **MOE_TINY[family])
+    spec = spec_from_config(config, f"tiny-{family}", "test")
+    hf = transformers.CONFIG_MAPPING[family].from_dict(config)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
     experts = [p for name, p in model.named_parameters() if ".experts." in name]

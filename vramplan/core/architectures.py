@@ -42,7 +42,8 @@ class Architecture:
     # __post_init__): "window_from" (Qwen2/Qwen3: sliding from max_window_layers up, when
     # use_sliding_window), "pattern" (Gemma: every sliding_window_pattern-th layer is global),
     # "all" (Mistral / Mixtral / Phi-3: every layer sliding when sliding_window is set), "olmo3"
-    # (Olmo3Config: every fourth layer full, the others sliding), None: none.
+    # (Olmo3Config: every fourth layer full, the others sliding), "all_if_used" (Qwen3MoeConfig:
+    # sliding_window only with use_sliding_window, then on every layer), None: none.
     layer_types_rule: str | None = None
     # Granite's multipliers that run as ops (models/granite/modeling_granite.py): every block output
     # is scaled before its residual add (`residual + h * residual_multiplier`, GraniteDecoderLayer)
@@ -56,6 +57,26 @@ class Architecture:
     # inv_freq buffers and cos/sin exist once per distinct layer type.
     rope_per_layer_type: bool = False
     moe: bool = False  # experts as 3D nn.Parameters (MixtralExperts) + a TopKRouter weight
+    # MoE config keys: the expert count and the width of one expert (MixtralConfig
+    # num_local_experts / intermediate_size; Qwen3MoeConfig num_experts / moe_intermediate_size)
+    experts_key: str = "num_local_experts"
+    expert_width_key: str = "intermediate_size"
+    # The router's ops (docs/architectures.md#moe-routers): "softmax_topk" (MixtralTopKRouter: a
+    # float32 softmax over all experts, top-k of it; the routing weights stay float32),
+    # "softmax_topk_cast" (Qwen3MoeTopKRouter: the same, then `.to(router_logits.dtype)`) or
+    # "topk_softmax" (GraniteMoeTopKRouter: top-k of the float32 logits, a softmax over those k,
+    # `.type_as(hidden_states)`). The weights' dtype decides the dtype of the weighted expert
+    # outputs (integrations/moe.py grouped_mm_experts_forward: proj_out * sample_weights).
+    router: str = "softmax_topk"
+    # peft maps "all-linear" onto the fused experts and the router (target_parameters) only for
+    # model types in its MoE conversion table (peft/utils/transformers_weight_conversion.py
+    # _MOE_TARGET_MODULE_MAPPING via transformers conversion_mapping._MODEL_TO_CONVERSION_PATTERN:
+    # mixtral, qwen3_moe -> qwen2_moe); elsewhere all-linear adapts only the nn.Linear modules.
+    peft_moe_conversion: bool = True
+    # transformers 4 built every expert as nn.Linear modules (MixtralBlockSparseTop2MLP w1/w3/w2,
+    # Qwen3MoeMLP gate/up/down): the layout --experts 4bit models (docs/bitsandbytes.md#moe-experts).
+    # GraniteMoE's transformers 4 experts (GraniteMoeParallelExperts) were 3D weights already.
+    expert_linears_v4: bool = True
     activation_key: str = "hidden_act"
     # Gemma scales embeddings by sqrt(hidden) (Gemma2TextScaledWordEmbedding) and soft-caps logits.
     scaled_embeddings: bool = False
@@ -178,6 +199,38 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                         "quantize them (they stay 16-bit); peft's all-linear adapts them through "
                         "target_parameters (ParamWrapper, gate_up_proj at rank 2r), merging a 16-bit copy "
                         "of each expert stack on every forward",)),
+    # models/qwen3_moe/modeling_qwen3_moe.py (Qwen3MoeAttention, Qwen3MoeDecoderLayer,
+    # Qwen3MoeSparseMoeBlock, Qwen3MoeTopKRouter, Qwen3MoeExperts) and configuration_qwen3_moe.py
+    # (Qwen3MoeConfig): Qwen3's attention (per-head q_norm / k_norm, bias=attention_bias) and
+    # pre-norm layer with Mixtral-style fused 3D experts (num_experts of moe_intermediate_size) and
+    # a router weight (E, h); routing weights cast back to the logits dtype. Only all-sparse layer
+    # stacks (decoder_sparse_step 1, no mlp_only_layers) are modelled. docs/architectures.md#qwen3_moe
+    Architecture("qwen3_moe", dict(_LLAMA_DEFAULTS, vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                   num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4,
+                                   max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096,
+                                   decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=768,
+                                   num_experts_per_tok=8, num_experts=128, norm_topk_prob=False),
+                 mlp_bias=False, qk_norm="head", layer_types_rule="all_if_used", moe=True,
+                 experts_key="num_experts", expert_width_key="moe_intermediate_size", router="softmax_topk_cast",
+                 notes=("transformers 5 keeps Qwen3-MoE experts as 3D parameters: bitsandbytes does not "
+                        "quantize them (they stay 16-bit); peft's all-linear adapts them through "
+                        "target_parameters (the qwen2_moe conversion: ParamWrapper, gate_up_proj at rank 2r), "
+                        "merging a 16-bit copy of each expert stack on every forward",)),
+    # models/granitemoe/modeling_granitemoe.py (GraniteMoeAttention, GraniteMoeDecoderLayer,
+    # GraniteMoeMoE, GraniteMoeTopKRouter, GraniteMoeExperts, GraniteMoeModel, GraniteMoeForCausalLM)
+    # and configuration_granitemoe.py (GraniteMoeConfig): Granite's multipliers (residual,
+    # embedding, logits) around a Mixtral-style layer: q/k/v/o bias=attention_bias, fused 3D
+    # experts (num_local_experts of intermediate_size), a router weight (E, h) whose top-k runs
+    # on the float32 logits before the softmax. peft 0.21 has no MoE conversion for granitemoe,
+    # so all-linear adapts the attention projections only. docs/architectures.md#granitemoe
+    Architecture("granitemoe", dict(_LLAMA_DEFAULTS, embedding_multiplier=1.0, logits_scaling=1.0,
+                                    residual_multiplier=1.0, attention_multiplier=1.0, num_local_experts=8,
+                                    num_experts_per_tok=2),
+                 mlp_bias=False, scaled_residuals=True, scaled_logits=True, moe=True, router="topk_softmax",
+                 peft_moe_conversion=False, expert_linears_v4=False,
+                 notes=("transformers 5 keeps GraniteMoE experts as 3D parameters: bitsandbytes does not "
+                        "quantize them (they stay 16-bit); peft's all-linear adapts only the attention "
+                        "projections (no MoE conversion for granitemoe): experts and router stay frozen",)),
 )}
 
 

@@ -22,7 +22,8 @@ CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "
                   "gemma2": "Gemma2Config", "phi3": "Phi3Config", "mixtral": "MixtralConfig",
                   "qwen3": "Qwen3Config", "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config",
                   "granite": "GraniteConfig", "smollm3": "SmolLM3Config", "olmo3": "Olmo3Config",
-                  "ministral": "MinistralConfig"}
+                  "ministral": "MinistralConfig", "qwen3_moe": "Qwen3MoeConfig",
+                  "granitemoe": "GraniteMoeConfig"}
 
 # Fields derived from others when absent, as transformers does: the config classes set
 # `num_key_value_heads = num_attention_heads` (e.g. LlamaConfig.__post_init__), and head_dim is
@@ -33,7 +34,7 @@ DERIVED = {"num_key_value_heads": "num_attention_heads", "head_dim": "hidden_siz
 # model types whose spec reads a sliding window (see models._sliding_window).
 WINDOWED = {"mistral": ("sliding_window",), "mixtral": ("sliding_window",), "phi3": ("sliding_window",),
             "qwen2": ("use_sliding_window", "sliding_window"), "ministral": ("sliding_window",),
-            "olmo3": ("sliding_window",)}
+            "olmo3": ("sliding_window",), "qwen3_moe": ("use_sliding_window", "sliding_window")}
 
 
 def _given(config: dict, key: str) -> bool:
@@ -61,7 +62,9 @@ def read_fields(arch) -> tuple[str, ...]:
     fields = [*CORE_SHAPE_FIELDS, "num_key_value_heads", "head_dim", "tie_word_embeddings"]
     fields += [rule for rule in (arch.qkv_bias, arch.o_bias, arch.mlp_bias) if isinstance(rule, str)]
     if arch.moe:
-        fields += ["num_local_experts", "num_experts_per_tok"]
+        fields += [arch.experts_key, "num_experts_per_tok"]
+        if arch.expert_width_key != "intermediate_size":
+            fields += [arch.expert_width_key, "mlp_only_layers", "decoder_sparse_step"]
     fields += [k for k in ("final_logit_softcapping", "attn_logit_softcapping") if k in arch.defaults]
     fields += WINDOWED.get(arch.model_type, ())
     return tuple(dict.fromkeys(fields))

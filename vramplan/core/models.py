@@ -172,11 +172,27 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         raise ModelError(f"config for {model_id}: num_attention_heads {heads} is not a multiple of "
                          f"num_key_value_heads {kv_heads}", hint="check the GQA fields of config.json")
     inter, layers, vocab = need_int("intermediate_size"), need_int("num_hidden_layers"), need_int("vocab_size")
-    experts = need_int("num_local_experts") if arch.moe else 0
+    experts = need_int(arch.experts_key) if arch.moe else 0
     per_tok = need_int("num_experts_per_tok") if arch.moe else 0
     if per_tok > experts:
-        raise ModelError(f"config for {model_id}: num_experts_per_tok {per_tok} > num_local_experts {experts}",
+        raise ModelError(f"config for {model_id}: num_experts_per_tok {per_tok} > {arch.experts_key} {experts}",
                          hint="check the MoE fields of config.json")
+    if arch.moe and cfg.get("output_router_logits"):
+        # MixtralForCausalLM / Qwen3MoeForCausalLM / GraniteMoeForCausalLM add load_balancing_loss_func
+        # over every layer's router logits, kept through the forward: not in the layer walk
+        raise ModelError(f"config for {model_id}: output_router_logits (the router load-balancing loss) is "
+                         "not modelled", hint="set output_router_logits to false, or use `vramplan simulate`")
+    if arch.moe and arch.expert_width_key != "intermediate_size":
+        # Qwen3-MoE: an expert is moe_intermediate_size wide; intermediate_size only sizes the dense
+        # Qwen3MoeMLP of the layers Qwen3MoeDecoderLayer leaves dense (layer_idx in mlp_only_layers,
+        # or (layer_idx + 1) % decoder_sparse_step != 0), which the layer walk does not mix in
+        inter = need_int(arch.expert_width_key)
+        dense = cfg.get("mlp_only_layers") or []
+        step = cfg.get("decoder_sparse_step", 1)
+        if dense or step != 1:
+            raise ModelError(f"config for {model_id}: dense MLP layers among the MoE layers (mlp_only_layers "
+                             f"{dense}, decoder_sparse_step {step}) are not modelled",
+                             hint="`vramplan simulate` traces this model")
 
     types, window = _layer_types(arch, cfg, layers, model_id)
 
@@ -247,10 +263,11 @@ def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
     - "pattern" (Gemma3TextConfig): every sliding_window_pattern-th layer (default 6) is global;
       "alternate" (Gemma2Config): odd layers global;
     - "all" (Mistral / Mixtral / Phi-3 / Ministral: one sliding_window for every layer when set);
+      "all_if_used" (Qwen3MoeConfig.__post_init__: the same, only with use_sliding_window);
     - "olmo3" (Olmo3Config.__post_init__): `(i + 1) % 4 != 0` slides: three sliding layers per
       full one, whatever sliding_window says (docs/architectures.md#olmo3)."""
     window = cfg.get("sliding_window")
-    if arch.layer_types_rule in ("window_from", "nope_window") and not cfg.get("use_sliding_window"):
+    if arch.layer_types_rule in ("window_from", "nope_window", "all_if_used") and not cfg.get("use_sliding_window"):
         window = None
     window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
     explicit = cfg.get("layer_types")
@@ -275,7 +292,7 @@ def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
         ropes = flags if isinstance(flags, list) and len(flags) == layers else [(i + 1) % interval for i in range(layers)]
         use = cfg.get("use_sliding_window") and window is not None
         types = tuple("sliding_attention" if use and not ropes[i] else "full_attention" for i in range(layers))
-    elif rule == "all" and window is not None:
+    elif rule in ("all", "all_if_used") and window is not None:
         types = ("sliding_attention",) * layers
     else:
         types = ("full_attention",) * layers

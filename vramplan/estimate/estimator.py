@@ -155,6 +155,10 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     if setup.attn not in spec.arch.attention:
         raise ModelError(f"{spec.id} ({spec.model_type}) cannot train with attn={setup.attn!r} in transformers 5",
                          hint=f"use --attn {' or '.join(spec.arch.attention)}")
+    if setup.experts_4bit and spec.num_experts and not spec.arch.expert_linears_v4:
+        # the --experts 4bit layout is the v4 per-expert Linear stack (Architecture.expert_linears_v4)
+        raise ModelError(f"--experts 4bit is not modelled for {spec.model_type}: its experts never were "
+                         "per-expert Linear layers", hint="drop --experts 4bit")
     static = static if static is not None else static_memory(spec, setup)
     moments = step_moments(spec, setup, static, cuda_arch)
     peak_moment = max(moments, key=lambda m: sum(moments[m].values()))
@@ -223,7 +227,10 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     # of shape (1, seq, head_dim) in the hidden-state dtype, shared by every layer.
     a = act_bytes(setup)
     base_acts = (alloc(8 * setup.tokens) + alloc(8 * setup.seq) + 2 * alloc(8 * (setup.tokens + setup.batch))
-                 + 2 * rope_kinds(spec) * alloc(a * setup.seq * spec.head_dim) + embedding_leaf(spec, setup))
+                 + 2 * rope_kinds(spec) * alloc(a * setup.seq * spec.head_dim))
+    # Granite's embedding leaf under checkpointing (ops.embedding_leaf): the graph's AccumulateGrad
+    # node holds it, so it goes with the graph when backward ends, before the optimizer step
+    leaf = embedding_leaf(spec, setup)
     fixed = {C.WEIGHTS.value: static.weights, C.QUANT_CONSTANTS.value: static.quant_constants,
              C.ADAPTERS.value: static.adapters, C.OPTIMIZER_STATE.value: static.optimizer_state,
              # the cuBLAS workspace, cached from the first matmul on (cuda/cublas.py)
@@ -234,11 +241,12 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     masks = eager_masks(spec, setup)
     fwd_masks, bwd_masks = masks, masks if setup.grad_ckpt else 0
 
-    def at(*parts: dict, activations: int = 0, gradients: int = 0, temporaries: int = 0) -> dict[str, int]:
+    def at(*parts: dict, activations: int = 0, gradients: int = 0, temporaries: int = 0,
+           graph: bool = True) -> dict[str, int]:
         out = {c.value: 0 for c in ALLOCATED}
         for k, v in fixed.items():
             out[k] += v
-        out[C.ACTIVATIONS.value] += base_acts + activations
+        out[C.ACTIVATIONS.value] += base_acts + (leaf if graph else 0) + activations
         out[C.GRADIENTS.value] += gradients
         out[C.TEMPORARIES.value] += temporaries
         for part in parts:
@@ -281,7 +289,7 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
                                  gradients=head_grads),
         "backward.bottom_layer": at(stack[0].first.backward_peak, held, activations=ctx + bwd_masks,
                                     gradients=head_grads + sum(grads[1:])),
-        "optimizer": at(held, gradients=static.gradients, temporaries=static.optimizer_temporaries),
+        "optimizer": at(held, gradients=static.gradients, temporaries=static.optimizer_temporaries, graph=False),
     }
     if len(set(map(id, stack))) > 1:
         # mixed kinds: the worst layer of each phase need not be the top or bottom one
@@ -381,7 +389,7 @@ def warnings(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
     if experts_adapted(spec, setup):
         merge = spec.num_experts * 3 * spec.hidden * spec.intermediate * setup.compute_bytes
         text += f", plus a {format_bytes(merge, 'GiB')} merged 16-bit copy per layer on each forward (LoRA)"
-    if setup.quant != "int8":
+    if setup.quant != "int8" and spec.arch.expert_linears_v4:
         text += "; --experts 4bit models stacks that quantize them"
     return (text,)
 

@@ -304,9 +304,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     inputs = ([alloc(8 * setup.tokens), alloc(8 * setup.seq), alloc(8 * (setup.tokens + setup.batch)),
                alloc(8 * (setup.tokens + setup.batch))]
               + [alloc(a * setup.seq * spec.head_dim)] * (2 * rope_kinds(spec)))
-    leaf = embedding_leaf(spec, setup)
-    if leaf:
-        inputs.append(leaf)
+    leaf = embedding_leaf(spec, setup)     # freed with the graph when backward ends
     held = held_outputs(spec, setup)       # ops.held_outputs: a plain loop's `out`
     held_prev = []
     mask = eager_masks(spec, setup)
@@ -327,6 +325,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     for step in range(steps):
         b.place("forward", "")
         keys = gather(inputs)
+        leaves = b.new(leaf) if leaf else []
         masks = b.new(mask) if mask else []
         x = b.new(hidden)
         if step == 0:   # the cuBLAS workspace, from the first matmul on (cuda/cublas.py)
@@ -387,7 +386,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
             if fsdp.root_gradients:
                 grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))])
         release(rooted)
-        release(masks)
+        release(masks + leaves)
         b.place("optimizer", "")
         if step == 0:
             gather(state_sizes)

@@ -101,8 +101,11 @@ def experts_adapted(spec: ModelSpec, setup: TrainSetup) -> bool:
     """peft 0.21 on transformers 5 MoE models (peft/utils/transformers_weight_conversion.py
     _convert_peft_config_moe): "all-linear" is resolved against the v4 module names, so the
     router `gate` and the experts' w1/w2/w3 become target_parameters of the fused 3D weights,
-    wrapped by lora.ParamWrapper; gate_up_proj fuses w1 and w3, so its rank is doubled."""
-    return bool(spec.num_experts) and setup.uses_adapters and setup.targets == (ALL_LINEAR,)
+    wrapped by lora.ParamWrapper; gate_up_proj fuses w1 and w3, so its rank is doubled. Model
+    types without that conversion (granitemoe, Architecture.peft_moe_conversion) keep experts and
+    router frozen: neither is an nn.Linear."""
+    return (bool(spec.num_experts) and setup.uses_adapters and setup.targets == (ALL_LINEAR,)
+            and spec.arch.peft_moe_conversion)
 
 
 def experts_quantized(spec: ModelSpec, setup: TrainSetup) -> bool:

@@ -444,10 +444,11 @@ class _Ops:
 
     # --- Mixture of experts (transformers 5 MixtralSparseMoeBlock, grouped_mm experts) ---------
     def moe(self, x: str) -> str:
-        """MixtralTopKRouter then MixtralExperts with experts_implementation="grouped_mm" (the
-        transformers 5.23 default): tokens sorted by expert and gathered (index), one grouped
-        matmul for gate_up and one for down, the routing weights (float32) multiply the output,
-        which is put back in token order and summed over the chosen experts, then cast.
+        """The family's router (router_weights) then its experts (MixtralExperts, Qwen3MoeExperts,
+        GraniteMoeExperts) with experts_implementation="grouped_mm" (the transformers 5.23
+        default): tokens sorted by expert and gathered (index), one grouped matmul for gate_up and
+        one for down, the routing weights multiply the output, which is put back in token order
+        and summed over the chosen experts (moe_sum), then cast if the sum is float32.
         With all-linear LoRA, peft's ParamWrapper merges weight + B @ A (baddbmm) into a fresh
         compute-dtype copy of each expert stack on every forward; the grouped matmul saves it."""
         spec, s, a, T = self.spec, self.setup, self.a, self.T
@@ -459,12 +460,18 @@ class _Ops:
         cb, Tk = s.compute_bytes, T * k
         lora = experts_adapted(spec, s)
         r = s.rank
-        self.op("moe.router", [x], [self.t("moe.logits", a * T * E)], saves=(x,) if lora else (),
-                grads=((x, a * T * h),), param_grads=alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else 0)
-        self.op("moe.softmax", ["moe.logits"], [self.t("moe.probs", FP32 * T * E)], saves=("moe.probs",),
-                grads=(("moe.logits", a * T * E),))
-        self.op("moe.topk", ["moe.probs"], [self.t("moe.w", FP32 * Tk), self.t("moe.idx", 8 * Tk)],
-                saves=("moe.idx",), grads=(("moe.probs", FP32 * T * E),))
+        # the router weight trains under full fine-tuning (its .grad in the weight dtype, as
+        # nn.Linear's in `linear`) or through ParamWrapper's LoRA factors (float32 .grad): either
+        # way F.linear saves the input for the weight gradient
+        full = self.full
+        router_grads = alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else alloc(a * E * h) if full else 0
+        self.op("moe.router", [x], [self.t("moe.logits", a * T * E)], saves=(x,) if lora or full else (),
+                grads=((x, a * T * h),), param_grads=router_grads)
+        self.router_weights(T, E, k)
+        # the weighted expert outputs, their unsorted copy and the sum over the chosen experts
+        # have the promoted dtype of the routing weights and the hidden states
+        wb = self.moe_w
+        self.moe_out = FP32 if FP32 in (wb, a) else a
         if experts_quantized(spec, s):
             return self.moe_4bit_experts(x)
         wgu, wd = "moe.w_gate_up", "moe.w_down"
@@ -482,21 +489,26 @@ class _Ops:
                         work=alloc(cb * merged), work_tag=ACT,
                         param_grads=alloc(FP32 * lhs) + alloc(FP32 * rhs))
                 factors += [f"moe.{name}.lhs", f"moe.{name}.rhs"]
-        # grouped_mm_experts_forward: sort by expert, gather tokens (perm // k, a transient) and
-        # routing weights, histc over the float expert ids, cumsum offsets
-        self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)],
-                work=alloc(8 * Tk), work_tag=ACT)
-        self.op("moe.gather", [x, "moe.perm"], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
-        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", FP32 * Tk)], grads=(("moe.w", FP32 * Tk),))
+        # grouped_mm_experts_forward: sort by expert, gather tokens (`hidden_states[perm // k]`:
+        # IndexBackward saves the index, so the recomputation keeps perm // k until the gather's
+        # backward) and routing weights, histc over the float expert ids, cumsum offsets
+        self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)])
+        self.op("moe.token_of", ["moe.perm"], [self.t("moe.tok", 8 * Tk)])
+        self.op("moe.gather", [x, "moe.tok"], [self.t("moe.xs", a * Tk * h)], saves=("moe.tok",),
+                grads=((x, a * T * h),))
+        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", wb * Tk)], grads=(("moe.w", wb * Tk),))
         self.op("moe.offsets", ["moe.ids"], [self.t("moe.ids32", 4 * Tk), self.t("moe.hist", 4 * E),
                                              self.t("moe.offs", 4 * E)])
         if lora:  # the cached parametrization merges on first access: baddbmm(W, lhs, rhs)
             self.op("moe.merge_gate_up", ["moe.gate_up.lhs", "moe.gate_up.rhs"], [self.t(wgu, cb * E * 2 * i * h)],
                     saves=("moe.gate_up.lhs", "moe.gate_up.rhs"),
                     grads=(("moe.gate_up.lhs", cb * E * 2 * i * 2 * r), ("moe.gate_up.rhs", cb * E * 2 * r * h)))
+        # grouped_mm saves its input when the weight needs a gradient (full fine-tuning: the 3D
+        # parameter's .grad, in the weight dtype; LoRA: the merged copy's gradient)
         self.op("moe.gate_up", ["moe.xs"] + ([wgu] if lora else []), [self.t("moe.gu", a * Tk * 2 * i)],
-                saves=("moe.xs", wgu) if lora else (),
-                grads=(("moe.xs", a * Tk * h),) + (((wgu, cb * E * 2 * i * h),) if lora else ()))
+                saves=("moe.xs", wgu) if lora else ("moe.xs",) if full else (),
+                grads=(("moe.xs", a * Tk * h),) + (((wgu, cb * E * 2 * i * h),) if lora else ()),
+                param_grads=alloc(a * E * 2 * i * h) if full else 0)
         # gate and up are chunk views of gate_up: each gets a half-size gradient (SplitBackward
         # then concatenates them)
         self.op("moe.act", ["moe.gu"], [self.t("moe.s", a * Tk * i)], saves=("moe.gu",),
@@ -508,20 +520,20 @@ class _Ops:
                     saves=("moe.down.lhs", "moe.down.rhs"),
                     grads=(("moe.down.lhs", cb * E * h * r), ("moe.down.rhs", cb * E * r * i)))
         self.op("moe.down", ["moe.p"] + ([wd] if lora else []), [self.t("moe.d", a * Tk * h)],
-                saves=("moe.p", wd) if lora else (),
-                grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()))
-        self.op("moe.weigh", ["moe.d", "moe.wg"], [self.t("moe.dw", FP32 * Tk * h)], saves=("moe.d", "moe.wg"),
-                grads=(("moe.d", a * Tk * h), ("moe.wg", FP32 * Tk)))
+                saves=("moe.p", wd) if lora else ("moe.p",) if full else (),
+                grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()),
+                param_grads=alloc(a * E * h * i) if full else 0)
+        ob = self.moe_out
+        self.weigh("moe.d", "moe.wg", Tk, h)
         # inv_perm = empty_like(perm); inv_perm[perm] = arange (a transient)
         self.op("moe.inv_perm", ["moe.perm"], [self.t("moe.inv", 8 * Tk)], work=alloc(8 * Tk), work_tag=ACT)
-        self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", FP32 * Tk * h)], saves=("moe.inv",),
-                grads=(("moe.dw", FP32 * Tk * h),))
-        self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", 0),))
-        self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))
+        self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", ob * Tk * h)], saves=("moe.inv",),
+                grads=(("moe.dw", ob * Tk * h),))
+        summed = self.moe_sum(T, h)
         # the experts' locals (gathered tokens, projections, routing bookkeeping) and the cached
         # merged weights live until the experts forward returns (nn.utils.parametrize.cached)
         self.op("moe.experts_return", ["moe.ids", "moe.perm", "moe.xs", "moe.wg", "moe.ids32", "moe.hist",
-                                       "moe.offs", "moe.d", "moe.inv", "moe.du", "moe.ds", *factors]
+                                       "moe.offs", "moe.d", "moe.inv", "moe.du", summed, *factors]
                 + ([wgu, wd] if lora else []))
         self.op("moe.return", [x])
         return "moe.out"
@@ -545,13 +557,78 @@ class _Ops:
                 grads=(("moe.s", a * Tk * i), (u, a * Tk * i)))
         d = self.linear(w2, "moe.p", prefix="moe.")
         self.T = T
-        self.op("moe.weigh", [d, "moe.w"], [self.t("moe.dw", FP32 * Tk * h)], saves=(d, "moe.w"),
-                grads=((d, a * Tk * h), ("moe.w", FP32 * Tk)))
-        self.op("moe.unsort", ["moe.dw"], [self.t("moe.du", FP32 * Tk * h)], grads=(("moe.dw", FP32 * Tk * h),))
-        self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", 0),))
-        self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))
+        ob = self.moe_out
+        self.weigh(d, "moe.w", Tk, h)
+        self.op("moe.unsort", ["moe.dw"], [self.t("moe.du", ob * Tk * h)], grads=(("moe.dw", ob * Tk * h),))
+        self.moe_sum(T, h)
         self.op("moe.return", [x])
         return "moe.out"
+
+    def router_weights(self, T, E: int, k: int) -> None:
+        """"moe.logits" (tokens x experts, hidden dtype) to the routing weights "moe.w" (tokens x
+        top_k, dtype self.moe_w) and expert ids "moe.idx" (int64), as the family's router runs
+        (Architecture.router, docs/architectures.md#moe-routers):
+        - MixtralTopKRouter / Qwen3MoeTopKRouter: a float32 softmax of the logits over every expert
+          (saved), topk of the probabilities (TopkBackward scatters into a tokens x experts
+          zeros); Qwen3-MoE casts the k weights back to the logits dtype;
+        - GraniteMoeTopKRouter: `logits.float()`, topk of the float32 logits, softmax over the k
+          values (its output saved), `.type_as(hidden_states)`."""
+        a, Tk = self.a, T * k
+        router = self.spec.arch.router
+        if router == "topk_softmax":
+            logits = "moe.logits"
+            if a != FP32:   # .float() of float32 logits is the tensor itself
+                logits = "moe.logits32"
+                self.op("moe.float", ["moe.logits"], [self.t(logits, FP32 * T * E)],
+                        grads=(("moe.logits", a * T * E),))
+            self.op("moe.topk", [logits], [self.t("moe.top", FP32 * Tk), self.t("moe.idx", 8 * Tk)],
+                    saves=("moe.idx",), grads=((logits, FP32 * T * E),))
+            self.op("moe.softmax", ["moe.top"], [self.t("moe.w32", FP32 * Tk)], saves=("moe.w32",),
+                    grads=(("moe.top", FP32 * Tk),))
+            top = "moe.w32"
+        else:
+            self.op("moe.softmax", ["moe.logits"], [self.t("moe.probs", FP32 * T * E)], saves=("moe.probs",),
+                    grads=(("moe.logits", a * T * E),))
+            top = "moe.w" if router == "softmax_topk" else "moe.w32"
+            self.op("moe.topk", ["moe.probs"], [self.t(top, FP32 * Tk), self.t("moe.idx", 8 * Tk)],
+                    saves=("moe.idx",), grads=(("moe.probs", FP32 * T * E),))
+        self.moe_w = FP32 if router == "softmax_topk" else a
+        if top != "moe.w":
+            if a == FP32:
+                self.op("moe.w_alias", [top], [self.t("moe.w", 0)], grads=((top, 0),))
+            else:
+                self.op("moe.w_cast", [top], [self.t("moe.w", a * Tk)], grads=((top, FP32 * Tk),))
+
+    def weigh(self, d: str, w: str, Tk, h: int) -> None:
+        """proj_out * sample_weights.unsqueeze(-1) (integrations/moe.py grouped_mm_experts_forward),
+        in the promoted dtype of the two. MulBackward0 makes the weights' gradient as
+        `grad * proj_out` (tokens x top_k x hidden, a transient) summed down to the weights'
+        shape, and proj_out's as `grad * weights` in the promoted dtype; when that is float32 and
+        proj_out is not (Mixtral's float32 weights), the node releases its saved tensors before
+        autograd casts that gradient back (validate_outputs): `moe.dp` stands for the promoted
+        operand, its gradient the float32 product, the cast's result the gradient of proj_out."""
+        a, ob, wb = self.a, self.moe_out, self.moe_w
+        grad_d = d
+        if ob != a:
+            grad_d = "moe.dp"
+            self.op("moe.promote", [d], [self.t(grad_d, 0)], grads=((d, a * Tk * h),))
+        self.op("moe.weigh", [d, grad_d, w], [self.t("moe.dw", ob * Tk * h)], saves=(d, w),
+                grads=((grad_d, ob * Tk * h), (w, wb * Tk)), bwd_work=alloc(ob * Tk * h), work_tag=ACT)
+
+    def moe_sum(self, T, h: int) -> str:
+        """weighted_out.view(tokens, k, h).sum(1).to(hidden dtype) (integrations/moe.py
+        grouped_mm_experts_forward). Backward: SumBackward expands the gradient (a stride-0 view),
+        ViewBackward's reshape of it cannot be a view, so it copies: a tokens x top_k x hidden
+        gradient of the sum's dtype. Neither saves a tensor, so under checkpointing both run
+        before the recomputation and that copy stays alive through it. The cast is a new tensor
+        only when the sum is float32 and the hidden states are not (Mixtral's float32 routing
+        weights); `.to()` of the same dtype returns the sum itself."""
+        a, ob, Tk = self.a, self.moe_out, T * self.spec.experts_per_tok
+        summed = "moe.out" if ob == a else "moe.ds"
+        self.op("moe.sum", ["moe.du"], [self.t(summed, ob * T * h)], grads=(("moe.du", ob * Tk * h),))
+        if summed != "moe.out":
+            self.op("moe.cast", [summed], [self.t("moe.out", a * T * h)], grads=((summed, ob * T * h),))
+        return summed
 
     # --- MLP ------------------------------------------------------------------------------------
     def mlp(self, x: str, lins: dict) -> str:
