@@ -45,7 +45,8 @@ def test_all_setup_flags_reach_the_setup(capsys):
     assert s == {"method": "qlora", "quant": "fp4", "double_quant": False, "dtype": "fp16", "rank": 8,
                  "targets": ["q_proj", "v_proj"], "lora_dropout": 0.05, "batch": 4, "seq": 4096,
                  "grad_ckpt": False, "attn": "eager", "optimizer": "paged_adamw8bit", "prepare_kbit": True,
-                 "experts": "4bit", "amp": "none", "loop": "plain", "loss": "chunked", "recipe": None}
+                 "experts": "4bit", "amp": "none", "loop": "plain", "loss": "chunked", "recast": False,
+                 "recipe": None}
 
 
 def test_table_output_names_verdict_and_assumptions(capsys):
