@@ -31,7 +31,7 @@ from vramplan.cuda.reserved import SmallPoolLevel
 from vramplan.cuda.cublas import workspace_bytes
 from vramplan.estimate.inventory import rope_kinds
 from vramplan.estimate.ops import (_head_tape, _layer_tapes, _structure, act_bytes, eager_masks, embedding_leaf,
-                                   held_outputs, int8_ctx_inputs, layer_windows)
+                                   held_outputs, int8_ctx_inputs, layer_kinds)
 from vramplan.estimate.quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate.symbolic import rounded_bytes, variables
 from vramplan.estimate.walk import GRAD
@@ -69,8 +69,10 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
     if not spec.tied:
         sizes.append(alloc(spec.vocab * spec.hidden * wb))
     sizes += [alloc(spec.hidden * wb)] * (n * spec.arch.norms_per_layer + 1)
-    for _ in range(n):
+    for i in range(n):
         for linear in spec.layer_linears:
+            if linear.where != "all" and (i < spec.dense_layers) != (linear.where == "dense"):
+                continue   # DeepSeek-V3: a dense-layer MLP or a shared-expert MLP (core/models.py)
             if setup.quantized and setup.quant == "int8":
                 q = layout_int8(linear.in_features, linear.out_features)
                 sizes += [q.weight, q.constants]
@@ -87,9 +89,9 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
                 sizes.append(alloc(linear.out_features * wb))
     for linear in adapted_linears(spec, setup):
         for shape in lora_shapes(linear, setup.rank):
-            sizes += [alloc(numel(shape) * FP32)] * (1 if linear.name == "lm_head" else n)
+            sizes += [alloc(numel(shape) * FP32)] * (1 if linear.name == "lm_head" else spec.count(linear))
     for shape, count in expert_lora_shapes(spec, setup):
-        sizes += [alloc(numel(shape) * FP32)] * (count * n)
+        sizes += [alloc(numel(shape) * FP32)] * (count * spec.moe_layers)
     rest = static.weights + static.quant_constants + static.adapters - sum(sizes)
     if rest < 0:   # the inventory counts fewer tensors than listed here: keep the total exact
         return [static.weights + static.quant_constants + static.adapters]
@@ -159,8 +161,7 @@ def _templates(spec: ModelSpec, setup: TrainSetup, arch: CudaArch):
     """(per decoder layer bottom to top: its template, the head's template). Layers of one kind
     (sliding-window or global attention, with or without RoPE: ops.layer_stack) share one."""
     values = variables(setup.batch, setup.seq)
-    ropes = spec.rope_layers or (True,) * spec.layers
-    kinds = tuple(zip(layer_windows(spec, setup), ropes))
+    kinds = layer_kinds(spec, setup)
     made = {}
     for kind in set(kinds):
         inner, first, _ = _layer_tapes(spec, _structure(spec, setup, arch, *kind))

@@ -266,7 +266,7 @@ def splits(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int = DS_P
         candidates.append(layout(setup.quant, lin.in_features, lin.out_features, setup.double_quant).weight
                           if setup.quantized else alloc(lin.numel * wb))
     if spec.num_experts:
-        candidates.append(alloc(spec.num_experts * 2 * spec.intermediate * spec.hidden * wb))
+        candidates.append(alloc(spec.num_experts * 2 * spec.expert_width * spec.hidden * wb))
     # Norm weights (hidden elements) and biases are under the ZeRO-3 persistence threshold.
     small = [(spec.hidden, L * spec.arch.norms_per_layer + 1)]
     small += [(lin.out_features, L) for lin in spec.layer_linears if lin.bias]
