@@ -541,8 +541,9 @@ class _Ops:
                     saves=("moe.gate_up.lhs", "moe.gate_up.rhs"),
                     grads=(("moe.gate_up.lhs", cb * E * 2 * i * 2 * r), ("moe.gate_up.rhs", cb * E * 2 * r * h)))
         self.op("moe.gate_up", ["moe.xs"] + ([wgu] if lora else []), [self.t("moe.gu", a * Tk * 2 * i)],
-                saves=("moe.xs", wgu) if lora else (),
-                grads=(("moe.xs", a * Tk * h),) + (((wgu, cb * E * 2 * i * h),) if lora else ()))
+                saves=("moe.xs", wgu) if lora else ("moe.xs",) if self.full else (),
+                grads=(("moe.xs", a * Tk * h),) + (((wgu, cb * E * 2 * i * h),) if lora else ()),
+                param_grads=alloc(cb * E * 2 * i * h) if self.full else 0)   # full: the 3D weights train
         # gate and up are chunk views of gate_up: each gets a half-size gradient (SplitBackward
         # then concatenates them)
         self.op("moe.act", ["moe.gu"], [self.t("moe.s", a * Tk * i)], saves=("moe.gu",),
@@ -554,8 +555,9 @@ class _Ops:
                     saves=("moe.down.lhs", "moe.down.rhs"),
                     grads=(("moe.down.lhs", cb * E * h * r), ("moe.down.rhs", cb * E * r * i)))
         self.op("moe.down", ["moe.p"] + ([wd] if lora else []), [self.t("moe.d", a * Tk * h)],
-                saves=("moe.p", wd) if lora else (),
-                grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()))
+                saves=("moe.p", wd) if lora else ("moe.p",) if self.full else (),
+                grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()),
+                param_grads=alloc(cb * E * h * i) if self.full else 0)
         # proj_out * sample_weights promotes to float32; MulBackward0 (mul_tensor_backward) forms
         # grad * weights and grad * proj_out in float32 before the cast back / the sum to (S, 1).
         # Under checkpointing the recomputed proj_out has no reference but the node's unpacked
@@ -599,10 +601,14 @@ class _Ops:
         # peft ParamWrapper: the weight read through the parametrization is W + B @ A (a
         # compute-dtype merge, a transient), then .float()
         merge = alloc(self.setup.compute_bytes * E * h) if lora else 0
-        self.op("moe.w32", [], [self.t("moe.w32", FP32 * E * h)], work=merge, work_tag=ACT,
-                param_grads=alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else 0)
+        # full fine-tuning: the weight's gradient comes back through the .float() copy (float32,
+        # then cast to the parameter dtype)
+        grads = (alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else
+                 alloc(self.setup.compute_bytes * E * h) if self.full else 0)
+        self.op("moe.w32", [], [self.t("moe.w32", FP32 * E * h)], work=merge, work_tag=ACT, param_grads=grads,
+                bwd_work=alloc(FP32 * E * h) if self.full else 0)
         self.op("moe.router", [x32, "moe.w32"], [self.t("moe.logits", FP32 * TE)],
-                saves=((x32,) if lora else ()) + ("moe.w32",), grads=((x32, FP32 * T * h),))
+                saves=((x32,) if lora or self.full else ()) + ("moe.w32",), grads=((x32, FP32 * T * h),))
         self.op("moe.sigmoid", ["moe.logits"], [self.t("moe.scores", FP32 * TE)], saves=("moe.scores",),
                 grads=(("moe.logits", FP32 * TE),))
         # scores_for_choice, the expanded group mask, its bool and negation, the masked scores;
