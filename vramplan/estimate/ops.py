@@ -268,6 +268,10 @@ class _Ops:
         spec, a, T = self.spec, self.a, self.T
         m, H = spec.mla, spec.heads
         qk = m.qk_head_dim
+        if self.setup.quantized and self.setup.quant == "int8":
+            from vramplan.core.errors import UsageError
+            raise UsageError(f"int8 base weights are not modelled for {spec.model_type} (its int8 matmul inputs "
+                             "differ between the dense and the MoE layers)", hint="use --quant nf4 or fp4")
         if m.q_lora_rank:
             qa = self.linear(lins["q_a_proj"], n1)
             q = self.linear(lins["q_b_proj"], self.norm("self_attn.q_a_layernorm", qa, m.q_lora_rank))
@@ -533,7 +537,9 @@ class _Ops:
         self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)],
                 work=alloc(8 * Tk), work_tag=ACT)
         self.op("moe.gather", [x, "moe.perm"], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
-        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", FP32 * Tk)], grads=(("moe.w", FP32 * Tk),))
+        # routing weights: float32, but DeepSeek's under autocast are in the autocast dtype (grouped_router)
+        wb = self.c if spec.arch.router == "sigmoid_grouped" and s.autocast else FP32
+        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", wb * Tk)], grads=(("moe.w", wb * Tk),))
         self.op("moe.offsets", ["moe.ids"], [self.t("moe.ids32", 4 * Tk), self.t("moe.hist", 4 * E),
                                              self.t("moe.offs", 4 * E)])
         if lora:  # the cached parametrization merges on first access: baddbmm(W, lhs, rhs)
@@ -563,24 +569,29 @@ class _Ops:
         # Under checkpointing the recomputed proj_out has no reference but the node's unpacked
         # one (torch/utils/checkpoint.py unpack_hook drops the holder's handle), so it is freed
         # once used, before the cast back: the cast takes its place (docs/autograd.md#non-reentrant-checkpointing)
+        # With 16-bit routing weights nothing is cast: the one product is proj_out's gradient.
         weigh_work = alloc(FP32 * Tk * h) + (alloc((FP32 - a) * Tk * h) if s.grad_ckpt else alloc(FP32 * Tk * h))
-        self.op("moe.weigh", ["moe.d", "moe.wg"], [self.t("moe.dw", FP32 * Tk * h)], saves=("moe.d", "moe.wg"),
-                grads=(("moe.d", a * Tk * h), ("moe.wg", FP32 * Tk)), bwd_work=weigh_work)
+        self.op("moe.weigh", ["moe.d", "moe.wg"], [self.t("moe.dw", wb * Tk * h)], saves=("moe.d", "moe.wg"),
+                grads=(("moe.d", a * Tk * h), ("moe.wg", wb * Tk)),
+                bwd_work=weigh_work if wb == FP32 else alloc(wb * Tk * h))
         # inv_perm = empty_like(perm); inv_perm[perm] = arange (a transient)
         self.op("moe.inv_perm", ["moe.perm"], [self.t("moe.inv", 8 * Tk)], work=alloc(8 * Tk), work_tag=ACT)
-        self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", FP32 * Tk * h)], saves=("moe.inv",),
-                grads=(("moe.dw", FP32 * Tk * h),))
+        self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", wb * Tk * h)], saves=("moe.inv",),
+                grads=(("moe.dw", wb * Tk * h),))
         # view(tokens, top_k, h).sum(1): SumBackward0 expands the gradient, ViewBackward0 reshapes
         # the expanded view, a float32 copy of tokens x top_k rows
-        self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", FP32 * Tk * h),))
-        self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))
+        self.op("moe.sum", ["moe.du"], [self.t("moe.ds", wb * T * h)], grads=(("moe.du", wb * Tk * h),))
+        out = "moe.ds"   # .to(hidden_states.dtype) of the same dtype returns the tensor itself
+        if wb != a:
+            out = "moe.out"
+            self.op("moe.cast", ["moe.ds"], [self.t(out, a * T * h)], grads=(("moe.ds", wb * T * h),))
         # the experts' locals (gathered tokens, projections, routing bookkeeping) and the cached
         # merged weights live until the experts forward returns (nn.utils.parametrize.cached)
         self.op("moe.experts_return", ["moe.ids", "moe.perm", "moe.xs", "moe.wg", "moe.ids32", "moe.hist",
                                        "moe.offs", "moe.d", "moe.inv", "moe.du", "moe.ds", *factors]
                 + ([wgu, wd] if lora else []))
         self.op("moe.return", [x])
-        return "moe.out"
+        return out
 
     def grouped_router(self, x: str, lora: bool) -> None:
         """DeepseekV3TopkRouter.forward (models/deepseek_v3/modeling_deepseek_v3.py): router_logits =
@@ -590,10 +601,14 @@ class _Ops:
         as a mask, masked_fill, top-k) runs on (tokens, experts) float32 temporaries and yields
         indices only; the weights are gathered from the sigmoid scores (index saved), renormalized
         (sum + 1e-20, in-place division saving the denominator) and scaled by routed_scaling_factor.
-        Outputs "moe.w" (float32 tokens x top-k) and "moe.idx" (int64), as the softmax router."""
+        Outputs "moe.w" (float32 tokens x top-k) and "moe.idx" (int64), as the softmax router.
+        Under torch.autocast F.linear is on the lower-precision list (aten/src/ATen/autocast_mode.cpp):
+        both float32 copies are cast back, and the logits, scores and routing weights are in the
+        autocast dtype (docs/recipes.md#cuda-autocast-op-lists)."""
         spec, a, T = self.spec, self.a, self.T
         h, E, k, (G, tg) = spec.hidden, spec.num_experts, spec.experts_per_tok, spec.router_groups
         r, Tk, TE = self.setup.rank, T * k, T * E
+        sb = self.c if self.setup.autocast else FP32      # bytes of the logits, scores and weights
         x32 = x
         if a != FP32:
             x32 = "moe.x32"
@@ -607,23 +622,28 @@ class _Ops:
                  alloc(self.setup.compute_bytes * E * h) if self.full else 0)
         self.op("moe.w32", [], [self.t("moe.w32", FP32 * E * h)], work=merge, work_tag=ACT, param_grads=grads,
                 bwd_work=alloc(FP32 * E * h) if self.full else 0)
-        self.op("moe.router", [x32, "moe.w32"], [self.t("moe.logits", FP32 * TE)],
-                saves=((x32,) if lora or self.full else ()) + ("moe.w32",), grads=((x32, FP32 * T * h),))
-        self.op("moe.sigmoid", ["moe.logits"], [self.t("moe.scores", FP32 * TE)], saves=("moe.scores",),
-                grads=(("moe.logits", FP32 * TE),))
+        xin, w = x32, "moe.w32"
+        if sb != FP32:   # autocast's casts of both operands, which the linear saves
+            self.op("moe.x16", [x32], [self.t("moe.x16", sb * T * h)], grads=((x32, FP32 * T * h),))
+            self.op("moe.w16", ["moe.w32"], [self.t("moe.w16", sb * E * h)])
+            xin, w = "moe.x16", "moe.w16"
+        self.op("moe.router", [xin, w], [self.t("moe.logits", sb * TE)],
+                saves=((xin,) if lora or self.full else ()) + (w,), grads=((xin, sb * T * h),))
+        self.op("moe.sigmoid", ["moe.logits"], [self.t("moe.scores", sb * TE)], saves=("moe.scores",),
+                grads=(("moe.logits", sb * TE),))
         # scores_for_choice, the expanded group mask, its bool and negation, the masked scores;
         # the per-group top-2 (values, indices), their sums, the group top-k and the zeros mask
-        choice = (3 * alloc(FP32 * TE) + 2 * alloc(TE) + alloc(12 * T * G * 2) + 2 * alloc(FP32 * T * G)
-                  + alloc(12 * T * tg) + alloc(FP32 * Tk))
+        choice = (3 * alloc(sb * TE) + 2 * alloc(TE) + alloc((sb + 8) * T * G * 2) + 2 * alloc(sb * T * G)
+                  + alloc((sb + 8) * T * tg) + alloc(sb * Tk))
         self.op("moe.choice", ["moe.scores"], [self.t("moe.idx", 8 * Tk)], work=choice, work_tag=ACT)
         # gather's backward scatters into zeros of the scores' shape
-        self.op("moe.gather", ["moe.scores", "moe.idx"], [self.t("moe.wk", FP32 * Tk)], saves=("moe.idx",),
-                grads=(("moe.scores", FP32 * TE),))
+        self.op("moe.gather", ["moe.scores", "moe.idx"], [self.t("moe.wk", sb * Tk)], saves=("moe.idx",),
+                grads=(("moe.scores", sb * TE),))
         wk = "moe.wk"
         if spec.config.get("norm_topk_prob", True):
-            self.op("moe.denom", [wk], [self.t("moe.den", FP32 * T)], work=alloc(FP32 * T), work_tag=ACT,
-                    saves=("moe.den",), grads=((wk, FP32 * Tk),))
-        self.op("moe.scale", [wk], [self.t("moe.w", FP32 * Tk)], grads=((wk, FP32 * Tk),))
+            self.op("moe.denom", [wk], [self.t("moe.den", sb * T)], work=alloc(sb * T), work_tag=ACT,
+                    saves=("moe.den",), grads=((wk, sb * Tk),))
+        self.op("moe.scale", [wk], [self.t("moe.w", sb * Tk)], grads=((wk, sb * Tk),))
 
     def moe_4bit_experts(self, x: str) -> str:
         """--experts 4bit (assumed layout, docs/bitsandbytes.md#moe-experts): the routed tokens
