@@ -303,8 +303,11 @@ def _mla_spec(config: dict, cfg: dict, arch: Architecture, model_id: str, source
     linears += [Linear("self_attn.kv_a_proj_with_mqa", hidden, mla.kv_lora_rank + mla.qk_rope, bias),
                 Linear("self_attn.kv_b_proj", mla.kv_lora_rank, H * (mla.qk_nope + mla.v_head_dim), False),
                 Linear("self_attn.o_proj", H * mla.v_head_dim, hidden, bias)]
-    for width, prefix, where in ((inter, "mlp.", "dense"), (moe_inter * shared, "mlp.shared_experts.", "moe")):
-        if width and (dense if where == "dense" else layers - dense):
+    if dense == layers:   # no MoE layer at all: every layer's MLP is the dense one
+        dense, experts, per_tok, shared = 0, 0, 0, 0
+    for width, prefix, where in ((inter, "mlp.", "dense" if experts else "all"),
+                                 (moe_inter * shared, "mlp.shared_experts.", "moe")):
+        if width and (dense if where == "dense" else layers):
             linears += [Linear(prefix + "gate_proj", hidden, width, False, where),
                         Linear(prefix + "up_proj", hidden, width, False, where),
                         Linear(prefix + "down_proj", width, hidden, False, where)]
@@ -314,7 +317,7 @@ def _mla_spec(config: dict, cfg: dict, arch: Architecture, model_id: str, source
         id=model_id, source=source, model_type=arch.model_type, config=dict(config),
         hidden=hidden, intermediate=inter, layers=layers, heads=heads, kv_heads=heads, head_dim=mla.qk_rope,
         vocab=vocab, tied=bool(cfg.get("tie_word_embeddings")), layer_linears=tuple(linears),
-        num_experts=experts if dense < layers else 0, experts_per_tok=per_tok if dense < layers else 0,
+        num_experts=experts, experts_per_tok=per_tok,
         layer_types=types, layer_norms=tuple(norms), defaults_used=defaults_applied(config, arch, cfg), notes=notes,
         mla=mla, dense_layers=dense, expert_intermediate=moe_inter, shared_intermediate=moe_inter * shared,
         router_groups=groups)

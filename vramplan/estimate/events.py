@@ -87,6 +87,14 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
                 sizes.append(alloc(linear.numel * wb))
             if linear.bias:
                 sizes.append(alloc(linear.out_features * wb))
+    if spec.num_experts and not setup.experts_4bit:
+        # the router weight and the two 3D expert stacks of every MoE layer, one allocation each
+        # (inventory.static_memory), and DeepSeek-V3's float32 e_score_correction_bias
+        E, h, i = spec.num_experts, spec.hidden, spec.expert_width
+        stacks = [alloc(E * h * wb), alloc(E * 2 * i * h * wb), alloc(E * h * i * wb)]
+        if spec.arch.router == "sigmoid_grouped":
+            stacks.append(alloc(4 * E))
+        sizes += stacks * spec.moe_layers
     for linear in adapted_linears(spec, setup):
         for shape in lora_shapes(linear, setup.rank):
             sizes += [alloc(numel(shape) * FP32)] * (1 if linear.name == "lm_head" else spec.count(linear))
