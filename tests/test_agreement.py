@@ -4,7 +4,7 @@ Small-but-real shapes (tests/configs/*.json: GQA, tied embeddings with q/k/v bia
 qkv/gate_up, Gemma2 soft-capping with four norms, a sliding window shorter than the
 sequence, MoE, a head dim that is not a multiple of 8, Qwen3 per-head q/k norms, Gemma 3 sliding/global
 layers with one KV head, OLMo 2 post-norm, Granite multipliers, SmolLM3 layers without RoPE, OLMo 3 and Ministral sliding/full layers,
-Qwen3-MoE and GraniteMoE top-8 routing) on an H100
+Qwen3-MoE and GraniteMoE top-8 routing, DeepSeek-V3 latent attention with dense and MoE layers) on an H100
 and a T4, across methods, quantization, batch x
 seq, checkpointing, attention kernels and optimizers. The static components must agree to the
 byte; the peak, and each phase's peak (forward, backward, optimizer), within 3% (the issue's target). The larger 7B-70B matrix is
@@ -112,6 +112,18 @@ CASES = [
     ("qwen3moe-experts", dict(seq=512, method="full", grad_ckpt=False)),
     ("granitemoe-experts", dict(seq=512)),
     ("granitemoe-experts", dict(seq=512, grad_ckpt=False)),
+    # DeepSeek-V3: MLA (q LoRA rank / plain q_proj), a dense first layer, then shared + routed
+    # experts behind the grouped sigmoid router; top-2 of 8 and top-6 of 16 (Moonlight's routing)
+    ("deepseek-v3-mla", dict(seq=512)),
+    ("deepseek-v3-mla", dict(seq=512, grad_ckpt=False)),
+    ("deepseek-v3-mla", dict(seq=2048)),
+    ("deepseek-v3-mla", dict(seq=512, attn="eager")),
+    ("deepseek-v3-mla", dict(seq=512, method="full", grad_ckpt=False)),
+    ("deepseek-v3-mla", dict(seq=512, targets="q_b_proj,kv_b_proj")),
+    ("deepseek-v3-moonlight", dict(seq=512)),
+    ("deepseek-v3-moonlight", dict(seq=2048)),
+    ("deepseek-v3-moonlight", dict(seq=1024, grad_ckpt=False)),
+    ("deepseek-v3-moonlight", dict(seq=1024, attn="eager", grad_ckpt=False)),
 ]
 
 
@@ -172,6 +184,8 @@ RECIPE_CASES = [
     # qlora.py's recast with q/k/v biases and tied embeddings, and with per-head q/k norms
     ("qwen2-tied-bias", "qlora-paper", dict(seq=512)),
     ("qwen3-qknorm", "qlora-paper", dict(seq=512)),
+    ("deepseek-v3-mla", "trainer", dict(seq=512)),
+    ("deepseek-v3-moonlight", "trl-sft", dict(seq=512)),
 ]
 
 

@@ -37,6 +37,12 @@ PUBLISHED = [
     # Qwen3-30B-A3B model card: "Number of Parameters: 30.5B in total and 3.3B activated; Number of
     # Paramaters (Non-Embedding): 29.9B"
     ("Qwen/Qwen3-30B-A3B", 30.5, 29.9, (1, 1)),
+
+    # Moonlight model card (model_type deepseek_v3): "Total Params 16B"
+    ("moonshotai/Moonlight-16B-A3B", 16, None, (0, None)),
+    # DeepSeek-V3 model card: "685B ... includes 671B of the Main Model weights and 14B of the
+    # Multi-Token Prediction (MTP) Module weights"; DeepseekV3ForCausalLM builds the main model
+    ("deepseek-ai/DeepSeek-V3", 671, None, (0, None)),
 ]
 
 
@@ -270,7 +276,8 @@ def test_mistral3_text_config_type_decides_the_family():
 
 
 @pytest.mark.parametrize("model, family", [("allenai/Olmo-3-1025-7B", "olmo3"),
-                                           ("mistralai/Ministral-8B-Instruct-2410", "ministral")])
+                                           ("mistralai/Ministral-8B-Instruct-2410", "ministral"),
+                                           ("moonshotai/Moonlight-16B-A3B", "deepseek_v3")])
 def test_cli_estimates_and_lists_the_new_families(capsys, monkeypatch, model, family):
     from vramplan.cli import main
 
@@ -368,3 +375,54 @@ def test_cli_estimates_and_lists_the_moe_families(capsys, monkeypatch, model, fa
     assert main(["models", family]) == 0
     out = capsys.readouterr().out
     assert any(line.split()[:2] == [model, family] for line in out.splitlines() if line.strip())
+
+def test_deepseek_v3_mla_projections_dense_layers_and_shared_experts():
+    """DeepseekV3Attention / DeepseekV3MoE / DeepseekV3DecoderLayer (transformers 5.23): MLA
+    projections with a q LoRA rank, first_k_dense_replace dense MLPs, then routed experts with
+    n_shared_experts fused into one shared MLP; head_dim is qk_rope_head_dim (DeepseekV3Config)."""
+    spec = resolve("deepseek-ai/DeepSeek-V3")
+    lins = {l.name: (l.in_features, l.out_features, l.where) for l in spec.layer_linears}
+    assert lins == {
+        "self_attn.q_a_proj": (7168, 1536, "all"), "self_attn.q_b_proj": (1536, 128 * 192, "all"),
+        "self_attn.kv_a_proj_with_mqa": (7168, 512 + 64, "all"), "self_attn.kv_b_proj": (512, 128 * 256, "all"),
+        "self_attn.o_proj": (128 * 128, 7168, "all"),
+        "mlp.gate_proj": (7168, 18432, "dense"), "mlp.up_proj": (7168, 18432, "dense"),
+        "mlp.down_proj": (18432, 7168, "dense"),
+        "mlp.shared_experts.gate_proj": (7168, 2048, "moe"), "mlp.shared_experts.up_proj": (7168, 2048, "moe"),
+        "mlp.shared_experts.down_proj": (2048, 7168, "moe")}
+    assert (spec.dense_layers, spec.moe_layers, spec.num_experts, spec.experts_per_tok) == (3, 58, 256, 8)
+    assert (spec.expert_width, spec.router_groups, spec.head_dim) == (2048, (8, 4), 64)
+    assert spec.norm_widths == (7168, 7168, 1536, 512)    # block norms, q_a_layernorm, kv_a_layernorm
+    moon = resolve("moonshotai/Moonlight-16B-A3B")      # q_lora_rank null: a plain q_proj
+    assert moon.mla.q_lora_rank is None and "self_attn.q_proj" in {l.name for l in moon.layer_linears}
+    assert moon.norm_widths == (2048, 2048, 512) and moon.shared_intermediate == 2 * 1408
+
+
+def test_deepseek_v3_all_linear_leaves_the_dense_and_shared_mlps_without_lora():
+    """peft 0.21 _convert_peft_config_moe (deepseek_v3 -> the qwen2_moe conversion pattern) moves
+    gate_proj / up_proj / down_proj from target_modules to the experts' target_parameters."""
+    from vramplan.core.setup import TrainSetup
+    from vramplan.estimate.inventory import adapted_linears
+
+    spec = spec_from_config(json.loads((CONFIGS / "deepseek-v3-mla.json").read_text()), "ds", "test")
+    assert {l.leaf for l in adapted_linears(spec, TrainSetup())} == {
+        "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+    with pytest.raises(ModelError, match="target_parameters of the routed experts"):
+        adapted_linears(spec, TrainSetup(targets="q_b_proj,down_proj"))
+
+
+def test_deepseek_v3_param_count_is_what_transformers_builds():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    for name in ("deepseek-v3-mla", "deepseek-v3-moonlight"):
+        config = json.loads((CONFIGS / f"{name}.json").read_text())
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(
+                transformers.CONFIG_MAPPING["deepseek_v3"].from_dict(config))
+        assert spec_from_config(config, name, "test").num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_deepseek_v3_refuses_fewer_kv_heads():
+    config = json.loads((CONFIGS / "deepseek-v3-mla.json").read_text())
+    with pytest.raises(ModelError, match="num_key_value_heads 2 differs from num_attention_heads 8"):
+        spec_from_config(dict(config, num_key_value_heads=2), "ds", "test")

@@ -23,8 +23,8 @@ def test_filtered_listing_pinned_at_80_columns(capsys, monkeypatch):
     lines = [line.rstrip() for line in out.splitlines()]
     assert lines == [
         "Bundled model catalog",
-        "id                          type    params layers hidden kv  vocab",
-        "mistralai/Mixtral-8x7B-v0.1 mixtral 46.70B     32   4096  8 32,000",
+        "id                          type    params layers hidden kv vocab",
+        "mistralai/Mixtral-8x7B-v0.1 mixtral 46.70B     32   4096  8 32000",
         "Families: what each supports",
         "type    methods                     attention   MoE experts",
         "mixtral estimate, simulate, profile sdpa, eager fused 3-D stacks, 16-bit under",

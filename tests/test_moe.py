@@ -193,3 +193,38 @@ def test_simulate_states_how_moe_routing_ran():
     trace = simulate(tiny_mixtral(), TrainSetup(seq=32))
     moe = [n for n in trace.notes if n.startswith("MoE")]
     assert len(moe) == 1 and "grouped_mm" in moe[0] and "4 experts, top-2" in moe[0]
+
+
+# --- DeepSeek-V3: the same warning, routed experts only ---------------------------------------------
+
+DEEPSEEK = "moonshotai/Moonlight-16B-A3B"
+
+
+def test_deepseek_v3_warns_that_routed_experts_stay_16bit(capsys):
+    code, out, _ = cli(capsys, "estimate", DEEPSEEK, "--json")
+    data = json.loads(out)
+    assert code == 0 and len(data["warnings"]) == 1
+    sixteen, four = expert_weight_bytes(estimate(DEEPSEEK).model, TrainSetup())
+    assert data["warnings"][0].startswith("MoE experts stay 16-bit") and f"({sixteen:,} bytes)" in data["warnings"][0]
+    _, out, _ = cli(capsys, "estimate", DEEPSEEK, "--experts", "4bit", "--json")
+    assert json.loads(out)["warnings"] == []
+
+
+def test_deepseek_v3_sixteen_bit_expert_bytes_are_the_transformers_expert_parameters():
+    """Only the routed experts (DeepseekV3Experts, in the MoE layers above first_k_dense_replace)
+    stay 16-bit: the dense and shared-expert MLPs are nn.Linear, which bitsandbytes quantizes."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).parent / "configs" / "deepseek-v3-mla.json").read_text())
+    spec = spec_from_config(config, "tiny-deepseek", "test")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.CONFIG_MAPPING["deepseek_v3"].from_dict(config), dtype=torch.bfloat16)
+    experts = [p for name, p in model.named_parameters() if ".experts." in name]
+    assert len(experts) == 2 * spec.moe_layers == 2 * (spec.layers - config["first_k_dense_replace"])
+    sixteen, four = expert_weight_bytes(spec, TrainSetup())
+    assert sixteen == sum(alloc(p.numel() * p.element_size()) for p in experts)
+    per_expert = 2 * _linear4bit_bytes(spec.hidden, spec.expert_width) + _linear4bit_bytes(spec.expert_width, spec.hidden)
+    assert four == spec.moe_layers * spec.num_experts * per_expert

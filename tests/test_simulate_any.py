@@ -40,13 +40,23 @@ def olmo2(layers: int = 2):
     return Olmo2Config(num_hidden_layers=layers, **SHAPES)
 
 
+def deepseek_v3(layers: int = 2):
+    """MLA with a q LoRA rank, one dense layer below the MoE ones, grouped sigmoid routing."""
+    from transformers import DeepseekV3Config
+    shapes = dict(SHAPES, num_key_value_heads=4)
+    return DeepseekV3Config(num_hidden_layers=layers, moe_intermediate_size=32, n_routed_experts=4,
+                            n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                            first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                            qk_rope_head_dim=8, v_head_dim=16, **shapes)
+
+
 def cli(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
 
-@pytest.mark.parametrize("make", [qwen3, olmo2])
+@pytest.mark.parametrize("make", [qwen3, olmo2, deepseek_v3])
 def test_simulate_cli_any_causal_lm(tmp_path, capsys, make):
     config = make()
     path = write_config(tmp_path, config.model_type, config)
@@ -194,3 +204,13 @@ def test_simulate_cli_hybrid_linear_attention_says_which_kernels_ran(tmp_path, c
     text = " ".join(out.split())
     assert "Estimate skipped" in text and "linear_attention layers ran" in text
     assert "profiler." not in text      # record_function markers are not kernels
+
+def test_simulate_text_output_of_a_registry_free_model(tmp_path, capsys):
+    """The table and the reserved line print with no estimate beside them."""
+    from transformers import Starcoder2Config
+
+    config = Starcoder2Config(num_hidden_layers=2, **SHAPES)
+    assert config.model_type not in ARCHITECTURES
+    code, out, err = cli(capsys, "simulate", write_config(tmp_path, "sc2", config), "--method", "lora", "--seq", "32")
+    assert code == 0, err
+    assert "Peak reserved" in out and "estimate" not in out.split("Peak reserved", 1)[1].splitlines()[0]

@@ -64,8 +64,11 @@ def cmd_models(args) -> int:
     for col in ("type", "params", "layers", "hidden", "kv", "vocab"):
         table.add_column(col, justify="left" if col == "type" else "right", no_wrap=True)
     for r in rows:
-        table.add_row(r["id"], r["model_type"], f"{r['params'] / 1e9:.2f}B", str(r["layers"]), str(r["hidden"]),
-                      str(r["kv_heads"]), f"{r['vocab']:,}")
+        # params: three significant digits at least, six characters at most; the vocabulary without
+        # separators: every id stays whole in 80 columns with DeepSeek-V3's 128 KV heads
+        billions = r["params"] / 1e9
+        table.add_row(r["id"], r["model_type"], f"{billions:.{2 if billions < 100 else 1}f}B", str(r["layers"]),
+                      str(r["hidden"]), str(r["kv_heads"]), str(r["vocab"]))
     if rows:
         console.print(table)
     fam = Table(title="Families: what each supports", **narrow)

@@ -65,8 +65,11 @@ class Architecture:
     # float32 softmax over all experts, top-k of it; the routing weights stay float32),
     # "softmax_topk_cast" (Qwen3MoeTopKRouter: the same, then `.to(router_logits.dtype)`) or
     # "topk_softmax" (GraniteMoeTopKRouter: top-k of the float32 logits, a softmax over those k,
-    # `.type_as(hidden_states)`). The weights' dtype decides the dtype of the weighted expert
-    # outputs (integrations/moe.py grouped_mm_experts_forward: proj_out * sample_weights).
+    # `.type_as(hidden_states)`) or "sigmoid_grouped" (DeepseekV3TopkRouter: float32 sigmoid
+    # scores plus e_score_correction_bias, top-k within the topk_group best of n_group groups,
+    # weights renormalized and scaled by routed_scaling_factor). The weights' dtype decides the
+    # dtype of the weighted expert outputs (integrations/moe.py grouped_mm_experts_forward:
+    # proj_out * sample_weights).
     router: str = "softmax_topk"
     # peft maps "all-linear" onto the fused experts and the router (target_parameters) only for
     # model types in its MoE conversion table (peft/utils/transformers_weight_conversion.py
@@ -77,6 +80,11 @@ class Architecture:
     # Qwen3MoeMLP gate/up/down): the layout --experts 4bit models (docs/bitsandbytes.md#moe-experts).
     # GraniteMoE's transformers 4 experts (GraniteMoeParallelExperts) were 3D weights already.
     expert_linears_v4: bool = True
+    # Multi-head latent attention (DeepseekV3Attention): q through an optional low-rank
+    # q_a_proj / q_a_layernorm / q_b_proj, keys and values from one compressed latent
+    # (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj); RoPE on a qk_rope_head_dim slice only.
+    # docs/architectures.md#deepseek_v3
+    mla: bool = False
     activation_key: str = "hidden_act"
     # Gemma scales embeddings by sqrt(hidden) (Gemma2TextScaledWordEmbedding) and soft-caps logits.
     scaled_embeddings: bool = False
@@ -231,6 +239,29 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                  notes=("transformers 5 keeps GraniteMoE experts as 3D parameters: bitsandbytes does not "
                         "quantize them (they stay 16-bit); peft's all-linear adapts only the attention "
                         "projections (no MoE conversion for granitemoe): experts and router stay frozen",)),
+    # models/deepseek_v3/modeling_deepseek_v3.py (DeepseekV3Attention, DeepseekV3MLP,
+    # DeepseekV3TopkRouter, DeepseekV3Experts, DeepseekV3MoE, DeepseekV3DecoderLayer) and
+    # configuration_deepseek_v3.py (DeepseekV3Config, whose defaults are DeepSeek-V3's own
+    # shapes): MLA attention (projections bias=attention_bias on q_a_proj, kv_a_proj_with_mqa and
+    # o_proj, none on q_proj / q_b_proj / kv_b_proj), a dense DeepseekV3MLP in the first
+    # first_k_dense_replace layers, then DeepseekV3MoE: a sigmoid-scored group-limited router, the
+    # routed experts as 3D parameters (moe_intermediate_size wide) and n_shared_experts fused into
+    # one DeepseekV3MLP of moe_intermediate_size * n_shared_experts. docs/architectures.md#deepseek_v3
+    Architecture("deepseek_v3", dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                                     moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+                                     num_key_value_heads=None, head_dim=None, n_shared_experts=1,
+                                     n_routed_experts=256, kv_lora_rank=512, q_lora_rank=1536,
+                                     qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
+                                     topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+                                     hidden_act="silu", max_position_embeddings=4096, tie_word_embeddings=False,
+                                     attention_bias=False, rope_interleave=True),
+                 qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False, moe=True,
+                 experts_key="n_routed_experts", router="sigmoid_grouped", mla=True,
+                 notes=("transformers 5 keeps DeepSeek-V3 routed experts as 3D parameters: bitsandbytes does "
+                        "not quantize them (they stay 16-bit); peft's all-linear adapts them through "
+                        "target_parameters and, converting the config for transformers 5, drops gate_proj / "
+                        "up_proj / down_proj from the module targets, so the dense and shared-expert MLPs stay "
+                        "4-bit without LoRA",)),
 )}
 
 

@@ -23,7 +23,7 @@ CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "
                   "qwen3": "Qwen3Config", "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config",
                   "granite": "GraniteConfig", "smollm3": "SmolLM3Config", "olmo3": "Olmo3Config",
                   "ministral": "MinistralConfig", "qwen3_moe": "Qwen3MoeConfig",
-                  "granitemoe": "GraniteMoeConfig"}
+                  "granitemoe": "GraniteMoeConfig", "deepseek_v3": "DeepseekV3Config"}
 
 # Fields derived from others when absent, as transformers does: the config classes set
 # `num_key_value_heads = num_attention_heads` (e.g. LlamaConfig.__post_init__), and head_dim is
@@ -65,6 +65,10 @@ def read_fields(arch) -> tuple[str, ...]:
         fields += [arch.experts_key, "num_experts_per_tok"]
         if arch.expert_width_key != "intermediate_size":
             fields += [arch.expert_width_key, "mlp_only_layers", "decoder_sparse_step"]
+    if arch.mla:   # models.py _mla_spec
+        fields += ["q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                   "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group"]
+        fields.remove("head_dim")   # DeepseekV3Config.__post_init__: head_dim = qk_rope_head_dim
     fields += [k for k in ("final_logit_softcapping", "attn_logit_softcapping") if k in arch.defaults]
     fields += WINDOWED.get(arch.model_type, ())
     return tuple(dict.fromkeys(fields))

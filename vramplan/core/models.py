@@ -25,6 +25,9 @@ class Linear:
     in_features: int
     out_features: int
     bias: bool
+    # which decoder layers hold it: "all", or in a model with dense layers below MoE ones
+    # (DeepseekV3DecoderLayer: layer_idx >= first_k_dense_replace is MoE) "dense" / "moe"
+    where: str = "all"
 
     @property
     def leaf(self) -> str:  # what peft's target_modules matches against
@@ -33,6 +36,23 @@ class Linear:
     @property
     def numel(self) -> int:
         return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class Mla:
+    """Multi-head latent attention shapes (DeepseekV3Attention.__init__): q through q_proj, or
+    q_a_proj (hidden -> q_lora_rank) + q_a_layernorm + q_b_proj when q_lora_rank is set;
+    kv_a_proj_with_mqa (hidden -> kv_lora_rank + qk_rope_head_dim), kv_a_layernorm(kv_lora_rank),
+    kv_b_proj (kv_lora_rank -> heads * (qk_nope_head_dim + v_head_dim)); o_proj from heads * v_head_dim."""
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope: int
+    qk_rope: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope + self.qk_rope
 
 
 @dataclass(frozen=True)
@@ -65,10 +85,32 @@ class ModelSpec:
     rope_layers: tuple[bool, ...] = ()
     # assumption lines on how the config was read (the text decoder of a multimodal checkpoint)
     notes: tuple[str, ...] = ()
+    # DeepSeek-V3: multi-head latent attention shapes, the dense layers below the MoE ones
+    # (first_k_dense_replace), the routed experts' width (moe_intermediate_size; 0: intermediate),
+    # the shared experts' MLP width (0: none) and the router's (n_group, topk_group)
+    mla: "Mla | None" = None
+    dense_layers: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    router_groups: tuple[int, int] = (1, 1)
 
     @property
     def arch(self) -> Architecture:
         return ARCHITECTURES[self.model_type]
+
+    @property
+    def moe_layers(self) -> int:
+        """Decoder layers with routed experts."""
+        return self.layers - self.dense_layers if self.num_experts else 0
+
+    @property
+    def expert_width(self) -> int:
+        """One routed expert's intermediate size."""
+        return self.expert_intermediate or self.intermediate
+
+    def count(self, linear: Linear) -> int:
+        """How many decoder layers hold this Linear."""
+        return {"all": self.layers, "dense": self.dense_layers, "moe": self.moe_layers}[linear.where]
 
     @property
     def norm_widths(self) -> tuple[int, ...]:
@@ -81,17 +123,17 @@ class ModelSpec:
     # --- parameter inventory (nanoGPT-style breakdown; a test checks it against transformers) -----
     def param_breakdown(self) -> dict[str, int]:
         h, n = self.hidden, self.layers
-        linear = sum(l.numel + (l.out_features if l.bias else 0) for l in self.layer_linears)
+        linear = sum(self.count(l) * (l.numel + (l.out_features if l.bias else 0)) for l in self.layer_linears)
         parts = {
             "embed_tokens": self.vocab * h,
-            "layers.linear": n * linear,
+            "layers.linear": linear,
             "layers.norms": n * sum(self.norm_widths),
             "norm": h,
             "lm_head": 0 if self.tied else self.vocab * h,
         }
         if self.num_experts:
-            parts["layers.router"] = n * self.num_experts * h
-            parts["layers.experts"] = n * self.num_experts * 3 * h * self.intermediate
+            parts["layers.router"] = self.moe_layers * self.num_experts * h
+            parts["layers.experts"] = self.moe_layers * self.num_experts * 3 * h * self.expert_width
         return parts
 
     @property
@@ -201,6 +243,8 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
 
     q, kv, o_bias = heads * head_dim, kv_heads * head_dim, flag(arch.o_bias)
     qkv_bias, mlp_bias = flag(arch.qkv_bias), flag(arch.mlp_bias)
+    if arch.mla:
+        return _mla_spec(config, cfg, arch, model_id, source, need_int, types, window, experts, per_tok, notes)
     if arch.fused_qkv:
         linears = [Linear("self_attn.qkv_proj", hidden, q + 2 * kv, qkv_bias)]
     else:
@@ -233,6 +277,65 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         layer_types=types, layer_norms=tuple(norms), rope_layers=_rope_layers(arch, cfg, layers, model_id),
         defaults_used=defaults_applied(config, arch, cfg), notes=notes,
     )
+
+
+def _mla_spec(config: dict, cfg: dict, arch: Architecture, model_id: str, source: str, need_int, types, window,
+              experts: int, per_tok: int, notes: tuple) -> ModelSpec:
+    """DeepSeek-V3 (models/deepseek_v3/modeling_deepseek_v3.py, docs/architectures.md#deepseek_v3).
+    DeepseekV3Attention: q_proj (no bias), or q_a_proj (bias=attention_bias) -> q_a_layernorm ->
+    q_b_proj (no bias); kv_a_proj_with_mqa (bias=attention_bias), kv_a_layernorm, kv_b_proj (no
+    bias); o_proj (bias=attention_bias). DeepseekV3DecoderLayer: DeepseekV3MLP (gate/up/down, no
+    bias) below first_k_dense_replace, DeepseekV3MoE above it (router, routed experts, and
+    shared_experts = DeepseekV3MLP(moe_intermediate_size * n_shared_experts)).
+    DeepseekV3Config.__post_init__ sets head_dim = qk_rope_head_dim: the rotary embedding's width."""
+    hidden, heads, layers = need_int("hidden_size"), need_int("num_attention_heads"), need_int("num_hidden_layers")
+    if cfg["num_key_value_heads"] != heads:
+        # kv_b_proj expands the latent to every query head; sdpa/eager then repeat keys by
+        # num_attention_heads // num_key_value_heads, which only fits when that is 1
+        raise ModelError(f"config for {model_id}: num_key_value_heads {cfg['num_key_value_heads']} differs from "
+                         f"num_attention_heads {heads}; DeepseekV3Attention expands keys and values to every head",
+                         hint="set num_key_value_heads to num_attention_heads in config.json")
+    # an explicit null means no q compression (Moonlight, DeepSeek-V2-Lite), whatever the class default
+    q_rank = None if "q_lora_rank" in config and config["q_lora_rank"] is None else cfg.get("q_lora_rank")
+    mla = Mla(q_lora_rank=need_int("q_lora_rank") if q_rank is not None else None,
+              kv_lora_rank=need_int("kv_lora_rank"), qk_nope=need_int("qk_nope_head_dim"),
+              qk_rope=need_int("qk_rope_head_dim"), v_head_dim=need_int("v_head_dim"))
+    inter, vocab = need_int("intermediate_size"), need_int("vocab_size")
+    moe_inter, shared = need_int("moe_intermediate_size"), cfg.get("n_shared_experts") or 0
+    dense = min(cfg.get("first_k_dense_replace") or 0, layers)
+    groups = (need_int("n_group"), need_int("topk_group"))
+    if experts % groups[0] or groups[1] > groups[0]:
+        raise ModelError(f"config for {model_id}: n_routed_experts {experts} must split into n_group {groups[0]} "
+                         f"groups, topk_group {groups[1]} of them", hint="check the MoE fields of config.json")
+    bias = bool(cfg.get("attention_bias", False))
+    H, qk = heads, mla.qk_head_dim
+    linears = []
+    if mla.q_lora_rank is None:
+        linears.append(Linear("self_attn.q_proj", hidden, H * qk, False))
+    else:
+        linears += [Linear("self_attn.q_a_proj", hidden, mla.q_lora_rank, bias),
+                    Linear("self_attn.q_b_proj", mla.q_lora_rank, H * qk, False)]
+    linears += [Linear("self_attn.kv_a_proj_with_mqa", hidden, mla.kv_lora_rank + mla.qk_rope, bias),
+                Linear("self_attn.kv_b_proj", mla.kv_lora_rank, H * (mla.qk_nope + mla.v_head_dim), False),
+                Linear("self_attn.o_proj", H * mla.v_head_dim, hidden, bias)]
+    if dense == layers:   # no MoE layer at all: every layer's MLP is the dense one
+        dense, experts, per_tok, shared = 0, 0, 0, 0
+    for width, prefix, where in ((inter, "mlp.", "dense" if experts else "all"),
+                                 (moe_inter * shared, "mlp.shared_experts.", "moe")):
+        if width and (dense if where == "dense" else layers):
+            linears += [Linear(prefix + "gate_proj", hidden, width, False, where),
+                        Linear(prefix + "up_proj", hidden, width, False, where),
+                        Linear(prefix + "down_proj", width, hidden, False, where)]
+    norms = [hidden, hidden] + ([mla.q_lora_rank] if mla.q_lora_rank else []) + [mla.kv_lora_rank]
+    require_core_fields(config, model_id, arch)
+    return ModelSpec(
+        id=model_id, source=source, model_type=arch.model_type, config=dict(config),
+        hidden=hidden, intermediate=inter, layers=layers, heads=heads, kv_heads=heads, head_dim=mla.qk_rope,
+        vocab=vocab, tied=bool(cfg.get("tie_word_embeddings")), layer_linears=tuple(linears),
+        num_experts=experts, experts_per_tok=per_tok,
+        layer_types=types, layer_norms=tuple(norms), defaults_used=defaults_applied(config, arch, cfg), notes=notes,
+        mla=mla, dense_layers=dense, expert_intermediate=moe_inter, shared_intermediate=moe_inter * shared,
+        router_groups=groups)
 
 
 def _rope_layers(arch: Architecture, cfg: dict, layers: int, model_id: str) -> tuple[bool, ...]:

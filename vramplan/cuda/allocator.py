@@ -589,7 +589,9 @@ class CachingAllocator:
             return None
         while candidate.size < size:
             nxt = candidate.next      # invariant: free -> unmapped -> ...
-            if not self._map_block(nxt, min(size - candidate.size, nxt.size)):
+            # past the reservation's end: larger than the address space ExpandableSegment
+            # reserves (9/8 of the device), which CUDA cannot map either
+            if nxt is None or not self._map_block(nxt, min(size - candidate.size, nxt.size)):
                 return None
             candidate = nxt           # map_block merged the candidate into it
         keys = pool.free

@@ -363,7 +363,7 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
                "zero_grad(set_to_none=True)")
     if experts_quantized(spec, setup):
         out.append(f"--experts 4bit: each of the {spec.num_experts} experts per layer is three Linear4bit layers "
-                   f"(w1, w3: {spec.hidden} -> {spec.intermediate}; w2 back), as transformers 4.x ModuleList experts "
+                   f"(w1, w3: {spec.hidden} -> {spec.expert_width}; w2 back), as transformers 4.x ModuleList experts "
                    "or Unsloth's MoE 4-bit build them; the router stays 16-bit; "
                    + ("all-linear LoRA wraps every expert Linear (no merged 16-bit expert copy); "
                       if experts_adapted(spec, setup) else "")
@@ -387,7 +387,7 @@ def warnings(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
             f"(bitsandbytes #1849); they take {format_bytes(sixteen, 'GiB')} ({sixteen:,} bytes) of the weights, "
             f"{format_bytes(four, 'GiB')} as {quant}")
     if experts_adapted(spec, setup):
-        merge = spec.num_experts * 3 * spec.hidden * spec.intermediate * setup.compute_bytes
+        merge = spec.num_experts * 3 * spec.hidden * spec.expert_width * setup.compute_bytes
         text += f", plus a {format_bytes(merge, 'GiB')} merged 16-bit copy per layer on each forward (LoRA)"
     if setup.quant != "int8" and spec.arch.expert_linears_v4:
         text += "; --experts 4bit models stacks that quantize them"

@@ -31,7 +31,7 @@ from vramplan.cuda.reserved import SmallPoolLevel
 from vramplan.cuda.cublas import workspace_bytes
 from vramplan.estimate.inventory import rope_kinds
 from vramplan.estimate.ops import (_head_tape, _layer_tapes, _structure, act_bytes, eager_masks, embedding_leaf,
-                                   held_outputs, int8_ctx_inputs, layer_windows)
+                                   held_outputs, int8_ctx_inputs, layer_kinds)
 from vramplan.estimate.quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate.symbolic import rounded_bytes, variables
 from vramplan.estimate.walk import GRAD
@@ -69,28 +69,44 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
     if not spec.tied:
         sizes.append(alloc(spec.vocab * spec.hidden * eb))
     sizes += [alloc(spec.hidden * wb)] * (n * spec.arch.norms_per_layer + 1)
-    layer = []                 # every decoder layer holds the same tensors, in this order
-    for linear in spec.layer_linears:
-        if setup.quantized and setup.quant == "int8":
-            q = layout_int8(linear.in_features, linear.out_features)
-            layer += [q.weight, q.constants]
-        elif setup.quantized:
-            numel_ = linear.in_features * linear.out_features
-            q = layout_4bit(numel_, setup.double_quant)
-            blocks = -(-numel_ // 64)
-            parts = ([alloc(blocks), alloc(4 * -(-blocks // 256)), alloc(1024), alloc(4), alloc(64)]
-                     if setup.double_quant else [alloc(4 * blocks), alloc(64)])
-            layer += [q.weight] + (parts if sum(parts) == q.constants else [q.constants])
-        else:
-            layer.append(alloc(linear.numel * wb))
-        if linear.bias:
-            layer.append(alloc(linear.out_features * bias_bytes(setup)))
-    sizes += layer * n
+    def layer_sizes(dense: bool) -> list:
+        """The tensors of one decoder layer, in order (DeepSeek-V3: a dense-layer MLP or a
+        shared-expert MLP, core/models.py Linear.where)."""
+        layer = []
+        for linear in spec.layer_linears:
+            if linear.where != "all" and dense != (linear.where == "dense"):
+                continue
+            if setup.quantized and setup.quant == "int8":
+                q = layout_int8(linear.in_features, linear.out_features)
+                layer += [q.weight, q.constants]
+            elif setup.quantized:
+                numel_ = linear.in_features * linear.out_features
+                q = layout_4bit(numel_, setup.double_quant)
+                blocks = -(-numel_ // 64)
+                parts = ([alloc(blocks), alloc(4 * -(-blocks // 256)), alloc(1024), alloc(4), alloc(64)]
+                         if setup.double_quant else [alloc(4 * blocks), alloc(64)])
+                layer += [q.weight] + (parts if sum(parts) == q.constants else [q.constants])
+            else:
+                layer.append(alloc(linear.numel * wb))
+            if linear.bias:
+                layer.append(alloc(linear.out_features * bias_bytes(setup)))
+        return layer
+    per_kind = {dense: layer_sizes(dense) for dense in (True, False)}
+    for i in range(n):
+        sizes += per_kind[i < spec.dense_layers]
+    if spec.num_experts and not setup.experts_4bit:
+        # the router weight and the two 3D expert stacks of every MoE layer, one allocation each
+        # (inventory.static_memory), and DeepSeek-V3's float32 e_score_correction_bias
+        E, h, i = spec.num_experts, spec.hidden, spec.expert_width
+        stacks = [alloc(E * h * wb), alloc(E * 2 * i * h * wb), alloc(E * h * i * wb)]
+        if spec.arch.router == "sigmoid_grouped":
+            stacks.append(alloc(4 * E))
+        sizes += stacks * spec.moe_layers
     for linear in adapted_linears(spec, setup):
         for shape in lora_shapes(linear, setup.rank):
-            sizes += [alloc(numel(shape) * ab)] * (1 if linear.name == "lm_head" else n)
+            sizes += [alloc(numel(shape) * ab)] * (1 if linear.name == "lm_head" else spec.count(linear))
     for shape, count in expert_lora_shapes(spec, setup):
-        sizes += [alloc(numel(shape) * ab)] * (count * n)
+        sizes += [alloc(numel(shape) * ab)] * (count * spec.moe_layers)
     rest = static.weights + static.quant_constants + static.adapters - sum(sizes)
     if rest < 0:   # the inventory counts fewer tensors than listed here: keep the total exact
         return [static.weights + static.quant_constants + static.adapters]
@@ -160,8 +176,7 @@ def _templates(spec: ModelSpec, setup: TrainSetup, arch: CudaArch):
     """(per decoder layer bottom to top: its template, the head's template). Layers of one kind
     (sliding-window or global attention, with or without RoPE: ops.layer_stack) share one."""
     values = variables(setup.batch, setup.seq)
-    ropes = spec.rope_layers or (True,) * spec.layers
-    kinds = tuple(zip(layer_windows(spec, setup), ropes))
+    kinds = layer_kinds(spec, setup)
     made = {}
     for kind in set(kinds):
         inner, first, _ = _layer_tapes(spec, _structure(spec, setup, arch, *kind))

@@ -78,8 +78,14 @@ def adapted_linears(spec: ModelSpec, setup: TrainSetup) -> tuple[Linear, ...]:
     the target or ends with "." + target (peft check_target_module_exists)."""
     if not setup.uses_adapters:
         return ()
+    moved = PEFT_MOE_PARAMETER_TARGETS.get(spec.model_type, ())
     if setup.targets == (ALL_LINEAR,):
-        return spec.layer_linears
+        return tuple(l for l in spec.layer_linears if l.leaf not in moved)
+    if moved and any(t in moved or t.rsplit(".", 1)[-1] in moved for t in setup.targets):
+        raise ModelError(f"--targets {','.join(setup.targets)}: peft turns {', '.join(moved)} of {spec.model_type} "
+                         "into target_parameters of the routed experts (and leaves the dense / shared MLPs "
+                         "without LoRA); that mix is not modelled",
+                         hint="target attention projections by name, or use all-linear")
     candidates = (*spec.layer_linears, spec.lm_head)
     chosen = tuple(l for l in candidates if any(l.name == t or l.name.endswith("." + t) or l.leaf == t
                                                for t in setup.targets))
@@ -90,6 +96,16 @@ def adapted_linears(spec: ModelSpec, setup: TrainSetup) -> tuple[Linear, ...]:
         raise ModelError(f"target modules {', '.join(unmatched)} match nothing in {spec.id}",
                          hint=f"its Linear modules are: {names} (or use all-linear)")
     return chosen
+
+
+# peft 0.21 _convert_peft_config_moe (peft/utils/transformers_weight_conversion.py) with
+# transformers' conversion_mapping._MODEL_TO_CONVERSION_PATTERN["deepseek_v3"] = "qwen2_moe":
+# "all-linear" is resolved to leaf names, and the names of the v4 expert projections
+# (_MOE_TARGET_MODULE_MAPPING["qwen2_moe"]: gate_proj, up_proj -> gate_up_proj; down_proj) move
+# from target_modules to target_parameters. So no nn.Linear called gate_proj / up_proj /
+# down_proj gets a LoRA layer: DeepSeek's dense and shared-expert MLPs stay 4-bit and frozen.
+# docs/architectures.md#deepseek_v3
+PEFT_MOE_PARAMETER_TARGETS = {"deepseek_v3": ("gate_proj", "up_proj", "down_proj")}
 
 
 def lora_shapes(linear: Linear, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -118,7 +134,7 @@ def experts_quantized(spec: ModelSpec, setup: TrainSetup) -> bool:
 
 def expert_linears(spec: ModelSpec) -> tuple[Linear, ...]:
     """One expert's Linear modules in the 4-bit layout (names as in transformers 4.x)."""
-    h, i = spec.hidden, spec.intermediate
+    h, i = spec.hidden, spec.expert_width
     return (Linear("experts.w1", h, i, False), Linear("experts.w3", h, i, False), Linear("experts.w2", i, h, False))
 
 
@@ -127,7 +143,7 @@ def expert_weight_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
     separate quantized Linear weights with their constants): what --experts 4bit saves."""
     if not spec.num_experts:
         return 0, 0
-    n, E, h, i, wb = spec.layers, spec.num_experts, spec.hidden, spec.intermediate, weight_bytes(setup)
+    n, E, h, i, wb = spec.moe_layers, spec.num_experts, spec.hidden, spec.expert_width, weight_bytes(setup)
     sixteen = n * (alloc(E * 2 * i * h * wb) + alloc(E * h * i * wb))
     quant = setup.quant if setup.quantized else "nf4"
     four = n * E * sum(layout(quant, l.in_features, l.out_features, setup.double_quant).total
@@ -142,7 +158,7 @@ def expert_lora_shapes(spec: ModelSpec, setup: TrainSetup) -> list[tuple[tuple[i
     all-linear wraps with an ordinary LoRA layer (lora_shapes), E of each per layer."""
     if not experts_adapted(spec, setup):
         return []
-    r, E, h, i = setup.rank, spec.num_experts, spec.hidden, spec.intermediate
+    r, E, h, i = setup.rank, spec.num_experts, spec.hidden, spec.expert_width
     if experts_quantized(spec, setup):
         per_expert = Counter()
         for lin in expert_linears(spec):
@@ -195,45 +211,51 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
             trainable[(width,)] += n
 
     for linear in spec.layer_linears:
+        k = spec.count(linear)   # DeepSeek: dense-MLP and shared-expert linears are in some layers only
         if setup.quantized:
             q = layout(setup.quant, linear.in_features, linear.out_features, setup.double_quant)
-            weights += n * q.weight
-            quant_constants += n * q.constants
+            weights += k * q.weight
+            quant_constants += k * q.constants
         else:
-            weights += n * alloc(linear.numel * wb)
+            weights += k * alloc(linear.numel * wb)
             if setup.method == "full":
-                trainable[(linear.out_features, linear.in_features)] += n
+                trainable[(linear.out_features, linear.in_features)] += k
         if linear.bias:
-            weights += n * alloc(linear.out_features * bias_bytes(setup))
+            weights += k * alloc(linear.out_features * bias_bytes(setup))
             if setup.method == "full":
-                trainable[(linear.out_features,)] += n
+                trainable[(linear.out_features,)] += k
 
+    m = spec.moe_layers
+    if m and spec.arch.router == "sigmoid_grouped":
+        # DeepseekV3TopkRouter.e_score_correction_bias: an (E,) buffer per MoE layer, float32
+        # (DeepseekV3PreTrainedModel._keep_in_fp32_modules_strict, applied by from_pretrained)
+        weights += m * alloc(4 * spec.num_experts)
     if experts_quantized(spec, setup):
         # --experts 4bit: the router weight (E, h) stays 16-bit as in transformers 5 (assumed);
         # each expert's w1, w3, w2 is a Linear4bit (packed weight + quantization constants)
-        weights += n * alloc(spec.num_experts * spec.hidden * wb)
+        weights += m * alloc(spec.num_experts * spec.hidden * wb)
         for lin in expert_linears(spec):
             q = layout(setup.quant, lin.in_features, lin.out_features, setup.double_quant)
-            weights += n * spec.num_experts * q.weight
-            quant_constants += n * spec.num_experts * q.constants
+            weights += m * spec.num_experts * q.weight
+            quant_constants += m * spec.num_experts * q.constants
     elif spec.num_experts:
         # MixtralTopKRouter.weight (E, h) and MixtralExperts' 3D parameters stay in the load
         # dtype under bitsandbytes (only `type(module) is nn.Linear` is replaced).
         expert_tensors = [(spec.num_experts, spec.hidden),
-                          (spec.num_experts, 2 * spec.intermediate, spec.hidden),
-                          (spec.num_experts, spec.hidden, spec.intermediate)]
-        weights += n * sum(alloc(numel(t) * wb) for t in expert_tensors)
+                          (spec.num_experts, 2 * spec.expert_width, spec.hidden),
+                          (spec.num_experts, spec.hidden, spec.expert_width)]
+        weights += m * sum(alloc(numel(t) * wb) for t in expert_tensors)
         if setup.method == "full":
             for shape in expert_tensors:
-                trainable[shape] += n
+                trainable[shape] += m
 
     adapters = 0
     for shape, count in expert_lora_shapes(spec, setup):
-        adapters += count * n * alloc(numel(shape) * ab)
-        trainable[shape] += count * n
+        adapters += count * m * alloc(numel(shape) * ab)
+        trainable[shape] += count * m
     adapted = adapted_linears(spec, setup)
     for linear in adapted:
-        per_layer = 1 if linear.name == "lm_head" else n
+        per_layer = 1 if linear.name == "lm_head" else spec.count(linear)
         for shape in lora_shapes(linear, setup.rank):
             adapters += per_layer * alloc(numel(shape) * ab)       # adapter_bytes
             trainable[shape] += per_layer

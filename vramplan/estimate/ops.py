@@ -66,7 +66,8 @@ class _Ops:
         # autocast dtype (bytes); tensors whose dtype differs from `a` are listed in `bytes_of`
         self.c = DTYPES[setup.amp] if setup.autocast else self.a
         self.bytes_of: dict[str, int] = {}
-        self.fused, self.window, self.kv_view, self.use_rope = decisions(spec, setup, arch) if decided is None else decided
+        self.fused, self.window, self.kv_view, self.use_rope, self.dense = (decisions(spec, setup, arch) if decided is None
+                                                                            else decided)
         self.full = setup.method == "full"
         self.adapted = {l.name for l in adapted_linears(spec, setup)}
         if experts_quantized(spec, setup) and experts_adapted(spec, setup):
@@ -257,11 +258,69 @@ class _Ops:
                 bwd_work=alloc(a * T * width) * 2, )
         return out
 
-    def attention(self, q: str, k: str, v: str, v_storage: str) -> str:
+    def rope_interleave(self, x: str, width: int, name: str) -> str:
+        """apply_rotary_pos_emb_interleave (DeepSeek-V3, rope_interleave=True): on the even / odd
+        slices (views) x1 * cos - x2 * sin and x2 * cos + x1 * sin, each product and sum a
+        half-width temporary, then one cat. cos / sin need no grad, so nothing is saved. Backward:
+        the half-width products and the two strided-slice gradients scattered into zeros."""
+        a, T = self.a, self.T
+        half = alloc(a * T * width // 2)
+        out = f"{name}.rot"
+        self.op(f"{name}.rope", [x], [self.t(out, a * T * width)], grads=((x, a * T * width),),
+                work=2 * half, work_tag=ACT, bwd_work=4 * half + 2 * alloc(a * T * width))
+        return out
+
+    def mla_attention(self, n1: str, lins: dict) -> tuple[str, list]:
+        """DeepseekV3Attention.forward (models/deepseek_v3/modeling_deepseek_v3.py): q =
+        q_b_proj(q_a_layernorm(q_a_proj(x))) (or q_proj(x)), viewed (b, H, s, qk_nope + qk_rope) and
+        split (views); compressed_kv = kv_a_proj_with_mqa(x) split into the latent (normalized by
+        kv_a_layernorm, its float32 copy made from the strided view) and the shared k_rot; RoPE on
+        q_rot and k_rot; query_states = cat(q_pass, q_rot); expand_kv: kv_b_proj(latent) viewed
+        (b, H, s, qk_nope + v_head_dim), k_nope and the values split off as views, key_states a new
+        tensor filled by two copy_ (k_nope, k_rot expanded to every head); the values stay a strided
+        view of kv_b_proj's output. Returns o_proj's input and the attention's locals."""
+        spec, a, T = self.spec, self.a, self.T
+        m, H = spec.mla, spec.heads
+        qk = m.qk_head_dim
+        if self.setup.quantized and self.setup.quant == "int8":
+            from vramplan.core.errors import UsageError
+            raise UsageError(f"int8 base weights are not modelled for {spec.model_type} (its int8 matmul inputs "
+                             "differ between the dense and the MoE layers)", hint="use --quant nf4 or fp4")
+        if m.q_lora_rank:
+            qa = self.linear(lins["q_a_proj"], n1)
+            q = self.linear(lins["q_b_proj"], self.norm("self_attn.q_a_layernorm", qa, m.q_lora_rank))
+        else:
+            q = self.linear(lins["q_proj"], n1)
+        # SplitWithSizesBackward stacks the two slice gradients into one new tensor
+        self.op("attn.q_split", [q], [self.t("attn.q_pass", 0), self.t("attn.q_rot", 0)], grads=((q, a * T * H * qk),))
+        ckv = self.linear(lins["kv_a_proj_with_mqa"], n1)
+        self.op("attn.kv_split", [ckv], [self.t("attn.kv_nope", 0), self.t("attn.k_rot", 0)],
+                grads=((ckv, a * T * (m.kv_lora_rank + m.qk_rope)),))
+        latent = self.norm("self_attn.kv_a_layernorm", "attn.kv_nope", m.kv_lora_rank)
+        qr = self.rope_interleave("attn.q_rot", H * m.qk_rope, "attn.q")
+        kr = self.rope_interleave("attn.k_rot", m.qk_rope, "attn.k")
+        self.op("attn.query", ["attn.q_pass", qr], [self.t("attn.qs", a * T * H * qk)],
+                grads=(("attn.q_pass", 0), (qr, 0)))
+        kvb = self.linear(lins["kv_b_proj"], latent)
+        self.op("attn.kv_b_split", [kvb], [self.t("attn.k_nope", 0), self.t("attn.v", 0)],
+                grads=((kvb, a * T * H * (m.qk_nope + m.v_head_dim)),))
+        # key_states.copy_ twice: each CopySlices backward clones the full gradient; k_rot's
+        # gradient is summed over the heads it was expanded to
+        self.op("attn.key", ["attn.k_nope", kr], [self.t("attn.ks", a * T * H * qk)],
+                grads=(("attn.k_nope", a * T * H * m.qk_nope), (kr, a * T * m.qk_rope)),
+                bwd_work=2 * alloc(a * T * H * qk) + alloc(a * T * H * m.qk_rope))
+        out = self.attention("attn.qs", "attn.ks", "attn.v", kvb, dims=(qk, m.v_head_dim))
+        return out, [n1, out, "attn.qs", "attn.ks", kvb]
+
+    def attention(self, q: str, k: str, v: str, v_storage: str, dims: tuple[int, int] | None = None) -> str:
+        """The attention kernel on q, k, v. `dims`: (q/k head dim, v head dim) of multi-head latent
+        attention (DeepSeek-V3: every head, RoPE already applied, v a strided view of kv_b_proj's
+        output); otherwise spec.head_dim for all three and RoPE is applied here."""
         spec, s, a, T = self.spec, self.setup, self.a, self.T
-        b, seq, H, hd = sym.B, sym.S, spec.heads, spec.head_dim
+        b, seq, H, hd = sym.B, sym.S, spec.heads, dims[0] if dims else spec.head_dim
         qw, kvw = H * hd, spec.kv_heads * hd
-        if self.use_rope:  # SmolLM3's no-RoPE layers skip apply_rotary_pos_emb (attention.use_rope)
+        vin, ow = (H * dims[1], H * dims[1]) if dims else (kvw, qw)   # widths of v and of the output
+        if self.use_rope and not dims:  # SmolLM3's no-RoPE layers skip apply_rotary_pos_emb (attention.use_rope)
             q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
         backend = sdpa_backend(spec, s, self.window, self.arch) if s.attn == "sdpa" else "eager"
         if self.c != a:
@@ -269,7 +328,7 @@ class _Ops:
             # prepare_model_for_kbit_training) are cast, the kernel runs on the casts (saved) and
             # returns the autocast dtype (docs/recipes.md#cuda-autocast-op-lists)
             c = self.c
-            for name, width in ((q, qw), (k, kvw), (v, kvw)):
+            for name, width in ((q, qw), (k, kvw), (v, vin)):
                 self.op(f"{name}.amp", [name], [self.t(f"{name}.16", c * T * width)], grads=((name, a * T * width),))
             v_storage = f"{v}.16" if v_storage == v else f"{v_storage}.16"
             q, k, v, a = f"{q}.16", f"{k}.16", f"{v}.16", c
@@ -300,9 +359,13 @@ class _Ops:
             lse = cuda_sdpa.nbytes(*cuda_sdpa.efficient_logsumexp(b, H, seq, _sym_round))
             bwd = sum((alloc(cuda_sdpa.nbytes(*w)) for w in cuda_sdpa.efficient_backward_workspace(b, H, seq, hd)),
                       alloc(0))
-            self.op("attn.sdpa", [q, k, v, *bias], [self.t("attn.o", a * T * qw), self.t("attn.lse", lse)],
+            self.op("attn.sdpa", [q, k, v, *bias], [self.t("attn.o", a * T * ow), self.t("attn.lse", lse)],
                     saves=(q, k, v_storage, "attn.o", "attn.lse", *bias),
-                    grads=((q, a * T * qw), (k, a * T * kvw), (v, a * T * kvw)), bwd_work=bwd)
+                    grads=((q, a * T * qw), (k, a * T * kvw), (v, a * T * vin)), bwd_work=bwd)
+        elif backend == "math" and dims:
+            from vramplan.core.errors import UsageError
+            raise UsageError(f"SDPA's math fallback ({s.dtype} on {self.arch.label}) is not modelled for multi-head "
+                             "latent attention", hint="use --attn eager, or a GPU / dtype the memory-efficient kernel takes")
         elif backend == "math":
             # aten _scaled_dot_product_attention_math (CompositeImplicit, so the meta trace runs it
             # as a GPU does): fp16/bf16 q, k, v are first copied to float32 (the default
@@ -410,14 +473,20 @@ class _Ops:
                 # `attn_weights` still names the scaled scores until the cast result is bound to it
                 probs = "attn.p"
                 self.op("attn.cast", ["attn.p32", scores], [self.t(probs, a * S)], grads=(("attn.p32", FP32 * S),))
-            self.op("attn.pv", [probs, v, *keep_v], [self.t("attn.o", a * T * qw)], saves=(probs, v, *keep_v),
-                    grads=((probs, a * S), (v, a * T * qw)))
+            if dims:
+                # matmul reshapes v (b, H, s, dv) to (b * H, s, dv) for bmm: a strided view of
+                # kv_b_proj's output cannot merge b and H, so it is copied (saved by bmm); the
+                # reshape's backward is a view
+                self.op("attn.v_copy", [v], [self.t("attn.vc", a * T * vin)], grads=((v, 0),))
+                v = "attn.vc"
+            self.op("attn.pv", [probs, v, *keep_v], [self.t("attn.o", a * T * ow)], saves=(probs, v, *keep_v),
+                    grads=((probs, a * S), (v, a * T * (vin if dims else qw))))
         if backend in ("flash", "efficient"):
             # the fused kernels lay the output out as (b, s, H, hd): transformers'
             # transpose(1, 2).contiguous() and reshape are free views
             return "attn.o"
         # eager / math: (b, H, s, hd) -> transpose(1, 2).contiguous() is a copy o_proj reads
-        self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * qw)], grads=(("attn.o", a * T * qw),))
+        self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * ow)], grads=(("attn.o", a * T * ow),))
         return "attn.of"
 
     def residual(self, name: str, x: str, y: str) -> str:
@@ -456,18 +525,23 @@ class _Ops:
             from vramplan.core.errors import UsageError
             raise UsageError("--amp with --prepare-kbit is not modelled for mixture-of-experts layers "
                              "(grouped_mm is on no autocast list)", hint="use --amp none or drop --prepare-kbit")
-        h, i, E, k = spec.hidden, spec.intermediate, spec.num_experts, spec.experts_per_tok
+        h, i, E, k = spec.hidden, spec.expert_width, spec.num_experts, spec.experts_per_tok
         cb, Tk = s.compute_bytes, T * k
         lora = experts_adapted(spec, s)
         r = s.rank
-        # the router weight trains under full fine-tuning (its .grad in the weight dtype, as
-        # nn.Linear's in `linear`) or through ParamWrapper's LoRA factors (float32 .grad): either
-        # way F.linear saves the input for the weight gradient
         full = self.full
-        router_grads = alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else alloc(a * E * h) if full else 0
-        self.op("moe.router", [x], [self.t("moe.logits", a * T * E)], saves=(x,) if lora or full else (),
-                grads=((x, a * T * h),), param_grads=router_grads)
-        self.router_weights(T, E, k)
+        if spec.arch.router == "sigmoid_grouped":
+            # DeepSeek's router yields "moe.w" in float32, or in the autocast dtype under autocast
+            self.grouped_router(x, lora)
+            self.moe_w = self.c if s.autocast else FP32
+        else:
+            # the router weight trains under full fine-tuning (its .grad in the weight dtype, as
+            # nn.Linear's in `linear`) or through ParamWrapper's LoRA factors (float32 .grad): either
+            # way F.linear saves the input for the weight gradient
+            router_grads = alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else alloc(a * E * h) if full else 0
+            self.op("moe.router", [x], [self.t("moe.logits", a * T * E)], saves=(x,) if lora or full else (),
+                    grads=((x, a * T * h),), param_grads=router_grads)
+            self.router_weights(T, E, k)
         # the weighted expert outputs, their unsorted copy and the sum over the chosen experts
         # have the promoted dtype of the routing weights and the hidden states
         wb = self.moe_w
@@ -538,6 +612,58 @@ class _Ops:
         self.op("moe.return", [x])
         return "moe.out"
 
+    def grouped_router(self, x: str, lora: bool) -> None:
+        """DeepseekV3TopkRouter.forward (models/deepseek_v3/modeling_deepseek_v3.py): router_logits =
+        F.linear(x.float(), weight.float()) (the float32 copy of x is saved when LoRA makes the weight
+        trainable; the float32 weight copy always, for x's gradient); sigmoid (output saved); the
+        choice (scores + e_score_correction_bias, per-group top-2 sums, the topk_group best groups
+        as a mask, masked_fill, top-k) runs on (tokens, experts) float32 temporaries and yields
+        indices only; the weights are gathered from the sigmoid scores (index saved), renormalized
+        (sum + 1e-20, in-place division saving the denominator) and scaled by routed_scaling_factor.
+        Outputs "moe.w" (float32 tokens x top-k) and "moe.idx" (int64), as the softmax router.
+        Under torch.autocast F.linear is on the lower-precision list (aten/src/ATen/autocast_mode.cpp):
+        both float32 copies are cast back, and the logits, scores and routing weights are in the
+        autocast dtype (docs/recipes.md#cuda-autocast-op-lists)."""
+        spec, a, T = self.spec, self.a, self.T
+        h, E, k, (G, tg) = spec.hidden, spec.num_experts, spec.experts_per_tok, spec.router_groups
+        r, Tk, TE = self.setup.rank, T * k, T * E
+        sb = self.c if self.setup.autocast else FP32      # bytes of the logits, scores and weights
+        x32 = x
+        if a != FP32:
+            x32 = "moe.x32"
+            self.op("moe.x32", [x], [self.t(x32, FP32 * T * h)], grads=((x, a * T * h),))
+        # peft ParamWrapper: the weight read through the parametrization is W + B @ A (a
+        # compute-dtype merge, a transient), then .float()
+        merge = alloc(self.setup.compute_bytes * E * h) if lora else 0
+        # full fine-tuning: the weight's gradient comes back through the .float() copy (float32,
+        # then cast to the parameter dtype)
+        grads = (alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else
+                 alloc(self.setup.compute_bytes * E * h) if self.full else 0)
+        self.op("moe.w32", [], [self.t("moe.w32", FP32 * E * h)], work=merge, work_tag=ACT, param_grads=grads,
+                bwd_work=alloc(FP32 * E * h) if self.full else 0)
+        xin, w = x32, "moe.w32"
+        if sb != FP32:   # autocast's casts of both operands, which the linear saves
+            self.op("moe.x16", [x32], [self.t("moe.x16", sb * T * h)], grads=((x32, FP32 * T * h),))
+            self.op("moe.w16", ["moe.w32"], [self.t("moe.w16", sb * E * h)])
+            xin, w = "moe.x16", "moe.w16"
+        self.op("moe.router", [xin, w], [self.t("moe.logits", sb * TE)],
+                saves=((xin,) if lora or self.full else ()) + (w,), grads=((xin, sb * T * h),))
+        self.op("moe.sigmoid", ["moe.logits"], [self.t("moe.scores", sb * TE)], saves=("moe.scores",),
+                grads=(("moe.logits", sb * TE),))
+        # scores_for_choice, the expanded group mask, its bool and negation, the masked scores;
+        # the per-group top-2 (values, indices), their sums, the group top-k and the zeros mask
+        choice = (3 * alloc(sb * TE) + 2 * alloc(TE) + alloc((sb + 8) * T * G * 2) + 2 * alloc(sb * T * G)
+                  + alloc((sb + 8) * T * tg) + alloc(sb * Tk))
+        self.op("moe.choice", ["moe.scores"], [self.t("moe.idx", 8 * Tk)], work=choice, work_tag=ACT)
+        # gather's backward scatters into zeros of the scores' shape
+        self.op("moe.gather", ["moe.scores", "moe.idx"], [self.t("moe.wk", sb * Tk)], saves=("moe.idx",),
+                grads=(("moe.scores", sb * TE),))
+        wk = "moe.wk"
+        if spec.config.get("norm_topk_prob", True):
+            self.op("moe.denom", [wk], [self.t("moe.den", sb * T)], work=alloc(sb * T), work_tag=ACT,
+                    saves=("moe.den",), grads=((wk, sb * Tk),))
+        self.op("moe.scale", [wk], [self.t("moe.w", sb * Tk)], grads=((wk, sb * Tk),))
+
     def moe_4bit_experts(self, x: str) -> str:
         """--experts 4bit (assumed layout, docs/bitsandbytes.md#moe-experts): the routed tokens
         (tokens x top_k rows, gathered by expert) go through each expert's w1, w3 and w2 as
@@ -545,7 +671,7 @@ class _Ops:
         input copy and cloned base output), over its share of the rows; no merged 16-bit copy of
         the expert stacks. The routing weights, unsort, sum and cast are as in the grouped path."""
         spec, a = self.spec, self.a
-        h, i, k = spec.hidden, spec.intermediate, spec.experts_per_tok
+        h, i, k = spec.hidden, spec.expert_width, spec.experts_per_tok
         T, Tk = self.T, self.T * k
         self.op("moe.gather", [x], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
         self.T = Tk     # every expert Linear runs over its share; the shares add up to tokens x top_k rows
@@ -632,7 +758,7 @@ class _Ops:
 
     # --- MLP ------------------------------------------------------------------------------------
     def mlp(self, x: str, lins: dict) -> str:
-        a, T, i = self.a, self.T, self.spec.intermediate
+        a, T, i = self.a, self.T, lins["down_proj"].in_features
         # LlamaMLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)), evaluated left to right, so
         # the activation exists while up_proj runs. Phi3MLP: gate_up_proj, chunk (views), act.
         width = i  # the gradient of each chunk view (SplitBackward concatenates them)
@@ -691,6 +817,11 @@ def sdpa_call(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) ->
     (use_gqa_in_sdpa is False), without one enable_gqa is passed (integrations/sdpa_attention.py)."""
     masked = windowed(spec, setup) if window is None else window
     gqa = not masked and spec.head_dim <= 256
+    if spec.mla:   # DeepseekV3Attention: q/k of qk_nope + qk_rope, v of v_head_dim, every head
+        return cuda_sdpa.SdpaCall(dtype=activation_dtype(setup), head_dim=spec.mla.qk_head_dim,
+                                  head_dim_v=spec.mla.v_head_dim, heads=spec.heads, kv_heads=spec.heads,
+                                  seq_q=setup.seq, seq_k=setup.seq, has_mask=masked, is_causal=not masked,
+                                  enable_gqa=False)
     return cuda_sdpa.SdpaCall(dtype=activation_dtype(setup), head_dim=spec.head_dim, head_dim_v=spec.head_dim,
                               heads=spec.heads, kv_heads=spec.heads if masked else spec.kv_heads,
                               seq_q=setup.seq, seq_k=setup.seq, has_mask=masked, is_causal=not masked,
@@ -744,10 +875,13 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     """The ops of one decoder layer, input "x", output "layer.out"; and the largest dequantized
     weight among them (bytes)."""
     b = b or _Ops(spec, setup)
-    lins = {l.leaf: l for l in spec.layer_linears}
+    # DeepSeek-V3: a dense layer's MLP or a MoE layer's shared experts (core/models.py Linear.where)
+    lins = {l.leaf: l for l in spec.layer_linears if l.where in ("all", "dense" if b.dense else "moe")}
     # OLMo 2 normalizes block outputs, not inputs: attention reads the residual stream itself
     n1 = "x" if spec.arch.norm_placement == "post" else b.norm("input_layernorm", "x")
-    if spec.arch.fused_qkv:
+    if spec.mla:
+        attn, locals_ = b.mla_attention(n1, lins)
+    elif spec.arch.fused_qkv:
         qkv = b.linear(lins["qkv_proj"], n1)
         # q, k, v are views of qkv_proj's output; v stays a view, so saving it keeps all of qkv
         qn, kn, vn, v_storage = qkv, qkv, qkv, qkv
@@ -768,7 +902,8 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
             # Gemma3Attention.forward: all three projections first, then q_norm and k_norm per head
             qn = b.norm("self_attn.q_norm", qn, spec.head_dim, spec.heads)
             kn = b.norm("self_attn.k_norm", kn, spec.head_dim, spec.kv_heads)
-    attn = b.attention(qn, kn, vn, v_storage)
+    if not spec.mla:
+        attn = b.attention(qn, kn, vn, v_storage)
     o = b.linear(lins["o_proj"], attn)
     # Python keeps the attention's input (the argument `hidden_states`) and the o_proj input (a
     # local) alive until self_attn returns, and so the rotated `query_states` / `key_states`, the
@@ -776,7 +911,8 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     # (transformers models/llama/modeling_llama.py LlamaAttention.forward;
     # docs/peft-transformers.md#attention-locals)
     made = {t.name for op in b.ops for t in op.outputs}
-    locals_ = [n1, attn, *(("attn.q.rot", "attn.k.rot") if b.use_rope else (qn, kn)), v_storage]
+    if not spec.mla:
+        locals_ = [n1, attn, *(("attn.q.rot", "attn.k.rot") if b.use_rope else (qn, kn)), v_storage]
     if setup.attn == "eager":
         locals_.append("attn.p" if b.a != FP32 else "attn.p32")
     b.op("self_attn.return", [name for name in locals_ if name in made or name == n1])
@@ -793,7 +929,16 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     else:
         h1 = b.residual("res1", "x", o)
         n2 = b.norm("post_attention_layernorm", h1)
-        m = b.moe(n2) if spec.num_experts else b.mlp(n2, lins)
+        if spec.num_experts and not b.dense:
+            m = b.moe(n2)
+            if spec.shared_intermediate:
+                # DeepseekV3MoE.forward: experts(x) + shared_experts(residuals), a new tensor
+                shared = b.mlp(n2, lins)
+                b.op("moe.shared_add", [m, shared], [b.t("moe.total", b.a * b.T * spec.hidden)],
+                     grads=((m, 0), (shared, 0)))
+                m = "moe.total"
+        else:
+            m = b.mlp(n2, lins)
     if spec.arch.scaled_residuals:
         b.op("res2.scale", [m], [b.t("res2.y", b.a * b.T * spec.hidden)], grads=((m, b.a * b.T * spec.hidden),))
         m = "res2.y"
@@ -932,18 +1077,19 @@ class HeadMemory:
 
 
 def decisions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, window: bool | None = None,
-              rope: bool = True) -> tuple[frozenset, bool, bool, bool]:
+              rope: bool = True, dense: bool = False) -> tuple[frozenset, bool, bool, bool, bool]:
     """The choices the actual batch x seq make: which 4-bit matmuls run bitsandbytes' fused
     kernel on `arch` (no dequantized weight in forward), whether a sliding window forces a mask
     (`window`: for one layer kind; by default whether any layer's does), whether eager
-    attention reads one KV head through views (multi-query with a single sequence), and whether
-    the layer applies RoPE (`rope`)."""
+    attention reads one KV head through views (multi-query with a single sequence), whether
+    the layer applies RoPE (`rope`), and whether it is one of the dense layers below the MoE ones
+    (`dense`: DeepSeek-V3's first_k_dense_replace)."""
     dtype = activation_dtype(setup)
     fused = frozenset(l.name for l in spec.layer_linears
                       if setup.quantized and setup.quant != "int8"
                       and gemm_4bit_fused(setup.tokens, l.out_features, l.in_features, dtype, arch))
     kv_view = spec.kv_heads == 1 and spec.heads > 1 and setup.batch == 1
-    return fused, windowed(spec, setup) if window is None else window, kv_view, rope
+    return fused, windowed(spec, setup) if window is None else window, kv_view, rope, dense
 
 
 def kernels(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> dict:
@@ -969,10 +1115,10 @@ def kernels(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> dic
 
 
 def _structure(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, window: bool | None = None,
-               rope: bool = True) -> tuple:
+               rope: bool = True, dense: bool = False) -> tuple:
     """What, besides the sizes, decides a walk: the setup without batch/seq (and without the
     optimizer, which acts after backward), the decisions, and the GPU whose kernels run."""
-    return (setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup, arch, window, rope),
+    return (setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup, arch, window, rope, dense),
             sdpa_backend(spec, setup, window, arch), arch)
 
 
@@ -1043,22 +1189,33 @@ def layer_stack(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) ->
     """Every decoder layer's walk, bottom to top: layers of one kind share one LayerMemory
     object (a sliding-window layer and a global one differ once the window is shorter than the
     sequence: mask, repeated k/v, kernel)."""
-    ropes = spec.rope_layers or (True,) * spec.layers   # SmolLM3: some layers without RoPE
-    kinds = tuple(zip(layer_windows(spec, setup), ropes))
+    kinds = layer_kinds(spec, setup)
     memory = {kind: layer_memory(spec, setup, arch, *kind) for kind in set(kinds)}
     return tuple(memory[kind] for kind in kinds)
 
 
+def layer_kinds(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple, ...]:
+    """Per decoder layer, bottom to top, what tells its walk apart: the sliding-window mask, RoPE
+    (SmolLM3: some layers without), and, below DeepSeek-V3's first_k_dense_replace, a dense MLP
+    instead of the MoE block."""
+    ropes = spec.rope_layers or (True,) * spec.layers
+    kinds = tuple(zip(layer_windows(spec, setup), ropes))
+    if spec.dense_layers:
+        kinds = tuple((*kind, i < spec.dense_layers) for i, kind in enumerate(kinds))
+    return kinds
+
+
 def layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, window: bool | None = None,
-                 rope: bool = True) -> LayerMemory:
+                 rope: bool = True, dense: bool = False) -> LayerMemory:
     """The recorded walk (cached per structure) replayed for this batch x seq on `arch`; `window`:
     the layer kind (sliding-window mask or not), by default whether any layer has the mask."""
-    return _layer_memory(spec, setup, arch, windowed(spec, setup) if window is None else window, rope)
+    return _layer_memory(spec, setup, arch, windowed(spec, setup) if window is None else window, rope, dense)
 
 
 @lru_cache(maxsize=512)
-def _layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch, window: bool, rope: bool) -> LayerMemory:
-    structure = _structure(spec, setup, arch, window, rope)
+def _layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch, window: bool, rope: bool,
+                  dense: bool = False) -> LayerMemory:
+    structure = _structure(spec, setup, arch, window, rope, dense)
     inner_tape, first_tape, dequant = _layer_tapes(spec, structure)
     values = variables(setup.batch, setup.seq)
     inner = inner_tape.replay(values)

@@ -245,7 +245,8 @@ class Splits:
 
 
 def _static_of(spec: ModelSpec, setup: TrainSetup, layers: int):
-    return static_memory(dataclasses.replace(spec, layers=layers), setup)
+    # DeepSeek-V3's dense layers sit below the MoE ones (core/models.py): `layers` MoE layers on top
+    return static_memory(dataclasses.replace(spec, layers=spec.dense_layers + layers), setup)
 
 
 @lru_cache(maxsize=512)
@@ -256,7 +257,9 @@ def splits(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int = DS_P
     one, two = _static_of(spec, setup, 1), _static_of(spec, setup, 2)
     unit_w, unit_a, unit_g = (two.weights - one.weights, two.adapters - one.adapters,
                               two.gradients - one.gradients)
-    L = spec.layers
+    # The unit is the top (MoE) layer; DeepSeek-V3's few smaller dense layers are counted with the
+    # root (unsharded: a little more than FSDP holds for them)
+    L = spec.layers - spec.dense_layers
     optimizer = full.optimizer_state + full.paged_optimizer_state
     # Largest single parameter: a ZeRO-3 module is gathered whole (embeddings / lm_head are the
     # largest in most LLMs; quantized weights are gathered in their packed storage).
@@ -266,10 +269,10 @@ def splits(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int = DS_P
         candidates.append(layout(setup.quant, lin.in_features, lin.out_features, setup.double_quant).weight
                           if setup.quantized else alloc(lin.numel * wb))
     if spec.num_experts:
-        candidates.append(alloc(spec.num_experts * 2 * spec.intermediate * spec.hidden * wb))
+        candidates.append(alloc(spec.num_experts * 2 * spec.expert_width * spec.hidden * wb))
     # Norm weights (hidden elements) and biases are under the ZeRO-3 persistence threshold.
-    small = [(spec.hidden, L * spec.arch.norms_per_layer + 1)]
-    small += [(lin.out_features, L) for lin in spec.layer_linears if lin.bias]
+    small = [(spec.hidden, spec.layers * spec.arch.norms_per_layer + 1)]
+    small += [(lin.out_features, spec.count(lin)) for lin in spec.layer_linears if lin.bias]
     persistent = sum(k * alloc(n * wb) for n, k in small if n <= persistence_threshold)
     # DeepSpeed trains the trainable parameters in the engine dtype, with fp32 masters.
     ds_elem = 4 if setup.dtype == "fp32" else setup.compute_bytes
