@@ -62,6 +62,19 @@ class Architecture:
     # attn_implementation values transformers accepts for training this model
     attention: tuple[str, ...] = ("sdpa", "eager")
     notes: tuple[str, ...] = field(default=())
+    # gpt-oss (models/gpt_oss/modeling_gpt_oss.py): a learned per-head attention sink
+    # (GptOssAttention.sinks, a (heads,) parameter concatenated to the scores as one more column),
+    # cos/sin of half the head dim (GptOssRotaryEmbedding: `emb = freqs`, no cat), and the
+    # experts' layout: "mixtral" (MixtralTopKRouter / MixtralExperts) or "gpt_oss" (GptOssTopKRouter
+    # with a bias, top-k then softmax in the logits dtype; GptOssExperts with biases, an
+    # interleaved gate_up_proj (E, h, 2i) and a clamped SwiGLU). docs/architectures.md#gpt_oss
+    sinks: bool = False
+    rope_half: bool = False
+    moe_style: str = "mixtral"
+    # peft maps all-linear to the fused expert parameters only for the model types transformers'
+    # conversion_mapping._MODEL_TO_CONVERSION_PATTERN lists (peft/utils/transformers_weight_conversion.py
+    # _convert_peft_config_moe); elsewhere the experts and router stay frozen under all-linear.
+    peft_moe_targets: bool = True
 
 
 _LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -178,6 +191,26 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                         "quantize them (they stay 16-bit); peft's all-linear adapts them through "
                         "target_parameters (ParamWrapper, gate_up_proj at rank 2r), merging a 16-bit copy "
                         "of each expert stack on every forward",)),
+    # models/gpt_oss/modeling_gpt_oss.py (GptOssAttention, GptOssDecoderLayer, GptOssMLP,
+    # GptOssTopKRouter, GptOssExperts, GptOssRMSNorm) and configuration_gpt_oss.py (GptOssConfig):
+    # q/k/v/o with bias=config.attention_bias (True), head_dim read from the config, a `sinks`
+    # parameter per layer; layer_types alternate sliding / full (GptOssConfig.__post_init__:
+    # `(i + 1) % 2` slides); GptOssRMSNorm multiplies the weight into the float32 product before
+    # the cast (as OLMo 2); experts as 3D parameters with biases. GptOssPreTrainedModel sets
+    # _supports_sdpa = False: from_pretrained(attn_implementation="sdpa") raises, so only eager
+    # attention (with the sink column) is modelled. docs/architectures.md#gpt_oss
+    Architecture("gpt_oss", dict(_LLAMA_DEFAULTS, vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                                 num_hidden_layers=36, num_attention_heads=64, num_key_value_heads=8,
+                                 head_dim=64, max_position_embeddings=131072, sliding_window=128,
+                                 attention_bias=True, num_local_experts=128, num_experts_per_tok=4),
+                 mlp_bias=False, norm_style="olmo", layer_types_rule="alternate", moe=True,
+                 attention=("eager",), sinks=True, rope_half=True, moe_style="gpt_oss", peft_moe_targets=False,
+                 notes=("gpt-oss checkpoints are published in MXFP4 (quantization_config quant_method mxfp4); for "
+                        "training they load dequantized to bf16 (Mxfp4Config(dequantize=True): "
+                        "quantizers/quantizer_mxfp4.py refuses to train MXFP4 weights), so every weight is counted in the compute dtype and 4-bit "
+                        "quantization applies to the nn.Linear layers (attention projections) only",
+                        "transformers 5 keeps gpt-oss experts and router as 3D / custom parameters: bitsandbytes "
+                        "does not quantize them and peft's all-linear does not adapt them (LoRA on q/k/v/o only)")),
 )}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -91,9 +92,28 @@ class ModelSpec:
             "lm_head": 0 if self.tied else self.vocab * h,
         }
         if self.num_experts:
-            parts["layers.router"] = n * self.num_experts * h
-            parts["layers.experts"] = n * self.num_experts * 3 * h * self.intermediate
+            shapes = self.moe_shapes()
+            parts["layers.router"] = n * sum(math.prod(s) for name, s in shapes if name.startswith("router."))
+            parts["layers.experts"] = n * sum(math.prod(s) for name, s in shapes if name.startswith("experts."))
+        if self.arch.sinks:
+            parts["layers.sinks"] = n * self.heads
         return parts
+
+    def moe_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """(name, shape) of one layer's router and expert parameters as transformers 5 builds them:
+        MixtralTopKRouter.weight (E, h), MixtralExperts gate_up_proj (E, 2i, h) and down_proj
+        (E, h, i) (models/mixtral/modeling_mixtral.py); GptOssTopKRouter weight (E, h) and bias (E,),
+        GptOssExperts gate_up_proj (E, h, 2i), gate_up_proj_bias (E, 2i), down_proj (E, i, h),
+        down_proj_bias (E, h) (models/gpt_oss/modeling_gpt_oss.py)."""
+        E, h, i = self.num_experts, self.hidden, self.intermediate
+        if not E:
+            return ()
+        if self.arch.moe_style == "gpt_oss":
+            return (("router.weight", (E, h)), ("router.bias", (E,)),
+                    ("experts.gate_up_proj", (E, h, 2 * i)), ("experts.gate_up_proj_bias", (E, 2 * i)),
+                    ("experts.down_proj", (E, i, h)), ("experts.down_proj_bias", (E, h)))
+        return (("router.weight", (E, h)), ("experts.gate_up_proj", (E, 2 * i, h)),
+                ("experts.down_proj", (E, h, i)))
 
     @property
     def num_params(self) -> int:

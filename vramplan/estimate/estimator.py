@@ -22,10 +22,10 @@ from vramplan.cuda.arch import ASSUMED, CudaArch, check_dtype, default_dtype, ta
 from vramplan.cuda.cublas import workspace_bytes
 from vramplan.core.components import ALLOCATED, Component, check_sum
 from vramplan.cuda.context import cuda_context, device_overhead
-from vramplan.core.errors import ModelError
+from vramplan.core.errors import ModelError, UsageError
 from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.estimate.inventory import (Static, adapted_linears, expert_weight_bytes, experts_adapted,
-                                         experts_quantized, rope_kinds, static_memory)
+                                         experts_quantized, rope_kinds, rope_width, static_memory)
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.estimate.quant import alloc
 from vramplan.core.setup import TrainSetup, apply_flags
@@ -155,6 +155,9 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     if setup.attn not in spec.arch.attention:
         raise ModelError(f"{spec.id} ({spec.model_type}) cannot train with attn={setup.attn!r} in transformers 5",
                          hint=f"use --attn {' or '.join(spec.arch.attention)}")
+    if setup.experts_4bit and spec.arch.moe_style != "mixtral":
+        raise UsageError(f"--experts 4bit is not modelled for {spec.model_type}: its experts carry biases and "
+                         "were never separate Linear layers", hint="drop --experts 4bit")
     static = static if static is not None else static_memory(spec, setup)
     moments = step_moments(spec, setup, static, cuda_arch)
     peak_moment = max(moments, key=lambda m: sum(moments[m].values()))
@@ -223,7 +226,7 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     # of shape (1, seq, head_dim) in the hidden-state dtype, shared by every layer.
     a = act_bytes(setup)
     base_acts = (alloc(8 * setup.tokens) + alloc(8 * setup.seq) + 2 * alloc(8 * (setup.tokens + setup.batch))
-                 + 2 * rope_kinds(spec) * alloc(a * setup.seq * spec.head_dim) + embedding_leaf(spec, setup))
+                 + 2 * rope_kinds(spec) * alloc(a * setup.seq * rope_width(spec)) + embedding_leaf(spec, setup))
     fixed = {C.WEIGHTS.value: static.weights, C.QUANT_CONSTANTS.value: static.quant_constants,
              C.ADAPTERS.value: static.adapters, C.OPTIMIZER_STATE.value: static.optimizer_state,
              # the cuBLAS workspace, cached from the first matmul on (cuda/cublas.py)
@@ -381,7 +384,7 @@ def warnings(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
     if experts_adapted(spec, setup):
         merge = spec.num_experts * 3 * spec.hidden * spec.intermediate * setup.compute_bytes
         text += f", plus a {format_bytes(merge, 'GiB')} merged 16-bit copy per layer on each forward (LoRA)"
-    if setup.quant != "int8":
+    if setup.quant != "int8" and spec.arch.moe_style == "mixtral":
         text += "; --experts 4bit models stacks that quantize them"
     return (text,)
 
