@@ -3,7 +3,8 @@
 Small-but-real shapes (tests/configs/*.json: GQA, tied embeddings with q/k/v biases, fused
 qkv/gate_up, Gemma2 soft-capping with four norms, a sliding window shorter than the
 sequence, MoE, a head dim that is not a multiple of 8, Qwen3 per-head q/k norms, Gemma 3 sliding/global
-layers with one KV head, OLMo 2 post-norm, Granite multipliers, SmolLM3 layers without RoPE, OLMo 3 and Ministral sliding/full layers) on an H100
+layers with one KV head, OLMo 2 post-norm, Granite multipliers, SmolLM3 layers without RoPE, OLMo 3 and Ministral sliding/full layers, gpt-oss
+attention sinks and biased experts) on an H100
 and a T4, across methods, quantization, batch x
 seq, checkpointing, attention kernels and optimizers. The static components must agree to the
 byte; the peak, and each phase's peak (forward, backward, optimizer), within 3% (the issue's target). The larger 7B-70B matrix is
@@ -100,6 +101,17 @@ CASES = [
     ("ministral-sliding", dict(seq=512)),
     ("ministral-sliding", dict(seq=512, grad_ckpt=False)),
     ("ministral-sliding", dict(seq=512, attn="eager", grad_ckpt=False)),
+    # gpt-oss: eager attention with a sink column, alternating sliding / full layers, experts with
+    # biases and a clamped SwiGLU (16-bit under QLoRA, not adapted by all-linear)
+    ("gptoss-sinks", dict(seq=512, attn="eager")),
+    ("gptoss-sinks", dict(seq=512, attn="eager", grad_ckpt=False)),
+    ("gptoss-sinks", dict(seq=1024, attn="eager")),
+    ("gptoss-sinks", dict(seq=1024, attn="eager", grad_ckpt=False)),
+    ("gptoss-sinks", dict(seq=512, batch=2, attn="eager", grad_ckpt=False)),
+    ("gptoss-sinks", dict(seq=512, attn="eager", method="lora")),
+    ("gptoss-sinks", dict(seq=512, attn="eager", method="full", grad_ckpt=False)),
+    ("gptoss-sinks", dict(seq=512, attn="eager", targets="q_proj,v_proj", rank=64)),
+    ("gptoss-sinks", dict(seq=512, attn="eager", optimizer="adamw8bit")),
 ]
 
 

@@ -400,6 +400,9 @@ def gpu_assumption(arch: CudaArch, gpu: Gpu | None) -> str:
 
 
 def attention_assumption(spec: ModelSpec, setup: TrainSetup, arch: CudaArch) -> str:
+    if setup.attn != "sdpa" and spec.arch.sinks:   # ops.eager_sinks
+        return ("attention: eager with a learned sink column per head (materializes batch x heads x seq x "
+                "(seq + 1) logits and a softmax in the scores' dtype; transformers has no SDPA path for it)")
     if setup.attn != "sdpa":
         return "attention: eager (materializes batch x heads x seq x seq scores and fp32 softmax)"
     from vramplan.cuda.sdpa import fallback_reason

@@ -615,7 +615,9 @@ class _Ops:
         self.op("moe.inv_perm", ["moe.perm"], [self.t("moe.inv", 8 * Tk)], work=alloc(8 * Tk), work_tag=ACT)
         self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", a * Tk * h)], saves=("moe.inv",),
                 grads=(("moe.dw", a * Tk * h),))
-        self.op("moe.sum", ["moe.du"], [self.t("moe.out", a * T * h)], grads=(("moe.du", 0),))
+        # view(T, k, h).sum(1): the backward expands the gradient, and the view's backward
+        # reshapes that expanded tensor to (T * k, h), a copy
+        self.op("moe.sum", ["moe.du"], [self.t("moe.out", a * T * h)], grads=(("moe.du", a * Tk * h),))
         self.op("moe.experts_return", ["moe.ids", "moe.perm", "moe.xs", "moe.wg", "moe.ids32", "moe.hist",
                                        "moe.offs", "moe.bd", "moe.d", "moe.inv", "moe.du"])
         # GptOssMLP.forward keeps the router logits (`_`) until it returns
