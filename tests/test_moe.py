@@ -160,3 +160,28 @@ def test_simulate_states_how_moe_routing_ran():
     trace = simulate(tiny_mixtral(), TrainSetup(seq=32))
     moe = [n for n in trace.notes if n.startswith("MoE")]
     assert len(moe) == 1 and "grouped_mm" in moe[0] and "4 experts, top-2" in moe[0]
+
+
+def test_gpt_oss_experts_stay_16bit_with_their_biases():
+    """gpt-oss under QLoRA: GptOssExperts' 3D stacks and their biases are what the warning quotes
+    (every `.experts.` parameter transformers builds); the router is not an nn.Linear either, so only
+    q/k/v/o are quantized and all-linear adapts nothing else."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = tiny_config("gpt_oss", num_hidden_layers=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                         intermediate_size=64)
+    spec = spec_from_config(config, "tiny-gpt-oss", "test")
+    hf = transformers.CONFIG_MAPPING["gpt_oss"].from_dict(config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
+    experts = [p for name, p in model.named_parameters() if ".experts." in name]
+    assert len(experts) == 4 * spec.layers      # gate_up_proj, its bias, down_proj, its bias
+    sixteen, _ = expert_weight_bytes(spec, TrainSetup())
+    assert sixteen == sum(alloc(p.numel() * p.element_size()) for p in experts)
+    warning = estimate(spec, TrainSetup(attn="eager")).warnings[0]
+    assert warning.startswith("MoE experts stay 16-bit") and f"({sixteen:,} bytes)" in warning
+    assert "merged 16-bit copy" not in warning and "--experts 4bit" not in warning
+    s = static_memory(spec, TrainSetup(attn="eager"))
+    assert set(s.adapted) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    r = 16
+    assert s.trainable_params == spec.layers * sum(r * l.in_features + l.out_features * r for l in spec.layer_linears)
