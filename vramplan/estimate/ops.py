@@ -509,14 +509,7 @@ class _Ops:
                         work=alloc(cb * merged), work_tag=ACT,
                         param_grads=alloc(FP32 * lhs) + alloc(FP32 * rhs))
                 factors += [f"moe.{name}.lhs", f"moe.{name}.rhs"]
-        # grouped_mm_experts_forward: sort by expert, gather tokens (perm // k, a transient) and
-        # routing weights, histc over the float expert ids, cumsum offsets
-        self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)],
-                work=alloc(8 * Tk), work_tag=ACT)
-        self.op("moe.gather", [x, "moe.perm"], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
-        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", FP32 * Tk)], grads=(("moe.w", FP32 * Tk),))
-        self.op("moe.offsets", ["moe.ids"], [self.t("moe.ids32", 4 * Tk), self.t("moe.hist", 4 * E),
-                                             self.t("moe.offs", 4 * E)])
+        self.moe_dispatch(x, FP32)   # float32 routing weights (MixtralTopKRouter)
         if lora:  # the cached parametrization merges on first access: baddbmm(W, lhs, rhs)
             self.op("moe.merge_gate_up", ["moe.gate_up.lhs", "moe.gate_up.rhs"], [self.t(wgu, cb * E * 2 * i * h)],
                     saves=("moe.gate_up.lhs", "moe.gate_up.rhs"),
@@ -553,6 +546,20 @@ class _Ops:
         self.op("moe.return", [x])
         return "moe.out"
 
+    def moe_dispatch(self, x: str, weight_bytes: int) -> None:
+        """grouped_mm_experts_forward (integrations/moe.py): sort by expert, gather the tokens
+        (perm // k, a transient) and the routing weights (`weight_bytes` each), histc over the expert
+        ids, cumsum offsets."""
+        spec, a, T = self.spec, self.a, self.T
+        h, E, Tk = spec.hidden, spec.num_experts, T * spec.experts_per_tok
+        self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)],
+                work=alloc(8 * Tk), work_tag=ACT)
+        self.op("moe.gather", [x, "moe.perm"], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
+        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", weight_bytes * Tk)],
+                grads=(("moe.w", weight_bytes * Tk),))
+        self.op("moe.offsets", ["moe.ids"], [self.t("moe.ids32", 4 * Tk), self.t("moe.hist", 4 * E),
+                                             self.t("moe.offs", 4 * E)])
+
     def moe_gpt_oss(self, x: str) -> str:
         """GptOssMLP (models/gpt_oss/modeling_gpt_oss.py): GptOssTopKRouter is F.linear(x, weight,
         bias), topk of the logits, softmax over the k values in the logits dtype (16-bit routing
@@ -574,14 +581,7 @@ class _Ops:
         self.op("moe.topk", ["moe.logits"], [self.t("moe.tv", a * Tk), self.t("moe.idx", 8 * Tk)],
                 saves=("moe.idx",), grads=(("moe.logits", a * T * E),))
         self.op("moe.softmax", ["moe.tv"], [self.t("moe.w", a * Tk)], saves=("moe.w",), grads=(("moe.tv", a * Tk),))
-        # grouped_mm_experts_forward: sort, gather the rows (perm // k), the weights and the biases,
-        # histc over the int expert ids, cumsum offsets
-        self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)],
-                work=alloc(8 * Tk), work_tag=ACT)
-        self.op("moe.gather", [x, "moe.perm"], [self.t("moe.xs", a * Tk * h)], grads=((x, a * T * h),))
-        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", a * Tk)], grads=(("moe.w", a * Tk),))
-        self.op("moe.offsets", ["moe.ids"], [self.t("moe.ids32", 4 * Tk), self.t("moe.hist", 4 * E),
-                                             self.t("moe.offs", 4 * E)])
+        self.moe_dispatch(x, a)   # 16-bit routing weights; then the biases gathered per row
         self.op("moe.bias_gu", ["moe.ids"], [self.t("moe.bgu", wb * Tk * 2 * i)],
                 param_grads=alloc(wb * E * 2 * i) if full else 0)
         self.op("moe.gate_up", ["moe.xs", "moe.bgu"], [self.t("moe.gu", a * Tk * 2 * i)],
