@@ -337,4 +337,8 @@ def test_gpt_oss_refuses_sdpa_and_4bit_experts_and_states_mxfp4(capsys):
     assert main(["estimate", "openai/gpt-oss-20b", "--attn", "eager", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert any("MXFP4" in a and "dequantized to bf16" in a for a in data["assumptions"])
+    assert any(a.startswith("transformers 5 keeps gpt-oss experts and router") for a in data["assumptions"])
+    # a bf16 copy of the checkpoint (no quantization_config) is the same model without the MXFP4 line
+    config = {k: v for k, v in resolve("openai/gpt-oss-20b").config.items() if k != "quantization_config"}
+    assert not any("MXFP4" in n for n in spec_from_config(config, "bf16-copy", "t").notes)
     assert data["warnings"][0].startswith("MoE experts stay 16-bit") and "--experts 4bit" not in data["warnings"][0]

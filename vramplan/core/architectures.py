@@ -205,12 +205,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                                  attention_bias=True, num_local_experts=128, num_experts_per_tok=4),
                  mlp_bias=False, norm_style="olmo", layer_types_rule="alternate", moe=True,
                  attention=("eager",), sinks=True, rope_half=True, moe_style="gpt_oss", peft_moe_targets=False,
-                 notes=("gpt-oss checkpoints are published in MXFP4 (quantization_config quant_method mxfp4); for "
-                        "training they load dequantized to bf16 (Mxfp4Config(dequantize=True): "
-                        "quantizers/quantizer_mxfp4.py refuses to train MXFP4 weights), so every weight is counted in the compute dtype and 4-bit "
-                        "quantization applies to the nn.Linear layers (attention projections) only",
-                        "transformers 5 keeps gpt-oss experts and router as 3D / custom parameters: bitsandbytes "
-                        "does not quantize them and peft's all-linear does not adapt them (LoRA on q/k/v/o only)")),
+                 notes=("transformers 5 keeps gpt-oss experts and router as 3D / custom parameters: bitsandbytes "
+                        "does not quantize them and peft's all-linear does not adapt them (it targets q/k/v/o)",)),
 )}
 
 

@@ -147,6 +147,17 @@ TEXT_CONFIG_NOTES = {"mistral3": "multimodal Mistral 3 checkpoint (Mistral3ForCo
                                  "it; the Pixtral vision tower and the multimodal projector are not counted"}
 
 
+# A checkpoint published in MXFP4 (gpt-oss) trains dequantized: transformers' Mxfp4HfQuantizer is
+# not trainable and points to Mxfp4Config(dequantize=True) (quantizers/quantizer_mxfp4.py
+# is_trainable), which loads bf16 weights; a BitsAndBytesConfig for the MXFP4 checkpoint is refused
+# (quantizers/auto.py merge_quantization_configs: "The model is quantized with Mxfp4Config but you
+# are passing a BitsAndBytesConfig config"). docs/architectures.md#gpt_oss
+MXFP4_NOTE = ("config.json names an MXFP4 checkpoint (quantization_config quant_method mxfp4): training loads it "
+              "dequantized to bf16 (Mxfp4Config(dequantize=True)), so every weight is counted in the compute dtype; "
+              "transformers refuses a BitsAndBytesConfig for it, so a 4-bit run means a bf16 copy loaded with "
+              "bitsandbytes, which quantizes the nn.Linear layers only")
+
+
 def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     if not isinstance(config, dict):
         raise ModelError(f"config for {model_id} is not a JSON object",
@@ -157,6 +168,9 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         config = {"model_type": TEXT_CONFIG_TYPES[outer], **config["text_config"]}
         if outer in TEXT_CONFIG_NOTES:
             notes = (TEXT_CONFIG_NOTES[outer].format(text=config["model_type"]),)
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        notes += (MXFP4_NOTE,)
     model_type = config.get("model_type")
     if model_type is None:
         raise ModelError(f"config for {model_id} has no model_type",
