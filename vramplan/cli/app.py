@@ -85,7 +85,9 @@ METHODS = ("estimate", "simulate", "profile")
 
 def family_features(arch) -> dict:
     moe = ""
-    if arch.moe:
+    if arch.moe and not arch.peft_moe_targets:   # gpt_oss: all-linear leaves the experts alone
+        moe = "fused 3-D stacks with biases, 16-bit under 4-bit quantization in transformers 5; not adapted by all-linear"
+    elif arch.moe:
         moe = ("fused 3-D stacks, 16-bit under 4-bit quantization in transformers 5; LoRA through "
                "ParamWrapper; --experts 4bit for stacks that quantize them")
     return {"model_type": arch.model_type, "methods": list(getattr(arch, "methods", METHODS)),
