@@ -168,6 +168,10 @@ RECIPE_CASES = [
     ("llama-gqa", "qlora-paper", dict(seq=512, grad_ckpt=False)),
     ("phi3-fused", "qlora-paper", dict(seq=512)),
     ("mistral-sliding", "qlora-paper", dict(seq=512)),
+    ("gptoss-sinks", "trainer", dict(seq=512, attn="eager")),
+    ("gptoss-sinks", "trainer", dict(seq=512, attn="eager", grad_ckpt=False)),
+    ("gptoss-sinks", "trl-sft", dict(seq=512, attn="eager")),
+    ("gptoss-sinks", "plain", dict(seq=512, attn="eager")),
 ]
 
 

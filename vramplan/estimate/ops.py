@@ -821,8 +821,9 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     b.op("layer", [h1, m], [b.t("layer.out", b.a * b.T * spec.hidden)], grads=((h1, 0), (m, 0)))
     if spec.arch.sinks:
         # GptOssDecoderLayer.forward: `hidden_states, _ = self.self_attn(...)` keeps the returned
-        # attention weights (a view of the softmax output) until the layer returns
-        b.op("layer.return", ["attn.p"])
+        # attention weights (a view of the softmax output) until the layer returns; GptOssModel's
+        # loop (`hidden_states = decoder_layer(hidden_states, ...)`) holds the layer input until then
+        b.op("layer.return", ["attn.p", "x"])
     return b.ops, b.dequant
 
 
