@@ -277,7 +277,9 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     top = layer.walk if L > 1 else layer.first
     moments = {
         "forward.layer": at(top.forward_peak, held, activations=below(L - 1, True) + fwd_masks),
-        "forward.loss": at(head.forward.forward_peak, held, activations=below(L, True) + fwd_masks),
+        # the masks are locals of the base model's forward: without checkpointing nothing saves
+        # them, so they are gone once it returns, before lm_head and the loss run
+        "forward.loss": at(head.forward.forward_peak, held, activations=below(L, True) + bwd_masks),
         "backward.loss": at(head.backward.backward_peak, activations=below(L) + bwd_masks),
         # backward_peak includes the recomputation under checkpointing
         "backward.top_layer": at(top.backward_peak, held, activations=below(L - 1) + ctx + bwd_masks,

@@ -616,8 +616,14 @@ class _Ops:
         self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", a * Tk * h)], saves=("moe.inv",),
                 grads=(("moe.dw", a * Tk * h),))
         # view(T, k, h).sum(1): the backward expands the gradient, and the view's backward
-        # reshapes that expanded tensor to (T * k, h), a copy
-        self.op("moe.sum", ["moe.du"], [self.t("moe.out", a * T * h)], grads=(("moe.du", a * Tk * h),))
+        # reshapes that expanded tensor to (T * k, h), a copy. Under CUDA autocast sum is
+        # fp32_set_opt_dtype (docs/recipes.md#cuda-autocast-op-lists): a float32 sum, which
+        # `.to(hidden_states.dtype)` copies back
+        if s.autocast and a != FP32:
+            self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", a * Tk * h),))
+            self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))
+        else:
+            self.op("moe.sum", ["moe.du"], [self.t("moe.out", a * T * h)], grads=(("moe.du", a * Tk * h),))
         self.op("moe.experts_return", ["moe.ids", "moe.perm", "moe.xs", "moe.wg", "moe.ids32", "moe.hist",
                                        "moe.offs", "moe.bd", "moe.d", "moe.inv", "moe.du"])
         # GptOssMLP.forward keeps the router logits (`_`) until it returns
