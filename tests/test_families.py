@@ -298,6 +298,20 @@ def test_gpt_oss_20b_matches_the_model_card_total_and_active_parameters():
     assert round((parts["layers.linear"] + parts["layers.sinks"]) / B, 2) == 0.64
 
 
+def test_gpt_oss_120b_shapes_match_the_model_card():
+    """huggingface.co/openai/gpt-oss-120b/blob/main/config.json differs from the 20b's in depth (36
+    layers, layer_types alternating over 36) and experts (128); the same model card table gives
+    116.83B total, 5.13B active, MLP 114.71B, attention 0.96B."""
+    config = dict(resolve("openai/gpt-oss-20b").config, num_hidden_layers=36, num_local_experts=128,
+                  layer_types=["sliding_attention", "full_attention"] * 18)
+    spec = spec_from_config(config, "openai/gpt-oss-120b", "test")
+    parts = spec.param_breakdown()
+    active = spec.num_params - parts["embed_tokens"] - parts["layers.experts"] + parts["layers.experts"] * 4 // 128
+    assert (round(spec.num_params / B, 2), round(active / B, 2)) == (116.83, 5.13)
+    assert round((parts["layers.experts"] + parts["layers.router"]) / B, 2) == 114.71
+    assert round((parts["layers.linear"] + parts["layers.sinks"]) / B, 2) == 0.96
+
+
 def test_gpt_oss_structure_comes_from_its_config():
     spec = resolve("openai/gpt-oss-20b")
     assert (spec.heads, spec.kv_heads, spec.head_dim, spec.hidden) == (64, 8, 64, 2880)
