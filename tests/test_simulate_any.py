@@ -173,3 +173,17 @@ def test_ops_of_unknown_kernel_libraries_are_named():
         "no CUDA stand-in for vramplan_test.twice.default: ran their meta kernels, assumed to allocate on CUDA "
         "what those say")
     assert unknown_kernel_note(set()) is None
+
+
+def test_simulate_text_output_without_an_estimate(tmp_path, capsys):
+    """The table output of a model type the analytic model does not know: no estimate column, the
+    skip reason printed, no traceback."""
+    from transformers import Starcoder2Config
+
+    config = Starcoder2Config(num_hidden_layers=2, **SHAPES)
+    path = write_config(tmp_path, config.model_type, config)
+    code, out, err = cli(capsys, "simulate", path, "--method", "lora", "--seq", "32")
+    assert (code, err) == (0, "")
+    assert "Peak reserved" in out
+    if config.model_type not in ARCHITECTURES:
+        assert "Estimate skipped: the analytic model does not know model_type" in " ".join(out.split())

@@ -165,9 +165,10 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
         table.add_row(*cells, style=style)
     console.print(table)
     if trace.peak_reserved_bytes:
+        beside = f", estimate {_gib(est.peak_reserved_bytes)} GiB" if est is not None else ""
         console.print(f"Peak reserved (caching-allocator model, warm-up + measured step, "
-                      f"{trace.alloc_conf or 'default settings'}): simulate {_gib(trace.peak_reserved_bytes)} GiB, "
-                      f"estimate {_gib(est.peak_reserved_bytes)} GiB", highlight=False)
+                      f"{trace.alloc_conf or 'default settings'}): simulate {_gib(trace.peak_reserved_bytes)} GiB"
+                      f"{beside}", highlight=False)
     phases = ", ".join(f"{p} {_gib(v)}" for p, v in trace.phase_peaks.items())
     if est is not None:
         est_phases = ", ".join(f"{p} {_gib(v)}" for p, v in est.phase_peaks.items())
