@@ -112,6 +112,11 @@ CASES = [
     ("gptoss-sinks", dict(seq=512, attn="eager", method="full", grad_ckpt=False)),
     ("gptoss-sinks", dict(seq=512, attn="eager", targets="q_proj,v_proj", rank=64)),
     ("gptoss-sinks", dict(seq=512, attn="eager", optimizer="adamw8bit")),
+    # float32 / fp16 experts: torch._grouped_mm's per-group CUDA fallback (simulate/kernels.py
+    # grouped_mm); prepare_kbit's float32 q/k/v/o biases back in bf16 after the first step
+    ("gptoss-sinks", dict(seq=512, attn="eager", prepare_kbit=True)),
+    ("gptoss-sinks", dict(seq=512, attn="eager", dtype="fp16", grad_ckpt=False)),
+    ("qwen2-tied-bias", dict(seq=512, prepare_kbit=True)),
 ]
 
 

@@ -183,7 +183,11 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
             if setup.method == "full":
                 trainable[(linear.out_features, linear.in_features)] += n
         if linear.bias:
-            weights += n * alloc(linear.out_features * wb)
+            # bitsandbytes 0.50 Linear4bit.forward casts x to the compute dtype, then its bias in place
+            # (`bias.data = bias.data.to(x.dtype)`, nn/modules.py): from the first step on a 4-bit
+            # layer's bias is 16-bit, even after prepare_model_for_kbit_training made it float32
+            four_bit = setup.quantized and setup.quant != "int8"
+            weights += n * alloc(linear.out_features * (setup.compute_bytes if four_bit else wb))
             if setup.method == "full":
                 trainable[(linear.out_features,)] += n
 
