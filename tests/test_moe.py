@@ -185,3 +185,19 @@ def test_gpt_oss_experts_stay_16bit_with_their_biases():
     assert set(s.adapted) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     r = 16
     assert s.trainable_params == spec.layers * sum(r * l.in_features + l.out_features * r for l in spec.layer_linears)
+
+
+def test_simulate_runs_float32_experts_as_cuda_does_and_says_so():
+    """prepare_model_for_kbit_training makes the experts float32: CUDA's torch._grouped_mm takes
+    them through its per-group fallback, the meta kernel would refuse them (bf16 only)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from vramplan.simulate.driver import simulate
+
+    spec = spec_from_config(tiny_config("gpt_oss", head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+                            "tiny-gpt-oss", "test")
+    trace = simulate(spec, TrainSetup(seq=32, attn="eager", prepare_kbit=True))
+    assert any(n.startswith("MoE experts in float32: torch._grouped_mm run as CUDA's per-group fallback")
+               for n in trace.notes)
+    est = estimate(spec, TrainSetup(seq=32, attn="eager", prepare_kbit=True))
+    assert est.components["weights"] == trace.components["weights"]

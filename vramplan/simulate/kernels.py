@@ -252,6 +252,17 @@ def int8_mixed_scaled_mm(tracker, func, args, kwargs):
     return out, sub_a
 
 
+def make_grouped_mm(routing: Routing):
+    def stand_in(tracker, func, args, kwargs):
+        out = grouped_mm(tracker, func, args, kwargs)
+        if out.dtype != torch.bfloat16 and out.device.type == "meta":
+            routing.assume("moe.grouped_mm", f"MoE experts in {str(out.dtype).removeprefix('torch.')}: "
+                           "torch._grouped_mm run as CUDA's per-group fallback allocates (its one output; "
+                           "the meta kernel takes bf16 only)")
+        return out
+    return stand_in
+
+
 def grouped_mm(tracker, func, args, kwargs):
     """torch._grouped_mm on CUDA (aten/src/ATen/native/cuda/GroupedBlas.cpp _grouped_mm_cuda): bf16
     inputs run the CUTLASS kernel on sm90 / sm100, any other dtype (or GPU) `_grouped_mm_fallback`,
@@ -393,7 +404,7 @@ def cuda_overrides(routing: Routing | None = None, arch: CudaArch = ASSUMED) -> 
         aten.nonzero.default: make_nonzero(routing),
         aten._scaled_dot_product_flash_attention_backward.default: flash_attention_backward,
         aten._scaled_dot_product_efficient_attention_backward.default: efficient_attention_backward,
-        aten._grouped_mm.default: grouped_mm,
+        aten._grouped_mm.default: make_grouped_mm(routing),
     })
     if _has_bitsandbytes():
         bnb = torch.ops.bitsandbytes
