@@ -4,7 +4,8 @@ Small-but-real shapes (tests/configs/*.json: GQA, tied embeddings with q/k/v bia
 qkv/gate_up, Gemma2 soft-capping with four norms, a sliding window shorter than the
 sequence, MoE, a head dim that is not a multiple of 8, Qwen3 per-head q/k norms, Gemma 3 sliding/global
 layers with one KV head, OLMo 2 post-norm, Granite multipliers, SmolLM3 layers without RoPE, OLMo 3 and Ministral sliding/full layers,
-Qwen3-MoE and GraniteMoE top-8 routing, DeepSeek-V3 latent attention with dense and MoE layers) on an H100
+Qwen3-MoE and GraniteMoE top-8 routing, DeepSeek-V3 latent attention with dense and MoE layers, gpt-oss
+attention sinks and biased experts) on an H100
 and a T4, across methods, quantization, batch x
 seq, checkpointing, attention kernels and optimizers. The static components must agree to the
 byte; the peak, and each phase's peak (forward, backward, optimizer), within 3% (the issue's target). The larger 7B-70B matrix is
@@ -124,6 +125,21 @@ CASES = [
     ("deepseek-v3-moonlight", dict(seq=2048)),
     ("deepseek-v3-moonlight", dict(seq=1024, grad_ckpt=False)),
     ("deepseek-v3-moonlight", dict(seq=1024, attn="eager", grad_ckpt=False)),
+    # gpt-oss: eager attention with a sink column, alternating sliding / full layers, experts with
+    # biases and a clamped SwiGLU (16-bit under QLoRA, not adapted by all-linear)
+    ("gptoss-sinks", dict(seq=512, attn="eager")),
+    ("gptoss-sinks", dict(seq=512, attn="eager", grad_ckpt=False)),
+    ("gptoss-sinks", dict(seq=1024, attn="eager")),
+    ("gptoss-sinks", dict(seq=1024, attn="eager", grad_ckpt=False)),
+    ("gptoss-sinks", dict(seq=512, batch=2, attn="eager", grad_ckpt=False)),
+    ("gptoss-sinks", dict(seq=512, attn="eager", method="lora")),
+    ("gptoss-sinks", dict(seq=512, attn="eager", method="full", grad_ckpt=False)),
+    ("gptoss-sinks", dict(seq=512, attn="eager", targets="q_proj,v_proj", rank=64)),
+    ("gptoss-sinks", dict(seq=512, attn="eager", optimizer="adamw8bit")),
+    # float32 / fp16 experts: torch._grouped_mm's per-group CUDA fallback (simulate/kernels.py
+    # grouped_mm); prepare_kbit's float32 q/k/v/o biases back in bf16 after the first step
+    ("gptoss-sinks", dict(seq=512, attn="eager", prepare_kbit=True)),
+    ("gptoss-sinks", dict(seq=512, attn="eager", dtype="fp16", grad_ckpt=False)),
 ]
 
 
@@ -186,6 +202,10 @@ RECIPE_CASES = [
     ("qwen3-qknorm", "qlora-paper", dict(seq=512)),
     ("deepseek-v3-mla", "trainer", dict(seq=512)),
     ("deepseek-v3-moonlight", "trl-sft", dict(seq=512)),
+    ("gptoss-sinks", "trainer", dict(seq=512, attn="eager")),
+    ("gptoss-sinks", "trainer", dict(seq=512, attn="eager", grad_ckpt=False)),
+    ("gptoss-sinks", "trl-sft", dict(seq=512, attn="eager")),
+    ("gptoss-sinks", "plain", dict(seq=512, attn="eager")),
 ]
 
 

@@ -15,7 +15,8 @@ MODELS = sorted(catalog())
 @pytest.mark.parametrize("method", ["qlora", "lora", "full"])
 def test_every_catalog_model_estimates_with_integer_components(model, method):
     # (the peak is the sum of these components by construction: that sum is not a check)
-    attn = "eager" if resolve(model).model_type == "gemma2" else "sdpa"
+    attention = resolve(model).arch.attention   # Gemma-2 and gpt-oss train with eager attention only
+    attn = "sdpa" if "sdpa" in attention else attention[0]
     est = estimate(model, method=method, attn=attn)
     assert set(est.components) == {c.value for c in ALLOCATED}
     assert all(isinstance(v, int) and v >= 0 for v in est.components.values())

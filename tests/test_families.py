@@ -426,3 +426,79 @@ def test_deepseek_v3_refuses_fewer_kv_heads():
     config = json.loads((CONFIGS / "deepseek-v3-mla.json").read_text())
     with pytest.raises(ModelError, match="num_key_value_heads 2 differs from num_attention_heads 8"):
         spec_from_config(dict(config, num_key_value_heads=2), "ds", "test")
+
+# --- gpt_oss (docs/architectures.md#gpt_oss) -------------------------------------------------------
+
+def test_gpt_oss_20b_matches_the_model_card_total_and_active_parameters():
+    """gpt-oss-120b & gpt-oss-20b Model Card (OpenAI, arXiv 2508.10925), Table 1, gpt-oss-20b:
+    20.91B total, 3.61B active per token (the huggingface.co/openai/gpt-oss-20b card: "21B
+    parameters with 3.6B active"), MLP 19.12B, attention 0.64B. Active counts the unembedding,
+    not the embedding lookup, and 4 of the 32 experts."""
+    spec = resolve("openai/gpt-oss-20b")
+    parts = spec.param_breakdown()
+    assert round(spec.num_params / B, 2) == 20.91
+    active = (spec.num_params - parts["embed_tokens"] - parts["layers.experts"]
+              + parts["layers.experts"] * spec.experts_per_tok // spec.num_experts)
+    assert round(active / B, 2) == 3.61
+    assert round((parts["layers.experts"] + parts["layers.router"]) / B, 2) == 19.12
+    assert round((parts["layers.linear"] + parts["layers.sinks"]) / B, 2) == 0.64
+
+
+def test_gpt_oss_120b_shapes_match_the_model_card():
+    """huggingface.co/openai/gpt-oss-120b/blob/main/config.json differs from the 20b's in depth (36
+    layers, layer_types alternating over 36) and experts (128); the same model card table gives
+    116.83B total, 5.13B active, MLP 114.71B, attention 0.96B."""
+    config = dict(resolve("openai/gpt-oss-20b").config, num_hidden_layers=36, num_local_experts=128,
+                  layer_types=["sliding_attention", "full_attention"] * 18)
+    spec = spec_from_config(config, "openai/gpt-oss-120b", "test")
+    parts = spec.param_breakdown()
+    active = spec.num_params - parts["embed_tokens"] - parts["layers.experts"] + parts["layers.experts"] * 4 // 128
+    assert (round(spec.num_params / B, 2), round(active / B, 2)) == (116.83, 5.13)
+    assert round((parts["layers.experts"] + parts["layers.router"]) / B, 2) == 114.71
+    assert round((parts["layers.linear"] + parts["layers.sinks"]) / B, 2) == 0.96
+
+
+def test_gpt_oss_structure_comes_from_its_config():
+    spec = resolve("openai/gpt-oss-20b")
+    assert (spec.heads, spec.kv_heads, spec.head_dim, spec.hidden) == (64, 8, 64, 2880)
+    assert spec.heads * spec.head_dim != spec.hidden           # head_dim is read, not derived
+    assert (spec.num_experts, spec.experts_per_tok, spec.sliding_window) == (32, 4, 128)
+    assert spec.layer_types[:4] == ("sliding_attention", "full_attention") * 2
+    assert all(l.bias for l in spec.layer_linears)              # attention_bias: true
+    assert dict(spec.moe_shapes())["experts.gate_up_proj"] == (32, 2880, 2 * 2880)   # (E, h, 2i)
+    # without layer_types GptOssConfig.__post_init__ alternates, sliding first
+    config = dict(spec.config)
+    del config["layer_types"]
+    assert spec_from_config(config, "g", "t").layer_types == spec.layer_types
+
+
+def test_gpt_oss_counts_every_parameter_transformers_builds():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = json.loads((CONFIGS / "gptoss-sinks.json").read_text())
+    spec = spec_from_config(config, "gptoss", "t")
+    hf = transformers.CONFIG_MAPPING["gpt_oss"].from_dict(config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf)
+    assert spec.num_params == sum(p.numel() for p in model.parameters())
+    assert {n.split("layers.0.", 1)[1] for n, _ in model.named_parameters() if ".layers.0.mlp." in n} == \
+        {f"mlp.{name}" for name, _ in spec.moe_shapes()}
+
+
+def test_gpt_oss_refuses_sdpa_and_4bit_experts_and_states_mxfp4(capsys):
+    from vramplan.cli import main
+
+    code = main(["estimate", "openai/gpt-oss-20b"])
+    err = capsys.readouterr().err
+    assert code != 0 and err.count("\n") == 1 and err.startswith("Error: ") and "(hint: use --attn eager)" in err
+    code = main(["estimate", "openai/gpt-oss-20b", "--attn", "eager", "--experts", "4bit"])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("Error: --experts 4bit is not modelled for gpt_oss") and err.count("\n") == 1
+    assert main(["estimate", "openai/gpt-oss-20b", "--attn", "eager", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert any("MXFP4" in a and "dequantized to bf16" in a for a in data["assumptions"])
+    assert any(a.startswith("transformers 5 keeps gpt-oss experts and router") for a in data["assumptions"])
+    # a bf16 copy of the checkpoint (no quantization_config) is the same model without the MXFP4 line
+    config = {k: v for k, v in resolve("openai/gpt-oss-20b").config.items() if k != "quantization_config"}
+    assert not any("MXFP4" in n for n in spec_from_config(config, "bf16-copy", "t").notes)
+    assert data["warnings"][0].startswith("MoE experts stay 16-bit") and "--experts 4bit" not in data["warnings"][0]

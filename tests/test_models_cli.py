@@ -98,3 +98,11 @@ def test_ids_stay_whole_at_other_widths(capsys, monkeypatch, columns):
     assert code == 0
     for model_id in catalog():
         assert model_id in out
+
+
+def test_gpt_oss_family_row_says_eager_and_unadapted_experts(capsys, monkeypatch):
+    code, out, err = run(capsys, monkeypatch, "models", "gpt-oss")
+    assert (code, err) == (0, "")
+    rows = out.split("Families: what each supports", 1)[1]
+    assert "gpt_oss estimate, simulate, profile eager" in rows
+    assert "not adapted by" in rows and "ParamWrapper" not in rows and "--experts 4bit" not in rows

@@ -228,3 +228,44 @@ def test_deepseek_v3_sixteen_bit_expert_bytes_are_the_transformers_expert_parame
     assert sixteen == sum(alloc(p.numel() * p.element_size()) for p in experts)
     per_expert = 2 * _linear4bit_bytes(spec.hidden, spec.expert_width) + _linear4bit_bytes(spec.expert_width, spec.hidden)
     assert four == spec.moe_layers * spec.num_experts * per_expert
+
+
+def test_gpt_oss_experts_stay_16bit_with_their_biases():
+    """gpt-oss under QLoRA: GptOssExperts' 3D stacks and their biases are what the warning quotes
+    (every `.experts.` parameter transformers builds); the router is not an nn.Linear either, so only
+    q/k/v/o are quantized and all-linear adapts nothing else."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = tiny_config("gpt_oss", num_hidden_layers=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                         intermediate_size=64)
+    spec = spec_from_config(config, "tiny-gpt-oss", "test")
+    hf = transformers.CONFIG_MAPPING["gpt_oss"].from_dict(config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
+    experts = [p for name, p in model.named_parameters() if ".experts." in name]
+    assert len(experts) == 4 * spec.layers      # gate_up_proj, its bias, down_proj, its bias
+    sixteen, _ = expert_weight_bytes(spec, TrainSetup())
+    assert sixteen == sum(alloc(p.numel() * p.element_size()) for p in experts)
+    warning = estimate(spec, TrainSetup(attn="eager")).warnings[0]
+    assert warning.startswith("MoE experts stay 16-bit") and f"({sixteen:,} bytes)" in warning
+    assert "merged 16-bit copy" not in warning and "--experts 4bit" not in warning
+    s = static_memory(spec, TrainSetup(attn="eager"))
+    assert set(s.adapted) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    r = 16
+    assert s.trainable_params == spec.layers * sum(r * l.in_features + l.out_features * r for l in spec.layer_linears)
+
+
+def test_simulate_runs_float32_experts_as_cuda_does_and_says_so():
+    """prepare_model_for_kbit_training makes the experts float32: CUDA's torch._grouped_mm takes
+    them through its per-group fallback, the meta kernel would refuse them (bf16 only)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from vramplan.simulate.driver import simulate
+
+    spec = spec_from_config(tiny_config("gpt_oss", head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+                            "tiny-gpt-oss", "test")
+    trace = simulate(spec, TrainSetup(seq=32, attn="eager", prepare_kbit=True))
+    assert any(n.startswith("MoE experts in float32: torch._grouped_mm run as CUDA's per-group fallback")
+               for n in trace.notes)
+    est = estimate(spec, TrainSetup(seq=32, attn="eager", prepare_kbit=True))
+    assert est.components["weights"] == trace.components["weights"]

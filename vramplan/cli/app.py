@@ -89,7 +89,8 @@ METHODS = ("estimate", "simulate", "profile")
 def family_features(arch) -> dict:
     moe = ""
     if arch.moe:
-        moe = ("fused 3-D stacks, 16-bit under 4-bit quantization in transformers 5; "
+        moe = ("fused 3-D stacks" + (" with biases" if arch.moe_style == "gpt_oss" else "")
+               + ", 16-bit under 4-bit quantization in transformers 5; "
                # peft has no MoE conversion for the type: all-linear leaves the experts frozen
                + ("LoRA through ParamWrapper" if arch.peft_moe_conversion else "frozen under all-linear LoRA")
                + ("; --experts 4bit for stacks that quantize them" if arch.expert_linears_v4 else ""))

@@ -91,6 +91,15 @@ class Architecture:
     # attn_implementation values transformers accepts for training this model
     attention: tuple[str, ...] = ("sdpa", "eager")
     notes: tuple[str, ...] = field(default=())
+    # gpt-oss (models/gpt_oss/modeling_gpt_oss.py): a learned per-head attention sink
+    # (GptOssAttention.sinks, a (heads,) parameter concatenated to the scores as one more column),
+    # cos/sin of half the head dim (GptOssRotaryEmbedding: `emb = freqs`, no cat), and the
+    # experts' layout: "mixtral" (MixtralTopKRouter / MixtralExperts) or "gpt_oss" (GptOssTopKRouter
+    # with a bias, top-k then softmax in the logits dtype; GptOssExperts with biases, an
+    # interleaved gate_up_proj (E, h, 2i) and a clamped SwiGLU). docs/architectures.md#gpt_oss
+    sinks: bool = False
+    rope_half: bool = False
+    moe_style: str = "mixtral"
 
 
 _LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -262,6 +271,23 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                         "target_parameters and, converting the config for transformers 5, drops gate_proj / "
                         "up_proj / down_proj from the module targets, so the dense and shared-expert MLPs stay "
                         "4-bit without LoRA",)),
+    # models/gpt_oss/modeling_gpt_oss.py (GptOssAttention, GptOssDecoderLayer, GptOssMLP,
+    # GptOssTopKRouter, GptOssExperts, GptOssRMSNorm) and configuration_gpt_oss.py (GptOssConfig):
+    # q/k/v/o with bias=config.attention_bias (True), head_dim read from the config, a `sinks`
+    # parameter per layer; layer_types alternate sliding / full (GptOssConfig.__post_init__:
+    # `(i + 1) % 2` slides); GptOssRMSNorm multiplies the weight into the float32 product before
+    # the cast (as OLMo 2); experts as 3D parameters with biases. GptOssPreTrainedModel sets
+    # _supports_sdpa = False: from_pretrained(attn_implementation="sdpa") raises, so only eager
+    # attention (with the sink column) is modelled. docs/architectures.md#gpt_oss
+    Architecture("gpt_oss", dict(_LLAMA_DEFAULTS, vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                                 num_hidden_layers=36, num_attention_heads=64, num_key_value_heads=8,
+                                 head_dim=64, max_position_embeddings=131072, sliding_window=128,
+                                 attention_bias=True, num_local_experts=128, num_experts_per_tok=4),
+                 mlp_bias=False, norm_style="olmo", layer_types_rule="alternate", moe=True,
+                 attention=("eager",), sinks=True, rope_half=True, moe_style="gpt_oss", peft_moe_conversion=False,
+                 expert_linears_v4=False,
+                 notes=("transformers 5 keeps gpt-oss experts and router as 3D / custom parameters: bitsandbytes "
+                        "does not quantize them and peft's all-linear does not adapt them (it targets q/k/v/o)",)),
 )}
 
 

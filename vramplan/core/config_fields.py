@@ -23,7 +23,7 @@ CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "
                   "qwen3": "Qwen3Config", "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config",
                   "granite": "GraniteConfig", "smollm3": "SmolLM3Config", "olmo3": "Olmo3Config",
                   "ministral": "MinistralConfig", "qwen3_moe": "Qwen3MoeConfig",
-                  "granitemoe": "GraniteMoeConfig", "deepseek_v3": "DeepseekV3Config"}
+                  "granitemoe": "GraniteMoeConfig", "deepseek_v3": "DeepseekV3Config", "gpt_oss": "GptOssConfig"}
 
 # Fields derived from others when absent, as transformers does: the config classes set
 # `num_key_value_heads = num_attention_heads` (e.g. LlamaConfig.__post_init__), and head_dim is
@@ -34,7 +34,8 @@ DERIVED = {"num_key_value_heads": "num_attention_heads", "head_dim": "hidden_siz
 # model types whose spec reads a sliding window (see models._sliding_window).
 WINDOWED = {"mistral": ("sliding_window",), "mixtral": ("sliding_window",), "phi3": ("sliding_window",),
             "qwen2": ("use_sliding_window", "sliding_window"), "ministral": ("sliding_window",),
-            "olmo3": ("sliding_window",), "qwen3_moe": ("use_sliding_window", "sliding_window")}
+            "olmo3": ("sliding_window",), "qwen3_moe": ("use_sliding_window", "sliding_window"),
+            "gpt_oss": ("sliding_window",)}
 
 
 def _given(config: dict, key: str) -> bool:

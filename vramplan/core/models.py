@@ -6,6 +6,7 @@ Order: local path, bundled catalog (no network), then the Hugging Face cache and
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -132,9 +133,29 @@ class ModelSpec:
             "lm_head": 0 if self.tied else self.vocab * h,
         }
         if self.num_experts:
-            parts["layers.router"] = self.moe_layers * self.num_experts * h
-            parts["layers.experts"] = self.moe_layers * self.num_experts * 3 * h * self.expert_width
+            shapes = self.moe_shapes()
+            m = self.moe_layers
+            parts["layers.router"] = m * sum(math.prod(s) for name, s in shapes if name.startswith("router."))
+            parts["layers.experts"] = m * sum(math.prod(s) for name, s in shapes if name.startswith("experts."))
+        if self.arch.sinks:
+            parts["layers.sinks"] = n * self.heads
         return parts
+
+    def moe_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """(name, shape) of one layer's router and expert parameters as transformers 5 builds them:
+        MixtralTopKRouter.weight (E, h), MixtralExperts gate_up_proj (E, 2i, h) and down_proj
+        (E, h, i) (models/mixtral/modeling_mixtral.py); GptOssTopKRouter weight (E, h) and bias (E,),
+        GptOssExperts gate_up_proj (E, h, 2i), gate_up_proj_bias (E, 2i), down_proj (E, i, h),
+        down_proj_bias (E, h) (models/gpt_oss/modeling_gpt_oss.py)."""
+        E, h, i = self.num_experts, self.hidden, self.expert_width
+        if not E:
+            return ()
+        if self.arch.moe_style == "gpt_oss":
+            return (("router.weight", (E, h)), ("router.bias", (E,)),
+                    ("experts.gate_up_proj", (E, h, 2 * i)), ("experts.gate_up_proj_bias", (E, 2 * i)),
+                    ("experts.down_proj", (E, i, h)), ("experts.down_proj_bias", (E, h)))
+        return (("router.weight", (E, h)), ("experts.gate_up_proj", (E, 2 * i, h)),
+                ("experts.down_proj", (E, h, i)))
 
     @property
     def num_params(self) -> int:
@@ -168,6 +189,17 @@ TEXT_CONFIG_NOTES = {"mistral3": "multimodal Mistral 3 checkpoint (Mistral3ForCo
                                  "it; the Pixtral vision tower and the multimodal projector are not counted"}
 
 
+# A checkpoint published in MXFP4 (gpt-oss) trains dequantized: transformers' Mxfp4HfQuantizer is
+# not trainable and points to Mxfp4Config(dequantize=True) (quantizers/quantizer_mxfp4.py
+# is_trainable), which loads bf16 weights; a BitsAndBytesConfig for the MXFP4 checkpoint is refused
+# (quantizers/auto.py merge_quantization_configs: "The model is quantized with Mxfp4Config but you
+# are passing a BitsAndBytesConfig config"). docs/architectures.md#gpt_oss
+MXFP4_NOTE = ("config.json names an MXFP4 checkpoint (quantization_config quant_method mxfp4): training loads it "
+              "dequantized to bf16 (Mxfp4Config(dequantize=True)), so every weight is counted in the compute dtype; "
+              "transformers refuses a BitsAndBytesConfig for it, so a 4-bit run means a bf16 copy loaded with "
+              "bitsandbytes, which quantizes the nn.Linear layers only")
+
+
 def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     if not isinstance(config, dict):
         raise ModelError(f"config for {model_id} is not a JSON object",
@@ -178,6 +210,9 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         config = {"model_type": TEXT_CONFIG_TYPES[outer], **config["text_config"]}
         if outer in TEXT_CONFIG_NOTES:
             notes = (TEXT_CONFIG_NOTES[outer].format(text=config["model_type"]),)
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        notes += (MXFP4_NOTE,)
     model_type = config.get("model_type")
     if model_type is None:
         raise ModelError(f"config for {model_id} has no model_type",

@@ -22,10 +22,10 @@ from vramplan.cuda.arch import ASSUMED, CudaArch, check_dtype, default_dtype, ta
 from vramplan.cuda.cublas import workspace_bytes
 from vramplan.core.components import ALLOCATED, Component, check_sum
 from vramplan.cuda.context import cuda_context, device_overhead
-from vramplan.core.errors import ModelError
+from vramplan.core.errors import ModelError, UsageError
 from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.estimate.inventory import (Static, adapted_linears, expert_weight_bytes, experts_adapted,
-                                         experts_quantized, rope_kinds, static_memory)
+                                         experts_quantized, rope_kinds, rope_width, static_memory)
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.estimate.quant import alloc
 from vramplan.core.setup import TrainSetup, apply_flags
@@ -227,7 +227,7 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     # of shape (1, seq, head_dim) in the hidden-state dtype, shared by every layer.
     a = act_bytes(setup)
     base_acts = (alloc(8 * setup.tokens) + alloc(8 * setup.seq) + 2 * alloc(8 * (setup.tokens + setup.batch))
-                 + 2 * rope_kinds(spec) * alloc(a * setup.seq * spec.head_dim))
+                 + 2 * rope_kinds(spec) * alloc(a * setup.seq * rope_width(spec)))
     # Granite's embedding leaf under checkpointing (ops.embedding_leaf): the graph's AccumulateGrad
     # node holds it, so it goes with the graph when backward ends, before the optimizer step
     leaf = embedding_leaf(spec, setup)
@@ -282,7 +282,9 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     top = layer.walk if L > 1 else layer.first
     moments = {
         "forward.layer": at(top.forward_peak, held, activations=below(L - 1, True) + fwd_masks),
-        "forward.loss": at(head.forward.forward_peak, held, activations=below(L, True) + fwd_masks),
+        # the masks are locals of the base model's forward: without checkpointing nothing saves
+        # them, so they are gone once it returns, before lm_head and the loss run
+        "forward.loss": at(head.forward.forward_peak, held, activations=below(L, True) + bwd_masks),
         "backward.loss": at(head.backward.backward_peak, activations=below(L) + bwd_masks),
         # backward_peak includes the recomputation under checkpointing
         "backward.top_layer": at(top.backward_peak, held, activations=below(L - 1) + ctx + bwd_masks,
@@ -405,6 +407,9 @@ def gpu_assumption(arch: CudaArch, gpu: Gpu | None) -> str:
 
 
 def attention_assumption(spec: ModelSpec, setup: TrainSetup, arch: CudaArch) -> str:
+    if setup.attn != "sdpa" and spec.arch.sinks:   # ops.eager_sinks
+        return ("attention: eager with a learned sink column per head (materializes batch x heads x seq x "
+                "(seq + 1) logits and a softmax in the scores' dtype; transformers has no SDPA path for it)")
     if setup.attn != "sdpa":
         return "attention: eager (materializes batch x heads x seq x seq scores and fp32 softmax)"
     from vramplan.cuda.sdpa import fallback_reason

@@ -29,7 +29,7 @@ from vramplan.estimate.inventory import (Static, adapted_linears, adapter_bytes,
 from vramplan.cuda.arch import ASSUMED, CudaArch
 from vramplan.cuda.reserved import SmallPoolLevel
 from vramplan.cuda.cublas import workspace_bytes
-from vramplan.estimate.inventory import rope_kinds
+from vramplan.estimate.inventory import rope_kinds, rope_width
 from vramplan.estimate.ops import (_head_tape, _layer_tapes, _structure, act_bytes, eager_masks, embedding_leaf,
                                    held_outputs, int8_ctx_inputs, layer_kinds)
 from vramplan.estimate.quant import alloc, layout_4bit, layout_int8
@@ -318,7 +318,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     a = act_bytes(setup)
     inputs = ([alloc(8 * setup.tokens), alloc(8 * setup.seq), alloc(8 * (setup.tokens + setup.batch)),
                alloc(8 * (setup.tokens + setup.batch))]
-              + [alloc(a * setup.seq * spec.head_dim)] * (2 * rope_kinds(spec)))
+              + [alloc(a * setup.seq * rope_width(spec))] * (2 * rope_kinds(spec)))
     leaf = embedding_leaf(spec, setup)     # freed with the graph when backward ends
     held = held_outputs(spec, setup)       # ops.held_outputs: a plain loop's `out`
     held_prev = []

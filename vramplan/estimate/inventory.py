@@ -143,8 +143,8 @@ def expert_weight_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
     separate quantized Linear weights with their constants): what --experts 4bit saves."""
     if not spec.num_experts:
         return 0, 0
-    n, E, h, i, wb = spec.moe_layers, spec.num_experts, spec.hidden, spec.expert_width, weight_bytes(setup)
-    sixteen = n * (alloc(E * 2 * i * h * wb) + alloc(E * h * i * wb))
+    n, E, wb = spec.moe_layers, spec.num_experts, weight_bytes(setup)
+    sixteen = n * sum(alloc(numel(shape) * wb) for name, shape in spec.moe_shapes() if name.startswith("experts."))
     quant = setup.quant if setup.quantized else "nf4"
     four = n * E * sum(layout(quant, l.in_features, l.out_features, setup.double_quant).total
                        for l in expert_linears(spec))
@@ -174,6 +174,13 @@ def rope_kinds(spec: ModelSpec) -> int:
     """Rotary embeddings the model holds: one, or one per layer type (Gemma3RotaryEmbedding,
     models/gemma3/modeling_gemma3.py: inv_freq per sorted(set(config.layer_types)))."""
     return len(set(spec.layer_types)) if spec.arch.rope_per_layer_type and spec.layer_types else 1
+
+
+def rope_width(spec: ModelSpec) -> int:
+    """Last dim of the rotary cos / sin: head_dim (LlamaRotaryEmbedding: cat(freqs, freqs)), or
+    head_dim / 2 for gpt-oss (GptOssRotaryEmbedding.forward: `emb = freqs`, and _apply_rotary_emb
+    multiplies each half by it)."""
+    return spec.head_dim // 2 if spec.arch.rope_half else spec.head_dim
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -239,15 +246,20 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
             weights += m * spec.num_experts * q.weight
             quant_constants += m * spec.num_experts * q.constants
     elif spec.num_experts:
-        # MixtralTopKRouter.weight (E, h) and MixtralExperts' 3D parameters stay in the load
-        # dtype under bitsandbytes (only `type(module) is nn.Linear` is replaced).
-        expert_tensors = [(spec.num_experts, spec.hidden),
-                          (spec.num_experts, 2 * spec.expert_width, spec.hidden),
-                          (spec.num_experts, spec.hidden, spec.expert_width)]
+        # MixtralTopKRouter.weight (E, h) and MixtralExperts' 3D parameters (GptOssTopKRouter and
+        # GptOssExperts with their biases) stay in the load dtype under bitsandbytes (only
+        # `type(module) is nn.Linear` is replaced).
+        expert_tensors = [shape for _name, shape in spec.moe_shapes()]
         weights += m * sum(alloc(numel(t) * wb) for t in expert_tensors)
         if setup.method == "full":
             for shape in expert_tensors:
                 trainable[shape] += m
+
+    if spec.arch.sinks:
+        # GptOssAttention.sinks: a (heads,) parameter per layer, never quantized
+        weights += n * alloc(spec.heads * wb)
+        if setup.method == "full":
+            trainable[(spec.heads,)] += n
 
     adapters = 0
     for shape, count in expert_lora_shapes(spec, setup):

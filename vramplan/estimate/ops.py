@@ -253,6 +253,12 @@ class _Ops:
         saved; the products and the cat are transients; backward mirrors them."""
         a, T = self.a, self.T
         out = f"{name}.rot"
+        if self.spec.arch.rope_half:
+            # gpt-oss _apply_rotary_emb: chunk into halves (views); first * cos - second * sin and
+            # second * cos + first * sin, then cat: the two half-width results live with the output
+            self.op(f"{name}.rope", [x], [self.t(out, a * T * width)], grads=((x, a * T * width),),
+                    work=2 * alloc(a * T * width // 2), work_tag=ACT, bwd_work=2 * alloc(a * T * width // 2))
+            return out
         self.op(f"{name}.rope", [x], [self.t(out, a * T * width)], grads=((x, a * T * width),),
                 work=alloc(a * T * width) * 2 + alloc(a * T * width // 2), work_tag=ACT,
                 bwd_work=alloc(a * T * width) * 2, )
@@ -322,6 +328,8 @@ class _Ops:
         vin, ow = (H * dims[1], H * dims[1]) if dims else (kvw, qw)   # widths of v and of the output
         if self.use_rope and not dims:  # SmolLM3's no-RoPE layers skip apply_rotary_pos_emb (attention.use_rope)
             q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
+        if spec.arch.sinks:
+            return self.eager_sinks(q, k, v)
         backend = sdpa_backend(spec, s, self.window, self.arch) if s.attn == "sdpa" else "eager"
         if self.c != a:
             # SDPA is on CUDA autocast's lower-precision list: float32 q, k, v (hidden states of
@@ -489,6 +497,45 @@ class _Ops:
         self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * ow)], grads=(("attn.o", a * T * ow),))
         return "attn.of"
 
+    def eager_sinks(self, q: str, k: str, v: str) -> str:
+        """gpt-oss eager_attention_forward (models/gpt_oss/modeling_gpt_oss.py), the only attention
+        transformers lets it train with (_supports_sdpa = False): k / v repeated to every head,
+        scores = q @ k^T * scaling + mask, the per-head sink appended as one more column
+        (torch.cat: b x H x s x (s + 1)), minus its row max (max saves its int64 indices), softmax
+        in the scores' dtype (no float32 upcast; output saved), the sink column sliced off (a view
+        the matmul with v saves), output transposed to (b, s, H, hd) with a copy. The masked scores
+        (`attn_weights`) live until the name is rebound after the softmax, the centred logits
+        (`combined_logits`) until the function returns. Backward: the slice scatters into zeros of
+        the full width, the subtraction makes a negated full-width gradient before reducing it to
+        the max's shape, and max's backward scatters into zeros of the full width again."""
+        spec, a, T = self.spec, self.a, self.T
+        b, seq, H = sym.B, sym.S, spec.heads
+        qw, kvw = H * spec.head_dim, spec.kv_heads * spec.head_dim
+        S, S1, rows = b * H * seq * seq, b * H * seq * seq + b * H * seq, b * H * seq
+        if H != spec.kv_heads:   # repeat_kv: expand + reshape copies k / v to every head
+            self.op("attn.k_rep", [k], [self.t("attn.kr", a * T * qw)], grads=((k, a * T * kvw),))
+            self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
+            k, v = "attn.kr", "attn.vr"
+        sinks = alloc(a * H) if self.full else 0
+        self.op("attn.qk", [q, k], [self.t("attn.s", a * S)], saves=(q, k), grads=((q, a * T * qw), (k, a * T * qw)))
+        self.op("attn.scale", ["attn.s"], [self.t("attn.s2", a * S)], grads=(("attn.s", a * S),))
+        self.op("attn.mask", ["attn.s2"], [self.t("attn.sm", a * S)], grads=(("attn.s2", 0),))
+        # cat's backward hands out narrow views of the incoming gradient; the sinks' own gradient
+        # (full fine-tuning) is that view summed over batch and positions
+        self.op("attn.cat", ["attn.sm"], [self.t("attn.c", a * S1)], grads=(("attn.sm", 0),), param_grads=sinks)
+        self.op("attn.max", ["attn.c"], [self.t("attn.mx", a * rows), self.t("attn.mi", 8 * rows)],
+                saves=("attn.mi",), grads=(("attn.c", a * S1),))
+        self.op("attn.sub", ["attn.c", "attn.mx"], [self.t("attn.cc", a * S1)],
+                grads=(("attn.c", 0), ("attn.mx", a * rows)), bwd_work=alloc(a * S1))
+        self.op("attn.softmax", ["attn.cc"], [self.t("attn.p", a * S1)], saves=("attn.p",),
+                grads=(("attn.cc", a * S1),))
+        self.op("attn.slice", ["attn.p", "attn.sm"], [self.t("attn.pw", 0)], grads=(("attn.p", a * S1),))
+        self.op("attn.pv", ["attn.pw", "attn.p", v], [self.t("attn.o", a * T * qw)], saves=("attn.p", v),
+                grads=(("attn.pw", a * S), (v, a * T * qw)))
+        self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * qw)], grads=(("attn.o", a * T * qw),))
+        self.op("attn.return", ["attn.cc", "attn.of"])
+        return "attn.of"
+
     def residual(self, name: str, x: str, y: str) -> str:
         if self.spec.arch.scaled_residuals:
             # Granite: residual + y * residual_multiplier: the product is a new tensor (a scalar
@@ -525,6 +572,8 @@ class _Ops:
             from vramplan.core.errors import UsageError
             raise UsageError("--amp with --prepare-kbit is not modelled for mixture-of-experts layers "
                              "(grouped_mm is on no autocast list)", hint="use --amp none or drop --prepare-kbit")
+        if spec.arch.moe_style == "gpt_oss":
+            return self.moe_gpt_oss(x)
         h, i, E, k = spec.hidden, spec.expert_width, spec.num_experts, spec.experts_per_tok
         cb, Tk = s.compute_bytes, T * k
         lora = experts_adapted(spec, s)
@@ -563,16 +612,7 @@ class _Ops:
                         work=alloc(cb * merged), work_tag=ACT,
                         param_grads=alloc(FP32 * lhs) + alloc(FP32 * rhs))
                 factors += [f"moe.{name}.lhs", f"moe.{name}.rhs"]
-        # grouped_mm_experts_forward: sort by expert, gather tokens (`hidden_states[perm // k]`:
-        # IndexBackward saves the index, so the recomputation keeps perm // k until the gather's
-        # backward) and routing weights, histc over the float expert ids, cumsum offsets
-        self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)])
-        self.op("moe.token_of", ["moe.perm"], [self.t("moe.tok", 8 * Tk)])
-        self.op("moe.gather", [x, "moe.tok"], [self.t("moe.xs", a * Tk * h)], saves=("moe.tok",),
-                grads=((x, a * T * h),))
-        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", wb * Tk)], grads=(("moe.w", wb * Tk),))
-        self.op("moe.offsets", ["moe.ids"], [self.t("moe.ids32", 4 * Tk), self.t("moe.hist", 4 * E),
-                                             self.t("moe.offs", 4 * E)])
+        self.moe_dispatch(x, wb)
         if lora:  # the cached parametrization merges on first access: baddbmm(W, lhs, rhs)
             self.op("moe.merge_gate_up", ["moe.gate_up.lhs", "moe.gate_up.rhs"], [self.t(wgu, cb * E * 2 * i * h)],
                     saves=("moe.gate_up.lhs", "moe.gate_up.rhs"),
@@ -663,6 +703,92 @@ class _Ops:
             self.op("moe.denom", [wk], [self.t("moe.den", sb * T)], work=alloc(sb * T), work_tag=ACT,
                     saves=("moe.den",), grads=((wk, sb * Tk),))
         self.op("moe.scale", [wk], [self.t("moe.w", sb * Tk)], grads=((wk, sb * Tk),))
+
+    def moe_dispatch(self, x: str, weight_bytes: int) -> None:
+        """grouped_mm_experts_forward (integrations/moe.py): sort by expert, gather the tokens
+        (`hidden_states[perm // k]`: IndexBackward saves the index, so the recomputation keeps
+        perm // k until the gather's backward) and the routing weights (`weight_bytes` each),
+        histc over the float expert ids, cumsum offsets."""
+        spec, a, T = self.spec, self.a, self.T
+        h, E, Tk = spec.hidden, spec.num_experts, T * spec.experts_per_tok
+        self.op("moe.sort", ["moe.idx"], [self.t("moe.ids", 8 * Tk), self.t("moe.perm", 8 * Tk)])
+        self.op("moe.token_of", ["moe.perm"], [self.t("moe.tok", 8 * Tk)])
+        self.op("moe.gather", [x, "moe.tok"], [self.t("moe.xs", a * Tk * h)], saves=("moe.tok",),
+                grads=((x, a * T * h),))
+        self.op("moe.gather_w", ["moe.w", "moe.perm"], [self.t("moe.wg", weight_bytes * Tk)],
+                grads=(("moe.w", weight_bytes * Tk),))
+        self.op("moe.offsets", ["moe.ids"], [self.t("moe.ids32", 4 * Tk), self.t("moe.hist", 4 * E),
+                                             self.t("moe.offs", 4 * E)])
+
+    def moe_gpt_oss(self, x: str) -> str:
+        """GptOssMLP (models/gpt_oss/modeling_gpt_oss.py): GptOssTopKRouter is F.linear(x, weight,
+        bias), topk of the logits, softmax over the k values in the logits dtype (16-bit routing
+        weights, unlike Mixtral's float32); GptOssExperts runs integrations/moe.py
+        grouped_mm_experts_forward (is_transposed, has_bias): tokens sorted by expert and gathered,
+        the experts' biases gathered per row (`gate_up_proj_bias[expert_ids_g]`) and added in place
+        to each grouped matmul's output; GptOssExperts._apply_gate takes the interleaved gate / up
+        columns as strided views, clamps both (each clamp saves the view, so the whole gate_up
+        output stays saved), glu = gate * sigmoid(gate * alpha), (up + 1) * glu. The routing
+        weights multiply the down output in 16-bit, it is put back in token order and summed over
+        the k experts. Under all-linear LoRA nothing here is adapted (Architecture.peft_moe_conversion)."""
+        spec, s, a, T = self.spec, self.setup, self.a, self.T
+        h, i, E, k = spec.hidden, spec.intermediate, spec.num_experts, spec.experts_per_tok
+        Tk, wb = T * k, FP32 if s.prepare_kbit else s.compute_bytes
+        full = self.full
+        self.op("moe.router", [x], [self.t("moe.logits", a * T * E)], saves=(x,) if full else (),
+                grads=((x, a * T * h),), param_grads=alloc(a * E * h) + alloc(a * E) if full else 0)
+        # topk saves its indices; softmax(dtype=logits dtype) saves its output
+        self.op("moe.topk", ["moe.logits"], [self.t("moe.tv", a * Tk), self.t("moe.idx", 8 * Tk)],
+                saves=("moe.idx",), grads=(("moe.logits", a * T * E),))
+        self.op("moe.softmax", ["moe.tv"], [self.t("moe.w", a * Tk)], saves=("moe.w",), grads=(("moe.tv", a * Tk),))
+        self.moe_dispatch(x, a)   # 16-bit routing weights; then the biases gathered per row
+        self.op("moe.bias_gu", ["moe.ids"], [self.t("moe.bgu", wb * Tk * 2 * i)],
+                param_grads=alloc(wb * E * 2 * i) if full else 0)
+        self.op("moe.gate_up", ["moe.xs", "moe.bgu"], [self.t("moe.gu", a * Tk * 2 * i)],
+                saves=("moe.xs",) if full else (), grads=(("moe.xs", a * Tk * h),),
+                param_grads=alloc(wb * E * h * 2 * i) if full else 0)
+        # gate_up[..., ::2] and [..., 1::2]: views; each view's backward scatters into zeros of the
+        # full width (as_strided / slice backward)
+        for v in ("g", "u"):
+            self.op(f"moe.{v}_view", ["moe.gu"], [self.t(f"moe.{v}", 0)], grads=(("moe.gu", a * Tk * 2 * i),))
+        self.op("moe.clamp_g", ["moe.g", "moe.gu"], [self.t("moe.gc", a * Tk * i)], saves=("moe.gu",),
+                grads=(("moe.g", a * Tk * i),))
+        self.op("moe.clamp_u", ["moe.u", "moe.gu"], [self.t("moe.uc", a * Tk * i)], saves=("moe.gu",),
+                grads=(("moe.u", a * Tk * i),))
+        self.op("moe.alpha", ["moe.gc"], [self.t("moe.ga", a * Tk * i)], grads=(("moe.gc", a * Tk * i),))
+        self.op("moe.sigmoid", ["moe.ga"], [self.t("moe.sg", a * Tk * i)], saves=("moe.sg",),
+                grads=(("moe.ga", a * Tk * i),))
+        self.op("moe.glu", ["moe.gc", "moe.sg"], [self.t("moe.glu", a * Tk * i)], saves=("moe.gc", "moe.sg"),
+                grads=(("moe.gc", a * Tk * i), ("moe.sg", a * Tk * i)))
+        self.op("moe.up1", ["moe.uc"], [self.t("moe.u1", a * Tk * i)], grads=(("moe.uc", 0),))
+        self.op("moe.gated", ["moe.u1", "moe.glu"], [self.t("moe.p", a * Tk * i)], saves=("moe.u1", "moe.glu"),
+                grads=(("moe.u1", a * Tk * i), ("moe.glu", a * Tk * i)))
+        # _apply_gate's locals, and `proj_out` (the gate_up output) until its name is rebound
+        self.op("moe.gate_return", ["moe.gc", "moe.uc", "moe.glu", "moe.gu"])
+        # `selected_biases` now names the down biases: the gate_up ones are dropped
+        self.op("moe.bias_d", ["moe.ids", "moe.bgu"], [self.t("moe.bd", wb * Tk * h)],
+                param_grads=alloc(wb * E * h) if full else 0)
+        self.op("moe.down", ["moe.p", "moe.bd"], [self.t("moe.d", a * Tk * h)], saves=("moe.p",) if full else (),
+                grads=(("moe.p", a * Tk * i),), param_grads=alloc(wb * E * i * h) if full else 0)
+        self.op("moe.weigh", ["moe.d", "moe.wg"], [self.t("moe.dw", a * Tk * h)], saves=("moe.d", "moe.wg"),
+                grads=(("moe.d", a * Tk * h), ("moe.wg", a * Tk)), bwd_work=alloc(a * Tk * h))
+        self.op("moe.inv_perm", ["moe.perm"], [self.t("moe.inv", 8 * Tk)], work=alloc(8 * Tk), work_tag=ACT)
+        self.op("moe.unsort", ["moe.dw", "moe.inv"], [self.t("moe.du", a * Tk * h)], saves=("moe.inv",),
+                grads=(("moe.dw", a * Tk * h),))
+        # view(T, k, h).sum(1): the backward expands the gradient, and the view's backward
+        # reshapes that expanded tensor to (T * k, h), a copy. Under CUDA autocast sum is
+        # fp32_set_opt_dtype (docs/recipes.md#cuda-autocast-op-lists): a float32 sum, which
+        # `.to(hidden_states.dtype)` copies back
+        if s.autocast and a != FP32:
+            self.op("moe.sum", ["moe.du"], [self.t("moe.ds", FP32 * T * h)], grads=(("moe.du", a * Tk * h),))
+            self.op("moe.cast", ["moe.ds"], [self.t("moe.out", a * T * h)], grads=(("moe.ds", FP32 * T * h),))
+        else:
+            self.op("moe.sum", ["moe.du"], [self.t("moe.out", a * T * h)], grads=(("moe.du", a * Tk * h),))
+        self.op("moe.experts_return", ["moe.ids", "moe.perm", "moe.xs", "moe.wg", "moe.ids32", "moe.hist",
+                                       "moe.offs", "moe.bd", "moe.d", "moe.inv", "moe.du"])
+        # GptOssMLP.forward keeps the router logits (`_`) until it returns
+        self.op("moe.return", [x, "moe.logits"])
+        return "moe.out"
 
     def moe_4bit_experts(self, x: str) -> str:
         """--experts 4bit (assumed layout, docs/bitsandbytes.md#moe-experts): the routed tokens
@@ -943,6 +1069,11 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
         b.op("res2.scale", [m], [b.t("res2.y", b.a * b.T * spec.hidden)], grads=((m, b.a * b.T * spec.hidden),))
         m = "res2.y"
     b.add("layer", h1, m)
+    if spec.arch.sinks:
+        # GptOssDecoderLayer.forward: `hidden_states, _ = self.self_attn(...)` keeps the returned
+        # attention weights (a view of the softmax output) until the layer returns; GptOssModel's
+        # loop (`hidden_states = decoder_layer(hidden_states, ...)`) holds the layer input until then
+        b.op("layer.return", ["attn.p", "x"])
     return b.ops, b.dequant
 
 

@@ -16,6 +16,8 @@ that the storages a meta step creates are the ones a CUDA step creates:
      to all query heads (PyTorch's flash_attn/flash_api.cpp mha_bwd).
    - memory-efficient attention backward: fp32 delta and the dQ accumulator workspace.
    - cuBLAS: its workspace, cached from the first matmul (`cublas_workspace`).
+   - torch._grouped_mm (MoE experts): CUDA runs fp16 / fp32 through a per-group fallback, while
+     the meta kernel takes bf16 only (`grouped_mm`).
 3. scaled_dot_product_attention: on meta it takes the math path and materializes seq x seq
    scores. A GPU picks a fused kernel (PyTorch's default priority: flash, efficient, math, cudnn;
    torch._C._get_sdp_priority_order() == [1, 2, 0, 3, 4]); `SdpaRouting` makes the same choice
@@ -250,6 +252,41 @@ def int8_mixed_scaled_mm(tracker, func, args, kwargs):
     return out, sub_a
 
 
+def make_grouped_mm(routing: Routing):
+    def stand_in(tracker, func, args, kwargs):
+        out = grouped_mm(tracker, func, args, kwargs)
+        if out.dtype != torch.bfloat16 and out.device.type == "meta":
+            routing.assume("moe.grouped_mm", f"MoE experts in {str(out.dtype).removeprefix('torch.')}: "
+                           "torch._grouped_mm run as CUDA's per-group fallback allocates (its one output; "
+                           "the meta kernel takes bf16 only)")
+        return out
+    return stand_in
+
+
+def grouped_mm(tracker, func, args, kwargs):
+    """torch._grouped_mm on CUDA (aten/src/ATen/native/cuda/GroupedBlas.cpp _grouped_mm_cuda): bf16
+    inputs run the CUTLASS kernel on sm90 / sm100, any other dtype (or GPU) `_grouped_mm_fallback`,
+    one mm per group written into the output; either way the only allocation is the output of
+    create_grouped_gemm_output_tensor (last dim padded to 16 bytes in the stride). torch 2.13's
+    meta kernel (torch/_meta_registrations.py meta_grouped_mm) accepts bf16 only, so fp16 / fp32
+    experts (--dtype fp16, prepare_model_for_kbit_training) get that output here."""
+    names = ("mat_a", "mat_b", "offs", "bias", "out_dtype")
+    a = dict(zip(names, args), **kwargs)
+    mat_a, mat_b = a["mat_a"], a["mat_b"]
+    if mat_a.device.type != "meta" or (mat_a.dtype == mat_b.dtype == torch.bfloat16):
+        return tracker.run(func, args, kwargs)
+    dtype = a.get("out_dtype") or mat_a.dtype
+    a2, b2, n = mat_a.dim() == 2, mat_b.dim() == 2, mat_b.size(-1)
+    if a2:   # (S, k) x (E, k, n) -> (S, n); (k, S) x (S, n) -> (E, k, n) per group (weight gradients)
+        size = [a["offs"].size(0), mat_a.size(0), n] if b2 else [mat_a.size(0), n]
+    else:
+        size = [mat_a.size(1), n] if b2 else [mat_a.size(0), mat_a.size(1), n]
+    align = 16 // dtype.itemsize
+    padded = -(-n // align) * align
+    stride = [size[1] * padded, padded, 1] if a2 == b2 else [padded, 1]
+    return tracker.run(aten.empty_strided.default, (size, stride), dict(dtype=dtype, device=mat_a.device))
+
+
 def _workspace(tracker, shapes, device) -> list:
     """Allocate the float32 workspaces a cuda/sdpa.py rule lists as (shape, 4)."""
     empty = aten.empty.memory_format
@@ -367,6 +404,7 @@ def cuda_overrides(routing: Routing | None = None, arch: CudaArch = ASSUMED) -> 
         aten.nonzero.default: make_nonzero(routing),
         aten._scaled_dot_product_flash_attention_backward.default: flash_attention_backward,
         aten._scaled_dot_product_efficient_attention_backward.default: efficient_attention_backward,
+        aten._grouped_mm.default: make_grouped_mm(routing),
     })
     if _has_bitsandbytes():
         bnb = torch.ops.bitsandbytes
