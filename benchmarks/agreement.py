@@ -74,9 +74,12 @@ def label(setup) -> str:
 def setups_for(model: str, quick: bool, full: bool = False, small: bool = False):
     from vramplan import TrainSetup
 
+    from vramplan.core.models import resolve
+
+    eager_only = resolve(model).arch.attention == ("eager",)   # gpt-oss: transformers refuses sdpa
     seen = []
     for kw in [BASE] if quick else small_matrix() if small else matrix(full):
-        if "gemma-2" in model:
+        if "gemma-2" in model or eager_only:
             kw = {**kw, "attn": "eager"}   # transformers 5 runs Gemma-2 eager only
         setup = TrainSetup(**kw)
         if setup not in seen:
