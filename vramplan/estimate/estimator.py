@@ -325,21 +325,24 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
         else:
             out.append(f"base weights: bitsandbytes {setup.quant} 4-bit, blocksize 64, "
                        f"{'double' if setup.double_quant else 'single'} quantization of absmax; "
-                       f"lm_head, embeddings and norms in {'fp32' if setup.prepare_kbit else setup.dtype}")
+                       + (f"lm_head and embeddings in {setup.dtype}, norms in fp32 (qlora.py's recast)" if setup.recast
+                          else f"lm_head, embeddings and norms in {'fp32' if setup.prepare_kbit else setup.dtype}"))
     else:
         out.append(f"base weights in {setup.dtype}")
     if setup.uses_adapters:
         out.append(f"LoRA rank {setup.rank} on {', '.join(sorted(set(static_adapted(spec, setup)))) or 'nothing'}"
-                   f", adapters in fp32 (peft autocast_adapter_dtype)"
+                   + (f", adapters in {setup.dtype} (qlora.py's recast)" if setup.recast
+                      else ", adapters in fp32 (peft autocast_adapter_dtype)")
                    + (f", dropout {setup.lora_dropout}" if setup.lora_dropout else ""))
     else:
         out.append(f"full fine-tuning: every parameter trainable in {setup.dtype}")
     loss = ("transformers ForCausalLMLoss (logits upcast to fp32)" if setup.loss == "full" else
             "TRL fused lm_head + chunked NLL (no full logits; 4096 x 32768 tiles)")
     out.append(f"micro-batch {setup.batch} x sequence {setup.seq} tokens, no padding, labels = input_ids, {loss}")
+    cache = ("adapter weights already bf16: nothing cast or cached" if setup.recast
+             else "adapter weight casts cached until the forward ends")
     out.append(f"torch.autocast({setup.amp}) around the forward: matmuls in {setup.amp}, LoRA inputs not cast "
-               "to fp32, adapter weight casts cached until the forward ends" if setup.autocast
-               else "no autocast: every op in its inputs' dtype")
+               f"to fp32, {cache}" if setup.autocast else "no autocast: every op in its inputs' dtype")
     out.append("loop: `out = model(**batch)` keeps the logits through backward and opt.step()" if setup.loop == "plain"
                else "loop: only the loss outlives the forward (Trainer compute_loss)")
     out.append("gradient checkpointing (non-reentrant) on every decoder layer" if setup.grad_ckpt
@@ -355,7 +358,9 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
            "adafactor": "transformers Adafactor (factored second moment, no first moment)"}[setup.optimizer]
     out.append("optimizer: " + opt)
     if setup.prepare_kbit:
-        out.append("prepare_model_for_kbit_training: non-quantized weights and hidden states in fp32")
+        out.append("prepare_model_for_kbit_training: non-quantized weights and hidden states in fp32"
+                   + ("; then qlora.py's recast: LoRA, embed_tokens and lm_head back to bf16, norms in fp32, so the "
+                      "bottom layer reads a bf16 embedding output" if setup.recast else ""))
     if setup.quantized and setup.quant != "int8":
         out.append(f"bitsandbytes gemm_4bit on {arch.label} at {setup.tokens} tokens: "
                    f"{kernels(spec, setup, arch)['gemm_4bit']} (backward always dequantizes)")
