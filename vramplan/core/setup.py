@@ -103,7 +103,7 @@ class TrainSetup:
             # autocast over float32 weights changes the dtype of every op: not modelled
             raise UsageError(f"--amp {self.amp} is modelled for {self.amp} weights (got --dtype {self.dtype})",
                              hint=f"use --dtype {self.amp}, or --amp none")
-        if self.recast and not _recast_applies(self.method, self.quant, self.prepare_kbit, self.dtype, self.amp):
+        if self.recast and not _recast_applies(lambda k: getattr(self, k)):
             raise UsageError("--recast is qlora.py's bf16 cast after get_peft_model: it applies with --method qlora "
                              "(nf4 or fp4), --prepare-kbit, --dtype bf16 and --amp bf16",
                              hint="give those flags, or --no-recast")
@@ -151,10 +151,9 @@ class TrainSetup:
         """A variation of this setup. A variation that leaves qlora.py's configuration (another
         method, dtype, autocast, no prepare_model_for_kbit_training) is no longer that script, so it
         drops its recast unless `recast` is among the changes."""
-        if self.recast and "recast" not in changes:
-            v = {k: changes.get(k, getattr(self, k)) for k in ("method", "quant", "prepare_kbit", "dtype", "amp")}
-            if not _recast_applies(**v):
-                changes["recast"] = False
+        if self.recast and "recast" not in changes and not _recast_applies(
+                lambda k: changes.get(k, getattr(self, k))):
+            changes["recast"] = False
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -166,10 +165,11 @@ class TrainSetup:
         return d
 
 
-def _recast_applies(method: str, quant: str, prepare_kbit: bool, dtype: str, amp: str) -> bool:
+def _recast_applies(field) -> bool:
     """qlora.py's recast exists in its 4-bit bf16 configuration: prepare_model_for_kbit_training,
-    bf16 weights and Trainer autocast (its --bf16)."""
-    return method == "qlora" and quant in ("nf4", "fp4") and prepare_kbit and dtype == "bf16" and amp == "bf16"
+    bf16 weights and Trainer autocast (its --bf16). `field(name)` gives a TrainSetup field's value."""
+    return (field("method") == "qlora" and field("quant") in ("nf4", "fp4") and bool(field("prepare_kbit"))
+            and field("dtype") == "bf16" and field("amp") == "bf16")
 
 
 # --- contradictory flags: a setting the chosen method does not use -------------------------------
@@ -249,7 +249,7 @@ def make_setup(name: str | None, **explicit) -> TrainSetup:
     values = recipe(name).defaults()
     values.update(explicit)
     if values.get("recast") and "recast" not in explicit and not _recast_applies(
-            *(values.get(k, getattr(TrainSetup, k)) for k in ("method", "quant", "prepare_kbit", "dtype", "amp"))):
+            lambda k: values.get(k, getattr(TrainSetup, k))):
         values["recast"] = False     # flags that leave qlora.py's configuration leave its recast too
     values["recipe"] = name
     known = {f.name for f in fields(TrainSetup)}

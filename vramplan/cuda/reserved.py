@@ -57,8 +57,8 @@ class SmallPoolLevel:
         if nbytes > SMALL_SIZE:
             self._emit(("alloc", key, nbytes))
             return
-        self.sizes[key] = (nbytes + 511) & -512      # round_size
-        self._raise((nbytes + 511) & -512)
+        self.sizes[key] = n = (nbytes + 511) & -512      # round_size
+        self._raise(n)
 
     def free(self, key) -> None:
         n = self.sizes.pop(key, None)

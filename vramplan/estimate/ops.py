@@ -1256,29 +1256,33 @@ def _structure(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, win
 @lru_cache(maxsize=256)
 def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
     setup, decided, _, arch = structure
-    b = _Ops(spec, setup, decided=decided, arch=arch)
-    ops, dequant = layer_ops(spec, setup, b)
     hidden = alloc(act_bytes(setup) * sym.B * sym.S * spec.hidden)
     ckpt = setup.grad_ckpt
     keep = ("x",) if ckpt else ()   # the checkpoint holds the layer input until its backward
 
-    def run(needs: frozenset) -> Tape:
-        return walk(ops, {"x": hidden}, keep=keep, save=not ckpt, backward=True,
-                    grad_of={"layer.out": hidden}, needs_grad=needs, cached=b.cached)
+    built: dict = {}    # input bytes -> (ops, autocast cache, dequant): one op list per input dtype
 
-    inner = run(frozenset({"x"}))
+    def run(needs: frozenset, x_bytes: int) -> tuple[Tape, int]:
+        """The walk of one layer whose input "x" has x_bytes per element; its output is always
+        a hidden state of the stream's dtype."""
+        if x_bytes not in built:
+            b = _Ops(spec, setup, decided=decided, arch=arch)
+            if x_bytes != act_bytes(setup):
+                b.bytes_of["x"] = x_bytes
+            ops, dequant = layer_ops(spec, setup, b)
+            built[x_bytes] = ops, b.cached, dequant
+        ops, cached, dequant = built[x_bytes]
+        return walk(ops, {"x": alloc(x_bytes * sym.B * sym.S * spec.hidden)}, keep=keep, save=not ckpt,
+                    backward=True, grad_of={"layer.out": hidden}, needs_grad=needs, cached=cached), dequant
+
+    inner, dequant = run(frozenset({"x"}), act_bytes(setup))
+    # the bottom layer reads the embedding output: 16-bit after qlora.py's recast while the hidden
+    # states above it are float32 (norm copies, a 16-bit first residual), so it gets its own walk;
+    # without checkpointing its input needs no gradient (the embedding is frozen)
     x0 = embedding_bytes(setup)
-    if x0 != act_bytes(setup):
-        # the bottom layer reads the embedding output, 16-bit after qlora.py's recast while the
-        # hidden states above it are float32: its own walk (norm copies, a 16-bit first residual)
-        b0 = _Ops(spec, setup, decided=decided, arch=arch)
-        b0.bytes_of["x"] = x0
-        ops0, _ = layer_ops(spec, setup, b0)
-        first = walk(ops0, {"x": alloc(x0 * sym.B * sym.S * spec.hidden)}, keep=keep, save=not ckpt, backward=True,
-                     grad_of={"layer.out": hidden}, needs_grad=frozenset({"x"}) if ckpt else frozenset(),
-                     cached=b0.cached)
-        return inner, first, dequant
-    return inner, inner if ckpt else run(frozenset()), dequant
+    if x0 == act_bytes(setup) and ckpt:
+        return inner, inner, dequant
+    return inner, run(frozenset({"x"}) if ckpt else frozenset(), x0)[0], dequant
 
 
 @lru_cache(maxsize=256)
