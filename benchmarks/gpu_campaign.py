@@ -5,11 +5,19 @@ configuration in its own child process, within a time budget, most valuable firs
     python benchmarks/gpu_campaign.py run --dry-run --device cpu --budget 120   # the same path on a CPU
     python benchmarks/gpu_campaign.py list [--dry-run]                          # the matrix, in run order
     python benchmarks/gpu_campaign.py unpack $OUT/campaign.jsonl profiles/h200  # bundle -> record files
+    python benchmarks/gpu_campaign.py pack-snapshots FOLDER OUT --part-mib 15 --parts 3
 
-Matrix (issue 4): Llama-2-7b, Llama-3-8B, Mistral-7B x seq {512, 2048, 8192} x gradient
-checkpointing on/off x {adamw, paged_adamw8bit}, plus Llama-2-13b and Llama-2-70b at seq 2048
-with checkpointing and adamw: 38 runs, QLoRA NF4 + double quantization, bf16, LoRA r=16 on all
-linear layers, batch 1, sdpa, 1 warm-up + 2 measured steps (70B: 1 + 1).
+Matrix, in run order (QLoRA NF4 + double quantization, bf16, LoRA r=16 on all linear layers,
+batch 1, sdpa, 1 warm-up + 2 measured steps; 70B: 1 + 1):
+  1. the plain default (seq 2048, non-reentrant checkpointing, torch AdamW) on one model of each
+     family: Llama-3-8B, Qwen3-8B, OLMo-2-7B, Gemma-3-1B (gemma3_text), Mistral-7B, Llama-2-7B;
+  2. the training libraries' recipes on Llama-3-8B and Qwen3-8B: trainer (autocast, fused AdamW),
+     trl-sft (chunked loss), qlora-paper (recast, paged 32-bit AdamW);
+  3. allocator settings on Llama-3-8B: expandable_segments:True, max_split_size_mb:128,
+     garbage_collection_threshold:0.6 (with max_split_size_mb:512);
+  4. larger models: Llama-2-13b, Gemma-3-12B, Qwen3-30B-A3B (MoE, 16-bit experts), Llama-2-70b;
+  5. issue 4's grid: Llama-2-7b, Llama-3-8B, Mistral-7B x seq {512, 2048, 8192} x checkpointing
+     on/off x {adamw, paged_adamw8bit}, each single change from the default first.
 
 Random weights (no download, no network): vramplan.profile.materialize builds the model on the
 meta device, then creates each weight directly on the GPU and quantizes it there one tensor at
@@ -41,33 +49,49 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FAMILIES = ("meta-llama/Llama-2-7b-hf", "meta-llama/Meta-Llama-3-8B", "mistralai/Mistral-7B-v0.1")
+LLAMA3 = "meta-llama/Meta-Llama-3-8B"
+QWEN3 = "Qwen/Qwen3-8B"
+FAMILY_DEFAULTS = (LLAMA3, QWEN3, "allenai/OLMo-2-1124-7B", "google/gemma-3-1b-pt", "mistralai/Mistral-7B-v0.1",
+                   "meta-llama/Llama-2-7b-hf")
+RECIPES = ((LLAMA3, "trainer"), (LLAMA3, "trl-sft"), (LLAMA3, "qlora-paper"), (QWEN3, "trainer"),
+           (QWEN3, "trl-sft"))
+ALLOC_CONFS = ("expandable_segments:True", "max_split_size_mb:128",
+               "garbage_collection_threshold:0.6,max_split_size_mb:512")
+BIG = (("meta-llama/Llama-2-13b-hf", "13b"), ("google/gemma-3-12b-pt", "13b"), ("Qwen/Qwen3-30B-A3B", "moe"),
+       ("meta-llama/Llama-2-70b-hf", "70b"))
+GRID_MODELS = ("meta-llama/Llama-2-7b-hf", LLAMA3, "mistralai/Mistral-7B-v0.1")
 SEQS = (512, 2048, 8192)
 OPTIMIZERS = ("adamw", "paged_adamw8bit")
-BIG = (("meta-llama/Llama-2-13b-hf", 2048), ("meta-llama/Llama-2-70b-hf", 2048))
 # Value order of a dimension's values: the default recipe first, then what stresses the model most.
 SEQ_RANK = {2048: 0, 8192: 1, 512: 2}
-TIMEOUT_S = {"7b": 120.0, "13b": 150.0, "70b": 300.0}
-MIN_START_S = {"7b": 25.0, "13b": 35.0, "70b": 90.0}   # do not start with less than this left
+TIMEOUT_S = {"7b": 120.0, "13b": 150.0, "moe": 240.0, "70b": 300.0}
+MIN_START_S = {"7b": 25.0, "13b": 35.0, "moe": 60.0, "70b": 90.0}   # do not start with less than this left
 MAX_SETUP_FAILURES = 3   # consecutive configurations failing before they measure anything: stop
 
 # Tiny stand-ins for --dry-run (CPU): same families and shapes of the matrix, seconds per run.
+_LLAMA_TINY = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512}
 TINY = {
-    "meta-llama/Llama-2-7b-hf": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 344,
-                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-                                 "vocab_size": 512},
-    "meta-llama/Meta-Llama-3-8B": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 448,
-                                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                   "vocab_size": 1024, "rope_theta": 500000.0},
-    "mistralai/Mistral-7B-v0.1": {"model_type": "mistral", "hidden_size": 128, "intermediate_size": 448,
-                                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                  "vocab_size": 512, "sliding_window": 64},
-    "meta-llama/Llama-2-13b-hf": {"model_type": "llama", "hidden_size": 160, "intermediate_size": 432,
-                                  "num_hidden_layers": 3, "num_attention_heads": 5, "num_key_value_heads": 5,
-                                  "vocab_size": 512},
-    "meta-llama/Llama-2-70b-hf": {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
-                                  "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 1,
-                                  "vocab_size": 512},
+    "meta-llama/Llama-2-7b-hf": _LLAMA_TINY,
+    LLAMA3: {**_LLAMA_TINY, "intermediate_size": 448, "num_key_value_heads": 2, "vocab_size": 1024,
+             "rope_theta": 500000.0},
+    "mistralai/Mistral-7B-v0.1": {**_LLAMA_TINY, "model_type": "mistral", "intermediate_size": 448,
+                                  "num_key_value_heads": 2, "sliding_window": 64},
+    QWEN3: {**_LLAMA_TINY, "model_type": "qwen3", "head_dim": 32, "num_key_value_heads": 2, "vocab_size": 1024},
+    "allenai/OLMo-2-1124-7B": {**_LLAMA_TINY, "model_type": "olmo2"},
+    "google/gemma-3-1b-pt": {**_LLAMA_TINY, "model_type": "gemma3_text", "head_dim": 32, "num_key_value_heads": 1,
+                             "sliding_window": 16, "sliding_window_pattern": 2, "query_pre_attn_scalar": 32,
+                             "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
+    "google/gemma-3-12b-pt": {**_LLAMA_TINY, "model_type": "gemma3_text", "head_dim": 32, "num_key_value_heads": 2,
+                              "sliding_window": 16, "sliding_window_pattern": 2, "query_pre_attn_scalar": 32,
+                              "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
+    "Qwen/Qwen3-30B-A3B": {**_LLAMA_TINY, "model_type": "qwen3_moe", "head_dim": 32, "num_key_value_heads": 2,
+                           "moe_intermediate_size": 64, "num_experts": 8, "num_experts_per_tok": 2,
+                           "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
+    "meta-llama/Llama-2-13b-hf": {**_LLAMA_TINY, "hidden_size": 160, "intermediate_size": 432,
+                                  "num_hidden_layers": 3, "num_attention_heads": 5, "num_key_value_heads": 5},
+    "meta-llama/Llama-2-70b-hf": {**_LLAMA_TINY, "hidden_size": 256, "intermediate_size": 688,
+                                  "num_attention_heads": 8, "num_key_value_heads": 1},
 }
 TINY_SEQ = {512: 32, 2048: 64, 8192: 128}
 
@@ -76,48 +100,70 @@ TINY_SEQ = {512: 32, 2048: 64, 8192: 128}
 class Config:
     model: str            # hub id (real) or path to a tiny config folder (dry run)
     label: str            # the real model this stands for
-    size: str             # 7b | 13b | 70b
+    size: str             # 7b | 13b | moe | 70b: its time limits
     seq: int
-    grad_ckpt: bool
-    optimizer: str
+    grad_ckpt: bool = True
+    optimizer: str | None = None    # None: the recipe's (torch AdamW without one)
+    recipe: str | None = None       # core/recipes.py
+    alloc_conf: str | None = None   # PYTORCH_CUDA_ALLOC_CONF of the run (None: defaults)
     warmup: int = 1
     steps: int = 2
 
     @property
     def name(self) -> str:
-        return (f"{self.label.rsplit('/', 1)[-1]} s{self.seq} {'gc' if self.grad_ckpt else 'nogc'} "
-                f"{self.optimizer}")
+        parts = [self.label.rsplit("/", 1)[-1], f"s{self.seq}", "gc" if self.grad_ckpt else "nogc"]
+        parts += [f"recipe {self.recipe}"] if self.recipe else []
+        parts += [self.optimizer or ("" if self.recipe else "adamw")]
+        parts += [f"[{self.alloc_conf}]"] if self.alloc_conf else []
+        return " ".join(p for p in parts if p)
 
     def setup(self):
-        from vramplan.core.setup import TrainSetup
-        return TrainSetup(seq=self.seq, grad_ckpt=self.grad_ckpt, optimizer=self.optimizer)
+        from vramplan.core.setup import make_setup
+        flags = {"seq": self.seq}
+        if self.optimizer is not None:
+            flags["optimizer"] = self.optimizer
+        if not self.grad_ckpt:
+            flags["grad_ckpt"] = False
+        return make_setup(self.recipe, **flags)
 
 
 def matrix(dry_run: bool = False, tiny_dir: Path | None = None) -> list[Config]:
-    """The 38 configurations, most valuable first: the default recipe on each 7-8B model, then
-    13B / 70B, then each single change from the recipe, then pairs of changes, and so on."""
+    """Every configuration, most valuable first (see the module text)."""
     def model_for(label: str) -> str:
         return str(tiny_dir / label.replace("/", "__")) if dry_run else label
 
     def seq_for(seq: int) -> int:
         return TINY_SEQ[seq] if dry_run else seq
 
-    small = []
-    for i, label in enumerate(FAMILIES):
+    def config(label, size="7b", seq=2048, **kw) -> Config:
+        return Config(model_for(label), label, size, seq_for(seq), **kw)
+
+    configs = [config(label) for label in FAMILY_DEFAULTS]
+    configs += [config(label, recipe=name) for label, name in RECIPES]
+    configs += [config(LLAMA3, alloc_conf=conf) for conf in ALLOC_CONFS]
+    configs += [config(label, size, steps=1 if size in ("70b", "moe") else 2) for label, size in BIG]
+    grid = []
+    for i, label in enumerate(GRID_MODELS):
         for seq in SEQS:
             for gc in (True, False):
                 for opt in OPTIMIZERS:
                     rank = (SEQ_RANK[seq] > 0) + (not gc) + (opt != "adamw")
-                    key = (rank, SEQ_RANK[seq], not gc, opt != "adamw", i)
-                    small.append((key, Config(model_for(label), label, "7b", seq_for(seq), gc, opt)))
-    small.sort(key=lambda kv: kv[0])
-    configs = [c for key, c in small if key[0] == 0]
-    for label, seq in BIG:
-        size = "70b" if "70b" in label else "13b"
-        configs.append(Config(model_for(label), label, size, seq_for(seq), True, "adamw",
-                              warmup=1, steps=1 if size == "70b" else 2))
-    configs += [c for key, c in small if key[0] > 0]
-    return configs
+                    if rank:   # the default itself ran in step 1
+                        grid.append(((rank, SEQ_RANK[seq], not gc, opt != "adamw", i),
+                                     config(label, seq=seq, grad_ckpt=gc, optimizer=opt)))
+    grid.sort(key=lambda kv: kv[0])
+    return configs + [c for _, c in grid]
+
+
+def _ranges(text: str, n: int) -> list[int]:
+    """'1-14,41-51' -> [1, ..., 14, 41, ..., 51] (1-based positions in the matrix)."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    if not out or min(out) < 1 or max(out) > n:
+        raise SystemExit(f"--select {text}: positions run from 1 to {n}")
+    return out
 
 
 def write_tiny_models(folder: Path) -> None:
@@ -171,6 +217,8 @@ def run_campaign(args) -> int:
     configs = matrix(args.dry_run, tiny_dir)
     if args.only:
         configs = configs[:args.only]
+    if args.select:
+        configs = [configs[i - 1] for i in _ranges(args.select, len(configs))]
     launcher_kind = args.launcher
     launcher = make_launcher(launcher_kind)
     log(f"campaign: {len(configs)} configurations, budget {args.budget:.0f} s, device {args.device}, "
@@ -182,11 +230,16 @@ def run_campaign(args) -> int:
         scale = 0.25 if args.dry_run else 1.0
         options = ProfileOptions(device=args.device, steps=cfg.steps, warmup=cfg.warmup, random_weights=True,
                                  timeout_s=max(1.0, min(TIMEOUT_S[cfg.size] * scale, left)), model_ref=cfg.label,
-                                 nvml_hz=args.nvml_hz,
+                                 nvml_hz=args.nvml_hz, alloc_conf=cfg.alloc_conf,
                                  # the allocator's own history, for `vramplan replay --check` (cuda cases)
                                  snapshot=args.device != "cpu")
+        setup = cfg.setup()
+        if args.dry_run and setup.autocast:
+            # CPU autocast has other op lists (docs/recipes.md#cpu-autocast-differs): profile refuses it
+            log(f"[{n}/{len(configs)}] {cfg.name}: not run in a dry run (autocast is measured on a GPU only)")
+            continue
         if left < MIN_START_S[cfg.size] * scale:
-            record = skipped_record(cfg.model, cfg.setup(), options,
+            record = skipped_record(cfg.model, setup, options,
                                     f"campaign budget: {max(left, 0):.0f} s left, this configuration needs "
                                     f"{MIN_START_S[cfg.size] * scale:.0f} s to start")
             log(f"[{n}/{len(configs)}] {cfg.name}: skipped ({max(left, 0):.0f} s left)")
@@ -195,7 +248,7 @@ def run_campaign(args) -> int:
             record = None
             for attempt in (1, 2):
                 try:
-                    record, _ = profile(cfg.model, cfg.setup(), options, out=None, launcher=launcher)
+                    record, _ = profile(cfg.model, setup, options, out=None, launcher=launcher)
                     break
                 except VramplanError as exc:
                     text = str(exc)
@@ -247,8 +300,52 @@ def keep_snapshot(record, folder: str | None):
         return record
     dest = Path(folder) / f"{record.id}.snapshot.pickle"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(record.snapshot, dest)
+    source = Path(record.snapshot)
+    shutil.move(source, dest)
+    if source.parent.name.startswith("vramplan-profile-"):   # the run's own work folder
+        shutil.rmtree(source.parent, ignore_errors=True)
     return dataclasses.replace(record, snapshot=dest.name)
+
+
+def pack_snapshots(bundle: str, folder: str, out: str, part_mib: float, parts: int) -> int:
+    """Gzip the runs' snapshots into at most `parts` tar files of at most `part_mib` MiB each, in
+    the campaign's order (most valuable first), so they fit what a machine may send back; a
+    snapshot that does not fit is named in the output and left out."""
+    import gzip
+    import io
+    import tarfile
+
+    names = []
+    with open(bundle) as f:
+        for line in f:
+            if line.strip():
+                snap = json.loads(line).get("snapshot")
+                if snap and (Path(folder) / snap).is_file():
+                    names.append(snap)
+    limit = int(part_mib * 2**20) - 64 * 1024   # tar headers and padding
+    part, used, tar = 0, 0, None
+    for name in names:
+        data = gzip.compress((Path(folder) / name).read_bytes(), compresslevel=6)
+        if len(data) > limit:
+            print(f"left out {name}: {len(data) / 2**20:.1f} MiB compressed, over one part")
+            continue
+        if tar is None or used + len(data) + 1024 > limit:
+            if tar is not None:
+                tar.close()
+            part += 1
+            if part > parts:
+                print(f"left out {name} and what follows: {parts} parts are full")
+                tar = None
+                break
+            tar, used = tarfile.open(Path(out) / f"snapshots-{part}.tar", "w"), 0
+        info = tarfile.TarInfo(name + ".gz")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        used += len(data) + 1024
+        print(f"snapshots-{part}.tar: {name}.gz ({len(data) / 2**20:.1f} MiB)")
+    if tar is not None:
+        tar.close()
+    return 0
 
 
 def _fork_cuda_failure(text: str) -> bool:
@@ -334,6 +431,7 @@ def main(argv=None) -> int:
     r.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     r.add_argument("--budget", type=float, default=480.0, help="seconds for the whole matrix (default 480)")
     r.add_argument("--only", type=int, help="run only the first N configurations")
+    r.add_argument("--select", help="positions in the matrix to run, e.g. 1-14,41-51 (see `list`)")
     r.add_argument("--out", help="folder for one record file per configuration")
     r.add_argument("--bundle", help="JSONL file every record is appended to")
     r.add_argument("--log", help="progress log file")
@@ -345,6 +443,12 @@ def main(argv=None) -> int:
     u = sub.add_parser("unpack", help="JSONL bundle -> one record file each")
     u.add_argument("bundle")
     u.add_argument("folder")
+    k = sub.add_parser("pack-snapshots", help="the bundle's snapshots -> tar parts that fit a transfer limit")
+    k.add_argument("bundle")
+    k.add_argument("folder", help="where the records and snapshots were written (run --out)")
+    k.add_argument("out")
+    k.add_argument("--part-mib", type=float, default=15.0)
+    k.add_argument("--parts", type=int, default=3)
     c = sub.add_parser("cpu-check", help="measured on the CPU vs estimate vs simulate (small Llama)")
     c.add_argument("--only", type=int, help="first N setups")
     c.add_argument("--simulate-cpu", action="store_true", help="also run simulate on the CPU (slow)")
@@ -355,6 +459,8 @@ def main(argv=None) -> int:
         for i, c in enumerate(matrix(args.dry_run, Path("tiny")), 1):
             print(f"{i:2d}. {c.name}  (warm-up {c.warmup} + {c.steps} steps, timeout {TIMEOUT_S[c.size]:.0f} s)")
         return 0
+    if args.cmd == "pack-snapshots":
+        return pack_snapshots(args.bundle, args.folder, args.out, args.part_mib, args.parts)
     if args.cmd == "unpack":
         return unpack(args.bundle, args.folder)
     return run_campaign(args)

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The GPU validation campaign of issue 4, in one command (see benchmarks/gpu_campaign.py).
+# The GPU validation campaign (issue 4: families, recipes, allocator settings), in one command (see benchmarks/gpu_campaign.py).
 #
 #   benchmarks/gpu_campaign.sh                    # one H200-class GPU, ~8 minutes, random weights
 #   benchmarks/gpu_campaign.sh --dry-run          # the same path on a CPU with tiny stand-in models
 #   BUDGET=300 benchmarks/gpu_campaign.sh --only 10
 #
-# Needs torch, transformers, peft, nvidia-ml-py; bitsandbytes is installed from .whl/ when it is
-# not importable (no network needed). Writes, under $OUT (default /tmp/vramplan-campaign):
+# Needs torch, transformers, peft, nvidia-ml-py; the wheels in .whl/ (bitsandbytes, and the
+# transformers / peft releases the estimate describes) are installed first when present (no
+# network needed). Writes, under $OUT (default /tmp/vramplan-campaign), at most 8 files:
 #   campaign.jsonl   every record, one per line, appended as each configuration finishes
-#   records.tar.gz   the same records as files (profiles/<folder>/*.json), made at the end, with each
-#                    CUDA run's allocator snapshot (<id>.snapshot.pickle: `vramplan replay --check` it)
+#   snapshots-N.tar  each CUDA run's allocator snapshot, gzipped (<id>.snapshot.pickle.gz:
+#                    `vramplan replay --check` it), in parts of at most 15 MiB, most valuable first
 #   campaign.log     progress; summary.md the error table; env.txt the machine
 # Afterwards, in the repository: python benchmarks/gpu_campaign.py unpack campaign.jsonl profiles/h200
 set -euo pipefail
@@ -24,14 +25,13 @@ for arg in "$@"; do
 done
 mkdir -p "$OUT"
 
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 if ! python3 -c "import bitsandbytes" >/dev/null 2>&1; then
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  else
-    echo "bitsandbytes is not importable and there is no wheel in .whl/" >&2
-    exit 1
-  fi
+  echo "bitsandbytes is not importable and there is no wheel in .whl/" >&2
+  exit 1
 fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -47,8 +47,9 @@ status=0
 python3 benchmarks/gpu_campaign.py run --device "$DEVICE" --budget "$BUDGET" --out "$FOLDER" \
   --bundle "$OUT/campaign.jsonl" --log "$OUT/campaign.log" --summary "$OUT/summary.md" "$@" || status=$?
 
-if [ -d "$FOLDER" ]; then
-  tar -czf "$OUT/records.tar.gz" -C "$(dirname "$FOLDER")" "$(basename "$FOLDER")"
+if [ -f "$OUT/campaign.jsonl" ] && [ "$DEVICE" = cuda ]; then
+  python3 benchmarks/gpu_campaign.py pack-snapshots "$OUT/campaign.jsonl" "$FOLDER" "$OUT" --part-mib 15 --parts 3 \
+    | tee -a "$OUT/campaign.log" || true
 fi
 [ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"
 exit $status

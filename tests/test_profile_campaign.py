@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from vramplan.core.setup import TrainSetup, make_setup
+from vramplan.cuda.alloc_conf import AllocConf
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gpu_campaign", ROOT / "benchmarks" / "gpu_campaign.py")
 campaign = importlib.util.module_from_spec(spec)
@@ -16,22 +19,66 @@ sys.modules["gpu_campaign"] = campaign     # dataclasses look their module up wh
 spec.loader.exec_module(campaign)
 
 
-def test_matrix_covers_the_issue_in_value_order():
+def test_matrix_covers_families_recipes_allocator_settings_and_the_grid():
     configs = campaign.matrix()
-    assert len(configs) == 38
-    keys = {(c.label, c.seq, c.grad_ckpt, c.optimizer) for c in configs}
-    assert len(keys) == 38
-    for label in campaign.FAMILIES:
+    setups = [c.setup() for c in configs]
+    keys = {(c.label, s, c.alloc_conf) for c, s in zip(configs, setups)}
+    assert len(keys) == len(configs) == 51                       # no configuration twice
+    # 1. the plain default on one model of each family, first
+    n = len(campaign.FAMILY_DEFAULTS)
+    assert [c.label for c in configs[:n]] == list(campaign.FAMILY_DEFAULTS)
+    assert all(s == TrainSetup() for s in setups[:n])
+    # 2. each recipe as the recipe defines it, 3. allocator settings on the default setup
+    recipes = [(c.label, s.recipe) for c, s in zip(configs, setups) if s.recipe]
+    assert recipes == list(campaign.RECIPES)
+    assert all(s == make_setup(s.recipe, seq=2048) for s in setups if s.recipe)
+    confs = [c for c in configs if c.alloc_conf]
+    assert [c.alloc_conf for c in confs] == list(campaign.ALLOC_CONFS)
+    assert all(c.setup() == TrainSetup() for c in confs)
+    for conf in campaign.ALLOC_CONFS:
+        AllocConf.parse(conf)                                    # every setting is one PyTorch accepts
+    # 4. the larger models, 5. issue 4's grid: every combination of the three models
+    assert [c.label for c in configs if c.size != "7b"] == [label for label, _ in campaign.BIG]
+    grid = {(c.label, s.seq, s.grad_ckpt, s.optimizer) for c, s in zip(configs, setups)
+            if not s.recipe and not c.alloc_conf}
+    for label in campaign.GRID_MODELS:
         for seq in (512, 2048, 8192):
             for gc in (True, False):
                 for opt in ("adamw", "paged_adamw8bit"):
-                    assert (label, seq, gc, opt) in keys
-    # the default recipe on each 7-8B model first, then 13B and 70B
-    assert [(c.seq, c.grad_ckpt, c.optimizer) for c in configs[:3]] == [(2048, True, "adamw")] * 3
-    assert [c.size for c in configs[3:5]] == ["13b", "70b"]
-    # a configuration never comes before one that differs less from the recipe
-    distance = [(c.seq != 2048) + (not c.grad_ckpt) + (c.optimizer != "adamw") for c in configs if c.size == "7b"]
-    assert distance == sorted(distance)
+                    assert (label, seq, gc, opt) in grid
+    # within the grid, a configuration never comes before one that differs less from the default
+    tail = [s for c, s in zip(configs, setups) if c.size == "7b" and c.label in campaign.GRID_MODELS
+            and not s.recipe and not c.alloc_conf][len(campaign.GRID_MODELS):]
+    distance = [(s.seq != 2048) + (not s.grad_ckpt) + (s.optimizer != "adamw") for s in tail]
+    assert distance == sorted(distance) and distance[0] == 1
+
+
+def test_select_picks_matrix_positions():
+    assert campaign._ranges("1-3,7", 10) == [1, 2, 3, 7]
+    with pytest.raises(SystemExit, match="from 1 to 10"):
+        campaign._ranges("9-11", 10)
+
+
+def test_pack_snapshots_fits_parts_in_campaign_order(tmp_path):
+    import tarfile
+
+    folder, out = tmp_path / "records", tmp_path / "out"
+    folder.mkdir()
+    out.mkdir()
+    rows = []
+    for i, size in enumerate((300_000, 300_000, 300_000, 2_000_000)):
+        name = f"r{i}.snapshot.pickle"
+        (folder / name).write_bytes(os.urandom(size))      # incompressible: the gzip is as large
+        rows.append(json.dumps({"snapshot": name}))
+    rows.append(json.dumps({"snapshot": None}))
+    bundle = tmp_path / "c.jsonl"
+    bundle.write_text("\n".join(rows) + "\n")
+    assert campaign.pack_snapshots(str(bundle), str(folder), str(out), part_mib=0.7, parts=1) == 0
+    parts = sorted(p.name for p in out.iterdir())
+    assert parts == ["snapshots-1.tar"]                      # one part of at most 0.7 MiB
+    with tarfile.open(out / "snapshots-1.tar") as tar:
+        assert tar.getnames() == ["r0.snapshot.pickle.gz", "r1.snapshot.pickle.gz"]
+    assert (out / "snapshots-1.tar").stat().st_size <= 0.7 * 2**20
 
 
 @pytest.mark.torch
@@ -45,7 +92,7 @@ def test_dry_run_writes_records_bundle_and_summary(tmp_path):
     assert code == 0
     lines = [json.loads(x) for x in bundle.read_text().splitlines()]
     assert [d["status"] for d in lines] == ["ok", "ok"]
-    assert [d["model_ref"] for d in lines] == list(campaign.FAMILIES[:2])
+    assert [d["model_ref"] for d in lines] == list(campaign.FAMILY_DEFAULTS[:2])
     assert all(d["run"]["random_weights"] and d["measured"]["peak_allocated_bytes"] > 0 for d in lines)
     assert len(list(out.glob("*.json"))) == 2
     assert summary.read_text().count("| ok |") == 2
@@ -78,7 +125,7 @@ def test_shell_script_dry_run(tmp_path):
                           capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"campaign.jsonl", "campaign.log", "summary.md", "env.txt", "records.tar.gz"} <= names
+    assert {"campaign.jsonl", "campaign.log", "summary.md", "env.txt"} <= names
     assert len(names) <= 8            # what comes back from a device run: at most 8 files
     assert json.loads((tmp_path / "campaign.jsonl").read_text().splitlines()[0])["status"] == "ok"
 

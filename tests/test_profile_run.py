@@ -144,6 +144,36 @@ def test_oom_is_a_result(tiny, launcher, tmp_path):
     assert record.estimate["fits"] is False
 
 
+def test_allocator_settings_reach_the_child_and_the_estimate(tiny, launcher, monkeypatch):
+    """ProfileOptions.alloc_conf is set in the training child before its first CUDA call (a
+    forked child does not see later changes to the parent's environment), recorded with the
+    run, and used by the estimate it is compared with; the parent's environment is untouched."""
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    conf = "expandable_segments:True"
+    record, _ = profile(tiny, TrainSetup(seq=32), cpu_opts(alloc_conf=conf), launcher=launcher)
+    assert record.status == "ok"
+    assert record.environment["env"]["PYTORCH_CUDA_ALLOC_CONF"] == conf
+    assert record.run["alloc_conf"] == conf and record.estimate["alloc_conf"] == conf
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    plain, _ = profile(tiny, TrainSetup(seq=32), cpu_opts(), launcher=launcher)
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in plain.environment["env"] and plain.run["alloc_conf"] is None
+
+
+def test_a_kept_snapshot_outlives_the_run_folder(tmp_path):
+    """profile(out=None, snapshot) hands the snapshot to the caller (the campaign moves it next to
+    its record): the run's work folder that holds it must not be deleted under it."""
+    from vramplan.profile.session import _cleanup
+
+    work = tmp_path / "vramplan-profile-x"
+    work.mkdir()
+    snap = work / "r.snapshot.pickle"
+    snap.write_bytes(b"x")
+    _cleanup(work, snap, keep_snapshot=True)
+    assert snap.read_bytes() == b"x"
+    _cleanup(work, snap, keep_snapshot=False)
+    assert not work.exists()
+
+
 def test_paged_state_is_not_counted_on_the_cpu(tmp_path, launcher):
     # full fine-tuning: embed_tokens / lm_head (2048 x 64 = 131072 >= 1e5 elements) get paged state
     cfg = dict(CONFIG, vocab_size=2048)
@@ -264,6 +294,9 @@ def test_options_validation():
     with pytest.raises(UsageError):
         ProfileOptions(nvml_hz=0).validate()
     ProfileOptions(device="cuda:1").validate()
+    with pytest.raises(UsageError, match="expandable_segments"):
+        ProfileOptions(alloc_conf="expandable_segments:maybe").validate()
+    ProfileOptions(alloc_conf="expandable_segments:True,max_split_size_mb:128").validate()
     assert GpuError  # imported for the error taxonomy the CLI maps
 
 

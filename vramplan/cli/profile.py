@@ -6,7 +6,6 @@ Light on purpose: `vramplan estimate` imports this module to build its parser, s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from vramplan.cli.flags import alloc_conf_from_args, print_json, setup_from_args
@@ -61,13 +60,11 @@ def cmd_profile(args) -> int:
     setup = setup_from_args(args)
     if args.alloc_conf is not None:
         alloc_conf_from_args(args)   # a malformed string is one Error: line, before anything runs
-        # the training child inherits the environment: PyTorch's allocator reads its settings there
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
     limit = resolve_gpu(args.gpu).memory_bytes if args.gpu else None
     options = ProfileOptions(device=args.device, steps=args.steps, warmup=args.warmup,
                              random_weights=args.random_weights, seed=args.seed, memory_limit_bytes=limit,
                              snapshot=args.snapshot, timeout_s=args.timeout, nvml_hz=args.nvml_hz,
-                             model_ref=args.model)
+                             model_ref=args.model, alloc_conf=args.alloc_conf)
     options.validate()
     if args.plot:  # checked before the run: a finished run must not fail on its plot
         _check_plot_path(args.plot)

@@ -19,6 +19,7 @@ class Component(str, Enum):
     TEMPORARIES = "temporaries"          # dequantized weights, optimizer workspaces, kernel workspaces
     CUDA_CONTEXT = "cuda_context"        # driver context + kernels: visible to NVML only
     ALLOCATOR_OVERHEAD = "allocator_overhead"  # reserved-but-unallocated caching allocator slack
+    PAGED_OPTIMIZER = "paged_optimizer"  # bitsandbytes paged state resident on the device (unified memory)
 
     def __str__(self) -> str:  # so f-strings print "weights", not "Component.WEIGHTS"
         return self.value
@@ -27,7 +28,7 @@ class Component(str, Enum):
 ALLOCATED = (Component.WEIGHTS, Component.QUANT_CONSTANTS, Component.ADAPTERS, Component.GRADIENTS,
              Component.OPTIMIZER_STATE, Component.ACTIVATIONS, Component.LOGITS_LOSS,
              Component.TEMPORARIES)
-DEVICE = (Component.CUDA_CONTEXT, Component.ALLOCATOR_OVERHEAD)
+DEVICE = (Component.CUDA_CONTEXT, Component.ALLOCATOR_OVERHEAD, Component.PAGED_OPTIMIZER)
 
 # Parts of one training step, in order; a peak is attributed to one of them.
 PHASES = ("load", "forward", "backward", "optimizer")

@@ -23,16 +23,21 @@ class ContextFigure:
     bytes: int
     source: str
     gpu: str = ""            # catalog name it was measured on; "" = GPU not named
+    after_step: bool = False  # measured after a training step (kernels loaded): used for that GPU
 
 
-# docs/gpus.md#cuda-context-size and docs/cuda-kernels.md#cuda-context. No NVML measurement from a
-# vramplan profile record exists yet; `vramplan profile` records will be added here by GPU.
+# docs/gpus.md#cuda-context-size and docs/cuda-kernels.md#cuda-context.
 CONTEXT_FIGURES = (
     ContextFigure(287_047_680, "pytorch PR #86509: lazy module loading, CUDA 11.7, one small tensor"),
     ContextFigure(666_632_192, "pytorch PR #86509: eager module loading, CUDA 11.7, one small tensor"),
     ContextFigure(400 * 1000**2, "pytorch issue #109888: 'around 400MB', CUDA >= 11.7, lazy loading"),
     ContextFigure(426 * MiB, "huggingface/unsloth-zoo PR #1053: nvidia-smi, torch 2.10 + CUDA 13.0",
                   gpu="RTX6000-Ada"),
+    # After the measured steps of a QLoRA step (NVML used - torch reserved at the end, with
+    # cuBLAS, SDPA and bitsandbytes' 4-bit kernels loaded): the same to the byte in every
+    # profiles/h200 record without a paged optimizer, 7B to 70B (docs/gpus.md#cuda-context-size)
+    ContextFigure(804_061_184, "vramplan profile records (profiles/h200): NVML after the measured steps, "
+                  "torch 2.11 + CUDA 13.0, driver 580.159.04", gpu="H200", after_step=True),
 )
 # The kernels a QLoRA step loads (cuBLAS, flash attention, bitsandbytes) grow the lazily loaded
 # context past the one-small-tensor figures; without a per-GPU measurement after a training step
@@ -45,8 +50,19 @@ CONTEXT_SPREAD_BYTES = 666_632_192 - 287_047_680
 
 def cuda_context(gpu=None) -> ContextFigure:
     """The context figure used for `gpu` (a core.gpus.Gpu or None): a measurement after a training
-    step on that GPU when one exists (none yet), else the default."""
+    step on that GPU when one exists, else the default."""
+    if gpu is not None:
+        name = _gpu_key(gpu.name)
+        for figure in CONTEXT_FIGURES:
+            if figure.after_step and _gpu_key(figure.gpu) == name:
+                return figure
     return DEFAULT_CONTEXT
+
+
+def _gpu_key(name: str) -> str:
+    """'NVIDIA H200' (torch.cuda's name) and 'H200' (the catalog's) are one card."""
+    key = name.lower().replace(" ", "").replace("-", "")
+    return key.removeprefix("nvidia")
 
 # c10/cuda/CUDACachingAllocator.cpp: allocations above kSmallSize (1 MiB) come from the large
 # pool; requests under kMinLargeAlloc (10 MiB) get a kLargeBuffer (20 MiB) segment, larger ones

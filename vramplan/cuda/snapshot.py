@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import zlib
 from dataclasses import asdict, dataclass
 
 from vramplan.core.errors import UsageError
@@ -24,6 +25,7 @@ from vramplan.cuda.alloc_conf import AllocConf
 from vramplan.cuda.allocator import SMALL_BUFFER, CachingAllocator, OutOfMemory, round_size, run_replay
 
 MAX_FILE_BYTES = 2 * 2**30        # larger files are refused rather than read into memory
+GZIP_MAGIC = b"\x1f\x8b"
 _HINT_FILE = "give a file written by torch.cuda.memory._dump_snapshot, or a JSON trace"
 _TRACE_ACTIONS = {"alloc", "free_requested", "free_completed", "free", "segment_alloc", "segment_free",
                   "segment_map", "segment_unmap", "oom", "snapshot"}
@@ -55,7 +57,26 @@ def load_trace(path: str, *, max_bytes: int = MAX_FILE_BYTES, device: int | None
         raise
     except OSError as exc:
         raise UsageError(f"cannot read {name}: {exc.strerror or exc}", hint="check the path") from None
+    if data[:2] == GZIP_MAGIC:
+        data = _gunzip(data, name, max_bytes)
     return parse_trace_bytes(data, name, device=device)
+
+
+def _gunzip(data: bytes, name: str, max_bytes: int) -> bytes:
+    """A gzipped snapshot (how profiles/ keeps them), inflated to at most max_bytes: a small file
+    that would inflate past the limit is refused before it fills memory."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)   # gzip header and trailer
+    try:
+        out = inflate.decompress(data, max_bytes + 1)
+        if len(out) > max_bytes or inflate.unconsumed_tail:
+            raise UsageError(f"{name}: inflates past the {max_bytes:,}-byte limit",
+                             hint="record fewer entries (_record_memory_history(max_entries=...))")
+        out += inflate.flush()
+    except zlib.error as exc:
+        raise UsageError(f"{name}: not a readable gzip file ({_one_line(exc)})", hint=_HINT_FILE) from None
+    if not inflate.eof:
+        raise UsageError(f"{name}: the gzip file is truncated", hint=_HINT_FILE)
+    return out
 
 
 def parse_trace_bytes(data: bytes, name: str = "<bytes>", *, device: int | None = None) -> dict:

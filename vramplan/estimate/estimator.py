@@ -84,6 +84,9 @@ class Estimate(Verdict):
     allocator_retries: int = 0
     context_source: str = ""
     cuda_arch: CudaArch = ASSUMED   # the GPU architecture whose kernels the estimate assumes
+    # the part of it NVML counts: bitsandbytes prefetches paged state to the device before each
+    # update and the driver keeps it there while the card has room (paged_resident)
+    paged_resident_bytes: int = 0
 
     @property
     def assumptions(self) -> tuple[str, ...]:
@@ -102,7 +105,8 @@ class Estimate(Verdict):
     @property
     def device_total_bytes(self) -> int:
         """What NVML / nvidia-smi would show at the peak."""
-        return self.peak_allocated_bytes + self.cuda_context_bytes + self.allocator_overhead_bytes
+        return (self.peak_allocated_bytes + self.cuda_context_bytes + self.allocator_overhead_bytes
+                + self.paged_resident_bytes)
 
 
     def to_dict(self) -> dict:
@@ -123,7 +127,8 @@ class Estimate(Verdict):
             "peak_phase": self.peak_phase,
             "components": dict(self.components),
             "device_components": {C.CUDA_CONTEXT.value: self.cuda_context_bytes,
-                                  C.ALLOCATOR_OVERHEAD.value: self.allocator_overhead_bytes},
+                                  C.ALLOCATOR_OVERHEAD.value: self.allocator_overhead_bytes,
+                                  C.PAGED_OPTIMIZER.value: self.paged_resident_bytes},
             "phase_peaks": dict(self.phase_peaks),
             "paged_optimizer_bytes": self.paged_optimizer_bytes,
             "trainable_params": self.trainable_params,
@@ -194,15 +199,28 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     else:
         slack = device_overhead(transient_sizes(spec, setup, cuda_arch)).allocator_overhead
         reserved = {"peak_reserved_bytes": peak + slack, "fragmentation_bytes": slack}
+    resident = paged_resident(static.paged_optimizer_state, gpu_obj,
+                              peak + context.bytes + slack)
     return Estimate(
         model=spec, setup=setup, components=components, peak_allocated_bytes=peak,
         peak_phase=peak_phase, phase_peaks={p: sum(c.values()) for p, c in phases.items()},
         cuda_context_bytes=context.bytes, allocator_overhead_bytes=slack, context_source=context.source,
         **reserved,
-        paged_optimizer_bytes=static.paged_optimizer_state, trainable_params=static.trainable_params,
-        gpu=gpu_obj, phase_components=phases,
+        paged_optimizer_bytes=static.paged_optimizer_state, paged_resident_bytes=resident,
+        trainable_params=static.trainable_params, gpu=gpu_obj, phase_components=phases,
         peak_moment=peak_moment, moments=moments, cuda_arch=cuda_arch,
     )
+
+
+def paged_resident(paged: int, gpu, needed: int) -> int:
+    """The paged optimizer state NVML counts on the device. bitsandbytes prefetches each paged
+    state to the GPU before its update (optim/optimizer.py prefetch_state -> F.prefetch_tensor)
+    and CUDA unified memory keeps the pages there until the card runs short, when the driver
+    evicts them to host RAM instead of failing: on a card, what fits beside the rest of the step;
+    without one, all of it (docs/bitsandbytes.md#paged-optimizers-and-unified-memory)."""
+    if gpu is None:
+        return paged
+    return max(0, min(paged, gpu.memory_bytes - needed))
 
 
 def transient_sizes(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> list[int]:

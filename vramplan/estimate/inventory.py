@@ -277,10 +277,7 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     state, temporaries = optimizer_memory(setup, trainable, grad_bytes)
     paged = 0
     if setup.paged:
-        # bitsandbytes Optimizer8bit.get_state_buffer pages only tensors of at least 1e5
-        # elements; smaller ones (and the shared qmaps) get ordinary device memory.
-        big = Counter({s: k for s, k in trainable.items() if numel(s) >= PAGE_MIN_NUMEL})
-        paged = optimizer_memory(setup, big, grad_bytes)[0] - _shared_qmaps(setup) if big else 0
+        paged = paged_state_bytes(setup, trainable)
     return Static(
         weights=weights, quant_constants=quant_constants, adapters=adapters, gradients=gradients,
         optimizer_state=state - paged,
@@ -343,6 +340,17 @@ def optimizer_memory(setup: TrainSetup, shapes: Counter, param_bytes: int) -> tu
         return state, 0
     raise AssertionError(opt)
 
+
+
+def paged_state_bytes(setup: TrainSetup, shapes: Counter) -> int:
+    """The part of a bitsandbytes paged optimizer's state in CUDA unified memory. Only state1 /
+    state2 come from Optimizer8bit.get_state_buffer, which pages tensors of at least 1e5 elements
+    (bitsandbytes/optim/optimizer.py: `if not self.is_paged or p.numel() < 1e5: torch.zeros_like`);
+    smaller tensors' states, the 8-bit absmax1 / absmax2 (Optimizer2State.init_state:
+    torch.zeros((blocks,), device=p.device)) and the shared qmaps are ordinary device memory
+    (docs/bitsandbytes.md#paged-optimizers-and-unified-memory)."""
+    per_element = 1 if setup.optimizer.endswith("8bit") else FP32   # uint8 or float32 states
+    return sum(k * 2 * alloc(numel(s) * per_element) for s, k in shapes.items() if numel(s) >= PAGE_MIN_NUMEL)
 
 
 def _shared_qmaps(setup: TrainSetup) -> int:

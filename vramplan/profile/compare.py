@@ -77,6 +77,13 @@ class Comparison:
     fits_predicted: bool | None = None
     notes: tuple = ()
     model_info: dict = field(default_factory=dict)  # the record's ModelSpec.to_dict() (without config)
+    predicted_reserved: int | None = None  # the caching-allocator model vs torch.cuda.max_memory_reserved
+    measured_reserved: int | None = None
+    alloc_conf: str | None = None          # PYTORCH_CUDA_ALLOC_CONF of the run
+
+    @property
+    def error_reserved(self) -> float | None:
+        return relative_error(self.predicted_reserved, self.measured_reserved)
 
     @property
     def error_allocated(self) -> float | None:
@@ -165,6 +172,7 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
         pred_alloc, pred_total = est.peak_allocated_bytes, est.device_total_bytes
         pred_ctx, pred_over = est.cuda_context_bytes, est.allocator_overhead_bytes
         pred_phase, pred_paged = est.peak_phase, est.paged_optimizer_bytes
+        pred_resident = est.paged_resident_bytes
         pred_grads_all = est.phase_components.get("optimizer", {}).get("gradients")
         pred_reserved = est.peak_reserved_bytes
         fits = est.fits
@@ -174,6 +182,7 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
         dev = est_d.get("device_components") or {}
         pred_ctx, pred_over = dev.get("cuda_context"), dev.get("allocator_overhead")
         pred_phase, pred_paged = est_d.get("peak_phase"), est_d.get("paged_optimizer_bytes")
+        pred_resident = dev.get("paged_optimizer", 0)
         pred_grads_all = None
         pred_reserved = est_d.get("peak_reserved_bytes")
         fits = est_d.get("fits")
@@ -217,12 +226,19 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
             ctx = nv.context_end_bytes if nv.context_end_bytes is not None else nv.context_bytes
             note = f"before load {nv.context_bytes:,} B; at the end incl. lazily loaded kernels" \
                 if nv.context_bytes is not None else ""
+            if pred_resident:
+                note += "; it includes the resident paged optimizer state"
             rows.append(Row("cuda_context", pred_ctx, ctx, note))
             over = (meas_total - ctx - meas_alloc) if None not in (meas_total, ctx, meas_alloc) else None
             rows.append(Row("allocator_overhead", pred_over, over, "device total - context - peak allocated"))
+            if pred_resident:
+                rows.append(Row("paged_optimizer", pred_resident, None,
+                                "resident in unified memory: NVML counts it within the context above"))
         else:
             rows.append(Row("cuda_context", pred_ctx, None, nv.reason or "NVML unavailable"))
             rows.append(Row("allocator_overhead", pred_over, None, nv.reason or "NVML unavailable"))
+            if pred_resident:
+                rows.append(Row("paged_optimizer", pred_resident, None, nv.reason or "NVML unavailable"))
 
     s = record.setup
     env = record.environment or {}
@@ -236,7 +252,9 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
         measured_device_total=meas_total, predicted_peak_phase=pred_phase,
         measured_peak_phase=m.peak_phase if m else None, rows=tuple(rows), tolerance=dict(record.tolerance),
         recorded_error=dict(record.error), failure=failure, fits_predicted=fits, notes=tuple(notes),
-        model_info={k: v for k, v in record.model.items() if k != "config"})
+        model_info={k: v for k, v in record.model.items() if k != "config"},
+        predicted_reserved=pred_reserved or None, measured_reserved=m.peak_reserved_bytes if m else None,
+        alloc_conf=record.run.get("alloc_conf") or (env.get("env") or {}).get("PYTORCH_CUDA_ALLOC_CONF"))
 
 
 def _reestimate(record: Record):
@@ -273,16 +291,21 @@ def write_csv(comparisons: list[Comparison], dest: str) -> str | None:
 def error_table_markdown(comparisons: list[Comparison]) -> str:
     """The table profiles/README.md carries: one line per record."""
     head = ("| model | setup | device | status | predicted alloc GiB | measured alloc GiB | error | "
+            "predicted reserved GiB | measured reserved GiB | error | "
             "predicted device GiB | NVML device GiB | error | tolerance (alloc / device) |\n"
-            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
     lines = []
     for c in comparisons:
         s = c.setup
         setup = (f"{s.get('method')}{'-' + s['quant'] if s.get('quant') else ''} b{s.get('batch')} s{s.get('seq')} "
-                 f"{'gc' if s.get('grad_ckpt') else 'no-gc'} {s.get('optimizer')}")
+                 f"{'gc' if s.get('grad_ckpt') else 'no-gc'} {s.get('optimizer')}"
+                 + (f" recipe {s['recipe']}" if s.get("recipe") else "")
+                 + (f" `{c.alloc_conf}`" if c.alloc_conf else ""))
         lines.append("| " + " | ".join([
             c.model.rsplit("/", 1)[-1], setup, c.gpu or c.device, c.status, _gib(c.predicted_allocated),
             _gib(c.measured_allocated), _pct(c.error_allocated if c.status == "ok" else c.lower_bound_error),
+            _gib(c.predicted_reserved), _gib(c.measured_reserved),
+            _pct(c.error_reserved if c.status == "ok" else None),
             _gib(c.predicted_device_total), _gib(c.measured_device_total), _pct(c.error_device_total),
             f"{_tol(c.tolerance.get('allocated') or c.tolerance.get('allocated_lower_bound'))} / "
             f"{_tol(c.tolerance.get('device_total'))}"]) + " |")

@@ -74,6 +74,10 @@ def child_entry(job: dict, conn) -> None:
     except ValueError:
         pass
     _redirect_output(job.get("log_path"))
+    if job.get("alloc_conf") is not None:
+        # before the first CUDA call: c10's CUDAAllocatorConfig parses the variable once, when the
+        # caching allocator initializes, so a forked child still gets its own settings
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = job["alloc_conf"]
     channel = Channel(conn)
     try:
         Run(job, channel).execute()
@@ -237,11 +241,16 @@ class Run:
             torch.cuda.set_per_process_memory_fraction(min(1.0, usable / total), self.device)
 
     def _meter(self):
+        self.ctx = None   # the CPU's module attribution (below); a GPU run has none
         if self.device.type == "cuda":
             if self.job.get("snapshot_path"):
-                self.torch.cuda.memory._record_memory_history(max_entries=self.job.get("snapshot_entries", 200000))
+                # Python stacks of allocations only: the events are what `vramplan replay --check` needs,
+                # the stacks name the code in pytorch.org/memory_viz, and C++ stacks (stacks="all") make
+                # the dump slow and the file several times larger
+                self.torch.cuda.memory._record_memory_history(
+                    enabled="all", context="alloc", stacks="python",
+                    max_entries=self.job.get("snapshot_entries", 200000))
             return CudaMeter(self.device)
-        self.ctx = None
         context = None
         try:  # module attribution of the CPU peak, shared with simulate
             self.ctx = attribution.StepContext("lm_head")

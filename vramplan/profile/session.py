@@ -32,6 +32,7 @@ from vramplan.profile.store import atomic_move, record_id, unique_path, write_re
 from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.core.models import resolve
 from vramplan.core.setup import TrainSetup
+from vramplan.cuda.alloc_conf import AllocConf
 from vramplan.estimate.estimator import estimate
 from vramplan.profile.nvml import open_device, Sampler
 
@@ -52,6 +53,9 @@ class ProfileOptions:
     timeout_s: float | None = None
     nvml_hz: float = 200.0
     model_ref: str | None = None
+    # PYTORCH_CUDA_ALLOC_CONF for the training child (None: the environment's); the child sets it
+    # before its first CUDA call, which is when c10's CUDAAllocatorConfig reads it
+    alloc_conf: str | None = None
 
     def validate(self) -> None:
         if not (self.device == "cpu" or self.device == "cuda" or
@@ -70,12 +74,14 @@ class ProfileOptions:
             raise UsageError(f"--nvml-hz must be in [1, 2000], got {self.nvml_hz}", hint="e.g. --nvml-hz 200")
         if self.memory_limit_bytes is not None and self.memory_limit_bytes < MIN_LIMIT:
             raise UsageError("--gpu is too small to emulate", hint="e.g. --gpu 24GB")
+        if self.alloc_conf is not None:
+            AllocConf.parse(self.alloc_conf)   # a malformed string is a UsageError before anything runs
 
     def to_dict(self) -> dict:
         return {"device": self.device, "steps": self.steps, "warmup": self.warmup,
                 "random_weights": self.random_weights, "seed": self.seed,
                 "memory_limit_bytes": self.memory_limit_bytes, "snapshot": self.snapshot,
-                "timeout_s": self.timeout_s, "nvml_hz": self.nvml_hz}
+                "timeout_s": self.timeout_s, "nvml_hz": self.nvml_hz, "alloc_conf": self.alloc_conf}
 
 
 # --- launching the child ----------------------------------------------------------------------------
@@ -221,7 +227,7 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
     cuda = options.device != "cpu"
     index = int(options.device.split(":")[1]) if ":" in options.device else 0
     limit_gpu = resolve_gpu(options.memory_limit_bytes) if options.memory_limit_bytes else None
-    pre = estimate(spec, setup, gpu=limit_gpu)   # validates targets etc. before any child starts
+    pre = estimate(spec, setup, gpu=limit_gpu, alloc_conf=options.alloc_conf)   # validates targets etc. before any child starts
 
     sampler, nvml_reason, nvml_dev = None, None, None
     if cuda:
@@ -245,7 +251,7 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
            "random_weights": options.random_weights, "weights": weights, "seed": options.seed,
            "memory_limit_bytes": options.memory_limit_bytes, "predicted_context_bytes": pre.cuda_context_bytes,
            "snapshot_path": str(snapshot_tmp) if snapshot_tmp else None, "log_path": str(workdir / "child.log"),
-           "nvml_uuid": None}
+           "nvml_uuid": None, "alloc_conf": options.alloc_conf}
     state = _State()
     launcher = launcher or SubprocessLauncher()
     child = None
@@ -284,7 +290,7 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
         gpu = limit_gpu
     elif env.get("gpu_memory_bytes"):
         gpu = Gpu(env.get("gpu") or "GPU", int(env["gpu_memory_bytes"]), None, "measured (torch.cuda)")
-    est = estimate(spec, setup, gpu=gpu)
+    est = estimate(spec, setup, gpu=gpu, alloc_conf=options.alloc_conf)
     measured = _measured(state, options)
     nvml = _nvml_trace(state, sampler, nvml_reason, options, t0, index)
     failure = _failure(state, status, exit_code, log_tail, t0, sampler)
@@ -320,7 +326,8 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
         path = write_record(record, out_dir)
     elif state.snapshot and snapshot_tmp is not None:
         record = _replace(record, snapshot=str(snapshot_tmp))
-    _cleanup(workdir, None if record.snapshot else snapshot_tmp, keep_snapshot=record.snapshot is not None)
+    # a kept snapshot (moved into out_dir, or left in workdir for the caller) is not deleted
+    _cleanup(workdir, snapshot_tmp, keep_snapshot=record.snapshot is not None)
     return record, path
 
 
@@ -329,7 +336,7 @@ def skipped_record(model: str, setup, options: ProfileOptions, reason: str) -> R
     the reason, no measurement."""
 
     spec = resolve(model)
-    est = estimate(spec, setup)
+    est = estimate(spec, setup, alloc_conf=options.alloc_conf)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return Record(
         id=record_id(spec.id, setup.to_dict(), options.device, created) + "_skipped", created=created,

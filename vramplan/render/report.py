@@ -15,6 +15,7 @@ DESCRIPTIONS = {
     Component.TEMPORARIES: "dequantized weights, optimizer workspace",
     Component.CUDA_CONTEXT: "CUDA context and kernels (NVML only)",
     Component.ALLOCATOR_OVERHEAD: "reserved by the caching allocator, not allocated",
+    Component.PAGED_OPTIMIZER: "paged optimizer state on the device (unified memory, NVML only)",
 }
 
 
@@ -23,8 +24,11 @@ def component_rows(est: Estimate) -> list[dict]:
     total = est.device_total_bytes
     rows = [{"component": c.value, "bytes": est.components[c.value], "share": est.components[c.value] / total,
              "what": DESCRIPTIONS[c], "allocated": True} for c in ALLOCATED]
-    for c, n in ((Component.CUDA_CONTEXT, est.cuda_context_bytes),
-                 (Component.ALLOCATOR_OVERHEAD, est.allocator_overhead_bytes)):
+    device = [(Component.CUDA_CONTEXT, est.cuda_context_bytes),
+              (Component.ALLOCATOR_OVERHEAD, est.allocator_overhead_bytes)]
+    if est.paged_optimizer_bytes:   # a row only where a paged optimizer runs
+        device.append((Component.PAGED_OPTIMIZER, est.paged_resident_bytes))
+    for c, n in device:
         rows.append({"component": c.value, "bytes": n, "share": n / total, "what": DESCRIPTIONS[c],
                      "allocated": False})
     return rows

@@ -37,7 +37,8 @@ def estimate_table(est: Estimate) -> Table:
                   style="bold")
     if est.paged_optimizer_bytes:
         table.add_row("paged optimizer", f"{est.paged_optimizer_bytes / GiB:,.3f}", "",
-                      "CUDA unified memory, pages to host RAM under pressure", style="dim")
+                      "all of it, in CUDA unified memory: resident while the card has room (in the device "
+                      "total), paged to host RAM under pressure", style="dim")
     return table
 
 

@@ -92,10 +92,15 @@ class ChunkedLogProb(torch.autograd.Function):
 
 
 def _addmm_fp32(acc, a, b) -> None:
-    """trl/kernels/chunked_logprob.py _addmm_fp32: on CUDA torch.addmm(acc, a, b,
-    out_dtype=float32, out=acc), which allocates nothing: on meta nothing is computed; off CUDA
-    TRL upcasts both operands (acc.addmm_(a.float(), b.float()))."""
+    """trl/kernels/chunked_logprob.py _addmm_fp32: on CUDA with 16-bit operands (torch >= 2.8)
+    torch.addmm(acc, a, b, out_dtype=float32, out=acc), which allocates nothing; otherwise TRL
+    upcasts both operands (acc.addmm_(a.float(), b.float())). On meta nothing is computed."""
     if acc.device.type == "meta":
+        return
+    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
+        # not the upcast: a.float() of a 4096 x 32768 tile and of a 32768-row weight chunk
+        # would add their float32 copies to the backward peak (measured on an H200: +0.45 GiB)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         return
     acc.addmm_(a.float(), b.float())
 
