@@ -87,6 +87,8 @@ def test_efficient_backward_workspace_counts_delta_and_dq_accumulator():
 
 def test_cublas_workspace_per_arch():
     assert cublas.workspace_bytes(SM90) == 32 * 2**20
+    # a training step keeps two (the H200 snapshots hold two 32 MiB workspace blocks at the end)
+    assert cublas.step_workspace_bytes(SM90) == 64 * 2**20
     for arch in (SM70, SM75, SM80, SM86, SM89):
         assert cublas.workspace_bytes(arch) == 4096 * 1024 * 2 + 16 * 1024 * 8 == 8_519_680
 

@@ -15,9 +15,9 @@ from vramplan.core.setup import make_setup
 from vramplan.core.setup import TrainSetup
 from vramplan.estimate.quant import alloc
 from vramplan.cuda.arch import ASSUMED  # noqa: E402
-from vramplan.cuda.cublas import workspace_bytes  # noqa: E402
+from vramplan.cuda.cublas import step_workspace_bytes  # noqa: E402
 
-CUBLAS = workspace_bytes(ASSUMED)   # the emulated H100's cuBLAS workspace (vramplan/cuda/cublas.py)
+CUBLAS = step_workspace_bytes(ASSUMED)   # the emulated H100's two cuBLAS workspaces (vramplan/cuda/cublas.py)
 
 
 def run(capsys, *argv):
@@ -137,10 +137,8 @@ def test_fused_adamw_has_no_workspace_and_a_device_step_per_tensor():
     fused = estimate("llama-2-7b", optimizer="adamw_fused")
     tensors = 7 * 2 * 32   # LoRA A and B on 7 linears per layer, 32 layers
     assert fused.components["optimizer_state"] - foreach.components["optimizer_state"] == tensors * 512
-    # the only temporary left at the optimizer moment is the cached cuBLAS workspace (cuda/cublas.py)
-    from vramplan.cuda.arch import ASSUMED
-    from vramplan.cuda.cublas import workspace_bytes
-    cublas = workspace_bytes(ASSUMED)
+    # the only temporaries left at the optimizer moment are the cached cuBLAS workspaces (cuda/cublas.py)
+    cublas = CUBLAS
     assert fused.moments["optimizer"]["temporaries"] == cublas < foreach.moments["optimizer"]["temporaries"]
     assert estimate("llama-2-7b", optimizer="adamw_foreach").peak_allocated_bytes == foreach.peak_allocated_bytes
 

@@ -23,14 +23,14 @@ from vramplan.simulate import Trace, simulate as run  # noqa: E402
 from vramplan.simulate import step as sim_run  # noqa: E402
 from vramplan.simulate.attribution import component_of  # noqa: E402
 from vramplan.cuda.arch import ASSUMED  # noqa: E402
-from vramplan.cuda.cublas import workspace_bytes  # noqa: E402
+from vramplan.cuda.cublas import step_workspace_bytes  # noqa: E402
 kernels = importlib.import_module("vramplan.simulate.kernels")
 build_mod = importlib.import_module("vramplan.simulate.build")
 
 SEQ, RANK = 32, 8
 # the emulated GPU's cuBLAS workspace (live from the warm-up step on): a meta trace has it, a real
 # CPU run has no counterpart (vramplan/cuda/cublas.py)
-CUBLAS = workspace_bytes(ASSUMED)
+CUBLAS = step_workspace_bytes(ASSUMED)   # forward and backward threads (vramplan/cuda/cublas.py)
 
 
 def setup_(**kw) -> TrainSetup:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from vramplan.estimate.ops import (act_bytes, autocast_cache, eager_masks, embedding_leaf, head_memory,
                                    held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack)
 from vramplan.cuda.arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
-from vramplan.cuda.cublas import workspace_bytes
+from vramplan.cuda.cublas import STEP_THREADS, step_workspace_bytes, workspace_bytes
 from vramplan.core.components import ALLOCATED, Component, check_sum
 from vramplan.cuda.context import cuda_context, device_overhead
 from vramplan.core.errors import ModelError, UsageError
@@ -251,8 +251,9 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     leaf = embedding_leaf(spec, setup)
     fixed = {C.WEIGHTS.value: static.weights, C.QUANT_CONSTANTS.value: static.quant_constants,
              C.ADAPTERS.value: static.adapters, C.OPTIMIZER_STATE.value: static.optimizer_state,
-             # the cuBLAS workspace, cached from the first matmul on (cuda/cublas.py)
-             C.TEMPORARIES.value: workspace_bytes(arch)}
+             # the forward's and the backward thread's cuBLAS workspaces, cached from the first
+             # step on (cuda/cublas.py)
+             C.TEMPORARIES.value: step_workspace_bytes(arch)}
 
     # eager attention's causal masks: built in the forward; gradient checkpointing keeps them
     # (they are inputs of every checkpointed layer) until backward is done
@@ -382,8 +383,8 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
     if setup.quantized and setup.quant != "int8":
         out.append(f"bitsandbytes gemm_4bit on {arch.label} at {setup.tokens} tokens: "
                    f"{kernels(spec, setup, arch)['gemm_4bit']} (backward always dequantizes)")
-    out.append(f"cuBLAS workspace {workspace_bytes(arch):,} B on {arch.label}, cached from the first matmul "
-               "(counted in temporaries)")
+    out.append(f"{STEP_THREADS} cuBLAS workspaces of {workspace_bytes(arch):,} B on {arch.label} (the forward's "
+               "thread and autograd's backward thread), cached from their first matmul (counted in temporaries)")
     out.append("steady state: the second step onwards (optimizer state already allocated), "
                "zero_grad(set_to_none=True)")
     if experts_quantized(spec, setup):

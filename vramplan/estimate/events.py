@@ -343,7 +343,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         leaves = b.new(leaf) if leaf else []
         masks = b.new(mask) if mask else []
         x = b.new(hidden)
-        if step == 0:   # the cuBLAS workspace, from the first matmul on (cuda/cublas.py)
+        if step == 0:   # the forward thread's cuBLAS workspace, from its first matmul on (cuda/cublas.py)
             b.new(workspace_bytes(arch))
         rooted = gather(root) if fsdp else []     # the root unit, unsharded for the whole step
         layers = []
@@ -366,6 +366,8 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
             inst.run(inst.t.region_exit)
         release(held_prev)        # a plain loop rebinds `out` once model() returns
         b.place("backward", "loss")
+        if step == 0:   # autograd's device thread gets its own handle and workspace (cuda/cublas.py)
+            b.new(workspace_bytes(arch))
         head.run(t_head.backward)
         # the new `out` (ops.held_outputs) lives from here through the optimizer step
         held_prev = b.new(held)

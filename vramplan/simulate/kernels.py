@@ -326,17 +326,19 @@ def efficient_attention_backward(tracker, func, args, kwargs):
 
 class CublasWorkspace:
     """cuBLAS allocates its workspace from the caching allocator at a handle's first matmul and
-    keeps it (cuda/cublas.py). Before the measured step it already exists (the warm-up step made
-    it): `tensor()` is that storage, registered as live state in the `temporaries` component."""
+    keeps it; a training step has two handles, the forward's thread and autograd's backward thread
+    (cuda/cublas.py). Before the measured step both exist (the warm-up step made them):
+    `tensors()` are those storages, registered as live state in the `temporaries` component."""
 
     def __init__(self, arch: CudaArch = ASSUMED):
         self.nbytes = cuda_cublas.workspace_bytes(arch)
-        self._tensor = None
+        self._tensors = ()
 
-    def tensor(self) -> torch.Tensor:
-        if self._tensor is None:
-            self._tensor = torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
-        return self._tensor
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        if not self._tensors:
+            self._tensors = tuple(torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
+                                  for _ in range(cuda_cublas.STEP_THREADS))
+        return self._tensors
 
 
 # --- 4. speed: foreach ops over many tensors -------------------------------------------------------

@@ -309,8 +309,9 @@ class Simulation:
         tracker = self.tracker()
         self.paged = []
         register_live_state(tracker, self.built, self.paged)
-        if self.cublas is not None:   # made by the warm-up step's first matmul, cached since
-            tracker.track(self.cublas.tensor(), Component.TEMPORARIES.value)
+        if self.cublas is not None:   # made by the warm-up step's first matmuls, cached since
+            for workspace in self.cublas.tensors():
+                tracker.track(workspace, Component.TEMPORARIES.value)
         for t in self.held_tensors():   # the previous step's outputs: activations, as in the estimate
             tracker.track(t, Component.ACTIVATIONS.value)
         return tracker
