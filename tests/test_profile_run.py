@@ -414,3 +414,38 @@ def test_gpu_branch_of_the_runner_with_fake_cuda_and_nvml():
     run._context()
     assert events[0] == {"event": "context", "available": False, "reason": "NVML: no driver"}
     assert cuda.fraction == pytest.approx((24 * 2**30 - 500 * 2**20) / (140 * 2**30))
+
+
+def test_paged_state_is_found_on_a_gpu_run():
+    """bitsandbytes' get_paged wraps CUDA managed memory with torch.frombuffer, so a paged state is
+    a CPU tensor marked is_paged even when the optimizer runs on the GPU: it is the paged part, the
+    device tensors (absmax, small tensors' states) the device part."""
+    import types
+
+    import torch
+
+    from vramplan.profile import runner
+
+    class Meter:
+        def __init__(self):
+            self.ignored, self.tagged = [], []
+
+        def ignore(self, t):
+            self.ignored.append(t)
+
+        def retag(self, t, component):
+            self.tagged.append((t, component))
+
+    paged = torch.zeros(200_000, dtype=torch.uint8)          # host-visible, as frombuffer makes it
+    paged.is_paged = True
+    absmax = torch.zeros(782, dtype=torch.float32, device="meta")   # (meta storages share data_ptr 0: one)
+    elsewhere = torch.zeros(10, dtype=torch.float32)          # a host tensor that is not paged
+    run = object.__new__(runner.Run)
+    run.torch, run.device, run.meter = torch, torch.device("meta"), Meter()
+    run.setup = TrainSetup(optimizer="paged_adamw8bit")
+    opt = types.SimpleNamespace(state={"p1": {"state1": paged, "absmax1": absmax, "step": 1},
+                                       "p2": {"other": elsewhere}})
+    device_bytes, paged_bytes = run._optimizer_state(opt)
+    assert paged_bytes == 200_000
+    assert device_bytes == 3_584                   # 782 float32 absmax, rounded to 512 B
+    assert run.meter.ignored == [paged] and [c for _, c in run.meter.tagged] == ["optimizer_state"]

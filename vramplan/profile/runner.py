@@ -483,15 +483,20 @@ class Run:
         seen = set()
         for state in opt.state.values():
             for key, v in state.items():
-                if not isinstance(v, self.torch.Tensor) or v.device != self.device:
+                if not isinstance(v, self.torch.Tensor):
+                    continue
+                # functional.get_paged wraps the managed pointer with torch.frombuffer: a paged state
+                # is a CPU tensor marked is_paged, whatever device the optimizer runs on
+                is_paged = getattr(v, "is_paged", False)
+                if v.device != self.device and not is_paged:
                     continue
                 sk = v.untyped_storage().data_ptr()
                 if sk in seen:
                     continue
                 seen.add(sk)
                 size = alloc(v.untyped_storage().nbytes())
-                if getattr(v, "is_paged", False) or (paged_setup and self.device.type == "cpu"
-                                                     and key in ("state1", "state2") and v.numel() >= 1e5):
+                if is_paged or (paged_setup and self.device.type == "cpu"
+                                and key in ("state1", "state2") and v.numel() >= 1e5):
                     paged += v.untyped_storage().nbytes()
                     self.meter.ignore(v)
                 elif key == "step" and v.dim() == 0 and self.device.type == "cpu":
