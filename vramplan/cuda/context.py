@@ -36,8 +36,8 @@ CONTEXT_FIGURES = (
     # After the measured steps of a QLoRA step (NVML used - torch reserved at the end, with
     # cuBLAS, SDPA and bitsandbytes' 4-bit kernels loaded): the same to the byte in every
     # profiles/h200 record without a paged optimizer, 7B to 70B (docs/gpus.md#cuda-context-size)
-    ContextFigure(804_061_184, "vramplan profile records (profiles/h200): NVML after the measured steps, "
-                  "torch 2.11 + CUDA 13.0, driver 580.159.04", gpu="H200", after_step=True),
+    ContextFigure(804_061_184, "measured on an H200 after QLoRA steps (NVML used less torch reserved; torch 2.11 "
+                  "+ CUDA 13.0, driver 580.159.04)", gpu="H200", after_step=True),
 )
 # The kernels a QLoRA step loads (cuBLAS, flash attention, bitsandbytes) grow the lazily loaded
 # context past the one-small-tensor figures; without a per-GPU measurement after a training step

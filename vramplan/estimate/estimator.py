@@ -371,8 +371,11 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
            "adamw_foreach": "torch AdamW (foreach), 2 states in the parameter dtype",
            "adamw_fused": "torch AdamW(fused=True), 2 states in the parameter dtype, no foreach workspace",
            "adamw8bit": "bitsandbytes AdamW8bit (blockwise 8-bit states)",
-           "paged_adamw": "bitsandbytes PagedAdamW 32-bit: states in CUDA unified memory (not counted as allocated)",
-           "paged_adamw8bit": "bitsandbytes PagedAdamW8bit: states in CUDA unified memory (not counted as allocated)",
+           "paged_adamw": "bitsandbytes PagedAdamW 32-bit: states in CUDA unified memory (not counted as "
+                          "allocated; in the device total while resident)",
+           "paged_adamw8bit": "bitsandbytes PagedAdamW8bit: states of tensors of 1e5 elements or more in CUDA "
+                              "unified memory (not counted as allocated; in the device total while resident), "
+                              "absmax and smaller tensors' states on the device",
            "sgd": "torch SGD without momentum (no state)",
            "adafactor": "transformers Adafactor (factored second moment, no first moment)"}[setup.optimizer]
     out.append("optimizer: " + opt)
@@ -454,7 +457,12 @@ def device_assumptions(est: "Estimate") -> tuple[str, ...]:
     if est.alloc_conf or est.peak_reserved_bytes:
         out.append(f"device total = CUDA context + peak reserved of the caching allocator (PyTorch's "
                    f"CUDACachingAllocator replayed over a warm-up and a measured step, "
-                   f"PYTORCH_CUDA_ALLOC_CONF: {conf})")
+                   f"PYTORCH_CUDA_ALLOC_CONF: {conf})"
+                   + (" + the paged optimizer state resident on the device" if est.paged_optimizer_bytes else ""))
+    if est.paged_optimizer_bytes and est.paged_resident_bytes < est.paged_optimizer_bytes:
+        out.append(f"paged optimizer state: {est.paged_resident_bytes / 2**20:,.0f} of "
+                   f"{est.paged_optimizer_bytes / 2**20:,.0f} MiB fit beside the step on this card; unified memory "
+                   "keeps the rest in host RAM and pages it in for each update")
     return tuple(out)
 
 
