@@ -422,7 +422,9 @@ def cuda_overrides(routing: Routing | None = None, arch: CudaArch = ASSUMED) -> 
     return table
 
 
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+# softmax attention layer kinds (Llama 4's "chunked_attention": local attention within aligned
+# chunks, masking_utils.create_chunked_causal_mask)
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 def layer_kernel_note(spec, model) -> str | None:
