@@ -85,7 +85,10 @@ def test_every_moe_family_gets_the_warning(capsys, tmp_path, family):
 
 
 MOE_TINY = {"mixtral": {}, "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),
-            "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2)}
+            "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
+            # Llama 4: (E, h, 2i) / (E, i, h) stacks in the MoE layers only (every second layer here)
+            "llama4_text": dict(num_local_experts=4, head_dim=16, intermediate_size_mlp=256,
+                                interleave_moe_layer_step=2)}
 
 
 @pytest.mark.parametrize("family", sorted(MOE_TINY))
