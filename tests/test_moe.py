@@ -196,6 +196,11 @@ def test_simulate_states_how_moe_routing_ran():
     trace = simulate(tiny_mixtral(), TrainSetup(seq=32))
     moe = [n for n in trace.notes if n.startswith("MoE")]
     assert len(moe) == 1 and "grouped_mm" in moe[0] and "4 experts, top-2" in moe[0]
+    # Llama 4 repeats every token for every expert and runs torch.bmm: no grouped_mm to name
+    llama4 = spec_from_config(tiny_config("llama4_text", num_local_experts=4, head_dim=16), "tiny-llama4", "test")
+    trace = simulate(llama4, TrainSetup(seq=32, targets="q_proj,v_proj"))
+    moe = [n for n in trace.notes if n.startswith("MoE")]
+    assert len(moe) == 1 and "grouped_mm" not in moe[0] and "every token through every expert" in moe[0]
 
 
 # --- DeepSeek-V3: the same warning, routed experts only ---------------------------------------------
