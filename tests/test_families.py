@@ -663,3 +663,15 @@ def test_llama4_lora_leaves_router_and_experts_frozen_and_16bit(capsys):
     assert warning.startswith("MoE experts stay 16-bit") and f"({sixteen:,} bytes)" in warning
     assert "merged 16-bit copy" not in warning and "--experts 4bit" not in warning
     assert any(a.startswith("transformers 5 keeps Llama 4 experts") for a in data["assumptions"])
+
+
+def test_llama4_simulate_refuses_lora_on_the_router_before_tracing():
+    """The step would fail inside peft on the first forward (on any device): simulate says why."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from vramplan import TrainSetup
+    from vramplan.simulate import simulate
+
+    spec = spec_from_config(llama4_config(), "l4", "test")
+    with pytest.raises(ModelError, match="LoRA on llama4_text's router cannot run"):
+        simulate(spec, TrainSetup(seq=32))
