@@ -675,3 +675,6 @@ def test_llama4_simulate_refuses_lora_on_the_router_before_tracing():
     spec = spec_from_config(llama4_config(), "l4", "test")
     with pytest.raises(ModelError, match="LoRA on llama4_text's router cannot run"):
         simulate(spec, TrainSetup(seq=32))
+    # full fine-tuning has no adapters: nothing to refuse
+    trace = simulate(spec, TrainSetup(seq=32, method="full"))
+    assert trace.peak_allocated_bytes > 0

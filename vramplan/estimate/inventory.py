@@ -105,7 +105,7 @@ def refuse_router_lora(spec: ModelSpec, setup: TrainSetup) -> None:
     isinstance), as does a target naming `router`; the lora.Linear wrapping it then fails on the
     first forward (peft/tuners/lora/layer.py Linear.forward: `result.dtype` of the tuple). No run
     trains that way, so the estimate refuses it."""
-    if not spec.arch.linear_router or not spec.num_experts:
+    if not (spec.arch.linear_router and spec.num_experts and setup.uses_adapters):
         return
     if setup.targets == (ALL_LINEAR,) or any(t.rsplit(".", 1)[-1] == "router" for t in setup.targets):
         names = ",".join(dict.fromkeys(l.leaf for l in spec.layer_linears))
