@@ -5,7 +5,8 @@ qkv/gate_up, Gemma2 soft-capping with four norms, a sliding window shorter than 
 sequence, MoE, a head dim that is not a multiple of 8, Qwen3 per-head q/k norms, Gemma 3 sliding/global
 layers with one KV head, OLMo 2 post-norm, Granite multipliers, SmolLM3 layers without RoPE, OLMo 3 and Ministral sliding/full layers,
 Qwen3-MoE and GraniteMoE top-8 routing, DeepSeek-V3 latent attention with dense and MoE layers, gpt-oss
-attention sinks and biased experts) on an H100
+attention sinks and biased experts, Llama 4's every-expert MoE with dense layers between, chunked
+attention and no-RoPE layers) on an H100
 and a T4, across methods, quantization, batch x
 seq, checkpointing, attention kernels and optimizers. The static components must agree to the
 byte; the peak, and each phase's peak (forward, backward, optimizer), within 3% (the issue's target). The larger 7B-70B matrix is
@@ -25,6 +26,9 @@ from vramplan.core.models import spec_from_config  # noqa: E402
 CONFIGS = Path(__file__).parent / "configs"
 TOLERANCE = 0.03
 EXACT = ("weights", "quant_constants", "adapters", "optimizer_state")
+
+# Llama 4's named LoRA targets: every nn.Linear but its router (inventory.refuse_router_lora)
+LLAMA4 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 CASES = [
     ("llama-gqa", dict(seq=512)),
@@ -140,6 +144,27 @@ CASES = [
     # grouped_mm); prepare_kbit's float32 q/k/v/o biases back in bf16 after the first step
     ("gptoss-sinks", dict(seq=512, attn="eager", prepare_kbit=True)),
     ("gptoss-sinks", dict(seq=512, attn="eager", dtype="fp16", grad_ckpt=False)),
+    # Llama 4: every token through every expert (repeat, bmm), a shared expert; llama4-interleave:
+    # dense layers 0 and 2 between MoE layers 1 and 3, RoPE layers (complex RoPE, L2 q/k norm)
+    # with chunked attention (chunks of 256: masked from seq 256 on), a no-RoPE full-attention top
+    # layer with the temperature; llama4-scout: Scout's layout (16 experts, every layer MoE, chunk
+    # 8192: no mask). Named targets: all-linear would wrap the router, which peft cannot run.
+    ("llama4-interleave", dict(seq=512, targets=LLAMA4)),
+    ("llama4-interleave", dict(seq=512, grad_ckpt=False, targets=LLAMA4)),
+    ("llama4-interleave", dict(seq=128, grad_ckpt=False, targets=LLAMA4)),
+    ("llama4-interleave", dict(seq=512, attn="eager", targets=LLAMA4)),
+    ("llama4-interleave", dict(seq=256, batch=2, attn="eager", grad_ckpt=False, targets=LLAMA4)),
+    ("llama4-interleave", dict(seq=512, method="lora", targets=LLAMA4)),
+    ("llama4-interleave", dict(seq=512, method="full", grad_ckpt=False)),
+    ("llama4-interleave", dict(seq=512, targets="q_proj,v_proj", rank=64)),
+    ("llama4-interleave", dict(seq=512, prepare_kbit=True, targets=LLAMA4)),
+    ("llama4-interleave", dict(seq=512, dtype="fp16", gpu="T4", targets=LLAMA4)),
+    ("llama4-scout", dict(seq=512, targets=LLAMA4)),
+    ("llama4-scout", dict(seq=1024, grad_ckpt=False, targets=LLAMA4)),
+    ("llama4-scout", dict(seq=512, attn="eager", targets=LLAMA4)),
+    ("llama4-scout", dict(seq=512, method="full", grad_ckpt=False)),
+    ("llama4-scout", dict(seq=512, prepare_kbit=True, grad_ckpt=False, targets=LLAMA4)),
+    ("llama4-scout", dict(seq=512, dtype="fp16", grad_ckpt=False, targets=LLAMA4)),
 ]
 
 
@@ -206,6 +231,11 @@ RECIPE_CASES = [
     ("gptoss-sinks", "trainer", dict(seq=512, attn="eager", grad_ckpt=False)),
     ("gptoss-sinks", "trl-sft", dict(seq=512, attn="eager")),
     ("gptoss-sinks", "plain", dict(seq=512, attn="eager")),
+    # Llama 4 under autocast: eager's softmax and the experts' sum run in float32
+    ("llama4-interleave", "trainer", dict(seq=512, targets=LLAMA4)),
+    ("llama4-interleave", "trainer", dict(seq=512, attn="eager", targets=LLAMA4)),
+    ("llama4-interleave", "plain", dict(seq=512, targets=LLAMA4)),
+    ("llama4-scout", "trainer", dict(seq=512, grad_ckpt=False, targets=LLAMA4)),
 ]
 
 

@@ -15,9 +15,13 @@ MODELS = sorted(catalog())
 @pytest.mark.parametrize("method", ["qlora", "lora", "full"])
 def test_every_catalog_model_estimates_with_integer_components(model, method):
     # (the peak is the sum of these components by construction: that sum is not a check)
-    attention = resolve(model).arch.attention   # Gemma-2 and gpt-oss train with eager attention only
+    spec = resolve(model)
+    attention = spec.arch.attention   # Gemma-2 and gpt-oss train with eager attention only
     attn = "sdpa" if "sdpa" in attention else attention[0]
-    est = estimate(model, method=method, attn=attn)
+    flags = {}
+    if spec.arch.linear_router and method != "full":   # Llama 4: all-linear would wrap its router
+        flags["targets"] = ",".join(dict.fromkeys(l.leaf for l in spec.layer_linears))
+    est = estimate(model, method=method, attn=attn, **flags)
     assert set(est.components) == {c.value for c in ALLOCATED}
     assert all(isinstance(v, int) and v >= 0 for v in est.components.values())
     assert est.device_total_bytes > est.peak_allocated_bytes

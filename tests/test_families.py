@@ -502,3 +502,179 @@ def test_gpt_oss_refuses_sdpa_and_4bit_experts_and_states_mxfp4(capsys):
     config = {k: v for k, v in resolve("openai/gpt-oss-20b").config.items() if k != "quantization_config"}
     assert not any("MXFP4" in n for n in spec_from_config(config, "bf16-copy", "t").notes)
     assert data["warnings"][0].startswith("MoE experts stay 16-bit") and "--experts 4bit" not in data["warnings"][0]
+
+# --- llama4_text (docs/architectures.md#llama4_text) -----------------------------------------------
+
+SCOUT = "meta-llama/Llama-4-Scout-17B-16E"
+LLAMA4_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def llama4_config(name: str = "llama4-interleave", **overrides) -> dict:
+    return dict(json.loads((CONFIGS / f"{name}.json").read_text()), **overrides)
+
+
+def catalog_config(model_id: str) -> dict:
+    """The bundled config.json as published (a multimodal checkpoint keeps its text_config)."""
+    from vramplan.core.models import catalog
+    return catalog()[model_id].config
+
+
+def test_llama4_scout_text_decoder_matches_the_model_card():
+    """Llama 4 Scout model card (huggingface.co/meta-llama/Llama-4-Scout-17B-16E): "17B (Activated)
+    109B (Total)", the total with the vision encoder. The text decoder Llama4ForCausalLM builds is
+    107,769,861,120 parameters; one of the 16 routed experts per token plus the shared expert,
+    attention, router, norms, embedding and lm_head are 17.17B active."""
+    spec = resolve(SCOUT)
+    parts = spec.param_breakdown()
+    assert spec.model_type == "llama4_text" and spec.num_params == 107_769_861_120
+    assert (spec.num_experts, spec.experts_per_tok, spec.expert_width, spec.moe_layers) == (16, 1, 8192, 48)
+    active = spec.num_params - parts["layers.experts"] + parts["layers.experts"] * spec.experts_per_tok // spec.num_experts
+    assert round(active / B) == 17 and round(active / B, 2) == 17.17
+
+
+def test_llama4_scout_with_its_vision_tower_rounds_to_the_card_total():
+    """What the text decoder leaves out (TEXT_CONFIG_NOTES): Llama4ForConditionalGeneration built
+    from the catalog config on meta adds the vision tower and projector; the sum is the card's 109B."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    spec = resolve(SCOUT)
+    with torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(
+            transformers.CONFIG_MAPPING["llama4"].from_dict(dict(catalog_config(SCOUT))))
+    total = sum(p.numel() for p in model.parameters())
+    assert total - spec.num_params == 871_932_416 and round(total / B) == 109
+    assert any("about 0.87B parameters" in note for note in spec.notes)
+
+
+@pytest.mark.parametrize("name", ["llama4-interleave", "llama4-scout"])
+def test_llama4_counts_every_parameter_transformers_builds(name):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = llama4_config(name)
+    spec = spec_from_config(config, name, "test")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.CONFIG_MAPPING["llama4_text"].from_dict(config))
+    assert spec.num_params == sum(p.numel() for p in model.parameters())
+    moe_layer = next(i for i in range(spec.layers) if not spec.is_dense(i))
+    built = {n.split(f"layers.{moe_layer}.", 1)[1]: tuple(p.shape) for n, p in model.named_parameters()
+             if f".layers.{moe_layer}.feed_forward." in n and ("experts." in n or "router." in n)}
+    assert built == {f"feed_forward.{n}": s for n, s in spec.moe_shapes()}
+
+
+def test_llama4_layer_pattern_comes_from_its_config():
+    """Llama4TextConfig.__post_init__: moe_layers, else every interleave_moe_layer_step-th layer;
+    no_rope_layers (1 = RoPE), else every no_rope_layer_interval-th layer without; layer_types
+    "chunked_attention" on the RoPE layers. Llama4TextDecoderLayer: dense layers get a
+    Llama4TextMLP of intermediate_size_mlp, MoE layers a shared expert of intermediate_size."""
+    spec = spec_from_config(llama4_config(), "l4", "test")
+    assert spec.dense_flags == (True, False, True, False) and (spec.dense_layers, spec.moe_layers) == (2, 2)
+    assert spec.rope_layers == (True, True, True, False)
+    assert spec.layer_types == ("chunked_attention",) * 3 + ("full_attention",) and spec.attention_chunk == 256
+    assert spec.sliding_window is None and spec.norm_widths == (512, 512)     # Llama4TextL2Norm has no weight
+    lins = {l.name: (l.in_features, l.out_features, l.where) for l in spec.layer_linears if "feed_forward" in l.name}
+    assert lins == {"feed_forward.shared_expert.gate_proj": (512, 256, "moe"),
+                    "feed_forward.shared_expert.up_proj": (512, 256, "moe"),
+                    "feed_forward.shared_expert.down_proj": (256, 512, "moe"),
+                    "feed_forward.gate_proj": (512, 1024, "dense"), "feed_forward.up_proj": (512, 1024, "dense"),
+                    "feed_forward.down_proj": (1024, 512, "dense")}
+    explicit = spec_from_config(llama4_config(moe_layers=[0, 2, 3]), "l4", "test")
+    assert explicit.dense_flags == (False, True, False, False)
+    # an empty no_rope_layers is absent to Llama4TextConfig; a longer one is read by layer index
+    assert spec_from_config(llama4_config(no_rope_layers=[]), "l4", "t").rope_layers == (True, True, True, False)
+    assert spec_from_config(llama4_config(no_rope_layers=[0, 1, 1, 1, 0]), "l4", "t").rope_layers == (
+        False, True, True, True)
+    # no layer in moe_layers: a dense model, no router or experts
+    dense = spec_from_config(llama4_config(moe_layers=[]), "l4", "test")
+    assert dense.num_experts == 0 and {l.where for l in dense.layer_linears} == {"all"}
+    assert all(l.out_features != 256 for l in dense.layer_linears)
+
+
+def test_llama4_chunked_layers_get_a_mask_from_one_chunk_on():
+    """masking_utils._ignore_causal_mask_sdpa keeps the chunked mask once kv_length >=
+    attention_chunk_size; the no-RoPE (full attention) layers never get one."""
+    from vramplan import TrainSetup
+    from vramplan.estimate.ops import layer_stack, layer_windows
+
+    spec = spec_from_config(llama4_config(), "l4", "test")
+    assert layer_windows(spec, TrainSetup(seq=255, targets=LLAMA4_TARGETS)) == (False,) * 4
+    assert layer_windows(spec, TrainSetup(seq=256, targets=LLAMA4_TARGETS)) == (True, True, True, False)
+    stack = layer_stack(spec, TrainSetup(seq=512, targets=LLAMA4_TARGETS))
+    # dense / MoE and RoPE / no-RoPE layers walk apart; layers 0 and 2 are alike
+    assert stack[0] is stack[2] and len({id(m) for m in stack}) == 3
+
+
+def test_llama4_explicit_layer_types_are_full_or_chunked():
+    config = llama4_config(layer_types=["chunked_attention", "full_attention"] * 2)
+    assert spec_from_config(config, "l4", "t").layer_types == ("chunked_attention", "full_attention") * 2
+    with pytest.raises(ModelError, match="full_attention / chunked_attention"):
+        spec_from_config(llama4_config(layer_types=["sliding_attention"] * 4), "l4", "t")
+
+
+@pytest.mark.parametrize("argv, message, hint", [
+    ((), "LoRA on llama4_text's router cannot run: peft wraps Llama4Router",
+     "(hint: name the targets, e.g. --targets " + LLAMA4_TARGETS + ")"),
+    (("--targets", "q_proj,router"), "LoRA on llama4_text's router cannot run", "(hint: name the targets"),
+    (("--targets", LLAMA4_TARGETS, "--experts", "4bit"),
+     "--experts 4bit is not modelled for llama4_text: its experts never were per-expert Linear layers",
+     "(hint: drop --experts 4bit)"),
+    (("--targets", LLAMA4_TARGETS, "--quant", "int8"), "int8 base weights are not modelled for llama4_text",
+     "(hint: use --quant nf4 or fp4)"),
+])
+def test_llama4_refusals_are_one_line_errors(capsys, argv, message, hint):
+    from vramplan.cli import main
+
+    assert main(["estimate", SCOUT, *argv]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"Error: {message}") and hint in err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("attention_chunk_size", None, "attention_chunk_size must be a positive integer, got None"),
+    ("moe_layers", "1,3", "moe_layers must list layer indices"),
+    ("no_rope_layers", [1, 0], "no_rope_layers must list 4 entries"),
+])
+def test_llama4_bad_configs_are_one_line_errors(tmp_path, capsys, field, value, message):
+    from vramplan.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(llama4_config(**{field: value})))
+    assert main(["estimate", str(tmp_path), "--targets", LLAMA4_TARGETS]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("Error: ") and message in err and "(hint: " in err
+
+
+def test_llama4_lora_leaves_router_and_experts_frozen_and_16bit(capsys):
+    """peft has no MoE conversion for llama4 (transformers conversion_mapping): named targets adapt
+    the attention projections and the shared-expert / dense MLPs; the router (an nn.Linear
+    subclass bitsandbytes does not replace) and the 3D experts stay 16-bit and frozen."""
+    from vramplan import TrainSetup
+    from vramplan.cli import main
+    from vramplan.estimate.inventory import expert_weight_bytes, experts_adapted, static_memory
+
+    spec, setup = resolve(SCOUT), TrainSetup(targets=LLAMA4_TARGETS)
+    assert not experts_adapted(spec, setup)
+    r = setup.rank
+    per_layer = sum(r * (l.in_features + l.out_features) for l in spec.layer_linears)
+    assert static_memory(spec, setup).trainable_params == spec.layers * per_layer
+    assert main(["estimate", SCOUT, "--targets", LLAMA4_TARGETS, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    sixteen, _ = expert_weight_bytes(spec, setup)
+    assert data["model"]["model_type"] == "llama4_text" and len(data["warnings"]) == 1
+    warning = data["warnings"][0]
+    assert warning.startswith("MoE experts stay 16-bit") and f"({sixteen:,} bytes)" in warning
+    assert "merged 16-bit copy" not in warning and "--experts 4bit" not in warning
+    assert any(a.startswith("transformers 5 keeps Llama 4 experts") for a in data["assumptions"])
+
+
+def test_llama4_simulate_refuses_lora_on_the_router_before_tracing():
+    """The step would fail inside peft on the first forward (on any device): simulate says why."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from vramplan import TrainSetup
+    from vramplan.simulate import simulate
+
+    spec = spec_from_config(llama4_config(), "l4", "test")
+    with pytest.raises(ModelError, match="LoRA on llama4_text's router cannot run"):
+        simulate(spec, TrainSetup(seq=32))
+    # full fine-tuning has no adapters: nothing to refuse
+    trace = simulate(spec, TrainSetup(seq=32, method="full"))
+    assert trace.peak_allocated_bytes > 0

@@ -85,7 +85,10 @@ def test_every_moe_family_gets_the_warning(capsys, tmp_path, family):
 
 
 MOE_TINY = {"mixtral": {}, "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),
-            "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2)}
+            "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
+            # Llama 4: (E, h, 2i) / (E, i, h) stacks in the MoE layers only (every second layer here)
+            "llama4_text": dict(num_local_experts=4, head_dim=16, intermediate_size_mlp=256,
+                                interleave_moe_layer_step=2)}
 
 
 @pytest.mark.parametrize("family", sorted(MOE_TINY))
@@ -193,6 +196,11 @@ def test_simulate_states_how_moe_routing_ran():
     trace = simulate(tiny_mixtral(), TrainSetup(seq=32))
     moe = [n for n in trace.notes if n.startswith("MoE")]
     assert len(moe) == 1 and "grouped_mm" in moe[0] and "4 experts, top-2" in moe[0]
+    # Llama 4 repeats every token for every expert and runs torch.bmm: no grouped_mm to name
+    llama4 = spec_from_config(tiny_config("llama4_text", num_local_experts=4, head_dim=16), "tiny-llama4", "test")
+    trace = simulate(llama4, TrainSetup(seq=32, targets="q_proj,v_proj"))
+    moe = [n for n in trace.notes if n.startswith("MoE")]
+    assert len(moe) == 1 and "grouped_mm" not in moe[0] and "every token through every expert" in moe[0]
 
 
 # --- DeepSeek-V3: the same warning, routed experts only ---------------------------------------------

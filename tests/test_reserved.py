@@ -3,6 +3,7 @@ caching-allocator model, and the one verdict every command uses."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,8 @@ from vramplan.cuda.reserved import replay_stream
 from vramplan.estimate.estimator import estimate
 from vramplan.estimate.events import place_of, step_stream
 from vramplan.estimate.inventory import static_memory
+
+LLAMA4_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"   # all-linear would wrap the router
 
 SETUPS = [
     ("meta-llama/Llama-2-7b", {}),
@@ -35,6 +38,11 @@ SETUPS = [
     ("Qwen/Qwen3-0.6B", {"loss": "chunked", "optimizer": "adamw_fused", "seq": 1024}),
     # MoE: routed experts adapted through ParamWrapper
     ("Qwen/Qwen3-30B-A3B", {"seq": 512}),
+    # Llama 4: a complex64 rotary table, every-expert MoE layers; chunked-attention masks past
+    # 8192 tokens; dense and MoE layers interleaved (two templates each for RoPE / no-RoPE)
+    ("meta-llama/Llama-4-Scout-17B-16E", {"seq": 8192, "targets": LLAMA4_TARGETS}),
+    (str(Path(__file__).parent / "configs" / "llama4-interleave.json"),
+     {"seq": 512, "attn": "eager", "grad_ckpt": False, "targets": LLAMA4_TARGETS}),
 ]
 
 

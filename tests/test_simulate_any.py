@@ -157,9 +157,12 @@ def test_balanced_routing_answers_and_says_so():
 def test_moe_without_routing_answers_says_grouped_mm():
     from vramplan.simulate.kernels import Routing
 
-    notes = Routing(num_experts=8, top_k=2, tokens=64).notes()
+    notes = Routing(num_experts=8, top_k=2, tokens=64, grouped=True).notes()
     assert len(notes) == 1 and "grouped_mm" in notes[0] and "no routing had to be assumed" in notes[0]
     assert Routing().notes() == ()
+    # Llama 4's experts never call torch._grouped_mm (every token through every expert, bmm)
+    notes = Routing(num_experts=16, top_k=1, tokens=64).notes()
+    assert len(notes) == 1 and "grouped_mm" not in notes[0] and "every token through every expert" in notes[0]
 
 
 def test_ops_of_unknown_kernel_libraries_are_named():

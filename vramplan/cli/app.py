@@ -91,8 +91,11 @@ def family_features(arch) -> dict:
     if arch.moe:
         moe = ("fused 3-D stacks" + (" with biases" if arch.moe_style == "gpt_oss" else "")
                + ", 16-bit under 4-bit quantization in transformers 5; "
-               # peft has no MoE conversion for the type: all-linear leaves the experts frozen
-               + ("LoRA through ParamWrapper" if arch.peft_moe_conversion else "frozen under all-linear LoRA")
+               # peft has no MoE conversion for the type: all-linear leaves the experts frozen;
+               # Llama 4's router is an nn.Linear all-linear would wrap (inventory.refuse_router_lora)
+               + ("LoRA through ParamWrapper" if arch.peft_moe_conversion else
+                  "frozen under LoRA; named --targets only (all-linear would wrap the router)" if arch.linear_router
+                  else "frozen under all-linear LoRA")
                + ("; --experts 4bit for stacks that quantize them" if arch.expert_linears_v4 else ""))
     return {"model_type": arch.model_type, "methods": list(getattr(arch, "methods", METHODS)),
             "attention": list(arch.attention), "moe": moe}

@@ -27,9 +27,12 @@ class Architecture:
     norms_per_layer: int = 2  # input_layernorm + post_attention_layernorm (4: Gemma's sandwich norms)
     # q/k RMSNorm inside attention (docs/architectures.md#qk-norm): "head" normalizes each head
     # over head_dim with one (head_dim,) weight (Qwen3Attention, Gemma3Attention q_norm/k_norm);
-    # "projection" normalizes the whole q / k projection width (Olmo2Attention); None: no q/k norm.
+    # "projection" normalizes the whole q / k projection width (Olmo2Attention); "l2" a weightless
+    # per-head norm after RoPE, on RoPE layers only, when config.use_qk_norm (Llama4TextL2Norm);
+    # None: no q/k norm.
     qk_norm: str | None = None
-    # RMSNorm arithmetic: "llama" (LlamaRMSNorm: weight * x_normed.to(dtype)), "gemma"
+    # RMSNorm arithmetic: "llama" (LlamaRMSNorm: weight * x_normed.to(dtype)), "llama4"
+    # (Llama4TextRMSNorm: the same ops, the float32 product freed before the weight multiply), "gemma"
     # (Gemma2RMSNorm / Gemma3RMSNorm: x_normed * (1 + weight) in float32, then type_as(x)) or
     # "olmo" (Olmo2RMSNorm: (weight * x_normed).to(dtype), the product in float32).
     norm_style: str = "llama"
@@ -43,7 +46,8 @@ class Architecture:
     # use_sliding_window), "pattern" (Gemma: every sliding_window_pattern-th layer is global),
     # "all" (Mistral / Mixtral / Phi-3: every layer sliding when sliding_window is set), "olmo3"
     # (Olmo3Config: every fourth layer full, the others sliding), "all_if_used" (Qwen3MoeConfig:
-    # sliding_window only with use_sliding_window, then on every layer), None: none.
+    # sliding_window only with use_sliding_window, then on every layer), "chunked" (Llama4TextConfig:
+    # "chunked_attention" on the RoPE layers, "full_attention" on the others), None: none.
     layer_types_rule: str | None = None
     # Granite's multipliers that run as ops (models/granite/modeling_granite.py): every block output
     # is scaled before its residual add (`residual + h * residual_multiplier`, GraniteDecoderLayer)
@@ -67,7 +71,9 @@ class Architecture:
     # "topk_softmax" (GraniteMoeTopKRouter: top-k of the float32 logits, a softmax over those k,
     # `.type_as(hidden_states)`) or "sigmoid_grouped" (DeepseekV3TopkRouter: float32 sigmoid
     # scores plus e_score_correction_bias, top-k within the topk_group best of n_group groups,
-    # weights renormalized and scaled by routed_scaling_factor). The weights' dtype decides the
+    # weights renormalized and scaled by routed_scaling_factor) or "sigmoid_scatter" (Llama4Router:
+    # top-k of the logits scattered into a -inf (tokens, experts) tensor, a float32 sigmoid of it
+    # cast back: a score per expert, zero for the others). The weights' dtype decides the
     # dtype of the weighted expert outputs (integrations/moe.py grouped_mm_experts_forward:
     # proj_out * sample_weights).
     router: str = "softmax_topk"
@@ -97,9 +103,27 @@ class Architecture:
     # experts' layout: "mixtral" (MixtralTopKRouter / MixtralExperts) or "gpt_oss" (GptOssTopKRouter
     # with a bias, top-k then softmax in the logits dtype; GptOssExperts with biases, an
     # interleaved gate_up_proj (E, h, 2i) and a clamped SwiGLU). docs/architectures.md#gpt_oss
+    # "llama4": every token through every expert, scaled by its router score (Llama4TextMoe),
+    # Llama4TextExperts gate_up_proj (E, h, 2i) / down_proj (E, i, h) by torch.bmm, a shared expert.
     sinks: bool = False
     rope_half: bool = False
     moe_style: str = "mixtral"
+    # Llama 4's text decoder (models/llama4/modeling_llama4.py, docs/architectures.md#llama4_text):
+    # - rope_complex: apply_rotary_emb multiplies float32 copies of q / k viewed as complex numbers
+    #   by freqs_cis (one complex64 table, Llama4TextRotaryEmbedding), on the (batch, seq, heads,
+    #   head_dim) layout; q / k reach the kernel as `.transpose(1, 2)` views of it;
+    # - temperature_tuning: no-RoPE layers scale q by a float32 per-position factor
+    #   (Llama4TextAttention, config.attn_temperature_tuning);
+    # - eager_softmax_fp32 False: its eager_attention_forward softmaxes in the scores' dtype;
+    # - linear_router: the router subclasses nn.Linear and returns (scores, logits), which peft's
+    #   all-linear would wrap in a LoRA layer that cannot run (inventory.adapted_linears);
+    # - mask_types: the masks the model builds whatever its layers use (Llama4TextModel.forward
+    #   causal_mask_mapping: full and chunked; eager materializes both).
+    rope_complex: bool = False
+    temperature_tuning: bool = False
+    eager_softmax_fp32: bool = True
+    linear_router: bool = False
+    mask_types: tuple[str, ...] = ()
 
 
 _LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -288,6 +312,33 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                  expert_linears_v4=False,
                  notes=("transformers 5 keeps gpt-oss experts and router as 3D / custom parameters: bitsandbytes "
                         "does not quantize them and peft's all-linear does not adapt them (it targets q/k/v/o)",)),
+    # models/llama4/modeling_llama4.py (Llama4TextAttention, Llama4TextDecoderLayer, Llama4TextMoe,
+    # Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextL2Norm, Llama4TextRMSNorm,
+    # Llama4TextRotaryEmbedding, eager_attention_forward) and configuration_llama4.py
+    # (Llama4TextConfig): q/k/v/o with bias=config.attention_bias; MoE layers (config.moe_layers, or
+    # every interleave_moe_layer_step-th) route every token through every expert plus a shared
+    # Llama4TextMLP(intermediate_size), the others are a Llama4TextMLP(intermediate_size_mlp);
+    # no_rope_layers pick the RoPE layers, which attend in chunks of attention_chunk_size. The
+    # router is not quantized (`type(module) is nn.Linear` fails for a subclass) and the 3D experts
+    # neither; peft has no MoE conversion for llama4 (conversion_mapping), so both stay frozen under
+    # LoRA. Flash attention is refused (_supports_flash_attn = False). docs/architectures.md#llama4_text
+    Architecture("llama4_text", dict(vocab_size=202048, hidden_size=5120, intermediate_size=8192,
+                                     intermediate_size_mlp=16384, num_hidden_layers=48, num_attention_heads=40,
+                                     num_key_value_heads=8, head_dim=128, hidden_act="silu",
+                                     max_position_embeddings=4096 * 32, tie_word_embeddings=False,
+                                     attention_bias=False, num_experts_per_tok=1, num_local_experts=16,
+                                     moe_layers=None, interleave_moe_layer_step=1, use_qk_norm=True,
+                                     output_router_logits=False, no_rope_layers=None, no_rope_layer_interval=4,
+                                     attention_chunk_size=8192, layer_types=None, attn_temperature_tuning=True,
+                                     floor_scale=8192, attn_scale=0.1),
+                 mlp_bias=False, qk_norm="l2", norm_style="llama4", layer_types_rule="chunked", nope_layers=True,
+                 moe=True, router="sigmoid_scatter", moe_style="llama4", peft_moe_conversion=False,
+                 expert_linears_v4=False, rope_complex=True, temperature_tuning=True, eager_softmax_fp32=False,
+                 linear_router=True, mask_types=("full_attention", "chunked_attention"),
+                 notes=("transformers 5 keeps Llama 4 experts as 3D parameters and its router as an nn.Linear "
+                        "subclass: bitsandbytes quantizes neither (both stay 16-bit) and LoRA adapts neither; "
+                        "every token runs through every expert (hidden_states.repeat), so expert activations "
+                        "grow with experts x tokens",)),
 )}
 
 

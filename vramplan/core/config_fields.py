@@ -23,7 +23,8 @@ CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "
                   "qwen3": "Qwen3Config", "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config",
                   "granite": "GraniteConfig", "smollm3": "SmolLM3Config", "olmo3": "Olmo3Config",
                   "ministral": "MinistralConfig", "qwen3_moe": "Qwen3MoeConfig",
-                  "granitemoe": "GraniteMoeConfig", "deepseek_v3": "DeepseekV3Config", "gpt_oss": "GptOssConfig"}
+                  "granitemoe": "GraniteMoeConfig", "deepseek_v3": "DeepseekV3Config", "gpt_oss": "GptOssConfig",
+                  "llama4_text": "Llama4TextConfig"}
 
 # Fields derived from others when absent, as transformers does: the config classes set
 # `num_key_value_heads = num_attention_heads` (e.g. LlamaConfig.__post_init__), and head_dim is
@@ -36,6 +37,11 @@ WINDOWED = {"mistral": ("sliding_window",), "mixtral": ("sliding_window",), "phi
             "qwen2": ("use_sliding_window", "sliding_window"), "ministral": ("sliding_window",),
             "olmo3": ("sliding_window",), "qwen3_moe": ("use_sliding_window", "sliding_window"),
             "gpt_oss": ("sliding_window",)}
+
+
+# Fields read only when another one is absent (Llama4TextConfig.__post_init__: the NoPE interval
+# without no_rope_layers, the MoE interleave step without moe_layers)
+READ_WITHOUT = {"no_rope_layer_interval": "no_rope_layers", "interleave_moe_layer_step": "moe_layers"}
 
 
 def _given(config: dict, key: str) -> bool:
@@ -70,6 +76,9 @@ def read_fields(arch) -> tuple[str, ...]:
         fields += ["q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                    "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group"]
         fields.remove("head_dim")   # DeepseekV3Config.__post_init__: head_dim = qk_rope_head_dim
+    if arch.moe_style == "llama4":   # models.py _llama4_feed_forward, _rope_layers, _attention_chunk
+        fields += ["intermediate_size_mlp", "interleave_moe_layer_step", "no_rope_layer_interval",
+                   "attention_chunk_size", "use_qk_norm", "attn_temperature_tuning"]
     fields += [k for k in ("final_logit_softcapping", "attn_logit_softcapping") if k in arch.defaults]
     fields += WINDOWED.get(arch.model_type, ())
     return tuple(dict.fromkeys(fields))
@@ -82,7 +91,7 @@ def defaults_applied(config: dict, arch, resolved: dict) -> tuple[str, ...]:
     origin = f"transformers' {cls}" if cls else f"transformers' configuration_{arch.model_type}.py"
     parts = []
     for key in read_fields(arch):
-        if _given(config, key):
+        if _given(config, key) or (key in READ_WITHOUT and config.get(READ_WITHOUT[key])):
             continue
         value = resolved.get(key)
         if key in DERIVED and (arch.defaults.get(key) is None):

@@ -76,6 +76,9 @@ class ModelSpec:
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     sliding_window: int | None = None   # attention window, when the model uses one
+    # Llama 4's attention_chunk_size, when some layer is "chunked_attention": those layers attend
+    # within aligned chunks of that many tokens (masking_utils.chunked_overlay)
+    attention_chunk: int | None = None
     defaults_used: tuple[str, ...] = ()  # assumption lines for fields config.json left out
     # per decoder layer: "full_attention" or "sliding_attention" (config.layer_types, or the rule
     # transformers' configuration_<type>.py fills it with); empty for a spec built by hand
@@ -91,6 +94,9 @@ class ModelSpec:
     # the shared experts' MLP width (0: none) and the router's (n_group, topk_group)
     mla: "Mla | None" = None
     dense_layers: int = 0
+    # per decoder layer, bottom to top, whether it is dense where dense and MoE layers interleave
+    # (Llama 4's moe_layers); empty: the first dense_layers are (DeepSeek-V3)
+    dense_flags: tuple[bool, ...] = ()
     expert_intermediate: int = 0
     shared_intermediate: int = 0
     router_groups: tuple[int, int] = (1, 1)
@@ -98,6 +104,12 @@ class ModelSpec:
     @property
     def arch(self) -> Architecture:
         return ARCHITECTURES[self.model_type]
+
+    def setting(self, key: str):
+        """A config field as transformers reads it: the config.json value, else the config class
+        default (Architecture.defaults)."""
+        value = self.config.get(key)
+        return self.arch.defaults.get(key) if value is None else value
 
     @property
     def moe_layers(self) -> int:
@@ -108,6 +120,10 @@ class ModelSpec:
     def expert_width(self) -> int:
         """One routed expert's intermediate size."""
         return self.expert_intermediate or self.intermediate
+
+    def is_dense(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has a dense MLP where the others have MoE blocks."""
+        return self.dense_flags[layer] if self.dense_flags else layer < self.dense_layers
 
     def count(self, linear: Linear) -> int:
         """How many decoder layers hold this Linear."""
@@ -146,10 +162,15 @@ class ModelSpec:
         MixtralTopKRouter.weight (E, h), MixtralExperts gate_up_proj (E, 2i, h) and down_proj
         (E, h, i) (models/mixtral/modeling_mixtral.py); GptOssTopKRouter weight (E, h) and bias (E,),
         GptOssExperts gate_up_proj (E, h, 2i), gate_up_proj_bias (E, 2i), down_proj (E, i, h),
-        down_proj_bias (E, h) (models/gpt_oss/modeling_gpt_oss.py)."""
+        down_proj_bias (E, h) (models/gpt_oss/modeling_gpt_oss.py); Llama4Router weight (E, h),
+        Llama4TextExperts gate_up_proj (E, h, 2i) and down_proj (E, i, h)
+        (models/llama4/modeling_llama4.py)."""
         E, h, i = self.num_experts, self.hidden, self.expert_width
         if not E:
             return ()
+        if self.arch.moe_style == "llama4":
+            return (("router.weight", (E, h)), ("experts.gate_up_proj", (E, h, 2 * i)),
+                    ("experts.down_proj", (E, i, h)))
         if self.arch.moe_style == "gpt_oss":
             return (("router.weight", (E, h)), ("router.bias", (E,)),
                     ("experts.gate_up_proj", (E, h, 2 * i)), ("experts.gate_up_proj_bias", (E, 2 * i)),
@@ -182,11 +203,19 @@ class ModelSpec:
 # - models/gemma3/configuration_gemma3.py Gemma3Config.text_config: a Gemma3TextConfig;
 # - models/mistral3/configuration_mistral3.py Mistral3Config.sub_configs_defaults: text_config is
 #   built with AutoConfig, model_type "mistral" unless it names another (docs/architectures.md#mistral3).
-TEXT_CONFIG_TYPES = {"gemma3": "gemma3_text", "mistral3": "mistral"}
+# - models/llama4/configuration_llama4.py Llama4Config.sub_configs_defaults: a Llama4TextConfig,
+#   which Llama4ForCausalLM builds (AutoModelForCausalLM maps llama4 and llama4_text to it).
+TEXT_CONFIG_TYPES = {"gemma3": "gemma3_text", "mistral3": "mistral", "llama4": "llama4_text"}
 # What the estimate leaves out of such a checkpoint (the Gemma 3 note is the gemma3_text family's own)
 TEXT_CONFIG_NOTES = {"mistral3": "multimodal Mistral 3 checkpoint (Mistral3ForConditionalGeneration): the text "
                                  "decoder (text_config, model_type {text}) is modelled as its causal LM class builds "
-                                 "it; the Pixtral vision tower and the multimodal projector are not counted"}
+                                 "it; the Pixtral vision tower and the multimodal projector are not counted",
+                     # Llama4ForConditionalGeneration built from Llama-4-Scout's vision_config on meta:
+                     # 871,932,416 parameters besides the text decoder
+                     "llama4": "multimodal Llama 4 checkpoint (Llama4ForConditionalGeneration): the text decoder "
+                               "(text_config, model_type {text}) is modelled as Llama4ForCausalLM builds it; the "
+                               "vision tower and the multimodal projector (about 0.87B parameters at Scout's "
+                               "vision_config) are not counted"}
 
 
 # A checkpoint published in MXFP4 (gpt-oss) trains dequantized: transformers' Mxfp4HfQuantizer is
@@ -292,7 +321,14 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         norms += [head_dim, head_dim]
     elif arch.qk_norm == "projection":  # Olmo2RMSNorm(H * head_dim), Olmo2RMSNorm(kv * head_dim)
         norms += [q, kv]
-    if not arch.moe:
+    dense_flags, chunk = (), None
+    if arch.moe_style == "llama4":
+        chunk = _attention_chunk(config, cfg, model_id)
+        ff, dense_flags = _llama4_feed_forward(cfg, hidden, inter, layers, model_id, need_int)
+        linears += ff
+        if all(dense_flags):   # no layer in moe_layers: a dense model
+            experts, per_tok, dense_flags = 0, 0, ()
+    elif not arch.moe:
         if arch.fused_gate_up:
             linears.append(Linear("mlp.gate_up_proj", hidden, 2 * inter, mlp_bias))
         else:
@@ -309,9 +345,55 @@ def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         final_logit_softcap=cfg.get("final_logit_softcapping"),
         attn_logit_softcap=cfg.get("attn_logit_softcapping"),
         sliding_window=window if "sliding_attention" in types else None,
+        attention_chunk=chunk if "chunked_attention" in types else None,
         layer_types=types, layer_norms=tuple(norms), rope_layers=_rope_layers(arch, cfg, layers, model_id),
         defaults_used=defaults_applied(config, arch, cfg), notes=notes,
+        dense_layers=sum(dense_flags), dense_flags=dense_flags,
     )
+
+
+def _attention_chunk(config: dict, cfg: dict, model_id: str) -> int:
+    """Llama4TextModel.forward builds create_chunked_causal_mask for every forward, whatever its
+    layers use (masking_utils.py: `chunk_size = getattr(config, "attention_chunk_size", None)`):
+    an explicit null fails there in transformers 5.23, so it is refused here."""
+    value = config.get("attention_chunk_size", cfg.get("attention_chunk_size"))
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ModelError(f"config for {model_id}: attention_chunk_size must be a positive integer, got {value!r} "
+                         "(Llama4TextModel builds a chunked attention mask on every forward)",
+                         hint="set attention_chunk_size in config.json (8192 in the published Llama 4 configs)")
+    return value
+
+
+def _llama4_feed_forward(cfg: dict, hidden: int, inter: int, layers: int, model_id: str,
+                         need_int) -> tuple[list, tuple[bool, ...]]:
+    """Llama4TextDecoderLayer (models/llama4/modeling_llama4.py): layer_idx in config.moe_layers
+    gets a Llama4TextMoe, whose shared_expert is a Llama4TextMLP(intermediate_size); the others a
+    Llama4TextMLP(intermediate_size_mlp); gate/up/down without bias. Llama4TextConfig.__post_init__:
+    moe_layers, or range(interleave_moe_layer_step - 1, layers, interleave_moe_layer_step).
+    Returns the MLP linears and, per layer, whether it is dense."""
+    moe = cfg.get("moe_layers")
+    if moe is None:
+        step = need_int("interleave_moe_layer_step")
+        moe = range(step - 1, layers, step)
+    elif not isinstance(moe, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in moe):
+        raise ModelError(f"config for {model_id}: moe_layers must list layer indices",
+                         hint="fix moe_layers in config.json, or drop it to use interleave_moe_layer_step")
+    moe = set(moe)
+    dense = tuple(i not in moe for i in range(layers))
+    linears = []
+    if not all(dense):
+        linears += _mlp_linears("feed_forward.shared_expert.", hidden, inter, "moe")
+    if any(dense):
+        linears += _mlp_linears("feed_forward.", hidden, need_int("intermediate_size_mlp"),
+                                "all" if all(dense) else "dense")
+    return linears, dense
+
+
+def _mlp_linears(prefix: str, hidden: int, width: int, where: str) -> list:
+    """gate_proj / up_proj / down_proj without bias (Llama4TextMLP, DeepseekV3MLP)."""
+    return [Linear(prefix + "gate_proj", hidden, width, False, where),
+            Linear(prefix + "up_proj", hidden, width, False, where),
+            Linear(prefix + "down_proj", width, hidden, False, where)]
 
 
 def _mla_spec(config: dict, cfg: dict, arch: Architecture, model_id: str, source: str, need_int, types, window,
@@ -358,9 +440,7 @@ def _mla_spec(config: dict, cfg: dict, arch: Architecture, model_id: str, source
     for width, prefix, where in ((inter, "mlp.", "dense" if experts else "all"),
                                  (moe_inter * shared, "mlp.shared_experts.", "moe")):
         if width and (dense if where == "dense" else layers):
-            linears += [Linear(prefix + "gate_proj", hidden, width, False, where),
-                        Linear(prefix + "up_proj", hidden, width, False, where),
-                        Linear(prefix + "down_proj", width, hidden, False, where)]
+            linears += _mlp_linears(prefix, hidden, width, where)
     norms = [hidden, hidden] + ([mla.q_lora_rank] if mla.q_lora_rank else []) + [mla.kv_lora_rank]
     require_core_fields(config, model_id, arch)
     return ModelSpec(
@@ -380,16 +460,21 @@ def _rope_layers(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
     if not arch.nope_layers:
         return ()
     flags = cfg.get("no_rope_layers")
-    if flags is None:
+    # Llama4TextConfig.__post_init__ takes an empty list as absent, and a longer list is read by
+    # layer index (Llama4TextAttention: `config.no_rope_layers[layer_idx]`)
+    chunked = arch.layer_types_rule == "chunked"
+    if flags is None or (chunked and flags == []):
         interval = cfg.get("no_rope_layer_interval", 4)
         return tuple(bool((i + 1) % interval) for i in range(layers))
-    if not isinstance(flags, list) or len(flags) != layers:
+    if not isinstance(flags, list) or (len(flags) < layers if chunked else len(flags) != layers):
         raise ModelError(f"config for {model_id}: no_rope_layers must list {layers} entries of 0 / 1",
                          hint="fix no_rope_layers in config.json")
-    return tuple(bool(f) for f in flags)
+    return tuple(bool(f) for f in flags[:layers])
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# Llama4TextModel's causal_mask_mapping has these two keys only
+CHUNKED_LAYER_TYPES = ("full_attention", "chunked_attention")
 
 
 def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> tuple[tuple[str, ...], int | None]:
@@ -403,20 +488,26 @@ def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
     - "all" (Mistral / Mixtral / Phi-3 / Ministral: one sliding_window for every layer when set);
       "all_if_used" (Qwen3MoeConfig.__post_init__: the same, only with use_sliding_window);
     - "olmo3" (Olmo3Config.__post_init__): `(i + 1) % 4 != 0` slides: three sliding layers per
-      full one, whatever sliding_window says (docs/architectures.md#olmo3)."""
+      full one, whatever sliding_window says (docs/architectures.md#olmo3);
+    - "chunked" (Llama4TextConfig.__post_init__): "chunked_attention" where no_rope_layers says
+      RoPE, "full_attention" elsewhere (docs/architectures.md#llama4_text)."""
     window = cfg.get("sliding_window")
     if arch.layer_types_rule in ("window_from", "nope_window", "all_if_used") and not cfg.get("use_sliding_window"):
         window = None
     window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
     explicit = cfg.get("layer_types")
     rule = arch.layer_types_rule
+    names = CHUNKED_LAYER_TYPES if rule == "chunked" else LAYER_TYPES
     if explicit is not None:
         if (not isinstance(explicit, list) or len(explicit) != layers
-                or any(t not in LAYER_TYPES for t in explicit)):
+                or any(t not in names for t in explicit)):
             raise ModelError(f"config for {model_id}: layer_types must list {layers} entries of "
-                             f"{' / '.join(LAYER_TYPES)}",
+                             f"{' / '.join(names)}",
                              hint="fix layer_types in config.json, or `vramplan simulate` for other layer kinds")
         types = tuple(explicit)
+    elif rule == "chunked":
+        types = tuple("chunked_attention" if rope else "full_attention"
+                      for rope in _rope_layers(arch, cfg, layers, model_id))
     elif rule == "window_from":
         start = cfg.get("max_window_layers", 0)
         types = tuple("sliding_attention" if window is not None and i >= start else "full_attention"

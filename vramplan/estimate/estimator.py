@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.estimate.ops import (act_bytes, autocast_cache, eager_masks, embedding_leaf, head_memory,
-                                   held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack)
+from vramplan.estimate.ops import (autocast_cache, eager_masks, embedding_leaf, head_memory,
+                                   held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables)
 from vramplan.cuda.arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
 from vramplan.cuda.cublas import STEP_THREADS, step_workspace_bytes, workspace_bytes
 from vramplan.core.components import ALLOCATED, Component, check_sum
@@ -25,7 +25,7 @@ from vramplan.cuda.context import cuda_context, device_overhead
 from vramplan.core.errors import ModelError, UsageError
 from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.estimate.inventory import (Static, adapted_linears, expert_weight_bytes, experts_adapted,
-                                         experts_quantized, rope_kinds, rope_width, static_memory)
+                                         experts_quantized, static_memory)
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.estimate.quant import alloc
 from vramplan.core.setup import TrainSetup, apply_flags
@@ -241,11 +241,10 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     L = spec.layers
     head = head_memory(spec, setup, arch)
     # input_ids (int64, also passed as labels: one storage), position_ids (1, seq), and the
-    # shifted labels ForCausalLMLoss builds (pad + contiguous), int64 each; rotary cos and sin
-    # of shape (1, seq, head_dim) in the hidden-state dtype, shared by every layer.
-    a = act_bytes(setup)
+    # shifted labels ForCausalLMLoss builds (pad + contiguous), int64 each; the rotary tables
+    # (ops.rope_tables), shared by every layer.
     base_acts = (alloc(8 * setup.tokens) + alloc(8 * setup.seq) + 2 * alloc(8 * (setup.tokens + setup.batch))
-                 + 2 * rope_kinds(spec) * alloc(a * setup.seq * rope_width(spec)))
+                 + sum(rope_tables(spec, setup)))
     # Granite's embedding leaf under checkpointing (ops.embedding_leaf): the graph's AccumulateGrad
     # node holds it, so it goes with the graph when backward ends, before the optimizer step
     leaf = embedding_leaf(spec, setup)
@@ -437,8 +436,9 @@ def attention_assumption(spec: ModelSpec, setup: TrainSetup, arch: CudaArch) -> 
     if setup.attn != "sdpa" and spec.arch.sinks:   # ops.eager_sinks
         return ("attention: eager with a learned sink column per head (materializes batch x heads x seq x "
                 "(seq + 1) logits and a softmax in the scores' dtype; transformers has no SDPA path for it)")
-    if setup.attn != "sdpa":
-        return "attention: eager (materializes batch x heads x seq x seq scores and fp32 softmax)"
+    if setup.attn != "sdpa":   # Llama 4's eager_attention_forward does not upcast the softmax
+        softmax = "fp32 softmax" if spec.arch.eager_softmax_fp32 else "a softmax in the scores' dtype"
+        return f"attention: eager (materializes batch x heads x seq x seq scores and {softmax})"
     from vramplan.cuda.sdpa import fallback_reason
     from vramplan.estimate.ops import sdpa_backend, sdpa_call
 

@@ -29,9 +29,8 @@ from vramplan.estimate.inventory import (Static, adapted_linears, adapter_bytes,
 from vramplan.cuda.arch import ASSUMED, CudaArch
 from vramplan.cuda.reserved import SmallPoolLevel
 from vramplan.cuda.cublas import workspace_bytes
-from vramplan.estimate.inventory import rope_kinds, rope_width
-from vramplan.estimate.ops import (_head_tape, _layer_tapes, _structure, act_bytes, eager_masks, embedding_leaf,
-                                   held_outputs, int8_ctx_inputs, layer_kinds)
+from vramplan.estimate.ops import (_head_tape, _layer_tapes, _structure, eager_masks, embedding_leaf,
+                                   held_outputs, int8_ctx_inputs, layer_kinds, rope_tables)
 from vramplan.estimate.quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate.symbolic import rounded_bytes, variables
 from vramplan.estimate.walk import GRAD
@@ -93,7 +92,7 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
         return layer
     per_kind = {dense: layer_sizes(dense) for dense in (True, False)}
     for i in range(n):
-        sizes += per_kind[i < spec.dense_layers]
+        sizes += per_kind[spec.is_dense(i)]
     if spec.num_experts and not setup.experts_4bit:
         # the router weight and the two 3D expert stacks of every MoE layer, one allocation each
         # (inventory.static_memory), and DeepSeek-V3's float32 e_score_correction_bias
@@ -315,10 +314,9 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     def gather(sizes) -> list:
         return b.make([n for n in sizes if n > 0])
     release = b.drop
-    a = act_bytes(setup)
     inputs = ([alloc(8 * setup.tokens), alloc(8 * setup.seq), alloc(8 * (setup.tokens + setup.batch)),
                alloc(8 * (setup.tokens + setup.batch))]
-              + [alloc(a * setup.seq * rope_width(spec))] * (2 * rope_kinds(spec)))
+              + rope_tables(spec, setup))
     leaf = embedding_leaf(spec, setup)     # freed with the graph when backward ends
     held = held_outputs(spec, setup)       # ops.held_outputs: a plain loop's `out`
     held_prev = []

@@ -78,6 +78,7 @@ def adapted_linears(spec: ModelSpec, setup: TrainSetup) -> tuple[Linear, ...]:
     the target or ends with "." + target (peft check_target_module_exists)."""
     if not setup.uses_adapters:
         return ()
+    refuse_router_lora(spec, setup)
     moved = PEFT_MOE_PARAMETER_TARGETS.get(spec.model_type, ())
     if setup.targets == (ALL_LINEAR,):
         return tuple(l for l in spec.layer_linears if l.leaf not in moved)
@@ -96,6 +97,21 @@ def adapted_linears(spec: ModelSpec, setup: TrainSetup) -> tuple[Linear, ...]:
         raise ModelError(f"target modules {', '.join(unmatched)} match nothing in {spec.id}",
                          hint=f"its Linear modules are: {names} (or use all-linear)")
     return chosen
+
+
+def refuse_router_lora(spec: ModelSpec, setup: TrainSetup) -> None:
+    """Llama4Router subclasses nn.Linear (models/llama4/modeling_llama4.py) and returns (scores,
+    logits). peft's all-linear takes every nn.Linear (tuners_utils._maybe_include_all_linear_layers:
+    isinstance), as does a target naming `router`; the lora.Linear wrapping it then fails on the
+    first forward (peft/tuners/lora/layer.py Linear.forward: `result.dtype` of the tuple). No run
+    trains that way, so the estimate refuses it."""
+    if not (spec.arch.linear_router and spec.num_experts and setup.uses_adapters):
+        return
+    if setup.targets == (ALL_LINEAR,) or any(t.rsplit(".", 1)[-1] == "router" for t in setup.targets):
+        names = ",".join(dict.fromkeys(l.leaf for l in spec.layer_linears))
+        raise ModelError(f"LoRA on {spec.model_type}'s router cannot run: peft wraps Llama4Router (an nn.Linear "
+                         "subclass returning scores and logits) and its forward fails on the tuple",
+                         hint=f"name the targets, e.g. --targets {names}")
 
 
 # peft 0.21 _convert_peft_config_moe (peft/utils/transformers_weight_conversion.py) with

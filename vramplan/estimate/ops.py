@@ -36,10 +36,10 @@ from vramplan.cuda.arch import ASSUMED, CudaArch
 from vramplan.cuda.gemm_4bit import gemm_4bit_uses_fused_kernel
 from vramplan.estimate.walk import ACT, Op, Tape, Tensor, WalkResult, walk
 from vramplan.estimate.inventory import (adapted_linears, embedding_bytes, expert_linears, experts_adapted,
-                                         experts_quantized, weight_bytes)
+                                         experts_quantized, rope_kinds, rope_width, weight_bytes)
 from vramplan.core.models import Linear, ModelSpec
 from vramplan.estimate.quant import alloc as alloc_bytes, dequant_temporary
-from vramplan.estimate import symbolic as sym
+from vramplan.estimate import llama4, symbolic as sym
 from vramplan.estimate.symbolic import alloc, variables
 from vramplan.core.setup import DTYPES, TrainSetup
 
@@ -66,8 +66,8 @@ class _Ops:
         # autocast dtype (bytes); tensors whose dtype differs from `a` are listed in `bytes_of`
         self.c = DTYPES[setup.amp] if setup.autocast else self.a
         self.bytes_of: dict[str, int] = {}
-        self.fused, self.window, self.kv_view, self.use_rope, self.dense = (decisions(spec, setup, arch) if decided is None
-                                                                            else decided)
+        self.fused, self.window, self.kv_view, self.use_rope, self.dense, self.single = (
+            decisions(spec, setup, arch) if decided is None else decided)
         self.full = setup.method == "full"
         self.adapted = {l.name for l in adapted_linears(spec, setup)}
         if experts_quantized(spec, setup) and experts_adapted(spec, setup):
@@ -76,6 +76,7 @@ class _Ops:
         self.dequant = 0   # largest dequantized-weight temporary seen
         self.cached: tuple = ()   # autocast weight casts, held by autocast's cache until the region exits
         self.held: tuple = ()     # head outputs the loop keeps through backward (`out.logits`)
+        self.layer_locals: list = []   # names a decoder layer's forward holds until it returns
 
     def t(self, name: str, nbytes: int) -> Tensor:
         return Tensor(name, alloc(nbytes), self.tag)
@@ -84,12 +85,13 @@ class _Ops:
         self.ops.append(Op(name, tuple(inputs), tuple(outputs), **kw))
 
     # --- RMSNorm ------------------------------------------------------------------------------
-    def norm(self, p: str, x: str, width: int | None = None, groups: int = 1) -> str:
+    def norm(self, p: str, x: str, width: int | None = None, groups: int = 1, weight: bool = True) -> str:
         """LlamaRMSNorm: x.float(); pow(2).mean(-1); + eps; rsqrt; x * r; .to(dtype); weight * y.
         Gemma2RMSNorm / Gemma3RMSNorm: the same in float32, then * (1 + weight.float()) and type_as(x).
         `width` is the normalized dimension (hidden by default); `groups` rows per token: a per-head
         q/k norm (Qwen3 / Gemma3 q_norm) normalizes H rows of head_dim per token, so the float32
-        copies are as large as the projection and the variance has H values per token."""
+        copies are as large as the projection and the variance has H values per token.
+        weight=False: Llama4TextL2Norm, `self._norm(x.float()).type_as(x)` and nothing more."""
         a, h = self.bytes_of.get(x, self.a), width or self.spec.hidden
         T = self.T * groups
         x32 = x
@@ -123,13 +125,17 @@ class _Ops:
         if a != FP32:
             y = f"{p}.y"
             self.op(f"{p}.cast", [f"{p}.y32"], [self.t(y, a * T * h)], grads=((f"{p}.y32", FP32 * T * h),))
+        if not weight:
+            return y
         out = f"{p}.out"
         # `weight * hidden_states.to(input_dtype)` promotes: a float32 weight (prepare_model_for_kbit_training)
         # over a 16-bit input (the embedding output after qlora.py's recast) gives a float32 output
         ob = max(a, weight_bytes(self.setup))
-        # `hidden_states` (the float32 product) is a local of forward(): it lives until the
-        # return, i.e. through the weight multiply
-        self.op(f"{p}.weight", [y, f"{p}.y32"], [self.t(out, ob * T * h)], saves=weight_saves if self.full else (),
+        # LlamaRMSNorm: `hidden_states` (the float32 product) is a local of forward(): it lives
+        # until the return, i.e. through the weight multiply. Llama4TextRMSNorm casts the product
+        # inside one expression (`self._norm(x.float()).type_as(x)`), which frees it first.
+        product = [f"{p}.y32"] if self.spec.arch.norm_style == "llama" else []
+        self.op(f"{p}.weight", [y, *product], [self.t(out, ob * T * h)], saves=weight_saves if self.full else (),
                 grads=((y, a * T * h),), param_grads=alloc(a * h) if self.full else 0)
         if ob != self.a:
             self.bytes_of[out] = ob
@@ -318,15 +324,17 @@ class _Ops:
         out = self.attention("attn.qs", "attn.ks", "attn.v", kvb, dims=(qk, m.v_head_dim))
         return out, [n1, out, "attn.qs", "attn.ks", kvb]
 
-    def attention(self, q: str, k: str, v: str, v_storage: str, dims: tuple[int, int] | None = None) -> str:
+    def attention(self, q: str, k: str, v: str, v_storage: str, dims: tuple[int, int] | None = None,
+                  rope_applied: bool = False) -> str:
         """The attention kernel on q, k, v. `dims`: (q/k head dim, v head dim) of multi-head latent
         attention (DeepSeek-V3: every head, RoPE already applied, v a strided view of kv_b_proj's
-        output); otherwise spec.head_dim for all three and RoPE is applied here."""
+        output); otherwise spec.head_dim for all three and RoPE is applied here, unless
+        `rope_applied` (Llama 4 rotates before its q/k norm: estimate/llama4.py)."""
         spec, s, a, T = self.spec, self.setup, self.a, self.T
         b, seq, H, hd = sym.B, sym.S, spec.heads, dims[0] if dims else spec.head_dim
         qw, kvw = H * hd, spec.kv_heads * hd
         vin, ow = (H * dims[1], H * dims[1]) if dims else (kvw, qw)   # widths of v and of the output
-        if self.use_rope and not dims:  # SmolLM3's no-RoPE layers skip apply_rotary_pos_emb (attention.use_rope)
+        if self.use_rope and not dims and not rope_applied:  # SmolLM3's no-RoPE layers skip apply_rotary_pos_emb (attention.use_rope)
             q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
         if spec.arch.sinks:
             return self.eager_sinks(q, k, v)
@@ -445,6 +453,16 @@ class _Ops:
             rep = H // spec.kv_heads
             S = b * H * seq * seq
             keep_k = keep_v = ()
+            if spec.arch.rope_complex and not self.single:
+                # Llama 4's q and k are `.transpose(1, 2)` views of (b, s, heads, hd): matmul's
+                # reshape to (b * H, s, hd) for bmm (aten matmul: expand + reshape) cannot merge
+                # b and H in a view unless b is 1, so it copies q (and k when repeat_kv does not);
+                # bmm saves the copies, the reshape's backward passes the gradient through
+                self.op("attn.q_copy", [q], [self.t("attn.qc", a * T * qw)], grads=((q, 0),))
+                q = "attn.qc"
+                if rep == 1:
+                    self.op("attn.k_copy", [k], [self.t("attn.kc", a * T * kvw)], grads=((k, 0),))
+                    k = "attn.kc"
             if rep > 1:  # repeat_kv: expand + reshape copies k/v to every head
                 # ... except with one KV head and one sequence (self.kv_view): repeat_kv is then a
                 # stride-0 view and so is matmul's (b * H) batch reshape, so q @ k^T and p @ v
@@ -469,18 +487,24 @@ class _Ops:
             self.op("attn.mask", [scores], [self.t("attn.sm", a * S)], grads=((scores, 0),))
             scores = "attn.sm"
             # softmax(dtype=float32) converts the input first (aten._to_copy), then softmaxes in
-            # float32 (output saved); backward: float32 grad, then the cast back
+            # float32 (output saved); backward: float32 grad, then the cast back. Llama 4's
+            # eager_attention_forward softmaxes in the scores' dtype (output saved), except under
+            # autocast, where softmax is fp32_set_opt_dtype: the same float32 softmax, whose
+            # output matmul (lower precision) casts back for p @ v (docs/recipes.md#cuda-autocast-op-lists)
+            fp32_softmax = spec.arch.eager_softmax_fp32 or s.autocast
             s32 = scores
-            if a != FP32:  # .to(float32) and the cast back are no-ops on float32 scores
+            if a != FP32 and fp32_softmax:  # .to(float32) and the cast back are no-ops on float32 scores
                 s32 = "attn.s32"
                 self.op("attn.to32", [scores], [self.t(s32, FP32 * S)], grads=((scores, a * S),))
-            self.op("attn.softmax", [s32], [self.t("attn.p32", FP32 * S)], saves=("attn.p32",),
-                    grads=((s32, FP32 * S),))
-            probs = "attn.p32"
-            if a != FP32:
-                # `attn_weights` still names the scaled scores until the cast result is bound to it
+            sb, probs = (FP32, "attn.p32") if fp32_softmax else (a, "attn.p")
+            # `attn_weights` names the masked scores while the softmax runs
+            self.op("attn.softmax", [s32, scores], [self.t(probs, sb * S)], saves=(probs,), grads=((s32, sb * S),))
+            if a != FP32 and fp32_softmax:
+                # Llama: `attn_weights` still names the scaled scores until the cast result is
+                # bound to it (Llama 4 under autocast rebinds it to the float32 softmax)
+                keep = [scores] if spec.arch.eager_softmax_fp32 else []
                 probs = "attn.p"
-                self.op("attn.cast", ["attn.p32", scores], [self.t(probs, a * S)], grads=(("attn.p32", FP32 * S),))
+                self.op("attn.cast", ["attn.p32", *keep], [self.t(probs, a * S)], grads=(("attn.p32", FP32 * S),))
             if dims:
                 # matmul reshapes v (b, H, s, dv) to (b * H, s, dv) for bmm: a strided view of
                 # kv_b_proj's output cannot merge b and H, so it is copied (saved by bmm); the
@@ -559,7 +583,7 @@ class _Ops:
         return out
 
     # --- Mixture of experts (transformers 5 MixtralSparseMoeBlock, grouped_mm experts) ---------
-    def moe(self, x: str) -> str:
+    def moe(self, x: str, lins: dict | None = None) -> str:
         """The family's router (router_weights) then its experts (MixtralExperts, Qwen3MoeExperts,
         GraniteMoeExperts) with experts_implementation="grouped_mm" (the transformers 5.23
         default): tokens sorted by expert and gathered (index), one grouped matmul for gate_up and
@@ -574,6 +598,8 @@ class _Ops:
                              "(grouped_mm is on no autocast list)", hint="use --amp none or drop --prepare-kbit")
         if spec.arch.moe_style == "gpt_oss":
             return self.moe_gpt_oss(x)
+        if spec.arch.moe_style == "llama4":
+            return llama4.moe(self, x, lins)
         h, i, E, k = spec.hidden, spec.expert_width, spec.num_experts, spec.experts_per_tok
         cb, Tk = s.compute_bytes, T * k
         lora = experts_adapted(spec, s)
@@ -867,17 +893,18 @@ class _Ops:
         self.op("moe.weigh", [d, grad_d, w], [self.t("moe.dw", ob * Tk * h)], saves=(d, w),
                 grads=((grad_d, ob * Tk * h), (w, wb * Tk)), bwd_work=alloc(ob * Tk * h), work_tag=ACT)
 
-    def moe_sum(self, T, h: int) -> str:
+    def moe_sum(self, T, h: int, src: str = "moe.du", copies: int | None = None) -> str:
         """weighted_out.view(tokens, k, h).sum(1).to(hidden dtype) (integrations/moe.py
-        grouped_mm_experts_forward). Backward: SumBackward expands the gradient (a stride-0 view),
-        ViewBackward's reshape of it cannot be a view, so it copies: a tokens x top_k x hidden
-        gradient of the sum's dtype. Neither saves a tensor, so under checkpointing both run
-        before the recomputation and that copy stays alive through it. The cast is a new tensor
-        only when the sum is float32 and the hidden states are not (Mixtral's float32 routing
-        weights); `.to()` of the same dtype returns the sum itself."""
-        a, ob, Tk = self.a, self.moe_out, T * self.spec.experts_per_tok
+        grouped_mm_experts_forward), or Llama 4's routed_out.reshape(E, tokens, h).sum(dim=0)
+        over `copies` = every expert (Llama4TextMoe.forward). Backward: SumBackward expands the
+        gradient (a stride-0 view), ViewBackward's reshape of it cannot be a view, so it copies: a
+        tokens x copies x hidden gradient of the sum's dtype. Neither saves a tensor, so under
+        checkpointing both run before the recomputation and that copy stays alive through it. The
+        cast is a new tensor only when the sum is float32 and the hidden states are not (Mixtral's
+        float32 routing weights); `.to()` of the same dtype returns the sum itself."""
+        a, ob, Tk = self.a, self.moe_out, T * (copies or self.spec.experts_per_tok)
         summed = "moe.out" if ob == a else "moe.ds"
-        self.op("moe.sum", ["moe.du"], [self.t(summed, ob * T * h)], grads=(("moe.du", ob * Tk * h),))
+        self.op("moe.sum", [src], [self.t(summed, ob * T * h)], grads=((src, ob * Tk * h),))
         if summed != "moe.out":
             self.op("moe.cast", [summed], [self.t("moe.out", a * T * h)], grads=((summed, ob * T * h),))
         return summed
@@ -921,19 +948,32 @@ def activation_dtype(setup: TrainSetup) -> str:
 
 
 def windowed(spec: ModelSpec, setup: TrainSetup) -> bool:
-    """A sliding window shorter than the sequence: transformers then builds an explicit boolean
-    mask (masking_utils.create_sliding_window_causal_mask) instead of passing is_causal."""
+    """A local-attention mask on some layer: a sliding window shorter than the sequence, or Llama
+    4's attention chunks: transformers then builds an explicit boolean mask
+    (masking_utils.create_sliding_window_causal_mask / create_chunked_causal_mask) instead of
+    passing is_causal."""
+    return _sliding(spec, setup) or _chunked(spec, setup)
+
+
+def _sliding(spec: ModelSpec, setup: TrainSetup) -> bool:
     return spec.sliding_window is not None and setup.seq > spec.sliding_window
 
 
+def _chunked(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """masking_utils._ignore_causal_mask_sdpa: `if local_attention_size is not None and kv_length >=
+    local_attention_size: return False`: the chunked mask is built from one chunk's length on."""
+    return spec.attention_chunk is not None and setup.seq >= spec.attention_chunk
+
+
 def layer_windows(spec: ModelSpec, setup: TrainSetup) -> tuple[bool, ...]:
-    """Per decoder layer, bottom to top: whether its attention gets the sliding-window mask.
-    Only "sliding_attention" layers do (config.layer_types, docs/architectures.md#layer-types);
-    global layers of Gemma 3 or Qwen3 below max_window_layers run plain causal attention."""
+    """Per decoder layer, bottom to top: whether its attention gets a local-attention mask. Only
+    "sliding_attention" and "chunked_attention" layers do (config.layer_types,
+    docs/architectures.md#layer-types); global layers of Gemma 3 or Qwen3 below max_window_layers
+    and Llama 4's no-RoPE layers run plain causal attention."""
     if not spec.layer_types:
         return (windowed(spec, setup),) * spec.layers
-    window = windowed(spec, setup)
-    return tuple(window and t == "sliding_attention" for t in spec.layer_types)
+    masked = {"sliding_attention": _sliding(spec, setup), "chunked_attention": _chunked(spec, setup)}
+    return tuple(masked.get(t, False) for t in spec.layer_types)
 
 
 def sdpa_call(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> cuda_sdpa.SdpaCall:
@@ -992,9 +1032,20 @@ def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     one when a sliding window is shorter than the sequence."""
     if setup.attn != "eager":
         return alloc_bytes(setup.batch * setup.seq * setup.seq) if windowed(spec, setup) else 0
-    # one mask per attention type present (Gemma2Model / Gemma3TextModel causal_mask_mapping)
-    count = len(set(spec.layer_types)) or 1
+    # one mask per attention type present (Gemma2Model / Gemma3TextModel causal_mask_mapping), or
+    # per type the model always builds (Llama4TextModel: full and chunked, Architecture.mask_types)
+    count = len(set(spec.layer_types) | set(spec.arch.mask_types)) or 1
     return count * alloc_bytes(act_bytes(setup) * setup.batch * setup.seq * setup.seq)
+
+
+def rope_tables(spec: ModelSpec, setup: TrainSetup) -> list[int]:
+    """Bytes of the rotary tables the model computes once per forward and every layer reads:
+    cos and sin of (1, seq, width) in the hidden-state dtype per rotary embedding
+    (LlamaRotaryEmbedding.forward), or Llama 4's one complex64 freqs_cis of (1, seq, head_dim / 2)
+    (Llama4TextRotaryEmbedding.forward: torch.polar of float32 frequencies)."""
+    if spec.arch.rope_complex:
+        return [alloc_bytes(8 * setup.seq * (spec.head_dim // 2))]
+    return [alloc_bytes(act_bytes(setup) * setup.seq * rope_width(spec))] * (2 * rope_kinds(spec))
 
 
 def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tuple[list[Op], int]:
@@ -1016,6 +1067,10 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
         qn = b.norm("self_attn.q_norm", b.linear(lins["q_proj"], n1), spec.head_dim, spec.heads)
         kn = b.norm("self_attn.k_norm", b.linear(lins["k_proj"], n1), spec.head_dim, spec.kv_heads)
         vn = v_storage = b.linear(lins["v_proj"], n1)
+    elif spec.arch.rope_complex:
+        # Llama4TextAttention.forward: RoPE, then the L2 q/k norm or the temperature (estimate/llama4.py)
+        qn, kn, vn, extra_locals = llama4.attention_inputs(b, lins, n1)
+        v_storage = vn
     elif spec.arch.qk_norm == "projection":
         # Olmo2Attention.forward: q_norm(q_proj(x)), k_norm(k_proj(x)) over the whole width, v_proj
         qn = b.norm("self_attn.q_norm", b.linear(lins["q_proj"], n1), spec.heads * spec.head_dim)
@@ -1029,7 +1084,7 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
             qn = b.norm("self_attn.q_norm", qn, spec.head_dim, spec.heads)
             kn = b.norm("self_attn.k_norm", kn, spec.head_dim, spec.kv_heads)
     if not spec.mla:
-        attn = b.attention(qn, kn, vn, v_storage)
+        attn = b.attention(qn, kn, vn, v_storage, rope_applied=spec.arch.rope_complex)
     o = b.linear(lins["o_proj"], attn)
     # Python keeps the attention's input (the argument `hidden_states`) and the o_proj input (a
     # local) alive until self_attn returns, and so the rotated `query_states` / `key_states`, the
@@ -1037,10 +1092,17 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     # (transformers models/llama/modeling_llama.py LlamaAttention.forward;
     # docs/peft-transformers.md#attention-locals)
     made = {t.name for op in b.ops for t in op.outputs}
-    if not spec.mla:
+    if spec.arch.rope_complex:   # query_states / key_states as the kernel got them
+        locals_ = [n1, attn, qn, kn, v_storage, *extra_locals]
+    elif not spec.mla:
         locals_ = [n1, attn, *(("attn.q.rot", "attn.k.rot") if b.use_rope else (qn, kn)), v_storage]
+    # the returned attn_weights: Llama's cast of the float32 softmax, Llama 4's softmax output
+    if spec.arch.eager_softmax_fp32:
+        probs = "attn.p" if b.a != FP32 else "attn.p32"
+    else:
+        probs = "attn.p32" if "attn.p32" in made else "attn.p"
     if setup.attn == "eager":
-        locals_.append("attn.p" if b.a != FP32 else "attn.p32")
+        locals_.append(probs)
     b.op("self_attn.return", [name for name in locals_ if name in made or name == n1])
     if spec.arch.norm_placement == "sandwich":
         o = b.norm("post_attention_layernorm", o)
@@ -1056,7 +1118,7 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
         h1 = b.residual("res1", "x", o)
         n2 = b.norm("post_attention_layernorm", h1)
         if spec.num_experts and not b.dense:
-            m = b.moe(n2)
+            m = b.moe(n2, lins)
             if spec.shared_intermediate:
                 # DeepseekV3MoE.forward: experts(x) + shared_experts(residuals), a new tensor
                 shared = b.mlp(n2, lins)
@@ -1065,10 +1127,24 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
                 m = "moe.total"
         else:
             m = b.mlp(n2, lins)
+    if spec.arch.moe_style == "llama4":
+        # Llama4TextDecoderLayer.forward: `attention_states, _ = self.self_attn(...)` names the
+        # attention output until the layer returns (the residual add binds `hidden_states`), and
+        # `_` the (eager) attention weights until `hidden_states, _ = hidden_states` rebinds it to
+        # the router logits (MoE layers) or the layer returns (dense layers); Llama4TextModel's
+        # loop (`hidden_states = decoder_layer(hidden_states, ...)`) holds the layer input until then
+        if setup.attn == "eager":
+            if spec.num_experts and not b.dense:
+                b.op("feed_forward.unpack", [probs])
+            else:
+                b.layer_locals.append(probs)
+        b.layer_locals += [o, "x"]
     if spec.arch.scaled_residuals:
         b.op("res2.scale", [m], [b.t("res2.y", b.a * b.T * spec.hidden)], grads=((m, b.a * b.T * spec.hidden),))
         m = "res2.y"
     b.add("layer", h1, m)
+    if b.layer_locals:
+        b.op("layer.return", b.layer_locals)
     if spec.arch.sinks:
         # GptOssDecoderLayer.forward: `hidden_states, _ = self.self_attn(...)` keeps the returned
         # attention weights (a view of the softmax output) until the layer returns; GptOssModel's
@@ -1208,19 +1284,22 @@ class HeadMemory:
 
 
 def decisions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, window: bool | None = None,
-              rope: bool = True, dense: bool = False) -> tuple[frozenset, bool, bool, bool, bool]:
+              rope: bool = True, dense: bool = False) -> tuple[frozenset, bool, bool, bool, bool, bool]:
     """The choices the actual batch x seq make: which 4-bit matmuls run bitsandbytes' fused
     kernel on `arch` (no dequantized weight in forward), whether a sliding window forces a mask
     (`window`: for one layer kind; by default whether any layer's does), whether eager
     attention reads one KV head through views (multi-query with a single sequence), whether
-    the layer applies RoPE (`rope`), and whether it is one of the dense layers below the MoE ones
-    (`dense`: DeepSeek-V3's first_k_dense_replace)."""
+    the layer applies RoPE (`rope`), whether it is one of the dense layers among the MoE ones
+    (`dense`: DeepSeek-V3's first_k_dense_replace, Llama 4's moe_layers), and whether the batch
+    is a single sequence (a size-1 batch dim folds into any view: matmul's reshape of a
+    transposed q copies only for batch > 1)."""
     dtype = activation_dtype(setup)
     fused = frozenset(l.name for l in spec.layer_linears
                       if setup.quantized and setup.quant != "int8"
                       and gemm_4bit_fused(setup.tokens, l.out_features, l.in_features, dtype, arch))
-    kv_view = spec.kv_heads == 1 and spec.heads > 1 and setup.batch == 1
-    return fused, windowed(spec, setup) if window is None else window, kv_view, rope, dense
+    single = setup.batch == 1
+    kv_view = spec.kv_heads == 1 and spec.heads > 1 and single
+    return fused, windowed(spec, setup) if window is None else window, kv_view, rope, dense, single
 
 
 def kernels(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> dict:
@@ -1232,7 +1311,8 @@ def kernels(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> dic
         if len(set(backends.values())) == 1:
             sdpa = f"{next(iter(backends.values()))} (every layer)"
         else:
-            sdpa = ", ".join(f"{b} ({'sliding-window' if w else 'global'} layers)" for w, b in backends.items())
+            local = "chunked-attention" if spec.attention_chunk else "sliding-window"
+            sdpa = ", ".join(f"{b} ({local if w else 'global'} layers)" for w, b in backends.items())
     else:
         sdpa = "eager attention (no SDPA)"
     out = {"gpu_arch": arch.to_dict(), "sdpa": sdpa, "cublas_workspace_bytes": cuda_cublas.workspace_bytes(arch)}
@@ -1335,8 +1415,8 @@ def layer_kinds(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple, ...]:
     instead of the MoE block."""
     ropes = spec.rope_layers or (True,) * spec.layers
     kinds = tuple(zip(layer_windows(spec, setup), ropes))
-    if spec.dense_layers:
-        kinds = tuple((*kind, i < spec.dense_layers) for i, kind in enumerate(kinds))
+    if spec.dense_layers:   # DeepSeek-V3's first layers, Llama 4's moe_layers (ModelSpec.is_dense)
+        kinds = tuple((*kind, spec.is_dense(i)) for i, kind in enumerate(kinds))
     return kinds
 
 

@@ -257,8 +257,9 @@ def splits(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int = DS_P
     one, two = _static_of(spec, setup, 1), _static_of(spec, setup, 2)
     unit_w, unit_a, unit_g = (two.weights - one.weights, two.adapters - one.adapters,
                               two.gradients - one.gradients)
-    # The unit is the top (MoE) layer; DeepSeek-V3's few smaller dense layers are counted with the
-    # root (unsharded: a little more than FSDP holds for them)
+    # The unit is the top (MoE) layer; DeepSeek-V3's few smaller dense layers (and Llama 4's
+    # interleaved ones, ModelSpec.dense_flags) are counted with the root (unsharded: more than
+    # FSDP holds for them)
     L = spec.layers - spec.dense_layers
     optimizer = full.optimizer_state + full.paged_optimizer_state
     # Largest single parameter: a ZeRO-3 module is gathered whole (embeddings / lm_head are the

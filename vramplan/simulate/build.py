@@ -116,6 +116,15 @@ def refuse_4bit_experts(spec, setup: TrainSetup) -> None:
                  "transformers 5 trains")
 
 
+def refuse_router_lora(spec, setup: TrainSetup) -> None:
+    """LoRA on Llama 4's router fails on the first forward on any device (peft wraps the nn.Linear
+    subclass Llama4Router, whose forward returns a tuple): the estimate's one-line error
+    (estimate/inventory.py refuse_router_lora) instead of a traceback from inside the step."""
+    if getattr(getattr(spec, "arch", None), "linear_router", False):
+        from vramplan.estimate.inventory import refuse_router_lora as refuse
+        refuse(spec, setup)
+
+
 def torch_dtype(setup: TrainSetup):
     import torch
     return getattr(torch, DTYPE_NAMES[setup.dtype])
@@ -143,6 +152,7 @@ def build_model(spec, setup: TrainSetup, device: str = "meta", seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     refuse_4bit_experts(spec, setup)
+    refuse_router_lora(spec, setup)
     config = hf_config(spec, setup)
     dtype = torch_dtype(setup)
     if device != "meta":

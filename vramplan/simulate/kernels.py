@@ -92,6 +92,9 @@ class Routing:
     tokens: int = 0
     calls: int = field(default=0, repr=False)
     assumed: dict = field(default_factory=dict, repr=False)   # key -> note, in first-seen order
+    # torch._grouped_mm ran (make_grouped_mm): Llama 4's experts do not use it (Llama4TextExperts:
+    # torch.bmm over every expert), so the note says what ran
+    grouped: bool = field(default=False, repr=False)
 
     def nonzero_rows(self, t: torch.Tensor) -> int:
         if self.num_experts:
@@ -118,10 +121,13 @@ class Routing:
 
     def notes(self) -> tuple[str, ...]:
         out = tuple(self.assumed.values())
-        if self.num_experts and "moe.balanced" not in self.assumed:
+        if self.num_experts and "moe.balanced" not in self.assumed and self.grouped:
             out += (f"MoE: {self.num_experts} experts, top-{self.top_k}, run on meta through the grouped_mm "
                     f"experts (transformers 5 default): every buffer has tokens x top-{self.top_k} rows "
                     "whatever the routing, so no routing had to be assumed",)
+        elif self.num_experts and "moe.balanced" not in self.assumed:
+            out += (f"MoE: {self.num_experts} experts, top-{self.top_k}: no expert computation depended on the "
+                    "routing (Llama 4 runs every token through every expert), so no routing had to be assumed",)
         return out
 
 
@@ -254,6 +260,7 @@ def int8_mixed_scaled_mm(tracker, func, args, kwargs):
 
 def make_grouped_mm(routing: Routing):
     def stand_in(tracker, func, args, kwargs):
+        routing.grouped = True
         out = grouped_mm(tracker, func, args, kwargs)
         if out.dtype != torch.bfloat16 and out.device.type == "meta":
             routing.assume("moe.grouped_mm", f"MoE experts in {str(out.dtype).removeprefix('torch.')}: "
@@ -424,7 +431,9 @@ def cuda_overrides(routing: Routing | None = None, arch: CudaArch = ASSUMED) -> 
     return table
 
 
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+# softmax attention layer kinds (Llama 4's "chunked_attention": local attention within aligned
+# chunks, masking_utils.create_chunked_causal_mask)
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 def layer_kernel_note(spec, model) -> str | None:
