@@ -54,7 +54,8 @@ from vramplan.cuda.arch import default_dtype, target_arch
 from vramplan.estimate.inventory import static_memory
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.core.setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags
-from vramplan.plan.sharding import Parallel, ShardedEstimate, distribute, effective_setup, parallel_of, per_gpu, splits_for
+from vramplan.plan.sharding import (Parallel, ShardedEstimate, base_estimate, distribute, effective_setup,
+                                    parallel_of, per_gpu, splits_for)
 
 from vramplan.core.verdict import TIGHT, verdict
 MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty
@@ -87,7 +88,7 @@ class Evaluator:
 
     def quick(self, setup: TrainSetup) -> Estimate:
         run = effective_setup(setup, self.parallel)
-        return estimate(self.spec, run, static=self._static_of(run), gpu=self.gpu, alloc_conf=self.alloc_conf)
+        return base_estimate(self.spec, run, self.parallel, self.gpu, self.alloc_conf, static=self._static_of(run))
 
     def estimate(self, setup: TrainSetup, gpu: Gpu | None = None) -> ShardedEstimate:
         quick = self.quick(setup)

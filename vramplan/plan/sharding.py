@@ -397,8 +397,28 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
     setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     run = effective_setup(setup, par)
     gpu_obj = resolve_gpu(gpu) if gpu is not None else None
-    base = estimate(spec, run, gpu=gpu_obj, alloc_conf=alloc_conf)   # the GPU's CUDA kernels (cuda/arch.py)
+    base = base_estimate(spec, run, par, gpu_obj, alloc_conf)   # the GPU's CUDA kernels (cuda/arch.py)
     return distribute(base, par, gpu=gpu_obj)
+
+
+def replays_own_stream(parallel: Parallel) -> bool:
+    """FSDP full_shard without offload replays one GPU's own allocation stream for its allocator
+    slack (fsdp_slack); the other engines carry the single-GPU replay's slack."""
+    return parallel.strategy == "fsdp" and parallel.offload == "none" and parallel.gpus > 1
+
+
+def base_estimate(spec: ModelSpec, run: TrainSetup, parallel: Parallel, gpu: Gpu | None, alloc_conf=None,
+                  static=None):
+    """The single-GPU estimate `distribute` spreads over `parallel` (`run`: effective_setup).
+    Where the engine replays its own stream (replays_own_stream), nothing of the single-GPU
+    replay reaches the per-GPU result (distribute takes the slack from fsdp_slack, and no
+    single-GPU OOM for a spread run), so it is not run; the settings are recorded as it would."""
+    if not replays_own_stream(parallel):
+        return estimate(spec, run, gpu=gpu, static=static, alloc_conf=alloc_conf)
+    from vramplan.estimate.reserved import conf_of
+
+    conf = conf_of(alloc_conf)      # refuses bad settings as the replay would
+    return dataclasses.replace(estimate(spec, run, gpu=gpu, static=static, replay=False), alloc_conf=conf.text)
 
 
 def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits | None = None,
@@ -426,8 +446,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     check_sum(components, peak)
     spread = parallel.strategy != "single" and parallel.gpus > 1
     slack = base.allocator_overhead_bytes
-    if replay and spread and parallel.strategy == "fsdp" and parallel.offload == "none" \
-            and hasattr(base, "cuda_arch"):
+    if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
         slack = fsdp_slack(base, sp, parallel)
     return ShardedEstimate(
         model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,
