@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 
 from vramplan.core.errors import UsageError
-from vramplan.estimate.estimator import Estimate, estimate
+from vramplan.estimate.estimator import Estimate, card_replay, estimate
 from vramplan.core.gpus import Gpu, catalog, resolve_gpu
 from vramplan.cuda.arch import default_dtype, target_arch
 from vramplan.estimate.inventory import static_memory
@@ -82,6 +82,7 @@ class Evaluator:
         self.gpu = gpu          # whose CUDA kernels the estimate assumes (cuda/arch.py)
         self.alloc_conf = alloc_conf   # caching-allocator settings of the replay (None: the environment's)
         self._static: dict = {}
+        self._floor: dict = {}
         self._need: dict = {}
         self._exact: dict = {}
         self.calls = 0
@@ -102,19 +103,38 @@ class Evaluator:
         """The device total is within `cap` and the allocator replay against this evaluator's GPU
         did not run out of memory (fragmentation) on the way (core/verdict.py). Reserved memory is
         never below allocated, so a setup whose allocated peak plus context alone exceeds `cap`
-        does not fit whatever the replay says: it is answered without one."""
-        if setup not in self._need and self.floor(setup) > cap:
+        does not fit whatever the replay says: it is answered without one. On one GPU, a replay
+        against the card that runs out of memory is a "no" whatever the need: the unlimited
+        replay the need would take is not run (`_fails_on_card`)."""
+        if setup not in self._need and (self.floor(setup) > cap or self._fails_on_card(setup, cap)):
             return False
         need, oom = self._evaluate(setup)
         return need <= cap and not oom
 
     def floor(self, setup: TrainSetup) -> int:
         """A lower bound of the per-GPU device total: peak allocated + CUDA context + NCCL."""
-        run = effective_setup(setup, self.parallel)
-        quick = estimate(self.spec, run, static=self._static_of(run), gpu=self.gpu, replay=False)
-        e = distribute(quick, self.parallel, split=splits_for(self.spec, quick.setup, self.parallel),
-                       replay=False)
-        return e.peak_allocated_bytes + e.cuda_context_bytes + e.comm_bytes
+        return self._without_replay(setup)[1]
+
+    def _without_replay(self, setup: TrainSetup) -> tuple[Estimate, int]:
+        """(the single-GPU estimate without the allocator replay, floor), cached per setup."""
+        value = self._floor.get(setup)
+        if value is None:
+            run = effective_setup(setup, self.parallel)
+            quick = estimate(self.spec, run, static=self._static_of(run), gpu=self.gpu, replay=False)
+            e = distribute(quick, self.parallel, split=splits_for(self.spec, quick.setup, self.parallel),
+                           replay=False)
+            value = self._floor[setup] = (quick, e.peak_allocated_bytes + e.cuda_context_bytes + e.comm_bytes)
+        return value
+
+    def _fails_on_card(self, setup: TrainSetup, cap: int) -> bool:
+        """On one GPU and this evaluator's card: whether the replay against the card runs out of
+        memory (estimator.card_replay, as estimate() runs it)."""
+        if self.parallel.strategy != "single" or self.gpu is None or cap != self.gpu.memory_bytes:
+            return False
+        quick, _ = self._without_replay(setup)
+        oom = card_replay(self.spec, quick.setup, self._static_of(quick.setup), quick.cuda_arch, self.alloc_conf,
+                          quick.peak_allocated_bytes, cap - quick.cuda_context_bytes, need=False)[2]
+        return oom is not None
 
     def _static_of(self, run: TrainSetup):
         key = run.with_(batch=1, seq=1)
