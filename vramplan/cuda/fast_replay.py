@@ -40,8 +40,7 @@ from vramplan.cuda.alloc_conf import AllocConf
 from vramplan.cuda.allocator import MIN_LARGE_ALLOC, ROUND_LARGE, SMALL_BUFFER, SMALL_SIZE
 from vramplan.cuda.reserved import ReservedPeak, lumpable
 
-_SHIFT = 64
-_MASK = (1 << _SHIFT) - 1
+_MASK = (1 << 64) - 1       # free-list keys: size << 64 | address
 _FIRST_SEGMENT = 1 << 40      # allocator._BumpAddresses start
 
 
@@ -55,7 +54,7 @@ def _release(free_keys: list, free_at: dict, free_end: dict, segments: dict) -> 
     """release_cached_blocks: cudaFree every cached block that is a whole segment; the bytes freed."""
     freed = 0
     for k in list(free_keys):
-        ptr, size = k & _MASK, k >> _SHIFT
+        ptr, size = k & _MASK, k >> 64
         if segments.get(ptr) == size:
             del free_keys[bisect_left(free_keys, k)]
             del free_at[ptr]
@@ -72,20 +71,23 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
     if not covers(conf):
         raise ValueError(f"the one-pass replay does not cover these settings: {conf.text!r}")
     segment_small = conf.large_segment_size
+    small_size, buffer, min_large, round_large = SMALL_SIZE, SMALL_BUFFER, MIN_LARGE_ALLOC, ROUND_LARGE
     held = [0] * keys        # per key: > 0 the large block's address, < 0 minus the small bytes, 0 nothing
+    held_size = [0] * keys   # per key: the large block's size
     key = 0
     # the small pool's level (SmallPoolLevel): level now, high mark since the last event, peak,
     # segments needed; `pending_need` > 0: the last event is a growth that may still merge
     level = high = small_peak = small_need = 0
     pending_need = pending_high = pending_level = pending_index = 0
     index = 0                # events of the lumped stream so far (an OOM names its index)
-    # the large pool: free blocks as size << 64 | address (sorted), by start and by end; allocated
-    # blocks' sizes by address; segments' sizes by base
+    # the large pool: free blocks as size << 64 | address (sorted), their sizes by start address
+    # and their starts by end address; segments' sizes by base
     free_keys: list = []
     free_at: dict = {}
     free_end: dict = {}
-    blocks: dict = {}
     segments: dict = {}
+    take, put, find = free_keys.pop, insort, bisect_left
+    start_pop, end_pop = free_at.pop, free_end.pop
     large = allocated = 0    # large pool reserved and allocated bytes
     next_address = _FIRST_SEGMENT
     small_reserved = 0       # the small pool's segments
@@ -117,11 +119,10 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
         if chunk_phase is None:
             break
         phase, module = chunk_phase, chunk_module
-        for i in range(first, last):
-            op = ops[i]
+        for op in ops[first:last]:
             if op >= 0:
                 n = sizes[op]
-                if n <= SMALL_SIZE:
+                if n <= small_size:
                     if n > 0:        # SmallPoolLevel.make: the level, rounded (round_size)
                         r = (n + 511) & -512
                         held[key] = -r
@@ -130,7 +131,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                             high = level
                             if level > small_peak:
                                 small_peak = level
-                                need = -(-level // SMALL_BUFFER) * SMALL_BUFFER
+                                need = -(-level // buffer) * buffer
                                 if need > small_need:
                                     small_need = need
                                     if pending_need:   # merged into the growth event before it
@@ -145,14 +146,13 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                     continue
                 this_key = key
                 key += 1
-                size = -1
             else:
                 this_key = ~op
                 ptr = held[this_key]
                 if ptr <= 0:         # SmallPoolLevel.drop: the level goes down
                     level += ptr
                     continue
-                size = 0
+                n = 0
             if pending_need:         # the growth event before this large-pool event, through replay_lumped
                 if allocated + pending_high > peak_allocated:
                     peak_allocated = allocated + pending_high
@@ -174,60 +174,59 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             if allocated + high > peak_allocated:
                 peak_allocated = allocated + high
             high = level
-            event_index = index
             index += 1
-            if size:                 # malloc
+            if n:                    # malloc
                 size = (n + 511) & -512                       # round_size
-                j = bisect_left(free_keys, size << _SHIFT)    # get_free_block: best fit
+                j = find(free_keys, size << 64)               # get_free_block: best fit
                 if j < len(free_keys):
-                    k = free_keys.pop(j)
-                    ptr, found = k & _MASK, k >> _SHIFT
+                    k = take(j)
+                    ptr, found = k & _MASK, k >> 64
                     del free_at[ptr]
                     del free_end[ptr + found]
                 else:                # get_allocation_size, alloc_block
-                    found = segment_small if size < MIN_LARGE_ALLOC else -(-size // ROUND_LARGE) * ROUND_LARGE
+                    found = segment_small if size < min_large else -(-size // round_large) * round_large
                     if capacity is not None and large + found > capacity - small_reserved:
                         large -= _release(free_keys, free_at, free_end, segments)
                         retries += 1
                         if large + found > capacity - small_reserved:
-                            oom = _oom(event_index, n, large + small_reserved, allocated + level, phase, module)
+                            oom = _oom(index - 1, n, large + small_reserved, allocated + level, phase, module)
                             break
                     ptr = next_address
-                    next_address = ptr + (found + 2 * SMALL_BUFFER - 1) // SMALL_BUFFER * SMALL_BUFFER
+                    next_address = ptr + (found + 2 * buffer - 1) // buffer * buffer
                     segments[ptr] = found
                     large += found
                 rest = found - size
-                if rest > SMALL_SIZE:                         # should_split: the low end is taken
+                if rest > small_size:                         # should_split: the low end is taken
                     tail = ptr + size
-                    insort(free_keys, (rest << _SHIFT) | tail)
+                    put(free_keys, (rest << 64) | tail)
                     free_at[tail] = rest
                     free_end[ptr + found] = tail
                     found = size
-                blocks[ptr] = found
-                allocated += found
                 held[this_key] = ptr
+                held_size[this_key] = found
+                allocated += found
                 total = large + small_reserved
                 if total > peak_reserved:
                     peak_reserved, fragmentation = total, total - allocated - level
                 if allocated + level > peak_allocated:
                     peak_allocated = allocated + level
             else:                    # free_block, try_merge_blocks: previous neighbour, then next
-                found = blocks.pop(ptr)
+                found = held_size[this_key]
                 allocated -= found
                 end = ptr + found
-                before = free_end.pop(ptr, None)
+                before = end_pop(ptr, None)
                 if before is not None:
-                    size = free_at.pop(before)
-                    del free_keys[bisect_left(free_keys, (size << _SHIFT) | before)]
+                    size = start_pop(before)
+                    del free_keys[find(free_keys, (size << 64) | before)]
                     ptr = before
-                size = free_at.pop(end, None)
+                size = start_pop(end, None)
                 if size is not None:
-                    del free_keys[bisect_left(free_keys, (size << _SHIFT) | end)]
-                    del free_end[end + size]
+                    del free_keys[find(free_keys, (size << 64) | end)]
                     end += size
+                    del free_end[end]
                 free_at[ptr] = end - ptr
                 free_end[end] = ptr
-                insort(free_keys, ((end - ptr) << _SHIFT) | ptr)
+                put(free_keys, ((end - ptr) << 64) | ptr)
         if oom is not None:
             break
     if oom is None:              # the closing event (SmallPoolLevel.finish)
