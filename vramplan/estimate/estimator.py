@@ -20,7 +20,7 @@ from vramplan.estimate.ops import (act_bytes, autocast_cache, eager_masks, embed
                                    held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack)
 from vramplan.cuda.arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
 from vramplan.cuda.cublas import workspace_bytes
-from vramplan.core.components import ALLOCATED, Component, check_sum
+from vramplan.core.components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.cuda.context import cuda_context, device_overhead
 from vramplan.core.errors import ModelError, UsageError
 from vramplan.core.gpus import Gpu, resolve_gpu
@@ -279,7 +279,7 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
 
     def at(*parts: dict, activations: int = 0, gradients: int = 0, temporaries: int = 0,
            graph: bool = True) -> dict[str, int]:
-        out = {c.value: 0 for c in ALLOCATED}
+        out = dict.fromkeys(ALLOCATED_NAMES, 0)
         for k, v in fixed.items():
             out[k] += v
         out[C.ACTIVATIONS.value] += base_acts + (leaf if graph else 0) + activations

@@ -354,18 +354,31 @@ class _Instance:
         self.keys: dict = dict(bound)
 
     def run(self, events) -> None:
-        parts, keys = self.t.parts, self.keys
-        make, drop = self.b.make, self.b.drop
+        """The recorder's make and drop, inlined (a compile records every exact layer's events)."""
+        parts, keys, b = self.t.parts, self.keys, self.b
+        append = b.ops.append
+        key = b.next_key
         for kind, tid in events:
             if kind == 1:
                 if tid not in keys:      # else made elsewhere (input, incoming gradient)
-                    keys[tid] = make(parts[tid])
+                    pairs = keys[tid] = []
+                    for slot in parts[tid]:
+                        append(slot)
+                        pairs.append((key, slot))
+                        key += 1
             elif kind == -1:
                 pairs = keys.pop(tid, None)
                 if pairs:
-                    drop(pairs)
-            else:                        # a transient inside one op
-                drop(make(parts[tid]))
+                    for k, _slot in pairs:
+                        append(~k)
+            else:                        # a transient inside one op: made, then dropped
+                first = key
+                for slot in parts[tid]:
+                    append(slot)
+                    key += 1
+                for k in range(first, key):
+                    append(~k)
+        b.next_key = key
 
     def take(self, tid) -> list:
         return self.keys.pop(tid, [])

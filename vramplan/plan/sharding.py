@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from vramplan.core.components import ALLOCATED, Component, check_sum
+from vramplan.core.components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.core.errors import UsageError
 from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.estimate.estimator import estimate, Verdict
@@ -435,7 +435,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     cpu = 0
     for name, comps in base.phase_components.items():
         terms, cpu_phase = _phase_terms(name, comps, sp, parallel)
-        parts = {c.value: 0 for c in ALLOCATED}
+        parts = dict.fromkeys(ALLOCATED_NAMES, 0)
         for t in terms:
             parts[t.component] += t.bytes
         phases[name], phase_terms[name] = parts, tuple(t for t in terms if t.bytes)
