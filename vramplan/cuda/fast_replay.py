@@ -4,8 +4,8 @@ with the large pool kept as ints in a sorted list and dicts instead of Block obj
 
 For the settings it `covers`: no expandable segments, no max_split_size, no power-of-two rounding
 (then the lumped replay's only rules are docs/allocator.md#rules 1-7 below). Anything else goes
-through the full model (cuda/allocator.py). tests/test_fast_replay.py holds it to replay_lumped
-field for field, OOM included.
+through the full model (cuda/allocator.py). docs/allocator.md#one-pass-replay; tests/test_fast_replay.py
+holds it to replay_lumped field for field, OOM included.
 
 The program (estimate/events.py Program): `ops[i] >= 0` allocates `sizes[ops[i]]` bytes under the
 next key (keys count up from 0), `ops[i] < 0` frees key `~ops[i]`; a 0-byte allocation allocates

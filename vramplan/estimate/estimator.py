@@ -205,7 +205,7 @@ def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     with `room` bytes for the allocator (None: no card): (replay, settings text, allocator OOM
     or None, cache releases). `peak`: the step's peak allocated bytes. need=False: after an OOM
     the unlimited replay (the need, which only a number needs: the verdict is "no") is not run,
-    and the failed replay is returned."""
+    and the failed replay is returned. The order of the replays: docs/allocator.md#verdict."""
     from vramplan.estimate.reserved import capped_is_uncapped, reserved_peak
 
     oom, retries = None, 0

@@ -419,7 +419,7 @@ def compiled(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch 
              exact_layers: int | None = None, fsdp: FsdpShards | None = None) -> Program:
     """step_stream's Program for this setup's structure: batch x seq change only the sizes, unless
     they change a kernel decision or a layer kind (ops._structure, ops.layer_kinds), which are
-    part of the key."""
+    part of the key (docs/allocator.md#one-pass-replay)."""
     kinds = layer_kinds(spec, setup)
     structures = tuple((kind, _structure(spec, setup, arch, *kind)) for kind in dict.fromkeys(kinds))
     return _compile(spec, setup.with_(batch=1, seq=1), static, arch, steps, exact_layers, fsdp, kinds, structures,

@@ -7,8 +7,10 @@ the static memory cached per setup (it does not depend on batch or sequence) and
 replay's peak reserved (estimate/reserved.py), so a setup gets one number and one verdict in
 every command. A setup whose allocated bytes plus context alone exceed the GPU does not fit
 whatever the allocator does (reserved >= allocated): it is answered without a replay
-(`Evaluator.floor`). Every boundary the planner reports (largest batch, longest sequence) is
-re-checked through the public API.
+(`Evaluator.floor`); on one GPU, a replay against the card that runs out of memory is a "no"
+without the unlimited replay its number would take (`Evaluator.fits`, docs/allocator.md#verdict).
+Every boundary the planner reports (largest batch, longest sequence) is re-checked through the
+public API.
 
 Verdicts: core/verdict.py (fits / tight under 5% headroom / no, or no where the replay against
 the card runs out of memory below it).
