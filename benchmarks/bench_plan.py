@@ -3,6 +3,21 @@ imports included) and warm, and the cold `vramplan plan` CLI.
 
 Target (issue #5): a plan over a 20 x 20 grid plus recommendations under 0.5 s cold.
 Run: python benchmarks/bench_plan.py
+
+Measured on the 2-core CI-class machine (median of 7 cold runs: plan alone / with the imports;
+the two columns one after the other, nothing else running):
+
+    case                                        before the one-pass replay      now
+    Llama-3-8B bs16 x 4096 on 24GB (1 GPU)       13.7 / 13.9 s (195 evals)      5.8 / 6.0 s (165)
+    Llama-3-8B eager, no ckpt, 8k on T4          19.8 / 20.0 s (170)            7.2 / 7.4 s (87)
+    Llama-2-70B bs4 x 4096 on 24GB, 2 x fsdp      9.2 /  9.4 s (63)             3.4 / 3.7 s (63)
+    Llama-2-70B on 24GB, 8 x zero3 + offload     11.1 / 11.3 s (124)            5.5 / 5.7 s (124)
+    cold `vramplan plan ... --json`               9.0 s                         3.7 s
+
+Still short of the target: each grid cell that may fit is one replay of two steps (about 24 ms
+for Llama-3-8B, 35 ms for Llama-2-70B, docs/allocator.md#one-pass-replay), and the grid alone
+holds about 100 such cells in the 1-GPU and ZeRO-3 cases. "evaluations" counts full estimates:
+a one-GPU yes/no the replay against the card answers with an OOM is not one.
 """
 from __future__ import annotations
 

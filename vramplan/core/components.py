@@ -29,6 +29,9 @@ ALLOCATED = (Component.WEIGHTS, Component.QUANT_CONSTANTS, Component.ADAPTERS, C
              Component.OPTIMIZER_STATE, Component.ACTIVATIONS, Component.LOGITS_LOSS,
              Component.TEMPORARIES)
 DEVICE = (Component.CUDA_CONTEXT, Component.ALLOCATOR_OVERHEAD, Component.PAGED_OPTIMIZER)
+# the names as plain strings, for the dicts built per estimate (an Enum member's .value is a lookup)
+ALLOCATED_NAMES = tuple(c.value for c in ALLOCATED)
+_NAMES = frozenset(c.value for c in Component)
 
 # Parts of one training step, in order; a peak is attributed to one of them.
 PHASES = ("load", "forward", "backward", "optimizer")
@@ -39,6 +42,6 @@ def check_sum(components: dict[str, int], total: int) -> None:
     parts = sum(components.values())
     if parts != total:
         raise AssertionError(f"components sum to {parts} bytes but the total is {total}")
-    unknown = set(components) - {c.value for c in Component}
+    unknown = components.keys() - _NAMES
     if unknown:
         raise AssertionError(f"unknown components: {sorted(unknown)}")

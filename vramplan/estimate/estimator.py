@@ -20,7 +20,7 @@ from vramplan.estimate.ops import (autocast_cache, eager_masks, embedding_leaf, 
                                    held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables)
 from vramplan.cuda.arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
 from vramplan.cuda.cublas import STEP_THREADS, step_workspace_bytes, workspace_bytes
-from vramplan.core.components import ALLOCATED, Component, check_sum
+from vramplan.core.components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.cuda.context import cuda_context, device_overhead
 from vramplan.core.errors import ModelError, UsageError
 from vramplan.core.gpus import Gpu, resolve_gpu
@@ -177,21 +177,8 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     context = cuda_context(gpu_obj)
     reserved = {}
     if replay:
-        from vramplan.estimate.reserved import reserved_peak
-
-        r, conf_text = reserved_peak(spec, setup, static, cuda_arch, alloc_conf)
-        oom, retries = None, 0
         room = None if gpu_obj is None else gpu_obj.memory_bytes - context.bytes
-        if room is not None and r.peak_reserved_bytes > room and peak <= room:
-            # Past the card, malloc releases the cache and retries before it fails: replay against
-            # the card to see whether the step still runs, or where it fails while the allocated
-            # bytes alone would fit (fragmentation). Allocated bytes past the card fail anyway.
-            capped, _ = reserved_peak(spec, setup, static, cuda_arch, alloc_conf, room)
-            if capped.oom is None:
-                r = capped
-                retries = capped.num_alloc_retries
-            else:
-                oom = dict(capped.oom, fragmentation=True)
+        r, conf_text, oom, retries = card_replay(spec, setup, static, cuda_arch, alloc_conf, peak, room)
         reserved = {"peak_reserved_bytes": max(r.peak_reserved_bytes, peak),
                     "fragmentation_bytes": r.fragmentation_bytes, "alloc_conf": conf_text,
                     "allocator_oom": oom, "allocator_retries": retries}
@@ -210,6 +197,37 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
         trainable_params=static.trainable_params, gpu=gpu_obj, phase_components=phases,
         peak_moment=peak_moment, moments=moments, cuda_arch=cuda_arch,
     )
+
+
+def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, alloc_conf, peak: int,
+                room: int | None, need: bool = True):
+    """The caching-allocator replay behind the device total (estimate/reserved.py), on a card
+    with `room` bytes for the allocator (None: no card): (replay, settings text, allocator OOM
+    or None, cache releases). `peak`: the step's peak allocated bytes. need=False: after an OOM
+    the unlimited replay (the need, which only a number needs: the verdict is "no") is not run,
+    and the failed replay is returned. The order of the replays: docs/allocator.md#verdict."""
+    from vramplan.estimate.reserved import capped_is_uncapped, reserved_peak
+
+    oom, retries = None, 0
+    # Where the settings allow it, the first replay is already against the card: it is the
+    # unlimited one until a request would pass the card (reserved.capped_is_uncapped), so the
+    # card is passed exactly where it needed a cache release (num_alloc_retries).
+    against_card = room is not None and peak <= room and capped_is_uncapped(alloc_conf)
+    r, conf_text = reserved_peak(spec, setup, static, arch, alloc_conf, room if against_card else None)
+    passed = r.num_alloc_retries > 0 if against_card else room is not None and r.peak_reserved_bytes > room
+    if passed and peak <= room:
+        # Past the card, malloc releases the cache and retries before it fails: replay against
+        # the card to see whether the step still runs, or where it fails while the allocated
+        # bytes alone would fit (fragmentation). Allocated bytes past the card fail anyway.
+        capped = r if against_card else reserved_peak(spec, setup, static, arch, alloc_conf, room)[0]
+        if capped.oom is None:
+            r = capped
+            retries = capped.num_alloc_retries
+        else:
+            oom = dict(capped.oom, fragmentation=True)
+            if against_card and need:      # the need is the unlimited replay's
+                r, _ = reserved_peak(spec, setup, static, arch, alloc_conf)
+    return r, conf_text, oom, retries
 
 
 def paged_resident(paged: int, gpu, needed: int) -> int:
@@ -261,7 +279,7 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
 
     def at(*parts: dict, activations: int = 0, gradients: int = 0, temporaries: int = 0,
            graph: bool = True) -> dict[str, int]:
-        out = {c.value: 0 for c in ALLOCATED}
+        out = dict.fromkeys(ALLOCATED_NAMES, 0)
         for k, v in fixed.items():
             out[k] += v
         out[C.ACTIVATIONS.value] += base_acts + (leaf if graph else 0) + activations

@@ -139,9 +139,9 @@ def optimizer_sizes(setup: TrainSetup, static: Static) -> tuple[list[int], list[
 
 @dataclass(frozen=True)
 class _Template:
-    """One tape as allocation lists: per table entry its allocation sizes, and the tape's events
-    as (kind, tid) with marks carrying a transient entry (-2 = alloc+free of that tid)."""
-    parts: tuple           # tid -> tuple of sizes (several allocations for a summed Size)
+    """One tape as allocation lists: per table entry the slots of its allocations (program
+    sizes, _Slots), and the tape's events as (kind, tid) with marks carrying a transient entry."""
+    parts: tuple           # tid -> tuple of slots (several allocations for a summed Size)
     tags: tuple            # tid -> component tag
     forward: tuple         # events before the phase end: (1, tid) / (-1, tid) / (0, tid) transient
     backward: tuple
@@ -150,10 +150,39 @@ class _Template:
                              # cleared when the forward's autocast region exits (walk.walk `cached`)
 
 
-def _template(tape, values: dict) -> _Template:
-    parts = tuple(tuple(rounded_bytes(key, values) for key, count in size.parts for _ in range(count))
+class _Slots:
+    """The sizes of a compiled stream, by slot: each tape allocation is a polynomial in batch and
+    sequence rounded on its own (symbolic.rounded_bytes), the persistent tensors are constants,
+    and the tensors step_stream sizes itself (inputs, masks, held outputs...) are named cell
+    sizes, computed per batch x seq by `_cell_sizes`. A slot worth 0 bytes allocates nothing
+    (NativeCachingAllocator::allocate returns nullptr for 0 bytes)."""
+
+    def __init__(self):
+        self.polys: dict = {}      # polynomial key -> slot
+        self.consts: dict = {}     # bytes -> slot
+        self.cells: dict = {}      # name -> slot
+        self.count = 0
+
+    def _new(self, table: dict, key) -> int:
+        slot = table.get(key)
+        if slot is None:
+            slot = table[key] = self.count
+            self.count += 1
+        return slot
+
+    def poly(self, key: tuple) -> int:
+        return self._new(self.polys, key)
+
+    def const(self, nbytes: int) -> int:
+        return self._new(self.consts, nbytes)
+
+    def cell(self, name: str) -> int:
+        return self._new(self.cells, name)
+
+
+def _template(tape, slots: _Slots) -> _Template:
+    parts = tuple(tuple(slots.poly(key) for key, count in size.parts for _ in range(count))
                   for size, _tag in tape.table)
-    parts = tuple(tuple(p for p in entry if p > 0) for entry in parts)
     fwd, bwd, cur = [], [], None
     cur = fwd
     for event in tape.events:
@@ -170,19 +199,37 @@ def _template(tape, values: dict) -> _Template:
                      tuple(bwd[:n_exit]))
 
 
-@lru_cache(maxsize=64)
-def _templates(spec: ModelSpec, setup: TrainSetup, arch: CudaArch):
-    """(per decoder layer bottom to top: its template, the head's template). Layers of one kind
-    (sliding-window or global attention, with or without RoPE: ops.layer_stack) share one."""
-    values = variables(setup.batch, setup.seq)
-    kinds = layer_kinds(spec, setup)
-    made = {}
-    for kind in set(kinds):
-        inner, first, _ = _layer_tapes(spec, _structure(spec, setup, arch, *kind))
-        t_inner = _template(inner, values)
-        made[kind] = (t_inner, t_inner if first is inner else _template(first, values))
-    layers = tuple(made[kind][1 if i == 0 else 0] for i, kind in enumerate(kinds))
-    return layers, _template(_head_tape(spec, _structure(spec, setup, arch)), values)
+class _Recorder:
+    """step_stream's events with sizes as slots: `make(slots)` allocates one new key per slot,
+    `drop(pairs)` frees (key, slot) pairs; ops are a slot (>= 0: allocate it under the next key)
+    or ~key (a free). Keys are numbered in allocation order."""
+
+    def __init__(self):
+        self.ops: list = []
+        self.places: list = []
+        self.next_key = 0
+
+    def make(self, slots) -> list:
+        pairs = []
+        key = self.next_key
+        ops = self.ops
+        for slot in slots:
+            ops.append(slot)
+            pairs.append((key, slot))
+            key += 1
+        self.next_key = key
+        return pairs
+
+    def drop(self, pairs) -> None:
+        ops = self.ops
+        for key, _slot in pairs:
+            ops.append(~key)
+
+    def new(self, slot: int) -> list:
+        return self.make((slot,))
+
+    def place(self, phase: str, module: str) -> None:
+        self.places.append((len(self.ops), phase, module))
 
 
 class _Builder:
@@ -214,10 +261,6 @@ class _Builder:
         for key, _n in pairs:
             events.append(("free", key))
 
-    def new(self, nbytes: int) -> list:
-        """One allocation of nbytes (none for 0 bytes: NativeCachingAllocator::allocate returns nullptr)."""
-        return self.make((nbytes,)) if nbytes > 0 else []
-
     def finish(self) -> None:
         if self.level is not None:
             self.level.finish()
@@ -228,27 +271,112 @@ class _Builder:
             self.level.barrier = len(self.events)
 
 
+@dataclass(frozen=True, eq=False)
+class Program:
+    """step_stream compiled for one setup structure (everything but batch x seq): the events
+    with sizes as slots. `sizes(setup)` evaluates the slots for one batch x seq; `stream` turns
+    them into the Stream; cuda/fast_replay.py replays the ops directly."""
+    ops: list                 # slot >= 0: allocate sizes[slot] under the next key; ~key: free that key
+    places: list              # (op index, phase, module): where each phase starts
+    base: tuple               # sizes with the constant slots filled
+    polys: tuple              # (slot, polynomial key) of the tapes' allocations
+    cells: dict               # name -> slot of the sizes step_stream computes per batch x seq
+    grads: tuple              # slots of the tapes' parameter gradients (with repeats), for extra_grads
+    spec: ModelSpec
+    static: Static
+    fsdp: FsdpShards | None
+    keys: int                 # allocations (keys) in ops
+
+    def sizes(self, setup: TrainSetup) -> list:
+        """Bytes per slot for this batch x seq."""
+        values = variables(setup.batch, setup.seq)
+        sizes = list(self.base)
+        for slot, key in self.polys:
+            sizes[slot] = rounded_bytes(key, values)
+        for name, n in _cell_sizes(self.spec, setup, self.static, self.fsdp,
+                                   sum(sizes[slot] for slot in self.grads)).items():
+            sizes[self.cells[name]] = n
+        return sizes
+
+    def stream(self, sizes: list, lump_small: bool = False) -> Stream:
+        """The events for these sizes; allocations of 0 bytes (and their frees) are left out."""
+        b = _Builder(lump_small)
+        pairs: list = [()] * self.keys
+        places = self.places
+        p, n_places = 0, len(places)
+        key = 0
+        for i, op in enumerate(self.ops):
+            while p < n_places and places[p][0] == i:
+                b.place(places[p][1], places[p][2])
+                p += 1
+            if op >= 0:
+                n = sizes[op]
+                if n > 0:
+                    pairs[key] = b.make((n,))
+                key += 1
+            else:
+                made = pairs[~op]
+                if made:
+                    b.drop(made)
+        for _i, phase, module in places[p:]:
+            b.place(phase, module)
+        b.finish()
+        return Stream(b.events, b.places)
+
+
+def _cell_sizes(spec: ModelSpec, setup: TrainSetup, static: Static, fsdp: FsdpShards | None,
+                tape_grads: int) -> dict:
+    """The allocations step_stream sizes itself for this batch x seq: the inputs (ids, position
+    ids, shifted labels, rotary cos/sin), the embedding output, Granite's embedding leaf, the
+    eager masks, a plain loop's held outputs, int8 ctx inputs, and the gradients no tape makes."""
+    extra = static.gradients - tape_grads      # embedding / norm gradients of full fine-tuning
+    if extra > 0:
+        extra = alloc(-(-extra // fsdp.gpus)) if fsdp else extra
+    return {"ids": alloc(8 * setup.tokens), "positions": alloc(8 * setup.seq),
+            "labels": alloc(8 * (setup.tokens + setup.batch)),
+            **{f"rope{i}": n for i, n in enumerate(rope_tables(spec, setup))},
+            "leaf": embedding_leaf(spec, setup),       # freed with the graph when backward ends
+            "held": held_outputs(spec, setup),         # ops.held_outputs: a plain loop's `out`
+            "mask": eager_masks(spec, setup),
+            "hidden": alloc(embedding_bytes(setup) * setup.tokens * spec.hidden),   # the embedding output
+            "ctx": int8_ctx_inputs(spec, setup),
+            "extra_grads": max(extra, 0)}
+
+
 class _Instance:
-    """One play of a template: tid -> (key, nbytes) pairs of its allocations; `bound` tids are
+    """One play of a template: tid -> (key, slot) pairs of its allocations; `bound` tids are
     tensors made elsewhere (the layer input, the incoming gradient)."""
 
-    def __init__(self, b: _Builder, t: _Template, bound: dict):
+    def __init__(self, b: _Recorder, t: _Template, bound: dict):
         self.b, self.t = b, t
         self.keys: dict = dict(bound)
 
     def run(self, events) -> None:
-        parts, keys = self.t.parts, self.keys
-        make, drop = self.b.make, self.b.drop
+        """The recorder's make and drop, inlined (a compile records every exact layer's events)."""
+        parts, keys, b = self.t.parts, self.keys, self.b
+        append = b.ops.append
+        key = b.next_key
         for kind, tid in events:
             if kind == 1:
                 if tid not in keys:      # else made elsewhere (input, incoming gradient)
-                    keys[tid] = make(parts[tid])
+                    pairs = keys[tid] = []
+                    for slot in parts[tid]:
+                        append(slot)
+                        pairs.append((key, slot))
+                        key += 1
             elif kind == -1:
                 pairs = keys.pop(tid, None)
                 if pairs:
-                    drop(pairs)
-            else:                        # a transient inside one op
-                drop(make(parts[tid]))
+                    for k, _slot in pairs:
+                        append(~k)
+            else:                        # a transient inside one op: made, then dropped
+                first = key
+                for slot in parts[tid]:
+                    append(slot)
+                    key += 1
+                for k in range(first, key):
+                    append(~k)
+        b.next_key = key
 
     def take(self, tid) -> list:
         return self.keys.pop(tid, [])
@@ -279,9 +407,39 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     fsdp: one GPU of FSDP full_shard instead (docs/allocator.md#fsdp-stream): the flat parameter
     shards are the persistent state; the root unit is gathered for the step, each decoder unit
     is gathered before its forward and freed after it, gathered again for its backward (with the
-    next unit prefetched, BACKWARD_PRE), and its full gradients are reduce-scattered into a
+    next unit prefetched, BACKWARD_PRE), and its full gradients are reduce-scatter into a
     gradient shard when its backward ends; the optimizer holds and updates shards."""
-    stack, t_head = _templates(spec, setup, arch)
+    program = compiled(spec, setup, static, arch, steps, exact_layers, fsdp)
+    return program.stream(program.sizes(setup), lump_small)
+
+
+def compiled(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED, steps: int = 2,
+             exact_layers: int | None = None, fsdp: FsdpShards | None = None) -> Program:
+    """step_stream's Program for this setup's structure: batch x seq change only the sizes, unless
+    they change a kernel decision or a layer kind (ops._structure, ops.layer_kinds), which are
+    part of the key (docs/allocator.md#one-pass-replay)."""
+    kinds = layer_kinds(spec, setup)
+    structures = tuple((kind, _structure(spec, setup, arch, *kind)) for kind in dict.fromkeys(kinds))
+    return _compile(spec, setup.with_(batch=1, seq=1), static, arch, steps, exact_layers, fsdp, kinds, structures,
+                    _structure(spec, setup, arch))
+
+
+@lru_cache(maxsize=128)
+def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, steps: int,
+             exact_layers: int | None, fsdp: FsdpShards | None, kinds: tuple, structures: tuple,
+             head_structure: tuple) -> Program:
+    """The stream's events in order, with slots for sizes (`setup` has batch = seq = 1: only the
+    cell sizes depend on batch x seq, and they are evaluated per cell)."""
+    slots = _Slots()
+    made = {}
+    for kind, structure in structures:
+        inner, first, _ = _layer_tapes(spec, structure)
+        t_inner = _template(inner, slots)
+        made[kind] = (t_inner, t_inner if first is inner else _template(first, slots))
+    # (per decoder layer bottom to top: its template, the head's template). Layers of one kind
+    # (sliding-window or global attention, with or without RoPE: ops.layer_stack) share one.
+    stack = tuple(made[kind][1 if i == 0 else 0] for i, kind in enumerate(kinds))
+    t_head = _template(_head_tape(spec, head_structure), slots)
     L = spec.layers
     reduced = (lambda i: False) if exact_layers is None else (lambda i: exact_layers <= i < L - exact_layers)
     nets: dict = {}
@@ -291,58 +449,51 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         if key not in nets:
             nets[key] = _net(events)
         return nets[key]
-    b = _Builder(lump_small)
+    b = _Recorder()
+    const = slots.const
     b.place("load", "")
     state_sizes, work_sizes = optimizer_sizes(setup, static)
     if fsdp is None:
-        b.make([n for n in static_sizes(spec, setup, static) if n > 0])
+        b.make([const(n) for n in static_sizes(spec, setup, static) if n > 0])
         unit, root = None, None
     else:
         N = fsdp.gpus
         for _ in range(spec.layers):
             for n in (fsdp.unit_weights, fsdp.unit_adapters):
                 if n:
-                    b.new(alloc(-(-n // N)))
+                    b.new(const(alloc(-(-n // N))))
         for n in (fsdp.root_weights, fsdp.root_adapters, fsdp.replicated):
             if n:
-                b.new(alloc(-(-n // N)) if n is not fsdp.replicated else n)
+                b.new(const(alloc(-(-n // N)) if n is not fsdp.replicated else n))
         unit = [n for n in (fsdp.unit_weights, fsdp.unit_adapters) if n]
         root = [n for n in (fsdp.root_weights, fsdp.root_adapters) if n]
         state_sizes = [alloc(-(-n // N)) for n in state_sizes]
         work_sizes = [alloc(-(-n // N)) for n in work_sizes]
 
     def gather(sizes) -> list:
-        return b.make([n for n in sizes if n > 0])
+        return b.make([const(n) for n in sizes if n > 0])
     release = b.drop
-    inputs = ([alloc(8 * setup.tokens), alloc(8 * setup.seq), alloc(8 * (setup.tokens + setup.batch)),
-               alloc(8 * (setup.tokens + setup.batch))]
-              + rope_tables(spec, setup))
-    leaf = embedding_leaf(spec, setup)     # freed with the graph when backward ends
-    held = held_outputs(spec, setup)       # ops.held_outputs: a plain loop's `out`
-    held_prev = []
-    mask = eager_masks(spec, setup)
-    hidden = alloc(embedding_bytes(setup) * setup.tokens * spec.hidden)    # the embedding output
-    ctx = int8_ctx_inputs(spec, setup)
+    cell = slots.cell
+    rope = [cell(f"rope{i}") for i in range(len(rope_tables(spec, setup)))]   # ops.rope_tables
+    inputs = [cell("ids"), cell("positions"), cell("labels"), cell("labels")] + rope
 
-    def grad_total(t: _Template) -> int:
-        return sum(sum(t.parts[tid]) for tid, tag in enumerate(t.tags) if tag == GRAD)
-
-    kinds = list({id(t): t for t in stack}.values())     # one template per layer kind
-    grad_tids = {id(t): [tid for tid, tag in enumerate(t.tags) if tag == GRAD] for t in (*kinds, t_head)}
+    kinds_t = list({id(t): t for t in stack}.values())     # one template per layer kind
+    grad_tids = {id(t): [tid for tid, tag in enumerate(t.tags) if tag == GRAD] for t in (*kinds_t, t_head)}
     # a layer's forward without the free of its output: that is the next layer's input
     forwards = {id(t): tuple((k, tid) for k, tid in t.forward if not (k == -1 and tid == t.names["layer.out"]))
-                for t in kinds}
-
-    per_kind = {id(t): grad_total(t) for t in kinds}
-    extra_grads = static.gradients - grad_total(t_head) - sum(per_kind[id(t)] for t in stack)
+                for t in kinds_t}
+    # the tapes' parameter gradients, which the gradients no tape makes are the rest of (_cell_sizes)
+    grads_of = lambda t: [slot for tid in grad_tids[id(t)] for slot in t.parts[tid]]  # noqa: E731
+    tape_grads = tuple(grads_of(t_head) + [slot for t in stack for slot in grads_of(t)])
+    held_prev = []
     for step in range(steps):
         b.place("forward", "")
-        keys = gather(inputs)
-        leaves = b.new(leaf) if leaf else []
-        masks = b.new(mask) if mask else []
-        x = b.new(hidden)
+        keys = b.make(inputs)
+        leaves = b.new(cell("leaf"))
+        masks = b.new(cell("mask"))
+        x = b.new(cell("hidden"))
         if step == 0:   # the forward thread's cuBLAS workspace, from its first matmul on (cuda/cublas.py)
-            b.new(workspace_bytes(arch))
+            b.new(const(workspace_bytes(arch)))
         rooted = gather(root) if fsdp else []     # the root unit, unsharded for the whole step
         layers = []
         for i in range(L):
@@ -354,8 +505,8 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
             inst.run(net(t, fwd, "forward") if reduced(i) else fwd)
             x = inst.take(t.names["layer.out"])
             release(gathered)                              # reshard_after_forward
-            if ctx:      # bitsandbytes int8 matmul inputs kept on the autograd ctx (ops.int8_ctx_inputs)
-                inst.keys["int8_ctx"] = b.new(ctx)
+            # bitsandbytes int8 matmul inputs kept on the autograd ctx (ops.int8_ctx_inputs; 0 bytes without)
+            inst.keys["int8_ctx"] = b.new(cell("ctx"))
             layers.append(inst)
         b.place("forward", "lm_head")
         head = _Instance(b, t_head, {t_head.names["x"]: x})
@@ -365,10 +516,10 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         release(held_prev)        # a plain loop rebinds `out` once model() returns
         b.place("backward", "loss")
         if step == 0:   # autograd's device thread gets its own handle and workspace (cuda/cublas.py)
-            b.new(workspace_bytes(arch))
+            b.new(const(workspace_bytes(arch)))
         head.run(t_head.backward)
         # the new `out` (ops.held_outputs) lives from here through the optimizer step
-        held_prev = b.new(held)
+        held_prev = b.new(cell("held"))
         grad = head.take(t_head.names["grad:x"])
         grads = [key for tid in grad_tids[id(t_head)] for key in head.take(tid)]
         head_grads, grads = (grads, []) if fsdp else ([], grads)   # the root's: sharded when it ends
@@ -393,9 +544,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
             grads += mine
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
         release(grad)
-        if extra_grads > 0:          # embedding / norm gradients of full fine-tuning
-            n = alloc(-(-extra_grads // fsdp.gpus)) if fsdp else extra_grads
-            grads += b.new(n)
+        grads += b.new(cell("extra_grads"))    # embedding / norm gradients of full fine-tuning
         if fsdp:
             release(head_grads)
             if fsdp.root_gradients:
@@ -410,11 +559,14 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         # the estimator counts the inputs (ids, position ids, labels, rotary tables) through the
         # optimizer step (estimator.step_moments `base_acts`); they go with the loop iteration
         release(keys)
-    b.finish()
-    return Stream(b.events, b.places)
+    base = [0] * slots.count
+    for n, slot in slots.consts.items():
+        base[slot] = n
+    return Program(b.ops, b.places, tuple(base), tuple((slot, key) for key, slot in slots.polys.items()),
+                   dict(slots.cells), tape_grads, spec, static, fsdp, b.next_key)
 
 
-def _free_all(b: _Builder, inst: _Instance) -> None:
+def _free_all(b, inst: _Instance) -> None:
     for pairs in inst.keys.values():
         b.drop(pairs)
     inst.keys.clear()

@@ -9,6 +9,7 @@ from vramplan.core.models import ModelSpec
 from vramplan.core.setup import TrainSetup
 from vramplan.cuda.arch import ASSUMED, CudaArch
 from vramplan.cuda.alloc_conf import AllocConf, as_conf
+from vramplan.cuda.fast_replay import covers, replay_program
 from vramplan.cuda.reserved import ReservedPeak, lumpable, replay_lumped, replay_stream
 from vramplan.estimate.inventory import Static
 
@@ -23,6 +24,16 @@ def reserved_peak(spec: ModelSpec, setup: TrainSetup, static: Static, arch: Cuda
     """`fsdp`: an events.FsdpShards for one GPU of FSDP full_shard instead of a single GPU."""
     conf = conf_of(alloc_conf)
     return _cached(spec, setup, static, arch, conf, capacity, fsdp), conf.text
+
+
+def capped_is_uncapped(alloc_conf) -> bool:
+    """Whether a replay against a capacity that never needed a cache release (num_alloc_retries 0)
+    is the unlimited replay, field for field. So it is under the settings the one-pass replay
+    covers (cuda/fast_replay.py): the capacity enters only where a new segment or small-pool
+    growth would pass it, and every such point releases the cache and retries (malloc's failure
+    path, docs/allocator.md#rules rule 7). Not with max_split_size (an oversize block is released
+    before any retry is counted) nor expandable segments (the reservation is sized by the capacity)."""
+    return covers(conf_of(alloc_conf))
 
 
 # Decoder layers played event by event at each end of the stack; the layers between play only what
@@ -44,13 +55,18 @@ def exact_layers_for(setup: TrainSetup) -> int | None:
 @lru_cache(maxsize=256)
 def _cached(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, conf: AllocConf,
             capacity: int | None, fsdp) -> ReservedPeak:
-    from vramplan.estimate.events import place_of, step_stream
+    from vramplan.estimate.events import compiled, place_of
 
+    program = compiled(spec, setup, static, arch, exact_layers=exact_layers_for(setup), fsdp=fsdp)
+    sizes = program.sizes(setup)
+    if covers(conf):
+        # the small pool carried as its level, in one pass over the compiled stream (the same
+        # result as replay_lumped on it: tests/test_fast_replay.py)
+        return replay_program(program.ops, program.places, sizes, program.keys, conf, capacity)
     # the small pool carried as its level (cuda/reserved.py replay_lumped), unless the settings
     # round small requests too (roundup_power2_divisions): then every event is replayed
     lump = lumpable(conf)
-    stream = step_stream(spec, setup, static, arch, exact_layers=exact_layers_for(setup), fsdp=fsdp,
-                         lump_small=lump)
+    stream = program.stream(sizes, lump)
     if lump:
         return replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i))
     return replay_stream(stream.events, conf, capacity, place=lambda i: place_of(stream, i))

@@ -121,13 +121,18 @@ class Tape:
             entries.append(tuple((keys.setdefault(key, len(keys)), count) for key, count in size.parts))
         tag_names = sorted({tag for _size, tag in self.table})
         tag_ids = [tag_names.index(tag) for _size, tag in self.table]
-        return list(keys), entries, tag_names, tag_ids
+        # most entries are one allocation: their size is that key's, the others are summed
+        single = [entry[0][0] if len(entry) == 1 and entry[0][1] == 1 else 0 for entry in entries]
+        summed = [(tid, entry) for tid, entry in enumerate(entries) if not (len(entry) == 1 and entry[0][1] == 1)]
+        return list(keys), single, summed, tag_names, tag_ids
 
     def replay(self, values: dict) -> WalkResult:
         """Evaluate every size for these variables and play the allocations and frees."""
-        keys, entries, tag_names, tag_ids = self._compiled
+        keys, single, summed, tag_names, tag_ids = self._compiled
         rounded = [rounded_bytes(key, values) for key in keys]
-        sizes = [sum(rounded[k] * c for k, c in entry) for entry in entries]
+        sizes = [rounded[k] for k in single] if rounded else [0] * len(single)
+        for tid, entry in summed:
+            sizes[tid] = sum(rounded[k] * c for k, c in entry)
         parts = [0] * len(tag_names)
         total = 0
         best, best_total, best_op = [0] * len(tag_names), -1, ""

@@ -7,8 +7,10 @@ the static memory cached per setup (it does not depend on batch or sequence) and
 replay's peak reserved (estimate/reserved.py), so a setup gets one number and one verdict in
 every command. A setup whose allocated bytes plus context alone exceed the GPU does not fit
 whatever the allocator does (reserved >= allocated): it is answered without a replay
-(`Evaluator.floor`). Every boundary the planner reports (largest batch, longest sequence) is
-re-checked through the public API.
+(`Evaluator.floor`); on one GPU, a replay against the card that runs out of memory is a "no"
+without the unlimited replay its number would take (`Evaluator.fits`, docs/allocator.md#verdict).
+Every boundary the planner reports (largest batch, longest sequence) is re-checked through the
+public API.
 
 Verdicts: core/verdict.py (fits / tight under 5% headroom / no, or no where the replay against
 the card runs out of memory below it).
@@ -48,13 +50,14 @@ from dataclasses import dataclass, field
 from itertools import combinations
 
 from vramplan.core.errors import UsageError
-from vramplan.estimate.estimator import Estimate, estimate
+from vramplan.estimate.estimator import Estimate, card_replay, estimate
 from vramplan.core.gpus import Gpu, catalog, resolve_gpu
 from vramplan.cuda.arch import default_dtype, target_arch
 from vramplan.estimate.inventory import static_memory
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.core.setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags
-from vramplan.plan.sharding import Parallel, ShardedEstimate, distribute, effective_setup, parallel_of, per_gpu, splits_for
+from vramplan.plan.sharding import (Parallel, ShardedEstimate, base_estimate, distribute, effective_setup,
+                                    parallel_of, per_gpu, splits_for)
 
 from vramplan.core.verdict import TIGHT, verdict
 MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty
@@ -81,13 +84,14 @@ class Evaluator:
         self.gpu = gpu          # whose CUDA kernels the estimate assumes (cuda/arch.py)
         self.alloc_conf = alloc_conf   # caching-allocator settings of the replay (None: the environment's)
         self._static: dict = {}
+        self._floor: dict = {}
         self._need: dict = {}
         self._exact: dict = {}
         self.calls = 0
 
     def quick(self, setup: TrainSetup) -> Estimate:
         run = effective_setup(setup, self.parallel)
-        return estimate(self.spec, run, static=self._static_of(run), gpu=self.gpu, alloc_conf=self.alloc_conf)
+        return base_estimate(self.spec, run, self.parallel, self.gpu, self.alloc_conf, static=self._static_of(run))
 
     def estimate(self, setup: TrainSetup, gpu: Gpu | None = None) -> ShardedEstimate:
         quick = self.quick(setup)
@@ -101,19 +105,38 @@ class Evaluator:
         """The device total is within `cap` and the allocator replay against this evaluator's GPU
         did not run out of memory (fragmentation) on the way (core/verdict.py). Reserved memory is
         never below allocated, so a setup whose allocated peak plus context alone exceeds `cap`
-        does not fit whatever the replay says: it is answered without one."""
-        if setup not in self._need and self.floor(setup) > cap:
+        does not fit whatever the replay says: it is answered without one. On one GPU, a replay
+        against the card that runs out of memory is a "no" whatever the need: the unlimited
+        replay the need would take is not run (`_fails_on_card`)."""
+        if setup not in self._need and (self.floor(setup) > cap or self._fails_on_card(setup, cap)):
             return False
         need, oom = self._evaluate(setup)
         return need <= cap and not oom
 
     def floor(self, setup: TrainSetup) -> int:
         """A lower bound of the per-GPU device total: peak allocated + CUDA context + NCCL."""
-        run = effective_setup(setup, self.parallel)
-        quick = estimate(self.spec, run, static=self._static_of(run), gpu=self.gpu, replay=False)
-        e = distribute(quick, self.parallel, split=splits_for(self.spec, quick.setup, self.parallel),
-                       replay=False)
-        return e.peak_allocated_bytes + e.cuda_context_bytes + e.comm_bytes
+        return self._without_replay(setup)[1]
+
+    def _without_replay(self, setup: TrainSetup) -> tuple[Estimate, int]:
+        """(the single-GPU estimate without the allocator replay, floor), cached per setup."""
+        value = self._floor.get(setup)
+        if value is None:
+            run = effective_setup(setup, self.parallel)
+            quick = estimate(self.spec, run, static=self._static_of(run), gpu=self.gpu, replay=False)
+            e = distribute(quick, self.parallel, split=splits_for(self.spec, quick.setup, self.parallel),
+                           replay=False)
+            value = self._floor[setup] = (quick, e.peak_allocated_bytes + e.cuda_context_bytes + e.comm_bytes)
+        return value
+
+    def _fails_on_card(self, setup: TrainSetup, cap: int) -> bool:
+        """On one GPU and this evaluator's card: whether the replay against the card runs out of
+        memory (estimator.card_replay, as estimate() runs it)."""
+        if self.parallel.strategy != "single" or self.gpu is None or cap != self.gpu.memory_bytes:
+            return False
+        quick, _ = self._without_replay(setup)
+        oom = card_replay(self.spec, quick.setup, self._static_of(quick.setup), quick.cuda_arch, self.alloc_conf,
+                          quick.peak_allocated_bytes, cap - quick.cuda_context_bytes, need=False)[2]
+        return oom is not None
 
     def _static_of(self, run: TrainSetup):
         key = run.with_(batch=1, seq=1)

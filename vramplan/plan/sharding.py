@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from vramplan.core.components import ALLOCATED, Component, check_sum
+from vramplan.core.components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.core.errors import UsageError
 from vramplan.core.gpus import Gpu, resolve_gpu
 from vramplan.estimate.estimator import estimate, Verdict
@@ -398,8 +398,28 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
     setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     run = effective_setup(setup, par)
     gpu_obj = resolve_gpu(gpu) if gpu is not None else None
-    base = estimate(spec, run, gpu=gpu_obj, alloc_conf=alloc_conf)   # the GPU's CUDA kernels (cuda/arch.py)
+    base = base_estimate(spec, run, par, gpu_obj, alloc_conf)   # the GPU's CUDA kernels (cuda/arch.py)
     return distribute(base, par, gpu=gpu_obj)
+
+
+def replays_own_stream(parallel: Parallel) -> bool:
+    """FSDP full_shard without offload replays one GPU's own allocation stream for its allocator
+    slack (fsdp_slack); the other engines carry the single-GPU replay's slack."""
+    return parallel.strategy == "fsdp" and parallel.offload == "none" and parallel.gpus > 1
+
+
+def base_estimate(spec: ModelSpec, run: TrainSetup, parallel: Parallel, gpu: Gpu | None, alloc_conf=None,
+                  static=None):
+    """The single-GPU estimate `distribute` spreads over `parallel` (`run`: effective_setup).
+    Where the engine replays its own stream (replays_own_stream), nothing of the single-GPU
+    replay reaches the per-GPU result (distribute takes the slack from fsdp_slack, and no
+    single-GPU OOM for a spread run), so it is not run; the settings are recorded as it would."""
+    if not replays_own_stream(parallel):
+        return estimate(spec, run, gpu=gpu, static=static, alloc_conf=alloc_conf)
+    from vramplan.estimate.reserved import conf_of
+
+    conf = conf_of(alloc_conf)      # refuses bad settings as the replay would
+    return dataclasses.replace(estimate(spec, run, gpu=gpu, static=static, replay=False), alloc_conf=conf.text)
 
 
 def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits | None = None,
@@ -416,7 +436,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     cpu = 0
     for name, comps in base.phase_components.items():
         terms, cpu_phase = _phase_terms(name, comps, sp, parallel)
-        parts = {c.value: 0 for c in ALLOCATED}
+        parts = dict.fromkeys(ALLOCATED_NAMES, 0)
         for t in terms:
             parts[t.component] += t.bytes
         phases[name], phase_terms[name] = parts, tuple(t for t in terms if t.bytes)
@@ -427,8 +447,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     check_sum(components, peak)
     spread = parallel.strategy != "single" and parallel.gpus > 1
     slack = base.allocator_overhead_bytes
-    if replay and spread and parallel.strategy == "fsdp" and parallel.offload == "none" \
-            and hasattr(base, "cuda_arch"):
+    if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
         slack = fsdp_slack(base, sp, parallel)
     return ShardedEstimate(
         model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,

@@ -1,0 +1,183 @@
+"""The planner's shortcuts give the numbers and verdicts of the full path, exactly:
+- the one-pass replay of a compiled stream (cuda/fast_replay.py) is replay_lumped on that
+  stream, field for field, OOM and cache releases included;
+- a replay against the card that needed no cache release is the unlimited replay
+  (estimate/reserved.py capped_is_uncapped), so estimate() may replay against the card first;
+- FSDP full_shard skips a single-GPU replay it does not use (plan/sharding.py base_estimate);
+- a plan (grid, limits, changes) equals the plan computed with every shortcut off, and every
+  grid cell is the public API's number and verdict under the full replay.
+"""
+from __future__ import annotations
+
+import importlib
+from contextlib import contextmanager
+
+import pytest
+
+from vramplan.core.gpus import Gpu, resolve_gpu
+from vramplan.core.models import resolve
+from vramplan.core.setup import TrainSetup
+from vramplan.cuda.alloc_conf import as_conf
+from vramplan.cuda.fast_replay import covers, replay_program
+from vramplan.cuda.reserved import replay_lumped
+from vramplan.estimate.estimator import estimate
+from vramplan.estimate.events import FsdpShards, compiled, place_of
+from vramplan.estimate.inventory import static_memory
+from vramplan.plan.planner import plan
+from vramplan.plan.sharding import Parallel, distribute, effective_setup, per_gpu, splits_for
+
+reserved = importlib.import_module("vramplan.estimate.reserved")
+
+SETUPS = [
+    ("meta-llama/Llama-2-7b", {"seq": 1024, "batch": 2}),
+    ("meta-llama/Llama-2-7b", {"grad_ckpt": False, "seq": 512}),
+    ("meta-llama/Llama-2-7b", {"attn": "eager", "seq": 512, "batch": 2}),       # every layer replayed
+    ("meta-llama/Meta-Llama-3-8B", {"quant": "int8", "seq": 512}),
+    ("mistralai/Mistral-7B-v0.1", {"method": "full", "grad_ckpt": False, "seq": 256}),
+    ("google/gemma-3-1b-pt", {"seq": 2048}),                                    # two layer kinds
+    ("meta-llama/Meta-Llama-3-8B", {"batch": 16, "seq": 512, "loop": "plain"}),
+    ("Qwen/Qwen3-30B-A3B", {"seq": 512}),                                       # MoE
+]
+CONFS = ["", "large_segment_size_mb:40"]
+
+
+def _capacities(ref) -> list:
+    """No limit, the unlimited peak, and capacities between allocated and reserved peaks, where
+    malloc must release the cache and either gets by or runs out of memory (fragmentation)."""
+    lo, hi = ref.peak_allocated_bytes, ref.peak_reserved_bytes
+    return [None, hi] + [lo + (hi - lo) * k // 8 for k in range(1, 8)] + [lo // 2]
+
+
+def _lumped(spec, setup, fsdp=None):
+    static = static_memory(spec, setup)
+    program = compiled(spec, setup, static, exact_layers=reserved.exact_layers_for(setup), fsdp=fsdp)
+    sizes = program.sizes(setup)
+    return program, sizes, program.stream(sizes, lump_small=True)
+
+
+def _fsdp_shards(spec, setup, gpus=2) -> FsdpShards:
+    sp = splits_for(spec, setup, Parallel(gpus, "fsdp"))
+    return FsdpShards(gpus, sp.unit_weights, sp.unit_adapters, sp.unit_gradients, sp.root_weights,
+                      sp.root_adapters, sp.root_gradients, sp.quant_constants)
+
+
+@pytest.mark.parametrize("model, kw", SETUPS, ids=[f"{m}-{kw}" for m, kw in SETUPS])
+def test_one_pass_replay_is_replay_lumped(model, kw):
+    spec, setup = resolve(model), TrainSetup(**kw)
+    program, sizes, stream = _lumped(spec, setup)
+    seen = set()
+    for text in CONFS:
+        conf = as_conf(text)
+        assert covers(conf)
+        ref = replay_lumped(stream.events, conf)
+        for capacity in _capacities(ref):
+            full = replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i))
+            fast = replay_program(program.ops, program.places, sizes, program.keys, conf, capacity)
+            assert fast == full, (text, capacity)
+            seen.add("oom" if full.oom else "released" if full.num_alloc_retries else "plain")
+    assert "oom" in seen and "plain" in seen
+
+
+def test_one_pass_replay_of_fsdp_streams():
+    spec = resolve("meta-llama/Llama-2-13b-hf")
+    for setup in (TrainSetup(batch=2, seq=2048), TrainSetup(batch=1, seq=512, grad_ckpt=False)):
+        program, sizes, stream = _lumped(spec, setup, _fsdp_shards(spec, setup))
+        conf = as_conf("")
+        ref = replay_lumped(stream.events, conf)
+        for capacity in _capacities(ref):
+            full = replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i))
+            assert replay_program(program.ops, program.places, sizes, program.keys, conf, capacity) == full
+
+
+def test_settings_outside_the_one_pass_replay_take_the_full_model():
+    for text in ("expandable_segments:True", "max_split_size_mb:128", "roundup_power2_divisions:4"):
+        assert not covers(as_conf(text))
+        assert not reserved.capped_is_uncapped(text)
+        with pytest.raises(ValueError):
+            replay_program([], [], [], 0, as_conf(text))
+
+
+def test_a_replay_against_the_card_without_a_release_is_the_unlimited_one():
+    spec, setup = resolve("meta-llama/Llama-2-7b"), TrainSetup(seq=2048, batch=4)
+    program, sizes, stream = _lumped(spec, setup)
+    conf = as_conf("")
+    free = replay_lumped(stream.events, conf)
+    for capacity in _capacities(free):
+        capped = replay_lumped(stream.events, conf, capacity)
+        assert (capped.num_alloc_retries == 0) == (capacity is None or free.peak_reserved_bytes <= capacity)
+        if capped.num_alloc_retries == 0:
+            assert capped == free
+
+
+@contextmanager
+def full_path():
+    """Every replay through the stream and replay_lumped, unlimited first then against the card
+    (the estimate before the one-pass replay): reserved.covers off, the replay cache emptied."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(reserved, "covers", lambda conf: False)
+    reserved._cached.cache_clear()
+    try:
+        yield
+    finally:
+        mp.undo()
+        reserved._cached.cache_clear()
+
+
+def test_estimate_against_the_card_first_is_the_full_path():
+    spec = resolve("meta-llama/Llama-2-7b")
+    setups = [TrainSetup(seq=s, batch=b, dtype="fp16") for s in (512, 2048) for b in (1, 4, 8)]
+    gpus = ["A100-40GB", "T4"] + [Gpu(f"{n} GiB", n * 2**30) for n in (12, 15, 17, 19)]
+    fast = [estimate(spec, s, gpu=g).to_dict() for g in gpus for s in setups]
+    with full_path():
+        full = [estimate(spec, s, gpu=g).to_dict() for g in gpus for s in setups]
+    assert fast == full
+    kinds = {"oom" if e["allocator_oom"] else "released" if e["allocator_retries"] else e["status"] for e in full}
+    assert {"oom", "released", "fits", "no"} <= kinds, kinds
+
+
+@pytest.mark.parametrize("gpus, offload", [(2, "none"), (4, "none")])
+def test_fsdp_skips_only_a_replay_it_does_not_use(gpus, offload):
+    spec, par, gpu = resolve("meta-llama/Llama-2-13b-hf"), Parallel(gpus, "fsdp", offload), resolve_gpu("24GB")
+    for setup in (TrainSetup(batch=2, seq=2048), TrainSetup(batch=1, seq=4096, grad_ckpt=False)):
+        run = effective_setup(setup, par)
+        with_replay = distribute(estimate(spec, run, gpu=gpu), par, gpu=gpu)
+        assert per_gpu(spec, setup, par, gpu=gpu).to_dict() == with_replay.to_dict()
+
+
+GRIDS = [
+    # (model, GPU, setup, grid batches, grid seqs, the kinds of cell the grid must hold)
+    ("meta-llama/Meta-Llama-3-8B", "24GB", {"batch": 16, "seq": 512}, [12, 14, 16, 17, 18, 19], [256, 512, 768],
+     {"fits", "tight", "oom", "lower bound"}),     # "oom": a fragmentation OOM below the card
+    ("meta-llama/Llama-2-13b-hf", "24GB", {"batch": 2, "seq": 2048, "gpus": 4, "strategy": "fsdp"},
+     [1, 2, 4, 8], [512, 2048, 4096], {"fits", "tight", "lower bound"}),
+    ("meta-llama/Llama-2-13b-hf", "24GB", {"batch": 2, "seq": 2048, "gpus": 4, "strategy": "zero3"},
+     [1, 2, 4, 8], [512, 2048, 4096], {"fits", "no", "lower bound"}),
+]
+
+
+@pytest.mark.parametrize("model, gpu, kw, batches, seqs, expected", GRIDS, ids=[f"{g[0]}-{g[2]}" for g in GRIDS])
+def test_plan_grid_is_the_full_path(model, gpu, kw, batches, seqs, expected):
+    fast = plan(model, gpu=gpu, batches=batches, seqs=seqs, recommend=False, **kw)
+    with full_path():
+        full = plan(model, gpu=gpu, batches=batches, seqs=seqs, recommend=False, **kw)
+        assert fast.to_dict() == full.to_dict()
+        spec, kinds = resolve(model), set()
+        for row in fast.grid.cells:
+            for cell in row:
+                est = per_gpu(spec, fast.setup.with_(batch=cell.batch, seq=cell.seq), fast.parallel, gpu=fast.gpu)
+                assert est.status == cell.status
+                if cell.lower_bound:     # allocated + context alone exceed the card: a floor, marked
+                    assert cell.need_bytes <= est.device_total_bytes and cell.status == "no"
+                else:
+                    assert cell.need_bytes == est.device_total_bytes
+                kinds.add("lower bound" if cell.lower_bound else "oom" if est.allocator_oom else cell.status)
+    assert expected <= kinds, kinds
+
+
+def test_plan_with_changes_is_the_full_path():
+    """A setup that fails from fragmentation below the card: ranked changes, limits and minimum."""
+    args = dict(gpu="24GB", batch=18, seq=512, batches=[8, 16, 18], seqs=[512, 1024])
+    fast = plan("meta-llama/Meta-Llama-3-8B", **args)
+    assert fast.estimate.allocator_oom is not None and fast.changes
+    with full_path():
+        assert fast.to_dict() == plan("meta-llama/Meta-Llama-3-8B", **args).to_dict()
