@@ -34,7 +34,7 @@ from functools import lru_cache
 from vramplan.core.components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.core.errors import UsageError
 from vramplan.core.gpus import Gpu, resolve_gpu
-from vramplan.estimate.estimator import estimate, Verdict
+from vramplan.estimate.estimator import estimate, paged_resident, Verdict
 from vramplan.estimate.inventory import numel, optimizer_memory, static_memory
 from vramplan.core.models import ModelSpec, resolve
 from vramplan.estimate.quant import alloc, layout
@@ -338,10 +338,12 @@ class ShardedEstimate(Verdict):
     phase_components: dict = field(default_factory=dict, repr=False)
     allocator_oom: dict | None = None   # the single-GPU replay's failed request (estimate's), if any
     alloc_conf: str = ""
+    paged_resident_bytes: int = 0        # this GPU's paged state NVML counts (estimator.paged_resident)
 
     @property
     def device_total_bytes(self) -> int:
-        return self.peak_allocated_bytes + self.cuda_context_bytes + self.comm_bytes + self.allocator_overhead_bytes
+        return (self.peak_allocated_bytes + self.cuda_context_bytes + self.comm_bytes + self.allocator_overhead_bytes
+                + self.paged_resident_bytes)
 
     @property
     def reserved_bytes(self) -> int:
@@ -350,8 +352,11 @@ class ShardedEstimate(Verdict):
 
 
     def with_gpu(self, gpu: Gpu | None) -> "ShardedEstimate":
-        # a replay's OOM holds for the card it was replayed against only
-        return dataclasses.replace(self, gpu=gpu, allocator_oom=self.allocator_oom if gpu == self.gpu else None)
+        # a replay's OOM holds for the card it was replayed against only; how much paged state stays
+        # resident depends on the card's room
+        rest = self.device_total_bytes - self.paged_resident_bytes
+        return dataclasses.replace(self, gpu=gpu, allocator_oom=self.allocator_oom if gpu == self.gpu else None,
+                                   paged_resident_bytes=paged_resident(self.paged_optimizer_bytes, gpu, rest))
 
     def to_dict(self) -> dict:
         return {
@@ -372,7 +377,8 @@ class ShardedEstimate(Verdict):
             "peak_phase": self.peak_phase,
             "components": dict(self.components),
             "device_components": {C.CUDA_CONTEXT.value: self.cuda_context_bytes + self.comm_bytes,
-                                  C.ALLOCATOR_OVERHEAD.value: self.allocator_overhead_bytes},
+                                  C.ALLOCATOR_OVERHEAD.value: self.allocator_overhead_bytes,
+                                  C.PAGED_OPTIMIZER.value: self.paged_resident_bytes},
             "nccl_bytes": self.comm_bytes,
             "phase_peaks": dict(self.phase_peaks),
             "terms": [t.to_dict() for t in self.terms],
@@ -449,12 +455,15 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     slack = base.allocator_overhead_bytes
     if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
         slack = fsdp_slack(base, sp, parallel)
+    paged = _paged(base.paged_optimizer_bytes, parallel)
+    comm = NCCL_BYTES if spread else 0
+    resident = paged_resident(paged, gpu, peak + base.cuda_context_bytes + comm + slack)
     return ShardedEstimate(
         model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,
         peak_phase=peak_phase, phase_peaks={p: sum(c.values()) for p, c in phases.items()},
         terms=phase_terms[peak_phase], cuda_context_bytes=base.cuda_context_bytes,
-        comm_bytes=NCCL_BYTES if spread else 0, allocator_overhead_bytes=slack,
-        cpu_bytes=cpu, paged_optimizer_bytes=_paged(base.paged_optimizer_bytes, parallel),
+        comm_bytes=comm, allocator_overhead_bytes=slack,
+        cpu_bytes=cpu, paged_optimizer_bytes=paged, paged_resident_bytes=resident,
         trainable_params=base.trainable_params, assumptions=assumptions(spec, setup, parallel), gpu=gpu,
         phase_components=phases,
         # one GPU: the replay's allocator OOM against this card stands (sharded runs are not replayed)

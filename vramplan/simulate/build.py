@@ -120,7 +120,10 @@ def refuse_router_lora(spec, setup: TrainSetup) -> None:
     """LoRA on Llama 4's router fails on the first forward on any device (peft wraps the nn.Linear
     subclass Llama4Router, whose forward returns a tuple): the estimate's one-line error
     (estimate/inventory.py refuse_router_lora) instead of a traceback from inside the step."""
-    if getattr(getattr(spec, "arch", None), "linear_router", False):
+    from vramplan.core.architectures import ARCHITECTURES
+
+    # simulate also runs families the analytic registry does not know: those have no router rule
+    if spec.model_type in ARCHITECTURES and spec.arch.linear_router:
         from vramplan.estimate.inventory import refuse_router_lora as refuse
         refuse(spec, setup)
 
