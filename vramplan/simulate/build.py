@@ -122,8 +122,8 @@ def refuse_router_lora(spec, setup: TrainSetup) -> None:
     (estimate/inventory.py refuse_router_lora) instead of a traceback from inside the step."""
     from vramplan.core.architectures import ARCHITECTURES
 
-    # simulate also runs families the analytic registry does not know: those have no router rule
-    if spec.model_type in ARCHITECTURES and spec.arch.linear_router:
+    arch = ARCHITECTURES.get(getattr(spec, "model_type", None))
+    if arch is not None and arch.linear_router and hasattr(spec, "layer_linears"):   # a ModelSpec
         from vramplan.estimate.inventory import refuse_router_lora as refuse
         refuse(spec, setup)
 
@@ -155,8 +155,8 @@ def build_model(spec, setup: TrainSetup, device: str = "meta", seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     refuse_4bit_experts(spec, setup)
-    refuse_router_lora(spec, setup)
     config = hf_config(spec, setup)
+    refuse_router_lora(spec, setup)
     dtype = torch_dtype(setup)
     if device != "meta":
         torch.manual_seed(seed)
