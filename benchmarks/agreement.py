@@ -74,7 +74,7 @@ def label(setup) -> str:
 def setups_for(model: str, quick: bool, full: bool = False, small: bool = False):
     from vramplan import TrainSetup
 
-    from vramplan.core.models import resolve
+    from vramplan.core._models import resolve
 
     eager_only = resolve(model).arch.attention == ("eager",)   # gpt-oss: transformers refuses sdpa
     seen = []
@@ -108,7 +108,7 @@ def main() -> None:
         spec = vramplan.resolve_model(model)
         for setup in setups_for(model, args.quick, args.full, args.small):
             if args.gpu:
-                from vramplan.cuda.arch import default_dtype, target_arch
+                from vramplan.cuda._arch import default_dtype, target_arch
                 setup = setup.with_(dtype=default_dtype(target_arch(vramplan.resolve_gpu(args.gpu))))
             t = time.perf_counter()
             row = {"model": spec.id, "setup": label(setup)}

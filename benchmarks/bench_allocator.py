@@ -34,7 +34,7 @@ def training_steps(n_events: int = N_EVENTS) -> list[tuple]:
 
 
 def main() -> None:
-    from vramplan.cuda.allocator import replay_allocations
+    from vramplan.cuda._allocator import replay_allocations
 
     events = training_steps()
     best = float("inf")

@@ -26,7 +26,7 @@ def cold_cli_ms() -> list[float]:
 
 def library_call_us() -> float:
     import vramplan
-    from vramplan.core.models import resolve
+    from vramplan.core._models import resolve
 
     spec = resolve("meta-llama/Llama-2-70b")
     setup = vramplan.TrainSetup(batch=2, seq=4096)
@@ -37,7 +37,7 @@ def library_call_us() -> float:
 def library_call_new_shape_us() -> float:
     """A new batch x seq every call: the layer walk is replayed, not looked up."""
     import vramplan
-    from vramplan.core.models import resolve
+    from vramplan.core._models import resolve
 
     spec = resolve("meta-llama/Llama-2-70b")
     vramplan.estimate(spec, seq=2047)  # records the walk for this structure once

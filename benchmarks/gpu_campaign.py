@@ -19,7 +19,7 @@ batch 1, sdpa, 1 warm-up + 2 measured steps; 70B: 1 + 1):
   5. issue 4's grid: Llama-2-7b, Llama-3-8B, Mistral-7B x seq {512, 2048, 8192} x checkpointing
      on/off x {adamw, paged_adamw8bit}, each single change from the default first.
 
-Random weights (no download, no network): vramplan.profile.materialize builds the model on the
+Random weights (no download, no network): vramplan.profile._materialize builds the model on the
 meta device, then creates each weight directly on the GPU and quantizes it there one tensor at
 a time (Params4bit(...).to("cuda"), as transformers' Bnb4bitQuantize does for a checkpoint), so
 70B never exists in bf16, neither in host RAM nor on the GPU: the largest bf16 tensor alive is
@@ -104,7 +104,7 @@ class Config:
     seq: int
     grad_ckpt: bool = True
     optimizer: str | None = None    # None: the recipe's (torch AdamW without one)
-    recipe: str | None = None       # core/recipes.py
+    recipe: str | None = None       # core/_recipes.py
     alloc_conf: str | None = None   # PYTORCH_CUDA_ALLOC_CONF of the run (None: defaults)
     warmup: int = 1
     steps: int = 2
@@ -118,7 +118,7 @@ class Config:
         return " ".join(p for p in parts if p)
 
     def setup(self):
-        from vramplan.core.setup import make_setup
+        from vramplan.core._setup import make_setup
         flags = {"seq": self.seq}
         if self.optimizer is not None:
             flags["optimizer"] = self.optimizer
@@ -197,15 +197,15 @@ def append_bundle(path: str | None, record) -> None:
 
 
 def make_launcher(kind: str):
-    from vramplan.profile.session import ForkServerLauncher, SubprocessLauncher
+    from vramplan.profile._session import ForkServerLauncher, SubprocessLauncher
     return ForkServerLauncher() if kind == "forkserver" else SubprocessLauncher()
 
 
 def run_campaign(args) -> int:
-    from vramplan.core.errors import VramplanError
-    from vramplan.profile.compare import compare_record, error_table_markdown
-    from vramplan.profile.session import ProfileOptions, profile, skipped_record
-    from vramplan.profile.store import write_record
+    from vramplan.core._errors import VramplanError
+    from vramplan.profile._compare import compare_record, error_table_markdown
+    from vramplan.profile._session import ProfileOptions, profile, skipped_record
+    from vramplan.profile._store import write_record
 
     log = Log(args.log)
     start = time.monotonic()
@@ -365,8 +365,8 @@ def _pct(x) -> str:
 
 def unpack(bundle: str, folder: str) -> int:
     """Write every record of a JSONL bundle as its own file (atomically) under `folder`."""
-    from vramplan.profile.record import Record
-    from vramplan.profile.store import write_record
+    from vramplan.profile._record import Record
+    from vramplan.profile._store import write_record
 
     n = 0
     with open(bundle) as f:
@@ -394,10 +394,10 @@ CPU_CHECKS = (dict(), dict(grad_ckpt=False), dict(optimizer="paged_adamw8bit"), 
 def cpu_check(args) -> int:
     """Profile a small Llama on the CPU under several setups and put the measurement next to the
     estimate and to simulate on the meta device (CUDA emulation) and on the CPU (same tracker)."""
-    from vramplan.estimate.estimator import estimate
-    from vramplan.core.models import resolve
-    from vramplan.profile.session import ForkServerLauncher, ProfileOptions, profile
-    from vramplan.core.setup import TrainSetup
+    from vramplan.estimate._estimator import estimate
+    from vramplan.core._models import resolve
+    from vramplan.profile._session import ForkServerLauncher, ProfileOptions, profile
+    from vramplan.core._setup import TrainSetup
     from vramplan.simulate import simulate
 
     folder = Path(tempfile.mkdtemp(prefix="vramplan-cpu-check-"))

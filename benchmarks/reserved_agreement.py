@@ -16,10 +16,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from test_agreement import CASES, spec_of  # noqa: E402
 
 from vramplan import TrainSetup, estimate  # noqa: E402
-from vramplan.core.models import resolve  # noqa: E402
-from vramplan.cuda.allocator import replay_allocations  # noqa: E402
-from vramplan.estimate.events import step_stream  # noqa: E402
-from vramplan.estimate.inventory import static_memory  # noqa: E402
+from vramplan.core._models import resolve  # noqa: E402
+from vramplan.cuda._allocator import replay_allocations  # noqa: E402
+from vramplan.estimate._events import step_stream  # noqa: E402
+from vramplan.estimate._inventory import static_memory  # noqa: E402
 
 CATALOG = [("meta-llama/Llama-2-7b", dict(seq=2048)), ("meta-llama/Meta-Llama-3-8B", dict(seq=1024, batch=2)),
            ("meta-llama/Llama-2-7b", dict(seq=1024, grad_ckpt=False))]

@@ -2,18 +2,18 @@
 middle layers' net allocations only) against its full stream (every event of every layer), under
 the default allocator settings and under expandable_segments (docs/allocator.md#reduced-detail).
 
-Run: python benchmarks/reserved_detail.py [K]   (K defaults to estimate/reserved.py EXACT_LAYERS)
+Run: python benchmarks/reserved_detail.py [K]   (K defaults to estimate/_reserved.py EXACT_LAYERS)
 """
 import sys
 import time
 
-from vramplan.core.models import resolve
-from vramplan.core.setup import TrainSetup
-from vramplan.estimate.events import step_stream
-from vramplan.estimate.inventory import static_memory
-from vramplan.cuda.reserved import replay_stream
-from vramplan.cuda.alloc_conf import AllocConf
-from vramplan.estimate.reserved import EXACT_LAYERS
+from vramplan.core._models import resolve
+from vramplan.core._setup import TrainSetup
+from vramplan.estimate._events import step_stream
+from vramplan.estimate._inventory import static_memory
+from vramplan.cuda._reserved import replay_stream
+from vramplan.cuda._alloc_conf import AllocConf
+from vramplan.estimate._reserved import EXACT_LAYERS
 
 K = int(sys.argv[1]) if len(sys.argv) > 1 else EXACT_LAYERS
 cases = [("meta-llama/Llama-2-70b-hf", {}), ("meta-llama/Llama-2-7b", {}), ("meta-llama/Llama-2-7b", {"seq": 512}),

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import time
 
-from vramplan.core.models import spec_from_config
-from vramplan.core.setup import TrainSetup
+from vramplan.core._models import spec_from_config
+from vramplan.core._setup import TrainSetup
 from vramplan.simulate import simulate as run
 
 LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

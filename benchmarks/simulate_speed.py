@@ -27,8 +27,8 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 import torch, transformers, peft, bitsandbytes  # noqa: F401
 t1 = time.perf_counter()
-from vramplan.core.models import resolve
-from vramplan.core.setup import TrainSetup
+from vramplan.core._models import resolve
+from vramplan.core._setup import TrainSetup
 from vramplan.simulate import simulate as run
 model, setup, exact = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "1"
 trace = run(resolve(model), TrainSetup(**setup), exact=exact)

@@ -67,7 +67,7 @@ def tiny_config(model_type: str = "llama", **overrides) -> dict:
 
 @pytest.fixture
 def tiny_spec():
-    from vramplan.core.models import spec_from_config
+    from vramplan.core._models import spec_from_config
 
     def make(model_type: str = "llama", **overrides):
         return spec_from_config(tiny_config(model_type, **overrides), f"tiny-{model_type}", "test config")

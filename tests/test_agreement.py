@@ -21,7 +21,7 @@ from conftest import requires
 pytestmark = requires("torch", "transformers", "peft", "bitsandbytes")
 
 from vramplan import TrainSetup, estimate  # noqa: E402
-from vramplan.core.models import spec_from_config  # noqa: E402
+from vramplan.core._models import spec_from_config  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "configs"
 TOLERANCE = 0.03
@@ -140,7 +140,7 @@ CASES = [
     ("gptoss-sinks", dict(seq=512, attn="eager", method="full", grad_ckpt=False)),
     ("gptoss-sinks", dict(seq=512, attn="eager", targets="q_proj,v_proj", rank=64)),
     ("gptoss-sinks", dict(seq=512, attn="eager", optimizer="adamw8bit")),
-    # float32 / fp16 experts: torch._grouped_mm's per-group CUDA fallback (simulate/kernels.py
+    # float32 / fp16 experts: torch._grouped_mm's per-group CUDA fallback (simulate/_kernels.py
     # grouped_mm); prepare_kbit's float32 q/k/v/o biases back in bf16 after the first step
     ("gptoss-sinks", dict(seq=512, attn="eager", prepare_kbit=True)),
     ("gptoss-sinks", dict(seq=512, attn="eager", dtype="fp16", grad_ckpt=False)),
@@ -190,7 +190,7 @@ def test_estimate_agrees_with_simulate(name, flags):
         f"({trace.peak_phase}/{trace.peak_module}/{trace.peak_op}): {error:+.2%}")
     # every phase's own peak, not only the step's: simulate's phases run from the start of the
     # forward (which includes lm_head and the loss) to the return of model(...), then backward,
-    # then the optimizer step and zero_grad (simulate/step.py Simulation.step)
+    # then the optimizer step and zero_grad (simulate/_step.py Simulation.step)
     assert set(est.phase_peaks) == set(trace.phase_peaks) == {"forward", "backward", "optimizer"}
     for phase, sim_bytes in trace.phase_peaks.items():
         phase_error = (est.phase_peaks[phase] - sim_bytes) / sim_bytes
@@ -198,7 +198,7 @@ def test_estimate_agrees_with_simulate(name, flags):
             f"{phase} peak: estimate {est.phase_peaks[phase]:,} vs simulate {sim_bytes:,}: {phase_error:+.2%}")
 
 
-# Training recipes (issue #9, vramplan/core/recipes.py): autocast, fused AdamW, TRL's chunked
+# Training recipes (issue #9, vramplan/core/_recipes.py): autocast, fused AdamW, TRL's chunked
 # loss, a plain loop's held logits, autocast over prepare_model_for_kbit_training's float32
 # hidden states and qlora.py's bf16 recast (qlora-paper), each on a few architectures.
 RECIPE_CASES = [
@@ -242,7 +242,7 @@ RECIPE_CASES = [
 @pytest.mark.parametrize("name, recipe, flags", RECIPE_CASES,
                          ids=[f"{n}-{r}-{'-'.join(f'{k}={v}' for k, v in f.items())}" for n, r, f in RECIPE_CASES])
 def test_recipes_agree_with_simulate(name, recipe, flags):
-    from vramplan.core.setup import make_setup
+    from vramplan.core._setup import make_setup
     from vramplan.simulate import simulate as run
 
     spec, setup = spec_of(name), make_setup(recipe, **flags)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from vramplan.cuda.alloc_conf import AllocConf
-from vramplan.cuda.allocator import CachingAllocator, OutOfMemory
-from vramplan.cuda.snapshot import check_snapshot, load_trace
-from vramplan.core.errors import UsageError
+from vramplan.cuda._alloc_conf import AllocConf
+from vramplan.cuda._allocator import CachingAllocator, OutOfMemory
+from vramplan.cuda._snapshot import check_snapshot, load_trace
+from vramplan.core._errors import UsageError
 
 DATA = Path(__file__).parent / "data" / "allocator"
 CASES = {c["id"]: c for c in map(json.loads, (DATA / "cases.jsonl").read_text().splitlines())}
@@ -207,7 +207,7 @@ def case_empty_cache_increments_num_sync_all_streams(case):
 
 
 def case_zero_size_alloc_no_change(case):
-    from vramplan.cuda.allocator import replay_allocations
+    from vramplan.cuda._allocator import replay_allocations
 
     r = replay_allocations([("alloc", "z", 0)])
     assert r.allocated_bytes == 0 and r.reserved_bytes == 0

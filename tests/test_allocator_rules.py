@@ -3,10 +3,10 @@ comments from the cited C++ (c10/cuda/CUDACachingAllocator.cpp, DeviceCachingAll
 never copied from the model's output."""
 import pytest
 
-from vramplan.cuda.alloc_conf import AllocConf
-from vramplan.cuda.allocator import (CachingAllocator, OutOfMemory, get_allocation_size, replay_allocations,
+from vramplan.cuda._alloc_conf import AllocConf
+from vramplan.cuda._allocator import (CachingAllocator, OutOfMemory, get_allocation_size, replay_allocations,
                                      round_size)
-from vramplan.core.errors import UsageError
+from vramplan.core._errors import UsageError
 
 MiB = 2**20
 

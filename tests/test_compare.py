@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 
 from vramplan.cli import main
-from vramplan.core.errors import VramplanError
-from vramplan.profile import store
-from vramplan.profile.compare import REST, compare_path, compare_record, error_table_markdown
-from vramplan.profile.record import Failure, Measured, NvmlTrace, PhaseStats, Record, estimate_dict, model_dict
-from vramplan.core.setup import TrainSetup
+from vramplan.core._errors import VramplanError
+from vramplan.profile import _store as store
+from vramplan.profile._compare import REST, compare_path, compare_record, error_table_markdown
+from vramplan.profile._record import Failure, Measured, NvmlTrace, PhaseStats, Record, estimate_dict, model_dict
+from vramplan.core._setup import TrainSetup
 
 CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
@@ -21,8 +21,8 @@ MiB = 2**20
 def gpu_shaped(scale_alloc=1.0, nvml=True, status="ok", **over) -> Record:
     """A record shaped like a GPU run: inventory + torch counters + NVML; the measured numbers
     are the prediction scaled, so errors are known exactly."""
-    from vramplan.estimate.estimator import estimate
-    from vramplan.core.models import spec_from_config
+    from vramplan.estimate._estimator import estimate
+    from vramplan.core._models import spec_from_config
 
     spec = spec_from_config(CONFIG, "tiny", "test")
     setup = TrainSetup(seq=64)
@@ -44,7 +44,7 @@ def gpu_shaped(scale_alloc=1.0, nvml=True, status="ok", **over) -> Record:
                    markers=((1.0, 1, "backward"),)) if nvml else NvmlTrace(False, "--device cpu")
     err = {"allocated": (est.peak_allocated_bytes - measured_alloc) / measured_alloc,
            "device_total": (est.device_total_bytes - device_total) / device_total if nvml else None}
-    from vramplan.profile.record import tolerances_for
+    from vramplan.profile._record import tolerances_for
     fields = dict(id=f"tiny_{scale_alloc}", created="2026-01-01T00:00:00Z", status=status, model_ref="tiny",
                   model=model_dict(spec), setup=setup.to_dict(), run={"device": "cuda:0", "steps": 2, "warmup": 1},
                   environment={"gpu": "NVIDIA H200", "gpu_memory_bytes": 150 * 10**9}, estimate=estimate_dict(est),

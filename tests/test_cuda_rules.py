@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from vramplan.cli import main
-from vramplan.core.errors import UsageError
-from vramplan.core.gpus import catalog, resolve_gpu
-from vramplan.cuda import cublas, sdpa
-from vramplan.cuda.arch import ASSUMED, CudaArch, check_dtype, default_dtype, parse_arch, target_arch
-from vramplan.cuda.gemm_4bit import gemm_4bit_uses_fused_kernel
+from vramplan.core._errors import UsageError
+from vramplan.core._gpus import catalog, resolve_gpu
+from vramplan.cuda import _cublas as cublas, _sdpa as sdpa
+from vramplan.cuda._arch import ASSUMED, CudaArch, check_dtype, default_dtype, parse_arch, target_arch
+from vramplan.cuda._gemm_4bit import gemm_4bit_uses_fused_kernel
 
 SM70, SM75, SM80, SM86, SM89, SM90 = (parse_arch(a) for a in ("sm70", "sm75", "sm80", "sm86", "sm89", "sm90"))
 SM120 = parse_arch("sm120")
@@ -195,8 +195,8 @@ def test_gemm_4bit_per_arch_examples():
 # --- the vramplan/cuda package stays torch-free ----------------------------------------------------
 
 def test_cuda_package_imports_no_torch():
-    code = ("import sys, vramplan.cuda.arch, vramplan.cuda.sdpa, vramplan.cuda.cublas, vramplan.cuda.gemm_4bit, "
-            "vramplan.cuda.context; print('torch' in sys.modules)")
+    code = ("import sys, vramplan.cuda._arch, vramplan.cuda._sdpa, vramplan.cuda._cublas, vramplan.cuda._gemm_4bit, "
+            "vramplan.cuda._context; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -3,10 +3,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from vramplan import TrainSetup, estimate
-from vramplan.core.components import ALLOCATED
-from vramplan.estimate.inventory import static_memory
-from vramplan.core.models import catalog, resolve
-from vramplan.estimate.quant import bits_per_param
+from vramplan.core._components import ALLOCATED
+from vramplan.estimate._inventory import static_memory
+from vramplan.core._models import catalog, resolve
+from vramplan.estimate._quant import bits_per_param
 
 MODELS = sorted(catalog())
 
@@ -121,7 +121,7 @@ def test_mixtral_experts_stay_16_bit_under_transformers_5():
 
 
 def test_gemma2_refuses_sdpa_like_transformers():
-    from vramplan.core.errors import ModelError
+    from vramplan.core._errors import ModelError
 
     with pytest.raises(ModelError) as info:
         estimate("google/gemma-2-9b")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from vramplan.core.errors import ModelError
-from vramplan.core.models import resolve, spec_from_config
+from vramplan.core._errors import ModelError
+from vramplan.core._models import resolve, spec_from_config
 
 CONFIGS = __import__("pathlib").Path(__file__).parent / "configs"
 
@@ -112,7 +112,7 @@ def test_gemma3_layer_pattern_and_norms():
 
 def test_gemma3_layer_kinds_split_only_past_the_window():
     from vramplan import TrainSetup
-    from vramplan.estimate.ops import layer_stack
+    from vramplan.estimate._ops import layer_stack
 
     spec = resolve("google/gemma-3-1b-pt")
     short = layer_stack(spec, TrainSetup(seq=512, grad_ckpt=False))
@@ -139,7 +139,7 @@ def test_phi4_is_a_phi3_config_with_grouped_kv_and_no_window():
 
 def test_granite_multipliers_are_ops_in_the_walk():
     from vramplan import TrainSetup
-    from vramplan.estimate.ops import embedding_leaf, head_ops, layer_ops
+    from vramplan.estimate._ops import embedding_leaf, head_ops, layer_ops
 
     config = json.loads((__import__("pathlib").Path(__file__).parent / "configs" / "granite-multipliers.json").read_text())
     spec, setup = spec_from_config(config, "granite", "test"), TrainSetup(seq=512)
@@ -151,7 +151,7 @@ def test_granite_multipliers_are_ops_in_the_walk():
 
 def test_smollm3_every_fourth_layer_skips_rope():
     from vramplan import TrainSetup
-    from vramplan.estimate.ops import layer_ops, layer_stack
+    from vramplan.estimate._ops import layer_ops, layer_stack
 
     spec = resolve("smollm3-3b-base")
     assert spec.rope_layers == (True, True, True, False) * 9 and spec.tied
@@ -190,7 +190,7 @@ def test_olmo3_layer_types_default_and_window_come_from_olmo3config():
 
 
 def test_olmo3_keeps_a_rotary_embedding_per_layer_type():
-    from vramplan.estimate.inventory import rope_kinds
+    from vramplan.estimate._inventory import rope_kinds
 
     assert rope_kinds(resolve("allenai/Olmo-3-1025-7B")) == 2
     assert rope_kinds(resolve("allenai/OLMo-2-1124-7B")) == 1
@@ -198,7 +198,7 @@ def test_olmo3_keeps_a_rotary_embedding_per_layer_type():
 
 def test_olmo3_sliding_and_full_layers_split_only_past_the_window():
     from vramplan import TrainSetup
-    from vramplan.estimate.ops import layer_stack
+    from vramplan.estimate._ops import layer_stack
 
     config = json.loads((CONFIGS / "olmo3-sliding.json").read_text())   # window 256
     spec = spec_from_config(config, "olmo3", "test")
@@ -342,8 +342,8 @@ def test_moe_router_loss_is_a_one_line_error(tmp_path, capsys, model):
 
 
 def test_granite_moe_all_linear_leaves_experts_and_router_frozen():
-    from vramplan.core.setup import TrainSetup
-    from vramplan.estimate.inventory import experts_adapted, static_memory
+    from vramplan.core._setup import TrainSetup
+    from vramplan.estimate._inventory import experts_adapted, static_memory
 
     spec, setup = granite_3b_a800m(), TrainSetup()
     assert not experts_adapted(spec, setup)
@@ -401,8 +401,8 @@ def test_deepseek_v3_mla_projections_dense_layers_and_shared_experts():
 def test_deepseek_v3_all_linear_leaves_the_dense_and_shared_mlps_without_lora():
     """peft 0.21 _convert_peft_config_moe (deepseek_v3 -> the qwen2_moe conversion pattern) moves
     gate_proj / up_proj / down_proj from target_modules to the experts' target_parameters."""
-    from vramplan.core.setup import TrainSetup
-    from vramplan.estimate.inventory import adapted_linears
+    from vramplan.core._setup import TrainSetup
+    from vramplan.estimate._inventory import adapted_linears
 
     spec = spec_from_config(json.loads((CONFIGS / "deepseek-v3-mla.json").read_text()), "ds", "test")
     assert {l.leaf for l in adapted_linears(spec, TrainSetup())} == {
@@ -515,7 +515,7 @@ def llama4_config(name: str = "llama4-interleave", **overrides) -> dict:
 
 def catalog_config(model_id: str) -> dict:
     """The bundled config.json as published (a multimodal checkpoint keeps its text_config)."""
-    from vramplan.core.models import catalog
+    from vramplan.core._models import catalog
     return catalog()[model_id].config
 
 
@@ -593,7 +593,7 @@ def test_llama4_chunked_layers_get_a_mask_from_one_chunk_on():
     """masking_utils._ignore_causal_mask_sdpa keeps the chunked mask once kv_length >=
     attention_chunk_size; the no-RoPE (full attention) layers never get one."""
     from vramplan import TrainSetup
-    from vramplan.estimate.ops import layer_stack, layer_windows
+    from vramplan.estimate._ops import layer_stack, layer_windows
 
     spec = spec_from_config(llama4_config(), "l4", "test")
     assert layer_windows(spec, TrainSetup(seq=255, targets=LLAMA4_TARGETS)) == (False,) * 4
@@ -648,7 +648,7 @@ def test_llama4_lora_leaves_router_and_experts_frozen_and_16bit(capsys):
     subclass bitsandbytes does not replace) and the 3D experts stay 16-bit and frozen."""
     from vramplan import TrainSetup
     from vramplan.cli import main
-    from vramplan.estimate.inventory import expert_weight_bytes, experts_adapted, static_memory
+    from vramplan.estimate._inventory import expert_weight_bytes, experts_adapted, static_memory
 
     spec, setup = resolve(SCOUT), TrainSetup(targets=LLAMA4_TARGETS)
     assert not experts_adapted(spec, setup)

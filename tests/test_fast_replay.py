@@ -1,9 +1,9 @@
 """The planner's shortcuts give the numbers and verdicts of the full path, exactly:
-- the one-pass replay of a compiled stream (cuda/fast_replay.py) is replay_lumped on that
+- the one-pass replay of a compiled stream (cuda/_fast_replay.py) is replay_lumped on that
   stream, field for field, OOM and cache releases included;
 - a replay against the card that needed no cache release is the unlimited replay
-  (estimate/reserved.py capped_is_uncapped), so estimate() may replay against the card first;
-- FSDP full_shard skips a single-GPU replay it does not use (plan/sharding.py base_estimate);
+  (estimate/_reserved.py capped_is_uncapped), so estimate() may replay against the card first;
+- FSDP full_shard skips a single-GPU replay it does not use (plan/_sharding.py base_estimate);
 - a plan (grid, limits, changes) equals the plan computed with every shortcut off, and every
   grid cell is the public API's number and verdict under the full replay.
 """
@@ -14,19 +14,19 @@ from contextlib import contextmanager
 
 import pytest
 
-from vramplan.core.gpus import Gpu, resolve_gpu
-from vramplan.core.models import resolve
-from vramplan.core.setup import TrainSetup
-from vramplan.cuda.alloc_conf import as_conf
-from vramplan.cuda.fast_replay import covers, replay_program
-from vramplan.cuda.reserved import replay_lumped
-from vramplan.estimate.estimator import estimate
-from vramplan.estimate.events import FsdpShards, compiled, place_of
-from vramplan.estimate.inventory import static_memory
-from vramplan.plan.planner import plan
-from vramplan.plan.sharding import Parallel, distribute, effective_setup, per_gpu, splits_for
+from vramplan.core._gpus import Gpu, resolve_gpu
+from vramplan.core._models import resolve
+from vramplan.core._setup import TrainSetup
+from vramplan.cuda._alloc_conf import as_conf
+from vramplan.cuda._fast_replay import covers, replay_program
+from vramplan.cuda._reserved import replay_lumped
+from vramplan.estimate._estimator import estimate
+from vramplan.estimate._events import FsdpShards, compiled, place_of
+from vramplan.estimate._inventory import static_memory
+from vramplan.plan._planner import plan
+from vramplan.plan._sharding import Parallel, distribute, effective_setup, per_gpu, splits_for
 
-reserved = importlib.import_module("vramplan.estimate.reserved")
+reserved = importlib.import_module("vramplan.estimate._reserved")
 
 SETUPS = [
     ("meta-llama/Llama-2-7b", {"seq": 1024, "batch": 2}),

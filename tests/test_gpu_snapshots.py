@@ -2,7 +2,7 @@
 torch.cuda.memory._dump_snapshot of a profiled QLoRA run), replayed through the caching-allocator
 model under the settings they were recorded with: every allocation must land at the recorded
 address, every segment event must match, and the final reserved bytes must agree. A change to
-cuda/allocator.py that makes it differ from PyTorch's allocator on a real training step fails here.
+cuda/_allocator.py that makes it differ from PyTorch's allocator on a real training step fails here.
 """
 import gzip
 import json
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vramplan.core.errors import UsageError
-from vramplan.cuda.snapshot import check_snapshot, load_trace
+from vramplan.core._errors import UsageError
+from vramplan.cuda._snapshot import check_snapshot, load_trace
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 SNAPSHOTS = sorted(PROFILES.rglob("*.snapshot.pickle.gz"))

@@ -1,4 +1,4 @@
-"""Configs of models the bundled catalog lacks: the Hugging Face cache, then the Hub (core/hub.py).
+"""Configs of models the bundled catalog lacks: the Hugging Face cache, then the Hub (core/_hub.py).
 
 A local HTTP server on 127.0.0.1 stands in for the Hub through HF_ENDPOINT. It answers the
 requests huggingface_hub 2.x makes for hf_hub_download (file_download.py get_hf_file_metadata:
@@ -20,9 +20,9 @@ import pytest
 
 from conftest import tiny_config
 from vramplan.cli import main
-from vramplan.core import hub
-from vramplan.core.errors import ModelError
-from vramplan.core.models import _resolve, resolve, resolve_config
+from vramplan.core import _hub as hub
+from vramplan.core._errors import ModelError
+from vramplan.core._models import _resolve, resolve, resolve_config
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 GOOD_TOKEN = "hf_good"

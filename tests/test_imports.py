@@ -86,7 +86,7 @@ def string_imports(tree: ast.AST) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and isinstance(node.iter, (ast.Tuple, ast.List)):
             loops.setdefault(node.target.id, []).extend(node.iter.elts)
-    # core/errors.py `require(module, extra)` is the one helper that imports by a parameter; its
+    # core/_errors.py `require(module, extra)` is the one helper that imports by a parameter; its
     # callers are what is checked
     helper = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "require"
               for n in ast.walk(f)}

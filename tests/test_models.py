@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from vramplan.core.errors import ModelError
-from vramplan.core.models import catalog, lookup, resolve, spec_from_config
+from vramplan.core._errors import ModelError
+from vramplan.core._models import catalog, lookup, resolve, spec_from_config
 
 REQUIRED = ["meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf", "meta-llama/Llama-2-70b-hf",
             "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-70B", "meta-llama/Llama-3.1-8B",

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from vramplan.cli import main
-from vramplan.core.architectures import ARCHITECTURES
-from vramplan.core.models import catalog, spec_from_config
+from vramplan.core._architectures import ARCHITECTURES
+from vramplan.core._models import catalog, spec_from_config
 
 
 def run(capsys, monkeypatch, *argv, columns=80):
@@ -75,7 +75,7 @@ def test_families_come_from_the_registry(capsys, monkeypatch):
 
 
 def test_a_family_listed_in_the_registry_shows_up(capsys, monkeypatch):
-    from vramplan.core.architectures import Architecture
+    from vramplan.core._architectures import Architecture
 
     monkeypatch.setitem(ARCHITECTURES, "zz-moe-test", Architecture("zz-moe-test", {}, moe=True, attention=("eager",)))
     code, out, _ = run(capsys, monkeypatch, "models", "zz-moe")

@@ -8,12 +8,12 @@ import pytest
 
 from conftest import tiny_config
 from vramplan.cli import main
-from vramplan.core.errors import SimulationError, UsageError
-from vramplan.core.models import spec_from_config
-from vramplan.core.setup import TrainSetup
-from vramplan.estimate.estimator import estimate
-from vramplan.estimate.inventory import expert_weight_bytes, static_memory
-from vramplan.estimate.quant import alloc
+from vramplan.core._errors import SimulationError, UsageError
+from vramplan.core._models import spec_from_config
+from vramplan.core._setup import TrainSetup
+from vramplan.estimate._estimator import estimate
+from vramplan.estimate._inventory import expert_weight_bytes, static_memory
+from vramplan.estimate._quant import alloc
 
 MIXTRAL = "mistralai/Mixtral-8x7B-v0.1"
 
@@ -74,7 +74,7 @@ def test_every_moe_family_gets_the_warning(capsys, tmp_path, family):
     assert code == 0 and data["model"]["model_type"] == family and len(data["warnings"]) == 1
     text = data["warnings"][0]
     assert text.startswith("MoE experts stay 16-bit: transformers 5 does not quantize fused expert stacks")
-    from vramplan.core.models import resolve
+    from vramplan.core._models import resolve
     spec = resolve(model) if family == "qwen3_moe" else spec_from_config(json.loads(GRANITE_MOE.read_text()), "g", "t")
     sixteen, _ = expert_weight_bytes(spec, TrainSetup())
     assert f"({sixteen:,} bytes)" in text
@@ -144,7 +144,7 @@ def test_4bit_experts_lora_is_ordinary_lora_per_expert():
 
 
 def test_4bit_experts_drop_the_merged_copy():
-    from vramplan.estimate.ops import layer_ops
+    from vramplan.estimate._ops import layer_ops
 
     spec = tiny_mixtral()
     names16 = [op.name for op in layer_ops(spec, TrainSetup())[0]]
@@ -183,7 +183,7 @@ def test_simulate_refuses_4bit_experts(capsys, monkeypatch):
     assert err.endswith("keeps MoE experts as fused 3-D parameters that bitsandbytes does not quantize (hint: "
                         "--experts 4bit is estimate-only (vramplan estimate); drop it to simulate the 16-bit "
                         "experts transformers 5 trains)\n")
-    from vramplan.simulate.driver import simulate
+    from vramplan.simulate._driver import simulate
     with pytest.raises(SimulationError):
         simulate(tiny_mixtral(), TrainSetup(experts="4bit"))
 
@@ -191,7 +191,7 @@ def test_simulate_refuses_4bit_experts(capsys, monkeypatch):
 def test_simulate_states_how_moe_routing_ran():
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
-    from vramplan.simulate.driver import simulate
+    from vramplan.simulate._driver import simulate
 
     trace = simulate(tiny_mixtral(), TrainSetup(seq=32))
     moe = [n for n in trace.notes if n.startswith("MoE")]
@@ -268,7 +268,7 @@ def test_simulate_runs_float32_experts_as_cuda_does_and_says_so():
     them through its per-group fallback, the meta kernel would refuse them (bf16 only)."""
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
-    from vramplan.simulate.driver import simulate
+    from vramplan.simulate._driver import simulate
 
     spec = spec_from_config(tiny_config("gpt_oss", head_dim=16, num_local_experts=4, num_experts_per_tok=2),
                             "tiny-gpt-oss", "test")

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from vramplan.core.architectures import ARCHITECTURES
+from vramplan.core._architectures import ARCHITECTURES
 
 from vramplan.cli import main
-from vramplan.core.config_fields import CORE_SHAPE_FIELDS, CONFIG_CLASSES
-from vramplan.core.errors import ModelError, UsageError
-from vramplan.core.models import ModelSpec, catalog, spec_from_config
-from vramplan.core.setup import TrainSetup
+from vramplan.core._config_fields import CORE_SHAPE_FIELDS, CONFIG_CLASSES
+from vramplan.core._errors import ModelError, UsageError
+from vramplan.core._models import ModelSpec, catalog, spec_from_config
+from vramplan.core._setup import TrainSetup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,7 +250,7 @@ def test_consistent_flags_still_run(capsys, argv):
 
 def test_library_keyword_flags_are_checked_too():
     import vramplan
-    from vramplan.plan.sharding import per_gpu
+    from vramplan.plan._sharding import per_gpu
 
     with pytest.raises(UsageError, match=r"^--quant int8 contradicts --method full"):
         vramplan.estimate("llama-2-7b", quant="int8", method="full")
@@ -297,7 +297,7 @@ def test_simulate_json_has_the_same_model_object(tmp_path, capsys):
 def test_profile_comparison_json_has_the_same_model_object():
     from test_compare import gpu_shaped
 
-    from vramplan.profile.compare import compare_record
+    from vramplan.profile._compare import compare_record
 
     record = gpu_shaped(1.0)
     d = compare_record(record).to_dict()
@@ -373,8 +373,8 @@ def test_profile_detail_table_has_one_unit_per_column():
     from rich.console import Console
 
     from test_compare import gpu_shaped
-    from vramplan.profile.compare import compare_record
-    from vramplan.render.profile_tables import detail_table
+    from vramplan.profile._compare import compare_record
+    from vramplan.render._profile_tables import detail_table
 
     console = Console(file=io.StringIO(), width=80, color_system=None)
     console.print(detail_table(compare_record(gpu_shaped(1.0))))
@@ -396,8 +396,8 @@ def test_profile_summary_table_renders_whole_at_80_columns():
     from rich.console import Console
 
     from test_compare import gpu_shaped
-    from vramplan.profile.compare import compare_record
-    from vramplan.render.profile_tables import summary_table
+    from vramplan.profile._compare import compare_record
+    from vramplan.render._profile_tables import summary_table
 
     records = [gpu_shaped(1.0), replace(gpu_shaped(1.2), model_ref="meta-llama/Llama-3.3-70B-Instruct")]
     console = Console(file=io.StringIO(), width=80, color_system=None)

@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import vramplan
 from vramplan import TrainSetup, estimate
 from vramplan.cli import main
-from vramplan.core.errors import ModelError, UsageError
-from vramplan.core.gpus import Gpu, catalog
-from vramplan.core.models import resolve
-from vramplan.plan.planner import TIGHT, Evaluator, _largest, plan, status_of
-from vramplan.plan.sharding import Parallel, per_gpu
+from vramplan.core._errors import ModelError, UsageError
+from vramplan.core._gpus import Gpu, catalog
+from vramplan.core._models import resolve
+from vramplan.plan._planner import TIGHT, Evaluator, _largest, plan, status_of
+from vramplan.plan._sharding import Parallel, per_gpu
 
 GiB = 2**30
 MODELS = ["meta-llama/Llama-2-7b-hf", "meta-llama/Meta-Llama-3-8B", "mistralai/Mistral-7B-v0.1",
@@ -262,7 +262,7 @@ def test_import_vramplan_stays_light():
 
 @pytest.mark.pandas
 def test_module_import_does_not_shadow_the_sweep_function():
-    from vramplan.plan.sweep import SETUP_FIELDS  # binds the submodule on the package
+    from vramplan.plan._sweep import SETUP_FIELDS  # binds the submodule on the package
 
     assert SETUP_FIELDS and len(vramplan.sweep("llama-2-7b", batch=[1, 2])) == 2
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vramplan.core.setup import TrainSetup, make_setup
-from vramplan.cuda.alloc_conf import AllocConf
+from vramplan.core._setup import TrainSetup, make_setup
+from vramplan.cuda._alloc_conf import AllocConf
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gpu_campaign", ROOT / "benchmarks" / "gpu_campaign.py")

@@ -114,9 +114,9 @@ def test_unknown_architecture_does_not_stop_training(tmp_path, caplog):
 def test_setup_is_read_off_a_quantized_peft_model(tmp_path):
     from transformers import TrainingArguments
 
-    from vramplan.core.models import spec_from_config
-    from vramplan.core.setup import TrainSetup
-    from vramplan.simulate.build import build
+    from vramplan.core._models import spec_from_config
+    from vramplan.core._setup import TrainSetup
+    from vramplan.simulate._build import build
 
     spec = spec_from_config(CONFIG, "tiny", "test")
     built = build(spec, TrainSetup(quant="fp4", double_quant=False, rank=4, targets=("q_proj", "v_proj"), seq=16),

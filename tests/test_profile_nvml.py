@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from vramplan.core.errors import DependencyError, GpuError
-from vramplan.profile import nvml
+from vramplan.core._errors import DependencyError, GpuError
+from vramplan.profile import _nvml as nvml
 
 
 class FakeNvml(types.SimpleNamespace):
@@ -153,8 +153,8 @@ def test_record_assembly_from_a_sampled_gpu_run():
     """The parent's NVML bookkeeping (session._nvml_trace) on a scripted timeline: baseline
     subtracted, the device total taken over the measured (post-warm-up) steps only, overhead =
     query time / step time, times relative to the run's start."""
-    from vramplan.profile.record import PhaseStats
-    from vramplan.profile.session import ProfileOptions, _nvml_trace, _State
+    from vramplan.profile._record import PhaseStats
+    from vramplan.profile._session import ProfileOptions, _nvml_trace, _State
 
     dev = nvml.open_device(0, nvml=FakeNvml())
     s = nvml.Sampler(dev)

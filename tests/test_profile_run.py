@@ -13,9 +13,9 @@ import pytest
 from conftest import requires
 
 from vramplan.cli import main
-from vramplan.core.errors import GpuError, ModelError, UsageError
-from vramplan.profile.session import ForkServerLauncher, ProfileOptions, profile
-from vramplan.core.setup import TrainSetup
+from vramplan.core._errors import GpuError, ModelError, UsageError
+from vramplan.profile._session import ForkServerLauncher, ProfileOptions, profile
+from vramplan.core._setup import TrainSetup
 
 pytestmark = requires("torch", "transformers", "peft", "bitsandbytes")
 
@@ -83,7 +83,7 @@ def test_cpu_run_is_a_complete_record(qlora_run):
 
 def test_cpu_run_agrees_with_simulate_on_the_cpu(qlora_run, tiny):
     """Both count the same real CPU step with the same tracker: they must agree to the byte."""
-    from vramplan.core.models import resolve
+    from vramplan.core._models import resolve
     from vramplan.simulate import simulate as run
 
     record, _, _ = qlora_run
@@ -97,7 +97,7 @@ def test_cpu_run_of_a_recipe_loop_agrees_with_simulate(tiny, launcher, tmp_path,
     """profile runs the recipe's loop body (a plain loop's held outputs, TRL's chunked loss) as
     simulate does: the same real CPU step, to the byte. (The fused AdamW on the CPU differs by one
     512-byte step tensor per parameter between the two counters: not asserted here.)"""
-    from vramplan.core.models import resolve
+    from vramplan.core._models import resolve
     from vramplan.simulate import simulate as run
 
     setup = TrainSetup(seq=64, **loop)
@@ -121,15 +121,15 @@ def test_compare_and_plot_of_a_cpu_record(qlora_run, tmp_path, capsys):
     assert sum(r["measured"] for r in in_total) == c["measured_allocated_bytes"]
     assert sum(r["predicted"] for r in in_total) == c["predicted_allocated_bytes"]
     assert c["within_tolerance"] is True
-    from vramplan.render.profile_plots import plot_record
+    from vramplan.render._profile_plots import plot_record
     png = plot_record(record, tmp_path / "mem.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_oom_is_a_result(tiny, launcher, tmp_path):
     # emulate a GPU just big enough to load the model: the first step cannot fit
-    from vramplan.estimate.estimator import estimate
-    from vramplan.core.models import resolve
+    from vramplan.estimate._estimator import estimate
+    from vramplan.core._models import resolve
     est = estimate(resolve(tiny), TrainSetup(seq=64))
     limit = est.cuda_context_bytes + 600 * 1024   # context + 600 KiB for allocations
     record, path = profile(tiny, TrainSetup(seq=64), cpu_opts(memory_limit_bytes=limit), out=tmp_path,
@@ -162,7 +162,7 @@ def test_allocator_settings_reach_the_child_and_the_estimate(tiny, launcher, mon
 def test_a_kept_snapshot_outlives_the_run_folder(tmp_path):
     """profile(out=None, snapshot) hands the snapshot to the caller (the campaign moves it next to
     its record): the run's work folder that holds it must not be deleted under it."""
-    from vramplan.profile.session import _cleanup
+    from vramplan.profile._session import _cleanup
 
     work = tmp_path / "vramplan-profile-x"
     work.mkdir()
@@ -274,7 +274,7 @@ def test_no_gpu_for_device_cuda_is_one_line(capsys, tiny, monkeypatch, tmp_path)
 
 def test_cli_profile_json_in_a_fresh_interpreter(tiny, tmp_path):
     """The CLI path: `vramplan profile ... --device cpu --json` starts the child with
-    `python -m vramplan.profile.runner`."""
+    `python -m vramplan.profile._runner`."""
     out = tmp_path / "profiles"
     proc = subprocess.run([sys.executable, "-m", "vramplan.cli", "profile", tiny, "--device", "cpu",
                            "--random-weights", "--steps", "1", "--seq", "32", "--out", str(out), "--json",
@@ -360,9 +360,9 @@ def test_gpu_branch_of_the_runner_with_fake_cuda_and_nvml():
 
     import torch
 
-    from vramplan.profile import runner
-    from vramplan.profile.meters import CudaMeter
-    from vramplan.profile.nvml import open_device
+    from vramplan.profile import _runner as runner
+    from vramplan.profile._meters import CudaMeter
+    from vramplan.profile._nvml import open_device
 
     events = []
     ch = types.SimpleNamespace(send=lambda event, **d: events.append(dict(d, event=event)))
@@ -424,7 +424,7 @@ def test_paged_state_is_found_on_a_gpu_run():
 
     import torch
 
-    from vramplan.profile import runner
+    from vramplan.profile import _runner as runner
 
     class Meter:
         def __init__(self):

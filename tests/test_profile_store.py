@@ -5,20 +5,20 @@ import os
 
 import pytest
 
-from vramplan.core.errors import UsageError, VramplanError
-from vramplan.profile import store
-from vramplan.profile.record import (SCHEMA, Failure, Measured, NvmlTrace, PhaseStats, Record, errors_for,
+from vramplan.core._errors import UsageError, VramplanError
+from vramplan.profile import _store as store
+from vramplan.profile._record import (SCHEMA, Failure, Measured, NvmlTrace, PhaseStats, Record, errors_for,
                                      relative_error, setup_from_record, spec_from_record, tolerance_for)
-from vramplan.core.setup import TrainSetup
+from vramplan.core._setup import TrainSetup
 
 CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
 
 
 def make_record(status="ok", setup=None, **over) -> Record:
-    from vramplan.estimate.estimator import estimate
-    from vramplan.core.models import spec_from_config
-    from vramplan.profile.record import estimate_dict, model_dict
+    from vramplan.estimate._estimator import estimate
+    from vramplan.core._models import spec_from_config
+    from vramplan.profile._record import estimate_dict, model_dict
 
     spec = spec_from_config(CONFIG, "tiny", "test")
     setup = setup or TrainSetup(seq=64)
@@ -134,7 +134,7 @@ def test_profile_package_and_compare_import_nothing_heavy(tmp_path):
 
     store.write_record(make_record(), tmp_path)
     code = ("import sys, contextlib, io\n"
-            "import vramplan.profile, vramplan.cli.profile\n"
+            "import vramplan.profile, vramplan.cli._profile\n"
             "from vramplan.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             f"    assert main(['compare', {str(tmp_path)!r}, '--json']) == 0\n"
@@ -147,7 +147,7 @@ def test_profile_package_and_compare_import_nothing_heavy(tmp_path):
 
 def test_progress_follows_the_events():
     pytest.importorskip("rich")
-    from vramplan.render.profile_tables import Progress
+    from vramplan.render._profile_tables import Progress
 
     bar = Progress(total_steps=2, device="cuda", enabled=False)
     with bar:

@@ -7,9 +7,9 @@ Its train.py is a plain loop: `output = model(...); loss = output.loss; loss.bac
 import csv
 from pathlib import Path
 
-from vramplan.core.models import resolve
-from vramplan.core.setup import make_setup
-from vramplan.plan.sharding import per_gpu
+from vramplan.core._models import resolve
+from vramplan.core._setup import make_setup
+from vramplan.plan._sharding import per_gpu
 
 ROW = next(csv.DictReader((Path(__file__).parent / "data" / "published_recipes.csv").open()))
 GiB = 2**30

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from vramplan.core.models import resolve
-from vramplan.core.setup import TrainSetup
-from vramplan.estimate.estimator import estimate
-from vramplan.plan.sharding import per_gpu
+from vramplan.core._models import resolve
+from vramplan.core._setup import TrainSetup
+from vramplan.estimate._estimator import estimate
+from vramplan.plan._sharding import per_gpu
 
 DATA = Path(__file__).parent / "data" / "published_reserved.csv"
 MEDIAN_TARGET, UNDER_TARGET = 0.10, -0.15

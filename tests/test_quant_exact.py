@@ -8,7 +8,7 @@ pytestmark = requires("torch", "bitsandbytes")
 import torch  # noqa: E402
 import bitsandbytes.functional as bnb_functional  # noqa: E402
 
-from vramplan.estimate.quant import alloc, dequant_temporary, layout_4bit, layout_int8  # noqa: E402
+from vramplan.estimate._quant import alloc, dequant_temporary, layout_4bit, layout_int8  # noqa: E402
 
 
 def storages(*tensors):
@@ -42,7 +42,7 @@ def test_4bit_layout_is_byte_exact(shape, double_quant, quant_type):
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_dequantized_temporary_matches_bitsandbytes(double_quant):
     """dequantize_4bit rebuilds fp32 absmax (nested) and writes the weight in its dtype."""
-    from vramplan.simulate.tracker import AllocationTracker  # the project's storage counter
+    from vramplan.simulate._tracker import AllocationTracker  # the project's storage counter
 
     weight = torch.empty((11008, 4096), dtype=torch.bfloat16, device="meta")
     packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant)

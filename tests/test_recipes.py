@@ -9,15 +9,15 @@ import pytest
 
 from vramplan import estimate
 from vramplan.cli import main
-from vramplan.core.errors import UsageError
-from vramplan.core.recipes import RECIPE_FIELDS, RECIPES
-from vramplan.core.setup import make_setup
-from vramplan.core.setup import TrainSetup
-from vramplan.estimate.quant import alloc
-from vramplan.cuda.arch import ASSUMED  # noqa: E402
-from vramplan.cuda.cublas import step_workspace_bytes  # noqa: E402
+from vramplan.core._errors import UsageError
+from vramplan.core._recipes import RECIPE_FIELDS, RECIPES
+from vramplan.core._setup import make_setup
+from vramplan.core._setup import TrainSetup
+from vramplan.estimate._quant import alloc
+from vramplan.cuda._arch import ASSUMED  # noqa: E402
+from vramplan.cuda._cublas import step_workspace_bytes  # noqa: E402
 
-CUBLAS = step_workspace_bytes(ASSUMED)   # the emulated H100's two cuBLAS workspaces (vramplan/cuda/cublas.py)
+CUBLAS = step_workspace_bytes(ASSUMED)   # the emulated H100's two cuBLAS workspaces (vramplan/cuda/_cublas.py)
 
 
 def run(capsys, *argv):
@@ -87,8 +87,8 @@ def test_recast_applies_to_qlora_py_configuration_only(capsys):
 def test_recast_halves_the_adapters_and_drops_their_autocast_casts():
     """bf16 LoRA weights: half the bytes, and nothing for autocast to cast and cache per layer
     (ops.autocast_cache); bnb's 32-bit paged states stay float32 (paged, so not on the device)."""
-    from vramplan.core.models import resolve
-    from vramplan.estimate.ops import autocast_cache
+    from vramplan.core._models import resolve
+    from vramplan.estimate._ops import autocast_cache
 
     spec = resolve("meta-llama/Llama-2-7b")
     fp32, bf16 = make_setup("qlora-paper", recast=False), make_setup("qlora-paper")
@@ -137,7 +137,7 @@ def test_fused_adamw_has_no_workspace_and_a_device_step_per_tensor():
     fused = estimate("llama-2-7b", optimizer="adamw_fused")
     tensors = 7 * 2 * 32   # LoRA A and B on 7 linears per layer, 32 layers
     assert fused.components["optimizer_state"] - foreach.components["optimizer_state"] == tensors * 512
-    # the only temporaries left at the optimizer moment are the cached cuBLAS workspaces (cuda/cublas.py)
+    # the only temporaries left at the optimizer moment are the cached cuBLAS workspaces (cuda/_cublas.py)
     cublas = CUBLAS
     assert fused.moments["optimizer"]["temporaries"] == cublas < foreach.moments["optimizer"]["temporaries"]
     assert estimate("llama-2-7b", optimizer="adamw_foreach").peak_allocated_bytes == foreach.peak_allocated_bytes
@@ -179,7 +179,7 @@ torch = pytest.importorskip("torch")
 
 
 def test_emulated_autocast_casts_per_cuda_lists_and_caches_weights():
-    from vramplan.simulate.autocast import emulate_cuda_autocast
+    from vramplan.simulate._autocast import emulate_cuda_autocast
 
     F = torch.nn.functional
     x = torch.zeros(4, 8, device="meta")
@@ -204,7 +204,7 @@ def test_emulated_autocast_casts_per_cuda_lists_and_caches_weights():
 def test_checkpoint_recomputation_reenters_emulated_autocast():
     from torch.utils.checkpoint import checkpoint
 
-    from vramplan.simulate.autocast import emulate_cuda_autocast
+    from vramplan.simulate._autocast import emulate_cuda_autocast
 
     seen = []
 

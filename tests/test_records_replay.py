@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from vramplan.core.models import spec_from_config
-from vramplan.core.setup import TrainSetup
-from vramplan.estimate.estimator import estimate
-from vramplan.profile.compare import compare_record
-from vramplan.profile.record import (STATIC, STATUSES, Measured, NvmlTrace, PhaseStats, Record, errors_for,
+from vramplan.core._models import spec_from_config
+from vramplan.core._setup import TrainSetup
+from vramplan.estimate._estimator import estimate
+from vramplan.profile._compare import compare_record
+from vramplan.profile._record import (STATIC, STATUSES, Measured, NvmlTrace, PhaseStats, Record, errors_for,
                                      estimate_dict, model_dict, tolerances_for)
-from vramplan.profile.store import read_record, record_files, write_record
+from vramplan.profile._store import read_record, record_files, write_record
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 RECORDS = record_files(PROFILES) if PROFILES.is_dir() and any(PROFILES.rglob("*.json")) else []

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 
 from vramplan.cli import main
-from vramplan.core.gpus import Gpu
-from vramplan.core.models import resolve
-from vramplan.core.setup import TrainSetup
-from vramplan.core.verdict import TIGHT, verdict
-from vramplan.cuda.allocator import replay_allocations
-from vramplan.cuda.arch import ASSUMED
-from vramplan.cuda.cublas import workspace_bytes
-from vramplan.cuda.reserved import replay_stream
-from vramplan.estimate.estimator import estimate
-from vramplan.estimate.events import place_of, step_stream
-from vramplan.estimate.inventory import static_memory
+from vramplan.core._gpus import Gpu
+from vramplan.core._models import resolve
+from vramplan.core._setup import TrainSetup
+from vramplan.core._verdict import TIGHT, verdict
+from vramplan.cuda._allocator import replay_allocations
+from vramplan.cuda._arch import ASSUMED
+from vramplan.cuda._cublas import workspace_bytes
+from vramplan.cuda._reserved import replay_stream
+from vramplan.estimate._estimator import estimate
+from vramplan.estimate._events import place_of, step_stream
+from vramplan.estimate._inventory import static_memory
 
 LLAMA4_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"   # all-linear would wrap the router
 
@@ -73,8 +73,8 @@ def test_granite_embedding_leaf_goes_with_the_graph():
     import json
     from pathlib import Path
 
-    from vramplan.core.models import spec_from_config
-    from vramplan.estimate.ops import embedding_leaf
+    from vramplan.core._models import spec_from_config
+    from vramplan.estimate._ops import embedding_leaf
 
     config = json.loads((Path(__file__).parent / "configs" / "granite-3.1-3b-a800m-instruct.json").read_text())
     spec = spec_from_config(config, "granite-moe", "test")
@@ -147,7 +147,7 @@ def test_zero_headroom_is_tight_everywhere():
     est = estimate("meta-llama/Llama-2-7b", TrainSetup(seq=256))
     exact = estimate("meta-llama/Llama-2-7b", TrainSetup(seq=256), gpu=Gpu("exact", est.device_total_bytes))
     assert exact.status == "tight" and exact.fits
-    from vramplan.plan.planner import status_of
+    from vramplan.plan._planner import status_of
     assert status_of(est.device_total_bytes, est.device_total_bytes) == "tight"
 
 
@@ -206,7 +206,7 @@ def test_cli_alloc_conf_flag(capsys):
 def test_the_small_pool_carried_as_a_level_replays_the_same(model, kw, conf, capacity):
     """The estimate's stream carries the small pool as its level (events._Builder(lump=True)):
     the replay is the same as replaying every small request, peaks, retries and OOM alike."""
-    from vramplan.cuda.reserved import replay_lumped
+    from vramplan.cuda._reserved import replay_lumped
 
     spec, setup = resolve(model), TrainSetup(**kw)
     static = static_memory(spec, setup)

@@ -1,7 +1,7 @@
 import pytest
 
-from vramplan.core.errors import UsageError
-from vramplan.core.setup import TrainSetup
+from vramplan.core._errors import UsageError
+from vramplan.core._setup import TrainSetup
 
 
 def test_defaults_are_the_plain_qlora_recipe():

@@ -7,9 +7,9 @@ import pytest
 
 from vramplan import TrainSetup, estimate
 from vramplan.cli import main
-from vramplan.core.errors import UsageError
-from vramplan.core.models import resolve, spec_from_config
-from vramplan.plan.sharding import DS_REDUCE_BUCKET, NCCL_BYTES, STRATEGIES, Parallel, per_gpu, splits_for
+from vramplan.core._errors import UsageError
+from vramplan.core._models import resolve, spec_from_config
+from vramplan.plan._sharding import DS_REDUCE_BUCKET, NCCL_BYTES, STRATEGIES, Parallel, per_gpu, splits_for
 
 GiB = 2**30
 LLAMA2_7B = resolve("meta-llama/Llama-2-7b-hf")

@@ -15,22 +15,22 @@ from conftest import requires
 
 pytestmark = requires("torch", "transformers", "peft", "bitsandbytes")
 
-from vramplan.core.components import ALLOCATED, PHASES  # noqa: E402
-from vramplan.core.errors import ModelError, SimulationError, UsageError  # noqa: E402
-from vramplan.core.setup import TrainSetup  # noqa: E402
+from vramplan.core._components import ALLOCATED, PHASES  # noqa: E402
+from vramplan.core._errors import ModelError, SimulationError, UsageError  # noqa: E402
+from vramplan.core._setup import TrainSetup  # noqa: E402
 from vramplan.simulate import Trace, simulate as run  # noqa: E402
 
-from vramplan.simulate import step as sim_run  # noqa: E402
-from vramplan.simulate.attribution import component_of  # noqa: E402
-from vramplan.cuda.arch import ASSUMED  # noqa: E402
-from vramplan.cuda.cublas import step_workspace_bytes  # noqa: E402
-kernels = importlib.import_module("vramplan.simulate.kernels")
-build_mod = importlib.import_module("vramplan.simulate.build")
+from vramplan.simulate import _step as sim_run  # noqa: E402
+from vramplan.simulate._attribution import component_of  # noqa: E402
+from vramplan.cuda._arch import ASSUMED  # noqa: E402
+from vramplan.cuda._cublas import step_workspace_bytes  # noqa: E402
+kernels = importlib.import_module("vramplan.simulate._kernels")
+build_mod = importlib.import_module("vramplan.simulate._build")
 
 SEQ, RANK = 32, 8
 # the emulated GPU's cuBLAS workspace (live from the warm-up step on): a meta trace has it, a real
-# CPU run has no counterpart (vramplan/cuda/cublas.py)
-CUBLAS = step_workspace_bytes(ASSUMED)   # forward and backward threads (vramplan/cuda/cublas.py)
+# CPU run has no counterpart (vramplan/cuda/_cublas.py)
+CUBLAS = step_workspace_bytes(ASSUMED)   # forward and backward threads (vramplan/cuda/_cublas.py)
 
 
 def setup_(**kw) -> TrainSetup:
@@ -94,7 +94,7 @@ def test_everything_live_before_the_step_is_registered(tiny_spec):
 
 def _expected_static(model) -> dict:
     """weights / quant_constants / adapters straight from the model's tensors, storages counted once."""
-    from vramplan.simulate.tracker import round_up
+    from vramplan.simulate._tracker import round_up
 
     seen, out = set(), {"weights": 0, "quant_constants": 0, "adapters": 0}
 
@@ -136,7 +136,7 @@ def test_weights_quant_constants_adapters_are_exact(tiny_spec, kw):
 def test_quant_constants_match_the_bitsandbytes_layout(tiny_spec):
     """nf4 + double quant, per Linear4bit: absmax uint8 n/64, code 16 fp32, offset fp32 scalar,
     state2.absmax fp32 per 256 blocks, state2.code 256 fp32; each storage rounded to 512 B."""
-    from vramplan.simulate.tracker import round_up
+    from vramplan.simulate._tracker import round_up
 
     spec = tiny_spec()
     t = traced(spec)
@@ -214,7 +214,7 @@ def test_dequantized_weights_are_temporaries(tiny_spec):
 def test_paged_optimizer_state_is_reported_apart(tiny_spec):
     """bitsandbytes pages state of tensors with >= 1e5 elements (optimizer.py get_state_buffer);
     smaller ones get ordinary device buffers. Paged bytes are not allocated bytes."""
-    from vramplan.simulate.tracker import round_up
+    from vramplan.simulate._tracker import round_up
 
     spec = tiny_spec(vocab_size=2048)   # embed / lm_head of 131072 elements: paged
     t = traced(spec, method="full", optimizer="paged_adamw")
@@ -271,7 +271,7 @@ def test_peft_all_linear_adapts_mixtral_experts(tiny_spec):
 def test_gemm_4bit_dispatch_follows_bitsandbytes():
     import torch
 
-    from vramplan.cuda.gemm_4bit import gemm_4bit_uses_fused_kernel
+    from vramplan.cuda._gemm_4bit import gemm_4bit_uses_fused_kernel
 
     assert gemm_4bit_uses_fused_kernel(1, 4096, 4096, "bf16")
     assert not gemm_4bit_uses_fused_kernel(2048, 4096, 4096, "bf16")   # > 1536 rows
@@ -286,7 +286,7 @@ def test_gemm_4bit_dispatch_follows_bitsandbytes():
 
 
 def test_cuda_package_is_torch_free():
-    code = "import sys, vramplan.cuda.gemm_4bit; print('torch' in sys.modules)"
+    code = "import sys, vramplan.cuda._gemm_4bit; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -304,7 +304,7 @@ def test_even_routing_rows():
 def test_unknown_data_dependent_value_is_a_clear_error():
     import torch
 
-    from vramplan.simulate.tracker import AllocationTracker
+    from vramplan.simulate._tracker import AllocationTracker
 
     tracker = AllocationTracker("meta", overrides=kernels.cuda_overrides())
     with tracker:

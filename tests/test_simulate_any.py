@@ -14,10 +14,10 @@ pytest.importorskip("peft")
 import torch  # noqa: E402
 
 from vramplan.cli import main  # noqa: E402
-from vramplan.core.architectures import ARCHITECTURES  # noqa: E402
-from vramplan.core.errors import ModelError  # noqa: E402
-from vramplan.core.setup import TrainSetup  # noqa: E402
-from vramplan.estimate.quant import alloc  # noqa: E402
+from vramplan.core._architectures import ARCHITECTURES  # noqa: E402
+from vramplan.core._errors import ModelError  # noqa: E402
+from vramplan.core._setup import TrainSetup  # noqa: E402
+from vramplan.estimate._quant import alloc  # noqa: E402
 
 SHAPES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=128, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -79,7 +79,7 @@ def test_registry_free_weights_are_transformers_parameters(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from vramplan.simulate import simulate
-    from vramplan.simulate.build import ConfigSpec, config_spec
+    from vramplan.simulate._build import ConfigSpec, config_spec
 
     config = olmo2()
     spec = config_spec(config.to_dict(), "tiny-olmo2", "test")
@@ -94,7 +94,7 @@ def test_registry_free_weights_are_transformers_parameters(tmp_path):
 
 
 def test_config_spec_reads_transformers_defaults():
-    from vramplan.simulate.build import config_spec
+    from vramplan.simulate._build import config_spec
 
     # num_hidden_layers left out: Qwen3Config's default (36) applies, as transformers builds it
     spec = config_spec({"model_type": "qwen3", "vocab_size": 128}, "x/y", "test")
@@ -108,7 +108,7 @@ def test_shortcut_rebuilds_a_registry_free_model_exactly(tmp_path):
     """The identical-layers shortcut works on a ConfigSpec too: same peak and components as
     tracing every layer."""
     from vramplan.simulate import simulate
-    from vramplan.simulate.build import config_spec
+    from vramplan.simulate._build import config_spec
 
     config = qwen3(layers=7)
     spec = config_spec(config.to_dict(), "tiny-qwen3", "test")
@@ -141,7 +141,7 @@ def test_type_transformers_lacks_is_one_line_error(tmp_path, capsys):
 # --- what the meta step assumed where it has no CUDA stand-in ---------------------------------------
 
 def test_balanced_routing_answers_and_says_so():
-    from vramplan.simulate.kernels import Routing
+    from vramplan.simulate._kernels import Routing
 
     r = Routing(num_experts=4, top_k=2, tokens=6)     # 12 token-expert rows over 4 experts
     hit = torch.empty(5, device="meta")
@@ -155,7 +155,7 @@ def test_balanced_routing_answers_and_says_so():
 
 
 def test_moe_without_routing_answers_says_grouped_mm():
-    from vramplan.simulate.kernels import Routing
+    from vramplan.simulate._kernels import Routing
 
     notes = Routing(num_experts=8, top_k=2, tokens=64, grouped=True).notes()
     assert len(notes) == 1 and "grouped_mm" in notes[0] and "no routing had to be assumed" in notes[0]
@@ -166,8 +166,8 @@ def test_moe_without_routing_answers_says_grouped_mm():
 
 
 def test_ops_of_unknown_kernel_libraries_are_named():
-    from vramplan.simulate.kernels import unknown_kernel_note
-    from vramplan.simulate.oplog import StepTracker
+    from vramplan.simulate._kernels import unknown_kernel_note
+    from vramplan.simulate._oplog import StepTracker
 
     @torch.library.custom_op("vramplan_test::twice", mutates_args=())
     def twice(x: torch.Tensor) -> torch.Tensor:

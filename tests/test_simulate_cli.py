@@ -15,7 +15,7 @@ from conftest import requires, tiny_config
 pytestmark = requires("torch", "transformers", "peft", "bitsandbytes")
 
 from vramplan.cli import main  # noqa: E402
-from vramplan.core.components import ALLOCATED  # noqa: E402
+from vramplan.core._components import ALLOCATED  # noqa: E402
 
 TINY = ["--seq", "32", "--rank", "8"]
 HINT = "(hint: vramplan estimate still works; please report this model and setup)"
@@ -95,7 +95,7 @@ def test_exact_traces_every_layer_with_the_same_result(capsys, model_dir):
 
 
 def test_progress_reports_layers_as_they_run(tiny_spec):
-    from vramplan.core.setup import TrainSetup
+    from vramplan.core._setup import TrainSetup
     from vramplan.simulate import simulate as run
 
     seen = []
@@ -109,7 +109,7 @@ def test_progress_reports_layers_as_they_run(tiny_spec):
 
 
 def test_cli_parser_stays_light():
-    code = "import sys, vramplan.cli.app as c; c.build_parser(); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, vramplan.cli._app as c; c.build_parser(); print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
 
@@ -147,7 +147,7 @@ def test_gemma2_with_sdpa_is_refused_with_the_eager_hint(capsys, model_dir):
 
 
 def test_op_failing_mid_way_names_phase_module_and_op(capsys, monkeypatch, model_dir):
-    kernels = importlib.import_module("vramplan.simulate.kernels")
+    kernels = importlib.import_module("vramplan.simulate._kernels")
 
     def broken(tracker, func, args, kwargs):
         raise RuntimeError("boom")

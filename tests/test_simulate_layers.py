@@ -1,4 +1,4 @@
-"""The identical-layers shortcut (simulate/shortcut.py) against the full trace.
+"""The identical-layers shortcut (simulate/_shortcut.py) against the full trace.
 
 Real configs, small shapes (hidden 64, 7 decoder layers: 5 traced, one repeated twice more; the
 Gemma-2 case has 12 layers in 2-layer units): the rebuilt trace must equal the full one field for
@@ -15,12 +15,12 @@ from conftest import requires
 
 pytestmark = requires("torch", "transformers", "peft", "bitsandbytes")
 
-from vramplan.core.setup import TrainSetup  # noqa: E402
+from vramplan.core._setup import TrainSetup  # noqa: E402
 from vramplan.simulate import simulate as run  # noqa: E402
 
-from vramplan.simulate import shortcut as layers  # noqa: E402
-from vramplan.simulate import step  # noqa: E402
-kernels = importlib.import_module("vramplan.simulate.kernels")
+from vramplan.simulate import _shortcut as layers  # noqa: E402
+from vramplan.simulate import _step as step  # noqa: E402
+kernels = importlib.import_module("vramplan.simulate._kernels")
 
 SEQ, RANK, DEPTH = 32, 8, 7
 BOOKKEEPING = ("seconds", "notes", "layers_traced", "extrapolated")
@@ -115,7 +115,7 @@ def test_the_replay_reproduces_the_tracker(tiny_spec):
 
 def test_catalog_70b_uses_the_shortcut():
     """Llama-2-70b QLoRA: 5 of 80 layers traced (benchmarks/simulate_speed.py: ~2 s, ~0.5 GB)."""
-    from vramplan.core.models import resolve
+    from vramplan.core._models import resolve
 
     trace = run(resolve("meta-llama/Llama-2-70b-hf"), setup_(seq=2048, rank=16))
     assert trace.extrapolated and trace.layers_traced == 5
@@ -129,7 +129,7 @@ def test_foreach_stand_in_allocates_like_the_kernel():
     in-place ones allocate nothing: the same storages as running the meta kernel on every tensor."""
     import torch
 
-    from vramplan.simulate.tracker import AllocationTracker
+    from vramplan.simulate._tracker import AllocationTracker
 
     def blocks(overrides):
         shapes = [(64, 8), (8, 64), (64, 8), (8, 64), (3,), (64, 8)]

@@ -8,7 +8,7 @@ pytestmark = requires("torch")
 
 import torch  # noqa: E402
 
-from vramplan.simulate.tracker import GRANULARITY, AllocationTracker, round_up  # noqa: E402
+from vramplan.simulate._tracker import GRANULARITY, AllocationTracker, round_up  # noqa: E402
 
 
 def meta(*shape, dtype=None):

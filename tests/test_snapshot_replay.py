@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from vramplan.cli import main
-from vramplan.cuda.allocator import CachingAllocator
-from vramplan.cuda.snapshot import check_snapshot, load_trace, recorded_conf, replay_snapshot
-from vramplan.core.errors import UsageError
+from vramplan.cuda._allocator import CachingAllocator
+from vramplan.cuda._snapshot import check_snapshot, load_trace, recorded_conf, replay_snapshot
+from vramplan.core._errors import UsageError
 
 DATA = Path(__file__).parent / "data" / "allocator"
 TRACES = sorted((DATA / "traces").glob("*.json"))

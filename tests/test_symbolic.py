@@ -1,4 +1,4 @@
-"""Sizes as polynomials in batch and sequence (vramplan/estimate/symbolic.py), torch-free: every
+"""Sizes as polynomials in batch and sequence (vramplan/estimate/_symbolic.py), torch-free: every
 evaluation is compared with the same quantity computed directly with integers at that point.
 The block is the caching allocator's 512 B rounding (c10/cuda/CUDACachingAllocator.cpp
 `round_size`, kMinBlockSize; docs/allocator.md#constants)."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vramplan.estimate.symbolic import B, BLOCK, S, S16, S32, S128, Size, Sym, alloc, rounded_bytes, variables
+from vramplan.estimate._symbolic import B, BLOCK, S, S16, S32, S128, Size, Sym, alloc, rounded_bytes, variables
 
 POINTS = [(1, 1), (1, 15), (1, 16), (1, 17), (2, 100), (3, 127), (4, 129), (8, 2048), (7, 4095), (16, 8192)]
 batches, seqs = st.integers(1, 64), st.integers(1, 32768)

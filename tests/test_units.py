@@ -1,7 +1,7 @@
 import pytest
 
-from vramplan.core.errors import UsageError
-from vramplan.core.units import format_bytes, parse_size
+from vramplan.core._errors import UsageError
+from vramplan.core._units import format_bytes, parse_size
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -1,4 +1,4 @@
-"""The autograd walk (vramplan/estimate/walk.py) on small hand-made op lists, torch-free.
+"""The autograd walk (vramplan/estimate/_walk.py) on small hand-made op lists, torch-free.
 
 Each expected figure is worked out by hand in the comments from PyTorch's rules
 (docs/autograd.md): a storage dies after its last forward use unless an op saved it for backward
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from vramplan.estimate.symbolic import B, S, variables
-from vramplan.estimate.walk import ACT, GRAD, TMP, Op, Tensor, walk
+from vramplan.estimate._symbolic import B, S, variables
+from vramplan.estimate._walk import ACT, GRAD, TMP, Op, Tensor, walk
 
 KiB = 1024
 

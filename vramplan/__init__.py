@@ -12,12 +12,12 @@
 
 Importing vramplan never imports torch, transformers, peft, bitsandbytes, pandas or numpy.
 """
-from vramplan.core.components import Component
-from vramplan.core.errors import DependencyError, GpuError, ModelError, UsageError, VramplanError
-from vramplan.core.gpus import Gpu, resolve_gpu
-from vramplan.core.models import ModelSpec, resolve as resolve_model
-from vramplan.core.setup import TrainSetup
-from vramplan.core.units import format_bytes, parse_size
+from vramplan.core._components import Component
+from vramplan.core._errors import DependencyError, GpuError, ModelError, UsageError, VramplanError
+from vramplan.core._gpus import Gpu, resolve_gpu
+from vramplan.core._models import ModelSpec, resolve as resolve_model
+from vramplan.core._setup import TrainSetup
+from vramplan.core._units import format_bytes, parse_size
 from vramplan.estimate import Estimate, estimate
 from vramplan.version import __version__
 
@@ -28,7 +28,7 @@ __all__ = ["AllocatorReplay", "Component", "DependencyError", "Estimate", "Gpu",
 
 def __getattr__(name: str):
     """simulate, profile, plan and the allocator model load on first use, so that `import vramplan` stays light; each of
-    these packages is callable as its function (core/method_package.py)."""
+    these packages is callable as its function (core/_method_package.py)."""
     if name in ("simulate", "Trace"):
         import vramplan.simulate
         return vramplan.simulate if name == "simulate" else vramplan.simulate.Trace
@@ -39,6 +39,6 @@ def __getattr__(name: str):
         import vramplan.plan
         return vramplan.plan if name == "plan" else getattr(vramplan.plan, name)
     if name in ("replay_allocations", "AllocatorReplay"):
-        from vramplan.cuda import allocator
+        from vramplan.cuda import _allocator as allocator
         return getattr(allocator, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

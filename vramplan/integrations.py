@@ -23,10 +23,10 @@ import logging
 import warnings
 from dataclasses import dataclass
 
-from vramplan.core.errors import VramplanError, require
-from vramplan.core.models import spec_from_config
-from vramplan.core.setup import ALL_LINEAR, TrainSetup
-from vramplan.estimate.estimator import estimate
+from vramplan.core._errors import VramplanError, require
+from vramplan.core._models import spec_from_config
+from vramplan.core._setup import ALL_LINEAR, TrainSetup
+from vramplan.estimate._estimator import estimate
 
 # Importing transformers imports bitsandbytes, whose CPU backend (bitsandbytes/backends/cpu/ops.py,
 # on CPUs with AVX512-BF16) tries the optional `kernels` package for a fused CPU gemm_4bit and logs
@@ -187,7 +187,7 @@ class MemoryCallback(TrainerCallback):
         setup = self.setup if self.setup is not None else setup_of(model, args, seq)
         self.estimate = estimate(self._spec, setup, gpu=self.gpu)
         e = self.estimate
-        # e.status: core/verdict.py, the verdict estimate / plan / sweep print (fits / tight / no)
+        # e.status: core/_verdict.py, the verdict estimate / plan / sweep print (fits / tight / no)
         words = {"fits": ", fits", "tight": ", TIGHT", "no": ", DOES NOT FIT"}
         logger.info("vramplan: predicted peak allocated %.3f GiB, peak reserved %.3f GiB, device total %.3f GiB "
                     "(%s phase) for %s, %s batch %d x seq %d, %s%s", e.peak_allocated_bytes / 2**30,

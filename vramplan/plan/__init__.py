@@ -1,9 +1,9 @@
-"""plan: what fits (planner.py), per-GPU memory under DDP / FSDP / ZeRO (sharding.py), and grids
-of estimates (sweep.py; pandas is imported only when a sweep runs)."""
-from vramplan.core.method_package import make_callable
-from vramplan.plan.planner import plan
-from vramplan.plan.sharding import Parallel
-from vramplan.plan.sweep import sweep
+"""plan: what fits (_planner.py), per-GPU memory under DDP / FSDP / ZeRO (_sharding.py), and grids
+of estimates (_sweep.py; pandas is imported only when a sweep runs)."""
+from vramplan.core._method_package import make_callable
+from vramplan.plan._planner import plan
+from vramplan.plan._sharding import Parallel
+from vramplan.plan._sweep import sweep
 
 __all__ = ["Parallel", "plan", "sweep"]
 

@@ -1,0 +1,158 @@
+"""`vramplan` command line: parse, call the library, render. No arithmetic here.
+
+estimate, models and gpus are handled here; every other command lives in its own module of this
+package exposing `register(subparsers, setup_flags)`, with heavy imports only inside its handler.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vramplan.cli import _plan as plan, _profile as profile, _replay as replay, _simulate as simulate
+from vramplan.cli._flags import Parser, alloc_conf_from_args, print_json, setup_flags, setup_from_args
+from vramplan.core._architectures import ARCHITECTURES
+from vramplan.core._errors import ModelError, VramplanError
+from vramplan.estimate._estimator import estimate
+from vramplan.core._models import catalog, spec_from_config
+
+# Commands with their own module: each exposes register(subparsers, setup_flags); its heavy imports
+# happen inside its handler.
+COMMANDS = (simulate, profile, plan, replay)
+
+
+def cmd_estimate(args) -> int:
+    est = estimate(args.model, setup_from_args(args), gpu=args.gpu, arch=args.arch,
+                   alloc_conf=alloc_conf_from_args(args))
+    if args.json:
+        print_json(est.to_dict())
+    else:
+        from vramplan.render._tables import print_estimate  # rich loads only when a table is printed
+        print_estimate(est)
+    return 0
+
+
+def cmd_models(args) -> int:
+
+    query = (args.query or "").strip().lower()
+    rows = []
+    for entry in catalog().values():
+        spec = spec_from_config(entry.config, entry.id, entry.source)
+        names = (entry.id, *entry.aliases, spec.model_type)
+        if query and not any(query in n.lower() for n in names):
+            continue
+        rows.append({"id": entry.id, "model_type": spec.model_type, "params": spec.num_params,
+                     "layers": spec.layers, "hidden": spec.hidden, "kv_heads": spec.kv_heads,
+                     "vocab": spec.vocab, "aliases": list(entry.aliases)})
+    types = sorted({r["model_type"] for r in rows} | {t for t in ARCHITECTURES if query and query in t.lower()})
+    families = [family_features(ARCHITECTURES[t]) for t in types]
+    if not rows and not families:
+        raise ModelError(f"no bundled model or family matches {args.query!r}",
+                         hint="`vramplan models` lists them all; any hub id or config.json also works")
+    if args.json:   # the model rows, each with its family's features
+        by_type = {f["model_type"]: f for f in families}
+        print_json([dict(r, family=by_type[r["model_type"]]) for r in rows])
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    # one space between columns and no rules: every id fits whole in 80 columns
+    narrow = dict(box=None, pad_edge=False, collapse_padding=True, header_style="bold underline",
+                  title_justify="left")
+    table = Table(title="Bundled model catalog", **narrow)
+    table.add_column("id", no_wrap=True, min_width=max((len(r["id"]) for r in rows), default=2))
+    for col in ("type", "params", "layers", "hidden", "kv", "vocab"):
+        table.add_column(col, justify="left" if col == "type" else "right", no_wrap=True)
+    for r in rows:
+        # params: three significant digits at least, six characters at most; the vocabulary without
+        # separators: every id stays whole in 80 columns with DeepSeek-V3's 128 KV heads
+        billions = r["params"] / 1e9
+        table.add_row(r["id"], r["model_type"], f"{billions:.{2 if billions < 100 else 1}f}B", str(r["layers"]),
+                      str(r["hidden"]), str(r["kv_heads"]), str(r["vocab"]))
+    if rows:
+        console.print(table)
+    fam = Table(title="Families: what each supports", **narrow)
+    for col in ("type", "methods", "attention", "MoE experts"):
+        fam.add_column(col, no_wrap=col == "type", overflow="fold")
+    for f in families:
+        fam.add_row(f["model_type"], ", ".join(f["methods"]), ", ".join(f["attention"]), f["moe"] or "-")
+    console.print(fam)
+    console.print("[dim]simulate and profile also run model types not listed here: transformers builds them "
+                  "from config.json.[/dim]", highlight=False)
+    return 0
+
+
+# What a family in the analytic registry supports: read from its Architecture entry.
+METHODS = ("estimate", "simulate", "profile")
+
+
+def family_features(arch) -> dict:
+    moe = ""
+    if arch.moe:
+        moe = ("fused 3-D stacks" + (" with biases" if arch.moe_style == "gpt_oss" else "")
+               + ", 16-bit under 4-bit quantization in transformers 5; "
+               # peft has no MoE conversion for the type: all-linear leaves the experts frozen;
+               # Llama 4's router is an nn.Linear all-linear would wrap (inventory.refuse_router_lora)
+               + ("LoRA through ParamWrapper" if arch.peft_moe_conversion else
+                  "frozen under LoRA; named --targets only (all-linear would wrap the router)" if arch.linear_router
+                  else "frozen under all-linear LoRA")
+               + ("; --experts 4bit for stacks that quantize them" if arch.expert_linears_v4 else ""))
+    return {"model_type": arch.model_type, "methods": list(getattr(arch, "methods", METHODS)),
+            "attention": list(arch.attention), "moe": moe}
+
+
+def cmd_gpus(args) -> int:
+    from vramplan.core._gpus import catalog  # local: cmd_models imports core.models' catalog by the same name
+
+    rows = [g.to_dict() for g in catalog()]
+    if args.json:
+        print_json(rows)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Bundled GPU catalog (memory as NVML reports it)")
+    for col in ("name", "GiB", "GB", "arch", "sm", "SMs"):
+        table.add_column(col, justify="right" if col in ("GiB", "GB", "sm", "SMs") else "left")
+    for g in catalog():
+        table.add_row(g.name, f"{g.memory_bytes / 2**30:.2f}", f"{g.memory_bytes / 1e9:.2f}", g.arch or "",
+                      g.compute_capability or "", str(g.sms or ""))
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="vramplan", description="Peak GPU memory of QLoRA / LoRA fine-tuning: estimate, "
+                                                  "simulate, profile, plan.")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser, required=True)
+    common = setup_flags()
+    p = sub.add_parser("estimate", parents=[common], help="analytic estimate of one training step")
+    p.set_defaults(handler=cmd_estimate)
+    p = sub.add_parser("models", help="the bundled model catalog and what each family supports")
+    p.add_argument("query", nargs="?", help="show only models whose id, alias or type contains this (any case)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_models)
+    p = sub.add_parser("gpus", help="the bundled GPU catalog")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_gpus)
+    for command in COMMANDS:
+        command.register(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except VramplanError as exc:
+        sys.stderr.write(f"Error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("Error: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""`vramplan plan` and `vramplan sweep`: parse, call planner / sweep, render (rich) last.
+
+Light at import: the planner, pandas, matplotlib and rich load inside the handlers.
+"""
+from __future__ import annotations
+
+import argparse
+
+from vramplan.core._errors import UsageError
+from vramplan.core._setup import make_setup
+from vramplan.cli._flags import alloc_conf_from_args, print_json, setup_flags, setup_from_args
+from vramplan.core._setup import parse_targets
+
+STATUS_STYLE = {"fits": "green", "tight": "yellow", "no": "red"}
+TRAIN_DEFAULTS = {"rank": 16, "method": "qlora", "quant": "nf4", "optimizer": "adamw (or the recipe's)",
+                  "dtype": "bf16 (or the recipe's)"}  # TrainSetup's, for --help
+STATUS_WORD = {"fits": "FITS", "tight": "TIGHT", "no": "DOES NOT FIT"}
+# Text marks, so that a verdict survives without colour (piped output, NO_COLOR, a screen reader).
+STATUS_MARK = {"fits": "✓", "tight": "~", "no": "✗"}
+
+
+def marked(status: str, text: str) -> str:
+    """`text` with its status mark, coloured when the console has colour."""
+    return f"[{STATUS_STYLE[status]}]{text} {STATUS_MARK[status]}[/]"
+
+
+def legend(tight: float) -> str:
+    return (f"{STATUS_MARK['fits']} fits, {STATUS_MARK['tight']} tight (under {tight:.0%} of the GPU left), "
+            f"{STATUS_MARK['no']} does not fit")
+
+
+def parse_list(flag: str, text: str, kind=int) -> list:
+    """'1,2,4' -> [1, 2, 4]; a malformed list is a UsageError naming the flag."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not items or any(not t for t in items):
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list", hint=f"e.g. {flag} 1,2,4")
+    if kind is int:
+        out = []
+        for t in items:
+            try:
+                out.append(int(t))
+            except ValueError:
+                raise UsageError(f"{flag} {text!r}: {t!r} is not a whole number", hint=f"e.g. {flag} 1,2,4") from None
+        return out
+    return items
+
+
+def _parallel_flags(p: argparse.ArgumentParser, lists: bool) -> None:
+    p.add_argument("--gpus", default="1" if lists else 1, type=str if lists else int,
+                   help="number of GPUs = data-parallel ranks (default 1)" + ("; comma-separated" if lists else ""))
+    p.add_argument("--strategy", default=None,
+                   help="single | ddp | fsdp | fsdp_grad_op | zero2 | zero3 (default: single for 1 GPU, ddp above)")
+    p.add_argument("--offload", default="none", help="none | cpu: FSDP CPUOffload, ZeRO offload_optimizer (+ offload_param for zero3)")
+
+
+def register(subparsers, setup_flags_parent) -> None:
+    p = subparsers.add_parser("plan", parents=[setup_flags_parent],
+                              help="what fits: largest batch / sequence, a grid, changes that fit, per-GPU under FSDP / ZeRO",
+                              description="What fits on a GPU, per GPU under DDP / FSDP / DeepSpeed ZeRO. --gpu also "
+                                          "takes 'all' (every catalog GPU: fits? headroom).")
+    _parallel_flags(p, lists=False)
+    p.add_argument("--grid-batch", help="batch values of the grid, e.g. 1,2,4,8 (default: powers of two)")
+    p.add_argument("--grid-seq", help="sequence lengths of the grid, e.g. 512,2048,8192 (default: powers of two)")
+    p.add_argument("--tight", type=float, default=0.05,
+                   help="a fit with less than this fraction of the GPU left is 'tight' (default 0.05)")
+    p.add_argument("--no-recommend", dest="recommend", action="store_false", help="skip the ranked changes")
+    p.add_argument("--plot", help="write stacked components per setup with the GPU line (.png, .svg, .pdf)")
+    p.set_defaults(handler=cmd_plan)
+
+    # a fresh copy of the setup flags: sweep redefines some of them as lists
+    s = subparsers.add_parser("sweep", parents=[setup_flags()], conflict_handler="resolve",
+                              help="the estimate over a product of setups, as a table / CSV (pandas)")
+    # rank, method, quant, optimizer and dtype default to None: an axis the user did not type is not
+    # swept, so that it is never checked against a method that does not use it (core/_setup.py
+    # check_given) and a --recipe's own optimizer and dtype stand.
+    for flag, default, what in (("--batch", "1", "micro-batch sizes"), ("--seq", "2048", "sequence lengths"),
+                                ("--rank", None, "LoRA ranks"), ("--method", None, "methods"),
+                                ("--optimizer", None, "optimizers"), ("--attn", "sdpa", "attention kernels"),
+                                ("--quant", None, "quantizations"), ("--dtype", None, "dtypes")):
+        s.add_argument(flag, default=default,
+                       help=f"{what}, comma-separated (default {default or TRAIN_DEFAULTS[flag[2:]]})")
+    _parallel_flags(s, lists=True)
+    s.add_argument("--csv", help="write the table to this CSV file")
+    s.add_argument("--plot", help="write stacked components per setup with the GPU line (.png, .svg, .pdf)")
+    s.add_argument("--tight", type=float, default=0.05, help="'tight' threshold as a fraction of the GPU (0.05)")
+    s.set_defaults(handler=cmd_sweep)
+
+
+# --- plan ----------------------------------------------------------------------------------------
+
+def cmd_plan(args) -> int:
+    from vramplan.plan._planner import plan  # this command's code loads only when it runs
+
+    batches = parse_list("--grid-batch", args.grid_batch) if args.grid_batch else None
+    seqs = parse_list("--grid-seq", args.grid_seq) if args.grid_seq else None
+    if args.gpu is None:
+        raise UsageError("plan needs a GPU", hint="e.g. --gpu 24GB, --gpu A100-80GB, or --gpu all")
+    result = plan(args.model, setup_from_args(args), args.gpu, gpus=args.gpus, strategy=args.strategy,
+                  offload=args.offload, batches=batches, seqs=seqs, tight=args.tight, recommend=args.recommend,
+                  alloc_conf=alloc_conf_from_args(args))
+    if args.plot:
+        from vramplan.render._plots import plot_plan  # this command's code loads only when it runs
+        plot_plan(result, args.plot)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print_plan(result)
+        if args.plot:
+            from rich.console import Console
+            Console().print(f"Plot written to {args.plot}", highlight=False)
+    return 0
+
+
+def _gib(n: int | None, digits: int = 2) -> str:
+    from vramplan.core._units import format_bytes
+    return "-" if n is None else format_bytes(n, "GiB", digits)
+
+
+def print_plan(result, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    s, par, est = result.setup, result.parallel, result.estimate
+    head = (f"{result.model.id} — {s.method}" + (f" {s.quant}" if s.quantized else "")
+            + f", r={s.rank}, batch {s.batch} x seq {s.seq}, {s.optimizer}, "
+            + ("checkpointing" if s.grad_ckpt else "no checkpointing") + f", {s.attn} — {par.label}")
+    console.print(head, style="bold", highlight=False)
+    if result.survey:
+        _print_survey(result, console, Table)
+    else:
+        style = STATUS_STYLE[result.status]
+        per = "per GPU " if par.gpus > 1 else ""
+        console.print(f"[{style}]{STATUS_WORD[result.status]}[/{style}] on {result.gpu.name} "
+                      f"({_gib(result.gpu.memory_bytes)}): {_gib(result.need_bytes)} {per}needed, "
+                      f"headroom {_gib(result.headroom_bytes)}; peak in {est.peak_phase}", highlight=False)
+        if par.strategy != "single":
+            _print_terms(est, console, Table)
+        for lim, other in ((result.max_batch, f"at seq {s.seq}"), (result.max_seq, f"at batch {s.batch}")):
+            if lim.value == 0:
+                console.print(f"Largest {lim.field}: none fits {other} ({lim.field}=1 needs "
+                              f"{_gib(lim.next_need_bytes, 3)})", highlight=False)
+            else:
+                nxt = ("the sanity bound" if lim.capped
+                       else f"{lim.field}={lim.value + 1} needs {_gib(lim.next_need_bytes, 3)}")
+                console.print(f"Largest {lim.field} {other}: [bold]{lim.value}[/bold] ({_gib(lim.need_bytes, 3)}; "
+                              f"{nxt})", highlight=False)
+        _print_grid(result, console, Table)
+        if result.changes:
+            _print_changes(result.changes, result.gpu, console, Table, "Changes that make it fit (cheapest first)")
+        elif result.status == "no" and result.minimum is not None:
+            console.print("No change to the setup alone fits this GPU.", highlight=False)
+        _print_recipe_changes(result, console)
+        _print_allocator_changes(result, console)
+    if result.minimum is not None:
+        _print_minimum(result.minimum, result, console, Table)
+    for note in result.notes:
+        console.print(f"[yellow]Note:[/yellow] {note}", highlight=False)
+    if par.strategy != "single":
+        console.print("Assumptions:")
+        for a in est.assumptions:
+            console.print(f"  - {a}", highlight=False)
+
+
+def _print_terms(est, console, Table) -> None:
+    table = Table(title=f"Per GPU at the peak ({est.peak_phase}), {est.parallel.label}", title_justify="left")
+    for col, just in (("component", "left"), ("part", "left"), ("held", "left"), ("GiB", "right"), ("src", "right")):
+        table.add_column(col, justify=just, no_wrap=col != "part")  # only the prose column wraps
+    sources: list[str] = []
+    for t in sorted(est.terms, key=lambda t: -t.bytes):
+        if t.source not in sources:
+            sources.append(t.source)
+        table.add_row(t.component, t.part, t.held, f"{t.bytes / 2**30:,.3f}", f"[{sources.index(t.source) + 1}]")
+    table.add_section()
+    table.add_row("peak allocated", "", "", f"{est.peak_allocated_bytes / 2**30:,.3f}", "", style="bold")
+    table.add_row("device total", "+ CUDA context, NCCL, allocator slack", "", f"{est.device_total_bytes / 2**30:,.3f}",
+                  "", style="bold")
+    if est.cpu_bytes:
+        table.add_row("CPU (pinned)", "offloaded shards and optimizer", "offloaded", f"{est.cpu_bytes / 2**30:,.3f}",
+                      "", style="dim")
+    console.print(table)
+    for i, src in enumerate(sources, 1):
+        console.print(f"  [{i}] {src}", style="dim", highlight=False)
+
+
+def _print_grid(result, console, Table) -> None:
+    grid = result.grid
+    table = Table(title=f"GiB per GPU on {result.gpu.name}", title_justify="left",
+                  caption=f"batch across, seq down: {legend(result.tight)}; ≥: allocated alone exceeds the GPU",
+                  caption_justify="left")
+    table.add_column("seq \\ batch", justify="right")
+    for b in grid.batches:
+        table.add_column(str(b), justify="right")
+    for s, row in zip(grid.seqs, grid.cells):
+        table.add_row(str(s), *[marked(c.status, ("≥" if c.lower_bound else "") + f"{c.need_bytes / 2**30:,.1f}")
+                                for c in row])
+    console.print(table)
+
+
+def _print_recipe_changes(result, console) -> None:
+    """The training loop's own changes with what each saves on this setup's peak."""
+    if not result.recipe_changes:
+        return
+    console.print("Training-loop changes (memory needed at the peak, saved):", highlight=False)
+    for r in result.recipe_changes:
+        flags = ", ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else
+                          (f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}")
+                          for k, v in r.change.changes.items())
+        console.print(f"  {r.saving_bytes / 2**30:+.3f} GiB  {flags}: {r.change.text}", highlight=False)
+
+
+def _print_allocator_changes(result, console) -> None:
+    """The caching-allocator settings, each replayed on this setup (plan/_allocator_changes.py)."""
+    if not result.allocator_changes:
+        return
+    now = result.estimate.alloc_conf or "defaults"
+    console.print(f"Allocator settings (device total, saved vs {now}):", highlight=False)
+    for a in result.allocator_changes:
+        console.print(f"  {_gib(a.need_bytes)} {marked(a.status, '')} {a.saving_bytes / 2**30:+.3f} GiB  "
+                      f"--alloc-conf {a.alloc_conf}: {a.text}", highlight=False)
+
+
+def _print_changes(changes, gpu, console, Table, title) -> None:
+    table = Table(title=title, title_justify="left")
+    for col, just in (("#", "right"), ("change", "left"), ("need", "right"), ("headroom", "right"),
+                      ("cost", "right"), ("what it costs", "left")):
+        table.add_column(col, justify=just, no_wrap=col not in ("change", "what it costs"))
+    for i, c in enumerate(changes, 1):
+        table.add_row(str(i), c.description, marked(c.status, _gib(c.need_bytes)),
+                      _gib(c.headroom_bytes), f"{c.cost:.2f}", c.cost_text)
+    console.print(table)
+
+
+def _print_minimum(m, result, console, Table) -> None:
+    console.print(f"[bold]What it takes:[/bold] {m.message}.", highlight=False)
+    if m.options:
+        table = Table(title="Fewest GPUs per engine for the setup as asked", title_justify="left")
+        for col in ("GPUs x engine", "per GPU", "CPU per rank"):
+            table.add_column(col, justify="left" if col == "GPUs x engine" else "right")
+        for o in m.options:
+            table.add_row(o.label, marked(o.status, _gib(o.need_bytes)),
+                          _gib(o.cpu_bytes) if o.cpu_bytes else "-")
+        console.print(table)
+    if m.changes:
+        gpu = result.gpu or result.survey[-1].gpu
+        _print_changes(m.changes, gpu, console, Table, f"With {m.changes_parallel.label} on {gpu.name}")
+
+
+def _print_survey(result, console, Table) -> None:
+    s = result.setup
+    table = Table(title=f"Every catalog GPU ({result.parallel.label}): {_gib(result.need_bytes)} per GPU needed",
+                  title_justify="left")
+    for col in ("GPU", "memory", "verdict", "headroom", f"max batch @ seq {s.seq}", f"max seq @ batch {s.batch}"):
+        table.add_column(col, justify="left" if col in ("GPU", "verdict") else "right", no_wrap=col == "GPU")
+    for r in result.survey:
+        style = STATUS_STYLE[r.status]
+        table.add_row(r.gpu.name, _gib(r.gpu.memory_bytes), f"[{style}]{r.status}[/]", _gib(r.headroom_bytes),
+                      str(r.max_batch), str(r.max_seq))
+    console.print(table)
+
+
+# --- sweep ---------------------------------------------------------------------------------------
+
+def cmd_sweep(args) -> int:
+    from vramplan.plan._sweep import sweep  # this command's code loads only when it runs
+
+    axes = {"batch": parse_list("--batch", args.batch), "seq": parse_list("--seq", args.seq),
+            "attn": parse_list("--attn", args.attn, str)}
+    for name, kind in (("rank", int), ("method", str), ("quant", str), ("optimizer", str), ("dtype", str)):
+        # swept only when typed
+        if getattr(args, name) is not None:
+            axes[name] = parse_list(f"--{name}", getattr(args, name), kind)
+    given = {k: v for k, v in (("double_quant", args.double_quant), ("lora_dropout", args.lora_dropout))
+             if v is not None}
+    if args.targets is not None:
+        given["targets"] = parse_targets(args.targets)
+    explicit = {k: getattr(args, k) for k in ("grad_ckpt", "prepare_kbit", "amp", "loop", "loss")
+                if getattr(args, k, None) is not None}
+    base = make_setup(args.recipe, **given, **explicit)
+    strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]
+    df = sweep(args.model, args.gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
+               strategy=strategies, offload=parse_list("--offload", args.offload, str), tight=args.tight,
+               alloc_conf=alloc_conf_from_args(args), **axes)
+    varying = [c for c in (*axes, "gpus", "strategy", "offload") if df[c].nunique() > 1]
+    if args.csv:
+        try:
+            df.to_csv(args.csv, index=False)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.csv!r}: {exc.strerror or exc}", hint="check the path") from None
+    if args.plot:
+        from vramplan.render._plots import plot_sweep  # this command's code loads only when it runs
+        plot_sweep(df, args.plot, varying)
+    if args.json:
+        print_json(df.to_dict(orient="records"))
+        return 0
+    print_sweep(df, varying, args)
+    return 0
+
+
+def _cell(value) -> str:
+    """A sweep value; None / NaN (quant of a non-quantized row) shows as '-'."""
+    return "-" if value is None or value != value else str(value)
+
+
+def print_sweep(df, varying, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    title = f"{df['model'].iloc[0]}" + (f" on {df['gpu'].iloc[0]}" if "gpu" in df else "")
+    table = Table(title=title, title_justify="left")
+    cols = varying or ["batch", "seq"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for c in ("peak allocated", "device total", "phase") + (("verdict",) if "status" in df else ()):
+        table.add_column(c, justify="right")
+    errors: dict[str, int] = {}  # reason -> its footnote number
+    for _, row in df.iterrows():
+        cells = [_cell(row[c]) for c in cols]
+        if isinstance(row["error"], str):  # a combination that cannot run: its reason below the table
+            number = errors.setdefault(row["error"], len(errors) + 1)
+            cells += ["-", "-", f"cannot run [{number}]"] + (["-"] if "status" in df else [])
+            table.add_row(*cells, style="dim")
+            continue
+        cells += [_gib(int(row["peak_allocated_bytes"])), _gib(int(row["device_total_bytes"])), row["peak_phase"]]
+        if "status" in df:
+            cells.append(f"[{STATUS_STYLE[row['status']]}]{row['status']}[/]")
+        table.add_row(*cells)
+    console.print(table)
+    for reason, i in errors.items():
+        console.print(f"  [{i}] cannot run: {reason}", highlight=False)
+    if args.csv:
+        console.print(f"CSV written to {args.csv} ({len(df)} rows, {len(df.columns)} columns)", highlight=False)
+    if args.plot:
+        console.print(f"Plot written to {args.plot}", highlight=False)

@@ -1,0 +1,105 @@
+"""Which config.json fields the shape model reads, and what it does when one is missing.
+
+transformers fills every field a config.json leaves out from its config class
+(models/<type>/configuration_<type>.py), so `{"model_type": "llama", "hidden_size": 4096}` loads
+as a 6.7B Llama-2-7b. vramplan refuses a config that leaves out most of its core shape fields (three or more of five:
+mostly defaults, not the user's model), and lists every default it applies as an assumption of
+the estimate (field, value used, where it comes from). Up to two missing core fields are accepted
+because published configs do it: google/gemma-3-4b-pt's text_config leaves out vocab_size and
+num_attention_heads (Gemma3TextConfig's 262208 and 8).
+Facts: docs/peft-transformers.md#config-fields-a-configjson-leaves-out
+"""
+from __future__ import annotations
+
+from vramplan.core._errors import ModelError
+
+# Without these the "model" is mostly the config class's defaults, not the user's model.
+CORE_SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "vocab_size")
+
+# transformers' config class per model_type (models/<type>/configuration_<type>.py).
+CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+                  "gemma2": "Gemma2Config", "phi3": "Phi3Config", "mixtral": "MixtralConfig",
+                  "qwen3": "Qwen3Config", "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config",
+                  "granite": "GraniteConfig", "smollm3": "SmolLM3Config", "olmo3": "Olmo3Config",
+                  "ministral": "MinistralConfig", "qwen3_moe": "Qwen3MoeConfig",
+                  "granitemoe": "GraniteMoeConfig", "deepseek_v3": "DeepseekV3Config", "gpt_oss": "GptOssConfig",
+                  "llama4_text": "Llama4TextConfig"}
+
+# Fields derived from others when absent, as transformers does: the config classes set
+# `num_key_value_heads = num_attention_heads` (e.g. LlamaConfig.__post_init__), and head_dim is
+# hidden_size // num_attention_heads (LlamaConfig.__post_init__; Qwen2Attention.__init__
+# `getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)`).
+DERIVED = {"num_key_value_heads": "num_attention_heads", "head_dim": "hidden_size / num_attention_heads"}
+
+# model types whose spec reads a sliding window (see models._sliding_window).
+WINDOWED = {"mistral": ("sliding_window",), "mixtral": ("sliding_window",), "phi3": ("sliding_window",),
+            "qwen2": ("use_sliding_window", "sliding_window"), "ministral": ("sliding_window",),
+            "olmo3": ("sliding_window",), "qwen3_moe": ("use_sliding_window", "sliding_window"),
+            "gpt_oss": ("sliding_window",)}
+
+
+# Fields read only when another one is absent (Llama4TextConfig.__post_init__: the NoPE interval
+# without no_rope_layers, the MoE interleave step without moe_layers)
+READ_WITHOUT = {"no_rope_layer_interval": "no_rope_layers", "interleave_moe_layer_step": "moe_layers"}
+
+
+def _given(config: dict, key: str) -> bool:
+    """An explicit null counts as given (transformers keeps it), except for derived fields, which
+    transformers derives from null exactly as from absence."""
+    return key in config and (config[key] is not None or key not in DERIVED)
+
+
+# At most this many core shape fields may come from the config class's defaults.
+MAX_DEFAULTED_CORE = 2
+
+
+def require_core_fields(config: dict, model_id: str, arch) -> None:
+    """ModelError naming every missing core shape field (one line) when more than
+    MAX_DEFAULTED_CORE are missing, or one is missing that the family gives no default for."""
+    missing = [k for k in CORE_SHAPE_FIELDS if config.get(k) is None]
+    if len(missing) > MAX_DEFAULTED_CORE or any(arch.defaults.get(k) is None for k in missing):
+        raise ModelError(f"config for {model_id} is missing {', '.join(missing)}",
+                         hint=f"a {arch.model_type} config.json must give {', '.join(CORE_SHAPE_FIELDS)}; "
+                              "vramplan fills at most two of them from transformers' defaults")
+
+
+def read_fields(arch) -> tuple[str, ...]:
+    """The non-core fields the shape model reads for this architecture (models.spec_from_config)."""
+    fields = [*CORE_SHAPE_FIELDS, "num_key_value_heads", "head_dim", "tie_word_embeddings"]
+    fields += [rule for rule in (arch.qkv_bias, arch.o_bias, arch.mlp_bias) if isinstance(rule, str)]
+    if arch.moe:
+        fields += [arch.experts_key, "num_experts_per_tok"]
+        if arch.expert_width_key != "intermediate_size":
+            fields += [arch.expert_width_key, "mlp_only_layers", "decoder_sparse_step"]
+    if arch.mla:   # _models.py _mla_spec
+        fields += ["q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                   "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group"]
+        fields.remove("head_dim")   # DeepseekV3Config.__post_init__: head_dim = qk_rope_head_dim
+    if arch.moe_style == "llama4":   # _models.py _llama4_feed_forward, _rope_layers, _attention_chunk
+        fields += ["intermediate_size_mlp", "interleave_moe_layer_step", "no_rope_layer_interval",
+                   "attention_chunk_size", "use_qk_norm", "attn_temperature_tuning"]
+    fields += [k for k in ("final_logit_softcapping", "attn_logit_softcapping") if k in arch.defaults]
+    fields += WINDOWED.get(arch.model_type, ())
+    return tuple(dict.fromkeys(fields))
+
+
+def defaults_applied(config: dict, arch, resolved: dict) -> tuple[str, ...]:
+    """One assumption line listing each field the config leaves out, the value used and its origin;
+    empty when the config gives every field the shape model reads."""
+    cls = CONFIG_CLASSES.get(arch.model_type)
+    origin = f"transformers' {cls}" if cls else f"transformers' configuration_{arch.model_type}.py"
+    parts = []
+    for key in read_fields(arch):
+        if _given(config, key) or (key in READ_WITHOUT and config.get(READ_WITHOUT[key])):
+            continue
+        value = resolved.get(key)
+        if key in DERIVED and (arch.defaults.get(key) is None):
+            parts.append(f"{key} = {DERIVED[key]} = {value} (as transformers derives it)")
+        elif key in arch.defaults:
+            parts.append(f"{key} = {value!r} ({origin} default)")
+        else:
+            parts.append(f"{key} = {value!r} (absent: read as unset)")
+    if not parts:
+        return ()
+    return (f"config.json leaves out fields the estimate reads; defaults used: {'; '.join(parts)}",)

@@ -1,0 +1,174 @@
+"""A model's config.json from the Hugging Face Hub, for ids the bundled catalog does not hold.
+
+Only `config.json` is ever fetched (huggingface_hub.hf_hub_download(repo_id, "config.json")),
+into the standard Hugging Face cache, so the next run reads it without the network. The
+settings are those of every Hugging Face tool, read at each call (huggingface_hub reads them
+once, at its import):
+  HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE)  the cache only, never the network
+  HF_ENDPOINT                               the Hub, or a mirror of it
+  HF_TOKEN (else the `hf auth login` token)  gated and private models
+  HF_HUB_CACHE, HF_HOME                     where the cache lives (HF_HOME/hub by default)
+huggingface_hub is imported here only, and only when neither the catalog nor a local path
+answered: `import vramplan` and a bundled-model estimate never load it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from vramplan.core._errors import ModelError
+
+CONFIG = "config.json"
+DEFAULT_ENDPOINT = "https://huggingface.co"   # huggingface_hub/constants.py _HF_DEFAULT_ENDPOINT
+CONNECT_TIMEOUT_S = 3.0
+
+
+class HubError(ModelError):
+    """A Hub model id that could not be turned into a config."""
+
+
+class HubOfflineError(HubError):
+    """Not in the cache, and the Hub is switched off (HF_HUB_OFFLINE) or cannot be reached."""
+
+
+class HubModelNotFoundError(HubError):
+    """The Hub has no such repository (or no config.json in it)."""
+
+
+class GatedModelError(HubError):
+    """A gated or private repository and no token (or one without access)."""
+
+
+class MalformedConfigError(HubError):
+    """config.json came back, but it is not a JSON object."""
+
+
+# --- settings, read at call time ------------------------------------------------------------------
+
+def _is_true(value: str | None) -> bool:
+    # huggingface_hub/constants.py _is_true: "1", "ON", "YES", "TRUE" in any case
+    return (value or "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def offline() -> bool:
+    return _is_true(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def cache_dir() -> str:
+    # huggingface_hub/constants.py: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def token() -> str | None:
+    """HF_TOKEN, else the token `hf auth login` stored (huggingface_hub utils/_auth.py get_token
+    reads the environment at each call)."""
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token() or None
+
+
+# --- the config -----------------------------------------------------------------------------------
+
+def config_file(repo_id: str) -> tuple[str, str] | None:
+    """(path of config.json, "cache" or "hub"), or None when huggingface_hub is not installed.
+    Raises a HubError subclass for everything else that stands between the id and its file."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        return None
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, CONFIG, cache_dir=cache_dir())
+    if isinstance(cached, str):
+        return cached, "cache"
+    if offline():
+        raise HubOfflineError(f"unknown model {repo_id!r}: not in the bundled catalog, not a local path, not in "
+                              f"the Hugging Face cache ({cache_dir()}), and HF_HUB_OFFLINE keeps the Hub out",
+                              hint="unset HF_HUB_OFFLINE to fetch its config.json, or pass a directory with config.json")
+    if not _reachable(endpoint()):
+        raise HubOfflineError(f"unknown model {repo_id!r}: not in the bundled catalog, not a local path, not in "
+                              f"the Hugging Face cache, and {endpoint()} cannot be reached",
+                              hint="check the network or HF_ENDPOINT, or pass a directory with config.json")
+    return _download(huggingface_hub, repo_id), "hub"
+
+
+def _download(huggingface_hub, repo_id: str) -> str:
+    from huggingface_hub import errors
+
+    where, auth = endpoint(), token()
+    try:
+        return huggingface_hub.hf_hub_download(repo_id, CONFIG, cache_dir=cache_dir(), endpoint=where,
+                                               token=auth or False, etag_timeout=10)
+    except errors.GatedRepoError:
+        if auth:
+            raise GatedModelError(f"{repo_id} is gated and the Hugging Face token has no access to it",
+                                  hint=f"accept its license at {where}/{repo_id} with that account") from None
+        raise GatedModelError(f"{repo_id} is gated: its config.json needs a Hugging Face token",
+                              hint=f"accept its license at {where}/{repo_id}, then set HF_TOKEN") from None
+    except errors.RepositoryNotFoundError:
+        raise HubModelNotFoundError(
+            f"unknown model {repo_id!r}: not in the bundled catalog and not on {where}",
+            hint="check the id (org/name); a private model needs HF_TOKEN; `vramplan models` lists the catalog"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise HubModelNotFoundError(f"{repo_id} has no main revision on {where}",
+                                    hint="pass a directory with its config.json") from None
+    except errors.RemoteEntryNotFoundError:
+        raise HubModelNotFoundError(f"{repo_id} on {where} has no config.json",
+                                    hint="it is not a transformers model; pass a directory with config.json") from None
+    except errors.HfHubHTTPError as exc:
+        status = _status(exc)
+        if status in (401, 403):
+            raise GatedModelError(f"{repo_id}: {where} refused access to its config.json ({status})",
+                                  hint="a gated or private model: set HF_TOKEN to a token with access") from None
+        raise HubOfflineError(f"cannot fetch {repo_id}/config.json from {where} ({status or exc.__class__.__name__})",
+                              hint="try again later, or pass a directory with config.json") from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError) as exc:
+        # file_download.py _raise_on_head_call_error: a 403 without X-Error-Code (no access) comes
+        # back as LocalEntryNotFoundError raised from the HTTP error
+        if _status(exc.__cause__) in (401, 403):
+            raise GatedModelError(f"{repo_id}: {where} refused access to its config.json ({_status(exc.__cause__)})",
+                                  hint="a gated or private model: set HF_TOKEN to a token with access") from None
+        raise HubOfflineError(f"cannot fetch {repo_id}/config.json from {where} ({exc.__class__.__name__})",
+                              hint="check the network or HF_ENDPOINT, or pass a directory with config.json") from None
+
+
+def _status(exc) -> int | None:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def _reachable(url: str) -> bool:
+    """One TCP connect first, so that a machine without a network answers in seconds rather than
+    after huggingface_hub's timeouts."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def read_config(repo_id: str) -> tuple[dict, str] | None:
+    """(config dict, where it came from), or None when huggingface_hub is not installed."""
+    found = config_file(repo_id)
+    if found is None:
+        return None
+    path, where = found
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedConfigError(f"config.json of {repo_id} is not valid JSON ({exc})",
+                                   hint=f"delete {path} from the Hugging Face cache and fetch it again") from None
+    if not isinstance(config, dict):
+        raise MalformedConfigError(f"config.json of {repo_id} is not a JSON object",
+                                   hint=f"delete {path} from the Hugging Face cache and fetch it again")
+    return config, f"Hugging Face {where}: {path}"

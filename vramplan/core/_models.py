@@ -1,0 +1,647 @@
+"""Model resolution: a hub id, alias, directory or config.json path -> ModelSpec (shapes only).
+
+Order: local path, bundled catalog (no network), then the Hugging Face cache and Hub
+(core/_hub.py, only config.json). Nothing here imports torch or transformers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from vramplan.core._architectures import ARCHITECTURES, Architecture, supported
+from vramplan.core._config_fields import defaults_applied, require_core_fields
+from vramplan.core._errors import ModelError
+
+CATALOG_DIR = Path(__file__).parent / "catalog" / "models"
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One nn.Linear of the model: what bitsandbytes quantizes and peft can adapt."""
+    name: str           # module name inside a decoder layer ("self_attn.q_proj") or top level ("lm_head")
+    in_features: int
+    out_features: int
+    bias: bool
+    # which decoder layers hold it: "all", or in a model with dense layers below MoE ones
+    # (DeepseekV3DecoderLayer: layer_idx >= first_k_dense_replace is MoE) "dense" / "moe"
+    where: str = "all"
+
+    @property
+    def leaf(self) -> str:  # what peft's target_modules matches against
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class Mla:
+    """Multi-head latent attention shapes (DeepseekV3Attention.__init__): q through q_proj, or
+    q_a_proj (hidden -> q_lora_rank) + q_a_layernorm + q_b_proj when q_lora_rank is set;
+    kv_a_proj_with_mqa (hidden -> kv_lora_rank + qk_rope_head_dim), kv_a_layernorm(kv_lora_rank),
+    kv_b_proj (kv_lora_rank -> heads * (qk_nope_head_dim + v_head_dim)); o_proj from heads * v_head_dim."""
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope: int
+    qk_rope: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope + self.qk_rope
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    source: str
+    model_type: str
+    config: dict = field(repr=False, compare=False)
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    layer_linears: tuple[Linear, ...]
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None
+    sliding_window: int | None = None   # attention window, when the model uses one
+    # Llama 4's attention_chunk_size, when some layer is "chunked_attention": those layers attend
+    # within aligned chunks of that many tokens (masking_utils.chunked_overlay)
+    attention_chunk: int | None = None
+    defaults_used: tuple[str, ...] = ()  # assumption lines for fields config.json left out
+    # per decoder layer: "full_attention" or "sliding_attention" (config.layer_types, or the rule
+    # transformers' configuration_<type>.py fills it with); empty for a spec built by hand
+    layer_types: tuple[str, ...] = ()
+    # widths of the RMSNorm weights inside one decoder layer (block norms, then q/k norms)
+    layer_norms: tuple[int, ...] = ()
+    # per decoder layer: whether it applies RoPE (SmolLM3 no_rope_layers); empty: every layer
+    rope_layers: tuple[bool, ...] = ()
+    # assumption lines on how the config was read (the text decoder of a multimodal checkpoint)
+    notes: tuple[str, ...] = ()
+    # DeepSeek-V3: multi-head latent attention shapes, the dense layers below the MoE ones
+    # (first_k_dense_replace), the routed experts' width (moe_intermediate_size; 0: intermediate),
+    # the shared experts' MLP width (0: none) and the router's (n_group, topk_group)
+    mla: "Mla | None" = None
+    dense_layers: int = 0
+    # per decoder layer, bottom to top, whether it is dense where dense and MoE layers interleave
+    # (Llama 4's moe_layers); empty: the first dense_layers are (DeepSeek-V3)
+    dense_flags: tuple[bool, ...] = ()
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    router_groups: tuple[int, int] = (1, 1)
+
+    @property
+    def arch(self) -> Architecture:
+        return ARCHITECTURES[self.model_type]
+
+    def setting(self, key: str):
+        """A config field as transformers reads it: the config.json value, else the config class
+        default (Architecture.defaults)."""
+        value = self.config.get(key)
+        return self.arch.defaults.get(key) if value is None else value
+
+    @property
+    def moe_layers(self) -> int:
+        """Decoder layers with routed experts."""
+        return self.layers - self.dense_layers if self.num_experts else 0
+
+    @property
+    def expert_width(self) -> int:
+        """One routed expert's intermediate size."""
+        return self.expert_intermediate or self.intermediate
+
+    def is_dense(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has a dense MLP where the others have MoE blocks."""
+        return self.dense_flags[layer] if self.dense_flags else layer < self.dense_layers
+
+    def count(self, linear: Linear) -> int:
+        """How many decoder layers hold this Linear."""
+        return {"all": self.layers, "dense": self.dense_layers, "moe": self.moe_layers}[linear.where]
+
+    @property
+    def norm_widths(self) -> tuple[int, ...]:
+        return self.layer_norms or (self.hidden,) * self.arch.norms_per_layer
+
+    @property
+    def lm_head(self) -> Linear:
+        return Linear("lm_head", self.hidden, self.vocab, False)
+
+    # --- parameter inventory (nanoGPT-style breakdown; a test checks it against transformers) -----
+    def param_breakdown(self) -> dict[str, int]:
+        h, n = self.hidden, self.layers
+        linear = sum(self.count(l) * (l.numel + (l.out_features if l.bias else 0)) for l in self.layer_linears)
+        parts = {
+            "embed_tokens": self.vocab * h,
+            "layers.linear": linear,
+            "layers.norms": n * sum(self.norm_widths),
+            "norm": h,
+            "lm_head": 0 if self.tied else self.vocab * h,
+        }
+        if self.num_experts:
+            shapes = self.moe_shapes()
+            m = self.moe_layers
+            parts["layers.router"] = m * sum(math.prod(s) for name, s in shapes if name.startswith("router."))
+            parts["layers.experts"] = m * sum(math.prod(s) for name, s in shapes if name.startswith("experts."))
+        if self.arch.sinks:
+            parts["layers.sinks"] = n * self.heads
+        return parts
+
+    def moe_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """(name, shape) of one layer's router and expert parameters as transformers 5 builds them:
+        MixtralTopKRouter.weight (E, h), MixtralExperts gate_up_proj (E, 2i, h) and down_proj
+        (E, h, i) (models/mixtral/modeling_mixtral.py); GptOssTopKRouter weight (E, h) and bias (E,),
+        GptOssExperts gate_up_proj (E, h, 2i), gate_up_proj_bias (E, 2i), down_proj (E, i, h),
+        down_proj_bias (E, h) (models/gpt_oss/modeling_gpt_oss.py); Llama4Router weight (E, h),
+        Llama4TextExperts gate_up_proj (E, h, 2i) and down_proj (E, i, h)
+        (models/llama4/modeling_llama4.py)."""
+        E, h, i = self.num_experts, self.hidden, self.expert_width
+        if not E:
+            return ()
+        if self.arch.moe_style == "llama4":
+            return (("router.weight", (E, h)), ("experts.gate_up_proj", (E, h, 2 * i)),
+                    ("experts.down_proj", (E, i, h)))
+        if self.arch.moe_style == "gpt_oss":
+            return (("router.weight", (E, h)), ("router.bias", (E,)),
+                    ("experts.gate_up_proj", (E, h, 2 * i)), ("experts.gate_up_proj_bias", (E, 2 * i)),
+                    ("experts.down_proj", (E, i, h)), ("experts.down_proj_bias", (E, h)))
+        return (("router.weight", (E, h)), ("experts.gate_up_proj", (E, 2 * i, h)),
+                ("experts.down_proj", (E, h, i)))
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.param_breakdown().values())
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id, "source": self.source, "model_type": self.model_type,
+            "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
+            "vocab_size": self.vocab, "tie_word_embeddings": self.tied,
+            "num_local_experts": self.num_experts, "num_experts_per_tok": self.experts_per_tok,
+            "num_params": self.num_params,
+        }
+
+
+# --- building a spec from a config dict ------------------------------------------------------------
+
+# Multimodal checkpoints whose language model is a known decoder, nested in text_config: the
+# estimate models that text decoder as its causal LM class builds it from the text config. The
+# text config's own model_type decides the family; the value here is what transformers uses when
+# text_config names none:
+# - models/gemma3/configuration_gemma3.py Gemma3Config.text_config: a Gemma3TextConfig;
+# - models/mistral3/configuration_mistral3.py Mistral3Config.sub_configs_defaults: text_config is
+#   built with AutoConfig, model_type "mistral" unless it names another (docs/architectures.md#mistral3).
+# - models/llama4/configuration_llama4.py Llama4Config.sub_configs_defaults: a Llama4TextConfig,
+#   which Llama4ForCausalLM builds (AutoModelForCausalLM maps llama4 and llama4_text to it).
+TEXT_CONFIG_TYPES = {"gemma3": "gemma3_text", "mistral3": "mistral", "llama4": "llama4_text"}
+# What the estimate leaves out of such a checkpoint (the Gemma 3 note is the gemma3_text family's own)
+TEXT_CONFIG_NOTES = {"mistral3": "multimodal Mistral 3 checkpoint (Mistral3ForConditionalGeneration): the text "
+                                 "decoder (text_config, model_type {text}) is modelled as its causal LM class builds "
+                                 "it; the Pixtral vision tower and the multimodal projector are not counted",
+                     # Llama4ForConditionalGeneration built from Llama-4-Scout's vision_config on meta:
+                     # 871,932,416 parameters besides the text decoder
+                     "llama4": "multimodal Llama 4 checkpoint (Llama4ForConditionalGeneration): the text decoder "
+                               "(text_config, model_type {text}) is modelled as Llama4ForCausalLM builds it; the "
+                               "vision tower and the multimodal projector (about 0.87B parameters at Scout's "
+                               "vision_config) are not counted"}
+
+
+# A checkpoint published in MXFP4 (gpt-oss) trains dequantized: transformers' Mxfp4HfQuantizer is
+# not trainable and points to Mxfp4Config(dequantize=True) (quantizers/quantizer_mxfp4.py
+# is_trainable), which loads bf16 weights; a BitsAndBytesConfig for the MXFP4 checkpoint is refused
+# (quantizers/auto.py merge_quantization_configs: "The model is quantized with Mxfp4Config but you
+# are passing a BitsAndBytesConfig config"). docs/architectures.md#gpt_oss
+MXFP4_NOTE = ("config.json names an MXFP4 checkpoint (quantization_config quant_method mxfp4): training loads it "
+              "dequantized to bf16 (Mxfp4Config(dequantize=True)), so every weight is counted in the compute dtype; "
+              "transformers refuses a BitsAndBytesConfig for it, so a 4-bit run means a bf16 copy loaded with "
+              "bitsandbytes, which quantizes the nn.Linear layers only")
+
+
+def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
+    if not isinstance(config, dict):
+        raise ModelError(f"config for {model_id} is not a JSON object",
+                         hint="a Hugging Face config.json is an object like {\"model_type\": \"llama\", ...}")
+    notes = ()
+    if config.get("model_type") in TEXT_CONFIG_TYPES and isinstance(config.get("text_config"), dict):
+        outer = config["model_type"]
+        config = {"model_type": TEXT_CONFIG_TYPES[outer], **config["text_config"]}
+        if outer in TEXT_CONFIG_NOTES:
+            notes = (TEXT_CONFIG_NOTES[outer].format(text=config["model_type"]),)
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        notes += (MXFP4_NOTE,)
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ModelError(f"config for {model_id} has no model_type",
+                         hint=f"add \"model_type\": one of {supported()}")
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise ModelError(f"architecture {model_type!r} ({model_id}) is not known to the analytic model",
+                         hint=f"supported model_type values: {supported()}; `vramplan simulate` traces any "
+                              f"architecture transformers can build")
+    cfg = {**arch.defaults, **{k: v for k, v in config.items() if v is not None}}
+    if "sliding_window" in config and config["sliding_window"] is None:
+        # an explicit null is kept by transformers (no window), whatever the class default
+        # (MinistralConfig / Olmo3Config default to 4096; Mistral-Small-3.1's text_config says null)
+        cfg["sliding_window"] = None
+
+    def need_int(key: str) -> int:
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelError(f"config for {model_id}: {key} must be a positive integer, got {value!r}",
+                             hint=f"fix {key} in config.json")
+        return value
+
+    hidden, heads = need_int("hidden_size"), need_int("num_attention_heads")
+    cfg.setdefault("num_key_value_heads", heads)
+    if cfg.get("num_key_value_heads") is None:
+        cfg["num_key_value_heads"] = heads
+    if cfg.get("head_dim") is None:
+        if hidden % heads:
+            raise ModelError(f"config for {model_id}: hidden_size {hidden} is not divisible by "
+                             f"num_attention_heads {heads}", hint="set head_dim in config.json")
+        cfg["head_dim"] = hidden // heads
+    kv_heads, head_dim = need_int("num_key_value_heads"), need_int("head_dim")
+    if heads % kv_heads:
+        raise ModelError(f"config for {model_id}: num_attention_heads {heads} is not a multiple of "
+                         f"num_key_value_heads {kv_heads}", hint="check the GQA fields of config.json")
+    inter, layers, vocab = need_int("intermediate_size"), need_int("num_hidden_layers"), need_int("vocab_size")
+    experts = need_int(arch.experts_key) if arch.moe else 0
+    per_tok = need_int("num_experts_per_tok") if arch.moe else 0
+    if per_tok > experts:
+        raise ModelError(f"config for {model_id}: num_experts_per_tok {per_tok} > {arch.experts_key} {experts}",
+                         hint="check the MoE fields of config.json")
+    if arch.moe and cfg.get("output_router_logits"):
+        # MixtralForCausalLM / Qwen3MoeForCausalLM / GraniteMoeForCausalLM add load_balancing_loss_func
+        # over every layer's router logits, kept through the forward: not in the layer walk
+        raise ModelError(f"config for {model_id}: output_router_logits (the router load-balancing loss) is "
+                         "not modelled", hint="set output_router_logits to false, or use `vramplan simulate`")
+    if arch.moe and arch.expert_width_key != "intermediate_size":
+        # Qwen3-MoE: an expert is moe_intermediate_size wide; intermediate_size only sizes the dense
+        # Qwen3MoeMLP of the layers Qwen3MoeDecoderLayer leaves dense (layer_idx in mlp_only_layers,
+        # or (layer_idx + 1) % decoder_sparse_step != 0), which the layer walk does not mix in
+        inter = need_int(arch.expert_width_key)
+        dense = cfg.get("mlp_only_layers") or []
+        step = cfg.get("decoder_sparse_step", 1)
+        if dense or step != 1:
+            raise ModelError(f"config for {model_id}: dense MLP layers among the MoE layers (mlp_only_layers "
+                             f"{dense}, decoder_sparse_step {step}) are not modelled",
+                             hint="`vramplan simulate` traces this model")
+
+    types, window = _layer_types(arch, cfg, layers, model_id)
+
+    def flag(rule) -> bool:
+        return bool(cfg.get(rule, False)) if isinstance(rule, str) else rule
+
+    q, kv, o_bias = heads * head_dim, kv_heads * head_dim, flag(arch.o_bias)
+    qkv_bias, mlp_bias = flag(arch.qkv_bias), flag(arch.mlp_bias)
+    if arch.mla:
+        return _mla_spec(config, cfg, arch, model_id, source, need_int, types, window, experts, per_tok, notes)
+    if arch.fused_qkv:
+        linears = [Linear("self_attn.qkv_proj", hidden, q + 2 * kv, qkv_bias)]
+    else:
+        linears = [Linear("self_attn.q_proj", hidden, q, qkv_bias),
+                   Linear("self_attn.k_proj", hidden, kv, qkv_bias),
+                   Linear("self_attn.v_proj", hidden, kv, qkv_bias)]
+    linears.append(Linear("self_attn.o_proj", q, hidden, o_bias))
+    norms = [hidden] * arch.norms_per_layer
+    if arch.qk_norm == "head":        # Qwen3RMSNorm(head_dim) / Gemma3RMSNorm(head_dim)
+        norms += [head_dim, head_dim]
+    elif arch.qk_norm == "projection":  # Olmo2RMSNorm(H * head_dim), Olmo2RMSNorm(kv * head_dim)
+        norms += [q, kv]
+    dense_flags, chunk = (), None
+    if arch.moe_style == "llama4":
+        chunk = _attention_chunk(config, cfg, model_id)
+        ff, dense_flags = _llama4_feed_forward(cfg, hidden, inter, layers, model_id, need_int)
+        linears += ff
+        if all(dense_flags):   # no layer in moe_layers: a dense model
+            experts, per_tok, dense_flags = 0, 0, ()
+    elif not arch.moe:
+        if arch.fused_gate_up:
+            linears.append(Linear("mlp.gate_up_proj", hidden, 2 * inter, mlp_bias))
+        else:
+            linears += [Linear("mlp.gate_proj", hidden, inter, mlp_bias),
+                        Linear("mlp.up_proj", hidden, inter, mlp_bias)]
+        linears.append(Linear("mlp.down_proj", inter, hidden, mlp_bias))
+
+    require_core_fields(config, model_id, arch)  # after the checks above, which name a bad value first
+    return ModelSpec(
+        id=model_id, source=source, model_type=model_type, config=dict(config),
+        hidden=hidden, intermediate=inter, layers=layers, heads=heads, kv_heads=kv_heads,
+        head_dim=head_dim, vocab=vocab, tied=bool(cfg.get("tie_word_embeddings")),
+        layer_linears=tuple(linears), num_experts=experts, experts_per_tok=per_tok,
+        final_logit_softcap=cfg.get("final_logit_softcapping"),
+        attn_logit_softcap=cfg.get("attn_logit_softcapping"),
+        sliding_window=window if "sliding_attention" in types else None,
+        attention_chunk=chunk if "chunked_attention" in types else None,
+        layer_types=types, layer_norms=tuple(norms), rope_layers=_rope_layers(arch, cfg, layers, model_id),
+        defaults_used=defaults_applied(config, arch, cfg), notes=notes,
+        dense_layers=sum(dense_flags), dense_flags=dense_flags,
+    )
+
+
+def _attention_chunk(config: dict, cfg: dict, model_id: str) -> int:
+    """Llama4TextModel.forward builds create_chunked_causal_mask for every forward, whatever its
+    layers use (masking_utils.py: `chunk_size = getattr(config, "attention_chunk_size", None)`):
+    an explicit null fails there in transformers 5.23, so it is refused here."""
+    value = config.get("attention_chunk_size", cfg.get("attention_chunk_size"))
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ModelError(f"config for {model_id}: attention_chunk_size must be a positive integer, got {value!r} "
+                         "(Llama4TextModel builds a chunked attention mask on every forward)",
+                         hint="set attention_chunk_size in config.json (8192 in the published Llama 4 configs)")
+    return value
+
+
+def _llama4_feed_forward(cfg: dict, hidden: int, inter: int, layers: int, model_id: str,
+                         need_int) -> tuple[list, tuple[bool, ...]]:
+    """Llama4TextDecoderLayer (models/llama4/modeling_llama4.py): layer_idx in config.moe_layers
+    gets a Llama4TextMoe, whose shared_expert is a Llama4TextMLP(intermediate_size); the others a
+    Llama4TextMLP(intermediate_size_mlp); gate/up/down without bias. Llama4TextConfig.__post_init__:
+    moe_layers, or range(interleave_moe_layer_step - 1, layers, interleave_moe_layer_step).
+    Returns the MLP linears and, per layer, whether it is dense."""
+    moe = cfg.get("moe_layers")
+    if moe is None:
+        step = need_int("interleave_moe_layer_step")
+        moe = range(step - 1, layers, step)
+    elif not isinstance(moe, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in moe):
+        raise ModelError(f"config for {model_id}: moe_layers must list layer indices",
+                         hint="fix moe_layers in config.json, or drop it to use interleave_moe_layer_step")
+    moe = set(moe)
+    dense = tuple(i not in moe for i in range(layers))
+    linears = []
+    if not all(dense):
+        linears += _mlp_linears("feed_forward.shared_expert.", hidden, inter, "moe")
+    if any(dense):
+        linears += _mlp_linears("feed_forward.", hidden, need_int("intermediate_size_mlp"),
+                                "all" if all(dense) else "dense")
+    return linears, dense
+
+
+def _mlp_linears(prefix: str, hidden: int, width: int, where: str) -> list:
+    """gate_proj / up_proj / down_proj without bias (Llama4TextMLP, DeepseekV3MLP)."""
+    return [Linear(prefix + "gate_proj", hidden, width, False, where),
+            Linear(prefix + "up_proj", hidden, width, False, where),
+            Linear(prefix + "down_proj", width, hidden, False, where)]
+
+
+def _mla_spec(config: dict, cfg: dict, arch: Architecture, model_id: str, source: str, need_int, types, window,
+              experts: int, per_tok: int, notes: tuple) -> ModelSpec:
+    """DeepSeek-V3 (models/deepseek_v3/modeling_deepseek_v3.py, docs/architectures.md#deepseek_v3).
+    DeepseekV3Attention: q_proj (no bias), or q_a_proj (bias=attention_bias) -> q_a_layernorm ->
+    q_b_proj (no bias); kv_a_proj_with_mqa (bias=attention_bias), kv_a_layernorm, kv_b_proj (no
+    bias); o_proj (bias=attention_bias). DeepseekV3DecoderLayer: DeepseekV3MLP (gate/up/down, no
+    bias) below first_k_dense_replace, DeepseekV3MoE above it (router, routed experts, and
+    shared_experts = DeepseekV3MLP(moe_intermediate_size * n_shared_experts)).
+    DeepseekV3Config.__post_init__ sets head_dim = qk_rope_head_dim: the rotary embedding's width."""
+    hidden, heads, layers = need_int("hidden_size"), need_int("num_attention_heads"), need_int("num_hidden_layers")
+    if cfg["num_key_value_heads"] != heads:
+        # kv_b_proj expands the latent to every query head; sdpa/eager then repeat keys by
+        # num_attention_heads // num_key_value_heads, which only fits when that is 1
+        raise ModelError(f"config for {model_id}: num_key_value_heads {cfg['num_key_value_heads']} differs from "
+                         f"num_attention_heads {heads}; DeepseekV3Attention expands keys and values to every head",
+                         hint="set num_key_value_heads to num_attention_heads in config.json")
+    # an explicit null means no q compression (Moonlight, DeepSeek-V2-Lite), whatever the class default
+    q_rank = None if "q_lora_rank" in config and config["q_lora_rank"] is None else cfg.get("q_lora_rank")
+    mla = Mla(q_lora_rank=need_int("q_lora_rank") if q_rank is not None else None,
+              kv_lora_rank=need_int("kv_lora_rank"), qk_nope=need_int("qk_nope_head_dim"),
+              qk_rope=need_int("qk_rope_head_dim"), v_head_dim=need_int("v_head_dim"))
+    inter, vocab = need_int("intermediate_size"), need_int("vocab_size")
+    moe_inter, shared = need_int("moe_intermediate_size"), cfg.get("n_shared_experts") or 0
+    dense = min(cfg.get("first_k_dense_replace") or 0, layers)
+    groups = (need_int("n_group"), need_int("topk_group"))
+    if experts % groups[0] or groups[1] > groups[0]:
+        raise ModelError(f"config for {model_id}: n_routed_experts {experts} must split into n_group {groups[0]} "
+                         f"groups, topk_group {groups[1]} of them", hint="check the MoE fields of config.json")
+    bias = bool(cfg.get("attention_bias", False))
+    H, qk = heads, mla.qk_head_dim
+    linears = []
+    if mla.q_lora_rank is None:
+        linears.append(Linear("self_attn.q_proj", hidden, H * qk, False))
+    else:
+        linears += [Linear("self_attn.q_a_proj", hidden, mla.q_lora_rank, bias),
+                    Linear("self_attn.q_b_proj", mla.q_lora_rank, H * qk, False)]
+    linears += [Linear("self_attn.kv_a_proj_with_mqa", hidden, mla.kv_lora_rank + mla.qk_rope, bias),
+                Linear("self_attn.kv_b_proj", mla.kv_lora_rank, H * (mla.qk_nope + mla.v_head_dim), False),
+                Linear("self_attn.o_proj", H * mla.v_head_dim, hidden, bias)]
+    if dense == layers:   # no MoE layer at all: every layer's MLP is the dense one
+        dense, experts, per_tok, shared = 0, 0, 0, 0
+    for width, prefix, where in ((inter, "mlp.", "dense" if experts else "all"),
+                                 (moe_inter * shared, "mlp.shared_experts.", "moe")):
+        if width and (dense if where == "dense" else layers):
+            linears += _mlp_linears(prefix, hidden, width, where)
+    norms = [hidden, hidden] + ([mla.q_lora_rank] if mla.q_lora_rank else []) + [mla.kv_lora_rank]
+    require_core_fields(config, model_id, arch)
+    return ModelSpec(
+        id=model_id, source=source, model_type=arch.model_type, config=dict(config),
+        hidden=hidden, intermediate=inter, layers=layers, heads=heads, kv_heads=heads, head_dim=mla.qk_rope,
+        vocab=vocab, tied=bool(cfg.get("tie_word_embeddings")), layer_linears=tuple(linears),
+        num_experts=experts, experts_per_tok=per_tok,
+        layer_types=types, layer_norms=tuple(norms), defaults_used=defaults_applied(config, arch, cfg), notes=notes,
+        mla=mla, dense_layers=dense, expert_intermediate=moe_inter, shared_intermediate=moe_inter * shared,
+        router_groups=groups)
+
+
+def _rope_layers(arch: Architecture, cfg: dict, layers: int, model_id: str) -> tuple[bool, ...]:
+    """SmolLM3Config.__post_init__ (configuration_smollm3.py): no_rope_layers[i] is 1 where layer i
+    uses RoPE (SmolLM3Attention.use_rope); absent, every no_rope_layer_interval-th layer (default 4)
+    goes without. docs/architectures.md#smollm3"""
+    if not arch.nope_layers:
+        return ()
+    flags = cfg.get("no_rope_layers")
+    # Llama4TextConfig.__post_init__ takes an empty list as absent, and a longer list is read by
+    # layer index (Llama4TextAttention: `config.no_rope_layers[layer_idx]`)
+    chunked = arch.layer_types_rule == "chunked"
+    if flags is None or (chunked and flags == []):
+        interval = cfg.get("no_rope_layer_interval", 4)
+        return tuple(bool((i + 1) % interval) for i in range(layers))
+    if not isinstance(flags, list) or (len(flags) < layers if chunked else len(flags) != layers):
+        raise ModelError(f"config for {model_id}: no_rope_layers must list {layers} entries of 0 / 1",
+                         hint="fix no_rope_layers in config.json")
+    return tuple(bool(f) for f in flags[:layers])
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# Llama4TextModel's causal_mask_mapping has these two keys only
+CHUNKED_LAYER_TYPES = ("full_attention", "chunked_attention")
+
+
+def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> tuple[tuple[str, ...], int | None]:
+    """(attention type of every decoder layer, sliding window), as the configuration classes of
+    transformers 5.23 derive them (docs/architectures.md#layer-types):
+    - an explicit `layer_types` list is used as is;
+    - "window_from" (Qwen2Config / Qwen3Config __post_init__): sliding_window only with
+      use_sliding_window, and then layers from max_window_layers up are sliding;
+    - "pattern" (Gemma3TextConfig): every sliding_window_pattern-th layer (default 6) is global;
+      "alternate" (Gemma2Config): odd layers global;
+    - "all" (Mistral / Mixtral / Phi-3 / Ministral: one sliding_window for every layer when set);
+      "all_if_used" (Qwen3MoeConfig.__post_init__: the same, only with use_sliding_window);
+    - "olmo3" (Olmo3Config.__post_init__): `(i + 1) % 4 != 0` slides: three sliding layers per
+      full one, whatever sliding_window says (docs/architectures.md#olmo3);
+    - "chunked" (Llama4TextConfig.__post_init__): "chunked_attention" where no_rope_layers says
+      RoPE, "full_attention" elsewhere (docs/architectures.md#llama4_text)."""
+    window = cfg.get("sliding_window")
+    if arch.layer_types_rule in ("window_from", "nope_window", "all_if_used") and not cfg.get("use_sliding_window"):
+        window = None
+    window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+    explicit = cfg.get("layer_types")
+    rule = arch.layer_types_rule
+    names = CHUNKED_LAYER_TYPES if rule == "chunked" else LAYER_TYPES
+    if explicit is not None:
+        if (not isinstance(explicit, list) or len(explicit) != layers
+                or any(t not in names for t in explicit)):
+            raise ModelError(f"config for {model_id}: layer_types must list {layers} entries of "
+                             f"{' / '.join(names)}",
+                             hint="fix layer_types in config.json, or `vramplan simulate` for other layer kinds")
+        types = tuple(explicit)
+    elif rule == "chunked":
+        types = tuple("chunked_attention" if rope else "full_attention"
+                      for rope in _rope_layers(arch, cfg, layers, model_id))
+    elif rule == "window_from":
+        start = cfg.get("max_window_layers", 0)
+        types = tuple("sliding_attention" if window is not None and i >= start else "full_attention"
+                      for i in range(layers))
+    elif rule in ("pattern", "alternate", "olmo3"):
+        pattern = {"pattern": cfg.get("sliding_window_pattern", 6), "alternate": 2, "olmo3": 4}[rule]
+        types = tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers))
+    elif rule == "nope_window":
+        flags = cfg.get("no_rope_layers")
+        interval = cfg.get("no_rope_layer_interval", 4)
+        ropes = flags if isinstance(flags, list) and len(flags) == layers else [(i + 1) % interval for i in range(layers)]
+        use = cfg.get("use_sliding_window") and window is not None
+        types = tuple("sliding_attention" if use and not ropes[i] else "full_attention" for i in range(layers))
+    elif rule in ("all", "all_if_used") and window is not None:
+        types = ("sliding_attention",) * layers
+    else:
+        types = ("full_attention",) * layers
+    return types, window
+
+
+# --- the bundled catalog ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    id: str
+    aliases: tuple[str, ...]
+    source: str
+    config: dict = field(repr=False)
+    path: Path = field(repr=False)
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict[str, CatalogEntry]:
+    """Hub id -> entry, read from vramplan/catalog/models/<org>/<name>.json."""
+    entries = {}
+    for path in sorted(CATALOG_DIR.glob("*/*.json")):
+        data = json.loads(path.read_text())
+        entries[data["id"]] = CatalogEntry(data["id"], tuple(data.get("aliases", ())),
+                                           data["source"], data["config"], path)
+    return entries
+
+
+@lru_cache(maxsize=1)
+def _alias_index() -> dict[str, str]:
+    index = {}
+    for entry in catalog().values():
+        for name in (entry.id, *entry.aliases):
+            for key in _keys(name):
+                index.setdefault(key, entry.id)
+    return index
+
+
+def _keys(name: str) -> tuple[str, ...]:
+    """Forgiving forms of a name: case-insensitive, with or without the org and a '-hf' suffix."""
+    low = name.lower().strip().rstrip("/")
+    base = low[:-3] if low.endswith("-hf") else low
+    keys = [low, base]
+    if "/" in base:
+        keys.append(base.split("/", 1)[1])
+    return tuple(dict.fromkeys(keys))
+
+
+def lookup(name: str) -> CatalogEntry | None:
+    for key in _keys(name):
+        model_id = _alias_index().get(key)
+        if model_id:
+            return catalog()[model_id]
+    return None
+
+
+# --- resolution -------------------------------------------------------------------------------------
+
+def resolve(name: str) -> ModelSpec:
+    """Resolve a model name to its shapes. Raises ModelError with close matches when unknown."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError("no model given", hint="e.g. vramplan estimate meta-llama/Llama-2-7b-hf")
+    return _resolve(name.strip())
+
+
+@lru_cache(maxsize=256)
+def _resolve(name: str) -> ModelSpec:
+    config, model_id, source = locate(name)
+    return spec_from_config(config, model_id, source)
+
+
+def resolve_config(name: str) -> tuple[dict, str, str]:
+    """(config dict, model id, where it came from) without the analytic model's checks: what
+    `vramplan simulate` builds with transformers when the registry does not know the type."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError("no model given", hint="e.g. vramplan simulate meta-llama/Llama-2-7b-hf")
+    return locate(name.strip())
+
+
+def locate(name: str) -> tuple[dict, str, str]:
+    """A local path, the bundled catalog, then the Hugging Face cache and Hub (core/_hub.py)."""
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        return _from_path(path)
+    entry = lookup(name)
+    if entry is not None:
+        return entry.config, entry.id, f"bundled catalog ({entry.source})"
+    if _looks_like_path(name):
+        raise ModelError(f"no such file or directory: {name}",
+                         hint="give a directory holding config.json, or the config.json file itself")
+    import difflib     # the error path only
+
+    close = difflib.get_close_matches(name.lower(), list(_alias_index()), n=3, cutoff=0.5)
+    suggestions = list(dict.fromkeys(_alias_index()[c] for c in close))
+    hint = f"did you mean {', '.join(suggestions)}?" if suggestions else "run `vramplan models` for the catalog"
+    if name.count("/") == 1:   # an org/name hub id
+        from vramplan.core import _hub as hub
+        try:
+            found = hub.read_config(name)
+        except hub.HubOfflineError as exc:
+            if suggestions:    # most likely a typo of a bundled id
+                exc.hint = f"{hint} {exc.hint}"
+            raise
+        if found is not None:
+            return found[0], name, found[1]
+    raise ModelError(f"unknown model {name!r}: not in the bundled catalog, not a local path, "
+                     f"not in the Hugging Face cache", hint=hint + " or pass a directory with config.json")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") > 1
+
+
+def _from_path(path: Path) -> tuple[dict, str, str]:
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ModelError(f"{path} has no config.json", hint="point at a Hugging Face model directory")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {file}: {exc}", hint="is it a valid config.json?") from None
+    model_id = config.get("_name_or_path") if isinstance(config, dict) else None
+    return config, model_id or str(path), f"local file {file}"

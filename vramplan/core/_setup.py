@@ -1,0 +1,256 @@
+"""TrainSetup: everything about a fine-tuning run except the model. The field names are the
+interface shared by the CLI flags, the JSON output and other tools calling the library."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Iterable
+
+from vramplan.core._errors import UsageError
+from vramplan.core._recipes import RECIPES, recipe
+
+METHODS = ("qlora", "lora", "full")
+QUANTS = ("nf4", "fp4", "int8")
+DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
+ATTENTION = ("sdpa", "eager")
+# "adamw" is torch.optim.AdamW with its CUDA default, the foreach implementation (adamw_foreach);
+# adamw_fused is AdamW(fused=True), the HF Trainer default on torch >= 2.8 (docs/autograd.md#adamw-foreach-vs-fused)
+OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_fused", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd",
+              "adafactor")
+AMPS = ("none", "bf16", "fp16")    # torch.autocast(device_type="cuda", dtype=...) around the forward
+LOOPS = ("trainer", "plain")       # trainer: only the loss outlives the forward; plain: `out` (logits) too
+LOSSES = ("full", "chunked")       # full: transformers ForCausalLMLoss; chunked: TRL's fused lm_head + chunked NLL
+# MoE expert weights under 4-bit quantization: "16bit" as transformers 5 leaves its fused 3-D expert
+# stacks (bitsandbytes replaces only nn.Linear); "4bit" for stacks that quantize them (transformers
+# 4.x ModuleList experts of nn.Linear, Unsloth's MoE 4-bit). docs/bitsandbytes.md#moe-experts
+EXPERTS = ("16bit", "4bit")
+ALL_LINEAR = "all-linear"
+
+# Sanity bounds: beyond these the input is a typo, not a plan (a 2**24-token sequence of batch
+# 2**16 would need exabytes of activations).
+MAX_BATCH = 65536
+MAX_SEQ = 16 * 2**20
+MAX_RANK = 65536
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """Defaults describe the plain QLoRA recipe:
+    from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16), dtype=bfloat16),
+    get_peft_model(LoraConfig(r=16, target_modules="all-linear")), torch AdamW,
+    non-reentrant gradient checkpointing, labels=input_ids with transformers' causal-LM loss."""
+
+    method: str = "qlora"
+    quant: str = "nf4"
+    double_quant: bool = True
+    dtype: str = "bf16"
+    rank: int = 16
+    targets: tuple[str, ...] = (ALL_LINEAR,)
+    lora_dropout: float = 0.0
+    batch: int = 1
+    seq: int = 2048
+    grad_ckpt: bool = True
+    attn: str = "sdpa"
+    optimizer: str = "adamw"
+    prepare_kbit: bool = False
+    experts: str = "16bit"
+    amp: str = "none"
+    loop: str = "trainer"
+    loss: str = "full"
+    # qlora.py's cast after get_peft_model (core/_recipes.py QLORA_PAPER): LoRA layers in bf16,
+    # norms float32, embed_tokens / lm_head bf16 (docs/recipes.md#qlora-paper-recast)
+    recast: bool = False
+    recipe: str | None = None      # the training library's recipe the other fields came from (core/_recipes.py)
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):  # accept "q_proj,v_proj" from callers
+            object.__setattr__(self, "targets", parse_targets(self.targets))
+        self.validate()
+
+    # --- validation: every bad value is a UsageError naming the flag -------------------------
+    def validate(self) -> None:
+        _choice("--method", self.method, METHODS)
+        _choice("--quant", self.quant, QUANTS)
+        _choice("--dtype", self.dtype, tuple(DTYPES))
+        _choice("--attn", self.attn, ATTENTION)
+        _choice("--optimizer", self.optimizer, OPTIMIZERS)
+        _bounded("--batch", self.batch, MAX_BATCH)
+        _bounded("--seq", self.seq, MAX_SEQ)
+        if self.method != "full":
+            _bounded("--rank", self.rank, MAX_RANK)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}",
+                             hint="e.g. --lora-dropout 0.05")
+        _choice("--experts", self.experts, EXPERTS)
+        if self.experts == "4bit" and not (self.method == "qlora" and self.quant in ("nf4", "fp4")):
+            raise UsageError("--experts 4bit applies to 4-bit quantization only",
+                             hint="use it with --method qlora --quant nf4 (or fp4), or drop it")
+        if self.prepare_kbit and self.method != "qlora":
+            raise UsageError("--prepare-kbit applies to quantized models only",
+                             hint="use it with --method qlora, or drop it")
+        if not self.targets or any(not t for t in self.targets):
+            raise UsageError("--targets is empty", hint="use all-linear or e.g. q_proj,v_proj")
+        self._validate_step_flags()
+
+    def _validate_step_flags(self) -> None:
+        """--amp, --loop, --loss, --recipe (core/_recipes.py)."""
+        _choice("--amp", self.amp, AMPS)
+        _choice("--loop", self.loop, LOOPS)
+        _choice("--loss", self.loss, LOSSES)
+        if self.recipe is not None:
+            _choice("--recipe", self.recipe, tuple(RECIPES))
+        if self.amp != "none" and self.dtype != self.amp:
+            # autocast over float32 weights changes the dtype of every op: not modelled
+            raise UsageError(f"--amp {self.amp} is modelled for {self.amp} weights (got --dtype {self.dtype})",
+                             hint=f"use --dtype {self.amp}, or --amp none")
+        if self.recast and not _recast_applies(lambda k: getattr(self, k)):
+            raise UsageError("--recast is qlora.py's bf16 cast after get_peft_model: it applies with --method qlora "
+                             "(nf4 or fp4), --prepare-kbit, --dtype bf16 and --amp bf16",
+                             hint="give those flags, or --no-recast")
+        if self.amp != "none" and self.prepare_kbit and (self.attn != "sdpa" or self.quant == "int8"):
+            # autocast over prepare_model_for_kbit_training's float32 hidden states is modelled for
+            # 4-bit bitsandbytes layers and SDPA (docs/recipes.md#limits)
+            raise UsageError(f"--amp {self.amp} with --prepare-kbit is modelled for 4-bit quantization and "
+                             "--attn sdpa", hint="use --quant nf4 / fp4 and --attn sdpa, or --amp none")
+
+    # --- derived facts, named so the estimator reads like the recipe -------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.method == "qlora"
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self.method in ("qlora", "lora")
+
+    @property
+    def compute_bytes(self) -> int:
+        return DTYPES[self.dtype]
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def experts_4bit(self) -> bool:
+        """MoE expert weights quantized like the Linear layers (validate() ensures 4-bit QLoRA)."""
+        return self.experts == "4bit"
+
+    @property
+    def autocast(self) -> bool:
+        return self.amp != "none"
+
+    @property
+    def fused_adamw(self) -> bool:
+        return self.optimizer == "adamw_fused"
+
+    @property
+    def paged(self) -> bool:
+        return self.optimizer.startswith("paged_")
+
+    def with_(self, **changes) -> "TrainSetup":
+        """A variation of this setup. A variation that leaves qlora.py's configuration (another
+        method, dtype, autocast, no prepare_model_for_kbit_training) is no longer that script, so it
+        drops its recast unless `recast` is among the changes."""
+        if self.recast and "recast" not in changes and not _recast_applies(
+                lambda k: changes.get(k, getattr(self, k))):
+            changes["recast"] = False
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        if not self.quantized:  # quantization flags mean nothing without --method qlora
+            d["quant"] = None
+            d["double_quant"] = None
+        return d
+
+
+def _recast_applies(field) -> bool:
+    """qlora.py's recast exists in its 4-bit bf16 configuration: prepare_model_for_kbit_training,
+    bf16 weights and Trainer autocast (its --bf16). `field(name)` gives a TrainSetup field's value."""
+    return (field("method") == "qlora" and field("quant") in ("nf4", "fp4") and bool(field("prepare_kbit"))
+            and field("dtype") == "bf16" and field("amp") == "bf16")
+
+
+# --- contradictory flags: a setting the chosen method does not use -------------------------------
+# Checked only for what a caller gave explicitly (typed CLI flags, keyword flags of estimate / plan /
+# per_gpu, sweep axes): a TrainSetup itself may carry unused defaults, e.g. after with_(method="full").
+# Paged optimizers, --dtype, --attn and --grad-ckpt apply to every method, so they never contradict.
+FLAG_NAMES = {"quant": "--quant", "double_quant": "--no-double-quant", "rank": "--rank",
+              "targets": "--targets", "lora_dropout": "--lora-dropout"}
+
+
+def inapplicable(setup: TrainSetup) -> dict[str, str]:
+    """Field -> why the setup's method (or quantization) does not use it."""
+    out = {}
+    if not setup.quantized:
+        why = f"--method {setup.method} loads unquantized weights; quantization is --method qlora"
+        out["quant"] = out["double_quant"] = why
+    elif setup.quant == "int8":
+        out["double_quant"] = "LLM.int8 (--quant int8) has no nested absmax quantization; it is a 4-bit option"
+    if not setup.uses_adapters:
+        for name in ("rank", "targets", "lora_dropout"):
+            out[name] = "--method full trains every weight, with no LoRA adapters"
+    return out
+
+
+def check_given(setup: TrainSetup, given: Iterable[str]) -> None:
+    """UsageError for the first field the caller gave explicitly that the setup does not use."""
+    reasons = inapplicable(setup)
+    for name in given:
+        if name in reasons:
+            flag = FLAG_NAMES[name] + ("" if name == "double_quant" else f" {_shown(getattr(setup, name))}")
+            raise UsageError(f"{flag} contradicts --method {setup.method}"
+                             + (f" --quant {setup.quant}" if name == "double_quant" and setup.quantized else ""),
+                             hint=f"{reasons[name]}; drop {FLAG_NAMES[name]}")
+
+
+def _shown(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def apply_flags(setup: TrainSetup | None, flags: dict) -> TrainSetup:
+    """setup (default TrainSetup()) with the caller's keyword flags, checked for contradictions."""
+    new = (setup or TrainSetup()).with_(**flags) if flags else (setup or TrainSetup())
+    check_given(new, flags)
+    return new
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    if not names:
+        raise UsageError("--targets is empty", hint="use all-linear or e.g. q_proj,v_proj")
+    if ALL_LINEAR in names and len(names) > 1:
+        raise UsageError("--targets all-linear cannot be combined with module names",
+                         hint="use all-linear alone or list the modules")
+    return names
+
+
+def _choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {flag[2:]} {value!r}", hint=f"{flag} takes one of: {', '.join(choices)}")
+
+
+def _bounded(flag: str, value, upper: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{flag} must be a whole number, got {value!r}", hint=f"e.g. {flag} 4")
+    if value <= 0:
+        raise UsageError(f"{flag} must be positive, got {value}", hint=f"e.g. {flag} 4")
+    if value > upper:
+        raise UsageError(f"{flag} {value} is beyond any real run (max {upper})",
+                         hint=f"check the value of {flag}")
+
+
+def make_setup(name: str | None, **explicit) -> TrainSetup:
+    """A TrainSetup from a recipe's defaults (core/_recipes.py), explicitly given fields taking
+    precedence."""
+    if name is None:
+        return TrainSetup(**explicit)
+    values = recipe(name).defaults()
+    values.update(explicit)
+    if values.get("recast") and "recast" not in explicit and not _recast_applies(
+            lambda k: values.get(k, getattr(TrainSetup, k))):
+        values["recast"] = False     # flags that leave qlora.py's configuration leave its recast too
+    values["recipe"] = name
+    known = {f.name for f in fields(TrainSetup)}
+    return TrainSetup(**{k: v for k, v in values.items() if k in known})

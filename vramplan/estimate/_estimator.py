@@ -1,0 +1,488 @@
+"""The analytic estimate of one steady-state training step (the second step onwards, when the
+optimizer state exists), phase by phase.
+
+The step is `loss = model(input_ids, labels=input_ids).loss; loss.backward(); opt.step();
+opt.zero_grad(set_to_none=True)`. Static memory comes from _inventory.py (byte-exact), activations
+from _ops.py (one decoder layer and the head walked op by op). Candidate peaks, each a sum
+of named components (step_moments):
+- forward: the top layer's forward over what the layers below keep (their saved activations, or
+  with gradient checkpointing their inputs), and the loss forward;
+- backward: the loss backward, the top layer's backward (its recomputation under
+  checkpointing), and the bottom layer's, where the most parameter gradients exist;
+- optimizer: gradients plus the optimizer's workspace.
+The peak is the largest candidate; its components sum to peak_allocated_bytes exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vramplan.estimate._ops import (autocast_cache, eager_masks, embedding_leaf, head_memory,
+                                   held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables)
+from vramplan.cuda._arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
+from vramplan.cuda._cublas import STEP_THREADS, step_workspace_bytes, workspace_bytes
+from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
+from vramplan.cuda._context import cuda_context, device_overhead
+from vramplan.core._errors import ModelError, UsageError
+from vramplan.core._gpus import Gpu, resolve_gpu
+from vramplan.estimate._inventory import (Static, adapted_linears, expert_weight_bytes, experts_adapted,
+                                         experts_quantized, static_memory)
+from vramplan.core._models import ModelSpec, resolve
+from vramplan.estimate._quant import alloc
+from vramplan.core._setup import TrainSetup, apply_flags
+from vramplan.core._units import format_bytes
+
+C = Component
+
+
+class Verdict:
+    """Fit verdict for any result with `gpu` and `device_total_bytes` (single or per-GPU)."""
+
+    @property
+    def fits(self) -> bool | None:
+        if self.gpu is None:
+            return None
+        return self.device_total_bytes <= self.gpu.memory_bytes and not getattr(self, "allocator_oom", None)
+
+    @property
+    def status(self) -> str | None:
+        """fits / tight / no: core/_verdict.py, the one rule every command uses."""
+        from vramplan.core._verdict import verdict
+
+        if self.gpu is None:
+            return None
+        return verdict(self.device_total_bytes, self.gpu.memory_bytes, oom=getattr(self, "allocator_oom", None))
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        """GPU memory left at the peak (negative: the shortfall)."""
+        return None if self.gpu is None else self.gpu.memory_bytes - self.device_total_bytes
+
+
+@dataclass(frozen=True)
+class Estimate(Verdict):
+    model: ModelSpec
+    setup: TrainSetup
+    components: dict            # component -> bytes at the peak (ALLOCATED components only)
+    peak_allocated_bytes: int   # torch.cuda.max_memory_allocated for the step
+    peak_phase: str
+    phase_peaks: dict           # phase -> allocated bytes at that phase's worst moment
+    cuda_context_bytes: int
+    allocator_overhead_bytes: int
+    paged_optimizer_bytes: int  # CUDA unified memory: outside peak_allocated
+    trainable_params: int
+    gpu: Gpu | None = None
+    phase_components: dict = field(default_factory=dict, repr=False)
+    peak_moment: str = ""
+    moments: dict = field(default_factory=dict, repr=False)  # every candidate peak, by name
+    # the caching-allocator replay of two steps (estimate/_events.py, cuda/_reserved.py)
+    peak_reserved_bytes: int = 0
+    fragmentation_bytes: int = 0
+    alloc_conf: str = ""
+    allocator_oom: dict | None = None
+    # cache releases (cudaFree of cached segments, then retry) the replay against the card needed:
+    # the step runs within the card, synchronizing the device each time (num_alloc_retries)
+    allocator_retries: int = 0
+    context_source: str = ""
+    cuda_arch: CudaArch = ASSUMED   # the GPU architecture whose kernels the estimate assumes
+    # the part of it NVML counts: bitsandbytes prefetches paged state to the device before each
+    # update and the driver keeps it there while the card has room (paged_resident)
+    paged_resident_bytes: int = 0
+
+    @property
+    def assumptions(self) -> tuple[str, ...]:
+        return assumptions(self.model, self.setup, self.cuda_arch, self.gpu) + device_assumptions(self)
+
+    @property
+    def kernels(self) -> dict:
+        """The CUDA kernels assumed (SDPA backend, gemm_4bit path, cuBLAS workspace)."""
+        return kernels(self.model, self.setup, self.cuda_arch)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the verdict must say out loud (render/_tables.py prints them on the verdict line)."""
+        return warnings(self.model, self.setup)
+
+    @property
+    def device_total_bytes(self) -> int:
+        """What NVML / nvidia-smi would show at the peak."""
+        return (self.peak_allocated_bytes + self.cuda_context_bytes + self.allocator_overhead_bytes
+                + self.paged_resident_bytes)
+
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.to_dict(),
+            "setup": self.setup.to_dict(),
+            "gpu": self.gpu.to_dict() if self.gpu else None,
+            "fits": self.fits,
+            "headroom_bytes": self.headroom_bytes,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "device_total_bytes": self.device_total_bytes,
+            "status": self.status,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "fragmentation_bytes": self.fragmentation_bytes,
+            "alloc_conf": self.alloc_conf,
+            "allocator_oom": self.allocator_oom,
+            "allocator_retries": self.allocator_retries,
+            "peak_phase": self.peak_phase,
+            "components": dict(self.components),
+            "device_components": {C.CUDA_CONTEXT.value: self.cuda_context_bytes,
+                                  C.ALLOCATOR_OVERHEAD.value: self.allocator_overhead_bytes,
+                                  C.PAGED_OPTIMIZER.value: self.paged_resident_bytes},
+            "phase_peaks": dict(self.phase_peaks),
+            "paged_optimizer_bytes": self.paged_optimizer_bytes,
+            "trainable_params": self.trainable_params,
+            "warnings": list(self.warnings),
+            "assumptions": list(self.assumptions),
+            "kernels": self.kernels,
+        }
+
+
+def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int | Gpu | None = None,
+             static: Static | None = None, arch: str | CudaArch | None = None, *,
+             alloc_conf=None, replay: bool = True, **flags) -> Estimate:
+    """Estimate peak memory. `flags` are TrainSetup fields (batch=4, seq=4096, method="lora", ...).
+    `static` reuses static_memory(spec, setup) computed earlier (it does not depend on batch/seq).
+    The CUDA kernels are those of `gpu`'s architecture (a catalog GPU), of `arch` ("sm75") for a
+    bare size or no GPU, else of an H100 (cuda.arch.ASSUMED). With neither `setup` nor a dtype
+    flag the compute dtype is bf16, or fp16 on a GPU without bf16 (sm < 80); bf16 given for such a
+    GPU is refused (UsageError).
+    `alloc_conf`: PYTORCH_CUDA_ALLOC_CONF settings (a string or AllocConf; None: the environment's).
+    `replay`: run the caching-allocator model over two steps for peak reserved memory (False:
+    the quick rounding model, cuda/_context.py device_overhead)."""
+    spec = model if isinstance(model, ModelSpec) else resolve(model)
+    gpu_obj = resolve_gpu(gpu) if gpu is not None else None
+    cuda_arch = target_arch(gpu_obj, arch)
+    if setup is None and "dtype" not in flags:
+        flags["dtype"] = default_dtype(cuda_arch)
+    setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
+    check_dtype(cuda_arch, setup.dtype)
+    if setup.attn not in spec.arch.attention:
+        raise ModelError(f"{spec.id} ({spec.model_type}) cannot train with attn={setup.attn!r} in transformers 5",
+                         hint=f"use --attn {' or '.join(spec.arch.attention)}")
+    if setup.experts_4bit and spec.num_experts and not spec.arch.expert_linears_v4:
+        # the --experts 4bit layout is the v4 per-expert Linear stack (Architecture.expert_linears_v4)
+        raise ModelError(f"--experts 4bit is not modelled for {spec.model_type}: its experts never were "
+                         "per-expert Linear layers", hint="drop --experts 4bit")
+    static = static if static is not None else static_memory(spec, setup)
+    moments = step_moments(spec, setup, static, cuda_arch)
+    peak_moment = max(moments, key=lambda m: sum(moments[m].values()))
+    components = moments[peak_moment]
+    peak = sum(components.values())
+    peak_phase = phase_of(peak_moment)
+    phases = {}
+    for name, parts in moments.items():
+        if sum(parts.values()) > sum(phases.get(phase_of(name), {}).values()):
+            phases[phase_of(name)] = parts
+    context = cuda_context(gpu_obj)
+    reserved = {}
+    if replay:
+        room = None if gpu_obj is None else gpu_obj.memory_bytes - context.bytes
+        r, conf_text, oom, retries = card_replay(spec, setup, static, cuda_arch, alloc_conf, peak, room)
+        reserved = {"peak_reserved_bytes": max(r.peak_reserved_bytes, peak),
+                    "fragmentation_bytes": r.fragmentation_bytes, "alloc_conf": conf_text,
+                    "allocator_oom": oom, "allocator_retries": retries}
+        slack = reserved["peak_reserved_bytes"] - peak
+    else:
+        slack = device_overhead(transient_sizes(spec, setup, cuda_arch)).allocator_overhead
+        reserved = {"peak_reserved_bytes": peak + slack, "fragmentation_bytes": slack}
+    resident = paged_resident(static.paged_optimizer_state, gpu_obj,
+                              peak + context.bytes + slack)
+    return Estimate(
+        model=spec, setup=setup, components=components, peak_allocated_bytes=peak,
+        peak_phase=peak_phase, phase_peaks={p: sum(c.values()) for p, c in phases.items()},
+        cuda_context_bytes=context.bytes, allocator_overhead_bytes=slack, context_source=context.source,
+        **reserved,
+        paged_optimizer_bytes=static.paged_optimizer_state, paged_resident_bytes=resident,
+        trainable_params=static.trainable_params, gpu=gpu_obj, phase_components=phases,
+        peak_moment=peak_moment, moments=moments, cuda_arch=cuda_arch,
+    )
+
+
+def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, alloc_conf, peak: int,
+                room: int | None, need: bool = True):
+    """The caching-allocator replay behind the device total (estimate/_reserved.py), on a card
+    with `room` bytes for the allocator (None: no card): (replay, settings text, allocator OOM
+    or None, cache releases). `peak`: the step's peak allocated bytes. need=False: after an OOM
+    the unlimited replay (the need, which only a number needs: the verdict is "no") is not run,
+    and the failed replay is returned. The order of the replays: docs/allocator.md#verdict."""
+    from vramplan.estimate._reserved import capped_is_uncapped, reserved_peak
+
+    oom, retries = None, 0
+    # Where the settings allow it, the first replay is already against the card: it is the
+    # unlimited one until a request would pass the card (reserved.capped_is_uncapped), so the
+    # card is passed exactly where it needed a cache release (num_alloc_retries).
+    against_card = room is not None and peak <= room and capped_is_uncapped(alloc_conf)
+    r, conf_text = reserved_peak(spec, setup, static, arch, alloc_conf, room if against_card else None)
+    passed = r.num_alloc_retries > 0 if against_card else room is not None and r.peak_reserved_bytes > room
+    if passed and peak <= room:
+        # Past the card, malloc releases the cache and retries before it fails: replay against
+        # the card to see whether the step still runs, or where it fails while the allocated
+        # bytes alone would fit (fragmentation). Allocated bytes past the card fail anyway.
+        capped = r if against_card else reserved_peak(spec, setup, static, arch, alloc_conf, room)[0]
+        if capped.oom is None:
+            r = capped
+            retries = capped.num_alloc_retries
+        else:
+            oom = dict(capped.oom, fragmentation=True)
+            if against_card and need:      # the need is the unlimited replay's
+                r, _ = reserved_peak(spec, setup, static, arch, alloc_conf)
+    return r, conf_text, oom, retries
+
+
+def paged_resident(paged: int, gpu, needed: int) -> int:
+    """The paged optimizer state NVML counts on the device. bitsandbytes prefetches each paged
+    state to the GPU before its update (optim/optimizer.py prefetch_state -> F.prefetch_tensor)
+    and CUDA unified memory keeps the pages there until the card runs short, when the driver
+    evicts them to host RAM instead of failing: on a card, what fits beside the rest of the step;
+    without one, all of it (docs/bitsandbytes.md#paged-optimizers-and-unified-memory)."""
+    if gpu is None:
+        return paged
+    return max(0, min(paged, gpu.memory_bytes - needed))
+
+
+def transient_sizes(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> list[int]:
+    """The large short-lived tensors of a step (a dequantized weight, a hidden state, the logits,
+    one layer's saved activations): what the caching allocator keeps segments for."""
+    layer = layer_memory(spec, setup, arch)
+    logits = alloc(4 * setup.tokens * spec.vocab)
+    return [layer.dequant, layer.hidden, logits, layer.saved]
+
+
+def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED) -> dict[str, dict[str, int]]:
+    """Every candidate peak of the step, name -> bytes per component (ALLOCATED order).
+
+    Decoder layers are identical, so one layer is walked (activations.layer_memory) and the
+    others are added as what they keep alive: their saved activations without checkpointing,
+    their inputs with it. The top layer is where the most is kept; the bottom layer is where the
+    most gradients exist (it matters when every parameter trains)."""
+    L = spec.layers
+    head = head_memory(spec, setup, arch)
+    # input_ids (int64, also passed as labels: one storage), position_ids (1, seq), and the
+    # shifted labels ForCausalLMLoss builds (pad + contiguous), int64 each; the rotary tables
+    # (ops.rope_tables), shared by every layer.
+    base_acts = (alloc(8 * setup.tokens) + alloc(8 * setup.seq) + 2 * alloc(8 * (setup.tokens + setup.batch))
+                 + sum(rope_tables(spec, setup)))
+    # Granite's embedding leaf under checkpointing (ops.embedding_leaf): the graph's AccumulateGrad
+    # node holds it, so it goes with the graph when backward ends, before the optimizer step
+    leaf = embedding_leaf(spec, setup)
+    fixed = {C.WEIGHTS.value: static.weights, C.QUANT_CONSTANTS.value: static.quant_constants,
+             C.ADAPTERS.value: static.adapters, C.OPTIMIZER_STATE.value: static.optimizer_state,
+             # the forward's and the backward thread's cuBLAS workspaces, cached from the first
+             # step on (cuda/_cublas.py)
+             C.TEMPORARIES.value: step_workspace_bytes(arch)}
+
+    # eager attention's causal masks: built in the forward; gradient checkpointing keeps them
+    # (they are inputs of every checkpointed layer) until backward is done
+    masks = eager_masks(spec, setup)
+    fwd_masks, bwd_masks = masks, masks if setup.grad_ckpt else 0
+
+    def at(*parts: dict, activations: int = 0, gradients: int = 0, temporaries: int = 0,
+           graph: bool = True) -> dict[str, int]:
+        out = dict.fromkeys(ALLOCATED_NAMES, 0)
+        for k, v in fixed.items():
+            out[k] += v
+        out[C.ACTIVATIONS.value] += base_acts + (leaf if graph else 0) + activations
+        out[C.GRADIENTS.value] += gradients
+        out[C.TEMPORARIES.value] += temporaries
+        for part in parts:
+            for k, v in part.items():
+                out[k] += v
+        return out
+
+    # What finished layers leave alive: `below(k)` for the k layers under the current one;
+    # int8 matmul inputs held on the autograd ctx survive checkpointing (int8_ctx_inputs).
+    ctx = int8_ctx_inputs(spec, setup)
+
+    # Layers of different kinds (sliding-window and global attention, docs/architectures.md#layer-types)
+    # keep different amounts: `stack` is every layer's walk, bottom to top.
+    stack = layer_stack(spec, setup, arch)
+    kept = [m.first_saved if i == 0 else m.saved for i, m in enumerate(stack)]
+
+
+    # Autocast's weight-cast cache (ops.autocast_cache) is part of what a checkpointed layer leaves
+    # alive in the forward, and gone once the autocast region (the forward) exits.
+    cache = autocast_cache(spec, setup)
+
+    def below(k: int, forward: bool = False) -> int:
+        return sum(kept[:k]) + k * ctx - (0 if forward else k * cache)
+
+    # A plain loop's `out` (logits) outlives the step: the previous step's during the forward (the
+    # name is rebound only when model() returns), this step's through backward and opt.step().
+    # Counted as activations (tensors the loop keeps): a moment with logits_loss bytes is a loss
+    # moment to the sharding model (plan/_sharding.py _phase_terms).
+    held = {C.ACTIVATIONS.value: held_outputs(spec, setup)}
+    head_grads = head.backward.end.get(C.GRADIENTS.value, 0)
+    grads = [m.walk.end.get(C.GRADIENTS.value, 0) for m in stack]
+    layer = stack[-1]
+    top = layer.walk if L > 1 else layer.first
+    moments = {
+        "forward.layer": at(top.forward_peak, held, activations=below(L - 1, True) + fwd_masks),
+        # the masks are locals of the base model's forward: without checkpointing nothing saves
+        # them, so they are gone once it returns, before lm_head and the loss run
+        "forward.loss": at(head.forward.forward_peak, held, activations=below(L, True) + bwd_masks),
+        "backward.loss": at(head.backward.backward_peak, activations=below(L) + bwd_masks),
+        # backward_peak includes the recomputation under checkpointing
+        "backward.top_layer": at(top.backward_peak, held, activations=below(L - 1) + ctx + bwd_masks,
+                                 gradients=head_grads),
+        "backward.bottom_layer": at(stack[0].first.backward_peak, held, activations=ctx + bwd_masks,
+                                    gradients=head_grads + sum(grads[1:])),
+        "optimizer": at(held, gradients=static.gradients, temporaries=static.optimizer_temporaries, graph=False),
+    }
+    if len(set(map(id, stack))) > 1:
+        # mixed kinds: the worst layer of each phase need not be the top or bottom one
+        def worst(*candidates: dict) -> dict:
+            return max(candidates, key=lambda parts: sum(parts.values()))
+        for j in range(1, L):
+            walk = stack[j].walk
+            moments["forward.layer"] = worst(moments["forward.layer"],
+                                             at(walk.forward_peak, held, activations=below(j, True) + fwd_masks))
+            moments["backward.top_layer"] = worst(moments["backward.top_layer"], at(
+                walk.backward_peak, held, activations=below(j) + ctx + bwd_masks, gradients=head_grads + sum(grads[j + 1:])))
+    for parts in moments.values():
+        check_sum(parts, sum(parts.values()))
+    return moments
+
+
+def phase_of(moment: str) -> str:
+    return moment.split(".", 1)[0]
+
+
+def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gpu: Gpu | None = None) -> tuple[str, ...]:
+    """What the prediction takes for granted, in words a user can check against their script."""
+    from vramplan.core._recipes import NO_RECIPE, recipe
+    out = [gpu_assumption(arch, gpu), recipe(setup.recipe).summary() if setup.recipe else "recipe " + NO_RECIPE]
+    if not arch.bf16 and setup.dtype == "fp16":
+        out.append(f"compute dtype fp16: {arch.name} (sm{arch.sm}) has no bf16 hardware")
+    if setup.quantized:
+        if setup.quant == "int8":
+            out.append("base weights: bitsandbytes LLM.int8 (Linear8bitLt), lm_head and embeddings in "
+                       f"{setup.dtype}")
+        else:
+            out.append(f"base weights: bitsandbytes {setup.quant} 4-bit, blocksize 64, "
+                       f"{'double' if setup.double_quant else 'single'} quantization of absmax; "
+                       + (f"lm_head and embeddings in {setup.dtype}, norms in fp32 (qlora.py's recast)" if setup.recast
+                          else f"lm_head, embeddings and norms in {'fp32' if setup.prepare_kbit else setup.dtype}"))
+    else:
+        out.append(f"base weights in {setup.dtype}")
+    if setup.uses_adapters:
+        out.append(f"LoRA rank {setup.rank} on {', '.join(sorted(set(static_adapted(spec, setup)))) or 'nothing'}"
+                   + (f", adapters in {setup.dtype} (qlora.py's recast)" if setup.recast
+                      else ", adapters in fp32 (peft autocast_adapter_dtype)")
+                   + (f", dropout {setup.lora_dropout}" if setup.lora_dropout else ""))
+    else:
+        out.append(f"full fine-tuning: every parameter trainable in {setup.dtype}")
+    loss = ("transformers ForCausalLMLoss (logits upcast to fp32)" if setup.loss == "full" else
+            "TRL fused lm_head + chunked NLL (no full logits; 4096 x 32768 tiles)")
+    out.append(f"micro-batch {setup.batch} x sequence {setup.seq} tokens, no padding, labels = input_ids, {loss}")
+    cache = ("adapter weights already bf16: nothing cast or cached" if setup.recast
+             else "adapter weight casts cached until the forward ends")
+    out.append(f"torch.autocast({setup.amp}) around the forward: matmuls in {setup.amp}, LoRA inputs not cast "
+               f"to fp32, {cache}" if setup.autocast else "no autocast: every op in its inputs' dtype")
+    out.append("loop: `out = model(**batch)` keeps the logits through backward and opt.step()" if setup.loop == "plain"
+               else "loop: only the loss outlives the forward (Trainer compute_loss)")
+    out.append("gradient checkpointing (non-reentrant) on every decoder layer" if setup.grad_ckpt
+               else "no gradient checkpointing: every layer's activations kept for backward")
+    out.append(attention_assumption(spec, setup, arch))
+    opt = {"adamw": "torch AdamW (foreach, its CUDA default), 2 states in the parameter dtype",
+           "adamw_foreach": "torch AdamW (foreach), 2 states in the parameter dtype",
+           "adamw_fused": "torch AdamW(fused=True), 2 states in the parameter dtype, no foreach workspace",
+           "adamw8bit": "bitsandbytes AdamW8bit (blockwise 8-bit states)",
+           "paged_adamw": "bitsandbytes PagedAdamW 32-bit: states in CUDA unified memory (not counted as "
+                          "allocated; in the device total while resident)",
+           "paged_adamw8bit": "bitsandbytes PagedAdamW8bit: states of tensors of 1e5 elements or more in CUDA "
+                              "unified memory (not counted as allocated; in the device total while resident), "
+                              "absmax and smaller tensors' states on the device",
+           "sgd": "torch SGD without momentum (no state)",
+           "adafactor": "transformers Adafactor (factored second moment, no first moment)"}[setup.optimizer]
+    out.append("optimizer: " + opt)
+    if setup.prepare_kbit:
+        out.append("prepare_model_for_kbit_training: non-quantized weights and hidden states in fp32"
+                   + ("; then qlora.py's recast: LoRA, embed_tokens and lm_head back to bf16, norms in fp32, so the "
+                      "bottom layer reads a bf16 embedding output" if setup.recast else ""))
+    if setup.quantized and setup.quant != "int8":
+        out.append(f"bitsandbytes gemm_4bit on {arch.label} at {setup.tokens} tokens: "
+                   f"{kernels(spec, setup, arch)['gemm_4bit']} (backward always dequantizes)")
+    out.append(f"{STEP_THREADS} cuBLAS workspaces of {workspace_bytes(arch):,} B on {arch.label} (the forward's "
+               "thread and autograd's backward thread), cached from their first matmul (counted in temporaries)")
+    out.append("steady state: the second step onwards (optimizer state already allocated), "
+               "zero_grad(set_to_none=True)")
+    if experts_quantized(spec, setup):
+        out.append(f"--experts 4bit: each of the {spec.num_experts} experts per layer is three Linear4bit layers "
+                   f"(w1, w3: {spec.hidden} -> {spec.expert_width}; w2 back), as transformers 4.x ModuleList experts "
+                   "or Unsloth's MoE 4-bit build them; the router stays 16-bit; "
+                   + ("all-linear LoRA wraps every expert Linear (no merged 16-bit expert copy); "
+                      if experts_adapted(spec, setup) else "")
+                   + "activations walked as the grouped experts path with 4-bit LoRA matmuls")
+    else:
+        out.extend(spec.arch.notes)
+    out.extend(spec.notes)          # how a multimodal checkpoint's config was read (core/_models.py)
+    out.extend(spec.defaults_used)  # fields config.json left out (core/_config_fields.py)
+    return tuple(out)
+
+
+def warnings(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
+    """MoE under quantization in transformers 5: the fused 3-D expert stacks are not nn.Linear, so
+    bitsandbytes does not quantize them (bitsandbytes-foundation/bitsandbytes issue #1849, PR #1965;
+    docs/bitsandbytes.md#moe-experts). Most of an MoE's weights then stay 16-bit: say so, in bytes."""
+    if not (spec.num_experts and setup.quantized and not setup.experts_4bit):
+        return ()
+    sixteen, four = expert_weight_bytes(spec, setup)
+    quant = setup.quant.upper() if setup.quant != "int8" else "int8"
+    text = (f"MoE experts stay 16-bit: transformers 5 does not quantize fused expert stacks with bitsandbytes "
+            f"(bitsandbytes #1849); they take {format_bytes(sixteen, 'GiB')} ({sixteen:,} bytes) of the weights, "
+            f"{format_bytes(four, 'GiB')} as {quant}")
+    if experts_adapted(spec, setup):
+        merge = spec.num_experts * 3 * spec.hidden * spec.expert_width * setup.compute_bytes
+        text += f", plus a {format_bytes(merge, 'GiB')} merged 16-bit copy per layer on each forward (LoRA)"
+    if setup.quant != "int8" and spec.arch.expert_linears_v4:
+        text += "; --experts 4bit models stacks that quantize them"
+    return (text,)
+
+
+def gpu_assumption(arch: CudaArch, gpu: Gpu | None) -> str:
+    """Which GPU architecture's kernels the estimate assumes, and why."""
+    if gpu is not None and gpu.cuda is not None:
+        return f"CUDA kernels of the {arch.describe()}"
+    why = "no GPU given" if gpu is None else f"--gpu {gpu.name} names no card"
+    if arch is ASSUMED:
+        return f"CUDA kernels assumed of an {arch.describe()} ({why}; set another with --arch, e.g. --arch sm75)"
+    return f"CUDA kernels of a {arch.label} GPU, SM count of the {arch.describe()} ({why}, --arch {arch.label})"
+
+
+def attention_assumption(spec: ModelSpec, setup: TrainSetup, arch: CudaArch) -> str:
+    if setup.attn != "sdpa" and spec.arch.sinks:   # ops.eager_sinks
+        return ("attention: eager with a learned sink column per head (materializes batch x heads x seq x "
+                "(seq + 1) logits and a softmax in the scores' dtype; transformers has no SDPA path for it)")
+    if setup.attn != "sdpa":   # Llama 4's eager_attention_forward does not upcast the softmax
+        softmax = "fp32 softmax" if spec.arch.eager_softmax_fp32 else "a softmax in the scores' dtype"
+        return f"attention: eager (materializes batch x heads x seq x seq scores and {softmax})"
+    from vramplan.cuda._sdpa import fallback_reason
+    from vramplan.estimate._ops import sdpa_backend, sdpa_call
+
+    backend = sdpa_backend(spec, setup, arch=arch)
+    if backend == "math":
+        return (f"attention: SDPA math fallback on {arch.label}, materializing batch x heads x seq x seq scores "
+                f"and softmax ({fallback_reason(arch, sdpa_call(spec, setup))})")
+    return {"flash": "attention: SDPA flash-attention kernel (no seq x seq matrix)",
+            "efficient": "attention: SDPA memory-efficient kernel (no seq x seq matrix)"}[backend]
+
+
+def device_assumptions(est: "Estimate") -> tuple[str, ...]:
+    """What the device total takes for granted: the CUDA context used and the allocator settings."""
+    conf = est.alloc_conf or "defaults"
+    out = [f"CUDA context {est.cuda_context_bytes / 2**20:,.0f} MiB ({est.context_source})"]
+    if est.alloc_conf or est.peak_reserved_bytes:
+        out.append(f"device total = CUDA context + peak reserved of the caching allocator (PyTorch's "
+                   f"CUDACachingAllocator replayed over a warm-up and a measured step, "
+                   f"PYTORCH_CUDA_ALLOC_CONF: {conf})"
+                   + (" + the paged optimizer state resident on the device" if est.paged_optimizer_bytes else ""))
+    if est.paged_optimizer_bytes and est.paged_resident_bytes < est.paged_optimizer_bytes:
+        out.append(f"paged optimizer state: {est.paged_resident_bytes / 2**20:,.0f} of "
+                   f"{est.paged_optimizer_bytes / 2**20:,.0f} MiB fit beside the step on this card; unified memory "
+                   "keeps the rest in host RAM and pages it in for each update")
+    return tuple(out)
+
+
+def static_adapted(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
+    return tuple(l.leaf for l in adapted_linears(spec, setup))

@@ -1,0 +1,582 @@
+"""The estimate's allocation stream: every CUDA allocation and free of two training steps (warm-up,
+then the measured step), unrolled from the per-layer tapes the estimator already walks
+(_ops.py + _walk.py), for the caching-allocator model (cuda/_allocator.py) to replay.
+
+What the stream holds, in order (docs/allocator.md#estimate-stream):
+- the persistent state, one allocation per tensor: packed weights and each bitsandbytes
+  constant (_quant.py layout), 16-bit weights, norms, embeddings, LoRA A/B (_inventory.py); what
+  the inventory counts beyond those tensors is one more allocation;
+- per step: the inputs (ids, position ids, shifted labels, rotary cos/sin, masks), the
+  embedding output, every decoder layer's forward tape chained output-to-input, the head and
+  loss forward and backward, every layer's backward tape in reverse (the gradient of a layer's
+  input is the gradient of the layer below's output), then the optimizer: its state is created
+  inside the first step (torch.optim lazy state init, `_init_group`), its foreach workspace
+  lives through the update, zero_grad(set_to_none=True) frees the gradients.
+A tape entry that is a sum of several allocations (symbolic.Size parts) is that many
+allocations. Sizes are the estimator's, already rounded to 512 bytes, so the replay's
+peak_allocated is the estimator's peak (tests/test_reserved.py checks it).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+from vramplan.core._models import ModelSpec
+from vramplan.core._setup import TrainSetup
+from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes, bias_bytes, embedding_bytes,
+                                         expert_lora_shapes, lora_shapes, numel, optimizer_memory, weight_bytes)
+from vramplan.cuda._arch import ASSUMED, CudaArch
+from vramplan.cuda._reserved import SmallPoolLevel
+from vramplan.cuda._cublas import workspace_bytes
+from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_masks, embedding_leaf,
+                                   held_outputs, int8_ctx_inputs, layer_kinds, rope_tables)
+from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
+from vramplan.estimate._symbolic import rounded_bytes, variables
+from vramplan.estimate._walk import GRAD
+
+
+@dataclass(frozen=True)
+class FsdpShards:
+    """What one GPU of an N-way FSDP full_shard run holds, from the planner's static split
+    (plan/_sharding.py Splits): each decoder layer is one unit (transformer_auto_wrap_policy) with
+    a flat frozen and a flat trainable parameter; the root unit holds embeddings, final norm and
+    lm_head; bitsandbytes quantization state stays whole on every rank."""
+    gpus: int
+    unit_weights: int
+    unit_adapters: int
+    unit_gradients: int
+    root_weights: int
+    root_adapters: int
+    root_gradients: int
+    replicated: int          # quant constants and anything not in a flat parameter
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Events ("alloc", key, nbytes) / ("free", key), and where each phase starts:
+    [(first event index, phase, module)] in order, for naming where an OOM happened."""
+    events: list
+    places: list
+
+
+def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int]:
+    """One size per persistent tensor, summing to weights + quant_constants + adapters exactly."""
+    wb, eb, ab = weight_bytes(setup), embedding_bytes(setup), adapter_bytes(setup)
+    n = spec.layers
+    sizes = [alloc(spec.vocab * spec.hidden * eb)]
+    if not spec.tied:
+        sizes.append(alloc(spec.vocab * spec.hidden * eb))
+    sizes += [alloc(spec.hidden * wb)] * (n * spec.arch.norms_per_layer + 1)
+    def layer_sizes(dense: bool) -> list:
+        """The tensors of one decoder layer, in order (DeepSeek-V3: a dense-layer MLP or a
+        shared-expert MLP, core/_models.py Linear.where)."""
+        layer = []
+        for linear in spec.layer_linears:
+            if linear.where != "all" and dense != (linear.where == "dense"):
+                continue
+            if setup.quantized and setup.quant == "int8":
+                q = layout_int8(linear.in_features, linear.out_features)
+                layer += [q.weight, q.constants]
+            elif setup.quantized:
+                numel_ = linear.in_features * linear.out_features
+                q = layout_4bit(numel_, setup.double_quant)
+                blocks = -(-numel_ // 64)
+                parts = ([alloc(blocks), alloc(4 * -(-blocks // 256)), alloc(1024), alloc(4), alloc(64)]
+                         if setup.double_quant else [alloc(4 * blocks), alloc(64)])
+                layer += [q.weight] + (parts if sum(parts) == q.constants else [q.constants])
+            else:
+                layer.append(alloc(linear.numel * wb))
+            if linear.bias:
+                layer.append(alloc(linear.out_features * bias_bytes(setup)))
+        return layer
+    per_kind = {dense: layer_sizes(dense) for dense in (True, False)}
+    for i in range(n):
+        sizes += per_kind[spec.is_dense(i)]
+    if spec.num_experts and not setup.experts_4bit:
+        # the router weight and the two 3D expert stacks of every MoE layer, one allocation each
+        # (inventory.static_memory), and DeepSeek-V3's float32 e_score_correction_bias
+        E, h, i = spec.num_experts, spec.hidden, spec.expert_width
+        stacks = [alloc(E * h * wb), alloc(E * 2 * i * h * wb), alloc(E * h * i * wb)]
+        if spec.arch.router == "sigmoid_grouped":
+            stacks.append(alloc(4 * E))
+        sizes += stacks * spec.moe_layers
+    for linear in adapted_linears(spec, setup):
+        for shape in lora_shapes(linear, setup.rank):
+            sizes += [alloc(numel(shape) * ab)] * (1 if linear.name == "lm_head" else spec.count(linear))
+    for shape, count in expert_lora_shapes(spec, setup):
+        sizes += [alloc(numel(shape) * ab)] * (count * spec.moe_layers)
+    rest = static.weights + static.quant_constants + static.adapters - sum(sizes)
+    if rest < 0:   # the inventory counts fewer tensors than listed here: keep the total exact
+        return [static.weights + static.quant_constants + static.adapters]
+    return sizes + ([rest] if rest else [])
+
+
+def optimizer_sizes(setup: TrainSetup, static: Static) -> tuple[list[int], list[int]]:
+    """(state tensors, workspace tensors of one optimizer.step) on the device, one size each,
+    summing to static.optimizer_state and static.optimizer_temporaries."""
+    grad_bytes = adapter_bytes(setup) if setup.uses_adapters else setup.compute_bytes
+    state, work = [], []
+    for shape, count in static.trainable_shapes:
+        s, w = optimizer_memory(setup.with_(optimizer=setup.optimizer.removeprefix("paged_"))
+                                if setup.paged else setup, Counter({shape: 1}), grad_bytes)
+        if setup.paged and numel(shape) >= 100_000:
+            s = 0
+        pieces = 2 if setup.optimizer.removeprefix("paged_") in ("adamw", "adamw8bit") else 1
+        for _ in range(count):
+            if s:
+                state += [s // pieces] * (pieces - 1) + [s - s // pieces * (pieces - 1)]
+            if w:
+                work.append(w)
+    for total, sizes in ((static.optimizer_state, state), (static.optimizer_temporaries, work)):
+        rest = total - sum(sizes)
+        if rest > 0:
+            sizes.append(rest)
+        elif rest < 0:
+            sizes[:] = [total] if total else []
+    return state, work
+
+
+@dataclass(frozen=True)
+class _Template:
+    """One tape as allocation lists: per table entry the slots of its allocations (program
+    sizes, _Slots), and the tape's events as (kind, tid) with marks carrying a transient entry."""
+    parts: tuple           # tid -> tuple of slots (several allocations for a summed Size)
+    tags: tuple            # tid -> component tag
+    forward: tuple         # events before the phase end: (1, tid) / (-1, tid) / (0, tid) transient
+    backward: tuple
+    names: dict
+    region_exit: tuple = ()  # the frees that open the backward tape: autocast's weight-cast cache,
+                             # cleared when the forward's autocast region exits (walk.walk `cached`)
+
+
+class _Slots:
+    """The sizes of a compiled stream, by slot: each tape allocation is a polynomial in batch and
+    sequence rounded on its own (symbolic.rounded_bytes), the persistent tensors are constants,
+    and the tensors step_stream sizes itself (inputs, masks, held outputs...) are named cell
+    sizes, computed per batch x seq by `_cell_sizes`. A slot worth 0 bytes allocates nothing
+    (NativeCachingAllocator::allocate returns nullptr for 0 bytes)."""
+
+    def __init__(self):
+        self.polys: dict = {}      # polynomial key -> slot
+        self.consts: dict = {}     # bytes -> slot
+        self.cells: dict = {}      # name -> slot
+        self.count = 0
+
+    def _new(self, table: dict, key) -> int:
+        slot = table.get(key)
+        if slot is None:
+            slot = table[key] = self.count
+            self.count += 1
+        return slot
+
+    def poly(self, key: tuple) -> int:
+        return self._new(self.polys, key)
+
+    def const(self, nbytes: int) -> int:
+        return self._new(self.consts, nbytes)
+
+    def cell(self, name: str) -> int:
+        return self._new(self.cells, name)
+
+
+def _template(tape, slots: _Slots) -> _Template:
+    parts = tuple(tuple(slots.poly(key) for key, count in size.parts for _ in range(count))
+                  for size, _tag in tape.table)
+    fwd, bwd, cur = [], [], None
+    cur = fwd
+    for event in tape.events:
+        kind = event[0]
+        if kind == 1 or kind == -1:
+            cur.append((kind, event[1]))
+        elif kind == 0:
+            if event[2] >= 0:
+                cur.append((0, event[2]))
+        else:
+            cur = bwd
+    n_exit = next((i for i, (kind, _tid) in enumerate(bwd) if kind != -1), len(bwd))
+    return _Template(parts, tuple(tag for _s, tag in tape.table), tuple(fwd), tuple(bwd[n_exit:]), tape.names,
+                     tuple(bwd[:n_exit]))
+
+
+class _Recorder:
+    """step_stream's events with sizes as slots: `make(slots)` allocates one new key per slot,
+    `drop(pairs)` frees (key, slot) pairs; ops are a slot (>= 0: allocate it under the next key)
+    or ~key (a free). Keys are numbered in allocation order."""
+
+    def __init__(self):
+        self.ops: list = []
+        self.places: list = []
+        self.next_key = 0
+
+    def make(self, slots) -> list:
+        pairs = []
+        key = self.next_key
+        ops = self.ops
+        for slot in slots:
+            ops.append(slot)
+            pairs.append((key, slot))
+            key += 1
+        self.next_key = key
+        return pairs
+
+    def drop(self, pairs) -> None:
+        ops = self.ops
+        for key, _slot in pairs:
+            ops.append(~key)
+
+    def new(self, slot: int) -> list:
+        return self.make((slot,))
+
+    def place(self, phase: str, module: str) -> None:
+        self.places.append((len(self.ops), phase, module))
+
+
+class _Builder:
+    """The stream's events; with `lump`, the small pool carried as its level
+    (cuda/_reserved.py SmallPoolLevel, replayed by replay_lumped). Allocations are (key, nbytes)
+    pairs: `make(sizes)` allocates, `drop(pairs)` frees."""
+
+    def __init__(self, lump: bool = False):
+        self.level = level = SmallPoolLevel() if lump else None
+        self.events: list = level.events if lump else []
+        self.places: list = []
+        self.next_key = 0
+        if lump:
+            self.make, self.drop = level.make, level.drop
+
+    def make(self, sizes) -> list:
+        pairs = []
+        key = self.next_key
+        events = self.events
+        for n in sizes:
+            events.append(("alloc", key, n))
+            pairs.append((key, n))
+            key += 1
+        self.next_key = key
+        return pairs
+
+    def drop(self, pairs) -> None:
+        events = self.events
+        for key, _n in pairs:
+            events.append(("free", key))
+
+    def finish(self) -> None:
+        if self.level is not None:
+            self.level.finish()
+
+    def place(self, phase: str, module: str) -> None:
+        self.places.append((len(self.events), phase, module))
+        if self.level is not None:
+            self.level.barrier = len(self.events)
+
+
+@dataclass(frozen=True, eq=False)
+class Program:
+    """step_stream compiled for one setup structure (everything but batch x seq): the events
+    with sizes as slots. `sizes(setup)` evaluates the slots for one batch x seq; `stream` turns
+    them into the Stream; cuda/_fast_replay.py replays the ops directly."""
+    ops: list                 # slot >= 0: allocate sizes[slot] under the next key; ~key: free that key
+    places: list              # (op index, phase, module): where each phase starts
+    base: tuple               # sizes with the constant slots filled
+    polys: tuple              # (slot, polynomial key) of the tapes' allocations
+    cells: dict               # name -> slot of the sizes step_stream computes per batch x seq
+    grads: tuple              # slots of the tapes' parameter gradients (with repeats), for extra_grads
+    spec: ModelSpec
+    static: Static
+    fsdp: FsdpShards | None
+    keys: int                 # allocations (keys) in ops
+
+    def sizes(self, setup: TrainSetup) -> list:
+        """Bytes per slot for this batch x seq."""
+        values = variables(setup.batch, setup.seq)
+        sizes = list(self.base)
+        for slot, key in self.polys:
+            sizes[slot] = rounded_bytes(key, values)
+        for name, n in _cell_sizes(self.spec, setup, self.static, self.fsdp,
+                                   sum(sizes[slot] for slot in self.grads)).items():
+            sizes[self.cells[name]] = n
+        return sizes
+
+    def stream(self, sizes: list, lump_small: bool = False) -> Stream:
+        """The events for these sizes; allocations of 0 bytes (and their frees) are left out."""
+        b = _Builder(lump_small)
+        pairs: list = [()] * self.keys
+        places = self.places
+        p, n_places = 0, len(places)
+        key = 0
+        for i, op in enumerate(self.ops):
+            while p < n_places and places[p][0] == i:
+                b.place(places[p][1], places[p][2])
+                p += 1
+            if op >= 0:
+                n = sizes[op]
+                if n > 0:
+                    pairs[key] = b.make((n,))
+                key += 1
+            else:
+                made = pairs[~op]
+                if made:
+                    b.drop(made)
+        for _i, phase, module in places[p:]:
+            b.place(phase, module)
+        b.finish()
+        return Stream(b.events, b.places)
+
+
+def _cell_sizes(spec: ModelSpec, setup: TrainSetup, static: Static, fsdp: FsdpShards | None,
+                tape_grads: int) -> dict:
+    """The allocations step_stream sizes itself for this batch x seq: the inputs (ids, position
+    ids, shifted labels, rotary cos/sin), the embedding output, Granite's embedding leaf, the
+    eager masks, a plain loop's held outputs, int8 ctx inputs, and the gradients no tape makes."""
+    extra = static.gradients - tape_grads      # embedding / norm gradients of full fine-tuning
+    if extra > 0:
+        extra = alloc(-(-extra // fsdp.gpus)) if fsdp else extra
+    return {"ids": alloc(8 * setup.tokens), "positions": alloc(8 * setup.seq),
+            "labels": alloc(8 * (setup.tokens + setup.batch)),
+            **{f"rope{i}": n for i, n in enumerate(rope_tables(spec, setup))},
+            "leaf": embedding_leaf(spec, setup),       # freed with the graph when backward ends
+            "held": held_outputs(spec, setup),         # ops.held_outputs: a plain loop's `out`
+            "mask": eager_masks(spec, setup),
+            "hidden": alloc(embedding_bytes(setup) * setup.tokens * spec.hidden),   # the embedding output
+            "ctx": int8_ctx_inputs(spec, setup),
+            "extra_grads": max(extra, 0)}
+
+
+class _Instance:
+    """One play of a template: tid -> (key, slot) pairs of its allocations; `bound` tids are
+    tensors made elsewhere (the layer input, the incoming gradient)."""
+
+    def __init__(self, b: _Recorder, t: _Template, bound: dict):
+        self.b, self.t = b, t
+        self.keys: dict = dict(bound)
+
+    def run(self, events) -> None:
+        """The recorder's make and drop, inlined (a compile records every exact layer's events)."""
+        parts, keys, b = self.t.parts, self.keys, self.b
+        append = b.ops.append
+        key = b.next_key
+        for kind, tid in events:
+            if kind == 1:
+                if tid not in keys:      # else made elsewhere (input, incoming gradient)
+                    pairs = keys[tid] = []
+                    for slot in parts[tid]:
+                        append(slot)
+                        pairs.append((key, slot))
+                        key += 1
+            elif kind == -1:
+                pairs = keys.pop(tid, None)
+                if pairs:
+                    for k, _slot in pairs:
+                        append(~k)
+            else:                        # a transient inside one op: made, then dropped
+                first = key
+                for slot in parts[tid]:
+                    append(slot)
+                    key += 1
+                for k in range(first, key):
+                    append(~k)
+        b.next_key = key
+
+    def take(self, tid) -> list:
+        return self.keys.pop(tid, [])
+
+
+def _net(events) -> tuple:
+    """A tape's events without what it allocates and frees itself: what it leaves alive, and the
+    frees of what was alive before (a middle layer of a reduced-detail stream)."""
+    made, inside = set(), set()
+    for kind, tid in events:
+        if kind == 1:
+            made.add(tid)
+        elif kind == -1 and tid in made:
+            inside.add(tid)
+    return tuple((kind, tid) for kind, tid in events if kind != 0 and tid not in inside)
+
+
+def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED,
+                steps: int = 2, exact_layers: int | None = None, fsdp: FsdpShards | None = None,
+                lump_small: bool = False) -> Stream:
+    """The allocation stream of `steps` training steps (the first one creates the optimizer
+    state) after the persistent state is loaded, with the kernels of `arch`.
+
+    exact_layers=K plays every event of the K bottom and K top decoder layers only; the layers
+    between play what their tapes leave alive (outputs, saved tensors, gradients) without the
+    transients inside them. None plays every event of every layer.
+
+    fsdp: one GPU of FSDP full_shard instead (docs/allocator.md#fsdp-stream): the flat parameter
+    shards are the persistent state; the root unit is gathered for the step, each decoder unit
+    is gathered before its forward and freed after it, gathered again for its backward (with the
+    next unit prefetched, BACKWARD_PRE), and its full gradients are reduce-scatter into a
+    gradient shard when its backward ends; the optimizer holds and updates shards."""
+    program = compiled(spec, setup, static, arch, steps, exact_layers, fsdp)
+    return program.stream(program.sizes(setup), lump_small)
+
+
+def compiled(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED, steps: int = 2,
+             exact_layers: int | None = None, fsdp: FsdpShards | None = None) -> Program:
+    """step_stream's Program for this setup's structure: batch x seq change only the sizes, unless
+    they change a kernel decision or a layer kind (ops._structure, ops.layer_kinds), which are
+    part of the key (docs/allocator.md#one-pass-replay)."""
+    kinds = layer_kinds(spec, setup)
+    structures = tuple((kind, _structure(spec, setup, arch, *kind)) for kind in dict.fromkeys(kinds))
+    return _compile(spec, setup.with_(batch=1, seq=1), static, arch, steps, exact_layers, fsdp, kinds, structures,
+                    _structure(spec, setup, arch))
+
+
+@lru_cache(maxsize=128)
+def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, steps: int,
+             exact_layers: int | None, fsdp: FsdpShards | None, kinds: tuple, structures: tuple,
+             head_structure: tuple) -> Program:
+    """The stream's events in order, with slots for sizes (`setup` has batch = seq = 1: only the
+    cell sizes depend on batch x seq, and they are evaluated per cell)."""
+    slots = _Slots()
+    made = {}
+    for kind, structure in structures:
+        inner, first, _ = _layer_tapes(spec, structure)
+        t_inner = _template(inner, slots)
+        made[kind] = (t_inner, t_inner if first is inner else _template(first, slots))
+    # (per decoder layer bottom to top: its template, the head's template). Layers of one kind
+    # (sliding-window or global attention, with or without RoPE: ops.layer_stack) share one.
+    stack = tuple(made[kind][1 if i == 0 else 0] for i, kind in enumerate(kinds))
+    t_head = _template(_head_tape(spec, head_structure), slots)
+    L = spec.layers
+    reduced = (lambda i: False) if exact_layers is None else (lambda i: exact_layers <= i < L - exact_layers)
+    nets: dict = {}
+
+    def net(t: _Template, events: tuple, part: str) -> tuple:
+        key = (id(t), part)
+        if key not in nets:
+            nets[key] = _net(events)
+        return nets[key]
+    b = _Recorder()
+    const = slots.const
+    b.place("load", "")
+    state_sizes, work_sizes = optimizer_sizes(setup, static)
+    if fsdp is None:
+        b.make([const(n) for n in static_sizes(spec, setup, static) if n > 0])
+        unit, root = None, None
+    else:
+        N = fsdp.gpus
+        for _ in range(spec.layers):
+            for n in (fsdp.unit_weights, fsdp.unit_adapters):
+                if n:
+                    b.new(const(alloc(-(-n // N))))
+        for n in (fsdp.root_weights, fsdp.root_adapters, fsdp.replicated):
+            if n:
+                b.new(const(alloc(-(-n // N)) if n is not fsdp.replicated else n))
+        unit = [n for n in (fsdp.unit_weights, fsdp.unit_adapters) if n]
+        root = [n for n in (fsdp.root_weights, fsdp.root_adapters) if n]
+        state_sizes = [alloc(-(-n // N)) for n in state_sizes]
+        work_sizes = [alloc(-(-n // N)) for n in work_sizes]
+
+    def gather(sizes) -> list:
+        return b.make([const(n) for n in sizes if n > 0])
+    release = b.drop
+    cell = slots.cell
+    rope = [cell(f"rope{i}") for i in range(len(rope_tables(spec, setup)))]   # ops.rope_tables
+    inputs = [cell("ids"), cell("positions"), cell("labels"), cell("labels")] + rope
+
+    kinds_t = list({id(t): t for t in stack}.values())     # one template per layer kind
+    grad_tids = {id(t): [tid for tid, tag in enumerate(t.tags) if tag == GRAD] for t in (*kinds_t, t_head)}
+    # a layer's forward without the free of its output: that is the next layer's input
+    forwards = {id(t): tuple((k, tid) for k, tid in t.forward if not (k == -1 and tid == t.names["layer.out"]))
+                for t in kinds_t}
+    # the tapes' parameter gradients, which the gradients no tape makes are the rest of (_cell_sizes)
+    grads_of = lambda t: [slot for tid in grad_tids[id(t)] for slot in t.parts[tid]]  # noqa: E731
+    tape_grads = tuple(grads_of(t_head) + [slot for t in stack for slot in grads_of(t)])
+    held_prev = []
+    for step in range(steps):
+        b.place("forward", "")
+        keys = b.make(inputs)
+        leaves = b.new(cell("leaf"))
+        masks = b.new(cell("mask"))
+        x = b.new(cell("hidden"))
+        if step == 0:   # the forward thread's cuBLAS workspace, from its first matmul on (cuda/_cublas.py)
+            b.new(const(workspace_bytes(arch)))
+        rooted = gather(root) if fsdp else []     # the root unit, unsharded for the whole step
+        layers = []
+        for i in range(L):
+            t = stack[i]
+            b.place("forward", f"layers.{i}")
+            gathered = gather(unit) if fsdp else []
+            inst = _Instance(b, t, {t.names["x"]: x})      # tape ids are per template
+            fwd = forwards[id(t)]
+            inst.run(net(t, fwd, "forward") if reduced(i) else fwd)
+            x = inst.take(t.names["layer.out"])
+            release(gathered)                              # reshard_after_forward
+            # bitsandbytes int8 matmul inputs kept on the autograd ctx (ops.int8_ctx_inputs; 0 bytes without)
+            inst.keys["int8_ctx"] = b.new(cell("ctx"))
+            layers.append(inst)
+        b.place("forward", "lm_head")
+        head = _Instance(b, t_head, {t_head.names["x"]: x})
+        head.run(t_head.forward)
+        for inst in layers:      # the autocast region exits with the forward
+            inst.run(inst.t.region_exit)
+        release(held_prev)        # a plain loop rebinds `out` once model() returns
+        b.place("backward", "loss")
+        if step == 0:   # autograd's device thread gets its own handle and workspace (cuda/_cublas.py)
+            b.new(const(workspace_bytes(arch)))
+        head.run(t_head.backward)
+        # the new `out` (ops.held_outputs) lives from here through the optimizer step
+        held_prev = b.new(cell("held"))
+        grad = head.take(t_head.names["grad:x"])
+        grads = [key for tid in grad_tids[id(t_head)] for key in head.take(tid)]
+        head_grads, grads = (grads, []) if fsdp else ([], grads)   # the root's: sharded when it ends
+        _free_all(b, head)
+        prefetched: list = []
+        for i in reversed(range(L)):
+            inst = layers[i]
+            b.place("backward", f"layers.{i}")
+            if fsdp:     # this unit unsharded (prefetched by the one above), the next one prefetched
+                gathered = prefetched or gather(unit)
+                prefetched = gather(unit) if i > 0 else []
+            inst.keys[inst.t.names["grad#1"]] = grad
+            inst.run(net(inst.t, inst.t.backward, "backward") if reduced(i) else inst.t.backward)
+            grad = inst.take(inst.t.names["grad:x"]) if "grad:x" in inst.t.names else []
+            mine = [key for tid in grad_tids[id(inst.t)] for key in inst.take(tid)]
+            if fsdp:     # reduce-scatter: the unit's full gradients become this rank's shard
+                shard = alloc(-(-fsdp.unit_gradients // fsdp.gpus)) if fsdp.unit_gradients else 0
+                mine_shard = gather([shard]) if shard else []
+                release(mine)
+                release(gathered)
+                mine = mine_shard
+            grads += mine
+            _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
+        release(grad)
+        grads += b.new(cell("extra_grads"))    # embedding / norm gradients of full fine-tuning
+        if fsdp:
+            release(head_grads)
+            if fsdp.root_gradients:
+                grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))])
+        release(rooted)
+        release(masks + leaves)
+        b.place("optimizer", "")
+        if step == 0:
+            gather(state_sizes)
+        release(gather(work_sizes))
+        release(grads)
+        # the estimator counts the inputs (ids, position ids, labels, rotary tables) through the
+        # optimizer step (estimator.step_moments `base_acts`); they go with the loop iteration
+        release(keys)
+    base = [0] * slots.count
+    for n, slot in slots.consts.items():
+        base[slot] = n
+    return Program(b.ops, b.places, tuple(base), tuple((slot, key) for key, slot in slots.polys.items()),
+                   dict(slots.cells), tape_grads, spec, static, fsdp, b.next_key)
+
+
+def _free_all(b, inst: _Instance) -> None:
+    for pairs in inst.keys.values():
+        b.drop(pairs)
+    inst.keys.clear()
+
+
+def place_of(stream: Stream, index: int) -> tuple[str, str]:
+    """(phase, module) of the event at `index`."""
+    phase, module = "load", ""
+    for start, p, m in stream.places:
+        if start > index:
+            break
+        phase, module = p, m
+    return phase, module

@@ -1,0 +1,766 @@
+"""`vramplan plan`: what fits, what to change, and how it spreads over several GPUs.
+
+Built on the analytic estimator: `plan()` asks the same question ("does this setup fit on this
+GPU, per GPU under this engine?") many times, through `Evaluator`, which calls `estimate()` with
+the static memory cached per setup (it does not depend on batch or sequence) and spreads it with
+`sharding.distribute`. Every device total is the estimate's: CUDA context + the caching-allocator
+replay's peak reserved (estimate/_reserved.py), so a setup gets one number and one verdict in
+every command. A setup whose allocated bytes plus context alone exceed the GPU does not fit
+whatever the allocator does (reserved >= allocated): it is answered without a replay
+(`Evaluator.floor`); on one GPU, a replay against the card that runs out of memory is a "no"
+without the unlimited replay its number would take (`Evaluator.fits`, docs/allocator.md#verdict).
+Every boundary the planner reports (largest batch, longest sequence) is re-checked through the
+public API.
+
+Verdicts: core/_verdict.py (fits / tight under 5% headroom / no, or no where the replay against
+the card runs out of memory below it).
+
+Cost model of the recommended changes (a ranking heuristic, each term with its source; lower is
+cheaper; combinations add their costs):
+  0.00  eager -> sdpa attention: no cost, usually faster (PyTorch scaled_dot_product_attention docs)
+  0.00  caching-allocator settings (expandable_segments, max_split_size_mb): the step itself is
+        unchanged (plan/_allocator_changes.py, PyTorch CUDA semantics docs)
+  0.02  double quantization on: ~0.37 bits/param saved, negligible speed cost (QLoRA paper, sec. 3)
+  0.05  paged optimizer: free until the GPU runs short, then state pages over PCIe (bitsandbytes
+        paged optimizers; QLoRA paper, sec. 3)
+  0.05  8-bit optimizer: block-wise 8-bit states match 32-bit Adam (Dettmers et al. 2022,
+        "8-bit Optimizers via Block-wise Quantization")
+  0.05  no LoRA dropout / no prepare_model_for_kbit_training fp32 cast: small regularization or
+        stability changes (peft LoraConfig / prepare_model_for_kbit_training docs)
+  0.10+ smaller micro-batch with gradient accumulation: same effective batch, lower GPU
+        utilization (HF "Methods and tools for efficient training on a single GPU")
+  0.10  fp32 -> bf16 compute
+  0.15  int8 -> nf4 base weights (QLoRA paper: NF4 beats int8/fp4 at equal bits)
+  0.15 x log2(r_old / r_new)  lower LoRA rank (Hu et al. 2021, sec. 7.2: small ranks often suffice)
+  0.30  gradient checkpointing: one extra forward per layer in backward, ~+20-33% step time
+        (Chen et al. 2016 "Training Deep Nets with Sublinear Memory Cost"; HF single-GPU docs: ~20%)
+  0.35  LoRA -> QLoRA (4-bit base): dequantization costs step time; NF4 + DQ matches 16-bit LoRA
+        quality (QLoRA paper, sec. 5)
+  0.40 / 0.50  adapters on attention only / on q,v only (QLoRA paper, sec. 4: LoRA on all linear
+        layers is needed to match full fine-tuning)
+  0.30 x (1 + log2(s_old / s_new))  shorter sequence: examples past the new length are
+        truncated or split
+  0.70 / 0.80  full fine-tuning -> LoRA / QLoRA: a different method
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from itertools import combinations
+
+from vramplan.core._errors import UsageError
+from vramplan.estimate._estimator import Estimate, card_replay, estimate
+from vramplan.core._gpus import Gpu, catalog, resolve_gpu
+from vramplan.cuda._arch import default_dtype, target_arch
+from vramplan.estimate._inventory import static_memory
+from vramplan.core._models import ModelSpec, resolve
+from vramplan.core._setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags
+from vramplan.plan._sharding import (Parallel, ShardedEstimate, base_estimate, distribute, effective_setup,
+                                    parallel_of, per_gpu, splits_for)
+
+from vramplan.core._verdict import TIGHT, verdict
+MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty
+MAX_CHANGES = 8          # ranked changes shown
+MIN_GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+MIN_ENGINES = (("fsdp", "none"), ("zero3", "none"), ("fsdp", "cpu"), ("zero3", "cpu"))
+
+
+def status_of(need: int, capacity: int, tight: float = TIGHT) -> str:
+    """core/_verdict.py: the same rule as estimate, sweep and the MemoryCallback."""
+    return verdict(need, capacity, tight)
+
+
+# --- the fast, cached evaluation path ------------------------------------------------------------
+
+class Evaluator:
+    """Per-GPU need of setups of one model under one Parallel, cached.
+
+    Composes estimator pieces exactly as estimator.estimate does; static memory is cached per
+    setup without batch/seq. `exact()` goes through the public API (estimate + per_gpu)."""
+
+    def __init__(self, spec: ModelSpec, parallel: Parallel, gpu: Gpu | None = None, alloc_conf=None):
+        self.spec, self.parallel = spec, parallel
+        self.gpu = gpu          # whose CUDA kernels the estimate assumes (cuda/_arch.py)
+        self.alloc_conf = alloc_conf   # caching-allocator settings of the replay (None: the environment's)
+        self._static: dict = {}
+        self._floor: dict = {}
+        self._need: dict = {}
+        self._exact: dict = {}
+        self.calls = 0
+
+    def quick(self, setup: TrainSetup) -> Estimate:
+        run = effective_setup(setup, self.parallel)
+        return base_estimate(self.spec, run, self.parallel, self.gpu, self.alloc_conf, static=self._static_of(run))
+
+    def estimate(self, setup: TrainSetup, gpu: Gpu | None = None) -> ShardedEstimate:
+        quick = self.quick(setup)
+        return distribute(quick, self.parallel, gpu=gpu, split=splits_for(self.spec, quick.setup, self.parallel))
+
+    def need(self, setup: TrainSetup) -> int:
+        """Per-GPU device total (what NVML would show) for `setup`."""
+        return self._evaluate(setup)[0]
+
+    def fits(self, setup: TrainSetup, cap: int) -> bool:
+        """The device total is within `cap` and the allocator replay against this evaluator's GPU
+        did not run out of memory (fragmentation) on the way (core/_verdict.py). Reserved memory is
+        never below allocated, so a setup whose allocated peak plus context alone exceeds `cap`
+        does not fit whatever the replay says: it is answered without one. On one GPU, a replay
+        against the card that runs out of memory is a "no" whatever the need: the unlimited
+        replay the need would take is not run (`_fails_on_card`)."""
+        if setup not in self._need and (self.floor(setup) > cap or self._fails_on_card(setup, cap)):
+            return False
+        need, oom = self._evaluate(setup)
+        return need <= cap and not oom
+
+    def floor(self, setup: TrainSetup) -> int:
+        """A lower bound of the per-GPU device total: peak allocated + CUDA context + NCCL."""
+        return self._without_replay(setup)[1]
+
+    def _without_replay(self, setup: TrainSetup) -> tuple[Estimate, int]:
+        """(the single-GPU estimate without the allocator replay, floor), cached per setup."""
+        value = self._floor.get(setup)
+        if value is None:
+            run = effective_setup(setup, self.parallel)
+            quick = estimate(self.spec, run, static=self._static_of(run), gpu=self.gpu, replay=False)
+            e = distribute(quick, self.parallel, split=splits_for(self.spec, quick.setup, self.parallel),
+                           replay=False)
+            value = self._floor[setup] = (quick, e.peak_allocated_bytes + e.cuda_context_bytes + e.comm_bytes)
+        return value
+
+    def _fails_on_card(self, setup: TrainSetup, cap: int) -> bool:
+        """On one GPU and this evaluator's card: whether the replay against the card runs out of
+        memory (estimator.card_replay, as estimate() runs it)."""
+        if self.parallel.strategy != "single" or self.gpu is None or cap != self.gpu.memory_bytes:
+            return False
+        quick, _ = self._without_replay(setup)
+        oom = card_replay(self.spec, quick.setup, self._static_of(quick.setup), quick.cuda_arch, self.alloc_conf,
+                          quick.peak_allocated_bytes, cap - quick.cuda_context_bytes, need=False)[2]
+        return oom is not None
+
+    def _static_of(self, run: TrainSetup):
+        key = run.with_(batch=1, seq=1)
+        static = self._static.get(key)
+        if static is None:
+            static = self._static[key] = static_memory(self.spec, run)
+        return static
+
+    def _evaluate(self, setup: TrainSetup) -> tuple[int, dict | None]:
+        """(device total, the replay's allocator OOM against this evaluator's GPU or None)."""
+        value = self._need.get(setup)
+        if value is None:
+            self.calls += 1
+            est = self.estimate(setup, self.gpu)
+            value = self._need[setup] = (est.device_total_bytes, est.allocator_oom)
+        return value
+
+    def status(self, setup: TrainSetup, cap: int, tight: float) -> str:
+        """core/_verdict.py on this setup's device total and replay."""
+        need, oom = self._evaluate(setup)
+        return verdict(need, cap, tight, oom)
+
+    def exact(self, setup: TrainSetup) -> int:
+        """The same number through the public API (estimate() inside sharding.per_gpu)."""
+        return self._exact_estimate(setup).device_total_bytes
+
+    def exact_fits(self, setup: TrainSetup, cap: int) -> bool:
+        est = self._exact_estimate(setup)
+        return est.device_total_bytes <= cap and not est.allocator_oom
+
+    def _exact_estimate(self, setup: TrainSetup) -> ShardedEstimate:
+        value = self._exact.get(setup)
+        if value is None:
+            value = self._exact[setup] = per_gpu(self.spec, setup, self.parallel, gpu=self.gpu,
+                                                 alloc_conf=self.alloc_conf)
+        return value
+
+
+def _largest(fits, start: int, upper: int) -> tuple[int, bool]:
+    """A boundary v in [1, upper]: fits(v) and (v == upper or not fits(v + 1)); 0 when fits(1) is
+    False. Doubles from `start`, then bisects. Returns (v, capped) with capped = v == upper."""
+    if not fits(1):
+        return 0, False
+    lo, hi = 1, None
+    probe = min(max(start, 1), upper)
+    while hi is None:
+        if probe > lo and not fits(probe):
+            hi = probe
+        else:
+            lo = max(lo, probe)
+            if lo >= upper:
+                return upper, True
+            probe = min(2 * lo, upper)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, False
+
+
+# --- results -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Limit:
+    """The largest value of one field (batch or seq) that fits, the other fields as requested.
+    value 0: not even 1 fits. capped: value is the sanity bound and still fits."""
+    field: str
+    value: int
+    need_bytes: int | None       # per-GPU device total at value
+    next_need_bytes: int | None  # at value + 1 (None when capped)
+    capped: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Cell:
+    batch: int
+    seq: int
+    need_bytes: int
+    status: str
+    # need_bytes is a lower bound (peak allocated + context: reserved is never less) where that
+    # alone exceeds the GPU; the allocator is not replayed for a cell that cannot fit anyway
+    lower_bound: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Grid:
+    batches: tuple[int, ...]
+    seqs: tuple[int, ...]
+    cells: tuple[tuple[Cell, ...], ...]   # cells[i][j]: seqs[i] x batches[j]
+
+    def to_dict(self) -> dict:
+        return {"batches": list(self.batches), "seqs": list(self.seqs),
+                "cells": [[c.to_dict() for c in row] for row in self.cells]}
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change to the setup that makes it fit, with its new per-GPU need and its cost."""
+    description: str
+    changes: dict               # TrainSetup field -> new value
+    setup: TrainSetup
+    need_bytes: int
+    headroom_bytes: int
+    status: str
+    cost: float                 # ranking score (module docstring), lower is cheaper
+    cost_text: str
+    sources: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["setup"] = self.setup.to_dict()
+        d["changes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.changes.items()}
+        d["sources"] = list(self.sources)
+        return d
+
+
+@dataclass(frozen=True)
+class Option:
+    """A hardware answer: this many GPUs under this engine, per-GPU need."""
+    gpus: int
+    strategy: str
+    offload: str
+    need_bytes: int
+    status: str
+    cpu_bytes: int = 0          # pinned host memory per rank for what is offloaded
+
+    @property
+    def label(self) -> str:
+        return Parallel(self.gpus, self.strategy, self.offload).label
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "label": self.label}
+
+
+@dataclass(frozen=True)
+class Minimum:
+    """What it would take when the requested setup does not fit: never an error, an answer."""
+    single_gpu_bytes: int              # the setup on one GPU, no sharding
+    smallest_gpu: str | None           # smallest catalog GPU that holds it alone
+    options: tuple[Option, ...]        # per engine, the fewest GPUs of the requested kind that fit
+    floor_bytes: int                   # least per-GPU need found (up to 64 GPUs, with offload)
+    floor_label: str
+    message: str
+    # When no GPU count fits the setup as asked: setup changes that fit under `changes_parallel`.
+    changes_parallel: Parallel | None = None
+    changes: tuple[Change, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"single_gpu_bytes": self.single_gpu_bytes, "smallest_gpu": self.smallest_gpu,
+                "options": [o.to_dict() for o in self.options], "floor_bytes": self.floor_bytes,
+                "floor_label": self.floor_label, "message": self.message,
+                "changes_parallel": self.changes_parallel.to_dict() if self.changes_parallel else None,
+                "changes": [c.to_dict() for c in self.changes]}
+
+
+@dataclass(frozen=True)
+class GpuRow:
+    gpu: Gpu
+    status: str
+    need_bytes: int
+    headroom_bytes: int
+    max_batch: int
+    max_seq: int
+
+    def to_dict(self) -> dict:
+        return {"gpu": self.gpu.to_dict(), "status": self.status, "need_bytes": self.need_bytes,
+                "headroom_bytes": self.headroom_bytes, "max_batch": self.max_batch, "max_seq": self.max_seq}
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelSpec
+    setup: TrainSetup
+    parallel: Parallel
+    gpu: Gpu | None                      # None for a survey of the catalog (gpu="all")
+    estimate: ShardedEstimate            # per-GPU estimate of the requested setup
+    status: str | None                   # fits / tight / no (None for a survey)
+    tight: float
+    max_batch: Limit | None
+    max_seq: Limit | None
+    grid: Grid | None
+    changes: tuple[Change, ...]
+    minimum: Minimum | None
+    survey: tuple[GpuRow, ...] = ()
+    notes: tuple[str, ...] = ()
+    evaluations: int = field(default=0, compare=False)
+    recipe_changes: tuple = ()           # plan/recipe_changes.RankedChange, largest saving first
+    allocator_changes: tuple = ()        # plan/allocator_changes.AllocatorChange, lowest device total first
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.status is None else self.status != "no"
+
+    @property
+    def need_bytes(self) -> int:
+        return self.estimate.device_total_bytes
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        return None if self.gpu is None else self.gpu.memory_bytes - self.need_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.to_dict(), "setup": self.setup.to_dict(), "parallel": self.parallel.to_dict(),
+            "gpu": self.gpu.to_dict() if self.gpu else None, "status": self.status, "fits": self.fits,
+            "tight_fraction": self.tight, "need_bytes": self.need_bytes, "headroom_bytes": self.headroom_bytes,
+            "estimate": self.estimate.to_dict(),
+            "max_batch": self.max_batch.to_dict() if self.max_batch else None,
+            "max_seq": self.max_seq.to_dict() if self.max_seq else None,
+            "grid": self.grid.to_dict() if self.grid else None,
+            "changes": [c.to_dict() for c in self.changes],
+            "minimum": self.minimum.to_dict() if self.minimum else None,
+            "survey": [r.to_dict() for r in self.survey],
+            "notes": list(self.notes),
+            "recipe_changes": [r.to_dict() for r in self.recipe_changes],
+            "allocator_changes": [a.to_dict() for a in self.allocator_changes],
+            "alloc_conf": self.estimate.alloc_conf,
+        }
+
+
+# --- the planner ----------------------------------------------------------------------------------
+
+def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int | Gpu | None = None, *,
+         gpus: int = 1, strategy: str | None = None, offload: str = "none", parallel: Parallel | None = None,
+         batches=None, seqs=None, tight: float = TIGHT, recommend: bool = True, alloc_conf=None,
+         **flags) -> Plan:
+    """What fits on `gpu` (a size, a catalog name, or "all" for every catalog GPU), per GPU under
+    `gpus` x `strategy` (+ `offload`): largest micro-batch at the requested seq, longest seq at
+    the requested batch, a batch x seq grid, ranked changes that make a non-fitting setup fit,
+    and the minimum hardware when nothing does. `flags` are TrainSetup fields. `alloc_conf`:
+    PYTORCH_CUDA_ALLOC_CONF settings of the caching-allocator replay (None: the environment's);
+    the other settings that matter are ranked with their computed effect."""
+    spec = model if isinstance(model, ModelSpec) else resolve(model)
+    if setup is None and "dtype" not in flags and isinstance(gpu, (str, int, Gpu)) \
+            and not (isinstance(gpu, str) and gpu.strip().lower() == "all"):
+        # as estimate(): bf16 where the planned GPU has it, else fp16 (cuda/_arch.py default_dtype)
+        flags["dtype"] = default_dtype(target_arch(resolve_gpu(gpu), None))
+    setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
+    par = parallel_of(gpus, strategy, offload, parallel)
+    if isinstance(tight, bool) or not isinstance(tight, (int, float)) or not 0 <= tight < 1:
+        raise UsageError(f"--tight must be a fraction in [0, 1), got {tight!r}", hint="e.g. --tight 0.05")
+    if gpu is None:
+        raise UsageError("plan needs a GPU", hint="e.g. --gpu 24GB, --gpu A100-80GB, or --gpu all")
+    ev = Evaluator(spec, par)
+    notes: list[str] = []
+    if isinstance(gpu, str) and gpu.strip().lower() == "all":
+        return _survey(spec, setup, par, ev, tight, notes)
+    g = resolve_gpu(gpu)
+    ev = Evaluator(spec, par, g, alloc_conf)
+    cap = g.memory_bytes
+    est = per_gpu(spec, setup, par, gpu=g, alloc_conf=alloc_conf)
+    need = est.device_total_bytes
+    status = verdict(need, cap, tight, est.allocator_oom)
+
+    max_batch = _limit(ev, setup, "batch", cap, MAX_BATCH, notes)
+    max_seq = _limit(ev, setup, "seq", cap, MAX_SEQ, notes)
+    grid = _grid(ev, setup, cap, tight, batches, seqs, max_batch, max_seq)
+    changes: tuple[Change, ...] = ()
+    minimum = None
+    allocator = _allocator_changes(spec, setup, par, g, tight, alloc_conf) if recommend else ()
+    if status == "no":
+        if recommend:
+            changes = _recommend(ev, spec, setup, g, tight)
+            # an allocator setting that makes it fit changes nothing in the step: it ranks first
+            changes = tuple(Change(f"--alloc-conf {a.alloc_conf}", {"alloc_conf": a.alloc_conf}, setup,
+                                   a.need_bytes, cap - a.need_bytes, a.status, 0.0, a.text, (a.source,))
+                            for a in allocator if a.status != "no") + changes
+            changes = changes[:MAX_CHANGES]
+        minimum = _minimum(spec, setup, par, g, tight, ev, with_changes=not changes)
+    from vramplan.plan._recipe_changes import ranked_recipe_changes
+    recipe = ranked_recipe_changes(spec, setup) if recommend else ()
+    return Plan(model=spec, setup=setup, parallel=par, gpu=g, estimate=est, status=status, tight=tight,
+                max_batch=max_batch, max_seq=max_seq, grid=grid, changes=changes, minimum=minimum,
+                notes=tuple(notes), evaluations=ev.calls, recipe_changes=recipe, allocator_changes=allocator)
+
+
+def _allocator_changes(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight: float, alloc_conf):
+    """The documented anti-fragmentation settings, each replayed on this setup (_allocator_changes.py)."""
+    from vramplan.plan._allocator_changes import ranked_allocator_changes
+
+    def evaluate(conf: str):
+        e = per_gpu(spec, setup, par, gpu=gpu, alloc_conf=conf)
+        return e.device_total_bytes, verdict(e.device_total_bytes, gpu.memory_bytes, tight, e.allocator_oom)
+    return ranked_allocator_changes(alloc_conf, evaluate)
+
+
+def _limit(ev: Evaluator, setup: TrainSetup, name: str, cap: int, upper: int, notes: list[str]) -> Limit:
+    """Largest `name` that fits, exact at the boundary: found on the fast path, then checked with
+    the public API at value and value + 1 (and searched again on it if they ever disagree)."""
+    start = getattr(setup, name)
+
+    def search(fits):
+        return _largest(lambda v: fits(setup.with_(**{name: v}), cap), start, upper)
+
+    value, capped = search(ev.fits)
+    at = lambda v: ev.exact(setup.with_(**{name: v}))  # noqa: E731
+    fits = lambda v: ev.exact_fits(setup.with_(**{name: v}), cap)  # noqa: E731
+    ok = (value == 0 and not fits(1)) or (value > 0 and fits(value) and (capped or not fits(value + 1)))
+    if not ok:
+        notes.append(f"the fast path disagreed with estimate() at {name}={value}; searched with estimate() "
+                     "instead (report this: the planner's composition of the estimator is out of date)")
+        value, capped = search(ev.exact_fits)
+    return Limit(name, value, at(value) if value else None,
+                 None if capped else at(value + 1 if value else 1), capped)
+
+
+def _axis(values, around: int, limit: int, lowest: int, upper: int) -> tuple[int, ...]:
+    """Default grid axis: powers of two from `lowest` to twice the largest fitting value, plus the
+    requested value; at most 10 entries (the largest kept)."""
+    if values is not None:
+        return tuple(values)
+    top = max(around, limit, lowest) * 2
+    out = {around}
+    v = lowest
+    while v <= min(top, upper):
+        out.add(v)
+        v *= 2
+    return tuple(sorted(out)[-10:])
+
+
+def _grid(ev: Evaluator, setup: TrainSetup, cap: int, tight: float, batches, seqs,
+          max_batch: Limit, max_seq: Limit) -> Grid:
+    bs = _axis(batches, setup.batch, max_batch.value, 1, MAX_BATCH)
+    ss = _axis(seqs, setup.seq, max_seq.value, 256, MAX_SEQ)
+    for label, axis in (("batch", bs), ("seq", ss)):
+        if len(axis) > MAX_GRID:
+            raise UsageError(f"--grid-{label} has {len(axis)} values (max {MAX_GRID})", hint="give fewer values")
+    rows = []
+    for s in ss:
+        row = []
+        for b in bs:
+            cell = setup.with_(batch=b, seq=s)
+            floor = ev.floor(cell)
+            if floor > cap:
+                row.append(Cell(b, s, floor, "no", lower_bound=True))
+            else:
+                row.append(Cell(b, s, ev.need(cell), ev.status(cell, cap, tight)))
+        rows.append(tuple(row))
+    return Grid(bs, ss, tuple(rows))
+
+
+# --- recommendations ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A fixed change (changes set) or a searched one (search names a field to maximize)."""
+    key: str                    # one per field family: a combination never sets a field twice
+    changes: dict
+    cost: float
+    text: str
+    source: str
+    search: str | None = None   # "rank" | "batch" | "seq"
+
+
+SRC_SDPA = "PyTorch scaled_dot_product_attention docs; transformers attn_implementation='sdpa'"
+SRC_PAGED = "bitsandbytes paged optimizers (NVIDIA unified memory); QLoRA paper sec. 3"
+SRC_8BIT = "Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization"
+SRC_CKPT = ("Chen et al. 2016, Training Deep Nets with Sublinear Memory Cost; HF docs 'Methods and tools for "
+            "efficient training on a single GPU' (~20% slower)")
+SRC_ACCUM = "HF docs: gradient accumulation keeps the effective batch with smaller micro-batches"
+SRC_RANK = "Hu et al. 2021 (LoRA), sec. 7.2: small ranks often suffice"
+SRC_TARGETS = "Dettmers et al. 2023 (QLoRA), sec. 4: LoRA on all linear layers is needed to match full fine-tuning"
+SRC_QLORA = "Dettmers et al. 2023 (QLoRA), sec. 5: NF4 + double quantization matches 16-bit LoRA"
+SRC_DQ = "Dettmers et al. 2023 (QLoRA), sec. 3: double quantization saves ~0.37 bits/param"
+SRC_SEQ = "truncating or packing to a shorter context changes which tokens are trained on"
+SRC_KBIT = "peft prepare_model_for_kbit_training casts non-quantized weights to fp32 for stability"
+SRC_DROPOUT = "peft LoRA dropout keeps an fp32 dropout output of every adapted input for backward"
+
+
+def _candidates(spec: ModelSpec, setup: TrainSetup) -> list[_Candidate]:
+    out: list[_Candidate] = []
+    add = lambda *a, **k: out.append(_Candidate(*a, **k))  # noqa: E731
+    if setup.attn == "eager":
+        if "sdpa" in spec.arch.attention:
+            add("attn", {"attn": "sdpa"}, 0.0, "none: SDPA is usually faster than eager attention", SRC_SDPA)
+    if setup.quantized and setup.quant != "int8" and not setup.double_quant:
+        add("double_quant", {"double_quant": True}, 0.02, "negligible: slightly more dequantization work", SRC_DQ)
+    # torch AdamW's foreach and fused variants keep the same states as "adamw"
+    opt = "adamw" if setup.optimizer in ("adamw_foreach", "adamw_fused") else setup.optimizer
+    paged_text = "no slowdown until the GPU runs short; then optimizer state pages over PCIe"
+    eight_text = "8-bit optimizer states: same accuracy as 32-bit Adam in the paper's benchmarks"
+    if opt in ("adamw", "adamw8bit"):
+        add("optimizer", {"optimizer": "paged_" + opt}, 0.05, paged_text, SRC_PAGED)
+    if opt in ("adamw", "paged_adamw"):
+        add("optimizer", {"optimizer": opt.replace("adamw", "adamw8bit")}, 0.05, eight_text, SRC_8BIT)
+    if opt == "adamw":
+        add("optimizer", {"optimizer": "paged_adamw8bit"}, 0.08, f"{eight_text}; {paged_text}",
+            f"{SRC_8BIT}; {SRC_PAGED}")
+    from vramplan.plan._recipe_changes import recipe_candidates
+    for rc in recipe_candidates(spec, setup):    # the loop's own changes (issue #9)
+        if rc.key != "optimizer" or rc.changes["optimizer"] == "adamw_fused":
+            if rc.key != "kbit":                  # prepare_kbit is offered below
+                add(rc.key, rc.changes, rc.cost, rc.text, rc.source)
+    if setup.lora_dropout and setup.uses_adapters:
+        add("dropout", {"lora_dropout": 0.0}, 0.05, "no LoRA dropout regularization", SRC_DROPOUT)
+    if setup.prepare_kbit:
+        add("kbit", {"prepare_kbit": False}, 0.05, "embeddings, norms and lm_head stay 16-bit", SRC_KBIT)
+    if setup.dtype == "fp32":
+        add("dtype", {"dtype": "bf16"}, 0.10, "bf16 compute (Ampere or newer)", "bf16 mixed-precision training")
+    if setup.quantized and setup.quant == "int8":
+        add("quant", {"quant": "nf4"}, 0.15, "4-bit NF4 base weights instead of int8", SRC_QLORA)
+    if not setup.grad_ckpt:
+        add("ckpt", {"grad_ckpt": True}, 0.30, "~+20-33% step time: layers are recomputed in backward", SRC_CKPT)
+    if setup.method == "lora":
+        add("method", {"method": "qlora", "quant": "nf4", "double_quant": True}, 0.35,
+            "4-bit base weights: dequantization adds step time", SRC_QLORA)
+    if setup.method == "full":
+        add("method", {"method": "qlora", "quant": "nf4", "double_quant": True}, 0.80,
+            "a different method: 4-bit base + LoRA adapters instead of all weights", SRC_QLORA)
+        add("method", {"method": "lora"}, 0.70, "a different method: LoRA adapters instead of all weights",
+            SRC_RANK)
+    if setup.uses_adapters:
+        leaves = {l.leaf for l in spec.layer_linears}
+        if setup.targets == (ALL_LINEAR,) or len(setup.targets) > 4:
+            attn = ("q_proj", "k_proj", "v_proj", "o_proj")
+            if set(attn) <= leaves:
+                add("targets", {"targets": attn}, 0.40, "adapters on attention projections only", SRC_TARGETS)
+        if set(setup.targets) != {"q_proj", "v_proj"} and {"q_proj", "v_proj"} <= leaves:
+            add("targets", {"targets": ("q_proj", "v_proj")}, 0.50, "adapters on q_proj, v_proj only", SRC_TARGETS)
+        if setup.rank > 1:
+            add("rank", {}, 0.15, "fewer trainable parameters", SRC_RANK, search="rank")
+    if setup.batch > 1:
+        add("batch", {}, 0.10, "lower GPU utilization", SRC_ACCUM, search="batch")
+    if setup.seq > 1:
+        add("seq", {}, 0.30, "examples longer than the new length are truncated or split", SRC_SEQ, search="seq")
+    return out
+
+
+def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap: int):
+    """Apply fixed changes, then maximize searched fields (rank, then batch, then seq) so the
+    result fits. Returns (new setup, changes, cost, texts) or None."""
+    changes: dict = {}
+    for c in cands:
+        changes.update(c.changes)
+    try:
+        new = setup.with_(**changes)
+    except Exception:  # noqa: BLE001 - an invalid combination is simply not a candidate
+        return None
+    cost = sum(c.cost for c in cands if not c.search)
+    texts = [c.text for c in cands if not c.search]
+    order = {"rank": 0, "batch": 1, "seq": 2}
+    for c in sorted((c for c in cands if c.search), key=lambda c: order[c.search]):
+        if ev.fits(new, cap):
+            return None  # fits without this search: the smaller combination dominates
+        name = c.search
+        old = getattr(setup, name)
+        if name == "rank":
+            # LoRA ranks people use: halve until it fits (r/2, r/4, ... >= 1).
+            value = 0
+            r = old // 2
+            while r >= 1:
+                if ev.fits(new.with_(rank=r), cap):
+                    value = r
+                    break
+                r //= 2
+            if not value:
+                return None
+            cost += c.cost * math.log2(old / value)
+            texts.append(c.text)
+        else:
+            value, _ = _largest(lambda v: ev.fits(new.with_(**{name: v}), cap), max(1, old // 2), old - 1)
+            if not value:
+                return None
+            if name == "batch":
+                accum = -(-old // value)
+                cost += c.cost + 0.03 * math.log2(old / value)
+                texts.append(f"gradient accumulation x{accum} keeps the effective batch; {c.text}")
+            else:
+                cost += c.cost * (1 + math.log2(old / value))
+                texts.append(c.text.replace("the new length", f"{value} tokens"))
+        new = new.with_(**{name: value})
+        changes[name] = value
+    if not ev.fits(new, cap):
+        return None
+    return new, changes, cost, texts
+
+
+def _prune(ev: Evaluator, setup: TrainSetup, combo: tuple, cap: int) -> tuple:
+    """Drop members of a stacked combination that are not needed (the costliest first) as long
+    as the rest still fits at a lower cost."""
+    best = _apply(ev, setup, combo, cap)
+    if best is None:
+        return combo
+    for member in sorted((c for c in combo if not c.search), key=lambda c: -c.cost):
+        rest = tuple(c for c in combo if c is not member)
+        res = _apply(ev, setup, rest, cap) if rest else None
+        if res is not None and res[2] <= best[2]:
+            combo, best = rest, res
+    return combo
+
+
+def _describe(setup: TrainSetup, changes: dict) -> str:
+    """The change as CLI flags: `--grad-ckpt, --rank 8 (was 64)`."""
+    parts = []
+    for k, v in changes.items():
+        old = getattr(setup, k)
+        flag = k.replace("_", "-")
+        if v == old:
+            continue
+        if isinstance(v, bool):
+            parts.append(f"--{flag}" if v else f"--no-{flag}")
+        else:
+            show = lambda x: ",".join(x) if isinstance(x, tuple) else x  # noqa: E731
+            parts.append(f"--{flag} {show(v)} (was {show(old)})")
+    return ", ".join(parts)
+
+
+def _recommend(ev: Evaluator, spec: ModelSpec, setup: TrainSetup, gpu: Gpu, tight: float) -> tuple[Change, ...]:
+    cap = gpu.memory_bytes
+    cands = _candidates(spec, setup)
+    found: dict[TrainSetup, Change] = {}
+
+    def keep(combo) -> bool:
+        res = _apply(ev, setup, combo, cap)
+        if res is None:
+            return False
+        new, changes, cost, texts = res
+        if new in found and found[new].cost <= cost:
+            return True
+        need = ev.exact(new)  # report through the public API
+        if not ev.exact_fits(new, cap):
+            return False
+        found[new] = Change(_describe(setup, changes), changes, new, need, cap - need,
+                            status_of(need, cap, tight), round(cost, 3), "; ".join(texts),
+                            tuple(dict.fromkeys(c.source for c in combo)))
+        return True
+
+    alone = [i for i, c in enumerate(cands) if keep((c,))]
+    if len(found) < 3:
+        # Pairs of changes that do not fit alone (a pair holding one that does is dominated).
+        for (i, a), (j, b) in combinations(enumerate(cands), 2):
+            if a.key != b.key and i not in alone and j not in alone:
+                keep((a, b))
+    # Stacks: the cheapest fixed changes accumulated (each prefix), alone and with the searches.
+    fixed, seen = [], set()
+    for c in sorted(cands, key=lambda c: c.cost):
+        if not c.search and c.key not in seen and c.key not in ("method", "targets"):
+            fixed.append(c)
+            seen.add(c.key)
+    searched = [c for c in cands if c.search]
+    for k in range(2, len(fixed) + 1):
+        if keep(_prune(ev, setup, tuple(fixed[:k]), cap)):
+            break
+        for extra in (*[(x,) for x in searched], tuple(searched)):
+            keep(_prune(ev, setup, tuple(fixed[:k]) + extra, cap))
+    ranked = sorted(found.values(), key=lambda c: (c.cost, c.need_bytes))
+    return tuple(ranked[:MAX_CHANGES])
+
+
+# --- hardware answers -------------------------------------------------------------------------------
+
+def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight: float,
+             ev: Evaluator, with_changes: bool = True) -> Minimum:
+    cap = gpu.memory_bytes
+    single = ev.need(setup) if par.strategy == "single" else Evaluator(spec, Parallel(), gpu).need(setup)
+    fitting = [g for g in sorted(catalog(), key=lambda g: g.memory_bytes) if single <= g.memory_bytes]
+    options = []
+    floor, floor_label, floor_est = None, "", None
+    for strategy, offload in MIN_ENGINES:
+        for n in MIN_GPU_COUNTS:
+            if n == 1 and offload == "none":
+                continue
+            p = Parallel(n, strategy, offload)
+            est = Evaluator(spec, p, gpu).estimate(setup)
+            need = est.device_total_bytes
+            if floor is None or need < floor:
+                floor, floor_label, floor_est = need, p.label, est
+            if need <= cap:
+                options.append(Option(n, strategy, offload, need, status_of(need, cap, tight), est.cpu_bytes))
+                break
+    options.sort(key=lambda o: (o.gpus, o.offload != "none", o.need_bytes))
+    gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
+    if options:
+        best = options[0]
+        msg = (f"{setup.batch} x {setup.seq} tokens needs {gib(single)} on one GPU; on {gpu.name} it takes "
+               f"{best.label} ({gib(best.need_bytes)} per GPU)")
+    else:
+        per_rank = floor_est.components["activations"] + floor_est.components["logits_loss"]
+        msg = (f"the setup as asked ({setup.batch} x {setup.seq} tokens per GPU) does not fit on {gpu.name} "
+               f"({gib(cap)}) with up to {MIN_GPU_COUNTS[-1]} GPUs under FSDP or ZeRO-3, with or without CPU "
+               f"offload: the least per-GPU need found is {gib(floor)} ({floor_label}), of which "
+               f"{gib(per_rank)} is one micro-batch's activations and logits, which more GPUs do not shrink")
+    if fitting:
+        msg += f"; the smallest catalog GPU that holds it alone is {fitting[0].name}"
+    else:
+        msg += "; no catalog GPU holds it alone"
+    changes_parallel, changes = None, ()
+    if not options and with_changes:
+        # No GPU count holds this micro-batch: which setup changes fit once the model is sharded?
+        # The engine whose cheapest change costs least wins (fewer GPUs on a tie).
+        for n in (2, 4, 8):
+            for offload in ("none", "cpu"):
+                p = Parallel(n, "fsdp", offload)
+                found = _recommend(Evaluator(spec, p, gpu), spec, setup, gpu, tight)
+                if found and (not changes or found[0].cost < changes[0].cost):
+                    changes_parallel, changes = p, found
+        if changes:
+            msg += f"; with {changes_parallel.label} these setup changes fit"
+    return Minimum(single, fitting[0].name if fitting else None, tuple(options), floor, floor_label, msg,
+                   changes_parallel, changes)
+
+
+def _survey(spec: ModelSpec, setup: TrainSetup, par: Parallel, ev: Evaluator, tight: float,
+            notes: list[str]) -> Plan:
+    est = per_gpu(spec, setup, par)
+    need = est.device_total_bytes
+    rows = []
+    for g in sorted(catalog(), key=lambda g: g.memory_bytes):
+        cap = g.memory_bytes
+        mb = _largest(lambda v: ev.fits(setup.with_(batch=v), cap), setup.batch, MAX_BATCH)[0]
+        ms = _largest(lambda v: ev.fits(setup.with_(seq=v), cap), setup.seq, MAX_SEQ)[0]
+        rows.append(GpuRow(g, status_of(need, cap, tight), need, cap - need, mb, ms))
+    minimum = None
+    if all(r.status == "no" for r in rows):
+        largest = rows[-1].gpu
+        minimum = _minimum(spec, setup, par, largest, tight, ev)
+    return Plan(model=spec, setup=setup, parallel=par, gpu=None, estimate=est, status=None, tight=tight,
+                max_batch=None, max_seq=None, grid=None, changes=(), minimum=minimum, survey=tuple(rows),
+                notes=tuple(notes), evaluations=ev.calls)

@@ -1,0 +1,674 @@
+"""Per-GPU memory of one training step spread over several GPUs: DDP, PyTorch FSDP (FULL_SHARD,
+SHARD_GRAD_OP, CPU offload) and DeepSpeed ZeRO-2 / ZeRO-3 (with offload).
+
+Built on the single-GPU estimate: each phase of `estimate()` (its `phase_components`) is taken
+apart into named terms, and each term is held one of five ways on a GPU:
+- per rank: activations, logits and their temporaries (data parallel: every GPU runs its own
+  micro-batch of `setup.batch` sequences, so these do not shrink with more GPUs);
+- replicated: a full copy on every GPU;
+- sharded 1/N: each GPU keeps ceil(bytes / N) (FSDP flat parameters are padded to a multiple
+  of N: torch/distributed/fsdp/_flat_param.py FlatParamHandle._get_shard);
+- gathered: unsharded on the GPU only while in use (all-gather of an FSDP unit or a ZeRO-3
+  module), or a communication bucket;
+- offloaded: in pinned CPU memory (reported apart as cpu_bytes, not on the GPU).
+Every term cites the engine code or docs it is read from. The terms of a phase sum exactly to
+its components, which sum to peak_allocated_bytes.
+
+The model is read for these recipes (the ones people run QLoRA with beyond one GPU):
+- FSDP as in Answer.AI's fsdp_qlora train.py and accelerate's FSDP plugin: one FSDP unit per
+  decoder layer (transformer_auto_wrap_policy), trainable LoRA Linear modules wrapped as their
+  own units (lambda_auto_wrap_policy on `weight.requires_grad`), the embeddings, final norm and
+  lm_head in the root unit, no MixedPrecision policy (parameters kept in their load dtype),
+  backward_prefetch=BACKWARD_PRE and limit_all_gathers=True (the defaults); QLoRA needs
+  bnb_4bit_quant_storage = the compute dtype so packed 4-bit weights flatten with the rest.
+- DeepSpeed through the HF Trainer / accelerate: bf16 (or fp16) enabled, the engine's Adam
+  (fused, fp32 master weights), the DeepSpeed zero_optimization defaults unless given.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
+from vramplan.core._errors import UsageError
+from vramplan.core._gpus import Gpu, resolve_gpu
+from vramplan.estimate._estimator import estimate, paged_resident, Verdict
+from vramplan.estimate._inventory import numel, optimizer_memory, static_memory
+from vramplan.core._models import ModelSpec, resolve
+from vramplan.estimate._quant import alloc, layout
+from vramplan.core._setup import TrainSetup, apply_flags
+from vramplan.core._units import MiB
+
+C = Component
+
+STRATEGIES = ("single", "ddp", "fsdp", "fsdp_grad_op", "zero2", "zero3")
+DESCRIPTIONS = {
+    "single": "one GPU, no data parallelism",
+    "ddp": "torch DistributedDataParallel: everything replicated, gradients all-reduced in buckets",
+    "fsdp": "torch FSDP FULL_SHARD (ZeRO-3 like): parameters, gradients and optimizer state sharded",
+    "fsdp_grad_op": "torch FSDP SHARD_GRAD_OP (ZeRO-2 like): parameters stay unsharded from forward to backward",
+    "zero2": "DeepSpeed ZeRO-2: gradients and optimizer state partitioned, parameters replicated",
+    "zero3": "DeepSpeed ZeRO-3: parameters, gradients and optimizer state partitioned",
+}
+_ALIASES = {"none": "single", "full_shard": "fsdp", "fsdp_full_shard": "fsdp", "fsdp-full-shard": "fsdp",
+            "shard_grad_op": "fsdp_grad_op", "fsdp-grad-op": "fsdp_grad_op", "zero-2": "zero2",
+            "zero_2": "zero2", "deepspeed2": "zero2", "zero-3": "zero3", "zero_3": "zero3",
+            "deepspeed3": "zero3"}
+OFFLOADS = ("none", "cpu")
+FSDP = ("fsdp", "fsdp_grad_op")
+DEEPSPEED = ("zero2", "zero3")
+MAX_GPUS = 65536  # beyond any real data-parallel group: a typo
+
+# DeepSpeed zero_optimization defaults (deepspeed/runtime/zero/config.py DeepSpeedZeroConfig):
+# reduce_bucket_size 5e8 elements, stage3_prefetch_bucket_size 5e7, stage3_param_persistence_threshold
+# 1e5, sub_group_size 1e9, contiguous_gradients True, overlap_comm None -> True for stage 3 only
+# (validator overlap_comm_valid). The HF Trainer's "auto" values are smaller (hidden^2,
+# 0.9 * hidden^2, 10 * hidden: transformers/integrations/deepspeed.py); pass them when used.
+DS_REDUCE_BUCKET = 500_000_000
+DS_PREFETCH_BUCKET = 50_000_000
+DS_PERSISTENCE_THRESHOLD = 100_000
+DS_SUB_GROUP = 1_000_000_000
+
+# NCCL communicator buffers live outside the caching allocator (NVML sees them, torch does not).
+# A model, not a derivation: NCCL_BUFFSIZE defaults to 4 MiB per channel and direction (NCCL
+# environment-variable docs); 2 directions x 16 channels is assumed until per-rank profile
+# records measure it.
+NCCL_BYTES = 2 * 16 * 4 * MiB
+
+# --- sources, quoted once and cited by every term that uses them ----------------------------------
+SRC_PER_RANK = "data parallel: each rank runs its own micro-batch (DistributedSampler), so activations are per GPU"
+SRC_DDP = ("torch DistributedDataParallel: a full replica per rank; docs of gradient_as_bucket_view: False "
+           "(default) keeps reducer buckets beside the gradients, True 'saves memory equal to the total "
+           "gradients size'")
+SRC_FSDP_SHARD = ("torch FSDP ShardingStrategy.FULL_SHARD: 'Parameters, gradients, and optimizer states are "
+                  "sharded'; each unit's FlatParameter is padded to a multiple of N (_flat_param.py)")
+SRC_FSDP_GATHER = ("torch FSDP docs: BackwardPrefetch.BACKWARD_PRE (default) 'at the peak ... holds the current "
+                   "set of parameters, next set of parameters, and current set of gradients'; "
+                   "limit_all_gathers=True keeps at most two units unsharded in forward")
+SRC_FSDP_ROOT = ("torch/distributed/fsdp/_runtime_utils.py _post_forward_reshard: 'Do not free the root's "
+                 "parameters in the post-forward for FULL_SHARD' (embeddings, final norm, lm_head stay "
+                 "unsharded from forward to the end of backward)")
+SRC_FSDP_GRAD_OP = ("torch FSDP ShardingStrategy.SHARD_GRAD_OP: 'unshards before the forward, does not reshard "
+                    "them after the forward, and only reshards them after the backward computation'")
+SRC_FSDP_GRAD = ("torch/distributed/fsdp/_runtime_utils.py _post_backward_hook: a unit's unsharded gradient "
+                 "exists until its reduce-scatter; the sharded gradient accumulates 1/N")
+SRC_FSDP_OFFLOAD = ("torch FSDP CPUOffload(offload_params=True): 'offloads gradients to CPU as well, meaning "
+                    "that the optimizer step runs on CPU'; sharded parameters live on CPU between uses")
+SRC_QUANT_STATE = ("bitsandbytes Params4bit.quant_state is not an nn.Parameter, so FSDP / ZeRO never shard "
+                   "it; Answer.AI fsdp_qlora train.py quantizes every layer on every rank 'to initialize "
+                   "quant_state on all ranks'")
+SRC_DS_CAST = ("deepspeed/runtime/engine.py _configure_distributed_model: with bf16/fp16 enabled the engine "
+               "calls self.module.bfloat16()/half(), so trainable parameters and gradients are 16-bit")
+SRC_DS_MASTER = ("ZeRO (Rajbhandari et al. 2020, sec. 3): fp32 master weights + optimizer moments "
+                 "partitioned 1/N (stage_1_and_2.py single_partition_of_fp32_groups, stage3.py "
+                 "fp32_partitioned_groups_flat)")
+SRC_DS_GRAD2 = ("deepspeed/runtime/zero/stage_1_and_2.py: the reduced gradient partition (1/N, 16-bit) "
+                "accumulates in averaged_gradients; step() converts it to an fp32 single_grad_partition")
+SRC_DS_IPG2 = ("deepspeed/runtime/zero/stage_1_and_2.py backward(): contiguous_gradients allocates ipg_buffer "
+               "= torch.empty(reduce_bucket_size) in the 16-bit dtype, a second one with overlap_comm")
+SRC_DS_IPG3 = ("deepspeed/runtime/zero/stage3.py __init__: contiguous_gradients allocates "
+               "__ipg_bucket_flat_buffer = torch.empty(reduce_bucket_size) for the whole run")
+SRC_DS_GRAD3 = ("deepspeed/runtime/zero/stage3.py: grad_partitions_flat_buffer holds the 1/N gradient "
+                "partition of every trainable parameter from init on; step() makes an fp32 copy per "
+                "sub_group (sub_group_size 1e9 elements)")
+SRC_DS3_PARAMS = ("deepspeed/runtime/zero/config.py: parameters above stage3_param_persistence_threshold "
+                  "(1e5 elements) are partitioned 1/N, smaller ones stay whole on every GPU")
+SRC_DS3_GATHER = ("DeepSpeed ZeRO-3 gathers each module's parameters before its forward/backward and prefetches "
+                  "up to stage3_prefetch_bucket_size (5e7) elements ahead (zero/config.py); largest module "
+                  "+ prefetch bucket are counted")
+SRC_DS_FUSED = "DeepSpeed FusedAdam / DeepSpeedCPUAdam update in fused multi-tensor kernels: no per-parameter workspace"
+SRC_DS_OFFLOAD = ("DeepSpeed offload_optimizer (ZeRO 1-3): fp32 master weights, moments and the step on CPU, "
+                  "gradient partitions copied to pinned CPU memory; offload_param (ZeRO-3 only): parameter "
+                  "partitions on CPU")
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How the step is spread: `gpus` data-parallel ranks, one engine, optional CPU offload.
+
+    offload="cpu" means what each engine can offload: FSDP CPUOffload(offload_params=True)
+    (parameters, gradients, optimizer step); ZeRO-2 offload_optimizer; ZeRO-3 offload_optimizer +
+    offload_param. The DeepSpeed knobs default to DeepSpeed's own defaults."""
+
+    gpus: int = 1
+    strategy: str | None = None      # None: "single" for 1 GPU, "ddp" for more (torchrun / accelerate default)
+    offload: str = "none"
+    reduce_bucket_size: int = DS_REDUCE_BUCKET
+    overlap_comm: bool | None = None  # DeepSpeed: None -> True for ZeRO-3, False for ZeRO-2
+    prefetch_bucket_size: int = DS_PREFETCH_BUCKET
+    param_persistence_threshold: int = DS_PERSISTENCE_THRESHOLD
+    gradient_as_bucket_view: bool = False  # DDP
+
+    def __post_init__(self):
+        gpus = self.gpus
+        if isinstance(gpus, bool) or not isinstance(gpus, int):
+            raise UsageError(f"--gpus must be a whole number, got {gpus!r}", hint="e.g. --gpus 2")
+        if gpus <= 0:
+            raise UsageError(f"--gpus must be positive, got {gpus}", hint="e.g. --gpus 2")
+        if gpus > MAX_GPUS:
+            raise UsageError(f"--gpus {gpus} is beyond any real run (max {MAX_GPUS})", hint="check the value of --gpus")
+        strategy = self.strategy
+        if strategy is None:
+            strategy = "single" if gpus == 1 else "ddp"
+        key = str(strategy).strip().lower()
+        key = _ALIASES.get(key, _ALIASES.get(key.replace("-", "_"), key))
+        if key not in STRATEGIES:
+            raise UsageError(f"unknown strategy {strategy!r}", hint=f"--strategy takes one of: {', '.join(STRATEGIES)}")
+        if key == "single" and gpus > 1:
+            raise UsageError(f"--strategy single cannot use {gpus} GPUs",
+                             hint="use --strategy ddp, fsdp, fsdp_grad_op, zero2 or zero3")
+        offload = str(self.offload).strip().lower()
+        if offload not in OFFLOADS:
+            raise UsageError(f"unknown offload {self.offload!r}", hint=f"--offload takes one of: {', '.join(OFFLOADS)}")
+        if offload != "none" and key in ("single", "ddp"):
+            raise UsageError(f"--offload {offload} needs a sharding engine, not {key}",
+                             hint="use --strategy fsdp, zero2 or zero3 with --offload cpu")
+        for name in ("reduce_bucket_size", "prefetch_bucket_size", "param_persistence_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageError(f"{name} must be a whole number >= 0, got {value!r}", hint=f"e.g. {name}=0")
+        object.__setattr__(self, "strategy", key)
+        object.__setattr__(self, "offload", offload)
+
+    @property
+    def offloaded(self) -> bool:
+        return self.offload != "none"
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.strategy in DEEPSPEED
+
+    @property
+    def ds_overlap_comm(self) -> bool:
+        return self.strategy == "zero3" if self.overlap_comm is None else self.overlap_comm
+
+    @property
+    def label(self) -> str:
+        s = "1 GPU" if self.strategy == "single" else f"{self.gpus} x {self.strategy}"
+        return s + (" + CPU offload" if self.offloaded else "")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["description"] = DESCRIPTIONS[self.strategy]
+        return d
+
+
+def parallel_of(gpus: int = 1, strategy: str | None = None, offload: str = "none",
+                parallel: Parallel | None = None) -> Parallel:
+    """The Parallel a caller means: an explicit one, or built from the three CLI-like values."""
+    if parallel is not None:
+        if not isinstance(parallel, Parallel):
+            raise UsageError(f"parallel must be a vramplan.plan._sharding.Parallel, got {type(parallel).__name__}",
+                             hint="e.g. Parallel(gpus=2, strategy='fsdp')")
+        return parallel
+    return Parallel(gpus=gpus, strategy=strategy, offload=offload)
+
+
+def effective_setup(setup: TrainSetup, parallel: Parallel) -> TrainSetup:
+    """The setup as the engine runs it. DeepSpeed with bf16/fp16 casts the whole module to the
+    16-bit dtype (engine.py _configure_distributed_model), undoing prepare_model_for_kbit_training's
+    fp32 cast of embeddings, norms and lm_head."""
+    if parallel.deepspeed and setup.prepare_kbit and setup.dtype != "fp32":
+        return setup.with_(prepare_kbit=False)
+    return setup
+
+
+# --- static memory taken apart: one decoder layer (an FSDP unit) and the root -----------------------
+
+@dataclass(frozen=True)
+class Splits:
+    """Static bytes split the way engines hold them (all from inventory.static_memory)."""
+    weights: int
+    quant_constants: int
+    adapters: int
+    gradients: int
+    optimizer_state: int           # device or paged: what an engine partitions
+    unit_weights: int              # one decoder layer = one FSDP unit (transformer_auto_wrap_policy)
+    unit_adapters: int
+    unit_gradients: int
+    root_weights: int              # embeddings, final norm, lm_head, rotary buffer (the root unit)
+    root_adapters: int
+    root_gradients: int
+    layers: int
+    largest_param: int             # bytes of the largest single parameter (a ZeRO-3 module gather)
+    persistent_weights: int        # ZeRO-3: parameters at or under param_persistence_threshold
+    # DeepSpeed view of the trainable parameters (16-bit after the engine's cast)
+    ds_trainable: int              # trainable parameters in the DeepSpeed dtype
+    ds_trainable_persistent: int   # of which small enough to stay whole under ZeRO-3
+                                   # (their gradients: same shapes and dtype, so the same bytes)
+    ds_master: int                 # fp32 master copies
+    ds_optimizer: int              # optimizer moments for fp32 master weights
+    ds_elem: int                   # bytes per element of the 16-bit (or fp32) training dtype
+    trainable_params: int
+
+
+def _static_of(spec: ModelSpec, setup: TrainSetup, layers: int):
+    # DeepSeek-V3's dense layers sit below the MoE ones (core/_models.py): `layers` MoE layers on top
+    return static_memory(dataclasses.replace(spec, layers=spec.dense_layers + layers), setup)
+
+
+@lru_cache(maxsize=512)
+def splits(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int = DS_PERSISTENCE_THRESHOLD) -> Splits:
+    """One layer's static bytes are S(2 layers) - S(1 layer); the root is S(L) - L * layer.
+    Depends on neither batch nor seq, so callers pass a setup with those fixed."""
+    full = static_memory(spec, setup)
+    one, two = _static_of(spec, setup, 1), _static_of(spec, setup, 2)
+    unit_w, unit_a, unit_g = (two.weights - one.weights, two.adapters - one.adapters,
+                              two.gradients - one.gradients)
+    # The unit is the top (MoE) layer; DeepSeek-V3's few smaller dense layers (and Llama 4's
+    # interleaved ones, ModelSpec.dense_flags) are counted with the root (unsharded: more than
+    # FSDP holds for them)
+    L = spec.layers - spec.dense_layers
+    optimizer = full.optimizer_state + full.paged_optimizer_state
+    # Largest single parameter: a ZeRO-3 module is gathered whole (embeddings / lm_head are the
+    # largest in most LLMs; quantized weights are gathered in their packed storage).
+    wb = 4 if setup.prepare_kbit else setup.compute_bytes
+    candidates = [alloc(spec.vocab * spec.hidden * wb)]
+    for lin in spec.layer_linears:
+        candidates.append(layout(setup.quant, lin.in_features, lin.out_features, setup.double_quant).weight
+                          if setup.quantized else alloc(lin.numel * wb))
+    if spec.num_experts:
+        candidates.append(alloc(spec.num_experts * 2 * spec.expert_width * spec.hidden * wb))
+    # Norm weights (hidden elements) and biases are under the ZeRO-3 persistence threshold.
+    small = [(spec.hidden, spec.layers * spec.arch.norms_per_layer + 1)]
+    small += [(lin.out_features, spec.count(lin)) for lin in spec.layer_linears if lin.bias]
+    persistent = sum(k * alloc(n * wb) for n, k in small if n <= persistence_threshold)
+    # DeepSpeed trains the trainable parameters in the engine dtype, with fp32 masters.
+    ds_elem = 4 if setup.dtype == "fp32" else setup.compute_bytes
+    shapes = Counter(dict(full.trainable_shapes))
+    ds_trainable = sum(k * alloc(numel(s) * ds_elem) for s, k in shapes.items())
+    ds_persistent = sum(k * alloc(numel(s) * ds_elem) for s, k in shapes.items()
+                        if numel(s) <= persistence_threshold)
+    master = sum(k * alloc(numel(s) * 4) for s, k in shapes.items())
+    ds_optimizer, _ = optimizer_memory(setup, shapes, 4)
+    return Splits(
+        weights=full.weights, quant_constants=full.quant_constants, adapters=full.adapters,
+        gradients=full.gradients, optimizer_state=optimizer,
+        unit_weights=unit_w, unit_adapters=unit_a, unit_gradients=unit_g,
+        root_weights=full.weights - L * unit_w, root_adapters=full.adapters - L * unit_a,
+        root_gradients=full.gradients - L * unit_g, layers=L, largest_param=max(candidates),
+        persistent_weights=persistent,
+        ds_trainable=ds_trainable, ds_trainable_persistent=ds_persistent,
+        ds_master=master, ds_optimizer=ds_optimizer, ds_elem=ds_elem,
+        trainable_params=full.trainable_params,
+    )
+
+
+def splits_for(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> Splits:
+    return splits(spec, setup.with_(batch=1, seq=1), parallel.param_persistence_threshold)
+
+
+# --- the per-GPU result ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Term:
+    """One named part of a component on one GPU, and how the engine holds it."""
+    component: str
+    part: str
+    held: str       # "per rank", "replicated", "sharded 1/N", "gathered", "bucket", "on this GPU"
+    bytes: int
+    source: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ShardedEstimate(Verdict):
+    """Per-GPU memory under a Parallel. Same shape as Estimate where it can be: components sum to
+    peak_allocated_bytes; device_total_bytes adds CUDA context, NCCL buffers and allocator slack."""
+    model: ModelSpec
+    setup: TrainSetup
+    parallel: Parallel
+    components: dict
+    peak_allocated_bytes: int
+    peak_phase: str
+    phase_peaks: dict
+    terms: tuple            # Terms at the peak phase; they sum to peak_allocated_bytes
+    cuda_context_bytes: int
+    comm_bytes: int         # NCCL buffers (a model), outside the caching allocator
+    allocator_overhead_bytes: int
+    cpu_bytes: int          # pinned host memory per rank for what is offloaded
+    paged_optimizer_bytes: int
+    trainable_params: int
+    assumptions: tuple
+    gpu: Gpu | None = None
+    phase_components: dict = field(default_factory=dict, repr=False)
+    allocator_oom: dict | None = None   # the single-GPU replay's failed request (estimate's), if any
+    alloc_conf: str = ""
+    paged_resident_bytes: int = 0        # this GPU's paged state NVML counts (estimator.paged_resident)
+
+    @property
+    def device_total_bytes(self) -> int:
+        return (self.peak_allocated_bytes + self.cuda_context_bytes + self.comm_bytes + self.allocator_overhead_bytes
+                + self.paged_resident_bytes)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What torch.cuda.max_memory_reserved would report: allocated plus caching-allocator slack."""
+        return self.peak_allocated_bytes + self.allocator_overhead_bytes
+
+
+    def with_gpu(self, gpu: Gpu | None) -> "ShardedEstimate":
+        # a replay's OOM holds for the card it was replayed against only; how much paged state stays
+        # resident depends on the card's room
+        rest = self.device_total_bytes - self.paged_resident_bytes
+        return dataclasses.replace(self, gpu=gpu, allocator_oom=self.allocator_oom if gpu == self.gpu else None,
+                                   paged_resident_bytes=paged_resident(self.paged_optimizer_bytes, gpu, rest))
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.to_dict(),
+            "setup": self.setup.to_dict(),
+            "parallel": self.parallel.to_dict(),
+            "gpu": self.gpu.to_dict() if self.gpu else None,
+            "fits": self.fits,
+            "headroom_bytes": self.headroom_bytes,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "reserved_bytes": self.reserved_bytes,
+            "peak_reserved_bytes": self.reserved_bytes,
+            "fragmentation_bytes": self.allocator_overhead_bytes,
+            "alloc_conf": self.alloc_conf,
+            "allocator_oom": self.allocator_oom,
+            "device_total_bytes": self.device_total_bytes,
+            "status": self.status,
+            "peak_phase": self.peak_phase,
+            "components": dict(self.components),
+            "device_components": {C.CUDA_CONTEXT.value: self.cuda_context_bytes + self.comm_bytes,
+                                  C.ALLOCATOR_OVERHEAD.value: self.allocator_overhead_bytes,
+                                  C.PAGED_OPTIMIZER.value: self.paged_resident_bytes},
+            "nccl_bytes": self.comm_bytes,
+            "phase_peaks": dict(self.phase_peaks),
+            "terms": [t.to_dict() for t in self.terms],
+            "cpu_bytes": self.cpu_bytes,
+            "paged_optimizer_bytes": self.paged_optimizer_bytes,
+            "trainable_params": self.trainable_params,
+            "assumptions": list(self.assumptions),
+        }
+
+
+def _ceil_div(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: Parallel | None = None,
+            gpu: str | int | Gpu | None = None, *, gpus: int = 1, strategy: str | None = None,
+            offload: str = "none", alloc_conf=None, **flags) -> ShardedEstimate:
+    """Per-GPU memory of `setup` under `parallel` (or gpus/strategy/offload); `alloc_conf`:
+    PYTORCH_CUDA_ALLOC_CONF settings for the caching-allocator replay (None: the environment's)."""
+
+    spec = model if isinstance(model, ModelSpec) else resolve(model)
+    par = parallel_of(gpus, strategy, offload, parallel)
+    setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
+    run = effective_setup(setup, par)
+    gpu_obj = resolve_gpu(gpu) if gpu is not None else None
+    base = base_estimate(spec, run, par, gpu_obj, alloc_conf)   # the GPU's CUDA kernels (cuda/_arch.py)
+    return distribute(base, par, gpu=gpu_obj)
+
+
+def replays_own_stream(parallel: Parallel) -> bool:
+    """FSDP full_shard without offload replays one GPU's own allocation stream for its allocator
+    slack (fsdp_slack); the other engines carry the single-GPU replay's slack."""
+    return parallel.strategy == "fsdp" and parallel.offload == "none" and parallel.gpus > 1
+
+
+def base_estimate(spec: ModelSpec, run: TrainSetup, parallel: Parallel, gpu: Gpu | None, alloc_conf=None,
+                  static=None):
+    """The single-GPU estimate `distribute` spreads over `parallel` (`run`: effective_setup).
+    Where the engine replays its own stream (replays_own_stream), nothing of the single-GPU
+    replay reaches the per-GPU result (distribute takes the slack from fsdp_slack, and no
+    single-GPU OOM for a spread run), so it is not run; the settings are recorded as it would."""
+    if not replays_own_stream(parallel):
+        return estimate(spec, run, gpu=gpu, static=static, alloc_conf=alloc_conf)
+    from vramplan.estimate._reserved import conf_of
+
+    conf = conf_of(alloc_conf)      # refuses bad settings as the replay would
+    return dataclasses.replace(estimate(spec, run, gpu=gpu, static=static, replay=False), alloc_conf=conf.text)
+
+
+def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits | None = None,
+               replay: bool = True) -> ShardedEstimate:
+    """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
+    phase_components, cuda_context_bytes, allocator_overhead_bytes, paged_optimizer_bytes and
+    trainable_params) over `parallel`. FSDP full_shard without offload replays one GPU's own
+    allocation stream for its allocator slack (`fsdp_slack`, unless `replay` is False); other
+    engines carry the single-GPU replay's slack."""
+    spec, setup = base.model, base.setup
+    sp = split or splits_for(spec, setup, parallel)
+    phases: dict[str, dict[str, int]] = {}
+    phase_terms: dict[str, tuple[Term, ...]] = {}
+    cpu = 0
+    for name, comps in base.phase_components.items():
+        terms, cpu_phase = _phase_terms(name, comps, sp, parallel)
+        parts = dict.fromkeys(ALLOCATED_NAMES, 0)
+        for t in terms:
+            parts[t.component] += t.bytes
+        phases[name], phase_terms[name] = parts, tuple(t for t in terms if t.bytes)
+        cpu = max(cpu, cpu_phase)
+    peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
+    components = phases[peak_phase]
+    peak = sum(components.values())
+    check_sum(components, peak)
+    spread = parallel.strategy != "single" and parallel.gpus > 1
+    slack = base.allocator_overhead_bytes
+    if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
+        slack = fsdp_slack(base, sp, parallel)
+    paged = _paged(base.paged_optimizer_bytes, parallel)
+    comm = NCCL_BYTES if spread else 0
+    resident = paged_resident(paged, gpu, peak + base.cuda_context_bytes + comm + slack)
+    return ShardedEstimate(
+        model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,
+        peak_phase=peak_phase, phase_peaks={p: sum(c.values()) for p, c in phases.items()},
+        terms=phase_terms[peak_phase], cuda_context_bytes=base.cuda_context_bytes,
+        comm_bytes=comm, allocator_overhead_bytes=slack,
+        cpu_bytes=cpu, paged_optimizer_bytes=paged, paged_resident_bytes=resident,
+        trainable_params=base.trainable_params, assumptions=assumptions(spec, setup, parallel), gpu=gpu,
+        phase_components=phases,
+        # one GPU: the replay's allocator OOM against this card stands (sharded runs are not replayed)
+        allocator_oom=None if spread or gpu is None else getattr(base, "allocator_oom", None),
+        alloc_conf=getattr(base, "alloc_conf", ""),
+    )
+
+
+def fsdp_slack(base, sp: Splits, parallel: Parallel) -> int:
+    """Reserved minus allocated at the peaks of one GPU's FSDP full_shard step, replayed through
+    the caching-allocator model (estimate/_events.py FsdpShards, docs/allocator.md#fsdp-stream)."""
+    from vramplan.estimate._events import FsdpShards
+    from vramplan.estimate._reserved import reserved_peak
+
+    spec, setup = base.model, base.setup
+    shards = FsdpShards(parallel.gpus, sp.unit_weights, sp.unit_adapters, sp.unit_gradients, sp.root_weights,
+                        sp.root_adapters, sp.root_gradients, sp.quant_constants)
+    r, _ = reserved_peak(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf, fsdp=shards)
+    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes)
+
+
+def _paged(paged: int, p: Parallel) -> int:
+    """Paged optimizer state (CUDA unified memory) per GPU: whole under DDP, of the local shard
+    under FSDP (the optimizer sees only flat-parameter shards), none where the optimizer runs on
+    the CPU (FSDP offload) or DeepSpeed brings its own optimizer."""
+    if p.deepspeed or (p.strategy in FSDP and p.offloaded):
+        return 0
+    return _ceil_div(paged, p.gpus) if p.strategy in FSDP else paged
+
+
+class _Rank:
+    """The terms one GPU holds in one phase, and what the rank keeps in pinned CPU memory instead."""
+
+    def __init__(self, offload: bool):
+        self.offload = offload
+        self.terms: list[Term] = []
+        self.cpu = 0
+
+    def add(self, component: Component, part: str, held: str, n: int, source: str) -> None:
+        self.terms.append(Term(component.value, part, held, int(n), source))
+
+    def shard(self, component: Component, part: str, n: int, source: str, cpu_bytes: int | None = None) -> None:
+        """A 1/N shard: on this GPU, or on the CPU when offloaded (cpu_bytes when the CPU copy
+        differs from this phase's GPU bytes, e.g. the whole run's gradient shard)."""
+        if self.offload:
+            self.cpu += n if cpu_bytes is None else cpu_bytes
+        else:
+            self.add(component, part, "sharded 1/N", n, source)
+
+
+def _phase_terms(phase: str, c: dict, sp: Splits, p: Parallel) -> tuple[list[Term], int]:
+    """Terms of one estimator phase on one GPU, and the bytes this rank keeps on the CPU.
+
+    The phase kind decides what is gathered: "optimizer" (nothing), a loss moment (logits
+    alive: the root unit only) or a layer moment (root + two units)."""
+    s = p.strategy
+    kind = "optimizer" if phase == "optimizer" else ("loss" if c[C.LOGITS_LOSS.value] else "layer")
+    rank = _Rank(p.offloaded)
+    add = rank.add
+    # Per rank in every strategy: the micro-batch's activations, logits and kernel temporaries.
+    add(C.ACTIVATIONS, "saved activations and gradients in flight", "per rank", c[C.ACTIVATIONS.value], SRC_PER_RANK)
+    add(C.LOGITS_LOSS, "logits, fp32 copies, log-softmax", "per rank", c[C.LOGITS_LOSS.value], SRC_PER_RANK)
+    if kind != "optimizer":
+        add(C.TEMPORARIES, "dequantized weights, kernel workspaces", "per rank", c[C.TEMPORARIES.value],
+            SRC_PER_RANK)
+
+    if s in ("single", "ddp"):
+        held = "on this GPU" if s == "single" else "replicated"
+        src = "vramplan.estimate (one GPU)" if s == "single" else SRC_DDP
+        add(C.WEIGHTS, "model weights", held, c[C.WEIGHTS.value], src)
+        add(C.QUANT_CONSTANTS, "quantization constants", held, c[C.QUANT_CONSTANTS.value], src)
+        add(C.ADAPTERS, "LoRA adapters", held, c[C.ADAPTERS.value], src)
+        add(C.GRADIENTS, "gradients", held, c[C.GRADIENTS.value], src)
+        add(C.OPTIMIZER_STATE, "optimizer state", held, c[C.OPTIMIZER_STATE.value], src)
+        if kind == "optimizer":
+            add(C.TEMPORARIES, "optimizer workspace", held, c[C.TEMPORARIES.value], src)
+        if s == "ddp" and not p.gradient_as_bucket_view and sp.gradients:
+            # Reducer buckets are built at construction and kept for the whole run.
+            add(C.GRADIENTS, "DDP all-reduce buckets (a copy of every gradient)", "bucket", sp.gradients, SRC_DDP)
+    else:
+        # Not parameters, so neither FSDP nor ZeRO shards them: every rank holds all of them.
+        add(C.QUANT_CONSTANTS, "bitsandbytes quant_state (absmax, codes)", "replicated",
+            c[C.QUANT_CONSTANTS.value], SRC_QUANT_STATE)
+        (_fsdp_terms if s in FSDP else _zero_terms)(rank, kind, phase == "backward", c, sp, p)
+    return rank.terms, rank.cpu
+
+
+def _fsdp_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: Parallel) -> None:
+    N, L = p.gpus, sp.layers
+    add, shard = rank.add, rank.shard
+    shard(C.WEIGHTS, "weight shards (flat parameters)",
+          L * _ceil_div(sp.unit_weights, N) + _ceil_div(sp.root_weights, N), SRC_FSDP_SHARD)
+    shard(C.ADAPTERS, "adapter shards (LoRA units)",
+          L * _ceil_div(sp.unit_adapters, N) + _ceil_div(sp.root_adapters, N), SRC_FSDP_SHARD)
+    if kind != "optimizer":
+        if p.strategy == "fsdp_grad_op":
+            # Every unit stays unsharded from its forward to its backward: at the turn, all of them.
+            add(C.WEIGHTS, "all units unsharded (forward -> backward)", "gathered", sp.weights, SRC_FSDP_GRAD_OP)
+            add(C.ADAPTERS, "all adapter units unsharded", "gathered", sp.adapters, SRC_FSDP_GRAD_OP)
+        else:
+            add(C.WEIGHTS, "root unit unsharded (embeddings, norm, lm_head)", "gathered", sp.root_weights,
+                SRC_FSDP_ROOT)
+            add(C.ADAPTERS, "root adapters unsharded", "gathered", sp.root_adapters, SRC_FSDP_ROOT)
+            if kind == "layer":
+                units = min(2, L)
+                add(C.WEIGHTS, f"{units} decoder-layer units unsharded (current + prefetched)", "gathered",
+                    units * sp.unit_weights, SRC_FSDP_GATHER)
+                add(C.ADAPTERS, f"{units} layers' adapter units unsharded", "gathered", units * sp.unit_adapters,
+                    SRC_FSDP_GATHER)
+    grads = c[C.GRADIENTS.value]
+    shard(C.GRADIENTS, "gradient shards", _ceil_div(grads, N), SRC_FSDP_SHARD, _ceil_div(sp.gradients, N))
+    if backward and grads:
+        # Unsharded gradients awaiting reduce-scatter: the root's through the whole backward,
+        # and the current unit's.
+        add(C.GRADIENTS, "unsharded gradients before reduce-scatter", "gathered",
+            sp.root_gradients + (sp.unit_gradients if kind == "layer" else 0), SRC_FSDP_GRAD)
+    shard(C.OPTIMIZER_STATE, "optimizer state of the local shard", _ceil_div(c[C.OPTIMIZER_STATE.value], N),
+          SRC_FSDP_SHARD, _ceil_div(sp.optimizer_state, N))
+    if kind == "optimizer":  # with offload the step runs on the CPU: no GPU workspace
+        shard(C.TEMPORARIES, "optimizer workspace of the local shard", _ceil_div(c[C.TEMPORARIES.value], N),
+              SRC_FSDP_SHARD, 0)
+
+
+def _zero_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: Parallel) -> None:
+    N, stage3, elem = p.gpus, p.strategy == "zero3", sp.ds_elem
+    add, shard = rank.add, rank.shard
+    # Trainable parameters after the engine's 16-bit cast. LoRA: the adapters; full: the weights.
+    lora = sp.adapters > 0
+    if stage3:
+        frozen = sp.weights - sp.persistent_weights
+        add(C.WEIGHTS, "small parameters kept whole (norms, biases)", "replicated", sp.persistent_weights,
+            SRC_DS3_PARAMS)
+        shard(C.WEIGHTS, "parameter partitions", _ceil_div(frozen, N), SRC_DS3_PARAMS)
+        if lora:
+            add(C.ADAPTERS, "adapters under the persistence threshold", "replicated", sp.ds_trainable_persistent,
+                SRC_DS3_PARAMS)
+            shard(C.ADAPTERS, "adapter partitions", _ceil_div(sp.ds_trainable - sp.ds_trainable_persistent, N),
+                  SRC_DS3_PARAMS)
+        if kind != "optimizer":
+            gathered = min(frozen, sp.largest_param + p.prefetch_bucket_size * elem)
+            add(C.WEIGHTS, "gathered module + prefetch bucket", "gathered", gathered, SRC_DS3_GATHER)
+    else:
+        add(C.WEIGHTS, "model weights", "replicated", sp.weights,
+            "ZeRO-2 partitions gradients and optimizer state only; " + SRC_DS_CAST)
+        if lora:
+            add(C.ADAPTERS, "LoRA adapters (16-bit after the engine cast)", "replicated", sp.ds_trainable, SRC_DS_CAST)
+
+    # Gradients: the 16-bit partition, the communication bucket, and the step's fp32 copy.
+    part = _ceil_div(sp.ds_trainable, N)
+    if stage3:
+        shard(C.GRADIENTS, "gradient partition buffer", part, SRC_DS_GRAD3)   # allocated at init, whole run
+        if sp.ds_trainable:
+            add(C.GRADIENTS, "contiguous reduce bucket (reduce_bucket_size)", "bucket",
+                alloc(p.reduce_bucket_size * elem), SRC_DS_IPG3)
+    else:
+        # The partition fills as backward reduces buckets (the estimator's gradient share of the phase).
+        g16 = c[C.GRADIENTS.value] * sp.ds_trainable // sp.gradients if sp.gradients else 0
+        shard(C.GRADIENTS, "reduced gradient partition", part if kind == "optimizer" else _ceil_div(g16, N),
+              SRC_DS_GRAD2, part)
+        if backward and sp.ds_trainable:
+            buffers = 2 if p.ds_overlap_comm else 1
+            add(C.GRADIENTS, f"{buffers} contiguous reduce bucket(s) (reduce_bucket_size)", "bucket",
+                buffers * alloc(p.reduce_bucket_size * elem), SRC_DS_IPG2)
+    shard(C.OPTIMIZER_STATE, "fp32 master weights + moments of the partition",
+          _ceil_div(sp.ds_master + sp.ds_optimizer, N), SRC_DS_MASTER)
+    if kind == "optimizer":
+        fp32_grad = alloc(4 * min(_ceil_div(sp.trainable_params, N), DS_SUB_GROUP))
+        shard(C.GRADIENTS, "fp32 gradient partition for the step", fp32_grad,
+              SRC_DS_GRAD3 if stage3 else SRC_DS_GRAD2, 0)
+
+
+def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple[str, ...]:
+    s, N = parallel.strategy, parallel.gpus
+    if s == "single":
+        return ()
+    out = [f"{N} data-parallel ranks, each with micro-batch {setup.batch} x {setup.seq} tokens: "
+           "activations and logits are per GPU", DESCRIPTIONS[s]]
+    if s in FSDP:
+        out.append("FSDP units: one per decoder layer (transformer_auto_wrap_policy), LoRA Linear modules "
+                   "wrapped apart, embeddings/norm/lm_head in the root; parameters in their load dtype "
+                   "(no MixedPrecision policy); BACKWARD_PRE prefetch, limit_all_gathers=True")
+        if setup.quantized:
+            out.append("QLoRA + FSDP: bnb_4bit_quant_storage = the compute dtype (required to flatten packed "
+                       "weights); quant_state replicated on every rank")
+        if parallel.offloaded:
+            out.append("CPUOffload(offload_params=True): parameter, gradient and optimizer shards on the CPU, "
+                       "the optimizer step on the CPU; only units in use are on the GPU")
+    if parallel.deepspeed:
+        out.append(f"DeepSpeed {setup.dtype} enabled: the engine casts the module to {setup.dtype}, so "
+                   "trainable parameters and gradients are 16-bit, with fp32 master weights and moments "
+                   "partitioned 1/N")
+        out.append("activations keep the fp32 LoRA input copies of the single-GPU model (an upper bound: with "
+                   "16-bit adapters peft casts inputs to 16-bit)")
+        out.append(f"reduce_bucket_size {parallel.reduce_bucket_size:,} elements, overlap_comm "
+                   f"{parallel.ds_overlap_comm}" + (f", stage3_prefetch_bucket_size {parallel.prefetch_bucket_size:,}, "
+                                                    f"stage3_param_persistence_threshold "
+                                                    f"{parallel.param_persistence_threshold:,}" if s == "zero3" else ""))
+        out.append("optimizer step: " + SRC_DS_FUSED)
+        if parallel.offloaded:
+            out.append("offload_optimizer: cpu" + (" and offload_param: cpu" if s == "zero3" else ""))
+        if setup.paged:
+            out.append("DeepSpeed runs its own (fused) Adam: the paged optimizer choice does not apply")
+    if s == "ddp":
+        out.append("DDP gradient_as_bucket_view="
+                   f"{parallel.gradient_as_bucket_view}: reducer buckets "
+                   + ("alias the gradients" if parallel.gradient_as_bucket_view else "hold a copy of every gradient"))
+    out.append(f"NCCL buffers: {NCCL_BYTES // MiB} MiB per GPU outside the caching allocator (a model, not measured)")
+    return tuple(out)

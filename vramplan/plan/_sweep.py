@@ -1,0 +1,116 @@
+"""`vramplan sweep`: the per-GPU estimate over a product of setups, as a pandas DataFrame.
+
+pandas is imported only inside `sweep()` (the estimate path never imports it). Bytes stay
+int64 columns; the verdict is core/_verdict.py, as for every command.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict
+from itertools import product
+
+from vramplan.core._components import ALLOCATED
+from vramplan.core._errors import UsageError, VramplanError, require
+from vramplan.core._gpus import Gpu, resolve_gpu
+from vramplan.core._models import ModelSpec, resolve
+from vramplan.core._verdict import verdict
+from vramplan.plan._planner import TIGHT, Evaluator
+from vramplan.core._setup import TrainSetup, check_given, parse_targets
+from vramplan.plan._sharding import Parallel
+
+SETUP_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSetup))
+PARALLEL_AXES = ("gpus", "strategy", "offload")
+MAX_ROWS = 100_000
+
+
+def _values(name: str, value) -> list:
+    """An axis: a list (or tuple/range, except for targets whose tuple is one value) of values."""
+    if name == "targets":
+        values = value if isinstance(value, list) else [value]
+        values = [parse_targets(v) if isinstance(v, str) else tuple(v) for v in values]
+    elif isinstance(value, (list, tuple, range)):
+        values = list(value)
+    else:
+        values = [value]
+    if not values:
+        raise UsageError(f"sweep axis {name} is empty", hint=f"give at least one value for {name}")
+    return values
+
+
+def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: TrainSetup | None = None,
+          gpus=1, strategy=None, offload="none", tight: float = TIGHT, alloc_conf=None, **axes):
+    """One row per combination of the given values, e.g.
+    sweep("mistralai/Mistral-7B-v0.1", gpu="24GB", batch=[1, 2, 4, 8], seq=[512, 2048, 8192]).
+    Any TrainSetup field may be a list; so may gpus, strategy and offload. A combination that cannot
+    run is kept as a row with `error` (the one-line reason) and fits None; every other row has
+    error None."""
+    pd = require("pandas", "export")
+    spec = model if isinstance(model, ModelSpec) else resolve(model)
+    base = setup or TrainSetup()
+    g = resolve_gpu(gpu) if gpu is not None else None
+    unknown = sorted(set(axes) - set(SETUP_FIELDS))
+    if unknown:
+        raise UsageError(f"unknown sweep axis {', '.join(unknown)}",
+                         hint=f"axes are TrainSetup fields ({', '.join(SETUP_FIELDS)}) and gpus, strategy, offload")
+    grid = {name: _values(name, value) for name, value in axes.items()}
+    for name, values in grid.items():  # a typo or an out-of-range value is bad input, not a row
+        for value in values:
+            base.with_(**{name: value})
+    par_grid = {"gpus": _values("gpus", gpus), "strategy": _values("strategy", strategy),
+                "offload": _values("offload", offload)}
+    names = list(grid) + list(par_grid)
+    combos = 1
+    for v in (*grid.values(), *par_grid.values()):
+        combos *= len(v)
+    if combos > MAX_ROWS:
+        raise UsageError(f"sweep of {combos:,} setups is too large (max {MAX_ROWS:,})", hint="give fewer values")
+    evaluators: dict[Parallel, Evaluator] = {}
+    rows, first_error = [], None
+    for values in product(*grid.values(), *par_grid.values()):
+        chosen = dict(zip(names, values))
+        par = Parallel(gpus=chosen.pop("gpus"), strategy=chosen.pop("strategy"), offload=chosen.pop("offload"))
+        row = {"model": spec.id, "gpu": g.name if g else None, "gpu_memory_bytes": g.memory_bytes if g else None,
+               "gpus": par.gpus, "strategy": par.strategy, "offload": par.offload}
+        try:
+            s = base.with_(**chosen)
+            check_given(s, chosen)  # a swept value the row's method does not use (quant with full)
+            ev = evaluators.get(par)
+            if ev is None:
+                ev = evaluators[par] = Evaluator(spec, par, g, alloc_conf)
+            est = ev.estimate(s, g)
+        except VramplanError as exc:
+            # A combination that cannot run (Gemma-2 with sdpa, quant with full, ...) is a row with
+            # its reason, not the end of the sweep.
+            d = {**asdict(base), **chosen}
+            d["targets"] = ",".join(d["targets"])
+            row.update(d)
+            first_error = first_error or exc
+            row.update({"fits": None, "error": str(exc)})
+            rows.append(row)
+            continue
+        d = s.to_dict()
+        d["targets"] = ",".join(s.targets)
+        row.update(d)
+        row.update({c.value: est.components[c.value] for c in ALLOCATED})
+        row.update({"peak_allocated_bytes": est.peak_allocated_bytes, "reserved_bytes": est.reserved_bytes,
+                    "device_total_bytes": est.device_total_bytes, "cpu_bytes": est.cpu_bytes,
+                    "paged_optimizer_bytes": est.paged_optimizer_bytes, "peak_phase": est.peak_phase})
+        if g is not None:
+            row["headroom_bytes"] = g.memory_bytes - est.device_total_bytes
+            row["status"] = verdict(est.device_total_bytes, g.memory_bytes, tight, est.allocator_oom)
+            row["fits"] = row["status"] != "no"
+        row["error"] = None
+        rows.append(row)
+    if all(r["error"] for r in rows):
+        raise first_error  # nothing ran: the reason itself is the answer
+    df = pd.DataFrame(rows)
+    # Byte columns stay integers (nullable Int64: error rows have no figures).
+    for col in df.columns:
+        if col.endswith("_bytes") or col in {c.value for c in ALLOCATED}:
+            if df[col].isna().any():
+                df[col] = df[col].astype("Int64")
+    df = df[[c for c in df.columns if c != "error"] + ["error"]].astype({"error": object})
+    df["error"] = df["error"].where(df["error"].notna(), None)
+    if g is None:
+        df = df.drop(columns=["gpu", "gpu_memory_bytes"])
+    return df

@@ -1,0 +1,153 @@
+"""Records on disk: one JSON file per run, written atomically, read back from a file or a folder.
+
+Atomic: the JSON goes to a hidden temporary file in the destination folder (same file system),
+is flushed and fsync'ed, then os.replace()d onto its final name (POSIX rename is atomic). A
+reader therefore sees either no record or a whole one; an interruption (Ctrl-C, a kill) can at
+worst leave a hidden `.*.tmp` file, which every reader here skips and the next write removes
+when it is older than an hour.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+from vramplan.core._errors import UsageError, VramplanError
+from vramplan.profile._record import Record
+
+SUFFIX = ".json"
+TMP_PREFIX = ".tmp-"
+STALE_TMP_SECONDS = 3600
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a model id or path: 'meta-llama/Llama-2-7b-hf' -> 'Llama-2-7b-hf'."""
+    base = str(text).rstrip("/").rsplit("/", 1)[-1] or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", base)[:60].strip("._-") or "model"
+
+
+def record_id(model_id: str, setup: dict, device: str, created: str) -> str:
+    """<model>_<method>[-<quant>]_b<batch>_s<seq>_<gc|nogc>_<optimizer>_<device>_<UTC time>."""
+    method = setup["method"] + (f"-{setup['quant']}" if setup.get("quant") else "")
+    stamp = re.sub(r"[^0-9T]", "", created)[:15]
+    dev = device.split(":")[0]
+    ckpt = "gc" if setup.get("grad_ckpt") else "nogc"
+    return f"{slug(model_id)}_{method}_b{setup['batch']}_s{setup['seq']}_{ckpt}_{setup['optimizer']}_{dev}_{stamp}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` so that `path` is either absent or complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{path.name}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt included: never leave the temporary behind
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_move(src: Path, dest: Path) -> Path:
+    """Move a finished file (e.g. a memory snapshot written by the child) into place atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dest)
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def unique_path(folder: Path, stem: str, suffix: str = SUFFIX) -> Path:
+    path = folder / f"{stem}{suffix}"
+    n = 2
+    while path.exists():
+        path = folder / f"{stem}-{n}{suffix}"
+        n += 1
+    return path
+
+
+def write_record(record: Record, folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is a file, not a folder", hint="give the folder records go to, e.g. profiles/")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VramplanError(f"cannot create {folder}: {exc.strerror}", hint="pick another --out folder") from None
+    clean_stale_temporaries(folder)
+    path = unique_path(folder, record.id)
+    data = (json.dumps(record.to_dict(), indent=1, sort_keys=False) + "\n").encode()
+    try:
+        return atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise VramplanError(f"cannot write {path}: {exc.strerror}", hint="check the --out folder") from None
+
+
+def clean_stale_temporaries(folder: Path) -> None:
+    now = time.time()
+    for tmp in folder.glob(f"{TMP_PREFIX}*"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def record_files(path: str | os.PathLike) -> list[Path]:
+    """The record files under `path`: the file itself, or every visible *.json below a folder."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(f for f in p.rglob(f"*{SUFFIX}")
+                      if not any(part.startswith(".") for part in f.relative_to(p).parts))
+    raise UsageError(f"no such file or folder: {path}", hint="give a record file or a folder of records, e.g. profiles/")
+
+
+def read_record(path: Path) -> Record:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VramplanError(f"cannot read record {path}: {exc}", hint="is it a vramplan profile record?") from None
+    try:
+        return Record.from_dict(data)
+    except VramplanError as exc:
+        raise VramplanError(f"{path}: {exc.message}", hint=exc.hint) from None
+
+
+def read_records(path: str | os.PathLike, strict: bool = False) -> list[tuple[Path, Record]]:
+    """(path, record) for each record under `path`. In a folder, JSON files that are not records
+    are skipped unless strict; a file given by name must be a record."""
+    files = record_files(path)
+    out = []
+    for f in files:
+        try:
+            out.append((f, read_record(f)))
+        except VramplanError:
+            if strict or Path(path).is_file():
+                raise
+    if not out:
+        raise VramplanError(f"no profile records in {path}", hint="write some with `vramplan profile ... --out DIR`")
+    return out
