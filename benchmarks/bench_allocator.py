@@ -2,7 +2,8 @@
 
 The stream is the real alloc/free order of a resnet18 training step (tests/data/allocator/
 zdevito_resnet18_trainstep_ops.json), its leftover blocks freed at the end of each step, repeated
-until it holds 1,000,000 events; keys are ints. Target: 1M events in under 2 s.
+until it holds 1,000,000 events; keys are ints. Target: 1M events in under 2 s (best of 3,
+CPU time and wall time both printed).
 Run: python benchmarks/bench_allocator.py
 """
 from __future__ import annotations
@@ -34,15 +35,18 @@ def training_steps(n_events: int = N_EVENTS) -> list[tuple]:
 
 
 def main() -> None:
-    from vramplan.cuda._allocator import replay_allocations
+    from vramplan.cuda._replay import replay_allocations
 
     events = training_steps()
-    best = float("inf")
+    best_wall = best_cpu = float("inf")
     for _ in range(3):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         result = replay_allocations(events)
-        best = min(best, time.perf_counter() - start)
-    print(f"{len(events):,} events in {best:.2f} s: {len(events) / best:,.0f} events/s "
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    # CPU time is what the replay costs; wall time also counts whatever else the machine runs
+    print(f"{len(events):,} events in {best_cpu:.2f} s CPU ({best_wall:.2f} s wall): "
+          f"{len(events) / best_cpu:,.0f} events/s "
           f"(peak reserved {result.peak_reserved_bytes:,} B, {result.segments} segments)")
 
 

@@ -17,7 +17,7 @@ from test_agreement import CASES, spec_of  # noqa: E402
 
 from vramplan import TrainSetup, estimate  # noqa: E402
 from vramplan.core._models import resolve  # noqa: E402
-from vramplan.cuda._allocator import replay_allocations  # noqa: E402
+from vramplan.cuda._replay import replay_allocations  # noqa: E402
 from vramplan.estimate._events import step_stream  # noqa: E402
 from vramplan.estimate._inventory import static_memory  # noqa: E402
 

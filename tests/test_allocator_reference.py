@@ -207,7 +207,7 @@ def case_empty_cache_increments_num_sync_all_streams(case):
 
 
 def case_zero_size_alloc_no_change(case):
-    from vramplan.cuda._allocator import replay_allocations
+    from vramplan.cuda._replay import replay_allocations
 
     r = replay_allocations([("alloc", "z", 0)])
     assert r.allocated_bytes == 0 and r.reserved_bytes == 0

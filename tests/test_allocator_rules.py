@@ -4,8 +4,8 @@ never copied from the model's output."""
 import pytest
 
 from vramplan.cuda._alloc_conf import AllocConf
-from vramplan.cuda._allocator import (CachingAllocator, OutOfMemory, get_allocation_size, replay_allocations,
-                                     round_size)
+from vramplan.cuda._allocator import CachingAllocator, OutOfMemory, get_allocation_size, round_size
+from vramplan.cuda._replay import replay_allocations
 from vramplan.core._errors import UsageError
 
 MiB = 2**20

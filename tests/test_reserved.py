@@ -12,7 +12,7 @@ from vramplan.core._gpus import Gpu
 from vramplan.core._models import resolve
 from vramplan.core._setup import TrainSetup
 from vramplan.core._verdict import TIGHT, verdict
-from vramplan.cuda._allocator import replay_allocations
+from vramplan.cuda._replay import replay_allocations
 from vramplan.cuda._arch import ASSUMED
 from vramplan.cuda._cublas import workspace_bytes
 from vramplan.cuda._reserved import replay_stream

@@ -39,6 +39,6 @@ def __getattr__(name: str):
         import vramplan.plan
         return vramplan.plan if name == "plan" else getattr(vramplan.plan, name)
     if name in ("replay_allocations", "AllocatorReplay"):
-        from vramplan.cuda import _allocator as allocator
-        return getattr(allocator, name)
+        from vramplan.cuda import _replay
+        return getattr(_replay, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

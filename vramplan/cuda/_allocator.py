@@ -15,7 +15,6 @@ Streams are plain keys; where the C++ orders streams by pointer, the model order
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 from vramplan.core._errors import UsageError
@@ -206,16 +205,25 @@ class _Usage:
 SegmentBase = Callable[[str, int, object, bool], int]
 
 
+FIRST_SEGMENT_ADDRESS = 1 << 40
+
+
+def segment_after(base: int, size: int) -> int:
+    """The default address of the segment after one of `size` bytes at `base`: 2 MiB aligned with a
+    gap of at least 2 MiB, so segments never touch."""
+    return base + (size + 2 * SMALL_BUFFER - 1) // SMALL_BUFFER * SMALL_BUFFER
+
+
 class _BumpAddresses:
     """Default segment addresses: increasing, 2 MiB aligned, never adjacent (cudaMalloc gives no
     guarantee of contiguity, and blocks never merge across segments anyway)."""
 
-    def __init__(self, start: int = 1 << 40):
+    def __init__(self, start: int = FIRST_SEGMENT_ADDRESS):
         self.next = start
 
     def __call__(self, action: str, size: int, stream, is_small: bool) -> int:
         base = self.next
-        self.next = base + (size + 2 * SMALL_BUFFER - 1) // SMALL_BUFFER * SMALL_BUFFER
+        self.next = segment_after(base, size)
         return base
 
 
@@ -933,110 +941,3 @@ def _check_bytes(name: str, value) -> int | None:
         raise UsageError(f"{name} must be a non-negative number of bytes, got {value!r}",
                          hint="bytes are ints; None means unlimited")
     return value
-
-
-# --- replay ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class AllocatorReplay:
-    """What the allocator did over an event stream. Byte counts are ints. `largest_free_block_bytes`
-    and `fragmentation_bytes` (reserved - allocated) are taken when reserved first reached its peak
-    (`peak_reserved_index`, the event index; -1 = the starting state). Replay stops at the first
-    OOM, as the program would: `oom` then names that event and the state just after the failure
-    (the failed malloc may already have released cached segments)."""
-
-    events: int
-    peak_allocated_bytes: int
-    peak_reserved_bytes: int
-    allocated_bytes: int
-    reserved_bytes: int
-    num_alloc_retries: int
-    num_ooms: int
-    segments: int
-    largest_free_block_bytes: int
-    fragmentation_bytes: int
-    peak_reserved_index: int
-    peak_allocated_index: int
-    oom: dict | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def replay_allocations(events: Iterable[tuple], alloc_conf: AllocConf | str | None = "",
-                       capacity: int | None = None, *, memory_limit: int | None = None,
-                       initial_segments: list[dict] | None = None,
-                       segment_base: SegmentBase | None = None) -> AllocatorReplay:
-    """Replay ("alloc", key, nbytes[, stream]) / ("free", key) / ("empty_cache",) events through a
-    fresh CachingAllocator (optionally started from `initial_segments`, whose allocated blocks are
-    freed by their `id`). Zero-byte allocations never reach the allocator."""
-    allocator = CachingAllocator(alloc_conf, capacity=capacity, memory_limit=memory_limit,
-                                 segment_base=segment_base)
-    live = allocator.load_segments(initial_segments) if initial_segments else {}
-    return run_replay(allocator, events, live)
-
-
-def run_replay(allocator: CachingAllocator, events: Iterable[tuple], live: dict | None = None,
-               on_alloc: Callable[[int, int], None] | None = None) -> AllocatorReplay:
-    """The replay loop over an existing allocator. `live` maps keys to addresses (blocks already
-    allocated); `on_alloc(event_index, address)` sees every successful allocation."""
-    live = {} if live is None else live
-    malloc, free = allocator.malloc, allocator.free
-    peak_reserved, peak_reserved_index = allocator.total_reserved, -1
-    peak_allocated, peak_allocated_index = allocator.allocated, -1
-    largest_at_peak = allocator.largest_free_block()
-    allocated_at_peak = allocator.allocated
-    oom, index = None, -1
-    for index, event in enumerate(events):
-        op = event[0]
-        if op == "alloc":
-            key, nbytes = event[1], event[2]
-            if key in live:
-                raise UsageError(f"event {index}: key {key!r} is allocated twice",
-                                 hint="free it before allocating it again")
-            if nbytes.__class__ is not int or nbytes <= 0:
-                _check_event_size(index, nbytes)
-                if nbytes == 0:         # zero-byte tensors never reach the allocator
-                    live[key] = None
-                    continue
-            try:
-                address = malloc(nbytes, event[3] if len(event) > 3 else 0)
-            except OutOfMemory:
-                oom = {"index": index, "key": key, "nbytes": nbytes,
-                       "reserved_bytes": allocator.total_reserved, "allocated_bytes": allocator.allocated}
-                break
-            live[key] = address
-            if on_alloc is not None:
-                on_alloc(index, address)
-            if allocator.allocated > peak_allocated:
-                peak_allocated, peak_allocated_index = allocator.allocated, index
-            if allocator.total_reserved > peak_reserved:
-                peak_reserved, peak_reserved_index = allocator.total_reserved, index
-                largest_at_peak = allocator.largest_free_block()
-                allocated_at_peak = allocator.allocated
-        elif op == "free":
-            try:
-                address = live.pop(event[1])
-            except KeyError:
-                raise UsageError(f"event {index}: free of {event[1]!r}, which is not allocated",
-                                 hint="every free needs an earlier alloc of the same key") from None
-            if address is not None:
-                free(address)
-        elif op == "empty_cache":
-            allocator.empty_cache()
-        else:
-            raise UsageError(f"event {index}: unknown action {op!r}",
-                             hint="events are ('alloc', key, nbytes[, stream]), ('free', key) or ('empty_cache',)")
-    return AllocatorReplay(
-        events=index + 1, peak_allocated_bytes=peak_allocated, peak_reserved_bytes=peak_reserved,
-        allocated_bytes=allocator.allocated, reserved_bytes=allocator.total_reserved,
-        num_alloc_retries=allocator.num_alloc_retries, num_ooms=allocator.num_ooms,
-        segments=len(allocator.segments()), largest_free_block_bytes=largest_at_peak,
-        fragmentation_bytes=peak_reserved - allocated_at_peak, peak_reserved_index=peak_reserved_index,
-        peak_allocated_index=peak_allocated_index, oom=oom)
-
-
-def _check_event_size(index: int, nbytes) -> None:
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise UsageError(f"event {index}: size {nbytes!r} is not a byte count",
-                         hint="sizes are non-negative ints")

@@ -37,31 +37,18 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 
 from vramplan.cuda._alloc_conf import AllocConf
-from vramplan.cuda._allocator import MIN_LARGE_ALLOC, ROUND_LARGE, SMALL_BUFFER, SMALL_SIZE
+from vramplan.cuda._allocator import (FIRST_SEGMENT_ADDRESS, MIN_LARGE_ALLOC, ROUND_LARGE, SMALL_BUFFER, SMALL_SIZE,
+                                      segment_after)
+from vramplan.cuda._replay import release_whole_segments
 from vramplan.cuda._reserved import ReservedPeak, lumpable
 
 _MASK = (1 << 64) - 1       # free-list keys: size << 64 | address
-_FIRST_SEGMENT = 1 << 40      # allocator._BumpAddresses start
 
 
 def covers(conf: AllocConf) -> bool:
     """Whether the one-pass replay applies to these settings (the module docstring)."""
     return (conf.backend == "native" and not conf.expandable_segments and not conf.max_split_size_set
             and lumpable(conf))
-
-
-def _release(free_keys: list, free_at: dict, free_end: dict, segments: dict) -> int:
-    """release_cached_blocks: cudaFree every cached block that is a whole segment; the bytes freed."""
-    freed = 0
-    for k in list(free_keys):
-        ptr, size = k & _MASK, k >> 64
-        if segments.get(ptr) == size:
-            del free_keys[bisect_left(free_keys, k)]
-            del free_at[ptr]
-            del free_end[ptr + size]
-            del segments[ptr]
-            freed += size
-    return freed
 
 
 def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocConf,
@@ -89,7 +76,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
     take, put, find = free_keys.pop, insort, bisect_left
     start_pop, end_pop = free_at.pop, free_end.pop
     large = allocated = 0    # large pool reserved and allocated bytes
-    next_address = _FIRST_SEGMENT
+    next_address = FIRST_SEGMENT_ADDRESS
     small_reserved = 0       # the small pool's segments
     peak_reserved = fragmentation = peak_allocated = retries = 0
     oom = None
@@ -103,7 +90,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             if allocated + pending_high > peak_allocated:
                 peak_allocated = allocated + pending_high
             if capacity is not None and large + pending_need > capacity:
-                large -= _release(free_keys, free_at, free_end, segments)
+                large -= release_whole_segments(free_keys, free_at, free_end, segments)
                 retries += 1
                 if large + pending_need > capacity:
                     oom = _oom(pending_index, pending_need - small_reserved, large + small_reserved,
@@ -157,7 +144,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                 if allocated + pending_high > peak_allocated:
                     peak_allocated = allocated + pending_high
                 if capacity is not None and large + pending_need > capacity:
-                    large -= _release(free_keys, free_at, free_end, segments)
+                    large -= release_whole_segments(free_keys, free_at, free_end, segments)
                     retries += 1
                     if large + pending_need > capacity:
                         oom = _oom(pending_index, pending_need - small_reserved, large + small_reserved,
@@ -186,13 +173,13 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                 else:                # get_allocation_size, alloc_block
                     found = segment_small if size < min_large else -(-size // round_large) * round_large
                     if capacity is not None and large + found > capacity - small_reserved:
-                        large -= _release(free_keys, free_at, free_end, segments)
+                        large -= release_whole_segments(free_keys, free_at, free_end, segments)
                         retries += 1
                         if large + found > capacity - small_reserved:
                             oom = _oom(index - 1, n, large + small_reserved, allocated + level, phase, module)
                             break
                     ptr = next_address
-                    next_address = ptr + (found + 2 * buffer - 1) // buffer * buffer
+                    next_address = segment_after(ptr, found)
                     segments[ptr] = found
                     large += found
                 rest = found - size

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 
 from vramplan.core._errors import UsageError
 from vramplan.cuda._alloc_conf import AllocConf
-from vramplan.cuda._allocator import SMALL_BUFFER, CachingAllocator, OutOfMemory, round_size, run_replay
+from vramplan.cuda._allocator import SMALL_BUFFER, CachingAllocator, OutOfMemory, round_size
+from vramplan.cuda._replay import run_replay
 
 MAX_FILE_BYTES = 2 * 2**30        # larger files are refused rather than read into memory
 GZIP_MAGIC = b"\x1f\x8b"

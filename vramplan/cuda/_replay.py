@@ -1,0 +1,303 @@
+"""Replaying an event stream through the caching-allocator model: `replay_allocations`, the public
+API (docs/allocator.md#api).
+
+Two loops give the same result. The general one drives a `CachingAllocator` (cuda/_allocator.py)
+event by event; every setting, starting segments and chosen segment addresses go there. Under the
+settings most runs use (no expandable segments, no max_split_size, no roundup_power2_divisions,
+no memory fraction) with the default segment addresses, `_replay_plain` runs the same rules
+(docs/allocator.md#rules 1-7 and 10) with each pool kept as ints in a sorted list and dicts
+instead of linked `_Block` objects, about twice as fast (docs/allocator.md#plain-replay).
+tests/test_allocator_replay.py holds the two equal field for field, addresses included.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+from vramplan.core._errors import UsageError
+from vramplan.cuda._alloc_conf import AllocConf, as_conf
+from vramplan.cuda._allocator import (MIN_BLOCK_SIZE, ONE_EXABYTE, SMALL_SIZE, CachingAllocator,
+                                      FIRST_SEGMENT_ADDRESS, OutOfMemory, SegmentBase, get_allocation_size,
+                                      segment_after)
+
+_MASK = (1 << 64) - 1        # free-list keys: size << 64 | address (BlockComparatorSize)
+
+
+@dataclass(frozen=True)
+class AllocatorReplay:
+    """What the allocator did over an event stream. Byte counts are ints. `largest_free_block_bytes`
+    and `fragmentation_bytes` (reserved - allocated) are taken when reserved first reached its peak
+    (`peak_reserved_index`, the event index; -1 = the starting state). Replay stops at the first
+    OOM, as the program would: `oom` then names that event and the state just after the failure
+    (the failed malloc may already have released cached segments)."""
+
+    events: int
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    allocated_bytes: int
+    reserved_bytes: int
+    num_alloc_retries: int
+    num_ooms: int
+    segments: int
+    largest_free_block_bytes: int
+    fragmentation_bytes: int
+    peak_reserved_index: int
+    peak_allocated_index: int
+    oom: dict | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def replay_allocations(events: Iterable[tuple], alloc_conf: AllocConf | str | None = "",
+                       capacity: int | None = None, *, memory_limit: int | None = None,
+                       initial_segments: list[dict] | None = None,
+                       segment_base: SegmentBase | None = None) -> AllocatorReplay:
+    """Replay ("alloc", key, nbytes[, stream]) / ("free", key) / ("empty_cache",) events through a
+    fresh CachingAllocator (optionally started from `initial_segments`, whose allocated blocks are
+    freed by their `id`). Zero-byte allocations never reach the allocator."""
+    conf = as_conf(alloc_conf)
+    if initial_segments is None and segment_base is None and memory_limit is None and plain(conf):
+        return _replay_plain(events, conf, CachingAllocator(conf, capacity=capacity).capacity)
+    allocator = CachingAllocator(conf, capacity=capacity, memory_limit=memory_limit,
+                                 segment_base=segment_base)
+    live = allocator.load_segments(initial_segments) if initial_segments else {}
+    return run_replay(allocator, events, live)
+
+
+def plain(conf: AllocConf) -> bool:
+    """Settings whose rules are only docs/allocator.md#rules 1-7 and 10, without their optional
+    branches: what `_replay_plain` covers."""
+    return (conf.backend == "native" and not conf.expandable_segments and not conf.max_split_size_set
+            and not any(d > 1 for d in conf.roundup_power2_divisions))
+
+
+def run_replay(allocator: CachingAllocator, events: Iterable[tuple], live: dict | None = None,
+               on_alloc: Callable[[int, int], None] | None = None) -> AllocatorReplay:
+    """The replay loop over an existing allocator. `live` maps keys to addresses (blocks already
+    allocated); `on_alloc(event_index, address)` sees every successful allocation."""
+    live = {} if live is None else live
+    malloc, free = allocator.malloc, allocator.free
+    peak_reserved, peak_reserved_index = allocator.total_reserved, -1
+    peak_allocated, peak_allocated_index = allocator.allocated, -1
+    largest_at_peak = allocator.largest_free_block()
+    allocated_at_peak = allocator.allocated
+    oom, index = None, -1
+    for index, event in enumerate(events):
+        op = event[0]
+        if op == "alloc":
+            key, nbytes = event[1], event[2]
+            if key in live:
+                _allocated_twice(index, key)
+            if nbytes.__class__ is not int or nbytes <= 0:
+                _check_event_size(index, nbytes)
+                if nbytes == 0:         # zero-byte tensors never reach the allocator
+                    live[key] = None
+                    continue
+            try:
+                address = malloc(nbytes, event[3] if len(event) > 3 else 0)
+            except OutOfMemory:
+                oom = _oom(index, key, nbytes, allocator.total_reserved, allocator.allocated)
+                break
+            live[key] = address
+            if on_alloc is not None:
+                on_alloc(index, address)
+            if allocator.allocated > peak_allocated:
+                peak_allocated, peak_allocated_index = allocator.allocated, index
+            if allocator.total_reserved > peak_reserved:
+                peak_reserved, peak_reserved_index = allocator.total_reserved, index
+                largest_at_peak = allocator.largest_free_block()
+                allocated_at_peak = allocator.allocated
+        elif op == "free":
+            try:
+                address = live.pop(event[1])
+            except KeyError:
+                _not_allocated(index, event[1])
+            if address is not None:
+                free(address)
+        elif op == "empty_cache":
+            allocator.empty_cache()
+        else:
+            _unknown_action(index, op)
+    return AllocatorReplay(
+        events=index + 1, peak_allocated_bytes=peak_allocated, peak_reserved_bytes=peak_reserved,
+        allocated_bytes=allocator.allocated, reserved_bytes=allocator.total_reserved,
+        num_alloc_retries=allocator.num_alloc_retries, num_ooms=allocator.num_ooms,
+        segments=len(allocator.segments()), largest_free_block_bytes=largest_at_peak,
+        fragmentation_bytes=peak_reserved - allocated_at_peak, peak_reserved_index=peak_reserved_index,
+        peak_allocated_index=peak_allocated_index, oom=oom)
+
+
+def _new_pool() -> tuple:
+    """One (stream, small/large) pool of the plain replay: its free blocks as sorted
+    `size << 64 | address` keys, their sizes by start address, their starts by end address, and its
+    segments' sizes by base address."""
+    return [], {}, {}, {}
+
+
+def release_whole_segments(keys: list, at: dict, ends: dict, segments: dict) -> int:
+    """release_blocks over a pool kept as ints (here and cuda/_fast_replay.py): cudaFree every
+    cached block that is a whole segment; the bytes freed."""
+    freed = 0
+    for k in list(keys):
+        ptr, size = k & _MASK, k >> 64
+        if segments.get(ptr) == size:
+            del keys[bisect_left(keys, k)]
+            del at[ptr]
+            del ends[ptr + size]
+            del segments[ptr]
+            freed += size
+    return freed
+
+
+def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None) -> AllocatorReplay:
+    """`run_replay` over a fresh allocator under `plain` settings and default segment addresses,
+    with the rules inlined. Segments never touch (the default addresses leave a gap), so a free
+    block that ends where another starts is its neighbour in the same segment."""
+    pools: dict[tuple, tuple] = {}
+    small0 = pools[(0, True)] = _new_pool()
+    large0 = pools[(0, False)] = _new_pool()
+    live: dict = {}          # key -> (address, block size, the pool's keys, starts, ends), None: 0 bytes
+    find, put, length, mask = bisect_left, insort, len, _MASK       # locals: the loop below is the hot path
+    small_size, min_block, too_large = SMALL_SIZE, MIN_BLOCK_SIZE, ONE_EXABYTE
+    next_address = FIRST_SEGMENT_ADDRESS
+    reserved = allocated = retries = ooms = 0
+    peak_reserved = peak_allocated = largest_at_peak = allocated_at_peak = 0
+    peak_reserved_index = peak_allocated_index = -1
+    oom, index = None, -1
+    for index, event in enumerate(events):
+        op = event[0]
+        if op == "alloc":
+            key, nbytes = event[1], event[2]
+            if key in live:
+                _allocated_twice(index, key)
+            if nbytes.__class__ is not int or not 0 < nbytes < too_large:
+                _check_event_size(index, nbytes)
+                if nbytes == 0:                         # zero-byte tensors never reach the allocator
+                    live[key] = None
+                    continue
+                oom = _oom(index, key, nbytes, reserved, allocated)   # NativeCachingAllocator::allocate
+                break
+            size = (nbytes + 511) & -512                # round_size (rule 1, >= 512 B)
+            small = size <= small_size                  # get_pool (rule 2)
+            if length(event) == 3 or event[3] == 0:
+                pool = small0 if small else large0
+            else:
+                pool = pools.get((event[3], small)) or pools.setdefault((event[3], small), _new_pool())
+            keys, at, ends, segments = pool
+            j = find(keys, size << 64)                  # get_free_block: best fit (rule 3)
+            if j < length(keys):
+                k = keys[j]
+                ptr, found = k & mask, k >> 64
+                del at[ptr]
+                rest = found - size                     # should_split (rule 5): the low end is taken
+                if rest >= min_block if small else rest > small_size:
+                    tail = ptr + size                   # the remainder's key sorts at or before j
+                    k = (rest << 64) | tail
+                    i = find(keys, k, 0, j)
+                    if i == j:
+                        keys[j] = k
+                    else:
+                        del keys[j]
+                        keys.insert(i, k)
+                    at[tail] = rest
+                    ends[ptr + found] = tail
+                    found = size
+                else:
+                    del keys[j]
+                    del ends[ptr + found]
+            else:                                       # alloc_block (rules 4 and 7)
+                found = get_allocation_size(size, conf)
+                if capacity is not None and reserved + found > capacity:
+                    for other in pools.values():        # release_cached_blocks, then one retry
+                        reserved -= release_whole_segments(*other)
+                    retries += 1
+                    if reserved + found > capacity:
+                        ooms += 1
+                        oom = _oom(index, key, nbytes, reserved, allocated)
+                        break
+                ptr = next_address
+                next_address = segment_after(ptr, found)
+                segments[ptr] = found
+                reserved += found
+                rest = found - size                     # should_split (rule 5)
+                if rest >= min_block if small else rest > small_size:
+                    tail = ptr + size
+                    put(keys, (rest << 64) | tail)
+                    at[tail] = rest
+                    ends[ptr + found] = tail
+                    found = size
+            live[key] = (ptr, found, keys, at, ends)
+            allocated += found
+            if allocated > peak_allocated:
+                peak_allocated, peak_allocated_index = allocated, index
+            if reserved > peak_reserved:
+                peak_reserved, peak_reserved_index, allocated_at_peak = reserved, index, allocated
+                largest_at_peak = max((p[0][-1] >> 64 for p in pools.values() if p[0]), default=0)
+        elif op == "free":
+            try:
+                block = live.pop(event[1])
+            except KeyError:
+                _not_allocated(index, event[1])
+            if block is None:
+                continue
+            ptr, size, keys, at, ends = block           # free_block, try_merge_blocks (rule 6)
+            allocated -= size
+            end = ptr + size
+            after = at.pop(end, None)                   # the free neighbour after it
+            if after is not None:
+                del keys[find(keys, (after << 64) | end)]
+                end += after
+            before = ends.pop(ptr, None)                # the free neighbour before it
+            if before is None:
+                put(keys, ((end - ptr) << 64) | ptr)
+            else:                                       # the merged key sorts after the neighbour's
+                i = find(keys, (at[before] << 64) | before)
+                ptr = before
+                k = ((end - ptr) << 64) | ptr
+                j = find(keys, k, i + 1)
+                if j == i + 1:
+                    keys[i] = k
+                else:
+                    del keys[i]
+                    keys.insert(j - 1, k)
+            at[ptr] = end - ptr
+            ends[end] = ptr
+        elif op == "empty_cache":                       # rule 10
+            for pool in pools.values():
+                reserved -= release_whole_segments(*pool)
+        else:
+            _unknown_action(index, op)
+    return AllocatorReplay(
+        events=index + 1, peak_allocated_bytes=peak_allocated, peak_reserved_bytes=peak_reserved,
+        allocated_bytes=allocated, reserved_bytes=reserved, num_alloc_retries=retries, num_ooms=ooms,
+        segments=sum(len(p[3]) for p in pools.values()), largest_free_block_bytes=largest_at_peak,
+        fragmentation_bytes=peak_reserved - allocated_at_peak, peak_reserved_index=peak_reserved_index,
+        peak_allocated_index=peak_allocated_index, oom=oom)
+
+
+# --- bad events: the same one-line errors from both loops -------------------------------------------
+
+def _oom(index: int, key, nbytes: int, reserved: int, allocated: int) -> dict:
+    return {"index": index, "key": key, "nbytes": nbytes, "reserved_bytes": reserved, "allocated_bytes": allocated}
+
+
+def _allocated_twice(index: int, key) -> None:
+    raise UsageError(f"event {index}: key {key!r} is allocated twice", hint="free it before allocating it again")
+
+
+def _not_allocated(index: int, key) -> None:
+    raise UsageError(f"event {index}: free of {key!r}, which is not allocated",
+                     hint="every free needs an earlier alloc of the same key") from None
+
+
+def _unknown_action(index: int, op) -> None:
+    raise UsageError(f"event {index}: unknown action {op!r}",
+                     hint="events are ('alloc', key, nbytes[, stream]), ('free', key) or ('empty_cache',)")
+
+
+def _check_event_size(index: int, nbytes) -> None:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise UsageError(f"event {index}: size {nbytes!r} is not a byte count",
+                         hint="sizes are non-negative ints")
