@@ -108,7 +108,6 @@ class _Ops:
         # mul backward: grad_x = g * r, grad_r = (g * x).sum(-1): a float32 product in flight
         self.op(f"{p}.mul", [x32, f"{p}.r"], [self.t(f"{p}.y32", FP32 * T * h)], saves=(x32, f"{p}.r"),
                 grads=((x32, FP32 * T * h), (f"{p}.r", FP32 * T)), bwd_work=alloc(FP32 * T * h), work_tag=ACT)
-        weight_saves = (f"{p}.y",) if self.full else ()
         if self.spec.arch.norm_style in ("gemma", "olmo"):
             # the weight multiplies the float32 product ((1 + weight) for Gemma); a trainable
             # weight saves that product for its gradient. The cast back is a new tensor unless
@@ -135,7 +134,9 @@ class _Ops:
         # until the return, i.e. through the weight multiply. Llama4TextRMSNorm casts the product
         # inside one expression (`self._norm(x.float()).type_as(x)`), which frees it first.
         product = [f"{p}.y32"] if self.spec.arch.norm_style == "llama" else []
-        self.op(f"{p}.weight", [y, *product], [self.t(out, ob * T * h)], saves=weight_saves if self.full else (),
+        # a trainable weight saves the normalized input for its gradient: `y`, which is the float32
+        # product itself when the hidden states are float32 (.to of the same dtype is a no-op)
+        self.op(f"{p}.weight", [y, *product], [self.t(out, ob * T * h)], saves=(y,) if self.full else (),
                 grads=((y, a * T * h),), param_grads=alloc(a * h) if self.full else 0)
         if ob != self.a:
             self.bytes_of[out] = ob
