@@ -41,6 +41,8 @@ CASES = [
     ("llama-gqa", dict(seq=512, method="lora")),
     ("llama-gqa", dict(seq=512, method="full")),
     ("llama-gqa", dict(seq=512, method="full", grad_ckpt=False)),
+    # float32 full fine-tuning: a trainable norm weight saves the float32 normalized input
+    ("llama-gqa", dict(seq=512, method="full", dtype="fp32", grad_ckpt=False)),
     ("llama-gqa", dict(seq=512, quant="fp4", double_quant=False)),
     ("llama-gqa", dict(seq=512, quant="int8")),
     ("llama-gqa", dict(seq=512, quant="int8", grad_ckpt=False)),
@@ -236,6 +238,24 @@ RECIPE_CASES = [
     ("llama4-interleave", "trainer", dict(seq=512, attn="eager", targets=LLAMA4)),
     ("llama4-interleave", "plain", dict(seq=512, targets=LLAMA4)),
     ("llama4-scout", "trainer", dict(seq=512, grad_ckpt=False, targets=LLAMA4)),
+    # autocast over float32 weights (docs/recipes.md#autocast-over-fp32-weights): per-call casts of
+    # frozen weights (saved without checkpointing), cached casts of trainable ones (held until the
+    # forward ends under checkpointing), bf16 q/k promoted by float32 RoPE, float32 residual stream
+    ("llama-gqa", "trainer", dict(seq=512, dtype="fp32", method="lora")),
+    ("llama-gqa", "trainer", dict(seq=512, dtype="fp32", method="lora", grad_ckpt=False)),
+    ("llama-gqa", "trainer", dict(seq=512, dtype="fp32", method="lora", amp="fp16")),
+    ("llama-gqa", "trainer", dict(seq=512, dtype="fp32", method="full")),
+    ("llama-gqa", "trainer", dict(seq=512, dtype="fp32", method="full", grad_ckpt=False)),
+    ("llama-gqa", "trl-sft", dict(seq=512, dtype="fp32", method="lora")),
+    ("llama-gqa", "plain", dict(seq=512, dtype="fp32", method="lora", amp="bf16")),
+    ("qwen2-tied-bias", "trainer", dict(seq=512, dtype="fp32", method="lora")),
+    ("qwen2-tied-bias", "trainer", dict(seq=512, dtype="fp32", method="full")),
+    ("qwen2-tied-bias", "trainer", dict(seq=512, dtype="fp32", method="full", grad_ckpt=False)),
+    ("phi3-fused", "trainer", dict(seq=512, dtype="fp32", method="lora")),
+    ("qwen3-qknorm", "trainer", dict(seq=512, dtype="fp32", method="lora", grad_ckpt=False)),
+    ("olmo2-postnorm", "trainer", dict(seq=512, dtype="fp32", method="lora", grad_ckpt=False)),
+    ("gemma3-sliding", "trainer", dict(seq=512, dtype="fp32", method="lora")),
+    ("granite-multipliers", "trainer", dict(seq=512, dtype="fp32", method="lora")),
 ]
 
 
@@ -258,3 +278,22 @@ def test_recipes_agree_with_simulate(name, recipe, flags):
         phase_error = (est.phase_peaks[phase] - sim_bytes) / sim_bytes
         assert abs(phase_error) <= TOLERANCE, (
             f"{phase} peak: estimate {est.phase_peaks[phase]:,} vs simulate {sim_bytes:,}: {phase_error:+.2%}")
+
+
+@pytest.mark.parametrize("grad_ckpt", [True, False])
+def test_amp_over_fp32_lora_agrees_on_a_catalog_model(grad_ckpt):
+    """Qwen2.5-0.5B from the bundled catalog loaded in float32 under Trainer bf16 autocast: a
+    151,936-token vocabulary and a tied lm_head whose frozen float32 weight is cast per call."""
+    from vramplan.core._models import resolve
+    from vramplan.core._setup import make_setup
+    from vramplan.simulate import simulate as run
+
+    spec = resolve("Qwen/Qwen2.5-0.5B")
+    setup = make_setup("trainer", seq=1024, dtype="fp32", method="lora", grad_ckpt=grad_ckpt)
+    trace, est = run(spec, setup), estimate(spec, setup)
+    for component in EXACT:
+        assert est.components[component] == trace.components[component], component
+    error = (est.peak_allocated_bytes - trace.peak_allocated_bytes) / trace.peak_allocated_bytes
+    assert abs(error) <= TOLERANCE, f"estimate {est.peak_allocated_bytes:,} vs simulate {trace.peak_allocated_bytes:,}"
+    for phase, sim_bytes in trace.phase_peaks.items():
+        assert abs(est.phase_peaks[phase] - sim_bytes) <= TOLERANCE * sim_bytes, phase

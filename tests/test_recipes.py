@@ -111,7 +111,12 @@ def test_unknown_recipe_is_one_line(capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(amp="bf16", dtype="fp32"), "--amp bf16 is modelled for bf16 weights (got --dtype fp32)"),
+    (dict(amp="bf16", dtype="fp32"), "--amp bf16 is modelled for bf16 weights, or fp32 weights with --method "
+                                     "lora / full (got --dtype fp32, --method qlora)"),
+    (dict(amp="bf16", dtype="fp16", method="lora"), "--amp bf16 is modelled for bf16 weights, or fp32 weights "
+                                                    "with --method lora / full (got --dtype fp16, --method lora)"),
+    (dict(amp="bf16", dtype="fp32", method="full", attn="eager"), "--amp bf16 over --dtype fp32 is modelled for "
+                                                                  "--attn sdpa"),
     (dict(amp="bf16", prepare_kbit=True, attn="eager"),
      "--amp bf16 with --prepare-kbit is modelled for 4-bit quantization and --attn sdpa"),
     (dict(loop="eager"), "unknown loop 'eager'"),
@@ -201,6 +206,37 @@ def test_emulated_autocast_casts_per_cuda_lists_and_caches_weights():
         assert not state.cache and not torch.is_autocast_enabled()
 
 
+def test_emulated_autocast_casts_a_frozen_weight_per_call_and_saves_the_cast():
+    """autocast_mode.cpp cached_cast caches float32 leaves that require grad only: a frozen
+    float32 weight is cast on every call, and mm keeps that cast for the input's gradient."""
+    from vramplan.simulate._autocast import emulate_cuda_autocast
+
+    F = torch.nn.functional
+    w = torch.zeros(3, 8, device="meta")                       # frozen: requires_grad=False
+    x = torch.zeros(4, 8, device="meta", requires_grad=True) * 2   # a hidden state: no leaf
+    with emulate_cuda_autocast() as state:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            before = state.casts
+            y = F.linear(x, w)
+            F.linear(x, w)
+            assert state.casts - before == 4 and not state.cache   # input and weight, twice; nothing cached
+            assert y.grad_fn._saved_mat2.dtype == torch.bfloat16    # the weight's cast, held for backward
+            view = torch.nn.Parameter(torch.zeros(8, 3, device="meta")).t()
+            F.linear(x, view)
+            assert not state.cache                                  # a view is never cached
+
+
+def test_amp_over_fp32_refuses_moe_layers_in_the_estimate():
+    from vramplan.core._models import spec_from_config
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).parent / "configs" / "mixtral-moe.json").read_text())
+    spec = spec_from_config(config, "mixtral-moe", "tests/configs")
+    with pytest.raises(UsageError, match="not modelled for mixture-of-experts layers"):
+        estimate(spec, TrainSetup(method="lora", dtype="fp32", amp="bf16", seq=512))
+
+
 def test_checkpoint_recomputation_reenters_emulated_autocast():
     from torch.utils.checkpoint import checkpoint
 
@@ -229,7 +265,8 @@ pytest.importorskip("bitsandbytes")
 
 
 @pytest.mark.parametrize("recipe, flags", [("plain", {}), (None, {"optimizer": "adamw_fused"}),
-                                           ("trainer", {}), ("trl-sft", {}), ("qlora-paper", {})])
+                                           ("trainer", {}), ("trl-sft", {}), ("qlora-paper", {}),
+                                           ("trainer", {"dtype": "fp32", "method": "lora"})])
 def test_meta_agrees_with_a_real_cpu_run_per_recipe(tiny_spec, recipe, flags):
     """On the CPU autocast is real CPU autocast (torch.autocast("cpu")), fused AdamW is torch's CPU
     kernel and TRL's loss takes its off-CUDA path; the static state must match to the byte."""

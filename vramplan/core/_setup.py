@@ -99,10 +99,18 @@ class TrainSetup:
         _choice("--loss", self.loss, LOSSES)
         if self.recipe is not None:
             _choice("--recipe", self.recipe, tuple(RECIPES))
-        if self.amp != "none" and self.dtype != self.amp:
-            # autocast over float32 weights changes the dtype of every op: not modelled
-            raise UsageError(f"--amp {self.amp} is modelled for {self.amp} weights (got --dtype {self.dtype})",
-                             hint=f"use --dtype {self.amp}, or --amp none")
+        if self.amp != "none" and self.dtype != self.amp and not self.amp_over_fp32:
+            # autocast over float32 weights is modelled for unquantized weights (lora, full);
+            # QLoRA's float32 hidden states under autocast are --prepare-kbit (docs/recipes.md#limits)
+            hint = (f"use --dtype {self.amp}, or --prepare-kbit for float32 hidden states" if self.quantized
+                    else f"use --dtype {self.amp} or fp32, or --amp none")
+            raise UsageError(f"--amp {self.amp} is modelled for {self.amp} weights, or fp32 weights with --method "
+                             f"lora / full (got --dtype {self.dtype}, --method {self.method})", hint=hint)
+        if self.amp_over_fp32 and self.attn != "sdpa":
+            # eager attention over float32 hidden states under autocast (a float32 mask promoting
+            # 16-bit scores) is not modelled (docs/recipes.md#limits)
+            raise UsageError(f"--amp {self.amp} over --dtype fp32 is modelled for --attn sdpa",
+                             hint=f"use --attn sdpa, or --dtype {self.amp}")
         if self.recast and not _recast_applies(lambda k: getattr(self, k)):
             raise UsageError("--recast is qlora.py's bf16 cast after get_peft_model: it applies with --method qlora "
                              "(nf4 or fp4), --prepare-kbit, --dtype bf16 and --amp bf16",
@@ -138,6 +146,12 @@ class TrainSetup:
     @property
     def autocast(self) -> bool:
         return self.amp != "none"
+
+    @property
+    def amp_over_fp32(self) -> bool:
+        """torch.autocast over float32 weights (--dtype fp32 --amp bf16 / fp16) with --method lora or
+        full: every hidden state float32, matmuls in the autocast dtype (docs/recipes.md#autocast-over-fp32-weights)."""
+        return self.autocast and self.dtype == "fp32" and not self.quantized
 
     @property
     def fused_adamw(self) -> bool:

@@ -377,8 +377,16 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
     out.append(f"micro-batch {setup.batch} x sequence {setup.seq} tokens, no padding, labels = input_ids, {loss}")
     cache = ("adapter weights already bf16: nothing cast or cached" if setup.recast
              else "adapter weight casts cached until the forward ends")
-    out.append(f"torch.autocast({setup.amp}) around the forward: matmuls in {setup.amp}, LoRA inputs not cast "
-               f"to fp32, {cache}" if setup.autocast else "no autocast: every op in its inputs' dtype")
+    if setup.amp_over_fp32:
+        # docs/recipes.md#autocast-over-fp32-weights
+        trained = "every weight" if setup.method == "full" else "LoRA A / B"
+        out.append(f"torch.autocast({setup.amp}) over fp32 weights: every linear casts its input and weight to "
+                   f"{setup.amp}; frozen weights cast per call (the cast saved for backward), {trained} cast once "
+                   "and cached until the forward ends; residual stream, norms, RoPE and the loss in fp32; "
+                   "fp32 gradients and optimizer states")
+    else:
+        out.append(f"torch.autocast({setup.amp}) around the forward: matmuls in {setup.amp}, LoRA inputs not cast "
+                   f"to fp32, {cache}" if setup.autocast else "no autocast: every op in its inputs' dtype")
     out.append("loop: `out = model(**batch)` keeps the logits through backward and opt.step()" if setup.loop == "plain"
                else "loop: only the loss outlives the forward (Trainer compute_loss)")
     out.append("gradient checkpointing (non-reentrant) on every decoder layer" if setup.grad_ckpt

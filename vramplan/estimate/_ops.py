@@ -108,7 +108,6 @@ class _Ops:
         # mul backward: grad_x = g * r, grad_r = (g * x).sum(-1): a float32 product in flight
         self.op(f"{p}.mul", [x32, f"{p}.r"], [self.t(f"{p}.y32", FP32 * T * h)], saves=(x32, f"{p}.r"),
                 grads=((x32, FP32 * T * h), (f"{p}.r", FP32 * T)), bwd_work=alloc(FP32 * T * h), work_tag=ACT)
-        weight_saves = (f"{p}.y",) if self.full else ()
         if self.spec.arch.norm_style in ("gemma", "olmo"):
             # the weight multiplies the float32 product ((1 + weight) for Gemma); a trainable
             # weight saves that product for its gradient. The cast back is a new tensor unless
@@ -135,7 +134,9 @@ class _Ops:
         # until the return, i.e. through the weight multiply. Llama4TextRMSNorm casts the product
         # inside one expression (`self._norm(x.float()).type_as(x)`), which frees it first.
         product = [f"{p}.y32"] if self.spec.arch.norm_style == "llama" else []
-        self.op(f"{p}.weight", [y, *product], [self.t(out, ob * T * h)], saves=weight_saves if self.full else (),
+        # a trainable weight saves the normalized input for its gradient: `y`, which is the float32
+        # product itself when the hidden states are float32 (.to of the same dtype is a no-op)
+        self.op(f"{p}.weight", [y, *product], [self.t(out, ob * T * h)], saves=(y,) if self.full else (),
                 grads=((y, a * T * h),), param_grads=alloc(a * h) if self.full else 0)
         if ob != self.a:
             self.bytes_of[out] = ob
@@ -156,23 +157,26 @@ class _Ops:
                 # bnb int8_scaled_mm on CUDA: an int32 product, then fp16 (backends/cuda/ops.py)
                 work = alloc(4 * T * o) + alloc(2 * T * o) + alloc(T * i) + alloc(4 * T)
             self.dequant = max(self.dequant, dq)
-        base = f"{name}.base"
-        # full fine-tuning saves the input for the weight gradient; bitsandbytes MatMul8bitLt
-        # (autograd/_functions.py) keeps its input A for backward as well
-        full_saves = (x,) if self.full or (s.quantized and s.quant == "int8" and lin.name != "lm_head") else ()
-        self.op(f"{name}.base", [x], [self.t(base, a * T * o)], saves=full_saves, grads=((x, a * T * i),),
-                work=work, bwd_work=bwd_work,
-                param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0)
-        if a != self.a:   # bitsandbytes Linear4bit returns its input's dtype (nn/modules.py forward)
-            self.bytes_of[base] = a
+        if s.amp_over_fp32:
+            base, ob = self.autocast_base(name, lin, x, a), self.c
+        else:
+            base, ob = f"{name}.base", a
+            # full fine-tuning saves the input for the weight gradient; bitsandbytes MatMul8bitLt
+            # (autograd/_functions.py) keeps its input A for backward as well
+            full_saves = (x,) if self.full or (s.quantized and s.quant == "int8" and lin.name != "lm_head") else ()
+            self.op(f"{name}.base", [x], [self.t(base, a * T * o)], saves=full_saves, grads=((x, a * T * i),),
+                    work=work, bwd_work=bwd_work,
+                    param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0)
+        if ob != self.a:   # bitsandbytes Linear4bit returns its input's dtype (nn/modules.py forward)
+            self.bytes_of[base] = ob
         if lin.name not in self.adapted:
             return base
         r = s.rank
-        self.op(f"{name}.clone", [base], [self.t(f"{name}.res", a * T * o)], grads=((base, 0),))
+        self.op(f"{name}.clone", [base], [self.t(f"{name}.res", ob * T * o)], grads=((base, 0),))
         if s.autocast:
-            if a != self.a:
-                self.bytes_of[f"{name}.res"] = a
-            return self.lora_autocast(name, x, base, i, o, r, a)
+            if ob != self.a:
+                self.bytes_of[f"{name}.res"] = ob
+            return self.lora_autocast(name, x, base, i, o, r, a, ob)
         xin = x
         if a != FP32:
             xin = f"{name}.x32"
@@ -201,7 +205,34 @@ class _Ops:
             self.op(f"{name}.return", [f"{name}.x32"])
         return out
 
-    def lora_autocast(self, name: str, x: str, base: str, i: int, o: int, r: int, a: int) -> str:
+    def autocast_base(self, name: str, lin: Linear, x: str, a: int) -> str:
+        """nn.Linear over float32 weights under CUDA autocast (TrainSetup.amp_over_fp32): linear is
+        on the lower-precision list, so autocast_mode.cpp casts the input, the weight and the bias
+        to the autocast dtype (in that order) and the matmul returns that dtype. cached_cast keeps a
+        cast only for a float32 leaf that requires grad: a trainable weight (full fine-tuning) is
+        cast once per autocast region and held by the cache until the region exits; a frozen one
+        (LoRA's base layer) is cast on every call. The matmul saves the weight's cast when its
+        input needs a gradient, and the input's cast when the weight trains; the 16-bit weight
+        gradient goes back through the cast (ToCopyBackward) into the float32 .grad.
+        docs/recipes.md#autocast-over-fp32-weights"""
+        c, T, full = self.c, self.T, self.full
+        o, i = lin.out_features, lin.in_features
+        xin = x
+        if a != c:
+            xin = f"{name}.x_amp"
+            self.op(f"{name}.x_amp", [x], [self.t(xin, c * T * i)], grads=((x, a * T * i),))
+        casts = [(f"{name}.w_amp", o * i)] + ([(f"{name}.b_amp", o)] if lin.bias else [])
+        for cast, n in casts:
+            self.op(f"{cast}.cast", [], [self.t(cast, c * n)], param_grads=alloc(FP32 * n) if full else 0)
+            if full:
+                self.cached += (cast,)
+        base = f"{name}.base"
+        self.op(base, [xin, *(cast for cast, _ in casts)], [self.t(base, c * T * o)],
+                saves=(xin, f"{name}.w_amp") if full else (f"{name}.w_amp",),
+                grads=((xin, c * T * i), *((cast, c * n) for cast, n in casts)))
+        return base
+
+    def lora_autocast(self, name: str, x: str, base: str, i: int, o: int, r: int, a: int, ob: int) -> str:
         """peft's LoRA under torch.autocast: `requires_conversion = not torch.is_autocast_enabled()`
         skips the float32 input cast (peft/tuners/lora/bnb.py Linear4bit.forward); lora_A / lora_B
         are F.linear, on CUDA autocast's lower-precision list (aten/src/ATen/autocast_mode.cpp),
@@ -214,7 +245,8 @@ class _Ops:
         `.to(expected_dtype)` (bnb.py skips it under autocast), so the sum promotes to float32.
         Only the bitsandbytes wrappers check autocast: lora/layer.py Linear.forward (method lora)
         casts x to float32 unconditionally (`x = self._cast_input_dtype(x, lora_A.weight.dtype)`),
-        and autocast then casts that copy back for lora_A."""
+        and autocast then casts that copy back for lora_A. `ob`: the base output's bytes per element
+        (the input's for Linear4bit, the autocast dtype's for nn.Linear over float32 weights)."""
         T, c = self.T, self.c
         xin, xb = x, a
         if not self.setup.quantized and a != FP32:
@@ -247,10 +279,10 @@ class _Ops:
         self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", c * T * o)],
                 grads=((f"{name}.lb", c * T * o),))
         out = f"{name}.out"
-        self.op(f"{name}.add", [f"{name}.res", f"{name}.ls"], [self.t(out, a * T * o)],
-                grads=((f"{name}.res", 0), (f"{name}.ls", 0 if a == c else c * T * o)))
-        if a != self.a:
-            self.bytes_of[out] = a
+        self.op(f"{name}.add", [f"{name}.res", f"{name}.ls"], [self.t(out, ob * T * o)],
+                grads=((f"{name}.res", 0), (f"{name}.ls", 0 if ob == c else c * T * o)))
+        if ob != self.a:
+            self.bytes_of[out] = ob
         return out
 
     # --- attention ------------------------------------------------------------------------------
@@ -259,6 +291,16 @@ class _Ops:
         saved; the products and the cat are transients; backward mirrors them."""
         a, T = self.a, self.T
         out = f"{name}.rot"
+        xb = self.bytes_of.get(x, a)
+        if xb != a:
+            # autocast over float32 weights: q / k come out of the matmul in the autocast dtype,
+            # cos / sin are float32 (the hidden states' dtype): q * cos and rotate_half(q) * sin
+            # promote to float32 (cat and neg stay 16-bit); the two float32 products are alive
+            # with the float32 sum; backward casts the products' gradients back (validate_outputs)
+            full = alloc(a * T * width)
+            self.op(f"{name}.rope", [x], [self.t(out, a * T * width)], grads=((x, xb * T * width),),
+                    work=2 * full, work_tag=ACT, bwd_work=full + 2 * alloc(xb * T * width))
+            return out
         if self.spec.arch.rope_half:
             # gpt-oss _apply_rotary_emb: chunk into halves (views); first * cos - second * sin and
             # second * cos + first * sin, then cat: the two half-width results live with the output
@@ -343,12 +385,18 @@ class _Ops:
             # SDPA is on CUDA autocast's lower-precision list: float32 q, k, v (hidden states of
             # prepare_model_for_kbit_training) are cast, the kernel runs on the casts (saved) and
             # returns the autocast dtype (docs/recipes.md#cuda-autocast-op-lists)
+            # (under autocast over float32 weights v is the 16-bit matmul output: not cast)
             c = self.c
+            cast = []
             for name, width in ((q, qw), (k, kvw), (v, vin)):
-                self.op(f"{name}.amp", [name], [self.t(f"{name}.16", c * T * width)], grads=((name, a * T * width),))
-            v_storage = f"{v}.16" if v_storage == v else f"{v_storage}.16"
-            q, k, v, a = f"{q}.16", f"{k}.16", f"{v}.16", c
-            backend = sdpa_backend(spec, s.with_(prepare_kbit=False), self.window, self.arch)
+                nb = self.bytes_of.get(name, a)
+                if nb != c:
+                    self.op(f"{name}.amp", [name], [self.t(f"{name}.16", c * T * width)],
+                            grads=((name, nb * T * width),))
+                cast.append(f"{name}.16" if nb != c else name)
+            if cast[2] != v:
+                v_storage = f"{v}.16" if v_storage == v else f"{v_storage}.16"
+            (q, k, v), a = cast, c
             self.bytes_of["attn.o"] = c
         bias = ()
         if backend != "eager" and self.window:
@@ -564,9 +612,12 @@ class _Ops:
         if self.spec.arch.scaled_residuals:
             # Granite: residual + y * residual_multiplier: the product is a new tensor (a scalar
             # multiply saves nothing), its backward a new gradient
-            w = self.a * self.T * self.spec.hidden
+            yb = self.bytes_of.get(y, self.a)
+            w = yb * self.T * self.spec.hidden
             self.op(f"{name}.scale", [y], [self.t(f"{name}.y", w)], grads=((y, w),))
             y = f"{name}.y"
+            if yb != self.a:
+                self.bytes_of[y] = yb
         return self.add(name, x, y)
 
     def add(self, name: str, x: str, y: str) -> str:
@@ -594,8 +645,9 @@ class _Ops:
         spec, s, a, T = self.spec, self.setup, self.a, self.T
         if self.c != a:
             from vramplan.core._errors import UsageError
-            raise UsageError("--amp with --prepare-kbit is not modelled for mixture-of-experts layers "
-                             "(grouped_mm is on no autocast list)", hint="use --amp none or drop --prepare-kbit")
+            raise UsageError("--amp over float32 hidden states (--prepare-kbit, or --dtype fp32) is not modelled for "
+                             "mixture-of-experts layers (grouped_mm is on no autocast list)",
+                             hint="use --amp none, or --dtype equal to --amp without --prepare-kbit")
         if spec.arch.moe_style == "gpt_oss":
             return self.moe_gpt_oss(x)
         if spec.arch.moe_style == "llama4":
@@ -911,19 +963,25 @@ class _Ops:
 
     # --- MLP ------------------------------------------------------------------------------------
     def mlp(self, x: str, lins: dict) -> str:
-        a, T, i = self.a, self.T, lins["down_proj"].in_features
+        T, i = self.T, lins["down_proj"].in_features
         # LlamaMLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)), evaluated left to right, so
         # the activation exists while up_proj runs. Phi3MLP: gate_up_proj, chunk (views), act.
+        # Under autocast over float32 weights the projections return the autocast dtype, and
+        # the activation and product stay in it (silu and mul are on no autocast list).
         width = i  # the gradient of each chunk view (SplitBackward concatenates them)
         if self.spec.arch.fused_gate_up:
             gate = up = self.linear(lins["gate_up_proj"], x)
+            a = self.bytes_of.get(gate, self.a)
             self.op("mlp.act", [gate], [self.t("mlp.s", a * T * i)], saves=(gate,), grads=((gate, a * T * width),))
         else:
             gate = self.linear(lins["gate_proj"], x)
+            a = self.bytes_of.get(gate, self.a)
             self.op("mlp.act", [gate], [self.t("mlp.s", a * T * i)], saves=(gate,), grads=((gate, a * T * width),))
             up = self.linear(lins["up_proj"], x)
         self.op("mlp.prod", ["mlp.s", up], [self.t("mlp.p", a * T * i)], saves=("mlp.s", up),
                 grads=(("mlp.s", a * T * i), (up, a * T * width)))
+        if a != self.a:
+            self.bytes_of["mlp.p"] = a
         out = self.linear(lins["down_proj"], "mlp.p")
         self.op("mlp.return", [x, "mlp.p"])  # the argument and the product live until the return
         return out
@@ -983,12 +1041,15 @@ def sdpa_call(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) ->
     (use_gqa_in_sdpa is False), without one enable_gqa is passed (integrations/sdpa_attention.py)."""
     masked = windowed(spec, setup) if window is None else window
     gqa = not masked and spec.head_dim <= 256
+    # SDPA is on CUDA autocast's lower-precision list: under autocast q, k, v reach the kernel in
+    # the autocast dtype whatever the hidden states' (docs/recipes.md#cuda-autocast-op-lists)
+    dtype = setup.amp if setup.autocast else activation_dtype(setup)
     if spec.mla:   # DeepseekV3Attention: q/k of qk_nope + qk_rope, v of v_head_dim, every head
-        return cuda_sdpa.SdpaCall(dtype=activation_dtype(setup), head_dim=spec.mla.qk_head_dim,
+        return cuda_sdpa.SdpaCall(dtype=dtype, head_dim=spec.mla.qk_head_dim,
                                   head_dim_v=spec.mla.v_head_dim, heads=spec.heads, kv_heads=spec.heads,
                                   seq_q=setup.seq, seq_k=setup.seq, has_mask=masked, is_causal=not masked,
                                   enable_gqa=False)
-    return cuda_sdpa.SdpaCall(dtype=activation_dtype(setup), head_dim=spec.head_dim, head_dim_v=spec.head_dim,
+    return cuda_sdpa.SdpaCall(dtype=dtype, head_dim=spec.head_dim, head_dim_v=spec.head_dim,
                               heads=spec.heads, kv_heads=spec.heads if masked else spec.kv_heads,
                               seq_q=setup.seq, seq_k=setup.seq, has_mask=masked, is_causal=not masked,
                               enable_gqa=gqa)
@@ -1392,10 +1453,17 @@ def autocast_cache(spec: ModelSpec, setup: TrainSetup) -> int:
     layer's (non-saving, checkpointed) forward to the end of the forward region
     (autocast_mode.cpp cached_cast; docs/autograd.md#autocast-weight-cache). Without
     checkpointing the linears save them anyway, which the walk counts."""
-    if not (setup.autocast and setup.grad_ckpt and setup.uses_adapters) or setup.recast:
+    if not (setup.autocast and setup.grad_ckpt) or setup.recast:
         return 0      # (recast: bf16 adapter weights are not cast, nothing is cached)
-    a, r = act_bytes(setup), setup.rank
-    return sum(alloc_bytes(a * r * l.in_features) + alloc_bytes(a * l.out_features * r)
+    c, r = DTYPES[setup.amp], setup.rank
+    if setup.method == "full":
+        # autocast over float32 weights (amp_over_fp32): every trainable layer weight and bias is
+        # cached; with 16-bit weights nothing is cast
+        if not setup.amp_over_fp32:
+            return 0
+        return sum(alloc_bytes(c * l.out_features * l.in_features) + (alloc_bytes(c * l.out_features) if l.bias else 0)
+                   for l in spec.layer_linears)
+    return sum(alloc_bytes(c * r * l.in_features) + alloc_bytes(c * l.out_features * r)
                for l in adapted_linears(spec, setup) if l.name != "lm_head")
 
 

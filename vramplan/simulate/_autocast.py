@@ -8,8 +8,9 @@ inputs cast as aten/src/ATen/autocast_mode.cpp does for CUDA (torch 2.13; docs/r
 - fp32_set_opt_dtype (softmax, log_softmax, sum, prod, cumsum, cumprod): a lower-precision input
   runs with dtype=float32 (no separate cast), others unchanged;
 - promote (addcmul, addcdiv, dot, index_put, scatter_add, ...): inputs to the widest dtype.
-`cached_cast`: a float32 leaf that requires grad, cast to the lower-precision dtype, is cast once
-per region and the copy cached until the outermost region exits (docs/autograd.md#autocast-weight-cache).
+`cached_cast`: a float32 leaf that requires grad (and is not a view), cast to the lower-precision
+dtype, is cast once per region and the copy cached until the outermost region exits; a frozen
+float32 weight is cast on every call (docs/autograd.md#autocast-weight-cache).
 
 The region is torch.autocast / torch.amp.autocast with device_type "meta" or "cuda" (the device
 the step stands in for), used as a context manager or decorator as accelerate and
@@ -90,10 +91,11 @@ def _eligible(t) -> bool:
 
 
 def cached_cast(t, dtype):
-    """autocast_mode.cpp cached_cast: cache float32 leaves requiring grad cast to the lower dtype."""
+    """autocast_mode.cpp cached_cast: cache float32 leaves requiring grad (not views) cast to the
+    lower dtype; anything else, a frozen weight included, is cast anew on every call."""
     if not _eligible(t) or t.dtype == dtype:
         return t
-    if dtype in LOWER_DTYPES and t.dtype == torch.float32 and t.requires_grad and t.is_leaf:
+    if dtype in LOWER_DTYPES and t.dtype == torch.float32 and t.requires_grad and t.is_leaf and not t._is_view():
         hit = STATE.cache.get(id(t))
         if hit is not None and hit[0] is t:
             return hit[1]
