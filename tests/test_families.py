@@ -546,7 +546,51 @@ def test_llama4_scout_with_its_vision_tower_rounds_to_the_card_total():
     assert any("about 0.87B parameters" in note for note in spec.notes)
 
 
-@pytest.mark.parametrize("name", ["llama4-interleave", "llama4-scout"])
+MAVERICK = "meta-llama/Llama-4-Maverick-17B-128E"
+
+
+def test_llama4_maverick_text_decoder_matches_the_model_card():
+    """Llama 4 Maverick model card (huggingface.co/meta-llama/Llama-4-Maverick-17B-128E): "17B
+    (Activated) 400B (Total)". interleave_moe_layer_step 2: layers 1, 3, ..., 47 hold the router,
+    128 routed experts of 8192 and a shared expert of 8192; layers 0, 2, ..., 46 a dense MLP of
+    16384. The text decoder Llama4ForCausalLM builds is 400,711,848,960 parameters: 24 x (router
+    128 x 5120 + experts 128 x 3 x 5120 x 8192) + 24 x 3 x 5120 x 8192 (shared) + 24 x 3 x 5120 x
+    16384 (dense) + 48 x (2 x 5120 x 5120 + 2 x 5120 x 1024) (attention) + 2 x 202048 x 5120 +
+    norms; one routed expert per token: 17.18B active."""
+    spec = resolve(MAVERICK)
+    parts = spec.param_breakdown()
+    assert spec.model_type == "llama4_text" and spec.num_params == 400_711_848_960
+    assert (spec.num_experts, spec.experts_per_tok, spec.expert_width, spec.moe_layers, spec.dense_layers) == (
+        128, 1, 8192, 24, 24)
+    assert spec.dense_flags == (True, False) * 24
+    assert parts["layers.experts"] == 24 * 128 * 3 * 5120 * 8192 and parts["layers.router"] == 24 * 128 * 5120
+    assert parts["layers.linear"] == 24 * 3 * 5120 * 8192 + 24 * 3 * 5120 * 16384 + 48 * (2 * 5120 * 5120 + 2 * 5120 * 1024)
+    assert 400 <= spec.num_params / B < 401
+    active = spec.num_params - parts["layers.experts"] + parts["layers.experts"] * spec.experts_per_tok // spec.num_experts
+    assert round(active / B) == 17 and round(active / B, 2) == 17.18
+    # no q/k norm (Llama4TextAttention builds qk_norm only with use_qk_norm), no RoPE scaling
+    assert spec.setting("use_qk_norm") is False and spec.norm_widths == (5120, 5120)
+    assert spec.layer_types == ("chunked_attention",) * 3 + ("full_attention",) + spec.layer_types[4:]
+    assert resolve("llama-4-maverick-17b-128e-instruct").id == MAVERICK
+
+
+def test_llama4_maverick_with_its_vision_tower():
+    """Llama4ForConditionalGeneration built from the catalog config on meta: the text decoder is
+    every parameter but the vision tower and projector, which are as large as Scout's (the same
+    vision_config, the projector's output the same 5120 hidden size)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    spec = resolve(MAVERICK)
+    with torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(
+            transformers.CONFIG_MAPPING["llama4"].from_dict(dict(catalog_config(MAVERICK))))
+    text = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n)
+    total = sum(p.numel() for p in model.parameters())
+    assert text == spec.num_params and total - spec.num_params == 871_932_416
+    assert any("about 0.87B parameters" in note for note in spec.notes)
+
+
+@pytest.mark.parametrize("name", ["llama4-interleave", "llama4-scout", "llama4-maverick"])
 def test_llama4_counts_every_parameter_transformers_builds(name):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
