@@ -210,12 +210,12 @@ TEXT_CONFIG_TYPES = {"gemma3": "gemma3_text", "mistral3": "mistral", "llama4": "
 TEXT_CONFIG_NOTES = {"mistral3": "multimodal Mistral 3 checkpoint (Mistral3ForConditionalGeneration): the text "
                                  "decoder (text_config, model_type {text}) is modelled as its causal LM class builds "
                                  "it; the Pixtral vision tower and the multimodal projector are not counted",
-                     # Llama4ForConditionalGeneration built from Llama-4-Scout's vision_config on meta:
+                     # Llama4ForConditionalGeneration built from Llama-4-Scout's (= Maverick's) vision_config on meta:
                      # 871,932,416 parameters besides the text decoder
                      "llama4": "multimodal Llama 4 checkpoint (Llama4ForConditionalGeneration): the text decoder "
                                "(text_config, model_type {text}) is modelled as Llama4ForCausalLM builds it; the "
-                               "vision tower and the multimodal projector (about 0.87B parameters at Scout's "
-                               "vision_config) are not counted"}
+                               "vision tower and the multimodal projector (about 0.87B parameters at the vision_config "
+                               "Scout and Maverick publish) are not counted"}
 
 
 # A checkpoint published in MXFP4 (gpt-oss) trains dequantized: transformers' Mxfp4HfQuantizer is
