@@ -25,7 +25,8 @@ from functools import lru_cache
 from vramplan.core._models import ModelSpec
 from vramplan.core._setup import TrainSetup
 from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes, bias_bytes, embedding_bytes,
-                                         expert_lora_shapes, lora_shapes, numel, optimizer_memory, weight_bytes)
+                                         expert_lora_shapes, lora_shapes, numel, optimizer_memory, vision_static,
+                                         weight_bytes)
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
@@ -106,6 +107,8 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
             sizes += [alloc(numel(shape) * ab)] * (1 if linear.name == "lm_head" else spec.count(linear))
     for shape, count in expert_lora_shapes(spec, setup):
         sizes += [alloc(numel(shape) * ab)] * (count * spec.moe_layers)
+    vis = vision_static(spec, setup)        # a multimodal class's vision tower and projector
+    sizes += [*vis.weights, *vis.quant_constants, *vis.adapters]
     rest = static.weights + static.quant_constants + static.adapters - sum(sizes)
     if rest < 0:   # the inventory counts fewer tensors than listed here: keep the total exact
         return [static.weights + static.quant_constants + static.adapters]
