@@ -85,6 +85,15 @@ CASES = [
     ("gemma3-sliding", dict(seq=512, batch=2, attn="eager", grad_ckpt=False)),
     ("gemma3-sliding", dict(seq=256, method="full", grad_ckpt=False)),
     ("gemma3-sliding", dict(seq=512, prepare_kbit=True)),
+    # the same decoder inside a multimodal checkpoint: AutoModelForCausalLM builds
+    # Gemma3ForConditionalGeneration, SigLIP tower and projector included (4-bit Linear layers,
+    # LoRA on them under all-linear or by name, never run in a text-only step)
+    ("gemma3-multimodal", dict(seq=512)),
+    ("gemma3-multimodal", dict(seq=512, grad_ckpt=False)),
+    ("gemma3-multimodal", dict(seq=512, prepare_kbit=True)),
+    ("gemma3-multimodal", dict(seq=256, method="full", grad_ckpt=False)),
+    ("gemma3-multimodal", dict(seq=512, method="lora", targets="q_proj,v_proj")),
+    ("gemma3-multimodal", dict(seq=512, quant="int8")),
     ("olmo2-postnorm", dict(seq=512)),
     ("olmo2-postnorm", dict(seq=1024, grad_ckpt=False)),
     ("olmo2-postnorm", dict(seq=512, attn="eager", grad_ckpt=False)),
