@@ -2,6 +2,7 @@
 structure read from each config (layer types, q/k norms, nested text configs), and the error for
 an architecture the analytic model does not know. Agreement with the traced step is
 tests/test_agreement.py."""
+import dataclasses
 import json
 
 import pytest
@@ -47,8 +48,10 @@ PUBLISHED = [
 
 
 def non_embedding(spec) -> int:
+    """The language model's non-embedding parameters (the Gemma 3 report's figures leave out the
+    vision encoder a multimodal checkpoint also loads)."""
     parts = spec.param_breakdown()
-    return spec.num_params - parts["embed_tokens"] - parts["lm_head"]
+    return spec.num_params - parts["embed_tokens"] - parts["lm_head"] - parts.get("vision_tower", 0)
 
 
 @pytest.mark.parametrize("model, total, non_emb, decimals", PUBLISHED, ids=[p[0] for p in PUBLISHED])
@@ -100,6 +103,97 @@ def test_gemma3_reads_the_text_config_of_multimodal_checkpoints():
     assert (spec.hidden, spec.layers, spec.heads, spec.kv_heads, spec.head_dim) == (5376, 62, 32, 16, 128)
     # Gemma3TextConfig defaults fill what text_config omits: vocabulary, tied embeddings
     assert spec.vocab == 262208 and spec.tied
+
+
+def siglip_params(layers: int, hidden: int, inter: int, patch: int, image: int, text_hidden: int) -> int:
+    """SiglipVisionModel without a head, plus Gemma3MultiModalProjector, counted by hand."""
+    layer = 4 * (hidden * hidden + hidden) + hidden * inter + inter + inter * hidden + hidden + 4 * hidden
+    embeddings = hidden * 3 * patch * patch + hidden + (image // patch) ** 2 * hidden
+    return layers * layer + embeddings + 2 * hidden + hidden * text_hidden + hidden
+
+
+@pytest.mark.parametrize("model, text_hidden, total", [("google/gemma-3-4b-pt", 2560, 4_300_079_472),
+                                                       ("google/gemma-3-12b-pt", 3840, 12_187_325_040),
+                                                       ("google/gemma-3-27b-pt", 5376, 27_432_406_640)])
+def test_gemma3_multimodal_checkpoints_load_their_vision_tower(model, text_hidden, total):
+    """transformers 5.23 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES maps "gemma3" to
+    Gemma3ForConditionalGeneration: AutoModelForCausalLM.from_pretrained of a multimodal Gemma 3
+    checkpoint loads the SigLIP encoder (27 layers, width 1152, 896 px / 14 px patches) and the
+    projector too, and the count is every parameter that class builds."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    assert MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["gemma3"] == "Gemma3ForConditionalGeneration"
+    spec = resolve(model)
+    vision = siglip_params(27, 1152, 4304, 14, 896, text_hidden)
+    assert spec.param_breakdown()["vision_tower"] == spec.vision.num_params == vision
+    assert spec.num_params == total and round(total / B) == int(model.split("-")[2][:-1])
+    with torch.device("meta"):
+        built = transformers.AutoModelForCausalLM.from_config(
+            transformers.CONFIG_MAPPING["gemma3"].from_dict(catalog_config(model)))
+    assert type(built).__name__ == "Gemma3ForConditionalGeneration"
+    assert sum(p.numel() for p in built.parameters()) == total
+    assert sum(p.numel() for n, p in built.named_parameters()
+               if "vision_tower" in n or "multi_modal_projector" in n) == vision
+    assert resolve("google/gemma-3-1b-pt").vision is None     # a text-only checkpoint (gemma3_text)
+
+
+def gemma3_multimodal():
+    return spec_from_config(json.loads((CONFIGS / "gemma3-multimodal.json").read_text()), "g3mm", "tests/configs")
+
+
+@pytest.mark.parametrize("flags, weights, consts, adapters", [
+    # nf4 with double quantization, all-linear LoRA rank 16 in float32
+    (dict(), 441_856, 36_864, 229_376),
+    # LoRA on 16-bit weights: the Linear weights whole in bf16
+    (dict(method="lora"), 441_856 - 8 * 8192 - 4 * 16384 + 8 * 32768 + 4 * 65536, 0, 229_376),
+    # prepare_model_for_kbit_training: every 16-bit parameter float32 (the tower's Linear4bit
+    # biases too: their forward, which would cast them back, never runs): the Conv2d, positions and
+    # projector double, each fc1 bias takes a second block
+    (dict(prepare_kbit=True), 441_856 + 150_528 + 16_384 + 131_072 + 2 * 512, 36_864, 229_376),
+    # named targets reach the tower's q_proj / v_proj by name
+    (dict(targets="q_proj,v_proj"), 441_856, 36_864, 2 * 2 * 16_384),
+])
+def test_gemma3_vision_tower_static_bytes_worked_by_hand(flags, weights, consts, adapters):
+    """tests/configs/gemma3-multimodal.json: a SigLIP tower of 2 layers, width 128, MLP 256,
+    112 px / 14 px patches (64 positions), projector 128 -> 512. Per layer four 128x128 and two
+    128x256 Linear layers packed 4-bit (numel / 2 bytes: 4 x 8192 + 2 x 16384), six bf16 biases
+    (one 512-byte block each), two LayerNorms (4 blocks); the Conv2d 128x3x14x14 (150,528 B) and
+    its bias (512), positions 64x128 (16,384), post_layernorm (1,024), projector 128x512 (131,072)
+    and its norm (512), position_ids int64 (512): 441,856 B. Quantization constants 3,072 B per
+    Linear (double quantization: absmax codes, nested absmax, code book, offset, state), 12 of
+    them. LoRA A (16, in) and B (out, 16) float32: 16,384 B on each attention projection, 24,576 on
+    fc1 and fc2: 229,376 B."""
+    from vramplan import TrainSetup
+    from vramplan.estimate._inventory import static_memory
+
+    spec = gemma3_multimodal()
+    static = static_memory(spec, TrainSetup(seq=512, **flags))
+    text = static_memory(dataclasses.replace(spec, vision=None, wrapper=None), TrainSetup(seq=512, **flags))
+    assert static.vision == (weights, consts, adapters)
+    assert (static.weights - text.weights, static.quant_constants - text.quant_constants,
+            static.adapters - text.adapters) == (weights, consts, adapters)
+    # the tower never runs in a text-only step: no gradients, no optimizer state for it
+    assert (static.gradients, static.optimizer_state) == (text.gradients, text.optimizer_state)
+
+
+def test_gemma3_multimodal_inventory_line_and_bad_vision_configs(tmp_path, capsys):
+    from vramplan import TrainSetup, estimate
+    from vramplan.cli import main
+
+    est = estimate(gemma3_multimodal(), TrainSetup(seq=512))
+    line = next(a for a in est.assumptions if a.startswith("vision tower and projector"))
+    assert "Gemma3ForConditionalGeneration" in line and "weights 441,856 B" in line and "229,376 B" in line
+    config = json.loads((CONFIGS / "gemma3-multimodal.json").read_text())
+    for field, value, message in [("vision_use_head", True, "vision_use_head true (a SigLIP pooling head)"),
+                                  ("model_type", "clip_vision_model", "vision_config must be a SigLIP"),
+                                  ("hidden_size", 0, "vision_config.hidden_size must be a positive integer")]:
+        (tmp_path / "config.json").write_text(json.dumps(dict(config, vision_config={**config["vision_config"],
+                                                                                   field: value})))
+        assert main(["estimate", str(tmp_path)]) != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("Error: ") and message in err and "(hint: " in err
 
 
 def test_gemma3_layer_pattern_and_norms():
@@ -546,7 +640,51 @@ def test_llama4_scout_with_its_vision_tower_rounds_to_the_card_total():
     assert any("about 0.87B parameters" in note for note in spec.notes)
 
 
-@pytest.mark.parametrize("name", ["llama4-interleave", "llama4-scout"])
+MAVERICK = "meta-llama/Llama-4-Maverick-17B-128E"
+
+
+def test_llama4_maverick_text_decoder_matches_the_model_card():
+    """Llama 4 Maverick model card (huggingface.co/meta-llama/Llama-4-Maverick-17B-128E): "17B
+    (Activated) 400B (Total)". interleave_moe_layer_step 2: layers 1, 3, ..., 47 hold the router,
+    128 routed experts of 8192 and a shared expert of 8192; layers 0, 2, ..., 46 a dense MLP of
+    16384. The text decoder Llama4ForCausalLM builds is 400,711,848,960 parameters: 24 x (router
+    128 x 5120 + experts 128 x 3 x 5120 x 8192) + 24 x 3 x 5120 x 8192 (shared) + 24 x 3 x 5120 x
+    16384 (dense) + 48 x (2 x 5120 x 5120 + 2 x 5120 x 1024) (attention) + 2 x 202048 x 5120 +
+    norms; one routed expert per token: 17.18B active."""
+    spec = resolve(MAVERICK)
+    parts = spec.param_breakdown()
+    assert spec.model_type == "llama4_text" and spec.num_params == 400_711_848_960
+    assert (spec.num_experts, spec.experts_per_tok, spec.expert_width, spec.moe_layers, spec.dense_layers) == (
+        128, 1, 8192, 24, 24)
+    assert spec.dense_flags == (True, False) * 24
+    assert parts["layers.experts"] == 24 * 128 * 3 * 5120 * 8192 and parts["layers.router"] == 24 * 128 * 5120
+    assert parts["layers.linear"] == 24 * 3 * 5120 * 8192 + 24 * 3 * 5120 * 16384 + 48 * (2 * 5120 * 5120 + 2 * 5120 * 1024)
+    assert 400 <= spec.num_params / B < 401
+    active = spec.num_params - parts["layers.experts"] + parts["layers.experts"] * spec.experts_per_tok // spec.num_experts
+    assert round(active / B) == 17 and round(active / B, 2) == 17.18
+    # no q/k norm (Llama4TextAttention builds qk_norm only with use_qk_norm), no RoPE scaling
+    assert spec.setting("use_qk_norm") is False and spec.norm_widths == (5120, 5120)
+    assert spec.layer_types == ("chunked_attention",) * 3 + ("full_attention",) + spec.layer_types[4:]
+    assert resolve("llama-4-maverick-17b-128e-instruct").id == MAVERICK
+
+
+def test_llama4_maverick_with_its_vision_tower():
+    """Llama4ForConditionalGeneration built from the catalog config on meta: the text decoder is
+    every parameter but the vision tower and projector, which are as large as Scout's (the same
+    vision_config, the projector's output the same 5120 hidden size)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    spec = resolve(MAVERICK)
+    with torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(
+            transformers.CONFIG_MAPPING["llama4"].from_dict(dict(catalog_config(MAVERICK))))
+    text = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n)
+    total = sum(p.numel() for p in model.parameters())
+    assert text == spec.num_params and total - spec.num_params == 871_932_416
+    assert any("about 0.87B parameters" in note for note in spec.notes)
+
+
+@pytest.mark.parametrize("name", ["llama4-interleave", "llama4-scout", "llama4-maverick"])
 def test_llama4_counts_every_parameter_transformers_builds(name):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -57,8 +57,8 @@ def _lumped(spec, setup, fsdp=None):
 
 def _fsdp_shards(spec, setup, gpus=2) -> FsdpShards:
     sp = splits_for(spec, setup, Parallel(gpus, "fsdp"))
-    return FsdpShards(gpus, sp.unit_weights, sp.unit_adapters, sp.unit_gradients, sp.root_weights,
-                      sp.root_adapters, sp.root_gradients, sp.quant_constants)
+    return FsdpShards(gpus, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
+                      sp.quant_constants)
 
 
 @pytest.mark.parametrize("model, kw", SETUPS, ids=[f"{m}-{kw}" for m, kw in SETUPS])

@@ -9,7 +9,8 @@ from vramplan import TrainSetup, estimate
 from vramplan.cli import main
 from vramplan.core._errors import UsageError
 from vramplan.core._models import resolve, spec_from_config
-from vramplan.plan._sharding import DS_REDUCE_BUCKET, NCCL_BYTES, STRATEGIES, Parallel, per_gpu, splits_for
+from vramplan.plan._sharding import (DS_REDUCE_BUCKET, NCCL_BYTES, STRATEGIES, Parallel, gathered_units, per_gpu,
+                                     splits_for)
 
 GiB = 2**30
 LLAMA2_7B = resolve("meta-llama/Llama-2-7b-hf")
@@ -97,6 +98,92 @@ def test_fsdp_gathers_two_layer_units_and_keeps_the_root():
     assert sp.layers * sp.unit_weights + sp.root_weights == sp.weights
     shard = next(t.bytes for t in e.terms if t.part.startswith("weight shards"))
     assert shard == pytest.approx(sp.weights / 8, rel=1e-3)
+
+
+LLAMA4_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def test_fsdp_shards_interleaved_dense_layers_as_units_of_their_own():
+    """tests/configs/llama4-maverick.json (Maverick's layout shrunk: dense layers 0 and 2, MoE
+    layers 1 and 3 with 128 experts), QLoRA nf4 in bf16 with rank-16 float32 adapters, 4 GPUs.
+    Worked by hand: a dense unit is q/o 512x512 and k/v 512x128 packed 4-bit (numel / 2 bytes),
+    gate/up/down 512x1024 packed, two bf16 norms of 512; a MoE unit the same attention, the shared
+    expert's gate/up/down 512x256 packed, the bf16 router (128, 512) and experts gate_up (128, 512,
+    512) and down (128, 256, 512), the norms. The root is the embedding and lm_head (512 x 512
+    bf16), the final norm and the rotary inv_freq pair (2 x 32 float32, 512-byte blocks)."""
+    import json
+
+    spec = spec_from_config(json.loads((Path(__file__).parent / "configs" / "llama4-maverick.json").read_text()),
+                            "llama4-maverick", "tests/configs")
+    attention = 2 * 512 * 512 // 2 + 2 * 512 * 128 // 2
+    dense = attention + 3 * 512 * 1024 // 2 + 2 * 1024
+    moe = attention + 3 * 512 * 256 // 2 + 128 * 512 * 2 + 128 * 512 * 512 * 2 + 128 * 256 * 512 * 2 + 2 * 1024
+    assert (dense, moe) == (1_116_160, 101_320_704)
+    # LoRA A (16, in) and B (out, 16) in float32 on q, k, v, o and the layer's MLP
+    lora = lambda pairs: 4 * sum(16 * (i + o) for i, o in pairs)  # noqa: E731
+    att_lora = [(512, 512), (512, 128), (512, 128), (512, 512)]
+    dense_a = lora(att_lora + [(512, 1024), (512, 1024), (1024, 512)])
+    moe_a = lora(att_lora + [(512, 256), (512, 256), (256, 512)])
+    assert (dense_a, moe_a) == (507_904, 360_448)
+    root = 2 * 512 * 512 * 2 + 1024 + 2 * 512
+
+    e = per_gpu(spec, TrainSetup(seq=512, targets=LLAMA4_TARGETS), gpus=4, strategy="fsdp")
+    sp = splits_for(spec, e.setup, e.parallel)
+    assert sp.layer_units == ((dense, dense_a, dense_a), (moe, moe_a, moe_a)) * 2
+    assert (sp.root_weights, sp.root_adapters, sp.root_gradients) == (root, 0, 0)
+    assert sp.root_weights + 2 * (dense + moe) == sp.weights
+    # each layer's flat parameter padded to a multiple of 4 on its own
+    shards = 2 * (-(-dense // 4) + -(-moe // 4)) + -(-root // 4)
+    assert shards == 51_481_088
+    # forward: a dense and a MoE unit unsharded together, never the MoE unit twice; the root whole
+    assert gathered_units(sp, backward=False) == (2, dense + moe, dense_a + moe_a, 0)
+    # backward: layer i + 1 with layer i prefetched, i + 1's gradients unsharded: largest where the
+    # current layer is the dense one (layer 2, layer 1 prefetched)
+    assert gathered_units(sp, backward=True) == (2, dense + moe, dense_a + moe_a, dense_a)
+    for phase in ("forward", "backward"):
+        assert e.phase_components[phase]["weights"] == shards + root + dense + moe == 154_968_576
+    terms = {t.part: t.bytes for t in e.terms}
+    assert terms["2 decoder-layer units unsharded (current + prefetched)"] == dense + moe
+    assert terms["root unit unsharded (embeddings, norm, lm_head)"] == root
+
+
+def test_fsdp_maverick_gathers_a_dense_and_a_moe_layer():
+    """meta-llama/Llama-4-Maverick-17B-128E, QLoRA nf4 bf16 on the named targets, 8 GPUs: the
+    24 dense layers (q/o 5120x5120, k/v 5120x1024, MLP 3 x 5120x16384, packed 4-bit) are sharded
+    like the MoE layers, and a layer moment gathers one of each (128 bf16 experts of 8192, a
+    shared expert of 8192, the router), not the MoE layer twice. Before, the dense layers sat
+    unsharded in the root (+3.78 GB per GPU) and two MoE units were gathered (+32.15 GB)."""
+    spec = resolve("meta-llama/Llama-4-Maverick-17B-128E")
+    attention = (2 * 5120 * 5120 + 2 * 5120 * 1024) // 2
+    dense = attention + 3 * 5120 * 16384 // 2 + 2 * 5120 * 2
+    moe = (attention + 3 * 5120 * 8192 // 2 + 128 * 5120 * 2 + 128 * 5120 * 16384 * 2 + 128 * 8192 * 5120 * 2
+           + 2 * 5120 * 2)
+    assert (dense, moe) == (157_306_880, 32_307_957_760)
+    root = 2 * 202048 * 5120 * 2 + 5120 * 2 + 2 * 512
+    e = per_gpu(spec, TrainSetup(seq=2048, targets=LLAMA4_TARGETS), gpus=8, strategy="fsdp")
+    sp = splits_for(spec, e.setup, e.parallel)
+    assert [u[0] for u in sp.layer_units] == [dense, moe] * 24 and sp.root_weights == root
+    terms = {t.part: t.bytes for t in e.terms}
+    assert terms["2 decoder-layer units unsharded (current + prefetched)"] == dense + moe == 32_465_264_640
+    assert terms["root unit unsharded (embeddings, norm, lm_head)"] == root
+    assert terms["weight shards (flat parameters)"] == 24 * (-(-dense // 8) + -(-moe // 8)) + -(-root // 8)
+
+
+@pytest.mark.parametrize("model", ["deepseek-ai/DeepSeek-V3", "moonshotai/Moonlight-16B-A3B",
+                                   "meta-llama/Llama-4-Scout-17B-16E", "meta-llama/Llama-2-7b-hf"])
+def test_fsdp_units_and_root_sum_to_the_weights(model):
+    """Every decoder layer is a unit whatever its kind (DeepSeek-V3's dense first layers, Scout's
+    MoE-only stack, a dense Llama): units plus root are the static bytes exactly."""
+    spec = resolve(model)
+    setup = TrainSetup(seq=512, targets=LLAMA4_TARGETS if "Llama-4" in model else "all-linear")
+    sp = splits_for(spec, setup, Parallel(8, "fsdp"))
+    assert len(sp.layer_units) == spec.layers
+    for k, total in enumerate((sp.weights, sp.adapters, sp.gradients)):
+        assert sum(u[k] for u in sp.layer_units) + (sp.root_weights, sp.root_adapters, sp.root_gradients)[k] == total
+    kinds = {spec.is_dense(i): sp.layer_units[i] for i in range(spec.layers)}
+    assert len(kinds) == (2 if spec.dense_layers and spec.moe_layers else 1)
+    if len(kinds) == 2:
+        assert kinds[True][0] < kinds[False][0]    # DeepSeek's dense MLP layer is smaller than a MoE one
 
 
 def test_shard_grad_op_holds_every_unit_from_forward_to_backward():

@@ -189,9 +189,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                  mlp_bias=False, norms_per_layer=4, activation_key="hidden_activation", norm_placement="sandwich",
                  scaled_embeddings=True, norm_style="gemma", qk_norm="head", layer_types_rule="pattern",
                  rope_per_layer_type=True,
-                 notes=("multimodal Gemma 3 checkpoints (model_type gemma3): the text decoder (text_config) "
-                        "is modelled as Gemma3ForCausalLM builds it; the SigLIP vision tower (about 0.42B "
-                        "parameters) is not counted",)),
+                 notes=()),
     # models/olmo2/modeling_olmo2.py (Olmo2DecoderLayer, Olmo2Attention, Olmo2RMSNorm) and
     # configuration_olmo2.py (Olmo2Config): Llama projections (bias=config.attention_bias) and MLP,
     # norms after the attention and MLP outputs, q_norm / k_norm over the whole q and k

@@ -5,6 +5,7 @@ Order: local path, bundled catalog (no network), then the Hugging Face cache and
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -57,6 +58,48 @@ class Mla:
 
 
 @dataclass(frozen=True)
+class VisionTower:
+    """The SigLIP vision tower and multimodal projector Gemma3ForConditionalGeneration builds
+    (models/siglip/modeling_siglip.py SiglipVisionModel, models/gemma3/modeling_gemma3.py
+    Gemma3MultiModalProjector; docs/architectures.md#gemma3_text). SiglipEncoderLayer: q/k/v/out_proj
+    (hidden -> hidden) and fc1 / fc2 (hidden <-> intermediate), all nn.Linear with bias, and two
+    LayerNorms (weight and bias); SiglipVisionEmbeddings: a Conv2d patch embedding (with bias), a
+    position Embedding of (image / patch)^2 rows and its int64 position_ids buffer; post_layernorm;
+    the projector's mm_input_projection_weight (vision hidden, text hidden) and a Gemma3RMSNorm."""
+    layers: int
+    hidden: int
+    intermediate: int
+    channels: int
+    patch: int
+    image: int
+    text_hidden: int
+
+    @property
+    def linears(self) -> tuple[Linear, ...]:
+        h, i = self.hidden, self.intermediate
+        return (Linear("self_attn.q_proj", h, h, True), Linear("self_attn.k_proj", h, h, True),
+                Linear("self_attn.v_proj", h, h, True), Linear("self_attn.out_proj", h, h, True),
+                Linear("mlp.fc1", h, i, True), Linear("mlp.fc2", i, h, True))
+
+    @property
+    def positions(self) -> int:
+        return (self.image // self.patch) ** 2
+
+    def dense_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Every 16-bit parameter that is not an nn.Linear weight or bias, one shape each: the patch
+        Conv2d weight and bias, the position embedding, each layer's two LayerNorms (weight, bias),
+        post_layernorm, the projector's weight and its RMSNorm weight."""
+        h = self.hidden
+        return ((h, self.channels, self.patch, self.patch), (h,), (self.positions, h),
+                *(((h,),) * 4 * self.layers), (h,), (h,), (h, self.text_hidden), (h,))
+
+    @property
+    def num_params(self) -> int:
+        linear = self.layers * sum(l.numel + l.out_features for l in self.linears)
+        return linear + sum(math.prod(s) for s in self.dense_shapes())
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     id: str
     source: str
@@ -100,6 +143,16 @@ class ModelSpec:
     expert_intermediate: int = 0
     shared_intermediate: int = 0
     router_groups: tuple[int, int] = (1, 1)
+    # a multimodal checkpoint whose class AutoModelForCausalLM builds whole (Gemma 3:
+    # Gemma3ForConditionalGeneration): its vision tower, and the outer config.json the text
+    # decoder's `config` was read from (simulate builds that class from it)
+    vision: "VisionTower | None" = None
+    wrapper: dict | None = field(default=None, repr=False, compare=False)
+
+    def build_config(self) -> dict:
+        """The config.json transformers builds the model from: the outer multimodal config with
+        this spec's text config in it, or the text config itself."""
+        return {**self.wrapper, "text_config": dict(self.config)} if self.wrapper else dict(self.config)
 
     @property
     def arch(self) -> Architecture:
@@ -155,6 +208,8 @@ class ModelSpec:
             parts["layers.experts"] = m * sum(math.prod(s) for name, s in shapes if name.startswith("experts."))
         if self.arch.sinks:
             parts["layers.sinks"] = n * self.heads
+        if self.vision:
+            parts["vision_tower"] = self.vision.num_params
         return parts
 
     def moe_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -206,16 +261,25 @@ class ModelSpec:
 # - models/llama4/configuration_llama4.py Llama4Config.sub_configs_defaults: a Llama4TextConfig,
 #   which Llama4ForCausalLM builds (AutoModelForCausalLM maps llama4 and llama4_text to it).
 TEXT_CONFIG_TYPES = {"gemma3": "gemma3_text", "mistral3": "mistral", "llama4": "llama4_text"}
+# Of those, the ones whose outer model_type AutoModelForCausalLM maps to the multimodal class
+# itself, vision tower included (transformers 5.23 models/auto/modeling_auto.py
+# MODEL_FOR_CAUSAL_LM_MAPPING_NAMES: "gemma3" -> Gemma3ForConditionalGeneration, while "llama4"
+# -> Llama4ForCausalLM builds the text decoder only). docs/architectures.md#gemma3_text
+WHOLE_MULTIMODAL = ("gemma3",)
 # What the estimate leaves out of such a checkpoint (the Gemma 3 note is the gemma3_text family's own)
-TEXT_CONFIG_NOTES = {"mistral3": "multimodal Mistral 3 checkpoint (Mistral3ForConditionalGeneration): the text "
+TEXT_CONFIG_NOTES = {"gemma3": "multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration, which "
+                               "AutoModelForCausalLM builds for model_type gemma3): the text decoder (text_config, "
+                               "model_type {text}) walked as in Gemma3ForCausalLM, plus the vision tower's static "
+                               "memory",
+                     "mistral3": "multimodal Mistral 3 checkpoint (Mistral3ForConditionalGeneration): the text "
                                  "decoder (text_config, model_type {text}) is modelled as its causal LM class builds "
                                  "it; the Pixtral vision tower and the multimodal projector are not counted",
-                     # Llama4ForConditionalGeneration built from Llama-4-Scout's vision_config on meta:
+                     # Llama4ForConditionalGeneration built from Llama-4-Scout's (= Maverick's) vision_config on meta:
                      # 871,932,416 parameters besides the text decoder
                      "llama4": "multimodal Llama 4 checkpoint (Llama4ForConditionalGeneration): the text decoder "
                                "(text_config, model_type {text}) is modelled as Llama4ForCausalLM builds it; the "
-                               "vision tower and the multimodal projector (about 0.87B parameters at Scout's "
-                               "vision_config) are not counted"}
+                               "vision tower and the multimodal projector (about 0.87B parameters at the vision_config "
+                               "Scout and Maverick publish) are not counted"}
 
 
 # A checkpoint published in MXFP4 (gpt-oss) trains dequantized: transformers' Mxfp4HfQuantizer is
@@ -230,6 +294,43 @@ MXFP4_NOTE = ("config.json names an MXFP4 checkpoint (quantization_config quant_
 
 
 def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
+    spec = _spec_from_config(config, model_id, source)
+    if isinstance(config, dict) and config.get("model_type") in WHOLE_MULTIMODAL and isinstance(
+            config.get("text_config"), dict):
+        wrapper = {k: v for k, v in config.items() if k != "text_config"}
+        spec = dataclasses.replace(spec, vision=_vision_tower(wrapper, spec.hidden, model_id), wrapper=wrapper)
+    return spec
+
+
+def _vision_tower(wrapper: dict, text_hidden: int, model_id: str) -> VisionTower:
+    """Gemma3Config.vision_config: a SiglipVisionConfig (sub_configs_defaults: AutoConfig,
+    model_type siglip_vision_model), its defaults filling what the checkpoint omits."""
+    vc = wrapper.get("vision_config") or {}
+    if not isinstance(vc, dict) or vc.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+        raise ModelError(f"config for {model_id}: vision_config must be a SigLIP vision config "
+                         f"(model_type siglip_vision_model)", hint="`vramplan simulate` builds other vision towers")
+    cfg = {**SIGLIP_VISION_DEFAULTS, **{k: v for k, v in vc.items() if v is not None}}
+    if cfg["vision_use_head"]:
+        # SiglipVisionTransformer builds a SiglipMultiheadAttentionPoolingHead with it, which
+        # Gemma3Model never calls; the published Gemma 3 configs say false
+        raise ModelError(f"config for {model_id}: vision_use_head true (a SigLIP pooling head) is not modelled",
+                         hint="set vision_use_head to false as the Gemma 3 checkpoints do, or use `vramplan simulate`")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_channels", "patch_size", "image_size"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelError(f"config for {model_id}: vision_config.{key} must be a positive integer, got {value!r}",
+                             hint=f"fix vision_config.{key} in config.json")
+    return VisionTower(layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"],
+                       intermediate=cfg["intermediate_size"], channels=cfg["num_channels"], patch=cfg["patch_size"],
+                       image=cfg["image_size"], text_hidden=text_hidden)
+
+
+# transformers 5.23 models/siglip/configuration_siglip.py SiglipVisionConfig
+SIGLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_channels=3,
+                              image_size=224, patch_size=16, vision_use_head=True)
+
+
+def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     if not isinstance(config, dict):
         raise ModelError(f"config for {model_id} is not a JSON object",
                          hint="a Hugging Face config.json is an object like {\"model_type\": \"llama\", ...}")

@@ -425,8 +425,27 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
     else:
         out.extend(spec.arch.notes)
     out.extend(spec.notes)          # how a multimodal checkpoint's config was read (core/_models.py)
+    if spec.vision:
+        out.append(vision_line(spec, setup))
     out.extend(spec.defaults_used)  # fields config.json left out (core/_config_fields.py)
     return tuple(out)
+
+
+def vision_line(spec: ModelSpec, setup: TrainSetup) -> str:
+    """The inventory line of a multimodal class's vision tower (inventory.vision_static)."""
+    from vramplan.estimate._inventory import vision_static
+
+    v, vis = spec.vision, vision_static(spec, setup)
+    parts = [f"weights {sum(vis.weights):,} B" + (" (Linear layers 4-bit)" if setup.quantized and setup.quant != "int8"
+                                                  else " (Linear layers int8)" if setup.quantized else "")]
+    if vis.quant_constants:
+        parts.append(f"quantization constants {sum(vis.quant_constants):,} B")
+    if vis.adapters:
+        parts.append(f"LoRA on its {', '.join(dict.fromkeys(vis.adapted))} {sum(vis.adapters):,} B")
+    return (f"vision tower and projector: AutoModelForCausalLM builds Gemma3ForConditionalGeneration for "
+            f"model_type gemma3, so the SigLIP encoder ({v.layers} layers, width {v.hidden}, "
+            f"{v.num_params:,} parameters with the projector) is loaded: " + ", ".join(parts)
+            + "; a text-only step never runs it (no pixel_values): no activations, gradients or optimizer state")
 
 
 def warnings(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:

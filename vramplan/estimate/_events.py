@@ -25,7 +25,8 @@ from functools import lru_cache
 from vramplan.core._models import ModelSpec
 from vramplan.core._setup import TrainSetup
 from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes, bias_bytes, embedding_bytes,
-                                         expert_lora_shapes, lora_shapes, numel, optimizer_memory, weight_bytes)
+                                         expert_lora_shapes, lora_shapes, numel, optimizer_memory, vision_static,
+                                         weight_bytes)
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
@@ -43,9 +44,9 @@ class FsdpShards:
     a flat frozen and a flat trainable parameter; the root unit holds embeddings, final norm and
     lm_head; bitsandbytes quantization state stays whole on every rank."""
     gpus: int
-    unit_weights: int
-    unit_adapters: int
-    unit_gradients: int
+    # per decoder layer, bottom to top: (weights, adapters, gradients) of its unit; they differ
+    # where dense and MoE layers mix (Llama 4 Maverick, DeepSeek-V3)
+    units: tuple[tuple[int, int, int], ...]
     root_weights: int
     root_adapters: int
     root_gradients: int
@@ -106,6 +107,8 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
             sizes += [alloc(numel(shape) * ab)] * (1 if linear.name == "lm_head" else spec.count(linear))
     for shape, count in expert_lora_shapes(spec, setup):
         sizes += [alloc(numel(shape) * ab)] * (count * spec.moe_layers)
+    vis = vision_static(spec, setup)        # a multimodal class's vision tower and projector
+    sizes += [*vis.weights, *vis.quant_constants, *vis.adapters]
     rest = static.weights + static.quant_constants + static.adapters - sum(sizes)
     if rest < 0:   # the inventory counts fewer tensors than listed here: keep the total exact
         return [static.weights + static.quant_constants + static.adapters]
@@ -458,14 +461,14 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         unit, root = None, None
     else:
         N = fsdp.gpus
-        for _ in range(spec.layers):
-            for n in (fsdp.unit_weights, fsdp.unit_adapters):
+        for w, a, _ in fsdp.units:
+            for n in (w, a):
                 if n:
                     b.new(const(alloc(-(-n // N))))
         for n in (fsdp.root_weights, fsdp.root_adapters, fsdp.replicated):
             if n:
                 b.new(const(alloc(-(-n // N)) if n is not fsdp.replicated else n))
-        unit = [n for n in (fsdp.unit_weights, fsdp.unit_adapters) if n]
+        unit = lambda i: [n for n in fsdp.units[i][:2] if n]   # noqa: E731  (layer i's flat parameters)
         root = [n for n in (fsdp.root_weights, fsdp.root_adapters) if n]
         state_sizes = [alloc(-(-n // N)) for n in state_sizes]
         work_sizes = [alloc(-(-n // N)) for n in work_sizes]
@@ -499,7 +502,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         for i in range(L):
             t = stack[i]
             b.place("forward", f"layers.{i}")
-            gathered = gather(unit) if fsdp else []
+            gathered = gather(unit(i)) if fsdp else []
             inst = _Instance(b, t, {t.names["x"]: x})      # tape ids are per template
             fwd = forwards[id(t)]
             inst.run(net(t, fwd, "forward") if reduced(i) else fwd)
@@ -529,14 +532,14 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             inst = layers[i]
             b.place("backward", f"layers.{i}")
             if fsdp:     # this unit unsharded (prefetched by the one above), the next one prefetched
-                gathered = prefetched or gather(unit)
-                prefetched = gather(unit) if i > 0 else []
+                gathered = prefetched or gather(unit(i))
+                prefetched = gather(unit(i - 1)) if i > 0 else []
             inst.keys[inst.t.names["grad#1"]] = grad
             inst.run(net(inst.t, inst.t.backward, "backward") if reduced(i) else inst.t.backward)
             grad = inst.take(inst.t.names["grad:x"]) if "grad:x" in inst.t.names else []
             mine = [key for tid in grad_tids[id(inst.t)] for key in inst.take(tid)]
             if fsdp:     # reduce-scatter: the unit's full gradients become this rank's shard
-                shard = alloc(-(-fsdp.unit_gradients // fsdp.gpus)) if fsdp.unit_gradients else 0
+                shard = alloc(-(-fsdp.units[i][2] // fsdp.gpus)) if fsdp.units[i][2] else 0
                 mine_shard = gather([shard]) if shard else []
                 release(mine)
                 release(gathered)

@@ -33,6 +33,9 @@ class Static:
     trainable_params: int
     trainable_shapes: tuple[tuple[tuple[int, ...], int], ...]  # (shape, how many tensors of it)
     adapted: tuple[str, ...]   # leaf names of the Linear modules LoRA wraps
+    # of weights / quant_constants / adapters: the vision tower and projector a multimodal class
+    # holds (Gemma3ForConditionalGeneration; vision_static), their own line of the inventory
+    vision: tuple[int, int, int] = (0, 0, 0)
 
     def by_component(self) -> dict[str, int]:
         return {Component.WEIGHTS.value: self.weights, Component.QUANT_CONSTANTS.value: self.quant_constants,
@@ -90,10 +93,11 @@ def adapted_linears(spec: ModelSpec, setup: TrainSetup) -> tuple[Linear, ...]:
     candidates = (*spec.layer_linears, spec.lm_head)
     chosen = tuple(l for l in candidates if any(l.name == t or l.name.endswith("." + t) or l.leaf == t
                                                for t in setup.targets))
+    vision = spec.vision.linears if spec.vision else ()   # vision_adapted: the vision tower's, matched alike
     unmatched = [t for t in setup.targets
-                 if not any(l.name == t or l.name.endswith("." + t) or l.leaf == t for l in candidates)]
+                 if not any(l.name == t or l.name.endswith("." + t) or l.leaf == t for l in (*candidates, *vision))]
     if unmatched:
-        names = ", ".join(sorted({l.leaf for l in candidates}))
+        names = ", ".join(sorted({l.leaf for l in (*candidates, *vision)}))
         raise ModelError(f"target modules {', '.join(unmatched)} match nothing in {spec.id}",
                          hint=f"its Linear modules are: {names} (or use all-linear)")
     return chosen
@@ -206,6 +210,67 @@ def numel(shape: tuple[int, ...]) -> int:
     return out
 
 
+@dataclass(frozen=True)
+class VisionStatic:
+    """One allocation per tensor of the vision tower and projector (ModelSpec.vision), by component,
+    and the parameters peft / full fine-tuning make trainable there."""
+    weights: tuple[int, ...]
+    quant_constants: tuple[int, ...]
+    adapters: tuple[int, ...]
+    trainable_params: int
+    adapted: tuple[str, ...]
+
+
+def vision_adapted(spec: ModelSpec, setup: TrainSetup) -> tuple[Linear, ...]:
+    """The vision encoder's Linear modules peft wraps: all-linear takes every nn.Linear but the
+    output embedding (peft tuners_utils._maybe_include_all_linear_layers), so q/k/v/out_proj and
+    fc1 / fc2 of every SiglipEncoderLayer; named targets match them by name as in the decoder."""
+    if not (spec.vision and setup.uses_adapters):
+        return ()
+    if setup.targets == (ALL_LINEAR,):
+        return spec.vision.linears
+    return tuple(l for l in spec.vision.linears
+                 if any(l.name == t or l.name.endswith("." + t) or l.leaf == t for t in setup.targets))
+
+
+def vision_static(spec: ModelSpec, setup: TrainSetup) -> VisionStatic:
+    """Gemma3ForConditionalGeneration's SigLIP tower and projector (docs/architectures.md#gemma3_text):
+    bitsandbytes replaces their nn.Linear modules like the decoder's (get_keys_to_not_convert skips
+    only tied weights, the output embedding and the last parameter; Gemma 3 has no
+    _keep_in_fp32_modules), biases stay in the load dtype (weight_bytes); the Conv2d patch embedding, position
+    embedding, LayerNorms and projector stay 16-bit (float32 after prepare_model_for_kbit_training);
+    position_ids is an int64 buffer. LoRA layers on its Linear modules never get a gradient in a
+    text-only step (no pixel_values: the tower does not run), so they add no gradients and no
+    optimizer state (AdamW skips parameters whose grad is None); nor do its weights under full
+    fine-tuning."""
+    v = spec.vision
+    if v is None:
+        return VisionStatic((), (), (), 0, ())
+    wb, ab = weight_bytes(setup), adapter_bytes(setup)
+    weights, consts, adapters = [], [], []
+    for linear in v.linears:
+        if setup.quantized:
+            q = layout(setup.quant, linear.in_features, linear.out_features, setup.double_quant)
+            weights += [q.weight] * v.layers
+            consts += [q.constants] * v.layers
+        else:
+            weights += [alloc(linear.numel * wb)] * v.layers
+        # in the load dtype, float32 after prepare_model_for_kbit_training: Linear4bit's
+        # first-forward cast back (bias_bytes) never happens in a tower that does not run
+        weights += [alloc(linear.out_features * wb)] * v.layers
+    weights += [alloc(numel(shape) * wb) for shape in v.dense_shapes()]
+    weights.append(alloc(8 * v.positions))                      # SiglipVisionEmbeddings.position_ids
+    adapted = vision_adapted(spec, setup)
+    trainable = 0
+    for linear in adapted:
+        for shape in lora_shapes(linear, setup.rank):
+            adapters += [alloc(numel(shape) * ab)] * v.layers
+            trainable += v.layers * numel(shape)
+    if setup.method == "full":
+        trainable = v.num_params
+    return VisionStatic(tuple(weights), tuple(consts), tuple(adapters), trainable, tuple(l.leaf for l in adapted))
+
+
 def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     wb, eb, ab = weight_bytes(setup), embedding_bytes(setup), adapter_bytes(setup)
     if setup.recast and spec.num_experts:
@@ -288,6 +353,10 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
             adapters += per_layer * alloc(numel(shape) * ab)       # adapter_bytes
             trainable[shape] += per_layer
 
+    vis = vision_static(spec, setup)
+    vision = (sum(vis.weights), sum(vis.quant_constants), sum(vis.adapters))
+    weights, quant_constants, adapters = weights + vision[0], quant_constants + vision[1], adapters + vision[2]
+
     grad_bytes = ab if setup.uses_adapters else setup.compute_bytes
     gradients = sum(k * alloc(numel(t) * grad_bytes) for t, k in trainable.items())
     state, temporaries = optimizer_memory(setup, trainable, grad_bytes)
@@ -298,8 +367,10 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
         weights=weights, quant_constants=quant_constants, adapters=adapters, gradients=gradients,
         optimizer_state=state - paged,
         paged_optimizer_state=paged,
-        optimizer_temporaries=temporaries, trainable_params=sum(k * numel(t) for t, k in trainable.items()),
-        trainable_shapes=tuple(trainable.items()), adapted=tuple(l.leaf for l in adapted),
+        optimizer_temporaries=temporaries,
+        trainable_params=sum(k * numel(t) for t, k in trainable.items()) + vis.trainable_params,
+        trainable_shapes=tuple(trainable.items()), adapted=tuple(l.leaf for l in adapted) + vis.adapted,
+        vision=vision,
     )
 
 

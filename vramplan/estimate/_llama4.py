@@ -50,7 +50,7 @@ def rotate(b, q: str, k: str) -> tuple[str, str]:
     for tag, x in inputs.items():
         copies[tag] = x
         if a != FP32:
-            copies[tag] = f"attn.{tag}32"
+            copies[tag] = f"attn.{tag}.rope32"
             b.op(f"attn.{tag}.to32", [x], [b.t(copies[tag], FP32 * T * widths[tag])],
                  grads=((x, a * T * widths[tag]),))
     for tag in inputs:

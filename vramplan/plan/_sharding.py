@@ -225,13 +225,13 @@ class Splits:
     adapters: int
     gradients: int
     optimizer_state: int           # device or paged: what an engine partitions
-    unit_weights: int              # one decoder layer = one FSDP unit (transformer_auto_wrap_policy)
-    unit_adapters: int
+    unit_weights: int              # one decoder layer = one FSDP unit (transformer_auto_wrap_policy):
+    unit_adapters: int             # the largest one where layers differ (MoE / dense)
     unit_gradients: int
     root_weights: int              # embeddings, final norm, lm_head, rotary buffer (the root unit)
     root_adapters: int
     root_gradients: int
-    layers: int
+    layers: int                    # decoder layers: FSDP units besides the root
     largest_param: int             # bytes of the largest single parameter (a ZeRO-3 module gather)
     persistent_weights: int        # ZeRO-3: parameters at or under param_persistence_threshold
     # DeepSpeed view of the trainable parameters (16-bit after the engine's cast)
@@ -242,11 +242,31 @@ class Splits:
     ds_optimizer: int              # optimizer moments for fp32 master weights
     ds_elem: int                   # bytes per element of the 16-bit (or fp32) training dtype
     trainable_params: int
+    # per decoder layer, bottom to top: (weights, adapters, gradients) of its FSDP unit
+    layer_units: tuple[tuple[int, int, int], ...] = ()
 
 
-def _static_of(spec: ModelSpec, setup: TrainSetup, layers: int):
-    # DeepSeek-V3's dense layers sit below the MoE ones (core/_models.py): `layers` MoE layers on top
-    return static_memory(dataclasses.replace(spec, layers=spec.dense_layers + layers), setup)
+def _static_of(spec: ModelSpec, setup: TrainSetup, dense: int, moe: int):
+    """Static memory of the model with `dense` dense and `moe` MoE decoder layers (the dense ones
+    below, as DeepSeek-V3's first_k_dense_replace: per-layer bytes do not depend on the order)."""
+    return static_memory(dataclasses.replace(spec, layers=dense + moe, dense_layers=dense, dense_flags=()), setup)
+
+
+def _units(spec: ModelSpec, setup: TrainSetup) -> dict[bool, tuple[int, int, int]]:
+    """(weights, adapters, gradients) of one decoder layer of each kind the model has, keyed by
+    ModelSpec.is_dense: static memory with one more layer of that kind, less without it. Llama 4
+    (Maverick: MoE and dense layers alternate, ModelSpec.dense_flags) and DeepSeek-V3 (dense layers
+    below first_k_dense_replace) have two kinds; every other model one (is_dense False)."""
+    moe = 1 if spec.moe_layers else 0
+    kinds = {spec.is_dense(i) for i in range(spec.layers)}
+    out = {}
+    for dense in kinds:
+        d = 1 if spec.dense_layers and not dense else 0   # the other kind held at one layer
+        m = moe if dense else 0
+        one, two = ((_static_of(spec, setup, 1 + d, m), _static_of(spec, setup, 2 + d, m)) if dense else
+                    (_static_of(spec, setup, d, 1), _static_of(spec, setup, d, 2)))
+        out[dense] = (two.weights - one.weights, two.adapters - one.adapters, two.gradients - one.gradients)
+    return out
 
 
 @lru_cache(maxsize=512)
@@ -254,13 +274,12 @@ def splits(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int = DS_P
     """One layer's static bytes are S(2 layers) - S(1 layer); the root is S(L) - L * layer.
     Depends on neither batch nor seq, so callers pass a setup with those fixed."""
     full = static_memory(spec, setup)
-    one, two = _static_of(spec, setup, 1), _static_of(spec, setup, 2)
-    unit_w, unit_a, unit_g = (two.weights - one.weights, two.adapters - one.adapters,
-                              two.gradients - one.gradients)
-    # The unit is the top (MoE) layer; DeepSeek-V3's few smaller dense layers (and Llama 4's
-    # interleaved ones, ModelSpec.dense_flags) are counted with the root (unsharded: more than
-    # FSDP holds for them)
-    L = spec.layers - spec.dense_layers
+    # Every decoder layer is an FSDP unit of its own, whatever its kind: Llama 4's dense layers
+    # between MoE ones and DeepSeek-V3's dense first layers are sharded like the MoE layers
+    kinds = _units(spec, setup)
+    units = tuple(kinds[spec.is_dense(i)] for i in range(spec.layers))
+    unit_w, unit_a, unit_g = max(kinds.values(), key=lambda u: (u[0] + u[1], u[2]))
+    L = spec.layers
     optimizer = full.optimizer_state + full.paged_optimizer_state
     # Largest single parameter: a ZeRO-3 module is gathered whole (embeddings / lm_head are the
     # largest in most LLMs; quantized weights are gathered in their packed storage).
@@ -287,12 +306,12 @@ def splits(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int = DS_P
         weights=full.weights, quant_constants=full.quant_constants, adapters=full.adapters,
         gradients=full.gradients, optimizer_state=optimizer,
         unit_weights=unit_w, unit_adapters=unit_a, unit_gradients=unit_g,
-        root_weights=full.weights - L * unit_w, root_adapters=full.adapters - L * unit_a,
-        root_gradients=full.gradients - L * unit_g, layers=L, largest_param=max(candidates),
+        root_weights=full.weights - sum(u[0] for u in units), root_adapters=full.adapters - sum(u[1] for u in units),
+        root_gradients=full.gradients - sum(u[2] for u in units), layers=L, largest_param=max(candidates),
         persistent_weights=persistent,
         ds_trainable=ds_trainable, ds_trainable_persistent=ds_persistent,
         ds_master=master, ds_optimizer=ds_optimizer, ds_elem=ds_elem,
-        trainable_params=full.trainable_params,
+        trainable_params=full.trainable_params, layer_units=units,
     )
 
 
@@ -479,8 +498,8 @@ def fsdp_slack(base, sp: Splits, parallel: Parallel) -> int:
     from vramplan.estimate._reserved import reserved_peak
 
     spec, setup = base.model, base.setup
-    shards = FsdpShards(parallel.gpus, sp.unit_weights, sp.unit_adapters, sp.unit_gradients, sp.root_weights,
-                        sp.root_adapters, sp.root_gradients, sp.quant_constants)
+    shards = FsdpShards(parallel.gpus, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
+                        sp.quant_constants)
     r, _ = reserved_peak(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf, fsdp=shards)
     return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes)
 
@@ -551,13 +570,37 @@ def _phase_terms(phase: str, c: dict, sp: Splits, p: Parallel) -> tuple[list[Ter
     return rank.terms, rank.cpu
 
 
+def gathered_units(sp: Splits, backward: bool) -> tuple[int, int, int, int]:
+    """(units, weights, adapters, gradients) unsharded at a decoder-layer moment, at the layer
+    where they are largest: in forward the current unit and the next one (limit_all_gathers);
+    in backward (BACKWARD_PRE) the current unit, the one below it prefetched, and the current
+    unit's unsharded gradients (SRC_FSDP_GATHER, SRC_FSDP_GRAD). Where layers differ (Llama 4
+    Maverick's dense / MoE alternation) the pair is one of each, not the largest unit twice."""
+    units = sp.layer_units
+    if len(units) < 2:
+        w, a, g = units[0] if units else (0, 0, 0)
+        return len(units), w, a, g if backward else 0
+    moments = []    # (bytes, units, weights, adapters, gradients)
+    for i in range(len(units) - 1):
+        (w0, a0, _), (w1, a1, g1) = units[i], units[i + 1]
+        # backward: layer i + 1 runs with layer i prefetched; forward: i runs with i + 1 prefetched
+        g = g1 if backward else 0
+        moments.append((w0 + a0 + w1 + a1 + g, 2, w0 + w1, a0 + a1, g))
+    if backward:   # the bottom layer's backward prefetches nothing
+        w, a, g = units[0]
+        moments.append((w + a + g, 1, w, a, g))
+    _, n, w, a, g = max(moments)
+    return n, w, a, g
+
+
 def _fsdp_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: Parallel) -> None:
-    N, L = p.gpus, sp.layers
+    N = p.gpus
     add, shard = rank.add, rank.shard
     shard(C.WEIGHTS, "weight shards (flat parameters)",
-          L * _ceil_div(sp.unit_weights, N) + _ceil_div(sp.root_weights, N), SRC_FSDP_SHARD)
+          sum(_ceil_div(u[0], N) for u in sp.layer_units) + _ceil_div(sp.root_weights, N), SRC_FSDP_SHARD)
     shard(C.ADAPTERS, "adapter shards (LoRA units)",
-          L * _ceil_div(sp.unit_adapters, N) + _ceil_div(sp.root_adapters, N), SRC_FSDP_SHARD)
+          sum(_ceil_div(u[1], N) for u in sp.layer_units) + _ceil_div(sp.root_adapters, N), SRC_FSDP_SHARD)
+    units, unit_w, unit_a, unit_g = gathered_units(sp, backward)
     if kind != "optimizer":
         if p.strategy == "fsdp_grad_op":
             # Every unit stays unsharded from its forward to its backward: at the turn, all of them.
@@ -568,18 +611,16 @@ def _fsdp_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: 
                 SRC_FSDP_ROOT)
             add(C.ADAPTERS, "root adapters unsharded", "gathered", sp.root_adapters, SRC_FSDP_ROOT)
             if kind == "layer":
-                units = min(2, L)
                 add(C.WEIGHTS, f"{units} decoder-layer units unsharded (current + prefetched)", "gathered",
-                    units * sp.unit_weights, SRC_FSDP_GATHER)
-                add(C.ADAPTERS, f"{units} layers' adapter units unsharded", "gathered", units * sp.unit_adapters,
-                    SRC_FSDP_GATHER)
+                    unit_w, SRC_FSDP_GATHER)
+                add(C.ADAPTERS, f"{units} layers' adapter units unsharded", "gathered", unit_a, SRC_FSDP_GATHER)
     grads = c[C.GRADIENTS.value]
     shard(C.GRADIENTS, "gradient shards", _ceil_div(grads, N), SRC_FSDP_SHARD, _ceil_div(sp.gradients, N))
     if backward and grads:
         # Unsharded gradients awaiting reduce-scatter: the root's through the whole backward,
         # and the current unit's.
         add(C.GRADIENTS, "unsharded gradients before reduce-scatter", "gathered",
-            sp.root_gradients + (sp.unit_gradients if kind == "layer" else 0), SRC_FSDP_GRAD)
+            sp.root_gradients + (unit_g if kind == "layer" else 0), SRC_FSDP_GRAD)
     shard(C.OPTIMIZER_STATE, "optimizer state of the local shard", _ceil_div(c[C.OPTIMIZER_STATE.value], N),
           SRC_FSDP_SHARD, _ceil_div(sp.optimizer_state, N))
     if kind == "optimizer":  # with offload the step runs on the CPU: no GPU workspace

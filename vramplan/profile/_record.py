@@ -269,7 +269,8 @@ def spec_from_record(model: dict):
 
 
 def model_dict(spec) -> dict:
-    return {**spec.to_dict(), "config": dict(spec.config)}
+    # a multimodal class AutoModelForCausalLM builds whole keeps its outer config (ModelSpec.build_config)
+    return {**spec.to_dict(), "config": spec.build_config() if getattr(spec, "wrapper", None) else dict(spec.config)}
 
 
 def estimate_dict(est) -> dict:

@@ -246,7 +246,7 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
         snapshot_tmp = out_dir / f".tmp-{os.getpid()}-{rid}.snapshot.pickle"
     elif options.snapshot:
         snapshot_tmp = workdir / f"{rid}.snapshot.pickle"
-    job = {"model_id": spec.id, "model_source": spec.source, "config": spec.config, "setup": setup.to_dict(),
+    job = {"model_id": spec.id, "model_source": spec.source, "config": spec.build_config() if getattr(spec, "wrapper", None) else spec.config, "setup": setup.to_dict(),
            "device": options.device, "steps": options.steps, "warmup": options.warmup,
            "random_weights": options.random_weights, "weights": weights, "seed": options.seed,
            "memory_limit_bytes": options.memory_limit_bytes, "predicted_context_bytes": pre.cuda_context_bytes,

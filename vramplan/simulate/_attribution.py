@@ -135,13 +135,15 @@ def short_name(name: str) -> str:
 
 
 def decoder_layers(model) -> tuple[str, list]:
-    """(short name of the decoder layer list, its modules): the largest nn.ModuleList of the model."""
+    """(short name of the decoder layer list, its modules): the largest nn.ModuleList of the model;
+    of two as long, the one outside a vision tower (Gemma3ForConditionalGeneration builds the SigLIP
+    encoder's layers before the language model's)."""
     import torch
 
-    best = ("", [])
+    best, rank = ("", []), (-1, False)
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best[1]):
-            best = (short_name(name), list(module))
+        if isinstance(module, torch.nn.ModuleList) and (len(module), "vision" not in name) > rank:
+            best, rank = (short_name(name), list(module)), (len(module), "vision" not in name)
     return best
 
 

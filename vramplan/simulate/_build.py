@@ -100,6 +100,8 @@ def respec(spec, config: dict):
     if isinstance(spec, ConfigSpec):
         return config_spec(config, spec.id, spec.source)
     from vramplan.core._models import spec_from_config
+    if getattr(spec, "wrapper", None):   # the text config inside the same multimodal checkpoint
+        config = {**spec.wrapper, "text_config": config}
     return spec_from_config(config, spec.id, spec.source)
 
 
@@ -137,14 +139,17 @@ def hf_config(spec, setup: TrainSetup):
     """The transformers config object for spec.config, or ModelError if transformers lacks it."""
     from transformers import CONFIG_MAPPING
 
-    model_type = spec.config.get("model_type", spec.model_type)
+    # a multimodal checkpoint AutoModelForCausalLM builds whole (core/_models.py WHOLE_MULTIMODAL:
+    # Gemma3ForConditionalGeneration) is built from its outer config, text decoder inside
+    source = spec.build_config() if getattr(spec, "wrapper", None) else dict(spec.config)
+    model_type = source.get("model_type", spec.model_type)
     if model_type not in CONFIG_MAPPING:
         import transformers
         raise ModelError(f"architecture {model_type!r} ({spec.id}) is not known to transformers "
                          f"{transformers.__version__}",
                          hint="simulate needs a transformers release that has this model_type; "
                               "the analytic estimate does not")
-    config = CONFIG_MAPPING[model_type].from_dict(dict(spec.config))
+    config = CONFIG_MAPPING[model_type].from_dict(source)
     config.use_cache = False  # training: no KV cache (transformers turns it off for checkpointing too)
     return config
 

@@ -61,7 +61,7 @@ def reduced_spec(spec, setup: TrainSetup):
     sliding or full attention) must repeat with a period that divides the depth."""
 
     config = dict(spec.config)
-    types = getattr(hf_config(spec, setup), "layer_types", None)
+    types = getattr(hf_config(spec, setup).get_text_config(), "layer_types", None)
     period = 1
     if types is not None:
         types = list(types)
