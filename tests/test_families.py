@@ -816,3 +816,40 @@ def test_llama4_simulate_refuses_lora_on_the_router_before_tracing():
     # full fine-tuning has no adapters: nothing to refuse
     trace = simulate(spec, TrainSetup(seq=32, method="full"))
     assert trace.peak_allocated_bytes > 0
+
+
+def test_llama4_chunked_loss_is_refused_by_estimate_and_simulate(capsys):
+    """TRL's fused lm_head runs model.base_model for the hidden states; Llama4ForCausalLM's
+    base_model_prefix ("language_model") names no attribute, so its base_model is the causal LM itself
+    (transformers PreTrainedModel.base_model) and the fused forward cannot run."""
+    from vramplan.cli import main
+
+    assert main(["estimate", SCOUT, "--targets", LLAMA4_TARGETS, "--loss", "chunked"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("Error: --loss chunked cannot run on llama4_text: TRL's fused lm_head reads the hidden states "
+                   "from model.base_model, which for this model class is the causal LM itself "
+                   "(hint: use --loss full)\n")
+    # the same --targets with the full loss: estimated
+    assert main(["estimate", SCOUT, "--targets", LLAMA4_TARGETS]) == 0
+
+
+def test_simulate_refuses_the_fused_head_on_any_model_whose_base_model_is_itself():
+    """Simulate checks the built model itself, so a family the registry does not know is caught too."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import Llama4ForCausalLM, Llama4TextConfig, LlamaConfig, LlamaForCausalLM
+
+    from vramplan.core._errors import UsageError
+    from vramplan.simulate._chunked_loss import add_fused_lm_head
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128)
+    with torch.device("meta"):
+        llama4 = Llama4ForCausalLM(Llama4TextConfig(**small, intermediate_size_mlp=128, head_dim=16))
+        llama = LlamaForCausalLM(LlamaConfig(**small))
+    assert llama4.base_model is llama4 and llama.base_model is llama.model
+    with pytest.raises(UsageError, match="cannot run on Llama4ForCausalLM"):
+        add_fused_lm_head(llama4)
+    assert "forward" not in vars(llama)
+    add_fused_lm_head(llama)   # a decoder at base_model: its forward is patched on the instance
+    assert "forward" in vars(llama)

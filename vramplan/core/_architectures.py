@@ -124,6 +124,11 @@ class Architecture:
     eager_softmax_fp32: bool = True
     linear_router: bool = False
     mask_types: tuple[str, ...] = ()
+    # The causal-LM class's `base_model` (PreTrainedModel.base_model: getattr(self,
+    # base_model_prefix, self)) is its decoder. TRL's fused lm_head runs base_model for the last
+    # hidden state (docs/recipes.md#trl-chunked-loss). Llama4ForCausalLM names its prefix
+    # "language_model" but keeps the decoder at .model, so its base_model is the model itself.
+    base_model_is_decoder: bool = True
 
 
 _LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -332,7 +337,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                  mlp_bias=False, qk_norm="l2", norm_style="llama4", layer_types_rule="chunked", nope_layers=True,
                  moe=True, router="sigmoid_scatter", moe_style="llama4", peft_moe_conversion=False,
                  expert_linears_v4=False, rope_complex=True, temperature_tuning=True, eager_softmax_fp32=False,
-                 linear_router=True, mask_types=("full_attention", "chunked_attention"),
+                 linear_router=True, mask_types=("full_attention", "chunked_attention"), base_model_is_decoder=False,
                  notes=("transformers 5 keeps Llama 4 experts as 3D parameters and its router as an nn.Linear "
                         "subclass: bitsandbytes quantizes neither (both stay 16-bit) and LoRA adapts neither; "
                         "every token runs through every expert (hidden_states.repeat), so expert activations "

@@ -103,6 +103,17 @@ def adapted_linears(spec: ModelSpec, setup: TrainSetup) -> tuple[Linear, ...]:
     return chosen
 
 
+def refuse_fused_head(spec: ModelSpec, setup: TrainSetup) -> None:
+    """TRL's fused lm_head (--loss chunked) takes the last hidden state from `model.base_model`
+    (docs/recipes.md#trl-chunked-loss). Where that is the causal LM itself (Llama4ForCausalLM:
+    base_model_prefix "language_model", decoder at .model), the fused forward gets the causal LM's
+    output, which has no last_hidden_state, and fails: no run trains that way."""
+    if setup.loss == "chunked" and not spec.arch.base_model_is_decoder:
+        raise ModelError(f"--loss chunked cannot run on {spec.model_type}: TRL's fused lm_head reads the hidden "
+                         "states from model.base_model, which for this model class is the causal LM itself",
+                         hint="use --loss full")
+
+
 def refuse_router_lora(spec: ModelSpec, setup: TrainSetup) -> None:
     """Llama4Router subclasses nn.Linear (models/llama4/modeling_llama4.py) and returns (scores,
     logits). peft's all-linear takes every nn.Linear (tuners_utils._maybe_include_all_linear_layers:
@@ -273,6 +284,7 @@ def vision_static(spec: ModelSpec, setup: TrainSetup) -> VisionStatic:
 
 def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     wb, eb, ab = weight_bytes(setup), embedding_bytes(setup), adapter_bytes(setup)
+    refuse_fused_head(spec, setup)
     if setup.recast and spec.num_experts:
         raise UsageError("--recast is modelled for dense models (qlora.py predates fused MoE experts)",
                          hint="drop --recast, or use --recipe trainer")

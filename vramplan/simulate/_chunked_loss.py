@@ -14,6 +14,8 @@ import types
 
 import torch
 
+from vramplan.core._errors import UsageError
+
 TOKEN_CHUNK_SIZE = 4096       # trl/kernels/chunked_logprob.py
 VOCAB_CHUNK_SIZE = 32768      # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE
 
@@ -118,7 +120,13 @@ def _nonzero_on_meta(mask):
 
 def add_fused_lm_head(model) -> None:
     """trl.trainer.utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1")) as
-    SFTTrainer calls it, the real one when TRL is installed."""
+    SFTTrainer calls it, the real one when TRL is installed. Both take the last hidden state from
+    `model.base_model`; a model class whose base_model is itself (Llama4ForCausalLM) cannot run
+    it (estimate/_inventory.py refuse_fused_head), which is said here for any model."""
+    if model.base_model is model:
+        raise UsageError(f"--loss chunked cannot run on {type(model).__name__}: TRL's fused lm_head reads the "
+                         "hidden states from model.base_model, which for this model class is the causal LM itself",
+                         hint="use --loss full")
     if trl_available():
         from trl.trainer.utils import add_fused_lm_head as trl_add
         trl_add(model, outputs=("log_probs", "entropy", "is_top1"))
