@@ -38,7 +38,10 @@ def setup_flags() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length in tokens (default 2048)")
     p.add_argument("--grad-ckpt", dest="grad_ckpt", action=argparse.BooleanOptionalAction, default=None,
-                   help="gradient checkpointing, non-reentrant (default on)")
+                   help="gradient checkpointing (default on)")
+    p.add_argument("--ckpt-reentrant", dest="reentrant", action=argparse.BooleanOptionalAction, default=None,
+                   help="checkpoint with use_reentrant=True (transformers < 4.35's default, torch's "
+                        "CheckpointFunction) instead of non-reentrant (default off)")
     p.add_argument("--attn", default="sdpa", help="sdpa | eager (default sdpa)")
     p.add_argument("--optimizer", default=None,
                    help="adamw (torch AdamW, foreach: its CUDA default) | adamw_foreach | adamw_fused | adamw8bit | "
@@ -101,7 +104,7 @@ def cuda_arch_from_args(args):
 
 
 # Flags a --recipe sets; None means "not given", so the recipe's (or TrainSetup's) default applies.
-RECIPE_FLAGS = ("dtype", "grad_ckpt", "optimizer", "prepare_kbit", "amp", "loop", "loss", "recast")
+RECIPE_FLAGS = ("dtype", "grad_ckpt", "reentrant", "optimizer", "prepare_kbit", "amp", "loop", "loss", "recast")
 
 
 def setup_from_args(args):
@@ -113,7 +116,7 @@ def setup_from_args(args):
         explicit["dtype"] = default_dtype(cuda_arch_from_args(args))
     setup = make_setup(recipe_name, batch=args.batch, seq=args.seq, attn=args.attn, experts=args.experts,
                        **given, **explicit)
-    check_given(setup, given)
+    check_given(setup, {**given, **({"reentrant": True} if explicit.get("reentrant") else {})})
     return setup
 
 

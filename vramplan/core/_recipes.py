@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from vramplan.core._errors import UsageError
 
 # The fields a recipe may set; every other TrainSetup field keeps its own default.
-RECIPE_FIELDS = ("dtype", "amp", "optimizer", "grad_ckpt", "loss", "loop", "prepare_kbit", "rank", "targets",
-                 "recast")
+RECIPE_FIELDS = ("dtype", "amp", "optimizer", "grad_ckpt", "reentrant", "loss", "loop", "prepare_kbit", "rank",
+                 "targets", "recast")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Recipe:
     prepare_kbit: bool
     rank: int
     targets: tuple[str, ...]
-    reentrant: bool           # gradient checkpointing flavour (only non-reentrant is modelled)
+    reentrant: bool           # gradient checkpointing flavour: use_reentrant (TrainSetup.reentrant)
     sources: tuple[tuple[str, str], ...]   # (field, upstream source of its default)
     recast: bool = False      # qlora.py's dtype cast after get_peft_model (TrainSetup.recast)
 

@@ -38,7 +38,9 @@ class TrainSetup:
     from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
     bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16), dtype=bfloat16),
     get_peft_model(LoraConfig(r=16, target_modules="all-linear")), torch AdamW,
-    non-reentrant gradient checkpointing, labels=input_ids with transformers' causal-LM loss."""
+    non-reentrant gradient checkpointing, labels=input_ids with transformers' causal-LM loss.
+    `reentrant`: checkpointing with use_reentrant=True instead (torch CheckpointFunction;
+    docs/autograd.md#reentrant-checkpointing); meaningless without grad_ckpt."""
 
     method: str = "qlora"
     quant: str = "nf4"
@@ -50,6 +52,7 @@ class TrainSetup:
     batch: int = 1
     seq: int = 2048
     grad_ckpt: bool = True
+    reentrant: bool = False
     attn: str = "sdpa"
     optimizer: str = "adamw"
     prepare_kbit: bool = False
@@ -94,6 +97,9 @@ class TrainSetup:
 
     def _validate_step_flags(self) -> None:
         """--amp, --loop, --loss, --recipe (core/_recipes.py)."""
+        if not isinstance(self.reentrant, bool):
+            raise UsageError(f"--ckpt-reentrant must be true or false, got {self.reentrant!r}",
+                             hint="use --ckpt-reentrant or --no-ckpt-reentrant")
         _choice("--amp", self.amp, AMPS)
         _choice("--loop", self.loop, LOOPS)
         _choice("--loss", self.loss, LOSSES)
@@ -144,6 +150,12 @@ class TrainSetup:
         return self.experts == "4bit"
 
     @property
+    def reentrant_ckpt(self) -> bool:
+        """Gradient checkpointing with torch.utils.checkpoint(use_reentrant=True)
+        (docs/autograd.md#reentrant-checkpointing)."""
+        return self.grad_ckpt and self.reentrant
+
+    @property
     def autocast(self) -> bool:
         return self.amp != "none"
 
@@ -176,6 +188,8 @@ class TrainSetup:
         if not self.quantized:  # quantization flags mean nothing without --method qlora
             d["quant"] = None
             d["double_quant"] = None
+        if not self.grad_ckpt:  # the checkpointing flavour means nothing without checkpointing
+            d["reentrant"] = None
         return d
 
 
@@ -191,7 +205,7 @@ def _recast_applies(field) -> bool:
 # per_gpu, sweep axes): a TrainSetup itself may carry unused defaults, e.g. after with_(method="full").
 # Paged optimizers, --dtype, --attn and --grad-ckpt apply to every method, so they never contradict.
 FLAG_NAMES = {"quant": "--quant", "double_quant": "--no-double-quant", "rank": "--rank",
-              "targets": "--targets", "lora_dropout": "--lora-dropout"}
+              "targets": "--targets", "lora_dropout": "--lora-dropout", "reentrant": "--ckpt-reentrant"}
 
 
 def inapplicable(setup: TrainSetup) -> dict[str, str]:
@@ -205,6 +219,8 @@ def inapplicable(setup: TrainSetup) -> dict[str, str]:
     if not setup.uses_adapters:
         for name in ("rank", "targets", "lora_dropout"):
             out[name] = "--method full trains every weight, with no LoRA adapters"
+    if not setup.grad_ckpt and setup.reentrant:
+        out["reentrant"] = "reentrant is a gradient checkpointing flavour and --no-grad-ckpt turns checkpointing off"
     return out
 
 
@@ -212,6 +228,9 @@ def check_given(setup: TrainSetup, given: Iterable[str]) -> None:
     """UsageError for the first field the caller gave explicitly that the setup does not use."""
     reasons = inapplicable(setup)
     for name in given:
+        if name == "reentrant" and name in reasons:
+            raise UsageError("--ckpt-reentrant contradicts --no-grad-ckpt",
+                             hint=f"{reasons[name]}; drop one of them")
         if name in reasons:
             flag = FLAG_NAMES[name] + ("" if name == "double_quant" else f" {_shown(getattr(setup, name))}")
             raise UsageError(f"{flag} contradicts --method {setup.method}"

@@ -76,6 +76,9 @@ class _Ops:
         self.dequant = 0   # largest dequantized-weight temporary seen
         self.cached: tuple = ()   # autocast weight casts, held by autocast's cache until the region exits
         self.held: tuple = ()     # head outputs the loop keeps through backward (`out.logits`)
+        # outputs made only with grad mode on and an input requiring grad (the memory-efficient
+        # kernel's logsumexp): a reentrant checkpoint's no_grad forward does not make them
+        self.grad_only: tuple = ()
         self.layer_locals: list = []   # names a decoder layer's forward holds until it returns
 
     def t(self, name: str, nbytes: int) -> Tensor:
@@ -423,6 +426,9 @@ class _Ops:
             lse = cuda_sdpa.nbytes(*cuda_sdpa.efficient_logsumexp(b, H, seq, _sym_round))
             bwd = sum((alloc(cuda_sdpa.nbytes(*w)) for w in cuda_sdpa.efficient_backward_workspace(b, H, seq, hd)),
                       alloc(0))
+            # (attention.cpp _scaled_dot_product_efficient_attention: compute_log_sumexp only when
+            # grad mode is on and q, k or v requires grad; docs/autograd.md#reentrant-checkpointing)
+            self.grad_only += ("attn.lse",)
             self.op("attn.sdpa", [q, k, v, *bias], [self.t("attn.o", a * T * ow), self.t("attn.lse", lse)],
                     saves=(q, k, v_storage, "attn.o", "attn.lse", *bias),
                     grads=((q, a * T * qw), (k, a * T * kvw), (v, a * T * vin)), bwd_work=bwd)
@@ -1068,6 +1074,11 @@ def int8_ctx_inputs(spec: ModelSpec, setup: TrainSetup) -> int:
     Inputs: the normed hidden state (q/k/v, gate/up share one), the attention output, the MLP product."""
     if not (setup.grad_ckpt and setup.quantized and setup.quant == "int8"):
         return 0
+    if setup.reentrant_ckpt:
+        # reentrant checkpointing runs the first forward under no_grad: MatMul8bitLt's
+        # needs_input_grad is all False, so nothing goes on ctx.tensors, and the ctx itself is
+        # dropped with the unrecorded graph (docs/autograd.md#reentrant-checkpointing)
+        return 0
     a, T = act_bytes(setup), setup.tokens
     q = spec.heads * spec.head_dim
     mlp = spec.intermediate if not spec.num_experts else 0
@@ -1411,10 +1422,11 @@ def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
             if x_bytes != act_bytes(setup):
                 b.bytes_of["x"] = x_bytes
             ops, dequant = layer_ops(spec, setup, b)
-            built[x_bytes] = ops, b.cached, dequant
-        ops, cached, dequant = built[x_bytes]
+            built[x_bytes] = ops, b.cached, b.grad_only, dequant
+        ops, cached, grad_only, dequant = built[x_bytes]
         return walk(ops, {"x": alloc(x_bytes * sym.B * sym.S * spec.hidden)}, keep=keep, save=not ckpt,
-                    backward=True, grad_of={"layer.out": hidden}, needs_grad=needs, cached=cached), dequant
+                    backward=True, grad_of={"layer.out": hidden}, needs_grad=needs, cached=cached,
+                    reentrant=setup.reentrant_ckpt, grad_only=grad_only), dequant
 
     inner, dequant = run(frozenset({"x"}), act_bytes(setup))
     # the bottom layer reads the embedding output: 16-bit after qlora.py's recast while the hidden

@@ -170,7 +170,8 @@ class Tape:
 
 def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save: bool = True,
          backward: bool = False, grad_of: dict[str, int] | None = None,
-         needs_grad: frozenset[str] = frozenset(), cached: tuple[str, ...] = ()) -> Tape:
+         needs_grad: frozenset[str] = frozenset(), cached: tuple[str, ...] = (),
+         reentrant: bool = False, grad_only: tuple[str, ...] = ()) -> Tape:
     """Run `ops` forward (and then backward if asked) and record the tape of allocations;
     `Tape.replay(values)` gives the peaks for one batch x seq.
 
@@ -185,6 +186,13 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
     cached: autocast weight casts (autocast_mode.cpp cached_cast): a forward that does not save
         (checkpointing's first pass) still leaves them alive in autocast's cache until the
         autocast region exits, at the end of the forward; the recomputation saves them.
+    reentrant: with save=False, checkpointing as torch.utils.checkpoint(use_reentrant=True) does
+        (CheckpointFunction, docs/autograd.md#reentrant-checkpointing): the first forward runs
+        under no_grad, so outputs in `grad_only` (made only when grad mode is on and an input
+        requires grad) are not made; backward first re-runs the whole forward with saving (no
+        early stop, the segment's outputs recomputed and held), then runs the segment's backward
+        while the recomputed outputs and the incoming gradients (held by the Python frame of
+        CheckpointFunction.backward) stay alive until it returns.
     """
     live = _Live()
     for name, nbytes in given.items():
@@ -199,7 +207,10 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
     frees = [tuple(n for n in dict.fromkeys((*op.inputs, *(t.name for t in op.outputs)))
                    if last_use.get(n, -1) <= i and n not in keep) for i, op in enumerate(ops)]
 
-    def run_forward(upto: int, saving: bool, stop_early: bool = False) -> None:
+    no_grad = reentrant and not save
+    hold: set = set()      # the reentrant recomputation's outputs, held until the segment's backward ends
+
+    def run_forward(upto: int, saving: bool, stop_early: bool = False, grad_mode: bool = True) -> None:
         for i, op in enumerate(ops[:upto]):
             if stop_early and i == upto - 1 and set(op.saves) <= set(op.inputs):
                 # checkpoint's early stop raises in the pack hook of the last saved tensor;
@@ -210,7 +221,8 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
                     saved_by[name] = saved_by.get(name, 0) + 1
                 return
             for t in op.outputs:
-                live.add(t.name, t.nbytes, t.tag)
+                if grad_mode or t.name not in grad_only:
+                    live.add(t.name, t.nbytes, t.tag)
             live.mark(op.name, op.work, op.work_tag)
             if op.param_grads or any(n in requires for n in op.inputs):
                 requires.update(t.name for t in op.outputs)
@@ -218,10 +230,10 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
                     for name in op.saves:
                         saved_by[name] = saved_by.get(name, 0) + 1
             for name in frees[i]:
-                if name in live.size and name not in saved_by and (saving or name not in cached):
+                if name in live.size and name not in saved_by and name not in hold and (saving or name not in cached):
                     live.drop(name)
 
-    run_forward(len(ops), save)
+    run_forward(len(ops), save, grad_mode=not no_grad)
     if not backward:
         return Tape(tuple(live.table), tuple(live.tape), dict(live.first_tid))
     live.reset()
@@ -264,6 +276,21 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
 
     for name, nbytes in (grad_of or {}).items():
         attach(name, new_grad(nbytes))
+    pinned = []
+    if no_grad:
+        # CheckpointFunction.backward: the incoming gradients are its arguments, alive until it
+        # returns; it re-runs the whole forward with grad enabled on detached inputs and keeps
+        # the outputs, then torch.autograd.backward(outputs, grads) runs the segment's graph
+        # (docs/autograd.md#reentrant-checkpointing)
+        for name in grad_of or {}:
+            refs[grad_key[name]] += 1
+            pinned.append(grad_key[name])
+        hold.update(grad_of or {})
+        requires.clear()
+        requires.update(needs_grad)
+        run_forward(len(ops), saving=True)
+        recompute_upto = 0
+    keeping = set(keep) | hold
     for op in reversed(ops):
         incoming = [grad_key[t.name] for t in op.outputs if t.name in grad_key]
         if not incoming:
@@ -298,11 +325,18 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
                 saved_by[name] -= 1
                 if saved_by[name] == 0:
                     del saved_by[name]
-                    if name in live.size and name not in keep:
+                    if name in live.size and name not in keeping:
                         live.drop(name)
         for t in op.outputs:  # outputs nobody saved and nothing keeps are gone by now
-            if t.name in live.size and t.name not in saved_by and t.name not in keep:
+            if t.name in live.size and t.name not in saved_by and t.name not in keeping:
                 live.drop(t.name)
+    # reentrant: CheckpointFunction.backward returns, freeing its arguments (the incoming
+    # gradients) and the recomputed outputs
+    for key in pinned:
+        release(key)
+    for name in hold:
+        if name in live.size:
+            live.drop(name)
     names = dict(live.first_tid)
     names.update((f"grad:{name}", live.tid[key]) for name, key in grad_key.items() if key in live.tid)
     return Tape(tuple(live.table), tuple(live.tape), names)

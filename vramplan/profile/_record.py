@@ -250,13 +250,13 @@ def _known(cls, d: dict) -> dict:
 # --- rebuilding the inputs of a record, for re-estimation ----------------------------------------
 
 def setup_from_record(setup: dict):
-    """TrainSetup from a record's setup dict (quant fields are None for lora / full)."""
+    """TrainSetup from a record's setup dict (quant fields are None for lora / full, reentrant
+    None without checkpointing or in records older than the field)."""
 
     d = {k: v for k, v in setup.items() if k in {f.name for f in fields(TrainSetup)}}
-    if d.get("quant") is None:
-        d.pop("quant", None)
-    if d.get("double_quant") is None:
-        d.pop("double_quant", None)
+    for name in ("quant", "double_quant", "reentrant"):
+        if d.get(name) is None:
+            d.pop(name, None)
     if "targets" in d:
         d["targets"] = tuple(d["targets"])
     return TrainSetup(**d)

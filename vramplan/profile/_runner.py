@@ -13,8 +13,8 @@ reported through a one-way multiprocessing Connection as small dicts (`event` ke
                targets): the parent raises it as the same VramplanError, no record is written
 
 The run is the user's script: the model loaded as from_pretrained does (or random weights,
-_materialize.py), prepare_model_for_kbit_training if asked, non-reentrant gradient
-checkpointing, peft LoRA, the optimizer (fused AdamW where the recipe uses it), TRL's fused lm_head
+_materialize.py), prepare_model_for_kbit_training if asked, gradient checkpointing
+(non-reentrant, or use_reentrant=True with TrainSetup.reentrant), peft LoRA, the optimizer (fused AdamW where the recipe uses it), TRL's fused lm_head
 for the chunked loss; then `warmup + steps` iterations of
     loss = model(input_ids=ids, labels=ids).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
 with the forward under torch.autocast where the recipe runs it, and a plain loop's `out` kept until

@@ -4,7 +4,7 @@ The recipe (TrainSetup's docstring) is
     model = AutoModelForCausalLM.from_pretrained(id, quantization_config=BitsAndBytesConfig(...),
                                                  dtype=compute_dtype, attn_implementation=attn)
     model = prepare_model_for_kbit_training(model)            # only with setup.prepare_kbit
-    model.gradient_checkpointing_enable({"use_reentrant": False})   # with setup.grad_ckpt
+    model.gradient_checkpointing_enable({"use_reentrant": setup.reentrant})   # with setup.grad_ckpt
     model = get_peft_model(model, LoraConfig(r, target_modules, lora_dropout, task_type="CAUSAL_LM"))
     optimizer = ...; model.train()
 
@@ -326,11 +326,12 @@ def make_trainable(model, setup: TrainSetup, device: str):
             from peft import prepare_model_for_kbit_training
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=setup.grad_ckpt,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+                gradient_checkpointing_kwargs={"use_reentrant": setup.reentrant_ckpt})
         if setup.grad_ckpt:
             # transformers 5: also calls enable_input_require_grads() for input_ids models, the
-            # hook peft and the Trainer rely on so checkpointed blocks see an input needing grad.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # hook peft and the Trainer rely on so checkpointed blocks see an input needing grad
+            # (reentrant checkpointing needs it: docs/autograd.md#reentrant-checkpointing).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": setup.reentrant_ckpt})
         if setup.uses_adapters:
             model = add_adapters(model, setup)
             if setup.recast:
