@@ -164,6 +164,7 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
         # the --experts 4bit layout is the v4 per-expert Linear stack (Architecture.expert_linears_v4)
         raise ModelError(f"--experts 4bit is not modelled for {spec.model_type}: its experts never were "
                          "per-expert Linear layers", hint="drop --experts 4bit")
+    check_reentrant_kernels(spec, setup, cuda_arch)
     static = static if static is not None else static_memory(spec, setup)
     moments = step_moments(spec, setup, static, cuda_arch)
     peak_moment = max(moments, key=lambda m: sum(moments[m].values()))
@@ -197,6 +198,27 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
         trainable_params=static.trainable_params, gpu=gpu_obj, phase_components=phases,
         peak_moment=peak_moment, moments=moments, cuda_arch=cuda_arch,
     )
+
+
+def check_reentrant_kernels(spec: ModelSpec, setup: TrainSetup, arch: CudaArch) -> None:
+    """Reentrant checkpointing runs a layer's first forward under no_grad, where q, k, v require no
+    grad: SDPA's dispatcher may then take another kernel than the recomputation does (flash on
+    sm86-89 / sm120 with a head dim over 192, check_requires_grad_and_head_dim_gt192...). One op
+    list per layer cannot hold two kernels: refused (docs/autograd.md#reentrant-checkpointing)."""
+    if not (setup.reentrant_ckpt and setup.attn == "sdpa"):
+        return
+    from dataclasses import replace
+
+    from vramplan.cuda import _sdpa as cuda_sdpa
+    from vramplan.estimate._ops import layer_windows, sdpa_call
+
+    for window in set(layer_windows(spec, setup)):
+        call = sdpa_call(spec, setup, window)
+        grad, no_grad = cuda_sdpa.backend(arch, call), cuda_sdpa.backend(arch, replace(call, requires_grad=False))
+        if grad != no_grad:
+            raise UsageError(f"--ckpt-reentrant on {arch.label}: SDPA runs {no_grad} in the no_grad first forward and "
+                             f"{grad} in the recomputation (head dim {call.head_dim}); the estimate models one kernel "
+                             "per layer", hint="use --no-ckpt-reentrant, or `vramplan simulate` for this setup")
 
 
 def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, alloc_conf, peak: int,
@@ -389,8 +411,13 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
                    f"to fp32, {cache}" if setup.autocast else "no autocast: every op in its inputs' dtype")
     out.append("loop: `out = model(**batch)` keeps the logits through backward and opt.step()" if setup.loop == "plain"
                else "loop: only the loss outlives the forward (Trainer compute_loss)")
-    out.append("gradient checkpointing (non-reentrant) on every decoder layer" if setup.grad_ckpt
-               else "no gradient checkpointing: every layer's activations kept for backward")
+    if setup.reentrant_ckpt:
+        out.append("gradient checkpointing (reentrant, use_reentrant=True) on every decoder layer: first forward "
+                   "under no_grad, backward recomputes the whole layer and keeps its output and incoming "
+                   "gradient until the layer's backward returns")
+    else:
+        out.append("gradient checkpointing (non-reentrant) on every decoder layer" if setup.grad_ckpt
+                   else "no gradient checkpointing: every layer's activations kept for backward")
     out.append(attention_assumption(spec, setup, arch))
     opt = {"adamw": "torch AdamW (foreach, its CUDA default), 2 states in the parameter dtype",
            "adamw_foreach": "torch AdamW (foreach), 2 states in the parameter dtype",

@@ -942,14 +942,24 @@ class _Ops:
         shape, and proj_out's as `grad * weights` in the promoted dtype; when that is float32 and
         proj_out is not (Mixtral's float32 weights), the node releases its saved tensors before
         autograd casts that gradient back (validate_outputs): `moe.dp` stands for the promoted
-        operand, its gradient the float32 product, the cast's result the gradient of proj_out."""
+        operand, its gradient the float32 product, the cast's result the gradient of proj_out.
+        That early release is non-reentrant checkpointing's (its unpack hook hands the recomputed
+        proj_out to the node once, docs/autograd.md#non-reentrant-checkpointing). Without
+        checkpointing, and in a reentrant checkpoint's recomputation, it is saved in a plain
+        SavedVariable, which the engine releases only after the node's validate_outputs
+        (docs/autograd.md#plain-savedvariables-outlive-validate_outputs): the
+        cast of proj_out's gradient then runs with proj_out, the incoming gradient and the
+        weights' unreduced product (summed to their shape after that cast) all alive, so the
+        cast is part of the node's transient, and `moe.promote` holds proj_out until it is done."""
         a, ob, wb = self.a, self.moe_out, self.moe_w
         grad_d = d
+        plain = self.setup.reentrant_ckpt or not self.setup.grad_ckpt
         if ob != a:
             grad_d = "moe.dp"
-            self.op("moe.promote", [d], [self.t(grad_d, 0)], grads=((d, a * Tk * h),))
+            self.op("moe.promote", [d], [self.t(grad_d, 0)], saves=(d,) if plain else (), grads=((d, a * Tk * h),))
+        cast = alloc(a * Tk * h) if plain and ob != a else 0
         self.op("moe.weigh", [d, grad_d, w], [self.t("moe.dw", ob * Tk * h)], saves=(d, w),
-                grads=((grad_d, ob * Tk * h), (w, wb * Tk)), bwd_work=alloc(ob * Tk * h), work_tag=ACT)
+                grads=((grad_d, ob * Tk * h), (w, wb * Tk)), bwd_work=alloc(ob * Tk * h) + cast, work_tag=ACT)
 
     def moe_sum(self, T, h: int, src: str = "moe.du", copies: int | None = None) -> str:
         """weighted_out.view(tokens, k, h).sum(1).to(hidden dtype) (integrations/moe.py
