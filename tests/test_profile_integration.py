@@ -130,7 +130,12 @@ def test_setup_is_read_off_a_quantized_peft_model(tmp_path):
         ("qlora", "fp4", False, "bf16", 4, ("q_proj", "v_proj"))
     assert (s.batch, s.seq, s.grad_ckpt, s.optimizer, s.prepare_kbit, s.amp) == \
         (3, 128, True, "paged_adamw8bit", False, "none")
+    assert s.reentrant is False
     assert json.dumps(s.to_dict())
+    # use_reentrant in the checkpointing kwargs the Trainer passes on
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                             **{ckpt: True, f"{ckpt}_kwargs": {"use_reentrant": True}})
+    assert setup_of(built.model, args, seq=128).reentrant is True
     # Trainer's bf16=True is autocast; adamw_torch_fused is the fused kernel, adamw_torch foreach
     for optim, expected in (("adamw_torch_fused", "adamw_fused"), ("adamw_torch", "adamw_foreach")):
         args = TrainingArguments(output_dir=str(tmp_path), optim=optim, bf16=True, use_cpu=True, report_to=[])

@@ -254,6 +254,7 @@ def setup_of(model, args, seq: int):
     fields["batch"] = int(getattr(args, "per_device_train_batch_size", 1) or 1)
     fields["seq"] = int(seq)
     fields["grad_ckpt"] = _checkpointing(args, base)
+    fields["reentrant"] = fields["grad_ckpt"] and _reentrant(args)
     attn = getattr(getattr(base, "config", None), "_attn_implementation", "sdpa") or "sdpa"
     fields["attn"] = "eager" if attn == "eager" else "sdpa"
     optim = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", "adamw_torch")))
@@ -275,6 +276,25 @@ def _checkpointing(args, base) -> bool:
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
         if isinstance(getattr(type(base), name, None), property):
             return bool(getattr(base, name))
+    return False
+
+
+def _reentrant(args) -> bool:
+    """use_reentrant from the Trainer's checkpointing kwargs (activation_checkpointing_kwargs, or
+    the deprecated gradient_checkpointing_kwargs), which Trainer passes on to
+    activation_checkpointing_enable; absent: transformers' default, non-reentrant
+    (docs/autograd.md#reentrant-checkpointing)."""
+    import json
+
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        kwargs = getattr(args, name, None)
+        if isinstance(kwargs, str):
+            try:
+                kwargs = json.loads(kwargs)
+            except ValueError:
+                kwargs = None
+        if isinstance(kwargs, dict) and "use_reentrant" in kwargs:
+            return bool(kwargs["use_reentrant"])
     return False
 
 
