@@ -184,6 +184,26 @@ CASES = [
     ("llama4-maverick", dict(seq=512, method="full", grad_ckpt=False)),
     ("llama4-maverick", dict(seq=512, prepare_kbit=True, targets=LLAMA4)),
     ("llama4-maverick", dict(seq=512, dtype="fp16", gpu="T4", grad_ckpt=False, targets=LLAMA4)),
+    # reentrant checkpointing (docs/autograd.md#reentrant-checkpointing): a no_grad first forward,
+    # the whole layer recomputed with its output and incoming gradient held through its backward;
+    # qlora, lora and full; int8 (no ctx inputs kept); eager; the T4's math fallback and the
+    # memory-efficient kernel (no logsumexp without grad); MoE with float32 routing weights
+    # (proj_out saved in a plain SavedVariable through its gradient's cast); Gemma 3, Granite,
+    # Llama 4 and gpt-oss's sinks
+    ("llama-gqa", dict(seq=512, reentrant=True)),
+    ("llama-gqa", dict(seq=512, reentrant=True, method="lora")),
+    ("llama-gqa", dict(seq=512, reentrant=True, method="full")),
+    ("llama-gqa", dict(seq=512, reentrant=True, quant="int8")),
+    ("llama-gqa", dict(seq=512, reentrant=True, attn="eager")),
+    ("llama-gqa", dict(seq=512, reentrant=True, dtype="fp16", gpu="T4")),
+    ("mistral-sliding", dict(seq=512, reentrant=True, dtype="fp16", gpu="T4")),
+    ("mixtral-moe", dict(seq=512, reentrant=True)),
+    ("deepseek-v3-mla", dict(seq=512, reentrant=True)),
+    ("qwen3moe-experts", dict(seq=512, reentrant=True)),
+    ("gemma3-sliding", dict(seq=512, reentrant=True)),
+    ("granite-multipliers", dict(seq=512, reentrant=True)),
+    ("qwen2-tied-bias", dict(seq=512, reentrant=True, prepare_kbit=True)),
+    ("gptoss-sinks", dict(seq=512, attn="eager", reentrant=True)),
 ]
 
 
@@ -273,6 +293,13 @@ RECIPE_CASES = [
     ("olmo2-postnorm", "trainer", dict(seq=512, dtype="fp32", method="lora", grad_ckpt=False)),
     ("gemma3-sliding", "trainer", dict(seq=512, dtype="fp32", method="lora")),
     ("granite-multipliers", "trainer", dict(seq=512, dtype="fp32", method="lora")),
+    # reentrant checkpointing under autocast: the recomputation re-enters the saved autocast state
+    # in backward (an outermost region: casts cached only while the layer recomputes); qlora.py's
+    # recast, float32 hidden states and paged AdamW; autocast over float32 weights
+    ("llama-gqa", "trainer", dict(seq=512, reentrant=True)),
+    ("llama-gqa", "qlora-paper", dict(seq=512, reentrant=True)),
+    ("llama-gqa", "trainer", dict(seq=512, dtype="fp32", method="full", reentrant=True)),
+    ("mixtral-moe", "trainer", dict(seq=512, reentrant=True)),
 ]
 
 
@@ -295,6 +322,24 @@ def test_recipes_agree_with_simulate(name, recipe, flags):
         phase_error = (est.phase_peaks[phase] - sim_bytes) / sim_bytes
         assert abs(phase_error) <= TOLERANCE, (
             f"{phase} peak: estimate {est.phase_peaks[phase]:,} vs simulate {sim_bytes:,}: {phase_error:+.2%}")
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_reentrant_checkpointing_agrees_on_a_catalog_model(method):
+    """Qwen2.5-0.5B from the bundled catalog (24 layers, a 151,936-token vocabulary, tied
+    embeddings, q/k/v biases) under reentrant checkpointing at a small sequence."""
+    from vramplan.core._models import resolve
+    from vramplan.simulate import simulate as run
+
+    spec = resolve("Qwen/Qwen2.5-0.5B")
+    setup = TrainSetup(seq=512, method=method, reentrant=True)
+    trace, est = run(spec, setup), estimate(spec, setup)
+    for component in EXACT:
+        assert est.components[component] == trace.components[component], component
+    error = (est.peak_allocated_bytes - trace.peak_allocated_bytes) / trace.peak_allocated_bytes
+    assert abs(error) <= TOLERANCE, f"estimate {est.peak_allocated_bytes:,} vs simulate {trace.peak_allocated_bytes:,}"
+    for phase, sim_bytes in trace.phase_peaks.items():
+        assert abs(est.phase_peaks[phase] - sim_bytes) <= TOLERANCE * sim_bytes, phase
 
 
 @pytest.mark.parametrize("grad_ckpt", [True, False])
