@@ -286,6 +286,10 @@ class _Ops:
                 grads=((f"{name}.res", 0), (f"{name}.ls", 0 if ob == c else c * T * o)))
         if ob != self.a:
             self.bytes_of[out] = ob
+        if not self.setup.quantized and a != FP32:
+            # the float32 cast is peft's local `x` until forward returns, saved or not, as without
+            # autocast (docs/peft-transformers.md#input-cast-and-base-output-clone)
+            self.op(f"{name}.return", [f"{name}.x32"])
         return out
 
     # --- attention ------------------------------------------------------------------------------
