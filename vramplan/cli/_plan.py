@@ -124,7 +124,7 @@ def print_plan(result, console=None) -> None:
     s, par, est = result.setup, result.parallel, result.estimate
     head = (f"{result.model.id} — {s.method}" + (f" {s.quant}" if s.quantized else "")
             + f", r={s.rank}, batch {s.batch} x seq {s.seq}, {s.optimizer}, "
-            + ("checkpointing" if s.grad_ckpt else "no checkpointing") + f", {s.attn} — {par.label}")
+            + (("reentrant checkpointing" if s.reentrant else "checkpointing") if s.grad_ckpt else "no checkpointing") + f", {s.attn} — {par.label}")
     console.print(head, style="bold", highlight=False)
     if result.survey:
         _print_survey(result, console, Table)

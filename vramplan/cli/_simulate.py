@@ -141,7 +141,7 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
     s = trace.setup
     quant = f" {s['quant']}{'+dq' if s.get('double_quant') and s['quant'] != 'int8' else ''}" if s["quant"] else ""
     console.print(f"{trace.model} — {s['method']}{quant}, r={s['rank']}, batch {s['batch']} x seq {s['seq']}, "
-                  f"{s['optimizer']}, {'checkpointing' if s['grad_ckpt'] else 'no checkpointing'}, {s['attn']} "
+                  f"{s['optimizer']}, {('reentrant checkpointing' if s.get('reentrant') else 'checkpointing') if s['grad_ckpt'] else 'no checkpointing'}, {s['attn']} "
                   f"— simulated on the meta device", style="bold", highlight=False)
     console.print(f"Peak allocated [bold]{_gib(trace.peak_allocated_bytes)} GiB[/bold] "
                   f"({trace.peak_allocated_bytes:,} bytes) in {trace.peak_phase}: module {trace.peak_module}, "
