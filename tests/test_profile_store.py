@@ -124,6 +124,8 @@ def test_reading_a_folder_skips_hidden_and_foreign_files(tmp_path):
 def test_record_ids_are_file_names():
     rid = store.record_id("meta-llama/Llama-2-7b-hf", TrainSetup(seq=2048).to_dict(), "cuda:0", "2026-01-02T03:04:05Z")
     assert rid == "Llama-2-7b-hf_qlora-nf4_b1_s2048_gc_adamw_cuda_20260102T030405"
+    reentrant = TrainSetup(seq=2048, reentrant=True).to_dict()
+    assert "_s2048_gcr_adamw_" in store.record_id("meta-llama/Llama-2-7b-hf", reentrant, "cuda:0", "2026-01-02T03:04:05Z")
     assert store.slug("../weird name/..") == "model"
     assert store.slug("/data/my model (v2)/") == "my_model_v2"
 

@@ -29,11 +29,12 @@ def slug(text: str) -> str:
 
 
 def record_id(model_id: str, setup: dict, device: str, created: str) -> str:
-    """<model>_<method>[-<quant>]_b<batch>_s<seq>_<gc|nogc>_<optimizer>_<device>_<UTC time>."""
+    """<model>_<method>[-<quant>]_b<batch>_s<seq>_<gc|gcr|nogc>_<optimizer>_<device>_<UTC time>
+    (gcr: reentrant checkpointing)."""
     method = setup["method"] + (f"-{setup['quant']}" if setup.get("quant") else "")
     stamp = re.sub(r"[^0-9T]", "", created)[:15]
     dev = device.split(":")[0]
-    ckpt = "gc" if setup.get("grad_ckpt") else "nogc"
+    ckpt = ("gcr" if setup.get("reentrant") else "gc") if setup.get("grad_ckpt") else "nogc"
     return f"{slug(model_id)}_{method}_b{setup['batch']}_s{setup['seq']}_{ckpt}_{setup['optimizer']}_{dev}_{stamp}"
 
 

@@ -40,7 +40,7 @@ def setup_text(s: dict) -> str:
     """'qlora-nf4+dq b1 s2048 gc adamw' (attention named only when not sdpa)."""
     quant = f"-{s['quant']}{'+dq' if s.get('double_quant') and s.get('quant') != 'int8' else ''}" if s.get("quant") else ""
     attn = f" {s['attn']}" if s.get("attn", "sdpa") != "sdpa" else ""
-    return (f"{s['method']}{quant} b{s['batch']} s{s['seq']} {'gc' if s.get('grad_ckpt') else 'nogc'}{attn} "
+    return (f"{s['method']}{quant} b{s['batch']} s{s['seq']} {('gcr' if s.get('reentrant') else 'gc') if s.get('grad_ckpt') else 'nogc'}{attn} "
             f"{s['optimizer']}")
 
 
