@@ -44,7 +44,7 @@ def test_all_setup_flags_reach_the_setup(capsys):
     s = json.loads(out)["setup"]
     assert s == {"method": "qlora", "quant": "fp4", "double_quant": False, "dtype": "fp16", "rank": 8,
                  "targets": ["q_proj", "v_proj"], "lora_dropout": 0.05, "batch": 4, "seq": 4096,
-                 "grad_ckpt": False, "attn": "eager", "optimizer": "paged_adamw8bit", "prepare_kbit": True,
+                 "grad_ckpt": False, "reentrant": None, "attn": "eager", "optimizer": "paged_adamw8bit", "prepare_kbit": True,
                  "experts": "4bit", "amp": "none", "loop": "plain", "loss": "chunked", "recast": False,
                  "recipe": None}
 
