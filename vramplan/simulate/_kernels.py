@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vramplan.core._architectures import recurrent_layer_kinds
 from vramplan.cuda import _cublas as cuda_cublas, _sdpa as cuda_sdpa
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._gemm_4bit import gemm_4bit_uses_fused_kernel
@@ -431,11 +432,6 @@ def cuda_overrides(routing: Routing | None = None, arch: CudaArch = ASSUMED) -> 
     return table
 
 
-# softmax attention layer kinds (Llama 4's "chunked_attention": local attention within aligned
-# chunks, masking_utils.create_chunked_causal_mask)
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
-
-
 def layer_kernel_note(spec, model) -> str | None:
     """Trace note for decoder layers that are not softmax attention (config.layer_types entries
     such as "linear_attention": Qwen3-Next / Qwen3.5 gated DeltaNet, Granite-MoE-hybrid Mamba):
@@ -444,7 +440,7 @@ def layer_kernel_note(spec, model) -> str | None:
     own torch code, which is what runs on meta. Their CUDA kernels chunk and save differently."""
     config = getattr(spec, "config", None) or {}
     config = config.get("text_config", config) if isinstance(config, dict) else {}
-    other = sorted({t for t in config.get("layer_types") or () if t not in ATTENTION_LAYER_TYPES})
+    other = recurrent_layer_kinds(config)
     if not other:
         return None
     import importlib.util
