@@ -39,7 +39,6 @@ from bisect import bisect_left, insort
 from vramplan.cuda._alloc_conf import AllocConf
 from vramplan.cuda._allocator import (FIRST_SEGMENT_ADDRESS, MIN_LARGE_ALLOC, ROUND_LARGE, SMALL_BUFFER, SMALL_SIZE,
                                       segment_after)
-from vramplan.cuda._replay import release_whole_segments
 from vramplan.cuda._reserved import ReservedPeak, lumpable
 
 _MASK = (1 << 64) - 1       # free-list keys: size << 64 | address
@@ -49,6 +48,21 @@ def covers(conf: AllocConf) -> bool:
     """Whether the one-pass replay applies to these settings (the module docstring)."""
     return (conf.backend == "native" and not conf.expandable_segments and not conf.max_split_size_set
             and lumpable(conf))
+
+
+def release_whole_segments(keys: list, at: dict, ends: dict, segments: dict) -> int:
+    """release_blocks over a pool kept as ints (here and cuda/_replay.py): cudaFree every
+    cached block that is a whole segment; the bytes freed."""
+    freed = 0
+    for k in list(keys):
+        ptr, size = k & _MASK, k >> 64
+        if segments.get(ptr) == size:
+            del keys[bisect_left(keys, k)]
+            del at[ptr]
+            del ends[ptr + size]
+            del segments[ptr]
+            freed += size
+    return freed
 
 
 def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocConf,
