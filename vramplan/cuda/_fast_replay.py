@@ -50,24 +50,32 @@ def covers(conf: AllocConf) -> bool:
             and lumpable(conf))
 
 
-def _release(free_keys: list, free_at: dict, free_end: dict, segments: dict) -> int:
-    """release_cached_blocks: cudaFree every cached block that is a whole segment; the bytes freed."""
+def _release(pools: dict, free_at: dict, free_end: dict, segments: dict) -> int:
+    """release_cached_blocks: cudaFree every cached block that is a whole segment, in every
+    stream's pool; the bytes freed."""
     freed = 0
-    for k in list(free_keys):
-        ptr, size = k & _MASK, k >> 64
-        if segments.get(ptr) == size:
-            del free_keys[bisect_left(free_keys, k)]
-            del free_at[ptr]
-            del free_end[ptr + size]
-            del segments[ptr]
-            freed += size
+    for free_keys in pools.values():
+        for k in list(free_keys):
+            ptr, size = k & _MASK, k >> 64
+            if segments.get(ptr) == size:
+                del free_keys[bisect_left(free_keys, k)]
+                del free_at[ptr]
+                del free_end[ptr + size]
+                del segments[ptr]
+                freed += size
     return freed
 
 
 def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocConf,
-                   capacity: int | None = None) -> ReservedPeak:
+                   capacity: int | None = None, streams: dict | None = None,
+                   count_from: int | None = None) -> ReservedPeak:
     """replay_lumped of the program's lumped stream (see the module docstring); `keys`: how many
-    allocations `ops` holds; `capacity`: bytes the allocator may reserve (None: unlimited)."""
+    allocations `ops` holds; `capacity`: bytes the allocator may reserve (None: unlimited).
+    `streams`: key -> CUDA stream of the large allocations not on the default stream (0): each
+    stream has its own large pool, blocks are never shared across streams (get_pool; the small
+    pool stays one level, docs/allocator.md#fsdp-stream). `count_from`: the op index (a phase
+    start) from which peak allocated is counted, as after torch.cuda.reset_peak_memory_stats
+    (peak reserved never falls, so it needs no reset)."""
     if not covers(conf):
         raise ValueError(f"the one-pass replay does not cover these settings: {conf.text!r}")
     segment_small = conf.large_segment_size
@@ -83,10 +91,12 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
     # the large pool: free blocks as size << 64 | address (sorted), their sizes by start address
     # and their starts by end address; segments' sizes by base
     free_keys: list = []
+    pools = {0: free_keys}   # stream -> its large pool's free list
+    streams = streams or {}
     free_at: dict = {}
     free_end: dict = {}
     segments: dict = {}
-    take, put, find = free_keys.pop, insort, bisect_left
+    put, find = insort, bisect_left
     start_pop, end_pop = free_at.pop, free_end.pop
     large = allocated = 0    # large pool reserved and allocated bytes
     next_address = _FIRST_SEGMENT
@@ -103,7 +113,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             if allocated + pending_high > peak_allocated:
                 peak_allocated = allocated + pending_high
             if capacity is not None and large + pending_need > capacity:
-                large -= _release(free_keys, free_at, free_end, segments)
+                large -= _release(pools, free_at, free_end, segments)
                 retries += 1
                 if large + pending_need > capacity:
                     oom = _oom(pending_index, pending_need - small_reserved, large + small_reserved,
@@ -118,6 +128,8 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             pending_need = 0
         if chunk_phase is None:
             break
+        if first == count_from:   # reset_peak_memory_stats: allocated counted from here on
+            peak_allocated = 0
         phase, module = chunk_phase, chunk_module
         for op in ops[first:last]:
             if op >= 0:
@@ -153,11 +165,16 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                     level += ptr
                     continue
                 n = 0
+            if streams:              # the large pool of this allocation's stream
+                stream = streams.get(this_key, 0)
+                free_keys = pools.get(stream)
+                if free_keys is None:
+                    free_keys = pools[stream] = []
             if pending_need:         # the growth event before this large-pool event, through replay_lumped
                 if allocated + pending_high > peak_allocated:
                     peak_allocated = allocated + pending_high
                 if capacity is not None and large + pending_need > capacity:
-                    large -= _release(free_keys, free_at, free_end, segments)
+                    large -= _release(pools, free_at, free_end, segments)
                     retries += 1
                     if large + pending_need > capacity:
                         oom = _oom(pending_index, pending_need - small_reserved, large + small_reserved,
@@ -179,14 +196,14 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                 size = (n + 511) & -512                       # round_size
                 j = find(free_keys, size << 64)               # get_free_block: best fit
                 if j < len(free_keys):
-                    k = take(j)
+                    k = free_keys.pop(j)
                     ptr, found = k & _MASK, k >> 64
                     del free_at[ptr]
                     del free_end[ptr + found]
                 else:                # get_allocation_size, alloc_block
                     found = segment_small if size < min_large else -(-size // round_large) * round_large
                     if capacity is not None and large + found > capacity - small_reserved:
-                        large -= _release(free_keys, free_at, free_end, segments)
+                        large -= _release(pools, free_at, free_end, segments)
                         retries += 1
                         if large + found > capacity - small_reserved:
                             oom = _oom(index - 1, n, large + small_reserved, allocated + level, phase, module)

@@ -50,6 +50,68 @@ class FsdpShards:
     root_adapters: int
     root_gradients: int
     replicated: int          # quant constants and anything not in a flat parameter
+    # The wrap phase (docs/allocator.md#fsdp-wrap), played when unit_params is given: the bytes of
+    # each parameter a decoder unit / the root flattens, in module order (summing to unit_weights /
+    # root_weights), and whether FSDP broadcasts them from rank 0 (sync_module_states).
+    unit_params: tuple = ()
+    root_params: tuple = ()
+    sync_module_states: bool = True
+
+
+# CUDA streams of one FSDP rank (torch/distributed/fsdp/_runtime_utils.py _init_streams): the
+# all-gathers run in `_unshard_stream` (_unshard: `with stream(unshard_stream): handle.unshard()`),
+# the reduce-scatters in `_post_backward_stream` (_post_backward_hook). The caching allocator keeps
+# one pool per stream (docs/allocator.md#rules rule 2), so what one frees the others never reuse.
+DEFAULT_STREAM, UNSHARD_STREAM, POST_BACKWARD_STREAM = 0, 1, 2
+# torch/distributed/fsdp/_init_utils.py PARAM_BROADCAST_BUCKET_SIZE = int(250 * 1024 * 1024): the
+# bucket of _sync_module_params_and_buffers -> _sync_params_and_buffers -> dist._broadcast_coalesced.
+PARAM_BROADCAST_BUCKET = 250 * 1024 * 1024
+
+
+def broadcast_buckets(sizes, limit: int = PARAM_BROADCAST_BUCKET) -> list:
+    """The buckets broadcast_coalesced (torch/csrc/distributed/c10d/comm.cpp) sends: tensors in
+    order, grouped by compute_bucket_assignment_by_size (reducer.cpp) with one limit: a tensor
+    joins the open bucket, which closes once its bytes reach the limit."""
+    buckets, current, total = [], [], 0
+    for n in sizes:
+        current.append(n)
+        total += n
+        if total >= limit:
+            buckets.append(current)
+            current, total = [], 0
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def wrap_unit(make, drop, params, gpus: int, sync: bool) -> list:
+    """One FSDP unit's construction on one rank (torch/distributed/fsdp/_init_utils.py
+    _init_param_handle_from_module), as (key, slot) pairs made with `make(sizes)` / dropped with
+    `drop(pairs)`; returns the pairs of the shard it keeps:
+    - _move_module_to_device (parameters on the CPU) or param_init_fn's to_empty (meta): one
+      allocation per parameter, held in `managed_params` until the function returns;
+    - with sync_module_states, _sync_module_params_and_buffers broadcasts them in
+      PARAM_BROADCAST_BUCKET buckets (broadcast_coalesced: a bucket of two or more tensors is
+      flattened into one new tensor, torch/csrc/utils/tensor_flatten.h flatten_dense_tensors; at
+      most 2 buckets in flight, `max_in_flight`);
+    - FlatParamHandle.flatten_tensors: torch.cat of the parameters, the unit's size;
+    - FlatParamHandle.shard -> _get_shard: `chunk.clone()`, ceil(size / N); then
+      `orig_storage._resize_(0)` frees the flat tensor; the originals go with managed_params."""
+    originals = make(params)
+    if sync:
+        in_flight: list = []
+        for bucket in broadcast_buckets(params):
+            if len(in_flight) >= 2:
+                drop(in_flight.pop(0))
+            in_flight.append(make([sum(bucket)]) if len(bucket) > 1 else [])
+        for pairs in in_flight:
+            drop(pairs)
+    total = sum(params)
+    flat = make([total])
+    shard = make([alloc(-(-total // gpus))])
+    drop(flat)
+    drop(originals)
+    return shard
 
 
 @dataclass(frozen=True)
@@ -208,14 +270,17 @@ class _Recorder:
         self.ops: list = []
         self.places: list = []
         self.next_key = 0
+        self.streams: dict = {}     # key -> stream, for keys not on the default stream
 
-    def make(self, slots) -> list:
+    def make(self, slots, stream: int = DEFAULT_STREAM) -> list:
         pairs = []
         key = self.next_key
         ops = self.ops
         for slot in slots:
             ops.append(slot)
             pairs.append((key, slot))
+            if stream:
+                self.streams[key] = stream
             key += 1
         self.next_key = key
         return pairs
@@ -245,12 +310,12 @@ class _Builder:
         if lump:
             self.make, self.drop = level.make, level.drop
 
-    def make(self, sizes) -> list:
+    def make(self, sizes, stream: int = DEFAULT_STREAM) -> list:
         pairs = []
         key = self.next_key
         events = self.events
         for n in sizes:
-            events.append(("alloc", key, n))
+            events.append(("alloc", key, n, stream) if stream else ("alloc", key, n))
             pairs.append((key, n))
             key += 1
         self.next_key = key
@@ -286,6 +351,9 @@ class Program:
     static: Static
     fsdp: FsdpShards | None
     keys: int                 # allocations (keys) in ops
+    streams: dict = None      # key -> CUDA stream of allocations off the default stream (FSDP)
+    count_from: int | None = None  # op index of the first training phase when a wrap phase precedes
+                                   # it (train.py's reset_peak_memory_stats before the loop)
 
     def sizes(self, setup: TrainSetup) -> list:
         """Bytes per slot for this batch x seq."""
@@ -305,6 +373,7 @@ class Program:
         places = self.places
         p, n_places = 0, len(places)
         key = 0
+        streams = self.streams or {}
         for i, op in enumerate(self.ops):
             while p < n_places and places[p][0] == i:
                 b.place(places[p][1], places[p][2])
@@ -312,7 +381,7 @@ class Program:
             if op >= 0:
                 n = sizes[op]
                 if n > 0:
-                    pairs[key] = b.make((n,))
+                    pairs[key] = b.make((n,), streams.get(key, DEFAULT_STREAM))
                 key += 1
             else:
                 made = pairs[~op]
@@ -456,6 +525,27 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     if fsdp is None:
         b.make([const(n) for n in static_sizes(spec, setup, static) if n > 0])
         unit, root = None, None
+    elif fsdp.unit_params:
+        # The wrap phase (docs/allocator.md#fsdp-wrap): what loading leaves on the GPU (the
+        # bitsandbytes quant_state, quantized on every rank), then FSDP(model) constructs the units
+        # bottom-up (auto-wrap: each layer's LoRA units, the layer, ..., the root last), each on
+        # the default stream (wrap_unit). Its cached blocks stay for the training steps.
+        N = fsdp.gpus
+        b.place("wrap", "")
+        if fsdp.replicated:
+            b.new(const(fsdp.replicated))
+
+        def made(sizes) -> list:
+            return b.make([const(n) for n in sizes if n > 0])
+        for i in range(spec.layers):
+            b.place("wrap", f"layers.{i}")
+            if fsdp.unit_adapters:
+                wrap_unit(made, b.drop, [fsdp.unit_adapters], N, fsdp.sync_module_states)
+            wrap_unit(made, b.drop, list(fsdp.unit_params), N, fsdp.sync_module_states)
+        b.place("wrap", "root")
+        if fsdp.root_adapters:
+            wrap_unit(made, b.drop, [fsdp.root_adapters], N, fsdp.sync_module_states)
+        wrap_unit(made, b.drop, list(fsdp.root_params), N, fsdp.sync_module_states)
     else:
         N = fsdp.gpus
         for _ in range(spec.layers):
@@ -465,13 +555,17 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         for n in (fsdp.root_weights, fsdp.root_adapters, fsdp.replicated):
             if n:
                 b.new(const(alloc(-(-n // N)) if n is not fsdp.replicated else n))
+    if fsdp is not None:
+        N = fsdp.gpus
         unit = [n for n in (fsdp.unit_weights, fsdp.unit_adapters) if n]
         root = [n for n in (fsdp.root_weights, fsdp.root_adapters) if n]
         state_sizes = [alloc(-(-n // N)) for n in state_sizes]
         work_sizes = [alloc(-(-n // N)) for n in work_sizes]
 
-    def gather(sizes) -> list:
-        return b.make([const(n) for n in sizes if n > 0])
+    def gather(sizes, stream: int = UNSHARD_STREAM) -> list:
+        """An all-gathered unit (its padded unsharded flat parameter, allocated in the unshard
+        stream), or with POST_BACKWARD_STREAM a reduce-scatter's output shard."""
+        return b.make([const(n) for n in sizes if n > 0], stream)
     release = b.drop
     cell = slots.cell
     rope = [cell(f"rope{i}") for i in range(len(rope_tables(spec, setup)))]   # ops.rope_tables
@@ -537,7 +631,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             mine = [key for tid in grad_tids[id(inst.t)] for key in inst.take(tid)]
             if fsdp:     # reduce-scatter: the unit's full gradients become this rank's shard
                 shard = alloc(-(-fsdp.unit_gradients // fsdp.gpus)) if fsdp.unit_gradients else 0
-                mine_shard = gather([shard]) if shard else []
+                mine_shard = gather([shard], POST_BACKWARD_STREAM) if shard else []
                 release(mine)
                 release(gathered)
                 mine = mine_shard
@@ -548,13 +642,13 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         if fsdp:
             release(head_grads)
             if fsdp.root_gradients:
-                grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))])
+                grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))], POST_BACKWARD_STREAM)
         release(rooted)
         release(masks + leaves)
         b.place("optimizer", "")
         if step == 0:
-            gather(state_sizes)
-        release(gather(work_sizes))
+            gather(state_sizes, DEFAULT_STREAM)
+        release(gather(work_sizes, DEFAULT_STREAM))
         release(grads)
         # the estimator counts the inputs (ids, position ids, labels, rotary tables) through the
         # optimizer step (estimator.step_moments `base_acts`); they go with the loop iteration
@@ -562,8 +656,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     base = [0] * slots.count
     for n, slot in slots.consts.items():
         base[slot] = n
+    count_from = (next(i for i, phase, _m in b.places if phase == "forward")
+                  if fsdp is not None and fsdp.unit_params else None)
     return Program(b.ops, b.places, tuple(base), tuple((slot, key) for key, slot in slots.polys.items()),
-                   dict(slots.cells), tape_grads, spec, static, fsdp, b.next_key)
+                   dict(slots.cells), tape_grads, spec, static, fsdp, b.next_key, b.streams, count_from)
 
 
 def _free_all(b, inst: _Instance) -> None:

@@ -62,11 +62,21 @@ def _cached(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, 
     if covers(conf):
         # the small pool carried as its level, in one pass over the compiled stream (the same
         # result as replay_lumped on it: tests/test_fast_replay.py)
-        return replay_program(program.ops, program.places, sizes, program.keys, conf, capacity)
+        return replay_program(program.ops, program.places, sizes, program.keys, conf, capacity, program.streams,
+                              program.count_from)
     # the small pool carried as its level (cuda/_reserved.py replay_lumped), unless the settings
     # round small requests too (roundup_power2_divisions): then every event is replayed
     lump = lumpable(conf)
     stream = program.stream(sizes, lump)
     if lump:
-        return replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i))
-    return replay_stream(stream.events, conf, capacity, place=lambda i: place_of(stream, i))
+        return replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i),
+                             count_from=count_from(program, stream))
+    return replay_stream(stream.events, conf, capacity, place=lambda i: place_of(stream, i),
+                         count_from=count_from(program, stream))
+
+
+def count_from(program, stream) -> int | None:
+    """The event of `stream` (program.stream's) where program.count_from's phase starts."""
+    if program.count_from is None:
+        return None
+    return next(i for i, phase, _m in stream.places if phase == "forward")

@@ -35,7 +35,8 @@ from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.core._errors import UsageError
 from vramplan.core._gpus import Gpu, resolve_gpu
 from vramplan.estimate._estimator import estimate, paged_resident, Verdict
-from vramplan.estimate._inventory import numel, optimizer_memory, static_memory
+from vramplan.estimate._inventory import (bias_bytes, embedding_bytes, numel, optimizer_memory, static_memory,
+                                         weight_bytes)
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.estimate._quant import alloc, layout
 from vramplan.core._setup import TrainSetup, apply_flags
@@ -453,10 +454,13 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     check_sum(components, peak)
     spread = parallel.strategy != "single" and parallel.gpus > 1
     slack = base.allocator_overhead_bytes
-    if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
-        slack = fsdp_slack(base, sp, parallel)
     paged = _paged(base.paged_optimizer_bytes, parallel)
     comm = NCCL_BYTES if spread else 0
+    # one GPU: the replay's allocator OOM against this card stands; a spread run's is its own stream's
+    oom = None if spread or gpu is None else getattr(base, "allocator_oom", None)
+    if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
+        room = None if gpu is None else gpu.memory_bytes - base.cuda_context_bytes - comm
+        slack, oom = fsdp_slack(base, sp, parallel, peak, room)
     resident = paged_resident(paged, gpu, peak + base.cuda_context_bytes + comm + slack)
     return ShardedEstimate(
         model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,
@@ -466,23 +470,61 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
         cpu_bytes=cpu, paged_optimizer_bytes=paged, paged_resident_bytes=resident,
         trainable_params=base.trainable_params, assumptions=assumptions(spec, setup, parallel), gpu=gpu,
         phase_components=phases,
-        # one GPU: the replay's allocator OOM against this card stands (sharded runs are not replayed)
-        allocator_oom=None if spread or gpu is None else getattr(base, "allocator_oom", None),
+        allocator_oom=oom,
         alloc_conf=getattr(base, "alloc_conf", ""),
     )
 
 
-def fsdp_slack(base, sp: Splits, parallel: Parallel) -> int:
-    """Reserved minus allocated at the peaks of one GPU's FSDP full_shard step, replayed through
-    the caching-allocator model (estimate/_events.py FsdpShards, docs/allocator.md#fsdp-stream)."""
+def _exact(sizes: list, total: int) -> tuple:
+    """`sizes` made to sum to `total`: what they miss is one more parameter (rotary buffers, MoE
+    stacks...); where they pass it, the total as one parameter."""
+    rest = total - sum(sizes)
+    if rest < 0:
+        return (total,) if total else ()
+    return tuple(sizes + ([rest] if rest else []))
+
+
+@lru_cache(maxsize=256)
+def unit_params(spec: ModelSpec, setup: TrainSetup, sp: Splits) -> tuple[tuple, tuple]:
+    """(a decoder unit's, the root unit's) parameters as FSDP flattens them, in module order, one
+    size each (the wrap phase, estimate/_events.py wrap_unit): each Linear's weight (the packed
+    4-bit storage when quantized, _quant.layout; quant_state is not a parameter) and bias, then the
+    layer's norms; the root: embed_tokens, the final norm, lm_head (untied)."""
+    wb, eb = weight_bytes(setup), embedding_bytes(setup)
+    layer = []
+    for lin in spec.layer_linears:
+        if lin.where == "dense":
+            continue
+        layer.append(layout(setup.quant, lin.in_features, lin.out_features, setup.double_quant).weight
+                     if setup.quantized else alloc(lin.numel * wb))
+        if lin.bias:
+            layer.append(alloc(lin.out_features * bias_bytes(setup)))
+    layer += [alloc(spec.hidden * wb)] * spec.arch.norms_per_layer
+    root = [alloc(spec.vocab * spec.hidden * eb), alloc(spec.hidden * wb)]
+    if not spec.tied:
+        root.append(alloc(spec.vocab * spec.hidden * eb))
+    return _exact(layer, sp.unit_weights), _exact(root, sp.root_weights)
+
+
+def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None) -> tuple[int, dict | None]:
+    """(reserved minus allocated at the peaks, the allocator OOM against the card or None) of one
+    GPU's FSDP full_shard run, replayed through the caching-allocator model: FSDP(model)'s wrap
+    phase, then two steps (estimate/_events.py FsdpShards, docs/allocator.md#fsdp-wrap and
+    #fsdp-stream). Allocated is counted from the first step on (train.py resets the peak
+    statistics before its loop); reserved never falls, so its peak includes the wrap phase's
+    cache. `room`: what the card leaves the allocator (None: no card); past it, malloc releases
+    the cache and retries, as on one GPU (estimator.card_replay, docs/allocator.md#verdict);
+    `peak`: the per-GPU peak allocated bytes."""
+    from vramplan.estimate._estimator import card_replay
     from vramplan.estimate._events import FsdpShards
-    from vramplan.estimate._reserved import reserved_peak
 
     spec, setup = base.model, base.setup
+    layer, root = unit_params(spec, setup, sp)
     shards = FsdpShards(parallel.gpus, sp.unit_weights, sp.unit_adapters, sp.unit_gradients, sp.root_weights,
-                        sp.root_adapters, sp.root_gradients, sp.quant_constants)
-    r, _ = reserved_peak(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf, fsdp=shards)
-    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes)
+                        sp.root_adapters, sp.root_gradients, sp.quant_constants, layer, root)
+    r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
+                                          peak, room, fsdp=shards)
+    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
 
 
 def _paged(paged: int, p: Parallel) -> int:
