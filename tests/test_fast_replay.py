@@ -21,10 +21,11 @@ from vramplan.cuda._alloc_conf import as_conf
 from vramplan.cuda._fast_replay import covers, replay_program
 from vramplan.cuda._reserved import replay_lumped
 from vramplan.estimate._estimator import estimate
-from vramplan.estimate._events import FsdpShards, compiled, place_of
+from vramplan.estimate._events import FsdpShards, compiled, ddp_buckets, place_of
 from vramplan.estimate._inventory import static_memory
 from vramplan.plan._planner import plan
-from vramplan.plan._sharding import Parallel, distribute, effective_setup, per_gpu, splits_for, unit_params
+from vramplan.plan._sharding import (Parallel, ddp_trainable, distribute, effective_setup, per_gpu, splits_for,
+                                    unit_params)
 
 reserved = importlib.import_module("vramplan.estimate._reserved")
 
@@ -87,6 +88,26 @@ def test_one_pass_replay_of_fsdp_streams(wrap):
     for setup in (TrainSetup(batch=2, seq=2048), TrainSetup(batch=1, seq=512, grad_ckpt=False)):
         program, sizes, stream = _lumped(spec, setup, _fsdp_shards(spec, setup, wrap=wrap))
         assert program.streams and (program.count_from is not None) == wrap
+        start = reserved.count_from(program, stream)
+        conf = as_conf("")
+        ref = replay_lumped(stream.events, conf, count_from=start)
+        for capacity in _capacities(ref):
+            full = replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i), count_from=start)
+            assert replay_program(program.ops, program.places, sizes, program.keys, conf, capacity, program.streams,
+                                  program.count_from) == full
+
+
+def test_one_pass_replay_of_ddp_streams():
+    """DDP's construction (module-state broadcast, the Reducer's buckets) and the bucket rebuild."""
+    spec = resolve("meta-llama/Llama-2-7b-hf")
+    for setup in (TrainSetup(method="lora", batch=2, seq=1024), TrainSetup(method="full", batch=1, seq=512)):
+        sp = splits_for(spec, setup, Parallel(2, "ddp"))
+        layer, root = unit_params(spec, setup.with_(batch=1, seq=1), sp)
+        buckets = ddp_buckets(list(root) + list(layer) * spec.layers, ddp_trainable(spec, setup.with_(batch=1, seq=1), sp))
+        static = static_memory(spec, setup)
+        program = compiled(spec, setup, static, exact_layers=reserved.exact_layers_for(setup), ddp=buckets)
+        sizes = program.sizes(setup)
+        stream = program.stream(sizes, lump_small=True)
         start = reserved.count_from(program, stream)
         conf = as_conf("")
         ref = replay_lumped(stream.events, conf, count_from=start)

@@ -1,14 +1,15 @@
-"""FSDP's wrap phase and CUDA streams in the allocation stream (docs/allocator.md#fsdp-wrap,
-#fsdp-stream): hand-worked small cases, then the one published figure of the wrap phase."""
+"""FSDP's wrap phase and CUDA streams, DDP's buckets, in the allocation stream
+(docs/allocator.md#fsdp-wrap, #fsdp-stream, #ddp-stream): hand-worked small cases, then the one
+published figure of the wrap phase."""
 from vramplan.core._models import resolve
 from vramplan.core._setup import TrainSetup
 from vramplan.cuda._alloc_conf import as_conf
 from vramplan.cuda._fast_replay import replay_program
 from vramplan.cuda._reserved import replay_stream
-from vramplan.estimate._events import (PARAM_BROADCAST_BUCKET, FsdpShards, broadcast_buckets, compiled,
-                                       wrap_unit)
+from vramplan.estimate._events import (DDP_BUCKET_CAP, DDP_FIRST_BUCKET, PARAM_BROADCAST_BUCKET, FsdpShards,
+                                       broadcast_buckets, bucket_assignment, compiled, ddp_buckets, wrap_unit)
 from vramplan.estimate._inventory import static_memory
-from vramplan.plan._sharding import Parallel, splits_for, unit_params
+from vramplan.plan._sharding import Parallel, ddp_trainable, splits_for, unit_params
 
 MiB, GiB = 2**20, 2**30
 
@@ -114,3 +115,39 @@ def test_wrap_phase_reserved_matches_answer_ai():
                              program.streams)
     measured = 3.72 * GiB
     assert abs(wrapped.peak_reserved_bytes - measured) / measured <= 0.10, wrapped.peak_reserved_bytes / GiB
+
+
+# --- DDP: the Reducer's buckets ---------------------------------------------------------------------
+
+def test_ddp_bucket_assignment_by_hand():
+    # Trainable parameters of 2, 10, 10 and 3 MiB in module order; limits 1 MiB (first bucket),
+    # then 25 MiB. Module order: [2] closes the 1 MiB bucket, [10, 10, 3] stays open (23 MiB):
+    # the Reducer gets them reversed, so it allocates 23 MiB, then 2 MiB. Rebuilt in gradient
+    # order (reversed): [3] closes the first, [10, 10, 2] is the rest: 3 MiB, then 22 MiB.
+    assert bucket_assignment([2 * MiB, 10 * MiB, 10 * MiB, 3 * MiB], [MiB, 25 * MiB]) == \
+        [[2 * MiB], [10 * MiB, 10 * MiB, 3 * MiB]]
+    b = ddp_buckets([], [2 * MiB, 10 * MiB, 10 * MiB, 3 * MiB])
+    assert b.buckets == (23 * MiB, 2 * MiB) and b.rebuilt == (3 * MiB, 22 * MiB)
+    assert (DDP_FIRST_BUCKET, DDP_BUCKET_CAP) == (MiB, 25 * MiB)
+
+
+def test_ddp_stream_holds_the_buckets_and_rebuilds_them_once():
+    spec = resolve("meta-llama/Llama-2-7b")
+    setup = TrainSetup(method="lora", batch=1, seq=512)
+    sp = splits_for(spec, setup, Parallel(2, "ddp"))
+    trainable = ddp_trainable(spec, setup.with_(batch=1, seq=1), sp)
+    assert sum(trainable) == sp.gradients
+    buckets = ddp_buckets([], trainable)
+    # every gradient has its place in a bucket (a copy, gradient_as_bucket_view=False), each
+    # bucket within the 25 MiB cap plus the one parameter that closed it
+    assert sum(buckets.buckets) == sum(buckets.rebuilt) >= sp.gradients
+    assert max(buckets.buckets) <= 25 * MiB + max(trainable)
+    static = static_memory(spec, setup)
+    single = compiled(spec, setup, static)
+    program = compiled(spec, setup, static, ddp=buckets)
+    made = [program.base[op] for op in program.ops[:program.count_from] if op >= 0]
+    assert made[-len(buckets.buckets):] == list(buckets.buckets)
+    # the rest of the stream is the single GPU's steps, plus the rebuild: a free per bucket, an
+    # allocation per rebuilt one (no module states given: no broadcast copies)
+    steps = len(single.ops) - (len(made) - len(buckets.buckets))
+    assert len(program.ops) - program.count_from == steps + len(buckets.buckets) + len(buckets.rebuilt)

@@ -68,20 +68,72 @@ DEFAULT_STREAM, UNSHARD_STREAM, POST_BACKWARD_STREAM = 0, 1, 2
 PARAM_BROADCAST_BUCKET = 250 * 1024 * 1024
 
 
-def broadcast_buckets(sizes, limit: int = PARAM_BROADCAST_BUCKET) -> list:
-    """The buckets broadcast_coalesced (torch/csrc/distributed/c10d/comm.cpp) sends: tensors in
-    order, grouped by compute_bucket_assignment_by_size (reducer.cpp) with one limit: a tensor
-    joins the open bucket, which closes once its bytes reach the limit."""
-    buckets, current, total = [], [], 0
+def bucket_assignment(sizes, limits) -> list:
+    """torch/csrc/distributed/c10d/reducer.cpp compute_bucket_assignment_by_size for tensors of one
+    dtype and device: in order, a tensor joins the open bucket, which closes once its bytes reach
+    the current limit; each closed bucket moves to the next limit, the last one staying."""
+    buckets, current, total, k = [], [], 0, 0
     for n in sizes:
         current.append(n)
         total += n
-        if total >= limit:
+        if total >= limits[k]:
             buckets.append(current)
-            current, total = [], 0
+            current, total, k = [], 0, min(k + 1, len(limits) - 1)
     if current:
         buckets.append(current)
     return buckets
+
+
+def broadcast_buckets(sizes, limit: int = PARAM_BROADCAST_BUCKET) -> list:
+    """The buckets broadcast_coalesced (torch/csrc/distributed/c10d/comm.cpp) sends: tensors in
+    order, grouped by compute_bucket_assignment_by_size with one limit (bucket_assignment)."""
+    return bucket_assignment(sizes, [limit])
+
+
+def broadcast(make, drop, sizes) -> None:
+    """dist._broadcast_coalesced of `sizes` (comm.cpp broadcast_coalesced): per bucket of two or
+    more tensors a flattened copy (tensor_flatten.h flatten_dense_tensors; one tensor is sent as
+    a view), at most 2 buckets in flight (`max_in_flight`), each freed when it finishes."""
+    in_flight: list = []
+    for bucket in broadcast_buckets(sizes):
+        if len(in_flight) >= 2:
+            drop(in_flight.pop(0))
+        in_flight.append(make([sum(bucket)]) if len(bucket) > 1 else [])
+    for pairs in in_flight:
+        drop(pairs)
+
+
+# torch/csrc/distributed/c10d/reducer.hpp kDefaultFirstBucketBytes = int(1024 * 1024),
+# kDefaultBucketBytesCap = int(25 * 1024 * 1024) (DistributedDataParallel bucket_cap_mb=25)
+DDP_FIRST_BUCKET, DDP_BUCKET_CAP = 1024 * 1024, 25 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DdpBuckets:
+    """One GPU of torch DistributedDataParallel with gradient_as_bucket_view=False (the default),
+    docs/allocator.md#ddp-stream: the whole model on every rank (the single-GPU persistent
+    state), then DDP's construction: `states`, the bytes of each parameter and buffer in module
+    order, broadcast from rank 0 (_sync_module_states, PARAM_BROADCAST_BUCKET buckets); the
+    Reducer's flat bucket tensors, one allocation each, in the order it allocates them:
+    `buckets` at construction, `rebuilt` when Reducer::rebuild_buckets replaces them at the
+    second iteration's forward (reducer.cpp initialize_buckets: `buckets_.clear()`, then
+    `bucket.gradients = at::empty(...)` per bucket)."""
+    states: tuple
+    buckets: tuple
+    rebuilt: tuple
+
+
+def ddp_buckets(states, trainable, first: int = DDP_FIRST_BUCKET, cap: int = DDP_BUCKET_CAP) -> DdpBuckets:
+    """DdpBuckets from the module states and the trainable parameters' bytes (module order).
+    torch/nn/parallel/distributed.py _ddp_init_helper: bucket_indices =
+    dist._compute_bucket_assignment_by_size(parameters, [_DEFAULT_FIRST_BUCKET_BYTES, bucket_bytes_cap])
+    over the parameters in module order, passed to the Reducer reversed ("approximate the order in
+    which their gradients are produced"). rebuild_buckets assigns again, same limits, over
+    rebuilt_params_: the order their gradients became ready in the first backward (taken as the
+    reverse of module order), and allocates in that order."""
+    at_init = [alloc(sum(b)) for b in reversed(bucket_assignment(list(trainable), [first, cap]))]
+    rebuilt = [alloc(sum(b)) for b in bucket_assignment(list(reversed(trainable)), [first, cap])]
+    return DdpBuckets(tuple(states), tuple(at_init), tuple(rebuilt))
 
 
 def wrap_unit(make, drop, params, gpus: int, sync: bool) -> list:
@@ -99,13 +151,7 @@ def wrap_unit(make, drop, params, gpus: int, sync: bool) -> list:
       `orig_storage._resize_(0)` frees the flat tensor; the originals go with managed_params."""
     originals = make(params)
     if sync:
-        in_flight: list = []
-        for bucket in broadcast_buckets(params):
-            if len(in_flight) >= 2:
-                drop(in_flight.pop(0))
-            in_flight.append(make([sum(bucket)]) if len(bucket) > 1 else [])
-        for pairs in in_flight:
-            drop(pairs)
+        broadcast(make, drop, params)
     total = sum(params)
     flat = make([total])
     shard = make([alloc(-(-total // gpus))])
@@ -465,7 +511,7 @@ def _net(events) -> tuple:
 
 def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED,
                 steps: int = 2, exact_layers: int | None = None, fsdp: FsdpShards | None = None,
-                lump_small: bool = False) -> Stream:
+                lump_small: bool = False, ddp: DdpBuckets | None = None) -> Stream:
     """The allocation stream of `steps` training steps (the first one creates the optimizer
     state) after the persistent state is loaded, with the kernels of `arch`.
 
@@ -478,25 +524,26 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     is gathered before its forward and freed after it, gathered again for its backward (with the
     next unit prefetched, BACKWARD_PRE), and its full gradients are reduce-scatter into a
     gradient shard when its backward ends; the optimizer holds and updates shards."""
-    program = compiled(spec, setup, static, arch, steps, exact_layers, fsdp)
+    program = compiled(spec, setup, static, arch, steps, exact_layers, fsdp, ddp)
     return program.stream(program.sizes(setup), lump_small)
 
 
 def compiled(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED, steps: int = 2,
-             exact_layers: int | None = None, fsdp: FsdpShards | None = None) -> Program:
+             exact_layers: int | None = None, fsdp: FsdpShards | None = None,
+             ddp: DdpBuckets | None = None) -> Program:
     """step_stream's Program for this setup's structure: batch x seq change only the sizes, unless
     they change a kernel decision or a layer kind (ops._structure, ops.layer_kinds), which are
     part of the key (docs/allocator.md#one-pass-replay)."""
     kinds = layer_kinds(spec, setup)
     structures = tuple((kind, _structure(spec, setup, arch, *kind)) for kind in dict.fromkeys(kinds))
     return _compile(spec, setup.with_(batch=1, seq=1), static, arch, steps, exact_layers, fsdp, kinds, structures,
-                    _structure(spec, setup, arch))
+                    _structure(spec, setup, arch), ddp)
 
 
 @lru_cache(maxsize=128)
 def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, steps: int,
              exact_layers: int | None, fsdp: FsdpShards | None, kinds: tuple, structures: tuple,
-             head_structure: tuple) -> Program:
+             head_structure: tuple, ddp: DdpBuckets | None = None) -> Program:
     """The stream's events in order, with slots for sizes (`setup` has batch = seq = 1: only the
     cell sizes depend on batch x seq, and they are evaluated per cell)."""
     slots = _Slots()
@@ -525,6 +572,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     if fsdp is None:
         b.make([const(n) for n in static_sizes(spec, setup, static) if n > 0])
         unit, root = None, None
+        if ddp is not None:      # DistributedDataParallel(model): broadcast, then the Reducer's buckets
+            b.place("wrap", "")
+            broadcast(lambda sizes: b.make([const(n) for n in sizes if n > 0]), b.drop, ddp.states)
+            buckets = b.make([const(n) for n in ddp.buckets if n > 0])
     elif fsdp.unit_params:
         # The wrap phase (docs/allocator.md#fsdp-wrap): what loading leaves on the GPU (the
         # bitsandbytes quant_state, quantized on every rank), then FSDP(model) constructs the units
@@ -583,6 +634,9 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     for step in range(steps):
         b.place("forward", "")
         keys = b.make(inputs)
+        if ddp is not None and step == 1:    # Reducer::rebuild_buckets, once, in the second forward
+            b.drop(buckets)
+            buckets = b.make([const(n) for n in ddp.rebuilt if n > 0])
         leaves = b.new(cell("leaf"))
         masks = b.new(cell("mask"))
         x = b.new(cell("hidden"))
@@ -657,7 +711,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     for n, slot in slots.consts.items():
         base[slot] = n
     count_from = (next(i for i, phase, _m in b.places if phase == "forward")
-                  if fsdp is not None and fsdp.unit_params else None)
+                  if (fsdp is not None and fsdp.unit_params) or ddp is not None else None)
     return Program(b.ops, b.places, tuple(base), tuple((slot, key) for key, slot in slots.polys.items()),
                    dict(slots.cells), tape_grads, spec, static, fsdp, b.next_key, b.streams, count_from)
 

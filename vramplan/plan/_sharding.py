@@ -35,7 +35,8 @@ from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.core._errors import UsageError
 from vramplan.core._gpus import Gpu, resolve_gpu
 from vramplan.estimate._estimator import estimate, paged_resident, Verdict
-from vramplan.estimate._inventory import (bias_bytes, embedding_bytes, numel, optimizer_memory, static_memory,
+from vramplan.estimate._inventory import (adapted_linears, adapter_bytes, bias_bytes, embedding_bytes,
+                                         expert_lora_shapes, lora_shapes, numel, optimizer_memory, static_memory,
                                          weight_bytes)
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.estimate._quant import alloc, layout
@@ -410,9 +411,13 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
 
 
 def replays_own_stream(parallel: Parallel) -> bool:
-    """FSDP full_shard without offload replays one GPU's own allocation stream for its allocator
-    slack (fsdp_slack); the other engines carry the single-GPU replay's slack."""
-    return parallel.strategy == "fsdp" and parallel.offload == "none" and parallel.gpus > 1
+    """FSDP full_shard without offload and DDP without gradient_as_bucket_view replay one GPU's
+    own allocation stream for their allocator slack (fsdp_slack, ddp_slack); the other engines
+    carry the single-GPU replay's slack."""
+    if parallel.gpus < 2:
+        return False
+    return ((parallel.strategy == "fsdp" and parallel.offload == "none")
+            or (parallel.strategy == "ddp" and not parallel.gradient_as_bucket_view))
 
 
 def base_estimate(spec: ModelSpec, run: TrainSetup, parallel: Parallel, gpu: Gpu | None, alloc_conf=None,
@@ -460,7 +465,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     oom = None if spread or gpu is None else getattr(base, "allocator_oom", None)
     if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
         room = None if gpu is None else gpu.memory_bytes - base.cuda_context_bytes - comm
-        slack, oom = fsdp_slack(base, sp, parallel, peak, room)
+        slack, oom = (fsdp_slack if parallel.strategy == "fsdp" else ddp_slack)(base, sp, parallel, peak, room)
     resident = paged_resident(paged, gpu, peak + base.cuda_context_bytes + comm + slack)
     return ShardedEstimate(
         model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,
@@ -489,7 +494,14 @@ def unit_params(spec: ModelSpec, setup: TrainSetup, sp: Splits) -> tuple[tuple, 
     """(a decoder unit's, the root unit's) parameters as FSDP flattens them, in module order, one
     size each (the wrap phase, estimate/_events.py wrap_unit): each Linear's weight (the packed
     4-bit storage when quantized, _quant.layout; quant_state is not a parameter) and bias, then the
-    layer's norms; the root: embed_tokens, the final norm, lm_head (untied)."""
+    layer's norms; the root: embed_tokens, the final norm, lm_head (untied). What the inventory
+    counts beyond them (buffers, MoE stacks) is one more parameter of the unit."""
+    layer, root = _frozen_params(spec, setup)
+    return _exact(layer, sp.unit_weights), _exact(root, sp.root_weights)
+
+
+def _frozen_params(spec: ModelSpec, setup: TrainSetup) -> tuple[list, list]:
+    """unit_params' parameters before they are made to sum to the inventory's."""
     wb, eb = weight_bytes(setup), embedding_bytes(setup)
     layer = []
     for lin in spec.layer_linears:
@@ -503,7 +515,7 @@ def unit_params(spec: ModelSpec, setup: TrainSetup, sp: Splits) -> tuple[tuple, 
     root = [alloc(spec.vocab * spec.hidden * eb), alloc(spec.hidden * wb)]
     if not spec.tied:
         root.append(alloc(spec.vocab * spec.hidden * eb))
-    return _exact(layer, sp.unit_weights), _exact(root, sp.root_weights)
+    return layer, root
 
 
 def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None) -> tuple[int, dict | None]:
@@ -524,6 +536,43 @@ def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
                         sp.root_adapters, sp.root_gradients, sp.quant_constants, layer, root)
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
                                           peak, room, fsdp=shards)
+    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
+
+
+def ddp_trainable(spec: ModelSpec, setup: TrainSetup, sp: Splits) -> tuple:
+    """The trainable parameters' bytes in module order, one size each (their gradients, the
+    Reducer's bucket contents): per decoder layer each adapted Linear's lora_A, lora_B
+    (inventory.lora_shapes) and the experts' LoRA tensors, then lm_head's; full fine-tuning:
+    embeddings, each layer's weights and norms (unit_params), final norm, lm_head. What this
+    list misses of the inventory's gradients is one more parameter at the end."""
+    if setup.uses_adapters:
+        ab = adapter_bytes(setup)
+        layer, head = [], []
+        for lin in adapted_linears(spec, setup):
+            shapes = [alloc(numel(shape) * ab) for shape in lora_shapes(lin, setup.rank)]
+            (head if lin.name == "lm_head" else layer).extend(shapes)
+        for shape, count in expert_lora_shapes(spec, setup):
+            layer += [alloc(numel(shape) * ab)] * count
+        return _exact(layer * spec.layers + head, sp.gradients)
+    layer, root = _frozen_params(spec, setup)
+    return _exact(root[:1] + layer * spec.layers + root[1:], sp.gradients)
+
+
+def ddp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None) -> tuple[int, dict | None]:
+    """fsdp_slack for one GPU of DDP (gradient_as_bucket_view=False): the single-GPU stream, with
+    DDP's construction (module-state broadcast, the Reducer's buckets) after the model is loaded
+    and the buckets rebuilt in the second forward (estimate/_events.py DdpBuckets,
+    docs/allocator.md#ddp-stream)."""
+    from vramplan.estimate._estimator import card_replay
+    from vramplan.estimate._events import ddp_buckets
+
+    spec, setup = base.model, base.setup
+    layer, root = unit_params(spec, setup, sp)
+    states = list(root[:1]) + (list(layer) + ([sp.unit_adapters] if sp.unit_adapters else [])) * sp.layers \
+        + list(root[1:]) + ([sp.root_adapters] if sp.root_adapters else [])
+    buckets = ddp_buckets(states, ddp_trainable(spec, setup, sp))
+    r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
+                                          peak, room, ddp=buckets)
     return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
 
 
