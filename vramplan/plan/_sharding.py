@@ -12,7 +12,11 @@ apart into named terms, and each term is held one of five ways on a GPU:
   module), or a communication bucket;
 - offloaded: in pinned CPU memory (reported apart as cpu_bytes, not on the GPU).
 Every term cites the engine code or docs it is read from. The terms of a phase sum exactly to
-its components, which sum to peak_allocated_bytes.
+its components, which sum to peak_allocated_bytes. The allocator slack above them: FSDP
+full_shard replays one GPU's run (the wrap phase, then the steps with all-gathers and
+reduce-scatters in their own CUDA streams: docs/allocator.md#fsdp-wrap, #fsdp-stream), DDP its
+stream with the Reducer's buckets (docs/allocator.md#ddp-stream); ZeRO, SHARD_GRAD_OP and
+offloaded runs carry the single-GPU replay's.
 
 The model is read for these recipes (the ones people run QLoRA with beyond one GPU):
 - FSDP as in Answer.AI's fsdp_qlora train.py and accelerate's FSDP plugin: one FSDP unit per
@@ -438,9 +442,9 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
                replay: bool = True) -> ShardedEstimate:
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
     phase_components, cuda_context_bytes, allocator_overhead_bytes, paged_optimizer_bytes and
-    trainable_params) over `parallel`. FSDP full_shard without offload replays one GPU's own
-    allocation stream for its allocator slack (`fsdp_slack`, unless `replay` is False); other
-    engines carry the single-GPU replay's slack."""
+    trainable_params) over `parallel`. FSDP full_shard without offload and DDP replay one GPU's
+    own allocation stream for their allocator slack (`fsdp_slack`, `ddp_slack`, unless `replay` is
+    False), against `gpu` when given; other engines carry the single-GPU replay's slack."""
     spec, setup = base.model, base.setup
     sp = split or splits_for(spec, setup, parallel)
     phases: dict[str, dict[str, int]] = {}
