@@ -439,12 +439,13 @@ def base_estimate(spec: ModelSpec, run: TrainSetup, parallel: Parallel, gpu: Gpu
 
 
 def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits | None = None,
-               replay: bool = True) -> ShardedEstimate:
+               replay: bool = True, need: bool = True) -> ShardedEstimate:
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
     phase_components, cuda_context_bytes, allocator_overhead_bytes, paged_optimizer_bytes and
     trainable_params) over `parallel`. FSDP full_shard without offload and DDP replay one GPU's
     own allocation stream for their allocator slack (`fsdp_slack`, `ddp_slack`, unless `replay` is
-    False), against `gpu` when given; other engines carry the single-GPU replay's slack."""
+    False), against `gpu` when given (need=False: after an allocator OOM against it, the unlimited
+    replay is not run: estimator.card_replay); other engines carry the single-GPU replay's slack."""
     spec, setup = base.model, base.setup
     sp = split or splits_for(spec, setup, parallel)
     phases: dict[str, dict[str, int]] = {}
@@ -469,7 +470,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     oom = None if spread or gpu is None else getattr(base, "allocator_oom", None)
     if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
         room = None if gpu is None else gpu.memory_bytes - base.cuda_context_bytes - comm
-        slack, oom = (fsdp_slack if parallel.strategy == "fsdp" else ddp_slack)(base, sp, parallel, peak, room)
+        slack, oom = (fsdp_slack if parallel.strategy == "fsdp" else ddp_slack)(base, sp, parallel, peak, room, need)
     resident = paged_resident(paged, gpu, peak + base.cuda_context_bytes + comm + slack)
     return ShardedEstimate(
         model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,
@@ -522,7 +523,8 @@ def _frozen_params(spec: ModelSpec, setup: TrainSetup) -> tuple[list, list]:
     return layer, root
 
 
-def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None) -> tuple[int, dict | None]:
+def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
+               need: bool = True) -> tuple[int, dict | None]:
     """(reserved minus allocated at the peaks, the allocator OOM against the card or None) of one
     GPU's FSDP full_shard run, replayed through the caching-allocator model: FSDP(model)'s wrap
     phase, then two steps (estimate/_events.py FsdpShards, docs/allocator.md#fsdp-wrap and
@@ -530,7 +532,7 @@ def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
     statistics before its loop); reserved never falls, so its peak includes the wrap phase's
     cache. `room`: what the card leaves the allocator (None: no card); past it, malloc releases
     the cache and retries, as on one GPU (estimator.card_replay, docs/allocator.md#verdict);
-    `peak`: the per-GPU peak allocated bytes."""
+    `peak`: the per-GPU peak allocated bytes; `need`: card_replay's."""
     from vramplan.estimate._estimator import card_replay
     from vramplan.estimate._events import FsdpShards
 
@@ -539,7 +541,7 @@ def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
     shards = FsdpShards(parallel.gpus, sp.unit_weights, sp.unit_adapters, sp.unit_gradients, sp.root_weights,
                         sp.root_adapters, sp.root_gradients, sp.quant_constants, layer, root)
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
-                                          peak, room, fsdp=shards)
+                                          peak, room, need, fsdp=shards)
     return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
 
 
@@ -562,7 +564,8 @@ def ddp_trainable(spec: ModelSpec, setup: TrainSetup, sp: Splits) -> tuple:
     return _exact(root[:1] + layer * spec.layers + root[1:], sp.gradients)
 
 
-def ddp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None) -> tuple[int, dict | None]:
+def ddp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
+              need: bool = True) -> tuple[int, dict | None]:
     """fsdp_slack for one GPU of DDP (gradient_as_bucket_view=False): the single-GPU stream, with
     DDP's construction (module-state broadcast, the Reducer's buckets) after the model is loaded
     and the buckets rebuilt in the second forward (estimate/_events.py DdpBuckets,
@@ -576,7 +579,7 @@ def ddp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | N
         + list(root[1:]) + ([sp.root_adapters] if sp.root_adapters else [])
     buckets = ddp_buckets(states, ddp_trainable(spec, setup, sp))
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
-                                          peak, room, ddp=buckets)
+                                          peak, room, need, ddp=buckets)
     return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
 
 
