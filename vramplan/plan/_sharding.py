@@ -749,6 +749,10 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
         if parallel.offloaded:
             out.append("CPUOffload(offload_params=True): parameter, gradient and optimizer shards on the CPU, "
                        "the optimizer step on the CPU; only units in use are on the GPU")
+        elif s == "fsdp" and N > 1:
+            out.append("allocator: FSDP(model) wraps a model loaded to the CPU or meta device, unit by unit, with "
+                       "sync_module_states (Answer.AI train.py low_memory); that wrap's cache stays, and the "
+                       "all-gathers and reduce-scatters run in their own CUDA streams (docs/allocator.md#fsdp-wrap)")
     if parallel.deepspeed:
         out.append(f"DeepSpeed {setup.dtype} enabled: the engine casts the module to {setup.dtype}, so "
                    "trainable parameters and gradients are 16-bit, with fp32 master weights and moments "
@@ -767,6 +771,8 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
     if s == "ddp":
         out.append("DDP gradient_as_bucket_view="
                    f"{parallel.gradient_as_bucket_view}: reducer buckets "
-                   + ("alias the gradients" if parallel.gradient_as_bucket_view else "hold a copy of every gradient"))
+                   + ("alias the gradients" if parallel.gradient_as_bucket_view else "hold a copy of every gradient"
+                      " (bucket_cap_mb 25, first bucket 1 MiB, rebuilt once in the second step: "
+                      "docs/allocator.md#ddp-stream)"))
     out.append(f"NCCL buffers: {NCCL_BYTES // MiB} MiB per GPU outside the caching allocator (a model, not measured)")
     return tuple(out)
