@@ -25,7 +25,7 @@ from vramplan.estimate._events import FsdpShards, compiled, ddp_buckets, place_o
 from vramplan.estimate._inventory import static_memory
 from vramplan.plan._planner import plan
 from vramplan.plan._sharding import (Parallel, ddp_trainable, distribute, effective_setup, per_gpu, splits_for,
-                                    unit_params)
+                                    unit_params, zero_partitions)
 
 reserved = importlib.import_module("vramplan.estimate._reserved")
 
@@ -106,6 +106,26 @@ def test_one_pass_replay_of_ddp_streams():
         buckets = ddp_buckets(list(root) + list(layer) * spec.layers, ddp_trainable(spec, setup.with_(batch=1, seq=1), sp))
         static = static_memory(spec, setup)
         program = compiled(spec, setup, static, exact_layers=reserved.exact_layers_for(setup), ddp=buckets)
+        sizes = program.sizes(setup)
+        stream = program.stream(sizes, lump_small=True)
+        start = reserved.count_from(program, stream)
+        conf = as_conf("")
+        ref = replay_lumped(stream.events, conf, count_from=start)
+        for capacity in _capacities(ref):
+            full = replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i), count_from=start)
+            assert replay_program(program.ops, program.places, sizes, program.keys, conf, capacity, program.streams,
+                                  program.count_from) == full
+
+
+def test_one_pass_replay_of_zero2_streams():
+    """ZeRO-2's construction (empty_cache included), gradient buckets and step."""
+    spec = resolve("meta-llama/Llama-2-7b-hf")
+    par = Parallel(2, "zero2")
+    for setup in (TrainSetup(method="lora", batch=2, seq=1024), TrainSetup(method="full", batch=1, seq=512)):
+        setup = effective_setup(setup, par)
+        z = zero_partitions(spec, setup.with_(batch=1, seq=1), splits_for(spec, setup, par), par)
+        static = static_memory(spec, setup)
+        program = compiled(spec, setup, static, exact_layers=reserved.exact_layers_for(setup), zero=z)
         sizes = program.sizes(setup)
         stream = program.stream(sizes, lump_small=True)
         start = reserved.count_from(program, stream)

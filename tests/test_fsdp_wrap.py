@@ -1,15 +1,17 @@
-"""FSDP's wrap phase and CUDA streams, DDP's buckets, in the allocation stream
-(docs/allocator.md#fsdp-wrap, #fsdp-stream, #ddp-stream): hand-worked small cases, then the one
-published figure of the wrap phase."""
+"""FSDP's wrap phase and CUDA streams, DDP's buckets, ZeRO-2's partitions, in the allocation stream
+(docs/allocator.md#fsdp-wrap, #fsdp-stream, #ddp-stream, #zero2-stream): hand-worked small cases,
+and the one published figure of the wrap phase."""
 from vramplan.core._models import resolve
 from vramplan.core._setup import TrainSetup
 from vramplan.cuda._alloc_conf import as_conf
-from vramplan.cuda._fast_replay import replay_program
+from vramplan.cuda._fast_replay import EMPTY_CACHE, replay_program
 from vramplan.cuda._reserved import replay_stream
 from vramplan.estimate._events import (DDP_BUCKET_CAP, DDP_FIRST_BUCKET, PARAM_BROADCAST_BUCKET, FsdpShards,
                                        broadcast_buckets, bucket_assignment, compiled, ddp_buckets, wrap_unit)
 from vramplan.estimate._inventory import static_memory
-from vramplan.plan._sharding import Parallel, ddp_trainable, splits_for, unit_params
+from vramplan.estimate._reserved import reserved_peak
+from vramplan.plan._sharding import (Parallel, ddp_trainable, effective_setup, per_gpu, splits_for, unit_params,
+                                     zero_partitions)
 
 MiB, GiB = 2**20, 2**30
 
@@ -151,3 +153,56 @@ def test_ddp_stream_holds_the_buckets_and_rebuilds_them_once():
     # allocation per rebuilt one (no module states given: no broadcast copies)
     steps = len(single.ops) - (len(made) - len(buckets.buckets))
     assert len(program.ops) - program.count_from == steps + len(buckets.buckets) + len(buckets.rebuilt)
+
+
+# --- ZeRO-2: the optimizer's flat buffer, partitions and gradient buckets ------------------------------
+
+def test_empty_cache_releases_whole_cached_segments():
+    # 100 MiB made and freed, then 120 MiB: the cached 100 MiB block cannot serve it (220 MiB
+    # reserved) unless empty_cache released it first (120 MiB).
+    conf = as_conf("")
+    assert replay_program([0, ~0, 1], [], [100 * MiB, 120 * MiB], 2, conf).peak_reserved_bytes == 220 * MiB
+    assert replay_program([0, ~0, EMPTY_CACHE, 1], [], [100 * MiB, 120 * MiB], 2, conf).peak_reserved_bytes \
+        == 120 * MiB
+    events = [("alloc", 0, 100 * MiB), ("free", 0), ("empty_cache",), ("alloc", 1, 120 * MiB)]
+    assert replay_stream(events, "").peak_reserved_bytes == 120 * MiB
+    assert replay_stream(events, "", lump_small=True).peak_reserved_bytes == 120 * MiB
+
+
+def test_zero2_partitions_by_hand():
+    # Llama-2-7B, LoRA r=8 on q_proj and v_proj: per layer 2 x (8 x 4096 + 4096 x 8) = 131,072
+    # elements, 4,194,304 in 32 layers, a multiple of the alignment 2 x N = 4: the flat bf16 buffer
+    # is 8 MiB, each of the 2 partitions 2,097,152 elements (4 MiB in bf16, 8 MiB in fp32); the ipg
+    # buffer holds reduce_bucket_size = 5e8 bf16 elements; Adam keeps 2 fp32 tensors per partition.
+    spec = resolve("meta-llama/Llama-2-7b")
+    setup = effective_setup(TrainSetup(method="lora", rank=8, targets="q_proj,v_proj"), Parallel(2, "zero2"))
+    par = Parallel(2, "zero2")
+    z = zero_partitions(spec, setup, splits_for(spec, setup, par), par)
+    assert (z.flat, z.part16, z.part32) == (8 * MiB, 4 * MiB, 8 * MiB)
+    assert (z.ipg, z.ipg_buffers, z.layer_grads, z.head_grads) == (10**9, 1, 131_072 * 2, 0)
+    assert z.states == (8 * MiB, 8 * MiB) and not z.overlap_comm
+    # the construction, after the persistent tensors: the 128 trainable tensors (lora_A, lora_B of
+    # 2 modules in 32 layers) freed, a 4-byte stub each (torch.empty(1), one 512 B block), empty_cache,
+    # the flat buffer, the bf16 clone and fp32 partition, the clone freed, the fp32 gradient made
+    # and dropped (initialize_optimizer_states)
+    static = static_memory(spec, setup)
+    program = compiled(spec, setup, static, zero=z)
+    wrap = next(i for i, phase, _m in program.places if phase == "wrap")
+    ops = program.ops[wrap:program.count_from]
+    assert all(op < 0 for op in ops[:128])
+    assert [program.base[op] for op in ops[128:256]] == [512] * 128 and ops[256] == EMPTY_CACHE
+    made = [program.base[op] if op >= 0 else op for op in ops[257:]]
+    assert made[:3] == [8 * MiB, 4 * MiB, 8 * MiB] and made[4] == 8 * MiB and made[3] < 0 and made[5] < 0
+
+
+def test_zero2_replay_allocated_is_the_per_gpu_peak():
+    """The replayed ZeRO-2 step and the per-GPU terms count the same bytes (the replay's blocks
+    keep unsplit remainders: within 1%)."""
+    spec = resolve("meta-llama/Llama-2-7b")
+    for method in ("lora", "full"):
+        per = per_gpu(spec, TrainSetup(method=method, batch=2, seq=1024), gpus=2, strategy="zero2")
+        par = Parallel(2, "zero2")
+        setup = effective_setup(per.setup, par)
+        z = zero_partitions(spec, setup.with_(batch=1, seq=1), splits_for(spec, setup, par), par)
+        r, _ = reserved_peak(spec, setup, static_memory(spec, setup), alloc_conf="", zero=z)
+        assert abs(r.peak_allocated_bytes - per.peak_allocated_bytes) <= 0.01 * per.peak_allocated_bytes, method

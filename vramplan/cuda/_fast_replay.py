@@ -42,6 +42,10 @@ from vramplan.cuda._reserved import ReservedPeak, lumpable
 
 _MASK = (1 << 64) - 1       # free-list keys: size << 64 | address
 _FIRST_SEGMENT = 1 << 40      # allocator._BumpAddresses start
+# An op that is torch.cuda.empty_cache() (emptyCache -> release_cached_blocks): every cached block
+# that is a whole segment is released; the small pool, carried as its level, keeps its segments
+# (its free segments cannot be told apart). ~EMPTY_CACHE is no key a program makes.
+EMPTY_CACHE = ~(1 << 62)
 
 
 def covers(conf: AllocConf) -> bool:
@@ -158,6 +162,8 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                     continue
                 this_key = key
                 key += 1
+            elif op == EMPTY_CACHE:
+                this_key, ptr, n = -1, -1, 0
             else:
                 this_key = ~op
                 ptr = held[this_key]
@@ -165,6 +171,23 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                     level += ptr
                     continue
                 n = 0
+            if this_key < 0:         # empty_cache, an event of the lumped stream like the others
+                if pending_need:
+                    if allocated + pending_high > peak_allocated:
+                        peak_allocated = allocated + pending_high
+                    small_reserved = pending_need
+                    total = large + small_reserved
+                    if total > peak_reserved:
+                        peak_reserved, fragmentation = total, total - allocated - pending_level
+                    if allocated + pending_level > peak_allocated:
+                        peak_allocated = allocated + pending_level
+                    pending_need = 0
+                if allocated + high > peak_allocated:
+                    peak_allocated = allocated + high
+                high = level
+                index += 1
+                large -= _release(pools, free_at, free_end, segments)
+                continue
             if streams:              # the large pool of this allocation's stream
                 stream = streams.get(this_key, 0)
                 free_keys = pools.get(stream)

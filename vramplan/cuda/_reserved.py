@@ -113,6 +113,10 @@ class SmallPoolLevel:
                     else:
                         self._emit(("small", need))
 
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache(): an event of its own (the large pool's cached segments go)."""
+        self._emit(("empty_cache",))
+
     def finish(self) -> list:
         self._emit(("end",))
         return self.events
@@ -125,7 +129,7 @@ class SmallPoolLevel:
 
 def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | None = None, *,
                   lump_small: bool = False, place=None, count_from: int | None = None) -> ReservedPeak:
-    """Replay ("alloc", key, nbytes[, stream]) / ("free", key) events. `capacity`: bytes the
+    """Replay ("alloc", key, nbytes[, stream]) / ("free", key) / ("empty_cache",) events. `capacity`: bytes the
     allocator may reserve (device memory minus the CUDA context). `place(index) -> (phase, module)`
     names where an OOM happened. `lump_small`: the small pool as its level (SmallPoolLevel,
     replay_lumped) where the settings allow it. `count_from`: the event index from which peak
@@ -137,6 +141,8 @@ def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | Non
             level.at = i
             if event[0] == "alloc":
                 level.alloc(event[1], event[2], event[3] if len(event) > 3 else 0)
+            elif event[0] == "empty_cache":
+                level.empty_cache()
             else:
                 level.free(event[1])
         level.at = len(events)
@@ -164,6 +170,8 @@ def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | Non
                 peak_res, frag = alloc.total_reserved, alloc.total_reserved - alloc.allocated
             if alloc.allocated > peak_alloc:
                 peak_alloc = alloc.allocated
+        elif event[0] == "empty_cache":
+            alloc.empty_cache()
         else:
             ptr = live.pop(event[1], None)
             if ptr is not None:
@@ -203,6 +211,9 @@ def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | Non
                 break
         elif kind == "free":
             free(live.pop(event[1]))
+            continue
+        elif kind == "empty_cache":
+            alloc.empty_cache()
             continue
         elif kind == "small":
             need = event[1]

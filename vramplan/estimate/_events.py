@@ -29,6 +29,7 @@ from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
+from vramplan.cuda._fast_replay import EMPTY_CACHE
 from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_masks, embedding_leaf,
                                    held_outputs, int8_ctx_inputs, layer_kinds, rope_tables)
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
@@ -136,6 +137,30 @@ def ddp_buckets(states, trainable, first: int = DDP_FIRST_BUCKET, cap: int = DDP
     return DdpBuckets(tuple(states), tuple(at_init), tuple(rebuilt))
 
 
+REDUCTION_STREAM = 3   # DeepSpeedZeroOptimizer.reduction_stream (overlap_comm)
+
+
+@dataclass(frozen=True)
+class ZeroPartitions:
+    """One GPU of DeepSpeed ZeRO-2 without offload (deepspeed/runtime/zero/stage_1_and_2.py
+    DeepSpeedZeroOptimizer, partition_gradients, contiguous_gradients; docs/allocator.md#zero2-stream),
+    in bytes: `flat` the 16-bit flat buffer of every trainable parameter (bit16_groups_flat,
+    aligned), `part16` / `part32` this rank's partition in 16 / 32 bits, `ipg` one gradient bucket
+    (reduce_bucket_size elements, `ipg_buffers` of them: 2 with overlap_comm), `layer_grads` /
+    `head_grads` the 16-bit gradients one decoder layer / the head makes (how fast the bucket fills),
+    `states` the optimizer state tensors of the partition."""
+    gpus: int
+    flat: int
+    part16: int
+    part32: int
+    ipg: int
+    ipg_buffers: int
+    layer_grads: int
+    head_grads: int
+    states: tuple
+    overlap_comm: bool = False
+
+
 def wrap_unit(make, drop, params, gpus: int, sync: bool) -> list:
     """One FSDP unit's construction on one rank (torch/distributed/fsdp/_init_utils.py
     _init_param_handle_from_module), as (key, slot) pairs made with `make(sizes)` / dropped with
@@ -170,6 +195,13 @@ class Stream:
 
 def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int]:
     """One size per persistent tensor, summing to weights + quant_constants + adapters exactly."""
+    model, adapters, rest = static_parts(spec, setup, static)
+    return model + adapters + rest
+
+
+def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[list, list, list]:
+    """static_sizes in three parts: the model's tensors (weights, bitsandbytes constants, norms,
+    embeddings), the LoRA tensors, and what the inventory counts beyond them (one more tensor)."""
     wb, eb, ab = weight_bytes(setup), embedding_bytes(setup), adapter_bytes(setup)
     n = spec.layers
     sizes = [alloc(spec.vocab * spec.hidden * eb)]
@@ -209,15 +241,16 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
         if spec.arch.router == "sigmoid_grouped":
             stacks.append(alloc(4 * E))
         sizes += stacks * spec.moe_layers
+    lora = []
     for linear in adapted_linears(spec, setup):
         for shape in lora_shapes(linear, setup.rank):
-            sizes += [alloc(numel(shape) * ab)] * (1 if linear.name == "lm_head" else spec.count(linear))
+            lora += [alloc(numel(shape) * ab)] * (1 if linear.name == "lm_head" else spec.count(linear))
     for shape, count in expert_lora_shapes(spec, setup):
-        sizes += [alloc(numel(shape) * ab)] * (count * spec.moe_layers)
-    rest = static.weights + static.quant_constants + static.adapters - sum(sizes)
+        lora += [alloc(numel(shape) * ab)] * (count * spec.moe_layers)
+    rest = static.weights + static.quant_constants + static.adapters - sum(sizes) - sum(lora)
     if rest < 0:   # the inventory counts fewer tensors than listed here: keep the total exact
-        return [static.weights + static.quant_constants + static.adapters]
-    return sizes + ([rest] if rest else [])
+        return [static.weights + static.quant_constants + static.adapters], [], []
+    return sizes, lora, ([rest] if rest else [])
 
 
 def optimizer_sizes(setup: TrainSetup, static: Static) -> tuple[list[int], list[int]]:
@@ -372,6 +405,12 @@ class _Builder:
         for key, _n in pairs:
             events.append(("free", key))
 
+    def empty_cache(self) -> None:
+        if self.level is not None:
+            self.level.empty_cache()
+        else:
+            self.events.append(("empty_cache",))
+
     def finish(self) -> None:
         if self.level is not None:
             self.level.finish()
@@ -429,6 +468,8 @@ class Program:
                 if n > 0:
                     pairs[key] = b.make((n,), streams.get(key, DEFAULT_STREAM))
                 key += 1
+            elif op == EMPTY_CACHE:
+                b.empty_cache()
             else:
                 made = pairs[~op]
                 if made:
@@ -511,7 +552,8 @@ def _net(events) -> tuple:
 
 def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED,
                 steps: int = 2, exact_layers: int | None = None, fsdp: FsdpShards | None = None,
-                lump_small: bool = False, ddp: DdpBuckets | None = None) -> Stream:
+                lump_small: bool = False, ddp: DdpBuckets | None = None,
+                zero: ZeroPartitions | None = None) -> Stream:
     """The allocation stream of `steps` training steps (the first one creates the optimizer
     state) after the persistent state is loaded, with the kernels of `arch`.
 
@@ -524,26 +566,27 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     is gathered before its forward and freed after it, gathered again for its backward (with the
     next unit prefetched, BACKWARD_PRE), and its full gradients are reduce-scatter into a
     gradient shard when its backward ends; the optimizer holds and updates shards."""
-    program = compiled(spec, setup, static, arch, steps, exact_layers, fsdp, ddp)
+    program = compiled(spec, setup, static, arch, steps, exact_layers, fsdp, ddp, zero)
     return program.stream(program.sizes(setup), lump_small)
 
 
 def compiled(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED, steps: int = 2,
              exact_layers: int | None = None, fsdp: FsdpShards | None = None,
-             ddp: DdpBuckets | None = None) -> Program:
+             ddp: DdpBuckets | None = None, zero: ZeroPartitions | None = None) -> Program:
     """step_stream's Program for this setup's structure: batch x seq change only the sizes, unless
     they change a kernel decision or a layer kind (ops._structure, ops.layer_kinds), which are
     part of the key (docs/allocator.md#one-pass-replay)."""
     kinds = layer_kinds(spec, setup)
     structures = tuple((kind, _structure(spec, setup, arch, *kind)) for kind in dict.fromkeys(kinds))
     return _compile(spec, setup.with_(batch=1, seq=1), static, arch, steps, exact_layers, fsdp, kinds, structures,
-                    _structure(spec, setup, arch), ddp)
+                    _structure(spec, setup, arch), ddp, zero)
 
 
 @lru_cache(maxsize=128)
 def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, steps: int,
              exact_layers: int | None, fsdp: FsdpShards | None, kinds: tuple, structures: tuple,
-             head_structure: tuple, ddp: DdpBuckets | None = None) -> Program:
+             head_structure: tuple, ddp: DdpBuckets | None = None,
+             zero: ZeroPartitions | None = None) -> Program:
     """The stream's events in order, with slots for sizes (`setup` has batch = seq = 1: only the
     cell sizes depend on batch x seq, and they are evaluated per cell)."""
     slots = _Slots()
@@ -569,7 +612,30 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     const = slots.const
     b.place("load", "")
     state_sizes, work_sizes = optimizer_sizes(setup, static)
-    if fsdp is None:
+    if zero is not None:
+        # DeepSpeedZeroOptimizer.__init__ (docs/allocator.md#zero2-stream): the trainable
+        # parameters (LoRA tensors; every model tensor in full fine-tuning) go to the CPU, each
+        # left a `torch.empty(1)` on the GPU, empty_cache(); the flat 16-bit buffer comes back
+        # (`flattened_buffer.to(device)`); the fp32 partition is `partition.clone().float()`;
+        # initialize_optimizer_states makes and drops an fp32 gradient of the partition.
+        model_part, lora_part, rest_part = static_parts(spec, setup, static)
+        frozen, trainable = (model_part, lora_part) if setup.uses_adapters else ([], model_part)
+        b.make([const(n) for n in frozen if n > 0])
+        moved = b.make([const(n) for n in trainable if n > 0])
+        b.make([const(n) for n in rest_part if n > 0])
+        b.place("wrap", "")
+        b.drop(moved)
+        b.make([const(alloc(4))] * len(moved))
+        b.ops.append(EMPTY_CACHE)
+        b.make([const(zero.flat)])
+        clone = b.make([const(zero.part16)])
+        b.make([const(zero.part32)])
+        b.drop(clone)
+        b.drop(b.make([const(zero.part32)]))
+        unit, root = None, None
+        reduce_stream = REDUCTION_STREAM if zero.overlap_comm else DEFAULT_STREAM
+        state_sizes, work_sizes = list(zero.states), []
+    elif fsdp is None:
         b.make([const(n) for n in static_sizes(spec, setup, static) if n > 0])
         unit, root = None, None
         if ddp is not None:      # DistributedDataParallel(model): broadcast, then the Reducer's buckets
@@ -663,6 +729,27 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             inst.run(inst.t.region_exit)
         release(held_prev)        # a plain loop rebinds `out` once model() returns
         b.place("backward", "loss")
+        if zero is not None:     # DeepSpeedZeroOptimizer.backward: the ipg buffer(s), before loss.backward()
+            ipg = b.make([const(zero.ipg)] * zero.ipg_buffers)
+            filled, in_partition = 0, []
+
+            def reduce_ipg(nbytes: int) -> None:
+                """reduce_ipg_grads: average_tensor reduces the bucket to each rank in turn
+                (allreduce_bucket flattens that rank's slices: a new tensor, freed after), and
+                the first reduction makes grads_in_partition (copy_grads_in_partition)."""
+                if nbytes:
+                    b.drop(b.make([const(alloc(-(-nbytes // zero.gpus)))], reduce_stream))
+                if not in_partition:
+                    in_partition.extend(b.make([const(zero.part16)], reduce_stream))
+
+            def fill(nbytes: int) -> int:
+                """reduce_independent_p_g_buckets_and_remove_grads: each gradient is copied into the
+                bucket (its own tensor freed); a full bucket is reduced first."""
+                total = filled + nbytes
+                while total > zero.ipg:
+                    reduce_ipg(zero.ipg)
+                    total -= zero.ipg
+                return total
         if step == 0:   # autograd's device thread gets its own handle and workspace (cuda/_cublas.py)
             b.new(const(workspace_bytes(arch)))
         head.run(t_head.backward)
@@ -671,6 +758,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         grad = head.take(t_head.names["grad:x"])
         grads = [key for tid in grad_tids[id(t_head)] for key in head.take(tid)]
         head_grads, grads = (grads, []) if fsdp else ([], grads)   # the root's: sharded when it ends
+        if zero is not None:
+            release(grads)
+            grads = []
+            filled = fill(zero.head_grads)
         _free_all(b, head)
         prefetched: list = []
         for i in reversed(range(L)):
@@ -689,6 +780,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 release(mine)
                 release(gathered)
                 mine = mine_shard
+            if zero is not None:
+                release(mine)
+                mine = []
+                filled = fill(zero.layer_grads)
             grads += mine
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
         release(grad)
@@ -699,10 +794,25 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))], POST_BACKWARD_STREAM)
         release(rooted)
         release(masks + leaves)
+        if zero is not None:     # independent_gradient_partition_epilogue: the last bucket, the ipg buffers go
+            release(grads)
+            grads = []
+            reduce_ipg(filled)
+            release(ipg)
         b.place("optimizer", "")
-        if step == 0:
-            gather(state_sizes, DEFAULT_STREAM)
-        release(gather(work_sizes, DEFAULT_STREAM))
+        if zero is not None:     # step(): flatten(averaged_gradients).to(fp32); its 16-bit flat and the
+            # partition's gradients go; the optimizer's state on the first step; the fp32 gradient goes
+            flat16 = b.make([const(zero.part16)])
+            fp32_grad = b.make([const(zero.part32)])
+            release(flat16)
+            release(in_partition)
+            if step == 0:
+                gather(state_sizes, DEFAULT_STREAM)
+            release(fp32_grad)
+        else:
+            if step == 0:
+                gather(state_sizes, DEFAULT_STREAM)
+            release(gather(work_sizes, DEFAULT_STREAM))
         release(grads)
         # the estimator counts the inputs (ids, position ids, labels, rotary tables) through the
         # optimizer step (estimator.step_moments `base_acts`); they go with the loop iteration
@@ -711,7 +821,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     for n, slot in slots.consts.items():
         base[slot] = n
     count_from = (next(i for i, phase, _m in b.places if phase == "forward")
-                  if (fsdp is not None and fsdp.unit_params) or ddp is not None else None)
+                  if (fsdp is not None and fsdp.unit_params) or ddp is not None or zero is not None else None)
     return Program(b.ops, b.places, tuple(base), tuple((slot, key) for key, slot in slots.polys.items()),
                    dict(slots.cells), tape_grads, spec, static, fsdp, b.next_key, b.streams, count_from)
 

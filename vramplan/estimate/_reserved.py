@@ -20,11 +20,11 @@ def conf_of(alloc_conf) -> AllocConf:
 
 
 def reserved_peak(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED, alloc_conf=None,
-                  capacity: int | None = None, fsdp=None, ddp=None) -> tuple[ReservedPeak, str]:
+                  capacity: int | None = None, fsdp=None, ddp=None, zero=None) -> tuple[ReservedPeak, str]:
     """`fsdp`: an events.FsdpShards for one GPU of FSDP full_shard instead of a single GPU; `ddp`:
-    an events.DdpBuckets for one GPU of DDP."""
+    an events.DdpBuckets for one GPU of DDP; `zero`: an events.ZeroPartitions for ZeRO-2."""
     conf = conf_of(alloc_conf)
-    return _cached(spec, setup, static, arch, conf, capacity, fsdp, ddp), conf.text
+    return _cached(spec, setup, static, arch, conf, capacity, fsdp, ddp, zero), conf.text
 
 
 def capped_is_uncapped(alloc_conf) -> bool:
@@ -55,10 +55,10 @@ def exact_layers_for(setup: TrainSetup) -> int | None:
 
 @lru_cache(maxsize=256)
 def _cached(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, conf: AllocConf,
-            capacity: int | None, fsdp, ddp=None) -> ReservedPeak:
+            capacity: int | None, fsdp, ddp=None, zero=None) -> ReservedPeak:
     from vramplan.estimate._events import compiled, place_of
 
-    program = compiled(spec, setup, static, arch, exact_layers=exact_layers_for(setup), fsdp=fsdp, ddp=ddp)
+    program = compiled(spec, setup, static, arch, exact_layers=exact_layers_for(setup), fsdp=fsdp, ddp=ddp, zero=zero)
     sizes = program.sizes(setup)
     if covers(conf):
         # the small pool carried as its level, in one pass over the compiled stream (the same

@@ -112,6 +112,9 @@ SRC_DS_MASTER = ("ZeRO (Rajbhandari et al. 2020, sec. 3): fp32 master weights + 
                  "fp32_partitioned_groups_flat)")
 SRC_DS_GRAD2 = ("deepspeed/runtime/zero/stage_1_and_2.py: the reduced gradient partition (1/N, 16-bit) "
                 "accumulates in averaged_gradients; step() converts it to an fp32 single_grad_partition")
+SRC_DS_STEP2 = ("deepspeed/runtime/zero/stage_1_and_2.py step(): single_grad_partition = "
+                "self.flatten(self.averaged_gradients[i]).to(fp32): the whole partition flattened in 16 bits, "
+                "then cast to fp32, while the reduced partition (averaged_gradients) is still held")
 SRC_DS_IPG2 = ("deepspeed/runtime/zero/stage_1_and_2.py backward(): contiguous_gradients allocates ipg_buffer "
                "= torch.empty(reduce_bucket_size) in the 16-bit dtype, a second one with overlap_comm")
 SRC_DS_IPG3 = ("deepspeed/runtime/zero/stage3.py __init__: contiguous_gradients allocates "
@@ -415,12 +418,12 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
 
 
 def replays_own_stream(parallel: Parallel) -> bool:
-    """FSDP full_shard without offload and DDP without gradient_as_bucket_view replay one GPU's
-    own allocation stream for their allocator slack (fsdp_slack, ddp_slack); the other engines
-    carry the single-GPU replay's slack."""
+    """FSDP full_shard and ZeRO-2 without offload, and DDP without gradient_as_bucket_view, replay
+    one GPU's own allocation stream for their allocator slack (fsdp_slack, zero_slack, ddp_slack);
+    the other engines carry the single-GPU replay's slack."""
     if parallel.gpus < 2:
         return False
-    return ((parallel.strategy == "fsdp" and parallel.offload == "none")
+    return ((parallel.strategy in ("fsdp", "zero2") and parallel.offload == "none")
             or (parallel.strategy == "ddp" and not parallel.gradient_as_bucket_view))
 
 
@@ -470,7 +473,8 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     oom = None if spread or gpu is None else getattr(base, "allocator_oom", None)
     if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
         room = None if gpu is None else gpu.memory_bytes - base.cuda_context_bytes - comm
-        slack, oom = (fsdp_slack if parallel.strategy == "fsdp" else ddp_slack)(base, sp, parallel, peak, room, need)
+        slack_of = {"fsdp": fsdp_slack, "ddp": ddp_slack, "zero2": zero_slack}[parallel.strategy]
+        slack, oom = slack_of(base, sp, parallel, peak, room, need)
     resident = paged_resident(paged, gpu, peak + base.cuda_context_bytes + comm + slack)
     return ShardedEstimate(
         model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,
@@ -580,6 +584,53 @@ def ddp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | N
     buckets = ddp_buckets(states, ddp_trainable(spec, setup, sp))
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
                                           peak, room, need, ddp=buckets)
+    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
+
+
+def zero_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Parallel) -> "ZeroPartitions":
+    """events.ZeroPartitions of one GPU (deepspeed/runtime/zero/stage_1_and_2.py): the trainable
+    elements E flattened and padded to a multiple of nccl_start_alignment_factor (2) x N
+    (flatten_dense_tensors_aligned), partitions of 1/N of that (get_data_parallel_partitions);
+    ipg buffers of reduce_bucket_size elements (backward); the optimizer's state tensors as many
+    partition-size fp32 tensors as the engine's optimizer keeps per fp32 master element (Adam: 2)."""
+    from vramplan.estimate._events import ZeroPartitions
+
+    N, elem = parallel.gpus, sp.ds_elem
+    shapes = dict(static_memory(spec, setup).trainable_shapes)
+    E = sum(numel(shape) * k for shape, k in shapes.items())
+    align = 2 * N
+    flat_elems = -(-E // align) * align
+    part = flat_elems // N
+    if setup.uses_adapters:
+        layer, head = 0, 0
+        for lin in adapted_linears(spec, setup):
+            n = sum(numel(shape) for shape in lora_shapes(lin, setup.rank))
+            if lin.name == "lm_head":
+                head += n
+            else:
+                layer += n * spec.count(lin) // max(1, spec.layers)
+        layer += sum(numel(shape) * count for shape, count in expert_lora_shapes(spec, setup))
+    else:
+        layer = sum(lin.numel for lin in spec.layer_linears if lin.where != "dense") \
+            + spec.hidden * spec.arch.norms_per_layer
+        head = 0 if spec.tied else spec.vocab * spec.hidden
+    states = round(sp.ds_optimizer / sp.ds_master) if sp.ds_master else 0
+    return ZeroPartitions(N, alloc(flat_elems * elem), alloc(part * elem), alloc(part * 4),
+                          alloc(parallel.reduce_bucket_size * elem), 2 if parallel.ds_overlap_comm else 1,
+                          layer * elem, head * elem, (alloc(part * 4),) * states, parallel.ds_overlap_comm)
+
+
+def zero_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
+               need: bool = True) -> tuple[int, dict | None]:
+    """fsdp_slack for one GPU of ZeRO-2 without offload: the single-GPU stream with the engine's
+    construction (trainable parameters out to the CPU, empty_cache, the flat 16-bit buffer, the
+    fp32 partition), its gradient buckets in backward, and its step (estimate/_events.py
+    ZeroPartitions, docs/allocator.md#zero2-stream)."""
+    from vramplan.estimate._estimator import card_replay
+
+    spec, setup = base.model, base.setup
+    r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
+                                          peak, room, need, zero=zero_partitions(spec, setup, sp, parallel))
     return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
 
 
@@ -728,9 +779,14 @@ def _zero_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: 
     shard(C.OPTIMIZER_STATE, "fp32 master weights + moments of the partition",
           _ceil_div(sp.ds_master + sp.ds_optimizer, N), SRC_DS_MASTER)
     if kind == "optimizer":
-        fp32_grad = alloc(4 * min(_ceil_div(sp.trainable_params, N), DS_SUB_GROUP))
-        shard(C.GRADIENTS, "fp32 gradient partition for the step", fp32_grad,
-              SRC_DS_GRAD3 if stage3 else SRC_DS_GRAD2, 0)
+        if stage3:
+            fp32_grad = alloc(4 * min(_ceil_div(sp.trainable_params, N), DS_SUB_GROUP))
+            shard(C.GRADIENTS, "fp32 gradient partition for the step", fp32_grad, SRC_DS_GRAD3, 0)
+        else:
+            # the whole partition at once (no sub-groups in stage 1/2), flattened in 16 bits first
+            shard(C.GRADIENTS, "fp32 gradient partition for the step", alloc(4 * _ceil_div(sp.trainable_params, N)),
+                  SRC_DS_STEP2, 0)
+            shard(C.GRADIENTS, "16-bit flattened gradient partition (cast source)", part, SRC_DS_STEP2, 0)
 
 
 def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple[str, ...]:
