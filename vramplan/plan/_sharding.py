@@ -15,8 +15,9 @@ Every term cites the engine code or docs it is read from. The terms of a phase s
 its components, which sum to peak_allocated_bytes. The allocator slack above them: FSDP
 full_shard replays one GPU's run (the wrap phase, then the steps with all-gathers and
 reduce-scatters in their own CUDA streams: docs/allocator.md#fsdp-wrap, #fsdp-stream), DDP its
-stream with the Reducer's buckets (docs/allocator.md#ddp-stream); ZeRO, SHARD_GRAD_OP and
-offloaded runs carry the single-GPU replay's.
+stream with the Reducer's buckets (docs/allocator.md#ddp-stream), ZeRO-2 its optimizer's flat
+buffer, partitions and gradient buckets (docs/allocator.md#zero2-stream); ZeRO-3, SHARD_GRAD_OP
+and offloaded runs carry the single-GPU replay's.
 
 The model is read for these recipes (the ones people run QLoRA with beyond one GPU):
 - FSDP as in Answer.AI's fsdp_qlora train.py and accelerate's FSDP plugin: one FSDP unit per
@@ -445,9 +446,9 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
                replay: bool = True, need: bool = True) -> ShardedEstimate:
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
     phase_components, cuda_context_bytes, allocator_overhead_bytes, paged_optimizer_bytes and
-    trainable_params) over `parallel`. FSDP full_shard without offload and DDP replay one GPU's
-    own allocation stream for their allocator slack (`fsdp_slack`, `ddp_slack`, unless `replay` is
-    False), against `gpu` when given (need=False: after an allocator OOM against it, the unlimited
+    trainable_params) over `parallel`. FSDP full_shard and ZeRO-2 without offload, and DDP, replay
+    one GPU's own allocation stream for their allocator slack (`fsdp_slack`, `zero_slack`,
+    `ddp_slack`, unless `replay` is False), against `gpu` when given (need=False: after an allocator OOM against it, the unlimited
     replay is not run: estimator.card_replay); other engines carry the single-GPU replay's slack."""
     spec, setup = base.model, base.setup
     sp = split or splits_for(spec, setup, parallel)
@@ -820,6 +821,9 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
                                                     f"stage3_param_persistence_threshold "
                                                     f"{parallel.param_persistence_threshold:,}" if s == "zero3" else ""))
         out.append("optimizer step: " + SRC_DS_FUSED)
+        if s == "zero2" and not parallel.offloaded:
+            out.append("allocator: the engine's construction (trainable parameters to the CPU, empty_cache, the flat "
+                       "16-bit buffer), its gradient buckets and step replayed (docs/allocator.md#zero2-stream)")
         if parallel.offloaded:
             out.append("offload_optimizer: cpu" + (" and offload_param: cpu" if s == "zero3" else ""))
         if setup.paged:
