@@ -200,12 +200,14 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
 
 
 def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, alloc_conf, peak: int,
-                room: int | None, need: bool = True):
+                room: int | None, need: bool = True, fsdp=None, ddp=None, zero=None):
     """The caching-allocator replay behind the device total (estimate/_reserved.py), on a card
     with `room` bytes for the allocator (None: no card): (replay, settings text, allocator OOM
     or None, cache releases). `peak`: the step's peak allocated bytes. need=False: after an OOM
     the unlimited replay (the need, which only a number needs: the verdict is "no") is not run,
-    and the failed replay is returned. The order of the replays: docs/allocator.md#verdict."""
+    and the failed replay is returned. `fsdp` / `ddp` / `zero`: one GPU of FSDP full_shard, DDP or
+    ZeRO-2 (events.FsdpShards, events.DdpBuckets, events.ZeroPartitions).
+    The order of the replays: docs/allocator.md#verdict."""
     from vramplan.estimate._reserved import capped_is_uncapped, reserved_peak
 
     oom, retries = None, 0
@@ -213,20 +215,20 @@ def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     # unlimited one until a request would pass the card (reserved.capped_is_uncapped), so the
     # card is passed exactly where it needed a cache release (num_alloc_retries).
     against_card = room is not None and peak <= room and capped_is_uncapped(alloc_conf)
-    r, conf_text = reserved_peak(spec, setup, static, arch, alloc_conf, room if against_card else None)
+    r, conf_text = reserved_peak(spec, setup, static, arch, alloc_conf, room if against_card else None, fsdp, ddp, zero)
     passed = r.num_alloc_retries > 0 if against_card else room is not None and r.peak_reserved_bytes > room
     if passed and peak <= room:
         # Past the card, malloc releases the cache and retries before it fails: replay against
         # the card to see whether the step still runs, or where it fails while the allocated
         # bytes alone would fit (fragmentation). Allocated bytes past the card fail anyway.
-        capped = r if against_card else reserved_peak(spec, setup, static, arch, alloc_conf, room)[0]
+        capped = r if against_card else reserved_peak(spec, setup, static, arch, alloc_conf, room, fsdp, ddp, zero)[0]
         if capped.oom is None:
             r = capped
             retries = capped.num_alloc_retries
         else:
             oom = dict(capped.oom, fragmentation=True)
             if against_card and need:      # the need is the unlimited replay's
-                r, _ = reserved_peak(spec, setup, static, arch, alloc_conf)
+                r, _ = reserved_peak(spec, setup, static, arch, alloc_conf, None, fsdp, ddp, zero)
     return r, conf_text, oom, retries
 
 
