@@ -8,7 +8,8 @@ of named components (step_moments):
 - forward: the top layer's forward over what the layers below keep (their saved activations, or
   with gradient checkpointing their inputs), and the loss forward;
 - backward: the loss backward, the top layer's backward (its recomputation under
-  checkpointing), and the bottom layer's, where the most parameter gradients exist;
+  checkpointing), the bottom layer's, where the most parameter gradients exist, and a tied
+  trainable embedding's, where its two gradients are summed beside every other one;
 - optimizer: gradients plus the optimizer's workspace.
 The peak is the largest candidate; its components sum to peak_allocated_bytes exactly.
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramplan.estimate._ops import (autocast_cache, eager_masks, embedding_leaf, head_memory,
-                                   held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables)
+                                   held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables,
+                                   tied_embedding_grad)
 from vramplan.cuda._arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
 from vramplan.cuda._cublas import STEP_THREADS, step_workspace_bytes, workspace_bytes
 from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
@@ -329,6 +331,15 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
                                     gradients=head_grads + sum(grads[1:])),
         "optimizer": at(held, gradients=static.gradients, temporaries=static.optimizer_temporaries, graph=False),
     }
+    tied = tied_embedding_grad(spec, setup)
+    if tied:
+        # The tied embedding's backward, the step's last node: every .grad exists (the sum that
+        # becomes the embedding's counts once in static.gradients), and beside it the two gradients
+        # it was summed from: lm_head's, held in AccumulateGrad's input buffer since the head's
+        # backward (logits_loss: lm_head's backward allocated it), and embedding_dense_backward's
+        # output (activations). The graph is still alive (leaf, checkpointed masks).
+        moments["backward.embedding"] = at({C.LOGITS_LOSS.value: tied}, held, activations=bwd_masks + tied,
+                                           gradients=static.gradients)
     if len(set(map(id, stack))) > 1:
         # mixed kinds: the worst layer of each phase need not be the top or bottom one
         def worst(*candidates: dict) -> dict:

@@ -30,7 +30,7 @@ from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
 from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_masks, embedding_leaf,
-                                   held_outputs, int8_ctx_inputs, layer_kinds, rope_tables)
+                                   held_outputs, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad)
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate._symbolic import rounded_bytes, variables
 from vramplan.estimate._walk import GRAD
@@ -340,6 +340,7 @@ def _cell_sizes(spec: ModelSpec, setup: TrainSetup, static: Static, fsdp: FsdpSh
             "mask": eager_masks(spec, setup),
             "hidden": alloc(embedding_bytes(setup) * setup.tokens * spec.hidden),   # the embedding output
             "ctx": int8_ctx_inputs(spec, setup),
+            "tied_grad": tied_embedding_grad(spec, setup),   # one gradient of a tied trainable embedding
             "extra_grads": max(extra, 0)}
 
 
@@ -476,6 +477,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     cell = slots.cell
     rope = [cell(f"rope{i}") for i in range(len(rope_tables(spec, setup)))]   # ops.rope_tables
     inputs = [cell("ids"), cell("positions"), cell("labels"), cell("labels")] + rope
+    tied_grad = cell("tied_grad")     # every cell _cell_sizes sizes has a slot, used or not
 
     kinds_t = list({id(t): t for t in stack}.values())     # one template per layer kind
     grad_tids = {id(t): [tid for tid, tag in enumerate(t.tags) if tag == GRAD] for t in (*kinds_t, t_head)}
@@ -485,6 +487,9 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     # the tapes' parameter gradients, which the gradients no tape makes are the rest of (_cell_sizes)
     grads_of = lambda t: [slot for tid in grad_tids[id(t)] for slot in t.parts[tid]]  # noqa: E731
     tape_grads = tuple(grads_of(t_head) + [slot for t in stack for slot in grads_of(t)])
+    # lm_head's weight gradient in the head tape, when the embedding is tied to it and trains
+    tied_key = next((n for n in ("pgrad:lm_head.base", "pgrad:lm_head.w_amp.cast") if n in t_head.names),
+                    None) if tied_embedding_grad(spec, setup) else None
     held_prev = []
     for step in range(steps):
         b.place("forward", "")
@@ -521,6 +526,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         # the new `out` (ops.held_outputs) lives from here through the optimizer step
         held_prev = b.new(cell("held"))
         grad = head.take(t_head.names["grad:x"])
+        # a tied trainable embedding: lm_head's weight gradient waits in AccumulateGrad's input
+        # buffer for the embedding's (ops.tied_embedding_grad); one GPU only, FSDP keeps its root
+        # gradients as they were
+        lm_grad = head.take(t_head.names[tied_key]) if tied_key and not fsdp else []
         grads = [key for tid in grad_tids[id(t_head)] for key in head.take(tid)]
         head_grads, grads = (grads, []) if fsdp else ([], grads)   # the root's: sharded when it ends
         _free_all(b, head)
@@ -543,7 +552,18 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 mine = mine_shard
             grads += mine
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
-        release(grad)
+        if lm_grad:
+            # the embedding's backward: embedding_dense_backward's output, made before its
+            # incoming gradient goes; then the out-of-place sum (InputBuffer::accumulate), which
+            # AccumulateGrad steals into .grad, and the two it was summed from are freed
+            # (docs/autograd.md#gradient-accumulation-is-out-of-place)
+            own = b.new(tied_grad)
+            release(grad)
+            total = b.new(tied_grad)
+            release(lm_grad + own)
+            grads += total
+        else:
+            release(grad)
         grads += b.new(cell("extra_grads"))    # embedding / norm gradients of full fine-tuning
         if fsdp:
             release(head_grads)

@@ -1086,6 +1086,20 @@ def embedding_leaf(spec: ModelSpec, setup: TrainSetup) -> int:
     return alloc_bytes(act_bytes(setup) * setup.tokens * spec.hidden)
 
 
+def tied_embedding_grad(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes of one gradient of a tied, trainable embedding weight (lm_head.weight is
+    embed_tokens.weight; full fine-tuning), 0 otherwise. The weight is used twice, so its
+    AccumulateGrad node receives two gradients: lm_head's, computed first in the backward and held
+    in the node's input buffer, and embed_tokens', computed last; the engine sums them out of
+    place (input_buffer.cpp accumulate: the buffered gradient is not one it may reuse) before
+    AccumulateGrad steals the sum into .grad. At that add three such tensors are alive
+    (docs/autograd.md#gradient-accumulation-is-out-of-place). The gradient has the parameter's
+    dtype (inventory.static_memory's grad_bytes for full fine-tuning)."""
+    if not (spec.tied and setup.method == "full"):
+        return 0
+    return alloc_bytes(setup.compute_bytes * spec.vocab * spec.hidden)
+
+
 def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     """Bytes of the causal masks transformers materializes (masking_utils create_causal_mask):
     eager attention gets (batch, 1, seq, seq) in the compute dtype, Gemma2 a sliding-window one
