@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from vramplan.estimate._ops import (autocast_cache, eager_masks, embedding_leaf, head_memory,
                                    held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables,
-                                   tied_embedding_grad)
+                                   tied_embedding_grad, tied_sum_in_place)
 from vramplan.cuda._arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
 from vramplan.cuda._cublas import STEP_THREADS, step_workspace_bytes, workspace_bytes
 from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
@@ -333,12 +333,14 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     }
     tied = tied_embedding_grad(spec, setup)
     if tied:
-        # The tied embedding's backward, the step's last node: every .grad exists (the sum that
-        # becomes the embedding's counts once in static.gradients), and beside it the two gradients
-        # it was summed from: lm_head's, held in AccumulateGrad's input buffer since the head's
-        # backward (logits_loss: lm_head's backward allocated it), and embedding_dense_backward's
-        # output (activations). The graph is still alive (leaf, checkpointed masks).
-        moments["backward.embedding"] = at({C.LOGITS_LOSS.value: tied}, held, activations=bwd_masks + tied,
+        # The tied embedding's backward, the step's last node, at the sum of its two gradients
+        # (ops.tied_embedding_grad): every .grad exists (the tied one counted once in
+        # static.gradients), with embedding_dense_backward's output beside it (activations) and,
+        # when the sum is a new tensor, lm_head's gradient it was summed from (logits_loss:
+        # lm_head's backward made it); summed in place, lm_head's gradient is the .grad. The graph
+        # is still alive (leaf, checkpointed masks).
+        held_lm = 0 if tied_sum_in_place(setup) else tied
+        moments["backward.embedding"] = at({C.LOGITS_LOSS.value: held_lm}, held, activations=bwd_masks + tied,
                                            gradients=static.gradients)
     if len(set(map(id, stack))) > 1:
         # mixed kinds: the worst layer of each phase need not be the top or bottom one

@@ -30,7 +30,8 @@ from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
 from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_masks, embedding_leaf,
-                                   held_outputs, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad)
+                                   held_outputs, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
+                                   tied_sum_in_place)
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate._symbolic import rounded_bytes, variables
 from vramplan.estimate._walk import GRAD
@@ -553,14 +554,18 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             grads += mine
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
         if lm_grad:
-            # the embedding's backward: embedding_dense_backward's output, made before its
-            # incoming gradient goes; then the out-of-place sum (InputBuffer::accumulate), which
-            # AccumulateGrad steals into .grad, and the two it was summed from are freed
-            # (docs/autograd.md#gradient-accumulation-is-out-of-place)
+            # the embedding's backward (ops.tied_embedding_grad): embedding_dense_backward's output,
+            # made before its incoming gradient goes; then the sum of the two, into lm_head's
+            # gradient (in place) or a new tensor that AccumulateGrad steals into .grad while the
+            # two it was summed from are freed (ops.tied_sum_in_place)
             own = b.new(tied_grad)
             release(grad)
-            total = b.new(tied_grad)
-            release(lm_grad + own)
+            if tied_sum_in_place(setup):
+                total = lm_grad
+                release(own)
+            else:
+                total = b.new(tied_grad)
+                release(lm_grad + own)
             grads += total
         else:
             release(grad)

@@ -1088,16 +1088,23 @@ def embedding_leaf(spec: ModelSpec, setup: TrainSetup) -> int:
 
 def tied_embedding_grad(spec: ModelSpec, setup: TrainSetup) -> int:
     """Bytes of one gradient of a tied, trainable embedding weight (lm_head.weight is
-    embed_tokens.weight; full fine-tuning), 0 otherwise. The weight is used twice, so its
-    AccumulateGrad node receives two gradients: lm_head's, computed first in the backward and held
-    in the node's input buffer, and embed_tokens', computed last; the engine sums them out of
-    place (input_buffer.cpp accumulate: the buffered gradient is not one it may reuse) before
-    AccumulateGrad steals the sum into .grad. At that add three such tensors are alive
-    (docs/autograd.md#gradient-accumulation-is-out-of-place). The gradient has the parameter's
-    dtype (inventory.static_memory's grad_bytes for full fine-tuning)."""
+    embed_tokens.weight; full fine-tuning), 0 otherwise: the parameter's dtype, as
+    inventory.static_memory's gradients. The weight is used twice, so its AccumulateGrad node gets
+    two gradients: lm_head's, made first in the backward and held in the node's input buffer, and
+    embed_tokens', made last (embedding_dense_backward); the engine sums them before AccumulateGrad
+    steals the sum into .grad (docs/autograd.md#gradient-accumulation-is-out-of-place)."""
     if not (spec.tied and setup.method == "full"):
         return 0
     return alloc_bytes(setup.compute_bytes * spec.vocab * spec.hidden)
+
+
+def tied_sum_in_place(setup: TrainSetup) -> bool:
+    """Whether the engine adds the embedding's gradient into lm_head's buffered one in place
+    (input_buffer.cpp accumulate, can_accumulate_inplace): under autocast over float32 weights
+    lm_head's gradient is ToCopyBackward0's float32 copy of the 16-bit one, a tensor of its own;
+    otherwise it is TBackward0's view of mm's result, whose storage the base shares, and the sum
+    is a new tensor (docs/autograd.md#gradient-accumulation-is-out-of-place)."""
+    return setup.amp_over_fp32
 
 
 def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
