@@ -169,7 +169,7 @@ def _tied_step(amp: bool, tracker=None) -> tuple[list, torch.Tensor]:
 
 @pytest.mark.parametrize("amp, op", [(False, "aten::add"), (True, "aten::add_")])
 def test_a_tied_embeddings_two_gradients_are_summed_as_torch_does(amp, op):
-    """docs/autograd.md#gradient-accumulation-is-out-of-place, checked on the installed torch
+    """docs/autograd.md#gradient-accumulation, checked on the installed torch
     without any Python dispatch mode: lm_head's gradient is TBackward0's view (a new tensor for
     the sum), or under autocast ToCopyBackward0's float32 copy (reused in place)."""
     assert _tied_step(amp)[0] == [op]

@@ -1092,7 +1092,7 @@ def tied_embedding_grad(spec: ModelSpec, setup: TrainSetup) -> int:
     inventory.static_memory's gradients. The weight is used twice, so its AccumulateGrad node gets
     two gradients: lm_head's, made first in the backward and held in the node's input buffer, and
     embed_tokens', made last (embedding_dense_backward); the engine sums them before AccumulateGrad
-    steals the sum into .grad (docs/autograd.md#gradient-accumulation-is-out-of-place)."""
+    steals the sum into .grad (docs/autograd.md#gradient-accumulation)."""
     if not (spec.tied and setup.method == "full"):
         return 0
     return alloc_bytes(setup.compute_bytes * spec.vocab * spec.hidden)
@@ -1103,7 +1103,7 @@ def tied_sum_in_place(setup: TrainSetup) -> bool:
     (input_buffer.cpp accumulate, can_accumulate_inplace): under autocast over float32 weights
     lm_head's gradient is ToCopyBackward0's float32 copy of the 16-bit one, a tensor of its own;
     otherwise it is TBackward0's view of mm's result, whose storage the base shares, and the sum
-    is a new tensor (docs/autograd.md#gradient-accumulation-is-out-of-place)."""
+    is a new tensor (docs/autograd.md#gradient-accumulation)."""
     return setup.amp_over_fp32
 
 

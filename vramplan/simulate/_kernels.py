@@ -418,7 +418,7 @@ def tied_accumulation(tracker, func, args, kwargs):
     Python object that holds a reference to it, so the engine always makes a new tensor. lm_head's
     gradient is reusable when it is a tensor of its own (autocast over float32 weights:
     ToCopyBackward0's float32 copy), not when it is TBackward0's view of mm's result, whose base
-    shares the storage (docs/autograd.md#gradient-accumulation-is-out-of-place). The storage test
+    shares the storage (docs/autograd.md#gradient-accumulation). The storage test
     is torch's own; the tensor's reference count is the one the mode inflates, so it is not
     checked. Every other sum stays as the engine made it (the estimate's walk models those out of
     place too)."""
