@@ -26,8 +26,8 @@ from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.cuda._context import cuda_context, device_overhead
 from vramplan.core._errors import ModelError, UsageError
 from vramplan.core._gpus import Gpu, resolve_gpu
-from vramplan.estimate._inventory import (Static, adapted_linears, expert_weight_bytes, experts_adapted,
-                                         experts_quantized, static_memory)
+from vramplan.estimate._inventory import (Static, adapted_linears, embedding_bytes, expert_weight_bytes,
+                                         experts_adapted, experts_quantized, static_memory)
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.estimate._quant import alloc
 from vramplan.core._setup import TrainSetup, apply_flags
@@ -333,15 +333,20 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     }
     tied = tied_embedding_grad(spec, setup)
     if tied:
-        # The tied embedding's backward, the step's last node, at the sum of its two gradients
-        # (ops.tied_embedding_grad): every .grad exists (the tied one counted once in
-        # static.gradients), with embedding_dense_backward's output beside it (activations) and,
-        # when the sum is a new tensor, lm_head's gradient it was summed from (logits_loss:
-        # lm_head's backward made it); summed in place, lm_head's gradient is the .grad. The graph
-        # is still alive (leaf, checkpointed masks).
-        held_lm = 0 if tied_sum_in_place(setup) else tied
-        moments["backward.embedding"] = at({C.LOGITS_LOSS.value: held_lm}, held, activations=bwd_masks + tied,
-                                           gradients=static.gradients)
+        # The tied embedding's backward, the step's last node (ops.tied_embedding_grad): every
+        # .grad exists (the tied one counted once in static.gradients), with
+        # embedding_dense_backward's output beside it (activations). Summed out of place, the peak
+        # is the new sum, when lm_head's gradient is still alive (logits_loss: lm_head's backward
+        # made it) and the node's incoming gradient is gone; summed in place (lm_head's gradient
+        # is the .grad), it is embedding_dense_backward's output, made while the incoming
+        # gradient (the embedding output's, tokens x hidden) is alive. The graph is still alive
+        # (leaf, checkpointed masks).
+        if tied_sum_in_place(setup):
+            held_lm, incoming = 0, alloc(embedding_bytes(setup) * setup.tokens * spec.hidden)
+        else:
+            held_lm, incoming = tied, 0
+        moments["backward.embedding"] = at({C.LOGITS_LOSS.value: held_lm}, held,
+                                           activations=bwd_masks + tied + incoming, gradients=static.gradients)
     if len(set(map(id, stack))) > 1:
         # mixed kinds: the worst layer of each phase need not be the top or bottom one
         def worst(*candidates: dict) -> dict:
