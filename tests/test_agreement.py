@@ -301,13 +301,15 @@ def test_amp_over_fp32_lora_agrees_on_a_catalog_model(grad_ckpt):
 
 # Full fine-tuning of a tied embedding (lm_head.weight is embed_tokens.weight) with a 151,936-token
 # vocabulary: the backward peaks at the embedding's backward, where its gradient and lm_head's are
-# summed (ops.tied_embedding_grad; a new tensor, or in place under autocast over float32 weights).
+# summed (ops.tied_embedding_grad; a new tensor, or in place under autocast over float32 weights
+# and with TRL's chunked loss: ops.tied_sum_in_place).
 # A short sequence keeps the step quick and makes that moment the backward's peak.
 TIED_FULL = [
     dict(dtype="fp32"),
     dict(dtype="fp32", amp="bf16"),
     dict(dtype="bf16"),
     dict(dtype="fp32", grad_ckpt=False),
+    dict(dtype="bf16", loss="chunked"),      # TRL's weight gradient, summed into in place
 ]
 
 

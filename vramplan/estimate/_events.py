@@ -489,8 +489,9 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     grads_of = lambda t: [slot for tid in grad_tids[id(t)] for slot in t.parts[tid]]  # noqa: E731
     tape_grads = tuple(grads_of(t_head) + [slot for t in stack for slot in grads_of(t)])
     # lm_head's weight gradient in the head tape, when the embedding is tied to it and trains
-    tied_key = next((n for n in ("pgrad:lm_head.base", "pgrad:lm_head.w_amp.cast") if n in t_head.names),
-                    None) if tied_embedding_grad(spec, setup) else None
+    # (transformers' loss: lm_head's linear, or its weight cast under autocast; TRL's chunked loss)
+    tied_key = next((n for n in ("pgrad:lm_head.base", "pgrad:lm_head.w_amp.cast", "pgrad:fused.logprob")
+                     if n in t_head.names), None) if tied_embedding_grad(spec, setup) else None
     held_prev = []
     for step in range(steps):
         b.place("forward", "")

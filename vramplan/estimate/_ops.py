@@ -1100,11 +1100,13 @@ def tied_embedding_grad(spec: ModelSpec, setup: TrainSetup) -> int:
 
 def tied_sum_in_place(setup: TrainSetup) -> bool:
     """Whether the engine adds the embedding's gradient into lm_head's buffered one in place
-    (input_buffer.cpp accumulate, can_accumulate_inplace): under autocast over float32 weights
-    lm_head's gradient is ToCopyBackward0's float32 copy of the 16-bit one, a tensor of its own;
-    otherwise it is TBackward0's view of mm's result, whose storage the base shares, and the sum
-    is a new tensor (docs/autograd.md#gradient-accumulation)."""
-    return setup.amp_over_fp32
+    (input_buffer.cpp accumulate, can_accumulate_inplace): it does when lm_head's gradient is a
+    tensor of its own, under autocast over float32 weights (ToCopyBackward0's float32 copy of the
+    16-bit gradient) and with TRL's chunked loss (ChunkedLogProbFunction returns the weight
+    gradient it accumulated over the tiles); with transformers' loss and no autocast it is
+    TBackward0's view of mm's result, whose storage the base shares, and the sum is a new tensor
+    (docs/autograd.md#gradient-accumulation)."""
+    return setup.amp_over_fp32 or setup.loss == "chunked"
 
 
 def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
