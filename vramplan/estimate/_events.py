@@ -32,7 +32,8 @@ from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
 from vramplan.cuda._fast_replay import EMPTY_CACHE
 from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_masks, embedding_leaf,
-                                   held_outputs, int8_ctx_inputs, layer_kinds, rope_tables)
+                                   held_outputs, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
+                                   tied_sum_in_place)
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate._symbolic import rounded_bytes, variables
 from vramplan.estimate._walk import GRAD
@@ -501,6 +502,7 @@ def _cell_sizes(spec: ModelSpec, setup: TrainSetup, static: Static, fsdp: FsdpSh
             "mask": eager_masks(spec, setup),
             "hidden": alloc(embedding_bytes(setup) * setup.tokens * spec.hidden),   # the embedding output
             "ctx": int8_ctx_inputs(spec, setup),
+            "tied_grad": tied_embedding_grad(spec, setup),   # one gradient of a tied trainable embedding
             "extra_grads": max(extra, 0)}
 
 
@@ -692,6 +694,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     cell = slots.cell
     rope = [cell(f"rope{i}") for i in range(len(rope_tables(spec, setup)))]   # ops.rope_tables
     inputs = [cell("ids"), cell("positions"), cell("labels"), cell("labels")] + rope
+    tied_grad = cell("tied_grad")     # every cell _cell_sizes sizes has a slot, used or not
 
     kinds_t = list({id(t): t for t in stack}.values())     # one template per layer kind
     grad_tids = {id(t): [tid for tid, tag in enumerate(t.tags) if tag == GRAD] for t in (*kinds_t, t_head)}
@@ -701,6 +704,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     # the tapes' parameter gradients, which the gradients no tape makes are the rest of (_cell_sizes)
     grads_of = lambda t: [slot for tid in grad_tids[id(t)] for slot in t.parts[tid]]  # noqa: E731
     tape_grads = tuple(grads_of(t_head) + [slot for t in stack for slot in grads_of(t)])
+    # lm_head's weight gradient in the head tape, when the embedding is tied to it and trains
+    # (transformers' loss: lm_head's linear, or its weight cast under autocast; TRL's chunked loss)
+    tied_key = next((n for n in ("pgrad:lm_head.base", "pgrad:lm_head.w_amp.cast", "pgrad:fused.logprob")
+                     if n in t_head.names), None) if tied_embedding_grad(spec, setup) else None
     held_prev = []
     for step in range(steps):
         b.place("forward", "")
@@ -761,6 +768,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         # the new `out` (ops.held_outputs) lives from here through the optimizer step
         held_prev = b.new(cell("held"))
         grad = head.take(t_head.names["grad:x"])
+        # a tied trainable embedding: lm_head's weight gradient waits in AccumulateGrad's input
+        # buffer for the embedding's (ops.tied_embedding_grad); one GPU only, FSDP keeps its root
+        # gradients as they were
+        lm_grad = head.take(t_head.names[tied_key]) if tied_key and not fsdp else []
         grads = [key for tid in grad_tids[id(t_head)] for key in head.take(tid)]
         head_grads, grads = (grads, []) if fsdp else ([], grads)   # the root's: sharded when it ends
         if zero is not None:
@@ -791,7 +802,22 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 filled = fill(zero.layer_grads)
             grads += mine
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
-        release(grad)
+        if lm_grad:
+            # the embedding's backward (ops.tied_embedding_grad): embedding_dense_backward's output,
+            # made before its incoming gradient goes; then the sum of the two, into lm_head's
+            # gradient (in place) or a new tensor that AccumulateGrad steals into .grad while the
+            # two it was summed from are freed (ops.tied_sum_in_place)
+            own = b.new(tied_grad)
+            release(grad)
+            if tied_sum_in_place(setup):
+                total = lm_grad
+                release(own)
+            else:
+                total = b.new(tied_grad)
+                release(lm_grad + own)
+            grads += total
+        else:
+            release(grad)
         grads += b.new(cell("extra_grads"))    # embedding / norm gradients of full fine-tuning
         if fsdp:
             release(head_grads)
