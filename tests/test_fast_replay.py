@@ -97,6 +97,20 @@ def test_one_pass_replay_of_fsdp_streams(wrap):
                                   program.count_from) == full
 
 
+def _assert_one_pass_equals_lumped(program, setup):
+    """The one-pass replay of a multi-GPU program against replay_lumped of its stream, unlimited and
+    against cards that force cache releases and OOMs."""
+    sizes = program.sizes(setup)
+    stream = program.stream(sizes, lump_small=True)
+    start = reserved.count_from(program, stream)
+    conf = as_conf("")
+    ref = replay_lumped(stream.events, conf, count_from=start)
+    for capacity in _capacities(ref):
+        full = replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i), count_from=start)
+        assert replay_program(program.ops, program.places, sizes, program.keys, conf, capacity, program.streams,
+                              program.count_from) == full
+
+
 def test_one_pass_replay_of_ddp_streams():
     """DDP's construction (module-state broadcast, the Reducer's buckets) and the bucket rebuild."""
     spec = resolve("meta-llama/Llama-2-7b-hf")
@@ -107,15 +121,7 @@ def test_one_pass_replay_of_ddp_streams():
                               ddp_trainable(spec, setup.with_(batch=1, seq=1), sp))
         static = static_memory(spec, setup)
         program = compiled(spec, setup, static, exact_layers=reserved.exact_layers_for(setup), ddp=buckets)
-        sizes = program.sizes(setup)
-        stream = program.stream(sizes, lump_small=True)
-        start = reserved.count_from(program, stream)
-        conf = as_conf("")
-        ref = replay_lumped(stream.events, conf, count_from=start)
-        for capacity in _capacities(ref):
-            full = replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i), count_from=start)
-            assert replay_program(program.ops, program.places, sizes, program.keys, conf, capacity, program.streams,
-                                  program.count_from) == full
+        _assert_one_pass_equals_lumped(program, setup)
 
 
 def test_one_pass_replay_of_zero2_streams():
@@ -127,15 +133,7 @@ def test_one_pass_replay_of_zero2_streams():
         z = zero_partitions(spec, setup.with_(batch=1, seq=1), splits_for(spec, setup, par), par)
         static = static_memory(spec, setup)
         program = compiled(spec, setup, static, exact_layers=reserved.exact_layers_for(setup), zero=z)
-        sizes = program.sizes(setup)
-        stream = program.stream(sizes, lump_small=True)
-        start = reserved.count_from(program, stream)
-        conf = as_conf("")
-        ref = replay_lumped(stream.events, conf, count_from=start)
-        for capacity in _capacities(ref):
-            full = replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i), count_from=start)
-            assert replay_program(program.ops, program.places, sizes, program.keys, conf, capacity, program.streams,
-                                  program.count_from) == full
+        _assert_one_pass_equals_lumped(program, setup)
 
 
 def test_settings_outside_the_one_pass_replay_take_the_full_model():
