@@ -364,3 +364,41 @@ def test_amp_over_fp32_lora_agrees_on_a_catalog_model(grad_ckpt):
     assert abs(error) <= TOLERANCE, f"estimate {est.peak_allocated_bytes:,} vs simulate {trace.peak_allocated_bytes:,}"
     for phase, sim_bytes in trace.phase_peaks.items():
         assert abs(est.phase_peaks[phase] - sim_bytes) <= TOLERANCE * sim_bytes, phase
+
+
+# Full fine-tuning of a tied embedding (lm_head.weight is embed_tokens.weight) with a 151,936-token
+# vocabulary: the backward peaks at the embedding's backward, where its gradient and lm_head's are
+# summed (ops.tied_embedding_grad; a new tensor, or in place under autocast over float32 weights
+# and with TRL's chunked loss: ops.tied_sum_in_place).
+# A short sequence keeps the step quick and makes that moment the backward's peak.
+TIED_FULL = [
+    dict(dtype="fp32"),
+    dict(dtype="fp32", amp="bf16"),
+    dict(dtype="bf16"),
+    dict(dtype="fp32", grad_ckpt=False),
+    dict(dtype="bf16", loss="chunked"),      # TRL's weight gradient, summed into in place
+]
+
+
+@pytest.mark.parametrize("flags", TIED_FULL, ids=["-".join(f"{k}={v}" for k, v in f.items()) for f in TIED_FULL])
+def test_tied_embedding_full_fine_tuning_agrees_on_a_catalog_model(flags):
+    from vramplan.core._models import resolve
+    from vramplan.simulate import simulate as run
+
+    spec = resolve("Qwen/Qwen2.5-0.5B")
+    setup = TrainSetup(seq=128, method="full", **flags)
+    trace, est = run(spec, setup), estimate(spec, setup)
+    for component in EXACT:
+        assert est.components[component] == trace.components[component], component
+    error = (est.peak_allocated_bytes - trace.peak_allocated_bytes) / trace.peak_allocated_bytes
+    assert abs(error) <= TOLERANCE, (
+        f"estimate {est.peak_allocated_bytes:,} ({est.peak_moment}) vs simulate {trace.peak_allocated_bytes:,}: {error:+.2%}")
+    assert set(est.phase_peaks) == set(trace.phase_peaks) == {"forward", "backward", "optimizer"}
+    for phase, sim_bytes in trace.phase_peaks.items():
+        phase_error = (est.phase_peaks[phase] - sim_bytes) / sim_bytes
+        assert abs(phase_error) <= TOLERANCE, (
+            f"{phase} peak: estimate {est.phase_peaks[phase]:,} vs simulate {sim_bytes:,}: {phase_error:+.2%}")
+    # both put the backward's peak at the embedding's backward
+    assert est.phase_components["backward"] == est.moments["backward.embedding"]
+    backward = [row for row in trace.timeline if row[1] == "backward"]
+    assert max(backward, key=lambda row: row[-1])[2] == "model.embed_tokens"

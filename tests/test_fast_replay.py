@@ -21,10 +21,11 @@ from vramplan.cuda._alloc_conf import as_conf
 from vramplan.cuda._fast_replay import covers, replay_program
 from vramplan.cuda._reserved import replay_lumped
 from vramplan.estimate._estimator import estimate
-from vramplan.estimate._events import FsdpShards, compiled, place_of
+from vramplan.estimate._events import FsdpShards, compiled, ddp_buckets, place_of
 from vramplan.estimate._inventory import static_memory
 from vramplan.plan._planner import plan
-from vramplan.plan._sharding import Parallel, distribute, effective_setup, per_gpu, splits_for
+from vramplan.plan._sharding import (Parallel, ddp_trainable, distribute, effective_setup, per_gpu, splits_for,
+                                    unit_params, zero_partitions)
 
 reserved = importlib.import_module("vramplan.estimate._reserved")
 
@@ -55,10 +56,11 @@ def _lumped(spec, setup, fsdp=None):
     return program, sizes, program.stream(sizes, lump_small=True)
 
 
-def _fsdp_shards(spec, setup, gpus=2) -> FsdpShards:
+def _fsdp_shards(spec, setup, gpus=2, wrap=False) -> FsdpShards:
     sp = splits_for(spec, setup, Parallel(gpus, "fsdp"))
+    params = unit_params(spec, setup.with_(batch=1, seq=1), sp) if wrap else ((), ())
     return FsdpShards(gpus, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
-                      sp.quant_constants)
+                      sp.quant_constants, *params)
 
 
 @pytest.mark.parametrize("model, kw", SETUPS, ids=[f"{m}-{kw}" for m, kw in SETUPS])
@@ -78,15 +80,60 @@ def test_one_pass_replay_is_replay_lumped(model, kw):
     assert "oom" in seen and "plain" in seen
 
 
-def test_one_pass_replay_of_fsdp_streams():
+@pytest.mark.parametrize("wrap", [False, True])
+def test_one_pass_replay_of_fsdp_streams(wrap):
+    """Three CUDA streams (all-gathers and reduce-scatters in their own pools), with and without
+    the wrap phase before the steps (peak allocated counted from the first step)."""
     spec = resolve("meta-llama/Llama-2-13b-hf")
     for setup in (TrainSetup(batch=2, seq=2048), TrainSetup(batch=1, seq=512, grad_ckpt=False)):
-        program, sizes, stream = _lumped(spec, setup, _fsdp_shards(spec, setup))
+        program, sizes, stream = _lumped(spec, setup, _fsdp_shards(spec, setup, wrap=wrap))
+        assert program.streams and (program.count_from is not None) == wrap
+        start = reserved.count_from(program, stream)
         conf = as_conf("")
-        ref = replay_lumped(stream.events, conf)
+        ref = replay_lumped(stream.events, conf, count_from=start)
         for capacity in _capacities(ref):
-            full = replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i))
-            assert replay_program(program.ops, program.places, sizes, program.keys, conf, capacity) == full
+            full = replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i), count_from=start)
+            assert replay_program(program.ops, program.places, sizes, program.keys, conf, capacity, program.streams,
+                                  program.count_from) == full
+
+
+def _assert_one_pass_equals_lumped(program, setup):
+    """The one-pass replay of a multi-GPU program against replay_lumped of its stream, unlimited and
+    against cards that force cache releases and OOMs."""
+    sizes = program.sizes(setup)
+    stream = program.stream(sizes, lump_small=True)
+    start = reserved.count_from(program, stream)
+    conf = as_conf("")
+    ref = replay_lumped(stream.events, conf, count_from=start)
+    for capacity in _capacities(ref):
+        full = replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i), count_from=start)
+        assert replay_program(program.ops, program.places, sizes, program.keys, conf, capacity, program.streams,
+                              program.count_from) == full
+
+
+def test_one_pass_replay_of_ddp_streams():
+    """DDP's construction (module-state broadcast, the Reducer's buckets) and the bucket rebuild."""
+    spec = resolve("meta-llama/Llama-2-7b-hf")
+    for setup in (TrainSetup(method="lora", batch=2, seq=1024), TrainSetup(method="full", batch=1, seq=512)):
+        sp = splits_for(spec, setup, Parallel(2, "ddp"))
+        layers, root = unit_params(spec, setup.with_(batch=1, seq=1), sp)
+        buckets = ddp_buckets(list(root) + [p for layer in layers for p in layer],
+                              ddp_trainable(spec, setup.with_(batch=1, seq=1), sp))
+        static = static_memory(spec, setup)
+        program = compiled(spec, setup, static, exact_layers=reserved.exact_layers_for(setup), ddp=buckets)
+        _assert_one_pass_equals_lumped(program, setup)
+
+
+def test_one_pass_replay_of_zero2_streams():
+    """ZeRO-2's construction (empty_cache included), gradient buckets and step."""
+    spec = resolve("meta-llama/Llama-2-7b-hf")
+    par = Parallel(2, "zero2")
+    for setup in (TrainSetup(method="lora", batch=2, seq=1024), TrainSetup(method="full", batch=1, seq=512)):
+        setup = effective_setup(setup, par)
+        z = zero_partitions(spec, setup.with_(batch=1, seq=1), splits_for(spec, setup, par), par)
+        static = static_memory(spec, setup)
+        program = compiled(spec, setup, static, exact_layers=reserved.exact_layers_for(setup), zero=z)
+        _assert_one_pass_equals_lumped(program, setup)
 
 
 def test_settings_outside_the_one_pass_replay_take_the_full_model():
@@ -149,7 +196,7 @@ GRIDS = [
     ("meta-llama/Meta-Llama-3-8B", "24GB", {"batch": 16, "seq": 512}, [12, 14, 16, 17, 18, 19], [256, 512, 768],
      {"fits", "tight", "oom", "lower bound"}),     # "oom": a fragmentation OOM below the card
     ("meta-llama/Llama-2-13b-hf", "24GB", {"batch": 2, "seq": 2048, "gpus": 4, "strategy": "fsdp"},
-     [1, 2, 4, 8], [512, 2048, 4096], {"fits", "tight", "lower bound"}),
+     [1, 2, 5, 8], [512, 2048, 3072], {"fits", "tight", "lower bound"}),
     ("meta-llama/Llama-2-13b-hf", "24GB", {"batch": 2, "seq": 2048, "gpus": 4, "strategy": "zero3"},
      [1, 2, 4, 8], [512, 2048, 4096], {"fits", "no", "lower bound"}),
 ]

@@ -2,15 +2,17 @@
 the rows of the published peak-memory table whose metric is torch.cuda.max_memory_reserved, with
 their source columns, and the vramplan setup each is modelled as).
 
-Targets (issue #8): median |error| <= 10% and no prediction under by more than 15%. Single-GPU rows
-use the estimate's two-step allocator replay; FSDP rows (Answer.AI) go through sharding.per_gpu,
-which replays one GPU's FSDP stream (docs/allocator.md#fsdp-stream). docs/published-reserved.md
-holds the table.
+Targets (issue #8): median |error| <= 10%, no prediction under by more than 15% (a row that is not
+met is a strict xfail naming its gap, KNOWN_GAPS), and the sharded rows within +-10% both ways.
+Single-GPU rows use the estimate's two-step allocator replay; FSDP rows (Answer.AI) go through
+sharding.per_gpu, which replays one GPU's FSDP wrap phase and steps, each CUDA stream in its own
+pool (docs/allocator.md#fsdp-wrap, #fsdp-stream). docs/published-reserved.md holds the table.
 """
 from __future__ import annotations
 
 import csv
 import statistics
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from vramplan.plan._sharding import per_gpu
 
 DATA = Path(__file__).parent / "data" / "published_reserved.csv"
 MEDIAN_TARGET, UNDER_TARGET = 0.10, -0.15
+SHARDED_TARGET = 0.10
 
 
 def rows() -> list[dict]:
@@ -39,7 +42,7 @@ def predict(row: dict) -> tuple[int, str]:
         est = estimate(spec, setup, alloc_conf="")
         return est.peak_reserved_bytes, "replay"
     est = per_gpu(spec, setup, gpus=int(row["vp_gpus"]), strategy=row["vp_strategy"])
-    return est.reserved_bytes, "per_gpu (FSDP stream replay)"
+    return est.reserved_bytes, "per_gpu (FSDP wrap + stream replay)"
 
 
 def table() -> list[tuple]:
@@ -77,8 +80,29 @@ def test_published_reserved_median_error(capsys):
     assert statistics.median(abs(r[7]) for r in t) <= MEDIAN_TARGET
 
 
-@pytest.mark.xfail(strict=True, reason="not met by two rows: TT-T1-05, torchao NF4 (not bitsandbytes) quantizes on "
-                   "the GPU at load and the cache keeps that loading peak; AAI-01, FSDP loading/wrapping cache "
-                   "(docs/published-reserved.md)")
-def test_published_reserved_nothing_far_under():
-    assert min(r[7] for r in table()) >= UNDER_TARGET
+KNOWN_GAPS = {
+    "TT-T1-05": "torchao NF4 (not bitsandbytes) quantizes on the GPU at load and the cache keeps that loading "
+                "peak (model-init peak reserved 9.13 GB of the 9.29): the load is not modelled "
+                "(docs/published-reserved.md)",
+}
+
+
+@lru_cache(maxsize=1)
+def _errors() -> dict:
+    return {r[0]: r[7] for r in table()}
+
+
+def _ids(keep) -> list:
+    return [pytest.param(row["id"], marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[row["id"]]))
+            if row["id"] in KNOWN_GAPS else row["id"] for row in rows() if keep(row)]
+
+
+@pytest.mark.parametrize("rid", _ids(lambda row: True))
+def test_published_reserved_nothing_far_under(rid):
+    assert _errors()[rid] >= UNDER_TARGET
+
+
+@pytest.mark.parametrize("rid", _ids(lambda row: row["vp_strategy"] != "single"))
+def test_sharded_rows_within_ten_percent_both_ways(rid):
+    """Issue #8: the sharded (FSDP) rows within +-10% of the published reserved memory, symmetric."""
+    assert abs(_errors()[rid]) <= SHARDED_TARGET

@@ -86,6 +86,19 @@ def test_granite_embedding_leaf_goes_with_the_graph():
     assert ckpt.moments["optimizer"] == plain.moments["optimizer"]
 
 
+@pytest.mark.parametrize("amp, loss", [("none", "full"), ("bf16", "full"), ("none", "chunked")])
+def test_tied_embedding_sum_is_in_the_stream(amp, loss):
+    """Full fine-tuning of a tied embedding: the stream plays the embedding's backward as the
+    estimator's backward.embedding moment (ops.tied_embedding_grad), the sum a new tensor or, under
+    autocast over float32 weights or TRL's chunked loss, lm_head's gradient (ops.tied_sum_in_place).
+    Without an optimizer state that moment is the step's peak, to the byte."""
+    spec = resolve("Qwen/Qwen2.5-0.5B")
+    setup = TrainSetup(method="full", dtype="fp32", optimizer="sgd", seq=256, amp=amp, loss=loss)
+    est = estimate(spec, setup, replay=False)
+    assert est.peak_moment == "backward.embedding"
+    assert _live_peak(step_stream(spec, setup, static_memory(spec, setup)).events) == est.peak_allocated_bytes
+
+
 def test_every_allocation_is_freed_or_persistent():
     spec, setup = resolve("meta-llama/Llama-2-7b"), TrainSetup(seq=512)
     static = static_memory(spec, setup)

@@ -221,3 +221,17 @@ def test_simulate_text_output_without_an_estimate(tmp_path, capsys):
     assert "Peak reserved" in out
     if config.model_type not in ARCHITECTURES:
         assert "Estimate skipped: the analytic model does not know model_type" in " ".join(out.split())
+
+
+def test_hybrid_configs_are_refused_by_their_layer_kinds(tmp_path, capsys):
+    """The estimate refuses a hybrid decoder by the layer kinds its config lists, not by its name:
+    the error names those layers and the kernels whose memory it does not model."""
+    from transformers import GraniteMoeHybridConfig
+
+    for model_type, config in (("qwen3_next", qwen3_next()), ("granitemoehybrid", GraniteMoeHybridConfig(
+            num_hidden_layers=2, **SHAPES))):
+        path = write_config(tmp_path, model_type, config)
+        code, out, err = cli(capsys, "estimate", path)
+        assert code == 1 and err.count("\n") == 1, err
+        assert err.startswith(f"Error: architecture '{model_type}'") and "is not modelled by the estimate: its " \
+            "linear_attention layers run chunked recurrent kernels" in err and "(hint: `vramplan simulate`" in err

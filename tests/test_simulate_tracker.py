@@ -137,3 +137,54 @@ def test_real_cpu_tensors_count_the_same_way():
         assert tracker.allocated == 4096 + 2048 + 512
         del a, b, c, d
     assert tracker.allocated == 0
+
+
+def _tied_step(amp: bool, tracker=None) -> tuple[list, torch.Tensor]:
+    """A tied embedding used at the bottom and as lm_head on top, as a causal LM uses it: the
+    embedding's gradient reaches the weight's AccumulateGrad last, after lm_head's. Returns the
+    aten add ops the backward ran after embedding_dense_backward (under the torch profiler: no
+    Python dispatch mode, no hook) and the weight."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    V, H = 1000, 64
+    w = torch.randn(V, H, requires_grad=True)
+    lin = torch.nn.Linear(H, H)
+    ids = torch.randint(0, V, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        h = F.embedding(ids, w)
+        h = torch.tanh(lin(h)) + h
+        loss = F.linear(h, w).float().logsumexp(-1).mean()
+    if tracker is not None:
+        with tracker:
+            loss.backward()
+        return [], w
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    names = [e.name for e in prof.events()]
+    last = max(i for i, n in enumerate(names) if n == "aten::embedding_dense_backward")
+    return [n for n in names[last:] if n in ("aten::add", "aten::add_")], w
+
+
+@pytest.mark.parametrize("amp, op", [(False, "aten::add"), (True, "aten::add_")])
+def test_a_tied_embeddings_two_gradients_are_summed_as_torch_does(amp, op):
+    """docs/autograd.md#gradient-accumulation, checked on the installed torch
+    without any Python dispatch mode: lm_head's gradient is TBackward0's view (a new tensor for
+    the sum), or under autocast ToCopyBackward0's float32 copy (reused in place)."""
+    assert _tied_step(amp)[0] == [op]
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_the_tracker_replays_the_tied_sum_as_a_run_without_it(amp):
+    """Under the tracking mode the engine would always make a new tensor for the sum; the
+    stand-in (kernels.tied_accumulation) keeps what a run without the mode does: at the sum,
+    beside lm_head's gradient, the embedding's and (out of place) the new one."""
+    from vramplan.simulate._kernels import mode_overrides
+
+    tracker = AllocationTracker("cpu", overrides=mode_overrides(), strays="ignore")
+    _, w = _tied_step(amp, tracker)
+    E = round_up(w.numel() * 4)
+    at_embedding = [blk for blk in tracker.live_at(tracker.peak.event) if blk.size == E]
+    assert len(at_embedding) == (2 if amp else 3)
+    assert tracker.peak.op in ("aten.add.Tensor", "aten.embedding_dense_backward.default")

@@ -4,7 +4,7 @@ Each expected figure is worked out by hand in the comments from PyTorch's rules
 (docs/autograd.md): a storage dies after its last forward use unless an op saved it for backward
 (#when-storages-die); a saved tensor is released once its node's backward has run; a second
 gradient for one tensor is summed out of place into a new buffer
-(#gradient-accumulation-is-out-of-place); non-reentrant checkpointing saves nothing in forward
+(#gradient-accumulation); non-reentrant checkpointing saves nothing in forward
 and recomputes up to the last op that saves a tensor, then its frames unwind
 (#non-reentrant-checkpointing). Sizes are multiples of 512 B unless a test is about rounding, so
 the caching allocator's 512 B block (symbolic.BLOCK, docs/allocator.md#constants) does not blur

@@ -345,5 +345,18 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
 )}
 
 
+# Softmax-attention layer kinds in config.layer_types (Llama 4's "chunked_attention": local
+# attention within aligned chunks, masking_utils.create_chunked_causal_mask). Any other kind
+# ("linear_attention": Qwen3-Next / Qwen3.5 gated DeltaNet; "mamba": Granite-MoE-hybrid, whose
+# config lists them in layers_block_type) runs a recurrent layer through chunked kernels.
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention")
+
+
+def recurrent_layer_kinds(config: dict) -> list[str]:
+    """The layer kinds of a config that are not softmax attention, from its own fields."""
+    kinds = config.get("layer_types") or config.get("layers_block_type") or ()
+    return sorted({k for k in kinds if isinstance(k, str) and k not in ATTENTION_LAYER_TYPES})
+
+
 def supported() -> str:
     return ", ".join(sorted(ARCHITECTURES))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from vramplan.core._architectures import ARCHITECTURES, Architecture, supported
+from vramplan.core._architectures import ARCHITECTURES, Architecture, recurrent_layer_kinds, supported
 from vramplan.core._config_fields import defaults_applied, require_core_fields
 from vramplan.core._errors import ModelError
 
@@ -349,6 +349,13 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
                          hint=f"add \"model_type\": one of {supported()}")
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
+        recurrent = recurrent_layer_kinds(config)
+        if recurrent:   # hybrid models: docs/architectures.md#hybrid-linear-attention
+            raise ModelError(f"architecture {model_type!r} ({model_id}) is not modelled by the estimate: its "
+                             f"{', '.join(recurrent)} layers run chunked recurrent kernels (flash-linear-attention, "
+                             "causal-conv1d, mamba-ssm) whose workspaces the analytic model does not know",
+                             hint="`vramplan simulate` traces it (those layers through transformers' torch code); "
+                                  f"the estimate covers: {supported()}")
         raise ModelError(f"architecture {model_type!r} ({model_id}) is not known to the analytic model",
                          hint=f"supported model_type values: {supported()}; `vramplan simulate` traces any "
                               f"architecture transformers can build")

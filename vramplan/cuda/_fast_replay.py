@@ -39,10 +39,13 @@ from bisect import bisect_left, insort
 from vramplan.cuda._alloc_conf import AllocConf
 from vramplan.cuda._allocator import (FIRST_SEGMENT_ADDRESS, MIN_LARGE_ALLOC, ROUND_LARGE, SMALL_BUFFER, SMALL_SIZE,
                                       segment_after)
-from vramplan.cuda._replay import release_whole_segments
 from vramplan.cuda._reserved import ReservedPeak, lumpable
 
 _MASK = (1 << 64) - 1       # free-list keys: size << 64 | address
+# An op that is torch.cuda.empty_cache() (emptyCache -> release_cached_blocks): every cached block
+# that is a whole segment is released; the small pool, carried as its level, keeps its segments
+# (its free segments cannot be told apart). ~EMPTY_CACHE is no key a program makes.
+EMPTY_CACHE = ~(1 << 62)
 
 
 def covers(conf: AllocConf) -> bool:
@@ -51,10 +54,36 @@ def covers(conf: AllocConf) -> bool:
             and lumpable(conf))
 
 
+def release_whole_segments(keys: list, at: dict, ends: dict, segments: dict) -> int:
+    """release_blocks over a pool kept as ints (here and cuda/_replay.py): cudaFree every
+    cached block that is a whole segment; the bytes freed."""
+    freed = 0
+    for k in list(keys):
+        ptr, size = k & _MASK, k >> 64
+        if segments.get(ptr) == size:
+            del keys[bisect_left(keys, k)]
+            del at[ptr]
+            del ends[ptr + size]
+            del segments[ptr]
+            freed += size
+    return freed
+
+
+def _release(pools: dict, free_at: dict, free_end: dict, segments: dict) -> int:
+    """release_cached_blocks: release_whole_segments in every stream's pool; the bytes freed."""
+    return sum(release_whole_segments(keys, free_at, free_end, segments) for keys in pools.values())
+
+
 def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocConf,
-                   capacity: int | None = None) -> ReservedPeak:
+                   capacity: int | None = None, streams: dict | None = None,
+                   count_from: int | None = None) -> ReservedPeak:
     """replay_lumped of the program's lumped stream (see the module docstring); `keys`: how many
-    allocations `ops` holds; `capacity`: bytes the allocator may reserve (None: unlimited)."""
+    allocations `ops` holds; `capacity`: bytes the allocator may reserve (None: unlimited).
+    `streams`: key -> CUDA stream of the large allocations not on the default stream (0): each
+    stream has its own large pool, blocks are never shared across streams (get_pool; the small
+    pool stays one level, docs/allocator.md#fsdp-stream). `count_from`: the op index (a phase
+    start) from which peak allocated is counted, as after torch.cuda.reset_peak_memory_stats
+    (peak reserved never falls, so it needs no reset)."""
     if not covers(conf):
         raise ValueError(f"the one-pass replay does not cover these settings: {conf.text!r}")
     segment_small = conf.large_segment_size
@@ -70,10 +99,12 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
     # the large pool: free blocks as size << 64 | address (sorted), their sizes by start address
     # and their starts by end address; segments' sizes by base
     free_keys: list = []
+    pools = {0: free_keys}   # stream -> its large pool's free list
+    streams = streams or {}
     free_at: dict = {}
     free_end: dict = {}
     segments: dict = {}
-    take, put, find = free_keys.pop, insort, bisect_left
+    put, find = insort, bisect_left
     start_pop, end_pop = free_at.pop, free_end.pop
     large = allocated = 0    # large pool reserved and allocated bytes
     next_address = FIRST_SEGMENT_ADDRESS
@@ -90,7 +121,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             if allocated + pending_high > peak_allocated:
                 peak_allocated = allocated + pending_high
             if capacity is not None and large + pending_need > capacity:
-                large -= release_whole_segments(free_keys, free_at, free_end, segments)
+                large -= _release(pools, free_at, free_end, segments)
                 retries += 1
                 if large + pending_need > capacity:
                     oom = _oom(pending_index, pending_need - small_reserved, large + small_reserved,
@@ -105,6 +136,8 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             pending_need = 0
         if chunk_phase is None:
             break
+        if first == count_from:   # reset_peak_memory_stats: allocated counted from here on
+            peak_allocated = 0
         phase, module = chunk_phase, chunk_module
         for op in ops[first:last]:
             if op >= 0:
@@ -133,6 +166,8 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                     continue
                 this_key = key
                 key += 1
+            elif op == EMPTY_CACHE:
+                this_key, ptr, n = -1, -1, 0
             else:
                 this_key = ~op
                 ptr = held[this_key]
@@ -140,11 +175,33 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                     level += ptr
                     continue
                 n = 0
+            if this_key < 0:         # empty_cache, an event of the lumped stream like the others
+                if pending_need:
+                    if allocated + pending_high > peak_allocated:
+                        peak_allocated = allocated + pending_high
+                    small_reserved = pending_need
+                    total = large + small_reserved
+                    if total > peak_reserved:
+                        peak_reserved, fragmentation = total, total - allocated - pending_level
+                    if allocated + pending_level > peak_allocated:
+                        peak_allocated = allocated + pending_level
+                    pending_need = 0
+                if allocated + high > peak_allocated:
+                    peak_allocated = allocated + high
+                high = level
+                index += 1
+                large -= _release(pools, free_at, free_end, segments)
+                continue
+            if streams:              # the large pool of this allocation's stream
+                stream = streams.get(this_key, 0)
+                free_keys = pools.get(stream)
+                if free_keys is None:
+                    free_keys = pools[stream] = []
             if pending_need:         # the growth event before this large-pool event, through replay_lumped
                 if allocated + pending_high > peak_allocated:
                     peak_allocated = allocated + pending_high
                 if capacity is not None and large + pending_need > capacity:
-                    large -= release_whole_segments(free_keys, free_at, free_end, segments)
+                    large -= _release(pools, free_at, free_end, segments)
                     retries += 1
                     if large + pending_need > capacity:
                         oom = _oom(pending_index, pending_need - small_reserved, large + small_reserved,
@@ -166,14 +223,14 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                 size = (n + 511) & -512                       # round_size
                 j = find(free_keys, size << 64)               # get_free_block: best fit
                 if j < len(free_keys):
-                    k = take(j)
+                    k = free_keys.pop(j)
                     ptr, found = k & _MASK, k >> 64
                     del free_at[ptr]
                     del free_end[ptr + found]
                 else:                # get_allocation_size, alloc_block
                     found = segment_small if size < min_large else -(-size // round_large) * round_large
                     if capacity is not None and large + found > capacity - small_reserved:
-                        large -= release_whole_segments(free_keys, free_at, free_end, segments)
+                        large -= _release(pools, free_at, free_end, segments)
                         retries += 1
                         if large + found > capacity - small_reserved:
                             oom = _oom(index - 1, n, large + small_reserved, allocated + level, phase, module)

@@ -20,6 +20,7 @@ from vramplan.cuda._alloc_conf import AllocConf, as_conf
 from vramplan.cuda._allocator import (MIN_BLOCK_SIZE, ONE_EXABYTE, SMALL_SIZE, CachingAllocator,
                                       FIRST_SEGMENT_ADDRESS, OutOfMemory, SegmentBase, get_allocation_size,
                                       segment_after)
+from vramplan.cuda._fast_replay import release_whole_segments
 
 _MASK = (1 << 64) - 1        # free-list keys: size << 64 | address (BlockComparatorSize)
 
@@ -134,21 +135,6 @@ def _new_pool() -> tuple:
     `size << 64 | address` keys, their sizes by start address, their starts by end address, and its
     segments' sizes by base address."""
     return [], {}, {}, {}
-
-
-def release_whole_segments(keys: list, at: dict, ends: dict, segments: dict) -> int:
-    """release_blocks over a pool kept as ints (here and cuda/_fast_replay.py): cudaFree every
-    cached block that is a whole segment; the bytes freed."""
-    freed = 0
-    for k in list(keys):
-        ptr, size = k & _MASK, k >> 64
-        if segments.get(ptr) == size:
-            del keys[bisect_left(keys, k)]
-            del at[ptr]
-            del ends[ptr + size]
-            del segments[ptr]
-            freed += size
-    return freed
 
 
 def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None) -> AllocatorReplay:

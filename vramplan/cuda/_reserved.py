@@ -53,9 +53,9 @@ class SmallPoolLevel:
         self.next_key = 0
         self.barrier = 0     # events before this index are not merged into (a phase starts there)
 
-    def alloc(self, key, nbytes: int) -> None:
+    def alloc(self, key, nbytes: int, stream=0) -> None:
         if nbytes > SMALL_SIZE:
-            self._emit(("alloc", key, nbytes))
+            self._emit(("alloc", key, nbytes, stream) if stream else ("alloc", key, nbytes))
             return
         self.sizes[key] = n = (nbytes + 511) & -512      # round_size
         self._raise(n)
@@ -67,13 +67,15 @@ class SmallPoolLevel:
         else:
             self.level -= n
 
-    def make(self, sizes) -> list:
-        """Allocate each of `sizes` (bytes > 0) under a new key: [(key, nbytes)]."""
+    def make(self, sizes, stream=0) -> list:
+        """Allocate each of `sizes` (bytes > 0) under a new key: [(key, nbytes)]; large ones on
+        `stream` (the small pool stays one level whatever the stream)."""
         pairs = []
         key = self.next_key
         for n in sizes:
             if n > SMALL_SIZE:
-                self.events.append(("alloc", key, n, self.high, self.level))
+                self.events.append(("alloc", key, n, stream, self.high, self.level) if stream
+                                   else ("alloc", key, n, self.high, self.level))
                 self.index.append(self.at)
                 self.high = self.level
             else:
@@ -111,6 +113,10 @@ class SmallPoolLevel:
                     else:
                         self._emit(("small", need))
 
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache(): an event of its own (the large pool's cached segments go)."""
+        self._emit(("empty_cache",))
+
     def finish(self) -> list:
         self._emit(("end",))
         return self.events
@@ -122,35 +128,41 @@ class SmallPoolLevel:
 
 
 def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | None = None, *,
-                  lump_small: bool = False, place=None) -> ReservedPeak:
-    """Replay ("alloc", key, nbytes) / ("free", key) events. `capacity`: bytes the allocator may
-    reserve (device memory minus the CUDA context). `place(index) -> (phase, module)` names
-    where an OOM happened. `lump_small`: the small pool as its level (SmallPoolLevel,
-    replay_lumped) where the settings allow it."""
+                  lump_small: bool = False, place=None, count_from: int | None = None) -> ReservedPeak:
+    """Replay ("alloc", key, nbytes[, stream]) / ("free", key) / ("empty_cache",) events. `capacity`: bytes the
+    allocator may reserve (device memory minus the CUDA context). `place(index) -> (phase, module)`
+    names where an OOM happened. `lump_small`: the small pool as its level (SmallPoolLevel,
+    replay_lumped) where the settings allow it. `count_from`: the event index from which peak
+    allocated is counted (replay_lumped)."""
     conf = as_conf(conf)
     if lump_small and lumpable(conf):
         level = SmallPoolLevel()
         for i, event in enumerate(events):
             level.at = i
             if event[0] == "alloc":
-                level.alloc(event[1], event[2])
+                level.alloc(event[1], event[2], event[3] if len(event) > 3 else 0)
+            elif event[0] == "empty_cache":
+                level.empty_cache()
             else:
                 level.free(event[1])
         level.at = len(events)
         lumped = level.finish()
+        start = None if count_from is None else next(j for j, i in enumerate(level.index) if i >= count_from)
         return replay_lumped(lumped, conf, capacity,
-                             place=None if place is None else (lambda i: place(level.index[i])))
+                             place=None if place is None else (lambda i: place(level.index[i])), count_from=start)
     alloc = CachingAllocator(conf, capacity=capacity)
     malloc, free = alloc.malloc, alloc.free
     live: dict = {}
     peak_res = frag = peak_alloc = 0
     oom = None
     for index, event in enumerate(events):
+        if index == count_from:
+            peak_alloc = 0
         if event[0] == "alloc":
             if not event[2]:
                 continue      # NativeCachingAllocator::allocate returns nullptr for 0 bytes: no block
             try:
-                live[event[1]] = malloc(event[2])
+                live[event[1]] = malloc(event[2], event[3] if len(event) > 3 else 0)
             except OutOfMemory:
                 oom = _oom(index, event[2], alloc.total_reserved, alloc.allocated, place)
                 break
@@ -158,6 +170,8 @@ def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | Non
                 peak_res, frag = alloc.total_reserved, alloc.total_reserved - alloc.allocated
             if alloc.allocated > peak_alloc:
                 peak_alloc = alloc.allocated
+        elif event[0] == "empty_cache":
+            alloc.empty_cache()
         else:
             ptr = live.pop(event[1], None)
             if ptr is not None:
@@ -166,10 +180,12 @@ def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | Non
 
 
 def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | None = None, *,
-                  place=None) -> ReservedPeak:
-    """Replay a SmallPoolLevel stream: the large pool event by event through the allocator, the
-    small pool as whole kSmallBuffer segments covering its peak (its own fragmentation is
-    dropped). Not for settings with roundup_power2_divisions (`lumpable`)."""
+                  place=None, count_from: int | None = None) -> ReservedPeak:
+    """Replay a SmallPoolLevel stream: the large pool event by event through the allocator (each
+    allocation on its stream's pool), the small pool as whole kSmallBuffer segments covering its
+    peak (its own fragmentation is dropped). Not for settings with roundup_power2_divisions
+    (`lumpable`). `count_from`: the event index from which peak allocated is counted
+    (torch.cuda.reset_peak_memory_stats; fast_replay.replay_program's count_from)."""
     conf = as_conf(conf)
     alloc = CachingAllocator(conf, capacity=capacity)
     malloc, free = alloc.malloc, alloc.free
@@ -179,6 +195,8 @@ def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | Non
     oom = None
     retries = 0
     for index, event in enumerate(events):
+        if index == count_from:
+            peak_alloc = 0
         high, small = event[-2], event[-1]
         if alloc.allocated + high > peak_alloc:      # the small pool peaked with the large pool as it was
             peak_alloc = alloc.allocated + high
@@ -187,12 +205,15 @@ def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | Non
             if capacity is not None:
                 alloc.capacity = capacity - small_reserved
             try:
-                live[event[1]] = malloc(event[2])
+                live[event[1]] = malloc(event[2], event[3] if len(event) == 6 else 0)
             except OutOfMemory:
                 oom = _oom(index, event[2], alloc.total_reserved + small_reserved, alloc.allocated + small, place)
                 break
         elif kind == "free":
             free(live.pop(event[1]))
+            continue
+        elif kind == "empty_cache":
+            alloc.empty_cache()
             continue
         elif kind == "small":
             need = event[1]

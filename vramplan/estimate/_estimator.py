@@ -8,7 +8,8 @@ of named components (step_moments):
 - forward: the top layer's forward over what the layers below keep (their saved activations, or
   with gradient checkpointing their inputs), and the loss forward;
 - backward: the loss backward, the top layer's backward (its recomputation under
-  checkpointing), and the bottom layer's, where the most parameter gradients exist;
+  checkpointing), the bottom layer's, where the most parameter gradients exist, and a tied
+  trainable embedding's, where its two gradients are summed beside every other one;
 - optimizer: gradients plus the optimizer's workspace.
 The peak is the largest candidate; its components sum to peak_allocated_bytes exactly.
 """
@@ -17,15 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramplan.estimate._ops import (autocast_cache, eager_masks, embedding_leaf, head_memory,
-                                   held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables)
+                                   held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables,
+                                   tied_embedding_grad, tied_sum_in_place)
 from vramplan.cuda._arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
 from vramplan.cuda._cublas import STEP_THREADS, step_workspace_bytes, workspace_bytes
 from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.cuda._context import cuda_context, device_overhead
 from vramplan.core._errors import ModelError, UsageError
 from vramplan.core._gpus import Gpu, resolve_gpu
-from vramplan.estimate._inventory import (Static, adapted_linears, expert_weight_bytes, experts_adapted,
-                                         experts_quantized, static_memory)
+from vramplan.estimate._inventory import (Static, adapted_linears, embedding_bytes, expert_weight_bytes,
+                                         experts_adapted, experts_quantized, static_memory)
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.estimate._quant import alloc
 from vramplan.core._setup import TrainSetup, apply_flags
@@ -222,12 +224,14 @@ def check_reentrant_kernels(spec: ModelSpec, setup: TrainSetup, arch: CudaArch) 
 
 
 def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, alloc_conf, peak: int,
-                room: int | None, need: bool = True):
+                room: int | None, need: bool = True, fsdp=None, ddp=None, zero=None):
     """The caching-allocator replay behind the device total (estimate/_reserved.py), on a card
     with `room` bytes for the allocator (None: no card): (replay, settings text, allocator OOM
     or None, cache releases). `peak`: the step's peak allocated bytes. need=False: after an OOM
     the unlimited replay (the need, which only a number needs: the verdict is "no") is not run,
-    and the failed replay is returned. The order of the replays: docs/allocator.md#verdict."""
+    and the failed replay is returned. `fsdp` / `ddp` / `zero`: one GPU of FSDP full_shard, DDP or
+    ZeRO-2 (events.FsdpShards, events.DdpBuckets, events.ZeroPartitions).
+    The order of the replays: docs/allocator.md#verdict."""
     from vramplan.estimate._reserved import capped_is_uncapped, reserved_peak
 
     oom, retries = None, 0
@@ -235,20 +239,20 @@ def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     # unlimited one until a request would pass the card (reserved.capped_is_uncapped), so the
     # card is passed exactly where it needed a cache release (num_alloc_retries).
     against_card = room is not None and peak <= room and capped_is_uncapped(alloc_conf)
-    r, conf_text = reserved_peak(spec, setup, static, arch, alloc_conf, room if against_card else None)
+    r, conf_text = reserved_peak(spec, setup, static, arch, alloc_conf, room if against_card else None, fsdp, ddp, zero)
     passed = r.num_alloc_retries > 0 if against_card else room is not None and r.peak_reserved_bytes > room
     if passed and peak <= room:
         # Past the card, malloc releases the cache and retries before it fails: replay against
         # the card to see whether the step still runs, or where it fails while the allocated
         # bytes alone would fit (fragmentation). Allocated bytes past the card fail anyway.
-        capped = r if against_card else reserved_peak(spec, setup, static, arch, alloc_conf, room)[0]
+        capped = r if against_card else reserved_peak(spec, setup, static, arch, alloc_conf, room, fsdp, ddp, zero)[0]
         if capped.oom is None:
             r = capped
             retries = capped.num_alloc_retries
         else:
             oom = dict(capped.oom, fragmentation=True)
             if against_card and need:      # the need is the unlimited replay's
-                r, _ = reserved_peak(spec, setup, static, arch, alloc_conf)
+                r, _ = reserved_peak(spec, setup, static, arch, alloc_conf, None, fsdp, ddp, zero)
     return r, conf_text, oom, retries
 
 
@@ -351,6 +355,22 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
                                     gradients=head_grads + sum(grads[1:])),
         "optimizer": at(held, gradients=static.gradients, temporaries=static.optimizer_temporaries, graph=False),
     }
+    tied = tied_embedding_grad(spec, setup)
+    if tied:
+        # The tied embedding's backward, the step's last node (ops.tied_embedding_grad): every
+        # .grad exists (the tied one counted once in static.gradients), with
+        # embedding_dense_backward's output beside it (activations). Summed out of place, the peak
+        # is the new sum, when lm_head's gradient is still alive (logits_loss: lm_head's backward
+        # made it) and the node's incoming gradient is gone; summed in place (lm_head's gradient
+        # is the .grad), it is embedding_dense_backward's output, made while the incoming
+        # gradient (the embedding output's, tokens x hidden) is alive. The graph is still alive
+        # (leaf, checkpointed masks).
+        if tied_sum_in_place(setup):
+            held_lm, incoming = 0, alloc(embedding_bytes(setup) * setup.tokens * spec.hidden)
+        else:
+            held_lm, incoming = tied, 0
+        moments["backward.embedding"] = at({C.LOGITS_LOSS.value: held_lm}, held,
+                                           activations=bwd_masks + tied + incoming, gradients=static.gradients)
     if len(set(map(id, stack))) > 1:
         # mixed kinds: the worst layer of each phase need not be the top or bottom one
         def worst(*candidates: dict) -> dict:

@@ -30,8 +30,10 @@ from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
+from vramplan.cuda._fast_replay import EMPTY_CACHE
 from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_masks, embedding_leaf,
-                                   held_outputs, int8_ctx_inputs, layer_kinds, rope_tables)
+                                   held_outputs, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
+                                   tied_sum_in_place)
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate._symbolic import rounded_bytes, variables
 from vramplan.estimate._walk import GRAD
@@ -51,6 +53,139 @@ class FsdpShards:
     root_adapters: int
     root_gradients: int
     replicated: int          # quant constants and anything not in a flat parameter
+    # The wrap phase (docs/allocator.md#fsdp-wrap), played when unit_params is given: per decoder
+    # layer, the bytes of each parameter its unit flattens, in module order (summing to that
+    # layer's weights in `units`), the root's likewise (summing to root_weights), and whether FSDP
+    # broadcasts them from rank 0 (sync_module_states).
+    unit_params: tuple = ()
+    root_params: tuple = ()
+    sync_module_states: bool = True
+
+
+# CUDA streams of one FSDP rank (torch/distributed/fsdp/_runtime_utils.py _init_streams): the
+# all-gathers run in `_unshard_stream` (_unshard: `with stream(unshard_stream): handle.unshard()`),
+# the reduce-scatters in `_post_backward_stream` (_post_backward_hook). The caching allocator keeps
+# one pool per stream (docs/allocator.md#rules rule 2), so what one frees the others never reuse.
+DEFAULT_STREAM, UNSHARD_STREAM, POST_BACKWARD_STREAM = 0, 1, 2
+# torch/distributed/fsdp/_init_utils.py PARAM_BROADCAST_BUCKET_SIZE = int(250 * 1024 * 1024): the
+# bucket of _sync_module_params_and_buffers -> _sync_params_and_buffers -> dist._broadcast_coalesced.
+PARAM_BROADCAST_BUCKET = 250 * 1024 * 1024
+
+
+def bucket_assignment(sizes, limits) -> list:
+    """torch/csrc/distributed/c10d/reducer.cpp compute_bucket_assignment_by_size for tensors of one
+    dtype and device: in order, a tensor joins the open bucket, which closes once its bytes reach
+    the current limit; each closed bucket moves to the next limit, the last one staying."""
+    buckets, current, total, k = [], [], 0, 0
+    for n in sizes:
+        current.append(n)
+        total += n
+        if total >= limits[k]:
+            buckets.append(current)
+            current, total, k = [], 0, min(k + 1, len(limits) - 1)
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def broadcast_buckets(sizes, limit: int = PARAM_BROADCAST_BUCKET) -> list:
+    """The buckets broadcast_coalesced (torch/csrc/distributed/c10d/comm.cpp) sends: tensors in
+    order, grouped by compute_bucket_assignment_by_size with one limit (bucket_assignment)."""
+    return bucket_assignment(sizes, [limit])
+
+
+def broadcast(make, drop, sizes) -> None:
+    """dist._broadcast_coalesced of `sizes` (comm.cpp broadcast_coalesced): per bucket of two or
+    more tensors a flattened copy (tensor_flatten.h flatten_dense_tensors; one tensor is sent as
+    a view), at most 2 buckets in flight (`max_in_flight`), each freed when it finishes."""
+    in_flight: list = []
+    for bucket in broadcast_buckets(sizes):
+        if len(in_flight) >= 2:
+            drop(in_flight.pop(0))
+        in_flight.append(make([sum(bucket)]) if len(bucket) > 1 else [])
+    for pairs in in_flight:
+        drop(pairs)
+
+
+# torch/csrc/distributed/c10d/reducer.hpp kDefaultFirstBucketBytes = int(1024 * 1024),
+# kDefaultBucketBytesCap = int(25 * 1024 * 1024) (DistributedDataParallel bucket_cap_mb=25)
+DDP_FIRST_BUCKET, DDP_BUCKET_CAP = 1024 * 1024, 25 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DdpBuckets:
+    """One GPU of torch DistributedDataParallel with gradient_as_bucket_view=False (the default),
+    docs/allocator.md#ddp-stream: the whole model on every rank (the single-GPU persistent
+    state), then DDP's construction: `states`, the bytes of each parameter and buffer in module
+    order, broadcast from rank 0 (_sync_module_states, PARAM_BROADCAST_BUCKET buckets); the
+    Reducer's flat bucket tensors, one allocation each, in the order it allocates them:
+    `buckets` at construction, `rebuilt` when Reducer::rebuild_buckets replaces them at the
+    second iteration's forward (reducer.cpp initialize_buckets: `buckets_.clear()`, then
+    `bucket.gradients = at::empty(...)` per bucket)."""
+    states: tuple
+    buckets: tuple
+    rebuilt: tuple
+
+
+def ddp_buckets(states, trainable, first: int = DDP_FIRST_BUCKET, cap: int = DDP_BUCKET_CAP) -> DdpBuckets:
+    """DdpBuckets from the module states and the trainable parameters' bytes (module order).
+    torch/nn/parallel/distributed.py _ddp_init_helper: bucket_indices =
+    dist._compute_bucket_assignment_by_size(parameters, [_DEFAULT_FIRST_BUCKET_BYTES, bucket_bytes_cap])
+    over the parameters in module order, passed to the Reducer reversed ("approximate the order in
+    which their gradients are produced"). rebuild_buckets assigns again, same limits, over
+    rebuilt_params_: the order their gradients became ready in the first backward (taken as the
+    reverse of module order), and allocates in that order."""
+    at_init = [alloc(sum(b)) for b in reversed(bucket_assignment(list(trainable), [first, cap]))]
+    rebuilt = [alloc(sum(b)) for b in bucket_assignment(list(reversed(trainable)), [first, cap])]
+    return DdpBuckets(tuple(states), tuple(at_init), tuple(rebuilt))
+
+
+REDUCTION_STREAM = 3   # DeepSpeedZeroOptimizer.reduction_stream (overlap_comm)
+
+
+@dataclass(frozen=True)
+class ZeroPartitions:
+    """One GPU of DeepSpeed ZeRO-2 without offload (deepspeed/runtime/zero/stage_1_and_2.py
+    DeepSpeedZeroOptimizer, partition_gradients, contiguous_gradients; docs/allocator.md#zero2-stream),
+    in bytes: `flat` the 16-bit flat buffer of every trainable parameter (bit16_groups_flat,
+    aligned), `part16` / `part32` this rank's partition in 16 / 32 bits, `ipg` one gradient bucket
+    (reduce_bucket_size elements, `ipg_buffers` of them: 2 with overlap_comm), `layer_grads` /
+    `head_grads` the 16-bit gradients one decoder layer / the head makes (how fast the bucket fills),
+    `states` the optimizer state tensors of the partition."""
+    gpus: int
+    flat: int
+    part16: int
+    part32: int
+    ipg: int
+    ipg_buffers: int
+    layer_grads: int
+    head_grads: int
+    states: tuple
+    overlap_comm: bool = False
+
+
+def wrap_unit(make, drop, params, gpus: int, sync: bool) -> list:
+    """One FSDP unit's construction on one rank (torch/distributed/fsdp/_init_utils.py
+    _init_param_handle_from_module), as (key, slot) pairs made with `make(sizes)` / dropped with
+    `drop(pairs)`; returns the pairs of the shard it keeps:
+    - _move_module_to_device (parameters on the CPU) or param_init_fn's to_empty (meta): one
+      allocation per parameter, held in `managed_params` until the function returns;
+    - with sync_module_states, _sync_module_params_and_buffers broadcasts them in
+      PARAM_BROADCAST_BUCKET buckets (broadcast_coalesced: a bucket of two or more tensors is
+      flattened into one new tensor, torch/csrc/utils/tensor_flatten.h flatten_dense_tensors; at
+      most 2 buckets in flight, `max_in_flight`);
+    - FlatParamHandle.flatten_tensors: torch.cat of the parameters, the unit's size;
+    - FlatParamHandle.shard -> _get_shard: `chunk.clone()`, ceil(size / N); then
+      `orig_storage._resize_(0)` frees the flat tensor; the originals go with managed_params."""
+    originals = make(params)
+    if sync:
+        broadcast(make, drop, params)
+    total = sum(params)
+    flat = make([total])
+    shard = make([alloc(-(-total // gpus))])
+    drop(flat)
+    drop(originals)
+    return shard
 
 
 @dataclass(frozen=True)
@@ -63,6 +198,13 @@ class Stream:
 
 def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int]:
     """One size per persistent tensor, summing to weights + quant_constants + adapters exactly."""
+    model, adapters, rest = static_parts(spec, setup, static)
+    return model + adapters + rest
+
+
+def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[list, list, list]:
+    """static_sizes in three parts: the model's tensors (weights, bitsandbytes constants, norms,
+    embeddings), the LoRA tensors, and what the inventory counts beyond them (one more tensor)."""
     wb, eb, ab = weight_bytes(setup), embedding_bytes(setup), adapter_bytes(setup)
     n = spec.layers
     sizes = [alloc(spec.vocab * spec.hidden * eb)]
@@ -102,17 +244,19 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
         if spec.arch.router == "sigmoid_grouped":
             stacks.append(alloc(4 * E))
         sizes += stacks * spec.moe_layers
+    lora = []
     for linear in adapted_linears(spec, setup):
         for shape in lora_shapes(linear, setup.rank):
-            sizes += [alloc(numel(shape) * ab)] * (1 if linear.name == "lm_head" else spec.count(linear))
+            lora += [alloc(numel(shape) * ab)] * (1 if linear.name == "lm_head" else spec.count(linear))
     for shape, count in expert_lora_shapes(spec, setup):
-        sizes += [alloc(numel(shape) * ab)] * (count * spec.moe_layers)
+        lora += [alloc(numel(shape) * ab)] * (count * spec.moe_layers)
     vis = vision_static(spec, setup)        # a multimodal class's vision tower and projector
-    sizes += [*vis.weights, *vis.quant_constants, *vis.adapters]
-    rest = static.weights + static.quant_constants + static.adapters - sum(sizes)
+    sizes += [*vis.weights, *vis.quant_constants]
+    lora += list(vis.adapters)
+    rest = static.weights + static.quant_constants + static.adapters - sum(sizes) - sum(lora)
     if rest < 0:   # the inventory counts fewer tensors than listed here: keep the total exact
-        return [static.weights + static.quant_constants + static.adapters]
-    return sizes + ([rest] if rest else [])
+        return [static.weights + static.quant_constants + static.adapters], [], []
+    return sizes, lora, ([rest] if rest else [])
 
 
 def optimizer_sizes(setup: TrainSetup, static: Static) -> tuple[list[int], list[int]]:
@@ -211,14 +355,17 @@ class _Recorder:
         self.ops: list = []
         self.places: list = []
         self.next_key = 0
+        self.streams: dict = {}     # key -> stream, for keys not on the default stream
 
-    def make(self, slots) -> list:
+    def make(self, slots, stream: int = DEFAULT_STREAM) -> list:
         pairs = []
         key = self.next_key
         ops = self.ops
         for slot in slots:
             ops.append(slot)
             pairs.append((key, slot))
+            if stream:
+                self.streams[key] = stream
             key += 1
         self.next_key = key
         return pairs
@@ -248,12 +395,12 @@ class _Builder:
         if lump:
             self.make, self.drop = level.make, level.drop
 
-    def make(self, sizes) -> list:
+    def make(self, sizes, stream: int = DEFAULT_STREAM) -> list:
         pairs = []
         key = self.next_key
         events = self.events
         for n in sizes:
-            events.append(("alloc", key, n))
+            events.append(("alloc", key, n, stream) if stream else ("alloc", key, n))
             pairs.append((key, n))
             key += 1
         self.next_key = key
@@ -263,6 +410,12 @@ class _Builder:
         events = self.events
         for key, _n in pairs:
             events.append(("free", key))
+
+    def empty_cache(self) -> None:
+        if self.level is not None:
+            self.level.empty_cache()
+        else:
+            self.events.append(("empty_cache",))
 
     def finish(self) -> None:
         if self.level is not None:
@@ -289,6 +442,9 @@ class Program:
     static: Static
     fsdp: FsdpShards | None
     keys: int                 # allocations (keys) in ops
+    streams: dict = None      # key -> CUDA stream of allocations off the default stream (FSDP)
+    count_from: int | None = None  # op index of the first training phase when a wrap phase precedes
+                                   # it (train.py's reset_peak_memory_stats before the loop)
 
     def sizes(self, setup: TrainSetup) -> list:
         """Bytes per slot for this batch x seq."""
@@ -308,6 +464,7 @@ class Program:
         places = self.places
         p, n_places = 0, len(places)
         key = 0
+        streams = self.streams or {}
         for i, op in enumerate(self.ops):
             while p < n_places and places[p][0] == i:
                 b.place(places[p][1], places[p][2])
@@ -315,8 +472,10 @@ class Program:
             if op >= 0:
                 n = sizes[op]
                 if n > 0:
-                    pairs[key] = b.make((n,))
+                    pairs[key] = b.make((n,), streams.get(key, DEFAULT_STREAM))
                 key += 1
+            elif op == EMPTY_CACHE:
+                b.empty_cache()
             else:
                 made = pairs[~op]
                 if made:
@@ -343,6 +502,7 @@ def _cell_sizes(spec: ModelSpec, setup: TrainSetup, static: Static, fsdp: FsdpSh
             "mask": eager_masks(spec, setup),
             "hidden": alloc(embedding_bytes(setup) * setup.tokens * spec.hidden),   # the embedding output
             "ctx": int8_ctx_inputs(spec, setup),
+            "tied_grad": tied_embedding_grad(spec, setup),   # one gradient of a tied trainable embedding
             "extra_grads": max(extra, 0)}
 
 
@@ -399,7 +559,8 @@ def _net(events) -> tuple:
 
 def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED,
                 steps: int = 2, exact_layers: int | None = None, fsdp: FsdpShards | None = None,
-                lump_small: bool = False) -> Stream:
+                lump_small: bool = False, ddp: DdpBuckets | None = None,
+                zero: ZeroPartitions | None = None) -> Stream:
     """The allocation stream of `steps` training steps (the first one creates the optimizer
     state) after the persistent state is loaded, with the kernels of `arch`.
 
@@ -412,25 +573,27 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
     is gathered before its forward and freed after it, gathered again for its backward (with the
     next unit prefetched, BACKWARD_PRE), and its full gradients are reduce-scatter into a
     gradient shard when its backward ends; the optimizer holds and updates shards."""
-    program = compiled(spec, setup, static, arch, steps, exact_layers, fsdp)
+    program = compiled(spec, setup, static, arch, steps, exact_layers, fsdp, ddp, zero)
     return program.stream(program.sizes(setup), lump_small)
 
 
 def compiled(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED, steps: int = 2,
-             exact_layers: int | None = None, fsdp: FsdpShards | None = None) -> Program:
+             exact_layers: int | None = None, fsdp: FsdpShards | None = None,
+             ddp: DdpBuckets | None = None, zero: ZeroPartitions | None = None) -> Program:
     """step_stream's Program for this setup's structure: batch x seq change only the sizes, unless
     they change a kernel decision or a layer kind (ops._structure, ops.layer_kinds), which are
     part of the key (docs/allocator.md#one-pass-replay)."""
     kinds = layer_kinds(spec, setup)
     structures = tuple((kind, _structure(spec, setup, arch, *kind)) for kind in dict.fromkeys(kinds))
     return _compile(spec, setup.with_(batch=1, seq=1), static, arch, steps, exact_layers, fsdp, kinds, structures,
-                    _structure(spec, setup, arch))
+                    _structure(spec, setup, arch), ddp, zero)
 
 
 @lru_cache(maxsize=128)
 def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, steps: int,
              exact_layers: int | None, fsdp: FsdpShards | None, kinds: tuple, structures: tuple,
-             head_structure: tuple) -> Program:
+             head_structure: tuple, ddp: DdpBuckets | None = None,
+             zero: ZeroPartitions | None = None) -> Program:
     """The stream's events in order, with slots for sizes (`setup` has batch = seq = 1: only the
     cell sizes depend on batch x seq, and they are evaluated per cell)."""
     slots = _Slots()
@@ -456,9 +619,57 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     const = slots.const
     b.place("load", "")
     state_sizes, work_sizes = optimizer_sizes(setup, static)
-    if fsdp is None:
+    if zero is not None:
+        # DeepSpeedZeroOptimizer.__init__ (docs/allocator.md#zero2-stream): the trainable
+        # parameters (LoRA tensors; every model tensor in full fine-tuning) go to the CPU, each
+        # left a `torch.empty(1)` on the GPU, empty_cache(); the flat 16-bit buffer comes back
+        # (`flattened_buffer.to(device)`); the fp32 partition is `partition.clone().float()`;
+        # initialize_optimizer_states makes and drops an fp32 gradient of the partition.
+        model_part, lora_part, rest_part = static_parts(spec, setup, static)
+        frozen, trainable = (model_part, lora_part) if setup.uses_adapters else ([], model_part)
+        b.make([const(n) for n in frozen if n > 0])
+        moved = b.make([const(n) for n in trainable if n > 0])
+        b.make([const(n) for n in rest_part if n > 0])
+        b.place("wrap", "")
+        b.drop(moved)
+        b.make([const(alloc(4))] * len(moved))
+        b.ops.append(EMPTY_CACHE)
+        b.make([const(zero.flat)])
+        clone = b.make([const(zero.part16)])
+        b.make([const(zero.part32)])
+        b.drop(clone)
+        b.drop(b.make([const(zero.part32)]))
+        unit, root = None, None
+        reduce_stream = REDUCTION_STREAM if zero.overlap_comm else DEFAULT_STREAM
+        state_sizes, work_sizes = list(zero.states), []
+    elif fsdp is None:
         b.make([const(n) for n in static_sizes(spec, setup, static) if n > 0])
         unit, root = None, None
+        if ddp is not None:      # DistributedDataParallel(model): broadcast, then the Reducer's buckets
+            b.place("wrap", "")
+            broadcast(lambda sizes: b.make([const(n) for n in sizes if n > 0]), b.drop, ddp.states)
+            buckets = b.make([const(n) for n in ddp.buckets if n > 0])
+    elif fsdp.unit_params:
+        # The wrap phase (docs/allocator.md#fsdp-wrap): what loading leaves on the GPU (the
+        # bitsandbytes quant_state, quantized on every rank), then FSDP(model) constructs the units
+        # bottom-up (auto-wrap: each layer's LoRA units, the layer, ..., the root last), each on
+        # the default stream (wrap_unit). Its cached blocks stay for the training steps.
+        N = fsdp.gpus
+        b.place("wrap", "")
+        if fsdp.replicated:
+            b.new(const(fsdp.replicated))
+
+        def made(sizes) -> list:
+            return b.make([const(n) for n in sizes if n > 0])
+        for i in range(spec.layers):
+            b.place("wrap", f"layers.{i}")
+            if fsdp.units[i][1]:
+                wrap_unit(made, b.drop, [fsdp.units[i][1]], N, fsdp.sync_module_states)
+            wrap_unit(made, b.drop, list(fsdp.unit_params[i]), N, fsdp.sync_module_states)
+        b.place("wrap", "root")
+        if fsdp.root_adapters:
+            wrap_unit(made, b.drop, [fsdp.root_adapters], N, fsdp.sync_module_states)
+        wrap_unit(made, b.drop, list(fsdp.root_params), N, fsdp.sync_module_states)
     else:
         N = fsdp.gpus
         for w, a, _ in fsdp.units:
@@ -468,17 +679,22 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         for n in (fsdp.root_weights, fsdp.root_adapters, fsdp.replicated):
             if n:
                 b.new(const(alloc(-(-n // N)) if n is not fsdp.replicated else n))
+    if fsdp is not None:
+        N = fsdp.gpus
         unit = lambda i: [n for n in fsdp.units[i][:2] if n]   # noqa: E731  (layer i's flat parameters)
         root = [n for n in (fsdp.root_weights, fsdp.root_adapters) if n]
         state_sizes = [alloc(-(-n // N)) for n in state_sizes]
         work_sizes = [alloc(-(-n // N)) for n in work_sizes]
 
-    def gather(sizes) -> list:
-        return b.make([const(n) for n in sizes if n > 0])
+    def gather(sizes, stream: int = UNSHARD_STREAM) -> list:
+        """An all-gathered unit (its padded unsharded flat parameter, allocated in the unshard
+        stream), or with POST_BACKWARD_STREAM a reduce-scatter's output shard."""
+        return b.make([const(n) for n in sizes if n > 0], stream)
     release = b.drop
     cell = slots.cell
     rope = [cell(f"rope{i}") for i in range(len(rope_tables(spec, setup)))]   # ops.rope_tables
     inputs = [cell("ids"), cell("positions"), cell("labels"), cell("labels")] + rope
+    tied_grad = cell("tied_grad")     # every cell _cell_sizes sizes has a slot, used or not
 
     kinds_t = list({id(t): t for t in stack}.values())     # one template per layer kind
     grad_tids = {id(t): [tid for tid, tag in enumerate(t.tags) if tag == GRAD] for t in (*kinds_t, t_head)}
@@ -488,10 +704,17 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     # the tapes' parameter gradients, which the gradients no tape makes are the rest of (_cell_sizes)
     grads_of = lambda t: [slot for tid in grad_tids[id(t)] for slot in t.parts[tid]]  # noqa: E731
     tape_grads = tuple(grads_of(t_head) + [slot for t in stack for slot in grads_of(t)])
+    # lm_head's weight gradient in the head tape, when the embedding is tied to it and trains
+    # (transformers' loss: lm_head's linear, or its weight cast under autocast; TRL's chunked loss)
+    tied_key = next((n for n in ("pgrad:lm_head.base", "pgrad:lm_head.w_amp.cast", "pgrad:fused.logprob")
+                     if n in t_head.names), None) if tied_embedding_grad(spec, setup) else None
     held_prev = []
     for step in range(steps):
         b.place("forward", "")
         keys = b.make(inputs)
+        if ddp is not None and step == 1:    # Reducer::rebuild_buckets, once, in the second forward
+            b.drop(buckets)
+            buckets = b.make([const(n) for n in ddp.rebuilt if n > 0])
         leaves = b.new(cell("leaf"))
         masks = b.new(cell("mask"))
         x = b.new(cell("hidden"))
@@ -518,14 +741,43 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             inst.run(inst.t.region_exit)
         release(held_prev)        # a plain loop rebinds `out` once model() returns
         b.place("backward", "loss")
+        if zero is not None:     # DeepSpeedZeroOptimizer.backward: the ipg buffer(s), before loss.backward()
+            ipg = b.make([const(zero.ipg)] * zero.ipg_buffers)
+            filled, in_partition = 0, []
+
+            def reduce_ipg(nbytes: int) -> None:
+                """reduce_ipg_grads: average_tensor reduces the bucket to each rank in turn
+                (allreduce_bucket flattens that rank's slices: a new tensor, freed after), and
+                the first reduction makes grads_in_partition (copy_grads_in_partition)."""
+                if nbytes:
+                    b.drop(b.make([const(alloc(-(-nbytes // zero.gpus)))], reduce_stream))
+                if not in_partition:
+                    in_partition.extend(b.make([const(zero.part16)], reduce_stream))
+
+            def fill(nbytes: int) -> int:
+                """reduce_independent_p_g_buckets_and_remove_grads: each gradient is copied into the
+                bucket (its own tensor freed); a full bucket is reduced first."""
+                total = filled + nbytes
+                while total > zero.ipg:
+                    reduce_ipg(zero.ipg)
+                    total -= zero.ipg
+                return total
         if step == 0:   # autograd's device thread gets its own handle and workspace (cuda/_cublas.py)
             b.new(const(workspace_bytes(arch)))
         head.run(t_head.backward)
         # the new `out` (ops.held_outputs) lives from here through the optimizer step
         held_prev = b.new(cell("held"))
         grad = head.take(t_head.names["grad:x"])
+        # a tied trainable embedding: lm_head's weight gradient waits in AccumulateGrad's input
+        # buffer for the embedding's (ops.tied_embedding_grad); one GPU only, FSDP keeps its root
+        # gradients as they were
+        lm_grad = head.take(t_head.names[tied_key]) if tied_key and not fsdp else []
         grads = [key for tid in grad_tids[id(t_head)] for key in head.take(tid)]
         head_grads, grads = (grads, []) if fsdp else ([], grads)   # the root's: sharded when it ends
+        if zero is not None:
+            release(grads)
+            grads = []
+            filled = fill(zero.head_grads)
         _free_all(b, head)
         prefetched: list = []
         for i in reversed(range(L)):
@@ -540,24 +792,58 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             mine = [key for tid in grad_tids[id(inst.t)] for key in inst.take(tid)]
             if fsdp:     # reduce-scatter: the unit's full gradients become this rank's shard
                 shard = alloc(-(-fsdp.units[i][2] // fsdp.gpus)) if fsdp.units[i][2] else 0
-                mine_shard = gather([shard]) if shard else []
+                mine_shard = gather([shard], POST_BACKWARD_STREAM) if shard else []
                 release(mine)
                 release(gathered)
                 mine = mine_shard
+            if zero is not None:
+                release(mine)
+                mine = []
+                filled = fill(zero.layer_grads)
             grads += mine
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
-        release(grad)
+        if lm_grad:
+            # the embedding's backward (ops.tied_embedding_grad): embedding_dense_backward's output,
+            # made before its incoming gradient goes; then the sum of the two, into lm_head's
+            # gradient (in place) or a new tensor that AccumulateGrad steals into .grad while the
+            # two it was summed from are freed (ops.tied_sum_in_place)
+            own = b.new(tied_grad)
+            release(grad)
+            if tied_sum_in_place(setup):
+                total = lm_grad
+                release(own)
+            else:
+                total = b.new(tied_grad)
+                release(lm_grad + own)
+            grads += total
+        else:
+            release(grad)
         grads += b.new(cell("extra_grads"))    # embedding / norm gradients of full fine-tuning
         if fsdp:
             release(head_grads)
             if fsdp.root_gradients:
-                grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))])
+                grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))], POST_BACKWARD_STREAM)
         release(rooted)
         release(masks + leaves)
+        if zero is not None:     # independent_gradient_partition_epilogue: the last bucket, the ipg buffers go
+            release(grads)
+            grads = []
+            reduce_ipg(filled)
+            release(ipg)
         b.place("optimizer", "")
-        if step == 0:
-            gather(state_sizes)
-        release(gather(work_sizes))
+        if zero is not None:     # step(): flatten(averaged_gradients).to(fp32); its 16-bit flat and the
+            # partition's gradients go; the optimizer's state on the first step; the fp32 gradient goes
+            flat16 = b.make([const(zero.part16)])
+            fp32_grad = b.make([const(zero.part32)])
+            release(flat16)
+            release(in_partition)
+            if step == 0:
+                gather(state_sizes, DEFAULT_STREAM)
+            release(fp32_grad)
+        else:
+            if step == 0:
+                gather(state_sizes, DEFAULT_STREAM)
+            release(gather(work_sizes, DEFAULT_STREAM))
         release(grads)
         # the estimator counts the inputs (ids, position ids, labels, rotary tables) through the
         # optimizer step (estimator.step_moments `base_acts`); they go with the loop iteration
@@ -565,8 +851,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     base = [0] * slots.count
     for n, slot in slots.consts.items():
         base[slot] = n
+    count_from = (next(i for i, phase, _m in b.places if phase == "forward")
+                  if (fsdp is not None and fsdp.unit_params) or ddp is not None or zero is not None else None)
     return Program(b.ops, b.places, tuple(base), tuple((slot, key) for key, slot in slots.polys.items()),
-                   dict(slots.cells), tape_grads, spec, static, fsdp, b.next_key)
+                   dict(slots.cells), tape_grads, spec, static, fsdp, b.next_key, b.streams, count_from)
 
 
 def _free_all(b, inst: _Instance) -> None:

@@ -1111,6 +1111,29 @@ def embedding_leaf(spec: ModelSpec, setup: TrainSetup) -> int:
     return alloc_bytes(act_bytes(setup) * setup.tokens * spec.hidden)
 
 
+def tied_embedding_grad(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes of one gradient of a tied, trainable embedding weight (lm_head.weight is
+    embed_tokens.weight; full fine-tuning), 0 otherwise: the parameter's dtype, as
+    inventory.static_memory's gradients. The weight is used twice, so its AccumulateGrad node gets
+    two gradients: lm_head's, made first in the backward and held in the node's input buffer, and
+    embed_tokens', made last (embedding_dense_backward); the engine sums them before AccumulateGrad
+    steals the sum into .grad (docs/autograd.md#gradient-accumulation)."""
+    if not (spec.tied and setup.method == "full"):
+        return 0
+    return alloc_bytes(setup.compute_bytes * spec.vocab * spec.hidden)
+
+
+def tied_sum_in_place(setup: TrainSetup) -> bool:
+    """Whether the engine adds the embedding's gradient into lm_head's buffered one in place
+    (input_buffer.cpp accumulate, can_accumulate_inplace): it does when lm_head's gradient is a
+    tensor of its own, under autocast over float32 weights (ToCopyBackward0's float32 copy of the
+    16-bit gradient) and with TRL's chunked loss (ChunkedLogProbFunction returns the weight
+    gradient it accumulated over the tiles); with transformers' loss and no autocast it is
+    TBackward0's view of mm's result, whose storage the base shares, and the sum is a new tensor
+    (docs/autograd.md#gradient-accumulation)."""
+    return setup.amp_over_fp32 or setup.loss == "chunked"
+
+
 def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     """Bytes of the causal masks transformers materializes (masking_utils create_causal_mask):
     eager attention gets (batch, 1, seq, seq) in the compute dtype, Gemma2 a sliding-window one

@@ -20,10 +20,11 @@ def conf_of(alloc_conf) -> AllocConf:
 
 
 def reserved_peak(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED, alloc_conf=None,
-                  capacity: int | None = None, fsdp=None) -> tuple[ReservedPeak, str]:
-    """`fsdp`: an events.FsdpShards for one GPU of FSDP full_shard instead of a single GPU."""
+                  capacity: int | None = None, fsdp=None, ddp=None, zero=None) -> tuple[ReservedPeak, str]:
+    """`fsdp`: an events.FsdpShards for one GPU of FSDP full_shard instead of a single GPU; `ddp`:
+    an events.DdpBuckets for one GPU of DDP; `zero`: an events.ZeroPartitions for ZeRO-2."""
     conf = conf_of(alloc_conf)
-    return _cached(spec, setup, static, arch, conf, capacity, fsdp), conf.text
+    return _cached(spec, setup, static, arch, conf, capacity, fsdp, ddp, zero), conf.text
 
 
 def capped_is_uncapped(alloc_conf) -> bool:
@@ -54,19 +55,29 @@ def exact_layers_for(setup: TrainSetup) -> int | None:
 
 @lru_cache(maxsize=256)
 def _cached(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, conf: AllocConf,
-            capacity: int | None, fsdp) -> ReservedPeak:
+            capacity: int | None, fsdp, ddp=None, zero=None) -> ReservedPeak:
     from vramplan.estimate._events import compiled, place_of
 
-    program = compiled(spec, setup, static, arch, exact_layers=exact_layers_for(setup), fsdp=fsdp)
+    program = compiled(spec, setup, static, arch, exact_layers=exact_layers_for(setup), fsdp=fsdp, ddp=ddp, zero=zero)
     sizes = program.sizes(setup)
     if covers(conf):
         # the small pool carried as its level, in one pass over the compiled stream (the same
         # result as replay_lumped on it: tests/test_fast_replay.py)
-        return replay_program(program.ops, program.places, sizes, program.keys, conf, capacity)
+        return replay_program(program.ops, program.places, sizes, program.keys, conf, capacity, program.streams,
+                              program.count_from)
     # the small pool carried as its level (cuda/_reserved.py replay_lumped), unless the settings
     # round small requests too (roundup_power2_divisions): then every event is replayed
     lump = lumpable(conf)
     stream = program.stream(sizes, lump)
     if lump:
-        return replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i))
-    return replay_stream(stream.events, conf, capacity, place=lambda i: place_of(stream, i))
+        return replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i),
+                             count_from=count_from(program, stream))
+    return replay_stream(stream.events, conf, capacity, place=lambda i: place_of(stream, i),
+                         count_from=count_from(program, stream))
+
+
+def count_from(program, stream) -> int | None:
+    """The event of `stream` (program.stream's) where program.count_from's phase starts."""
+    if program.count_from is None:
+        return None
+    return next(i for i, phase, _m in stream.places if phase == "forward")

@@ -6,7 +6,8 @@ last forward use unless an op saved it for backward (SavedVariable) or it is kep
 Backward visits ops in reverse; an op whose outputs received a gradient allocates gradients for
 its inputs that need one (or passes the incoming gradient through, for add / clone / views),
 then releases its saved tensors and the gradients of its outputs. A second gradient for the same
-tensor is summed out of place into a new buffer (InputBuffer::accumulate), both inputs freed.
+tensor is summed out of place into a new buffer (InputBuffer::accumulate), both inputs freed
+(docs/autograd.md#gradient-accumulation: what the simulator's dispatch mode forces too).
 Gradients of trainable parameters are kept (AccumulateGrad steals the buffer into `.grad`).
 
 Every size is one allocation, already rounded by the caller (quant.alloc). The walk reports the

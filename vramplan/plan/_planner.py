@@ -54,10 +54,11 @@ from vramplan.estimate._estimator import Estimate, card_replay, estimate
 from vramplan.core._gpus import Gpu, catalog, resolve_gpu
 from vramplan.cuda._arch import default_dtype, target_arch
 from vramplan.estimate._inventory import static_memory
+from vramplan.estimate._reserved import conf_of
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.core._setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags
 from vramplan.plan._sharding import (Parallel, ShardedEstimate, base_estimate, distribute, effective_setup,
-                                    parallel_of, per_gpu, splits_for)
+                                    parallel_of, per_gpu, replays_own_stream, splits_for)
 
 from vramplan.core._verdict import TIGHT, verdict
 MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty
@@ -129,10 +130,18 @@ class Evaluator:
         return value
 
     def _fails_on_card(self, setup: TrainSetup, cap: int) -> bool:
-        """On one GPU and this evaluator's card: whether the replay against the card runs out of
-        memory (estimator.card_replay, as estimate() runs it)."""
-        if self.parallel.strategy != "single" or self.gpu is None or cap != self.gpu.memory_bytes:
+        """On this evaluator's card: whether the replay against the card runs out of memory
+        (estimator.card_replay, as estimate() runs it; for a spread run replaying its own stream,
+        sharding.distribute's)."""
+        if self.gpu is None or cap != self.gpu.memory_bytes:
             return False
+        if self.parallel.strategy != "single":
+            if not replays_own_stream(self.parallel):
+                return False
+            quick, _ = self._without_replay(setup)
+            quick = dataclasses.replace(quick, alloc_conf=conf_of(self.alloc_conf).text)   # as base_estimate records it
+            return distribute(quick, self.parallel, gpu=self.gpu, split=splits_for(self.spec, quick.setup, self.parallel),
+                              need=False).allocator_oom is not None
         quick, _ = self._without_replay(setup)
         oom = card_replay(self.spec, quick.setup, self._static_of(quick.setup), quick.cuda_arch, self.alloc_conf,
                           quick.peak_allocated_bytes, cap - quick.cuda_context_bytes, need=False)[2]

@@ -12,7 +12,12 @@ apart into named terms, and each term is held one of five ways on a GPU:
   module), or a communication bucket;
 - offloaded: in pinned CPU memory (reported apart as cpu_bytes, not on the GPU).
 Every term cites the engine code or docs it is read from. The terms of a phase sum exactly to
-its components, which sum to peak_allocated_bytes.
+its components, which sum to peak_allocated_bytes. The allocator slack above them: FSDP
+full_shard replays one GPU's run (the wrap phase, then the steps with all-gathers and
+reduce-scatters in their own CUDA streams: docs/allocator.md#fsdp-wrap, #fsdp-stream), DDP its
+stream with the Reducer's buckets (docs/allocator.md#ddp-stream), ZeRO-2 its optimizer's flat
+buffer, partitions and gradient buckets (docs/allocator.md#zero2-stream); ZeRO-3, SHARD_GRAD_OP
+and offloaded runs carry the single-GPU replay's.
 
 The model is read for these recipes (the ones people run QLoRA with beyond one GPU):
 - FSDP as in Answer.AI's fsdp_qlora train.py and accelerate's FSDP plugin: one FSDP unit per
@@ -35,7 +40,9 @@ from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.core._errors import UsageError
 from vramplan.core._gpus import Gpu, resolve_gpu
 from vramplan.estimate._estimator import estimate, paged_resident, Verdict
-from vramplan.estimate._inventory import numel, optimizer_memory, static_memory
+from vramplan.estimate._inventory import (adapted_linears, adapter_bytes, bias_bytes, embedding_bytes,
+                                         expert_lora_shapes, lora_shapes, numel, optimizer_memory, static_memory,
+                                         weight_bytes)
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.estimate._quant import alloc, layout
 from vramplan.core._setup import TrainSetup, apply_flags
@@ -106,6 +113,9 @@ SRC_DS_MASTER = ("ZeRO (Rajbhandari et al. 2020, sec. 3): fp32 master weights + 
                  "fp32_partitioned_groups_flat)")
 SRC_DS_GRAD2 = ("deepspeed/runtime/zero/stage_1_and_2.py: the reduced gradient partition (1/N, 16-bit) "
                 "accumulates in averaged_gradients; step() converts it to an fp32 single_grad_partition")
+SRC_DS_STEP2 = ("deepspeed/runtime/zero/stage_1_and_2.py step(): single_grad_partition = "
+                "self.flatten(self.averaged_gradients[i]).to(fp32): the whole partition flattened in 16 bits, "
+                "then cast to fp32, while the reduced partition (averaged_gradients) is still held")
 SRC_DS_IPG2 = ("deepspeed/runtime/zero/stage_1_and_2.py backward(): contiguous_gradients allocates ipg_buffer "
                "= torch.empty(reduce_bucket_size) in the 16-bit dtype, a second one with overlap_comm")
 SRC_DS_IPG3 = ("deepspeed/runtime/zero/stage3.py __init__: contiguous_gradients allocates "
@@ -428,9 +438,13 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
 
 
 def replays_own_stream(parallel: Parallel) -> bool:
-    """FSDP full_shard without offload replays one GPU's own allocation stream for its allocator
-    slack (fsdp_slack); the other engines carry the single-GPU replay's slack."""
-    return parallel.strategy == "fsdp" and parallel.offload == "none" and parallel.gpus > 1
+    """FSDP full_shard and ZeRO-2 without offload, and DDP without gradient_as_bucket_view, replay
+    one GPU's own allocation stream for their allocator slack (fsdp_slack, zero_slack, ddp_slack);
+    the other engines carry the single-GPU replay's slack."""
+    if parallel.gpus < 2:
+        return False
+    return ((parallel.strategy in ("fsdp", "zero2") and parallel.offload == "none")
+            or (parallel.strategy == "ddp" and not parallel.gradient_as_bucket_view))
 
 
 def base_estimate(spec: ModelSpec, run: TrainSetup, parallel: Parallel, gpu: Gpu | None, alloc_conf=None,
@@ -448,12 +462,13 @@ def base_estimate(spec: ModelSpec, run: TrainSetup, parallel: Parallel, gpu: Gpu
 
 
 def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits | None = None,
-               replay: bool = True) -> ShardedEstimate:
+               replay: bool = True, need: bool = True) -> ShardedEstimate:
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
     phase_components, cuda_context_bytes, allocator_overhead_bytes, paged_optimizer_bytes and
-    trainable_params) over `parallel`. FSDP full_shard without offload replays one GPU's own
-    allocation stream for its allocator slack (`fsdp_slack`, unless `replay` is False); other
-    engines carry the single-GPU replay's slack."""
+    trainable_params) over `parallel`. FSDP full_shard and ZeRO-2 without offload, and DDP, replay
+    one GPU's own allocation stream for their allocator slack (`fsdp_slack`, `zero_slack`,
+    `ddp_slack`, unless `replay` is False), against `gpu` when given (need=False: after an allocator OOM against it, the unlimited
+    replay is not run: estimator.card_replay); other engines carry the single-GPU replay's slack."""
     spec, setup = base.model, base.setup
     sp = split or splits_for(spec, setup, parallel)
     phases: dict[str, dict[str, int]] = {}
@@ -472,10 +487,14 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     check_sum(components, peak)
     spread = parallel.strategy != "single" and parallel.gpus > 1
     slack = base.allocator_overhead_bytes
-    if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
-        slack = fsdp_slack(base, sp, parallel)
     paged = _paged(base.paged_optimizer_bytes, parallel)
     comm = NCCL_BYTES if spread else 0
+    # one GPU: the replay's allocator OOM against this card stands; a spread run's is its own stream's
+    oom = None if spread or gpu is None else getattr(base, "allocator_oom", None)
+    if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
+        room = None if gpu is None else gpu.memory_bytes - base.cuda_context_bytes - comm
+        slack_of = {"fsdp": fsdp_slack, "ddp": ddp_slack, "zero2": zero_slack}[parallel.strategy]
+        slack, oom = slack_of(base, sp, parallel, peak, room, need)
     resident = paged_resident(paged, gpu, peak + base.cuda_context_bytes + comm + slack)
     return ShardedEstimate(
         model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,
@@ -485,23 +504,165 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
         cpu_bytes=cpu, paged_optimizer_bytes=paged, paged_resident_bytes=resident,
         trainable_params=base.trainable_params, assumptions=assumptions(spec, setup, parallel), gpu=gpu,
         phase_components=phases,
-        # one GPU: the replay's allocator OOM against this card stands (sharded runs are not replayed)
-        allocator_oom=None if spread or gpu is None else getattr(base, "allocator_oom", None),
+        allocator_oom=oom,
         alloc_conf=getattr(base, "alloc_conf", ""),
     )
 
 
-def fsdp_slack(base, sp: Splits, parallel: Parallel) -> int:
-    """Reserved minus allocated at the peaks of one GPU's FSDP full_shard step, replayed through
-    the caching-allocator model (estimate/_events.py FsdpShards, docs/allocator.md#fsdp-stream)."""
+def _exact(sizes: list, total: int) -> tuple:
+    """`sizes` made to sum to `total`: what they miss is one more parameter (rotary buffers, MoE
+    stacks...); where they pass it, the total as one parameter."""
+    rest = total - sum(sizes)
+    if rest < 0:
+        return (total,) if total else ()
+    return tuple(sizes + ([rest] if rest else []))
+
+
+@lru_cache(maxsize=256)
+def unit_params(spec: ModelSpec, setup: TrainSetup, sp: Splits) -> tuple[tuple, tuple]:
+    """(each decoder unit's, the root unit's) parameters as FSDP flattens them, in module order, one
+    size each (the wrap phase, estimate/_events.py wrap_unit): each Linear's weight (the packed
+    4-bit storage when quantized, _quant.layout; quant_state is not a parameter) and bias, then the
+    layer's norms; the root: embed_tokens, the final norm, lm_head (untied). What the inventory
+    counts beyond them (buffers, MoE stacks) is one more parameter of the unit. Dense and MoE
+    layers (ModelSpec.is_dense) have their own Linears (core/_models.py Linear.where)."""
+    kinds = {dense: _frozen_params(spec, setup, dense) for dense in {spec.is_dense(i) for i in range(spec.layers)}}
+    layers = tuple(_exact(kinds[spec.is_dense(i)], sp.layer_units[i][0]) for i in range(spec.layers))
+    return layers, _exact(_root_params(spec, setup), sp.root_weights)
+
+
+def _frozen_params(spec: ModelSpec, setup: TrainSetup, dense: bool = False) -> list:
+    """One decoder layer's parameters (of the dense or the other kind) before unit_params makes
+    them sum to the inventory's."""
+    wb = weight_bytes(setup)
+    skip = "moe" if dense else "dense"
+    layer = []
+    for lin in spec.layer_linears:
+        if lin.where == skip:
+            continue
+        layer.append(layout(setup.quant, lin.in_features, lin.out_features, setup.double_quant).weight
+                     if setup.quantized else alloc(lin.numel * wb))
+        if lin.bias:
+            layer.append(alloc(lin.out_features * bias_bytes(setup)))
+    return layer + [alloc(spec.hidden * wb)] * spec.arch.norms_per_layer
+
+
+def _root_params(spec: ModelSpec, setup: TrainSetup) -> list:
+    """The root unit's parameters: embed_tokens, the final norm, lm_head (untied)."""
+    eb = embedding_bytes(setup)
+    root = [alloc(spec.vocab * spec.hidden * eb), alloc(spec.hidden * weight_bytes(setup))]
+    if not spec.tied:
+        root.append(alloc(spec.vocab * spec.hidden * eb))
+    return root
+
+
+def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
+               need: bool = True) -> tuple[int, dict | None]:
+    """(reserved minus allocated at the peaks, the allocator OOM against the card or None) of one
+    GPU's FSDP full_shard run, replayed through the caching-allocator model: FSDP(model)'s wrap
+    phase, then two steps (estimate/_events.py FsdpShards, docs/allocator.md#fsdp-wrap and
+    #fsdp-stream). Allocated is counted from the first step on (train.py resets the peak
+    statistics before its loop); reserved never falls, so its peak includes the wrap phase's
+    cache. `room`: what the card leaves the allocator (None: no card); past it, malloc releases
+    the cache and retries, as on one GPU (estimator.card_replay, docs/allocator.md#verdict);
+    `peak`: the per-GPU peak allocated bytes; `need`: card_replay's."""
+    from vramplan.estimate._estimator import card_replay
     from vramplan.estimate._events import FsdpShards
-    from vramplan.estimate._reserved import reserved_peak
 
     spec, setup = base.model, base.setup
+    layers, root = unit_params(spec, setup, sp)
     shards = FsdpShards(parallel.gpus, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
-                        sp.quant_constants)
-    r, _ = reserved_peak(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf, fsdp=shards)
-    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes)
+                        sp.quant_constants, layers, root)
+    r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
+                                          peak, room, need, fsdp=shards)
+    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
+
+
+def ddp_trainable(spec: ModelSpec, setup: TrainSetup, sp: Splits) -> tuple:
+    """The trainable parameters' bytes in module order, one size each (their gradients, the
+    Reducer's bucket contents): per decoder layer each adapted Linear's lora_A, lora_B
+    (inventory.lora_shapes) and the experts' LoRA tensors, then lm_head's; full fine-tuning:
+    embeddings, each layer's weights and norms (unit_params), final norm, lm_head. What this
+    list misses of the inventory's gradients is one more parameter at the end."""
+    if setup.uses_adapters:
+        ab = adapter_bytes(setup)
+        layer, head = [], []
+        for lin in adapted_linears(spec, setup):
+            shapes = [alloc(numel(shape) * ab) for shape in lora_shapes(lin, setup.rank)]
+            (head if lin.name == "lm_head" else layer).extend(shapes)
+        for shape, count in expert_lora_shapes(spec, setup):
+            layer += [alloc(numel(shape) * ab)] * count
+        return _exact(layer * spec.layers + head, sp.gradients)
+    root = _root_params(spec, setup)
+    layers = [p for i in range(spec.layers) for p in _frozen_params(spec, setup, spec.is_dense(i))]
+    return _exact(root[:1] + layers + root[1:], sp.gradients)
+
+
+def ddp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
+              need: bool = True) -> tuple[int, dict | None]:
+    """fsdp_slack for one GPU of DDP (gradient_as_bucket_view=False): the single-GPU stream, with
+    DDP's construction (module-state broadcast, the Reducer's buckets) after the model is loaded
+    and the buckets rebuilt in the second forward (estimate/_events.py DdpBuckets,
+    docs/allocator.md#ddp-stream)."""
+    from vramplan.estimate._estimator import card_replay
+    from vramplan.estimate._events import ddp_buckets
+
+    spec, setup = base.model, base.setup
+    layers, root = unit_params(spec, setup, sp)
+    states = list(root[:1]) + [p for i, params in enumerate(layers)
+                               for p in (*params, *([sp.layer_units[i][1]] if sp.layer_units[i][1] else []))] \
+        + list(root[1:]) + ([sp.root_adapters] if sp.root_adapters else [])
+    buckets = ddp_buckets(states, ddp_trainable(spec, setup, sp))
+    r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
+                                          peak, room, need, ddp=buckets)
+    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
+
+
+def zero_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Parallel) -> "ZeroPartitions":
+    """events.ZeroPartitions of one GPU (deepspeed/runtime/zero/stage_1_and_2.py): the trainable
+    elements E flattened and padded to a multiple of nccl_start_alignment_factor (2) x N
+    (flatten_dense_tensors_aligned), partitions of 1/N of that (get_data_parallel_partitions);
+    ipg buffers of reduce_bucket_size elements (backward); the optimizer's state tensors as many
+    partition-size fp32 tensors as the engine's optimizer keeps per fp32 master element (Adam: 2)."""
+    from vramplan.estimate._events import ZeroPartitions
+
+    N, elem = parallel.gpus, sp.ds_elem
+    shapes = dict(static_memory(spec, setup).trainable_shapes)
+    E = sum(numel(shape) * k for shape, k in shapes.items())
+    align = 2 * N
+    flat_elems = -(-E // align) * align
+    part = flat_elems // N
+    if setup.uses_adapters:
+        layer, head = 0, 0
+        for lin in adapted_linears(spec, setup):
+            n = sum(numel(shape) for shape in lora_shapes(lin, setup.rank))
+            if lin.name == "lm_head":
+                head += n
+            else:
+                layer += n * spec.count(lin) // max(1, spec.layers)
+        layer += sum(numel(shape) * count for shape, count in expert_lora_shapes(spec, setup))
+    else:
+        layer = sum(lin.numel for lin in spec.layer_linears if lin.where != "dense") \
+            + spec.hidden * spec.arch.norms_per_layer
+        head = 0 if spec.tied else spec.vocab * spec.hidden
+    states = round(sp.ds_optimizer / sp.ds_master) if sp.ds_master else 0
+    return ZeroPartitions(N, alloc(flat_elems * elem), alloc(part * elem), alloc(part * 4),
+                          alloc(parallel.reduce_bucket_size * elem), 2 if parallel.ds_overlap_comm else 1,
+                          layer * elem, head * elem, (alloc(part * 4),) * states, parallel.ds_overlap_comm)
+
+
+def zero_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
+               need: bool = True) -> tuple[int, dict | None]:
+    """fsdp_slack for one GPU of ZeRO-2 without offload: the single-GPU stream with the engine's
+    construction (trainable parameters out to the CPU, empty_cache, the flat 16-bit buffer, the
+    fp32 partition), its gradient buckets in backward, and its step (estimate/_events.py
+    ZeroPartitions, docs/allocator.md#zero2-stream)."""
+    from vramplan.estimate._estimator import card_replay
+
+    spec, setup = base.model, base.setup
+    r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
+                                          peak, room, need, zero=zero_partitions(spec, setup, sp, parallel))
+    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
 
 
 def _paged(paged: int, p: Parallel) -> int:
@@ -671,9 +832,14 @@ def _zero_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: 
     shard(C.OPTIMIZER_STATE, "fp32 master weights + moments of the partition",
           _ceil_div(sp.ds_master + sp.ds_optimizer, N), SRC_DS_MASTER)
     if kind == "optimizer":
-        fp32_grad = alloc(4 * min(_ceil_div(sp.trainable_params, N), DS_SUB_GROUP))
-        shard(C.GRADIENTS, "fp32 gradient partition for the step", fp32_grad,
-              SRC_DS_GRAD3 if stage3 else SRC_DS_GRAD2, 0)
+        if stage3:
+            fp32_grad = alloc(4 * min(_ceil_div(sp.trainable_params, N), DS_SUB_GROUP))
+            shard(C.GRADIENTS, "fp32 gradient partition for the step", fp32_grad, SRC_DS_GRAD3, 0)
+        else:
+            # the whole partition at once (no sub-groups in stage 1/2), flattened in 16 bits first
+            shard(C.GRADIENTS, "fp32 gradient partition for the step", alloc(4 * _ceil_div(sp.trainable_params, N)),
+                  SRC_DS_STEP2, 0)
+            shard(C.GRADIENTS, "16-bit flattened gradient partition (cast source)", part, SRC_DS_STEP2, 0)
 
 
 def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple[str, ...]:
@@ -692,6 +858,10 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
         if parallel.offloaded:
             out.append("CPUOffload(offload_params=True): parameter, gradient and optimizer shards on the CPU, "
                        "the optimizer step on the CPU; only units in use are on the GPU")
+        elif s == "fsdp" and N > 1:
+            out.append("allocator: FSDP(model) wraps a model loaded to the CPU or meta device, unit by unit, with "
+                       "sync_module_states (Answer.AI train.py low_memory); that wrap's cache stays, and the "
+                       "all-gathers and reduce-scatters run in their own CUDA streams (docs/allocator.md#fsdp-wrap)")
     if parallel.deepspeed:
         out.append(f"DeepSpeed {setup.dtype} enabled: the engine casts the module to {setup.dtype}, so "
                    "trainable parameters and gradients are 16-bit, with fp32 master weights and moments "
@@ -703,6 +873,9 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
                                                     f"stage3_param_persistence_threshold "
                                                     f"{parallel.param_persistence_threshold:,}" if s == "zero3" else ""))
         out.append("optimizer step: " + SRC_DS_FUSED)
+        if s == "zero2" and not parallel.offloaded:
+            out.append("allocator: the engine's construction (trainable parameters to the CPU, empty_cache, the flat "
+                       "16-bit buffer), its gradient buckets and step replayed (docs/allocator.md#zero2-stream)")
         if parallel.offloaded:
             out.append("offload_optimizer: cpu" + (" and offload_param: cpu" if s == "zero3" else ""))
         if setup.paged:
@@ -710,6 +883,8 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
     if s == "ddp":
         out.append("DDP gradient_as_bucket_view="
                    f"{parallel.gradient_as_bucket_view}: reducer buckets "
-                   + ("alias the gradients" if parallel.gradient_as_bucket_view else "hold a copy of every gradient"))
+                   + ("alias the gradients" if parallel.gradient_as_bucket_view else "hold a copy of every gradient"
+                      " (bucket_cap_mb 25, first bucket 1 MiB, rebuilt once in the second step: "
+                      "docs/allocator.md#ddp-stream)"))
     out.append(f"NCCL buffers: {NCCL_BYTES // MiB} MiB per GPU outside the caching allocator (a model, not measured)")
     return tuple(out)

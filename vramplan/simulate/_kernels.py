@@ -29,7 +29,9 @@ the estimator); the stand-ins here convert tensors to plain values and call it.
 4. For speed only, foreach ops (an optimizer step over every parameter) run their meta kernel
    once per distinct tensor layout instead of once per tensor (`foreach_op`).
 
-None of this is installed for a real CPU run: there every kernel is real.
+None of this is installed for a real CPU run: there every kernel is real. What the tracking mode
+itself changes in autograd's engine is undone in both (5, `mode_overrides`): a tied embedding's
+two gradients summed in place where a run without the mode reuses the buffered one.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vramplan.core._architectures import recurrent_layer_kinds
 from vramplan.cuda import _cublas as cuda_cublas, _sdpa as cuda_sdpa
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._gemm_4bit import gemm_4bit_uses_fused_kernel
@@ -404,10 +407,42 @@ def foreach_ops() -> list:
     return ops
 
 
+# --- 5. what the tracking mode itself changes ---------------------------------------------------------
+
+def tied_accumulation(tracker, func, args, kwargs):
+    """aten.add.Tensor where autograd's engine sums the two gradients of a tied embedding weight
+    (torch/csrc/autograd/input_buffer.cpp accumulate): lm_head's, buffered since the head's
+    backward, and EmbeddingBackward0's (the engine reports the producer as the current node while
+    it accumulates). With no Python dispatch mode the engine adds in place into the buffered
+    gradient when it may reuse it (can_accumulate_inplace: a plain dense tensor that the buffer
+    alone references, storage included); under this tracker every tensor an op returns has a
+    Python object that holds a reference to it, so the engine always makes a new tensor. lm_head's
+    gradient is reusable when it is a tensor of its own (autocast over float32 weights:
+    ToCopyBackward0's float32 copy), not when it is TBackward0's view of mm's result, whose base
+    shares the storage (docs/autograd.md#gradient-accumulation). The storage test
+    is torch's own; the tensor's reference count is the one the mode inflates, so it is not
+    checked. Every other sum stays as the engine made it (the estimate's walk models those out of
+    place too)."""
+    old, new = args[0], args[1] if len(args) > 1 else None
+    if (not kwargs and isinstance(new, torch.Tensor) and not torch.is_grad_enabled()
+            and type(torch._C._current_autograd_node()).__name__ == "EmbeddingBackward0"
+            and old.shape == new.shape and old.dtype == new.dtype and old.is_contiguous()
+            # the buffered tensor's reference plus `storage`'s own
+            and torch._C._storage_Use_Count(old.untyped_storage()._cdata) == 2):
+        return tracker.run(aten.add_.Tensor, (old, new), {})
+    return tracker.run(func, args, kwargs)
+
+
+def mode_overrides() -> dict:
+    """Stand-ins that undo what the tracking mode itself changes, for a meta or a real run."""
+    return {aten.add.Tensor: tied_accumulation}
+
+
 def cuda_overrides(routing: Routing | None = None, arch: CudaArch = ASSUMED) -> dict:
     """The op -> stand-in table for a meta run emulating a CUDA device of architecture `arch`."""
     routing = routing if routing is not None else Routing()
     table = dict.fromkeys(foreach_ops(), foreach_op)
+    table.update(mode_overrides())
     table.update({
         aten._local_scalar_dense.default: make_local_scalar_dense(routing),
         aten.nonzero.default: make_nonzero(routing),
@@ -431,11 +466,6 @@ def cuda_overrides(routing: Routing | None = None, arch: CudaArch = ASSUMED) -> 
     return table
 
 
-# softmax attention layer kinds (Llama 4's "chunked_attention": local attention within aligned
-# chunks, masking_utils.create_chunked_causal_mask)
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
-
-
 def layer_kernel_note(spec, model) -> str | None:
     """Trace note for decoder layers that are not softmax attention (config.layer_types entries
     such as "linear_attention": Qwen3-Next / Qwen3.5 gated DeltaNet, Granite-MoE-hybrid Mamba):
@@ -444,7 +474,7 @@ def layer_kernel_note(spec, model) -> str | None:
     own torch code, which is what runs on meta. Their CUDA kernels chunk and save differently."""
     config = getattr(spec, "config", None) or {}
     config = config.get("text_config", config) if isinstance(config, dict) else {}
-    other = sorted({t for t in config.get("layer_types") or () if t not in ATTENTION_LAYER_TYPES})
+    other = recurrent_layer_kinds(config)
     if not other:
         return None
     import importlib.util

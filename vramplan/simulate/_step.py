@@ -172,7 +172,7 @@ class Simulation:
         self.ctx.on_layer = self._layer_ran if progress is not None else None
         self._stage, self._done = "", 0
         self.routing = kernels.Routing(spec.num_experts, spec.experts_per_tok, setup.tokens)
-        self.overrides = kernels.cuda_overrides(self.routing, self.arch) if self.meta else {}
+        self.overrides = kernels.cuda_overrides(self.routing, self.arch) if self.meta else kernels.mode_overrides()
         self.sdpa = kernels.SdpaRouting(self.arch) if self.meta else None
         self.cublas = kernels.CublasWorkspace(self.arch) if self.meta else None
         self.boundary: dict[str, int] = {}
