@@ -35,6 +35,11 @@ SETUPS = [
     # recipe knobs: a plain loop's held logits, autocast's weight-cast cache, TRL's chunked loss, fused AdamW
     ("meta-llama/Llama-2-7b", {"loop": "plain", "seq": 1024}),
     ("meta-llama/Llama-2-7b", {"amp": "bf16", "seq": 1024}),
+    # reentrant checkpointing: the recomputed output and incoming gradient held (the bottom layer's
+    # backward is the peak at 512 tokens), no int8 ctx inputs, autocast re-entered in backward
+    ("mistralai/Mistral-7B-v0.1", {"reentrant": True, "seq": 512}),
+    ("meta-llama/Meta-Llama-3-8B", {"quant": "int8", "seq": 512, "reentrant": True}),
+    ("meta-llama/Llama-2-7b", {"amp": "bf16", "seq": 1024, "reentrant": True}),
     ("Qwen/Qwen3-0.6B", {"loss": "chunked", "optimizer": "adamw_fused", "seq": 1024}),
     # MoE: routed experts adapted through ParamWrapper
     ("Qwen/Qwen3-30B-A3B", {"seq": 512}),
