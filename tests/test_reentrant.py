@@ -171,3 +171,28 @@ def test_meta_agrees_with_a_real_cpu_run_under_reentrant_checkpointing(tiny_spec
     assert meta.boundaries["optimizer_end"] - cublas == cpu.boundaries["optimizer_end"]
     peak = meta.peak_allocated_bytes - cublas
     assert abs(peak - cpu.peak_allocated_bytes) <= 0.01 * cpu.peak_allocated_bytes
+
+
+def test_reentrant_recomputation_reenters_emulated_autocast():
+    """CheckpointFunction records the autocast state in forward and re-enters it around the
+    recomputation in backward (checkpoint.py _get_autocast_kwargs, torch.amp.autocast): the meta
+    emulation answers both, so the recomputed layer runs under autocast as on CUDA."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.checkpoint import checkpoint
+
+    from vramplan.simulate._autocast import emulate_cuda_autocast
+
+    seen = []
+
+    def body(t, w):
+        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled()))
+        return torch.nn.functional.linear(t, w)
+
+    x = torch.zeros(4, 8, device="meta", requires_grad=True)
+    w = torch.nn.Parameter(torch.zeros(3, 8, device="meta"))
+    with emulate_cuda_autocast():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = checkpoint(body, x, w, use_reentrant=True)
+        out.float().sum().backward()
+    # the first forward under no_grad, the recomputation with grad, both under autocast
+    assert seen == [(False, True), (True, True)] and out.dtype == torch.bfloat16
