@@ -207,6 +207,24 @@ CASES = [
 ]
 
 
+def assert_agrees(trace, est) -> None:
+    """Static components to the byte; the step's peak and every phase's own peak within TOLERANCE.
+    Simulate's phases run from the start of the forward (which includes lm_head and the loss) to the
+    return of model(...), then backward, then the optimizer step and zero_grad (simulate/_step.py
+    Simulation.step)."""
+    for component in EXACT:
+        assert est.components[component] == trace.components[component], component
+    error = (est.peak_allocated_bytes - trace.peak_allocated_bytes) / trace.peak_allocated_bytes
+    assert abs(error) <= TOLERANCE, (
+        f"estimate {est.peak_allocated_bytes:,} ({est.peak_moment}) vs simulate {trace.peak_allocated_bytes:,} "
+        f"({trace.peak_phase}/{trace.peak_module}/{trace.peak_op}): {error:+.2%}")
+    assert set(est.phase_peaks) == set(trace.phase_peaks) == {"forward", "backward", "optimizer"}
+    for phase, sim_bytes in trace.phase_peaks.items():
+        phase_error = (est.phase_peaks[phase] - sim_bytes) / sim_bytes
+        assert abs(phase_error) <= TOLERANCE, (
+            f"{phase} peak: estimate {est.phase_peaks[phase]:,} vs simulate {sim_bytes:,}: {phase_error:+.2%}")
+
+
 def spec_of(name: str):
     return spec_from_config(json.loads((CONFIGS / f"{name}.json").read_text()), name, "tests/configs")
 
@@ -220,21 +238,8 @@ def test_estimate_agrees_with_simulate(name, flags):
     gpu = flags.pop("gpu", None)
     spec, setup = spec_of(name), TrainSetup(**flags)
     trace, est = run(spec, setup, gpu=gpu), estimate(spec, setup, gpu=gpu)
-    for component in EXACT:
-        assert est.components[component] == trace.components[component], component
     assert est.paged_optimizer_bytes == trace.paged_bytes
-    error = (est.peak_allocated_bytes - trace.peak_allocated_bytes) / trace.peak_allocated_bytes
-    assert abs(error) <= TOLERANCE, (
-        f"estimate {est.peak_allocated_bytes:,} ({est.peak_moment}) vs simulate {trace.peak_allocated_bytes:,} "
-        f"({trace.peak_phase}/{trace.peak_module}/{trace.peak_op}): {error:+.2%}")
-    # every phase's own peak, not only the step's: simulate's phases run from the start of the
-    # forward (which includes lm_head and the loss) to the return of model(...), then backward,
-    # then the optimizer step and zero_grad (simulate/_step.py Simulation.step)
-    assert set(est.phase_peaks) == set(trace.phase_peaks) == {"forward", "backward", "optimizer"}
-    for phase, sim_bytes in trace.phase_peaks.items():
-        phase_error = (est.phase_peaks[phase] - sim_bytes) / sim_bytes
-        assert abs(phase_error) <= TOLERANCE, (
-            f"{phase} peak: estimate {est.phase_peaks[phase]:,} vs simulate {sim_bytes:,}: {phase_error:+.2%}")
+    assert_agrees(trace, est)
 
 
 # Training recipes (issue #9, vramplan/core/_recipes.py): autocast, fused AdamW, TRL's chunked
@@ -315,16 +320,7 @@ def test_recipes_agree_with_simulate(name, recipe, flags):
     spec, setup = spec_of(name), make_setup(recipe, **flags)
     trace, est = run(spec, setup), estimate(spec, setup)
     assert trace.strays == 0
-    for component in EXACT:
-        assert est.components[component] == trace.components[component], component
-    error = (est.peak_allocated_bytes - trace.peak_allocated_bytes) / trace.peak_allocated_bytes
-    assert abs(error) <= TOLERANCE, (
-        f"estimate {est.peak_allocated_bytes:,} ({est.peak_moment}) vs simulate {trace.peak_allocated_bytes:,} "
-        f"({trace.peak_phase}/{trace.peak_module}/{trace.peak_op}): {error:+.2%}")
-    for phase, sim_bytes in trace.phase_peaks.items():   # every phase's own peak, as above
-        phase_error = (est.phase_peaks[phase] - sim_bytes) / sim_bytes
-        assert abs(phase_error) <= TOLERANCE, (
-            f"{phase} peak: estimate {est.phase_peaks[phase]:,} vs simulate {sim_bytes:,}: {phase_error:+.2%}")
+    assert_agrees(trace, est)
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])
@@ -339,12 +335,7 @@ def test_reentrant_checkpointing_agrees_on_a_catalog_model(method):
     setup = TrainSetup(seq=512, method=method, reentrant=True)
     trace, est = run(spec, setup), estimate(spec, setup)
     assert est.peak_moment == "backward.bottom_layer"
-    for component in EXACT:
-        assert est.components[component] == trace.components[component], component
-    error = (est.peak_allocated_bytes - trace.peak_allocated_bytes) / trace.peak_allocated_bytes
-    assert abs(error) <= TOLERANCE, f"estimate {est.peak_allocated_bytes:,} vs simulate {trace.peak_allocated_bytes:,}"
-    for phase, sim_bytes in trace.phase_peaks.items():
-        assert abs(est.phase_peaks[phase] - sim_bytes) <= TOLERANCE * sim_bytes, phase
+    assert_agrees(trace, est)
 
 
 @pytest.mark.parametrize("grad_ckpt", [True, False])
@@ -358,12 +349,7 @@ def test_amp_over_fp32_lora_agrees_on_a_catalog_model(grad_ckpt):
     spec = resolve("Qwen/Qwen2.5-0.5B")
     setup = make_setup("trainer", seq=1024, dtype="fp32", method="lora", grad_ckpt=grad_ckpt)
     trace, est = run(spec, setup), estimate(spec, setup)
-    for component in EXACT:
-        assert est.components[component] == trace.components[component], component
-    error = (est.peak_allocated_bytes - trace.peak_allocated_bytes) / trace.peak_allocated_bytes
-    assert abs(error) <= TOLERANCE, f"estimate {est.peak_allocated_bytes:,} vs simulate {trace.peak_allocated_bytes:,}"
-    for phase, sim_bytes in trace.phase_peaks.items():
-        assert abs(est.phase_peaks[phase] - sim_bytes) <= TOLERANCE * sim_bytes, phase
+    assert_agrees(trace, est)
 
 
 # Full fine-tuning of a tied embedding (lm_head.weight is embed_tokens.weight) with a 151,936-token
@@ -388,16 +374,7 @@ def test_tied_embedding_full_fine_tuning_agrees_on_a_catalog_model(flags):
     spec = resolve("Qwen/Qwen2.5-0.5B")
     setup = TrainSetup(seq=128, method="full", **flags)
     trace, est = run(spec, setup), estimate(spec, setup)
-    for component in EXACT:
-        assert est.components[component] == trace.components[component], component
-    error = (est.peak_allocated_bytes - trace.peak_allocated_bytes) / trace.peak_allocated_bytes
-    assert abs(error) <= TOLERANCE, (
-        f"estimate {est.peak_allocated_bytes:,} ({est.peak_moment}) vs simulate {trace.peak_allocated_bytes:,}: {error:+.2%}")
-    assert set(est.phase_peaks) == set(trace.phase_peaks) == {"forward", "backward", "optimizer"}
-    for phase, sim_bytes in trace.phase_peaks.items():
-        phase_error = (est.phase_peaks[phase] - sim_bytes) / sim_bytes
-        assert abs(phase_error) <= TOLERANCE, (
-            f"{phase} peak: estimate {est.phase_peaks[phase]:,} vs simulate {sim_bytes:,}: {phase_error:+.2%}")
+    assert_agrees(trace, est)
     # both put the backward's peak at the embedding's backward
     assert est.phase_components["backward"] == est.moments["backward.embedding"]
     backward = [row for row in trace.timeline if row[1] == "backward"]
