@@ -146,7 +146,7 @@ REDUCTION_STREAM = 3   # DeepSpeedZeroOptimizer.reduction_stream (overlap_comm)
 @dataclass(frozen=True)
 class ZeroPartitions:
     """One GPU of DeepSpeed ZeRO-2 without offload (deepspeed/runtime/zero/stage_1_and_2.py
-    DeepSpeedZeroOptimizer, partition_gradients, contiguous_gradients; docs/allocator.md#zero2-stream),
+    DeepSpeedZeroOptimizer, partition_gradients, contiguous_gradients; docs/allocator.md#zero-2-stream),
     in bytes: `flat` the 16-bit flat buffer of every trainable parameter (bit16_groups_flat,
     aligned), `part16` / `part32` this rank's partition in 16 / 32 bits, `ipg` one gradient bucket
     (reduce_bucket_size elements, `ipg_buffers` of them: 2 with overlap_comm), `layer_grads` /
@@ -620,7 +620,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     b.place("load", "")
     state_sizes, work_sizes = optimizer_sizes(setup, static)
     if zero is not None:
-        # DeepSpeedZeroOptimizer.__init__ (docs/allocator.md#zero2-stream): the trainable
+        # DeepSpeedZeroOptimizer.__init__ (docs/allocator.md#zero-2-stream): the trainable
         # parameters (LoRA tensors; every model tensor in full fine-tuning) go to the CPU, each
         # left a `torch.empty(1)` on the GPU, empty_cache(); the flat 16-bit buffer comes back
         # (`flattened_buffer.to(device)`); the fp32 partition is `partition.clone().float()`;

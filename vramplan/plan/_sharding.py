@@ -16,7 +16,7 @@ its components, which sum to peak_allocated_bytes. The allocator slack above the
 full_shard replays one GPU's run (the wrap phase, then the steps with all-gathers and
 reduce-scatters in their own CUDA streams: docs/allocator.md#fsdp-wrap, #fsdp-stream), DDP its
 stream with the Reducer's buckets (docs/allocator.md#ddp-stream), ZeRO-2 its optimizer's flat
-buffer, partitions and gradient buckets (docs/allocator.md#zero2-stream); ZeRO-3, SHARD_GRAD_OP
+buffer, partitions and gradient buckets (docs/allocator.md#zero-2-stream); ZeRO-3, SHARD_GRAD_OP
 and offloaded runs carry the single-GPU replay's.
 
 The model is read for these recipes (the ones people run QLoRA with beyond one GPU):
@@ -656,7 +656,7 @@ def zero_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
     """fsdp_slack for one GPU of ZeRO-2 without offload: the single-GPU stream with the engine's
     construction (trainable parameters out to the CPU, empty_cache, the flat 16-bit buffer, the
     fp32 partition), its gradient buckets in backward, and its step (estimate/_events.py
-    ZeroPartitions, docs/allocator.md#zero2-stream)."""
+    ZeroPartitions, docs/allocator.md#zero-2-stream)."""
     from vramplan.estimate._estimator import card_replay
 
     spec, setup = base.model, base.setup
@@ -875,7 +875,7 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
         out.append("optimizer step: " + SRC_DS_FUSED)
         if s == "zero2" and not parallel.offloaded:
             out.append("allocator: the engine's construction (trainable parameters to the CPU, empty_cache, the flat "
-                       "16-bit buffer), its gradient buckets and step replayed (docs/allocator.md#zero2-stream)")
+                       "16-bit buffer), its gradient buckets and step replayed (docs/allocator.md#zero-2-stream)")
         if parallel.offloaded:
             out.append("offload_optimizer: cpu" + (" and offload_param: cpu" if s == "zero3" else ""))
         if setup.paged:
