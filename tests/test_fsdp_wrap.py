@@ -1,5 +1,5 @@
 """FSDP's wrap phase and CUDA streams, DDP's buckets, ZeRO-2's partitions, in the allocation stream
-(docs/allocator.md#fsdp-wrap, #fsdp-stream, #ddp-stream, #zero2-stream): hand-worked small cases,
+(docs/allocator.md#fsdp-wrap, #fsdp-stream, #ddp-stream, #zero-2-stream): hand-worked small cases,
 and the one published figure of the wrap phase."""
 from vramplan.core._models import resolve
 from vramplan.core._setup import TrainSetup
