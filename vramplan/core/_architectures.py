@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Architecture:
+    """One decoder family as transformers 5 builds it: layer structure, norms, routers and config
+    defaults, each field read off its modeling and configuration files (docs/architectures.md)."""
     model_type: str
     # Config defaults from configuration_<type>.py (fields a config.json may omit).
     defaults: dict

@@ -13,6 +13,8 @@ CATALOG = Path(__file__).parent / "catalog" / "gpus.toml"
 
 @dataclass(frozen=True)
 class Gpu:
+    """A GPU to plan for: its name, the memory NVML reports, its architecture (None for a bare size)
+    and where the figures come from (core/catalog/gpus.toml, docs/gpus.md)."""
     name: str
     memory_bytes: int           # what NVML reports as total
     arch: str | None = None     # None for a bare size

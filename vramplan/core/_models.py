@@ -101,6 +101,8 @@ class VisionTower:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A model's shape as the estimate needs it, from its config.json (the bundled catalog, a local
+    file or the Hub) and its family's Architecture."""
     id: str
     source: str
     model_type: str
@@ -640,6 +642,7 @@ def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
 
 @dataclass(frozen=True)
 class CatalogEntry:
+    """One bundled model: its id, aliases, the source of its config.json, and the config itself."""
     id: str
     aliases: tuple[str, ...]
     source: str

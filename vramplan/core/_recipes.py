@@ -16,6 +16,8 @@ RECIPE_FIELDS = ("dtype", "amp", "optimizer", "grad_ckpt", "reentrant", "loss", 
 
 @dataclass(frozen=True)
 class Recipe:
+    """A training loop's defaults as one library release sets them (docs/recipes.md#recipe-defaults);
+    each default's source line is in `sources`."""
     name: str
     describes: str            # the library releases whose defaults these are
     dtype: str

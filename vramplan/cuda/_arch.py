@@ -14,6 +14,8 @@ from vramplan.core._errors import UsageError
 
 @dataclass(frozen=True)
 class CudaArch:
+    """The target GPU's compute capability and SM count: what every kernel rule in cuda/ keys on
+    (docs/cuda-kernels.md)."""
     major: int
     minor: int
     sms: int          # streaming multiprocessors (torch.cuda.get_device_properties().multi_processor_count)

@@ -85,6 +85,8 @@ def segment_bytes(nbytes: int) -> int:
 
 @dataclass(frozen=True)
 class DeviceOverhead:
+    """What the device holds beyond the allocated bytes: the CUDA context and the caching
+    allocator's reserved-minus-allocated."""
     cuda_context: int
     allocator_overhead: int
 

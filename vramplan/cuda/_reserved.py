@@ -19,6 +19,8 @@ from vramplan.cuda._allocator import SMALL_BUFFER, SMALL_SIZE, CachingAllocator,
 
 @dataclass(frozen=True)
 class ReservedPeak:
+    """What a replay of the step's allocations through the caching-allocator model gives: peaks,
+    fragmentation at the reserved peak, retries and the OOM against a card, if any."""
     peak_reserved_bytes: int
     peak_allocated_bytes: int      # the allocator's (block sizes, unsplit remainders included)
     fragmentation_bytes: int       # reserved - allocated when reserved peaked

@@ -62,6 +62,8 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Estimate(Verdict):
+    """The analytic estimate of one setup: components and phases at the peak, the peak allocated and
+    reserved bytes, the device total and the verdict against the GPU."""
     model: ModelSpec
     setup: TrainSetup
     components: dict            # component -> bytes at the peak (ALLOCATED components only)

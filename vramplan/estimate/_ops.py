@@ -1387,6 +1387,8 @@ class LayerMemory:
 
 @dataclass(frozen=True)
 class HeadMemory:
+    """The head's walk (final norm, lm_head, loss): its forward and backward, and what the forward
+    leaves saved for backward."""
     forward: WalkResult
     backward: WalkResult
     saved: int

@@ -33,6 +33,8 @@ def alloc(nbytes: int) -> int:
 
 @dataclass(frozen=True)
 class QuantLayout:
+    """The bytes one quantized Linear keeps on the device: its packed (or int8) weight and its
+    quantization constants (docs/bitsandbytes.md)."""
     weight: int      # bytes of the packed / int8 weight itself
     constants: int   # absmax, nested state, code books, scales
 

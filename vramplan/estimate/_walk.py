@@ -107,6 +107,8 @@ class _Live:
 
 @dataclass(frozen=True)
 class Tape:
+    """One walked stretch of the step (a decoder layer or the head) as allocations and frees whose
+    sizes are polynomials in batch and sequence length (estimate/_symbolic.py)."""
     table: tuple
     events: tuple
     # name -> tid of its first allocation; "grad:<name>" -> tid of the gradient of <name> still
