@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+
 
 from vramplan.core._errors import VramplanError, require
 from vramplan.core._models import spec_from_config
+from vramplan.core._record import record
 from vramplan.core._setup import ALL_LINEAR, TrainSetup
 from vramplan.estimate._estimator import estimate
 
@@ -60,7 +61,7 @@ OPTIMIZERS = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class StepMemory:
     step: int
     peak_allocated_bytes: int

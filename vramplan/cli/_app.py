@@ -18,6 +18,7 @@ from vramplan.core._models import catalog, spec_from_config
 # Commands with their own module: each exposes register(subparsers, setup_flags); its heavy imports
 # happen inside its handler.
 COMMANDS = (simulate, profile, plan, replay)
+COMMAND_NAMES = ("estimate", "models", "gpus", *(name for module in COMMANDS for name in module.NAMES))
 
 
 def cmd_estimate(args) -> int:
@@ -121,28 +122,37 @@ def cmd_gpus(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of `command` alone when it names one: a run parses one
+    command, and building the others' flags costs about 10 ms of a cold start (benchmarks/
+    bench_estimate.py)."""
     parser = Parser(prog="vramplan", description="Peak GPU memory of QLoRA / LoRA fine-tuning: estimate, "
                                                   "simulate, profile, plan.")
     sub = parser.add_subparsers(dest="command", parser_class=Parser, required=True)
-    common = setup_flags()
-    p = sub.add_parser("estimate", parents=[common], help="analytic estimate of one training step")
-    p.set_defaults(handler=cmd_estimate)
-    p = sub.add_parser("models", help="the bundled model catalog and what each family supports")
-    p.add_argument("query", nargs="?", help="show only models whose id, alias or type contains this (any case)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_models)
-    p = sub.add_parser("gpus", help="the bundled GPU catalog")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_gpus)
-    for command in COMMANDS:
-        command.register(sub, common)
+    wanted = lambda name: command not in COMMAND_NAMES or command == name  # noqa: E731
+    common = setup_flags() if command not in ("models", "gpus") else None
+    if wanted("estimate"):
+        p = sub.add_parser("estimate", parents=[common], help="analytic estimate of one training step")
+        p.set_defaults(handler=cmd_estimate)
+    if wanted("models"):
+        p = sub.add_parser("models", help="the bundled model catalog and what each family supports")
+        p.add_argument("query", nargs="?", help="show only models whose id, alias or type contains this (any case)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=cmd_models)
+    if wanted("gpus"):
+        p = sub.add_parser("gpus", help="the bundled GPU catalog")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=cmd_gpus)
+    for module in COMMANDS:
+        if any(wanted(name) for name in module.NAMES):
+            module.register(sub, common)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(argv[0] if argv else None).parse_args(argv)
         return args.handler(args)
     except VramplanError as exc:
         sys.stderr.write(f"Error: {exc}\n")

@@ -53,6 +53,9 @@ def _parallel_flags(p: argparse.ArgumentParser, lists: bool) -> None:
     p.add_argument("--offload", default="none", help="none | cpu: FSDP CPUOffload, ZeRO offload_optimizer (+ offload_param for zero3)")
 
 
+NAMES = ("plan", "sweep")   # the commands register() adds
+
+
 def register(subparsers, setup_flags_parent) -> None:
     p = subparsers.add_parser("plan", parents=[setup_flags_parent],
                               help="what fits: largest batch / sequence, a grid, changes that fit, per-GPU under FSDP / ZeRO",

@@ -22,6 +22,9 @@ would (NVML is reported as unavailable).
 """
 
 
+NAMES = ("profile", "compare")   # the commands register() adds
+
+
 def register(subparsers, setup_flags_parent) -> None:
     p = subparsers.add_parser("profile", parents=[setup_flags_parent], epilog=PROFILE_EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter,

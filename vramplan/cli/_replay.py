@@ -12,6 +12,9 @@ from vramplan.cli._flags import print_json
 from vramplan.core._units import parse_size
 
 
+NAMES = ("replay",)   # the commands register() adds
+
+
 def register(subparsers, setup_flags_parent) -> None:
     p = subparsers.add_parser(
         "replay", help="replay a recorded CUDA allocator history (memory snapshot) through the allocator model",

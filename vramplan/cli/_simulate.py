@@ -16,6 +16,9 @@ from vramplan.estimate._estimator import estimate
 TOP_MODULES = 10
 
 
+NAMES = ("simulate",)   # the commands register() adds
+
+
 def register(subparsers, setup_flags_parent) -> None:
     p = subparsers.add_parser(
         "simulate", parents=[setup_flags_parent],

@@ -8,10 +8,12 @@ never guesses a layer it has not read.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from vramplan.core._record import record
 
 
-@dataclass(frozen=True)
+@record
 class Architecture:
     """One decoder family as transformers 5 builds it: layer structure, norms, routers and config
     defaults, each field read off its modeling and configuration files (docs/architectures.md)."""

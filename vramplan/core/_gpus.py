@@ -1,17 +1,18 @@
 """GPU catalog and the --gpu argument: a catalog name ("A100-80GB", "rtx4090") or a size ("48GB")."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+
 from functools import lru_cache
 from pathlib import Path
 
 from vramplan.core._errors import GpuError, UsageError
+from vramplan.core._record import record
 from vramplan.core._units import MiB, parse_size
 
 CATALOG = Path(__file__).parent / "catalog" / "gpus.toml"
 
 
-@dataclass(frozen=True)
+@record
 class Gpu:
     """A GPU to plan for: its name, the memory NVML reports, its architecture (None for a bare size)
     and where the figures come from (core/catalog/gpus.toml, docs/gpus.md)."""

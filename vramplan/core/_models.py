@@ -9,18 +9,19 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import lru_cache
 from pathlib import Path
 
 from vramplan.core._architectures import ARCHITECTURES, Architecture, recurrent_layer_kinds, supported
 from vramplan.core._config_fields import defaults_applied, require_core_fields
 from vramplan.core._errors import ModelError
+from vramplan.core._record import record
 
 CATALOG_DIR = Path(__file__).parent / "catalog" / "models"
 
 
-@dataclass(frozen=True)
+@record
 class Linear:
     """One nn.Linear of the model: what bitsandbytes quantizes and peft can adapt."""
     name: str           # module name inside a decoder layer ("self_attn.q_proj") or top level ("lm_head")
@@ -40,7 +41,7 @@ class Linear:
         return self.in_features * self.out_features
 
 
-@dataclass(frozen=True)
+@record
 class Mla:
     """Multi-head latent attention shapes (DeepseekV3Attention.__init__): q through q_proj, or
     q_a_proj (hidden -> q_lora_rank) + q_a_layernorm + q_b_proj when q_lora_rank is set;
@@ -57,7 +58,7 @@ class Mla:
         return self.qk_nope + self.qk_rope
 
 
-@dataclass(frozen=True)
+@record
 class VisionTower:
     """The SigLIP vision tower and multimodal projector Gemma3ForConditionalGeneration builds
     (models/siglip/modeling_siglip.py SiglipVisionModel, models/gemma3/modeling_gemma3.py
@@ -99,7 +100,7 @@ class VisionTower:
         return linear + sum(math.prod(s) for s in self.dense_shapes())
 
 
-@dataclass(frozen=True)
+@record
 class ModelSpec:
     """A model's shape as the estimate needs it, from its config.json (the bundled catalog, a local
     file or the Hub) and its family's Architecture."""
@@ -640,7 +641,7 @@ def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
 
 # --- the bundled catalog ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class CatalogEntry:
     """One bundled model: its id, aliases, the source of its config.json, and the config itself."""
     id: str

@@ -8,13 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.core._errors import UsageError
+from vramplan.core._record import record
 
 # The fields a recipe may set; every other TrainSetup field keeps its own default.
 RECIPE_FIELDS = ("dtype", "amp", "optimizer", "grad_ckpt", "reentrant", "loss", "loop", "prepare_kbit", "rank",
                  "targets", "recast")
 
 
-@dataclass(frozen=True)
+@record
 class Recipe:
     """A training loop's defaults as one library release sets them (docs/recipes.md#recipe-defaults);
     each default's source line is in `sources`."""

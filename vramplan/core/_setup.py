@@ -2,11 +2,12 @@
 interface shared by the CLI flags, the JSON output and other tools calling the library."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from typing import Iterable
 
 from vramplan.core._errors import UsageError
 from vramplan.core._recipes import RECIPES, recipe
+from vramplan.core._record import record
 
 METHODS = ("qlora", "lora", "full")
 QUANTS = ("nf4", "fp4", "int8")
@@ -32,7 +33,7 @@ MAX_SEQ = 16 * 2**20
 MAX_RANK = 65536
 
 
-@dataclass(frozen=True)
+@record
 class TrainSetup:
     """Defaults describe the plain QLoRA recipe:
     from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 
 from vramplan.core._errors import UsageError
+from vramplan.core._record import record
 
 MiB = 1024 * 1024
 SIZE_MAX = 2**64 - 1          # C++ size_t max: "max_split_size unset" means every block may be split
@@ -30,7 +31,7 @@ GENERIC_KEYS = frozenset({"large_segment_size_mb", "max_split_size_mb", "max_non
 _HINT = "see docs/allocator.md, section 'Settings syntax'"
 
 
-@dataclass(frozen=True)
+@record
 class AllocConf:
     """One parsed settings string. Sizes are bytes; `max_split_size == SIZE_MAX` means unset."""
 

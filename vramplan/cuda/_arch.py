@@ -7,12 +7,12 @@ GPU at all gets ASSUMED (an H100 SXM, the GPU vramplan's rules were first writte
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from vramplan.core._errors import UsageError
+from vramplan.core._record import record
 
 
-@dataclass(frozen=True)
+@record
 class CudaArch:
     """The target GPU's compute capability and SM count: what every kernel rule in cuda/ keys on
     (docs/cuda-kernels.md)."""

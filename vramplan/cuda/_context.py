@@ -7,8 +7,8 @@ peak_allocated (which is derived exactly) and will be checked against profile re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
+from vramplan.core._record import record
 from vramplan.core._units import MiB, round_up
 
 # CUDA context + kernels loaded by a PyTorch process with CUDA_MODULE_LOADING=LAZY (the default
@@ -17,7 +17,7 @@ from vramplan.core._units import MiB, round_up
 CUDA_CONTEXT_BYTES = 500 * MiB
 
 
-@dataclass(frozen=True)
+@record
 class ContextFigure:
     """One published (or measured) CUDA context size: what NVML counts beyond the allocator."""
     bytes: int
@@ -83,7 +83,7 @@ def segment_bytes(nbytes: int) -> int:
     return round_up(nbytes, ROUND_LARGE)
 
 
-@dataclass(frozen=True)
+@record
 class DeviceOverhead:
     """What the device holds beyond the allocated bytes: the CUDA context and the caching
     allocator's reserved-minus-allocated."""

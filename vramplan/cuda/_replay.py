@@ -12,10 +12,11 @@ tests/test_allocator_replay.py holds the two equal field for field, addresses in
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable, Iterable
 
 from vramplan.core._errors import UsageError
+from vramplan.core._record import record
 from vramplan.cuda._alloc_conf import AllocConf, as_conf
 from vramplan.cuda._allocator import (MIN_BLOCK_SIZE, ONE_EXABYTE, SMALL_SIZE, CachingAllocator,
                                       FIRST_SEGMENT_ADDRESS, OutOfMemory, SegmentBase, get_allocation_size,
@@ -25,7 +26,7 @@ from vramplan.cuda._fast_replay import release_whole_segments
 _MASK = (1 << 64) - 1        # free-list keys: size << 64 | address (BlockComparatorSize)
 
 
-@dataclass(frozen=True)
+@record
 class AllocatorReplay:
     """What the allocator did over an event stream. Byte counts are ints. `largest_free_block_bytes`
     and `fragmentation_bytes` (reserved - allocated) are taken when reserved first reached its peak

@@ -11,13 +11,13 @@ Two fidelities (docs/allocator.md#estimate-stream):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
+from vramplan.core._record import record
 from vramplan.cuda._alloc_conf import AllocConf, as_conf
 from vramplan.cuda._allocator import SMALL_BUFFER, SMALL_SIZE, CachingAllocator, OutOfMemory
 
 
-@dataclass(frozen=True)
+@record
 class ReservedPeak:
     """What a replay of the step's allocations through the caching-allocator model gives: peaks,
     fragmentation at the reserved peak, retries and the OOM against a card, if any."""

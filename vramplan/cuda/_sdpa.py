@@ -9,15 +9,15 @@ cuDNN the torch 2.13 wheels ship could not be verified (docs/cuda-kernels.md#cud
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
+from vramplan.core._record import record
 from vramplan.cuda._arch import CudaArch
 
 FLASH, EFFICIENT, MATH = "flash", "efficient", "math"
 FP32 = 4
 
 
-@dataclass(frozen=True)
+@record
 class SdpaCall:
     """One scaled_dot_product_attention call, as the dispatcher sees it (layout (b, heads, s, d))."""
     dtype: str                # "bf16" | "fp16" | "fp32": q's dtype

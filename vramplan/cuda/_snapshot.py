@@ -18,9 +18,10 @@ import json
 import os
 import pickle
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from vramplan.core._errors import UsageError
+from vramplan.core._record import record
 from vramplan.cuda._alloc_conf import AllocConf
 from vramplan.cuda._allocator import SMALL_BUFFER, CachingAllocator, OutOfMemory, round_size
 from vramplan.cuda._replay import run_replay
@@ -397,7 +398,7 @@ def _events(trace: dict):
     return [tuple(op) for op in trace["ops"]]
 
 
-@dataclass(frozen=True)
+@record
 class SnapshotReplay:
     """A recorded history replayed through the model under `alloc_conf` (the recorded settings
     unless another string was given). Bytes are ints."""
@@ -450,7 +451,7 @@ def _settings_text(trace: dict, conf: AllocConf) -> str:
     return text if isinstance(text, str) else conf.text
 
 
-@dataclass(frozen=True)
+@record
 class SnapshotCheck:
     """The model against the recording: every allocation at its recorded address, every segment
     event (action, address, size, op) as recorded, the final reserved bytes equal."""

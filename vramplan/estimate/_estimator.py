@@ -15,8 +15,9 @@ The peak is the largest candidate; its components sum to peak_allocated_bytes ex
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from vramplan.core._record import record
 from vramplan.estimate._ops import (autocast_cache, eager_masks, embedding_leaf, head_memory,
                                    held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables,
                                    tied_embedding_grad, tied_sum_in_place)
@@ -60,7 +61,7 @@ class Verdict:
         return None if self.gpu is None else self.gpu.memory_bytes - self.device_total_bytes
 
 
-@dataclass(frozen=True)
+@record
 class Estimate(Verdict):
     """The analytic estimate of one setup: components and phases at the peak, the peak allocated and
     reserved bytes, the device total and the verdict against the GPU."""

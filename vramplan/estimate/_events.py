@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from vramplan.core._models import ModelSpec
+from vramplan.core._record import record
 from vramplan.core._setup import TrainSetup
 from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes, bias_bytes, embedding_bytes,
                                          expert_lora_shapes, lora_shapes, numel, optimizer_memory, vision_static,
@@ -39,7 +40,7 @@ from vramplan.estimate._symbolic import rounded_bytes, variables
 from vramplan.estimate._walk import GRAD
 
 
-@dataclass(frozen=True)
+@record
 class FsdpShards:
     """What one GPU of an N-way FSDP full_shard run holds, from the planner's static split
     (plan/_sharding.py Splits): each decoder layer is one unit (transformer_auto_wrap_policy) with
@@ -112,7 +113,7 @@ def broadcast(make, drop, sizes) -> None:
 DDP_FIRST_BUCKET, DDP_BUCKET_CAP = 1024 * 1024, 25 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@record
 class DdpBuckets:
     """One GPU of torch DistributedDataParallel with gradient_as_bucket_view=False (the default),
     docs/allocator.md#ddp-stream: the whole model on every rank (the single-GPU persistent
@@ -143,7 +144,7 @@ def ddp_buckets(states, trainable, first: int = DDP_FIRST_BUCKET, cap: int = DDP
 REDUCTION_STREAM = 3   # DeepSpeedZeroOptimizer.reduction_stream (overlap_comm)
 
 
-@dataclass(frozen=True)
+@record
 class ZeroPartitions:
     """One GPU of DeepSpeed ZeRO-2 without offload (deepspeed/runtime/zero/stage_1_and_2.py
     DeepSpeedZeroOptimizer, partition_gradients, contiguous_gradients; docs/allocator.md#zero-2-stream),
@@ -188,7 +189,7 @@ def wrap_unit(make, drop, params, gpus: int, sync: bool) -> list:
     return shard
 
 
-@dataclass(frozen=True)
+@record
 class Stream:
     """Events ("alloc", key, nbytes) / ("free", key), and where each phase starts:
     [(first event index, phase, module)] in order, for naming where an OOM happened."""
@@ -284,7 +285,7 @@ def optimizer_sizes(setup: TrainSetup, static: Static) -> tuple[list[int], list[
     return state, work
 
 
-@dataclass(frozen=True)
+@record
 class _Template:
     """One tape as allocation lists: per table entry the slots of its allocations (program
     sizes, _Slots), and the tape's events as (kind, tid) with marks carrying a transient entry."""

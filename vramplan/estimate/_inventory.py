@@ -8,11 +8,12 @@ device and compare to the byte.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+
 
 from vramplan.core._components import Component
 from vramplan.core._errors import ModelError, UsageError
 from vramplan.core._models import Linear, ModelSpec
+from vramplan.core._record import record
 from vramplan.estimate._quant import alloc, blocks, layout
 from vramplan.core._setup import ALL_LINEAR, TrainSetup
 
@@ -20,7 +21,7 @@ FP32 = 4
 PAGE_MIN_NUMEL = 100_000   # bitsandbytes/optim/optimizer.py get_state_buffer: p.numel() < 1e5 -> not paged
 
 
-@dataclass(frozen=True)
+@record
 class Static:
     """Bytes of the tensors that persist across the step, by component."""
     weights: int
@@ -221,7 +222,7 @@ def numel(shape: tuple[int, ...]) -> int:
     return out
 
 
-@dataclass(frozen=True)
+@record
 class VisionStatic:
     """One allocation per tensor of the vision tower and projector (ModelSpec.vision), by component,
     and the parameters peft / full fine-tuning make trainable there."""
@@ -438,7 +439,6 @@ def optimizer_memory(setup: TrainSetup, shapes: Counter, param_bytes: int) -> tu
                 state += k * alloc(numel(s) * param_bytes)
         return state, 0
     raise AssertionError(opt)
-
 
 
 def paged_state_bytes(setup: TrainSetup, shapes: Counter) -> int:

@@ -28,9 +28,10 @@ device) is the reference a test matrix holds this to.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+
 from functools import lru_cache
 
+from vramplan.core._record import record
 from vramplan.cuda import _cublas as cuda_cublas, _sdpa as cuda_sdpa
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._gemm_4bit import gemm_4bit_uses_fused_kernel
@@ -1366,7 +1367,7 @@ def chunked_head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops", n: str) -> l
 TRL_VOCAB_CHUNK = 32768   # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE: the tile buffer's columns
 
 
-@dataclass(frozen=True)
+@record
 class LayerMemory:
     """One decoder layer's walk (forward, then backward). It counts the layer input "x" while it
     lives; the caller adds what is alive around the layer. Under gradient checkpointing the input
@@ -1385,7 +1386,7 @@ class LayerMemory:
     dequant: int             # largest dequantized weight
 
 
-@dataclass(frozen=True)
+@record
 class HeadMemory:
     """The head's walk (final norm, lm_head, loss): its forward and backward, and what the forward
     leaves saved for backward."""

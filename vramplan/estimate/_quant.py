@@ -15,8 +15,8 @@ Every tensor is a separate CUDA allocation, so each is rounded up to the caching
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
+from vramplan.core._record import record
 from vramplan.core._units import round_up
 
 BLOCK = 512                 # CUDA caching allocator granularity
@@ -31,7 +31,7 @@ def alloc(nbytes: int) -> int:
     return round_up(nbytes, BLOCK) if nbytes > 0 else 0
 
 
-@dataclass(frozen=True)
+@record
 class QuantLayout:
     """The bytes one quantized Linear keeps on the device: its packed (or int8) weight and its
     quantization constants (docs/bitsandbytes.md)."""

@@ -11,7 +11,7 @@ Variables: b (batch), s (seq), and the roundings kernels apply to the sequence: 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from vramplan.core._record import record
 
 BLOCK = 512
 
@@ -76,7 +76,7 @@ def _sym(x) -> Sym:
     return x if isinstance(x, Sym) else Sym.const(x)
 
 
-@dataclass(frozen=True)
+@record
 class Size:
     """A sum of separately rounded allocations (each a Sym), times a count."""
     parts: tuple = ()      # ((Sym key tuple, count), ...)

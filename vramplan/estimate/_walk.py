@@ -16,10 +16,11 @@ identical decoder layers without walking each one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import cached_property
 from typing import NamedTuple
 
+from vramplan.core._record import record
 from vramplan.estimate._symbolic import Size, alloc, rounded_bytes
 
 ACT = "activations"
@@ -48,7 +49,7 @@ class Op(NamedTuple):
     work_tag: str = TMP
 
 
-@dataclass(frozen=True)
+@record
 class WalkResult:
     """Bytes per component alive at the highest instant of the forward part and of the backward
     part, and at the end of each; all include the `given` inputs while they live."""
@@ -105,7 +106,7 @@ class _Live:
         self.tape.append((0, op, extra_tid))
 
 
-@dataclass(frozen=True)
+@record
 class Tape:
     """One walked stretch of the step (a decoder layer or the head) as allocations and frees whose
     sizes are polynomials in batch and sequence length (estimate/_symbolic.py)."""

@@ -11,8 +11,9 @@ Neither changes the training step itself, so their cost on the planner's scale i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from vramplan.core._record import record
 from vramplan.cuda._alloc_conf import AllocConf, as_conf
 
 SOURCE = ("PyTorch CUDA semantics, 'Optimizing memory usage with PYTORCH_CUDA_ALLOC_CONF'; "
@@ -23,7 +24,7 @@ CANDIDATES = (("expandable_segments", "True", "one growing segment per pool: fre
               ("max_split_size_mb", "512", "blocks above 512 MiB are not split by smaller requests"))
 
 
-@dataclass(frozen=True)
+@record
 class AllocatorChange:
     alloc_conf: str       # the full settings string to use
     setting: str          # the one setting that differs from the user's

@@ -46,10 +46,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from itertools import combinations
 
 from vramplan.core._errors import UsageError
+from vramplan.core._record import record
 from vramplan.estimate._estimator import Estimate, card_replay, estimate
 from vramplan.core._gpus import Gpu, catalog, resolve_gpu
 from vramplan.cuda._arch import default_dtype, target_arch
@@ -210,7 +211,7 @@ def _largest(fits, start: int, upper: int) -> tuple[int, bool]:
 
 # --- results -------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class Limit:
     """The largest value of one field (batch or seq) that fits, the other fields as requested.
     value 0: not even 1 fits. capped: value is the sanity bound and still fits."""
@@ -224,7 +225,7 @@ class Limit:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
+@record
 class Cell:
     batch: int
     seq: int
@@ -238,7 +239,7 @@ class Cell:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
+@record
 class Grid:
     batches: tuple[int, ...]
     seqs: tuple[int, ...]
@@ -249,7 +250,7 @@ class Grid:
                 "cells": [[c.to_dict() for c in row] for row in self.cells]}
 
 
-@dataclass(frozen=True)
+@record
 class Change:
     """A change to the setup that makes it fit, with its new per-GPU need and its cost."""
     description: str
@@ -270,7 +271,7 @@ class Change:
         return d
 
 
-@dataclass(frozen=True)
+@record
 class Option:
     """A hardware answer: this many GPUs under this engine, per-GPU need."""
     gpus: int
@@ -288,7 +289,7 @@ class Option:
         return {**dataclasses.asdict(self), "label": self.label}
 
 
-@dataclass(frozen=True)
+@record
 class Minimum:
     """What it would take when the requested setup does not fit: never an error, an answer."""
     single_gpu_bytes: int              # the setup on one GPU, no sharding
@@ -309,7 +310,7 @@ class Minimum:
                 "changes": [c.to_dict() for c in self.changes]}
 
 
-@dataclass(frozen=True)
+@record
 class GpuRow:
     gpu: Gpu
     status: str
@@ -323,7 +324,7 @@ class GpuRow:
                 "headroom_bytes": self.headroom_bytes, "max_batch": self.max_batch, "max_seq": self.max_seq}
 
 
-@dataclass(frozen=True)
+@record
 class Plan:
     model: ModelSpec
     setup: TrainSetup
@@ -497,7 +498,7 @@ def _grid(ev: Evaluator, setup: TrainSetup, cap: int, tight: float, batches, seq
 
 # --- recommendations ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class _Candidate:
     """A fixed change (changes set) or a searched one (search names a field to maximize)."""
     key: str                    # one per field family: a combination never sets a field twice

@@ -4,10 +4,10 @@ states, autocast vs pure 16-bit steps, dropping prepare_model_for_kbit_training'
 a plain loop letting its outputs die. Sources: docs/recipes.md."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from vramplan.core._errors import VramplanError
 from vramplan.core._models import ModelSpec
+from vramplan.core._record import record
 from vramplan.core._setup import TrainSetup
 
 SRC_CHUNKED = "TRL SFTTrainer loss_type='nll': add_fused_lm_head, chunked log-probs (docs/recipes.md#trl-chunked-loss)"
@@ -19,7 +19,7 @@ SRC_KBIT = "peft prepare_model_for_kbit_training casts non-quantized weights to 
 SRC_LOOP = "a plain loop's `out` keeps the logits through backward (docs/recipes.md#plain-loop-keeps-the-logits)"
 
 
-@dataclass(frozen=True)
+@record
 class RecipeChange:
     key: str           # the field family (one change per family in a combination)
     changes: dict      # TrainSetup fields to set
@@ -28,7 +28,7 @@ class RecipeChange:
     source: str
 
 
-@dataclass(frozen=True)
+@record
 class RankedChange:
     change: RecipeChange
     saving_bytes: int  # peak allocated before minus after (negative: it costs memory here)

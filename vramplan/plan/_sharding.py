@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import lru_cache
 
 from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.core._errors import UsageError
 from vramplan.core._gpus import Gpu, resolve_gpu
+from vramplan.core._record import record
 from vramplan.estimate._estimator import estimate, paged_resident, Verdict
 from vramplan.estimate._inventory import (adapted_linears, adapter_bytes, bias_bytes, embedding_bytes,
                                          expert_lora_shapes, lora_shapes, numel, optimizer_memory, static_memory,
@@ -134,7 +135,7 @@ SRC_DS_OFFLOAD = ("DeepSpeed offload_optimizer (ZeRO 1-3): fp32 master weights, 
                   "partitions on CPU")
 
 
-@dataclass(frozen=True)
+@record
 class Parallel:
     """How the step is spread: `gpus` data-parallel ranks, one engine, optional CPU offload.
 
@@ -227,7 +228,7 @@ def effective_setup(setup: TrainSetup, parallel: Parallel) -> TrainSetup:
 
 # --- static memory taken apart: one decoder layer (an FSDP unit) and the root -----------------------
 
-@dataclass(frozen=True)
+@record
 class Splits:
     """Static bytes split the way engines hold them (all from inventory.static_memory)."""
     weights: int
@@ -331,7 +332,7 @@ def splits_for(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> Splits
 
 # --- the per-GPU result ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class Term:
     """One named part of a component on one GPU, and how the engine holds it."""
     component: str
@@ -344,7 +345,7 @@ class Term:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
+@record
 class ShardedEstimate(Verdict):
     """Per-GPU memory under a Parallel. Same shape as Estimate where it can be: components sum to
     peak_allocated_bytes; device_total_bytes adds CUDA context, NCCL buffers and allocator slack."""

@@ -17,10 +17,11 @@ Pure Python; pandas only for to_dataframe().
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 
 from vramplan.core._errors import require, VramplanError
+from vramplan.core._record import record
 from vramplan.profile._record import STATIC, TRANSIENT, Record, relative_error, setup_from_record, spec_from_record
 from vramplan.profile._store import atomic_write_bytes, read_records
 from vramplan.core._gpus import Gpu
@@ -29,7 +30,7 @@ from vramplan.estimate._estimator import estimate
 REST = "gradients+activations+logits_loss+temporaries"
 
 
-@dataclass(frozen=True)
+@record
 class Row:
     component: str
     predicted: int | None
@@ -54,7 +55,7 @@ class Row:
         return d
 
 
-@dataclass(frozen=True)
+@record
 class Comparison:
     path: str
     record_id: str

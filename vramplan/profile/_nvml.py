@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+
 
 from vramplan.core._errors import DependencyError, GpuError
+from vramplan.core._record import record
 
 DEFAULT_HZ = 200.0   # the issue asks for >= 100 Hz; one query costs tens of microseconds
 
@@ -47,7 +48,7 @@ def _text(value) -> str:
     return str(value)
 
 
-@dataclass(frozen=True)
+@record
 class DeviceInfo:
     index: int
     name: str

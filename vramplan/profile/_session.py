@@ -24,6 +24,7 @@ from pathlib import Path
 
 from vramplan.core import _errors as _errors
 from vramplan.core._errors import UsageError, VramplanError
+from vramplan.core._record import record
 from vramplan.profile._record import (
     errors_for, estimate_dict, Failure, Measured, MIN_TOLERANCE, model_dict, NvmlTrace, PhaseStats, Record,
     relative_error, tolerances_for,
@@ -41,7 +42,7 @@ DEFAULT_WARMUP = 1
 MIN_LIMIT = 256 * 2**20
 
 
-@dataclass(frozen=True)
+@record
 class ProfileOptions:
     device: str = "cuda"
     steps: int = DEFAULT_STEPS

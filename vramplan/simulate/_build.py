@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from vramplan.core._errors import ModelError, SimulationError
+from vramplan.core._record import record
 from vramplan.core._setup import ALL_LINEAR, TrainSetup
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -42,7 +43,7 @@ class Built:
     notes: list = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@record
 class ConfigSpec:
     """A model the analytic registry (core/_architectures.py) does not know, as simulate needs it:
     the config.json that transformers builds it from, and the few shapes the step reads. Duck-types

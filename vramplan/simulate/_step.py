@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from vramplan.core._components import ALLOCATED, Component, check_sum
+from vramplan.core._record import record
 from vramplan.core._setup import TrainSetup
 from vramplan.simulate._attribution import (LOGITS_REGION, StepContext, component_of, decoder_layers, module_names,
                                            register_live_state, short_name)
@@ -42,7 +43,7 @@ STEP_PHASES = ("forward", "backward", "optimizer")
 TIMELINE_POINTS = 4096  # at most this many timeline rows are kept (max-preserving)
 
 
-@dataclass(frozen=True)
+@record
 class Trace:
     """One measured step. With the identical-layers shortcut (extrapolated=True) every field is
     computed from the rebuilt event sequence of the full depth (_shortcut.py): peak, components,
