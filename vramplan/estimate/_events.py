@@ -312,20 +312,21 @@ class _Slots:
         self.count = 0
 
     def _new(self, table: dict, key) -> int:
-        slot = table.get(key)
-        if slot is None:
-            slot = table[key] = self.count
-            self.count += 1
+        slot = table[key] = self.count
+        self.count += 1
         return slot
 
     def poly(self, key: tuple) -> int:
-        return self._new(self.polys, key)
+        slot = self.polys.get(key)
+        return self._new(self.polys, key) if slot is None else slot
 
     def const(self, nbytes: int) -> int:
-        return self._new(self.consts, nbytes)
+        slot = self.consts.get(nbytes)      # the common case inline: a compile asks ~10k times
+        return self._new(self.consts, nbytes) if slot is None else slot
 
     def cell(self, name: str) -> int:
-        return self._new(self.cells, name)
+        slot = self.cells.get(name)
+        return self._new(self.cells, name) if slot is None else slot
 
 
 def _template(tape, slots: _Slots) -> _Template:
@@ -359,22 +360,15 @@ class _Recorder:
         self.streams: dict = {}     # key -> stream, for keys not on the default stream
 
     def make(self, slots, stream: int = DEFAULT_STREAM) -> list:
-        pairs = []
-        key = self.next_key
-        ops = self.ops
-        for slot in slots:
-            ops.append(slot)
-            pairs.append((key, slot))
-            if stream:
-                self.streams[key] = stream
-            key += 1
-        self.next_key = key
-        return pairs
+        first = self.next_key
+        self.ops.extend(slots)
+        self.next_key = key = first + len(slots)
+        if stream:
+            self.streams.update(dict.fromkeys(range(first, key), stream))
+        return list(zip(range(first, key), slots))
 
     def drop(self, pairs) -> None:
-        ops = self.ops
-        for key, _slot in pairs:
-            ops.append(~key)
+        self.ops.extend([~key for key, _slot in pairs])
 
     def new(self, slot: int) -> list:
         return self.make((slot,))
