@@ -131,11 +131,15 @@ def run_replay(allocator: CachingAllocator, events: Iterable[tuple], live: dict 
         peak_allocated_index=peak_allocated_index, oom=oom)
 
 
-def _new_pool() -> tuple:
+def _new_pool(small: bool) -> tuple:
     """One (stream, small/large) pool of the plain replay: its free blocks as sorted
-    `size << 64 | address` keys, their sizes by start address, their starts by end address, and its
-    segments' sizes by base address."""
-    return [], {}, {}, {}
+    `size << 64 | address` keys; one dict from each free block's start address and from its end
+    address to its cell, a one-item list holding its key (the two entries share the cell, so a
+    split or merge rewrites the cell and moves only the entry of the end that changes; the two
+    kinds never share an address, as a free block ending where another starts would have merged);
+    its segments' sizes by base address; and the smallest remainder that splits a block, shifted
+    like a key (should_split: kMinBlockSize in the small pool, more than kSmallSize in the large)."""
+    return [], {}, {}, (MIN_BLOCK_SIZE if small else SMALL_SIZE + 1) << 64
 
 
 def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None) -> AllocatorReplay:
@@ -143,11 +147,13 @@ def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None
     with the rules inlined. Segments never touch (the default addresses leave a gap), so a free
     block that ends where another starts is its neighbour in the same segment."""
     pools: dict[tuple, tuple] = {}
-    small0 = pools[(0, True)] = _new_pool()
-    large0 = pools[(0, False)] = _new_pool()
-    live: dict = {}          # key -> (address, block size, the pool's keys, starts, ends), None: 0 bytes
+    small0 = pools[(0, True)] = _new_pool(True)
+    large0 = pools[(0, False)] = _new_pool(False)
+    # key -> (address, block size, size << 64, the pool's keys, its cells), None: 0 bytes
+    live: dict = {}
+    rounded: dict = {}       # request bytes -> (size, size << 64, small?): a training step repeats its sizes
     find, put, length, mask = bisect_left, insort, len, _MASK       # locals: the loop below is the hot path
-    small_size, min_block, too_large = SMALL_SIZE, MIN_BLOCK_SIZE, ONE_EXABYTE
+    small_size, too_large = SMALL_SIZE, ONE_EXABYTE
     next_address = FIRST_SEGMENT_ADDRESS
     reserved = allocated = retries = ooms = 0
     peak_reserved = peak_allocated = largest_at_peak = allocated_at_peak = 0
@@ -159,46 +165,52 @@ def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None
             key, nbytes = event[1], event[2]
             if key in live:
                 _allocated_twice(index, key)
-            if nbytes.__class__ is not int or not 0 < nbytes < too_large:
-                _check_event_size(index, nbytes)
-                if nbytes == 0:                         # zero-byte tensors never reach the allocator
-                    live[key] = None
-                    continue
-                oom = _oom(index, key, nbytes, reserved, allocated)   # NativeCachingAllocator::allocate
-                break
-            size = (nbytes + 511) & -512                # round_size (rule 1, >= 512 B)
-            small = size <= small_size                  # get_pool (rule 2)
+            sized = rounded.get(nbytes) if nbytes.__class__ is int else None
+            if sized is None:
+                if nbytes.__class__ is not int or not 0 < nbytes < too_large:
+                    _check_event_size(index, nbytes)
+                    if nbytes == 0:                     # zero-byte tensors never reach the allocator
+                        live[key] = None
+                        continue
+                    oom = _oom(index, key, nbytes, reserved, allocated)   # NativeCachingAllocator::allocate
+                    break
+                if length(rounded) == 1 << 16:          # bounded, whatever the stream
+                    rounded.clear()
+                size = (nbytes + 511) & -512            # round_size (rule 1, >= 512 B)
+                small = size <= small_size              # get_pool (rule 2)
+                sized = rounded[nbytes] = (size, size << 64, small)
+            size, shifted, small = sized
             if length(event) == 3 or event[3] == 0:
                 pool = small0 if small else large0
             else:
-                pool = pools.get((event[3], small)) or pools.setdefault((event[3], small), _new_pool())
-            keys, at, ends, segments = pool
-            j = find(keys, size << 64)                  # get_free_block: best fit (rule 3)
+                pool = pools.get((event[3], small)) or pools.setdefault((event[3], small), _new_pool(small))
+            keys, cells, segments, split_at = pool
+            j = find(keys, shifted)                     # get_free_block: best fit (rule 3)
             if j < length(keys):
                 k = keys[j]
-                ptr, found = k & mask, k >> 64
-                del at[ptr]
-                rest = found - size                     # should_split (rule 5): the low end is taken
-                if rest >= min_block if small else rest > small_size:
-                    tail = ptr + size                   # the remainder's key sorts at or before j
-                    k = (rest << 64) | tail
-                    i = find(keys, k, 0, j)
-                    if i == j:
-                        keys[j] = k
-                    else:
+                ptr = k & mask
+                rest = k - shifted                      # the remainder's size << 64 | ptr
+                if rest >= split_at:                    # should_split (rule 5): the low end is taken
+                    rest += size                        # its key, which sorts at or before j
+                    if j and keys[j - 1] > rest:
                         del keys[j]
-                        keys.insert(i, k)
-                    at[tail] = rest
-                    ends[ptr + found] = tail
+                        keys.insert(find(keys, rest, 0, j), rest)
+                    else:
+                        keys[j] = rest
+                    cell = cells.pop(ptr)
+                    cell[0] = rest
+                    cells[ptr + size] = cell
                     found = size
                 else:
                     del keys[j]
-                    del ends[ptr + found]
+                    found = k >> 64
+                    shifted = k - ptr
+                    del cells[ptr], cells[ptr + found]
             else:                                       # alloc_block (rules 4 and 7)
                 found = get_allocation_size(size, conf)
                 if capacity is not None and reserved + found > capacity:
                     for other in pools.values():        # release_cached_blocks, then one retry
-                        reserved -= release_whole_segments(*other)
+                        reserved -= _release(other)
                     retries += 1
                     if reserved + found > capacity:
                         ooms += 1
@@ -208,20 +220,21 @@ def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None
                 next_address = segment_after(ptr, found)
                 segments[ptr] = found
                 reserved += found
-                rest = found - size                     # should_split (rule 5)
-                if rest >= min_block if small else rest > small_size:
-                    tail = ptr + size
-                    put(keys, (rest << 64) | tail)
-                    at[tail] = rest
-                    ends[ptr + found] = tail
+                rest = (found - size) << 64
+                if rest >= split_at:                    # should_split (rule 5)
+                    rest += ptr + size
+                    put(keys, rest)
+                    cells[ptr + size] = cells[ptr + found] = [rest]
                     found = size
-            live[key] = (ptr, found, keys, at, ends)
+                else:
+                    shifted = found << 64
+                if reserved > peak_reserved:            # reserved grows only here
+                    peak_reserved, peak_reserved_index, allocated_at_peak = reserved, index, allocated + found
+                    largest_at_peak = max((p[0][-1] >> 64 for p in pools.values() if p[0]), default=0)
+            live[key] = (ptr, found, shifted, keys, cells)
             allocated += found
             if allocated > peak_allocated:
                 peak_allocated, peak_allocated_index = allocated, index
-            if reserved > peak_reserved:
-                peak_reserved, peak_reserved_index, allocated_at_peak = reserved, index, allocated
-                largest_at_peak = max((p[0][-1] >> 64 for p in pools.values() if p[0]), default=0)
         elif op == "free":
             try:
                 block = live.pop(event[1])
@@ -229,39 +242,57 @@ def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None
                 _not_allocated(index, event[1])
             if block is None:
                 continue
-            ptr, size, keys, at, ends = block           # free_block, try_merge_blocks (rule 6)
+            ptr, size, shifted, keys, cells = block     # free_block, try_merge_blocks (rule 6)
             allocated -= size
             end = ptr + size
-            after = at.pop(end, None)                   # the free neighbour after it
-            if after is not None:
-                del keys[find(keys, (after << 64) | end)]
-                end += after
-            before = ends.pop(ptr, None)                # the free neighbour before it
+            after = cells.pop(end, None)                # the free neighbour after it
+            before = cells.pop(ptr, None)               # the free neighbour before it
             if before is None:
-                put(keys, ((end - ptr) << 64) | ptr)
-            else:                                       # the merged key sorts after the neighbour's
-                i = find(keys, (at[before] << 64) | before)
-                ptr = before
-                k = ((end - ptr) << 64) | ptr
-                j = find(keys, k, i + 1)
-                if j == i + 1:
-                    keys[i] = k
-                else:
-                    del keys[i]
-                    keys.insert(j - 1, k)
-            at[ptr] = end - ptr
-            ends[end] = ptr
+                if after is None:                       # a free block of its own
+                    k = shifted + ptr
+                    put(keys, k)
+                    cells[ptr] = cells[end] = [k]
+                    continue
+                cell = after                            # the neighbour after it grows down to ptr
+                old = after[0]
+                k = old + shifted - size
+                cells[ptr] = after
+            else:                                       # the neighbour before it grows up to end
+                cell = before
+                old = before[0]
+                k = old + shifted
+                if after is None:
+                    cells[end] = before
+                else:                                   # ... and on to the end of the one after
+                    following = after[0]
+                    del keys[find(keys, following)]
+                    k += following - end
+                    cells[end + (following >> 64)] = before
+            i = find(keys, old)                         # the merged key sorts after the neighbour's
+            if i + 1 < length(keys) and keys[i + 1] < k:
+                del keys[i]
+                keys.insert(find(keys, k, i), k)
+            else:
+                keys[i] = k
+            cell[0] = k
         elif op == "empty_cache":                       # rule 10
             for pool in pools.values():
-                reserved -= release_whole_segments(*pool)
+                reserved -= _release(pool)
         else:
             _unknown_action(index, op)
     return AllocatorReplay(
         events=index + 1, peak_allocated_bytes=peak_allocated, peak_reserved_bytes=peak_reserved,
         allocated_bytes=allocated, reserved_bytes=reserved, num_alloc_retries=retries, num_ooms=ooms,
-        segments=sum(len(p[3]) for p in pools.values()), largest_free_block_bytes=largest_at_peak,
+        segments=sum(len(p[2]) for p in pools.values()), largest_free_block_bytes=largest_at_peak,
         fragmentation_bytes=peak_reserved - allocated_at_peak, peak_reserved_index=peak_reserved_index,
         peak_allocated_index=peak_allocated_index, oom=oom)
+
+
+def _release(pool: tuple) -> int:
+    """release_whole_segments over one pool of the plain replay, whose starts and ends share one
+    dict; the bytes freed."""
+    keys, cells, segments, _ = pool
+    return release_whole_segments(keys, cells, cells, segments)
 
 
 # --- bad events: the same one-line errors from both loops -------------------------------------------
