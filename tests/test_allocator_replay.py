@@ -111,3 +111,20 @@ def test_an_exabyte_request_is_an_oom_in_both():
     events = [("alloc", "a", 4096), ("alloc", "b", 2**60)]
     assert fast(events) == general(events)
     assert fast(events).oom["key"] == "b"
+
+
+def test_an_int_subclass_size_is_its_value_in_both():
+    """A size that is an int subclass (an IntEnum here) is a byte count like any int: the plain
+    loop's size cache keys on exact ints, and a subclass must still allocate, not fail."""
+    import enum
+
+    class Size(enum.IntEnum):
+        THREE_MIB = 3 * MiB
+        HALF_KIB = 512
+
+    events = [("alloc", "a", Size.THREE_MIB), ("alloc", "b", Size.HALF_KIB), ("free", "a"),
+              ("alloc", "c", 3 * MiB)]
+    assert fast(events) == general(events)
+    assert fast(events).oom is None
+    # a (3 MiB, large pool) and b (512 B, small pool) are live together; c reuses a's block
+    assert fast(events).peak_allocated_bytes == 3 * MiB + 512

@@ -172,8 +172,10 @@ def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None
                     if nbytes == 0:                     # zero-byte tensors never reach the allocator
                         live[key] = None
                         continue
-                    oom = _oom(index, key, nbytes, reserved, allocated)   # NativeCachingAllocator::allocate
-                    break
+                    if nbytes >= too_large:
+                        oom = _oom(index, key, nbytes, reserved, allocated)   # NativeCachingAllocator::allocate
+                        break
+                    nbytes = int(nbytes)                # an int subclass (IntEnum...): its value
                 if length(rounded) == 1 << 16:          # bounded, whatever the stream
                     rounded.clear()
                 size = (nbytes + 511) & -512            # round_size (rule 1, >= 512 B)
