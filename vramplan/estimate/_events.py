@@ -296,6 +296,7 @@ class _Template:
     names: dict
     region_exit: tuple = ()  # the frees that open the backward tape: autocast's weight-cast cache,
                              # cleared when the forward's autocast region exits (walk.walk `cached`)
+    blas: tuple = (-1, -1)   # index into forward / backward of the first cuBLAS call (walk.Tape.blas)
 
 
 class _Slots:
@@ -334,7 +335,10 @@ def _template(tape, slots: _Slots) -> _Template:
                   for size, _tag in tape.table)
     fwd, bwd, cur = [], [], None
     cur = fwd
-    for event in tape.events:
+    blas = [-1, -1]
+    for i, event in enumerate(tape.events):
+        if i in tape.blas:
+            blas[cur is bwd] = len(cur)
         kind = event[0]
         if kind == 1 or kind == -1:
             cur.append((kind, event[1]))
@@ -344,8 +348,10 @@ def _template(tape, slots: _Slots) -> _Template:
         else:
             cur = bwd
     n_exit = next((i for i, (kind, _tid) in enumerate(bwd) if kind != -1), len(bwd))
+    if blas[1] >= 0:
+        blas[1] = max(blas[1] - n_exit, 0)
     return _Template(parts, tuple(tag for _s, tag in tape.table), tuple(fwd), tuple(bwd[n_exit:]), tape.names,
-                     tuple(bwd[:n_exit]))
+                     tuple(bwd[:n_exit]), tuple(blas))
 
 
 class _Recorder:
@@ -696,6 +702,24 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     # a layer's forward without the free of its output: that is the next layer's input
     forwards = {id(t): tuple((k, tid) for k, tid in t.forward if not (k == -1 and tid == t.names["layer.out"]))
                 for t in kinds_t}
+    # where in that forward its first cuBLAS call is (the events kept before it)
+    forward_blas = {id(t): -1 if t.blas[0] < 0 else
+                    t.blas[0] - sum(1 for k, tid in t.forward[:t.blas[0]] if k == -1 and tid == t.names["layer.out"])
+                    for t in kinds_t}
+    workspace = const(workspace_bytes(arch))
+
+    def play(inst: _Instance, events: tuple, at: int, pending: bool) -> bool:
+        """inst.run(events); while a thread's cuBLAS workspace is pending (its first step), it is
+        allocated at `at`, the tape's first cuBLAS call (walk.Tape.blas): at::cuda::blas takes the
+        handle's workspace inside the call, after the matmul's output is allocated (cuda/_cublas.py).
+        Returns whether it still is pending."""
+        if pending and at >= 0:
+            inst.run(events[:at])
+            b.new(workspace)
+            inst.run(events[at:])
+            return False
+        inst.run(events)
+        return pending
     # the tapes' parameter gradients, which the gradients no tape makes are the rest of (_cell_sizes)
     grads_of = lambda t: [slot for tid in grad_tids[id(t)] for slot in t.parts[tid]]  # noqa: E731
     tape_grads = tuple(grads_of(t_head) + [slot for t in stack for slot in grads_of(t)])
@@ -713,8 +737,9 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         leaves = b.new(cell("leaf"))
         masks = b.new(cell("mask"))
         x = b.new(cell("hidden"))
-        if step == 0:   # the forward thread's cuBLAS workspace, from its first matmul on (cuda/_cublas.py)
-            b.new(const(workspace_bytes(arch)))
+        # the first step allocates each thread's cuBLAS workspace at its first matmul: the forward's
+        # (the caller's thread) and the backward's (autograd's device thread); both stay (cuda/_cublas.py)
+        forward_ws = backward_ws = step == 0
         rooted = gather(root) if fsdp else []     # the root unit, unsharded for the whole step
         layers = []
         for i in range(L):
@@ -723,7 +748,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             gathered = gather(unit(i)) if fsdp else []
             inst = _Instance(b, t, {t.names["x"]: x})      # tape ids are per template
             fwd = forwards[id(t)]
-            inst.run(net(t, fwd, "forward") if reduced(i) else fwd)
+            if reduced(i):
+                inst.run(net(t, fwd, "forward"))
+            else:
+                forward_ws = play(inst, fwd, forward_blas[id(t)], forward_ws)
             x = inst.take(t.names["layer.out"])
             release(gathered)                              # reshard_after_forward
             # bitsandbytes int8 matmul inputs kept on the autograd ctx (ops.int8_ctx_inputs; 0 bytes without)
@@ -731,7 +759,8 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             layers.append(inst)
         b.place("forward", "lm_head")
         head = _Instance(b, t_head, {t_head.names["x"]: x})
-        head.run(t_head.forward)
+        if play(head, t_head.forward, t_head.blas[0], forward_ws):
+            b.new(workspace)      # no matmul found in the tapes: counted all the same (cuda/_cublas.py)
         for inst in layers:      # the autocast region exits with the forward
             inst.run(inst.t.region_exit)
         release(held_prev)        # a plain loop rebinds `out` once model() returns
@@ -757,9 +786,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                     reduce_ipg(zero.ipg)
                     total -= zero.ipg
                 return total
-        if step == 0:   # autograd's device thread gets its own handle and workspace (cuda/_cublas.py)
-            b.new(const(workspace_bytes(arch)))
-        head.run(t_head.backward)
+        backward_ws = play(head, t_head.backward, t_head.blas[1], backward_ws)
         # the new `out` (ops.held_outputs) lives from here through the optimizer step
         held_prev = b.new(cell("held"))
         grad = head.take(t_head.names["grad:x"])
@@ -782,7 +809,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 gathered = prefetched or gather(unit(i))
                 prefetched = gather(unit(i - 1)) if i > 0 else []
             inst.keys[inst.t.names["grad#1"]] = grad
-            inst.run(net(inst.t, inst.t.backward, "backward") if reduced(i) else inst.t.backward)
+            if reduced(i):
+                inst.run(net(inst.t, inst.t.backward, "backward"))
+            else:
+                backward_ws = play(inst, inst.t.backward, inst.t.blas[1], backward_ws)
             grad = inst.take(inst.t.names["grad:x"]) if "grad:x" in inst.t.names else []
             mine = [key for tid in grad_tids[id(inst.t)] for key in inst.take(tid)]
             if fsdp:     # reduce-scatter: the unit's full gradients become this rank's shard
@@ -797,6 +827,8 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 filled = fill(zero.layer_grads)
             grads += mine
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
+        if backward_ws:
+            b.new(workspace)      # no matmul found in the tapes: counted all the same (cuda/_cublas.py)
         if lm_grad:
             # the embedding's backward (ops.tied_embedding_grad): embedding_dense_backward's output,
             # made before its incoming gradient goes; then the sum of the two, into lm_head's

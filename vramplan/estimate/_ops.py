@@ -35,7 +35,7 @@ from vramplan.core._record import record
 from vramplan.cuda import _cublas as cuda_cublas, _sdpa as cuda_sdpa
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._gemm_4bit import gemm_4bit_uses_fused_kernel
-from vramplan.estimate._walk import ACT, Op, Tape, Tensor, WalkResult, walk
+from vramplan.estimate._walk import ACT, BLAS, BWD_BLAS, Op, Tape, Tensor, WalkResult, walk
 from vramplan.estimate._inventory import (adapted_linears, embedding_bytes, expert_linears, experts_adapted,
                                          experts_quantized, rope_kinds, rope_width, weight_bytes)
 from vramplan.core._models import Linear, ModelSpec
@@ -161,6 +161,12 @@ class _Ops:
                 # bnb int8_scaled_mm on CUDA: an int32 product, then fp16 (backends/cuda/ops.py)
                 work = alloc(4 * T * o) + alloc(2 * T * o) + alloc(T * i) + alloc(4 * T)
             self.dequant = max(self.dequant, dq)
+        # torch matmuls (cuBLAS): F.linear, and bitsandbytes' dequantize + F.linear fallback; its fused
+        # 4-bit kernel and the int8 matmul (bnb's own cublasLt handle) are not, but their backward's
+        # torch.matmul on the dequantized weight is (bitsandbytes autograd/_functions.py MatMul4Bit /
+        # MatMul8bitLt.backward)
+        own_kernel = s.quantized and lin.name != "lm_head" and (s.quant == "int8" or lin.name in self.fused)
+        blas = BWD_BLAS if own_kernel else BLAS
         if s.amp_over_fp32:
             base, ob = self.autocast_base(name, lin, x, a), self.c
         else:
@@ -169,7 +175,7 @@ class _Ops:
             # (autograd/_functions.py) keeps its input A for backward as well
             full_saves = (x,) if self.full or (s.quantized and s.quant == "int8" and lin.name != "lm_head") else ()
             self.op(f"{name}.base", [x], [self.t(base, a * T * o)], saves=full_saves, grads=((x, a * T * i),),
-                    work=work, bwd_work=bwd_work,
+                    work=work, bwd_work=bwd_work, blas=blas,
                     param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0)
         if ob != self.a:   # bitsandbytes Linear4bit returns its input's dtype (nn/modules.py forward)
             self.bytes_of[base] = ob
@@ -191,9 +197,9 @@ class _Ops:
                     saves=(f"{name}.mask",), grads=((xin, FP32 * T * i),))
             xin = f"{name}.xd"
         self.op(f"{name}.lora_A", [xin], [self.t(f"{name}.la", FP32 * T * r)], saves=(xin,),
-                grads=((xin, FP32 * T * i),), param_grads=alloc(FP32 * r * i))
+                grads=((xin, FP32 * T * i),), param_grads=alloc(FP32 * r * i), blas=BLAS)
         self.op(f"{name}.lora_B", [f"{name}.la"], [self.t(f"{name}.lb", FP32 * T * o)], saves=(f"{name}.la",),
-                grads=((f"{name}.la", FP32 * T * r),), param_grads=alloc(FP32 * o * r))
+                grads=((f"{name}.la", FP32 * T * r),), param_grads=alloc(FP32 * o * r), blas=BLAS)
         self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", FP32 * T * o)],
                 grads=((f"{name}.lb", FP32 * T * o),))
         lc = f"{name}.ls"
@@ -231,7 +237,7 @@ class _Ops:
             if full:
                 self.cached += (cast,)
         base = f"{name}.base"
-        self.op(base, [xin, *(cast for cast, _ in casts)], [self.t(base, c * T * o)],
+        self.op(base, [xin, *(cast for cast, _ in casts)], [self.t(base, c * T * o)], blas=BLAS,
                 saves=(xin, f"{name}.w_amp") if full else (f"{name}.w_amp",),
                 grads=((xin, c * T * i), *((cast, c * n) for cast, n in casts)))
         return base
@@ -267,19 +273,19 @@ class _Ops:
             # qlora.py's recast: the adapter weights are bf16 leaves already, so F.linear uses them
             # as they are (no cast, nothing cached) and their gradients are bf16 .grad tensors
             self.op(f"{name}.lora_A", [xin], [self.t(f"{name}.la", c * T * r)], saves=(xin,),
-                    grads=((xin, c * T * i),), param_grads=alloc(c * r * i))
+                    grads=((xin, c * T * i),), param_grads=alloc(c * r * i), blas=BLAS)
             self.op(f"{name}.lora_B", [f"{name}.la"], [self.t(f"{name}.lb", c * T * o)], saves=(f"{name}.la",),
-                    grads=((f"{name}.la", c * T * r),), param_grads=alloc(c * o * r))
+                    grads=((f"{name}.la", c * T * r),), param_grads=alloc(c * o * r), blas=BLAS)
         else:
             wa, wb = f"{name}.A16", f"{name}.B16"
             self.op(f"{name}.cast_A", [], [self.t(wa, c * r * i)], param_grads=alloc(FP32 * r * i))
             self.cached += (wa,)
             self.op(f"{name}.lora_A", [xin, wa], [self.t(f"{name}.la", c * T * r)], saves=(xin, wa),
-                    grads=((xin, c * T * i), (wa, c * r * i)))
+                    grads=((xin, c * T * i), (wa, c * r * i)), blas=BLAS)
             self.op(f"{name}.cast_B", [], [self.t(wb, c * o * r)], param_grads=alloc(FP32 * o * r))
             self.cached += (wb,)
             self.op(f"{name}.lora_B", [f"{name}.la", wb], [self.t(f"{name}.lb", c * T * o)],
-                    saves=(f"{name}.la", wb), grads=((f"{name}.la", c * T * r), (wb, c * o * r)))
+                    saves=(f"{name}.la", wb), grads=((f"{name}.la", c * T * r), (wb, c * o * r)), blas=BLAS)
         self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", c * T * o)],
                 grads=((f"{name}.lb", c * T * o),))
         out = f"{name}.out"
@@ -465,7 +471,7 @@ class _Ops:
                 k, v = "attn.kr", "attn.vr"
             self.op("attn.k_scale", [k], [self.t("attn.ks", c * T * qw)], grads=((k, c * T * qw),))
             self.op("attn.qk", ["attn.qs", "attn.ks"], [self.t("attn.s", c * S)], saves=("attn.qs", "attn.ks"),
-                    grads=(("attn.qs", c * T * qw), ("attn.ks", c * T * qw)))
+                    grads=(("attn.qs", c * T * qw), ("attn.ks", c * T * qw)), blas=BLAS)
             self.op("attn.bias", ["attn.s", *masks, *bias], [self.t("attn.sb", c * S)], grads=(("attn.s", 0),))
             self.op("attn.softmax", ["attn.sb"], [self.t("attn.p", c * S)], saves=("attn.p",),
                     grads=(("attn.sb", c * S),))
@@ -475,7 +481,7 @@ class _Ops:
                 weights = ["attn.pw"]
             out = "attn.o32" if a != FP32 else "attn.o"
             self.op("attn.pv", ["attn.p", v], [self.t(out, c * T * qw)], saves=("attn.p", v),
-                    grads=(("attn.p", c * S), (v, c * T * qw)))
+                    grads=(("attn.p", c * S), (v, c * T * qw)), blas=BLAS)
             if a != FP32:
                 self.op("attn.o_cast", [out], [self.t("attn.o", a * T * qw)], grads=((out, c * T * qw),))
             # the kernel's locals live until it returns (aten _scaled_dot_product_attention_math:
@@ -533,7 +539,7 @@ class _Ops:
                 k, v = "attn.kr", "attn.vr"
             # eager q/k/v are made contiguous for bmm: q is already, k^T is a view
             self.op("attn.qk", [q, k, *keep_k], [self.t("attn.s", a * S)], saves=(q, k, *keep_k),
-                    grads=((q, a * T * qw), (k, a * T * qw)))
+                    grads=((q, a * T * qw), (k, a * T * qw)), blas=BLAS)
             self.op("attn.scale", ["attn.s"], [self.t("attn.s2", a * S)], grads=(("attn.s", a * S),))
             scores = "attn.s2"
             if spec.attn_logit_softcap:  # Gemma2: tanh(scores / cap) * cap, tanh saves its output
@@ -571,7 +577,7 @@ class _Ops:
                 self.op("attn.v_copy", [v], [self.t("attn.vc", a * T * vin)], grads=((v, 0),))
                 v = "attn.vc"
             self.op("attn.pv", [probs, v, *keep_v], [self.t("attn.o", a * T * ow)], saves=(probs, v, *keep_v),
-                    grads=((probs, a * S), (v, a * T * (vin if dims else qw))))
+                    grads=((probs, a * S), (v, a * T * (vin if dims else qw))), blas=BLAS)
         if backend in ("flash", "efficient"):
             # the fused kernels lay the output out as (b, s, H, hd): transformers'
             # transpose(1, 2).contiguous() and reshape are free views
@@ -600,7 +606,8 @@ class _Ops:
             self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
             k, v = "attn.kr", "attn.vr"
         sinks = alloc(a * H) if self.full else 0
-        self.op("attn.qk", [q, k], [self.t("attn.s", a * S)], saves=(q, k), grads=((q, a * T * qw), (k, a * T * qw)))
+        self.op("attn.qk", [q, k], [self.t("attn.s", a * S)], saves=(q, k), grads=((q, a * T * qw), (k, a * T * qw)),
+                blas=BLAS)
         self.op("attn.scale", ["attn.s"], [self.t("attn.s2", a * S)], grads=(("attn.s", a * S),))
         self.op("attn.mask", ["attn.s2"], [self.t("attn.sm", a * S)], grads=(("attn.s2", 0),))
         # cat's backward hands out narrow views of the incoming gradient; the sinks' own gradient
@@ -614,7 +621,7 @@ class _Ops:
                 grads=(("attn.cc", a * S1),))
         self.op("attn.slice", ["attn.p", "attn.sm"], [self.t("attn.pw", 0)], grads=(("attn.p", a * S1),))
         self.op("attn.pv", ["attn.pw", "attn.p", v], [self.t("attn.o", a * T * qw)], saves=("attn.p", v),
-                grads=(("attn.pw", a * S), (v, a * T * qw)))
+                grads=(("attn.pw", a * S), (v, a * T * qw)), blas=BLAS)
         self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * qw)], grads=(("attn.o", a * T * qw),))
         self.op("attn.return", ["attn.cc", "attn.of"])
         return "attn.of"
@@ -1286,11 +1293,11 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
         if embedding_bytes(setup) != lb:
             b.op("lm_head.w16", [], [b.t("lm_head.w16", lb * V * h)])
             weight = ["lm_head.w16"]
-        b.op("lm_head", ["lm_head.x16", *weight], [b.t("logits", lb * T * V)], saves=tuple(weight),
+        b.op("lm_head", ["lm_head.x16", *weight], [b.t("logits", lb * T * V)], saves=tuple(weight), blas=BLAS,
              grads=(("lm_head.x16", lb * T * h),))
         logits = "logits"
     elif logits is None:
-        b.op("lm_head", [n], [b.t("logits", lb * T * V)], grads=((n, b.a * T * spec.hidden),))
+        b.op("lm_head", [n], [b.t("logits", lb * T * V)], grads=((n, b.a * T * spec.hidden),), blas=BLAS)
         logits = "logits"
     if spec.arch.scaled_logits:    # Granite: logits / logits_scaling, a new tensor
         b.op("logits_scale", [logits], [b.t("logits_s", lb * T * V)], grads=((logits, lb * T * V),))
@@ -1349,7 +1356,7 @@ def chunked_head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops", n: str) -> l
           b.t("fused.top1", N)],
          saves=("fused.hc", "fused.tg", "fused.logz", "fused.ent"), grads=(("fused.hc", a * N * h),),
          work=7 * vec + tile + 2 * alloc(N), work_tag=ACT,
-         bwd_work=alloc(FP32 * N * h) + tile + (alloc(FP32 * V * h) if full else 0),
+         bwd_work=alloc(FP32 * N * h) + tile + (alloc(FP32 * V * h) if full else 0), blas=BWD_BLAS,
          param_grads=alloc(a * V * h) if full else 0)
     # (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)): zeros, then the result
     b.op("fused.scatter_lp", ["fused.lp", "fused.mask"], [b.t("fused.lpf", FP32 * N)], saves=("fused.mask",),

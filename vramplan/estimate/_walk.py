@@ -28,6 +28,12 @@ TMP = "temporaries"
 GRAD = "gradients"
 
 
+# Op.blas bits: the op's forward, its backward, runs a torch matmul (mm / addmm / bmm), i.e. a
+# cuBLAS call on the calling thread's handle (cuda/_cublas.py)
+FWD_BLAS, BWD_BLAS = 1, 2
+BLAS = FWD_BLAS | BWD_BLAS
+
+
 class Tensor(NamedTuple):
     name: str
     nbytes: int
@@ -47,6 +53,7 @@ class Op(NamedTuple):
     bwd_work: int = 0            # bytes alive only inside its backward
     param_grads: int = 0         # .grad bytes of trainable parameters the backward produces
     work_tag: str = TMP
+    blas: int = 0                # FWD_BLAS | BWD_BLAS: its forward / backward calls a torch matmul (cuBLAS)
 
 
 @record
@@ -115,6 +122,10 @@ class Tape:
     # name -> tid of its first allocation; "grad:<name>" -> tid of the gradient of <name> still
     # alive when the walk ends (estimate/_events.py chains layers by these)
     names: dict = field(default_factory=dict, compare=False, hash=False)
+    # (forward, backward): the index into `events` of the first cuBLAS call (Op.blas) of each part,
+    # after its outputs are allocated and before its own temporary; -1 where none runs. A
+    # thread's cuBLAS workspace is allocated there (estimate/_events.py, cuda/_cublas.py).
+    blas: tuple = field(default=(-1, -1), compare=False, hash=False)
 
     @cached_property
     def _compiled(self):
@@ -201,6 +212,13 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
     live = _Live()
     for name, nbytes in given.items():
         live.add(name, nbytes, ACT)
+    # the first cuBLAS call of the forward part and of the backward part (recomputation included:
+    # it runs in the backward, on autograd's thread), as an index into the tape
+    blas = [-1, -1]
+
+    def note_blas(op: Op, part: int, bit: int) -> None:
+        if op.blas & bit and blas[part] < 0:
+            blas[part] = len(live.tape)
     last_use: dict[str, int] = {}
     for i, op in enumerate(ops):
         for name in op.inputs:
@@ -212,6 +230,7 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
                    if last_use.get(n, -1) <= i and n not in keep) for i, op in enumerate(ops)]
 
     no_grad = reentrant and not save
+    backward_part = False   # the forward recomputed inside backward runs on autograd's thread
     hold: set = set()      # the reentrant recomputation's outputs, held until the segment's backward ends
 
     def run_forward(upto: int, saving: bool, stop_early: bool = False, grad_mode: bool = True) -> None:
@@ -227,6 +246,7 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
             for t in op.outputs:
                 if grad_mode or t.name not in grad_only:
                     live.add(t.name, t.nbytes, t.tag)
+            note_blas(op, 1 if backward_part else 0, FWD_BLAS)
             live.mark(op.name, op.work, op.work_tag)
             if op.param_grads or any(n in requires for n in op.inputs):
                 requires.update(t.name for t in op.outputs)
@@ -239,8 +259,9 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
 
     run_forward(len(ops), save, grad_mode=not no_grad)
     if not backward:
-        return Tape(tuple(live.table), tuple(live.tape), dict(live.first_tid))
+        return Tape(tuple(live.table), tuple(live.tape), dict(live.first_tid), tuple(blas))
     live.reset()
+    backward_part = True
     for name in cached:   # the autocast region ended with the forward: its cache is cleared
         if name in live.size and name not in saved_by:
             live.drop(name)
@@ -317,6 +338,8 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
                 continue
             key = new_grad(nbytes, op.outputs[0].tag if op.outputs else ACT) if nbytes else incoming[0]
             fresh.append((name, key))
+        if fresh or op.param_grads:    # a backward that computes a gradient: its matmuls run
+            note_blas(op, 1, BWD_BLAS)
         live.mark(op.name + ".backward", op.bwd_work, op.work_tag)
         for name, key in fresh:
             attach(name, key)
@@ -343,4 +366,4 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
             live.drop(name)
     names = dict(live.first_tid)
     names.update((f"grad:{name}", live.tid[key]) for name, key in grad_key.items() if key in live.tid)
-    return Tape(tuple(live.table), tuple(live.tape), names)
+    return Tape(tuple(live.table), tuple(live.tape), names, tuple(blas))

@@ -3,17 +3,42 @@ allocation and free the tracker saw, stand-in kernels' workspaces included, or t
 full-depth stream) played as two steps through the caching-allocator model, every event exact.
 
 The warm-up step is the measured step's events with the optimizer state created at the start of
-its optimizer phase (torch.optim creates state lazily inside the first opt.step(): `_init_group`);
-the second step is the measured one. Storages the step makes and never frees are made once.
-docs/allocator.md#simulate-stream.
+its optimizer phase (torch.optim creates state lazily inside the first opt.step(): `_init_group`)
+and the two cuBLAS workspaces at the first matmul of its forward and of its backward (the threads'
+first cuBLAS calls, cuda/_cublas.py); the second step is the measured one. Storages the step makes
+and never frees are made once. docs/allocator.md#simulate-stream.
 """
 from __future__ import annotations
+
+from bisect import bisect_right
 
 from vramplan.core._components import Component
 from vramplan.cuda._alloc_conf import AllocConf
 from vramplan.cuda._reserved import ReservedPeak, replay_stream
 
 OPT = Component.OPTIMIZER_STATE.value
+# the op the cuBLAS workspaces are registered under before the measured step (_step.py live_tracker)
+CUBLAS_WORKSPACE = "cublas_workspace"
+# ops that call cuBLAS on the calling thread's handle: torch's matmuls, and bitsandbytes' gemm_4bit
+# when it dequantizes the weight and calls F.linear (_kernels.py gemm_4bit); its fused kernel
+# allocates only its output and calls no cuBLAS
+MATMULS = frozenset({"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"})
+GEMM_4BIT = "bitsandbytes.gemm_4bit.default"
+
+
+def first_matmul(stream, phase: str) -> int | None:
+    """The event after which the phase's first cuBLAS call takes its thread's workspace: that call's
+    last allocation (at::cuda::blas gets the handle's workspace inside the call, once the matmul's
+    output exists; cuda/_cublas.py), or where it starts if it allocates nothing. None: no matmul."""
+    made = sorted(b.alloc_event for b in stream.blocks if b.alloc_event > stream.registered)
+    for start, end, where, op in stream.records:
+        if not where or where[0] != phase or (op not in MATMULS and op != GEMM_4BIT):
+            continue
+        inside = bisect_right(made, end) - bisect_right(made, start)
+        if op == GEMM_4BIT and inside < 2:
+            continue                          # the fused kernel: no dequantized weight, no cuBLAS
+        return made[bisect_right(made, end) - 1] if inside else start
+    return None
 
 
 def two_step_events(stream) -> list:
@@ -23,9 +48,15 @@ def two_step_events(stream) -> list:
     opt_start = next((s for s, _e, where, _op in stream.records if where and where[0] == "optimizer"),
                      stream.n_events)
     state = [b for b in registered if b.component == OPT]
+    # the forward thread's workspace, then autograd's (_step.py live_tracker registers them in that
+    # order); made where the warm-up step's forward / backward first calls cuBLAS
+    workspaces = [b for b in registered if b.op == CUBLAS_WORKSPACE]
+    at = [first_matmul(stream, phase) for phase in ("forward", "backward")[:len(workspaces)]]
+    first_use = [(ev, b) for ev, b in zip(at, workspaces) if ev is not None]
+    late = {id(b) for _ev, b in first_use}
     events: list = []
     for b in registered:
-        if b.component != OPT:
+        if b.component != OPT and id(b) not in late:
             events.append(("alloc", ("live", b.alloc_event), b.size))
     for step in (0, 1):
         timeline = []
@@ -37,6 +68,7 @@ def two_step_events(stream) -> list:
                 timeline.append((b.free_event, 0, b))
         if step == 0:
             timeline += [(opt_start, -1, b) for b in state]   # before the optimizer's first event
+            timeline += [(ev, 2, b) for ev, b in first_use]   # right after that event
         timeline.sort(key=lambda t: (t[0], t[1]))
         for _ev, kind, b in timeline:
             if kind == 0:

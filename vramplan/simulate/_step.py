@@ -37,6 +37,7 @@ from vramplan.simulate._attribution import (LOGITS_REGION, StepContext, componen
                                            register_live_state, short_name)
 from vramplan.core._errors import require, SimulationError, VramplanError
 from vramplan.simulate._build import build
+from vramplan.simulate._reserved import CUBLAS_WORKSPACE
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total): decoder layers run so far
 STEP_PHASES = ("forward", "backward", "optimizer")
@@ -312,7 +313,7 @@ class Simulation:
         register_live_state(tracker, self.built, self.paged)
         if self.cublas is not None:   # made by the warm-up step's first matmuls, cached since
             for workspace in self.cublas.tensors():
-                tracker.track(workspace, Component.TEMPORARIES.value)
+                tracker.track(workspace, Component.TEMPORARIES.value, op=CUBLAS_WORKSPACE)
         for t in self.held_tensors():   # the previous step's outputs: activations, as in the estimate
             tracker.track(t, Component.ACTIVATIONS.value)
         return tracker
@@ -377,7 +378,7 @@ def make_trace(spec, setup: TrainSetup, device: str, m: Measured, seconds: float
     by_module: dict[str, int] = {}
     for size, component, op, module in m.live_at_peak:
         components[component] += size
-        if op not in ("live", "stray"):
+        if op not in ("live", "stray", CUBLAS_WORKSPACE):
             by_module[module] = by_module.get(module, 0) + size
     check_sum(components, m.peak_bytes)
     starts = {"forward": "start", "backward": "forward_end", "optimizer": "backward_end"}
