@@ -69,9 +69,67 @@ def release_whole_segments(keys: list, at: dict, ends: dict, segments: dict) -> 
     return freed
 
 
-def _release(pools: dict, free_at: dict, free_end: dict, segments: dict) -> int:
-    """release_cached_blocks: release_whole_segments in every stream's pool; the bytes freed."""
-    return sum(release_whole_segments(keys, free_at, free_end, segments) for keys in pools.values())
+def merge_free(keys: list, cells: dict, ptr: int, size: int, shifted: int,
+               find=bisect_left, put=insort, length=len) -> None:
+    """free_block over a pool kept as ints (here and cuda/_replay.py): the block of `size` bytes
+    (`shifted`: size << 64) at `ptr` becomes free, merged with a free neighbour before it, then
+    after it (try_merge_blocks). `keys`: the pool's free blocks as sorted size << 64 | address;
+    `cells`: from each free block's start and end address to its cell, a one-item list holding its
+    key (the two entries share the cell, so a merge rewrites the surviving neighbour's cell and
+    moves only the entry of the end that changes)."""
+    end = ptr + size
+    after = cells.pop(end, None)                # the free neighbour after it
+    before = cells.pop(ptr, None)               # the free neighbour before it
+    if before is None:
+        if after is None:                       # a free block of its own
+            k = shifted + ptr
+            put(keys, k)
+            cells[ptr] = cells[end] = [k]
+            return
+        cell = after                            # the neighbour after it grows down to ptr
+        old = after[0]
+        k = old + shifted - size
+        cells[ptr] = after
+    else:                                       # the neighbour before it grows up to end
+        cell = before
+        old = before[0]
+        k = old + shifted
+        if after is None:
+            cells[end] = before
+        else:                                   # ... and on to the end of the one after
+            following = after[0]
+            del keys[find(keys, following)]
+            k += following - end
+            cells[end + (following >> 64)] = before
+    i = find(keys, old)                         # the merged key sorts after the neighbour's
+    if i + 1 < length(keys) and keys[i + 1] < k:
+        del keys[i]
+        keys.insert(find(keys, k, i), k)
+    else:
+        keys[i] = k
+    cell[0] = k
+
+
+def split_free(keys: list, cells: dict, j: int, ptr: int, size: int, rest: int,
+               find=bisect_left) -> None:
+    """should_split over a pool kept as ints (here and cuda/_replay.py): the free block `keys[j]` at
+    `ptr` gives its low `size` bytes and stays free as the remainder, whose key `rest` sorts at or
+    before j (a neighbouring key, not a search, says whether it stays in place); its cell is
+    rewritten and its start entry moves (merge_free has the layout)."""
+    if j and keys[j - 1] > rest:
+        del keys[j]
+        keys.insert(find(keys, rest, 0, j), rest)
+    else:
+        keys[j] = rest
+    cell = cells.pop(ptr)
+    cell[0] = rest
+    cells[ptr + size] = cell
+
+
+def _release(pools: dict, cells: dict, segments: dict) -> int:
+    """release_cached_blocks: release_whole_segments in every stream's pool, whose free blocks'
+    starts and ends share one dict; the bytes freed."""
+    return sum(release_whole_segments(keys, cells, cells, segments) for keys in pools.values())
 
 
 def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocConf,
@@ -88,24 +146,28 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
         raise ValueError(f"the one-pass replay does not cover these settings: {conf.text!r}")
     segment_small = conf.large_segment_size
     small_size, buffer, min_large, round_large = SMALL_SIZE, SMALL_BUFFER, MIN_LARGE_ALLOC, ROUND_LARGE
+    # per size slot, its bytes rounded (round_size): minus them for the small pool (get_pool: at
+    # most kSmallSize), 0 for none (0 bytes), else the large request and its size << 64
+    rounded = [0 if n <= 0 else -((n + 511) & -512) if n <= small_size else (n + 511) & -512 for n in sizes]
+    shifted_of = [r << 64 if r > 0 else 0 for r in rounded]
+    split_at = (small_size + 1) << 64   # should_split: more than kSmallSize remains, shifted like a key
     held = [0] * keys        # per key: > 0 the large block's address, < 0 minus the small bytes, 0 nothing
     held_size = [0] * keys   # per key: the large block's size
     key = 0
-    # the small pool's level (SmallPoolLevel): level now, high mark since the last event, peak,
-    # segments needed; `pending_need` > 0: the last event is a growth that may still merge
-    level = high = small_peak = small_need = 0
+    # the small pool's level (SmallPoolLevel): level now, high mark since the last event, segments
+    # needed for its peak; `pending_need` > 0: the last event is a growth that may still merge
+    level = high = small_need = 0
     pending_need = pending_high = pending_level = pending_index = 0
     index = 0                # events of the lumped stream so far (an OOM names its index)
-    # the large pool: free blocks as size << 64 | address (sorted), their sizes by start address
-    # and their starts by end address; segments' sizes by base
+    # the large pool: free blocks as size << 64 | address (sorted, one list per stream), their
+    # cells by start and by end address (merge_free; one dict for every stream, as addresses are
+    # unique across streams), segments' sizes by base
     free_keys: list = []
     pools = {0: free_keys}   # stream -> its large pool's free list
     streams = streams or {}
-    free_at: dict = {}
-    free_end: dict = {}
+    cells: dict = {}
     segments: dict = {}
-    put, find = insort, bisect_left
-    start_pop, end_pop = free_at.pop, free_end.pop
+    put, find, length, mask = insort, bisect_left, len, _MASK
     large = allocated = 0    # large pool reserved and allocated bytes
     next_address = FIRST_SEGMENT_ADDRESS
     small_reserved = 0       # the small pool's segments
@@ -121,7 +183,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             if allocated + pending_high > peak_allocated:
                 peak_allocated = allocated + pending_high
             if capacity is not None and large + pending_need > capacity:
-                large -= _release(pools, free_at, free_end, segments)
+                large -= _release(pools, cells, segments)
                 retries += 1
                 if large + pending_need > capacity:
                     oom = _oom(pending_index, pending_need - small_reserved, large + small_reserved,
@@ -141,41 +203,29 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
         phase, module = chunk_phase, chunk_module
         for op in ops[first:last]:
             if op >= 0:
-                n = sizes[op]
-                if n <= small_size:
-                    if n > 0:        # SmallPoolLevel.make: the level, rounded (round_size)
-                        r = (n + 511) & -512
-                        held[key] = -r
-                        level += r
+                size = rounded[op]
+                if size <= 0:
+                    if size:         # SmallPoolLevel.make: the level, rounded (round_size)
+                        held[key] = size
+                        level -= size
                         if level > high:
                             high = level
-                            if level > small_peak:
-                                small_peak = level
+                            if level > small_need:   # past its segments: whole kSmallBuffer more
                                 need = -(-level // buffer) * buffer
-                                if need > small_need:
-                                    small_need = need
-                                    if pending_need:   # merged into the growth event before it
-                                        pending_need = need
-                                        if level > pending_high:
-                                            pending_high = level
-                                    else:
-                                        pending_need, pending_high, pending_index = need, high, index
-                                        index += 1
-                                    pending_level = level
+                                small_need = need
+                                if pending_need:   # merged into the growth event before it
+                                    pending_need = need
+                                    if level > pending_high:
+                                        pending_high = level
+                                else:
+                                    pending_need, pending_high, pending_index = need, high, index
+                                    index += 1
+                                pending_level = level
                     key += 1
                     continue
                 this_key = key
                 key += 1
-            elif op == EMPTY_CACHE:
-                this_key, ptr, n = -1, -1, 0
-            else:
-                this_key = ~op
-                ptr = held[this_key]
-                if ptr <= 0:         # SmallPoolLevel.drop: the level goes down
-                    level += ptr
-                    continue
-                n = 0
-            if this_key < 0:         # empty_cache, an event of the lumped stream like the others
+            elif op == EMPTY_CACHE:  # empty_cache, an event of the lumped stream like the others
                 if pending_need:
                     if allocated + pending_high > peak_allocated:
                         peak_allocated = allocated + pending_high
@@ -190,8 +240,15 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                     peak_allocated = allocated + high
                 high = level
                 index += 1
-                large -= _release(pools, free_at, free_end, segments)
+                large -= _release(pools, cells, segments)
                 continue
+            else:
+                this_key = ~op
+                ptr = held[this_key]
+                if ptr <= 0:         # SmallPoolLevel.drop: the level goes down
+                    level += ptr
+                    continue
+                size = 0
             if streams:              # the large pool of this allocation's stream
                 stream = streams.get(this_key, 0)
                 free_keys = pools.get(stream)
@@ -201,7 +258,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                 if allocated + pending_high > peak_allocated:
                     peak_allocated = allocated + pending_high
                 if capacity is not None and large + pending_need > capacity:
-                    large -= _release(pools, free_at, free_end, segments)
+                    large -= _release(pools, cells, segments)
                     retries += 1
                     if large + pending_need > capacity:
                         oom = _oom(pending_index, pending_need - small_reserved, large + small_reserved,
@@ -219,58 +276,50 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                 peak_allocated = allocated + high
             high = level
             index += 1
-            if n:                    # malloc
-                size = (n + 511) & -512                       # round_size
-                j = find(free_keys, size << 64)               # get_free_block: best fit
-                if j < len(free_keys):
-                    k = free_keys.pop(j)
-                    ptr, found = k & _MASK, k >> 64
-                    del free_at[ptr]
-                    del free_end[ptr + found]
+            if size:                 # malloc
+                shifted = shifted_of[op]
+                j = find(free_keys, shifted)                  # get_free_block: best fit
+                if j < length(free_keys):
+                    k = free_keys[j]
+                    ptr = k & mask
+                    rest = k - shifted                        # the remainder's size << 64 | ptr
+                    if rest >= split_at:                      # should_split: the low end is taken
+                        split_free(free_keys, cells, j, ptr, size, rest + size)   # rest + size: its key
+                        found = size
+                    else:
+                        del free_keys[j]
+                        found = k >> 64
+                        del cells[ptr], cells[ptr + found]
                 else:                # get_allocation_size, alloc_block
                     found = segment_small if size < min_large else -(-size // round_large) * round_large
                     if capacity is not None and large + found > capacity - small_reserved:
-                        large -= _release(pools, free_at, free_end, segments)
+                        large -= _release(pools, cells, segments)
                         retries += 1
                         if large + found > capacity - small_reserved:
-                            oom = _oom(index - 1, n, large + small_reserved, allocated + level, phase, module)
+                            oom = _oom(index - 1, sizes[op], large + small_reserved, allocated + level, phase, module)
                             break
                     ptr = next_address
                     next_address = segment_after(ptr, found)
                     segments[ptr] = found
                     large += found
-                rest = found - size
-                if rest > small_size:                         # should_split: the low end is taken
-                    tail = ptr + size
-                    put(free_keys, (rest << 64) | tail)
-                    free_at[tail] = rest
-                    free_end[ptr + found] = tail
-                    found = size
+                    rest = (found - size) << 64
+                    if rest >= split_at:                      # should_split: the low end is taken
+                        rest += ptr + size
+                        put(free_keys, rest)
+                        cells[ptr + size] = cells[ptr + found] = [rest]
+                        found = size
+                    total = large + small_reserved            # reserved grows only here and with
+                    if total > peak_reserved:                 # the small pool's segments
+                        peak_reserved, fragmentation = total, total - allocated - found - level
                 held[this_key] = ptr
                 held_size[this_key] = found
-                allocated += found
-                total = large + small_reserved
-                if total > peak_reserved:
-                    peak_reserved, fragmentation = total, total - allocated - level
-                if allocated + level > peak_allocated:
-                    peak_allocated = allocated + level
-            else:                    # free_block, try_merge_blocks: previous neighbour, then next
+                allocated += found   # peak allocated is not checked here: every later event (or the
+                # closing one) first counts allocated plus a high mark of at least this level, unless
+                # the peak is reset before it (count_from)
+            else:                    # free_block, try_merge_blocks (merge_free)
                 found = held_size[this_key]
                 allocated -= found
-                end = ptr + found
-                before = end_pop(ptr, None)
-                if before is not None:
-                    size = start_pop(before)
-                    del free_keys[find(free_keys, (size << 64) | before)]
-                    ptr = before
-                size = start_pop(end, None)
-                if size is not None:
-                    del free_keys[find(free_keys, (size << 64) | end)]
-                    end += size
-                    del free_end[end]
-                free_at[ptr] = end - ptr
-                free_end[end] = ptr
-                put(free_keys, ((end - ptr) << 64) | ptr)
+                merge_free(free_keys, cells, ptr, found, found << 64)
         if oom is not None:
             break
     if oom is None:              # the closing event (SmallPoolLevel.finish)

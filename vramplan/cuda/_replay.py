@@ -21,7 +21,7 @@ from vramplan.cuda._alloc_conf import AllocConf, as_conf
 from vramplan.cuda._allocator import (MIN_BLOCK_SIZE, ONE_EXABYTE, SMALL_SIZE, CachingAllocator,
                                       FIRST_SEGMENT_ADDRESS, OutOfMemory, SegmentBase, get_allocation_size,
                                       segment_after)
-from vramplan.cuda._fast_replay import release_whole_segments
+from vramplan.cuda._fast_replay import merge_free, release_whole_segments, split_free
 
 _MASK = (1 << 64) - 1        # free-list keys: size << 64 | address (BlockComparatorSize)
 
@@ -144,8 +144,9 @@ def _new_pool(small: bool) -> tuple:
 
 def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None) -> AllocatorReplay:
     """`run_replay` over a fresh allocator under `plain` settings and default segment addresses,
-    with the rules inlined. Segments never touch (the default addresses leave a gap), so a free
-    block that ends where another starts is its neighbour in the same segment."""
+    with the rules inlined but for a free block's split and merge (cuda/_fast_replay.py split_free,
+    merge_free, shared with the one-pass replay). Segments never touch (the default addresses leave
+    a gap), so a free block that ends where another starts is its neighbour in the same segment."""
     pools: dict[tuple, tuple] = {}
     small0 = pools[(0, True)] = _new_pool(True)
     large0 = pools[(0, False)] = _new_pool(False)
@@ -193,15 +194,7 @@ def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None
                 ptr = k & mask
                 rest = k - shifted                      # the remainder's size << 64 | ptr
                 if rest >= split_at:                    # should_split (rule 5): the low end is taken
-                    rest += size                        # its key, which sorts at or before j
-                    if j and keys[j - 1] > rest:
-                        del keys[j]
-                        keys.insert(find(keys, rest, 0, j), rest)
-                    else:
-                        keys[j] = rest
-                    cell = cells.pop(ptr)
-                    cell[0] = rest
-                    cells[ptr + size] = cell
+                    split_free(keys, cells, j, ptr, size, rest + size)   # rest + size: its key
                     found = size
                 else:
                     del keys[j]
@@ -246,37 +239,7 @@ def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None
                 continue
             ptr, size, shifted, keys, cells = block     # free_block, try_merge_blocks (rule 6)
             allocated -= size
-            end = ptr + size
-            after = cells.pop(end, None)                # the free neighbour after it
-            before = cells.pop(ptr, None)               # the free neighbour before it
-            if before is None:
-                if after is None:                       # a free block of its own
-                    k = shifted + ptr
-                    put(keys, k)
-                    cells[ptr] = cells[end] = [k]
-                    continue
-                cell = after                            # the neighbour after it grows down to ptr
-                old = after[0]
-                k = old + shifted - size
-                cells[ptr] = after
-            else:                                       # the neighbour before it grows up to end
-                cell = before
-                old = before[0]
-                k = old + shifted
-                if after is None:
-                    cells[end] = before
-                else:                                   # ... and on to the end of the one after
-                    following = after[0]
-                    del keys[find(keys, following)]
-                    k += following - end
-                    cells[end + (following >> 64)] = before
-            i = find(keys, old)                         # the merged key sorts after the neighbour's
-            if i + 1 < length(keys) and keys[i + 1] < k:
-                del keys[i]
-                keys.insert(find(keys, k, i), k)
-            else:
-                keys[i] = k
-            cell[0] = k
+            merge_free(keys, cells, ptr, size, shifted)
         elif op == "empty_cache":                       # rule 10
             for pool in pools.values():
                 reserved -= _release(pool)
