@@ -1,6 +1,7 @@
 """The CLI contract: one-line errors with hints and exit codes, JSON keys other tools rely on,
 and an estimate path that never imports heavy packages."""
 import json
+import os
 import subprocess
 import sys
 
@@ -106,6 +107,16 @@ def test_estimate_path_imports_nothing_heavy():
             "print(','.join(heavy))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_the_command_exits_with_mains_code():
+    """`python -m vramplan.cli` (cli.run, the console script too): main()'s return code, the output
+    written before the interpreter exits."""
+    ok = subprocess.run([sys.executable, "-m", "vramplan.cli", "gpus", "--json"], capture_output=True, text=True)
+    assert ok.returncode == 0 and any(g["name"] == "H100-80GB" for g in json.loads(ok.stdout))
+    bad = subprocess.run([sys.executable, "-m", "vramplan.cli", "estimate", "no/such-model", "--json"],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert bad.returncode != 0 and bad.stderr.startswith("Error:")
 
 
 def test_library_call():

@@ -188,3 +188,83 @@ def test_the_tracker_replays_the_tied_sum_as_a_run_without_it(amp):
     at_embedding = [blk for blk in tracker.live_at(tracker.peak.event) if blk.size == E]
     assert len(at_embedding) == (2 if amp else 3)
     assert tracker.peak.op in ("aten.add.Tensor", "aten.embedding_dense_backward.default")
+
+
+def _ops_twice(tracker):
+    """The same ops twice over fresh inputs of the same layouts; the outputs' layouts."""
+    layouts = []
+    with tracker:
+        for _ in range(2):
+            x, w = meta(8, 16, dtype=torch.bfloat16), meta(32, 16, dtype=torch.bfloat16)
+            outs = [x * 2, x + x, x * 2.0, torch.nn.functional.linear(x, w), x.float(), x.t().contiguous(),
+                    torch.cat([x, x]), x.reshape(4, 32), x.view(-1), x.t().reshape(-1), *torch.sort(x.float())]
+            outs[1].add_(1)
+            layouts.append([(tuple(o.shape), o.stride(), o.dtype, o.untyped_storage().nbytes()) for o in outs])
+            del x, w, outs
+    return layouts, [(b.size, b.nbytes, b.alloc_event, b.free_event, b.op) for b in tracker.blocks]
+
+
+def test_meta_layouts_answer_repeated_ops_as_their_kernels():
+    """kernels.MetaLayouts: an op's second call with the same argument layouts gets new tensors of
+    the layouts its kernel made, the same storages counted in the same order; views, in-place ops
+    and out-of-place reshapes of a non-contiguous tensor still run (or are never replayed)."""
+    from vramplan.simulate._kernels import MetaLayouts
+    from vramplan.simulate._oplog import StepTracker
+
+    layouts = MetaLayouts()
+    with_cache = _ops_twice(StepTracker("meta", layouts=layouts))
+    assert with_cache == _ops_twice(StepTracker("meta"))
+    assert with_cache[0][0] == with_cache[0][1]
+    known = {key[0].__name__: value for key, value in layouts._known.items()}
+    assert known["mul.Tensor"] is not None and known["sort.default"] is not None
+    assert "view.default" not in known and "add_.Tensor" not in known    # a view, an in-place op
+    assert known["_unsafe_view.default"] is None      # its output shares the input's storage
+
+
+def test_meta_layouts_keep_scalar_types_and_the_default_dtype_apart():
+    """An int tensor times 2 stays int, times 2.0 is the default float dtype: neither answers the
+    other, nor does a call under another default dtype."""
+    from vramplan.simulate._kernels import MetaLayouts
+    from vramplan.simulate._oplog import StepTracker
+
+    tracker = StepTracker("meta", layouts=MetaLayouts())
+    with tracker:
+        ints = meta(4, dtype=torch.int64)
+        dtypes = [(ints * 2).dtype, (ints * 2.0).dtype, (ints * True).dtype]
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            dtypes.append((ints * 2.0).dtype)
+        finally:
+            torch.set_default_dtype(previous)
+    assert dtypes == [torch.int64, torch.float32, torch.int64, torch.float64]
+
+
+def test_tensors_in_walks_arguments_as_pytree_does():
+    from torch.utils._pytree import tree_leaves
+
+    from vramplan.simulate._tracker import tensors_in
+
+    a, b, c = meta(1), meta(2), torch.ones(3)
+    trees = [a, 3, None, (a, [b, 1.5, (c,)], {"x": b, "y": [a]}), torch.sort(meta(4)), ([], (), {}),
+             ((a, b), {"out": c, "dtype": torch.float16})]
+    for tree in trees:
+        assert [id(t) for t in tensors_in(tree)] == [id(t) for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def test_the_collector_is_paused_inside_and_left_as_it_was():
+    import gc
+
+    from vramplan.simulate._step import collector_paused
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

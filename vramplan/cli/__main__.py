@@ -1,5 +1,3 @@
-import sys
+from vramplan.cli import run
 
-from vramplan.cli import main
-
-sys.exit(main())
+run()

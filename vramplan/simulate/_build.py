@@ -21,6 +21,7 @@ weight and every QuantState tensor exist with their real shapes and dtypes.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -233,20 +234,35 @@ def quantize(model, setup: TrainSetup, device: str) -> None:
     model.is_loaded_in_8bit = setup.quant == "int8"
 
 
-def add_adapters(model, setup: TrainSetup):
+def add_adapters(model, setup: TrainSetup, device: str):
     from peft import LoraConfig, get_peft_model
 
     targets = ALL_LINEAR if setup.targets == (ALL_LINEAR,) else list(setup.targets)
     config = LoraConfig(r=setup.rank, target_modules=targets, lora_dropout=setup.lora_dropout,
                         task_type="CAUSAL_LM")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _values_unset(device):
             warnings.simplefilter("ignore")
             return get_peft_model(model, config)
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
         raise ModelError(f"--targets {','.join(setup.targets)} matches no module of this model ({exc})",
                          hint=f"linear layers here: {', '.join(names)}; or use all-linear") from None
+
+
+def _values_unset(device: str):
+    """On meta, the adapters' initial values are thrown away: peft makes each LoRA factor on the
+    host (nn.Linear, which fills it), fills it again (kaiming_uniform_ for A, zeros for B:
+    LoraLayer.reset_lora_parameters), then moves it to the base layer's device and dtype
+    (_move_adapter_to_device_of_base_layer), and a move to meta keeps shape and dtype only.
+    transformers' switch for weights that are about to be replaced (initialization.no_init_weights:
+    torch.nn.init's fill functions do nothing inside) leaves them unfilled: the same tensors on the
+    same devices, without writing tens of MB of fresh host memory (half of a 70B model's build,
+    more of Mixtral's)."""
+    if device != "meta":
+        return contextlib.nullcontext()
+    from transformers.initialization import no_init_weights
+    return no_init_weights()
 
 
 def _is_linear(module) -> bool:
@@ -334,7 +350,7 @@ def make_trainable(model, setup: TrainSetup, device: str):
             # (reentrant checkpointing needs it: docs/autograd.md#reentrant-checkpointing).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": setup.reentrant_ckpt})
         if setup.uses_adapters:
-            model = add_adapters(model, setup)
+            model = add_adapters(model, setup, device)
             if setup.recast:
                 recast_like_qlora_py(model)
         else:

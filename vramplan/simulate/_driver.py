@@ -10,7 +10,7 @@ from vramplan.cuda._arch import check_dtype, target_arch
 from vramplan.core._setup import TrainSetup
 from vramplan.simulate import _shortcut as shortcut
 from vramplan.simulate._build import refuse_4bit_experts, simulation_spec
-from vramplan.simulate._step import Progress, Simulation, Trace, require_packages
+from vramplan.simulate._step import Progress, Simulation, Trace, collector_paused, require_packages
 
 
 def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
@@ -31,7 +31,8 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
     itself when the traced layers turn out not to be identical.
 
     progress(stage, done, total) is called as decoder layers run (forward and backward of the
-    warm-up and of the measured step)."""
+    warm-up and of the measured step). The cyclic garbage collector is paused meanwhile
+    (_step.collector_paused)."""
     if isinstance(spec, str):      # a model name: the registry's spec, or one transformers builds
         spec = simulation_spec(spec)
     if device not in ("meta", "cpu"):
@@ -40,6 +41,11 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
     refuse_4bit_experts(spec, setup)
     cuda_arch = target_arch(resolve_gpu(gpu) if gpu is not None else None, arch)
     check_dtype(cuda_arch, setup.dtype)
+    with collector_paused():
+        return _run(spec, setup, device, exact, progress, cuda_arch, alloc_conf)
+
+
+def _run(spec, setup: TrainSetup, device: str, exact: bool, progress, cuda_arch, alloc_conf) -> Trace:
     t0 = time.perf_counter()
     require_packages(setup)
     notes: list[str] = []

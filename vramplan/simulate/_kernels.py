@@ -27,7 +27,9 @@ Every CUDA rule (which kernel, what it allocates) lives in vramplan/cuda/ (torch
 the estimator); the stand-ins here convert tensors to plain values and call it.
 
 4. For speed only, foreach ops (an optimizer step over every parameter) run their meta kernel
-   once per distinct tensor layout instead of once per tensor (`foreach_op`).
+   once per distinct tensor layout instead of once per tensor (`foreach_op`), and any other op
+   that only makes new tensors runs it once per distinct signature of its arguments
+   (`MetaLayouts`).
 
 None of this is installed for a real CPU run: there every kernel is real. What the tracking mode
 itself changes in autograd's engine is undone in both (5, `mode_overrides`): a tied embedding's
@@ -142,8 +144,8 @@ def make_local_scalar_dense(routing: Routing):
 
 def local_scalar_dense(tracker, func, args, kwargs, routing: Routing | None = None):
     t = args[0]
-    if t.device.type != "meta":
-        return tracker.run(func, args, kwargs)
+    if t.device.type != "meta":   # a host tensor (torch.optim's `step` counts): no device storage to count
+        return func(*args, **kwargs)
     site = _caller_site()
     if site in SCALAR_ANSWERS:
         return SCALAR_ANSWERS[site]
@@ -355,7 +357,7 @@ class CublasWorkspace:
 
 def _signature(x) -> tuple:
     if isinstance(x, torch.Tensor):
-        return ("T", tuple(x.shape), x.stride(), x.dtype, x.storage_offset(), x.device.type)
+        return ("T", x.shape, x.stride(), x.dtype, x.storage_offset(), x.device.type)
     return ("S", type(x))
 
 
@@ -373,8 +375,7 @@ def foreach_op(tracker, func, args, kwargs):
     lists = [i for i, a in enumerate(args) if isinstance(a, (list, tuple)) and len(a) == n]
     kind_of: dict = {}
     reps, index = [], []
-    for j in range(n):
-        key = tuple(_signature(args[i][j]) for i in lists)
+    for j, key in enumerate(zip(*(map(_signature, args[i]) for i in lists))):
         if key not in kind_of:
             kind_of[key] = len(reps)
             reps.append(j)
@@ -386,9 +387,98 @@ def foreach_op(tracker, func, args, kwargs):
     out = func(*rep_args)                 # shapes only: the mode is off inside its own handler
     if not func._schema.returns or not isinstance(out, (list, tuple)):
         return out
-    empty = aten.empty_strided.default
-    return [tracker.run(empty, (tuple(out[k].shape), out[k].stride()), dict(dtype=out[k].dtype, device=out[k].device))
-            for k in index]
+    outs = [torch.empty_strided(out[k].shape, out[k].stride(), dtype=out[k].dtype, device=out[k].device) for k in index]
+    tracker.made(outs)
+    return outs
+
+
+class _Opaque(Exception):
+    """An argument whose meta kernel answer is not a function of what `_layout_key` keeps."""
+
+
+_PLAIN_ARGUMENTS = frozenset({bool, int, float, complex, str, type(None), torch.dtype, torch.device, torch.layout,
+                              torch.memory_format})
+
+
+def _layout_key(x):
+    """What a meta kernel can read of an argument (MetaLayouts), as a dict key."""
+    if isinstance(x, torch.Tensor):
+        if not x.is_meta or x.layout != torch.strided or x.is_conj() or x.is_neg():
+            raise _Opaque
+        return type(x), x.shape, x.stride(), x.dtype, x.storage_offset()
+    if isinstance(x, (list, tuple)):
+        return type(x), tuple(_layout_key(y) for y in x)
+    if isinstance(x, dict):
+        return dict, tuple((k, _layout_key(v)) for k, v in x.items())
+    if type(x) in _PLAIN_ARGUMENTS:
+        return type(x), x      # the type too: 1, 1.0 and True promote differently
+    raise _Opaque
+
+
+class MetaLayouts:
+    """For speed only: a meta kernel reads nothing but its arguments' metadata, so an op that
+    only makes new tensors answers every call with the same arguments (shapes, strides, dtypes,
+    storage offsets of its meta tensors; its other arguments; the default dtype) with new tensors
+    of the same layouts. Most of a step's ops repeat that way (every decoder layer runs the same
+    ops on the same shapes, forward, recomputation and backward, in both steps), and their meta
+    kernels are Python (torch/_refs, _meta_registrations) that costs far more than an empty
+    tensor. The first call of each signature runs the kernel; its layouts are reused only if its
+    outputs are plain strided meta tensors, each on a storage of its own, new (no input's, none
+    live), at offset 0 and exactly the size its shape and strides need, which is all
+    torch.empty_strided makes. Ops that mutate, return views or lists, or return anything but
+    tensors always run their kernel.
+
+    StepTracker.run hands it each op to execute (`run`) and registers what it returns, the
+    kernel's outputs or the new tensors, as always: the same storages in the same order."""
+
+    def __init__(self):
+        self._replayable: dict = {}   # op -> how many tensors its schema returns, 0: not only new tensors
+        self._known: dict = {}        # (op, argument keys) -> [(shape, stride, dtype)] or None: run the kernel
+
+    def run(self, tracker, func, args, kwargs, inputs):
+        n = self._replayable.get(func)
+        if n is None:
+            schema = func._schema
+            new_tensors = not schema.is_mutable and all(r.alias_info is None and str(r.type) == "Tensor"
+                                                        for r in schema.returns)
+            n = self._replayable[func] = len(schema.returns) if new_tensors else 0
+        if not n:
+            return func(*args, **kwargs)
+        try:
+            key = (func, _layout_key(args), _layout_key(kwargs), torch.get_default_dtype())
+        except _Opaque:
+            return func(*args, **kwargs)
+        layouts = self._known.get(key, self)
+        if layouts is self:               # first call of this signature
+            out = func(*args, **kwargs)
+            self._known[key] = _new_layouts(tracker, out, n, inputs)
+            return out
+        if layouts is None:
+            return func(*args, **kwargs)
+        outs = [torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in layouts]
+        return outs[0] if n == 1 else tuple(outs)
+
+
+def _new_layouts(tracker, out, n: int, inputs) -> list | None:
+    """[(shape, stride, dtype)] of a kernel's outputs if torch.empty_strided makes the same (see
+    MetaLayouts), else None."""
+    outs = (out,) if n == 1 else out
+    if not isinstance(outs, tuple) or len(outs) != n:
+        return None
+    layouts, storages = [], set()
+    for o in outs:
+        if type(o) is not torch.Tensor or not o.is_meta or o.layout != torch.strided or o.is_conj() or o.is_neg() \
+                or o.storage_offset() or tracker.block_of(o) is not None:
+            return None
+        st = o.untyped_storage()
+        if st._cdata in inputs or st._cdata in storages:
+            return None
+        storages.add(st._cdata)
+        shape, stride = tuple(o.shape), o.stride()
+        if torch.empty_strided(shape, stride, dtype=o.dtype, device="meta").untyped_storage().nbytes() != st.nbytes():
+            return None
+        layouts.append((shape, stride, o.dtype))
+    return layouts
 
 
 def foreach_ops() -> list:

@@ -18,10 +18,12 @@ KNOWN_NAMESPACES = frozenset({"aten", "prims", "bitsandbytes", "profiler"})
 class StepTracker(AllocationTracker):
     """`ops`: one (start event, end event, context() at the end, op name) per outer op, and
     (event, event, context(), "") per mark(), in order, while `recording`. `failure`: the op name
-    and context() of the first op that raised."""
+    and context() of the first op that raised. `layouts`: a kernels.MetaLayouts that answers the
+    ops it can (a meta step), or None."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, layouts=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.layouts = layouts
         self.ops: list[tuple] = []
         self.failure: tuple | None = None
         self.foreign_ops: set[str] = set()   # ops outside kernels.KNOWN_NAMESPACES (Trace.notes)
@@ -41,6 +43,11 @@ class StepTracker(AllocationTracker):
         finally:
             if self.recording:
                 self.ops.append((start, self.event, self.context(), op_name(func)))
+
+    def _execute(self, func, args, kwargs, inputs):
+        if self.layouts is None:
+            return func(*args, **kwargs)
+        return self.layouts.run(self, func, args, kwargs, inputs)
 
     def mark(self) -> None:
         super().mark()

@@ -308,9 +308,9 @@ def optimizer_run(sim, params: list) -> OptimizerRun:
     tensors = [torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta")) for _, shape, dtype in params]
     opt = make_optimizer(tensors, sim.setup, "meta")
 
-    def set_grads():
+    def set_grads():    # what backward leaves: a dense tensor of the parameter's layout (empty_like's)
         for p in tensors:
-            p.grad = torch.empty_like(p)
+            p.grad = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=p.device)
 
     ctx = sim.ctx
     ctx.stack, ctx.bw_module, ctx.region, ctx.phase = [], "", "", "optimizer"
@@ -499,10 +499,18 @@ class Expansion:
         def at(seg: Segment, u, ev: int) -> int:
             return start[(seg.kind, u)] + (ev - seg.ev_lo)
 
+        renames: dict = {}       # (where, unit, copy's unit) -> where: the same places recur op after op
+
         def renamed(where: tuple, seg: Segment, u) -> tuple:
-            if u is None or u == seg.unit or len(where) < 2 or names.unit(where[1]) != seg.unit:
-                return where
-            return (where[0], names.shift(where[1], u - seg.unit), *where[2:])
+            key = (where, seg.unit, u)
+            out = renames.get(key)
+            if out is None:
+                if u is None or u == seg.unit or len(where) < 2 or names.unit(where[1]) != seg.unit:
+                    out = where
+                else:
+                    out = (where[0], names.shift(where[1], u - seg.unit), *where[2:])
+                renames[key] = out
+            return out
 
         freed_by_opt = set()
         for v in self.vblocks:
@@ -514,10 +522,11 @@ class Expansion:
             copies_of = range(m, m + n + 1) if sa.unit == m else \
                 [None if sa.unit is None else self.unit_map(sa.unit)]
             grad = self.grad_names.get(id(v))
+            freed = v.free_event is not None
+            sf = self.seg_of[v.free_event] if freed else None
             for u in copies_of:
                 free = None
-                if v.free_event is not None:
-                    sf = self.seg_of[v.free_event]
+                if freed:
                     if sf.kind == "opt":
                         if grad is None:
                             raise Decline(f"the optimizer frees {v.component} that are not a gradient")
@@ -545,8 +554,8 @@ class Expansion:
             raise Decline("the optimizer run frees other gradients than the traced step")
         records = []
         for seg, u in order:
-            records += [(at(seg, u, s), at(seg, u, e), renamed(w, seg, u), op)
-                        for s, e, w, op in self.records[seg.rec_lo:seg.rec_hi]]
+            d = start[(seg.kind, u)] - seg.ev_lo
+            records += [(s + d, e + d, renamed(w, seg, u), op) for s, e, w, op in self.records[seg.rec_lo:seg.rec_hi]]
         for v in opt.stream.blocks:
             if v.alloc_event > opt.stream.registered:
                 blocks.append(VBlock(v.size, v.alloc_event + shift,

@@ -27,6 +27,8 @@ By default only a few decoder layers run and the step of the full depth is rebui
 """
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -99,16 +101,34 @@ def _downsample(rows: list, limit: int) -> list:
 
 def require_packages(setup: TrainSetup) -> None:
     """DependencyError (pip install 'vramplan[simulate]') unless what this setup needs is installed:
-    torch, transformers, peft, and bitsandbytes for quantization or its optimizers."""
+    torch, transformers, peft, and bitsandbytes for quantization or its optimizers. Imports them
+    (once per process) with the collector paused (collector_paused)."""
     import logging
 
     # bitsandbytes logs a warning at import on CPU-only machines (no `kernels` package for its
     # optional fused CPU gemm); it says nothing about the simulated GPU.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    for module in ("torch", "transformers", "peft"):
-        require(module, "simulate")
-    if setup.method == "qlora" or setup.optimizer not in ("adamw", "sgd", "adafactor"):
-        require("bitsandbytes", "simulate")
+    with collector_paused():
+        for module in ("torch", "transformers", "peft"):
+            require(module, "simulate")
+        if setup.method == "qlora" or setup.optimizer not in ("adamw", "sgd", "adafactor"):
+            require("bitsandbytes", "simulate")
+
+
+@contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector off inside, as it was afterwards. Its full passes walk
+    every object alive, torch's and transformers' hundreds of thousands of module-level objects
+    included: importing them sets off a dozen (about 1 s of a 70B simulate), a 70B step a few
+    more (a few tenths of a second each), and they find next to nothing. The step's storages die
+    when their last reference goes, which is when the tracker counts them free."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass
@@ -177,6 +197,7 @@ class Simulation:
         self.overrides = kernels.cuda_overrides(self.routing, self.arch) if self.meta else kernels.mode_overrides()
         self.sdpa = kernels.SdpaRouting(self.arch) if self.meta else None
         self.cublas = kernels.CublasWorkspace(self.arch) if self.meta else None
+        self.layouts = kernels.MetaLayouts() if self.meta else None   # shared by this simulation's trackers
         self.boundary: dict[str, int] = {}
         self.paged: list[int] = []
         self.grad_params: dict = {}     # Block of a .grad -> short parameter name (measured step)
@@ -294,7 +315,7 @@ class Simulation:
         from vramplan.simulate._oplog import StepTracker  # imports torch: loaded on use
 
         strays = "count" if (self.meta and recording) else "ignore"
-        tracker = StepTracker(self.device, self.ctx, self.overrides, strays=strays)
+        tracker = StepTracker(self.device, self.ctx, self.overrides, strays=strays, layouts=self.layouts)
         tracker.recording = recording
         return tracker
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 # c10/cuda/CUDACachingAllocator.cpp: kMinBlockSize = 512, every request is rounded up to it.
 GRANULARITY = 512
@@ -58,11 +57,38 @@ def storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+_OP_NAMES: dict = {}
+
+
 def op_name(func) -> str:
     """'aten.mm.default', 'bitsandbytes.dequantize_4bit.default'."""
-    ns = getattr(func, "namespace", "")
-    name = getattr(func, "__name__", str(func))
-    return f"{ns}.{name}" if ns else name
+    name = _OP_NAMES.get(func)
+    if name is None:
+        ns = getattr(func, "namespace", "")
+        name = getattr(func, "__name__", None)
+        if name is None:
+            name = str(func)
+        name = _OP_NAMES[func] = f"{ns}.{name}" if ns else name
+    return name
+
+
+def tensors_in(tree) -> list:
+    """The tensors of an op's arguments or results, in torch.utils._pytree.tree_leaves order. Ops
+    nest tensors only in lists, tuples (torch.return_types included) and keyword dicts, which
+    this walks without pytree's per-node type registry: the tracker does it for every op."""
+    found: list = []
+    _collect((tree,), found)
+    return found
+
+
+def _collect(items, found: list) -> None:
+    for x in items:
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            _collect(x, found)
+        elif isinstance(x, dict):
+            _collect(x.values(), found)
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -176,7 +202,7 @@ class AllocationTracker(TorchDispatchMode):
         """Execute one op (outside the mode) and count the storages it creates."""
         kwargs = kwargs or {}
         inputs = self._input_keys(args, kwargs)
-        out = func(*args, **kwargs)
+        out = self._execute(func, args, kwargs, inputs)
         tag = None
         if self.propagate and func not in self.propagate_skip:
             tag = next((self.propagate[k] for k in inputs if k in self.propagate), None)
@@ -184,6 +210,15 @@ class AllocationTracker(TorchDispatchMode):
         if func._schema.is_mutable:  # an out= or resize_ may have grown a storage in place
             self._resync(args, kwargs)
         return out
+
+    def made(self, tensors) -> None:
+        """Count the storages of new tensors a stand-in made itself, in order (what `run` of one
+        aten.empty_strided per tensor would count)."""
+        self._register(tensors, set())
+
+    def _execute(self, func, args, kwargs, inputs):
+        """The op itself (`inputs`: the storage keys it reads); a subclass may answer it faster."""
+        return func(*args, **kwargs)
 
     def mark(self) -> None:
         """Record the current total in the timeline (phase boundaries; frees outside ops)."""
@@ -194,9 +229,10 @@ class AllocationTracker(TorchDispatchMode):
     # --- internals --------------------------------------------------------------------------------
     def _input_keys(self, args, kwargs) -> set[int]:
         keys = set()
-        for a in tree_leaves((args, kwargs)):
-            if isinstance(a, torch.Tensor) and a.device.type == self.device_type:
-                key = storage_key(a)
+        device = self.device_type
+        for a in tensors_in((args, kwargs)):
+            if a.device.type == device:
+                key = a.untyped_storage()._cdata     # storage_key, inlined: every tensor of every op
                 keys.add(key)
                 if key not in self._live and key not in self._ignored:
                     if self.stray_policy == "ignore":
@@ -208,8 +244,8 @@ class AllocationTracker(TorchDispatchMode):
     def _register(self, out, inputs, tag=None) -> None:
         if self._tag_stack:
             tag = self._tag_stack[-1]
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
+        for t in tensors_in(out):
+            if t.device.type != self.device_type:
                 continue
             key = storage_key(t)
             if key in inputs or key in self._live or key in self._ignored:
@@ -245,8 +281,8 @@ class AllocationTracker(TorchDispatchMode):
         self._ignored_refs.pop(key, None)
 
     def _resync(self, args, kwargs) -> None:
-        for a in tree_leaves((args, kwargs)):
-            if isinstance(a, torch.Tensor) and a.device.type == self.device_type:
+        for a in tensors_in((args, kwargs)):
+            if a.device.type == self.device_type:
                 block = self._live.get(storage_key(a))
                 if block is not None:
                     nbytes = a.untyped_storage().nbytes()
