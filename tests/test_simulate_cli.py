@@ -182,3 +182,15 @@ def test_bad_input_is_rejected_before_the_trace(capsys, model_dir, monkeypatch):
     assert (code, err) == (2, "Error: unknown method 'nope' (hint: --method takes one of: qlora, lora, full)\n")
     code, _, err = simulate(capsys, "nobody/no-such-model-anywhere")
     assert code == 1 and err.startswith("Error: unknown model 'nobody/no-such-model-anywhere'")
+
+
+def test_alloc_conf_reaches_simulate_replay(capsys, model_dir):
+    """`--alloc-conf` is the setting simulate's replay runs under, the same one the estimate uses,
+    on the shortcut path and on every-layer traces alike."""
+    for extra in ([], ["--exact"]):
+        code, out, _err = simulate(capsys, model_dir(), *TINY, "--json", "--alloc-conf", "expandable_segments:True",
+                                   *extra)
+        assert code == 0
+        d = json.loads(out)
+        assert d["alloc_conf"] == "expandable_segments:True" == d["estimate"]["alloc_conf"]
+        assert d["peak_reserved_bytes"] >= d["peak_allocated_bytes"]

@@ -565,8 +565,9 @@ class Expansion:
         return Stream(blocks, records, opt.stream.n_events + shift, R)
 
 
-def with_reserved(trace, stream, arch=None, alloc_conf=None):
-    """The trace with peak reserved memory from its stream replayed as two steps."""
+def with_reserved(trace, stream, alloc_conf=None):
+    """The trace with peak reserved memory from its stream replayed as two steps under `alloc_conf`
+    (PYTORCH_CUDA_ALLOC_CONF settings; None: the environment's)."""
     import dataclasses
 
     from vramplan.estimate._reserved import conf_of
