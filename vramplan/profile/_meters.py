@@ -155,7 +155,17 @@ def fast_matmuls() -> dict:
     stand-in computes in float32 and rounds once to the op's dtype, as the reference kernel
     does (it accumulates in float32, at::opmath_type), and returns a tensor of the op's shape,
     dtype and layout. It runs inside the tracker's dispatch, so its float32 copies are never
-    counted: the tracker sees exactly the one output storage the real op allocates."""
+    counted: the tracker sees exactly the one output storage the real op allocates.
+
+    Two more ops reach that GEMM from inside their own kernel, where the mm stand-in never sees
+    it (together about a third of a tiny QLoRA model's profile run at 2048 tokens):
+    - bitsandbytes' gemm_4bit on the CPU (backends/default/ops.py _gemm_4bit_default_impl)
+      dequantizes the weight to the input's dtype and runs F.linear in it: with a float32 input
+      and bias the weight is dequantized to float32 (not rounded to bf16 first; the result
+      moves by that rounding, under 1% here) and the linear runs in float32;
+    - SDPA's CPU flash-attention backward (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp)
+      runs its blocks' matmuls in the inputs' dtype: in float32 it returns the gradients of
+      q, k and v in float32 (logsumexp is float32 either way)."""
     import torch
 
     aten = torch.ops.aten
@@ -167,12 +177,30 @@ def fast_matmuls() -> dict:
     if not slow:
         return {}
 
+    def upcast(x, dtype):
+        return x.float() if isinstance(x, torch.Tensor) and x.dtype == dtype else x
+
     def stand_in(tracker, func, args, kwargs):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         dtype = tensors[0].dtype if tensors else None
         if dtype not in slow or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
             return tracker.run(func, args, kwargs)
-        upcast = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
-        return func(*upcast, **kwargs).to(dtype)
+        return func(*[upcast(a, dtype) for a in args], **kwargs).to(dtype)
 
-    return {op: stand_in for op in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)}
+    def in_float32(first: int):
+        """A stand-in for an op whose tensors in the dtype of args[first] are computed in float32;
+        its outputs (a tensor or a tuple of them) are rounded back to that dtype."""
+        def run(tracker, func, args, kwargs):
+            dtype = args[first].dtype
+            if dtype not in slow or args[first].device.type != "cpu":
+                return tracker.run(func, args, kwargs)
+            out = func(*[upcast(a, dtype) for a in args], **{k: upcast(v, dtype) for k, v in kwargs.items()})
+            return out.to(dtype) if isinstance(out, torch.Tensor) else tuple(o.to(dtype) for o in out)
+        return run
+
+    table = {op: stand_in for op in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)}
+    table[aten._scaled_dot_product_flash_attention_for_cpu_backward.default] = in_float32(1)   # q's dtype
+    bnb = getattr(torch.ops, "bitsandbytes", None)
+    if bnb is not None and hasattr(bnb, "gemm_4bit"):     # registered once bitsandbytes is imported
+        table[bnb.gemm_4bit.default] = in_float32(0)      # the input A's dtype
+    return table
