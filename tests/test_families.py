@@ -39,6 +39,10 @@ PUBLISHED = [
     # Paramaters (Non-Embedding): 29.9B"
     ("Qwen/Qwen3-30B-A3B", 30.5, 29.9, (1, 1)),
 
+    # ibm-granite/granite-3.3-8b-instruct on the Hub: "8.17B params" (safetensors; the lm_head is
+    # tied to the embeddings, so it is stored and counted once)
+    ("ibm-granite/granite-3.3-8b-instruct", 8.17, None, (2, None)),
+
     # Moonlight model card (model_type deepseek_v3): "Total Params 16B"
     ("moonshotai/Moonlight-16B-A3B", 16, None, (0, None)),
     # DeepSeek-V3 model card: "685B ... includes 671B of the Main Model weights and 14B of the
