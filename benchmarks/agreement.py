@@ -9,6 +9,9 @@ optimizer) and which phase holds the peak.
     python benchmarks/agreement.py --json out.json # also every component, both sides
     python benchmarks/agreement.py --gpu T4        # the kernels of another GPU (default: an H100)
 
+Llama 4 (its router is an nn.Linear that all-linear LoRA would wrap, which peft cannot run) gets LoRA
+on q/k/v/o_proj instead, named in the setup column.
+
 The estimate is called only through `vramplan.estimate`, so the table reflects whatever the
 estimator is when this runs. Setups (r=16 all-linear, nf4 + double quant for QLoRA, bf16): every
 method (qlora, lora) x batch/seq (1x512, 1x2048, 4x2048, 1x8192) x gradient checkpointing (on,
@@ -38,6 +41,7 @@ SHAPES = ((1, 512), (1, 2048), (4, 2048), (1, 8192))          # batch x seq
 CKPT = (True, False)
 ATTN = ("sdpa", "eager")
 OPTIMIZERS = ("adamw", "paged_adamw8bit")
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def small_matrix() -> list[dict]:
@@ -68,6 +72,8 @@ def label(setup) -> str:
     parts = [setup.method, f"{setup.batch}x{setup.seq}", "ckpt" if setup.grad_ckpt else "no-ckpt", setup.attn]
     if setup.optimizer != "adamw":
         parts.append(setup.optimizer)
+    if setup.targets != ("all-linear",):
+        parts.append("LoRA " + "/".join(setup.targets))
     return " ".join(parts)
 
 
@@ -76,11 +82,16 @@ def setups_for(model: str, quick: bool, full: bool = False, small: bool = False)
 
     from vramplan.core._models import resolve
 
-    eager_only = resolve(model).arch.attention == ("eager",)   # gpt-oss: transformers refuses sdpa
+    arch = resolve(model).arch
+    eager_only = arch.attention == ("eager",)   # gpt-oss: transformers refuses sdpa
     seen = []
     for kw in [BASE] if quick else small_matrix() if small else matrix(full):
         if "gemma-2" in model or eager_only:
             kw = {**kw, "attn": "eager"}   # transformers 5 runs Gemma-2 eager only
+        if arch.linear_router:
+            # Llama 4: all-linear would wrap the router, which peft cannot run (refused on both
+            # sides), so these rows put LoRA on the attention projections
+            kw = {**kw, "targets": ATTENTION_TARGETS}
         setup = TrainSetup(**kw)
         if setup not in seen:
             seen.append(setup)
