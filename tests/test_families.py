@@ -385,21 +385,15 @@ def test_cli_estimates_and_lists_the_new_families(capsys, monkeypatch, model, fa
     assert all(isinstance(v, int) and v > 0 for k, v in data["components"].items() if k != "gradients")
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["models", model.split("/")[1]]) == 0
-    out = capsys.readouterr().out
-    assert any(line.split()[:2] == [model, family] for line in out.splitlines() if line.strip())
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    at = lines.index([f"{family}:"])       # the family's own line, then its models
+    assert lines[at + 1][0] == model
 
 
 # --- MoE families: qwen3_moe, granitemoe -----------------------------------------------------------
 
-# ibm-granite/granite-3.1-3b-a800m-instruct's config.json (shape fields and multipliers as published
-# on huggingface.co). Not in the bundled catalog: its id is too long for `vramplan models` at 80
-# columns; `vramplan estimate` reads it from the Hub.
-GRANITE_31_3B_A800M = "ibm-granite/granite-3.1-3b-a800m-instruct"
-
-
 def granite_3b_a800m():
-    return spec_from_config(json.loads((CONFIGS / "granite-3.1-3b-a800m-instruct.json").read_text()),
-                            GRANITE_31_3B_A800M, "test")
+    return resolve("ibm-granite/granite-3.1-3b-a800m-instruct")
 
 
 def test_granite_moe_count_rounds_to_the_model_card():
@@ -455,14 +449,14 @@ def test_granite_moe_all_linear_leaves_experts_and_router_frozen():
 def test_granite_moe_refuses_4bit_experts(tmp_path, capsys):
     from vramplan.cli import main
 
-    (tmp_path / "config.json").write_text((CONFIGS / "granite-3.1-3b-a800m-instruct.json").read_text())
-    assert main(["estimate", str(tmp_path), "--experts", "4bit"]) != 0
+    assert main(["estimate", "ibm-granite/granite-3.1-3b-a800m-instruct", "--experts", "4bit"]) != 0
     err = capsys.readouterr().err
     assert err == ("Error: --experts 4bit is not modelled for granitemoe: its experts never were per-expert "
                    "Linear layers (hint: drop --experts 4bit)\n")
 
 
-@pytest.mark.parametrize("model, family", [("Qwen/Qwen3-30B-A3B", "qwen3_moe")])
+@pytest.mark.parametrize("model, family", [("Qwen/Qwen3-30B-A3B", "qwen3_moe"),
+                                           ("ibm-granite/granite-3.1-3b-a800m-instruct", "granitemoe")])
 def test_cli_estimates_and_lists_the_moe_families(capsys, monkeypatch, model, family):
     from vramplan.cli import main
 
@@ -471,8 +465,9 @@ def test_cli_estimates_and_lists_the_moe_families(capsys, monkeypatch, model, fa
     assert data["model"]["id"] == model and data["model"]["model_type"] == family
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["models", family]) == 0
-    out = capsys.readouterr().out
-    assert any(line.split()[:2] == [model, family] for line in out.splitlines() if line.strip())
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    at = lines.index([f"{family}:"])       # the family's own line, then its models
+    assert lines[at + 1][0] == model
 
 def test_deepseek_v3_mla_projections_dense_layers_and_shared_experts():
     """DeepseekV3Attention / DeepseekV3MoE / DeepseekV3DecoderLayer (transformers 5.23): MLA

@@ -22,9 +22,10 @@ def test_filtered_listing_pinned_at_80_columns(capsys, monkeypatch):
     assert (code, err) == (0, "")
     lines = [line.rstrip() for line in out.splitlines()]
     assert lines == [
-        "Bundled model catalog",
-        "id                          type    params layers hidden kv vocab",
-        "mistralai/Mixtral-8x7B-v0.1 mixtral 46.70B     32   4096  8 32000",
+        "Bundled model catalog, by model_type",
+        "id                          params layers hidden kv vocab",
+        "mixtral:",
+        "mistralai/Mixtral-8x7B-v0.1 46.70B     32   4096  8 32000",
         "Families: what each supports",
         "type    methods                     attention   MoE experts",
         "mixtral estimate, simulate, profile sdpa, eager fused 3-D stacks, 16-bit under",
@@ -41,8 +42,16 @@ def test_full_listing_never_cuts_an_id(capsys, monkeypatch):
     code, out, _ = run(capsys, monkeypatch, "models")
     assert code == 0
     assert max(len(line) for line in out.splitlines()) <= 80
-    listed = [line.split()[0] for line in out.splitlines() if "/" in line.split(" ", 1)[0]]
-    assert listed == list(catalog())                 # every id, whole, in catalog order
+    table = out.split("Families: what each supports", 1)[0].splitlines()[2:]
+    listed, family = {}, None
+    for line in table:
+        first = line.split()[0]
+        if first.endswith(":"):
+            family = first[:-1]
+        else:
+            listed[first] = family
+    # every id, whole, under its own model_type
+    assert listed == {i: spec_from_config(e.config, e.id, e.source).model_type for i, e in catalog().items()}
     assert "…" not in out
 
 

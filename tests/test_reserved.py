@@ -75,14 +75,9 @@ def test_stream_peak_is_the_estimators_peak(model, kw):
 def test_granite_embedding_leaf_goes_with_the_graph():
     """Granite under checkpointing keeps its embedding leaf until backward ends (ops.embedding_leaf):
     the stream frees it before the optimizer step, as the estimator's optimizer moment leaves it out."""
-    import json
-    from pathlib import Path
-
-    from vramplan.core._models import spec_from_config
     from vramplan.estimate._ops import embedding_leaf
 
-    config = json.loads((Path(__file__).parent / "configs" / "granite-3.1-3b-a800m-instruct.json").read_text())
-    spec = spec_from_config(config, "granite-moe", "test")
+    spec = resolve("ibm-granite/granite-3.1-3b-a800m-instruct")
     for setup in (TrainSetup(seq=512), TrainSetup(seq=512, grad_ckpt=False)):
         est = estimate(spec, setup, replay=False)
         assert _live_peak(step_stream(spec, setup, static_memory(spec, setup)).events) == est.peak_allocated_bytes

@@ -61,16 +61,20 @@ def cmd_models(args) -> int:
     # one space between columns and no rules: every id fits whole in 80 columns
     narrow = dict(box=None, pad_edge=False, collapse_padding=True, header_style="bold underline",
                   title_justify="left")
-    table = Table(title="Bundled model catalog", **narrow)
+    # grouped under each model_type's own line rather than a type column: ids up to 48 characters
+    # (ibm-granite/granite-3.1-3b-a800m-instruct is 41) stay whole in 80 columns
+    table = Table(title="Bundled model catalog, by model_type", **narrow)
     table.add_column("id", no_wrap=True, min_width=max((len(r["id"]) for r in rows), default=2))
-    for col in ("type", "params", "layers", "hidden", "kv", "vocab"):
-        table.add_column(col, justify="left" if col == "type" else "right", no_wrap=True)
-    for r in rows:
-        # params: three significant digits at least, six characters at most; the vocabulary without
-        # separators: every id stays whole in 80 columns with DeepSeek-V3's 128 KV heads
-        billions = r["params"] / 1e9
-        table.add_row(r["id"], r["model_type"], f"{billions:.{2 if billions < 100 else 1}f}B", str(r["layers"]),
-                      str(r["hidden"]), str(r["kv_heads"]), str(r["vocab"]))
+    for col in ("params", "layers", "hidden", "kv", "vocab"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for model_type in sorted({r["model_type"] for r in rows}):
+        table.add_row(f"[bold]{model_type}:[/bold]")
+        for r in (r for r in rows if r["model_type"] == model_type):
+            # params: three significant digits at least, six characters at most; the vocabulary
+            # without separators, so DeepSeek-V3's 128 KV heads fit too
+            billions = r["params"] / 1e9
+            table.add_row(r["id"], f"{billions:.{2 if billions < 100 else 1}f}B", str(r["layers"]),
+                          str(r["hidden"]), str(r["kv_heads"]), str(r["vocab"]))
     if rows:
         console.print(table)
     fam = Table(title="Families: what each supports", **narrow)
