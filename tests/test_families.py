@@ -331,14 +331,11 @@ def test_ministral_without_layer_types_slides_everywhere_as_ministralconfig_does
     assert set(none.layer_types) == {"full_attention"} and none.sliding_window is None
 
 
-# mistralai/Mistral-Small-3.1-24B-Instruct-2503's config.json (top level and text_config as
-# published on huggingface.co; vision_config shape fields only). Not in the bundled catalog: its id
-# is too long for `vramplan models` at 80 columns; `vramplan estimate` reads it from the Hub.
 MISTRAL_SMALL_31 = "mistralai/Mistral-Small-3.1-24B-Instruct-2503"
 
 
 def mistral_small_31():
-    return spec_from_config(json.loads((CONFIGS / "mistral3-small-3.1.json").read_text()), MISTRAL_SMALL_31, "test")
+    return resolve(MISTRAL_SMALL_31)
 
 
 def test_mistral3_reads_the_text_decoder_and_says_what_it_leaves_out():
@@ -354,7 +351,9 @@ def test_mistral3_reads_the_text_decoder_and_says_what_it_leaves_out():
 def test_mistral3_cli_estimates_a_local_config(tmp_path, capsys):
     from vramplan.cli import main
 
-    (tmp_path / "config.json").write_text((CONFIGS / "mistral3-small-3.1.json").read_text())
+    from vramplan.core._models import catalog
+
+    (tmp_path / "config.json").write_text(json.dumps(catalog()[MISTRAL_SMALL_31].config))   # the outer mistral3 config
     assert main(["estimate", str(tmp_path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["model"]["model_type"] == "mistral" and data["model"]["num_hidden_layers"] == 40
