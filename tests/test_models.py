@@ -80,6 +80,12 @@ def test_local_directory_and_config_path(tmp_path):
     ('{"model_type": "llama", "hidden_size": 0}', "hidden_size must be a positive integer"),
     ('{"model_type": "llama", "hidden_size": 100, "num_attention_heads": 3}', "not divisible"),
     ('{"model_type": "llama", "num_attention_heads": 32, "num_key_value_heads": 5}', "not a multiple"),
+    # a field of the config class with the wrong JSON type (transformers would store it and fail in
+    # the first forward)
+    ('{"model_type": "granite", "residual_multiplier": "0.22"}', "residual_multiplier must be a number, got '0.22'"),
+    ('{"model_type": "gemma2", "final_logit_softcapping": true}', "final_logit_softcapping must be a number"),
+    ('{"model_type": "llama", "tie_word_embeddings": "no"}', "tie_word_embeddings must be true or false"),
+    ('{"model_type": "llama", "hidden_act": 3}', "hidden_act must be a string, got 3"),
 ])
 def test_malformed_configs_fail_clearly(tmp_path, content, message):
     path = tmp_path / "config.json"

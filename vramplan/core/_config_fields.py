@@ -64,6 +64,31 @@ def require_core_fields(config: dict, model_id: str, arch) -> None:
                               "vramplan fills at most two of them from transformers' defaults")
 
 
+def check_field_types(config: dict, arch, model_id: str) -> None:
+    """ModelError (one line) for a field of the family's config class given with the wrong JSON
+    type: a number where the class has a number (multipliers, softcaps, window sizes), true or
+    false where it has a flag, a string for the activation, a list for a layer list. transformers
+    stores whatever config.json holds, and such a model fails in its first forward (a string
+    multiplier in `hidden_states * residual_multiplier`), so the estimate refuses it up front."""
+    for key, default in arch.defaults.items():
+        value = config.get(key)
+        if value is None or default is None:
+            continue
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool) or value in (0, 1), "true or false"
+        elif isinstance(default, (int, float)):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "a string"
+        elif isinstance(default, list):
+            ok, kind = isinstance(value, list), "a list"
+        else:
+            continue
+        if not ok:
+            raise ModelError(f"config for {model_id}: {key} must be {kind}, got {value!r}",
+                             hint=f"fix {key} in config.json")
+
+
 def read_fields(arch) -> tuple[str, ...]:
     """The non-core fields the shape model reads for this architecture (models.spec_from_config)."""
     fields = [*CORE_SHAPE_FIELDS, "num_key_value_heads", "head_dim", "tie_word_embeddings"]

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from vramplan.core._architectures import ARCHITECTURES, Architecture, recurrent_layer_kinds, supported
-from vramplan.core._config_fields import defaults_applied, require_core_fields
+from vramplan.core._config_fields import check_field_types, defaults_applied, require_core_fields
 from vramplan.core._errors import ModelError
 from vramplan.core._record import record
 
@@ -362,6 +362,7 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         raise ModelError(f"architecture {model_type!r} ({model_id}) is not known to the analytic model",
                          hint=f"supported model_type values: {supported()}; `vramplan simulate` traces any "
                               f"architecture transformers can build")
+    check_field_types(config, arch, model_id)
     cfg = {**arch.defaults, **{k: v for k, v in config.items() if v is not None}}
     if "sliding_window" in config and config["sliding_window"] is None:
         # an explicit null is kept by transformers (no window), whatever the class default
