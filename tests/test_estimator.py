@@ -127,3 +127,15 @@ def test_gemma2_refuses_sdpa_like_transformers():
         estimate("google/gemma-2-9b")
     assert "--attn eager" in str(info.value)
     assert estimate("google/gemma-2-9b", attn="eager").peak_allocated_bytes > 0
+
+
+def test_a_sequence_past_the_config_context_is_warned_about_not_refused():
+    # TinyLlama's config.json: max_position_embeddings 2048. The step runs at any length (RoPE), so
+    # the estimate answers, and the verdict line says the model was not trained that long.
+    spec = resolve("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    assert estimate(spec, TrainSetup(seq=2048)).warnings == ()
+    longer = estimate(spec, TrainSetup(seq=2049))
+    assert longer.warnings == ("seq 2,049 is longer than the model's context (max_position_embeddings 2,048 in "
+                               "config.json): memory is estimated at that length, but the model was not trained "
+                               "for it",)
+    assert longer.peak_allocated_bytes > estimate(spec, TrainSetup(seq=2048)).peak_allocated_bytes

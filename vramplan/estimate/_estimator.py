@@ -499,6 +499,23 @@ def vision_line(spec: ModelSpec, setup: TrainSetup) -> str:
 
 
 def warnings(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
+    """What the verdict line says besides fits / does not fit: a sequence longer than the context
+    the config declares, and the 16-bit MoE experts under quantization."""
+    return context_warning(spec, setup) + moe_warning(spec, setup)
+
+
+def context_warning(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
+    """A sequence past the config's max_position_embeddings: the step still runs (RoPE has no
+    table to index past), so the memory is estimated as asked, but the model was not trained at
+    that length."""
+    context = spec.config.get("max_position_embeddings")
+    if isinstance(context, bool) or not isinstance(context, int) or setup.seq <= context:
+        return ()
+    return (f"seq {setup.seq:,} is longer than the model's context (max_position_embeddings {context:,} in "
+            f"config.json): memory is estimated at that length, but the model was not trained for it",)
+
+
+def moe_warning(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
     """MoE under quantization in transformers 5: the fused 3-D expert stacks are not nn.Linear, so
     bitsandbytes does not quantize them (bitsandbytes-foundation/bitsandbytes issue #1849, PR #1965;
     docs/bitsandbytes.md#moe-experts). Most of an MoE's weights then stay 16-bit: say so, in bytes."""
