@@ -343,3 +343,17 @@ def test_cli_plan_plot(capsys, tmp_path):
     code, out, _ = run(capsys, "plan", "meta-llama/Meta-Llama-3-8B", "--gpu", "24GB", "--batch", "8",
                        "--plot", str(png))
     assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_max_seq_stops_at_the_model_context():
+    # TinyLlama's config: max_position_embeddings 2048; on an H200 far longer sequences would fit
+    spec = resolve("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    p = plan(spec, TrainSetup(), "H200", recommend=False, batches=[1], seqs=[2048])
+    assert (p.max_seq.value, p.max_seq.capped, p.max_seq.next_need_bytes) == (2048, True, None)
+    assert p.max_seq.bound == "the model's context (max_position_embeddings)"
+    assert p.max_batch.bound == "the sanity bound" and not p.max_batch.capped
+    # a config that declares no context (Gemma 3 4B's text_config leaves it to Gemma3TextConfig):
+    # the search's own bound
+    from vramplan.plan._planner import seq_bound
+    from vramplan.core._setup import MAX_SEQ
+    assert seq_bound(resolve("google/gemma-3-4b-pt")) == MAX_SEQ

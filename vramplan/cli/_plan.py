@@ -144,7 +144,7 @@ def print_plan(result, console=None) -> None:
                 console.print(f"Largest {lim.field}: none fits {other} ({lim.field}=1 needs "
                               f"{_gib(lim.next_need_bytes, 3)})", highlight=False)
             else:
-                nxt = ("the sanity bound" if lim.capped
+                nxt = (lim.bound if lim.capped
                        else f"{lim.field}={lim.value + 1} needs {_gib(lim.next_need_bytes, 3)}")
                 console.print(f"Largest {lim.field} {other}: [bold]{lim.value}[/bold] ({_gib(lim.need_bytes, 3)}; "
                               f"{nxt})", highlight=False)

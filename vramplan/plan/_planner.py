@@ -185,6 +185,16 @@ class Evaluator:
         return value
 
 
+def seq_bound(spec: ModelSpec) -> int:
+    """The longest sequence the limits search: the context the config declares
+    (max_position_embeddings; a longer one runs under RoPE, but the model was not trained for it,
+    which the estimate warns about), else MAX_SEQ."""
+    context = spec.config.get("max_position_embeddings")
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        return MAX_SEQ
+    return min(context, MAX_SEQ)
+
+
 def _largest(fits, start: int, upper: int) -> tuple[int, bool]:
     """A boundary v in [1, upper]: fits(v) and (v == upper or not fits(v + 1)); 0 when fits(1) is
     False. Doubles from `start`, then bisects. Returns (v, capped) with capped = v == upper."""
@@ -214,12 +224,14 @@ def _largest(fits, start: int, upper: int) -> tuple[int, bool]:
 @record
 class Limit:
     """The largest value of one field (batch or seq) that fits, the other fields as requested.
-    value 0: not even 1 fits. capped: value is the sanity bound and still fits."""
+    value 0: not even 1 fits. capped: value is the search's bound and still fits (MAX_BATCH; for
+    seq the model's context, seq_bound)."""
     field: str
     value: int
     need_bytes: int | None       # per-GPU device total at value
     next_need_bytes: int | None  # at value + 1 (None when capped)
     capped: bool = False
+    bound: str = "the sanity bound"   # what capped it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -410,7 +422,7 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     status = verdict(need, cap, tight, est.allocator_oom)
 
     max_batch = _limit(ev, setup, "batch", cap, MAX_BATCH, notes)
-    max_seq = _limit(ev, setup, "seq", cap, MAX_SEQ, notes)
+    max_seq = _limit(ev, setup, "seq", cap, seq_bound(spec), notes)
     grid = _grid(ev, setup, cap, tight, batches, seqs, max_batch, max_seq)
     changes: tuple[Change, ...] = ()
     minimum = None
@@ -457,8 +469,10 @@ def _limit(ev: Evaluator, setup: TrainSetup, name: str, cap: int, upper: int, no
         notes.append(f"the fast path disagreed with estimate() at {name}={value}; searched with estimate() "
                      "instead (report this: the planner's composition of the estimator is out of date)")
         value, capped = search(ev.exact_fits)
+    bound = ("the model's context (max_position_embeddings)" if name == "seq" and upper < MAX_SEQ
+             else "the sanity bound")
     return Limit(name, value, at(value) if value else None,
-                 None if capped else at(value + 1 if value else 1), capped)
+                 None if capped else at(value + 1 if value else 1), capped, bound)
 
 
 def _axis(values, around: int, limit: int, lowest: int, upper: int) -> tuple[int, ...]:
@@ -765,7 +779,7 @@ def _survey(spec: ModelSpec, setup: TrainSetup, par: Parallel, ev: Evaluator, ti
     for g in sorted(catalog(), key=lambda g: g.memory_bytes):
         cap = g.memory_bytes
         mb = _largest(lambda v: ev.fits(setup.with_(batch=v), cap), setup.batch, MAX_BATCH)[0]
-        ms = _largest(lambda v: ev.fits(setup.with_(seq=v), cap), setup.seq, MAX_SEQ)[0]
+        ms = _largest(lambda v: ev.fits(setup.with_(seq=v), cap), setup.seq, seq_bound(spec))[0]
         rows.append(GpuRow(g, status_of(need, cap, tight), need, cap - need, mb, ms))
     minimum = None
     if all(r.status == "no" for r in rows):
