@@ -60,6 +60,8 @@ def test_table_output_names_verdict_and_assumptions(capsys):
 @pytest.mark.parametrize("argv, code, message", [
     (["estimate", "no-such-model"], 1, "Error: unknown model 'no-such-model'"),
     (["estimate", "llama-2-7b", "--gpu", "B9000"], 1, "Error: unknown GPU 'B9000'"),
+    (["estimate", "llama-2-7b", "--gpu", "all"], 1,
+     "Error: unknown GPU 'all' (hint: `vramplan plan MODEL --gpu all` compares every catalog GPU; here give one"),
     (["estimate", "llama-2-7b", "--gpu", "0GB"], 2, "Error: memory size '0GB' must be positive"),
     (["estimate", "llama-2-7b", "--gpu", "5MB"], 2, "Error: GPU size '5MB' is not a plausible GPU memory size"),
     (["estimate", "llama-2-7b", "--batch", "0"], 2, "Error: --batch must be positive, got 0"),

@@ -92,4 +92,6 @@ def resolve_gpu(text: str | int | Gpu) -> Gpu:
     close = difflib.get_close_matches(key, list(_index()), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(dict.fromkeys(_index()[c].name for c in close))}?" if close else \
         "run `vramplan gpus` for the catalog, or give a size like 24GB"
+    if key == "all":   # `plan --gpu all` takes it before a single GPU is resolved
+        hint = "`vramplan plan MODEL --gpu all` compares every catalog GPU; here give one, e.g. --gpu 24GB"
     raise GpuError(f"unknown GPU {text!r}", hint=hint)
