@@ -96,6 +96,7 @@ def _claimed_defaults(spec: ModelSpec) -> dict[str, str]:
     return out
 
 
+@pytest.mark.transformers
 @pytest.mark.parametrize("model_id", sorted(catalog()))
 def test_claimed_transformers_defaults_are_what_transformers_uses(model_id):
     """Every default the assumption line attributes to transformers is checked against the
@@ -153,6 +154,7 @@ SDPA_REFUSED = ("google/gemma-2-2b (gemma2) cannot train with attn='sdpa' in tra
                 "(hint: use --attn eager)")
 
 
+@pytest.mark.pandas
 def test_sweep_marks_rows_that_cannot_run():
     import vramplan
 
@@ -165,6 +167,7 @@ def test_sweep_marks_rows_that_cannot_run():
     assert str(df["device_total_bytes"].dtype) == "Int64"  # bytes stay integers next to missing rows
 
 
+@pytest.mark.pandas
 def test_sweep_cli_sweeps_method_without_contradicting_the_default_quant(capsys):
     code, out, err = run(capsys, "sweep", "llama-2-7b", "--method", "qlora,lora,full", "--json")
     assert code == 0 and err == ""
@@ -174,6 +177,7 @@ def test_sweep_cli_sweeps_method_without_contradicting_the_default_quant(capsys)
     assert [row["error"] is None for row in json.loads(out)] == [True, False]
 
 
+@pytest.mark.pandas
 def test_sweep_cli_prints_the_reason_and_keeps_rows_in_the_csv(tmp_path, capsys):
     import pandas as pd
 
@@ -185,11 +189,13 @@ def test_sweep_cli_prints_the_reason_and_keeps_rows_in_the_csv(tmp_path, capsys)
     assert len(df) == 2 and df["error"].notna().sum() == 1
 
 
+@pytest.mark.pandas
 def test_a_sweep_where_nothing_runs_is_one_error(capsys):
     code, out, err = run(capsys, "sweep", "gemma-2-2b", "--attn", "sdpa")
     assert (code, out, err) == (1, "", f"Error: {SDPA_REFUSED}\n")
 
 
+@pytest.mark.pandas
 def test_a_contradictory_combination_is_a_row_but_a_typo_is_fatal():
     import vramplan
 
@@ -284,6 +290,8 @@ def test_estimate_and_plan_json_share_the_model_object(capsys):
     assert code == 0 and set(json.loads(out)["estimate"]["model"]) == _model_keys()
 
 
+@pytest.mark.torch
+@pytest.mark.transformers
 def test_simulate_json_has_the_same_model_object(tmp_path, capsys):
     config = dict(FULL_LLAMA, hidden_size=64, intermediate_size=128, vocab_size=128)
     path = write_config(tmp_path, config)
@@ -344,7 +352,8 @@ def assert_whole_at_80(out: str, boxed: bool = True) -> None:
     ["plan", "llama-2-70b", "--gpu", "all"],
     ["plan", "llama-2-70b", "--gpu", "40GB", "--gpus", "4", "--strategy", "zero3", "--offload", "cpu"],
     ["plan", "llama-2-70b", "--gpu", "80GB", "--gpus", "4", "--strategy", "fsdp"],
-    ["sweep", "gemma-2-2b", "--gpu", "24GB", "--attn", "sdpa,eager", "--batch", "1,2", "--method", "qlora,lora"],
+    pytest.param(["sweep", "gemma-2-2b", "--gpu", "24GB", "--attn", "sdpa,eager", "--batch", "1,2", "--method",
+                  "qlora,lora"], marks=pytest.mark.pandas),
     ["models"],
     ["gpus"],
 ])
@@ -360,6 +369,8 @@ def test_tables_render_whole_at_80_columns(capsys, monkeypatch, argv):
         assert all(model_id in out for model_id in catalog())
 
 
+@pytest.mark.torch
+@pytest.mark.transformers
 def test_simulate_tables_render_whole_at_80_columns(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     path = write_config(tmp_path, dict(FULL_LLAMA, hidden_size=64, intermediate_size=128, vocab_size=128))
@@ -409,12 +420,14 @@ def test_profile_summary_table_renders_whole_at_80_columns():
 
 # --- 8. importing the Trainer callback is quiet -----------------------------------------------------
 
+@pytest.mark.transformers
 def test_importing_memory_callback_prints_nothing():
     done = subprocess.run([sys.executable, "-c", "from vramplan.integrations import MemoryCallback"],
                           capture_output=True, text=True, cwd=ROOT)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
 
 
+@pytest.mark.transformers
 def test_only_the_bitsandbytes_kernels_warning_is_dropped(caplog):
     """The warning appears only on CPUs with AVX512-BF16 and no `kernels` package, so the record
     bitsandbytes logs (backends/cpu/ops.py) is replayed here on its logger."""
