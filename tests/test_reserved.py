@@ -249,3 +249,34 @@ def test_checkpointed_eager_attention_replays_every_layer():
                             lump_small=True)
     est = estimate(spec, setup, alloc_conf="")
     assert est.peak_reserved_bytes == full.peak_reserved_bytes != reduced.peak_reserved_bytes
+
+
+def test_a_setup_that_does_not_fit_names_the_smallest_card_it_runs_on():
+    """Without a card the replay keeps every segment it made; on a smaller card malloc releases the
+    cache and retries first, so the step runs on a card well below its device total. The smallest
+    one is found by replaying against cards of other sizes (estimator.smallest_card)."""
+    from vramplan.estimate._estimator import SMALLEST_CARD_STEP, SMALLEST_CARD_STEPS
+
+    spec = resolve("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    setup = TrainSetup(batch=24, seq=2048)
+    est = estimate(spec, setup, gpu="24GB")
+    card = est.smallest_gpu_bytes
+    assert est.status == "no" and card is not None
+    # between what a card must hold at the least and what the step reserves with room to spare
+    assert est.peak_allocated_bytes + est.cuda_context_bytes < card < est.device_total_bytes
+    step = max(SMALLEST_CARD_STEP, est.device_total_bytes // SMALLEST_CARD_STEPS)
+    mib = 2**20
+    runs = estimate(spec, setup, gpu=f"{-(-card // mib)}MiB")
+    assert runs.status != "no" and runs.smallest_gpu_bytes is None
+    assert estimate(spec, setup, gpu=f"{(card - step) // mib}MiB").status == "no"
+    assert estimate(spec, TrainSetup(batch=1, seq=2048), gpu="24GB").smallest_gpu_bytes is None   # it fits
+    assert "smallest_gpu_bytes" in est.to_dict()
+
+
+def test_the_verdict_line_says_the_smallest_card(capsys):
+    assert main(["estimate", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "--batch", "24", "--gpu", "24GB"]) == 0
+    words = " ".join(capsys.readouterr().out.split())
+    card = estimate("TinyLlama/TinyLlama-1.1B-Chat-v1.0", TrainSetup(batch=24, seq=2048), gpu="24GB")
+    assert (f"DOES NOT FIT on 24GB (22.35 GiB): it runs on a card of about {card.smallest_gpu_bytes / 2**30:.2f} GiB "
+            f"or more (short by about {(card.smallest_gpu_bytes - 24 * 10**9) / 2**30:.2f} GiB); with room to "
+            f"spare the caching allocator keeps more cached: {card.device_total_bytes / 2**30:.2f} GiB in all.") in words

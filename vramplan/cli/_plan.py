@@ -114,6 +114,22 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _next(lim) -> str:
+    """What happens one past a limit: the allocator's out-of-memory on this GPU, or the need."""
+    at = f"{lim.field}={lim.value + 1 if lim.value else 1}"
+    smallest = lim.next_smallest_gpu_bytes
+    oom = lim.next_oom
+    if oom:
+        where = oom["phase"] + (f", {oom['module']}" if oom.get("module") else "")
+        why = ": fragmentation" if oom.get("fragmentation") else ""
+        larger = (f"it runs on a card of about {_gib(smallest)}" if smallest is not None
+                  else f"a larger card would reserve {_gib(lim.next_need_bytes, 3)}")
+        return f"{at} runs out of memory in {where}{why}; {larger}"
+    if smallest is not None:
+        return f"{at} runs on a card of about {_gib(smallest)}"
+    return f"{at} needs {_gib(lim.next_need_bytes, 3)}"
+
+
 def _gib(n: int | None, digits: int = 2) -> str:
     from vramplan.core._units import format_bytes
     return "-" if n is None else format_bytes(n, "GiB", digits)
@@ -134,18 +150,19 @@ def print_plan(result, console=None) -> None:
     else:
         style = STATUS_STYLE[result.status]
         per = "per GPU " if par.gpus > 1 else ""
+        need = f"{_gib(result.need_bytes)} {per}needed, headroom {_gib(result.headroom_bytes)}"
+        if result.smallest_gpu_bytes is not None:
+            need = (f"runs on a card of about {_gib(result.smallest_gpu_bytes)} or more "
+                    f"({_gib(result.need_bytes)} with room to spare)")
         console.print(f"[{style}]{STATUS_WORD[result.status]}[/{style}] on {result.gpu.name} "
-                      f"({_gib(result.gpu.memory_bytes)}): {_gib(result.need_bytes)} {per}needed, "
-                      f"headroom {_gib(result.headroom_bytes)}; peak in {est.peak_phase}", highlight=False)
+                      f"({_gib(result.gpu.memory_bytes)}): {need}; peak in {est.peak_phase}", highlight=False)
         if par.strategy != "single":
             _print_terms(est, console, Table)
         for lim, other in ((result.max_batch, f"at seq {s.seq}"), (result.max_seq, f"at batch {s.batch}")):
             if lim.value == 0:
-                console.print(f"Largest {lim.field}: none fits {other} ({lim.field}=1 needs "
-                              f"{_gib(lim.next_need_bytes, 3)})", highlight=False)
+                console.print(f"Largest {lim.field}: none fits {other} ({_next(lim)})", highlight=False)
             else:
-                nxt = (lim.bound if lim.capped
-                       else f"{lim.field}={lim.value + 1} needs {_gib(lim.next_need_bytes, 3)}")
+                nxt = lim.bound if lim.capped else _next(lim)
                 console.print(f"Largest {lim.field} {other}: [bold]{lim.value}[/bold] ({_gib(lim.need_bytes, 3)}; "
                               f"{nxt})", highlight=False)
         _print_grid(result, console, Table)

@@ -92,6 +92,8 @@ class Estimate(Verdict):
     # the part of it NVML counts: bitsandbytes prefetches paged state to the device before each
     # update and the driver keeps it there while the card has room (paged_resident)
     paged_resident_bytes: int = 0
+    # where it does not fit: the smallest GPU memory it runs on (smallest_card), else None
+    smallest_gpu_bytes: int | None = None
 
     @property
     def assumptions(self) -> tuple[str, ...]:
@@ -129,6 +131,7 @@ class Estimate(Verdict):
             "alloc_conf": self.alloc_conf,
             "allocator_oom": self.allocator_oom,
             "allocator_retries": self.allocator_retries,
+            "smallest_gpu_bytes": self.smallest_gpu_bytes,
             "peak_phase": self.peak_phase,
             "components": dict(self.components),
             "device_components": {C.CUDA_CONTEXT.value: self.cuda_context_bytes,
@@ -145,7 +148,7 @@ class Estimate(Verdict):
 
 def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int | Gpu | None = None,
              static: Static | None = None, arch: str | CudaArch | None = None, *,
-             alloc_conf=None, replay: bool = True, **flags) -> Estimate:
+             alloc_conf=None, replay: bool = True, smallest: bool = True, **flags) -> Estimate:
     """Estimate peak memory. `flags` are TrainSetup fields (batch=4, seq=4096, method="lora", ...).
     `static` reuses static_memory(spec, setup) computed earlier (it does not depend on batch/seq).
     The CUDA kernels are those of `gpu`'s architecture (a catalog GPU), of `arch` ("sm75") for a
@@ -154,7 +157,9 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     GPU is refused (UsageError).
     `alloc_conf`: PYTORCH_CUDA_ALLOC_CONF settings (a string or AllocConf; None: the environment's).
     `replay`: run the caching-allocator model over two steps for peak reserved memory (False:
-    the quick rounding model, cuda/_context.py device_overhead)."""
+    the quick rounding model, cuda/_context.py device_overhead). `smallest`: where the setup does
+    not fit `gpu`, also search the smallest card it runs on (smallest_card, about six more
+    replays; False for callers that evaluate many setups and show only the device total)."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     gpu_obj = resolve_gpu(gpu) if gpu is not None else None
     cuda_arch = target_arch(gpu_obj, arch)
@@ -189,6 +194,11 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
                     "fragmentation_bytes": r.fragmentation_bytes, "alloc_conf": conf_text,
                     "allocator_oom": oom, "allocator_retries": retries}
         slack = reserved["peak_reserved_bytes"] - peak
+        if smallest and room is not None and (oom is not None or reserved["peak_reserved_bytes"] > room):
+            # it does not fit: the device total above is what a card with room to spare shows
+            # (the unlimited replay); the card it needs at the least is smaller
+            reserved["smallest_gpu_bytes"] = smallest_card(spec, setup, static, cuda_arch, alloc_conf, peak,
+                                                           context.bytes, context.bytes + reserved["peak_reserved_bytes"])
     else:
         slack = device_overhead(transient_sizes(spec, setup, cuda_arch)).allocator_overhead
         reserved = {"peak_reserved_bytes": peak + slack, "fragmentation_bytes": slack}
@@ -257,6 +267,33 @@ def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
             if against_card and need:      # the need is the unlimited replay's
                 r, _ = reserved_peak(spec, setup, static, arch, alloc_conf, None, fsdp, ddp, zero)
     return r, conf_text, oom, retries
+
+
+# The smallest card is searched to within 1/SMALLEST_CARD_STEPS of the device total without a card
+# (at least SMALLEST_CARD_STEP): each probe is one replay against a card of that size, about six.
+SMALLEST_CARD_STEPS = 64
+SMALLEST_CARD_STEP = 64 * 2**20
+
+
+def smallest_card(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, alloc_conf, peak: int,
+                  context: int, largest: int) -> int:
+    """The smallest GPU memory (the card's total, as NVML reports it) on which the step runs: the
+    replay against that card (card_replay) neither runs out of memory nor reserves past it.
+    Without a card the caching allocator keeps every segment it made; on a smaller one, malloc
+    releases the cache and retries before it fails (docs/allocator.md#verdict), so a setup can
+    run on a card well below its device total. Bisection between peak allocated + context (the
+    least a card holds) and `largest` (the device total without a card, where it runs), to
+    within `SMALLEST_CARD_STEPS`; a card larger than one it runs on is taken to run it too."""
+    step = max(SMALLEST_CARD_STEP, largest // SMALLEST_CARD_STEPS)
+    lo, hi = peak + context, largest
+    while hi - lo > step:
+        mid = (lo + hi) // 2
+        r, _conf, oom, _retries = card_replay(spec, setup, static, arch, alloc_conf, peak, mid - context, need=False)
+        if oom is None and context + max(r.peak_reserved_bytes, peak) <= mid:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def paged_resident(paged: int, gpu, needed: int) -> int:

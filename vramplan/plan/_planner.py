@@ -173,6 +173,18 @@ class Evaluator:
         """The same number through the public API (estimate() inside sharding.per_gpu)."""
         return self._exact_estimate(setup).device_total_bytes
 
+    def smallest_card(self, setup: TrainSetup) -> int | None:
+        """Where `setup` does not fit this evaluator's GPU: the smallest GPU memory it runs on
+        (estimator.smallest_card), on one GPU; None where it fits or for a spread run."""
+        if self.gpu is None or self.parallel.strategy != "single":
+            return None
+        from vramplan.estimate._estimator import estimate
+        return estimate(self.spec, setup, gpu=self.gpu, alloc_conf=self.alloc_conf).smallest_gpu_bytes
+
+    def exact_oom(self, setup: TrainSetup) -> dict | None:
+        """The public API's allocator out-of-memory on this evaluator's GPU, or None."""
+        return self._exact_estimate(setup).allocator_oom
+
     def exact_fits(self, setup: TrainSetup, cap: int) -> bool:
         est = self._exact_estimate(setup)
         return est.device_total_bytes <= cap and not est.allocator_oom
@@ -232,6 +244,11 @@ class Limit:
     next_need_bytes: int | None  # at value + 1 (None when capped)
     capped: bool = False
     bound: str = "the sanity bound"   # what capped it
+    # the caching allocator's out-of-memory on this GPU at value + 1 (estimator.card_replay's
+    # allocator_oom), or None: there next_need_bytes is what a larger card would reserve, not what
+    # this one lacks
+    next_oom: dict | None = None
+    next_smallest_gpu_bytes: int | None = None   # the smallest GPU memory value + 1 runs on (one GPU)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -355,6 +372,7 @@ class Plan:
     evaluations: int = field(default=0, compare=False)
     recipe_changes: tuple = ()           # plan/recipe_changes.RankedChange, largest saving first
     allocator_changes: tuple = ()        # plan/allocator_changes.AllocatorChange, lowest device total first
+    smallest_gpu_bytes: int | None = None   # status "no" on one GPU: the smallest GPU memory it runs on
 
     @property
     def fits(self) -> bool | None:
@@ -383,6 +401,7 @@ class Plan:
             "notes": list(self.notes),
             "recipe_changes": [r.to_dict() for r in self.recipe_changes],
             "allocator_changes": [a.to_dict() for a in self.allocator_changes],
+            "smallest_gpu_bytes": self.smallest_gpu_bytes,
             "alloc_conf": self.estimate.alloc_conf,
         }
 
@@ -440,7 +459,8 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     recipe = ranked_recipe_changes(spec, setup) if recommend else ()
     return Plan(model=spec, setup=setup, parallel=par, gpu=g, estimate=est, status=status, tight=tight,
                 max_batch=max_batch, max_seq=max_seq, grid=grid, changes=changes, minimum=minimum,
-                notes=tuple(notes), evaluations=ev.calls, recipe_changes=recipe, allocator_changes=allocator)
+                notes=tuple(notes), evaluations=ev.calls, recipe_changes=recipe, allocator_changes=allocator,
+                smallest_gpu_bytes=ev.smallest_card(setup) if status == "no" else None)
 
 
 def _allocator_changes(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight: float, alloc_conf):
@@ -471,8 +491,9 @@ def _limit(ev: Evaluator, setup: TrainSetup, name: str, cap: int, upper: int, no
         value, capped = search(ev.exact_fits)
     bound = ("the model's context (max_position_embeddings)" if name == "seq" and upper < MAX_SEQ
              else "the sanity bound")
-    return Limit(name, value, at(value) if value else None,
-                 None if capped else at(value + 1 if value else 1), capped, bound)
+    after = None if capped else setup.with_(**{name: value + 1 if value else 1})
+    return Limit(name, value, at(value) if value else None, None if after is None else ev.exact(after), capped, bound,
+                 None if after is None else ev.exact_oom(after), None if after is None else ev.smallest_card(after))
 
 
 def _axis(values, around: int, limit: int, lowest: int, upper: int) -> tuple[int, ...]:

@@ -455,7 +455,8 @@ def base_estimate(spec: ModelSpec, run: TrainSetup, parallel: Parallel, gpu: Gpu
     replay reaches the per-GPU result (distribute takes the slack from fsdp_slack, and no
     single-GPU OOM for a spread run), so it is not run; the settings are recorded as it would."""
     if not replays_own_stream(parallel):
-        return estimate(spec, run, gpu=gpu, static=static, alloc_conf=alloc_conf)
+        # the planner's grids and sweeps show the device total: no smallest-card search per setup
+        return estimate(spec, run, gpu=gpu, static=static, alloc_conf=alloc_conf, smallest=False)
     from vramplan.estimate._reserved import conf_of
 
     conf = conf_of(alloc_conf)      # refuses bad settings as the replay would

@@ -62,11 +62,19 @@ def _fit(est: Estimate) -> str:
                      f"time{'s' if est.allocator_retries != 1 else ''} over two steps to stay within the card (each one synchronizes the GPU).")
         return line
     oom = est.allocator_oom
+    smallest = getattr(est, "smallest_gpu_bytes", None)
+    runs = "" if smallest is None else (f" It runs on a card of about {gib(smallest)} or more "
+                                        f"(short by about {gib(smallest - g.memory_bytes)}).")
     if oom and oom.get("fragmentation"):
         place = oom["phase"] + (f", {oom['module']}" if oom.get("module") else "")
         return (f"[red]DOES NOT FIT[/red] on {where}: the caching allocator runs out of memory in {place} "
                 f"(a {gib(oom['nbytes'])} request with {gib(oom['reserved_bytes'])} reserved, "
-                f"{gib(oom['allocated_bytes'])} allocated: fragmentation); try --alloc-conf expandable_segments:True.")
+                f"{gib(oom['allocated_bytes'])} allocated: fragmentation); try --alloc-conf expandable_segments:True."
+                + runs)
+    if smallest is not None:
+        return (f"[red]DOES NOT FIT[/red] on {where}: it runs on a card of about {gib(smallest)} or more "
+                f"(short by about {gib(smallest - g.memory_bytes)}); with room to spare the caching allocator "
+                f"keeps more cached: {gib(est.device_total_bytes)} in all.")
     return (f"[red]DOES NOT FIT[/red] on {where}: {gib(est.device_total_bytes)} needed, "
             f"short by {gib(-est.headroom_bytes)}.")
 
