@@ -31,7 +31,7 @@ def tiny_mixtral(**overrides):
 # --- the warning -----------------------------------------------------------------------------------
 
 def test_verdict_line_itself_says_experts_stay_16bit(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "400")     # one terminal line per printed line
+    monkeypatch.setenv("COLUMNS", "1000")    # one terminal line per printed line
     code, out, _ = cli(capsys, "estimate", MIXTRAL, "--gpu", "80GB")
     assert code == 0
     verdict = next(line for line in out.splitlines() if "FIT" in line)
