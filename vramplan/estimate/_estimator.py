@@ -32,7 +32,7 @@ from vramplan.estimate._inventory import (Static, adapted_linears, embedding_byt
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.estimate._quant import alloc
 from vramplan.core._setup import TrainSetup, apply_flags
-from vramplan.core._units import format_bytes
+from vramplan.core._units import MiB, format_bytes
 
 C = Component
 
@@ -272,7 +272,7 @@ def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
 # The smallest card is searched to within 1/SMALLEST_CARD_STEPS of the device total without a card
 # (at least SMALLEST_CARD_STEP): each probe is one replay against a card of that size, about six.
 SMALLEST_CARD_STEPS = 64
-SMALLEST_CARD_STEP = 64 * 2**20
+SMALLEST_CARD_STEP = 64 * MiB
 
 
 def smallest_card(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, alloc_conf, peak: int,
