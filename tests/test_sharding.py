@@ -392,3 +392,23 @@ def test_answer_ai_fsdp_qlora_per_gpu_measurements(capsys):
     for batch, offload in ((2, "none"), (4, "cpu")):
         e = per_gpu(yi, base.with_(batch=batch), gpus=2, strategy="fsdp", offload=offload, gpu="RTX 3090")
         assert e.status != "no" and not e.allocator_oom, (batch, offload, e.device_total_bytes / GiB)
+
+
+def test_fsdp_setup_that_does_not_fit_names_the_smallest_card_per_gpu():
+    """As on one GPU (tests/test_reserved.py): each rank's own FSDP stream, replayed against cards
+    of other sizes, runs on a card below its device total (sharding.smallest_per_gpu)."""
+    from vramplan.estimate._estimator import SMALLEST_CARD_STEP, SMALLEST_CARD_STEPS
+    from vramplan.plan._sharding import Parallel, per_gpu, smallest_per_gpu
+    from vramplan.core._gpus import resolve_gpu
+
+    spec, setup, par = resolve("meta-llama/Llama-2-7b-hf"), TrainSetup(batch=8, seq=4096), Parallel(2, "fsdp")
+    est = per_gpu(spec, setup, par, gpu="16GB")
+    card = smallest_per_gpu(spec, setup, par, resolve_gpu("16GB"))
+    assert est.status == "no" and card is not None
+    assert est.peak_allocated_bytes + est.cuda_context_bytes + est.comm_bytes < card < est.device_total_bytes
+    mib = 2**20
+    assert per_gpu(spec, setup, par, gpu=f"{-(-card // mib)}MiB").status != "no"
+    step = max(SMALLEST_CARD_STEP, est.device_total_bytes // SMALLEST_CARD_STEPS)
+    assert per_gpu(spec, setup, par, gpu=f"{(card - step) // mib}MiB").status == "no"
+    assert smallest_per_gpu(spec, TrainSetup(), par, resolve_gpu("16GB")) is None                 # it fits
+    assert smallest_per_gpu(spec, setup, Parallel(2, "zero3"), resolve_gpu("16GB")) is None    # no own stream

@@ -197,8 +197,9 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
         if smallest and room is not None and (oom is not None or reserved["peak_reserved_bytes"] > room):
             # it does not fit: the device total above is what a card with room to spare shows
             # (the unlimited replay); the card it needs at the least is smaller
-            reserved["smallest_gpu_bytes"] = smallest_card(spec, setup, static, cuda_arch, alloc_conf, peak,
-                                                           context.bytes, context.bytes + reserved["peak_reserved_bytes"])
+            runs = runs_on_card(spec, setup, static, cuda_arch, alloc_conf, peak, context.bytes)
+            reserved["smallest_gpu_bytes"] = smallest_card(runs, peak + context.bytes,
+                                                           context.bytes + reserved["peak_reserved_bytes"])
     else:
         slack = device_overhead(transient_sizes(spec, setup, cuda_arch)).allocator_overhead
         reserved = {"peak_reserved_bytes": peak + slack, "fragmentation_bytes": slack}
@@ -275,25 +276,33 @@ SMALLEST_CARD_STEPS = 64
 SMALLEST_CARD_STEP = 64 * MiB
 
 
-def smallest_card(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, alloc_conf, peak: int,
-                  context: int, largest: int) -> int:
-    """The smallest GPU memory (the card's total, as NVML reports it) on which the step runs: the
-    replay against that card (card_replay) neither runs out of memory nor reserves past it.
-    Without a card the caching allocator keeps every segment it made; on a smaller one, malloc
-    releases the cache and retries before it fails (docs/allocator.md#verdict), so a setup can
-    run on a card well below its device total. Bisection between peak allocated + context (the
-    least a card holds) and `largest` (the device total without a card, where it runs), to
-    within `SMALLEST_CARD_STEPS`; a card larger than one it runs on is taken to run it too."""
+def smallest_card(runs, least: int, largest: int) -> int:
+    """The smallest GPU memory (the card's total, as NVML reports it) on which the step runs:
+    `runs(card)` replays it against a card of that size. Without a card the caching allocator
+    keeps every segment it made; on a smaller one, malloc releases the cache and retries before it
+    fails (docs/allocator.md#verdict), so a setup can run on a card well below its device total.
+    Bisection between `least` (peak allocated + context: the least a card holds) and `largest`
+    (the device total without a card, where it runs), to within 1/SMALLEST_CARD_STEPS of it; a
+    card larger than one it runs on is taken to run it too."""
     step = max(SMALLEST_CARD_STEP, largest // SMALLEST_CARD_STEPS)
-    lo, hi = peak + context, largest
+    lo, hi = least, largest
     while hi - lo > step:
         mid = (lo + hi) // 2
-        r, _conf, oom, _retries = card_replay(spec, setup, static, arch, alloc_conf, peak, mid - context, need=False)
-        if oom is None and context + max(r.peak_reserved_bytes, peak) <= mid:
+        if runs(mid):
             hi = mid
         else:
             lo = mid
     return hi
+
+
+def runs_on_card(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, alloc_conf, peak: int,
+                 context: int):
+    """smallest_card's probe on one GPU: the replay against the card (card_replay) neither runs out
+    of memory nor reserves past it."""
+    def runs(card: int) -> bool:
+        r, _conf, oom, _retries = card_replay(spec, setup, static, arch, alloc_conf, peak, card - context, need=False)
+        return oom is None and context + max(r.peak_reserved_bytes, peak) <= card
+    return runs
 
 
 def paged_resident(paged: int, gpu, needed: int) -> int:

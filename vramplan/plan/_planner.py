@@ -59,7 +59,7 @@ from vramplan.estimate._reserved import conf_of
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.core._setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags
 from vramplan.plan._sharding import (Parallel, ShardedEstimate, base_estimate, distribute, effective_setup,
-                                    parallel_of, per_gpu, replays_own_stream, splits_for)
+                                    parallel_of, per_gpu, replays_own_stream, smallest_per_gpu, splits_for)
 
 from vramplan.core._verdict import TIGHT, verdict
 MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty
@@ -175,9 +175,12 @@ class Evaluator:
 
     def smallest_card(self, setup: TrainSetup) -> int | None:
         """Where `setup` does not fit this evaluator's GPU: the smallest GPU memory it runs on
-        (estimator.smallest_card), on one GPU; None where it fits or for a spread run."""
-        if self.gpu is None or self.parallel.strategy != "single":
+        (estimator.smallest_card; per GPU where FSDP, DDP or ZeRO-2 replay their own stream,
+        sharding.smallest_per_gpu); None where it fits, and for the other engines."""
+        if self.gpu is None:
             return None
+        if self.parallel.strategy != "single":
+            return smallest_per_gpu(self.spec, setup, self.parallel, self.gpu, self.alloc_conf)
         from vramplan.estimate._estimator import estimate
         return estimate(self.spec, setup, gpu=self.gpu, alloc_conf=self.alloc_conf).smallest_gpu_bytes
 

@@ -40,7 +40,7 @@ from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.core._errors import UsageError
 from vramplan.core._gpus import Gpu, resolve_gpu
 from vramplan.core._record import record
-from vramplan.estimate._estimator import estimate, paged_resident, Verdict
+from vramplan.estimate._estimator import estimate, paged_resident, smallest_card, Verdict
 from vramplan.estimate._inventory import (adapted_linears, adapter_bytes, bias_bytes, embedding_bytes,
                                          expert_lora_shapes, lora_shapes, numel, optimizer_memory, static_memory,
                                          weight_bytes)
@@ -436,6 +436,27 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
     gpu_obj = resolve_gpu(gpu) if gpu is not None else None
     base = base_estimate(spec, run, par, gpu_obj, alloc_conf)   # the GPU's CUDA kernels (cuda/_arch.py)
     return distribute(base, par, gpu=gpu_obj)
+
+
+def smallest_per_gpu(spec: ModelSpec, setup: TrainSetup, parallel: Parallel, gpu: Gpu, alloc_conf=None) -> int | None:
+    """Where `setup` spread over `parallel` does not fit `gpu`: the smallest GPU memory on which
+    one GPU's own stream runs (FSDP, DDP, ZeRO-2: their replays against cards of other sizes,
+    estimator.smallest_card). None where it fits, and for the engines that carry the single-GPU
+    replay's slack."""
+    if not replays_own_stream(parallel):
+        return None
+    base = base_estimate(spec, effective_setup(setup, parallel), parallel, gpu, alloc_conf)
+    sp = splits_for(spec, base.setup, parallel)
+    est = distribute(base, parallel, gpu=gpu, split=sp)
+    if est.status != "no":
+        return None
+    peak, fixed = est.peak_allocated_bytes, est.cuda_context_bytes + est.comm_bytes
+    slack_of = {"fsdp": fsdp_slack, "ddp": ddp_slack, "zero2": zero_slack}[parallel.strategy]
+
+    def runs(card: int) -> bool:
+        slack, oom = slack_of(base, sp, parallel, peak, card - fixed, need=False)
+        return oom is None and peak + fixed + slack <= card
+    return smallest_card(runs, peak + fixed, peak + fixed + est.allocator_overhead_bytes)
 
 
 def replays_own_stream(parallel: Parallel) -> bool:
