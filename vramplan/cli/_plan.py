@@ -208,7 +208,8 @@ def _print_terms(est, console, Table) -> None:
 def _print_grid(result, console, Table) -> None:
     grid = result.grid
     table = Table(title=f"GiB per GPU on {result.gpu.name}", title_justify="left",
-                  caption=f"batch across, seq down: {legend(result.tight)}; ≥: allocated alone exceeds the GPU",
+                  caption=f"batch across, seq down: {legend(result.tight)} (its number: what a card with room to "
+                          "spare would show; a smaller card may still run it); ≥: allocated alone exceeds the GPU",
                   caption_justify="left")
     table.add_column("seq \\ batch", justify="right")
     for b in grid.batches:
