@@ -118,8 +118,6 @@ def _next(lim) -> str:
     """What happens one past a limit: the allocator's out-of-memory on this GPU, or the need."""
     at = f"{lim.field}={lim.value + 1 if lim.value else 1}"
     smallest = lim.next_smallest_gpu_bytes
-    if smallest is not None and lim.next_need_bytes is not None and smallest >= lim.next_need_bytes:
-        smallest = None    # no smaller card runs it: the need says it all
     oom = lim.next_oom
     if oom:
         where = oom["phase"] + (f", {oom['module']}" if oom.get("module") else "")
@@ -153,7 +151,7 @@ def print_plan(result, console=None) -> None:
         style = STATUS_STYLE[result.status]
         per = "per GPU " if par.gpus > 1 else ""
         need = f"{_gib(result.need_bytes)} {per}needed, headroom {_gib(result.headroom_bytes)}"
-        if result.smallest_gpu_bytes is not None and result.smallest_gpu_bytes < result.need_bytes:
+        if result.smallest_gpu_bytes is not None:
             need = (f"runs on a card of about {_gib(result.smallest_gpu_bytes)} or more "
                     f"({_gib(result.need_bytes)} with room to spare)")
         console.print(f"[{style}]{STATUS_WORD[result.status]}[/{style}] on {result.gpu.name} "

@@ -92,7 +92,7 @@ class Estimate(Verdict):
     # the part of it NVML counts: bitsandbytes prefetches paged state to the device before each
     # update and the driver keeps it there while the card has room (paged_resident)
     paged_resident_bytes: int = 0
-    # where it does not fit: the smallest GPU memory it runs on (smallest_card), else None
+    # where it does not fit: the smallest GPU memory it runs on, when below the device total (smallest_card)
     smallest_gpu_bytes: int | None = None
 
     @property
@@ -276,14 +276,15 @@ SMALLEST_CARD_STEPS = 64
 SMALLEST_CARD_STEP = 64 * MiB
 
 
-def smallest_card(runs, least: int, largest: int) -> int:
+def smallest_card(runs, least: int, largest: int) -> int | None:
     """The smallest GPU memory (the card's total, as NVML reports it) on which the step runs:
     `runs(card)` replays it against a card of that size. Without a card the caching allocator
     keeps every segment it made; on a smaller one, malloc releases the cache and retries before it
     fails (docs/allocator.md#verdict), so a setup can run on a card well below its device total.
     Bisection between `least` (peak allocated + context: the least a card holds) and `largest`
     (the device total without a card, where it runs), to within 1/SMALLEST_CARD_STEPS of it; a
-    card larger than one it runs on is taken to run it too."""
+    card larger than one it runs on is taken to run it too. None where no smaller card runs it
+    (the allocated bytes alone decide): then the device total says it all."""
     step = max(SMALLEST_CARD_STEP, largest // SMALLEST_CARD_STEPS)
     lo, hi = least, largest
     while hi - lo > step:
@@ -292,7 +293,7 @@ def smallest_card(runs, least: int, largest: int) -> int:
             hi = mid
         else:
             lo = mid
-    return hi
+    return hi if hi < largest else None
 
 
 def runs_on_card(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, alloc_conf, peak: int,

@@ -63,8 +63,6 @@ def _fit(est: Estimate) -> str:
         return line
     oom = est.allocator_oom
     smallest = getattr(est, "smallest_gpu_bytes", None)
-    if smallest is not None and smallest >= est.device_total_bytes:
-        smallest = None    # no smaller card runs it: the device total says it all
     runs = "" if smallest is None else (f" It runs on a card of about {gib(smallest)} or more "
                                         f"(short by about {gib(smallest - g.memory_bytes)}).")
     if oom and oom.get("fragmentation"):
