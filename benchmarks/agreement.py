@@ -8,6 +8,9 @@ optimizer) and which phase holds the peak.
     python benchmarks/agreement.py --full          # paged_adamw8bit in every cell too (~15 minutes)
     python benchmarks/agreement.py --json out.json # also every component, both sides
     python benchmarks/agreement.py --gpu T4        # the kernels of another GPU (default: an H100)
+    python benchmarks/agreement.py --recipes --out benchmarks/agreement-recipes.md
+                                                   # every recipe x method x (1x512, 4x2048), the
+                                                   # recipe's own checkpointing, attention, optimizer
 
 Llama 4 (its router is an nn.Linear that all-linear LoRA would wrap, which peft cannot run) gets LoRA
 on q/k/v/o_proj instead, named in the setup column.
@@ -42,12 +45,23 @@ CKPT = (True, False)
 ATTN = ("sdpa", "eager")
 OPTIMIZERS = ("adamw", "paged_adamw8bit")
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+RECIPES = ("trainer", "trl-sft", "qlora-paper", "plain")     # core/_recipes.py
 
 
 def small_matrix() -> list[dict]:
     """Every method x (1x512, 4x2048) x checkpointing on/off, SDPA, AdamW: 8 setups per model."""
     return [dict(method=m, batch=b, seq=s, grad_ckpt=c, attn="sdpa", optimizer="adamw")
             for m in METHODS for b, s in (SHAPES[0], SHAPES[2]) for c in CKPT]
+
+
+def recipe_matrix() -> list[dict]:
+    """Every recipe x method x (1x512, 4x2048): the rest (dtype, autocast, optimizer,
+    checkpointing, loss, loop, rank, prepare_model_for_kbit_training) is the recipe's own. The
+    QLoRA paper's script quantizes (prepare_model_for_kbit_training needs a quantized model), so
+    its rows are QLoRA only."""
+    return [dict(recipe=r, method=m, batch=b, seq=s)
+            for r in RECIPES for m in METHODS for b, s in (SHAPES[0], SHAPES[2])
+            if r != "qlora-paper" or m == "qlora"]
 
 
 def matrix(full: bool) -> list[dict]:
@@ -69,7 +83,8 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agreement.md")
 
 
 def label(setup) -> str:
-    parts = [setup.method, f"{setup.batch}x{setup.seq}", "ckpt" if setup.grad_ckpt else "no-ckpt", setup.attn]
+    parts = [f"{setup.recipe}:"] if setup.recipe else []
+    parts += [setup.method, f"{setup.batch}x{setup.seq}", "ckpt" if setup.grad_ckpt else "no-ckpt", setup.attn]
     if setup.optimizer != "adamw":
         parts.append(setup.optimizer)
     if setup.targets != ("all-linear",):
@@ -77,22 +92,23 @@ def label(setup) -> str:
     return " ".join(parts)
 
 
-def setups_for(model: str, quick: bool, full: bool = False, small: bool = False):
-    from vramplan import TrainSetup
-
+def setups_for(model: str, quick: bool, full: bool = False, small: bool = False, recipes: bool = False):
     from vramplan.core._models import resolve
+    from vramplan.core._setup import make_setup
 
     arch = resolve(model).arch
     eager_only = arch.attention == ("eager",)   # gpt-oss: transformers refuses sdpa
     seen = []
-    for kw in [BASE] if quick else small_matrix() if small else matrix(full):
+    cases = [BASE] if quick else recipe_matrix() if recipes else small_matrix() if small else matrix(full)
+    for kw in cases:
         if "gemma-2" in model or eager_only:
             kw = {**kw, "attn": "eager"}   # transformers 5 runs Gemma-2 eager only
         if arch.linear_router:
             # Llama 4: all-linear would wrap the router, which peft cannot run (refused on both
             # sides), so these rows put LoRA on the attention projections
             kw = {**kw, "targets": ATTENTION_TARGETS}
-        setup = TrainSetup(**kw)
+        kw = dict(kw)
+        setup = make_setup(kw.pop("recipe", None), **kw)
         if setup not in seen:
             seen.append(setup)
     return seen
@@ -103,6 +119,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the base setup per model only")
     ap.add_argument("--full", action="store_true", help="the whole product, paged_adamw8bit everywhere (~15 min)")
     ap.add_argument("--small", action="store_true", help="every method x (1x512, 4x2048) x checkpointing, SDPA")
+    ap.add_argument("--recipes", action="store_true",
+                    help="every recipe x method x (1x512, 4x2048) with the recipe's own defaults")
     ap.add_argument("--models", help="comma-separated subset of the catalog ids above")
     ap.add_argument("--json", metavar="PATH", help="also write every row with both sides' components")
     ap.add_argument("--out", default=OUT, help=f"markdown file to write (default {OUT})")
@@ -117,7 +135,7 @@ def main() -> None:
     rows, t0 = [], time.perf_counter()
     for model in models:
         spec = vramplan.resolve_model(model)
-        for setup in setups_for(model, args.quick, args.full, args.small):
+        for setup in setups_for(model, args.quick, args.full, args.small, args.recipes):
             if args.gpu:
                 from vramplan.cuda._arch import default_dtype, target_arch
                 setup = setup.with_(dtype=default_dtype(target_arch(vramplan.resolve_gpu(args.gpu))))

@@ -33,7 +33,7 @@ from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
 from vramplan.cuda._fast_replay import EMPTY_CACHE
 from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_masks, embedding_leaf,
-                                   held_outputs, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
+                                   int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
                                    tied_sum_in_place)
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate._symbolic import rounded_bytes, variables
@@ -302,7 +302,7 @@ class _Template:
 class _Slots:
     """The sizes of a compiled stream, by slot: each tape allocation is a polynomial in batch and
     sequence rounded on its own (symbolic.rounded_bytes), the persistent tensors are constants,
-    and the tensors step_stream sizes itself (inputs, masks, held outputs...) are named cell
+    and the tensors step_stream sizes itself (inputs, masks...) are named cell
     sizes, computed per batch x seq by `_cell_sizes`. A slot worth 0 bytes allocates nothing
     (NativeCachingAllocator::allocate returns nullptr for 0 bytes)."""
 
@@ -491,7 +491,7 @@ def _cell_sizes(spec: ModelSpec, setup: TrainSetup, static: Static, fsdp: FsdpSh
                 tape_grads: int) -> dict:
     """The allocations step_stream sizes itself for this batch x seq: the inputs (ids, position
     ids, shifted labels, rotary cos/sin), the embedding output, Granite's embedding leaf, the
-    eager masks, a plain loop's held outputs, int8 ctx inputs, and the gradients no tape makes."""
+    eager masks, int8 ctx inputs, and the gradients no tape makes."""
     extra = static.gradients - tape_grads      # embedding / norm gradients of full fine-tuning
     if extra > 0:
         extra = alloc(-(-extra // fsdp.gpus)) if fsdp else extra
@@ -499,7 +499,6 @@ def _cell_sizes(spec: ModelSpec, setup: TrainSetup, static: Static, fsdp: FsdpSh
             "labels": alloc(8 * (setup.tokens + setup.batch)),
             **{f"rope{i}": n for i, n in enumerate(rope_tables(spec, setup))},
             "leaf": embedding_leaf(spec, setup),       # freed with the graph when backward ends
-            "held": held_outputs(spec, setup),         # ops.held_outputs: a plain loop's `out`
             "mask": eager_masks(spec, setup),
             "hidden": alloc(embedding_bytes(setup) * setup.tokens * spec.hidden),   # the embedding output
             "ctx": int8_ctx_inputs(spec, setup),
@@ -606,7 +605,11 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     # (per decoder layer bottom to top: its template, the head's template). Layers of one kind
     # (sliding-window or global attention, with or without RoPE: ops.layer_stack) share one.
     stack = tuple(made[kind][1 if i == 0 else 0] for i, kind in enumerate(kinds))
-    t_head = _template(_head_tape(spec, head_structure), slots)
+    head_tape = _head_tape(spec, head_structure)
+    t_head = _template(head_tape, slots)
+    # a plain loop's outputs (ops.held_outputs): the head's own logits (or TRL's per-token
+    # outputs), which its walk keeps past the step
+    held_tids = [head_tape.names[name] for name in head_tape.kept]
     L = spec.layers
     reduced = (lambda i: False) if exact_layers is None else (lambda i: exact_layers <= i < L - exact_layers)
     nets: dict = {}
@@ -787,8 +790,9 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                     total -= zero.ipg
                 return total
         backward_ws = play(head, t_head.backward, t_head.blas[1], backward_ws)
-        # the new `out` (ops.held_outputs) lives from here through the optimizer step
-        held_prev = b.new(cell("held"))
+        # the new `out` (ops.held_outputs), made in the forward, lives on through the optimizer
+        # step and the next forward
+        held_prev = [key for tid in held_tids for key in head.take(tid)]
         grad = head.take(t_head.names["grad:x"])
         # a tied trainable embedding: lm_head's weight gradient waits in AccumulateGrad's input
         # buffer for the embedding's (ops.tied_embedding_grad); one GPU only, FSDP keeps its root

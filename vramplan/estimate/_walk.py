@@ -126,6 +126,8 @@ class Tape:
     # after its outputs are allocated and before its own temporary; -1 where none runs. A
     # thread's cuBLAS workspace is allocated there (estimate/_events.py, cuda/_cublas.py).
     blas: tuple = field(default=(-1, -1), compare=False, hash=False)
+    # names `keep` held past the walk's end (a checkpointed layer's input, a plain loop's outputs)
+    kept: tuple = field(default=(), compare=False, hash=False)
 
     @cached_property
     def _compiled(self):
@@ -259,7 +261,7 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
 
     run_forward(len(ops), save, grad_mode=not no_grad)
     if not backward:
-        return Tape(tuple(live.table), tuple(live.tape), dict(live.first_tid), tuple(blas))
+        return Tape(tuple(live.table), tuple(live.tape), dict(live.first_tid), tuple(blas), tuple(keep))
     live.reset()
     backward_part = True
     for name in cached:   # the autocast region ended with the forward: its cache is cleared
@@ -366,4 +368,4 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
             live.drop(name)
     names = dict(live.first_tid)
     names.update((f"grad:{name}", live.tid[key]) for name, key in grad_key.items() if key in live.tid)
-    return Tape(tuple(live.table), tuple(live.tape), names, tuple(blas))
+    return Tape(tuple(live.table), tuple(live.tape), names, tuple(blas), tuple(keep))

@@ -17,6 +17,7 @@ from vramplan.cuda._alloc_conf import AllocConf
 from vramplan.cuda._reserved import ReservedPeak, replay_stream
 
 OPT = Component.OPTIMIZER_STATE.value
+ACT = Component.ACTIVATIONS.value
 # the op the cuBLAS workspaces are registered under before the measured step (_step.py live_tracker)
 CUBLAS_WORKSPACE = "cublas_workspace"
 # ops that call cuBLAS on the calling thread's handle: torch's matmuls, and bitsandbytes' gemm_4bit
@@ -41,6 +42,24 @@ def first_matmul(stream, phase: str) -> int | None:
     return None
 
 
+def held_pairs(registered: list, in_step: list) -> dict:
+    """A plain loop's outputs (`out = model(**batch)`): the previous step's are registered live
+    before the measured step and freed in it once model() returns (_step.py forward_loss), and the
+    step's own are made in it and never freed. In two steps from a fresh load there is no previous
+    step before the warm-up: step 1 frees the warm-up's outputs where the measured step frees the
+    previous ones, and makes its own. Returns {id(registered block): the in-step block it stands
+    for}, paired by size in order."""
+    kept = {}
+    for b in in_step:
+        if b.free_event is None:             # (tagged as the loss region's: the logits, the loss)
+            kept.setdefault(b.size, []).append(b)
+    pairs = {}
+    for b in registered:
+        if b.free_event is not None and b.component == ACT and kept.get(b.size):
+            pairs[id(b)] = kept[b.size].pop(0)
+    return pairs
+
+
 def two_step_events(stream) -> list:
     blocks = sorted(stream.blocks, key=lambda b: b.alloc_event)
     registered = [b for b in blocks if b.alloc_event <= stream.registered]
@@ -54,14 +73,16 @@ def two_step_events(stream) -> list:
     at = [first_matmul(stream, phase) for phase in ("forward", "backward")[:len(workspaces)]]
     first_use = [(ev, b) for ev, b in zip(at, workspaces) if ev is not None]
     late = {id(b) for _ev, b in first_use}
+    held = held_pairs(registered, in_step)            # registered block -> the warm-up's own
+    remade = {id(b) for b in held.values()}           # each step makes its own outputs
     events: list = []
     for b in registered:
-        if b.component != OPT and id(b) not in late:
+        if b.component != OPT and id(b) not in late and id(b) not in held:
             events.append(("alloc", ("live", b.alloc_event), b.size))
     for step in (0, 1):
         timeline = []
         for b in in_step:
-            if step == 1 and b.free_event is None:
+            if step == 1 and b.free_event is None and id(b) not in remade:
                 continue                      # made in the warm-up step and kept
             timeline.append((b.alloc_event, 1, b))
             if b.free_event is not None:
@@ -69,12 +90,16 @@ def two_step_events(stream) -> list:
         if step == 0:
             timeline += [(opt_start, -1, b) for b in state]   # before the optimizer's first event
             timeline += [(ev, 2, b) for ev, b in first_use]   # right after that event
-        timeline.sort(key=lambda t: (t[0], t[1]))
+        else:
+            timeline += [(b.free_event, 3, b) for b in registered if id(b) in held]
+        timeline.sort(key=lambda t: (t[0], 0 if t[1] == 3 else t[1]))   # the held free: a free
         for _ev, kind, b in timeline:
             if kind == 0:
                 events.append(("free", (step, b.alloc_event)))
             elif kind == 1:
                 events.append(("alloc", (step, b.alloc_event), b.size))
+            elif kind == 3:                   # the warm-up's outputs, freed as the previous ones are
+                events.append(("free", (0, held[id(b)].alloc_event)))
             else:
                 events.append(("alloc", ("live", b.alloc_event), b.size))
     return events
