@@ -323,20 +323,23 @@ def test_recipes_agree_with_simulate(name, recipe, flags):
     assert_agrees(trace, est)
 
 
-@pytest.mark.parametrize("model, batch, seq", [("Qwen/Qwen3-0.6B", 2, 1024), ("llama-gqa", 4, 1024)])
-def test_plain_loop_reserved_agrees_with_simulate(model, batch, seq):
+@pytest.mark.parametrize("model, batch, seq, loop", [("Qwen/Qwen3-0.6B", 2, 1024, "plain"),
+                                                     ("llama-gqa", 4, 1024, "plain"),
+                                                     ("Qwen/Qwen3-0.6B", 2, 1024, "plain-del")])
+def test_plain_loop_reserved_agrees_with_simulate(model, batch, seq, loop):
     """A plain loop keeps `out` (the logits) from its forward until the next step's forward
     returns: the warm-up's logits are freed in the second step after its own logits are made, and
     the segment they leave is what the caching allocator must work around. Both two-step streams
     play that (estimate/_events.py held outputs, simulate/_reserved.py held_pairs), so peak
     reserved agrees; when simulate kept the warm-up's logits for good and the estimate played a
-    stand-in made after the head's backward, Qwen3-0.6B 2x1024 was -9.0% apart."""
+    stand-in made after the head's backward, Qwen3-0.6B 2x1024 was -9.0% apart. A loop that
+    deletes `out` after opt.step() (plain-del) frees them at the end of the step on both sides."""
     from vramplan.core._models import resolve
     from vramplan.core._setup import make_setup
     from vramplan.simulate import simulate as run
 
     spec = resolve(model) if "/" in model else spec_of(model)
-    setup = make_setup("plain", batch=batch, seq=seq)
+    setup = make_setup("plain", batch=batch, seq=seq, loop=loop)
     trace, est = run(spec, setup), estimate(spec, setup)
     error = (est.peak_reserved_bytes - trace.peak_reserved_bytes) / trace.peak_reserved_bytes
     assert abs(error) <= 0.02, f"estimate {est.peak_reserved_bytes:,} vs simulate {trace.peak_reserved_bytes:,}"

@@ -137,6 +137,19 @@ def test_plain_loop_holds_one_more_bf16_logits_tensor():
     assert plain.peak_allocated_bytes - trainer.peak_allocated_bytes == alloc(4096 * 32000 * 2)
 
 
+def test_a_loop_that_deletes_its_outputs_starts_the_next_forward_without_them():
+    """`del out` after opt.step() (Answer.AI's train.py): the backward and the optimizer step hold the
+    logits as a plain loop does, the forward holds no previous step's (one logits tensor less)."""
+    plain = estimate("llama-2-7b", seq=4096, loop="plain")
+    deleted = estimate("llama-2-7b", seq=4096, loop="plain-del")
+    logits = alloc(4096 * 32000 * 2)
+    assert plain.phase_peaks["forward"] - deleted.phase_peaks["forward"] == logits
+    assert deleted.phase_peaks["backward"] == plain.phase_peaks["backward"]
+    assert deleted.phase_peaks["optimizer"] == plain.phase_peaks["optimizer"]
+    assert deleted.peak_reserved_bytes < plain.peak_reserved_bytes
+    assert any("`del out` before the next forward" in a for a in deleted.assumptions)
+
+
 def test_fused_adamw_has_no_workspace_and_a_device_step_per_tensor():
     foreach = estimate("llama-2-7b", optimizer="adamw")
     fused = estimate("llama-2-7b", optimizer="adamw_fused")

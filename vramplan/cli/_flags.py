@@ -57,7 +57,8 @@ def setup_flags() -> argparse.ArgumentParser:
     p.add_argument("--amp", default=None, help="torch.autocast dtype around the forward: bf16 | fp16 | none (default none)")
     p.add_argument("--loop", default=None,
                    help="trainer (only the loss outlives the forward) | plain (`out = model(**batch)` keeps the "
-                        "logits through backward) (default trainer)")
+                        "logits through backward, until the next forward returns) | plain-del (the same, with "
+                        "`del out` after opt.step()) (default trainer)")
     p.add_argument("--loss", default=None,
                    help="full (transformers' loss on fp32 logits) | chunked (TRL's fused lm_head, no full logits) "
                         "(default full)")

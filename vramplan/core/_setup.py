@@ -18,7 +18,9 @@ ATTENTION = ("sdpa", "eager")
 OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_fused", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd",
               "adafactor")
 AMPS = ("none", "bf16", "fp16")    # torch.autocast(device_type="cuda", dtype=...) around the forward
-LOOPS = ("trainer", "plain")       # trainer: only the loss outlives the forward; plain: `out` (logits) too
+# trainer: only the loss outlives the forward; plain: `out` (logits) too, until the next forward
+# returns; plain-del: `out` through backward and opt.step(), then `del out` (docs/recipes.md#plain-loop-keeps-the-logits)
+LOOPS = ("trainer", "plain", "plain-del")
 LOSSES = ("full", "chunked")       # full: transformers ForCausalLMLoss; chunked: TRL's fused lm_head + chunked NLL
 # MoE expert weights under 4-bit quantization: "16bit" as transformers 5 leaves its fused 3-D expert
 # stacks (bitsandbytes replaces only nn.Linear); "4bit" for stacks that quantize them (transformers
@@ -159,6 +161,17 @@ class TrainSetup:
     @property
     def autocast(self) -> bool:
         return self.amp != "none"
+
+    @property
+    def holds_outputs(self) -> bool:
+        """The loop keeps `out = model(**batch)` (the logits) through backward and opt.step()."""
+        return self.loop != "trainer"
+
+    @property
+    def outputs_outlive_step(self) -> bool:
+        """The previous step's `out` is still referenced during the next forward (plain: the name
+        is rebound only when model() returns; plain-del drops it at the end of the step)."""
+        return self.loop == "plain"
 
     @property
     def amp_over_fp32(self) -> bool:

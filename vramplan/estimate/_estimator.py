@@ -384,19 +384,23 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
         return sum(kept[:k]) + k * ctx - (0 if forward else k * cache)
 
     # A plain loop's `out` (logits) outlives the step: the previous step's during the forward (the
-    # name is rebound only when model() returns), this step's through backward and opt.step().
+    # name is rebound only when model() returns), this step's through backward and opt.step()
+    # (plain-del: this step's only).
     # Counted as activations (tensors the loop keeps): a moment with logits_loss bytes is a loss
     # moment to the sharding model (plan/_sharding.py _phase_terms).
     held = {C.ACTIVATIONS.value: held_outputs(spec, setup)}
+    # the previous step's, in the forward: only where the loop rebinds `out` (plain); a loop that
+    # drops it at the end of the step (plain-del) holds none there
+    previous = held if setup.outputs_outlive_step else {}
     head_grads = head.backward.end.get(C.GRADIENTS.value, 0)
     grads = [m.walk.end.get(C.GRADIENTS.value, 0) for m in stack]
     layer = stack[-1]
     top = layer.walk if L > 1 else layer.first
     moments = {
-        "forward.layer": at(top.forward_peak, held, activations=below(L - 1, True) + fwd_masks),
+        "forward.layer": at(top.forward_peak, previous, activations=below(L - 1, True) + fwd_masks),
         # the masks are locals of the base model's forward: without checkpointing nothing saves
         # them, so they are gone once it returns, before lm_head and the loss run
-        "forward.loss": at(head.forward.forward_peak, held, activations=below(L, True) + bwd_masks),
+        "forward.loss": at(head.forward.forward_peak, previous, activations=below(L, True) + bwd_masks),
         "backward.loss": at(head.backward.backward_peak, activations=below(L) + bwd_masks),
         # backward_peak includes the recomputation under checkpointing
         "backward.top_layer": at(top.backward_peak, held, activations=below(L - 1) + ctx + bwd_masks,
@@ -428,7 +432,7 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
         for j in range(1, L):
             walk = stack[j].walk
             moments["forward.layer"] = worst(moments["forward.layer"],
-                                             at(walk.forward_peak, held, activations=below(j, True) + fwd_masks))
+                                             at(walk.forward_peak, previous, activations=below(j, True) + fwd_masks))
             moments["backward.top_layer"] = worst(moments["backward.top_layer"], at(
                 walk.backward_peak, held, activations=below(j) + ctx + bwd_masks, gradients=head_grads + sum(grads[j + 1:])))
     for parts in moments.values():
@@ -479,8 +483,11 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
     else:
         out.append(f"torch.autocast({setup.amp}) around the forward: matmuls in {setup.amp}, LoRA inputs not cast "
                    f"to fp32, {cache}" if setup.autocast else "no autocast: every op in its inputs' dtype")
-    out.append("loop: `out = model(**batch)` keeps the logits through backward and opt.step()" if setup.loop == "plain"
-               else "loop: only the loss outlives the forward (Trainer compute_loss)")
+    out.append({"plain": "loop: `out = model(**batch)` keeps the logits through backward and opt.step(), until the "
+                         "next forward returns",
+                "plain-del": "loop: `out = model(**batch)` keeps the logits through backward and opt.step(), then "
+                             "`del out` before the next forward"}.get(
+        setup.loop, "loop: only the loss outlives the forward (Trainer compute_loss)"))
     if setup.reentrant_ckpt:
         out.append("gradient checkpointing (reentrant, use_reentrant=True) on every decoder layer: first forward "
                    "under no_grad, backward recomputes the whole layer and keeps its output and incoming "

@@ -558,7 +558,7 @@ def _net(events) -> tuple:
 
 
 def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED,
-                steps: int = 2, exact_layers: int | None = None, fsdp: FsdpShards | None = None,
+                steps: int = 2, exact_layers: int | tuple | None = None, fsdp: FsdpShards | None = None,
                 lump_small: bool = False, ddp: DdpBuckets | None = None,
                 zero: ZeroPartitions | None = None) -> Stream:
     """The allocation stream of `steps` training steps (the first one creates the optimizer
@@ -566,7 +566,9 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
 
     exact_layers=K plays every event of the K bottom and K top decoder layers only; the layers
     between play what their tapes leave alive (outputs, saved tensors, gradients) without the
-    transients inside them. None plays every event of every layer.
+    transients inside them. None plays every event of every layer. A pair (forward, backward)
+    sets each part on its own: (None, K) plays every layer's forward, and the backward of K
+    layers at each end.
 
     fsdp: one GPU of FSDP full_shard instead (docs/allocator.md#fsdp-stream): the flat parameter
     shards are the persistent state; the root unit is gathered for the step, each decoder unit
@@ -578,7 +580,7 @@ def step_stream(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
 
 
 def compiled(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED, steps: int = 2,
-             exact_layers: int | None = None, fsdp: FsdpShards | None = None,
+             exact_layers: int | tuple | None = None, fsdp: FsdpShards | None = None,
              ddp: DdpBuckets | None = None, zero: ZeroPartitions | None = None) -> Program:
     """step_stream's Program for this setup's structure: batch x seq change only the sizes, unless
     they change a kernel decision or a layer kind (ops._structure, ops.layer_kinds), which are
@@ -591,7 +593,7 @@ def compiled(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch 
 
 @lru_cache(maxsize=128)
 def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, steps: int,
-             exact_layers: int | None, fsdp: FsdpShards | None, kinds: tuple, structures: tuple,
+             exact_layers: int | tuple | None, fsdp: FsdpShards | None, kinds: tuple, structures: tuple,
              head_structure: tuple, ddp: DdpBuckets | None = None,
              zero: ZeroPartitions | None = None) -> Program:
     """The stream's events in order, with slots for sizes (`setup` has batch = seq = 1: only the
@@ -611,7 +613,9 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     # outputs), which its walk keeps past the step
     held_tids = [head_tape.names[name] for name in head_tape.kept]
     L = spec.layers
-    reduced = (lambda i: False) if exact_layers is None else (lambda i: exact_layers <= i < L - exact_layers)
+    exact_forward, exact_backward = exact_layers if isinstance(exact_layers, tuple) else (exact_layers, exact_layers)
+    reduced_forward, reduced_backward = ((lambda i: False) if k is None else (lambda i, k=k: k <= i < L - k)
+                                         for k in (exact_forward, exact_backward))
     nets: dict = {}
 
     def net(t: _Template, events: tuple, part: str) -> tuple:
@@ -751,7 +755,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             gathered = gather(unit(i)) if fsdp else []
             inst = _Instance(b, t, {t.names["x"]: x})      # tape ids are per template
             fwd = forwards[id(t)]
-            if reduced(i):
+            if reduced_forward(i):
                 inst.run(net(t, fwd, "forward"))
             else:
                 forward_ws = play(inst, fwd, forward_blas[id(t)], forward_ws)
@@ -813,7 +817,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 gathered = prefetched or gather(unit(i))
                 prefetched = gather(unit(i - 1)) if i > 0 else []
             inst.keys[inst.t.names["grad#1"]] = grad
-            if reduced(i):
+            if reduced_backward(i):
                 inst.run(net(inst.t, inst.t.backward, "backward"))
             else:
                 backward_ws = play(inst, inst.t.backward, inst.t.blas[1], backward_ws)
@@ -879,6 +883,9 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         # the estimator counts the inputs (ids, position ids, labels, rotary tables) through the
         # optimizer step (estimator.step_moments `base_acts`); they go with the loop iteration
         release(keys)
+        if not setup.outputs_outlive_step:
+            release(held_prev)    # `del out` at the end of the step (plain-del)
+            held_prev = []
     base = [0] * slots.count
     for n, slot in slots.consts.items():
         base[slot] = n

@@ -1322,7 +1322,7 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
         # accelerate wraps the autocast forward in convert_outputs_to_fp32 (accelerate/utils/operations.py
         # ConvertOutputsToFp32): a float32 copy of the 16-bit logits, dropped with `outputs` before backward
         b.op("outputs_fp32", [out_logits], [b.t("logits_out32", FP32 * T * V)])
-    b.held = (out_logits,) if setup.loop == "plain" else ()
+    b.held = (out_logits,) if setup.holds_outputs else ()
     return b.ops
 
 
@@ -1367,7 +1367,7 @@ def chunked_head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops", n: str) -> l
     b.op("fused.neg", ["fused.lpf"], [b.t("fused.nll", FP32 * N)], grads=(("fused.lpf", FP32 * N),))
     b.op("fused.sum", ["fused.nll"], [b.t("loss", 4)], grads=(("fused.nll", FP32 * N),))
     b.op("fused.return", [n, "fused.entf", "fused.top1f"])   # backbone_outputs live until _fused_forward returns
-    b.held = ("fused.lpf", "fused.entf") if setup.loop == "plain" else ()
+    b.held = ("fused.lpf", "fused.entf") if setup.holds_outputs else ()
     return b.ops
 
 
@@ -1499,7 +1499,7 @@ def held_outputs(spec: ModelSpec, setup: TrainSetup) -> int:
     """Bytes of the model outputs a plain loop (`out = model(**batch); out.loss.backward()`) keeps
     alive from the end of the forward through the whole backward: out.logits (or TRL's per-token
     outputs with the chunked loss). The trainer loops keep only the loss."""
-    if setup.loop != "plain":
+    if not setup.holds_outputs:
         return 0
     if setup.loss == "chunked":
         return 2 * alloc_bytes(FP32 * setup.batch * (setup.seq - 1))

@@ -44,13 +44,23 @@ def capped_is_uncapped(alloc_conf) -> bool:
 EXACT_LAYERS = 4
 
 
-def exact_layers_for(setup: TrainSetup) -> int | None:
-    """How many layers at each end the replay plays event by event (None: every layer).
+def exact_layers_for(setup: TrainSetup) -> int | tuple | None:
+    """How many layers at each end the replay plays event by event (None: every layer; a pair:
+    the forward's and the backward's, events.step_stream).
     Checkpointed eager attention recomputes seq x seq scores in every layer's backward, and
     there the reduced detail drifts: against simulate on catalog shapes, Llama-2-7B qlora
     4x2048 is +12.6% and Llama-2-13B -10.8%, where every layer replayed is within 0.5%
-    (docs/allocator.md#reduced-detail). Those setups replay every layer."""
-    return None if setup.attn == "eager" and setup.grad_ckpt else EXACT_LAYERS
+    (docs/allocator.md#reduced-detail). Those setups replay every layer.
+    Checkpointed layers under autocast drift in their forward: where each layer's saved input
+    lands among its transients moves whole segments (recipes trainer / trl-sft / qlora-paper,
+    QLoRA 4x2048 on Llama-2 7B-70B: -2.2% to -7.4% against simulate; every layer's forward
+    played: -1.8% to +2.6%, the same figures as every event of every layer). Those setups play
+    every layer's forward and the backward of EXACT_LAYERS at each end."""
+    if setup.grad_ckpt and setup.attn == "eager":
+        return None
+    if setup.grad_ckpt and setup.autocast:
+        return None, EXACT_LAYERS
+    return EXACT_LAYERS
 
 
 @lru_cache(maxsize=256)

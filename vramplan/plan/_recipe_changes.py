@@ -58,7 +58,7 @@ def recipe_candidates(spec: ModelSpec, setup: TrainSetup) -> list[RecipeChange]:
         add("amp", {"amp": setup.dtype}, 0.0, f"torch.autocast({setup.dtype}) around the forward", SRC_AMP)
     if setup.prepare_kbit:
         add("kbit", {"prepare_kbit": False}, 0.05, "no fp32 upcast of embeddings, norms and lm_head", SRC_KBIT)
-    if setup.loop == "plain":
+    if setup.holds_outputs:
         add("loop", {"loop": "trainer"}, 0.0, "`loss = model(**batch).loss` (or `del out` before backward)",
             SRC_LOOP)
     return out

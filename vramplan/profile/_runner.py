@@ -335,6 +335,8 @@ class Run:
                 st = self._begin(step, "optimizer")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if not self.setup.outputs_outlive_step:
+                    held = None   # `del out` at the end of the step (plain-del)
                 if opt_state is None:
                     opt_state, paged = self._optimizer_state(opt)
                 s = self._end(st)

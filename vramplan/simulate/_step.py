@@ -267,6 +267,8 @@ class Simulation:
             tracker.mark()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if not self.setup.outputs_outlive_step:
+                self.held = None      # `del out` at the end of the step (plain-del)
             boundary["optimizer_end"] = tracker.allocated
             tracker.mark()
             ctx.phase = "done"
@@ -368,16 +370,17 @@ class Simulation:
 def loop_forward(model, ids, setup: TrainSetup):
     """The loop body's forward as the recipe runs it (docs/recipes.md), shared by simulate and
     profile: `loss = model(...).loss` with the outputs dropped (trainer), or `out = model(...)`
-    kept by the caller until the next step's forward returns (plain); TRL's chunked loss is
+    kept by the caller until the next step's forward returns (plain) or until the step ends
+    (plain-del); TRL's chunked loss is
     SFTTrainer.compute_loss: -outputs.log_probs summed over the labelled tokens. Returns (loss,
-    the outputs a plain loop keeps, else None)."""
+    the outputs the loop keeps, else None)."""
     if setup.loss == "chunked":
         out = model(input_ids=ids, labels=ids, fused_lm_head=True)
         loss = (-out.log_probs).sum() / out.label_mask.sum().clamp(min=1)
     else:
         out = model(input_ids=ids, labels=ids)
         loss = out.loss
-    return loss, (out if setup.loop == "plain" else None)
+    return loss, (out if setup.holds_outputs else None)
 
 
 def _paged_registry() -> list:
