@@ -254,6 +254,11 @@ RECIPE_CASES = [
     ("llama-gqa", "trl-sft", dict(seq=512, method="full")),
     ("llama-gqa", "plain", dict(seq=512)),
     ("llama-gqa", "plain", dict(seq=512, loss="chunked")),
+    # the graph `out` keeps: the embedding leaf and its .grad through the optimizer step and the
+    # next forward (ops.held_graph_leaf); a loop that deletes `out` after opt.step()
+    ("llama-gqa", "plain", dict(seq=1024, batch=4)),
+    ("llama-gqa", "plain", dict(seq=1024, batch=4, loop="plain-del")),
+    ("llama-gqa", "plain", dict(seq=512, loop="plain-del", loss="chunked")),
     ("qwen2-tied-bias", "trl-sft", dict(seq=512)),
     ("phi3-fused", "trainer", dict(seq=512)),
     ("phi3-fused", "plain", dict(seq=512)),

@@ -3,7 +3,8 @@
 tests/data/published_recipes.csv is the AAI-03 row of the project's published-measurements
 table: Answer.AI fsdp_qlora benchmarks_03_2024.md, Llama-2-7B LoRA r=64 on 2 GPUs (FSDP
 full_shard), peak allocated 8.28 GiB at 512 tokens and 9.16 GiB at 2048 (quoted in its notes).
-Its train.py is a plain loop: `output = model(...); loss = output.loss; loss.backward()`."""
+Its train.py is a plain loop that deletes its outputs at the end of the step: `output = model(...);
+loss = output.loss; loss.backward(); optimizer.step(); ...; output = None` (--loop plain-del)."""
 import csv
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def test_row_is_the_published_one():
 def test_aai03_with_the_plain_loop_recipe():
     spec = resolve(ROW["model"])
     for seq, published in ((512, 8.28), (2048, 9.16)):
-        setup = make_setup("plain", method="lora", rank=64, lora_dropout=0.1,
+        setup = make_setup("plain", method="lora", rank=64, lora_dropout=0.1, loop="plain-del",
                            targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "gate_proj"), seq=seq)
         trainer = per_gpu(spec, setup.with_(loop="trainer"), gpus=2, strategy="fsdp")
         plain = per_gpu(spec, setup, gpus=2, strategy="fsdp")

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import field
 
 from vramplan.core._record import record
-from vramplan.estimate._ops import (autocast_cache, eager_masks, embedding_leaf, head_memory,
+from vramplan.estimate._ops import (autocast_cache, eager_masks, embedding_leaf, head_memory, held_graph_leaf,
                                    held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables,
                                    tied_embedding_grad, tied_sum_in_place)
 from vramplan.cuda._arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
@@ -389,9 +389,12 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
     # Counted as activations (tensors the loop keeps): a moment with logits_loss bytes is a loss
     # moment to the sharding model (plan/_sharding.py _phase_terms).
     held = {C.ACTIVATIONS.value: held_outputs(spec, setup)}
+    # with them, the graph's embedding leaf and its .grad (ops.held_graph_leaf): past the backward,
+    # where this step's own are counted by the walks
+    after = {C.ACTIVATIONS.value: held[C.ACTIVATIONS.value] + held_graph_leaf(spec, setup)}
     # the previous step's, in the forward: only where the loop rebinds `out` (plain); a loop that
     # drops it at the end of the step (plain-del) holds none there
-    previous = held if setup.outputs_outlive_step else {}
+    previous = after if setup.outputs_outlive_step else {}
     head_grads = head.backward.end.get(C.GRADIENTS.value, 0)
     grads = [m.walk.end.get(C.GRADIENTS.value, 0) for m in stack]
     layer = stack[-1]
@@ -407,7 +410,8 @@ def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaA
                                  gradients=head_grads),
         "backward.bottom_layer": at(stack[0].first.backward_peak, held, activations=ctx + bwd_masks,
                                     gradients=head_grads + sum(grads[1:])),
-        "optimizer": at(held, gradients=static.gradients, temporaries=static.optimizer_temporaries, graph=False),
+        "optimizer": at(after, gradients=static.gradients, temporaries=static.optimizer_temporaries,
+                        graph=False),
     }
     tied = tied_embedding_grad(spec, setup)
     if tied:

@@ -33,7 +33,7 @@ from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
 from vramplan.cuda._fast_replay import EMPTY_CACHE
 from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_masks, embedding_leaf,
-                                   int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
+                                   held_graph_leaf, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
                                    tied_sum_in_place)
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate._symbolic import rounded_bytes, variables
@@ -735,6 +735,8 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     tied_key = next((n for n in ("pgrad:lm_head.base", "pgrad:lm_head.w_amp.cast", "pgrad:fused.logprob")
                      if n in t_head.names), None) if tied_embedding_grad(spec, setup) else None
     held_prev = []
+    graph_leaf = held_graph_leaf(spec, setup) > 0
+    leaf_keys: list = []
     for step in range(steps):
         b.place("forward", "")
         keys = b.make(inputs)
@@ -834,6 +836,8 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 mine = []
                 filled = fill(zero.layer_grads)
             grads += mine
+            if i == 0 and graph_leaf:    # the embedding leaf, held by the graph `out` keeps
+                leaf_keys = inst.take(inst.t.names["x"])
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
         if backward_ws:
             b.new(workspace)      # no matmul found in the tapes: counted all the same (cuda/_cublas.py)
@@ -851,6 +855,8 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 total = b.new(tied_grad)
                 release(lm_grad + own)
             grads += total
+        elif graph_leaf:             # ... and the .grad accumulated into it (ops.held_graph_leaf)
+            held_prev += leaf_keys + grad
         else:
             release(grad)
         grads += b.new(cell("extra_grads"))    # embedding / norm gradients of full fine-tuning

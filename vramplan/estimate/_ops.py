@@ -1507,6 +1507,18 @@ def held_outputs(spec: ModelSpec, setup: TrainSetup) -> int:
     return alloc_bytes(logits * setup.tokens * spec.vocab)
 
 
+def held_graph_leaf(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes a loop that keeps `out` also keeps through its graph: under checkpointing with a frozen
+    embedding, enable_input_require_grads (transformers modeling_utils) makes the embedding output
+    a leaf that requires grad, the first layer's input; `out.logits.grad_fn` reaches its
+    AccumulateGrad node, which holds the leaf, and the leaf holds the `.grad` backward accumulated
+    into it (the same size), until `out` goes. (Granite's leaf is not the layer input,
+    ops.embedding_leaf: not counted here.)"""
+    if not (setup.holds_outputs and setup.grad_ckpt and setup.method != "full") or spec.arch.scaled_residuals:
+        return 0
+    return 2 * alloc_bytes(embedding_bytes(setup) * setup.tokens * spec.hidden)
+
+
 def autocast_cache(spec: ModelSpec, setup: TrainSetup) -> int:
     """Bytes of one decoder layer's adapter weight casts that autocast's cache keeps from the
     layer's (non-saving, checkpointed) forward to the end of the forward region

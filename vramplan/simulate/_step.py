@@ -293,7 +293,8 @@ class Simulation:
         if held is None:
             return []
         values = held.values() if hasattr(held, "values") else vars(held).values()
-        return [t for t in tree_leaves(list(values)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_leaves(list(values)) if isinstance(t, torch.Tensor)]
+        return outputs + graph_leaves(outputs)
 
     def failure(self, tracker, exc: BaseException):
         """SimulationError: which phase, module and op a failing step stopped in."""
@@ -365,6 +366,29 @@ class Simulation:
         foreign = kernels.unknown_kernel_note(getattr(tracker, "foreign_ops", ()))
         layers = kernels.layer_kernel_note(self.spec, self.built.model)
         return self.routing.notes() + tuple(n for n in (foreign, layers) if n)
+
+
+def graph_leaves(outputs) -> list:
+    """The tensors the autograd graph behind `outputs` still holds after backward: every leaf that
+    is not a parameter (the embedding output enable_input_require_grads made a leaf) and the `.grad`
+    backward accumulated into it. Backward frees the saved tensors (release_variables), not the
+    graph's nodes, and an AccumulateGrad node holds its leaf (torch/csrc/autograd/functions/
+    accumulate_grad.h `variable`)."""
+    import torch
+
+    seen, stack, out = set(), [t.grad_fn for t in outputs if t.grad_fn is not None], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if isinstance(leaf, torch.Tensor) and not isinstance(leaf, torch.nn.Parameter):
+            out.append(leaf)
+            if leaf.grad is not None:
+                out.append(leaf.grad)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return out
 
 
 def loop_forward(model, ids, setup: TrainSetup):
