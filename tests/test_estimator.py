@@ -139,3 +139,14 @@ def test_a_sequence_past_the_config_context_is_warned_about_not_refused():
                                "config.json): memory is estimated at that length, but the model was not trained "
                                "for it",)
     assert longer.peak_allocated_bytes > estimate(spec, TrainSetup(seq=2048)).peak_allocated_bytes
+
+
+def test_an_estimate_whose_components_a_caller_changes_leaves_the_next_one_alone():
+    """The step's moments are cached per setup (the planner asks twice): each estimate gets its own."""
+    first = estimate("meta-llama/Llama-2-7b", seq=1024)
+    weights = first.components["weights"]
+    for parts in first.moments.values():
+        parts["weights"] += 1
+    second = estimate("meta-llama/Llama-2-7b", seq=1024)
+    assert second.components["weights"] == weights
+    assert sum(second.components.values()) == second.peak_allocated_bytes

@@ -16,6 +16,7 @@ The peak is the largest candidate; its components sum to peak_allocated_bytes ex
 from __future__ import annotations
 
 from dataclasses import field
+from functools import lru_cache
 
 from vramplan.core._record import record
 from vramplan.estimate._ops import (autocast_cache, eager_masks, embedding_leaf, head_memory, held_graph_leaf,
@@ -326,6 +327,13 @@ def transient_sizes(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED
 
 
 def step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED) -> dict[str, dict[str, int]]:
+    """_step_moments, a fresh copy of the cached result (the planner asks for each setup twice:
+    without the allocator replay, then with it)."""
+    return {name: dict(parts) for name, parts in _step_moments(spec, setup, static, arch).items()}
+
+
+@lru_cache(maxsize=1024)
+def _step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch = ASSUMED) -> dict[str, dict[str, int]]:
     """Every candidate peak of the step, name -> bytes per component (ALLOCATED order).
 
     Decoder layers are identical, so one layer is walked (activations.layer_memory) and the
