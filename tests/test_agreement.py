@@ -274,6 +274,10 @@ RECIPE_CASES = [
     # qlora.py's recast with q/k/v biases and tied embeddings, and with per-head q/k norms
     ("qwen2-tied-bias", "qlora-paper", dict(seq=512)),
     ("qwen3-qknorm", "qlora-paper", dict(seq=512)),
+    # norms that cast back to their input dtype (Gemma's type_as, OLMo 2's .to): after the recast
+    # the residual stream stays 16-bit (ops.act_bytes)
+    ("olmo2-postnorm", "qlora-paper", dict(seq=1024, batch=4)),
+    ("gemma3-sliding", "qlora-paper", dict(seq=1024, batch=4)),
     ("deepseek-v3-mla", "trainer", dict(seq=512)),
     ("deepseek-v3-moonlight", "trl-sft", dict(seq=512)),
     ("gptoss-sinks", "trainer", dict(seq=512, attn="eager")),

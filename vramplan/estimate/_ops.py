@@ -48,11 +48,20 @@ FP32 = 4
 LOGITS = "logits_loss"
 
 
-def act_bytes(setup: TrainSetup) -> int:
+def act_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     """Bytes per element of the residual stream. With prepare_model_for_kbit_training the
     embedding and norm weights are float32, so every hidden state is float32 (Linear4bit
-    returns its output in the input dtype: bitsandbytes nn/modules.py Linear4bit.forward)."""
-    return FP32 if setup.prepare_kbit else setup.compute_bytes
+    returns its output in the input dtype: bitsandbytes nn/modules.py Linear4bit.forward).
+    After qlora.py's recast the embedding is 16-bit again and the norms stay float32: a
+    LlamaRMSNorm (`weight * x.to(input_dtype)`) promotes its 16-bit input to a float32 output, and
+    the stream above the first layer is float32; Gemma's and OLMo 2's norms cast their result back
+    to the input dtype (`type_as(x)`, `.to(input_dtype)`), so the stream stays 16-bit
+    (docs/recipes.md#qlora-paper-recast)."""
+    if not setup.prepare_kbit:
+        return setup.compute_bytes
+    if setup.recast and spec.arch.norm_style in ("gemma", "olmo"):
+        return setup.compute_bytes
+    return FP32
 
 
 class _Ops:
@@ -63,7 +72,7 @@ class _Ops:
         self.spec, self.setup, self.tag, self.arch = spec, setup, tag, arch
         # sizes are polynomials in b and s (_symbolic.py); decisions that depend on the actual
         # numbers (fused 4-bit kernel or not, sliding-window mask or not) are taken from `setup`
-        self.a, self.T = act_bytes(setup), sym.B * sym.S
+        self.a, self.T = act_bytes(spec, setup), sym.B * sym.S
         # autocast dtype (bytes); tensors whose dtype differs from `a` are listed in `bytes_of`
         self.c = DTYPES[setup.amp] if setup.autocast else self.a
         self.bytes_of: dict[str, int] = {}
@@ -1101,7 +1110,7 @@ def int8_ctx_inputs(spec: ModelSpec, setup: TrainSetup) -> int:
         # needs_input_grad is all False, so nothing goes on ctx.tensors, and the ctx itself is
         # dropped with the unrecorded graph (docs/autograd.md#reentrant-checkpointing)
         return 0
-    a, T = act_bytes(setup), setup.tokens
+    a, T = act_bytes(spec, setup), setup.tokens
     q = spec.heads * spec.head_dim
     mlp = spec.intermediate if not spec.num_experts else 0
     return sum(alloc_bytes(a * T * w) for w in (spec.hidden, q, spec.hidden, mlp) if w)
@@ -1116,7 +1125,7 @@ def embedding_leaf(spec: ModelSpec, setup: TrainSetup) -> int:
     module, so its leaf is the layer input itself.)"""
     if not (setup.grad_ckpt and spec.arch.scaled_residuals):
         return 0
-    return alloc_bytes(act_bytes(setup) * setup.tokens * spec.hidden)
+    return alloc_bytes(act_bytes(spec, setup) * setup.tokens * spec.hidden)
 
 
 def tied_embedding_grad(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -1152,7 +1161,7 @@ def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     # one mask per attention type present (Gemma2Model / Gemma3TextModel causal_mask_mapping), or
     # per type the model always builds (Llama4TextModel: full and chunked, Architecture.mask_types)
     count = len(set(spec.layer_types) | set(spec.arch.mask_types)) or 1
-    return count * alloc_bytes(act_bytes(setup) * setup.batch * setup.seq * setup.seq)
+    return count * alloc_bytes(act_bytes(spec, setup) * setup.batch * setup.seq * setup.seq)
 
 
 def rope_tables(spec: ModelSpec, setup: TrainSetup) -> list[int]:
@@ -1162,7 +1171,7 @@ def rope_tables(spec: ModelSpec, setup: TrainSetup) -> list[int]:
     (Llama4TextRotaryEmbedding.forward: torch.polar of float32 frequencies)."""
     if spec.arch.rope_complex:
         return [alloc_bytes(8 * setup.seq * (spec.head_dim // 2))]
-    return [alloc_bytes(act_bytes(setup) * setup.seq * rope_width(spec))] * (2 * rope_kinds(spec))
+    return [alloc_bytes(act_bytes(spec, setup) * setup.seq * rope_width(spec))] * (2 * rope_kinds(spec))
 
 
 def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tuple[list[Op], int]:
@@ -1455,7 +1464,7 @@ def _structure(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, win
 @lru_cache(maxsize=256)
 def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
     setup, decided, _, arch = structure
-    hidden = alloc(act_bytes(setup) * sym.B * sym.S * spec.hidden)
+    hidden = alloc(act_bytes(spec, setup) * sym.B * sym.S * spec.hidden)
     ckpt = setup.grad_ckpt
     keep = ("x",) if ckpt else ()   # the checkpoint holds the layer input until its backward
 
@@ -1466,7 +1475,7 @@ def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
         a hidden state of the stream's dtype."""
         if x_bytes not in built:
             b = _Ops(spec, setup, decided=decided, arch=arch)
-            if x_bytes != act_bytes(setup):
+            if x_bytes != act_bytes(spec, setup):
                 b.bytes_of["x"] = x_bytes
             ops, dequant = layer_ops(spec, setup, b)
             built[x_bytes] = ops, b.cached, b.grad_only, dequant
@@ -1475,12 +1484,12 @@ def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
                     backward=True, grad_of={"layer.out": hidden}, needs_grad=needs, cached=cached,
                     reentrant=setup.reentrant_ckpt, grad_only=grad_only), dequant
 
-    inner, dequant = run(frozenset({"x"}), act_bytes(setup))
+    inner, dequant = run(frozenset({"x"}), act_bytes(spec, setup))
     # the bottom layer reads the embedding output: 16-bit after qlora.py's recast while the hidden
     # states above it are float32 (norm copies, a 16-bit first residual), so it gets its own walk;
     # without checkpointing its input needs no gradient (the embedding is frozen)
     x0 = embedding_bytes(setup)
-    if x0 == act_bytes(setup) and ckpt:
+    if x0 == act_bytes(spec, setup) and ckpt:
         return inner, inner, dequant
     return inner, run(frozenset({"x"}) if ckpt else frozenset(), x0)[0], dequant
 
@@ -1488,7 +1497,7 @@ def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
 @lru_cache(maxsize=256)
 def _head_tape(spec: ModelSpec, structure: tuple) -> Tape:
     setup, decided, _, arch = structure
-    hidden = alloc(act_bytes(setup) * sym.B * sym.S * spec.hidden)
+    hidden = alloc(act_bytes(spec, setup) * sym.B * sym.S * spec.hidden)
     b = _Ops(spec, setup, decided=decided, arch=arch)
     ops = head_ops(spec, setup, b)
     return walk(ops, {"x": hidden}, backward=True, keep=b.held, cached=b.cached,
@@ -1503,7 +1512,7 @@ def held_outputs(spec: ModelSpec, setup: TrainSetup) -> int:
         return 0
     if setup.loss == "chunked":
         return 2 * alloc_bytes(FP32 * setup.batch * (setup.seq - 1))
-    logits = DTYPES[setup.amp] if setup.autocast else act_bytes(setup)
+    logits = DTYPES[setup.amp] if setup.autocast else act_bytes(spec, setup)
     return alloc_bytes(logits * setup.tokens * spec.vocab)
 
 
@@ -1577,7 +1586,7 @@ def _layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch, window: bo
     # what a finished layer leaves alive; its output is not counted: it is the next input
     return LayerMemory(walk=inner, first=first, saved=WalkResult.total(inner.forward_end),
                        first_saved=WalkResult.total(first.forward_end),
-                       hidden=alloc_bytes(act_bytes(setup) * setup.tokens * spec.hidden), dequant=dequant)
+                       hidden=alloc_bytes(act_bytes(spec, setup) * setup.tokens * spec.hidden), dequant=dequant)
 
 
 @lru_cache(maxsize=512)
