@@ -259,6 +259,7 @@ RECIPE_CASES = [
     ("llama-gqa", "plain", dict(seq=1024, batch=4)),
     ("llama-gqa", "plain", dict(seq=1024, batch=4, loop="plain-del")),
     ("llama-gqa", "plain", dict(seq=512, loop="plain-del", loss="chunked")),
+    ("granite-multipliers", "plain", dict(seq=1024, batch=4)),     # the leaf is the raw embedding output
     ("qwen2-tied-bias", "trl-sft", dict(seq=512)),
     ("phi3-fused", "trainer", dict(seq=512)),
     ("phi3-fused", "plain", dict(seq=512)),

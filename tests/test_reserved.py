@@ -34,6 +34,8 @@ SETUPS = [
     ("HuggingFaceTB/SmolLM3-3B-Base", {"seq": 512}),
     # recipe knobs: a plain loop's held logits, autocast's weight-cast cache, TRL's chunked loss, fused AdamW
     ("meta-llama/Llama-2-7b", {"loop": "plain", "seq": 1024}),
+    ("meta-llama/Llama-2-7b", {"loop": "plain-del", "seq": 1024}),
+    ("ibm-granite/granite-3.1-3b-a800m-instruct", {"loop": "plain", "seq": 512}),
     ("meta-llama/Llama-2-7b", {"amp": "bf16", "seq": 1024}),
     # reentrant checkpointing: the recomputed output and incoming gradient held (the bottom layer's
     # backward is the peak at 512 tokens), no int8 ctx inputs, autocast re-entered in backward

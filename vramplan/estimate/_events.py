@@ -735,7 +735,9 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     tied_key = next((n for n in ("pgrad:lm_head.base", "pgrad:lm_head.w_amp.cast", "pgrad:fused.logprob")
                      if n in t_head.names), None) if tied_embedding_grad(spec, setup) else None
     held_prev = []
-    graph_leaf = held_graph_leaf(spec, setup) > 0
+    # the embedding leaf a kept `out`'s graph holds (ops.held_graph_leaf): the first layer's input,
+    # or Granite's raw embedding output (the `leaf` cell)
+    graph_leaf = ("raw" if spec.arch.scaled_residuals else "input") if held_graph_leaf(spec, setup) else None
     leaf_keys: list = []
     for step in range(steps):
         b.place("forward", "")
@@ -836,7 +838,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 mine = []
                 filled = fill(zero.layer_grads)
             grads += mine
-            if i == 0 and graph_leaf:    # the embedding leaf, held by the graph `out` keeps
+            if i == 0 and graph_leaf == "input":   # the embedding leaf, held by the graph `out` keeps
                 leaf_keys = inst.take(inst.t.names["x"])
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
         if backward_ws:
@@ -865,6 +867,9 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             if fsdp.root_gradients:
                 grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))], POST_BACKWARD_STREAM)
         release(rooted)
+        if graph_leaf == "raw":      # Granite's leaf, the raw embedding output, likewise
+            held_prev += leaves
+            leaves = []
         release(masks + leaves)
         if zero is not None:     # independent_gradient_partition_epilogue: the last bucket, the ipg buffers go
             release(grads)

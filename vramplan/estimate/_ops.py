@@ -1519,12 +1519,14 @@ def held_outputs(spec: ModelSpec, setup: TrainSetup) -> int:
 def held_graph_leaf(spec: ModelSpec, setup: TrainSetup) -> int:
     """Bytes a loop that keeps `out` also keeps through its graph: under checkpointing with a frozen
     embedding, enable_input_require_grads (transformers modeling_utils) makes the embedding output
-    a leaf that requires grad, the first layer's input; `out.logits.grad_fn` reaches its
-    AccumulateGrad node, which holds the leaf, and the leaf holds the `.grad` backward accumulated
-    into it (the same size), until `out` goes. (Granite's leaf is not the layer input,
-    ops.embedding_leaf: not counted here.)"""
-    if not (setup.holds_outputs and setup.grad_ckpt and setup.method != "full") or spec.arch.scaled_residuals:
+    a leaf that requires grad; `out.logits.grad_fn` reaches its AccumulateGrad node, which holds
+    the leaf, and the leaf holds the `.grad` backward accumulated into it (the same size), until
+    `out` goes. The leaf is the first layer's input, or Granite's raw embedding output
+    (embedding_leaf), which the graph alone holds past the backward."""
+    if not (setup.holds_outputs and setup.grad_ckpt and setup.method != "full"):
         return 0
+    if spec.arch.scaled_residuals:
+        return 2 * embedding_leaf(spec, setup)
     return 2 * alloc_bytes(embedding_bytes(setup) * setup.tokens * spec.hidden)
 
 
