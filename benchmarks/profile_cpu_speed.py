@@ -4,7 +4,7 @@
     python benchmarks/profile_cpu_speed.py --model Qwen/Qwen2.5-0.5B
     python benchmarks/profile_cpu_speed.py --root /path/to/other/checkout   # time another version
 
-Runs the CLI as a user does (a fresh interpreter, the default 1 warm-up + 5 measured steps,
+Runs the CLI as a user does (a fresh interpreter, the CPU default of 1 warm-up + 2 measured steps,
 seq 2048) and prints the seconds, the CPU seconds of the CLI and its child run, their peak RSS
 and the measured peak allocated bytes (which a speed change must leave as it was). A benchmark,
 not a test: the figures depend on the machine and its load.

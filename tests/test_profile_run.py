@@ -73,6 +73,7 @@ def test_cpu_run_is_a_complete_record(qlora_run):
     # steady state repeats itself
     peaks = m.step_peaks()
     assert peaks[1] == peaks[2]
+    assert not [n for n in record.notes if "not steady" in n]
     assert len(m.losses) == 3 and all(4 < x < 7 for x in m.losses)   # ln(256) = 5.5 for random weights
     # NVML is reported as unavailable on a CPU, never invented
     assert record.nvml.available is False and "cpu" in record.nvml.reason and record.nvml.trace == ()
@@ -300,6 +301,26 @@ def test_options_validation():
         ProfileOptions(alloc_conf="expandable_segments:maybe").validate()
     ProfileOptions(alloc_conf="expandable_segments:True,max_split_size_mb:128").validate()
     assert GpuError  # imported for the error taxonomy the CLI maps
+
+
+def test_default_steps_depend_on_the_device():
+    assert ProfileOptions(device="cpu").steps == 2
+    assert ProfileOptions().steps == 5 and ProfileOptions(device="cuda:1").steps == 5
+    assert ProfileOptions(device="cpu", steps=7).steps == 7
+
+
+def test_a_phase_that_changes_between_measured_steps_is_noted():
+    from vramplan.profile._record import PhaseStats
+    from vramplan.profile._session import unsteady_phases
+
+    def step(i, fwd_peak, warmup=False):
+        return [PhaseStats("forward", i, warmup, 100, 300, fwd_peak), PhaseStats("backward", i, warmup, 300, 100, 900)]
+
+    assert unsteady_phases([PhaseStats("load", None, False, 0, 100, 100), *step(0, 700, True), *step(1, 500),
+                            *step(2, 500)]) == []           # the warm-up may differ; measured steps repeat
+    notes = unsteady_phases([*step(0, 500, True), *step(1, 500), *step(2, 512)])
+    assert notes == ["cpu run: the forward phase differs between measured steps (peak allocated 500..512 bytes, "
+                     "allocated at its end 300..300): the step is not steady"]
 
 
 class FakeCuda:

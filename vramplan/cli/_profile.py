@@ -30,7 +30,8 @@ def register(subparsers, setup_flags_parent) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               help="train real steps and measure memory (torch.cuda counters + NVML), store a record")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
-    p.add_argument("--steps", type=int, default=5, help="measured steps after warm-up (default 5)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="measured steps after warm-up (default 5 on a GPU; 2 on the CPU, whose counts repeat exactly)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps, not in the steady-state peak (default 1)")
     p.add_argument("--random-weights", action="store_true",
                    help="random weights built on the device tensor by tensor (no download; any model size)")

@@ -37,7 +37,10 @@ from vramplan.cuda._alloc_conf import AllocConf
 from vramplan.estimate._estimator import estimate
 from vramplan.profile._nvml import open_device, Sampler
 
-DEFAULT_STEPS = 5
+DEFAULT_STEPS = 5        # on a GPU: the caching allocator and NVML vary a little from step to step
+# On the CPU the tracker counts every storage exactly, so the measured steps repeat to the byte:
+# two show that the step is steady (a third adds nothing but ~4 s a step on a 2-core machine).
+DEFAULT_CPU_STEPS = 2
 DEFAULT_WARMUP = 1
 MIN_LIMIT = 256 * 2**20
 
@@ -45,7 +48,7 @@ MIN_LIMIT = 256 * 2**20
 @record
 class ProfileOptions:
     device: str = "cuda"
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None      # None: DEFAULT_STEPS on a GPU, DEFAULT_CPU_STEPS on the CPU
     warmup: int = DEFAULT_WARMUP
     random_weights: bool = False
     seed: int = 0
@@ -57,6 +60,10 @@ class ProfileOptions:
     # PYTORCH_CUDA_ALLOC_CONF for the training child (None: the environment's); the child sets it
     # before its first CUDA call, which is when c10's CUDAAllocatorConfig reads it
     alloc_conf: str | None = None
+
+    def __post_init__(self):
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_CPU_STEPS if self.device == "cpu" else DEFAULT_STEPS)
 
     def validate(self) -> None:
         if not (self.device == "cpu" or self.device == "cuda" or
@@ -546,6 +553,8 @@ def _notes(options: ProfileOptions, setup, state: _State, env: dict) -> list[str
         if setup.paged:
             notes.append("cpu run: bitsandbytes has no paged memory on the CPU; the state a GPU would page "
                          "(state1/state2 of tensors >= 1e5 elements) is left out of the count")
+    if options.device == "cpu":
+        notes.extend(unsteady_phases(state.phases))
     if options.random_weights:
         notes.append("random weights: built on the meta device, each weight drawn and quantized on the device "
                      "one tensor at a time (vramplan.profile._materialize)")
@@ -555,6 +564,20 @@ def _notes(options: ProfileOptions, setup, state: _State, env: dict) -> list[str
         notes.append(f"cpu run: {state.result['late_tracked']} storages made from Python data (torch.tensor) were "
                      "invisible to the tracker until the inventory found them; counted from the end of load")
     return notes
+
+
+def unsteady_phases(phases) -> list[str]:
+    """A note for each phase whose counts differ between measured steps. The CPU tracker counts
+    every storage exactly, so after the warm-up each step repeats the last to the byte; a phase
+    that does not is growing (something outlives the step) or changing its work."""
+    by_phase: dict[str, set] = {}
+    for p in phases:
+        if p.step is not None and not p.warmup:
+            by_phase.setdefault(p.phase, set()).add((p.peak_allocated, p.allocated_end))
+    return [f"cpu run: the {phase} phase differs between measured steps (peak allocated "
+            f"{min(v[0] for v in seen):,}..{max(v[0] for v in seen):,} bytes, allocated at its end "
+            f"{min(v[1] for v in seen):,}..{max(v[1] for v in seen):,}): the step is not steady"
+            for phase, seen in by_phase.items() if len(seen) > 1]
 
 
 def _as_error(err: dict) -> VramplanError:
