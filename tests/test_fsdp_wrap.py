@@ -6,7 +6,8 @@ from vramplan.core._setup import TrainSetup
 from vramplan.cuda._alloc_conf import as_conf
 from vramplan.cuda._fast_replay import EMPTY_CACHE, replay_program
 from vramplan.cuda._reserved import replay_stream
-from vramplan.estimate._events import (DDP_BUCKET_CAP, DDP_FIRST_BUCKET, PARAM_BROADCAST_BUCKET, FsdpShards,
+from vramplan.estimate._events import (DDP_BUCKET_CAP, DDP_FIRST_BUCKET, PARAM_BROADCAST_BUCKET,
+                                       POST_BACKWARD_STREAM, PRE_UNSHARD_STREAM, UNSHARD_STREAM, FsdpShards,
                                        broadcast_buckets, bucket_assignment, compiled, ddp_buckets, wrap_unit)
 from vramplan.estimate._inventory import static_memory
 from vramplan.estimate._reserved import reserved_peak
@@ -119,6 +120,90 @@ def test_wrap_phase_reserved_matches_answer_ai():
                              program.streams)
     measured = 3.72 * GiB
     assert abs(wrapped.peak_reserved_bytes - measured) / measured <= 0.10, wrapped.peak_reserved_bytes / GiB
+
+
+def test_wrap_unit_offloaded_keeps_nothing():
+    # the same unit under CPUOffload(offload_params=True): the shard goes to the CPU once made
+    rec = _Events()
+    assert wrap_unit(rec.make, rec.drop, [100 * MiB, 200 * MiB], 2, True, offload=True) == []
+    assert rec.events[-1] == ("free", 4) and _live_at(rec.events, len(rec.events)) == 0
+
+
+def _offload_streams(batch: int = 1, seq: int = 512):
+    """One GPU of 2 running Llama-2-7B QLoRA (Answer.AI's train.py defaults) under FSDP full_shard,
+    without and with CPU offload: (setup, shards, stream) for each."""
+    spec = resolve("meta-llama/Llama-2-7b")
+    setup = TrainSetup(method="qlora", rank=64, targets="q_proj,k_proj,v_proj,up_proj,down_proj,gate_proj",
+                       batch=batch, seq=seq, grad_ckpt=True, loop="plain-del")
+    out = []
+    for offload in ("none", "cpu"):
+        par = Parallel(2, "fsdp", offload=offload)
+        run = effective_setup(setup, par)
+        sp = splits_for(spec, run, par)
+        layers, root = unit_params(spec, run.with_(batch=1, seq=1), sp)
+        shards = FsdpShards(2, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
+                            sp.quant_constants, layers, root, offload=offload == "cpu")
+        program = compiled(spec, run, static_memory(spec, run), fsdp=shards)
+        out.append((run, shards, program, program.stream(program.sizes(run))))
+    return spec, out
+
+
+def _live_at(events, end: int) -> int:
+    sizes, live = {}, 0
+    for e in events[:end]:
+        if e[0] == "alloc":
+            sizes[e[1]] = e[2]
+            live += e[2]
+        elif e[0] == "free":
+            live -= sizes.pop(e[1])
+    return live
+
+
+def test_cpu_offload_stream_by_hand():
+    """docs/allocator.md#fsdp-cpu-offload: nothing of the model stays on the GPU after the wrap
+    but bitsandbytes' quant_state; each all-gather is preceded by its shard's copy to the GPU in the
+    pre-unshard stream (half the unit on 2 GPUs), freed once the gather is allocated; the
+    reduce-scattered gradient shards go at the end of backward, before the optimizer step."""
+    _spec, ((_, shards_on, _, on), (_, shards_off, _, off)) = _offload_streams()
+    for shards, stream in ((shards_on, on), (shards_off, off)):
+        events, places = stream.events, stream.places
+        start = next(i for i, phase, _m in places if phase == "forward")
+        kept = _live_at(events, start)
+        shard_bytes = sum(-(-n // 2) for u in shards.units for n in u[:2] if n) + sum(
+            -(-n // 2) for n in (shards.root_weights, shards.root_adapters) if n)
+        if shards.offload:
+            assert kept == shards.replicated
+        else:
+            assert kept >= shards.replicated + shard_bytes
+    events = off.events
+    copies = [i for i, e in enumerate(events) if e[0] == "alloc" and e[3:] == (PRE_UNSHARD_STREAM,)]
+    gathers = [i for i, e in enumerate(events) if e[0] == "alloc" and e[3:] == (UNSHARD_STREAM,)]
+    assert len(copies) == len(gathers) > 0 and not any(e[3:] == (PRE_UNSHARD_STREAM,) for e in on.events)
+    for c in copies:      # copy, gather, free of the copy
+        gather, free = events[c + 1], events[c + 2]
+        assert gather[3:] == (UNSHARD_STREAM,) and events[c][2] == -(-gather[2] // 2)
+        assert free == ("free", events[c][1])
+    # the gradient shards (the post-backward stream) are all freed before the optimizer phase
+    opt = next(i for i, phase, _m in off.places if phase == "optimizer")
+    shards_made = {e[1] for e in events[:opt] if e[0] == "alloc" and e[3:] == (POST_BACKWARD_STREAM,)}
+    freed = {e[1] for e in events[:opt] if e[0] == "free"}
+    assert shards_made and shards_made <= freed
+    kept_on = {e[1] for e in on.events[:opt] if e[0] == "alloc" and e[3:] == (POST_BACKWARD_STREAM,)}
+    assert kept_on - {e[1] for e in on.events[:opt] if e[0] == "free"}     # without offload they stay
+
+
+def test_cpu_offload_replay_allocated_is_the_per_gpu_peak():
+    """The replayed offloaded step and the per-GPU terms count the same bytes (within 1%, the
+    replay's blocks keeping unsplit remainders), and offload holds less than the shards."""
+    spec, ((run_on, _, prog_on, _), (run_off, _, prog_off, _)) = _offload_streams(batch=4, seq=2048)
+    for offload, run, program in (("none", run_on, prog_on), ("cpu", run_off, prog_off)):
+        per = per_gpu(spec, run, gpus=2, strategy="fsdp", offload=offload)
+        r = replay_program(program.ops, program.places, program.sizes(run), program.keys, as_conf(""), None,
+                           program.streams, count_from=program.count_from)
+        assert abs(r.peak_allocated_bytes - per.peak_allocated_bytes) <= 0.01 * per.peak_allocated_bytes, offload
+        if offload == "cpu":
+            assert r.peak_allocated_bytes < peak_on
+        peak_on = r.peak_allocated_bytes
 
 
 # --- DDP: the Reducer's buckets ---------------------------------------------------------------------

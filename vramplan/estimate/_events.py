@@ -61,6 +61,10 @@ class FsdpShards:
     unit_params: tuple = ()
     root_params: tuple = ()
     sync_module_states: bool = True
+    # CPUOffload(offload_params=True) (docs/allocator.md#fsdp-cpu-offload): the shards live on
+    # the CPU; each unshard first copies this rank's shard to the GPU in the pre-unshard stream,
+    # the sharded gradients wait on the GPU for the end of backward, the optimizer steps on the CPU.
+    offload: bool = False
 
 
 # CUDA streams of one FSDP rank (torch/distributed/fsdp/_runtime_utils.py _init_streams): the
@@ -68,6 +72,10 @@ class FsdpShards:
 # the reduce-scatters in `_post_backward_stream` (_post_backward_hook). The caching allocator keeps
 # one pool per stream (docs/allocator.md#rules rule 2), so what one frees the others never reuse.
 DEFAULT_STREAM, UNSHARD_STREAM, POST_BACKWARD_STREAM = 0, 1, 2
+# _init_streams' `_pre_unshard_stream`: "allocations and writes for CPU offloading (H2D copy)";
+# _unshard runs handle.pre_unshard() under it (docs/allocator.md#fsdp-cpu-offload). 4, not 3:
+# REDUCTION_STREAM is ZeRO's.
+PRE_UNSHARD_STREAM = 4
 # torch/distributed/fsdp/_init_utils.py PARAM_BROADCAST_BUCKET_SIZE = int(250 * 1024 * 1024): the
 # bucket of _sync_module_params_and_buffers -> _sync_params_and_buffers -> dist._broadcast_coalesced.
 PARAM_BROADCAST_BUCKET = 250 * 1024 * 1024
@@ -165,7 +173,7 @@ class ZeroPartitions:
     overlap_comm: bool = False
 
 
-def wrap_unit(make, drop, params, gpus: int, sync: bool) -> list:
+def wrap_unit(make, drop, params, gpus: int, sync: bool, offload: bool = False) -> list:
     """One FSDP unit's construction on one rank (torch/distributed/fsdp/_init_utils.py
     _init_param_handle_from_module), as (key, slot) pairs made with `make(sizes)` / dropped with
     `drop(pairs)`; returns the pairs of the shard it keeps:
@@ -177,7 +185,9 @@ def wrap_unit(make, drop, params, gpus: int, sync: bool) -> list:
       most 2 buckets in flight, `max_in_flight`);
     - FlatParamHandle.flatten_tensors: torch.cat of the parameters, the unit's size;
     - FlatParamHandle.shard -> _get_shard: `chunk.clone()`, ceil(size / N); then
-      `orig_storage._resize_(0)` frees the flat tensor; the originals go with managed_params."""
+      `orig_storage._resize_(0)` frees the flat tensor; the originals go with managed_params;
+    - with `offload` (CPUOffload(offload_params=True)), _init_param_handle_from_params then moves
+      the shard to the CPU (`handle.flat_param_to(cpu_device)`): nothing of the unit stays."""
     originals = make(params)
     if sync:
         broadcast(make, drop, params)
@@ -186,6 +196,9 @@ def wrap_unit(make, drop, params, gpus: int, sync: bool) -> list:
     shard = make([alloc(-(-total // gpus))])
     drop(flat)
     drop(originals)
+    if offload:
+        drop(shard)
+        return []
     return shard
 
 
@@ -672,32 +685,48 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         for i in range(spec.layers):
             b.place("wrap", f"layers.{i}")
             if fsdp.units[i][1]:
-                wrap_unit(made, b.drop, [fsdp.units[i][1]], N, fsdp.sync_module_states)
-            wrap_unit(made, b.drop, list(fsdp.unit_params[i]), N, fsdp.sync_module_states)
+                wrap_unit(made, b.drop, [fsdp.units[i][1]], N, fsdp.sync_module_states, fsdp.offload)
+            wrap_unit(made, b.drop, list(fsdp.unit_params[i]), N, fsdp.sync_module_states, fsdp.offload)
         b.place("wrap", "root")
         if fsdp.root_adapters:
-            wrap_unit(made, b.drop, [fsdp.root_adapters], N, fsdp.sync_module_states)
-        wrap_unit(made, b.drop, list(fsdp.root_params), N, fsdp.sync_module_states)
+            wrap_unit(made, b.drop, [fsdp.root_adapters], N, fsdp.sync_module_states, fsdp.offload)
+        wrap_unit(made, b.drop, list(fsdp.root_params), N, fsdp.sync_module_states, fsdp.offload)
     else:
         N = fsdp.gpus
         for w, a, _ in fsdp.units:
             for n in (w, a):
-                if n:
+                if n and not fsdp.offload:
                     b.new(const(alloc(-(-n // N))))
         for n in (fsdp.root_weights, fsdp.root_adapters, fsdp.replicated):
-            if n:
+            if n and (n is fsdp.replicated or not fsdp.offload):
                 b.new(const(alloc(-(-n // N)) if n is not fsdp.replicated else n))
     if fsdp is not None:
         N = fsdp.gpus
         unit = lambda i: [n for n in fsdp.units[i][:2] if n]   # noqa: E731  (layer i's flat parameters)
         root = [n for n in (fsdp.root_weights, fsdp.root_adapters) if n]
-        state_sizes = [alloc(-(-n // N)) for n in state_sizes]
-        work_sizes = [alloc(-(-n // N)) for n in work_sizes]
+        # offloaded, the optimizer steps on the CPU: no state or workspace on the GPU
+        state_sizes = [] if fsdp.offload else [alloc(-(-n // N)) for n in state_sizes]
+        work_sizes = [] if fsdp.offload else [alloc(-(-n // N)) for n in work_sizes]
 
     def gather(sizes, stream: int = UNSHARD_STREAM) -> list:
         """An all-gathered unit (its padded unsharded flat parameter, allocated in the unshard
         stream), or with POST_BACKWARD_STREAM a reduce-scatter's output shard."""
         return b.make([const(n) for n in sizes if n > 0], stream)
+
+    def unshard(sizes) -> list:
+        """_unshard of a unit's flat parameters (`sizes`, unsharded): offloaded, pre_unshard first
+        copies each CPU shard to the GPU in the pre-unshard stream (flat_param_to(device)), the
+        all-gather reads it, and _use_unsharded_flat_param drops it (flat_param.data now the
+        unsharded view)."""
+        if not fsdp.offload:
+            return gather(sizes)
+        gathered = []
+        for n in sizes:        # one FSDP handle each (the layer's, its LoRA units'): one _unshard each
+            if n > 0:
+                copy = b.make([const(alloc(-(-n // N)))], PRE_UNSHARD_STREAM)
+                gathered += gather([n])
+                b.drop(copy)
+        return gathered
     release = b.drop
     cell = slots.cell
     rope = [cell(f"rope{i}") for i in range(len(rope_tables(spec, setup)))]   # ops.rope_tables
@@ -751,12 +780,12 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         # the first step allocates each thread's cuBLAS workspace at its first matmul: the forward's
         # (the caller's thread) and the backward's (autograd's device thread); both stay (cuda/_cublas.py)
         forward_ws = backward_ws = step == 0
-        rooted = gather(root) if fsdp else []     # the root unit, unsharded for the whole step
+        rooted = unshard(root) if fsdp else []    # the root unit, unsharded for the whole step
         layers = []
         for i in range(L):
             t = stack[i]
             b.place("forward", f"layers.{i}")
-            gathered = gather(unit(i)) if fsdp else []
+            gathered = unshard(unit(i)) if fsdp else []
             inst = _Instance(b, t, {t.names["x"]: x})      # tape ids are per template
             fwd = forwards[id(t)]
             if reduced_forward(i):
@@ -818,8 +847,8 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             inst = layers[i]
             b.place("backward", f"layers.{i}")
             if fsdp:     # this unit unsharded (prefetched by the one above), the next one prefetched
-                gathered = prefetched or gather(unit(i))
-                prefetched = gather(unit(i - 1)) if i > 0 else []
+                gathered = prefetched or unshard(unit(i))
+                prefetched = unshard(unit(i - 1)) if i > 0 else []
             inst.keys[inst.t.names["grad#1"]] = grad
             if reduced_backward(i):
                 inst.run(net(inst.t, inst.t.backward, "backward"))
@@ -867,6 +896,11 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             if fsdp.root_gradients:
                 grads += gather([alloc(-(-fsdp.root_gradients // fsdp.gpus))], POST_BACKWARD_STREAM)
         release(rooted)
+        if fsdp is not None and fsdp.offload:
+            # _post_backward_final_callback -> _finalize_params -> prepare_gradient_for_optim: the
+            # optimizer takes the CPU copies (_cpu_grad) and `_saved_grad_shard` goes
+            release(grads)
+            grads = []
         if graph_leaf == "raw":      # Granite's leaf, the raw embedding output, likewise
             held_prev += leaves
             leaves = []

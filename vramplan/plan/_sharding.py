@@ -14,10 +14,10 @@ apart into named terms, and each term is held one of five ways on a GPU:
 Every term cites the engine code or docs it is read from. The terms of a phase sum exactly to
 its components, which sum to peak_allocated_bytes. The allocator slack above them: FSDP
 full_shard replays one GPU's run (the wrap phase, then the steps with all-gathers and
-reduce-scatters in their own CUDA streams: docs/allocator.md#fsdp-wrap, #fsdp-stream), DDP its
-stream with the Reducer's buckets (docs/allocator.md#ddp-stream), ZeRO-2 its optimizer's flat
-buffer, partitions and gradient buckets (docs/allocator.md#zero-2-stream); ZeRO-3, SHARD_GRAD_OP
-and offloaded runs carry the single-GPU replay's.
+reduce-scatters in their own CUDA streams: docs/allocator.md#fsdp-wrap, #fsdp-stream; with CPU
+offload, #fsdp-cpu-offload), DDP its stream with the Reducer's buckets (docs/allocator.md#ddp-stream),
+ZeRO-2 its optimizer's flat buffer, partitions and gradient buckets (docs/allocator.md#zero-2-stream);
+ZeRO-3, SHARD_GRAD_OP and ZeRO-2 with offload carry the single-GPU replay's.
 
 The model is read for these recipes (the ones people run QLoRA with beyond one GPU):
 - FSDP as in Answer.AI's fsdp_qlora train.py and accelerate's FSDP plugin: one FSDP unit per
@@ -104,6 +104,9 @@ SRC_FSDP_GRAD = ("torch/distributed/fsdp/_runtime_utils.py _post_backward_hook: 
                  "exists until its reduce-scatter; the sharded gradient accumulates 1/N")
 SRC_FSDP_OFFLOAD = ("torch FSDP CPUOffload(offload_params=True): 'offloads gradients to CPU as well, meaning "
                     "that the optimizer step runs on CPU'; sharded parameters live on CPU between uses")
+SRC_FSDP_OFFLOAD_GRAD = ("torch/distributed/fsdp/_runtime_utils.py _accumulate_sharded_grad keeps the reduce-"
+                         "scattered shard as flat_param._saved_grad_shard; _offload_grad copies it to _cpu_grad; "
+                         "_flat_param.py prepare_gradient_for_optim deletes it at the end of backward")
 SRC_QUANT_STATE = ("bitsandbytes Params4bit.quant_state is not an nn.Parameter, so FSDP / ZeRO never shard "
                    "it; Answer.AI fsdp_qlora train.py quantizes every layer on every rank 'to initialize "
                    "quant_state on all ranks'")
@@ -460,12 +463,12 @@ def smallest_per_gpu(spec: ModelSpec, setup: TrainSetup, parallel: Parallel, gpu
 
 
 def replays_own_stream(parallel: Parallel) -> bool:
-    """FSDP full_shard and ZeRO-2 without offload, and DDP without gradient_as_bucket_view, replay
-    one GPU's own allocation stream for their allocator slack (fsdp_slack, zero_slack, ddp_slack);
-    the other engines carry the single-GPU replay's slack."""
+    """FSDP full_shard (with or without CPU offload), ZeRO-2 without offload, and DDP without
+    gradient_as_bucket_view replay one GPU's own allocation stream for their allocator slack
+    (fsdp_slack, zero_slack, ddp_slack); the other engines carry the single-GPU replay's slack."""
     if parallel.gpus < 2:
         return False
-    return ((parallel.strategy in ("fsdp", "zero2") and parallel.offload == "none")
+    return (parallel.strategy == "fsdp" or (parallel.strategy == "zero2" and parallel.offload == "none")
             or (parallel.strategy == "ddp" and not parallel.gradient_as_bucket_view))
 
 
@@ -488,7 +491,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
                replay: bool = True, need: bool = True) -> ShardedEstimate:
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
     phase_components, cuda_context_bytes, allocator_overhead_bytes, paged_optimizer_bytes and
-    trainable_params) over `parallel`. FSDP full_shard and ZeRO-2 without offload, and DDP, replay
+    trainable_params) over `parallel`. FSDP full_shard, ZeRO-2 without offload, and DDP replay
     one GPU's own allocation stream for their allocator slack (`fsdp_slack`, `zero_slack`,
     `ddp_slack`, unless `replay` is False), against `gpu` when given (need=False: after an allocator OOM against it, the unlimited
     replay is not run: estimator.card_replay); other engines carry the single-GPU replay's slack."""
@@ -583,8 +586,8 @@ def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
                need: bool = True) -> tuple[int, dict | None]:
     """(reserved minus allocated at the peaks, the allocator OOM against the card or None) of one
     GPU's FSDP full_shard run, replayed through the caching-allocator model: FSDP(model)'s wrap
-    phase, then two steps (estimate/_events.py FsdpShards, docs/allocator.md#fsdp-wrap and
-    #fsdp-stream). Allocated is counted from the first step on (train.py resets the peak
+    phase, then two steps (estimate/_events.py FsdpShards, docs/allocator.md#fsdp-wrap,
+    #fsdp-stream and, offloaded, #fsdp-cpu-offload). Allocated is counted from the first step on (train.py resets the peak
     statistics before its loop); reserved never falls, so its peak includes the wrap phase's
     cache. `room`: what the card leaves the allocator (None: no card); past it, malloc releases
     the cache and retries, as on one GPU (estimator.card_replay, docs/allocator.md#verdict);
@@ -595,7 +598,7 @@ def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
     spec, setup = base.model, base.setup
     layers, root = unit_params(spec, setup, sp)
     shards = FsdpShards(parallel.gpus, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
-                        sp.quant_constants, layers, root)
+                        sp.quant_constants, layers, root, offload=parallel.offloaded)
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
                                           peak, room, need, fsdp=shards)
     return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
@@ -800,6 +803,11 @@ def _fsdp_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: 
                 add(C.ADAPTERS, f"{units} layers' adapter units unsharded", "gathered", unit_a, SRC_FSDP_GATHER)
     grads = c[C.GRADIENTS.value]
     shard(C.GRADIENTS, "gradient shards", _ceil_div(grads, N), SRC_FSDP_SHARD, _ceil_div(sp.gradients, N))
+    if p.offloaded and backward and grads:
+        # the CPU copy is made, yet each reduce-scattered shard stays on the GPU (_saved_grad_shard)
+        # until _finalize_params at the end of backward (SRC_FSDP_OFFLOAD_GRAD)
+        add(C.GRADIENTS, "gradient shards until the end of backward", "sharded 1/N", _ceil_div(grads, N),
+            SRC_FSDP_OFFLOAD_GRAD)
     if backward and grads:
         # Unsharded gradients awaiting reduce-scatter: the root's through the whole backward,
         # and the current unit's.
@@ -880,11 +888,14 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
                        "weights); quant_state replicated on every rank")
         if parallel.offloaded:
             out.append("CPUOffload(offload_params=True): parameter, gradient and optimizer shards on the CPU, "
-                       "the optimizer step on the CPU; only units in use are on the GPU")
-        elif s == "fsdp" and N > 1:
+                       "the optimizer step on the CPU; only units in use are on the GPU, and each unit's "
+                       "gradient shard until the end of backward")
+        if s == "fsdp" and N > 1:
             out.append("allocator: FSDP(model) wraps a model loaded to the CPU or meta device, unit by unit, with "
                        "sync_module_states (Answer.AI train.py low_memory); that wrap's cache stays, and the "
-                       "all-gathers and reduce-scatters run in their own CUDA streams (docs/allocator.md#fsdp-wrap)")
+                       "all-gathers and reduce-scatters run in their own CUDA streams (docs/allocator.md#fsdp-wrap)"
+                       + ("; offloaded, each shard's copy to the GPU runs in the pre-unshard stream "
+                          "(docs/allocator.md#fsdp-cpu-offload)" if parallel.offloaded else ""))
     if parallel.deepspeed:
         out.append(f"DeepSpeed {setup.dtype} enabled: the engine casts the module to {setup.dtype}, so "
                    "trainable parameters and gradients are 16-bit, with fp32 master weights and moments "
