@@ -206,6 +206,33 @@ def test_cpu_offload_replay_allocated_is_the_per_gpu_peak():
         peak_on = r.peak_allocated_bytes
 
 
+def test_shard_grad_op_gathers_each_unit_once_a_step():
+    """docs/allocator.md#fsdp-shard-grad-op: SHARD_GRAD_OP does not reshard after the forward, so
+    each unit is all-gathered once a step (FULL_SHARD: again in backward) and freed when its
+    backward ends; the replay's peak allocated is the per-GPU terms' (within 1%)."""
+    spec = resolve("meta-llama/Llama-2-7b")
+    setup = TrainSetup(method="qlora", batch=4, seq=2048)
+    gathers = {}
+    for strategy in ("fsdp", "fsdp_grad_op"):
+        par = Parallel(2, strategy)
+        run = effective_setup(setup, par)
+        sp = splits_for(spec, run, par)
+        layers, root = unit_params(spec, run.with_(batch=1, seq=1), sp)
+        shards = FsdpShards(2, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
+                            sp.quant_constants, layers, root, reshard_after_forward=strategy == "fsdp")
+        program = compiled(spec, run, static_memory(spec, run), fsdp=shards)
+        events = program.stream(program.sizes(run)).events
+        gathers[strategy] = sum(1 for e in events if e[0] == "alloc" and e[3:] == (UNSHARD_STREAM,))
+        per = per_gpu(spec, run, par)
+        r = replay_program(program.ops, program.places, program.sizes(run), program.keys, as_conf(""), None,
+                           program.streams, count_from=program.count_from)
+        assert abs(r.peak_allocated_bytes - per.peak_allocated_bytes) <= 0.01 * per.peak_allocated_bytes, strategy
+    # per step: the root's 1 (frozen) + per layer its frozen unit and its LoRA unit(s), once or twice
+    per_layer = sum(1 for n in sp.layer_units[0][:2] if n)
+    assert gathers["fsdp_grad_op"] == 2 * (1 + spec.layers * per_layer)
+    assert gathers["fsdp"] == 2 * (1 + 2 * spec.layers * per_layer)
+
+
 # --- DDP: the Reducer's buckets ---------------------------------------------------------------------
 
 def test_ddp_bucket_assignment_by_hand():

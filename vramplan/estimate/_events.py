@@ -65,6 +65,9 @@ class FsdpShards:
     # the CPU; each unshard first copies this rank's shard to the GPU in the pre-unshard stream,
     # the sharded gradients wait on the GPU for the end of backward, the optimizer steps on the CPU.
     offload: bool = False
+    # ShardingStrategy.SHARD_GRAD_OP (docs/allocator.md#fsdp-shard-grad-op): no reshard after the
+    # forward; each unit stays unsharded until its backward ends
+    reshard_after_forward: bool = True
 
 
 # CUDA streams of one FSDP rank (torch/distributed/fsdp/_runtime_utils.py _init_streams): the
@@ -782,6 +785,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         forward_ws = backward_ws = step == 0
         rooted = unshard(root) if fsdp else []    # the root unit, unsharded for the whole step
         layers = []
+        kept_units: list = []     # SHARD_GRAD_OP's units, unsharded from their forward on
         for i in range(L):
             t = stack[i]
             b.place("forward", f"layers.{i}")
@@ -793,7 +797,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             else:
                 forward_ws = play(inst, fwd, forward_blas[id(t)], forward_ws)
             x = inst.take(t.names["layer.out"])
-            release(gathered)                              # reshard_after_forward
+            if fsdp is None or fsdp.reshard_after_forward:
+                release(gathered)                          # reshard_after_forward
+            else:
+                kept_units.append(gathered)                # SHARD_GRAD_OP: until its backward
             # bitsandbytes int8 matmul inputs kept on the autograd ctx (ops.int8_ctx_inputs; 0 bytes without)
             inst.keys["int8_ctx"] = b.new(cell("ctx"))
             layers.append(inst)
@@ -846,7 +853,9 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         for i in reversed(range(L)):
             inst = layers[i]
             b.place("backward", f"layers.{i}")
-            if fsdp:     # this unit unsharded (prefetched by the one above), the next one prefetched
+            if fsdp and not fsdp.reshard_after_forward:   # still unsharded since its forward
+                gathered = kept_units.pop()
+            elif fsdp:   # this unit unsharded (prefetched by the one above), the next one prefetched
                 gathered = prefetched or unshard(unit(i))
                 prefetched = unshard(unit(i - 1)) if i > 0 else []
             inst.keys[inst.t.names["grad#1"]] = grad

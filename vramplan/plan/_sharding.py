@@ -15,9 +15,10 @@ Every term cites the engine code or docs it is read from. The terms of a phase s
 its components, which sum to peak_allocated_bytes. The allocator slack above them: FSDP
 full_shard replays one GPU's run (the wrap phase, then the steps with all-gathers and
 reduce-scatters in their own CUDA streams: docs/allocator.md#fsdp-wrap, #fsdp-stream; with CPU
-offload, #fsdp-cpu-offload), DDP its stream with the Reducer's buckets (docs/allocator.md#ddp-stream),
-ZeRO-2 its optimizer's flat buffer, partitions and gradient buckets (docs/allocator.md#zero-2-stream);
-ZeRO-3, SHARD_GRAD_OP and ZeRO-2 with offload carry the single-GPU replay's.
+offload, #fsdp-cpu-offload; SHARD_GRAD_OP, #fsdp-shard-grad-op), DDP its stream with the Reducer's
+buckets (docs/allocator.md#ddp-stream), ZeRO-2 its optimizer's flat buffer, partitions and gradient
+buckets (docs/allocator.md#zero-2-stream); ZeRO-3 and ZeRO-2 with offload carry the single-GPU
+replay's.
 
 The model is read for these recipes (the ones people run QLoRA with beyond one GPU):
 - FSDP as in Answer.AI's fsdp_qlora train.py and accelerate's FSDP plugin: one FSDP unit per
@@ -454,7 +455,7 @@ def smallest_per_gpu(spec: ModelSpec, setup: TrainSetup, parallel: Parallel, gpu
     if est.status != "no":
         return None
     peak, fixed = est.peak_allocated_bytes, est.cuda_context_bytes + est.comm_bytes
-    slack_of = {"fsdp": fsdp_slack, "ddp": ddp_slack, "zero2": zero_slack}[parallel.strategy]
+    slack_of = own_stream_slack(parallel)
 
     def runs(card: int) -> bool:
         slack, oom = slack_of(base, sp, parallel, peak, card - fixed, need=False)
@@ -463,13 +464,19 @@ def smallest_per_gpu(spec: ModelSpec, setup: TrainSetup, parallel: Parallel, gpu
 
 
 def replays_own_stream(parallel: Parallel) -> bool:
-    """FSDP full_shard (with or without CPU offload), ZeRO-2 without offload, and DDP without
-    gradient_as_bucket_view replay one GPU's own allocation stream for their allocator slack
-    (fsdp_slack, zero_slack, ddp_slack); the other engines carry the single-GPU replay's slack."""
+    """FSDP (full_shard or SHARD_GRAD_OP, with or without CPU offload), ZeRO-2 without offload,
+    and DDP without gradient_as_bucket_view replay one GPU's own allocation stream for their
+    allocator slack (fsdp_slack, zero_slack, ddp_slack); the other engines carry the single-GPU
+    replay's slack."""
     if parallel.gpus < 2:
         return False
-    return (parallel.strategy == "fsdp" or (parallel.strategy == "zero2" and parallel.offload == "none")
+    return (parallel.strategy in FSDP or (parallel.strategy == "zero2" and parallel.offload == "none")
             or (parallel.strategy == "ddp" and not parallel.gradient_as_bucket_view))
+
+
+def own_stream_slack(parallel: Parallel):
+    """The replay of one GPU's own stream for an engine that has one (replays_own_stream)."""
+    return {"fsdp": fsdp_slack, "fsdp_grad_op": fsdp_slack, "ddp": ddp_slack, "zero2": zero_slack}[parallel.strategy]
 
 
 def base_estimate(spec: ModelSpec, run: TrainSetup, parallel: Parallel, gpu: Gpu | None, alloc_conf=None,
@@ -491,7 +498,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
                replay: bool = True, need: bool = True) -> ShardedEstimate:
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
     phase_components, cuda_context_bytes, allocator_overhead_bytes, paged_optimizer_bytes and
-    trainable_params) over `parallel`. FSDP full_shard, ZeRO-2 without offload, and DDP replay
+    trainable_params) over `parallel`. FSDP, ZeRO-2 without offload, and DDP replay
     one GPU's own allocation stream for their allocator slack (`fsdp_slack`, `zero_slack`,
     `ddp_slack`, unless `replay` is False), against `gpu` when given (need=False: after an allocator OOM against it, the unlimited
     replay is not run: estimator.card_replay); other engines carry the single-GPU replay's slack."""
@@ -519,7 +526,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     oom = None if spread or gpu is None else getattr(base, "allocator_oom", None)
     if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
         room = None if gpu is None else gpu.memory_bytes - base.cuda_context_bytes - comm
-        slack_of = {"fsdp": fsdp_slack, "ddp": ddp_slack, "zero2": zero_slack}[parallel.strategy]
+        slack_of = own_stream_slack(parallel)
         slack, oom = slack_of(base, sp, parallel, peak, room, need)
     resident = paged_resident(paged, gpu, peak + base.cuda_context_bytes + comm + slack)
     return ShardedEstimate(
@@ -585,9 +592,10 @@ def _root_params(spec: ModelSpec, setup: TrainSetup) -> list:
 def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
                need: bool = True) -> tuple[int, dict | None]:
     """(reserved minus allocated at the peaks, the allocator OOM against the card or None) of one
-    GPU's FSDP full_shard run, replayed through the caching-allocator model: FSDP(model)'s wrap
-    phase, then two steps (estimate/_events.py FsdpShards, docs/allocator.md#fsdp-wrap,
-    #fsdp-stream and, offloaded, #fsdp-cpu-offload). Allocated is counted from the first step on (train.py resets the peak
+    GPU's FSDP run (full_shard or SHARD_GRAD_OP), replayed through the caching-allocator model:
+    FSDP(model)'s wrap phase, then two steps (estimate/_events.py FsdpShards,
+    docs/allocator.md#fsdp-wrap, #fsdp-stream, #fsdp-shard-grad-op and, offloaded,
+    #fsdp-cpu-offload). Allocated is counted from the first step on (train.py resets the peak
     statistics before its loop); reserved never falls, so its peak includes the wrap phase's
     cache. `room`: what the card leaves the allocator (None: no card); past it, malloc releases
     the cache and retries, as on one GPU (estimator.card_replay, docs/allocator.md#verdict);
@@ -598,7 +606,8 @@ def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
     spec, setup = base.model, base.setup
     layers, root = unit_params(spec, setup, sp)
     shards = FsdpShards(parallel.gpus, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
-                        sp.quant_constants, layers, root, offload=parallel.offloaded)
+                        sp.quant_constants, layers, root, offload=parallel.offloaded,
+                        reshard_after_forward=parallel.strategy == "fsdp")
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
                                           peak, room, need, fsdp=shards)
     return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
@@ -890,7 +899,7 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
             out.append("CPUOffload(offload_params=True): parameter, gradient and optimizer shards on the CPU, "
                        "the optimizer step on the CPU; only units in use are on the GPU, and each unit's "
                        "gradient shard until the end of backward")
-        if s == "fsdp" and N > 1:
+        if N > 1:
             out.append("allocator: FSDP(model) wraps a model loaded to the CPU or meta device, unit by unit, with "
                        "sync_module_states (Answer.AI train.py low_memory); that wrap's cache stays, and the "
                        "all-gathers and reduce-scatters run in their own CUDA streams (docs/allocator.md#fsdp-wrap)"
