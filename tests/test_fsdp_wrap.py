@@ -1,6 +1,8 @@
 """FSDP's wrap phase and CUDA streams, DDP's buckets, ZeRO-2's partitions, in the allocation stream
 (docs/allocator.md#fsdp-wrap, #fsdp-stream, #ddp-stream, #zero-2-stream): hand-worked small cases,
 and the one published figure of the wrap phase."""
+import pytest
+
 from vramplan.core._models import resolve
 from vramplan.core._setup import TrainSetup
 from vramplan.cuda._alloc_conf import as_conf
@@ -129,11 +131,11 @@ def test_wrap_unit_offloaded_keeps_nothing():
     assert rec.events[-1] == ("free", 4) and _live_at(rec.events, len(rec.events)) == 0
 
 
-def _offload_streams(batch: int = 1, seq: int = 512):
+def _offload_streams(batch: int = 1, seq: int = 512, method: str = "qlora"):
     """One GPU of 2 running Llama-2-7B QLoRA (Answer.AI's train.py defaults) under FSDP full_shard,
-    without and with CPU offload: (setup, shards, stream) for each."""
+    without and with CPU offload: (setup, shards, program, stream) for each."""
     spec = resolve("meta-llama/Llama-2-7b")
-    setup = TrainSetup(method="qlora", rank=64, targets="q_proj,k_proj,v_proj,up_proj,down_proj,gate_proj",
+    setup = TrainSetup(method=method, rank=64, targets="q_proj,k_proj,v_proj,up_proj,down_proj,gate_proj",
                        batch=batch, seq=seq, grad_ckpt=True, loop="plain-del")
     out = []
     for offload in ("none", "cpu"):
@@ -192,10 +194,13 @@ def test_cpu_offload_stream_by_hand():
     assert kept_on - {e[1] for e in on.events[:opt] if e[0] == "free"}     # without offload they stay
 
 
-def test_cpu_offload_replay_allocated_is_the_per_gpu_peak():
-    """The replayed offloaded step and the per-GPU terms count the same bytes (within 1%, the
-    replay's blocks keeping unsplit remainders), and offload holds less than the shards."""
-    spec, ((run_on, _, prog_on, _), (run_off, _, prog_off, _)) = _offload_streams(batch=4, seq=2048)
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_fsdp_replay_allocated_is_the_per_gpu_peak(method):
+    """The replayed step and the per-GPU terms count the same bytes (within 1%, the replay's
+    blocks keeping unsplit remainders), with and without CPU offload, which holds less. LoRA's
+    16-bit units make a backward layer moment (two units gathered) the per-GPU peak, not the
+    single-GPU phase peak (the loss): the terms take every moment (plan/_sharding.py distribute)."""
+    spec, ((run_on, _, prog_on, _), (run_off, _, prog_off, _)) = _offload_streams(4, 2048, method)
     for offload, run, program in (("none", run_on, prog_on), ("cpu", run_off, prog_off)):
         per = per_gpu(spec, run, gpus=2, strategy="fsdp", offload=offload)
         r = replay_program(program.ops, program.places, program.sizes(run), program.keys, as_conf(""), None,

@@ -497,8 +497,8 @@ def base_estimate(spec: ModelSpec, run: TrainSetup, parallel: Parallel, gpu: Gpu
 def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits | None = None,
                replay: bool = True, need: bool = True) -> ShardedEstimate:
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
-    phase_components, cuda_context_bytes, allocator_overhead_bytes, paged_optimizer_bytes and
-    trainable_params) over `parallel`. FSDP, ZeRO-2 without offload, and DDP replay
+    phase_components (and moments, when it has them), cuda_context_bytes,
+    allocator_overhead_bytes, paged_optimizer_bytes and trainable_params) over `parallel`. FSDP, ZeRO-2 without offload, and DDP replay
     one GPU's own allocation stream for their allocator slack (`fsdp_slack`, `zero_slack`,
     `ddp_slack`, unless `replay` is False), against `gpu` when given (need=False: after an allocator OOM against it, the unlimited
     replay is not run: estimator.card_replay); other engines carry the single-GPU replay's slack."""
@@ -507,13 +507,20 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     phases: dict[str, dict[str, int]] = {}
     phase_terms: dict[str, tuple[Term, ...]] = {}
     cpu = 0
-    for name, comps in base.phase_components.items():
+    # Every candidate moment of the single-GPU step, not only each phase's largest: what a moment
+    # gathers differs (a loss moment holds the root unit, a layer moment two decoder units and the
+    # current unit's unsharded gradients too), so another moment of a phase can be its per-GPU peak
+    # (Llama-2-7B LoRA 4 x 2048, 2-way FSDP: backward's top layer, not its loss, by 0.45 GiB).
+    moments = getattr(base, "moments", None) or base.phase_components
+    for moment, comps in moments.items():
+        name = moment.split(".", 1)[0]           # its phase (estimate._estimator.phase_of)
         terms, cpu_phase = _phase_terms(name, comps, sp, parallel)
         parts = dict.fromkeys(ALLOCATED_NAMES, 0)
         for t in terms:
             parts[t.component] += t.bytes
-        phases[name], phase_terms[name] = parts, tuple(t for t in terms if t.bytes)
         cpu = max(cpu, cpu_phase)
+        if name not in phases or sum(parts.values()) > sum(phases[name].values()):
+            phases[name], phase_terms[name] = parts, tuple(t for t in terms if t.bytes)
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
     components = phases[peak_phase]
     peak = sum(components.values())
@@ -589,6 +596,15 @@ def _root_params(spec: ModelSpec, setup: TrainSetup) -> list:
     return root
 
 
+def replay_slack(r, peak: int) -> int:
+    """What the device total adds to the per-GPU peak allocated `peak` (the terms'): the replay's
+    peak reserved less it, so the device total is the replay's reserved, as on one GPU
+    (estimator.estimate). The replay's own peak allocated can pass the terms' (blocks keeping
+    their un-split remainders; an offloaded unit's H2D shard copy beside two gathered units at
+    the start of a layer's backward, docs/allocator.md#fsdp-cpu-offload); without `peak`, that."""
+    return max(0, r.peak_reserved_bytes - (peak or r.peak_allocated_bytes))
+
+
 def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
                need: bool = True) -> tuple[int, dict | None]:
     """(reserved minus allocated at the peaks, the allocator OOM against the card or None) of one
@@ -610,7 +626,7 @@ def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
                         reshard_after_forward=parallel.strategy == "fsdp")
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
                                           peak, room, need, fsdp=shards)
-    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
+    return replay_slack(r, peak), oom
 
 
 def ddp_trainable(spec: ModelSpec, setup: TrainSetup, sp: Splits) -> tuple:
@@ -650,7 +666,7 @@ def ddp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | N
     buckets = ddp_buckets(states, ddp_trainable(spec, setup, sp))
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
                                           peak, room, need, ddp=buckets)
-    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
+    return replay_slack(r, peak), oom
 
 
 def zero_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Parallel) -> "ZeroPartitions":
@@ -697,7 +713,7 @@ def zero_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
     spec, setup = base.model, base.setup
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
                                           peak, room, need, zero=zero_partitions(spec, setup, sp, parallel))
-    return max(0, r.peak_reserved_bytes - r.peak_allocated_bytes), oom
+    return replay_slack(r, peak), oom
 
 
 def _paged(paged: int, p: Parallel) -> int:
