@@ -19,10 +19,10 @@ from test_sharding import AAI, AAI_BASE, AAI_SPECS  # noqa: E402
 
 from vramplan.cuda._alloc_conf import as_conf  # noqa: E402
 from vramplan.cuda._fast_replay import replay_program  # noqa: E402
-from vramplan.estimate._events import FsdpShards, compiled  # noqa: E402
+from vramplan.estimate._events import compiled  # noqa: E402
 from vramplan.estimate._inventory import static_memory  # noqa: E402
 from vramplan.estimate._reserved import EXACT_LAYERS  # noqa: E402
-from vramplan.plan._sharding import Parallel, effective_setup, splits_for, unit_params  # noqa: E402
+from vramplan.plan._sharding import Parallel, effective_setup, fsdp_shards, splits_for  # noqa: E402
 
 GiB = 2**30
 
@@ -36,10 +36,7 @@ def main() -> None:
         spec, setup = AAI_SPECS[model], AAI_BASE.with_(method=method, batch=batch, seq=seq)
         par = Parallel(2, "fsdp", offload=offload)
         run = effective_setup(setup, par)
-        sp = splits_for(spec, run, par)
-        layers, root = unit_params(spec, run, sp)
-        shards = FsdpShards(2, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
-                            sp.quant_constants, layers, root, offload=par.offloaded)
+        shards = fsdp_shards(spec, run, splits_for(spec, run, par), par)
         static = static_memory(spec, run)
         out = []
         for i, exact in enumerate((EXACT_LAYERS, None)):

@@ -13,8 +13,8 @@ from vramplan.estimate._events import (DDP_BUCKET_CAP, DDP_FIRST_BUCKET, PARAM_B
                                        broadcast_buckets, bucket_assignment, compiled, ddp_buckets, wrap_unit)
 from vramplan.estimate._inventory import static_memory
 from vramplan.estimate._reserved import reserved_peak
-from vramplan.plan._sharding import (Parallel, ddp_trainable, effective_setup, per_gpu, splits_for, unit_params,
-                                     zero_partitions)
+from vramplan.plan._sharding import (Parallel, ddp_trainable, effective_setup, fsdp_shards, per_gpu, splits_for,
+                                     unit_params, zero_partitions)
 
 MiB, GiB = 2**20, 2**30
 
@@ -139,15 +139,16 @@ def _offload_streams(batch: int = 1, seq: int = 512, method: str = "qlora"):
                        batch=batch, seq=seq, grad_ckpt=True, loop="plain-del")
     out = []
     for offload in ("none", "cpu"):
-        par = Parallel(2, "fsdp", offload=offload)
-        run = effective_setup(setup, par)
-        sp = splits_for(spec, run, par)
-        layers, root = unit_params(spec, run.with_(batch=1, seq=1), sp)
-        shards = FsdpShards(2, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
-                            sp.quant_constants, layers, root, offload=offload == "cpu")
-        program = compiled(spec, run, static_memory(spec, run), fsdp=shards)
+        run, shards, program = _fsdp_program(spec, setup, Parallel(2, "fsdp", offload=offload))
         out.append((run, shards, program, program.stream(program.sizes(run))))
     return spec, out
+
+
+def _fsdp_program(spec, setup, par):
+    """(the setup each rank runs, its FsdpShards, the compiled per-GPU stream at full detail)."""
+    run = effective_setup(setup, par)
+    shards = fsdp_shards(spec, run, splits_for(spec, run, par), par)
+    return run, shards, compiled(spec, run, static_memory(spec, run), fsdp=shards)
 
 
 def _live_at(events, end: int) -> int:
@@ -201,14 +202,14 @@ def test_fsdp_replay_allocated_is_the_per_gpu_peak(method):
     16-bit units make a backward layer moment (two units gathered) the per-GPU peak, not the
     single-GPU phase peak (the loss): the terms take every moment (plan/_sharding.py distribute)."""
     spec, ((run_on, _, prog_on, _), (run_off, _, prog_off, _)) = _offload_streams(4, 2048, method)
+    peaks = {}
     for offload, run, program in (("none", run_on, prog_on), ("cpu", run_off, prog_off)):
         per = per_gpu(spec, run, gpus=2, strategy="fsdp", offload=offload)
         r = replay_program(program.ops, program.places, program.sizes(run), program.keys, as_conf(""), None,
                            program.streams, count_from=program.count_from)
         assert abs(r.peak_allocated_bytes - per.peak_allocated_bytes) <= 0.01 * per.peak_allocated_bytes, offload
-        if offload == "cpu":
-            assert r.peak_allocated_bytes < peak_on
-        peak_on = r.peak_allocated_bytes
+        peaks[offload] = r.peak_allocated_bytes
+    assert peaks["cpu"] < peaks["none"]
 
 
 def test_shard_grad_op_gathers_each_unit_once_a_step():
@@ -220,12 +221,7 @@ def test_shard_grad_op_gathers_each_unit_once_a_step():
     gathers = {}
     for strategy in ("fsdp", "fsdp_grad_op"):
         par = Parallel(2, strategy)
-        run = effective_setup(setup, par)
-        sp = splits_for(spec, run, par)
-        layers, root = unit_params(spec, run.with_(batch=1, seq=1), sp)
-        shards = FsdpShards(2, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
-                            sp.quant_constants, layers, root, reshard_after_forward=strategy == "fsdp")
-        program = compiled(spec, run, static_memory(spec, run), fsdp=shards)
+        run, shards, program = _fsdp_program(spec, setup, par)
         events = program.stream(program.sizes(run)).events
         gathers[strategy] = sum(1 for e in events if e[0] == "alloc" and e[3:] == (UNSHARD_STREAM,))
         per = per_gpu(spec, run, par)
@@ -233,7 +229,7 @@ def test_shard_grad_op_gathers_each_unit_once_a_step():
                            program.streams, count_from=program.count_from)
         assert abs(r.peak_allocated_bytes - per.peak_allocated_bytes) <= 0.01 * per.peak_allocated_bytes, strategy
     # per step: the root's 1 (frozen) + per layer its frozen unit and its LoRA unit(s), once or twice
-    per_layer = sum(1 for n in sp.layer_units[0][:2] if n)
+    per_layer = sum(1 for n in shards.units[0][:2] if n)
     assert gathers["fsdp_grad_op"] == 2 * (1 + spec.layers * per_layer)
     assert gathers["fsdp"] == 2 * (1 + 2 * spec.layers * per_layer)
 

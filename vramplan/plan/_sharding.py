@@ -605,6 +605,16 @@ def replay_slack(r, peak: int) -> int:
     return max(0, r.peak_reserved_bytes - (peak or r.peak_allocated_bytes))
 
 
+def fsdp_shards(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Parallel):
+    """What one GPU of `parallel` (an FSDP strategy) holds, for its replay: events.FsdpShards."""
+    from vramplan.estimate._events import FsdpShards
+
+    layers, root = unit_params(spec, setup, sp)
+    return FsdpShards(parallel.gpus, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
+                      sp.quant_constants, layers, root, offload=parallel.offloaded,
+                      reshard_after_forward=parallel.strategy == "fsdp")
+
+
 def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
                need: bool = True) -> tuple[int, dict | None]:
     """(reserved minus allocated at the peaks, the allocator OOM against the card or None) of one
@@ -617,15 +627,10 @@ def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
     the cache and retries, as on one GPU (estimator.card_replay, docs/allocator.md#verdict);
     `peak`: the per-GPU peak allocated bytes; `need`: card_replay's."""
     from vramplan.estimate._estimator import card_replay
-    from vramplan.estimate._events import FsdpShards
 
     spec, setup = base.model, base.setup
-    layers, root = unit_params(spec, setup, sp)
-    shards = FsdpShards(parallel.gpus, sp.layer_units, sp.root_weights, sp.root_adapters, sp.root_gradients,
-                        sp.quant_constants, layers, root, offload=parallel.offloaded,
-                        reshard_after_forward=parallel.strategy == "fsdp")
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
-                                          peak, room, need, fsdp=shards)
+                                          peak, room, need, fsdp=fsdp_shards(spec, setup, sp, parallel))
     return replay_slack(r, peak), oom
 
 
