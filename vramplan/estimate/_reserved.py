@@ -54,11 +54,15 @@ def exact_layers_for(setup: TrainSetup) -> int | tuple | None:
     Checkpointed layers under autocast drift in their forward: where each layer's saved input
     lands among its transients moves whole segments (recipes trainer / trl-sft / qlora-paper,
     QLoRA 4x2048 on Llama-2 7B-70B: -2.2% to -7.4% against simulate; every layer's forward
-    played: -1.8% to +2.6%, the same figures as every event of every layer). Those setups play
-    every layer's forward and the backward of EXACT_LAYERS at each end."""
+    played: -1.8% to +2.6%, the same figures as every event of every layer). A plain loop's
+    logits, alive through the next forward (TrainSetup.outputs_outlive_step), do the same: recipe
+    `plain`, 28 setups of benchmarks/agreement-recipes.md, mean |error| 0.74% (max 3.3%: Llama-2-7B
+    and Mistral-7B QLoRA 4x2048) against simulate, 0.44% (max 2.0%) with every layer's forward
+    played (docs/allocator.md#reduced-detail). Those setups play every layer's forward and the
+    backward of EXACT_LAYERS at each end."""
     if setup.grad_ckpt and setup.attn == "eager":
         return None
-    if setup.grad_ckpt and setup.autocast:
+    if setup.grad_ckpt and (setup.autocast or setup.outputs_outlive_step):
         return None, EXACT_LAYERS
     return EXACT_LAYERS
 
