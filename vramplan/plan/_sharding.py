@@ -41,7 +41,7 @@ from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.core._errors import UsageError
 from vramplan.core._gpus import Gpu, resolve_gpu
 from vramplan.core._record import record
-from vramplan.estimate._estimator import estimate, paged_resident, smallest_card, Verdict
+from vramplan.estimate._estimator import estimate, paged_resident, phase_of, smallest_card, Verdict
 from vramplan.estimate._inventory import (adapted_linears, adapter_bytes, bias_bytes, embedding_bytes,
                                          expert_lora_shapes, lora_shapes, numel, optimizer_memory, static_memory,
                                          weight_bytes)
@@ -498,10 +498,11 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
                replay: bool = True, need: bool = True) -> ShardedEstimate:
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
     phase_components (and moments, when it has them), cuda_context_bytes,
-    allocator_overhead_bytes, paged_optimizer_bytes and trainable_params) over `parallel`. FSDP, ZeRO-2 without offload, and DDP replay
-    one GPU's own allocation stream for their allocator slack (`fsdp_slack`, `zero_slack`,
-    `ddp_slack`, unless `replay` is False), against `gpu` when given (need=False: after an allocator OOM against it, the unlimited
-    replay is not run: estimator.card_replay); other engines carry the single-GPU replay's slack."""
+    allocator_overhead_bytes, paged_optimizer_bytes and trainable_params) over `parallel`. FSDP,
+    ZeRO-2 without offload, and DDP replay one GPU's own allocation stream for their allocator
+    slack (`fsdp_slack`, `zero_slack`, `ddp_slack`, unless `replay` is False), against `gpu` when
+    given (need=False: after an allocator OOM against it, the unlimited replay is not run:
+    estimator.card_replay); other engines carry the single-GPU replay's slack."""
     spec, setup = base.model, base.setup
     sp = split or splits_for(spec, setup, parallel)
     phases: dict[str, dict[str, int]] = {}
@@ -513,7 +514,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     # (Llama-2-7B LoRA 4 x 2048, 2-way FSDP: backward's top layer, not its loss, by 0.45 GiB).
     moments = getattr(base, "moments", None) or base.phase_components
     for moment, comps in moments.items():
-        name = moment.split(".", 1)[0]           # its phase (estimate._estimator.phase_of)
+        name = phase_of(moment)
         terms, cpu_phase = _phase_terms(name, comps, sp, parallel)
         parts = dict.fromkeys(ALLOCATED_NAMES, 0)
         for t in terms:
@@ -617,8 +618,8 @@ def fsdp_shards(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Parall
 
 def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
                need: bool = True) -> tuple[int, dict | None]:
-    """(reserved minus allocated at the peaks, the allocator OOM against the card or None) of one
-    GPU's FSDP run (full_shard or SHARD_GRAD_OP), replayed through the caching-allocator model:
+    """(the replay's peak reserved above `peak`, replay_slack; the allocator OOM against the card
+    or None) of one GPU's FSDP run (full_shard or SHARD_GRAD_OP), replayed through the caching-allocator model:
     FSDP(model)'s wrap phase, then two steps (estimate/_events.py FsdpShards,
     docs/allocator.md#fsdp-wrap, #fsdp-stream, #fsdp-shard-grad-op and, offloaded,
     #fsdp-cpu-offload). Allocated is counted from the first step on (train.py resets the peak
