@@ -427,7 +427,6 @@ def test_answer_ai_runs_fit_their_cards():
         assert e.status != "no" and not e.allocator_oom, (rid, e.device_total_bytes / GiB)
 
 
-
 def test_fsdp_setup_that_does_not_fit_names_the_smallest_card_per_gpu():
     """As on one GPU (tests/test_reserved.py): each rank's own FSDP stream, replayed against cards
     of other sizes, runs on a card below its device total (sharding.smallest_per_gpu)."""
