@@ -25,9 +25,9 @@ from functools import lru_cache
 from vramplan.core._models import ModelSpec
 from vramplan.core._record import record
 from vramplan.core._setup import TrainSetup
-from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes, bias_bytes, embedding_bytes,
-                                         expert_lora_shapes, lora_shapes, numel, optimizer_memory, vision_static,
-                                         weight_bytes)
+from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes, bias_bytes, device_state_tensors,
+                                         embedding_bytes, expert_lora_shapes, lora_shapes, numel, step_workspace,
+                                         vision_static, weight_bytes)
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
@@ -277,19 +277,19 @@ def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[li
 
 
 def optimizer_sizes(setup: TrainSetup, static: Static) -> tuple[list[int], list[int]]:
-    """(state tensors, workspace tensors of one optimizer.step) on the device, one size each,
-    summing to static.optimizer_state and static.optimizer_temporaries."""
+    """(state tensors, workspace tensors of one optimizer.step) on the device, one size each, in
+    the order the optimizer makes them (inventory.device_state_tensors, step_workspace: each
+    parameter's state tensors apart, so each lands in its own pool), summing to
+    static.optimizer_state and static.optimizer_temporaries."""
     grad_bytes = adapter_bytes(setup) if setup.uses_adapters else setup.compute_bytes
-    state, work = [], []
+    # an 8-bit optimizer's two shared qmaps, moved to the device at its first init_state
+    state = [alloc(4 * 256)] * 2 if setup.optimizer.endswith("8bit") else []
+    work = []
     for shape, count in static.trainable_shapes:
-        s, w = optimizer_memory(setup.with_(optimizer=setup.optimizer.removeprefix("paged_"))
-                                if setup.paged else setup, Counter({shape: 1}), grad_bytes)
-        if setup.paged and numel(shape) >= 100_000:
-            s = 0
-        pieces = 2 if setup.optimizer.removeprefix("paged_") in ("adamw", "adamw8bit") else 1
+        tensors = device_state_tensors(setup, shape, grad_bytes)
+        w = step_workspace(setup, numel(shape), grad_bytes)
         for _ in range(count):
-            if s:
-                state += [s // pieces] * (pieces - 1) + [s - s // pieces * (pieces - 1)]
+            state += tensors
             if w:
                 work.append(w)
     for total, sizes in ((static.optimizer_state, state), (static.optimizer_temporaries, work)):

@@ -388,57 +388,70 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
 
 
 def optimizer_memory(setup: TrainSetup, shapes: Counter, param_bytes: int) -> tuple[int, int]:
-    """(state bytes, transient bytes inside step()) for the chosen optimizer."""
+    """(state bytes, transient bytes inside step()) for the chosen optimizer: state_tensors and
+    step_workspace of every parameter, plus what all parameters share."""
+    state = _shared_qmaps(setup)
+    temporaries = 0
+    for s, k in shapes.items():
+        state += k * sum(n for n, _pageable in state_tensors(setup, s, param_bytes))
+        temporaries += k * step_workspace(setup, numel(s), param_bytes)
+    return state, temporaries
+
+
+def state_tensors(setup: TrainSetup, shape: tuple, param_bytes: int) -> tuple[tuple[int, bool], ...]:
+    """The optimizer state of one parameter of `shape` whose gradient has `param_bytes` per
+    element: (bytes, pageable) per tensor, in the order the optimizer creates them on its first
+    step. `pageable`: a bitsandbytes state buffer (get_state_buffer), which a paged optimizer
+    puts in unified memory from PAGE_MIN_NUMEL elements on (paged_state_bytes)."""
     opt = setup.optimizer.removeprefix("paged_")
-    counted = [(numel(s), k) for s, k in shapes.items()]
+    t = numel(shape)
     if opt == "adamw_fused":
-        # torch.optim.AdamW(fused=True): the same two states; `step` becomes a float32 device
-        # scalar per parameter (adam.py _init_group: _get_scalar_dtype(is_fused=True), device=p.device);
-        # torch._fused_adamw_ updates in place, no parameter-sized workspace
+        # torch.optim.AdamW(fused=True), adam.py _init_group: `step` first, a float32 device
+        # scalar (_get_scalar_dtype(is_fused=True), device=p.device), then exp_avg and exp_avg_sq
+        # (zeros_like(p)); torch._fused_adamw_ updates in place, no parameter-sized workspace
         # (docs/autograd.md#adamw-foreach-vs-fused)
-        tensors = sum(k for _t, k in counted)
-        return sum(k * 2 * alloc(t * param_bytes) for t, k in counted) + tensors * alloc(4), 0
+        return (alloc(4), False), (alloc(t * param_bytes), False), (alloc(t * param_bytes), False)
     if opt in ("adamw", "adamw_foreach"):
-        # torch.optim.AdamW: exp_avg and exp_avg_sq in the param dtype (torch/optim/adamw.py
-        # _init_group); `step` is a CPU scalar unless capturable/fused. bitsandbytes'
-        # PagedAdamW (32-bit) keeps two float32 states (state1, state2) whatever the parameter
-        # dtype (optim/optimizer.py Optimizer2State.init_state: optim_bits 32 -> torch.float32).
         if setup.paged:
-            return sum(k * 2 * alloc(t * FP32) for t, k in counted), 0
-        state = sum(k * 2 * alloc(t * param_bytes) for t, k in counted)
+            # bitsandbytes' PagedAdamW (32-bit) keeps two float32 states (state1, state2) whatever
+            # the parameter dtype (optim/optimizer.py Optimizer2State.init_state: optim_bits 32 ->
+            # torch.float32, get_state_buffer); `step` is a Python int
+            return (alloc(t * FP32), True), (alloc(t * FP32), True)
+        # torch.optim.AdamW: exp_avg and exp_avg_sq in the param dtype (torch/optim/adamw.py
+        # _init_group); `step` is a CPU scalar unless capturable/fused
+        return (alloc(t * param_bytes), False), (alloc(t * param_bytes), False)
+    if opt == "adamw8bit":
+        # bitsandbytes Optimizer2State.init_state: tensors under min_8bit_size=4096 elements
+        # keep two float32 states; larger ones state1 and state2 in uint8, then float32 absmax1 /
+        # absmax2 per 256-element block (torch.zeros((blocks,), device=p.device), never paged)
+        if t < 4096:
+            return (alloc(4 * t), True), (alloc(4 * t), True)
+        absmax = alloc(4 * blocks(t, 256))
+        return (alloc(t), True), (alloc(t), True), (absmax, False), (absmax, False)
+    if opt == "sgd":
+        return ()        # torch.optim.SGD with momentum=0 (its default) keeps no state
+    if opt == "adafactor":
+        # transformers.optimization.Adafactor (factored second moment, beta1=None): a 2D (or
+        # larger) tensor gets a row and a column vector in the grad dtype, a 1D tensor a full
+        # exp_avg_sq (Adafactor._get_options: factored = len(shape) >= 2; exp_avg_sq_row is
+        # shape[:-1], exp_avg_sq_col is shape[:-2] + shape[-1:]); after the update
+        # state["RMS"] = self._rms(p) is a 0-d tensor on the device
+        if len(shape) >= 2:
+            vectors = (alloc(numel(shape[:-1]) * param_bytes), alloc(numel(shape[:-2] + shape[-1:]) * param_bytes))
+        else:
+            vectors = (alloc(t * param_bytes),)
+        return tuple((n, False) for n in (*vectors, alloc(param_bytes)))
+    raise AssertionError(opt)
+
+
+def step_workspace(setup: TrainSetup, t: int, param_bytes: int) -> int:
+    """Bytes one parameter of `t` elements adds to the optimizer step's transient workspace."""
+    if setup.optimizer in ("adamw", "adamw_foreach"):
         # The CUDA default is the foreach implementation (_default_to_fused_or_foreach):
         # _multi_tensor_adamw allocates exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs),
         # one param-sized tensor per parameter, for the update.
-        return state, sum(k * alloc(t * param_bytes) for t, k in counted)
-    if opt == "adamw8bit":
-        # bitsandbytes Optimizer2State.init_state: tensors under min_8bit_size=4096 elements
-        # keep two float32 states; larger ones two uint8 states plus float32 absmax1/absmax2
-        # per 256-element block; the two 256-entry qmaps are shared by all parameters.
-        state = _shared_qmaps(setup)
-        for t, k in counted:
-            if t < 4096:
-                state += k * 2 * alloc(4 * t)
-            else:
-                state += k * (2 * alloc(t) + 2 * alloc(4 * blocks(t, 256)))
-        return state, 0  # the 8-bit update runs in one fused kernel per tensor
-    if opt == "sgd":
-        return 0, 0      # torch.optim.SGD with momentum=0 (its default) keeps no state
-    if opt == "adafactor":
-        # transformers.optimization.Adafactor (factored second moment, beta1=None): per 2D
-        # tensor a row (rows) and a column (cols) vector in the grad dtype, full exp_avg_sq
-        # for 1D tensors
-        # (transformers/optimization.py Adafactor._get_options: factored = len(shape) >= 2;
-        # exp_avg_sq_row is shape[:-1], exp_avg_sq_col is shape[:-2] + shape[-1:]).
-        # After a step state["RMS"] = self._rms(p) is a 0-d tensor on the device, one per parameter.
-        state = 0
-        for s, k in shapes.items():
-            state += k * alloc(param_bytes)
-            if len(s) >= 2:
-                state += k * (alloc(numel(s[:-1]) * param_bytes) + alloc(numel(s[:-2] + s[-1:]) * param_bytes))
-            else:
-                state += k * alloc(numel(s) * param_bytes)
-        return state, 0
-    raise AssertionError(opt)
+        return alloc(t * param_bytes)
+    return 0  # fused kernels: torch._fused_adamw_, bitsandbytes' 8-bit / paged update
 
 
 def paged_state_bytes(setup: TrainSetup, shapes: Counter) -> int:
@@ -448,8 +461,15 @@ def paged_state_bytes(setup: TrainSetup, shapes: Counter) -> int:
     smaller tensors' states, the 8-bit absmax1 / absmax2 (Optimizer2State.init_state:
     torch.zeros((blocks,), device=p.device)) and the shared qmaps are ordinary device memory
     (docs/bitsandbytes.md#paged-optimizers-and-unified-memory)."""
-    per_element = 1 if setup.optimizer.endswith("8bit") else FP32   # uint8 or float32 states
-    return sum(k * 2 * alloc(numel(s) * per_element) for s, k in shapes.items() if numel(s) >= PAGE_MIN_NUMEL)
+    return sum(k * sum(n for n, pageable in state_tensors(setup, s, FP32) if pageable)
+               for s, k in shapes.items() if numel(s) >= PAGE_MIN_NUMEL)
+
+
+def device_state_tensors(setup: TrainSetup, shape: tuple, param_bytes: int) -> list[int]:
+    """The bytes of each state tensor of one parameter of `shape` that lives in device memory,
+    in creation order (state_tensors without what a paged optimizer pages)."""
+    paged = setup.paged and numel(shape) >= PAGE_MIN_NUMEL
+    return [n for n, pageable in state_tensors(setup, shape, param_bytes) if n and not (paged and pageable)]
 
 
 def _shared_qmaps(setup: TrainSetup) -> int:
