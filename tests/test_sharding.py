@@ -215,9 +215,25 @@ def test_zero_full_finetuning_follows_the_zero_paper():
     for n in (2, 8):
         z2 = per_gpu(spec, setup, gpus=n, strategy="zero2")
         assert z2.components["optimizer_state"] == pytest.approx(12 * psi / n, rel=0.01)
-        z3 = per_gpu(spec, setup, gpus=n, strategy="zero3")
+        # gathering only the module in use (no prefetch, no reuse): parameters partitioned 1/N
+        z3 = per_gpu(spec, setup, Parallel(n, "zero3", prefetch_bucket_size=0, max_reuse_distance=0))
         assert z3.components["optimizer_state"] == z2.components["optimizer_state"]
         assert z3.components["weights"] < z2.components["weights"]
+
+
+def test_zero3_defaults_keep_a_small_model_gathered():
+    """Under DeepSpeed's defaults (stage3_max_reuse_distance and stage3_max_live_parameters 1e9
+    elements) a 0.5B model is used again within the reuse distance everywhere, so the
+    coordinator keeps every parameter gathered from its forward to its backward: at the peak a
+    GPU holds the whole 16-bit model besides its partition, more than ZeRO-2's replica alone."""
+    spec = resolve("Qwen/Qwen2.5-0.5B")
+    setup = TrainSetup(method="full", batch=1, seq=512)
+    z2 = per_gpu(spec, setup, gpus=2, strategy="zero2")
+    z3 = per_gpu(spec, setup, gpus=2, strategy="zero3")
+    gathered = sum(t.bytes for t in z3.terms if t.held == "gathered" and t.component == "weights")
+    partitioned = sum(t.bytes for t in z3.terms if t.held != "gathered" and t.component == "weights")
+    assert gathered >= 0.95 * z2.components["weights"]
+    assert z3.components["weights"] == gathered + partitioned > z2.components["weights"]
 
 
 def test_deepspeed_reduce_buckets():

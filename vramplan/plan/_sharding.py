@@ -49,6 +49,7 @@ from vramplan.core._models import ModelSpec, resolve
 from vramplan.estimate._quant import alloc, layout
 from vramplan.core._setup import TrainSetup, apply_flags
 from vramplan.core._units import MiB
+from vramplan.plan._zero3 import DS_MAX_LIVE_PARAMETERS, DS_MAX_REUSE_DISTANCE, gathered_at_moments
 
 C = Component
 
@@ -130,9 +131,11 @@ SRC_DS_GRAD3 = ("deepspeed/runtime/zero/stage3.py: grad_partitions_flat_buffer h
                 "sub_group (sub_group_size 1e9 elements)")
 SRC_DS3_PARAMS = ("deepspeed/runtime/zero/config.py: parameters above stage3_param_persistence_threshold "
                   "(1e5 elements) are partitioned 1/N, smaller ones stay whole on every GPU")
-SRC_DS3_GATHER = ("DeepSpeed ZeRO-3 gathers each module's parameters before its forward/backward and prefetches "
-                  "up to stage3_prefetch_bucket_size (5e7) elements ahead (zero/config.py); largest module "
-                  "+ prefetch bucket are counted")
+SRC_DS3_GATHER = ("deepspeed/runtime/zero/partitioned_param_coordinator.py: each module's parameters are "
+                  "all-gathered whole for its forward / backward, stage3_prefetch_bucket_size (5e7) elements "
+                  "ahead are prefetched, and a parameter used again within stage3_max_reuse_distance (1e9) "
+                  "elements of the trace stays gathered; the coordinator replayed over the step "
+                  "(plan/_zero3.py, docs/allocator.md#zero-3-gathering)")
 SRC_DS_FUSED = "DeepSpeed FusedAdam / DeepSpeedCPUAdam update in fused multi-tensor kernels: no per-parameter workspace"
 SRC_DS_OFFLOAD = ("DeepSpeed offload_optimizer (ZeRO 1-3): fp32 master weights, moments and the step on CPU, "
                   "gradient partitions copied to pinned CPU memory; offload_param (ZeRO-3 only): parameter "
@@ -154,6 +157,8 @@ class Parallel:
     overlap_comm: bool | None = None  # DeepSpeed: None -> True for ZeRO-3, False for ZeRO-2
     prefetch_bucket_size: int = DS_PREFETCH_BUCKET
     param_persistence_threshold: int = DS_PERSISTENCE_THRESHOLD
+    max_live_parameters: int = DS_MAX_LIVE_PARAMETERS
+    max_reuse_distance: int = DS_MAX_REUSE_DISTANCE
     gradient_as_bucket_view: bool = False  # DDP
 
     def __post_init__(self):
@@ -180,7 +185,8 @@ class Parallel:
         if offload != "none" and key in ("single", "ddp"):
             raise UsageError(f"--offload {offload} needs a sharding engine, not {key}",
                              hint="use --strategy fsdp, zero2 or zero3 with --offload cpu")
-        for name in ("reduce_bucket_size", "prefetch_bucket_size", "param_persistence_threshold"):
+        for name in ("reduce_bucket_size", "prefetch_bucket_size", "param_persistence_threshold",
+                     "max_live_parameters", "max_reuse_distance"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UsageError(f"{name} must be a whole number >= 0, got {value!r}", hint=f"e.g. {name}=0")
@@ -513,9 +519,12 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     # current unit's unsharded gradients too), so another moment of a phase can be its per-GPU peak
     # (Llama-2-7B LoRA 4 x 2048, 2-way FSDP: backward's top layer, not its loss, by 0.45 GiB).
     moments = getattr(base, "moments", None) or base.phase_components
+    gathered = _zero3_gathered(spec, setup, sp, parallel) if parallel.strategy == "zero3" else {}
     for moment, comps in moments.items():
         name = phase_of(moment)
-        terms, cpu_phase = _phase_terms(name, comps, sp, parallel)
+        at = gathered.get(moment) or max((v for k, v in gathered.items() if phase_of(k) == name), key=sum,
+                                         default=(0, 0))
+        terms, cpu_phase = _phase_terms(name, comps, sp, parallel, at)
         parts = dict.fromkeys(ALLOCATED_NAMES, 0)
         for t in terms:
             parts[t.component] += t.bytes
@@ -751,11 +760,19 @@ class _Rank:
             self.add(component, part, "sharded 1/N", n, source)
 
 
-def _phase_terms(phase: str, c: dict, sp: Splits, p: Parallel) -> tuple[list[Term], int]:
+def _zero3_gathered(spec: ModelSpec, setup: TrainSetup, sp: Splits, p: Parallel) -> dict[str, tuple[int, int]]:
+    """Per moment of the step, the (frozen, trainable) bytes ZeRO-3 holds gathered (plan/_zero3.py)."""
+    return gathered_at_moments(spec, setup, p.param_persistence_threshold, sp.ds_elem, p.max_reuse_distance,
+                               p.prefetch_bucket_size, p.max_live_parameters)
+
+
+def _phase_terms(phase: str, c: dict, sp: Splits, p: Parallel,
+                 gathered: tuple[int, int] = (0, 0)) -> tuple[list[Term], int]:
     """Terms of one estimator phase on one GPU, and the bytes this rank keeps on the CPU.
 
     The phase kind decides what is gathered: "optimizer" (nothing), a loss moment (logits
-    alive: the root unit only) or a layer moment (root + two units)."""
+    alive: the root unit only) or a layer moment (root + two units); ZeRO-3's `gathered`
+    (frozen, trainable) bytes come from its coordinator's replay (_zero3_gathered)."""
     s = p.strategy
     kind = "optimizer" if phase == "optimizer" else ("loss" if c[C.LOGITS_LOSS.value] else "layer")
     rank = _Rank(p.offloaded)
@@ -784,7 +801,10 @@ def _phase_terms(phase: str, c: dict, sp: Splits, p: Parallel) -> tuple[list[Ter
         # Not parameters, so neither FSDP nor ZeRO shards them: every rank holds all of them.
         add(C.QUANT_CONSTANTS, "bitsandbytes quant_state (absmax, codes)", "replicated",
             c[C.QUANT_CONSTANTS.value], SRC_QUANT_STATE)
-        (_fsdp_terms if s in FSDP else _zero_terms)(rank, kind, phase == "backward", c, sp, p)
+        if s in FSDP:
+            _fsdp_terms(rank, kind, phase == "backward", c, sp, p)
+        else:
+            _zero_terms(rank, kind, phase == "backward", c, sp, p, gathered)
     return rank.terms, rank.cpu
 
 
@@ -851,7 +871,8 @@ def _fsdp_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: 
               SRC_FSDP_SHARD, 0)
 
 
-def _zero_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: Parallel) -> None:
+def _zero_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: Parallel,
+                gathered: tuple[int, int] = (0, 0)) -> None:
     N, stage3, elem = p.gpus, p.strategy == "zero3", sp.ds_elem
     add, shard = rank.add, rank.shard
     # Trainable parameters after the engine's 16-bit cast. LoRA: the adapters; full: the weights.
@@ -866,9 +887,12 @@ def _zero_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: 
                 SRC_DS3_PARAMS)
             shard(C.ADAPTERS, "adapter partitions", _ceil_div(sp.ds_trainable - sp.ds_trainable_persistent, N),
                   SRC_DS3_PARAMS)
-        if kind != "optimizer":
-            gathered = min(frozen, sp.largest_param + p.prefetch_bucket_size * elem)
-            add(C.WEIGHTS, "gathered module + prefetch bucket", "gathered", gathered, SRC_DS3_GATHER)
+        frozen_gathered, trainable_gathered = gathered
+        add(C.WEIGHTS, "parameters gathered (in use, prefetched, kept for reuse)", "gathered",
+            frozen_gathered if lora else frozen_gathered + trainable_gathered, SRC_DS3_GATHER)
+        if lora:
+            add(C.ADAPTERS, "adapters gathered (in use, prefetched, kept for reuse)", "gathered", trainable_gathered,
+                SRC_DS3_GATHER)
     else:
         add(C.WEIGHTS, "model weights", "replicated", sp.weights,
             "ZeRO-2 partitions gradients and optimizer state only; " + SRC_DS_CAST)
@@ -936,7 +960,14 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
         out.append(f"reduce_bucket_size {parallel.reduce_bucket_size:,} elements, overlap_comm "
                    f"{parallel.ds_overlap_comm}" + (f", stage3_prefetch_bucket_size {parallel.prefetch_bucket_size:,}, "
                                                     f"stage3_param_persistence_threshold "
-                                                    f"{parallel.param_persistence_threshold:,}" if s == "zero3" else ""))
+                                                    f"{parallel.param_persistence_threshold:,}, "
+                                                    f"stage3_max_live_parameters {parallel.max_live_parameters:,}, "
+                                                    f"stage3_max_reuse_distance {parallel.max_reuse_distance:,}"
+                                                    if s == "zero3" else ""))
+        if s == "zero3":
+            out.append("ZeRO-3 gathering: DeepSpeed's parameter coordinator replayed over the step's module trace "
+                       "(prefetch, reuse distance, checkpoint recomputation), in a step after the first "
+                       "(docs/allocator.md#zero-3-gathering)")
         out.append("optimizer step: " + SRC_DS_FUSED)
         if s == "zero2" and not parallel.offloaded:
             out.append("allocator: the engine's construction (trainable parameters to the CPU, empty_cache, the flat "

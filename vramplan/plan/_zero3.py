@@ -1,0 +1,318 @@
+"""What DeepSpeed ZeRO-3 keeps gathered on one GPU through a training step: its parameter
+coordinator (deepspeed/runtime/zero/partitioned_param_coordinator.py PartitionedParameterCoordinator,
+DeepSpeed 0.19) replayed over the step's module trace (docs/allocator.md#zero-3-gathering).
+
+Each partitioned parameter is all-gathered whole when a module that holds it runs (a new tensor of
+its full size on every rank) and released after the module unless the coordinator keeps it. Once
+the first step has recorded the module trace, it keeps:
+- what it prefetched: after each fetch, parameters of the modules ahead, in trace order, up to
+  stage3_prefetch_bucket_size elements not yet gathered, and no further than
+  stage3_max_live_parameters elements gathered in all (_fetch_sub_module_impl);
+- a parameter used again within stage3_max_reuse_distance elements of the trace ahead, or one whose
+  later use the prefetch scan already passed (__params_to_release);
+- a frozen parameter fetched while a checkpointed layer recomputes its forward belongs to the
+  module whose backward started that recomputation, and goes when that module's backward ends
+  (update_recompute_parameters, release_sub_module);
+- nothing after the backward (release_and_reset_all).
+
+Parameters at or under stage3_param_persistence_threshold elements stay whole from the start and
+are not counted here (plan/_sharding.py counts them). tests/test_zero3.py holds this replay to the
+gathered parameters DeepSpeed itself reported after every fetch and release, on the CPU.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import OrderedDict, defaultdict, deque
+from functools import lru_cache
+
+from vramplan.core._models import ModelSpec
+from vramplan.core._record import record
+from vramplan.core._setup import TrainSetup
+from vramplan.estimate._inventory import lora_shapes, numel
+from vramplan.estimate._quant import alloc, layout
+
+# deepspeed/runtime/zero/config.py DeepSpeedZeroConfig: stage3_max_live_parameters and
+# stage3_max_reuse_distance default to 1e9 elements (the HF Trainer's DeepSpeed examples keep them)
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000
+DS_MAX_REUSE_DISTANCE = 1_000_000_000
+
+
+@record
+class Param:
+    """One parameter as the coordinator sees it: `numel` its ds_numel (a 4-bit weight counts the
+    elements of its packed storage), `nbytes` the tensor an all-gather makes, `frozen` without grad."""
+    numel: int
+    nbytes: int
+    frozen: bool
+    persistent: bool
+
+
+@record
+class StepTrace:
+    """One training step as the coordinator sees it: `modules`, per fetch in order (the module
+    trace it records), the ids of the parameters the module holds itself; `calls`: ("fetch" |
+    "release", module name, its parameter ids, forward) in order; `spans`: call index ranges
+    [start, end) of the estimator's moments (estimate/_estimator.py step_moments)."""
+    params: tuple
+    modules: tuple
+    calls: tuple
+    spans: dict
+
+
+@record
+class _Node:
+    """A module: its own parameters, its children in forward order, and whether its output
+    reaches the loss (DeepSpeed's backward hooks fire only then)."""
+    name: str
+    params: tuple
+    children: tuple = ()
+    grad: bool = True
+
+
+def _linear(setup: TrainSetup, lin, prefix: str, make) -> _Node:
+    """An nn.Linear (or bitsandbytes Linear4bit), or peft's LoRA Linear around it: base_layer,
+    lora_dropout, lora_A, lora_B (peft/tuners/lora/layer.py Linear.forward)."""
+    frozen = setup.uses_adapters
+    ids = (make(lin.numel, frozen, lin),) + ((make(lin.out_features, frozen),) if lin.bias else ())
+    targets = set(setup.targets) if setup.uses_adapters else set()
+    name = prefix + lin.name
+    if not ("all-linear" in targets or lin.leaf in targets):
+        return _Node(name, ids)
+    a, b = (make(numel(shape), False) for shape in lora_shapes(lin, setup.rank))
+    return _Node(name, (), (_Node(name + ".base_layer", ids), _Node(name + ".lora_dropout", ()),
+                            _Node(name + ".lora_A", (a,)), _Node(name + ".lora_B", (b,))))
+
+
+def _layer(spec: ModelSpec, setup: TrainSetup, i: int, make) -> _Node:
+    """Decoder layer i in LlamaDecoderLayer's order: a norm, the attention's projections, the
+    other norms, then the MLP (gate, act_fn, up, down; a MoE layer's experts after its router)."""
+    prefix = f"model.layers.{i}."
+    frozen = setup.uses_adapters
+    dense = spec.is_dense(i)
+    attn, mlp = [], []
+    for lin in spec.layer_linears:
+        if lin.where != "all" and dense != (lin.where == "dense"):
+            continue
+        node = _linear(setup, lin, prefix, make)
+        (attn if lin.name.startswith(("self_attn.", "attn.", "attention.")) else mlp).append(node)
+    if len(mlp) == 3 and mlp[0].name.endswith("gate_proj"):
+        mlp.insert(1, _Node(prefix + "mlp.act_fn", ()))
+    if spec.num_experts and not dense:
+        E, h, w = spec.num_experts, spec.hidden, spec.expert_width
+        mlp.append(_Node(prefix + "mlp.experts", (make(E * 2 * w * h, frozen), make(E * h * w, frozen))))
+    norms = [_Node(prefix + f"norm{k}", (make(spec.hidden, frozen),)) for k in range(spec.arch.norms_per_layer)]
+    children = (norms[:1] + [_Node(prefix + "self_attn", (), tuple(attn))] + norms[1:]
+                + [_Node(prefix + "mlp", (), tuple(mlp))])
+    return _Node(prefix.rstrip("."), (), tuple(children))
+
+
+@lru_cache(maxsize=64)
+def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, elem: int) -> StepTrace:
+    """The coordinator's view of one step of `setup` (batch and seq do not matter) with 16-bit
+    parameters of `elem` bytes (the engine's cast; a 4-bit weight's packed storage is of that
+    dtype: bnb_4bit_quant_storage). Every module's pre-forward hook fetches and its post-forward
+    hook releases; backward walks the tree in reverse; a checkpointed layer's backward first
+    reaches its last module, whose backward recomputes the layer's forward up to that module
+    (torch.utils.checkpoint stops there), then runs back through the rest."""
+    params: list = []
+
+    def make(n: int, frozen: bool, linear=None) -> int:
+        if linear is not None and setup.quantized and frozen:
+            stored = layout(setup.quant, linear.in_features, linear.out_features, setup.double_quant).weight
+            n = -(-stored // elem)
+        params.append(Param(n, alloc(n * elem), frozen, n <= persistence_threshold))
+        return len(params) - 1
+
+    base_frozen = setup.uses_adapters
+    embed = (make(spec.vocab * spec.hidden, base_frozen),)
+    layers = [_layer(spec, setup, i, make) for i in range(spec.layers)]
+    norm = (make(spec.hidden, base_frozen),)
+    head = embed if spec.tied else (make(spec.vocab * spec.hidden, base_frozen),)
+    decoder = _Node("model", (), (_Node("model.embed_tokens", embed), _Node("model.rotary_emb", (), grad=False),
+                                  *layers, _Node("model.norm", norm)))
+    root = _Node("", (), (decoder, _Node("lm_head", head)))
+    if setup.uses_adapters:
+        root = _Node("peft", (), (root,))
+
+    modules: list = []
+    calls: list = []
+    spans: dict = {}
+
+    def fetch(node: _Node, forward: bool) -> None:
+        modules.append(node.params)
+        calls.append(("fetch", node.name, node.params, forward))
+
+    def release(node: _Node, forward: bool) -> None:
+        calls.append(("release", node.name, node.params, forward))
+
+    def forward(node: _Node, stop: _Node | None = None) -> bool:
+        """The node's forward; True where it reached `stop` (the recomputation ends there)."""
+        start = len(calls)
+        fetch(node, True)
+        if node is stop:
+            return True
+        for child in node.children:
+            if forward(child, stop):
+                return True
+        release(node, True)
+        if node.name == "lm_head":
+            spans["forward.loss"] = (start, len(calls))
+        elif node is layers[-1]:
+            spans["forward.layer"] = (start, len(calls))
+        return False
+
+    def backward(node: _Node) -> None:
+        if not node.grad:
+            return
+        start = len(calls)
+        if setup.grad_ckpt and node in layers:
+            path = [node]
+            while path[-1].children:
+                path.append([c for c in path[-1].children if c.grad][-1])
+            for n in path:
+                fetch(n, False)
+            for child in node.children:
+                if forward(child, stop=path[-1]):
+                    break
+            release(path[-1], False)
+            for parent, done in zip(reversed(path[:-1]), reversed(path[1:])):
+                for child in reversed(parent.children):
+                    if child is not done:
+                        backward(child)
+                release(parent, False)
+        else:
+            fetch(node, False)
+            if node.name == "model.embed_tokens":
+                return          # the end of backward: release_and_reset_all releases the rest
+            for child in reversed(node.children):
+                backward(child)
+            release(node, False)
+        if node.name == "lm_head":
+            spans["backward.loss"] = (start, len(calls))
+        elif node is layers[-1]:
+            spans["backward.top_layer"] = (start, len(calls))
+        if node is layers[0]:
+            spans["backward.bottom_layer"] = (start, len(calls))
+
+    forward(root)
+    backward(root)
+    return StepTrace(tuple(params), tuple(modules), tuple(calls), spans)
+
+
+def replay(trace: StepTrace, reuse_distance: int = DS_MAX_REUSE_DISTANCE, prefetch_bucket: int = 50_000_000,
+           max_live: int = DS_MAX_LIVE_PARAMETERS) -> list[tuple[int, int]]:
+    """(frozen, trainable) bytes gathered after each call of `trace.calls`, in a step after the
+    first (the trace is complete): PartitionedParameterCoordinator's fetch_sub_module and
+    release_sub_module, rule by rule (the module docstring)."""
+    P, modules = trace.params, trace.modules
+    queue = deque((p, k) for k, ids in enumerate(modules) for p in sorted(set(ids)))    # __param_order
+    recent: dict = defaultdict(lambda: -10 ** 10)      # __most_recent_step_id_param_fetched_for
+    gathered: set = set()
+    live = 0                                           # __n_available_params
+    step = 0                                           # __step_id
+    holders: dict = defaultdict(set)                   # ds_active_sub_modules (by module name)
+    active_backward: OrderedDict = OrderedDict()       # __active_backward_submodules
+    recomputed: dict = defaultdict(set)                # ds_recompute_parameters
+    in_backward = False
+    frozen_bytes = trainable_bytes = 0
+    out = []
+
+    def gather(ids) -> None:
+        nonlocal live, frozen_bytes, trainable_bytes
+        for p in ids:
+            if not P[p].persistent and p not in gathered:
+                gathered.add(p)
+                live += P[p].numel
+                if P[p].frozen:
+                    frozen_bytes += P[p].nbytes
+                else:
+                    trainable_bytes += P[p].nbytes
+
+    def release(p) -> None:
+        nonlocal live, frozen_bytes, trainable_bytes
+        gathered.discard(p)
+        live -= P[p].numel
+        if P[p].frozen:
+            frozen_bytes -= P[p].nbytes
+        else:
+            trainable_bytes -= P[p].nbytes
+
+    # __params_to_release walks the trace from the next module, adding up every parameter's
+    # ds_numel, and keeps what it meets before the sum reaches the reuse distance: a parameter
+    # is kept when its next use j satisfies numel(modules[step:j]) < reuse_distance
+    upto = [0]
+    for ids in modules:
+        upto.append(upto[-1] + sum(P[p].numel for p in ids))
+    uses: dict = defaultdict(list)
+    for k, ids in enumerate(modules):
+        for p in set(ids):
+            uses[p].append(k)
+
+    def reused(p) -> bool:
+        at = uses[p]
+        i = bisect_left(at, step)
+        return i < len(at) and upto[at[i]] - upto[step] < reuse_distance
+
+    def to_release(ids) -> set:
+        return {p for p in ids if not P[p].persistent and not recent[p] > step and not reused(p)}
+
+    for kind, name, own, forward in trace.calls:
+        ids = set(own)
+        if kind == "fetch":
+            if not forward:
+                in_backward = True
+                active_backward[name] = True
+                active_backward.move_to_end(name)
+            gather(ids)
+            for p in ids:
+                holders[p].add(name)
+                if forward and in_backward and active_backward and P[p].frozen:
+                    owner = next(reversed(active_backward))
+                    recomputed[owner].add(p)
+                    holders[p].add(owner)
+            fresh = {p for p in ids if recent[p] < step}
+            popped: set = set()
+            while queue and len(popped) < len(fresh):
+                p, at = queue.popleft()
+                recent[p] = at
+                popped.add(p)
+            if prefetch_bucket > 0:
+                room, ahead, chosen = min(max_live - live, prefetch_bucket), 0, set()
+                while queue and ahead < room:
+                    p, at = queue.popleft()
+                    recent[p] = max(recent[p], at)
+                    if p not in gathered and not P[p].persistent and p not in chosen:
+                        chosen.add(p)
+                        ahead += P[p].numel
+                gather(chosen)
+            step += 1
+        else:
+            go = to_release(ids)
+            if not forward:
+                go |= {p for p in recomputed[name] if not P[p].persistent}
+                ids |= recomputed.pop(name, set())
+                active_backward.pop(name, None)
+            for p in ids:
+                holders[p].discard(name)
+                if p in go and p in gathered and not holders[p]:
+                    release(p)
+        out.append((frozen_bytes, trainable_bytes))
+    return out
+
+
+def gathered_at_moments(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, elem: int,
+                        reuse_distance: int, prefetch_bucket: int, max_live: int) -> dict[str, tuple[int, int]]:
+    """Per estimator moment, the (frozen, trainable) bytes gathered at the call of its span where
+    their sum is largest; the optimizer step holds none (release_and_reset_all)."""
+    return _gathered(spec, setup.with_(batch=1, seq=1), persistence_threshold, elem, reuse_distance, prefetch_bucket,
+                     max_live)
+
+
+@lru_cache(maxsize=64)
+def _gathered(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, elem: int, reuse_distance: int,
+              prefetch_bucket: int, max_live: int) -> dict[str, tuple[int, int]]:
+    trace = step_trace(spec, setup, persistence_threshold, elem)
+    after = replay(trace, reuse_distance, prefetch_bucket, max_live)
+    out = {name: max(after[start:end], key=sum) for name, (start, end) in trace.spans.items()}
+    out["optimizer"] = (0, 0)
+    return out
