@@ -141,6 +141,21 @@ def test_frozen_input_gets_no_gradient_and_temporaries_and_parameter_gradients_a
     assert r.end == {ACT: 1 * KiB, GRAD: 1536}
 
 
+def test_buffers_made_before_the_outputs_are_freed_once_the_outputs_exist():
+    # bitsandbytes' dequantize + F.linear: absmax (1K), the dequantized weight (4K), then the
+    # output (2K); the two buffers die when the op returns, the output lives on
+    ops = [Op("gemm", ("x",), (Tensor("y", 2 * KiB),), work_before=(1 * KiB, 4 * KiB))]
+    tape = walk(ops, {"x": 1 * KiB}, keep=("y",))
+    r = tape.replay(variables(1, 1))
+    assert r.forward_peak == {ACT: 3 * KiB, TMP: 5 * KiB} and r.forward_end == {ACT: 2 * KiB}
+    sizes = [size for size, _tag in tape.table]
+    order = [(kind, sizes[event[1]].eval(variables(1, 1))) for event in tape.events if (kind := event[0]) in (1, -1)]
+    # x (given), the buffers in order, then the output, then the buffers freed; x dies after its
+    # last use
+    assert order == [(1, 1 * KiB), (1, 1 * KiB), (1, 4 * KiB), (1, 2 * KiB), (-1, 1 * KiB), (-1, 4 * KiB),
+                     (-1, 1 * KiB)]
+
+
 def test_each_allocation_is_rounded_to_512_bytes_on_its_own():
     # 1000 B -> 1024, 1 B -> 512, 513 -> 1024: the sum of rounded sizes, not the rounded sum
     ops = [Op("a", ("x",), (Tensor("h", 1),)), Op("b", ("h",), (Tensor("n", 513),))]

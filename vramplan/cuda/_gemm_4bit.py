@@ -15,6 +15,17 @@ GEMM_4BIT_CUSTOM_FLOOR_M = 4
 BLOCKSIZE = 64
 
 DTYPES = ("bf16", "fp16", "fp32")
+FP32 = 4
+
+
+def fallback_buffers(numel: int, nested: bool, input_bytes: int) -> tuple[int, ...]:
+    """Bytes of each buffer bitsandbytes 0.50 backends/cuda/ops.py `_dequant_linear_fallback`
+    makes before F.linear's output, in order; every one stays alive until the function returns
+    (its locals): with nested absmax, `absmax_dq = torch.empty_like(absmax_8bit, float32)` and
+    `absmax = absmax_dq + absmax_offset` (a new float32 tensor), one float per 64-element block
+    each; then `B_dq = torch.empty(shapeB, dtype=A.dtype)`, the whole weight in the input's dtype."""
+    absmax = FP32 * -(-numel // BLOCKSIZE)
+    return ((absmax, absmax) if nested else ()) + (numel * input_bytes,)
 
 
 def gemm_4bit_uses_fused_kernel(M: int, N: int, K: int, dtype: str, arch: CudaArch = ASSUMED) -> bool:

@@ -34,7 +34,7 @@ from functools import lru_cache
 from vramplan.core._record import record
 from vramplan.cuda import _cublas as cuda_cublas, _sdpa as cuda_sdpa
 from vramplan.cuda._arch import ASSUMED, CudaArch
-from vramplan.cuda._gemm_4bit import gemm_4bit_uses_fused_kernel
+from vramplan.cuda._gemm_4bit import fallback_buffers, gemm_4bit_uses_fused_kernel
 from vramplan.estimate._walk import ACT, BLAS, BWD_BLAS, Op, Tape, Tensor, WalkResult, walk
 from vramplan.estimate._inventory import (adapted_linears, embedding_bytes, expert_linears, experts_adapted,
                                          experts_quantized, rope_kinds, rope_width, weight_bytes)
@@ -161,15 +161,19 @@ class _Ops:
         name = prefix + lin.name
         o, i = lin.out_features, lin.in_features
         work = bwd_work = 0
+        work_before: tuple = ()
         if s.quantized and lin.name != "lm_head":
+            # backward: MatMul4Bit / MatMul8bitLt dequantize the weight (functional dequantize_4bit)
             dq = dequant_temporary(s.quant, i, o, s.double_quant, s.compute_bytes)
             bwd_work = alloc(dq)
-            if s.quant == "int8" or lin.name not in self.fused:
-                work = bwd_work
             if s.quant == "int8":
                 # bnb int8_scaled_mm on CUDA: an int32 product, then fp16 (backends/cuda/ops.py)
                 work = alloc(4 * T * o) + alloc(2 * T * o) + alloc(T * i) + alloc(4 * T)
-            self.dequant = max(self.dequant, dq)
+            elif lin.name not in self.fused:
+                # forward past the fused kernel's range: dequantize + F.linear, its buffers before
+                # the output (cuda/_gemm_4bit.py fallback_buffers)
+                work_before = fallback_buffers(i * o, s.double_quant, s.compute_bytes)
+            self.dequant = max(self.dequant, dq, sum(alloc_bytes(n) for n in work_before))
         # torch matmuls (cuBLAS): F.linear, and bitsandbytes' dequantize + F.linear fallback; its fused
         # 4-bit kernel and the int8 matmul (bnb's own cublasLt handle) are not, but their backward's
         # torch.matmul on the dequantized weight is (bitsandbytes autograd/_functions.py MatMul4Bit /
@@ -184,7 +188,7 @@ class _Ops:
             # (autograd/_functions.py) keeps its input A for backward as well
             full_saves = (x,) if self.full or (s.quantized and s.quant == "int8" and lin.name != "lm_head") else ()
             self.op(f"{name}.base", [x], [self.t(base, a * T * o)], saves=full_saves, grads=((x, a * T * i),),
-                    work=work, bwd_work=bwd_work, blas=blas,
+                    work=work, bwd_work=bwd_work, blas=blas, work_before=work_before,
                     param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0)
         if ob != self.a:   # bitsandbytes Linear4bit returns its input's dtype (nn/modules.py forward)
             self.bytes_of[base] = ob

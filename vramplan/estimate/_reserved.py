@@ -44,7 +44,7 @@ def capped_is_uncapped(alloc_conf) -> bool:
 EXACT_LAYERS = 4
 
 
-def exact_layers_for(setup: TrainSetup) -> int | tuple | None:
+def exact_layers_for(setup: TrainSetup, conf: AllocConf | None = None) -> int | tuple | None:
     """How many layers at each end the replay plays event by event (None: every layer; a pair:
     the forward's and the backward's, events.step_stream).
     Checkpointed eager attention recomputes seq x seq scores in every layer's backward, and
@@ -59,7 +59,15 @@ def exact_layers_for(setup: TrainSetup) -> int | tuple | None:
     `plain`, 28 setups of benchmarks/agreement-recipes.md, mean |error| 0.74% (max 3.3%: Llama-2-7B
     and Mistral-7B QLoRA 4x2048) against simulate, 0.44% (max 2.0%) with every layer's forward
     played (docs/allocator.md#reduced-detail). Those setups play every layer's forward and the
-    backward of EXACT_LAYERS at each end."""
+    backward of EXACT_LAYERS at each end.
+    Under expandable segments peak reserved is how far each pool's one segment has grown, so one
+    block the middle layers would have placed higher moves it: on benchmarks/reserved_detail.py's
+    setups the reduced detail is -6.2% .. +0.3% of every layer played (Qwen3-8B QLoRA 4 x 1024,
+    Llama-3-8B 1 x 4096), and on Llama-3-8B QLoRA 1 x 2048, measured on an H200 at 10.652 GiB
+    reserved, it gives 10.145 GiB where every layer gives 10.633 (docs/allocator.md#reduced-detail).
+    Those settings replay every layer (0.1 s for 8B, 0.4 s for 70B)."""
+    if conf is not None and conf.expandable_segments:
+        return None
     if setup.grad_ckpt and setup.attn == "eager":
         return None
     if setup.grad_ckpt and (setup.autocast or setup.outputs_outlive_step):
@@ -72,7 +80,8 @@ def _cached(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, 
             capacity: int | None, fsdp, ddp=None, zero=None) -> ReservedPeak:
     from vramplan.estimate._events import compiled, place_of
 
-    program = compiled(spec, setup, static, arch, exact_layers=exact_layers_for(setup), fsdp=fsdp, ddp=ddp, zero=zero)
+    program = compiled(spec, setup, static, arch, exact_layers=exact_layers_for(setup, conf), fsdp=fsdp, ddp=ddp,
+                       zero=zero)
     sizes = program.sizes(setup)
     if covers(conf):
         # the small pool carried as its level, in one pass over the compiled stream (the same

@@ -49,11 +49,14 @@ class Op(NamedTuple):
     outputs: tuple = ()
     saves: tuple = ()
     grads: tuple = ()
-    work: int = 0                # bytes alive only inside the forward op (dequantized weight...)
+    work: int = 0                # bytes alive only inside the forward op, made after its outputs
     bwd_work: int = 0            # bytes alive only inside its backward
     param_grads: int = 0         # .grad bytes of trainable parameters the backward produces
     work_tag: str = TMP
     blas: int = 0                # FWD_BLAS | BWD_BLAS: its forward / backward calls a torch matmul (cuBLAS)
+    # buffers the forward op makes before its outputs, in order, freed once the outputs exist
+    # (bitsandbytes' dequantize + F.linear: absmax, then the dequantized weight)
+    work_before: tuple = ()
 
 
 @record
@@ -245,11 +248,16 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
                 for name in op.saves:
                     saved_by[name] = saved_by.get(name, 0) + 1
                 return
+            before = [f"{op.name}.work{k}" for k in range(len(op.work_before))]
+            for key, nbytes in zip(before, op.work_before):
+                live.add(key, nbytes, op.work_tag)
             for t in op.outputs:
                 if grad_mode or t.name not in grad_only:
                     live.add(t.name, t.nbytes, t.tag)
             note_blas(op, 1 if backward_part else 0, FWD_BLAS)
             live.mark(op.name, op.work, op.work_tag)
+            for key in before:
+                live.drop(key)
             if op.param_grads or any(n in requires for n in op.inputs):
                 requires.update(t.name for t in op.outputs)
                 if saving:

@@ -135,7 +135,7 @@ SRC_DS3_GATHER = ("deepspeed/runtime/zero/partitioned_param_coordinator.py: each
                   "all-gathered whole for its forward / backward, stage3_prefetch_bucket_size (5e7) elements "
                   "ahead are prefetched, and a parameter used again within stage3_max_reuse_distance (1e9) "
                   "elements of the trace stays gathered; the coordinator replayed over the step "
-                  "(plan/_zero3.py, docs/allocator.md#zero-3-gathering)")
+                  "(docs/allocator.md#zero-3-gathering)")
 SRC_DS_FUSED = "DeepSpeed FusedAdam / DeepSpeedCPUAdam update in fused multi-tensor kernels: no per-parameter workspace"
 SRC_DS_OFFLOAD = ("DeepSpeed offload_optimizer (ZeRO 1-3): fp32 master weights, moments and the step on CPU, "
                   "gradient partitions copied to pinned CPU memory; offload_param (ZeRO-3 only): parameter "
