@@ -18,7 +18,6 @@ peak_allocated is the estimator's peak (tests/test_reserved.py checks it).
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 

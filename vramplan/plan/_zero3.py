@@ -22,7 +22,7 @@ gathered parameters DeepSpeed itself reported after every fetch and release, on 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import OrderedDict, defaultdict, deque
+from collections import defaultdict, deque
 from functools import lru_cache
 
 from vramplan.core._models import ModelSpec
@@ -199,8 +199,7 @@ def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, e
     return StepTrace(tuple(params), tuple(modules), tuple(calls), spans)
 
 
-def replay(trace: StepTrace, reuse_distance: int = DS_MAX_REUSE_DISTANCE, prefetch_bucket: int = 50_000_000,
-           max_live: int = DS_MAX_LIVE_PARAMETERS) -> list[tuple[int, int]]:
+def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live: int) -> list[tuple[int, int]]:
     """(frozen, trainable) bytes gathered after each call of `trace.calls`, in a step after the
     first (the trace is complete): PartitionedParameterCoordinator's fetch_sub_module and
     release_sub_module, rule by rule (the module docstring)."""
@@ -211,7 +210,7 @@ def replay(trace: StepTrace, reuse_distance: int = DS_MAX_REUSE_DISTANCE, prefet
     live = 0                                           # __n_available_params
     step = 0                                           # __step_id
     holders: dict = defaultdict(set)                   # ds_active_sub_modules (by module name)
-    active_backward: OrderedDict = OrderedDict()       # __active_backward_submodules
+    active_backward: dict = {}                         # __active_backward_submodules (insertion order)
     recomputed: dict = defaultdict(set)                # ds_recompute_parameters
     in_backward = False
     frozen_bytes = trainable_bytes = 0
@@ -261,8 +260,7 @@ def replay(trace: StepTrace, reuse_distance: int = DS_MAX_REUSE_DISTANCE, prefet
         if kind == "fetch":
             if not forward:
                 in_backward = True
-                active_backward[name] = True
-                active_backward.move_to_end(name)
+                active_backward[name] = True     # a module fetched again keeps its place
             gather(ids)
             for p in ids:
                 holders[p].add(name)
