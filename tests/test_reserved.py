@@ -282,3 +282,22 @@ def test_the_verdict_line_says_the_smallest_card(capsys):
     assert (f"DOES NOT FIT on 24GB (22.35 GiB): it runs on a card of about {card.smallest_gpu_bytes / 2**30:.2f} GiB "
             f"or more (short by about {(card.smallest_gpu_bytes - 24 * 10**9) / 2**30:.2f} GiB); with room to "
             f"spare the caching allocator keeps more cached: {card.device_total_bytes / 2**30:.2f} GiB in all.") in words
+
+
+def test_cuda_context_per_gpu_names_its_source():
+    """docs/gpus.md#cuda-context-size: the H200's context measured after QLoRA steps; the RTX 3090's
+    published fresh context plus the kernels a step loads (measured on the H200); other GPUs the
+    default. The estimate's device total and assumptions use the figure of the GPU asked for."""
+    from vramplan.core._units import MiB
+    from vramplan.cuda._context import DEFAULT_CONTEXT
+    setup = TrainSetup(seq=512)
+    spec = resolve("meta-llama/Llama-2-7b-hf")
+    h200 = estimate(spec, setup, gpu="H200")
+    rtx3090 = estimate(spec, setup, gpu="RTX3090")
+    a100 = estimate(spec, setup, gpu="A100-80GB")
+    assert h200.cuda_context_bytes == 804_061_184                 # profiles/h200, after the steps
+    assert rtx3090.cuda_context_bytes == 256 * MiB + 804_061_184 - 552_402_944
+    assert a100.cuda_context_bytes == DEFAULT_CONTEXT.bytes
+    assert any("InvokeAI issue #9413" in a for a in rtx3090.assumptions)
+    for est in (h200, rtx3090, a100):
+        assert est.device_total_bytes == est.cuda_context_bytes + est.peak_reserved_bytes

@@ -31,8 +31,14 @@ CONTEXT_FIGURES = (
     ContextFigure(287_047_680, "pytorch PR #86509: lazy module loading, CUDA 11.7, one small tensor"),
     ContextFigure(666_632_192, "pytorch PR #86509: eager module loading, CUDA 11.7, one small tensor"),
     ContextFigure(400 * 1000**2, "pytorch issue #109888: 'around 400MB', CUDA >= 11.7, lazy loading"),
-    ContextFigure(426 * MiB, "huggingface/unsloth-zoo PR #1053: nvidia-smi, torch 2.10 + CUDA 13.0",
-                  gpu="RTX6000-Ada"),
+    ContextFigure(426 * MiB, "huggingface/unsloth-zoo PR #1053: nvidia-smi after torch.cuda.mem_get_info, "
+                  "torch 2.10 + CUDA 13.0", gpu="RTX6000-Ada"),
+    ContextFigure(256 * MiB, "invoke-ai/InvokeAI issue #9413: nvidia-smi of a process that created its CUDA "
+                  "context and ran nothing, torch 2.7.1 + CUDA 12.8, driver 610.43.03", gpu="RTX3090"),
+    # When the context is created, before the model loads (NVML used less torch reserved, every
+    # profiles/h200 record)
+    ContextFigure(552_402_944, "measured on an H200 when the CUDA context is created (NVML used less torch "
+                  "reserved; torch 2.11 + CUDA 13.0, driver 580.159.04)", gpu="H200"),
     # After the measured steps of a QLoRA step (NVML used - torch reserved at the end, with
     # cuBLAS, SDPA and bitsandbytes' 4-bit kernels loaded): the same to the byte in every
     # profiles/h200 record without a paged optimizer, 7B to 70B (docs/gpus.md#cuda-context-size)
@@ -48,21 +54,40 @@ DEFAULT_CONTEXT = ContextFigure(CUDA_CONTEXT_BYTES, "vramplan default: between p
 CONTEXT_SPREAD_BYTES = 666_632_192 - 287_047_680
 
 
-def cuda_context(gpu=None) -> ContextFigure:
-    """The context figure used for `gpu` (a core.gpus.Gpu or None): a measurement after a training
-    step on that GPU when one exists, else the default."""
-    if gpu is not None:
-        name = _gpu_key(gpu.name)
-        for figure in CONTEXT_FIGURES:
-            if figure.after_step and _gpu_key(figure.gpu) == name:
-                return figure
-    return DEFAULT_CONTEXT
-
-
 def _gpu_key(name: str) -> str:
     """'NVIDIA H200' (torch.cuda's name) and 'H200' (the catalog's) are one card."""
     key = name.lower().replace(" ", "").replace("-", "")
     return key.removeprefix("nvidia")
+
+
+def _figure(gpu: str, after_step: bool) -> ContextFigure | None:
+    key = _gpu_key(gpu)
+    return next((f for f in CONTEXT_FIGURES if f.after_step == after_step and _gpu_key(f.gpu) == key), None)
+
+
+# What a QLoRA step's kernels (cuBLAS, SDPA, bitsandbytes' 4-bit kernels) add to a freshly created
+# context: the H200's figure after the measured steps less its figure when the context is created
+# (251,658,240 B = 240 MiB, docs/gpus.md#cuda-context-size).
+KERNELS_LOADED_BYTES = _figure("H200", True).bytes - _figure("H200", False).bytes
+
+
+def cuda_context(gpu=None) -> ContextFigure:
+    """The context figure used for `gpu` (a core.gpus.Gpu or None): a measurement after a training
+    step on that GPU when one exists; else a published figure of that GPU's freshly created
+    context plus the kernels a QLoRA step loads (KERNELS_LOADED_BYTES, measured on the H200);
+    else the default."""
+    if gpu is not None:
+        measured = _figure(gpu.name, True)
+        if measured is not None:
+            return measured
+        fresh = _figure(gpu.name, False)
+        if fresh is not None:
+            return ContextFigure(fresh.bytes + KERNELS_LOADED_BYTES,
+                                 f"{fresh.bytes // MiB} MiB when the context is created ({fresh.source}) + "
+                                 f"{KERNELS_LOADED_BYTES // MiB} MiB of kernels a QLoRA step loads (measured on "
+                                 "an H200: after the steps less at creation)", gpu=fresh.gpu, after_step=True)
+    return DEFAULT_CONTEXT
+
 
 # c10/cuda/CUDACachingAllocator.cpp: allocations above kSmallSize (1 MiB) come from the large
 # pool; requests under kMinLargeAlloc (10 MiB) get a kLargeBuffer (20 MiB) segment, larger ones
