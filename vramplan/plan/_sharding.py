@@ -253,7 +253,6 @@ class Splits:
     root_adapters: int
     root_gradients: int
     layers: int                    # decoder layers: FSDP units besides the root
-    largest_param: int             # bytes of the largest single parameter (a ZeRO-3 module gather)
     persistent_weights: int        # ZeRO-3: parameters at or under param_persistence_threshold
     # DeepSpeed view of the trainable parameters (16-bit after the engine's cast)
     ds_trainable: int              # trainable parameters in the DeepSpeed dtype
@@ -302,15 +301,7 @@ def splits(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int = DS_P
     unit_w, unit_a, unit_g = max(kinds.values(), key=lambda u: (u[0] + u[1], u[2]))
     L = spec.layers
     optimizer = full.optimizer_state + full.paged_optimizer_state
-    # Largest single parameter: a ZeRO-3 module is gathered whole (embeddings / lm_head are the
-    # largest in most LLMs; quantized weights are gathered in their packed storage).
     wb = 4 if setup.prepare_kbit else setup.compute_bytes
-    candidates = [alloc(spec.vocab * spec.hidden * wb)]
-    for lin in spec.layer_linears:
-        candidates.append(layout(setup.quant, lin.in_features, lin.out_features, setup.double_quant).weight
-                          if setup.quantized else alloc(lin.numel * wb))
-    if spec.num_experts:
-        candidates.append(alloc(spec.num_experts * 2 * spec.expert_width * spec.hidden * wb))
     # Norm weights (hidden elements) and biases are under the ZeRO-3 persistence threshold.
     small = [(spec.hidden, spec.layers * spec.arch.norms_per_layer + 1)]
     small += [(lin.out_features, spec.count(lin)) for lin in spec.layer_linears if lin.bias]
@@ -328,7 +319,7 @@ def splits(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int = DS_P
         gradients=full.gradients, optimizer_state=optimizer,
         unit_weights=unit_w, unit_adapters=unit_a, unit_gradients=unit_g,
         root_weights=full.weights - sum(u[0] for u in units), root_adapters=full.adapters - sum(u[1] for u in units),
-        root_gradients=full.gradients - sum(u[2] for u in units), layers=L, largest_param=max(candidates),
+        root_gradients=full.gradients - sum(u[2] for u in units), layers=L,
         persistent_weights=persistent,
         ds_trainable=ds_trainable, ds_trainable_persistent=ds_persistent,
         ds_master=master, ds_optimizer=ds_optimizer, ds_elem=ds_elem,
