@@ -50,7 +50,8 @@ def _parallel_flags(p: argparse.ArgumentParser, lists: bool) -> None:
                    help="number of GPUs = data-parallel ranks (default 1)" + ("; comma-separated" if lists else ""))
     p.add_argument("--strategy", default=None,
                    help="single | ddp | fsdp | fsdp_grad_op | zero2 | zero3 (default: single for 1 GPU, ddp above)")
-    p.add_argument("--offload", default="none", help="none | cpu: FSDP CPUOffload, ZeRO offload_optimizer (+ offload_param for zero3)")
+    p.add_argument("--offload", default=None,
+                   help="none | cpu: FSDP CPUOffload, ZeRO offload_optimizer (+ offload_param for zero3); default none")
 
 
 NAMES = ("plan", "sweep")   # the commands register() adds
@@ -62,6 +63,9 @@ def register(subparsers, setup_flags_parent) -> None:
                               description="What fits on a GPU, per GPU under DDP / FSDP / DeepSpeed ZeRO. --gpu also "
                                           "takes 'all' (every catalog GPU: fits? headroom).")
     _parallel_flags(p, lists=False)
+    p.add_argument("--deepspeed", metavar="CONFIG",
+                   help="a DeepSpeed config JSON: its ZeRO stage, offload, buckets and stage-3 gathering settings "
+                        "(\"auto\" as the HF Trainer fills it) for --gpus ranks")
     p.add_argument("--grid-batch", help="batch values of the grid, e.g. 1,2,4,8 (default: powers of two)")
     p.add_argument("--grid-seq", help="sequence lengths of the grid, e.g. 512,2048,8192 (default: powers of two)")
     p.add_argument("--tight", type=float, default=0.05,
@@ -98,9 +102,15 @@ def cmd_plan(args) -> int:
     seqs = parse_list("--grid-seq", args.grid_seq) if args.grid_seq else None
     if args.gpu is None:
         raise UsageError("plan needs a GPU", hint="e.g. --gpu 24GB, --gpu A100-80GB, or --gpu all")
-    result = plan(args.model, setup_from_args(args), args.gpu, gpus=args.gpus, strategy=args.strategy,
-                  offload=args.offload, batches=batches, seqs=seqs, tight=args.tight, recommend=args.recommend,
-                  alloc_conf=alloc_conf_from_args(args))
+    model, parallel = args.model, None
+    if args.deepspeed:
+        from vramplan.core._models import resolve
+        from vramplan.plan._deepspeed_config import parallel_from_deepspeed
+        model = resolve(args.model)
+        parallel = parallel_from_deepspeed(args.deepspeed, args.gpus, model, args.strategy, args.offload)
+    result = plan(model, setup_from_args(args), args.gpu, gpus=args.gpus, strategy=args.strategy,
+                  offload=args.offload or "none", parallel=parallel, batches=batches, seqs=seqs, tight=args.tight,
+                  recommend=args.recommend, alloc_conf=alloc_conf_from_args(args))
     if args.plot:
         from vramplan.render._plots import plot_plan  # this command's code loads only when it runs
         plot_plan(result, args.plot)
@@ -300,7 +310,7 @@ def cmd_sweep(args) -> int:
     base = make_setup(args.recipe, **given, **explicit)
     strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]
     df = sweep(args.model, args.gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
-               strategy=strategies, offload=parse_list("--offload", args.offload, str), tight=args.tight,
+               strategy=strategies, offload=parse_list("--offload", args.offload or "none", str), tight=args.tight,
                alloc_conf=alloc_conf_from_args(args), **axes)
     varying = [c for c in (*axes, "gpus", "strategy", "offload") if df[c].nunique() > 1]
     if args.csv:

@@ -1,0 +1,97 @@
+"""A DeepSpeed config file as the per-GPU plan's Parallel: `zero_optimization`'s stage, offload,
+buckets and ZeRO-3 gathering settings (docs/allocator.md#zero-3-gathering), with the HF Trainer's
+"auto" values resolved from the model's hidden size as transformers does
+(transformers/integrations/deepspeed.py HfTrainerDeepSpeedConfig.trainer_config_finalize:
+reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = int(0.9 * hidden^2),
+stage3_param_persistence_threshold = 10 * hidden). Settings it does not read are left to the
+engine's defaults; settings it cannot model are refused, not ignored.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vramplan.core._errors import UsageError
+from vramplan.core._models import ModelSpec
+from vramplan.plan._sharding import Parallel
+
+STAGES = {2: "zero2", 3: "zero3"}
+HINT = "see https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training-enhancements"
+
+
+def parallel_from_deepspeed(path: str | Path, gpus: int, spec: ModelSpec, strategy: str | None = None,
+                            offload: str | None = None) -> Parallel:
+    """The Parallel of a DeepSpeed config file for `gpus` ranks of `spec`. `strategy` / `offload`
+    given on the command line must agree with the file."""
+    name = str(path)
+    try:
+        config = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read the DeepSpeed config {name}: {exc.strerror or exc}",
+                         hint="give the path of the JSON file passed to deepspeed / TrainingArguments(deepspeed=...)"
+                         ) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"the DeepSpeed config {name} is not JSON: {str(exc).splitlines()[0]}",
+                         hint="DeepSpeed reads a JSON file; check it with `python -m json.tool`") from None
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    if not isinstance(zero, dict):
+        raise UsageError(f"the DeepSpeed config {name} has no zero_optimization section",
+                         hint="vramplan plans ZeRO-2 and ZeRO-3 runs: " + HINT)
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in STAGES:
+        raise UsageError(f"the DeepSpeed config {name} sets zero_optimization.stage {stage!r}",
+                         hint="vramplan plans stage 2 and stage 3")
+    found = STAGES[stage]
+    if strategy is not None and Parallel(gpus, strategy).strategy != found:
+        raise UsageError(f"--strategy {strategy} contradicts {name} (zero_optimization.stage {stage})",
+                         hint="drop --strategy: the config decides it")
+    kind = _offload(zero, found, name)
+    if offload is not None and offload != kind:
+        raise UsageError(f"--offload {offload} contradicts {name} (offload {kind})",
+                         hint="drop --offload: the config decides it")
+    hidden = spec.hidden
+    fields = {"reduce_bucket_size": _count(zero, "reduce_bucket_size", hidden * hidden, name)}
+    if found == "zero3":
+        fields["prefetch_bucket_size"] = _count(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden * hidden), name)
+        fields["param_persistence_threshold"] = _count(zero, "stage3_param_persistence_threshold", 10 * hidden, name)
+        fields["max_live_parameters"] = _count(zero, "stage3_max_live_parameters", None, name)
+        fields["max_reuse_distance"] = _count(zero, "stage3_max_reuse_distance", None, name)
+    overlap = zero.get("overlap_comm")
+    if overlap is not None and not isinstance(overlap, bool):
+        raise UsageError(f"zero_optimization.overlap_comm in {name} is {overlap!r}", hint="true or false")
+    return Parallel(gpus, found, kind, overlap_comm=overlap, **{k: v for k, v in fields.items() if v is not None})
+
+
+def _offload(zero: dict, strategy: str, name: str) -> str:
+    """"cpu" where the config offloads what vramplan's offload means for the engine (ZeRO-2: the
+    optimizer; ZeRO-3: the optimizer and the parameters), "none" where it offloads nothing."""
+    devices = {}
+    for key in ("offload_optimizer", "offload_param"):
+        section = zero.get(key)
+        device = section.get("device", "none") if isinstance(section, dict) else "none"
+        if device not in ("none", "cpu", None):
+            raise UsageError(f"{name} offloads {key} to {device!r}", hint="vramplan models offload to the CPU only")
+        devices[key] = device or "none"
+    wanted = ("offload_optimizer",) if strategy == "zero2" else ("offload_optimizer", "offload_param")
+    if strategy == "zero2" and devices["offload_param"] != "none":
+        raise UsageError(f"{name} sets offload_param under ZeRO-2", hint="DeepSpeed offloads parameters at stage 3 only")
+    states = {devices[key] for key in wanted}
+    if len(states) > 1:
+        raise UsageError(f"{name} offloads {'the optimizer' if devices['offload_optimizer'] == 'cpu' else 'the parameters'}"
+                         " but not the other: not modelled",
+                         hint="vramplan's ZeRO-3 offload moves both the optimizer and the parameters to the CPU")
+    return states.pop()
+
+
+def _count(zero: dict, key: str, auto: int | None, name: str) -> int | None:
+    """A whole number of elements: an int, a float such as 1e9, or "auto" (the HF Trainer's value);
+    None where the key is absent (the engine's default)."""
+    value = zero.get(key)
+    if value is None:
+        return None
+    if value == "auto" and auto is not None:
+        return auto
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
+        raise UsageError(f"zero_optimization.{key} in {name} is {value!r}", hint="a whole number of elements, e.g. 5e8"
+                         + (' or "auto"' if auto is not None else ""))
+    return int(value)
