@@ -301,16 +301,26 @@ def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live
 def gathered_at_moments(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, elem: int,
                         reuse_distance: int, prefetch_bucket: int, max_live: int) -> dict[str, tuple[int, int]]:
     """Per estimator moment, the (frozen, trainable) bytes gathered at the call of its span where
-    their sum is largest; the optimizer step holds none (release_and_reset_all)."""
-    return _gathered(spec, setup.with_(batch=1, seq=1), persistence_threshold, elem, reuse_distance, prefetch_bucket,
-                     max_live)
+    their sum is largest; the optimizer step holds none (release_and_reset_all). Cached by what
+    the module trace depends on (the planner asks for setups that differ elsewhere)."""
+    key = (spec, trace_fields(setup), persistence_threshold, elem, reuse_distance, prefetch_bucket, max_live)
+    found = _GATHERED.get(key)
+    if found is None:
+        if len(_GATHERED) >= 64:
+            _GATHERED.clear()
+        trace = step_trace(spec, setup.with_(batch=1, seq=1), persistence_threshold, elem)
+        after = replay(trace, reuse_distance, prefetch_bucket, max_live)
+        found = {name: max(after[start:end], key=sum) for name, (start, end) in trace.spans.items()}
+        found["optimizer"] = (0, 0)
+        _GATHERED[key] = found
+    return dict(found)
 
 
-@lru_cache(maxsize=64)
-def _gathered(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, elem: int, reuse_distance: int,
-              prefetch_bucket: int, max_live: int) -> dict[str, tuple[int, int]]:
-    trace = step_trace(spec, setup, persistence_threshold, elem)
-    after = replay(trace, reuse_distance, prefetch_bucket, max_live)
-    out = {name: max(after[start:end], key=sum) for name, (start, end) in trace.spans.items()}
-    out["optimizer"] = (0, 0)
-    return out
+_GATHERED: dict = {}
+
+
+def trace_fields(setup: TrainSetup) -> tuple:
+    """The fields of a setup step_trace reads: which parameters train, how 4-bit weights are
+    stored, which linears carry LoRA, and whether layers are checkpointed."""
+    return (setup.method, setup.quantized and setup.quant, setup.quantized and setup.double_quant,
+            setup.uses_adapters and setup.targets, setup.uses_adapters and setup.rank, setup.grad_ckpt)
