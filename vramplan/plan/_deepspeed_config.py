@@ -63,8 +63,9 @@ def parallel_from_deepspeed(path: str | Path, gpus: int, spec: ModelSpec, strate
 
 
 def _offload(zero: dict, strategy: str, name: str) -> str:
-    """"cpu" where the config offloads what vramplan's offload means for the engine (ZeRO-2: the
-    optimizer; ZeRO-3: the optimizer and the parameters), "none" where it offloads nothing."""
+    """The Parallel offload: "cpu" where the config offloads what that means for the engine
+    (ZeRO-2: the optimizer; ZeRO-3: the optimizer and the parameters), "none" where it offloads
+    nothing."""
     devices = {}
     for key in ("offload_optimizer", "offload_param"):
         section = zero.get(key)

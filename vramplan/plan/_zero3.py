@@ -23,12 +23,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict, deque
-from functools import lru_cache
 
 from vramplan.core._models import ModelSpec
 from vramplan.core._record import record
 from vramplan.core._setup import TrainSetup
-from vramplan.estimate._inventory import lora_shapes, numel
+from vramplan.estimate._inventory import adapted_linears, lora_shapes, numel
 from vramplan.estimate._quant import alloc, layout
 
 # deepspeed/runtime/zero/config.py DeepSpeedZeroConfig: stage3_max_live_parameters and
@@ -69,21 +68,21 @@ class _Node:
     grad: bool = True
 
 
-def _linear(setup: TrainSetup, lin, prefix: str, make) -> _Node:
-    """An nn.Linear (or bitsandbytes Linear4bit), or peft's LoRA Linear around it: base_layer,
-    lora_dropout, lora_A, lora_B (peft/tuners/lora/layer.py Linear.forward)."""
+def _linear(setup: TrainSetup, lin, prefix: str, make, adapted: frozenset) -> _Node:
+    """An nn.Linear (or bitsandbytes Linear4bit), or, where `adapted` names it (the linears peft
+    wraps: inventory.adapted_linears), peft's LoRA Linear around it: base_layer, lora_dropout,
+    lora_A, lora_B (peft/tuners/lora/layer.py Linear.forward)."""
     frozen = setup.uses_adapters
     ids = (make(lin.numel, frozen, lin),) + ((make(lin.out_features, frozen),) if lin.bias else ())
-    targets = set(setup.targets) if setup.uses_adapters else set()
     name = prefix + lin.name
-    if not ("all-linear" in targets or lin.leaf in targets):
+    if lin.name not in adapted:
         return _Node(name, ids)
     a, b = (make(numel(shape), False) for shape in lora_shapes(lin, setup.rank))
     return _Node(name, (), (_Node(name + ".base_layer", ids), _Node(name + ".lora_dropout", ()),
                             _Node(name + ".lora_A", (a,)), _Node(name + ".lora_B", (b,))))
 
 
-def _layer(spec: ModelSpec, setup: TrainSetup, i: int, make) -> _Node:
+def _layer(spec: ModelSpec, setup: TrainSetup, i: int, make, adapted: frozenset) -> _Node:
     """Decoder layer i in LlamaDecoderLayer's order: a norm, the attention's projections, the
     other norms, then the MLP (gate, act_fn, up, down; a MoE layer's experts after its router)."""
     prefix = f"model.layers.{i}."
@@ -93,7 +92,7 @@ def _layer(spec: ModelSpec, setup: TrainSetup, i: int, make) -> _Node:
     for lin in spec.layer_linears:
         if lin.where != "all" and dense != (lin.where == "dense"):
             continue
-        node = _linear(setup, lin, prefix, make)
+        node = _linear(setup, lin, prefix, make, adapted)
         (attn if lin.name.startswith(("self_attn.", "attn.", "attention.")) else mlp).append(node)
     if len(mlp) == 3 and mlp[0].name.endswith("gate_proj"):
         mlp.insert(1, _Node(prefix + "mlp.act_fn", ()))
@@ -106,7 +105,6 @@ def _layer(spec: ModelSpec, setup: TrainSetup, i: int, make) -> _Node:
     return _Node(prefix.rstrip("."), (), tuple(children))
 
 
-@lru_cache(maxsize=64)
 def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, elem: int) -> StepTrace:
     """The coordinator's view of one step of `setup` (batch and seq do not matter) with 16-bit
     parameters of `elem` bytes (the engine's cast; a 4-bit weight's packed storage is of that
@@ -125,7 +123,8 @@ def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, e
 
     base_frozen = setup.uses_adapters
     embed = (make(spec.vocab * spec.hidden, base_frozen),)
-    layers = [_layer(spec, setup, i, make) for i in range(spec.layers)]
+    adapted = frozenset(lin.name for lin in adapted_linears(spec, setup))
+    layers = [_layer(spec, setup, i, make, adapted) for i in range(spec.layers)]
     norm = (make(spec.hidden, base_frozen),)
     head = embed if spec.tied else (make(spec.vocab * spec.hidden, base_frozen),)
     decoder = _Node("model", (), (_Node("model.embed_tokens", embed), _Node("model.rotary_emb", (), grad=False),
