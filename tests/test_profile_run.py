@@ -80,6 +80,8 @@ def test_cpu_run_is_a_complete_record(qlora_run):
     assert record.error["device_total"] is None and record.error["allocated"] is not None
     assert record.tolerance["allocated"] >= max(0.03, abs(record.error["allocated"]) + 0.01 - 1e-9)
     assert record.environment["torch"] and record.environment["gpu"] is None
+    # plain values only: the CLI process unpickles them, and a TorchVersion would import torch there
+    assert {type(v) for v in record.environment.values()} <= {str, int, float, bool, dict, type(None)}
 
 
 def test_cpu_run_agrees_with_simulate_on_the_cpu(qlora_run, tiny):

@@ -174,8 +174,10 @@ class Run:
         import transformers
 
         torch = self.torch
+        # plain values only: the parent unpickles them, and a TorchVersion (torch.__version__) would
+        # make it import torch (about 1.5 s of CPU beside the child's own imports)
         env = {"python": platform.python_version(), "platform": platform.platform(),
-               "torch": torch.__version__, "transformers": transformers.__version__,
+               "torch": str(torch.__version__), "transformers": str(transformers.__version__),
                "peft": _version("peft"), "bitsandbytes": _version("bitsandbytes"),
                "nvidia-ml-py": _version("nvidia-ml-py"), "vramplan": _vramplan_version(),
                "device": str(self.device), "cuda": torch.version.cuda,
