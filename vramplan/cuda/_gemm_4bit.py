@@ -12,10 +12,19 @@ from vramplan.cuda._arch import ASSUMED, CudaArch
 # rows it always runs the fused kernel.
 GEMM_4BIT_CUSTOM_MAX_M = 1536
 GEMM_4BIT_CUSTOM_FLOOR_M = 4
+# BitsAndBytesConfig / Linear4bit default blocksize (bnb_4bit_blocksize): elements per absmax
+# (docs/bitsandbytes.md); the estimate's 4-bit layout (estimate/_quant.py) reads it from here
 BLOCKSIZE = 64
 
 DTYPES = ("bf16", "fp16", "fp32")
 FP32 = 4
+
+
+def dequantized_absmax_bytes(numel: int) -> int:
+    """Bytes of the float32 absmax a nested (double-quantized) 4-bit weight of `numel` elements
+    is dequantized to before its weight (bitsandbytes functional.py dequantize_4bit, and
+    _dequant_linear_fallback below): one float per BLOCKSIZE-element block."""
+    return FP32 * -(-numel // BLOCKSIZE)
 
 
 def fallback_buffers(numel: int, nested: bool, input_bytes: int) -> tuple[int, ...]:
@@ -24,7 +33,7 @@ def fallback_buffers(numel: int, nested: bool, input_bytes: int) -> tuple[int, .
     (its locals): with nested absmax, `absmax_dq = torch.empty_like(absmax_8bit, float32)` and
     `absmax = absmax_dq + absmax_offset` (a new float32 tensor), one float per 64-element block
     each; then `B_dq = torch.empty(shapeB, dtype=A.dtype)`, the whole weight in the input's dtype."""
-    absmax = FP32 * -(-numel // BLOCKSIZE)
+    absmax = dequantized_absmax_bytes(numel)
     return ((absmax, absmax) if nested else ()) + (numel * input_bytes,)
 
 

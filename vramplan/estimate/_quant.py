@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from vramplan.core._record import record
 from vramplan.core._units import round_up
+from vramplan.cuda._gemm_4bit import BLOCKSIZE, dequantized_absmax_bytes
 
 BLOCK = 512                 # CUDA caching allocator granularity
-BLOCKSIZE_4BIT = 64         # BitsAndBytesConfig / Linear4bit default blocksize
+BLOCKSIZE_4BIT = BLOCKSIZE  # BitsAndBytesConfig / Linear4bit default blocksize (cuda/_gemm_4bit.py)
 BLOCKSIZE_NESTED = 256      # quantize_blockwise default used for double quantization
 CODE_4BIT_ENTRIES = 16      # nf4 / fp4 code book
 CODE_DYNAMIC_ENTRIES = 256  # create_dynamic_map()
@@ -87,5 +88,5 @@ def dequant_temporary(quant: str, in_features: int, out_features: int, double_qu
     """
     weight = alloc(in_features * out_features * compute_bytes)
     if quant != "int8" and double_quant:
-        weight += alloc(4 * blocks(in_features * out_features, BLOCKSIZE_4BIT))
+        weight += alloc(dequantized_absmax_bytes(in_features * out_features))
     return weight
