@@ -51,7 +51,7 @@ def _capacities(ref) -> list:
 
 def _lumped(spec, setup, fsdp=None):
     static = static_memory(spec, setup)
-    program = compiled(spec, setup, static, exact_layers=reserved.exact_layers_for(setup), fsdp=fsdp)
+    program = compiled(spec, setup, static, exact_layers=reserved.exact_layers_for(setup, fsdp=fsdp is not None), fsdp=fsdp)
     sizes = program.sizes(setup)
     return program, sizes, program.stream(sizes, lump_small=True)
 

@@ -37,35 +37,41 @@ def capped_is_uncapped(alloc_conf) -> bool:
     return covers(conf_of(alloc_conf))
 
 
-# Decoder layers played event by event at each end of the stack; the layers between play only what
-# they leave alive (events.step_stream exact_layers). Against every event of every layer, peak
-# reserved moves by at most 2.5% on the setups of docs/allocator.md#reduced-detail, for a fifth
-# of the replay time on Llama-2-70B.
+# Decoder layers whose backward is played event by event at each end of the stack; the backward
+# of the layers between plays only what it leaves alive (events.step_stream exact_layers). Every
+# layer's forward is played event by event (exact_layers_for).
 EXACT_LAYERS = 4
 
 
-def exact_layers_for(setup: TrainSetup, conf: AllocConf | None = None) -> int | tuple | None:
-    """How many layers at each end the replay plays event by event (None: every layer; a pair:
-    the forward's and the backward's, events.step_stream).
-    Checkpointed eager attention recomputes seq x seq scores in every layer's backward, and
-    there the reduced detail drifts: against simulate on catalog shapes, Llama-2-7B qlora
-    4x2048 is +12.6% and Llama-2-13B -10.8%, where every layer replayed is within 0.5%
-    (docs/allocator.md#reduced-detail). Those setups replay every layer.
-    Checkpointed layers under autocast drift in their forward: where each layer's saved input
-    lands among its transients moves whole segments (recipes trainer / trl-sft / qlora-paper,
-    QLoRA 4x2048 on Llama-2 7B-70B: -2.2% to -7.4% against simulate; every layer's forward
-    played: -1.8% to +2.6%, the same figures as every event of every layer). A plain loop's
-    logits, alive through the next forward (TrainSetup.outputs_outlive_step), do the same: recipe
-    `plain`, 28 setups of benchmarks/agreement-recipes.md, mean |error| 0.74% (max 3.3%: Llama-2-7B
-    and Mistral-7B QLoRA 4x2048) against simulate, 0.44% (max 2.0%) with every layer's forward
-    played (docs/allocator.md#reduced-detail). Those setups play every layer's forward and the
-    backward of EXACT_LAYERS at each end.
-    Under expandable segments peak reserved is how far each pool's one segment has grown, so one
-    block the middle layers would have placed higher moves it: on benchmarks/reserved_detail.py's
-    setups the reduced detail is -6.2% .. +0.3% of every layer played (Qwen3-8B QLoRA 4 x 1024,
-    Llama-3-8B 1 x 4096), and on Llama-3-8B QLoRA 1 x 2048, measured on an H200 at 10.652 GiB
-    reserved, it gives 10.145 GiB where every layer gives 10.633 (docs/allocator.md#reduced-detail).
-    Those settings replay every layer (0.1 s for 8B, 0.4 s for 70B)."""
+def exact_layers_for(setup: TrainSetup, conf: AllocConf | None = None, fsdp: bool = False) -> int | tuple | None:
+    """How much of the step the replay plays event by event (events.step_stream exact_layers: a
+    pair is the forward's and the backward's; None: every layer): every layer's forward, and the
+    backward of EXACT_LAYERS layers at each end, for every setup and every allocator setting.
+    Why the forward in full (docs/allocator.md#reduced-detail): where each layer's saved tensors
+    land among its forward's transients is what moves whole segments, and a middle layer that
+    plays only what it keeps lands them elsewhere. With only EXACT_LAYERS layers at each end
+    played in full, peak reserved was 0.88% from simulate on average over the 664 setups of
+    benchmarks/agreement.md (632 within 3%) and 1.02% (median; mean 1.51%) from the 49 H200
+    records of profiles/h200; with every forward played, 0.63% (644 within 3%) and 0.42% (mean
+    1.04%), the same as every event of every layer (within 0.05% on benchmarks/reserved_detail.py's
+    setups, expandable segments included), for half its replay time (Llama-2-70B QLoRA 1 x 2048:
+    40 ms against 88 ms; 15 ms with EXACT_LAYERS at each end only). Playing the backward's middle
+    layers as well moved no figure above by more than 0.05%.
+    One GPU of FSDP (`fsdp`) keeps its own detail (fsdp_detail)."""
+    if fsdp:
+        return fsdp_detail(setup, conf)
+    return None, EXACT_LAYERS
+
+
+def fsdp_detail(setup: TrainSetup, conf: AllocConf | None = None) -> int | tuple | None:
+    """The detail of one GPU's FSDP replay (docs/allocator.md#fsdp-reduced-detail): EXACT_LAYERS
+    layers at each end, forward and backward. Against Answer.AI's 15 published FSDP runs (torch
+    2.2, tests/test_sharding.py) that is -6.9% .. +7.7% on peak reserved where every forward
+    played is -10.1% .. +15.9%; those runs cannot tell which is nearer their allocator, and no
+    per-GPU trace of a real FSDP run is bundled. Where the single-GPU replay played every layer
+    before its forward was played in full everywhere, so does this: expandable segments and
+    checkpointed eager attention (every layer), checkpointed layers under autocast or with a plain
+    loop's outputs alive (every forward; docs/allocator.md#reduced-detail)."""
     if conf is not None and conf.expandable_segments:
         return None
     if setup.grad_ckpt and setup.attn == "eager":
@@ -80,7 +86,7 @@ def _cached(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, 
             capacity: int | None, fsdp, ddp=None, zero=None) -> ReservedPeak:
     from vramplan.estimate._events import compiled, place_of
 
-    program = compiled(spec, setup, static, arch, exact_layers=exact_layers_for(setup, conf), fsdp=fsdp, ddp=ddp,
+    program = compiled(spec, setup, static, arch, exact_layers=exact_layers_for(setup, conf, fsdp is not None), fsdp=fsdp, ddp=ddp,
                        zero=zero)
     sizes = program.sizes(setup)
     if covers(conf):
