@@ -314,8 +314,8 @@ class _Ops:
 
     # --- attention ------------------------------------------------------------------------------
     def rope(self, x: str, width: int, name: str) -> str:
-        """apply_rotary_pos_emb: x * cos + cat(-x2, x1) * sin. cos/sin need no grad, so x is not
-        saved; the products and the cat are transients; backward mirrors them."""
+        """apply_rotary_pos_emb: x * cos + cat(-x2, x1) * sin, op by op (default layout below;
+        docs/peft-transformers.md#rotary-embedding). cos/sin need no grad, so nothing is saved."""
         a, T = self.a, self.T
         out = f"{name}.rot"
         xb = self.bytes_of.get(x, a)
@@ -334,9 +334,22 @@ class _Ops:
             self.op(f"{name}.rope", [x], [self.t(out, a * T * width)], grads=((x, a * T * width),),
                     work=2 * alloc(a * T * width // 2), work_tag=ACT, bwd_work=2 * alloc(a * T * width // 2))
             return out
-        self.op(f"{name}.rope", [x], [self.t(out, a * T * width)], grads=((x, a * T * width),),
-                work=alloc(a * T * width) * 2 + alloc(a * T * width // 2), work_tag=ACT,
-                bwd_work=alloc(a * T * width) * 2, )
+        # transformers' apply_rotary_pos_emb, op by op: q * cos, then rotate_half(q) (its two halves
+        # are slices, views; -x2 and the cat are new tensors), * sin, and the sum. Backward follows
+        # autograd's nodes: the sum passes its gradient on; MulBackward0 multiplies by sin (cat's
+        # backward slices it, views); NegBackward0 makes half a width, each SliceBackward0 a whole
+        # zero-filled width, summed into x's gradient with MulBackward0's by cos
+        # (docs/peft-transformers.md#rotary-embedding)
+        full, half = a * T * width, a * T * (width // 2)
+        self.op(f"{name}.rope_cos", [x], [self.t(f"{name}.xc", full)], grads=((x, full),))
+        self.op(f"{name}.rope_x1", [x], [self.t(f"{name}.x1", 0)], grads=((x, full),))
+        self.op(f"{name}.rope_x2", [x], [self.t(f"{name}.x2", 0)], grads=((x, full),))
+        self.op(f"{name}.rope_neg", [f"{name}.x2"], [self.t(f"{name}.neg", half)], grads=((f"{name}.x2", half),))
+        self.op(f"{name}.rope_cat", [f"{name}.neg", f"{name}.x1"], [self.t(f"{name}.cat", full)],
+                grads=((f"{name}.neg", 0), (f"{name}.x1", 0)))
+        self.op(f"{name}.rope_sin", [f"{name}.cat"], [self.t(f"{name}.xs", full)], grads=((f"{name}.cat", full),))
+        self.op(f"{name}.rope", [f"{name}.xc", f"{name}.xs"], [self.t(out, full)],
+                grads=((f"{name}.xc", 0), (f"{name}.xs", 0)))
         return out
 
     def rope_interleave(self, x: str, width: int, name: str) -> str:
@@ -531,8 +544,9 @@ class _Ops:
             rep = H // spec.kv_heads
             S = b * H * seq * seq
             keep_k = keep_v = ()
-            if spec.arch.rope_complex and not self.single:
-                # Llama 4's q and k are `.transpose(1, 2)` views of (b, s, heads, hd): matmul's
+            if not self.single:
+                # q and k are laid out as (b, s, heads, hd) seen through `.transpose(1, 2)` (Llama 4's
+                # are those views; RoPE's products keep their inputs' layout): matmul's
                 # reshape to (b * H, s, hd) for bmm (aten matmul: expand + reshape) cannot merge
                 # b and H in a view unless b is 1, so it copies q (and k when repeat_kv does not);
                 # bmm saves the copies, the reshape's backward passes the gradient through
@@ -550,7 +564,8 @@ class _Ops:
                 self.op("attn.v_rep", [v], [self.t("attn.vr", size)], grads=((v, a * T * kvw),))
                 keep_k, keep_v = ((k,), (v,)) if self.kv_view else ((), ())
                 k, v = "attn.kr", "attn.vr"
-            # eager q/k/v are made contiguous for bmm: q is already, k^T is a view
+            # bmm reads q and k^T as copied above (batch > 1) or as views (batch 1, or k after
+            # repeat_kv's copy)
             self.op("attn.qk", [q, k, *keep_k], [self.t("attn.s", a * S)], saves=(q, k, *keep_k),
                     grads=((q, a * T * qw), (k, a * T * qw)), blas=BLAS)
             self.op("attn.scale", ["attn.s"], [self.t("attn.s2", a * S)], grads=(("attn.s", a * S),))
