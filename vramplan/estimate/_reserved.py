@@ -55,7 +55,7 @@ def exact_layers_for(setup: TrainSetup, conf: AllocConf | None = None, fsdp: boo
     records of profiles/h200; with every forward played, 0.63% (644 within 3%) and 0.42% (mean
     1.04%), the same as every event of every layer (within 0.05% on benchmarks/reserved_detail.py's
     setups, expandable segments included), for half its replay time (Llama-2-70B QLoRA 1 x 2048:
-    40 ms against 88 ms; 15 ms with EXACT_LAYERS at each end only). Playing the backward's middle
+    39 ms against 88 ms; 15 ms with EXACT_LAYERS at each end only). Playing the backward's middle
     layers as well moved no figure above by more than 0.05%.
     One GPU of FSDP (`fsdp`) keeps its own detail (fsdp_detail)."""
     if fsdp:
