@@ -21,7 +21,6 @@ from vramplan.core._units import round_up
 from vramplan.cuda._gemm_4bit import BLOCKSIZE, dequantized_absmax_bytes
 
 BLOCK = 512                 # CUDA caching allocator granularity
-BLOCKSIZE_4BIT = BLOCKSIZE  # BitsAndBytesConfig / Linear4bit default blocksize (cuda/_gemm_4bit.py)
 BLOCKSIZE_NESTED = 256      # quantize_blockwise default used for double quantization
 CODE_4BIT_ENTRIES = 16      # nf4 / fp4 code book
 CODE_DYNAMIC_ENTRIES = 256  # create_dynamic_map()
@@ -50,7 +49,7 @@ def blocks(n: int, blocksize: int) -> int:
 
 def layout_4bit(numel: int, double_quant: bool) -> QuantLayout:
     """One Linear4bit weight of `numel` elements (nf4 and fp4 store the same bytes)."""
-    n_blocks = blocks(numel, BLOCKSIZE_4BIT)
+    n_blocks = blocks(numel, BLOCKSIZE)   # Linear4bit's default blocksize (cuda/_gemm_4bit.py)
     weight = alloc((numel + 1) // 2)
     code = alloc(4 * CODE_4BIT_ENTRIES)
     if not double_quant:

@@ -86,8 +86,8 @@ def _cached(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, 
             capacity: int | None, fsdp, ddp=None, zero=None) -> ReservedPeak:
     from vramplan.estimate._events import compiled, place_of
 
-    program = compiled(spec, setup, static, arch, exact_layers=exact_layers_for(setup, conf, fsdp is not None), fsdp=fsdp, ddp=ddp,
-                       zero=zero)
+    program = compiled(spec, setup, static, arch, exact_layers=exact_layers_for(setup, conf, fsdp is not None),
+                       fsdp=fsdp, ddp=ddp, zero=zero)
     sizes = program.sizes(setup)
     if covers(conf):
         # the small pool carried as its level, in one pass over the compiled stream (the same
