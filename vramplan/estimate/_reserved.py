@@ -53,7 +53,8 @@ def exact_layers_for(setup: TrainSetup, conf: AllocConf | None = None, fsdp: boo
     played in full, peak reserved was 0.88% from simulate on average over the 664 setups of
     benchmarks/agreement.md (632 within 3%) and 1.02% (median; mean 1.51%) from the 49 H200
     records of profiles/h200; with every forward played, 0.63% (644 within 3%) and 0.42% (mean
-    1.04%), the same as every event of every layer (within 0.05% on benchmarks/reserved_detail.py's
+    1.04%; before RoPE was made op by op, docs/allocator.md#reduced-detail has the figures since),
+    the same as every event of every layer (within 0.05% on benchmarks/reserved_detail.py's
     setups, expandable segments included), for half its replay time (Llama-2-70B QLoRA 1 x 2048:
     39 ms against 88 ms; 15 ms with EXACT_LAYERS at each end only). Playing the backward's middle
     layers as well moved no figure above by more than 0.05%.
