@@ -39,7 +39,7 @@ from vramplan.estimate._walk import ACT, BLAS, BWD_BLAS, Op, Tape, Tensor, WalkR
 from vramplan.estimate._inventory import (adapted_linears, embedding_bytes, expert_linears, experts_adapted,
                                          experts_quantized, rope_kinds, rope_width, weight_bytes)
 from vramplan.core._models import Linear, ModelSpec
-from vramplan.estimate._quant import alloc as alloc_bytes, dequant_temporary
+from vramplan.estimate._quant import alloc as alloc_bytes, dequant_buffers, dequant_temporary
 from vramplan.estimate import _llama4 as llama4, _symbolic as sym
 from vramplan.estimate._symbolic import alloc, variables
 from vramplan.core._setup import DTYPES, TrainSetup
@@ -63,6 +63,13 @@ def act_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
         return setup.compute_bytes
     return FP32
 
+
+
+def bmm_grads(self_grad: tuple, mat2_grad: tuple) -> tuple:
+    """The gradients of a batched matmul `self @ mat2` (eager and math attention's q @ k^T and
+    p @ v) in the order autograd makes them: mat2's first, then self's (torch generated
+    Functions.cpp BmmBackward0::apply). The order places the two in the caching allocator."""
+    return mat2_grad, self_grad
 
 class _Ops:
     """Collects the ops of one segment with helpers for the recurring blocks."""
@@ -162,10 +169,15 @@ class _Ops:
         o, i = lin.out_features, lin.in_features
         work = bwd_work = 0
         work_before: tuple = ()
+        bwd_before: tuple = ()
         if s.quantized and lin.name != "lm_head":
-            # backward: MatMul4Bit / MatMul8bitLt dequantize the weight (functional dequantize_4bit)
+            # backward: MatMul4Bit / MatMul8bitLt dequantize the weight (functional dequantize_4bit);
+            # MatMul4Bit's buffers before the input's gradient, in order (walk.Op.bwd_before)
             dq = dequant_temporary(s.quant, i, o, s.double_quant, s.compute_bytes)
-            bwd_work = alloc(dq)
+            if s.quant == "int8":
+                bwd_work = alloc(dq)
+            else:
+                bwd_before = dequant_buffers(s.quant, i, o, s.double_quant, s.compute_bytes)
             if s.quant == "int8":
                 # bnb int8_scaled_mm on CUDA: an int32 product, then fp16 (backends/cuda/ops.py)
                 work = alloc(4 * T * o) + alloc(2 * T * o) + alloc(T * i) + alloc(4 * T)
@@ -188,7 +200,7 @@ class _Ops:
             # (autograd/_functions.py) keeps its input A for backward as well
             full_saves = (x,) if self.full or (s.quantized and s.quant == "int8" and lin.name != "lm_head") else ()
             self.op(f"{name}.base", [x], [self.t(base, a * T * o)], saves=full_saves, grads=((x, a * T * i),),
-                    work=work, bwd_work=bwd_work, blas=blas, work_before=work_before,
+                    work=work, bwd_work=bwd_work, blas=blas, work_before=work_before, bwd_before=bwd_before,
                     param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0)
         if ob != self.a:   # bitsandbytes Linear4bit returns its input's dtype (nn/modules.py forward)
             self.bytes_of[base] = ob
@@ -417,7 +429,11 @@ class _Ops:
         qw, kvw = H * hd, spec.kv_heads * hd
         vin, ow = (H * dims[1], H * dims[1]) if dims else (kvw, qw)   # widths of v and of the output
         if self.use_rope and not dims and not rope_applied:  # SmolLM3's no-RoPE layers skip apply_rotary_pos_emb (attention.use_rope)
-            q, k = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
+            rotated = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
+            # apply_rotary_pos_emb(q, k, cos, sin) holds its arguments, the projections' outputs,
+            # until it returns both (docs/peft-transformers.md#rotary-embedding)
+            self.op("attn.rope_return", [q, k])
+            q, k = rotated
         if spec.arch.sinks:
             return self.eager_sinks(q, k, v)
         backend = sdpa_backend(spec, s, self.window, self.arch) if s.attn == "sdpa" else "eager"
@@ -497,7 +513,7 @@ class _Ops:
                 k, v = "attn.kr", "attn.vr"
             self.op("attn.k_scale", [k], [self.t("attn.ks", c * T * qw)], grads=((k, c * T * qw),))
             self.op("attn.qk", ["attn.qs", "attn.ks"], [self.t("attn.s", c * S)], saves=("attn.qs", "attn.ks"),
-                    grads=(("attn.qs", c * T * qw), ("attn.ks", c * T * qw)), blas=BLAS)
+                    grads=bmm_grads(("attn.qs", c * T * qw), ("attn.ks", c * T * qw)), blas=BLAS)
             self.op("attn.bias", ["attn.s", *masks, *bias], [self.t("attn.sb", c * S)], grads=(("attn.s", 0),))
             self.op("attn.softmax", ["attn.sb"], [self.t("attn.p", c * S)], saves=("attn.p",),
                     grads=(("attn.sb", c * S),))
@@ -507,7 +523,7 @@ class _Ops:
                 weights = ["attn.pw"]
             out = "attn.o32" if a != FP32 else "attn.o"
             self.op("attn.pv", ["attn.p", v], [self.t(out, c * T * qw)], saves=("attn.p", v),
-                    grads=(("attn.p", c * S), (v, c * T * qw)), blas=BLAS)
+                    grads=bmm_grads(("attn.p", c * S), (v, c * T * qw)), blas=BLAS)
             if a != FP32:
                 self.op("attn.o_cast", [out], [self.t("attn.o", a * T * qw)], grads=((out, c * T * qw),))
             # the kernel's locals live until it returns (aten _scaled_dot_product_attention_math:
@@ -567,7 +583,7 @@ class _Ops:
             # bmm reads q and k^T as copied above (batch > 1) or as views (batch 1, or k after
             # repeat_kv's copy)
             self.op("attn.qk", [q, k, *keep_k], [self.t("attn.s", a * S)], saves=(q, k, *keep_k),
-                    grads=((q, a * T * qw), (k, a * T * qw)), blas=BLAS)
+                    grads=bmm_grads((q, a * T * qw), (k, a * T * qw)), blas=BLAS)
             self.op("attn.scale", ["attn.s"], [self.t("attn.s2", a * S)], grads=(("attn.s", a * S),))
             scores = "attn.s2"
             if spec.attn_logit_softcap:  # Gemma2: tanh(scores / cap) * cap, tanh saves its output
@@ -605,7 +621,7 @@ class _Ops:
                 self.op("attn.v_copy", [v], [self.t("attn.vc", a * T * vin)], grads=((v, 0),))
                 v = "attn.vc"
             self.op("attn.pv", [probs, v, *keep_v], [self.t("attn.o", a * T * ow)], saves=(probs, v, *keep_v),
-                    grads=((probs, a * S), (v, a * T * (vin if dims else qw))), blas=BLAS)
+                    grads=bmm_grads((probs, a * S), (v, a * T * (vin if dims else qw))), blas=BLAS)
         if backend in ("flash", "efficient"):
             # the fused kernels lay the output out as (b, s, H, hd): transformers'
             # transpose(1, 2).contiguous() and reshape are free views
@@ -634,7 +650,7 @@ class _Ops:
             self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
             k, v = "attn.kr", "attn.vr"
         sinks = alloc(a * H) if self.full else 0
-        self.op("attn.qk", [q, k], [self.t("attn.s", a * S)], saves=(q, k), grads=((q, a * T * qw), (k, a * T * qw)),
+        self.op("attn.qk", [q, k], [self.t("attn.s", a * S)], saves=(q, k), grads=bmm_grads((q, a * T * qw), (k, a * T * qw)),
                 blas=BLAS)
         self.op("attn.scale", ["attn.s"], [self.t("attn.s2", a * S)], grads=(("attn.s", a * S),))
         self.op("attn.mask", ["attn.s2"], [self.t("attn.sm", a * S)], grads=(("attn.s2", 0),))
@@ -649,7 +665,7 @@ class _Ops:
                 grads=(("attn.cc", a * S1),))
         self.op("attn.slice", ["attn.p", "attn.sm"], [self.t("attn.pw", 0)], grads=(("attn.p", a * S1),))
         self.op("attn.pv", ["attn.pw", "attn.p", v], [self.t("attn.o", a * T * qw)], saves=("attn.p", v),
-                grads=(("attn.pw", a * S), (v, a * T * qw)), blas=BLAS)
+                grads=bmm_grads(("attn.pw", a * S), (v, a * T * qw)), blas=BLAS)
         self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * qw)], grads=(("attn.o", a * T * qw),))
         self.op("attn.return", ["attn.cc", "attn.of"])
         return "attn.of"

@@ -85,7 +85,15 @@ def dequant_temporary(quant: str, in_features: int, out_features: int, double_qu
     then writes the weight in the compute dtype: out x in x compute_bytes.
     int8: MatMul8bitLt.backward multiplies CB.to(dtype) by the scales: one weight in the compute dtype.
     """
-    weight = alloc(in_features * out_features * compute_bytes)
+    return sum(alloc(n) for n in dequant_buffers(quant, in_features, out_features, double_quant, compute_bytes))
+
+
+def dequant_buffers(quant: str, in_features: int, out_features: int, double_quant: bool,
+                    compute_bytes: int) -> tuple[int, ...]:
+    """The buffers of dequant_temporary one by one, in the order they are made: the float32
+    absmax (4-bit, nested: functional.py dequantize_4bit's `dequantize_blockwise(quant_state.absmax,
+    quant_state.state2)`), then the weight in the compute dtype."""
+    weight = in_features * out_features * compute_bytes
     if quant != "int8" and double_quant:
-        weight += alloc(dequantized_absmax_bytes(in_features * out_features))
-    return weight
+        return dequantized_absmax_bytes(in_features * out_features), weight
+    return (weight,)

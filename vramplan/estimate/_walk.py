@@ -57,6 +57,12 @@ class Op(NamedTuple):
     # buffers the forward op makes before its outputs, in order, freed once the outputs exist
     # (bitsandbytes' dequantize + F.linear: absmax, then the dequantized weight)
     work_before: tuple = ()
+    # buffers its backward makes before the input's gradient, in order: every one but the last is
+    # freed once the last exists, the last once the gradient exists (bitsandbytes MatMul4Bit.backward:
+    # `torch.matmul(grad_output, F.dequantize_4bit(B, ctx.state).to(grad_output.dtype).t())`, whose
+    # dequantize_4bit frees its float32 absmax as it returns the weight); made only when that
+    # gradient is (`if req_gradA`)
+    bwd_before: tuple = ()
 
 
 @record
@@ -342,6 +348,12 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
                 live.drop(name)
         if op.param_grads:
             live.add(f"pgrad:{op.name}", op.param_grads, GRAD)
+        before = [f"{op.name}.bwork{k}" for k in range(len(op.bwd_before))] if op.bwd_before and any(
+            name in requires for name, _n in op.grads) else []
+        for key, nbytes in zip(before, op.bwd_before):
+            live.add(key, nbytes, op.work_tag)
+        for key in before[:-1]:
+            live.drop(key)
         fresh = []
         for name, nbytes in op.grads:
             if name not in requires:
@@ -351,6 +363,8 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         if fresh or op.param_grads:    # a backward that computes a gradient: its matmuls run
             note_blas(op, 1, BWD_BLAS)
         live.mark(op.name + ".backward", op.bwd_work, op.work_tag)
+        if before:
+            live.drop(before[-1])
         for name, key in fresh:
             attach(name, key)
         for t in op.outputs:
