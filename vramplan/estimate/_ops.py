@@ -207,7 +207,12 @@ class _Ops:
         if lin.name not in self.adapted:
             return base
         r = s.rank
-        self.op(f"{name}.clone", [base], [self.t(f"{name}.res", ob * T * o)], grads=((base, 0),))
+        # peft 0.21 lora/bnb.py Linear4bit.forward clones the base output ("for 4bit, we need to
+        # defensively clone"); Linear8bitLt.forward and lora/layer.py Linear.forward do not
+        res = base
+        if (s.quantized and s.quant != "int8") or s.autocast:
+            res = f"{name}.res"
+            self.op(f"{name}.clone", [base], [self.t(res, ob * T * o)], grads=((base, 0),))
         if s.autocast:
             if ob != self.a:
                 self.bytes_of[f"{name}.res"] = ob
@@ -228,12 +233,20 @@ class _Ops:
         self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", FP32 * T * o)],
                 grads=((f"{name}.lb", FP32 * T * o),))
         lc = f"{name}.ls"
-        if a != FP32:
-            lc = f"{name}.lc"
-            self.op(f"{name}.uncast", [f"{name}.ls"], [self.t(lc, a * T * o)], grads=((f"{name}.ls", FP32 * T * o),))
         out = f"{name}.out"
-        self.op(f"{name}.add", [f"{name}.res", lc], [self.t(out, a * T * o)],
-                grads=((f"{name}.res", 0), (lc, 0)))
+        if not s.quantized and a != FP32:
+            # lora/layer.py Linear.forward: `result = result + lora_B(lora_A(dropout(x))) * scaling`
+            # promotes to float32 (autograd casts the base output's gradient back,
+            # validate_outputs), then `result = result.to(torch_result_dtype)`
+            self.op(f"{name}.add", [res, lc], [self.t(f"{name}.sum32", FP32 * T * o)], grads=((res, a * T * o), (lc, 0)))
+            self.op(f"{name}.to", [f"{name}.sum32"], [self.t(out, a * T * o)],
+                    grads=((f"{name}.sum32", FP32 * T * o),))
+        else:
+            if a != FP32:     # bnb.py: `output = output.to(expected_dtype)` before the sum
+                lc = f"{name}.lc"
+                self.op(f"{name}.uncast", [f"{name}.ls"], [self.t(lc, a * T * o)],
+                        grads=((f"{name}.ls", FP32 * T * o),))
+            self.op(f"{name}.add", [res, lc], [self.t(out, a * T * o)], grads=((res, 0), (lc, 0)))
         if a != FP32:
             # the cast input is peft's local `x` until forward returns, saved or not
             # (docs/peft-transformers.md#input-cast-and-base-output-clone)
@@ -628,7 +641,18 @@ class _Ops:
             return "attn.o"
         # eager / math: (b, H, s, hd) -> transpose(1, 2).contiguous() is a copy o_proj reads
         self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * ow)], grads=(("attn.o", a * T * ow),))
+        if backend == "eager":
+            self.eager_return()
         return "attn.of"
+
+    def eager_return(self) -> None:
+        """eager_attention_forward's locals `key_states` / `value_states`, repeat_kv's copies, live
+        until it returns, after the output's transpose copy (transformers models/llama/modeling_llama.py
+        eager_attention_forward)."""
+        made = {t.name for op in self.ops for t in op.outputs}
+        reps = [n for n in ("attn.kr", "attn.vr") if n in made]
+        if reps:
+            self.op("attn.eager_return", reps)
 
     def eager_sinks(self, q: str, k: str, v: str) -> str:
         """gpt-oss eager_attention_forward (models/gpt_oss/modeling_gpt_oss.py), the only attention
@@ -668,6 +692,7 @@ class _Ops:
                 grads=bmm_grads(("attn.pw", a * S), (v, a * T * qw)), blas=BLAS)
         self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * qw)], grads=(("attn.o", a * T * qw),))
         self.op("attn.return", ["attn.cc", "attn.of"])
+        self.eager_return()
         return "attn.of"
 
     def residual(self, name: str, x: str, y: str) -> str:
@@ -1265,6 +1290,12 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     if setup.attn == "eager":
         locals_.append(probs)
     b.op("self_attn.return", [name for name in locals_ if name in made or name == n1])
+    if setup.attn == "eager" and probs in made and spec.arch.moe_style != "llama4" and not spec.arch.sinks:
+        # the decoder layer's `hidden_states, _ = self.self_attn(...)` keeps the returned attention
+        # weights in `_` until the layer returns (transformers models/llama/modeling_llama.py
+        # LlamaDecoderLayer.forward, and every other family's decoder layer the catalog holds);
+        # Llama 4 and gpt-oss rebind or keep it their own way (below)
+        b.layer_locals.append(probs)
     if spec.arch.norm_placement == "sandwich":
         o = b.norm("post_attention_layernorm", o)
         h1 = b.residual("res1", "x", o)
