@@ -111,6 +111,10 @@ class Architecture:
     # Llama4TextExperts gate_up_proj (E, h, 2i) / down_proj (E, i, h) by torch.bmm, a shared expert.
     sinks: bool = False
     rope_half: bool = False
+    # rope_pass_cat: apply_rotary_pos_emb rotates the first cos.shape[-1] dims and ends with
+    # `torch.cat([rotated, x_pass], dim=-1)`, a new tensor even when nothing passes through
+    # (models/phi3/modeling_phi3.py apply_rotary_pos_emb)
+    rope_pass_cat: bool = False
     moe_style: str = "mixtral"
     # Llama 4's text decoder (models/llama4/modeling_llama4.py, docs/architectures.md#llama4_text):
     # - rope_complex: apply_rotary_emb multiplies float32 copies of q / k viewed as complex numbers
@@ -233,7 +237,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("phi3", dict(_LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                               max_position_embeddings=4096),
                  fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False, mlp_bias=False,
-                 layer_types_rule="all"),
+                 layer_types_rule="all", rope_pass_cat=True),
     # models/mixtral/modeling_mixtral.py (transformers 5): Llama attention without biases, a
     # MixtralTopKRouter holding a plain (E, hidden) weight, and MixtralExperts storing every
     # expert as one 3D nn.Parameter (gate_up_proj (E, 2i, h), down_proj (E, h, i)). Neither is

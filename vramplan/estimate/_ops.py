@@ -375,6 +375,10 @@ class _Ops:
         self.op(f"{name}.rope_sin", [f"{name}.cat"], [self.t(f"{name}.xs", full)], grads=((f"{name}.cat", full),))
         self.op(f"{name}.rope", [f"{name}.xc", f"{name}.xs"], [self.t(out, full)],
                 grads=((f"{name}.xc", 0), (f"{name}.xs", 0)))
+        if self.spec.arch.rope_pass_cat:
+            # cat([rotated, x_pass]): CatBackward0 hands the sum a view of the incoming gradient
+            self.op(f"{name}.rope_pass", [out], [self.t(f"{name}.rotp", full)], grads=((out, 0),))
+            out = f"{name}.rotp"
         return out
 
     def rope_interleave(self, x: str, width: int, name: str) -> str:
@@ -1080,7 +1084,10 @@ class _Ops:
         if a != self.a:
             self.bytes_of["mlp.p"] = a
         out = self.linear(lins["down_proj"], "mlp.p")
-        self.op("mlp.return", [x, "mlp.p"])  # the argument and the product live until the return
+        # the argument and the product live until the return; so does gate_up_proj's output,
+        # which Phi3MLP's local `gate` (a chunk, a view) still names
+        held = [gate] if self.spec.arch.fused_gate_up else []
+        self.op("mlp.return", [x, "mlp.p", *held])
         return out
 
 
@@ -1281,7 +1288,8 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     if spec.arch.rope_complex:   # query_states / key_states as the kernel got them
         locals_ = [n1, attn, qn, kn, v_storage, *extra_locals]
     elif not spec.mla:
-        locals_ = [n1, attn, *(("attn.q.rot", "attn.k.rot") if b.use_rope else (qn, kn)), v_storage]
+        rot = ("attn.q.rotp", "attn.k.rotp") if spec.arch.rope_pass_cat else ("attn.q.rot", "attn.k.rot")
+        locals_ = [n1, attn, *(rot if b.use_rope else (qn, kn)), v_storage]
     # the returned attn_weights: Llama's cast of the float32 softmax, Llama 4's softmax output
     if spec.arch.eager_softmax_fp32:
         probs = "attn.p" if b.a != FP32 else "attn.p32"

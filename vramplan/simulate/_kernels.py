@@ -689,7 +689,10 @@ class SdpaRouting:
             bias = attn_mask
             if bias is not None:
                 if bias.dtype == torch.bool:
-                    bias = torch.where(bias.logical_not(), float("-inf"), 0.0).to(query.dtype)
+                    # attention.cpp convert_boolean_attn_mask_: `at::where(*attn_mask, 0.0,
+                    # at::scalar_tensor(neg_inf, dtype))`, one additive mask in the query's dtype
+                    bias = torch.where(bias, 0.0, torch.scalar_tensor(float("-inf"), dtype=query.dtype,
+                                                                      device=bias.device))
                 last = bias.shape[-1]
                 if cuda_sdpa.efficient_mask_last_dim(last) != last:
                     padded = bias.new_empty((*bias.shape[:-1], cuda_sdpa.efficient_mask_last_dim(last)))
