@@ -106,6 +106,15 @@ class _Ops:
 
     # --- RMSNorm ------------------------------------------------------------------------------
     def norm(self, p: str, x: str, width: int | None = None, groups: int = 1, weight: bool = True) -> str:
+        """_norm_ops; the argument `x` lives until the norm returns (the caller holds it: a local, or
+        the temporary `self.q_proj(hidden_states).view(...)` Qwen3Attention passes to q_norm) even
+        though the norm rebinds its own `hidden_states` to the float32 copy."""
+        out = self._norm_ops(p, x, width, groups, weight)
+        if out != x:
+            self.op(f"{p}.return", [x])
+        return out
+
+    def _norm_ops(self, p: str, x: str, width: int | None = None, groups: int = 1, weight: bool = True) -> str:
         """LlamaRMSNorm: x.float(); pow(2).mean(-1); + eps; rsqrt; x * r; .to(dtype); weight * y.
         Gemma2RMSNorm / Gemma3RMSNorm: the same in float32, then * (1 + weight.float()) and type_as(x).
         `width` is the normalized dimension (hidden by default); `groups` rows per token: a per-head
