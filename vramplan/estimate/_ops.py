@@ -1352,8 +1352,11 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
         b.op("res2.scale", [m], [b.t("res2.y", b.a * b.T * spec.hidden)], grads=((m, b.a * b.T * spec.hidden),))
         m = "res2.y"
     b.add("layer", h1, m)
-    if b.layer_locals:
-        b.op("layer.return", b.layer_locals)
+    if "x" not in b.layer_locals:
+        # the model's loop (`hidden_states = decoder_layer(hidden_states, ...)`, LlamaModel.forward
+        # and every family's) holds the layer's input until the layer returns
+        b.layer_locals.append("x")
+    b.op("layer.return", b.layer_locals)
     if spec.arch.sinks:
         # GptOssDecoderLayer.forward: `hidden_states, _ = self.self_attn(...)` keeps the returned
         # attention weights (a view of the softmax output) until the layer returns; GptOssModel's

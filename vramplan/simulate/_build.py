@@ -152,7 +152,10 @@ def hf_config(spec, setup: TrainSetup):
                          hint="simulate needs a transformers release that has this model_type; "
                               "the analytic estimate does not")
     config = CONFIG_MAPPING[model_type].from_dict(source)
-    config.use_cache = False  # training: no KV cache (transformers turns it off for checkpointing too)
+    # training: no KV cache (transformers turns it off for checkpointing too); a wrapper's text
+    # decoder reads its own config (Gemma3TextModel: `use_cache` of config.text_config)
+    for part in {id(c): c for c in (config, config.get_text_config())}.values():
+        part.use_cache = False
     return config
 
 
