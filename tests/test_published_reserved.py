@@ -34,8 +34,10 @@ def rows() -> list[dict]:
 
 def predict(row: dict) -> tuple[int, str]:
     """(predicted bytes of the row's quantity, how it was computed)."""
+    # vp_lora_dropout: the recipe's LoRA dropout where it is not 0 (Answer.AI's train.py: 0.1)
     setup = TrainSetup(method=row["vp_method"], rank=int(row["vp_rank"]), targets=row["vp_targets"],
-                       batch=int(row["vp_batch"]), seq=int(row["vp_seq"]), grad_ckpt=row["vp_grad_ckpt"] == "1",
+                       lora_dropout=float(row["vp_lora_dropout"] or 0), batch=int(row["vp_batch"]),
+                       seq=int(row["vp_seq"]), grad_ckpt=row["vp_grad_ckpt"] == "1",
                        optimizer=row["vp_optimizer"], loop=row["vp_loop"])
     spec = resolve(row["vp_model"])
     if row["vp_strategy"] == "single":
