@@ -115,6 +115,11 @@ class Architecture:
     # `torch.cat([rotated, x_pass], dim=-1)`, a new tensor even when nothing passes through
     # (models/phi3/modeling_phi3.py apply_rotary_pos_emb)
     rope_pass_cat: bool = False
+    # rope_float32: the rotary embedding returns float32 cos / sin (Olmo2RotaryEmbedding.forward
+    # has no `.to(x.dtype)`), so apply_rotary_pos_emb multiplies in float32 and casts both
+    # embeddings back as it returns (`return q_embed.to(q_type), k_embed.to(k_type)`)
+    # (models/olmo2/modeling_olmo2.py, models/olmo3/modeling_olmo3.py)
+    rope_float32: bool = False
     moe_style: str = "mixtral"
     # Llama 4's text decoder (models/llama4/modeling_llama4.py, docs/architectures.md#llama4_text):
     # - rope_complex: apply_rotary_emb multiplies float32 copies of q / k viewed as complex numbers
@@ -208,7 +213,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     # norms after the attention and MLP outputs, q_norm / k_norm over the whole q and k
     # projection widths. docs/architectures.md#olmo2
     Architecture("olmo2", dict(_LLAMA_DEFAULTS, vocab_size=50304, max_position_embeddings=2048),
-                 mlp_bias=False, qk_norm="projection", norm_style="olmo", norm_placement="post"),
+                 mlp_bias=False, qk_norm="projection", norm_style="olmo", norm_placement="post", rope_float32=True),
     # models/olmo3/modeling_olmo3.py (Olmo3DecoderLayer, Olmo3Attention, Olmo3RMSNorm,
     # Olmo3RotaryEmbedding) and configuration_olmo3.py (Olmo3Config): OLMo 2's layer (post-norm,
     # q_norm / k_norm over the whole projection widths, MLP without bias) with sliding-window
@@ -218,7 +223,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("olmo3", dict(_LLAMA_DEFAULTS, vocab_size=50304, max_position_embeddings=2048,
                                sliding_window=4096),
                  mlp_bias=False, qk_norm="projection", norm_style="olmo", norm_placement="post",
-                 layer_types_rule="olmo3", rope_per_layer_type=True),
+                 layer_types_rule="olmo3", rope_per_layer_type=True, rope_float32=True),
     # models/granite/modeling_granite.py (GraniteDecoderLayer, GraniteModel, GraniteForCausalLM) and
     # configuration_granite.py (GraniteConfig): the Llama layout (q/k/v/o bias=attention_bias, MLP
     # bias=mlp_bias) with embedding / residual / attention / logits multipliers.

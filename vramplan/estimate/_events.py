@@ -25,13 +25,14 @@ from vramplan.core._models import ModelSpec
 from vramplan.core._record import record
 from vramplan.core._setup import TrainSetup
 from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes, bias_bytes, device_state_tensors,
-                                         embedding_bytes, expert_lora_shapes, lora_shapes, numel, step_workspace,
+                                         embedding_bytes, expert_lora_shapes, lora_shapes, numel, rope_width, step_workspace,
                                          vision_static, weight_bytes)
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
 from vramplan.cuda._fast_replay import EMPTY_CACHE
-from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_masks, embedding_leaf,
+from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, act_bytes, eager_masks, embedding_leaf,
+                                   mask_build, mask_plan, rope_build,
                                    held_graph_leaf, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
                                    tied_sum_in_place)
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
@@ -515,6 +516,12 @@ def _cell_sizes(spec: ModelSpec, setup: TrainSetup, static: Static, fsdp: FsdpSh
             **{f"rope{i}": n for i, n in enumerate(rope_tables(spec, setup))},
             "leaf": embedding_leaf(spec, setup),       # freed with the graph when backward ends
             "mask": eager_masks(spec, setup),
+            # ops.mask_build: a (1, 1, seq, seq) boolean condition, an eager mask over the batch
+            "mask_bool": alloc(setup.seq * setup.seq),
+            "mask_add": alloc(act_bytes(spec, setup) * setup.batch * setup.seq * setup.seq),
+            # ops.rope_build: float32 frequencies (half the width) and full-width float32 tables
+            "rope_half32": alloc(4 * setup.seq * (rope_width(spec) // 2)),
+            "rope_full32": alloc(4 * setup.seq * rope_width(spec)),
             "hidden": alloc(embedding_bytes(setup) * setup.tokens * spec.hidden),   # the embedding output
             "ctx": int8_ctx_inputs(spec, setup),
             "tied_grad": tied_embedding_grad(spec, setup),   # one gradient of a tied trainable embedding
@@ -603,14 +610,14 @@ def compiled(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch 
     kinds = layer_kinds(spec, setup)
     structures = tuple((kind, _structure(spec, setup, arch, *kind)) for kind in dict.fromkeys(kinds))
     return _compile(spec, setup.with_(batch=1, seq=1), static, arch, steps, exact_layers, fsdp, kinds, structures,
-                    _structure(spec, setup, arch), ddp, zero)
+                    _structure(spec, setup, arch), ddp, zero, mask_plan(spec, setup))
 
 
 @lru_cache(maxsize=128)
 def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, steps: int,
              exact_layers: int | tuple | None, fsdp: FsdpShards | None, kinds: tuple, structures: tuple,
              head_structure: tuple, ddp: DdpBuckets | None = None,
-             zero: ZeroPartitions | None = None) -> Program:
+             zero: ZeroPartitions | None = None, masks_plan: tuple = ()) -> Program:
     """The stream's events in order, with slots for sizes (`setup` has batch = seq = 1: only the
     cell sizes depend on batch x seq, and they are evaluated per cell)."""
     slots = _Slots()
@@ -732,7 +739,22 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     release = b.drop
     cell = slots.cell
     rope = [cell(f"rope{i}") for i in range(len(rope_tables(spec, setup)))]   # ops.rope_tables
-    inputs = [cell("ids"), cell("positions"), cell("labels"), cell("labels")] + rope
+    data = [cell("ids"), cell("labels"), cell("labels")]     # the batch, there before the model runs
+    for name in ("mask", "mask_bool", "mask_add", "rope_half32", "rope_full32"):
+        cell(name)                    # every cell _cell_sizes sizes has a slot, used or not
+    eager = setup.attn == "eager"
+    table_build = rope_build(spec)
+
+    def build(steps, finals: dict) -> list:
+        """ops.mask_build / rope_build steps; returns the pairs of the names in `finals` (name ->
+        the cell its tensor is, where the step names none)."""
+        named = {}
+        for op, name, *where in steps:
+            if op == "new":
+                named[name] = b.new(cell(where[0] or finals[name]))
+            else:
+                b.drop(named.pop(name))
+        return [pair for name in finals for pair in named.pop(name)]
     tied_grad = cell("tied_grad")     # every cell _cell_sizes sizes has a slot, used or not
 
     kinds_t = list({id(t): t for t in stack}.values())     # one template per layer kind
@@ -772,13 +794,25 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     leaf_keys: list = []
     for step in range(steps):
         b.place("forward", "")
-        keys = b.make(inputs)
+        keys = b.make(data)
         if ddp is not None and step == 1:    # Reducer::rebuild_buckets, once, in the second forward
             b.drop(buckets)
             buckets = b.make([const(n) for n in ddp.rebuilt if n > 0])
+        # LlamaModel.forward (and every family's): the embedding output, the position ids, the
+        # masks (ops.mask_plan, mask_build), then the rotary tables (ops.rope_build)
         leaves = b.new(cell("leaf"))
-        masks = b.new(cell("mask"))
         x = b.new(cell("hidden"))
+        keys += b.new(cell("positions"))
+        masks = []
+        for kind in masks_plan:
+            masks += b.new(cell("mask")) if kind == "plain" else build(mask_build(kind, eager), {"mask": None})
+        if table_build:
+            for i in range(0, len(rope), 2):
+                finals = ({"cos": None, "sin": None} if spec.arch.rope_float32
+                          else {"table_cos": f"rope{i}", "table_sin": f"rope{i + 1}"})
+                keys += build(table_build, finals)
+        else:
+            keys += b.make(rope)
         # the first step allocates each thread's cuBLAS workspace at its first matmul: the forward's
         # (the caller's thread) and the backward's (autograd's device thread); both stay (cuda/_cublas.py)
         forward_ws = backward_ws = step == 0

@@ -375,19 +375,34 @@ class _Ops:
         # zero-filled width, summed into x's gradient with MulBackward0's by cos
         # (docs/peft-transformers.md#rotary-embedding)
         full, half = a * T * width, a * T * (width // 2)
-        self.op(f"{name}.rope_cos", [x], [self.t(f"{name}.xc", full)], grads=((x, full),))
+        # float32 tables (Architecture.rope_float32): both products and the sum are float32, each
+        # product's gradient (grad * cos, grad * sin) a float32 tensor that autograd casts back to
+        # the 16-bit input's dtype (validate_outputs), the float32 one freed once the cast exists
+        prod = FP32 * T * width if self.spec.arch.rope_float32 else full
+        cast_back = (prod,) if prod != full else ()
+        if prod != full:
+            out = f"{name}.rot32"
+        self.op(f"{name}.rope_cos", [x], [self.t(f"{name}.xc", prod)], grads=((x, full),), bwd_before=cast_back)
         self.op(f"{name}.rope_x1", [x], [self.t(f"{name}.x1", 0)], grads=((x, full),))
         self.op(f"{name}.rope_x2", [x], [self.t(f"{name}.x2", 0)], grads=((x, full),))
         self.op(f"{name}.rope_neg", [f"{name}.x2"], [self.t(f"{name}.neg", half)], grads=((f"{name}.x2", half),))
         self.op(f"{name}.rope_cat", [f"{name}.neg", f"{name}.x1"], [self.t(f"{name}.cat", full)],
                 grads=((f"{name}.neg", 0), (f"{name}.x1", 0)))
-        self.op(f"{name}.rope_sin", [f"{name}.cat"], [self.t(f"{name}.xs", full)], grads=((f"{name}.cat", full),))
-        self.op(f"{name}.rope", [f"{name}.xc", f"{name}.xs"], [self.t(out, full)],
+        self.op(f"{name}.rope_sin", [f"{name}.cat"], [self.t(f"{name}.xs", prod)], grads=((f"{name}.cat", full),),
+                bwd_before=cast_back)
+        self.op(f"{name}.rope", [f"{name}.xc", f"{name}.xs"], [self.t(out, prod)],
                 grads=((f"{name}.xc", 0), (f"{name}.xs", 0)))
         if self.spec.arch.rope_pass_cat:
             # cat([rotated, x_pass]): CatBackward0 hands the sum a view of the incoming gradient
             self.op(f"{name}.rope_pass", [out], [self.t(f"{name}.rotp", full)], grads=((out, 0),))
             out = f"{name}.rotp"
+        return out
+
+    def rope_cast(self, rot32: str, width: int) -> str:
+        """A float32 rotary embedding cast back to the hidden states' dtype (Architecture.rope_float32);
+        ToCopyBackward0 makes the float32 gradient."""
+        out = rot32.removesuffix("32")
+        self.op(f"{out}.cast", [rot32], [self.t(out, self.a * self.T * width)], grads=((rot32, FP32 * self.T * width),))
         return out
 
     def rope_interleave(self, x: str, width: int, name: str) -> str:
@@ -458,7 +473,12 @@ class _Ops:
             rotated = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
             # apply_rotary_pos_emb(q, k, cos, sin) holds its arguments, the projections' outputs,
             # until it returns both (docs/peft-transformers.md#rotary-embedding)
-            self.op("attn.rope_return", [q, k])
+            held = [q, k]
+            if spec.arch.rope_float32 and rotated[0].endswith(".rot32"):
+                # `return q_embed.to(q_type), k_embed.to(k_type)`: the float32 embeddings are locals
+                held += rotated
+                rotated = tuple(self.rope_cast(r, w) for r, w in zip(rotated, (qw, kvw)))
+            self.op("attn.rope_return", held)
             q, k = rotated
         if spec.arch.sinks:
             return self.eager_sinks(q, k, v)
@@ -1231,13 +1251,67 @@ def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     """Bytes of the causal masks transformers materializes (masking_utils create_causal_mask):
     eager attention gets (batch, 1, seq, seq) in the compute dtype, Gemma2 a sliding-window one
     beside the full one; SDPA gets none for an unpadded causal batch (is_causal), but a boolean
-    one when a sliding window is shorter than the sequence."""
+    one when a sliding window is shorter than the sequence: (1, 1, seq, seq), which SDPA
+    broadcasts over the batch (mask_plan); Llama 4's chunked one, (batch, 1, seq, seq)."""
     if setup.attn != "eager":
-        return alloc_bytes(setup.batch * setup.seq * setup.seq) if windowed(spec, setup) else 0
+        if not windowed(spec, setup):
+            return 0
+        rows = 1 if mask_plan(spec, setup) == ("sliding",) else setup.batch
+        return alloc_bytes(rows * setup.seq * setup.seq)
     # one mask per attention type present (Gemma2Model / Gemma3TextModel causal_mask_mapping), or
     # per type the model always builds (Llama4TextModel: full and chunked, Architecture.mask_types)
     count = len(set(spec.layer_types) | set(spec.arch.mask_types)) or 1
     return count * alloc_bytes(act_bytes(spec, setup) * setup.batch * setup.seq * setup.seq)
+
+
+def mask_plan(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
+    """The masks transformers 5.23 builds before the decoder layers, in order (masking_utils;
+    the full causal one first, as Gemma3TextModel's causal_mask_mapping): "full" and "sliding" are
+    built op by op by `mask_build`; "plain" (Llama 4's chunked masks) is one allocation of
+    eager_masks' bytes. Empty: none (SDPA passes is_causal)."""
+    if spec.arch.mask_types or spec.attention_chunk is not None:
+        return ("plain",) if eager_masks(spec, setup) else ()
+    kinds = set(spec.layer_types) or {"full_attention"}
+    if setup.attn != "eager":
+        return ("sliding",) if _sliding(spec, setup) else ()
+    return tuple(k for k, name in (("full", "full_attention"), ("sliding", "sliding_attention")) if name in kinds)
+
+
+def mask_build(kind: str, eager: bool) -> tuple:
+    """How `kind`'s mask is made: ("new", name, cell) / ("drop", name) steps, the mask kept is
+    "mask". Each condition of the mask function is a (1, 1, seq, seq) boolean (masking_utils
+    sdpa_mask over broadcast index tensors): the full causal one `kv_idx <= q_idx` (le); a
+    sliding window's and_masks(sliding_window_overlay, causal) `gt`, its `bitwise_and`, then the
+    causal `le` and the second `bitwise_and`. Eager attention gets `torch.where(mask, 0.0,
+    min_dtype)` over the batch in the compute dtype (masking_utils eager_mask), the boolean freed."""
+    if kind == "full":
+        steps = [("new", "bool", "mask_bool")]
+    else:
+        steps = [("new", "gt", "mask_bool"), ("new", "and1", "mask_bool"), ("drop", "gt"),
+                 ("new", "le", "mask_bool"), ("new", "bool", "mask_bool"), ("drop", "le"), ("drop", "and1")]
+    if eager:
+        steps += [("new", "mask", "mask_add"), ("drop", "bool")]
+    else:
+        steps = [(op, "mask" if name == "bool" else name, *rest) for op, name, *rest in steps]
+    return tuple(steps)
+
+
+def rope_build(spec: ModelSpec) -> tuple:
+    """How one rotary embedding's tables are made (LlamaRotaryEmbedding.forward, transformers
+    5.23), mask_build's steps: `freqs` (float32, half the width), `emb = cat((freqs, freqs))`,
+    `emb.cos() * attention_scaling` (the cos freed once scaled), the same for sin, then
+    `cos.to(x.dtype)` and `sin.to(x.dtype)`; the locals go as it returns. With float32 tables
+    (Architecture.rope_float32) the scaled products are the tables. Empty for gpt-oss's
+    half-width and Llama 4's complex tables (made as their final tensors only)."""
+    if spec.arch.rope_half or spec.arch.rope_complex:
+        return ()
+    steps = [("new", "freqs", "rope_half32"), ("new", "emb", "rope_full32"),
+             ("new", "c", "rope_full32"), ("new", "cos", "rope_full32"), ("drop", "c"),
+             ("new", "s", "rope_full32"), ("new", "sin", "rope_full32"), ("drop", "s")]
+    if spec.arch.rope_float32:
+        return tuple(steps + [("drop", "freqs"), ("drop", "emb")])
+    return tuple(steps + [("new", "table_cos", None), ("new", "table_sin", None),
+                          ("drop", "freqs"), ("drop", "emb"), ("drop", "cos"), ("drop", "sin")])
 
 
 def rope_tables(spec: ModelSpec, setup: TrainSetup) -> list[int]:
@@ -1247,7 +1321,8 @@ def rope_tables(spec: ModelSpec, setup: TrainSetup) -> list[int]:
     (Llama4TextRotaryEmbedding.forward: torch.polar of float32 frequencies)."""
     if spec.arch.rope_complex:
         return [alloc_bytes(8 * setup.seq * (spec.head_dim // 2))]
-    return [alloc_bytes(act_bytes(spec, setup) * setup.seq * rope_width(spec))] * (2 * rope_kinds(spec))
+    table = FP32 if spec.arch.rope_float32 else act_bytes(spec, setup)   # Architecture.rope_float32
+    return [alloc_bytes(table * setup.seq * rope_width(spec))] * (2 * rope_kinds(spec))
 
 
 def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tuple[list[Op], int]:
