@@ -1270,7 +1270,7 @@ def mask_plan(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
     built op by op by `mask_build`; "plain" (Llama 4's chunked masks) is one allocation of
     eager_masks' bytes. Empty: none (SDPA passes is_causal)."""
     if spec.arch.mask_types or spec.attention_chunk is not None:
-        return ("plain",) if eager_masks(spec, setup) else ()
+        return ("plain",) if setup.attn == "eager" or windowed(spec, setup) else ()
     kinds = set(spec.layer_types) or {"full_attention"}
     if setup.attn != "eager":
         return ("sliding",) if _sliding(spec, setup) else ()

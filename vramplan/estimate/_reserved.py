@@ -57,7 +57,10 @@ def exact_layers_for(setup: TrainSetup, conf: AllocConf | None = None, fsdp: boo
     the same as every event of every layer (within 0.05% on benchmarks/reserved_detail.py's
     setups, expandable segments included), for half its replay time (Llama-2-70B QLoRA 1 x 2048:
     39 ms against 88 ms; 15 ms with EXACT_LAYERS at each end only). Playing the backward's middle
-    layers as well moved no figure above by more than 0.05%.
+    layers as well moved no figure above by more than 0.05%; with the stream as it is since
+    (docs/allocator.md#reduced-detail, seventh session) it moves none of eight spot checks but
+    Llama-2-70B QLoRA 1 x 2048 with eager attention, by as much either way: 45.59 GiB here, 43.59
+    with every layer, simulate 44.55.
     One GPU of FSDP (`fsdp`) keeps its own detail (fsdp_detail)."""
     if fsdp:
         return fsdp_detail(setup, conf)
