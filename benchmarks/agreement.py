@@ -123,6 +123,9 @@ def main() -> None:
                     help="every recipe x method x (1x512, 4x2048) with the recipe's own defaults")
     ap.add_argument("--models", help="comma-separated subset of the catalog ids above")
     ap.add_argument("--json", metavar="PATH", help="also write every row with both sides' components")
+    ap.add_argument("--sim-from", metavar="JSON",
+                    help="take the simulate side of each row from an earlier run's --json (simulate unchanged "
+                         "since), re-running only the estimate; the header names the file")
     ap.add_argument("--out", default=OUT, help=f"markdown file to write (default {OUT})")
     ap.add_argument("--gpu", help="catalog GPU whose CUDA kernels both sides emulate (default: an H100); "
                                   "16-bit setups use fp16 on GPUs without bf16")
@@ -133,6 +136,11 @@ def main() -> None:
 
     models = args.models.split(",") if args.models else MODELS
     rows, t0 = [], time.perf_counter()
+    stored = {}
+    if args.sim_from:
+        with open(args.sim_from) as f:
+            stored = {(r["model"], r["setup"]): r for r in json.load(f)}
+    sim_keys = ("sim", "sim_phase", "sim_reserved", "sim_components", "sim_module", "sim_phase_peaks")
     for model in models:
         spec = vramplan.resolve_model(model)
         for setup in setups_for(model, args.quick, args.full, args.small, args.recipes):
@@ -141,14 +149,18 @@ def main() -> None:
                 setup = setup.with_(dtype=default_dtype(target_arch(vramplan.resolve_gpu(args.gpu))))
             t = time.perf_counter()
             row = {"model": spec.id, "setup": label(setup)}
-            try:
-                trace = run(spec, setup, gpu=args.gpu)
-                row.update(sim=trace.peak_allocated_bytes, sim_phase=trace.peak_phase,
-                           sim_reserved=trace.peak_reserved_bytes,
-                           sim_components=trace.components, sim_module=trace.peak_module,
-                           sim_phase_peaks=dict(trace.phase_peaks))
-            except vramplan.VramplanError as exc:
-                row.update(sim=None, sim_phase=f"error: {exc.message}")
+            if stored:
+                old = stored.get((spec.id, row["setup"]))
+                row.update({k: old.get(k) for k in sim_keys} if old else dict(sim=None, sim_phase="not in --sim-from"))
+            else:
+                try:
+                    trace = run(spec, setup, gpu=args.gpu)
+                    row.update(sim=trace.peak_allocated_bytes, sim_phase=trace.peak_phase,
+                               sim_reserved=trace.peak_reserved_bytes,
+                               sim_components=trace.components, sim_module=trace.peak_module,
+                               sim_phase_peaks=dict(trace.phase_peaks))
+                except vramplan.VramplanError as exc:
+                    row.update(sim=None, sim_phase=f"error: {exc.message}")
             try:
                 est = vramplan.estimate(spec, setup, gpu=args.gpu)
                 row.update(est=est.peak_allocated_bytes, est_phase=est.peak_phase, est_components=dict(est.components),
@@ -159,7 +171,7 @@ def main() -> None:
             row["seconds"] = round(time.perf_counter() - t, 1)
             rows.append(row)
             print(format_row(row), flush=True, file=sys.stderr)
-    table = render(rows, time.perf_counter() - t0)
+    table = render(rows, time.perf_counter() - t0, args.sim_from)
     print(table)
     with open(args.out, "w") as f:
         f.write(table)
@@ -204,7 +216,7 @@ def format_row(row) -> str:
             f"{gib(row.get('sim_reserved'))} | {gib(row.get('est_reserved'))} | {pct(error_pct(row, 'reserved'))} |")
 
 
-def render(rows, seconds: float) -> str:
+def render(rows, seconds: float, sim_from: str | None = None) -> str:
     import platform
 
     import torch
@@ -219,7 +231,10 @@ def render(rows, seconds: float) -> str:
         f"{datetime.date.today().isoformat()} "
         f"({platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{len(rows)} setups in {seconds / 60:.1f} min). simulate: the traced step (identical-layers shortcut, "
-        "exact); estimate: `vramplan.estimate` as it was at that time. error % = (estimate - simulate) / simulate.",
+        "exact)" + (f", taken from the earlier run's rows in {sim_from} (written "
+                    f"{datetime.datetime.fromtimestamp(os.path.getmtime(sim_from)).isoformat(timespec='minutes')}, "
+                    "simulate unchanged since)" if sim_from else "") +
+        "; estimate: `vramplan.estimate` as it was at that time. error % = (estimate - simulate) / simulate.",
         "",
         f"Summary: mean |error| {sum(errs) / len(errs):.2f}%, max |error| {max(errs):.2f}%, "
         f"{sum(e <= 1 for e in errs)}/{len(errs)} within 1%, {sum(e <= 5 for e in errs)}/{len(errs)} within 5%; "

@@ -801,7 +801,13 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         # LlamaModel.forward (and every family's): the embedding output, the position ids, the
         # masks (ops.mask_plan, mask_build), then the rotary tables (ops.rope_build)
         leaves = b.new(cell("leaf"))
+        # a scaled embedding's raw output is a temporary beside the scaled one (Gemma's
+        # ScaledWordEmbedding: `super().forward(input_ids) * self.embed_scale`; Granite's
+        # `inputs_embeds * self.embedding_multiplier` where no graph leaf keeps it, ops.embedding_leaf)
+        raw = b.new(cell("hidden")) if spec.arch.scaled_embeddings or (spec.arch.scaled_residuals
+                                                                      and not embedding_leaf(spec, setup)) else []
         x = b.new(cell("hidden"))
+        b.drop(raw)
         keys += b.new(cell("positions"))
         masks = []
         for kind in masks_plan:
