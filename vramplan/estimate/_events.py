@@ -825,16 +825,29 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         rooted = unshard(root) if fsdp else []    # the root unit, unsharded for the whole step
         layers = []
         kept_units: list = []     # SHARD_GRAD_OP's units, unsharded from their forward on
+        embeds = x                # the embedding output: the base model's local `inputs_embeds`
+        embeds_free = (-1, stack[0].names["x"])
         for i in range(L):
             t = stack[i]
             b.place("forward", f"layers.{i}")
             gathered = unshard(unit(i)) if fsdp else []
             inst = _Instance(b, t, {t.names["x"]: x})      # tape ids are per template
-            fwd = forwards[id(t)]
+            fwd, fwd_blas = forwards[id(t)], forward_blas[id(t)]
+            if i == 0:
+                if embeds_free in fwd:
+                    # LlamaModel.forward (every family's) keeps `inputs_embeds` until it returns,
+                    # after the final norm: the first layer does not free its input (the head does)
+                    cut = fwd.index(embeds_free)
+                    fwd = fwd[:cut] + fwd[cut + 1:]
+                    fwd_blas -= 1 if 0 <= cut < fwd_blas else 0
+                else:
+                    embeds = []   # saved by the first layer (checkpointing): freed in its backward
             if reduced_forward(i):
                 inst.run(net(t, fwd, "forward"))
             else:
-                forward_ws = play(inst, fwd, forward_blas[id(t)], forward_ws)
+                forward_ws = play(inst, fwd, fwd_blas, forward_ws)
+            if i == 0 and embeds:
+                inst.take(t.names["x"])    # the step frees it, not the layer's instance
             x = inst.take(t.names["layer.out"])
             if fsdp is None or fsdp.reshard_after_forward:
                 release(gathered)                          # reshard_after_forward
@@ -845,7 +858,15 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             layers.append(inst)
         b.place("forward", "lm_head")
         head = _Instance(b, t_head, {t_head.names["x"]: x})
-        if play(head, t_head.forward, t_head.blas[0], forward_ws):
+        head_fwd, head_blas = t_head.forward, t_head.blas[0]
+        if embeds:
+            # the base model returns once the final norm has rebound `hidden_states` (its input
+            # freed): `inputs_embeds` goes then, before lm_head
+            normed = head_fwd.index((-1, t_head.names["x"])) + 1 if (-1, t_head.names["x"]) in head_fwd else 0
+            head.run(head_fwd[:normed])
+            b.drop(embeds)
+            head_fwd, head_blas = head_fwd[normed:], head_blas - normed if head_blas >= normed else -1
+        if play(head, head_fwd, head_blas, forward_ws):
             b.new(workspace)      # no matmul found in the tapes: counted all the same (cuda/_cublas.py)
         for inst in layers:      # the autocast region exits with the forward
             inst.run(inst.t.region_exit)
