@@ -19,7 +19,8 @@ from dataclasses import field
 from functools import lru_cache
 
 from vramplan.core._record import record
-from vramplan.estimate._ops import (autocast_cache, eager_masks, embedding_leaf, head_memory, held_graph_leaf,
+from vramplan.estimate._ops import (autocast_cache, eager_masks, embedding_leaf, head_memory, held_embeddings,
+                                   held_graph_leaf,
                                    held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables,
                                    tied_embedding_grad, tied_sum_in_place)
 from vramplan.cuda._arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
@@ -407,8 +408,10 @@ def _step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: Cuda
     grads = [m.walk.end.get(C.GRADIENTS.value, 0) for m in stack]
     layer = stack[-1]
     top = layer.walk if L > 1 else layer.first
+    # the embedding output the base model's `inputs_embeds` holds through the layers (ops.held_embeddings)
+    embeds = held_embeddings(spec, setup, arch)
     moments = {
-        "forward.layer": at(top.forward_peak, previous, activations=below(L - 1, True) + fwd_masks),
+        "forward.layer": at(top.forward_peak, previous, activations=below(L - 1, True) + fwd_masks + embeds),
         # the masks are locals of the base model's forward: without checkpointing nothing saves
         # them, so they are gone once it returns, before lm_head and the loss run
         "forward.loss": at(head.forward.forward_peak, previous, activations=below(L, True) + bwd_masks),
@@ -444,7 +447,7 @@ def _step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: Cuda
         for j in range(1, L):
             walk = stack[j].walk
             moments["forward.layer"] = worst(moments["forward.layer"],
-                                             at(walk.forward_peak, previous, activations=below(j, True) + fwd_masks))
+                                             at(walk.forward_peak, previous, activations=below(j, True) + fwd_masks + embeds))
             moments["backward.top_layer"] = worst(moments["backward.top_layer"], at(
                 walk.backward_peak, held, activations=below(j) + ctx + bwd_masks, gradients=head_grads + sum(grads[j + 1:])))
     for parts in moments.values():

@@ -836,7 +836,8 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             if i == 0:
                 if embeds_free in fwd:
                     # LlamaModel.forward (every family's) keeps `inputs_embeds` until it returns,
-                    # after the final norm: the first layer does not free its input (the head does)
+                    # after the final norm: the first layer does not free its input (the head does;
+                    # the estimator's moments count it by the same rule, ops.held_embeddings)
                     cut = fwd.index(embeds_free)
                     fwd = fwd[:cut] + fwd[cut + 1:]
                     fwd_blas -= 1 if 0 <= cut < fwd_blas else 0

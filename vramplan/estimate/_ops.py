@@ -1622,6 +1622,20 @@ def _structure(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, win
             sdpa_backend(spec, setup, window, arch), arch)
 
 
+def held_embeddings(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> int:
+    """Bytes of the embedding output the base model's local `inputs_embeds` holds until it returns,
+    after the final norm (LlamaModel.forward, every family's), where the first decoder layer would
+    otherwise free it in its forward (without checkpointing, nothing saves a layer's input); 0 where
+    the first layer keeps it anyway (checkpointing saves it until that layer's backward)."""
+    if spec.layers < 2:
+        return 0
+    first = _layer_tapes(spec, _structure(spec, setup, arch, *layer_kinds(spec, setup)[0]))[1]
+    forward = first.events[:first.events.index((2,))] if (2,) in first.events else first.events
+    if (-1, first.names["x"]) not in forward:
+        return 0
+    return alloc_bytes(embedding_bytes(setup) * setup.tokens * spec.hidden)
+
+
 @lru_cache(maxsize=256)
 def _layer_tapes(spec: ModelSpec, structure: tuple) -> tuple[Tape, Tape, int]:
     setup, decided, _, arch = structure
