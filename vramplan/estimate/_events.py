@@ -32,7 +32,7 @@ from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
 from vramplan.cuda._fast_replay import EMPTY_CACHE
 from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, act_bytes, eager_masks, embedding_leaf,
-                                   mask_build, mask_plan, rope_build,
+                                   held_embeddings, mask_build, mask_plan, rope_build,
                                    held_graph_leaf, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
                                    tied_sum_in_place)
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
@@ -610,14 +610,14 @@ def compiled(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch 
     kinds = layer_kinds(spec, setup)
     structures = tuple((kind, _structure(spec, setup, arch, *kind)) for kind in dict.fromkeys(kinds))
     return _compile(spec, setup.with_(batch=1, seq=1), static, arch, steps, exact_layers, fsdp, kinds, structures,
-                    _structure(spec, setup, arch), ddp, zero, mask_plan(spec, setup))
+                    _structure(spec, setup, arch), ddp, zero, mask_plan(spec, setup), held_embeddings(spec, setup, arch) > 0)
 
 
 @lru_cache(maxsize=128)
 def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch, steps: int,
              exact_layers: int | tuple | None, fsdp: FsdpShards | None, kinds: tuple, structures: tuple,
              head_structure: tuple, ddp: DdpBuckets | None = None,
-             zero: ZeroPartitions | None = None, masks_plan: tuple = ()) -> Program:
+             zero: ZeroPartitions | None = None, masks_plan: tuple = (), hold_embeds: bool = False) -> Program:
     """The stream's events in order, with slots for sizes (`setup` has batch = seq = 1: only the
     cell sizes depend on batch x seq, and they are evaluated per cell)."""
     slots = _Slots()
@@ -825,24 +825,19 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         rooted = unshard(root) if fsdp else []    # the root unit, unsharded for the whole step
         layers = []
         kept_units: list = []     # SHARD_GRAD_OP's units, unsharded from their forward on
-        embeds = x                # the embedding output: the base model's local `inputs_embeds`
-        embeds_free = (-1, stack[0].names["x"])
+        # the embedding output the base model's local `inputs_embeds` holds (ops.held_embeddings)
+        embeds = x if hold_embeds else []
         for i in range(L):
             t = stack[i]
             b.place("forward", f"layers.{i}")
             gathered = unshard(unit(i)) if fsdp else []
             inst = _Instance(b, t, {t.names["x"]: x})      # tape ids are per template
             fwd, fwd_blas = forwards[id(t)], forward_blas[id(t)]
-            if i == 0:
-                if embeds_free in fwd:
-                    # LlamaModel.forward (every family's) keeps `inputs_embeds` until it returns,
-                    # after the final norm: the first layer does not free its input (the head does;
-                    # the estimator's moments count it by the same rule, ops.held_embeddings)
-                    cut = fwd.index(embeds_free)
-                    fwd = fwd[:cut] + fwd[cut + 1:]
-                    fwd_blas -= 1 if 0 <= cut < fwd_blas else 0
-                else:
-                    embeds = []   # saved by the first layer (checkpointing): freed in its backward
+            if i == 0 and embeds:
+                # the first layer does not free its input: the head does, after the final norm
+                cut = fwd.index((-1, t.names["x"]))
+                fwd = fwd[:cut] + fwd[cut + 1:]
+                fwd_blas -= 1 if 0 <= cut < fwd_blas else 0
             if reduced_forward(i):
                 inst.run(net(t, fwd, "forward"))
             else:
