@@ -660,10 +660,12 @@ class _Ops:
                 keep = [scores] if spec.arch.eager_softmax_fp32 else []
                 probs = "attn.p"
                 self.op("attn.cast", ["attn.p32", *keep], [self.t(probs, a * S)], grads=(("attn.p32", FP32 * S),))
-            if dims:
+            if dims or (rep == 1 and not self.single):
                 # matmul reshapes v (b, H, s, dv) to (b * H, s, dv) for bmm: a strided view of
-                # kv_b_proj's output cannot merge b and H, so it is copied (saved by bmm); the
-                # reshape's backward is a view
+                # kv_b_proj's output, or of v_proj's (or Phi-3's fused qkv_proj's) output seen
+                # through `.transpose(1, 2)`, cannot merge b and H unless b is 1 (as q and k
+                # above; repeat_kv's copy is contiguous), so it is copied right before the bmm
+                # (saved by it); the reshape's backward is a view
                 self.op("attn.v_copy", [v], [self.t("attn.vc", a * T * vin)], grads=((v, 0),))
                 v = "attn.vc"
             self.op("attn.pv", [probs, v, *keep_v], [self.t("attn.o", a * T * ow)], saves=(probs, v, *keep_v),
