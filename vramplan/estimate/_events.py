@@ -25,14 +25,15 @@ from vramplan.core._models import ModelSpec
 from vramplan.core._record import record
 from vramplan.core._setup import TrainSetup
 from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes, bias_bytes, device_state_tensors,
-                                         embedding_bytes, expert_lora_shapes, lora_shapes, numel, rope_width, step_workspace,
+                                         embedding_bytes, expert_lora_shapes, lora_shapes, numel, step_workspace,
                                          vision_static, weight_bytes)
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
 from vramplan.cuda._fast_replay import EMPTY_CACHE
-from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, act_bytes, eager_masks, embedding_leaf,
-                                   held_embeddings, mask_build, mask_plan, rope_build,
+from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_masks, embedding_leaf,
+                                   held_embeddings, mask_build, mask_cells, mask_plan, rope_build,
+                                   rope_cells,
                                    held_graph_leaf, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
                                    tied_sum_in_place)
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
@@ -516,12 +517,7 @@ def _cell_sizes(spec: ModelSpec, setup: TrainSetup, static: Static, fsdp: FsdpSh
             **{f"rope{i}": n for i, n in enumerate(rope_tables(spec, setup))},
             "leaf": embedding_leaf(spec, setup),       # freed with the graph when backward ends
             "mask": eager_masks(spec, setup),
-            # ops.mask_build: a (1, 1, seq, seq) boolean condition, an eager mask over the batch
-            "mask_bool": alloc(setup.seq * setup.seq),
-            "mask_add": alloc(act_bytes(spec, setup) * setup.batch * setup.seq * setup.seq),
-            # ops.rope_build: float32 frequencies (half the width) and full-width float32 tables
-            "rope_half32": alloc(4 * setup.seq * (rope_width(spec) // 2)),
-            "rope_full32": alloc(4 * setup.seq * rope_width(spec)),
+            **mask_cells(spec, setup), **rope_cells(spec, setup),    # ops.mask_build, rope_build
             "hidden": alloc(embedding_bytes(setup) * setup.tokens * spec.hidden),   # the embedding output
             "ctx": int8_ctx_inputs(spec, setup),
             "tied_grad": tied_embedding_grad(spec, setup),   # one gradient of a tied trainable embedding

@@ -1255,15 +1255,22 @@ def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     beside the full one; SDPA gets none for an unpadded causal batch (is_causal), but a boolean
     one when a sliding window is shorter than the sequence: (1, 1, seq, seq), which SDPA
     broadcasts over the batch (mask_plan); Llama 4's chunked one, (batch, 1, seq, seq)."""
+    cells = mask_cells(spec, setup)
     if setup.attn != "eager":
         if not windowed(spec, setup):
             return 0
-        rows = 1 if mask_plan(spec, setup) == ("sliding",) else setup.batch
-        return alloc_bytes(rows * setup.seq * setup.seq)
+        return cells["mask_bool"] if mask_plan(spec, setup) == ("sliding",) else alloc_bytes(setup.batch * setup.seq * setup.seq)
     # one mask per attention type present (Gemma2Model / Gemma3TextModel causal_mask_mapping), or
     # per type the model always builds (Llama4TextModel: full and chunked, Architecture.mask_types)
     count = len(set(spec.layer_types) | set(spec.arch.mask_types)) or 1
-    return count * alloc_bytes(act_bytes(spec, setup) * setup.batch * setup.seq * setup.seq)
+    return count * cells["mask_add"]
+
+
+def mask_cells(spec: ModelSpec, setup: TrainSetup) -> dict:
+    """Bytes of mask_build's tensors: a (1, 1, seq, seq) boolean condition, and eager attention's
+    additive mask over the batch in the compute dtype."""
+    return {"mask_bool": alloc_bytes(setup.seq * setup.seq),
+            "mask_add": alloc_bytes(act_bytes(spec, setup) * setup.batch * setup.seq * setup.seq)}
 
 
 def mask_plan(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
@@ -1314,6 +1321,12 @@ def rope_build(spec: ModelSpec) -> tuple:
         return tuple(steps + [("drop", "freqs"), ("drop", "emb")])
     return tuple(steps + [("new", "table_cos", None), ("new", "table_sin", None),
                           ("drop", "freqs"), ("drop", "emb"), ("drop", "cos"), ("drop", "sin")])
+
+
+def rope_cells(spec: ModelSpec, setup: TrainSetup) -> dict:
+    """Bytes of rope_build's float32 tensors: the frequencies (half the width) and a full-width table."""
+    return {"rope_half32": alloc_bytes(FP32 * setup.seq * (rope_width(spec) // 2)),
+            "rope_full32": alloc_bytes(FP32 * setup.seq * rope_width(spec))}
 
 
 def rope_tables(spec: ModelSpec, setup: TrainSetup) -> list[int]:
@@ -1624,6 +1637,7 @@ def _structure(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, win
             sdpa_backend(spec, setup, window, arch), arch)
 
 
+@lru_cache(maxsize=1024)
 def held_embeddings(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> int:
     """Bytes of the embedding output the base model's local `inputs_embeds` holds until it returns,
     after the final norm (LlamaModel.forward, every family's), where the first decoder layer would
