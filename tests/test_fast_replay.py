@@ -119,10 +119,12 @@ def test_one_pass_replay_of_ddp_streams():
 
 
 def test_one_pass_replay_of_zero2_streams():
-    """ZeRO-2's construction (empty_cache included), gradient buckets and step."""
+    """ZeRO-2's construction (empty_cache included), gradient buckets and step, with and without
+    offload_optimizer."""
     spec = resolve("meta-llama/Llama-2-7b-hf")
-    par = Parallel(2, "zero2")
-    for setup in (TrainSetup(method="lora", batch=2, seq=1024), TrainSetup(method="full", batch=1, seq=512)):
+    for par, setup in ((par, setup) for par in (Parallel(2, "zero2"), Parallel(2, "zero2", offload="cpu"))
+                       for setup in (TrainSetup(method="lora", batch=2, seq=1024),
+                                     TrainSetup(method="full", batch=1, seq=512))):
         setup = effective_setup(setup, par)
         z = zero_partitions(spec, setup.with_(batch=1, seq=1), splits_for(spec, setup, par), par)
         static = static_memory(spec, setup)

@@ -158,10 +158,10 @@ REDUCTION_STREAM = 3   # DeepSpeedZeroOptimizer.reduction_stream (overlap_comm)
 
 @record
 class ZeroPartitions:
-    """One GPU of DeepSpeed ZeRO-2 without offload (deepspeed/runtime/zero/stage_1_and_2.py
-    DeepSpeedZeroOptimizer, partition_gradients, contiguous_gradients; docs/allocator.md#zero-2-stream),
-    in bytes: `flat` the 16-bit flat buffer of every trainable parameter (bit16_groups_flat,
-    aligned), `part16` / `part32` this rank's partition in 16 / 32 bits, `ipg` one gradient bucket
+    """One GPU of DeepSpeed ZeRO-2 (deepspeed/runtime/zero/stage_1_and_2.py DeepSpeedZeroOptimizer,
+    partition_gradients, contiguous_gradients; docs/allocator.md#zero-2-stream), in bytes: `flat`
+    the 16-bit flat buffer of every trainable parameter (bit16_groups_flat, aligned), `part16` /
+    `part32` this rank's partition in 16 / 32 bits (no 32-bit one on the GPU when offloaded), `ipg` one gradient bucket
     (reduce_bucket_size elements, `ipg_buffers` of them: 2 with overlap_comm), `layer_grads` /
     `head_grads` the 16-bit gradients one decoder layer / the head makes (how fast the bucket fills),
     `states` the optimizer state tensors of the partition."""
@@ -175,6 +175,14 @@ class ZeroPartitions:
     head_grads: int
     states: tuple
     overlap_comm: bool = False
+    # offload_optimizer (docs/allocator.md#zero-2-cpu-offload): `staging` the GPU buffer of the
+    # largest trainable parameter (temp_grad_buffer_for_gpu_offload), `elem` bytes per gradient
+    # element, `slices` (arrival offset of the parameter's gradient in bytes, its elements in this
+    # rank's partition) in the order backward makes them
+    offload: bool = False
+    staging: int = 0
+    elem: int = 2
+    slices: tuple = ()
 
 
 def wrap_unit(make, drop, params, gpus: int, sync: bool, offload: bool = False) -> list:
@@ -662,9 +670,13 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         b.ops.append(EMPTY_CACHE)
         b.make([const(zero.flat)])
         clone = b.make([const(zero.part16)])
-        b.make([const(zero.part32)])
-        b.drop(clone)
-        b.drop(b.make([const(zero.part32)]))
+        if zero.offload:     # the fp32 partition is the clone moved to the CPU (self.device is 'cpu')
+            b.drop(clone)
+            b.make([const(zero.staging)])   # temp_grad_buffer_for_gpu_offload, for the whole run
+        else:
+            b.make([const(zero.part32)])
+            b.drop(clone)
+            b.drop(b.make([const(zero.part32)]))
         unit, root = None, None
         reduce_stream = REDUCTION_STREAM if zero.overlap_comm else DEFAULT_STREAM
         state_sizes, work_sizes = list(zero.states), []
@@ -867,15 +879,33 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         if zero is not None:     # DeepSpeedZeroOptimizer.backward: the ipg buffer(s), before loss.backward()
             ipg = b.make([const(zero.ipg)] * zero.ipg_buffers)
             filled, in_partition = 0, []
+            slices, reduced, norms = list(zero.slices), [0], []   # reduced: gradient bytes reduced so far
 
-            def reduce_ipg(nbytes: int) -> None:
+            def reduce_ipg(nbytes: int, last: bool = False) -> None:
                 """reduce_ipg_grads: average_tensor reduces the bucket to each rank in turn
                 (allreduce_bucket flattens that rank's slices: a new tensor, freed after), and
-                the first reduction makes grads_in_partition (copy_grads_in_partition)."""
+                the first reduction makes grads_in_partition (copy_grads_in_partition); offloaded,
+                each of the bucket's gradients in this rank's partition goes to the CPU instead."""
                 if nbytes:
                     b.drop(b.make([const(alloc(-(-nbytes // zero.gpus)))], reduce_stream))
-                if not in_partition:
+                if zero.offload:
+                    reduced[0] += nbytes
+                    while slices and (last or slices[0][0] < reduced[0]):
+                        offload_slice(slices.pop(0)[1])
+                elif not in_partition:
                     in_partition.extend(b.make([const(zero.part16)], reduce_stream))
+
+            def offload_slice(n: int) -> None:
+                """copy_grads_in_partition with offload_optimizer, one gradient accumulation step:
+                set_norm_for_param_grad_in_gpu (the slice cast to fp64 for its norm, a scalar
+                kept in norm_for_param_grads until the step's reset_cpu_buffers), then
+                async_inplace_copy_grad_to_fp32_buffer_from_gpu (the slice cast to fp32 on the
+                GPU before its copy to the CPU partition; none when it already is fp32)."""
+                wide = b.make([const(alloc(8 * n))], reduce_stream)
+                norms.extend(b.make([const(alloc(8))], reduce_stream))
+                b.drop(wide)
+                if zero.elem != 4:
+                    b.drop(b.make([const(alloc(4 * n))], reduce_stream))
 
             def fill(nbytes: int) -> int:
                 """reduce_independent_p_g_buckets_and_remove_grads: each gradient is copied into the
@@ -969,18 +999,21 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         if zero is not None:     # independent_gradient_partition_epilogue: the last bucket, the ipg buffers go
             release(grads)
             grads = []
-            reduce_ipg(filled)
+            reduce_ipg(filled, last=True)
             release(ipg)
         b.place("optimizer", "")
         if zero is not None:     # step(): flatten(averaged_gradients).to(fp32); its 16-bit flat and the
             # partition's gradients go; the optimizer's state on the first step; the fp32 gradient goes
-            flat16 = b.make([const(zero.part16)])
-            fp32_grad = b.make([const(zero.part32)])
-            release(flat16)
-            release(in_partition)
-            if step == 0:
-                gather(state_sizes, DEFAULT_STREAM)
-            release(fp32_grad)
+            if zero.offload:     # the step runs on the CPU; reset_cpu_buffers drops the norms
+                release(norms)
+            else:
+                flat16 = b.make([const(zero.part16)])
+                fp32_grad = b.make([const(zero.part32)])
+                release(flat16)
+                release(in_partition)
+                if step == 0:
+                    gather(state_sizes, DEFAULT_STREAM)
+                release(fp32_grad)
         else:
             if step == 0:
                 gather(state_sizes, DEFAULT_STREAM)

@@ -17,8 +17,8 @@ full_shard replays one GPU's run (the wrap phase, then the steps with all-gather
 reduce-scatters in their own CUDA streams: docs/allocator.md#fsdp-wrap, #fsdp-stream; with CPU
 offload, #fsdp-cpu-offload; SHARD_GRAD_OP, #fsdp-shard-grad-op), DDP its stream with the Reducer's
 buckets (docs/allocator.md#ddp-stream), ZeRO-2 its optimizer's flat buffer, partitions and gradient
-buckets (docs/allocator.md#zero-2-stream); ZeRO-3 and ZeRO-2 with offload carry the single-GPU
-replay's.
+buckets (docs/allocator.md#zero-2-stream; with offload_optimizer, #zero-2-cpu-offload); ZeRO-3
+carries the single-GPU replay's.
 
 The model is read for these recipes (the ones people run QLoRA with beyond one GPU):
 - FSDP as in Answer.AI's fsdp_qlora train.py and accelerate's FSDP plugin: one FSDP unit per
@@ -137,6 +137,11 @@ SRC_DS3_GATHER = ("deepspeed/runtime/zero/partitioned_param_coordinator.py: each
                   "elements of the trace stays gathered; the coordinator replayed over the step "
                   "(docs/allocator.md#zero-3-gathering)")
 SRC_DS_FUSED = "DeepSpeed FusedAdam / DeepSpeedCPUAdam update in fused multi-tensor kernels: no per-parameter workspace"
+SRC_DS_OFFLOAD2 = ("deepspeed/runtime/zero/stage_1_and_2.py with offload_optimizer: __init__ keeps "
+                   "temp_grad_buffer_for_gpu_offload (the largest trainable parameter) on the GPU; "
+                   "copy_grads_in_partition -> set_norm_for_param_grad_in_gpu casts each gradient slice of the "
+                   "partition to fp64 for its norm (kept until reset_cpu_buffers), then "
+                   "async_inplace_copy_grad_to_fp32_buffer_from_gpu casts it to fp32 for the copy to the CPU")
 SRC_DS_OFFLOAD = ("DeepSpeed offload_optimizer (ZeRO 1-3): fp32 master weights, moments and the step on CPU, "
                   "gradient partitions copied to pinned CPU memory; offload_param (ZeRO-3 only): parameter "
                   "partitions on CPU")
@@ -461,13 +466,13 @@ def smallest_per_gpu(spec: ModelSpec, setup: TrainSetup, parallel: Parallel, gpu
 
 
 def replays_own_stream(parallel: Parallel) -> bool:
-    """FSDP (full_shard or SHARD_GRAD_OP, with or without CPU offload), ZeRO-2 without offload,
-    and DDP without gradient_as_bucket_view replay one GPU's own allocation stream for their
-    allocator slack (fsdp_slack, zero_slack, ddp_slack); the other engines carry the single-GPU
-    replay's slack."""
+    """FSDP (full_shard or SHARD_GRAD_OP, with or without CPU offload), ZeRO-2 (with or without
+    offload_optimizer), and DDP without gradient_as_bucket_view replay one GPU's own allocation
+    stream for their allocator slack (fsdp_slack, zero_slack, ddp_slack); the other engines carry
+    the single-GPU replay's slack."""
     if parallel.gpus < 2:
         return False
-    return (parallel.strategy in FSDP or (parallel.strategy == "zero2" and parallel.offload == "none")
+    return (parallel.strategy in FSDP or parallel.strategy == "zero2"
             or (parallel.strategy == "ddp" and not parallel.gradient_as_bucket_view))
 
 
@@ -496,7 +501,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
     phase_components (and moments, when it has them), cuda_context_bytes,
     allocator_overhead_bytes, paged_optimizer_bytes and trainable_params) over `parallel`. FSDP,
-    ZeRO-2 without offload, and DDP replay one GPU's own allocation stream for their allocator
+    ZeRO-2, and DDP replay one GPU's own allocation stream for their allocator
     slack (`fsdp_slack`, `zero_slack`, `ddp_slack`, unless `replay` is False), against `gpu` when
     given (need=False: after an allocator OOM against it, the unlimited replay is not run:
     estimator.card_replay); other engines carry the single-GPU replay's slack."""
@@ -511,11 +516,13 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     # (Llama-2-7B LoRA 4 x 2048, 2-way FSDP: backward's top layer, not its loss, by 0.45 GiB).
     moments = getattr(base, "moments", None) or base.phase_components
     gathered = _zero3_gathered(spec, setup, sp, parallel) if parallel.strategy == "zero3" else {}
+    offload = (zero2_offload(spec, setup, sp, parallel)
+               if parallel.strategy == "zero2" and parallel.offloaded and parallel.gpus > 1 else None)
     for moment, comps in moments.items():
         name = phase_of(moment)
         at = gathered.get(moment) or max((v for k, v in gathered.items() if phase_of(k) == name), key=sum,
                                          default=(0, 0))
-        terms, cpu_phase = _phase_terms(name, comps, sp, parallel, at)
+        terms, cpu_phase = _phase_terms(name, comps, sp, parallel, at, offload)
         parts = dict.fromkeys(ALLOCATED_NAMES, 0)
         for t in terms:
             parts[t.component] += t.bytes
@@ -635,21 +642,37 @@ def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
     return replay_slack(r, peak), oom
 
 
-def ddp_trainable(spec: ModelSpec, setup: TrainSetup, sp: Splits) -> tuple:
-    """The trainable parameters' bytes in module order, one size each (their gradients, the
-    Reducer's bucket contents): per decoder layer each adapted Linear's lora_A, lora_B
+def trainable_numels(spec: ModelSpec, setup: TrainSetup) -> list[int]:
+    """The trainable parameters' elements in module order (model.parameters(), what DDP's Reducer
+    and DeepSpeed's flat buffer see): per decoder layer each adapted Linear's lora_A, lora_B
     (inventory.lora_shapes) and the experts' LoRA tensors, then lm_head's; full fine-tuning:
-    embeddings, each layer's weights and norms (unit_params), final norm, lm_head. What this
-    list misses of the inventory's gradients is one more parameter at the end."""
+    embeddings, each layer's Linears (weight, bias) and norms, final norm, lm_head (untied)."""
     if setup.uses_adapters:
-        ab = adapter_bytes(setup)
         layer, head = [], []
         for lin in adapted_linears(spec, setup):
-            shapes = [alloc(numel(shape) * ab) for shape in lora_shapes(lin, setup.rank)]
-            (head if lin.name == "lm_head" else layer).extend(shapes)
+            (head if lin.name == "lm_head" else layer).extend(numel(shape) for shape in lora_shapes(lin, setup.rank))
         for shape, count in expert_lora_shapes(spec, setup):
-            layer += [alloc(numel(shape) * ab)] * count
-        return _exact(layer * spec.layers + head, sp.gradients)
+            layer += [numel(shape)] * count
+        return layer * spec.layers + head
+    out = [spec.vocab * spec.hidden]
+    for i in range(spec.layers):
+        skip = "moe" if spec.is_dense(i) else "dense"
+        for lin in spec.layer_linears:
+            if lin.where != skip:
+                out += [lin.numel] + ([lin.out_features] if lin.bias else [])
+        out += [spec.hidden] * spec.arch.norms_per_layer
+    out.append(spec.hidden)
+    return out if spec.tied else out + [spec.vocab * spec.hidden]
+
+
+def ddp_trainable(spec: ModelSpec, setup: TrainSetup, sp: Splits) -> tuple:
+    """The trainable parameters' bytes in module order, one size each (their gradients, the
+    Reducer's bucket contents): trainable_numels; full fine-tuning as unit_params lays each
+    layer's weights out. What this list misses of the inventory's gradients is one more parameter
+    at the end."""
+    if setup.uses_adapters:
+        ab = adapter_bytes(setup)
+        return _exact([alloc(n * ab) for n in trainable_numels(spec, setup)], sp.gradients)
     root = _root_params(spec, setup)
     layers = [p for i in range(spec.layers) for p in _frozen_params(spec, setup, spec.is_dense(i))]
     return _exact(root[:1] + layers + root[1:], sp.gradients)
@@ -703,17 +726,51 @@ def zero_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Pa
             + spec.hidden * spec.arch.norms_per_layer
         head = 0 if spec.tied else spec.vocab * spec.hidden
     states = round(sp.ds_optimizer / sp.ds_master) if sp.ds_master else 0
-    return ZeroPartitions(N, alloc(flat_elems * elem), alloc(part * elem), alloc(part * 4),
+    if not parallel.offloaded:
+        return ZeroPartitions(N, alloc(flat_elems * elem), alloc(part * elem), alloc(part * 4),
+                              alloc(parallel.reduce_bucket_size * elem), 2 if parallel.ds_overlap_comm else 1,
+                              layer * elem, head * elem, (alloc(part * 4),) * states, parallel.ds_overlap_comm)
+    # offload_optimizer: the fp32 partition, its gradient and the optimizer's state live on the CPU;
+    # what stays on the GPU is the staging buffer of the largest trainable parameter
+    # (temp_grad_buffer_for_gpu_offload) and, per parameter slice of the partition reduced, the
+    # gradient-norm and fp32 copies of copy_grads_in_partition. The rank modelled is the last: its
+    # partition (the top of the model) is reduced first, while backward still holds most activations.
+    staging, slices = zero2_offload(spec, setup, sp, parallel)
+    return ZeroPartitions(N, alloc(flat_elems * elem), alloc(part * elem), 0,
                           alloc(parallel.reduce_bucket_size * elem), 2 if parallel.ds_overlap_comm else 1,
-                          layer * elem, head * elem, (alloc(part * 4),) * states, parallel.ds_overlap_comm)
+                          layer * elem, head * elem, (), parallel.ds_overlap_comm,
+                          offload=True, staging=staging, elem=elem, slices=slices)
+
+
+@lru_cache(maxsize=64)
+def zero2_offload(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Parallel) -> tuple[int, tuple]:
+    """What ZeRO-2's offload_optimizer keeps on one GPU (stage_1_and_2.py): the staging buffer of
+    the largest trainable parameter in bytes (temp_grad_buffer_for_gpu_offload, held for the
+    run), and the slices of the gradients in this rank's partition as (arrival offset in bytes,
+    elements), in the order backward makes them (reverse module order). The rank is the last:
+    its partition (the top of the model) is reduced first, while backward still holds most
+    activations. Partitions as zero_partitions cuts them."""
+    N, elem = parallel.gpus, sp.ds_elem
+    E = sum(numel(shape) * k for shape, k in static_memory(spec, setup).trainable_shapes)
+    part = -(-E // (2 * N)) * 2
+    numels = _exact(trainable_numels(spec, setup), E)
+    lo, hi = (N - 1) * part, N * part
+    slices, arrived, start = [], 0, E
+    for n in reversed(numels):
+        start -= n
+        inside = min(start + n, hi) - max(start, lo)
+        if inside > 0:
+            slices.append((arrived * elem, inside))
+        arrived += n
+    return alloc(max(numels, default=0) * elem), tuple(slices)
 
 
 def zero_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
                need: bool = True) -> tuple[int, dict | None]:
-    """fsdp_slack for one GPU of ZeRO-2 without offload: the single-GPU stream with the engine's
-    construction (trainable parameters out to the CPU, empty_cache, the flat 16-bit buffer, the
-    fp32 partition), its gradient buckets in backward, and its step (estimate/_events.py
-    ZeroPartitions, docs/allocator.md#zero-2-stream)."""
+    """fsdp_slack for one GPU of ZeRO-2: the single-GPU stream with the engine's construction
+    (trainable parameters out to the CPU, empty_cache, the flat 16-bit buffer, the fp32 partition
+    or, offloaded, the staging buffer), its gradient buckets in backward, and its step
+    (estimate/_events.py ZeroPartitions, docs/allocator.md#zero-2-stream, #zero-2-cpu-offload)."""
     from vramplan.estimate._estimator import card_replay
 
     spec, setup = base.model, base.setup
@@ -758,12 +815,13 @@ def _zero3_gathered(spec: ModelSpec, setup: TrainSetup, sp: Splits, p: Parallel)
 
 
 def _phase_terms(phase: str, c: dict, sp: Splits, p: Parallel,
-                 gathered: tuple[int, int] = (0, 0)) -> tuple[list[Term], int]:
+                 gathered: tuple[int, int] = (0, 0), offload: tuple | None = None) -> tuple[list[Term], int]:
     """Terms of one estimator phase on one GPU, and the bytes this rank keeps on the CPU.
 
     The phase kind decides what is gathered: "optimizer" (nothing), a loss moment (logits
     alive: the root unit only) or a layer moment (root + two units); ZeRO-3's `gathered`
-    (frozen, trainable) bytes come from its coordinator's replay (_zero3_gathered)."""
+    (frozen, trainable) bytes come from its coordinator's replay (_zero3_gathered); ZeRO-2's
+    `offload` is what offload_optimizer keeps on the GPU (zero2_offload)."""
     s = p.strategy
     kind = "optimizer" if phase == "optimizer" else ("loss" if c[C.LOGITS_LOSS.value] else "layer")
     rank = _Rank(p.offloaded)
@@ -795,7 +853,7 @@ def _phase_terms(phase: str, c: dict, sp: Splits, p: Parallel,
         if s in FSDP:
             _fsdp_terms(rank, kind, phase == "backward", c, sp, p)
         else:
-            _zero_terms(rank, kind, phase == "backward", c, sp, p, gathered)
+            _zero_terms(rank, kind, phase == "backward", c, sp, p, gathered, offload)
     return rank.terms, rank.cpu
 
 
@@ -863,7 +921,7 @@ def _fsdp_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: 
 
 
 def _zero_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: Parallel,
-                gathered: tuple[int, int] = (0, 0)) -> None:
+                gathered: tuple[int, int] = (0, 0), offload: tuple | None = None) -> None:
     N, stage3, elem = p.gpus, p.strategy == "zero3", sp.ds_elem
     add, shard = rank.add, rank.shard
     # Trainable parameters after the engine's 16-bit cast. LoRA: the adapters; full: the weights.
@@ -906,6 +964,16 @@ def _zero_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: 
             buffers = 2 if p.ds_overlap_comm else 1
             add(C.GRADIENTS, f"{buffers} contiguous reduce bucket(s) (reduce_bucket_size)", "bucket",
                 buffers * alloc(p.reduce_bucket_size * elem), SRC_DS_IPG2)
+        if offload:
+            staging, slices = offload
+            add(C.GRADIENTS, "offload staging buffer (the largest trainable parameter)", "per rank", staging,
+                SRC_DS_OFFLOAD2)
+            # each slice's fp64 and fp32 copies come and go while buckets are reduced, between the
+            # moments the terms take: one GPU's replay (zero_slack) places them, and its peak
+            # reserved is the device total
+            if backward and slices:
+                add(C.GRADIENTS, "gradient norms of the partition, kept for the step", "per rank",
+                    len(slices) * alloc(8), SRC_DS_OFFLOAD2)
     shard(C.OPTIMIZER_STATE, "fp32 master weights + moments of the partition",
           _ceil_div(sp.ds_master + sp.ds_optimizer, N), SRC_DS_MASTER)
     if kind == "optimizer":
@@ -960,9 +1028,11 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
                        "(prefetch, reuse distance, checkpoint recomputation), in a step after the first "
                        "(docs/allocator.md#zero-3-gathering)")
         out.append("optimizer step: " + SRC_DS_FUSED)
-        if s == "zero2" and not parallel.offloaded:
+        if s == "zero2":
             out.append("allocator: the engine's construction (trainable parameters to the CPU, empty_cache, the flat "
-                       "16-bit buffer), its gradient buckets and step replayed (docs/allocator.md#zero-2-stream)")
+                       "16-bit buffer), its gradient buckets and step replayed (docs/allocator.md#zero-2-stream)"
+                       + ("; offloaded, the staging buffer and each gradient slice's fp64 norm and fp32 copies "
+                          "(#zero-2-cpu-offload)" if parallel.offloaded else ""))
         if parallel.offloaded:
             out.append("offload_optimizer: cpu" + (" and offload_param: cpu" if s == "zero3" else ""))
         if setup.paged:
