@@ -460,4 +460,11 @@ def test_fsdp_setup_that_does_not_fit_names_the_smallest_card_per_gpu():
     step = max(SMALLEST_CARD_STEP, est.device_total_bytes // SMALLEST_CARD_STEPS)
     assert per_gpu(spec, setup, par, gpu=f"{(card - step) // mib}MiB").status == "no"
     assert smallest_per_gpu(spec, TrainSetup(), par, resolve_gpu("16GB")) is None                 # it fits
-    assert smallest_per_gpu(spec, setup, Parallel(2, "zero3"), resolve_gpu("16GB")) is None    # no own stream
+    offloaded = Parallel(2, "zero3", offload="cpu")
+    assert smallest_per_gpu(spec, setup, offloaded, resolve_gpu("16GB")) is None    # no own stream
+    # ZeRO-3 replays its own stream too (docs/allocator.md#zero-3-stream)
+    z3 = per_gpu(spec, setup, Parallel(2, "zero3"), gpu="16GB")
+    card = smallest_per_gpu(spec, setup, Parallel(2, "zero3"), resolve_gpu("16GB"))
+    assert z3.status == "no" and card is not None
+    assert z3.peak_allocated_bytes + z3.cuda_context_bytes + z3.comm_bytes < card <= z3.device_total_bytes
+    assert per_gpu(spec, setup, Parallel(2, "zero3"), gpu=f"{-(-card // mib)}MiB").status != "no"

@@ -153,7 +153,28 @@ def ddp_buckets(states, trainable, first: int = DDP_FIRST_BUCKET, cap: int = DDP
     return DdpBuckets(tuple(states), tuple(at_init), tuple(rebuilt))
 
 
-REDUCTION_STREAM = 3   # DeepSpeedZeroOptimizer.reduction_stream (overlap_comm)
+REDUCTION_STREAM = 3   # DeepSpeedZeroOptimizer.reduction_stream (overlap_comm); stage 3's reduce_and_partition_stream
+DS_ALLGATHER_STREAM = 5   # ZeRO-3's parameter all-gathers (PartitionedParameterCoordinator.__allgather_stream)
+
+
+@record
+class Zero3Params:
+    """What one GPU of DeepSpeed ZeRO-3 holds of the model (docs/allocator.md#zero-3-stream), in
+    bytes: `load` every tensor loading under zero.Init leaves (each frozen parameter's partition,
+    the persistent ones also whole; the bitsandbytes constants and buffers whole); `adapters`
+    (LoRA: each trainable tensor whole as peft makes it, paired with its partition, which
+    deepspeed.initialize makes before freeing it; full fine-tuning: each partition, made at
+    load); `kept` the trainable tensors under the persistence threshold, whole for the run;
+    `grads` grad_partitions_flat_buffer; `first` / `steady` the all-gathers and releases of the
+    first step and of the steps after it (plan/_zero3.py gather_segments); `groups` the optimizer's
+    sub-groups, each with its fp32 master, gradient and state (stage3.py sub_group_size)."""
+    load: tuple
+    adapters: tuple     # (whole or 0, partition) per trainable tensor
+    kept: tuple
+    grads: int
+    first: tuple
+    steady: tuple
+    groups: tuple = ()  # elements of each optimizer sub-group (_create_fp16_sub_groups)
 
 
 @record
@@ -183,6 +204,9 @@ class ZeroPartitions:
     staging: int = 0
     elem: int = 2
     slices: tuple = ()
+    # ZeRO-3 (docs/allocator.md#zero-3-stream): `flat` is then the defragmented buffer of this
+    # rank's trainable partitions, `part16` / `part32` their elements in 16 / 32 bits
+    stage3: Zero3Params | None = None
 
 
 def wrap_unit(make, drop, params, gpus: int, sync: bool, offload: bool = False) -> list:
@@ -228,6 +252,24 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
     return model + adapters + rest
 
 
+def linear_tensors(setup: TrainSetup, linear) -> tuple[int, list[int]]:
+    """(the weight's bytes, its bitsandbytes constants' bytes one tensor each) of one Linear:
+    int8's weight and SCB; NF4/FP4's packed weight and quant_state (absmax, or with double
+    quantization the uint8 absmax, its float32 absmax, code, offset and the state's own
+    64-byte tensor: docs/bitsandbytes.md); a 16-bit weight alone."""
+    if setup.quantized and setup.quant == "int8":
+        q = layout_int8(linear.in_features, linear.out_features)
+        return q.weight, [q.constants]
+    if setup.quantized:
+        numel_ = linear.in_features * linear.out_features
+        q = layout_4bit(numel_, setup.double_quant)
+        blocks = -(-numel_ // 64)
+        parts = ([alloc(blocks), alloc(4 * -(-blocks // 256)), alloc(1024), alloc(4), alloc(64)]
+                 if setup.double_quant else [alloc(4 * blocks), alloc(64)])
+        return q.weight, parts if sum(parts) == q.constants else [q.constants]
+    return alloc(linear.numel * weight_bytes(setup)), []
+
+
 def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[list, list, list]:
     """static_sizes in three parts: the model's tensors (weights, bitsandbytes constants, norms,
     embeddings), the LoRA tensors, and what the inventory counts beyond them (one more tensor)."""
@@ -244,18 +286,8 @@ def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[li
         for linear in spec.layer_linears:
             if linear.where != "all" and dense != (linear.where == "dense"):
                 continue
-            if setup.quantized and setup.quant == "int8":
-                q = layout_int8(linear.in_features, linear.out_features)
-                layer += [q.weight, q.constants]
-            elif setup.quantized:
-                numel_ = linear.in_features * linear.out_features
-                q = layout_4bit(numel_, setup.double_quant)
-                blocks = -(-numel_ // 64)
-                parts = ([alloc(blocks), alloc(4 * -(-blocks // 256)), alloc(1024), alloc(4), alloc(64)]
-                         if setup.double_quant else [alloc(4 * blocks), alloc(64)])
-                layer += [q.weight] + (parts if sum(parts) == q.constants else [q.constants])
-            else:
-                layer.append(alloc(linear.numel * wb))
+            weight, constants = linear_tensors(setup, linear)
+            layer += [weight] + constants
             if linear.bias:
                 layer.append(alloc(linear.out_features * bias_bytes(setup)))
         return layer
@@ -653,7 +685,40 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     const = slots.const
     b.place("load", "")
     state_sizes, work_sizes = optimizer_sizes(setup, static)
-    if zero is not None:
+    z3 = zero.stage3 if zero is not None else None
+    if z3 is not None:
+        # ZeRO-3 (docs/allocator.md#zero-3-stream): the model loaded under zero.Init (partitions);
+        # peft's LoRA tensors whole, each partitioned by deepspeed.initialize (its partition made,
+        # the tensor freed); DeepSpeedZeroOptimizer_Stage3.__init__: defragment moves the trainable
+        # partitions to the CPU, empty_cache(), and back as one flat buffer; each fp32 partition is
+        # `fp16_flat.to(fp32).clone()`; initialize_optimizer_states makes and drops an fp32
+        # gradient buffer; the ipg bucket and grad_partitions_flat_buffer stay for the run.
+        b.make([const(n) for n in z3.load if n > 0])
+        whole = [b.make([const(n or part)]) for n, part in z3.adapters]
+        b.place("wrap", "")
+        parts = []
+        for (n, part), keys in zip(z3.adapters, whole):
+            if n:                # LoRA: the tensor whole until its partition exists
+                parts += b.make([const(part)])
+                b.drop(keys)
+            else:                # full fine-tuning: loaded as its partition
+                parts += keys
+        b.drop(parts)
+        b.ops.append(EMPTY_CACHE)
+        b.make([const(zero.flat)])
+        for n in z3.groups:          # _create_fp32_partitions, per sub-group
+            converted = b.make([const(alloc(4 * n))])
+            b.make([const(alloc(4 * n))])
+            b.drop(converted)
+        b.drop(b.make([const(alloc(4 * max(z3.groups, default=0)))]))   # initialize_optimizer_states
+        b.make([const(zero.ipg)] * zero.ipg_buffers)
+        b.make([const(z3.grads)])
+        # the persistent trainable parameters, gathered whole at their first use and kept
+        b.make([const(n) for n in z3.kept if n > 0])
+        unit, root = None, None
+        reduce_stream = REDUCTION_STREAM
+        state_sizes, work_sizes = list(zero.states), []
+    elif zero is not None:
         # DeepSpeedZeroOptimizer.__init__ (docs/allocator.md#zero-2-stream): the trainable
         # parameters (LoRA tensors; every model tensor in full fine-tuning) go to the CPU, each
         # left a `torch.empty(1)` on the GPU, empty_cache(); the flat 16-bit buffer comes back
@@ -800,9 +865,23 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     # or Granite's raw embedding output (the `leaf` cell)
     graph_leaf = ("raw" if spec.arch.scaled_residuals else "input") if held_graph_leaf(spec, setup) else None
     leaf_keys: list = []
+    live_gathers: dict = {}
+
+    def gathers(segment) -> None:
+        """ZeRO-3: this stretch of the step's all-gathers and releases, in their own stream
+        (plan/_zero3.py gather_segments), where the stream reaches it."""
+        for sign, name, n in step_gathers.get(segment, ()):
+            if sign > 0:
+                live_gathers[name] = b.make([const(n)], DS_ALLGATHER_STREAM)
+            else:
+                b.drop(live_gathers.pop(name))
+    step_gathers: dict = {}
     for step in range(steps):
         b.place("forward", "")
         keys = b.make(data)
+        if z3 is not None:
+            step_gathers = dict(z3.first if step == 0 else z3.steady)
+        gathers(("forward", "prefix"))
         if ddp is not None and step == 1:    # Reducer::rebuild_buckets, once, in the second forward
             b.drop(buckets)
             buckets = b.make([const(n) for n in ddp.rebuilt if n > 0])
@@ -838,6 +917,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         for i in range(L):
             t = stack[i]
             b.place("forward", f"layers.{i}")
+            gathers(("forward", i))
             gathered = unshard(unit(i)) if fsdp else []
             inst = _Instance(b, t, {t.names["x"]: x})      # tape ids are per template
             fwd, fwd_blas = forwards[id(t)], forward_blas[id(t)]
@@ -861,6 +941,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             inst.keys["int8_ctx"] = b.new(cell("ctx"))
             layers.append(inst)
         b.place("forward", "lm_head")
+        gathers(("forward", "head"))
         head = _Instance(b, t_head, {t_head.names["x"]: x})
         head_fwd, head_blas = t_head.forward, t_head.blas[0]
         if embeds:
@@ -872,12 +953,15 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             head_fwd, head_blas = head_fwd[normed:], head_blas - normed if head_blas >= normed else -1
         if play(head, head_fwd, head_blas, forward_ws):
             b.new(workspace)      # no matmul found in the tapes: counted all the same (cuda/_cublas.py)
+        gathers(("forward", "head_done"))
         for inst in layers:      # the autocast region exits with the forward
             inst.run(inst.t.region_exit)
         release(held_prev)        # a plain loop rebinds `out` once model() returns
         b.place("backward", "loss")
+        gathers(("backward", "head"))
         if zero is not None:     # DeepSpeedZeroOptimizer.backward: the ipg buffer(s), before loss.backward()
-            ipg = b.make([const(zero.ipg)] * zero.ipg_buffers)
+            # (stage 3 made its bucket at init)
+            ipg = [] if z3 is not None else b.make([const(zero.ipg)] * zero.ipg_buffers)
             filled, in_partition = 0, []
             slices, reduced, norms = list(zero.slices), [0], []   # reduced: gradient bytes reduced so far
 
@@ -886,9 +970,12 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 (allreduce_bucket flattens that rank's slices: a new tensor, freed after), and
                 the first reduction makes grads_in_partition (copy_grads_in_partition); offloaded,
                 each of the bucket's gradients in this rank's partition goes to the CPU instead."""
-                if nbytes:
-                    b.drop(b.make([const(alloc(-(-nbytes // zero.gpus)))], reduce_stream))
-                if zero.offload:
+                if nbytes:       # stage 3: reduce_scatter_coalesced's padded flat copy of the bucket
+                    scattered = nbytes if z3 is not None else -(-nbytes // zero.gpus)
+                    b.drop(b.make([const(alloc(scattered))], reduce_stream))
+                if z3 is not None:   # partition_grads copies into grad_partitions_flat_buffer
+                    pass
+                elif zero.offload:
                     reduced[0] += nbytes
                     while slices and (last or slices[0][0] < reduced[0]):
                         offload_slice(slices.pop(0)[1])
@@ -916,6 +1003,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                     total -= zero.ipg
                 return total
         backward_ws = play(head, t_head.backward, t_head.blas[1], backward_ws)
+        gathers(("backward", "head_done"))
         # the new `out` (ops.held_outputs), made in the forward, lives on through the optimizer
         # step and the next forward
         held_prev = [key for tid in held_tids for key in head.take(tid)]
@@ -935,6 +1023,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         for i in reversed(range(L)):
             inst = layers[i]
             b.place("backward", f"layers.{i}")
+            gathers(("backward", i))
             if fsdp and not fsdp.reshard_after_forward:   # still unsharded since its forward
                 gathered = kept_units.pop()
             elif fsdp:   # this unit unsharded (prefetched by the one above), the next one prefetched
@@ -961,6 +1050,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             if i == 0 and graph_leaf == "input":   # the embedding leaf, held by the graph `out` keeps
                 leaf_keys = inst.take(inst.t.names["x"])
             _free_all(b, inst)       # the checkpoint's saved input and whatever the tape leaves
+        gathers(("backward", "end"))
         if backward_ws:
             b.new(workspace)      # no matmul found in the tapes: counted all the same (cuda/_cublas.py)
         if lm_grad:
@@ -1006,6 +1096,15 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             # partition's gradients go; the optimizer's state on the first step; the fp32 gradient goes
             if zero.offload:     # the step runs on the CPU; reset_cpu_buffers drops the norms
                 release(norms)
+            elif z3 is not None:     # per sub-group (_prepare_fp32_grad_for_sub_group, _optimizer_step,
+                # _release_sub_group): its 16-bit flat, fp32 gradient, state on the first step
+                for n in z3.groups:
+                    flat16 = b.make([const(alloc(zero.elem * n))])
+                    fp32_grad = b.make([const(alloc(4 * n))])
+                    release(flat16)
+                    if step == 0:
+                        gather([alloc(4 * n)] * len(zero.states), DEFAULT_STREAM)
+                    release(fp32_grad)
             else:
                 flat16 = b.make([const(zero.part16)])
                 fp32_grad = b.make([const(zero.part32)])

@@ -49,7 +49,8 @@ from vramplan.core._models import ModelSpec, resolve
 from vramplan.estimate._quant import alloc, layout
 from vramplan.core._setup import TrainSetup, apply_flags
 from vramplan.core._units import MiB
-from vramplan.plan._zero3 import DS_MAX_LIVE_PARAMETERS, DS_MAX_REUSE_DISTANCE, gathered_at_moments
+from vramplan.plan._zero3 import (DS_MAX_LIVE_PARAMETERS, DS_MAX_REUSE_DISTANCE, gather_segments,
+                                  gathered_at_moments, step_trace)
 
 C = Component
 
@@ -128,7 +129,8 @@ SRC_DS_IPG3 = ("deepspeed/runtime/zero/stage3.py __init__: contiguous_gradients 
                "__ipg_bucket_flat_buffer = torch.empty(reduce_bucket_size) for the whole run")
 SRC_DS_GRAD3 = ("deepspeed/runtime/zero/stage3.py: grad_partitions_flat_buffer holds the 1/N gradient "
                 "partition of every trainable parameter from init on; step() makes an fp32 copy per "
-                "sub_group (sub_group_size 1e9 elements)")
+                "sub_group (sub_group_size 1e9 elements): _prepare_fp32_grad_for_sub_group "
+                "self.flatten(averaged_gradients).to(fp32), a 16-bit flat first")
 SRC_DS3_PARAMS = ("deepspeed/runtime/zero/config.py: parameters above stage3_param_persistence_threshold "
                   "(1e5 elements) are partitioned 1/N, smaller ones stay whole on every GPU")
 SRC_DS3_GATHER = ("deepspeed/runtime/zero/partitioned_param_coordinator.py: each module's parameters are "
@@ -473,12 +475,14 @@ def replays_own_stream(parallel: Parallel) -> bool:
     if parallel.gpus < 2:
         return False
     return (parallel.strategy in FSDP or parallel.strategy == "zero2"
+            or (parallel.strategy == "zero3" and not parallel.offloaded)
             or (parallel.strategy == "ddp" and not parallel.gradient_as_bucket_view))
 
 
 def own_stream_slack(parallel: Parallel):
     """The replay of one GPU's own stream for an engine that has one (replays_own_stream)."""
-    return {"fsdp": fsdp_slack, "fsdp_grad_op": fsdp_slack, "ddp": ddp_slack, "zero2": zero_slack}[parallel.strategy]
+    return {"fsdp": fsdp_slack, "fsdp_grad_op": fsdp_slack, "ddp": ddp_slack, "zero2": zero_slack,
+            "zero3": zero_slack}[parallel.strategy]
 
 
 def base_estimate(spec: ModelSpec, run: TrainSetup, parallel: Parallel, gpu: Gpu | None, alloc_conf=None,
@@ -706,25 +710,15 @@ def zero_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Pa
     partition-size fp32 tensors as the engine's optimizer keeps per fp32 master element (Adam: 2)."""
     from vramplan.estimate._events import ZeroPartitions
 
+    if parallel.strategy == "zero3":
+        return zero3_partitions(spec, setup, sp, parallel)
     N, elem = parallel.gpus, sp.ds_elem
     shapes = dict(static_memory(spec, setup).trainable_shapes)
     E = sum(numel(shape) * k for shape, k in shapes.items())
     align = 2 * N
     flat_elems = -(-E // align) * align
     part = flat_elems // N
-    if setup.uses_adapters:
-        layer, head = 0, 0
-        for lin in adapted_linears(spec, setup):
-            n = sum(numel(shape) for shape in lora_shapes(lin, setup.rank))
-            if lin.name == "lm_head":
-                head += n
-            else:
-                layer += n * spec.count(lin) // max(1, spec.layers)
-        layer += sum(numel(shape) * count for shape, count in expert_lora_shapes(spec, setup))
-    else:
-        layer = sum(lin.numel for lin in spec.layer_linears if lin.where != "dense") \
-            + spec.hidden * spec.arch.norms_per_layer
-        head = 0 if spec.tied else spec.vocab * spec.hidden
+    layer, head = _grads_per_layer(spec, setup)
     states = round(sp.ds_optimizer / sp.ds_master) if sp.ds_master else 0
     if not parallel.offloaded:
         return ZeroPartitions(N, alloc(flat_elems * elem), alloc(part * elem), alloc(part * 4),
@@ -740,6 +734,70 @@ def zero_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Pa
                           alloc(parallel.reduce_bucket_size * elem), 2 if parallel.ds_overlap_comm else 1,
                           layer * elem, head * elem, (), parallel.ds_overlap_comm,
                           offload=True, staging=staging, elem=elem, slices=slices)
+
+
+def _grads_per_layer(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
+    """(elements of trainable gradients one decoder layer makes, those the head makes): how fast
+    backward fills DeepSpeed's gradient bucket."""
+    if setup.uses_adapters:
+        layer, head = 0, 0
+        for lin in adapted_linears(spec, setup):
+            n = sum(numel(shape) for shape in lora_shapes(lin, setup.rank))
+            if lin.name == "lm_head":
+                head += n
+            else:
+                layer += n * spec.count(lin) // max(1, spec.layers)
+        return layer + sum(numel(shape) * count for shape, count in expert_lora_shapes(spec, setup)), head
+    layer = sum(lin.numel for lin in spec.layer_linears if lin.where != "dense") + spec.hidden * spec.arch.norms_per_layer
+    return layer, 0 if spec.tied else spec.vocab * spec.hidden
+
+
+@lru_cache(maxsize=64)
+def zero3_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Parallel) -> "ZeroPartitions":
+    """events.ZeroPartitions of one GPU of ZeRO-3 without offload (deepspeed/runtime/zero/stage3.py,
+    partition_parameters.py; docs/allocator.md#zero-3-stream), from the parameters as DeepSpeed's
+    coordinator sees them (plan/_zero3.py step_trace): each partition is ceil(numel / N) elements
+    (Init._partition_param, aligned to N); the bitsandbytes constants and buffers are not
+    parameters and stay whole; the optimizer keeps its partitions in one flat buffer
+    (defragment) and their fp32 masters; the gradient partitions live in
+    grad_partitions_flat_buffer (the 16-bit dtype: grad_accum_dtype unset is the model's); Adam's
+    two fp32 states per partition element; the all-gathers of the first step (trace incomplete)
+    and of the steps after it (gather_segments)."""
+    from vramplan.estimate._events import Zero3Params, ZeroPartitions, linear_tensors, static_parts
+
+    N, elem = parallel.gpus, sp.ds_elem
+    trace = step_trace(spec, setup.with_(batch=1, seq=1), parallel.param_persistence_threshold, elem)
+    part = lambda p: alloc(-(-p.numel // N) * elem)   # noqa: E731
+    load = []
+    for p in trace.params:
+        if p.frozen:
+            load.append(part(p))
+            if p.persistent:
+                load.append(p.nbytes)
+    if setup.quantized:
+        for lin in spec.layer_linears:
+            load += linear_tensors(setup, lin)[1] * spec.count(lin)
+    static = static_memory(spec, setup)
+    load += static_parts(spec, setup, static)[2]
+    trainable = [p for p in trace.params if not p.frozen]
+    adapters = tuple((p.nbytes if setup.uses_adapters else 0, part(p)) for p in trainable)
+    kept = tuple(p.nbytes for p in trainable if p.persistent)
+    elems = sum(-(-p.numel // N) for p in trainable)
+    groups, n = [], 0          # _create_fp16_sub_groups: parameters until sub_group_size is reached
+    for p in trainable:
+        n += -(-p.numel // N)
+        if n >= DS_SUB_GROUP:
+            groups.append(n)
+            n = 0
+    groups += [n] if n or not groups else []
+    states = round(sp.ds_optimizer / sp.ds_master) if sp.ds_master else 0
+    layer, head = _grads_per_layer(spec, setup)
+    segments = [gather_segments(trace, parallel.max_reuse_distance, parallel.prefetch_bucket_size,
+                                parallel.max_live_parameters, N, elem, first) for first in (True, False)]
+    z3 = Zero3Params(tuple(load), adapters, kept, alloc(elems * elem), *segments, tuple(groups))
+    return ZeroPartitions(N, alloc(elems * elem), alloc(elems * elem), alloc(elems * 4),
+                          alloc(parallel.reduce_bucket_size * elem), 1, layer * elem, head * elem,
+                          (alloc(elems * 4),) * states, True, elem=elem, stage3=z3)
 
 
 @lru_cache(maxsize=64)
@@ -977,9 +1035,11 @@ def _zero_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: 
     shard(C.OPTIMIZER_STATE, "fp32 master weights + moments of the partition",
           _ceil_div(sp.ds_master + sp.ds_optimizer, N), SRC_DS_MASTER)
     if kind == "optimizer":
-        if stage3:
-            fp32_grad = alloc(4 * min(_ceil_div(sp.trainable_params, N), DS_SUB_GROUP))
-            shard(C.GRADIENTS, "fp32 gradient partition for the step", fp32_grad, SRC_DS_GRAD3, 0)
+        if stage3:   # one sub-group at a time, flattened in 16 bits first
+            group = min(_ceil_div(sp.trainable_params, N), DS_SUB_GROUP)
+            shard(C.GRADIENTS, "fp32 gradient partition for the step", alloc(4 * group), SRC_DS_GRAD3, 0)
+            shard(C.GRADIENTS, "16-bit flattened gradient partition (cast source)", alloc(elem * group),
+                  SRC_DS_GRAD3, 0)
         else:
             # the whole partition at once (no sub-groups in stage 1/2), flattened in 16 bits first
             shard(C.GRADIENTS, "fp32 gradient partition for the step", alloc(4 * _ceil_div(sp.trainable_params, N)),

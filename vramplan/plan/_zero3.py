@@ -51,11 +51,13 @@ class StepTrace:
     """One training step as the coordinator sees it: `modules`, per fetch in order (the module
     trace it records), the ids of the parameters the module holds itself; `calls`: ("fetch" |
     "release", module name, its parameter ids, forward) in order; `spans`: call index ranges
-    [start, end) of the estimator's moments (estimate/_estimator.py step_moments)."""
+    [start, end) of the estimator's moments (estimate/_estimator.py step_moments); `marks`: (call
+    index, segment) where each stretch of the allocation stream starts (gather_segments)."""
     params: tuple
     modules: tuple
     calls: tuple
     spans: dict
+    marks: tuple = ()
 
 
 @record
@@ -127,8 +129,9 @@ def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, e
     layers = [_layer(spec, setup, i, make, adapted) for i in range(spec.layers)]
     norm = (make(spec.hidden, base_frozen),)
     head = embed if spec.tied else (make(spec.vocab * spec.hidden, base_frozen),)
+    norm_node = _Node("model.norm", norm)
     decoder = _Node("model", (), (_Node("model.embed_tokens", embed), _Node("model.rotary_emb", (), grad=False),
-                                  *layers, _Node("model.norm", norm)))
+                                  *layers, norm_node))
     root = _Node("", (), (decoder, _Node("lm_head", head)))
     if setup.uses_adapters:
         root = _Node("peft", (), (root,))
@@ -136,6 +139,9 @@ def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, e
     modules: list = []
     calls: list = []
     spans: dict = {}
+    marks: list = [(0, ("forward", "prefix"))]
+    layer_index = {id(node): i for i, node in enumerate(layers)}
+    recomputing = [False]
 
     def fetch(node: _Node, forward: bool) -> None:
         modules.append(node.params)
@@ -147,12 +153,18 @@ def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, e
     def forward(node: _Node, stop: _Node | None = None) -> bool:
         """The node's forward; True where it reached `stop` (the recomputation ends there)."""
         start = len(calls)
+        if not recomputing[0] and id(node) in layer_index:
+            marks.append((start, ("forward", layer_index[id(node)])))
+        elif not recomputing[0] and node is norm_node:
+            marks.append((start, ("forward", "head")))
         fetch(node, True)
         if node is stop:
             return True
         for child in node.children:
             if forward(child, stop):
                 return True
+        if node.name == "lm_head" and not recomputing[0]:   # the head's tape has run
+            marks.append((len(calls), ("forward", "head_done")))
         release(node, True)
         if node.name == "lm_head":
             spans["forward.loss"] = (start, len(calls))
@@ -164,15 +176,19 @@ def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, e
         if not node.grad:
             return
         start = len(calls)
+        if id(node) in layer_index:
+            marks.append((start, ("backward", layer_index[id(node)])))
         if setup.grad_ckpt and node in layers:
             path = [node]
             while path[-1].children:
                 path.append([c for c in path[-1].children if c.grad][-1])
             for n in path:
                 fetch(n, False)
+            recomputing[0] = True
             for child in node.children:
                 if forward(child, stop=path[-1]):
                     break
+            recomputing[0] = False
             release(path[-1], False)
             for parent, done in zip(reversed(path[:-1]), reversed(path[1:])):
                 for child in reversed(parent.children):
@@ -185,6 +201,8 @@ def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, e
                 return          # the end of backward: release_and_reset_all releases the rest
             for child in reversed(node.children):
                 backward(child)
+            if node.name == "lm_head":      # the head's backward tape has run
+                marks.append((len(calls), ("backward", "head_done")))
             release(node, False)
         if node.name == "lm_head":
             spans["backward.loss"] = (start, len(calls))
@@ -192,16 +210,21 @@ def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, e
             spans["backward.top_layer"] = (start, len(calls))
         if node is layers[0]:
             spans["backward.bottom_layer"] = (start, len(calls))
+            marks.append((len(calls), ("backward", "end")))
 
     forward(root)
+    marks.append((len(calls), ("backward", "head")))
     backward(root)
-    return StepTrace(tuple(params), tuple(modules), tuple(calls), spans)
+    return StepTrace(tuple(params), tuple(modules), tuple(calls), spans, tuple(marks))
 
 
-def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live: int) -> list[tuple[int, int]]:
+def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live: int,
+           first: bool = False, log: "_GatherLog | None" = None) -> list[tuple[int, int]]:
     """(frozen, trainable) bytes gathered after each call of `trace.calls`, in a step after the
     first (the trace is complete): PartitionedParameterCoordinator's fetch_sub_module and
-    release_sub_module, rule by rule (the module docstring)."""
+    release_sub_module, rule by rule (the module docstring). `first`: the first step, whose
+    trace is not complete yet: no prefetch, and release_sub_module releases every parameter of
+    the module. `log`: records the allocations the all-gathers make and free (_GatherLog)."""
     P, modules = trace.params, trace.modules
     queue = deque((p, k) for k, ids in enumerate(modules) for p in sorted(set(ids)))    # __param_order
     recent: dict = defaultdict(lambda: -10 ** 10)      # __most_recent_step_id_param_fetched_for
@@ -228,6 +251,8 @@ def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live
 
     def release(p) -> None:
         nonlocal live, frozen_bytes, trainable_bytes
+        if log is not None:
+            log.drop(p)
         gathered.discard(p)
         live -= P[p].numel
         if P[p].frozen:
@@ -252,14 +277,22 @@ def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live
         return i < len(at) and upto[at[i]] - upto[step] < reuse_distance
 
     def to_release(ids) -> set:
+        if first:
+            return {p for p in ids if not P[p].persistent}
         return {p for p in ids if not P[p].persistent and not recent[p] > step and not reused(p)}
 
     for kind, name, own, forward in trace.calls:
         ids = set(own)
+        if log is not None:
+            log.call()
         if kind == "fetch":
             if not forward:
                 in_backward = True
                 active_backward[name] = True     # a module fetched again keeps its place
+            if log is not None:     # one coalesced all-gather of what is not there, then each waited
+                log.issue(sorted(p for p in ids if not P[p].persistent and p not in gathered))
+                for p in sorted(ids):
+                    log.wait(p)
             gather(ids)
             for p in ids:
                 holders[p].add(name)
@@ -267,6 +300,10 @@ def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live
                     owner = next(reversed(active_backward))
                     recomputed[owner].add(p)
                     holders[p].add(owner)
+            if first:
+                step += 1
+                out.append((frozen_bytes, trainable_bytes))
+                continue
             fresh = {p for p in ids if recent[p] < step}
             popped: set = set()
             while queue and len(popped) < len(fresh):
@@ -282,6 +319,8 @@ def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live
                         chosen.add(p)
                         ahead += P[p].numel
                 gather(chosen)
+                if log is not None:
+                    log.issue(sorted(chosen))
             step += 1
         else:
             go = to_release(ids)
@@ -294,7 +333,76 @@ def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live
                 if p in go and p in gathered and not holders[p]:
                     release(p)
         out.append((frozen_bytes, trainable_bytes))
+    if log is not None:      # release_and_reset_all: what is in flight is waited, then all released
+        log.call()
+        for p in sorted(gathered):
+            log.wait(p)
+        for p in sorted(gathered):
+            release(p)
     return out
+
+
+class _GatherLog:
+    """The allocations of one GPU's all-gathers in a step, per call of the trace (and one last
+    entry for release_and_reset_all), as (+1, name, bytes) / (-1, name, 0), in DeepSpeed's order
+    (partition_parameters.py): a coalesced all-gather (_all_gather_dtype) allocates one flat
+    tensor of its parameters' padded partitions times N (torch.empty(partition_sz * world_size));
+    waiting for a parameter (AllGatherCoalescedHandle.wait) allocates its own tensor
+    (torch.cat of its N pieces, ds_numel elements), and the flat tensor goes once the last of its
+    parameters has been waited (the handle is then unreferenced); releasing a parameter
+    (free_param) frees its tensor. Persistent parameters are never gathered here."""
+
+    def __init__(self, params: tuple, gpus: int, elem: int):
+        self.params, self.gpus, self.elem = params, gpus, elem
+        self.calls: list = []
+        self.inflight: dict = {}    # parameter -> its all-gather
+        self.waiting: dict = {}     # all-gather -> its parameters not yet waited
+        self.available: set = set()
+        self.count = 0
+
+    def call(self) -> None:
+        self.calls.append([])
+
+    def issue(self, ids: list) -> None:
+        if not ids:
+            return
+        g = ("flat", self.count)
+        self.count += 1
+        self.waiting[g] = set(ids)
+        for p in ids:
+            self.inflight[p] = g
+        elems = sum(-(-self.params[p].numel // self.gpus) for p in ids) * self.gpus
+        self.calls[-1].append((1, g, alloc(elems * self.elem)))
+
+    def wait(self, p: int) -> None:
+        g = self.inflight.pop(p, None)
+        if g is None:
+            return
+        self.available.add(p)
+        self.calls[-1].append((1, p, self.params[p].nbytes))
+        self.waiting[g].discard(p)
+        if not self.waiting[g]:
+            del self.waiting[g]
+            self.calls[-1].append((-1, g, 0))
+
+    def drop(self, p: int) -> None:
+        if p in self.available:
+            self.available.discard(p)
+            self.calls[-1].append((-1, p, 0))
+
+
+def gather_segments(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live: int, gpus: int,
+                    elem: int, first: bool) -> tuple:
+    """One step's all-gather allocations (_GatherLog) cut where the allocation stream plays them:
+    ((segment, events), ...) with segment ("forward", "prefix" | layer index | "head" | "head_done")
+    or ("backward", "head" | "head_done" | layer index | "end"), each stretch of calls from its
+    mark to the next ("head_done" from lm_head's release on: the head's tape runs before it),
+    release_and_reset_all at the end of ("backward", "end")."""
+    log = _GatherLog(trace.params, gpus, elem)
+    replay(trace, reuse_distance, prefetch_bucket, max_live, first, log)
+    bounds = [at for at, _seg in trace.marks] + [len(log.calls)]
+    return tuple((seg, tuple(e for events in log.calls[bounds[k]:bounds[k + 1]] for e in events))
+                 for k, (_at, seg) in enumerate(trace.marks))
 
 
 def gathered_at_moments(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, elem: int,
