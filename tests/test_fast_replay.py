@@ -118,11 +118,12 @@ def test_one_pass_replay_of_ddp_streams():
         _assert_one_pass_equals_lumped(program, setup)
 
 
-def test_one_pass_replay_of_zero2_streams():
+def test_one_pass_replay_of_zero_streams():
     """ZeRO-2's construction (empty_cache included), gradient buckets and step, with and without
-    offload_optimizer."""
+    offload_optimizer; ZeRO-3's, with its all-gathers in their own stream."""
     spec = resolve("meta-llama/Llama-2-7b-hf")
-    for par, setup in ((par, setup) for par in (Parallel(2, "zero2"), Parallel(2, "zero2", offload="cpu"))
+    for par, setup in ((par, setup) for par in (Parallel(2, "zero2"), Parallel(2, "zero2", offload="cpu"),
+                                                Parallel(2, "zero3"))
                        for setup in (TrainSetup(method="lora", batch=2, seq=1024),
                                      TrainSetup(method="full", batch=1, seq=512))):
         setup = effective_setup(setup, par)

@@ -8,7 +8,7 @@ from vramplan.core._setup import TrainSetup
 from vramplan.cuda._alloc_conf import as_conf
 from vramplan.cuda._fast_replay import EMPTY_CACHE, replay_program
 from vramplan.cuda._reserved import replay_stream
-from vramplan.estimate._events import (DDP_BUCKET_CAP, DDP_FIRST_BUCKET, PARAM_BROADCAST_BUCKET,
+from vramplan.estimate._events import (DDP_BUCKET_CAP, DDP_FIRST_BUCKET, DS_ALLGATHER_STREAM, PARAM_BROADCAST_BUCKET,
                                        POST_BACKWARD_STREAM, PRE_UNSHARD_STREAM, UNSHARD_STREAM, FsdpShards,
                                        broadcast_buckets, bucket_assignment, compiled, ddp_buckets, wrap_unit)
 from vramplan.estimate._inventory import static_memory
@@ -363,6 +363,51 @@ def test_zero2_offload_replay_against_the_per_gpu_terms():
         else:
             assert abs(r.peak_allocated_bytes - terms) <= 0.01 * terms, method
         assert per.device_total_bytes == per.cuda_context_bytes + per.comm_bytes + max(r.peak_reserved_bytes, terms)
+
+
+def test_zero3_construction_by_hand():
+    # Llama-2-7B, LoRA r=8 on q_proj and v_proj over 2 GPUs: 128 LoRA tensors of 32,768 elements,
+    # all under the persistence threshold (1e5 elements): whole as peft makes them (64 KiB), each
+    # partitioned by deepspeed.initialize (16,384 elements, 32 KiB) and then freed; the
+    # partitions go to the CPU (defragment), empty_cache, and come back as one flat buffer
+    # (128 x 16,384 bf16 elements: 4 MiB), then its fp32 master (converted, cloned: 8 MiB each),
+    # the fp32 gradient buffer made and dropped, the bucket (5e8 bf16 elements), the gradient
+    # partitions (4 MiB), and the 128 whole tensors kept for the run
+    spec = resolve("meta-llama/Llama-2-7b")
+    par = Parallel(2, "zero3")
+    setup = effective_setup(TrainSetup(method="lora", rank=8, targets="q_proj,v_proj"), par)
+    z = zero_partitions(spec, setup, splits_for(spec, setup, par), par)
+    z3 = z.stage3
+    assert z3.adapters == ((64 * 1024, 32 * 1024),) * 128 and z3.kept == (64 * 1024,) * 128
+    assert (z.flat, z.part32, z3.grads, z3.groups) == (4 * MiB, 8 * MiB, 4 * MiB, (128 * 16_384,))
+    program = compiled(spec, setup, static_memory(spec, setup), zero=z)
+    wrap = next(i for i, phase, _m in program.places if phase == "wrap")
+    ops = program.ops[wrap:program.count_from]
+    cut = ops.index(EMPTY_CACHE)
+    made = [program.base[op] if op >= 0 else op for op in ops[:cut]]
+    assert [n for n in made if n > 0] == [32 * 1024] * 128 and sum(n < 0 for n in made) == 256
+    after = [program.base[op] if op >= 0 else op for op in ops[cut + 1:]]
+    assert after[:4] == [4 * MiB, 8 * MiB, 8 * MiB, after[3]] and after[3] < 0
+    assert after[4] == 8 * MiB and after[5] < 0 and after[6:8] == [10**9, 4 * MiB]
+    assert after[8:] == [64 * 1024] * 128
+    # the all-gathers are in their own stream: nothing of theirs shares a block with the step's
+    gathered = {key for key, stream in program.streams.items() if stream == DS_ALLGATHER_STREAM}
+    assert len(gathered) == sum(1 for _s, events in z3.first + z3.steady for sign, *_ in events if sign > 0)
+
+
+def test_zero3_replay_allocated_is_the_per_gpu_peak():
+    """The replayed ZeRO-3 step and the per-GPU terms count the same bytes (within 1%: blocks keep
+    unsplit remainders; the all-gathers of a decoder layer are played at its start)."""
+    spec = resolve("meta-llama/Llama-2-7b")
+    par = Parallel(2, "zero3")
+    for method in ("qlora", "lora", "full"):
+        per = per_gpu(spec, TrainSetup(method=method, batch=2, seq=1024), parallel=par)
+        setup = effective_setup(per.setup, par)
+        z = zero_partitions(spec, setup.with_(batch=1, seq=1), splits_for(spec, setup, par), par)
+        r, _ = reserved_peak(spec, setup, static_memory(spec, setup), alloc_conf="", zero=z)
+        assert abs(r.peak_allocated_bytes - per.peak_allocated_bytes) <= 0.01 * per.peak_allocated_bytes, method
+        assert per.device_total_bytes == per.cuda_context_bytes + per.comm_bytes + max(r.peak_reserved_bytes,
+                                                                                         per.peak_allocated_bytes)
 
 
 def test_zero2_replay_allocated_is_the_per_gpu_peak():

@@ -4,6 +4,7 @@ elements of partitioned parameters gathered after every fetch and release of a s
 under seven stage3 settings, with and without LoRA and checkpointing. The replay of the trace
 built from the model's config must give the same modules in the same order, and the same
 gathered elements after every call."""
+import dataclasses
 import gzip
 import json
 from pathlib import Path
@@ -72,3 +73,60 @@ def test_per_gpu_zero3_counts_the_gathered_parameters():
     assert (gathered["weights"], gathered["adapters"]) in at_peak.values()
     tighter = per_gpu(spec, setup, Parallel(2, "zero3", max_reuse_distance=0, max_live_parameters=0))
     assert tighter.peak_allocated_bytes < est.peak_allocated_bytes - 1024 ** 3
+
+
+def _two_modules():
+    """A hand-made trace: module a holds parameter 0 (1,000 elements), module b parameter 1 (3,001),
+    each fetched and released in turn; parameter 2 (10 elements) is persistent."""
+    from vramplan.plan._zero3 import Param, StepTrace
+    params = (Param(1000, 2048, True, False), Param(3001, 6144, True, False), Param(10, 512, True, True))
+    calls = (("fetch", "a", (0, 2), True), ("release", "a", (0, 2), True),
+             ("fetch", "b", (1,), True), ("release", "b", (1,), True))
+    return StepTrace(params, ((0, 2), (1,)), calls, {}, ((0, ("forward", "prefix")), (2, ("forward", 0))))
+
+
+def test_gather_events_by_hand():
+    """2 GPUs, 2-byte elements. A coalesced all-gather allocates its parameters' partitions times N
+    (parameter 1: ceil(3001 / 2) x 2 = 3,002 elements, 6,004 bytes, 6,144 allocated); waiting for
+    a parameter allocates its own tensor; the flat tensor goes after the last wait; a release
+    frees the parameter's tensor. The persistent parameter is never gathered."""
+    from vramplan.plan._zero3 import gather_segments
+    trace = _two_modules()
+    # the first step: no prefetch, every parameter released with its module
+    first = dict(gather_segments(trace, 10**9, 10**9, 10**9, 2, 2, True))
+    flat0, flat1 = ("flat", 0), ("flat", 1)
+    assert first[("forward", "prefix")] == ((1, flat0, 2048), (1, 0, 2048), (-1, flat0, 0), (-1, 0, 0))
+    assert first[("forward", 0)] == ((1, flat1, 6144), (1, 1, 6144), (-1, flat1, 0), (-1, 1, 0))
+    # after it (the trace complete), reuse distance 0: module a's fetch prefetches parameter 1 (its
+    # flat tensor in flight until module b waits for it); nothing is kept for reuse
+    steady = dict(gather_segments(trace, 0, 10**9, 10**9, 2, 2, False))
+    assert steady[("forward", "prefix")] == ((1, flat0, 2048), (1, 0, 2048), (-1, flat0, 0), (1, flat1, 6144),
+                                             (-1, 0, 0))
+    assert steady[("forward", 0)] == ((1, 1, 6144), (-1, flat1, 0), (-1, 1, 0))
+    # module a fetched again last (as the embedding ends backward): under the default reuse
+    # distance parameter 0 stays gathered from its first use, and release_and_reset_all frees it
+    again = dataclasses.replace(trace, modules=trace.modules + ((0, 2),),
+                                calls=trace.calls + (("fetch", "a", (0, 2), False),))
+    kept = dict(gather_segments(again, 10**9, 0, 10**9, 2, 2, False))
+    assert kept[("forward", "prefix")] == ((1, flat0, 2048), (1, 0, 2048), (-1, flat0, 0))
+    assert kept[("forward", 0)] == ((1, flat1, 6144), (1, 1, 6144), (-1, flat1, 0), (-1, 1, 0), (-1, 0, 0))
+
+
+def test_first_step_gathers_one_module_at_a_time():
+    """Before the trace is complete nothing is prefetched or kept: a Llama-2-7B QLoRA step never
+    holds more than a module's parameters gathered, twice over while its flat tensor and own
+    tensors coexist (the 16-bit embedding: 2 x 250 MiB)."""
+    from vramplan.plan._zero3 import gather_segments
+    spec, setup = resolve("meta-llama/Llama-2-7b-hf"), TrainSetup(batch=1, seq=1)
+    for ckpt in (True, False):
+        trace = step_trace(spec, setup.with_(grad_ckpt=ckpt), 100_000, 2)
+        live, held, most = {}, 0, 0
+        for _segment, events in gather_segments(trace, 10**9, 5 * 10**7, 10**9, 2, 2, True):
+            for sign, name, n in events:
+                if sign > 0:
+                    live[name] = n
+                    held += n
+                else:
+                    held -= live.pop(name)
+                most = max(most, held)
+        assert not live and most == 2 * 32000 * 4096 * 2

@@ -17,8 +17,9 @@ full_shard replays one GPU's run (the wrap phase, then the steps with all-gather
 reduce-scatters in their own CUDA streams: docs/allocator.md#fsdp-wrap, #fsdp-stream; with CPU
 offload, #fsdp-cpu-offload; SHARD_GRAD_OP, #fsdp-shard-grad-op), DDP its stream with the Reducer's
 buckets (docs/allocator.md#ddp-stream), ZeRO-2 its optimizer's flat buffer, partitions and gradient
-buckets (docs/allocator.md#zero-2-stream; with offload_optimizer, #zero-2-cpu-offload); ZeRO-3
-carries the single-GPU replay's.
+buckets (docs/allocator.md#zero-2-stream; with offload_optimizer, #zero-2-cpu-offload), ZeRO-3
+its partitions and the coordinator's all-gathers (#zero-3-stream); ZeRO-3 with offload carries
+the single-GPU replay's.
 
 The model is read for these recipes (the ones people run QLoRA with beyond one GPU):
 - FSDP as in Answer.AI's fsdp_qlora train.py and accelerate's FSDP plugin: one FSDP unit per
@@ -469,9 +470,9 @@ def smallest_per_gpu(spec: ModelSpec, setup: TrainSetup, parallel: Parallel, gpu
 
 def replays_own_stream(parallel: Parallel) -> bool:
     """FSDP (full_shard or SHARD_GRAD_OP, with or without CPU offload), ZeRO-2 (with or without
-    offload_optimizer), and DDP without gradient_as_bucket_view replay one GPU's own allocation
-    stream for their allocator slack (fsdp_slack, zero_slack, ddp_slack); the other engines carry
-    the single-GPU replay's slack."""
+    offload_optimizer), ZeRO-3 without offload, and DDP without gradient_as_bucket_view replay
+    one GPU's own allocation stream for their allocator slack (fsdp_slack, zero_slack,
+    ddp_slack); the other engines carry the single-GPU replay's slack."""
     if parallel.gpus < 2:
         return False
     return (parallel.strategy in FSDP or parallel.strategy == "zero2"
@@ -505,7 +506,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
     phase_components (and moments, when it has them), cuda_context_bytes,
     allocator_overhead_bytes, paged_optimizer_bytes and trainable_params) over `parallel`. FSDP,
-    ZeRO-2, and DDP replay one GPU's own allocation stream for their allocator
+    ZeRO-2, ZeRO-3 (without offload) and DDP replay one GPU's own allocation stream for their allocator
     slack (`fsdp_slack`, `zero_slack`, `ddp_slack`, unless `replay` is False), against `gpu` when
     given (need=False: after an allocator OOM against it, the unlimited replay is not run:
     estimator.card_replay); other engines carry the single-GPU replay's slack."""
@@ -828,7 +829,9 @@ def zero_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
     """fsdp_slack for one GPU of ZeRO-2: the single-GPU stream with the engine's construction
     (trainable parameters out to the CPU, empty_cache, the flat 16-bit buffer, the fp32 partition
     or, offloaded, the staging buffer), its gradient buckets in backward, and its step
-    (estimate/_events.py ZeroPartitions, docs/allocator.md#zero-2-stream, #zero-2-cpu-offload)."""
+    (estimate/_events.py ZeroPartitions, docs/allocator.md#zero-2-stream, #zero-2-cpu-offload);
+    of ZeRO-3: its partitions, the optimizer's construction and the coordinator's all-gathers
+    (zero3_partitions, docs/allocator.md#zero-3-stream)."""
     from vramplan.estimate._estimator import card_replay
 
     spec, setup = base.model, base.setup
@@ -1088,6 +1091,10 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
                        "(prefetch, reuse distance, checkpoint recomputation), in a step after the first "
                        "(docs/allocator.md#zero-3-gathering)")
         out.append("optimizer step: " + SRC_DS_FUSED)
+        if s == "zero3" and not parallel.offloaded:
+            out.append("allocator: the partitions as zero.Init loads them, the optimizer's flat buffers, and the "
+                       "coordinator's all-gathers in their own stream replayed, the first step's apart "
+                       "(docs/allocator.md#zero-3-stream)")
         if s == "zero2":
             out.append("allocator: the engine's construction (trainable parameters to the CPU, empty_cache, the flat "
                        "16-bit buffer), its gradient buckets and step replayed (docs/allocator.md#zero-2-stream)"
