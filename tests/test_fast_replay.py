@@ -123,7 +123,7 @@ def test_one_pass_replay_of_zero_streams():
     offload_optimizer; ZeRO-3's, with its all-gathers in their own stream."""
     spec = resolve("meta-llama/Llama-2-7b-hf")
     for par, setup in ((par, setup) for par in (Parallel(2, "zero2"), Parallel(2, "zero2", offload="cpu"),
-                                                Parallel(2, "zero3"))
+                                                Parallel(2, "zero3"), Parallel(2, "zero3", offload="cpu"))
                        for setup in (TrainSetup(method="lora", batch=2, seq=1024),
                                      TrainSetup(method="full", batch=1, seq=512))):
         setup = effective_setup(setup, par)

@@ -397,15 +397,21 @@ def test_zero3_construction_by_hand():
 
 def test_zero3_replay_allocated_is_the_per_gpu_peak():
     """The replayed ZeRO-3 step and the per-GPU terms count the same bytes (within 1%: blocks keep
-    unsplit remainders; the all-gathers of a decoder layer are played at its start)."""
+    unsplit remainders; the all-gathers of a decoder layer are played at its start). With
+    offload, full fine-tuning's replay also holds a gradient partition's GPU copy, fp64 and fp32
+    casts (14 bytes an element of the largest), which the terms leave out."""
     spec = resolve("meta-llama/Llama-2-7b")
-    par = Parallel(2, "zero3")
-    for method in ("qlora", "lora", "full"):
+    for par, method in ((par, method) for par in (Parallel(2, "zero3"), Parallel(2, "zero3", offload="cpu"))
+                        for method in ("qlora", "lora", "full")):
         per = per_gpu(spec, TrainSetup(method=method, batch=2, seq=1024), parallel=par)
         setup = effective_setup(per.setup, par)
         z = zero_partitions(spec, setup.with_(batch=1, seq=1), splits_for(spec, setup, par), par)
         r, _ = reserved_peak(spec, setup, static_memory(spec, setup), alloc_conf="", zero=z)
-        assert abs(r.peak_allocated_bytes - per.peak_allocated_bytes) <= 0.01 * per.peak_allocated_bytes, method
+        terms = per.peak_allocated_bytes
+        if par.offloaded and method == "full":
+            assert terms < r.peak_allocated_bytes <= terms + 14 * max(n for _a, n in z.slices)
+        else:
+            assert abs(r.peak_allocated_bytes - terms) <= 0.01 * terms, (par.offload, method)
         assert per.device_total_bytes == per.cuda_context_bytes + per.comm_bytes + max(r.peak_reserved_bytes,
                                                                                          per.peak_allocated_bytes)
 

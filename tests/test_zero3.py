@@ -103,6 +103,11 @@ def test_gather_events_by_hand():
     assert steady[("forward", "prefix")] == ((1, flat0, 2048), (1, 0, 2048), (-1, flat0, 0), (1, flat1, 6144),
                                              (-1, 0, 0))
     assert steady[("forward", 0)] == ((1, 1, 6144), (-1, flat1, 0), (-1, 1, 0))
+    # offload_param: each partition is copied to the GPU for the all-gather's cat (1,000 / 2 x 2 bytes)
+    off = dict(gather_segments(trace, 10**9, 10**9, 10**9, 2, 2, True, offload=True))
+    copy0 = ("copy", 0)
+    assert off[("forward", "prefix")] == ((1, flat0, 2048), (1, copy0, 1024), (-1, copy0, 0), (1, 0, 2048),
+                                          (-1, flat0, 0), (-1, 0, 0))
     # module a fetched again last (as the embedding ends backward): under the default reuse
     # distance parameter 0 stays gathered from its first use, and release_and_reset_all frees it
     again = dataclasses.replace(trace, modules=trace.modules + ((0, 2),),

@@ -155,6 +155,7 @@ def ddp_buckets(states, trainable, first: int = DDP_FIRST_BUCKET, cap: int = DDP
 
 REDUCTION_STREAM = 3   # DeepSpeedZeroOptimizer.reduction_stream (overlap_comm); stage 3's reduce_and_partition_stream
 DS_ALLGATHER_STREAM = 5   # ZeRO-3's parameter all-gathers (PartitionedParameterCoordinator.__allgather_stream)
+NORM_CHUNK = 250_000_000  # stage3.py _constant_buffered_norm2(buffer_size): elements cast to fp64 at a time
 
 
 @record
@@ -694,25 +695,27 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         # `fp16_flat.to(fp32).clone()`; initialize_optimizer_states makes and drops an fp32
         # gradient buffer; the ipg bucket and grad_partitions_flat_buffer stay for the run.
         b.make([const(n) for n in z3.load if n > 0])
-        whole = [b.make([const(n or part)]) for n, part in z3.adapters]
+        whole = [b.make([const(n or part)]) if n or part else [] for n, part in z3.adapters]
         b.place("wrap", "")
         parts = []
         for (n, part), keys in zip(z3.adapters, whole):
             if n:                # LoRA: the tensor whole until its partition exists
-                parts += b.make([const(part)])
+                parts += b.make([const(part)]) if part else []
                 b.drop(keys)
             else:                # full fine-tuning: loaded as its partition
                 parts += keys
-        b.drop(parts)
-        b.ops.append(EMPTY_CACHE)
-        b.make([const(zero.flat)])
-        for n in z3.groups:          # _create_fp32_partitions, per sub-group
-            converted = b.make([const(alloc(4 * n))])
-            b.make([const(alloc(4 * n))])
-            b.drop(converted)
-        b.drop(b.make([const(alloc(4 * max(z3.groups, default=0)))]))   # initialize_optimizer_states
+        if not zero.offload:     # offloaded, the flat partitions, masters and gradients are on the CPU
+            b.drop(parts)
+            b.ops.append(EMPTY_CACHE)
+            b.make([const(zero.flat)])
+            for n in z3.groups:          # _create_fp32_partitions, per sub-group
+                converted = b.make([const(alloc(4 * n))])
+                b.make([const(alloc(4 * n))])
+                b.drop(converted)
+            b.drop(b.make([const(alloc(4 * max(z3.groups, default=0)))]))   # initialize_optimizer_states
         b.make([const(zero.ipg)] * zero.ipg_buffers)
-        b.make([const(z3.grads)])
+        if z3.grads:
+            b.make([const(z3.grads)])
         # the persistent trainable parameters, gathered whole at their first use and kept
         b.make([const(n) for n in z3.kept if n > 0])
         unit, root = None, None
@@ -973,7 +976,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 if nbytes:       # stage 3: reduce_scatter_coalesced's padded flat copy of the bucket
                     scattered = nbytes if z3 is not None else -(-nbytes // zero.gpus)
                     b.drop(b.make([const(alloc(scattered))], reduce_stream))
-                if z3 is not None:   # partition_grads copies into grad_partitions_flat_buffer
+                if z3 is not None and not zero.offload:   # partition_grads: into grad_partitions_flat_buffer
                     pass
                 elif zero.offload:
                     reduced[0] += nbytes
@@ -987,12 +990,18 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 set_norm_for_param_grad_in_gpu (the slice cast to fp64 for its norm, a scalar
                 kept in norm_for_param_grads until the step's reset_cpu_buffers), then
                 async_inplace_copy_grad_to_fp32_buffer_from_gpu (the slice cast to fp32 on the
-                GPU before its copy to the CPU partition; none when it already is fp32)."""
-                wide = b.make([const(alloc(8 * n))], reduce_stream)
+                GPU before its copy to the CPU partition; none when it already is fp32).
+                Stage 3 (partition_grads): the partition copied to the CPU buffer and back to the
+                GPU (`grad_buffer.to(grad_partition.device)`, freed with the next one), its norm
+                in fp64 chunks of at most 250M elements (_constant_buffered_norm2), its fp32
+                cast for the CPU master's gradient (_offload_grad_partition_at_boundary)."""
+                back = b.make([const(alloc(zero.elem * n))], reduce_stream) if z3 is not None else []
+                wide = b.make([const(alloc(8 * (min(n, NORM_CHUNK) if z3 is not None else n)))], reduce_stream)
                 norms.extend(b.make([const(alloc(8))], reduce_stream))
                 b.drop(wide)
                 if zero.elem != 4:
                     b.drop(b.make([const(alloc(4 * n))], reduce_stream))
+                b.drop(back)
 
             def fill(nbytes: int) -> int:
                 """reduce_independent_p_g_buckets_and_remove_grads: each gradient is copied into the

@@ -18,8 +18,8 @@ reduce-scatters in their own CUDA streams: docs/allocator.md#fsdp-wrap, #fsdp-st
 offload, #fsdp-cpu-offload; SHARD_GRAD_OP, #fsdp-shard-grad-op), DDP its stream with the Reducer's
 buckets (docs/allocator.md#ddp-stream), ZeRO-2 its optimizer's flat buffer, partitions and gradient
 buckets (docs/allocator.md#zero-2-stream; with offload_optimizer, #zero-2-cpu-offload), ZeRO-3
-its partitions and the coordinator's all-gathers (#zero-3-stream); ZeRO-3 with offload carries
-the single-GPU replay's.
+its partitions and the coordinator's all-gathers (#zero-3-stream); DDP with
+gradient_as_bucket_view carries the single-GPU replay's.
 
 The model is read for these recipes (the ones people run QLoRA with beyond one GPU):
 - FSDP as in Answer.AI's fsdp_qlora train.py and accelerate's FSDP plugin: one FSDP unit per
@@ -470,13 +470,13 @@ def smallest_per_gpu(spec: ModelSpec, setup: TrainSetup, parallel: Parallel, gpu
 
 def replays_own_stream(parallel: Parallel) -> bool:
     """FSDP (full_shard or SHARD_GRAD_OP, with or without CPU offload), ZeRO-2 (with or without
-    offload_optimizer), ZeRO-3 without offload, and DDP without gradient_as_bucket_view replay
+    offload_optimizer), ZeRO-3 (with or without offload), and DDP without gradient_as_bucket_view replay
     one GPU's own allocation stream for their allocator slack (fsdp_slack, zero_slack,
     ddp_slack); the other engines carry the single-GPU replay's slack."""
     if parallel.gpus < 2:
         return False
     return (parallel.strategy in FSDP or parallel.strategy == "zero2"
-            or (parallel.strategy == "zero3" and not parallel.offloaded)
+            or parallel.strategy == "zero3"
             or (parallel.strategy == "ddp" and not parallel.gradient_as_bucket_view))
 
 
@@ -506,7 +506,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     """Spread a single-GPU estimate (an Estimate, or anything with its model, setup,
     phase_components (and moments, when it has them), cuda_context_bytes,
     allocator_overhead_bytes, paged_optimizer_bytes and trainable_params) over `parallel`. FSDP,
-    ZeRO-2, ZeRO-3 (without offload) and DDP replay one GPU's own allocation stream for their allocator
+    ZeRO-2, ZeRO-3 and DDP replay one GPU's own allocation stream for their allocator
     slack (`fsdp_slack`, `zero_slack`, `ddp_slack`, unless `replay` is False), against `gpu` when
     given (need=False: after an allocator OOM against it, the unlimited replay is not run:
     estimator.card_replay); other engines carry the single-GPU replay's slack."""
@@ -755,7 +755,7 @@ def _grads_per_layer(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
 
 @lru_cache(maxsize=64)
 def zero3_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Parallel) -> "ZeroPartitions":
-    """events.ZeroPartitions of one GPU of ZeRO-3 without offload (deepspeed/runtime/zero/stage3.py,
+    """events.ZeroPartitions of one GPU of ZeRO-3 (deepspeed/runtime/zero/stage3.py,
     partition_parameters.py; docs/allocator.md#zero-3-stream), from the parameters as DeepSpeed's
     coordinator sees them (plan/_zero3.py step_trace): each partition is ceil(numel / N) elements
     (Init._partition_param, aligned to N); the bitsandbytes constants and buffers are not
@@ -763,12 +763,17 @@ def zero3_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: P
     (defragment) and their fp32 masters; the gradient partitions live in
     grad_partitions_flat_buffer (the 16-bit dtype: grad_accum_dtype unset is the model's); Adam's
     two fp32 states per partition element; the all-gathers of the first step (trace incomplete)
-    and of the steps after it (gather_segments)."""
+    and of the steps after it (gather_segments). Offloaded (offload_param, offload_optimizer):
+    partitions, masters, gradient partitions and state on the CPU but the persistent parameters'
+    each all-gather copying its partitions to the GPU first, and each gradient partition's GPU
+    copies in backward (`slices`, as ZeRO-2's offload)."""
     from vramplan.estimate._events import Zero3Params, ZeroPartitions, linear_tensors, static_parts
 
-    N, elem = parallel.gpus, sp.ds_elem
+    N, elem, offload = parallel.gpus, sp.ds_elem, parallel.offloaded
     trace = step_trace(spec, setup.with_(batch=1, seq=1), parallel.param_persistence_threshold, elem)
-    part = lambda p: alloc(-(-p.numel // N) * elem)   # noqa: E731
+    # offload_param: a partition lives on the CPU, unless its parameter is persistent
+    # (Init._partition_param: ds_persist partitions stay on the local device)
+    part = lambda p: 0 if offload and not p.persistent else alloc(-(-p.numel // N) * elem)   # noqa: E731
     load = []
     for p in trace.params:
         if p.frozen:
@@ -794,7 +799,15 @@ def zero3_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: P
     states = round(sp.ds_optimizer / sp.ds_master) if sp.ds_master else 0
     layer, head = _grads_per_layer(spec, setup)
     segments = [gather_segments(trace, parallel.max_reuse_distance, parallel.prefetch_bucket_size,
-                                parallel.max_live_parameters, N, elem, first) for first in (True, False)]
+                                parallel.max_live_parameters, N, elem, first, offload) for first in (True, False)]
+    if offload:      # offload_optimizer: the flat partitions, fp32 masters, gradients and state on the CPU
+        slices, arrived = [], 0
+        for p in reversed(trainable):      # partition_grads: this rank's share of every gradient
+            slices.append((arrived * elem, -(-p.numel // N)))
+            arrived += p.numel
+        z3 = Zero3Params(tuple(load), adapters, kept, 0, *segments, ())
+        return ZeroPartitions(N, 0, 0, 0, alloc(parallel.reduce_bucket_size * elem), 1, layer * elem, head * elem,
+                              (), True, offload=True, elem=elem, slices=tuple(slices), stage3=z3)
     z3 = Zero3Params(tuple(load), adapters, kept, alloc(elems * elem), *segments, tuple(groups))
     return ZeroPartitions(N, alloc(elems * elem), alloc(elems * elem), alloc(elems * 4),
                           alloc(parallel.reduce_bucket_size * elem), 1, layer * elem, head * elem,
@@ -1091,7 +1104,7 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
                        "(prefetch, reuse distance, checkpoint recomputation), in a step after the first "
                        "(docs/allocator.md#zero-3-gathering)")
         out.append("optimizer step: " + SRC_DS_FUSED)
-        if s == "zero3" and not parallel.offloaded:
+        if s == "zero3":
             out.append("allocator: the partitions as zero.Init loads them, the optimizer's flat buffers, and the "
                        "coordinator's all-gathers in their own stream replayed, the first step's apart "
                        "(docs/allocator.md#zero-3-stream)")

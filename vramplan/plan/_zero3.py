@@ -347,13 +347,15 @@ class _GatherLog:
     entry for release_and_reset_all), as (+1, name, bytes) / (-1, name, 0), in DeepSpeed's order
     (partition_parameters.py): a coalesced all-gather (_all_gather_dtype) allocates one flat
     tensor of its parameters' padded partitions times N (torch.empty(partition_sz * world_size));
+    with offload_param each partition is first copied to the GPU (`p.ds_tensor.to(device)`, all
+    of the call's before torch.cat fills the flat tensor's own slice, then freed);
     waiting for a parameter (AllGatherCoalescedHandle.wait) allocates its own tensor
     (torch.cat of its N pieces, ds_numel elements), and the flat tensor goes once the last of its
     parameters has been waited (the handle is then unreferenced); releasing a parameter
     (free_param) frees its tensor. Persistent parameters are never gathered here."""
 
-    def __init__(self, params: tuple, gpus: int, elem: int):
-        self.params, self.gpus, self.elem = params, gpus, elem
+    def __init__(self, params: tuple, gpus: int, elem: int, offload: bool = False):
+        self.params, self.gpus, self.elem, self.offload = params, gpus, elem, offload
         self.calls: list = []
         self.inflight: dict = {}    # parameter -> its all-gather
         self.waiting: dict = {}     # all-gather -> its parameters not yet waited
@@ -373,6 +375,9 @@ class _GatherLog:
             self.inflight[p] = g
         elems = sum(-(-self.params[p].numel // self.gpus) for p in ids) * self.gpus
         self.calls[-1].append((1, g, alloc(elems * self.elem)))
+        if self.offload:     # offload_param: each partition comes to the GPU (ds_tensor.to(device)) for the cat
+            copies = [(1, ("copy", p), alloc(-(-self.params[p].numel // self.gpus) * self.elem)) for p in ids]
+            self.calls[-1] += copies + [(-1, name, 0) for _sign, name, _n in copies]
 
     def wait(self, p: int) -> None:
         g = self.inflight.pop(p, None)
@@ -392,13 +397,13 @@ class _GatherLog:
 
 
 def gather_segments(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live: int, gpus: int,
-                    elem: int, first: bool) -> tuple:
+                    elem: int, first: bool, offload: bool = False) -> tuple:
     """One step's all-gather allocations (_GatherLog) cut where the allocation stream plays them:
     ((segment, events), ...) with segment ("forward", "prefix" | layer index | "head" | "head_done")
     or ("backward", "head" | "head_done" | layer index | "end"), each stretch of calls from its
     mark to the next ("head_done" from lm_head's release on: the head's tape runs before it),
     release_and_reset_all at the end of ("backward", "end")."""
-    log = _GatherLog(trace.params, gpus, elem)
+    log = _GatherLog(trace.params, gpus, elem, offload)
     replay(trace, reuse_distance, prefetch_bucket, max_live, first, log)
     bounds = [at for at, _seg in trace.marks] + [len(log.calls)]
     return tuple((seg, tuple(e for events in log.calls[bounds[k]:bounds[k + 1]] for e in events))
