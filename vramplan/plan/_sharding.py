@@ -521,7 +521,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     # (Llama-2-7B LoRA 4 x 2048, 2-way FSDP: backward's top layer, not its loss, by 0.45 GiB).
     moments = getattr(base, "moments", None) or base.phase_components
     gathered = _zero3_gathered(spec, setup, sp, parallel) if parallel.strategy == "zero3" else {}
-    offload = (zero2_offload(spec, setup, sp, parallel)
+    offload = (zero2_offload(spec, setup.with_(batch=1, seq=1), sp, parallel)
                if parallel.strategy == "zero2" and parallel.offloaded and parallel.gpus > 1 else None)
     for moment, comps in moments.items():
         name = phase_of(moment)
@@ -711,6 +711,7 @@ def zero_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Pa
     partition-size fp32 tensors as the engine's optimizer keeps per fp32 master element (Adam: 2)."""
     from vramplan.estimate._events import ZeroPartitions
 
+    setup = setup.with_(batch=1, seq=1)      # none of it depends on batch x seq: one per structure
     if parallel.strategy == "zero3":
         return zero3_partitions(spec, setup, sp, parallel)
     N, elem = parallel.gpus, sp.ds_elem
