@@ -76,51 +76,55 @@ def test_per_gpu_zero3_counts_the_gathered_parameters():
 
 
 def _two_modules():
-    """A hand-made trace: module a holds parameter 0 (1,000 elements), module b parameter 1 (3,001),
-    each fetched and released in turn; parameter 2 (10 elements) is persistent."""
+    """A hand-made trace: module a holds parameters 0 (1,000 elements) and 3 (500), module b
+    parameter 1 (3,001), each fetched and released in turn; parameter 2 (10 elements) is
+    persistent and belongs to module a too."""
     from vramplan.plan._zero3 import Param, StepTrace
-    params = (Param(1000, 2048, True, False), Param(3001, 6144, True, False), Param(10, 512, True, True))
-    calls = (("fetch", "a", (0, 2), True), ("release", "a", (0, 2), True),
+    params = (Param(1000, 2048, True, False), Param(3001, 6144, True, False), Param(10, 512, True, True),
+              Param(500, 1024, True, False))
+    calls = (("fetch", "a", (0, 2, 3), True), ("release", "a", (0, 2, 3), True),
              ("fetch", "b", (1,), True), ("release", "b", (1,), True))
-    return StepTrace(params, ((0, 2), (1,)), calls, {}, ((0, ("forward", "prefix")), (2, ("forward", 0))))
+    return StepTrace(params, ((0, 2, 3), (1,)), calls, {}, ((0, ("forward", "prefix")), (2, ("forward", 0))))
 
 
 def test_gather_events_by_hand():
-    """2 GPUs, 2-byte elements. A coalesced all-gather allocates its parameters' partitions times N
-    (parameter 1: ceil(3001 / 2) x 2 = 3,002 elements, 6,004 bytes, 6,144 allocated); waiting for
-    a parameter allocates its own tensor; the flat tensor goes after the last wait; a release
-    frees the parameter's tensor. The persistent parameter is never gathered."""
+    """2 GPUs, 2-byte elements. Several parameters: one coalesced flat tensor of their partitions
+    times N (500 + 250 elements x 2 x 2 bytes = 3,000, 3,072 allocated), each parameter's own
+    tensor when waited, the flat tensor freed after the last. One parameter: a buffer of its
+    partition times N (ceil(3001 / 2) x 2 = 3,002 elements, 6,004 bytes, 6,144 allocated), which
+    is its data. A release frees the parameter's tensor; the persistent parameter is never
+    gathered."""
     from vramplan.plan._zero3 import gather_segments
     trace = _two_modules()
     # the first step: no prefetch, every parameter released with its module
     first = dict(gather_segments(trace, 10**9, 10**9, 10**9, 2, 2, True))
-    flat0, flat1 = ("flat", 0), ("flat", 1)
-    assert first[("forward", "prefix")] == ((1, flat0, 2048), (1, 0, 2048), (-1, flat0, 0), (-1, 0, 0))
-    assert first[("forward", 0)] == ((1, flat1, 6144), (1, 1, 6144), (-1, flat1, 0), (-1, 1, 0))
+    flat0 = ("flat", 0)
+    assert first[("forward", "prefix")] == ((1, flat0, 3072), (1, 0, 2048), (1, 3, 1024), (-1, flat0, 0),
+                                            (-1, 0, 0), (-1, 3, 0))
+    assert first[("forward", 0)] == ((1, 1, 6144), (-1, 1, 0))
     # after it (the trace complete), reuse distance 0: module a's fetch prefetches parameter 1 (its
-    # flat tensor in flight until module b waits for it); nothing is kept for reuse
+    # buffer made then, its data when module b waits for it); nothing is kept for reuse
     steady = dict(gather_segments(trace, 0, 10**9, 10**9, 2, 2, False))
-    assert steady[("forward", "prefix")] == ((1, flat0, 2048), (1, 0, 2048), (-1, flat0, 0), (1, flat1, 6144),
-                                             (-1, 0, 0))
-    assert steady[("forward", 0)] == ((1, 1, 6144), (-1, flat1, 0), (-1, 1, 0))
-    # offload_param: each partition is copied to the GPU for the all-gather's cat (1,000 / 2 x 2 bytes)
+    assert steady[("forward", "prefix")] == ((1, flat0, 3072), (1, 0, 2048), (1, 3, 1024), (-1, flat0, 0),
+                                             (1, 1, 6144), (-1, 0, 0), (-1, 3, 0))
+    assert steady[("forward", 0)] == ((-1, 1, 0),)
+    # offload_param: each partition is copied to the GPU for the all-gather (500 / 2 x 2 bytes: 512)
     off = dict(gather_segments(trace, 10**9, 10**9, 10**9, 2, 2, True, offload=True))
-    copy0 = ("copy", 0)
-    assert off[("forward", "prefix")] == ((1, flat0, 2048), (1, copy0, 1024), (-1, copy0, 0), (1, 0, 2048),
-                                          (-1, flat0, 0), (-1, 0, 0))
-    # module a fetched again last (as the embedding ends backward): under the default reuse
-    # distance parameter 0 stays gathered from its first use, and release_and_reset_all frees it
-    again = dataclasses.replace(trace, modules=trace.modules + ((0, 2),),
-                                calls=trace.calls + (("fetch", "a", (0, 2), False),))
+    copy0, copy3 = ("copy", 0), ("copy", 3)
+    assert off[("forward", "prefix")][:5] == ((1, flat0, 3072), (1, copy0, 1024), (1, copy3, 512), (-1, copy0, 0),
+                                              (-1, copy3, 0))
+    # module b fetched again last (as the embedding ends backward): under the default reuse
+    # distance parameter 1 stays gathered from its first use, and release_and_reset_all frees it
+    again = dataclasses.replace(trace, modules=trace.modules + ((1,),),
+                                calls=trace.calls + (("fetch", "b", (1,), False),))
     kept = dict(gather_segments(again, 10**9, 0, 10**9, 2, 2, False))
-    assert kept[("forward", "prefix")] == ((1, flat0, 2048), (1, 0, 2048), (-1, flat0, 0))
-    assert kept[("forward", 0)] == ((1, flat1, 6144), (1, 1, 6144), (-1, flat1, 0), (-1, 1, 0), (-1, 0, 0))
+    assert kept[("forward", 0)] == ((1, 1, 6144), (-1, 1, 0))
 
 
 def test_first_step_gathers_one_module_at_a_time():
     """Before the trace is complete nothing is prefetched or kept: a Llama-2-7B QLoRA step never
-    holds more than a module's parameters gathered, twice over while its flat tensor and own
-    tensors coexist (the 16-bit embedding: 2 x 250 MiB)."""
+    holds more than one module's parameters gathered (each module has one partitioned parameter of
+    its own: one buffer, the largest the 16-bit embedding's 250 MiB)."""
     from vramplan.plan._zero3 import gather_segments
     spec, setup = resolve("meta-llama/Llama-2-7b-hf"), TrainSetup(batch=1, seq=1)
     for ckpt in (True, False):
@@ -134,4 +138,4 @@ def test_first_step_gathers_one_module_at_a_time():
                 else:
                     held -= live.pop(name)
                 most = max(most, held)
-        assert not live and most == 2 * 32000 * 4096 * 2
+        assert not live and most == 32000 * 4096 * 2

@@ -345,20 +345,24 @@ def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live
 class _GatherLog:
     """The allocations of one GPU's all-gathers in a step, per call of the trace (and one last
     entry for release_and_reset_all), as (+1, name, bytes) / (-1, name, 0), in DeepSpeed's order
-    (partition_parameters.py): a coalesced all-gather (_all_gather_dtype) allocates one flat
-    tensor of its parameters' padded partitions times N (torch.empty(partition_sz * world_size));
-    with offload_param each partition is first copied to the GPU (`p.ds_tensor.to(device)`, all
-    of the call's before torch.cat fills the flat tensor's own slice, then freed);
-    waiting for a parameter (AllGatherCoalescedHandle.wait) allocates its own tensor
-    (torch.cat of its N pieces, ds_numel elements), and the flat tensor goes once the last of its
-    parameters has been waited (the handle is then unreferenced); releasing a parameter
-    (free_param) frees its tensor. Persistent parameters are never gathered here."""
+    (partition_parameters.py all_gather_coalesced):
+    - one parameter (_all_gather_sequential): a buffer of its partition times N
+      (ceil(numel / N) x N elements) that becomes its data (`param_buffer.narrow(...).view(...)`);
+    - several (_all_gather_coalesced -> _all_gather_dtype): one flat tensor of their partitions
+      times N (`torch.empty(partition_sz * world_size)`); waiting for each parameter
+      (AllGatherCoalescedHandle.wait) allocates its own tensor (`torch.cat` of its N pieces,
+      ds_numel elements), and the flat tensor goes once the last of them has been waited (the
+      handle is then unreferenced);
+    - with offload_param, each partition is first copied to the GPU (`p.ds_tensor.to(device)`),
+      the copies freed once the all-gather has its input;
+    - releasing a parameter (free_param) frees its tensor.
+    Persistent parameters are never gathered here."""
 
     def __init__(self, params: tuple, gpus: int, elem: int, offload: bool = False):
         self.params, self.gpus, self.elem, self.offload = params, gpus, elem, offload
         self.calls: list = []
-        self.inflight: dict = {}    # parameter -> its all-gather
-        self.waiting: dict = {}     # all-gather -> its parameters not yet waited
+        self.inflight: dict = {}    # parameter -> its coalesced all-gather (None: its own buffer)
+        self.waiting: dict = {}     # coalesced all-gather -> its parameters not yet waited
         self.available: set = set()
         self.count = 0
 
@@ -368,22 +372,28 @@ class _GatherLog:
     def issue(self, ids: list) -> None:
         if not ids:
             return
-        g = ("flat", self.count)
-        self.count += 1
-        self.waiting[g] = set(ids)
+        part = [-(-self.params[p].numel // self.gpus) for p in ids]
+        if len(ids) == 1:
+            g = None
+            self.calls[-1].append((1, ids[0], alloc(part[0] * self.gpus * self.elem)))
+        else:
+            g = ("flat", self.count)
+            self.count += 1
+            self.waiting[g] = set(ids)
+            self.calls[-1].append((1, g, alloc(sum(part) * self.gpus * self.elem)))
         for p in ids:
             self.inflight[p] = g
-        elems = sum(-(-self.params[p].numel // self.gpus) for p in ids) * self.gpus
-        self.calls[-1].append((1, g, alloc(elems * self.elem)))
-        if self.offload:     # offload_param: each partition comes to the GPU (ds_tensor.to(device)) for the cat
-            copies = [(1, ("copy", p), alloc(-(-self.params[p].numel // self.gpus) * self.elem)) for p in ids]
+        if self.offload:
+            copies = [(1, ("copy", p), alloc(n * self.elem)) for p, n in zip(ids, part)]
             self.calls[-1] += copies + [(-1, name, 0) for _sign, name, _n in copies]
 
     def wait(self, p: int) -> None:
-        g = self.inflight.pop(p, None)
-        if g is None:
+        if p not in self.inflight:
             return
+        g = self.inflight.pop(p)
         self.available.add(p)
+        if g is None:            # its own buffer is its data already
+            return
         self.calls[-1].append((1, p, self.params[p].nbytes))
         self.waiting[g].discard(p)
         if not self.waiting[g]:
