@@ -181,12 +181,13 @@ class Zero3Params:
 @record
 class ZeroPartitions:
     """One GPU of DeepSpeed ZeRO-2 (deepspeed/runtime/zero/stage_1_and_2.py DeepSpeedZeroOptimizer,
-    partition_gradients, contiguous_gradients; docs/allocator.md#zero-2-stream), in bytes: `flat`
-    the 16-bit flat buffer of every trainable parameter (bit16_groups_flat, aligned), `part16` /
-    `part32` this rank's partition in 16 / 32 bits (no 32-bit one on the GPU when offloaded), `ipg` one gradient bucket
-    (reduce_bucket_size elements, `ipg_buffers` of them: 2 with overlap_comm), `layer_grads` /
-    `head_grads` the 16-bit gradients one decoder layer / the head makes (how fast the bucket fills),
-    `states` the optimizer state tensors of the partition."""
+    partition_gradients, contiguous_gradients; docs/allocator.md#zero-2-stream), or of ZeRO-3 with
+    `stage3`, in bytes: `flat` the 16-bit flat buffer of every trainable parameter
+    (bit16_groups_flat, aligned), `part16` / `part32` this rank's partition in 16 / 32 bits (no
+    32-bit one on the GPU when offloaded), `ipg` one gradient bucket (reduce_bucket_size
+    elements, `ipg_buffers` of them: 2 with overlap_comm), `layer_grads` / `head_grads` the 16-bit
+    gradients one decoder layer / the head makes (how fast the bucket fills), `states` the
+    optimizer state tensors of the partition."""
     gpus: int
     flat: int
     part16: int
@@ -972,17 +973,17 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 """reduce_ipg_grads: average_tensor reduces the bucket to each rank in turn
                 (allreduce_bucket flattens that rank's slices: a new tensor, freed after), and
                 the first reduction makes grads_in_partition (copy_grads_in_partition); offloaded,
-                each of the bucket's gradients in this rank's partition goes to the CPU instead."""
-                if nbytes:       # stage 3: reduce_scatter_coalesced's padded flat copy of the bucket
+                each of the bucket's gradients in this rank's partition goes to the CPU instead.
+                Stage 3 reduces with reduce_scatter_coalesced (a padded flat copy of the whole
+                bucket) and partition_grads copies into grad_partitions_flat_buffer, made at init."""
+                if nbytes:
                     scattered = nbytes if z3 is not None else -(-nbytes // zero.gpus)
                     b.drop(b.make([const(alloc(scattered))], reduce_stream))
-                if z3 is not None and not zero.offload:   # partition_grads: into grad_partitions_flat_buffer
-                    pass
-                elif zero.offload:
+                if zero.offload:
                     reduced[0] += nbytes
                     while slices and (last or slices[0][0] < reduced[0]):
                         offload_slice(slices.pop(0)[1])
-                elif not in_partition:
+                elif z3 is None and not in_partition:
                     in_partition.extend(b.make([const(zero.part16)], reduce_stream))
 
             def offload_slice(n: int) -> None:
