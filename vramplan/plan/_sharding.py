@@ -750,7 +750,8 @@ def _grads_per_layer(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
             else:
                 layer += n * spec.count(lin) // max(1, spec.layers)
         return layer + sum(numel(shape) * count for shape, count in expert_lora_shapes(spec, setup)), head
-    layer = sum(lin.numel for lin in spec.layer_linears if lin.where != "dense") + spec.hidden * spec.arch.norms_per_layer
+    layer = (sum(lin.numel for lin in spec.layer_linears if lin.where != "dense")
+             + spec.hidden * spec.arch.norms_per_layer)
     return layer, 0 if spec.tied else spec.vocab * spec.hidden
 
 
