@@ -51,7 +51,7 @@ from vramplan.estimate._quant import alloc, layout
 from vramplan.core._setup import TrainSetup, apply_flags
 from vramplan.core._units import MiB
 from vramplan.plan._zero3 import (DS_MAX_LIVE_PARAMETERS, DS_MAX_REUSE_DISTANCE, gather_segments,
-                                  gathered_at_moments, step_trace)
+                                  gathered_at_moments, module_trace)
 
 C = Component
 
@@ -772,7 +772,7 @@ def zero3_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: P
     from vramplan.estimate._events import Zero3Params, ZeroPartitions, linear_tensors, static_parts
 
     N, elem, offload = parallel.gpus, sp.ds_elem, parallel.offloaded
-    trace = step_trace(spec, setup.with_(batch=1, seq=1), parallel.param_persistence_threshold, elem)
+    trace = module_trace(spec, setup, parallel.param_persistence_threshold, elem)
     # offload_param: a partition lives on the CPU, unless its parameter is persistent
     # (Init._partition_param: ds_persist partitions stay on the local device)
     part = lambda p: 0 if offload and not p.persistent else alloc(-(-p.numel // N) * elem)   # noqa: E731

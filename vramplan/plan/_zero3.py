@@ -219,7 +219,7 @@ def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, e
 
 
 def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live: int,
-           first: bool = False, log: "_GatherLog | None" = None) -> list[tuple[int, int]]:
+           first: bool = False, log: _GatherLog | None = None) -> list[tuple[int, int]]:
     """(frozen, trainable) bytes gathered after each call of `trace.calls`, in a step after the
     first (the trace is complete): PartitionedParameterCoordinator's fetch_sub_module and
     release_sub_module, rule by rule (the module docstring). `first`: the first step, whose
@@ -344,22 +344,24 @@ def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live
 
 class _GatherLog:
     """The allocations of one GPU's all-gathers in a step, per call of the trace (and one last
-    entry for release_and_reset_all), as (+1, name, bytes) / (-1, name, 0), in DeepSpeed's order
-    (partition_parameters.py all_gather_coalesced):
+    entry for release_and_reset_all), in DeepSpeed's order (partition_parameters.py
+    all_gather_coalesced), as (+1, name, size) / (-1, name, None) where a size does not yet say
+    how many GPUs there are (gather_segments sizes it):
     - one parameter (_all_gather_sequential): a buffer of its partition times N
-      (ceil(numel / N) x N elements) that becomes its data (`param_buffer.narrow(...).view(...)`);
-    - several (_all_gather_coalesced -> _all_gather_dtype): one flat tensor of their partitions
-      times N (`torch.empty(partition_sz * world_size)`); waiting for each parameter
-      (AllGatherCoalescedHandle.wait) allocates its own tensor (`torch.cat` of its N pieces,
-      ds_numel elements), and the flat tensor goes once the last of them has been waited (the
-      handle is then unreferenced);
-    - with offload_param, each partition is first copied to the GPU (`p.ds_tensor.to(device)`),
-      the copies freed once the all-gather has its input;
+      (("parts", ids): ceil(numel / N) x N elements) that becomes its data
+      (`param_buffer.narrow(...).view(...)`);
+    - several (_all_gather_coalesced -> _all_gather_dtype: a prefetch, or a module with more):
+      one flat tensor of their partitions times N (`torch.empty(partition_sz * world_size)`);
+      waiting for each parameter (AllGatherCoalescedHandle.wait) allocates its own tensor
+      (("whole", p): `torch.cat` of its N pieces, ds_numel elements), and the flat tensor goes once
+      the last of them has been waited (the handle is then unreferenced);
+    - with offload_param, each partition is first copied to the GPU (("copy", p):
+      `p.ds_tensor.to(device)`), the copies freed once the all-gather has its input;
     - releasing a parameter (free_param) frees its tensor.
     Persistent parameters are never gathered here."""
 
-    def __init__(self, params: tuple, gpus: int, elem: int, offload: bool = False):
-        self.params, self.gpus, self.elem, self.offload = params, gpus, elem, offload
+    def __init__(self, offload: bool = False):
+        self.offload = offload
         self.calls: list = []
         self.inflight: dict = {}    # parameter -> its coalesced all-gather (None: its own buffer)
         self.waiting: dict = {}     # coalesced all-gather -> its parameters not yet waited
@@ -372,20 +374,20 @@ class _GatherLog:
     def issue(self, ids: list) -> None:
         if not ids:
             return
-        part = [-(-self.params[p].numel // self.gpus) for p in ids]
+        ids = tuple(ids)
         if len(ids) == 1:
             g = None
-            self.calls[-1].append((1, ids[0], alloc(part[0] * self.gpus * self.elem)))
+            self.calls[-1].append((1, ids[0], ("parts", ids)))
         else:
             g = ("flat", self.count)
             self.count += 1
             self.waiting[g] = set(ids)
-            self.calls[-1].append((1, g, alloc(sum(part) * self.gpus * self.elem)))
+            self.calls[-1].append((1, g, ("parts", ids)))
         for p in ids:
             self.inflight[p] = g
         if self.offload:
-            copies = [(1, ("copy", p), alloc(n * self.elem)) for p, n in zip(ids, part)]
-            self.calls[-1] += copies + [(-1, name, 0) for _sign, name, _n in copies]
+            self.calls[-1] += [(1, ("copy", p), ("copy", p)) for p in ids]
+            self.calls[-1] += [(-1, ("copy", p), None) for p in ids]
 
     def wait(self, p: int) -> None:
         if p not in self.inflight:
@@ -394,30 +396,74 @@ class _GatherLog:
         self.available.add(p)
         if g is None:            # its own buffer is its data already
             return
-        self.calls[-1].append((1, p, self.params[p].nbytes))
+        self.calls[-1].append((1, p, ("whole", p)))
         self.waiting[g].discard(p)
         if not self.waiting[g]:
             del self.waiting[g]
-            self.calls[-1].append((-1, g, 0))
+            self.calls[-1].append((-1, g, None))
 
     def drop(self, p: int) -> None:
         if p in self.available:
             self.available.discard(p)
-            self.calls[-1].append((-1, p, 0))
+            self.calls[-1].append((-1, p, None))
+
+
+def _gather_calls(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live: int, first: bool,
+                  offload: bool) -> tuple:
+    """_GatherLog's calls for one step, cached per trace object (module_trace keeps one per model)
+    and settings: which parameters move does not depend on the GPU count, which the planner
+    varies."""
+    key = (id(trace), reuse_distance, prefetch_bucket, max_live, first, offload)
+    found = _CALLS.get(key)
+    if found is None or found[0] is not trace:      # the trace itself is kept: its id stays its own
+        if len(_CALLS) >= 32:
+            _CALLS.clear()
+        log = _GatherLog(offload)
+        replay(trace, reuse_distance, prefetch_bucket, max_live, first, log)
+        found = _CALLS[key] = (trace, tuple(tuple(events) for events in log.calls))
+    return found[1]
+
+
+_CALLS: dict = {}
 
 
 def gather_segments(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live: int, gpus: int,
                     elem: int, first: bool, offload: bool = False) -> tuple:
-    """One step's all-gather allocations (_GatherLog) cut where the allocation stream plays them:
-    ((segment, events), ...) with segment ("forward", "prefix" | layer index | "head" | "head_done")
-    or ("backward", "head" | "head_done" | layer index | "end"), each stretch of calls from its
-    mark to the next ("head_done" from lm_head's release on: the head's tape runs before it),
-    release_and_reset_all at the end of ("backward", "end")."""
-    log = _GatherLog(trace.params, gpus, elem, offload)
-    replay(trace, reuse_distance, prefetch_bucket, max_live, first, log)
-    bounds = [at for at, _seg in trace.marks] + [len(log.calls)]
-    return tuple((seg, tuple(e for events in log.calls[bounds[k]:bounds[k + 1]] for e in events))
+    """One step's all-gather allocations (_GatherLog) on one of `gpus` GPUs, in bytes, cut where
+    the allocation stream plays them: ((segment, events), ...) with segment ("forward", "prefix"
+    | layer index | "head" | "head_done") or ("backward", "head" | "head_done" | layer index |
+    "end"), each stretch of calls from its mark to the next ("head_done" from lm_head's release
+    on: the head's tape runs before it), release_and_reset_all at the end of ("backward", "end")."""
+    calls = _gather_calls(trace, reuse_distance, prefetch_bucket, max_live, first, offload)
+    part = [-(-p.numel // gpus) for p in trace.params]      # each partition's elements
+    sized: dict = {}                                        # size -> bytes, for this GPU count
+
+    def nbytes(size) -> int:
+        found = sized.get(size)
+        if found is None:
+            kind, what = size
+            found = sized[size] = (alloc(sum(part[p] for p in what) * gpus * elem) if kind == "parts" else
+                                   trace.params[what].nbytes if kind == "whole" else alloc(part[what] * elem))
+        return found
+    bounds = [at for at, _seg in trace.marks] + [len(calls)]
+    return tuple((seg, tuple((sign, name, nbytes(size) if sign > 0 else 0)
+                             for events in calls[bounds[k]:bounds[k + 1]] for sign, name, size in events))
                  for k, (_at, seg) in enumerate(trace.marks))
+
+
+def module_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, elem: int) -> StepTrace:
+    """step_trace, one per model and what the trace depends on (trace_fields): the planner asks for
+    setups that differ elsewhere, and over several GPU counts."""
+    key = (spec, trace_fields(setup), persistence_threshold, elem)
+    found = _TRACES.get(key)
+    if found is None:
+        if len(_TRACES) >= 16:
+            _TRACES.clear()
+        found = _TRACES[key] = step_trace(spec, setup.with_(batch=1, seq=1), persistence_threshold, elem)
+    return found
+
+
+_TRACES: dict = {}
 
 
 def gathered_at_moments(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, elem: int,
@@ -430,7 +476,7 @@ def gathered_at_moments(spec: ModelSpec, setup: TrainSetup, persistence_threshol
     if found is None:
         if len(_GATHERED) >= 64:
             _GATHERED.clear()
-        trace = step_trace(spec, setup.with_(batch=1, seq=1), persistence_threshold, elem)
+        trace = module_trace(spec, setup, persistence_threshold, elem)
         after = replay(trace, reuse_distance, prefetch_bucket, max_live)
         found = {name: max(after[start:end], key=sum) for name, (start, end) in trace.spans.items()}
         found["optimizer"] = (0, 0)
