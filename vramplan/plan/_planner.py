@@ -750,19 +750,32 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
     single = ev.need(setup) if par.strategy == "single" else Evaluator(spec, Parallel(), gpu).need(setup)
     fitting = [g for g in sorted(catalog(), key=lambda g: g.memory_bytes) if single <= g.memory_bytes]
     options = []
-    floor, floor_label, floor_est = None, "", None
+    # (engine, its estimate or None) in the order tried: a candidate whose allocated bytes alone
+    # pass the card (Evaluator.floor) is not an option and needs more than any option, so its
+    # replay waits until no option is found, when the least need of all is reported
+    tried = []
     for strategy, offload in MIN_ENGINES:
         for n in MIN_GPU_COUNTS:
             if n == 1 and offload == "none":
                 continue
             p = Parallel(n, strategy, offload)
-            est = Evaluator(spec, p, gpu).estimate(setup)
-            need = est.device_total_bytes
-            if floor is None or need < floor:
-                floor, floor_label, floor_est = need, p.label, est
-            if need <= cap:
-                options.append(Option(n, strategy, offload, need, status_of(need, cap, tight), est.cpu_bytes))
+            candidate = Evaluator(spec, p, gpu)
+            if candidate.floor(setup) > cap:
+                tried.append((p, candidate, None))
+                continue
+            est = candidate.estimate(setup)
+            tried.append((p, candidate, est))
+            if est.device_total_bytes <= cap:
+                options.append(Option(n, strategy, offload, est.device_total_bytes,
+                                      status_of(est.device_total_bytes, cap, tight), est.cpu_bytes))
                 break
+    floor, floor_label, floor_est = None, "", None
+    for p, candidate, est in tried:
+        if est is None and options:
+            continue
+        est = est or candidate.estimate(setup)
+        if floor is None or est.device_total_bytes < floor:
+            floor, floor_label, floor_est = est.device_total_bytes, p.label, est
     options.sort(key=lambda o: (o.gpus, o.offload != "none", o.need_bytes))
     gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
     if options:
