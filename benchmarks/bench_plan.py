@@ -18,6 +18,13 @@ Still short of the target: each grid cell that may fit is one replay of two step
 for Llama-3-8B, 35 ms for Llama-2-70B, docs/allocator.md#one-pass-replay), and the grid alone
 holds about 100 such cells in the 1-GPU and ZeRO-3 cases. "evaluations" counts full estimates:
 a one-GPU yes/no the replay against the card answers with an OOM is not one.
+
+2026-12-01 (eighth session), plan alone, median of 7, the session's starting code run the same
+hour first: 5.0 / 4.7 / 3.2 / 5.3 s (cold CLI 3.2 s) -> 5.6 / 5.8 / 5.5 / 9.6 s (cold CLI 4.1 s).
+Slower where ZeRO-3 now replays its own stream (docs/allocator.md#zero-3-stream) instead of
+carrying the single-GPU replay's slack: every ZeRO-3 candidate of the minimum-hardware search
+(cases 1-3: each GPU count its own program, with the all-gathers of two steps) and every cell of
+case 4 (Llama-2-70B's all-gathers add about 19,000 events a step).
 """
 from __future__ import annotations
 
