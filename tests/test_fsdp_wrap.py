@@ -390,9 +390,14 @@ def test_zero3_construction_by_hand():
     assert after[:4] == [4 * MiB, 8 * MiB, 8 * MiB, after[3]] and after[3] < 0
     assert after[4] == 8 * MiB and after[5] < 0 and after[6:8] == [10**9, 4 * MiB]
     assert after[8:] == [64 * 1024] * 128
-    # the all-gathers are in their own stream: nothing of theirs shares a block with the step's
+    # the all-gathers are in their own stream: nothing of theirs shares a block with the step's;
+    # without overlap_comm they are on the default stream (parameter_offload.py __allgather_stream)
     gathered = {key for key, stream in program.streams.items() if stream == DS_ALLGATHER_STREAM}
     assert len(gathered) == sum(1 for _s, events in z3.first + z3.steady for sign, *_ in events if sign > 0)
+    serial = Parallel(2, "zero3", overlap_comm=False)
+    z = zero_partitions(spec, setup, splits_for(spec, setup, serial), serial)
+    program = compiled(spec, setup, static_memory(spec, setup), zero=z)
+    assert DS_ALLGATHER_STREAM not in program.streams.values()
 
 
 def test_zero3_replay_allocated_is_the_per_gpu_peak():

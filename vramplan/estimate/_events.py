@@ -688,6 +688,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     b.place("load", "")
     state_sizes, work_sizes = optimizer_sizes(setup, static)
     z3 = zero.stage3 if zero is not None else None
+    gather_stream = DS_ALLGATHER_STREAM
     if z3 is not None:
         # ZeRO-3 (docs/allocator.md#zero-3-stream): the model loaded under zero.Init (partitions);
         # peft's LoRA tensors whole, each partitioned by deepspeed.initialize (its partition made,
@@ -720,7 +721,11 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         # the persistent trainable parameters, gathered whole at their first use and kept
         b.make([const(n) for n in z3.kept if n > 0])
         unit, root = None, None
-        reduce_stream = REDUCTION_STREAM
+        # overlap_comm (stage 3's default) gives the all-gathers and the reductions streams of their
+        # own (parameter_offload.py __allgather_stream, stage3.py reduce_and_partition_stream);
+        # without it both are the default stream
+        reduce_stream = REDUCTION_STREAM if zero.overlap_comm else DEFAULT_STREAM
+        gather_stream = DS_ALLGATHER_STREAM if zero.overlap_comm else DEFAULT_STREAM
         state_sizes, work_sizes = list(zero.states), []
     elif zero is not None:
         # DeepSpeedZeroOptimizer.__init__ (docs/allocator.md#zero-2-stream): the trainable
@@ -876,7 +881,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         (plan/_zero3.py gather_segments), where the stream reaches it."""
         for sign, name, n in step_gathers.get(segment, ()):
             if sign > 0:
-                live_gathers[name] = b.make([const(n)], DS_ALLGATHER_STREAM)
+                live_gathers[name] = b.make([const(n)], gather_stream)
             else:
                 b.drop(live_gathers.pop(name))
     step_gathers: dict = {}

@@ -809,11 +809,12 @@ def zero3_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: P
             arrived += p.numel
         z3 = Zero3Params(tuple(load), adapters, kept, 0, *segments, ())
         return ZeroPartitions(N, 0, 0, 0, alloc(parallel.reduce_bucket_size * elem), 1, layer * elem, head * elem,
-                              (), True, offload=True, elem=elem, slices=tuple(slices), stage3=z3)
+                              (), parallel.ds_overlap_comm, offload=True, elem=elem, slices=tuple(slices),
+                              stage3=z3)
     z3 = Zero3Params(tuple(load), adapters, kept, alloc(elems * elem), *segments, tuple(groups))
     return ZeroPartitions(N, alloc(elems * elem), alloc(elems * elem), alloc(elems * 4),
                           alloc(parallel.reduce_bucket_size * elem), 1, layer * elem, head * elem,
-                          (alloc(elems * 4),) * states, True, elem=elem, stage3=z3)
+                          (alloc(elems * 4),) * states, parallel.ds_overlap_comm, elem=elem, stage3=z3)
 
 
 @lru_cache(maxsize=64)
