@@ -175,7 +175,7 @@ class Evaluator:
 
     def smallest_card(self, setup: TrainSetup) -> int | None:
         """Where `setup` does not fit this evaluator's GPU: the smallest GPU memory it runs on
-        (estimator.smallest_card; per GPU where FSDP, DDP or ZeRO-2 replay their own stream,
+        (estimator.smallest_card; per GPU where FSDP, DDP, ZeRO-2 or ZeRO-3 replay their own stream,
         sharding.smallest_per_gpu); None where it fits, and for the other engines."""
         if self.gpu is None:
             return None

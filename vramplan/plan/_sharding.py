@@ -449,7 +449,7 @@ def per_gpu(model: str | ModelSpec, setup: TrainSetup | None = None, parallel: P
 
 def smallest_per_gpu(spec: ModelSpec, setup: TrainSetup, parallel: Parallel, gpu: Gpu, alloc_conf=None) -> int | None:
     """Where `setup` spread over `parallel` does not fit `gpu`: the smallest GPU memory on which
-    one GPU's own stream runs (FSDP, DDP, ZeRO-2: their replays against cards of other sizes,
+    one GPU's own stream runs (FSDP, DDP, ZeRO-2, ZeRO-3: their replays against cards of other sizes,
     estimator.smallest_card). None where it fits, and for the engines that carry the single-GPU
     replay's slack."""
     if not replays_own_stream(parallel):
@@ -475,8 +475,7 @@ def replays_own_stream(parallel: Parallel) -> bool:
     ddp_slack); the other engines carry the single-GPU replay's slack."""
     if parallel.gpus < 2:
         return False
-    return (parallel.strategy in FSDP or parallel.strategy == "zero2"
-            or parallel.strategy == "zero3"
+    return (parallel.strategy in FSDP or parallel.strategy in ("zero2", "zero3")
             or (parallel.strategy == "ddp" and not parallel.gradient_as_bucket_view))
 
 
@@ -766,16 +765,17 @@ def zero3_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: P
     grad_partitions_flat_buffer (the 16-bit dtype: grad_accum_dtype unset is the model's); Adam's
     two fp32 states per partition element; the all-gathers of the first step (trace incomplete)
     and of the steps after it (gather_segments). Offloaded (offload_param, offload_optimizer):
-    partitions, masters, gradient partitions and state on the CPU but the persistent parameters'
-    each all-gather copying its partitions to the GPU first, and each gradient partition's GPU
-    copies in backward (`slices`, as ZeRO-2's offload)."""
+    the partitions (but the persistent parameters'), masters, gradient partitions and state are
+    on the CPU; each all-gather copies its partitions to the GPU first, and backward makes GPU
+    copies of each gradient partition (`slices`, as ZeRO-2's offload)."""
     from vramplan.estimate._events import Zero3Params, ZeroPartitions, linear_tensors, static_parts
 
     N, elem, offload = parallel.gpus, sp.ds_elem, parallel.offloaded
     trace = module_trace(spec, setup, parallel.param_persistence_threshold, elem)
+    share = lambda p: -(-p.numel // N)      # noqa: E731  (a partition's elements)
     # offload_param: a partition lives on the CPU, unless its parameter is persistent
     # (Init._partition_param: ds_persist partitions stay on the local device)
-    part = lambda p: 0 if offload and not p.persistent else alloc(-(-p.numel // N) * elem)   # noqa: E731
+    part = lambda p: 0 if offload and not p.persistent else alloc(share(p) * elem)   # noqa: E731
     load = []
     for p in trace.params:
         if p.frozen:
@@ -790,10 +790,10 @@ def zero3_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: P
     trainable = [p for p in trace.params if not p.frozen]
     adapters = tuple((p.nbytes if setup.uses_adapters else 0, part(p)) for p in trainable)
     kept = tuple(p.nbytes for p in trainable if p.persistent)
-    elems = sum(-(-p.numel // N) for p in trainable)
+    elems = sum(share(p) for p in trainable)
     groups, n = [], 0          # _create_fp16_sub_groups: parameters until sub_group_size is reached
     for p in trainable:
-        n += -(-p.numel // N)
+        n += share(p)
         if n >= DS_SUB_GROUP:
             groups.append(n)
             n = 0
@@ -805,7 +805,7 @@ def zero3_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: P
     if offload:      # offload_optimizer: the flat partitions, fp32 masters, gradients and state on the CPU
         slices, arrived = [], 0
         for p in reversed(trainable):      # partition_grads: this rank's share of every gradient
-            slices.append((arrived * elem, -(-p.numel // N)))
+            slices.append((arrived * elem, share(p)))
             arrived += p.numel
         z3 = Zero3Params(tuple(load), adapters, kept, 0, *segments, ())
         return ZeroPartitions(N, 0, 0, 0, alloc(parallel.reduce_bucket_size * elem), 1, layer * elem, head * elem,

@@ -176,9 +176,10 @@ def step_trace(spec: ModelSpec, setup: TrainSetup, persistence_threshold: int, e
         if not node.grad:
             return
         start = len(calls)
-        if id(node) in layer_index:
+        is_layer = id(node) in layer_index
+        if is_layer:
             marks.append((start, ("backward", layer_index[id(node)])))
-        if setup.grad_ckpt and node in layers:
+        if setup.grad_ckpt and is_layer:
             path = [node]
             while path[-1].children:
                 path.append([c for c in path[-1].children if c.grad][-1])
