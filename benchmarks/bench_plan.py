@@ -20,7 +20,9 @@ holds about 100 such cells in the 1-GPU and ZeRO-3 cases. "evaluations" counts f
 a one-GPU yes/no the replay against the card answers with an OOM is not one.
 
 2026-12-01 (eighth session), plan alone, median of 7, the session's starting code run the same
-hour first: 5.0 / 4.7 / 3.2 / 5.3 s (cold CLI 3.2 s) -> 5.6 / 5.8 / 5.5 / 9.6 s (cold CLI 4.1 s).
+hour: 5.0 / 4.7 / 3.2 / 5.3 s (cold CLI 3.2 s) -> 5.6 / 5.8 / 5.5 / 9.6 s (cold CLI 4.1 s); an
+hour later, the machine slower, the final code first: 6.3 / 7.0 / 4.5 / 7.0 s (CLI 3.5 s) ->
+7.0 / 8.5 / 7.5 / 14.8 s (CLI 5.5 s).
 Slower where ZeRO-3 now replays its own stream (docs/allocator.md#zero-3-stream) instead of
 carrying the single-GPU replay's slack: every ZeRO-3 candidate of the minimum-hardware search
 (cases 1-3: each GPU count its own program, with the all-gathers of two steps) and every cell of
