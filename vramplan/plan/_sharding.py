@@ -714,11 +714,7 @@ def zero_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Pa
     if parallel.strategy == "zero3":
         return zero3_partitions(spec, setup, sp, parallel)
     N, elem = parallel.gpus, sp.ds_elem
-    shapes = dict(static_memory(spec, setup).trainable_shapes)
-    E = sum(numel(shape) * k for shape, k in shapes.items())
-    align = 2 * N
-    flat_elems = -(-E // align) * align
-    part = flat_elems // N
+    _E, flat_elems, part = _flat_partition(spec, setup, N)
     layer, head = _grads_per_layer(spec, setup)
     states = round(sp.ds_optimizer / sp.ds_master) if sp.ds_master else 0
     if not parallel.offloaded:
@@ -735,6 +731,15 @@ def zero_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Pa
                           alloc(parallel.reduce_bucket_size * elem), 2 if parallel.ds_overlap_comm else 1,
                           layer * elem, head * elem, (), parallel.ds_overlap_comm,
                           offload=True, staging=staging, elem=elem, slices=slices)
+
+
+def _flat_partition(spec: ModelSpec, setup: TrainSetup, gpus: int) -> tuple[int, int, int]:
+    """ZeRO-2's flat buffer (stage_1_and_2.py): (trainable elements E, E padded to a multiple of
+    nccl_start_alignment_factor (2) x N (flatten_dense_tensors_aligned), one rank's partition of
+    it (get_data_parallel_partitions))."""
+    E = sum(numel(shape) * k for shape, k in static_memory(spec, setup).trainable_shapes)
+    flat = -(-E // (2 * gpus)) * 2 * gpus
+    return E, flat, flat // gpus
 
 
 def _grads_per_layer(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
@@ -826,8 +831,7 @@ def zero2_offload(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Para
     its partition (the top of the model) is reduced first, while backward still holds most
     activations. Partitions as zero_partitions cuts them."""
     N, elem = parallel.gpus, sp.ds_elem
-    E = sum(numel(shape) * k for shape, k in static_memory(spec, setup).trainable_shapes)
-    part = -(-E // (2 * N)) * 2
+    E, _flat, part = _flat_partition(spec, setup, N)
     numels = _exact(trainable_numels(spec, setup), E)
     lo, hi = (N - 1) * part, N * part
     slices, arrived, start = [], 0, E

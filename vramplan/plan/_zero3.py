@@ -301,17 +301,14 @@ def replay(trace: StepTrace, reuse_distance: int, prefetch_bucket: int, max_live
                     owner = next(reversed(active_backward))
                     recomputed[owner].add(p)
                     holders[p].add(owner)
-            if first:
-                step += 1
-                out.append((frozen_bytes, trainable_bytes))
-                continue
-            fresh = {p for p in ids if recent[p] < step}
-            popped: set = set()
-            while queue and len(popped) < len(fresh):
-                p, at = queue.popleft()
-                recent[p] = at
-                popped.add(p)
-            if prefetch_bucket > 0:
+            if not first:            # the first step has no trace to pop or prefetch from
+                fresh = {p for p in ids if recent[p] < step}
+                popped: set = set()
+                while queue and len(popped) < len(fresh):
+                    p, at = queue.popleft()
+                    recent[p] = at
+                    popped.add(p)
+            if prefetch_bucket > 0 and not first:
                 room, ahead, chosen = min(max_live - live, prefetch_bucket), 0, set()
                 while queue and ahead < room:
                     p, at = queue.popleft()
