@@ -227,6 +227,27 @@ def test_olmo2_norms_follow_the_blocks_and_span_the_projections():
     assert not spec.tied and spec.vocab == 100352
 
 
+def test_float32_rotary_embeddings_are_cast_back_even_after_a_pass_through_cat(monkeypatch):
+    # OLMo 2's float32 cos / sin make both embeddings float32, cast back as apply_rotary_pos_emb
+    # returns; a partial-rotary cat (Phi-3's layout) after them promotes to float32 as well, and
+    # the cast back must still follow it
+    from vramplan.core import _architectures
+    from vramplan.core._setup import TrainSetup
+    from vramplan.estimate._ops import layer_ops
+
+    spec = resolve("allenai/OLMo-2-1124-7B")
+    names = lambda: [op.name for op in layer_ops(spec, TrainSetup(dtype="bf16"))[0]]  # noqa: E731
+    plain = names()
+    assert plain.index("attn.q.rope") < plain.index("attn.q.rot.cast") < plain.index("attn.rope_return")
+    arch = dataclasses.replace(spec.arch, rope_pass_cat=True)
+    monkeypatch.setitem(_architectures.ARCHITECTURES, "olmo2", arch)
+    assert spec.arch.rope_pass_cat
+    passed = names()
+    assert passed.index("attn.q.rope_pass") < passed.index("attn.q.rot.cast") < passed.index("attn.rope_return")
+    assert "attn.k.rot.cast" in passed
+    assert "attn.q.rot.cast" not in [op.name for op in layer_ops(spec, TrainSetup(dtype="fp32"))[0]]
+
+
 def test_phi4_is_a_phi3_config_with_grouped_kv_and_no_window():
     spec = resolve("phi-4")
     assert spec.model_type == "phi3" and spec.arch.fused_qkv

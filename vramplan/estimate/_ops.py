@@ -382,6 +382,7 @@ class _Ops:
         cast_back = (prod,) if prod != full else ()
         if prod != full:
             out = f"{name}.rot32"
+            self.bytes_of[out] = FP32     # the caller casts it back (rope_cast)
         self.op(f"{name}.rope_cos", [x], [self.t(f"{name}.xc", prod)], grads=((x, full),), bwd_before=cast_back)
         self.op(f"{name}.rope_x1", [x], [self.t(f"{name}.x1", 0)], grads=((x, full),))
         self.op(f"{name}.rope_x2", [x], [self.t(f"{name}.x2", 0)], grads=((x, full),))
@@ -393,15 +394,18 @@ class _Ops:
         self.op(f"{name}.rope", [f"{name}.xc", f"{name}.xs"], [self.t(out, prod)],
                 grads=((f"{name}.xc", 0), (f"{name}.xs", 0)))
         if self.spec.arch.rope_pass_cat:
-            # cat([rotated, x_pass]): CatBackward0 hands the sum a view of the incoming gradient
-            self.op(f"{name}.rope_pass", [out], [self.t(f"{name}.rotp", full)], grads=((out, 0),))
+            # cat([rotated, x_pass]): CatBackward0 hands the sum a view of the incoming gradient;
+            # a float32 rotated part promotes the cat to float32 (torch.cat's type promotion)
+            self.op(f"{name}.rope_pass", [out], [self.t(f"{name}.rotp", prod)], grads=((out, 0),))
+            if prod != full:
+                self.bytes_of[f"{name}.rotp"] = FP32
             out = f"{name}.rotp"
         return out
 
     def rope_cast(self, rot32: str, width: int) -> str:
         """A float32 rotary embedding cast back to the hidden states' dtype (Architecture.rope_float32);
         ToCopyBackward0 makes the float32 gradient."""
-        out = rot32.removesuffix("32")
+        out = rot32.rsplit(".", 1)[0] + ".rot"    # attn.q.rot32 or attn.q.rotp -> attn.q.rot
         self.op(f"{out}.cast", [rot32], [self.t(out, self.a * self.T * width)], grads=((rot32, FP32 * self.T * width),))
         return out
 
@@ -474,7 +478,7 @@ class _Ops:
             # apply_rotary_pos_emb(q, k, cos, sin) holds its arguments, the projections' outputs,
             # until it returns both (docs/peft-transformers.md#rotary-embedding)
             held = [q, k]
-            if spec.arch.rope_float32 and rotated[0].endswith(".rot32"):
+            if self.bytes_of.get(rotated[0], a) != a:
                 # `return q_embed.to(q_type), k_embed.to(k_type)`: the float32 embeddings are locals
                 held += rotated
                 rotated = tuple(self.rope_cast(r, w) for r, w in zip(rotated, (qw, kvw)))
