@@ -145,8 +145,9 @@ class _PhaseContext:
         return (self.phase, self.phase, None)
 
 
-def fast_matmuls() -> dict:
-    """Stand-ins for the 16-bit matmuls on a CPU without a native bf16 / fp16 GEMM.
+def fast_matmuls(slow: set | None = None) -> dict:
+    """Stand-ins for the 16-bit matmuls on a CPU without a native bf16 / fp16 GEMM (`slow`: the
+    dtypes to stand in for; None: those this CPU has no native GEMM for).
 
     Without AVX512-BF16 / AMX (oneDNN's bf16 path) torch runs bf16 and fp16 mm / addmm / bmm /
     baddbmm through its scalar reference GEMM (aten/src/ATen/native/CPUBlas.cpp
@@ -169,11 +170,12 @@ def fast_matmuls() -> dict:
     import torch
 
     aten = torch.ops.aten
-    slow = set()
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        slow.add(torch.bfloat16)
-    if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        slow.add(torch.float16)
+    if slow is None:
+        slow = set()
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            slow.add(torch.bfloat16)
+        if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            slow.add(torch.float16)
     if not slow:
         return {}
 

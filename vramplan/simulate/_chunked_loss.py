@@ -1,7 +1,8 @@
 """TRL's fused lm_head + chunked NLL (the SFTTrainer default loss), for simulate.
 
 With TRL installed (`pip install 'vramplan[trl]'`) its own `trl.trainer.utils.add_fused_lm_head`
-patches the model. Without it, this module is an op-for-op stand-in for TRL 1.16's CUDA path
+patches the model, and on the meta device `trl_cuda_path` steers TRL's own code down its CUDA
+path (what the meta device stands in for). Without it, this module is an op-for-op stand-in for TRL 1.16's CUDA path
 (trl/trainer/utils.py add_fused_lm_head `_fused_forward`; trl/kernels/chunked_logprob.py
 ChunkedLogProbFunction with the Triton folds, compact=True; docs/recipes.md#trl-chunked-loss):
 the same tensors are allocated, saved and freed in the same order; the Triton kernels, which
@@ -11,6 +12,7 @@ update their tile and statistics in place, are in-place no-ops here. Only "log_p
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 
 import torch
 
@@ -116,6 +118,57 @@ def _nonzero_on_meta(mask):
         return contextlib.nullcontext()
     import torch.fx.experimental._config as fx_config
     return fx_config.patch(meta_nonzero_assume_all_nonzero=True)
+
+
+class _InPlaceFold:
+    """A Triton fold of TRL's chunked log-prob (`_forward_kernel[grid](...)`, `_backward_kernel`):
+    it updates its tile and per-token statistics in place, so on meta it is a no-op."""
+
+    def __getitem__(self, _grid):
+        return lambda *args, **kwargs: None
+
+
+@contextmanager
+def trl_cuda_path(device: str):
+    """TRL's own chunked loss on the meta device, down the path it takes on CUDA: on meta,
+    trl/kernels/chunked_logprob.py `_use_triton` is False (so every position would be scored, not
+    the labelled ones: `compact` in add_fused_lm_head), `_addmm_fp32` would upcast both operands
+    (CUDA's `torch.addmm(..., out_dtype=float32, out=acc)` allocates nothing), and
+    `torch.is_autocast_enabled("meta")` raises. For the step's duration: `_use_triton` is True on
+    meta, the Triton folds are in-place no-ops (_InPlaceFold), `_addmm_fp32` is this module's
+    (nothing on meta), autocast's state for "meta" is CUDA's (the emulated one under --amp), and
+    boolean indexing on meta keeps every position (_nonzero_on_meta: the batch has no padding).
+    A no-op off the meta device or without TRL."""
+    if device != "meta" or not trl_available():
+        yield
+        return
+    import torch.fx.experimental._config as fx_config
+    from trl.kernels import chunked_logprob as kernels
+    from trl.trainer import utils as trainer_utils
+
+    real_triton = kernels._use_triton
+    uses_triton = lambda d: d.type == "meta" or real_triton(d)  # noqa: E731
+    enabled, dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+    patches = [(kernels, "_use_triton", uses_triton), (trainer_utils, "_use_triton", uses_triton),
+               (kernels, "_forward_kernel", _InPlaceFold()), (kernels, "_backward_kernel", _InPlaceFold()),
+               (kernels, "_addmm_fp32", _addmm_fp32),
+               (torch, "is_autocast_enabled", lambda device_type=None: enabled() if device_type is None else enabled(
+                   "cuda" if device_type == "meta" else device_type)),
+               (torch, "get_autocast_dtype", lambda device_type: dtype("cuda" if device_type == "meta" else device_type))]
+    if not hasattr(kernels, "triton"):     # torch without Triton: only its grid helper is read
+        patches.append((kernels, "triton", types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))))
+    saved = [(module, name, getattr(module, name, None), hasattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+            yield
+    finally:
+        for module, name, value, had in reversed(saved):
+            if had:
+                setattr(module, name, value)
+            else:
+                delattr(module, name)
 
 
 def add_fused_lm_head(model) -> None:

@@ -222,6 +222,9 @@ class Simulation:
                 from vramplan.simulate import _autocast as autocast
                 self._stack.enter_context(autocast.emulate_cuda_autocast())
                 self._stack.enter_context(autocast.sdpa_autocast())
+            if self.setup.loss == "chunked":
+                from vramplan.simulate._chunked_loss import trl_cuda_path
+                self._stack.enter_context(trl_cuda_path(self.device))
         return self
 
     def __exit__(self, *exc):
