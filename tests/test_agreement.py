@@ -252,6 +252,12 @@ RECIPE_CASES = [
     ("llama-gqa", "trainer", dict(seq=512, lora_dropout=0.05)),
     ("llama-gqa", "trl-sft", dict(seq=512)),
     ("llama-gqa", "trl-sft", dict(seq=512, method="full")),
+    # TRL's bf16 LoRA weights (--adapter-dtype bf16, docs/recipes.md#trl-bf16-adapters) without
+    # autocast (peft's input cast to the adapters' dtype is then a no-op), and with LoRA dropout
+    ("llama-gqa", None, dict(seq=512, adapter_dtype="bf16")),
+    ("llama-gqa", None, dict(seq=512, adapter_dtype="bf16", lora_dropout=0.05, grad_ckpt=False)),
+    ("llama-gqa", "trl-sft", dict(seq=512, lora_dropout=0.05)),
+    ("mixtral-moe", "trl-sft", dict(seq=512, targets="q_proj,k_proj,v_proj,o_proj")),
     ("llama-gqa", "plain", dict(seq=512)),
     ("llama-gqa", "plain", dict(seq=512, loss="chunked")),
     # the graph `out` keeps: the embedding leaf and its .grad through the optimizer step and the
@@ -280,7 +286,8 @@ RECIPE_CASES = [
     ("olmo2-postnorm", "qlora-paper", dict(seq=1024, batch=4)),
     ("gemma3-sliding", "qlora-paper", dict(seq=1024, batch=4)),
     ("deepseek-v3-mla", "trainer", dict(seq=512)),
-    ("deepseek-v3-moonlight", "trl-sft", dict(seq=512)),
+    # TRL's bf16 cast is not modelled for LoRA on fused experts (refused): the step without it
+    ("deepseek-v3-moonlight", "trl-sft", dict(seq=512, adapter_dtype="fp32")),
     ("gptoss-sinks", "trainer", dict(seq=512, attn="eager")),
     ("gptoss-sinks", "trainer", dict(seq=512, attn="eager", grad_ckpt=False)),
     ("gptoss-sinks", "trl-sft", dict(seq=512, attn="eager")),

@@ -47,7 +47,7 @@ def test_all_setup_flags_reach_the_setup(capsys):
                  "targets": ["q_proj", "v_proj"], "lora_dropout": 0.05, "batch": 4, "seq": 4096,
                  "grad_ckpt": False, "reentrant": None, "attn": "eager", "optimizer": "paged_adamw8bit", "prepare_kbit": True,
                  "experts": "4bit", "amp": "none", "loop": "plain", "loss": "chunked", "recast": False,
-                 "recipe": None}
+                 "adapter_dtype": "fp32", "recipe": None}
 
 
 def test_table_output_names_verdict_and_assumptions(capsys):

@@ -354,3 +354,50 @@ def test_sweep_keeps_the_recipes_optimizer_unless_one_is_typed(tmp_path):
     assert main(["sweep", "meta-llama/Llama-2-7b", "--recipe", "qlora-paper", "--gpu", "24GB",
                  "--optimizer", "adamw,adamw8bit", "--csv", str(out)]) == 0
     assert set(pd.read_csv(out)["optimizer"]) == {"adamw", "adamw8bit"}
+
+
+# --- TRL's bf16 LoRA weights on a quantized model (docs/recipes.md#trl-bf16-adapters) --------------
+
+def test_trl_sft_casts_a_quantized_models_adapters_to_bf16_only():
+    assert make_setup("trl-sft").adapter_dtype == "bf16"
+    assert make_setup("trl-sft", method="lora").adapter_dtype == "fp32"      # `if _is_quantized_model`
+    assert make_setup("trl-sft", adapter_dtype="fp32").adapter_dtype == "fp32"
+    assert make_setup("trainer").adapter_dtype == "fp32"
+    # a variation that leaves the quantized model leaves the cast too
+    assert make_setup("trl-sft").with_(method="lora").adapter_dtype == "fp32"
+    assert TrainSetup().adapters_16bit is False and make_setup("qlora-paper").adapters_16bit is True
+
+
+def test_bf16_adapters_halve_adapters_gradients_and_adam_states():
+    """LoRA A/B, their .grad and torch AdamW's exp_avg / exp_avg_sq follow the parameter dtype
+    (adam.py _init_group: zeros_like(p)); fused AdamW's `step` scalars stay float32."""
+    from vramplan.core._models import resolve
+    from vramplan.estimate._inventory import static_memory
+
+    spec = resolve("llama-2-7b")
+    fp32 = static_memory(spec, TrainSetup(optimizer="adamw_fused"))
+    bf16 = static_memory(spec, TrainSetup(optimizer="adamw_fused", adapter_dtype="bf16"))
+    n = fp32.trainable_params     # Llama-2-7B's LoRA A / B shapes are whole multiples of 512 bytes
+    assert (fp32.adapters, fp32.gradients, fp32.optimizer_state - bf16.optimizer_state) == \
+        (2 * bf16.adapters, 2 * bf16.gradients, 2 * 2 * n) == (4 * n, 4 * n, 4 * n)
+    assert any("adapters in bf16 (TRL SFTTrainer's cast" in a
+               for a in estimate("llama-2-7b", adapter_dtype="bf16").assumptions)
+
+
+def test_adapter_dtype_flag_validation(capsys):
+    code = main(["estimate", "llama-2-7b", "--adapter-dtype", "fp16"])
+    assert (code, capsys.readouterr().err) == (
+        2, "Error: unknown adapter-dtype 'fp16' (hint: --adapter-dtype takes one of: fp32, bf16)\n")
+    code = main(["estimate", "llama-2-7b", "--adapter-dtype", "bf16", "--method", "lora"])
+    assert (code, capsys.readouterr().err) == (
+        2, "Error: --adapter-dtype bf16 is modelled for --method qlora with --dtype bf16, and --amp bf16 where "
+           "--prepare-kbit makes the hidden states float32 (hint: give those flags, or --adapter-dtype fp32)\n")
+    code = main(["estimate", "mistralai/Mixtral-8x7B-v0.1", "--recipe", "trl-sft"])
+    assert (code, capsys.readouterr().err) == (
+        2, "Error: --adapter-dtype bf16 (TRL's SFTTrainer casts a quantized model's LoRA weights to bf16) is not "
+           "modelled for LoRA on fused mixture-of-experts weights (hint: add --adapter-dtype fp32, or --targets "
+           "without the experts (e.g. q_proj,k_proj,v_proj,o_proj))\n")
+    assert main(["estimate", "mistralai/Mixtral-8x7B-v0.1", "--recipe", "trl-sft", "--adapter-dtype", "fp32"]) == 0
+    capsys.readouterr()
+    assert main(["estimate", "llama-2-7b", "--adapter-dtype", "bf16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["setup"]["adapter_dtype"] == "bf16"

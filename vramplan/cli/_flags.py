@@ -51,6 +51,9 @@ def setup_flags() -> argparse.ArgumentParser:
     p.add_argument("--recast", dest="recast", action=argparse.BooleanOptionalAction, default=None,
                    help="qlora.py's cast after get_peft_model: LoRA, embeddings and lm_head in bf16, norms in fp32 "
                         "(on with --recipe qlora-paper)")
+    p.add_argument("--adapter-dtype", dest="adapter_dtype", default=None,
+                   help="fp32 (peft's default for LoRA weights) | bf16 (TRL's SFTTrainer casts a quantized "
+                        "model's; on with --recipe trl-sft and --method qlora)")
     p.add_argument("--experts", default="16bit",
                    help="MoE expert weights under 4-bit: 16bit (transformers 5 leaves its fused expert stacks "
                         "unquantized, default) | 4bit (stacks that quantize them: transformers 4.x, Unsloth)")
@@ -105,7 +108,8 @@ def cuda_arch_from_args(args):
 
 
 # Flags a --recipe sets; None means "not given", so the recipe's (or TrainSetup's) default applies.
-RECIPE_FLAGS = ("dtype", "grad_ckpt", "reentrant", "optimizer", "prepare_kbit", "amp", "loop", "loss", "recast")
+RECIPE_FLAGS = ("dtype", "grad_ckpt", "reentrant", "optimizer", "prepare_kbit", "amp", "loop", "loss", "recast",
+                "adapter_dtype")
 
 
 def setup_from_args(args):

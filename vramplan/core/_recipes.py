@@ -12,7 +12,7 @@ from vramplan.core._record import record
 
 # The fields a recipe may set; every other TrainSetup field keeps its own default.
 RECIPE_FIELDS = ("dtype", "amp", "optimizer", "grad_ckpt", "reentrant", "loss", "loop", "prepare_kbit", "rank",
-                 "targets", "recast")
+                 "targets", "recast", "adapter_dtype")
 
 
 @record
@@ -33,6 +33,7 @@ class Recipe:
     reentrant: bool           # gradient checkpointing flavour: use_reentrant (TrainSetup.reentrant)
     sources: tuple[tuple[str, str], ...]   # (field, upstream source of its default)
     recast: bool = False      # qlora.py's dtype cast after get_peft_model (TrainSetup.recast)
+    adapter_dtype: str = "fp32"   # TRL's bf16 cast of a quantized model's LoRA weights (TrainSetup.adapter_dtype)
 
     def defaults(self) -> dict:
         return {f: getattr(self, f) for f in RECIPE_FIELDS}
@@ -43,7 +44,8 @@ class Recipe:
         return (f"recipe {self.name} ({self.describes}): {self.dtype} weights, autocast {self.amp}, "
                 f"{self.optimizer}, {ckpt}, {self.loss} loss, {self.loop} loop"
                 + (", prepare_model_for_kbit_training" if self.prepare_kbit else "")
-                + (", LoRA / embeddings / lm_head cast to bf16 after get_peft_model" if self.recast else ""))
+                + (", LoRA / embeddings / lm_head cast to bf16 after get_peft_model" if self.recast else "")
+                + (", a quantized model's LoRA weights cast to bf16" if self.adapter_dtype == "bf16" else ""))
 
 
 ALL_LINEAR = ("all-linear",)
@@ -77,7 +79,10 @@ TRL_SFT = Recipe(
                  "32768-vocab tiles (trl/kernels/chunked_logprob.py ChunkedLogProbFunction)"),
         ("optimizer", "inherited from TrainingArguments: adamw_torch_fused on torch >= 2.8"),
         ("loop", "SFTTrainer.compute_loss keeps only the loss and the per-token log-probs for metrics"),
-    ))
+        ("adapter_dtype", "trl/trainer/sft_trainer.py SFTTrainer.__init__: `if _is_quantized_model:` every trainable "
+                          "parameter but DoRA's magnitude `param.data = param.data.to(torch.bfloat16)` (QLoRA paper, "
+                          "sec. 3); for --method qlora only"),
+    ), adapter_dtype="bf16")
 
 QLORA_PAPER = Recipe(
     name="qlora-paper", describes="artidoro/qlora qlora.py (QLoRA paper) run on peft 0.21 / transformers 5.23",

@@ -22,6 +22,9 @@ AMPS = ("none", "bf16", "fp16")    # torch.autocast(device_type="cuda", dtype=..
 # returns; plain-del: `out` through backward and opt.step(), then `del out` (docs/recipes.md#plain-loop-keeps-the-logits)
 LOOPS = ("trainer", "plain", "plain-del")
 LOSSES = ("full", "chunked")       # full: transformers ForCausalLMLoss; chunked: TRL's fused lm_head + chunked NLL
+# The trainable LoRA weights' dtype: fp32 as peft creates them (autocast_adapter_dtype=True), or bf16
+# as TRL's SFTTrainer casts a quantized model's (docs/recipes.md#trl-bf16-adapters)
+ADAPTER_DTYPES = ("fp32", "bf16")
 # MoE expert weights under 4-bit quantization: "16bit" as transformers 5 leaves its fused 3-D expert
 # stacks (bitsandbytes replaces only nn.Linear); "4bit" for stacks that quantize them (transformers
 # 4.x ModuleList experts of nn.Linear, Unsloth's MoE 4-bit). docs/bitsandbytes.md#moe-experts
@@ -66,6 +69,9 @@ class TrainSetup:
     # qlora.py's cast after get_peft_model (core/_recipes.py QLORA_PAPER): LoRA layers in bf16,
     # norms float32, embed_tokens / lm_head bf16 (docs/recipes.md#qlora-paper-recast)
     recast: bool = False
+    # LoRA weights, their gradients and torch AdamW's states in bf16 (TRL's SFTTrainer on a
+    # quantized model; core/_recipes.py TRL_SFT). qlora.py's recast implies it (adapters_16bit).
+    adapter_dtype: str = "fp32"
     recipe: str | None = None      # the training library's recipe the other fields came from (core/_recipes.py)
 
     def __post_init__(self):
@@ -120,6 +126,11 @@ class TrainSetup:
             # 16-bit scores) is not modelled (docs/recipes.md#limits)
             raise UsageError(f"--amp {self.amp} over --dtype fp32 is modelled for --attn sdpa",
                              hint=f"use --attn sdpa, or --dtype {self.amp}")
+        _choice("--adapter-dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        if self.adapter_dtype == "bf16" and not _bf16_adapters_apply(lambda k: getattr(self, k)):
+            raise UsageError("--adapter-dtype bf16 is modelled for --method qlora with --dtype bf16, and --amp bf16 "
+                             "where --prepare-kbit makes the hidden states float32",
+                             hint="give those flags, or --adapter-dtype fp32")
         if self.recast and not _recast_applies(lambda k: getattr(self, k)):
             raise UsageError("--recast is qlora.py's bf16 cast after get_peft_model: it applies with --method qlora "
                              "(nf4 or fp4), --prepare-kbit, --dtype bf16 and --amp bf16",
@@ -180,6 +191,11 @@ class TrainSetup:
         return self.autocast and self.dtype == "fp32" and not self.quantized
 
     @property
+    def adapters_16bit(self) -> bool:
+        """The LoRA weights are bf16 leaves: TRL's cast (--adapter-dtype bf16) or qlora.py's recast."""
+        return self.recast or self.adapter_dtype == "bf16"
+
+    @property
     def fused_adamw(self) -> bool:
         return self.optimizer == "adamw_fused"
 
@@ -194,6 +210,9 @@ class TrainSetup:
         if self.recast and "recast" not in changes and not _recast_applies(
                 lambda k: changes.get(k, getattr(self, k))):
             changes["recast"] = False
+        if self.adapter_dtype == "bf16" and "adapter_dtype" not in changes and not _bf16_adapters_apply(
+                lambda k: changes.get(k, getattr(self, k))):
+            changes["adapter_dtype"] = "fp32"    # TRL casts a quantized model's adapters only
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -205,6 +224,15 @@ class TrainSetup:
         if not self.grad_ckpt:  # the checkpointing flavour means nothing without checkpointing
             d["reentrant"] = None
         return d
+
+
+def _bf16_adapters_apply(field) -> bool:
+    """Where bf16 LoRA weights are modelled: TRL's SFTTrainer casts them for a quantized model
+    (trl/trainer/sft_trainer.py: `if _is_quantized_model: ... param.data = param.data.to(torch.bfloat16)`),
+    over bf16 weights; with prepare_model_for_kbit_training's float32 hidden states, under bf16
+    autocast (then F.linear casts the input, as qlora.py's recast runs it)."""
+    return (field("method") == "qlora" and field("dtype") == "bf16"
+            and (not field("prepare_kbit") or field("amp") == "bf16"))
 
 
 def _recast_applies(field) -> bool:
@@ -298,6 +326,9 @@ def make_setup(name: str | None, **explicit) -> TrainSetup:
     if values.get("recast") and "recast" not in explicit and not _recast_applies(
             lambda k: values.get(k, getattr(TrainSetup, k))):
         values["recast"] = False     # flags that leave qlora.py's configuration leave its recast too
+    if values.get("adapter_dtype") == "bf16" and "adapter_dtype" not in explicit and not _bf16_adapters_apply(
+            lambda k: values.get(k, getattr(TrainSetup, k))):
+        values["adapter_dtype"] = "fp32"   # TRL casts a quantized model's adapters only
     values["recipe"] = name
     known = {f.name for f in fields(TrainSetup)}
     return TrainSetup(**{k: v for k, v in values.items() if k in known})

@@ -479,14 +479,15 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
     if setup.uses_adapters:
         out.append(f"LoRA rank {setup.rank} on {', '.join(sorted(set(static_adapted(spec, setup)))) or 'nothing'}"
                    + (f", adapters in {setup.dtype} (qlora.py's recast)" if setup.recast
-                      else ", adapters in fp32 (peft autocast_adapter_dtype)")
+                      else ", adapters in bf16 (TRL SFTTrainer's cast of a quantized model's LoRA weights)"
+                      if setup.adapters_16bit else ", adapters in fp32 (peft autocast_adapter_dtype)")
                    + (f", dropout {setup.lora_dropout}" if setup.lora_dropout else ""))
     else:
         out.append(f"full fine-tuning: every parameter trainable in {setup.dtype}")
     loss = ("transformers ForCausalLMLoss (logits upcast to fp32)" if setup.loss == "full" else
             "TRL fused lm_head + chunked NLL (no full logits; 4096 x 32768 tiles)")
     out.append(f"micro-batch {setup.batch} x sequence {setup.seq} tokens, no padding, labels = input_ids, {loss}")
-    cache = ("adapter weights already bf16: nothing cast or cached" if setup.recast
+    cache = ("adapter weights already bf16: nothing cast or cached" if setup.adapters_16bit
              else "adapter weight casts cached until the forward ends")
     if setup.amp_over_fp32:
         # docs/recipes.md#autocast-over-fp32-weights

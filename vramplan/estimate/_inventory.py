@@ -60,8 +60,8 @@ def embedding_bytes(setup: TrainSetup) -> int:
 def adapter_bytes(setup: TrainSetup) -> int:
     """LoRA weights (and their gradients): peft's autocast_adapter_dtype=True (the default) creates
     16-bit adapters in float32 (peft/tuners/tuners_utils.py _cast_adapter_dtype); qlora.py's recast
-    moves every LoraLayer to bf16."""
-    return setup.compute_bytes if setup.recast else FP32
+    moves every LoraLayer to bf16, and TRL's SFTTrainer casts a quantized model's (TrainSetup.adapters_16bit)."""
+    return setup.compute_bytes if setup.adapters_16bit else FP32
 
 
 def bias_bytes(setup: TrainSetup) -> int:
@@ -289,6 +289,11 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     if setup.recast and spec.num_experts:
         raise UsageError("--recast is modelled for dense models (qlora.py predates fused MoE experts)",
                          hint="drop --recast, or use --recipe trainer")
+    if setup.adapters_16bit and experts_adapted(spec, setup):
+        # peft's ParamWrapper LoRA factors of fused expert stacks are modelled float32 (estimate/_ops.py moe)
+        raise UsageError("--adapter-dtype bf16 (TRL's SFTTrainer casts a quantized model's LoRA weights to bf16) is not "
+                         "modelled for LoRA on fused mixture-of-experts weights",
+                         hint="add --adapter-dtype fp32, or --targets without the experts (e.g. q_proj,k_proj,v_proj,o_proj)")
     n = spec.layers
     weights = quant_constants = 0
     trainable: Counter[tuple[int, ...]] = Counter()  # shape -> number of tensors

@@ -36,7 +36,7 @@ from vramplan.cuda import _cublas as cuda_cublas, _sdpa as cuda_sdpa
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._gemm_4bit import fallback_buffers, gemm_4bit_uses_fused_kernel
 from vramplan.estimate._walk import ACT, BLAS, BWD_BLAS, Op, Tape, Tensor, WalkResult, walk
-from vramplan.estimate._inventory import (adapted_linears, embedding_bytes, expert_linears, experts_adapted,
+from vramplan.estimate._inventory import (adapted_linears, adapter_bytes, embedding_bytes, expert_linears, experts_adapted,
                                          experts_quantized, rope_kinds, rope_width, weight_bytes)
 from vramplan.core._models import Linear, ModelSpec
 from vramplan.estimate._quant import alloc as alloc_bytes, dequant_buffers, dequant_temporary
@@ -226,37 +226,39 @@ class _Ops:
             if ob != self.a:
                 self.bytes_of[f"{name}.res"] = ob
             return self.lora_autocast(name, x, base, i, o, r, a, ob)
-        xin = x
-        if a != FP32:
+        # peft casts the input to the adapter weights' dtype (`x = self._cast_input_dtype(x,
+        # lora_A.weight.dtype)`: float32, or nothing where TRL made them bf16) and the LoRA path runs in it
+        xin, ab = x, adapter_bytes(s)
+        if a != ab:
             xin = f"{name}.x32"
-            self.op(f"{name}.cast", [x], [self.t(xin, FP32 * T * i)], grads=((x, a * T * i),))
+            self.op(f"{name}.cast", [x], [self.t(xin, ab * T * i)], grads=((x, a * T * i),))
         if s.lora_dropout > 0:
             # nn.Dropout (native_dropout): output and a bool mask, the mask saved
-            self.op(f"{name}.dropout", [xin], [self.t(f"{name}.xd", FP32 * T * i), self.t(f"{name}.mask", T * i)],
-                    saves=(f"{name}.mask",), grads=((xin, FP32 * T * i),))
+            self.op(f"{name}.dropout", [xin], [self.t(f"{name}.xd", ab * T * i), self.t(f"{name}.mask", T * i)],
+                    saves=(f"{name}.mask",), grads=((xin, ab * T * i),))
             xin = f"{name}.xd"
-        self.op(f"{name}.lora_A", [xin], [self.t(f"{name}.la", FP32 * T * r)], saves=(xin,),
-                grads=((xin, FP32 * T * i),), param_grads=alloc(FP32 * r * i), blas=BLAS)
-        self.op(f"{name}.lora_B", [f"{name}.la"], [self.t(f"{name}.lb", FP32 * T * o)], saves=(f"{name}.la",),
-                grads=((f"{name}.la", FP32 * T * r),), param_grads=alloc(FP32 * o * r), blas=BLAS)
-        self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", FP32 * T * o)],
-                grads=((f"{name}.lb", FP32 * T * o),))
+        self.op(f"{name}.lora_A", [xin], [self.t(f"{name}.la", ab * T * r)], saves=(xin,),
+                grads=((xin, ab * T * i),), param_grads=alloc(ab * r * i), blas=BLAS)
+        self.op(f"{name}.lora_B", [f"{name}.la"], [self.t(f"{name}.lb", ab * T * o)], saves=(f"{name}.la",),
+                grads=((f"{name}.la", ab * T * r),), param_grads=alloc(ab * o * r), blas=BLAS)
+        self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", ab * T * o)],
+                grads=((f"{name}.lb", ab * T * o),))
         lc = f"{name}.ls"
         out = f"{name}.out"
-        if not s.quantized and a != FP32:
+        if not s.quantized and a != ab:
             # lora/layer.py Linear.forward: `result = result + lora_B(lora_A(dropout(x))) * scaling`
             # promotes to float32 (autograd casts the base output's gradient back,
             # validate_outputs), then `result = result.to(torch_result_dtype)`
-            self.op(f"{name}.add", [res, lc], [self.t(f"{name}.sum32", FP32 * T * o)], grads=((res, a * T * o), (lc, 0)))
+            self.op(f"{name}.add", [res, lc], [self.t(f"{name}.sum32", ab * T * o)], grads=((res, a * T * o), (lc, 0)))
             self.op(f"{name}.to", [f"{name}.sum32"], [self.t(out, a * T * o)],
-                    grads=((f"{name}.sum32", FP32 * T * o),))
+                    grads=((f"{name}.sum32", ab * T * o),))
         else:
-            if a != FP32:     # bnb.py: `output = output.to(expected_dtype)` before the sum
+            if a != ab:     # bnb.py: `output = output.to(expected_dtype)` before the sum
                 lc = f"{name}.lc"
                 self.op(f"{name}.uncast", [f"{name}.ls"], [self.t(lc, a * T * o)],
-                        grads=((f"{name}.ls", FP32 * T * o),))
+                        grads=((f"{name}.ls", ab * T * o),))
             self.op(f"{name}.add", [res, lc], [self.t(out, a * T * o)], grads=((res, 0), (lc, 0)))
-        if a != FP32:
+        if a != ab:
             # the cast input is peft's local `x` until forward returns, saved or not
             # (docs/peft-transformers.md#input-cast-and-base-output-clone)
             self.op(f"{name}.return", [f"{name}.x32"])
@@ -316,9 +318,9 @@ class _Ops:
         if xb != c:   # autocast's cast of the float32 input for F.linear
             self.op(f"{name}.x16", [xin], [self.t(f"{name}.x16", c * T * i)], grads=((xin, xb * T * i),))
             xin = f"{name}.x16"
-        if self.setup.recast:
-            # qlora.py's recast: the adapter weights are bf16 leaves already, so F.linear uses them
-            # as they are (no cast, nothing cached) and their gradients are bf16 .grad tensors
+        if self.setup.adapters_16bit:
+            # qlora.py's recast or TRL's cast: the adapter weights are bf16 leaves already, so F.linear
+            # uses them as they are (no cast, nothing cached) and their gradients are bf16 .grad tensors
             self.op(f"{name}.lora_A", [xin], [self.t(f"{name}.la", c * T * r)], saves=(xin,),
                     grads=((xin, c * T * i),), param_grads=alloc(c * r * i), blas=BLAS)
             self.op(f"{name}.lora_B", [f"{name}.la"], [self.t(f"{name}.lb", c * T * o)], saves=(f"{name}.la",),
@@ -1730,8 +1732,8 @@ def autocast_cache(spec: ModelSpec, setup: TrainSetup) -> int:
     layer's (non-saving, checkpointed) forward to the end of the forward region
     (autocast_mode.cpp cached_cast; docs/autograd.md#autocast-weight-cache). Without
     checkpointing the linears save them anyway, which the walk counts."""
-    if not (setup.autocast and setup.grad_ckpt) or setup.recast:
-        return 0      # (recast: bf16 adapter weights are not cast, nothing is cached)
+    if not (setup.autocast and setup.grad_ckpt) or setup.adapters_16bit:
+        return 0      # (bf16 adapter weights are not cast, nothing is cached)
     c, r = DTYPES[setup.amp], setup.rank
     if setup.method == "full":
         # autocast over float32 weights (amp_over_fp32): every trainable layer weight and bias is

@@ -356,12 +356,25 @@ def make_trainable(model, setup: TrainSetup, device: str):
             model = add_adapters(model, setup, device)
             if setup.recast:
                 recast_like_qlora_py(model)
+            elif setup.adapters_16bit:
+                adapters_to_bf16_like_trl(model)
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, make_optimizer(trainable, setup, device)
+
+
+def adapters_to_bf16_like_trl(model) -> None:
+    """TRL 1.16 SFTTrainer.__init__ on a quantized model (TrainSetup.adapter_dtype bf16,
+    docs/recipes.md#trl-bf16-adapters): every trainable parameter but DoRA's magnitude vector
+    becomes bf16 in place (`param.data = param.data.to(torch.bfloat16)`)."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_magnitude_vector" not in name:
+            param.data = param.data.to(torch.bfloat16)
 
 
 def recast_like_qlora_py(model) -> None:
