@@ -204,6 +204,15 @@ CASES = [
     ("granite-multipliers", dict(seq=512, reentrant=True)),
     ("qwen2-tied-bias", dict(seq=512, reentrant=True, prepare_kbit=True)),
     ("gptoss-sinks", dict(seq=512, attn="eager", reentrant=True)),
+    # gradient accumulation (docs/autograd.md#gradient-accumulation-steps): a second micro-step
+    # beside every .grad, its new gradients added in place; full fine-tuning under SGD, where no
+    # optimizer state hides the forward's peak
+    ("llama-gqa", dict(seq=512, grad_accum=2)),
+    ("llama-gqa", dict(seq=512, grad_accum=4, method="full", optimizer="sgd")),
+    ("llama-gqa", dict(seq=512, grad_accum=2, method="full", optimizer="sgd", grad_ckpt=False)),
+    ("llama-gqa", dict(seq=512, grad_accum=2, reentrant=True, lora_dropout=0.1)),
+    ("mixtral-moe", dict(seq=512, grad_accum=2)),
+    ("gemma3-sliding", dict(seq=1024, batch=2, grad_accum=2)),
 ]
 
 
@@ -325,6 +334,13 @@ RECIPE_CASES = [
     ("llama-gqa", "qlora-paper", dict(seq=512, reentrant=True)),
     ("llama-gqa", "trainer", dict(seq=512, dtype="fp32", method="full", reentrant=True)),
     ("mixtral-moe", "trainer", dict(seq=512, reentrant=True)),
+    # gradient accumulation under each recipe (qlora.py's own default is 16 micro-steps)
+    ("llama-gqa", "trainer", dict(seq=512, grad_accum=2)),
+    ("llama-gqa", "trainer", dict(seq=512, grad_accum=2, dtype="fp32", method="full", optimizer="sgd")),
+    ("llama-gqa", "trl-sft", dict(seq=512, grad_accum=2)),
+    ("llama-gqa", "plain", dict(seq=512, grad_accum=2)),
+    ("llama-gqa", "plain", dict(seq=512, grad_accum=2, loop="plain-del")),
+    ("llama-gqa", "qlora-paper", dict(seq=512, grad_accum=16)),
 ]
 
 

@@ -40,11 +40,12 @@ def test_all_setup_flags_reach_the_setup(capsys):
                        "--seq", "4096", "--no-grad-ckpt", "--method", "qlora", "--quant", "fp4",
                        "--no-double-quant", "--dtype", "fp16", "--rank", "8", "--targets", "q_proj,v_proj",
                        "--lora-dropout", "0.05", "--attn", "eager", "--optimizer", "paged_adamw8bit",
-                       "--prepare-kbit", "--experts", "4bit", "--loop", "plain", "--loss", "chunked", "--json")
+                       "--prepare-kbit", "--experts", "4bit", "--loop", "plain", "--loss", "chunked", "--grad-accum", "3",
+                       "--json")
     assert code == 0
     s = json.loads(out)["setup"]
     assert s == {"method": "qlora", "quant": "fp4", "double_quant": False, "dtype": "fp16", "rank": 8,
-                 "targets": ["q_proj", "v_proj"], "lora_dropout": 0.05, "batch": 4, "seq": 4096,
+                 "targets": ["q_proj", "v_proj"], "lora_dropout": 0.05, "batch": 4, "seq": 4096, "grad_accum": 3,
                  "grad_ckpt": False, "reentrant": None, "attn": "eager", "optimizer": "paged_adamw8bit", "prepare_kbit": True,
                  "experts": "4bit", "amp": "none", "loop": "plain", "loss": "chunked", "recast": False,
                  "adapter_dtype": "fp32", "recipe": None}

@@ -112,6 +112,7 @@ def test_unknown_architecture_does_not_stop_training(tmp_path, caplog):
 
 @pytest.mark.bitsandbytes
 def test_setup_is_read_off_a_quantized_peft_model(tmp_path):
+    import torch
     from transformers import TrainingArguments
 
     from vramplan.core._models import spec_from_config
@@ -128,14 +129,21 @@ def test_setup_is_read_off_a_quantized_peft_model(tmp_path):
     s = setup_of(built.model, args, seq=128)
     assert (s.method, s.quant, s.double_quant, s.dtype, s.rank, s.targets) == \
         ("qlora", "fp4", False, "bf16", 4, ("q_proj", "v_proj"))
-    assert (s.batch, s.seq, s.grad_ckpt, s.optimizer, s.prepare_kbit, s.amp) == \
-        (3, 128, True, "paged_adamw8bit", False, "none")
+    assert (s.batch, s.seq, s.grad_ckpt, s.optimizer, s.prepare_kbit, s.amp, s.grad_accum, s.adapter_dtype) == \
+        (3, 128, True, "paged_adamw8bit", False, "none", 1, "fp32")
     assert s.reentrant is False
     assert json.dumps(s.to_dict())
     # use_reentrant in the checkpointing kwargs the Trainer passes on
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
                              **{ckpt: True, f"{ckpt}_kwargs": {"use_reentrant": True}})
     assert setup_of(built.model, args, seq=128).reentrant is True
+    # gradient_accumulation_steps; LoRA weights TRL's SFTTrainer cast to bf16
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=16, use_cpu=True, report_to=[])
+    assert setup_of(built.model, args, seq=128).grad_accum == 16
+    for name, param in built.model.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    assert setup_of(built.model, args, seq=128).adapter_dtype == "bf16"
     # Trainer's bf16=True is autocast; adamw_torch_fused is the fused kernel, adamw_torch foreach
     for optim, expected in (("adamw_torch_fused", "adamw_fused"), ("adamw_torch", "adamw_foreach")):
         args = TrainingArguments(output_dir=str(tmp_path), optim=optim, bf16=True, use_cpu=True, report_to=[])

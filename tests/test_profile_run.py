@@ -95,8 +95,9 @@ def test_cpu_run_agrees_with_simulate_on_the_cpu(qlora_run, tiny):
     assert trace.components == record.measured.components_at_peak
 
 
-@pytest.mark.parametrize("loop", [dict(loop="plain"), dict(loop="plain-del"), dict(loss="chunked")],
-                         ids=["plain-loop", "plain-del-loop", "chunked-loss"])
+@pytest.mark.parametrize("loop", [dict(loop="plain"), dict(loop="plain-del"), dict(loss="chunked"),
+                                  dict(grad_accum=4), dict(grad_accum=2, loop="plain-del")],
+                         ids=["plain-loop", "plain-del-loop", "chunked-loss", "grad-accum", "grad-accum-plain-del"])
 def test_cpu_run_of_a_recipe_loop_agrees_with_simulate(tiny, launcher, tmp_path, loop):
     """profile runs the recipe's loop body (a plain loop's held outputs, TRL's chunked loss) as
     simulate does: the same real CPU step, to the byte. (The fused AdamW on the CPU differs by one
@@ -108,8 +109,10 @@ def test_cpu_run_of_a_recipe_loop_agrees_with_simulate(tiny, launcher, tmp_path,
     record, _ = profile(tiny, setup, ProfileOptions(device="cpu", random_weights=True, steps=2), out=tmp_path,
                         launcher=launcher)
     assert record.setup["loop"] == setup.loop and record.setup["loss"] == setup.loss
+    assert record.setup["grad_accum"] == setup.grad_accum
     trace = run(resolve(tiny), setup, "cpu")
     assert trace.peak_allocated_bytes == record.measured.peak_allocated_bytes
+    assert not [n for n in record.notes if "not steady" in n]
     assert trace.phase_peaks["forward"] == record.measured.phase_peaks["forward"]   # the previous step's outputs
     idealized = run(resolve(tiny), TrainSetup(seq=64), "cpu")
     assert trace.peak_allocated_bytes != idealized.peak_allocated_bytes   # the loop changes the step

@@ -43,6 +43,17 @@ SETUPS = [
     ("meta-llama/Meta-Llama-3-8B", {"quant": "int8", "seq": 512, "reentrant": True}),
     ("meta-llama/Llama-2-7b", {"amp": "bf16", "seq": 1024, "reentrant": True}),
     ("Qwen/Qwen3-0.6B", {"loss": "chunked", "optimizer": "adamw_fused", "seq": 1024}),
+    # gradient accumulation: the second micro-step beside every .grad (its moments are the peak
+    # here), a plain loop's outputs per micro-step, full fine-tuning under SGD with and without
+    # checkpointing, reentrant int8 and autocast
+    ("meta-llama/Llama-2-7b", {"grad_accum": 4, "seq": 1024}),
+    ("meta-llama/Llama-2-7b", {"loop": "plain", "seq": 1024, "grad_accum": 8}),
+    ("mistralai/Mistral-7B-v0.1", {"method": "full", "seq": 1024, "grad_accum": 2, "optimizer": "sgd"}),
+    ("mistralai/Mistral-7B-v0.1", {"method": "full", "seq": 1024, "grad_accum": 2, "optimizer": "sgd",
+                                   "grad_ckpt": False}),
+    ("meta-llama/Meta-Llama-3-8B", {"quant": "int8", "seq": 512, "reentrant": True, "grad_accum": 2}),
+    ("meta-llama/Llama-2-7b", {"amp": "bf16", "seq": 1024, "grad_accum": 2}),
+    ("google/gemma-3-1b-pt", {"seq": 2048, "grad_accum": 2}),
     # MoE: routed experts adapted through ParamWrapper
     ("Qwen/Qwen3-30B-A3B", {"seq": 512}),
     # Llama 4: a complex64 rotary table, every-expert MoE layers; chunked-attention masks past

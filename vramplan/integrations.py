@@ -253,6 +253,7 @@ def setup_of(model, args, seq: int):
     # by TrainSetup (not modelled), which the callback logs instead of estimating.
     fields["amp"] = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "none"
     fields["batch"] = int(getattr(args, "per_device_train_batch_size", 1) or 1)
+    fields["grad_accum"] = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
     fields["seq"] = int(seq)
     fields["grad_ckpt"] = _checkpointing(args, base)
     fields["reentrant"] = fields["grad_ckpt"] and _reentrant(args)
@@ -260,6 +261,11 @@ def setup_of(model, args, seq: int):
     fields["attn"] = "eager" if attn == "eager" else "sdpa"
     optim = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", "adamw_torch")))
     fields["optimizer"] = OPTIMIZERS.get(optim, "adamw")
+    if peft_config and quantized:
+        # TRL's SFTTrainer casts a quantized model's LoRA weights to bf16 (TrainSetup.adapter_dtype)
+        lora = next((p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n), None)
+        if lora is not None and str(lora.dtype) == "torch.bfloat16":
+            fields["adapter_dtype"] = "bf16"
     if quantized:
         embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
         weight = getattr(embed, "weight", None)

@@ -37,6 +37,8 @@ def setup_flags() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.0)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length in tokens (default 2048)")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int, default=None,
+                   help="micro-batches per optimizer step (gradient_accumulation_steps, default 1)")
     p.add_argument("--grad-ckpt", dest="grad_ckpt", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing (default on)")
     p.add_argument("--ckpt-reentrant", dest="reentrant", action=argparse.BooleanOptionalAction, default=None,
@@ -109,7 +111,7 @@ def cuda_arch_from_args(args):
 
 # Flags a --recipe sets; None means "not given", so the recipe's (or TrainSetup's) default applies.
 RECIPE_FLAGS = ("dtype", "grad_ckpt", "reentrant", "optimizer", "prepare_kbit", "amp", "loop", "loss", "recast",
-                "adapter_dtype")
+                "adapter_dtype", "grad_accum")
 
 
 def setup_from_args(args):

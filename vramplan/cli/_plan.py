@@ -305,7 +305,8 @@ def cmd_sweep(args) -> int:
              if v is not None}
     if args.targets is not None:
         given["targets"] = parse_targets(args.targets)
-    explicit = {k: getattr(args, k) for k in ("grad_ckpt", "reentrant", "prepare_kbit", "amp", "loop", "loss")
+    explicit = {k: getattr(args, k) for k in ("grad_ckpt", "reentrant", "prepare_kbit", "amp", "loop", "loss",
+                                              "recast", "adapter_dtype", "grad_accum")
                 if getattr(args, k, None) is not None}
     base = make_setup(args.recipe, **given, **explicit)
     strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]

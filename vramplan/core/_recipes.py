@@ -12,7 +12,7 @@ from vramplan.core._record import record
 
 # The fields a recipe may set; every other TrainSetup field keeps its own default.
 RECIPE_FIELDS = ("dtype", "amp", "optimizer", "grad_ckpt", "reentrant", "loss", "loop", "prepare_kbit", "rank",
-                 "targets", "recast", "adapter_dtype")
+                 "targets", "recast", "adapter_dtype", "grad_accum")
 
 
 @record
@@ -34,6 +34,7 @@ class Recipe:
     sources: tuple[tuple[str, str], ...]   # (field, upstream source of its default)
     recast: bool = False      # qlora.py's dtype cast after get_peft_model (TrainSetup.recast)
     adapter_dtype: str = "fp32"   # TRL's bf16 cast of a quantized model's LoRA weights (TrainSetup.adapter_dtype)
+    grad_accum: int = 1       # gradient_accumulation_steps (TrainSetup.grad_accum); 1 in TrainingArguments
 
     def defaults(self) -> dict:
         return {f: getattr(self, f) for f in RECIPE_FIELDS}
@@ -45,7 +46,8 @@ class Recipe:
                 f"{self.optimizer}, {ckpt}, {self.loss} loss, {self.loop} loop"
                 + (", prepare_model_for_kbit_training" if self.prepare_kbit else "")
                 + (", LoRA / embeddings / lm_head cast to bf16 after get_peft_model" if self.recast else "")
-                + (", a quantized model's LoRA weights cast to bf16" if self.adapter_dtype == "bf16" else ""))
+                + (", a quantized model's LoRA weights cast to bf16" if self.adapter_dtype == "bf16" else "")
+                + (f", {self.grad_accum} micro-steps per optimizer step" if self.grad_accum > 1 else ""))
 
 
 ALL_LINEAR = ("all-linear",)
@@ -98,7 +100,8 @@ QLORA_PAPER = Recipe(
         ("recast", "qlora.py get_accelerate_model, after get_peft_model: every LoraLayer .to(torch.bfloat16) "
                    "under --bf16, modules named '*norm*' .to(torch.float32), lm_head / embed_tokens "
                    ".to(torch.bfloat16) when float32"),
-    ), recast=True)
+        ("grad_accum", "qlora.py TrainingArguments gradient_accumulation_steps=16 (per_device_train_batch_size=1)"),
+    ), recast=True, grad_accum=16)
 
 PLAIN = Recipe(
     name="plain", describes="a hand-written PyTorch loop: out = model(**batch); out.loss.backward()",

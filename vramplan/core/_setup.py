@@ -36,6 +36,7 @@ ALL_LINEAR = "all-linear"
 MAX_BATCH = 65536
 MAX_SEQ = 16 * 2**20
 MAX_RANK = 65536
+MAX_GRAD_ACCUM = 65536
 
 
 @record
@@ -57,6 +58,9 @@ class TrainSetup:
     lora_dropout: float = 0.0
     batch: int = 1
     seq: int = 2048
+    # micro-batches per optimizer step (gradient_accumulation_steps): after the first, each
+    # micro-step's forward and backward run beside every parameter's .grad (docs/autograd.md#gradient-accumulation-steps)
+    grad_accum: int = 1
     grad_ckpt: bool = True
     reentrant: bool = False
     attn: str = "sdpa"
@@ -88,6 +92,7 @@ class TrainSetup:
         _choice("--optimizer", self.optimizer, OPTIMIZERS)
         _bounded("--batch", self.batch, MAX_BATCH)
         _bounded("--seq", self.seq, MAX_SEQ)
+        _bounded("--grad-accum", self.grad_accum, MAX_GRAD_ACCUM)
         if self.method != "full":
             _bounded("--rank", self.rank, MAX_RANK)
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -189,6 +194,11 @@ class TrainSetup:
         """torch.autocast over float32 weights (--dtype fp32 --amp bf16 / fp16) with --method lora or
         full: every hidden state float32, matmuls in the autocast dtype (docs/recipes.md#autocast-over-fp32-weights)."""
         return self.autocast and self.dtype == "fp32" and not self.quantized
+
+    @property
+    def accumulates(self) -> bool:
+        """Micro-steps after the first hold every trainable parameter's .grad (grad_accum > 1)."""
+        return self.grad_accum > 1
 
     @property
     def adapters_16bit(self) -> bool:

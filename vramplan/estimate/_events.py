@@ -39,6 +39,7 @@ from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate._symbolic import rounded_bytes, variables
 from vramplan.estimate._walk import GRAD
+from vramplan.estimate._walk import accumulating as accumulating_tape
 
 
 @record
@@ -647,7 +648,9 @@ def compiled(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch 
     part of the key (docs/allocator.md#one-pass-replay)."""
     kinds = layer_kinds(spec, setup)
     structures = tuple((kind, _structure(spec, setup, arch, *kind)) for kind in dict.fromkeys(kinds))
-    return _compile(spec, setup.with_(batch=1, seq=1), static, arch, steps, exact_layers, fsdp, kinds, structures,
+    # (micro-steps past the second repeat it: any grad_accum > 1 is one program)
+    return _compile(spec, setup.with_(batch=1, seq=1, grad_accum=min(setup.grad_accum, 2)), static, arch, steps,
+                    exact_layers, fsdp, kinds, structures,
                     _structure(spec, setup, arch), ddp, zero, mask_plan(spec, setup), held_embeddings(spec, setup, arch) > 0)
 
 
@@ -669,6 +672,19 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     stack = tuple(made[kind][1 if i == 0 else 0] for i, kind in enumerate(kinds))
     head_tape = _head_tape(spec, head_structure)
     t_head = _template(head_tape, slots)
+    # gradient accumulation (TrainSetup.grad_accum): two micro-steps per optimizer step, the second
+    # with every .grad alive and each new parameter gradient added into it (walk.accumulating);
+    # later micro-steps repeat the second
+    micros = 2 if setup.accumulates else 1
+    acc_stack, t_head_acc = stack, t_head
+    if micros > 1:
+        acc_made = {}
+        for kind, structure in structures:
+            inner, first, _ = _layer_tapes(spec, structure)
+            a_inner = _template(accumulating_tape(inner), slots)
+            acc_made[kind] = (a_inner, a_inner if first is inner else _template(accumulating_tape(first), slots))
+        acc_stack = tuple(acc_made[kind][1 if i == 0 else 0] for i, kind in enumerate(kinds))
+        t_head_acc = _template(accumulating_tape(head_tape), slots)
     # a plain loop's outputs (ops.held_outputs): the head's own logits (or TRL's per-token
     # outputs), which its walk keeps past the step
     held_tids = [head_tape.names[name] for name in head_tape.kept]
@@ -839,8 +855,8 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         return [pair for name in finals for pair in named.pop(name)]
     tied_grad = cell("tied_grad")     # every cell _cell_sizes sizes has a slot, used or not
 
-    kinds_t = list({id(t): t for t in stack}.values())     # one template per layer kind
-    grad_tids = {id(t): [tid for tid, tag in enumerate(t.tags) if tag == GRAD] for t in (*kinds_t, t_head)}
+    kinds_t = list({id(t): t for t in (*stack, *acc_stack)}.values())     # one template per layer kind
+    grad_tids = {id(t): [tid for tid, tag in enumerate(t.tags) if tag == GRAD] for t in (*kinds_t, t_head, t_head_acc)}
     # a layer's forward without the free of its output: that is the next layer's input
     forwards = {id(t): tuple((k, tid) for k, tid in t.forward if not (k == -1 and tid == t.names["layer.out"]))
                 for t in kinds_t}
@@ -885,7 +901,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             else:
                 b.drop(live_gathers.pop(name))
     step_gathers: dict = {}
-    for step in range(steps):
+    held_grads: list = []      # the .grad of every parameter, from the first micro-step to the optimizer's
+    for p in range(steps * micros):
+        step, micro = divmod(p, micros)
+        layer_ts, head_t = (acc_stack, t_head_acc) if micro else (stack, t_head)
         b.place("forward", "")
         keys = b.make(data)
         if z3 is not None:
@@ -917,14 +936,14 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             keys += b.make(rope)
         # the first step allocates each thread's cuBLAS workspace at its first matmul: the forward's
         # (the caller's thread) and the backward's (autograd's device thread); both stay (cuda/_cublas.py)
-        forward_ws = backward_ws = step == 0
+        forward_ws = backward_ws = p == 0
         rooted = unshard(root) if fsdp else []    # the root unit, unsharded for the whole step
         layers = []
         kept_units: list = []     # SHARD_GRAD_OP's units, unsharded from their forward on
         # the embedding output the base model's local `inputs_embeds` holds (ops.held_embeddings)
         embeds = x if hold_embeds else []
         for i in range(L):
-            t = stack[i]
+            t = layer_ts[i]
             b.place("forward", f"layers.{i}")
             gathers(("forward", i))
             gathered = unshard(unit(i)) if fsdp else []
@@ -951,12 +970,12 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             layers.append(inst)
         b.place("forward", "lm_head")
         gathers(("forward", "head"))
-        head = _Instance(b, t_head, {t_head.names["x"]: x})
-        head_fwd, head_blas = t_head.forward, t_head.blas[0]
+        head = _Instance(b, head_t, {head_t.names["x"]: x})
+        head_fwd, head_blas = head_t.forward, head_t.blas[0]
         if embeds:
             # the base model returns once the final norm has rebound `hidden_states` (its input
             # freed): `inputs_embeds` goes then, before lm_head
-            normed = head_fwd.index((-1, t_head.names["x"])) + 1 if (-1, t_head.names["x"]) in head_fwd else 0
+            normed = head_fwd.index((-1, head_t.names["x"])) + 1 if (-1, head_t.names["x"]) in head_fwd else 0
             head.run(head_fwd[:normed])
             b.drop(embeds)
             head_fwd, head_blas = head_fwd[normed:], head_blas - normed if head_blas >= normed else -1
@@ -1017,17 +1036,17 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                     reduce_ipg(zero.ipg)
                     total -= zero.ipg
                 return total
-        backward_ws = play(head, t_head.backward, t_head.blas[1], backward_ws)
+        backward_ws = play(head, head_t.backward, head_t.blas[1], backward_ws)
         gathers(("backward", "head_done"))
         # the new `out` (ops.held_outputs), made in the forward, lives on through the optimizer
         # step and the next forward
         held_prev = [key for tid in held_tids for key in head.take(tid)]
-        grad = head.take(t_head.names["grad:x"])
+        grad = head.take(head_t.names["grad:x"])
         # a tied trainable embedding: lm_head's weight gradient waits in AccumulateGrad's input
         # buffer for the embedding's (ops.tied_embedding_grad); one GPU only, FSDP keeps its root
         # gradients as they were
-        lm_grad = head.take(t_head.names[tied_key]) if tied_key and not fsdp else []
-        grads = [key for tid in grad_tids[id(t_head)] for key in head.take(tid)]
+        lm_grad = head.take(head_t.names[tied_key]) if tied_key and not fsdp else []
+        grads = [key for tid in grad_tids[id(head_t)] for key in head.take(tid)]
         head_grads, grads = (grads, []) if fsdp else ([], grads)   # the root's: sharded when it ends
         if zero is not None:
             release(grads)
@@ -1086,7 +1105,10 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             held_prev += leaf_keys + grad
         else:
             release(grad)
-        grads += b.new(cell("extra_grads"))    # embedding / norm gradients of full fine-tuning
+        if micro:    # embedding / norm gradients of full fine-tuning, added into their .grad
+            release(b.new(cell("extra_grads")))
+        else:
+            grads += b.new(cell("extra_grads"))
         if fsdp:
             release(head_grads)
             if fsdp.root_gradients:
@@ -1106,33 +1128,38 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             grads = []
             reduce_ipg(filled, last=True)
             release(ipg)
-        b.place("optimizer", "")
-        if zero is not None:     # step(): flatten(averaged_gradients).to(fp32); its 16-bit flat and the
-            # partition's gradients go; the optimizer's state on the first step; the fp32 gradient goes
-            if zero.offload:     # the step runs on the CPU; reset_cpu_buffers drops the norms
-                release(norms)
-            elif z3 is not None:     # per sub-group (_prepare_fp32_grad_for_sub_group, _optimizer_step,
-                # _release_sub_group): its 16-bit flat, fp32 gradient, state on the first step
-                for n in z3.groups:
-                    flat16 = b.make([const(alloc(zero.elem * n))])
-                    fp32_grad = b.make([const(alloc(4 * n))])
+        if micro < micros - 1:   # gradient accumulation: no optimizer step; the .grad stay
+            held_grads += grads
+            grads = []
+        else:
+            b.place("optimizer", "")
+            if zero is not None:     # step(): flatten(averaged_gradients).to(fp32); its 16-bit flat and the
+                # partition's gradients go; the optimizer's state on the first step; the fp32 gradient goes
+                if zero.offload:     # the step runs on the CPU; reset_cpu_buffers drops the norms
+                    release(norms)
+                elif z3 is not None:     # per sub-group (_prepare_fp32_grad_for_sub_group, _optimizer_step,
+                    # _release_sub_group): its 16-bit flat, fp32 gradient, state on the first step
+                    for n in z3.groups:
+                        flat16 = b.make([const(alloc(zero.elem * n))])
+                        fp32_grad = b.make([const(alloc(4 * n))])
+                        release(flat16)
+                        if step == 0:
+                            gather([alloc(4 * n)] * len(zero.states), DEFAULT_STREAM)
+                        release(fp32_grad)
+                else:
+                    flat16 = b.make([const(zero.part16)])
+                    fp32_grad = b.make([const(zero.part32)])
                     release(flat16)
+                    release(in_partition)
                     if step == 0:
-                        gather([alloc(4 * n)] * len(zero.states), DEFAULT_STREAM)
+                        gather(state_sizes, DEFAULT_STREAM)
                     release(fp32_grad)
             else:
-                flat16 = b.make([const(zero.part16)])
-                fp32_grad = b.make([const(zero.part32)])
-                release(flat16)
-                release(in_partition)
                 if step == 0:
                     gather(state_sizes, DEFAULT_STREAM)
-                release(fp32_grad)
-        else:
-            if step == 0:
-                gather(state_sizes, DEFAULT_STREAM)
-            release(gather(work_sizes, DEFAULT_STREAM))
-        release(grads)
+                release(gather(work_sizes, DEFAULT_STREAM))
+            release(held_grads + grads)
+            held_grads = []
         # the estimator counts the inputs (ids, position ids, labels, rotary tables) through the
         # optimizer step (estimator.step_moments `base_acts`); they go with the loop iteration
         release(keys)

@@ -289,6 +289,11 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     if setup.recast and spec.num_experts:
         raise UsageError("--recast is modelled for dense models (qlora.py predates fused MoE experts)",
                          hint="drop --recast, or use --recipe trainer")
+    if setup.accumulates and spec.tied and setup.method == "full":
+        # the tied weight's two gradients meet in its AccumulateGrad input buffer before they are
+        # added into .grad (estimate/_ops.py tied_embedding_grad): not modelled across micro-steps
+        raise UsageError("--grad-accum with a tied embedding trained in full is not modelled",
+                         hint="drop --grad-accum (the peak of one micro-step), or use --method lora / qlora")
     if setup.adapters_16bit and experts_adapted(spec, setup):
         # peft's ParamWrapper LoRA factors of fused expert stacks are modelled float32 (estimate/_ops.py moe)
         raise UsageError("--adapter-dtype bf16 (TRL's SFTTrainer casts a quantized model's LoRA weights to bf16) is not "

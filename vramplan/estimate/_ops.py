@@ -36,6 +36,7 @@ from vramplan.cuda import _cublas as cuda_cublas, _sdpa as cuda_sdpa
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._gemm_4bit import fallback_buffers, gemm_4bit_uses_fused_kernel
 from vramplan.estimate._walk import ACT, BLAS, BWD_BLAS, Op, Tape, Tensor, WalkResult, walk
+from vramplan.estimate._walk import accumulating as accumulating_tape
 from vramplan.estimate._inventory import (adapted_linears, adapter_bytes, embedding_bytes, expert_linears, experts_adapted,
                                          experts_quantized, rope_kinds, rope_width, weight_bytes)
 from vramplan.core._models import Linear, ModelSpec
@@ -1639,7 +1640,7 @@ def _structure(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, win
                rope: bool = True, dense: bool = False) -> tuple:
     """What, besides the sizes, decides a walk: the setup without batch/seq (and without the
     optimizer, which acts after backward), the decisions, and the GPU whose kernels run."""
-    return (setup.with_(batch=1, seq=1, optimizer="adamw"), decisions(spec, setup, arch, window, rope, dense),
+    return (setup.with_(batch=1, seq=1, optimizer="adamw", grad_accum=1), decisions(spec, setup, arch, window, rope, dense),
             sdpa_backend(spec, setup, window, arch), arch)
 
 
@@ -1747,12 +1748,14 @@ def autocast_cache(spec: ModelSpec, setup: TrainSetup) -> int:
 
 
 @lru_cache(maxsize=512)
-def layer_stack(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> tuple[LayerMemory, ...]:
+def layer_stack(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED,
+                accumulating: bool = False) -> tuple[LayerMemory, ...]:
     """Every decoder layer's walk, bottom to top: layers of one kind share one LayerMemory
     object (a sliding-window layer and a global one differ once the window is shorter than the
-    sequence: mask, repeated k/v, kernel)."""
+    sequence: mask, repeated k/v, kernel). `accumulating`: in a micro-step after the first
+    (walk.accumulating)."""
     kinds = layer_kinds(spec, setup)
-    memory = {kind: layer_memory(spec, setup, arch, *kind) for kind in set(kinds)}
+    memory = {kind: _layer_memory(spec, setup, arch, *kind, accumulating=accumulating) for kind in set(kinds)}
     return tuple(memory[kind] for kind in kinds)
 
 
@@ -1776,9 +1779,13 @@ def layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, w
 
 @lru_cache(maxsize=512)
 def _layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch, window: bool, rope: bool,
-                  dense: bool = False) -> LayerMemory:
+                  dense: bool = False, accumulating: bool = False) -> LayerMemory:
     structure = _structure(spec, setup, arch, window, rope, dense)
     inner_tape, first_tape, dequant = _layer_tapes(spec, structure)
+    if accumulating:
+        same = first_tape is inner_tape
+        inner_tape = accumulating_tape(inner_tape)
+        first_tape = inner_tape if same else accumulating_tape(first_tape)
     values = variables(setup.batch, setup.seq)
     inner = inner_tape.replay(values)
     first = inner if first_tape is inner_tape else first_tape.replay(values)
@@ -1789,6 +1796,8 @@ def _layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch, window: bo
 
 
 @lru_cache(maxsize=512)
-def head_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED) -> HeadMemory:
-    both = _head_tape(spec, _structure(spec, setup, arch)).replay(variables(setup.batch, setup.seq))
+def head_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, accumulating: bool = False) -> HeadMemory:
+    """`accumulating`: in a micro-step after the first (walk.accumulating)."""
+    tape = _head_tape(spec, _structure(spec, setup, arch))
+    both = (accumulating_tape(tape) if accumulating else tape).replay(variables(setup.batch, setup.seq))
     return HeadMemory(forward=both, backward=both, saved=WalkResult.total(both.forward_end))

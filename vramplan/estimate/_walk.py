@@ -391,3 +391,32 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
     names = dict(live.first_tid)
     names.update((f"grad:{name}", live.tid[key]) for name, key in grad_key.items() if key in live.tid)
     return Tape(tuple(live.table), tuple(live.tape), names, tuple(blas), tuple(keep))
+
+
+def accumulating(tape: Tape) -> Tape:
+    """`tape` in a micro-step after the first under gradient accumulation: every trainable
+    parameter's `.grad` exists already, so each new parameter gradient is added into it in place
+    and freed (torch/csrc/autograd/functions/accumulate_grad.h accumulateGrad: `variable_grad +=
+    new_grad` when grad mode is off, as in `loss.backward()`), where the first micro-step steals it
+    into `.grad`. AccumulateGrad runs as soon as its input is ready (its sequence_nr is UINT64_MAX,
+    functions/accumulate_grad.cpp: "always called ASAP during backwards"): the new gradient goes
+    right after the backward op that made it. docs/autograd.md#gradient-accumulation-steps"""
+    events, pending = [], []
+    blas = list(tape.blas)
+    backward = False
+    for i, event in enumerate(tape.events):
+        for part, at in enumerate(tape.blas):
+            if at == i:
+                blas[part] = len(events)
+        events.append(event)
+        kind = event[0]
+        if kind == 2:
+            backward = True
+        elif kind == 1 and backward and tape.table[event[1]][1] == GRAD:
+            pending.append(event[1])
+        elif kind == 0 and pending:
+            events.extend((-1, tid) for tid in pending)
+            pending = []
+    if pending:
+        raise AssertionError("a parameter gradient after the tape's last op")
+    return Tape(tape.table, tuple(events), tape.names, tuple(blas), tape.kept)

@@ -653,16 +653,30 @@ def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap:
             cost += c.cost * math.log2(old / value)
             texts.append(c.text)
         else:
-            value, _ = _largest(lambda v: ev.fits(new.with_(**{name: v}), cap), max(1, old // 2), old - 1)
+            # a smaller micro-batch keeps the effective batch with gradient accumulation, modelled on
+            # one GPU (its second micro-step runs beside every .grad: TrainSetup.grad_accum); an
+            # engine's own accumulation is not
+            single = ev.parallel.strategy == "single"
+
+            def variant(v: int) -> TrainSetup:
+                if name == "batch" and single:
+                    return new.with_(batch=v, grad_accum=setup.grad_accum * -(-old // v))
+                return new.with_(**{name: v})
+            value, _ = _largest(lambda v: ev.fits(variant(v), cap), max(1, old // 2), old - 1)
             if not value:
                 return None
+            new = variant(value)
+            changes[name] = value
             if name == "batch":
                 accum = -(-old // value)
                 cost += c.cost + 0.03 * math.log2(old / value)
                 texts.append(f"gradient accumulation x{accum} keeps the effective batch; {c.text}")
+                if single:
+                    changes["grad_accum"] = new.grad_accum
             else:
                 cost += c.cost * (1 + math.log2(old / value))
                 texts.append(c.text.replace("the new length", f"{value} tokens"))
+            continue
         new = new.with_(**{name: value})
         changes[name] = value
     if not ev.fits(new, cap):
@@ -754,7 +768,8 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
     # pass the card (Evaluator.floor) is not an option and needs more than any option, so its
     # replay waits until no option is found, when the least need of all is reported
     tried = []
-    for strategy, offload in MIN_ENGINES:
+    # gradient accumulation is modelled on one GPU (plan/_sharding.py effective_setup): no engine is tried
+    for strategy, offload in () if setup.accumulates else MIN_ENGINES:
         for n in MIN_GPU_COUNTS:
             if n == 1 and offload == "none":
                 continue
@@ -778,7 +793,12 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
             floor, floor_label, floor_est = est.device_total_bytes, p.label, est
     options.sort(key=lambda o: (o.gpus, o.offload != "none", o.need_bytes))
     gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
-    if options:
+    if setup.accumulates:
+        msg = (f"{setup.batch} x {setup.seq} tokens with --grad-accum {setup.grad_accum} needs {gib(single)} on one "
+               f"GPU, more than {gpu.name} ({gib(cap)}); gradient accumulation is modelled on one GPU, so no "
+               "multi-GPU engine was tried (without --grad-accum `plan` tries FSDP and ZeRO-3)")
+        floor, floor_label = single, Parallel().label
+    elif options:
         best = options[0]
         msg = (f"{setup.batch} x {setup.seq} tokens needs {gib(single)} on one GPU; on {gpu.name} it takes "
                f"{best.label} ({gib(best.need_bytes)} per GPU)")
@@ -793,7 +813,7 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
     else:
         msg += "; no catalog GPU holds it alone"
     changes_parallel, changes = None, ()
-    if not options and with_changes:
+    if not options and with_changes and not setup.accumulates:
         # No GPU count holds this micro-batch: which setup changes fit once the model is sharded?
         # The engine whose cheapest change costs least wins (fewer GPUs on a tie).
         for n in (2, 4, 8):

@@ -239,6 +239,11 @@ def effective_setup(setup: TrainSetup, parallel: Parallel) -> TrainSetup:
     """The setup as the engine runs it. DeepSpeed with bf16/fp16 casts the whole module to the
     16-bit dtype (engine.py _configure_distributed_model), undoing prepare_model_for_kbit_training's
     fp32 cast of embeddings, norms and lm_head."""
+    if setup.accumulates and parallel.strategy != "single":
+        # each engine accumulates its own way (DDP's no_sync, FSDP's unsharded or sharded gradients,
+        # ZeRO's averaged_gradients partitions): not modelled
+        raise UsageError(f"--grad-accum {setup.grad_accum} is modelled on one GPU, not under {parallel.strategy}",
+                         hint="drop --grad-accum (the peak of one micro-step), or plan one GPU")
     if parallel.deepspeed and setup.prepare_kbit and setup.dtype != "fp32":
         return setup.with_(prepare_kbit=False)
     return setup

@@ -315,22 +315,27 @@ class Run:
         held = None     # a plain loop's `out`, alive until the next forward returns
         try:
             for step in range(total):
-                st = self._begin(step, "forward")
-                loss, out = loop_forward(model, ids, self.setup)
-                held = out
-                del out
-                s = self._end(st)
-                best = self._best(best, s)
-                if self.ctx is not None:
-                    self.ctx.region, self.ctx.bw_module = attribution.LOGITS_REGION, "loss"
-                st = self._begin(step, "backward")
-                loss.backward()
-                losses.append(float(loss.detach().float().item()))
-                del loss   # inside the phase, as simulate does: the step ends with no loss alive
-                s = self._end(st)
-                best = self._best(best, s)
-                if self.ctx is not None:
-                    self.ctx.region, self.ctx.bw_module = "", ""
+                # gradient accumulation: two micro-steps per optimizer step, the second beside every
+                # .grad (later ones repeat it), as estimate and simulate model it
+                for micro in range(2 if self.setup.accumulates else 1):
+                    if micro and not self.setup.outputs_outlive_step:
+                        held = None   # `del out` at the end of the micro-step (plain-del)
+                    st = self._begin(step, "forward")
+                    loss, out = loop_forward(model, ids, self.setup)
+                    held = out
+                    del out
+                    s = self._end(st)
+                    best = self._best(best, s)
+                    if self.ctx is not None:
+                        self.ctx.region, self.ctx.bw_module = attribution.LOGITS_REGION, "loss"
+                    st = self._begin(step, "backward")
+                    loss.backward()
+                    losses.append(float(loss.detach().float().item()))
+                    del loss   # inside the phase, as simulate does: the step ends with no loss alive
+                    s = self._end(st)
+                    best = self._best(best, s)
+                    if self.ctx is not None:
+                        self.ctx.region, self.ctx.bw_module = "", ""
                 step_grads = self._grads(model)
                 if step == job["warmup"] or grads is None:
                     grads = step_grads

@@ -569,11 +569,16 @@ def _notes(options: ProfileOptions, setup, state: _State, env: dict) -> list[str
 def unsteady_phases(phases) -> list[str]:
     """A note for each phase whose counts differ between measured steps. The CPU tracker counts
     every storage exactly, so after the warm-up each step repeats the last to the byte; a phase
-    that does not is growing (something outlives the step) or changing its work."""
-    by_phase: dict[str, set] = {}
+    that does not is growing (something outlives the step) or changing its work. Under gradient
+    accumulation a step runs each phase once per micro-step: the k-th run of a phase is compared
+    with the k-th run of the other steps."""
+    by_phase: dict = {}
+    runs: dict = {}
     for p in phases:
         if p.step is not None and not p.warmup:
-            by_phase.setdefault(p.phase, set()).add((p.peak_allocated, p.allocated_end))
+            k = runs[(p.step, p.phase)] = runs.get((p.step, p.phase), -1) + 1
+            name = p.phase if k == 0 else f"{p.phase} (micro-step {k + 1})"
+            by_phase.setdefault(name, set()).add((p.peak_allocated, p.allocated_end))
     return [f"cpu run: the {phase} phase differs between measured steps (peak allocated "
             f"{min(v[0] for v in seen):,}..{max(v[0] for v in seen):,} bytes, allocated at its end "
             f"{min(v[1] for v in seen):,}..{max(v[1] for v in seen):,}): the step is not steady"

@@ -583,6 +583,9 @@ def run_shortcut(spec, setup: TrainSetup, progress=None, arch=None, alloc_conf=N
     """(Trace, None), or (None, why the layers cannot be repeated)."""
 
     t0 = time.perf_counter()
+    if setup.accumulates:
+        # the rebuilt sequence has one forward and one backward per step (the module docstring)
+        return None, "gradient accumulation runs two micro-steps per step"
     try:
         small, period = reduced_spec(spec, setup)
     except Decline as why:

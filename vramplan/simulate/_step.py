@@ -249,23 +249,28 @@ class Simulation:
         self.routing.calls = 0
         ctx.failed_module = None
         try:
-            ctx.phase = "forward"
             boundary["start"] = tracker.allocated
-            tracker.mark()
-            loss = self.forward_loss(model, ids)
-            boundary["forward_end"] = tracker.allocated
-            ctx.phase, ctx.region, ctx.bw_module = "backward", LOGITS_REGION, "loss"
-            tracker.mark()
-            loss.backward()
-            del loss
-            ctx.region, ctx.bw_module = "", ""
-            boundary["backward_end"] = tracker.allocated
-            self.grad_params = {}
-            for name, p in model.named_parameters():
-                if p.grad is not None:
-                    block = tracker.retag(p.grad, Component.GRADIENTS.value)
-                    if block is not None:
-                        self.grad_params[block] = short_name(name)
+            # gradient accumulation: a second micro-step runs beside every .grad and adds its
+            # gradients into them (estimate/_walk.py accumulating); later ones repeat it
+            for micro in range(2 if self.setup.accumulates else 1):
+                if micro and not self.setup.outputs_outlive_step:
+                    self.held = None      # `del out` at the end of the micro-step (plain-del)
+                ctx.phase = "forward"
+                tracker.mark()
+                loss = self.forward_loss(model, ids)
+                boundary["forward_end"] = tracker.allocated
+                ctx.phase, ctx.region, ctx.bw_module = "backward", LOGITS_REGION, "loss"
+                tracker.mark()
+                loss.backward()
+                del loss
+                ctx.region, ctx.bw_module = "", ""
+                boundary["backward_end"] = tracker.allocated
+                self.grad_params = {}
+                for name, p in model.named_parameters():
+                    if p.grad is not None:
+                        block = tracker.retag(p.grad, Component.GRADIENTS.value)
+                        if block is not None:
+                            self.grad_params[block] = short_name(name)
             ctx.phase = "optimizer"
             tracker.mark()
             opt.step()

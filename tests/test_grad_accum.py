@@ -1,0 +1,115 @@
+"""Gradient accumulation (--grad-accum, docs/autograd.md#gradient-accumulation-steps): the tape of a
+micro-step after the first, worked by hand; the estimator's moments; the planner's smaller
+micro-batch; the refusals, their text pinned. Estimate vs simulate: tests/test_agreement.py; the
+stream's peak: tests/test_reserved.py; a real CPU run: tests/test_profile_run.py."""
+import json
+
+import pytest
+
+from vramplan import TrainSetup, estimate
+from vramplan.cli import main
+from vramplan.core._errors import UsageError
+from vramplan.core._setup import make_setup
+from vramplan.estimate._walk import GRAD, Op, Tensor, accumulating, walk
+
+MiB = 2**20
+
+
+def _frees_after(tape, tid) -> list:
+    """The events between the allocation of `tid` and its free (None where it is never freed)."""
+    events = list(tape.events)
+    start = events.index((1, tid))
+    if (-1, tid) not in events:
+        return None
+    return events[start + 1:events.index((-1, tid))]
+
+
+def test_a_new_parameter_gradient_lives_across_its_op_only():
+    """Two linears with trainable weights (param_grads 4 and 2 MiB): the first micro-step keeps both
+    gradients (stolen into .grad); after it each is added into .grad and freed right after its op's
+    backward, before the next op runs."""
+    ops = [Op("a", ["x"], [Tensor("h", 8 * MiB)], saves=("x",), grads=(("x", 8 * MiB),), param_grads=4 * MiB),
+           Op("b", ["h"], [Tensor("y", 8 * MiB)], saves=("h",), grads=(("h", 8 * MiB),), param_grads=2 * MiB)]
+    tape = walk(ops, {"x": 8 * MiB}, backward=True, grad_of={"y": 8 * MiB}, needs_grad=frozenset({"x"}))
+    grads = [tid for tid, (_size, tag) in enumerate(tape.table) if tag == GRAD]
+    assert len(grads) == 2 and all(_frees_after(tape, tid) is None for tid in grads)
+    acc = accumulating(tape)
+    assert acc.table == tape.table and len(acc.events) == len(tape.events) + 2
+    for tid in grads:
+        between = _frees_after(acc, tid)
+        marks = [e for e in between if e[0] == 0]
+        assert len(marks) == 1 and between[-1] == marks[0]      # freed right after its own op's mark
+    # b's gradient (made first in backward) is gone before a's op runs
+    b_grad, a_grad = sorted(grads, key=lambda tid: list(acc.events).index((1, tid)))
+    assert list(acc.events).index((-1, b_grad)) < list(acc.events).index((1, a_grad))
+    # the forward is the same; the backward's peak (at b's op: 8 MiB each of x, h, the incoming
+    # and the new input gradient, b's 2 MiB gradient) too; what is left at the end differs by both
+    first, later = tape.replay({}), acc.replay({})
+    assert later.forward_peak == first.forward_peak and later.backward_peak == first.backward_peak
+    assert first.backward_peak == {"activations": 32 * MiB, GRAD: 2 * MiB}
+    assert first.end[GRAD] == 6 * MiB and GRAD not in later.end
+
+
+def test_accumulating_moments_hold_every_gradient():
+    setup = TrainSetup(seq=1024, grad_accum=4)
+    est, one = estimate("llama-2-7b", setup), estimate("llama-2-7b", setup.with_(grad_accum=1))
+    from vramplan.core._models import resolve
+    from vramplan.estimate._inventory import static_memory
+
+    grads = static_memory(resolve("llama-2-7b"), setup).gradients
+    assert est.moments["forward.layer.accumulating"]["gradients"] == grads
+    assert est.moments["forward.layer.accumulating"]["activations"] == est.moments["forward.layer"]["activations"]
+    assert est.moments["forward.loss.accumulating"]["gradients"] == grads
+    assert est.peak_allocated_bytes > one.peak_allocated_bytes
+    assert set(est.phase_peaks) == {"forward", "backward", "optimizer"}
+    # every grad_accum > 1 is one prediction: later micro-steps repeat the second
+    assert estimate("llama-2-7b", setup.with_(grad_accum=2)).peak_allocated_bytes == est.peak_allocated_bytes
+    assert "forward.layer.accumulating" not in one.moments
+
+
+def test_qlora_paper_accumulates_sixteen_micro_steps():
+    assert make_setup("qlora-paper").grad_accum == 16
+    assert make_setup("qlora-paper", grad_accum=1).grad_accum == 1
+    assert make_setup("trainer").grad_accum == make_setup("trl-sft").grad_accum == 1
+
+
+def test_plan_shrinks_the_micro_batch_with_accumulation_modelled():
+    from vramplan.plan._planner import plan
+
+    p = plan("meta-llama/Meta-Llama-3-8B", gpu="24GB", batch=16, seq=4096, batches=[1], seqs=[4096])
+    batch = [c for c in p.changes if "batch" in c.changes]
+    assert batch
+    for c in batch:
+        accum = -(-16 // c.changes["batch"])
+        assert c.changes["grad_accum"] == c.setup.grad_accum == accum
+        assert f"--grad-accum {accum} (was 1)" in c.description
+        assert c.need_bytes == estimate("meta-llama/Meta-Llama-3-8B", c.setup, gpu="24GB").device_total_bytes
+
+
+def test_a_setup_that_accumulates_gets_no_multi_gpu_answer(capsys):
+    assert main(["plan", "meta-llama/Meta-Llama-3-8B", "--gpu", "24GB", "--batch", "16", "--seq", "4096",
+                 "--grad-accum", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["status"] == "no" and data["minimum"]["options"] == []
+    assert "gradient accumulation is modelled on one GPU" in data["minimum"]["message"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["estimate", "llama-2-7b", "--grad-accum", "0"], "Error: --grad-accum must be positive, got 0"),
+    (["plan", "llama-2-7b", "--gpu", "24GB", "--gpus", "2", "--strategy", "fsdp", "--grad-accum", "2"],
+     "Error: --grad-accum 2 is modelled on one GPU, not under fsdp (hint: drop --grad-accum (the peak of one "
+     "micro-step), or plan one GPU)"),
+    (["estimate", "Qwen/Qwen2.5-0.5B", "--method", "full", "--grad-accum", "2"],
+     "Error: --grad-accum with a tied embedding trained in full is not modelled (hint: drop --grad-accum (the peak "
+     "of one micro-step), or use --method lora / qlora)"),
+])
+def test_refusals_are_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_setup_validation():
+    with pytest.raises(UsageError, match="--grad-accum must be a whole number"):
+        TrainSetup(grad_accum=1.5)
+    assert TrainSetup(grad_accum=3).accumulates and not TrainSetup().accumulates
