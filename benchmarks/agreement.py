@@ -87,6 +87,10 @@ def label(setup) -> str:
     parts += [setup.method, f"{setup.batch}x{setup.seq}", "ckpt" if setup.grad_ckpt else "no-ckpt", setup.attn]
     if setup.optimizer != "adamw":
         parts.append(setup.optimizer)
+    if setup.grad_accum > 1:
+        parts.append(f"x{setup.grad_accum} micro-steps")
+    if setup.adapter_dtype == "bf16":
+        parts.append("bf16 LoRA")
     if setup.targets != ("all-linear",):
         parts.append("LoRA " + "/".join(setup.targets))
     return " ".join(parts)
@@ -231,7 +235,7 @@ def render(rows, seconds: float, sim_from: str | None = None) -> str:
         f"{datetime.date.today().isoformat()} "
         f"({platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{len(rows)} setups in {seconds / 60:.1f} min). simulate: the traced step (identical-layers shortcut, "
-        "exact)" + (f", taken from the earlier run's rows in {sim_from} (written "
+        "exact; every layer traced under gradient accumulation, whose two micro-steps it does not rebuild)" + (f", taken from the earlier run's rows in {sim_from} (written "
                     f"{datetime.datetime.fromtimestamp(os.path.getmtime(sim_from)).isoformat(timespec='minutes')}, "
                     "simulate unchanged since)" if sim_from else "") +
         "; estimate: `vramplan.estimate` as it was at that time. error % = (estimate - simulate) / simulate.",

@@ -27,6 +27,13 @@ Slower where ZeRO-3 now replays its own stream (docs/allocator.md#zero-3-stream)
 carrying the single-GPU replay's slack: every ZeRO-3 candidate of the minimum-hardware search
 (cases 1-3: each GPU count its own program, with the all-gathers of two steps) and every cell of
 case 4 (Llama-2-70B's all-gathers add about 19,000 events a step).
+
+2026-12-01 (ninth session), plan alone, median of 7: 5.0 / 4.7 / 4.1 / 7.7 s (CLI 3.2 s), then the
+session's starting code 4.3 / 4.6 / 3.9 / 6.7 s (CLI 2.6 s), then again 4.6 / 4.7 / 3.9 / 7.2 s (CLI
+3.0 s). Case 1 keeps about 5%: its smaller-micro-batch changes now carry their gradient
+accumulation (docs/autograd.md#gradient-accumulation-steps), a program with two micro-steps per step.
+Where the time goes (case 1, profiled): 239 replays of about 27,000 events each (2.75 s, 0.42 us an
+event), 0.36 s compiling programs, the rest composing estimates; the grid alone replays 108 cells.
 """
 from __future__ import annotations
 
