@@ -662,14 +662,17 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     """The stream's events in order, with slots for sizes (`setup` has batch = seq = 1: only the
     cell sizes depend on batch x seq, and they are evaluated per cell)."""
     slots = _Slots()
-    made = {}
-    for kind, structure in structures:
-        inner, first, _ = _layer_tapes(spec, structure)
-        t_inner = _template(inner, slots)
-        made[kind] = (t_inner, t_inner if first is inner else _template(first, slots))
-    # (per decoder layer bottom to top: its template, the head's template). Layers of one kind
-    # (sliding-window or global attention, with or without RoPE: ops.layer_stack) share one.
-    stack = tuple(made[kind][1 if i == 0 else 0] for i, kind in enumerate(kinds))
+
+    def stack_of(tape_of) -> tuple:
+        """Per decoder layer bottom to top, its template (of `tape_of(tape)`). Layers of one kind
+        (sliding-window or global attention, with or without RoPE: ops.layer_stack) share one."""
+        made = {}
+        for kind, structure in structures:
+            inner, first, _ = _layer_tapes(spec, structure)
+            t_inner = _template(tape_of(inner), slots)
+            made[kind] = (t_inner, t_inner if first is inner else _template(tape_of(first), slots))
+        return tuple(made[kind][1 if i == 0 else 0] for i, kind in enumerate(kinds))
+    stack = stack_of(lambda tape: tape)
     head_tape = _head_tape(spec, head_structure)
     t_head = _template(head_tape, slots)
     # gradient accumulation (TrainSetup.grad_accum): two micro-steps per optimizer step, the second
@@ -678,12 +681,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
     micros = 2 if setup.accumulates else 1
     acc_stack, t_head_acc = stack, t_head
     if micros > 1:
-        acc_made = {}
-        for kind, structure in structures:
-            inner, first, _ = _layer_tapes(spec, structure)
-            a_inner = _template(accumulating_tape(inner), slots)
-            acc_made[kind] = (a_inner, a_inner if first is inner else _template(accumulating_tape(first), slots))
-        acc_stack = tuple(acc_made[kind][1 if i == 0 else 0] for i, kind in enumerate(kinds))
+        acc_stack = stack_of(accumulating_tape)
         t_head_acc = _template(accumulating_tape(head_tape), slots)
     # a plain loop's outputs (ops.held_outputs): the head's own logits (or TRL's per-token
     # outputs), which its walk keeps past the step
