@@ -295,8 +295,13 @@ RECIPE_CASES = [
     ("olmo2-postnorm", "qlora-paper", dict(seq=1024, batch=4)),
     ("gemma3-sliding", "qlora-paper", dict(seq=1024, batch=4)),
     ("deepseek-v3-mla", "trainer", dict(seq=512)),
-    # TRL's bf16 cast is not modelled for LoRA on fused experts (refused): the step without it
-    ("deepseek-v3-moonlight", "trl-sft", dict(seq=512, adapter_dtype="fp32")),
+    # TRL's bf16 cast of LoRA on fused experts (ParamWrapper: the factors are the parameters' own
+    # views) and on DeepSeek's grouped router
+    ("deepseek-v3-moonlight", "trl-sft", dict(seq=512)),
+    ("deepseek-v3-moonlight", None, dict(seq=512, adapter_dtype="bf16", grad_ckpt=False)),
+    ("qwen3moe-experts", None, dict(seq=512, adapter_dtype="bf16")),
+    ("qwen3moe-experts", None, dict(seq=512, adapter_dtype="bf16", grad_ckpt=False)),
+    ("mixtral-moe", "trl-sft", dict(seq=512)),
     ("gptoss-sinks", "trainer", dict(seq=512, attn="eager")),
     ("gptoss-sinks", "trainer", dict(seq=512, attn="eager", grad_ckpt=False)),
     ("gptoss-sinks", "trl-sft", dict(seq=512, attn="eager")),

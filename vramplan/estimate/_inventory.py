@@ -294,11 +294,6 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
         # added into .grad (estimate/_ops.py tied_embedding_grad): not modelled across micro-steps
         raise UsageError("--grad-accum with a tied embedding trained in full is not modelled",
                          hint="drop --grad-accum (the peak of one micro-step), or use --method lora / qlora")
-    if setup.adapters_16bit and experts_adapted(spec, setup):
-        # peft's ParamWrapper LoRA factors of fused expert stacks are modelled float32 (estimate/_ops.py moe)
-        raise UsageError("--adapter-dtype bf16 (TRL's SFTTrainer casts a quantized model's LoRA weights to bf16) is not "
-                         "modelled for LoRA on fused mixture-of-experts weights",
-                         hint="add --adapter-dtype fp32, or --targets without the experts (e.g. q_proj,k_proj,v_proj,o_proj)")
     n = spec.layers
     weights = quant_constants = 0
     trainable: Counter[tuple[int, ...]] = Counter()  # shape -> number of tensors

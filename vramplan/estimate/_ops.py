@@ -794,7 +794,8 @@ class _Ops:
             # the router weight trains under full fine-tuning (its .grad in the weight dtype, as
             # nn.Linear's in `linear`) or through ParamWrapper's LoRA factors (float32 .grad): either
             # way F.linear saves the input for the weight gradient
-            router_grads = alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else alloc(a * E * h) if full else 0
+            lb = adapter_bytes(s)
+            router_grads = alloc(lb * r * h) + alloc(lb * E * r) if lora else alloc(a * E * h) if full else 0
             self.op("moe.router", [x], [self.t("moe.logits", a * T * E)], saves=(x,) if lora or full else (),
                     grads=((x, a * T * h),), param_grads=router_grads)
             self.router_weights(T, E, k)
@@ -812,12 +813,17 @@ class _Ops:
             # experts return, and register_parametrization evaluates it once as a check (a merged
             # copy, dropped at once). The cast's backward makes the float32 .grad.
             # (docs/peft-transformers.md#mixtral-experts-in-transformers-5)
+            # bf16 factors (TRL's cast, TrainSetup.adapters_16bit) are in the weight dtype already:
+            # `.to(param.dtype)` returns the reshaped views themselves (nothing made), and their
+            # bf16 gradients come back through the views, reshaped into a contiguous .grad
+            lb = adapter_bytes(s)
+            own = 0 if lb == cb else 1
             for name, lhs, rhs, merged in (("down", E * h * r, E * r * i, E * h * i),
                                            ("gate_up", E * 2 * i * 2 * r, E * 2 * r * h, E * 2 * i * h)):
-                self.op(f"moe.factors_{name}", [], [self.t(f"moe.{name}.lhs", cb * lhs),
-                                                     self.t(f"moe.{name}.rhs", cb * rhs)],
+                self.op(f"moe.factors_{name}", [], [self.t(f"moe.{name}.lhs", own * cb * lhs),
+                                                     self.t(f"moe.{name}.rhs", own * cb * rhs)],
                         work=alloc(cb * merged), work_tag=ACT,
-                        param_grads=alloc(FP32 * lhs) + alloc(FP32 * rhs))
+                        param_grads=alloc(lb * lhs) + alloc(lb * rhs))
                 factors += [f"moe.{name}.lhs", f"moe.{name}.rhs"]
         self.moe_dispatch(x, wb)
         if lora:  # the cached parametrization merges on first access: baddbmm(W, lhs, rhs)
@@ -884,7 +890,8 @@ class _Ops:
         merge = alloc(self.setup.compute_bytes * E * h) if lora else 0
         # full fine-tuning: the weight's gradient comes back through the .float() copy (float32,
         # then cast to the parameter dtype)
-        grads = (alloc(FP32 * r * h) + alloc(FP32 * E * r) if lora else
+        lb = adapter_bytes(self.setup)
+        grads = (alloc(lb * r * h) + alloc(lb * E * r) if lora else
                  alloc(self.setup.compute_bytes * E * h) if self.full else 0)
         self.op("moe.w32", [], [self.t("moe.w32", FP32 * E * h)], work=merge, work_tag=ACT, param_grads=grads,
                 bwd_work=alloc(FP32 * E * h) if self.full else 0)
