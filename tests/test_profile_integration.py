@@ -149,3 +149,8 @@ def test_setup_is_read_off_a_quantized_peft_model(tmp_path):
         args = TrainingArguments(output_dir=str(tmp_path), optim=optim, bf16=True, use_cpu=True, report_to=[])
         s = setup_of(built.model, args, seq=128)
         assert (s.optimizer, s.amp, s.dtype) == (expected, "bf16", "bf16")
+    # TRL's SFTConfig: SFTTrainer computes the loss with its fused lm_head
+    trl = pytest.importorskip("trl", reason="TRL's SFTConfig needs trl")
+    sft = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], bf16=False)
+    assert setup_of(built.model, sft, seq=128).loss == "chunked"
+    assert s.loss == "full"

@@ -253,6 +253,11 @@ def setup_of(model, args, seq: int):
     # by TrainSetup (not modelled), which the callback logs instead of estimating.
     fields["amp"] = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "none"
     fields["batch"] = int(getattr(args, "per_device_train_batch_size", 1) or 1)
+    if _is_sft_config(args) and not getattr(args, "label_smoothing_factor", 0):
+        # TRL's SFTTrainer patches the model with its fused lm_head and computes the loss through it
+        # (trl/trainer/sft_trainer.py: add_fused_lm_head, compute_loss `fused_lm_head=True`;
+        # docs/recipes.md#trl-chunked-loss); label smoothing takes the full logits instead
+        fields["loss"] = "chunked"
     fields["grad_accum"] = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
     fields["seq"] = int(seq)
     fields["grad_ckpt"] = _checkpointing(args, base)
@@ -271,6 +276,11 @@ def setup_of(model, args, seq: int):
         weight = getattr(embed, "weight", None)
         fields["prepare_kbit"] = weight is not None and str(weight.dtype) == "torch.float32"
     return TrainSetup(**fields)
+
+
+def _is_sft_config(args) -> bool:
+    """TRL's SFTConfig (or a subclass): the arguments of an SFTTrainer."""
+    return any(c.__name__ == "SFTConfig" and c.__module__.startswith("trl.") for c in type(args).__mro__)
 
 
 def _checkpointing(args, base) -> bool:
