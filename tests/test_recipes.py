@@ -191,6 +191,10 @@ def test_planner_ranks_recipe_changes_by_saving():
     by = {tuple(r.change.changes.items()): r.saving_bytes for r in p.recipe_changes}
     assert by[(("loop", "trainer"),)] > 0 and by[(("loss", "chunked"),)] > 0
     assert p.to_dict()["recipe_changes"][0]["saving_bytes"] == savings[0]
+    # TRL's bf16 LoRA weights, offered where the adapters are float32
+    assert by[(("adapter_dtype", "bf16"),)] > 0
+    trl = vramplan.plan("llama-2-7b", make_setup("trl-sft", seq=4096), gpu="24GB")
+    assert not any("adapter_dtype" in r.change.changes for r in trl.recipe_changes)
 
 
 # --- the autocast emulation ---------------------------------------------------------------------

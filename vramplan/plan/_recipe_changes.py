@@ -1,7 +1,8 @@
 """Changes to the training loop itself (issue #9), each with the memory it saves on this setup,
 computed by the estimate: TRL's chunked loss, the fused AdamW kernel, 8-bit or paged optimizer
 states, autocast vs pure 16-bit steps, dropping prepare_model_for_kbit_training's float32 upcast,
-a plain loop letting its outputs die. Sources: docs/recipes.md."""
+bf16 LoRA weights as TRL casts a quantized model's, a plain loop letting its outputs die. Sources:
+docs/recipes.md."""
 from __future__ import annotations
 
 
@@ -17,6 +18,8 @@ SRC_8BIT = "Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization"
 SRC_AMP = "torch.autocast + peft bnb LoRA skip the fp32 input copy (docs/recipes.md#autocast-and-peft-lora)"
 SRC_KBIT = "peft prepare_model_for_kbit_training casts non-quantized weights to fp32 for stability"
 SRC_LOOP = "a plain loop's `out` keeps the logits through backward (docs/recipes.md#plain-loop-keeps-the-logits)"
+SRC_BF16_LORA = ("TRL SFTTrainer casts a quantized model's LoRA weights to bf16 (QLoRA paper sec. 3; "
+                 "docs/recipes.md#trl-bf16-adapters)")
 
 
 @record
@@ -58,6 +61,9 @@ def recipe_candidates(spec: ModelSpec, setup: TrainSetup) -> list[RecipeChange]:
         add("amp", {"amp": setup.dtype}, 0.0, f"torch.autocast({setup.dtype}) around the forward", SRC_AMP)
     if setup.prepare_kbit:
         add("kbit", {"prepare_kbit": False}, 0.05, "no fp32 upcast of embeddings, norms and lm_head", SRC_KBIT)
+    if setup.quantized and not setup.adapters_16bit:
+        add("adapters", {"adapter_dtype": "bf16"}, 0.02, "LoRA weights, gradients and AdamW states in bf16, as "
+            "TRL's SFTTrainer casts them", SRC_BF16_LORA)
     if setup.holds_outputs:
         add("loop", {"loop": "trainer"}, 0.0, "`loss = model(**batch).loss` (or `del out` before backward)",
             SRC_LOOP)
