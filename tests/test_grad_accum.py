@@ -65,6 +65,8 @@ def test_accumulating_moments_hold_every_gradient():
     # every grad_accum > 1 is one prediction: later micro-steps repeat the second
     assert estimate("llama-2-7b", setup.with_(grad_accum=2)).peak_allocated_bytes == est.peak_allocated_bytes
     assert "forward.layer.accumulating" not in one.moments
+    assert any(a.startswith("gradient accumulation over 4 micro-steps") for a in est.assumptions)
+    assert not any(a.startswith("gradient accumulation") for a in one.assumptions)
 
 
 def test_qlora_paper_accumulates_sixteen_micro_steps():

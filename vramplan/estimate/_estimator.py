@@ -512,6 +512,10 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
     loss = ("transformers ForCausalLMLoss (logits upcast to fp32)" if setup.loss == "full" else
             "TRL fused lm_head + chunked NLL (no full logits; 4096 x 32768 tiles)")
     out.append(f"micro-batch {setup.batch} x sequence {setup.seq} tokens, no padding, labels = input_ids, {loss}")
+    if setup.accumulates:
+        out.append(f"gradient accumulation over {setup.grad_accum} micro-steps: from the second on, every .grad is "
+                   "alive through the forward and backward, and each new gradient is added into it in place "
+                   "(the third and later repeat the second)")
     cache = ("adapter weights already bf16: nothing cast or cached" if setup.adapters_16bit
              else "adapter weight casts cached until the forward ends")
     if setup.amp_over_fp32:

@@ -40,8 +40,9 @@ def setup_text(s: dict) -> str:
     """'qlora-nf4+dq b1 s2048 gc adamw' (attention named only when not sdpa)."""
     quant = f"-{s['quant']}{'+dq' if s.get('double_quant') and s.get('quant') != 'int8' else ''}" if s.get("quant") else ""
     attn = f" {s['attn']}" if s.get("attn", "sdpa") != "sdpa" else ""
-    return (f"{s['method']}{quant} b{s['batch']} s{s['seq']} {('gcr' if s.get('reentrant') else 'gc') if s.get('grad_ckpt') else 'nogc'}{attn} "
-            f"{s['optimizer']}")
+    accum = f" x{s['grad_accum']}" if s.get("grad_accum", 1) > 1 else ""
+    return (f"{s['method']}{quant} b{s['batch']}{accum} s{s['seq']} "
+            f"{('gcr' if s.get('reentrant') else 'gc') if s.get('grad_ckpt') else 'nogc'}{attn} {s['optimizer']}")
 
 
 def detail_table(c: Comparison) -> Table:

@@ -17,7 +17,9 @@ def estimate_table(est: Estimate) -> Table:
     spec, s = est.model, est.setup
     title = (f"{spec.id} — {s.method}"
              + (f" {s.quant}{'+dq' if s.double_quant and s.quant != 'int8' else ''}" if s.quantized else "")
-             + f", batch {s.batch} x seq {s.seq}, {s.optimizer}")
+             + f", batch {s.batch} x seq {s.seq}"
+             + (f" x {s.grad_accum} micro-steps" if s.accumulates else "")
+             + f", {s.optimizer}")
     table = Table(title=title, title_justify="left")
     # Names and numbers never wrap or get cut at 80 columns: only the prose column "what" wraps.
     table.add_column("component", no_wrap=True)
