@@ -453,16 +453,16 @@ def _step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: Cuda
     if setup.accumulates:
         # a micro-step after the first (gradient accumulation, docs/autograd.md#gradient-accumulation-steps):
         # every .grad exists from its forward on, and each new parameter gradient is added into it
-        # and freed right after the op that made it (walk.accumulating); the forward is the first
-        # micro-step's
+        # and freed right after the op that made it (walk.accumulating); its forward is the first
+        # micro-step's, beside every gradient
         every = static.gradients
         acc = layer_stack(spec, setup, arch, accumulating=True)
         acc_head = head_memory(spec, setup, arch, accumulating=True)
         acc_top = acc[-1].walk if L > 1 else acc[-1].first
-        moments["forward.layer.accumulating"] = at(top.forward_peak, previous, gradients=every,
-                                                   activations=below(L - 1, True) + fwd_masks + embeds)
-        moments["forward.loss.accumulating"] = at(head.forward.forward_peak, previous, gradients=every,
-                                                  activations=below(L, True) + bwd_masks)
+        for name in ("forward.layer", "forward.loss"):
+            parts = dict(moments[name])
+            parts[C.GRADIENTS.value] += every
+            moments[f"{name}.accumulating"] = parts
         moments["backward.loss.accumulating"] = at(acc_head.backward.backward_peak, gradients=every,
                                                    activations=below(L) + bwd_masks)
         moments["backward.top_layer.accumulating"] = at(acc_top.backward_peak, held, gradients=every,
@@ -471,8 +471,6 @@ def _step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: Cuda
                                                            activations=ctx + bwd_masks)
         if len(set(map(id, stack))) > 1:
             for j in range(1, L):
-                moments["forward.layer.accumulating"] = worst(moments["forward.layer.accumulating"], at(
-                    stack[j].walk.forward_peak, previous, gradients=every, activations=below(j, True) + fwd_masks + embeds))
                 moments["backward.top_layer.accumulating"] = worst(moments["backward.top_layer.accumulating"], at(
                     acc[j].walk.backward_peak, held, gradients=every, activations=below(j) + ctx + bwd_masks))
     for parts in moments.values():

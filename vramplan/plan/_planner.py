@@ -652,6 +652,8 @@ def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap:
                 return None
             cost += c.cost * math.log2(old / value)
             texts.append(c.text)
+            new = new.with_(rank=value)
+            changes[name] = value
         else:
             # a smaller micro-batch keeps the effective batch with gradient accumulation, modelled on
             # one GPU (its second micro-step runs beside every .grad: TrainSetup.grad_accum); an
@@ -676,9 +678,6 @@ def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap:
             else:
                 cost += c.cost * (1 + math.log2(old / value))
                 texts.append(c.text.replace("the new length", f"{value} tokens"))
-            continue
-        new = new.with_(**{name: value})
-        changes[name] = value
     if not ev.fits(new, cap):
         return None
     return new, changes, cost, texts
