@@ -216,13 +216,9 @@ class TrainSetup:
     def with_(self, **changes) -> "TrainSetup":
         """A variation of this setup. A variation that leaves qlora.py's configuration (another
         method, dtype, autocast, no prepare_model_for_kbit_training) is no longer that script, so it
-        drops its recast unless `recast` is among the changes."""
-        if self.recast and "recast" not in changes and not _recast_applies(
-                lambda k: changes.get(k, getattr(self, k))):
-            changes["recast"] = False
-        if self.adapter_dtype == "bf16" and "adapter_dtype" not in changes and not _bf16_adapters_apply(
-                lambda k: changes.get(k, getattr(self, k))):
-            changes["adapter_dtype"] = "fp32"    # TRL casts a quantized model's adapters only
+        drops its recast unless `recast` is among the changes; likewise TRL's bf16 LoRA weights
+        outside a quantized model (_drop_inapplicable)."""
+        _drop_inapplicable(changes, lambda k: getattr(self, k), changes)
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -234,6 +230,16 @@ class TrainSetup:
         if not self.grad_ckpt:  # the checkpointing flavour means nothing without checkpointing
             d["reentrant"] = None
         return d
+
+
+def _drop_inapplicable(values: dict, current, given) -> None:
+    """A library's cast exists only in its own configuration (_CONDITIONAL): where the fields in
+    `values` (else `current(name)`) leave it, it goes back to its off value in `values`, unless it
+    is among the fields `given` explicitly."""
+    field = lambda k: values.get(k, current(k))  # noqa: E731
+    for name, off, applies in _CONDITIONAL:
+        if field(name) != off and name not in given and not applies(field):
+            values[name] = off
 
 
 def _bf16_adapters_apply(field) -> bool:
@@ -250,6 +256,11 @@ def _recast_applies(field) -> bool:
     bf16 weights and Trainer autocast (its --bf16). `field(name)` gives a TrainSetup field's value."""
     return (field("method") == "qlora" and field("quant") in ("nf4", "fp4") and bool(field("prepare_kbit"))
             and field("dtype") == "bf16" and field("amp") == "bf16")
+
+
+# (field, its value outside the configuration, where it applies): qlora.py's recast, and TRL's bf16
+# cast of a quantized model's LoRA weights
+_CONDITIONAL = (("recast", False, _recast_applies), ("adapter_dtype", "fp32", _bf16_adapters_apply))
 
 
 # --- contradictory flags: a setting the chosen method does not use -------------------------------
@@ -333,12 +344,8 @@ def make_setup(name: str | None, **explicit) -> TrainSetup:
         return TrainSetup(**explicit)
     values = recipe(name).defaults()
     values.update(explicit)
-    if values.get("recast") and "recast" not in explicit and not _recast_applies(
-            lambda k: values.get(k, getattr(TrainSetup, k))):
-        values["recast"] = False     # flags that leave qlora.py's configuration leave its recast too
-    if values.get("adapter_dtype") == "bf16" and "adapter_dtype" not in explicit and not _bf16_adapters_apply(
-            lambda k: values.get(k, getattr(TrainSetup, k))):
-        values["adapter_dtype"] = "fp32"   # TRL casts a quantized model's adapters only
+    # flags that leave qlora.py's configuration leave its recast; TRL casts a quantized model's adapters only
+    _drop_inapplicable(values, lambda k: getattr(TrainSetup, k), explicit)
     values["recipe"] = name
     known = {f.name for f in fields(TrainSetup)}
     return TrainSetup(**{k: v for k, v in values.items() if k in known})
