@@ -108,7 +108,8 @@ def _assert_one_pass_equals_lumped(program, setup):
 def test_one_pass_replay_of_ddp_streams():
     """DDP's construction (module-state broadcast, the Reducer's buckets) and the bucket rebuild."""
     spec = resolve("meta-llama/Llama-2-7b-hf")
-    for setup in (TrainSetup(method="lora", batch=2, seq=1024), TrainSetup(method="full", batch=1, seq=512)):
+    for setup in (TrainSetup(method="lora", batch=2, seq=1024), TrainSetup(method="full", batch=1, seq=512),
+                  TrainSetup(method="qlora", batch=2, seq=1024, grad_accum=4)):
         sp = splits_for(spec, setup, Parallel(2, "ddp"))
         layers, root = unit_params(spec, setup.with_(batch=1, seq=1), sp)
         buckets = ddp_buckets(list(root) + [p for layer in layers for p in layer],

@@ -270,6 +270,33 @@ def test_ddp_stream_holds_the_buckets_and_rebuilds_them_once():
     assert len(program.ops) - program.count_from == steps + len(buckets.buckets) + len(buckets.rebuilt)
 
 
+def test_ddp_stream_under_gradient_accumulation_rebuilds_after_the_first_synchronised_backward():
+    """Two micro-steps per step (the first under no_sync: no bucket is touched) are the single
+    GPU's accumulating steps beside the buckets; the Reducer records the gradients' order only in
+    a backward that all-reduces, so the rebuild comes in the forward after the first optimizer
+    step (the third micro-step), once."""
+    spec = resolve("meta-llama/Llama-2-7b")
+    setup = TrainSetup(method="lora", batch=1, seq=512, grad_accum=4)
+    sp = splits_for(spec, setup, Parallel(2, "ddp"))
+    buckets = ddp_buckets([], ddp_trainable(spec, setup.with_(batch=1, seq=1), sp))
+    static = static_memory(spec, setup)
+    single = compiled(spec, setup, static)
+    program = compiled(spec, setup, static, ddp=buckets)
+    made = [program.base[op] for op in program.ops[:program.count_from] if op >= 0]
+    steps = len(single.ops) - (len(made) - len(buckets.buckets))
+    assert len(program.ops) - program.count_from == steps + len(buckets.buckets) + len(buckets.rebuilt)
+    # the bucket keys are the last ones made before the steps; each is freed once
+    first_bucket = sum(1 for op in program.ops[:program.count_from] if op >= 0) - len(buckets.buckets)
+    frees = [i for i, op in enumerate(program.ops) if op < 0 and first_bucket <= ~op < first_bucket + len(buckets.buckets)]
+    assert len(frees) == len(buckets.buckets)
+    starts = [i for i, phase, module in program.places if (phase, module) == ("forward", "")]
+    optimizer = [i for i, phase, _m in program.places if phase == "optimizer"]
+    assert len(starts) == 4 and len(optimizer) == 2       # two steps of two micro-steps
+    layer0 = next(i for i, phase, module in program.places if (phase, module) == ("forward", "layers.0")
+                  and i > starts[2])
+    assert optimizer[0] < starts[2] <= min(frees) and max(frees) < layer0
+
+
 # --- ZeRO-2: the optimizer's flat buffer, partitions and gradient buckets ------------------------------
 
 def test_empty_cache_releases_whole_cached_segments():

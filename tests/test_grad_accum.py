@@ -88,19 +88,49 @@ def test_plan_shrinks_the_micro_batch_with_accumulation_modelled():
         assert c.need_bytes == estimate("meta-llama/Meta-Llama-3-8B", c.setup, gpu="24GB").device_total_bytes
 
 
+def test_ddp_accumulates_as_one_gpu_beside_its_buckets():
+    """Under DDP the micro-steps before the last run under no_sync (no bucket touched), the last
+    copies each accumulated .grad into its bucket in place: per GPU, the accumulation adds what it
+    adds on one GPU, and the replay of one GPU's own stream runs the same micro-steps."""
+    from vramplan.plan._sharding import Parallel, per_gpu
+
+    for method in ("qlora", "lora", "full"):
+        setup = TrainSetup(method=method, batch=2, seq=1024)
+        acc = setup.with_(grad_accum=8)
+        one, one_acc = estimate("llama-2-7b", setup), estimate("llama-2-7b", acc)
+        ddp, ddp_acc = (per_gpu("llama-2-7b", s, Parallel(2, "ddp"), gpu="A100-80GB") for s in (setup, acc))
+        assert ddp_acc.peak_allocated_bytes - ddp.peak_allocated_bytes == \
+            one_acc.peak_allocated_bytes - one.peak_allocated_bytes
+        for phase in ("forward", "backward", "optimizer"):
+            assert ddp_acc.phase_peaks[phase] - ddp.phase_peaks[phase] == \
+                one_acc.phase_peaks[phase] - one.phase_peaks[phase]
+        assert ddp_acc.device_total_bytes >= ddp.device_total_bytes
+
+
+def test_plan_under_ddp_shrinks_the_micro_batch_with_accumulation():
+    from vramplan.plan._planner import plan
+
+    p = plan("meta-llama/Meta-Llama-3-8B", gpu="24GB", batch=16, seq=4096, gpus=2, strategy="ddp",
+             batches=[1], seqs=[4096])
+    batch = [c for c in p.changes if "batch" in c.changes]
+    assert batch and all(c.changes["grad_accum"] == -(-16 // c.changes["batch"]) for c in batch)
+
+
 def test_a_setup_that_accumulates_gets_no_multi_gpu_answer(capsys):
     assert main(["plan", "meta-llama/Meta-Llama-3-8B", "--gpu", "24GB", "--batch", "16", "--seq", "4096",
                  "--grad-accum", "4", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["status"] == "no" and data["minimum"]["options"] == []
-    assert "gradient accumulation is modelled on one GPU" in data["minimum"]["message"]
+    assert "gradient accumulation is modelled on one GPU and under DDP" in data["minimum"]["message"]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["estimate", "llama-2-7b", "--grad-accum", "0"], "Error: --grad-accum must be positive, got 0"),
     (["plan", "llama-2-7b", "--gpu", "24GB", "--gpus", "2", "--strategy", "fsdp", "--grad-accum", "2"],
-     "Error: --grad-accum 2 is modelled on one GPU, not under fsdp (hint: drop --grad-accum (the peak of one "
-     "micro-step), or plan one GPU)"),
+     "Error: --grad-accum 2 is modelled on one GPU and under DDP, not under fsdp (hint: drop --grad-accum (the "
+     "peak of one micro-step), or plan one GPU or DDP)"),
+    (["plan", "llama-2-7b", "--gpu", "24GB", "--gpus", "4", "--strategy", "zero3", "--recipe", "qlora-paper"],
+     "Error: --grad-accum 16 is modelled on one GPU and under DDP, not under zero3"),
     (["estimate", "Qwen/Qwen2.5-0.5B", "--method", "full", "--grad-accum", "2"],
      "Error: --grad-accum with a tied embedding trained in full is not modelled (hint: drop --grad-accum (the peak "
      "of one micro-step), or use --method lora / qlora)"),
@@ -115,3 +145,9 @@ def test_setup_validation():
     with pytest.raises(UsageError, match="--grad-accum must be a whole number"):
         TrainSetup(grad_accum=1.5)
     assert TrainSetup(grad_accum=3).accumulates and not TrainSetup().accumulates
+
+
+def test_plan_names_the_micro_steps(capsys):
+    assert main(["plan", "llama-2-7b", "--recipe", "qlora-paper", "--gpus", "2", "--gpu", "24GB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "batch 1 x seq 2048 x 16 micro-steps, paged_adamw" in out and "— 2 x ddp" in out

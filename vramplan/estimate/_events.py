@@ -908,7 +908,9 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         if z3 is not None:
             step_gathers = dict(z3.first if step == 0 else z3.steady)
         gathers(("forward", "prefix"))
-        if ddp is not None and step == 1:    # Reducer::rebuild_buckets, once, in the second forward
+        if ddp is not None and p == micros:   # Reducer::rebuild_buckets, once, in the forward after the
+            # first backward that synchronised (the last micro-step's: rebuilt_params_ is filled by
+            # autograd_hook only when the backward all-reduces), whether or not this one will
             b.drop(buckets)
             buckets = b.make([const(n) for n in ddp.rebuilt if n > 0])
         # LlamaModel.forward (and every family's): the embedding output, the position ids, the

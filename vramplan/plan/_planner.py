@@ -58,8 +58,9 @@ from vramplan.estimate._inventory import static_memory
 from vramplan.estimate._reserved import conf_of
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.core._setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags
-from vramplan.plan._sharding import (Parallel, ShardedEstimate, base_estimate, distribute, effective_setup,
-                                    parallel_of, per_gpu, replays_own_stream, smallest_per_gpu, splits_for)
+from vramplan.plan._sharding import (Parallel, ShardedEstimate, accumulation_modelled, base_estimate, distribute,
+                                    effective_setup, parallel_of, per_gpu, replays_own_stream, smallest_per_gpu,
+                                    splits_for)
 
 from vramplan.core._verdict import TIGHT, verdict
 MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty
@@ -656,9 +657,9 @@ def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap:
             changes[name] = value
         else:
             # a smaller micro-batch keeps the effective batch with gradient accumulation, modelled on
-            # one GPU (its second micro-step runs beside every .grad: TrainSetup.grad_accum); an
-            # engine's own accumulation is not
-            single = ev.parallel.strategy == "single"
+            # one GPU and under DDP (its second micro-step runs beside every .grad: TrainSetup.grad_accum;
+            # sharding.accumulation_modelled); a sharding engine's own accumulation is not
+            single = accumulation_modelled(ev.parallel)
 
             def variant(v: int) -> TrainSetup:
                 if name == "batch" and single:
@@ -767,7 +768,8 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
     # pass the card (Evaluator.floor) is not an option and needs more than any option, so its
     # replay waits until no option is found, when the least need of all is reported
     tried = []
-    # gradient accumulation is modelled on one GPU (plan/_sharding.py effective_setup): no engine is tried
+    # gradient accumulation is modelled on one GPU and under DDP (plan/_sharding.py accumulation_modelled),
+    # whose replicas need no less than one GPU: no sharding engine is tried
     for strategy, offload in () if setup.accumulates else MIN_ENGINES:
         for n in MIN_GPU_COUNTS:
             if n == 1 and offload == "none":
@@ -794,8 +796,9 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
     gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
     if setup.accumulates:
         msg = (f"{setup.batch} x {setup.seq} tokens with --grad-accum {setup.grad_accum} needs {gib(single)} on one "
-               f"GPU, more than {gpu.name} ({gib(cap)}); gradient accumulation is modelled on one GPU, so no "
-               "multi-GPU engine was tried (without --grad-accum `plan` tries FSDP and ZeRO-3)")
+               f"GPU, more than {gpu.name} ({gib(cap)}); gradient accumulation is modelled on one GPU and under DDP, "
+               "which holds as much per GPU, so no sharding engine was tried (without --grad-accum `plan` tries "
+               "FSDP and ZeRO-3)")
         floor, floor_label = single, Parallel().label
     elif options:
         best = options[0]

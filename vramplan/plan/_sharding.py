@@ -235,15 +235,28 @@ def parallel_of(gpus: int = 1, strategy: str | None = None, offload: str = "none
     return Parallel(gpus=gpus, strategy=strategy, offload=offload)
 
 
+def accumulation_modelled(parallel: Parallel) -> bool:
+    """Whether gradient accumulation (TrainSetup.grad_accum) is modelled under `parallel`: on one
+    GPU, and under DDP with gradient_as_bucket_view=False (the default), whose micro-steps before
+    the last run under `no_sync()` (HF Trainer / accelerate `accumulate`): the Reducer's autograd
+    hooks return at once (reducer.cpp `autograd_hook`: `if (!expect_autograd_hooks_) return;`,
+    set only by `prepare_for_backward` when `require_backward_grad_sync`), so those micro-steps
+    are the single GPU's beside the buckets, and the last one copies each accumulated .grad into
+    its bucket in place (`mark_variable_ready_dense`: `at::mul_out(bucket_view, grad, ...)`), as
+    without accumulation (docs/allocator.md#ddp-stream). Each other engine accumulates its own
+    way (gradient_as_bucket_view's .grad outside the buckets until the last micro-step, FSDP's
+    unsharded gradients under no_sync, ZeRO's averaged_gradients partitions): not modelled."""
+    return parallel.strategy == "single" or (parallel.strategy == "ddp" and not parallel.gradient_as_bucket_view)
+
+
 def effective_setup(setup: TrainSetup, parallel: Parallel) -> TrainSetup:
     """The setup as the engine runs it. DeepSpeed with bf16/fp16 casts the whole module to the
     16-bit dtype (engine.py _configure_distributed_model), undoing prepare_model_for_kbit_training's
     fp32 cast of embeddings, norms and lm_head."""
-    if setup.accumulates and parallel.strategy != "single":
-        # each engine accumulates its own way (DDP's no_sync, FSDP's unsharded or sharded gradients,
-        # ZeRO's averaged_gradients partitions): not modelled
-        raise UsageError(f"--grad-accum {setup.grad_accum} is modelled on one GPU, not under {parallel.strategy}",
-                         hint="drop --grad-accum (the peak of one micro-step), or plan one GPU")
+    if setup.accumulates and not accumulation_modelled(parallel):
+        engine = "DDP with gradient_as_bucket_view" if parallel.strategy == "ddp" else parallel.strategy
+        raise UsageError(f"--grad-accum {setup.grad_accum} is modelled on one GPU and under DDP, not under {engine}",
+                         hint="drop --grad-accum (the peak of one micro-step), or plan one GPU or DDP")
     if parallel.deepspeed and setup.prepare_kbit and setup.dtype != "fp32":
         return setup.with_(prepare_kbit=False)
     return setup
@@ -691,7 +704,7 @@ def ddp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | N
               need: bool = True) -> tuple[int, dict | None]:
     """fsdp_slack for one GPU of DDP (gradient_as_bucket_view=False): the single-GPU stream, with
     DDP's construction (module-state broadcast, the Reducer's buckets) after the model is loaded
-    and the buckets rebuilt in the second forward (estimate/_events.py DdpBuckets,
+    and the buckets rebuilt in the forward after the first optimizer step (estimate/_events.py DdpBuckets,
     docs/allocator.md#ddp-stream)."""
     from vramplan.estimate._estimator import card_replay
     from vramplan.estimate._events import ddp_buckets
