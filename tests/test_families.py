@@ -601,9 +601,12 @@ def test_gpt_oss_counts_every_parameter_transformers_builds():
 def test_gpt_oss_refuses_sdpa_and_4bit_experts_and_states_mxfp4(capsys):
     from vramplan.cli import main
 
-    code = main(["estimate", "openai/gpt-oss-20b"])
+    code = main(["estimate", "openai/gpt-oss-20b", "--attn", "sdpa"])
     err = capsys.readouterr().err
     assert code != 0 and err.count("\n") == 1 and err.startswith("Error: ") and "(hint: use --attn eager)" in err
+    # without --attn, what from_pretrained picks: eager (GptOssPreTrainedModel._supports_sdpa = False)
+    assert main(["estimate", "openai/gpt-oss-20b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["setup"]["attn"] == "eager"
     code = main(["estimate", "openai/gpt-oss-20b", "--attn", "eager", "--experts", "4bit"])
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("Error: --experts 4bit is not modelled for gpt_oss") and err.count("\n") == 1

@@ -167,6 +167,23 @@ def test_sweep_marks_rows_that_cannot_run():
     assert str(df["device_total_bytes"].dtype) == "Int64"  # bytes stay integers next to missing rows
 
 
+def test_a_model_without_sdpa_trains_with_eager_unless_told(capsys):
+    """With no --attn, every command takes what from_pretrained picks: sdpa, or eager where the
+    model class has no SDPA path (Gemma-2's `_supports_sdpa = False`)."""
+    code, out, _ = run(capsys, "estimate", "gemma-2-2b", "--json")
+    assert code == 0 and json.loads(out)["setup"]["attn"] == "eager"
+    assert any("gemma2 has no SDPA path" in a for a in json.loads(out)["assumptions"])
+    code, out, _ = run(capsys, "plan", "gemma-2-2b", "--gpu", "24GB", "--json")
+    assert code == 0 and json.loads(out)["setup"]["attn"] == "eager"
+    code, out, _ = run(capsys, "estimate", "llama-2-7b", "--json")
+    assert json.loads(out)["setup"]["attn"] == "sdpa"
+    code, _, err = run(capsys, "estimate", "gemma-2-2b", "--attn", "sdpa")
+    assert code == 1 and err == f"Error: {SDPA_REFUSED}\n"
+    import vramplan
+
+    assert vramplan.estimate("gemma-2-2b").setup.attn == "eager"
+
+
 @pytest.mark.pandas
 def test_sweep_cli_sweeps_method_without_contradicting_the_default_quant(capsys):
     code, out, err = run(capsys, "sweep", "llama-2-7b", "--method", "qlora,lora,full", "--json")

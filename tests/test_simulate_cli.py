@@ -141,7 +141,7 @@ def test_architecture_transformers_cannot_build(capsys, monkeypatch, model_dir):
 
 def test_gemma2_with_sdpa_is_refused_with_the_eager_hint(capsys, model_dir):
     # transformers 5 refuses sdpa for Gemma-2 (build.py); the estimate may refuse it first
-    code, out, err = simulate(capsys, model_dir("gemma2"), *TINY)
+    code, out, err = simulate(capsys, model_dir("gemma2"), *TINY, "--attn", "sdpa")
     assert code == 1 and out == "" and err.startswith("Error: ") and err.endswith("(hint: use --attn eager)\n")
     assert err.count("\n") == 1
 

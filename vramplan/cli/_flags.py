@@ -44,7 +44,8 @@ def setup_flags() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-reentrant", dest="reentrant", action=argparse.BooleanOptionalAction, default=None,
                    help="checkpoint with use_reentrant=True (transformers < 4.35's default, torch's "
                         "CheckpointFunction) instead of non-reentrant (default off)")
-    p.add_argument("--attn", default="sdpa", help="sdpa | eager (default sdpa)")
+    p.add_argument("--attn", default=None,
+                   help="sdpa | eager (default: what from_pretrained picks, sdpa unless the model has no SDPA path)")
     p.add_argument("--optimizer", default=None,
                    help="adamw (torch AdamW, foreach: its CUDA default) | adamw_foreach | adamw_fused | adamw8bit | "
                         "paged_adamw | paged_adamw8bit | sgd | adafactor (default adamw)")
@@ -101,6 +102,20 @@ def given_setup_flags(args) -> dict:
     return given
 
 
+def default_attention(model: str) -> str:
+    """The attention a model trains with when --attn is not given: what from_pretrained picks
+    (core/_architectures.py Architecture.attention); "sdpa" for a model the registry does not
+    know (simulate builds it with transformers, which picks), the command reporting any other
+    problem with the name itself."""
+    from vramplan.core._errors import ModelError
+    from vramplan.core._models import resolve
+
+    try:
+        return resolve(model).arch.attention[0]
+    except ModelError:
+        return "sdpa"
+
+
 def cuda_arch_from_args(args):
     """The architecture the kernel rules emulate for these flags (--gpu's, --arch's, or the assumed one)."""
     gpu, text = None, getattr(args, "gpu", None)
@@ -121,7 +136,8 @@ def setup_from_args(args):
     if "dtype" not in explicit and recipe_name is None:
         # not given: bf16 where the target GPU has it, else fp16 (cuda/_arch.py); a recipe names its own
         explicit["dtype"] = default_dtype(cuda_arch_from_args(args))
-    setup = make_setup(recipe_name, batch=args.batch, seq=args.seq, attn=args.attn, experts=args.experts,
+    attn = args.attn if args.attn is not None else default_attention(args.model)
+    setup = make_setup(recipe_name, batch=args.batch, seq=args.seq, attn=attn, experts=args.experts,
                        **given, **explicit)
     check_given(setup, {**given, **({"reentrant": True} if explicit.get("reentrant") else {})})
     return setup

@@ -8,12 +8,13 @@ import argparse
 
 from vramplan.core._errors import UsageError
 from vramplan.core._setup import make_setup
-from vramplan.cli._flags import alloc_conf_from_args, print_json, setup_flags, setup_from_args
+from vramplan.cli._flags import alloc_conf_from_args, default_attention, print_json, setup_flags, setup_from_args
 from vramplan.core._setup import parse_targets
 
 STATUS_STYLE = {"fits": "green", "tight": "yellow", "no": "red"}
 TRAIN_DEFAULTS = {"rank": 16, "method": "qlora", "quant": "nf4", "optimizer": "adamw (or the recipe's)",
-                  "dtype": "bf16 (or the recipe's)"}  # TrainSetup's, for --help
+                  "dtype": "bf16 (or the recipe's)",
+                  "attn": "the model's: sdpa unless it has no SDPA path"}  # TrainSetup's, for --help
 STATUS_WORD = {"fits": "FITS", "tight": "TIGHT", "no": "DOES NOT FIT"}
 # Text marks, so that a verdict survives without colour (piped output, NO_COLOR, a screen reader).
 STATUS_MARK = {"fits": "✓", "tight": "~", "no": "✗"}
@@ -77,12 +78,12 @@ def register(subparsers, setup_flags_parent) -> None:
     # a fresh copy of the setup flags: sweep redefines some of them as lists
     s = subparsers.add_parser("sweep", parents=[setup_flags()], conflict_handler="resolve",
                               help="the estimate over a product of setups, as a table / CSV (pandas)")
-    # rank, method, quant, optimizer and dtype default to None: an axis the user did not type is not
+    # rank, method, quant, optimizer, attn and dtype default to None: an axis the user did not type is not
     # swept, so that it is never checked against a method that does not use it (core/_setup.py
     # check_given) and a --recipe's own optimizer and dtype stand.
     for flag, default, what in (("--batch", "1", "micro-batch sizes"), ("--seq", "2048", "sequence lengths"),
                                 ("--rank", None, "LoRA ranks"), ("--method", None, "methods"),
-                                ("--optimizer", None, "optimizers"), ("--attn", "sdpa", "attention kernels"),
+                                ("--optimizer", None, "optimizers"), ("--attn", None, "attention kernels"),
                                 ("--quant", None, "quantizations"), ("--dtype", None, "dtypes")):
         s.add_argument(flag, default=default,
                        help=f"{what}, comma-separated (default {default or TRAIN_DEFAULTS[flag[2:]]})")
@@ -296,9 +297,9 @@ def _print_survey(result, console, Table) -> None:
 def cmd_sweep(args) -> int:
     from vramplan.plan._sweep import sweep  # this command's code loads only when it runs
 
-    axes = {"batch": parse_list("--batch", args.batch), "seq": parse_list("--seq", args.seq),
-            "attn": parse_list("--attn", args.attn, str)}
-    for name, kind in (("rank", int), ("method", str), ("quant", str), ("optimizer", str), ("dtype", str)):
+    axes = {"batch": parse_list("--batch", args.batch), "seq": parse_list("--seq", args.seq)}
+    for name, kind in (("rank", int), ("method", str), ("quant", str), ("optimizer", str), ("dtype", str),
+                       ("attn", str)):
         # swept only when typed
         if getattr(args, name) is not None:
             axes[name] = parse_list(f"--{name}", getattr(args, name), kind)
@@ -309,7 +310,7 @@ def cmd_sweep(args) -> int:
     explicit = {k: getattr(args, k) for k in ("grad_ckpt", "reentrant", "prepare_kbit", "amp", "loop", "loss",
                                               "recast", "adapter_dtype", "grad_accum")
                 if getattr(args, k, None) is not None}
-    base = make_setup(args.recipe, **given, **explicit)
+    base = make_setup(args.recipe, attn=default_attention(args.model), **given, **explicit)
     strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]
     df = sweep(args.model, args.gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
                strategy=strategies, offload=parse_list("--offload", args.offload or "none", str), tight=args.tight,

@@ -98,7 +98,10 @@ class Architecture:
     activation_key: str = "hidden_act"
     # Gemma scales embeddings by sqrt(hidden) (Gemma2TextScaledWordEmbedding) and soft-caps logits.
     scaled_embeddings: bool = False
-    # attn_implementation values transformers accepts for training this model
+    # attn_implementation values transformers accepts for training this model; the first is what
+    # from_pretrained picks when none is given (modeling_utils.py get_correct_attn_implementation:
+    # "sdpa" by default, falling back to "eager" where the class sets _supports_sdpa = False, as
+    # Gemma2 "sdpa does not support softcapping" and gpt-oss do)
     attention: tuple[str, ...] = ("sdpa", "eager")
     notes: tuple[str, ...] = field(default=())
     # gpt-oss (models/gpt_oss/modeling_gpt_oss.py): a learned per-head attention sink

@@ -167,6 +167,8 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     cuda_arch = target_arch(gpu_obj, arch)
     if setup is None and "dtype" not in flags:
         flags["dtype"] = default_dtype(cuda_arch)
+    if setup is None and "attn" not in flags:
+        flags["attn"] = spec.arch.attention[0]   # what from_pretrained picks (Architecture.attention)
     setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     check_dtype(cuda_arch, setup.dtype)
     if setup.attn not in spec.arch.attention:
@@ -647,7 +649,8 @@ def attention_assumption(spec: ModelSpec, setup: TrainSetup, arch: CudaArch) -> 
                 "(seq + 1) logits and a softmax in the scores' dtype; transformers has no SDPA path for it)")
     if setup.attn != "sdpa":   # Llama 4's eager_attention_forward does not upcast the softmax
         softmax = "fp32 softmax" if spec.arch.eager_softmax_fp32 else "a softmax in the scores' dtype"
-        return f"attention: eager (materializes batch x heads x seq x seq scores and {softmax})"
+        only = "" if "sdpa" in spec.arch.attention else f"; {spec.model_type} has no SDPA path"
+        return f"attention: eager (materializes batch x heads x seq x seq scores and {softmax}{only})"
     from vramplan.cuda._sdpa import fallback_reason
     from vramplan.estimate._ops import sdpa_backend, sdpa_call
 
