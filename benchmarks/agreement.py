@@ -97,22 +97,26 @@ def label(setup) -> str:
 
 
 def setups_for(model: str, quick: bool, full: bool = False, small: bool = False, recipes: bool = False):
+    from vramplan.core._errors import VramplanError
     from vramplan.core._models import resolve
     from vramplan.core._setup import make_setup
 
     arch = resolve(model).arch
-    eager_only = arch.attention == ("eager",)   # gpt-oss: transformers refuses sdpa
     seen = []
     cases = [BASE] if quick else recipe_matrix() if recipes else small_matrix() if small else matrix(full)
     for kw in cases:
-        if "gemma-2" in model or eager_only:
-            kw = {**kw, "attn": "eager"}   # transformers 5 runs Gemma-2 eager only
+        if kw.get("attn", "sdpa") not in arch.attention:
+            kw = {**kw, "attn": arch.attention[0]}   # transformers 5 runs Gemma-2 and gpt-oss eager only
         if arch.linear_router:
             # Llama 4: all-linear would wrap the router, which peft cannot run (refused on both
             # sides), so these rows put LoRA on the attention projections
             kw = {**kw, "targets": ATTENTION_TARGETS}
         kw = dict(kw)
-        setup = make_setup(kw.pop("recipe", None), **kw)
+        try:
+            setup = make_setup(kw.pop("recipe", None), **kw)
+        except VramplanError as exc:   # a recipe this model cannot run (stated, as the CLI refuses it)
+            print(f"# {model}: {exc}", file=sys.stderr)
+            continue
         if setup not in seen:
             seen.append(setup)
     return seen

@@ -118,7 +118,9 @@ def test_unknown_recipe_is_one_line(capsys):
     (dict(amp="bf16", dtype="fp32", method="full", attn="eager"), "--amp bf16 over --dtype fp32 is modelled for "
                                                                   "--attn sdpa"),
     (dict(amp="bf16", prepare_kbit=True, attn="eager"),
-     "--amp bf16 with --prepare-kbit is modelled for 4-bit quantization and --attn sdpa"),
+     "--amp bf16 with --prepare-kbit and --attn eager is modelled with --recast"),
+    (dict(amp="bf16", prepare_kbit=True, quant="int8"), "--amp bf16 with --prepare-kbit is modelled for 4-bit "
+                                                        "quantization"),
     (dict(loop="eager"), "unknown loop 'eager'"),
     (dict(loss="fused"), "unknown loss 'fused'"),
 ])
@@ -285,6 +287,7 @@ pytest.importorskip("bitsandbytes")
 
 @pytest.mark.parametrize("recipe, flags", [("plain", {}), (None, {"optimizer": "adamw_fused"}),
                                            ("trainer", {}), ("trl-sft", {}), ("qlora-paper", {}),
+                                           ("qlora-paper", {"attn": "eager"}),
                                            ("trainer", {"dtype": "fp32", "method": "lora"})])
 def test_meta_agrees_with_a_real_cpu_run_per_recipe(tiny_spec, recipe, flags):
     """On the CPU autocast is real CPU autocast (torch.autocast("cpu")), fused AdamW is torch's CPU

@@ -140,11 +140,17 @@ class TrainSetup:
             raise UsageError("--recast is qlora.py's bf16 cast after get_peft_model: it applies with --method qlora "
                              "(nf4 or fp4), --prepare-kbit, --dtype bf16 and --amp bf16",
                              hint="give those flags, or --no-recast")
-        if self.amp != "none" and self.prepare_kbit and (self.attn != "sdpa" or self.quant == "int8"):
+        if self.amp != "none" and self.prepare_kbit and self.quant == "int8":
             # autocast over prepare_model_for_kbit_training's float32 hidden states is modelled for
-            # 4-bit bitsandbytes layers and SDPA (docs/recipes.md#limits)
-            raise UsageError(f"--amp {self.amp} with --prepare-kbit is modelled for 4-bit quantization and "
-                             "--attn sdpa", hint="use --quant nf4 / fp4 and --attn sdpa, or --amp none")
+            # 4-bit bitsandbytes layers (docs/recipes.md#limits)
+            raise UsageError(f"--amp {self.amp} with --prepare-kbit is modelled for 4-bit quantization",
+                             hint="use --quant nf4 / fp4, or --amp none")
+        if self.amp != "none" and self.prepare_kbit and self.attn != "sdpa" and not self.recast:
+            # eager attention there is modelled where qlora.py's recast puts the embedding back in
+            # bf16, so that the causal mask (made in the embedding output's dtype) stays 16-bit; a
+            # float32 mask promoting the 16-bit scores is not (docs/recipes.md#limits)
+            raise UsageError(f"--amp {self.amp} with --prepare-kbit and --attn {self.attn} is modelled with --recast",
+                             hint="use --recast (--recipe qlora-paper), --attn sdpa, or --amp none")
 
     # --- derived facts, named so the estimator reads like the recipe -------------------------
     @property
