@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--json", metavar="PATH", help="also write every row with both sides' components")
     ap.add_argument("--sim-from", metavar="JSON",
                     help="take the simulate side of each row from an earlier run's --json (simulate unchanged "
-                         "since), re-running only the estimate; the header names the file")
+                         "since) where it has the row, simulating the others; the header names the file")
     ap.add_argument("--out", default=OUT, help=f"markdown file to write (default {OUT})")
     ap.add_argument("--gpu", help="catalog GPU whose CUDA kernels both sides emulate (default: an H100); "
                                   "16-bit setups use fp16 on GPUs without bf16")
@@ -157,9 +157,9 @@ def main() -> None:
                 setup = setup.with_(dtype=default_dtype(target_arch(vramplan.resolve_gpu(args.gpu))))
             t = time.perf_counter()
             row = {"model": spec.id, "setup": label(setup)}
-            if stored:
-                old = stored.get((spec.id, row["setup"]))
-                row.update({k: old.get(k) for k in sim_keys} if old else dict(sim=None, sim_phase="not in --sim-from"))
+            old = stored.get((spec.id, row["setup"])) if stored else None
+            if old:
+                row.update({k: old.get(k) for k in sim_keys})
             else:
                 try:
                     trace = run(spec, setup, gpu=args.gpu)
@@ -239,7 +239,7 @@ def render(rows, seconds: float, sim_from: str | None = None) -> str:
         f"{datetime.date.today().isoformat()} "
         f"({platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{len(rows)} setups in {seconds / 60:.1f} min). simulate: the traced step (identical-layers shortcut, "
-        "exact; every layer traced under gradient accumulation, whose two micro-steps it does not rebuild)" + (f", taken from the earlier run's rows in {sim_from} (written "
+        "exact; every layer traced under gradient accumulation, whose two micro-steps it does not rebuild)" + (f", taken where it has the row from the earlier run's rows in {sim_from} (written "
                     f"{datetime.datetime.fromtimestamp(os.path.getmtime(sim_from)).isoformat(timespec='minutes')}, "
                     "simulate unchanged since)" if sim_from else "") +
         "; estimate: `vramplan.estimate` as it was at that time. error % = (estimate - simulate) / simulate.",
