@@ -105,6 +105,8 @@ def test_ddp_accumulates_as_one_gpu_beside_its_buckets():
             assert ddp_acc.phase_peaks[phase] - ddp.phase_peaks[phase] == \
                 one_acc.phase_peaks[phase] - one.phase_peaks[phase]
         assert ddp_acc.device_total_bytes >= ddp.device_total_bytes
+    assert any(a.startswith("gradient accumulation under DDP: the first 7 micro-steps") for a in ddp_acc.assumptions)
+    assert not any("no_sync" in a for a in ddp.assumptions)
 
 
 def test_plan_under_ddp_shrinks_the_micro_batch_with_accumulation():

@@ -1148,5 +1148,9 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
                    + ("alias the gradients" if parallel.gradient_as_bucket_view else "hold a copy of every gradient"
                       " (bucket_cap_mb 25, first bucket 1 MiB, rebuilt once in the second step: "
                       "docs/allocator.md#ddp-stream)"))
+        if setup.accumulates:
+            out.append(f"gradient accumulation under DDP: the first {setup.grad_accum - 1} micro-steps of each step "
+                       "run under no_sync (the Reducer's hooks return at once), the last copies each accumulated "
+                       ".grad into its bucket (docs/autograd.md#gradient-accumulation-steps)")
     out.append(f"NCCL buffers: {NCCL_BYTES // MiB} MiB per GPU outside the caching allocator (a model, not measured)")
     return tuple(out)
