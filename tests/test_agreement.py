@@ -63,6 +63,13 @@ CASES = [
     ("gemma2-softcap", dict(seq=512, attn="eager", grad_ckpt=False)),
     ("mistral-sliding", dict(seq=512)),
     ("mistral-sliding", dict(seq=512, grad_ckpt=False)),
+    # a sequence of exactly the window (256) gets the mask too (_ignore_causal_mask_sdpa keeps it
+    # from kv_length >= sliding_window on); one token less runs is_causal. With float32 hidden
+    # states the unmasked call would be the math fallback (grouped KV heads), the masked one the
+    # memory-efficient kernel on repeated k/v.
+    ("mistral-sliding", dict(seq=256, grad_ckpt=False)),
+    ("mistral-sliding", dict(seq=255, grad_ckpt=False)),
+    ("mistral-sliding", dict(seq=256, grad_ckpt=False, prepare_kbit=True)),
     ("mixtral-moe", dict(seq=512)),
     ("mixtral-moe", dict(seq=512, grad_ckpt=False)),
     ("mixtral-moe", dict(seq=512, targets="q_proj,v_proj")),

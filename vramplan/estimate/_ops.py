@@ -1155,15 +1155,19 @@ def activation_dtype(setup: TrainSetup) -> str:
 
 
 def windowed(spec: ModelSpec, setup: TrainSetup) -> bool:
-    """A local-attention mask on some layer: a sliding window shorter than the sequence, or Llama
-    4's attention chunks: transformers then builds an explicit boolean mask
+    """A local-attention mask on some layer: a sequence as long as the sliding window or longer,
+    or Llama 4's attention chunks: transformers then builds an explicit boolean mask
     (masking_utils.create_sliding_window_causal_mask / create_chunked_causal_mask) instead of
     passing is_causal."""
     return _sliding(spec, setup) or _chunked(spec, setup)
 
 
 def _sliding(spec: ModelSpec, setup: TrainSetup) -> bool:
-    return spec.sliding_window is not None and setup.seq > spec.sliding_window
+    """masking_utils.sliding_window_causal_mask passes `local_size=sliding_window` to
+    _ignore_causal_mask_sdpa, which keeps the mask `if local_attention_size is not None and
+    kv_length >= local_attention_size`: from a sequence of exactly the window on (where the mask
+    still equals the causal one), not only past it."""
+    return spec.sliding_window is not None and setup.seq >= spec.sliding_window
 
 
 def _chunked(spec: ModelSpec, setup: TrainSetup) -> bool:
@@ -1186,7 +1190,7 @@ def layer_windows(spec: ModelSpec, setup: TrainSetup) -> tuple[bool, ...]:
 def sdpa_call(spec: ModelSpec, setup: TrainSetup, window: bool | None = None) -> cuda_sdpa.SdpaCall:
     """The scaled_dot_product_attention call transformers' sdpa_attention_forward makes for one
     training layer: no mask and is_causal for an unpadded causal batch, a boolean mask with a
-    sliding window shorter than the sequence; with a mask k/v are first repeated to every head
+    sequence as long as the sliding window or longer (_sliding); with a mask k/v are first repeated to every head
     (use_gqa_in_sdpa is False), without one enable_gqa is passed (integrations/sdpa_attention.py)."""
     masked = windowed(spec, setup) if window is None else window
     gqa = not masked and spec.head_dim <= 256
@@ -1267,7 +1271,7 @@ def eager_masks(spec: ModelSpec, setup: TrainSetup) -> int:
     """Bytes of the causal masks transformers materializes (masking_utils create_causal_mask):
     eager attention gets (batch, 1, seq, seq) in the compute dtype, Gemma2 a sliding-window one
     beside the full one; SDPA gets none for an unpadded causal batch (is_causal), but a boolean
-    one when a sliding window is shorter than the sequence: (1, 1, seq, seq), which SDPA
+    one when the sequence is as long as a sliding window or longer: (1, 1, seq, seq), which SDPA
     broadcasts over the batch (mask_plan); Llama 4's chunked one, (batch, 1, seq, seq)."""
     cells = mask_cells(spec, setup)
     if setup.attn != "eager":
