@@ -208,14 +208,16 @@ def test_gemma3_layer_pattern_and_norms():
     assert spec.kv_heads == 1 and spec.vocab == 262144
 
 
-def test_gemma3_layer_kinds_split_only_past_the_window():
+def test_gemma3_layer_kinds_split_from_the_window_on():
     from vramplan import TrainSetup
     from vramplan.estimate._ops import layer_stack
 
-    spec = resolve("google/gemma-3-1b-pt")
-    short = layer_stack(spec, TrainSetup(seq=512, grad_ckpt=False))
+    spec = resolve("google/gemma-3-1b-pt")    # sliding_window 512
+    short = layer_stack(spec, TrainSetup(seq=511, grad_ckpt=False))
     long = layer_stack(spec, TrainSetup(seq=2048, grad_ckpt=False))
     assert len(set(map(id, short))) == 1
+    # at exactly the window the mask is built (_ignore_causal_mask_sdpa: kv_length >= local_size)
+    assert len(set(map(id, layer_stack(spec, TrainSetup(seq=512, grad_ckpt=False))))) == 2
     assert len(set(map(id, long))) == 2 and long[5] is long[11] and long[0] is long[4]
     assert long[0].saved > long[5].saved   # the sliding layers keep their mask-bias for backward
 
@@ -315,14 +317,14 @@ def test_olmo3_keeps_a_rotary_embedding_per_layer_type():
     assert rope_kinds(resolve("allenai/OLMo-2-1124-7B")) == 1
 
 
-def test_olmo3_sliding_and_full_layers_split_only_past_the_window():
+def test_olmo3_sliding_and_full_layers_split_from_the_window_on():
     from vramplan import TrainSetup
     from vramplan.estimate._ops import layer_stack
 
     config = json.loads((CONFIGS / "olmo3-sliding.json").read_text())   # window 256
     spec = spec_from_config(config, "olmo3", "test")
-    short = layer_stack(spec, TrainSetup(seq=256, grad_ckpt=False))
-    long = layer_stack(spec, TrainSetup(seq=512, grad_ckpt=False))
+    short = layer_stack(spec, TrainSetup(seq=255, grad_ckpt=False))
+    long = layer_stack(spec, TrainSetup(seq=256, grad_ckpt=False))
     assert len(set(map(id, short))) == 1
     assert long[0] is long[1] is long[2] and long[3] is not long[0]
     assert long[0].saved > long[3].saved   # repeated k/v and the mask bias of the sliding layers
