@@ -16,6 +16,9 @@ batch 1, sdpa, 1 warm-up + 2 measured steps; 70B: 1 + 1):
   3. allocator settings on Llama-3-8B: expandable_segments:True, max_split_size_mb:128,
      garbage_collection_threshold:0.6 (with max_split_size_mb:512);
   4. larger models: Llama-2-13b, Gemma-3-12B, Qwen3-30B-A3B (MoE, 16-bit experts), Llama-2-70b;
+  4b. a sequence of exactly Mistral-7B's sliding window (4096) without checkpointing: transformers
+     builds the window mask from there on, so SDPA runs the memory-efficient kernel on repeated
+     k/v instead of flash (estimate/_ops.py _sliding);
   5. issue 4's grid: Llama-2-7b, Llama-3-8B, Mistral-7B x seq {512, 2048, 8192} x checkpointing
      on/off x {adamw, paged_adamw8bit}, each single change from the default first.
 
@@ -60,6 +63,7 @@ ALLOC_CONFS = ("expandable_segments:True", "max_split_size_mb:128",
 BIG = (("meta-llama/Llama-2-13b-hf", "13b"), ("google/gemma-3-12b-pt", "13b"), ("Qwen/Qwen3-30B-A3B", "moe"),
        ("meta-llama/Llama-2-70b-hf", "70b"))
 GRID_MODELS = ("meta-llama/Llama-2-7b-hf", LLAMA3, "mistralai/Mistral-7B-v0.1")
+WINDOW_EDGE = ("mistralai/Mistral-7B-v0.1", 4096)    # its sliding_window
 SEQS = (512, 2048, 8192)
 OPTIMIZERS = ("adamw", "paged_adamw8bit")
 # Value order of a dimension's values: the default recipe first, then what stresses the model most.
@@ -93,7 +97,7 @@ TINY = {
     "meta-llama/Llama-2-70b-hf": {**_LLAMA_TINY, "hidden_size": 256, "intermediate_size": 688,
                                   "num_attention_heads": 8, "num_key_value_heads": 1},
 }
-TINY_SEQ = {512: 32, 2048: 64, 8192: 128}
+TINY_SEQ = {512: 32, 2048: 64, 4096: 64, 8192: 128}    # 4096: the tiny Mistral's window, as 4096 is the real one's
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ def matrix(dry_run: bool = False, tiny_dir: Path | None = None) -> list[Config]:
     configs += [config(label, recipe=name) for label, name in RECIPES]
     configs += [config(LLAMA3, alloc_conf=conf) for conf in ALLOC_CONFS]
     configs += [config(label, size, steps=1 if size in ("70b", "moe") else 2) for label, size in BIG]
+    configs.append(config(WINDOW_EDGE[0], seq=WINDOW_EDGE[1], grad_ckpt=False))
     grid = []
     for i, label in enumerate(GRID_MODELS):
         for seq in SEQS:

@@ -23,7 +23,7 @@ def test_matrix_covers_families_recipes_allocator_settings_and_the_grid():
     configs = campaign.matrix()
     setups = [c.setup() for c in configs]
     keys = {(c.label, s, c.alloc_conf) for c, s in zip(configs, setups)}
-    assert len(keys) == len(configs) == 51                       # no configuration twice
+    assert len(keys) == len(configs) == 52                       # no configuration twice
     # 1. the plain default on one model of each family, first
     n = len(campaign.FAMILY_DEFAULTS)
     assert [c.label for c in configs[:n]] == list(campaign.FAMILY_DEFAULTS)
@@ -39,6 +39,11 @@ def test_matrix_covers_families_recipes_allocator_settings_and_the_grid():
         AllocConf.parse(conf)                                    # every setting is one PyTorch accepts
     # 4. the larger models, 5. issue 4's grid: every combination of the three models
     assert [c.label for c in configs if c.size != "7b"] == [label for label, _ in campaign.BIG]
+    # 4b. Mistral-7B at exactly its sliding window, right after them
+    edge = configs[n + len(campaign.RECIPES) + len(campaign.ALLOC_CONFS) + len(campaign.BIG)]
+    assert (edge.label, edge.seq, edge.grad_ckpt) == ("mistralai/Mistral-7B-v0.1", 4096, False)
+    from vramplan.core._models import resolve
+    assert resolve(edge.label).sliding_window == edge.seq
     grid = {(c.label, s.seq, s.grad_ckpt, s.optimizer) for c, s in zip(configs, setups)
             if not s.recipe and not c.alloc_conf}
     for label in campaign.GRID_MODELS:
@@ -48,7 +53,7 @@ def test_matrix_covers_families_recipes_allocator_settings_and_the_grid():
                     assert (label, seq, gc, opt) in grid
     # within the grid, a configuration never comes before one that differs less from the default
     tail = [s for c, s in zip(configs, setups) if c.size == "7b" and c.label in campaign.GRID_MODELS
-            and not s.recipe and not c.alloc_conf][len(campaign.GRID_MODELS):]
+            and not s.recipe and not c.alloc_conf and c is not edge][len(campaign.GRID_MODELS):]
     distance = [(s.seq != 2048) + (not s.grad_ckpt) + (s.optimizer != "adamw") for s in tail]
     assert distance == sorted(distance) and distance[0] == 1
 
