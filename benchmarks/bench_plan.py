@@ -34,6 +34,14 @@ session's starting code 4.3 / 4.6 / 3.9 / 6.7 s (CLI 2.6 s), then again 4.6 / 4.
 accumulation (docs/autograd.md#gradient-accumulation-steps), a program with two micro-steps per step.
 Where the time goes (case 1, profiled): 239 replays of about 27,000 events each (2.75 s, 0.42 us an
 event), 0.36 s compiling programs, the rest composing estimates; the grid alone replays 108 cells.
+
+2026-12-01 (tenth session), plan alone, median of 7, the machine slower this hour: 6.0 / 4.0 / 6.5 /
+8.1 s (cold CLI 3.9 s). The session's starting code, run back to back with the final code in the
+same hour, case 1: 5.61 / 5.97 / 5.48 s against 5.26 / 5.38 / 5.80 s; case 3: 6.09 / 5.82 / 5.78 s
+against 5.34 / 5.47 / 5.64 s: no change. The allocator state at the decoder-layer boundaries of a
+replay never repeats (Llama-3-8B 4 x 2048: the free list differs at each of the 32 forward
+boundaries), so no exact periodic shortcut was found; the grid's ~108 exact replays alone take
+about 1.3 s here.
 """
 from __future__ import annotations
 
