@@ -661,10 +661,10 @@ def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap:
             # a smaller micro-batch keeps the effective batch with gradient accumulation, modelled on
             # one GPU and under DDP (its second micro-step runs beside every .grad: TrainSetup.grad_accum;
             # sharding.accumulation_modelled); a sharding engine's own accumulation is not
-            single = accumulation_modelled(ev.parallel)
+            accumulates = accumulation_modelled(ev.parallel)
 
             def variant(v: int) -> TrainSetup:
-                if name == "batch" and single:
+                if name == "batch" and accumulates:
                     return new.with_(batch=v, grad_accum=setup.grad_accum * -(-old // v))
                 return new.with_(**{name: v})
             value, _ = _largest(lambda v: ev.fits(variant(v), cap), max(1, old // 2), old - 1)
@@ -676,7 +676,7 @@ def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap:
                 accum = -(-old // value)
                 cost += c.cost + 0.03 * math.log2(old / value)
                 texts.append(f"gradient accumulation x{accum} keeps the effective batch; {c.text}")
-                if single:
+                if accumulates:
                     changes["grad_accum"] = new.grad_accum
             else:
                 cost += c.cost * (1 + math.log2(old / value))
