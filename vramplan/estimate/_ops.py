@@ -209,9 +209,23 @@ class _Ops:
             # full fine-tuning saves the input for the weight gradient; bitsandbytes MatMul8bitLt
             # (autograd/_functions.py) keeps its input A for backward as well
             full_saves = (x,) if self.full or (s.quantized and s.quant == "int8" and lin.name != "lm_head") else ()
-            self.op(f"{name}.base", [x], [self.t(base, a * T * o)], saves=full_saves, grads=((x, a * T * i),),
+            # bitsandbytes 0.50 nn/modules.py Linear4bit.forward: `inp_dtype = x.dtype`, `x =
+            # x.to(self.compute_dtype)`, then `bnb.matmul_4bit(...).to(inp_dtype)`: a float32 input
+            # (prepare_model_for_kbit_training's hidden states) is cast to the compute dtype, the
+            # matmul returns that dtype and its result is cast back; the cast input is the
+            # function's local `x` until it returns. Autograd casts each gradient back
+            # (ToCopyBackward0). docs/allocator.md#linear4bit-casts
+            cb = s.compute_bytes
+            casts = s.quantized and s.quant != "int8" and lin.name != "lm_head" and a != cb
+            xq, mm, mb = (f"{name}.xq", f"{name}.mm", cb) if casts else (x, base, a)
+            if casts:
+                self.op(f"{name}.in", [x], [self.t(xq, cb * T * i)], grads=((x, a * T * i),))
+            self.op(f"{name}.base", [xq], [self.t(mm, mb * T * o)], saves=full_saves, grads=((xq, mb * T * i),),
                     work=work, bwd_work=bwd_work, blas=blas, work_before=work_before, bwd_before=bwd_before,
                     param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0)
+            if casts:
+                self.op(f"{name}.out", [mm], [self.t(base, a * T * o)], grads=((mm, cb * T * o),))
+                self.op(f"{name}.in_return", [xq])
         if ob != self.a:   # bitsandbytes Linear4bit returns its input's dtype (nn/modules.py forward)
             self.bytes_of[base] = ob
         if lin.name not in self.adapted:

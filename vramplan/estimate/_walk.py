@@ -5,8 +5,9 @@ Rules (torch/csrc/autograd): a forward op allocates its outputs; an input storag
 last forward use unless an op saved it for backward (SavedVariable) or it is kept by the caller.
 Backward visits ops in reverse; an op whose outputs received a gradient allocates gradients for
 its inputs that need one (or passes the incoming gradient through, for add / clone / views),
-then releases its saved tensors and the gradients of its outputs. A second gradient for the same
-tensor is summed out of place into a new buffer (InputBuffer::accumulate), both inputs freed
+releases the gradients of its outputs (they die as the node's apply returns), adds its results
+into the next gradients, then releases its saved tensors. A second gradient for the same tensor
+is summed out of place into a new buffer (InputBuffer::accumulate), both inputs freed
 (docs/autograd.md#gradient-accumulation: what the simulator's dispatch mode forces too).
 Gradients of trainable parameters are kept (AccumulateGrad steals the buffer into `.grad`).
 
@@ -365,12 +366,18 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         live.mark(op.name + ".backward", op.bwd_work, op.work_tag)
         if before:
             live.drop(before[-1])
-        for name, key in fresh:
-            attach(name, key)
+        # the engine's call_function: the node's incoming gradients die when apply returns,
+        # before its results are added into the next nodes' input buffers (engine.cpp
+        # evaluate_function); a pass-through result is held meanwhile
+        for _name, key in fresh:
+            refs[key] += 1
         for t in op.outputs:
             key = grad_key.pop(t.name, None)
             if key is not None:
                 release(key)
+        for name, key in fresh:
+            attach(name, key)
+            release(key)
         for name in op.saves:
             if name in saved_by:
                 saved_by[name] -= 1
