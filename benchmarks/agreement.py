@@ -106,7 +106,7 @@ def setups_for(model: str, quick: bool, full: bool = False, small: bool = False,
     cases = [BASE] if quick else recipe_matrix() if recipes else small_matrix() if small else matrix(full)
     for kw in cases:
         if kw.get("attn", "sdpa") not in arch.attention:
-            kw = {**kw, "attn": arch.attention[0]}   # transformers 5 runs Gemma-2 and gpt-oss eager only
+            kw = {**kw, "attn": arch.default_attention}   # transformers 5 runs Gemma-2 and gpt-oss eager only
         if arch.linear_router:
             # Llama 4: all-linear would wrap the router, which peft cannot run (refused on both
             # sides), so these rows put LoRA on the attention projections

@@ -104,14 +104,14 @@ def given_setup_flags(args) -> dict:
 
 def default_attention(model: str) -> str:
     """The attention a model trains with when --attn is not given: what from_pretrained picks
-    (core/_architectures.py Architecture.attention); "sdpa" for a model the registry does not
+    (core/_architectures.py Architecture.default_attention); "sdpa" for a model the registry does not
     know (simulate builds it with transformers, which picks), the command reporting any other
     problem with the name itself."""
     from vramplan.core._errors import ModelError
     from vramplan.core._models import resolve
 
     try:
-        return resolve(model).arch.attention[0]
+        return resolve(model).arch.default_attention
     except ModelError:
         return "sdpa"
 

@@ -150,11 +150,12 @@ def print_plan(result, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from vramplan.render._tables import shape_text
+
     console = console or Console()
     s, par, est = result.setup, result.parallel, result.estimate
     head = (f"{result.model.id} — {s.method}" + (f" {s.quant}" if s.quantized else "")
-            + f", r={s.rank}, batch {s.batch} x seq {s.seq}"
-            + (f" x {s.grad_accum} micro-steps" if s.accumulates else "") + f", {s.optimizer}, "
+            + f", r={s.rank}, {shape_text(s)}, {s.optimizer}, "
             + (("reentrant checkpointing" if s.reentrant else "checkpointing") if s.grad_ckpt else "no checkpointing") + f", {s.attn} — {par.label}")
     console.print(head, style="bold", highlight=False)
     if result.survey:

@@ -98,10 +98,8 @@ class Architecture:
     activation_key: str = "hidden_act"
     # Gemma scales embeddings by sqrt(hidden) (Gemma2TextScaledWordEmbedding) and soft-caps logits.
     scaled_embeddings: bool = False
-    # attn_implementation values transformers accepts for training this model; the first is what
-    # from_pretrained picks when none is given (modeling_utils.py get_correct_attn_implementation:
-    # "sdpa" by default, falling back to "eager" where the class sets _supports_sdpa = False, as
-    # Gemma2 "sdpa does not support softcapping" and gpt-oss do)
+    # attn_implementation values transformers accepts for training this model, the default first
+    # (default_attention)
     attention: tuple[str, ...] = ("sdpa", "eager")
     notes: tuple[str, ...] = field(default=())
     # gpt-oss (models/gpt_oss/modeling_gpt_oss.py): a learned per-head attention sink
@@ -145,6 +143,13 @@ class Architecture:
     # hidden state (docs/recipes.md#trl-chunked-loss). Llama4ForCausalLM names its prefix
     # "language_model" but keeps the decoder at .model, so its base_model is the model itself.
     base_model_is_decoder: bool = True
+
+    @property
+    def default_attention(self) -> str:
+        """What from_pretrained picks when no attn_implementation is given (modeling_utils.py
+        get_correct_attn_implementation: "sdpa" by default, falling back to "eager" where the class
+        sets _supports_sdpa = False, as Gemma2, "sdpa does not support softcapping", and gpt-oss do)."""
+        return self.attention[0]
 
 
 _LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

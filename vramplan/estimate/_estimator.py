@@ -168,7 +168,7 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     if setup is None and "dtype" not in flags:
         flags["dtype"] = default_dtype(cuda_arch)
     if setup is None and "attn" not in flags:
-        flags["attn"] = spec.arch.attention[0]   # what from_pretrained picks (Architecture.attention)
+        flags["attn"] = spec.arch.default_attention
     setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     check_dtype(cuda_arch, setup.dtype)
     if setup.attn not in spec.arch.attention:

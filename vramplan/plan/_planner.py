@@ -428,7 +428,7 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
         # as estimate(): bf16 where the planned GPU has it, else fp16 (cuda/_arch.py default_dtype)
         flags["dtype"] = default_dtype(target_arch(resolve_gpu(gpu), None))
     if setup is None and "attn" not in flags:
-        flags["attn"] = spec.arch.attention[0]   # as estimate(): what from_pretrained picks
+        flags["attn"] = spec.arch.default_attention   # as estimate()
     setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     par = parallel_of(gpus, strategy, offload, parallel)
     if isinstance(tight, bool) or not isinstance(tight, (int, float)) or not 0 <= tight < 1:

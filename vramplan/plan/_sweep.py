@@ -46,7 +46,7 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
     error None."""
     pd = require("pandas", "export")
     spec = model if isinstance(model, ModelSpec) else resolve(model)
-    base = setup or TrainSetup(attn=spec.arch.attention[0])   # as estimate(): what from_pretrained picks
+    base = setup or TrainSetup(attn=spec.arch.default_attention)   # as estimate()
     g = resolve_gpu(gpu) if gpu is not None else None
     unknown = sorted(set(axes) - set(SETUP_FIELDS))
     if unknown:

@@ -13,13 +13,16 @@ def gib(n: int) -> str:
     return format_bytes(n, "GiB")
 
 
+def shape_text(s) -> str:
+    """'batch 1 x seq 2048', with ' x 16 micro-steps' under gradient accumulation."""
+    return f"batch {s.batch} x seq {s.seq}" + (f" x {s.grad_accum} micro-steps" if s.accumulates else "")
+
+
 def estimate_table(est: Estimate) -> Table:
     spec, s = est.model, est.setup
     title = (f"{spec.id} — {s.method}"
              + (f" {s.quant}{'+dq' if s.double_quant and s.quant != 'int8' else ''}" if s.quantized else "")
-             + f", batch {s.batch} x seq {s.seq}"
-             + (f" x {s.grad_accum} micro-steps" if s.accumulates else "")
-             + f", {s.optimizer}")
+             + f", {shape_text(s)}, {s.optimizer}")
     table = Table(title=title, title_justify="left")
     # Names and numbers never wrap or get cut at 80 columns: only the prose column "what" wraps.
     table.add_column("component", no_wrap=True)
