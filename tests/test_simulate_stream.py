@@ -1,7 +1,7 @@
 """simulate's two-step allocation stream (simulate/_reserved.py two_step_events) on hand-made
 measured steps: what is made once, what each step makes, and where a plain loop's outputs go.
 Torch-free: the stream is data (simulate/_shortcut.py Stream, VBlock)."""
-from vramplan.simulate._reserved import two_step_events
+from vramplan.simulate._reserved import is_matmul, two_step_events
 from vramplan.simulate._shortcut import Stream, VBlock
 
 FWD, OPT = ("forward", "", None), ("optimizer", "", None)
@@ -39,3 +39,12 @@ def test_what_a_step_keeps_without_a_plain_loop_is_made_once():
         ("alloc", (0, 2), 40), ("alloc", ("live", 1), 80), ("alloc", (0, 3), 30), ("free", (0, 3)),
         ("alloc", (1, 3), 30), ("free", (1, 3)),
     ]
+
+
+def test_every_overload_of_a_torch_matmul_calls_cublas():
+    """The thread's cuBLAS workspace is made at its first matmul: out= overloads count (TRL's
+    chunked log-prob backward starts with `torch.mm(..., out=tile)`), other ops do not."""
+    assert all(is_matmul(op) for op in ("aten.mm.default", "aten.mm.out", "aten.addmm.dtype_out",
+                                        "aten.bmm.default", "aten.baddbmm.out"))
+    assert not any(is_matmul(op) for op in ("aten.mul.Tensor", "aten.mmm.default", "bitsandbytes.gemm_4bit.default",
+                                            "aten.matmul.default", ""))

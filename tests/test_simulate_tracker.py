@@ -190,6 +190,48 @@ def test_the_tracker_replays_the_tied_sum_as_a_run_without_it(amp):
     assert tracker.peak.op in ("aten.add.Tensor", "aten.embedding_dense_backward.default")
 
 
+def _masked_index_backward(tracker=None):
+    """The gradient of `h[:, :-1][mask]` (TRL's chunked loss selects the labelled rows so): the
+    aten ops IndexBackward0 runs without a dispatch mode (torch.profiler), or the storages the
+    tracker counted under it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    h = torch.randn(2, 9, 4, requires_grad=True)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    y = h[:, :-1][mask]
+    if tracker is not None:
+        with tracker:
+            y.backward(torch.ones_like(y))
+        return h.grad
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y.backward(torch.ones_like(y))
+    return [(e.name, e.cpu_memory_usage) for e in prof.events()
+            if e.cpu_parent is not None and e.cpu_parent.name == "IndexBackward0"]
+
+
+def test_a_masked_index_gradient_is_scattered_in_place_without_a_dispatch_mode():
+    """FunctionsManual.cpp index_backward on plain tensors, on the installed torch: new_zeros,
+    then the in-place _index_put_impl_, which allocates nothing."""
+    assert _masked_index_backward() == [("aten::new_zeros", 2 * 8 * 4 * 4), ("aten::_index_put_impl_", 0)]
+
+
+def test_the_tracker_replays_the_masked_index_gradient_as_a_run_without_it():
+    """Under the tracking mode index_backward takes the out-of-place index_put (every tensor is
+    subclass-like while a Python mode is active), a second buffer of the input's size; the
+    stand-in (kernels.index_accumulation) scatters into the zeros, as a run without the mode
+    does, with the same gradient."""
+    from vramplan.simulate._kernels import mode_overrides
+
+    plain = AllocationTracker("cpu", strays="ignore")
+    expected = _masked_index_backward(plain)
+    tracker = AllocationTracker("cpu", overrides=mode_overrides(), strays="ignore")
+    grad = _masked_index_backward(tracker)
+    assert torch.equal(grad, expected)
+    ops = [b.op for b in tracker.blocks]
+    assert "aten.index_put.default" in [b.op for b in plain.blocks]
+    assert "aten.index_put.default" not in ops and "aten.new_zeros.default" in ops
+
+
 def _ops_twice(tracker):
     """The same ops twice over fresh inputs of the same layouts; the outputs' layouts."""
     layouts = []

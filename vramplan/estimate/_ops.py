@@ -234,13 +234,13 @@ class _Ops:
         # peft 0.21 lora/bnb.py Linear4bit.forward clones the base output ("for 4bit, we need to
         # defensively clone"); Linear8bitLt.forward and lora/layer.py Linear.forward do not
         res = base
-        if (s.quantized and s.quant != "int8") or s.autocast:
+        if s.quantized and s.quant != "int8":
             res = f"{name}.res"
             self.op(f"{name}.clone", [base], [self.t(res, ob * T * o)], grads=((base, 0),))
-        if s.autocast:
             if ob != self.a:
-                self.bytes_of[f"{name}.res"] = ob
-            return self.lora_autocast(name, x, base, i, o, r, a, ob)
+                self.bytes_of[res] = ob
+        if s.autocast:
+            return self.lora_autocast(name, x, res, i, o, r, a, ob)
         # peft casts the input to the adapter weights' dtype (`x = self._cast_input_dtype(x,
         # lora_A.weight.dtype)`: float32, or nothing where TRL made them bf16) and the LoRA path runs in it
         xin, ab = x, adapter_bytes(s)
@@ -306,7 +306,7 @@ class _Ops:
                 grads=((xin, c * T * i), *((cast, c * n) for cast, n in casts)))
         return base
 
-    def lora_autocast(self, name: str, x: str, base: str, i: int, o: int, r: int, a: int, ob: int) -> str:
+    def lora_autocast(self, name: str, x: str, res: str, i: int, o: int, r: int, a: int, ob: int) -> str:
         """peft's LoRA under torch.autocast: `requires_conversion = not torch.is_autocast_enabled()`
         skips the float32 input cast (peft/tuners/lora/bnb.py Linear4bit.forward); lora_A / lora_B
         are F.linear, on CUDA autocast's lower-precision list (aten/src/ATen/autocast_mode.cpp),
@@ -353,8 +353,8 @@ class _Ops:
         self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", c * T * o)],
                 grads=((f"{name}.lb", c * T * o),))
         out = f"{name}.out"
-        self.op(f"{name}.add", [f"{name}.res", f"{name}.ls"], [self.t(out, ob * T * o)],
-                grads=((f"{name}.res", 0), (f"{name}.ls", 0 if ob == c else c * T * o)))
+        self.op(f"{name}.add", [res, f"{name}.ls"], [self.t(out, ob * T * o)],
+                grads=((res, 0), (f"{name}.ls", 0 if ob == c else c * T * o)))
         if ob != self.a:
             self.bytes_of[out] = ob
         if not self.setup.quantized and a != FP32:
@@ -478,7 +478,7 @@ class _Ops:
                 grads=(("attn.k_nope", a * T * H * m.qk_nope), (kr, a * T * m.qk_rope)),
                 bwd_work=2 * alloc(a * T * H * qk) + alloc(a * T * H * m.qk_rope))
         out = self.attention("attn.qs", "attn.ks", "attn.v", kvb, dims=(qk, m.v_head_dim))
-        return out, [n1, out, "attn.qs", "attn.ks", kvb]
+        return out, [out, "attn.qs", "attn.ks", kvb]
 
     def attention(self, q: str, k: str, v: str, v_storage: str, dims: tuple[int, int] | None = None,
                   rope_applied: bool = False) -> str:
@@ -1143,10 +1143,12 @@ class _Ops:
         if a != self.a:
             self.bytes_of["mlp.p"] = a
         out = self.linear(lins["down_proj"], "mlp.p")
-        # the argument and the product live until the return; so does gate_up_proj's output,
-        # which Phi3MLP's local `gate` (a chunk, a view) still names
+        # the product (a temporary of the down_proj call's expression) goes as that call returns;
+        # gate_up_proj's output, which Phi3MLP's local `gate` (a chunk, a view) still names, as the
+        # frame goes; the argument when the decoder layer's `hidden_states = self.mlp(hidden_states)`
+        # rebinds it (docs/peft-transformers.md#attention-locals)
         held = [gate] if self.spec.arch.fused_gate_up else []
-        self.op("mlp.return", [x, "mlp.p", *held])
+        self.op("mlp.return", ["mlp.p", *held, x])
         return out
 
 
@@ -1410,17 +1412,19 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     if not spec.mla:
         attn = b.attention(qn, kn, vn, v_storage, rope_applied=spec.arch.rope_complex)
     o = b.linear(lins["o_proj"], attn)
-    # Python keeps the attention's input (the argument `hidden_states`) and the o_proj input (a
-    # local) alive until self_attn returns, and so the rotated `query_states` / `key_states`, the
-    # `value_states` and, for eager attention, the returned `attn_weights`, saved or not
-    # (transformers models/llama/modeling_llama.py LlamaAttention.forward;
+    # Python keeps the o_proj input (a local) alive until `attn_output = self.o_proj(attn_output)`
+    # rebinds it, the rotated `query_states` / `key_states`, the `value_states` and, for eager
+    # attention, the returned `attn_weights` until self_attn returns (its frame's locals go in
+    # order), and the attention's input until the decoder layer's `hidden_states, _ =
+    # self.self_attn(hidden_states=hidden_states, ...)` rebinds it after the return; saved or not
+    # (transformers models/llama/modeling_llama.py LlamaAttention.forward / LlamaDecoderLayer.forward;
     # docs/peft-transformers.md#attention-locals)
     made = {t.name for op in b.ops for t in op.outputs}
     if spec.arch.rope_complex:   # query_states / key_states as the kernel got them
-        locals_ = [n1, attn, qn, kn, v_storage, *extra_locals]
+        locals_ = [attn, qn, kn, v_storage, *extra_locals]
     elif not spec.mla:
         rot = ("attn.q.rotp", "attn.k.rotp") if spec.arch.rope_pass_cat else ("attn.q.rot", "attn.k.rot")
-        locals_ = [n1, attn, *(rot if b.use_rope else (qn, kn)), v_storage]
+        locals_ = [attn, *(rot if b.use_rope else (qn, kn)), v_storage]
     # the returned attn_weights: Llama's cast of the float32 softmax, Llama 4's softmax output
     if spec.arch.eager_softmax_fp32:
         probs = "attn.p" if b.a != FP32 else "attn.p32"
@@ -1428,6 +1432,7 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
         probs = "attn.p32" if "attn.p32" in made else "attn.p"
     if setup.attn == "eager":
         locals_.append(probs)
+    locals_.append(n1)
     b.op("self_attn.return", [name for name in locals_ if name in made or name == n1])
     if setup.attn == "eager" and probs in made and spec.arch.moe_style != "llama4" and not spec.arch.sinks:
         # the decoder layer's `hidden_states, _ = self.self_attn(...)` keeps the returned attention
@@ -1551,8 +1556,9 @@ def chunked_head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops", n: str) -> l
     N-vectors of online-logsumexp statistics and one (min(N, 4096), 32768) tile buffer in the
     compute dtype; it saves hidden rows, targets, log_z and entropy; masked_scatter puts log-probs
     back on (b, s - 1). Backward: a float32 N x hidden gradient (zeros, addmm with out_dtype
-    float32), the tile buffer again, then .to(hidden dtype); index and slice backward scatter it
-    into zeros of (b, s - 1, h) and (b, s, h)."""
+    float32; with full fine-tuning a float32 vocab x hidden one after it), the tile buffer again,
+    then `grad_hidden.to(hidden.dtype)` as it returns, while those locals live (walk.Op.bwd_held);
+    index and slice backward scatter it into zeros of (b, s - 1, h) and (b, s, h)."""
     if "lm_head" in b.adapted:
         from vramplan.core._errors import UsageError
         raise UsageError("--loss chunked (TRL's fused lm_head) reads lm_head.weight directly: a LoRA on "
@@ -1573,7 +1579,7 @@ def chunked_head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops", n: str) -> l
           b.t("fused.top1", N)],
          saves=("fused.hc", "fused.tg", "fused.logz", "fused.ent"), grads=(("fused.hc", a * N * h),),
          work=7 * vec + tile + 2 * alloc(N), work_tag=ACT,
-         bwd_work=alloc(FP32 * N * h) + tile + (alloc(FP32 * V * h) if full else 0), blas=BWD_BLAS,
+         bwd_held=(alloc(FP32 * N * h),) + ((alloc(FP32 * V * h),) if full else ()) + (tile,), blas=BWD_BLAS,
          param_grads=alloc(a * V * h) if full else 0)
     # (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)): zeros, then the result
     b.op("fused.scatter_lp", ["fused.lp", "fused.mask"], [b.t("fused.lpf", FP32 * N)], saves=("fused.mask",),

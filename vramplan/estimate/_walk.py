@@ -64,6 +64,11 @@ class Op(NamedTuple):
     # dequantize_4bit frees its float32 absmax as it returns the weight); made only when that
     # gradient is (`if req_gradA`)
     bwd_before: tuple = ()
+    # buffers its backward makes before the input's gradient, in order, all alive until that
+    # gradient exists: a custom autograd Function's locals, freed as its backward returns the
+    # gradient (TRL's ChunkedLogProbFunction.backward: fp32 accumulators and a tile buffer, then
+    # `grad_hidden.to(hidden.dtype)`); its first matmul runs between them and the gradient
+    bwd_held: tuple = ()
 
 
 @record
@@ -355,6 +360,12 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
             live.add(key, nbytes, op.work_tag)
         for key in before[:-1]:
             live.drop(key)
+        held = [f"{op.name}.bheld{k}" for k in range(len(op.bwd_held))] if op.bwd_held and any(
+            name in requires for name, _n in op.grads) else []
+        for key, nbytes in zip(held, op.bwd_held):
+            live.add(key, nbytes, op.work_tag)
+        if held:
+            note_blas(op, 1, BWD_BLAS)
         fresh = []
         for name, nbytes in op.grads:
             if name not in requires:
@@ -366,6 +377,8 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         live.mark(op.name + ".backward", op.bwd_work, op.work_tag)
         if before:
             live.drop(before[-1])
+        for key in held:
+            live.drop(key)
         # the engine's call_function: the node's incoming gradients die when apply returns,
         # before its results are added into the next nodes' input buffers (engine.cpp
         # evaluate_function); a pass-through result is held meanwhile

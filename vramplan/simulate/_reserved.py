@@ -20,11 +20,19 @@ OPT = Component.OPTIMIZER_STATE.value
 ACT = Component.ACTIVATIONS.value
 # the op the cuBLAS workspaces are registered under before the measured step (_step.py live_tracker)
 CUBLAS_WORKSPACE = "cublas_workspace"
-# ops that call cuBLAS on the calling thread's handle: torch's matmuls, and bitsandbytes' gemm_4bit
-# when it dequantizes the weight and calls F.linear (_kernels.py gemm_4bit); its fused kernel
-# allocates only its output and calls no cuBLAS
-MATMULS = frozenset({"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"})
+# ops that call cuBLAS on the calling thread's handle: torch's matmuls, every overload (the out=
+# ones too: TRL's chunked log-prob runs `torch.mm(hidden_chunk, w_chunk.t(), out=tile)`, its
+# backward's first matmul; aten/src/ATen/native/cuda/Blas.cpp addmm_out_cuda_impl calls
+# at::cuda::blas::gemm for both), and bitsandbytes' gemm_4bit when it dequantizes the weight and
+# calls F.linear (_kernels.py gemm_4bit); its fused kernel allocates only its output and calls no cuBLAS
+MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm"})
 GEMM_4BIT = "bitsandbytes.gemm_4bit.default"
+
+
+def is_matmul(op: str) -> bool:
+    """Whether `op` ('aten.mm.out') is one of torch's cuBLAS matmuls (MATMULS), any overload."""
+    namespace, _, rest = op.partition(".")
+    return namespace == "aten" and rest.partition(".")[0] in MATMULS
 
 
 def first_matmul(stream, phase: str) -> int | None:
@@ -33,7 +41,7 @@ def first_matmul(stream, phase: str) -> int | None:
     output exists; cuda/_cublas.py), or where it starts if it allocates nothing. None: no matmul."""
     made = sorted(b.alloc_event for b in stream.blocks if b.alloc_event > stream.registered)
     for start, end, where, op in stream.records:
-        if not where or where[0] != phase or (op not in MATMULS and op != GEMM_4BIT):
+        if not where or where[0] != phase or not (is_matmul(op) or op == GEMM_4BIT):
             continue
         inside = bisect_right(made, end) - bisect_right(made, start)
         if op == GEMM_4BIT and inside < 2:
