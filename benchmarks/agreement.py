@@ -132,8 +132,9 @@ def main() -> None:
     ap.add_argument("--models", help="comma-separated subset of the catalog ids above")
     ap.add_argument("--json", metavar="PATH", help="also write every row with both sides' components")
     ap.add_argument("--sim-from", metavar="JSON",
-                    help="take the simulate side of each row from an earlier run's --json (simulate unchanged "
-                         "since) where it has the row, simulating the others; the header names the file")
+                    help="take the simulate side of each row from an earlier run's --json where it has the row "
+                         "(leave out of it every row a simulate change since touches), simulating the others; "
+                         "the header names the file")
     ap.add_argument("--out", default=OUT, help=f"markdown file to write (default {OUT})")
     ap.add_argument("--gpu", help="catalog GPU whose CUDA kernels both sides emulate (default: an H100); "
                                   "16-bit setups use fp16 on GPUs without bf16")
@@ -241,7 +242,8 @@ def render(rows, seconds: float, sim_from: str | None = None) -> str:
         f"{len(rows)} setups in {seconds / 60:.1f} min). simulate: the traced step (identical-layers shortcut, "
         "exact; every layer traced under gradient accumulation, whose two micro-steps it does not rebuild)" + (f", taken where it has the row from the earlier run's rows in {sim_from} (written "
                     f"{datetime.datetime.fromtimestamp(os.path.getmtime(sim_from)).isoformat(timespec='minutes')}, "
-                    "simulate unchanged since)" if sim_from else "") +
+                    "holding only rows no simulate change since touches), the other rows simulated in this run"
+                    if sim_from else "") +
         "; estimate: `vramplan.estimate` as it was at that time. error % = (estimate - simulate) / simulate.",
         "",
         f"Summary: mean |error| {sum(errs) / len(errs):.2f}%, max |error| {max(errs):.2f}%, "

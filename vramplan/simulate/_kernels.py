@@ -34,7 +34,7 @@ the estimator); the stand-ins here convert tensors to plain values and call it.
 None of this is installed for a real CPU run: there every kernel is real. What the tracking mode
 itself changes in autograd's engine is undone in both (5, `mode_overrides`): a tied embedding's
 two gradients summed in place where a run without the mode reuses the buffered one, and the
-gradient of a masked index (`x[mask]`) scattered in place into its zeros.
+gradient of an advanced index (`x[mask]`, `x[indices]`) scattered in place into its zeros.
 """
 from __future__ import annotations
 
@@ -525,15 +525,16 @@ def tied_accumulation(tracker, func, args, kwargs):
 
 
 def index_accumulation(tracker, func, args, kwargs):
-    """aten.index_put.default where IndexBackward0 scatters the gradient of `x[mask]` (TRL's
-    `hidden[:, :-1][mask]`, --loss chunked) into zeros of x's shape. torch/csrc/autograd/
-    FunctionsManual.cpp index_backward calls the in-place `at::_index_put_impl_(zeros_like_self,
-    indices, grad, accumulate=true, unsafe=true)` on plain tensors, and the out-of-place
-    `zeros_like_self.index_put(...)` only when a tensor is subclass-like, which every tensor is
-    while a Python dispatch mode is active (ATen/TensorSubclassLikeUtils.h isTensorSubclassLike).
-    Without the mode the zeros are the gradient (torch.profiler on a CPU run: aten::new_zeros,
-    then aten::_index_put_impl_ with no allocation); under the tracker a second buffer of x's
-    size would be made and the zeros freed after it."""
+    """aten.index_put.default where IndexBackward0 scatters the gradient of an advanced index
+    `x[idx]` (a bool mask: TRL's `hidden[:, :-1][mask]`, --loss chunked; or long indices) into
+    zeros of x's shape. torch/csrc/autograd/FunctionsManual.cpp index_backward calls the in-place
+    `at::_index_put_impl_(zeros_like_self, indices, grad, accumulate=true, unsafe=true)` on plain
+    tensors, and the out-of-place `zeros_like_self.index_put(...)` only when a tensor is
+    subclass-like, which every tensor is while a Python dispatch mode is active
+    (ATen/TensorSubclassLikeUtils.h isTensorSubclassLike). Without the mode the zeros are the
+    gradient: aten::new_zeros, then aten::_index_put_impl_, which allocates nothing
+    (tests/test_simulate_tracker.py holds the installed torch to it); under the tracker a second
+    buffer of x's size would be made and the zeros freed after it."""
     if (type(torch._C._current_autograd_node()).__name__ == "IndexBackward0" and not kwargs
             and len(args) == 4 and args[3] is True):
         self_, indices, values, _accumulate = args
