@@ -42,6 +42,13 @@ against 5.34 / 5.47 / 5.64 s: no change. The allocator state at the decoder-laye
 replay never repeats (Llama-3-8B 4 x 2048: the free list differs at each of the 32 forward
 boundaries), so no exact periodic shortcut was found; the grid's ~108 exact replays alone take
 about 1.3 s here.
+
+2026-12-01 (eleventh session), plan alone, median of 7, nothing else running: 6.5 / 4.0 / 6.8 / 7.7 s
+(cold CLI 5.1 s). Back to back with the session's starting code, 3 runs each while another benchmark
+used the second core: case 1 6.0 / 6.1 / 7.3 s before, 6.9 / 7.2 / 8.1 s after; cases 2-4 unchanged
+(4.3 / 4.2, 5.6 / 5.7, 8.1 / 7.9 s medians). Case 1 is slower because a setup with gradient
+accumulation (its smaller-micro-batch changes) now replays every layer's backward
+(docs/allocator.md#reduced-detail).
 """
 from __future__ import annotations
 
