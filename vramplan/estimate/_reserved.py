@@ -60,7 +60,12 @@ def exact_layers_for(setup: TrainSetup, conf: AllocConf | None = None, fsdp: boo
     layers as well moved no figure above by more than 0.05%; with the stream as it is since
     (docs/allocator.md#reduced-detail, seventh session) it moves none of eight spot checks but
     Llama-2-70B QLoRA 1 x 2048 with eager attention, by as much either way: 45.59 GiB here, 43.59
-    with every layer, simulate 44.55.
+    with every layer, simulate 44.55; since the attention's locals are freed in Python's order
+    (docs/peft-transformers.md#attention-locals, eleventh session) both give 44.59. Checkpointed
+    eager attention is where the middle layers' backward still matters most: Mistral-7B LoRA
+    1 x 2048 eager is -2.84% from simulate here and 0.00% with every layer; over the 144 such
+    setups of benchmarks/agreement.md, mean |error| 0.155% here, 0.146% with every layer, for
+    twice the replay.
     Under gradient accumulation every layer's backward is played too: in each micro-step after
     the first, every trainable parameter's new gradient is made in its layer's backward, added
     into `.grad` and freed (walk.accumulating), allocations a middle layer played by what it leaves
