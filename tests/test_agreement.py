@@ -241,6 +241,12 @@ def assert_agrees(trace, est) -> None:
             f"{phase} peak: estimate {est.phase_peaks[phase]:,} vs simulate {sim_bytes:,}: {phase_error:+.2%}")
 
 
+def assert_reserved_within(trace, est, tolerance: float) -> None:
+    """Peak reserved (each side's caching-allocator replay of two steps) within `tolerance`."""
+    error = (est.peak_reserved_bytes - trace.peak_reserved_bytes) / trace.peak_reserved_bytes
+    assert abs(error) <= tolerance, f"estimate {est.peak_reserved_bytes:,} vs simulate {trace.peak_reserved_bytes:,}"
+
+
 def spec_of(name: str):
     return spec_from_config(json.loads((CONFIGS / f"{name}.json").read_text()), name, "tests/configs")
 
@@ -390,8 +396,7 @@ def test_plain_loop_reserved_agrees_with_simulate(model, batch, seq, loop):
     spec = resolve(model) if "/" in model else spec_of(model)
     setup = make_setup("plain", batch=batch, seq=seq, loop=loop)
     trace, est = run(spec, setup), estimate(spec, setup)
-    error = (est.peak_reserved_bytes - trace.peak_reserved_bytes) / trace.peak_reserved_bytes
-    assert abs(error) <= 0.02, f"estimate {est.peak_reserved_bytes:,} vs simulate {trace.peak_reserved_bytes:,}"
+    assert_reserved_within(trace, est, 0.02)
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])
@@ -465,8 +470,7 @@ def test_qlora_paper_reserved_agrees_with_simulate(model, batch, seq):
     spec, setup = resolve(model), make_setup("qlora-paper", batch=batch, seq=seq)
     trace, est = run(spec, setup), estimate(spec, setup)
     assert_agrees(trace, est)
-    error = (est.peak_reserved_bytes - trace.peak_reserved_bytes) / trace.peak_reserved_bytes
-    assert abs(error) <= 0.0025, f"estimate {est.peak_reserved_bytes:,} vs simulate {trace.peak_reserved_bytes:,}"
+    assert_reserved_within(trace, est, 0.0025)
 
 
 @pytest.mark.parametrize("recipe, flags", [("trl-sft", {"method": "lora", "batch": 4, "seq": 2048}),
@@ -484,5 +488,4 @@ def test_smollm3_recipes_reserved_agree_with_simulate(recipe, flags):
     spec, setup = resolve("HuggingFaceTB/SmolLM3-3B-Base"), make_setup(recipe, **flags)
     trace, est = run(spec, setup), estimate(spec, setup)
     assert_agrees(trace, est)
-    error = (est.peak_reserved_bytes - trace.peak_reserved_bytes) / trace.peak_reserved_bytes
-    assert abs(error) <= 0.0025, f"estimate {est.peak_reserved_bytes:,} vs simulate {trace.peak_reserved_bytes:,}"
+    assert_reserved_within(trace, est, 0.0025)
