@@ -178,7 +178,7 @@ def test_a_tied_embeddings_two_gradients_are_summed_as_torch_does(amp, op):
 @pytest.mark.parametrize("amp", [False, True])
 def test_the_tracker_replays_the_tied_sum_as_a_run_without_it(amp):
     """Under the tracking mode the engine would always make a new tensor for the sum; the
-    stand-in (kernels.tied_accumulation) keeps what a run without the mode does: at the sum,
+    stand-in (kernels.engine_accumulation) keeps what a run without the mode does: at the sum,
     beside lm_head's gradient, the embedding's and (out of place) the new one."""
     from vramplan.simulate._kernels import mode_overrides
 
@@ -188,6 +188,55 @@ def test_the_tracker_replays_the_tied_sum_as_a_run_without_it(amp):
     at_embedding = [blk for blk in tracker.live_at(tracker.peak.event) if blk.size == E]
     assert len(at_embedding) == (2 if amp else 3)
     assert tracker.peak.op in ("aten.add.Tensor", "aten.embedding_dense_backward.default")
+
+
+def _norm_residual_lora_step(tracker=None):
+    """A decoder layer's sums in small: LlamaRMSNorm's float32 input gets its gradient through
+    the product and through the variance, the normalized input through a frozen projection and a
+    float32 LoRA path, the layer input through the residual and the norm. Returns the aten add
+    ops the backward ran (torch.profiler: no Python dispatch mode), or the input's gradient when
+    the tracker watches the backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    T, H, r = 64, 256, 8
+    x = torch.randn(T, H, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(H, H, dtype=torch.bfloat16) * 0.05
+    lora_a = (torch.randn(r, H) * 0.05).requires_grad_(True)
+    lora_b = torch.full((H, r), 0.01, requires_grad=True)
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    out = normed @ w.t() + ((normed.float() @ lora_a.t()) @ lora_b.t()).to(x.dtype)
+    loss = (x + out).float().pow(2).mean()
+    if tracker is not None:
+        with tracker:
+            loss.backward()
+        return x.grad
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    return [e.name for e in prof.events() if e.name in ("aten::add", "aten::add_")]
+
+
+def test_the_engine_adds_a_second_gradient_into_the_buffered_one_without_a_dispatch_mode():
+    """input_buffer.cpp accumulate on the installed torch, no mode: each of the three sums (the
+    float32 norm input, the normalized input, the layer input) is aten::add_ into the buffered
+    gradient (docs/autograd.md#gradient-accumulation)."""
+    assert _norm_residual_lora_step() == ["aten::add_"] * 3
+
+
+def test_the_tracker_replays_the_engines_sums_in_place_as_a_run_without_it():
+    """Under the tracking mode each sum would be a new tensor (aten.add.Tensor); with
+    kernels.engine_accumulation none is, and the gradient is the same."""
+    from vramplan.simulate._kernels import mode_overrides
+
+    plain = AllocationTracker("cpu", strays="ignore")
+    expected = _norm_residual_lora_step(plain)
+    assert [b.op for b in plain.blocks].count("aten.add.Tensor") == 3
+    tracker = AllocationTracker("cpu", overrides=mode_overrides(), strays="ignore")
+    grad = _norm_residual_lora_step(tracker)
+    assert torch.equal(grad, expected)
+    assert "aten.add.Tensor" not in [b.op for b in tracker.blocks]
+    assert len(tracker.blocks) == len(plain.blocks) - 3
 
 
 def _masked_index_backward(tracker=None):

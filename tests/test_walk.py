@@ -3,8 +3,8 @@
 Each expected figure is worked out by hand in the comments from PyTorch's rules
 (docs/autograd.md): a storage dies after its last forward use unless an op saved it for backward
 (#when-storages-die); a saved tensor is released once its node's backward has run; a second
-gradient for one tensor is summed out of place into a new buffer
-(#gradient-accumulation); non-reentrant checkpointing saves nothing in forward
+gradient for one tensor is added in place into the buffered one, or summed into a new buffer
+while another input shares it (#gradient-accumulation); non-reentrant checkpointing saves nothing in forward
 and recomputes up to the last op that saves a tensor, then its frames unwind
 (#non-reentrant-checkpointing). Sizes are multiples of 512 B unless a test is about rounding, so
 the caching allocator's 512 B block (symbolic.BLOCK, docs/allocator.md#constants) does not blur
@@ -81,19 +81,37 @@ def test_gradient_pass_through_allocates_nothing():
     assert copied.backward_peak == {ACT: 3 * KiB} and copied.end == {ACT: 2 * KiB}
 
 
-def test_a_second_gradient_is_summed_out_of_place():
-    ops = [Op("f", ("x",), (Tensor("a", 1 * KiB),), grads=(("x", 1 * KiB),)),
-           Op("g", ("x",), (Tensor("b", 1 * KiB),), grads=(("x", 1 * KiB),))]
-    r = run(ops, {"x": 1 * KiB}, keep=("a", "b"), backward=True, grad_of={"a": 1 * KiB, "b": 1 * KiB},
+def test_a_second_gradient_is_added_in_place_into_the_buffered_one():
+    ops = [Op("f", ("x",), (Tensor("a", 1 * KiB),), grads=(("x", 2 * KiB),)),
+           Op("g", ("x",), (Tensor("b", 1 * KiB),), grads=(("x", 2 * KiB),))]
+    r = run(ops, {"x": 2 * KiB}, keep=("a", "b"), backward=True, grad_of={"a": 1 * KiB, "b": 1 * KiB},
             needs_grad=frozenset({"x"}))
-    # forward: x, a, b = 3K at g; x dies after g (its last use, unsaved) -> a + b
-    assert r.forward_peak == {ACT: 3 * KiB} and r.forward_end == {ACT: 2 * KiB}
-    # backward: a + b + grad(a) + grad(b) = 4K; g.backward: + grad(x)#1 -> 5K (the peak), grad(b)
-    # freed -> 4K; f.backward: + grad(x)#2 -> 5K, grad(a) freed as f's apply returns -> 4K (engine.cpp
+    # forward: x, a, b = 4K at g; x dies after g (its last use, unsaved) -> a + b
+    assert r.forward_peak == {ACT: 4 * KiB} and r.forward_end == {ACT: 2 * KiB}
+    # backward: a + b + grad(a) + grad(b) = 4K; g.backward: + grad(x)#1 -> 6K, grad(b) freed -> 5K;
+    # f.backward: + grad(x)#2 -> 7K (the peak), grad(a) freed as f's apply returns -> 6K (engine.cpp
     # evaluate_function: a node's incoming gradients die before its results reach the next input
-    # buffer); accumulate: + the sum (new buffer) -> 5K; both summands freed -> 3K = a + b + grad(x)
-    assert r.backward_peak == {ACT: 5 * KiB} and r.backward_peak_op == "g.backward"
-    assert r.end == {ACT: 3 * KiB}
+    # buffer); accumulate: the buffer holds the only reference to grad(x)#1, so #2 is added into it
+    # (input_buffer.cpp, old_var.add_(var)) and freed -> 4K = a + b + grad(x). A new buffer for the
+    # sum would have made 8K.
+    assert r.backward_peak == {ACT: 7 * KiB} and r.backward_peak_op == "f.backward"
+    assert r.end == {ACT: 4 * KiB}
+
+
+def test_a_second_gradient_is_summed_out_of_place_while_another_input_shares_the_first():
+    # s = add(x, y) hands grad(s) to x and y unchanged: both buffers hold one tensor, so when f's
+    # gradient for x arrives the buffered one has another reference and the sum is a new tensor
+    ops = [Op("f", ("x",), (Tensor("a", 1 * KiB),), grads=(("x", 1 * KiB),)),
+           Op("add", ("x", "y"), (Tensor("s", 1 * KiB),), grads=(("x", 0), ("y", 0)))]
+    r = run(ops, {"x": 1 * KiB, "y": 1 * KiB}, keep=("a", "s"), backward=True,
+            grad_of={"a": 1 * KiB, "s": 1 * KiB}, needs_grad=frozenset({"x", "y"}))
+    # forward: x, y, a, s = 4K at add; x and y die after it -> a + s
+    assert r.forward_peak == {ACT: 4 * KiB} and r.forward_end == {ACT: 2 * KiB}
+    # backward: a + s + grad(a) + grad(s) = 4K; add.backward: grad(s) becomes x's and y's;
+    # f.backward: + grad(x)#2 -> 5K, grad(a) freed -> 4K; accumulate: grad(s) is y's too, so the
+    # sum is a new buffer -> 5K, then grad(x)#2 freed and grad(s) stays as y's -> 4K
+    assert r.backward_peak == {ACT: 5 * KiB}
+    assert r.end == {ACT: 4 * KiB}
 
 
 def test_checkpoint_recomputes_up_to_the_last_saving_op_and_frees_what_only_its_frames_held():

@@ -7,8 +7,8 @@ Backward visits ops in reverse; an op whose outputs received a gradient allocate
 its inputs that need one (or passes the incoming gradient through, for add / clone / views),
 releases the gradients of its outputs (they die as the node's apply returns), adds its results
 into the next gradients, then releases its saved tensors. A second gradient for the same tensor
-is summed out of place into a new buffer (InputBuffer::accumulate), both inputs freed
-(docs/autograd.md#gradient-accumulation: what the simulator's dispatch mode forces too).
+is added in place into the buffered one when nothing else references it, else summed into a new
+buffer, both inputs freed (InputBuffer::accumulate; docs/autograd.md#gradient-accumulation).
 Gradients of trainable parameters are kept (AccumulateGrad steals the buffer into `.grad`).
 
 Every size is one allocation, already rounded by the caller (quant.alloc). The walk reports the
@@ -308,7 +308,13 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         if old is None:
             grad_key[name] = key
             return
-        summed = new_grad(live.size[key], live.table[live.tid[key]][1])   # InputBuffer::accumulate, out of place
+        if refs[old] == 1:
+            # InputBuffer::accumulate, `old_var.add_(var)`: the buffered gradient is reused when
+            # the buffer holds its last reference (can_accumulate_inplace)
+            release(key)
+            return
+        # ... else `old_var + var`, a new tensor, the two freed once it is made
+        summed = new_grad(live.size[key], live.table[live.tid[key]][1])
         live.mark("accumulate")
         release(old)
         release(key)

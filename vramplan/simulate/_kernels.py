@@ -32,8 +32,8 @@ the estimator); the stand-ins here convert tensors to plain values and call it.
    (`MetaLayouts`).
 
 None of this is installed for a real CPU run: there every kernel is real. What the tracking mode
-itself changes in autograd's engine is undone in both (5, `mode_overrides`): a tied embedding's
-two gradients summed in place where a run without the mode reuses the buffered one, and the
+itself changes in autograd's engine is undone in both (5, `mode_overrides`): a second gradient
+summed in place into the buffered one where a run without the mode reuses it, and the
 gradient of an advanced index (`x[mask]`, `x[indices]`) scattered in place into its zeros.
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 from vramplan.core._architectures import recurrent_layer_kinds
 from vramplan.cuda import _cublas as cuda_cublas, _sdpa as cuda_sdpa
@@ -500,27 +501,34 @@ def foreach_ops() -> list:
 
 # --- 5. what the tracking mode itself changes ---------------------------------------------------------
 
-def tied_accumulation(tracker, func, args, kwargs):
-    """aten.add.Tensor where autograd's engine sums the two gradients of a tied embedding weight
-    (torch/csrc/autograd/input_buffer.cpp accumulate): lm_head's, buffered since the head's
-    backward, and EmbeddingBackward0's (the engine reports the producer as the current node while
-    it accumulates). With no Python dispatch mode the engine adds in place into the buffered
-    gradient when it may reuse it (can_accumulate_inplace: a plain dense tensor that the buffer
-    alone references, storage included); under this tracker every tensor an op returns has a
-    Python object that holds a reference to it, so the engine always makes a new tensor. lm_head's
-    gradient is reusable when it is a tensor of its own (autocast over float32 weights:
-    ToCopyBackward0's float32 copy), not when it is TBackward0's view of mm's result, whose base
-    shares the storage (docs/autograd.md#gradient-accumulation). The storage test
-    is torch's own; the tensor's reference count is the one the mode inflates, so it is not
-    checked. Every other sum stays as the engine made it (the estimate's walk models those out of
-    place too)."""
+def engine_accumulation(tracker, func, args, kwargs):
+    """aten.add.Tensor where autograd's engine sums a second gradient into a node's input buffer
+    (torch/csrc/autograd/input_buffer.cpp accumulate, `old_var + var`): with no Python dispatch
+    mode, and grad mode off as in `loss.backward()`, the engine adds the incoming gradient into the
+    buffered one in place, `old_var.add_(var)`, when it may reuse it (can_accumulate_inplace: a
+    plain tensor, non-overlapping and dense, that the buffer alone references, storage included);
+    under this tracker, which holds a Python reference to every tensor an op returns, the engine
+    never reuses the buffer and always makes a new tensor. Both happen where
+    RMSNorm's float32 input gets its second gradient, and where the residual stream, a LoRA layer's
+    input or a tied embedding weight gets theirs (docs/autograd.md#gradient-accumulation: a CUDA
+    snapshot of a QLoRA step shows the in-place sums). The engine reports the producer of the
+    incoming gradient as the current node while it accumulates, so a sum is the engine's when the
+    buffered gradient was made outside the current node's apply (Block.node); a formula's own sum
+    of two tensors it made stays as it is. The storage test is torch's own (the buffered tensor's
+    reference plus `storage`'s); the tensor's reference count is the one the mode inflates, so it
+    is not checked: it is one whenever the sum runs unless one node passed a single tensor to two
+    inputs and the second input's node has not run yet (estimate/_walk.py attach counts those
+    references)."""
     old, new = args[0], args[1] if len(args) > 1 else None
-    if (not kwargs and isinstance(new, torch.Tensor) and not torch.is_grad_enabled()
-            and type(torch._C._current_autograd_node()).__name__ == "EmbeddingBackward0"
-            and old.shape == new.shape and old.dtype == new.dtype and old.is_contiguous()
-            # the buffered tensor's reference plus `storage`'s own
-            and torch._C._storage_Use_Count(old.untyped_storage()._cdata) == 2):
-        return tracker.run(aten.add_.Tensor, (old, new), {})
+    if (not kwargs and isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor)
+            and not torch.is_grad_enabled() and old.shape == new.shape and old.dtype == new.dtype
+            and old.device == new.device):
+        node = torch._C._current_autograd_node()
+        block = tracker.block_of(old)
+        if (node is not None and block is not None and block.node != node._sequence_nr()
+                and is_non_overlapping_and_dense_or_false(old)
+                and torch._C._storage_Use_Count(old.untyped_storage()._cdata) == 2):
+            return tracker.run(aten.add_.Tensor, (old, new), {})
     return tracker.run(func, args, kwargs)
 
 
@@ -545,7 +553,7 @@ def index_accumulation(tracker, func, args, kwargs):
 
 def mode_overrides() -> dict:
     """Stand-ins that undo what the tracking mode itself changes, for a meta or a real run."""
-    return {aten.add.Tensor: tied_accumulation, aten.index_put.default: index_accumulation}
+    return {aten.add.Tensor: engine_accumulation, aten.index_put.default: index_accumulation}
 
 
 def cuda_overrides(routing: Routing | None = None, arch: CudaArch = ASSUMED) -> dict:

@@ -40,6 +40,9 @@ class Block:
     where: tuple = ()         # context() at allocation: (phase, module, default tag)
     op: str = ""
     free_event: int | None = None
+    # the backward node whose apply made it (its sequence number; None outside a backward
+    # formula): kernels.engine_accumulation tells the engine's buffered gradient by it
+    node: int | None = None
 
     def live_at(self, event: int) -> bool:
         return self.alloc_event <= event and (self.free_event is None or event < self.free_event)
@@ -255,7 +258,9 @@ class AllocationTracker(TorchDispatchMode):
     def _add(self, st, key: int, tag, op) -> Block | None:
         nbytes = st.nbytes()
         self.event += 1
-        block = Block(key, round_up(nbytes), nbytes, self.event, tag, self.context(), op)
+        node = torch._C._current_autograd_node()
+        block = Block(key, round_up(nbytes), nbytes, self.event, tag, self.context(), op,
+                      node=None if node is None else node._sequence_nr())
         self.blocks.append(block)
         self._live[key] = block
         self._refs[key] = weakref.ref(st, lambda _r, k=key: self._release(k))
