@@ -1064,10 +1064,18 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 gathered = prefetched or unshard(unit(i))
                 prefetched = unshard(unit(i - 1)) if i > 0 else []
             inst.keys[inst.t.names["grad#1"]] = grad
+            events, at = inst.t.backward, inst.t.blas[1]
+            if i == 0 and graph_leaf == "input":
+                # the checkpoint lets go of its input (walk's frame_inputs), which the graph `out`
+                # keeps holds as a leaf all the same (taken below)
+                free_x = (-1, inst.t.names["x"])
+                if free_x in events:
+                    cut = events.index(free_x)
+                    events, at = events[:cut] + events[cut + 1:], at - (0 <= cut < at)
             if reduced_backward(i):
-                inst.run(net(inst.t, inst.t.backward, "backward"))
+                inst.run(net(inst.t, events, "backward"))
             else:
-                backward_ws = play(inst, inst.t.backward, inst.t.blas[1], backward_ws)
+                backward_ws = play(inst, events, at, backward_ws)
             grad = inst.take(inst.t.names["grad:x"]) if "grad:x" in inst.t.names else []
             mine = [key for tid in grad_tids[id(inst.t)] for key in inst.take(tid)]
             if fsdp:     # reduce-scatter: the unit's full gradients become this rank's shard

@@ -42,7 +42,7 @@ from vramplan.estimate._inventory import (adapted_linears, adapter_bytes, embedd
 from vramplan.core._models import Linear, ModelSpec
 from vramplan.estimate._quant import alloc as alloc_bytes, dequant_buffers, dequant_temporary
 from vramplan.estimate import _llama4 as llama4, _symbolic as sym
-from vramplan.estimate._symbolic import alloc, variables
+from vramplan.estimate._symbolic import alloc, in_order, variables
 from vramplan.core._setup import DTYPES, TrainSetup
 
 FP32 = 4
@@ -66,11 +66,13 @@ def act_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
 
 
 
-def bmm_grads(self_grad: tuple, mat2_grad: tuple) -> tuple:
-    """The gradients of a batched matmul `self @ mat2` (eager and math attention's q @ k^T and
-    p @ v) in the order autograd makes them: mat2's first, then self's (torch generated
-    Functions.cpp BmmBackward0::apply). The order places the two in the caching allocator."""
-    return mat2_grad, self_grad
+def operand_grads(self_grad: tuple, other_grad: tuple) -> tuple:
+    """The gradients of a two-operand op in the order autograd makes them: the second operand's
+    first, then the first's (torch generated Functions.cpp: BmmBackward0::apply makes mat2's
+    before self's, MulBackward0::apply other's before self's), for eager and math attention's
+    q @ k^T and p @ v, and the MLP's `act(gate) * up`. The order places the two in the caching
+    allocator."""
+    return other_grad, self_grad
 
 class _Ops:
     """Collects the ops of one segment with helpers for the recurring blocks."""
@@ -98,12 +100,21 @@ class _Ops:
         # kernel's logsumexp): a reentrant checkpoint's no_grad forward does not make them
         self.grad_only: tuple = ()
         self.layer_locals: list = []   # names a decoder layer's forward holds until it returns
+        self.view_base: dict = {}      # heads(): a (b, heads, s, head_dim) view -> the tensor it views
 
     def t(self, name: str, nbytes: int) -> Tensor:
         return Tensor(name, alloc(nbytes), self.tag)
 
     def op(self, name, inputs, outputs=(), **kw) -> None:
-        self.ops.append(Op(name, tuple(inputs), tuple(outputs), **kw))
+        inputs = tuple(inputs)
+        if self.view_base:
+            # a view (heads()) shares its base's storage: reading or saving it keeps the base
+            bases = tuple(self.view_base[n] for n in inputs if n in self.view_base)
+            inputs += bases
+            saved = [self.view_base[n] for n in kw.get("saves", ()) if n in self.view_base]
+            if saved:
+                kw["saves"] = (*kw["saves"], *saved)
+        self.ops.append(Op(name, inputs, tuple(outputs), **kw))
 
     # --- RMSNorm ------------------------------------------------------------------------------
     def norm(self, p: str, x: str, width: int | None = None, groups: int = 1, weight: bool = True) -> str:
@@ -128,22 +139,31 @@ class _Ops:
         if a != FP32:
             x32 = f"{p}.x32"
             self.op(f"{p}.to32", [x], [self.t(x32, FP32 * T * h)], grads=((x, a * T * h),))
-        # pow backward: grad * 2 * x.pow(1): two float32 temporaries besides the result
+        # pow backward (FunctionsManual.cpp pow_backward, `grad * (exponent * self.pow(exponent - 1))`):
+        # x.pow(1), then 2 * it, both float32 and alive until the product with the gradient exists
         self.op(f"{p}.pow", [x32], [self.t(f"{p}.sq", FP32 * T * h)], saves=(x32,), grads=((x32, FP32 * T * h),),
-                bwd_work=2 * alloc(FP32 * T * h), work_tag=ACT)
+                bwd_held=(alloc(FP32 * T * h), alloc(FP32 * T * h)), work_tag=ACT)
         self.op(f"{p}.mean", [f"{p}.sq"], [self.t(f"{p}.var", FP32 * T)], grads=((f"{p}.sq", FP32 * T * h),))
         self.op(f"{p}.eps", [f"{p}.var"], [self.t(f"{p}.var_eps", FP32 * T)], grads=((f"{p}.var", 0),))
         self.op(f"{p}.rsqrt", [f"{p}.var_eps"], [self.t(f"{p}.r", FP32 * T)], saves=(f"{p}.r",),
                 grads=((f"{p}.var_eps", FP32 * T),))
-        # mul backward: grad_x = g * r, grad_r = (g * x).sum(-1): a float32 product in flight
+        # mul backward (MulBackward0): r's gradient first, `g * x` at full size, then x's, `g * r`; the
+        # full product is reduced to r's shape only after the node returns (engine.cpp
+        # validate_outputs: sum_to), so it lives until x's gradient exists
         self.op(f"{p}.mul", [x32, f"{p}.r"], [self.t(f"{p}.y32", FP32 * T * h)], saves=(x32, f"{p}.r"),
-                grads=((x32, FP32 * T * h), (f"{p}.r", FP32 * T)), bwd_work=alloc(FP32 * T * h), work_tag=ACT)
+                grads=((x32, FP32 * T * h), (f"{p}.r", FP32 * T)), bwd_held=(alloc(FP32 * T * h),), work_tag=ACT)
+        # the weight factor a norm multiplies by ((1 + weight) for Gemma), which MulBackward0 saves
+        # for the product's gradient (derivatives.yaml mul.Tensor); hidden-sized, not tracked, but
+        # a saved tensor all the same: where it is the last one a checkpointed layer saves (a
+        # post-norm ends the layer: Gemma 2 / 3, OLMo 2), recomputation stops as it is packed,
+        # before the multiply's kernel (docs/autograd.md#non-reentrant-checkpointing)
+        factor = f"{p}.weight_factor"
         if self.spec.arch.norm_style in ("gemma", "olmo"):
-            # the weight multiplies the float32 product ((1 + weight) for Gemma); a trainable
-            # weight saves that product for its gradient. The cast back is a new tensor unless
-            # the hidden states are float32 already (type_as / .to of the same dtype is a no-op).
-            self.op(f"{p}.scale", [f"{p}.y32"], [self.t(f"{p}.z32", FP32 * T * h)],
-                    saves=(f"{p}.y32",) if self.full else (), grads=((f"{p}.y32", FP32 * T * h),),
+            # the weight multiplies the float32 product; a trainable weight also saves that
+            # product for its gradient. The cast back is a new tensor unless the hidden states
+            # are float32 already (type_as / .to of the same dtype is a no-op).
+            self.op(f"{p}.scale", [f"{p}.y32", factor], [self.t(f"{p}.z32", FP32 * T * h)],
+                    saves=(factor, f"{p}.y32") if self.full else (factor,), grads=((f"{p}.y32", FP32 * T * h),),
                     param_grads=alloc(a * h) if self.full else 0)
             if a == FP32:
                 return f"{p}.z32"
@@ -166,7 +186,8 @@ class _Ops:
         product = [f"{p}.y32"] if self.spec.arch.norm_style == "llama" else []
         # a trainable weight saves the normalized input for its gradient: `y`, which is the float32
         # product itself when the hidden states are float32 (.to of the same dtype is a no-op)
-        self.op(f"{p}.weight", [y, *product], [self.t(out, ob * T * h)], saves=(y,) if self.full else (),
+        self.op(f"{p}.weight", [y, *product, factor], [self.t(out, ob * T * h)],
+                saves=(factor, y) if self.full else (factor,),
                 grads=((y, a * T * h),), param_grads=alloc(a * h) if self.full else 0)
         if ob != self.a:
             self.bytes_of[out] = ob
@@ -220,9 +241,12 @@ class _Ops:
             xq, mm, mb = (f"{name}.xq", f"{name}.mm", cb) if casts else (x, base, a)
             if casts:
                 self.op(f"{name}.in", [x], [self.t(xq, cb * T * i)], grads=((x, a * T * i),))
+            # nn.Linear hands its input's gradient back as a view (linear_view_grads); bitsandbytes'
+            # MatMul4Bit / MatMul8bitLt as torch.matmul's `_unsafe_view`, a tensor of its own
             self.op(f"{name}.base", [xq], [self.t(mm, mb * T * o)], saves=full_saves, grads=((xq, mb * T * i),),
                     work=work, bwd_work=bwd_work, blas=blas, work_before=work_before, bwd_before=bwd_before,
-                    param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0)
+                    param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0,
+                    view_grads=() if own_kernel or (s.quantized and lin.name != "lm_head") else (xq,))
             if casts:
                 self.op(f"{name}.out", [mm], [self.t(base, a * T * o)], grads=((mm, cb * T * o),))
                 self.op(f"{name}.in_return", [xq])
@@ -253,9 +277,10 @@ class _Ops:
                     saves=(f"{name}.mask",), grads=((xin, ab * T * i),))
             xin = f"{name}.xd"
         self.op(f"{name}.lora_A", [xin], [self.t(f"{name}.la", ab * T * r)], saves=(xin,),
-                grads=((xin, ab * T * i),), param_grads=alloc(ab * r * i), blas=BLAS)
+                grads=((xin, ab * T * i),), param_grads=alloc(ab * r * i), blas=BLAS, view_grads=(xin,))
         self.op(f"{name}.lora_B", [f"{name}.la"], [self.t(f"{name}.lb", ab * T * o)], saves=(f"{name}.la",),
-                grads=((f"{name}.la", ab * T * r),), param_grads=alloc(ab * o * r), blas=BLAS)
+                grads=((f"{name}.la", ab * T * r),), param_grads=alloc(ab * o * r), blas=BLAS,
+                view_grads=(f"{name}.la",))
         self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", ab * T * o)],
                 grads=((f"{name}.lb", ab * T * o),))
         lc = f"{name}.ls"
@@ -263,8 +288,9 @@ class _Ops:
         if not s.quantized and a != ab:
             # lora/layer.py Linear.forward: `result = result + lora_B(lora_A(dropout(x))) * scaling`
             # promotes to float32 (autograd casts the base output's gradient back,
-            # validate_outputs), then `result = result.to(torch_result_dtype)`
-            self.op(f"{name}.add", [res, lc], [self.t(f"{name}.sum32", ab * T * o)], grads=((res, a * T * o), (lc, 0)))
+            # validate_outputs), then `result = result.to(torch_result_dtype)`. The LoRA term is a
+            # temporary, freed as the sum is made, before `result` is rebound to it
+            self.op(f"{name}.add", [lc, res], [self.t(f"{name}.sum32", ab * T * o)], grads=((res, a * T * o), (lc, 0)))
             self.op(f"{name}.to", [f"{name}.sum32"], [self.t(out, a * T * o)],
                     grads=((f"{name}.sum32", ab * T * o),))
         else:
@@ -272,12 +298,27 @@ class _Ops:
                 lc = f"{name}.lc"
                 self.op(f"{name}.uncast", [f"{name}.ls"], [self.t(lc, a * T * o)],
                         grads=((f"{name}.ls", ab * T * o),))
-            self.op(f"{name}.add", [res, lc], [self.t(out, a * T * o)], grads=((res, 0), (lc, 0)))
-        if a != ab:
-            # the cast input is peft's local `x` until forward returns, saved or not
-            # (docs/peft-transformers.md#input-cast-and-base-output-clone)
-            self.op(f"{name}.return", [f"{name}.x32"])
+            self.op(f"{name}.add", self.lora_sum_inputs(res, lc), [self.t(out, a * T * o)], grads=((res, 0), (lc, 0)))
+        # the cast input is peft's local `x` until forward returns, saved or not
+        # (docs/peft-transformers.md#input-cast-and-base-output-clone); bnb.py's LoRA term too
+        self.lora_return(name, [f"{name}.x32"] if a != ab else [], lc)
         return out
+
+    def lora_sum_inputs(self, res: str, term: str) -> list:
+        """The sum of the base output and the LoRA term, in the order Python frees them
+        (docs/peft-transformers.md#input-cast-and-base-output-clone): lora/layer.py Linear.forward
+        (`result = result + lora_B(lora_A(dropout(x))) * scaling`) frees the term, a temporary,
+        as the sum is made and then the old `result` as it is rebound; bnb.py Linear4bit /
+        Linear8bitLt.forward (`output = ...; result = result + output`) hold the term in the local
+        `output` until forward returns (lora_return), so the old `result` goes first."""
+        return [res, term] if self.setup.quantized else [term, res]
+
+    def lora_return(self, name: str, locals_: list, term: str) -> None:
+        """The LoRA layer's forward returns: its frame frees its locals in order, the cast input
+        `x` (an argument) before bnb.py's `output`."""
+        held = [*locals_, *([term] if self.setup.quantized else [])]
+        if held:
+            self.op(f"{name}.return", held)
 
     def autocast_base(self, name: str, lin: Linear, x: str, a: int) -> str:
         """nn.Linear over float32 weights under CUDA autocast (TrainSetup.amp_over_fp32): linear is
@@ -303,7 +344,7 @@ class _Ops:
         base = f"{name}.base"
         self.op(base, [xin, *(cast for cast, _ in casts)], [self.t(base, c * T * o)], blas=BLAS,
                 saves=(xin, f"{name}.w_amp") if full else (f"{name}.w_amp",),
-                grads=((xin, c * T * i), *((cast, c * n) for cast, n in casts)))
+                grads=((xin, c * T * i), *((cast, c * n) for cast, n in casts)), view_grads=(xin,))
         return base
 
     def lora_autocast(self, name: str, x: str, res: str, i: int, o: int, r: int, a: int, ob: int) -> str:
@@ -337,33 +378,53 @@ class _Ops:
             # qlora.py's recast or TRL's cast: the adapter weights are bf16 leaves already, so F.linear
             # uses them as they are (no cast, nothing cached) and their gradients are bf16 .grad tensors
             self.op(f"{name}.lora_A", [xin], [self.t(f"{name}.la", c * T * r)], saves=(xin,),
-                    grads=((xin, c * T * i),), param_grads=alloc(c * r * i), blas=BLAS)
+                    grads=((xin, c * T * i),), param_grads=alloc(c * r * i), blas=BLAS, view_grads=(xin,))
             self.op(f"{name}.lora_B", [f"{name}.la"], [self.t(f"{name}.lb", c * T * o)], saves=(f"{name}.la",),
-                    grads=((f"{name}.la", c * T * r),), param_grads=alloc(c * o * r), blas=BLAS)
+                    grads=((f"{name}.la", c * T * r),), param_grads=alloc(c * o * r), blas=BLAS,
+                    view_grads=(f"{name}.la",))
         else:
             wa, wb = f"{name}.A16", f"{name}.B16"
             self.op(f"{name}.cast_A", [], [self.t(wa, c * r * i)], param_grads=alloc(FP32 * r * i))
             self.cached += (wa,)
             self.op(f"{name}.lora_A", [xin, wa], [self.t(f"{name}.la", c * T * r)], saves=(xin, wa),
-                    grads=((xin, c * T * i), (wa, c * r * i)), blas=BLAS)
+                    grads=((xin, c * T * i), (wa, c * r * i)), blas=BLAS, view_grads=(xin,))
             self.op(f"{name}.cast_B", [], [self.t(wb, c * o * r)], param_grads=alloc(FP32 * o * r))
             self.cached += (wb,)
             self.op(f"{name}.lora_B", [f"{name}.la", wb], [self.t(f"{name}.lb", c * T * o)],
-                    saves=(f"{name}.la", wb), grads=((f"{name}.la", c * T * r), (wb, c * o * r)), blas=BLAS)
+                    saves=(f"{name}.la", wb), grads=((f"{name}.la", c * T * r), (wb, c * o * r)), blas=BLAS,
+                    view_grads=(f"{name}.la",))
         self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", c * T * o)],
                 grads=((f"{name}.lb", c * T * o),))
         out = f"{name}.out"
-        self.op(f"{name}.add", [res, f"{name}.ls"], [self.t(out, ob * T * o)],
+        self.op(f"{name}.add", self.lora_sum_inputs(res, f"{name}.ls"), [self.t(out, ob * T * o)],
                 grads=((res, 0), (f"{name}.ls", 0 if ob == c else c * T * o)))
         if ob != self.a:
             self.bytes_of[out] = ob
-        if not self.setup.quantized and a != FP32:
-            # the float32 cast is peft's local `x` until forward returns, saved or not, as without
-            # autocast (docs/peft-transformers.md#input-cast-and-base-output-clone)
-            self.op(f"{name}.return", [f"{name}.x32"])
+        # the float32 cast is peft's local `x` until forward returns, saved or not, as without
+        # autocast (docs/peft-transformers.md#input-cast-and-base-output-clone)
+        self.lora_return(name, [f"{name}.x32"] if not self.setup.quantized and a != FP32 else [], f"{name}.ls")
         return out
 
     # --- attention ------------------------------------------------------------------------------
+    def heads(self, x: str, width: int, name: str) -> str:
+        """`proj(x).view(*input_shape, -1, head_dim).transpose(1, 2)`, the (b, heads, s, head_dim)
+        view RoPE reads: nothing in forward. Backward: RoPE's gradient reaches it laid out as
+        (b, heads, s, head_dim), the first to arrive being a SliceBackward0 zero-filled tensor of
+        that shape, into which the others are added in place (docs/autograd.md#gradient-accumulation);
+        TransposeBackward0 makes that a (b, s, heads, head_dim) view that ViewBackward0's reshape to
+        (b, s, heads * head_dim) cannot take without a copy (a new tensor of x's size), and the
+        summed gradient dies as the node returns (docs/peft-transformers.md#rotary-embedding).
+        Made where the model calls `.view(hidden_shape)` (layer_ops), which sets when the copy
+        runs: autograd's engine runs ready nodes latest-made first. Ops that read or save the
+        view keep x alive (op())."""
+        out = f"{name}.h"
+        xb = self.bytes_of.get(x, self.a)
+        self.op(f"{name}.heads", [x], [self.t(out, 0)], grads=((x, xb * self.T * width),))
+        if xb != self.a:
+            self.bytes_of[out] = xb
+        self.view_base[out] = x
+        return out
+
     def rope(self, x: str, width: int, name: str) -> str:
         """apply_rotary_pos_emb: x * cos + cat(-x2, x1) * sin, op by op (default layout below;
         docs/peft-transformers.md#rotary-embedding). cos/sin need no grad, so nothing is saved."""
@@ -544,8 +605,7 @@ class _Ops:
             # q, k, v, output and float32 logsumexp; its backward allocates float32 delta and the
             # dQ accumulator workspace (cuda/_sdpa.py, docs/cuda-kernels.md#memory-efficient-attention-memory)
             lse = cuda_sdpa.nbytes(*cuda_sdpa.efficient_logsumexp(b, H, seq, _sym_round))
-            bwd = sum((alloc(cuda_sdpa.nbytes(*w)) for w in cuda_sdpa.efficient_backward_workspace(b, H, seq, hd)),
-                      alloc(0))
+            bwd = in_order(*(alloc(cuda_sdpa.nbytes(*w)) for w in cuda_sdpa.efficient_backward_workspace(b, H, seq, hd)))
             # (attention.cpp _scaled_dot_product_efficient_attention: compute_log_sumexp only when
             # grad mode is on and q, k or v requires grad; docs/autograd.md#reentrant-checkpointing)
             self.grad_only += ("attn.lse",)
@@ -580,7 +640,7 @@ class _Ops:
                 k, v = "attn.kr", "attn.vr"
             self.op("attn.k_scale", [k], [self.t("attn.ks", c * T * qw)], grads=((k, c * T * qw),))
             self.op("attn.qk", ["attn.qs", "attn.ks"], [self.t("attn.s", c * S)], saves=("attn.qs", "attn.ks"),
-                    grads=bmm_grads(("attn.qs", c * T * qw), ("attn.ks", c * T * qw)), blas=BLAS)
+                    grads=operand_grads(("attn.qs", c * T * qw), ("attn.ks", c * T * qw)), blas=BLAS)
             self.op("attn.bias", ["attn.s", *masks, *bias], [self.t("attn.sb", c * S)], grads=(("attn.s", 0),))
             self.op("attn.softmax", ["attn.sb"], [self.t("attn.p", c * S)], saves=("attn.p",),
                     grads=(("attn.sb", c * S),))
@@ -590,7 +650,7 @@ class _Ops:
                 weights = ["attn.pw"]
             out = "attn.o32" if a != FP32 else "attn.o"
             self.op("attn.pv", ["attn.p", v], [self.t(out, c * T * qw)], saves=("attn.p", v),
-                    grads=bmm_grads(("attn.p", c * S), (v, c * T * qw)), blas=BLAS)
+                    grads=operand_grads(("attn.p", c * S), (v, c * T * qw)), blas=BLAS)
             if a != FP32:
                 self.op("attn.o_cast", [out], [self.t("attn.o", a * T * qw)], grads=((out, c * T * qw),))
             # the kernel's locals live until it returns (aten _scaled_dot_product_attention_math:
@@ -611,10 +671,9 @@ class _Ops:
                 self.op("attn.k_pad", [k], [self.t("attn.kp", a * T * kvp)], grads=((k, a * T * kvw),))
                 self.op("attn.v_pad", [v], [self.t("attn.vp", a * T * kvp)], grads=((v, a * T * kvw),))
                 q, k, v, v_storage = "attn.qp", "attn.kp", "attn.vp", "attn.vp"
-            bwd = sum((alloc(cuda_sdpa.nbytes(*w)) for w in cuda_sdpa.flash_backward_workspace(b, H, seq, hp, _sym_round)),
-                      alloc(0))
-            if spec.kv_heads != H:
-                bwd += 2 * alloc(a * T * qp)
+            # (made in mha_bwd's order: softmax_d, dq_accum, then dk / dv expanded)
+            bwd = in_order(*(alloc(cuda_sdpa.nbytes(*w)) for w in cuda_sdpa.flash_backward_workspace(b, H, seq, hp, _sym_round)),
+                           *((alloc(a * T * qp),) * 2 if spec.kv_heads != H else ()))
             self.op("attn.sdpa", [q, k, v], [self.t("attn.o", a * T * qp), self.t("attn.lse", FP32 * b * H * seq)],
                     saves=(q, k, v_storage, "attn.o", "attn.lse"),
                     grads=((q, a * T * qp), (k, a * T * kvp), (v, a * T * kvp)), bwd_work=bwd)
@@ -627,30 +686,32 @@ class _Ops:
             rep = H // spec.kv_heads
             S = b * H * seq * seq
             keep_k = keep_v = ()
+            if rep > 1:  # repeat_kv: expand + reshape copies k/v to every head
+                # ... except with one KV head and one sequence (self.kv_view): repeat_kv is then a
+                # stride-0 view and so is matmul's (b * H) batch reshape, so q @ k^T and p @ v
+                # save the original k / v storages. eager_attention_forward repeats both before
+                # its first matmul
+                size = 0 if self.kv_view else a * T * qw
+                self.op("attn.k_rep", [k], [self.t("attn.kr", size)], grads=((k, a * T * kvw),))
+                self.op("attn.v_rep", [v], [self.t("attn.vr", size)], grads=((v, a * T * kvw),))
+                keep_k, keep_v = ((k,), (v,)) if self.kv_view else ((), ())
+                k, v = "attn.kr", "attn.vr"
             if not self.single:
                 # q and k are laid out as (b, s, heads, hd) seen through `.transpose(1, 2)` (Llama 4's
                 # are those views; RoPE's products keep their inputs' layout): matmul's
                 # reshape to (b * H, s, hd) for bmm (aten matmul: expand + reshape) cannot merge
-                # b and H in a view unless b is 1, so it copies q (and k when repeat_kv does not);
+                # b and H in a view unless b is 1, so it copies q (and k when repeat_kv does not),
+                # inside `torch.matmul(query, key_states.transpose(2, 3))`, after repeat_kv;
                 # bmm saves the copies, the reshape's backward passes the gradient through
                 self.op("attn.q_copy", [q], [self.t("attn.qc", a * T * qw)], grads=((q, 0),))
                 q = "attn.qc"
                 if rep == 1:
                     self.op("attn.k_copy", [k], [self.t("attn.kc", a * T * kvw)], grads=((k, 0),))
                     k = "attn.kc"
-            if rep > 1:  # repeat_kv: expand + reshape copies k/v to every head
-                # ... except with one KV head and one sequence (self.kv_view): repeat_kv is then a
-                # stride-0 view and so is matmul's (b * H) batch reshape, so q @ k^T and p @ v
-                # save the original k / v storages
-                size = 0 if self.kv_view else a * T * qw
-                self.op("attn.k_rep", [k], [self.t("attn.kr", size)], grads=((k, a * T * kvw),))
-                self.op("attn.v_rep", [v], [self.t("attn.vr", size)], grads=((v, a * T * kvw),))
-                keep_k, keep_v = ((k,), (v,)) if self.kv_view else ((), ())
-                k, v = "attn.kr", "attn.vr"
             # bmm reads q and k^T as copied above (batch > 1) or as views (batch 1, or k after
             # repeat_kv's copy)
             self.op("attn.qk", [q, k, *keep_k], [self.t("attn.s", a * S)], saves=(q, k, *keep_k),
-                    grads=bmm_grads((q, a * T * qw), (k, a * T * qw)), blas=BLAS)
+                    grads=operand_grads((q, a * T * qw), (k, a * T * qw)), blas=BLAS)
             self.op("attn.scale", ["attn.s"], [self.t("attn.s2", a * S)], grads=(("attn.s", a * S),))
             scores = "attn.s2"
             if spec.attn_logit_softcap:  # Gemma2: tanh(scores / cap) * cap, tanh saves its output
@@ -690,7 +751,7 @@ class _Ops:
                 self.op("attn.v_copy", [v], [self.t("attn.vc", a * T * vin)], grads=((v, 0),))
                 v = "attn.vc"
             self.op("attn.pv", [probs, v, *keep_v], [self.t("attn.o", a * T * ow)], saves=(probs, v, *keep_v),
-                    grads=bmm_grads((probs, a * S), (v, a * T * (vin if dims else qw))), blas=BLAS)
+                    grads=operand_grads((probs, a * S), (v, a * T * (vin if dims else qw))), blas=BLAS)
         if backend in ("flash", "efficient"):
             # the fused kernels lay the output out as (b, s, H, hd): transformers'
             # transpose(1, 2).contiguous() and reshape are free views
@@ -730,7 +791,7 @@ class _Ops:
             self.op("attn.v_rep", [v], [self.t("attn.vr", a * T * qw)], grads=((v, a * T * kvw),))
             k, v = "attn.kr", "attn.vr"
         sinks = alloc(a * H) if self.full else 0
-        self.op("attn.qk", [q, k], [self.t("attn.s", a * S)], saves=(q, k), grads=bmm_grads((q, a * T * qw), (k, a * T * qw)),
+        self.op("attn.qk", [q, k], [self.t("attn.s", a * S)], saves=(q, k), grads=operand_grads((q, a * T * qw), (k, a * T * qw)),
                 blas=BLAS)
         self.op("attn.scale", ["attn.s"], [self.t("attn.s2", a * S)], grads=(("attn.s", a * S),))
         self.op("attn.mask", ["attn.s2"], [self.t("attn.sm", a * S)], grads=(("attn.s2", 0),))
@@ -745,7 +806,7 @@ class _Ops:
                 grads=(("attn.cc", a * S1),))
         self.op("attn.slice", ["attn.p", "attn.sm"], [self.t("attn.pw", 0)], grads=(("attn.p", a * S1),))
         self.op("attn.pv", ["attn.pw", "attn.p", v], [self.t("attn.o", a * T * qw)], saves=("attn.p", v),
-                grads=bmm_grads(("attn.pw", a * S), (v, a * T * qw)), blas=BLAS)
+                grads=operand_grads(("attn.pw", a * S), (v, a * T * qw)), blas=BLAS)
         self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * qw)], grads=(("attn.o", a * T * qw),))
         self.op("attn.return", ["attn.cc", "attn.of"])
         self.eager_return()
@@ -765,12 +826,15 @@ class _Ops:
 
     def add(self, name: str, x: str, y: str) -> str:
         """x + y over the hidden width: a 16-bit operand added to a float32 one promotes, and
-        autograd casts that operand's gradient back (validate_outputs)."""
+        autograd casts that operand's gradient back (validate_outputs). The decoder layer's
+        `hidden_states = residual + hidden_states` frees the branch output y as `hidden_states` is
+        rebound, before the residual x, which its local `residual` holds until it is rebound or
+        the layer returns (transformers models/llama/modeling_llama.py LlamaDecoderLayer.forward)."""
         TH = self.T * self.spec.hidden
         xb, yb = self.bytes_of.get(x, self.a), self.bytes_of.get(y, self.a)
         ob = max(xb, yb)
         out = f"{name}.out" if name != "layer" else "layer.out"
-        self.op(name, [x, y], [self.t(out, ob * TH)],
+        self.op(name, [y, x], [self.t(out, ob * TH)],
                 grads=((x, 0 if xb == ob else xb * TH), (y, 0 if yb == ob else yb * TH)))
         if ob != self.a:
             self.bytes_of[out] = ob
@@ -1139,7 +1203,7 @@ class _Ops:
             self.op("mlp.act", [gate], [self.t("mlp.s", a * T * i)], saves=(gate,), grads=((gate, a * T * width),))
             up = self.linear(lins["up_proj"], x)
         self.op("mlp.prod", ["mlp.s", up], [self.t("mlp.p", a * T * i)], saves=("mlp.s", up),
-                grads=(("mlp.s", a * T * i), (up, a * T * width)))
+                grads=operand_grads(("mlp.s", a * T * i), (up, a * T * width)))
         if a != self.a:
             self.bytes_of["mlp.p"] = a
         out = self.linear(lins["down_proj"], "mlp.p")
@@ -1380,6 +1444,19 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     b = b or _Ops(spec, setup)
     # DeepSeek-V3: a dense layer's MLP or a MoE layer's shared experts (core/_models.py Linear.where)
     lins = {l.leaf: l for l in spec.layer_linears if l.where in ("all", "dense" if b.dense else "moe")}
+    # q and k as RoPE reads them, (b, heads, s, head_dim) views whose gradient the view's backward
+    # copies (_Ops.heads); where attention() applies transformers' apply_rotary_pos_emb
+    rope_here = b.use_rope and not spec.mla and not spec.arch.rope_complex and not spec.arch.fused_qkv
+
+    # v likewise where the kernel hands back its gradient as (b, heads, s, head_dim) (eager's and the
+    # math kernel's bmm, repeat_kv's sum); flash and memory-efficient attention lay dv out as v is
+    v_copied = not spec.mla and not spec.arch.rope_complex and not spec.arch.fused_qkv and (
+        setup.attn == "eager" or sdpa_backend(spec, setup, b.window, b.arch) == cuda_sdpa.MATH)
+
+    def per_head(x: str, which: str) -> str:
+        if not (v_copied if which == "v" else rope_here):
+            return x
+        return b.heads(x, (spec.heads if which == "q" else spec.kv_heads) * spec.head_dim, f"attn.{which}")
     # OLMo 2 normalizes block outputs, not inputs: attention reads the residual stream itself
     n1 = "x" if spec.arch.norm_placement == "post" else b.norm("input_layernorm", "x")
     if spec.mla:
@@ -1390,9 +1467,10 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
         qn, kn, vn, v_storage = qkv, qkv, qkv, qkv
     elif spec.arch.qk_norm == "head" and spec.arch.norm_style == "llama":
         # Qwen3Attention.forward: q_norm(q_proj(x).view(..., H, hd)), then k_norm(k_proj(x)), then v_proj
-        qn = b.norm("self_attn.q_norm", b.linear(lins["q_proj"], n1), spec.head_dim, spec.heads)
-        kn = b.norm("self_attn.k_norm", b.linear(lins["k_proj"], n1), spec.head_dim, spec.kv_heads)
+        qn = b.norm("self_attn.q_norm", per_head(b.linear(lins["q_proj"], n1), "q"), spec.head_dim, spec.heads)
+        kn = b.norm("self_attn.k_norm", per_head(b.linear(lins["k_proj"], n1), "k"), spec.head_dim, spec.kv_heads)
         vn = v_storage = b.linear(lins["v_proj"], n1)
+        vn = per_head(vn, "v")
     elif spec.arch.rope_complex:
         # Llama4TextAttention.forward: RoPE, then the L2 q/k norm or the temperature (estimate/_llama4.py)
         qn, kn, vn, extra_locals = llama4.attention_inputs(b, lins, n1)
@@ -1402,9 +1480,14 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
         qn = b.norm("self_attn.q_norm", b.linear(lins["q_proj"], n1), spec.heads * spec.head_dim)
         kn = b.norm("self_attn.k_norm", b.linear(lins["k_proj"], n1), spec.kv_heads * spec.head_dim)
         vn = v_storage = b.linear(lins["v_proj"], n1)
+        # then the three `.view(hidden_shape).transpose(1, 2)`
+        qn, kn, vn = per_head(qn, "q"), per_head(kn, "k"), per_head(vn, "v")
     else:
-        qn, kn, vn = (b.linear(lins[n], n1) for n in ("q_proj", "k_proj", "v_proj"))
-        v_storage = vn
+        # `self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)`, then k, then v
+        qn = per_head(b.linear(lins["q_proj"], n1), "q")
+        kn = per_head(b.linear(lins["k_proj"], n1), "k")
+        v_storage = b.linear(lins["v_proj"], n1)
+        vn = per_head(v_storage, "v")
         if spec.arch.qk_norm == "head":
             # Gemma3Attention.forward: all three projections first, then q_norm and k_norm per head
             qn = b.norm("self_attn.q_norm", qn, spec.head_dim, spec.heads)
@@ -1516,10 +1599,11 @@ def head_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> lis
             b.op("lm_head.w16", [], [b.t("lm_head.w16", lb * V * h)])
             weight = ["lm_head.w16"]
         b.op("lm_head", ["lm_head.x16", *weight], [b.t("logits", lb * T * V)], saves=tuple(weight), blas=BLAS,
-             grads=(("lm_head.x16", lb * T * h),))
+             grads=(("lm_head.x16", lb * T * h),), view_grads=("lm_head.x16",))
         logits = "logits"
     elif logits is None:
-        b.op("lm_head", [n], [b.t("logits", lb * T * V)], grads=((n, b.a * T * spec.hidden),), blas=BLAS)
+        b.op("lm_head", [n], [b.t("logits", lb * T * V)], grads=((n, b.a * T * spec.hidden),), blas=BLAS,
+             view_grads=(n,))
         logits = "logits"
     if spec.arch.scaled_logits:    # Granite: logits / logits_scaling, a new tensor
         b.op("logits_scale", [logits], [b.t("logits_s", lb * T * V)], grads=((logits, lb * T * V),))

@@ -102,6 +102,13 @@ class Size:
     def eval(self, values: dict) -> int:
         return sum(count * rounded_bytes(key, values) for key, count in self.parts)
 
+def in_order(*sizes: Size) -> Size:
+    """Allocations made one after the other in this order, as one Size (`+` sorts its parts, which
+    sets the order a transient's allocations are played in: a kernel's workspaces, made in the
+    order its source makes them)."""
+    return Size(tuple(part for size in sizes for part in size.parts))
+
+
 def poly_bytes(key: tuple, values: dict) -> int:
     """Evaluate a polynomial given as Sym.key() ((monomial, coefficient) pairs)."""
     nbytes = 0

@@ -7,8 +7,9 @@ Backward visits ops in reverse; an op whose outputs received a gradient allocate
 its inputs that need one (or passes the incoming gradient through, for add / clone / views),
 releases the gradients of its outputs (they die as the node's apply returns), adds its results
 into the next gradients, then releases its saved tensors. A second gradient for the same tensor
-is added in place into the buffered one when nothing else references it, else summed into a new
-buffer, both inputs freed (InputBuffer::accumulate; docs/autograd.md#gradient-accumulation).
+is added in place into the buffered one when nothing else references it and it is not a view,
+else summed into a new buffer, both inputs freed (InputBuffer::accumulate;
+docs/autograd.md#gradient-accumulation).
 Gradients of trainable parameters are kept (AccumulateGrad steals the buffer into `.grad`).
 
 Every size is one allocation, already rounded by the caller (quant.alloc). The walk reports the
@@ -67,8 +68,14 @@ class Op(NamedTuple):
     # buffers its backward makes before the input's gradient, in order, all alive until that
     # gradient exists: a custom autograd Function's locals, freed as its backward returns the
     # gradient (TRL's ChunkedLogProbFunction.backward: fp32 accumulators and a tile buffer, then
-    # `grad_hidden.to(hidden.dtype)`); its first matmul runs between them and the gradient
+    # `grad_hidden.to(hidden.dtype)`; its first matmul runs between them and the gradient), or a
+    # derivative formula's temporaries (pow_backward: `self.pow(exponent - 1)`, times the exponent,
+    # then the gradient)
     bwd_held: tuple = ()
+    # inputs whose gradient the backward hands back as a view of a buffer it made, which the view
+    # keeps (F.linear on a 3-D input: matmul's reshape of the 2-D product), so a second gradient
+    # is summed into a new tensor, not into it (InputBuffer::accumulate's storage().use_count() == 1)
+    view_grads: tuple = ()
 
 
 @record
@@ -292,6 +299,7 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
     # Backward: gradients are storages with reference counts (pass-through shares one).
     grad_key: dict[str, str] = {}      # tensor name -> storage key of its gradient
     refs: dict[str, int] = {}
+    view_keys: set = set()             # gradients that are views of a buffer their node made (Op.view_grads)
     counter = 0
 
     def new_grad(nbytes: int, tag: str = ACT) -> str:
@@ -308,9 +316,9 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         if old is None:
             grad_key[name] = key
             return
-        if refs[old] == 1:
+        if refs[old] == 1 and old not in view_keys:
             # InputBuffer::accumulate, `old_var.add_(var)`: the buffered gradient is reused when
-            # the buffer holds its last reference (can_accumulate_inplace)
+            # the buffer holds its last reference, storage included (can_accumulate_inplace)
             release(key)
             return
         # ... else `old_var + var`, a new tensor, the two freed once it is made
@@ -344,6 +352,11 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         run_forward(len(ops), saving=True)
         recompute_upto = 0
     keeping = set(keep) | hold
+    # non-reentrant checkpointing keeps the segment's inputs for the recomputation in its frame
+    # (torch/utils/checkpoint.py _checkpoint_without_reentrant_generator: `_NoopSaveInputs`), which
+    # the recomputed saved tensors' holders reference: the inputs go as the last of those is
+    # released, with the saved tensors of the segment's first saving op
+    frame_inputs = [name for name in keep if not save and not reentrant]
     for op in reversed(ops):
         incoming = [grad_key[t.name] for t in op.outputs if t.name in grad_key]
         if not incoming:
@@ -377,6 +390,8 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
             if name not in requires:
                 continue
             key = new_grad(nbytes, op.outputs[0].tag if op.outputs else ACT) if nbytes else incoming[0]
+            if nbytes and name in op.view_grads:
+                view_keys.add(key)
             fresh.append((name, key))
         if fresh or op.param_grads:    # a backward that computes a gradient: its matmuls run
             note_blas(op, 1, BWD_BLAS)
@@ -404,6 +419,12 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
                     del saved_by[name]
                     if name in live.size and name not in keeping:
                         live.drop(name)
+                    if frame_inputs and not saved_by and not recompute_upto:
+                        for kept in frame_inputs:
+                            keeping.discard(kept)
+                            if kept in live.size:
+                                live.drop(kept)
+                        frame_inputs = []
         for t in op.outputs:  # outputs nobody saved and nothing keeps are gone by now
             if t.name in live.size and t.name not in saved_by and t.name not in keeping:
                 live.drop(t.name)
