@@ -216,7 +216,9 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
 
     given: tensors alive when the walk starts (the segment's inputs), name -> bytes; they die
         like any other tensor after their last use unless saved or kept.
-    keep: names that outlive the segment (a checkpointed layer's input).
+    keep: names that outlive the segment (a checkpointed layer's input); under non-reentrant
+        checkpointing (save=False) the given ones among them go with the segment's last saved
+        tensor in backward (the checkpoint frame's inputs).
     save: False runs the forward as gradient checkpointing does: nothing is saved, and backward
         recomputes the forward (saving) when it first needs a saved tensor, stopping after the
         last op that saves anything (torch.utils.checkpoint, non-reentrant, early stop).
@@ -356,7 +358,7 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
     # (torch/utils/checkpoint.py _checkpoint_without_reentrant_generator: `_NoopSaveInputs`), which
     # the recomputed saved tensors' holders reference: the inputs go as the last of those is
     # released, with the saved tensors of the segment's first saving op
-    frame_inputs = [name for name in keep if not save and not reentrant]
+    frame_inputs = [name for name in keep if name in given and not save and not reentrant]
     for op in reversed(ops):
         incoming = [grad_key[t.name] for t in op.outputs if t.name in grad_key]
         if not incoming:
