@@ -489,3 +489,24 @@ def test_smollm3_recipes_reserved_agree_with_simulate(recipe, flags):
     trace, est = run(spec, setup), estimate(spec, setup)
     assert_agrees(trace, est)
     assert_reserved_within(trace, est, 0.0025)
+
+
+@pytest.mark.parametrize("model, recipe, flags", [
+    ("google/gemma-2-2b", "trl-sft", {"method": "lora", "batch": 4, "seq": 2048, "attn": "eager"}),
+    ("mistralai/Mistral-7B-v0.1", "trl-sft", {"method": "qlora", "batch": 1, "seq": 512})])
+def test_step_order_reserved_agrees_with_simulate(model, recipe, flags):
+    """Two setups where the order of the step's allocations moved whole segments. Gemma-2-2B
+    eager attention at batch 4: repeat_kv copies k and v before matmul copies q, and the
+    heads views' backward copies the q/k/v gradients (docs/peft-transformers.md#rotary-embedding);
+    with q's copy first and no gradient copies, -4.38% from simulate. Mistral-7B QLoRA under
+    autocast: lora_A's input gradient is a view of F.linear's product, so the base's gradient is
+    summed into a new tensor, not into it (docs/autograd.md#gradient-accumulation); summed in
+    place, +2.38%."""
+    from vramplan.core._models import resolve
+    from vramplan.core._setup import make_setup
+    from vramplan.simulate import simulate as run
+
+    spec, setup = resolve(model), make_setup(recipe, **flags)
+    trace, est = run(spec, setup), estimate(spec, setup)
+    assert_agrees(trace, est)
+    assert_reserved_within(trace, est, 0.0025)
