@@ -753,8 +753,17 @@ class _Ops:
             self.op("attn.pv", [probs, v, *keep_v], [self.t("attn.o", a * T * ow)], saves=(probs, v, *keep_v),
                     grads=operand_grads((probs, a * S), (v, a * T * (vin if dims else qw))), blas=BLAS)
         if backend in ("flash", "efficient"):
-            # the fused kernels lay the output out as (b, s, H, hd): transformers'
-            # transpose(1, 2).contiguous() and reshape are free views
+            # the fused kernels' output is (b, s, H, hd) in memory, so transformers'
+            # transpose(1, 2).contiguous() and reshape are free views: memory-efficient attention
+            # always makes it so (attention_backward.cu's forward: empty({B, M, H, K})), flash lays
+            # it out as q (flash_api.cpp mha_fwd: empty_like(q), q transposed to (b, s, H, hd)),
+            # which is the projection's `.transpose(1, 2)` view, except after Phi-3's rotary
+            # embedding, which ends with a cat: a contiguous (b, H, s, hd) q, so the output is too
+            # and `.contiguous()` copies it (the copy's gradient is a view the kernel's backward
+            # transposes back)
+            if backend == "flash" and spec.arch.rope_pass_cat and self.use_rope and not dims and not rope_applied:
+                self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * ow)], grads=(("attn.o", 0),))
+                return "attn.of"
             return "attn.o"
         # eager / math: (b, H, s, hd) -> transpose(1, 2).contiguous() is a copy o_proj reads
         self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * ow)], grads=(("attn.o", a * T * ow),))
