@@ -241,8 +241,9 @@ class _Ops:
             xq, mm, mb = (f"{name}.xq", f"{name}.mm", cb) if casts else (x, base, a)
             if casts:
                 self.op(f"{name}.in", [x], [self.t(xq, cb * T * i)], grads=((x, a * T * i),))
-            # nn.Linear hands its input's gradient back as a view (linear_view_grads); bitsandbytes'
-            # MatMul4Bit / MatMul8bitLt as torch.matmul's `_unsafe_view`, a tensor of its own
+            # nn.Linear hands its input's gradient back as a view of its 2-D product (walk.Op.view_grads,
+            # docs/autograd.md#gradient-accumulation); bitsandbytes' MatMul4Bit / MatMul8bitLt as
+            # torch.matmul's `_unsafe_view`, a tensor of its own
             self.op(f"{name}.base", [xq], [self.t(mm, mb * T * o)], saves=full_saves, grads=((xq, mb * T * i),),
                     work=work, bwd_work=bwd_work, blas=blas, work_before=work_before, bwd_before=bwd_before,
                     param_grads=alloc(a * i * o) + (alloc(a * o) if lin.bias else 0) if self.full else 0,
@@ -408,9 +409,10 @@ class _Ops:
     # --- attention ------------------------------------------------------------------------------
     def heads(self, x: str, width: int, name: str) -> str:
         """`proj(x).view(*input_shape, -1, head_dim).transpose(1, 2)`, the (b, heads, s, head_dim)
-        view RoPE reads: nothing in forward. Backward: RoPE's gradient reaches it laid out as
-        (b, heads, s, head_dim), the first to arrive being a SliceBackward0 zero-filled tensor of
-        that shape, into which the others are added in place (docs/autograd.md#gradient-accumulation);
+        view RoPE (or, for v, the kernel) reads: nothing in forward. Backward: RoPE's gradient
+        reaches it laid out as (b, heads, s, head_dim), the first to arrive being a SliceBackward0
+        zero-filled tensor of that shape, into which the others are added in place
+        (docs/autograd.md#gradient-accumulation), as does v's from eager or math attention;
         TransposeBackward0 makes that a (b, s, heads, head_dim) view that ViewBackward0's reshape to
         (b, s, heads * head_dim) cannot take without a copy (a new tensor of x's size), and the
         summed gradient dies as the node returns (docs/peft-transformers.md#rotary-embedding).
