@@ -9,7 +9,6 @@ stream holds them."""
 from __future__ import annotations
 
 import difflib
-import importlib
 
 from vramplan.core._record import record
 from vramplan.cuda._allocator import round_size
@@ -57,11 +56,11 @@ def trace_events(trace: dict, threshold: int) -> list:
 def match_layer(spec, setup, trace: dict, layer: int, threshold: int, gpu=None, alloc_conf: str = "") -> StreamMatch:
     """The estimate of `setup` (every layer played) against `trace` for `layer`'s backward."""
     from vramplan.estimate._estimator import estimate
+    from vramplan.estimate._events import compiled
     from vramplan.estimate._inventory import static_memory
-    events = importlib.import_module("vramplan.estimate._events")
 
     est = estimate(spec, setup, gpu=gpu, alloc_conf=alloc_conf)
-    program = events.compiled(spec, est.setup, static_memory(spec, est.setup), est.cuda_arch, exact_layers=None)
+    program = compiled(spec, est.setup, static_memory(spec, est.setup), est.cuda_arch, exact_layers=None)
     mine = layer_backward_events(program.stream(program.sizes(est.setup), False), layer, threshold)
     real = trace_events(trace, threshold)
     best = max(difflib.SequenceMatcher(None, real, mine, autojunk=False).get_matching_blocks(), key=lambda b: b.size)
