@@ -46,6 +46,7 @@ from vramplan.estimate._symbolic import alloc, in_order, variables
 from vramplan.core._setup import DTYPES, TrainSetup
 
 FP32 = 4
+LORA_ALPHA = 8      # peft tuners/lora/config.py LoraConfig.lora_alpha default (the recipes leave it)
 LOGITS = "logits_loss"
 
 
@@ -915,10 +916,12 @@ class _Ops:
                         param_grads=alloc(lb * lhs) + alloc(lb * rhs))
                 factors += [f"moe.{name}.lhs", f"moe.{name}.rhs"]
         self.moe_dispatch(x, wb)
-        if lora:  # the cached parametrization merges on first access: baddbmm(W, lhs, rhs)
+        if lora:  # the cached parametrization merges on first access: baddbmm(W, lhs, rhs, alpha=scaling)
             self.op("moe.merge_gate_up", ["moe.gate_up.lhs", "moe.gate_up.rhs"], [self.t(wgu, cb * E * 2 * i * h)],
                     saves=("moe.gate_up.lhs", "moe.gate_up.rhs"),
-                    grads=(("moe.gate_up.lhs", cb * E * 2 * i * 2 * r), ("moe.gate_up.rhs", cb * E * 2 * r * h)))
+                    grads=(("moe.gate_up.lhs", cb * E * 2 * i * 2 * r), ("moe.gate_up.rhs", cb * E * 2 * r * h)),
+                    grad_before=self.baddbmm_products(("moe.gate_up.lhs", cb * E * 2 * i * 2 * r),
+                                                      ("moe.gate_up.rhs", cb * E * 2 * r * h)))
         # grouped_mm saves its input when the weight needs a gradient (full fine-tuning: the 3D
         # parameter's .grad, in the weight dtype; LoRA: the merged copy's gradient)
         self.op("moe.gate_up", ["moe.xs"] + ([wgu] if lora else []), [self.t("moe.gu", a * Tk * 2 * i)],
@@ -934,7 +937,8 @@ class _Ops:
         if lora:
             self.op("moe.merge_down", ["moe.down.lhs", "moe.down.rhs"], [self.t(wd, cb * E * h * i)],
                     saves=("moe.down.lhs", "moe.down.rhs"),
-                    grads=(("moe.down.lhs", cb * E * h * r), ("moe.down.rhs", cb * E * r * i)))
+                    grads=(("moe.down.lhs", cb * E * h * r), ("moe.down.rhs", cb * E * r * i)),
+                    grad_before=self.baddbmm_products(("moe.down.lhs", cb * E * h * r), ("moe.down.rhs", cb * E * r * i)))
         self.op("moe.down", ["moe.p"] + ([wd] if lora else []), [self.t("moe.d", a * Tk * h)],
                 saves=("moe.p", wd) if lora else ("moe.p",) if full else (),
                 grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()),
@@ -953,6 +957,15 @@ class _Ops:
                 + ([wgu, wd] if lora else []))
         self.op("moe.return", [x])
         return "moe.out"
+
+    def baddbmm_products(self, *factors: tuple) -> tuple:
+        """peft ParamWrapper merges `torch.baddbmm(W, lhs, rhs, alpha=scaling)` (tuners/lora/layer.py),
+        scaling = lora_alpha / r with LoraConfig's default lora_alpha of 8: each factor's gradient is
+        `maybe_multiply(grad.bmm(...), alpha)` (derivatives.yaml baddbmm), a product and then its
+        scaled copy, unless the scaling is 1 (walk.Op.grad_before)."""
+        if LORA_ALPHA == self.setup.rank:
+            return ()
+        return tuple((name, alloc(nbytes)) for name, nbytes in factors)
 
     def grouped_router(self, x: str, lora: bool) -> None:
         """DeepseekV3TopkRouter.forward (models/deepseek_v3/modeling_deepseek_v3.py): router_logits =

@@ -76,6 +76,10 @@ class Op(NamedTuple):
     # keeps (F.linear on a 3-D input: matmul's reshape of the 2-D product), so a second gradient
     # is summed into a new tensor, not into it (InputBuffer::accumulate's storage().use_count() == 1)
     view_grads: tuple = ()
+    # (input name, bytes): a buffer its backward makes right before that input's gradient, freed
+    # once the gradient exists (baddbmm's `maybe_multiply(grad.bmm(...), alpha)`: the product, then
+    # its scaled copy)
+    grad_before: tuple = ()
 
 
 @record
@@ -388,10 +392,15 @@ def walk(ops: list[Op], given: dict[str, int], keep: tuple[str, ...] = (), save:
         if held:
             note_blas(op, 1, BWD_BLAS)
         fresh = []
+        pre = dict(op.grad_before)
         for name, nbytes in op.grads:
             if name not in requires:
                 continue
+            if name in pre:
+                live.add(f"{op.name}.pre.{name}", pre[name], op.work_tag)
             key = new_grad(nbytes, op.outputs[0].tag if op.outputs else ACT) if nbytes else incoming[0]
+            if name in pre:
+                live.drop(f"{op.name}.pre.{name}")
             if nbytes and name in op.view_grads:
                 view_keys.add(key)
             fresh.append((name, key))
