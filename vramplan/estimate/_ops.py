@@ -831,12 +831,15 @@ class _Ops:
             yb = self.bytes_of.get(y, self.a)
             w = yb * self.T * self.spec.hidden
             self.op(f"{name}.scale", [y], [self.t(f"{name}.y", w)], grads=((y, w),))
-            y = f"{name}.y"
             if yb != self.a:
-                self.bytes_of[y] = yb
+                self.bytes_of[f"{name}.y"] = yb
+            # `hidden_states = residual + hidden_states * self.residual_multiplier`: the product is
+            # a temporary, freed as the sum is made, the unscaled branch output as `hidden_states`
+            # is rebound
+            return self.add(name, x, f"{name}.y", held=(y,))
         return self.add(name, x, y)
 
-    def add(self, name: str, x: str, y: str) -> str:
+    def add(self, name: str, x: str, y: str, held: tuple = ()) -> str:
         """x + y over the hidden width: a 16-bit operand added to a float32 one promotes, and
         autograd casts that operand's gradient back (validate_outputs). The decoder layer's
         `hidden_states = residual + hidden_states` frees the branch output y as `hidden_states` is
@@ -846,7 +849,7 @@ class _Ops:
         xb, yb = self.bytes_of.get(x, self.a), self.bytes_of.get(y, self.a)
         ob = max(xb, yb)
         out = f"{name}.out" if name != "layer" else "layer.out"
-        self.op(name, [y, x], [self.t(out, ob * TH)],
+        self.op(name, [y, *held, x], [self.t(out, ob * TH)],
                 grads=((x, 0 if xb == ob else xb * TH), (y, 0 if yb == ob else yb * TH)))
         if ob != self.a:
             self.bytes_of[out] = ob
@@ -1583,9 +1586,11 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
                 b.layer_locals.append(probs)
         b.layer_locals += [o, "x"]
     if spec.arch.scaled_residuals:
+        # (the product a temporary of the sum, the unscaled output held until `hidden_states` is rebound)
         b.op("res2.scale", [m], [b.t("res2.y", b.a * b.T * spec.hidden)], grads=((m, b.a * b.T * spec.hidden),))
-        m = "res2.y"
-    b.add("layer", h1, m)
+        b.add("layer", h1, "res2.y", held=(m,))
+    else:
+        b.add("layer", h1, m)
     if "x" not in b.layer_locals:
         # the model's loop (`hidden_states = decoder_layer(hidden_states, ...)`, LlamaModel.forward
         # and every family's) holds the layer's input until the layer returns
