@@ -76,9 +76,11 @@ def exact_layers_for(setup: TrainSetup, conf: AllocConf | None = None, fsdp: boo
     as before); the H200 records hold no accumulating setup.
     Since autograd's gradient sums are in place and the step's order follows the engine's
     (docs/autograd.md#gradient-accumulation, twelfth session), the 49 H200 records' peak reserved
-    is 0.54% off at the median (mean 1.10%) with this detail and 0.47% (1.06%) with every layer's
+    is 0.54% off at the median (mean 1.07%) with this detail and 0.44% (1.04%) with every layer's
     backward played: two records differ, Llama-2-70B QLoRA 1 x 2048 (-0.87% here, -0.35% with
-    every layer) and Qwen3-30B-A3B (-2.57%, -1.13%).
+    every layer) and Qwen3-30B-A3B (-1.08%, -0.12%). On the agreement matrices every layer for
+    the mixture-of-experts setups moved benchmarks/agreement-new-families.md's MoE rows from 0.22%
+    to 0.09% mean |error| and the MoE recipe rows from 0.20% to 0.24%, at twice the replay.
     One GPU of FSDP (`fsdp`) keeps its own detail (fsdp_detail)."""
     if fsdp:
         return fsdp_detail(setup, conf)
