@@ -10,9 +10,11 @@ lengths); --show lists the runs that differ.
 Run: python benchmarks/stream_vs_snapshot.py profiles/h200 [--show]
 
 2026-12-01 (twelfth session), the six H200 records with a snapshot (Meta-Llama-3-8B x 4, Qwen3-8B,
-gemma-3-1b-pt; QLoRA 1 x 2048, checkpointed): 0.97 each. With every gradient sum a new buffer, as
-the walk had it before (docs/autograd.md#gradient-accumulation): 0.67, 0.67, 0.67, 0.88, 0.59,
-0.94. The differences left on Meta-Llama-3-8B: flash attention's backward workspace, one
+gemma-3-1b-pt; QLoRA 1 x 2048, checkpointed): 0.97 after the gradient sums were made in place,
+then 0.97, 0.97, 0.97, 0.98, 0.98, 0.99 with the step's order as the engine makes it (the q/k view
+copies, RMSNorm's backward temporaries, the checkpoint's input release). With every gradient sum
+a new buffer, as the walk had it before (docs/autograd.md#gradient-accumulation): 0.67, 0.67,
+0.67, 0.88, 0.59, 0.94. The differences left on Meta-Llama-3-8B: flash attention's backward workspace, one
 64.25 MiB allocation on the H200 (torch 2.11) where the estimate makes softmax_d, dq_accum and
 the expanded dk / dv one by one (cuda/_sdpa.py flash_backward_workspace, from torch 2.13's
 flash_api.cpp), and where the layer's first and last gradients are freed.
