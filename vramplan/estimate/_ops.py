@@ -920,11 +920,9 @@ class _Ops:
                 factors += [f"moe.{name}.lhs", f"moe.{name}.rhs"]
         self.moe_dispatch(x, wb)
         if lora:  # the cached parametrization merges on first access: baddbmm(W, lhs, rhs, alpha=scaling)
+            grads = (("moe.gate_up.lhs", cb * E * 2 * i * 2 * r), ("moe.gate_up.rhs", cb * E * 2 * r * h))
             self.op("moe.merge_gate_up", ["moe.gate_up.lhs", "moe.gate_up.rhs"], [self.t(wgu, cb * E * 2 * i * h)],
-                    saves=("moe.gate_up.lhs", "moe.gate_up.rhs"),
-                    grads=(("moe.gate_up.lhs", cb * E * 2 * i * 2 * r), ("moe.gate_up.rhs", cb * E * 2 * r * h)),
-                    grad_before=self.baddbmm_products(("moe.gate_up.lhs", cb * E * 2 * i * 2 * r),
-                                                      ("moe.gate_up.rhs", cb * E * 2 * r * h)))
+                    saves=("moe.gate_up.lhs", "moe.gate_up.rhs"), grads=grads, grad_before=self.baddbmm_products(grads))
         # grouped_mm saves its input when the weight needs a gradient (full fine-tuning: the 3D
         # parameter's .grad, in the weight dtype; LoRA: the merged copy's gradient)
         self.op("moe.gate_up", ["moe.xs"] + ([wgu] if lora else []), [self.t("moe.gu", a * Tk * 2 * i)],
@@ -938,10 +936,9 @@ class _Ops:
         self.op("moe.prod", ["moe.s", "moe.gu"], [self.t("moe.p", a * Tk * i)], saves=("moe.s", "moe.gu"),
                 grads=(("moe.s", a * Tk * i), ("moe.gu", a * Tk * i)))
         if lora:
+            grads = (("moe.down.lhs", cb * E * h * r), ("moe.down.rhs", cb * E * r * i))
             self.op("moe.merge_down", ["moe.down.lhs", "moe.down.rhs"], [self.t(wd, cb * E * h * i)],
-                    saves=("moe.down.lhs", "moe.down.rhs"),
-                    grads=(("moe.down.lhs", cb * E * h * r), ("moe.down.rhs", cb * E * r * i)),
-                    grad_before=self.baddbmm_products(("moe.down.lhs", cb * E * h * r), ("moe.down.rhs", cb * E * r * i)))
+                    saves=("moe.down.lhs", "moe.down.rhs"), grads=grads, grad_before=self.baddbmm_products(grads))
         self.op("moe.down", ["moe.p"] + ([wd] if lora else []), [self.t("moe.d", a * Tk * h)],
                 saves=("moe.p", wd) if lora else ("moe.p",) if full else (),
                 grads=(("moe.p", a * Tk * i),) + (((wd, cb * E * h * i),) if lora else ()),
@@ -961,7 +958,7 @@ class _Ops:
         self.op("moe.return", [x])
         return "moe.out"
 
-    def baddbmm_products(self, *factors: tuple) -> tuple:
+    def baddbmm_products(self, factors: tuple) -> tuple:
         """peft ParamWrapper merges `torch.baddbmm(W, lhs, rhs, alpha=scaling)` (tuners/lora/layer.py),
         scaling = lora_alpha / r with LoraConfig's default lora_alpha of 8: each factor's gradient is
         `maybe_multiply(grad.bmm(...), alpha)` (derivatives.yaml baddbmm), a product and then its
