@@ -52,6 +52,9 @@ def test_cpu_run_is_a_complete_record(qlora_run):
     record, path, out = qlora_run
     assert record.status == "ok" and path.exists() and path.parent == out
     assert not [f for f in os.listdir(out) if f.startswith(".")]       # nothing half-written
+    # how the random weights were built, which the comparison's replay of the load follows
+    from vramplan.profile._materialize import BUILD
+    assert record.run["random_weights"] and record.run["random_weights_build"] == BUILD
     m = record.measured
     assert m.counter == "tracker"
     steady = [p for p in m.phases if p.step is not None and not p.warmup]

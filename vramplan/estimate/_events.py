@@ -770,6 +770,8 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         state_sizes, work_sizes = list(zero.states), []
     elif fsdp is None:
         b.make([const(n) for n in static_sizes(spec, setup, static) if n > 0])
+        for n in static.load_transients:
+            b.drop(b.make([const(n)]))
         unit, root = None, None
         if ddp is not None:      # DistributedDataParallel(model): broadcast, then the Reducer's buckets
             b.place("wrap", "")

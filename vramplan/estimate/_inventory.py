@@ -37,6 +37,10 @@ class Static:
     # of weights / quant_constants / adapters: the vision tower and projector a multimodal class
     # holds (Gemma3ForConditionalGeneration; vision_static), their own line of the inventory
     vision: tuple[int, int, int] = (0, 0, 0)
+    # tensors a load made and freed after the persistent ones, which a checkpoint load does not
+    # make: only a profile record's re-estimate sets them (profile/_compare.py load_transients,
+    # docs/allocator.md#random-weights-load), for the caching-allocator replay
+    load_transients: tuple[int, ...] = ()
 
     def by_component(self) -> dict[str, int]:
         return {Component.WEIGHTS.value: self.weights, Component.QUANT_CONSTANTS.value: self.quant_constants,

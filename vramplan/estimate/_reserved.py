@@ -78,7 +78,9 @@ def exact_layers_for(setup: TrainSetup, conf: AllocConf | None = None, fsdp: boo
     (docs/autograd.md#gradient-accumulation, twelfth session), the 49 H200 records' peak reserved
     is 0.54% off at the median (mean 1.07%) with this detail and 0.44% (1.04%) with every layer's
     backward played: two records differ, Llama-2-70B QLoRA 1 x 2048 (-0.87% here, -0.35% with
-    every layer) and Qwen3-30B-A3B (-1.08%, -0.12%). On the agreement matrices every layer for
+    every layer) and Qwen3-30B-A3B (-1.08%, -0.12%). With the records' own load replayed (the
+    tied lm_head their random-weights build allocated, docs/allocator.md#random-weights-load):
+    0.44% (mean 0.94%) here, 0.38% (0.91%) with every layer. On the agreement matrices every layer for
     the mixture-of-experts setups moved benchmarks/agreement-new-families.md's MoE rows from 0.22%
     to 0.09% mean |error| and the MoE recipe rows from 0.20% to 0.24%, at twice the replay.
     One GPU of FSDP (`fsdp`) keeps its own detail (fsdp_detail)."""

@@ -17,7 +17,7 @@ Pure Python; pandas only for to_dataframe().
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, field
+from dataclasses import asdict, field, replace
 from pathlib import Path
 
 from vramplan.core._errors import require, VramplanError
@@ -26,6 +26,8 @@ from vramplan.profile._record import STATIC, TRANSIENT, Record, relative_error, 
 from vramplan.profile._store import atomic_write_bytes, read_records
 from vramplan.core._gpus import Gpu
 from vramplan.estimate._estimator import estimate
+from vramplan.estimate._inventory import static_memory
+from vramplan.estimate._quant import alloc
 
 REST = "gradients+activations+logits_loss+temporaries"
 
@@ -263,8 +265,21 @@ def _reestimate(record: Record):
     setup = setup_from_record(record.setup)
     gpu_d = (record.estimate or {}).get("gpu")
     gpu = Gpu(gpu_d["name"], int(gpu_d["memory_bytes"]), gpu_d.get("arch"), gpu_d.get("source", "")) if gpu_d else None
+    static = static_memory(spec, setup)
+    static = replace(static, load_transients=load_transients(record.run or {}, spec, setup))
     # the allocator settings of the run (PYTORCH_CUDA_ALLOC_CONF as recorded; defaults otherwise)
-    return estimate(spec, setup, gpu=gpu, alloc_conf=(record.estimate or {}).get("alloc_conf") or "")
+    return estimate(spec, setup, gpu=gpu, alloc_conf=(record.estimate or {}).get("alloc_conf") or "", static=static)
+
+
+def load_transients(run: dict, spec, setup) -> tuple[int, ...]:
+    """What the run's load made and freed beyond a checkpoint load, for the replay: the
+    random-weights build 1 (records without run["random_weights_build"]) allocated a tensor tied
+    to one made already, the lm_head tied to the embeddings (Module.to_empty, in the load dtype),
+    and freed it once re-shared; the caching allocator keeps its segment for the run
+    (profile/_materialize.py BUILD, docs/allocator.md#random-weights-load)."""
+    if not run.get("random_weights") or run.get("random_weights_build", 1) >= 2 or not spec.tied:
+        return ()
+    return (alloc(spec.vocab * spec.hidden * setup.compute_bytes),)
 
 
 def compare_path(path: str | os.PathLike, recorded: bool = False) -> list[Comparison]:

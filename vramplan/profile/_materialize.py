@@ -18,7 +18,8 @@ Bnb4bitQuantize / Bnb8bitQuantize as it arrives) is repeated here with random te
    the call Bnb4bitQuantize.convert makes, which quantizes it on the device; the bf16 tensor is
    then freed. At most one bf16 weight exists at a time (for 70B the largest is 8192 x 28672 x 2
    bytes = 470 MB), as in a checkpoint load.
-4. Parameters shared by several modules (tied embeddings) are created once and shared again.
+4. Parameters shared by several modules (tied embeddings) are created once and shared again,
+   never allocated a second time (BUILD).
 
 The simulate package's helpers (hf_config, bnb_config) are reused so the model, its quantization
 config and attention choice are the ones simulate and the estimate assume.
@@ -29,6 +30,12 @@ import warnings
 
 from vramplan.core._errors import ModelError
 from vramplan.simulate._build import bnb_config, hf_config, torch_dtype
+
+# Recorded in a random-weights profile record (run["random_weights_build"]). Records without it
+# come from build 1, which allocated a tensor tied to one made already (an lm_head tied to the
+# embeddings) with Module.to_empty and freed it once re-shared; build 2 shares it without
+# allocating (docs/allocator.md#random-weights-load).
+BUILD = 2
 
 
 def random_model(spec, setup, device: str, seed: int = 0):
@@ -96,9 +103,13 @@ def _materialize(model, dev, dtype) -> None:
             continue
         replaced = {name: done[id(t)] for name, t in own if t is not None and id(t) in done}
         originals = {name: t for name, t in own if t is not None}
-        module.to_empty(device=dev, recurse=False)
         if len(replaced) < len(originals):
+            module.to_empty(device=dev, recurse=False)
             _init(model, module)
+        # else every tensor is shared with one made already (an lm_head tied to the embeddings):
+        # from_pretrained never allocates it, and neither may this. `to_empty` would allocate a
+        # full copy, freed once re-shared: a segment the caching allocator keeps for the run
+        # (docs/allocator.md#random-weights-load)
         for name, t in replaced.items():  # re-share tied tensors
             if name in module._parameters:
                 module._parameters[name] = t

@@ -86,10 +86,14 @@ class ProfileOptions:
             AllocConf.parse(self.alloc_conf)   # a malformed string is a UsageError before anything runs
 
     def to_dict(self) -> dict:
-        return {"device": self.device, "steps": self.steps, "warmup": self.warmup,
-                "random_weights": self.random_weights, "seed": self.seed,
-                "memory_limit_bytes": self.memory_limit_bytes, "snapshot": self.snapshot,
-                "timeout_s": self.timeout_s, "nvml_hz": self.nvml_hz, "alloc_conf": self.alloc_conf}
+        out = {"device": self.device, "steps": self.steps, "warmup": self.warmup,
+               "random_weights": self.random_weights, "seed": self.seed,
+               "memory_limit_bytes": self.memory_limit_bytes, "snapshot": self.snapshot,
+               "timeout_s": self.timeout_s, "nvml_hz": self.nvml_hz, "alloc_conf": self.alloc_conf}
+        if self.random_weights:   # how the weights were built (profile/_materialize.py BUILD)
+            from vramplan.profile._materialize import BUILD
+            out["random_weights_build"] = BUILD
+        return out
 
 
 # --- launching the child ----------------------------------------------------------------------------
