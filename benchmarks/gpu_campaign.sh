@@ -10,7 +10,8 @@
 # network needed). Writes, under $OUT (default /tmp/vramplan-campaign), at most 8 files:
 #   campaign.jsonl   every record, one per line, appended as each configuration finishes
 #   snapshots-N.tar  each CUDA run's allocator snapshot, gzipped (<id>.snapshot.pickle.gz:
-#                    `vramplan replay --check` it), in parts of at most 15 MiB, most valuable first
+#                    `vramplan replay --check` it), in parts of at most 15 MiB, the runs whose
+#                    peak reserved the estimate missed most first
 #   campaign.log     progress; summary.md the error table; env.txt the machine
 # Afterwards, in the repository: python benchmarks/gpu_campaign.py unpack campaign.jsonl profiles/h200
 set -euo pipefail

@@ -86,6 +86,26 @@ def test_pack_snapshots_fits_parts_in_campaign_order(tmp_path):
     assert (out / "snapshots-1.tar").stat().st_size <= 0.7 * 2**20
 
 
+def test_pack_snapshots_puts_the_largest_reserved_miss_first(tmp_path):
+    import tarfile
+
+    folder, out = tmp_path / "records", tmp_path / "out"
+    folder.mkdir()
+    out.mkdir()
+    rows = []
+    # (predicted, measured) peak reserved of each run; the skipped one has no measurement
+    for i, (predicted, measured) in enumerate(((100, 101), (100, 96), (100, None), (100, 130), (100, 100))):
+        name = f"r{i}.snapshot.pickle"
+        (folder / name).write_bytes(os.urandom(300_000))
+        rows.append(json.dumps({"snapshot": name, "estimate": {"peak_reserved_bytes": predicted},
+                                "measured": {"peak_reserved_bytes": measured} if measured else None}))
+    bundle = tmp_path / "c.jsonl"
+    bundle.write_text("\n".join(rows) + "\n")
+    assert campaign.pack_snapshots(str(bundle), str(folder), str(out), part_mib=1.0, parts=1) == 0
+    with tarfile.open(out / "snapshots-1.tar") as tar:   # three fit: 23% off, 4% off, 1% off
+        assert tar.getnames() == ["r3.snapshot.pickle.gz", "r1.snapshot.pickle.gz", "r0.snapshot.pickle.gz"]
+
+
 @pytest.mark.torch
 @pytest.mark.transformers
 @pytest.mark.peft
