@@ -4,8 +4,10 @@ with the model's numbers, simulate's stand-ins (simulate/_kernels.py) with a ten
 
 Dispatch: pytorch aten/src/ATen/native/transformers/cuda/sdp_utils.cpp `select_sdp_backend`, in the
 default priority order flash, efficient, math (docs/cuda-kernels.md#sdpa-backend-dispatch). cuDNN
-attention is left out: it comes first only on sm90/sm100 with a runtime cuDNN > 9.15, and which
-cuDNN the torch 2.13 wheels ship could not be verified (docs/cuda-kernels.md#cudnn-attention-can_use_cudnn_attention).
+attention is left out: it comes first only on sm90/sm100 with a runtime cuDNN > 9.15; where it ran
+(the H200 records, torch 2.11), its backward held flash's (or the memory-efficient kernel's)
+workspace bytes plus 256 B in one block, which moved no replayed peak
+(docs/cuda-kernels.md#cudnn-attention-can_use_cudnn_attention).
 """
 from __future__ import annotations
 
