@@ -172,24 +172,25 @@ TIED_RECORDS = [p for p in GPU_RECORDS if p.name.startswith("gemma-3-")]
 @pytest.mark.skipif(not TIED_RECORDS, reason="the Gemma 3 records are not committed")
 @pytest.mark.parametrize("path", TIED_RECORDS, ids=[p.name for p in TIED_RECORDS])
 def test_tied_embedding_records_replay_their_load(path):
-    from vramplan.profile._compare import _reestimate, load_transients
+    from vramplan.profile._compare import _reestimate, record_load
     from vramplan.profile._record import setup_from_record, spec_from_record
     rec = read_record(path)
     spec, setup = spec_from_record(rec.model), setup_from_record(rec.setup)
     assert spec.tied and "random_weights_build" not in rec.run
-    assert load_transients(rec.run, spec, setup) == (spec.vocab * spec.hidden * 2,)
+    assert record_load(rec.run, spec, setup)["load_transients"] == (spec.vocab * spec.hidden * 2,)
     measured = rec.measured.peak_reserved_bytes
     assert abs(_reestimate(rec).peak_reserved_bytes - measured) <= 0.01 * measured
 
 
-def test_load_transients_only_for_the_build_that_allocated_tied_tensors(tiny_spec):
-    from vramplan.profile._compare import load_transients
+def test_the_old_build_s_load_is_replayed_for_its_records_only(tiny_spec):
+    from vramplan.profile._compare import record_load
     from vramplan.profile._materialize import BUILD
     tied, untied = tiny_spec(tie_word_embeddings=True), tiny_spec(tie_word_embeddings=False)
     setup = TrainSetup(method="lora", dtype="bf16")
     old = {"random_weights": True}
-    assert load_transients(old, tied, setup) == (128 * 64 * 2,)
-    assert load_transients(old, tied, setup.with_(dtype="fp32")) == (128 * 64 * 4,)
-    assert load_transients(old, untied, setup) == ()
-    assert load_transients({**old, "random_weights_build": BUILD}, tied, setup) == ()
-    assert load_transients({"random_weights": False}, tied, setup) == ()
+    assert record_load(old, tied, setup) == {"load_transients": (128 * 64 * 2,), "load_order": "modules"}
+    assert record_load(old, tied, setup.with_(dtype="fp32"))["load_transients"] == (128 * 64 * 4,)
+    assert record_load(old, untied, setup) == {"load_transients": (), "load_order": "modules"}
+    # the current build loads as from_pretrained does, and a checkpoint's run is from_pretrained
+    assert record_load({**old, "random_weights_build": BUILD}, tied, setup) == {}
+    assert record_load({"random_weights": False}, tied, setup) == {}

@@ -273,6 +273,16 @@ def linear_tensors(setup: TrainSetup, linear) -> tuple[int, list[int]]:
     return alloc(linear.numel * weight_bytes(setup)), []
 
 
+def checkpoint_order(name: str) -> tuple:
+    """Where a parameter named `name` comes in a checkpoint load: transformers 5 sorts the
+    checkpoint's keys before it loads and quantizes them one by one (core_model_loading.py
+    convert_and_load_state_dict_in_model, `sorted(state_dict.items(), key=dot_natural_key)`:
+    dot-separated parts, numbers numerically, names alphabetically). Within a decoder layer that is
+    mlp before self_attn, and Phi-3's o_proj before its qkv_proj, which decides what shares the
+    caching allocator's 20 MiB segments (docs/allocator.md#load-order)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
+
+
 def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[list, list, list]:
     """static_sizes in three parts: the model's tensors (weights, bitsandbytes constants, norms,
     embeddings), the LoRA tensors, and what the inventory counts beyond them (one more tensor)."""
@@ -283,10 +293,14 @@ def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[li
         sizes.append(alloc(spec.vocab * spec.hidden * eb))
     sizes += [alloc(spec.hidden * wb)] * (n * spec.arch.norms_per_layer + 1)
     def layer_sizes(dense: bool) -> list:
-        """The tensors of one decoder layer, in order (DeepSeek-V3: a dense-layer MLP or a
-        shared-expert MLP, core/_models.py Linear.where)."""
+        """The tensors of one decoder layer in the order a checkpoint load quantizes them
+        (checkpoint_order), or in the modules' order (Static.load_order; DeepSeek-V3: a
+        dense-layer MLP or a shared-expert MLP, core/_models.py Linear.where)."""
         layer = []
-        for linear in spec.layer_linears:
+        linears = spec.layer_linears
+        if static.load_order == "checkpoint":
+            linears = sorted(linears, key=lambda linear: checkpoint_order(linear.name))
+        for linear in linears:
             if linear.where != "all" and dense != (linear.where == "dense"):
                 continue
             weight, constants = linear_tensors(setup, linear)

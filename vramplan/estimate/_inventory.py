@@ -38,9 +38,13 @@ class Static:
     # holds (Gemma3ForConditionalGeneration; vision_static), their own line of the inventory
     vision: tuple[int, int, int] = (0, 0, 0)
     # tensors a load made and freed after the persistent ones, which a checkpoint load does not
-    # make: only a profile record's re-estimate sets them (profile/_compare.py load_transients,
+    # make: only a profile record's re-estimate sets them (profile/_compare.py record_load,
     # docs/allocator.md#random-weights-load), for the caching-allocator replay
     load_transients: tuple[int, ...] = ()
+    # the order a load makes each decoder layer's weights in: "checkpoint", transformers'
+    # from_pretrained (sorted checkpoint keys, estimate/_events.py checkpoint_order), or "modules",
+    # the modules' registration order, which a profile record's re-estimate may set (same reference)
+    load_order: str = "checkpoint"
 
     def by_component(self) -> dict[str, int]:
         return {Component.WEIGHTS.value: self.weights, Component.QUANT_CONSTANTS.value: self.quant_constants,

@@ -265,21 +265,22 @@ def _reestimate(record: Record):
     setup = setup_from_record(record.setup)
     gpu_d = (record.estimate or {}).get("gpu")
     gpu = Gpu(gpu_d["name"], int(gpu_d["memory_bytes"]), gpu_d.get("arch"), gpu_d.get("source", "")) if gpu_d else None
-    static = static_memory(spec, setup)
-    static = replace(static, load_transients=load_transients(record.run or {}, spec, setup))
+    static = replace(static_memory(spec, setup), **record_load(record.run or {}, spec, setup))
     # the allocator settings of the run (PYTORCH_CUDA_ALLOC_CONF as recorded; defaults otherwise)
     return estimate(spec, setup, gpu=gpu, alloc_conf=(record.estimate or {}).get("alloc_conf") or "", static=static)
 
 
-def load_transients(run: dict, spec, setup) -> tuple[int, ...]:
-    """What the run's load made and freed beyond a checkpoint load, for the replay: the
-    random-weights build 1 (records without run["random_weights_build"]) allocated a tensor tied
-    to one made already, the lm_head tied to the embeddings (Module.to_empty, in the load dtype),
-    and freed it once re-shared; the caching allocator keeps its segment for the run
-    (profile/_materialize.py BUILD, docs/allocator.md#random-weights-load)."""
-    if not run.get("random_weights") or run.get("random_weights_build", 1) >= 2 or not spec.tied:
-        return ()
-    return (alloc(spec.vocab * spec.hidden * setup.compute_bytes),)
+def record_load(run: dict, spec, setup) -> dict:
+    """How the run's load differed from a checkpoint load, as Static fields for the replay. The
+    random-weights build 1 (records without run["random_weights_build"]; profile/_materialize.py
+    BUILD) made each decoder layer's weights in the modules' order rather than the checkpoint's
+    (load_order), and allocated a tensor tied to one made already, the lm_head tied to the
+    embeddings (Module.to_empty, in the load dtype), freed once re-shared: the caching allocator
+    keeps its segment for the run (load_transients; docs/allocator.md#random-weights-load)."""
+    if not run.get("random_weights") or run.get("random_weights_build", 1) >= 2:
+        return {}
+    tied = (alloc(spec.vocab * spec.hidden * setup.compute_bytes),) if spec.tied else ()
+    return {"load_transients": tied, "load_order": "modules"}
 
 
 def compare_path(path: str | os.PathLike, recorded: bool = False) -> list[Comparison]:

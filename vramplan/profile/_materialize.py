@@ -10,7 +10,8 @@ Bnb4bitQuantize / Bnb8bitQuantize as it arrives) is repeated here with random te
 1. `AutoModelForCausalLM.from_config` under `torch.device("meta")`: shapes only, no memory.
 2. For qlora, transformers' own quantizer replaces the nn.Linear modules (`preprocess_model`:
    replace_with_bnb_linear, lm_head and tied weights kept), exactly as from_pretrained does.
-3. Module by module, in order: every parameter and buffer is created on the device with
+3. Module by module, in the order from_pretrained loads their weights (sorted checkpoint keys,
+   not the modules' own order): every parameter and buffer is created on the device with
    `Module.to_empty(recurse=False)` and initialized by the model's own `_init_weights` (normal
    with std = initializer_range, ones for norms, rotary inv_freq recomputed); a quantized Linear
    gets its bf16 weight drawn directly on the device and handed to
@@ -32,9 +33,10 @@ from vramplan.core._errors import ModelError
 from vramplan.simulate._build import bnb_config, hf_config, torch_dtype
 
 # Recorded in a random-weights profile record (run["random_weights_build"]). Records without it
-# come from build 1, which allocated a tensor tied to one made already (an lm_head tied to the
-# embeddings) with Module.to_empty and freed it once re-shared; build 2 shares it without
-# allocating (docs/allocator.md#random-weights-load).
+# come from build 1, which made the modules in their own order and allocated a tensor tied to one
+# made already (an lm_head tied to the embeddings) with Module.to_empty, freed once re-shared;
+# build 2 makes them in checkpoint order, as from_pretrained loads them, and shares a tied tensor
+# without allocating it (docs/allocator.md#random-weights-load).
 BUILD = 2
 
 
@@ -94,10 +96,8 @@ def _materialize(model, dev, dtype) -> None:
         bnb, quantized = None, ()
     done: dict[int, torch.Tensor] = {}   # id(meta tensor) -> its device replacement (tied weights)
     std = _std(model)
-    for module in model.modules():
+    for module in _checkpoint_ordered(model):
         own = list(module._parameters.items()) + list(module._buffers.items())
-        if not any(t is not None and t.device.type == "meta" for _, t in own):
-            continue
         if quantized and isinstance(module, quantized):
             _quantized_linear(module, bnb, dev, dtype, std)
             continue
@@ -118,6 +118,22 @@ def _materialize(model, dev, dtype) -> None:
         for name, old in originals.items():
             new = module._parameters.get(name) if name in module._parameters else module._buffers.get(name)
             done.setdefault(id(old), new)
+
+
+def _checkpoint_ordered(model) -> list:
+    """The modules holding meta tensors, in the order from_pretrained loads their weights: by
+    their first tensor's name in checkpoint order (estimate/_events.py checkpoint_order), which
+    within a decoder layer is not the modules' own order (mlp before self_attn)."""
+    from vramplan.estimate._events import checkpoint_order
+
+    found = []
+    for prefix, module in model.named_modules():
+        own = [(name, t) for name, t in list(module._parameters.items()) + list(module._buffers.items())
+               if t is not None]
+        if any(t.device.type == "meta" for _, t in own):
+            first = min(checkpoint_order(f"{prefix}.{name}" if prefix else name) for name, _t in own)
+            found.append((first, len(found), module))
+    return [module for _first, _i, module in sorted(found, key=lambda f: f[:2])]
 
 
 def _init(model, module) -> None:

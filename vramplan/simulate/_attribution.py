@@ -149,12 +149,17 @@ def decoder_layers(model) -> tuple[str, list]:
 
 def register_live_state(tracker, built, paged: list) -> None:
     """Everything on the device before the step: quant state, parameters, buffers, optimizer state,
-    the batch. Order matters only for storages shared between two of these (none expected)."""
+    the batch, each in the order a checkpoint load makes it (the allocation stream's load phase,
+    _reserved.py two_step_events)."""
     from vramplan.simulate import _kernels as kernels  # imports torch: loaded when a step runs
+
+    from vramplan.estimate._events import checkpoint_order
 
     model = built.model
     quantized = []
-    for module in model.modules():
+    # in the order from_pretrained loads and quantizes the checkpoint's tensors (sorted keys,
+    # estimate/_events.py checkpoint_order): which small weights share a segment follows from it
+    for _name, module in sorted(model.named_modules(), key=lambda nm: checkpoint_order(nm[0])):
         weight = getattr(module, "weight", None)
         qs = getattr(weight, "quant_state", None)
         if qs is not None:
@@ -175,7 +180,7 @@ def register_live_state(tracker, built, paged: list) -> None:
     # the bitsandbytes matmuls themselves, whose outputs are activations.
     tracker.propagate = {b.key: Component.TEMPORARIES.value for b in quantized if b is not None}
     tracker.propagate_skip = kernels.matmul_ops()
-    for name, p in model.named_parameters():
+    for name, p in sorted(model.named_parameters(), key=lambda np: checkpoint_order(np[0])):
         tag = Component.ADAPTERS if "lora_" in name else Component.WEIGHTS
         tracker.track(p, tag.value)
     for _, b in model.named_buffers():
