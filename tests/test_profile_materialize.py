@@ -1,5 +1,6 @@
 """`vramplan profile --random-weights` builds the model one tensor at a time
-(profile/_materialize.py): a tensor tied to one made already is shared, never allocated."""
+(profile/_materialize.py), as from_pretrained loads a checkpoint: in checkpoint order, a tensor
+tied to one made already shared, never allocated."""
 import pytest
 from conftest import requires, tiny_config
 
@@ -9,13 +10,14 @@ from vramplan.core._setup import TrainSetup
 pytestmark = requires("torch", "transformers")
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_a_tied_lm_head_is_shared_not_allocated(monkeypatch, tied):
+def built(monkeypatch, **config):
+    """The random-weights model of a tiny Llama, and the modules whose tensors the build
+    allocated (Module.to_empty), in the order it made them."""
     import torch
 
     from vramplan.profile._materialize import random_model
 
-    spec = spec_from_config(tiny_config("llama", tie_word_embeddings=tied), "tiny-llama", "test config")
+    spec = spec_from_config(tiny_config("llama", **config), "tiny-llama", "test config")
     made = []
     to_empty = torch.nn.Module.to_empty
 
@@ -24,7 +26,12 @@ def test_a_tied_lm_head_is_shared_not_allocated(monkeypatch, tied):
         return to_empty(module, device=device, recurse=recurse)
 
     monkeypatch.setattr(torch.nn.Module, "to_empty", recording)
-    model = random_model(spec, TrainSetup(method="lora", attn="sdpa", dtype="bf16"), "cpu")
+    return random_model(spec, TrainSetup(method="lora", attn="sdpa", dtype="bf16"), "cpu"), made
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_lm_head_is_shared_not_allocated(monkeypatch, tied):
+    model, made = built(monkeypatch, tie_word_embeddings=tied)
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     assert head.weight.device.type == "cpu" and embeddings.weight.device.type == "cpu"
     # a checkpoint load makes one tensor for a tied lm_head and its embeddings, two when untied
@@ -37,20 +44,7 @@ def test_weights_are_made_in_checkpoint_order(monkeypatch):
     """from_pretrained loads (and quantizes) the checkpoint's tensors sorted by key
     (transformers core_model_loading.py, dot_natural_key): the build makes them in that order, not
     in the modules' own order, as the estimate's load replays them (estimate/_events.py checkpoint_order)."""
-    import torch
-
-    from vramplan.profile._materialize import random_model
-
-    spec = spec_from_config(tiny_config("llama", num_hidden_layers=11), "tiny-llama", "test config")
-    made = []
-    to_empty = torch.nn.Module.to_empty
-
-    def recording(module, *, device, recurse=True):
-        made.append(module)
-        return to_empty(module, device=device, recurse=recurse)
-
-    monkeypatch.setattr(torch.nn.Module, "to_empty", recording)
-    model = random_model(spec, TrainSetup(method="lora", attn="sdpa", dtype="bf16"), "cpu")
+    model, made = built(monkeypatch, num_hidden_layers=11)
     names = {id(m): n for n, m in model.named_modules()}
     order = [names[id(m)] for m in made]
     assert order[:2] == ["lm_head", "model.embed_tokens"]

@@ -321,3 +321,31 @@ def test_cuda_context_per_gpu_names_its_source():
     assert any("InvokeAI issue #9413" in a for a in rtx3090.assumptions)
     for est in (h200, rtx3090, a100):
         assert est.device_total_bytes == est.cuda_context_bytes + est.peak_reserved_bytes
+
+
+def test_the_load_makes_each_layer_s_weights_in_checkpoint_order():
+    """from_pretrained quantizes the checkpoint's tensors in sorted key order (transformers
+    core_model_loading.py, dot_natural_key): within a layer mlp before self_attn, Phi-3's o_proj
+    before its qkv_proj, layer 2 before layer 10. The packed o_proj (4.5 MiB) then opens a 20 MiB
+    segment that the packed qkv_proj (13.5 MiB) fills, where qkv_proj first would take a 14 MiB
+    segment of its own (docs/allocator.md#load-order)."""
+    from dataclasses import replace
+
+    from vramplan.estimate._events import checkpoint_order, static_sizes
+
+    names = ["self_attn.qkv_proj", "layers.10.mlp", "self_attn.o_proj", "mlp.down_proj", "layers.2.mlp"]
+    assert sorted(names, key=checkpoint_order) == ["layers.2.mlp", "layers.10.mlp", "mlp.down_proj",
+                                                   "self_attn.o_proj", "self_attn.qkv_proj"]
+    spec = resolve("microsoft/Phi-3-mini-4k-instruct")
+    setup = TrainSetup(method="qlora", seq=512)
+    static = static_memory(spec, setup)
+    packed = {n: n * 3072 // 2 for n in (3072, 9216, 16384)}    # o_proj, qkv_proj, gate_up_proj (8192 x 3072: down)
+    big = [n for n in static_sizes(spec, setup, static) if n >= 4 << 20]
+
+    def first_layer(sizes):
+        start = next(i for i, n in enumerate(sizes) if n < 1 << 27)     # past the two embeddings
+        return sizes[start:start + 4]
+    assert first_layer(big) == [8192 * 3072 // 2, packed[16384], packed[3072], packed[9216]]
+    modules = static_sizes(spec, setup, replace(static, load_order="modules"))
+    assert first_layer([n for n in modules if n >= 4 << 20]) == [packed[9216], packed[3072], packed[16384],
+                                                                 8192 * 3072 // 2]
