@@ -49,6 +49,14 @@ used the second core: case 1 6.0 / 6.1 / 7.3 s before, 6.9 / 7.2 / 8.1 s after; 
 (4.3 / 4.2, 5.6 / 5.7, 8.1 / 7.9 s medians). Case 1 is slower because a setup with gradient
 accumulation (its smaller-micro-batch changes) now replays every layer's backward
 (docs/allocator.md#reduced-detail).
+
+2026-12-01 (thirteenth session), plan alone, median of 7, nothing else running: 7.5 / 4.5 / 7.2 /
+8.4 s (cold CLI 4.4 s); the session's starting code 7.4 / 4.1 / 6.4 / 8.4 s. The grid alone (the
+20 x 20 cells through Evaluator.floor / need, one run each): 2.08 s (108 cells replayed, 1.63 s
+of it in the replay), 0.41 s, 0.41 s and 6.1 s (101 cells, 4.6 s replaying ZeRO-3's streams):
+within 0.5 s where few cells can fit, not where about 100 must be replayed. Tried and measured:
+inlining split_free / merge_free into the replay's loop (no gain: 12.2 / 17.5 / 10.9 ms against
+13.4 / 17.1 / 9.9 ms a replay, same results).
 """
 from __future__ import annotations
 
