@@ -258,6 +258,30 @@ def test_phi4_is_a_phi3_config_with_grouped_kv_and_no_window():
     assert spec.sliding_window is None and set(spec.layer_types) == {"full_attention"}
 
 
+def test_phi3_fused_projections_backward_as_autograd_runs_it():
+    """Phi3Attention slices qkv_proj's output into q, k, v: each SliceBackward0 fills a gradient of
+    qkv's whole width, three per layer; Phi3MLP's gate_up chunk concatenates its halves' gradients
+    (SplitBackward0 -> cat) into one of gate_up's width. Against simulate's step (Phi-3-mini QLoRA
+    1 x 512), the estimate's allocations of 1 MiB or more share 98.5% in order, 93.8% before
+    (docs/autograd.md#gradient-accumulation)."""
+    import collections
+
+    from vramplan import TrainSetup
+    from vramplan.estimate._estimator import estimate
+    from vramplan.estimate._events import compiled
+    from vramplan.estimate._inventory import static_memory
+    from vramplan.profile._stream_match import layer_backward_events
+
+    spec = resolve("microsoft/Phi-3-mini-4k-instruct")
+    est = estimate(spec, TrainSetup(method="qlora", seq=512, grad_ckpt=False))
+    program = compiled(spec, est.setup, static_memory(spec, est.setup), est.cuda_arch, exact_layers=None)
+    events = layer_backward_events(program.stream(program.sizes(est.setup), False), 16, 1 << 20)
+    made = collections.Counter(n for kind, n in events if kind == "a")
+    assert made[512 * (3072 + 2 * 3072) * 2] == 3          # q, k, v slices of the 9216-wide qkv
+    # gate and up's 16384-wide gradient (bf16), and down_proj's float32 LoRA input gradient (8192 x 4 B)
+    assert made[512 * 16384 * 2] == 2
+
+
 def test_granite_multipliers_are_ops_in_the_walk():
     from vramplan import TrainSetup
     from vramplan.estimate._ops import embedding_leaf, head_ops, layer_ops

@@ -425,7 +425,21 @@ class _Ops:
         self.op(f"{name}.heads", [x], [self.t(out, 0)], grads=((x, xb * self.T * width),))
         if xb != self.a:
             self.bytes_of[out] = xb
-        self.view_base[out] = x
+        self.view_base[out] = self.view_base.get(x, x)   # a view of a view shares the first base
+        return out
+
+    def slice_view(self, x: str, width: int, name: str) -> str:
+        """`x[..., start:end]` along the last dim, `width` x's: a view, nothing in forward. Its
+        SliceBackward0 writes the incoming gradient into zeros of x's whole size (slice_backward),
+        a new tensor the engine sums with x's other gradients (docs/autograd.md#gradient-accumulation).
+        A slice over the whole dim is no slice at all: Python indexing returns x itself
+        (TensorIndexing.h applySlice), so no op is made for it."""
+        out = f"{name}.sl"
+        xb = self.bytes_of.get(x, self.a)
+        self.op(f"{name}.slice", [x], [self.t(out, 0)], grads=((x, xb * self.T * width),))
+        if xb != self.a:
+            self.bytes_of[out] = xb
+        self.view_base[out] = self.view_base.get(x, x)
         return out
 
     def rope(self, x: str, width: int, name: str) -> str:
@@ -475,9 +489,11 @@ class _Ops:
         self.op(f"{name}.rope", [f"{name}.xc", f"{name}.xs"], [self.t(out, prod)],
                 grads=((f"{name}.xc", 0), (f"{name}.xs", 0)))
         if self.spec.arch.rope_pass_cat:
-            # cat([rotated, x_pass]): CatBackward0 hands the sum a view of the incoming gradient;
-            # a float32 rotated part promotes the cat to float32 (torch.cat's type promotion)
-            self.op(f"{name}.rope_pass", [out], [self.t(f"{name}.rotp", prod)], grads=((out, 0),))
+            # cat([rotated, x_pass]): CatBackward0 hands the sum and the (empty) pass-through slice
+            # views of the incoming gradient; a float32 rotated part promotes the cat to float32
+            # (torch.cat's type promotion)
+            self.op(f"{name}.rope_pass", [out, f"{name}.pass.sl"], [self.t(f"{name}.rotp", prod)],
+                    grads=((out, 0), (f"{name}.pass.sl", 0)))
             if prod != full:
                 self.bytes_of[f"{name}.rotp"] = FP32
             out = f"{name}.rotp"
@@ -555,6 +571,12 @@ class _Ops:
         qw, kvw = H * hd, spec.kv_heads * hd
         vin, ow = (H * dims[1], H * dims[1]) if dims else (kvw, qw)   # widths of v and of the output
         if self.use_rope and not dims and not rope_applied:  # SmolLM3's no-RoPE layers skip apply_rotary_pos_emb (attention.use_rope)
+            if spec.arch.rope_pass_cat:
+                # Phi-3's apply_rotary_pos_emb: `q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]`,
+                # then k's; every dim rotated, q_rot is q itself and q_pass an empty slice whose
+                # backward still fills a zero gradient of q's size (slice_view)
+                self.slice_view(q, qw, "attn.q.pass")
+                self.slice_view(k, kvw, "attn.k.pass")
             rotated = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
             # apply_rotary_pos_emb(q, k, cos, sin) holds its arguments, the projections' outputs,
             # until it returns both (docs/peft-transformers.md#rotary-embedding)
@@ -1218,8 +1240,17 @@ class _Ops:
         # the activation and product stay in it (silu and mul are on no autocast list).
         width = i  # the gradient of each chunk view (SplitBackward concatenates them)
         if self.spec.arch.fused_gate_up:
-            gate = up = self.linear(lins["gate_up_proj"], x)
-            a = self.bytes_of.get(gate, self.a)
+            gu = self.linear(lins["gate_up_proj"], x)
+            a = self.bytes_of.get(gu, self.a)
+            # `gate, up_states = up_states.chunk(2, dim=-1)`: two views of one node, SplitBackward0,
+            # which runs once both gradients are in and concatenates them into a new tensor of the
+            # output's size (split_backward -> cat); the two halves die as it returns
+            gate, up = "mlp.gate", "mlp.up"
+            self.op("mlp.chunk", [gu], [self.t(gate, 0), self.t(up, 0)], grads=((gu, a * T * 2 * i),))
+            for view in (gate, up):
+                self.view_base[view] = gu
+                if a != self.a:
+                    self.bytes_of[view] = a
             self.op("mlp.act", [gate], [self.t("mlp.s", a * T * i)], saves=(gate,), grads=((gate, a * T * width),))
         else:
             gate = self.linear(lins["gate_proj"], x)
@@ -1470,11 +1501,11 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     lins = {l.leaf: l for l in spec.layer_linears if l.where in ("all", "dense" if b.dense else "moe")}
     # q and k as RoPE reads them, (b, heads, s, head_dim) views whose gradient the view's backward
     # copies (_Ops.heads); where attention() applies transformers' apply_rotary_pos_emb
-    rope_here = b.use_rope and not spec.mla and not spec.arch.rope_complex and not spec.arch.fused_qkv
+    rope_here = b.use_rope and not spec.mla and not spec.arch.rope_complex
 
     # v likewise where the kernel hands back its gradient as (b, heads, s, head_dim) (eager's and the
     # math kernel's bmm, repeat_kv's sum); flash and memory-efficient attention lay dv out as v is
-    v_copied = not spec.mla and not spec.arch.rope_complex and not spec.arch.fused_qkv and (
+    v_copied = not spec.mla and not spec.arch.rope_complex and (
         setup.attn == "eager" or sdpa_backend(spec, setup, b.window, b.arch) == cuda_sdpa.MATH)
 
     def per_head(x: str, which: str) -> str:
@@ -1486,9 +1517,14 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     if spec.mla:
         attn, locals_ = b.mla_attention(n1, lins)
     elif spec.arch.fused_qkv:
+        # Phi3Attention.forward: qkv_proj's output sliced into q, k, v (views, each slice's
+        # gradient a zero-filled tensor of qkv's width), then the three `.view(hidden_shape)
+        # .transpose(1, 2)`; v stays a view, so saving it keeps all of qkv
         qkv = b.linear(lins["qkv_proj"], n1)
-        # q, k, v are views of qkv_proj's output; v stays a view, so saving it keeps all of qkv
-        qn, kn, vn, v_storage = qkv, qkv, qkv, qkv
+        width = lins["qkv_proj"].out_features
+        qs, ks, vs = (b.slice_view(qkv, width, f"attn.{w}") for w in "qkv")
+        qn, kn = per_head(qs, "q"), per_head(ks, "k")
+        vn = v_storage = per_head(vs, "v")
     elif spec.arch.qk_norm == "head" and spec.arch.norm_style == "llama":
         # Qwen3Attention.forward: q_norm(q_proj(x).view(..., H, hd)), then k_norm(k_proj(x)), then v_proj
         qn = b.norm("self_attn.q_norm", per_head(b.linear(lins["q_proj"], n1), "q"), spec.head_dim, spec.heads)
