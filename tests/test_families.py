@@ -222,6 +222,23 @@ def test_gemma3_layer_kinds_split_from_the_window_on():
     assert long[0].saved > long[5].saved   # the sliding layers keep their mask-bias for backward
 
 
+@pytest.mark.parametrize("model", ["google/gemma-3-12b-pt", "google/gemma-3-1b-pt"])
+def test_masked_attention_s_dk_dv_are_of_every_head(model):
+    """With a mask transformers repeats k and v to every head before SDPA, so the kernel's dk / dv
+    are the repeated tensors' (repeat_kv's backward sums them down): Gemma-3-12B's sliding layers
+    at 4 x 2048 make three 64 MiB gradients there, as simulate's trace does (dv was 32 MiB); with
+    one KV head (Gemma-3-1B) the repeat is a stride-0 view, and the gradient still of every head."""
+    from vramplan import TrainSetup
+    from vramplan.estimate._ops import layer_ops
+    from vramplan.estimate._symbolic import B, S
+
+    spec = resolve(model)
+    setup = TrainSetup(batch=4, seq=2048, grad_ckpt=False)
+    ops, _ = layer_ops(spec, setup)        # a sliding-window layer: the mask, k and v repeated
+    sdpa = next(op for op in ops if op.name == "attn.sdpa")
+    every_head = 2 * B * S * spec.heads * spec.head_dim     # bf16 (b, s, H, head_dim)
+    assert [str(n) for _name, n in sdpa.grads] == [str(every_head)] * 3
+
 def test_olmo2_norms_follow_the_blocks_and_span_the_projections():
     spec = resolve("allenai/OLMo-2-1124-7B")
     assert spec.arch.norm_placement == "post"

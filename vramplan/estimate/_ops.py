@@ -622,7 +622,9 @@ class _Ops:
                 self.op("attn.k_rep", [k], [self.t("attn.kr", rep)], grads=((k, a * T * kvw),))
                 self.op("attn.v_rep", [v], [self.t("attn.vr", rep)], grads=((v, a * T * kvw),))
                 bias = (k,) if view else ()
-                k, v, v_storage, kvw = "attn.kr", "attn.vr", v_storage if view else "attn.vr", qw
+                # the kernel's dk / dv are the repeated k / v's, of every head (repeat_kv's backward
+                # sums them down to the KV heads)
+                k, v, v_storage, kvw, vin = "attn.kr", "attn.vr", v_storage if view else "attn.vr", qw, qw
             self.op("attn.bias", [], [self.t("attn.bias", a * b * seq * cuda_sdpa.efficient_mask_last_dim(seq, _sym_round))])
             bias = (*bias, "attn.bias")
         if backend == "efficient":
