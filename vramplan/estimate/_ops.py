@@ -1506,9 +1506,12 @@ def layer_ops(spec: ModelSpec, setup: TrainSetup, b: "_Ops | None" = None) -> tu
     rope_here = b.use_rope and not spec.mla and not spec.arch.rope_complex
 
     # v likewise where the kernel hands back its gradient as (b, heads, s, head_dim) (eager's and the
-    # math kernel's bmm, repeat_kv's sum); flash and memory-efficient attention lay dv out as v is
+    # math kernel's bmm, repeat_kv's sum: with a mask SDPA gets k and v repeated to every head, and
+    # the sum over a repeat is contiguous, except over one KV head, whose view folds the size-1 dim);
+    # flash and memory-efficient attention lay dv out as v is
+    repeated = b.window and 1 < spec.kv_heads < spec.heads
     v_copied = not spec.mla and not spec.arch.rope_complex and (
-        setup.attn == "eager" or sdpa_backend(spec, setup, b.window, b.arch) == cuda_sdpa.MATH)
+        setup.attn == "eager" or repeated or sdpa_backend(spec, setup, b.window, b.arch) == cuda_sdpa.MATH)
 
     def per_head(x: str, which: str) -> str:
         if not (v_copied if which == "v" else rope_here):
