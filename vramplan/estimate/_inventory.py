@@ -43,7 +43,8 @@ class Static:
     load_transients: tuple[int, ...] = ()
     # the order a load makes each decoder layer's weights in: "checkpoint", transformers'
     # from_pretrained (sorted checkpoint keys, estimate/_events.py checkpoint_order), or "modules",
-    # the modules' registration order, which a profile record's re-estimate may set (same reference)
+    # the modules' registration order, which a profile record's re-estimate may set
+    # (profile/_compare.py record_load)
     load_order: str = "checkpoint"
 
     def by_component(self) -> dict[str, int]:

@@ -429,7 +429,7 @@ class _Ops:
         return out
 
     def slice_view(self, x: str, width: int, name: str) -> str:
-        """`x[..., start:end]` along the last dim, `width` x's: a view, nothing in forward. Its
+        """`x[..., start:end]`, `width` being x's last dim: a view, nothing in forward. Its
         SliceBackward0 writes the incoming gradient into zeros of x's whole size (slice_backward),
         a new tensor the engine sums with x's other gradients (docs/autograd.md#gradient-accumulation).
         A slice over the whole dim is no slice at all: Python indexing returns x itself
