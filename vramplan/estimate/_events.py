@@ -988,12 +988,19 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         gathers(("forward", "head"))
         head = _Instance(b, head_t, {head_t.names["x"]: x})
         head_fwd, head_blas = head_t.forward, head_t.blas[0]
-        if embeds:
+        # the masks are locals of the base model's forward that no backward op saves (SDPA saves
+        # the additive bias it converts them to, eager attention's `+ causal_mask` saves nothing):
+        # they go as it returns, unless checkpointing holds them as the layers' inputs for the
+        # recomputation (torch.utils.checkpoint), until the first layer's backward
+        early_masks = masks if not setup.grad_ckpt else []
+        if embeds or early_masks:
             # the base model returns once the final norm has rebound `hidden_states` (its input
-            # freed): `inputs_embeds` goes then, before lm_head
+            # freed): `inputs_embeds` and the masks go then, before lm_head
             normed = head_fwd.index((-1, head_t.names["x"])) + 1 if (-1, head_t.names["x"]) in head_fwd else 0
             head.run(head_fwd[:normed])
             b.drop(embeds)
+            release(early_masks)
+            masks = [key for key in masks if key not in early_masks]
             head_fwd, head_blas = head_fwd[normed:], head_blas - normed if head_blas >= normed else -1
         if play(head, head_fwd, head_blas, forward_ws):
             b.new(workspace)      # no matmul found in the tapes: counted all the same (cuda/_cublas.py)
