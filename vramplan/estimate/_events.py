@@ -1000,7 +1000,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             head.run(head_fwd[:normed])
             b.drop(embeds)
             release(early_masks)
-            masks = [key for key in masks if key not in early_masks]
+            masks = [] if early_masks else masks
             head_fwd, head_blas = head_fwd[normed:], head_blas - normed if head_blas >= normed else -1
         if play(head, head_fwd, head_blas, forward_ws):
             b.new(workspace)      # no matmul found in the tapes: counted all the same (cuda/_cublas.py)
