@@ -420,13 +420,7 @@ class _Ops:
         Made where the model calls `.view(hidden_shape)` (layer_ops), which sets when the copy
         runs: autograd's engine runs ready nodes latest-made first. Ops that read or save the
         view keep x alive (op())."""
-        out = f"{name}.h"
-        xb = self.bytes_of.get(x, self.a)
-        self.op(f"{name}.heads", [x], [self.t(out, 0)], grads=((x, xb * self.T * width),))
-        if xb != self.a:
-            self.bytes_of[out] = xb
-        self.view_base[out] = self.view_base.get(x, x)   # a view of a view shares the first base
-        return out
+        return self._copying_view(x, width, f"{name}.heads", f"{name}.h")
 
     def slice_view(self, x: str, width: int, name: str) -> str:
         """`x[..., start:end]`, `width` being x's last dim: a view, nothing in forward. Its
@@ -434,12 +428,16 @@ class _Ops:
         a new tensor the engine sums with x's other gradients (docs/autograd.md#gradient-accumulation).
         A slice over the whole dim is no slice at all: Python indexing returns x itself
         (TensorIndexing.h applySlice), so no op is made for it."""
-        out = f"{name}.sl"
+        return self._copying_view(x, width, f"{name}.slice", f"{name}.sl")
+
+    def _copying_view(self, x: str, width: int, op: str, out: str) -> str:
+        """A view `out` of x (nothing in forward) whose backward makes a new gradient of x's
+        whole size, `width` its last dim, in x's dtype (heads, slice_view)."""
         xb = self.bytes_of.get(x, self.a)
-        self.op(f"{name}.slice", [x], [self.t(out, 0)], grads=((x, xb * self.T * width),))
+        self.op(op, [x], [self.t(out, 0)], grads=((x, xb * self.T * width),))
         if xb != self.a:
             self.bytes_of[out] = xb
-        self.view_base[out] = self.view_base.get(x, x)
+        self.view_base[out] = self.view_base.get(x, x)   # a view of a view shares the first base
         return out
 
     def rope(self, x: str, width: int, name: str) -> str:
