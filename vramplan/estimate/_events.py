@@ -36,6 +36,7 @@ from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_
                                    rope_cells,
                                    held_graph_leaf, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
                                    tied_sum_in_place)
+from vramplan.estimate import _kbit_load as kbit
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate._symbolic import rounded_bytes, variables
 from vramplan.estimate._walk import GRAD
@@ -332,6 +333,42 @@ def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[li
     if rest < 0:   # the inventory counts fewer tensors than listed here: keep the total exact
         return [static.weights + static.quant_constants + static.adapters], [], []
     return sizes, lora, ([rest] if rest else [])
+
+
+def kbit_load(b, const, spec: ModelSpec, setup: TrainSetup, static: Static) -> bool:
+    """The load phase under prepare_model_for_kbit_training (estimate/_kbit_load.py); False
+    (nothing made) where kbit.applies says it is not played. The persistent
+    tensors are static_parts', the LoRA tensors in get_peft_model's order: layer by layer, each
+    adapted Linear in the modules' order (core/_models.py lists them so), lora_A then lora_B, an
+    adapted lm_head last."""
+    if not kbit.applies(spec, setup):
+        return False
+    model, _lora, rest = static_parts(spec, setup, static)
+    heads = 1 if spec.tied else 2
+    norms = spec.layers * spec.arch.norms_per_layer + 1
+    if len(model) < heads + norms:     # static_parts' single lump: nothing to cast apart
+        return False
+    vh = spec.vocab * spec.hidden
+    T = kbit.LoadTensor
+    tensors = [T(0, "embed", vh, model[0])] + ([] if spec.tied else [T(1, "head", vh, model[1])])
+    tensors += [T(i, "upcast", spec.hidden, model[i]) for i in range(heads, heads + norms)]
+    tensors += [T(i, "weight", 0, n) for i, n in enumerate(model) if i >= heads + norms]
+    linears = adapted_linears(spec, setup)
+    ab = adapter_bytes(setup)
+    in_layers = [shape for lin in linears if lin.name != "lm_head" for shape in lora_shapes(lin, setup.rank)]
+    on_head = [shape for lin in linears if lin.name == "lm_head" for shape in lora_shapes(lin, setup.rank)]
+    for shape in in_layers * spec.layers + on_head:
+        tensors.append(T(len(tensors), "adapter", numel(shape), alloc(numel(shape) * ab)))
+    tensors += [T(len(tensors), "later", 0, n) for n in rest]
+    made: dict = {}
+    for op in kbit.load_ops([t for t in tensors if t.nbytes > 0], setup.recast):
+        if op[0] == "alloc":
+            made[op[1]] = b.make([const(op[2])])
+        elif op[0] == "free":
+            b.drop(made.pop(op[1]))
+        else:
+            b.ops.append(EMPTY_CACHE)
+    return True
 
 
 def optimizer_sizes(setup: TrainSetup, static: Static) -> tuple[list[int], list[int]]:
@@ -783,7 +820,8 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         reduce_stream = REDUCTION_STREAM if zero.overlap_comm else DEFAULT_STREAM
         state_sizes, work_sizes = list(zero.states), []
     elif fsdp is None:
-        b.make([const(n) for n in static_sizes(spec, setup, static) if n > 0])
+        if not kbit_load(b, const, spec, setup, static):
+            b.make([const(n) for n in static_sizes(spec, setup, static) if n > 0])
         for n in static.load_transients:
             b.drop(b.make([const(n)]))
         unit, root = None, None

@@ -147,15 +147,29 @@ def decoder_layers(model) -> tuple[str, list]:
     return best
 
 
-def register_live_state(tracker, built, paged: list) -> None:
+def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> None:
     """Everything on the device before the step: quant state, parameters, buffers, optimizer state,
     the batch, each in the order a checkpoint load makes it (the allocation stream's load phase,
-    _reserved.py two_step_events)."""
+    _reserved.py two_step_events). Under prepare_model_for_kbit_training (`setup`) each block
+    also gets its part in that load (Block.load, estimate/_kbit_load.py): the casts, the LoRA
+    tensors in get_peft_model's order, qlora.py's recast (where kbit.applies)."""
     from vramplan.simulate import _kernels as kernels  # imports torch: loaded when a step runs
 
+    import torch
+
+    from vramplan.estimate import _kbit_load as kbit
     from vramplan.estimate._events import checkpoint_order
 
     model = built.model
+    cast = setup is not None and kbit.applies(spec, setup)
+    recast = bool(cast and setup.recast)
+
+    def track(t, tag, role="weight"):
+        block = tracker.track(t, tag)
+        if cast and block is not None and not block.load:
+            block.load = (role, t.numel(), recast)
+        return block
+
     quantized = []
     # in the order from_pretrained loads and quantizes the checkpoint's tensors (sorted keys,
     # estimate/_events.py checkpoint_order): which small weights share a segment follows from it
@@ -163,30 +177,42 @@ def register_live_state(tracker, built, paged: list) -> None:
         weight = getattr(module, "weight", None)
         qs = getattr(weight, "quant_state", None)
         if qs is not None:
-            quantized.append(tracker.track(weight, Component.WEIGHTS.value))  # the packed 4-bit weight
+            quantized.append(track(weight, Component.WEIGHTS.value))  # the packed 4-bit weight
             for t in (qs.absmax, qs.code, qs.offset):
-                quantized.append(tracker.track(t, Component.QUANT_CONSTANTS.value))
+                quantized.append(track(t, Component.QUANT_CONSTANTS.value))
             if qs.state2 is not None:
-                quantized.append(tracker.track(qs.state2.absmax, Component.QUANT_CONSTANTS.value))
-                quantized.append(tracker.track(qs.state2.code, Component.QUANT_CONSTANTS.value))
+                quantized.append(track(qs.state2.absmax, Component.QUANT_CONSTANTS.value))
+                quantized.append(track(qs.state2.code, Component.QUANT_CONSTANTS.value))
         state = getattr(module, "state", None)  # bnb Linear8bitLt MatmulLtState
         if state is not None and hasattr(state, "SCB"):
-            quantized.append(tracker.track(weight, Component.WEIGHTS.value))
-            quantized.append(tracker.track(state.CB, Component.WEIGHTS.value))
-            quantized.append(tracker.track(state.SCB, Component.QUANT_CONSTANTS.value))
-            quantized.append(tracker.track(getattr(weight, "SCB", None), Component.QUANT_CONSTANTS.value))
+            quantized.append(track(weight, Component.WEIGHTS.value))
+            quantized.append(track(state.CB, Component.WEIGHTS.value))
+            quantized.append(track(state.SCB, Component.QUANT_CONSTANTS.value))
+            quantized.append(track(getattr(weight, "SCB", None), Component.QUANT_CONSTANTS.value))
     # What an op builds from a quantized weight or its constants is a dequantized copy
     # (MatMul8bitLt.backward: CB.to(dtype).mul_(SCB / 127); functional.dequantize_4bit), except
     # the bitsandbytes matmuls themselves, whose outputs are activations.
     tracker.propagate = {b.key: Component.TEMPORARIES.value for b in quantized if b is not None}
     tracker.propagate_skip = kernels.matmul_ops()
-    for name, p in sorted(model.named_parameters(), key=lambda np: checkpoint_order(np[0])):
-        tag = Component.ADAPTERS if "lora_" in name else Component.WEIGHTS
-        tracker.track(p, tag.value)
+    params = list(model.named_parameters())
+    if cast:   # get_peft_model makes the LoRA tensors after the load, in the modules' order
+        embed = built.base.get_input_embeddings().weight
+        head = getattr(built.lm_head, "weight", None)
+        base = sorted([np for np in params if "lora_" not in np[0]], key=lambda np: checkpoint_order(np[0]))
+        for _name, p in base:
+            role = ("embed" if p is embed else "head" if p is head
+                    else "upcast" if p.dtype == torch.float32 else "weight")
+            track(p, Component.WEIGHTS.value, role)
+        for _name, p in [np for np in params if "lora_" in np[0]]:
+            track(p, Component.ADAPTERS.value, "adapter")
+    else:
+        for name, p in sorted(params, key=lambda np: checkpoint_order(np[0])):
+            tag = Component.ADAPTERS if "lora_" in name else Component.WEIGHTS
+            tracker.track(p, tag.value)
     for _, b in model.named_buffers():
-        tracker.track(b, Component.WEIGHTS.value)
+        track(b, Component.WEIGHTS.value)
     register_optimizer_state(tracker, built.optimizer, paged)
-    tracker.track(built.input_ids, Component.ACTIVATIONS.value)
+    track(built.input_ids, Component.ACTIVATIONS.value, "later")
 
 
 def register_optimizer_state(tracker, optimizer, paged: list) -> None:

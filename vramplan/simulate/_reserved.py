@@ -15,6 +15,7 @@ from bisect import bisect_right
 from vramplan.core._components import Component
 from vramplan.cuda._alloc_conf import AllocConf
 from vramplan.cuda._reserved import ReservedPeak, replay_stream
+from vramplan.estimate._kbit_load import LoadTensor, load_ops
 
 OPT = Component.OPTIMIZER_STATE.value
 ACT = Component.ACTIVATIONS.value
@@ -84,9 +85,14 @@ def two_step_events(stream) -> list:
     held = held_pairs(registered, in_step)            # registered block -> the warm-up's own
     remade = {id(b) for b in held.values()}           # each step makes its own outputs
     events: list = []
-    for b in registered:
-        if b.component != OPT and id(b) not in late and id(b) not in held:
-            events.append(("alloc", ("live", b.alloc_event), b.size))
+    loaded = [b for b in registered if b.component != OPT and id(b) not in late and id(b) not in held]
+    if any(b.load for b in loaded):
+        # prepare_model_for_kbit_training's load (estimate/_kbit_load.py), as the estimate plays it
+        tensors = [LoadTensor(("live", b.alloc_event), *(b.load[:2] or ("weight", 0)), b.size) for b in loaded]
+        recast = any(b.load[2] for b in loaded if b.load)
+        events += load_ops(tensors, recast)
+    else:
+        events += [("alloc", ("live", b.alloc_event), b.size) for b in loaded]
     for step in (0, 1):
         timeline = []
         for b in in_step:

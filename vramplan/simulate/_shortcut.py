@@ -206,6 +206,7 @@ class VBlock:
     where: tuple
     op: str
     component: str
+    load: tuple = ()              # Block.load: the registered live state's part in the load
 
 
 @dataclass
@@ -218,7 +219,8 @@ class Stream:
 
 
 def stream_of(tracker) -> Stream:
-    blocks = [VBlock(b.size, b.alloc_event, b.free_event, b.where, b.op, component_of(b)) for b in tracker.blocks]
+    blocks = [VBlock(b.size, b.alloc_event, b.free_event, b.where, b.op, component_of(b), b.load)
+              for b in tracker.blocks]
     registered = tracker.ops[0][0] if tracker.ops else tracker.event
     return Stream(blocks, list(tracker.ops), tracker.event, registered)
 
@@ -474,7 +476,7 @@ class Expansion:
         blocks: list = []
         copies = self.static.get(m, [])
         for v in [v for vs in self.static.values() for v in vs] + copies * n:
-            blocks.append(VBlock(v.size, len(blocks) + 1, None, v.where, v.op, v.component))
+            blocks.append(VBlock(v.size, len(blocks) + 1, None, v.where, v.op, v.component, v.load))
         state_at = len(blocks)
         R = state_at + len(opt.state)
         order = []   # (segment, unit of the full model)

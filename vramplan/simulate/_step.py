@@ -342,7 +342,7 @@ class Simulation:
         """A tracker holding everything live before the measured step."""
         tracker = self.tracker()
         self.paged = []
-        register_live_state(tracker, self.built, self.paged)
+        register_live_state(tracker, self.built, self.paged, self.spec, self.setup)
         if self.cublas is not None:   # made by the warm-up step's first matmuls, cached since
             for workspace in self.cublas.tensors():
                 tracker.track(workspace, Component.TEMPORARIES.value, op=CUBLAS_WORKSPACE)
