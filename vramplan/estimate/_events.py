@@ -284,6 +284,24 @@ def checkpoint_order(name: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
 
 
+def lora_numels(spec: ModelSpec, setup: TrainSetup) -> list[int]:
+    """The elements of each LoRA tensor on the decoder's Linear layers (and an adapted lm_head), in
+    the order get_peft_model makes them: `named_modules()` order, each layer's adapted Linear
+    modules as core/_models.py lists them (their registration order in every family but Phi-3,
+    whose attention registers o_proj before qkv_proj), lora_A then lora_B
+    (peft tuners/lora/layer.py update_layer), the lm_head last. Where the layers differ
+    (Linear.where: DeepSeek-V3's dense and MoE layers) every layer's tensors of one Linear come
+    together, as before."""
+    linears = adapted_linears(spec, setup)
+    on_head = [numel(shape) for lin in linears if lin.name == "lm_head" for shape in lora_shapes(lin, setup.rank)]
+    in_layers = [lin for lin in linears if lin.name != "lm_head"]
+    if all(lin.where == "all" for lin in in_layers):
+        one = [numel(shape) for lin in in_layers for shape in lora_shapes(lin, setup.rank)]
+        return one * spec.layers + on_head
+    return [numel(shape) for lin in in_layers for shape in lora_shapes(lin, setup.rank)
+            for _ in range(spec.count(lin))] + on_head
+
+
 def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[list, list, list]:
     """static_sizes in three parts: the model's tensors (weights, bitsandbytes constants, norms,
     embeddings), the LoRA tensors, and what the inventory counts beyond them (one more tensor)."""
@@ -320,10 +338,7 @@ def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[li
         if spec.arch.router == "sigmoid_grouped":
             stacks.append(alloc(4 * E))
         sizes += stacks * spec.moe_layers
-    lora = []
-    for linear in adapted_linears(spec, setup):
-        for shape in lora_shapes(linear, setup.rank):
-            lora += [alloc(numel(shape) * ab)] * (1 if linear.name == "lm_head" else spec.count(linear))
+    lora = [alloc(n * ab) for n in lora_numels(spec, setup)]
     for shape, count in expert_lora_shapes(spec, setup):
         lora += [alloc(numel(shape) * ab)] * (count * spec.moe_layers)
     vis = vision_static(spec, setup)        # a multimodal class's vision tower and projector
@@ -337,10 +352,8 @@ def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[li
 
 def kbit_load(b, const, spec: ModelSpec, setup: TrainSetup, static: Static) -> bool:
     """The load phase under prepare_model_for_kbit_training (estimate/_kbit_load.py); False
-    (nothing made) where kbit.applies says it is not played. The persistent
-    tensors are static_parts', the LoRA tensors in get_peft_model's order: layer by layer, each
-    adapted Linear in the modules' order (core/_models.py lists them so), lora_A then lora_B, an
-    adapted lm_head last."""
+    (nothing made) where kbit.applies says it is not played. The persistent tensors are
+    static_parts', the LoRA tensors in lora_numels' order."""
     if not kbit.applies(spec, setup):
         return False
     model, _lora, rest = static_parts(spec, setup, static)
@@ -353,13 +366,9 @@ def kbit_load(b, const, spec: ModelSpec, setup: TrainSetup, static: Static) -> b
     tensors = [T(0, "embed", vh, model[0])] + ([] if spec.tied else [T(1, "head", vh, model[1])])
     tensors += [T(i, "upcast", spec.hidden, model[i]) for i in range(heads, heads + norms)]
     tensors += [T(i, "weight", 0, n) for i, n in enumerate(model) if i >= heads + norms]
-    linears = adapted_linears(spec, setup)
     ab = adapter_bytes(setup)
-    in_layers = [shape for lin in linears if lin.name != "lm_head" for shape in lora_shapes(lin, setup.rank)]
-    on_head = [shape for lin in linears if lin.name == "lm_head" for shape in lora_shapes(lin, setup.rank)]
-    for shape in in_layers * spec.layers + on_head:
-        tensors.append(T(len(tensors), "adapter", numel(shape), alloc(numel(shape) * ab)))
-    tensors += [T(len(tensors), "later", 0, n) for n in rest]
+    tensors += [T(len(tensors) + i, "adapter", n, alloc(n * ab)) for i, n in enumerate(lora_numels(spec, setup))]
+    tensors += [T(len(tensors) + i, "later", 0, n) for i, n in enumerate(rest)]
     made: dict = {}
     for op in kbit.load_ops([t for t in tensors if t.nbytes > 0], setup.recast):
         if op[0] == "alloc":

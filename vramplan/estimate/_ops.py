@@ -1373,10 +1373,12 @@ def embedding_leaf(spec: ModelSpec, setup: TrainSetup) -> int:
     module's output a leaf that requires grad, and GraniteModel multiplies it by
     embedding_multiplier *outside* that module, so the leaf is not the first layer's input; the
     graph's AccumulateGrad node holds it until backward ends. (Gemma scales inside its embedding
-    module, so its leaf is the layer input itself.)"""
+    module, so its leaf is the layer input itself.) The leaf is in the embedding weight's dtype
+    (F.embedding returns it): float32 after prepare_model_for_kbit_training, 16-bit again after
+    qlora.py's recast (embedding_bytes), where the residual stream above it is float32."""
     if not (setup.grad_ckpt and spec.arch.scaled_residuals):
         return 0
-    return alloc_bytes(act_bytes(spec, setup) * setup.tokens * spec.hidden)
+    return alloc_bytes(embedding_bytes(setup) * setup.tokens * spec.hidden)
 
 
 def tied_embedding_grad(spec: ModelSpec, setup: TrainSetup) -> int:

@@ -149,10 +149,11 @@ def decoder_layers(model) -> tuple[str, list]:
 
 def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> None:
     """Everything on the device before the step: quant state, parameters, buffers, optimizer state,
-    the batch, each in the order a checkpoint load makes it (the allocation stream's load phase,
-    _reserved.py two_step_events). Under prepare_model_for_kbit_training (`setup`) each block
-    also gets its part in that load (Block.load, estimate/_kbit_load.py): the casts, the LoRA
-    tensors in get_peft_model's order, qlora.py's recast (where kbit.applies)."""
+    the batch. Each block gets its part in the load (Block.load, estimate/_kbit_load.py
+    LoadTensor's role), which _reserved.py two_step_events plays as the estimate does: the model's
+    tensors in the order a checkpoint load makes them, the LoRA tensors after them in
+    get_peft_model's order, the batch last; under prepare_model_for_kbit_training (`setup`, where
+    kbit.applies) the casts and qlora.py's recast too."""
     from vramplan.simulate import _kernels as kernels  # imports torch: loaded when a step runs
 
     import torch
@@ -166,15 +167,14 @@ def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> N
 
     def track(t, tag, role="weight"):
         block = tracker.track(t, tag)
-        if cast and block is not None and not block.load:
+        if block is not None and not block.load:
             block.load = (role, t.numel(), recast)
         return block
 
     quantized = []
-    # in the order from_pretrained loads and quantizes the checkpoint's tensors (sorted keys,
-    # estimate/_events.py checkpoint_order): which small weights share a segment follows from it
-    for _name, module in sorted(model.named_modules(), key=lambda nm: checkpoint_order(nm[0])):
-        weight = getattr(module, "weight", None)
+
+    def track_quantized(module) -> None:
+        weight = module.weight
         qs = getattr(weight, "quant_state", None)
         if qs is not None:
             quantized.append(track(weight, Component.WEIGHTS.value))  # the packed 4-bit weight
@@ -183,32 +183,45 @@ def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> N
             if qs.state2 is not None:
                 quantized.append(track(qs.state2.absmax, Component.QUANT_CONSTANTS.value))
                 quantized.append(track(qs.state2.code, Component.QUANT_CONSTANTS.value))
-        state = getattr(module, "state", None)  # bnb Linear8bitLt MatmulLtState
-        if state is not None and hasattr(state, "SCB"):
+        else:                                   # bnb Linear8bitLt MatmulLtState
+            state = module.state
             quantized.append(track(weight, Component.WEIGHTS.value))
             quantized.append(track(state.CB, Component.WEIGHTS.value))
             quantized.append(track(state.SCB, Component.QUANT_CONSTANTS.value))
             quantized.append(track(getattr(weight, "SCB", None), Component.QUANT_CONSTANTS.value))
+
+    embed = built.base.get_input_embeddings().weight
+    head = getattr(built.lm_head, "weight", None)
+
+    def track_param(p) -> None:
+        role = "weight"
+        if cast:   # what prepare_model_for_kbit_training casts: the float32 parameters now
+            role = ("embed" if p is embed else "head" if p is head
+                    else "upcast" if p.dtype == torch.float32 else "weight")
+        track(p, Component.WEIGHTS.value, role)
+
+    # The model's tensors in the order from_pretrained loads and quantizes the checkpoint's keys
+    # (sorted, estimate/_events.py checkpoint_order): quantized Linear layers, under their weight's
+    # key, among the other parameters. Which small tensors share a segment follows from it.
+    entries, packed = [], set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if getattr(weight, "quant_state", None) is not None or hasattr(getattr(module, "state", None), "SCB"):
+            entries.append((checkpoint_order(name + ".weight"), track_quantized, module))
+            packed.add(id(weight))
+    params = list(model.named_parameters())
+    entries += [(checkpoint_order(name), track_param, p) for name, p in params
+                if "lora_" not in name and id(p) not in packed]
+    for _key, register, item in sorted(entries, key=lambda e: e[0]):
+        register(item)
     # What an op builds from a quantized weight or its constants is a dequantized copy
     # (MatMul8bitLt.backward: CB.to(dtype).mul_(SCB / 127); functional.dequantize_4bit), except
     # the bitsandbytes matmuls themselves, whose outputs are activations.
     tracker.propagate = {b.key: Component.TEMPORARIES.value for b in quantized if b is not None}
     tracker.propagate_skip = kernels.matmul_ops()
-    params = list(model.named_parameters())
-    if cast:   # get_peft_model makes the LoRA tensors after the load, in the modules' order
-        embed = built.base.get_input_embeddings().weight
-        head = getattr(built.lm_head, "weight", None)
-        base = sorted([np for np in params if "lora_" not in np[0]], key=lambda np: checkpoint_order(np[0]))
-        for _name, p in base:
-            role = ("embed" if p is embed else "head" if p is head
-                    else "upcast" if p.dtype == torch.float32 else "weight")
-            track(p, Component.WEIGHTS.value, role)
-        for _name, p in [np for np in params if "lora_" in np[0]]:
-            track(p, Component.ADAPTERS.value, "adapter")
-    else:
-        for name, p in sorted(params, key=lambda np: checkpoint_order(np[0])):
-            tag = Component.ADAPTERS if "lora_" in name else Component.WEIGHTS
-            tracker.track(p, tag.value)
+    # get_peft_model makes the LoRA tensors after the load, in the modules' order
+    for _name, p in [np for np in params if "lora_" in np[0]]:
+        track(p, Component.ADAPTERS.value, "adapter")
     for _, b in model.named_buffers():
         track(b, Component.WEIGHTS.value)
     register_optimizer_state(tracker, built.optimizer, paged)

@@ -86,13 +86,10 @@ def two_step_events(stream) -> list:
     remade = {id(b) for b in held.values()}           # each step makes its own outputs
     events: list = []
     loaded = [b for b in registered if b.component != OPT and id(b) not in late and id(b) not in held]
-    if any(b.load for b in loaded):
-        # prepare_model_for_kbit_training's load (estimate/_kbit_load.py), as the estimate plays it
-        tensors = [LoadTensor(("live", b.alloc_event), *(b.load[:2] or ("weight", 0)), b.size) for b in loaded]
-        recast = any(b.load[2] for b in loaded if b.load)
-        events += load_ops(tensors, recast)
-    else:
-        events += [("alloc", ("live", b.alloc_event), b.size) for b in loaded]
+    # the load as the estimate plays it (estimate/_kbit_load.py load_ops, from the parts
+    # _attribution.py register_live_state gave the live state; what it did not register, after it)
+    tensors = [LoadTensor(("live", b.alloc_event), *(b.load[:2] or ("later", 0)), b.size) for b in loaded]
+    events += load_ops(tensors, any(b.load[2] for b in loaded if b.load))
     for step in (0, 1):
         timeline = []
         for b in in_step:

@@ -474,8 +474,11 @@ class Expansion:
         m, n, names = self.m, self.n, self.names
         # live state before the step: the traced model's, unit m's n more times, the full optimizer's
         blocks: list = []
-        copies = self.static.get(m, [])
-        for v in [v for vs in self.static.values() for v in vs] + copies * n:
+        # in load order: unit m's n copies follow it
+        loaded = []
+        for u, vs in self.static.items():
+            loaded += vs + (vs * n if u == m else [])
+        for v in loaded:
             blocks.append(VBlock(v.size, len(blocks) + 1, None, v.where, v.op, v.component, v.load))
         state_at = len(blocks)
         R = state_at + len(opt.state)
