@@ -67,7 +67,7 @@ def test_simulate_and_estimate_load_alike(recipe, flags):
     """Qwen3-0.6B: its tied 311 MB embedding is the checkpoint's first key ('model.embed_tokens'
     sorts before 'model.layers'); simulate registered every quantized layer before it until
     2026-12-01, and the LoRA tensors among the norms. Under qlora-paper the load also casts and
-    recasts (estimate/_kbit_load.py)."""
+    recasts (estimate/_load.py)."""
     spec = resolve("Qwen/Qwen3-0.6B")
     setup = make_setup(recipe, **flags)
     est = _large_load(_estimated_load(spec, setup))

@@ -259,9 +259,10 @@ def test_profile_takes_alloc_conf_and_refuses_a_bad_one(capsys):
     ("Qwen/Qwen3-8B", dict(batch=4, seq=1024), "expandable_segments:True"),
 ], ids=["llama2-7b-2x4096", "llama3-8b-4096-expandable", "qwen3-8b-4x1024-expandable"])
 def test_the_replay_plays_every_forward(model, shape, conf):
-    """Setups where 4 exact layers at each end drift from every event of every layer (+3.9%,
-    -5.8%, -6.2%: docs/allocator.md#reduced-detail): the estimate's peak reserved is the replay
-    of every layer's forward, which is every event's here to the byte."""
+    """Setups where 4 exact layers at each end drift from every event of every layer (+2.5%,
+    -5.7%, -6.1% with the load of docs/allocator.md#quantization-on-load; +3.9%, -5.8%, -6.2%
+    before it: docs/allocator.md#reduced-detail): the estimate's peak reserved is the replay of
+    every layer's forward, which is every event's here to the byte."""
     spec, setup = resolve(model), TrainSetup(**shape)
     static = static_memory(spec, setup)
 
@@ -269,7 +270,7 @@ def test_the_replay_plays_every_forward(model, shape, conf):
         return replay_stream(step_stream(spec, setup, static, exact_layers=exact).events, conf,
                              lump_small=True).peak_reserved_bytes
     full, reduced = replay(None), replay(4)
-    assert abs(reduced - full) > 0.03 * full
+    assert abs(reduced - full) > 0.02 * full
     assert estimate(spec, setup, alloc_conf=conf).peak_reserved_bytes == replay((None, 4)) == full
 
 

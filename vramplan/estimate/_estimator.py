@@ -29,7 +29,7 @@ from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.cuda._context import cuda_context, device_overhead
 from vramplan.core._errors import ModelError, UsageError
 from vramplan.core._gpus import Gpu, resolve_gpu
-from vramplan.estimate._kbit_load import applies as kbit_load_applies
+from vramplan.estimate._load import casts as load_casts
 from vramplan.estimate._inventory import (Static, adapted_linears, embedding_bytes, expert_weight_bytes,
                                          experts_adapted, experts_quantized, static_memory)
 from vramplan.core._models import ModelSpec, resolve
@@ -558,7 +558,7 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
         out.append("prepare_model_for_kbit_training: non-quantized weights and hidden states in fp32"
                    + ("; then qlora.py's recast: LoRA, embed_tokens and lm_head back to bf16, norms in fp32, so the "
                       "bottom layer reads a bf16 embedding output" if setup.recast else ""))
-        if kbit_load_applies(spec, setup):
+        if load_casts(spec, setup):
             out.append("load before the first step: prepare_model_for_kbit_training makes each float32 copy "
                        "(embed_tokens, norms, lm_head) while the 16-bit one is still held, then empties the cache"
                        + ("; qlora.py's recast leaves the float32 copies' segments cached" if setup.recast else "")

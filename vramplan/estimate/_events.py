@@ -36,7 +36,7 @@ from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_
                                    rope_cells,
                                    held_graph_leaf, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
                                    tied_sum_in_place)
-from vramplan.estimate import _kbit_load as kbit
+from vramplan.estimate._load import LoadTensor, load_ops, settings_of
 from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
 from vramplan.estimate._symbolic import rounded_bytes, variables
 from vramplan.estimate._walk import GRAD
@@ -302,19 +302,28 @@ def lora_numels(spec: ModelSpec, setup: TrainSetup) -> list[int]:
             for _ in range(spec.count(lin))] + on_head
 
 
-def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[list, list, list]:
-    """static_sizes in three parts: the model's tensors (weights, bitsandbytes constants, norms,
-    embeddings), the LoRA tensors, and what the inventory counts beyond them (one more tensor)."""
+def load_tensors(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[LoadTensor]:
+    """One LoadTensor (estimate/_load.py) per persistent tensor, in load order, summing to weights +
+    quant_constants + adapters exactly: embed_tokens, an untied lm_head, the norms, each decoder
+    layer's tensors (a 4-bit weight "packed" with its constants after it), MoE expert stacks, a
+    vision tower, the LoRA tensors (lora_numels, then the experts'), and what the inventory counts
+    beyond them as one more tensor made last."""
     wb, eb, ab = weight_bytes(setup), embedding_bytes(setup), adapter_bytes(setup)
-    n = spec.layers
-    sizes = [alloc(spec.vocab * spec.hidden * eb)]
+    n, vh, h = spec.layers, spec.vocab * spec.hidden, spec.hidden
+    out: list = []
+
+    def add(role: str, count: int, nbytes: int) -> None:
+        out.append(LoadTensor(len(out), role, count, nbytes))
+    add("embed", vh, alloc(vh * eb))
     if not spec.tied:
-        sizes.append(alloc(spec.vocab * spec.hidden * eb))
-    sizes += [alloc(spec.hidden * wb)] * (n * spec.arch.norms_per_layer + 1)
-    def layer_sizes(dense: bool) -> list:
-        """The tensors of one decoder layer in the order a checkpoint load quantizes them
-        (checkpoint_order), or in the modules' order (Static.load_order; DeepSeek-V3: a
-        dense-layer MLP or a shared-expert MLP, core/_models.py Linear.where)."""
+        add("head", vh, alloc(vh * eb))
+    for _ in range(n * spec.arch.norms_per_layer + 1):
+        add("upcast", h, alloc(h * wb))
+
+    def layer_tensors(dense: bool) -> list:
+        """(role, numel, bytes) of one decoder layer's tensors in the order a checkpoint load
+        quantizes them (checkpoint_order), or in the modules' order (Static.load_order; DeepSeek-V3:
+        a dense-layer MLP or a shared-expert MLP, core/_models.py Linear.where)."""
         layer = []
         linears = spec.layer_linears
         if static.load_order == "checkpoint":
@@ -323,62 +332,66 @@ def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[li
             if linear.where != "all" and dense != (linear.where == "dense"):
                 continue
             weight, constants = linear_tensors(setup, linear)
-            layer += [weight] + constants
+            packed = setup.quantized and setup.quant != "int8"
+            layer.append(("packed" if packed else "weight", linear.numel, weight))
+            layer += [("constant" if packed else "weight", 0, c) for c in constants]
             if linear.bias:
-                layer.append(alloc(linear.out_features * bias_bytes(setup)))
+                layer.append(("weight", 0, alloc(linear.out_features * bias_bytes(setup))))
         return layer
-    per_kind = {dense: layer_sizes(dense) for dense in (True, False)}
+    per_kind = {dense: layer_tensors(dense) for dense in (True, False)}
     for i in range(n):
-        sizes += per_kind[spec.is_dense(i)]
+        for role, count, nbytes in per_kind[spec.is_dense(i)]:
+            add(role, count, nbytes)
     if spec.num_experts and not setup.experts_4bit:
         # the router weight and the two 3D expert stacks of every MoE layer, one allocation each
         # (inventory.static_memory), and DeepSeek-V3's float32 e_score_correction_bias
-        E, h, i = spec.num_experts, spec.hidden, spec.expert_width
+        E, i = spec.num_experts, spec.expert_width
         stacks = [alloc(E * h * wb), alloc(E * 2 * i * h * wb), alloc(E * h * i * wb)]
         if spec.arch.router == "sigmoid_grouped":
             stacks.append(alloc(4 * E))
-        sizes += stacks * spec.moe_layers
-    lora = [alloc(n * ab) for n in lora_numels(spec, setup)]
-    for shape, count in expert_lora_shapes(spec, setup):
-        lora += [alloc(numel(shape) * ab)] * (count * spec.moe_layers)
+        for nbytes in stacks * spec.moe_layers:
+            add("weight", 0, nbytes)
     vis = vision_static(spec, setup)        # a multimodal class's vision tower and projector
-    sizes += [*vis.weights, *vis.quant_constants]
-    lora += list(vis.adapters)
-    rest = static.weights + static.quant_constants + static.adapters - sum(sizes) - sum(lora)
+    for nbytes in (*vis.weights, *vis.quant_constants):
+        add("weight", 0, nbytes)
+    for count in lora_numels(spec, setup):
+        add("adapter", count, alloc(count * ab))
+    for shape, count in expert_lora_shapes(spec, setup):
+        for _ in range(count * spec.moe_layers):
+            add("adapter", numel(shape), alloc(numel(shape) * ab))
+    for nbytes in vis.adapters:
+        add("adapter", 0, nbytes)
+    total = static.weights + static.quant_constants + static.adapters
+    rest = total - sum(t.nbytes for t in out)
     if rest < 0:   # the inventory counts fewer tensors than listed here: keep the total exact
-        return [static.weights + static.quant_constants + static.adapters], [], []
-    return sizes, lora, ([rest] if rest else [])
+        return [LoadTensor(0, "weight", 0, total)]
+    if rest:
+        add("later", 0, rest)
+    return out
 
 
-def kbit_load(b, const, spec: ModelSpec, setup: TrainSetup, static: Static) -> bool:
-    """The load phase under prepare_model_for_kbit_training (estimate/_kbit_load.py); False
-    (nothing made) where kbit.applies says it is not played. The persistent tensors are
-    static_parts', the LoRA tensors in lora_numels' order."""
-    if not kbit.applies(spec, setup):
-        return False
-    model, _lora, rest = static_parts(spec, setup, static)
-    heads = 1 if spec.tied else 2
-    norms = spec.layers * spec.arch.norms_per_layer + 1
-    if len(model) < heads + norms:     # static_parts' single lump: nothing to cast apart
-        return False
-    vh = spec.vocab * spec.hidden
-    T = kbit.LoadTensor
-    tensors = [T(0, "embed", vh, model[0])] + ([] if spec.tied else [T(1, "head", vh, model[1])])
-    tensors += [T(i, "upcast", spec.hidden, model[i]) for i in range(heads, heads + norms)]
-    tensors += [T(i, "weight", 0, n) for i, n in enumerate(model) if i >= heads + norms]
-    ab = adapter_bytes(setup)
-    tensors += [T(len(tensors) + i, "adapter", n, alloc(n * ab)) for i, n in enumerate(lora_numels(spec, setup))]
-    tensors += [T(len(tensors) + i, "later", 0, n) for i, n in enumerate(rest)]
+def static_parts(spec: ModelSpec, setup: TrainSetup, static: Static) -> tuple[list, list, list]:
+    """static_sizes in three parts: the model's tensors (weights, bitsandbytes constants, norms,
+    embeddings), the LoRA tensors, and what the inventory counts beyond them (one more tensor)."""
+    tensors = load_tensors(spec, setup, static)
+    return ([t.nbytes for t in tensors if t.role not in ("adapter", "later")],
+            [t.nbytes for t in tensors if t.role == "adapter"], [t.nbytes for t in tensors if t.role == "later"])
+
+
+def play_load(b, const, spec: ModelSpec, setup: TrainSetup, static: Static) -> None:
+    """The load phase on one GPU (estimate/_load.py load_ops over load_tensors), then what a
+    profile record's load made and freed after it (Static.load_transients)."""
     made: dict = {}
-    for op in kbit.load_ops([t for t in tensors if t.nbytes > 0], setup.recast):
+    tensors = [t for t in load_tensors(spec, setup, static) if t.nbytes > 0]
+    for op in load_ops(tensors, settings_of(spec, setup)):
         if op[0] == "alloc":
             made[op[1]] = b.make([const(op[2])])
         elif op[0] == "free":
             b.drop(made.pop(op[1]))
         else:
             b.ops.append(EMPTY_CACHE)
-    return True
-
+    for n in static.load_transients:
+        b.drop(b.make([const(n)]))
 
 def optimizer_sizes(setup: TrainSetup, static: Static) -> tuple[list[int], list[int]]:
     """(state tensors, workspace tensors of one optimizer.step) on the device, one size each, in
@@ -829,10 +842,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         reduce_stream = REDUCTION_STREAM if zero.overlap_comm else DEFAULT_STREAM
         state_sizes, work_sizes = list(zero.states), []
     elif fsdp is None:
-        if not kbit_load(b, const, spec, setup, static):
-            b.make([const(n) for n in static_sizes(spec, setup, static) if n > 0])
-        for n in static.load_transients:
-            b.drop(b.make([const(n)]))
+        play_load(b, const, spec, setup, static)
         unit, root = None, None
         if ddp is not None:      # DistributedDataParallel(model): broadcast, then the Reducer's buckets
             b.place("wrap", "")

@@ -149,26 +149,26 @@ def decoder_layers(model) -> tuple[str, list]:
 
 def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> None:
     """Everything on the device before the step: quant state, parameters, buffers, optimizer state,
-    the batch. Each block gets its part in the load (Block.load, estimate/_kbit_load.py
-    LoadTensor's role), which _reserved.py two_step_events plays as the estimate does: the model's
-    tensors in the order a checkpoint load makes them, the LoRA tensors after them in
-    get_peft_model's order, the batch last; under prepare_model_for_kbit_training (`setup`, where
-    kbit.applies) the casts and qlora.py's recast too."""
+    the batch. Each block gets its part in the load (Block.load: estimate/_load.py LoadTensor's
+    role and numel, and the LoadSettings of `spec` and `setup`), which _reserved.py
+    two_step_events plays as the estimate does: the model's tensors in the order a checkpoint load
+    makes them, each 4-bit weight quantized as it arrives, the LoRA tensors after them in
+    get_peft_model's order, the batch last; prepare_model_for_kbit_training's casts and qlora.py's
+    recast where kbit.casts."""
     from vramplan.simulate import _kernels as kernels  # imports torch: loaded when a step runs
 
     import torch
 
-    from vramplan.estimate import _kbit_load as kbit
+    from vramplan.estimate import _load as kbit
     from vramplan.estimate._events import checkpoint_order
 
     model = built.model
-    cast = setup is not None and kbit.applies(spec, setup)
-    recast = bool(cast and setup.recast)
+    settings = kbit.settings_of(spec, setup) if setup is not None else None
 
-    def track(t, tag, role="weight"):
+    def track(t, tag, role="weight", count=None):
         block = tracker.track(t, tag)
-        if block is not None and not block.load:
-            block.load = (role, t.numel(), recast)
+        if block is not None and not block.load and settings is not None:
+            block.load = (role, t.numel() if count is None else count, settings)
         return block
 
     quantized = []
@@ -176,13 +176,13 @@ def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> N
     def track_quantized(module) -> None:
         weight = module.weight
         qs = getattr(weight, "quant_state", None)
-        if qs is not None:
-            quantized.append(track(weight, Component.WEIGHTS.value))  # the packed 4-bit weight
+        if qs is not None:   # the packed 4-bit weight, quantized as it loads, its constants after it
+            quantized.append(track(weight, Component.WEIGHTS.value, "packed", qs.shape.numel()))
             for t in (qs.absmax, qs.code, qs.offset):
-                quantized.append(track(t, Component.QUANT_CONSTANTS.value))
+                quantized.append(track(t, Component.QUANT_CONSTANTS.value, "constant"))
             if qs.state2 is not None:
-                quantized.append(track(qs.state2.absmax, Component.QUANT_CONSTANTS.value))
-                quantized.append(track(qs.state2.code, Component.QUANT_CONSTANTS.value))
+                quantized.append(track(qs.state2.absmax, Component.QUANT_CONSTANTS.value, "constant"))
+                quantized.append(track(qs.state2.code, Component.QUANT_CONSTANTS.value, "constant"))
         else:                                   # bnb Linear8bitLt MatmulLtState
             state = module.state
             quantized.append(track(weight, Component.WEIGHTS.value))
@@ -194,10 +194,10 @@ def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> N
     head = getattr(built.lm_head, "weight", None)
 
     def track_param(p) -> None:
-        role = "weight"
-        if cast:   # what prepare_model_for_kbit_training casts: the float32 parameters now
-            role = ("embed" if p is embed else "head" if p is head
-                    else "upcast" if p.dtype == torch.float32 else "weight")
+        # what prepare_model_for_kbit_training would cast (kbit.casts says whether it does): the
+        # embeddings, and the parameters float32 after it
+        role = ("embed" if p is embed else "head" if p is head
+                else "upcast" if p.dtype == torch.float32 else "weight")
         track(p, Component.WEIGHTS.value, role)
 
     # The model's tensors in the order from_pretrained loads and quantizes the checkpoint's keys

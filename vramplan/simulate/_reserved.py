@@ -15,7 +15,7 @@ from bisect import bisect_right
 from vramplan.core._components import Component
 from vramplan.cuda._alloc_conf import AllocConf
 from vramplan.cuda._reserved import ReservedPeak, replay_stream
-from vramplan.estimate._kbit_load import LoadTensor, load_ops
+from vramplan.estimate._load import LoadTensor, load_ops
 
 OPT = Component.OPTIMIZER_STATE.value
 ACT = Component.ACTIVATIONS.value
@@ -86,10 +86,11 @@ def two_step_events(stream) -> list:
     remade = {id(b) for b in held.values()}           # each step makes its own outputs
     events: list = []
     loaded = [b for b in registered if b.component != OPT and id(b) not in late and id(b) not in held]
-    # the load as the estimate plays it (estimate/_kbit_load.py load_ops, from the parts
+    # the load as the estimate plays it (estimate/_load.py load_ops, from the parts
     # _attribution.py register_live_state gave the live state; what it did not register, after it)
     tensors = [LoadTensor(("live", b.alloc_event), *(b.load[:2] or ("later", 0)), b.size) for b in loaded]
-    events += load_ops(tensors, any(b.load[2] for b in loaded if b.load))
+    settings = next((b.load[2] for b in loaded if b.load), None)
+    events += load_ops(tensors, settings) if settings else [("alloc", t.key, t.nbytes) for t in tensors]
     for step in (0, 1):
         timeline = []
         for b in in_step:

@@ -43,8 +43,8 @@ class Block:
     # the backward node whose apply made it (its sequence number; None outside a backward
     # formula): kernels.engine_accumulation tells the engine's buffered gradient by it
     node: int | None = None
-    # registered live state only: its part in the load (estimate/_kbit_load.py LoadTensor's role
-    # and numel, and whether qlora.py's recast follows); () where the load makes it as it is
+    # registered live state only: its part in the load (estimate/_load.py LoadTensor's role
+    # and numel, and the LoadSettings); () where the load makes it as it is
     load: tuple = ()
 
     def live_at(self, event: int) -> bool:
