@@ -140,8 +140,11 @@ def test_peak_reserved_under_each_allocator_setting(path):
 # Peak reserved over every committed GPU record: the estimate's replay against
 # torch.cuda.max_memory_reserved. The median says how close the stream is in general, the bound
 # on each record that no setup is far off (docs/allocator.md#reduced-detail has the figures).
-RESERVED_MEDIAN = 0.01
-RESERVED_EACH = 0.05
+# Measured with the load as it happens (docs/allocator.md#quantization-on-load): median |error|
+# 0.13%, the farthest -3.51% (Llama-3-8B without checkpointing at 2,048 tokens); before it 0.44%
+# and -4.11%, when these bounds were 1% and 5%.
+RESERVED_MEDIAN = 0.005
+RESERVED_EACH = 0.04
 GPU_RECORDS = [p for p in RECORDS if "_cuda_" in p.name]
 
 
