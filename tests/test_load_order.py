@@ -61,17 +61,22 @@ def _estimated_load(spec, setup) -> list:
     return stream.events[:first]
 
 
-@pytest.mark.parametrize("recipe, flags", [(None, {"method": "qlora", "seq": 512}),
-                                           ("qlora-paper", {"seq": 512})])
-def test_simulate_and_estimate_load_alike(recipe, flags):
-    """Qwen3-0.6B: its tied 311 MB embedding is the checkpoint's first key ('model.embed_tokens'
-    sorts before 'model.layers'); simulate registered every quantized layer before it until
-    2026-12-01, and the LoRA tensors among the norms. Under qlora-paper the load also casts and
-    recasts (estimate/_load.py)."""
-    spec = resolve("Qwen/Qwen3-0.6B")
+@pytest.mark.parametrize("model, recipe, flags, embedding", [
+    ("Qwen/Qwen3-0.6B", None, {"method": "qlora", "seq": 512}, 151_936 * 1_024 * 2),
+    ("Qwen/Qwen3-0.6B", "qlora-paper", {"seq": 512}, 151_936 * 1_024 * 2),
+    ("google/gemma-3-4b-pt", None, {"method": "qlora", "seq": 512, "grad_ckpt": False}, 262_208 * 2_560 * 2)])
+def test_simulate_and_estimate_load_alike(model, recipe, flags, embedding):
+    """Qwen3-0.6B: its tied embedding is the checkpoint's first key ('model.embed_tokens' sorts
+    before 'model.layers'); simulate registered every quantized layer before it until 2026-12-01,
+    and the LoRA tensors among the norms. Under qlora-paper the load also casts and recasts
+    (estimate/_load.py). Gemma-3-4B holds a SigLIP vision tower after the language model
+    ('model.multi_modal_projector', then 'model.vision_tower'), its Linear layers quantized as they
+    load (estimate/_events.py vision_load); made as one lump per kind, the estimate's peak reserved
+    was -5.13% from simulate on this setup (+4.88% with eager attention)."""
+    spec = resolve(model)
     setup = make_setup(recipe, **flags)
     est = _large_load(_estimated_load(spec, setup))
     sim = _large_load(_simulated_events(spec, setup))
-    assert est[0] == ("alloc", 311_164_928)           # 151,936 x 1,024 x 2 B
+    assert est[0] == ("alloc", embedding)
     assert ("empty_cache" in est) == (recipe == "qlora-paper")
     assert sim[:len(est)] == est

@@ -352,8 +352,8 @@ def load_tensors(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[Loa
         for nbytes in stacks * spec.moe_layers:
             add("weight", 0, nbytes)
     vis = vision_static(spec, setup)        # a multimodal class's vision tower and projector
-    for nbytes in (*vis.weights, *vis.quant_constants):
-        add("weight", 0, nbytes)
+    for role, count, nbytes in vision_load(spec, setup):
+        add(role, count, nbytes)
     for count in lora_numels(spec, setup):
         add("adapter", count, alloc(count * ab))
     for shape, count in expert_lora_shapes(spec, setup):
@@ -367,6 +367,32 @@ def load_tensors(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[Loa
         return [LoadTensor(0, "weight", 0, total)]
     if rest:
         add("later", 0, rest)
+    return out
+
+
+def vision_load(spec: ModelSpec, setup: TrainSetup) -> list[tuple[str, int, int]]:
+    """(role, numel, bytes) of Gemma3ForConditionalGeneration's vision tower and projector
+    (inventory.vision_static's tensors) in checkpoint order: 'model.multi_modal_projector' sorts
+    before 'model.vision_tower'; in the tower the embeddings (patch Conv2d bias, weight, position
+    embedding), each encoder layer (LayerNorms, then mlp.fc1, mlp.fc2, self_attn k / out / q / v,
+    each Linear's bias before its weight), post_layernorm; the int64 position_ids buffer last. A
+    quantized Linear is "packed", its constants after it (linear_tensors)."""
+    v = spec.vision
+    if v is None:
+        return []
+    wb, h = weight_bytes(setup), v.hidden
+    dense = lambda *shape: ("weight", 0, alloc(numel(shape) * wb))   # noqa: E731
+    out = [dense(h, v.text_hidden), dense(h),                          # the projector, its norm
+           dense(h), dense(h, v.channels, v.patch, v.patch), dense(v.positions, h)]
+    packed = setup.quantized and setup.quant != "int8"
+    layer = [dense(h)] * 4                                             # layer_norm1 / 2, bias and weight
+    for linear in sorted(v.linears, key=lambda linear: checkpoint_order(linear.name)):
+        weight, constants = linear_tensors(setup, linear) if setup.quantized else (alloc(linear.numel * wb), [])
+        layer.append(("weight", 0, alloc(linear.out_features * wb)))   # the bias, in the load dtype
+        layer.append(("packed" if packed else "weight", linear.numel, weight))
+        layer += [("constant" if packed else "weight", 0, c) for c in constants]
+    out += layer * v.layers + [dense(h), dense(h)]                     # post_layernorm
+    out.append(("weight", 0, alloc(8 * v.positions)))                  # SiglipVisionEmbeddings.position_ids
     return out
 
 
