@@ -57,6 +57,13 @@ of it in the replay), 0.41 s, 0.41 s and 6.1 s (101 cells, 4.6 s replaying ZeRO-
 within 0.5 s where few cells can fit, not where about 100 must be replayed. Tried and measured:
 inlining split_free / merge_free into the replay's loop (no gain: 12.2 / 17.5 / 10.9 ms against
 13.4 / 17.1 / 9.9 ms a replay, same results).
+
+2026-12-01 (fourteenth session), plan alone, median of 7, nothing else running: 7.5 / 4.3 / 6.7 /
+8.0 s (cold CLI 4.8 s). The load phase now plays each 4-bit weight's quantization on the device
+(docs/allocator.md#quantization-on-load), about six more events per quantized Linear; one replay
+of Llama-2-70B 1 x 2048 with a new seq 33.0 -> 37.0 ms, the same hour. The grid alone: 1.87 s
+(108 cells replayed, 1.50 s of it in the replay), 0.40 s, 0.43 s, 6.6 s (101 cells, 4.9 s): still
+over 0.5 s where about 100 cells must each be replayed.
 """
 from __future__ import annotations
 
