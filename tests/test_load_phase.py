@@ -160,3 +160,20 @@ def test_estimated_load_matches_the_h200_snapshots(snapshot):
     est_peak, est_end = _estimated_load(record)
     assert abs(est_end - real_end) <= SMALL_BUFFER
     assert abs(est_peak - real_peak) <= SMALL_BUFFER
+
+
+def test_a_card_too_small_for_the_load_alone_is_told_so():
+    """Llama-3-8B under qlora-paper at 1 x 512 on a 9 GB card (8.38 GiB): the step's peak allocated
+    (7.02 GiB) and the context fit, but prepare_model_for_kbit_training's float32 lm_head (a
+    2,101,346,304 B request) is made while 6.29 GiB are allocated, the float32 embeddings and the
+    16-bit lm_head among them. That is out of memory in the load, not fragmentation."""
+    from vramplan.core._gpus import resolve_gpu
+    from vramplan.core._models import resolve
+    from vramplan.estimate._estimator import estimate
+    from vramplan.render._tables import verdict
+
+    est = estimate(resolve("meta-llama/Meta-Llama-3-8B"), make_setup("qlora-paper", seq=512), gpu=resolve_gpu("9GB"))
+    oom = est.allocator_oom
+    assert (est.status, oom["phase"], oom["nbytes"], oom["fragmentation"]) == ("no", "load", 2_101_346_304, False)
+    assert oom["allocated_bytes"] + oom["nbytes"] > 9_000_000_000 - est.cuda_context_bytes > est.peak_allocated_bytes
+    assert "the load runs out of memory (a 1.96 GiB request with 6.29 GiB allocated" in verdict(est)

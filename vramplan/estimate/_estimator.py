@@ -269,7 +269,11 @@ def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
             r = capped
             retries = capped.num_alloc_retries
         else:
-            oom = dict(capped.oom, fragmentation=True)
+            # fragmentation where the request would fit beside what is allocated at that moment;
+            # else that moment holds more than the step's peak (the load's copies,
+            # docs/allocator.md#kbit-load): plainly out of memory there
+            failed = capped.oom
+            oom = dict(failed, fragmentation=failed["allocated_bytes"] + failed["nbytes"] <= room)
             if against_card and need:      # the need is the unlimited replay's
                 r, _ = reserved_peak(spec, setup, static, arch, alloc_conf, None, fsdp, ddp, zero)
     return r, conf_text, oom, retries

@@ -76,6 +76,12 @@ def _fit(est: Estimate) -> str:
                 f"(a {gib(oom['nbytes'])} request with {gib(oom['reserved_bytes'])} reserved, "
                 f"{gib(oom['allocated_bytes'])} allocated: fragmentation); try --alloc-conf expandable_segments:True."
                 + runs)
+    if oom and oom.get("phase") == "load":
+        # the load's own peak (docs/allocator.md#kbit-load): more is allocated there than in the step
+        moment = oom["allocated_bytes"] + oom["nbytes"]
+        return (f"[red]DOES NOT FIT[/red] on {where}: the load runs out of memory (a {gib(oom['nbytes'])} request "
+                f"with {gib(oom['allocated_bytes'])} allocated: {gib(moment)} at that moment, more than the step's "
+                f"peak of {gib(est.peak_allocated_bytes)})." + runs)
     if smallest is not None:
         return (f"[red]DOES NOT FIT[/red] on {where}: it runs on a card of about {gib(smallest)} or more "
                 f"(short by about {gib(smallest - g.memory_bytes)}); with room to spare the caching allocator "
