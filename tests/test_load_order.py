@@ -5,6 +5,7 @@ sequence."""
 import importlib
 
 import pytest
+from conftest import requires
 
 from vramplan.core._models import resolve
 from vramplan.core._setup import make_setup
@@ -13,6 +14,8 @@ from vramplan.cuda._arch import target_arch
 from vramplan.estimate import _events
 from vramplan.estimate._estimator import estimate
 from vramplan.estimate._inventory import static_memory
+
+pytestmark = requires("torch", "transformers", "peft", "bitsandbytes")
 
 
 def _large_load(events) -> list:
