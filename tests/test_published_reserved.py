@@ -84,8 +84,8 @@ def test_published_reserved_median_error(capsys):
 
 KNOWN_GAPS = {
     "TT-T1-05": "torchao NF4 (not bitsandbytes) quantizes on the GPU at load and the cache keeps that loading "
-                "peak (model-init peak reserved 9.13 GB of the 9.29): the load is not modelled "
-                "(docs/published-reserved.md)",
+                "peak (model-init peak reserved 9.13 GB of the 9.29): torchao's load is not modelled, bitsandbytes' "
+                "is (docs/published-reserved.md)",
 }
 
 
