@@ -177,3 +177,19 @@ def test_a_card_too_small_for_the_load_alone_is_told_so():
     assert (est.status, oom["phase"], oom["nbytes"], oom["fragmentation"]) == ("no", "load", 2_101_346_304, False)
     assert oom["allocated_bytes"] + oom["nbytes"] > 9_000_000_000 - est.cuda_context_bytes > est.peak_allocated_bytes
     assert "the load runs out of memory (a 1.96 GiB request with 6.29 GiB allocated" in verdict(est)
+
+
+@pytest.mark.parametrize("model", ["google/gemma-3-4b-pt", "google/gemma-3-12b-pt"])
+@pytest.mark.parametrize("flags", [{}, {"method": "lora"}, {"double_quant": False}])
+def test_the_vision_tower_loads_what_the_inventory_counts(model, flags):
+    """estimate/_events.py vision_load lists, in load order, the tensors inventory.vision_static
+    counts: the same bytes, weights and constants together."""
+    from vramplan.core._models import resolve
+    from vramplan.core._setup import TrainSetup
+    from vramplan.estimate._inventory import vision_static
+
+    spec, setup = resolve(model), TrainSetup(**flags)
+    vis = vision_static(spec, setup)
+    listed = _events.vision_load(spec, setup)
+    assert sum(n for _role, _numel, n in listed) == sum(vis.weights) + sum(vis.quant_constants)
+    assert ("packed" in {role for role, _numel, _n in listed}) == setup.quantized

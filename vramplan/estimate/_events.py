@@ -419,6 +419,7 @@ def play_load(b, const, spec: ModelSpec, setup: TrainSetup, static: Static) -> N
     for n in static.load_transients:
         b.drop(b.make([const(n)]))
 
+
 def optimizer_sizes(setup: TrainSetup, static: Static) -> tuple[list[int], list[int]]:
     """(state tensors, workspace tensors of one optimizer.step) on the device, one size each, in
     the order the optimizer makes them (inventory.device_state_tensors, step_workspace: each
