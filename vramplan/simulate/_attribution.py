@@ -154,16 +154,16 @@ def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> N
     two_step_events plays as the estimate does: the model's tensors in the order a checkpoint load
     makes them, each 4-bit weight quantized as it arrives, the LoRA tensors after them in
     get_peft_model's order, the batch last; prepare_model_for_kbit_training's casts and qlora.py's
-    recast where kbit.casts."""
+    recast where estimate/_load.py casts says they are played."""
     from vramplan.simulate import _kernels as kernels  # imports torch: loaded when a step runs
 
     import torch
 
-    from vramplan.estimate import _load as kbit
+    from vramplan.estimate._load import settings_of
     from vramplan.estimate._events import checkpoint_order
 
     model = built.model
-    settings = kbit.settings_of(spec, setup) if setup is not None else None
+    settings = settings_of(spec, setup) if setup is not None else None
 
     def track(t, tag, role="weight", count=None):
         block = tracker.track(t, tag)
@@ -194,7 +194,7 @@ def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> N
     head = getattr(built.lm_head, "weight", None)
 
     def track_param(p) -> None:
-        # what prepare_model_for_kbit_training would cast (kbit.casts says whether it does): the
+        # what prepare_model_for_kbit_training would cast (estimate/_load.py casts says whether it does): the
         # embeddings, and the parameters float32 after it
         role = ("embed" if p is embed else "head" if p is head
                 else "upcast" if p.dtype == torch.float32 else "weight")
