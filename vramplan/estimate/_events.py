@@ -351,15 +351,14 @@ def load_tensors(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[Loa
             stacks.append(alloc(4 * E))
         for nbytes in stacks * spec.moe_layers:
             add("weight", 0, nbytes)
-    vis = vision_static(spec, setup)        # a multimodal class's vision tower and projector
-    for role, count, nbytes in vision_load(spec, setup):
+    for role, count, nbytes in vision_load(spec, setup):   # a multimodal class's vision tower and projector
         add(role, count, nbytes)
     for count in lora_numels(spec, setup):
         add("adapter", count, alloc(count * ab))
     for shape, count in expert_lora_shapes(spec, setup):
         for _ in range(count * spec.moe_layers):
             add("adapter", numel(shape), alloc(numel(shape) * ab))
-    for nbytes in vis.adapters:
+    for nbytes in vision_static(spec, setup).adapters:
         add("adapter", 0, nbytes)
     total = static.weights + static.quant_constants + static.adapters
     rest = total - sum(t.nbytes for t in out)

@@ -44,13 +44,12 @@ BLOCKSIZE = 64      # quantize_4bit's default, which Linear4bit / Params4bit use
 #   "adapter"  a LoRA tensor, made by get_peft_model (float32 until a recast makes it 16-bit)
 #   "later"    made after the adapters (the inputs)
 # Without prepare_model_for_kbit_training's casts, "upcast", "embed" and "head" are weights.
-ROLES = ("weight", "packed", "constant", "upcast", "embed", "head", "adapter", "later")
 
 
 @record
 class LoadTensor:
     key: object       # the caller's name for the tensor as it is when the load is over
-    role: str         # one of ROLES
+    role: str         # one of the roles above
     numel: int        # elements: of the weight a packed one holds, of a cast or adapter tensor
     nbytes: int       # bytes when the load is over
 
