@@ -59,6 +59,10 @@ CASES = [
     ("qwen2-tied-bias", dict(seq=512, prepare_kbit=True)),
     ("phi3-fused", dict(seq=512)),
     ("phi3-fused", dict(seq=512, grad_ckpt=False, prepare_kbit=True)),
+    # Phi-4-mini's layout: grouped KV heads, tied embeddings, 3/4 of each head rotated
+    ("phi3-partial-rope", dict(seq=512)),
+    ("phi3-partial-rope", dict(seq=512, grad_ckpt=False)),
+    ("phi3-partial-rope", dict(seq=512, attn="eager", grad_ckpt=False)),
     ("gemma2-softcap", dict(seq=512, attn="eager")),
     ("gemma2-softcap", dict(seq=512, attn="eager", grad_ckpt=False)),
     ("mistral-sliding", dict(seq=512)),
@@ -262,6 +266,44 @@ def test_estimate_agrees_with_simulate(name, flags):
     trace, est = run(spec, setup, gpu=gpu), estimate(spec, setup, gpu=gpu)
     assert est.paged_optimizer_bytes == trace.paged_bytes
     assert_agrees(trace, est)
+
+
+@pytest.mark.parametrize("flags", [dict(seq=512), dict(seq=512, grad_ckpt=False)])
+def test_partial_rotary_tensors_are_made_as_the_step_makes_them(flags, monkeypatch):
+    """Rotating 48 of 64 dims per head (ModelSpec.rotary_dim) changes RoPE's temporaries by
+    kilobytes, inside test_estimate_agrees_with_simulate's tolerance, so the allocations are
+    compared instead: over two steps, the estimate's stream (every layer played) makes each size of
+    8 KiB or more as many times as simulate's step does, the rotated parts' (b, s, heads, 48) and
+    their halves' among them."""
+    import collections
+    import importlib
+
+    from vramplan.cuda._allocator import round_size
+    from vramplan.estimate._inventory import static_memory
+    from vramplan.simulate import simulate as run
+
+    sim_reserved = importlib.import_module("vramplan.simulate._reserved")
+    events = importlib.import_module("vramplan.estimate._events")
+    captured = []
+    replay = sim_reserved.reserved_of
+
+    def capture(stream, conf=""):
+        captured.append(sim_reserved.two_step_events(stream))
+        return replay(stream, conf)
+    monkeypatch.setattr(sim_reserved, "reserved_of", capture)
+    spec, setup = spec_of("phi3-partial-rope"), TrainSetup(**flags)
+    run(spec, setup)
+    est = estimate(spec, setup)
+    program = events.compiled(spec, est.setup, static_memory(spec, est.setup), est.cuda_arch, exact_layers=None)
+    stream = program.stream(program.sizes(est.setup), False)
+
+    def made(evs) -> collections.Counter:
+        return collections.Counter(size for size in (round_size(e[2]) for e in evs if e[0] == "alloc") if size >= 8192)
+    assert len(captured) == 1
+    step, model = made(captured[0]), made(stream.events)
+    rotated_q, rotated_k = 2 * 512 * 12 * 48, 2 * 512 * 4 * 48
+    assert step[rotated_q] > 0 and step[rotated_k] > 0 and step[rotated_k // 2] > 0
+    assert model == step
 
 
 # Training recipes (issue #9, vramplan/core/_recipes.py): autocast, fused AdamW, TRL's chunked

@@ -31,6 +31,9 @@ PUBLISHED = [
     ("allenai/OLMo-2-1124-7B", 7, None, (0, None)),
     # microsoft/phi-4 (model_type phi3): the model page's safetensors size, "14.7B params"
     ("microsoft/phi-4", 14.7, None, (1, None)),
+    # microsoft/Phi-4-mini-instruct on the Hub: "3.84B params" (safetensors; the lm_head is tied
+    # to the embeddings, stored and counted once)
+    ("microsoft/Phi-4-mini-instruct", 3.84, None, (2, None)),
     # SmolLM3 model card: "3B"
     ("HuggingFaceTB/SmolLM3-3B-Base", 3, None, (0, None)),
     # Olmo 3 on the Hub: "7.3B params" (safetensors)
@@ -273,6 +276,50 @@ def test_float32_rotary_embeddings_are_cast_back_even_after_a_pass_through_cat(m
     assert passed.index("attn.q.rope_pass") < passed.index("attn.q.rot.cast") < passed.index("attn.rope_return")
     assert "attn.k.rot.cast" in passed
     assert "attn.q.rot.cast" not in [op.name for op in layer_ops(spec, TrainSetup(dtype="fp32"))[0]]
+
+
+def test_phi4_mini_rotates_three_quarters_of_each_head():
+    from vramplan.core._setup import TrainSetup
+    from vramplan.estimate._inventory import rope_width
+    from vramplan.estimate._ops import layer_ops, rope_tables
+    from vramplan.estimate._symbolic import variables
+
+    spec = resolve("phi-4-mini")
+    assert spec.model_type == "phi3" and spec.tied and spec.vocab == 200064
+    assert (spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim) == (24, 8, 128, 96)
+    assert spec.layer_linears[0].out_features == 24 * 128 + 2 * 8 * 128   # qkv_proj
+    assert rope_width(spec) == 96
+    setup = TrainSetup(seq=512)
+    assert rope_tables(spec, setup) == [512 * 96 * 2] * 2       # bf16 cos and sin of (1, seq, 96)
+    ops = {op.name: op for op in layer_ops(spec, setup)[0]}
+    # q_rot = q[..., :96] is a slice: a view whose gradient is a zero-filled one of q's size
+    assert "attn.q.rot_part.slice" in ops and "attn.k.rot_part.slice" in ops
+    assert not ops["attn.q.rot_part.slice"].outputs[0].nbytes
+    # q_rot * cos is 96 wide per head; the cat with the 32 passed-through dims is 128 wide
+    size = lambda op: ops[op].outputs[0].nbytes.eval(variables(1, 512))  # noqa: E731
+    assert (size("attn.q.rope_cos"), size("attn.q.rope_pass")) == (2 * 512 * 24 * 96, 2 * 512 * 24 * 128)
+    assert size("attn.k.rope_sin") == 2 * 512 * 8 * 96
+    # every dim rotated (Phi-3-mini): no rotated slice at all, q itself is rotated
+    mini = {op.name for op in layer_ops(resolve("microsoft/Phi-3-mini-4k-instruct"), setup)[0]}
+    assert "attn.q.rope_cos" in mini and "attn.q.rot_part.slice" not in mini
+
+
+def test_partial_rotary_factor_is_read_as_phi3_reads_it():
+    base = dict(resolve("phi-4-mini").config)
+    read = lambda **fields: spec_from_config({**base, **fields}, "p", "test").rotary_dim  # noqa: E731
+    # Phi3Config keeps rope_parameters' own factor over the top-level field
+    assert read(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}) == 64
+    assert read(partial_rotary_factor=1.0) == 0 and read(partial_rotary_factor=None) == 0
+    assert read(partial_rotary_factor=0.25) == 32
+    for bad, why in ((0, "must be a number in (0, 1]"), (1.5, "must be a number in (0, 1]"),
+                     ("0.75", "must be a number in (0, 1]"), (True, "must be a number in (0, 1]"),
+                     (0.7, "rotates 89 of head_dim 128 dims, which must be an even number")):
+        with pytest.raises(ModelError) as info:
+            read(partial_rotary_factor=bad)
+        assert why in str(info.value) and "\n" not in str(info.value)
+    # Llama's rotary embedding ignores the field: every dim is rotated
+    llama = dict(resolve("meta-llama/Meta-Llama-3-8B").config, partial_rotary_factor=0.5)
+    assert spec_from_config(llama, "l", "test").rotary_dim == 0
 
 
 def test_phi4_is_a_phi3_config_with_grouped_kv_and_no_window():

@@ -133,6 +133,9 @@ class ModelSpec:
     layer_norms: tuple[int, ...] = ()
     # per decoder layer: whether it applies RoPE (SmolLM3 no_rope_layers); empty: every layer
     rope_layers: tuple[bool, ...] = ()
+    # the leading dims of each head RoPE rotates (Phi-3's partial_rotary_factor: Phi-4-mini rotates
+    # 96 of 128); 0: every dim (head_dim)
+    rotary_dim: int = 0
     # assumption lines on how the config was read (the text decoder of a multimodal checkpoint)
     notes: tuple[str, ...] = ()
     # DeepSeek-V3: multi-head latent attention shapes, the dense layers below the MoE ones
@@ -459,6 +462,7 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         sliding_window=window if "sliding_attention" in types else None,
         attention_chunk=chunk if "chunked_attention" in types else None,
         layer_types=types, layer_norms=tuple(norms), rope_layers=_rope_layers(arch, cfg, layers, model_id),
+        rotary_dim=_rotary_dim(arch, cfg, head_dim, model_id),
         defaults_used=defaults_applied(config, arch, cfg), notes=notes,
         dense_layers=sum(dense_flags), dense_flags=dense_flags,
     )
@@ -582,6 +586,32 @@ def _rope_layers(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
         raise ModelError(f"config for {model_id}: no_rope_layers must list {layers} entries of 0 / 1",
                          hint="fix no_rope_layers in config.json")
     return tuple(bool(f) for f in flags[:layers])
+
+
+def _rotary_dim(arch: Architecture, cfg: dict, head_dim: int, model_id: str) -> int:
+    """The dims of each head RoPE rotates where the family reads partial_rotary_factor (Phi-3:
+    Phi3Config keeps `rope_parameters["partial_rotary_factor"]`, else the top-level field, else
+    1.0; Phi3RotaryEmbedding.compute_default_rope_parameters makes `int(head_dim * factor)` wide
+    tables and apply_rotary_pos_emb rotates that many leading dims, passing the rest through);
+    0 where every dim is rotated. The other families' rotary embeddings ignore the field
+    (models/llama/modeling_llama.py LlamaRotaryEmbedding). docs/architectures.md#phi3"""
+    if not arch.rope_pass_cat:
+        return 0
+    params = cfg.get("rope_parameters")
+    factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    if factor is None:
+        factor = cfg.get("partial_rotary_factor", 1.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise ModelError(f"config for {model_id}: partial_rotary_factor must be a number in (0, 1], got {factor!r}",
+                         hint="fix partial_rotary_factor in config.json")
+    dim = int(head_dim * factor)
+    if dim < 2 or dim % 2:
+        # rotate_half splits the rotated dims in two equal halves, and the tables are
+        # cat((freqs, freqs)) of arange(0, dim, 2): an odd width cannot be rotated
+        raise ModelError(f"config for {model_id}: partial_rotary_factor {factor} rotates {dim} of head_dim "
+                         f"{head_dim} dims, which must be an even number of at least 2",
+                         hint="fix partial_rotary_factor in config.json")
+    return 0 if dim == head_dim else dim
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")

@@ -220,8 +220,11 @@ def rope_kinds(spec: ModelSpec) -> int:
 def rope_width(spec: ModelSpec) -> int:
     """Last dim of the rotary cos / sin: head_dim (LlamaRotaryEmbedding: cat(freqs, freqs)), or
     head_dim / 2 for gpt-oss (GptOssRotaryEmbedding.forward: `emb = freqs`, and _apply_rotary_emb
-    multiplies each half by it)."""
-    return spec.head_dim // 2 if spec.arch.rope_half else spec.head_dim
+    multiplies each half by it), or the rotated dims of a partial rotary embedding (Phi-4-mini:
+    ModelSpec.rotary_dim)."""
+    if spec.arch.rope_half:
+        return spec.head_dim // 2
+    return spec.rotary_dim or spec.head_dim
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -440,9 +440,12 @@ class _Ops:
         self.view_base[out] = self.view_base.get(x, x)   # a view of a view shares the first base
         return out
 
-    def rope(self, x: str, width: int, name: str) -> str:
+    def rope(self, x: str, width: int, name: str, whole: int = 0) -> str:
         """apply_rotary_pos_emb: x * cos + cat(-x2, x1) * sin, op by op (default layout below;
-        docs/peft-transformers.md#rotary-embedding). cos/sin need no grad, so nothing is saved."""
+        docs/peft-transformers.md#rotary-embedding). cos/sin need no grad, so nothing is saved.
+        `whole`: the width of the tensor x was sliced from where Phi-3 rotates only its leading
+        dims (ModelSpec.rotary_dim; `width` is then the rotated part's), which the final cat with
+        the passed-through dims restores."""
         a, T = self.a, self.T
         out = f"{name}.rot"
         xb = self.bytes_of.get(x, a)
@@ -490,7 +493,8 @@ class _Ops:
             # cat([rotated, x_pass]): CatBackward0 hands the sum and the (empty) pass-through slice
             # views of the incoming gradient; a float32 rotated part promotes the cat to float32
             # (torch.cat's type promotion)
-            self.op(f"{name}.rope_pass", [out, f"{name}.pass.sl"], [self.t(f"{name}.rotp", prod)],
+            cat = (FP32 if self.spec.arch.rope_float32 else a) * T * (whole or width)
+            self.op(f"{name}.rope_pass", [out, f"{name}.pass.sl"], [self.t(f"{name}.rotp", cat)],
                     grads=((out, 0), (f"{name}.pass.sl", 0)))
             if prod != full:
                 self.bytes_of[f"{name}.rotp"] = FP32
@@ -569,13 +573,21 @@ class _Ops:
         qw, kvw = H * hd, spec.kv_heads * hd
         vin, ow = (H * dims[1], H * dims[1]) if dims else (kvw, qw)   # widths of v and of the output
         if self.use_rope and not dims and not rope_applied:  # SmolLM3's no-RoPE layers skip apply_rotary_pos_emb (attention.use_rope)
+            rd = spec.rotary_dim
             if spec.arch.rope_pass_cat:
                 # Phi-3's apply_rotary_pos_emb: `q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]`,
-                # then k's; every dim rotated, q_rot is q itself and q_pass an empty slice whose
-                # backward still fills a zero gradient of q's size (slice_view)
+                # then k's. Every dim rotated: q_rot is q itself and q_pass an empty slice whose
+                # backward still fills a zero gradient of q's size (slice_view). A partial rotary
+                # embedding (rotary_dim < head_dim) makes q_rot a slice too, each with its own
+                # zero-filled gradient of q's size
+                qr = self.slice_view(q, qw, "attn.q.rot_part") if rd else q
                 self.slice_view(q, qw, "attn.q.pass")
+                kr = self.slice_view(k, kvw, "attn.k.rot_part") if rd else k
                 self.slice_view(k, kvw, "attn.k.pass")
-            rotated = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
+            if rd:
+                rotated = (self.rope(qr, H * rd, "attn.q", whole=qw), self.rope(kr, spec.kv_heads * rd, "attn.k", whole=kvw))
+            else:
+                rotated = self.rope(q, qw, "attn.q"), self.rope(k, kvw, "attn.k")
             # apply_rotary_pos_emb(q, k, cos, sin) holds its arguments, the projections' outputs,
             # until it returns both (docs/peft-transformers.md#rotary-embedding)
             held = [q, k]
