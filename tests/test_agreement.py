@@ -268,6 +268,37 @@ def test_estimate_agrees_with_simulate(name, flags):
     assert_agrees(trace, est)
 
 
+def simulated_stream(spec, setup, monkeypatch):
+    """simulate's measured step as data (simulate/_shortcut.py Stream), as its replay gets it."""
+    import importlib
+
+    from vramplan.simulate import simulate as run
+
+    sim_reserved = importlib.import_module("vramplan.simulate._reserved")
+    captured = []
+    replay = sim_reserved.reserved_of
+
+    def capture(stream, conf=""):
+        captured.append(stream)
+        return replay(stream, conf)
+    monkeypatch.setattr(sim_reserved, "reserved_of", capture)
+    run(spec, setup)
+    assert len(captured) == 1
+    return captured[0]
+
+
+def estimated_stream(spec, setup):
+    """The estimate's two-step stream with every layer played (estimate/_events.py)."""
+    import importlib
+
+    from vramplan.estimate._inventory import static_memory
+
+    events = importlib.import_module("vramplan.estimate._events")
+    est = estimate(spec, setup)
+    program = events.compiled(spec, est.setup, static_memory(spec, est.setup), est.cuda_arch, exact_layers=None)
+    return program.stream(program.sizes(est.setup), False)
+
+
 @pytest.mark.parametrize("flags", [dict(seq=512), dict(seq=512, grad_ckpt=False)])
 def test_partial_rotary_tensors_are_made_as_the_step_makes_them(flags, monkeypatch):
     """Rotating 48 of 64 dims per head (ModelSpec.rotary_dim) changes RoPE's temporaries by
@@ -276,34 +307,53 @@ def test_partial_rotary_tensors_are_made_as_the_step_makes_them(flags, monkeypat
     8 KiB or more as many times as simulate's step does, the rotated parts' (b, s, heads, 48) and
     their halves' among them."""
     import collections
-    import importlib
 
     from vramplan.cuda._allocator import round_size
-    from vramplan.estimate._inventory import static_memory
-    from vramplan.simulate import simulate as run
+    from vramplan.simulate._reserved import two_step_events
 
-    sim_reserved = importlib.import_module("vramplan.simulate._reserved")
-    events = importlib.import_module("vramplan.estimate._events")
-    captured = []
-    replay = sim_reserved.reserved_of
-
-    def capture(stream, conf=""):
-        captured.append(sim_reserved.two_step_events(stream))
-        return replay(stream, conf)
-    monkeypatch.setattr(sim_reserved, "reserved_of", capture)
     spec, setup = spec_of("phi3-partial-rope"), TrainSetup(**flags)
-    run(spec, setup)
-    est = estimate(spec, setup)
-    program = events.compiled(spec, est.setup, static_memory(spec, est.setup), est.cuda_arch, exact_layers=None)
-    stream = program.stream(program.sizes(est.setup), False)
+    step = two_step_events(simulated_stream(spec, setup, monkeypatch))
 
     def made(evs) -> collections.Counter:
         return collections.Counter(size for size in (round_size(e[2]) for e in evs if e[0] == "alloc") if size >= 8192)
-    assert len(captured) == 1
-    step, model = made(captured[0]), made(stream.events)
     rotated_q, rotated_k = 2 * 512 * 12 * 48, 2 * 512 * 4 * 48
-    assert step[rotated_q] > 0 and step[rotated_k] > 0 and step[rotated_k // 2] > 0
-    assert model == step
+    counts = made(step)
+    assert counts[rotated_q] > 0 and counts[rotated_k] > 0 and counts[rotated_k // 2] > 0
+    assert made(estimated_stream(spec, setup).events) == counts
+
+
+@pytest.mark.parametrize("name, flags", [("llama-gqa", dict(seq=512)), ("llama-gqa", dict(seq=512, grad_ckpt=False)),
+                                         ("gemma3-sliding", dict(seq=512, grad_ckpt=False)),
+                                         ("olmo2-postnorm", dict(seq=512))])
+def test_what_the_step_made_and_still_holds_at_the_optimizer_step(name, flags, monkeypatch):
+    """Of the tensors a step makes, those still alive when opt.step() starts: the same sizes in the
+    estimate's second step as in simulate's, but for the loop's batch (input_ids and the two
+    shifted labels), which simulate registers before its step. The position ids and the rotary
+    tables (one pair per rotary embedding: Gemma 3 has two) are gone by then: the tables are saved
+    by each layer's `q * cos` and freed in the backward, the ids with the base model's forward or
+    its checkpointed layers (estimate/_events.py)."""
+    import collections
+
+    from vramplan.cuda._allocator import round_size
+
+    spec, setup = spec_of(name), TrainSetup(**flags)
+    sim = simulated_stream(spec, setup, monkeypatch)
+    opt = min(start for start, _end, where, _op in sim.records if where[0] == "optimizer")
+    held = collections.Counter(round_size(b.size) for b in sim.blocks if sim.registered < b.alloc_event < opt
+                               and (b.free_event is None or b.free_event > opt))
+    est = estimated_stream(spec, setup)
+    opt = [i for i, phase, _module in est.places if phase == "optimizer"][-1]
+    start = max(i for i, phase, module in est.places if phase == "forward" and module == "" and i < opt)
+    alive, made = {}, set()
+    for i, event in enumerate(est.events[:opt]):
+        if event[0] == "alloc":
+            alive[event[1]] = event[2]
+            if i >= start:
+                made.add(event[1])
+        elif event[0] == "free":
+            alive.pop(event[1], None)
+    batch = collections.Counter([round_size(8 * setup.tokens)] + [round_size(8 * (setup.tokens + setup.batch))] * 2)
+    assert collections.Counter(round_size(n) for key, n in alive.items() if key in made) == held + batch
 
 
 # Training recipes (issue #9, vramplan/core/_recipes.py): autocast, fused AdamW, TRL's chunked

@@ -350,11 +350,14 @@ def _step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: Cuda
     most gradients exist (it matters when every parameter trains)."""
     L = spec.layers
     head = head_memory(spec, setup, arch)
-    # input_ids (int64, also passed as labels: one storage), position_ids (1, seq), and the
-    # shifted labels ForCausalLMLoss builds (pad + contiguous), int64 each; the rotary tables
-    # (ops.rope_tables), shared by every layer.
-    base_acts = (alloc(8 * setup.tokens) + alloc(8 * setup.seq) + 2 * alloc(8 * (setup.tokens + setup.batch))
-                 + sum(rope_tables(spec, setup)))
+    # input_ids (int64, also passed as labels: one storage) and the shifted labels ForCausalLMLoss
+    # builds (pad + contiguous), int64 each: the loop's through the optimizer step.
+    base_acts = alloc(8 * setup.tokens) + 2 * alloc(8 * (setup.tokens + setup.batch))
+    # position_ids (1, seq), a local of the base model's forward, and the rotary tables
+    # (ops.rope_tables) every layer reads: the tables are saved by each layer's `q * cos` and
+    # `rotate_half(q) * sin` (MulBackward0), so they last through the backward; the position ids
+    # too where checkpointing holds them as the layers' inputs (estimate/_events.py, with the masks)
+    positions, tables = alloc(8 * setup.seq), sum(rope_tables(spec, setup))
     # Granite's embedding leaf under checkpointing (ops.embedding_leaf): the graph's AccumulateGrad
     # node holds it, so it goes with the graph when backward ends, before the optimizer step
     leaf = embedding_leaf(spec, setup)
@@ -367,7 +370,8 @@ def _step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: Cuda
     # eager attention's causal masks: built in the forward; gradient checkpointing keeps them
     # (they are inputs of every checkpointed layer) until backward is done
     masks = eager_masks(spec, setup)
-    fwd_masks, bwd_masks = masks, masks if setup.grad_ckpt else 0
+    fwd_masks = masks + positions + tables
+    bwd_masks = (masks + positions if setup.grad_ckpt else 0) + tables
 
     def at(*parts: dict, activations: int = 0, gradients: int = 0, temporaries: int = 0,
            graph: bool = True) -> dict[str, int]:

@@ -6,7 +6,8 @@ What the stream holds, in order (docs/allocator.md#estimate-stream):
 - the persistent state, one allocation per tensor: packed weights and each bitsandbytes
   constant (_quant.py layout), 16-bit weights, norms, embeddings, LoRA A/B (_inventory.py); what
   the inventory counts beyond those tensors is one more allocation;
-- per step: the inputs (ids, position ids, shifted labels, rotary cos/sin, masks), the
+- per step: the inputs (ids, shifted labels: the loop's; position ids, masks, rotary cos/sin:
+  the forward's, the tables until the backward is done), the
   embedding output, every decoder layer's forward tape chained output-to-input, the head and
   loss forward and backward, every layer's backward tape in reverse (the gradient of a layer's
   input is the gradient of the layer below's output), then the optimizer: its state is created
@@ -1022,17 +1023,24 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                                                                       and not embedding_leaf(spec, setup)) else []
         x = b.new(cell("hidden"))
         b.drop(raw)
-        keys += b.new(cell("positions"))
+        # the position ids and the rotary tables live as the masks do (below), except that every
+        # layer's `q * cos` and `rotate_half(q) * sin` save the tables (MulBackward0 keeps the other
+        # operand), so they stay until the bottom layer's backward even without checkpointing
+        # (simulate's step frees them in layer 0's attention backward; with checkpointing, as the
+        # layer's recomputation releases its inputs at the end of its backward)
+        positions = b.new(cell("positions"))
         masks = []
         for kind in masks_plan:
             masks += b.new(cell("mask")) if kind == "plain" else build(mask_build(kind, eager), {"mask": None})
+        tables = []
         if table_build:
             for i in range(0, len(rope), 2):
                 finals = ({"cos": None, "sin": None} if spec.arch.rope_float32
                           else {"table_cos": f"rope{i}", "table_sin": f"rope{i + 1}"})
-                keys += build(table_build, finals)
+                tables += build(table_build, finals)
         else:
-            keys += b.make(rope)
+            tables += b.make(rope)
+        masks += tables
         # the first step allocates each thread's cuBLAS workspace at its first matmul: the forward's
         # (the caller's thread) and the backward's (autograd's device thread); both stay (cuda/_cublas.py)
         forward_ws = backward_ws = p == 0
@@ -1075,15 +1083,16 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         # the additive bias it converts them to, eager attention's `+ causal_mask` saves nothing):
         # they go as it returns, unless checkpointing holds them as the layers' inputs for the
         # recomputation (torch.utils.checkpoint), until the first layer's backward
-        early_masks = masks if not setup.grad_ckpt else []
+        early_masks = [k for k in masks if k not in tables] + positions if not setup.grad_ckpt else []
         if embeds or early_masks:
             # the base model returns once the final norm has rebound `hidden_states` (its input
-            # freed): `inputs_embeds` and the masks go then, before lm_head
+            # freed): `inputs_embeds`, the position ids and the masks go then, before lm_head
             normed = head_fwd.index((-1, head_t.names["x"])) + 1 if (-1, head_t.names["x"]) in head_fwd else 0
             head.run(head_fwd[:normed])
             b.drop(embeds)
             release(early_masks)
-            masks = [] if early_masks else masks
+            masks = tables if early_masks else masks
+            positions = [] if early_masks else positions
             head_fwd, head_blas = head_fwd[normed:], head_blas - normed if head_blas >= normed else -1
         if play(head, head_fwd, head_blas, forward_ws):
             b.new(workspace)      # no matmul found in the tapes: counted all the same (cuda/_cublas.py)
@@ -1236,7 +1245,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         if graph_leaf == "raw":      # Granite's leaf, the raw embedding output, likewise
             held_prev += leaves
             leaves = []
-        release(masks + leaves)
+        release(masks + positions + leaves)
         if zero is not None:     # independent_gradient_partition_epilogue: the last bucket, the ipg buffers go
             release(grads)
             grads = []
