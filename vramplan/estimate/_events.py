@@ -288,19 +288,26 @@ def checkpoint_order(name: str) -> tuple:
 def lora_numels(spec: ModelSpec, setup: TrainSetup) -> list[int]:
     """The elements of each LoRA tensor on the decoder's Linear layers (and an adapted lm_head), in
     the order get_peft_model makes them: `named_modules()` order, each layer's adapted Linear
-    modules as core/_models.py lists them (their registration order in every family but Phi-3,
-    whose attention registers o_proj before qkv_proj), lora_A then lora_B
+    modules in their registration order (core/_models.py's list, Phi-3's o_proj moved ahead of its
+    qkv_proj: registered_before), lora_A then lora_B
     (peft tuners/lora/layer.py update_layer), the lm_head last. Where the layers differ
     (Linear.where: DeepSeek-V3's dense and MoE layers) every layer's tensors of one Linear come
     together, as before."""
     linears = adapted_linears(spec, setup)
     on_head = [numel(shape) for lin in linears if lin.name == "lm_head" for shape in lora_shapes(lin, setup.rank)]
-    in_layers = [lin for lin in linears if lin.name != "lm_head"]
+    in_layers = sorted((lin for lin in linears if lin.name != "lm_head"), key=lambda lin: registered_before(spec, lin))
     if all(lin.where == "all" for lin in in_layers):
         one = [numel(shape) for lin in in_layers for shape in lora_shapes(lin, setup.rank)]
         return one * spec.layers + on_head
     return [numel(shape) for lin in in_layers for shape in lora_shapes(lin, setup.rank)
             for _ in range(spec.count(lin))] + on_head
+
+
+def registered_before(spec: ModelSpec, linear) -> int:
+    """0 for a Linear its module registers ahead of the catalog's order: Phi3Attention.__init__
+    makes `self.o_proj` before `self.qkv_proj` (transformers models/phi3/modeling_phi3.py), so
+    named_modules() yields it first; 1 otherwise (a stable sort keeps the rest as listed)."""
+    return 0 if spec.arch.fused_qkv and linear.name == "self_attn.o_proj" else 1
 
 
 def load_tensors(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[LoadTensor]:
