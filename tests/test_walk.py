@@ -217,3 +217,89 @@ def test_a_chain_of_unsaved_ops_peaks_at_the_largest_input_output_pair(sizes):
     assert r.forward_peak_op == f"op{pairs.index(max(pairs))}"      # the first op to reach it
     assert r.end == {ACT: rounded(sizes[-1])}
 
+
+
+# --- Tape.replay against the plain event loop ------------------------------------------------------
+
+def replay_event_by_event(tape, values: dict):
+    """Tape.replay's result by its definition, one event at a time: the live bytes per tag after
+    each allocation and free; at each mark, the live total plus the mark's extra, the first highest
+    one per part kept with its bytes per tag; a phase end closes the forward part."""
+    from vramplan.estimate._symbolic import rounded_bytes
+    from vramplan.estimate._walk import WalkResult
+
+    size = [sum(rounded_bytes(key, values) * count for key, count in nbytes.parts) for nbytes, _tag in tape.table]
+    tag = [t for _nbytes, t in tape.table]
+    live: dict = {}
+    best, best_total, best_op, forward = {}, -1, "", None
+    for event in tape.events:
+        if event[0] in (1, -1):
+            live[tag[event[1]]] = live.get(tag[event[1]], 0) + event[0] * size[event[1]]
+        elif event[0] == 0:
+            extra = size[event[2]] if event[2] >= 0 else 0
+            if sum(live.values()) + extra > best_total:
+                best_total, best_op, best = sum(live.values()) + extra, event[1], dict(live)
+                if extra:
+                    best[tag[event[2]]] = best.get(tag[event[2]], 0) + extra
+        else:
+            forward = (best, best_op, dict(live))
+            best, best_total, best_op = {}, -1, ""
+
+    def named(parts: dict) -> dict:
+        return {k: v for k, v in sorted(parts.items()) if v}
+    end = named(live)
+    if forward is None:
+        return WalkResult(named(best), end, {}, end, best_op)
+    return WalkResult(named(forward[0]), named(forward[2]), named(best), end, forward[1], best_op)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "mark", "end"]), st.integers(0, 6000),
+                          st.sampled_from([ACT, GRAD, TMP])), max_size=40))
+def test_replay_equals_the_event_loop_on_any_tape(script):
+    # random allocations, frees of what is alive, marks with and without an extra, and phase ends
+    # (more than one: only the last closes the forward part)
+    from vramplan.estimate._walk import Tape, alloc
+
+    table, events, alive = [], [], []
+    for kind, n, tag in script:
+        if kind == "alloc" or (kind == "free" and not alive):
+            table.append((alloc(B * S * n), tag))
+            events.append((1, len(table) - 1))
+            alive.append(len(table) - 1)
+        elif kind == "free":
+            events.append((-1, alive.pop(n % len(alive))))
+        elif kind == "mark":
+            extra = -1
+            if n % 3:
+                table.append((alloc(n), tag))
+                extra = len(table) - 1
+            events.append((0, f"op{len(events)}", extra))
+        else:
+            events.append((2,))
+    tape = Tape(tuple(table), tuple(events))
+    for batch, seq in [(1, 1), (2, 100), (3, 4097)]:
+        assert tape.replay(variables(batch, seq)) == replay_event_by_event(tape, variables(batch, seq))
+
+
+def test_replay_equals_the_event_loop_on_catalog_tapes():
+    # every tape the estimate walks for a few families and setups: layers (first and others), head
+    from vramplan.core._models import resolve
+    from vramplan.core._setup import TrainSetup, make_setup
+    from vramplan.cuda._arch import ASSUMED
+    from vramplan.estimate._ops import _head_tape, _layer_tapes, _structure
+
+    cases = [("meta-llama/Meta-Llama-3-8B", TrainSetup()), ("meta-llama/Meta-Llama-3-8B", TrainSetup(attn="eager", grad_ckpt=False)),
+             ("google/gemma-3-1b-pt", TrainSetup(attn="eager")), ("allenai/OLMo-2-1124-7B", TrainSetup(method="full", grad_ckpt=False)),
+             ("mistralai/Mixtral-8x7B-v0.1", make_setup("trl-sft")), ("Qwen/Qwen3-8B", make_setup("qlora-paper"))]
+    checked = 0
+    for model, setup in cases:
+        spec = resolve(model)
+        for window in (False, True):
+            structure = _structure(spec, setup, ASSUMED, window, True, False)
+            inner, first, _dequant = _layer_tapes(spec, structure)
+            for tape in (inner, first, _head_tape(spec, structure)):
+                for batch, seq in [(1, 512), (3, 2048), (2, 4097)]:
+                    assert tape.replay(variables(batch, seq)) == replay_event_by_event(tape, variables(batch, seq))
+                    checked += 1
+    assert checked == len(cases) * 2 * 3 * 3

@@ -1974,6 +1974,14 @@ def layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, w
 @lru_cache(maxsize=512)
 def _layer_memory(spec: ModelSpec, setup: TrainSetup, arch: CudaArch, window: bool, rope: bool,
                   dense: bool = False, accumulating: bool = False) -> LayerMemory:
+    # one cache key however the arguments are passed: the estimate asks for the same layer twice
+    # (layer_stack, estimator.transient_sizes)
+    return _replayed_layer(spec, setup, arch, window, rope, dense, accumulating)
+
+
+@lru_cache(maxsize=512)
+def _replayed_layer(spec: ModelSpec, setup: TrainSetup, arch: CudaArch, window: bool, rope: bool,
+                    dense: bool, accumulating: bool) -> LayerMemory:
     structure = _structure(spec, setup, arch, window, rope, dense)
     inner_tape, first_tape, dequant = _layer_tapes(spec, structure)
     if accumulating:

@@ -956,6 +956,7 @@ def _phase_terms(phase: str, c: dict, sp: Splits, p: Parallel,
     return rank.terms, rank.cpu
 
 
+@lru_cache(maxsize=256)     # per model and setup structure; every phase of every batch x seq asks
 def gathered_units(sp: Splits, backward: bool) -> tuple[int, int, int, int]:
     """(units, weights, adapters, gradients) unsharded at a decoder-layer moment, at the layer
     where they are largest: in forward the current unit and the next one (limit_all_gathers);
@@ -979,13 +980,20 @@ def gathered_units(sp: Splits, backward: bool) -> tuple[int, int, int, int]:
     return n, w, a, g
 
 
+@lru_cache(maxsize=256)
+def _unit_shards(sp: Splits, gpus: int) -> tuple[int, int]:
+    """(weight, adapter) bytes of one rank's shards: each unit's flat parameter split over the
+    GPUs, the root's too."""
+    return (sum(_ceil_div(u[0], gpus) for u in sp.layer_units) + _ceil_div(sp.root_weights, gpus),
+            sum(_ceil_div(u[1], gpus) for u in sp.layer_units) + _ceil_div(sp.root_adapters, gpus))
+
+
 def _fsdp_terms(rank: _Rank, kind: str, backward: bool, c: dict, sp: Splits, p: Parallel) -> None:
     N = p.gpus
     add, shard = rank.add, rank.shard
-    shard(C.WEIGHTS, "weight shards (flat parameters)",
-          sum(_ceil_div(u[0], N) for u in sp.layer_units) + _ceil_div(sp.root_weights, N), SRC_FSDP_SHARD)
-    shard(C.ADAPTERS, "adapter shards (LoRA units)",
-          sum(_ceil_div(u[1], N) for u in sp.layer_units) + _ceil_div(sp.root_adapters, N), SRC_FSDP_SHARD)
+    weight_shards, adapter_shards = _unit_shards(sp, N)
+    shard(C.WEIGHTS, "weight shards (flat parameters)", weight_shards, SRC_FSDP_SHARD)
+    shard(C.ADAPTERS, "adapter shards (LoRA units)", adapter_shards, SRC_FSDP_SHARD)
     units, unit_w, unit_a, unit_g = gathered_units(sp, backward)
     if kind != "optimizer":
         if p.strategy == "fsdp_grad_op":
