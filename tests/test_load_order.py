@@ -75,7 +75,7 @@ def test_simulate_and_estimate_load_alike(model, recipe, flags, embedding):
     and the LoRA tensors among the norms. Under qlora-paper the load also casts and recasts
     (estimate/_load.py). Gemma-3-4B holds a SigLIP vision tower after the language model
     ('model.multi_modal_projector', then 'model.vision_tower'), its Linear layers quantized as they
-    load (estimate/_events.py vision_load); made as one lump per kind, the estimate's peak reserved
+    load (estimate/_inventory.py vision_tensors); made as one lump per kind, the estimate's peak reserved
     was -5.13% from simulate on this setup (+4.88% with eager attention). Phi-4 at rank 64, where
     every LoRA tensor of its attention is over 1 MiB: Phi3Attention registers o_proj before
     qkv_proj, and get_peft_model makes their adapters in that order (estimate/_events.py

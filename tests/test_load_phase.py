@@ -180,16 +180,35 @@ def test_a_card_too_small_for_the_load_alone_is_told_so():
 
 
 @pytest.mark.parametrize("model", ["google/gemma-3-4b-pt", "google/gemma-3-12b-pt"])
-@pytest.mark.parametrize("flags", [{}, {"method": "lora"}, {"double_quant": False}])
-def test_the_vision_tower_loads_what_the_inventory_counts(model, flags):
-    """estimate/_events.py vision_load lists, in load order, the tensors inventory.vision_static
-    counts: the same bytes, weights and constants together."""
+@pytest.mark.parametrize("flags", [{}, {"method": "lora"}, {"double_quant": False}, {"quant": "int8"}])
+def test_the_vision_tower_lists_every_parameter_once(model, flags):
+    """estimate/_inventory.py vision_tensors, the one list the load and the inventory both read:
+    every parameter of the SigLIP tower and projector once (VisionTower.num_params, counted from
+    the shapes), each tensor rounded to 512 B on its own, plus the int64 position_ids buffer; under
+    4-bit quantization each Linear weight packed two to a byte, with its constants after it."""
+    from vramplan.core._components import Component
     from vramplan.core._models import resolve
     from vramplan.core._setup import TrainSetup
-    from vramplan.estimate._inventory import vision_static
+    from vramplan.estimate._inventory import vision_static, vision_tensors
 
     spec, setup = resolve(model), TrainSetup(**flags)
+    v, listed = spec.vision, vision_tensors(spec, setup)
+    W, Q = Component.WEIGHTS.value, Component.QUANT_CONSTANTS.value
+    linears = sum(linear.numel for linear in v.linears) * v.layers
+    packed = [(count, n) for _c, role, count, n in listed if role == "packed"]
+    rest = 2 * (v.num_params - linears) + 8 * v.positions    # every other tensor, unrounded
+    if setup.quantized and setup.quant != "int8":
+        assert sum(count for count, _n in packed) == linears
+        assert all(n == -(-count // 2 // 512) * 512 for count, n in packed)
+        others = sum(n for c, role, _count, n in listed if c == W and role != "packed")
+        assert rest <= others <= rest + 512 * len(listed)
+        assert any(c == Q for c, *_ in listed)
+    elif setup.quantized:   # int8: Linear8bitLt's int8 weight and its SCB, loaded as they are
+        assert not packed and any(c == Q for c, *_ in listed)
+    else:
+        assert not packed and not any(c == Q for c, *_ in listed)
+        total = sum(n for *_, n in listed)
+        assert 2 * linears + rest <= total <= 2 * linears + rest + 512 * len(listed)
     vis = vision_static(spec, setup)
-    listed = _events.vision_load(spec, setup)
-    assert sum(n for _role, _numel, n in listed) == sum(vis.weights) + sum(vis.quant_constants)
-    assert ("packed" in {role for role, _numel, _n in listed}) == setup.quantized
+    assert (sum(vis.weights), sum(vis.quant_constants)) == (sum(n for c, *_, n in listed if c == W),
+                                                            sum(n for c, *_, n in listed if c == Q))

@@ -43,7 +43,7 @@ def test_a_tied_lm_head_is_shared_not_allocated(monkeypatch, tied):
 def test_weights_are_made_in_checkpoint_order(monkeypatch):
     """from_pretrained loads (and quantizes) the checkpoint's tensors sorted by key
     (transformers core_model_loading.py, dot_natural_key): the build makes them in that order, not
-    in the modules' own order, as the estimate's load replays them (estimate/_events.py checkpoint_order)."""
+    in the modules' own order, as the estimate's load replays them (estimate/_inventory.py checkpoint_order)."""
     model, made = built(monkeypatch, num_hidden_layers=11)
     names = {id(m): n for n, m in model.named_modules()}
     order = [names[id(m)] for m in made]

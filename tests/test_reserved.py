@@ -332,7 +332,8 @@ def test_the_load_makes_each_layer_s_weights_in_checkpoint_order():
     segment of its own (docs/allocator.md#load-order)."""
     from dataclasses import replace
 
-    from vramplan.estimate._events import checkpoint_order, static_sizes
+    from vramplan.estimate._events import static_sizes
+    from vramplan.estimate._inventory import checkpoint_order
 
     names = ["self_attn.qkv_proj", "layers.10.mlp", "self_attn.o_proj", "mlp.down_proj", "layers.2.mlp"]
     assert sorted(names, key=checkpoint_order) == ["layers.2.mlp", "layers.10.mlp", "mlp.down_proj",

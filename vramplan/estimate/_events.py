@@ -25,9 +25,10 @@ from functools import lru_cache
 from vramplan.core._models import ModelSpec
 from vramplan.core._record import record
 from vramplan.core._setup import TrainSetup
-from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes, bias_bytes, device_state_tensors,
-                                         embedding_bytes, expert_lora_shapes, lora_shapes, numel, step_workspace,
-                                         vision_static, weight_bytes)
+from vramplan.estimate._inventory import (Static, adapted_linears, adapter_bytes, bias_bytes, checkpoint_order,
+                                         device_state_tensors, embedding_bytes, expert_lora_shapes, linear_tensors,
+                                         lora_shapes, numel, step_workspace, vision_static, vision_tensors,
+                                         weight_bytes)
 from vramplan.cuda._arch import ASSUMED, CudaArch
 from vramplan.cuda._reserved import SmallPoolLevel
 from vramplan.cuda._cublas import workspace_bytes
@@ -38,7 +39,7 @@ from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_
                                    held_graph_leaf, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
                                    tied_sum_in_place)
 from vramplan.estimate._load import LoadTensor, load_ops, settings_of
-from vramplan.estimate._quant import alloc, layout_4bit, layout_int8
+from vramplan.estimate._quant import alloc
 from vramplan.estimate._symbolic import rounded_bytes, variables
 from vramplan.estimate._walk import GRAD
 from vramplan.estimate._walk import accumulating as accumulating_tape
@@ -257,34 +258,6 @@ def static_sizes(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[int
     return model + adapters + rest
 
 
-def linear_tensors(setup: TrainSetup, linear) -> tuple[int, list[int]]:
-    """(the weight's bytes, its bitsandbytes constants' bytes one tensor each) of one Linear:
-    int8's weight and SCB; NF4/FP4's packed weight and quant_state (absmax, or with double
-    quantization the uint8 absmax, its float32 absmax, code, offset and the state's own
-    64-byte tensor: docs/bitsandbytes.md); a 16-bit weight alone."""
-    if setup.quantized and setup.quant == "int8":
-        q = layout_int8(linear.in_features, linear.out_features)
-        return q.weight, [q.constants]
-    if setup.quantized:
-        numel_ = linear.in_features * linear.out_features
-        q = layout_4bit(numel_, setup.double_quant)
-        blocks = -(-numel_ // 64)
-        parts = ([alloc(blocks), alloc(4 * -(-blocks // 256)), alloc(1024), alloc(4), alloc(64)]
-                 if setup.double_quant else [alloc(4 * blocks), alloc(64)])
-        return q.weight, parts if sum(parts) == q.constants else [q.constants]
-    return alloc(linear.numel * weight_bytes(setup)), []
-
-
-def checkpoint_order(name: str) -> tuple:
-    """Where a parameter named `name` comes in a checkpoint load: transformers 5 sorts the
-    checkpoint's keys before it loads and quantizes them one by one (core_model_loading.py
-    convert_and_load_state_dict_in_model, `sorted(state_dict.items(), key=dot_natural_key)`:
-    dot-separated parts, numbers numerically, names alphabetically). Within a decoder layer that is
-    mlp before self_attn, and Phi-3's o_proj before its qkv_proj, which decides what shares the
-    caching allocator's 20 MiB segments (docs/allocator.md#load-order)."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
-
-
 def lora_numels(spec: ModelSpec, setup: TrainSetup) -> list[int]:
     """The elements of each LoRA tensor on the decoder's Linear layers (and an adapted lm_head), in
     the order get_peft_model makes them: `named_modules()` order, each layer's adapted Linear
@@ -359,7 +332,7 @@ def load_tensors(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[Loa
             stacks.append(alloc(4 * E))
         for nbytes in stacks * spec.moe_layers:
             add("weight", 0, nbytes)
-    for role, count, nbytes in vision_load(spec, setup):   # a multimodal class's vision tower and projector
+    for _component, role, count, nbytes in vision_tensors(spec, setup):   # a multimodal class's vision tower
         add(role, count, nbytes)
     for count in lora_numels(spec, setup):
         add("adapter", count, alloc(count * ab))
@@ -374,32 +347,6 @@ def load_tensors(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[Loa
         return [LoadTensor(0, "weight", 0, total)]
     if rest:
         add("later", 0, rest)
-    return out
-
-
-def vision_load(spec: ModelSpec, setup: TrainSetup) -> list[tuple[str, int, int]]:
-    """(role, numel, bytes) of Gemma3ForConditionalGeneration's vision tower and projector
-    (inventory.vision_static's tensors) in checkpoint order: 'model.multi_modal_projector' sorts
-    before 'model.vision_tower'; in the tower the embeddings (patch Conv2d bias, weight, position
-    embedding), each encoder layer (LayerNorms, then mlp.fc1, mlp.fc2, self_attn k / out / q / v,
-    each Linear's bias before its weight), post_layernorm; the int64 position_ids buffer last. A
-    quantized Linear is "packed", its constants after it (linear_tensors)."""
-    v = spec.vision
-    if v is None:
-        return []
-    wb, h = weight_bytes(setup), v.hidden
-    dense = lambda *shape: ("weight", 0, alloc(numel(shape) * wb))   # noqa: E731
-    out = [dense(h, v.text_hidden), dense(h),                          # the projector, its norm
-           dense(h), dense(h, v.channels, v.patch, v.patch), dense(v.positions, h)]
-    packed = setup.quantized and setup.quant != "int8"
-    layer = [dense(h)] * 4                                             # layer_norm1 / 2, bias and weight
-    for linear in sorted(v.linears, key=lambda linear: checkpoint_order(linear.name)):
-        weight, constants = linear_tensors(setup, linear) if setup.quantized else (alloc(linear.numel * wb), [])
-        layer.append(("weight", 0, alloc(linear.out_features * wb)))   # the bias, in the load dtype
-        layer.append(("packed" if packed else "weight", linear.numel, weight))
-        layer += [("constant" if packed else "weight", 0, c) for c in constants]
-    out += layer * v.layers + [dense(h), dense(h)]                     # post_layernorm
-    out.append(("weight", 0, alloc(8 * v.positions)))                  # SiglipVisionEmbeddings.position_ids
     return out
 
 

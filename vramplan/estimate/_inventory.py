@@ -14,7 +14,7 @@ from vramplan.core._components import Component
 from vramplan.core._errors import ModelError, UsageError
 from vramplan.core._models import Linear, ModelSpec
 from vramplan.core._record import record
-from vramplan.estimate._quant import alloc, blocks, layout
+from vramplan.estimate._quant import alloc, blocks, layout, layout_4bit, layout_int8
 from vramplan.core._setup import ALL_LINEAR, TrainSetup
 
 FP32 = 4
@@ -42,7 +42,7 @@ class Static:
     # docs/allocator.md#random-weights-load), for the caching-allocator replay
     load_transients: tuple[int, ...] = ()
     # the order a load makes each decoder layer's weights in: "checkpoint", transformers'
-    # from_pretrained (sorted checkpoint keys, estimate/_events.py checkpoint_order), or "modules",
+    # from_pretrained (sorted checkpoint keys, estimate/_inventory.py checkpoint_order), or "modules",
     # the modules' registration order, which a profile record's re-estimate may set
     # (profile/_compare.py record_load)
     load_order: str = "checkpoint"
@@ -257,33 +257,80 @@ def vision_adapted(spec: ModelSpec, setup: TrainSetup) -> tuple[Linear, ...]:
                  if any(l.name == t or l.name.endswith("." + t) or l.leaf == t for t in setup.targets))
 
 
-def vision_static(spec: ModelSpec, setup: TrainSetup) -> VisionStatic:
-    """Gemma3ForConditionalGeneration's SigLIP tower and projector (docs/architectures.md#gemma3_text):
-    bitsandbytes replaces their nn.Linear modules like the decoder's (get_keys_to_not_convert skips
-    only tied weights, the output embedding and the last parameter; Gemma 3 has no
-    _keep_in_fp32_modules), biases stay in the load dtype (weight_bytes); the Conv2d patch embedding, position
-    embedding, LayerNorms and projector stay 16-bit (float32 after prepare_model_for_kbit_training);
-    position_ids is an int64 buffer. LoRA layers on its Linear modules never get a gradient in a
-    text-only step (no pixel_values: the tower does not run), so they add no gradients and no
-    optimizer state (AdamW skips parameters whose grad is None); nor do its weights under full
-    fine-tuning."""
+def linear_tensors(setup: TrainSetup, linear) -> tuple[int, list[int]]:
+    """(the weight's bytes, its bitsandbytes constants' bytes one tensor each) of one Linear:
+    int8's weight and SCB; NF4/FP4's packed weight and quant_state (absmax, or with double
+    quantization the uint8 absmax, its float32 absmax, code, offset and the state's own
+    64-byte tensor: docs/bitsandbytes.md); a 16-bit weight alone."""
+    if setup.quantized and setup.quant == "int8":
+        q = layout_int8(linear.in_features, linear.out_features)
+        return q.weight, [q.constants]
+    if setup.quantized:
+        numel_ = linear.in_features * linear.out_features
+        q = layout_4bit(numel_, setup.double_quant)
+        blocks = -(-numel_ // 64)
+        parts = ([alloc(blocks), alloc(4 * -(-blocks // 256)), alloc(1024), alloc(4), alloc(64)]
+                 if setup.double_quant else [alloc(4 * blocks), alloc(64)])
+        return q.weight, parts if sum(parts) == q.constants else [q.constants]
+    return alloc(linear.numel * weight_bytes(setup)), []
+
+
+def checkpoint_order(name: str) -> tuple:
+    """Where a parameter named `name` comes in a checkpoint load: transformers 5 sorts the
+    checkpoint's keys before it loads and quantizes them one by one (core_model_loading.py
+    convert_and_load_state_dict_in_model, `sorted(state_dict.items(), key=dot_natural_key)`:
+    dot-separated parts, numbers numerically, names alphabetically). Within a decoder layer that is
+    mlp before self_attn, and Phi-3's o_proj before its qkv_proj, which decides what shares the
+    caching allocator's 20 MiB segments (docs/allocator.md#load-order)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
+
+
+def vision_tensors(spec: ModelSpec, setup: TrainSetup) -> list[tuple[str, str, int, int]]:
+    """(component, load role, elements, bytes) of each tensor of Gemma3ForConditionalGeneration's
+    vision tower and projector (docs/architectures.md#gemma3_text), in checkpoint order:
+    'model.multi_modal_projector' sorts before 'model.vision_tower'; in the tower the embeddings
+    (patch Conv2d bias, weight, position embedding), each encoder layer (LayerNorms, then mlp.fc1,
+    mlp.fc2, self_attn k / out / q / v, each Linear's bias before its weight), post_layernorm; the
+    int64 position_ids buffer last. bitsandbytes replaces the tower's nn.Linear modules like the
+    decoder's (get_keys_to_not_convert skips only tied weights, the output embedding and the last
+    parameter; Gemma 3 has no _keep_in_fp32_modules): a 4-bit weight is "packed", its constants
+    after it (linear_tensors; the estimate's load quantizes it there, estimate/_load.py); biases
+    stay in the load dtype, float32 after prepare_model_for_kbit_training (weight_bytes: Linear4bit's
+    first-forward cast back never happens in a tower that does not run); the Conv2d patch
+    embedding, position embedding, LayerNorms and projector stay 16-bit (float32 after
+    prepare_model_for_kbit_training)."""
     v = spec.vision
     if v is None:
+        return []
+    W, Q = Component.WEIGHTS.value, Component.QUANT_CONSTANTS.value
+    wb, h = weight_bytes(setup), v.hidden
+    dense = lambda *shape: (W, "weight", 0, alloc(numel(shape) * wb))   # noqa: E731
+    out = [dense(h, v.text_hidden), dense(h),                             # the projector, its norm
+           dense(h), dense(h, v.channels, v.patch, v.patch), dense(v.positions, h)]
+    packed = setup.quantized and setup.quant != "int8"
+    layer = [dense(h)] * 4                                                # layer_norm1 / 2, bias and weight
+    for linear in sorted(v.linears, key=lambda linear: checkpoint_order(linear.name)):
+        weight, constants = linear_tensors(setup, linear)
+        layer.append((W, "weight", 0, alloc(linear.out_features * wb)))   # the bias, in the load dtype
+        layer.append((W, "packed" if packed else "weight", linear.numel, weight))
+        layer += [(Q, "constant" if packed else "weight", 0, c) for c in constants]
+    out += layer * v.layers + [dense(h), dense(h)]                        # post_layernorm
+    out.append((W, "weight", 0, alloc(8 * v.positions)))                  # SiglipVisionEmbeddings.position_ids
+    return out
+
+
+def vision_static(spec: ModelSpec, setup: TrainSetup) -> VisionStatic:
+    """Gemma3ForConditionalGeneration's SigLIP tower and projector (vision_tensors), by component.
+    LoRA layers on its Linear modules never get a gradient in a text-only step (no pixel_values:
+    the tower does not run), so they add no gradients and no optimizer state (AdamW skips
+    parameters whose grad is None); nor do its weights under full fine-tuning."""
+    if spec.vision is None:
         return VisionStatic((), (), (), 0, ())
-    wb, ab = weight_bytes(setup), adapter_bytes(setup)
-    weights, consts, adapters = [], [], []
-    for linear in v.linears:
-        if setup.quantized:
-            q = layout(setup.quant, linear.in_features, linear.out_features, setup.double_quant)
-            weights += [q.weight] * v.layers
-            consts += [q.constants] * v.layers
-        else:
-            weights += [alloc(linear.numel * wb)] * v.layers
-        # in the load dtype, float32 after prepare_model_for_kbit_training: Linear4bit's
-        # first-forward cast back (bias_bytes) never happens in a tower that does not run
-        weights += [alloc(linear.out_features * wb)] * v.layers
-    weights += [alloc(numel(shape) * wb) for shape in v.dense_shapes()]
-    weights.append(alloc(8 * v.positions))                      # SiglipVisionEmbeddings.position_ids
+    v, ab = spec.vision, adapter_bytes(setup)
+    tensors = vision_tensors(spec, setup)
+    weights = [n for component, _role, _count, n in tensors if component == Component.WEIGHTS.value]
+    consts = [n for component, _role, _count, n in tensors if component == Component.QUANT_CONSTANTS.value]
+    adapters = []
     adapted = vision_adapted(spec, setup)
     trainable = 0
     for linear in adapted:

@@ -791,7 +791,8 @@ def zero3_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: P
     the partitions (but the persistent parameters'), masters, gradient partitions and state are
     on the CPU; each all-gather copies its partitions to the GPU first, and backward makes GPU
     copies of each gradient partition (`slices`, as ZeRO-2's offload)."""
-    from vramplan.estimate._events import Zero3Params, ZeroPartitions, linear_tensors, static_parts
+    from vramplan.estimate._events import Zero3Params, ZeroPartitions, static_parts
+    from vramplan.estimate._inventory import linear_tensors
 
     N, elem, offload = parallel.gpus, sp.ds_elem, parallel.offloaded
     trace = module_trace(spec, setup, parallel.param_persistence_threshold, elem)

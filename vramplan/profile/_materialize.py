@@ -122,9 +122,9 @@ def _materialize(model, dev, dtype) -> None:
 
 def _checkpoint_ordered(model) -> list:
     """The modules holding meta tensors, in the order from_pretrained loads their weights: by
-    their first tensor's name in checkpoint order (estimate/_events.py checkpoint_order), which
+    their first tensor's name in checkpoint order (estimate/_inventory.py checkpoint_order), which
     within a decoder layer is not the modules' own order (mlp before self_attn)."""
-    from vramplan.estimate._events import checkpoint_order
+    from vramplan.estimate._inventory import checkpoint_order
 
     found = []
     for prefix, module in model.named_modules():

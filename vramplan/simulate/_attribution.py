@@ -160,7 +160,7 @@ def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> N
     import torch
 
     from vramplan.estimate._load import settings_of
-    from vramplan.estimate._events import checkpoint_order
+    from vramplan.estimate._inventory import checkpoint_order
 
     model = built.model
     settings = settings_of(spec, setup) if setup is not None else None
@@ -201,7 +201,7 @@ def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> N
         track(p, Component.WEIGHTS.value, role)
 
     # The model's tensors in the order from_pretrained loads and quantizes the checkpoint's keys
-    # (sorted, estimate/_events.py checkpoint_order): quantized Linear layers, under their weight's
+    # (sorted, estimate/_inventory.py checkpoint_order): quantized Linear layers, under their weight's
     # key, among the other parameters. Which small tensors share a segment follows from it.
     entries, packed = [], set()
     for name, module in model.named_modules():
