@@ -68,7 +68,8 @@ def _estimated_load(spec, setup) -> list:
     ("Qwen/Qwen3-0.6B", None, {"method": "qlora", "seq": 512}, 151_936 * 1_024 * 2),
     ("Qwen/Qwen3-0.6B", "qlora-paper", {"seq": 512}, 151_936 * 1_024 * 2),
     ("google/gemma-3-4b-pt", None, {"method": "qlora", "seq": 512, "grad_ckpt": False}, 262_208 * 2_560 * 2),
-    ("microsoft/phi-4", None, {"method": "qlora", "seq": 512, "rank": 64}, 100_352 * 5_120 * 2)])
+    ("microsoft/phi-4", None, {"method": "qlora", "seq": 512, "rank": 64}, 100_352 * 5_120 * 2),
+    ("Qwen/Qwen3-0.6B", None, {"method": "qlora", "quant": "int8", "seq": 512}, 151_936 * 1_024 * 2)])
 def test_simulate_and_estimate_load_alike(model, recipe, flags, embedding):
     """Qwen3-0.6B: its tied embedding is the checkpoint's first key ('model.embed_tokens' sorts
     before 'model.layers'); simulate registered every quantized layer before it until 2026-12-01,
@@ -79,7 +80,8 @@ def test_simulate_and_estimate_load_alike(model, recipe, flags, embedding):
     was -5.13% from simulate on this setup (+4.88% with eager attention). Phi-4 at rank 64, where
     every LoRA tensor of its attention is over 1 MiB: Phi3Attention registers o_proj before
     qkv_proj, and get_peft_model makes their adapters in that order (estimate/_events.py
-    lora_numels)."""
+    lora_numels). Qwen3-0.6B in int8: each weight copied to the device in float16, then its row
+    scales and int8 weight made, the copy freed (estimate/_load.py)."""
     spec = resolve(model)
     setup = make_setup(recipe, **flags)
     est = _large_load(_estimated_load(spec, setup))

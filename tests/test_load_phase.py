@@ -50,6 +50,17 @@ def test_a_4bit_weight_is_quantized_as_it_loads_worked_by_hand():
         ("alloc", "code", 512), ("free", ("copy", "q", 2))]
 
 
+def test_an_int8_weight_is_quantized_as_it_loads_worked_by_hand():
+    """Int8Params._quantize: the weight copied to the device in float16 whatever the load dtype
+    (a 256 x 256 weight: 131,072 B), int8_vectorwise_quant's float32 row scales (256 x 4 B: 1,024)
+    before the int8 weight (65,536 B), then the float16 copy goes."""
+    weight = [LoadTensor("w8", "int8", 65536, 65536), LoadTensor("scb", "constant", 0, 1024)]
+    for settings in (CASTS, LoadSettings(4, False, False, False)):
+        assert load_ops(weight + [LoadTensor("x", "later", 0, 512)], settings) == [
+            ("alloc", ("copy", "w8", 2), 131072), ("alloc", "scb", 1024), ("alloc", "w8", 65536),
+            ("free", ("copy", "w8", 2)), ("alloc", "x", 512)]
+
+
 def test_load_with_recast_worked_by_hand():
     """from_pretrained (16-bit copies, the packed weight); prepare_model_for_kbit_training in
     model.parameters() order (embed_tokens first, lm_head last: the norm between them although

@@ -38,7 +38,7 @@ from vramplan.estimate._ops import (_head_tape, _layer_tapes, _structure, eager_
                                    rope_cells,
                                    held_graph_leaf, int8_ctx_inputs, layer_kinds, rope_tables, tied_embedding_grad,
                                    tied_sum_in_place)
-from vramplan.estimate._load import LoadTensor, load_ops, settings_of
+from vramplan.estimate._load import LoadTensor, load_ops, quantized_roles, settings_of
 from vramplan.estimate._quant import alloc
 from vramplan.estimate._symbolic import rounded_bytes, variables
 from vramplan.estimate._walk import GRAD
@@ -286,7 +286,7 @@ def registered_before(spec: ModelSpec, linear) -> int:
 def load_tensors(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[LoadTensor]:
     """One LoadTensor (estimate/_load.py) per persistent tensor, in load order, summing to weights +
     quant_constants + adapters exactly: embed_tokens, an untied lm_head, the norms, each decoder
-    layer's tensors (a 4-bit weight "packed" with its constants after it), MoE expert stacks, a
+    layer's tensors (a 4-bit weight "packed" or an "int8" one, with its constants after it), MoE expert stacks, a
     vision tower, the LoRA tensors (lora_numels, then the experts'), and what the inventory counts
     beyond them as one more tensor made last."""
     wb, eb, ab = weight_bytes(setup), embedding_bytes(setup), adapter_bytes(setup)
@@ -313,9 +313,9 @@ def load_tensors(spec: ModelSpec, setup: TrainSetup, static: Static) -> list[Loa
             if linear.where != "all" and dense != (linear.where == "dense"):
                 continue
             weight, constants = linear_tensors(setup, linear)
-            packed = setup.quantized and setup.quant != "int8"
-            layer.append(("packed" if packed else "weight", linear.numel, weight))
-            layer += [("constant" if packed else "weight", 0, c) for c in constants]
+            role, constant = quantized_roles(setup)
+            layer.append((role, linear.numel, weight))
+            layer += [(constant, 0, c) for c in constants]
             if linear.bias:
                 layer.append(("weight", 0, alloc(linear.out_features * bias_bytes(setup))))
         return layer

@@ -15,6 +15,7 @@ from vramplan.core._errors import ModelError, UsageError
 from vramplan.core._models import Linear, ModelSpec
 from vramplan.core._record import record
 from vramplan.estimate._quant import alloc, blocks, layout, layout_4bit, layout_int8
+from vramplan.estimate._load import quantized_roles
 from vramplan.core._setup import ALL_LINEAR, TrainSetup
 
 FP32 = 4
@@ -293,8 +294,8 @@ def vision_tensors(spec: ModelSpec, setup: TrainSetup) -> list[tuple[str, str, i
     mlp.fc2, self_attn k / out / q / v, each Linear's bias before its weight), post_layernorm; the
     int64 position_ids buffer last. bitsandbytes replaces the tower's nn.Linear modules like the
     decoder's (get_keys_to_not_convert skips only tied weights, the output embedding and the last
-    parameter; Gemma 3 has no _keep_in_fp32_modules): a 4-bit weight is "packed", its constants
-    after it (linear_tensors; the estimate's load quantizes it there, estimate/_load.py); biases
+    parameter; Gemma 3 has no _keep_in_fp32_modules): a 4-bit weight is "packed", an int8 one
+    "int8", its constants after it (linear_tensors; the load quantizes it there, estimate/_load.py); biases
     stay in the load dtype, float32 after prepare_model_for_kbit_training (weight_bytes: Linear4bit's
     first-forward cast back never happens in a tower that does not run); the Conv2d patch
     embedding, position embedding, LayerNorms and projector stay 16-bit (float32 after
@@ -307,13 +308,13 @@ def vision_tensors(spec: ModelSpec, setup: TrainSetup) -> list[tuple[str, str, i
     dense = lambda *shape: (W, "weight", 0, alloc(numel(shape) * wb))   # noqa: E731
     out = [dense(h, v.text_hidden), dense(h),                             # the projector, its norm
            dense(h), dense(h, v.channels, v.patch, v.patch), dense(v.positions, h)]
-    packed = setup.quantized and setup.quant != "int8"
+    role, constant = quantized_roles(setup)
     layer = [dense(h)] * 4                                                # layer_norm1 / 2, bias and weight
     for linear in sorted(v.linears, key=lambda linear: checkpoint_order(linear.name)):
         weight, constants = linear_tensors(setup, linear)
         layer.append((W, "weight", 0, alloc(linear.out_features * wb)))   # the bias, in the load dtype
-        layer.append((W, "packed" if packed else "weight", linear.numel, weight))
-        layer += [(Q, "constant" if packed else "weight", 0, c) for c in constants]
+        layer.append((W, role, linear.numel, weight))
+        layer += [(Q, constant, 0, c) for c in constants]
     out += layer * v.layers + [dense(h), dense(h)]                        # post_layernorm
     out.append((W, "weight", 0, alloc(8 * v.positions)))                  # SiglipVisionEmbeddings.position_ids
     return out

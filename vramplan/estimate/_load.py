@@ -5,7 +5,10 @@ two_step_events) both play it, so the caching allocator sees the same load on bo
 
 What happens, with its source:
 1. from_pretrained loads the checkpoint's tensors in the sorted order of their keys (the caller
-   lists them so). A 4-bit weight is quantized as it arrives (bitsandbytes 0.50 nn/modules.py
+   lists them so). An int8 weight is quantized as it arrives (bitsandbytes 0.50 nn/modules.py
+   Int8Params._quantize): a float16 copy on the device, then functional.int8_vectorwise_quant
+   makes the float32 row scales (SCB) and the int8 weight (backends/cuda/ops.py: row_stats, then
+   out_row), and the copy goes when _quantize returns. A 4-bit weight is quantized as it arrives (bitsandbytes 0.50 nn/modules.py
    Params4bit._quantize): its tensor in the load dtype is moved to the device, then
    functional.quantize_4bit makes the float32 absmax and the packed weight
    (backends/cuda/ops.py quantize_4bit: absmax first), the code book and, with double
@@ -34,16 +37,27 @@ CAST_FROM = 2       # the 16-bit load dtype of the tensors prepare_model_for_kbi
 CAST_TO = 4         # torch.float32
 BLOCKSIZE = 64      # quantize_4bit's default, which Linear4bit / Params4bit use
 # A tensor's part in the load:
-#   "weight"   made once, as it stays (int8 and 16-bit weights, biases, buffers, a lump)
+#   "weight"   made once, as it stays (16-bit weights, biases, buffers, a lump)
 #   "packed"   a 4-bit packed weight, quantized on the device as it loads; its bitsandbytes
 #              constants follow it in the list as "constant"
-#   "constant" one of the packed weight's constants before it
+#   "int8"     an int8 weight, quantized on the device as it loads; its SCB follows as "constant"
+#   "constant" one of the quantized weight's constants before it
 #   "upcast"   loaded 16-bit and cast to float32 by prepare_model_for_kbit_training (norms)
 #   "embed" / "head"  embed_tokens / an untied lm_head: cast like "upcast", and back to 16-bit by
 #              qlora.py's recast where the setup has it
 #   "adapter"  a LoRA tensor, made by get_peft_model (float32 until a recast makes it 16-bit)
 #   "later"    made after the adapters (the inputs)
 # Without prepare_model_for_kbit_training's casts, "upcast", "embed" and "head" are weights.
+
+
+FP16 = 2            # Int8Params._quantize copies the weight to the device in torch.float16
+
+
+def quantized_roles(setup: TrainSetup) -> tuple[str, str]:
+    """The roles of a Linear weight and of its bitsandbytes constants in this setup's load."""
+    if not setup.quantized:
+        return "weight", "weight"
+    return ("int8" if setup.quant == "int8" else "packed"), "constant"
 
 
 @record
@@ -94,6 +108,14 @@ def _quantized(weight: LoadTensor, constants: list, settings: LoadSettings) -> l
     return ops + [("free", copy)]
 
 
+def _int8(weight: LoadTensor, constants: list) -> list:
+    """One int8 weight as it loads (the module docstring, 1.): the float16 copy, the row scales,
+    the int8 weight, the copy freed."""
+    copy = ("copy", weight.key, FP16)
+    return ([("alloc", copy, alloc(weight.numel * FP16))] + [("alloc", t.key, t.nbytes) for t in constants]
+            + [("alloc", weight.key, weight.nbytes), ("free", copy)])
+
+
 def load_ops(tensors: list[LoadTensor], settings: LoadSettings) -> list[tuple]:
     """The load as ("alloc", key, nbytes) / ("free", key) / ("empty_cache",) events. Each tensor's
     last allocation carries its own key; its earlier copies and transients are keyed apart."""
@@ -113,11 +135,12 @@ def load_ops(tensors: list[LoadTensor], settings: LoadSettings) -> list[tuple]:
     while i < len(tensors):
         t = tensors[i]
         i += 1
-        if t.role == "packed":
+        if t.role in ("packed", "int8"):
             group = i
             while i < len(tensors) and tensors[i].role == "constant":
                 i += 1
-            ops += _quantized(t, tensors[group:i], settings)
+            ops += (_quantized(t, tensors[group:i], settings) if t.role == "packed"
+                    else _int8(t, tensors[group:i]))
         elif id(t) in is_cast:
             ops.append(("alloc", copy(t, CAST_FROM), alloc(t.numel * CAST_FROM)))
         elif t.role not in ("adapter", "later"):

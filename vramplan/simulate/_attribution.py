@@ -183,12 +183,12 @@ def register_live_state(tracker, built, paged: list, spec=None, setup=None) -> N
             if qs.state2 is not None:
                 quantized.append(track(qs.state2.absmax, Component.QUANT_CONSTANTS.value, "constant"))
                 quantized.append(track(qs.state2.code, Component.QUANT_CONSTANTS.value, "constant"))
-        else:                                   # bnb Linear8bitLt MatmulLtState
+        else:   # bnb Linear8bitLt: the int8 weight (MatmulLtState.CB is its storage), quantized as it loads, its SCB after it
             state = module.state
-            quantized.append(track(weight, Component.WEIGHTS.value))
+            quantized.append(track(weight, Component.WEIGHTS.value, "int8", weight.numel()))
             quantized.append(track(state.CB, Component.WEIGHTS.value))
-            quantized.append(track(state.SCB, Component.QUANT_CONSTANTS.value))
-            quantized.append(track(getattr(weight, "SCB", None), Component.QUANT_CONSTANTS.value))
+            quantized.append(track(state.SCB, Component.QUANT_CONSTANTS.value, "constant"))
+            quantized.append(track(getattr(weight, "SCB", None), Component.QUANT_CONSTANTS.value, "constant"))
 
     embed = built.base.get_input_embeddings().weight
     head = getattr(built.lm_head, "weight", None)
