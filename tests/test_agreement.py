@@ -322,6 +322,28 @@ def test_partial_rotary_tensors_are_made_as_the_step_makes_them(flags, monkeypat
     assert made(estimated_stream(spec, setup).events) == counts
 
 
+@pytest.mark.parametrize("name, flags", [("llama-gqa", dict(seq=512, attn="eager", grad_ckpt=False)),
+                                         ("llama-gqa", dict(seq=512, attn="eager")),
+                                         ("llama-gqa", dict(seq=512, batch=2, attn="eager", grad_ckpt=False)),
+                                         ("phi3-fused", dict(seq=512, attn="eager", grad_ckpt=False))])
+def test_a_middle_layers_backward_allocates_as_the_step_does(name, flags, monkeypatch):
+    """Layer 1's backward in the second step, every allocation of 64 KiB or more in order: the same
+    sizes on both sides. Eager attention at batch 1 was one tensor apart per layer: the `p @ v`
+    output's gradient reaches matmul's reshape as a transposed view, a copy only where the batch
+    dim cannot fold into a view (b > 1; estimate/_ops.py attn.flat)."""
+    from vramplan.cuda._allocator import round_size
+    from vramplan.profile._stream_match import layer_backward_events
+
+    spec, setup = spec_of(name), TrainSetup(**flags)
+    sim = simulated_stream(spec, setup, monkeypatch)
+    step = [round_size(b.size) for b in sorted(sim.blocks, key=lambda b: b.alloc_event)
+            if b.size >= 65536 and b.where and b.where[0] == "backward"
+            and (b.where[1] == "model.layers.1" or str(b.where[1]).startswith("model.layers.1."))]
+    estimated = [n for kind, n in layer_backward_events(estimated_stream(spec, setup), 1, 65536) if kind == "a"]
+    assert len(step) > 50
+    assert estimated == step
+
+
 @pytest.mark.parametrize("name, flags", [("llama-gqa", dict(seq=512)), ("llama-gqa", dict(seq=512, grad_ckpt=False)),
                                          ("gemma3-sliding", dict(seq=512, grad_ckpt=False)),
                                          ("olmo2-postnorm", dict(seq=512))])

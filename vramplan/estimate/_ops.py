@@ -802,8 +802,13 @@ class _Ops:
                 self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * ow)], grads=(("attn.o", 0),))
                 return "attn.of"
             return "attn.o"
-        # eager / math: (b, H, s, hd) -> transpose(1, 2).contiguous() is a copy o_proj reads
-        self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * ow)], grads=(("attn.o", a * T * ow),))
+        # eager / math: (b, H, s, hd) -> transpose(1, 2).contiguous() is a copy o_proj reads. Its
+        # gradient reaches `p @ v` as a transposed view of o_proj's input gradient, which matmul's
+        # output reshape (at::matmul's _unsafe_view of the (b * H, s, hd) bmm output) takes back
+        # to (b * H, s, hd): a copy unless b is 1, where the size-1 dim folds into a view
+        # (UnsafeViewBackward0; simulate's step makes no such tensor at batch 1)
+        self.op("attn.flat", ["attn.o"], [self.t("attn.of", a * T * ow)],
+                grads=(("attn.o", 0 if self.single else a * T * ow),))
         if backend == "eager":
             self.eager_return()
         return "attn.of"
