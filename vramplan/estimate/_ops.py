@@ -419,8 +419,10 @@ class _Ops:
         summed gradient dies as the node returns (docs/peft-transformers.md#rotary-embedding).
         Made where the model calls `.view(hidden_shape)` (layer_ops), which sets when the copy
         runs: autograd's engine runs ready nodes latest-made first. Ops that read or save the
-        view keep x alive (op())."""
-        return self._copying_view(x, width, f"{name}.heads", f"{name}.h")
+        view keep x alive (op()). With one head (a single KV head: Gemma-3-1B, multi-query
+        attention) there is no copy: transposing a size-1 dim leaves the gradient's layout that of
+        (b, s, 1, head_dim), which the reshape takes as a view (simulate's step makes none)."""
+        return self._copying_view(x, width, f"{name}.heads", f"{name}.h", copies=width != self.spec.head_dim)
 
     def slice_view(self, x: str, width: int, name: str) -> str:
         """`x[..., start:end]`, `width` being x's last dim: a view, nothing in forward. Its
@@ -430,11 +432,12 @@ class _Ops:
         (TensorIndexing.h applySlice), so no op is made for it."""
         return self._copying_view(x, width, f"{name}.slice", f"{name}.sl")
 
-    def _copying_view(self, x: str, width: int, op: str, out: str) -> str:
+    def _copying_view(self, x: str, width: int, op: str, out: str, copies: bool = True) -> str:
         """A view `out` of x (nothing in forward) whose backward makes a new gradient of x's
-        whole size, `width` its last dim, in x's dtype (heads, slice_view)."""
+        whole size, `width` its last dim, in x's dtype (heads, slice_view); or, `copies` False,
+        passes the incoming gradient on as x's."""
         xb = self.bytes_of.get(x, self.a)
-        self.op(op, [x], [self.t(out, 0)], grads=((x, xb * self.T * width),))
+        self.op(op, [x], [self.t(out, 0)], grads=((x, xb * self.T * width if copies else 0),))
         if xb != self.a:
             self.bytes_of[out] = xb
         self.view_base[out] = self.view_base.get(x, x)   # a view of a view shares the first base
