@@ -436,6 +436,13 @@ def _step_moments(spec: ModelSpec, setup: TrainSetup, static: Static, arch: Cuda
                         graph=False),
     }
     tied = tied_embedding_grad(spec, setup)
+    extra = static.gradients - head_grads - sum(grads)   # what no tape makes: the embedding's, the norms'
+    if extra > 0 and not tied:
+        # full fine-tuning's untied embedding: embedding_dense_backward makes its gradient (every
+        # other .grad made) while its incoming gradient, the embedding output's, is alive
+        # (estimate/_events.py); the graph is still alive (leaf, checkpointed masks)
+        incoming = alloc(embedding_bytes(setup) * setup.tokens * spec.hidden)
+        moments["backward.embedding"] = at(held, activations=bwd_masks + incoming, gradients=static.gradients)
     if tied:
         # The tied embedding's backward, the step's last node (ops.tied_embedding_grad): every
         # .grad exists (the tied one counted once in static.gradients), with

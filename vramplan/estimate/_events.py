@@ -1178,13 +1178,18 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 total = b.new(tied_grad)
                 release(lm_grad + own)
             grads += total
-        elif graph_leaf:             # ... and the .grad accumulated into it (ops.held_graph_leaf)
-            held_prev += leaf_keys + grad
         else:
-            release(grad)
-        if micro:    # embedding / norm gradients of full fine-tuning, added into their .grad
+            if not micro:
+                # embedding / norm gradients of full fine-tuning: embedding_dense_backward makes
+                # the embedding's from its incoming gradient, which goes once the node returns
+                grads += b.new(cell("extra_grads"))
+            if graph_leaf:           # ... and the .grad accumulated into it (ops.held_graph_leaf)
+                held_prev += leaf_keys + grad
+            else:
+                release(grad)
+        if micro:    # ... added into their .grad
             release(b.new(cell("extra_grads")))
-        else:
+        elif lm_grad:
             grads += b.new(cell("extra_grads"))
         if fsdp:
             release(head_grads)
