@@ -64,6 +64,16 @@ inlining split_free / merge_free into the replay's loop (no gain: 12.2 / 17.5 / 
 of Llama-2-70B 1 x 2048 with a new seq 33.0 -> 37.0 ms, the same hour. The grid alone: 1.87 s
 (108 cells replayed, 1.50 s of it in the replay), 0.40 s, 0.43 s, 6.6 s (101 cells, 4.9 s): still
 over 0.5 s where about 100 cells must each be replayed.
+
+2026-12-01 (fifteenth session), plan alone, median of 7: 6.6 / 3.8 / 5.3 / 8.0 s (cold CLI 5.6 s);
+the session's starting code the same hour: 7.1 / 5.3 / 6.3 / 8.5 s (CLI 5.3 s). The estimate
+replayed each layer's walk twice per setup (layer_stack and transient_sizes keyed one cache
+differently): 5 tape replays a cell where 3 do, about 0.1 s of a 400-cell grid; FSDP's per-unit
+shard sums and gathered units are cached per split. The grid alone, median of 3: 2.3 / 0.34 / 0.29 /
+6.4 s (the starting code 2.6 / 0.54 / 0.62 / about 6.5 s): within 0.5 s where few cells are
+replayed, not in cases 1 and 4 (108 and 101 cells, about 16 and 50 ms a replay). Tried and not
+kept: Tape.replay as running sums (itertools.accumulate, per-tag prefix sums): 202 against 116 us
+a replay of Llama-3-8B's layer, slower than the plain loop.
 """
 from __future__ import annotations
 
