@@ -70,7 +70,7 @@ the session's starting code the same hour: 7.1 / 5.3 / 6.3 / 8.5 s (CLI 5.3 s). 
 replayed each layer's walk twice per setup (layer_stack and transient_sizes keyed one cache
 differently): 5 tape replays a cell where 3 do, about 0.1 s of a 400-cell grid; FSDP's per-unit
 shard sums and gathered units are cached per split. The grid alone, median of 3: 2.3 / 0.34 / 0.29 /
-6.4 s (the starting code 2.6 / 0.54 / 0.62 / about 6.5 s): within 0.5 s where few cells are
+6.4 s (the starting code, medians of 5 the same hour: 2.6 / 0.54 / 0.62 s in cases 1-3): within 0.5 s where few cells are
 replayed, not in cases 1 and 4 (108 and 101 cells, about 16 and 50 ms a replay). Tried and not
 kept: Tape.replay as running sums (itertools.accumulate, per-tag prefix sums): 202 against 116 us
 a replay of Llama-3-8B's layer, slower than the plain loop.
