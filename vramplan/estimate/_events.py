@@ -994,7 +994,6 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
                 tables += build(table_build, finals)
         else:
             tables += b.make(rope)
-        masks += tables
         # the first step allocates each thread's cuBLAS workspace at its first matmul: the forward's
         # (the caller's thread) and the backward's (autograd's device thread); both stay (cuda/_cublas.py)
         forward_ws = backward_ws = p == 0
@@ -1037,7 +1036,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         # the additive bias it converts them to, eager attention's `+ causal_mask` saves nothing):
         # they go as it returns, unless checkpointing holds them as the layers' inputs for the
         # recomputation (torch.utils.checkpoint), until the first layer's backward
-        early_masks = [k for k in masks if k not in tables] + positions if not setup.grad_ckpt else []
+        early_masks = masks + positions if not setup.grad_ckpt else []
         if embeds or early_masks:
             # the base model returns once the final norm has rebound `hidden_states` (its input
             # freed): `inputs_embeds`, the position ids and the masks go then, before lm_head
@@ -1045,8 +1044,8 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
             head.run(head_fwd[:normed])
             b.drop(embeds)
             release(early_masks)
-            masks = tables if early_masks else masks
-            positions = [] if early_masks else positions
+            if early_masks:
+                masks, positions = [], []
             head_fwd, head_blas = head_fwd[normed:], head_blas - normed if head_blas >= normed else -1
         if play(head, head_fwd, head_blas, forward_ws):
             b.new(workspace)      # no matmul found in the tapes: counted all the same (cuda/_cublas.py)
@@ -1204,7 +1203,7 @@ def _compile(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaArch,
         if graph_leaf == "raw":      # Granite's leaf, the raw embedding output, likewise
             held_prev += leaves
             leaves = []
-        release(masks + positions + leaves)
+        release(masks + tables + positions + leaves)
         if zero is not None:     # independent_gradient_partition_epilogue: the last bucket, the ipg buffers go
             release(grads)
             grads = []
