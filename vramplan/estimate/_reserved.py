@@ -82,7 +82,12 @@ def exact_layers_for(setup: TrainSetup, conf: AllocConf | None = None, fsdp: boo
     tied lm_head their random-weights build allocated, docs/allocator.md#random-weights-load):
     0.44% (mean 0.94%) here, 0.38% (0.91%) with every layer. On the agreement matrices every layer for
     the mixture-of-experts setups moved benchmarks/agreement-new-families.md's MoE rows from 0.22%
-    to 0.09% mean |error| and the MoE recipe rows from 0.20% to 0.24%, at twice the replay.
+    to 0.09% mean |error| and the MoE recipe rows from 0.20% to 0.24%, at twice the replay. Tried
+    again in the fifteenth session: the H200's Qwen3-30B-A3B record -1.09% -> -0.12%, the new-family
+    table 0.19% -> 0.18% mean (130 -> 131 of 136 within 1%), the catalog's Mixtral rows 659 -> 660 of
+    664 within 1%, but the family recipes 0.17% -> 0.19% mean (174 -> 171 of 180 within 1%, up to
+    +2.10%): the MoE layers' own stream still differs from simulate's (routing-dependent sizes), so
+    playing more of it is no better on the whole; not kept.
     One GPU of FSDP (`fsdp`) keeps its own detail (fsdp_detail)."""
     if fsdp:
         return fsdp_detail(setup, conf)
