@@ -327,18 +327,24 @@ def test_partial_rotary_tensors_are_made_as_the_step_makes_them(flags, monkeypat
                                          ("llama-gqa", dict(seq=512, batch=2, attn="eager", grad_ckpt=False)),
                                          ("phi3-fused", dict(seq=512, attn="eager", grad_ckpt=False)),
                                          ("gemma3-sliding", dict(seq=512)),
-                                         ("gemma3-sliding", dict(seq=512, grad_ckpt=False))])
+                                         ("gemma3-sliding", dict(seq=512, grad_ckpt=False)),
+                                         ("llama-gqa", dict(recipe="trainer", seq=512)),
+                                         ("olmo2-postnorm", dict(recipe="trainer", seq=512, grad_ckpt=False))])
 def test_a_middle_layers_backward_allocates_as_the_step_does(name, flags, monkeypatch):
     """Layer 1's backward in the second step, every allocation of 64 KiB or more in order: the same
     sizes on both sides. Eager attention at batch 1 was one tensor apart per layer: the `p @ v`
     output's gradient reaches matmul's reshape as a transposed view, a copy only where the batch
     dim cannot fold into a view (b > 1; estimate/_ops.py attn.flat). With one KV head (the
     gemma3-sliding config, as Gemma-3-1B) the k heads view's gradient is no copy either
-    (estimate/_ops.py heads)."""
+    (estimate/_ops.py heads). Under autocast (the trainer recipe) each LoRA F.linear's backward
+    makes the weight's gradient before the input's (MmBackward0: mat2's first)."""
+    from vramplan.core._setup import make_setup
     from vramplan.cuda._allocator import round_size
     from vramplan.profile._stream_match import layer_backward_events
 
-    spec, setup = spec_of(name), TrainSetup(**flags)
+    flags = dict(flags)
+    recipe = flags.pop("recipe", None)
+    spec, setup = spec_of(name), make_setup(recipe, **flags) if recipe else TrainSetup(**flags)
     sim = simulated_stream(spec, setup, monkeypatch)
     step = [round_size(b.size) for b in sorted(sim.blocks, key=lambda b: b.alloc_event)
             if b.size >= 65536 and b.where and b.where[0] == "backward"

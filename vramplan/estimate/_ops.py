@@ -388,12 +388,14 @@ class _Ops:
             wa, wb = f"{name}.A16", f"{name}.B16"
             self.op(f"{name}.cast_A", [], [self.t(wa, c * r * i)], param_grads=alloc(FP32 * r * i))
             self.cached += (wa,)
+            # F.linear on a 3-D input is mm on its 2-D view: MmBackward0 makes the weight's (mat2's)
+            # gradient before the input's (operand_grads)
             self.op(f"{name}.lora_A", [xin, wa], [self.t(f"{name}.la", c * T * r)], saves=(xin, wa),
-                    grads=((xin, c * T * i), (wa, c * r * i)), blas=BLAS, view_grads=(xin,))
+                    grads=operand_grads((xin, c * T * i), (wa, c * r * i)), blas=BLAS, view_grads=(xin,))
             self.op(f"{name}.cast_B", [], [self.t(wb, c * o * r)], param_grads=alloc(FP32 * o * r))
             self.cached += (wb,)
             self.op(f"{name}.lora_B", [f"{name}.la", wb], [self.t(f"{name}.lb", c * T * o)],
-                    saves=(f"{name}.la", wb), grads=((f"{name}.la", c * T * r), (wb, c * o * r)), blas=BLAS,
+                    saves=(f"{name}.la", wb), grads=operand_grads((f"{name}.la", c * T * r), (wb, c * o * r)), blas=BLAS,
                     view_grads=(f"{name}.la",))
         self.op(f"{name}.scale", [f"{name}.lb"], [self.t(f"{name}.ls", c * T * o)],
                 grads=((f"{name}.lb", c * T * o),))
