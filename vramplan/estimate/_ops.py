@@ -479,9 +479,11 @@ class _Ops:
         # float32 tables (Architecture.rope_float32): both products and the sum are float32, each
         # product's gradient (grad * cos, grad * sin) a float32 tensor that autograd casts back to
         # the 16-bit input's dtype (validate_outputs), the float32 one freed once the cast exists
-        prod = FP32 * T * width if self.spec.arch.rope_float32 else full
-        cast_back = (prod,) if prod != full else ()
-        if prod != full:
+        # (compared as bytes per element: sizes are symbolic, and two equal polynomials are two objects)
+        promoted = self.spec.arch.rope_float32 and a != FP32
+        prod = FP32 * T * width if promoted else full
+        cast_back = (prod,) if promoted else ()
+        if promoted:
             out = f"{name}.rot32"
             self.bytes_of[out] = FP32     # the caller casts it back (rope_cast)
         self.op(f"{name}.rope_cos", [x], [self.t(f"{name}.xc", prod)], grads=((x, full),), bwd_before=cast_back)
@@ -498,10 +500,10 @@ class _Ops:
             # cat([rotated, x_pass]): CatBackward0 hands the sum and the (empty) pass-through slice
             # views of the incoming gradient; a float32 rotated part promotes the cat to float32
             # (torch.cat's type promotion)
-            cat = (FP32 if self.spec.arch.rope_float32 else a) * T * (whole or width)
+            cat = (FP32 if promoted else a) * T * (whole or width)
             self.op(f"{name}.rope_pass", [out, f"{name}.pass.sl"], [self.t(f"{name}.rotp", cat)],
                     grads=((out, 0), (f"{name}.pass.sl", 0)))
-            if prod != full:
+            if promoted:
                 self.bytes_of[f"{name}.rotp"] = FP32
             out = f"{name}.rotp"
         return out
@@ -674,7 +676,11 @@ class _Ops:
             self.op("attn.q_scale", [q], [self.t("attn.qs", c * T * qw)], grads=((q, c * T * qw),))
             masks = []
             if not bias:   # is_causal: the mask is built here; an explicit one was converted above
-                self.op("attn.causal", [], [self.t("attn.cm", c * seq * seq)], work=2 * alloc(seq * seq), work_tag=ACT)
+                # `at::ones({L, S}, kBool).tril()`: the ones go once tril exists; then
+                # convert_boolean_attn_mask's float32 `where`, after which the boolean one goes
+                self.op("attn.ones", [], [self.t("attn.ones", seq * seq)])
+                self.op("attn.tril", ["attn.ones"], [self.t("attn.tril", seq * seq)])
+                self.op("attn.causal", ["attn.tril"], [self.t("attn.cm", c * seq * seq)])
                 masks = ["attn.cm"]
             if kvw != qw:   # not yet repeated for a mask
                 self.op("attn.k_rep", [k], [self.t("attn.kr", c * T * qw)], grads=((k, c * T * kvw),))
@@ -1808,10 +1814,12 @@ def decisions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, wind
     (`dense`: DeepSeek-V3's first_k_dense_replace, Llama 4's moe_layers), and whether the batch
     is a single sequence (a size-1 batch dim folds into any view: matmul's reshape of a
     transposed q copies only for batch > 1)."""
-    dtype = activation_dtype(setup)
+    # Linear4bit.forward casts its input to the compute dtype before matmul_4bit (bitsandbytes
+    # 0.50 nn/modules.py: `x = x.to(self.compute_dtype)`), so the kernel sees setup.dtype even where
+    # prepare_model_for_kbit_training leaves the hidden states in float32
     fused = frozenset(l.name for l in spec.layer_linears
                       if setup.quantized and setup.quant != "int8"
-                      and gemm_4bit_fused(setup.tokens, l.out_features, l.in_features, dtype, arch))
+                      and gemm_4bit_fused(setup.tokens, l.out_features, l.in_features, setup.dtype, arch))
     single = setup.batch == 1
     kv_view = spec.kv_heads == 1 and spec.heads > 1 and single
     return fused, windowed(spec, setup) if window is None else window, kv_view, rope, dense, single
