@@ -332,7 +332,8 @@ def test_partial_rotary_tensors_are_made_as_the_step_makes_them(flags, monkeypat
                                          ("olmo2-postnorm", dict(recipe="trainer", seq=512, grad_ckpt=False)),
                                          ("qwen3-qknorm", dict(seq=512, prepare_kbit=True)),
                                          ("qwen2-tied-bias", dict(seq=512, prepare_kbit=True)),
-                                         ("olmo2-postnorm", dict(seq=512, prepare_kbit=True, grad_ckpt=False))])
+                                         ("olmo2-postnorm", dict(seq=512, prepare_kbit=True, grad_ckpt=False)),
+                                         ("qwen3-qknorm", dict(seq=512, quant="int8", grad_ckpt=False))])
 def test_a_middle_layers_backward_allocates_as_the_step_does(name, flags, monkeypatch):
     """Layer 1's backward in the second step, every allocation of 64 KiB or more in order: the same
     sizes on both sides. Eager attention at batch 1 was one tensor apart per layer: the `p @ v`
@@ -344,7 +345,8 @@ def test_a_middle_layers_backward_allocates_as_the_step_does(name, flags, monkey
     prepare_model_for_kbit_training's float32 hidden states, Linear4bit still hands bitsandbytes
     its input in the compute dtype (so its fused kernel runs where the bf16 rule says), SDPA's math
     fallback builds the causal mask as ones, tril, then the float32 `where`, and OLMo 2's float32
-    rotary products need no cast back."""
+    rotary products need no cast back. bitsandbytes' MatMul8bitLt backward dequantizes the int8
+    weight before the input's gradient."""
     from vramplan.core._setup import make_setup
     from vramplan.cuda._allocator import round_size
     from vramplan.profile._stream_match import layer_backward_events

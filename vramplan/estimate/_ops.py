@@ -203,11 +203,13 @@ class _Ops:
         work_before: tuple = ()
         bwd_before: tuple = ()
         if s.quantized and lin.name != "lm_head":
-            # backward: MatMul4Bit / MatMul8bitLt dequantize the weight (functional dequantize_4bit);
-            # MatMul4Bit's buffers before the input's gradient, in order (walk.Op.bwd_before)
+            # backward: MatMul4Bit / MatMul8bitLt dequantize the weight before the input's gradient
+            # (walk.Op.bwd_before): MatMul4Bit's buffers in order (functional dequantize_4bit);
+            # MatMul8bitLt's `CB = state.CB.to(ctx.dtype_A, copy=True).mul_(...)`, then
+            # `grad_A = torch.matmul(grad_output..., CB)` (bitsandbytes 0.50 autograd/_functions.py)
             dq = dequant_temporary(s.quant, i, o, s.double_quant, s.compute_bytes)
             if s.quant == "int8":
-                bwd_work = alloc(dq)
+                bwd_before = (alloc(dq),)
             else:
                 bwd_before = dequant_buffers(s.quant, i, o, s.double_quant, s.compute_bytes)
             if s.quant == "int8":
