@@ -14,7 +14,8 @@ from vramplan.core._components import Component
 from vramplan.core._errors import ModelError, UsageError
 from vramplan.core._models import Linear, ModelSpec
 from vramplan.core._record import record
-from vramplan.estimate._quant import alloc, blocks, layout, layout_4bit, layout_int8
+from vramplan.estimate._quant import (BLOCKSIZE, BLOCKSIZE_NESTED, CODE_4BIT_ENTRIES, CODE_DYNAMIC_ENTRIES, alloc,
+                                     blocks, layout, layout_4bit, layout_int8)
 from vramplan.estimate._load import quantized_roles
 from vramplan.core._setup import ALL_LINEAR, TrainSetup
 
@@ -269,9 +270,10 @@ def linear_tensors(setup: TrainSetup, linear) -> tuple[int, list[int]]:
     if setup.quantized:
         numel_ = linear.in_features * linear.out_features
         q = layout_4bit(numel_, setup.double_quant)
-        blocks = -(-numel_ // 64)
-        parts = ([alloc(blocks), alloc(4 * -(-blocks // 256)), alloc(1024), alloc(4), alloc(64)]
-                 if setup.double_quant else [alloc(4 * blocks), alloc(64)])
+        n_blocks = blocks(numel_, BLOCKSIZE)    # the pieces of estimate/_quant.py layout_4bit, one tensor each
+        code = alloc(4 * CODE_4BIT_ENTRIES)
+        parts = ([alloc(n_blocks), alloc(4 * blocks(n_blocks, BLOCKSIZE_NESTED)), alloc(4 * CODE_DYNAMIC_ENTRIES),
+                  alloc(4), code] if setup.double_quant else [alloc(4 * n_blocks), code])
         return q.weight, parts if sum(parts) == q.constants else [q.constants]
     return alloc(linear.numel * weight_bytes(setup)), []
 
