@@ -13,6 +13,11 @@ The behaviour is the dataclass one (`dataclasses._process_class` in CPython 3.11
   (else NotImplemented);
 - the hash of the fields with `hash=True`, or `hash=None` and `compare=True`.
 `fields()`, `replace()`, `asdict()` and pickling work as on any dataclass.
+
+The hash is computed once per instance and kept beside its fields: a record is frozen, and the
+planner hashes the same large ones again and again as cache keys (one GPU of ZeRO-3's
+ZeroPartitions, whose all-gather segments took about 3 ms to hash, twice per grid cell). A
+pickled or copied record leaves it behind: str hashes differ between interpreters.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ def record(cls: type) -> type:
     cls.__repr__ = _repr
     cls.__eq__ = _eq
     cls.__hash__ = _hash
+    cls.__getstate__ = _getstate
     return cls
 
 
@@ -56,5 +62,18 @@ def _eq(self, other):
     return NotImplemented
 
 
+_HASH = "_record_hash_value"   # the instance's hash, once computed (the module docstring)
+
+
 def _hash(self) -> int:
-    return hash(self.__class__._record_hash(self))
+    values = self.__dict__
+    value = values.get(_HASH)
+    if value is None:
+        value = values[_HASH] = hash(self.__class__._record_hash(self))
+    return value
+
+
+def _getstate(self) -> dict:
+    state = dict(self.__dict__)
+    state.pop(_HASH, None)
+    return state
