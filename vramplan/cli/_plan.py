@@ -73,6 +73,8 @@ def register(subparsers, setup_flags_parent) -> None:
                    help="a fit with less than this fraction of the GPU left is 'tight' (default 0.05)")
     p.add_argument("--no-recommend", dest="recommend", action="store_false", help="skip the ranked changes")
     p.add_argument("--plot", help="write stacked components per setup with the GPU line (.png, .svg, .pdf)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that evaluate the grid's cells (default: one per CPU, at most 8; 1: this process)")
     p.set_defaults(handler=cmd_plan)
 
     # a fresh copy of the setup flags: sweep redefines some of them as lists
@@ -111,7 +113,7 @@ def cmd_plan(args) -> int:
         parallel = parallel_from_deepspeed(args.deepspeed, args.gpus, model, args.strategy, args.offload)
     result = plan(model, setup_from_args(args), args.gpu, gpus=args.gpus, strategy=args.strategy,
                   offload=args.offload or "none", parallel=parallel, batches=batches, seqs=seqs, tight=args.tight,
-                  recommend=args.recommend, alloc_conf=alloc_conf_from_args(args))
+                  recommend=args.recommend, alloc_conf=alloc_conf_from_args(args), workers=args.workers)
     if args.plot:
         from vramplan.render._plots import plot_plan  # this command's code loads only when it runs
         plot_plan(result, args.plot)

@@ -63,6 +63,7 @@ from vramplan.plan._sharding import (Parallel, ShardedEstimate, accumulation_mod
                                     splits_for)
 
 from vramplan.core._verdict import TIGHT, verdict
+from vramplan.plan._workers import checked as checked_workers
 MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty
 MAX_CHANGES = 8          # ranked changes shown
 MIN_GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -415,13 +416,14 @@ class Plan:
 def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int | Gpu | None = None, *,
          gpus: int = 1, strategy: str | None = None, offload: str = "none", parallel: Parallel | None = None,
          batches=None, seqs=None, tight: float = TIGHT, recommend: bool = True, alloc_conf=None,
-         **flags) -> Plan:
+         workers: int | None = None, **flags) -> Plan:
     """What fits on `gpu` (a size, a catalog name, or "all" for every catalog GPU), per GPU under
     `gpus` x `strategy` (+ `offload`): largest micro-batch at the requested seq, longest seq at
     the requested batch, a batch x seq grid, ranked changes that make a non-fitting setup fit,
     and the minimum hardware when nothing does. `flags` are TrainSetup fields. `alloc_conf`:
     PYTORCH_CUDA_ALLOC_CONF settings of the caching-allocator replay (None: the environment's);
-    the other settings that matter are ranked with their computed effect."""
+    the other settings that matter are ranked with their computed effect. `workers`: processes
+    that evaluate the grid's cells (None: one per CPU where forking is safe; plan/_workers.py)."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     if setup is None and "dtype" not in flags and isinstance(gpu, (str, int, Gpu)) \
             and not (isinstance(gpu, str) and gpu.strip().lower() == "all"):
@@ -433,6 +435,7 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     par = parallel_of(gpus, strategy, offload, parallel)
     if isinstance(tight, bool) or not isinstance(tight, (int, float)) or not 0 <= tight < 1:
         raise UsageError(f"--tight must be a fraction in [0, 1), got {tight!r}", hint="e.g. --tight 0.05")
+    checked_workers(workers)
     if gpu is None:
         raise UsageError("plan needs a GPU", hint="e.g. --gpu 24GB, --gpu A100-80GB, or --gpu all")
     ev = Evaluator(spec, par)
@@ -448,7 +451,7 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
 
     max_batch = _limit(ev, setup, "batch", cap, MAX_BATCH, notes)
     max_seq = _limit(ev, setup, "seq", cap, seq_bound(spec), notes)
-    grid = _grid(ev, setup, cap, tight, batches, seqs, max_batch, max_seq)
+    grid = _grid(ev, setup, cap, tight, batches, seqs, max_batch, max_seq, workers)
     changes: tuple[Change, ...] = ()
     minimum = None
     allocator = _allocator_changes(spec, setup, par, g, tight, alloc_conf) if recommend else ()
@@ -517,24 +520,31 @@ def _axis(values, around: int, limit: int, lowest: int, upper: int) -> tuple[int
 
 
 def _grid(ev: Evaluator, setup: TrainSetup, cap: int, tight: float, batches, seqs,
-          max_batch: Limit, max_seq: Limit) -> Grid:
+          max_batch: Limit, max_seq: Limit, workers: int | None = None) -> Grid:
     bs = _axis(batches, setup.batch, max_batch.value, 1, MAX_BATCH)
     ss = _axis(seqs, setup.seq, max_seq.value, 256, MAX_SEQ)
     for label, axis in (("batch", bs), ("seq", ss)):
         if len(axis) > MAX_GRID:
             raise UsageError(f"--grid-{label} has {len(axis)} values (max {MAX_GRID})", hint="give fewer values")
-    rows = []
-    for s in ss:
-        row = []
-        for b in bs:
-            cell = setup.with_(batch=b, seq=s)
-            floor = ev.floor(cell)
-            if floor > cap:
-                row.append(Cell(b, s, floor, "no", lower_bound=True))
-            else:
-                row.append(Cell(b, s, ev.need(cell), ev.status(cell, cap, tight)))
-        rows.append(tuple(row))
-    return Grid(bs, ss, tuple(rows))
+    setups = [setup.with_(batch=b, seq=s) for s in ss for b in bs]
+
+    def cell(i: int) -> tuple:
+        """(the cell, the evaluator's (need, oom) for it or None, full estimates it took)"""
+        one, calls = setups[i], ev.calls
+        floor = ev.floor(one)
+        if floor > cap:
+            return Cell(one.batch, one.seq, floor, "no", lower_bound=True), None, 0
+        need = ev.need(one)
+        return Cell(one.batch, one.seq, need, ev.status(one, cap, tight)), ev._evaluate(one), ev.calls - calls
+
+    from vramplan.plan._workers import spread
+    done = spread(cell, len(setups), workers)
+    for one, (_cell, evaluated, calls) in zip(setups, done):
+        if evaluated is not None and one not in ev._need:    # evaluated in a worker process
+            ev._need[one] = evaluated
+            ev.calls += calls
+    cells = [c for c, _e, _n in done]
+    return Grid(bs, ss, tuple(tuple(cells[i:i + len(bs)]) for i in range(0, len(cells), len(bs))))
 
 
 # --- recommendations ------------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""Independent evaluations spread over worker processes forked from the planner.
+
+Why: a grid cell that may fit is one exact replay of two training steps through the allocator
+model (docs/allocator.md#one-pass-replay), 16 to 50 ms each in pure Python, and a 20 x 20 grid
+holds about 100 of them. The cells do not depend on each other, so each worker takes the next
+cell while the others work.
+
+Why fork: a forked worker starts in milliseconds with the planner's imports and caches (the
+static memory, the compiled allocation programs); a spawned one would import and rebuild them
+first, for longer than most grids take. So workers are used only where fork is safe and pays:
+- the platform forks (multiprocessing's "fork" start method; not Windows) and the planner is not
+  itself a daemonic worker (multiprocessing lets those have no children);
+- the caller runs no other thread: a thread holding a lock at the fork leaves the child's copy
+  locked for good (CPython's os.fork documentation);
+- more than one CPU is this process's to use (os.sched_getaffinity) and there are at least
+  MIN_ITEMS evaluations.
+
+Each result comes back pickled (plain ints, strings, dicts); a worker that raises returns
+nothing, and the parent evaluates that item itself, so the error is raised as the serial planner
+would raise it. The results are the serial ones, item by item (tests/test_planner_workers.py).
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+MAX_WORKERS = 8     # past this, the grid's hundred replays leave most workers idle
+MIN_ITEMS = 8       # fewer: forking costs more than it saves
+
+_job = None         # the function the forked workers call (set before the fork, read in the child)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:              # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def checked(workers: int | None) -> int | None:
+    """`workers` as given, or a one-line error (core/_errors.py UsageError)."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        from vramplan.core._errors import UsageError
+        raise UsageError(f"--workers must be a whole number of at least 1, got {workers!r}",
+                         hint="e.g. --workers 4, or --workers 1 to evaluate in this process")
+    return workers
+
+
+def workers_for(items: int, workers: int | None = None) -> int:
+    """How many processes evaluate `items` evaluations: `workers` as asked (None: one per usable
+    CPU, at most MAX_WORKERS), 1 (in this process) where forking is unsafe or does not pay (the
+    module docstring)."""
+    import multiprocessing
+
+    wanted = min(usable_cpus(), MAX_WORKERS) if workers is None else workers
+    if wanted < 2 or items < MIN_ITEMS:
+        return 1
+    if "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
+        return 1
+    if threading.active_count() > 1:
+        return 1
+    return min(wanted, items)
+
+
+def spread(fn, count: int, workers: int | None = None) -> list:
+    """[fn(0), ..., fn(count - 1)], evaluated by `workers_for(count, workers)` processes."""
+    n = workers_for(count, checked(workers))
+    if n == 1:
+        return [fn(i) for i in range(count)]
+    import multiprocessing
+
+    global _job
+    _job = fn
+    try:
+        with multiprocessing.get_context("fork").Pool(n) as pool:
+            done = pool.map(_run, range(count), chunksize=1)
+    finally:
+        _job = None
+    return [fn(i) if result is None else result[0] for i, result in enumerate(done)]
+
+
+def _run(i: int):
+    """In a worker: (fn(i),), or None where it raised (the parent raises it again)."""
+    try:
+        return (_job(i),)
+    except Exception:
+        return None
