@@ -1,5 +1,5 @@
 """Speed of `plan`: a 20 x 20 batch x seq grid plus recommendations, cold (a fresh interpreter,
-imports included) and warm, and the cold `vramplan plan` CLI.
+imports included) and warm, the grid alone within it, and the cold `vramplan plan` CLI.
 
 Target (issue #5): a plan over a 20 x 20 grid plus recommendations under 0.5 s cold.
 Run: python benchmarks/bench_plan.py
@@ -74,6 +74,16 @@ shard sums and gathered units are cached per split. The grid alone, median of 3:
 replayed, not in cases 1 and 4 (108 and 101 cells, about 16 and 50 ms a replay). Tried and not
 kept: Tape.replay as running sums (itertools.accumulate, per-tag prefix sums): 202 against 116 us
 a replay of Llama-3-8B's layer, slower than the plain loop.
+
+2026-12-02 (sixteenth session), plan alone, median of 7, a slow hour: 7.7 / 5.3 / 6.8 / 5.7 s (cold
+CLI 7.2 s); the session's starting code right after: 9.1 / 5.4 / 7.3 / 10.3 s (CLI 6.6 s). The grid's
+cells are now evaluated by worker processes forked from the planner (plan/_workers.py: one per
+usable CPU, at most 8; two here), and a record's hash is computed once per instance (one GPU of
+ZeRO-3's ZeroPartitions was hashed twice a cell, about 3 ms each: case 4's program cache and replay
+cache keys). The grid alone (Evaluator and _grid over the 20 x 20 cells, no recommendations), median of
+3, interleaved with the starting code: 1.44 / 0.31 / 0.33 / 3.76 s against 2.63 / 0.50 / 0.43 / 8.52 s,
+the same cells and evaluations. On these 2 cores about 100 exact replays of 16-50 ms cannot go
+under 0.5 s; more cores divide it further.
 """
 from __future__ import annotations
 
@@ -98,22 +108,28 @@ CLI = [sys.executable, "-m", "vramplan.cli", "plan", "meta-llama/Meta-Llama-3-8B
        "--seq", "4096", "--json"]
 
 
-def cold(call: str) -> tuple[float, float, int]:
-    """(seconds for import + plan, seconds for plan alone, evaluations) in a fresh interpreter."""
+def cold(call: str) -> tuple[float, float, int, float]:
+    """(seconds for import + plan, seconds for plan alone, evaluations, seconds in the 20 x 20 grid)
+    in a fresh interpreter; the grid is timed inside the plan (plan/_planner.py _grid), after the
+    limits' searches, as a user's plan runs it."""
     code = (f"import time; t0 = time.perf_counter(); from vramplan import plan; t1 = time.perf_counter(); "
+            f"import vramplan.plan._planner as P; grid = P._grid; spent = []; "
+            f"P._grid = lambda *a, **k: (spent.append(time.perf_counter()), grid(*a, **k), "
+            f"spent.append(time.perf_counter()))[1]; "
             f"p = {call.format(grid=GRID)}; t2 = time.perf_counter(); "
-            f"print(t2 - t0, t2 - t1, p.evaluations, len(p.changes) + len(p.minimum.changes if p.minimum else ()))")
+            f"print(t2 - t0, t2 - t1, p.evaluations, spent[1] - spent[0])")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
-    return float(out[0]), float(out[1]), int(out[2])
+    return float(out[0]), float(out[1]), int(out[2]), float(out[3])
 
 
 def main() -> None:
-    print(f"{'case':<44}{'cold import+plan':>18}{'cold plan':>11}{'evals':>7}")
+    print(f"{'case':<44}{'cold import+plan':>18}{'cold plan':>11}{'evals':>7}{'grid':>10}")
     for name, call in CASES.items():
         runs = [cold(call) for _ in range(RUNS)]
         total = statistics.median(r[0] for r in runs)
         alone = statistics.median(r[1] for r in runs)
-        print(f"{name:<44}{total * 1000:>15.0f} ms{alone * 1000:>8.0f} ms{runs[0][2]:>7}")
+        grid = statistics.median(r[3] for r in runs)
+        print(f"{name:<44}{total * 1000:>15.0f} ms{alone * 1000:>8.0f} ms{runs[0][2]:>7}{grid * 1000:>7.0f} ms")
     times = []
     for _ in range(RUNS):
         start = time.perf_counter()
