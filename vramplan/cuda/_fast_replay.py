@@ -164,7 +164,13 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
     # unique across streams), segments' sizes by base
     free_keys: list = []
     pools = {0: free_keys}   # stream -> its large pool's free list
-    streams = streams or {}
+    pool_of = None           # per key: its stream's free list (where any allocation is on another stream)
+    if streams:
+        for stream in streams.values():
+            pools.setdefault(stream, [])
+        pool_of = [free_keys] * keys
+        for k, stream in streams.items():
+            pool_of[k] = pools[stream]
     cells: dict = {}
     segments: dict = {}
     put, find, length, mask = insort, bisect_left, len, _MASK
@@ -249,11 +255,8 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                     level += ptr
                     continue
                 size = 0
-            if streams:              # the large pool of this allocation's stream
-                stream = streams.get(this_key, 0)
-                free_keys = pools.get(stream)
-                if free_keys is None:
-                    free_keys = pools[stream] = []
+            if pool_of:              # the large pool of this allocation's stream
+                free_keys = pool_of[this_key]
             if pending_need:         # the growth event before this large-pool event, through replay_lumped
                 if allocated + pending_high > peak_allocated:
                     peak_allocated = allocated + pending_high
