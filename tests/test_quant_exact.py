@@ -8,7 +8,7 @@ pytestmark = requires("torch", "bitsandbytes")
 import torch  # noqa: E402
 import bitsandbytes.functional as bnb_functional  # noqa: E402
 
-from vramplan.estimate._quant import alloc, dequant_temporary, layout_4bit, layout_int8  # noqa: E402
+from vramplan.estimate._quant import alloc, constants_4bit, dequant_temporary, layout_4bit, layout_int8  # noqa: E402
 
 
 def storages(*tensors):
@@ -37,6 +37,9 @@ def test_4bit_layout_is_byte_exact(shape, double_quant, quant_type):
     expected = layout_4bit(shape[0] * shape[1], double_quant)
     assert storages(packed) == expected.weight
     assert storages(*quant_state_tensors(state)) == expected.constants
+    # tensor by tensor, as the load allocates them (estimate/_inventory.py linear_tensors)
+    held = sorted(alloc(t.untyped_storage().nbytes()) for t in quant_state_tensors(state) if t is not None)
+    assert held == sorted(constants_4bit(shape[0] * shape[1], double_quant))
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

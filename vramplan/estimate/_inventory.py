@@ -14,8 +14,7 @@ from vramplan.core._components import Component
 from vramplan.core._errors import ModelError, UsageError
 from vramplan.core._models import Linear, ModelSpec
 from vramplan.core._record import record
-from vramplan.estimate._quant import (BLOCKSIZE, BLOCKSIZE_NESTED, CODE_4BIT_ENTRIES, CODE_DYNAMIC_ENTRIES, alloc,
-                                     blocks, layout, layout_4bit, layout_int8)
+from vramplan.estimate._quant import alloc, blocks, constants_4bit, layout, layout_4bit, layout_int8
 from vramplan.estimate._load import quantized_roles
 from vramplan.core._setup import ALL_LINEAR, TrainSetup
 
@@ -261,20 +260,14 @@ def vision_adapted(spec: ModelSpec, setup: TrainSetup) -> tuple[Linear, ...]:
 
 def linear_tensors(setup: TrainSetup, linear) -> tuple[int, list[int]]:
     """(the weight's bytes, its bitsandbytes constants' bytes one tensor each) of one Linear:
-    int8's weight and SCB; NF4/FP4's packed weight and quant_state (absmax, or with double
-    quantization the uint8 absmax, its float32 absmax, code, offset and the state's own
-    64-byte tensor: docs/bitsandbytes.md); a 16-bit weight alone."""
+    int8's weight and SCB; NF4/FP4's packed weight and quant_state (estimate/_quant.py
+    constants_4bit); a 16-bit weight alone."""
     if setup.quantized and setup.quant == "int8":
         q = layout_int8(linear.in_features, linear.out_features)
         return q.weight, [q.constants]
     if setup.quantized:
         numel_ = linear.in_features * linear.out_features
-        q = layout_4bit(numel_, setup.double_quant)
-        n_blocks = blocks(numel_, BLOCKSIZE)    # the pieces of estimate/_quant.py layout_4bit, one tensor each
-        code = alloc(4 * CODE_4BIT_ENTRIES)
-        parts = ([alloc(n_blocks), alloc(4 * blocks(n_blocks, BLOCKSIZE_NESTED)), alloc(4 * CODE_DYNAMIC_ENTRIES),
-                  alloc(4), code] if setup.double_quant else [alloc(4 * n_blocks), code])
-        return q.weight, parts if sum(parts) == q.constants else [q.constants]
+        return layout_4bit(numel_, setup.double_quant).weight, list(constants_4bit(numel_, setup.double_quant))
     return alloc(linear.numel * weight_bytes(setup)), []
 
 

@@ -47,18 +47,26 @@ def blocks(n: int, blocksize: int) -> int:
     return -(-n // blocksize)
 
 
-def layout_4bit(numel: int, double_quant: bool) -> QuantLayout:
-    """One Linear4bit weight of `numel` elements (nf4 and fp4 store the same bytes)."""
+def constants_4bit(numel: int, double_quant: bool) -> tuple[int, ...]:
+    """The bytes of each tensor of one Linear4bit weight's quant_state, one CUDA allocation each,
+    in the order the load makes them (estimate/_load.py): the absmax (float32, or with double
+    quantization uint8, then state2.absmax float32, state2.code float32 and the float32 `offset`
+    scalar), then the 16-entry float32 code book (docs/bitsandbytes.md)."""
     n_blocks = blocks(numel, BLOCKSIZE)   # Linear4bit's default blocksize (cuda/_gemm_4bit.py)
-    weight = alloc((numel + 1) // 2)
     code = alloc(4 * CODE_4BIT_ENTRIES)
     if not double_quant:
-        return QuantLayout(weight, alloc(4 * n_blocks) + code)
-    nested = (alloc(n_blocks)                                     # absmax as uint8
-              + alloc(4 * blocks(n_blocks, BLOCKSIZE_NESTED))     # state2.absmax float32
-              + alloc(4 * CODE_DYNAMIC_ENTRIES)                   # state2.code float32
-              + alloc(4))                                         # offset float32 scalar
-    return QuantLayout(weight, nested + code)
+        return alloc(4 * n_blocks), code
+    return (alloc(n_blocks),                                   # absmax as uint8
+            alloc(4 * blocks(n_blocks, BLOCKSIZE_NESTED)),     # state2.absmax float32
+            alloc(4 * CODE_DYNAMIC_ENTRIES),                   # state2.code float32
+            alloc(4),                                          # offset float32 scalar
+            code)
+
+
+def layout_4bit(numel: int, double_quant: bool) -> QuantLayout:
+    """One Linear4bit weight of `numel` elements (nf4 and fp4 store the same bytes): two 4-bit
+    codes a byte, and its constants_4bit."""
+    return QuantLayout(alloc((numel + 1) // 2), sum(constants_4bit(numel, double_quant)))
 
 
 def layout_int8(in_features: int, out_features: int) -> QuantLayout:
