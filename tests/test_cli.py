@@ -76,6 +76,7 @@ def test_table_output_names_verdict_and_assumptions(capsys):
     (["estimate"], 2, "Error: the following arguments are required: model"),
     (["plan", "llama-2-7b", "--gpu", "24GB", "--workers", "0"], 2,
      "Error: --workers must be a whole number of at least 1, got 0"),
+    (["sweep", "llama-2-7b", "--workers", "-1"], 2, "Error: --workers must be a whole number of at least 1, got -1"),
     (["frobnicate"], 2, "Error: argument command: invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_is_one_line_with_hint(capsys, argv, code, message):

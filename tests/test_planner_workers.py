@@ -3,6 +3,7 @@ cell for cell, with the same count of full estimates; a worker's error is raised
 planner raises it; workers are used only where forking is safe and pays."""
 import multiprocessing
 import os
+import sys
 import threading
 
 import pytest
@@ -14,7 +15,7 @@ from vramplan.plan import _workers
 from vramplan.plan._planner import plan
 from vramplan.plan._workers import MIN_ITEMS, spread, workers_for
 
-forks = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="the platform cannot fork")
+forks = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
 
 
 def alone() -> None:
@@ -81,9 +82,27 @@ def test_workers_only_where_forking_is_safe_and_pays(monkeypatch):
         other.join()
     monkeypatch.setattr(multiprocessing, "current_process", lambda: type("P", (), {"daemon": True})())
     assert workers_for(400) == 1                            # a daemonic process has no children
+    monkeypatch.undo()
+    monkeypatch.setattr(_workers, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert workers_for(400) == 1                            # fork only where it is safe
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, "4", True])
 def test_a_bad_worker_count_is_a_usage_error(bad):
     with pytest.raises(UsageError, match="--workers must be a whole number of at least 1"):
         plan("mistralai/Mistral-7B-v0.1", gpu="RTX4090", workers=bad)
+
+
+@forks
+@pytest.mark.pandas
+def test_a_sweep_from_workers_is_the_serial_sweep():
+    """Rows that run and rows that cannot (Gemma-2 has no SDPA path), the same frame either way."""
+    import vramplan
+
+    alone()
+    axes = dict(attn=["sdpa", "eager"], batch=[1, 2, 4, 8], seq=[512, 2048])
+    serial = vramplan.sweep("gemma-2-2b", gpu="24GB", workers=1, **axes)
+    spread_ = vramplan.sweep("gemma-2-2b", gpu="24GB", workers=2, **axes)
+    assert serial.equals(spread_) and list(serial.dtypes) == list(spread_.dtypes)
+    assert serial["error"].notna().sum() == 8 and serial["fits"].notna().sum() == 8

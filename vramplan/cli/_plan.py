@@ -93,6 +93,8 @@ def register(subparsers, setup_flags_parent) -> None:
     s.add_argument("--csv", help="write the table to this CSV file")
     s.add_argument("--plot", help="write stacked components per setup with the GPU line (.png, .svg, .pdf)")
     s.add_argument("--tight", type=float, default=0.05, help="'tight' threshold as a fraction of the GPU (0.05)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="processes that evaluate the rows (default: one per CPU, at most 8; 1: this process)")
     s.set_defaults(handler=cmd_sweep)
 
 
@@ -317,7 +319,7 @@ def cmd_sweep(args) -> int:
     strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]
     df = sweep(args.model, args.gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
                strategy=strategies, offload=parse_list("--offload", args.offload or "none", str), tight=args.tight,
-               alloc_conf=alloc_conf_from_args(args), **axes)
+               alloc_conf=alloc_conf_from_args(args), workers=args.workers, **axes)
     varying = [c for c in (*axes, "gpus", "strategy", "offload") if df[c].nunique() > 1]
     if args.csv:
         try:

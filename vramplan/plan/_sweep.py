@@ -17,6 +17,7 @@ from vramplan.core._verdict import verdict
 from vramplan.plan._planner import TIGHT, Evaluator
 from vramplan.core._setup import TrainSetup, check_given, parse_targets
 from vramplan.plan._sharding import Parallel
+from vramplan.plan._workers import checked as checked_workers, spread
 
 SETUP_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSetup))
 PARALLEL_AXES = ("gpus", "strategy", "offload")
@@ -38,12 +39,15 @@ def _values(name: str, value) -> list:
 
 
 def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: TrainSetup | None = None,
-          gpus=1, strategy=None, offload="none", tight: float = TIGHT, alloc_conf=None, **axes):
+          gpus=1, strategy=None, offload="none", tight: float = TIGHT, alloc_conf=None, workers: int | None = None,
+          **axes):
     """One row per combination of the given values, e.g.
     sweep("mistralai/Mistral-7B-v0.1", gpu="24GB", batch=[1, 2, 4, 8], seq=[512, 2048, 8192]).
     Any TrainSetup field may be a list; so may gpus, strategy and offload. A combination that cannot
     run is kept as a row with `error` (the one-line reason) and fits None; every other row has
-    error None."""
+    error None. `workers`: processes that evaluate the rows (None: one per CPU where forking is
+    safe; plan/_workers.py)."""
+    checked_workers(workers)
     pd = require("pandas", "export")
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     base = setup or TrainSetup(attn=spec.arch.default_attention)   # as estimate()
@@ -65,9 +69,11 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
     if combos > MAX_ROWS:
         raise UsageError(f"sweep of {combos:,} setups is too large (max {MAX_ROWS:,})", hint="give fewer values")
     evaluators: dict[Parallel, Evaluator] = {}
-    rows, first_error = [], None
-    for values in product(*grid.values(), *par_grid.values()):
-        chosen = dict(zip(names, values))
+    combinations = list(product(*grid.values(), *par_grid.values()))
+
+    def one(i: int) -> tuple[dict, VramplanError | None]:
+        """(the row of combination i, the error that made it a row without figures)"""
+        chosen = dict(zip(names, combinations[i]))
         par = Parallel(gpus=chosen.pop("gpus"), strategy=chosen.pop("strategy"), offload=chosen.pop("offload"))
         row = {"model": spec.id, "gpu": g.name if g else None, "gpu_memory_bytes": g.memory_bytes if g else None,
                "gpus": par.gpus, "strategy": par.strategy, "offload": par.offload}
@@ -84,10 +90,8 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
             d = {**asdict(base), **chosen}
             d["targets"] = ",".join(d["targets"])
             row.update(d)
-            first_error = first_error or exc
             row.update({"fits": None, "error": str(exc)})
-            rows.append(row)
-            continue
+            return row, exc
         d = s.to_dict()
         d["targets"] = ",".join(s.targets)
         row.update(d)
@@ -100,9 +104,12 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
             row["status"] = verdict(est.device_total_bytes, g.memory_bytes, tight, est.allocator_oom)
             row["fits"] = row["status"] != "no"
         row["error"] = None
-        rows.append(row)
+        return row, None
+
+    # a row from a worker process (plan/_workers.py) carries its error as text only
+    rows = spread(lambda i: one(i)[0], len(combinations), workers)
     if all(r["error"] for r in rows):
-        raise first_error  # nothing ran: the reason itself is the answer
+        raise one(0)[1]  # nothing ran: the reason itself is the answer
     df = pd.DataFrame(rows)
     # Byte columns stay integers (nullable Int64: error rows have no figures).
     for col in df.columns:

@@ -1,14 +1,15 @@
 """Independent evaluations spread over worker processes forked from the planner.
 
-Why: a grid cell that may fit is one exact replay of two training steps through the allocator
-model (docs/allocator.md#one-pass-replay), 16 to 50 ms each in pure Python, and a 20 x 20 grid
-holds about 100 of them. The cells do not depend on each other, so each worker takes the next
-cell while the others work.
+Why: a grid cell that may fit, or a row of a sweep, is one exact replay of two training steps
+through the allocator model (docs/allocator.md#one-pass-replay), 16 to 50 ms each in pure Python,
+and a 20 x 20 grid holds about 100 of them. The cells do not depend on each other, so each
+worker takes the next one while the others work.
 
 Why fork: a forked worker starts in milliseconds with the planner's imports and caches (the
 static memory, the compiled allocation programs); a spawned one would import and rebuild them
 first, for longer than most grids take. So workers are used only where fork is safe and pays:
-- the platform forks (multiprocessing's "fork" start method; not Windows) and the planner is not
+- the platform is Linux (Windows cannot fork; on macOS system libraries are not fork-safe, which
+  is why multiprocessing starts processes by spawn there since Python 3.8) and the planner is not
   itself a daemonic worker (multiprocessing lets those have no children);
 - the caller runs no other thread: a thread holding a lock at the fork leaves the child's copy
   locked for good (CPython's os.fork documentation);
@@ -17,11 +18,13 @@ first, for longer than most grids take. So workers are used only where fork is s
 
 Each result comes back pickled (plain ints, strings, dicts); a worker that raises returns
 nothing, and the parent evaluates that item itself, so the error is raised as the serial planner
-would raise it. The results are the serial ones, item by item (tests/test_planner_workers.py).
+would raise it. The results are the serial ones, item by item (tests/test_planner_workers.py:
+the plan's grid and a sweep's frame).
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 MAX_WORKERS = 8     # past this, the grid's hundred replays leave most workers idle
@@ -56,7 +59,7 @@ def workers_for(items: int, workers: int | None = None) -> int:
     wanted = min(usable_cpus(), MAX_WORKERS) if workers is None else workers
     if wanted < 2 or items < MIN_ITEMS:
         return 1
-    if "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
+    if not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
         return 1
     if threading.active_count() > 1:
         return 1
