@@ -1,6 +1,7 @@
-"""plan/_workers.py: the grid's cells evaluated in forked worker processes give the serial grid,
-cell for cell, with the same count of full estimates; a worker's error is raised as the serial
-planner raises it; workers are used only where forking is safe and pays."""
+"""plan/_workers.py: the grid's cells, the minimum hardware's searches and a sweep's rows evaluated
+in forked worker processes give the serial answer, with the same count of full estimates; a
+worker's error is raised as the serial planner raises it; workers are used only where forking is
+safe and pays."""
 import multiprocessing
 import os
 import subprocess
@@ -50,6 +51,23 @@ def test_the_grid_from_workers_is_the_serial_grid():
 
 
 @forks
+def test_the_minimum_hardware_from_workers_is_the_serial_answer():
+    """TinyLlama at 32 x 8192 on a T4: no GPU count holds one micro-batch's logits, so every engine
+    is searched and the setup changes that fit under FSDP are looked for, one search per worker."""
+    out = fresh("""
+        import json
+        from vramplan.plan._planner import plan
+
+        args = dict(gpu="T4", batch=32, seq=8192, recommend=False, batches=[1, 2], seqs=[512])
+        serial = plan("TinyLlama/TinyLlama-1.1B-Chat-v1.0", workers=1, **args)
+        spread = plan("TinyLlama/TinyLlama-1.1B-Chat-v1.0", workers=2, **args)
+        same = json.dumps(serial.to_dict(), sort_keys=True) == json.dumps(spread.to_dict(), sort_keys=True)
+        print(same, len(serial.minimum.options), len(serial.minimum.changes) > 0)
+    """)
+    assert out.split() == ["True", "0", "True"]
+
+
+@forks
 def test_items_are_evaluated_in_the_workers_in_order():
     out = fresh(f"""
         import os
@@ -91,6 +109,7 @@ def test_workers_only_where_forking_is_safe_and_pays(monkeypatch):
     assert workers_for(400, 3) == 3 and workers_for(10, 32) == 10
     assert workers_for(400, 1) == 1
     assert workers_for(MIN_ITEMS - 1) == 1                  # too few to pay for the fork
+    assert workers_for(4, min_items=2) == 4 and workers_for(1, min_items=1) == 1
     monkeypatch.setattr(_workers, "usable_cpus", lambda: 1)
     assert workers_for(400) == 1
     monkeypatch.setattr(_workers, "usable_cpus", lambda: 16)

@@ -63,7 +63,7 @@ from vramplan.plan._sharding import (Parallel, ShardedEstimate, accumulation_mod
                                     splits_for)
 
 from vramplan.core._verdict import TIGHT, verdict
-from vramplan.plan._workers import checked as checked_workers
+from vramplan.plan._workers import checked as checked_workers, spread
 MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty
 MAX_CHANGES = 8          # ranked changes shown
 MIN_GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -423,7 +423,8 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     and the minimum hardware when nothing does. `flags` are TrainSetup fields. `alloc_conf`:
     PYTORCH_CUDA_ALLOC_CONF settings of the caching-allocator replay (None: the environment's);
     the other settings that matter are ranked with their computed effect. `workers`: processes
-    that evaluate the grid's cells (None: one per CPU where forking is safe; plan/_workers.py)."""
+    that evaluate the grid's cells and the minimum hardware's searches (None: one per CPU where forking
+    is safe; plan/_workers.py)."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     if setup is None and "dtype" not in flags and isinstance(gpu, (str, int, Gpu)) \
             and not (isinstance(gpu, str) and gpu.strip().lower() == "all"):
@@ -463,7 +464,7 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
                                    a.need_bytes, cap - a.need_bytes, a.status, 0.0, a.text, (a.source,))
                             for a in allocator if a.status != "no") + changes
             changes = changes[:MAX_CHANGES]
-        minimum = _minimum(spec, setup, par, g, tight, ev, with_changes=not changes)
+        minimum = _minimum(spec, setup, par, g, tight, ev, with_changes=not changes, workers=workers)
     from vramplan.plan._recipe_changes import ranked_recipe_changes
     recipe = ranked_recipe_changes(spec, setup) if recommend else ()
     return Plan(model=spec, setup=setup, parallel=par, gpu=g, estimate=est, status=status, tight=tight,
@@ -537,7 +538,6 @@ def _grid(ev: Evaluator, setup: TrainSetup, cap: int, tight: float, batches, seq
         need = ev.need(one)
         return Cell(one.batch, one.seq, need, ev.status(one, cap, tight)), ev._evaluate(one), ev.calls - calls
 
-    from vramplan.plan._workers import spread
     done = spread(cell, len(setups), workers)
     for one, (_cell, evaluated, calls) in zip(setups, done):
         if evaluated is not None and one not in ev._need:    # evaluated in a worker process
@@ -771,37 +771,52 @@ def _recommend(ev: Evaluator, spec: ModelSpec, setup: TrainSetup, gpu: Gpu, tigh
 # --- hardware answers -------------------------------------------------------------------------------
 
 def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight: float,
-             ev: Evaluator, with_changes: bool = True) -> Minimum:
+             ev: Evaluator, with_changes: bool = True, workers: int | None = None) -> Minimum:
+    """The fewest GPUs of this kind each engine needs, and where none does, the setup changes that
+    fit once sharded; the engines' searches and those changes' are spread over `workers`."""
     cap = gpu.memory_bytes
     single = ev.need(setup) if par.strategy == "single" else Evaluator(spec, Parallel(), gpu).need(setup)
     fitting = [g for g in sorted(catalog(), key=lambda g: g.memory_bytes) if single <= g.memory_bytes]
     options = []
-    # (engine, its estimate or None) in the order tried: a candidate whose allocated bytes alone
-    # pass the card (Evaluator.floor) is not an option and needs more than any option, so its
-    # replay waits until no option is found, when the least need of all is reported
-    tried = []
     # gradient accumulation is modelled on one GPU and under DDP (plan/_sharding.py accumulation_modelled),
     # whose replicas need no less than one GPU: no sharding engine is tried
-    for strategy, offload in () if setup.accumulates else MIN_ENGINES:
+    engines = () if setup.accumulates else MIN_ENGINES
+
+    def engine(i: int) -> list:
+        """(Parallel, its estimate or None) per GPU count of engine i, up to the first that fits: a
+        candidate whose allocated bytes alone pass the card (Evaluator.floor) is not an option and
+        needs more than any option, so its replay waits until no option is found, when the least
+        need of all is reported"""
+        strategy, offload = engines[i]
+        out = []
         for n in MIN_GPU_COUNTS:
             if n == 1 and offload == "none":
                 continue
             p = Parallel(n, strategy, offload)
             candidate = Evaluator(spec, p, gpu)
             if candidate.floor(setup) > cap:
-                tried.append((p, candidate, None))
+                out.append((p, None))
                 continue
-            est = candidate.estimate(setup)
-            tried.append((p, candidate, est))
-            if est.device_total_bytes <= cap:
-                options.append(Option(n, strategy, offload, est.device_total_bytes,
-                                      status_of(est.device_total_bytes, cap, tight), est.cpu_bytes))
+            out.append((p, candidate.estimate(setup)))
+            if out[-1][1].device_total_bytes <= cap:
                 break
+        return out
+    # each engine's search takes about a second: worth a worker of its own (plan/_workers.py)
+    tried = [t for per_engine in spread(engine, len(engines), workers, min_items=2) for t in per_engine]
+    for p, est in tried:
+        if est is not None and est.device_total_bytes <= cap:
+            options.append(Option(p.gpus, p.strategy, p.offload, est.device_total_bytes,
+                                  status_of(est.device_total_bytes, cap, tight), est.cpu_bytes))
+    if not options:   # the least need of all: the candidates passed over for their floor, estimated now
+        missing = [i for i, (_p, est) in enumerate(tried) if est is None]
+        filled = spread(lambda j: Evaluator(spec, tried[missing[j]][0], gpu).estimate(setup), len(missing), workers,
+                        min_items=2)
+        for i, est in zip(missing, filled):
+            tried[i] = (tried[i][0], est)
     floor, floor_label, floor_est = None, "", None
-    for p, candidate, est in tried:
-        if est is None and options:
+    for p, est in tried:
+        if est is None:
             continue
-        est = est or candidate.estimate(setup)
         if floor is None or est.device_total_bytes < floor:
             floor, floor_label, floor_est = est.device_total_bytes, p.label, est
     options.sort(key=lambda o: (o.gpus, o.offload != "none", o.need_bytes))
@@ -830,12 +845,12 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
     if not options and with_changes and not setup.accumulates:
         # No GPU count holds this micro-batch: which setup changes fit once the model is sharded?
         # The engine whose cheapest change costs least wins (fewer GPUs on a tie).
-        for n in (2, 4, 8):
-            for offload in ("none", "cpu"):
-                p = Parallel(n, "fsdp", offload)
-                found = _recommend(Evaluator(spec, p, gpu), spec, setup, gpu, tight)
-                if found and (not changes or found[0].cost < changes[0].cost):
-                    changes_parallel, changes = p, found
+        sharded = [Parallel(n, "fsdp", offload) for n in (2, 4, 8) for offload in ("none", "cpu")]
+        found_each = spread(lambda i: _recommend(Evaluator(spec, sharded[i], gpu), spec, setup, gpu, tight),
+                            len(sharded), workers, min_items=2)
+        for p, found in zip(sharded, found_each):
+            if found and (not changes or found[0].cost < changes[0].cost):
+                changes_parallel, changes = p, found
         if changes:
             msg += f"; with {changes_parallel.label} these setup changes fit"
     return Minimum(single, fitting[0].name if fitting else None, tuple(options), floor, floor_label, msg,

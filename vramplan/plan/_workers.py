@@ -50,14 +50,14 @@ def checked(workers: int | None) -> int | None:
     return workers
 
 
-def workers_for(items: int, workers: int | None = None) -> int:
+def workers_for(items: int, workers: int | None = None, min_items: int = MIN_ITEMS) -> int:
     """How many processes evaluate `items` evaluations: `workers` as asked (None: one per usable
-    CPU, at most MAX_WORKERS), 1 (in this process) where forking is unsafe or does not pay (the
-    module docstring)."""
+    CPU, at most MAX_WORKERS), 1 (in this process) where forking is unsafe or does not pay: fewer
+    than `min_items` (a few for evaluations that each take seconds) and the module docstring."""
     import multiprocessing
 
     wanted = min(usable_cpus(), MAX_WORKERS) if workers is None else workers
-    if wanted < 2 or items < MIN_ITEMS:
+    if wanted < 2 or items < max(min_items, 2):
         return 1
     if not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
         return 1
@@ -66,9 +66,9 @@ def workers_for(items: int, workers: int | None = None) -> int:
     return min(wanted, items)
 
 
-def spread(fn, count: int, workers: int | None = None) -> list:
-    """[fn(0), ..., fn(count - 1)], evaluated by `workers_for(count, workers)` processes."""
-    n = workers_for(count, checked(workers))
+def spread(fn, count: int, workers: int | None = None, min_items: int = MIN_ITEMS) -> list:
+    """[fn(0), ..., fn(count - 1)], evaluated by `workers_for(count, workers, min_items)` processes."""
+    n = workers_for(count, checked(workers), min_items)
     if n == 1:
         return [fn(i) for i in range(count)]
     import multiprocessing
