@@ -1,5 +1,5 @@
-"""plan/_workers.py: the grid's cells, the minimum hardware's searches and a sweep's rows evaluated
-in forked worker processes give the serial answer, with the same count of full estimates; a
+"""plan/_workers.py: the grid's cells, the ranked changes, the minimum hardware's searches and a
+sweep's rows evaluated in forked worker processes give the serial answer, with the same count of full estimates; a
 worker's error is raised as the serial planner raises it; workers are used only where forking is
 safe and pays."""
 import multiprocessing
@@ -65,6 +65,23 @@ def test_the_minimum_hardware_from_workers_is_the_serial_answer():
         print(same, len(serial.minimum.options), len(serial.minimum.changes) > 0)
     """)
     assert out.split() == ["True", "0", "True"]
+
+
+@forks
+def test_the_ranked_changes_from_workers_are_the_serial_ones():
+    """Each round of recommendations (alone, pairs, pruned stacks) evaluated over two workers: the
+    same changes in the same order, and the same count of full estimates."""
+    out = fresh("""
+        import json
+        from vramplan.plan._planner import plan
+
+        args = dict(gpu="T4", batch=32, seq=8192, batches=[1, 2], seqs=[512])
+        serial = plan("TinyLlama/TinyLlama-1.1B-Chat-v1.0", workers=1, **args)
+        spread = plan("TinyLlama/TinyLlama-1.1B-Chat-v1.0", workers=2, **args)
+        same = json.dumps(serial.to_dict(), sort_keys=True) == json.dumps(spread.to_dict(), sort_keys=True)
+        print(same, serial.evaluations == spread.evaluations, len(serial.changes) >= 3)
+    """)
+    assert out.split() == ["True", "True", "True"]
 
 
 @forks

@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import field
-from itertools import combinations
+from itertools import combinations, islice
 
 from vramplan.core._errors import UsageError
 from vramplan.core._record import record
@@ -63,7 +64,7 @@ from vramplan.plan._sharding import (Parallel, ShardedEstimate, accumulation_mod
                                     splits_for)
 
 from vramplan.core._verdict import TIGHT, verdict
-from vramplan.plan._workers import checked as checked_workers, spread
+from vramplan.plan._workers import MIN_ITEMS, checked as checked_workers, spread
 MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty
 MAX_CHANGES = 8          # ranked changes shown
 MIN_GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -91,7 +92,30 @@ class Evaluator:
         self._floor: dict = {}
         self._need: dict = {}
         self._exact: dict = {}
+        self._on_card: dict = {}     # setup -> whether the replay against the card runs out of memory
         self.calls = 0
+
+    def spread(self, fn, count: int, workers: int | None, min_items: int = MIN_ITEMS) -> list:
+        """[fn(0), ..., fn(count - 1)] over forked worker processes (plan/_workers.py), each
+        worker's new floors, needs, card replays and exact estimates kept in this evaluator's
+        caches, as if it had evaluated them itself: `calls` counts each setup estimated anew once."""
+        caches = (self._floor, self._need, self._on_card, self._exact)
+        parent = os.getpid()
+
+        def run(i: int) -> tuple:
+            before = [len(cache) for cache in caches]   # entries are only ever added, in order
+            value = fn(i)
+            if os.getpid() == parent:       # evaluated here: the caches already hold it
+                return value, None
+            return value, [{k: cache[k] for k in islice(cache, n, None)} for cache, n in zip(caches, before)]
+        done = spread(run, count, workers, min_items)
+        for _value, new in done:
+            for cache, entries in zip(caches, new or ()):
+                for key, entry in entries.items():
+                    if key not in cache:
+                        cache[key] = entry
+                        self.calls += cache is self._need
+        return [value for value, _new in done]
 
     def quick(self, setup: TrainSetup) -> Estimate:
         run = effective_setup(setup, self.parallel)
@@ -138,6 +162,12 @@ class Evaluator:
         sharding.distribute's)."""
         if self.gpu is None or cap != self.gpu.memory_bytes:
             return False
+        fails = self._on_card.get(setup)
+        if fails is None:
+            fails = self._on_card[setup] = self._replay_on_card(setup, cap)
+        return fails
+
+    def _replay_on_card(self, setup: TrainSetup, cap: int) -> bool:
         if self.parallel.strategy != "single":
             if not replays_own_stream(self.parallel):
                 return False
@@ -458,7 +488,7 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     allocator = _allocator_changes(spec, setup, par, g, tight, alloc_conf) if recommend else ()
     if status == "no":
         if recommend:
-            changes = _recommend(ev, spec, setup, g, tight)
+            changes = _recommend(ev, spec, setup, g, tight, workers)
             # an allocator setting that makes it fit changes nothing in the step: it ranks first
             changes = tuple(Change(f"--alloc-conf {a.alloc_conf}", {"alloc_conf": a.alloc_conf}, setup,
                                    a.need_bytes, cap - a.need_bytes, a.status, 0.0, a.text, (a.source,))
@@ -529,21 +559,14 @@ def _grid(ev: Evaluator, setup: TrainSetup, cap: int, tight: float, batches, seq
             raise UsageError(f"--grid-{label} has {len(axis)} values (max {MAX_GRID})", hint="give fewer values")
     setups = [setup.with_(batch=b, seq=s) for s in ss for b in bs]
 
-    def cell(i: int) -> tuple:
-        """(the cell, the evaluator's (need, oom) for it or None, full estimates it took)"""
-        one, calls = setups[i], ev.calls
+    def cell(i: int) -> Cell:
+        one = setups[i]
         floor = ev.floor(one)
         if floor > cap:
-            return Cell(one.batch, one.seq, floor, "no", lower_bound=True), None, 0
-        need = ev.need(one)
-        return Cell(one.batch, one.seq, need, ev.status(one, cap, tight)), ev._evaluate(one), ev.calls - calls
+            return Cell(one.batch, one.seq, floor, "no", lower_bound=True)
+        return Cell(one.batch, one.seq, ev.need(one), ev.status(one, cap, tight))
 
-    done = spread(cell, len(setups), workers)
-    for one, (_cell, evaluated, calls) in zip(setups, done):
-        if evaluated is not None and one not in ev._need:    # evaluated in a worker process
-            ev._need[one] = evaluated
-            ev.calls += calls
-    cells = [c for c, _e, _n in done]
+    cells = ev.spread(cell, len(setups), workers)
     return Grid(bs, ss, tuple(tuple(cells[i:i + len(bs)]) for i in range(0, len(cells), len(bs))))
 
 
@@ -726,32 +749,47 @@ def _describe(setup: TrainSetup, changes: dict) -> str:
     return ", ".join(parts)
 
 
-def _recommend(ev: Evaluator, spec: ModelSpec, setup: TrainSetup, gpu: Gpu, tight: float) -> tuple[Change, ...]:
+def _recommend(ev: Evaluator, spec: ModelSpec, setup: TrainSetup, gpu: Gpu, tight: float,
+               workers: int | None = None) -> tuple[Change, ...]:
+    """The cheapest changes that make `setup` fit: each candidate alone, pairs of those that do not
+    fit alone, then stacks of the cheapest fixed changes (pruned), with and without the searched
+    ones. The combinations of each round are evaluated over `workers` (Evaluator.spread), then kept
+    in the serial order."""
     cap = gpu.memory_bytes
     cands = _candidates(spec, setup)
     found: dict[TrainSetup, Change] = {}
 
-    def keep(combo) -> bool:
+    def outcome(combo: tuple) -> tuple | None:
+        """_apply's result for `combo` with its need and fit through the public API, or None"""
         res = _apply(ev, setup, combo, cap)
         if res is None:
+            return None
+        return res, ev.exact(res[0]), ev.exact_fits(res[0], cap)
+
+    def keep(combo: tuple, known: tuple | None) -> bool:
+        if known is None:
             return False
-        new, changes, cost, texts = res
+        (new, changes, cost, texts), need, fits = known
         if new in found and found[new].cost <= cost:
             return True
-        need = ev.exact(new)  # report through the public API
-        if not ev.exact_fits(new, cap):
+        if not fits:
             return False
         found[new] = Change(_describe(setup, changes), changes, new, need, cap - need,
                             status_of(need, cap, tight), round(cost, 3), "; ".join(texts),
                             tuple(dict.fromkeys(c.source for c in combo)))
         return True
 
-    alone = [i for i, c in enumerate(cands) if keep((c,))]
+    def outcomes(combos: list) -> list:
+        return ev.spread(lambda i: outcome(combos[i]), len(combos), workers, min_items=2)
+
+    singles = [(c,) for c in cands]
+    alone = [i for i, (combo, known) in enumerate(zip(singles, outcomes(singles))) if keep(combo, known)]
     if len(found) < 3:
         # Pairs of changes that do not fit alone (a pair holding one that does is dominated).
-        for (i, a), (j, b) in combinations(enumerate(cands), 2):
-            if a.key != b.key and i not in alone and j not in alone:
-                keep((a, b))
+        pairs = [(a, b) for (i, a), (j, b) in combinations(enumerate(cands), 2)
+                 if a.key != b.key and i not in alone and j not in alone]
+        for combo, known in zip(pairs, outcomes(pairs)):
+            keep(combo, known)
     # Stacks: the cheapest fixed changes accumulated (each prefix), alone and with the searches.
     fixed, seen = [], set()
     for c in sorted(cands, key=lambda c: c.cost):
@@ -760,10 +798,16 @@ def _recommend(ev: Evaluator, spec: ModelSpec, setup: TrainSetup, gpu: Gpu, tigh
             seen.add(c.key)
     searched = [c for c in cands if c.search]
     for k in range(2, len(fixed) + 1):
-        if keep(_prune(ev, setup, tuple(fixed[:k]), cap)):
+        stack = _prune(ev, setup, tuple(fixed[:k]), cap)
+        if keep(stack, outcome(stack)):
             break
-        for extra in (*[(x,) for x in searched], tuple(searched)):
-            keep(_prune(ev, setup, tuple(fixed[:k]) + extra, cap))
+        extras = [tuple(fixed[:k]) + extra for extra in (*[(x,) for x in searched], tuple(searched))]
+
+        def pruned(i: int) -> tuple:
+            combo = _prune(ev, setup, extras[i], cap)
+            return combo, outcome(combo)
+        for combo, known in ev.spread(pruned, len(extras), workers, min_items=2):
+            keep(combo, known)
     ranked = sorted(found.values(), key=lambda c: (c.cost, c.need_bytes))
     return tuple(ranked[:MAX_CHANGES])
 
