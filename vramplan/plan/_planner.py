@@ -453,8 +453,8 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     and the minimum hardware when nothing does. `flags` are TrainSetup fields. `alloc_conf`:
     PYTORCH_CUDA_ALLOC_CONF settings of the caching-allocator replay (None: the environment's);
     the other settings that matter are ranked with their computed effect. `workers`: processes
-    that evaluate the grid's cells and the minimum hardware's searches (None: one per CPU where forking
-    is safe; plan/_workers.py)."""
+    that evaluate the grid's cells, the ranked changes and the minimum hardware's searches (None: one
+    per CPU where forking is safe; plan/_workers.py)."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     if setup is None and "dtype" not in flags and isinstance(gpu, (str, int, Gpu)) \
             and not (isinstance(gpu, str) and gpu.strip().lower() == "all"):

@@ -2,8 +2,10 @@
 
 Why: a grid cell that may fit, or a row of a sweep, is one exact replay of two training steps
 through the allocator model (docs/allocator.md#one-pass-replay), 16 to 50 ms each in pure Python,
-and a 20 x 20 grid holds about 100 of them. The cells do not depend on each other, so each
-worker takes the next one while the others work.
+and a 20 x 20 grid holds about 100 of them; a ranked change or a GPU count of the minimum
+hardware is a search of such replays. They do not depend on each other, so each worker takes the
+next one while the others work (plan/_planner.py Evaluator.spread keeps what the workers
+evaluated in the planner's caches).
 
 Why fork: a forked worker starts in milliseconds with the planner's imports and caches (the
 static memory, the compiled allocation programs); a spawned one would import and rebuild them
