@@ -83,7 +83,11 @@ ZeRO-3's ZeroPartitions was hashed twice a cell, about 3 ms each: case 4's progr
 cache keys). The grid alone (Evaluator and _grid over the 20 x 20 cells, no recommendations), median of
 3, interleaved with the starting code: 1.44 / 0.31 / 0.33 / 3.76 s against 2.63 / 0.50 / 0.43 / 8.52 s,
 the same cells and evaluations. On these 2 cores about 100 exact replays of 16-50 ms cannot go
-under 0.5 s; more cores divide it further.
+under 0.5 s; more cores divide it further. Later the same session, the ranked changes' rounds and
+the minimum hardware's engine searches went to the workers too (Evaluator.spread keeps what they
+evaluated): 5.6 / 4.7 / 5.7 / 5.2 s (cold CLI 3.7 s; the grid within each plan 1.47 / 0.41 /
+0.38 / 3.52 s), the starting code right after 7.7 / 4.3 / 5.5 / 7.7 s (CLI 5.1 s); cases 2 and 3
+interleaved with it, 3 runs each: 4.0-4.3 s against 4.3-5.4 s and 4.5-5.0 s against 6.8-7.7 s.
 """
 from __future__ import annotations
 
