@@ -74,7 +74,8 @@ def register(subparsers, setup_flags_parent) -> None:
     p.add_argument("--no-recommend", dest="recommend", action="store_false", help="skip the ranked changes")
     p.add_argument("--plot", help="write stacked components per setup with the GPU line (.png, .svg, .pdf)")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes that evaluate the grid's cells (default: one per CPU, at most 8; 1: this process)")
+                   help="processes that evaluate the grid, the ranked changes and the minimum hardware (default: one "
+                        "per CPU, at most 8; 1: this process)")
     p.set_defaults(handler=cmd_plan)
 
     # a fresh copy of the setup flags: sweep redefines some of them as lists

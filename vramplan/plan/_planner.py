@@ -64,7 +64,7 @@ from vramplan.plan._sharding import (Parallel, ShardedEstimate, accumulation_mod
                                     splits_for)
 
 from vramplan.core._verdict import TIGHT, verdict
-from vramplan.plan._workers import MIN_ITEMS, checked as checked_workers, spread
+from vramplan.plan._workers import MIN_ITEMS, SLOW_ITEMS, checked as checked_workers, spread
 MAX_GRID = 64            # cells per axis: a grid is for reading, 20 x 20 is plenty
 MAX_CHANGES = 8          # ranked changes shown
 MIN_GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -780,7 +780,7 @@ def _recommend(ev: Evaluator, spec: ModelSpec, setup: TrainSetup, gpu: Gpu, tigh
         return True
 
     def outcomes(combos: list) -> list:
-        return ev.spread(lambda i: outcome(combos[i]), len(combos), workers, min_items=2)
+        return ev.spread(lambda i: outcome(combos[i]), len(combos), workers, min_items=SLOW_ITEMS)
 
     singles = [(c,) for c in cands]
     alone = [i for i, (combo, known) in enumerate(zip(singles, outcomes(singles))) if keep(combo, known)]
@@ -806,7 +806,7 @@ def _recommend(ev: Evaluator, spec: ModelSpec, setup: TrainSetup, gpu: Gpu, tigh
         def pruned(i: int) -> tuple:
             combo = _prune(ev, setup, extras[i], cap)
             return combo, outcome(combo)
-        for combo, known in ev.spread(pruned, len(extras), workers, min_items=2):
+        for combo, known in ev.spread(pruned, len(extras), workers, min_items=SLOW_ITEMS):
             keep(combo, known)
     ranked = sorted(found.values(), key=lambda c: (c.cost, c.need_bytes))
     return tuple(ranked[:MAX_CHANGES])
@@ -845,8 +845,7 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
             if out[-1][1].device_total_bytes <= cap:
                 break
         return out
-    # each engine's search takes about a second: worth a worker of its own (plan/_workers.py)
-    tried = [t for per_engine in spread(engine, len(engines), workers, min_items=2) for t in per_engine]
+    tried = [t for per_engine in spread(engine, len(engines), workers, min_items=SLOW_ITEMS) for t in per_engine]
     for p, est in tried:
         if est is not None and est.device_total_bytes <= cap:
             options.append(Option(p.gpus, p.strategy, p.offload, est.device_total_bytes,
@@ -854,7 +853,7 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
     if not options:   # the least need of all: the candidates passed over for their floor, estimated now
         missing = [i for i, (_p, est) in enumerate(tried) if est is None]
         filled = spread(lambda j: Evaluator(spec, tried[missing[j]][0], gpu).estimate(setup), len(missing), workers,
-                        min_items=2)
+                        min_items=SLOW_ITEMS)
         for i, est in zip(missing, filled):
             tried[i] = (tried[i][0], est)
     floor, floor_label, floor_est = None, "", None
@@ -891,7 +890,7 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
         # The engine whose cheapest change costs least wins (fewer GPUs on a tie).
         sharded = [Parallel(n, "fsdp", offload) for n in (2, 4, 8) for offload in ("none", "cpu")]
         found_each = spread(lambda i: _recommend(Evaluator(spec, sharded[i], gpu), spec, setup, gpu, tight),
-                            len(sharded), workers, min_items=2)
+                            len(sharded), workers, min_items=SLOW_ITEMS)
         for p, found in zip(sharded, found_each):
             if found and (not changes or found[0].cost < changes[0].cost):
                 changes_parallel, changes = p, found

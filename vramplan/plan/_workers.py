@@ -31,6 +31,7 @@ import threading
 
 MAX_WORKERS = 8     # past this, the grid's hundred replays leave most workers idle
 MIN_ITEMS = 8       # fewer: forking costs more than it saves
+SLOW_ITEMS = 2      # the least worth forking for where each item is a search of a second or more
 
 _job = None         # the function the forked workers call (set before the fork, read in the child)
 
