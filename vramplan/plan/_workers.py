@@ -16,12 +16,12 @@ first, for longer than most grids take. So workers are used only where fork is s
 - the caller runs no other thread: a thread holding a lock at the fork leaves the child's copy
   locked for good (CPython's os.fork documentation);
 - more than one CPU is this process's to use (os.sched_getaffinity) and there are at least
-  MIN_ITEMS evaluations.
+  MIN_ITEMS evaluations, or SLOW_ITEMS where each is a search of its own.
 
 Each result comes back pickled (plain ints, strings, dicts); a worker that raises returns
 nothing, and the parent evaluates that item itself, so the error is raised as the serial planner
 would raise it. The results are the serial ones, item by item (tests/test_planner_workers.py:
-the plan's grid and a sweep's frame).
+the plan's grid, ranked changes and minimum hardware, and a sweep's frame).
 """
 from __future__ import annotations
 
