@@ -159,6 +159,34 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _alloc(addr: int, size: int, stream=0) -> dict:
+    return {"action": "alloc", "addr": addr, "size": size, "stream": stream}
+
+
+def _segment(address: int, total: int = 2 * 2**20) -> dict:
+    return {"address": address, "total_size": total, "stream": 0, "segment_type": "large",
+            "blocks": [{"address": address, "size": total, "state": "inactive"}]}
+
+
+_PLACEHOLDER = "STREAM-PLACEHOLDER"
+# pickle opcodes of a tuple nested 200,000 deep: None, then TUPLE1 over and over
+_DEEP_TUPLE = b"N" + b"\x85" * 200_000
+
+
+def _snapshot_bytes(entries: list, segments=None, traces=None) -> bytes:
+    """A snapshot pickle; an entry whose stream is _PLACEHOLDER gets _DEEP_TUPLE as its stream."""
+    data = pickle.dumps({"segments": segments or [], "device_traces": [entries] if traces is None else traces,
+                         "allocator_settings": {}}, protocol=2)
+    as_opcodes = b"X" + len(_PLACEHOLDER).to_bytes(4, "little") + _PLACEHOLDER.encode()   # BINUNICODE
+    return data.replace(as_opcodes, _DEEP_TUPLE)
+
+
+def _repeated_entry_snapshot(count: int) -> bytes:
+    """One alloc entry referenced `count` times from the memo (BINGET): a few bytes per event."""
+    entry = _alloc(0x10, 512)
+    return pickle.dumps({"segments": [], "device_traces": [[entry] * count]}, protocol=2)
+
+
 def _assert_one_line_error(code, out, err, expected_code=2):
     assert code == expected_code
     assert out == ""
@@ -184,10 +212,44 @@ def test_a_pickle_with_globals_is_refused_without_running(capsys, tmp_path):
     (pickle.dumps({"segments": [], "device_traces": [[{"action": "alloc", "addr": "0x10", "size": 4}]]}),
      "device_traces[0][0].addr is str, not an int"),
     (b'{"ops": 5}', "'ops' is not a list"),
-    (b'{"ops": [["alloc", "a", -3, 0]]}', "ops[0] is not"),
+    (b'{"ops": [["alloc", "a", -3, 0]]}', "ops[0] bytes is out of range"),
     (b"{not json", "not valid JSON"),
+    (b"[" * 200_000 + b"]" * 200_000, "the JSON nests too deeply"),
+    # a stream that is a deeply nested tuple: hashing it as a dict key would overflow the C stack
+    (_snapshot_bytes([_alloc(0x10, 512, stream=_PLACEHOLDER)]), "stream is tuple, not an int"),
+    (_snapshot_bytes([_alloc(0x10, 512, stream=[1])]), "stream is list, not an int"),
+    (_snapshot_bytes([_alloc(0x10, 10**5000)]), "size is out of range"),
+    (_snapshot_bytes([_alloc(0x10, -4096)]), "size is out of range"),
+    (_snapshot_bytes([], segments=[_segment(0x200000), _segment(0x200000)]), "overlap"),
+    (_snapshot_bytes([], traces=[]), "holds no recorded history"),
+    (_repeated_entry_snapshot(50), "repeats one entry object"),
+    (b'{"ops": [["alloc", ["a"], 512, 0]]}', "ops[0] id is list, not a string or an int id"),
+    (b'{"ops": [["free", {"a": 1}]]}', "ops[0] id is dict"),
+    (b'{"ops": [["alloc", "a", 512, [0]]]}', "ops[0] stream is list"),
+    (b'{"ops": [], "initial_segments": [{"address": 0, "total_size": 2097152, "stream": [0], "blocks": []}]}',
+     "initial_segments[0].stream is list"),
+    (b'{"ops": [], "initial_segments": [{"address": 1048576, "total_size": 2097152, "blocks": '
+     b'[{"offset": 0, "size": 2097152}]}, {"address": 1049088, "total_size": 2097152, "blocks": '
+     b'[{"offset": 0, "size": 2097152}]}]}', "initial segments at 0x100000 and 0x100200 overlap"),
+    (b'{"ops": [], "initial_segments": [{"address": 0, "total_size": 2097152, "blocks": '
+     b'[{"offset": 0, "size": 2097152, "allocated": true, "requested_size": "x"}]}]}',
+     "blocks[0].requested_size is str"),
+    (b'{"ops": [], "recorded_ooms": "many"}', "recorded_ooms is str"),
+    (b'{"ops": [], "expected": {"alloc_addr": 5}}', "expected.alloc_addr is not a list"),
+    (b'{"ops": [], "expected": {"alloc_addr": ["0x10"]}}', "expected.alloc_addr[0] is str"),
+    (b'{"ops": [], "expected": {"segment_events": [{"action": "segment_alloc", "size": 2097152, "before_op": 0}]}}',
+     "expected.segment_events[0].addr is NoneType"),
+    (b'{"ops": [], "expected": {"final_reserved_bytes_from_trace": "2097152"}}',
+     "final_reserved_bytes_from_trace is str"),
+    (b'{"ops": [], "expected": {"final_reserved_bytes_from_trace": 1e999}}',
+     "final_reserved_bytes_from_trace is float"),
+    (b'{"ops": [], "allocator_settings": {"max_split_size": 1}}', "max_split_size"),
+    (b'{"ops": [], "allocator_settings": {"roundup_power2_divisions": {"1": 3}}}', "power of 2"),
 ], ids=["truncated", "garbage", "empty", "list", "wrong-types", "str-address", "json-ops", "json-negative",
-        "bad-json"])
+        "bad-json", "json-deep", "deep-tuple-stream", "list-stream", "huge-size", "negative-size",
+        "overlapping-segments", "no-device-traces", "repeated-entry", "list-id", "dict-id", "json-list-stream",
+        "segment-list-stream", "overlapping-initial", "str-requested", "str-ooms", "addr-not-list",
+        "str-expected-addr", "event-no-addr", "str-final", "inf-final", "tiny-max-split", "bad-divisions"])
 def test_broken_files_give_one_line_errors(capsys, tmp_path, content, message):
     path = tmp_path / "f.pickle"
     path.write_bytes(content)
@@ -212,6 +274,27 @@ def test_cli_bad_flags_pinned(capsys, argv, message):
     code, out, err = run(capsys, "replay", SMALL_TRACE, *argv)
     _assert_one_line_error(code, out, err)
     assert err.startswith(message), err
+
+
+def test_device_out_of_range_is_refused(capsys, tmp_path):
+    path = tmp_path / "s.pickle"
+    path.write_bytes(pickle.dumps({"segments": [], "device_traces": [[_alloc(0x10, 512)]]}))
+    for flags in (["--device", "7"], ["--check", "--device", "7"]):
+        code, out, err = run(capsys, "replay", path, *flags)
+        _assert_one_line_error(code, out, err)
+        assert err.startswith(f"Error: {path}: no device 7 (the snapshot has 1) (hint: give --device 0 to 0)"), err
+    code, out, err = run(capsys, "replay", SMALL_TRACE, "--device", "1")
+    _assert_one_line_error(code, out, err)
+    assert "the trace holds device 0 only, not device 1" in err
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_an_id_allocated_twice_is_refused_by_replay_and_check(capsys, tmp_path, check):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"ops": [["alloc", "a", 512, 0], ["alloc", "a", 1024, 0]]}))
+    code, out, err = run(capsys, "replay", path, *(["--check"] if check else []))
+    _assert_one_line_error(code, out, err)
+    assert err.startswith("Error: event 1: key 'a' is allocated twice"), err
 
 
 def test_cli_missing_file(capsys, tmp_path):

@@ -83,11 +83,21 @@ class AllocConf:
         raw = settings.get("PYTORCH_CUDA_ALLOC_CONF", settings.get("PYTORCH_ALLOC_CONF", "")) or ""
         conf = cls.parse(raw, accept_unknown_keys=True) if isinstance(raw, str) else cls()
         changes: dict = {}
+
+        def refuse(reason: str):
+            raise UsageError(f"the snapshot's allocator_settings are not the allocator's: {reason}",
+                             hint="give a file written by torch.cuda.memory._dump_snapshot")
         split = settings.get("max_split_size")
         if isinstance(split, int) and not isinstance(split, bool):
-            changes["max_split_size"] = SIZE_MAX if split < 0 or split >= SIZE_MAX else split
+            split = SIZE_MAX if split < 0 or split >= SIZE_MAX else split
+            # the same floor as max_split_size_mb in the string (_size_mb_at_least_large_segment)
+            if split < conf.large_segment_size:
+                refuse(f"max_split_size {split} is below {conf.large_segment_size} bytes")
+            changes["max_split_size"] = split
         gc = settings.get("garbage_collection_threshold")
         if isinstance(gc, (int, float)) and not isinstance(gc, bool):
+            if not (gc == 0 or 0.0 < gc < 1.0):     # 0: unset (the allocator's default)
+                refuse(f"garbage_collection_threshold {gc!r} is not in (0.0, 1.0)")
             changes["garbage_collection_threshold"] = float(gc)
         if isinstance(settings.get("expandable_segments"), bool):
             changes["expandable_segments"] = settings["expandable_segments"]
@@ -100,7 +110,9 @@ class AllocConf:
                     index = int(key).bit_length() - 1
                 except (TypeError, ValueError):
                     continue
-                if 0 <= index < ROUNDUP_INTERVALS and isinstance(value, int):
+                if 0 <= index < ROUNDUP_INTERVALS and isinstance(value, int) and not isinstance(value, bool):
+                    if value != 0 and not _is_power_of_two(value):   # as parse_roundup_power2_divisions
+                        refuse(f"roundup_power2_divisions values must be a power of 2 or 0, got {value}")
                     divisions[index] = value
             changes["roundup_power2_divisions"] = tuple(divisions)
         return replace(conf, **changes)

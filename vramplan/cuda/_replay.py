@@ -91,7 +91,7 @@ def run_replay(allocator: CachingAllocator, events: Iterable[tuple], live: dict 
         if op == "alloc":
             key, nbytes = event[1], event[2]
             if key in live:
-                _allocated_twice(index, key)
+                allocated_twice(index, key)
             if nbytes.__class__ is not int or nbytes <= 0:
                 _check_event_size(index, nbytes)
                 if nbytes == 0:         # zero-byte tensors never reach the allocator
@@ -115,7 +115,7 @@ def run_replay(allocator: CachingAllocator, events: Iterable[tuple], live: dict 
             try:
                 address = live.pop(event[1])
             except KeyError:
-                _not_allocated(index, event[1])
+                not_allocated(index, event[1])
             if address is not None:
                 free(address)
         elif op == "empty_cache":
@@ -165,7 +165,7 @@ def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None
         if op == "alloc":
             key, nbytes = event[1], event[2]
             if key in live:
-                _allocated_twice(index, key)
+                allocated_twice(index, key)
             sized = rounded.get(nbytes) if nbytes.__class__ is int else None
             if sized is None:
                 if nbytes.__class__ is not int or not 0 < nbytes < too_large:
@@ -234,7 +234,7 @@ def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None
             try:
                 block = live.pop(event[1])
             except KeyError:
-                _not_allocated(index, event[1])
+                not_allocated(index, event[1])
             if block is None:
                 continue
             ptr, size, shifted, keys, cells = block     # free_block, try_merge_blocks (rule 6)
@@ -266,11 +266,11 @@ def _oom(index: int, key, nbytes: int, reserved: int, allocated: int) -> dict:
     return {"index": index, "key": key, "nbytes": nbytes, "reserved_bytes": reserved, "allocated_bytes": allocated}
 
 
-def _allocated_twice(index: int, key) -> None:
+def allocated_twice(index: int, key) -> None:
     raise UsageError(f"event {index}: key {key!r} is allocated twice", hint="free it before allocating it again")
 
 
-def _not_allocated(index: int, key) -> None:
+def not_allocated(index: int, key) -> None:
     raise UsageError(f"event {index}: free of {key!r}, which is not allocated",
                      hint="every free needs an earlier alloc of the same key") from None
 

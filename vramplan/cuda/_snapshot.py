@@ -24,9 +24,16 @@ from vramplan.core._errors import UsageError
 from vramplan.core._record import record
 from vramplan.cuda._alloc_conf import AllocConf
 from vramplan.cuda._allocator import SMALL_BUFFER, CachingAllocator, OutOfMemory, round_size
-from vramplan.cuda._replay import run_replay
+from vramplan.cuda._replay import allocated_twice, not_allocated, run_replay
 
 MAX_FILE_BYTES = 2 * 2**30        # larger files are refused rather than read into memory
+# Recorded events (or trace ops) replayed at most: 14x the largest profiles/ snapshot (142,187
+# entries). Each costs about 0.7 KB once converted and replayed, so a small file whose entries
+# repeat one memoized object cannot make the replay take gigabytes.
+MAX_TRACE_EVENTS = 2_000_000
+BYTES_LIMIT = 2**64               # addresses and sizes are a size_t / void* (c10/cuda/CUDACachingAllocator.cpp)
+STREAM_LOW = -(2**63)             # a cudaStream_t as torch records it: an int64 or a pointer value
+_HINT_ENTRIES = "record fewer entries (_record_memory_history(max_entries=...))"
 GZIP_MAGIC = b"\x1f\x8b"
 _HINT_FILE = "give a file written by torch.cuda.memory._dump_snapshot, or a JSON trace"
 _TRACE_ACTIONS = {"alloc", "free_requested", "free_completed", "free", "segment_alloc", "segment_free",
@@ -88,11 +95,17 @@ def parse_trace_bytes(data: bytes, name: str = "<bytes>", *, device: int | None 
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise UsageError(f"{name}: not valid JSON ({_one_line(exc)})", hint=_HINT_FILE) from None
+        except RecursionError:
+            raise UsageError(f"{name}: the JSON nests too deeply", hint=_HINT_FILE) from None
     else:
         obj = _unpickle(data, name)
     if isinstance(obj, dict) and "ops" in obj:
+        held = obj.get("device", 0)
+        if device is not None and device != held:
+            raise UsageError(f"{name}: the trace holds device {held!r} only, not device {device}",
+                             hint="drop --device for a trace; it names one device of a snapshot")
         return validate_trace(obj, name)
-    return snapshot_to_trace(obj, name, device=device)
+    return validate_trace(snapshot_to_trace(obj, name, device=device), name)
 
 
 def _unpickle(data: bytes, name: str):
@@ -128,10 +141,27 @@ def _fail(name: str, what: str):
     raise UsageError(f"{name}: not a memory snapshot: {what}", hint=_HINT_FILE)
 
 
-def _int(value, name: str, where: str) -> int:
+def _int(value, name: str, where: str, low: int = 0, high: int = BYTES_LIMIT) -> int:
+    """An int in [low, high): addresses and byte counts are size_t values, so a negative one or
+    one of thousands of digits is not a recording."""
     if isinstance(value, bool) or not isinstance(value, int):
         _fail(name, f"{where} is {type(value).__name__}, not an int")
+    if not low <= value < high:
+        _fail(name, f"{where} is out of range for {'a stream' if low < 0 else 'an address or byte count'}")
     return value
+
+
+def _stream(value, name: str, where: str) -> int:
+    """A stream id is an int: anything else would reach a dict key (a deeply nested tuple there
+    overflows the C stack when hashed)."""
+    return _int(value, name, where, STREAM_LOW, BYTES_LIMIT)
+
+
+def _ident(value, name: str, where: str):
+    """A block id of a trace: a string or an int (it becomes a dict key)."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    _fail(name, f"{where} is {type(value).__name__}, not a string or an int id")
 
 
 # --- snapshot -> trace -----------------------------------------------------------------------------------
@@ -148,9 +178,20 @@ def snapshot_to_trace(snapshot, name: str = "<snapshot>", *, device: int | None 
         _fail(name, "no 'segments' and 'device_traces' lists")
     if not all(isinstance(t, list) for t in traces):
         _fail(name, "'device_traces' must be a list of lists")
+    if not traces:
+        raise UsageError(f"{name}: the snapshot holds no recorded history ('device_traces' is empty)",
+                         hint="call torch.cuda.memory._record_memory_history() before the step, then dump")
     if device is None:
         device = next((i for i, t in enumerate(traces) if t), 0)
-    entries = traces[device] if device < len(traces) else []
+    elif device >= len(traces):
+        raise UsageError(f"{name}: no device {device} (the snapshot has {len(traces)})",
+                         hint=f"give --device 0 to {len(traces) - 1}")
+    entries = traces[device]
+    if len(entries) > MAX_TRACE_EVENTS:
+        raise UsageError(f"{name}: {len(entries):,} recorded events, more than the {MAX_TRACE_EVENTS:,} replayed",
+                         hint=_HINT_ENTRIES)
+    if len({id(e) for e in entries}) != len(entries):
+        _fail(name, f"device_traces[{device}] repeats one entry object (a recording makes each anew)")
     settings = snapshot.get("allocator_settings") or {}
     if not isinstance(settings, dict):
         _fail(name, "'allocator_settings' is not a dict")
@@ -159,6 +200,10 @@ def snapshot_to_trace(snapshot, name: str = "<snapshot>", *, device: int | None 
              if isinstance(s, dict) and s.get("device", device) == device]
     if len(final) != sum(1 for s in segments if isinstance(s, dict) and s.get("device", device) == device):
         _fail(name, "a segment is not a dict")
+    spans = sorted((s["address"], s["address"] + s["total_size"]) for s in final)
+    for (a, a_end), (b, _b_end) in zip(spans, spans[1:]):
+        if b < a_end:
+            _fail(name, f"segments at {a:#x} and {b:#x} overlap")
     if any(s["pool"] not in ((0, 0), None) for s in final):
         raise UsageError(f"{name}: the snapshot has CUDA graph / MemPool private pool segments",
                          hint="the model replays the default pool only")
@@ -182,7 +227,7 @@ def snapshot_to_trace(snapshot, name: str = "<snapshot>", *, device: int | None 
         where = f"device_traces[{device}][{k}]"
         addr = _int(e.get("addr"), name, where + ".addr")
         size = _int(e.get("size"), name, where + ".size")
-        stream = e.get("stream", 0)
+        stream = _stream(e.get("stream", 0), name, where + ".stream")
         if action == "alloc":
             releasing = False
             ident = f"a{len(alloc_addr)}"
@@ -238,10 +283,12 @@ def _final_segment(seg: dict, i: int, name: str) -> dict:
             live.append({"address": block_addr, "size": size,
                          "requested_size": requested if isinstance(requested, int) else size})
     pool = seg.get("segment_pool_id")
-    return {"address": address, "total_size": total, "stream": seg.get("stream", 0),
+    if isinstance(pool, (list, tuple)):
+        pool = tuple(_int(p, name, f"{where}.segment_pool_id", STREAM_LOW) for p in pool)
+    return {"address": address, "total_size": total, "stream": _stream(seg.get("stream", 0), name, where + ".stream"),
             "segment_type": seg.get("segment_type", "small" if total == SMALL_BUFFER else "large"),
             "expandable": bool(seg.get("is_expandable", False)),
-            "pool": tuple(pool) if isinstance(pool, (list, tuple)) else None, "live": live}
+            "pool": pool if isinstance(pool, tuple) else None, "live": live}
 
 
 def _initial_segments(final: list[dict], seg_events: list[dict], prefreed: list[dict], touched: set,
@@ -350,41 +397,108 @@ def _reserved_at_end(initial: list[dict], seg_events: list[dict]) -> int:
 # --- trace validation ----------------------------------------------------------------------------------
 
 def validate_trace(trace, name: str = "<trace>") -> dict:
-    """Check the trace form's shape so that replay fails with a one-line message, not a traceback."""
+    """Check everything replay and check read, so that a malformed or crafted trace (a JSON
+    trace, a pickle in the trace form, or a converted snapshot) fails with a one-line message,
+    never a traceback: op shapes and ids, byte counts and streams in range, segments that do
+    not overlap and blocks that tile them, and the `expected` record of what the real allocator
+    did."""
     if not isinstance(trace, dict):
         _fail(name, "a trace must be a JSON object")
     ops = trace.get("ops")
     if not isinstance(ops, list):
         _fail(name, "'ops' is not a list")
+    if len(ops) > MAX_TRACE_EVENTS:
+        raise UsageError(f"{name}: {len(ops):,} ops, more than the {MAX_TRACE_EVENTS:,} replayed", hint=_HINT_ENTRIES)
     for i, op in enumerate(ops):
-        ok = isinstance(op, list) and op and isinstance(op[0], str)
-        if ok and op[0] == "alloc":
-            ok = len(op) in (3, 4) and isinstance(op[2], int) and not isinstance(op[2], bool) and op[2] >= 0
-        elif ok and op[0] == "free":
-            ok = len(op) == 2
-        elif ok:
-            ok = op == ["empty_cache"]
-        if not ok:
-            _fail(name, f"ops[{i}] is not ['alloc', id, bytes, stream], ['free', id] or ['empty_cache']")
+        _check_op(op, name, i)
     initial = trace.get("initial_segments", [])
     if not isinstance(initial, list):
         _fail(name, "'initial_segments' is not a list")
+    ids: set = set()
     for i, seg in enumerate(initial):
-        if not isinstance(seg, dict) or not isinstance(seg.get("blocks"), list):
-            _fail(name, f"initial_segments[{i}] has no blocks")
-        for key in ("address", "total_size"):
-            _int(seg.get(key), name, f"initial_segments[{i}].{key}")
-        for j, b in enumerate(seg["blocks"]):
-            if not isinstance(b, dict):
-                _fail(name, f"initial_segments[{i}].blocks[{j}] is not an object")
-            for key in ("offset", "size"):
-                _int(b.get(key), name, f"initial_segments[{i}].blocks[{j}].{key}")
-    expected = trace.get("expected", {})
+        _check_segment(seg, name, f"initial_segments[{i}]", ids)
+    ends = sorted((seg["address"], seg["address"] + seg["total_size"]) for seg in initial)
+    for (a, a_end), (b, _b_end) in zip(ends, ends[1:]):
+        if b < a_end:
+            _fail(name, f"initial segments at {a:#x} and {b:#x} overlap")
+    _check_expected(trace.get("expected", {}), name)
+    settings = trace.get("allocator_settings", {})
+    if not isinstance(settings, dict):
+        _fail(name, "'allocator_settings' is not an object")
+    if settings:
+        AllocConf.from_snapshot_settings(settings)      # refuses values the allocator would refuse
+    _int(trace.get("recorded_ooms", 0) or 0, name, "recorded_ooms")
+    return trace
+
+
+def _check_op(op, name: str, i: int) -> None:
+    ok = isinstance(op, (list, tuple)) and op and isinstance(op[0], str)
+    if ok and op[0] == "alloc":
+        ok = len(op) in (3, 4)
+        if ok:
+            _ident(op[1], name, f"ops[{i}] id")
+            _int(op[2], name, f"ops[{i}] bytes")
+            if len(op) == 4:
+                _stream(op[3], name, f"ops[{i}] stream")
+    elif ok and op[0] == "free":
+        ok = len(op) == 2 and _ident(op[1], name, f"ops[{i}] id") is not None
+    elif ok:
+        ok = list(op) == ["empty_cache"]
+    if not ok:
+        _fail(name, f"ops[{i}] is not ['alloc', id, bytes, stream], ['free', id] or ['empty_cache']")
+
+
+def _check_segment(seg, name: str, where: str, ids: set) -> None:
+    if not isinstance(seg, dict) or not isinstance(seg.get("blocks"), list):
+        _fail(name, f"{where} has no blocks")
+    _int(seg.get("address"), name, f"{where}.address")
+    if _int(seg.get("total_size"), name, f"{where}.total_size") == 0:
+        _fail(name, f"{where}.total_size is 0")
+    _stream(seg.get("stream", 0), name, f"{where}.stream")
+    if seg.get("segment_type", "large") not in ("small", "large"):
+        _fail(name, f"{where}.segment_type is neither 'small' nor 'large'")
+    if not isinstance(seg.get("expandable", False), bool):
+        _fail(name, f"{where}.expandable is not true or false")
+    for j, b in enumerate(seg["blocks"]):
+        at = f"{where}.blocks[{j}]"
+        if not isinstance(b, dict):
+            _fail(name, f"{at} is not an object")
+        for key in ("offset", "size"):
+            _int(b.get(key), name, f"{at}.{key}")
+        if not isinstance(b.get("allocated", False), bool):
+            _fail(name, f"{at}.allocated is not true or false")
+        if b.get("allocated"):
+            _int(b.get("requested_size", b["size"]), name, f"{at}.requested_size")
+            if "id" in b:
+                ident = _ident(b["id"], name, f"{at}.id")
+                if ident in ids:
+                    _fail(name, f"{at}.id {ident!r} is a second block with that id")
+                ids.add(ident)
+
+
+def _check_expected(expected, name: str) -> None:
+    """What the real allocator did, as --check compares it: each allocation's address, each
+    segment event, the reserved bytes at the end."""
     if not isinstance(expected, dict):
         _fail(name, "'expected' is not an object")
-    if not isinstance(trace.get("allocator_settings", {}), dict):
-        _fail(name, "'allocator_settings' is not an object")
-    return trace
+    addresses = expected.get("alloc_addr", [])
+    if not isinstance(addresses, list):
+        _fail(name, "expected.alloc_addr is not a list")
+    for k, a in enumerate(addresses):
+        _int(a, name, f"expected.alloc_addr[{k}]")
+    events = expected.get("segment_events", [])
+    if not isinstance(events, list):
+        _fail(name, "expected.segment_events is not a list")
+    for k, e in enumerate(events):
+        at = f"expected.segment_events[{k}]"
+        if not isinstance(e, dict) or not isinstance(e.get("action"), str):
+            _fail(name, f"{at} has no action")
+        for key in ("addr", "size"):
+            _int(e.get(key), name, f"{at}.{key}")
+        _int(e.get("before_op"), name, f"{at}.before_op", -1)
+    final = expected.get("final_reserved_bytes_from_trace")
+    if final is not None:
+        _int(final, name, "expected.final_reserved_bytes_from_trace")
 
 
 # --- replay and check ------------------------------------------------------------------------------------
@@ -503,16 +617,17 @@ def check_snapshot(trace: dict) -> SnapshotCheck:
     for i, op in enumerate(_events(trace)):
         try:
             if op[0] == "alloc":
+                if op[1] in live:       # as the replay refuses it (cuda/_replay.py run_replay)
+                    allocated_twice(i, op[1])
                 if op[2] > 0:
                     live[op[1]] = allocator.malloc(op[2], op[3] if len(op) > 3 else 0)
                     got_addr.append(live[op[1]])
                 else:
                     live[op[1]] = None
             elif op[0] == "free":
-                address = live.pop(op[1], None)
-                if address is None and op[1] not in live:
-                    raise UsageError(f"ops[{i}]: free of {op[1]!r}, which is not allocated",
-                                     hint="every free needs an earlier alloc or a block in initial_segments")
+                if op[1] not in live:
+                    not_allocated(i, op[1])
+                address = live.pop(op[1])
                 if address is not None:
                     allocator.free(address)
             else:
