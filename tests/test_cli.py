@@ -65,6 +65,7 @@ def test_table_output_names_verdict_and_assumptions(capsys):
      "Error: unknown GPU 'all' (hint: `vramplan plan MODEL --gpu all` compares every catalog GPU; here give one"),
     (["estimate", "llama-2-7b", "--gpu", "0GB"], 2, "Error: memory size '0GB' must be positive"),
     (["estimate", "llama-2-7b", "--gpu", "5MB"], 2, "Error: GPU size '5MB' is not a plausible GPU memory size"),
+    (["estimate", "llama-2-7b", "--gpu=-4GB"], 2, "Error: GPU memory must be positive, got '-4GB'"),
     (["estimate", "llama-2-7b", "--batch", "0"], 2, "Error: --batch must be positive, got 0"),
     (["estimate", "llama-2-7b", "--seq", "99999999999"], 2, "Error: --seq 99999999999 is beyond any real run"),
     (["estimate", "llama-2-7b", "--rank", "-1"], 2, "Error: --rank must be positive, got -1"),
@@ -92,6 +93,52 @@ def test_malformed_config_file(capsys, tmp_path):
     path.write_text('["not", "an", "object"]')
     code, _, err = run(capsys, "estimate", str(path))
     assert code == 1 and err.startswith("Error: config for") and "is not a JSON object" in err
+
+
+def _llama_config(tmp_path, **changes) -> str:
+    config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+              "max_position_embeddings": 4096, **changes}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    # past 2**64 the replay's packed sizes break; millions of layers would run for minutes
+    (dict(vocab_size=10**30), "vocab_size 1,000,000,000,000,000,000,000,000,000,000 is beyond any model "
+                              "(at most 4,194,304)"),
+    (dict(hidden_size=6_400_000_000, num_attention_heads=50_000_000), "hidden_size 6,400,000,000 is beyond any model"),
+    (dict(intermediate_size=10**15), "intermediate_size 1,000,000,000,000,000 is beyond any model"),
+    (dict(num_hidden_layers=100_000), "num_hidden_layers 100,000 is beyond any model (at most 1,024)"),
+    (dict(max_position_embeddings=0), "max_position_embeddings must be a positive integer, got 0"),
+    (dict(max_position_embeddings=-1), "max_position_embeddings must be a positive integer, got -1"),
+])
+def test_config_fields_out_of_range_are_refused(capsys, tmp_path, changes, message):
+    code, out, err = run(capsys, "estimate", _llama_config(tmp_path, **changes), "--gpu", "48GB")
+    assert code == 1 and out == "", err
+    assert err.startswith("Error: config for ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[" * 100_000 + "]" * 100_000, "its JSON nests too deeply"),
+    ('{"model_type": "llama", "hidden_size": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)"),
+])
+def test_unreadable_config_json_is_one_line(capsys, tmp_path, content, message):
+    (tmp_path / "config.json").write_text(content)
+    code, out, err = run(capsys, "estimate", str(tmp_path))
+    assert code == 1 and out == "" and message in err and err.count("\n") == 1, err
+
+
+def test_bad_environment_alloc_conf_is_named(capsys, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:maybe")
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    code, out, err = run(capsys, "estimate", "llama-2-7b", "--gpu", "24GB")
+    assert code == 2 and out == ""
+    assert err == ("Error: PYTORCH_CUDA_ALLOC_CONF='expandable_segments:maybe' in the environment: invalid allocator "
+                   "settings 'expandable_segments:maybe': expected 'True' or 'False' but got 'maybe' "
+                   "(hint: fix or unset PYTORCH_CUDA_ALLOC_CONF, or give --alloc-conf)\n")
+    code, _out, _err = run(capsys, "estimate", "llama-2-7b", "--gpu", "24GB", "--alloc-conf", "expandable_segments:True")
+    assert code == 0
 
 
 def test_models_and_gpus_list(capsys):

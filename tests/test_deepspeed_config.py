@@ -68,7 +68,18 @@ def run_plan(capsys, tmp_path, config, *flags):
     ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, (),
      "{path} offloads the optimizer but not the other: not modelled"),
     ({"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": "auto"}}, (),
-     "zero_optimization.stage3_max_reuse_distance in {path} is 'auto' (hint: a whole number of elements, e.g. 5e8)"),
+     "zero_optimization.stage3_max_reuse_distance in {path} is 'auto' (hint: a whole number of elements up to "
+     "2.81e+14, e.g. 5e8)"),
+    ({"zero_optimization": {"stage": [2]}}, (),
+     "the DeepSpeed config {path} sets zero_optimization.stage [2] (hint: vramplan plans stage 2 and stage 3)"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": float("inf")}}, (),
+     "zero_optimization.reduce_bucket_size in {path} is inf (hint: a whole number of elements up to 2.81e+14, "
+     "e.g. 5e8 or \"auto\")"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": float("nan")}}, (),
+     "zero_optimization.reduce_bucket_size in {path} is nan"),
+    # its bytes would pass the 2**64 the replay packs sizes under
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1e30}}, (),
+     "zero_optimization.reduce_bucket_size in {path} is 1e+30"),
 ])
 def test_what_cannot_be_planned_is_one_line(capsys, tmp_path, config, flags, message):
     code, out = run_plan(capsys, tmp_path, config, *flags)
@@ -83,6 +94,10 @@ def test_an_unreadable_file_is_one_line(capsys, tmp_path):
     (tmp_path / "bad.json").write_text("{")
     code, out = run_plan(capsys, tmp_path, str(tmp_path / "bad.json"))
     assert code == 2 and out.err.startswith(f"Error: the DeepSpeed config {tmp_path / 'bad.json'} is not JSON: ")
+    (tmp_path / "deep.json").write_text('{"zero_optimization": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    code, out = run_plan(capsys, tmp_path, str(tmp_path / "deep.json"))
+    assert code == 2 and out.err.startswith(f"Error: the DeepSpeed config {tmp_path / 'deep.json'} is not JSON: ")
+    assert out.err.count("\n") == 1
 
 
 def test_the_plan_uses_the_file(capsys, tmp_path):

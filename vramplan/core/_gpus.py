@@ -81,6 +81,8 @@ def resolve_gpu(text: str | int | Gpu) -> Gpu:
             raise UsageError(f"GPU memory must be positive, got {text}", hint="e.g. gpu='48GB'")
         return Gpu(f"{text} bytes", text)
     key = _norm(str(text).strip())
+    if key[:1] == "-" and key[1:2].isdigit():     # a negative size ("-4GB"): no catalog name starts so
+        raise UsageError(f"GPU memory must be positive, got {text!r}", hint="e.g. --gpu 24GB or --gpu 80GiB")
     if key[:1].isdigit() and key[-1:] == "b":     # a size with its unit ("48gb", "24gib"): no catalog name
         return _bare_size(text)
     if key in _index():

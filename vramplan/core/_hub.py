@@ -165,7 +165,7 @@ def read_config(repo_id: str) -> tuple[dict, str] | None:
     path, where = found
     try:
         config = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:   # ValueError: JSONDecodeError, UnicodeDecodeError, a 4,300-digit int
         raise MalformedConfigError(f"config.json of {repo_id} is not valid JSON ({exc})",
                                    hint=f"delete {path} from the Hugging Face cache and fetch it again") from None
     if not isinstance(config, dict):

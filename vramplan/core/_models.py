@@ -299,6 +299,17 @@ MXFP4_NOTE = ("config.json names an MXFP4 checkpoint (quantization_config quant_
               "bitsandbytes, which quantizes the nn.Linear layers only")
 
 
+# Upper bounds of config.json shape fields, far past any released model: Llama-3.1-405B has
+# hidden_size 16,384, intermediate_size 53,248, 126 layers and 128 heads, Gemma 3 a vocabulary of
+# 262,208, Kimi K2 384 experts, Llama 4 Scout a 10M-token context. A larger value is a typo; it
+# would also make byte counts pass 2**64, which the allocator replay packs sizes under
+# (cuda/_fast_replay.py keys), and a layer count of millions would run for minutes.
+SHAPE_LIMITS = {"hidden_size": 1 << 17, "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20,
+                "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
+                "head_dim": 1 << 13, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 27}
+SHAPE_LIMIT_OTHER = 1 << 16    # expert counts, experts per token
+
+
 def spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     spec = _spec_from_config(config, model_id, source)
     if isinstance(config, dict) and config.get("model_type") in WHOLE_MULTIMODAL and isinstance(
@@ -377,6 +388,10 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ModelError(f"config for {model_id}: {key} must be a positive integer, got {value!r}",
                              hint=f"fix {key} in config.json")
+        limit = SHAPE_LIMITS.get(key, SHAPE_LIMIT_OTHER)
+        if value > limit:
+            raise ModelError(f"config for {model_id}: {key} {value:,} is beyond any model (at most {limit:,})",
+                             hint=f"fix {key} in config.json")
         return value
 
     hidden, heads = need_int("hidden_size"), need_int("num_attention_heads")
@@ -415,6 +430,8 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
                              f"{dense}, decoder_sparse_step {step}) are not modelled",
                              hint="`vramplan simulate` traces this model")
 
+    if config.get("max_position_embeddings") is not None:
+        need_int("max_position_embeddings")     # the context the seq warning compares against
     types, window = _layer_types(arch, cfg, layers, model_id)
 
     def flag(rule) -> bool:
@@ -784,7 +801,9 @@ def _from_path(path: Path) -> tuple[dict, str, str]:
         raise ModelError(f"{path} has no config.json", hint="point at a Hugging Face model directory")
     try:
         config = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise ModelError(f"cannot read {file}: its JSON nests too deeply", hint="is it a valid config.json?") from None
+    except (OSError, ValueError) as exc:     # ValueError: JSONDecodeError, UnicodeDecodeError, a 4,300-digit int
         raise ModelError(f"cannot read {file}: {exc}", hint="is it a valid config.json?") from None
     model_id = config.get("_name_or_path") if isinstance(config, dict) else None
     return config, model_id or str(path), f"local file {file}"

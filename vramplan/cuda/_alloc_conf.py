@@ -70,7 +70,11 @@ class AllocConf:
         environ = os.environ if environ is None else environ
         for name in ENV_VARS:
             if name in environ:
-                return cls.parse(environ[name])
+                try:
+                    return cls.parse(environ[name])
+                except UsageError as exc:     # say where the settings came from: no flag was given
+                    raise UsageError(f"{name}={environ[name]!r} in the environment: {exc.message}",
+                                     hint=f"fix or unset {name}, or give --alloc-conf") from None
         return cls()
 
     @classmethod

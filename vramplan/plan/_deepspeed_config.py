@@ -9,6 +9,7 @@ engine's defaults; settings it cannot model are refused, not ignored.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from vramplan.core._errors import UsageError
@@ -16,6 +17,9 @@ from vramplan.core._models import ModelSpec
 from vramplan.plan._sharding import Parallel
 
 STAGES = {2: "zero2", 3: "zero3"}
+# Element counts past any model (2**48, 281 trillion): a larger bucket or threshold is a typo, and its
+# bytes would pass the 2**64 the allocator replay packs sizes under (cuda/_fast_replay.py keys)
+MAX_ELEMENTS = 1 << 48
 HINT = "see https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training-enhancements"
 
 
@@ -30,15 +34,15 @@ def parallel_from_deepspeed(path: str | Path, gpus: int, spec: ModelSpec, strate
         raise UsageError(f"cannot read the DeepSpeed config {name}: {exc.strerror or exc}",
                          hint="give the path of the JSON file passed to deepspeed / TrainingArguments(deepspeed=...)"
                          ) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"the DeepSpeed config {name} is not JSON: {str(exc).splitlines()[0]}",
+    except (ValueError, RecursionError) as exc:     # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise UsageError(f"the DeepSpeed config {name} is not JSON: {str(exc).splitlines()[0] if str(exc) else 'it nests too deeply'}",
                          hint="DeepSpeed reads a JSON file; check it with `python -m json.tool`") from None
     zero = config.get("zero_optimization") if isinstance(config, dict) else None
     if not isinstance(zero, dict):
         raise UsageError(f"the DeepSpeed config {name} has no zero_optimization section",
                          hint="vramplan plans ZeRO-2 and ZeRO-3 runs: " + HINT)
     stage = zero.get("stage", 0)
-    if isinstance(stage, bool) or stage not in STAGES:
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in STAGES:
         raise UsageError(f"the DeepSpeed config {name} sets zero_optimization.stage {stage!r}",
                          hint="vramplan plans stage 2 and stage 3")
     found = STAGES[stage]
@@ -92,7 +96,9 @@ def _count(zero: dict, key: str, auto: int | None, name: str) -> int | None:
         return None
     if value == "auto" and auto is not None:
         return auto
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
-        raise UsageError(f"zero_optimization.{key} in {name} is {value!r}", hint="a whole number of elements, e.g. 5e8"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or value != int(value) or value > MAX_ELEMENTS:
+        raise UsageError(f"zero_optimization.{key} in {name} is {value!r}",
+                         hint=f"a whole number of elements up to {MAX_ELEMENTS:.3g}, e.g. 5e8"
                          + (' or "auto"' if auto is not None else ""))
     return int(value)
