@@ -128,3 +128,11 @@ def test_an_int_subclass_size_is_its_value_in_both():
     assert fast(events).oom is None
     # a (3 MiB, large pool) and b (512 B, small pool) are live together; c reuses a's block
     assert fast(events).peak_allocated_bytes == 3 * MiB + 512
+
+
+def test_reserving_past_a_64_bit_address_space_is_refused():
+    # 2**59 bytes each (under the 1 EB a single allocation may ask for): the 32nd segment passes
+    # 2**64, where the free lists' packed keys would mix sizes into addresses
+    with pytest.raises(UsageError, match=r"would reserve more than 2\*\*64 bytes"):
+        replay_allocations([("alloc", i, 1 << 59) for i in range(32)])
+    assert replay_allocations([("alloc", i, 1 << 59) for i in range(20)]).peak_reserved_bytes == 20 << 59

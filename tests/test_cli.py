@@ -119,6 +119,16 @@ def test_config_fields_out_of_range_are_refused(capsys, tmp_path, changes, messa
     assert err.startswith("Error: config for ") and message in err and err.count("\n") == 1, err
 
 
+def test_a_step_past_a_64_bit_address_space_is_refused(capsys, tmp_path):
+    # every field within its limit, but 2**38 tokens of a 2**22 vocabulary: logits alone are 2**62 bytes
+    model = _llama_config(tmp_path, vocab_size=1 << 22, hidden_size=1 << 17, num_attention_heads=1024,
+                          num_key_value_heads=1024, num_hidden_layers=2, intermediate_size=1 << 20)
+    code, out, err = run(capsys, "estimate", model, "--gpu", "48GB", "--batch", "65536", "--seq", "4194304")
+    assert code == 2 and out == ""
+    assert err.startswith("Error: the allocations would reserve more than 2**64 bytes (") and err.count("\n") == 1
+    assert "(hint: lower the batch or the sequence length)" in err
+
+
 @pytest.mark.parametrize("content, message", [
     ("[" * 100_000 + "]" * 100_000, "its JSON nests too deeply"),
     ('{"model_type": "llama", "hidden_size": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)"),

@@ -208,10 +208,18 @@ SegmentBase = Callable[[str, int, object, bool], int]
 FIRST_SEGMENT_ADDRESS = 1 << 40
 
 
+ADDRESS_LIMIT = 1 << 64    # a device pointer; the replays' free lists pack size << 64 | address
+
+
 def segment_after(base: int, size: int) -> int:
     """The default address of the segment after one of `size` bytes at `base`: 2 MiB aligned with a
-    gap of at least 2 MiB, so segments never touch."""
-    return base + (size + 2 * SMALL_BUFFER - 1) // SMALL_BUFFER * SMALL_BUFFER
+    gap of at least 2 MiB, so segments never touch. Past a 64-bit address space no device reserves
+    that much, and the packed free-list keys would mix sizes into addresses: refused."""
+    after = base + (size + 2 * SMALL_BUFFER - 1) // SMALL_BUFFER * SMALL_BUFFER
+    if after >= ADDRESS_LIMIT:
+        raise UsageError(f"the allocations would reserve more than 2**64 bytes ({after - FIRST_SEGMENT_ADDRESS:,} "
+                         "in segments): beyond any device's address space", hint="lower the batch or the sequence length")
+    return after
 
 
 class _BumpAddresses:
