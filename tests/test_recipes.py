@@ -69,6 +69,33 @@ def test_cli_recipe_and_override(capsys):
     assert data["assumptions"][1].startswith("recipe trl-sft (TRL 1.16")
 
 
+@pytest.mark.parametrize("name", ["trainer", "trl-sft", "qlora-paper"])
+def test_the_library_applies_a_recipe_as_the_cli_does(capsys, name):
+    code, out, _ = run(capsys, "estimate", "llama-2-7b", "--recipe", name, "--seq", "512", "--json")
+    cli = json.loads(out)
+    api = estimate("llama-2-7b", recipe=name, seq=512)
+    assert code == 0 and api.setup == make_setup(name, seq=512, attn=api.setup.attn)
+    assert api.to_dict()["setup"] == cli["setup"]
+    assert (api.peak_allocated_bytes, api.peak_reserved_bytes) == (cli["peak_allocated_bytes"], cli["peak_reserved_bytes"])
+
+
+def test_library_recipe_with_a_ready_setup_or_an_unknown_field_is_refused():
+    with pytest.raises(UsageError, match=r"recipe='trainer' sets a new setup's defaults and cannot apply to setup="):
+        estimate("llama-2-7b", TrainSetup(), recipe="trainer")
+    with pytest.raises(UsageError, match=r"unknown setup field 'batch_size'"):
+        estimate("llama-2-7b", batch_size=4)
+
+
+def test_the_recipe_line_names_what_the_run_overrides(capsys):
+    code, out, _ = run(capsys, "estimate", "llama-2-7b", "--recipe", "trainer", "--optimizer", "adamw8bit",
+                       "--amp", "none", "--no-grad-ckpt", "--json")
+    line = json.loads(out)["assumptions"][1]
+    assert code == 0 and line.startswith("recipe trainer (") and "autocast bf16, adamw_fused" in line
+    assert line.endswith("; this run differs in: amp none, optimizer adamw8bit, grad_ckpt off"), line
+    code, out, _ = run(capsys, "estimate", "llama-2-7b", "--recipe", "trainer", "--json")
+    assert "differs" not in json.loads(out)["assumptions"][1]
+
+
 def test_recast_applies_to_qlora_py_configuration_only(capsys):
     """qlora.py's recast exists with 4-bit, prepare_model_for_kbit_training, bf16 and autocast: typed
     alone it is one Error line; a recipe whose other flags leave that configuration drops it, and

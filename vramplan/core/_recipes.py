@@ -39,18 +39,31 @@ class Recipe:
     def defaults(self) -> dict:
         return {f: getattr(self, f) for f in RECIPE_FIELDS}
 
-    def summary(self) -> str:
+    def summary(self, setup=None) -> str:
+        """The recipe's defaults; with `setup` (a TrainSetup run under it), the fields given
+        explicitly that differ from them, so the line never contradicts the setup's own lines."""
         ckpt = ("non-reentrant checkpointing" if not self.reentrant else "reentrant checkpointing") \
             if self.grad_ckpt else "no checkpointing"
-        return (f"recipe {self.name} ({self.describes}): {self.dtype} weights, autocast {self.amp}, "
+        text = (f"recipe {self.name} ({self.describes}): {self.dtype} weights, autocast {self.amp}, "
                 f"{self.optimizer}, {ckpt}, {self.loss} loss, {self.loop} loop"
                 + (", prepare_model_for_kbit_training" if self.prepare_kbit else "")
                 + (", LoRA / embeddings / lm_head cast to bf16 after get_peft_model" if self.recast else "")
                 + (", a quantized model's LoRA weights cast to bf16" if self.adapter_dtype == "bf16" else "")
                 + (f", {self.grad_accum} micro-steps per optimizer step" if self.grad_accum > 1 else ""))
+        if setup is None:
+            return text
+        changed = [f"{name} {_shown(getattr(setup, name))}" for name in RECIPE_FIELDS
+                   if getattr(setup, name) != getattr(self, name)]
+        return text + (f"; this run differs in: {', '.join(changed)}" if changed else "")
 
 
 ALL_LINEAR = ("all-linear",)
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 TRAINER = Recipe(
     name="trainer", describes="transformers 5.23 Trainer + accelerate 1.15, TrainingArguments(bf16=True)",

@@ -76,7 +76,8 @@ class TrainSetup:
     # LoRA weights, their gradients and torch AdamW's states in bf16 (TRL's SFTTrainer on a
     # quantized model; core/_recipes.py TRL_SFT). qlora.py's recast implies it (adapters_16bit).
     adapter_dtype: str = "fp32"
-    recipe: str | None = None      # the training library's recipe the other fields came from (core/_recipes.py)
+    recipe: str | None = None      # the training library's recipe the other fields came from (core/_recipes.py);
+    # a label here: estimate / plan / sweep given recipe= (or --recipe) apply its defaults (make_setup)
 
     def __post_init__(self):
         if isinstance(self.targets, str):  # accept "q_proj,v_proj" from callers
@@ -312,7 +313,23 @@ def _shown(value) -> str:
 
 
 def apply_flags(setup: TrainSetup | None, flags: dict) -> TrainSetup:
-    """setup (default TrainSetup()) with the caller's keyword flags, checked for contradictions."""
+    """setup (default TrainSetup()) with the caller's keyword flags, checked for contradictions.
+    A `recipe` flag starts from that recipe's defaults, the other flags taking precedence, as
+    `--recipe` does on the command line (make_setup); it cannot also take a ready `setup`, whose
+    fields cannot be told apart from defaults."""
+    unknown = sorted(set(flags) - {f.name for f in fields(TrainSetup)})
+    if unknown:
+        raise UsageError(f"unknown setup field {unknown[0]!r}",
+                         hint="setup fields are TrainSetup's: " + ", ".join(f.name for f in fields(TrainSetup)))
+    name = flags.get("recipe")
+    if name is not None:
+        if setup is not None:
+            raise UsageError(f"recipe={name!r} sets a new setup's defaults and cannot apply to setup=",
+                             hint=f"drop setup= and give its fields as keywords with recipe={name!r}")
+        given = {k: v for k, v in flags.items() if k != "recipe"}
+        new = make_setup(name, **given)
+        check_given(new, given)
+        return new
     new = (setup or TrainSetup()).with_(**flags) if flags else (setup or TrainSetup())
     check_given(new, flags)
     return new

@@ -166,7 +166,7 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     gpu_obj = resolve_gpu(gpu) if gpu is not None else None
     cuda_arch = target_arch(gpu_obj, arch)
-    if setup is None and "dtype" not in flags:
+    if setup is None and "dtype" not in flags and flags.get("recipe") is None:   # a recipe names its dtype
         flags["dtype"] = default_dtype(cuda_arch)
     if setup is None and "attn" not in flags:
         flags["attn"] = spec.arch.default_attention
@@ -503,7 +503,7 @@ def phase_of(moment: str) -> str:
 def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gpu: Gpu | None = None) -> tuple[str, ...]:
     """What the prediction takes for granted, in words a user can check against their script."""
     from vramplan.core._recipes import NO_RECIPE, recipe
-    out = [gpu_assumption(arch, gpu), recipe(setup.recipe).summary() if setup.recipe else "recipe " + NO_RECIPE]
+    out = [gpu_assumption(arch, gpu), recipe(setup.recipe).summary(setup) if setup.recipe else "recipe " + NO_RECIPE]
     if not arch.bf16 and setup.dtype == "fp16":
         out.append(f"compute dtype fp16: {arch.name} (sm{arch.sm}) has no bf16 hardware")
     if setup.quantized:
