@@ -73,6 +73,30 @@ def test_simulate_cli_any_causal_lm(tmp_path, capsys, make):
             f"the analytic model does not know model_type {config.model_type!r} (it knows ")
 
 
+def test_qlora_quantizes_gpt2_conv1d_as_transformers_does(tmp_path, capsys):
+    """GPT-2's attention and MLP are Conv1D ([in, out] weights), which transformers' bitsandbytes
+    quantizer replaces by Linear4bit after a transpose: each 4-bit weight is that of an
+    [out, in] Linear, nothing left in 16 bits but the embeddings, norms and biases."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=256, bos_token_id=1,
+                        eos_token_id=2)
+    path = write_config(tmp_path, "gpt2", config)
+    code, out, err = cli(capsys, "simulate", path, "--seq", "32", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["components"]["quant_constants"] > 0 and data["components"]["adapters"] > 0
+    # per layer, c_attn 64 x 192, attn c_proj 64 x 64, c_fc 64 x 256, mlp c_proj 256 x 64, packed
+    # two nf4 values a byte
+    packed = 2 * sum(alloc(i * o // 2) for i, o in ((64, 192), (64, 64), (64, 256), (256, 64)))
+    # in bf16: wte (tied to lm_head) and wpe; per layer ln_1 and ln_2 weight and bias and the four
+    # Conv1D biases; ln_f weight and bias
+    dense = alloc(128 * 64 * 2) + alloc(256 * 64 * 2)
+    dense += 2 * sum(alloc(n * 2) for n in (64, 64, 64, 64, 192, 64, 256, 64))
+    dense += 2 * alloc(64 * 2)
+    assert data["components"]["weights"] == packed + dense
+
+
 def test_registry_free_weights_are_transformers_parameters(tmp_path):
     """Without the analytic registry the weights component is still every parameter and buffer of
     the model transformers builds, each one CUDA allocation rounded to 512 bytes."""

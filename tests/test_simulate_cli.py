@@ -139,6 +139,23 @@ def test_architecture_transformers_cannot_build(capsys, monkeypatch, model_dir):
                    "does not)\n")
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(rms_norm_eps="x"), "transformers refuses the config of {path}: StrictDataclassFieldValidationError: "
+                             "Validation error for field 'rms_norm_eps'"),
+    (dict(hidden_act="nonexistent_act"), "transformers cannot build {path} from its config: KeyError: "
+                                         "'nonexistent_act'"),
+    (dict(pad_token_id=100_000), "transformers cannot build {path} from its config: AssertionError: "
+                                 "Padding_idx must be within num_embeddings"),
+    (dict(torch_dtype="float8"), "transformers refuses the config of {path}: AttributeError: module 'torch' has "
+                                 "no attribute 'float8'"),
+])
+def test_config_values_transformers_cannot_use_are_one_line(capsys, model_dir, overrides, message):
+    path = model_dir(**overrides)
+    code, out, err = simulate(capsys, path, *TINY, "--method", "lora")
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("Error: " + message.format(path=path)), err
+
+
 def test_gemma2_with_sdpa_is_refused_with_the_eager_hint(capsys, model_dir):
     # transformers 5 refuses sdpa for Gemma-2 (build.py); the estimate may refuse it first
     code, out, err = simulate(capsys, model_dir("gemma2"), *TINY, "--attn", "sdpa")

@@ -151,7 +151,11 @@ def hf_config(spec, setup: TrainSetup):
                          f"{transformers.__version__}",
                          hint="simulate needs a transformers release that has this model_type; "
                               "the analytic estimate does not")
-    config = CONFIG_MAPPING[model_type].from_dict(source)
+    try:
+        config = CONFIG_MAPPING[model_type].from_dict(source)
+    except Exception as exc:   # transformers' strict config fields raise their own types (huggingface_hub's)
+        raise ModelError(f"transformers refuses the config of {spec.id}: {_first_line(exc)}",
+                         hint="fix the field it names in config.json") from None
     # training: no KV cache (transformers turns it off for checkpointing too); a wrapper's text
     # decoder reads its own config (Gemma3TextModel: `use_cache` of config.text_config)
     for part in {id(c): c for c in (config, config.get_text_config())}.values():
@@ -180,9 +184,20 @@ def build_model(spec, setup: TrainSetup, device: str = "meta", seed: int = 0):
                         else "simulate supports AutoModelForCausalLM architectures")
                 first = " ".join(str(exc).split(". ")[0].split())   # transformers adds advice after the first sentence
                 raise ModelError(f"transformers cannot build {spec.id} as a causal LM: {first}", hint=hint) from None
+            except (TypeError, KeyError, AssertionError, AttributeError, IndexError) as exc:
+                # a config value the model's constructor cannot use: an unknown hidden_act (ACT2FN),
+                # a pad_token_id outside the vocabulary (nn.Embedding's padding_idx assert), a string
+                # where a number goes
+                raise ModelError(f"transformers cannot build {spec.id} from its config: {_first_line(exc)}",
+                                 hint="check the config.json values the message names") from None
     if setup.method == "qlora":
         quantize(model, setup, device)
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def bnb_config(setup: TrainSetup):
@@ -209,7 +224,13 @@ def quantize(model, setup: TrainSetup, device: str) -> None:
     bnb_functional = bnb.functional
     if "dynamic" not in bnb_functional.name2qmap or bnb_functional.name2qmap["dynamic"].device.type == "meta":
         bnb_functional.name2qmap["dynamic"] = bnb_functional.create_dynamic_map()
-    linears = {name: (m.weight, m.bias) for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    from transformers.pytorch_utils import Conv1D
+
+    # the modules transformers' quantizer replaces: nn.Linear and GPT-2's Conv1D, whose [in, out]
+    # weight is transposed before quantization (transformers/integrations/bitsandbytes.py
+    # replace_with_bnb_linear, Bnb4bitQuantize.convert: `if issubclass(module.source_cls, Conv1D)`)
+    linears = {name: (m.weight.T if isinstance(m, Conv1D) else m.weight, m.bias)
+               for name, m in model.named_modules() if type(m) is torch.nn.Linear or isinstance(m, Conv1D)}
     quantizer = AutoHfQuantizer.from_config(bnb_config(setup), pre_quantized=False)
     quantizer.preprocess_model(model=model, dtype=dtype, device_map=None, checkpoint_files=None,
                                use_kernels=False)
