@@ -79,6 +79,16 @@ def test_the_library_applies_a_recipe_as_the_cli_does(capsys, name):
     assert (api.peak_allocated_bytes, api.peak_reserved_bytes) == (cli["peak_allocated_bytes"], cli["peak_reserved_bytes"])
 
 
+def test_plan_and_sweep_apply_a_recipe_as_estimate_does():
+    pytest.importorskip("pandas")
+    from vramplan import plan, sweep
+
+    want = estimate("llama-2-7b", gpu="24GB", recipe="trainer", seq=512).device_total_bytes
+    assert plan("llama-2-7b", gpu="24GB", recipe="trainer", seq=512, recommend=False).need_bytes == want
+    rows = sweep("llama-2-7b", gpu="24GB", recipe=["trainer", None], seq=512, workers=1)
+    assert list(rows["device_total_bytes"]) == [want, estimate("llama-2-7b", gpu="24GB", seq=512).device_total_bytes]
+
+
 def test_library_recipe_with_a_ready_setup_or_an_unknown_field_is_refused():
     with pytest.raises(UsageError, match=r"recipe='trainer' sets a new setup's defaults and cannot apply to setup="):
         estimate("llama-2-7b", TrainSetup(), recipe="trainer")

@@ -5,11 +5,14 @@ Light at import: the planner, pandas, matplotlib and rich load inside the handle
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from vramplan.core._errors import UsageError
-from vramplan.core._setup import make_setup
-from vramplan.cli._flags import alloc_conf_from_args, default_attention, print_json, setup_flags, setup_from_args
-from vramplan.core._setup import parse_targets
+from vramplan.core._gpus import resolve_gpu
+from vramplan.core._setup import MAX_BATCH, MAX_SEQ, _bounded as bounded
+from vramplan.cli._flags import (GIVEN_ONLY, RECIPE_FLAGS, alloc_conf_from_args, cuda_arch_from_args, print_json,
+                                 setup_flags, setup_from_args)
+from vramplan.cuda._arch import check_dtype, target_arch
 
 STATUS_STYLE = {"fits": "green", "tight": "yellow", "no": "red"}
 TRAIN_DEFAULTS = {"rank": 16, "method": "qlora", "quant": "nf4", "optimizer": "adamw (or the recipe's)",
@@ -30,8 +33,9 @@ def legend(tight: float) -> str:
             f"{STATUS_MARK['no']} does not fit")
 
 
-def parse_list(flag: str, text: str, kind=int) -> list:
-    """'1,2,4' -> [1, 2, 4]; a malformed list is a UsageError naming the flag."""
+def parse_list(flag: str, text: str, kind=int, bound: int | None = None) -> list:
+    """'1,2,4' -> [1, 2, 4]; a malformed list, or a number outside [1, bound] where a bound is
+    given, is a UsageError naming the flag."""
     items = [t.strip() for t in str(text).split(",")]
     if not items or any(not t for t in items):
         raise UsageError(f"{flag} {text!r} is not a comma-separated list", hint=f"e.g. {flag} 1,2,4")
@@ -42,6 +46,8 @@ def parse_list(flag: str, text: str, kind=int) -> list:
                 out.append(int(t))
             except ValueError:
                 raise UsageError(f"{flag} {text!r}: {t!r} is not a whole number", hint=f"e.g. {flag} 1,2,4") from None
+        for value in out if bound is not None else ():
+            bounded(flag, value, bound)   # TrainSetup's own check, under the flag the user gave
         return out
     return items
 
@@ -101,22 +107,47 @@ def register(subparsers, setup_flags_parent) -> None:
 
 # --- plan ----------------------------------------------------------------------------------------
 
+def target_gpu(args):
+    """--gpu resolved; a bare size given with --arch carries that architecture, whose CUDA kernels
+    the planner's estimates then assume (core/_gpus.py Gpu.cuda), as estimate's --arch does. An
+    --arch that contradicts a catalog GPU is estimate's error (cuda/_arch.py target_arch)."""
+    gpu = resolve_gpu(args.gpu)
+    arch = target_arch(gpu, args.arch)
+    if args.arch is None or gpu.cuda is not None:
+        return gpu
+    return dataclasses.replace(gpu, compute_capability=f"{arch.major}.{arch.minor}", sms=arch.sms)
+
+
 def cmd_plan(args) -> int:
     from vramplan.plan._planner import plan  # this command's code loads only when it runs
 
-    batches = parse_list("--grid-batch", args.grid_batch) if args.grid_batch else None
-    seqs = parse_list("--grid-seq", args.grid_seq) if args.grid_seq else None
+    batches = parse_list("--grid-batch", args.grid_batch, bound=MAX_BATCH) if args.grid_batch else None
+    seqs = parse_list("--grid-seq", args.grid_seq, bound=MAX_SEQ) if args.grid_seq else None
     if args.gpu is None:
         raise UsageError("plan needs a GPU", hint="e.g. --gpu 24GB, --gpu A100-80GB, or --gpu all")
+    survey = args.gpu.strip().lower() == "all"
+    if survey and args.arch is not None:
+        raise UsageError(f"--arch {args.arch} contradicts --gpu all: each catalog GPU has its own",
+                         hint="give --arch only with a bare size such as --gpu 16GB")
     model, parallel = args.model, None
     if args.deepspeed:
         from vramplan.core._models import resolve
         from vramplan.plan._deepspeed_config import parallel_from_deepspeed
         model = resolve(args.model)
         parallel = parallel_from_deepspeed(args.deepspeed, args.gpus, model, args.strategy, args.offload)
-    result = plan(model, setup_from_args(args), args.gpu, gpus=args.gpus, strategy=args.strategy,
+    setup = setup_from_args(args)
+    gpu, card_setup = "all", None
+    if survey:
+        # each card plans what `plan --gpu CARD` would: estimate's defaults for that card (its dtype)
+        def card_setup(card):
+            return setup_from_args(argparse.Namespace(**{**vars(args), "gpu": card.name}))
+    else:
+        gpu = target_gpu(args)
+        check_dtype(cuda_arch_from_args(args), setup.dtype)   # estimate's refusal, in its words
+    result = plan(model, setup, gpu, gpus=args.gpus, strategy=args.strategy,
                   offload=args.offload or "none", parallel=parallel, batches=batches, seqs=seqs, tight=args.tight,
-                  recommend=args.recommend, alloc_conf=alloc_conf_from_args(args), workers=args.workers)
+                  recommend=args.recommend, alloc_conf=alloc_conf_from_args(args), workers=args.workers,
+                  card_setup=card_setup)
     if args.plot:
         from vramplan.render._plots import plot_plan  # this command's code loads only when it runs
         plot_plan(result, args.plot)
@@ -281,21 +312,32 @@ def _print_minimum(m, result, console, Table) -> None:
                           _gib(o.cpu_bytes) if o.cpu_bytes else "-")
         console.print(table)
     if m.changes:
-        gpu = result.gpu or result.survey[-1].gpu
+        gpu = result.gpu or [r.gpu for r in result.survey if r.error is None][-1]   # the card _survey asked
         _print_changes(m.changes, gpu, console, Table, f"With {m.changes_parallel.label} on {gpu.name}")
 
 
 def _print_survey(result, console, Table) -> None:
     s = result.setup
-    table = Table(title=f"Every catalog GPU ({result.parallel.label}): {_gib(result.need_bytes)} per GPU needed",
-                  title_justify="left")
-    for col in ("GPU", "memory", "verdict", "headroom", f"max batch @ seq {s.seq}", f"max seq @ batch {s.batch}"):
-        table.add_column(col, justify="left" if col in ("GPU", "verdict") else "right", no_wrap=col == "GPU")
+    # no one need for all: each card runs its own CUDA kernels (and its default dtype where none was given)
+    table = Table(title=f"Every catalog GPU ({result.parallel.label}), each as `plan --gpu` that card alone",
+                  title_justify="left", caption=f"GiB; max batch at seq {s.seq}, max seq at batch {s.batch}",
+                  caption_justify="left")
+    for col in ("GPU", "memory", "need", "verdict", "headroom", "max batch", "max seq"):
+        table.add_column(col, justify="left" if col in ("GPU", "verdict") else "right",
+                         no_wrap=col in ("GPU", "verdict"))
+    gib = lambda n: f"{n / 2**30:,.2f}"  # noqa: E731 - the unit is in the caption: the table fits 80 columns
+    errors: dict[str, int] = {}  # reason -> its footnote number
     for r in result.survey:
-        style = STATUS_STYLE[r.status]
-        table.add_row(r.gpu.name, _gib(r.gpu.memory_bytes), f"[{style}]{r.status}[/]", _gib(r.headroom_bytes),
-                      str(r.max_batch), str(r.max_seq))
+        if r.error is not None:   # a card the setup cannot run on: its reason below the table
+            number = errors.setdefault(r.error, len(errors) + 1)
+            table.add_row(r.gpu.name, gib(r.gpu.memory_bytes), "-", f"cannot run [{number}]", "-", "-", "-",
+                          style="dim")
+            continue
+        table.add_row(r.gpu.name, gib(r.gpu.memory_bytes), gib(r.need_bytes), marked(r.status, r.status),
+                      gib(r.headroom_bytes), str(r.max_batch), str(r.max_seq))
     console.print(table)
+    for reason, i in errors.items():
+        console.print(f"  [{i}] cannot run: {reason}", highlight=False)
 
 
 # --- sweep ---------------------------------------------------------------------------------------
@@ -309,32 +351,71 @@ def cmd_sweep(args) -> int:
         # swept only when typed
         if getattr(args, name) is not None:
             axes[name] = parse_list(f"--{name}", getattr(args, name), kind)
-    given = {k: v for k, v in (("double_quant", args.double_quant), ("lora_dropout", args.lora_dropout))
-             if v is not None}
-    if args.targets is not None:
-        given["targets"] = parse_targets(args.targets)
-    explicit = {k: getattr(args, k) for k in ("grad_ckpt", "reentrant", "prepare_kbit", "amp", "loop", "loss",
-                                              "recast", "adapter_dtype", "grad_accum")
-                if getattr(args, k, None) is not None}
-    base = make_setup(args.recipe, attn=default_attention(args.model), **given, **explicit)
+    gpu = None
+    if args.gpu is not None:
+        gpu = target_gpu(args)
+    elif args.arch is not None:
+        # the planner takes the kernels from the GPU (target_gpu): with none, no card carries them
+        raise UsageError(f"sweep --arch {args.arch} needs a bare --gpu size",
+                         hint=f"e.g. --gpu 16GB --arch {args.arch}, or `vramplan estimate` without --gpu")
+    # The setup the rows vary: estimate's from the flags that are not swept (cli/_flags.py
+    # setup_from_args: the recipe, --experts, the GPU's default dtype, ...); the swept ones at their
+    # defaults, each row setting its own.
+    fixed = argparse.Namespace(**{**vars(args), **dict.fromkeys(axes), "batch": 1, "seq": 2048})
+    base = setup_from_args(fixed)
+    dtypes = axes.get("dtype", [base.dtype])
+    if len(dtypes) == 1:   # one dtype for every row: estimate's refusal, in its words
+        check_dtype(cuda_arch_from_args(args), dtypes[0])
+    given = tuple(k for k in (*GIVEN_ONLY, *RECIPE_FLAGS) if getattr(fixed, k, None) is not None)
     strategies = parse_list("--strategy", args.strategy, str) if args.strategy else [None]
-    df = sweep(args.model, args.gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
+    df = sweep(args.model, gpu, setup=base, gpus=parse_list("--gpus", args.gpus),
                strategy=strategies, offload=parse_list("--offload", args.offload or "none", str), tight=args.tight,
-               alloc_conf=alloc_conf_from_args(args), workers=args.workers, **axes)
+               alloc_conf=alloc_conf_from_args(args), workers=args.workers, given=given, **axes)
     varying = [c for c in (*axes, "gpus", "strategy", "offload") if df[c].nunique() > 1]
-    if args.csv:
-        try:
-            df.to_csv(args.csv, index=False)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.csv!r}: {exc.strerror or exc}", hint="check the path") from None
-    if args.plot:
-        from vramplan.render._plots import plot_sweep  # this command's code loads only when it runs
-        plot_sweep(df, args.plot, varying)
+    _write_outputs(df, args, varying)
     if args.json:
         print_json(df.to_dict(orient="records"))
         return 0
     print_sweep(df, varying, args)
     return 0
+
+
+def _write_outputs(df, args, varying) -> None:
+    """--csv and --plot, both or neither: the CSV goes to a temporary file beside its path and takes
+    its name once the plot is written; a failure removes what this call wrote."""
+    import os
+    import tempfile
+
+    tmp, new_plot = None, False
+    try:
+        if args.csv:
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".vramplan-", suffix=".csv",
+                                           dir=os.path.dirname(os.path.abspath(args.csv)))
+                with os.fdopen(fd, "w", newline="") as f:
+                    df.to_csv(f, index=False)
+                mask = os.umask(0)
+                os.umask(mask)
+                os.chmod(tmp, 0o666 & ~mask)   # a new file's usual mode, not mkstemp's 0600
+            except OSError as exc:
+                raise UsageError(f"cannot write {args.csv!r}: {exc.strerror or exc}", hint="check the path") from None
+        if args.plot:
+            from vramplan.render._plots import plot_sweep  # this command's code loads only when it runs
+            new_plot = not os.path.exists(args.plot)
+            plot_sweep(df, args.plot, varying)
+        if tmp is not None:
+            try:
+                os.replace(tmp, args.csv)
+            except OSError as exc:
+                raise UsageError(f"cannot write {args.csv!r}: {exc.strerror or exc}", hint="check the path") from None
+            tmp = None
+    except BaseException:
+        if new_plot and os.path.exists(args.plot):   # written, or half-written, by this call
+            os.unlink(args.plot)
+        raise
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _cell(value) -> str:

@@ -50,7 +50,7 @@ import os
 from dataclasses import field
 from itertools import combinations, islice
 
-from vramplan.core._errors import UsageError
+from vramplan.core._errors import UsageError, VramplanError
 from vramplan.core._record import record
 from vramplan.estimate._estimator import Estimate, card_replay, estimate
 from vramplan.core._gpus import Gpu, catalog, resolve_gpu
@@ -74,6 +74,13 @@ MIN_ENGINES = (("fsdp", "none"), ("zero3", "none"), ("fsdp", "cpu"), ("zero3", "
 def status_of(need: int, capacity: int, tight: float = TIGHT) -> str:
     """core/_verdict.py: the same rule as estimate, sweep and the MemoryCallback."""
     return verdict(need, capacity, tight)
+
+
+def checked_tight(tight) -> float:
+    """The 'tight' fraction as given, or the one-line error `plan` and `sweep` both give for it."""
+    if isinstance(tight, bool) or not isinstance(tight, (int, float)) or not 0 <= tight < 1:  # nan too
+        raise UsageError(f"--tight must be a fraction in [0, 1), got {tight!r}", hint="e.g. --tight 0.05")
+    return tight
 
 
 # --- the fast, cached evaluation path ------------------------------------------------------------
@@ -376,16 +383,20 @@ class Minimum:
 
 @record
 class GpuRow:
+    """One card of a survey (plan gpu="all"), as `plan` answers for that card alone; a card the
+    setup cannot run on (bf16 below sm80, ...) has only `error`, its one-line reason."""
     gpu: Gpu
-    status: str
-    need_bytes: int
-    headroom_bytes: int
-    max_batch: int
-    max_seq: int
+    status: str | None
+    need_bytes: int | None
+    headroom_bytes: int | None
+    max_batch: int | None
+    max_seq: int | None
+    error: str | None = None
 
     def to_dict(self) -> dict:
         return {"gpu": self.gpu.to_dict(), "status": self.status, "need_bytes": self.need_bytes,
-                "headroom_bytes": self.headroom_bytes, "max_batch": self.max_batch, "max_seq": self.max_seq}
+                "headroom_bytes": self.headroom_bytes, "max_batch": self.max_batch, "max_seq": self.max_seq,
+                "error": self.error}
 
 
 @record
@@ -446,7 +457,7 @@ class Plan:
 def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int | Gpu | None = None, *,
          gpus: int = 1, strategy: str | None = None, offload: str = "none", parallel: Parallel | None = None,
          batches=None, seqs=None, tight: float = TIGHT, recommend: bool = True, alloc_conf=None,
-         workers: int | None = None, **flags) -> Plan:
+         workers: int | None = None, card_setup=None, **flags) -> Plan:
     """What fits on `gpu` (a size, a catalog name, or "all" for every catalog GPU), per GPU under
     `gpus` x `strategy` (+ `offload`): largest micro-batch at the requested seq, longest seq at
     the requested batch, a batch x seq grid, ranked changes that make a non-fitting setup fit,
@@ -454,25 +465,31 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     PYTORCH_CUDA_ALLOC_CONF settings of the caching-allocator replay (None: the environment's);
     the other settings that matter are ranked with their computed effect. `workers`: processes
     that evaluate the grid's cells, the ranked changes and the minimum hardware's searches (None: one
-    per CPU where forking is safe; plan/_workers.py)."""
+    per CPU where forking is safe; plan/_workers.py). `card_setup`: for gpu="all", a function of a
+    catalog Gpu giving the setup `plan` plans on that card alone (the CLI's: estimate's defaults for
+    it); default `setup`, each card with its own default dtype where neither `setup` nor a dtype flag
+    was given."""
     spec = model if isinstance(model, ModelSpec) else resolve(model)
-    if setup is None and "dtype" not in flags and isinstance(gpu, (str, int, Gpu)) \
-            and not (isinstance(gpu, str) and gpu.strip().lower() == "all"):
+    survey = isinstance(gpu, str) and gpu.strip().lower() == "all"
+    dtype_defaulted = setup is None and "dtype" not in flags and flags.get("recipe") is None   # a recipe names its dtype
+    if dtype_defaulted and isinstance(gpu, (str, int, Gpu)) and not survey:
         # as estimate(): bf16 where the planned GPU has it, else fp16 (cuda/_arch.py default_dtype)
         flags["dtype"] = default_dtype(target_arch(resolve_gpu(gpu), None))
     if setup is None and "attn" not in flags:
         flags["attn"] = spec.arch.default_attention   # as estimate()
     setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
     par = parallel_of(gpus, strategy, offload, parallel)
-    if isinstance(tight, bool) or not isinstance(tight, (int, float)) or not 0 <= tight < 1:
-        raise UsageError(f"--tight must be a fraction in [0, 1), got {tight!r}", hint="e.g. --tight 0.05")
+    checked_tight(tight)
     checked_workers(workers)
     if gpu is None:
         raise UsageError("plan needs a GPU", hint="e.g. --gpu 24GB, --gpu A100-80GB, or --gpu all")
-    ev = Evaluator(spec, par)
     notes: list[str] = []
-    if isinstance(gpu, str) and gpu.strip().lower() == "all":
-        return _survey(spec, setup, par, ev, tight, notes)
+    if survey:
+        if card_setup is None:
+            # as plan() resolves one card below: its own default dtype where none was given
+            card_setup = ((lambda g: apply_flags(None, {**flags, "dtype": default_dtype(target_arch(g, None))}))
+                          if dtype_defaulted else (lambda g: setup))
+        return _survey(spec, setup, card_setup, par, tight, notes, alloc_conf, workers)
     g = resolve_gpu(gpu)
     ev = Evaluator(spec, par, g, alloc_conf)
     cap = g.memory_bytes
@@ -701,6 +718,10 @@ def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap:
                     return new.with_(batch=v, grad_accum=setup.grad_accum * -(-old // v))
                 return new.with_(**{name: v})
             value, _ = _largest(lambda v: ev.fits(variant(v), cap), max(1, old // 2), old - 1)
+            if name == "batch":
+                # accumulation keeps the effective batch only where the micro-batch divides it: the
+                # largest divisor that fits (16 -> 8 x 2, not 12 x 2 = 24)
+                value = next((d for d in range(value, 0, -1) if old % d == 0 and ev.fits(variant(d), cap)), 0)
             if not value:
                 return None
             new = variant(value)
@@ -900,20 +921,43 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
                    changes_parallel, changes)
 
 
-def _survey(spec: ModelSpec, setup: TrainSetup, par: Parallel, ev: Evaluator, tight: float,
-            notes: list[str]) -> Plan:
-    est = per_gpu(spec, setup, par)
-    need = est.device_total_bytes
-    rows = []
-    for g in sorted(catalog(), key=lambda g: g.memory_bytes):
-        cap = g.memory_bytes
-        mb = _largest(lambda v: ev.fits(setup.with_(batch=v), cap), setup.batch, MAX_BATCH)[0]
-        ms = _largest(lambda v: ev.fits(setup.with_(seq=v), cap), setup.seq, seq_bound(spec))[0]
-        rows.append(GpuRow(g, status_of(need, cap, tight), need, cap - need, mb, ms))
-    minimum = None
-    if all(r.status == "no" for r in rows):
-        largest = rows[-1].gpu
-        minimum = _minimum(spec, setup, par, largest, tight, ev)
+def _survey(spec: ModelSpec, setup: TrainSetup, card_setup, par: Parallel, tight: float, notes: list[str],
+            alloc_conf=None, workers: int | None = None) -> Plan:
+    """Every catalog GPU, each row what `plan` says on that card alone: the setup planned there
+    (`card_setup`: its own default dtype where none was given), its CUDA kernels and the allocator
+    settings, for the need, the verdict and the largest batch and sequence (`_limit`'s search on
+    the fast path, without its re-check through estimate(): a disagreement there is a planner bug
+    the property tests catch). A card the setup cannot run on is a row with its reason; where no
+    card can, the first reason is the answer. One card per worker process."""
+    cards = sorted(catalog(), key=lambda g: g.memory_bytes)
+
+    def card(i: int) -> tuple[GpuRow, int, VramplanError | None]:
+        """(card i's row, the setups its evaluator estimated, the error that made it a row without figures)"""
+        g, cap = cards[i], cards[i].memory_bytes
+        try:
+            s = card_setup(g)
+            est = per_gpu(spec, s, par, gpu=g, alloc_conf=alloc_conf)
+        except VramplanError as exc:
+            return GpuRow(g, None, None, None, None, None, error=str(exc)), 0, exc
+        ev = Evaluator(spec, par, g, alloc_conf)
+        need = est.device_total_bytes
+        mb = _largest(lambda v: ev.fits(s.with_(batch=v), cap), s.batch, MAX_BATCH)[0]
+        ms = _largest(lambda v: ev.fits(s.with_(seq=v), cap), s.seq, seq_bound(spec))[0]
+        return GpuRow(g, verdict(need, cap, tight, est.allocator_oom), need, cap - need, mb, ms), ev.calls, None
+
+    # a worker process (plan/_workers.py) returns the row and its count; an error only as the row's text
+    done = spread(lambda i: card(i)[:2], len(cards), workers)
+    rows = [row for row, _calls in done]
+    ran = [i for i, r in enumerate(rows) if r.error is None]
+    if not ran:
+        raise card(0)[2]
+    est = per_gpu(spec, setup, par, alloc_conf=alloc_conf)   # the setup as given, on no particular card
+    minimum, calls = None, sum(c for _row, c in done)
+    if all(r.status in (None, "no") for r in rows):
+        largest = cards[ran[-1]]
+        ev = Evaluator(spec, par, largest, alloc_conf)
+        minimum = _minimum(spec, card_setup(largest), par, largest, tight, ev, workers=workers)
+        calls += ev.calls
     return Plan(model=spec, setup=setup, parallel=par, gpu=None, estimate=est, status=None, tight=tight,
                 max_batch=None, max_seq=None, grid=None, changes=(), minimum=minimum, survey=tuple(rows),
-                notes=tuple(notes), evaluations=ev.calls)
+                notes=tuple(notes), evaluations=calls)

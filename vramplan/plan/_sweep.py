@@ -14,8 +14,9 @@ from vramplan.core._errors import UsageError, VramplanError, require
 from vramplan.core._gpus import Gpu, resolve_gpu
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.core._verdict import verdict
-from vramplan.plan._planner import TIGHT, Evaluator
-from vramplan.core._setup import TrainSetup, check_given, parse_targets
+from vramplan.cuda._arch import default_dtype, target_arch
+from vramplan.plan._planner import TIGHT, Evaluator, checked_tight
+from vramplan.core._setup import TrainSetup, check_given, make_setup, parse_targets
 from vramplan.plan._sharding import Parallel
 from vramplan.plan._workers import checked as checked_workers, spread
 
@@ -40,26 +41,27 @@ def _values(name: str, value) -> list:
 
 def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: TrainSetup | None = None,
           gpus=1, strategy=None, offload="none", tight: float = TIGHT, alloc_conf=None, workers: int | None = None,
-          **axes):
+          given=(), **axes):
     """One row per combination of the given values, e.g.
     sweep("mistralai/Mistral-7B-v0.1", gpu="24GB", batch=[1, 2, 4, 8], seq=[512, 2048, 8192]).
     Any TrainSetup field may be a list; so may gpus, strategy and offload. A combination that cannot
     run is kept as a row with `error` (the one-line reason) and fits None; every other row has
-    error None. `workers`: processes that evaluate the rows (None: one per CPU where forking is
-    safe; plan/_workers.py)."""
+    error None. Without `setup` the compute dtype is estimate()'s default for `gpu` (fp16 below
+    sm80). `given`: fields of `setup` the caller set explicitly (the CLI's flags): every row keeps
+    them and checks them against its method, as estimate does with the same flags. `workers`:
+    processes that evaluate the rows (None: one per CPU where forking is safe; plan/_workers.py)."""
     checked_workers(workers)
+    checked_tight(tight)
     pd = require("pandas", "export")
     spec = model if isinstance(model, ModelSpec) else resolve(model)
-    base = setup or TrainSetup(attn=spec.arch.default_attention)   # as estimate()
     g = resolve_gpu(gpu) if gpu is not None else None
+    # as estimate(): the model's attention, bf16 where the GPU has it, else fp16
+    base = setup or TrainSetup(attn=spec.arch.default_attention, dtype=default_dtype(target_arch(g)))
     unknown = sorted(set(axes) - set(SETUP_FIELDS))
     if unknown:
         raise UsageError(f"unknown sweep axis {', '.join(unknown)}",
                          hint=f"axes are TrainSetup fields ({', '.join(SETUP_FIELDS)}) and gpus, strategy, offload")
     grid = {name: _values(name, value) for name, value in axes.items()}
-    for name, values in grid.items():  # a typo or an out-of-range value is bad input, not a row
-        for value in values:
-            base.with_(**{name: value})
     par_grid = {"gpus": _values("gpus", gpus), "strategy": _values("strategy", strategy),
                 "offload": _values("offload", offload)}
     names = list(grid) + list(par_grid)
@@ -68,6 +70,42 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
         combos *= len(v)
     if combos > MAX_ROWS:
         raise UsageError(f"sweep of {combos:,} setups is too large (max {MAX_ROWS:,})", hint="give fewer values")
+    if set(given) - set(SETUP_FIELDS):
+        raise UsageError(f"given names no TrainSetup field: {', '.join(sorted(set(given) - set(SETUP_FIELDS)))}",
+                         hint=f"given takes TrainSetup fields ({', '.join(SETUP_FIELDS)})")
+    kept = {name: getattr(base, name) for name in given}
+
+    def build(chosen: dict) -> TrainSetup | VramplanError:
+        """The setup of one combination of the setup axes, or why it cannot be one."""
+        try:
+            name = chosen.get("recipe")
+            if name is not None:
+                # a swept recipe sets its own defaults, as --recipe does (make_setup); the given flags
+                # and the other swept values stand over them
+                fields = {"attn": base.attn, "batch": base.batch, "seq": base.seq, **kept,
+                          **{k: v for k, v in chosen.items() if k != "recipe"}}
+                s = make_setup(name, **fields)
+            else:
+                s = base.with_(**{**kept, **chosen})   # a given flag stands where a swept value leaves it
+            check_given(s, (*given, *chosen))  # a value the row's method does not use (quant with full)
+        except VramplanError as exc:
+            return exc
+        return s
+    setups = {values: build(dict(zip(grid, values))) for values in product(*grid.values())}
+    runs: list[set] = [set() for _ in grid]   # per axis: the values some combination is a setup with
+    for values, s in setups.items():
+        if not isinstance(s, VramplanError):
+            for j, value in enumerate(values):
+                runs[j].add(value)
+    for j, (name, values) in enumerate(grid.items()):
+        # A typo or an out-of-range value is bad input, not rows: a value refused alone that no
+        # combination is a setup with. One valid with another axis' value (--dtype fp32 with
+        # --method lora under --recipe trainer's autocast) is judged in its combinations, as
+        # estimate judges the flags; those it cannot run in are rows with their reasons.
+        for value in values:
+            alone = build({name: value}) if value not in runs[j] else None
+            if isinstance(alone, VramplanError):
+                raise alone
     evaluators: dict[Parallel, Evaluator] = {}
     combinations = list(product(*grid.values(), *par_grid.values()))
 
@@ -78,8 +116,9 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
         row = {"model": spec.id, "gpu": g.name if g else None, "gpu_memory_bytes": g.memory_bytes if g else None,
                "gpus": par.gpus, "strategy": par.strategy, "offload": par.offload}
         try:
-            s = base.with_(**chosen)
-            check_given(s, chosen)  # a swept value the row's method does not use (quant with full)
+            s = setups[combinations[i][:len(grid)]]
+            if isinstance(s, VramplanError):
+                raise s
             ev = evaluators.get(par)
             if ev is None:
                 ev = evaluators[par] = Evaluator(spec, par, g, alloc_conf)
