@@ -156,6 +156,31 @@ def test_config_values_transformers_cannot_use_are_one_line(capsys, model_dir, o
     assert err.startswith("Error: " + message.format(path=path)), err
 
 
+def test_gpu_gives_the_verdict_estimate_gives_on_the_simulated_step(capsys, model_dir):
+    from vramplan.core._gpus import resolve_gpu
+    from vramplan.core._verdict import verdict
+    from vramplan.cuda._context import cuda_context
+
+    path = model_dir()
+    code, out, err = simulate(capsys, path, *TINY, "--json")
+    assert code == 0 and json.loads(out)["status"] is None and json.loads(out)["gpu"] is None
+    reserved = json.loads(out)["peak_reserved_bytes"]
+    context = cuda_context(resolve_gpu("1GB")).bytes
+    for card in ("1GB", str(context + reserved - 2**20)):      # room to spare; 1 MiB short of the need
+        code, out, err = simulate(capsys, path, *TINY, "--gpu", card, "--json")
+        data = json.loads(out)
+        assert code == 0, err
+        gpu = resolve_gpu(card)
+        assert data["gpu"] == {"name": gpu.name, "memory_bytes": gpu.memory_bytes}
+        assert data["cuda_context_bytes"] == context
+        if data["allocator_retries"] == 0 and data["allocator_oom"] is None:
+            assert data["device_total_bytes"] == context + reserved == context + data["peak_reserved_bytes"]
+        assert data["status"] == verdict(data["device_total_bytes"], gpu.memory_bytes, oom=data["allocator_oom"])
+        assert data["headroom_bytes"] == gpu.memory_bytes - data["device_total_bytes"]
+    code, out, _ = simulate(capsys, path, *TINY, "--gpu", "1GB")
+    assert code == 0 and "Simulated: FITS on 1GB (0.93 GiB): " in out
+
+
 def test_gemma2_with_sdpa_is_refused_with_the_eager_hint(capsys, model_dir):
     # transformers 5 refuses sdpa for Gemma-2 (build.py); the estimate may refuse it first
     code, out, err = simulate(capsys, model_dir("gemma2"), *TINY, "--attn", "sdpa")

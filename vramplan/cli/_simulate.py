@@ -193,11 +193,16 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
     if trace.paged_bytes:
         console.print(f"Paged optimizer state: {_gib(trace.paged_bytes)} GiB in CUDA unified memory "
                       f"(not allocated; pages to host RAM under pressure)", highlight=False)
-    if gpu is not None:
-        console.print(f"On {gpu.name} ({_gib(gpu.memory_bytes)} GiB) the simulated peak allocated is "
-                      f"{trace.peak_allocated_bytes / gpu.memory_bytes:.0%} of the card, the peak reserved "
-                      f"{trace.peak_reserved_bytes / gpu.memory_bytes:.0%}; the device total adds the CUDA context "
-                      f"(`vramplan estimate --gpu {gpu.name}`).", highlight=False)
+    if gpu is not None and trace.status is not None:
+        from types import SimpleNamespace
+
+        from vramplan.render._tables import fit_line
+
+        # the simulated step's own device total and replay against the card, in estimate's words
+        console.print("Simulated: " + fit_line(SimpleNamespace(
+            gpu=gpu, status=trace.status, device_total_bytes=trace.device_total_bytes,
+            headroom_bytes=trace.headroom_bytes, allocator_retries=trace.allocator_retries,
+            allocator_oom=trace.allocator_oom, peak_allocated_bytes=trace.peak_allocated_bytes)), highlight=False)
     how = (f"{trace.layers_traced} of {layers} decoder layers traced, the rest rebuilt"
            if trace.extrapolated else f"all {trace.layers_traced} layers traced")
     attention = ", ".join(f"{v} {k}" for k, v in trace.attention.items() if v)   # calls per backend

@@ -265,18 +265,24 @@ def card_replay(spec: ModelSpec, setup: TrainSetup, static: Static, arch: CudaAr
         # the card to see whether the step still runs, or where it fails while the allocated
         # bytes alone would fit (fragmentation). Allocated bytes past the card fail anyway.
         capped = r if against_card else reserved_peak(spec, setup, static, arch, alloc_conf, room, fsdp, ddp, zero)[0]
-        if capped.oom is None:
+        oom, retries = card_outcome(capped, room)
+        if oom is None:
             r = capped
-            retries = capped.num_alloc_retries
-        else:
-            # fragmentation where the request would fit beside what is allocated at that moment;
-            # else that moment holds more than the step's peak (the load's copies,
-            # docs/allocator.md#kbit-load): plainly out of memory there
-            failed = capped.oom
-            oom = dict(failed, fragmentation=failed["allocated_bytes"] + failed["nbytes"] <= room)
-            if against_card and need:      # the need is the unlimited replay's
-                r, _ = reserved_peak(spec, setup, static, arch, alloc_conf, None, fsdp, ddp, zero)
+        elif against_card and need:      # the need is the unlimited replay's
+            r, _ = reserved_peak(spec, setup, static, arch, alloc_conf, None, fsdp, ddp, zero)
     return r, conf_text, oom, retries
+
+
+def card_outcome(capped, room: int) -> tuple[dict | None, int]:
+    """(allocator OOM or None, cache releases) of a replay against a card with `room` bytes for
+    the allocator (estimate's card_replay, simulate's with_reserved). The OOM says whether it is
+    fragmentation, where the request would fit beside what is allocated at that moment; else that
+    moment holds more than the step's peak (the load's copies, docs/allocator.md#kbit-load):
+    plainly out of memory there."""
+    failed = capped.oom
+    if failed is None:
+        return None, capped.num_alloc_retries
+    return dict(failed, fragmentation=failed["allocated_bytes"] + failed["nbytes"] <= room), 0
 
 
 # The smallest card is searched to within 1/SMALLEST_CARD_STEPS of the device total without a card

@@ -49,10 +49,12 @@ def estimate_table(est: Estimate) -> Table:
 
 def verdict(est: Estimate) -> str:
     """The verdict line; the estimate's warnings are part of it, never only in the assumptions."""
-    return _fit(est) + "".join(f" [bold yellow]WARNING:[/bold yellow] {w}." for w in est.warnings)
+    return fit_line(est) + "".join(f" [bold yellow]WARNING:[/bold yellow] {w}." for w in est.warnings)
 
 
-def _fit(est: Estimate) -> str:
+def fit_line(est) -> str:
+    """The fits / tight / no sentence of anything with estimate's verdict fields (an Estimate, or a
+    simulated step's: cli/_simulate.py)."""
     if est.gpu is None:
         return f"Device total {gib(est.device_total_bytes)} ({est.device_total_bytes / 1e9:,.2f} GB); pass --gpu for a verdict."
     g = est.gpu

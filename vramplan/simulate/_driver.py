@@ -39,20 +39,21 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
         raise UsageError(f"simulate runs on 'meta' (or 'cpu' for small real runs), not {device!r}",
                          hint="use `vramplan profile` to measure on a GPU")
     refuse_4bit_experts(spec, setup)
-    cuda_arch = target_arch(resolve_gpu(gpu) if gpu is not None else None, arch)
+    gpu = resolve_gpu(gpu) if gpu is not None else None
+    cuda_arch = target_arch(gpu, arch)
     check_dtype(cuda_arch, setup.dtype)
     with collector_paused():
-        return _run(spec, setup, device, exact, progress, cuda_arch, alloc_conf)
+        return _run(spec, setup, device, exact, progress, cuda_arch, alloc_conf, gpu)
 
 
-def _run(spec, setup: TrainSetup, device: str, exact: bool, progress, cuda_arch, alloc_conf) -> Trace:
+def _run(spec, setup: TrainSetup, device: str, exact: bool, progress, cuda_arch, alloc_conf, gpu=None) -> Trace:
     t0 = time.perf_counter()
     require_packages(setup)
     notes: list[str] = []
     if device == "meta" and not exact:
         if shortcut.applies(spec):
             trace, why = shortcut.run_shortcut(spec, setup, progress=progress, arch=cuda_arch,
-                                                   alloc_conf=alloc_conf)
+                                                   alloc_conf=alloc_conf, gpu=gpu)
             if trace is not None:
                 return _with_seconds(trace, time.perf_counter() - t0)
             notes.append(f"identical-layers shortcut not used ({why}): every layer traced")
@@ -60,7 +61,7 @@ def _run(spec, setup: TrainSetup, device: str, exact: bool, progress, cuda_arch,
         sim.warm_up()
         tracker = sim.measure()
         trace = sim.trace(tracker, time.perf_counter() - t0)
-        trace = shortcut.with_reserved(trace, shortcut.stream_of(tracker), alloc_conf)
+        trace = shortcut.with_reserved(trace, shortcut.stream_of(tracker), alloc_conf, gpu)
     if notes:
         trace = dataclasses.replace(trace, notes=trace.notes + tuple(notes))
     return trace

@@ -117,5 +117,6 @@ def two_step_events(stream) -> list:
     return events
 
 
-def reserved_of(stream, conf: AllocConf | str | None = "") -> ReservedPeak:
-    return replay_stream(two_step_events(stream), conf)
+def reserved_of(stream, conf: AllocConf | str | None = "", capacity: int | None = None) -> ReservedPeak:
+    """The two steps replayed; `capacity`: bytes the allocator may reserve (None: unlimited)."""
+    return replay_stream(two_step_events(stream), conf, capacity)

@@ -570,9 +570,13 @@ class Expansion:
         return Stream(blocks, records, opt.stream.n_events + shift, R)
 
 
-def with_reserved(trace, stream, alloc_conf=None):
+def with_reserved(trace, stream, alloc_conf=None, gpu=None):
     """The trace with peak reserved memory from its stream replayed as two steps under `alloc_conf`
-    (PYTORCH_CUDA_ALLOC_CONF settings; None: the environment's)."""
+    (PYTORCH_CUDA_ALLOC_CONF settings; None: the environment's). With `gpu` (core.gpus.Gpu), the
+    verdict as estimate gives it: where the unlimited replay passes the card but the allocated
+    peak does not, the replay against the card says whether cache releases keep the step on it
+    (then its reserved bytes are the device total's) or where the allocator runs out of memory
+    (estimate/_estimator.py card_replay, card_outcome)."""
     import dataclasses
 
     from vramplan.estimate._reserved import conf_of
@@ -580,11 +584,29 @@ def with_reserved(trace, stream, alloc_conf=None):
 
     conf = conf_of(alloc_conf)
     r = reserved_of(stream, conf)
+    verdict_fields = {}
+    if gpu is not None:
+        from vramplan.core._verdict import TIGHT, verdict
+        from vramplan.cuda._context import cuda_context
+        from vramplan.estimate._estimator import card_outcome
+
+        context = cuda_context(gpu).bytes
+        room = gpu.memory_bytes - context
+        oom, retries = None, 0
+        if r.peak_reserved_bytes > room and trace.peak_allocated_bytes <= room:
+            capped = reserved_of(stream, conf, capacity=room)
+            oom, retries = card_outcome(capped, room)
+            if oom is None:
+                r = capped
+        total = context + max(r.peak_reserved_bytes, trace.peak_allocated_bytes)
+        verdict_fields = dict(gpu={"name": gpu.name, "memory_bytes": gpu.memory_bytes}, cuda_context_bytes=context,
+                              device_total_bytes=total, status=verdict(total, gpu.memory_bytes, TIGHT, oom),
+                              headroom_bytes=gpu.memory_bytes - total, allocator_oom=oom, allocator_retries=retries)
     return dataclasses.replace(trace, peak_reserved_bytes=r.peak_reserved_bytes,
-                               fragmentation_bytes=r.fragmentation_bytes, alloc_conf=conf.text)
+                               fragmentation_bytes=r.fragmentation_bytes, alloc_conf=conf.text, **verdict_fields)
 
 
-def run_shortcut(spec, setup: TrainSetup, progress=None, arch=None, alloc_conf=None):
+def run_shortcut(spec, setup: TrainSetup, progress=None, arch=None, alloc_conf=None, gpu=None):
     """(Trace, None), or (None, why the layers cannot be repeated)."""
 
     t0 = time.perf_counter()
@@ -624,4 +646,4 @@ def run_shortcut(spec, setup: TrainSetup, progress=None, arch=None, alloc_conf=N
         f"checked exact for identical layers (--exact traces every layer)",)
     trace = make_trace(spec, setup, "meta", measured, time.perf_counter() - t0,
                        layers_traced=sim.n_layers, extrapolated=True, notes=notes, arch=sim.arch)
-    return with_reserved(trace, rebuilt, alloc_conf), None
+    return with_reserved(trace, rebuilt, alloc_conf, gpu), None

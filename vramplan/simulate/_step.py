@@ -78,6 +78,15 @@ class Trace:
     peak_reserved_bytes: int = 0
     fragmentation_bytes: int = 0
     alloc_conf: str = ""
+    # with a GPU: the verdict estimate gives (core/_verdict.py) on this step's own replay, the
+    # replay against the card where the unlimited one passes it (estimate.card_outcome)
+    gpu: dict | None = None          # {"name", "memory_bytes"}
+    cuda_context_bytes: int | None = None
+    device_total_bytes: int | None = None
+    status: str | None = None        # fits / tight / no
+    headroom_bytes: int | None = None
+    allocator_oom: dict | None = None
+    allocator_retries: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
