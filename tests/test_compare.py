@@ -165,3 +165,122 @@ def test_compare_path_reads_files_and_folders(tmp_path):
     assert len(compare_path(p)) == 1 and len(compare_path(tmp_path)) == 1
     with pytest.raises(VramplanError):
         compare_path(tmp_path / "nothing-here")
+
+
+# --- reserved next to allocated; malformed records; folders; output destinations --------------------
+
+def test_reserved_is_compared_next_to_allocated(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    rec = gpu_shaped(1.10)
+    oom = gpu_shaped(1.0, status="oom", id="tiny_oom",
+                     measured=replace(rec.measured, peak_allocated_bytes=None, peak_reserved_bytes=None),
+                     failure=Failure("oom", "CUDA out of memory", step=1, phase="backward",
+                                     last_peak_allocated_bytes=10**9, last_reserved_bytes=2 * 10**9),
+                     tolerance={"allocated_lower_bound": 0.03})
+    cpu = gpu_shaped(1.0, nvml=False, id="tiny_cpu", measured=replace(rec.measured, peak_reserved_bytes=None))
+    for r in (rec, oom, cpu):
+        store.write_record(r, tmp_path)
+    assert main(["compare", str(tmp_path), "--json"]) == 0
+    data = {d["record_id"]: d for d in json.loads(capsys.readouterr().out)}
+    ok = data["tiny_1.1"]
+    assert ok["measured_reserved_bytes"] == rec.measured.peak_reserved_bytes
+    assert isinstance(ok["predicted_reserved_bytes"], int) and ok["predicted_reserved_bytes"] > 0
+    assert ok["error_reserved"] == pytest.approx(
+        (ok["predicted_reserved_bytes"] - ok["measured_reserved_bytes"]) / ok["measured_reserved_bytes"])
+    for rid in ("tiny_oom", "tiny_cpu"):   # no reserved measurement: null, never a made-up number
+        assert data[rid]["measured_reserved_bytes"] is None and data[rid]["error_reserved"] is None
+        assert isinstance(data[rid]["predicted_reserved_bytes"], int)
+    assert main(["compare", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "alloc" in line and "reserved" in line)
+    assert header.index("alloc") < header.index("reserved")
+    assert "torch.cuda.max_memory_allocated / max_memory_reserved" in out
+
+
+@pytest.mark.pandas
+def test_csv_has_the_reserved_columns(tmp_path, capsys):
+    store.write_record(gpu_shaped(1.10), tmp_path)
+    assert main(["compare", str(tmp_path), "--csv", "-"]) == 0
+    import csv
+    import io
+    row = next(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {"predicted_reserved_bytes", "measured_reserved_bytes", "error_reserved"} <= set(row)
+    assert row["measured_reserved_bytes"] == str(gpu_shaped(1.10).measured.peak_reserved_bytes)
+
+
+@pytest.mark.parametrize("mode", [[], ["--json"], ["--markdown"], pytest.param(["--csv", "-"], marks=pytest.mark.pandas)])
+@pytest.mark.parametrize("path, value, message", [
+    (("measured", "peak_allocated_bytes"), "9.3GiB",
+     'measured.peak_allocated_bytes must be a whole number of bytes >= 0, got "9.3GiB"'),
+    (("measured", "peak_reserved_bytes"), "x", 'measured.peak_reserved_bytes must be a whole number of bytes >= 0, got "x"'),
+    (("nvml",), "x", 'nvml must be an object, got "x"'),
+    (("run",), "x", 'run must be an object, got "x"'),
+    (("estimate", "gpu"), {"name": "x"}, "estimate.gpu.memory_bytes is missing"),
+])
+def test_a_malformed_record_is_one_line_in_every_output_mode(tmp_path, capsys, mode, path, value, message):
+    data = gpu_shaped(1.0).to_dict()
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    f = tmp_path / "rec.json"
+    f.write_text(json.dumps(data))
+    assert main(["compare", str(f), *mode]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"Error: cannot read record {f}: malformed profile record: {message} "
+                            "(hint: was it written by a newer vramplan, or edited by hand?)\n")
+
+
+def test_a_future_schema_is_refused(tmp_path, capsys):
+    f = tmp_path / "rec.json"
+    f.write_text(json.dumps(dict(gpu_shaped(1.0).to_dict(), schema="vramplan.profile/2")))
+    assert main(["compare", str(f), "--json"]) == 1
+    assert capsys.readouterr().err == (
+        f"Error: cannot read record {f}: record schema vramplan.profile/2 is newer than the one this vramplan reads "
+        "(vramplan.profile/1) (hint: upgrade vramplan (pip install -U vramplan) to read it)\n")
+
+
+def test_a_folder_compares_the_readable_records_and_warns_about_the_rest(tmp_path, capsys):
+    good = store.write_record(gpu_shaped(1.0), tmp_path)
+    (tmp_path / "cut.json").write_text(good.read_text()[:300])
+    (tmp_path / "newer.json").write_text(json.dumps(dict(gpu_shaped(1.0).to_dict(), schema="vramplan.profile/2")))
+    assert main(["compare", str(tmp_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [d["path"] for d in json.loads(captured.out)] == [str(good)]
+    lines = captured.err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"Warning: skipped {tmp_path / 'cut.json'}: not valid JSON (")
+    assert lines[1].startswith(f"Warning: skipped {tmp_path / 'newer.json'}: record schema vramplan.profile/2 is newer")
+    # --strict: any file that is not a readable record is the error, and nothing is printed
+    assert main(["compare", str(tmp_path), "--json", "--strict"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"Error: cannot read record {tmp_path / 'cut.json'}: not valid JSON (")
+    # no readable record at all: one Error line that names the file and why
+    good.unlink()
+    (tmp_path / "newer.json").unlink()
+    assert main(["compare", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"Error: no readable profile records in {tmp_path}: {tmp_path / 'cut.json'}: not valid JSON (")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--csv", ""], 2, "Error: --csv needs a file name (hint: e.g. --csv errors.csv, or --csv - for stdout)\n"),
+    (["--csv", "{tmp}"], 2, "Error: --csv {tmp} is a folder (hint: give a file name, e.g. --csv errors.csv)\n"),
+    (["--csv", "{tmp}/file/x.csv"], 1, "Error: cannot write --csv {tmp}/file/x.csv: Not a directory "
+                                       "(hint: write the CSV elsewhere)\n"),
+    (["--csv", "-", "--json"], 2, "Error: --json and --csv - both print to stdout "
+                                  "(hint: give one of them, or write the CSV to a file: --csv FILE)\n"),
+    (["--csv", "-", "--markdown"], 2, "Error: --markdown and --csv - both print to stdout "
+                                      "(hint: give one of them, or write the CSV to a file: --csv FILE)\n"),
+])
+def test_output_destinations_are_checked_before_comparing(tmp_path, capsys, argv, code, message):
+    rec = store.write_record(gpu_shaped(1.0), tmp_path / "p")
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["compare", str(rec), *argv]) == code
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == message.replace("{tmp}", str(tmp_path))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["file", "p"]

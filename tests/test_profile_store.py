@@ -163,3 +163,148 @@ def test_progress_follows_the_events():
     task = bar.bar.tasks[0]
     assert task.completed == 1 and task.description == "step 1 forward"
     assert "peak 4.00 GiB" in task.fields["mem"] and "device 5.00 GiB" in task.fields["mem"]
+
+
+# --- reading records: the shape is checked once, at load -------------------------------------------
+
+def test_a_newer_schema_is_refused_with_an_upgrade_hint():
+    data = dict(make_record().to_dict(), schema="vramplan.profile/2")
+    with pytest.raises(VramplanError) as exc:
+        Record.from_dict(data)
+    assert exc.value.message == ("record schema vramplan.profile/2 is newer than the one this vramplan reads "
+                                 "(vramplan.profile/1)")
+    assert exc.value.hint == "upgrade vramplan (pip install -U vramplan) to read it"
+
+
+def test_an_unknown_status_is_refused():
+    # (oom / timeout / crashed / skipped records have no complete measurement: null is their value)
+    for status in ("oom", "timeout", "crashed", "skipped"):
+        rec = make_record(status=status, measured=None, failure=Failure(status, "x"))
+        assert Record.from_dict(json.loads(json.dumps(rec.to_dict()))) == rec
+    with pytest.raises(VramplanError) as exc:
+        Record.from_dict(dict(make_record().to_dict(), status="weird"))
+    assert exc.value.message == ('malformed profile record: unknown status "weird" '
+                                 "(one of ok, oom, error, crashed, timeout, skipped)")
+
+
+_DELETE = object()
+
+
+def _set(path: str, value):
+    """A change to a record's dict: set the field at dotted `path` (_DELETE: delete it)."""
+    def change(d):
+        *parents, last = path.split(".")
+        for p in parents:
+            d = d[p]
+        if value is _DELETE:
+            del d[last]
+        else:
+            d[last] = value
+    return change
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("measured.peak_allocated_bytes", "9.3GiB",
+     'measured.peak_allocated_bytes must be a whole number of bytes >= 0, got "9.3GiB"'),
+    ("measured.peak_allocated_bytes", 1.5e10,
+     "measured.peak_allocated_bytes must be a whole number of bytes >= 0, got 15000000000.0"),
+    ("measured.peak_allocated_bytes", True, "measured.peak_allocated_bytes must be a whole number of bytes >= 0, got true"),
+    ("measured.peak_allocated_bytes", -1, "measured.peak_allocated_bytes must be a whole number of bytes >= 0, got -1"),
+    ("measured.peak_allocated_bytes", None, "an ok record has no measured.peak_allocated_bytes"),
+    ("measured.peak_allocated_bytes", _DELETE, "an ok record has no measured.peak_allocated_bytes"),
+    ("measured.peak_allocated_bytes", float("nan"),
+     "measured.peak_allocated_bytes is NaN (NaN and Infinity are no JSON numbers)"),
+    ("measured.peak_reserved_bytes", "x", 'measured.peak_reserved_bytes must be a whole number of bytes >= 0, got "x"'),
+    ("measured.phases", [{"phase": "load"}], "measured.phases[0].warmup is missing"),
+    ("measured", "x", 'measured must be an object, got "x"'),
+    ("measured", [], "measured must be an object, got a list"),
+    ("measured", None, "an ok record has no measured.peak_allocated_bytes"),
+    ("nvml", "x", 'nvml must be an object, got "x"'),
+    ("nvml.peak_used_bytes", "x", 'nvml.peak_used_bytes must be a whole number of bytes >= 0, got "x"'),
+    ("run", "x", 'run must be an object, got "x"'),
+    ("run.memory_limit_bytes", "x", 'run.memory_limit_bytes must be a whole number of bytes >= 0, got "x"'),
+    ("model", "x", 'model must be an object, got "x"'),
+    ("model", _DELETE, "model is missing"),
+    ("environment", "x", 'environment must be an object, got "x"'),
+    ("estimate", "x", 'estimate must be an object, got "x"'),
+    ("estimate.gpu", {"name": "x"}, "estimate.gpu.memory_bytes is missing"),
+    ("estimate.gpu", {"name": "x", "memory_bytes": "lots"}, 'estimate.gpu.memory_bytes must be a whole number >= 1, got "lots"'),
+    ("setup", "x", 'setup must be an object, got "x"'),
+    ("setup.batch", "1", 'setup.batch must be a whole number >= 1, got "1"'),
+    ("failure", "x", 'failure must be an object, got "x"'),
+    ("failure", {"bogus": 1}, "failure.kind is missing"),
+    ("tolerance", [], "tolerance must be an object, got a list"),
+    ("tolerance.allocated", "x", 'tolerance.allocated must be a finite number >= 0, got "x"'),
+    ("notes", 5, "notes must be a list, got 5"),
+    ("id", ["x"], "id must be a string, got a list"),
+])
+def test_malformed_records_are_refused_at_load(path, value, message):
+    data = json.loads(json.dumps(make_record().to_dict()))
+    _set(path, value)(data)
+    with pytest.raises(VramplanError) as exc:
+        Record.from_dict(data)
+    assert exc.value.message == f"malformed profile record: {message}"
+    assert exc.value.hint == "was it written by a newer vramplan, or edited by hand?"
+
+
+def test_a_record_file_with_nan_is_refused(tmp_path):
+    path = store.write_record(make_record(), tmp_path)
+    text = path.read_text().replace('"error": {\n  "allocated": 0.1', '"error": {\n  "allocated": NaN')
+    assert "NaN" in text
+    path.write_text(text)
+    with pytest.raises(VramplanError) as exc:
+        store.read_record(path)
+    assert exc.value.message == (f"cannot read record {path}: malformed profile record: "
+                                 "error.allocated is NaN (NaN and Infinity are no JSON numbers)")
+
+
+def test_a_folder_skips_unreadable_records_and_says_which(tmp_path):
+    good = store.write_record(make_record(), tmp_path)
+    (tmp_path / "cut.json").write_text(good.read_text()[:200])
+    (tmp_path / "newer.json").write_text(json.dumps(dict(make_record().to_dict(), schema="vramplan.profile/2")))
+    (tmp_path / "other.json").write_text('{"not": "a record"}')   # another kind of file: passed over quietly
+    skipped = []
+    records = store.read_records(tmp_path, on_skip=lambda f, exc: skipped.append((f.name, exc.message)))
+    assert [p for p, _ in records] == [good]
+    assert [name for name, _ in skipped] == ["cut.json", "newer.json"]
+    assert skipped[0][1].startswith("not valid JSON (Unterminated string")
+    assert skipped[1][1].startswith("record schema vramplan.profile/2 is newer")
+    with pytest.raises(VramplanError) as exc:
+        store.read_records(tmp_path, strict=True)
+    assert exc.value.message.startswith(f"cannot read record {tmp_path / 'cut.json'}: not valid JSON")
+
+
+def test_a_folder_without_a_readable_record_is_an_error(tmp_path):
+    good = store.write_record(make_record(), tmp_path / "src")
+    (tmp_path / "cut.json").write_text(good.read_text()[:200])
+    with pytest.raises(VramplanError) as exc:
+        store.read_records(tmp_path / "cut.json")
+    assert exc.value.message.startswith(f"cannot read record {tmp_path / 'cut.json'}: not valid JSON")
+    folder = tmp_path / "only"
+    folder.mkdir()
+    (tmp_path / "cut.json").rename(folder / "cut.json")
+    with pytest.raises(VramplanError) as exc:
+        store.read_records(folder)
+    assert exc.value.message.startswith(f"no readable profile records in {folder}: {folder / 'cut.json'}: "
+                                        "not valid JSON (Unterminated string")
+
+
+def test_probing_a_folder_leaves_nothing(tmp_path):
+    store.probe_folder(tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []
+    store.probe_folder(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):
+        store.probe_folder(tmp_path / "file" / "sub")
+    assert [f.name for f in tmp_path.iterdir()] == ["file"]
+
+
+def test_a_diverged_loss_is_recorded_as_null():
+    from vramplan.profile._session import ProfileOptions, _measured, _State
+
+    state = _State(phases=[PhaseStats("forward", 0, False, 0, 10, 20)], result={"losses": [float("nan"), 5.5]})
+    m = _measured(state, ProfileOptions(device="cpu"))
+    assert m.losses == (None, 5.5)
+    rec = make_record(measured=m)
+    assert Record.from_dict(json.loads(json.dumps(rec.to_dict(), allow_nan=False))) == rec

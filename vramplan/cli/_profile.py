@@ -22,6 +22,16 @@ would (NVML is reported as unavailable).
 """
 
 
+COMPARE_EPILOG = """\
+Each record shows allocated (torch.cuda.max_memory_allocated), reserved (max_memory_reserved,
+against the caching-allocator model) and the device total (NVML), predicted / measured / error.
+A file given by name must be a readable record. In a folder, JSON files that are not profile
+records are passed over; a record that cannot be read (truncated, malformed, written by a newer
+vramplan) is skipped with a warning on stderr naming it and why, and the rest are compared.
+With --strict any such file is an error; a folder with no readable record is always one.
+"""
+
+
 NAMES = ("profile", "compare")   # the commands register() adds
 
 
@@ -46,7 +56,8 @@ def register(subparsers, setup_flags_parent) -> None:
     p.add_argument("--nvml-hz", type=float, default=200.0, help="NVML sampling rate (default 200)")
     p.set_defaults(handler=cmd_profile)
 
-    c = subparsers.add_parser("compare", help="predicted vs measured for profile records (a file or a folder)")
+    c = subparsers.add_parser("compare", help="predicted vs measured for profile records (a file or a folder)",
+                              epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("paths", nargs="+", metavar="PATH", help="record files or folders of records")
     c.add_argument("--json", action="store_true", help="print the comparisons as JSON")
     c.add_argument("--csv", metavar="FILE", help="write one row per record as CSV (pandas); '-' for stdout")
@@ -54,7 +65,9 @@ def register(subparsers, setup_flags_parent) -> None:
     c.add_argument("--detail", action="store_true", help="per-component table for every record")
     c.add_argument("--recorded", action="store_true",
                    help="use the prediction stored in each record instead of re-estimating with this version")
-    c.add_argument("--strict", action="store_true", help="exit 1 when a record's error exceeds its tolerance")
+    c.add_argument("--strict", action="store_true",
+                   help="exit 1 when a record's error exceeds its tolerance, or when a JSON file in a folder "
+                        "is not a readable record")
     c.set_defaults(handler=cmd_compare)
 
 
@@ -92,11 +105,30 @@ def cmd_profile(args) -> int:
         _print_profile(record, path, plot_path)
     if record.status in ("ok", "oom"):
         return 0
+    raise _run_failed(record, path, options)
+
+
+def _where(f) -> str:
+    """Where in the run a failure happened (steps counted from 0, as the record counts them)."""
+    if f.step is not None:
+        return f"at step {f.step}, {f.phase}"
+    return "while loading the model, before the first step" if f.phase == "load" else "before the first step"
+
+
+def _run_failed(record, path, options) -> VramplanError:
     f = record.failure
-    where = f" (record: {path})" if path else ""
-    raise VramplanError(f"the run {record.status} at step {f.step}, {f.phase}: {f.message}{where}"
-                        if f else f"the run ended with status {record.status}{where}",
-                        hint="the record keeps the last measured values; check the GPU with nvidia-smi")
+    kept = f" (record: {path})" if path else ""
+    hint = "the record keeps the last measured values; " if path else ""
+    cpu = options.device == "cpu"
+    if f is None:
+        return VramplanError(f"the run ended with status {record.status}{kept}", hint=hint + "see the run's notes")
+    if record.status == "timeout":
+        return VramplanError(f"the run passed its --timeout of {options.timeout_s:g} s {_where(f)} and was "
+                             f"ended{kept}", hint=hint + "allow it more time with a larger --timeout")
+    what = "crashed" if record.status == "crashed" else "failed"
+    device_hint = ("check the machine's free memory (a run killed by signal 9 is often out of memory)" if cpu
+                   else "check the GPU with nvidia-smi")
+    return VramplanError(f"the run {what} {_where(f)}: {f.message}{kept}", hint=hint + device_hint)
 
 
 def _check_plot_path(path: str) -> None:
@@ -123,7 +155,8 @@ def _print_profile(record, path, plot_path) -> None:
         console.print(f"Steps: {run['warmup']} warm-up + {run['steps']} measured on {run['device']} "
                       f"({m.counter}); whole-run peak {amount(m.run_peak_allocated_bytes, f)} {unit}"
                       + (f", reserved {amount(m.peak_reserved_bytes, f)} {unit}" if m.peak_reserved_bytes else "")
-                      + (f"; losses {', '.join(f'{x:.3f}' for x in m.losses)}" if m.losses else ""), highlight=False)
+                      + (f"; losses {', '.join('—' if x is None else f'{x:.3f}' for x in m.losses)}"
+                         if m.losses else ""), highlight=False)
         phases = ", ".join(f"{p} {amount(n, f)}" for p, n in m.phase_peaks.items())
         console.print(f"Peak by phase ({unit}): {phases}", highlight=False)
     if nv.available:
@@ -134,12 +167,15 @@ def _print_profile(record, path, plot_path) -> None:
         console.print(f"NVML: unavailable ({nv.reason})", highlight=False)
     if record.failure is not None:
         f = record.failure
-        console.print(f"[bold red]{f.kind.upper()}[/bold red] at step {f.step}, {f.phase}: {f.message}", highlight=False)
+        console.print(f"[bold red]{f.kind.upper()}[/bold red] {_where(f)}: {f.message}", highlight=False)
         unit, k = unit_for([f.last_peak_allocated_bytes, f.last_allocated_bytes])
-        console.print(f"Last measured: allocated {amount(f.last_allocated_bytes, k)} {unit}, "
-                      f"peak {amount(f.last_peak_allocated_bytes, k)} {unit}"
-                      + (f", device {amount(f.last_nvml_used_bytes, k)} {unit} (NVML)"
-                         if f.last_nvml_used_bytes is not None else ""), highlight=False)
+        if f.last_allocated_bytes is None and f.last_peak_allocated_bytes is None:
+            console.print("Last measured: nothing", highlight=False)
+        else:
+            console.print(f"Last measured: allocated {amount(f.last_allocated_bytes, k)} {unit}, "
+                          f"peak {amount(f.last_peak_allocated_bytes, k)} {unit}"
+                          + (f", device {amount(f.last_nvml_used_bytes, k)} {unit} (NVML)"
+                             if f.last_nvml_used_bytes is not None else ""), highlight=False)
     if path:
         console.print(f"Record: {path}" + (f" (snapshot: {record.snapshot})" if record.snapshot else ""), highlight=False)
     if plot_path:
@@ -149,9 +185,20 @@ def _print_profile(record, path, plot_path) -> None:
 def cmd_compare(args) -> int:
     from vramplan.profile._compare import compare_path, error_table_markdown, write_csv  # loads only when it runs
 
+    to_stdout = [flag for flag, on in (("--json", args.json), ("--markdown", args.markdown),
+                                       ("--csv -", args.csv == "-")) if on]
+    if len(to_stdout) > 1:   # two documents on one stream parse as neither
+        raise UsageError(f"{' and '.join(to_stdout)} both print to stdout",
+                         hint="give one of them, or write the CSV to a file: --csv FILE")
+    if args.csv is not None:
+        _check_csv_path(args.csv)
+
+    def skipped(path, exc) -> None:
+        sys.stderr.write(f"Warning: skipped {path}: {exc}\n")
+
     comparisons = []
     for path in args.paths:
-        comparisons.extend(compare_path(path, recorded=args.recorded))
+        comparisons.extend(compare_path(path, recorded=args.recorded, strict=args.strict, on_skip=skipped))
     if args.csv:
         text = write_csv(comparisons, args.csv)
         if text is not None:
@@ -168,3 +215,22 @@ def cmd_compare(args) -> int:
         raise VramplanError(f"{len(bad)} record(s) beyond their tolerance: {', '.join(bad[:5])}",
                             hint="see `vramplan compare --detail` for the components that moved")
     return 0
+
+
+def _check_csv_path(dest: str) -> None:
+    """Refuse a --csv destination that cannot be written before comparing anything."""
+    from pathlib import Path
+
+    from vramplan.profile._store import probe_folder  # this command's code loads only when it runs
+
+    if dest == "-":
+        return
+    if not dest.strip():
+        raise UsageError("--csv needs a file name", hint="e.g. --csv errors.csv, or --csv - for stdout")
+    if Path(dest).is_dir():
+        raise UsageError(f"--csv {dest} is a folder", hint="give a file name, e.g. --csv errors.csv")
+    try:
+        probe_folder(Path(dest).parent)
+    except OSError as exc:
+        raise VramplanError(f"cannot write --csv {dest}: {exc.strerror or exc}",
+                            hint="write the CSV elsewhere") from None

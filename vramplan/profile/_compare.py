@@ -130,6 +130,8 @@ class Comparison:
             "device": self.device, "gpu": self.gpu, "status": self.status, "prediction": self.prediction,
             "predicted_allocated_bytes": self.predicted_allocated, "measured_allocated_bytes": self.measured_allocated,
             "error_allocated": self.error_allocated,
+            "predicted_reserved_bytes": self.predicted_reserved, "measured_reserved_bytes": self.measured_reserved,
+            "error_reserved": self.error_reserved,
             "predicted_device_total_bytes": self.predicted_device_total,
             "measured_device_total_bytes": self.measured_device_total, "error_device_total": self.error_device_total,
             "predicted_peak_phase": self.predicted_peak_phase, "measured_peak_phase": self.measured_peak_phase,
@@ -149,6 +151,8 @@ class Comparison:
              "status": self.status, "prediction": self.prediction,
              "predicted_allocated_bytes": self.predicted_allocated, "measured_allocated_bytes": self.measured_allocated,
              "error_allocated": self.error_allocated, "tolerance_allocated": self.tolerance.get("allocated"),
+             "predicted_reserved_bytes": self.predicted_reserved, "measured_reserved_bytes": self.measured_reserved,
+             "error_reserved": self.error_reserved,
              "predicted_device_total_bytes": self.predicted_device_total,
              "measured_device_total_bytes": self.measured_device_total,
              "error_device_total": self.error_device_total, "tolerance_device_total": self.tolerance.get("device_total"),
@@ -202,6 +206,8 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
         if status == "oom":
             meas_alloc = f.last_peak_allocated_bytes
     meas_total = nv.peak_used_bytes if (nv.available and status == "ok") else None
+    # like the device total, reserved is measured over complete steps only (not for an OOM's last values)
+    meas_reserved = m.peak_reserved_bytes if (m is not None and status == "ok") else None
 
     rows = []
     inv = (m.inventory if m else {}) or {}
@@ -256,7 +262,7 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
         measured_peak_phase=m.peak_phase if m else None, rows=tuple(rows), tolerance=dict(record.tolerance),
         recorded_error=dict(record.error), failure=failure, fits_predicted=fits, notes=tuple(notes),
         model_info={k: v for k, v in record.model.items() if k != "config"},
-        predicted_reserved=pred_reserved or None, measured_reserved=m.peak_reserved_bytes if m else None,
+        predicted_reserved=pred_reserved or None, measured_reserved=meas_reserved,
         alloc_conf=record.run.get("alloc_conf") or (env.get("env") or {}).get("PYTORCH_CUDA_ALLOC_CONF"))
 
 
@@ -283,8 +289,10 @@ def record_load(run: dict, spec, setup) -> dict:
     return {"load_transients": tied, "load_order": "modules"}
 
 
-def compare_path(path: str | os.PathLike, recorded: bool = False) -> list[Comparison]:
-    return [compare_record(rec, p, recorded) for p, rec in read_records(path)]
+def compare_path(path: str | os.PathLike, recorded: bool = False, strict: bool = False,
+                 on_skip=None) -> list[Comparison]:
+    """Every record under `path` compared; files that cannot be read as records as in read_records."""
+    return [compare_record(rec, p, recorded) for p, rec in read_records(path, strict=strict, on_skip=on_skip)]
 
 
 def to_dataframe(comparisons: list[Comparison]):
@@ -301,7 +309,10 @@ def write_csv(comparisons: list[Comparison], dest: str) -> str | None:
     df = to_dataframe(comparisons)
     if dest == "-":
         return df.to_csv(index=False)
-    atomic_write_bytes(Path(dest), df.to_csv(index=False).encode())
+    try:
+        atomic_write_bytes(Path(dest), df.to_csv(index=False).encode())
+    except OSError as exc:
+        raise VramplanError(f"cannot write {dest}: {exc.strerror or exc}", hint="write the CSV elsewhere") from None
     return None
 
 

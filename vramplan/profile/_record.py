@@ -13,6 +13,7 @@ to fixed bounds instead (profiles/README.md#the-tolerance-rule).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -92,7 +93,7 @@ class Measured:
     components_at_peak: dict | None     # component -> bytes at the steady-state peak (tracker only)
     paged_optimizer_bytes: int          # optimizer state in CUDA unified memory (not allocated)
     phases: tuple = ()                  # PhaseStats, in order
-    losses: tuple = ()
+    losses: tuple = ()                  # per step; None where the loss was not finite
     # torch.cuda.memory_stats() at the end of the run (ALLOCATOR_STATS keys; None on cpu):
     # allocated / reserved current and peak, retries, OOMs, segments
     allocator_stats: dict | None = None
@@ -204,23 +205,24 @@ class Record:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Record":
-        if not isinstance(d, dict) or not str(d.get("schema", "")).startswith("vramplan.profile/"):
-            raise VramplanError("not a vramplan profile record (no 'schema': 'vramplan.profile/1')",
-                                hint="records are written by `vramplan profile`")
+        """The record in `d` (parsed JSON). Its shape is checked here, once, so that every reader
+        (compare, the replay test, plots) can trust its types: bytes are whole numbers, objects
+        are objects, no NaN. Raises NotARecord for JSON that is no profile record at all, and
+        VramplanError for a record this version cannot read."""
+        check_record(d)
         try:
             return cls(
                 schema=d["schema"], id=d["id"], created=d["created"], status=d["status"],
                 model_ref=d.get("model_ref", d["model"].get("id")), model=d["model"], setup=d["setup"],
                 run=d["run"], environment=d.get("environment", {}), estimate=d.get("estimate") or {},
-                measured=Measured.from_dict(d["measured"]) if d.get("measured") else None,
+                measured=Measured.from_dict(d["measured"]) if d.get("measured") is not None else None,
                 nvml=NvmlTrace.from_dict(d.get("nvml") or {"available": False, "reason": "not recorded"}),
                 error=d.get("error", {}), tolerance=d.get("tolerance", {}),
-                failure=Failure(**_known(Failure, d["failure"])) if d.get("failure") else None,
+                failure=Failure(**_known(Failure, d["failure"])) if d.get("failure") is not None else None,
                 snapshot=d.get("snapshot"), notes=tuple(d.get("notes", ())),
             )
         except (KeyError, TypeError) as exc:
-            raise VramplanError(f"malformed profile record: {exc!r}",
-                                hint="was it written by a newer vramplan, or edited by hand?") from None
+            raise VramplanError(f"malformed profile record: {exc!r}", hint=_HINT) from None
 
     # --- measured quantities the errors are computed from -----------------------------------------
     @property
@@ -240,6 +242,172 @@ def errors_for(predicted_allocated: int | None, predicted_device_total: int | No
 
 def tolerances_for(errors: dict) -> dict:
     return {m: tolerance_for(errors.get(m)) for m in METRICS}
+
+
+class NotARecord(VramplanError):
+    """JSON that is no vramplan profile record at all: a folder of records may hold other files."""
+
+
+_HINT = "was it written by a newer vramplan, or edited by hand?"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The kinds of value a record holds: (test, what the error says the value must be).
+_KINDS = {
+    "bytes": (lambda v: _is_int(v) and v >= 0, "a whole number of bytes >= 0"),
+    "count": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "positive": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
+    "int": (_is_int, "a whole number"),
+    "number": (_is_number, "a finite number"),
+    "ratio": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+    "sample": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and _is_number(v[0]) and _is_int(v[1]),
+               "[seconds, bytes]"),
+    "marker": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and _is_number(v[0])
+               and (v[1] is None or (_is_int(v[1]) and v[1] >= 0)) and isinstance(v[2], str),
+               "[seconds, step or null, phase]"),
+}
+
+# Field -> kind. "K{}" is an object of K, "K[]" a list of K; a kind ending in "?" may be null or
+# absent, one ending in "=" may be absent (the reader's default) but not null.
+_RECORD_FIELDS = {
+    "id": "str", "created": "str", "status": "str", "model_ref": "str=", "model": "object", "setup": "object",
+    "run": "object", "environment": "object=", "estimate": "object?", "measured": "object?", "nvml": "object?",
+    "error": "number?{}=", "tolerance": "ratio?{}=", "failure": "object?", "snapshot": "str?", "notes": "str[]=",
+}
+_MODEL_FIELDS = {"id": "str", "config": "object"}
+_SETUP_FIELDS = {   # what compare shows of a setup; TrainSetup checks the rest when it re-estimates
+    "method": "str", "batch": "positive", "seq": "positive", "optimizer": "str", "quant": "str?",
+    "double_quant": "bool?", "grad_ckpt": "bool=", "reentrant": "bool?", "attn": "str=", "grad_accum": "positive=",
+    "recipe": "str?", "targets": "str[]=",
+}
+_RUN_FIELDS = {
+    "device": "str=", "steps": "count=", "warmup": "count=", "random_weights": "bool=", "random_weights_build": "int=",
+    "memory_limit_bytes": "bytes?", "alloc_conf": "str?", "timeout_s": "number?",
+}
+_ENVIRONMENT_FIELDS = {"gpu": "str?", "gpu_memory_bytes": "bytes?", "env": "object?"}
+_ESTIMATE_FIELDS = {
+    "gpu": "object?", "peak_allocated_bytes": "bytes?", "device_total_bytes": "bytes?", "peak_reserved_bytes": "bytes?",
+    "components": "bytes{}?", "device_components": "int?{}?", "phase_peaks": "bytes{}?", "peak_phase": "str?",
+    "paged_optimizer_bytes": "bytes?", "fits": "bool?", "alloc_conf": "str?",
+}
+_GPU_FIELDS = {"name": "str", "memory_bytes": "positive", "arch": "str?", "source": "str="}
+_MEASURED_FIELDS = {
+    "counter": "str", "peak_allocated_bytes": "bytes?", "peak_reserved_bytes": "bytes?", "peak_phase": "str?",
+    "peak_step": "count?", "run_peak_allocated_bytes": "bytes", "run_peak_reserved_bytes": "bytes?",
+    "phase_peaks": "bytes{}", "inventory": "bytes{}", "components_at_peak": "bytes{}?",
+    "paged_optimizer_bytes": "bytes",
+    "phases": "object[]=", "losses": "number?[]=", "allocator_stats": "count{}?",
+}
+_PHASE_FIELDS = {
+    "phase": "str", "step": "count?", "warmup": "bool", "allocated_start": "bytes", "allocated_end": "bytes",
+    "peak_allocated": "bytes", "reserved_end": "bytes?", "peak_reserved": "bytes?", "t_start": "number=",
+    "seconds": "number=",
+}
+_NVML_FIELDS = {
+    "available": "bool", "reason": "str?", "device_index": "count?", "target_hz": "number?", "rate_hz": "number?",
+    "samples": "count=", "query_seconds_mean": "number?", "overhead_fraction": "number?",
+    "baseline_used_bytes": "bytes?", "context_bytes": "bytes?", "context_end_bytes": "bytes?",
+    "peak_used_bytes": "bytes?", "run_peak_used_bytes": "bytes?", "trace": "sample[]=", "markers": "marker[]=",
+}
+_FAILURE_FIELDS = {
+    "kind": "str", "message": "str", "step": "count?", "phase": "str?", "last_allocated_bytes": "bytes?",
+    "last_peak_allocated_bytes": "bytes?", "last_reserved_bytes": "bytes?", "last_nvml_used_bytes": "bytes?",
+    "exit_code": "int?",
+}
+
+
+def check_record(d) -> None:
+    """Raise unless `d` is a record of this schema version with every field of the right type."""
+    schema = d.get("schema") if isinstance(d, dict) else None
+    if not isinstance(schema, str) or not schema.startswith("vramplan.profile/"):
+        raise NotARecord(f"not a vramplan profile record (no 'schema': '{SCHEMA}')",
+                         hint="records are written by `vramplan profile`")
+    if schema != SCHEMA:
+        version = schema.split("/", 1)[1]
+        newer = version.isdigit() and int(version) > int(SCHEMA.rsplit("/", 1)[1])
+        raise VramplanError(f"record schema {schema} is {'newer than' if newer else 'not'} the one this vramplan "
+                            f"reads ({SCHEMA})",
+                            hint="upgrade vramplan (pip install -U vramplan) to read it" if newer
+                            else "records are written by `vramplan profile`")
+    _no_nan(d)
+    _check(d, "", _RECORD_FIELDS)
+    if d["status"] not in STATUSES:
+        _malformed(f"unknown status {_show(d['status'])} (one of {', '.join(STATUSES)})")
+    for key, spec in (("model", _MODEL_FIELDS), ("setup", _SETUP_FIELDS), ("run", _RUN_FIELDS),
+                      ("environment", _ENVIRONMENT_FIELDS), ("estimate", _ESTIMATE_FIELDS),
+                      ("measured", _MEASURED_FIELDS), ("nvml", _NVML_FIELDS), ("failure", _FAILURE_FIELDS)):
+        if d.get(key) is not None:
+            _check(d[key], f"{key}.", spec)
+    if (d.get("estimate") or {}).get("gpu") is not None:
+        _check(d["estimate"]["gpu"], "estimate.gpu.", _GPU_FIELDS)
+    for i, phase in enumerate((d.get("measured") or {}).get("phases", ())):
+        _check(phase, f"measured.phases[{i}].", _PHASE_FIELDS)
+    if d["status"] == "ok" and (d.get("measured") is None or d["measured"].get("peak_allocated_bytes") is None):
+        _malformed("an ok record has no measured.peak_allocated_bytes")
+
+
+def _check(d: dict, where: str, spec: dict) -> None:
+    for key, kind in spec.items():
+        if key not in d:
+            if not kind.endswith(("?", "=")):
+                _malformed(f"{where}{key} is missing")
+            continue
+        _check_value(d[key], kind.removesuffix("="), f"{where}{key}")
+
+
+def _check_value(v, kind: str, where: str) -> None:
+    if kind.endswith("?"):
+        if v is None:
+            return
+        kind = kind[:-1]
+    if kind.endswith("{}"):
+        if not isinstance(v, dict):
+            _malformed(f"{where} must be an object, got {_show(v)}")
+        for k, x in v.items():
+            _check_value(x, kind[:-2], f"{where}.{k}")
+    elif kind.endswith("[]"):
+        if not isinstance(v, (list, tuple)):
+            _malformed(f"{where} must be a list, got {_show(v)}")
+        for i, x in enumerate(v):
+            _check_value(x, kind[:-2], f"{where}[{i}]")
+    else:
+        test, what = _KINDS[kind]
+        if not test(v):
+            _malformed(f"{where} must be {what}, got {_show(v)}")
+
+
+def _no_nan(d: dict) -> None:
+    """Python's json reads NaN and Infinity, which are no JSON numbers: a record holding one
+    would make `compare --json` print invalid JSON."""
+    stack = [("", d)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            _malformed(f"{where} is {json.dumps(v)} (NaN and Infinity are no JSON numbers)")
+        elif isinstance(v, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), x) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
+
+
+def _show(v) -> str:
+    text = json.dumps(v) if isinstance(v, (str, int, float, bool, type(None))) else \
+        ("an object" if isinstance(v, dict) else "a list" if isinstance(v, (list, tuple)) else type(v).__name__)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _malformed(what: str):
+    raise VramplanError(f"malformed profile record: {what}", hint=_HINT)
 
 
 def _known(cls, d: dict) -> dict:
@@ -283,6 +451,7 @@ def estimate_dict(est) -> dict:
 # A tiny helper used by renderers: component order and the rows compare shows.
 STATIC = ("weights", "quant_constants", "adapters", "optimizer_state")
 TRANSIENT = ("activations", "logits_loss", "temporaries")
-__all__ = ["SCHEMA", "STATUSES", "Record", "Measured", "PhaseStats", "NvmlTrace", "Failure", "relative_error",
+__all__ = ["SCHEMA", "STATUSES", "Record", "NotARecord", "check_record",
+           "Measured", "PhaseStats", "NvmlTrace", "Failure", "relative_error",
            "tolerance_for", "errors_for", "tolerances_for", "setup_from_record", "spec_from_record",
            "model_dict", "estimate_dict", "STATIC", "TRANSIENT"]

@@ -13,6 +13,7 @@ No torch here: the parent stays up whatever happens to CUDA in the child. Outcom
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from vramplan.profile._record import (
     errors_for, estimate_dict, Failure, Measured, MIN_TOLERANCE, model_dict, NvmlTrace, PhaseStats, Record,
     relative_error, tolerances_for,
 )
-from vramplan.profile._store import atomic_move, record_id, unique_path, write_record
+from vramplan.profile._store import atomic_move, check_out_folder, record_id, unique_path, write_record
 from vramplan.core._gpus import Gpu, resolve_gpu
 from vramplan.core._models import resolve
 from vramplan.core._setup import TrainSetup
@@ -240,6 +241,8 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
     index = int(options.device.split(":")[1]) if ":" in options.device else 0
     limit_gpu = resolve_gpu(options.memory_limit_bytes) if options.memory_limit_bytes else None
     pre = estimate(spec, setup, gpu=limit_gpu, alloc_conf=options.alloc_conf)   # validates targets etc. before any child starts
+    if out is not None:
+        check_out_folder(out)
 
     sampler, nvml_reason, nvml_dev = None, None, None
     if cuda:
@@ -485,7 +488,9 @@ def _measured(state: _State, options: ProfileOptions) -> Measured | None:
         run_peak_reserved_bytes=max(all_reserved) if all_reserved else None,
         phase_peaks=phase_peaks, inventory=inventory, components_at_peak=result.get("components_at_peak"),
         paged_optimizer_bytes=int(result.get("paged_optimizer_bytes") or 0), phases=tuple(state.phases),
-        losses=tuple(round(x, 5) for x in result.get("losses", ())), allocator_stats=result.get("allocator_stats"))
+        # a diverged loss is kept as None: JSON has no NaN, and a record must stay readable JSON
+        losses=tuple(round(x, 5) if math.isfinite(x) else None for x in result.get("losses", ())),
+        allocator_stats=result.get("allocator_stats"))
 
 
 def _nvml_trace(state: _State, sampler, reason, options: ProfileOptions, t0: float, index: int) -> NvmlTrace:

@@ -8,14 +8,16 @@ when it is older than an hour.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
 from vramplan.core._errors import UsageError, VramplanError
-from vramplan.profile._record import Record
+from vramplan.profile._record import NotARecord, Record
 
 SUFFIX = ".json"
 TMP_PREFIX = ".tmp-"
@@ -80,6 +82,30 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def probe_folder(folder: str | os.PathLike) -> None:
+    """Raise OSError unless a file can be written in `folder` (made if missing), leaving nothing
+    behind: a long run checks where its result goes before it starts, not after."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():   # mkdir would say "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    made = []   # the folders this probe creates, deepest first, removed after it
+    p = folder
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    finally:
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
 def unique_path(folder: Path, stem: str, suffix: str = SUFFIX) -> Path:
     path = folder / f"{stem}{suffix}"
     n = 2
@@ -89,10 +115,27 @@ def unique_path(folder: Path, stem: str, suffix: str = SUFFIX) -> Path:
     return path
 
 
-def write_record(record: Record, folder: str | os.PathLike) -> Path:
+def check_out_folder(folder: str | os.PathLike) -> None:
+    """Raise unless records can be written in `folder` (made if missing), leaving nothing behind:
+    `vramplan profile` checks its --out before the run, so that a bad path does not cost the
+    measurement (write_record checks again when it writes)."""
     folder = Path(folder)
+    _refuse_a_file(folder)
+    try:
+        probe_folder(folder)
+    except OSError as exc:
+        raise VramplanError(f"cannot write records to {folder}: {exc.strerror or exc}",
+                            hint="pick another --out folder") from None
+
+
+def _refuse_a_file(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder} is a file, not a folder", hint="give the folder records go to, e.g. profiles/")
+
+
+def write_record(record: Record, folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    _refuse_a_file(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -123,32 +166,61 @@ def record_files(path: str | os.PathLike) -> list[Path]:
         return [p]
     if p.is_dir():
         return sorted(f for f in p.rglob(f"*{SUFFIX}")
-                      if not any(part.startswith(".") for part in f.relative_to(p).parts))
+                      if not any(part.startswith(".") for part in f.relative_to(p).parts) and f.is_file())
     raise UsageError(f"no such file or folder: {path}", hint="give a record file or a folder of records, e.g. profiles/")
 
 
 def read_record(path: Path) -> Record:
+    """The record in the file `path`; any reason it cannot be read is one VramplanError naming the file."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VramplanError(f"cannot read record {path}: {exc}", hint="is it a vramplan profile record?") from None
-    try:
-        return Record.from_dict(data)
+        return _read(path)
     except VramplanError as exc:
-        raise VramplanError(f"{path}: {exc.message}", hint=exc.hint) from None
+        raise _naming(path, exc) from None
 
 
-def read_records(path: str | os.PathLike, strict: bool = False) -> list[tuple[Path, Record]]:
-    """(path, record) for each record under `path`. In a folder, JSON files that are not records
-    are skipped unless strict; a file given by name must be a record."""
+def _read(path: Path) -> Record:
+    # the errors here do not name the file: read_record and read_records' on_skip add it
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise VramplanError(exc.strerror or str(exc), hint="is it a vramplan profile record?") from None
+    except UnicodeDecodeError:
+        raise VramplanError("not UTF-8 text", hint="is it a vramplan profile record?") from None
+    except json.JSONDecodeError as exc:
+        raise VramplanError(f"not valid JSON ({exc})", hint="is it a whole vramplan profile record?") from None
+    except RecursionError:
+        raise VramplanError("nested too deeply to be a record", hint="is it a vramplan profile record?") from None
+    return Record.from_dict(data)
+
+
+def _naming(path: Path, exc: VramplanError) -> VramplanError:
+    return type(exc)(f"cannot read record {path}: {exc.message}", hint=exc.hint)
+
+
+def read_records(path: str | os.PathLike, strict: bool = False, on_skip=None) -> list[tuple[Path, Record]]:
+    """(path, record) for each record under `path`. A file given by name must be a readable record.
+    In a folder, JSON files that are no profile record at all (no vramplan schema) are skipped;
+    a file that cannot be read as a record (not JSON, truncated, another schema version,
+    malformed) is skipped too, and on_skip(file, error) is told why, unless strict, which raises
+    on the first file of either sort. No readable record at all is an error."""
     files = record_files(path)
-    out = []
+    strict = strict or Path(path).is_file()
+    out, unreadable = [], []
     for f in files:
         try:
-            out.append((f, read_record(f)))
-        except VramplanError:
-            if strict or Path(path).is_file():
-                raise
+            out.append((f, _read(f)))
+        except VramplanError as exc:
+            if strict:
+                raise _naming(f, exc) from None
+            if not isinstance(exc, NotARecord):   # another kind of JSON file next to the records: no news
+                unreadable.append((f, exc))
+    if not out and unreadable:
+        f, exc = unreadable[0]
+        more = f" (and {len(unreadable) - 1} more unreadable)" if len(unreadable) > 1 else ""
+        raise VramplanError(f"no readable profile records in {path}: {f}: {exc.message}{more}", hint=exc.hint)
     if not out:
         raise VramplanError(f"no profile records in {path}", hint="write some with `vramplan profile ... --out DIR`")
+    if on_skip is not None:
+        for f, exc in unreadable:
+            on_skip(f, exc)
     return out

@@ -72,7 +72,8 @@ def detail_table(c: Comparison) -> Table:
     table.add_section()
     table.add_row("peak allocated", amount(c.predicted_allocated, f), amount(c.measured_allocated, f),
                   _diff(c.predicted_allocated, c.measured_allocated, f), pct(c.error_allocated),
-                  mark(f"peak allocated: predicted in {c.predicted_peak_phase}, measured in {c.measured_peak_phase}"),
+                  mark(f"peak allocated: predicted in {c.predicted_peak_phase}"
+                       + (f", measured in {c.measured_peak_phase}" if c.measured_peak_phase else "")),
                   style="bold")
     for r in c.rows:
         if r.component in device_rows:
@@ -95,13 +96,19 @@ def summary_table(comparisons: list[Comparison]) -> Table:
     overhead are in the detail table."""
     current = bool(comparisons) and comparisons[0].prediction == "current"
     unit, f = unit_for([c.predicted_allocated for c in comparisons] + [c.measured_allocated for c in comparisons])
+    runit, rf = unit_for([c.predicted_reserved for c in comparisons] + [c.measured_reserved for c in comparisons])
     dunit, df = unit_for([c.predicted_device_total for c in comparisons] + [c.measured_device_total for c in comparisons])
     table = Table(title="Predicted vs measured peak memory "
                         f"({'current estimator' if current else 'recorded prediction'})", title_justify="left",
-                  caption="memory cells: predicted / measured (device total: NVML) / error", caption_justify="left")
-    for col, just in (("model / setup / device", "left"), ("status", "left"), (f"allocated\n{unit}", "right"),
-                      (f"device total\n{dunit}", "right"), ("check", "left")):
-        table.add_column(col, justify=just, no_wrap=col in ("check",) or col.startswith(("allocated", "device")))
+                  caption="memory cells: predicted / measured / error (alloc / reserved: "
+                          "torch.cuda.max_memory_allocated / max_memory_reserved; device total: NVML)",
+                  caption_justify="left")
+    # "alloc", as the Markdown table says: the columns stay narrow enough at 80 that a setup such as
+    # "qlora-nf4+dq b1 s2048 gc adamw" is not wrapped
+    for col, just in (("model / setup / device", "left"), ("status", "left"), (f"alloc\n{unit}", "right"),
+                      (f"reserved\n{runit}", "right"), (f"device\ntotal\n{dunit}", "right"), ("check", "left")):
+        table.add_column(col, justify=just,
+                         no_wrap=col in ("check",) or col.startswith(("alloc", "reserved", "device")))
     for c in comparisons:
         ok = c.within_tolerance
         verdict = "—" if ok is None else ("[green]ok[/green]" if ok else "[red]EXCEEDED[/red]")
@@ -110,6 +117,7 @@ def summary_table(comparisons: list[Comparison]) -> Table:
         measured = c.measured_allocated if c.status == "ok" else None
         table.add_row(f"{c.model.rsplit('/', 1)[-1]}\n{setup_text(c.setup)}\n{c.gpu or c.device}", status,
                       f"{amount(c.predicted_allocated, f)}\n{amount(measured, f)}\n{pct(err_alloc)}",
+                      f"{amount(c.predicted_reserved, rf)}\n{amount(c.measured_reserved, rf)}\n{pct(c.error_reserved)}",
                       f"{amount(c.predicted_device_total, df)}\n{amount(c.measured_device_total, df)}\n"
                       f"{pct(c.error_device_total)}", verdict)
         if c is not comparisons[-1]:
