@@ -41,3 +41,39 @@ def test_targets_parse_from_text():
 def test_to_dict_hides_quant_flags_without_quantization():
     assert TrainSetup(method="lora").to_dict()["quant"] is None
     assert TrainSetup().to_dict()["quant"] == "nf4"
+
+
+@pytest.mark.parametrize("flags, message", [
+    # "false" is truthy: taken as given it would silently turn checkpointing on
+    (dict(grad_ckpt="false"), "grad_ckpt must be true or false, got 'false'"),
+    (dict(double_quant="no"), "double_quant must be true or false, got 'no'"),
+    (dict(prepare_kbit="yes"), "prepare_kbit must be true or false, got 'yes'"),
+    (dict(lora_dropout="0.1"), "--lora-dropout must be a number in [0, 1), got '0.1'"),
+    (dict(lora_dropout=None), "--lora-dropout must be a number in [0, 1), got None"),
+    (dict(targets=123), "--targets must be module names, got 123"),
+    (dict(targets=["all-linear", "q_proj"]), "--targets all-linear cannot be combined with module names"),
+    (dict(targets=("all-linear", "q_proj")), "--targets all-linear cannot be combined with module names"),
+])
+def test_library_values_of_the_wrong_type_are_refused(flags, message):
+    with pytest.raises(UsageError) as exc:
+        TrainSetup(**flags)
+    assert exc.value.message == message
+
+
+def test_a_list_of_targets_is_a_tuple():
+    assert TrainSetup(targets=["q_proj", "v_proj"]).targets == ("q_proj", "v_proj")
+
+
+def test_library_calls_check_what_they_are_given():
+    from vramplan import estimate, replay_allocations
+    from vramplan.core._gpus import resolve_gpu
+
+    with pytest.raises(UsageError, match="setup must be a TrainSetup, got str"):
+        estimate("llama-2-7b", "x")
+    with pytest.raises(UsageError, match=r"GPU size 24 bytes is not a plausible GPU memory size \(hint: a number is "
+                                         r"bytes"):
+        estimate("llama-2-7b", gpu=24)
+    assert resolve_gpu(24e9) == resolve_gpu(24_000_000_000)
+    for events in (None, [1, 2], [("alloc", ["key"], 512)]):
+        with pytest.raises(UsageError, match=r"events must be an iterable of \('alloc', key, nbytes"):
+            replay_allocations(events)

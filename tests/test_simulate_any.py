@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from vramplan.cli import main  # noqa: E402
 from vramplan.core._architectures import ARCHITECTURES  # noqa: E402
-from vramplan.core._errors import ModelError  # noqa: E402
+from vramplan.core._errors import ModelError, UsageError  # noqa: E402
 from vramplan.core._setup import TrainSetup  # noqa: E402
 from vramplan.estimate._quant import alloc  # noqa: E402
 
@@ -95,6 +95,35 @@ def test_qlora_quantizes_gpt2_conv1d_as_transformers_does(tmp_path, capsys):
     dense += 2 * sum(alloc(n * 2) for n in (64, 64, 64, 64, 192, 64, 256, 64))
     dense += 2 * alloc(64 * 2)
     assert data["components"]["weights"] == packed + dense
+
+
+def test_a_config_the_estimate_does_not_model_is_simulated_as_its_hint_says(tmp_path, capsys):
+    """Qwen3-MoE with dense MLP layers among the MoE ones: the estimate refuses it and points at
+    simulate, which builds it with transformers and says why no estimate stands beside it."""
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(num_hidden_layers=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                            num_experts_per_tok=2, mlp_only_layers=[0], **SHAPES)
+    path = write_config(tmp_path, "qwen3_moe", config)
+    code, _out, err = cli(capsys, "estimate", path)
+    assert code == 1 and "are not modelled (hint: `vramplan simulate` traces this model)" in err
+    code, out, err = cli(capsys, "simulate", path, "--method", "lora", "--seq", "32", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["estimate"] is None and data["peak_allocated_bytes"] > 0
+    assert data["estimate_skipped"].startswith("the analytic model does not model this config (config for ")
+    assert "dense MLP layers among the MoE layers (mlp_only_layers [0]" in data["estimate_skipped"]
+
+
+def test_library_simulate_takes_estimates_keywords():
+    from vramplan import estimate
+    from vramplan.simulate import simulate
+
+    trace = simulate("tests/configs/llama-gqa.json", batch=2, seq=32, method="lora")
+    est = estimate("tests/configs/llama-gqa.json", batch=2, seq=32, method="lora")
+    assert trace.setup == est.setup.to_dict()
+    with pytest.raises(UsageError, match="simulate takes a model name, a config path or a ModelSpec"):
+        simulate(None)
 
 
 def test_registry_free_weights_are_transformers_parameters(tmp_path):

@@ -181,6 +181,16 @@ def test_gpu_gives_the_verdict_estimate_gives_on_the_simulated_step(capsys, mode
     assert code == 0 and "Simulated: FITS on 1GB (0.93 GiB): " in out
 
 
+def test_simulate_says_the_estimates_warnings_and_no_rank_for_full(capsys, model_dir):
+    path = model_dir(max_position_embeddings=16)
+    code, out, err = simulate(capsys, path, *TINY, "--json")
+    assert code == 0, err
+    assert json.loads(out)["warnings"][0].startswith("seq 32 is longer than the model's context (max_position_embeddings 16")
+    code, out, err = simulate(capsys, path, "--seq", "32", "--method", "full")
+    assert code == 0 and "WARNING: seq 32 is longer than the model's context" in " ".join(out.split())
+    assert f"{path} — full, batch 1 x seq 32, adamw" in " ".join(out.split())
+
+
 def test_gemma2_with_sdpa_is_refused_with_the_eager_hint(capsys, model_dir):
     # transformers 5 refuses sdpa for Gemma-2 (build.py); the estimate may refuse it first
     code, out, err = simulate(capsys, model_dir("gemma2"), *TINY, "--attn", "sdpa")

@@ -69,6 +69,9 @@ def estimate_skipped(spec) -> str | None:
     """Why no estimate stands beside the simulation, or None when one does."""
     if getattr(spec, "analytic", True):
         return None
+    if getattr(spec, "unmodelled", ""):
+        return (f"the analytic model does not model this config ({spec.unmodelled}); the simulation ran the "
+                "model transformers builds from its config")
     from vramplan.core._architectures import supported
     return (f"the analytic model does not know model_type {spec.model_type!r} (it knows {supported()}); "
             "the simulation ran the model transformers builds from its config")
@@ -143,7 +146,8 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
     console = console or Console()
     s = trace.setup
     quant = f" {s['quant']}{'+dq' if s.get('double_quant') and s['quant'] != 'int8' else ''}" if s["quant"] else ""
-    console.print(f"{trace.model} — {s['method']}{quant}, r={s['rank']}, batch {s['batch']} x seq {s['seq']}, "
+    rank = "" if s["method"] == "full" else f"r={s['rank']}, "      # full fine-tuning has no adapters
+    console.print(f"{trace.model} — {s['method']}{quant}, {rank}batch {s['batch']} x seq {s['seq']}, "
                   f"{s['optimizer']}, {('reentrant checkpointing' if s.get('reentrant') else 'checkpointing') if s['grad_ckpt'] else 'no checkpointing'}, {s['attn']} "
                   f"— simulated on the meta device", style="bold", highlight=False)
     console.print(f"Peak allocated [bold]{_gib(trace.peak_allocated_bytes)} GiB[/bold] "
@@ -203,6 +207,8 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
             gpu=gpu, status=trace.status, device_total_bytes=trace.device_total_bytes,
             headroom_bytes=trace.headroom_bytes, allocator_retries=trace.allocator_retries,
             allocator_oom=trace.allocator_oom, peak_allocated_bytes=trace.peak_allocated_bytes)), highlight=False)
+    for warning in (est.warnings if est is not None else ()):   # the setup's, as estimate says them
+        console.print(f"[bold yellow]WARNING:[/bold yellow] {warning}.", highlight=False)
     how = (f"{trace.layers_traced} of {layers} decoder layers traced, the rest rebuilt"
            if trace.extrapolated else f"all {trace.layers_traced} layers traced")
     attention = ", ".join(f"{v} {k}" for k, v in trace.attention.items() if v)   # calls per backend

@@ -27,6 +27,11 @@ class ModelError(VramplanError):
     """Unknown model, malformed config, or an architecture the analytic model does not know."""
 
 
+class UnmodelledError(ModelError):
+    """A model (or a config setting) the analytic estimate does not model that transformers builds:
+    `vramplan simulate` traces it without the estimate beside it (simulate/_build.py simulation_spec)."""
+
+
 class GpuError(VramplanError):
     """Unknown GPU, or no GPU / NVML where one is required."""
 

@@ -19,7 +19,7 @@ class Gpu:
     name: str
     memory_bytes: int           # what NVML reports as total
     arch: str | None = None     # None for a bare size
-    source: str = "given on the command line"
+    source: str = "a size given by the user"
     compute_capability: str | None = None   # "8.6"; None for a bare size
     sms: int | None = None                  # multiprocessor count
 
@@ -76,9 +76,14 @@ def resolve_gpu(text: str | int | Gpu) -> Gpu:
     """'A100-80GB' -> catalog entry; '48GB' / '24GiB' / 80e9 -> a bare size."""
     if isinstance(text, Gpu):
         return text
+    if isinstance(text, float) and text.is_integer():   # 24e9 from a library caller: bytes, as an int is
+        text = int(text)
     if isinstance(text, int) and not isinstance(text, bool):
         if text <= 0:
             raise UsageError(f"GPU memory must be positive, got {text}", hint="e.g. gpu='48GB'")
+        if text < 256 * MiB or text > 2**50:    # the bounds _bare_size puts on "48GB": gpu=24 means bytes
+            raise UsageError(f"GPU size {text} bytes is not a plausible GPU memory size",
+                             hint="a number is bytes: e.g. gpu=24 * 2**30, or gpu='24GiB'")
         return Gpu(f"{text} bytes", text)
     key = _norm(str(text).strip())
     if key[:1] == "-" and key[1:2].isdigit():     # a negative size ("-4GB"): no catalog name starts so

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vramplan.core._architectures import ARCHITECTURES, Architecture, recurrent_layer_kinds, supported
 from vramplan.core._config_fields import check_field_types, defaults_applied, require_core_fields
-from vramplan.core._errors import ModelError
+from vramplan.core._errors import ModelError, UnmodelledError
 from vramplan.core._record import record
 
 CATALOG_DIR = Path(__file__).parent / "catalog" / "models"
@@ -324,13 +324,13 @@ def _vision_tower(wrapper: dict, text_hidden: int, model_id: str) -> VisionTower
     model_type siglip_vision_model), its defaults filling what the checkpoint omits."""
     vc = wrapper.get("vision_config") or {}
     if not isinstance(vc, dict) or vc.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-        raise ModelError(f"config for {model_id}: vision_config must be a SigLIP vision config "
+        raise UnmodelledError(f"config for {model_id}: vision_config must be a SigLIP vision config "
                          f"(model_type siglip_vision_model)", hint="`vramplan simulate` builds other vision towers")
     cfg = {**SIGLIP_VISION_DEFAULTS, **{k: v for k, v in vc.items() if v is not None}}
     if cfg["vision_use_head"]:
         # SiglipVisionTransformer builds a SiglipMultiheadAttentionPoolingHead with it, which
         # Gemma3Model never calls; the published Gemma 3 configs say false
-        raise ModelError(f"config for {model_id}: vision_use_head true (a SigLIP pooling head) is not modelled",
+        raise UnmodelledError(f"config for {model_id}: vision_use_head true (a SigLIP pooling head) is not modelled",
                          hint="set vision_use_head to false as the Gemma 3 checkpoints do, or use `vramplan simulate`")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_channels", "patch_size", "image_size"):
         value = cfg[key]
@@ -368,7 +368,7 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     if arch is None:
         recurrent = recurrent_layer_kinds(config)
         if recurrent:   # hybrid models: docs/architectures.md#hybrid-linear-attention
-            raise ModelError(f"architecture {model_type!r} ({model_id}) is not modelled by the estimate: its "
+            raise UnmodelledError(f"architecture {model_type!r} ({model_id}) is not modelled by the estimate: its "
                              f"{', '.join(recurrent)} layers run chunked recurrent kernels (flash-linear-attention, "
                              "causal-conv1d, mamba-ssm) whose workspaces the analytic model does not know",
                              hint="`vramplan simulate` traces it (those layers through transformers' torch code); "
@@ -416,7 +416,7 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     if arch.moe and cfg.get("output_router_logits"):
         # MixtralForCausalLM / Qwen3MoeForCausalLM / GraniteMoeForCausalLM add load_balancing_loss_func
         # over every layer's router logits, kept through the forward: not in the layer walk
-        raise ModelError(f"config for {model_id}: output_router_logits (the router load-balancing loss) is "
+        raise UnmodelledError(f"config for {model_id}: output_router_logits (the router load-balancing loss) is "
                          "not modelled", hint="set output_router_logits to false, or use `vramplan simulate`")
     if arch.moe and arch.expert_width_key != "intermediate_size":
         # Qwen3-MoE: an expert is moe_intermediate_size wide; intermediate_size only sizes the dense
@@ -426,7 +426,7 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         dense = cfg.get("mlp_only_layers") or []
         step = cfg.get("decoder_sparse_step", 1)
         if dense or step != 1:
-            raise ModelError(f"config for {model_id}: dense MLP layers among the MoE layers (mlp_only_layers "
+            raise UnmodelledError(f"config for {model_id}: dense MLP layers among the MoE layers (mlp_only_layers "
                              f"{dense}, decoder_sparse_step {step}) are not modelled",
                              hint="`vramplan simulate` traces this model")
 
@@ -660,7 +660,7 @@ def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
     if explicit is not None:
         if (not isinstance(explicit, list) or len(explicit) != layers
                 or any(t not in names for t in explicit)):
-            raise ModelError(f"config for {model_id}: layer_types must list {layers} entries of "
+            raise UnmodelledError(f"config for {model_id}: layer_types must list {layers} entries of "
                              f"{' / '.join(names)}",
                              hint="fix layer_types in config.json, or `vramplan simulate` for other layer kinds")
         types = tuple(explicit)

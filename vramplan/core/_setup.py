@@ -82,10 +82,23 @@ class TrainSetup:
     def __post_init__(self):
         if isinstance(self.targets, str):  # accept "q_proj,v_proj" from callers
             object.__setattr__(self, "targets", parse_targets(self.targets))
+        elif isinstance(self.targets, list):   # a list from a library caller (validate checks its items)
+            object.__setattr__(self, "targets", tuple(self.targets))
         self.validate()
 
     # --- validation: every bad value is a UsageError naming the flag -------------------------
     def validate(self) -> None:
+        # on / off settings must be booleans: "false" is truthy, and would silently mean the opposite
+        for name in ("double_quant", "grad_ckpt", "prepare_kbit", "recast"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}",
+                                 hint=f"pass {name}=True or {name}=False")
+        if not isinstance(self.targets, tuple) or not all(isinstance(t, str) for t in self.targets):
+            raise UsageError(f"--targets must be module names, got {self.targets!r}",
+                             hint="e.g. targets='q_proj,v_proj' or ['q_proj', 'v_proj'], or all-linear")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)):
+            raise UsageError(f"--lora-dropout must be a number in [0, 1), got {self.lora_dropout!r}",
+                             hint="e.g. --lora-dropout 0.05")
         _choice("--method", self.method, METHODS)
         _choice("--quant", self.quant, QUANTS)
         _choice("--dtype", self.dtype, tuple(DTYPES))
@@ -108,6 +121,9 @@ class TrainSetup:
                              hint="use it with --method qlora, or drop it")
         if not self.targets or any(not t for t in self.targets):
             raise UsageError("--targets is empty", hint="use all-linear or e.g. q_proj,v_proj")
+        if ALL_LINEAR in self.targets and len(self.targets) > 1:   # as parse_targets says it of the flag
+            raise UsageError("--targets all-linear cannot be combined with module names",
+                             hint="use all-linear alone or list the modules")
         self._validate_step_flags()
 
     def _validate_step_flags(self) -> None:
@@ -125,7 +141,10 @@ class TrainSetup:
             # QLoRA's float32 hidden states under autocast are --prepare-kbit (docs/recipes.md#limits)
             hint = (f"use --dtype {self.amp}, or --prepare-kbit for float32 hidden states" if self.quantized
                     else f"use --dtype {self.amp} or fp32, or --amp none")
-            raise UsageError(f"--amp {self.amp} is modelled for {self.amp} weights, or fp32 weights with --method "
+            # name the recipe where the autocast is its default, not a flag the user typed
+            amp = f"--amp {self.amp}" + (f" (--recipe {self.recipe}'s)" if self.recipe and
+                                         RECIPES[self.recipe].amp == self.amp else "")
+            raise UsageError(f"{amp} is modelled for {self.amp} weights, or fp32 weights with --method "
                              f"lora / full (got --dtype {self.dtype}, --method {self.method})", hint=hint)
         if self.amp_over_fp32 and self.attn != "sdpa":
             # eager attention over float32 hidden states under autocast (a float32 mask promoting
@@ -267,7 +286,15 @@ def _recast_applies(field) -> bool:
 
 # (field, its value outside the configuration, where it applies): qlora.py's recast, and TRL's bf16
 # cast of a quantized model's LoRA weights
-_CONDITIONAL = (("recast", False, _recast_applies), ("adapter_dtype", "fp32", _bf16_adapters_apply))
+def _prepare_kbit_applies(field) -> bool:
+    """prepare_model_for_kbit_training is modelled for a quantized model (peft/utils/other.py: its
+    float32 casts run `if loaded_in_kbit`); a recipe's default leaves with --method lora / full."""
+    return field("method") == "qlora"
+
+
+# in order: the recast and the bf16 adapters read prepare_kbit
+_CONDITIONAL = (("prepare_kbit", False, _prepare_kbit_applies), ("recast", False, _recast_applies),
+                ("adapter_dtype", "fp32", _bf16_adapters_apply))
 
 
 # --- contradictory flags: a setting the chosen method does not use -------------------------------
@@ -310,6 +337,20 @@ def check_given(setup: TrainSetup, given: Iterable[str]) -> None:
 
 def _shown(value) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def library_setup(setup: TrainSetup | None, flags: dict, dtype: str, attn: str) -> TrainSetup:
+    """The setup a library call (estimate, plan, simulate) runs: `setup`, or TrainSetup with the
+    caller's keyword flags (apply_flags) and, where no setup is given, the defaults the CLI gives
+    too: `dtype` (the GPU's: bf16 where it has it, cuda/_arch.py default_dtype) unless a dtype flag
+    or a recipe names one, and `attn` (the model's: what from_pretrained picks) unless given."""
+    if setup is not None and not isinstance(setup, TrainSetup):
+        raise UsageError(f"setup must be a TrainSetup, got {type(setup).__name__}",
+                         hint="pass TrainSetup(...), or the fields as keywords (batch=4, seq=2048, ...)")
+    if setup is None:
+        defaults = {"dtype": dtype} if flags.get("recipe") is None else {}
+        flags = {**defaults, "attn": attn, **flags}
+    return apply_flags(setup, flags)
 
 
 def apply_flags(setup: TrainSetup | None, flags: dict) -> TrainSetup:

@@ -58,14 +58,20 @@ def replay_allocations(events: Iterable[tuple], alloc_conf: AllocConf | str | No
                        segment_base: SegmentBase | None = None) -> AllocatorReplay:
     """Replay ("alloc", key, nbytes[, stream]) / ("free", key) / ("empty_cache",) events through a
     fresh CachingAllocator (optionally started from `initial_segments`, whose allocated blocks are
-    freed by their `id`). Zero-byte allocations never reach the allocator."""
+    freed by their `id`). Zero-byte allocations never reach the allocator. Events that are not
+    such tuples (None, a bare number, an unhashable key) are a UsageError."""
     conf = as_conf(alloc_conf)
-    if initial_segments is None and segment_base is None and memory_limit is None and plain(conf):
-        return _replay_plain(events, conf, CachingAllocator(conf, capacity=capacity).capacity)
-    allocator = CachingAllocator(conf, capacity=capacity, memory_limit=memory_limit,
-                                 segment_base=segment_base)
-    live = allocator.load_segments(initial_segments) if initial_segments else {}
-    return run_replay(allocator, events, live)
+    try:
+        if initial_segments is None and segment_base is None and memory_limit is None and plain(conf):
+            return _replay_plain(events, conf, CachingAllocator(conf, capacity=capacity).capacity)
+        allocator = CachingAllocator(conf, capacity=capacity, memory_limit=memory_limit,
+                                     segment_base=segment_base)
+        live = allocator.load_segments(initial_segments) if initial_segments else {}
+        return run_replay(allocator, events, live)
+    except (TypeError, IndexError) as exc:     # checked here, not per event: the loop stays fast
+        raise UsageError(f"events must be an iterable of ('alloc', key, nbytes[, stream]), ('free', key) and "
+                         f"('empty_cache',) tuples with hashable keys ({exc})",
+                         hint="e.g. [('alloc', 'a', 4096), ('free', 'a')]") from None
 
 
 def plain(conf: AllocConf) -> bool:

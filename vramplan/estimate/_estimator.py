@@ -34,7 +34,7 @@ from vramplan.estimate._inventory import (Static, adapted_linears, embedding_byt
                                          experts_adapted, experts_quantized, static_memory)
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.estimate._quant import alloc
-from vramplan.core._setup import TrainSetup, apply_flags
+from vramplan.core._setup import TrainSetup, library_setup
 from vramplan.core._units import MiB, format_bytes
 
 C = Component
@@ -166,11 +166,7 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     gpu_obj = resolve_gpu(gpu) if gpu is not None else None
     cuda_arch = target_arch(gpu_obj, arch)
-    if setup is None and "dtype" not in flags and flags.get("recipe") is None:   # a recipe names its dtype
-        flags["dtype"] = default_dtype(cuda_arch)
-    if setup is None and "attn" not in flags:
-        flags["attn"] = spec.arch.default_attention
-    setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
+    setup = library_setup(setup, flags, default_dtype(cuda_arch), spec.arch.default_attention)
     check_dtype(cuda_arch, setup.dtype)
     if setup.attn not in spec.arch.attention:
         raise ModelError(f"{spec.id} ({spec.model_type}) cannot train with attn={setup.attn!r} in transformers 5",

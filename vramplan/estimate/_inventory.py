@@ -342,8 +342,10 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     wb, eb, ab = weight_bytes(setup), embedding_bytes(setup), adapter_bytes(setup)
     refuse_fused_head(spec, setup)
     if setup.recast and spec.num_experts:
-        raise UsageError("--recast is modelled for dense models (qlora.py predates fused MoE experts)",
-                         hint="drop --recast, or use --recipe trainer")
+        # the recast comes with --recipe qlora-paper or --recast: the hint turns it off either way
+        source = "--recipe qlora-paper's recast" if setup.recipe == "qlora-paper" else "--recast"
+        raise UsageError(f"{source} is modelled for dense models (qlora.py predates fused MoE experts)",
+                         hint="add --no-recast, or use --recipe trainer")
     if setup.accumulates and spec.tied and setup.method == "full":
         # the tied weight's two gradients meet in its AccumulateGrad input buffer before they are
         # added into .grad (estimate/_ops.py tied_embedding_grad): not modelled across micro-steps

@@ -58,7 +58,7 @@ from vramplan.cuda._arch import default_dtype, target_arch
 from vramplan.estimate._inventory import static_memory
 from vramplan.estimate._reserved import conf_of
 from vramplan.core._models import ModelSpec, resolve
-from vramplan.core._setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags
+from vramplan.core._setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags, library_setup
 from vramplan.plan._sharding import (Parallel, ShardedEstimate, accumulation_modelled, base_estimate, distribute,
                                     effective_setup, parallel_of, per_gpu, replays_own_stream, smallest_per_gpu,
                                     splits_for)
@@ -472,12 +472,10 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     spec = model if isinstance(model, ModelSpec) else resolve(model)
     survey = isinstance(gpu, str) and gpu.strip().lower() == "all"
     dtype_defaulted = setup is None and "dtype" not in flags and flags.get("recipe") is None   # a recipe names its dtype
-    if dtype_defaulted and isinstance(gpu, (str, int, Gpu)) and not survey:
-        # as estimate(): bf16 where the planned GPU has it, else fp16 (cuda/_arch.py default_dtype)
-        flags["dtype"] = default_dtype(target_arch(resolve_gpu(gpu), None))
-    if setup is None and "attn" not in flags:
-        flags["attn"] = spec.arch.default_attention   # as estimate()
-    setup = apply_flags(setup, flags)  # flags the caller gave must apply to the method
+    # as estimate(): bf16 where the planned GPU has it, else fp16 (cuda/_arch.py default_dtype)
+    single = isinstance(gpu, (str, int, Gpu)) and not survey
+    dtype = default_dtype(target_arch(resolve_gpu(gpu), None)) if single else TrainSetup.dtype
+    setup = library_setup(setup, flags, dtype, spec.arch.default_attention)
     par = parallel_of(gpus, strategy, offload, parallel)
     checked_tight(tight)
     checked_workers(workers)
@@ -487,7 +485,8 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
     if survey:
         if card_setup is None:
             # as plan() resolves one card below: its own default dtype where none was given
-            card_setup = ((lambda g: apply_flags(None, {**flags, "dtype": default_dtype(target_arch(g, None))}))
+            card_setup = ((lambda g: apply_flags(None, {**flags, "attn": setup.attn,
+                                                        "dtype": default_dtype(target_arch(g, None))}))
                           if dtype_defaulted else (lambda g: setup))
         return _survey(spec, setup, card_setup, par, tight, notes, alloc_conf, workers)
     g = resolve_gpu(gpu)

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 
-from vramplan.core._errors import ModelError, SimulationError
+from vramplan.core._errors import ModelError, SimulationError, UnmodelledError
 from vramplan.core._record import record
 from vramplan.core._setup import ALL_LINEAR, TrainSetup
 
@@ -57,7 +58,8 @@ class ConfigSpec:
     vocab: int = 0
     num_experts: int = 0
     experts_per_tok: int = 0
-    analytic = False          # no estimate beside it: the analytic model lacks this type
+    unmodelled: str = ""      # why the analytic model, which knows the type, does not model this config
+    analytic = False          # no estimate beside it: the analytic model lacks this type or setting
 
     def to_dict(self) -> dict:
         """The `model` object of the JSON (core.models.ModelSpec.to_dict's keys this spec knows)."""
@@ -93,7 +95,10 @@ def simulation_spec(name: str):
 
     config, model_id, source = resolve_config(name)
     if isinstance(config, dict) and config.get("model_type") in ARCHITECTURES:
-        return resolve(name)
+        try:
+            return resolve(name)
+        except UnmodelledError as exc:   # a setting the estimate does not model: transformers builds it
+            return dataclasses.replace(config_spec(config, model_id, source), unmodelled=exc.message)
     return config_spec(config, model_id, source)
 
 

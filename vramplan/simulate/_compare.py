@@ -64,6 +64,7 @@ def to_dict(trace, est, skipped: str | None = None) -> dict:
         d["model"] = est.model.to_dict()  # the model object every command's JSON shares (ModelSpec.to_dict)
     d["estimate"] = estimate_block(est) if est is not None else None
     d["difference"] = difference(trace, est) if est is not None else None
+    d["warnings"] = list(est.warnings) if est is not None else []   # the setup's, as estimate gives them
     if est is None:
         d["estimate_skipped"] = skipped or "no estimate"
     return d

@@ -6,16 +6,16 @@ import time
 
 from vramplan.core._errors import UsageError
 from vramplan.core._gpus import resolve_gpu
-from vramplan.cuda._arch import check_dtype, target_arch
-from vramplan.core._setup import TrainSetup
+from vramplan.cuda._arch import check_dtype, default_dtype, target_arch
+from vramplan.core._setup import TrainSetup, library_setup
 from vramplan.simulate import _shortcut as shortcut
 from vramplan.simulate._build import refuse_4bit_experts, simulation_spec
 from vramplan.simulate._step import Progress, Simulation, Trace, collector_paused, require_packages
 
 
-def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
+def simulate(spec, setup: TrainSetup | None = None, device: str = "meta", exact: bool = False,
         progress: Progress | None = None, *, gpu=None, arch=None,
-        alloc_conf=None) -> Trace:
+        alloc_conf=None, **flags) -> Trace:
     """Simulate one steady-state training step of `spec` under `setup` on `device`. `spec` is a
     core.models.ModelSpec, a build.ConfigSpec (a type only transformers knows), or a model name.
 
@@ -35,12 +35,18 @@ def simulate(spec, setup: TrainSetup, device: str = "meta", exact: bool = False,
     (_step.collector_paused)."""
     if isinstance(spec, str):      # a model name: the registry's spec, or one transformers builds
         spec = simulation_spec(spec)
+    elif not hasattr(spec, "model_type"):
+        raise UsageError(f"simulate takes a model name, a config path or a ModelSpec, got {type(spec).__name__}",
+                         hint="e.g. simulate('meta-llama/Llama-2-7b-hf', batch=4)")
     if device not in ("meta", "cpu"):
         raise UsageError(f"simulate runs on 'meta' (or 'cpu' for small real runs), not {device!r}",
                          hint="use `vramplan profile` to measure on a GPU")
-    refuse_4bit_experts(spec, setup)
     gpu = resolve_gpu(gpu) if gpu is not None else None
     cuda_arch = target_arch(gpu, arch)
+    # the keywords and defaults estimate() takes (its dtype for the GPU, the model's attention)
+    default_attn = getattr(getattr(spec, "arch", None), "default_attention", "sdpa")
+    setup = library_setup(setup, flags, default_dtype(cuda_arch), default_attn)
+    refuse_4bit_experts(spec, setup)
     check_dtype(cuda_arch, setup.dtype)
     with collector_paused():
         return _run(spec, setup, device, exact, progress, cuda_arch, alloc_conf, gpu)
