@@ -512,7 +512,7 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
             changes = changes[:MAX_CHANGES]
         minimum = _minimum(spec, setup, par, g, tight, ev, with_changes=not changes, workers=workers)
     from vramplan.plan._recipe_changes import ranked_recipe_changes
-    recipe = ranked_recipe_changes(spec, setup) if recommend else ()
+    recipe = ranked_recipe_changes(spec, setup, gpu=g) if recommend else ()   # that card's kernels
     return Plan(model=spec, setup=setup, parallel=par, gpu=g, estimate=est, status=status, tight=tight,
                 max_batch=max_batch, max_seq=max_seq, grid=grid, changes=changes, minimum=minimum,
                 notes=tuple(notes), evaluations=ev.calls, recipe_changes=recipe, allocator_changes=allocator,

@@ -70,15 +70,16 @@ def recipe_candidates(spec: ModelSpec, setup: TrainSetup) -> list[RecipeChange]:
     return out
 
 
-def ranked_recipe_changes(spec: ModelSpec, setup: TrainSetup, need=None) -> tuple[RankedChange, ...]:
+def ranked_recipe_changes(spec: ModelSpec, setup: TrainSetup, need=None, gpu=None) -> tuple[RankedChange, ...]:
     """Every applicable recipe change with its saving on the peak, largest saving first.
-    `need(setup) -> bytes` defaults to the estimate's peak allocated bytes (what the step itself
-    needs; whether the cache holds it anyway is the allocator's part, ranked by allocator_changes)."""
+    `need(setup) -> bytes` defaults to the estimate's peak allocated bytes on `gpu`'s CUDA kernels
+    (what the step itself needs; whether the cache holds it anyway is the allocator's part, ranked
+    by allocator_changes)."""
     if need is None:
         from vramplan.estimate._estimator import estimate
 
         def need(s):
-            return estimate(spec, s, replay=False).peak_allocated_bytes
+            return estimate(spec, s, gpu=gpu, replay=False).peak_allocated_bytes
     before = need(setup)
     out = []
     for change in recipe_candidates(spec, setup):

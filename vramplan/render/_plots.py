@@ -87,7 +87,7 @@ def plot_plan(plan, path: str | Path) -> Path:
         for i, change in enumerate(plan.minimum.changes[:3], 1):
             picks.append((f"{plan.minimum.changes_parallel.label}: {i}", change.setup, plan.minimum.changes_parallel))
     for label, s, p in picks:
-        est = per_gpu(spec, s, p)
+        est = per_gpu(spec, s, p, gpu=plan.gpu)   # the planned card's kernels, as the plan's own figures
         bars.append((label, est.components, device_only(est)))
     if plan.gpu is None:
         capacity, capacity_label = None, ""

@@ -44,7 +44,9 @@ def simulate(spec, setup: TrainSetup | None = None, device: str = "meta", exact:
     gpu = resolve_gpu(gpu) if gpu is not None else None
     cuda_arch = target_arch(gpu, arch)
     # the keywords and defaults estimate() takes (its dtype for the GPU, the model's attention)
-    default_attn = getattr(getattr(spec, "arch", None), "default_attention", "sdpa")
+    default_attn = "sdpa"           # transformers' pick for a model the registry does not know
+    if setup is None and "attn" not in flags and getattr(spec, "analytic", True):
+        default_attn = spec.arch.default_attention
     setup = library_setup(setup, flags, default_dtype(cuda_arch), default_attn)
     refuse_4bit_experts(spec, setup)
     check_dtype(cuda_arch, setup.dtype)
