@@ -13,6 +13,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -126,7 +127,9 @@ def test_downloads_config_json_once_then_reads_the_cache(fake_hub, tmp_path):
     # huggingface_hub 2.x may also GET /api/agent-harnesses (utils/_detect_agent.py, a registry it
     # fetches once a day while building headers): not a file of the model
     files = [(method, path) for method, path, _ in FakeHub.requests if not path.startswith("/api/")]
+    # a HEAD with a short timeout first (hub._answers), then huggingface_hub's HEAD and GET
     assert files == [("HEAD", "/tiny-org/tiny-llama/resolve/main/config.json"),
+                     ("HEAD", "/tiny-org/tiny-llama/resolve/main/config.json"),
                      ("GET", "/tiny-org/tiny-llama/resolve/main/config.json")]   # config.json only
 
     _resolve.cache_clear()
@@ -189,7 +192,6 @@ def test_gated_model_with_a_token(fake_hub, monkeypatch):
 
 
 def test_unreachable_endpoint(fake_hub, monkeypatch):
-    import socket
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))     # a port nobody listens on
@@ -201,6 +203,39 @@ def test_unreachable_endpoint(fake_hub, monkeypatch):
     assert str(info.value) == (f"unknown model 'acme-org/qqq-model': not in the bundled catalog, not a local path, "
                                f"not in the Hugging Face cache, and http://127.0.0.1:{port} cannot be reached (hint: "
                                "check the network or HF_ENDPOINT, or pass a directory with config.json)")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://", "ftp://mirror.example"])
+def test_a_malformed_endpoint_is_one_line(capsys, fake_hub, monkeypatch, url):
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    code, out, err = cli(capsys, "estimate", "acme-org/qqq-model")
+    assert code == 1 and out == ""
+    assert err == (f"Error: HF_ENDPOINT={url.rstrip('/')!r} is not an http(s) URL of a Hub (hint: fix or unset "
+                   "HF_ENDPOINT (default https://huggingface.co))\n")
+
+
+def test_a_server_that_fails_or_never_answers_is_an_error_in_seconds(fake_hub, monkeypatch):
+    """huggingface_hub retries a timeout or a 5xx five times with back-off: the HEAD before it says so
+    at once (hub._answers)."""
+    failing = ThreadingHTTPServer(("127.0.0.1", 0), type("Failing", (FakeHub,), {
+        "_answer": lambda self, body: self._error(500, None, "boom")}))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)                  # takes the connection, never answers
+    threading.Thread(target=failing.serve_forever, daemon=True).start()
+    monkeypatch.setattr(hub, "ANSWER_TIMEOUT_S", 0.5)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{failing.server_address[1]}")
+        with pytest.raises(hub.HubOfflineError, match=r"config.json: http://127.0.0.1:\d+ answered 500 \(hint: "
+                                                      r"the Hub or mirror is failing"):
+            resolve("acme-org/qqq-model")
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        with pytest.raises(hub.HubOfflineError, match=r"did not answer within 0.5 s"):
+            resolve("acme-org/qqq-model")
+    finally:
+        failing.shutdown()
+        failing.server_close()
+        silent.close()
 
 
 def test_errors_are_model_errors():

@@ -108,10 +108,13 @@ def default_attention(model: str) -> str:
     know (simulate builds it with transformers, which picks), the command reporting any other
     problem with the name itself."""
     from vramplan.core._errors import ModelError
+    from vramplan.core._hub import HubError
     from vramplan.core._models import resolve
 
     try:
         return resolve(model).arch.default_attention
+    except HubError:        # the Hub did not give the config: the command would only ask it again
+        raise
     except ModelError:
         return "sdpa"
 

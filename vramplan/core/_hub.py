@@ -24,6 +24,7 @@ from vramplan.core._errors import ModelError
 CONFIG = "config.json"
 DEFAULT_ENDPOINT = "https://huggingface.co"   # huggingface_hub/constants.py _HF_DEFAULT_ENDPOINT
 CONNECT_TIMEOUT_S = 3.0
+ANSWER_TIMEOUT_S = 10.0      # huggingface_hub's own etag_timeout for the same HEAD
 
 
 class HubError(ModelError):
@@ -82,6 +83,7 @@ def token() -> str | None:
 def config_file(repo_id: str) -> tuple[str, str] | None:
     """(path of config.json, "cache" or "hub"), or None when huggingface_hub is not installed.
     Raises a HubError subclass for everything else that stands between the id and its file."""
+    _check_endpoint(endpoint())          # huggingface_hub reads HF_ENDPOINT at import, and fails there
     try:
         import huggingface_hub
     except ImportError:
@@ -97,7 +99,44 @@ def config_file(repo_id: str) -> tuple[str, str] | None:
         raise HubOfflineError(f"unknown model {repo_id!r}: not in the bundled catalog, not a local path, not in "
                               f"the Hugging Face cache, and {endpoint()} cannot be reached",
                               hint="check the network or HF_ENDPOINT, or pass a directory with config.json")
+    _answers(repo_id)
     return _download(huggingface_hub, repo_id), "hub"
+
+
+def _check_endpoint(url: str) -> None:
+    """HF_ENDPOINT must be an http(s) URL with a host and a valid port."""
+    parsed = urlparse(url)
+    try:
+        port = parsed.port
+    except ValueError as exc:      # "Port out of range 0-65535", a non-numeric port
+        port = exc
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or isinstance(port, ValueError):
+        raise HubOfflineError(f"HF_ENDPOINT={url!r} is not an http(s) URL of a Hub",
+                              hint="fix or unset HF_ENDPOINT (default https://huggingface.co)")
+
+
+def _answers(repo_id: str) -> None:
+    """One HEAD of the file with a short timeout before huggingface_hub's download, which retries
+    a timeout or a server error five times with back-off (its http_backoff): a server that takes
+    the connection and never answers, or fails, is an error in seconds rather than minutes. Any
+    other answer (the file, a redirect, 401 / 403 / 404) is left to the download to read."""
+    import urllib.error
+    import urllib.request
+
+    where, auth = endpoint(), token()
+    request = urllib.request.Request(f"{where}/{repo_id}/resolve/main/{CONFIG}", method="HEAD",
+                                     headers={"Authorization": f"Bearer {auth}"} if auth else {})
+    try:
+        urllib.request.urlopen(request, timeout=ANSWER_TIMEOUT_S).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise HubOfflineError(f"cannot fetch {repo_id}/config.json: {where} answered {exc.code}",
+                                  hint="the Hub or mirror is failing: try again later, or pass a directory with "
+                                       "config.json") from None
+    except (urllib.error.URLError, OSError) as exc:   # a timeout, a reset connection
+        raise HubOfflineError(f"cannot fetch {repo_id}/config.json: {where} did not answer within "
+                              f"{ANSWER_TIMEOUT_S:g} s ({getattr(exc, 'reason', exc)})",
+                              hint="check the network or HF_ENDPOINT, or pass a directory with config.json") from None
 
 
 def _download(huggingface_hub, repo_id: str) -> str:
@@ -137,7 +176,7 @@ def _download(huggingface_hub, repo_id: str) -> str:
         if _status(exc.__cause__) in (401, 403):
             raise GatedModelError(f"{repo_id}: {where} refused access to its config.json ({_status(exc.__cause__)})",
                                   hint="a gated or private model: set HF_TOKEN to a token with access") from None
-        raise HubOfflineError(f"cannot fetch {repo_id}/config.json from {where} ({exc.__class__.__name__})",
+        raise HubOfflineError(f"cannot fetch {repo_id}/config.json from {where}: no answer with the file",
                               hint="check the network or HF_ENDPOINT, or pass a directory with config.json") from None
 
 
