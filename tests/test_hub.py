@@ -192,7 +192,6 @@ def test_gated_model_with_a_token(fake_hub, monkeypatch):
 
 
 def test_unreachable_endpoint(fake_hub, monkeypatch):
-
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))     # a port nobody listens on
     port = sock.getsockname()[1]
