@@ -154,3 +154,37 @@ def test_setup_is_read_off_a_quantized_peft_model(tmp_path):
     sft = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], bf16=False)
     assert setup_of(built.model, sft, seq=128).loss == "chunked"
     assert s.loss == "full"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seq="abc"), "seq must be a positive whole number of tokens, got 'abc'"),
+    (dict(seq=32.7), "seq must be a positive whole number of tokens, got 32.7"),
+    (dict(seq=True), "seq must be a positive whole number of tokens, got True"),
+    (dict(setup="foo"), "setup must be a TrainSetup, got str"),
+    (dict(margin="x"), "margin must be a fraction >= 0, got 'x'"),
+    (dict(margin=-1.5), "margin must be a fraction >= 0, got -1.5"),
+    (dict(margin=float("nan")), "margin must be a fraction >= 0, got nan"),
+    (dict(meter=object()), "meter must have reset() and peak(), got object"),
+])
+def test_bad_arguments_are_refused_before_training(kwargs, message):
+    from vramplan.core._errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        MemoryCallback(**kwargs)
+    assert info.value.message == message and info.value.hint
+
+
+def test_fp32_weights_under_trainer_bf16_are_autocast_not_bf16_weights(tmp_path):
+    # Trainer(bf16=True) over a float32 model runs autocast; the weights stay float32
+    cb = MemoryCallback(seq=32, meter=ScriptedMeter([1]))
+    train(cb, tmp_path, steps=1, bf16=True)
+    assert (cb.estimate.setup.dtype, cb.estimate.setup.amp) == ("fp32", "bf16")
+
+
+@pytest.mark.parametrize("optim", ["lion_32bit", "rmsprop"])
+def test_an_optimizer_the_estimate_does_not_model_is_said_not_replaced(tmp_path, caplog, optim):
+    cb = MemoryCallback(seq=32, meter=ScriptedMeter([1]))
+    with caplog.at_level(logging.WARNING, logger="vramplan"):
+        train(cb, tmp_path, steps=1, optim=optim)
+    assert cb.estimate is None
+    assert any(f"cannot estimate this run: optimizer '{optim}' is not modelled" in r.message for r in caplog.records)

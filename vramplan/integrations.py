@@ -20,10 +20,11 @@ This module imports transformers (TrainerCallback); `import vramplan` does not i
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 
-from vramplan.core._errors import VramplanError, require
+from vramplan.core._errors import UsageError, VramplanError, require
 from vramplan.core._models import spec_from_config
 from vramplan.core._record import record
 from vramplan.core._setup import ALL_LINEAR, TrainSetup
@@ -59,6 +60,13 @@ OPTIMIZERS = {
     "paged_adamw_32bit": "paged_adamw", "paged_adamw_8bit": "paged_adamw8bit", "sgd": "sgd",
     "adafactor": "adafactor",
 }
+
+
+# transformers' attn_implementation -> TrainSetup.attn. flash_attention_2 (the flash-attn package)
+# runs the kernel SDPA's flash backend wraps (aten/src/ATen/native/transformers/cuda/flash_attn:
+# FlashAttention-2) and saves the same output and logsumexp for backward
+# (flash_attn/flash_attn_interface.py FlashAttnFunc.forward: ctx.save_for_backward(q, k, v, out, softmax_lse))
+ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "sdpa"}
 
 
 @record
@@ -101,6 +109,19 @@ class MemoryCallback(TrainerCallback):
 
     def __init__(self, setup=None, *, seq: int | None = None, model_id: str | None = None, gpu=None,
                  margin: float = 0.0, meter=None):
+        # checked here, before training starts: once it runs, the callback never stops it
+        if setup is not None and not isinstance(setup, TrainSetup):
+            raise UsageError(f"setup must be a TrainSetup, got {type(setup).__name__}",
+                             hint="pass TrainSetup(...), or leave it out to read the setup off the model")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq <= 0):
+            raise UsageError(f"seq must be a positive whole number of tokens, got {seq!r}", hint="e.g. seq=2048")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) \
+                or margin < 0:
+            raise UsageError(f"margin must be a fraction >= 0, got {margin!r}",
+                             hint="e.g. margin=0.05 warns past 5% above the prediction")
+        if meter is not None and not all(callable(getattr(meter, name, None)) for name in ("reset", "peak")):
+            raise UsageError(f"meter must have reset() and peak(), got {type(meter).__name__}",
+                             hint="leave it out to measure with torch.cuda")
         self.setup = setup
         self.seq = seq
         self.model_id = model_id
@@ -263,9 +284,17 @@ def setup_of(model, args, seq: int):
     fields["grad_ckpt"] = _checkpointing(args, base)
     fields["reentrant"] = fields["grad_ckpt"] and _reentrant(args)
     attn = getattr(getattr(base, "config", None), "_attn_implementation", "sdpa") or "sdpa"
-    fields["attn"] = "eager" if attn == "eager" else "sdpa"
+    if attn not in ATTENTION:
+        raise UsageError(f"attention implementation {attn!r} is not modelled",
+                         hint="the estimate models sdpa, eager and flash_attention_2 (as SDPA's flash kernel)")
+    fields["attn"] = ATTENTION[attn]
+    if attn != fields["attn"]:
+        logger.info("vramplan: %s estimated as SDPA's flash kernel (the same FlashAttention-2 kernel)", attn)
     optim = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", "adamw_torch")))
-    fields["optimizer"] = OPTIMIZERS.get(optim, "adamw")
+    if optim not in OPTIMIZERS:
+        raise UsageError(f"optimizer {optim!r} is not modelled",
+                         hint=f"the estimate models the Trainer's {', '.join(OPTIMIZERS)}")
+    fields["optimizer"] = OPTIMIZERS[optim]
     if peft_config and quantized:
         # TRL's SFTTrainer casts a quantized model's LoRA weights to bf16 (TrainSetup.adapter_dtype)
         lora = next((p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n), None)
@@ -324,12 +353,15 @@ def _seq_from_args(args) -> int | None:
 
 
 def _dtype(args, qc, base) -> str:
+    """The weights' dtype: a 4-bit model's compute dtype, else the model's own (Trainer(bf16=True)
+    over float32 weights is autocast, `amp`, not bf16 weights); TrainingArguments only where the
+    model says nothing."""
     if qc and qc.get("bnb_4bit_compute_dtype"):
         text = str(qc["bnb_4bit_compute_dtype"])
         return "fp16" if "float16" in text and "bfloat16" not in text else ("fp32" if "float32" in text else "bf16")
-    if getattr(args, "bf16", False):
-        return "bf16"
+    dtype = getattr(base, "dtype", None)
+    if dtype is not None:
+        return {"torch.float16": "fp16", "torch.float32": "fp32"}.get(str(dtype), "bf16")
     if getattr(args, "fp16", False):
         return "fp16"
-    dtype = str(getattr(base, "dtype", "torch.bfloat16"))
-    return {"torch.float16": "fp16", "torch.float32": "fp32"}.get(dtype, "bf16")
+    return "bf16"
