@@ -100,7 +100,7 @@ def test_a_swept_value_is_judged_in_its_own_combination(capsys):
     assert main(["sweep", QWEN, "--gpu", "24GB", "--method", "qlora,lora", "--dtype", "fp32", "--recipe", "trainer",
                  "--json"]) == 0
     qlora, lora = json.loads(capsys.readouterr().out)
-    assert qlora["error"].startswith("--amp bf16 is modelled for bf16 weights") and lora["error"] is None
+    assert qlora["error"].startswith("--amp bf16 (--recipe trainer's) is modelled for bf16 weights") and lora["error"] is None
     # a value no combination runs with is still bad input
     assert main(["sweep", QWEN, "--method", "qlora,dora"]) == 2
     assert capsys.readouterr().err.startswith("Error: unknown method 'dora'")
