@@ -88,6 +88,12 @@ the minimum hardware's engine searches went to the workers too (Evaluator.spread
 evaluated): 5.6 / 4.7 / 5.7 / 5.2 s (cold CLI 3.7 s; the grid within each plan 1.47 / 0.41 /
 0.38 / 3.52 s), the starting code right after 7.7 / 4.3 / 5.5 / 7.7 s (CLI 5.1 s); cases 2 and 3
 interleaved with it, 3 runs each: 4.0-4.3 s against 4.3-5.4 s and 4.5-5.0 s against 6.8-7.7 s.
+
+2026-12-02 (seventeenth session), plan alone, median of 7, nothing else running: 5.1 / 3.8 / 4.2 / 4.3 s
+(cold CLI 3.4 s); the grid within each plan 1.30 / 0.35 / 0.29 / 2.93 s. Cases 1 and 2 give the same
+evaluations (171, 67) and the same grid as the session's starting code; case 1's first ranked change
+is now "--batch 4, --grad-accum 4" where it was "--batch 7, --grad-accum 3" (21 sequences a step, not
+the 16 asked): a smaller micro-batch keeps the effective batch only where it divides it.
 """
 from __future__ import annotations
 
