@@ -973,3 +973,18 @@ def test_simulate_refuses_the_fused_head_on_any_model_whose_base_model_is_itself
     assert "forward" not in vars(llama)
     add_fused_lm_head(llama)   # a decoder at base_model: its forward is patched on the instance
     assert "forward" in vars(llama)
+
+
+def test_phi3_eager_matmul_reads_the_rotary_cat_without_copies():
+    """Phi-3's apply_rotary_pos_emb ends with torch.cat: q and k come out contiguous (b, H, s, hd),
+    so eager attention's `torch.matmul(q, k.transpose(2, 3))` reshapes them to (b * H, s, hd) as
+    views. Llama's rotary products keep the projection's transposed layout, which matmul copies
+    at batch > 1 (simulate's step has the copies for Llama and not for Phi-3)."""
+    from vramplan.core._setup import TrainSetup
+    from vramplan.estimate._ops import layer_ops
+
+    setup = TrainSetup(attn="eager", batch=2, seq=512)
+    phi3 = {op.name for op in layer_ops(resolve("microsoft/Phi-3-mini-4k-instruct"), setup)[0]}
+    llama = {op.name for op in layer_ops(resolve("meta-llama/Llama-2-7b"), setup)[0]}
+    assert {"attn.q.rope_pass", "attn.k.rope_pass"} <= phi3 and not {"attn.q_copy", "attn.k_copy"} & phi3
+    assert {"attn.q_copy", "attn.k_copy"} <= llama

@@ -746,7 +746,10 @@ class _Ops:
                 self.op("attn.v_rep", [v], [self.t("attn.vr", size)], grads=((v, a * T * kvw),))
                 keep_k, keep_v = ((k,), (v,)) if self.kv_view else ((), ())
                 k, v = "attn.kr", "attn.vr"
-            if not self.single:
+            # Phi-3's rotary embedding ends with a cat (rope_pass_cat): q and k come out contiguous
+            # (b, H, s, hd), so matmul's reshape below is a view of them, as simulate's step shows
+            rope_cat = spec.arch.rope_pass_cat and self.use_rope and not dims and not rope_applied
+            if not self.single and not rope_cat:
                 # q and k are laid out as (b, s, heads, hd) seen through `.transpose(1, 2)` (Llama 4's
                 # are those views; RoPE's products keep their inputs' layout): matmul's
                 # reshape to (b * H, s, hd) for bmm (aten matmul: expand + reshape) cannot merge
