@@ -76,3 +76,34 @@ def test_a_timeout_says_when_it_struck(tmp_path, tiny, capsys, monkeypatch, even
                             "--timeout)\n")
     assert f"TIMEOUT {where}: the run passed its time limit and was ended" in captured.out
     assert json.loads(record.read_text())["status"] == "timeout"   # the record is written, as documented
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo", "device", "no folder"])
+def test_csv_never_replaces_a_link_a_pipe_or_a_device(tmp_path, capsys, kind):
+    """The CSV is renamed into place: a link is followed to its file (the link stays), a named
+    pipe or a device is refused rather than replaced by a regular file."""
+    import os
+    from pathlib import Path
+
+    pytest.importorskip("pandas")
+    record = sorted((Path(__file__).parent.parent / "profiles" / "h200").glob("gemma-3-1b-pt*.json"))[0]
+    target = tmp_path / "target.csv"
+    target.write_text("old")
+    dest = {"link": tmp_path / "link.csv", "fifo": tmp_path / "fifo.csv", "device": "/dev/null",
+            "no folder": tmp_path / "none" / "x.csv"}[kind]
+    if kind == "link":
+        os.symlink(target, dest)
+    elif kind == "fifo":
+        os.mkfifo(dest)
+    for argv in (["compare", str(record), "--csv", str(dest)],
+                 ["sweep", "tests/configs/llama-gqa.json", "--gpu", "24GB", "--csv", str(dest)]):
+        code = main(argv)
+        _out, err = capsys.readouterr()
+        if kind == "link":
+            assert code == 0 and os.path.islink(dest) and target.read_text().startswith(("model", "id", "record"))
+            target.write_text("old")
+        else:
+            assert code == 2 and err.count("\n") == 1, err
+            message = "is not a regular file (a device or a named pipe)" if kind != "no folder" else "there is no folder"
+            assert message in err, err
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")

@@ -282,7 +282,7 @@ def test_device_out_of_range_is_refused(capsys, tmp_path):
     for flags in (["--device", "7"], ["--check", "--device", "7"]):
         code, out, err = run(capsys, "replay", path, *flags)
         _assert_one_line_error(code, out, err)
-        assert err.startswith(f"Error: {path}: no device 7 (the snapshot has 1) (hint: give --device 0 to 0)"), err
+        assert err.startswith(f"Error: {path}: no device 7 (the snapshot has 1) (hint: leave --device out, or give --device 0)"), err
     code, out, err = run(capsys, "replay", SMALL_TRACE, "--device", "1")
     _assert_one_line_error(code, out, err)
     assert "the trace holds device 0 only, not device 1" in err

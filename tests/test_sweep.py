@@ -121,3 +121,22 @@ def test_a_failed_plot_leaves_no_csv(capsys, tmp_path, plot):
     assert main(["sweep", QWEN, "--gpu", "24GB", "--csv", str(csv), "--plot", str(tmp_path / plot)]) == 2
     assert capsys.readouterr().err.startswith(f"Error: cannot plot to {str(tmp_path / plot)!r}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_json_has_null_where_a_row_has_no_value(capsys):
+    assert main(["sweep", QWEN, "--gpu", "24GB", "--method", "qlora,lora,full", "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "NaN" not in text        # no JSON number
+    rows = json.loads(text)
+    assert [r["quant"] for r in rows] == ["nf4", None, None]
+    assert all(isinstance(r["device_total_bytes"], int) for r in rows)
+
+
+def test_grid_flags_with_gpu_all_are_refused(capsys):
+    assert main(["plan", QWEN, "--gpu", "all", "--grid-batch", "1,2"]) == 2
+    assert capsys.readouterr().err.startswith("Error: --grid-batch / --grid-seq shape one GPU's grid; --gpu all has none")
+
+
+def test_a_recipe_list_in_the_library_is_one_error():
+    with pytest.raises(vramplan.UsageError, match=r"unknown recipe \['trainer'\]"):
+        vramplan.estimate(QWEN, recipe=["trainer"])

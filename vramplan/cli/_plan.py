@@ -126,6 +126,9 @@ def cmd_plan(args) -> int:
     if args.gpu is None:
         raise UsageError("plan needs a GPU", hint="e.g. --gpu 24GB, --gpu A100-80GB, or --gpu all")
     survey = args.gpu.strip().lower() == "all"
+    if survey and (args.grid_batch or args.grid_seq):
+        raise UsageError("--grid-batch / --grid-seq shape one GPU's grid; --gpu all has none",
+                         hint="give one GPU, e.g. --gpu 24GB, for a grid")
     if survey and args.arch is not None:
         raise UsageError(f"--arch {args.arch} contradicts --gpu all: each catalog GPU has its own",
                          hint="give --arch only with a bare size such as --gpu 16GB")
@@ -343,8 +346,11 @@ def _print_survey(result, console, Table) -> None:
 # --- sweep ---------------------------------------------------------------------------------------
 
 def cmd_sweep(args) -> int:
+    from vramplan.core._files import file_destination
     from vramplan.plan._sweep import sweep  # this command's code loads only when it runs
 
+    if args.csv:
+        file_destination(args.csv, "--csv")   # before any row is computed
     axes = {"batch": parse_list("--batch", args.batch), "seq": parse_list("--seq", args.seq)}
     for name, kind in (("rank", int), ("method", str), ("quant", str), ("optimizer", str), ("dtype", str),
                        ("attn", str)):
@@ -374,7 +380,9 @@ def cmd_sweep(args) -> int:
     varying = [c for c in (*axes, "gpus", "strategy", "offload") if df[c].nunique() > 1]
     _write_outputs(df, args, varying)
     if args.json:
-        print_json(df.to_dict(orient="records"))
+        # a value a row does not have (quant of a lora row, status of a row that cannot run) is
+        # NaN in pandas and null in JSON: NaN is no JSON number
+        print_json(df.astype(object).where(df.notna(), None).to_dict(orient="records"))
         return 0
     print_sweep(df, varying, args)
     return 0
@@ -386,12 +394,14 @@ def _write_outputs(df, args, varying) -> None:
     import os
     import tempfile
 
+    from vramplan.core._files import file_destination
+
     tmp, new_plot = None, False
+    csv = file_destination(args.csv, "--csv") if args.csv else None   # a link's target; no device replaced
     try:
-        if args.csv:
+        if csv is not None:
             try:
-                fd, tmp = tempfile.mkstemp(prefix=".vramplan-", suffix=".csv",
-                                           dir=os.path.dirname(os.path.abspath(args.csv)))
+                fd, tmp = tempfile.mkstemp(prefix=".vramplan-", suffix=".csv", dir=csv.parent)
                 with os.fdopen(fd, "w", newline="") as f:
                     df.to_csv(f, index=False)
                 mask = os.umask(0)
@@ -405,7 +415,7 @@ def _write_outputs(df, args, varying) -> None:
             plot_sweep(df, args.plot, varying)
         if tmp is not None:
             try:
-                os.replace(tmp, args.csv)
+                os.replace(tmp, csv)
             except OSError as exc:
                 raise UsageError(f"cannot write {args.csv!r}: {exc.strerror or exc}", hint="check the path") from None
             tmp = None

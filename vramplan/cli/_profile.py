@@ -221,16 +221,16 @@ def _check_csv_path(dest: str) -> None:
     """Refuse a --csv destination that cannot be written before comparing anything."""
     from pathlib import Path
 
+    from vramplan.core._files import file_destination
     from vramplan.profile._store import probe_folder  # this command's code loads only when it runs
 
     if dest == "-":
         return
     if not dest.strip():
         raise UsageError("--csv needs a file name", hint="e.g. --csv errors.csv, or --csv - for stdout")
-    if Path(dest).is_dir():
-        raise UsageError(f"--csv {dest} is a folder", hint="give a file name, e.g. --csv errors.csv")
+    path = file_destination(dest, "--csv")     # a folder, a device or a missing folder: refused
     try:
-        probe_folder(Path(dest).parent)
+        probe_folder(path.parent)
     except OSError as exc:
         raise VramplanError(f"cannot write --csv {dest}: {exc.strerror or exc}",
                             hint="write the CSV elsewhere") from None

@@ -364,6 +364,7 @@ def apply_flags(setup: TrainSetup | None, flags: dict) -> TrainSetup:
                          hint="setup fields are TrainSetup's: " + ", ".join(f.name for f in fields(TrainSetup)))
     name = flags.get("recipe")
     if name is not None:
+        _choice("--recipe", name, tuple(RECIPES))   # a list or a typo: one line, before any lookup
         if setup is not None:
             raise UsageError(f"recipe={name!r} sets a new setup's defaults and cannot apply to setup=",
                              hint=f"drop setup= and give its fields as keywords with recipe={name!r}")

@@ -185,7 +185,8 @@ def snapshot_to_trace(snapshot, name: str = "<snapshot>", *, device: int | None 
         device = next((i for i, t in enumerate(traces) if t), 0)
     elif device >= len(traces):
         raise UsageError(f"{name}: no device {device} (the snapshot has {len(traces)})",
-                         hint=f"give --device 0 to {len(traces) - 1}")
+                         hint="leave --device out, or give --device 0" if len(traces) == 1
+                         else f"give --device 0 to {len(traces) - 1}")
     entries = traces[device]
     if len(entries) > MAX_TRACE_EVENTS:
         raise UsageError(f"{name}: {len(entries):,} recorded events, more than the {MAX_TRACE_EVENTS:,} replayed",

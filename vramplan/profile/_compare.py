@@ -20,6 +20,8 @@ import os
 from dataclasses import asdict, field, replace
 from pathlib import Path
 
+from vramplan.core._files import file_destination
+
 from vramplan.core._errors import require, VramplanError
 from vramplan.core._record import record
 from vramplan.profile._record import STATIC, TRANSIENT, Record, relative_error, setup_from_record, spec_from_record
@@ -309,8 +311,9 @@ def write_csv(comparisons: list[Comparison], dest: str) -> str | None:
     df = to_dataframe(comparisons)
     if dest == "-":
         return df.to_csv(index=False)
+    path = file_destination(dest, "--csv")     # a link's target, never the link replaced by a file
     try:
-        atomic_write_bytes(Path(dest), df.to_csv(index=False).encode())
+        atomic_write_bytes(path, df.to_csv(index=False).encode())
     except OSError as exc:
         raise VramplanError(f"cannot write {dest}: {exc.strerror or exc}", hint="write the CSV elsewhere") from None
     return None

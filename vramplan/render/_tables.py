@@ -73,8 +73,9 @@ def fit_line(est) -> str:
     runs = "" if smallest is None else (f" It runs on a card of about {gib(smallest)} or more "
                                         f"(short by about {gib(smallest - g.memory_bytes)}).")
     if oom and oom.get("fragmentation"):
-        place = oom["phase"] + (f", {oom['module']}" if oom.get("module") else "")
-        return (f"[red]DOES NOT FIT[/red] on {where}: the caching allocator runs out of memory in {place} "
+        # a simulated step's replay does not name where (its events carry no phase)
+        place = oom.get("phase") and " in " + oom["phase"] + (f", {oom['module']}" if oom.get("module") else "")
+        return (f"[red]DOES NOT FIT[/red] on {where}: the caching allocator runs out of memory{place or ''} "
                 f"(a {gib(oom['nbytes'])} request with {gib(oom['reserved_bytes'])} reserved, "
                 f"{gib(oom['allocated_bytes'])} allocated: fragmentation); try --alloc-conf expandable_segments:True."
                 + runs)

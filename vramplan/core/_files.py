@@ -1,0 +1,22 @@
+"""Where a command writes a file it was asked for (`--csv`): a regular file, or a new one in an
+existing folder. The file is written whole or not at all, through a temporary file renamed over
+the path, and a rename replaces whatever the path names: a link is therefore followed to the file
+it points to (the link stays), and a device, a named pipe or a folder is refused."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from vramplan.core._errors import UsageError
+
+
+def file_destination(dest: str, flag: str) -> Path:
+    """The path to rename the finished file onto, or a UsageError naming `flag`."""
+    path = Path(dest)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file (a device or a named pipe)"
+        raise UsageError(f"{flag} {dest} is {what}", hint=f"give a file name, e.g. {flag} table.csv")
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag} {dest}: there is no folder {path.parent}", hint="create it, or write the file elsewhere")
+    return path
