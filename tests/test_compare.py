@@ -268,9 +268,9 @@ def test_a_folder_compares_the_readable_records_and_warns_about_the_rest(tmp_pat
 
 @pytest.mark.parametrize("argv, code, message", [
     (["--csv", ""], 2, "Error: --csv needs a file name (hint: e.g. --csv errors.csv, or --csv - for stdout)\n"),
-    (["--csv", "{tmp}"], 2, "Error: --csv {tmp} is a folder (hint: give a file name, e.g. --csv errors.csv)\n"),
-    (["--csv", "{tmp}/file/x.csv"], 1, "Error: cannot write --csv {tmp}/file/x.csv: Not a directory "
-                                       "(hint: write the CSV elsewhere)\n"),
+    (["--csv", "{tmp}"], 2, "Error: --csv {tmp} is a folder (hint: give a file name, e.g. --csv table.csv)\n"),
+    (["--csv", "{tmp}/file/x.csv"], 2, "Error: --csv {tmp}/file/x.csv: {tmp}/file is not a folder "
+                                       "(hint: write the file into an existing folder)\n"),
     (["--csv", "-", "--json"], 2, "Error: --json and --csv - both print to stdout "
                                   "(hint: give one of them, or write the CSV to a file: --csv FILE)\n"),
     (["--csv", "-", "--markdown"], 2, "Error: --markdown and --csv - both print to stdout "

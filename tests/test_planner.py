@@ -318,7 +318,8 @@ def test_cli_plan_all_gpus(capsys):
                  marks=pytest.mark.pandas),
     pytest.param(["sweep", "llama-2-7b", "--method", "qlora,dora"], "Error: unknown method 'dora'",
                  marks=pytest.mark.pandas),
-    pytest.param(["sweep", "llama-2-7b", "--csv", "/no/such/dir/x.csv"], "Error: cannot write '/no/such/dir/x.csv'",
+    pytest.param(["sweep", "llama-2-7b", "--csv", "/no/such/dir/x.csv"],
+                 "Error: --csv /no/such/dir/x.csv: /no/such/dir does not exist",
                  marks=pytest.mark.pandas),
     (["plan", "llama-2-7b", "--gpu", "24GB", "--plot", "out.bmp"], "Error: cannot plot to 'out.bmp'"),
 ])

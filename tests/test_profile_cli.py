@@ -104,6 +104,6 @@ def test_csv_never_replaces_a_link_a_pipe_or_a_device(tmp_path, capsys, kind):
             target.write_text("old")
         else:
             assert code == 2 and err.count("\n") == 1, err
-            message = "is not a regular file (a device or a named pipe)" if kind != "no folder" else "there is no folder"
+            message = "is not a regular file (a device or a named pipe)" if kind != "no folder" else "does not exist"
             assert message in err, err
     assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")

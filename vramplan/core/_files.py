@@ -18,5 +18,6 @@ def file_destination(dest: str, flag: str) -> Path:
         what = "a folder" if path.is_dir() else "not a regular file (a device or a named pipe)"
         raise UsageError(f"{flag} {dest} is {what}", hint=f"give a file name, e.g. {flag} table.csv")
     if not path.parent.is_dir():
-        raise UsageError(f"{flag} {dest}: there is no folder {path.parent}", hint="create it, or write the file elsewhere")
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise UsageError(f"{flag} {dest}: {path.parent} {what}", hint="write the file into an existing folder")
     return path
