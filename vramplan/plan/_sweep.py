@@ -16,7 +16,7 @@ from vramplan.core._models import ModelSpec, resolve
 from vramplan.core._verdict import verdict
 from vramplan.cuda._arch import default_dtype, target_arch
 from vramplan.plan._planner import TIGHT, Evaluator, checked_tight
-from vramplan.core._setup import TrainSetup, check_given, make_setup, parse_targets
+from vramplan.core._setup import TrainSetup, apply_flags, check_given, parse_targets
 from vramplan.plan._sharding import Parallel
 from vramplan.plan._workers import checked as checked_workers, spread
 
@@ -78,13 +78,10 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
     def build(chosen: dict) -> TrainSetup | VramplanError:
         """The setup of one combination of the setup axes, or why it cannot be one."""
         try:
-            name = chosen.get("recipe")
-            if name is not None:
-                # a swept recipe sets its own defaults, as --recipe does (make_setup); the given flags
-                # and the other swept values stand over them
-                fields = {"attn": base.attn, "batch": base.batch, "seq": base.seq, **kept,
-                          **{k: v for k, v in chosen.items() if k != "recipe"}}
-                s = make_setup(name, **fields)
+            if chosen.get("recipe") is not None:
+                # a swept recipe sets its own defaults, as recipe= does everywhere (apply_flags); the
+                # given flags and the other swept values stand over them
+                s = apply_flags(None, {"attn": base.attn, "batch": base.batch, "seq": base.seq, **kept, **chosen})
             else:
                 s = base.with_(**{**kept, **chosen})   # a given flag stands where a swept value leaves it
             check_given(s, (*given, *chosen))  # a value the row's method does not use (quant with full)
