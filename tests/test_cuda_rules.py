@@ -243,6 +243,16 @@ def test_bf16_on_t4_is_refused(capsys):
                            "(hint: use --dtype fp16 (or dtype='fp16'))")
 
 
+def test_bf16_under_arch_names_the_compute_capability_not_its_representative_card(capsys):
+    # --arch sm75 with a bare size borrows the T4's SM count; the refusal is about every sm75 GPU
+    code, _, err = run(capsys, "estimate", "llama-3-8b", "--gpu", "24GB", "--arch", "sm75", "--dtype", "bf16")
+    assert code == 2
+    assert err.strip() == ("Error: an sm75 GPU has no bf16 hardware; bf16 training is not planned there "
+                           "(hint: use --dtype fp16 (or dtype='fp16'))")
+    _, out, _ = run(capsys, "estimate", "llama-3-8b", "--gpu", "24GB", "--arch", "sm75", "--json")
+    assert "compute dtype fp16: an sm75 GPU has no bf16 hardware" in json.loads(out)["assumptions"]
+
+
 def test_bare_size_states_the_assumed_arch_and_arch_flag_sets_it(capsys):
     _, out, _ = run(capsys, "estimate", "llama-3-8b", "--gpu", "16GB", "--json")
     data = json.loads(out)

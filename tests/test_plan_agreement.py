@@ -90,7 +90,7 @@ def test_plan_honours_arch_as_estimate_does(capsys, flags):
 def test_plan_refuses_bf16_on_an_arch_without_it_as_estimate_does(capsys):
     flags = ("--gpu", "16GB", "--arch", "sm75", "--dtype", "bf16")
     assert run_error(capsys, "plan", LLAMA, *flags) == run_error(capsys, "estimate", LLAMA, *flags) == (
-        "Error: T4 (sm75) has no bf16 hardware; bf16 training is not planned there "
+        "Error: an sm75 GPU has no bf16 hardware; bf16 training is not planned there "
         "(hint: use --dtype fp16 (or dtype='fp16'))")
 
 

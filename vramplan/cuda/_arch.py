@@ -91,9 +91,18 @@ def default_dtype(arch: CudaArch) -> str:
     return "bf16" if arch.bf16 else "fp16"
 
 
+def hardware_name(arch: CudaArch) -> str:
+    """The GPU a statement about `arch` is about: the catalog card (`T4 (sm75)`), or, where --arch
+    chose it for a bare size, any GPU of that compute capability (`an sm75 GPU`): the
+    representative card only lends its SM count."""
+    if any(arch is chosen for chosen in REPRESENTATIVE.values()) and arch is not ASSUMED:
+        return f"an {arch.label} GPU"
+    return f"{arch.name} ({arch.label})"
+
+
 def check_dtype(arch: CudaArch, dtype: str) -> None:
     """bf16 below sm80 runs without tensor-core support and refuses every fused attention kernel
     (docs/cuda-kernels.md#bf16-on-sm70-and-sm75): refused rather than planned."""
     if dtype == "bf16" and not arch.bf16:
-        raise UsageError(f"{arch.name} (sm{arch.sm}) has no bf16 hardware; bf16 training is not planned there",
+        raise UsageError(f"{hardware_name(arch)} has no bf16 hardware; bf16 training is not planned there",
                          hint="use --dtype fp16 (or dtype='fp16')")

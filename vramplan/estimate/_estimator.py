@@ -23,7 +23,7 @@ from vramplan.estimate._ops import (autocast_cache, eager_masks, embedding_leaf,
                                    held_graph_leaf,
                                    held_outputs, int8_ctx_inputs, kernels, layer_memory, layer_stack, rope_tables,
                                    tied_embedding_grad, tied_sum_in_place)
-from vramplan.cuda._arch import ASSUMED, CudaArch, check_dtype, default_dtype, target_arch
+from vramplan.cuda._arch import ASSUMED, CudaArch, check_dtype, default_dtype, hardware_name, target_arch
 from vramplan.cuda._cublas import STEP_THREADS, step_workspace_bytes, workspace_bytes
 from vramplan.core._components import ALLOCATED_NAMES, Component, check_sum
 from vramplan.cuda._context import cuda_context, device_overhead
@@ -507,7 +507,7 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
     from vramplan.core._recipes import NO_RECIPE, recipe
     out = [gpu_assumption(arch, gpu), recipe(setup.recipe).summary(setup) if setup.recipe else "recipe " + NO_RECIPE]
     if not arch.bf16 and setup.dtype == "fp16":
-        out.append(f"compute dtype fp16: {arch.name} (sm{arch.sm}) has no bf16 hardware")
+        out.append(f"compute dtype fp16: {hardware_name(arch)} has no bf16 hardware")
     if setup.quantized:
         if setup.quant == "int8":
             out.append("base weights: bitsandbytes LLM.int8 (Linear8bitLt), lm_head and embeddings in "
@@ -663,7 +663,7 @@ def gpu_assumption(arch: CudaArch, gpu: Gpu | None) -> str:
     why = "no GPU given" if gpu is None else f"--gpu {gpu.name} names no card"
     if arch is ASSUMED:
         return f"CUDA kernels assumed of an {arch.describe()} ({why}; set another with --arch, e.g. --arch sm75)"
-    return f"CUDA kernels of a {arch.label} GPU, SM count of the {arch.describe()} ({why}, --arch {arch.label})"
+    return f"CUDA kernels of an {arch.label} GPU, SM count of the {arch.describe()} ({why}, --arch {arch.label})"
 
 
 def attention_assumption(spec: ModelSpec, setup: TrainSetup, arch: CudaArch) -> str:
