@@ -389,24 +389,19 @@ def cmd_sweep(args) -> int:
 
 
 def _write_outputs(df, args, varying) -> None:
-    """--csv and --plot, both or neither: the CSV goes to a temporary file beside its path and takes
-    its name once the plot is written; a failure removes what this call wrote."""
+    """--csv and --plot, both or neither: the CSV is staged beside its path and takes its name once
+    the plot is written (profile/_store.py staged_bytes); a failure removes what this call wrote."""
     import os
-    import tempfile
 
     from vramplan.core._files import file_destination
+    from vramplan.profile._store import atomic_move, staged_bytes
 
     tmp, new_plot = None, False
     csv = file_destination(args.csv, "--csv") if args.csv else None   # a link's target; no device replaced
     try:
         if csv is not None:
             try:
-                fd, tmp = tempfile.mkstemp(prefix=".vramplan-", suffix=".csv", dir=csv.parent)
-                with os.fdopen(fd, "w", newline="") as f:
-                    df.to_csv(f, index=False)
-                mask = os.umask(0)
-                os.umask(mask)
-                os.chmod(tmp, 0o666 & ~mask)   # a new file's usual mode, not mkstemp's 0600
+                tmp = staged_bytes(csv, df.to_csv(index=False).encode())
             except OSError as exc:
                 raise UsageError(f"cannot write {args.csv!r}: {exc.strerror or exc}", hint="check the path") from None
         if args.plot:
@@ -415,7 +410,7 @@ def _write_outputs(df, args, varying) -> None:
             plot_sweep(df, args.plot, varying)
         if tmp is not None:
             try:
-                os.replace(tmp, csv)
+                atomic_move(tmp, csv)
             except OSError as exc:
                 raise UsageError(f"cannot write {args.csv!r}: {exc.strerror or exc}", hint="check the path") from None
             tmp = None

@@ -44,25 +44,40 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Write `data` to `path` so that `path` is either absent or complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{path.name}"
+    tmp = staged_bytes(path, data)
+    try:
+        return atomic_move(tmp, path)
+    except BaseException:  # the rename failed or was interrupted: never leave the temporary behind
+        _discard(tmp)
+        raise
+
+
+def staged_bytes(path: Path, data: bytes) -> Path:
+    """The first half of atomic_write_bytes, for a command that writes more than one file and
+    names none until all are written (`sweep --csv --plot`): `data` in a hidden temporary file
+    beside `path`, flushed and fsync'ed; atomic_move puts it in place. Nothing is left behind
+    if the write fails."""
+    tmp = Path(path).parent / f"{TMP_PREFIX}{os.getpid()}-{Path(path).name}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:  # KeyboardInterrupt included: never leave the temporary behind
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        _discard(tmp)
         raise
-    _fsync_dir(path.parent)
-    return path
+    return tmp
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink()
+    except OSError:
+        pass
 
 
 def atomic_move(src: Path, dest: Path) -> Path:
-    """Move a finished file (e.g. a memory snapshot written by the child) into place atomically."""
+    """Move a finished file (a staged one, or a memory snapshot written by the child) into place atomically."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(src, dest)
     _fsync_dir(dest.parent)
