@@ -611,7 +611,7 @@ def _rotary_dim(arch: Architecture, cfg: dict, head_dim: int, model_id: str) -> 
     1.0; Phi3RotaryEmbedding.compute_default_rope_parameters makes `int(head_dim * factor)` wide
     tables and apply_rotary_pos_emb rotates that many leading dims, passing the rest through);
     0 where every dim is rotated. The other families' rotary embeddings ignore the field
-    (models/llama/modeling_llama.py LlamaRotaryEmbedding). docs/architectures.md#phi3"""
+    (models/llama/modeling_llama.py LlamaRotaryEmbedding). docs/architectures.md#phi3-at-phi-4-sizes"""
     if not arch.rope_pass_cat:
         return 0
     params = cfg.get("rope_parameters")
