@@ -18,10 +18,10 @@ from vramplan.core._gpus import Gpu, resolve_gpu
 from vramplan.core._models import resolve
 from vramplan.core._setup import TrainSetup
 from vramplan.cuda._alloc_conf import as_conf
-from vramplan.cuda._fast_replay import covers, replay_program
+from vramplan.cuda._fast_replay import EMPTY_CACHE, covers, replay_program
 from vramplan.cuda._reserved import replay_lumped
 from vramplan.estimate._estimator import estimate
-from vramplan.estimate._events import FsdpShards, compiled, ddp_buckets, place_of
+from vramplan.estimate._events import FsdpShards, Program, compiled, ddp_buckets, place_of
 from vramplan.estimate._inventory import static_memory
 from vramplan.plan._planner import plan
 from vramplan.plan._sharding import (Parallel, ddp_trainable, distribute, effective_setup, per_gpu, splits_for,
@@ -132,6 +132,25 @@ def test_one_pass_replay_of_zero_streams():
         static = static_memory(spec, setup)
         program = compiled(spec, setup, static, exact_layers=reserved.exact_layers_for(setup), zero=z)
         _assert_one_pass_equals_lumped(program, setup)
+
+
+@pytest.mark.parametrize("sizes, capacity", [
+    ([30 * 2**20, 512], 31 * 2**20),     # the 512 B request needs a 2 MiB small segment past the card
+    ([512], 2**20),
+    ([512], 2 * 2**20),                  # the segment fits: no release, no OOM
+])
+def test_a_small_pool_growth_before_empty_cache_meets_the_capacity(sizes, capacity):
+    """empty_cache right after a small-pool growth: the growth is settled against the capacity
+    first, as before any large-pool event (release_cached_blocks, one retry, else the OOM), and
+    the one-pass replay is replay_lumped field for field."""
+    ops = list(range(len(sizes))) + [EMPTY_CACHE]
+    program = Program(ops, [], tuple(sizes), (), {}, (), None, None, None, len(sizes))
+    stream = program.stream(list(sizes), lump_small=True)
+    conf = as_conf("")
+    ref = replay_lumped(stream.events, conf, capacity, place=lambda i: place_of(stream, i))
+    assert replay_program(ops, [], list(sizes), len(sizes), conf, capacity) == ref
+    assert ref.peak_reserved_bytes <= capacity
+    assert (ref.oom is not None) == (capacity < sum(sizes) - 512 + 2 * 2**20)
 
 
 def test_settings_outside_the_one_pass_replay_take_the_full_model():

@@ -231,7 +231,9 @@ def test_cli_alloc_conf_flag(capsys):
 @pytest.mark.parametrize("capacity", [None, 6 * 2**30])
 def test_the_small_pool_carried_as_a_level_replays_the_same(model, kw, conf, capacity):
     """The estimate's stream carries the small pool as its level (events._Builder(lump=True)):
-    the replay is the same as replaying every small request, peaks, retries and OOM alike."""
+    on these setups the replay is the one replay_stream gives by lumping the request-by-request
+    stream itself, peaks, retries and OOM alike (the two part where a phase starts between two
+    small-pool growths: docs/allocator.md#estimate-stream)."""
     from vramplan.cuda._reserved import replay_lumped
 
     spec, setup = resolve(model), TrainSetup(**kw)

@@ -231,23 +231,9 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                     continue
                 this_key = key
                 key += 1
-            elif op == EMPTY_CACHE:  # empty_cache, an event of the lumped stream like the others
-                if pending_need:
-                    if allocated + pending_high > peak_allocated:
-                        peak_allocated = allocated + pending_high
-                    small_reserved = pending_need
-                    total = large + small_reserved
-                    if total > peak_reserved:
-                        peak_reserved, fragmentation = total, total - allocated - pending_level
-                    if allocated + pending_level > peak_allocated:
-                        peak_allocated = allocated + pending_level
-                    pending_need = 0
-                if allocated + high > peak_allocated:
-                    peak_allocated = allocated + high
-                high = level
-                index += 1
-                large -= _release(pools, cells, segments)
-                continue
+            elif op == EMPTY_CACHE:  # empty_cache, an event of the lumped stream like the others: a
+                size = -1            # small-pool growth before it is settled first, against the
+                # capacity as before a large-pool event (release, retry, else the OOM)
             else:
                 this_key = ~op
                 ptr = held[this_key]
@@ -255,7 +241,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                     level += ptr
                     continue
                 size = 0
-            if pool_of:              # the large pool of this allocation's stream
+            if pool_of and size >= 0:   # the large pool of this allocation's stream
                 free_keys = pool_of[this_key]
             if pending_need:         # the growth event before this large-pool event, through replay_lumped
                 if allocated + pending_high > peak_allocated:
@@ -279,7 +265,9 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                 peak_allocated = allocated + high
             high = level
             index += 1
-            if size:                 # malloc
+            if size < 0:             # empty_cache: release_cached_blocks
+                large -= _release(pools, cells, segments)
+            elif size:               # malloc
                 shifted = shifted_of[op]
                 j = find(free_keys, shifted)                  # get_free_block: best fit
                 if j < length(free_keys):
