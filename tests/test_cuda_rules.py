@@ -253,6 +253,18 @@ def test_bf16_under_arch_names_the_compute_capability_not_its_representative_car
     assert "compute dtype fp16: an sm75 GPU has no bf16 hardware" in json.loads(out)["assumptions"]
 
 
+@pytest.mark.parametrize("flags, amp", [
+    (("--dtype", "fp32", "--amp", "bf16", "--method", "lora"), "--amp bf16"),
+    (("--recipe", "trainer", "--dtype", "fp32", "--method", "lora"), "--amp bf16 (--recipe trainer's)"),
+])
+@pytest.mark.parametrize("command", ["estimate", "plan", "simulate"])
+def test_bf16_autocast_below_sm80_is_refused_as_bf16_weights_are(capsys, command, flags, amp):
+    code, _, err = run(capsys, command, "llama-3-8b", "--gpu", "T4", *flags)
+    assert code == 2
+    assert err.strip() == (f"Error: T4 (sm75) has no bf16 hardware; {amp} is not planned there "
+                           "(hint: use --amp fp16 (or amp='fp16'))")
+
+
 def test_bare_size_states_the_assumed_arch_and_arch_flag_sets_it(capsys):
     _, out, _ = run(capsys, "estimate", "llama-3-8b", "--gpu", "16GB", "--json")
     data = json.loads(out)

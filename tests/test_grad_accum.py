@@ -134,8 +134,10 @@ def test_a_setup_that_accumulates_gets_no_multi_gpu_answer(capsys):
     (["plan", "llama-2-7b", "--gpu", "24GB", "--gpus", "4", "--strategy", "zero3", "--recipe", "qlora-paper"],
      "Error: --grad-accum 16 is modelled on one GPU and under DDP, not under zero3"),
     (["estimate", "Qwen/Qwen2.5-0.5B", "--method", "full", "--grad-accum", "2"],
-     "Error: --grad-accum with a tied embedding trained in full is not modelled (hint: drop --grad-accum (the peak "
-     "of one micro-step), or use --method lora / qlora)"),
+     "Error: --grad-accum 2 with a tied embedding trained in full is not modelled (hint: use --grad-accum 1 (the "
+     "peak of one micro-step), or --method lora / qlora)"),
+    (["estimate", "Qwen/Qwen2.5-0.5B", "--recipe", "qlora-paper", "--method", "full"],
+     "Error: --grad-accum 16 (--recipe qlora-paper's) with a tied embedding trained in full is not modelled"),
 ])
 def test_refusals_are_one_line(capsys, argv, message):
     assert main(argv) == 2

@@ -269,6 +269,7 @@ def test_too_large_file_is_refused(tmp_path):
     (["--alloc-conf", "max_split_size_mb:2"], "Error: invalid allocator settings 'max_split_size_mb:2'"),
     (["--check", "--alloc-conf", "expandable_segments:True"], "Error: --check replays the recorded settings"),
     (["--capacity", "lots"], "Error: cannot read 'lots' as a memory size"),
+    (["--capacity", "0GB"], "Error: memory size '0GB' must be positive (hint: e.g. --capacity 24GB)"),
 ])
 def test_cli_bad_flags_pinned(capsys, argv, message):
     code, out, err = run(capsys, "replay", SMALL_TRACE, *argv)

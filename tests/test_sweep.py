@@ -140,3 +140,22 @@ def test_grid_flags_with_gpu_all_are_refused(capsys):
 def test_a_recipe_list_in_the_library_is_one_error():
     with pytest.raises(vramplan.UsageError, match=r"unknown recipe \['trainer'\]"):
         vramplan.estimate(QWEN, recipe=["trainer"])
+
+
+def test_a_parallel_combination_that_cannot_run_is_a_row_with_its_reason():
+    """--offload cpu runs with fsdp but not ddp, --strategy single with 1 GPU but not 2: those
+    combinations are rows with their reasons, the others are computed as plan computes them."""
+    df = vramplan.sweep(QWEN, "8GB", gpus=2, strategy=["ddp", "fsdp"], offload=["none", "cpu"])
+    rows = {(r.strategy, r.offload): r for r in df.itertuples()}
+    assert rows[("ddp", "cpu")].error.startswith("--offload cpu needs a sharding engine, not ddp")
+    assert rows[("fsdp", "cpu")].error is None and rows[("ddp", "none")].error is None
+    single = vramplan.plan(QWEN, gpu="8GB", gpus=2, strategy="fsdp", offload="cpu", recommend=False)
+    assert rows[("fsdp", "cpu")].device_total_bytes == single.need_bytes
+    df = vramplan.sweep(QWEN, "8GB", gpus=[1, 2], strategy=["single", "ddp"])
+    bad = df[df.error.notna()]
+    assert list(zip(bad.gpus, bad.strategy)) == [(2, "single")]
+
+
+def test_a_parallel_value_no_combination_runs_with_is_bad_input(capsys):
+    assert main(["sweep", QWEN, "--gpu", "8GB", "--gpus", "2", "--strategy", "ddp,fsdpp"]) == 2
+    assert capsys.readouterr().err.startswith("Error: unknown strategy 'fsdpp'")

@@ -146,7 +146,7 @@ def cmd_plan(args) -> int:
             return setup_from_args(argparse.Namespace(**{**vars(args), "gpu": card.name}))
     else:
         gpu = target_gpu(args)
-        check_dtype(cuda_arch_from_args(args), setup.dtype)   # estimate's refusal, in its words
+        check_dtype(cuda_arch_from_args(args), setup.dtype, setup)   # estimate's refusal, in its words
     result = plan(model, setup, gpu, gpus=args.gpus, strategy=args.strategy,
                   offload=args.offload or "none", parallel=parallel, batches=batches, seqs=seqs, tight=args.tight,
                   recommend=args.recommend, alloc_conf=alloc_conf_from_args(args), workers=args.workers,

@@ -44,7 +44,7 @@ def cmd_replay(args) -> int:
                          hint="drop --alloc-conf / --capacity, or drop --check for a what-if replay")
     capacity = None
     if args.capacity is not None:
-        capacity = parse_size(args.capacity)
+        capacity = parse_size(args.capacity, "--capacity")
     if args.device is not None and args.device < 0:
         raise UsageError(f"--device must be >= 0, got {args.device}", hint="devices are numbered from 0")
     trace = load_trace(args.snapshot, device=args.device)

@@ -32,6 +32,30 @@ CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "
 # `getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)`).
 DERIVED = {"num_key_value_heads": "num_attention_heads", "head_dim": "hidden_size / num_attention_heads"}
 
+# Other names transformers reads as the same field: each config class's `attribute_map` (alias ->
+# field; PretrainedConfig.__setattr__ / __getattribute__ redirect the alias), for the fields the
+# shape model reads. A config.json may use either name (transformers 5.23:
+# MixtralConfig / GptOssConfig / Qwen3MoeConfig {"num_experts": "num_local_experts"},
+# DeepseekV3Config {"num_local_experts": "n_routed_experts"}).
+FIELD_ALIASES = {"mixtral": (("num_experts", "num_local_experts"),),
+                 "gpt_oss": (("num_experts", "num_local_experts"),),
+                 "qwen3_moe": (("num_experts", "num_local_experts"),),
+                 "deepseek_v3": (("num_local_experts", "n_routed_experts"),)}
+
+# An explicit null, as transformers reads it. Its config classes are dataclasses: a field typed
+# without None (every core shape field, the expert counts) refuses a null when the class is built
+# (strict field validation), so the estimate refuses it too; these fields keep a null's meaning:
+# - NULL_MEANS_NONE: no sliding window (MistralConfig `sliding_window: int | None`), no logit
+#   softcapping (Gemma2Config `final_logit_softcapping` / `attn_logit_softcapping: float | None`,
+#   Gemma2Model skips the tanh when None), no query compression (DeepseekV3Config
+#   `q_lora_rank: int | None`: q_proj instead of q_a_proj / q_b_proj), whatever the class default;
+# - DERIVED: derived as the class derives an absent one (below), not the class default
+#   (Qwen2Config defaults num_key_value_heads to 32, but its __post_init__ sets a None to
+#   num_attention_heads).
+NULL_MEANS_NONE = ("sliding_window", "final_logit_softcapping", "attn_logit_softcapping", "q_lora_rank")
+NULL_REFUSED = (*CORE_SHAPE_FIELDS, "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
+                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim")
+
 # model types whose spec reads a sliding window (see models._sliding_window).
 WINDOWED = {"mistral": ("sliding_window",), "mixtral": ("sliding_window",), "phi3": ("sliding_window",),
             "qwen2": ("use_sliding_window", "sliding_window"), "ministral": ("sliding_window",),
@@ -42,6 +66,46 @@ WINDOWED = {"mistral": ("sliding_window",), "mixtral": ("sliding_window",), "phi
 # Fields read only when another one is absent (Llama4TextConfig.__post_init__: the NoPE interval
 # without no_rope_layers, the MoE interleave step without moe_layers)
 READ_WITHOUT = {"no_rope_layer_interval": "no_rope_layers", "interleave_moe_layer_step": "moe_layers"}
+
+
+def read_aliases(config: dict, arch, model_id: str) -> dict:
+    """`config` with each alias (FIELD_ALIASES) read under the name the shape model reads
+    (arch.experts_key for the expert count); ModelError where both names are given, differently."""
+    out = dict(config)
+    for alias, field_name in FIELD_ALIASES.get(arch.model_type, ()):
+        names = (alias, field_name)
+        given = {name: config[name] for name in names if config.get(name) is not None}
+        if len(set(map(repr, given.values()))) > 1:
+            raise ModelError(f"config for {model_id} gives both {alias} ({given[alias]!r}) and {field_name} "
+                             f"({given[field_name]!r}), which transformers reads as one field",
+                             hint=f"keep one of them in config.json")
+        read = arch.experts_key if arch.experts_key in names else field_name
+        if given and read not in given:
+            out[read] = next(iter(given.values()))
+    return out
+
+
+def refuse_nulls(config: dict, arch, model_id: str) -> None:
+    """ModelError (one line) for a null in a field transformers' config class types without None
+    (NULL_REFUSED, and the family's expert count)."""
+    refused = (*NULL_REFUSED, arch.experts_key) if arch.moe else NULL_REFUSED
+    for key in refused:
+        if key in config and config[key] is None:
+            default = arch.defaults.get(key)
+            hint = (f"give {key} in config.json" + (f", or leave it out for the class default {default!r}"
+                                                     if default is not None else ""))
+            raise ModelError(f"config for {model_id}: {key} is null; {CONFIG_CLASSES.get(arch.model_type, 'its config class')} "
+                             "needs a value", hint=hint)
+
+
+def with_nulls(config: dict, cfg: dict) -> dict:
+    """`cfg` (class defaults under the config's non-null fields) with each explicit null read as
+    transformers reads it: None for NULL_MEANS_NONE and DERIVED fields (DERIVED ones are then
+    derived by the spec as from absence)."""
+    for key in (*NULL_MEANS_NONE, *DERIVED):
+        if key in config and config[key] is None:
+            cfg[key] = None
+    return cfg
 
 
 def _given(config: dict, key: str) -> bool:

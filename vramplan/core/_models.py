@@ -14,7 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from vramplan.core._architectures import ARCHITECTURES, Architecture, recurrent_layer_kinds, supported
-from vramplan.core._config_fields import check_field_types, defaults_applied, require_core_fields
+from vramplan.core._config_fields import (check_field_types, defaults_applied, read_aliases, refuse_nulls,
+                                         require_core_fields, with_nulls)
 from vramplan.core._errors import ModelError, UnmodelledError
 from vramplan.core._record import record
 
@@ -298,6 +299,54 @@ MXFP4_NOTE = ("config.json names an MXFP4 checkpoint (quantization_config quant_
               "transformers refuses a BitsAndBytesConfig for it, so a 4-bit run means a bf16 copy loaded with "
               "bitsandbytes, which quantizes the nn.Linear layers only")
 
+# Pre-quantized checkpoints (quantization_config.quant_method) the estimate plans: MXFP4 (loaded
+# dequantized, MXFP4_NOTE) and bitsandbytes (a checkpoint saved after BitsAndBytesConfig
+# quantization: QLoRA on it holds the same 4-bit or int8 layout --quant plans, made on load from
+# 16-bit weights). Any other method (GPTQ, AWQ, FP8, HQQ, ...) stores its own packed layout and
+# kernels, which the estimate does not know.
+BNB_NOTE = ("config.json is a bitsandbytes-quantized checkpoint's (quantization_config quant_method bitsandbytes): "
+            "its layout is the one --quant plans; the load phase is planned as a quantization of 16-bit weights")
+
+
+def _quantized_checkpoint(quant, model_id: str) -> tuple[str, ...]:
+    """The note for a pre-quantized checkpoint the estimate plans, or UnmodelledError for one it
+    cannot."""
+    if quant is None:
+        return ()
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method == "mxfp4":
+        return (MXFP4_NOTE,)
+    if method == "bitsandbytes":
+        return (BNB_NOTE,)
+    raise UnmodelledError(f"config for {model_id} is a pre-quantized checkpoint (quantization_config "
+                          f"{('quant_method ' + repr(method)) if method is not None else repr(quant)}), whose packed "
+                          "weights and kernels the estimate does not model",
+                          hint="give the config of the 16-bit base model: vramplan plans bitsandbytes "
+                               "quantization of its weights (QLoRA)")
+
+
+# Where the multimodal config builds its text config with a fixed class, whatever text_config's
+# own model_type says (transformers 5.23 Gemma3Config / Llama4Config sub_configs_defaults
+# "text_config": Gemma3TextConfig / Llama4TextConfig); Mistral3Config builds it with AutoConfig
+# from its model_type, "mistral" when absent (SubConfigSpec(config_class=AutoConfig, model_type="mistral")).
+FIXED_TEXT_CLASS = ("gemma3", "llama4")
+
+
+def _text_config(config: dict, model_id: str) -> dict:
+    """The decoder's config of a multimodal config.json (TEXT_CONFIG_TYPES), as transformers builds
+    it. Gemma3ForConditionalGeneration ties its lm_head by the outer config's
+    tie_word_embeddings (Gemma3Config, default True), not text_config's: the spec reads that one."""
+    outer, text = config["model_type"], config.get("text_config")
+    if not isinstance(text, dict):
+        raise ModelError(f"config for {model_id}: a {outer} config.json holds its decoder's fields in "
+                         f"text_config, got {text!r}", hint="give text_config as an object (the decoder's config)")
+    text = {"model_type": TEXT_CONFIG_TYPES[outer], **text}
+    if outer in FIXED_TEXT_CLASS:
+        text["model_type"] = TEXT_CONFIG_TYPES[outer]
+    if outer in WHOLE_MULTIMODAL:
+        text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", True))
+    return text
+
 
 # Upper bounds of config.json shape fields, far past any released model: Llama-3.1-405B has
 # hidden_size 16,384, intermediate_size 53,248, 126 layers and 128 heads, Gemma 3 a vocabulary of
@@ -352,18 +401,22 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         raise ModelError(f"config for {model_id} is not a JSON object",
                          hint="a Hugging Face config.json is an object like {\"model_type\": \"llama\", ...}")
     notes = ()
-    if config.get("model_type") in TEXT_CONFIG_TYPES and isinstance(config.get("text_config"), dict):
+    if not isinstance(config.get("model_type", ""), str):
+        raise ModelError(f"config for {model_id}: model_type must be a string, got {config['model_type']!r}",
+                         hint=f"e.g. \"model_type\": \"llama\"; one of {supported()}")
+    if config.get("model_type") in TEXT_CONFIG_TYPES:
         outer = config["model_type"]
-        config = {"model_type": TEXT_CONFIG_TYPES[outer], **config["text_config"]}
+        config = _text_config(config, model_id)
         if outer in TEXT_CONFIG_NOTES:
             notes = (TEXT_CONFIG_NOTES[outer].format(text=config["model_type"]),)
-    quant = config.get("quantization_config")
-    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
-        notes += (MXFP4_NOTE,)
+    notes += _quantized_checkpoint(config.get("quantization_config"), model_id)
     model_type = config.get("model_type")
     if model_type is None:
         raise ModelError(f"config for {model_id} has no model_type",
                          hint=f"add \"model_type\": one of {supported()}")
+    if not isinstance(model_type, str):
+        raise ModelError(f"config for {model_id}: text_config.model_type must be a string, got {model_type!r}",
+                         hint=f"one of {supported()}")
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
         recurrent = recurrent_layer_kinds(config)
@@ -376,12 +429,12 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
         raise ModelError(f"architecture {model_type!r} ({model_id}) is not known to the analytic model",
                          hint=f"supported model_type values: {supported()}; `vramplan simulate` traces any "
                               f"architecture transformers can build")
+    config = read_aliases(config, arch, model_id)
     check_field_types(config, arch, model_id)
-    cfg = {**arch.defaults, **{k: v for k, v in config.items() if v is not None}}
-    if "sliding_window" in config and config["sliding_window"] is None:
-        # an explicit null is kept by transformers (no window), whatever the class default
-        # (MinistralConfig / Olmo3Config default to 4096; Mistral-Small-3.1's text_config says null)
-        cfg["sliding_window"] = None
+    refuse_nulls(config, arch, model_id)
+    # an explicit null is kept where transformers keeps it (no window: MinistralConfig / Olmo3Config
+    # default to 4096, Mistral-Small-3.1's text_config says null), else the class default applies
+    cfg = with_nulls(config, {**arch.defaults, **{k: v for k, v in config.items() if v is not None}})
 
     def need_int(key: str) -> int:
         value = cfg.get(key)
@@ -396,6 +449,11 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
 
     hidden, heads = need_int("hidden_size"), need_int("num_attention_heads")
     cfg.setdefault("num_key_value_heads", heads)
+    window_size = cfg.get("sliding_window")
+    if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int)
+                                    or window_size <= 0):
+        raise ModelError(f"config for {model_id}: sliding_window must be a positive integer or null, got "
+                         f"{window_size!r}", hint="fix sliding_window in config.json (null: no window)")
     if cfg.get("num_key_value_heads") is None:
         cfg["num_key_value_heads"] = heads
     if cfg.get("head_dim") is None:
@@ -551,7 +609,13 @@ def _mla_spec(config: dict, cfg: dict, arch: Architecture, model_id: str, source
               kv_lora_rank=need_int("kv_lora_rank"), qk_nope=need_int("qk_nope_head_dim"),
               qk_rope=need_int("qk_rope_head_dim"), v_head_dim=need_int("v_head_dim"))
     inter, vocab = need_int("intermediate_size"), need_int("vocab_size")
-    moe_inter, shared = need_int("moe_intermediate_size"), cfg.get("n_shared_experts") or 0
+    moe_inter = need_int("moe_intermediate_size")
+    for key in ("n_shared_experts", "first_k_dense_replace"):   # counts: 0 is none
+        value = cfg.get(key) or 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ModelError(f"config for {model_id}: {key} must be a whole number of at least 0, got {value!r}",
+                             hint=f"fix {key} in config.json")
+    shared = cfg.get("n_shared_experts") or 0
     dense = min(cfg.get("first_k_dense_replace") or 0, layers)
     groups = (need_int("n_group"), need_int("topk_group"))
     if experts % groups[0] or groups[1] > groups[0]:

@@ -141,9 +141,7 @@ class TrainSetup:
             # QLoRA's float32 hidden states under autocast are --prepare-kbit (docs/recipes.md#limits)
             hint = (f"use --dtype {self.amp}, or --prepare-kbit for float32 hidden states" if self.quantized
                     else f"use --dtype {self.amp} or fp32, or --amp none")
-            # name the recipe where the autocast is its default, not a flag the user typed
-            amp = f"--amp {self.amp}" + (f" (--recipe {self.recipe}'s)" if self.recipe and
-                                         RECIPES[self.recipe].amp == self.amp else "")
+            amp = self.flag_text("amp")
             raise UsageError(f"{amp} is modelled for {self.amp} weights, or fp32 weights with --method "
                              f"lora / full (got --dtype {self.dtype}, --method {self.method})", hint=hint)
         if self.amp_over_fp32 and self.attn != "sdpa":
@@ -171,6 +169,14 @@ class TrainSetup:
             # float32 mask promoting the 16-bit scores is not (docs/recipes.md#limits)
             raise UsageError(f"--amp {self.amp} with --prepare-kbit and --attn {self.attn} is modelled with --recast",
                              hint="use --recast (--recipe qlora-paper), --attn sdpa, or --amp none")
+
+    def flag_text(self, name: str) -> str:
+        """`--flag value` for a field, naming the recipe where the value is its default rather than a
+        flag the user typed (`--amp bf16 (--recipe trainer's)`)."""
+        text = f"--{name.replace('_', '-')} {getattr(self, name)}"
+        if self.recipe and getattr(RECIPES[self.recipe], name, None) == getattr(self, name):
+            text += f" (--recipe {self.recipe}'s)"
+        return text
 
     # --- derived facts, named so the estimator reads like the recipe -------------------------
     @property

@@ -20,10 +20,11 @@ GiB = 2**30
 MiB = 2**20
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--gpu") -> int:
     """'48GB' -> 48_000_000_000, '24GiB' -> 25_769_803_776, '80G' -> 80 * 10**9 (SI, like GB).
 
-    Raises UsageError for anything that is not a positive amount with a known unit.
+    Raises UsageError for anything that is not a positive amount with a known unit; its hint
+    shows `flag`, the option the size was given to.
     """
     match = _SIZE.match(str(text))
     if not match:
@@ -36,7 +37,7 @@ def parse_size(text: str) -> int:
                          hint="use B, KB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024)")
     value = round(float(number) * factor)
     if value <= 0:
-        raise UsageError(f"memory size {text!r} must be positive", hint="e.g. --gpu 24GB")
+        raise UsageError(f"memory size {text!r} must be positive", hint=f"e.g. {flag} 24GB")
     return value
 
 

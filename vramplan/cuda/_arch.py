@@ -100,9 +100,13 @@ def hardware_name(arch: CudaArch) -> str:
     return f"{arch.name} ({arch.label})"
 
 
-def check_dtype(arch: CudaArch, dtype: str) -> None:
+def check_dtype(arch: CudaArch, dtype: str, setup=None) -> None:
     """bf16 below sm80 runs without tensor-core support and refuses every fused attention kernel
-    (docs/cuda-kernels.md#bf16-on-sm70-and-sm75): refused rather than planned."""
+    (docs/cuda-kernels.md#bf16-on-sm70-and-sm75): refused rather than planned, as weights (`dtype`)
+    and as the autocast dtype of `setup` (a TrainSetup: its matmuls and attention run in bf16)."""
     if dtype == "bf16" and not arch.bf16:
         raise UsageError(f"{hardware_name(arch)} has no bf16 hardware; bf16 training is not planned there",
                          hint="use --dtype fp16 (or dtype='fp16')")
+    if setup is not None and setup.amp == "bf16" and not arch.bf16:
+        raise UsageError(f"{hardware_name(arch)} has no bf16 hardware; {setup.flag_text('amp')} is not planned there",
+                         hint="use --amp fp16 (or amp='fp16')")

@@ -167,7 +167,7 @@ def estimate(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str |
     gpu_obj = resolve_gpu(gpu) if gpu is not None else None
     cuda_arch = target_arch(gpu_obj, arch)
     setup = library_setup(setup, flags, default_dtype(cuda_arch), spec.arch.default_attention)
-    check_dtype(cuda_arch, setup.dtype)
+    check_dtype(cuda_arch, setup.dtype, setup)
     if setup.attn not in spec.arch.attention:
         raise ModelError(f"{spec.id} ({spec.model_type}) cannot train with attn={setup.attn!r} in transformers 5",
                          hint=f"use --attn {' or '.join(spec.arch.attention)}")

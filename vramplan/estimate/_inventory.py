@@ -349,8 +349,8 @@ def static_memory(spec: ModelSpec, setup: TrainSetup) -> Static:
     if setup.accumulates and spec.tied and setup.method == "full":
         # the tied weight's two gradients meet in its AccumulateGrad input buffer before they are
         # added into .grad (estimate/_ops.py tied_embedding_grad): not modelled across micro-steps
-        raise UsageError("--grad-accum with a tied embedding trained in full is not modelled",
-                         hint="drop --grad-accum (the peak of one micro-step), or use --method lora / qlora")
+        raise UsageError(f"{setup.flag_text('grad_accum')} with a tied embedding trained in full is not modelled",
+                         hint="use --grad-accum 1 (the peak of one micro-step), or --method lora / qlora")
     n = spec.layers
     weights = quant_constants = 0
     trainable: Counter[tuple[int, ...]] = Counter()  # shape -> number of tensors

@@ -103,19 +103,35 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
             alone = build({name: value}) if value not in runs[j] else None
             if isinstance(alone, VramplanError):
                 raise alone
+
+    def parallel(gpus_, strategy_, offload_) -> Parallel | VramplanError:
+        try:
+            return Parallel(gpus=gpus_, strategy=strategy_, offload=offload_)
+        except VramplanError as exc:
+            return exc
+    plans = {values: parallel(*values) for values in product(*par_grid.values())}
+    for j, values in enumerate(par_grid.values()):
+        # as for the setup axes: a value no combination can run with is bad input (a typo), one that
+        # runs with some (--offload cpu with fsdp, not ddp) makes rows with reasons for the others
+        for value in values:
+            with_it = [p for key, p in plans.items() if key[j] == value]
+            if all(isinstance(p, VramplanError) for p in with_it):
+                raise with_it[0]
     evaluators: dict[Parallel, Evaluator] = {}
     combinations = list(product(*grid.values(), *par_grid.values()))
 
     def one(i: int) -> tuple[dict, VramplanError | None]:
         """(the row of combination i, the error that made it a row without figures)"""
         chosen = dict(zip(names, combinations[i]))
-        par = Parallel(gpus=chosen.pop("gpus"), strategy=chosen.pop("strategy"), offload=chosen.pop("offload"))
         row = {"model": spec.id, "gpu": g.name if g else None, "gpu_memory_bytes": g.memory_bytes if g else None,
-               "gpus": par.gpus, "strategy": par.strategy, "offload": par.offload}
+               "gpus": chosen.pop("gpus"), "strategy": chosen.pop("strategy"), "offload": chosen.pop("offload")}
         try:
             s = setups[combinations[i][:len(grid)]]
-            if isinstance(s, VramplanError):
-                raise s
+            par = plans[combinations[i][len(grid):]]
+            for reason in (s, par):
+                if isinstance(reason, VramplanError):
+                    raise reason
+            row.update({"gpus": par.gpus, "strategy": par.strategy, "offload": par.offload})
             ev = evaluators.get(par)
             if ev is None:
                 ev = evaluators[par] = Evaluator(spec, par, g, alloc_conf)

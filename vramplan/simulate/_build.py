@@ -91,10 +91,12 @@ def simulation_spec(name: str):
     """The spec simulate runs: the analytic registry's ModelSpec when it knows the type (so the
     estimate can stand beside it), otherwise a ConfigSpec that transformers builds."""
     from vramplan.core._architectures import ARCHITECTURES
-    from vramplan.core._models import resolve, resolve_config
+    from vramplan.core._models import TEXT_CONFIG_TYPES, resolve, resolve_config
 
     config, model_id, source = resolve_config(name)
-    if isinstance(config, dict) and config.get("model_type") in ARCHITECTURES:
+    # a multimodal config whose decoder the registry knows (Gemma 3's gemma3 -> gemma3_text) is a
+    # ModelSpec too: it builds the whole multimodal class (ModelSpec.build_config)
+    if isinstance(config, dict) and (config.get("model_type") in ARCHITECTURES or config.get("model_type") in TEXT_CONFIG_TYPES):
         try:
             return resolve(name)
         except UnmodelledError as exc:   # a setting the estimate does not model: transformers builds it

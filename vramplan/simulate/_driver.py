@@ -49,7 +49,7 @@ def simulate(spec, setup: TrainSetup | None = None, device: str = "meta", exact:
         default_attn = spec.arch.default_attention
     setup = library_setup(setup, flags, default_dtype(cuda_arch), default_attn)
     refuse_4bit_experts(spec, setup)
-    check_dtype(cuda_arch, setup.dtype)
+    check_dtype(cuda_arch, setup.dtype, setup)
     with collector_paused():
         return _run(spec, setup, device, exact, progress, cuda_arch, alloc_conf, gpu)
 

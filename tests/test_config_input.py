@@ -1,0 +1,133 @@
+"""config.json fields read as transformers 5 reads them: attribute_map aliases, explicit nulls,
+multimodal wrappers and pre-quantized checkpoints (core/_config_fields.py, core/_models.py);
+malformed values give one-line errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vramplan.core._errors import ModelError, UnmodelledError
+from vramplan.core._models import spec_from_config
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def config(name: str, **changes) -> dict:
+    out = json.loads((CONFIGS / f"{name}.json").read_text())
+    for key, value in changes.items():
+        if value is _DROP:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+_DROP = object()
+
+
+def spec(cfg: dict):
+    return spec_from_config(cfg, "test", "test")
+
+
+@pytest.mark.parametrize("name, field, alias", [
+    ("qwen3moe-experts", "num_experts", "num_local_experts"),     # Qwen3MoeConfig.attribute_map
+    ("mixtral-moe", "num_local_experts", "num_experts"),          # MixtralConfig.attribute_map
+    ("gptoss-sinks", "num_local_experts", "num_experts"),         # GptOssConfig.attribute_map
+    ("deepseek-v3-moonlight", "n_routed_experts", "num_local_experts"),  # DeepseekV3Config.attribute_map
+])
+def test_an_expert_count_under_its_alias_is_read(name, field, alias):
+    base = config(name)
+    count = base[field]
+    renamed = config(name, **{field: _DROP, alias: count})
+    assert spec(renamed).num_experts == spec(base).num_experts == count
+    assert spec(renamed).num_params == spec(base).num_params
+    with pytest.raises(ModelError) as err:
+        spec(config(name, **{alias: count * 2}))
+    message = err.value.message
+    assert message.startswith("config for test gives both ")
+    assert message.endswith(", which transformers reads as one field")
+    assert f"{alias} ({count * 2})" in message and f"{field} ({count})" in message
+
+
+def test_a_null_softcap_is_no_softcap_not_the_class_default():
+    # Gemma2Config final_logit_softcapping: float | None = 30.0; None skips the tanh
+    base = spec(config("gemma2-softcap"))
+    assert base.final_logit_softcap is not None
+    assert spec(config("gemma2-softcap", final_logit_softcapping=None)).final_logit_softcap is None
+    assert spec(config("gemma2-softcap", attn_logit_softcapping=None)).attn_logit_softcap is None
+
+
+@pytest.mark.parametrize("name", ["qwen2-tied-bias", "qwen3-qknorm", "llama-gqa"])
+def test_a_null_kv_head_count_is_the_head_count(name):
+    # Qwen2Config defaults num_key_value_heads to 32, but __post_init__ sets a None to the heads
+    cfg = config(name, num_key_value_heads=None)
+    assert spec(cfg).kv_heads == cfg["num_attention_heads"]
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "intermediate_size", "vocab_size"])
+def test_a_null_core_field_is_refused_as_transformers_refuses_it(field):
+    with pytest.raises(ModelError) as err:
+        spec(config("llama-gqa", **{field: None}))
+    assert err.value.message == f"config for test: {field} is null; LlamaConfig needs a value"
+    assert err.value.hint.startswith(f"give {field} in config.json, or leave it out for the class default ")
+
+
+def test_a_null_expert_count_is_refused():
+    with pytest.raises(ModelError, match="num_local_experts is null; MixtralConfig needs a value"):
+        spec(config("mixtral-moe", num_local_experts=None))
+
+
+def test_model_type_must_be_a_string():
+    with pytest.raises(ModelError) as err:
+        spec(config("llama-gqa", model_type=["llama"]))
+    assert err.value.message == "config for test: model_type must be a string, got ['llama']"
+
+
+@pytest.mark.parametrize("field", ["first_k_dense_replace", "n_shared_experts"])
+def test_negative_deepseek_counts_are_refused(field):
+    with pytest.raises(ModelError) as err:
+        spec(config("deepseek-v3-moonlight", **{field: -1}))
+    assert err.value.message == f"config for test: {field} must be a whole number of at least 0, got -1"
+
+
+@pytest.mark.parametrize("value", [0, -5, "256", True, 256.5])
+def test_a_malformed_sliding_window_is_refused(value):
+    with pytest.raises(ModelError) as err:
+        spec(config("mistral-sliding", sliding_window=value))
+    assert err.value.message == f"config for test: sliding_window must be a positive integer or null, got {value!r}"
+
+
+def test_gemma3_multimodal_ties_by_the_outer_config():
+    """Gemma3ForConditionalGeneration ties lm_head by the outer tie_word_embeddings (default True);
+    text_config's own flag and model_type do not change what Gemma3Config builds."""
+    base = config("gemma3-multimodal")
+    assert spec(base).tied
+    assert not spec({**base, "tie_word_embeddings": False}).tied
+    text_untied = {**base, "text_config": {**base["text_config"], "tie_word_embeddings": False}}
+    assert spec(text_untied).tied
+    as_llama = {**base, "text_config": {**base["text_config"], "model_type": "llama"}}
+    assert spec(as_llama).model_type == "gemma3_text"
+
+
+@pytest.mark.parametrize("text", [None, "x"])
+def test_a_wrapper_without_a_text_config_object_names_it(text):
+    with pytest.raises(ModelError) as err:
+        spec({**config("gemma3-multimodal"), "text_config": text})
+    assert err.value.message == (f"config for test: a gemma3 config.json holds its decoder's fields in text_config, "
+                                 f"got {text!r}")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "fp8"])
+def test_a_checkpoint_quantized_another_way_is_refused(method):
+    with pytest.raises(UnmodelledError) as err:
+        spec(config("llama-gqa", quantization_config={"quant_method": method, "bits": 4}))
+    assert err.value.message.startswith(f"config for test is a pre-quantized checkpoint (quantization_config "
+                                        f"quant_method {method!r})")
+
+
+def test_a_bitsandbytes_checkpoint_is_planned_and_says_so():
+    cfg = config("llama-gqa", quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    assert any("bitsandbytes-quantized checkpoint" in n for n in spec(cfg).notes)
+    assert spec(cfg).num_params == spec(config("llama-gqa")).num_params
