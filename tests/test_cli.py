@@ -188,3 +188,20 @@ def test_library_call():
     est = vramplan.estimate("meta-llama/Llama-2-70b", gpu="48GB")
     assert est.fits in (True, False)
     assert est.to_dict()["components"] == est.components
+
+
+def test_a_tight_verdict_never_shows_the_tight_band_as_its_headroom(capsys):
+    # 4.7% left on this card: TIGHT (under 5%), and the percent is rounded down, not up to "5%"
+    code, out, _ = run(capsys, "estimate", "Qwen/Qwen2.5-0.5B", "--gpu", "6155020088B")
+    assert code == 0
+    assert "TIGHT on 6155020088B (5.73 GiB): 5.46 GiB needed, +0.27 GiB headroom (4%)." in " ".join(out.split())
+
+
+@pytest.mark.parametrize("argv", [["estimate", "Qwen/Qwen2.5-0.5B"], ["models"]])
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_with_0(argv):
+    """`vramplan estimate ... | head -1`: rich's broken-pipe exit (SystemExit(1)) ends as main()
+    ends a BrokenPipeError, with 0 and nothing on stderr."""
+    cmd = f"{sys.executable} -m vramplan.cli {' '.join(argv)} | head -1 > /dev/null; echo ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"})
+    assert done.stdout.strip() == "0" and done.stderr == ""

@@ -360,3 +360,12 @@ def test_max_seq_stops_at_the_model_context():
     from vramplan.plan._planner import seq_bound
     from vramplan.core._setup import MAX_SEQ
     assert seq_bound(resolve("google/gemma-3-4b-pt")) == MAX_SEQ
+
+
+def test_no_recommend_skips_the_sharded_changes_too():
+    """recommend=False (--no-recommend) skips every ranked change, the minimum hardware's 'with N
+    GPUs these setup changes fit' included (this setup fits no GPU count as asked, where the
+    minimum hardware otherwise searches setup changes under FSDP)."""
+    kw = dict(gpu="8GB", grad_ckpt=False, loop="plain", batches=[1], seqs=[2048])
+    quiet = plan("Qwen/Qwen2.5-0.5B", recommend=False, **kw)
+    assert quiet.changes == () and quiet.minimum.changes == () and quiet.minimum.changes_parallel is None

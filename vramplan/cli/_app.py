@@ -154,6 +154,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _reader_closed(exc: SystemExit) -> bool:
+    """Whether `exc` is rich's Console.on_broken_pipe ending the process (SystemExit(1)) after the
+    reader of stdout, `head` say, closed the pipe: main() ends that as it ends a BrokenPipeError,
+    with 0. rich has pointed stdout at /dev/null by then, so nothing else fails writing to it."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "on_broken_pipe" and "rich" in code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
@@ -167,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except SystemExit as exc:
+        if _reader_closed(exc):
+            return 0
+        raise
 
 
 def run() -> None:

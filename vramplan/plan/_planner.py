@@ -510,7 +510,8 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
                                    a.need_bytes, cap - a.need_bytes, a.status, 0.0, a.text, (a.source,))
                             for a in allocator if a.status != "no") + changes
             changes = changes[:MAX_CHANGES]
-        minimum = _minimum(spec, setup, par, g, tight, ev, with_changes=not changes, workers=workers)
+        minimum = _minimum(spec, setup, par, g, tight, ev, with_changes=recommend and not changes,
+                           workers=workers)
     from vramplan.plan._recipe_changes import ranked_recipe_changes
     recipe = ranked_recipe_changes(spec, setup, gpu=g) if recommend else ()   # that card's kernels
     return Plan(model=spec, setup=setup, parallel=par, gpu=g, estimate=est, status=status, tight=tight,

@@ -62,8 +62,9 @@ def fit_line(est) -> str:
     status = est.status
     if status in ("fits", "tight"):
         word = "[green]FITS[/green]" if status == "fits" else "[yellow]TIGHT[/yellow]"
+        # the percent rounded down: a tight setup (under 5% left) never reads "5%"
         line = (f"{word} on {where}: {gib(est.device_total_bytes)} needed, "
-                f"{format_signed(est.headroom_bytes)} headroom ({est.headroom_bytes / g.memory_bytes:.0%}).")
+                f"{format_signed(est.headroom_bytes)} headroom ({est.headroom_bytes * 100 // g.memory_bytes}%).")
         if getattr(est, "allocator_retries", 0):
             line += (f" The caching allocator frees its cache and retries {est.allocator_retries} "
                      f"time{'s' if est.allocator_retries != 1 else ''} over two steps to stay within the card (each one synchronizes the GPU).")
