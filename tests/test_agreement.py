@@ -264,7 +264,7 @@ def test_estimate_agrees_with_simulate(name, flags):
     gpu = flags.pop("gpu", None)
     spec, setup = spec_of(name), TrainSetup(**flags)
     trace, est = run(spec, setup, gpu=gpu), estimate(spec, setup, gpu=gpu)
-    assert est.paged_optimizer_bytes == trace.paged_bytes
+    assert est.paged_optimizer_bytes == trace.paged_optimizer_bytes
     assert_agrees(trace, est)
 
 

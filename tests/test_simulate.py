@@ -67,7 +67,7 @@ def test_trace_shape_and_invariants(tiny_spec):
     assert max(t.phase_peaks.values()) == t.peak_allocated_bytes
     assert set(t.boundaries) == {"start", "forward_end", "backward_end", "optimizer_end"}
     assert t.boundaries["optimizer_end"] == t.boundaries["start"]  # steady state: the step returns to it
-    assert t.strays == 0 and t.paged_bytes == 0
+    assert t.strays == 0 and t.paged_optimizer_bytes == 0
     assert t.attention == {"flash": 4, "efficient": 0, "math": 0}  # 2 layers, forward + recompute
     assert max(row[-1] for row in t.timeline) == t.peak_allocated_bytes
     assert all(len(row) == 5 for row in t.timeline)
@@ -221,7 +221,7 @@ def test_paged_optimizer_state_is_reported_apart(tiny_spec):
     params = list(build_mod.build(spec, setup_(method="full"), "meta").model.parameters())
     big = [p for p in params if p.numel() >= 1e5]
     assert len(big) == 2
-    assert t.paged_bytes == sum(2 * p.numel() * 4 for p in big)   # two fp32 states each
+    assert t.paged_optimizer_bytes == sum(2 * p.numel() * 4 for p in big)   # two fp32 states each
     assert t.components["optimizer_state"] == sum(2 * round_up(p.numel() * 4) for p in params if p.numel() < 1e5)
 
 

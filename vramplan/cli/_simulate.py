@@ -194,8 +194,8 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
         top.add_row(module, _gib(nbytes), f"{nbytes / trace.peak_allocated_bytes:.1%}")
     console.print(top)
 
-    if trace.paged_bytes:
-        console.print(f"Paged optimizer state: {_gib(trace.paged_bytes)} GiB in CUDA unified memory "
+    if trace.paged_optimizer_bytes:
+        console.print(f"Paged optimizer state: {_gib(trace.paged_optimizer_bytes)} GiB in CUDA unified memory "
                       f"(not allocated; pages to host RAM under pressure)", highlight=False)
     if gpu is not None and trace.status is not None:
         from types import SimpleNamespace

@@ -424,7 +424,6 @@ class ShardedEstimate(Verdict):
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
             "peak_allocated_bytes": self.peak_allocated_bytes,
-            "reserved_bytes": self.reserved_bytes,
             "peak_reserved_bytes": self.reserved_bytes,
             "fragmentation_bytes": self.allocator_overhead_bytes,
             "alloc_conf": self.alloc_conf,

@@ -148,7 +148,7 @@ def sweep(model: str | ModelSpec, gpu: str | int | Gpu | None = None, *, setup: 
         d["targets"] = ",".join(s.targets)
         row.update(d)
         row.update({c.value: est.components[c.value] for c in ALLOCATED})
-        row.update({"peak_allocated_bytes": est.peak_allocated_bytes, "reserved_bytes": est.reserved_bytes,
+        row.update({"peak_allocated_bytes": est.peak_allocated_bytes, "peak_reserved_bytes": est.reserved_bytes,
                     "device_total_bytes": est.device_total_bytes, "cpu_bytes": est.cpu_bytes,
                     "paged_optimizer_bytes": est.paged_optimizer_bytes, "peak_phase": est.peak_phase})
         if g is not None:

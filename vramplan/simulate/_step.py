@@ -14,7 +14,7 @@ Components at the peak instant (the definitions the estimator shares):
                    state2.absmax, state2.code) and int8 SCB scales
   adapters         LoRA A/B parameters
   gradients        storages that are / become .grad of a parameter in this step
-  optimizer_state  tensors in optimizer.state (paged state is reported apart, in paged_bytes)
+  optimizer_state  tensors in optimizer.state (paged state is reported apart, in paged_optimizer_bytes)
   logits_loss      storages allocated by lm_head's forward and the loss function, and by their
                    backward ops (logits, fp32 upcast, log-softmax, grad of logits)
   temporaries      dequantized weights from bitsandbytes dequantize ops in forward/backward, and
@@ -50,7 +50,7 @@ TIMELINE_POINTS = 4096  # at most this many timeline rows are kept (max-preservi
 class Trace:
     """One measured step. With the identical-layers shortcut (extrapolated=True) every field is
     computed from the rebuilt event sequence of the full depth (_shortcut.py): peak, components,
-    peak place, phase_peaks, boundaries, paged_bytes, attention, top_modules and timeline are
+    peak place, phase_peaks, boundaries, paged_optimizer_bytes, attention, top_modules and timeline are
     those of the full trace (tests/test_simulate_layers.py checks them field for field); only
     seconds, notes, layers_traced and extrapolated differ, and strays counts the traced model's."""
     model: str
@@ -63,7 +63,7 @@ class Trace:
     peak_op: str
     phase_peaks: dict                # phase -> highest allocated bytes inside it
     boundaries: dict                 # allocated bytes at start, forward_end, backward_end, optimizer_end
-    paged_bytes: int                 # paged optimizer state in CUDA unified memory, not allocated
+    paged_optimizer_bytes: int                 # paged optimizer state in CUDA unified memory, not allocated
     top_modules: list                # [(module, bytes)] allocated in the step and live at the peak
     timeline: list = field(repr=False)   # [(event, phase, module, op, allocated_bytes)]
     attention: dict = field(default_factory=dict)  # sdpa calls routed to flash / efficient / math
@@ -465,7 +465,7 @@ def make_trace(spec, setup: TrainSetup, device: str, m: Measured, seconds: float
         peak_module=m.peak_where[1] if len(m.peak_where) > 1 else "",
         peak_op=m.peak_op, phase_peaks=phase_peaks,
         boundaries={k: m.boundary[k] for k in ("start", "forward_end", "backward_end", "optimizer_end")},
-        paged_bytes=m.paged, top_modules=top, timeline=_downsample(timeline, TIMELINE_POINTS),
+        paged_optimizer_bytes=m.paged, top_modules=top, timeline=_downsample(timeline, TIMELINE_POINTS),
         attention=dict(m.attention), strays=m.strays, seconds=round(seconds, 3), notes=tuple(all_notes),
         layers_traced=layers_traced, extrapolated=extrapolated, model_info=spec.to_dict(),
         cuda_arch=arch.to_dict() if device == "meta" else {},
