@@ -164,6 +164,7 @@ def test_gpu_gives_the_verdict_estimate_gives_on_the_simulated_step(capsys, mode
     path = model_dir()
     code, out, err = simulate(capsys, path, *TINY, "--json")
     assert code == 0 and json.loads(out)["status"] is None and json.loads(out)["gpu"] is None
+    assert json.loads(out)["fits"] is None
     reserved = json.loads(out)["peak_reserved_bytes"]
     context = cuda_context(resolve_gpu("1GB")).bytes
     for card in ("1GB", str(context + reserved - 2**20)):      # room to spare; 1 MiB short of the need
@@ -176,6 +177,7 @@ def test_gpu_gives_the_verdict_estimate_gives_on_the_simulated_step(capsys, mode
         if data["allocator_retries"] == 0 and data["allocator_oom"] is None:
             assert data["device_total_bytes"] == context + reserved == context + data["peak_reserved_bytes"]
         assert data["status"] == verdict(data["device_total_bytes"], gpu.memory_bytes, oom=data["allocator_oom"])
+        assert data["fits"] == (data["status"] != "no")     # estimate's key, estimate's rule
         assert data["headroom_bytes"] == gpu.memory_bytes - data["device_total_bytes"]
     code, out, _ = simulate(capsys, path, *TINY, "--gpu", "1GB")
     assert code == 0 and "Simulated: FITS on 1GB (0.93 GiB): " in out

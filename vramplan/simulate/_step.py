@@ -63,7 +63,7 @@ class Trace:
     peak_op: str
     phase_peaks: dict                # phase -> highest allocated bytes inside it
     boundaries: dict                 # allocated bytes at start, forward_end, backward_end, optimizer_end
-    paged_optimizer_bytes: int                 # paged optimizer state in CUDA unified memory, not allocated
+    paged_optimizer_bytes: int       # paged optimizer state in CUDA unified memory, not allocated
     top_modules: list                # [(module, bytes)] allocated in the step and live at the peak
     timeline: list = field(repr=False)   # [(event, phase, module, op, allocated_bytes)]
     attention: dict = field(default_factory=dict)  # sdpa calls routed to flash / efficient / math
@@ -94,6 +94,7 @@ class Trace:
         d["top_modules"] = [list(row) for row in self.top_modules]
         d["notes"] = list(self.notes)
         d["model"] = d.pop("model_info") or {"id": self.model}  # the shared model object
+        d["fits"] = None if self.status is None else self.status != "no"   # as estimate's JSON says it
         return d
 
 
