@@ -248,3 +248,17 @@ def test_alloc_conf_reaches_simulate_replay(capsys, model_dir):
         d = json.loads(out)
         assert d["alloc_conf"] == "expandable_segments:True" == d["estimate"]["alloc_conf"]
         assert d["peak_reserved_bytes"] >= d["peak_allocated_bytes"]
+
+
+def test_a_config_transformers_cannot_build_as_a_causal_lm_is_one_short_line(capsys, tmp_path):
+    """transformers' refusal lists every config class AutoModelForCausalLM knows (about 3 KB):
+    the error keeps its start, on one line of at most a few hundred characters."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llava", "vision_config": {"model_type": "clip_vision_model"},
+                                "text_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                                "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                "vocab_size": 1000}}))
+    code, out, err = simulate(capsys, str(path), "--seq", "64")
+    assert code != 0 and out == "" and err.count("\n") == 1 and len(err) < 600
+    assert err.startswith(f"Error: transformers cannot build {path} as a causal LM: Unrecognized configuration "
+                          "class <class 'transformers.models.llava.configuration_llava.LlavaConfig'>")

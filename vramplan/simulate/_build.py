@@ -79,7 +79,7 @@ def config_spec(config: dict, model_id: str, source: str) -> ConfigSpec:
     try:
         text = hf_config(probe, None).get_text_config()
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise ModelError(f"transformers cannot read the config of {model_id}: {exc}",
+        raise ModelError(f"transformers cannot read the config of {model_id}: {_clipped(str(exc))}",
                          hint="check config.json against the model's configuration class") from None
     experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 0
     top_k = getattr(text, "num_experts_per_tok", None) or 0 if experts else 0
@@ -189,8 +189,9 @@ def build_model(spec, setup: TrainSetup, device: str = "meta", seed: int = 0):
             except ValueError as exc:
                 hint = ("use --attn eager" if "attention implementation" in str(exc)
                         else "simulate supports AutoModelForCausalLM architectures")
-                first = " ".join(str(exc).split(". ")[0].split())   # transformers adds advice after the first sentence
-                raise ModelError(f"transformers cannot build {spec.id} as a causal LM: {first}", hint=hint) from None
+                first = str(exc).split(". ")[0]   # transformers adds advice after the first sentence
+                raise ModelError(f"transformers cannot build {spec.id} as a causal LM: {_clipped(first)}",
+                                 hint=hint) from None
             except (TypeError, KeyError, AssertionError, AttributeError, IndexError) as exc:
                 # a config value the model's constructor cannot use: an unknown hidden_act (ACT2FN),
                 # a pad_token_id outside the vocabulary (nn.Embedding's padding_idx assert), a string
@@ -203,8 +204,15 @@ def build_model(spec, setup: TrainSetup, device: str = "meta", seed: int = 0):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+    text = _clipped(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _clipped(text: str, limit: int = 300) -> str:
+    """A library's message on one line, at most `limit` characters: transformers' can list every
+    config class it knows (about 3 KB for "Unrecognized configuration class")."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def bnb_config(setup: TrainSetup):
