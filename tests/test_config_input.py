@@ -131,3 +131,18 @@ def test_a_bitsandbytes_checkpoint_is_planned_and_says_so():
     cfg = config("llama-gqa", quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
     assert any("bitsandbytes-quantized checkpoint" in n for n in spec(cfg).notes)
     assert spec(cfg).num_params == spec(config("llama-gqa")).num_params
+
+
+@pytest.mark.parametrize("name, value", [("llama-gqa", "swish"), ("gemma2-softcap", "gelu")])
+def test_an_activation_of_the_same_kernel_is_accepted(name, value):
+    key = "hidden_activation" if name.startswith("gemma") else "hidden_act"
+    assert spec(config(name, **{key: value})).num_params == spec(config(name)).num_params
+
+
+@pytest.mark.parametrize("value", ["gelu_new", "relu2", "foobar"])
+def test_an_activation_the_layer_walk_does_not_play_is_refused(value):
+    # NewGELUActivation & co. are several Python ops with their own saved tensors
+    with pytest.raises(UnmodelledError) as err:
+        spec(config("llama-gqa", hidden_act=value))
+    assert err.value.message == (f"config for test: hidden_act {value!r} is not modelled for llama (the estimate "
+                                 "plays 'silu', as its published configs use)")

@@ -11,7 +11,7 @@ Facts: docs/peft-transformers.md#config-fields-a-configjson-leaves-out
 """
 from __future__ import annotations
 
-from vramplan.core._errors import ModelError
+from vramplan.core._errors import ModelError, UnmodelledError
 
 # Without these the "model" is mostly the config class's defaults, not the user's model.
 CORE_SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -106,6 +106,27 @@ def with_nulls(config: dict, cfg: dict) -> dict:
         if key in config and config[key] is None:
             cfg[key] = None
     return cfg
+
+
+# Activations by the autograd graph they make (transformers 5.23 activations.py ACT2CLS): "silu"
+# (SiLUActivation) and "swish" (nn.SiLU) are one F.silu, "gelu" (GELUActivation) and
+# "gelu_pytorch_tanh" (GELUTanh) one F.gelu, each saving its input for backward. The others
+# (gelu_new, gelu_fast, quick_gelu, relu2, ...) are several elementwise ops in Python with their
+# own saved tensors, which the layer walk does not play.
+ACTIVATION_KERNELS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu"}
+
+
+def check_activation(config: dict, arch, model_id: str) -> None:
+    """UnmodelledError (one line) where config.json's activation is not one kernel with the
+    family's own (the layer walk plays the family's MLP as every published config of it runs)."""
+    value = config.get(arch.activation_key)
+    default = arch.defaults.get(arch.activation_key)
+    if value is None or default is None or value == default:
+        return
+    if ACTIVATION_KERNELS.get(value, value) != ACTIVATION_KERNELS.get(default, default):
+        raise UnmodelledError(f"config for {model_id}: {arch.activation_key} {value!r} is not modelled for "
+                              f"{arch.model_type} (the estimate plays {default!r}, as its published configs use)",
+                              hint="`vramplan simulate` traces the model transformers builds with it")
 
 
 def _given(config: dict, key: str) -> bool:

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from vramplan.core._architectures import ARCHITECTURES, Architecture, recurrent_layer_kinds, supported
-from vramplan.core._config_fields import (check_field_types, defaults_applied, read_aliases, refuse_nulls,
+from vramplan.core._config_fields import (check_activation, check_field_types, defaults_applied, read_aliases, refuse_nulls,
                                          require_core_fields, with_nulls)
 from vramplan.core._errors import ModelError, UnmodelledError
 from vramplan.core._record import record
@@ -431,6 +431,7 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
                               f"architecture transformers can build")
     config = read_aliases(config, arch, model_id)
     check_field_types(config, arch, model_id)
+    check_activation(config, arch, model_id)
     refuse_nulls(config, arch, model_id)
     # an explicit null is kept where transformers keeps it (no window: MinistralConfig / Olmo3Config
     # default to 4096, Mistral-Small-3.1's text_config says null), else the class default applies
