@@ -12,7 +12,7 @@ import vramplan
 from vramplan import TrainSetup, estimate
 from vramplan.cli import main
 from vramplan.core._errors import ModelError, UsageError
-from vramplan.core._gpus import Gpu, catalog
+from vramplan.core._gpus import Gpu, catalog, resolve_gpu
 from vramplan.core._models import resolve
 from vramplan.plan._planner import TIGHT, Evaluator, _largest, plan, status_of
 from vramplan.plan._sharding import Parallel, per_gpu
@@ -369,3 +369,48 @@ def test_no_recommend_skips_the_sharded_changes_too():
     kw = dict(gpu="8GB", grad_ckpt=False, loop="plain", batches=[1], seqs=[2048])
     quiet = plan("Qwen/Qwen2.5-0.5B", recommend=False, **kw)
     assert quiet.changes == () and quiet.minimum.changes == () and quiet.minimum.changes_parallel is None
+
+
+def test_the_minimum_hardware_judges_each_gpu_count_as_plan_gpus_n_does():
+    """Each engine's fewest GPUs is found against the card (its replay there, as `plan --gpus N`
+    plans it): Llama-2-70B 4 x 4096 on 48GB is tight on 8 x fsdp and on 2 x zero3 + offload,
+    which the need without a card (a card with room to spare) put over 48 GB."""
+    p = plan("meta-llama/Llama-2-70b", gpu="48GB", batch=4, seq=4096, recommend=False, batches=[1], seqs=[4096])
+    options = {(o.gpus, o.strategy, o.offload): o for o in p.minimum.options}
+    for key in ((8, "fsdp", "none"), (2, "zero3", "cpu")):
+        gpus, strategy, offload = key
+        there = plan("meta-llama/Llama-2-70b", gpu="48GB", batch=4, seq=4096, gpus=gpus, strategy=strategy,
+                     offload=offload, recommend=False, batches=[4], seqs=[4096])
+        assert (options[key].need_bytes, options[key].status) == (there.need_bytes, there.status) != (None, "no")
+
+
+def test_one_gpu_with_cpu_offload_is_not_judged_by_the_single_gpu_stream():
+    """One GPU of FSDP or ZeRO-3 with CPU offload holds its weights on the CPU: the single-GPU
+    replay (every weight on the device) running out of memory on the card is not its verdict, so
+    the minimum hardware's option and `plan --gpus 1 --offload cpu` say the same."""
+    kw = dict(gpu="48GB", batch=4, seq=1024, recipe="trainer", recommend=False, batches=[4], seqs=[1024])
+    p = plan("meta-llama/Llama-2-70b", **kw)
+    option = next(o for o in p.minimum.options if (o.gpus, o.strategy, o.offload) == (1, "fsdp", "cpu"))
+    alone = plan("meta-llama/Llama-2-70b", gpus=1, strategy="fsdp", offload="cpu", **kw)
+    assert (alone.need_bytes, alone.status, alone.estimate.allocator_oom) == (option.need_bytes, option.status, None)
+    assert alone.status == "fits"
+
+
+def test_the_smallest_catalog_gpu_is_judged_on_that_card():
+    """A card short of the need without a card releases its cache and may still run the step:
+    Qwen2.5-7B 4 x 4096 (51.7 GB with room to spare) runs on an L40S, as estimate there says."""
+    p = plan("Qwen/Qwen2.5-7B", gpu="16GB", batch=4, seq=4096, recommend=False, batches=[4], seqs=[4096])
+    assert p.minimum.smallest_gpu == "L40S"
+    assert estimate("Qwen/Qwen2.5-7B", batch=4, seq=4096, gpu="L40S").status != "no"
+    smaller = [g for g in catalog() if g.memory_bytes < resolve_gpu("L40S").memory_bytes]
+    assert all(estimate("Qwen/Qwen2.5-7B", batch=4, seq=4096, gpu=g.name).status == "no" for g in smaller
+               if g.cuda.bf16)
+
+
+def test_recipe_changes_under_fsdp_save_per_gpu_bytes():
+    kw = dict(gpu="24GB", gpus=2, strategy="fsdp", batch=8, seq=4096, batches=[8], seqs=[4096])
+    p = plan("meta-llama/Meta-Llama-3-8B", **kw)
+    saved = {tuple(r.change.changes.items()): r.saving_bytes for r in p.recipe_changes}
+    before = p.estimate.peak_allocated_bytes
+    after = plan("meta-llama/Meta-Llama-3-8B", optimizer="adamw8bit", recommend=False, **kw).estimate
+    assert saved[(("optimizer", "adamw8bit"),)] == before - after.peak_allocated_bytes

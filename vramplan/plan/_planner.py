@@ -100,6 +100,7 @@ class Evaluator:
         self._need: dict = {}
         self._exact: dict = {}
         self._on_card: dict = {}     # setup -> whether the replay against the card runs out of memory
+        self._smallest: dict = {}    # setup -> the smallest GPU memory it runs on (smallest_card)
         self.calls = 0
 
     def spread(self, fn, count: int, workers: int | None, min_items: int = MIN_ITEMS) -> list:
@@ -218,10 +219,14 @@ class Evaluator:
         sharding.smallest_per_gpu); None where it fits, and for the other engines."""
         if self.gpu is None:
             return None
-        if self.parallel.strategy != "single":
-            return smallest_per_gpu(self.spec, setup, self.parallel, self.gpu, self.alloc_conf)
-        from vramplan.estimate._estimator import estimate
-        return estimate(self.spec, setup, gpu=self.gpu, alloc_conf=self.alloc_conf).smallest_gpu_bytes
+        if setup not in self._smallest:      # about six replays: the plan and its minimum both ask
+            if self.parallel.strategy != "single":
+                value = smallest_per_gpu(self.spec, setup, self.parallel, self.gpu, self.alloc_conf)
+            else:
+                from vramplan.estimate._estimator import estimate
+                value = estimate(self.spec, setup, gpu=self.gpu, alloc_conf=self.alloc_conf).smallest_gpu_bytes
+            self._smallest[setup] = value
+        return self._smallest[setup]
 
     def exact_oom(self, setup: TrainSetup) -> dict | None:
         """The public API's allocator out-of-memory on this evaluator's GPU, or None."""
@@ -513,7 +518,9 @@ def plan(model: str | ModelSpec, setup: TrainSetup | None = None, gpu: str | int
         minimum = _minimum(spec, setup, par, g, tight, ev, with_changes=recommend and not changes,
                            workers=workers)
     from vramplan.plan._recipe_changes import ranked_recipe_changes
-    recipe = ranked_recipe_changes(spec, setup, gpu=g) if recommend else ()   # that card's kernels
+    # each change's saving on the per-GPU peak allocated, on that card's kernels (Evaluator.floor:
+    # peak allocated + context, the context the same either side)
+    recipe = ranked_recipe_changes(spec, setup, need=ev.floor) if recommend else ()
     return Plan(model=spec, setup=setup, parallel=par, gpu=g, estimate=est, status=status, tight=tight,
                 max_batch=max_batch, max_seq=max_seq, grid=grid, changes=changes, minimum=minimum,
                 notes=tuple(notes), evaluations=ev.calls, recipe_changes=recipe, allocator_changes=allocator,
@@ -835,13 +842,39 @@ def _recommend(ev: Evaluator, spec: ModelSpec, setup: TrainSetup, gpu: Gpu, tigh
 
 # --- hardware answers -------------------------------------------------------------------------------
 
+def _holding_gpu(spec: ModelSpec, setup: TrainSetup, single_ev: Evaluator, alloc_conf, tight: float) -> Gpu | None:
+    """The smallest catalog GPU `setup` runs on alone, as `estimate --gpu CARD` judges it there:
+    the cards from the smallest memory it runs on with the planned card's kernels up
+    (Evaluator.smallest_card: a card short of the device total releases its cache first), each
+    estimated on its own card (its kernels, its CUDA context, the replay against it) until one
+    does not say "no"; a card that cannot run the setup at all (bf16 below sm80) is passed over."""
+    least = single_ev.smallest_card(setup) or single_ev.floor(setup)   # floor: allocated + context
+    for card in sorted(catalog(), key=lambda g: g.memory_bytes):
+        if card.memory_bytes < least:
+            continue
+        try:
+            est = estimate(spec, setup, gpu=card, alloc_conf=alloc_conf, smallest=False)
+        except VramplanError:
+            continue
+        if est.status != "no":
+            return card
+    return None
+
+
+def _status_on_card(est, cap: int, tight: float) -> str:
+    """core/_verdict.py on an estimate made against the card: its device total and allocator OOM."""
+    return verdict(est.device_total_bytes, cap, tight, est.allocator_oom)
+
+
 def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight: float,
              ev: Evaluator, with_changes: bool = True, workers: int | None = None) -> Minimum:
     """The fewest GPUs of this kind each engine needs, and where none does, the setup changes that
     fit once sharded; the engines' searches and those changes' are spread over `workers`."""
     cap = gpu.memory_bytes
-    single = ev.need(setup) if par.strategy == "single" else Evaluator(spec, Parallel(), gpu).need(setup)
-    fitting = [g for g in sorted(catalog(), key=lambda g: g.memory_bytes) if single <= g.memory_bytes]
+    single_ev = ev if par.strategy == "single" else Evaluator(spec, Parallel(), gpu)
+    single = single_ev.need(setup)
+    holding = _holding_gpu(spec, setup, single_ev, ev.alloc_conf, tight)
+    fitting = [holding] if holding else []
     options = []
     # gradient accumulation is modelled on one GPU and under DDP (plan/_sharding.py accumulation_modelled),
     # whose replicas need no less than one GPU: no sharding engine is tried
@@ -862,19 +895,19 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
             if candidate.floor(setup) > cap:
                 out.append((p, None))
                 continue
-            out.append((p, candidate.estimate(setup)))
-            if out[-1][1].device_total_bytes <= cap:
+            out.append((p, candidate.estimate(setup, gpu)))   # against the card, as `plan --gpus N` plans it
+            if _status_on_card(out[-1][1], cap, tight) != "no":
                 break
         return out
     tried = [t for per_engine in spread(engine, len(engines), workers, min_items=SLOW_ITEMS) for t in per_engine]
     for p, est in tried:
-        if est is not None and est.device_total_bytes <= cap:
+        if est is not None and _status_on_card(est, cap, tight) != "no":
             options.append(Option(p.gpus, p.strategy, p.offload, est.device_total_bytes,
-                                  status_of(est.device_total_bytes, cap, tight), est.cpu_bytes))
+                                  _status_on_card(est, cap, tight), est.cpu_bytes))
     if not options:   # the least need of all: the candidates passed over for their floor, estimated now
         missing = [i for i, (_p, est) in enumerate(tried) if est is None]
-        filled = spread(lambda j: Evaluator(spec, tried[missing[j]][0], gpu).estimate(setup), len(missing), workers,
-                        min_items=SLOW_ITEMS)
+        filled = spread(lambda j: Evaluator(spec, tried[missing[j]][0], gpu).estimate(setup, gpu), len(missing),
+                        workers, min_items=SLOW_ITEMS)
         for i, est in zip(missing, filled):
             tried[i] = (tried[i][0], est)
     floor, floor_label, floor_est = None, "", None

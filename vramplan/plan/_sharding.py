@@ -558,8 +558,10 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     slack = base.allocator_overhead_bytes
     paged = _paged(base.paged_optimizer_bytes, parallel)
     comm = NCCL_BYTES if spread else 0
-    # one GPU: the replay's allocator OOM against this card stands; a spread run's is its own stream's
-    oom = None if spread or gpu is None else getattr(base, "allocator_oom", None)
+    # one GPU: the replay's allocator OOM against this card stands; a spread run's is its own
+    # stream's. One GPU with CPU offload holds its weights (and optimizer) on the CPU, which the
+    # single-GPU stream holds on the device: that stream's OOM is not this run's.
+    oom = None if spread or gpu is None or parallel.offloaded else getattr(base, "allocator_oom", None)
     if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
         room = None if gpu is None else gpu.memory_bytes - base.cuda_context_bytes - comm
         slack_of = own_stream_slack(parallel)
