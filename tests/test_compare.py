@@ -211,8 +211,8 @@ def test_csv_has_the_reserved_columns(tmp_path, capsys):
 @pytest.mark.parametrize("mode", [[], ["--json"], ["--markdown"], pytest.param(["--csv", "-"], marks=pytest.mark.pandas)])
 @pytest.mark.parametrize("path, value, message", [
     (("measured", "peak_allocated_bytes"), "9.3GiB",
-     'measured.peak_allocated_bytes must be a whole number of bytes >= 0, got "9.3GiB"'),
-    (("measured", "peak_reserved_bytes"), "x", 'measured.peak_reserved_bytes must be a whole number of bytes >= 0, got "x"'),
+     'measured.peak_allocated_bytes must be a whole number of bytes >= 0 and below 2**63, got "9.3GiB"'),
+    (("measured", "peak_reserved_bytes"), "x", 'measured.peak_reserved_bytes must be a whole number of bytes >= 0 and below 2**63, got "x"'),
     (("nvml",), "x", 'nvml must be an object, got "x"'),
     (("run",), "x", 'run must be an object, got "x"'),
     (("estimate", "gpu"), {"name": "x"}, "estimate.gpu.memory_bytes is missing"),

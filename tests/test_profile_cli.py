@@ -57,6 +57,32 @@ def test_the_out_folder_is_checked_before_the_run(tmp_path, tiny, capsys, monkey
     assert sorted(f.name for f in tmp_path.iterdir()) == ["file", "tiny"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--timeout", "nan"], "Error: --timeout must be a positive number of seconds, got nan (hint: e.g. --timeout "
+                           "600, or leave it out for no limit)\n"),
+    (["--timeout", "inf"], "Error: --timeout must be a positive number of seconds, got inf (hint: e.g. --timeout "
+                           "600, or leave it out for no limit)\n"),
+    (["--gpu", "300MB"], "Error: --gpu 300,000,000 bytes is less than the CUDA context (524,288,000 bytes) "
+                         "(hint: give a larger GPU size)\n"),
+    (["--out", ""], "Error: --out needs a folder name (hint: e.g. --out profiles/, or --no-record)\n"),
+    (["--plot", "{tmp}/folder.png"], "Error: --plot {tmp}/folder.png is a folder (hint: give a file name, e.g. "
+                                     "--plot memory.png)\n"),
+    (["--plot", "{tmp}/missing/p.png"], "Error: --plot {tmp}/missing/p.png: {tmp}/missing does not exist (hint: "
+                                        "write the file into an existing folder)\n"),
+])
+def test_bad_run_flags_are_refused_before_the_run(tmp_path, tiny, capsys, monkeypatch, flags, message):
+    """Nothing runs, nothing is written: the run's time limit, a CPU-emulated card smaller than
+    the CUDA context, and the record's and the plot's destinations are checked first."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(_session, "SubprocessLauncher", NoRun)
+    (tmp_path / "folder.png").mkdir()
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    got = main(["profile", tiny, "--random-weights", "--device", "cpu", *flags])
+    assert got == 2
+    assert capsys.readouterr().err == message.replace("{tmp}", str(tmp_path))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["folder.png", "tiny"]
+
+
 @pytest.mark.parametrize("events, where", [
     ((), "before the first step"),
     (({"event": "phase", "stage": "start", "phase": "load", "step": None, "allocated": 0},),

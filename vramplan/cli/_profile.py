@@ -87,6 +87,8 @@ def cmd_profile(args) -> int:
         _check_plot_path(args.plot)
         require("matplotlib", "export")
     out = None if args.no_record else args.out
+    if out is not None and not str(out).strip():
+        raise UsageError("--out needs a folder name", hint="e.g. --out profiles/, or --no-record")
     if args.json:
         record, path = profile(args.model, setup, options, out=out)
     else:
@@ -132,10 +134,21 @@ def _run_failed(record, path, options) -> VramplanError:
 
 
 def _check_plot_path(path: str) -> None:
+    """--plot's type and destination, before the run (core/_files.py file_destination: a folder,
+    a device or a missing folder refused; the folder must take a new file)."""
     from pathlib import Path
+
+    from vramplan.core._files import file_destination
+    from vramplan.profile._store import probe_folder
 
     if Path(path).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise UsageError(f"--plot {path}: unknown image type", hint="end the file name with .png, .svg or .pdf")
+    dest = file_destination(path, "--plot", "memory.png")
+    try:
+        probe_folder(dest.parent)
+    except OSError as exc:
+        raise VramplanError(f"cannot write --plot {path}: {exc.strerror or exc}",
+                            hint="write the plot elsewhere") from None
 
 
 def _print_profile(record, path, plot_path) -> None:

@@ -9,14 +9,15 @@ from pathlib import Path
 from vramplan.core._errors import UsageError
 
 
-def file_destination(dest: str, flag: str) -> Path:
-    """The path to rename the finished file onto, or a UsageError naming `flag`."""
+def file_destination(dest: str, flag: str, example: str = "table.csv") -> Path:
+    """The path to rename the finished file onto, or a UsageError naming `flag` (its hint shows
+    `flag example`)."""
     path = Path(dest)
     if path.is_symlink():
         path = path.resolve()
     if path.exists() and not path.is_file():
         what = "a folder" if path.is_dir() else "not a regular file (a device or a named pipe)"
-        raise UsageError(f"{flag} {dest} is {what}", hint=f"give a file name, e.g. {flag} table.csv")
+        raise UsageError(f"{flag} {dest} is {what}", hint=f"give a file name, e.g. {flag} {example}")
     if not path.parent.is_dir():
         what = "is not a folder" if path.parent.exists() else "does not exist"
         raise UsageError(f"{flag} {dest}: {path.parent} {what}", hint="write the file into an existing folder")

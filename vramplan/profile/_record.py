@@ -259,10 +259,14 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# Bytes and counts past 2**63 are no measurement (a device's memory is far below; pandas' int64
+# columns and float arithmetic overflow past it).
+_LIMIT = 2**63
+
 # The kinds of value a record holds: (test, what the error says the value must be).
 _KINDS = {
-    "bytes": (lambda v: _is_int(v) and v >= 0, "a whole number of bytes >= 0"),
-    "count": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "bytes": (lambda v: _is_int(v) and 0 <= v < _LIMIT, "a whole number of bytes >= 0 and below 2**63"),
+    "count": (lambda v: _is_int(v) and 0 <= v < _LIMIT, "a whole number >= 0 and below 2**63"),
     "positive": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
     "int": (_is_int, "a whole number"),
     "number": (_is_number, "a finite number"),

@@ -77,8 +77,9 @@ class ProfileOptions:
             raise UsageError(f"--steps {self.steps} is beyond a profile run (max 10000)", hint="e.g. --steps 5")
         if self.snapshot and self.device == "cpu":
             raise UsageError("--snapshot needs a GPU (torch.cuda.memory snapshots)", hint="drop --snapshot with --device cpu")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise UsageError(f"--timeout must be positive, got {self.timeout_s}", hint="e.g. --timeout 600")
+        if self.timeout_s is not None and not (0 < self.timeout_s < float("inf")):   # NaN fails both
+            raise UsageError(f"--timeout must be a positive number of seconds, got {self.timeout_s}",
+                             hint="e.g. --timeout 600, or leave it out for no limit")
         if not 1 <= self.nvml_hz <= 2000:
             raise UsageError(f"--nvml-hz must be in [1, 2000], got {self.nvml_hz}", hint="e.g. --nvml-hz 200")
         if self.memory_limit_bytes is not None and self.memory_limit_bytes < MIN_LIMIT:
@@ -241,6 +242,10 @@ def profile(model: str, setup=None, options: ProfileOptions | None = None, out: 
     index = int(options.device.split(":")[1]) if ":" in options.device else 0
     limit_gpu = resolve_gpu(options.memory_limit_bytes) if options.memory_limit_bytes else None
     pre = estimate(spec, setup, gpu=limit_gpu, alloc_conf=options.alloc_conf)   # validates targets etc. before any child starts
+    if not cuda and limit_gpu is not None and limit_gpu.memory_bytes <= pre.cuda_context_bytes:
+        # the CPU emulates what the card leaves the allocator (_runner.py _meter), as a GPU run checks it
+        raise UsageError(f"--gpu {limit_gpu.memory_bytes:,} bytes is less than the CUDA context "
+                         f"({pre.cuda_context_bytes:,} bytes)", hint="give a larger GPU size")
     if out is not None:
         check_out_folder(out)
 
