@@ -304,11 +304,27 @@ def test_cli_missing_file(capsys, tmp_path):
     assert err.startswith("Error: cannot read ")
 
 
-def test_capacity_what_if_reports_the_first_oom(capsys):
+def test_capacity_what_if_reports_the_first_oom(capsys, monkeypatch):
     code, out, _ = run(capsys, "replay", SMALL_TRACE, "--capacity", "1GiB", "--json")
     data = json.loads(out)
     # silmont2000 starts empty and needs 512 MiB segments: the third one (> 1 GiB reserved) fails
     assert code == 0 and data["num_ooms"] == 1 and data["oom"]["reserved_bytes"] <= 2**30
+    # the replay stops at that OOM: what it replayed, and the reserved bytes then
+    assert data["ops_replayed"] == data["oom"]["index"] + 1 < data["ops"]
+    assert data["final_reserved_bytes"] == data["oom"]["reserved_bytes"]
+    monkeypatch.setenv("COLUMNS", "200")   # one table row a line
+    code, out, _ = run(capsys, "replay", SMALL_TRACE, "--capacity", "1GiB")
+    text = " ".join(out.split())
+    assert f"{data['ops_replayed']:,} of {data['ops']:,} (the replay stops at its first OOM)" in text
+    assert "reserved at the OOM" in text and "final reserved" not in text
+
+
+def test_a_segment_that_is_not_an_object_is_refused(capsys, tmp_path):
+    path = tmp_path / "s.pickle"
+    path.write_bytes(pickle.dumps({"segments": [1], "device_traces": [[_alloc(0x10, 512)]]}))
+    code, out, err = run(capsys, "replay", path)
+    _assert_one_line_error(code, out, err)
+    assert err.startswith(f"Error: {path}: not a memory snapshot: a segment is not a dict")
 
 
 def test_python_dash_m_entry_point():

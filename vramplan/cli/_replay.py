@@ -77,13 +77,15 @@ def print_replay(r, source: str, console=None) -> None:
     settings = r.alloc_conf or "(defaults)"
     if r.alloc_conf != r.recorded_alloc_conf:
         settings += f"  (recorded: {r.recorded_alloc_conf or 'defaults'})"
-    rows = [("settings", settings), ("ops replayed", f"{r.ops:,}"),
-            ("peak reserved", _gib(r.peak_reserved_bytes)), ("final reserved", _gib(r.final_reserved_bytes)),
+    replayed = f"{r.ops_replayed:,}" + (f" of {r.ops:,} (the replay stops at its first OOM)"
+                                        if r.ops_replayed < r.ops else "")
+    rows = [("settings", settings), ("ops replayed", replayed), ("peak reserved", _gib(r.peak_reserved_bytes)),
+            ("reserved at the OOM" if r.oom else "final reserved", _gib(r.final_reserved_bytes)),
             ("peak allocated", _gib(r.peak_allocated_bytes)),
             ("fragmentation at the reserved peak", _gib(r.fragmentation_bytes)),
             ("largest free block at the reserved peak", _gib(r.largest_free_block_bytes)),
-            ("segments at the end", f"{r.segments:,}"), ("alloc retries (cache flushes)", str(r.num_alloc_retries)),
-            ("OOMs", str(r.num_ooms))]
+            ("segments at the OOM" if r.oom else "segments at the end", f"{r.segments:,}"), ("alloc retries (cache flushes)", str(r.num_alloc_retries)),
+            ("OOMs (num_ooms)", str(r.num_ooms))]
     if r.oom:
         rows.append(("first OOM", f"op {r.oom['index']}: {r.oom['nbytes']:,} bytes with "
                                   f"{_gib(r.oom['reserved_bytes'])} reserved"))

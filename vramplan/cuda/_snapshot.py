@@ -197,10 +197,9 @@ def snapshot_to_trace(snapshot, name: str = "<snapshot>", *, device: int | None 
     if not isinstance(settings, dict):
         _fail(name, "'allocator_settings' is not a dict")
     conf = AllocConf.from_snapshot_settings(settings) if settings else AllocConf()
-    final = [_final_segment(s, i, name) for i, s in enumerate(segments)
-             if isinstance(s, dict) and s.get("device", device) == device]
-    if len(final) != sum(1 for s in segments if isinstance(s, dict) and s.get("device", device) == device):
+    if not all(isinstance(s, dict) for s in segments):
         _fail(name, "a segment is not a dict")
+    final = [_final_segment(s, i, name) for i, s in enumerate(segments) if s.get("device", device) == device]
     spans = sorted((s["address"], s["address"] + s["total_size"]) for s in final)
     for (a, a_end), (b, _b_end) in zip(spans, spans[1:]):
         if b < a_end:
@@ -520,7 +519,8 @@ class SnapshotReplay:
 
     alloc_conf: str
     recorded_alloc_conf: str
-    ops: int
+    ops: int                 # in the recording
+    ops_replayed: int        # up to and including the first OOM, where the replay stops
     peak_reserved_bytes: int
     final_reserved_bytes: int
     peak_allocated_bytes: int
@@ -528,8 +528,8 @@ class SnapshotReplay:
     fragmentation_bytes: int
     largest_free_block_bytes: int
     num_alloc_retries: int
-    num_ooms: int
-    oom: dict | None
+    num_ooms: int            # torch.cuda.memory_stats()'s num_ooms: malloc's failures (a request
+    oom: dict | None         # of an exabyte or more fails before malloc, and is not counted)
     segments: int
     recorded_ooms: int
 
@@ -552,7 +552,7 @@ def replay_snapshot(trace: dict, alloc_conf: AllocConf | str | None = None,
     r = run_replay(allocator, _events(trace), live)
     return SnapshotReplay(
         alloc_conf=conf.text if alloc_conf is not None else _settings_text(trace, recorded),
-        recorded_alloc_conf=_settings_text(trace, recorded), ops=len(trace["ops"]),
+        recorded_alloc_conf=_settings_text(trace, recorded), ops=len(trace["ops"]), ops_replayed=r.events,
         peak_reserved_bytes=r.peak_reserved_bytes, final_reserved_bytes=r.reserved_bytes,
         peak_allocated_bytes=r.peak_allocated_bytes, final_allocated_bytes=r.allocated_bytes,
         fragmentation_bytes=r.fragmentation_bytes, largest_free_block_bytes=r.largest_free_block_bytes,
