@@ -157,9 +157,12 @@ def test_setup_is_read_off_a_quantized_peft_model(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(seq="abc"), "seq must be a positive whole number of tokens, got 'abc'"),
-    (dict(seq=32.7), "seq must be a positive whole number of tokens, got 32.7"),
-    (dict(seq=True), "seq must be a positive whole number of tokens, got True"),
+    (dict(seq="abc"), "seq must be a whole number of tokens from 1 to 16,777,216, got 'abc'"),
+    (dict(seq=32.7), "seq must be a whole number of tokens from 1 to 16,777,216, got 32.7"),
+    (dict(seq=True), "seq must be a whole number of tokens from 1 to 16,777,216, got True"),
+    (dict(seq=10**12), "seq must be a whole number of tokens from 1 to 16,777,216, got 1000000000000"),
+    (dict(gpu="banana"), "unknown GPU 'banana'"),
+    (dict(gpu="-5GB"), "GPU memory must be positive, got '-5GB'"),
     (dict(setup="foo"), "setup must be a TrainSetup, got str"),
     (dict(margin="x"), "margin must be a fraction >= 0, got 'x'"),
     (dict(margin=-1.5), "margin must be a fraction >= 0, got -1.5"),
@@ -167,9 +170,9 @@ def test_setup_is_read_off_a_quantized_peft_model(tmp_path):
     (dict(meter=object()), "meter must have reset() and peak(), got object"),
 ])
 def test_bad_arguments_are_refused_before_training(kwargs, message):
-    from vramplan.core._errors import UsageError
+    from vramplan.core._errors import VramplanError
 
-    with pytest.raises(UsageError) as info:
+    with pytest.raises(VramplanError) as info:
         MemoryCallback(**kwargs)
     assert info.value.message == message and info.value.hint
 

@@ -27,7 +27,8 @@ import warnings
 from vramplan.core._errors import UsageError, VramplanError, require
 from vramplan.core._models import spec_from_config
 from vramplan.core._record import record
-from vramplan.core._setup import ALL_LINEAR, TrainSetup
+from vramplan.core._gpus import resolve_gpu
+from vramplan.core._setup import ALL_LINEAR, MAX_SEQ, TrainSetup
 from vramplan.estimate._estimator import estimate
 
 # Importing transformers imports bitsandbytes, whose CPU backend (bitsandbytes/backends/cpu/ops.py,
@@ -113,8 +114,11 @@ class MemoryCallback(TrainerCallback):
         if setup is not None and not isinstance(setup, TrainSetup):
             raise UsageError(f"setup must be a TrainSetup, got {type(setup).__name__}",
                              hint="pass TrainSetup(...), or leave it out to read the setup off the model")
-        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq <= 0):
-            raise UsageError(f"seq must be a positive whole number of tokens, got {seq!r}", hint="e.g. seq=2048")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 < seq <= MAX_SEQ):
+            raise UsageError(f"seq must be a whole number of tokens from 1 to {MAX_SEQ:,}, got {seq!r}",
+                             hint="e.g. seq=2048")
+        if gpu is not None:
+            resolve_gpu(gpu)    # an unknown card or an impossible size: the one-line error estimate gives
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) \
                 or margin < 0:
             raise UsageError(f"margin must be a fraction >= 0, got {margin!r}",
