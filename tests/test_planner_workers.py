@@ -53,16 +53,25 @@ def test_the_grid_from_workers_is_the_serial_grid():
 @forks
 def test_the_minimum_hardware_from_workers_is_the_serial_answer():
     """TinyLlama at 32 x 8192 on a T4: no GPU count holds one micro-batch's logits, so every engine
-    is searched and the setup changes that fit under FSDP are looked for, one search per worker."""
+    is searched and the setup changes that fit under FSDP are looked for (as a plan does where
+    its own ranked changes found none), one search per worker."""
     out = fresh("""
         import json
-        from vramplan.plan._planner import plan
+        from vramplan.core._gpus import resolve_gpu
+        from vramplan.core._models import resolve
+        from vramplan.core._setup import TrainSetup
+        from vramplan.plan._planner import TIGHT, Evaluator, _minimum
+        from vramplan.plan._sharding import Parallel
 
-        args = dict(gpu="T4", batch=32, seq=8192, recommend=False, batches=[1, 2], seqs=[512])
-        serial = plan("TinyLlama/TinyLlama-1.1B-Chat-v1.0", workers=1, **args)
-        spread = plan("TinyLlama/TinyLlama-1.1B-Chat-v1.0", workers=2, **args)
+        spec, gpu = resolve("TinyLlama/TinyLlama-1.1B-Chat-v1.0"), resolve_gpu("T4")
+        setup = TrainSetup(batch=32, seq=8192, dtype="fp16")
+
+        def minimum(workers):
+            ev = Evaluator(spec, Parallel(), gpu)
+            return _minimum(spec, setup, Parallel(), gpu, TIGHT, ev, with_changes=True, workers=workers)
+        serial, spread = minimum(1), minimum(2)
         same = json.dumps(serial.to_dict(), sort_keys=True) == json.dumps(spread.to_dict(), sort_keys=True)
-        print(same, len(serial.minimum.options), len(serial.minimum.changes) > 0)
+        print(same, len(serial.options), len(serial.changes) > 0)
     """)
     assert out.split() == ["True", "0", "True"]
 
