@@ -94,6 +94,15 @@ interleaved with it, 3 runs each: 4.0-4.3 s against 4.3-5.4 s and 4.5-5.0 s agai
 evaluations (171, 67) and the same grid as the session's starting code; case 1's first ranked change
 is now "--batch 4, --grad-accum 4" where it was "--batch 7, --grad-accum 3" (21 sequences a step, not
 the 16 asked): a smaller micro-batch keeps the effective batch only where it divides it.
+
+2026-12-02 (eighteenth session), plan alone, median of 7, a slower hour: 5.1 / 4.6 / 6.0 / 5.7 s (cold
+CLI 4.5 s), the grid within each plan 1.37 / 0.42 / 0.40 / 3.82 s; the session's starting code right
+after: 5.6 / 4.8 / 5.8 / 5.9 s (CLI 4.9 s), grid 1.43 / 0.41 / 0.40 / 3.76 s. The minimum hardware now
+judges each GPU count against the card (as `plan --gpus N` does) and estimates the smallest catalog
+GPU on its own card: no change in time at these cases' sizes. Case 3's evaluations 63 -> 60.
+Tried again for the grid: cells with equal batch x seq products share no replay (sdpa's RoPE tables
+and masks are sized by seq alone, so every cell's sizes differ); the load phase, the same for every
+cell, is about 6% of a replay's large-pool events, too little to matter.
 """
 from __future__ import annotations
 
