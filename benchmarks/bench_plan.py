@@ -99,7 +99,7 @@ the 16 asked): a smaller micro-batch keeps the effective batch only where it div
 CLI 4.5 s), the grid within each plan 1.37 / 0.42 / 0.40 / 3.82 s; the session's starting code right
 after: 5.6 / 4.8 / 5.8 / 5.9 s (CLI 4.9 s), grid 1.43 / 0.41 / 0.40 / 3.76 s. The minimum hardware now
 judges each GPU count against the card (as `plan --gpus N` does) and estimates the smallest catalog
-GPU on its own card: no change in time at these cases. sizes.
+GPU on its own card: no change in time at these cases' sizes.
 Tried again for the grid: cells with equal batch x seq products share no replay (sdpa's RoPE tables
 and masks are sized by seq alone, so every cell's sizes differ); the load phase, the same for every
 cell, is about 6% of a replay's large-pool events, too little to matter.
