@@ -100,8 +100,9 @@ CLI 4.5 s), the grid within each plan 1.37 / 0.42 / 0.40 / 3.82 s; the session's
 after: 5.6 / 4.8 / 5.8 / 5.9 s (CLI 4.9 s), grid 1.43 / 0.41 / 0.40 / 3.76 s. The minimum hardware now
 judges each GPU count against the card (as `plan --gpus N` does) and estimates the smallest catalog
 GPU on its own card: no change in time at these cases' sizes.
-Tried again for the grid: cells with equal batch x seq products share no replay (sdpa's RoPE tables
-and masks are sized by seq alone, so every cell's sizes differ); the load phase, the same for every
+Tried again for the grid: cells with equal batch x seq products share no replay (the RoPE tables,
+the causal mask and the position ids are sized by seq alone: 1 x 512 and 2 x 256 differ in 7 of
+Llama-3-8B's 54 size slots); the load phase, the same for every
 cell, is about 6% of a replay's large-pool events, too little to matter.
 """
 from __future__ import annotations
