@@ -146,3 +146,9 @@ def test_an_activation_the_layer_walk_does_not_play_is_refused(value):
         spec(config("llama-gqa", hidden_act=value))
     assert err.value.message == (f"config for test: hidden_act {value!r} is not modelled for llama (the estimate "
                                  "plays 'silu', as its published configs use)")
+
+
+def test_a_multimodal_checkpoint_is_judged_by_its_outer_quantization_config():
+    base = config("gemma3-multimodal")
+    with pytest.raises(UnmodelledError, match="quant_method 'gptq'"):
+        spec({**base, "quantization_config": {"quant_method": "gptq", "bits": 4}})

@@ -84,8 +84,8 @@ def print_replay(r, source: str, console=None) -> None:
             ("peak allocated", _gib(r.peak_allocated_bytes)),
             ("fragmentation at the reserved peak", _gib(r.fragmentation_bytes)),
             ("largest free block at the reserved peak", _gib(r.largest_free_block_bytes)),
-            ("segments at the OOM" if r.oom else "segments at the end", f"{r.segments:,}"), ("alloc retries (cache flushes)", str(r.num_alloc_retries)),
-            ("OOMs (num_ooms)", str(r.num_ooms))]
+            ("segments at the OOM" if r.oom else "segments at the end", f"{r.segments:,}"),
+            ("alloc retries (cache flushes)", str(r.num_alloc_retries)), ("OOMs (num_ooms)", str(r.num_ooms))]
     if r.oom:
         rows.append(("first OOM", f"op {r.oom['index']}: {r.oom['nbytes']:,} bytes with "
                                   f"{_gib(r.oom['reserved_bytes'])} reserved"))

@@ -78,7 +78,7 @@ def read_aliases(config: dict, arch, model_id: str) -> dict:
         if len(set(map(repr, given.values()))) > 1:
             raise ModelError(f"config for {model_id} gives both {alias} ({given[alias]!r}) and {field_name} "
                              f"({given[field_name]!r}), which transformers reads as one field",
-                             hint=f"keep one of them in config.json")
+                             hint="keep one of them in config.json")
         read = arch.experts_key if arch.experts_key in names else field_name
         if given and read not in given:
             out[read] = next(iter(given.values()))
@@ -94,8 +94,8 @@ def refuse_nulls(config: dict, arch, model_id: str) -> None:
             default = arch.defaults.get(key)
             hint = (f"give {key} in config.json" + (f", or leave it out for the class default {default!r}"
                                                      if default is not None else ""))
-            raise ModelError(f"config for {model_id}: {key} is null; {CONFIG_CLASSES.get(arch.model_type, 'its config class')} "
-                             "needs a value", hint=hint)
+            cls = CONFIG_CLASSES.get(arch.model_type, "its config class")
+            raise ModelError(f"config for {model_id}: {key} is null; {cls} needs a value", hint=hint)
 
 
 def with_nulls(config: dict, cfg: dict) -> dict:

@@ -14,8 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from vramplan.core._architectures import ARCHITECTURES, Architecture, recurrent_layer_kinds, supported
-from vramplan.core._config_fields import (check_activation, check_field_types, defaults_applied, read_aliases, refuse_nulls,
-                                         require_core_fields, with_nulls)
+from vramplan.core._config_fields import (check_activation, check_field_types, defaults_applied, read_aliases,
+                                         refuse_nulls, require_core_fields, with_nulls)
 from vramplan.core._errors import ModelError, UnmodelledError
 from vramplan.core._record import record
 
@@ -305,7 +305,8 @@ MXFP4_NOTE = ("config.json names an MXFP4 checkpoint (quantization_config quant_
 # 16-bit weights). Any other method (GPTQ, AWQ, FP8, HQQ, ...) stores its own packed layout and
 # kernels, which the estimate does not know.
 BNB_NOTE = ("config.json is a bitsandbytes-quantized checkpoint's (quantization_config quant_method bitsandbytes): "
-            "its layout is the one --quant plans; the load phase is planned as a quantization of 16-bit weights")
+            "the estimate plans the layout --quant names, quantized on load from 16-bit weights; give the --quant "
+            "the checkpoint was saved with (load_in_4bit: nf4 or fp4, load_in_8bit: int8)")
 
 
 def _quantized_checkpoint(quant, model_id: str) -> tuple[str, ...]:
@@ -404,12 +405,13 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
     if not isinstance(config.get("model_type", ""), str):
         raise ModelError(f"config for {model_id}: model_type must be a string, got {config['model_type']!r}",
                          hint=f"e.g. \"model_type\": \"llama\"; one of {supported()}")
+    quant = config.get("quantization_config")     # a multimodal checkpoint's is the outer config's
     if config.get("model_type") in TEXT_CONFIG_TYPES:
         outer = config["model_type"]
         config = _text_config(config, model_id)
         if outer in TEXT_CONFIG_NOTES:
             notes = (TEXT_CONFIG_NOTES[outer].format(text=config["model_type"]),)
-    notes += _quantized_checkpoint(config.get("quantization_config"), model_id)
+    notes += _quantized_checkpoint(quant if quant is not None else config.get("quantization_config"), model_id)
     model_type = config.get("model_type")
     if model_type is None:
         raise ModelError(f"config for {model_id} has no model_type",
