@@ -842,7 +842,7 @@ def _recommend(ev: Evaluator, spec: ModelSpec, setup: TrainSetup, gpu: Gpu, tigh
 
 # --- hardware answers -------------------------------------------------------------------------------
 
-def _holding_gpu(spec: ModelSpec, setup: TrainSetup, single_ev: Evaluator, alloc_conf, tight: float) -> Gpu | None:
+def _holding_gpu(spec: ModelSpec, setup: TrainSetup, single_ev: Evaluator, alloc_conf) -> Gpu | None:
     """The smallest catalog GPU `setup` runs on alone, as `estimate --gpu CARD` judges it there:
     the cards from the smallest memory it runs on with the planned card's kernels up
     (Evaluator.smallest_card: a card short of the device total releases its cache first), each
@@ -873,7 +873,7 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
     cap = gpu.memory_bytes
     single_ev = ev if par.strategy == "single" else Evaluator(spec, Parallel(), gpu)
     single = single_ev.need(setup)
-    holding = _holding_gpu(spec, setup, single_ev, ev.alloc_conf, tight)
+    holding = _holding_gpu(spec, setup, single_ev, ev.alloc_conf)
     fitting = [holding] if holding else []
     options = []
     # gradient accumulation is modelled on one GPU and under DDP (plan/_sharding.py accumulation_modelled),
