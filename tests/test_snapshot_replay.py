@@ -292,7 +292,8 @@ def test_device_out_of_range_is_refused(capsys, tmp_path):
 @pytest.mark.parametrize("check", [False, True])
 def test_an_id_allocated_twice_is_refused_by_replay_and_check(capsys, tmp_path, check):
     path = tmp_path / "t.json"
-    path.write_text(json.dumps({"ops": [["alloc", "a", 512, 0], ["alloc", "a", 1024, 0]]}))
+    path.write_text(json.dumps({"ops": [["alloc", "a", 512, 0], ["alloc", "a", 1024, 0]],
+                                "expected": {"final_reserved_bytes_from_trace": 0}}))   # something to check
     code, out, err = run(capsys, "replay", path, *(["--check"] if check else []))
     _assert_one_line_error(code, out, err)
     assert err.startswith("Error: event 1: key 'a' is allocated twice"), err
@@ -332,3 +333,16 @@ def test_python_dash_m_entry_point():
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["ok"] is True
+
+
+def test_check_without_recorded_results_is_refused(capsys, tmp_path):
+    """--check holds the model to what the trace recorded; a trace whose expected block is empty
+    has nothing to hold it to, which is said rather than reported as '0 of 0' and MISMATCH."""
+    trace = json.loads(Path(SMALL_TRACE).read_text())
+    trace["expected"] = {}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(trace))
+    code, out, err = run(capsys, "replay", path, "--check")
+    _assert_one_line_error(code, out, err)
+    assert err.startswith("Error: the trace records no allocator results to check against")
+    assert run(capsys, "replay", path)[0] == 0      # the plain replay still runs

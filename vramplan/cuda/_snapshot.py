@@ -595,6 +595,10 @@ def check_snapshot(trace: dict) -> SnapshotCheck:
     """Replay under the recorded settings; each new segment (or expandable reservation) gets the
     address of the next recorded segment event, as a model cannot know where cudaMalloc puts it."""
     expected = trace.get("expected", {})
+    if expected.get("final_reserved_bytes_from_trace") is None:
+        # nothing recorded to hold the model to: "0 of 0" against nothing would read as a verdict
+        raise UsageError("the trace records no allocator results to check against (its expected block has no "
+                         "final_reserved_bytes_from_trace)", hint="replay it without --check for the model's figures")
     want_addr = list(expected.get("alloc_addr", []))
     want_events = list(expected.get("segment_events", []))
     allocator = CachingAllocator(recorded_conf(trace))
