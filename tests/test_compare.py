@@ -284,3 +284,19 @@ def test_output_destinations_are_checked_before_comparing(tmp_path, capsys, argv
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == message.replace("{tmp}", str(tmp_path))
     assert sorted(f.name for f in tmp_path.iterdir()) == ["file", "p"]
+
+
+def test_a_paged_records_context_row_compares_like_for_like(capsys):
+    """NVML's context figure holds the resident paged optimizer state; the prediction it is
+    compared with holds it too (the H200 paged_adamw record: within 2%, where the bare context
+    was 62% under)."""
+    from pathlib import Path
+
+    from vramplan.profile._compare import compare_record
+    from vramplan.profile._store import read_records
+
+    path = next((Path(__file__).parent.parent / "profiles/h200").glob("Meta-Llama-3-8B_*_paged_adamw_cuda_*.json"))
+    (_, record), = read_records(path)
+    rows = {r.component: r for r in compare_record(record).rows}
+    assert rows["paged_optimizer"].predicted > 0 and not rows["paged_optimizer"].in_total
+    assert abs(rows["cuda_context"].error) < 0.02

@@ -237,14 +237,15 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
             ctx = nv.context_end_bytes if nv.context_end_bytes is not None else nv.context_bytes
             note = f"before load {nv.context_bytes:,} B; at the end incl. lazily loaded kernels" \
                 if nv.context_bytes is not None else ""
-            if pred_resident:
-                note += "; it includes the resident paged optimizer state"
-            rows.append(Row("cuda_context", pred_ctx, ctx, note))
+            if pred_resident:    # NVML's context figure holds it: compared like for like
+                note += "; it includes the resident paged optimizer state, and so does the prediction"
+            rows.append(Row("cuda_context", pred_ctx + (pred_resident or 0), ctx, note))
             over = (meas_total - ctx - meas_alloc) if None not in (meas_total, ctx, meas_alloc) else None
             rows.append(Row("allocator_overhead", pred_over, over, "device total - context - peak allocated"))
             if pred_resident:
                 rows.append(Row("paged_optimizer", pred_resident, None,
-                                "resident in unified memory: NVML counts it within the context above"))
+                                "resident in unified memory: NVML counts it within the context above",
+                                in_total=False))
         else:
             rows.append(Row("cuda_context", pred_ctx, None, nv.reason or "NVML unavailable"))
             rows.append(Row("allocator_overhead", pred_over, None, nv.reason or "NVML unavailable"))
