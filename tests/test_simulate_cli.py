@@ -262,3 +262,19 @@ def test_a_config_transformers_cannot_build_as_a_causal_lm_is_one_short_line(cap
     assert code != 0 and out == "" and err.count("\n") == 1 and len(err) < 600
     assert err.startswith(f"Error: transformers cannot build {path} as a causal LM: Unrecognized configuration "
                           "class <class 'transformers.models.llava.configuration_llava.LlavaConfig'>")
+
+
+def test_an_allocator_oom_in_simulate_names_its_phase_and_module_as_estimate_does():
+    """A card 3 MiB above peak allocated + context: both replays run out of memory in the
+    backward (fragmentation); each names the phase, and simulate the module whose storage failed."""
+    from vramplan import estimate
+    from vramplan.simulate import simulate as run_simulate
+
+    from pathlib import Path
+
+    cfg = str(Path(__file__).parent / "configs" / "llama-gqa.json")
+    e = estimate(cfg, seq=512)
+    card = f"{e.peak_allocated_bytes + e.cuda_context_bytes + 3 * 2**20}B"
+    sim, est = run_simulate(cfg, seq=512, gpu=card).allocator_oom, estimate(cfg, seq=512, gpu=card).allocator_oom
+    assert sim["phase"] == est["phase"] == "backward"
+    assert sim["module"].startswith("model.layers.") and est["module"].startswith("layers.")

@@ -118,5 +118,16 @@ def two_step_events(stream) -> list:
 
 
 def reserved_of(stream, conf: AllocConf | str | None = "", capacity: int | None = None) -> ReservedPeak:
-    """The two steps replayed; `capacity`: bytes the allocator may reserve (None: unlimited)."""
-    return replay_stream(two_step_events(stream), conf, capacity)
+    """The two steps replayed; `capacity`: bytes the allocator may reserve (None: unlimited). An
+    OOM names where its request was made, as the estimate's does: the phase and module of the
+    step's storage (its `where`), or the load for the live state made before the step."""
+    events = two_step_events(stream)
+    where = {b.alloc_event: b.where for b in stream.blocks if b.alloc_event > stream.registered}
+
+    def place(i: int) -> tuple[str, str]:
+        key = events[i][1] if len(events[i]) > 1 else None
+        at = where.get(key[1]) if isinstance(key, tuple) and len(key) == 2 and key[0] in (0, 1) else None
+        if not at:
+            return "load", ""
+        return at[0], at[1] if len(at) > 1 else ""
+    return replay_stream(events, conf, capacity, place=place)
