@@ -25,7 +25,7 @@ from vramplan.core._files import file_destination
 from vramplan.core._errors import require, VramplanError
 from vramplan.core._record import record
 from vramplan.profile._record import STATIC, TRANSIENT, Record, relative_error, setup_from_record, spec_from_record
-from vramplan.profile._store import atomic_write_bytes, read_records
+from vramplan.profile._store import atomic_write_bytes, ckpt_label, read_records
 from vramplan.core._gpus import Gpu
 from vramplan.estimate._estimator import estimate
 from vramplan.estimate._inventory import static_memory
@@ -330,7 +330,7 @@ def error_table_markdown(comparisons: list[Comparison]) -> str:
     for c in comparisons:
         s = c.setup
         setup = (f"{s.get('method')}{'-' + s['quant'] if s.get('quant') else ''} b{s.get('batch')} s{s.get('seq')} "
-                 f"{'gc' if s.get('grad_ckpt') else 'no-gc'} {s.get('optimizer')}"
+                 f"{ckpt_label(s)} {s.get('optimizer')}"
                  + (f" recipe {s['recipe']}" if s.get("recipe") else "")
                  + (f" `{c.alloc_conf}`" if c.alloc_conf else ""))
         lines.append("| " + " | ".join([

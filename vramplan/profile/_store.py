@@ -30,13 +30,19 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base)[:60].strip("._-") or "model"
 
 
+def ckpt_label(setup: dict) -> str:
+    """A record's gradient checkpointing in one word, as its id, tables and plots write it: gc,
+    gcr (reentrant) or nogc."""
+    return ("gcr" if setup.get("reentrant") else "gc") if setup.get("grad_ckpt") else "nogc"
+
+
 def record_id(model_id: str, setup: dict, device: str, created: str) -> str:
     """<model>_<method>[-<quant>]_b<batch>_s<seq>_<gc|gcr|nogc>_<optimizer>_<device>_<UTC time>
     (gcr: reentrant checkpointing)."""
     method = setup["method"] + (f"-{setup['quant']}" if setup.get("quant") else "")
     stamp = re.sub(r"[^0-9T]", "", created)[:15]
     dev = device.split(":")[0]
-    ckpt = ("gcr" if setup.get("reentrant") else "gc") if setup.get("grad_ckpt") else "nogc"
+    ckpt = ckpt_label(setup)
     return f"{slug(model_id)}_{method}_b{setup['batch']}_s{setup['seq']}_{ckpt}_{setup['optimizer']}_{dev}_{stamp}"
 
 

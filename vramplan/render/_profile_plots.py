@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vramplan.core._errors import require, UsageError
 from vramplan.profile._record import Record
-from vramplan.profile._store import atomic_write_bytes
+from vramplan.profile._store import atomic_write_bytes, ckpt_label
 
 UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
 COLORS = {"load": "#dddddd", "forward": "#cfe2f3", "backward": "#f4cccc", "optimizer": "#d9ead3"}
@@ -82,7 +82,7 @@ def plot_record(record: Record, dest: str | os.PathLike, predicted: dict | None 
                 color="#c00000", va="top", fontsize=10, fontweight="bold")
     s = record.setup
     ax.set_title(f"{record.model.get('id', record.model_ref)} — {s['method']} b{s['batch']} s{s['seq']} "
-                 f"{'gc' if s.get('grad_ckpt') else 'no-gc'} {s['optimizer']} on "
+                 f"{ckpt_label(s)} {s['optimizer']} on "
                  f"{record.environment.get('gpu') or record.run.get('device')}"
                  + ("" if nv.available else " (no NVML: allocated bytes only)"), fontsize=10)
     ax.set_xlabel("seconds since the run started")

@@ -7,6 +7,7 @@ from rich.table import Table
 
 from vramplan.core._units import format_amount
 from vramplan.profile._compare import Comparison
+from vramplan.profile._store import ckpt_label
 
 GIB = 2**30
 UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
@@ -42,7 +43,7 @@ def setup_text(s: dict) -> str:
     attn = f" {s['attn']}" if s.get("attn", "sdpa") != "sdpa" else ""
     accum = f" x{s['grad_accum']}" if s.get("grad_accum", 1) > 1 else ""
     return (f"{s['method']}{quant} b{s['batch']}{accum} s{s['seq']} "
-            f"{('gcr' if s.get('reentrant') else 'gc') if s.get('grad_ckpt') else 'nogc'}{attn} {s['optimizer']}")
+            f"{ckpt_label(s)}{attn} {s['optimizer']}")
 
 
 def detail_table(c: Comparison) -> Table:
