@@ -134,21 +134,25 @@ def _run_failed(record, path, options) -> VramplanError:
 
 
 def _check_plot_path(path: str) -> None:
-    """--plot's type and destination, before the run (core/_files.py file_destination: a folder,
-    a device or a missing folder refused; the folder must take a new file)."""
+    """--plot's type and destination, before the run."""
     from pathlib import Path
-
-    from vramplan.core._files import file_destination
-    from vramplan.profile._store import probe_folder
 
     if Path(path).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise UsageError(f"--plot {path}: unknown image type", hint="end the file name with .png, .svg or .pdf")
-    dest = file_destination(path, "--plot", "memory.png")
+    _check_writable_file(path, "--plot", "memory.png", "write the plot elsewhere")
+
+
+def _check_writable_file(dest: str, flag: str, example: str, elsewhere: str) -> None:
+    """Refuse an output file `flag` cannot write, before any work (core/_files.py file_destination:
+    a folder, a device or a missing folder refused; the folder must take a new file)."""
+    from vramplan.core._files import file_destination
+    from vramplan.profile._store import probe_folder  # this command's code loads only when it runs
+
+    path = file_destination(dest, flag, example)
     try:
-        probe_folder(dest.parent)
+        probe_folder(path.parent)
     except OSError as exc:
-        raise VramplanError(f"cannot write --plot {path}: {exc.strerror or exc}",
-                            hint="write the plot elsewhere") from None
+        raise VramplanError(f"cannot write {flag} {dest}: {exc.strerror or exc}", hint=elsewhere) from None
 
 
 def _print_profile(record, path, plot_path) -> None:
@@ -232,18 +236,8 @@ def cmd_compare(args) -> int:
 
 def _check_csv_path(dest: str) -> None:
     """Refuse a --csv destination that cannot be written before comparing anything."""
-    from pathlib import Path
-
-    from vramplan.core._files import file_destination
-    from vramplan.profile._store import probe_folder  # this command's code loads only when it runs
-
     if dest == "-":
         return
     if not dest.strip():
         raise UsageError("--csv needs a file name", hint="e.g. --csv errors.csv, or --csv - for stdout")
-    path = file_destination(dest, "--csv")     # a folder, a device or a missing folder: refused
-    try:
-        probe_folder(path.parent)
-    except OSError as exc:
-        raise VramplanError(f"cannot write --csv {dest}: {exc.strerror or exc}",
-                            hint="write the CSV elsewhere") from None
+    _check_writable_file(dest, "--csv", "table.csv", "write the CSV elsewhere")

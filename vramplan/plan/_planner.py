@@ -901,9 +901,9 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
         return out
     tried = [t for per_engine in spread(engine, len(engines), workers, min_items=SLOW_ITEMS) for t in per_engine]
     for p, est in tried:
-        if est is not None and _status_on_card(est, cap, tight) != "no":
-            options.append(Option(p.gpus, p.strategy, p.offload, est.device_total_bytes,
-                                  _status_on_card(est, cap, tight), est.cpu_bytes))
+        status = None if est is None else _status_on_card(est, cap, tight)
+        if status not in (None, "no"):
+            options.append(Option(p.gpus, p.strategy, p.offload, est.device_total_bytes, status, est.cpu_bytes))
     if not options:   # the least need of all: the candidates passed over for their floor, estimated now
         missing = [i for i, (_p, est) in enumerate(tried) if est is None]
         filled = spread(lambda j: Evaluator(spec, tried[missing[j]][0], gpu).estimate(setup, gpu), len(missing),
