@@ -79,6 +79,9 @@ def test_table_output_names_verdict_and_assumptions(capsys):
      "Error: --workers must be a whole number of at least 1, got 0"),
     (["sweep", "llama-2-7b", "--workers", "-1"], 2, "Error: --workers must be a whole number of at least 1, got -1"),
     (["frobnicate"], 2, "Error: argument command: invalid choice: 'frobnicate'"),
+    # a prefix of a flag is not that flag: `--no-ckpt` would have been --no-ckpt-reentrant
+    (["plan", "llama-2-7b", "--gpu", "24GB", "--no-ckpt"], 2, "Error: unrecognized arguments: --no-ckpt"),
+    (["estimate", "llama-2-7b", "--bat", "2"], 2, "Error: unrecognized arguments: --bat 2"),
 ])
 def test_bad_input_is_one_line_with_hint(capsys, argv, code, message):
     got, out, err = run(capsys, *argv)

@@ -298,6 +298,29 @@ def test_cli_parallel_errors_are_one_line_exit_2(capsys, argv, message):
     assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err and "hint:" in err
 
 
+
+@pytest.mark.parametrize("strategy, offload, grad_ckpt", [
+    ("fsdp", "none", True), ("fsdp_grad_op", "none", True), ("fsdp_grad_op", "cpu", True), ("fsdp", "cpu", False)])
+def test_one_gpu_fsdp_is_refused_where_no_shard_is_not_modelled(strategy, offload, grad_ckpt):
+    """torch runs FSDP on one GPU as NO_SHARD (fsdp/_init_utils.py _init_core_state): without offload
+    it computes in the flat parameters, with no gathered copy beside them as FULL_SHARD's model
+    would add (Llama-3-8B: about 2 GiB of root unit counted twice)."""
+    with pytest.raises(UsageError, match="FSDP on one GPU runs as NO_SHARD"):
+        per_gpu("meta-llama/Meta-Llama-3-8B", TrainSetup(grad_ckpt=grad_ckpt), gpus=1, strategy=strategy,
+                offload=offload)
+
+
+def test_one_gpu_fsdp_with_offload_and_checkpointing_says_it_runs_as_no_shard():
+    e = per_gpu("meta-llama/Meta-Llama-3-8B", TrainSetup(), gpus=1, strategy="fsdp", offload="cpu")
+    assert any(a.startswith("one GPU: torch runs FSDP as NO_SHARD") for a in e.assumptions)
+
+
+def test_cli_one_gpu_fsdp_error_is_one_line_exit_2(capsys):
+    assert main(["plan", "llama-2-7b", "--gpu", "24GB", "--gpus", "1", "--strategy", "fsdp"]) == 2
+    _out, err = capsys.readouterr()
+    assert err.startswith("Error: FSDP on one GPU runs as NO_SHARD") and err.count("\n") == 1
+    assert "hint: plan one GPU without --strategy, or use --gpus 2 or more" in err
+
 # --- Answer.AI FSDP + QLoRA per-GPU measurements ---------------------------------------------------
 # github.com/AnswerDotAI/fsdp_qlora benchmarks_03_2024.md (runs Feb-Mar 2024; per GPU, 2 GPUs,
 # FSDP full_shard), bundled in tests/data/published_measurements.csv (AAI-01..12,

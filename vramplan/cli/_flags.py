@@ -13,7 +13,13 @@ from vramplan.cuda._arch import default_dtype, target_arch
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting."""
+    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting,
+    and that takes flags only by their whole names: with argparse's prefix matching `--no-ckpt`
+    meant --no-ckpt-reentrant and left checkpointing on."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UsageError(message, hint=f"see `{self.prog} --help`")

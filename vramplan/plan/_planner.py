@@ -59,9 +59,9 @@ from vramplan.estimate._inventory import static_memory
 from vramplan.estimate._reserved import conf_of
 from vramplan.core._models import ModelSpec, resolve
 from vramplan.core._setup import ALL_LINEAR, MAX_BATCH, MAX_SEQ, TrainSetup, apply_flags, library_setup
-from vramplan.plan._sharding import (Parallel, ShardedEstimate, accumulation_modelled, base_estimate, distribute,
-                                    effective_setup, parallel_of, per_gpu, replays_own_stream, smallest_per_gpu,
-                                    splits_for)
+from vramplan.plan._sharding import (FSDP, Parallel, ShardedEstimate, accumulation_modelled, base_estimate,
+                                    distribute, effective_setup, one_gpu_fsdp_modelled, parallel_of, per_gpu,
+                                    replays_own_stream, smallest_per_gpu, splits_for)
 
 from vramplan.core._verdict import TIGHT, verdict
 from vramplan.plan._workers import MIN_ITEMS, SLOW_ITEMS, checked as checked_workers, spread
@@ -888,9 +888,9 @@ def _minimum(spec: ModelSpec, setup: TrainSetup, par: Parallel, gpu: Gpu, tight:
         strategy, offload = engines[i]
         out = []
         for n in MIN_GPU_COUNTS:
-            if n == 1 and offload == "none":
-                continue
             p = Parallel(n, strategy, offload)
+            if n == 1 and (offload == "none" or (strategy in FSDP and not one_gpu_fsdp_modelled(setup, p))):
+                continue
             candidate = Evaluator(spec, p, gpu)
             if candidate.floor(setup) > cap:
                 out.append((p, None))

@@ -249,6 +249,20 @@ def accumulation_modelled(parallel: Parallel) -> bool:
     return parallel.strategy == "single" or (parallel.strategy == "ddp" and not parallel.gradient_as_bucket_view)
 
 
+def one_gpu_fsdp_modelled(setup: TrainSetup, parallel: Parallel) -> bool:
+    """Whether FSDP on one GPU is modelled. torch runs it as NO_SHARD whatever was asked
+    (torch/distributed/fsdp/_init_utils.py `_init_core_state`: `if state.world_size == 1:`
+    ... `sharding_strategy = ShardingStrategy.NO_SHARD`). Without offload NO_SHARD computes in the
+    flat parameters themselves, where FULL_SHARD's model adds each unit's gathered copy beside its
+    shard: not that. With CPUOffload(offload_params=True) each unit's flat parameter is copied to
+    the GPU for its forward and backward (_flat_param.py `pre_unshard`: `flat_param_to(self.device)`)
+    and dropped as it reshards (`_use_sharded_flat_param`: `flat_param.data = flat_param._local_shard`),
+    which frees the copy only where no saved tensor views it: under gradient checkpointing, where
+    a layer's forward saves nothing; without it the copies of every layer live until its backward.
+    SHARD_GRAD_OP's model keeps units gathered after the forward, which NO_SHARD with offload does not."""
+    return parallel.strategy == "fsdp" and parallel.offloaded and setup.grad_ckpt
+
+
 def effective_setup(setup: TrainSetup, parallel: Parallel) -> TrainSetup:
     """The setup as the engine runs it. DeepSpeed with bf16/fp16 casts the whole module to the
     16-bit dtype (engine.py _configure_distributed_model), undoing prepare_model_for_kbit_training's
@@ -257,6 +271,10 @@ def effective_setup(setup: TrainSetup, parallel: Parallel) -> TrainSetup:
         engine = "DDP with gradient_as_bucket_view" if parallel.strategy == "ddp" else parallel.strategy
         raise UsageError(f"--grad-accum {setup.grad_accum} is modelled on one GPU and under DDP, not under {engine}",
                          hint="drop --grad-accum (the peak of one micro-step), or plan one GPU or DDP")
+    if parallel.strategy in FSDP and parallel.gpus == 1 and not one_gpu_fsdp_modelled(setup, parallel):
+        raise UsageError("FSDP on one GPU runs as NO_SHARD (torch clamps the strategy at a world size of 1), "
+                         "modelled only as --strategy fsdp with --offload cpu and gradient checkpointing",
+                         hint="plan one GPU without --strategy, or use --gpus 2 or more")
     if parallel.deepspeed and setup.prepare_kbit and setup.dtype != "fp32":
         return setup.with_(prepare_kbit=False)
     return setup
@@ -1115,6 +1133,10 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, parallel: Parallel) -> tuple
             out.append("CPUOffload(offload_params=True): parameter, gradient and optimizer shards on the CPU, "
                        "the optimizer step on the CPU; only units in use are on the GPU, and each unit's "
                        "gradient shard until the end of backward")
+        if N == 1:
+            out.append("one GPU: torch runs FSDP as NO_SHARD (a world size of 1 clamps the strategy); each unit's "
+                       "parameters copied to the GPU for its forward and backward are modelled as FULL_SHARD's "
+                       "with CPU offload")
         if N > 1:
             out.append("allocator: FSDP(model) wraps a model loaded to the CPU or meta device, unit by unit, with "
                        "sync_module_states (Answer.AI train.py low_memory); that wrap's cache stays, and the "
