@@ -414,3 +414,12 @@ def test_recipe_changes_under_fsdp_save_per_gpu_bytes():
     before = p.estimate.peak_allocated_bytes
     after = plan("meta-llama/Meta-Llama-3-8B", optimizer="adamw8bit", recommend=False, **kw).estimate
     assert saved[(("optimizer", "adamw8bit"),)] == before - after.peak_allocated_bytes
+
+
+def test_a_change_the_estimate_refuses_is_not_a_candidate():
+    """A smaller micro-batch with gradient accumulation is refused for a tied embedding trained in
+    full (estimate/_inventory.py static_memory): the plan drops that candidate and ranks the others,
+    where it used to end with the refusal of a --grad-accum the user never gave."""
+    p = plan("Qwen/Qwen3-0.6B", gpu="24GB", method="full", batch=8, batches=[8], seqs=[2048])
+    assert p.status == "no" and p.changes
+    assert all(c.changes.get("method", "full") != "full" for c in p.changes if "grad_accum" in c.changes)

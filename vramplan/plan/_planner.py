@@ -683,7 +683,16 @@ def _candidates(spec: ModelSpec, setup: TrainSetup) -> list[_Candidate]:
 
 def _apply(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap: int):
     """Apply fixed changes, then maximize searched fields (rank, then batch, then seq) so the
-    result fits. Returns (new setup, changes, cost, texts) or None."""
+    result fits. Returns (new setup, changes, cost, texts) or None, also where the estimate
+    refuses a changed setup (a tied embedding trained in full under the smaller micro-batch's
+    gradient accumulation, a chunked loss on a model without it): not a candidate."""
+    try:
+        return _applied(ev, setup, cands, cap)
+    except VramplanError:
+        return None
+
+
+def _applied(ev: Evaluator, setup: TrainSetup, cands: tuple[_Candidate, ...], cap: int):
     changes: dict = {}
     for c in cands:
         changes.update(c.changes)
