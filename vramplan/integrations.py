@@ -12,8 +12,9 @@ and reads torch.cuda.max_memory_allocated at the end, logs it, keeps it in `hist
 when the measurement exceeds the prediction (by more than `margin`).
 
 Notes: with gradient accumulation one Trainer step spans several micro-batches and the gradients
-stay allocated between them, which the estimate (one micro-batch step) does not include. The
-callback never stops training: a setup it cannot estimate is logged and the callback goes quiet.
+stay allocated between them; the estimate takes args.gradient_accumulation_steps as its
+--grad-accum and models that (docs/autograd.md#gradient-accumulation-steps). The callback never
+stops training: a setup it cannot estimate is logged and the callback goes quiet.
 
 This module imports transformers (TrainerCallback); `import vramplan` does not import it.
 """

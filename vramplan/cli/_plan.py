@@ -194,7 +194,8 @@ def print_plan(result, console=None) -> None:
     console = console or Console()
     s, par, est = result.setup, result.parallel, result.estimate
     head = (f"{result.model.id} — {s.method}" + (f" {s.quant}" if s.quantized else "")
-            + f", r={s.rank}, {shape_text(s)}, {s.optimizer}, "
+            + ("" if s.method == "full" else f", r={s.rank}")      # full fine-tuning has no adapters
+            + f", {shape_text(s)}, {s.optimizer}, "
             + (("reentrant checkpointing" if s.reentrant else "checkpointing") if s.grad_ckpt else "no checkpointing") + f", {s.attn} — {par.label}")
     console.print(head, style="bold", highlight=False)
     if result.survey:
