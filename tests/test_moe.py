@@ -273,3 +273,16 @@ def test_simulate_runs_float32_experts_as_cuda_does_and_says_so():
                for n in trace.notes)
     est = estimate(spec, TrainSetup(seq=32, attn="eager", prepare_kbit=True))
     assert est.components["weights"] == trace.components["weights"]
+
+
+@pytest.mark.parametrize("experts, says", [
+    ("16bit", "and the router and the expert stacks (ParamWrapper; gate_up_proj at rank 2r)"),
+    ("4bit", "and the router and each expert's w1, w2, w3 (Linear4bit)")])
+def test_the_lora_assumption_names_the_adapted_experts(experts, says):
+    """Under all-linear almost all of an MoE model's trainable parameters are the experts'
+    adapters: the assumption that names what LoRA adapts says so, not attention alone."""
+    est = estimate("Qwen/Qwen3-30B-A3B", TrainSetup(experts=experts))
+    line = next(a for a in est.assumptions if a.startswith("LoRA rank 16 on"))
+    assert line.startswith("LoRA rank 16 on k_proj, o_proj, q_proj, v_proj " + says)
+    dense = estimate("Qwen/Qwen3-30B-A3B", TrainSetup(targets="q_proj,v_proj"))
+    assert next(a for a in dense.assumptions if a.startswith("LoRA")).startswith("LoRA rank 16 on q_proj, v_proj,")

@@ -520,7 +520,7 @@ def assumptions(spec: ModelSpec, setup: TrainSetup, arch: CudaArch = ASSUMED, gp
     else:
         out.append(f"base weights in {setup.dtype}")
     if setup.uses_adapters:
-        out.append(f"LoRA rank {setup.rank} on {', '.join(sorted(set(static_adapted(spec, setup)))) or 'nothing'}"
+        out.append(f"LoRA rank {setup.rank} on {adapted_text(spec, setup)}"
                    + (f", adapters in {setup.dtype} (qlora.py's recast)" if setup.recast
                       else ", adapters in bf16 (TRL SFTTrainer's cast of a quantized model's LoRA weights)"
                       if setup.adapters_16bit else ", adapters in fp32 (peft autocast_adapter_dtype)")
@@ -699,6 +699,17 @@ def device_assumptions(est: "Estimate") -> tuple[str, ...]:
                    f"{est.paged_optimizer_bytes / 2**20:,.0f} MiB fit beside the step on this card; unified memory "
                    "keeps the rest in host RAM and pages it in for each update")
     return tuple(out)
+
+
+def adapted_text(spec: ModelSpec, setup: TrainSetup) -> str:
+    """What LoRA adapts: the Linear modules by name, and under all-linear on an MoE model the
+    router and expert stacks peft wraps besides them (inventory.experts_adapted)."""
+    names = ", ".join(sorted(set(static_adapted(spec, setup))))
+    if experts_adapted(spec, setup):
+        experts = ("the router and each expert's w1, w2, w3 (Linear4bit)" if experts_quantized(spec, setup)
+                   else "the router and the expert stacks (ParamWrapper; gate_up_proj at rank 2r)")
+        return f"{names} and {experts}" if names else experts
+    return names or "nothing"
 
 
 def static_adapted(spec: ModelSpec, setup: TrainSetup) -> tuple[str, ...]:
