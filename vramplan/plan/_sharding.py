@@ -414,6 +414,7 @@ class ShardedEstimate(Verdict):
     allocator_oom: dict | None = None   # the single-GPU replay's failed request (estimate's), if any
     alloc_conf: str = ""
     paged_resident_bytes: int = 0        # this GPU's paged state NVML counts (estimator.paged_resident)
+    fragmentation_bytes: int = 0         # the replay's reserved - allocated when reserved peaked
 
     @property
     def device_total_bytes(self) -> int:
@@ -443,7 +444,7 @@ class ShardedEstimate(Verdict):
             "headroom_bytes": self.headroom_bytes,
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "peak_reserved_bytes": self.reserved_bytes,
-            "fragmentation_bytes": self.allocator_overhead_bytes,
+            "fragmentation_bytes": self.fragmentation_bytes,
             "alloc_conf": self.alloc_conf,
             "allocator_oom": self.allocator_oom,
             "device_total_bytes": self.device_total_bytes,
@@ -498,7 +499,7 @@ def smallest_per_gpu(spec: ModelSpec, setup: TrainSetup, parallel: Parallel, gpu
     slack_of = own_stream_slack(parallel)
 
     def runs(card: int) -> bool:
-        slack, oom = slack_of(base, sp, parallel, peak, card - fixed, need=False)
+        slack, oom, _fragmentation = slack_of(base, sp, parallel, peak, card - fixed, need=False)
         return oom is None and peak + fixed + slack <= card
     return smallest_card(runs, peak + fixed, peak + fixed + est.allocator_overhead_bytes)
 
@@ -574,6 +575,9 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     check_sum(components, peak)
     spread = parallel.strategy != "single" and parallel.gpus > 1
     slack = base.allocator_overhead_bytes
+    # reserved - allocated when reserved peaked: the replay's, as estimate reports it (a replay
+    # that was not run, replay=False, has none: its slack stands in, as estimate's does)
+    fragmentation = getattr(base, "fragmentation_bytes", slack)
     paged = _paged(base.paged_optimizer_bytes, parallel)
     comm = NCCL_BYTES if spread else 0
     # one GPU: the replay's allocator OOM against this card stands; a spread run's is its own
@@ -583,13 +587,13 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     if replay and replays_own_stream(parallel) and hasattr(base, "cuda_arch"):
         room = None if gpu is None else gpu.memory_bytes - base.cuda_context_bytes - comm
         slack_of = own_stream_slack(parallel)
-        slack, oom = slack_of(base, sp, parallel, peak, room, need)
+        slack, oom, fragmentation = slack_of(base, sp, parallel, peak, room, need)
     resident = paged_resident(paged, gpu, peak + base.cuda_context_bytes + comm + slack)
     return ShardedEstimate(
         model=spec, setup=setup, parallel=parallel, components=components, peak_allocated_bytes=peak,
         peak_phase=peak_phase, phase_peaks={p: sum(c.values()) for p, c in phases.items()},
         terms=phase_terms[peak_phase], cuda_context_bytes=base.cuda_context_bytes,
-        comm_bytes=comm, allocator_overhead_bytes=slack,
+        comm_bytes=comm, allocator_overhead_bytes=slack, fragmentation_bytes=fragmentation,
         cpu_bytes=cpu, paged_optimizer_bytes=paged, paged_resident_bytes=resident,
         trainable_params=base.trainable_params, assumptions=assumptions(spec, setup, parallel), gpu=gpu,
         phase_components=phases,
@@ -665,9 +669,9 @@ def fsdp_shards(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Parall
 
 
 def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
-               need: bool = True) -> tuple[int, dict | None]:
+               need: bool = True) -> tuple[int, dict | None, int]:
     """(the replay's peak reserved above `peak`, replay_slack; the allocator OOM against the card
-    or None) of one GPU's FSDP run (full_shard or SHARD_GRAD_OP), replayed through the caching-allocator model:
+    or None; the replay's reserved - allocated when reserved peaked) of one GPU's FSDP run (full_shard or SHARD_GRAD_OP), replayed through the caching-allocator model:
     FSDP(model)'s wrap phase, then two steps (estimate/_events.py FsdpShards,
     docs/allocator.md#fsdp-wrap, #fsdp-stream, #fsdp-shard-grad-op and, offloaded,
     #fsdp-cpu-offload). Allocated is counted from the first step on (train.py resets the peak
@@ -680,7 +684,7 @@ def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
     spec, setup = base.model, base.setup
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
                                           peak, room, need, fsdp=fsdp_shards(spec, setup, sp, parallel))
-    return replay_slack(r, peak), oom
+    return replay_slack(r, peak), oom, r.fragmentation_bytes
 
 
 def trainable_numels(spec: ModelSpec, setup: TrainSetup) -> list[int]:
@@ -720,7 +724,7 @@ def ddp_trainable(spec: ModelSpec, setup: TrainSetup, sp: Splits) -> tuple:
 
 
 def ddp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
-              need: bool = True) -> tuple[int, dict | None]:
+              need: bool = True) -> tuple[int, dict | None, int]:
     """fsdp_slack for one GPU of DDP (gradient_as_bucket_view=False): the single-GPU stream, with
     DDP's construction (module-state broadcast, the Reducer's buckets) after the model is loaded
     and the buckets rebuilt in the forward after the first optimizer step (estimate/_events.py DdpBuckets,
@@ -736,7 +740,7 @@ def ddp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | N
     buckets = ddp_buckets(states, ddp_trainable(spec, setup, sp))
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
                                           peak, room, need, ddp=buckets)
-    return replay_slack(r, peak), oom
+    return replay_slack(r, peak), oom, r.fragmentation_bytes
 
 
 def zero_partitions(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Parallel) -> "ZeroPartitions":
@@ -883,7 +887,7 @@ def zero2_offload(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Para
 
 
 def zero_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
-               need: bool = True) -> tuple[int, dict | None]:
+               need: bool = True) -> tuple[int, dict | None, int]:
     """fsdp_slack for one GPU of ZeRO-2: the single-GPU stream with the engine's construction
     (trainable parameters out to the CPU, empty_cache, the flat 16-bit buffer, the fp32 partition
     or, offloaded, the staging buffer), its gradient buckets in backward, and its step
@@ -895,7 +899,7 @@ def zero_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | 
     spec, setup = base.model, base.setup
     r, _conf, oom, _retries = card_replay(spec, setup, static_memory(spec, setup), base.cuda_arch, base.alloc_conf,
                                           peak, room, need, zero=zero_partitions(spec, setup, sp, parallel))
-    return replay_slack(r, peak), oom
+    return replay_slack(r, peak), oom, r.fragmentation_bytes
 
 
 def _paged(paged: int, p: Parallel) -> int:
