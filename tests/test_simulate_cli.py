@@ -278,3 +278,20 @@ def test_an_allocator_oom_in_simulate_names_its_phase_and_module_as_estimate_doe
     sim, est = run_simulate(cfg, seq=512, gpu=card).allocator_oom, estimate(cfg, seq=512, gpu=card).allocator_oom
     assert sim["phase"] == est["phase"] == "backward"
     assert sim["module"].startswith("model.layers.") and est["module"].startswith("layers.")
+
+
+def test_a_step_that_does_not_fit_says_the_least_card_it_runs_on_as_estimate_does(capsys):
+    """simulate's shortfall is the smallest card its own replay runs on (estimator.smallest_card),
+    as estimate's: it said 'short by 6.05 GiB' from the device total with room to spare where
+    estimate said 'a card of about 8.50 GiB (short by about 4.78 GiB)'."""
+    from vramplan.estimate._estimator import SMALLEST_CARD_STEP, estimate
+
+    argv = ("Qwen/Qwen2.5-0.5B", "--gpu", "4GB", "--batch", "2", "--seq", "2048")
+    code, out, err = simulate(capsys, *argv, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    least = estimate("Qwen/Qwen2.5-0.5B", batch=2, seq=2048, gpu="4GB").smallest_gpu_bytes
+    assert data["status"] == "no" and abs(data["smallest_gpu_bytes"] - least) <= SMALLEST_CARD_STEP
+    assert data["cuda_context_bytes"] + data["peak_allocated_bytes"] <= data["smallest_gpu_bytes"] < data["device_total_bytes"]
+    code, out, err = simulate(capsys, *argv)
+    assert code == 0 and "Simulated: DOES NOT FIT on 4GB (3.73 GiB): it runs on a card of about" in " ".join(out.split())

@@ -206,7 +206,8 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
         console.print("Simulated: " + fit_line(SimpleNamespace(
             gpu=gpu, status=trace.status, device_total_bytes=trace.device_total_bytes,
             headroom_bytes=trace.headroom_bytes, allocator_retries=trace.allocator_retries,
-            allocator_oom=trace.allocator_oom, peak_allocated_bytes=trace.peak_allocated_bytes)), highlight=False)
+            allocator_oom=trace.allocator_oom, peak_allocated_bytes=trace.peak_allocated_bytes,
+            smallest_gpu_bytes=trace.smallest_gpu_bytes)), highlight=False)
     for warning in (est.warnings if est is not None else ()):   # the setup's, as estimate says them
         console.print(f"[bold yellow]WARNING:[/bold yellow] {warning}.", highlight=False)
     how = (f"{trace.layers_traced} of {layers} decoder layers traced, the rest rebuilt"

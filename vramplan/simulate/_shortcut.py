@@ -602,8 +602,25 @@ def with_reserved(trace, stream, alloc_conf=None, gpu=None):
         verdict_fields = dict(gpu={"name": gpu.name, "memory_bytes": gpu.memory_bytes}, cuda_context_bytes=context,
                               device_total_bytes=total, status=verdict(total, gpu.memory_bytes, TIGHT, oom),
                               headroom_bytes=gpu.memory_bytes - total, allocator_oom=oom, allocator_retries=retries)
+        if oom is not None or total > gpu.memory_bytes:
+            # the card it needs at the least, as estimate searches it (estimator.smallest_card):
+            # the device total above is what a card with room to spare shows
+            verdict_fields["smallest_gpu_bytes"] = _smallest_card(stream, conf, trace.peak_allocated_bytes, context,
+                                                                  total)
     return dataclasses.replace(trace, peak_reserved_bytes=r.peak_reserved_bytes,
                                fragmentation_bytes=r.fragmentation_bytes, alloc_conf=conf.text, **verdict_fields)
+
+
+def _smallest_card(stream, conf, peak: int, context: int, total: int) -> int | None:
+    """estimator.smallest_card over this step's own replay against each probed card (its
+    runs_on_card: neither an allocator OOM nor reserved bytes past the card)."""
+    from vramplan.estimate._estimator import smallest_card
+    from vramplan.simulate._reserved import reserved_of
+
+    def runs(card: int) -> bool:
+        capped = reserved_of(stream, conf, capacity=card - context)
+        return capped.oom is None and context + max(capped.peak_reserved_bytes, peak) <= card
+    return smallest_card(runs, peak + context, total)
 
 
 def run_shortcut(spec, setup: TrainSetup, progress=None, arch=None, alloc_conf=None, gpu=None):

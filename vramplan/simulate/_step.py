@@ -87,6 +87,7 @@ class Trace:
     headroom_bytes: int | None = None
     allocator_oom: dict | None = None
     allocator_retries: int = 0
+    smallest_gpu_bytes: int | None = None   # where it does not fit: the least card it runs on (estimate's)
 
     def to_dict(self) -> dict:
         d = asdict(self)
