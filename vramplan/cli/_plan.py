@@ -308,7 +308,10 @@ def _print_changes(changes, gpu, console, Table, title) -> None:
 def _print_minimum(m, result, console, Table) -> None:
     console.print(f"[bold]What it takes:[/bold] {m.message}.", highlight=False)
     if m.options:
-        table = Table(title="Fewest GPUs per engine for the setup as asked", title_justify="left")
+        from vramplan.plan._planner import MIN_GPU_COUNTS
+
+        counts = ", ".join(map(str, MIN_GPU_COUNTS))
+        table = Table(title=f"Fewest GPUs per engine for the setup as asked (of {counts})", title_justify="left")
         for col in ("GPUs x engine", "per GPU", "CPU per rank"):
             table.add_column(col, justify="left" if col == "GPUs x engine" else "right")
         for o in m.options:
