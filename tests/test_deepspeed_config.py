@@ -80,6 +80,14 @@ def run_plan(capsys, tmp_path, config, *flags):
     # its bytes would pass the 2**64 the replay packs sizes under
     ({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1e30}}, (),
      "zero_optimization.reduce_bucket_size in {path} is 1e+30"),
+    # the micro-batch is the config's; accumulation under ZeRO is not modelled
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}, ("--batch", "4"),
+     "--batch 4 contradicts {path} (train_micro_batch_size_per_gpu 2) (hint: drop --batch: the config decides it)"),
+    ({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 3}}, (),
+     "{path} sets gradient_accumulation_steps 4: accumulation under ZeRO is not modelled (hint: plan the peak of "
+     "one micro-step: set it to 1 in a copy of the config)"),
+    ({"train_micro_batch_size_per_gpu": 0, "zero_optimization": {"stage": 2}}, (),
+     "train_micro_batch_size_per_gpu in {path} is 0"),
 ])
 def test_what_cannot_be_planned_is_one_line(capsys, tmp_path, config, flags, message):
     code, out = run_plan(capsys, tmp_path, config, *flags)
@@ -110,3 +118,14 @@ def test_the_plan_uses_the_file(capsys, tmp_path):
     with pytest.raises(UsageError):
         parallel_from_deepspeed(write(tmp_path, {"zero_optimization": {"stage": 3, "overlap_comm": "yes"}}),
                                 2, LLAMA2_7B)
+
+
+@pytest.mark.parametrize("config, flags, batch", [
+    ({"train_micro_batch_size_per_gpu": 2}, (), 2), ({"train_micro_batch_size_per_gpu": 2}, ("--batch", "2"), 2),
+    ({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}, ("--batch", "3"), 3),
+    ({}, (), 1)])
+def test_the_configs_micro_batch_is_the_plans(capsys, tmp_path, config, flags, batch):
+    """train_micro_batch_size_per_gpu is what each rank runs: planned, not left at --batch's default."""
+    code, out = run_plan(capsys, tmp_path, {**config, "zero_optimization": {"stage": 2}}, *flags, "--json")
+    assert code == 0, out.err
+    assert json.loads(out.out)["setup"]["batch"] == batch

@@ -28,15 +28,7 @@ def parallel_from_deepspeed(path: str | Path, gpus: int, spec: ModelSpec, strate
     """The Parallel of a DeepSpeed config file for `gpus` ranks of `spec`. `strategy` / `offload`
     given on the command line must agree with the file."""
     name = str(path)
-    try:
-        config = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise UsageError(f"cannot read the DeepSpeed config {name}: {exc.strerror or exc}",
-                         hint="give the path of the JSON file passed to deepspeed / TrainingArguments(deepspeed=...)"
-                         ) from None
-    except (ValueError, RecursionError) as exc:     # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise UsageError(f"the DeepSpeed config {name} is not JSON: {str(exc).splitlines()[0] if str(exc) else 'it nests too deeply'}",
-                         hint="DeepSpeed reads a JSON file; check it with `python -m json.tool`") from None
+    config = _read(path)
     zero = config.get("zero_optimization") if isinstance(config, dict) else None
     if not isinstance(zero, dict):
         raise UsageError(f"the DeepSpeed config {name} has no zero_optimization section",
@@ -64,6 +56,44 @@ def parallel_from_deepspeed(path: str | Path, gpus: int, spec: ModelSpec, strate
     if overlap is not None and not isinstance(overlap, bool):
         raise UsageError(f"zero_optimization.overlap_comm in {name} is {overlap!r}", hint="true or false")
     return Parallel(gpus, found, kind, overlap_comm=overlap, **{k: v for k, v in fields.items() if v is not None})
+
+
+def _read(path: str | Path):
+    """The config file's JSON, or the one-line error for a file that cannot be read or is not JSON."""
+    name = str(path)
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read the DeepSpeed config {name}: {exc.strerror or exc}",
+                         hint="give the path of the JSON file passed to deepspeed / TrainingArguments(deepspeed=...)"
+                         ) from None
+    except (ValueError, RecursionError) as exc:     # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise UsageError(f"the DeepSpeed config {name} is not JSON: {str(exc).splitlines()[0] if str(exc) else 'it nests too deeply'}",
+                         hint="DeepSpeed reads a JSON file; check it with `python -m json.tool`") from None
+
+
+def micro_batch_from_deepspeed(path: str | Path) -> int | None:
+    """The config's train_micro_batch_size_per_gpu: the micro-batch each rank runs (None: absent
+    or "auto", which the HF Trainer fills with per_device_train_batch_size). Its
+    gradient_accumulation_steps past 1 is refused: accumulation under ZeRO (the engine's reduced
+    gradient partitions kept across micro-steps) is not modelled (plan/_sharding.py
+    accumulation_modelled)."""
+    name = str(path)
+    config = _read(path)
+    if not isinstance(config, dict):
+        return None
+    steps = config.get("gradient_accumulation_steps")
+    if steps not in (None, "auto", 1) or steps is True:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise UsageError(f"gradient_accumulation_steps in {name} is {steps!r}", hint='a whole number >= 1 or "auto"')
+        raise UsageError(f"{name} sets gradient_accumulation_steps {steps}: accumulation under ZeRO is not modelled",
+                         hint="plan the peak of one micro-step: set it to 1 in a copy of the config")
+    micro = config.get("train_micro_batch_size_per_gpu")
+    if micro in (None, "auto"):
+        return None
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+        raise UsageError(f"train_micro_batch_size_per_gpu in {name} is {micro!r}", hint='a whole number >= 1 or "auto"')
+    return micro
 
 
 def _offload(zero: dict, strategy: str, name: str) -> str:
