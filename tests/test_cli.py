@@ -208,3 +208,18 @@ def test_a_reader_that_closes_the_pipe_early_ends_the_command_with_0(argv):
     done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"})
     assert done.stdout.strip() == "0" and done.stderr == ""
+
+
+def test_a_model_path_is_printed_as_written_not_as_markup(capsys, tmp_path):
+    """rich reads `[...]` as markup: a folder named `[/x]` crashed every table's title, and
+    `[red]y` lost its brackets. Paths and model ids are escaped wherever they are printed."""
+    from conftest import tiny_config
+
+    for name in ("[", "[red]y"):
+        folder = tmp_path / name / "x" if name == "[" else tmp_path / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(tiny_config()))
+        for argv in (["estimate", str(folder)], ["plan", str(folder), "--gpu", "24GB", "--no-recommend"]):
+            got, out, err = run(capsys, *argv)
+            assert got == 0, err
+            assert str(folder) in "".join(out.split())      # as written, wherever rich wrapped it

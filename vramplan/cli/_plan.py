@@ -121,6 +121,7 @@ def target_gpu(args):
 
 
 def cmd_plan(args) -> int:
+    from rich.markup import escape  # a model id or path is text, never markup
     from vramplan.plan._planner import plan  # this command's code loads only when it runs
 
     batches = parse_list("--grid-batch", args.grid_batch, bound=MAX_BATCH) if args.grid_batch else None
@@ -168,7 +169,7 @@ def cmd_plan(args) -> int:
         print_plan(result)
         if args.plot:
             from rich.console import Console
-            Console().print(f"Plot written to {args.plot}", highlight=False)
+            Console().print(f"Plot written to {escape(args.plot)}", highlight=False)
     return 0
 
 
@@ -194,6 +195,7 @@ def _gib(n: int | None, digits: int = 2) -> str:
 
 
 def print_plan(result, console=None) -> None:
+    from rich.markup import escape  # a model id or path is text, never markup
     from rich.console import Console
     from rich.table import Table
 
@@ -201,7 +203,7 @@ def print_plan(result, console=None) -> None:
 
     console = console or Console()
     s, par, est = result.setup, result.parallel, result.estimate
-    head = (f"{result.model.id} — {s.method}" + (f" {s.quant}" if s.quantized else "")
+    head = (f"{escape(result.model.id)} — {s.method}" + (f" {s.quant}" if s.quantized else "")
             + ("" if s.method == "full" else f", r={s.rank}")      # full fine-tuning has no adapters
             + f", {shape_text(s)}, {s.optimizer}, "
             + (("reentrant checkpointing" if s.reentrant else "checkpointing") if s.grad_ckpt else "no checkpointing") + f", {s.attn} — {par.label}")
@@ -441,11 +443,12 @@ def _cell(value) -> str:
 
 
 def print_sweep(df, varying, args) -> None:
+    from rich.markup import escape  # a model id or path is text, never markup
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    title = f"{df['model'].iloc[0]}" + (f" on {df['gpu'].iloc[0]}" if "gpu" in df else "")
+    title = escape(f"{df['model'].iloc[0]}" + (f" on {df['gpu'].iloc[0]}" if "gpu" in df else ""))
     table = Table(title=title, title_justify="left")
     cols = varying or ["batch", "seq"]
     for c in cols:
@@ -468,6 +471,6 @@ def print_sweep(df, varying, args) -> None:
     for reason, i in errors.items():
         console.print(f"  [{i}] cannot run: {reason}", highlight=False)
     if args.csv:
-        console.print(f"CSV written to {args.csv} ({len(df)} rows, {len(df.columns)} columns)", highlight=False)
+        console.print(f"CSV written to {escape(args.csv)} ({len(df)} rows, {len(df.columns)} columns)", highlight=False)
     if args.plot:
-        console.print(f"Plot written to {args.plot}", highlight=False)
+        console.print(f"Plot written to {escape(args.plot)}", highlight=False)

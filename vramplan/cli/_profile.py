@@ -156,6 +156,7 @@ def _check_writable_file(dest: str, flag: str, example: str, elsewhere: str) -> 
 
 
 def _print_profile(record, path, plot_path) -> None:
+    from rich.markup import escape  # a model id or path is text, never markup
     from rich.console import Console
 
     from vramplan.profile._compare import compare_record  # this command's code loads only when it runs
@@ -184,7 +185,7 @@ def _print_profile(record, path, plot_path) -> None:
         console.print(f"NVML: unavailable ({nv.reason})", highlight=False)
     if record.failure is not None:
         f = record.failure
-        console.print(f"[bold red]{f.kind.upper()}[/bold red] {_where(f)}: {f.message}", highlight=False)
+        console.print(f"[bold red]{f.kind.upper()}[/bold red] {escape(_where(f))}: {escape(f.message)}", highlight=False)
         unit, k = unit_for([f.last_peak_allocated_bytes, f.last_allocated_bytes])
         if f.last_allocated_bytes is None and f.last_peak_allocated_bytes is None:
             console.print("Last measured: nothing", highlight=False)
@@ -194,9 +195,9 @@ def _print_profile(record, path, plot_path) -> None:
                           + (f", device {amount(f.last_nvml_used_bytes, k)} {unit} (NVML)"
                              if f.last_nvml_used_bytes is not None else ""), highlight=False)
     if path:
-        console.print(f"Record: {path}" + (f" (snapshot: {record.snapshot})" if record.snapshot else ""), highlight=False)
+        console.print(escape(f"Record: {path}" + (f" (snapshot: {record.snapshot})" if record.snapshot else "")), highlight=False)
     if plot_path:
-        console.print(f"Plot: {plot_path}", highlight=False)
+        console.print(escape(f"Plot: {plot_path}"), highlight=False)
 
 
 def cmd_compare(args) -> int:

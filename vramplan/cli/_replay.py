@@ -69,9 +69,10 @@ def _gib(n: int | None) -> str:
 
 def print_replay(r, source: str, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape  # a model id or path is text, never markup
     from rich.table import Table
 
-    table = Table(title=f"Allocator replay of {source}")
+    table = Table(title=f"Allocator replay of {escape(source)}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     settings = r.alloc_conf or "(defaults)"
@@ -91,7 +92,6 @@ def print_replay(r, source: str, console=None) -> None:
                                   f"{_gib(r.oom['reserved_bytes'])} reserved"))
     if r.recorded_ooms:
         rows.append(("OOMs in the recording", str(r.recorded_ooms)))
-    from rich.markup import escape
 
     for name, value in rows:
         table.add_row(name, escape(value))
@@ -100,9 +100,10 @@ def print_replay(r, source: str, console=None) -> None:
 
 def print_check(c, source: str, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape  # a model id or path is text, never markup
     from rich.table import Table
 
-    table = Table(title=f"Allocator model vs recording: {source}")
+    table = Table(title=f"Allocator model vs recording: {escape(source)}")
     table.add_column("check")
     table.add_column("model", justify="right")
     table.add_column("recorded", justify="right")

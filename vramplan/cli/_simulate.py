@@ -138,6 +138,7 @@ def _pct(p: float | None) -> str:
 
 def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = None, console=None,
                      skipped: str | None = None) -> None:
+    from rich.markup import escape  # a model id or path is text, never markup
     from rich.console import Console
     from rich.table import Table
 
@@ -147,7 +148,7 @@ def print_simulation(trace, est, layers: int, gpu=None, timeline: str | None = N
     s = trace.setup
     quant = f" {s['quant']}{'+dq' if s.get('double_quant') and s['quant'] != 'int8' else ''}" if s["quant"] else ""
     rank = "" if s["method"] == "full" else f"r={s['rank']}, "      # full fine-tuning has no adapters
-    console.print(f"{trace.model} — {s['method']}{quant}, {rank}batch {s['batch']} x seq {s['seq']}, "
+    console.print(f"{escape(trace.model)} — {s['method']}{quant}, {rank}batch {s['batch']} x seq {s['seq']}, "
                   f"{s['optimizer']}, {('reentrant checkpointing' if s.get('reentrant') else 'checkpointing') if s['grad_ckpt'] else 'no checkpointing'}, {s['attn']} "
                   f"— simulated on the meta device", style="bold", highlight=False)
     console.print(f"Peak allocated [bold]{_gib(trace.peak_allocated_bytes)} GiB[/bold] "

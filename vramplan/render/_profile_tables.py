@@ -8,6 +8,7 @@ from rich.table import Table
 from vramplan.core._units import format_amount
 from vramplan.profile._compare import Comparison
 from vramplan.profile._store import ckpt_label
+from rich.markup import escape   # model ids, paths and failure messages are text, never markup
 
 GIB = 2**30
 UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
@@ -52,7 +53,7 @@ def detail_table(c: Comparison) -> Table:
     # next to a tiny model's allocations reads e.g. 0.049 / 488.000 MiB, not KiB and MiB mixed).
     unit, f = unit_for([c.predicted_allocated, c.measured_allocated, c.predicted_device_total,
                         c.measured_device_total] + [v for r in c.rows for v in (r.predicted, r.measured)])
-    table = Table(title=f"{c.model} — {setup_text(c.setup)} on {c.gpu or c.device} [{c.status}]",
+    table = Table(title=escape(f"{c.model} — {setup_text(c.setup)} on {c.gpu or c.device} [{c.status}]"),
                   title_justify="left", caption_justify="left")
     # Names and numbers are never cut: headers take two lines, a sum of components wraps at " + ",
     # and the notes go under the table as numbered lines, so the table fits 80 columns.
@@ -132,9 +133,9 @@ def print_comparisons(comparisons: list[Comparison], detail: bool, console: Cons
         for c in comparisons:
             console.print(detail_table(c))
             if c.failure:
-                console.print(f"[red]{c.failure}[/red]", highlight=False)
+                console.print(f"[red]{escape(c.failure)}[/red]", highlight=False)
             for n in c.notes:
-                console.print(f"[dim]{n}[/dim]", highlight=False)
+                console.print(f"[dim]{escape(n)}[/dim]", highlight=False)
     console.print(summary_table(comparisons))
 
 

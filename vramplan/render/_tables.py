@@ -7,6 +7,7 @@ from rich.table import Table
 from vramplan.estimate._estimator import Estimate
 from vramplan.render._report import component_rows
 from vramplan.core._units import GiB, format_bytes, format_signed
+from rich.markup import escape   # a model id or path is text, never markup: "cfg/[/x]" crashed the print
 
 
 def gib(n: int) -> str:
@@ -20,7 +21,7 @@ def shape_text(s) -> str:
 
 def estimate_table(est: Estimate) -> Table:
     spec, s = est.model, est.setup
-    title = (f"{spec.id} — {s.method}"
+    title = (f"{escape(spec.id)} — {s.method}"
              + (f" {s.quant}{'+dq' if s.double_quant and s.quant != 'int8' else ''}" if s.quantized else "")
              + f", {shape_text(s)}, {s.optimizer}")
     table = Table(title=title, title_justify="left")
