@@ -2,6 +2,7 @@
 (plan/_deepspeed_config.py). "auto" values as transformers' HfTrainerDeepSpeedConfig fills them
 from the hidden size; what the file cannot mean for vramplan is refused with one line."""
 import json
+import os
 
 import pytest
 
@@ -106,6 +107,11 @@ def test_an_unreadable_file_is_one_line(capsys, tmp_path):
     code, out = run_plan(capsys, tmp_path, str(tmp_path / "deep.json"))
     assert code == 2 and out.err.startswith(f"Error: the DeepSpeed config {tmp_path / 'deep.json'} is not JSON: ")
     assert out.err.count("\n") == 1
+    for other in ("folder", "pipe"):
+        path = tmp_path / other
+        path.mkdir() if other == "folder" else os.mkfifo(path)
+        code, out = run_plan(capsys, tmp_path, str(path))
+        assert code == 2 and out.err.startswith(f"Error: the DeepSpeed config {path} is not a regular file (hint: ")
 
 
 def test_the_plan_uses_the_file(capsys, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -225,13 +226,18 @@ def test_python_failing_mid_way_names_the_module(capsys, monkeypatch, model_dir)
     assert err == f"Error: the simulated forward step failed in module model.layers.0.mlp: ValueError: mlp says no {HINT}\n"
 
 
-def test_bad_input_is_rejected_before_the_trace(capsys, model_dir, monkeypatch):
+def test_bad_input_is_rejected_before_the_trace(capsys, model_dir, monkeypatch, tmp_path):
     package = importlib.import_module("vramplan.simulate")
     monkeypatch.setattr(package, "simulate", lambda *a, **k: pytest.fail("traced despite bad input"))
     path = model_dir()
     code, _, err = simulate(capsys, path, "--timeline", "/nonexistent-dir/mem.csv")
-    assert (code, err) == (2, "Error: --timeline /nonexistent-dir/mem.csv: no such directory /nonexistent-dir "
-                              "(hint: create it or pick another path)\n")
+    assert (code, err) == (2, "Error: --timeline /nonexistent-dir/mem.csv: /nonexistent-dir does not exist "
+                              "(hint: write the file into an existing folder)\n")
+    fifo = tmp_path / "mem.fifo"
+    os.mkfifo(fifo)          # opening it for writing would wait for a reader for ever
+    code, _, err = simulate(capsys, path, "--timeline", str(fifo))
+    assert (code, err) == (2, f"Error: --timeline {fifo} is not a regular file (a device or a named pipe) "
+                              "(hint: give a file name, e.g. --timeline mem.csv)\n")
     code, _, err = simulate(capsys, path, "--method", "nope")
     assert (code, err) == (2, "Error: unknown method 'nope' (hint: --method takes one of: qlora, lora, full)\n")
     code, _, err = simulate(capsys, "nobody/no-such-model-anywhere")

@@ -6,7 +6,6 @@ rejects first, in a second).
 """
 from __future__ import annotations
 
-import os
 
 from vramplan.core._errors import UsageError
 from vramplan.cli._flags import alloc_conf_from_args, print_json, setup_from_args
@@ -44,8 +43,9 @@ def cmd_simulate(args) -> int:
     gpu = None
     if args.gpu:
         gpu = resolve_gpu(args.gpu)
-    if args.timeline:
-        _check_writable(args.timeline)
+    if args.timeline:   # refused before the trace: a folder, a named pipe, a missing folder
+        from vramplan.core._files import file_destination
+        file_destination(args.timeline, "--timeline", "mem.csv")
     conf = alloc_conf_from_args(args)
     est = estimate(spec, setup, gpu=gpu, arch=args.arch, alloc_conf=conf) if getattr(spec, "analytic", True) else None  # same GPU architecture as the trace
     from vramplan.simulate._step import require_packages  # this command's code loads only when it runs
@@ -77,22 +77,20 @@ def estimate_skipped(spec) -> str | None:
             "the simulation ran the model transformers builds from its config")
 
 
-def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--timeline {path}: no such directory {folder}", hint="create it or pick another path")
-    if os.path.isdir(path):
-        raise UsageError(f"--timeline {path} is a directory", hint="give a file name, e.g. mem.csv")
-
-
 def write_timeline(trace, path: str) -> None:
+    """The timeline CSV, written whole or not at all (profile/_store.py atomic_write_bytes)."""
     import csv
+    import io
 
+    from vramplan.core._files import file_destination
+    from vramplan.profile._store import atomic_write_bytes
+
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["event", "phase", "module", "op", "allocated_bytes"])
+    w.writerows(trace.timeline)
     try:
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["event", "phase", "module", "op", "allocated_bytes"])
-            w.writerows(trace.timeline)
+        atomic_write_bytes(file_destination(path, "--timeline", "mem.csv"), text.getvalue().encode())
     except OSError as exc:
         raise UsageError(f"cannot write --timeline {path}: {exc.strerror or exc}",
                          hint="check the path and its permissions") from None

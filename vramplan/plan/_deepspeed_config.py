@@ -61,6 +61,9 @@ def parallel_from_deepspeed(path: str | Path, gpus: int, spec: ModelSpec, strate
 def _read(path: str | Path):
     """The config file's JSON, or the one-line error for a file that cannot be read or is not JSON."""
     name = str(path)
+    if Path(path).exists() and not Path(path).is_file():   # reading a named pipe waits for a writer for ever
+        raise UsageError(f"the DeepSpeed config {name} is not a regular file",
+                         hint="give the path of the JSON file passed to deepspeed / TrainingArguments(deepspeed=...)")
     try:
         return json.loads(Path(path).read_text())
     except OSError as exc:
