@@ -300,3 +300,19 @@ def test_a_paged_records_context_row_compares_like_for_like(capsys):
     rows = {r.component: r for r in compare_record(record).rows}
     assert rows["paged_optimizer"].predicted > 0 and not rows["paged_optimizer"].in_total
     assert abs(rows["cuda_context"].error) < 0.02
+
+
+@pytest.mark.parametrize("recorded_estimate", [None, {}, "no context"])
+def test_a_record_without_a_recorded_prediction_compares_with_dashes(recorded_estimate):
+    """A record may hold no prediction (null, {}, or no cuda_context among its device components):
+    --recorded shows '-' for what it lacks; it ended with a TypeError adding None to the context."""
+    rec = gpu_shaped()
+    if recorded_estimate == "no context":
+        est = dict(rec.estimate, device_components={k: v for k, v in rec.estimate["device_components"].items()
+                                                    if k != "cuda_context"})
+    else:
+        est = recorded_estimate
+    c = compare_record(replace(rec, estimate=est), recorded=True)
+    row = next(r for r in c.rows if r.component == "cuda_context")
+    assert row.predicted is None and row.measured is not None
+    json.dumps(c.to_dict())

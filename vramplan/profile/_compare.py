@@ -168,7 +168,7 @@ class Comparison:
 
 def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool = False) -> Comparison:
     notes = []
-    est_d, est = record.estimate, None
+    est_d, est = record.estimate or {}, None     # a record may hold no prediction (null or {})
     prediction = "recorded"
     if not recorded:
         try:
@@ -239,7 +239,7 @@ def compare_record(record: Record, path: str | os.PathLike = "", recorded: bool 
                 if nv.context_bytes is not None else ""
             if pred_resident:    # NVML's context figure holds it: compared like for like
                 note += "; it includes the resident paged optimizer state, and so does the prediction"
-            rows.append(Row("cuda_context", pred_ctx + (pred_resident or 0), ctx, note))
+            rows.append(Row("cuda_context", None if pred_ctx is None else pred_ctx + (pred_resident or 0), ctx, note))
             over = (meas_total - ctx - meas_alloc) if None not in (meas_total, ctx, meas_alloc) else None
             rows.append(Row("allocator_overhead", pred_over, over, "device total - context - peak allocated"))
             if pred_resident:
