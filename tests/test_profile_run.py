@@ -260,6 +260,7 @@ def test_ctrl_c_writes_nothing(tiny, launcher, tmp_path):
     (["--device", "cpu", "--snapshot"], 2, "Error: --snapshot needs a GPU"),
     (["--plot", "mem.gif"], 2, "Error: --plot mem.gif: unknown image type"),
     (["--targets", "qkv"], 1, "Error: target modules qkv match nothing"),
+    (["--device", "cpu", "--seed", str(2**70)], 2, f"Error: --seed must be a whole number in [0, 2**63), got {2**70}"),
 ])
 def test_bad_profile_flags_fail_before_any_run(capsys, tiny, argv, code, message):
     got = main(["profile", tiny, "--random-weights", *argv])
@@ -480,3 +481,8 @@ def test_paged_state_is_found_on_a_gpu_run():
     assert paged_bytes == 200_000
     assert device_bytes == 3_584                   # 782 float32 absmax, rounded to 512 B
     assert run.meter.ignored == [paged] and [c for _, c in run.meter.tagged] == ["optimizer_state"]
+
+
+def test_a_device_that_is_not_text_is_refused():
+    with pytest.raises(UsageError, match="unknown device 5"):
+        ProfileOptions(device=5).validate()

@@ -67,12 +67,16 @@ class ProfileOptions:
             object.__setattr__(self, "steps", DEFAULT_CPU_STEPS if self.device == "cpu" else DEFAULT_STEPS)
 
     def validate(self) -> None:
-        if not (self.device == "cpu" or self.device == "cuda" or
-                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device == "cuda" or
+                                                    (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise UsageError(f"unknown device {self.device!r}", hint="--device takes cuda, cuda:N or cpu")
         for flag, value, low in (("--steps", self.steps, 1), ("--warmup", self.warmup, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UsageError(f"{flag} must be a whole number >= {low}, got {value!r}", hint=f"e.g. {flag} 3")
+        # torch.manual_seed takes a 64-bit integer (the CPU generator's seed is an int64 on the way
+        # in: a larger one failed in the child, after the estimate, with "Overflow when unpacking long long")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed must be a whole number in [0, 2**63), got {self.seed!r}", hint="e.g. --seed 0")
         if self.steps + self.warmup > 10000:
             raise UsageError(f"--steps {self.steps} is beyond a profile run (max 10000)", hint="e.g. --steps 5")
         if self.snapshot and self.device == "cpu":
