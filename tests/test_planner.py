@@ -434,3 +434,8 @@ def test_plan_and_estimate_report_one_fragmentation():
     p = plan("Qwen/Qwen3-0.6B", recommend=False, batches=[1], seqs=[11000], **kw)
     assert p.to_dict()["estimate"]["fragmentation_bytes"] == est.fragmentation_bytes
     assert est.fragmentation_bytes != est.allocator_overhead_bytes     # not the same figure here
+
+
+def test_an_empty_grid_axis_is_refused():
+    with pytest.raises(UsageError, match="--grid-batch has no values"):
+        plan("Qwen/Qwen3-0.6B", gpu="24GB", batches=[], recommend=False)

@@ -32,3 +32,23 @@ def test_parse_size_rejects(text):
 def test_format_bytes_names_its_unit():
     assert format_bytes(3 * 2**30) == "3.00 GiB"
     assert format_bytes(3 * 10**9, "GB") == "3.00 GB"
+
+
+def test_bad_units_and_amounts_are_the_projects_errors():
+    from vramplan.core._errors import UsageError
+    from vramplan.core._units import format_bytes
+
+    with pytest.raises(UsageError, match=r"unknown unit 'XB' \(hint: B, KB, MB, GB, TB"):
+        format_bytes(5, "XB")
+    with pytest.raises(UsageError, match="bytes must be a number, got 'x'"):
+        format_bytes("x")
+
+
+def test_a_callers_gpu_with_no_memory_is_refused():
+    from vramplan import Gpu, estimate
+    from vramplan.core._errors import UsageError
+
+    for memory in (-5, 0, 2.5e9, None):
+        with pytest.raises(UsageError, match="memory_bytes must be a positive whole number"):
+            estimate("Qwen/Qwen3-0.6B", gpu=Gpu("mine", memory))
+    assert estimate("Qwen/Qwen3-0.6B", gpu=Gpu("mine", 24 * 2**30)).gpu.name == "mine"

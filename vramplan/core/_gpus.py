@@ -74,7 +74,11 @@ def _norm(name: str) -> str:
 
 def resolve_gpu(text: str | int | Gpu) -> Gpu:
     """'A100-80GB' -> catalog entry; '48GB' / '24GiB' / 80e9 -> a bare size."""
-    if isinstance(text, Gpu):
+    if isinstance(text, Gpu):      # a caller's own Gpu: its memory is checked as a size would be
+        memory = text.memory_bytes
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0:
+            raise UsageError(f"Gpu {text.name!r} memory_bytes must be a positive whole number, got {memory!r}",
+                             hint="e.g. Gpu('my card', 24 * 2**30)")
         return text
     if isinstance(text, float) and text.is_integer():   # 24e9 from a library caller: bytes, as an int is
         text = int(text)

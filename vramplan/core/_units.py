@@ -47,7 +47,12 @@ def format_amount(n: int | None, unit: str = "GiB", digits: int = 3, signed: boo
     per column); `missing` for None."""
     if n is None:
         return missing
-    return f"{n / _UNITS[unit.lower()]:{'+' if signed else ''},.{digits}f}"
+    scale = _UNITS.get(unit.lower()) if isinstance(unit, str) else None
+    if scale is None:
+        raise UsageError(f"unknown unit {unit!r}", hint="B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (of 1024)")
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        raise UsageError(f"bytes must be a number, got {n!r}", hint="e.g. format_bytes(48 * 10**9, 'GB')")
+    return f"{n / scale:{'+' if signed else ''},.{digits}f}"
 
 
 def format_bytes(n: int, unit: str = "GiB", digits: int = 2) -> str:

@@ -579,6 +579,8 @@ def _grid(ev: Evaluator, setup: TrainSetup, cap: int, tight: float, batches, seq
     bs = _axis(batches, setup.batch, max_batch.value, 1, MAX_BATCH)
     ss = _axis(seqs, setup.seq, max_seq.value, 256, MAX_SEQ)
     for label, axis in (("batch", bs), ("seq", ss)):
+        if not axis:
+            raise UsageError(f"--grid-{label} has no values", hint=f"e.g. --grid-{label} 1,2,4 (or leave it out)")
         if len(axis) > MAX_GRID:
             raise UsageError(f"--grid-{label} has {len(axis)} values (max {MAX_GRID})", hint="give fewer values")
     setups = [setup.with_(batch=b, seq=s) for s in ss for b in bs]
