@@ -152,6 +152,12 @@ def test_bad_environment_alloc_conf_is_named(capsys, monkeypatch):
                    "(hint: fix or unset PYTORCH_CUDA_ALLOC_CONF, or give --alloc-conf)\n")
     code, _out, _err = run(capsys, "estimate", "llama-2-7b", "--gpu", "24GB", "--alloc-conf", "expandable_segments:True")
     assert code == 0
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")   # valid for torch, not modelled
+    code, out, err = run(capsys, "estimate", "llama-2-7b", "--gpu", "24GB")
+    assert code == 2 and out == ""
+    assert err == ("Error: PYTORCH_CUDA_ALLOC_CONF='backend:cudaMallocAsync' in the environment: backend:cudaMallocAsync "
+                   "is not modelled (hint: the model covers the native caching allocator only: unset "
+                   "PYTORCH_CUDA_ALLOC_CONF, or give --alloc-conf)\n")
 
 
 def test_models_and_gpus_list(capsys):

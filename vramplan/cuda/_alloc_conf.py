@@ -71,10 +71,15 @@ class AllocConf:
         for name in ENV_VARS:
             if name in environ:
                 try:
-                    return cls.parse(environ[name])
+                    conf = cls.parse(environ[name])
                 except UsageError as exc:     # say where the settings came from: no flag was given
                     raise UsageError(f"{name}={environ[name]!r} in the environment: {exc.message}",
                                      hint=f"fix or unset {name}, or give --alloc-conf") from None
+                if conf.backend != "native":  # refused here, where its source is known (cuda/_allocator.py set_conf)
+                    raise UsageError(f"{name}={environ[name]!r} in the environment: backend:{conf.backend} is not "
+                                     "modelled", hint=f"the model covers the native caching allocator only: unset "
+                                                      f"{name}, or give --alloc-conf")
+                return conf
         return cls()
 
     @classmethod
