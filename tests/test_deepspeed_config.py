@@ -83,12 +83,17 @@ def run_plan(capsys, tmp_path, config, *flags):
      "zero_optimization.reduce_bucket_size in {path} is 1e+30"),
     # the micro-batch is the config's; accumulation under ZeRO is not modelled
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}, ("--batch", "4"),
-     "--batch 4 contradicts {path} (train_micro_batch_size_per_gpu 2) (hint: drop --batch: the config decides it)"),
+     "--batch 4 contradicts {path} (train_micro_batch_size_per_gpu: 2) (hint: drop --batch: the config decides it)"),
     ({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 3}}, (),
      "{path} sets gradient_accumulation_steps 4: accumulation under ZeRO is not modelled (hint: plan the peak of "
      "one micro-step: set it to 1 in a copy of the config)"),
     ({"train_micro_batch_size_per_gpu": 0, "zero_optimization": {"stage": 2}}, (),
      "train_micro_batch_size_per_gpu in {path} is 0"),
+    ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}, ("--dtype", "bf16"),
+     "--dtype bf16 contradicts {path} (its enabled fp16 / bf16 section: fp16) (hint: drop --dtype: the config "
+     "decides it)"),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, (),
+     "{path} enables both fp16 and bf16"),
 ])
 def test_what_cannot_be_planned_is_one_line(capsys, tmp_path, config, flags, message):
     code, out = run_plan(capsys, tmp_path, config, *flags)
@@ -135,3 +140,12 @@ def test_the_configs_micro_batch_is_the_plans(capsys, tmp_path, config, flags, b
     code, out = run_plan(capsys, tmp_path, {**config, "zero_optimization": {"stage": 2}}, *flags, "--json")
     assert code == 0, out.err
     assert json.loads(out.out)["setup"]["batch"] == batch
+
+
+def test_the_configs_16_bit_dtype_is_the_plans(capsys, tmp_path):
+    """An enabled fp16 section is what the engine casts the module to: planned as --dtype fp16
+    (it was planned in bf16, the default); "auto" leaves the default."""
+    for section, dtype in (({"fp16": {"enabled": True}}), "fp16"), ({"bf16": {"enabled": "auto"}}, "bf16"):
+        code, out = run_plan(capsys, tmp_path, {**section, "zero_optimization": {"stage": 2}}, "--json")
+        assert code == 0, out.err
+        assert json.loads(out.out)["setup"]["dtype"] == dtype

@@ -72,8 +72,8 @@ def register(subparsers, setup_flags_parent) -> None:
     _parallel_flags(p, lists=False)
     p.add_argument("--deepspeed", metavar="CONFIG",
                    help="a DeepSpeed config JSON: its ZeRO stage, offload, buckets and stage-3 gathering settings "
-                        "(\"auto\" as the HF Trainer fills it) for --gpus ranks, and its "
-                        "train_micro_batch_size_per_gpu as --batch")
+                        "(\"auto\" as the HF Trainer fills it) for --gpus ranks; its "
+                        "train_micro_batch_size_per_gpu as --batch and an enabled fp16 / bf16 as --dtype")
     p.set_defaults(batch=None)     # 1 unless given, or a --deepspeed config gives its micro-batch
     p.add_argument("--grid-batch", help="batch values of the grid, e.g. 1,2,4,8 (default: powers of two)")
     p.add_argument("--grid-seq", help="sequence lengths of the grid, e.g. 512,2048,8192 (default: powers of two)")
@@ -138,14 +138,16 @@ def cmd_plan(args) -> int:
     model, parallel = args.model, None
     if args.deepspeed:
         from vramplan.core._models import resolve
-        from vramplan.plan._deepspeed_config import micro_batch_from_deepspeed, parallel_from_deepspeed
+        from vramplan.plan._deepspeed_config import parallel_from_deepspeed, setup_from_deepspeed
         model = resolve(args.model)
         parallel = parallel_from_deepspeed(args.deepspeed, args.gpus, model, args.strategy, args.offload)
-        micro = micro_batch_from_deepspeed(args.deepspeed)
-        if micro is not None and args.batch not in (None, micro):
-            raise UsageError(f"--batch {args.batch} contradicts {args.deepspeed} (train_micro_batch_size_per_gpu {micro})",
-                             hint="drop --batch: the config decides it")
-        args.batch = args.batch or micro
+        keys = {"batch": "train_micro_batch_size_per_gpu", "dtype": "its enabled fp16 / bf16 section"}
+        for field, value in setup_from_deepspeed(args.deepspeed).items():
+            given = getattr(args, field)
+            if given is not None and given != value:
+                raise UsageError(f"--{field} {given} contradicts {args.deepspeed} ({keys[field]}: {value})",
+                                 hint=f"drop --{field}: the config decides it")
+            setattr(args, field, value)
     args.batch = args.batch or 1
     setup = setup_from_args(args)
     gpu, card_setup = "all", None

@@ -75,29 +75,44 @@ def _read(path: str | Path):
                          hint="DeepSpeed reads a JSON file; check it with `python -m json.tool`") from None
 
 
-def micro_batch_from_deepspeed(path: str | Path) -> int | None:
-    """The config's train_micro_batch_size_per_gpu: the micro-batch each rank runs (None: absent
-    or "auto", which the HF Trainer fills with per_device_train_batch_size). Its
-    gradient_accumulation_steps past 1 is refused: accumulation under ZeRO (the engine's reduced
-    gradient partitions kept across micro-steps) is not modelled (plan/_sharding.py
-    accumulation_modelled)."""
+def setup_from_deepspeed(path: str | Path) -> dict:
+    """The TrainSetup fields the config decides: `batch`, its train_micro_batch_size_per_gpu (the
+    micro-batch each rank runs), and `dtype`, fp16 or bf16 where its `fp16` / `bf16` section is
+    enabled (the engine casts the module to it: deepspeed/runtime/engine.py
+    _configure_distributed_model). "auto" (the HF Trainer fills it from its own arguments) and
+    absent keys decide nothing. Its gradient_accumulation_steps past 1 is refused: accumulation
+    under ZeRO (the engine's reduced gradient partitions kept across micro-steps) is not modelled
+    (plan/_sharding.py accumulation_modelled)."""
     name = str(path)
     config = _read(path)
     if not isinstance(config, dict):
-        return None
+        return {}
     steps = config.get("gradient_accumulation_steps")
     if steps not in (None, "auto", 1) or steps is True:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise UsageError(f"gradient_accumulation_steps in {name} is {steps!r}", hint='a whole number >= 1 or "auto"')
         raise UsageError(f"{name} sets gradient_accumulation_steps {steps}: accumulation under ZeRO is not modelled",
                          hint="plan the peak of one micro-step: set it to 1 in a copy of the config")
+    out = {}
     micro = config.get("train_micro_batch_size_per_gpu")
-    if micro in (None, "auto"):
-        return None
-    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
-        raise UsageError(f"train_micro_batch_size_per_gpu in {name} is {micro!r}", hint='a whole number >= 1 or "auto"')
-    return micro
-
+    if micro not in (None, "auto"):
+        if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+            raise UsageError(f"train_micro_batch_size_per_gpu in {name} is {micro!r}",
+                             hint='a whole number >= 1 or "auto"')
+        out["batch"] = micro
+    enabled = []
+    for dtype in ("fp16", "bf16"):
+        section = config.get(dtype)
+        flag = section.get("enabled", False) if isinstance(section, dict) else None
+        if flag not in (None, False, True, "auto"):
+            raise UsageError(f"{dtype}.enabled in {name} is {flag!r}", hint='true, false or "auto"')
+        if flag is True:
+            enabled.append(dtype)
+    if len(enabled) > 1:
+        raise UsageError(f"{name} enables both fp16 and bf16", hint="DeepSpeed trains in one of them")
+    if enabled:
+        out["dtype"] = enabled[0]
+    return out
 
 def _offload(zero: dict, strategy: str, name: str) -> str:
     """The Parallel offload: "cpu" where the config offloads what that means for the engine
