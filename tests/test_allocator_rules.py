@@ -261,3 +261,17 @@ def test_replay_accepts_a_conf_object_and_streams():
     conf = AllocConf.parse("expandable_segments:True")
     r = replay_allocations([("alloc", "a", 4096, 1), ("alloc", "b", 4096, 2)], conf)
     assert r.reserved_bytes == 4 * MiB      # one 2 MiB page per stream's small pool
+
+
+def test_fragmentation_is_taken_where_the_most_is_allocated_at_the_reserved_peak():
+    """A 40 MiB request that finds only a cached 30 MiB block reserves a new segment: reserved
+    peaks at 70 MiB with 40 MiB allocated. The 30 MiB request after it is served from the cache,
+    so at that same peak 70 MiB are allocated: no byte of the peak is unused then
+    (docs/allocator.md#fragmentation-at-the-peak; taken at the peak's first moment it was 30 MiB)."""
+    from vramplan.cuda._reserved import replay_stream
+
+    events = [("alloc", "a", 30 * MiB), ("free", "a"), ("alloc", "b", 40 * MiB), ("alloc", "c", 30 * MiB)]
+    for r in (replay_allocations(events), replay_stream(events), replay_stream(events, lump_small=True)):
+        assert (r.peak_reserved_bytes, r.fragmentation_bytes) == (70 * MiB, 0)
+    before_c = replay_allocations(events[:3])
+    assert (before_c.peak_reserved_bytes, before_c.fragmentation_bytes) == (70 * MiB, 30 * MiB)

@@ -426,9 +426,8 @@ def test_a_change_the_estimate_refuses_is_not_a_candidate():
 
 
 def test_plan_and_estimate_report_one_fragmentation():
-    """fragmentation_bytes is the replay's reserved - allocated when reserved peaked, in plan's JSON
-    as in estimate's (plan reported the slack above peak allocated under that name: 0.52 GB where
-    estimate said 21.17 GB for Qwen3-0.6B 1 x 11000)."""
+    """fragmentation_bytes is the replay's (peak reserved less the most allocated at that peak), in
+    plan's JSON as in estimate's: plan reported the slack above peak allocated under that name."""
     kw = dict(gpu="24GB", seq=11000)
     est = estimate("Qwen/Qwen3-0.6B", **kw)
     p = plan("Qwen/Qwen3-0.6B", recommend=False, batches=[1], seqs=[11000], **kw)

@@ -29,8 +29,8 @@ What it reproduces, step by step:
   it fails (the OOM, with the place of the event that failed); a small-pool growth past the
   capacity does the same (replay_lumped);
 - the replay's peaks (replay_lumped): peak allocated counts each event's small-pool high mark
-  with the large pool as it was, peak reserved is large + small segments, fragmentation is
-  reserved minus allocated when reserved peaked.
+  with the large pool as it was, peak reserved is large + small segments, fragmentation is the
+  peak reserved less the most allocated while reserved stood at its peak.
 """
 from __future__ import annotations
 
@@ -177,7 +177,8 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
     large = allocated = 0    # large pool reserved and allocated bytes
     next_address = FIRST_SEGMENT_ADDRESS
     small_reserved = 0       # the small pool's segments
-    peak_reserved = fragmentation = peak_allocated = retries = 0
+    peak_reserved = peak_allocated = retries = 0
+    at_peak = 0              # the most allocated while reserved stands at its peak
     oom = None
     phase = module = ""
     # the ops between phase starts, each with its place (place_of: ("load", "") before the first)
@@ -188,6 +189,8 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             # ("small", need, high, level) through replay_lumped
             if allocated + pending_high > peak_allocated:
                 peak_allocated = allocated + pending_high
+            if allocated + pending_high > at_peak and large + small_reserved == peak_reserved:
+                at_peak = allocated + pending_high
             if capacity is not None and large + pending_need > capacity:
                 large -= _release(pools, cells, segments)
                 retries += 1
@@ -198,7 +201,9 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             small_reserved = pending_need
             total = large + small_reserved
             if total > peak_reserved:
-                peak_reserved, fragmentation = total, total - allocated - pending_level
+                peak_reserved, at_peak = total, allocated + pending_level
+            elif allocated + pending_level > at_peak and total == peak_reserved:
+                at_peak = allocated + pending_level
             if allocated + pending_level > peak_allocated:
                 peak_allocated = allocated + pending_level
             pending_need = 0
@@ -246,6 +251,8 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             if pending_need:         # the growth event before this large-pool event, through replay_lumped
                 if allocated + pending_high > peak_allocated:
                     peak_allocated = allocated + pending_high
+                if allocated + pending_high > at_peak and large + small_reserved == peak_reserved:
+                    at_peak = allocated + pending_high
                 if capacity is not None and large + pending_need > capacity:
                     large -= _release(pools, cells, segments)
                     retries += 1
@@ -256,13 +263,19 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                 small_reserved = pending_need
                 total = large + small_reserved
                 if total > peak_reserved:
-                    peak_reserved, fragmentation = total, total - allocated - pending_level
+                    peak_reserved, at_peak = total, allocated + pending_level
+                elif allocated + pending_level > at_peak and total == peak_reserved:
+                    at_peak = allocated + pending_level
                 if allocated + pending_level > peak_allocated:
                     peak_allocated = allocated + pending_level
                 pending_need = 0
-            # this event carries (high, level); then the high mark restarts at the level
+            # this event carries (high, level); then the high mark restarts at the level. The most
+            # allocated while reserved stands at its peak is counted here too: what the event before
+            # allocated, and the small pool's high mark since, with reserved as it was since then
             if allocated + high > peak_allocated:
                 peak_allocated = allocated + high
+            if allocated + high > at_peak and large + small_reserved == peak_reserved:
+                at_peak = allocated + high
             high = level
             index += 1
             if size < 0:             # empty_cache: release_cached_blocks
@@ -301,7 +314,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                         found = size
                     total = large + small_reserved            # reserved grows only here and with
                     if total > peak_reserved:                 # the small pool's segments
-                        peak_reserved, fragmentation = total, total - allocated - found - level
+                        peak_reserved, at_peak = total, allocated + found + level
                 held[this_key] = ptr
                 held_size[this_key] = found
                 allocated += found   # peak allocated is not checked here: every later event (or the
@@ -316,7 +329,9 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
     if oom is None:              # the closing event (SmallPoolLevel.finish)
         if allocated + high > peak_allocated:
             peak_allocated = allocated + high
-    return ReservedPeak(peak_reserved, peak_allocated, fragmentation, retries, oom, True)
+        if allocated + high > at_peak and large + small_reserved == peak_reserved:
+            at_peak = allocated + high
+    return ReservedPeak(peak_reserved, peak_allocated, peak_reserved - at_peak, retries, oom, True)
 
 
 def _oom(index: int, nbytes: int, reserved: int, allocated: int, phase: str, module: str) -> dict:

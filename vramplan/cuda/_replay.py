@@ -29,8 +29,9 @@ _MASK = (1 << 64) - 1        # free-list keys: size << 64 | address (BlockCompar
 @record
 class AllocatorReplay:
     """What the allocator did over an event stream. Byte counts are ints. `largest_free_block_bytes`
-    and `fragmentation_bytes` (reserved - allocated) are taken when reserved first reached its peak
-    (`peak_reserved_index`, the event index; -1 = the starting state). Replay stops at the first
+    are taken when reserved first reached its peak (`peak_reserved_index`, the event index; -1 = the
+    starting state); `fragmentation_bytes` is the peak reserved less the most allocated while
+    reserved stood at its peak (docs/allocator.md#fragmentation-at-the-peak). Replay stops at the first
     OOM, as the program would: `oom` then names that event and the state just after the failure
     (the failed malloc may already have released cached segments)."""
 
@@ -117,6 +118,8 @@ def run_replay(allocator: CachingAllocator, events: Iterable[tuple], live: dict 
                 peak_reserved, peak_reserved_index = allocator.total_reserved, index
                 largest_at_peak = allocator.largest_free_block()
                 allocated_at_peak = allocator.allocated
+            elif allocator.allocated > allocated_at_peak and allocator.total_reserved == peak_reserved:
+                allocated_at_peak = allocator.allocated     # the most allocated while reserved stands at its peak
         elif op == "free":
             try:
                 address = live.pop(event[1])
@@ -236,6 +239,8 @@ def _replay_plain(events: Iterable[tuple], conf: AllocConf, capacity: int | None
             allocated += found
             if allocated > peak_allocated:
                 peak_allocated, peak_allocated_index = allocated, index
+            if allocated > allocated_at_peak and reserved == peak_reserved:
+                allocated_at_peak = allocated           # the most allocated while reserved stands at its peak
         elif op == "free":
             try:
                 block = live.pop(event[1])

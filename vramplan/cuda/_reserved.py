@@ -23,7 +23,7 @@ class ReservedPeak:
     fragmentation at the reserved peak, retries and the OOM against a card, if any."""
     peak_reserved_bytes: int
     peak_allocated_bytes: int      # the allocator's (block sizes, unsplit remainders included)
-    fragmentation_bytes: int       # reserved - allocated when reserved peaked
+    fragmentation_bytes: int       # peak reserved - the most allocated while reserved stood at its peak
     num_alloc_retries: int
     oom: dict | None               # first failed request: index, nbytes, reserved, allocated, phase, module
     lumped: bool
@@ -155,7 +155,7 @@ def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | Non
     alloc = CachingAllocator(conf, capacity=capacity)
     malloc, free = alloc.malloc, alloc.free
     live: dict = {}
-    peak_res = frag = peak_alloc = 0
+    peak_res = at_peak = peak_alloc = 0
     oom = None
     for index, event in enumerate(events):
         if index == count_from:
@@ -169,7 +169,9 @@ def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | Non
                 oom = _oom(index, event[2], alloc.total_reserved, alloc.allocated, place)
                 break
             if alloc.total_reserved > peak_res:
-                peak_res, frag = alloc.total_reserved, alloc.total_reserved - alloc.allocated
+                peak_res, at_peak = alloc.total_reserved, alloc.allocated
+            elif alloc.allocated > at_peak and alloc.total_reserved == peak_res:
+                at_peak = alloc.allocated     # the most allocated while reserved stands at its peak
             if alloc.allocated > peak_alloc:
                 peak_alloc = alloc.allocated
         elif event[0] == "empty_cache":
@@ -178,7 +180,7 @@ def replay_stream(events, conf: AllocConf | str | None = "", capacity: int | Non
             ptr = live.pop(event[1], None)
             if ptr is not None:
                 free(ptr)
-    return ReservedPeak(peak_res, peak_alloc, frag, alloc.num_alloc_retries, oom, False)
+    return ReservedPeak(peak_res, peak_alloc, peak_res - at_peak, alloc.num_alloc_retries, oom, False)
 
 
 def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | None = None, *,
@@ -193,7 +195,7 @@ def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | Non
     malloc, free = alloc.malloc, alloc.free
     live: dict = {}
     small_reserved = 0
-    peak_res = frag = peak_alloc = 0
+    peak_res = at_peak = peak_alloc = 0
     oom = None
     retries = 0
     for index, event in enumerate(events):
@@ -202,6 +204,8 @@ def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | Non
         high, small = event[-2], event[-1]
         if alloc.allocated + high > peak_alloc:      # the small pool peaked with the large pool as it was
             peak_alloc = alloc.allocated + high
+        if alloc.allocated + high > at_peak and alloc.total_reserved + small_reserved == peak_res:
+            at_peak = alloc.allocated + high          # the most allocated while reserved stands at its peak
         kind = event[0]
         if kind == "alloc":
             if capacity is not None:
@@ -231,10 +235,12 @@ def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | Non
             continue
         total = alloc.total_reserved + small_reserved
         if total > peak_res:
-            peak_res, frag = total, total - alloc.allocated - small
+            peak_res, at_peak = total, alloc.allocated + small
+        elif alloc.allocated + small > at_peak and total == peak_res:
+            at_peak = alloc.allocated + small
         if alloc.allocated + small > peak_alloc:
             peak_alloc = alloc.allocated + small
-    return ReservedPeak(peak_res, peak_alloc, frag, alloc.num_alloc_retries + retries, oom, True)
+    return ReservedPeak(peak_res, peak_alloc, peak_res - at_peak, alloc.num_alloc_retries + retries, oom, True)
 
 
 def _oom(index: int, nbytes: int, reserved: int, allocated: int, place) -> dict:

@@ -414,7 +414,7 @@ class ShardedEstimate(Verdict):
     allocator_oom: dict | None = None   # the single-GPU replay's failed request (estimate's), if any
     alloc_conf: str = ""
     paged_resident_bytes: int = 0        # this GPU's paged state NVML counts (estimator.paged_resident)
-    fragmentation_bytes: int = 0         # the replay's reserved - allocated when reserved peaked
+    fragmentation_bytes: int = 0         # the replay's peak reserved - the most allocated at that peak
 
     @property
     def device_total_bytes(self) -> int:
@@ -575,7 +575,7 @@ def distribute(base, parallel: Parallel, gpu: Gpu | None = None, split: Splits |
     check_sum(components, peak)
     spread = parallel.strategy != "single" and parallel.gpus > 1
     slack = base.allocator_overhead_bytes
-    # reserved - allocated when reserved peaked: the replay's, as estimate reports it (a replay
+    # peak reserved - the most allocated at that peak: the replay's, as estimate reports it (a replay
     # that was not run, replay=False, has none: its slack stands in, as estimate's does)
     fragmentation = getattr(base, "fragmentation_bytes", slack)
     paged = _paged(base.paged_optimizer_bytes, parallel)
@@ -671,7 +671,7 @@ def fsdp_shards(spec: ModelSpec, setup: TrainSetup, sp: Splits, parallel: Parall
 def fsdp_slack(base, sp: Splits, parallel: Parallel, peak: int = 0, room: int | None = None,
                need: bool = True) -> tuple[int, dict | None, int]:
     """(the replay's peak reserved above `peak`, replay_slack; the allocator OOM against the card
-    or None; the replay's reserved - allocated when reserved peaked) of one GPU's FSDP run (full_shard or SHARD_GRAD_OP), replayed through the caching-allocator model:
+    or None; the replay's fragmentation_bytes) of one GPU's FSDP run (full_shard or SHARD_GRAD_OP), replayed through the caching-allocator model:
     FSDP(model)'s wrap phase, then two steps (estimate/_events.py FsdpShards,
     docs/allocator.md#fsdp-wrap, #fsdp-stream, #fsdp-shard-grad-op and, offloaded,
     #fsdp-cpu-offload). Allocated is counted from the first step on (train.py resets the peak
