@@ -279,3 +279,91 @@ def test_bundled_estimate_never_imports_huggingface_hub():
             "print('huggingface_hub' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("repo_id", ["org/my model", "org/modél", "a/b..c", "a/b--c", "a/", "a/-b", "[/]",
+                                     "a/" + "x" * 97])
+def test_a_malformed_hub_id_is_one_line(capsys, monkeypatch, repo_id):
+    """huggingface_hub refuses it with HFValidationError, a ValueError (hub._check_id)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = cli(capsys, "estimate", repo_id)
+    assert (code, out) == (1, "")
+    assert err == (f"Error: {repo_id!r} is not a valid Hugging Face model id (hint: a Hub id is org/name in "
+                   "letters, digits, '-', '_' and '.', without '--' or '..'; `vramplan models` lists the catalog)\n")
+
+
+class Misbehaving(FakeHub):
+    """A HEAD that promises a 1 MB config.json, then a GET that redirects to itself, or that drips
+    a byte at a time, or that never answers, until `stop` is set."""
+    mode = "loop"
+    stop = threading.Event()
+
+    def _answer(self, body: bool):
+        if self.mode == "loop":
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if body and self.mode == "silent":
+            self.stop.wait()
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", '"0123"')
+        self.send_header("Content-Length", str(1_000_000))
+        self.end_headers()
+        while body and not self.stop.is_set():
+            self.wfile.write(b" ")
+            self.wfile.flush()
+            self.stop.wait(0.2)
+
+
+@pytest.fixture
+def misbehaving(fake_hub, monkeypatch):
+    Misbehaving.stop.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield server
+    Misbehaving.stop.set()          # lets the download left behind past its deadline end
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_redirect_loop_is_one_error(misbehaving, monkeypatch):
+    monkeypatch.setattr(Misbehaving, "mode", "loop")
+    with pytest.raises(hub.HubOfflineError, match=r"^cannot fetch acme-org/qqq-model/config.json from "
+                                                  r"http://127.0.0.1:\d+: Exceeded \d+ redirects .* \(hint: check the "
+                                                  r"network or HF_ENDPOINT, or pass a directory with config.json\)$"):
+        resolve("acme-org/qqq-model")
+
+
+def test_a_dripping_download_ends_at_the_deadline_and_leaves_no_partial_file(misbehaving, monkeypatch, tmp_path):
+    monkeypatch.setattr(Misbehaving, "mode", "drip")
+    monkeypatch.setattr(hub, "DOWNLOAD_DEADLINE_S", 1.0)
+    with pytest.raises(hub.HubOfflineError) as info:
+        resolve("acme-org/qqq-model")
+    assert str(info.value) == (f"cannot fetch acme-org/qqq-model/config.json from {hub.endpoint()}: it did not "
+                               "arrive whole within 1 s (hint: the Hub or mirror is stalling: try again later, or "
+                               "pass a directory with config.json)")
+    cache = tmp_path / "hf-home" / "hub"
+    assert list(cache.rglob("*.incomplete")) == [] and list(cache.rglob("config.json")) == []
+
+
+def test_a_silent_download_is_one_line_in_a_fresh_process(misbehaving, monkeypatch, tmp_path):
+    """huggingface_hub's warnings of each retry (HF_HUB_DOWNLOAD_TIMEOUT apart) stay off stderr."""
+    import os
+
+    monkeypatch.setattr(Misbehaving, "mode", "silent")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "HUGGING_FACE_"))}
+    env.update(HF_ENDPOINT=os.environ["HF_ENDPOINT"], HF_HOME=str(tmp_path / "fresh-home"),
+               HF_HUB_DOWNLOAD_TIMEOUT="1")
+    code = ("import sys; from vramplan.core import _hub; _hub.DOWNLOAD_DEADLINE_S = 3.5\n"
+            "from vramplan.cli import main; sys.exit(main(['estimate', 'acme-org/qqq-model']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (f"Error: cannot fetch acme-org/qqq-model/config.json from {os.environ['HF_ENDPOINT']}: "
+                             "it did not arrive whole within 3.5 s (hint: the Hub or mirror is stalling: try again "
+                             "later, or pass a directory with config.json)\n")
+    assert list((tmp_path / "fresh-home").rglob("*.incomplete")) == []

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 
 from vramplan.cli import _plan as plan, _profile as profile, _replay as replay, _simulate as simulate
-from vramplan.cli._flags import Parser, alloc_conf_from_args, print_json, setup_flags, setup_from_args
+from vramplan.cli._flags import (OutputError, Parser, Stdout, alloc_conf_from_args, print_json, setup_flags,
+                                 setup_from_args)
 from vramplan.core._architectures import ARCHITECTURES
 from vramplan.core._errors import ModelError, VramplanError
 from vramplan.estimate._estimator import estimate
@@ -168,22 +170,54 @@ def _reader_closed(exc: SystemExit) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    real_stdout, sys.stdout = sys.stdout, Stdout(sys.stdout)
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser(argv[0] if argv else None).parse_args(argv)
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()   # a write still buffered fails here, where it can be one Error line, not at exit
+        return code
+    except OutputError as exc:
+        _drop_output(real_stdout)
+        _error_line(f"Error: {exc}")
+        return exc.exit_code
     except VramplanError as exc:
-        sys.stderr.write(f"Error: {exc}\n")
+        _error_line(f"Error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("Error: interrupted\n")
+        _error_line("Error: interrupted")
         return 130
     except BrokenPipeError:
+        _drop_output(real_stdout)
         return 0
     except SystemExit as exc:
         if _reader_closed(exc):
             return 0
         raise
+    finally:
+        sys.stdout = real_stdout
+
+
+def _error_line(text: str) -> None:
+    """The one line on stderr, if the process has one that takes it (`2>&-` leaves sys.stderr None)."""
+    try:
+        if sys.stderr is not None:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def _drop_output(stream) -> None:
+    """What is still buffered for a stdout that failed would fail again when the interpreter
+    flushes it at exit ("Exception ignored ...", exit 120): point its descriptor at /dev/null,
+    as Python's documentation advises for SIGPIPE (signal module, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):   # no stdout, or not a file (pytest's capture)
+        pass
 
 
 def run() -> None:

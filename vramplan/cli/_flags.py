@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from vramplan.core._errors import UsageError
+from vramplan.core._errors import UsageError, VramplanError
 from vramplan.core._gpus import resolve_gpu
 from vramplan.core._setup import check_given, make_setup, parse_targets
 from vramplan.cuda._arch import default_dtype, target_arch
@@ -154,3 +154,42 @@ def setup_from_args(args):
 
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+class OutputError(VramplanError):
+    """What a command printed is lost: stdout is closed, or writing to it failed."""
+
+
+class Stdout:
+    """sys.stdout while main() runs a command. A write that fails (a full disk: ENOSPC, an I/O
+    error) is an OutputError, as is any write when the process has no stdout at all (`>&-`: sys.stdout
+    is None, and print() and rich's Console would write nowhere and succeed). BrokenPipeError, the
+    reader gone (`| head`), passes as it is: main() ends that with 0. Everything else is the stream's."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if self.stream is None:
+            raise OutputError("cannot write the output: stdout is closed",
+                              hint="run it with stdout open, or redirect it to a file")
+        return self._guard(self.stream.write, text)
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self._guard(self.stream.flush)
+
+    @staticmethod
+    def _guard(call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write the output: {exc.strerror or exc}",
+                              hint="check where stdout goes (a full disk?), or redirect it elsewhere") from None
+
+    def __getattr__(self, name):      # isatty, fileno, encoding...: rich reads them
+        if name == "stream":          # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.stream, name)

@@ -14,8 +14,10 @@ answered: `import vramplan` and a bundled-model estimate never load it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,6 +27,10 @@ CONFIG = "config.json"
 DEFAULT_ENDPOINT = "https://huggingface.co"   # huggingface_hub/constants.py _HF_DEFAULT_ENDPOINT
 CONNECT_TIMEOUT_S = 3.0
 ANSWER_TIMEOUT_S = 10.0      # huggingface_hub's own etag_timeout for the same HEAD
+# The whole of hf_hub_download for one config.json (a few kB): its timeouts are per read, and it
+# resumes a stalled body five times, resetting that count whenever a byte arrives, so a server
+# that drips the file never ends it. 30 s is ample for a file that size on any working link.
+DOWNLOAD_DEADLINE_S = 30.0
 
 
 class HubError(ModelError):
@@ -88,6 +94,7 @@ def config_file(repo_id: str) -> tuple[str, str] | None:
         import huggingface_hub
     except ImportError:
         return None
+    _check_id(repo_id)
     cached = huggingface_hub.try_to_load_from_cache(repo_id, CONFIG, cache_dir=cache_dir())
     if isinstance(cached, str):
         return cached, "cache"
@@ -113,6 +120,21 @@ def _check_endpoint(url: str) -> None:
     if parsed.scheme not in ("http", "https") or not parsed.hostname or isinstance(port, ValueError):
         raise HubOfflineError(f"HF_ENDPOINT={url!r} is not an http(s) URL of a Hub",
                               hint="fix or unset HF_ENDPOINT (default https://huggingface.co)")
+
+
+def _check_id(repo_id: str) -> None:
+    """huggingface_hub checks an id before it reads the cache or the network (utils/_validators.py
+    validate_repo_id, raising HFValidationError, a ValueError): refuse a malformed one here first."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise HubModelNotFoundError(
+            f"{repo_id!r} is not a valid Hugging Face model id",
+            hint="a Hub id is org/name in letters, digits, '-', '_' and '.', without '--' or '..'; "
+                 "`vramplan models` lists the catalog") from None
 
 
 def _answers(repo_id: str) -> None:
@@ -144,8 +166,8 @@ def _download(huggingface_hub, repo_id: str) -> str:
 
     where, auth = endpoint(), token()
     try:
-        return huggingface_hub.hf_hub_download(repo_id, CONFIG, cache_dir=cache_dir(), endpoint=where,
-                                               token=auth or False, etag_timeout=10)
+        return _within_deadline(lambda: huggingface_hub.hf_hub_download(
+            repo_id, CONFIG, cache_dir=cache_dir(), endpoint=where, token=auth or False, etag_timeout=10), repo_id)
     except errors.GatedRepoError:
         if auth:
             raise GatedModelError(f"{repo_id} is gated and the Hugging Face token has no access to it",
@@ -170,6 +192,10 @@ def _download(huggingface_hub, repo_id: str) -> str:
                                   hint="a gated or private model: set HF_TOKEN to a token with access") from None
         raise HubOfflineError(f"cannot fetch {repo_id}/config.json from {where} ({status or exc.__class__.__name__})",
                               hint="try again later, or pass a directory with config.json") from None
+    except _transport_errors() as exc:   # a redirect loop, a timeout, a connection reset mid-body
+        reason = (str(exc).splitlines() or [exc.__class__.__name__])[0]
+        raise HubOfflineError(f"cannot fetch {repo_id}/config.json from {where}: {reason}",
+                              hint="check the network or HF_ENDPOINT, or pass a directory with config.json") from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError) as exc:
         # file_download.py _raise_on_head_call_error: a 403 without X-Error-Code (no access) comes
         # back as LocalEntryNotFoundError raised from the HTTP error
@@ -178,6 +204,74 @@ def _download(huggingface_hub, repo_id: str) -> str:
                                   hint="a gated or private model: set HF_TOKEN to a token with access") from None
         raise HubOfflineError(f"cannot fetch {repo_id}/config.json from {where}: no answer with the file",
                               hint="check the network or HF_ENDPOINT, or pass a directory with config.json") from None
+
+
+def _within_deadline(download, repo_id: str) -> str:
+    """download() in a worker thread, waited for DOWNLOAD_DEADLINE_S at most: nothing in
+    huggingface_hub bounds a download's total time. Past the deadline the worker is left to end
+    with the process (a daemon thread, writing to an unlinked file), and the partial
+    `blobs/*.incomplete` that hf_hub_download keeps for a resume (file_download.py
+    _download_to_tmp_and_move) is removed, so the cache holds nothing half-written."""
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["path"] = download()
+        except BaseException as exc:      # handed to the caller, never printed by the thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name=WORKER, daemon=True)
+    _quiet_worker()
+    worker.start()
+    try:
+        worker.join(DOWNLOAD_DEADLINE_S)
+    finally:             # past the deadline, or Ctrl-C while waiting
+        if worker.is_alive():
+            # huggingface_hub/file_download.py: the blobs of models--{org}--{name} (repo_folder_name)
+            blobs = Path(cache_dir()) / f"models--{repo_id.replace('/', '--')}" / "blobs"
+            for partial in blobs.glob("*.incomplete"):
+                partial.unlink(missing_ok=True)
+    if worker.is_alive():
+        raise HubOfflineError(f"cannot fetch {repo_id}/config.json from {endpoint()}: it did not arrive whole "
+                              f"within {DOWNLOAD_DEADLINE_S:g} s",
+                              hint="the Hub or mirror is stalling: try again later, or pass a directory with "
+                                   "config.json")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["path"]
+
+
+WORKER = "vramplan-hub-download"
+
+
+class _NotFromWorker(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != WORKER
+
+
+def _quiet_worker() -> None:
+    """huggingface_hub logs each retry of a stalled download ("Trying to resume download...") to
+    stderr through the handler on its root logger (utils/logging.py _configure_library_root_logger);
+    the error line says what became of it, so that handler skips the worker's records."""
+    for handler in logging.getLogger("huggingface_hub").handlers:
+        if not any(isinstance(f, _NotFromWorker) for f in handler.filters):
+            handler.addFilter(_NotFromWorker())
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The base error of the HTTP library huggingface_hub sends with: httpx2 in 2.x, httpx in 1.x
+    (utils/_http.py get_session). Its status errors are HfHubHTTPError, caught before; the rest
+    (TooManyRedirects, timeouts, protocol errors) are not OSErrors. requests' (huggingface_hub
+    0.x) are, and are caught as OSError."""
+    import importlib
+
+    found = []
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
 
 
 def _status(exc) -> int | None:

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -183,12 +184,20 @@ def clean_stale_temporaries(folder: Path) -> None:
 def record_files(path: str | os.PathLike) -> list[Path]:
     """The record files under `path`: the file itself, or every visible *.json below a folder."""
     p = Path(path)
-    if p.is_file():
+    hint = "give a record file or a folder of records, e.g. profiles/"
+    try:
+        mode = p.stat().st_mode
+    except OSError as exc:      # a name too long, a loop of links, a folder that may not be searched
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise UsageError(f"no such file or folder: {path}", hint=hint) from None
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}", hint=hint) from None
+    if stat.S_ISREG(mode):
         return [p]
-    if p.is_dir():
+    if stat.S_ISDIR(mode):
         return sorted(f for f in p.rglob(f"*{SUFFIX}")
                       if not any(part.startswith(".") for part in f.relative_to(p).parts) and f.is_file())
-    raise UsageError(f"no such file or folder: {path}", hint="give a record file or a folder of records, e.g. profiles/")
+    # a named pipe, a device, a socket: reading one could wait forever
+    raise UsageError(f"{path} is not a regular file (a device or a named pipe)", hint=hint)
 
 
 def read_record(path: Path) -> Record:
