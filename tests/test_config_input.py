@@ -152,3 +152,68 @@ def test_a_multimodal_checkpoint_is_judged_by_its_outer_quantization_config():
     base = config("gemma3-multimodal")
     with pytest.raises(UnmodelledError, match="quant_method 'gptq'"):
         spec({**base, "quantization_config": {"quant_method": "gptq", "bits": 4}})
+
+
+@pytest.mark.parametrize("name", ["smollm3-nope", "llama4-scout"])
+@pytest.mark.parametrize("value", [0, -4, "x", True, 2.5])
+def test_a_malformed_nope_interval_is_refused(name, value):
+    # SmolLM3Config / Llama4TextConfig.__post_init__: `(layer_idx + 1) % no_rope_layer_interval`,
+    # an int; read only where no_rope_layers is absent
+    cfg = config(name, no_rope_layers=_DROP, no_rope_layer_interval=value)
+    with pytest.raises(ModelError) as err:
+        spec(cfg)
+    # Llama4's field types are checked first (core/_config_fields.py check_field_types: "a number")
+    kind = ("a number" if name.startswith("llama4") and (isinstance(value, bool) or not isinstance(value, int | float))
+            else "a positive integer")
+    assert err.value.message == f"config for test: no_rope_layer_interval must be {kind}, got {value!r}"
+    if kind != "a number":
+        assert spec(config(name, no_rope_layer_interval=value)).layers    # no_rope_layers given: not read
+
+
+@pytest.mark.parametrize("value, kind", [(0, "a positive integer"), (-6, "a positive integer"),
+                                         (1.5, "a positive integer"), ("6", "a number"), (True, "a number")])
+def test_a_malformed_sliding_window_pattern_is_refused(value, kind):
+    # Gemma3TextConfig.__post_init__: `bool((i + 1) % self._sliding_window_pattern)`; a string or
+    # a flag is refused first by core/_config_fields.py check_field_types (the class default is 6)
+    with pytest.raises(ModelError) as err:
+        spec(config("gemma3-sliding", layer_types=_DROP, sliding_window_pattern=value))
+    assert err.value.message == f"config for test: sliding_window_pattern must be {kind}, got {value!r}"
+
+
+@pytest.mark.parametrize("field", ["attn_logit_softcapping", "final_logit_softcapping"])
+@pytest.mark.parametrize("value", [[], {}, "30", True, 0, -50.0])
+def test_a_malformed_softcap_is_refused(field, value):
+    with pytest.raises(ModelError) as err:
+        spec(config("gemma3-sliding", **{field: value}))
+    assert err.value.message == f"config for test: {field} must be a positive number or null, got {value!r}"
+    assert spec(config("gemma3-sliding", **{field: 30})).layers      # an int cap is a number
+
+
+def _vision(**changes) -> dict:
+    base = config("gemma3-multimodal")
+    return {**base, "vision_config": {**base["vision_config"], **changes}}
+
+
+@pytest.mark.parametrize("field, value, limit", [
+    ("num_hidden_layers", 2**64, 1 << 10), ("num_hidden_layers", 10**7, 1 << 10),
+    ("hidden_size", 2**40, 1 << 17), ("intermediate_size", 2**40, 1 << 20),
+    ("image_size", 2**40, 1 << 14), ("patch_size", 2**40, 1 << 14), ("num_channels", 2**40, 1 << 10),
+])
+def test_a_vision_tower_beyond_any_model_is_refused(field, value, limit):
+    with pytest.raises(ModelError) as err:
+        spec(_vision(**{field: value}))
+    assert err.value.message == (f"config for test: vision_config.{field} {value:,} is beyond any model "
+                                 f"(at most {limit:,})")
+
+
+def test_a_vision_patch_larger_than_the_image_is_refused():
+    with pytest.raises(ModelError) as err:
+        spec(_vision(patch_size=1000, image_size=896))
+    assert err.value.message == "config for test: vision_config.patch_size 1000 must be at most image_size 896"
+
+
+def test_vision_fields_at_their_bounds_are_estimated():
+    # the largest tower the bounds allow stays well inside 64-bit byte counts
+    big = spec(_vision(num_hidden_layers=1 << 10, hidden_size=1 << 17, intermediate_size=1 << 20,
+                       num_channels=1 << 10, image_size=1 << 14, patch_size=1))
+    assert big.vision.num_params < 2**60

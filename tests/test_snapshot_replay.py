@@ -346,3 +346,81 @@ def test_check_without_recorded_results_is_refused(capsys, tmp_path):
     _assert_one_line_error(code, out, err)
     assert err.startswith("Error: the trace records no allocator results to check against")
     assert run(capsys, "replay", path)[0] == 0      # the plain replay still runs
+
+
+def test_a_json_trace_with_a_utf8_byte_order_mark_is_read(capsys, tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + SMALL_TRACE.read_bytes())
+    assert load_trace(path) == load_trace(SMALL_TRACE)
+    code, out, _ = run(capsys, "replay", path, "--check", "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+
+
+_MiB = 2**20
+
+
+def _snapshot_segment(address: int, total: int, blocks=None) -> dict:
+    return {"address": address, "total_size": total, "stream": 0, "segment_type": "large", "segment_pool_id": (0, 0),
+            "blocks": blocks or [{"address": address, "size": total, "state": "inactive"}]}
+
+
+_TOP = 2**64 - 4 * _MiB
+_LIVE = 0x7F0000000000
+
+
+@pytest.mark.parametrize("content, message", [
+    # an initial segment that ends past 2**64: the allocator model's block ends wrap (KeyError in malloc)
+    (json.dumps({"ops": [["alloc", "a", 512, 0]], "initial_segments": [
+        {"address": 2**64 - _MiB, "total_size": 2 * _MiB, "blocks": [{"offset": 0, "size": 2 * _MiB}]}]}).encode(),
+     "not a memory snapshot: initial_segments[0] at 0xfffffffffff00000 of 2,097,152 bytes ends past the "
+     "64-bit address space"),
+    (pickle.dumps({"segments": [_snapshot_segment(_TOP, 20 * _MiB)], "device_traces": [[
+        _alloc(0x10, 4 * _MiB), {"action": "free_completed", "addr": 0x10, "size": 4 * _MiB, "stream": 0},
+        _alloc(0x20, 4 * _MiB), _alloc(0x30, 3 * _MiB)]]}),
+     "not a memory snapshot: segments[0] at 0xffffffffffc00000 of 20,971,520 bytes ends past the "
+     "64-bit address space"),
+    (pickle.dumps({"segments": [], "device_traces": [[
+        {"action": "segment_alloc", "addr": _TOP, "size": 20 * _MiB, "stream": 0}]]}),
+     "not a memory snapshot: device_traces[0][0] at 0xffffffffffc00000 of 20,971,520 bytes ends past the "
+     "64-bit address space"),
+    (json.dumps({"ops": [], "expected": {"segment_events": [
+        {"action": "segment_alloc", "addr": _TOP, "size": 20 * _MiB, "before_op": 0}]}}).encode(),
+     "not a memory snapshot: expected.segment_events[0] at 0xffffffffffc00000 of 20,971,520 bytes ends past the "
+     "64-bit address space"),
+    # a segment_free of 2**63 bytes over a segment still mapped (and in use) after it
+    (pickle.dumps({"segments": [_snapshot_segment(_LIVE, 20 * _MiB, [
+        {"address": _LIVE, "size": 4 * _MiB, "requested_size": 4 * _MiB, "state": "active_allocated"},
+        {"address": _LIVE + 4 * _MiB, "size": 16 * _MiB, "state": "inactive"}])], "device_traces": [[
+            {"action": "segment_alloc", "addr": _LIVE, "size": 20 * _MiB, "stream": 0}, _alloc(_LIVE, 4 * _MiB),
+            {"action": "segment_free", "addr": 3, "size": 2**63, "stream": 0}]]}),
+     "not a memory snapshot: device_traces[0][2] segment_free of 9,223,372,036,854,775,808 bytes at 0x3 overlaps "
+     "the segment at 0x7f0000000000 of 20,971,520 bytes, still mapped after it"),
+    # one segment released twice
+    (pickle.dumps({"segments": [], "device_traces": [[
+        {"action": "segment_alloc", "addr": _LIVE, "size": 20 * _MiB, "stream": 0},
+        {"action": "segment_free", "addr": _LIVE, "size": 20 * _MiB, "stream": 0},
+        {"action": "segment_unmap", "addr": _LIVE + 2 * _MiB, "size": 2 * _MiB, "stream": 0}]]}),
+     "not a memory snapshot: device_traces[0][1] segment_free of 20,971,520 bytes at 0x7f0000000000 overlaps "
+     "the segment at 0x7f0000200000 of 2,097,152 bytes, still mapped after it"),
+], ids=["json-segment-past-2**64", "pickle-segment-past-2**64", "segment-event-past-2**64",
+        "expected-event-past-2**64", "segment-free-over-a-live-segment", "released-twice"])
+def test_impossible_segments_are_refused(capsys, tmp_path, content, message):
+    path = tmp_path / "f.pickle"
+    path.write_bytes(content)
+    for flags in ([], ["--check"]):
+        code, out, err = run(capsys, "replay", path, *flags)
+        _assert_one_line_error(code, out, err)
+        assert err.startswith(f"Error: {path}: {message} (hint: "), err
+
+
+def test_a_segment_freed_and_allocated_again_at_its_address_is_read():
+    # cudaFree then cudaMalloc may hand back the same range: released, then mapped anew
+    events = [{"action": "segment_free", "addr": _LIVE, "size": 20 * _MiB, "stream": 0},
+              {"action": "segment_alloc", "addr": _LIVE, "size": 20 * _MiB, "stream": 0},
+              _alloc(_LIVE, 4 * _MiB)]
+    seg = _snapshot_segment(_LIVE, 20 * _MiB, [
+        {"address": _LIVE, "size": 4 * _MiB, "requested_size": 4 * _MiB, "state": "active_allocated"},
+        {"address": _LIVE + 4 * _MiB, "size": 16 * _MiB, "state": "inactive"}])
+    from vramplan.cuda._snapshot import parse_trace_bytes
+    trace = parse_trace_bytes(pickle.dumps({"segments": [seg], "device_traces": [events]}))
+    assert [(s["address"], s["total_size"]) for s in trace["initial_segments"]] == [(_LIVE, 20 * _MiB)]

@@ -387,6 +387,15 @@ def _vision_tower(wrapper: dict, text_hidden: int, model_id: str) -> VisionTower
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ModelError(f"config for {model_id}: vision_config.{key} must be a positive integer, got {value!r}",
                              hint=f"fix vision_config.{key} in config.json")
+        limit = VISION_LIMITS[key]
+        if value > limit:
+            raise ModelError(f"config for {model_id}: vision_config.{key} {value:,} is beyond any model "
+                             f"(at most {limit:,})", hint=f"fix vision_config.{key} in config.json")
+    if cfg["patch_size"] > cfg["image_size"]:
+        # SiglipVisionEmbeddings: a Conv2d of kernel and stride patch_size over an image_size image
+        # makes (image_size // patch_size) ** 2 patches: none, and no position embedding rows
+        raise ModelError(f"config for {model_id}: vision_config.patch_size {cfg['patch_size']} must be at most "
+                         f"image_size {cfg['image_size']}", hint="fix vision_config.patch_size in config.json")
     return VisionTower(layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"],
                        intermediate=cfg["intermediate_size"], channels=cfg["num_channels"], patch=cfg["patch_size"],
                        image=cfg["image_size"], text_hidden=text_hidden)
@@ -395,6 +404,13 @@ def _vision_tower(wrapper: dict, text_hidden: int, model_id: str) -> VisionTower
 # transformers 5.23 models/siglip/configuration_siglip.py SiglipVisionConfig
 SIGLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_channels=3,
                               image_size=224, patch_size=16, vision_use_head=True)
+# Upper bounds of the vision tower's fields, as SHAPE_LIMITS bounds the decoder's (Gemma 3's SigLIP:
+# 27 layers, width 1152, 4304 wide MLP, 896 px images in 14 px patches, 3 channels). Past them
+# the tower's tensor count runs for minutes (one entry per layer, estimate/_inventory.py
+# vision_tensors) and the patch Conv2d's bytes (hidden * channels * patch ** 2) pass 2**64.
+VISION_LIMITS = {"hidden_size": SHAPE_LIMITS["hidden_size"], "intermediate_size": SHAPE_LIMITS["intermediate_size"],
+                 "num_hidden_layers": SHAPE_LIMITS["num_hidden_layers"], "num_channels": 1 << 10,
+                 "image_size": 1 << 14, "patch_size": 1 << 14}
 
 
 def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
@@ -457,6 +473,14 @@ def _spec_from_config(config, model_id: str, source: str) -> ModelSpec:
                                     or window_size <= 0):
         raise ModelError(f"config for {model_id}: sliding_window must be a positive integer or null, got "
                          f"{window_size!r}", hint="fix sliding_window in config.json (null: no window)")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        cap = cfg.get(key)
+        # Gemma2Config / Gemma3TextConfig type them `float | None`; the model divides by a cap that
+        # is not None (modeling_gemma3.py Gemma3ForCausalLM.forward `logits / final_logit_softcapping`,
+        # eager_attention_forward `attn_weights / softcap`): 0 is no "off", it makes NaNs
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+            raise ModelError(f"config for {model_id}: {key} must be a positive number or null, got {cap!r}",
+                             hint=f"fix {key} in config.json (null: no softcapping)")
     if cfg.get("num_key_value_heads") is None:
         cfg["num_key_value_heads"] = heads
     if cfg.get("head_dim") is None:
@@ -664,12 +688,24 @@ def _rope_layers(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
     # layer index (Llama4TextAttention: `config.no_rope_layers[layer_idx]`)
     chunked = arch.layer_types_rule == "chunked"
     if flags is None or (chunked and flags == []):
-        interval = cfg.get("no_rope_layer_interval", 4)
+        interval = _nope_interval(cfg, model_id)
         return tuple(bool((i + 1) % interval) for i in range(layers))
     if not isinstance(flags, list) or (len(flags) < layers if chunked else len(flags) != layers):
         raise ModelError(f"config for {model_id}: no_rope_layers must list {layers} entries of 0 / 1",
                          hint="fix no_rope_layers in config.json")
     return tuple(bool(f) for f in flags[:layers])
+
+
+def _nope_interval(cfg: dict, model_id: str) -> int:
+    """no_rope_layer_interval, read where no_rope_layers is absent: SmolLM3Config /
+    Llama4TextConfig type it `int` and __post_init__ computes `(layer_idx + 1) % no_rope_layer_interval`
+    (configuration_smollm3.py), so it must be a positive integer (0 divides by zero there)."""
+    value = cfg.get("no_rope_layer_interval", 4)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ModelError(f"config for {model_id}: no_rope_layer_interval must be a positive integer, got {value!r}",
+                         hint="fix no_rope_layer_interval in config.json (every no_rope_layer_interval-th layer "
+                              "goes without RoPE; 4 in the published configs)")
+    return value
 
 
 def _rotary_dim(arch: Architecture, cfg: dict, head_dim: int, model_id: str) -> int:
@@ -740,11 +776,15 @@ def _layer_types(arch: Architecture, cfg: dict, layers: int, model_id: str) -> t
                       for i in range(layers))
     elif rule in ("pattern", "alternate", "olmo3"):
         pattern = {"pattern": cfg.get("sliding_window_pattern", 6), "alternate": 2, "olmo3": 4}[rule]
+        # Gemma3TextConfig.__post_init__: `bool((i + 1) % self._sliding_window_pattern)`, the
+        # pattern read from kwargs untyped; 0 divides by zero there, a non-integer is no period
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern <= 0:
+            raise ModelError(f"config for {model_id}: sliding_window_pattern must be a positive integer, got "
+                             f"{pattern!r}", hint="fix sliding_window_pattern in config.json (every "
+                                                  "sliding_window_pattern-th layer is global; 6 in Gemma 3)")
         types = tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers))
     elif rule == "nope_window":
-        flags = cfg.get("no_rope_layers")
-        interval = cfg.get("no_rope_layer_interval", 4)
-        ropes = flags if isinstance(flags, list) and len(flags) == layers else [(i + 1) % interval for i in range(layers)]
+        ropes = _rope_layers(arch, cfg, layers, model_id)   # SmolLM3Config.__post_init__: windows on NoPE layers
         use = cfg.get("use_sliding_window") and window is not None
         types = tuple("sliding_attention" if use and not ropes[i] else "full_attention" for i in range(layers))
     elif rule in ("all", "all_if_used") and window is not None:

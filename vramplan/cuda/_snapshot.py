@@ -35,6 +35,7 @@ BYTES_LIMIT = 2**64               # addresses and sizes are a size_t / void* (c1
 STREAM_LOW = -(2**63)             # a cudaStream_t as torch records it: an int64 or a pointer value
 _HINT_ENTRIES = "record fewer entries (_record_memory_history(max_entries=...))"
 GZIP_MAGIC = b"\x1f\x8b"
+UTF8_BOM = b"\xef\xbb\xbf"       # editors on Windows save JSON with it; no pickle opcode is 0xef
 _HINT_FILE = "give a file written by torch.cuda.memory._dump_snapshot, or a JSON trace"
 _TRACE_ACTIONS = {"alloc", "free_requested", "free_completed", "free", "segment_alloc", "segment_free",
                   "segment_map", "segment_unmap", "oom", "snapshot"}
@@ -89,8 +90,9 @@ def _gunzip(data: bytes, name: str, max_bytes: int) -> bytes:
 
 
 def parse_trace_bytes(data: bytes, name: str = "<bytes>", *, device: int | None = None) -> dict:
-    stripped = data.lstrip()
-    if stripped[:1] in (b"{", b"["):
+    text = data[len(UTF8_BOM):] if data.startswith(UTF8_BOM) else data
+    if text.lstrip()[:1] in (b"{", b"["):
+        data = text                     # json.loads refuses a BOM ("Unexpected UTF-8 BOM")
         try:
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -151,6 +153,13 @@ def _int(value, name: str, where: str, low: int = 0, high: int = BYTES_LIMIT) ->
     return value
 
 
+def _span(address: int, size: int, name: str, where: str) -> None:
+    """[address, address + size) within the 64-bit address space: a segment or segment event that
+    runs past 2**64 names memory no device has (and wraps the allocator model's block ends)."""
+    if address + size > BYTES_LIMIT:
+        _fail(name, f"{where} at {address:#x} of {size:,} bytes ends past the 64-bit address space")
+
+
 def _stream(value, name: str, where: str) -> int:
     """A stream id is an int: anything else would reach a dict key (a deeply nested tuple there
     overflows the C stack when hashed)."""
@@ -208,6 +217,7 @@ def snapshot_to_trace(snapshot, name: str = "<snapshot>", *, device: int | None 
         raise UsageError(f"{name}: the snapshot has CUDA graph / MemPool private pool segments",
                          hint="the model replays the default pool only")
     ops, alloc_addr, seg_events = [], [], []
+    seg_where: list[str] = []          # device_traces[d][k] of each segment event, for errors
     live: dict[int, str] = {}          # address -> id of blocks allocated during the trace
     prefreed: list[dict] = []          # blocks allocated before recording, freed during it
     touched: set[int] = set()          # addresses the trace allocates or frees
@@ -248,10 +258,12 @@ def snapshot_to_trace(snapshot, name: str = "<snapshot>", *, device: int | None 
             if action in ("segment_free", "segment_unmap") and not releasing:
                 ops.append(["empty_cache"])
                 releasing = True
+            _span(addr, size, name, where)
             before = len(ops) - 1 if action in ("segment_free", "segment_unmap") else len(ops)
             seg_events.append({"before_op": before, "action": action, "addr": addr, "size": size,
                                "stream": stream})
-    initial, dropped = _initial_segments(final, seg_events, prefreed, touched, conf)
+            seg_where.append(where)
+    initial, dropped = _initial_segments(final, seg_events, prefreed, touched, conf, name, seg_where)
     final_reserved = sum(s["total_size"] for s in final)
     trace_reserved = _reserved_at_end(initial, seg_events)
     return {"source": name, "version_hint": "converted from a torch.cuda.memory._snapshot dict",
@@ -269,6 +281,7 @@ def _final_segment(seg: dict, i: int, name: str) -> dict:
     where = f"segments[{i}]"
     address = _int(seg.get("address"), name, where + ".address")
     total = _int(seg.get("total_size"), name, where + ".total_size")
+    _span(address, total, name, where)
     blocks = seg.get("blocks", [])
     if not isinstance(blocks, list):
         _fail(name, where + ".blocks is not a list")
@@ -292,16 +305,29 @@ def _final_segment(seg: dict, i: int, name: str) -> dict:
 
 
 def _initial_segments(final: list[dict], seg_events: list[dict], prefreed: list[dict], touched: set,
-                      conf: AllocConf) -> tuple[list[dict], int]:
+                      conf: AllocConf, name: str = "<snapshot>",
+                      seg_where: list[str] | None = None) -> tuple[list[dict], int]:
     """Undo the segment events on the final segments, then place the blocks that were live when
     recording began: final blocks the trace never touched, and the blocks it freed without having
-    allocated them. Returns the segments and how many blocks fit no starting segment."""
+    allocated them. Returns the segments and how many blocks fit no starting segment.
+
+    Undone last to first, `ranges` is the memory mapped just after each event: what a
+    segment_free / segment_unmap released is unmapped then, so a range that overlaps a mapped
+    one (freed twice, or a release of memory that stays in use) is not a recording
+    (cudaFree / cuMemUnmap of the whole range, c10/cuda/CUDACachingAllocator.cpp release_block /
+    unmap_block)."""
     ranges = {s["address"]: dict(s) for s in final}
-    for ev in reversed(seg_events):
+    for k in range(len(seg_events) - 1, -1, -1):
+        ev = seg_events[k]
         a, size = ev["addr"], ev["size"]
         if ev["action"] in ("segment_alloc", "segment_map"):
             _remove_range(ranges, a, size)
         else:
+            clash = _overlapping(ranges, a, size)
+            if clash is not None:
+                where = seg_where[k] if seg_where else f"segment event {k}"
+                _fail(name, f"{where} {ev['action']} of {size:,} bytes at {a:#x} overlaps the segment at "
+                            f"{clash['address']:#x} of {clash['total_size']:,} bytes, still mapped after it")
             small = size == SMALL_BUFFER if ev["action"] == "segment_free" else None
             ranges[a] = {"address": a, "total_size": size, "stream": ev["stream"],
                          "segment_type": "small" if small else "large",
@@ -327,6 +353,12 @@ def _initial_segments(final: list[dict], seg_events: list[dict], prefreed: list[
                     "total_size": s["total_size"], "expandable": s["expandable"],
                     "blocks": _tile(s, placed[a])})
     return out, dropped
+
+
+def _overlapping(ranges: dict, addr: int, size: int) -> dict | None:
+    """A mapped range that shares a byte with [addr, addr + size), or None."""
+    end = addr + size
+    return next((seg for start, seg in ranges.items() if start < end and addr < start + seg["total_size"]), None)
 
 
 def _remove_range(ranges: dict, addr: int, size: int) -> None:
@@ -451,9 +483,11 @@ def _check_op(op, name: str, i: int) -> None:
 def _check_segment(seg, name: str, where: str, ids: set) -> None:
     if not isinstance(seg, dict) or not isinstance(seg.get("blocks"), list):
         _fail(name, f"{where} has no blocks")
-    _int(seg.get("address"), name, f"{where}.address")
-    if _int(seg.get("total_size"), name, f"{where}.total_size") == 0:
+    address = _int(seg.get("address"), name, f"{where}.address")
+    total = _int(seg.get("total_size"), name, f"{where}.total_size")
+    if total == 0:
         _fail(name, f"{where}.total_size is 0")
+    _span(address, total, name, where)
     _stream(seg.get("stream", 0), name, f"{where}.stream")
     if seg.get("segment_type", "large") not in ("small", "large"):
         _fail(name, f"{where}.segment_type is neither 'small' nor 'large'")
@@ -495,6 +529,7 @@ def _check_expected(expected, name: str) -> None:
             _fail(name, f"{at} has no action")
         for key in ("addr", "size"):
             _int(e.get(key), name, f"{at}.{key}")
+        _span(e["addr"], e["size"], name, at)     # --check places new segments at these addresses
         _int(e.get("before_op"), name, f"{at}.before_op", -1)
     final = expected.get("final_reserved_bytes_from_trace")
     if final is not None:
