@@ -424,3 +424,27 @@ def test_a_segment_freed_and_allocated_again_at_its_address_is_read():
     from vramplan.cuda._snapshot import parse_trace_bytes
     trace = parse_trace_bytes(pickle.dumps({"segments": [seg], "device_traces": [events]}))
     assert [(s["address"], s["total_size"]) for s in trace["initial_segments"]] == [(_LIVE, 20 * _MiB)]
+
+
+def test_the_segment_starts_answer_as_one_sorted_list_would():
+    """_Starts (chunked, so that undoing many segment events does not shift one long list each
+    time) against a plain sorted list, over random adds, removes and predecessor queries."""
+    import bisect
+    import random
+
+    from vramplan.cuda._snapshot import _Starts
+
+    rng = random.Random(7)
+    plain: list = sorted(rng.sample(range(10**6), 700))
+    starts = _Starts(plain)
+    for _ in range(20000):
+        v = rng.randrange(10**6)
+        if rng.random() < 0.5 and v not in plain:
+            bisect.insort(plain, v)
+            starts.add(v)
+        elif plain and rng.random() < 0.5:
+            gone = plain.pop(rng.randrange(len(plain)))
+            starts.remove(gone)
+        i = bisect.bisect_left(plain, v)
+        assert starts.before(v) == (plain[i - 1] if i else None)
+    assert list(starts) == plain
