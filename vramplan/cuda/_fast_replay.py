@@ -272,10 +272,11 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             # this event carries (high, level); then the high mark restarts at the level. The most
             # allocated while reserved stands at its peak is counted here too: what the event before
             # allocated, and the small pool's high mark since, with reserved as it was since then
-            if allocated + high > peak_allocated:
-                peak_allocated = allocated + high
-            if allocated + high > at_peak and large + small_reserved == peak_reserved:
-                at_peak = allocated + high
+            now = allocated + high
+            if now > peak_allocated:
+                peak_allocated = now
+            if now > at_peak and large + small_reserved == peak_reserved:
+                at_peak = now
             high = level
             index += 1
             if size < 0:             # empty_cache: release_cached_blocks
