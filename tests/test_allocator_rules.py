@@ -275,3 +275,15 @@ def test_fragmentation_is_taken_where_the_most_is_allocated_at_the_reserved_peak
         assert (r.peak_reserved_bytes, r.fragmentation_bytes) == (70 * MiB, 0)
     before_c = replay_allocations(events[:3])
     assert (before_c.peak_reserved_bytes, before_c.fragmentation_bytes) == (70 * MiB, 30 * MiB)
+
+
+def test_a_small_pool_growth_counts_its_high_mark_beside_its_new_segments():
+    """The lumped small pool: a growth's high mark needed the segments it adds, so it is counted at
+    the peak after them. Counted beside the reserved bytes before them, the fragmentation of this
+    replay, which runs out of memory growing the small pool, came out negative (-49 MiB)."""
+    from vramplan.cuda._reserved import replay_stream
+
+    events = [("alloc", 0, 20 * MiB)] + [("alloc", k, MiB) for k in range(1, 51)]
+    for lump in (True, False):
+        r = replay_stream(events, "", 30 * MiB, lump_small=lump)
+        assert r.oom is not None and r.fragmentation_bytes == 0

@@ -179,6 +179,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
     small_reserved = 0       # the small pool's segments
     peak_reserved = peak_allocated = retries = 0
     at_peak = 0              # the most allocated while reserved stands at its peak
+    settled = 0              # the small pool's level at the last large-pool event
     oom = None
     phase = module = ""
     # the ops between phase starts, each with its place (place_of: ("load", "") before the first)
@@ -189,8 +190,8 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             # ("small", need, high, level) through replay_lumped
             if allocated + pending_high > peak_allocated:
                 peak_allocated = allocated + pending_high
-            if allocated + pending_high > at_peak and large + small_reserved == peak_reserved:
-                at_peak = allocated + pending_high
+            if allocated + settled > at_peak and large + small_reserved == peak_reserved:
+                at_peak = allocated + settled   # the last large-pool event's bytes, beside the old segments
             if capacity is not None and large + pending_need > capacity:
                 large -= _release(pools, cells, segments)
                 retries += 1
@@ -200,10 +201,10 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                     break
             small_reserved = pending_need
             total = large + small_reserved
-            if total > peak_reserved:
-                peak_reserved, at_peak = total, allocated + pending_level
-            elif allocated + pending_level > at_peak and total == peak_reserved:
-                at_peak = allocated + pending_level
+            if total > peak_reserved:   # the growth's high mark needed these segments
+                peak_reserved, at_peak = total, allocated + pending_high
+            elif allocated + pending_high > at_peak and total == peak_reserved:
+                at_peak = allocated + pending_high
             if allocated + pending_level > peak_allocated:
                 peak_allocated = allocated + pending_level
             pending_need = 0
@@ -251,8 +252,8 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
             if pending_need:         # the growth event before this large-pool event, through replay_lumped
                 if allocated + pending_high > peak_allocated:
                     peak_allocated = allocated + pending_high
-                if allocated + pending_high > at_peak and large + small_reserved == peak_reserved:
-                    at_peak = allocated + pending_high
+                if allocated + settled > at_peak and large + small_reserved == peak_reserved:
+                    at_peak = allocated + settled   # the last large-pool event's bytes, beside the old segments
                 if capacity is not None and large + pending_need > capacity:
                     large -= _release(pools, cells, segments)
                     retries += 1
@@ -262,10 +263,10 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                         break
                 small_reserved = pending_need
                 total = large + small_reserved
-                if total > peak_reserved:
-                    peak_reserved, at_peak = total, allocated + pending_level
-                elif allocated + pending_level > at_peak and total == peak_reserved:
-                    at_peak = allocated + pending_level
+                if total > peak_reserved:   # the growth's high mark needed these segments
+                    peak_reserved, at_peak = total, allocated + pending_high
+                elif allocated + pending_high > at_peak and total == peak_reserved:
+                    at_peak = allocated + pending_high
                 if allocated + pending_level > peak_allocated:
                     peak_allocated = allocated + pending_level
                 pending_need = 0
@@ -277,7 +278,7 @@ def replay_program(ops: list, places: list, sizes: list, keys: int, conf: AllocC
                 peak_allocated = now
             if now > at_peak and large + small_reserved == peak_reserved:
                 at_peak = now
-            high = level
+            high = settled = level
             index += 1
             if size < 0:             # empty_cache: release_cached_blocks
                 large -= _release(pools, cells, segments)

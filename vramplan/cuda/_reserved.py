@@ -202,11 +202,13 @@ def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | Non
         if index == count_from:
             peak_alloc = 0
         high, small = event[-2], event[-1]
+        kind = event[0]
         if alloc.allocated + high > peak_alloc:      # the small pool peaked with the large pool as it was
             peak_alloc = alloc.allocated + high
-        if alloc.allocated + high > at_peak and alloc.total_reserved + small_reserved == peak_res:
-            at_peak = alloc.allocated + high          # the most allocated while reserved stands at its peak
-        kind = event[0]
+        # the most allocated while reserved stands at its peak; a growth's high mark needed its new
+        # segments, so it is counted after them, below
+        if kind != "small" and alloc.allocated + high > at_peak and alloc.total_reserved + small_reserved == peak_res:
+            at_peak = alloc.allocated + high
         if kind == "alloc":
             if capacity is not None:
                 alloc.capacity = capacity - small_reserved
@@ -234,10 +236,11 @@ def replay_lumped(events, conf: AllocConf | str | None = "", capacity: int | Non
         else:
             continue
         total = alloc.total_reserved + small_reserved
+        held = alloc.allocated + (high if kind == "small" else small)
         if total > peak_res:
-            peak_res, at_peak = total, alloc.allocated + small
-        elif alloc.allocated + small > at_peak and total == peak_res:
-            at_peak = alloc.allocated + small
+            peak_res, at_peak = total, held
+        elif held > at_peak and total == peak_res:
+            at_peak = held
         if alloc.allocated + small > peak_alloc:
             peak_alloc = alloc.allocated + small
     return ReservedPeak(peak_res, peak_alloc, peak_res - at_peak, alloc.num_alloc_retries + retries, oom, True)
