@@ -60,6 +60,7 @@ def test_table_output_names_verdict_and_assumptions(capsys):
 # Pinned error text: scripts and users depend on these lines.
 @pytest.mark.parametrize("argv, code, message", [
     (["estimate", "no-such-model"], 1, "Error: unknown model 'no-such-model'"),
+    (["estimate", "a" * 300], 1, f"Error: unknown model '{'a' * 300}'"),     # longer than a file name may be
     (["estimate", "llama-2-7b", "--gpu", "B9000"], 1, "Error: unknown GPU 'B9000'"),
     (["estimate", "llama-2-7b", "--gpu", "all"], 1,
      "Error: unknown GPU 'all' (hint: `vramplan plan MODEL --gpu all` compares every catalog GPU; here give one"),

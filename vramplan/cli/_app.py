@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()   # a write still buffered fails here, where it can be one Error line, not at exit
         return code
     except OutputError as exc:
-        _drop_output(real_stdout)
+        _LOST.append(real_stdout)
         _error_line(f"Error: {exc}")
         return exc.exit_code
     except VramplanError as exc:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         _error_line("Error: interrupted")
         return 130
     except BrokenPipeError:
-        _drop_output(real_stdout)
+        _LOST.append(real_stdout)
         return 0
     except SystemExit as exc:
         if _reader_closed(exc):
@@ -196,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         sys.stdout = real_stdout
+
+
+# the stdout whose buffered bytes failed to go out: run() points its descriptor at /dev/null before
+# the process exits; a caller of main() in its own process keeps its stdout as it is
+_LOST: list = []
 
 
 def _error_line(text: str) -> None:
@@ -228,6 +233,8 @@ def run() -> None:
     2-core machine); frozen objects are left out of them. All a command writes is written and
     closed before main() returns, and stdout is flushed at exit, so they have nothing left to do."""
     code = main()
+    if _LOST:
+        _drop_output(_LOST.pop())
     gc.freeze()
     sys.exit(code)
 

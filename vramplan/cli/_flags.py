@@ -41,7 +41,8 @@ def setup_flags() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     p.add_argument("--targets", help="all-linear or comma,separated,module,names")
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.0)")
-    p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
+    # None until given: `plan --deepspeed` tells a typed --batch from the config's micro-batch
+    p.add_argument("--batch", type=int, default=None, help="micro-batch size (default 1)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length in tokens (default 2048)")
     p.add_argument("--grad-accum", dest="grad_accum", type=int, default=None,
                    help="micro-batches per optimizer step (gradient_accumulation_steps, default 1)")
@@ -146,7 +147,7 @@ def setup_from_args(args):
         # not given: bf16 where the target GPU has it, else fp16 (cuda/_arch.py); a recipe names its own
         explicit["dtype"] = default_dtype(cuda_arch_from_args(args))
     attn = args.attn if args.attn is not None else default_attention(args.model)
-    setup = make_setup(recipe_name, batch=args.batch, seq=args.seq, attn=attn, experts=args.experts,
+    setup = make_setup(recipe_name, batch=1 if args.batch is None else args.batch, seq=args.seq, attn=attn, experts=args.experts,
                        **given, **explicit)
     check_given(setup, {**given, **({"reentrant": True} if explicit.get("reentrant") else {})})
     return setup

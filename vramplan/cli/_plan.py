@@ -74,7 +74,6 @@ def register(subparsers, setup_flags_parent) -> None:
                    help="a DeepSpeed config JSON: its ZeRO stage, offload, buckets and stage-3 gathering settings "
                         "(\"auto\" as the HF Trainer fills it) for --gpus ranks; its "
                         "train_micro_batch_size_per_gpu as --batch and an enabled fp16 / bf16 as --dtype")
-    p.set_defaults(batch=None)     # 1 unless given, or a --deepspeed config gives its micro-batch
     p.add_argument("--grid-batch", help="batch values of the grid, e.g. 1,2,4,8 (default: powers of two)")
     p.add_argument("--grid-seq", help="sequence lengths of the grid, e.g. 512,2048,8192 (default: powers of two)")
     p.add_argument("--tight", type=float, default=0.05,
@@ -148,7 +147,6 @@ def cmd_plan(args) -> int:
                 raise UsageError(f"--{field} {given} contradicts {args.deepspeed} ({keys[field]}: {value})",
                                  hint=f"drop --{field}: the config decides it")
             setattr(args, field, value)
-    args.batch = args.batch or 1
     setup = setup_from_args(args)
     gpu, card_setup = "all", None
     if survey:

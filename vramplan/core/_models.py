@@ -871,7 +871,11 @@ def resolve_config(name: str) -> tuple[dict, str, str]:
 def locate(name: str) -> tuple[dict, str, str]:
     """A local path, the bundled catalog, then the Hugging Face cache and Hub (core/_hub.py)."""
     path = Path(os.path.expanduser(name))
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError:          # a name no file system takes (ENAMETOOLONG): not a local path
+        exists = False
+    if exists:
         return _from_path(path)
     entry = lookup(name)
     if entry is not None:
