@@ -94,6 +94,9 @@ def run_plan(capsys, tmp_path, config, *flags):
      "decides it)"),
     ({"fp16": {"enabled": True}, "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, (),
      "{path} enables both fp16 and bf16"),
+    # "bfloat16": DeepSpeed's older name of the bf16 section
+    ({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 2}}, ("--dtype", "fp16"),
+     "--dtype fp16 contradicts {path} (its enabled fp16 / bf16 section: bf16)"),
 ])
 def test_what_cannot_be_planned_is_one_line(capsys, tmp_path, config, flags, message):
     code, out = run_plan(capsys, tmp_path, config, *flags)
@@ -145,7 +148,7 @@ def test_the_configs_micro_batch_is_the_plans(capsys, tmp_path, config, flags, b
 def test_the_configs_16_bit_dtype_is_the_plans(capsys, tmp_path):
     """An enabled fp16 section is what the engine casts the module to: planned as --dtype fp16
     (it was planned in bf16, the default); "auto" leaves the default."""
-    for section, dtype in (({"fp16": {"enabled": True}}), "fp16"), ({"bf16": {"enabled": "auto"}}, "bf16"):
+    for section, dtype in (({"fp16": {"enabled": True}}, "fp16"), ({"bf16": {"enabled": "auto"}}, "bf16")):
         code, out = run_plan(capsys, tmp_path, {**section, "zero_optimization": {"stage": 2}}, "--json")
         assert code == 0, out.err
         assert json.loads(out.out)["setup"]["dtype"] == dtype

@@ -402,8 +402,19 @@ _LIVE = 0x7F0000000000
         {"action": "segment_unmap", "addr": _LIVE + 2 * _MiB, "size": 2 * _MiB, "stream": 0}]]}),
      "not a memory snapshot: device_traces[0][1] segment_free of 20,971,520 bytes at 0x7f0000000000 overlaps "
      "the segment at 0x7f0000200000 of 2,097,152 bytes, still mapped after it"),
+    # a segment event of no bytes (it made a second start at one address: a KeyError)
+    (pickle.dumps({"segments": [], "device_traces": [[
+        {"action": "segment_alloc", "addr": _LIVE, "size": 2 * _MiB, "stream": 0},
+        {"action": "segment_free", "addr": _LIVE, "size": 2 * _MiB, "stream": 0},
+        {"action": "segment_free", "addr": _LIVE, "size": 0, "stream": 0}]]}),
+     "not a memory snapshot: device_traces[0][2] segment_free of 0 bytes at 0x7f0000000000: a segment event maps "
+     "or frees memory"),
+    (json.dumps({"ops": [], "expected": {"segment_events": [
+        {"action": "segment_alloc", "addr": _LIVE, "size": 0, "before_op": 0}]}}).encode(),
+     "not a memory snapshot: expected.segment_events[0].size is out of range for an address or byte count"),
 ], ids=["json-segment-past-2**64", "pickle-segment-past-2**64", "segment-event-past-2**64",
-        "expected-event-past-2**64", "segment-free-over-a-live-segment", "released-twice"])
+        "expected-event-past-2**64", "segment-free-over-a-live-segment", "released-twice", "empty-segment-event",
+        "empty-expected-event"])
 def test_impossible_segments_are_refused(capsys, tmp_path, content, message):
     path = tmp_path / "f.pickle"
     path.write_bytes(content)

@@ -259,6 +259,8 @@ def snapshot_to_trace(snapshot, name: str = "<snapshot>", *, device: int | None 
             if action in ("segment_free", "segment_unmap") and not releasing:
                 ops.append(["empty_cache"])
                 releasing = True
+            if size <= 0:       # cudaMalloc / cuMemMap of nothing makes no segment event
+                _fail(name, f"{where} {action} of {size:,} bytes at {addr:#x}: a segment event maps or frees memory")
             _span(addr, size, name, where)
             before = len(ops) - 1 if action in ("segment_free", "segment_unmap") else len(ops)
             seg_events.append({"before_op": before, "action": action, "addr": addr, "size": size,
@@ -618,8 +620,8 @@ def _check_expected(expected, name: str) -> None:
         at = f"expected.segment_events[{k}]"
         if not isinstance(e, dict) or not isinstance(e.get("action"), str):
             _fail(name, f"{at} has no action")
-        for key in ("addr", "size"):
-            _int(e.get(key), name, f"{at}.{key}")
+        _int(e.get("addr"), name, f"{at}.addr")
+        _int(e.get("size"), name, f"{at}.size", 1)    # a segment event maps or frees memory
         _span(e["addr"], e["size"], name, at)     # --check places new segments at these addresses
         _int(e.get("before_op"), name, f"{at}.before_op", -1)
     final = expected.get("final_reserved_bytes_from_trace")

@@ -101,12 +101,14 @@ def setup_from_deepspeed(path: str | Path) -> dict:
                              hint='a whole number >= 1 or "auto"')
         out["batch"] = micro
     enabled = []
-    for dtype in ("fp16", "bf16"):
-        section = config.get(dtype)
+    # "bfloat16" is DeepSpeed's older name of the bf16 section (deepspeed/runtime/config.py
+    # get_bfloat16_config reads either)
+    for key, dtype in (("fp16", "fp16"), ("bf16", "bf16"), ("bfloat16", "bf16")):
+        section = config.get(key)
         flag = section.get("enabled", False) if isinstance(section, dict) else None
         if flag not in (None, False, True, "auto"):
-            raise UsageError(f"{dtype}.enabled in {name} is {flag!r}", hint='true, false or "auto"')
-        if flag is True:
+            raise UsageError(f"{key}.enabled in {name} is {flag!r}", hint='true, false or "auto"')
+        if flag is True and dtype not in enabled:
             enabled.append(dtype)
     if len(enabled) > 1:
         raise UsageError(f"{name} enables both fp16 and bf16", hint="DeepSpeed trains in one of them")
