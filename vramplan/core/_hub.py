@@ -14,10 +14,8 @@ answered: `import vramplan` and a bundled-model estimate never load it.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
-import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -212,6 +210,8 @@ def _within_deadline(download, repo_id: str) -> str:
     with the process (a daemon thread, writing to an unlinked file), and the partial
     `blobs/*.incomplete` that hf_hub_download keeps for a resume (file_download.py
     _download_to_tmp_and_move) is removed, so the cache holds nothing half-written."""
+    import threading     # here: a bundled model's estimate loads this module, never a download
+
     outcome: dict = {}
 
     def work():
@@ -244,18 +244,20 @@ def _within_deadline(download, repo_id: str) -> str:
 WORKER = "vramplan-hub-download"
 
 
-class _NotFromWorker(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.threadName != WORKER
+def _not_from_worker(record) -> bool:
+    """A logging filter (a callable taking the record): keep what the download worker did not log."""
+    return record.threadName != WORKER
 
 
 def _quiet_worker() -> None:
     """huggingface_hub logs each retry of a stalled download ("Trying to resume download...") to
     stderr through the handler on its root logger (utils/logging.py _configure_library_root_logger);
     the error line says what became of it, so that handler skips the worker's records."""
+    import logging       # here: a bundled model's estimate loads this module, never a download
+
     for handler in logging.getLogger("huggingface_hub").handlers:
-        if not any(isinstance(f, _NotFromWorker) for f in handler.filters):
-            handler.addFilter(_NotFromWorker())
+        if _not_from_worker not in handler.filters:
+            handler.addFilter(_not_from_worker)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
