@@ -104,6 +104,14 @@ Tried again for the grid: cells with equal batch x seq products share no replay 
 the causal mask and the position ids are sized by seq alone: 1 x 512 and 2 x 256 differ in 7 of
 Llama-3-8B's 54 size slots); the load phase, the same for every
 cell, is about 6% of a replay's large-pool events, too little to matter.
+
+2026-12-02 (afternoon), plan alone, median of 7, a slow hour: 11.1 / 9.0 / 11.2 / 10.0 s (cold CLI 7.8 s), the
+grid within each plan 2.83 / 0.83 / 0.72 / 6.31 s; cases 1 and 4 interleaved with the morning's code, 3 runs
+each: 9.77 against 9.84 s and 10.30 against 10.13 s, no change. Tried for the grid: three pure-Python rewrites
+of the one-pass replay (large-pool events only with the small pool's level precomputed; the same in 512-byte
+units; the original loop with the large pool inlined), bit-identical on 474 captured cases and 0.80x, 0.83x
+and 0.98x as fast: of about 140 M instructions a Llama-3-8B replay runs, some 82 M are the free list's own C
+work (dicts, big-int keys, bisect, list shifts), which no Python rewrite removes.
 """
 from __future__ import annotations
 
